@@ -1,0 +1,91 @@
+"""Fused kernels: arrays in, arrays out, on numpy (CPU) or cupy (GPU) arrays.
+
+Each kernel has several implementations (``numpy`` reference, ``numba_cpu``, ``numba_cuda``,
+``cupy``) behind one registry that picks by the arrays it is given; see kernels/registry.py.
+This package imports only numpy at import time; numba and cupy load on first use.
+
+The wrappers below document the one signature every impl of a kernel shares.
+"""
+
+from kernels.registry import KernelError, call, choose, get, impls, kernels
+
+__all__ = [
+    "KernelError", "call", "choose", "get", "impls", "kernels",
+    "linear_relu_forward", "linear_relu_backward", "softmax_cross_entropy",
+    "adam_step", "sgd_step", "adagrad_step", "rmsprop_step",
+]
+
+
+def linear_relu_forward(x, weight, bias=None, *, impl=None):
+    """``relu(x @ weight.T + bias)`` for x (N, K), weight (M, K), bias (M,) or None -> (N, M).
+
+    The output doubles as the saved state for backward (its sign is the ReLU mask).
+    """
+    return call("linear_relu_forward", x, weight, bias, impl=impl)
+
+
+def linear_relu_backward(grad_out, x, weight, out, *, impl=None):
+    """Gradients of :func:`linear_relu_forward` -> ``(grad_x, grad_weight, grad_bias)``.
+
+    ``out`` is the forward output; the mask ``out > 0`` and the bias reduction are fused into
+    one pass over ``grad_out``.
+    """
+    return call("linear_relu_backward", grad_out, x, weight, out, impl=impl)
+
+
+def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
+                          grad_scale=1.0, compute_grad=True, impl=None):
+    """Per-row cross-entropy of ``logits`` (N, C) and, in the same pass, its gradient.
+
+    Args:
+        logits: (N, C) float array.
+        targets: (N,) integer class indices, or (N, C) float probabilities (soft targets).
+        weight: optional (C,) class weights (hard targets), PyTorch semantics.
+        ignore_index: rows whose target equals it get loss 0 and gradient 0 (hard targets).
+        label_smoothing: epsilon in [0, 1], PyTorch semantics.
+        grad_scale: the gradient is multiplied by this scalar (e.g. 1 / weight-sum for 'mean').
+        compute_grad: if False only the loss is computed.
+
+    Returns:
+        ``(loss, grad)``: loss (N,) per row (weighted, 0 where ignored), grad (N, C) or None.
+    """
+    return call("softmax_cross_entropy", logits, targets, weight, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad, impl=impl)
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999,
+              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False,
+              step, impl=None):
+    """One Adam / AdamW step, in place on same-shape contiguous arrays (typically flat buffers).
+
+    ``step`` is the 1-based step count after this update (bias correction uses it);
+    ``decoupled_weight_decay=True`` is AdamW; ``max_exp_avg_sq`` is required iff ``amsgrad``.
+    """
+    return call("adam_step", param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr=lr, beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                amsgrad=amsgrad, maximize=maximize, step=step, impl=impl)
+
+
+def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+             nesterov=False, maximize=False, first_step=False, impl=None):
+    """One SGD step (PyTorch semantics), in place; ``momentum_buf`` required iff momentum != 0.
+
+    On ``first_step`` the momentum buffer is set to the gradient (no dampening), as PyTorch does.
+    """
+    return call("sgd_step", param, grad, momentum_buf, lr=lr, momentum=momentum, dampening=dampening,
+                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step, impl=impl)
+
+
+def adagrad_step(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, step,
+                 maximize=False, impl=None):
+    """One Adagrad step (PyTorch semantics), in place; ``step`` is 1-based."""
+    return call("adagrad_step", param, grad, state_sum, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                eps=eps, step=step, maximize=maximize, impl=impl)
+
+
+def rmsprop_step(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, lr, alpha=0.99, eps=1e-8,
+                 weight_decay=0.0, momentum=0.0, centered=False, maximize=False, impl=None):
+    """One RMSprop step (PyTorch semantics), in place; ``grad_avg`` required iff ``centered``,
+    ``momentum_buf`` iff momentum != 0."""
+    return call("rmsprop_step", param, grad, square_avg, momentum_buf, grad_avg, lr=lr, alpha=alpha, eps=eps,
+                weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize, impl=impl)

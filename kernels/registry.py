@@ -1,0 +1,207 @@
+"""One name per fused kernel, several implementations, one dispatcher.
+
+An implementation is registered as a ``"module:function"`` string so that listing and
+choosing impls never imports numba or cupy; the module is imported on first call.
+
+Choosing an impl for a call, first match wins:
+
+1. ``impl=`` passed to the call;
+2. the environment variable ``ENGINE_KERNEL_IMPL``: either one impl name for every kernel
+   (``numpy``) or a comma list of ``kernel=impl`` pairs (``adam_step=numpy,linear_relu_forward=cupy``);
+3. the kernel's preference order among impls whose array kind matches the inputs and whose
+   dependencies are importable.
+
+Example:
+    >>> import numpy as np, kernels
+    >>> kernels.impls("adam_step")            # doctest: +SKIP
+    ['numba_cpu', 'numpy', 'cupy', 'numba_cuda']
+    >>> p = np.ones(3, np.float32)
+    >>> kernels.call("sgd_step", p, p.copy(), None, lr=0.1, impl="numpy")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+ENV_VAR = "ENGINE_KERNEL_IMPL"
+
+
+class KernelError(ValueError):
+    """Bad input to a kernel, or no usable implementation for it."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    kernel: str
+    name: str
+    target: str  # "module:function"
+    array_kind: str  # "numpy" or "cupy": the arrays this impl takes
+    requires: tuple[str, ...]  # importable modules it needs
+
+    def available(self) -> bool:
+        return all(_importable(mod) for mod in self.requires) and _device_ready(self)
+
+    @functools.cached_property
+    def fn(self) -> Callable:
+        module, func = self.target.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+# kernel name -> impl name -> Impl, in preference order (dicts keep insertion order).
+_REGISTRY: dict[str, dict[str, Impl]] = {}
+
+
+def register(kernel: str, name: str, target: str, *, array_kind: str, requires: tuple[str, ...] = ()) -> None:
+    """Declare one implementation of ``kernel``. Registration order is preference order."""
+    if array_kind not in ("numpy", "cupy"):
+        raise ValueError(f"array_kind must be 'numpy' or 'cupy', got {array_kind!r}")
+    _REGISTRY.setdefault(kernel, {})[name] = Impl(kernel, name, target, array_kind, tuple(requires))
+
+
+def kernels() -> list[str]:
+    """Names of every registered kernel."""
+    return list(_REGISTRY)
+
+
+def impls(kernel: str, *, available_only: bool = True) -> list[str]:
+    """Impl names of ``kernel`` in preference order (only those usable here, by default)."""
+    table = _table(kernel)
+    return [name for name, impl in table.items() if not available_only or impl.available()]
+
+
+def get(kernel: str, impl: str) -> Callable:
+    """The function of one named impl (importing its module)."""
+    table = _table(kernel)
+    if impl not in table:
+        raise KernelError(f"kernel {kernel!r} has no impl {impl!r}; registered: {list(table)}")
+    return table[impl].fn
+
+
+def choose(kernel: str, arrays, impl: str | None = None) -> Impl:
+    """The impl a call with these arrays would use (see the module docstring for the order)."""
+    table = _table(kernel)
+    kind = array_kind(arrays, kernel)
+    forced = impl or _env_choice(kernel)
+    if forced is not None:
+        if forced not in table:
+            raise KernelError(f"kernel {kernel!r} has no impl {forced!r}; registered: {list(table)}")
+        chosen = table[forced]
+        if not _accepts(chosen, kind):
+            raise KernelError(
+                f"kernel {kernel!r}: impl {forced!r} takes {chosen.array_kind} arrays but was given "
+                f"{kind} arrays; move the inputs to the matching device or choose another impl")
+        if not chosen.available():
+            raise KernelError(f"kernel {kernel!r}: impl {forced!r} is not usable here "
+                              f"(needs {', '.join(chosen.requires) or 'nothing'} and a device)")
+        return chosen
+    for candidate in table.values():
+        if candidate.array_kind == kind and candidate.available():
+            return candidate
+    raise KernelError(f"kernel {kernel!r}: no usable impl for {kind} arrays; registered: {list(table)}")
+
+
+def call(kernel: str, *args, impl: str | None = None, **kwargs):
+    """Run ``kernel`` on ``args`` with the impl :func:`choose` picks."""
+    arrays = [a for a in args if hasattr(a, "__array_interface__") or hasattr(a, "__cuda_array_interface__")]
+    return choose(kernel, arrays, impl).fn(*args, **kwargs)
+
+
+def array_kind(arrays, kernel: str = "kernel") -> str:
+    """'numpy' or 'cupy' for a set of arrays; mixing the two is an error."""
+    kinds = {_kind_of(a) for a in arrays if a is not None}
+    if len(kinds) > 1:
+        described = ", ".join(f"{type(a).__module__}.{type(a).__name__}{tuple(a.shape)}" for a in arrays if a is not None)
+        raise KernelError(f"{kernel}: inputs are on different devices ({described}); "
+                          "move them all to the CPU (numpy) or all to the GPU (cupy)")
+    return kinds.pop() if kinds else "numpy"
+
+
+def _kind_of(a) -> str:
+    module = type(a).__module__.split(".")[0]
+    if module == "cupy":
+        return "cupy"
+    if module == "numpy":
+        return "numpy"
+    raise KernelError(f"expected a numpy or cupy array, got {type(a).__module__}.{type(a).__name__}")
+
+
+def _table(kernel: str) -> dict[str, Impl]:
+    _load_declarations()
+    if kernel not in _REGISTRY:
+        raise KernelError(f"unknown kernel {kernel!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[kernel]
+
+
+def _env_choice(kernel: str) -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return None
+    if "=" not in value:
+        return value if value in _REGISTRY.get(kernel, {}) else None
+    for pair in value.split(","):
+        name, _, impl = pair.partition("=")
+        if name.strip() == kernel:
+            return impl.strip()
+    return None
+
+
+def _cudasim() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0")
+
+
+def _accepts(impl: Impl, kind: str) -> bool:
+    # Under the Numba CUDA simulator the numba_cuda impls run on numpy arrays: that is how CI
+    # executes GPU kernels without a GPU.
+    return impl.array_kind == kind or (impl.name == "numba_cuda" and kind == "numpy" and _cudasim())
+
+
+@functools.cache
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _device_ready(impl: Impl) -> bool:
+    if impl.name == "numba_cuda":
+        return _numba_cuda_ready()
+    if impl.array_kind == "cupy":
+        return _cupy_ready()
+    return True
+
+
+@functools.cache
+def _numba_cuda_ready() -> bool:
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver or toolkit means "not usable", never a crash
+        return False
+
+
+@functools.cache
+def _cupy_ready() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+_loaded = False
+
+
+def _load_declarations() -> None:
+    """Import kernels/declarations.py once: it registers every kernel's impls."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        importlib.import_module("kernels.declarations")
