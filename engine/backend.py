@@ -1,0 +1,220 @@
+"""Devices, the array module behind each (numpy on CPU, cupy on CUDA), transfers and RNGs.
+
+The one module of engine/ that knows cupy exists. cupy is imported only when a CUDA device is
+asked for, so ``import engine`` on a machine without CUDA is fast and silent.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import DeviceError
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a tensor lives: ``Device("cpu")`` or ``Device("cuda", index)``.
+
+    Build one from a string with :func:`device` (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+    """
+
+    type: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return "cpu" if self.type == "cpu" else f"cuda:{self.index}"
+
+    def __repr__(self) -> str:
+        return f"device({str(self)!r})"
+
+
+CPU = Device("cpu")
+
+
+def device(spec: str | Device | None = None) -> Device:
+    """Parse ``spec`` ("cpu", "cuda", "cuda:1", a Device, or None for the default device)."""
+    if spec is None:
+        return default_device()
+    if isinstance(spec, Device):
+        return spec
+    if not isinstance(spec, str):
+        raise DeviceError(f"device: expected a string like 'cpu' or 'cuda:0' or a Device, got {spec!r}")
+    kind, _, index = spec.strip().lower().partition(":")
+    if kind == "cpu" and not index:
+        return CPU
+    if kind == "cuda" and (not index or index.isdigit()):
+        return Device("cuda", int(index or 0))
+    raise DeviceError(f"device: cannot parse {spec!r}; use 'cpu', 'cuda' or 'cuda:N'")
+
+
+@functools.cache
+def cuda_device_count() -> int:
+    """Number of CUDA devices cupy can use; 0 when cupy or a driver is missing. Never raises."""
+    if importlib.util.find_spec("cupy") is None:
+        return 0
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no driver, no device, broken install: all mean "no CUDA here"
+        return 0
+
+
+def cuda_available() -> bool:
+    """True when at least one CUDA device is usable through cupy."""
+    return cuda_device_count() > 0
+
+
+def best_device() -> Device:
+    """``cuda:0`` when CUDA is available, else ``cpu``."""
+    return Device("cuda", 0) if cuda_available() else CPU
+
+
+_state = threading.local()
+
+
+def default_device() -> Device:
+    """Device that factories (``zeros``, ``randn`` ...) use when none is given. Starts as cpu."""
+    return getattr(_state, "default", CPU)
+
+
+def set_default_device(spec: str | Device) -> None:
+    """Set the device factories use when none is given (per thread)."""
+    _state.default = check_available(device(spec))
+
+
+def check_available(dev: Device) -> Device:
+    """Return ``dev`` if usable here, else raise a DeviceError that says why."""
+    if dev.type == "cuda":
+        count = cuda_device_count()
+        if count == 0:
+            raise DeviceError(f"device {dev} requested but CUDA is not available here "
+                              "(cupy is not installed or no GPU/driver answers); use device='cpu'")
+        if dev.index >= count:
+            raise DeviceError(f"device {dev} requested but only {count} CUDA device(s) exist")
+    return dev
+
+
+def xp_for(dev: Device):
+    """The array module for ``dev``: numpy or cupy."""
+    if dev.type == "cpu":
+        return np
+    check_available(dev)
+    import cupy
+
+    return cupy
+
+
+def array_module(array):
+    """numpy or cupy, whichever ``array`` belongs to."""
+    return np if isinstance(array, (np.ndarray, np.generic)) else _cupy_of(array)
+
+
+def device_of(array) -> Device:
+    """The Device holding ``array``."""
+    if isinstance(array, (np.ndarray, np.generic)):
+        return CPU
+    return Device("cuda", int(array.device.id))
+
+
+def is_array(obj) -> bool:
+    return isinstance(obj, np.ndarray) or type(obj).__module__.startswith("cupy")
+
+
+def to_device(array, dev: Device):
+    """Copy ``array`` to ``dev`` (no copy when it is already there)."""
+    if device_of(array) == dev:
+        return array
+    if dev.type == "cpu":
+        return array.get()
+    cupy = xp_for(dev)
+    with cupy.cuda.Device(dev.index):
+        return cupy.asarray(array)
+
+
+def on_device(dev: Device):
+    """Context manager making ``dev`` current for cupy allocations (a no-op on cpu)."""
+    if dev.type == "cpu":
+        return _NullContext()
+    return xp_for(dev).cuda.Device(dev.index)
+
+
+def synchronize(dev: Device | None = None) -> None:
+    """Wait for queued device work (no-op on cpu); for timing."""
+    dev = device(dev)
+    if dev.type == "cuda":
+        xp_for(dev).cuda.Device(dev.index).synchronize()
+
+
+def scatter_add(target, index, values) -> None:
+    """``target[index] += values`` where repeated indices accumulate (np.add.at / cupyx.scatter_add)."""
+    if isinstance(target, np.ndarray):
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cupy_of(array):
+    module = type(array).__module__
+    if module.startswith("cupy"):
+        import cupy
+
+        return cupy
+    raise TypeError(f"expected a numpy or cupy array, got {type(array).__module__}.{type(array).__name__}")
+
+
+# ---- random numbers ---------------------------------------------------------------------------
+
+_DEFAULT_SEED = 0
+_seed = _DEFAULT_SEED
+_generators: dict[Device, object] = {}
+
+
+def manual_seed(seed: int) -> None:
+    """Seed every RNG the engine uses (each device's generator; dropout, init, shuffling)."""
+    global _seed
+    _seed = int(seed)
+    _generators.clear()
+
+
+def generator(dev: Device | None = None):
+    """The engine's random generator for ``dev``: a numpy Generator on cpu, a cupy one on cuda."""
+    dev = device(dev)
+    if dev not in _generators:
+        if dev.type == "cpu":
+            _generators[dev] = np.random.Generator(np.random.PCG64(_seed))
+        else:
+            cupy = xp_for(dev)
+            with cupy.cuda.Device(dev.index):
+                _generators[dev] = cupy.random.RandomState(_seed + dev.index)
+    return _generators[dev]
+
+
+def get_rng_state() -> dict:
+    """The CPU generator's state plus the seed: plain ints and strings, safe to store as JSON.
+
+    CUDA generators are not captured: on restore they restart from the seed (cupy's generator
+    state cannot be read back portably), so bit-exact resume is guaranteed on cpu.
+    """
+    return {"seed": _seed, "cpu": generator(CPU).bit_generator.state}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    manual_seed(state["seed"])
+    generator(CPU).bit_generator.state = state["cpu"]

@@ -1,0 +1,762 @@
+"""Primitive differentiable ops: one Function each, plus the functional form users call.
+
+Every forward and backward is written with the array module of its inputs (``xp`` is numpy or
+cupy), so each op runs on both devices unchanged. Gradients of broadcasting operands are summed
+back to their shapes with ``unbroadcast``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+
+import numpy as np
+
+from engine import backend
+from engine.autograd import Function, unbroadcast
+from engine.errors import DeviceError, DTypeError, ShapeError, describe
+from engine.tensor import Tensor
+
+
+def _xp(a):
+    return backend.array_module(a)
+
+
+def _is_float(dtype) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.floating)
+
+
+# ---- operand coercion: no silent float promotion ---------------------------------------------
+
+def _binary_operands(op: str, a, b) -> tuple[Tensor, Tensor]:
+    """Coerce the operands of a binary op; raise on float-dtype or device mismatch."""
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        raise TypeError(f"{op}: at least one operand must be a Tensor")
+    a = a if isinstance(a, Tensor) else _scalar_operand(a, b)
+    b = b if isinstance(b, Tensor) else _scalar_operand(b, a)
+    if a.dtype != b.dtype:
+        fa, fb = _is_float(a.dtype), _is_float(b.dtype)
+        if fa and fb:
+            raise DTypeError(f"{op}: dtype mismatch between {describe(a)} and {describe(b)}; the engine does "
+                             f"not promote silently: convert one with .to({a.dtype.name}) or .to({b.dtype.name})")
+        if fa or fb:  # integer/bool operand joins the float operand's dtype
+            target = a.dtype if fa else b.dtype
+            a, b = (a if fa else cast(a, target)), (b if fb else cast(b, target))
+        else:
+            target = np.promote_types(a.dtype, b.dtype)
+            a, b = cast(a, target), cast(b, target)
+    return a, b
+
+
+def _scalar_operand(value, like: Tensor) -> Tensor:
+    """A non-Tensor operand (Python/numpy scalar or array) as a constant tensor on ``like``'s device.
+
+    It takes ``like``'s dtype when ``like`` is floating (so ``0.5 * x`` stays float32) or when both
+    are integral scalars; an integer tensor with a float scalar gives float32, as in PyTorch.
+    """
+    if backend.is_array(value) and not isinstance(value, np.ndarray):
+        return Tensor(value)
+    arr = np.asarray(value)
+    if _is_float(like.dtype):
+        dtype = like.dtype
+    elif arr.dtype.kind in "iub":
+        dtype = like.dtype if arr.ndim == 0 else arr.dtype
+    else:
+        dtype = np.float32 if arr.dtype == np.float64 else arr.dtype
+    return Tensor(arr.astype(dtype, copy=False), device=like.device)
+
+
+# ---- elementwise arithmetic --------------------------------------------------------------------
+
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a + b
+
+    def backward(self, g):
+        return unbroadcast(g, self.shapes[0]), unbroadcast(g, self.shapes[1])
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a - b
+
+    def backward(self, g):
+        return unbroadcast(g, self.shapes[0]), unbroadcast(-g, self.shapes[1])
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.save(a, b)
+        return a * b
+
+    def backward(self, g):
+        a, b = self.saved
+        ga = unbroadcast(g * b, a.shape) if self.needs_input_grad[0] else None
+        gb = unbroadcast(g * a, b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.save(a, b)
+        return a / b
+
+    def backward(self, g):
+        a, b = self.saved
+        ga = unbroadcast(g / b, a.shape) if self.needs_input_grad[0] else None
+        gb = unbroadcast(-g * a / (b * b), b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Pow(Function):
+    def forward(self, a, b):
+        out = a ** b
+        self.save(a, b, out)
+        return out
+
+    def backward(self, g):
+        a, b, out = self.saved
+        xp = _xp(a)
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            # b * a^(b-1), written so that a == 0 with b >= 1 gives a finite value
+            ga = unbroadcast(g * b * a ** (b - 1), a.shape)
+        if self.needs_input_grad[1]:
+            safe_log = xp.log(xp.where(a > 0, a, 1))
+            gb = unbroadcast(g * out * safe_log, b.shape)
+        return ga, gb
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return -g
+
+
+def add(a, b) -> Tensor:
+    return Add.apply(*_binary_operands("add", a, b))
+
+
+def sub(a, b) -> Tensor:
+    return Sub.apply(*_binary_operands("sub", a, b))
+
+
+def mul(a, b) -> Tensor:
+    return Mul.apply(*_binary_operands("mul", a, b))
+
+
+def div(a, b) -> Tensor:
+    a, b = _binary_operands("div", a, b)
+    if not _is_float(a.dtype):
+        a, b = cast(a, np.float32), cast(b, np.float32)
+    return Div.apply(a, b)
+
+
+def pow(a, b) -> Tensor:
+    return Pow.apply(*_binary_operands("pow", a, b))
+
+
+def neg(a: Tensor) -> Tensor:
+    return Neg.apply(a)
+
+
+# ---- unary math ---------------------------------------------------------------------------------
+
+class Exp(Function):
+    def forward(self, a):
+        out = _xp(a).exp(a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        return g * self.saved[0]
+
+
+class Log(Function):
+    def forward(self, a):
+        self.save(a)
+        return _xp(a).log(a)
+
+    def backward(self, g):
+        return g / self.saved[0]
+
+
+class Sqrt(Function):
+    def forward(self, a):
+        out = _xp(a).sqrt(a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        return g / (2 * self.saved[0])
+
+
+class Abs(Function):
+    def forward(self, a):
+        self.save(a)
+        return _xp(a).abs(a)
+
+    def backward(self, g):
+        return g * _xp(g).sign(self.saved[0])
+
+
+class Tanh(Function):
+    def forward(self, a):
+        out = _xp(a).tanh(a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        out = self.saved[0]
+        return g * (1 - out * out)
+
+
+class Sigmoid(Function):
+    def forward(self, a):
+        xp = _xp(a)
+        # exp of a non-positive number only: no overflow for large |a|
+        e = xp.exp(-xp.abs(a))
+        out = xp.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        out = self.saved[0]
+        return g * out * (1 - out)
+
+
+class ReLU(Function):
+    def forward(self, a):
+        out = _xp(a).maximum(a, 0)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        return g * (self.saved[0] > 0)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class GELU(Function):
+    """x * Phi(x); ``approximate="tanh"`` uses the tanh formula, "none" the exact erf form."""
+
+    def forward(self, a, approximate="none"):
+        self.save(a)
+        self.approximate = approximate
+        if approximate == "tanh":
+            inner = _SQRT_2_OVER_PI * (a + 0.044715 * a ** 3)
+            return 0.5 * a * (1 + _xp(a).tanh(inner))
+        return a * _normal_cdf(a)
+
+    def backward(self, g):
+        a = self.saved[0]
+        xp = _xp(a)
+        if self.approximate == "tanh":
+            inner = _SQRT_2_OVER_PI * (a + 0.044715 * a ** 3)
+            t = xp.tanh(inner)
+            d_inner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * a * a)
+            return g * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * d_inner)
+        pdf = xp.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+        return g * (_normal_cdf(a) + a * pdf.astype(a.dtype, copy=False))
+
+
+def _erf(x):
+    """erf(x) to ~1e-7 absolute (Abramowitz & Stegun 7.1.26): numpy has no erf of its own."""
+    xp = _xp(x)
+    sign = xp.sign(x)
+    ax = xp.abs(x)
+    t = 1 / (1 + 0.3275911 * ax)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return sign * (1 - poly * xp.exp(-ax * ax))
+
+
+def _normal_cdf(a):
+    return (0.5 * (1 + _erf(a / math.sqrt(2)))).astype(a.dtype, copy=False)
+
+
+def exp(a): return Exp.apply(a)
+def log(a): return Log.apply(a)
+def sqrt(a): return Sqrt.apply(a)
+def abs(a): return Abs.apply(a)
+def tanh(a): return Tanh.apply(a)
+def sigmoid(a): return Sigmoid.apply(a)
+def relu(a): return ReLU.apply(a)
+
+
+def gelu(a: Tensor, approximate: str = "none") -> Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return GELU.apply(a, approximate=approximate)
+
+
+# ---- comparisons and selection -----------------------------------------------------------------
+
+class Maximum(Function):
+    def forward(self, a, b):
+        self.save(a, b)
+        return _xp(a).maximum(a, b)
+
+    def backward(self, g):
+        a, b = self.saved
+        # ties share the gradient equally, as in PyTorch
+        wa = (a > b) + 0.5 * (a == b)
+        return unbroadcast(g * wa, a.shape), unbroadcast(g * (1 - wa), b.shape)
+
+
+class Minimum(Function):
+    def forward(self, a, b):
+        self.save(a, b)
+        return _xp(a).minimum(a, b)
+
+    def backward(self, g):
+        a, b = self.saved
+        wa = (a < b) + 0.5 * (a == b)
+        return unbroadcast(g * wa, a.shape), unbroadcast(g * (1 - wa), b.shape)
+
+
+class Clip(Function):
+    def forward(self, a, lo=None, hi=None):
+        self.save(a)
+        self.bounds = lo, hi
+        return _xp(a).clip(a, lo, hi)
+
+    def backward(self, g):
+        (a,), (lo, hi) = self.saved, self.bounds
+        keep = _xp(a).ones_like(a, dtype=bool)
+        if lo is not None:
+            keep &= a >= lo
+        if hi is not None:
+            keep &= a <= hi
+        return g * keep
+
+
+class Where(Function):
+    def forward(self, a, b, cond=None):
+        self.cond, self.shapes = cond, (a.shape, b.shape)
+        return _xp(a).where(cond, a, b)
+
+    def backward(self, g):
+        zero = g.dtype.type(0)
+        return (unbroadcast(_xp(g).where(self.cond, g, zero), self.shapes[0]),
+                unbroadcast(_xp(g).where(self.cond, zero, g), self.shapes[1]))
+
+
+def maximum(a, b): return Maximum.apply(*_binary_operands("maximum", a, b))
+def minimum(a, b): return Minimum.apply(*_binary_operands("minimum", a, b))
+
+
+def clip(a: Tensor, min=None, max=None) -> Tensor:
+    return Clip.apply(a, lo=min, hi=max)
+
+
+def where(condition, a, b) -> Tensor:
+    """``a`` where ``condition`` is true, else ``b`` (broadcasting); differentiable in a and b."""
+    a, b = _binary_operands("where", a, b)
+    cond = condition.data if isinstance(condition, Tensor) else condition
+    if backend.is_array(cond) and backend.device_of(cond) != a.device:
+        raise DeviceError(f"where: condition on {backend.device_of(cond)} but operands {describe(a)} "
+                          f"and {describe(b)}; move the condition with .to('{a.device}')")
+    cond = a.xp.asarray(cond, dtype=bool)
+    return Where.apply(a, b, cond=cond)
+
+
+def _compare(name, a, b) -> Tensor:
+    a, b = _binary_operands(name, a, b)
+    return Tensor._from_op(getattr(a.xp, name)(a.data, b.data), None)
+
+
+def lt(a, b): return _compare("less", a, b)
+def le(a, b): return _compare("less_equal", a, b)
+def gt(a, b): return _compare("greater", a, b)
+def ge(a, b): return _compare("greater_equal", a, b)
+def eq(a, b): return _compare("equal", a, b)
+def ne(a, b): return _compare("not_equal", a, b)
+
+
+# ---- reductions ---------------------------------------------------------------------------------
+
+def _norm_axis(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim if ndim else a for a in axes))
+
+
+def _expand_reduced(g, shape, axes, keepdims):
+    """Reshape a reduced gradient so it broadcasts against the input of shape ``shape``."""
+    if not keepdims:
+        g = g.reshape([1 if i in axes else n for i, n in enumerate(shape)])
+    return g
+
+
+class Sum(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        self.shape, self.axes, self.keepdims = a.shape, _norm_axis(axis, a.ndim), keepdims
+        return a.sum(axis=self.axes, keepdims=keepdims)
+
+    def backward(self, g):
+        g = _expand_reduced(g, self.shape, self.axes, self.keepdims)
+        return _xp(g).broadcast_to(g, self.shape).copy()
+
+
+class Mean(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        self.shape, self.axes, self.keepdims = a.shape, _norm_axis(axis, a.ndim), keepdims
+        self.count = int(np.prod([a.shape[i] for i in self.axes])) if self.axes else 1
+        return a.mean(axis=self.axes, keepdims=keepdims)
+
+    def backward(self, g):
+        g = _expand_reduced(g, self.shape, self.axes, self.keepdims) / self.count
+        return _xp(g).broadcast_to(g, self.shape).astype(g.dtype, copy=True)
+
+
+class Extremum(Function):
+    """max or min over axes; the gradient is shared equally among tied extrema (like amax)."""
+
+    def forward(self, a, axis=None, keepdims=False, mode="max"):
+        axes = _norm_axis(axis, a.ndim)
+        if a.size == 0:
+            raise ShapeError(f"{mode}: cannot reduce an empty array of shape {a.shape}")
+        out = a.max(axis=axes, keepdims=True) if mode == "max" else a.min(axis=axes, keepdims=True)
+        self.save(a, out)
+        self.axes = axes
+        return out if keepdims else out.reshape([n for i, n in enumerate(a.shape) if i not in axes])
+
+    def backward(self, g):
+        a, out = self.saved
+        hit = a == out
+        count = hit.sum(axis=self.axes, keepdims=True)
+        g = g.reshape(out.shape)
+        return (g * hit / count).astype(a.dtype, copy=False)
+
+
+def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
+def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    if not _is_float(a.dtype):
+        a = cast(a, np.float32)
+    return Mean.apply(a, axis=axis, keepdims=keepdims)
+
+
+def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return Extremum.apply(a, axis=axis, keepdims=keepdims, mode="max")
+
+
+def min(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return Extremum.apply(a, axis=axis, keepdims=keepdims, mode="min")
+
+
+def var(a: Tensor, axis=None, keepdims: bool = False, correction: int = 1) -> Tensor:
+    """Variance with ``correction`` (1 = unbiased, PyTorch's default; 0 = population)."""
+    axes = _norm_axis(axis, a.ndim)
+    count = int(np.prod([a.shape[i] for i in axes])) if axes else 1
+    centered = a - mean(a, axes, keepdims=True)
+    return sum(centered * centered, axes, keepdims) / builtins.max(count - correction, 0)
+
+
+def std(a: Tensor, axis=None, keepdims: bool = False, correction: int = 1) -> Tensor:
+    return sqrt(var(a, axis, keepdims, correction))
+
+
+def argmax(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return Tensor._from_op(a.xp.argmax(a.data, axis=axis, keepdims=keepdims), None)
+
+
+def argmin(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return Tensor._from_op(a.xp.argmin(a.data, axis=axis, keepdims=keepdims), None)
+
+
+# ---- shape ops ----------------------------------------------------------------------------------
+
+class Reshape(Function):
+    def forward(self, a, shape=()):
+        self.shape = a.shape
+        return a.reshape(shape)
+
+    def backward(self, g):
+        return g.reshape(self.shape)
+
+
+class Permute(Function):
+    def forward(self, a, dims=()):
+        self.dims = dims
+        return a.transpose(dims)
+
+    def backward(self, g):
+        return g.transpose(np.argsort(self.dims))
+
+
+class BroadcastTo(Function):
+    def forward(self, a, shape=()):
+        self.shape = a.shape
+        return _xp(a).broadcast_to(a, shape)
+
+    def backward(self, g):
+        return unbroadcast(g, self.shape)
+
+
+def reshape(a: Tensor, shape) -> Tensor:
+    shape = tuple(shape)
+    known = int(np.prod([n for n in shape if n != -1]))
+    if shape.count(-1) > 1 or (-1 not in shape and known != a.numel()) or (
+            -1 in shape and (known == 0 or a.numel() % known)):
+        raise ShapeError(f"reshape: cannot reshape {describe(a)} ({a.numel()} elements) to {shape}")
+    return Reshape.apply(a, shape=shape)
+
+
+def flatten(a: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    if a.ndim == 0:
+        return reshape(a, (1,))
+    start, end = start_dim % a.ndim, end_dim % a.ndim
+    shape = a.shape[:start] + (-1,) + a.shape[end + 1:]
+    if a.numel() == 0:
+        shape = a.shape[:start] + (int(np.prod(a.shape[start:end + 1])),) + a.shape[end + 1:]
+    return reshape(a, shape)
+
+
+def permute(a: Tensor, dims) -> Tensor:
+    dims = tuple(d % a.ndim for d in dims)
+    if sorted(dims) != list(range(a.ndim)):
+        raise ShapeError(f"permute: {dims} is not a permutation of the {a.ndim} dims of {describe(a)}")
+    return Permute.apply(a, dims=dims)
+
+
+def transpose(a: Tensor, dim0: int = -2, dim1: int = -1) -> Tensor:
+    if a.ndim < 2:
+        return a
+    dims = list(range(a.ndim))
+    dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+    return permute(a, dims)
+
+
+def broadcast_to(a: Tensor, shape) -> Tensor:
+    shape = tuple(a.shape[i - len(shape) + a.ndim] if n == -1 else n for i, n in enumerate(shape))
+    try:
+        np.broadcast_shapes(a.shape, shape)
+    except ValueError:
+        raise ShapeError(f"expand/broadcast_to: cannot broadcast {describe(a)} to {shape}") from None
+    return BroadcastTo.apply(a, shape=shape)
+
+
+def unsqueeze(a: Tensor, dim: int) -> Tensor:
+    dim = dim % (a.ndim + 1)
+    return reshape(a, a.shape[:dim] + (1,) + a.shape[dim:])
+
+
+def squeeze(a: Tensor, dim=None) -> Tensor:
+    if dim is None:
+        return reshape(a, tuple(n for n in a.shape if n != 1))
+    dim = dim % a.ndim
+    return a if a.shape[dim] != 1 else reshape(a, a.shape[:dim] + a.shape[dim + 1:])
+
+
+# ---- indexing, joining ---------------------------------------------------------------------------
+
+class GetItem(Function):
+    def forward(self, a, index=None):
+        self.shape, self.dtype, self.index = a.shape, a.dtype, index
+        return a[index]
+
+    def backward(self, g):
+        xp = _xp(g)
+        grad = xp.zeros(self.shape, dtype=self.dtype)
+        if _is_basic_index(self.index):
+            grad[self.index] = g  # basic slices select each element at most once
+        else:
+            backend.scatter_add(grad, self.index, g)  # repeated integer indices accumulate
+        return grad
+
+
+def _is_basic_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (int, np.integer, slice)) or i is None or i is Ellipsis for i in items)
+
+
+def getitem(a: Tensor, index) -> Tensor:
+    index = _unwrap_index(index, a)
+    return GetItem.apply(a, index=index)
+
+
+def _unwrap_index(index, a: Tensor):
+    if isinstance(index, tuple):
+        return tuple(_unwrap_index(i, a) for i in index)
+    if isinstance(index, Tensor):
+        if index.device != a.device:
+            raise DeviceError(f"getitem: index {describe(index)} and {describe(a)} are on different devices")
+        return index.data
+    if isinstance(index, list):
+        return a.xp.asarray(index)
+    return index
+
+
+class Concatenate(Function):
+    def forward(self, *arrays, axis=0):
+        self.axis = axis
+        self.sizes = [x.shape[axis] for x in arrays]
+        return _xp(arrays[0]).concatenate(arrays, axis=axis)
+
+    def backward(self, g):
+        splits = np.cumsum(self.sizes)[:-1].tolist()
+        return tuple(_xp(g).split(g, splits, axis=self.axis))
+
+
+def concatenate(tensors, axis: int = 0) -> Tensor:
+    tensors = list(tensors)
+    if not tensors:
+        raise ShapeError("concatenate: needs at least one tensor")
+    _check_joinable("concatenate", tensors)
+    ndim = tensors[0].ndim
+    axis = axis % ndim
+    for t in tensors:
+        if t.ndim != ndim or t.shape[:axis] + t.shape[axis + 1:] != tensors[0].shape[:axis] + tensors[0].shape[axis + 1:]:
+            shapes = ", ".join(str(x.shape) for x in tensors)
+            raise ShapeError(f"concatenate: shapes {shapes} differ outside axis {axis}")
+    return Concatenate.apply(*tensors, axis=axis)
+
+
+cat = concatenate
+
+
+def stack(tensors, axis: int = 0) -> Tensor:
+    tensors = list(tensors)
+    if not tensors:
+        raise ShapeError("stack: needs at least one tensor")
+    if len({t.shape for t in tensors}) > 1:
+        raise ShapeError(f"stack: all shapes must be equal, got {', '.join(str(t.shape) for t in tensors)}")
+    axis = axis % (tensors[0].ndim + 1)
+    return concatenate([unsqueeze(t, axis) for t in tensors], axis)
+
+
+def _check_joinable(op, tensors) -> None:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise DTypeError(f"{op}: dtypes differ: {', '.join(describe(t) for t in tensors)}")
+
+
+# ---- matmul --------------------------------------------------------------------------------------
+
+class MatMul(Function):
+    def forward(self, a, b):
+        self.save(a, b)
+        return a @ b
+
+    def backward(self, g):
+        a, b = self.saved
+        xp = _xp(g)
+        # Treat 1-D operands as matrices so one formula serves every case.
+        a2 = a[None, :] if a.ndim == 1 else a
+        b2 = b[:, None] if b.ndim == 1 else b
+        g2 = g
+        if a.ndim == 1:
+            g2 = xp.expand_dims(g2, -2)
+        if b.ndim == 1:
+            g2 = xp.expand_dims(g2, -1)
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = unbroadcast(g2 @ xp.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
+        if self.needs_input_grad[1]:
+            gb = unbroadcast(xp.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(b.shape)
+        return ga, gb
+
+
+def matmul(a, b) -> Tensor:
+    a, b = _binary_operands("matmul", a, b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError(f"matmul: operands must have at least 1 dim: {describe(a)} @ {describe(b)}")
+    k_a = a.shape[-1]
+    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if k_a != k_b:
+        raise ShapeError(f"matmul: inner dimensions differ ({k_a} != {k_b}) for {describe(a)} @ {describe(b)}; "
+                         "transpose one operand or fix the layer sizes")
+    return MatMul.apply(a, b)
+
+
+# ---- softmax family (numerically stable: subtract the row max) -----------------------------------
+
+class Softmax(Function):
+    def forward(self, a, axis=-1):
+        xp = _xp(a)
+        e = xp.exp(a - a.max(axis=axis, keepdims=True))
+        out = e / e.sum(axis=axis, keepdims=True)
+        self.save(out)
+        self.axis = axis
+        return out
+
+    def backward(self, g):
+        out = self.saved[0]
+        return out * (g - (g * out).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    def forward(self, a, axis=-1):
+        xp = _xp(a)
+        shifted = a - a.max(axis=axis, keepdims=True)
+        out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        self.save(out)
+        self.axis = axis
+        return out
+
+    def backward(self, g):
+        out = self.saved[0]
+        return g - _xp(g).exp(out) * g.sum(axis=self.axis, keepdims=True)
+
+
+def softmax(a: Tensor, axis: int = -1) -> Tensor:
+    return Softmax.apply(a, axis=axis)
+
+
+def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(a, axis=axis)
+
+
+# ---- dtype and device moves ----------------------------------------------------------------------
+
+class Cast(Function):
+    def forward(self, a, dtype=None):
+        self.dtype = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, g):
+        return g.astype(self.dtype)
+
+
+class Transfer(Function):
+    """Copy to another device; the gradient is copied back. Exempt from the same-device check."""
+
+    def forward(self, a, target=None):
+        self.source = backend.device_of(a)
+        return backend.to_device(a, target)
+
+    def backward(self, g):
+        return backend.to_device(g, self.source)
+
+
+class Clone(Function):
+    def forward(self, a):
+        return a.copy()
+
+    def backward(self, g):
+        return g
+
+
+def cast(a: Tensor, dtype) -> Tensor:
+    if a.dtype == np.dtype(dtype):
+        return a
+    if a.requires_grad and not _is_float(dtype):
+        return Tensor._from_op(a.data.astype(dtype), None)
+    return Cast.apply(a, dtype=np.dtype(dtype))
+
+
+def transfer(a: Tensor, target) -> Tensor:
+    return Transfer.apply(a, target=target)
+
+
+def clone(a: Tensor) -> Tensor:
+    return Clone.apply(a)

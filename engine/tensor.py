@@ -1,0 +1,410 @@
+"""Tensor: an array (numpy or cupy) plus what autograd needs; and the factory functions.
+
+Operators and methods delegate to engine/ops.py, where each op is one Function or a short
+composite of them. Python scalars take the tensor's dtype, so float32 stays float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine import backend
+from engine.autograd import backward as _run_backward
+from engine.autograd import is_grad_enabled
+from engine.errors import DTypeError, EngineError, GradError, describe
+
+float16, float32, float64 = np.float16, np.float32, np.float64
+int32, int64, bool_ = np.int32, np.int64, np.bool_
+
+
+class Tensor:
+    """An n-dimensional array on a device, recording the ops that made it when grad is on.
+
+    Args:
+        data: array, nested list or scalar. Python floats become float32, ints int64.
+        requires_grad: accumulate gradients into ``.grad`` during ``backward()``.
+        dtype: numpy dtype (``engine.float32`` ...); default from ``data``.
+        device: "cpu", "cuda", "cuda:N" or a Device; default: where ``data`` lives (cpu for lists).
+
+    Example:
+        >>> w = engine.tensor([[1.0, 2.0]], requires_grad=True)   # doctest: +SKIP
+        >>> (w * w).sum().backward(); w.grad                      # doctest: +SKIP
+        tensor([[2., 4.]])
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "grad_fn", "_retains_grad", "__weakref__")
+    __array_priority__ = 1000  # numpy scalars defer to Tensor's reflected operators
+    __hash__ = object.__hash__  # == is elementwise, so hash by identity like PyTorch
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
+        self.data = as_array(data, dtype, device)
+        self.grad: Tensor | None = None
+        self.grad_fn = None
+        self._retains_grad = False
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    @classmethod
+    def _from_op(cls, data, grad_fn) -> "Tensor":
+        t = Tensor.__new__(Tensor)
+        if isinstance(data, np.generic):  # numpy reductions return scalars; keep 0-d arrays
+            data = np.asarray(data)
+        t.data, t.grad, t.grad_fn, t._retains_grad = data, None, grad_fn, False
+        t.requires_grad = grad_fn is not None
+        return t
+
+    # ---- properties --------------------------------------------------------------------------
+    shape = property(lambda self: tuple(self.data.shape))
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    device = property(lambda self: backend.device_of(self.data))
+    xp = property(lambda self: backend.array_module(self.data), doc="numpy or cupy")
+    is_leaf = property(lambda self: self.grad_fn is None)
+    T = property(lambda self: self.transpose())
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    # ---- autograd ----------------------------------------------------------------------------
+    def backward(self, gradient=None, retain_graph: bool = False) -> None:
+        """Accumulate the gradient of this tensor w.r.t. every leaf that requires grad."""
+        _run_backward(self, gradient, retain_graph)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Tensor":
+        if requires_grad and not np.issubdtype(np.dtype(self.dtype), np.floating):
+            raise DTypeError(f"requires_grad_: only floating-point tensors can require grad, got {describe(self)}")
+        if not self.is_leaf and not requires_grad:
+            raise GradError("requires_grad_(False) on a non-leaf tensor; use .detach() instead")
+        self.requires_grad = requires_grad
+        return self
+
+    def retain_grad(self) -> None:
+        """Also keep ``.grad`` on this non-leaf tensor during backward."""
+        self._retains_grad = True
+
+    def _accumulate_grad(self, g) -> None:
+        if self.grad is None:
+            # Copy: ``g`` may be a view shared with another tensor's gradient.
+            self.grad = Tensor(self.xp.array(g, copy=True))
+        else:
+            self.grad.data += g
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor._from_op(self.data, None)
+
+    # ---- devices, dtypes, host values ----------------------------------------------------------
+    def to(self, target=None, dtype=None) -> "Tensor":
+        """Move to a device and/or cast: ``t.to("cuda")``, ``t.to(engine.float64)``, ``t.to("cpu", float32)``.
+
+        Differentiable: gradients flow back to the source device and dtype.
+        """
+        from engine import ops
+
+        if target is not None and _is_dtype(target):
+            target, dtype = None, target
+        out = self
+        if dtype is not None and np.dtype(dtype) != self.dtype:
+            out = ops.cast(out, dtype)
+        if target is not None:
+            dev = backend.check_available(backend.device(target))
+            if dev != out.device:
+                out = ops.transfer(out, dev)
+        return out
+
+    def cpu(self) -> "Tensor":
+        return self.to("cpu")
+
+    def cuda(self, index: int = 0) -> "Tensor":
+        return self.to(f"cuda:{index}")
+
+    def float(self) -> "Tensor":
+        return self.to(float32)
+
+    def double(self) -> "Tensor":
+        return self.to(float64)
+
+    def long(self) -> "Tensor":
+        return Tensor(self.data.astype(np.int64))
+
+    def numpy(self) -> np.ndarray:
+        """The data as a numpy array (copied from the GPU if needed). Detached from the graph."""
+        return backend.to_device(self.data, backend.CPU)
+
+    def item(self):
+        if self.data.size != 1:
+            raise EngineError(f"item: only one-element tensors convert to a Python scalar, got {describe(self)}")
+        return self.numpy().reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def __repr__(self) -> str:
+        body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=50, prefix="tensor(")
+        extras = "" if self.device.type == "cpu" else f", device='{self.device}'"
+        extras += "" if self.dtype == np.float32 else f", dtype={self.dtype}"
+        if self.grad_fn is not None:
+            extras += f", grad_fn={self.grad_fn!r}"
+        elif self.requires_grad:
+            extras += ", requires_grad=True"
+        return f"tensor({body}{extras})"
+
+    def __bool__(self) -> bool:
+        if self.data.size != 1:
+            raise EngineError(f"bool() of {describe(self)} is ambiguous; use .any() or .all()")
+        return bool(self.item())
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype)
+
+    # ---- in-place updates (optimizers, initialisers): never recorded in the graph --------------
+    def _check_inplace(self, op: str) -> None:
+        if is_grad_enabled() and self.requires_grad and self.is_leaf:
+            raise GradError(f"{op}: in-place change of a leaf {describe(self)} that requires grad; "
+                            "do it under engine.no_grad() (as optimizers do)")
+
+    def _inplace_operand(self, op: str, other):
+        value = other.data if isinstance(other, Tensor) else other
+        if isinstance(other, Tensor) and other.device != self.device:
+            raise EngineError(f"{op}: operands on different devices: {describe(self)} and {describe(other)}")
+        return value
+
+    def copy_(self, src) -> "Tensor":
+        self._check_inplace("copy_")
+        value = self._inplace_operand("copy_", src)
+        if isinstance(value, np.ndarray) and self.device.type == "cuda":
+            value = backend.to_device(value, self.device)
+        self.data[...] = value
+        return self
+
+    def fill_(self, value) -> "Tensor":
+        self._check_inplace("fill_")
+        self.data.fill(value)
+        return self
+
+    def zero_(self) -> "Tensor":
+        return self.fill_(0)
+
+    def add_(self, other, alpha=1.0) -> "Tensor":
+        self._check_inplace("add_")
+        value = self._inplace_operand("add_", other)
+        self.data += value if alpha == 1.0 else value * alpha
+        return self
+
+    def sub_(self, other) -> "Tensor":
+        return self.add_(other, alpha=-1.0)
+
+    def mul_(self, other) -> "Tensor":
+        self._check_inplace("mul_")
+        self.data *= self._inplace_operand("mul_", other)
+        return self
+
+    def __setitem__(self, index, value) -> None:
+        self._check_inplace("__setitem__")
+        if self.grad_fn is not None:
+            raise GradError(f"__setitem__ on {describe(self)}, which is part of a graph; use engine.where "
+                            "or build a new tensor")
+        index = index.data if isinstance(index, Tensor) else index
+        self.data[index] = self._inplace_operand("__setitem__", value)
+
+    # ---- operators and methods: see engine/ops.py ----------------------------------------------
+    def __add__(self, other): return ops.add(self, other)
+    def __radd__(self, other): return ops.add(other, self)
+    def __sub__(self, other): return ops.sub(self, other)
+    def __rsub__(self, other): return ops.sub(other, self)
+    def __mul__(self, other): return ops.mul(self, other)
+    def __rmul__(self, other): return ops.mul(other, self)
+    def __truediv__(self, other): return ops.div(self, other)
+    def __rtruediv__(self, other): return ops.div(other, self)
+    def __pow__(self, other): return ops.pow(self, other)
+    def __rpow__(self, other): return ops.pow(other, self)
+    def __neg__(self): return ops.neg(self)
+    def __abs__(self): return ops.abs(self)
+    def __matmul__(self, other): return ops.matmul(self, other)
+    def __rmatmul__(self, other): return ops.matmul(other, self)
+    def __getitem__(self, index): return ops.getitem(self, index)
+    def __lt__(self, other): return ops.lt(self, other)
+    def __le__(self, other): return ops.le(self, other)
+    def __gt__(self, other): return ops.gt(self, other)
+    def __ge__(self, other): return ops.ge(self, other)
+    def __eq__(self, other): return ops.eq(self, other)  # noqa: E704
+    def __ne__(self, other): return ops.ne(self, other)
+
+    def exp(self): return ops.exp(self)
+    def log(self): return ops.log(self)
+    def sqrt(self): return ops.sqrt(self)
+    def abs(self): return ops.abs(self)
+    def tanh(self): return ops.tanh(self)
+    def sigmoid(self): return ops.sigmoid(self)
+    def relu(self): return ops.relu(self)
+    def matmul(self, other): return ops.matmul(self, other)
+    def clip(self, min=None, max=None): return ops.clip(self, min, max)
+    clamp = clip
+    def maximum(self, other): return ops.maximum(self, other)
+    def minimum(self, other): return ops.minimum(self, other)
+    def sum(self, axis=None, keepdims=False): return ops.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return ops.mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return ops.max(self, axis, keepdims)
+    def min(self, axis=None, keepdims=False): return ops.min(self, axis, keepdims)
+    def var(self, axis=None, keepdims=False, correction=1): return ops.var(self, axis, keepdims, correction)
+    def std(self, axis=None, keepdims=False, correction=1): return ops.std(self, axis, keepdims, correction)
+    def argmax(self, axis=None, keepdims=False): return ops.argmax(self, axis, keepdims)
+    def argmin(self, axis=None, keepdims=False): return ops.argmin(self, axis, keepdims)
+    def any(self): return bool(self.data.any())
+    def all(self): return bool(self.data.all())
+    def reshape(self, *shape): return ops.reshape(self, _shape_arg(shape))
+    view = reshape
+    def flatten(self, start_dim=0, end_dim=-1): return ops.flatten(self, start_dim, end_dim)
+    def transpose(self, dim0=-2, dim1=-1): return ops.transpose(self, dim0, dim1)
+    def permute(self, *dims): return ops.permute(self, _shape_arg(dims))
+    def expand(self, *shape): return ops.broadcast_to(self, _shape_arg(shape))
+    def broadcast_to(self, shape): return ops.broadcast_to(self, tuple(shape))
+    def unsqueeze(self, dim): return ops.unsqueeze(self, dim)
+    def squeeze(self, dim=None): return ops.squeeze(self, dim)
+    def softmax(self, axis=-1): return ops.softmax(self, axis)
+    def log_softmax(self, axis=-1): return ops.log_softmax(self, axis)
+    def clone(self): return ops.clone(self)
+
+
+def _shape_arg(args) -> tuple:
+    """Accept both ``t.reshape(2, 3)`` and ``t.reshape((2, 3))``."""
+    return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+
+
+def _is_dtype(obj) -> bool:
+    if isinstance(obj, str):
+        return obj not in ("cpu", "cuda") and not obj.startswith("cuda:")
+    return isinstance(obj, (type, np.dtype))
+
+
+def as_array(data, dtype=None, device=None):
+    """``data`` as a numpy/cupy array on ``device``; Python floats and lists become float32."""
+    if isinstance(data, Tensor):
+        data = data.data
+    if backend.is_array(data):
+        arr = data
+    else:
+        arr = np.asarray(data)
+        if dtype is None and arr.dtype == np.float64:
+            arr = arr.astype(np.float32)  # the engine's default float dtype, as in PyTorch
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        arr = arr.astype(dtype)
+    if device is not None:
+        arr = backend.to_device(arr, backend.check_available(backend.device(device)))
+    elif not backend.is_array(data) and backend.default_device().type == "cuda":
+        arr = backend.to_device(arr, backend.default_device())
+    return arr
+
+
+# ---- factories (PyTorch names) ----------------------------------------------------------------
+
+def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    """A new tensor holding a copy of ``data``."""
+    data = data.data if isinstance(data, Tensor) else data
+    arr = as_array(data, dtype, device)
+    if arr is data:
+        arr = arr.copy()
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def _new(fill, shape, dtype, device, requires_grad, **kw) -> Tensor:
+    dev = backend.check_available(backend.device(device))
+    xp = backend.xp_for(dev)
+    with backend.on_device(dev):
+        arr = getattr(xp, fill)(_shape_arg(shape), dtype=dtype or float32, **kw)
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def zeros(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
+    return _new("zeros", shape, dtype, device, requires_grad)
+
+
+def ones(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
+    return _new("ones", shape, dtype, device, requires_grad)
+
+
+def empty(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
+    return _new("empty", shape, dtype, device, requires_grad)
+
+
+def full(shape, fill_value, dtype=None, device=None, requires_grad=False) -> Tensor:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return _new("full", (shape,), dtype, device, requires_grad, fill_value=fill_value)
+
+
+def zeros_like(t: Tensor, dtype=None, requires_grad=False) -> Tensor:
+    return zeros(t.shape, dtype=dtype or t.dtype, device=t.device, requires_grad=requires_grad)
+
+
+def ones_like(t: Tensor, dtype=None, requires_grad=False) -> Tensor:
+    return ones(t.shape, dtype=dtype or t.dtype, device=t.device, requires_grad=requires_grad)
+
+
+def full_like(t: Tensor, fill_value, dtype=None, requires_grad=False) -> Tensor:
+    return full(t.shape, fill_value, dtype=dtype or t.dtype, device=t.device, requires_grad=requires_grad)
+
+
+def eye(n: int, m: int | None = None, dtype=None, device=None, requires_grad=False) -> Tensor:
+    dev = backend.check_available(backend.device(device))
+    with backend.on_device(dev):
+        arr = backend.xp_for(dev).eye(n, m, dtype=dtype or float32)
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Like ``torch.arange``: int64 for integer arguments, float32 otherwise."""
+    if end is None:
+        start, end = 0, start
+    if dtype is None:
+        dtype = int64 if all(isinstance(v, (int, np.integer)) for v in (start, end, step)) else float32
+    dev = backend.check_available(backend.device(device))
+    with backend.on_device(dev):
+        arr = backend.xp_for(dev).arange(start, end, step, dtype=dtype)
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def randn(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Standard normal samples from the engine's seeded generator (see ``engine.manual_seed``)."""
+    dev = backend.check_available(backend.device(device))
+    with backend.on_device(dev):
+        arr = backend.generator(dev).standard_normal(_shape_arg(shape)).astype(dtype or float32)
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def rand(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Uniform samples in [0, 1) from the engine's seeded generator."""
+    dev = backend.check_available(backend.device(device))
+    gen = backend.generator(dev)
+    with backend.on_device(dev):
+        sample = gen.random(_shape_arg(shape)) if dev.type == "cpu" else gen.random_sample(_shape_arg(shape))
+        arr = sample.astype(dtype or float32)
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def randint(low: int, high: int, size, dtype=int64, device=None) -> Tensor:
+    """Integers in [low, high) from the engine's seeded generator."""
+    dev = backend.check_available(backend.device(device))
+    gen = backend.generator(dev)
+    size = (size,) if isinstance(size, int) else tuple(size)
+    with backend.on_device(dev):
+        arr = gen.integers(low, high, size) if dev.type == "cpu" else gen.randint(low, high, size)
+    return Tensor(arr.astype(dtype))
+
+
+from engine import ops  # noqa: E402  (ops imports Tensor from this module)

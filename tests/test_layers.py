@@ -1,0 +1,72 @@
+"""The import rule of docs/architecture.md: each layer imports only the layers below it.
+
+Walks every module's import statements (including ones inside functions) with ast.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Lower rank = lower layer. A module may import modules of its own rank or lower. autograd,
+# tensor and ops are one layer: Function builds Tensors, Tensor methods call ops.
+ENGINE_RANKS = {
+    "errors": 0, "backend": 1, "autograd": 2, "tensor": 2, "ops": 2, "functional": 3, "gradcheck": 3,
+    "nn": 4, "optim": 4, "io": 4, "metrics": 4, "data": 5, "train": 6, "examples": 7,
+}
+# The only places allowed to import cupy / cupyx.
+CUPY_ALLOWED = ("kernels/", "engine/backend.py", "bench/")
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+def _files(package: str):
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+@pytest.mark.parametrize("path", _files("kernels"), ids=_rel)
+def test_kernels_import_neither_engine_nor_bench(path):
+    bad = [m for m in _imports(path) if m.split(".")[0] in ("engine", "bench", "tests")]
+    assert not bad, f"{_rel(path)} imports {bad}: kernels/ is the bottom layer"
+
+
+@pytest.mark.parametrize("path", _files("engine"), ids=_rel)
+def test_engine_modules_import_only_lower_layers(path):
+    rel = path.relative_to(ROOT / "engine").parts
+    own = rel[0].removesuffix(".py")
+    if own == "__init__":
+        return  # the package's front door re-exports everything
+    own_rank = ENGINE_RANKS[own]
+    for module in _imports(path):
+        parts = module.split(".")
+        assert parts[0] not in ("bench", "tests"), f"{_rel(path)} imports {module}"
+        if parts[0] == "engine" and len(parts) > 1 and parts[1] in ENGINE_RANKS:
+            assert ENGINE_RANKS[parts[1]] <= own_rank, (
+                f"{_rel(path)} (layer {own}) imports engine.{parts[1]}, a higher layer")
+
+
+@pytest.mark.parametrize("path", _files("engine") + _files("kernels"), ids=_rel)
+def test_only_backend_and_kernels_know_cupy(path):
+    if _rel(path).startswith(CUPY_ALLOWED):
+        return
+    bad = [m for m in _imports(path) if m.split(".")[0] in ("cupy", "cupyx")]
+    assert not bad, f"{_rel(path)} imports {bad}; go through engine.backend"
+
+
+def test_every_engine_module_has_a_layer():
+    tops = {p.relative_to(ROOT / "engine").parts[0].removesuffix(".py") for p in _files("engine")}
+    assert tops - {"__init__"} <= set(ENGINE_RANKS), tops - set(ENGINE_RANKS)

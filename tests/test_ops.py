@@ -1,0 +1,139 @@
+"""The op table: every core op's forward against a NumPy float64 reference and its gradient
+against finite differences, on every available device."""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import engine
+from engine import functional as F
+from tests.conftest import DEVICES
+
+
+def _gelu_ref(x):
+    from math import erf
+
+    return x * 0.5 * (1 + np.vectorize(erf)(x / np.sqrt(2)))
+
+
+def _gelu_tanh_ref(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _softmax_ref(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+@dataclass
+class Op:
+    name: str
+    fn: Callable  # engine tensors -> tensor
+    ref: Callable  # float64 numpy arrays -> array
+    shapes: list
+    domain: tuple = (-2.0, 2.0)
+    grad: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+IDX = np.array([2, 0, 2, 1])  # repeats: the scatter-add backward must accumulate
+
+OPS = [
+    Op("add", lambda a, b: a + b, np.add, [(3, 4), (3, 4)]),
+    Op("add_broadcast", lambda a, b: a + b, np.add, [(3, 1, 4), (5, 1)]),
+    Op("add_scalar", lambda a: 2.5 + a, lambda a: 2.5 + a, [(3, 4)]),
+    Op("sub", lambda a, b: a - b, np.subtract, [(2, 3), (3,)]),
+    Op("rsub_scalar", lambda a: 1.0 - a, lambda a: 1.0 - a, [(4,)]),
+    Op("mul", lambda a, b: a * b, np.multiply, [(4, 1), (1, 5)]),
+    Op("div", lambda a, b: a / b, np.divide, [(3, 4), (4,)], domain=(0.5, 2.0)),
+    Op("rdiv_scalar", lambda a: 1.0 / a, lambda a: 1.0 / a, [(5,)], domain=(0.5, 2.0)),
+    Op("pow_scalar", lambda a: a ** 3, lambda a: a ** 3, [(3, 4)]),
+    Op("pow_tensor", lambda a, b: a ** b, np.power, [(3, 4), (3, 4)], domain=(0.5, 2.0)),
+    Op("neg", lambda a: -a, np.negative, [(3, 4)]),
+    Op("matmul", lambda a, b: a @ b, np.matmul, [(3, 4), (4, 5)]),
+    Op("matmul_batched", lambda a, b: a @ b, np.matmul, [(2, 3, 4), (4, 5)]),
+    Op("matmul_batched_both", lambda a, b: engine.matmul(a, b), np.matmul, [(2, 1, 3, 4), (3, 4, 2)]),
+    Op("matmul_vec_mat", lambda a, b: a @ b, np.matmul, [(4,), (4, 3)]),
+    Op("matmul_mat_vec", lambda a, b: a @ b, np.matmul, [(3, 4), (4,)]),
+    Op("exp", engine.exp, np.exp, [(3, 4)]),
+    Op("log", engine.log, np.log, [(3, 4)], domain=(0.2, 3.0)),
+    Op("sqrt", engine.sqrt, np.sqrt, [(3, 4)], domain=(0.2, 3.0)),
+    Op("abs", engine.abs, np.abs, [(3, 4)]),
+    Op("tanh", engine.tanh, np.tanh, [(3, 4)]),
+    Op("sigmoid", engine.sigmoid, lambda a: 1 / (1 + np.exp(-a)), [(3, 4)], domain=(-6.0, 6.0)),
+    Op("relu", engine.relu, lambda a: np.maximum(a, 0), [(3, 4)]),
+    Op("gelu", F.gelu, _gelu_ref, [(3, 4)], domain=(-3.0, 3.0)),
+    Op("gelu_tanh", lambda a: F.gelu(a, approximate="tanh"), _gelu_tanh_ref, [(3, 4)], domain=(-3.0, 3.0)),
+    Op("maximum", engine.maximum, np.maximum, [(3, 4), (4,)]),
+    Op("minimum", engine.minimum, np.minimum, [(3, 4), (3, 1)]),
+    Op("clip", lambda a: engine.clip(a, -0.5, 0.7), lambda a: np.clip(a, -0.5, 0.7), [(4, 5)]),
+    Op("where", lambda a, b: engine.where(a > 0, a, b), lambda a, b: np.where(a > 0, a, b), [(3, 4), (4,)]),
+    Op("sum_all", lambda a: a.sum(), np.sum, [(3, 4)]),
+    Op("sum_axis", lambda a: a.sum(axis=1), lambda a: a.sum(axis=1), [(3, 4, 2)]),
+    Op("sum_keepdims", lambda a: a.sum(axis=(0, 2), keepdims=True),
+       lambda a: a.sum(axis=(0, 2), keepdims=True), [(3, 4, 2)]),
+    Op("mean_axis", lambda a: a.mean(axis=-1), lambda a: a.mean(axis=-1), [(3, 4)]),
+    Op("max_all", lambda a: a.max(), np.max, [(3, 4)]),
+    Op("max_axis", lambda a: a.max(axis=0), lambda a: a.max(axis=0), [(5, 3)]),
+    Op("min_keepdims", lambda a: a.min(axis=1, keepdims=True), lambda a: a.min(axis=1, keepdims=True), [(3, 4)]),
+    Op("var", lambda a: a.var(axis=1), lambda a: a.var(axis=1, ddof=1), [(3, 5)]),
+    Op("var_population", lambda a: a.var(correction=0), lambda a: a.var(), [(3, 5)]),
+    Op("reshape", lambda a: a.reshape(4, -1), lambda a: a.reshape(4, -1), [(2, 3, 4)]),
+    Op("flatten", lambda a: a.flatten(1), lambda a: a.reshape(2, -1), [(2, 3, 4)]),
+    Op("transpose", lambda a: a.T, lambda a: a.T, [(3, 4)]),
+    Op("permute", lambda a: a.permute(2, 0, 1), lambda a: a.transpose(2, 0, 1), [(2, 3, 4)]),
+    Op("expand", lambda a: a.expand(3, 2, 4), lambda a: np.broadcast_to(a, (3, 2, 4)), [(2, 1)]),
+    Op("unsqueeze_squeeze", lambda a: a.unsqueeze(1).squeeze(1), lambda a: a, [(3, 4)]),
+    Op("getitem_slice", lambda a: a[1:, ::2], lambda a: a[1:, ::2], [(4, 5)]),
+    Op("getitem_int_array", lambda a: a[IDX], lambda a: a[IDX], [(3, 4)]),
+    Op("getitem_pairs", lambda a: a[np.arange(4), IDX], lambda a: a[np.arange(4), IDX], [(4, 3)]),
+    Op("getitem_bool_mask", lambda a: a[a > 0], lambda a: a[a > 0], [(4, 3)]),
+    Op("concatenate", lambda a, b: engine.concatenate([a, b], axis=1),
+       lambda a, b: np.concatenate([a, b], axis=1), [(2, 3), (2, 4)]),
+    Op("stack", lambda a, b: engine.stack([a, b], axis=1), lambda a, b: np.stack([a, b], axis=1), [(2, 3), (2, 3)]),
+    Op("softmax", lambda a: F.softmax(a, axis=-1), lambda a: _softmax_ref(a, -1), [(3, 5)]),
+    Op("softmax_axis0", lambda a: F.softmax(a, axis=0), lambda a: _softmax_ref(a, 0), [(3, 5)]),
+    Op("log_softmax", lambda a: F.log_softmax(a, axis=1), lambda a: np.log(_softmax_ref(a, 1)), [(3, 5)]),
+    Op("linear", lambda x, w, b: F.linear(x, w, b), lambda x, w, b: x @ w.T + b, [(3, 4), (5, 4), (5,)]),
+]
+
+
+def _inputs(op: Op, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lo, hi = op.domain
+    arrays = [rng.uniform(lo, hi, size=s) for s in op.shapes]
+    for a in arrays:  # keep away from the kinks of abs/relu/max at 0
+        a[np.abs(a) < 0.05] += 0.1
+    return arrays
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS, ids=[o.name for o in OPS])
+def test_forward_matches_float64_reference(op, device):
+    arrays = _inputs(op)
+    tensors = [engine.tensor(a, dtype=engine.float32, device=device) for a in arrays]
+    out = op.fn(*tensors)
+    expected = op.ref(*[a.astype(np.float32).astype(np.float64) for a in arrays])
+    assert out.dtype == np.float32, f"{op.name} changed dtype to {out.dtype}"
+    assert out.device == engine.device(device)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", [o for o in OPS if o.grad], ids=[o.name for o in OPS if o.grad])
+def test_gradient_matches_finite_differences(op, device):
+    tensors = [engine.tensor(a, dtype=engine.float64, device=device) for a in _inputs(op, seed=1)]
+    assert engine.gradcheck(op.fn, tensors, atol=1e-5, rtol=1e-4)
+
+
+def test_comparisons_return_bool_without_grad():
+    a = engine.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    b = engine.tensor([3.0, 2.0, 1.0])
+    for result, expected in [(a < b, [1, 0, 0]), (a <= b, [1, 1, 0]), (a > b, [0, 0, 1]),
+                             (a >= b, [0, 1, 1]), (a == b, [0, 1, 0]), (a != b, [1, 0, 1]), (a > 1.5, [0, 1, 1])]:
+        assert result.dtype == np.bool_
+        assert not result.requires_grad
+        assert result.numpy().tolist() == [bool(v) for v in expected]
+    assert engine.argmax(a).item() == 2 and a.argmin().item() == 0
