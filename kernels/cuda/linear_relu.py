@@ -1,0 +1,128 @@
+"""Linear + ReLU on cupy arrays: cuBLAS GEMMs plus the fused CUDA C++ stages of linear_relu.cu.
+
+Forward: ``cupy.matmul(x, weight.T, out=y)`` (cuBLAS, in whatever compute mode the caller set:
+cupy's TF32 setting is left alone), then ONE kernel adds the bias and applies ReLU in place on
+``y``. Backward: ONE kernel reads ``dy`` and ``y`` once and writes ``g = dy * (y > 0)`` and
+per-block column sums of ``g``; a tiny kernel adds those up into ``db`` in a fixed order (no
+atomics: deterministic); then ``dx = g @ W`` and ``dW = g.T @ x`` through cuBLAS.
+
+Cost model and launch configuration: docs/kernels/linear_relu.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from kernels.cpu.linear_relu import validate_backward, validate_forward
+from kernels.cuda.module import function
+
+MODULE = "linear_relu"
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+_EPILOGUE_THREADS = 256
+_BLOCKS_PER_SM = 8  # 8 x 256 threads = 2048, a full Hopper/Ampere SM
+_COL_THREADS, _ROW_THREADS = 32, 8  # block of the backward prologue (kColThreads, kRowThreads)
+# Blocks the backward prologue aims at. A constant, not a function of the device, so that db is
+# summed in the same order (bit for bit the same result) on every GPU.
+_PROLOGUE_TARGET_BLOCKS = 1024
+_REDUCE_THREADS = 256
+
+
+def linear_relu_forward(x, weight, bias=None):
+    """``relu(x @ weight.T + bias)`` on the GPU (see kernels.linear_relu_forward)."""
+    import cupy
+
+    dtype = validate_forward(x, weight, bias)
+    n, m = x.shape[0], weight.shape[0]
+    y = cupy.empty((n, m), dtype=dtype)
+    if y.size == 0:
+        return y
+    cupy.matmul(x, weight.T, out=y)  # K == 0 gives zeros, as in numpy
+    _bias_relu_inplace(y, bias)
+    return y
+
+
+def linear_relu_backward(grad_out, x, weight, out):
+    """``(grad_x, grad_weight, grad_bias)`` on the GPU (see kernels.linear_relu_backward)."""
+    import cupy
+
+    dtype = validate_backward(grad_out, x, weight, out)
+    n, k = x.shape
+    m = weight.shape[0]
+    if n == 0 or m == 0:
+        # No rows or no outputs: every gradient is zero (or empty); nothing to launch.
+        return (cupy.zeros((n, k), dtype=dtype), cupy.zeros((m, k), dtype=dtype),
+                cupy.zeros(m, dtype=dtype))
+    g = cupy.empty((n, m), dtype=dtype)
+    grad_bias = _mask_and_bias_grad(grad_out, out, g)
+    grad_x = cupy.empty((n, k), dtype=dtype)
+    grad_weight = cupy.empty((m, k), dtype=dtype)
+    if k:
+        cupy.matmul(g, weight, out=grad_x)
+        cupy.matmul(g.T, x, out=grad_weight)
+    return grad_x, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _lanes(dtype) -> int:
+    """Elements per 16-byte vector access."""
+    return 16 // np.dtype(dtype).itemsize
+
+
+def _aligned(*arrays) -> bool:
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def _bias_relu_inplace(y, bias) -> None:
+    """One pass over the GEMM output: ``y = relu(y + bias)``."""
+    import cupy
+
+    suffix = _SUFFIX[y.dtype]
+    lanes = _lanes(y.dtype)
+    total, m = y.size, y.shape[1]
+    # cupy allocations are 256-byte aligned, and y is ours: the flat vector walk is always legal.
+    assert _aligned(y), "the output of cupy.empty is expected to be 16-byte aligned"
+    work = max(total // lanes, total % lanes, 1)  # vectors, or the scalar tail when smaller
+    blocks = min(-(-work // _EPILOGUE_THREADS), _sm_count(cupy.cuda.Device().id) * _BLOCKS_PER_SM)
+    if bias is None:
+        kernel, args = function(MODULE, f"linear_relu_fwd_epilogue_{suffix}"), (y, np.int64(total))
+    else:
+        vector_bias = m % lanes == 0 and _aligned(bias)
+        name = f"linear_relu_fwd_epilogue_{'biasvec' if vector_bias else 'bias'}_{suffix}"
+        kernel, args = function(MODULE, name), (y, bias, np.int64(total), np.int64(m))
+    kernel((blocks,), (_EPILOGUE_THREADS,), args)
+
+
+def _mask_and_bias_grad(grad_out, out, g):
+    """Write ``g = grad_out * (out > 0)`` and return ``g.sum(0)``, reading grad_out and out once."""
+    import cupy
+
+    suffix = _SUFFIX[g.dtype]
+    n, m = g.shape
+    lanes = _lanes(g.dtype)
+    vector = m % lanes == 0 and _aligned(grad_out, out, g)
+    cols_per_block = _COL_THREADS * (lanes if vector else 1)
+    grid_x = -(-m // cols_per_block)
+    grid_y = min(-(-n // _ROW_THREADS), max(1, _PROLOGUE_TARGET_BLOCKS // grid_x))
+    grad_bias = cupy.empty(m, dtype=g.dtype)
+    # One block row: its column sums are db itself and the second kernel is not needed.
+    partial = grad_bias if grid_y == 1 else cupy.empty((grid_y, m), dtype=g.dtype)
+    name = f"linear_relu_bwd_mask_db_{'vec_' if vector else ''}{suffix}"
+    function(MODULE, name)((grid_x, grid_y), (_COL_THREADS, _ROW_THREADS),
+                           (grad_out, out, g, partial, np.int64(n), np.int64(m)))
+    if grid_y > 1:
+        blocks = -(-m // _REDUCE_THREADS)
+        function(MODULE, f"linear_relu_bwd_db_reduce_{suffix}")(
+            (blocks,), (_REDUCE_THREADS,), (partial, grad_bias, np.int64(grid_y), np.int64(m)))
+    return grad_bias

@@ -1,0 +1,68 @@
+"""numba_cuda linear_relu kernels under the Numba CUDA simulator, against the numpy impl.
+
+Small sizes only (the simulator runs one Python thread per CUDA thread), but sizes that are not
+multiples of the 16 x 16 GEMM tile or of the 32 x 8 prologue block, several tiles along every
+dimension, and more than 8 rows so that the two-stage db reduction runs.
+"""
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import KernelError
+
+
+def make_inputs(rng, n, k, m, dtype, bias=True):
+    x = rng.uniform(0.5, 1.5, (n, k)) * rng.choice([-1.0, 1.0], (n, k))
+    w = rng.uniform(0.5, 1.5, (m, k)) * rng.choice([-1.0, 1.0], (m, k)) / np.sqrt(max(k, 1))
+    b = rng.uniform(0.1, 1.0, m) * rng.choice([-1.0, 1.0], m) if bias else None
+    dy = rng.uniform(0.5, 1.5, (n, m)) * rng.choice([-1.0, 1.0], (n, m))
+    cast = (lambda a: None if a is None else np.ascontiguousarray(a, dtype=dtype))
+    return cast(x), cast(w), cast(b), cast(dy)
+
+
+def assert_close(actual, expected, k):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    eps = 1e-5 if actual.dtype == np.float32 else 1e-13
+    err = np.linalg.norm(actual.astype(np.float64) - expected.astype(np.float64))
+    assert err <= eps * np.sqrt(max(k, 1)) * max(np.linalg.norm(expected.astype(np.float64)), 1e-30)
+
+
+@pytest.mark.parametrize("shape,dtype,bias", [
+    ((37, 29, 53), np.float32, True),   # several tiles everywhere; 5 block rows in the prologue
+    ((17, 18, 5), np.float64, False),   # 2 tiles of rows and of K; float64
+    ((9, 1, 1), np.float32, True),      # K = 1, M = 1
+    ((1, 1, 1), np.float64, True),
+    ((1, 3, 20), np.float32, False),    # N = 1
+])
+def test_numba_cuda_matches_numpy_impl(shape, dtype, bias):
+    rng = np.random.default_rng(sum(shape))
+    n, k, m = shape
+    x, w, b, dy = make_inputs(rng, n, k, m, dtype, bias)
+    y = kernels.linear_relu_forward(x, w, b, impl="numba_cuda")
+    y_ref = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    assert_close(y, y_ref, k)
+    grads = kernels.linear_relu_backward(dy, x, w, y_ref, impl="numba_cuda")
+    refs = kernels.linear_relu_backward(dy, x, w, y_ref, impl="numpy")
+    for got, ref, terms in zip(grads, refs, (m, n, n)):
+        assert_close(got, ref, terms)
+
+
+def test_numba_cuda_empty_edges():
+    rng = np.random.default_rng(0)
+    x, w, b, dy = make_inputs(rng, 0, 4, 3, np.float32)
+    y = kernels.linear_relu_forward(x, w, b, impl="numba_cuda")
+    assert y.shape == (0, 3) and y.dtype == np.float32
+    dx, dw, db = kernels.linear_relu_backward(dy, x, w, y, impl="numba_cuda")
+    assert dx.shape == (0, 4) and not dw.any() and not db.any() and dw.shape == (3, 4)
+    # K = 0: the GEMM is empty and y = relu(b) on every row.
+    x, w, b, _ = make_inputs(rng, 2, 0, 3, np.float32)
+    y = kernels.linear_relu_forward(x, w, b, impl="numba_cuda")
+    np.testing.assert_array_equal(y, np.broadcast_to(np.maximum(b, 0), (2, 3)))
+
+
+def test_numba_cuda_validates_inputs():
+    x = np.ones((4, 6), np.float32)[:, ::2]
+    w = np.ones((5, 3), np.float32)
+    with pytest.raises(KernelError, match=r"x is not C-contiguous.*np\.ascontiguousarray"):
+        kernels.linear_relu_forward(x, w, None, impl="numba_cuda")

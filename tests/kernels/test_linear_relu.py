@@ -1,0 +1,278 @@
+"""linear_relu_forward / linear_relu_backward: every impl against float64 formulas and the numpy impl.
+
+CPU impls run here; the cupy and numba_cuda cases carry the gpu mark (the numba_cuda kernels
+also run under the simulator in tests/cudasim/test_linear_relu.py).
+"""
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import KernelError
+
+IMPLS = ["numpy", "numba_cpu",
+         pytest.param("cupy", marks=pytest.mark.gpu), pytest.param("numba_cuda", marks=pytest.mark.gpu)]
+GPU_IMPLS = ("cupy", "numba_cuda")
+
+# (N, K, M): size-1 and empty edges, odd sizes, sizes that are not multiples of 16 (the numba_cuda
+# tile), of 4 (the float4 path) or of 32 x 8 (the backward prologue block), several tiles.
+SHAPES = [(1, 1, 1), (0, 5, 3), (3, 0, 4), (4, 6, 0), (1, 7, 5), (6, 1, 9), (8, 5, 1),
+          (37, 29, 53), (17, 33, 15), (64, 48, 80), (129, 20, 36)]
+
+
+def to_device(a, impl):
+    if impl in GPU_IMPLS and a is not None:
+        import cupy
+
+        return cupy.asarray(a)
+    return a
+
+
+def to_host(a):
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy.asnumpy(a)
+    return a
+
+
+def tolerance(dtype, k):
+    """Relative (to the norm) error bound for a K-term dot product in ``dtype``."""
+    eps = 1e-5 if dtype == np.float32 else 1e-13
+    return eps * np.sqrt(max(k, 1))
+
+
+def assert_close(actual, expected, dtype, k):
+    actual = to_host(actual)
+    assert isinstance(actual, np.ndarray)
+    assert actual.dtype == dtype, f"dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == expected.shape, f"shape {actual.shape}, expected {expected.shape}"
+    assert actual.flags.c_contiguous
+    err = np.linalg.norm(actual.astype(np.float64) - expected)
+    scale = max(np.linalg.norm(expected), 1e-30)
+    assert err <= tolerance(dtype, k) * scale, f"relative error {err / scale:.3g} (K={k}, {dtype.__name__})"
+
+
+def make_inputs(rng, n, k, m, dtype, bias=True):
+    """Random nonzero inputs whose pre-activations are about half positive, half negative."""
+    x = rng.uniform(0.5, 1.5, (n, k)) * rng.choice([-1.0, 1.0], (n, k))
+    w = rng.uniform(0.5, 1.5, (m, k)) * rng.choice([-1.0, 1.0], (m, k)) / np.sqrt(max(k, 1))
+    b = rng.uniform(0.1, 1.0, m) * rng.choice([-1.0, 1.0], m) if bias else None
+    cast = (lambda a: None if a is None else np.ascontiguousarray(a, dtype=dtype))
+    return cast(x), cast(w), cast(b)
+
+
+def forward64(x, w, b):
+    z = x.astype(np.float64) @ w.astype(np.float64).T
+    if b is not None:
+        z = z + b.astype(np.float64)
+    return np.maximum(z, 0.0)
+
+
+def backward64(dy, x, w, y):
+    g = dy.astype(np.float64) * (y > 0)
+    return g @ w.astype(np.float64), g.T @ x.astype(np.float64), g.sum(axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_float64_formula_and_numpy_impl(impl, dtype, bias, shape, rng):
+    n, k, m = shape
+    x, w, b = make_inputs(rng, n, k, m, dtype, bias)
+    y = kernels.linear_relu_forward(to_device(x, impl), to_device(w, impl), to_device(b, impl), impl=impl)
+    assert_close(y, forward64(x, w, b), dtype, k)
+    assert_close(y, kernels.linear_relu_forward(x, w, b, impl="numpy").astype(np.float64), dtype, k)
+
+
+def test_forward_inputs_exercise_both_sides_of_the_relu(rng):
+    x, w, b = make_inputs(rng, 37, 29, 53, np.float32)
+    z = forward64(x, w, None) + b
+    assert 0.3 < (z > 0).mean() < 0.7
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_forward_returns_a_new_array_and_leaves_inputs_alone(impl, rng):
+    x, w, b = make_inputs(rng, 9, 7, 5, np.float32)
+    copies = [a.copy() for a in (x, w, b)]
+    y = kernels.linear_relu_forward(x, w, b, impl=impl)
+    for a in (x, w, b):
+        assert not np.shares_memory(y, a)
+    for a, c in zip((x, w, b), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_forward_propagates_nan_like_np_maximum(impl):
+    x = np.array([[np.nan, 1.0], [1.0, 1.0]], np.float32)
+    w = np.array([[1.0, 1.0], [-1.0, -1.0]], np.float32)
+    y = kernels.linear_relu_forward(x, w, None, impl=impl)
+    assert np.isnan(y[0]).all()
+    np.testing.assert_array_equal(y[1], [2.0, 0.0])
+
+
+def test_default_dispatch_on_numpy_arrays(rng):
+    x, w, b = make_inputs(rng, 5, 4, 3, np.float32)
+    assert kernels.choose("linear_relu_forward", [x, w, b]).array_kind == "numpy"
+    y = kernels.linear_relu_forward(x, w, b)
+    assert_close(y, forward64(x, w, b), np.float32, 4)
+    dx, dw, db = kernels.linear_relu_backward(np.ones_like(y), x, w, y)
+    assert (dx.shape, dw.shape, db.shape) == ((5, 4), (3, 4), (3,))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_float64_formula_and_numpy_impl(impl, dtype, shape, rng):
+    n, k, m = shape
+    x, w, b = make_inputs(rng, n, k, m, dtype)
+    y = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    dy = make_inputs(rng, n, m, 1, dtype)[0]  # (N, M) random nonzero
+    dev = [to_device(a, impl) for a in (dy, x, w, y)]
+    grads = kernels.linear_relu_backward(*dev, impl=impl)
+    reference = kernels.linear_relu_backward(dy, x, w, y, impl="numpy")
+    # dx sums over M terms, dW and db over N terms.
+    for got, exact, ref, terms in zip(grads, backward64(dy, x, w, y), reference, (m, n, n)):
+        assert_close(got, exact, dtype, terms)
+        assert_close(got, ref.astype(np.float64), dtype, terms)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_matches_finite_differences(impl):
+    """Gradients of L = sum(dy * relu(x @ W.T + b)) against central differences, float64."""
+    rng = np.random.default_rng(7)
+    n, k, m = 3, 4, 5
+    x, w, b = make_inputs(rng, n, k, m, np.float64)
+    z = x @ w.T + b
+    assert np.abs(z).min() > 1e-3, "a pre-activation sits on the ReLU kink: pick another seed"
+    assert 0 < (z > 0).sum() < z.size
+    dy = make_inputs(rng, n, m, 1, np.float64)[0]
+
+    def loss(x_, w_, b_):
+        return float(np.sum(dy * np.maximum(x_ @ w_.T + b_, 0.0)))
+
+    def numeric(arg):
+        params = [x.copy(), w.copy(), b.copy()]
+        grad = np.zeros_like(params[arg])
+        h = 1e-6
+        for idx in np.ndindex(grad.shape):
+            plus = [p.copy() for p in params]
+            minus = [p.copy() for p in params]
+            plus[arg][idx] += h
+            minus[arg][idx] -= h
+            grad[idx] = (loss(*plus) - loss(*minus)) / (2 * h)
+        return grad
+
+    y = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    dev = [to_device(a, impl) for a in (dy, x, w, y)]
+    grads = [to_host(g) for g in kernels.linear_relu_backward(*dev, impl=impl)]
+    for arg, got in enumerate(grads):
+        np.testing.assert_allclose(got, numeric(arg), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("impl", ["numba_cpu"])
+def test_backward_is_deterministic(impl, rng):
+    x, w, b = make_inputs(rng, 300, 17, 70, np.float32)
+    y = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    dy = make_inputs(rng, 300, 70, 1, np.float32)[0]
+    first = kernels.linear_relu_backward(dy, x, w, y, impl=impl)
+    for _ in range(3):
+        again = kernels.linear_relu_backward(dy, x, w, y, impl=impl)
+        for a, b_ in zip(first, again):
+            np.testing.assert_array_equal(a, b_)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_backward_leaves_inputs_alone(impl, rng):
+    x, w, b = make_inputs(rng, 11, 6, 7, np.float32)
+    y = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    dy = make_inputs(rng, 11, 7, 1, np.float32)[0]
+    args = (dy, x, w, y)
+    copies = [a.copy() for a in args]
+    grads = kernels.linear_relu_backward(*args, impl=impl)
+    for a, c in zip(args, copies):
+        np.testing.assert_array_equal(a, c)
+    for g in grads:
+        assert not any(np.shares_memory(g, a) for a in args)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs: every impl runs the same validator first
+# --------------------------------------------------------------------------------------------
+
+
+def _good(dtype=np.float32):
+    x = np.ones((4, 3), dtype)
+    w = np.ones((5, 3), dtype)
+    b = np.ones(5, dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_forward_rejects_non_contiguous_input_naming_the_fix(impl):
+    x, w, b = _good()
+    wide = np.ones((4, 6), np.float32)
+    with pytest.raises(KernelError, match=r"linear_relu_forward.*x is not C-contiguous.*np\.ascontiguousarray"):
+        kernels.linear_relu_forward(wide[:, ::2], w, b, impl=impl)
+    with pytest.raises(KernelError, match=r"weight is not C-contiguous"):
+        kernels.linear_relu_forward(x, np.ones((3, 5), np.float32).T, b, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_forward_rejects_mixed_and_unsupported_dtypes(impl):
+    x, w, b = _good()
+    with pytest.raises(KernelError, match=r"one float dtype.*nothing is promoted") as info:
+        kernels.linear_relu_forward(x, w.astype(np.float64), b, impl=impl)
+    assert "weight=numpy.ndarray(5, 3) float64" in str(info.value)
+    assert "x=numpy.ndarray(4, 3) float32" in str(info.value)
+    with pytest.raises(KernelError, match=r"one float dtype"):
+        kernels.linear_relu_forward(x, w, b.astype(np.float64), impl=impl)
+    with pytest.raises(KernelError, match=r"dtype float16 is not supported; use float32 or float64"):
+        kernels.linear_relu_forward(*(a.astype(np.float16) for a in (x, w, b)), impl=impl)
+    with pytest.raises(KernelError, match=r"dtype int64 is not supported"):
+        kernels.linear_relu_forward(*(a.astype(np.int64) for a in (x, w, b)), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_forward_rejects_bad_shapes(impl):
+    x, w, b = _good()
+    with pytest.raises(KernelError, match=r"shapes do not agree: need x \(N, K\), weight \(M, K\)"):
+        kernels.linear_relu_forward(x, np.ones((5, 4), np.float32), b, impl=impl)
+    with pytest.raises(KernelError, match=r"shapes do not agree"):
+        kernels.linear_relu_forward(x, w, np.ones(4, np.float32), impl=impl)
+    with pytest.raises(KernelError, match=r"x must be 2-D, got 1-D"):
+        kernels.linear_relu_forward(np.ones(3, np.float32), w, b, impl=impl)
+    with pytest.raises(KernelError, match=r"bias must be 1-D, got 2-D"):
+        kernels.linear_relu_forward(x, w, b.reshape(1, 5), impl=impl)
+    with pytest.raises(KernelError, match=r"weight is not an array"):
+        kernels.linear_relu_forward(x, [[1.0, 2.0, 3.0]], b, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_backward_rejects_bad_inputs(impl):
+    x, w, b = _good()
+    y = np.ones((4, 5), np.float32)
+    dy = np.ones((4, 5), np.float32)
+    with pytest.raises(KernelError, match=r"linear_relu_backward.*shapes do not agree.*grad_out \(N, M\)"):
+        kernels.linear_relu_backward(np.ones((4, 6), np.float32), x, w, y, impl=impl)
+    with pytest.raises(KernelError, match=r"shapes do not agree"):
+        kernels.linear_relu_backward(dy, x, w, np.ones((5, 4), np.float32), impl=impl)
+    with pytest.raises(KernelError, match=r"shapes do not agree"):
+        kernels.linear_relu_backward(dy, np.ones((4, 2), np.float32), w, y, impl=impl)
+    with pytest.raises(KernelError, match=r"grad_out is not C-contiguous.*np\.ascontiguousarray"):
+        kernels.linear_relu_backward(np.ones((5, 4), np.float32).T, x, w, y, impl=impl)
+    with pytest.raises(KernelError, match=r"out=numpy.ndarray\(4, 5\) float64.*one float dtype"):
+        kernels.linear_relu_backward(dy, x, w, y.astype(np.float64), impl=impl)
+    with pytest.raises(KernelError, match=r"out is None"):
+        kernels.linear_relu_backward(dy, x, w, None, impl=impl)
