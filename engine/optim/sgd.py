@@ -1,0 +1,82 @@
+"""Stochastic gradient descent with momentum, dampening, Nesterov and weight decay."""
+
+from __future__ import annotations
+
+import kernels
+from engine.errors import EngineError
+from engine.optim.optimizer import Optimizer, check_number
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent (PyTorch semantics).
+
+    With :math:`g_t` the gradient (negated when ``maximize``), per step:
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda\,\theta_{t-1} \quad (\text{weight decay } \lambda)\\
+        b_t &= g_t \text{ on the first step, else } \mu\,b_{t-1} + (1-\tau)\,g_t \quad (\mu \ne 0)\\
+        g_t &\leftarrow g_t + \mu\,b_t \text{ if nesterov, else } b_t\\
+        \theta_t &= \theta_{t-1} - \gamma\,g_t
+
+    Args:
+        params: iterable of Tensors or of param-group dicts.
+        lr: learning rate :math:`\gamma`.
+        momentum: momentum factor :math:`\mu`.
+        dampening: dampening :math:`\tau` of the momentum.
+        weight_decay: L2 penalty :math:`\lambda`.
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
+        maximize: maximize the objective instead of minimizing it.
+        fused: None/True: one fused ``sgd_step`` launch per bucket; False: unfused reference.
+
+    Example:
+        >>> opt = engine.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # doctest: +SKIP
+        >>> opt.zero_grad(); loss.backward(); opt.step()                       # doctest: +SKIP
+    """
+
+    _exports_step = False  # like PyTorch, SGD's state is only its momentum buffer
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 fused: bool | None = None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults, fused)
+
+    def _check_hyperparams(self, group: dict) -> None:
+        check_number("SGD", "lr", group["lr"])
+        check_number("SGD", "momentum", group["momentum"])
+        check_number("SGD", "dampening", group["dampening"], low=-float("inf"))
+        check_number("SGD", "weight_decay", group["weight_decay"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise EngineError(f"SGD: nesterov=True requires momentum > 0 and dampening = 0, got "
+                              f"momentum={group['momentum']}, dampening={group['dampening']}")
+
+    def _buffer_names(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _all_buffer_names(self) -> tuple[str, ...]:
+        return ("momentum_buffer",)
+
+    def _run_key(self, group: dict, bucket, i: int):
+        # The only per-parameter input of the update: is this the momentum buffer's first step?
+        return group["momentum"] != 0 and "momentum_buffer" not in bucket.has[i]
+
+    def _fused_update(self, group, param, grad, buffers, first_step) -> None:
+        kernels.sgd_step(param, grad, buffers.get("momentum_buffer"), lr=group["lr"], momentum=group["momentum"],
+                         dampening=group["dampening"], weight_decay=group["weight_decay"],
+                         nesterov=group["nesterov"], maximize=group["maximize"], first_step=first_step)
+
+    def _reference_update(self, group, param, grad, buffers, first_step) -> None:
+        g = -grad if group["maximize"] else grad
+        if group["weight_decay"] != 0:
+            g = g + group["weight_decay"] * param
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = buffers["momentum_buffer"]
+            if first_step:
+                buf[...] = g
+            else:
+                buf *= momentum
+                buf += (1.0 - group["dampening"]) * g
+            g = g + momentum * buf if group["nesterov"] else buf
+        param -= group["lr"] * g
