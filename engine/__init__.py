@@ -9,7 +9,7 @@ Example:
     (4, 3)
 """
 
-from engine import functional
+from engine import functional, io, nn, optim  # noqa: F401  (engine.nn.Linear, engine.optim.Adam ...)
 from engine.autograd import Function, enable_grad, is_grad_enabled, no_grad
 from engine.backend import (CPU, Device, best_device, cuda_available, cuda_device_count, default_device,
                             device, get_rng_state, manual_seed, set_default_device, set_rng_state, synchronize)
@@ -22,6 +22,8 @@ from engine.ops import min as amin  # noqa: F401
 from engine.ops import relu, softmax, log_softmax, gelu  # noqa: F401
 from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, float64, full, full_like, int32,
                            int64, ones, ones_like, rand, randint, randn, tensor, zeros, zeros_like)
+
+from engine.io import CheckpointError, load, save
 
 clamp = clip
 

@@ -1,0 +1,717 @@
+"""Functional API (``import engine.functional as F``): activations, linear layers, losses.
+
+``linear_relu`` and ``cross_entropy`` run the fused kernels of kernels/ on both devices. The
+unfused composition of core ops stays available with ``fused=False`` or, for a whole block of
+code, ``with F.fused_kernels(False):`` so fused-vs-reference parity can be tested end to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+import kernels
+from engine import backend, ops
+from engine.autograd import Function, is_grad_enabled, unbroadcast
+from engine.backend import array_module
+from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
+from engine.ops import gelu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
+from engine.tensor import Tensor
+
+_settings = threading.local()
+
+
+def fused_enabled() -> bool:
+    """Whether ops with a fused kernel use it (default True)."""
+    return getattr(_settings, "fused", True)
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool):
+    """Switch the fused kernels on or off inside a ``with`` block (per thread)."""
+    previous = fused_enabled()
+    _settings.fused = bool(enabled)
+    try:
+        yield
+    finally:
+        _settings.fused = previous
+
+
+def _use_fused(fused: bool | None) -> bool:
+    return fused_enabled() if fused is None else fused
+
+
+# ---- linear layers ------------------------------------------------------------------------------
+
+def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ShapeError(f"{op}: input {describe(x)} does not fit weight {describe(weight)}: the input's last "
+                         f"dim must equal weight.shape[1] (weight is (out_features, in_features))")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ShapeError(f"{op}: bias {describe(bias)} must have shape ({weight.shape[0]},)")
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if len({t.dtype for t in tensors}) > 1:
+        raise DTypeError(f"{op}: dtypes differ: {', '.join(describe(t) for t in tensors)}; convert with .to(dtype)")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias``, weight of shape (out_features, in_features) as in PyTorch."""
+    _check_linear("linear", x, weight, bias)
+    out = ops.matmul(x, ops.transpose(weight))
+    return out if bias is None else out + bias
+
+
+class LinearReLU(Function):
+    """relu(x @ W.T + b) through kernels.linear_relu_forward/backward; saves only x, W and y."""
+
+    name = "linear_relu"
+
+    def forward(self, x, weight, bias=None):
+        out = kernels.linear_relu_forward(x, weight, bias)
+        self.save(x, weight, out)
+        self.has_bias = bias is not None
+        return out
+
+    def backward(self, g):
+        x, weight, out = self.saved
+        gx, gw, gb = kernels.linear_relu_backward(_contiguous(g), x, weight, out)
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+
+def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, fused: bool | None = None) -> Tensor:
+    """``relu(x @ weight.T + bias)``, fused into one kernel pair on both devices.
+
+    Inputs with more than two dims are flattened to (N, in_features) and reshaped back.
+    """
+    _check_linear("linear_relu", x, weight, bias)
+    if not _use_fused(fused):
+        return relu(linear(x, weight, bias))
+    lead = x.shape[:-1]
+    flat = x if x.ndim == 2 else ops.reshape(x, (-1, x.shape[-1]))
+    inputs = (flat, weight) if bias is None else (flat, weight, bias)
+    out = LinearReLU.apply(*(_contiguous_tensor(t) for t in inputs))
+    return out if x.ndim == 2 else ops.reshape(out, lead + (weight.shape[0],))
+
+
+def _contiguous(a):
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def _contiguous_tensor(t: Tensor) -> Tensor:
+    return t if t.data.flags.c_contiguous else ops.clone(t)
+
+
+# ---- cross-entropy ------------------------------------------------------------------------------
+
+class SoftmaxCrossEntropy(Function):
+    """Loss and gradient in one kernel pass; backward only rescales the saved gradient."""
+
+    name = "cross_entropy"
+
+    def forward(self, logits, targets=None, weight=None, ignore_index=-100, label_smoothing=0.0,
+                reduction="mean", compute_grad=True):
+        xp = array_module(logits)
+        denominator = _mean_denominator(xp, logits, targets, weight, ignore_index) if reduction == "mean" else 1.0
+        scale = 1.0 / denominator if denominator > 0 else 0.0
+        loss, self.grad = kernels.softmax_cross_entropy(
+            logits, targets, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            grad_scale=scale, compute_grad=compute_grad)
+        self.reduction = reduction
+        if reduction == "none":
+            return loss
+        total = xp.asarray(loss.sum(dtype=loss.dtype))
+        if reduction == "sum":
+            return total
+        # every row ignored: NaN, as in PyTorch
+        return total * logits.dtype.type(scale) if denominator > 0 else xp.full((), xp.nan, logits.dtype)
+
+    def backward(self, g):
+        if self.reduction == "none":
+            return self.grad * g[:, None]
+        return self.grad if float(g) == 1.0 else self.grad * g
+
+
+def _mean_denominator(xp, logits, targets, weight, ignore_index) -> float:
+    """What 'mean' divides by (PyTorch): the weight sum of non-ignored rows, or N for soft targets."""
+    if targets.ndim == 2:
+        return float(logits.shape[0])
+    valid = targets != ignore_index
+    if weight is None:
+        return float(valid.sum())
+    safe = xp.where(valid, targets, 0)
+    return float((weight[safe] * valid).sum())
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, fused: bool | None = None) -> Tensor:
+    """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
+
+    Args:
+        input: logits (N, C), or (N, C, d1, ...) with the class dim second, or (C,).
+        target: class indices (N,) / (N, d1, ...) of an integer dtype, or class probabilities
+            with the same shape as ``input`` (soft targets; no gradient flows into them).
+        weight: optional (C,) class weights for class imbalance.
+        ignore_index: rows with this target contribute nothing (integer targets).
+        reduction: "mean", "sum" or "none".
+        label_smoothing: blends the target with the uniform distribution, in [0, 1].
+        fused: use the fused kernel (default: ``fused_enabled()``).
+
+    Example:
+        >>> loss = F.cross_entropy(logits, labels, label_smoothing=0.1)   # doctest: +SKIP
+    """
+    logits, targets, w = _cross_entropy_inputs(input, target, weight, reduction, label_smoothing)
+    if _use_fused(fused):
+        out = SoftmaxCrossEntropy.apply(logits, targets=targets, weight=w, ignore_index=ignore_index,
+                                        label_smoothing=float(label_smoothing), reduction=reduction,
+                                        compute_grad=is_grad_enabled() and logits.requires_grad)
+    else:
+        out = _cross_entropy_reference(logits, targets, w, ignore_index, reduction, float(label_smoothing))
+    return _restore_shape(out, input, target, reduction)
+
+
+def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing):
+    """Validate and bring the inputs to rows: logits (M, C) tensor, targets (M,) or (M, C) array."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(target, Tensor):
+        target = Tensor(np.asarray(target), device=input.device)
+    if target.device != input.device:
+        raise DeviceError(f"cross_entropy: input {describe(input)} and target {describe(target)} are on "
+                         "different devices; move the target with .to(input.device)")
+    if not np.issubdtype(input.dtype, np.floating):
+        raise DTypeError(f"cross_entropy: input must be floating point logits, got {describe(input)}")
+    soft = np.issubdtype(target.dtype, np.floating)
+    if input.ndim == 1:
+        input, target = ops.unsqueeze(input, 0), (ops.unsqueeze(target, 0) if soft else ops.reshape(target, (1,)))
+    expected = input.shape if soft else (input.shape[0],) + input.shape[2:]
+    if target.shape != expected:
+        kind = "probabilities" if soft else "class indices"
+        raise ShapeError(f"cross_entropy: target {describe(target)} ({kind}) does not fit input {describe(input)}; "
+                         f"expected target shape {expected}")
+    if soft and target.dtype != input.dtype:
+        raise DTypeError(f"cross_entropy: soft targets {describe(target)} must have the input's dtype {input.dtype}")
+    classes = input.shape[1]
+    if input.ndim > 2:  # (N, C, d...) -> (N * d..., C)
+        perm = (0,) + tuple(range(2, input.ndim)) + (1,)
+        input = ops.reshape(ops.permute(input, perm), (-1, classes))
+        target = ops.reshape(ops.permute(target, perm), (-1, classes)) if soft else ops.reshape(target, (-1,))
+    w = None
+    if weight is not None:
+        if weight.shape != (classes,) or weight.device != input.device or weight.dtype != input.dtype:
+            raise ShapeError(f"cross_entropy: weight {describe(weight)} must be ({classes},) with the input's dtype "
+                             f"and device ({describe(input)})")
+        w = weight.data
+    logits = input if input.data.flags.c_contiguous else ops.clone(input)
+    targets = target.data if soft else target.data.astype(np.int64, copy=False)
+    if soft and not targets.flags.c_contiguous:
+        targets = targets.copy()
+    return logits, targets, w
+
+
+def _restore_shape(out: Tensor, input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    if reduction != "none":
+        return out
+    if input.ndim == 1:
+        return ops.reshape(out, ())
+    if input.ndim > 2:
+        return ops.reshape(out, (input.shape[0],) + input.shape[2:])
+    return out
+
+
+def _cross_entropy_reference(logits: Tensor, targets, weight, ignore_index, reduction, eps) -> Tensor:
+    """The same loss composed of core ops (autograd differentiates it)."""
+    n, classes = logits.shape
+    logp = log_softmax(logits, axis=1)
+    xp = logits.xp
+    w = weight if weight is not None else xp.ones(classes, dtype=logits.dtype)
+    if targets.ndim == 2:  # soft targets
+        q = targets * (1 - eps) + eps / classes if eps else targets
+        per_row = -(logp * Tensor(q * w)).sum(axis=1)
+        denominator = n
+    else:
+        valid = targets != ignore_index
+        safe = xp.where(valid, targets, 0)
+        row_w = (w[safe] * valid).astype(logits.dtype)
+        picked = logp[xp.arange(n), safe]
+        per_row = -picked * Tensor(row_w) * (1 - eps)
+        if eps:
+            per_row = per_row - (logp * Tensor(w)).sum(axis=1) * Tensor(valid.astype(logits.dtype) * (eps / classes))
+        denominator = float(row_w.sum())
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / denominator if reduction == "mean" else total
+
+
+# ---- shared checks for the losses below ------------------------------------------------------------
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(op: str, reduction: str, allowed: tuple = _REDUCTIONS) -> None:
+    if reduction not in allowed:
+        choices = ", ".join(repr(r) for r in allowed)
+        raise ValueError(f"{op}: reduction must be one of {choices}, got {reduction!r}")
+
+
+def _as_tensor_like(value, like: Tensor, dtype=None) -> Tensor:
+    """``value`` as a Tensor on ``like``'s device (Tensors are returned unchanged)."""
+    if isinstance(value, Tensor):
+        return value
+    return Tensor(np.asarray(value), dtype=dtype, device=like.device)
+
+
+def _loss_operands(op: str, input: Tensor, target) -> tuple[Tensor, Tensor]:
+    """Input and target of an elementwise loss: same shape, same floating dtype, same device.
+
+    Shapes must match exactly: broadcasting an (N, 1) prediction against an (N,) target silently
+    builds an (N, N) loss, a classic bug, so it is refused with the fix in the message.
+    """
+    target = _as_tensor_like(target, input, dtype=input.dtype)
+    if target.device != input.device:
+        raise DeviceError(f"{op}: input {describe(input)} and target {describe(target)} are on different "
+                          "devices; move the target with .to(input.device)")
+    if not np.issubdtype(input.dtype, np.floating) or input.dtype != target.dtype:
+        raise DTypeError(f"{op}: input and target must share one floating dtype, got {describe(input)} and "
+                         f"{describe(target)}; convert with .to(dtype)")
+    if input.shape != target.shape:
+        raise ShapeError(f"{op}: input {describe(input)} and target {describe(target)} must have the same shape "
+                         "(reshape one of them, e.g. prediction.reshape(-1) for an (N, 1) output)")
+    return input, target
+
+
+def _elementwise_weight(op: str, name: str, weight, input: Tensor) -> Tensor | None:
+    """A per-element weight that must broadcast to the input's shape without enlarging it."""
+    if weight is None:
+        return None
+    weight = _as_tensor_like(weight, input, dtype=input.dtype)
+    try:
+        fits = np.broadcast_shapes(weight.shape, input.shape) == input.shape
+    except ValueError:
+        fits = False
+    if not fits or weight.dtype != input.dtype or weight.device != input.device:
+        raise ShapeError(f"{op}: {name} {describe(weight)} must broadcast to the input {describe(input)} "
+                         "and share its dtype and device")
+    return weight
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    return ops.sum(loss) if reduction == "sum" else ops.mean(loss)
+
+
+# ---- regression losses ---------------------------------------------------------------------------
+
+def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Squared error ``(input - target)**2``, reduced by ``reduction`` ("mean", "sum" or "none").
+
+    Example:
+        >>> F.mse_loss(prediction, target)   # doctest: +SKIP
+    """
+    _check_reduction("mse_loss", reduction)
+    input, target = _loss_operands("mse_loss", input, target)
+    diff = input - target
+    return _reduce(diff * diff, reduction)
+
+
+def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Absolute error ``|input - target|`` (gradient 0 where they are equal, as in PyTorch)."""
+    _check_reduction("l1_loss", reduction)
+    input, target = _loss_operands("l1_loss", input, target)
+    return _reduce(ops.abs(input - target), reduction)
+
+
+# ---- binary classification -----------------------------------------------------------------------
+
+class BinaryCrossEntropy(Function):
+    """``-(y log p + (1 - y) log(1 - p))`` with each log clamped at -100, as PyTorch does, so that
+    p in {0, 1} gives a finite loss; the input gradient divides by ``max(p (1 - p), 1e-12)``."""
+
+    name = "binary_cross_entropy"
+
+    def forward(self, p, y):
+        xp = array_module(p)
+        with np.errstate(divide="ignore"):  # log(0) = -inf is clamped just below
+            log_p = xp.maximum(xp.log(p), -100)
+            log_1mp = xp.maximum(xp.log(1 - p), -100)
+        self.save(p, y, log_p, log_1mp)
+        return -(y * log_p + (1 - y) * log_1mp)
+
+    def backward(self, g):
+        p, y, log_p, log_1mp = self.saved
+        xp = array_module(p)
+        gp = g * (p - y) / xp.maximum(p * (1 - p), 1e-12) if self.needs_input_grad[0] else None
+        gy = g * (log_1mp - log_p) if self.needs_input_grad[1] else None
+        return gp, gy
+
+
+def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
+                         reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy between probabilities ``input`` in [0, 1] and ``target`` in [0, 1].
+
+    Prefer :func:`binary_cross_entropy_with_logits` on raw scores: it is stable for large logits.
+
+    Args:
+        input: probabilities, any shape.
+        target: same shape and dtype as ``input``.
+        weight: optional rescaling of each element's loss, broadcast to ``input``'s shape.
+        reduction: "mean" (over all elements), "sum" or "none".
+    """
+    _check_reduction("binary_cross_entropy", reduction)
+    input, target = _loss_operands("binary_cross_entropy", input, target)
+    weight = _elementwise_weight("binary_cross_entropy", "weight", weight, input)
+    if bool(((input.data < 0) | (input.data > 1)).any()):
+        raise EngineError(f"binary_cross_entropy: every input element must be a probability in [0, 1], got values "
+                          f"in [{float(input.data.min()):.4g}, {float(input.data.max()):.4g}] for {describe(input)}; "
+                          "apply sigmoid first, or use binary_cross_entropy_with_logits on the raw scores")
+    loss = BinaryCrossEntropy.apply(input, target)
+    return _reduce(loss if weight is None else loss * weight, reduction)
+
+
+class BinaryCrossEntropyWithLogits(Function):
+    """BCE on logits x, with an optional positive-class weight p (1 when absent).
+
+    With ``L = log1p(exp(-|x|))`` and ``lw = 1 + (p - 1) y`` the loss is
+    ``lw * L + (1 - y) x`` for x >= 0 and ``lw * L - p y x`` for x < 0. Both branches add only
+    non-negative terms of one sign for the common targets, so nothing cancels: without
+    ``pos_weight`` it is exactly ``max(x, 0) - x y + log1p(exp(-|x|))``.
+    """
+
+    name = "binary_cross_entropy_with_logits"
+
+    def forward(self, x, y, pos_weight=None):
+        xp = array_module(x)
+        log_term = xp.log1p(xp.exp(-xp.abs(x)))
+        p = 1 if pos_weight is None else pos_weight
+        lw = 1 + (p - 1) * y
+        self.save(x, y, pos_weight, log_term)
+        return lw * log_term + xp.where(x >= 0, (1 - y) * x, -(p * y) * x)
+
+    def backward(self, g):
+        x, y, pos_weight, log_term = self.saved
+        xp = array_module(x)
+        p = 1 if pos_weight is None else pos_weight
+        e = xp.exp(-xp.abs(x))
+        sigmoid_neg = xp.where(x >= 0, e / (1 + e), 1 / (1 + e))  # sigmoid(-x) without overflow
+        softplus_neg = log_term + xp.maximum(-x, 0)  # log(1 + exp(-x))
+        grads = [None] * (2 if pos_weight is None else 3)
+        if self.needs_input_grad[0]:
+            grads[0] = g * ((1 - y) - (1 + (p - 1) * y) * sigmoid_neg)
+        if self.needs_input_grad[1]:
+            grads[1] = unbroadcast(g * ((p - 1) * softplus_neg - x), y.shape)
+        if pos_weight is not None and self.needs_input_grad[2]:
+            grads[2] = unbroadcast(g * y * softplus_neg, pos_weight.shape)
+        return tuple(grads)
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tensor | None = None,
+                                     reduction: str = "mean", pos_weight: Tensor | None = None) -> Tensor:
+    """Sigmoid plus binary cross-entropy in one numerically stable formula (PyTorch semantics).
+
+    ``loss = -w [p y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))]``, computed without exp
+    overflow for any logit.
+
+    Args:
+        input: logits, any shape.
+        target: probabilities in [0, 1], same shape and dtype as ``input``.
+        weight: optional rescaling of each element's loss, broadcast to ``input``'s shape.
+        reduction: "mean" (over all elements), "sum" or "none".
+        pos_weight: weight of the positive term, broadcast along the last (class) dim, e.g. a
+            (C,) tensor of ``negatives / positives`` per class for imbalanced multi-label data.
+
+    Example:
+        >>> pos_weight = engine.tensor([3.0])                                                # doctest: +SKIP
+        >>> F.binary_cross_entropy_with_logits(scores, labels.float(), pos_weight=pos_weight)  # doctest: +SKIP
+    """
+    op = "binary_cross_entropy_with_logits"
+    _check_reduction(op, reduction)
+    input, target = _loss_operands(op, input, target)
+    weight = _elementwise_weight(op, "weight", weight, input)
+    pos_weight = _elementwise_weight(op, "pos_weight", pos_weight, input)
+    inputs = (input, target) if pos_weight is None else (input, target, pos_weight)
+    loss = BinaryCrossEntropyWithLogits.apply(*inputs)
+    return _reduce(loss if weight is None else loss * weight, reduction)
+
+
+# ---- negative log-likelihood and KL divergence ----------------------------------------------------
+
+def _class_rows(op: str, input: Tensor, target) -> tuple[Tensor, object, tuple]:
+    """(N, C, d...) scores and (N, d...) integer targets as (M, C) rows and an (M,) int64 array.
+
+    Also returns the shape a ``reduction="none"`` result takes (the target's shape).
+    """
+    target = _as_tensor_like(target, input)
+    if target.device != input.device:
+        raise DeviceError(f"{op}: input {describe(input)} and target {describe(target)} are on different devices; "
+                          "move the target with .to(input.device)")
+    if not np.issubdtype(input.dtype, np.floating):
+        raise DTypeError(f"{op}: input must be floating point, got {describe(input)}")
+    if not np.issubdtype(target.dtype, np.integer):
+        raise DTypeError(f"{op}: target must hold integer class indices, got {describe(target)}; "
+                         "convert with .long()")
+    if input.ndim == 0:
+        raise ShapeError(f"{op}: input {describe(input)} needs a class dim: (C,), (N, C) or (N, C, d1, ...)")
+    expected = () if input.ndim == 1 else (input.shape[0],) + input.shape[2:]
+    if target.shape != expected:
+        raise ShapeError(f"{op}: target {describe(target)} does not fit input {describe(input)}; expected target "
+                         f"shape {expected} (one class index per row, the class dim of the input being dim 1)")
+    classes = input.shape[-1] if input.ndim == 1 else input.shape[1]
+    if input.ndim > 2:  # (N, C, d...) -> (N * d..., C)
+        input = ops.permute(input, (0,) + tuple(range(2, input.ndim)) + (1,))
+    rows = ops.reshape(input, (-1, classes))
+    return rows, target.data.reshape(-1).astype(np.int64, copy=False), expected
+
+
+def _class_weight(op: str, weight, rows: Tensor):
+    """The (C,) class-weight array, or None; validated against the (M, C) rows."""
+    if weight is None:
+        return None
+    classes = rows.shape[1]
+    if not isinstance(weight, Tensor) or weight.shape != (classes,) or weight.dtype != rows.dtype \
+            or weight.device != rows.device:
+        raise ShapeError(f"{op}: weight {describe(weight)} must be a ({classes},) Tensor with the input's dtype and "
+                         f"device ({describe(rows)})")
+    return weight.data
+
+
+def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
+             reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood of log-probabilities ``input`` at the ``target`` classes.
+
+    ``loss_i = -weight[t_i] * input[i, t_i]``, 0 where ``t_i == ignore_index``; "mean" divides the
+    sum by the total weight of the non-ignored rows (PyTorch semantics; NaN if every row is ignored).
+    ``cross_entropy(x, t) == nll_loss(log_softmax(x, 1), t)``.
+
+    Args:
+        input: log-probabilities (C,), (N, C) or (N, C, d1, ...).
+        target: integer class indices (), (N,) or (N, d1, ...).
+        weight: optional (C,) class weights (not differentiated).
+        ignore_index: target value whose rows contribute nothing.
+        reduction: "mean", "sum" or "none" (the target's shape).
+    """
+    _check_reduction("nll_loss", reduction)
+    rows, targets, out_shape = _class_rows("nll_loss", input, target)
+    w = _class_weight("nll_loss", weight, rows)
+    xp, (n, classes) = rows.xp, rows.shape
+    valid = targets != ignore_index
+    out_of_range = valid & ((targets < 0) | (targets >= classes))
+    if bool(out_of_range.any()):
+        bad = int(targets[out_of_range][0])
+        raise EngineError(f"nll_loss: target {bad} is out of range for {classes} classes (input {describe(input)}); "
+                          f"targets must be in [0, {classes - 1}] or equal ignore_index={ignore_index}")
+    safe = xp.where(valid, targets, 0)
+    row_weight = valid.astype(rows.dtype) if w is None else w[safe] * valid
+    picked = rows[xp.arange(n), safe]
+    per_row = -picked * Tensor(row_weight)
+    if reduction == "none":
+        return ops.reshape(per_row, out_shape)
+    total = ops.sum(per_row)
+    if reduction == "sum":
+        return total
+    with np.errstate(invalid="ignore", divide="ignore"):  # every row ignored: 0 / 0 = NaN, as in PyTorch
+        return total / Tensor(xp.asarray(row_weight.sum(dtype=rows.dtype)))
+
+
+class KLDivPointwise(Function):
+    """``t (log t - x)`` (0 where t == 0), or ``exp(t) (t - x)`` for log-space targets."""
+
+    name = "kl_div"
+
+    def forward(self, x, t, log_target=False):
+        xp = array_module(x)
+        self.log_target = log_target
+        self.save(x, t)
+        if log_target:
+            return xp.exp(t) * (t - x)
+        log_t = xp.log(xp.where(t > 0, t, 1))  # xlogy(t, t): the t == 0 terms are 0
+        return t * log_t - t * x
+
+    def backward(self, g):
+        x, t = self.saved
+        xp = array_module(x)
+        gx = gt = None
+        if self.log_target:
+            p = xp.exp(t)
+            gx = -g * p if self.needs_input_grad[0] else None
+            gt = g * p * (t - x + 1) if self.needs_input_grad[1] else None
+            return gx, gt
+        if self.needs_input_grad[0]:
+            gx = -g * t
+        if self.needs_input_grad[1]:
+            # d/dt [t log t - t x] = log t + 1 - x; at t == 0 (where it is -inf) the log term is
+            # taken as 0, the convention of xlogy's gradient, so a zero target never yields NaN.
+            gt = g * (xp.log(xp.where(t > 0, t, 1)) + 1 - x)
+        return gx, gt
+
+
+def kl_div(input: Tensor, target: Tensor, reduction: str = "mean", log_target: bool = False) -> Tensor:
+    """KL divergence ``sum target * (log target - input)`` with ``input`` given as log-probabilities.
+
+    Args:
+        input: log-probabilities (e.g. ``log_softmax(student_logits, -1)``).
+        target: probabilities, or log-probabilities when ``log_target=True``; same shape.
+        reduction: "batchmean" (sum / batch size: the mathematical KL per sample; use this one),
+            "mean" (sum / number of elements, PyTorch's default for compatibility), "sum" or "none".
+        log_target: ``target`` holds log-probabilities (more accurate for tiny probabilities).
+    """
+    _check_reduction("kl_div", reduction, _REDUCTIONS + ("batchmean",))
+    input, target = _loss_operands("kl_div", input, target)
+    pointwise = KLDivPointwise.apply(input, target, log_target=bool(log_target))
+    if reduction == "batchmean":
+        batch = input.shape[0] if input.ndim else 1
+        return ops.sum(pointwise) / float(batch)
+    return _reduce(pointwise, reduction)
+
+
+# ---- dropout, layer norm, embedding ----------------------------------------------------------------
+
+class Dropout(Function):
+    """Multiply by a saved mask of 0 and 1 / (1 - p); the backward is the same product."""
+
+    name = "dropout"
+
+    def forward(self, x, mask=None):
+        self.mask = mask
+        return x * mask
+
+    def backward(self, g):
+        return g * self.mask
+
+
+def _uniform_samples(dev, shape: tuple, dtype):
+    """Uniform [0, 1) samples on ``dev`` from the engine's seeded generator for that device."""
+    gen = backend.generator(dev)
+    sample_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    with backend.on_device(dev):
+        if dev.type == "cpu":
+            return gen.random(shape, dtype=sample_dtype)
+        return gen.random_sample(shape, dtype=sample_dtype)
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Inverted dropout: zero each element with probability ``p`` and scale the rest by 1 / (1 - p).
+
+    The expectation is unchanged, so nothing needs rescaling at evaluation time. Identity when
+    ``training`` is False or ``p == 0``. The mask comes from ``engine.backend.generator`` of the
+    input's device, so ``engine.manual_seed(s)`` makes it reproducible.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be a probability in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return input
+    if not np.issubdtype(input.dtype, np.floating):
+        raise DTypeError(f"dropout: input must be floating point, got {describe(input)}")
+    if p == 1.0:
+        mask = input.xp.zeros(input.shape, dtype=input.dtype)
+    else:
+        keep = _uniform_samples(input.device, input.shape, input.dtype) >= p
+        mask = keep.astype(input.dtype) * input.dtype.type(1.0 / (1.0 - p))
+    return Dropout.apply(input, mask=mask)
+
+
+class LayerNorm(Function):
+    """Layer normalisation over the trailing ``len(axes)`` dims, with an analytic backward.
+
+    A Function rather than a composite of mean/var/sub/mul ops: forward saves only the
+    normalised input and the reciprocal std (a composite keeps about six intermediates and a
+    dozen graph nodes), and the backward is the textbook formula
+    ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``, checked by gradcheck.
+    """
+
+    name = "layer_norm"
+
+    def forward(self, x, *affine, axes=(), eps=1e-5, has_weight=False, has_bias=False):
+        xp = array_module(x)
+        weight = affine[0] if has_weight else None
+        bias = affine[-1] if has_bias else None
+        mean = x.mean(axis=axes, keepdims=True)
+        centered = x - mean
+        var = (centered * centered).mean(axis=axes, keepdims=True)
+        rstd = 1 / xp.sqrt(var + x.dtype.type(eps))
+        xhat = centered * rstd
+        self.save(xhat, rstd, weight)
+        self.axes, self.has_bias = axes, has_bias
+        out = xhat if weight is None else xhat * weight
+        return out if bias is None else out + bias
+
+    def backward(self, g):
+        xhat, rstd, weight = self.saved
+        lead = tuple(range(g.ndim - len(self.axes)))
+        grads = []
+        if self.needs_input_grad[0]:
+            gxhat = g if weight is None else g * weight
+            mean_g = gxhat.mean(axis=self.axes, keepdims=True)
+            mean_gx = (gxhat * xhat).mean(axis=self.axes, keepdims=True)
+            grads.append(rstd * (gxhat - mean_g - xhat * mean_gx))
+        else:
+            grads.append(None)
+        if weight is not None:
+            grads.append((g * xhat).sum(axis=lead) if self.needs_input_grad[1] else None)
+        if self.has_bias:
+            grads.append(g.sum(axis=lead) if self.needs_input_grad[-1] else None)
+        return tuple(grads)
+
+
+def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """Normalise over the last ``len(normalized_shape)`` dims, then scale by weight and add bias.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance, as PyTorch.
+
+    Args:
+        input: (..., *normalized_shape).
+        normalized_shape: int or tuple, the trailing shape to normalise over.
+        weight, bias: optional tensors of shape ``normalized_shape``.
+        eps: added to the variance for stability.
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or input.shape[input.ndim - len(shape):] != shape or input.ndim < len(shape):
+        raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dims of the input "
+                         f"{describe(input)} and not empty")
+    if not np.issubdtype(input.dtype, np.floating):
+        raise DTypeError(f"layer_norm: input must be floating point, got {describe(input)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != shape or t.dtype != input.dtype or t.device != input.device):
+            raise ShapeError(f"layer_norm: {name} {describe(t)} must have shape {shape} and the input's dtype and "
+                             f"device ({describe(input)})")
+    axes = tuple(range(input.ndim - len(shape), input.ndim))
+    affine = [t for t in (weight, bias) if t is not None]
+    return LayerNorm.apply(input, *affine, axes=axes, eps=float(eps),
+                           has_weight=weight is not None, has_bias=bias is not None)
+
+
+def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
+    """Rows of ``weight`` at the integer ``input`` indices: output shape ``input.shape + (dim,)``.
+
+    Args:
+        input: integer indices of any shape, each in [0, num_embeddings).
+        weight: (num_embeddings, embedding_dim) table.
+        padding_idx: rows looked up at this index get no gradient (they stay at their value,
+            usually zeros, during training).
+    """
+    indices = _as_tensor_like(input, weight)
+    if weight.ndim != 2:
+        raise ShapeError(f"embedding: weight must be (num_embeddings, embedding_dim), got {describe(weight)}")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise DTypeError(f"embedding: indices must be integers, got {describe(indices)}; convert with .long()")
+    if indices.device != weight.device:
+        raise DeviceError(f"embedding: indices {describe(indices)} and weight {describe(weight)} are on different "
+                          "devices; move the indices with .to(weight.device)")
+    count = weight.shape[0]
+    idx = indices.data
+    if idx.size and bool(((idx < 0) | (idx >= count)).any()):
+        raise EngineError(f"embedding: indices must be in [0, {count}) for a table of {count} rows, got values in "
+                          f"[{int(idx.min())}, {int(idx.max())}] ({describe(indices)})")
+    rows = ops.getitem(weight, idx)
+    if padding_idx is None:
+        return rows
+    if not -count <= padding_idx < count:
+        raise ShapeError(f"embedding: padding_idx={padding_idx} is outside the table of {count} rows")
+    # Same values either way; only the first branch carries gradient back to the table.
+    keep = (idx != padding_idx % count)[..., None]
+    return ops.where(keep, rows, rows.detach())

@@ -1,0 +1,21 @@
+"""Neural-network building blocks (``from engine import nn``), with PyTorch's names.
+
+Example:
+    >>> from engine import nn                                               # doctest: +SKIP
+    >>> model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    >>> loss = nn.CrossEntropyLoss()(model(x), labels)
+"""
+
+from engine.nn import functional, init, utils
+from engine.nn.layers import (GELU, Dropout, Embedding, Flatten, Identity, LayerNorm, Linear, LogSoftmax, ModuleList,
+                              ReLU, Sequential, Sigmoid, Softmax, Tanh)
+from engine.nn.losses import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, KLDivLoss, L1Loss, MSELoss, NLLLoss
+from engine.nn.module import IncompatibleKeys, Module, Parameter, StateDictError
+
+__all__ = [
+    "functional", "init", "utils",
+    "Module", "Parameter", "IncompatibleKeys", "StateDictError",
+    "Sequential", "ModuleList", "Linear", "Identity", "ReLU", "Sigmoid", "Tanh", "GELU", "Softmax", "LogSoftmax",
+    "Flatten", "Dropout", "LayerNorm", "Embedding",
+    "CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss",
+]

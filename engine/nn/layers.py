@@ -1,0 +1,342 @@
+"""Layers: containers (Sequential, ModuleList), Linear, activations, Dropout, LayerNorm, Embedding.
+
+``Sequential`` runs a ``Linear`` directly followed by a ``ReLU`` as the fused kernel
+``engine.functional.linear_relu`` whenever fused kernels are enabled, with no change to the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from engine import functional as F
+from engine import ops
+from engine.nn import init
+from engine.nn.module import Module, Parameter
+from engine.tensor import Tensor, empty, ones, zeros
+
+
+# ---- containers ----------------------------------------------------------------------------------
+
+def _check_module(container: str, index, module) -> Module:
+    if not isinstance(module, Module):
+        raise TypeError(f"{container}: element {index!r} is a {type(module).__name__}, not a Module; "
+                        "wrap functions in a Module (or use nn.Identity as a placeholder)")
+    return module
+
+
+class Sequential(Module):
+    """Modules applied one after another: ``Sequential(a, b, c)``, ``Sequential([a, b, c])`` or
+    ``Sequential(OrderedDict(name=module, ...))``.
+
+    Consecutive ``Linear`` and ``ReLU`` run as one fused ``linear_relu`` call while
+    ``engine.functional.fused_enabled()`` is True (``with F.fused_kernels(False):`` turns it off).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))   # doctest: +SKIP
+        >>> model[0], len(model)                                                          # doctest: +SKIP
+        (Linear(in_features=784, out_features=128, bias=True), 3)
+    """
+
+    def __init__(self, *modules):
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], OrderedDict):
+            for name, module in modules[0].items():
+                self.add_module(name, _check_module("Sequential", name, module))
+            return
+        if len(modules) == 1 and isinstance(modules[0], (list, tuple)):
+            modules = tuple(modules[0])  # Keras style: one list of layers
+        for module in modules:
+            self.append(module)
+
+    def append(self, module: Module) -> "Sequential":
+        """Add ``module`` at the end (named by its position)."""
+        self.add_module(str(len(self._modules)), _check_module("Sequential.append", len(self._modules), module))
+        return self
+
+    def extend(self, modules) -> "Sequential":
+        for module in modules:
+            self.append(module)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        items = list(self._modules.items())
+        if isinstance(index, slice):
+            return Sequential(OrderedDict(items[index]))
+        try:
+            return items[index][1]
+        except (IndexError, TypeError):
+            raise IndexError(f"Sequential index {index!r} out of range for {len(items)} modules") from None
+
+    def forward(self, x):
+        layers = list(self._modules.values())
+        fuse = F.fused_enabled()
+        i = 0
+        while i < len(layers):
+            if fuse and i + 1 < len(layers) and _is_plain(layers[i], Linear) and _is_plain(layers[i + 1], ReLU):
+                x = F.linear_relu(x, layers[i].weight, layers[i].bias, fused=True)
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
+
+
+def _is_plain(module: Module, cls: type) -> bool:
+    """``module`` is a ``cls`` whose forward is ``cls.forward``: a subclass that overrides forward
+    does something else, so fusing it would silently skip the user's code."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+class ModuleList(Module):
+    """A list of modules whose parameters are registered (a plain Python list would hide them).
+
+    Example:
+        >>> self.blocks = nn.ModuleList([Block() for _ in range(4)])   # doctest: +SKIP
+    """
+
+    def __init__(self, modules=None):
+        super().__init__()
+        for module in modules or ():
+            self.append(module)
+
+    def append(self, module: Module) -> "ModuleList":
+        self.add_module(str(len(self._modules)), _check_module("ModuleList.append", len(self._modules), module))
+        return self
+
+    def extend(self, modules) -> "ModuleList":
+        for module in modules:
+            self.append(module)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        items = list(self._modules.values())
+        if isinstance(index, slice):
+            return ModuleList(items[index])
+        try:
+            return items[index]
+        except (IndexError, TypeError):
+            raise IndexError(f"ModuleList index {index!r} out of range for {len(items)} modules") from None
+
+
+# ---- linear ----------------------------------------------------------------------------------------
+
+class Linear(Module):
+    """``y = x @ weight.T + bias`` with weight (out_features, in_features), as in PyTorch.
+
+    Initialised like PyTorch: weight from ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(in), 1/sqrt(in)),
+    and bias from U(-1/sqrt(in_features), 1/sqrt(in_features)).
+
+    Args:
+        in_features: size of each input's last dim.
+        out_features: size of each output's last dim.
+        bias: learn an additive bias.
+        device, dtype: where and in which floating dtype to create the parameters.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight = Parameter(empty(out_features, in_features, dtype=dtype, device=device))
+        if bias:
+            self.bias = Parameter(empty(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw fresh weights and bias with PyTorch's default scheme."""
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Identity(Module):
+    """Returns its input; accepts and ignores any constructor arguments (a placeholder layer)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, x):
+        return x
+
+
+# ---- activations -------------------------------------------------------------------------------------
+
+class ReLU(Module):
+    """``max(x, 0)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.relu(x)
+
+
+class Sigmoid(Module):
+    """``1 / (1 + exp(-x))``, stable for large |x|."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.sigmoid(x)
+
+
+class Tanh(Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.tanh(x)
+
+
+class GELU(Module):
+    """``x * Phi(x)``; ``approximate="tanh"`` uses the tanh approximation (as in GPT-2)."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.gelu(x, approximate=self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class Softmax(Module):
+    """Softmax along ``dim`` (default the last dim; PyTorch's implicit-dim legacy is not copied)."""
+
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.softmax(x, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class LogSoftmax(Softmax):
+    """``log(softmax(x))`` along ``dim``, computed stably in one op."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.log_softmax(x, self.dim)
+
+
+class Flatten(Module):
+    """Merge dims ``start_dim`` .. ``end_dim`` into one (default: all but the batch dim)."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.flatten(x, self.start_dim, self.end_dim)
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+
+# ---- regularisation and normalisation ------------------------------------------------------------------
+
+class Dropout(Module):
+    """Zero each element with probability ``p`` in training mode (scaling the rest by 1 / (1 - p));
+    the identity in eval mode. Seeded by ``engine.manual_seed``."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p must be a probability in [0, 1], got {p}")
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerNorm(Module):
+    """Normalise over the trailing ``normalized_shape`` dims, then apply a learned scale and shift.
+
+    Args:
+        normalized_shape: int or tuple, the trailing dims to normalise over.
+        eps: added to the variance.
+        elementwise_affine: learn ``weight`` (ones) and ``bias`` (zeros) of that shape.
+        bias: learn the bias too (when elementwise_affine).
+        device, dtype: where and in which dtype to create the parameters.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.normalized_shape, self.eps, self.elementwise_affine = shape, float(eps), elementwise_affine
+        if elementwise_affine:
+            self.weight = Parameter(ones(shape, dtype=dtype, device=device))
+            if bias:
+                self.bias = Parameter(zeros(shape, dtype=dtype, device=device))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class Embedding(Module):
+    """A lookup table of ``num_embeddings`` vectors of size ``embedding_dim``, initialised N(0, 1).
+
+    Args:
+        num_embeddings: table size (indices must be in [0, num_embeddings)).
+        embedding_dim: vector size.
+        padding_idx: this row starts at zeros and receives no gradient.
+        device, dtype: where and in which dtype to create the table.
+
+    Example:
+        >>> emb = nn.Embedding(1000, 64, padding_idx=0); vectors = emb(token_ids)   # doctest: +SKIP
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"Embedding: padding_idx={padding_idx} must be within the {num_embeddings} rows")
+            padding_idx %= num_embeddings
+        self.padding_idx = padding_idx
+        self.weight = Parameter(empty(num_embeddings, embedding_dim, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.normal_(self.weight)
+        if self.padding_idx is not None:
+            self.weight.data[self.padding_idx] = 0
+
+    def forward(self, indices) -> Tensor:
+        return F.embedding(indices, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        text = f"{self.num_embeddings}, {self.embedding_dim}"
+        return text if self.padding_idx is None else f"{text}, padding_idx={self.padding_idx}"
