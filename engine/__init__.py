@@ -9,7 +9,7 @@ Example:
     (4, 3)
 """
 
-from engine import functional, io, nn, optim  # noqa: F401  (engine.nn.Linear, engine.optim.Adam ...)
+from engine import data, functional, io, metrics, nn, optim  # noqa: F401  (engine.nn.Linear ...)
 from engine.autograd import Function, enable_grad, is_grad_enabled, no_grad
 from engine.backend import (CPU, Device, best_device, cuda_available, cuda_device_count, default_device,
                             device, get_rng_state, manual_seed, set_default_device, set_rng_state, synchronize)

@@ -1,0 +1,266 @@
+"""DataLoader: batches of a dataset, shuffled reproducibly, optionally moved to a device.
+
+Reproducibility: a shuffling loader owns a numpy Generator. Its seed comes from the engine's CPU
+generator when the loader is built (so ``engine.manual_seed(s)`` fixes every epoch's order), or
+from ``generator=`` (an int seed or a ``np.random.Generator``). ``state_dict()`` captures the
+generator as it was at the start of the current epoch plus the number of batches already handed
+out, so ``load_state_dict()`` resumes mid-epoch or at an epoch boundary with the exact same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+
+from engine import backend
+from engine.data.dataset import Subset, TensorDataset, make_generator
+from engine.errors import EngineError, ShapeError
+from engine.tensor import Tensor
+
+
+class DataLoader:
+    """Iterate over ``dataset`` in batches.
+
+    Args:
+        dataset: anything with ``__getitem__`` and ``__len__``. A :class:`TensorDataset` (or a
+            :class:`Subset` of one) with the default collate is batched by slicing its arrays once
+            per batch instead of collating item by item.
+        batch_size: samples per batch.
+        shuffle: a new random order every epoch (from the loader's own seeded generator).
+        drop_last: drop the last batch when it is smaller than ``batch_size``.
+        collate_fn: ``collate_fn(list_of_items) -> batch``; default :func:`default_collate`.
+        sampler: iterable of dataset indices with ``__len__`` (e.g. WeightedRandomSampler);
+            excludes ``shuffle``. If it has ``state_dict``/``load_state_dict`` they are saved too.
+        generator: int seed or ``np.random.Generator`` for shuffling; default: seeded from the
+            engine's RNG (``engine.manual_seed``).
+        device: move every batch's Tensors to this device ("cuda", "cuda:1" ...).
+        prefetch: with ``device`` set, prepare and transfer batch ``i + 1`` before handing out
+            batch ``i`` (a one-batch look-ahead; see docs/data.md for what it buys).
+
+    Example:
+        >>> loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)   # doctest: +SKIP
+        >>> for xb, yb in loader: ...                                               # doctest: +SKIP
+    """
+
+    def __init__(self, dataset, batch_size: int = 1, shuffle: bool = False, drop_last: bool = False,
+                 collate_fn=None, sampler=None, generator=None, device=None, prefetch: bool = True):
+        _check_dataset(dataset)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise EngineError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
+        if sampler is not None and shuffle:
+            raise EngineError("DataLoader: sampler and shuffle=True are exclusive; the sampler decides the order, "
+                              "so drop shuffle=True")
+        if sampler is not None and not hasattr(sampler, "__iter__"):
+            raise EngineError(f"DataLoader: sampler must be an iterable of indices, got {type(sampler).__name__}")
+        self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, int(batch_size), shuffle, drop_last
+        self.collate_fn, self.sampler, self.prefetch = collate_fn, sampler, prefetch
+        self.device = None if device is None else backend.check_available(backend.device(device))
+        # Only a shuffling loader draws from the engine RNG, so adding a validation loader
+        # does not change the model's initialisation or dropout masks.
+        self.generator = make_generator(generator=generator, where="DataLoader") if shuffle or generator is not None \
+            else None
+        self._epoch_start = self._snapshot()
+        self._batches_done = 0
+        self._in_epoch = False
+        self._resume_batches = 0
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    def _num_samples(self) -> int:
+        return len(self.sampler) if self.sampler is not None else len(self.dataset)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n = self._num_samples()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    # ---- iteration -----------------------------------------------------------------------------
+    def __iter__(self):
+        skip, self._resume_batches = self._resume_batches, 0
+        self._epoch_start = self._snapshot()
+        batches = self._batch_indices(self._epoch_order())
+        if skip > len(batches):
+            raise EngineError(f"DataLoader: the restored state skips {skip} batches but an epoch has {len(batches)}; "
+                              "was the state saved from a loader over another dataset or batch size?")
+        self._in_epoch, self._batches_done = True, skip
+        return self._generate(batches, skip)
+
+    def _generate(self, batches: list, start: int):
+        look_ahead = self.prefetch and self.device is not None
+        upcoming = self._load(batches[start]) if look_ahead and start < len(batches) else None
+        for i in range(start, len(batches)):
+            if look_ahead:
+                batch = upcoming
+                upcoming = self._load(batches[i + 1]) if i + 1 < len(batches) else None
+            else:
+                batch = self._load(batches[i])
+            self._batches_done = i + 1
+            yield batch
+        self._in_epoch, self._batches_done = False, 0
+
+    def _epoch_order(self):
+        if self.sampler is not None:
+            return np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
+        n = len(self.dataset)
+        return self.generator.permutation(n) if self.shuffle else None
+
+    def _batch_indices(self, order) -> list:
+        """One entry per batch: a slice when the order is sequential, else an int64 index array."""
+        n, size = self._num_samples(), self.batch_size
+        stops = range(size, n + size, size)
+        batches = []
+        for start, stop in zip(range(0, n, size), stops):
+            stop = min(stop, n)
+            if self.drop_last and stop - start < size:
+                break
+            batches.append(slice(start, stop) if order is None else order[start:stop])
+        return batches
+
+    def _load(self, index):
+        source = _fast_source(self.dataset) if self.collate_fn is None else None
+        if source is not None:
+            dataset, mapping = source
+            if mapping is not None:
+                index = mapping[index]
+            batch = dataset.batch(index)
+        else:
+            positions = range(index.start, index.stop) if isinstance(index, slice) else index
+            items = [self.dataset[int(i)] for i in positions]
+            batch = (self.collate_fn or default_collate)(items)
+        return batch if self.device is None else move_to(batch, self.device)
+
+    # ---- exact resume --------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        state = {}
+        if self.generator is not None:
+            state["generator"] = copy.deepcopy(self.generator.bit_generator.state)
+        if self.sampler is not None and hasattr(self.sampler, "state_dict"):
+            state["sampler"] = self.sampler.state_dict()
+        return state
+
+    def state_dict(self) -> dict:
+        """Plain ints/strings (JSON-safe): the RNG at the current epoch's start and batches handed out."""
+        if self._in_epoch:
+            return {**copy.deepcopy(self._epoch_start), "batches_done": self._batches_done}
+        # Between epochs, or loaded and not yet iterated: the generator already sits at the epoch start.
+        return {**self._snapshot(), "batches_done": self._resume_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`: the next ``iter(loader)`` yields the batches that came next."""
+        where = "DataLoader.load_state_dict"
+        batches = state.get("batches_done", 0)
+        if isinstance(batches, bool) or not isinstance(batches, (int, np.integer)) or batches < 0:
+            raise EngineError(f"{where}: batches_done must be a non-negative int, got {batches!r}")
+        if ("generator" in state) != (self.generator is not None):
+            saved = "with" if "generator" in state else "without"
+            here = "has one" if self.generator is not None else "has none"
+            raise EngineError(f"{where}: the state was saved from a loader {saved} a shuffling generator and this "
+                              f"loader {here}; build the loader as it was when saved (shuffle=, generator=)")
+        if "sampler" in state and not hasattr(self.sampler, "load_state_dict"):
+            raise EngineError(f"{where}: the state holds a sampler state but this loader's sampler "
+                              f"({type(self.sampler).__name__}) cannot load one")
+        if "generator" in state:
+            self.generator.bit_generator.state = copy.deepcopy(state["generator"])
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+        self._resume_batches, self._in_epoch = int(batches), False
+
+    def __repr__(self) -> str:
+        return (f"DataLoader({type(self.dataset).__name__} of {len(self.dataset)}, batch_size={self.batch_size}, "
+                f"shuffle={self.shuffle}, batches={len(self)})")
+
+
+# ---- collation and transfer ---------------------------------------------------------------------
+
+def default_collate(items: list):
+    """Stack a list of items into a batch.
+
+    Tensors and numpy/cupy arrays are stacked along a new first axis into a Tensor; Python ints
+    become int64, Python floats float32, bools bool_, numpy scalars keep their dtype; tuples,
+    lists and dicts are collated field by field; strings are returned as a list.
+
+    Raises:
+        ShapeError: items whose arrays differ in shape (pass a ``collate_fn`` that pads them).
+        TypeError: an item type it cannot stack.
+    """
+    if not items:
+        raise EngineError("default_collate: got an empty list of items")
+    first = items[0]
+    if isinstance(first, Tensor) or backend.is_array(first):
+        return _stack_arrays(items)
+    if isinstance(first, (bool, np.bool_)):
+        return Tensor(np.asarray(items, dtype=np.bool_))
+    if isinstance(first, (int, np.integer, float, np.floating)):
+        return Tensor(_scalars_to_array(items))
+    if isinstance(first, str):
+        return list(items)
+    if isinstance(first, dict):
+        return {key: default_collate([item[key] for item in items]) for key in first}
+    if isinstance(first, (tuple, list)):
+        if len({len(item) for item in items}) > 1:
+            lengths = sorted({len(item) for item in items})
+            raise ShapeError(f"default_collate: items have different numbers of fields: {lengths}")
+        fields = [default_collate(list(column)) for column in zip(*items)]
+        return list(fields) if isinstance(first, list) else tuple(fields)
+    raise TypeError(f"default_collate: cannot batch items of type {type(first).__name__}; "
+                    "return Tensors, arrays, numbers, or tuples/dicts of them, or pass collate_fn")
+
+
+def _stack_arrays(items: list) -> Tensor:
+    arrays = [item.data if isinstance(item, Tensor) else item for item in items]
+    shapes = {tuple(a.shape) for a in arrays}
+    if len(shapes) > 1:
+        raise ShapeError(f"default_collate: cannot stack items of different shapes {sorted(shapes)}; "
+                         "resize them in the dataset or pass a collate_fn that pads")
+    devices = {backend.device_of(a) for a in arrays}
+    if len(devices) > 1:
+        raise EngineError(f"default_collate: items live on different devices {sorted(map(str, devices))}; "
+                          "keep the dataset on one device")
+    return Tensor(backend.array_module(arrays[0]).stack(arrays))
+
+
+def _scalars_to_array(items: list) -> np.ndarray:
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
+        return np.asarray(items, dtype=_shared_numpy_dtype(items, np.integer, np.int64))
+    return np.asarray(items, dtype=_shared_numpy_dtype(items, np.floating, np.float32))
+
+
+def _shared_numpy_dtype(items: list, numpy_type, default):
+    """The items' dtype when all are numpy scalars of one dtype; else ``default`` (Python numbers)."""
+    dtypes = {v.dtype if isinstance(v, numpy_type) else None for v in items}
+    return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else default
+
+
+def move_to(batch, device):
+    """``batch`` (a Tensor, array, or tuple/list/dict of them) with every Tensor/array on ``device``."""
+    dev = backend.device(device)
+    if isinstance(batch, Tensor):
+        return batch if batch.device == dev else Tensor(backend.to_device(batch.data, dev))
+    if backend.is_array(batch):
+        return Tensor(backend.to_device(batch, dev))
+    if isinstance(batch, dict):
+        return {key: move_to(value, dev) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        moved = [move_to(value, dev) for value in batch]
+        return moved if isinstance(batch, list) else tuple(moved)
+    return batch
+
+
+def _fast_source(dataset):
+    """(TensorDataset, index map or None) when ``dataset`` is a TensorDataset or nested Subsets of one."""
+    mapping = None
+    while isinstance(dataset, Subset):
+        mapping = dataset.indices if mapping is None else dataset.indices[mapping]
+        dataset = dataset.dataset
+    return (dataset, mapping) if isinstance(dataset, TensorDataset) else None
+
+
+def _check_dataset(dataset) -> None:
+    missing = [name for name in ("__getitem__", "__len__") if not hasattr(dataset, name)]
+    if missing:
+        raise EngineError(f"DataLoader: dataset {type(dataset).__name__} lacks {' and '.join(missing)}; "
+                          "wrap arrays in TensorDataset(x, y)")
+
+
+__all__ = ["DataLoader", "default_collate", "move_to"]
