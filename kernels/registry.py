@@ -48,6 +48,8 @@ class Impl:
 
     @functools.cached_property
     def fn(self) -> Callable:
+        if self.name == "numba_cpu":
+            _configure_numba_threads()
         module, func = self.target.split(":")
         return getattr(importlib.import_module(module), func)
 
@@ -148,6 +150,20 @@ def _env_choice(kernel: str) -> str | None:
         if name.strip() == kernel:
             return impl.strip()
     return None
+
+
+@functools.cache
+def _configure_numba_threads() -> None:
+    """Use numba's 'workqueue' threading layer unless the user chose one (NUMBA_THREADING_LAYER).
+
+    The OpenMP layer's threads spin-wait after each parallel loop; on a small machine they then
+    compete with BLAS's threads in the GEMM that follows (and with anything else running), which
+    made small training steps several times slower than with workqueue, whose threads sleep.
+    """
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        import numba
+
+        numba.config.THREADING_LAYER = "workqueue"
 
 
 def _cudasim() -> bool:

@@ -1,0 +1,313 @@
+"""The training loop: epochs of train and validation phases, metrics, callbacks, exact resume.
+
+Two ways in, for two habits:
+
+    # PyTorch-style: you build the pieces, the Trainer runs the loop
+    trainer = Trainer(model, optim.Adam(model.parameters(), lr=1e-3), loss_fn=F.cross_entropy,
+                      metrics=["accuracy"], callbacks=[EarlyStopping(patience=3)])
+    history = trainer.fit(train_loader, epochs=20, val_data=val_loader)
+
+    # Keras-style: arrays in, one call
+    history = fit(model, x, y, epochs=20, batch_size=64, validation_split=0.1)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+import engine.functional as F
+from engine import backend, io, metrics as metrics_module
+from engine.autograd import no_grad
+from engine.data import DataLoader, TensorDataset
+from engine.ops import concatenate
+from engine.tensor import Tensor
+from engine.train.callbacks import Callback, LRSchedulerCallback
+from engine.train.progress import ProgressBar
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the parameters are those from before the bad step."""
+
+
+class History:
+    """Every logged figure per epoch: ``history["val_loss"]`` is a list, one value per epoch."""
+
+    def __init__(self, history: dict | None = None):
+        self.history: dict[str, list[float]] = {k: list(v) for k, v in (history or {}).items()}
+
+    def append(self, logs: dict) -> None:
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(float(value))
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.history[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.history
+
+    def __len__(self) -> int:
+        return len(self.history.get("loss", []))
+
+    def __repr__(self) -> str:
+        return f"History({', '.join(f'{k}[{len(v)}]' for k, v in self.history.items())})"
+
+
+# Names accepted in ``metrics=``, each with the streaming metric it makes.
+METRICS = {
+    "accuracy": lambda: metrics_module.Accuracy(),
+    "top5_accuracy": lambda: metrics_module.TopKAccuracy(k=5),
+    "mse": lambda: metrics_module.MeanSquaredError(),
+    "mae": lambda: metrics_module.MeanAbsoluteError(),
+}
+
+
+class Trainer:
+    """Runs training for a model, an optimizer and a loss on the model's device.
+
+    Args:
+        model: an ``engine.nn.Module``.
+        optimizer: an ``engine.optim`` optimizer over the model's parameters.
+        loss_fn: ``loss_fn(output, target) -> scalar Tensor`` (default ``F.cross_entropy``).
+        metrics: names from ``METRICS`` or a dict name -> streaming metric (update/compute/reset).
+        callbacks: ``Callback`` objects (EarlyStopping, ModelCheckpoint, LRSchedulerCallback ...).
+        scheduler: an lr scheduler stepped once per epoch (shorthand for an LRSchedulerCallback).
+        grad_clip_norm: clip the gradients' global norm to this before each step.
+        verbose: 0 silent, 1 one line per epoch (+ a progress bar on a terminal).
+        log: where the per-epoch lines go (default ``print``).
+    """
+
+    def __init__(self, model, optimizer, loss_fn=F.cross_entropy, metrics=("accuracy",), callbacks=(),
+                 scheduler=None, grad_clip_norm: float | None = None, verbose: int = 1, log=print):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.metrics = _metric_table(metrics)
+        self.callbacks: list[Callback] = list(callbacks)
+        if scheduler is not None:
+            self.callbacks.append(LRSchedulerCallback(scheduler))
+        self.grad_clip_norm, self.verbose, self._log = grad_clip_norm, verbose, log
+        self.history = History()
+        self.epoch = 0  # epochs completed
+        self.stop_training = False
+        self.train_loader = None
+        self._pending_loader_state = None
+
+    @property
+    def device(self):
+        params = list(self.model.parameters())
+        return params[0].device if params else backend.default_device()
+
+    def log(self, message: str) -> None:
+        if self.verbose:
+            self._log(message)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self, train_data, epochs: int = 1, val_data=None, batch_size: int = 32, shuffle: bool = True,
+            validation_split: float = 0.0) -> History:
+        """Train until ``epochs`` epochs are complete (counting epochs restored from a checkpoint).
+
+        ``train_data``/``val_data``: DataLoaders, or ``(x, y)`` pairs of tensors/arrays that are
+        batched with ``batch_size``. ``validation_split`` holds out the last fraction of ``(x, y)``.
+        """
+        if validation_split and isinstance(train_data, DataLoader):
+            raise ValueError("fit: validation_split needs (x, y) arrays, not a DataLoader; pass val_data instead")
+        if validation_split:
+            train_data, val_data = _split_tail(train_data, validation_split)
+        self.train_loader = _loader(train_data, batch_size, shuffle)
+        val_loader = None if val_data is None else _loader(val_data, batch_size, False)
+        if self._pending_loader_state is not None and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        self.stop_training = False
+        self._call("on_train_begin")
+        while self.epoch < epochs and not self.stop_training:
+            logs = self._run_epoch(self.train_loader, val_loader, epochs)
+            self.epoch += 1
+            self._call("on_epoch_end", self.epoch - 1, logs)
+            self.history.append(logs)
+            self.log(_epoch_line(self.epoch, epochs, logs))
+        self._call("on_train_end")
+        return self.history
+
+    def _run_epoch(self, loader, val_loader, epochs: int) -> dict:
+        self._call("on_epoch_begin", self.epoch)
+        self.model.train()
+        meters = self._new_metrics()
+        loss_sum, samples, start = 0.0, 0, time.perf_counter()
+        bar = ProgressBar(len(loader), f"epoch {self.epoch + 1}/{epochs}", enabled=self.verbose > 0)
+        for batch_index, (x, y) in enumerate(loader):
+            x, y = self._to_device(x), self._to_device(y)
+            output = self.model(x)
+            loss = self.compute_loss(x, output, y)
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss became {value} at epoch {self.epoch + 1}, batch {batch_index + 1}; the step was not "
+                    "taken, so the model keeps its last finite parameters and saved checkpoints are intact. "
+                    "Lower the learning rate, clip gradients (grad_clip_norm) or check the inputs for NaN.")
+            self.optimizer.zero_grad()
+            loss.backward()
+            if self.grad_clip_norm is not None:
+                from engine.nn.utils import clip_grad_norm_
+
+                clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self.optimizer.step()
+            n = len(x)
+            loss_sum, samples = loss_sum + value * n, samples + n
+            _update_metrics(meters, output, y)
+            self._call("on_batch_end", batch_index, {"loss": value})
+            bar.update(batch_index + 1, samples, loss_sum / samples)
+        bar.close()
+        seconds = time.perf_counter() - start
+        logs = {"loss": loss_sum / max(samples, 1), **_compute(meters)}
+        if val_loader is not None:
+            logs.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
+        logs["epoch_time"] = seconds
+        logs["samples_per_s"] = samples / max(seconds, 1e-9)
+        return logs
+
+    def evaluate(self, data, batch_size: int = 256) -> dict:
+        """Loss and metrics over ``data`` in eval mode, without recording a graph."""
+        loader = _loader(data, batch_size, False)
+        self.model.eval()
+        meters = self._new_metrics()
+        loss_sum, samples = 0.0, 0
+        with no_grad():
+            for x, y in loader:
+                x, y = self._to_device(x), self._to_device(y)
+                output = self.model(x)
+                loss_sum += self.compute_loss(x, output, y).item() * len(x)
+                samples += len(x)
+                _update_metrics(meters, output, y)
+        return {"loss": loss_sum / max(samples, 1), **_compute(meters)}
+
+    def predict(self, data, batch_size: int = 256) -> Tensor:
+        """The model's outputs for ``data`` (a DataLoader, (x, y) pair, or inputs alone), concatenated."""
+        if isinstance(data, (Tensor, np.ndarray)):
+            data = (data, np.zeros(len(data), np.int64))
+        loader = _loader(data, batch_size, False)
+        self.model.eval()
+        with no_grad():
+            outputs = [self.model(self._to_device(x)) for x, _ in loader]
+        return concatenate(outputs, axis=0)
+
+    def compute_loss(self, x: Tensor, output: Tensor, y) -> Tensor:
+        """The batch loss; subclasses override it when the loss needs more than (output, y)."""
+        return self.loss_fn(output, y)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "rng": backend.get_rng_state(),
+            "history": self.history.history,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+        if self.train_loader is not None and hasattr(self.train_loader, "state_dict"):
+            state["loader"] = self.train_loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        backend.set_rng_state(state["rng"])
+        self.history = History(state["history"])
+        for callback, cb_state in zip(self.callbacks, state.get("callbacks", [])):
+            callback.load_state_dict(cb_state)
+        self._pending_loader_state = state.get("loader")
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Everything needed to continue exactly: model, optimizer, epoch, RNG, loader, history."""
+        io.save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint`; the next ``fit`` continues from it."""
+        self.load_state_dict(io.load(path, map_location=self.device))
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _call(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def _new_metrics(self) -> dict:
+        """Fresh copies of the metric templates, so train and validation figures never mix."""
+        fresh = {name: copy.deepcopy(metric) for name, metric in self.metrics.items()}
+        for metric in fresh.values():
+            metric.reset()
+        return fresh
+
+    def _to_device(self, value):
+        if isinstance(value, Tensor):
+            return value if value.device == self.device else value.to(self.device)
+        return Tensor(np.asarray(value), device=self.device)
+
+
+def fit(model, x, y, epochs: int = 10, batch_size: int = 32, validation_split: float = 0.0, validation_data=None,
+        optimizer: str = "adam", lr: float = 1e-3, loss=F.cross_entropy, metrics=("accuracy",), callbacks=(),
+        verbose: int = 1) -> History:
+    """Keras-style one call: ``fit(model, x, y, epochs, batch_size, validation_split)``.
+
+    ``optimizer`` is "adam", "adamw", "sgd" or an optimizer instance.
+    """
+    from engine import optim
+
+    if isinstance(optimizer, str):
+        choices = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "rmsprop": optim.RMSprop}
+        if optimizer.lower() not in choices:
+            raise ValueError(f"fit: unknown optimizer {optimizer!r}; choose one of {sorted(choices)}")
+        optimizer = choices[optimizer.lower()](model.parameters(), lr=lr)
+    trainer = Trainer(model, optimizer, loss_fn=loss, metrics=metrics, callbacks=callbacks, verbose=verbose)
+    return trainer.fit((x, y), epochs=epochs, val_data=validation_data, batch_size=batch_size,
+                       validation_split=validation_split)
+
+
+def _metric_table(metrics) -> dict:
+    """name -> streaming metric used as a template; names resolve through ``METRICS``."""
+    if isinstance(metrics, dict):
+        return dict(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"Trainer: unknown metric names {unknown}; known: {sorted(METRICS)}, "
+                         "or pass a dict name -> streaming metric")
+    return {name: METRICS[name]() for name in metrics}
+
+
+def _update_metrics(meters: dict, output: Tensor, target) -> None:
+    for meter in meters.values():
+        meter.update(output.detach(), target.detach() if isinstance(target, Tensor) else target)
+
+
+def _compute(meters: dict) -> dict:
+    return {name: float(meter.compute()) for name, meter in meters.items()}
+
+
+def _loader(data, batch_size: int, shuffle: bool):
+    if not isinstance(data, (tuple, list)):
+        return data  # a DataLoader or any iterable of (x, y) batches
+    x, y = data
+    return DataLoader(TensorDataset(_as_tensor(x), _as_tensor(y)), batch_size=batch_size, shuffle=shuffle)
+
+
+def _as_tensor(value) -> Tensor:
+    return value if isinstance(value, Tensor) else Tensor(np.asarray(value))
+
+
+def _split_tail(data, fraction: float):
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fit: validation_split must be in (0, 1), got {fraction}")
+    x, y = (_as_tensor(v) for v in data)
+    n_val = max(1, int(round(len(x) * fraction)))
+    cut = len(x) - n_val
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+def _epoch_line(epoch: int, epochs: int, logs: dict) -> str:
+    figures = "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k not in ("epoch_time", "samples_per_s"))
+    return f"epoch {epoch}/{epochs}  {figures}  {logs['epoch_time']:.2f}s ({logs['samples_per_s']:.0f} samples/s)"
