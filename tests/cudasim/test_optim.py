@@ -1,0 +1,95 @@
+"""numba_cuda optimizer steps under the Numba CUDA simulator, against the numpy impl.
+
+The simulator grid is capped at 2 blocks of 256 threads (kernels/numba_cuda/optim.py), so sizes
+above 512 run the grid-stride loop more than once per thread; the sizes are not multiples of the
+block size. Every optimizer runs a few consecutive steps with fresh gradients from random nonzero
+states, every flag at least once, in float32 and float64. Small sizes: the simulator runs one
+Python thread per CUDA thread.
+"""
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import KernelError
+
+STEPS = 3
+
+
+def signed(rng, n):
+    return rng.uniform(0.5, 1.5, n) * rng.choice([-1.0, 1.0], n)
+
+
+def start_states(rng, names, n, dtype):
+    states = {"param": signed(rng, n)}
+    for name in names:
+        if name in ("exp_avg_sq", "max_exp_avg_sq", "state_sum", "square_avg"):
+            states[name] = 0.1 * rng.uniform(0.5, 1.5, n)
+        elif name == "grad_avg":
+            states[name] = 0.5 * signed(rng, n)
+        else:
+            states[name] = 0.1 * signed(rng, n)
+    if "grad_avg" in states:
+        states["square_avg"] = states["grad_avg"] ** 2 + rng.uniform(0.5, 1.5, n)
+    return {k: v.astype(dtype) for k, v in states.items()}
+
+
+# (kernel, state arrays in positional order, keyword arguments, step keyword)
+CASES = [
+    ("adam_step", ["exp_avg", "exp_avg_sq", None], dict(lr=0.01, weight_decay=0.1), "step"),
+    ("adam_step", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+     dict(lr=0.02, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.05, decoupled_weight_decay=True, amsgrad=True,
+          maximize=True), "step"),
+    ("sgd_step", [None], dict(lr=0.1, weight_decay=0.01, maximize=True), "first_step"),
+    ("sgd_step", ["momentum_buf"], dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01), "first_step"),
+    ("sgd_step", ["momentum_buf"], dict(lr=0.05, momentum=0.8, nesterov=True), "first_step"),
+    ("adagrad_step", ["state_sum"], dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, eps=1e-4, maximize=True), "step"),
+    ("rmsprop_step", ["square_avg", None, None], dict(lr=0.01, weight_decay=0.1), None),
+    ("rmsprop_step", ["square_avg", "momentum_buf", "grad_avg"],
+     dict(lr=0.01, alpha=0.95, eps=1e-5, weight_decay=0.05, momentum=0.5, centered=True, maximize=True), None),
+]
+IDS = ["adam-l2", "adamw-amsgrad-maximize", "sgd-plain", "sgd-momentum", "sgd-nesterov", "adagrad", "rmsprop",
+       "rmsprop-centered-momentum"]
+
+
+def run(kernel, slots, cfg, step_kw, impl, states, grads):
+    fn = getattr(kernels, kernel)
+    for t, grad in enumerate(grads, start=1):
+        kw = dict(cfg)
+        if step_kw == "step":
+            kw["step"] = t
+        elif step_kw == "first_step":
+            kw["first_step"] = t == 1
+        fn(states["param"], grad, *[states.get(s) if s else None for s in slots], impl=impl, **kw)
+
+
+@pytest.mark.parametrize("n,dtype", [(1, np.float32), (7, np.float64), (600, np.float32), (1029, np.float64)])
+@pytest.mark.parametrize("kernel,slots,cfg,step_kw", CASES, ids=IDS)
+def test_numba_cuda_matches_numpy_impl(kernel, slots, cfg, step_kw, n, dtype):
+    rng = np.random.default_rng(n)
+    start = start_states(rng, [s for s in slots if s], n, dtype)
+    grads = [signed(rng, n).astype(dtype) for _ in range(STEPS)]
+    grad_copies = [g.copy() for g in grads]
+    ours = {k: v.copy() for k, v in start.items()}
+    reference = {k: v.copy() for k, v in start.items()}
+    run(kernel, slots, cfg, step_kw, "numba_cuda", ours, grads)
+    run(kernel, slots, cfg, step_kw, "numpy", reference, grads)
+    for g, copy in zip(grads, grad_copies):
+        np.testing.assert_array_equal(g, copy)
+    rtol = 4e-6 if dtype == np.float32 else 1e-13
+    for name, expected in reference.items():
+        got = ours[name]
+        assert got.dtype == dtype
+        scale = np.max(np.abs(expected))
+        assert np.all(np.abs(got - expected) <= rtol * (np.abs(expected) + scale)), name
+        assert not np.array_equal(got, start[name]), f"{name} did not change"
+
+
+def test_numba_cuda_empty_and_errors():
+    empty = np.zeros(0, np.float32)
+    kernels.adam_step(empty, empty.copy(), empty.copy(), empty.copy(), lr=0.1, step=1, impl="numba_cuda")
+    p = np.ones(4, np.float32)
+    with pytest.raises(KernelError, match=r"adam_step\(.*must share one dtype.*no silent promotion"):
+        kernels.adam_step(p, p.copy(), p.copy(), np.zeros(4), lr=0.1, step=1, impl="numba_cuda")
+    with pytest.raises(KernelError, match=r"sgd_step: momentum=0.9 needs momentum_buf"):
+        kernels.sgd_step(p, p.copy(), None, lr=0.1, momentum=0.9, impl="numba_cuda")
