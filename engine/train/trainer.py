@@ -61,6 +61,9 @@ class History:
 METRICS = {
     "accuracy": lambda: metrics_module.Accuracy(),
     "top5_accuracy": lambda: metrics_module.TopKAccuracy(k=5),
+    "precision": lambda: metrics_module.Precision(average="macro"),
+    "recall": lambda: metrics_module.Recall(average="macro"),
+    "f1": lambda: metrics_module.F1Score(average="macro"),
     "mse": lambda: metrics_module.MeanSquaredError(),
     "mae": lambda: metrics_module.MeanAbsoluteError(),
 }

@@ -29,10 +29,11 @@ def test_fit_learns_and_records_history(device):
     engine.manual_seed(0)
     x, y = _blobs()
     model = _model(device)
-    trainer = Trainer(model, optim.Adam(model.parameters(), lr=1e-2), verbose=0)
+    trainer = Trainer(model, optim.Adam(model.parameters(), lr=1e-2), metrics=["accuracy", "f1"], verbose=0)
     history = trainer.fit((x[:200], y[:200]), epochs=8, val_data=(x[200:], y[200:]), batch_size=32)
     assert len(history) == 8
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_time"):
+    assert history["val_f1"][-1] >= 0.95
+    for key in ("loss", "accuracy", "f1", "val_loss", "val_accuracy", "epoch_time"):
         assert len(history[key]) == 8
     assert history["loss"][-1] < history["loss"][0] / 3
     assert history["val_accuracy"][-1] >= 0.95
