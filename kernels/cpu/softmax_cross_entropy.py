@@ -1,0 +1,420 @@
+"""Softmax cross-entropy and its gradient on the CPU (PyTorch ``F.cross_entropy``, reduction='none').
+
+One call returns the per-row loss and, in the same pass over the logits, the gradient of that loss
+with respect to the logits (scaled by ``grad_scale``), so training never stores the softmax.
+
+The math every impl shares (``numpy`` and ``numba_cpu`` here, ``numba_cuda`` and ``cupy`` elsewhere).
+Per row, with ``z`` the logits, ``m = max_c z_c``, ``s = sum_c exp(z_c - m)``, ``L = log s``:
+
+    logp_c = (z_c - m) - L                     (log-softmax, stable for any finite z)
+    p_c    = exp(z_c - m) / s                  (softmax)
+
+Every target is a weighted target distribution ``u_c`` over the classes:
+
+    hard t: u_c = (1 - eps) w_t [c == t] + (eps / C) w_c        (w = 1 when weight is None)
+    soft q: u_c = w_c ((1 - eps) q_c + eps / C)
+
+    loss   = -sum_c u_c logp_c = S L - sum_c u_c (z_c - m),   S = sum_c u_c
+    grad_c = grad_scale * (S p_c - u_c)
+
+For hard targets the ``(1 - eps) w_t`` part is taken from ``z_t`` directly (never as a sum of
+``0 * logp_c``), so logits of -inf on other classes (masked classes) give a finite loss, as in
+PyTorch. Rows whose hard target equals ``ignore_index`` get loss 0 and gradient 0; a hard target
+outside ``[0, C)`` that is not ``ignore_index`` is an error (:func:`check_targets_host` here; the
+GPU impls do a device-side min/max of the targets first).
+
+This module also holds the validator every impl calls first (:func:`validate_softmax_cross_entropy`).
+``import kernels.cpu.softmax_cross_entropy`` does not import numba: the jitted code is built on
+first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.registry import KernelError
+
+KERNEL = "softmax_cross_entropy"
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation, shared by every impl
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrossEntropySpec:
+    """What one validated call asks for."""
+
+    n: int  # rows
+    c: int  # classes
+    dtype: np.dtype  # of logits, loss and grad
+    soft: bool  # targets are (N, C) probabilities
+    ignore_index: int
+    eps: float  # label smoothing
+    grad_scale: float
+    compute_grad: bool
+    array_module: str  # "numpy" or "cupy"
+
+
+def _module_of(a) -> str:
+    return type(a).__module__.split(".")[0]
+
+
+def _describe(name: str, a) -> str:
+    if a is None:
+        return f"{name}=None"
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        return f"{name}={type(a).__module__}.{type(a).__name__}"
+    return f"{name}={_module_of(a)}.{type(a).__name__}{tuple(a.shape)} {a.dtype}"
+
+
+def _is_array(a) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "dtype") and _module_of(a) in ("numpy", "cupy")
+
+
+def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoothing, grad_scale,
+                                   compute_grad) -> CrossEntropySpec:
+    """Check the arguments of one call (every impl calls this first); raise KernelError naming the problem."""
+    where = f"{KERNEL}({_describe('logits', logits)}, {_describe('targets', targets)}, {_describe('weight', weight)})"
+    arrays = {"logits": logits, "targets": targets}
+    if weight is not None:
+        arrays["weight"] = weight
+    for name, a in arrays.items():
+        if not _is_array(a):
+            raise KernelError(f"{where}: {name} must be a numpy or cupy array, got "
+                              f"{type(a).__module__}.{type(a).__name__}")
+    kinds = {_module_of(a) for a in arrays.values()}
+    if len(kinds) > 1:
+        raise KernelError(f"{where}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
+                          "move them all to one device")
+    if logits.ndim != 2:
+        raise KernelError(f"{where}: logits must be 2-D (N, C), got {logits.ndim}-D; reshape to (-1, C) "
+                          "with the class dimension last")
+    n, c = (int(d) for d in logits.shape)
+    if c < 1:
+        raise KernelError(f"{where}: logits has C = 0 classes; cross-entropy needs at least one class")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise KernelError(f"{where}: logits has dtype {logits.dtype}; only float32 and float64 are supported")
+    soft = targets.dtype.kind == "f"
+    if soft:
+        if targets.dtype != logits.dtype:
+            raise KernelError(f"{where}: soft targets (probabilities) must have the logits' dtype {logits.dtype}, "
+                              f"got {targets.dtype}; cast them with .astype(logits.dtype) (no silent promotion)")
+        if tuple(targets.shape) != (n, c):
+            raise KernelError(f"{where}: soft targets must have the logits' shape {(n, c)}, got "
+                              f"{tuple(targets.shape)}; pass class indices as an (N,) integer array instead")
+    else:
+        if targets.dtype not in INDEX_DTYPES:
+            raise KernelError(f"{where}: targets has dtype {targets.dtype}; pass class indices as int32 or int64 "
+                              "(e.g. .astype(np.int64)) or probabilities with the logits' float dtype")
+        if tuple(targets.shape) != (n,):
+            raise KernelError(f"{where}: class-index targets must have shape (N,) = {(n,)}, got "
+                              f"{tuple(targets.shape)}")
+    if weight is not None:
+        if weight.dtype != logits.dtype:
+            raise KernelError(f"{where}: weight must have the logits' dtype {logits.dtype}, got {weight.dtype}; "
+                              "cast it with .astype(logits.dtype) (no silent promotion)")
+        if tuple(weight.shape) != (c,):
+            raise KernelError(f"{where}: weight must have shape (C,) = {(c,)}, one weight per class, got "
+                              f"{tuple(weight.shape)}")
+    for name, a in arrays.items():
+        if not a.flags.c_contiguous:
+            raise KernelError(f"{where}: {name} is not C-contiguous; pass a contiguous array "
+                              "(e.g. ascontiguousarray)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise KernelError(f"{KERNEL}: ignore_index must be an int, got {ignore_index!r}")
+    eps = _real(label_smoothing, "label_smoothing")
+    if not 0.0 <= eps <= 1.0:
+        raise KernelError(f"{KERNEL}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    scale = _real(grad_scale, "grad_scale")
+    if not isinstance(compute_grad, (bool, np.bool_)):
+        raise KernelError(f"{KERNEL}: compute_grad must be True or False, got {compute_grad!r}")
+    return CrossEntropySpec(n, c, logits.dtype, soft, int(ignore_index), eps, scale, bool(compute_grad),
+                            kinds.pop())
+
+
+def _real(value, name: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise KernelError(f"{KERNEL}: {name} must be a real number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise KernelError(f"{KERNEL}: {name} must be finite, got {value!r}")
+    return x
+
+
+def bad_target_message(value: int, c: int, ignore_index: int, row: int | None = None) -> str:
+    """The error for a class index outside [0, C) (shared by every impl)."""
+    at = f"targets[{row}] = {value}" if row is not None else f"a target equals {value}, which"
+    return (f"{KERNEL}: {at} is outside the classes [0, C) = [0, {c}) and is not ignore_index={ignore_index}; "
+            f"class indices must be in [0, {c}) or equal ignore_index")
+
+
+def check_targets_host(spec: CrossEntropySpec, targets) -> None:
+    """Raise KernelError naming the first hard target outside [0, C) that is not ignore_index."""
+    if spec.soft or spec.n == 0:
+        return
+    bad = (targets != spec.ignore_index) & ((targets < 0) | (targets >= spec.c))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise KernelError(bad_target_message(int(targets[row]), spec.c, spec.ignore_index, row))
+
+
+# --------------------------------------------------------------------------------------------
+# numpy: the reference, written as the formulas above (whole-array ops, dtype kept)
+# --------------------------------------------------------------------------------------------
+
+
+def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
+                                grad_scale=1.0, compute_grad=True):
+    spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing, grad_scale=grad_scale,
+                                          compute_grad=compute_grad)
+    check_targets_host(spec, targets)
+    n, c, dt = spec.n, spec.c, spec.dtype
+    one = dt.type(1)
+    eps, eps_c = dt.type(spec.eps), dt.type(spec.eps / c)
+    w = weight if weight is not None else np.ones(c, dt)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        m = logits.max(axis=1, keepdims=True) if n else np.zeros((0, 1), dt)
+        shifted = logits - m
+        e = np.exp(shifted)
+        s = e.sum(axis=1, keepdims=True)
+        logp = shifted - np.log(s)
+        if spec.soft:
+            q = targets if spec.eps == 0 else targets * (one - eps) + eps_c
+            u = q * w
+            loss = -(u * logp).sum(axis=1)
+            valid = np.ones(n, bool)
+        else:
+            valid = targets != spec.ignore_index
+            safe = np.where(valid, targets, 0)
+            rows = np.arange(n)
+            w_t = np.where(valid, w[safe], dt.type(0))
+            loss = np.where(valid, -((one - eps) * w_t) * logp[rows, safe], dt.type(0))
+            u = np.zeros((n, c), dt)
+            u[rows, safe] = (one - eps) * w_t
+            if spec.eps:
+                # eps / C inside the sum: the sum of C terms may overflow where the result does not
+                loss = loss + np.where(valid, -(logp * (eps_c * w)).sum(axis=1), dt.type(0))
+                u += np.where(valid[:, None], eps_c * w, dt.type(0))
+        loss = loss.astype(dt, copy=False)
+        if not spec.compute_grad:
+            return loss, None
+        p = e / s
+        grad = dt.type(spec.grad_scale) * (u.sum(axis=1, keepdims=True) * p - u)
+    grad[~valid] = 0
+    return loss, grad.astype(dt, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# numba_cpu: rows in parallel (prange). Per row: a max pass, an exp pass that leaves exp(z - m) in
+# the grad row (one exp per element), sums over that cache-resident row, and the gradient pass in
+# place. Two passes over the logits in memory, one write of the gradient. float32 uses a
+# vectorizable exp (below): numba's scalar expf call is what made the first version slow.
+# --------------------------------------------------------------------------------------------
+
+
+def softmax_cross_entropy_numba(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
+                                grad_scale=1.0, compute_grad=True):
+    spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing, grad_scale=grad_scale,
+                                          compute_grad=compute_grad)
+    check_targets_host(spec, targets)
+    n, c, dt = spec.n, spec.c, spec.dtype
+    loss = np.empty(n, dt)
+    grad = np.empty((n, c), dt) if spec.compute_grad else np.empty((0, c), dt)
+    if n == 0:
+        return loss, (grad if spec.compute_grad else None)
+    has_weight = weight is not None
+    w = weight if has_weight else np.ones(1, dt)
+    one_minus_eps, eps_c, scale = dt.type(1.0 - spec.eps), dt.type(spec.eps / c), dt.type(spec.grad_scale)
+    fast_exp = dt == np.float32
+    rows_hard, rows_soft = _numba_kernels()
+    # Rows are handed to threads in small groups, so a group can share one scratch row.
+    rows_per_task = max(1, min(16, n // (4 * _num_threads())))
+    if spec.soft:
+        rows_soft(logits, targets, w, has_weight, one_minus_eps, eps_c, scale, spec.compute_grad, fast_exp,
+                  rows_per_task, loss, grad)
+    else:
+        # int32 targets widened (N values): one compiled specialization per float dtype, not two
+        rows_hard(logits, targets.astype(np.int64, copy=False), w, has_weight, np.int64(spec.ignore_index),
+                  one_minus_eps, eps_c, spec.eps > 0, scale, spec.compute_grad, fast_exp, rows_per_task, loss, grad)
+    return loss, (grad if spec.compute_grad else None)
+
+
+# float32 exp(x) for x <= 0 (Cephes expf): x = t ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7
+# polynomial, 2^t added to the exponent bits. Branch-free, so LLVM vectorizes it (numba has no
+# SVML here and calls scalar expf otherwise). Max error 1.4 ulp (measured against float64 exp);
+# x < -87 (results below 1.6e-38, i.e. denormal) gives 0, NaN stays NaN.
+_F32 = np.float32
+_LOG2E, _LN2_HI, _LN2_LO = _F32(1.44269504088896341), _F32(0.693359375), _F32(-2.12194440e-4)
+_P0, _P1, _P2, _P3, _P4, _P5 = (_F32(v) for v in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                                   4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_EXP_LO, _HALF, _ONE = _F32(-87.0), _F32(0.5), _F32(1.0)
+
+
+# Set by _numba_kernels() (module globals that the row kernels read; see there).
+_nb_prange = _nb_row_max = _nb_exp_shifted = _nb_row_sum = _nb_weighted_shift_sums = _nb_target_sums = None
+
+
+def _num_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+@functools.cache
+def _numba_kernels():
+    import numba
+
+    # The row kernels reach the helpers as module globals, not closure variables: numba's cache key
+    # hashes the pickled closure cells, and a pickled dispatcher differs between processes, so a
+    # closure would miss the on-disk cache on every run.
+    module = globals()
+    module["_nb_prange"] = numba.prange
+    jit = numba.njit(cache=True, parallel=True, fastmath=False)
+    helper = numba.njit(cache=True)
+    # Reductions may be reordered (vectorized partial sums); the sums run in float64.
+    summing = numba.njit(cache=True, fastmath={"reassoc"})
+
+    @numba.njit(cache=True, fastmath={"nnan", "nsz"})
+    def row_max(z):
+        # nnan lets LLVM vectorize the max; a NaN in the row still reaches the result through exp.
+        m = z[0]
+        for k in range(1, z.shape[0]):
+            if z[k] > m:
+                m = z[k]
+        return m
+
+    @helper
+    def exp_shifted(z, m, out, fast_exp):
+        """out[k] = exp(z[k] - m)."""
+        n = z.shape[0]
+        if not fast_exp:
+            for k in range(n):
+                out[k] = np.exp(z[k] - m)
+            return
+        for k in range(n):  # exp(r) and the exponent t, clamped so 2^t stays a normal scale
+            x = z[k] - m
+            if x < _EXP_LO:
+                x = _EXP_LO
+            t = np.floor(x * _LOG2E + _HALF)
+            r = x - t * _LN2_HI
+            r = r - t * _LN2_LO
+            p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+            out[k] = p * (r * r) + r + _ONE
+        bits = out.view(np.int32)
+        for k in range(n):  # times 2^t: add t to the exponent field (t recomputed, same rounding)
+            x = z[k] - m
+            xc = _EXP_LO if x < _EXP_LO else x
+            t = np.floor(xc * _LOG2E + _HALF)
+            ti = np.int32(t) if t >= -126 else np.int32(0)  # NaN: bits untouched
+            scaled = bits[k] + (ti << 23)
+            bits[k] = 0 if x < _EXP_LO else scaled
+
+    @summing
+    def row_sum(e):
+        s = 0.0
+        for k in range(e.shape[0]):
+            s += e[k]
+        return s
+
+    @summing
+    def weighted_shift_sums(z, m, w, has_weight):
+        """(sum_c w_c (z_c - m), sum_c w_c)."""
+        a = 0.0
+        total = 0.0
+        for k in range(z.shape[0]):
+            wk = w[k] if has_weight else 1.0
+            a += wk * (z[k] - m)
+            total += wk
+        return a, total
+
+    @summing
+    def target_sums(z, m, q, w, has_weight, one_minus_eps, eps_c):
+        """(sum_c u_c (z_c - m), sum_c u_c) with u = w ((1 - eps) q + eps / C)."""
+        a = 0.0
+        total = 0.0
+        for k in range(z.shape[0]):
+            u = (one_minus_eps * q[k] + eps_c) * (w[k] if has_weight else 1.0)
+            a += u * (z[k] - m)
+            total += u
+        return a, total
+
+    module.update(_nb_row_max=row_max, _nb_exp_shifted=exp_shifted, _nb_row_sum=row_sum,
+                  _nb_weighted_shift_sums=weighted_shift_sums, _nb_target_sums=target_sums)
+
+    @jit
+    def rows_hard(logits, targets, w, has_weight, ignore_index, one_minus_eps, eps_c, smooth, scale,
+                  compute_grad, fast_exp, rows_per_task, loss, grad):
+        n, c = logits.shape
+        for task in _nb_prange((n + rows_per_task - 1) // rows_per_task):
+            scratch = np.empty(0 if compute_grad else c, logits.dtype)  # exp row when no grad is kept
+            for i in range(task * rows_per_task, min(n, (task + 1) * rows_per_task)):
+                t = targets[i]
+                if t == ignore_index:
+                    loss[i] = 0
+                    if compute_grad:
+                        grad[i, :] = 0
+                    continue
+                z = logits[i]
+                g = grad[i] if compute_grad else scratch
+                m = _nb_row_max(z)
+                _nb_exp_shifted(z, m, g, fast_exp)
+                s = _nb_row_sum(g)
+                log_s = np.log(s)
+                w_t = w[t] if has_weight else 1.0
+                value = one_minus_eps * w_t * (log_s - (z[t] - m))
+                total_w = 0.0
+                if smooth:
+                    a, total_w = _nb_weighted_shift_sums(z, m, w, has_weight)
+                    value += eps_c * (total_w * log_s - a)
+                loss[i] = value
+                if compute_grad:
+                    coef = z.dtype.type(scale * (one_minus_eps * w_t + eps_c * total_w) / s)
+                    if smooth and has_weight:
+                        smooth_scale = scale * eps_c
+                        for k in range(c):
+                            g[k] = coef * g[k] - smooth_scale * w[k]
+                    elif smooth:
+                        smooth_scale = scale * eps_c
+                        for k in range(c):
+                            g[k] = coef * g[k] - smooth_scale
+                    else:
+                        for k in range(c):
+                            g[k] = coef * g[k]
+                    g[t] -= scale * one_minus_eps * w_t
+
+    @jit
+    def rows_soft(logits, q, w, has_weight, one_minus_eps, eps_c, scale, compute_grad, fast_exp, rows_per_task, loss,
+                  grad):
+        n, c = logits.shape
+        for task in _nb_prange((n + rows_per_task - 1) // rows_per_task):
+            scratch = np.empty(0 if compute_grad else c, logits.dtype)
+            for i in range(task * rows_per_task, min(n, (task + 1) * rows_per_task)):
+                z = logits[i]
+                qi = q[i]
+                g = grad[i] if compute_grad else scratch
+                m = _nb_row_max(z)
+                _nb_exp_shifted(z, m, g, fast_exp)
+                s = _nb_row_sum(g)
+                a, total_u = _nb_target_sums(z, m, qi, w, has_weight, one_minus_eps, eps_c)
+                loss[i] = total_u * np.log(s) - a
+                if compute_grad:
+                    coef = z.dtype.type(scale * total_u / s)
+                    if has_weight:
+                        for k in range(c):
+                            g[k] = coef * g[k] - scale * ((one_minus_eps * qi[k] + eps_c) * w[k])
+                    else:
+                        for k in range(c):
+                            g[k] = coef * g[k] - scale * (one_minus_eps * qi[k] + eps_c)
+
+    return rows_hard, rows_soft

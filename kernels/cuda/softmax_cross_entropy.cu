@@ -1,0 +1,600 @@
+// Softmax cross-entropy, loss and gradient in one launch (PyTorch F.cross_entropy, reduction='none').
+//
+// Per row z (C logits), m = max z, s = sum exp(z - m), L = log s, p = exp(z - m) / s, and the
+// weighted target distribution u (w = 1 without class weights, eps = label smoothing):
+//   hard t: u_c = (1 - eps) w_t [c == t] + (eps / C) w_c      soft q: u_c = w_c ((1 - eps) q_c + eps / C)
+//   loss   = S L - sum_c u_c (z_c - m),  S = sum_c u_c
+//   grad_c = grad_scale (S p_c - u_c)
+// The hard (1 - eps) w_t part of the loss is taken from z_t directly, so -inf logits elsewhere in
+// the row (masked classes) give a finite loss, as in PyTorch. A row whose hard target equals
+// ignore_index gets loss 0 and a zero gradient row.
+//
+// Three row kernels, chosen on the host by C (kernels/cuda/softmax_cross_entropy.py):
+//   sce_warp_*   C <= G K (512 floats / 256 doubles): a group of G lanes (8 or 32) per row,
+//                256 / G rows per 256-thread block, K values per lane in registers, shuffle-only
+//                reductions;
+//   sce_block_*  C <= threads K (up to 32768 floats / 16384 doubles): one row per block of
+//                ceil(C / K) threads (a multiple of 32), K values per thread in registers, warp
+//                shuffles + shared memory for the two block reductions (max, then the sums). The
+//                row is read from global memory once and the gradient written once: 2 N C
+//                sizeof(T) bytes for hard targets. "lean" instances (hard targets, no weights, no
+//                smoothing: the common case) compile those features out and fit 32 floats per
+//                thread at 1024 threads; "full" instances have them all and run <= 512 threads;
+//   sce_stream_* any C: one row per block of 512 threads, an online max / sum-exp pass over the
+//                row, then the gradient pass (the row is read twice; the second read may hit L2).
+// K is a template parameter (registers are indexed by unrolled loop counters only), and rows move
+// as 16-byte packs (float4 / double2) when the host set SCE_VEC (C a multiple of the pack width and
+// every row array 16-byte aligned); otherwise as coalesced scalars.
+//
+// Before the row kernel, for hard targets, the host runs sce_target_range_*: one pass over the N
+// targets that reduces min and max of the non-ignored ones into two int64s (warp shuffles, shared
+// memory, one atomicMin/atomicMax per block); the host reads those 16 bytes and raises for a class
+// index outside [0, C). The row kernels still never read out of bounds: such a row gets NaN loss
+// and NaN gradient.
+//
+// Entry points (argument lists spelled out below, mirrored by kernels/cuda/softmax_cross_entropy.py):
+//   sce_warp_<f32|f64>_g<G>_k<K>, sce_block_<lean|full>_<f32|f64>_k<K>_<v|s>,
+//   sce_stream_<f32|f64>_<v|s> (v: 16-byte packs, s: scalars), sce_target_range_<i32|i64>.
+// No fast-math: expf/logf are the accurate library versions, so results agree with the numpy
+// reference to float32 rounding.
+
+#define SCE_SOFT 1    // targets are (N, C) probabilities of type T
+#define SCE_WEIGHT 2  // class weights given
+#define SCE_SMOOTH 4  // label_smoothing > 0
+#define SCE_GRAD 8    // write the gradient
+#define SCE_I64 16    // hard targets are int64 (else int32)
+#define SCE_VEC 32    // rows move as 16-byte packs
+
+template <typename T> struct Num;
+template <> struct Num<float> {
+    static __device__ __forceinline__ float lowest() { return -3.402823466e+38f; }
+    static __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+    static __device__ __forceinline__ float nan() { return __int_as_float(0x7fc00000); }
+    static __device__ __forceinline__ float exp(float x) { return expf(x); }
+    static __device__ __forceinline__ float log(float x) { return logf(x); }
+    static __device__ __forceinline__ float max(float a, float b) { return fmaxf(a, b); }
+};
+template <> struct Num<double> {
+    static __device__ __forceinline__ double lowest() { return -1.7976931348623157e+308; }
+    static __device__ __forceinline__ double neg_inf() { return __longlong_as_double(0xfff0000000000000ULL); }
+    static __device__ __forceinline__ double nan() { return __longlong_as_double(0x7ff8000000000000ULL); }
+    static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
+    static __device__ __forceinline__ double log(double x) { return ::log(x); }
+    static __device__ __forceinline__ double max(double a, double b) { return fmax(a, b); }
+};
+
+// VW consecutive values of T moved as one access (VW = 16 / sizeof(T) for the packed path, 1 for
+// the scalar path).
+template <typename T, int VW>
+struct alignas(VW * sizeof(T)) Chunk {
+    T e[VW];
+};
+
+// ---------------------------------------------------------------------------------------------
+// Reductions: NV values at once. Group<G> = G consecutive lanes of a warp (shuffles only);
+// BlockGroup = the whole block (shuffles within warps, then shared memory).
+// ---------------------------------------------------------------------------------------------
+struct MaxOp {
+    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return Num<T>::max(a, b); }
+};
+struct SumOp {
+    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+template <int G>
+struct WarpGroup {
+    unsigned mask;  // the lanes of this group
+    int rank;       // 0 .. G - 1
+    __device__ __forceinline__ int size() const { return G; }
+
+    template <int NV, typename T, typename Op>
+    __device__ __forceinline__ void reduce(T (&v)[NV], Op op) const {
+#pragma unroll
+        for (int offset = G / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+            for (int i = 0; i < NV; ++i) v[i] = op(v[i], __shfl_xor_sync(mask, v[i], offset));
+        }
+    }
+};
+
+template <int NV, typename T, typename Op>
+__device__ __forceinline__ void warp_reduce(T (&v)[NV], Op op) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+#pragma unroll
+        for (int i = 0; i < NV; ++i) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], offset));
+    }
+}
+
+// Block-wide reduction of NV <= NVMAX values; every thread gets the result. `scratch` holds
+// 33 * NVMAX values: per-warp partials in [0, 32 NV) and the broadcast slot at 32 NVMAX, which
+// no partial of any later reduction overlaps. So reductions can follow each other with no extra
+// barrier: a warp's partial for the next one cannot clobber the broadcast a slower thread is
+// still reading, and the next broadcast is written only after a barrier that every thread
+// reaches after its read.
+template <typename T, int NVMAX>
+struct BlockGroup {
+    T* scratch;
+    __device__ __forceinline__ int size() const { return blockDim.x; }
+
+    template <int NV, typename Op>
+    __device__ __forceinline__ void reduce(T (&v)[NV], Op op, T identity) const {
+        static_assert(NV <= NVMAX, "scratch too small");
+        T* const broadcast = scratch + 32 * NVMAX;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+        warp_reduce<NV>(v, op);
+        if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < NV; ++i) scratch[warp * NV + i] = v[i];
+        }
+        __syncthreads();
+        if (warp == 0) {
+#pragma unroll
+            for (int i = 0; i < NV; ++i) v[i] = lane < warps ? scratch[lane * NV + i] : identity;
+            warp_reduce<NV>(v, op);
+            if (lane == 0) {
+#pragma unroll
+                for (int i = 0; i < NV; ++i) broadcast[i] = v[i];
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < NV; ++i) v[i] = broadcast[i];
+    }
+};
+
+// Adapters so the row code below calls one reduce for both group kinds.
+template <int G, int NV, typename T, typename Op>
+__device__ __forceinline__ void group_reduce(const WarpGroup<G>& g, T (&v)[NV], Op op, T) {
+    g.template reduce<NV>(v, op);
+}
+template <int NV, int NVMAX, typename T, typename Op>
+__device__ __forceinline__ void group_reduce(const BlockGroup<T, NVMAX>& g, T (&v)[NV], Op op, T identity) {
+    g.template reduce<NV>(v, op, identity);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments shared by every row kernel.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Args {
+    const T* logits;       // (N, C)
+    const void* targets;   // (N,) int32 / int64, or (N, C) T when SCE_SOFT
+    const T* weight;       // (C,) when SCE_WEIGHT
+    T* loss;               // (N,)
+    T* grad;               // (N, C) when SCE_GRAD
+    long long n_rows;
+    int C;
+    long long ignore_index;
+    T one_minus_eps;       // 1 - label_smoothing
+    T eps_over_c;          // label_smoothing / C
+    T grad_scale;
+    int flags;
+};
+
+// What a row needs besides its logits: the hard target (or -1 for soft rows) and the scalars.
+template <typename T>
+struct RowInfo {
+    long long target;  // class index; -1 for soft targets
+    bool ignored;      // hard target == ignore_index: loss 0, grad 0
+    bool invalid;      // hard target outside [0, C) (the host check forbids it): NaN row
+    T w_t;             // weight of the target class (1 without weights)
+    T z_t;             // logit of the target class
+};
+
+template <typename T>
+__device__ __forceinline__ RowInfo<T> row_info(const Args<T>& a, long long row) {
+    RowInfo<T> info{-1, false, false, T(1), T(0)};
+    if (a.flags & SCE_SOFT) return info;
+    const long long t = (a.flags & SCE_I64) ? static_cast<const long long*>(a.targets)[row]
+                                            : static_cast<long long>(static_cast<const int*>(a.targets)[row]);
+    info.target = t;
+    info.ignored = t == a.ignore_index;
+    info.invalid = !info.ignored && (t < 0 || t >= a.C);
+    if (!info.ignored && !info.invalid) {
+        info.z_t = a.logits[row * a.C + t];
+        if (a.flags & SCE_WEIGHT) info.w_t = a.weight[t];
+    }
+    return info;
+}
+
+// Load VW values of `src` starting at column c0 (in range as a whole, or wholly out when VW > 1
+// since C is then a multiple of VW); `fill` where out of range.
+template <typename T, int VW>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ src, int c0, int C, T fill, T* out) {
+    if (VW > 1) {
+        if (c0 < C) {
+            const Chunk<T, VW> v = *reinterpret_cast<const Chunk<T, VW>*>(src + c0);
+#pragma unroll
+            for (int i = 0; i < VW; ++i) out[i] = v.e[i];
+        } else {
+#pragma unroll
+            for (int i = 0; i < VW; ++i) out[i] = fill;
+        }
+    } else {
+        out[0] = c0 < C ? src[c0] : fill;
+    }
+}
+
+template <typename T, int VW>
+__device__ __forceinline__ void store_chunk(T* __restrict__ dst, int c0, int C, const T* in) {
+    if (c0 < C) {
+        Chunk<T, VW> v;
+#pragma unroll
+        for (int i = 0; i < VW; ++i) v.e[i] = in[i];
+        *reinterpret_cast<Chunk<T, VW>*>(dst + c0) = v;
+    }
+}
+
+// u_c without the hard one-hot part: soft: w_c ((1 - eps) q_c + eps / C); hard: (eps / C) w_c (only
+// needed when smoothing). eps / C goes in per term: sum_c w_c (z_c - m) alone can overflow where
+// the loss does not. `q` and `w` are this column's values.
+template <typename T>
+__device__ __forceinline__ T smooth_part(const Args<T>& a, T q, T w) {
+    return (a.flags & SCE_SOFT) ? w * (a.one_minus_eps * q + a.eps_over_c) : a.eps_over_c * w;
+}
+
+// Rows whose loss and gradient are fixed: ignored (0, 0) and invalid (NaN, NaN).
+template <typename T, int VW>
+__device__ __forceinline__ void fill_row(const Args<T>& a, long long row, int rank, int size, T value) {
+    if (a.flags & SCE_GRAD) {
+        T* __restrict__ g = a.grad + row * a.C;
+        T vals[VW];
+#pragma unroll
+        for (int i = 0; i < VW; ++i) vals[i] = value;
+        for (int c0 = rank * VW; c0 < a.C; c0 += size * VW) store_chunk<T, VW>(g, c0, a.C, vals);
+    }
+    if (rank == 0) a.loss[row] = value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// On-chip row: K values per thread in registers; column of value (j, i) is (j * size + rank) * VW + i.
+// ---------------------------------------------------------------------------------------------
+// FULL = false compiles out soft targets, class weights and smoothing (the common case, and the
+// leanest code: it fits K = 32 floats per thread at 1024 threads without spilling).
+template <typename T, int K, int VW, bool FULL, typename Group>
+__device__ __forceinline__ void row_onchip(const Args<T>& a, long long row, const Group& group, int rank) {
+    constexpr int J = K / VW;
+    const int C = a.C, size = group.size();
+    const T* __restrict__ zr = a.logits + row * C;
+
+    // The row's loads go first and unconditionally, so they are not held up behind the load of
+    // the target (the ignore test below depends on it); an ignored row wastes its read.
+    T z[K];
+#pragma unroll
+    for (int j = 0; j < J; ++j) load_chunk<T, VW>(zr, (j * size + rank) * VW, C, Num<T>::neg_inf(), z + j * VW);
+    const RowInfo<T> info = row_info(a, row);
+    if (info.ignored || info.invalid) {  // uniform across the group
+        fill_row<T, VW>(a, row, rank, size, info.ignored ? T(0) : Num<T>::nan());
+        return;
+    }
+    const bool soft = FULL && (a.flags & SCE_SOFT), weighted = FULL && (a.flags & SCE_WEIGHT);
+    const bool smooth = FULL && (a.flags & SCE_SMOOTH);
+    const bool extra = soft || smooth;  // sums over u needed
+    const T* __restrict__ qr = soft ? static_cast<const T*>(a.targets) + row * C : nullptr;
+
+    T mx[1] = {Num<T>::lowest()};
+#pragma unroll
+    for (int k = 0; k < K; ++k) mx[0] = Num<T>::max(mx[0], z[k]);
+    group_reduce(group, mx, MaxOp{}, Num<T>::lowest());
+    const T m = mx[0];
+
+    // sums[0] = s = sum exp(z - m); sums[1] = sum u; sums[2] = sum u (z - m)
+    T sums[3] = {T(0), T(0), T(0)};
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int c0 = (j * size + rank) * VW;
+        T q[VW], w[VW];
+        if (extra) {
+            if (soft) load_chunk<T, VW>(qr, c0, C, T(0), q);
+            if (weighted) load_chunk<T, VW>(a.weight, c0, C, T(0), w);
+        }
+#pragma unroll
+        for (int i = 0; i < VW; ++i) {
+            const T d = z[j * VW + i] - m;
+            const T e = Num<T>::exp(d);
+            sums[0] += e;
+            if (extra && c0 < C) {  // a chunk is wholly inside the row or wholly past its end
+                const T u = smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+                sums[1] += u;
+                sums[2] += u * d;
+            }
+            z[j * VW + i] = e;
+        }
+    }
+    if (extra) {
+        group_reduce(group, sums, SumOp{}, T(0));
+    } else {
+        T only_s[1] = {sums[0]};
+        group_reduce(group, only_s, SumOp{}, T(0));
+        sums[0] = only_s[0];
+    }
+
+    const T s = sums[0], log_s = Num<T>::log(s);
+    T S, loss;
+    if (soft) {
+        S = sums[1];
+        loss = S * log_s - sums[2];
+    } else {
+        const T hard = a.one_minus_eps * info.w_t;
+        S = hard;
+        loss = hard * (log_s - (info.z_t - m));
+        if (smooth) {
+            S += sums[1];
+            loss += sums[1] * log_s - sums[2];
+        }
+    }
+    if (rank == 0) a.loss[row] = loss;
+    if (!(a.flags & SCE_GRAD)) return;
+
+    const T coef = a.grad_scale * S / s;
+    const T hard_sub = a.grad_scale * a.one_minus_eps * info.w_t;  // subtracted at c == t
+    T* __restrict__ gr = a.grad + row * C;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int c0 = (j * size + rank) * VW;
+        T q[VW], w[VW], out[VW];
+        if (extra) {
+            if (soft) load_chunk<T, VW>(qr, c0, C, T(0), q);
+            if (weighted) load_chunk<T, VW>(a.weight, c0, C, T(0), w);
+        }
+#pragma unroll
+        for (int i = 0; i < VW; ++i) {
+            T g = coef * z[j * VW + i];
+            if (extra) g -= a.grad_scale * smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+            if (!soft && c0 + i == info.target) g -= hard_sub;
+            out[i] = g;
+        }
+        store_chunk<T, VW>(gr, c0, C, out);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming row (any C): pass 1 online (m, s) and sum u; pass 2 gradient and sum u (z - m).
+// Each thread walks chunks rank, rank + size, ... ; U chunks per step keep U loads in flight.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VW>
+__device__ __forceinline__ void row_stream(const Args<T>& a, long long row, const BlockGroup<T, 2>& group) {
+    constexpr int U = VW == 1 ? 8 : 4;  // chunks per step: 8 or 16 values in flight per thread
+    const int C = a.C, size = blockDim.x, rank = threadIdx.x;
+    const RowInfo<T> info = row_info(a, row);
+    if (info.ignored || info.invalid) {
+        fill_row<T, VW>(a, row, rank, size, info.ignored ? T(0) : Num<T>::nan());
+        return;
+    }
+    const bool soft = a.flags & SCE_SOFT, weighted = a.flags & SCE_WEIGHT;
+    const bool extra = soft || (a.flags & SCE_SMOOTH);
+    const bool want_grad = a.flags & SCE_GRAD;
+    const T* __restrict__ zr = a.logits + row * C;
+    const T* __restrict__ qr = soft ? static_cast<const T*>(a.targets) + row * C : nullptr;
+    const int step = size * VW * U;
+
+    // Pass 1: per thread (m, s) online, one rescale per U chunks; sum u alongside.
+    T m = Num<T>::lowest(), s = T(0), su = T(0);
+    for (int base = rank * VW; base < C; base += step) {
+        T z[U * VW];
+#pragma unroll
+        for (int u = 0; u < U; ++u) load_chunk<T, VW>(zr, base + u * size * VW, C, Num<T>::neg_inf(), z + u * VW);
+        T cm = m;
+#pragma unroll
+        for (int k = 0; k < U * VW; ++k) cm = Num<T>::max(cm, z[k]);
+        s *= Num<T>::exp(m - cm);  // m == cm: times 1; m == lowest: s is 0
+        m = cm;
+#pragma unroll
+        for (int k = 0; k < U * VW; ++k) s += Num<T>::exp(z[k] - m);
+        if (extra) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c0 = base + u * size * VW;
+                T q[VW], w[VW];
+                if (soft) load_chunk<T, VW>(qr, c0, C, T(0), q);
+                if (weighted) load_chunk<T, VW>(a.weight, c0, C, T(0), w);
+                if (c0 < C) {
+#pragma unroll
+                    for (int i = 0; i < VW; ++i) su += smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+                }
+            }
+        }
+    }
+    T mx[1] = {m};
+    group.template reduce<1>(mx, MaxOp{}, Num<T>::lowest());
+    T sums[2] = {s * Num<T>::exp(m - mx[0]), su};
+    group.template reduce<2>(sums, SumOp{}, T(0));
+    m = mx[0];
+    s = sums[0];
+    su = sums[1];
+    const T log_s = Num<T>::log(s);
+    const T hard = a.one_minus_eps * info.w_t;
+    const T S = soft ? su : hard + su;  // su = 0 for hard targets without smoothing
+
+    // Pass 2: gradient, and sum u (z - m) for the loss.
+    T acc = T(0);
+    if (want_grad || extra) {
+        const T coef = a.grad_scale * S / s;
+        const T hard_sub = a.grad_scale * hard;
+        T* __restrict__ gr = want_grad ? a.grad + row * C : nullptr;
+        for (int base = rank * VW; base < C; base += step) {
+            T z[U * VW];
+#pragma unroll
+            for (int u = 0; u < U; ++u) load_chunk<T, VW>(zr, base + u * size * VW, C, Num<T>::neg_inf(), z + u * VW);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c0 = base + u * size * VW;
+                if (c0 >= C) continue;
+                T q[VW], w[VW], out[VW];
+                if (soft) load_chunk<T, VW>(qr, c0, C, T(0), q);
+                if (weighted && extra) load_chunk<T, VW>(a.weight, c0, C, T(0), w);
+#pragma unroll
+                for (int i = 0; i < VW; ++i) {
+                    const T d = z[u * VW + i] - m;
+                    T g = coef * Num<T>::exp(d);
+                    if (extra) {
+                        const T uu = smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+                        acc += uu * d;
+                        g -= a.grad_scale * uu;
+                    }
+                    if (!soft && c0 + i == info.target) g -= hard_sub;
+                    out[i] = g;
+                }
+                if (want_grad) store_chunk<T, VW>(gr, c0, C, out);
+            }
+        }
+    }
+    if (extra) {
+        T r[1] = {acc};
+        group.template reduce<1>(r, SumOp{}, T(0));
+        acc = r[0];
+    }
+    if (rank == 0) {
+        T loss;
+        if (soft) {
+            loss = S * log_s - acc;
+        } else {
+            loss = hard * (log_s - (info.z_t - m));
+            if (a.flags & SCE_SMOOTH) loss += su * log_s - acc;
+        }
+        a.loss[row] = loss;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ Args<T> make_args(const T* logits, const void* targets, const T* weight, T* loss, T* grad,
+                                             long long n_rows, int C, long long ignore_index, T one_minus_eps,
+                                             T eps_over_c, T grad_scale, int flags) {
+    return Args<T>{logits, targets, weight, loss, grad, n_rows, C, ignore_index, one_minus_eps, eps_over_c,
+                   grad_scale, flags};
+}
+
+// Warp kernel: 256 threads, 256 / G rows per block; features and packing chosen at run time
+// (no register pressure at 256 threads).
+template <typename T, int G, int K>
+__device__ __forceinline__ void sce_warp(const Args<T>& a) {
+    constexpr int VW = 16 / sizeof(T);
+    const int rank = threadIdx.x % G;
+    const long long row = (long long)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
+    if (row >= a.n_rows) return;  // the whole group leaves together
+    const unsigned lanes = G == 32 ? 0xffffffffu : ((1u << G) - 1u) << ((threadIdx.x & 31) & ~(G - 1));
+    const WarpGroup<G> group{lanes, rank};
+    if (a.flags & SCE_VEC) row_onchip<T, K, VW, true>(a, row, group, rank);
+    else row_onchip<T, K, 1, true>(a, row, group, rank);
+}
+
+// Every row kernel takes:
+// (logits, targets, weight, loss, grad, n_rows, C, ignore_index, 1 - eps, eps / C, grad_scale, flags)
+#define SCE_PARAMS(T)                                                                                          \
+    const T *logits, const void *targets, const T *weight, T *loss, T *grad, long long n_rows, int C,          \
+        long long ignore_index, T one_minus_eps, T eps_over_c, T grad_scale, int flags
+#define SCE_ARGS                                                                                   \
+    make_args(logits, targets, weight, loss, grad, n_rows, C, ignore_index, one_minus_eps, eps_over_c, \
+              grad_scale, flags)
+
+// sce_warp_<dtype>_g<G>_k<K>: rows of C <= G K.
+#define SCE_WARP(T, DT, G, K)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) sce_warp_##DT##_g##G##_k##K(SCE_PARAMS(T)) { \
+        sce_warp<T, G, K>(SCE_ARGS);                                                                \
+    }
+
+// sce_block_<lean|full>_<dtype>_k<K>_<v|s>: one row per block, C <= threads * K. lean: hard targets
+// without weights or smoothing, <= 1024 threads; full: every feature, <= 512 threads. v: 16-byte
+// packs; s: scalars.
+#define SCE_BLOCK(KIND, IS_FULL, THREADS, T, DT, K, PACK, VW)                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS) sce_block_##KIND##_##DT##_k##K##_##PACK(     \
+        SCE_PARAMS(T)) {                                                                               \
+        __shared__ T scratch[33 * 3];                                                                  \
+        row_onchip<T, K, VW, IS_FULL>(SCE_ARGS, blockIdx.x, BlockGroup<T, 3>{scratch}, threadIdx.x);  \
+    }
+#define SCE_BLOCK_LEAN(T, DT, K)                          \
+    SCE_BLOCK(lean, false, 1024, T, DT, K, v, 16 / sizeof(T)) \
+    SCE_BLOCK(lean, false, 1024, T, DT, K, s, 1)
+#define SCE_BLOCK_FULL_V(T, DT, K) SCE_BLOCK(full, true, 512, T, DT, K, v, 16 / sizeof(T))
+#define SCE_BLOCK_FULL_S(T, DT, K) SCE_BLOCK(full, true, 512, T, DT, K, s, 1)
+
+// sce_stream_<dtype>_<v|s>: any C, one row per block of <= 512 threads.
+#define SCE_STREAM(T, DT)                                                                              \
+    extern "C" __global__ void __launch_bounds__(512, 1) sce_stream_##DT##_v(SCE_PARAMS(T)) {            \
+        __shared__ T scratch[33 * 2];                                                                  \
+        row_stream<T, 16 / sizeof(T)>(SCE_ARGS, blockIdx.x, BlockGroup<T, 2>{scratch});                \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(512, 1) sce_stream_##DT##_s(SCE_PARAMS(T)) {            \
+        __shared__ T scratch[33 * 2];                                                                  \
+        row_stream<T, 1>(SCE_ARGS, blockIdx.x, BlockGroup<T, 2>{scratch});                             \
+    }
+
+// The configurations, mirrored by CONFIGS in kernels/cuda/softmax_cross_entropy.py.
+// float32: warp up to C = 512; lean block up to 32768 (32 floats per thread); full block up to
+// 16384 (packed) or 8192 (scalars: the per-value addresses cost registers); stream beyond.
+SCE_WARP(float, f32, 8, 4)
+SCE_WARP(float, f32, 32, 8)
+SCE_WARP(float, f32, 32, 16)
+SCE_BLOCK_LEAN(float, f32, 8)
+SCE_BLOCK_LEAN(float, f32, 16)
+SCE_BLOCK_LEAN(float, f32, 32)
+SCE_BLOCK_FULL_V(float, f32, 8)
+SCE_BLOCK_FULL_V(float, f32, 32)
+SCE_BLOCK_FULL_S(float, f32, 8)
+SCE_BLOCK_FULL_S(float, f32, 16)
+SCE_STREAM(float, f32)
+// float64: warp up to C = 256; lean block up to 16384; full block up to 8192 (packed) or 4096
+// (scalars); stream beyond.
+SCE_WARP(double, f64, 8, 4)
+SCE_WARP(double, f64, 32, 8)
+SCE_BLOCK_LEAN(double, f64, 4)
+SCE_BLOCK_LEAN(double, f64, 8)
+SCE_BLOCK_LEAN(double, f64, 16)
+SCE_BLOCK_FULL_V(double, f64, 4)
+SCE_BLOCK_FULL_V(double, f64, 16)
+SCE_BLOCK_FULL_S(double, f64, 4)
+SCE_BLOCK_FULL_S(double, f64, 8)
+SCE_STREAM(double, f64)
+
+// ---------------------------------------------------------------------------------------------
+// Target check: out[0] = min, out[1] = max over targets != ignore_index (out preset to
+// LLONG_MAX, LLONG_MIN by the host). Grid-stride; one atomic pair per block.
+// ---------------------------------------------------------------------------------------------
+template <typename I>
+__device__ __forceinline__ void target_range(const I* __restrict__ targets, long long n, long long ignore_index,
+                                             long long* out) {
+    __shared__ long long lo_s[32], hi_s[32];
+    long long lo = 0x7fffffffffffffffLL, hi = -0x7fffffffffffffffLL - 1;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const long long t = targets[i];
+        if (t != ignore_index) {
+            lo = t < lo ? t : lo;
+            hi = t > hi ? t : hi;
+        }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const long long a = __shfl_xor_sync(0xffffffffu, lo, offset), b = __shfl_xor_sync(0xffffffffu, hi, offset);
+        lo = a < lo ? a : lo;
+        hi = b > hi ? b : hi;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        lo_s[warp] = lo;
+        hi_s[warp] = hi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
+            lo = lo_s[w] < lo ? lo_s[w] : lo;
+            hi = hi_s[w] > hi ? hi_s[w] : hi;
+        }
+        atomicMin(out, lo);
+        atomicMax(out + 1, hi);
+    }
+}
+
+// (targets, n, ignore_index, out[2])
+extern "C" __global__ void __launch_bounds__(256)
+    sce_target_range_i32(const int* targets, long long n, long long ignore_index, long long* out) {
+    target_range<int>(targets, n, ignore_index, out);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    sce_target_range_i64(const long long* targets, long long n, long long ignore_index, long long* out) {
+    target_range<long long>(targets, n, ignore_index, out);
+}

@@ -1,0 +1,117 @@
+"""Softmax cross-entropy on cupy arrays: the CUDA C++ kernels of softmax_cross_entropy.cu.
+
+One launch computes the per-row loss and the gradient (see the .cu file for the algorithm and
+kernels/cpu/softmax_cross_entropy.py for the math). The host picks the row kernel by C:
+
+- ``sce_warp_*``: C <= 512 (float32) / 256 (float64): G lanes per row, 256 / G rows per block;
+- ``sce_block_lean_*``: hard targets, no weights, no smoothing, C <= 32768 / 16384: one row per
+  block, the row held in registers (read once, gradient written once);
+- ``sce_block_full_*``: any features, C <= 16384 / 8192 (half that when rows are not 16-byte
+  aligned), likewise on chip;
+- ``sce_stream_*``: any C: an online max / sum-exp pass, then the gradient pass.
+
+Hard targets are checked first with ``sce_target_range_*`` (device min / max of the non-ignored
+targets, 16 bytes read back): a class index outside [0, C) raises KernelError before the row kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.cpu.softmax_cross_entropy import (bad_target_message, validate_softmax_cross_entropy)
+from kernels.registry import KernelError
+
+MODULE = "softmax_cross_entropy"
+
+# Flag bits, mirrored in softmax_cross_entropy.cu.
+SCE_SOFT, SCE_WEIGHT, SCE_SMOOTH, SCE_GRAD, SCE_I64, SCE_VEC = 1, 2, 4, 8, 16, 32
+
+# Per dtype: suffix, values per 16-byte pack, warp configs (G lanes, K values per lane), and the K
+# of the block kernels by kind (lean: <= 1024 threads, full: <= 512) and packing (v: 16-byte packs,
+# s: scalars, whose per-value addresses cost registers, hence a smaller K for full). Mirrors the
+# instantiations at the end of the .cu file.
+CONFIGS = {
+    np.dtype(np.float32): dict(suffix="f32", pack=4, warp=((8, 4), (32, 8), (32, 16)),
+                               block={("lean", "v"): (8, 16, 32), ("lean", "s"): (8, 16, 32),
+                                      ("full", "v"): (8, 32), ("full", "s"): (8, 16)}),
+    np.dtype(np.float64): dict(suffix="f64", pack=2, warp=((8, 4), (32, 8)),
+                               block={("lean", "v"): (4, 8, 16), ("lean", "s"): (4, 8, 16),
+                                      ("full", "v"): (4, 16), ("full", "s"): (4, 8)}),
+}
+WARP_BLOCK = 256
+LEAN_MAX_THREADS = 1024
+FULL_MAX_THREADS = 512
+STREAM_THREADS = 512
+MAX_CLASSES = 2**30  # column indices are 32-bit in the kernels
+INT64_MAX, INT64_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+
+
+def plan(dtype, c: int, full: bool, vec: bool):
+    """(kernel name, threads per block, rows per block) for rows of ``c`` classes."""
+    cfg = CONFIGS[np.dtype(dtype)]
+    dt = cfg["suffix"]
+    for g, k in cfg["warp"]:
+        if c <= g * k:
+            return f"sce_warp_{dt}_g{g}_k{k}", WARP_BLOCK, WARP_BLOCK // g
+    kind, max_threads = ("full", FULL_MAX_THREADS) if full else ("lean", LEAN_MAX_THREADS)
+    packing = "v" if vec else "s"
+    for k in cfg["block"][kind, packing]:
+        if c <= max_threads * k:
+            threads = -(-c // k)
+            return f"sce_block_{kind}_{dt}_k{k}_{packing}", -(-threads // 32) * 32, 1
+    threads = min(STREAM_THREADS, -(-c // (cfg["pack"] if vec else 1) // 32) * 32)
+    return f"sce_stream_{dt}_{packing}", threads, 1
+
+
+def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0, grad_scale=1.0,
+                          compute_grad=True):
+    import cupy
+
+    from kernels.cuda.module import function
+
+    spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing, grad_scale=grad_scale,
+                                          compute_grad=compute_grad)
+    n, c, dt = spec.n, spec.c, spec.dtype
+    if c > MAX_CLASSES:
+        raise KernelError(f"softmax_cross_entropy (cupy): C = {c} classes is over the kernel's limit of {MAX_CLASSES}")
+    loss = cupy.empty(n, dt)
+    grad = cupy.empty((n, c), dt) if spec.compute_grad else None
+    if n == 0:
+        return loss, grad
+    if not spec.soft:
+        _check_targets(cupy, function, targets, spec)
+
+    cfg = CONFIGS[dt]
+    used = [logits] + ([grad] if grad is not None else []) + ([targets] if spec.soft else [])
+    used += [weight] if weight is not None else []
+    vec = c % cfg["pack"] == 0 and all(a.data.ptr % 16 == 0 for a in used)
+    flags = ((SCE_SOFT if spec.soft else 0) | (SCE_WEIGHT if weight is not None else 0)
+             | (SCE_SMOOTH if spec.eps > 0 else 0) | (SCE_GRAD if grad is not None else 0)
+             | (SCE_I64 if targets.dtype == np.int64 else 0) | (SCE_VEC if vec else 0))
+    full = bool(flags & (SCE_SOFT | SCE_WEIGHT | SCE_SMOOTH))
+    name, threads, rows_per_block = plan(dt, c, full, vec)
+    scalar = dt.type
+    args = (logits, targets, weight if weight is not None else logits, loss, grad if grad is not None else loss,
+            np.int64(n), np.int32(c), np.int64(spec.ignore_index), scalar(1.0 - spec.eps), scalar(spec.eps / c),
+            scalar(spec.grad_scale), np.int32(flags))
+    blocks = -(-n // rows_per_block)
+    function(MODULE, name)((blocks,), (threads,), args)
+    return loss, grad
+
+
+def _check_targets(cupy, function, targets, spec) -> None:
+    """Device min / max of the non-ignored targets; raise KernelError for one outside [0, C)."""
+    n = spec.n
+    bounds = cupy.array([INT64_MAX, INT64_MIN], dtype=np.int64)
+    threads = 256
+    blocks = min(-(-n // threads), 1024)
+    name = "sce_target_range_i64" if targets.dtype == np.int64 else "sce_target_range_i32"
+    function(MODULE, name)((blocks,), (threads,), (targets, np.int64(n), np.int64(spec.ignore_index), bounds))
+    lo, hi = (int(v) for v in bounds.get())
+    if lo > hi:  # every row ignored
+        return
+    if lo < 0:
+        raise KernelError(bad_target_message(lo, spec.c, spec.ignore_index))
+    if hi >= spec.c:
+        raise KernelError(bad_target_message(hi, spec.c, spec.ignore_index))

@@ -1,0 +1,404 @@
+"""softmax_cross_entropy: every impl against an independent float64 formula and the numpy impl.
+
+The float64 reference below is written from PyTorch's definition (log_softmax, then the weighted,
+smoothed negative log-likelihood), and its gradient is checked against central differences, so
+the impls are held to the definition and not only to each other. GPU impls (cupy, numba_cuda) run
+in the cases marked ``gpu``, where a device answers.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels.registry import KernelError
+
+CPU_IMPLS = ["numpy", "numba_cpu"]
+GPU_IMPLS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("cupy", "numba_cuda")]
+IMPLS = CPU_IMPLS + GPU_IMPLS
+CU_FILE = Path(__file__).resolve().parents[2] / "kernels" / "cuda" / "softmax_cross_entropy.cu"
+
+
+def run(impl, logits, targets, weight=None, **kw):
+    """Call one impl on numpy inputs (moved to the GPU for GPU impls); numpy results back."""
+    if impl in ("cupy", "numba_cuda"):
+        import cupy
+
+        move = (lambda a: None if a is None else cupy.asarray(a))
+        loss, grad = kernels.softmax_cross_entropy(move(logits), move(targets), move(weight), impl=impl, **kw)
+        return cupy.asnumpy(loss), None if grad is None else cupy.asnumpy(grad)
+    return kernels.softmax_cross_entropy(logits, targets, weight, impl=impl, **kw)
+
+
+def reference(z, targets, weight=None, ignore_index=-100, eps=0.0, grad_scale=1.0):
+    """float64 (loss, grad) from the definition, with the target as a dense distribution u.
+
+    hard t: u_c = (1 - eps) w_t [c == t] + eps / C w_c (rows with t == ignore_index: u = 0)
+    soft q: u_c = w_c ((1 - eps) q_c + eps / C)
+    loss = -sum_c u_c logp_c; grad = grad_scale * (sum_c u_c * softmax - u).
+    """
+    z = z.astype(np.float64)
+    n, c = z.shape
+    w = np.ones(c) if weight is None else weight.astype(np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    if targets.ndim == 2:
+        u = w * ((1 - eps) * targets.astype(np.float64) + eps / c)
+        loss = -(u * logp).sum(axis=1)
+    else:
+        u = np.zeros((n, c))
+        loss = np.zeros(n)
+        for i, t in enumerate(targets):
+            if t == ignore_index:
+                continue
+            u[i] = eps / c * w
+            u[i, t] += (1 - eps) * w[t]
+            # the hard part straight from logp_t: -inf logits elsewhere give a finite loss, as in torch
+            loss[i] = -(1 - eps) * w[t] * logp[i, t] + (eps / c * -(w * logp[i]).sum() if eps else 0.0)
+    grad = grad_scale * (u.sum(axis=1, keepdims=True) * np.exp(logp) - u)
+    return loss, grad
+
+
+def make_case(n, c, dtype, kind="hard", seed=0, scale=3.0, weighted=False, index_dtype=np.int64):
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, c)) * scale + rng.uniform(-2, 2, (n, 1))).astype(dtype)
+    if kind == "soft":
+        q = rng.uniform(0.05, 1.0, (n, c))
+        targets = (q / q.sum(axis=1, keepdims=True)).astype(dtype)
+    else:
+        targets = rng.integers(0, c, n).astype(index_dtype)
+    weight = rng.uniform(0.5, 2.0, c).astype(dtype) if weighted else None
+    return z, targets, weight
+
+
+def tolerances(dtype, c=1):
+    if np.dtype(dtype) == np.float32:
+        return dict(rtol=2e-5 * max(1.0, np.log(c)), atol=2e-5 * max(1.0, np.log(c))), dict(rtol=1e-4, atol=2e-6)
+    return dict(rtol=1e-11, atol=1e-11), dict(rtol=1e-9, atol=1e-13)
+
+
+def check(impl, z, targets, weight=None, **kw):
+    """impl against the float64 reference and against the numpy impl."""
+    loss, grad = run(impl, z, targets, weight, **kw)
+    ref_loss, ref_grad = reference(z, targets, weight, kw.get("ignore_index", -100), kw.get("label_smoothing", 0.0),
+                                   kw.get("grad_scale", 1.0))
+    assert loss.dtype == z.dtype and loss.shape == (z.shape[0],)
+    assert grad.dtype == z.dtype and grad.shape == z.shape
+    loss_tol, grad_tol = tolerances(z.dtype, z.shape[1])
+    np.testing.assert_allclose(loss, ref_loss, **loss_tol)
+    np.testing.assert_allclose(grad, ref_grad, **grad_tol)
+    np_loss, np_grad = run("numpy", z, targets, weight, **kw)
+    np.testing.assert_allclose(loss, np_loss, **loss_tol)
+    np.testing.assert_allclose(grad, np_grad, **grad_tol)
+    return loss, grad
+
+
+# ---- the reference itself ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,weighted,eps", [("hard", False, 0.0), ("hard", True, 0.2), ("soft", True, 0.1),
+                                               ("soft", False, 0.0)])
+def test_reference_gradient_matches_finite_differences(kind, weighted, eps):
+    z, targets, weight = make_case(3, 5, np.float64, kind, seed=3, weighted=weighted)
+    if kind == "hard":
+        targets[1] = -100
+    _, grad = reference(z, targets, weight, eps=eps, grad_scale=0.5)
+    h = 1e-6
+    numeric = np.zeros_like(z)
+    for idx in np.ndindex(*z.shape):
+        plus, minus = z.copy(), z.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = (reference(plus, targets, weight, eps=eps)[0].sum()
+                        - reference(minus, targets, weight, eps=eps)[0].sum()) / (2 * h)
+    np.testing.assert_allclose(grad, 0.5 * numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_impl_gradient_matches_finite_differences(impl):
+    """The impl's own loss, differentiated numerically, gives the impl's gradient (float64)."""
+    z, targets, weight = make_case(2, 4, np.float64, "hard", seed=5, weighted=True)
+    kw = dict(label_smoothing=0.3, grad_scale=1.5)
+    _, grad = run(impl, z, targets, weight, **kw)
+    h = 1e-6
+    for idx in np.ndindex(*z.shape):
+        plus, minus = z.copy(), z.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        slope = (run(impl, plus, targets, weight, **kw)[0].sum() - run(impl, minus, targets, weight, **kw)[0].sum())
+        assert grad[idx] == pytest.approx(1.5 * slope / (2 * h), rel=1e-6, abs=1e-8)
+
+
+def test_matches_torch_when_available():
+    torch = pytest.importorskip("torch")
+    z, targets, weight = make_case(6, 11, np.float64, "hard", seed=7, weighted=True)
+    targets[2] = 4
+    ours, grad = run("numpy", z, targets, weight, ignore_index=4, label_smoothing=0.1)
+    zt = torch.tensor(z, requires_grad=True)
+    theirs = torch.nn.functional.cross_entropy(zt, torch.tensor(targets), torch.tensor(weight), ignore_index=4,
+                                               reduction="none", label_smoothing=0.1)
+    theirs.sum().backward()
+    np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    q = make_case(6, 11, np.float64, "soft", seed=8)[1]
+    ours, grad = run("numpy", z, q, weight, label_smoothing=0.2)
+    zt.grad = None
+    theirs = torch.nn.functional.cross_entropy(zt, torch.tensor(q), torch.tensor(weight), reduction="none",
+                                               label_smoothing=0.2)
+    theirs.sum().backward()
+    np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# ---- every impl against the reference ---------------------------------------------------------
+
+SHAPES = [(1, 1), (7, 1), (1, 13), (5, 37), (33, 1000), (4, 4099)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{c}" for n, c in SHAPES])
+def test_hard_targets(impl, dtype, shape):
+    z, targets, _ = make_case(*shape, dtype, seed=sum(shape))
+    check(impl, z, targets)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (9, 1030)], ids=["1x1", "5x37", "9x1030"])
+def test_weights_smoothing_ignore_and_scale(impl, dtype, shape):
+    z, targets, weight = make_case(*shape, dtype, seed=11, weighted=True)
+    targets[0] = -100
+    check(impl, z, targets, weight, label_smoothing=0.15, grad_scale=0.25)
+    check(impl, z, targets, weight, grad_scale=-2.0)
+    check(impl, z, targets, None, label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (6, 517)], ids=["1x1", "3x5", "6x517"])
+def test_soft_targets(impl, dtype, shape):
+    z, q, weight = make_case(*shape, dtype, kind="soft", seed=13, weighted=True)
+    check(impl, z, q)
+    check(impl, z, q, weight, label_smoothing=0.3, grad_scale=0.5)
+    # unnormalized and zero probabilities are allowed, as in torch
+    q2 = q * 3
+    q2[:, 0] = 0
+    check(impl, z, q2, ignore_index=0)  # ignore_index does not apply to soft targets
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_int32_targets_and_custom_ignore_index(impl):
+    z, targets, weight = make_case(8, 6, np.float32, seed=17, weighted=True, index_dtype=np.int32)
+    targets[[1, 4]] = 2
+    loss, grad = check(impl, z, targets, weight, ignore_index=2, label_smoothing=0.05)
+    assert loss[1] == 0 and loss[4] == 0 and not grad[[1, 4]].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_class_count(impl):
+    """C = 130000: past every on-chip path of the GPU kernels; rows that are long sums on the CPU."""
+    z, targets, weight = make_case(3, 130000, np.float32, seed=19, weighted=True)
+    targets[1] = -100
+    check(impl, z, targets)
+    check(impl, z, targets, weight, label_smoothing=0.1, grad_scale=1 / 3)
+    q = make_case(3, 130000, np.float32, kind="soft", seed=20)[1]
+    check(impl, z, q, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_class_count_one(impl, dtype):
+    """One class: log_softmax is 0, so the loss and the gradient are 0 whatever the logits."""
+    z = np.array([[3.0], [-1e4], [0.5]], dtype)
+    for targets in (np.zeros(3, np.int64), np.array([[0.7], [1.0], [2.0]], dtype)):
+        loss, grad = run(impl, z, targets, np.array([2.0], dtype), label_smoothing=0.2)
+        assert not loss.any() and not grad.any()
+        assert loss.dtype == dtype and grad.shape == (3, 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_batch(impl, dtype):
+    z = np.zeros((0, 5), dtype)
+    for targets in (np.zeros(0, np.int64), np.zeros((0, 5), dtype)):
+        loss, grad = run(impl, z, targets)
+        assert loss.shape == (0,) and grad.shape == (0, 5) and loss.dtype == grad.dtype == dtype
+        loss, grad = run(impl, z, targets, compute_grad=False)
+        assert loss.shape == (0,) and grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compute_grad_false_returns_the_same_loss(impl):
+    for kind, eps in (("hard", 0.0), ("hard", 0.1), ("soft", 0.0)):
+        z, targets, weight = make_case(5, 300, np.float32, kind=kind, seed=23, weighted=True)
+        with_grad, _ = run(impl, z, targets, weight, label_smoothing=eps)
+        loss, grad = run(impl, z, targets, weight, label_smoothing=eps, compute_grad=False)
+        assert grad is None
+        np.testing.assert_allclose(loss, with_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_row_ignored(impl):
+    z, targets, weight = make_case(4, 9, np.float32, seed=29, weighted=True)
+    targets[:] = -1
+    loss, grad = run(impl, z, targets, weight, ignore_index=-1, label_smoothing=0.1)
+    assert not loss.any() and not grad.any()
+
+
+# ---- numerical range --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_logits_stay_finite(impl, dtype):
+    rng = np.random.default_rng(31)
+    c = 70
+    rows = [
+        rng.uniform(-1e4, 1e4, c),  # exp would overflow without the max shift
+        rng.uniform(1e38, 3e38, c),  # near float32's top: differences still representable
+        -rng.uniform(1e38, 3e38, c),
+        rng.uniform(-1e-30, 1e-30, c),  # tiny: softmax is uniform
+        np.full(c, 5e-39),  # float32 denormals
+        np.full(c, 1e4),  # all equal: uniform
+    ]
+    z = np.array(rows).astype(dtype)
+    targets = rng.integers(0, c, len(rows))
+    for kw in ({}, dict(label_smoothing=0.1)):
+        loss, grad = check(impl, z, targets, **kw)
+        assert np.isfinite(loss).all() and np.isfinite(grad).all()
+    q = make_case(len(rows), c, dtype, kind="soft", seed=32)[1]
+    loss, grad = check(impl, z, q)
+    assert np.isfinite(loss).all() and np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_logits_give_a_finite_loss(impl):
+    """-inf logits (masked classes) away from the target: finite loss, zero gradient there (as torch)."""
+    z, targets, weight = make_case(3, 40, np.float32, seed=37, weighted=True)
+    targets[:] = [0, 5, 39]
+    z[:, 10:20] = -np.inf
+    loss, grad = run(impl, z, targets, weight)
+    ref_loss, ref_grad = reference(z, targets, weight)
+    assert np.isfinite(loss).all() and np.isfinite(grad).all()
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert not grad[:, 10:20].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_logits_propagate(impl):
+    z, targets, _ = make_case(2, 9, np.float32, seed=41)
+    z[1, 3] = np.nan
+    loss, grad = run(impl, z, targets)
+    assert np.isfinite(loss[0]) and np.isnan(loss[1]) and np.isnan(grad[1]).all() and np.isfinite(grad[0]).all()
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [5, -3, 1000])
+def test_target_out_of_range_names_the_value(impl, bad):
+    z, targets, _ = make_case(4, 5, np.float32, seed=43)
+    targets[2] = bad
+    with pytest.raises(KernelError, match=rf"{bad}\b.*outside the classes \[0, C\) = \[0, 5\)"):
+        run(impl, z, targets)
+
+
+def test_host_check_names_the_row():
+    z, targets, _ = make_case(4, 5, np.float32, seed=43)
+    targets[3] = 7
+    for impl in CPU_IMPLS:
+        with pytest.raises(KernelError, match=r"targets\[3\] = 7 is outside"):
+            run(impl, z, targets)
+
+
+def _bad_calls():
+    f32, f64 = np.float32, np.float64
+    z = np.ones((3, 4), f32)
+    t = np.zeros(3, np.int64)
+    return [
+        ((np.ones(4, f32), t[:1]), {}, "logits must be 2-D"),
+        ((np.ones((3, 4), np.int64), t), {}, "only float32 and float64"),
+        ((np.ones((3, 4), np.float16), t), {}, "only float32 and float64"),
+        ((np.ones((3, 0), f32), t), {}, "at least one class"),
+        ((z, np.zeros(3, np.uint8)), {}, "int32 or int64"),
+        ((z, np.zeros(2, np.int64)), {}, r"shape \(N,\) = \(3,\)"),
+        ((z, np.ones((3, 4), f64)), {}, "must have the logits' dtype float32"),
+        ((z, np.ones((3, 5), f32)), {}, r"must have the logits' shape \(3, 4\)"),
+        ((z, t, np.ones(4, f64)), {}, "weight must have the logits' dtype"),
+        ((z, t, np.ones(5, f32)), {}, r"weight must have shape \(C,\) = \(4,\)"),
+        ((np.ones((4, 3), f32).T, t), {}, "logits is not C-contiguous"),
+        ((z, t), {"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\]"),
+        ((z, t), {"grad_scale": float("nan")}, "grad_scale must be finite"),
+        ((z, t), {"ignore_index": 1.5}, "ignore_index must be an int"),
+        ((z, t), {"compute_grad": "yes"}, "compute_grad must be True or False"),
+        ((z, [0, 1, 2]), {}, "targets must be a numpy or cupy array"),
+    ]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("args,kw,message", _bad_calls())
+def test_bad_inputs_are_named(impl, args, kw, message):
+    fn = kernels.get("softmax_cross_entropy", impl)
+    with pytest.raises(KernelError, match=message) as info:
+        fn(*args, **kw)
+    assert "softmax_cross_entropy" in str(info.value)
+
+
+def test_error_lists_shapes_and_dtypes():
+    z = np.ones((3, 4), np.float32)
+    with pytest.raises(KernelError) as info:
+        kernels.softmax_cross_entropy(z, np.zeros(3, np.int64), np.ones(4, np.float64), impl="numpy")
+    text = str(info.value)
+    assert "logits=numpy.ndarray(3, 4) float32" in text and "weight=numpy.ndarray(4,) float64" in text
+
+
+# ---- the CUDA C++ launch plan (host side, no GPU needed) --------------------------------------
+
+
+def _instantiated_kernels() -> set[str]:
+    """extern "C" names the .cu file instantiates, expanded from its macro lines."""
+    text = CU_FILE.read_text()
+    names = set()
+    for dt, g, k in re.findall(r"^SCE_WARP\(\w+, (\w+), (\d+), (\d+)\)", text, re.M):
+        names.add(f"sce_warp_{dt}_g{g}_k{k}")
+    for dt, k in re.findall(r"^SCE_BLOCK_LEAN\(\w+, (\w+), (\d+)\)", text, re.M):
+        names |= {f"sce_block_lean_{dt}_k{k}_v", f"sce_block_lean_{dt}_k{k}_s"}
+    for pack, dt, k in re.findall(r"^SCE_BLOCK_FULL_([VS])\(\w+, (\w+), (\d+)\)", text, re.M):
+        names.add(f"sce_block_full_{dt}_k{k}_{pack.lower()}")
+    for dt in re.findall(r"^SCE_STREAM\(\w+, (\w+)\)", text, re.M):
+        names |= {f"sce_stream_{dt}_v", f"sce_stream_{dt}_s"}
+    return names
+
+
+def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
+    from kernels.cuda import softmax_cross_entropy as cu
+
+    available = _instantiated_kernels()
+    assert len(available) > 20
+    used = set()
+    for dtype in (np.float32, np.float64):
+        for c in [1, 2, 5, 31, 32, 33, 63, 100, 255, 256, 257, 511, 512, 513, 1000, 1024, 1025, 4096, 4099, 8191,
+                  8192, 8193, 16383, 16384, 16385, 32767, 32768, 32769, 50257, 130000, 2**20]:
+            for full in (False, True):
+                for vec in (False, True):
+                    if vec and c % cu.CONFIGS[np.dtype(dtype)]["pack"]:
+                        continue
+                    name, threads, rows = cu.plan(dtype, c, full, vec)
+                    assert name in available, name
+                    used.add(name)
+                    assert threads % 32 == 0 and 32 <= threads <= 1024
+                    k = re.search(r"_k(\d+)", name)
+                    if name.startswith("sce_warp"):
+                        g = int(re.search(r"_g(\d+)", name).group(1))
+                        assert g * int(k.group(1)) >= c and rows == threads // g
+                    elif name.startswith("sce_block"):
+                        assert threads * int(k.group(1)) >= c and rows == 1
+                        assert threads <= (512 if "full" in name else 1024)
+                    else:
+                        assert threads <= 512 and rows == 1
+    assert used == available  # no instantiation is dead code
