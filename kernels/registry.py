@@ -123,6 +123,20 @@ def array_kind(arrays, kernel: str = "kernel") -> str:
     return kinds.pop() if kinds else "numpy"
 
 
+def module_of(a) -> str:
+    """The top-level package of an array's type: 'numpy', 'cupy' ..."""
+    return type(a).__module__.split(".")[0]
+
+
+def describe_array(name: str, a) -> str:
+    """``x=numpy.ndarray(4, 5) float32`` for kernel error messages."""
+    if a is None:
+        return f"{name}=None"
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        return f"{name}={type(a).__module__}.{type(a).__name__}"
+    return f"{name}={module_of(a)}.{type(a).__name__}{tuple(a.shape)} {a.dtype}"
+
+
 def _kind_of(a) -> str:
     module = type(a).__module__.split(".")[0]
     if module == "cupy":

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.registry import KernelError
+from kernels.registry import describe_array as _describe
+from kernels.registry import module_of as _module_of
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -29,18 +31,6 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # --------------------------------------------------------------------------------------------
 # Validation, shared by every impl
 # --------------------------------------------------------------------------------------------
-
-
-def _module_of(a) -> str:
-    return type(a).__module__.split(".")[0]
-
-
-def _describe(name: str, a) -> str:
-    if a is None:
-        return f"{name}=None"
-    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
-        return f"{name}={type(a).__module__}.{type(a).__name__}"
-    return f"{name}={_module_of(a)}.{type(a).__name__}{tuple(a.shape)} {a.dtype}"
 
 
 def _address_range(a) -> tuple[int, int]:
