@@ -49,7 +49,7 @@ class Impl:
     @functools.cached_property
     def fn(self) -> Callable:
         if self.name == "numba_cpu":
-            _configure_numba_threads()
+            configure_numba_threads()
         module, func = self.target.split(":")
         return getattr(importlib.import_module(module), func)
 
@@ -167,12 +167,14 @@ def _env_choice(kernel: str) -> str | None:
 
 
 @functools.cache
-def _configure_numba_threads() -> None:
+def configure_numba_threads() -> None:
     """Use numba's 'workqueue' threading layer unless the user chose one (NUMBA_THREADING_LAYER).
 
     The OpenMP layer's threads spin-wait after each parallel loop; on a small machine they then
     compete with BLAS's threads in the GEMM that follows (and with anything else running), which
     made small training steps several times slower than with workqueue, whose threads sleep.
+    Numba fixes the layer at its first parallel launch: code that runs its own parallel loops
+    before any kernel (the benchmarks' copy ceiling) calls this first.
     """
     if "NUMBA_THREADING_LAYER" not in os.environ:
         import numba

@@ -63,9 +63,8 @@ def _check(kernel: str, arrays: dict, ndims: dict, shapes_ok, shape_rule: str):
     shapes agree (called once the ndims are known to be right) and ``shape_rule`` the rule to
     print when they do not.
     """
-    described = ", ".join(_describe(n, a) for n, a in arrays.items())
-
-    def fail(what: str):
+    def fail(what: str):  # described only on failure: this check runs on every call
+        described = ", ".join(_describe(n, a) for n, a in arrays.items())
         raise KernelError(f"{kernel}({described}): {what}")
 
     present = {n: a for n, a in arrays.items() if a is not None}

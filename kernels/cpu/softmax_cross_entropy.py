@@ -72,51 +72,53 @@ def _is_array(a) -> bool:
 def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoothing, grad_scale,
                                    compute_grad) -> CrossEntropySpec:
     """Check the arguments of one call (every impl calls this first); raise KernelError naming the problem."""
-    where = f"{KERNEL}({_describe('logits', logits)}, {_describe('targets', targets)}, {_describe('weight', weight)})"
+    def where() -> str:  # described only on failure: this check runs on every call
+        return f"{KERNEL}({_describe('logits', logits)}, {_describe('targets', targets)}, {_describe('weight', weight)})"
+
     arrays = {"logits": logits, "targets": targets}
     if weight is not None:
         arrays["weight"] = weight
     for name, a in arrays.items():
         if not _is_array(a):
-            raise KernelError(f"{where}: {name} must be a numpy or cupy array, got "
+            raise KernelError(f"{where()}: {name} must be a numpy or cupy array, got "
                               f"{type(a).__module__}.{type(a).__name__}")
     kinds = {_module_of(a) for a in arrays.values()}
     if len(kinds) > 1:
-        raise KernelError(f"{where}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
+        raise KernelError(f"{where()}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
                           "move them all to one device")
     if logits.ndim != 2:
-        raise KernelError(f"{where}: logits must be 2-D (N, C), got {logits.ndim}-D; reshape to (-1, C) "
+        raise KernelError(f"{where()}: logits must be 2-D (N, C), got {logits.ndim}-D; reshape to (-1, C) "
                           "with the class dimension last")
     n, c = (int(d) for d in logits.shape)
     if c < 1:
-        raise KernelError(f"{where}: logits has C = 0 classes; cross-entropy needs at least one class")
+        raise KernelError(f"{where()}: logits has C = 0 classes; cross-entropy needs at least one class")
     if logits.dtype not in FLOAT_DTYPES:
-        raise KernelError(f"{where}: logits has dtype {logits.dtype}; only float32 and float64 are supported")
+        raise KernelError(f"{where()}: logits has dtype {logits.dtype}; only float32 and float64 are supported")
     soft = targets.dtype.kind == "f"
     if soft:
         if targets.dtype != logits.dtype:
-            raise KernelError(f"{where}: soft targets (probabilities) must have the logits' dtype {logits.dtype}, "
+            raise KernelError(f"{where()}: soft targets (probabilities) must have the logits' dtype {logits.dtype}, "
                               f"got {targets.dtype}; cast them with .astype(logits.dtype) (no silent promotion)")
         if tuple(targets.shape) != (n, c):
-            raise KernelError(f"{where}: soft targets must have the logits' shape {(n, c)}, got "
+            raise KernelError(f"{where()}: soft targets must have the logits' shape {(n, c)}, got "
                               f"{tuple(targets.shape)}; pass class indices as an (N,) integer array instead")
     else:
         if targets.dtype not in INDEX_DTYPES:
-            raise KernelError(f"{where}: targets has dtype {targets.dtype}; pass class indices as int32 or int64 "
+            raise KernelError(f"{where()}: targets has dtype {targets.dtype}; pass class indices as int32 or int64 "
                               "(e.g. .astype(np.int64)) or probabilities with the logits' float dtype")
         if tuple(targets.shape) != (n,):
-            raise KernelError(f"{where}: class-index targets must have shape (N,) = {(n,)}, got "
+            raise KernelError(f"{where()}: class-index targets must have shape (N,) = {(n,)}, got "
                               f"{tuple(targets.shape)}")
     if weight is not None:
         if weight.dtype != logits.dtype:
-            raise KernelError(f"{where}: weight must have the logits' dtype {logits.dtype}, got {weight.dtype}; "
+            raise KernelError(f"{where()}: weight must have the logits' dtype {logits.dtype}, got {weight.dtype}; "
                               "cast it with .astype(logits.dtype) (no silent promotion)")
         if tuple(weight.shape) != (c,):
-            raise KernelError(f"{where}: weight must have shape (C,) = {(c,)}, one weight per class, got "
+            raise KernelError(f"{where()}: weight must have shape (C,) = {(c,)}, one weight per class, got "
                               f"{tuple(weight.shape)}")
     for name, a in arrays.items():
         if not a.flags.c_contiguous:
-            raise KernelError(f"{where}: {name} is not C-contiguous; pass a contiguous array "
+            raise KernelError(f"{where()}: {name} is not C-contiguous; pass a contiguous array "
                               "(e.g. ascontiguousarray)")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise KernelError(f"{KERNEL}: ignore_index must be an int, got {ignore_index!r}")
