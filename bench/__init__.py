@@ -1,0 +1,13 @@
+"""Benchmarks of the fused kernels and of whole training steps, against torch and the roofline.
+
+Run ``python -m bench --help`` from the repository root (no install needed). Layout:
+
+- bench/timing.py: CPU (perf_counter) and GPU (CUDA events) clocks, warm-up, median, spread.
+- bench/roofline.py: bytes and FLOPs per kernel; copy-bandwidth and GEMM ceilings.
+- bench/device.py: the device a run uses (array module, random inputs, torch peer).
+- bench/kernels.py: the kernel sweep (every impl, unfused and torch peers, targets).
+- bench/end_to_end.py: training-step benchmarks.
+- bench/report.py: progress, terminal table, JSON, Markdown, plot.
+
+Nothing imports bench: it sits above engine and kernels.
+"""

@@ -1,0 +1,293 @@
+"""Training-step benchmarks: forward + backward + Adam step of an MLP, engine vs torch eager.
+
+Two models: the MNIST-sized MLP 784-1024-1024-10 and a wide 4096-4096-4096 one (ReLU between
+layers, cross-entropy over the last layer's outputs), at several batch sizes. Each is built
+three ways from the same initial weights:
+
+* ``engine F + optim.Adam``: ``F.linear_relu`` (fused kernel) for the hidden layers,
+  ``F.linear`` for the last, ``F.cross_entropy`` (fused kernel), ``engine.optim.Adam`` (one
+  fused launch over a flat buffer) with ``zero_grad(set_to_none=False)`` so backward
+  accumulates straight into the optimizer's flat gradient buffer;
+* ``engine nn + optim.Adam``: the same through ``engine.nn`` layers, where engine.nn exists;
+* ``torch eager``: ``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``, ``F.cross_entropy`` and
+  ``torch.optim.Adam`` (``fused=True`` where torch has it for the device, else its default).
+
+Before timing, each runs three steps. The first step's loss (the forward pass before any
+update) is compared with the first variant's: same weights, same data, so they agree to float32
+rounding. The third step's loss is compared too, more loosely: Adam's first steps move each
+weight by about ``lr * sign(grad)``, so gradients that round differently near zero move weights
+apart by a whole ``lr``. Errors are ``|loss - reference| / max(|reference|, 1)``: the wide
+model memorizes its batch in two steps, and a loss of 1e-14 against 0 is agreement, not a
+100 % error.
+
+Then the variants are timed side by side: in each of ``ROUNDS`` rounds every variant warms up
+again and is timed for a third of its budget, in turn. Timed one after the other instead, the
+first variant of each configuration ran up to 1.5x slower on the 2-core CPU than when timed
+second (the allocator and the thread pools were still settling), which no ratio should carry.
+
+On the GPU each row also reports the host time per step (Python issuing the work, no sync) next
+to the device time: a ratio near or above 1 means the step is bound by Python and launch
+overhead.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+
+from bench import roofline
+from bench.device import BenchDevice
+from bench.device import Unavailable
+from bench.timing import measure_interleaved
+
+MODELS = {"mlp": (784, 1024, 1024, 10), "wide": (4096, 4096, 4096),
+          "tiny_mlp": (64, 48, 32, 10)}  # smoke tests only
+
+BATCHES = {
+    ("cuda", "full"): {"mlp": [64, 512, 4096], "wide": [256, 1024, 4096]},
+    ("cuda", "quick"): {"mlp": [256, 4096], "wide": [1024]},
+    ("cpu", "full"): {"mlp": [64, 256, 1024], "wide": [64, 256]},
+    ("cpu", "quick"): {"mlp": [64, 256], "wide": [32]},
+    ("cpu", "tiny"): {"tiny_mlp": [8]},
+}
+BATCHES[("cuda", "tiny")] = BATCHES[("cpu", "tiny")]
+
+LR = 1e-3
+ROUNDS = 3  # the variants are timed in turn, this many times each (bench.timing.measure_interleaved)
+
+
+def step_flops(layers: tuple[int, ...], batch: int) -> int:
+    """GEMM FLOPs of one training step: 2*B*in*out forward and twice that backward, per layer."""
+    return sum(6 * batch * a * b for a, b in zip(layers[:-1], layers[1:]))
+
+
+def parameter_count(layers: tuple[int, ...]) -> int:
+    return sum(a * b + b for a, b in zip(layers[:-1], layers[1:]))
+
+
+def initial_weights(bd: BenchDevice, layers: tuple[int, ...]) -> list:
+    """[W1, b1, W2, b2, ...] with He-normal weights and small random biases, on the device."""
+    arrays = []
+    for fan_in, fan_out in zip(layers[:-1], layers[1:]):
+        arrays.append(bd.random_normal((fan_out, fan_in), scale=math.sqrt(2.0 / fan_in)))
+        arrays.append(bd.random_normal((fan_out,), scale=0.01))
+    return arrays
+
+
+# ---- the three variants -----------------------------------------------------------------------
+
+def engine_functional_step(bd: BenchDevice, weights: list, x, y):
+    """A step closure for the functional engine model (fused kernels + engine.optim.Adam)."""
+    import engine.functional as F
+    from engine.tensor import Tensor
+
+    try:
+        from engine import optim
+    except ImportError as e:
+        raise Unavailable(f"engine.optim not importable: {e}") from None
+    params = [Tensor(w.copy(), requires_grad=True) for w in weights]
+    pairs = list(zip(params[0::2], params[1::2]))
+    opt = optim.Adam(params, lr=LR)
+    tx, ty = Tensor(x), Tensor(y)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        h = tx
+        for w, b in pairs[:-1]:
+            h = F.linear_relu(h, w, b)
+        loss = F.cross_entropy(F.linear(h, *pairs[-1]), ty)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, lambda loss: float(loss.item())
+
+
+def engine_nn_step(bd: BenchDevice, weights: list, x, y):
+    """A step closure through engine.nn layers (where engine.nn exists)."""
+    import engine.functional as F
+    from engine.tensor import Tensor
+
+    try:
+        from engine import nn, optim
+    except ImportError as e:
+        raise Unavailable(f"engine.nn not importable yet: {e}") from None
+    layers = []
+    for i in range(0, len(weights), 2):
+        out_features, in_features = weights[i].shape
+        layers.append(nn.Linear(in_features, out_features))
+        if i + 2 < len(weights):
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers).to(bd.kind)
+    params = list(model.parameters())
+    if [tuple(p.shape) for p in params] != [tuple(w.shape) for w in weights]:
+        raise Unavailable("engine.nn.Sequential parameters are not in (weight, bias) layer order")
+    for p, w in zip(params, weights):
+        p.data[...] = w
+    opt = optim.Adam(params, lr=LR)
+    tx, ty = Tensor(x), Tensor(y)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(tx), ty)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, lambda loss: float(loss.item())
+
+
+def torch_step(bd: BenchDevice, weights: list, x, y):
+    """A step closure for torch eager with the same weights and data."""
+    if bd.torch is None:
+        raise Unavailable(bd.torch_reason)
+    torch = bd.torch
+    layers = []
+    for i in range(0, len(weights), 2):
+        out_features, in_features = weights[i].shape
+        linear = torch.nn.Linear(in_features, out_features, device=bd.kind)
+        with torch.no_grad():
+            linear.weight.copy_(bd.to_torch(weights[i]))
+            linear.bias.copy_(bd.to_torch(weights[i + 1]))
+        layers.append(linear)
+        if i + 2 < len(weights):
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    opt = _torch_adam(torch, model.parameters())
+    tx, ty = bd.to_torch(x), bd.to_torch(y)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(tx), ty)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, lambda loss: float(loss.item())
+
+
+def _torch_adam(torch, params):
+    params = list(params)
+    try:
+        opt = torch.optim.Adam(params, lr=LR, fused=True)
+        opt.bench_option = "fused=True"
+    except (RuntimeError, ValueError, TypeError):
+        opt = torch.optim.Adam(params, lr=LR)
+        opt.bench_option = "default"
+    return opt
+
+
+VARIANTS = (("engine F + optim.Adam", engine_functional_step, "engine"),
+            ("engine nn + optim.Adam", engine_nn_step, "engine"),
+            ("torch eager", torch_step, "torch"))
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+def run_end_to_end(bd: BenchDevice, ceilings: roofline.Ceilings, mode: str, progress) -> list[dict]:
+    """Every model x batch x variant; ``progress`` is told of each row."""
+    rows = []
+    for model_name, batches in BATCHES[(bd.kind, mode)].items():
+        layers = MODELS[model_name]
+        for batch in batches:
+            rows.extend(_run_config(bd, ceilings, model_name, layers, batch, progress))
+            bd.release()
+    return rows
+
+
+def _run_config(bd, ceilings, model_name, layers, batch, progress) -> list[dict]:
+    """Build every variant and check its first losses, then time them side by side in rounds."""
+    weights = initial_weights(bd, layers)
+    x = bd.random_normal((batch, layers[0]))
+    y = bd.random_ints(layers[-1], (batch,))
+    rows, timed, reference_loss = [], [], None
+    for name, build, framework in VARIANTS:
+        progress.working(f"end-to-end {model_name} batch={batch} {name}")
+        row = _base_row(model_name, layers, batch, name, bd)
+        rows.append(row)
+        try:
+            step, loss_value = build(bd, weights, x, y)
+            losses = [loss_value(step()) for _ in range(3)]
+        except Unavailable as e:
+            row["status"] = f"unavailable: {e}"
+            continue
+        except Exception as e:  # one failing variant must not stop the others
+            row["status"] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            row["traceback"] = traceback.format_exc(limit=6)
+            continue
+        if reference_loss is None:
+            reference_loss = losses
+        row["loss_step1"], row["loss_step3"] = losses[0], losses[2]
+        row["loss_rel_err"] = _relative(losses[0], reference_loss[0])
+        row["loss_step3_rel_err"] = _relative(losses[2], reference_loss[2])
+        timed.append((row, bd.torch_clock if framework == "torch" else bd.clock, step))
+    progress.working(f"end-to-end {model_name} batch={batch}: timing {len(timed)} variants in rounds")
+    measurements = measure_interleaved([(clock, step) for _, clock, step in timed], rounds=ROUNDS,
+                                       before=bd.settle)
+    for (row, _, _), m in zip(timed, measurements):
+        row.update(status="ok", **m.to_dict())
+        row["samples_per_s"] = batch / m.median_s
+        row["TFLOPs"] = row["flops"] / m.median_s / 1e12
+        row["fraction_of_gemm"] = row["flops"] / m.median_s / ceilings.gemm_flops
+        row["host_over_device"] = m.host_median_s / m.median_s if bd.kind == "cuda" else None
+    _add_torch_ratio(rows, bd.torch_reason)
+    _add_targets(rows, bd.kind)
+    for row in rows:
+        progress.row_done(row)
+    return rows
+
+
+def _relative(value: float, reference: float) -> float:
+    """|value - reference| / max(|reference|, 1): a loss near 0 (a memorized batch) is compared absolutely."""
+    return abs(value - reference) / max(abs(reference), 1.0)
+
+
+def _base_row(model_name, layers, batch, name, bd) -> dict:
+    return {
+        "model": model_name, "layers": list(layers), "batch": batch, "impl": name, "device": bd.kind,
+        "status": "pending", "params": parameter_count(layers), "flops": step_flops(layers, batch),
+        "median_s": None, "spread": None, "host_median_s": None, "host_over_device": None, "repeats": 0,
+        "samples_per_s": None, "TFLOPs": None, "fraction_of_gemm": None, "loss_step1": None,
+        "loss_step3": None, "loss_rel_err": None, "loss_step3_rel_err": None, "vs_torch": None, "vs_torch_peer": None,
+        "target": "",
+    }
+
+
+def _add_torch_ratio(rows: list[dict], torch_reason: str) -> None:
+    torch_row = next((r for r in rows if r["impl"] == "torch eager"), None)
+    for row in rows:
+        if row is torch_row or row["status"] != "ok":
+            continue
+        if torch_row is not None and torch_row["status"] == "ok":
+            row["vs_torch"] = torch_row["median_s"] / row["median_s"]
+            row["vs_torch_peer"] = "torch eager"
+        else:
+            row["vs_torch_peer"] = torch_reason or (torch_row or {}).get("status", "no torch row")
+
+
+# The engine's step may take this many times torch eager's: no slower on the GPU, within 1.3x
+# on the CPU (where both spend most of the step in the same BLAS GEMMs).
+STEP_TIME_TARGET = {"cuda": 1.0, "cpu": 1.3}
+
+
+def _add_targets(rows: list[dict], device: str) -> None:
+    """'met' or 'missed: ...' on the engine rows, from their ratio to torch eager."""
+    allowed = STEP_TIME_TARGET[device]
+    for row in rows:
+        if row["impl"] == "torch eager" or row["status"] != "ok":
+            continue
+        if row["vs_torch"] is None:
+            row["target"] = f"vs torch: {row['vs_torch_peer'] or 'not measured'}"
+            continue
+        times = 1.0 / row["vs_torch"]
+        verdict = "met" if times <= allowed else "missed"
+        row["target"] = f"{verdict}: {times:.2f}x torch's step time, target <= {allowed:g}x"
+
+
+def describe_torch_optimizer(bd: BenchDevice) -> str:
+    """Which torch Adam the end-to-end rows use on this device."""
+    if bd.torch is None:
+        return bd.torch_reason
+    p = bd.torch.nn.Parameter(bd.torch.zeros(4, device=bd.kind))
+    return _torch_adam(bd.torch, [p]).bench_option
+

@@ -1,0 +1,791 @@
+"""The kernel sweep: every impl of every fused kernel, against its unfused and torch peers.
+
+For each kernel and size (a *case*) the sweep
+
+1. makes random inputs (never zeros) on the device;
+2. computes a reference with the ``numpy`` impl on the host, on sampled rows / columns /
+   elements (every kernel here is separable along them, so a sample checks exactly what it
+   covers while keeping 4 GB inputs cheap to check);
+3. runs each *candidate* -- each registered impl usable on this device, then the peers: the
+   unfused engine path, the engine's own fused path where it adds a wrapper (optimizers,
+   ``F.cross_entropy``), a plain GEMM for linear_relu, torch eager -- checks its output against
+   the reference (max error relative to the reference's largest magnitude), then times it;
+4. adds the ratios (vs torch, vs unfused) and the targets.
+
+A candidate that cannot run (its module is not written yet, numba or torch is missing) becomes
+a row whose status says why; nothing in one row can stop the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+import kernels as kernel_registry
+from bench import roofline
+from bench.device import BenchDevice, Unavailable
+from bench.timing import Clock
+
+# The impls the design defines, by the device whose arrays they take.
+IMPL_DEVICE = {"numpy": "cpu", "numba_cpu": "cpu", "cupy": "cuda", "numba_cuda": "cuda"}
+
+# Sizes swept, per (device, mode). Optimizers: parameter counts; cross-entropy: (N, C);
+# linear_relu: (N, K, M) for x (N, K) and weight (M, K).
+SWEEPS = {
+    ("cuda", "full"): {
+        "adam_step": [2**e for e in range(20, 28)],
+        "optim": [2**20, 2**24, 2**27],
+        "softmax_cross_entropy": [(8192, c) for c in (1024, 8192, 32768, 131072)],
+        "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 4096, 4096)],
+    },
+    ("cuda", "quick"): {
+        "adam_step": [2**20, 2**24],
+        "optim": [2**24],
+        "softmax_cross_entropy": [(8192, 1024), (8192, 32768)],
+        "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096)],
+    },
+    ("cpu", "full"): {
+        "adam_step": [2**16, 2**20, 10_000_000],
+        "optim": [2**20, 10_000_000],
+        "softmax_cross_entropy": [(1024, 1024), (1024, 8192), (1024, 32768)],
+        "linear_relu": [(512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024)],
+    },
+    ("cpu", "quick"): {
+        "adam_step": [2**16, 2**20],
+        "optim": [2**20],
+        "softmax_cross_entropy": [(256, 1024), (256, 8192)],
+        "linear_relu": [(256, 256, 256), (512, 512, 512)],
+    },
+    # Smoke-test sizes (tests/test_bench.py): odd, tiny, meaningless as performance figures.
+    ("cpu", "tiny"): {
+        "adam_step": [1000],
+        "optim": [1000],
+        "softmax_cross_entropy": [(16, 100)],
+        "linear_relu": [(16, 24, 8)],
+    },
+}
+SWEEPS[("cuda", "tiny")] = SWEEPS[("cpu", "tiny")]
+
+# The numba_cpu Adam target is stated at 10M parameters; quick mode measures it at 1M.
+CPU_ADAM_TARGET_SIZE = {"full": 10_000_000, "quick": 2**20, "tiny": 1000}
+
+SAMPLE_ELEMENTS = 2**16  # optimizer elements checked against the reference
+SAMPLE_ROWS = 64  # cross-entropy / linear rows (or columns) checked when there are more than 256
+
+
+@dataclass
+class Prepared:
+    """A candidate ready to time: ``run`` does one call, ``sample`` returns host arrays to check."""
+
+    run: Callable[[], object]
+    sample: Callable[[], dict]
+    clock: Clock
+
+
+@dataclass
+class Candidate:
+    name: str
+    role: str  # "impl", "engine", "unfused", "gemm" or "torch"
+    prepare: Callable[[], Prepared]
+
+
+@dataclass
+class Case:
+    """One kernel at one size: its work, reference and candidates."""
+
+    kernel: str
+    label: str
+    params: dict
+    size: int  # the x-axis of the plot: elements (optimizers), logits (CE), N*K*M (GEMMs)
+    work: roofline.Work
+    reference: dict | None
+    reference_note: str
+    candidates: list[Candidate]
+    flush: bool  # time cold: memory-bound kernels, on the GPU (see bench/timing.py)
+    extra: dict = field(default_factory=dict)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def sample_indices(n: int, limit: int) -> np.ndarray:
+    """All of range(n) if n <= limit, else ``limit`` spread-out indices including the last ones."""
+    if n <= limit:
+        return np.arange(n)
+    spread = np.linspace(0, n - 1, limit - 16).astype(np.int64)
+    return np.unique(np.concatenate([spread, np.arange(n - 16, n)]))
+
+
+def max_relative_error(got: dict, reference: dict) -> float:
+    """max |got - ref| / max |ref| over every array the two share (float64 arithmetic)."""
+    worst = 0.0
+    shared = [key for key in reference if key in got]
+    if not shared:
+        raise ValueError(f"nothing to compare: candidate gave {sorted(got)}, reference has {sorted(reference)}")
+    for key in shared:
+        a = np.asarray(got[key], dtype=np.float64)
+        r = np.asarray(reference[key], dtype=np.float64)
+        if a.shape != r.shape:
+            raise ValueError(f"{key}: shape {a.shape} differs from the reference's {r.shape}")
+        scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-30)
+        diff = float(np.max(np.abs(a - r))) if r.size else 0.0
+        worst = max(worst, diff / scale if np.isfinite(diff) else math.inf)
+    return worst
+
+
+def impl_function(kernel: str, name: str, bd: BenchDevice, probe) -> Callable:
+    """The function of impl ``name``, or :class:`Unavailable` saying why it cannot run here."""
+    try:
+        kernel_registry.choose(kernel, [probe], impl=name)
+        return kernel_registry.get(kernel, name)
+    except ImportError as e:
+        raise Unavailable(f"{type(e).__name__}: {e}") from None
+    except AttributeError as e:
+        raise Unavailable(f"impl function missing: {e}") from None
+    except kernel_registry.KernelError as e:
+        raise Unavailable(str(e)) from None
+
+
+def impls_for(kernel: str, bd: BenchDevice) -> list[str]:
+    """Registered impl names of ``kernel`` that take this device's arrays, in preference order."""
+    names = kernel_registry.impls(kernel, available_only=False)
+    return [n for n in names if IMPL_DEVICE.get(n, bd.kind) == bd.kind]
+
+
+def torch_required(bd: BenchDevice):
+    if bd.torch is None:
+        raise Unavailable(bd.torch_reason)
+    return bd.torch
+
+
+def engine_optim():
+    try:
+        from engine import optim
+    except ImportError as e:
+        raise Unavailable(f"engine.optim not importable: {e}") from None
+    return optim
+
+
+def numpy_reference(kernel: str, compute: Callable[[Callable], dict]) -> tuple[dict | None, str]:
+    """``compute(numpy_impl)`` or (None, why) when the numpy impl cannot run."""
+    try:
+        fn = kernel_registry.get(kernel, "numpy")
+    except (ImportError, AttributeError, kernel_registry.KernelError) as e:
+        return None, f"none: numpy impl unavailable ({type(e).__name__}: {e})"
+    return compute(fn), "numpy impl"
+
+
+# ---- optimizers -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    states: tuple[str, ...]  # state arrays, in the kernel's positional order after grad
+    kernel_kwargs: Callable[[int], dict]  # step number (1-based) -> keyword arguments
+    engine_class: str  # engine.optim / torch.optim class name
+    engine_kwargs: dict
+    torch_kwargs: dict
+
+
+OPTIMIZERS = {
+    "adam_step": OptimizerSpec(
+        states=("exp_avg", "exp_avg_sq"),
+        kernel_kwargs=lambda t: dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=t),
+        engine_class="Adam", engine_kwargs=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8),
+        torch_kwargs=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)),
+    "sgd_step": OptimizerSpec(
+        states=("momentum_buf",),
+        kernel_kwargs=lambda t: dict(lr=1e-2, momentum=0.9, first_step=t == 1),
+        engine_class="SGD", engine_kwargs=dict(lr=1e-2, momentum=0.9), torch_kwargs=dict(lr=1e-2, momentum=0.9)),
+    "adagrad_step": OptimizerSpec(
+        states=("state_sum",),
+        kernel_kwargs=lambda t: dict(lr=1e-2, eps=1e-10, step=t),
+        engine_class="Adagrad", engine_kwargs=dict(lr=1e-2, eps=1e-10), torch_kwargs=dict(lr=1e-2, eps=1e-10)),
+    "rmsprop_step": OptimizerSpec(
+        states=("square_avg",),
+        kernel_kwargs=lambda t: dict(lr=1e-2, alpha=0.99, eps=1e-8),
+        engine_class="RMSprop", engine_kwargs=dict(lr=1e-2, alpha=0.99, eps=1e-8),
+        torch_kwargs=dict(lr=1e-2, alpha=0.99, eps=1e-8)),
+}
+
+TIMED_STEP = 3  # the step number of the timed calls (after the two checked steps)
+
+
+def optimizer_case(bd: BenchDevice, kernel: str, n: int) -> Case:
+    """Two checked steps from zero state (grads g1 then g2), then repeated timed steps."""
+    spec = OPTIMIZERS[kernel]
+    p0, g1, g2 = bd.random_normal((n,)), bd.random_normal((n,)), bd.random_normal((n,), scale=0.5)
+    idx = sample_indices(n, SAMPLE_ELEMENTS)
+    idx_dev = bd.asarray(idx)
+
+    def reference(fn):
+        p = bd.to_host(p0[idx_dev]).copy()
+        states = [np.zeros_like(p) for _ in spec.states]
+        for t, g in ((1, g1), (2, g2)):
+            fn(p, bd.to_host(g[idx_dev]), *states, **spec.kernel_kwargs(t))
+        return {"param": p, **dict(zip(spec.states, states))}
+
+    ref, note = numpy_reference(kernel, reference)
+    candidates = [Candidate(name, "impl", _kernel_optimizer(bd, kernel, spec, name, p0, g1, g2, idx_dev))
+                  for name in impls_for(kernel, bd)]
+    for fused in (True, False):
+        role = "engine" if fused else "unfused"
+        candidates.append(Candidate(f"engine {spec.engine_class}(fused={fused})", role,
+                                    _engine_optimizer(bd, spec, fused, p0, g1, g2, idx_dev)))
+    for option in ("fused", "foreach"):
+        candidates.append(Candidate(f"torch {spec.engine_class}({option}=True)", "torch",
+                                    _torch_optimizer(bd, spec, option, p0, g1, g2, idx_dev)))
+    return Case(kernel=kernel, label=f"n={n:,}", params={"n": n}, size=n,
+                work=roofline.OPTIMIZER_WORK[kernel](n), reference=ref, reference_note=note,
+                candidates=candidates, flush=bd.flushes_cache)
+
+
+def _kernel_optimizer(bd, kernel, spec, name, p0, g1, g2, idx_dev):
+    def prepare():
+        fn = impl_function(kernel, name, bd, p0)
+        p = p0.copy()
+        states = [bd.xp.zeros_like(p0) for _ in spec.states]
+        for t, g in ((1, g1), (2, g2)):
+            fn(p, g, *states, **spec.kernel_kwargs(t))
+        timed_kwargs = spec.kernel_kwargs(TIMED_STEP)
+
+        def sample():
+            arrays = {"param": p, **dict(zip(spec.states, states))}
+            return {key: bd.to_host(a[idx_dev]) for key, a in arrays.items()}
+
+        return Prepared(run=lambda: fn(p, g2, *states, **timed_kwargs), sample=sample, clock=bd.clock)
+
+    return prepare
+
+
+def _engine_optimizer(bd, spec, fused, p0, g1, g2, idx_dev):
+    def prepare():
+        from engine.tensor import Tensor
+
+        optim = engine_optim()
+        param = Tensor(p0.copy(), requires_grad=True)
+        opt = getattr(optim, spec.engine_class)([param], fused=fused, **spec.engine_kwargs)
+        for g in (g1, g2):
+            param.grad = Tensor(g.copy())
+            opt.step()
+        checked = {"param": bd.to_host(param.data.reshape(-1)[idx_dev])}
+        # Let backward-style grads live in the optimizer's flat grad buffer, as in training
+        # with zero_grad(set_to_none=False): the timed step then copies no gradient.
+        opt.zero_grad(set_to_none=False)
+        param.grad.data[...] = g2
+        return Prepared(run=opt.step, sample=lambda: checked, clock=bd.clock)
+
+    return prepare
+
+
+def _torch_optimizer(bd, spec, option, p0, g1, g2, idx_dev):
+    def prepare():
+        torch = torch_required(bd)
+        param = torch.nn.Parameter(bd.to_torch(p0))
+        try:
+            opt = getattr(torch.optim, spec.engine_class)([param], **{option: True}, **spec.torch_kwargs)
+            for g in (g1, g2):
+                param.grad = bd.to_torch(g)
+                opt.step()
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise Unavailable(f"torch: {e}".splitlines()[0]) from None
+        index = torch.from_numpy(bd.to_host(idx_dev)).to(param.device)
+        checked = {"param": bd.torch_to_host(param.detach()[index])}
+        return Prepared(run=opt.step, sample=lambda: checked, clock=bd.torch_clock)
+
+    return prepare
+
+
+# ---- softmax cross-entropy --------------------------------------------------------------------
+
+def cross_entropy_case(bd: BenchDevice, n: int, classes: int) -> Case:
+    """Forward + backward (loss and gradient, mean reduction) of (N, C) logits."""
+    kernel = "softmax_cross_entropy"
+    logits = bd.random_normal((n, classes), scale=2.0)
+    targets = bd.random_ints(classes, (n,))
+    rows = sample_indices(n, 256 if n <= 256 else SAMPLE_ROWS)
+    rows_dev = bd.asarray(rows)
+    scale = 1.0 / n
+
+    def reference(fn):
+        loss, grad = fn(bd.to_host(logits[rows_dev]), bd.to_host(targets[rows_dev]), None, grad_scale=scale)
+        return {"loss": loss, "grad": grad}
+
+    ref, note = numpy_reference(kernel, reference)
+    candidates = [Candidate(name, "impl", _ce_kernel(bd, name, logits, targets, rows_dev, scale))
+                  for name in impls_for(kernel, bd)]
+    for fused in (True, False):
+        candidates.append(Candidate(f"engine F.cross_entropy(fused={fused})", "engine" if fused else "unfused",
+                                    _ce_engine(bd, fused, logits, targets, rows_dev)))
+    candidates.append(Candidate("torch F.cross_entropy", "torch", _ce_torch(bd, logits, targets, rows_dev)))
+    return Case(kernel=kernel, label=f"N={n} C={classes}", params={"N": n, "C": classes}, size=n * classes,
+                work=roofline.cross_entropy_work(n, classes), reference=ref, reference_note=note,
+                candidates=candidates, flush=bd.flushes_cache)
+
+
+def _ce_kernel(bd, name, logits, targets, rows_dev, scale):
+    def prepare():
+        fn = impl_function("softmax_cross_entropy", name, bd, logits)
+
+        def run():
+            return fn(logits, targets, None, ignore_index=-100, label_smoothing=0.0, grad_scale=scale,
+                      compute_grad=True)
+
+        def sample():
+            loss, grad = run()
+            return {"loss": bd.to_host(loss[rows_dev]), "grad": bd.to_host(grad[rows_dev])}
+
+        return Prepared(run=run, sample=sample, clock=bd.clock)
+
+    return prepare
+
+
+def _ce_engine(bd, fused, logits, targets, rows_dev):
+    def prepare():
+        import engine.functional as F
+        from engine.tensor import Tensor
+
+        x = Tensor(logits, requires_grad=True)
+        y = Tensor(targets)
+
+        def run():
+            x.grad = None
+            F.cross_entropy(x, y, fused=fused).backward()
+
+        def sample():
+            run()
+            return {"grad": bd.to_host(x.grad.data[rows_dev])}
+
+        return Prepared(run=run, sample=sample, clock=bd.clock)
+
+    return prepare
+
+
+def _ce_torch(bd, logits, targets, rows_dev):
+    def prepare():
+        torch = torch_required(bd)
+        x = bd.to_torch(logits).requires_grad_(True)
+        y = bd.to_torch(targets)
+        rows = torch.from_numpy(bd.to_host(rows_dev)).to(x.device)
+
+        def run():
+            loss = torch.nn.functional.cross_entropy(x, y)
+            return torch.autograd.grad(loss, x)[0]
+
+        def sample():
+            return {"grad": bd.torch_to_host(run()[rows])}
+
+        return Prepared(run=run, sample=sample, clock=bd.torch_clock)
+
+    return prepare
+
+
+# ---- linear + ReLU ----------------------------------------------------------------------------
+
+def _linear_inputs(bd: BenchDevice, n: int, k: int, m: int):
+    x = bd.random_normal((n, k))
+    weight = bd.random_normal((m, k), scale=1.0 / math.sqrt(k))
+    bias = bd.random_normal((m,), scale=0.1)
+    return x, weight, bias
+
+
+def linear_relu_forward_case(bd: BenchDevice, n: int, k: int, m: int) -> Case:
+    kernel = "linear_relu_forward"
+    x, weight, bias = _linear_inputs(bd, n, k, m)
+    rows = sample_indices(n, 256 if n <= 256 else SAMPLE_ROWS)
+    rows_dev = bd.asarray(rows)
+    w_host, b_host = bd.to_host(weight), bd.to_host(bias)
+
+    def reference(fn):
+        return {"out": fn(bd.to_host(x[rows_dev]), w_host, b_host)}
+
+    ref, note = numpy_reference(kernel, reference)
+    candidates = [Candidate(name, "impl", _lr_forward_kernel(bd, name, x, weight, bias, rows_dev))
+                  for name in impls_for(kernel, bd)]
+    candidates.append(Candidate("gemm x @ W.T", "gemm", _gemm(bd, x, weight, bias, rows_dev)))
+    candidates.append(Candidate("engine F.linear_relu(fused=False)", "unfused",
+                                _lr_forward_engine(bd, x, weight, bias, rows_dev)))
+    candidates.append(Candidate("torch relu(linear)", "torch", _lr_forward_torch(bd, x, weight, bias, rows_dev)))
+    return Case(kernel=kernel, label=f"N={n} K={k} M={m}", params={"N": n, "K": k, "M": m}, size=n * k * m,
+                work=roofline.linear_relu_forward_work(n, k, m), reference=ref, reference_note=note,
+                candidates=candidates, flush=False, extra={"gemm_work": roofline.gemm_work(n, k, m)})
+
+
+def _lr_forward_kernel(bd, name, x, weight, bias, rows_dev):
+    def prepare():
+        fn = impl_function("linear_relu_forward", name, bd, x)
+        return Prepared(run=lambda: fn(x, weight, bias),
+                        sample=lambda: {"out": bd.to_host(fn(x, weight, bias)[rows_dev])}, clock=bd.clock)
+
+    return prepare
+
+
+def _gemm(bd, x, weight, bias, rows_dev):
+    """The plain GEMM of the same shape: the speed a fused epilogue should cost almost nothing over."""
+    def prepare():
+        xp = bd.xp
+        out = xp.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+
+        def run():
+            xp.matmul(x, weight.T, out=out)
+
+        def sample():
+            run()
+            return {"out": np.maximum(bd.to_host(out[rows_dev]) + bd.to_host(bias), 0)}
+
+        return Prepared(run=run, sample=sample, clock=bd.clock)
+
+    return prepare
+
+
+def _lr_forward_engine(bd, x, weight, bias, rows_dev):
+    def prepare():
+        import engine.functional as F
+        from engine.autograd import no_grad
+        from engine.tensor import Tensor
+
+        tx, tw, tb = Tensor(x), Tensor(weight), Tensor(bias)
+
+        def run():
+            with no_grad():
+                return F.linear_relu(tx, tw, tb, fused=False)
+
+        return Prepared(run=run, sample=lambda: {"out": bd.to_host(run().data[rows_dev])}, clock=bd.clock)
+
+    return prepare
+
+
+def _lr_forward_torch(bd, x, weight, bias, rows_dev):
+    def prepare():
+        torch = torch_required(bd)
+        F = torch.nn.functional
+        tx, tw, tb = bd.to_torch(x), bd.to_torch(weight), bd.to_torch(bias)
+        rows = torch.from_numpy(bd.to_host(rows_dev)).to(tx.device)
+
+        def run():
+            with torch.no_grad():
+                return F.relu(F.linear(tx, tw, tb))
+
+        return Prepared(run=run, sample=lambda: {"out": bd.torch_to_host(run()[rows])}, clock=bd.torch_clock)
+
+    return prepare
+
+
+def linear_relu_backward_case(bd: BenchDevice, n: int, k: int, m: int) -> Case:
+    """Gradients of relu(x @ W.T + b) given dy; checked on sampled columns of x and W.
+
+    With ``cols`` a subset of the K input features, the numpy impl run on ``x[:, cols]`` and
+    ``W[:, cols]`` gives exactly ``dx[:, cols]``, ``dW[:, cols]`` and the whole ``db``.
+    """
+    kernel = "linear_relu_backward"
+    x, weight, bias = _linear_inputs(bd, n, k, m)
+    out = bd.xp.maximum(x @ weight.T + bias, 0)
+    grad_out = bd.random_normal((n, m))
+    cols = sample_indices(k, 256 if k <= 256 else SAMPLE_ROWS)
+    cols_dev = bd.asarray(cols)
+
+    def reference(fn):
+        gx, gw, gb = fn(bd.to_host(grad_out), np.ascontiguousarray(bd.to_host(x[:, cols_dev])),
+                        np.ascontiguousarray(bd.to_host(weight[:, cols_dev])), bd.to_host(out))
+        return {"grad_x": gx, "grad_weight": gw, "grad_bias": gb}
+
+    ref, note = numpy_reference(kernel, reference)
+
+    def pick(gx, gw, gb) -> dict:
+        return {"grad_x": bd.to_host(gx[:, cols_dev]), "grad_weight": bd.to_host(gw[:, cols_dev]),
+                "grad_bias": bd.to_host(gb)}
+
+    candidates = [Candidate(name, "impl", _lr_backward_kernel(bd, name, grad_out, x, weight, out, pick))
+                  for name in impls_for(kernel, bd)]
+    candidates.append(Candidate("engine autograd (unfused)", "unfused",
+                                _lr_backward_engine(bd, x, weight, bias, grad_out, pick)))
+    candidates.append(Candidate("torch autograd", "torch",
+                                _lr_backward_torch(bd, x, weight, bias, grad_out, cols)))
+    return Case(kernel=kernel, label=f"N={n} K={k} M={m}", params={"N": n, "K": k, "M": m}, size=n * k * m,
+                work=roofline.linear_relu_backward_work(n, k, m), reference=ref, reference_note=note,
+                candidates=candidates, flush=False)
+
+
+def _lr_backward_kernel(bd, name, grad_out, x, weight, out, pick):
+    def prepare():
+        fn = impl_function("linear_relu_backward", name, bd, x)
+        return Prepared(run=lambda: fn(grad_out, x, weight, out),
+                        sample=lambda: pick(*fn(grad_out, x, weight, out)), clock=bd.clock)
+
+    return prepare
+
+
+def _lr_backward_engine(bd, x, weight, bias, grad_out, pick):
+    def prepare():
+        import engine.functional as F
+        from engine.tensor import Tensor
+
+        leaves = [Tensor(a, requires_grad=True) for a in (x, weight, bias)]
+        out = F.linear_relu(*leaves, fused=False)
+        dy = Tensor(grad_out)
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            out.backward(dy, retain_graph=True)
+
+        def sample():
+            run()
+            return pick(*(t.grad.data for t in leaves))
+
+        return Prepared(run=run, sample=sample, clock=bd.clock)
+
+    return prepare
+
+
+def _lr_backward_torch(bd, x, weight, bias, grad_out, cols):
+    def prepare():
+        torch = torch_required(bd)
+        F = torch.nn.functional
+        leaves = [bd.to_torch(a).requires_grad_(True) for a in (x, weight, bias)]
+        out = F.relu(F.linear(*leaves))
+        dy = bd.to_torch(grad_out)
+        index = torch.from_numpy(cols).to(dy.device)
+
+        def run():
+            return torch.autograd.grad(out, leaves, dy, retain_graph=True)
+
+        def sample():
+            gx, gw, gb = run()
+            return {"grad_x": bd.torch_to_host(gx[:, index]), "grad_weight": bd.torch_to_host(gw[:, index]),
+                    "grad_bias": bd.torch_to_host(gb)}
+
+        return Prepared(run=run, sample=sample, clock=bd.torch_clock)
+
+    return prepare
+
+
+# ---- running a case ---------------------------------------------------------------------------
+
+def run_candidate(case: Case, candidate: Candidate, bd: BenchDevice, ceilings: roofline.Ceilings) -> dict:
+    """One row: check the candidate against the reference, then time it. Never raises."""
+    row = base_row(case, candidate, bd)
+    try:
+        prepared = candidate.prepare()
+        got = prepared.sample()
+        if case.reference is not None:
+            row["max_rel_err"] = max_relative_error(got, case.reference)
+        measurement = prepared.clock.measure(prepared.run, flush=case.flush)
+    except Unavailable as e:
+        row["status"] = f"unavailable: {e}"
+        return row
+    except Exception as e:  # one broken candidate must not stop the sweep; the row says what broke
+        row["status"] = f"error: {type(e).__name__}: {_first_line(e)}"
+        row["traceback"] = traceback.format_exc(limit=6)
+        return row
+    row.update(status="ok", **measurement.to_dict(), **roofline.achieved(case.work, measurement.median_s, ceilings))
+    return row
+
+
+def base_row(case: Case, candidate: Candidate, bd: BenchDevice) -> dict:
+    return {
+        "kernel": case.kernel, "case": case.label, "params": case.params, "size": case.size,
+        "impl": candidate.name, "role": candidate.role, "device": bd.kind, "status": "pending",
+        "bytes": case.work.bytes, "flops": case.work.flops, "flushed_cache": case.flush,
+        "reference": case.reference_note, "max_rel_err": None,
+        "median_s": None, "spread": None, "min_s": None, "max_s": None, "q25_s": None, "q75_s": None,
+        "repeats": 0, "host_median_s": None, "GBps": None, "TFLOPs": None, "fraction_of_copy_bw": None,
+        "fraction_of_gemm": None, "roofline_fraction": None, "bound": None,
+        "vs_torch": None, "vs_torch_peer": None, "vs_unfused": None, "vs_unfused_peer": None, "target": "",
+    }
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+# ---- ratios and targets -----------------------------------------------------------------------
+
+# Peers for the ratio columns, first measured one wins (torch's fused optimizers do not exist
+# for every optimizer on every device; foreach is torch's default on CUDA).
+TORCH_PEER = {
+    "adam_step": ["torch Adam(fused=True)", "torch Adam(foreach=True)"],
+    "sgd_step": ["torch SGD(fused=True)", "torch SGD(foreach=True)"],
+    "adagrad_step": ["torch Adagrad(fused=True)", "torch Adagrad(foreach=True)"],
+    "rmsprop_step": ["torch RMSprop(fused=True)", "torch RMSprop(foreach=True)"],
+    "softmax_cross_entropy": ["torch F.cross_entropy"],
+    "linear_relu_forward": ["torch relu(linear)"],
+    "linear_relu_backward": ["torch autograd"],
+}
+UNFUSED_PEER = {
+    "adam_step": ["engine Adam(fused=False)"], "sgd_step": ["engine SGD(fused=False)"],
+    "adagrad_step": ["engine Adagrad(fused=False)"], "rmsprop_step": ["engine RMSprop(fused=False)"],
+    "softmax_cross_entropy": ["engine F.cross_entropy(fused=False)"],
+    "linear_relu_forward": ["engine F.linear_relu(fused=False)"],
+    "linear_relu_backward": ["engine autograd (unfused)"],
+}
+
+
+def _first_measured(by_name: dict, names: list[str]):
+    """The first peer row among ``names`` that ran, else the first that exists (to say why not)."""
+    present = [by_name[n] for n in names if n in by_name]
+    measured = [r for r in present if r["status"] == "ok"]
+    return (measured or present or [None])[0]
+
+
+def add_ratios(rows: list[dict], kernel: str, torch_reason: str) -> None:
+    """vs_torch and vs_unfused (peer time / row time: > 1 means the row is faster)."""
+    by_name = {r["impl"]: r for r in rows}
+    for column, peers in (("vs_torch", TORCH_PEER.get(kernel, [])), ("vs_unfused", UNFUSED_PEER.get(kernel, []))):
+        peer = _first_measured(by_name, peers)
+        for row in rows:
+            if row["status"] != "ok" or row is peer:
+                continue
+            if peer is not None and peer["status"] == "ok":
+                row[column] = peer["median_s"] / row["median_s"]
+                row[f"{column}_peer"] = peer["impl"]
+            elif column == "vs_torch":
+                row["vs_torch_peer"] = torch_reason or (peer["status"] if peer else "no torch peer")
+
+
+def _needs_target(row: dict) -> bool:
+    # Targets are for the fused impls; the numpy impl is the reference they are checked against.
+    return row["role"] == "impl" and row["impl"] != "numpy"
+
+
+def add_targets(rows: list[dict], kernel: str, device: str, mode: str) -> None:
+    """Fill the ``target`` column: 'met' or what was missed and by how much."""
+    by_name = {r["impl"]: r for r in rows}
+    for row in rows:
+        if not _needs_target(row):
+            continue
+        if row["status"] != "ok":
+            row["target"] = "not measured"
+            continue
+        checks = _target_checks(row, kernel, device, mode, by_name)
+        if checks:
+            missed = [text for ok, text in checks if ok is False]
+            unknown = [text for ok, text in checks if ok is None]
+            row["target"] = ("missed: " + "; ".join(missed)) if missed else "met"
+            if unknown:
+                row["target"] += " (" + "; ".join(unknown) + ")"
+
+
+def _target_checks(row, kernel, device, mode, by_name) -> list[tuple[bool | None, str]]:
+    """(passed, text) pairs; passed None when the comparison could not be made."""
+    checks = []
+    if kernel == "adam_step":
+        checks.append(_at_least(row["fraction_of_copy_bw"], 0.85, "of copy BW"))
+        checks.append(_ratio_check(row, 1.0))
+        if device == "cpu" and row["impl"] == "numba_cpu" and row["params"]["n"] == CPU_ADAM_TARGET_SIZE[mode]:
+            numpy_row = by_name.get("numpy")
+            where = "" if mode == "full" else f" (at {row['params']['n']:,}, not 10M: {mode} mode)"
+            if numpy_row is None or numpy_row["status"] != "ok":
+                checks.append((None, "numpy impl not measured"))
+            else:
+                speedup = numpy_row["median_s"] / row["median_s"]
+                checks.append((speedup >= 3.0, f"{speedup:.2f}x numpy, target >= 3x{where}"))
+    elif kernel == "softmax_cross_entropy":
+        checks.append(_at_least(row["fraction_of_copy_bw"], 0.80, "of copy BW"))
+        checks.append(_ratio_check(row, 1.5))
+    elif kernel == "linear_relu_forward":
+        gemm = by_name.get("gemm x @ W.T")
+        if gemm is None or gemm["status"] != "ok":
+            checks.append((None, "plain GEMM not measured"))
+        else:
+            fraction = row["TFLOPs"] / gemm["TFLOPs"]
+            checks.append((fraction >= 0.90, f"{fraction:.0%} of plain-GEMM TFLOP/s, target >= 90%"))
+        checks.append(_ratio_check(row, 1.0))
+    elif kernel == "linear_relu_backward":
+        checks.append(_ratio_check(row, 1.0))
+    return checks
+
+
+def _at_least(value: float, goal: float, what: str) -> tuple[bool, str]:
+    return value >= goal, f"{value:.0%} {what}, target >= {goal:.0%}"
+
+
+def _ratio_check(row: dict, goal: float) -> tuple[bool | None, str]:
+    """Is the row ``goal`` times as fast as its torch peer (strictly faster when goal is 1)?"""
+    if row["vs_torch"] is None:
+        return None, f"vs torch: {row['vs_torch_peer'] or 'not measured'}"
+    faster = row["vs_torch"]
+    wanted = f">= {goal:g}x" if goal != 1.0 else "> 1x"
+    ok = faster >= goal if goal != 1.0 else faster > 1.0
+    return ok, f"{faster:.2f}x {row['vs_torch_peer']}, target {wanted}"
+
+
+# ---- the sweep --------------------------------------------------------------------------------
+
+FAMILIES = ("adam_step", "sgd_step", "adagrad_step", "rmsprop_step", "softmax_cross_entropy",
+            "linear_relu_forward", "linear_relu_backward")
+
+
+def select_kernels(names: list[str] | None) -> list[str]:
+    """Kernels to run: all, or those named (a prefix like 'linear_relu' picks fwd and bwd)."""
+    # kernels.kernels() lists only what is registered so far; the declarations register them all.
+    importlib.import_module("kernels.declarations")
+    registered = kernel_registry.kernels()
+    known = [k for k in FAMILIES if k in registered] + [k for k in registered if k not in FAMILIES]
+    if not names:
+        return known
+    chosen = [k for k in known if any(k == n or k.startswith(n.rstrip("_") + "_") for n in names)]
+    unknown = [n for n in names if not any(k == n or k.startswith(n.rstrip("_") + "_") for k in known)]
+    if unknown:
+        raise SystemExit(f"bench: unknown kernel(s) {unknown}; known: {known}")
+    return chosen
+
+
+def cases_for(kernel: str, bd: BenchDevice, mode: str):
+    """Yield the cases of ``kernel`` (built lazily: each holds its inputs until the next)."""
+    sweep = SWEEPS[(bd.kind, mode)]
+    if kernel == "adam_step" or kernel in OPTIMIZERS:
+        for n in sweep["adam_step" if kernel == "adam_step" else "optim"]:
+            yield lambda n=n: optimizer_case(bd, kernel, n)
+    elif kernel == "softmax_cross_entropy":
+        for n, c in sweep["softmax_cross_entropy"]:
+            yield lambda n=n, c=c: cross_entropy_case(bd, n, c)
+    elif kernel == "linear_relu_forward":
+        for shape in sweep["linear_relu"]:
+            yield lambda shape=shape: linear_relu_forward_case(bd, *shape)
+    elif kernel == "linear_relu_backward":
+        for shape in sweep["linear_relu"]:
+            yield lambda shape=shape: linear_relu_backward_case(bd, *shape)
+
+
+def run_sweep(bd: BenchDevice, ceilings: roofline.Ceilings, kernel_names: list[str], mode: str,
+              progress) -> list[dict]:
+    """Every case of every kernel in ``kernel_names``; ``progress(row)`` is told of each row."""
+    rows: list[dict] = []
+    for kernel in kernel_names:
+        builders = list(cases_for(kernel, bd, mode))
+        if not builders:
+            progress.note(f"{kernel}: no benchmark defined for this kernel; skipped")
+            continue
+        for build in builders:
+            case_rows = _run_case(build, kernel, bd, ceilings, progress)
+            add_ratios(case_rows, kernel, bd.torch_reason)
+            add_targets(case_rows, kernel, bd.kind, mode)
+            for row in case_rows:
+                progress.row_done(row)
+            rows.extend(case_rows)
+            bd.release()
+    return rows
+
+
+def _run_case(build, kernel, bd, ceilings, progress) -> list[dict]:
+    try:
+        case = build()
+    except Exception as e:  # input construction failed (e.g. out of memory): one error row
+        progress.note(f"{kernel}: case setup failed: {type(e).__name__}: {_first_line(e)}")
+        return [{"kernel": kernel, "case": "setup", "impl": "-", "role": "impl", "status":
+                 f"error: {type(e).__name__}: {_first_line(e)}", "target": ""}]
+    rows = []
+    for candidate in case.candidates:
+        progress.working(f"{case.kernel} {case.label} {candidate.name}")
+        bd.settle()
+        rows.append(run_candidate(case, candidate, bd, ceilings))
+        bd.synchronize()
+    if "gemm_work" in case.extra:
+        for row in rows:
+            row["gemm_flops_same_shape"] = case.extra["gemm_work"].flops
+    return rows

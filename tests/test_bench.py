@@ -1,0 +1,279 @@
+"""The benchmark harness: formulas, timers, and a tiny end-to-end run whose JSON is checked.
+
+The tiny run (``python -m bench --tiny``) exercises every kernel, every peer and the training
+step on sizes that take seconds; its figures mean nothing, but every field must be there, the
+arithmetic between fields must hold, and every candidate must match the numpy reference.
+"""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import __main__ as cli
+from bench import device as bench_device
+from bench import kernels as kbench
+from bench import roofline, timing
+from kernels import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ROW_FIELDS = {
+    "kernel", "case", "params", "size", "impl", "role", "device", "status", "bytes", "flops", "flushed_cache",
+    "reference", "max_rel_err", "median_s", "spread", "min_s", "max_s", "q25_s", "q75_s", "repeats",
+    "host_median_s", "GBps", "TFLOPs", "fraction_of_copy_bw", "fraction_of_gemm", "roofline_fraction", "bound",
+    "vs_torch", "vs_torch_peer", "vs_unfused", "vs_unfused_peer", "target",
+}
+E2E_FIELDS = {"model", "layers", "batch", "impl", "device", "status", "params", "flops", "median_s", "spread",
+              "host_median_s", "host_over_device", "repeats", "samples_per_s", "TFLOPs", "fraction_of_gemm",
+              "loss_step1", "loss_step3", "loss_rel_err", "loss_step3_rel_err", "vs_torch", "vs_torch_peer",
+              "target"}
+
+
+def torch_installed() -> bool:
+    return bench_device._import_torch()[0] is not None
+
+
+# ---- formulas ---------------------------------------------------------------------------------
+
+def test_byte_counts_match_the_design_guide():
+    assert roofline.adam_work(1000).bytes == 28 * 1000  # read p, g, m, v; write p, m, v
+    for fn in (roofline.sgd_work, roofline.adagrad_work, roofline.rmsprop_work):
+        assert fn(1000).bytes == 20 * 1000
+    n, c = 8192, 1024
+    assert roofline.cross_entropy_work(n, c).bytes == 2 * n * c * 4 + n * 8 + n * 4
+    assert roofline.linear_relu_forward_work(3, 5, 7).flops == 2 * 3 * 5 * 7 + 2 * 3 * 7
+    assert roofline.linear_relu_forward_work(3, 5, 7).bytes == (15 + 35 + 7 + 21) * 4
+    assert roofline.linear_relu_backward_work(3, 5, 7).flops == 4 * 3 * 5 * 7 + 2 * 3 * 7
+    assert roofline.copy_work(10).bytes == 80
+
+
+def test_roofline_floor_and_achieved_figures():
+    ceilings = roofline.Ceilings(copy_bandwidth=100e9, gemm_flops=1e12, details={})
+    memory = roofline.Work(bytes=10**9, flops=10**6)  # 10 ms of memory, 1 us of compute
+    assert ceilings.floor_s(memory) == pytest.approx(0.01)
+    got = roofline.achieved(memory, 0.02, ceilings)
+    assert got["GBps"] == pytest.approx(50.0)
+    assert got["fraction_of_copy_bw"] == pytest.approx(0.5)
+    assert got["roofline_fraction"] == pytest.approx(0.5)
+    assert got["bound"] == "memory"
+    compute = roofline.Work(bytes=10**6, flops=10**12)  # 1 s of compute
+    got = roofline.achieved(compute, 4.0, ceilings)
+    assert got["TFLOPs"] == pytest.approx(0.25)
+    assert got["roofline_fraction"] == pytest.approx(0.25)
+    assert got["bound"] == "compute"
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+def test_summarize_median_quartiles_and_spread():
+    m = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (m.median_s, m.min_s, m.max_s, m.repeats) == (3.0, 1.0, 5.0, 5)
+    assert (m.q25_s, m.q75_s) == (2.0, 4.0)
+    assert m.spread == pytest.approx(2.0 / 3.0)
+    assert m.host_median_s == 3.0
+    assert timing.summarize([1.0, 2.0], host_times=[0.1, 0.3]).host_median_s == pytest.approx(0.2)
+
+
+def test_repeat_count_fits_budget_within_bounds():
+    assert timing.repeat_count(0.01, 1.0, 3, 50) == 50
+    assert timing.repeat_count(0.1, 1.0, 3, 50) == 10
+    assert timing.repeat_count(1.0, 1.0, 3, 50) == 3
+    assert timing.repeat_count(0.0, 1.0, 3, 50) == 50
+
+
+def test_cpu_clock_times_a_known_sleep():
+    calls = []
+
+    def nap():
+        calls.append(1)
+        time.sleep(0.004)
+
+    clock = timing.CpuClock(budget_s=0.02, warmup=1, min_repeats=3, max_repeats=4, flush_bytes=2**20)
+    m = clock.measure(nap, flush=True)
+    assert 3 <= m.repeats <= 4
+    assert len(calls) == m.repeats + 1  # the warm-up call is not timed
+    assert 0.004 <= m.min_s <= m.median_s <= m.max_s < 0.5
+
+
+# ---- checks -----------------------------------------------------------------------------------
+
+def test_max_relative_error_is_relative_to_the_largest_reference_value():
+    ref = {"a": np.array([1.0, -4.0]), "b": np.array([2.0])}
+    got = {"a": np.array([1.0, -3.0]), "b": np.array([2.0]), "extra": np.zeros(3)}
+    assert kbench.max_relative_error(got, ref) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="shape"):
+        kbench.max_relative_error({"a": np.zeros(3)}, ref)
+
+
+def test_sample_indices_cover_both_ends():
+    assert kbench.sample_indices(10, 100).tolist() == list(range(10))
+    idx = kbench.sample_indices(10**6, 256)
+    assert idx[0] == 0 and idx[-1] == 10**6 - 1
+    assert len(idx) <= 256 and np.all(np.diff(idx) > 0)
+
+
+def test_kernel_selection_by_prefix():
+    assert kbench.select_kernels(["linear_relu"]) == ["linear_relu_forward", "linear_relu_backward"]
+    assert set(kbench.select_kernels(None)) >= set(kbench.FAMILIES)
+    with pytest.raises(SystemExit, match="unknown kernel"):
+        kbench.select_kernels(["no_such_kernel"])
+
+
+# ---- a tiny run, checked through its JSON -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = cli.main(["--tiny", "--device", "cpu", "--quiet", "--json", str(out / "r.json"),
+                       "--markdown", str(out / "r.md")])
+    return result, json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
+
+
+def test_tiny_run_json_has_environment_and_ceilings(tiny_run):
+    result, saved, _ = tiny_run
+    assert saved["schema"] == 1 and saved["settings"]["mode"] == "tiny"
+    env = saved["environment"]
+    for key in ("date_utc", "device", "device_name", "cpu_model", "cpu_count", "python", "versions", "threads",
+                "tf32", "torch", "load_average_1_5_15min"):
+        assert key in env, key
+    assert env["device"] == "cpu" and env["tf32"]["enabled"] is False
+    for lib in ("numpy", "numba", "cupy", "torch"):
+        assert lib in env["versions"]
+    assert env["versions"]["numpy"] == np.__version__
+    assert "blas" in env["threads"] and "torch" in env["threads"]
+    ceil = saved["ceilings"]
+    assert 0.1 < ceil["copy_bandwidth_GBps"] < 10_000
+    assert 1e-4 < ceil["gemm_TFLOPs"] < 2_000
+    assert ceil["copy_method"] in ("array_copy", "numba_parallel")
+
+
+def test_tiny_run_covers_every_kernel_impl_and_peer(tiny_run):
+    rows = tiny_run[1]["kernels"]
+    for kernel in kbench.FAMILIES:
+        impls = {r["impl"] for r in rows if r["kernel"] == kernel}
+        assert {"numpy", "numba_cpu"} <= impls, kernel
+        assert any(r["role"] == "unfused" for r in rows if r["kernel"] == kernel), kernel
+        assert any(r["role"] == "torch" for r in rows if r["kernel"] == kernel), kernel
+    assert not [r for r in rows if r["status"].startswith("error")], [r["status"] for r in rows]
+
+
+def test_tiny_run_rows_are_complete_and_consistent(tiny_run):
+    ceil = tiny_run[1]["ceilings"]
+    for row in tiny_run[1]["kernels"]:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        if row["status"] != "ok":
+            assert row["status"].startswith("unavailable: ") and row["median_s"] is None
+            continue
+        assert row["repeats"] >= 2
+        assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["GBps"] == pytest.approx(row["bytes"] / row["median_s"] / 1e9)
+        assert row["fraction_of_copy_bw"] == pytest.approx(row["GBps"] / ceil["copy_bandwidth_GBps"])
+        assert row["reference"] == "numpy impl"
+        assert row["max_rel_err"] < 1e-4, row  # float32 agreement with the numpy reference
+        if row["kernel"] == "adam_step":
+            assert row["bytes"] == 28 * row["params"]["n"] and row["flushed_cache"] is False  # CPU: warm caches
+        if row["vs_unfused"] is not None:
+            assert row["vs_unfused"] > 0 and row["vs_unfused_peer"].startswith("engine")
+
+
+def test_tiny_run_ratios_and_targets(tiny_run):
+    rows = tiny_run[1]["kernels"]
+    adam = {r["impl"]: r for r in rows if r["kernel"] == "adam_step"}
+    numba_row, unfused = adam["numba_cpu"], adam["engine Adam(fused=False)"]
+    assert numba_row["vs_unfused"] == pytest.approx(unfused["median_s"] / numba_row["median_s"])
+    assert numba_row["target"].startswith(("met", "missed"))
+    assert "x numpy, target >= 3x" in numba_row["target"]  # the CPU Adam target, at the tiny size
+    assert adam["numpy"]["target"] == ""  # the reference has no target
+    forward = {r["impl"]: r for r in rows if r["kernel"] == "linear_relu_forward"}
+    assert "plain-GEMM TFLOP/s" in forward["numba_cpu"]["target"]
+    if torch_installed():
+        peer = adam["torch Adam(fused=True)"]
+        if peer["status"] == "ok":
+            assert numba_row["vs_torch"] == pytest.approx(peer["median_s"] / numba_row["median_s"])
+
+
+def test_tiny_run_end_to_end_rows(tiny_run):
+    rows = tiny_run[1]["end_to_end"]
+    assert {r["impl"] for r in rows} == {"engine F + optim.Adam", "engine nn + optim.Adam", "torch eager"}
+    for row in rows:
+        assert E2E_FIELDS <= set(row)
+        assert row["model"] == "tiny_mlp" and row["layers"] == [64, 48, 32, 10]
+        assert row["flops"] == 6 * 8 * (64 * 48 + 48 * 32 + 32 * 10)
+        assert row["params"] == 64 * 48 + 48 + 48 * 32 + 32 + 32 * 10 + 10
+        if row["status"] == "ok":
+            assert row["samples_per_s"] == pytest.approx(row["batch"] / row["median_s"])
+            assert math.isfinite(row["loss_step1"]) and row["loss_rel_err"] < 1e-4
+            if row["impl"].startswith("engine") and row["vs_torch"] is not None:
+                verdict = "met" if 1 / row["vs_torch"] <= 1.3 else "missed"  # the CPU step-time target
+                assert row["target"].startswith(f"{verdict}: {1 / row['vs_torch']:.2f}x torch's step time")
+        else:
+            assert row["status"].startswith("unavailable: ")
+    assert rows[0]["status"] == "ok"
+
+
+def test_tiny_run_markdown_has_every_table(tiny_run):
+    md = tiny_run[2]
+    for kernel in kbench.FAMILIES:
+        assert f"## {kernel}" in md
+    assert "| case | impl | time |" in md and "## End to end" in md
+    assert "copy bandwidth" in md
+
+
+def test_without_torch_the_columns_say_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_device, "_import_torch", lambda: (None, bench_device.TORCH_MISSING))
+    result = cli.main(["--tiny", "--device", "cpu", "--quiet", "--kernel", "adam_step", "--skip-e2e"])
+    rows = {r["impl"]: r for r in result["kernels"]}
+    assert rows["torch Adam(fused=True)"]["status"] == "unavailable: torch not installed"
+    assert rows["numba_cpu"]["vs_torch"] is None
+    assert rows["numba_cpu"]["vs_torch_peer"] == "torch not installed"
+    assert "vs torch: torch not installed" in rows["numba_cpu"]["target"]
+    assert result["environment"]["torch"] == "torch not installed"
+
+
+def test_an_impl_whose_module_is_missing_is_reported_unavailable():
+    registry.register("adam_step", "not_written_yet", "kernels.cpu.no_such_module:adam_step", array_kind="numpy")
+    try:
+        result = cli.main(["--tiny", "--device", "cpu", "--quiet", "--kernel", "adam_step", "--skip-e2e",
+                           "--no-torch"])
+    finally:
+        del registry._REGISTRY["adam_step"]["not_written_yet"]
+    row = next(r for r in result["kernels"] if r["impl"] == "not_written_yet")
+    assert row["status"].startswith("unavailable: ModuleNotFoundError")
+    assert "no_such_module" in row["status"]
+    assert any(r["impl"] == "numba_cpu" and r["status"] == "ok" for r in result["kernels"])
+
+
+def test_cli_runs_from_the_source_checkout(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--device", "cpu", "--kernel", "sgd_step",
+                           "--skip-e2e", "--no-torch", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "sgd_step" in proc.stdout and "ceilings:" in proc.stdout
+    rows = json.loads(out.read_text())["kernels"]
+    assert {r["impl"] for r in rows if r["status"] == "ok"} >= {"numpy", "numba_cpu"}
+
+
+@pytest.mark.gpu
+def test_tiny_run_on_the_gpu():
+    result = cli.main(["--tiny", "--device", "cuda", "--quiet"])
+    env, rows = result["environment"], result["kernels"]
+    assert env["device"] == "cuda" and "driver_version" in env["gpu"] and env["gpu"]["sm_count"] > 0
+    assert result["ceilings"]["copy_bandwidth_GBps"] > 10
+    assert not [r for r in rows if r["status"].startswith("error")], [r["status"] for r in rows]
+    for kernel in kbench.FAMILIES:
+        impls = {r["impl"] for r in rows if r["kernel"] == kernel}
+        assert "cupy" in impls and "numpy" not in impls, kernel
+    for row in rows:
+        if row["status"] == "ok":
+            assert row["flushed_cache"] == (row["kernel"] not in ("linear_relu_forward", "linear_relu_backward"))
+            assert row["max_rel_err"] < 1e-4, row
+            assert 0 < row["host_median_s"] and 0 < row["median_s"]
+    assert all(r["status"] == "ok" for r in result["end_to_end"] if r["impl"].startswith("engine F"))
+    assert all(r["host_over_device"] > 0 for r in result["end_to_end"] if r["status"] == "ok")
