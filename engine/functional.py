@@ -56,11 +56,43 @@ def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> No
         raise DTypeError(f"{op}: dtypes differ: {', '.join(describe(t) for t in tensors)}; convert with .to(dtype)")
 
 
+class Linear(Function):
+    """``x @ W.T + b`` for 2-D x as one node (the GEMM and the bias add share it).
+
+    Built from matmul and transpose, W's gradient would arrive transposed (``(x.T @ g).T``) and
+    accumulating it into ``W.grad`` would be a strided pass over the largest array of the step;
+    here it is made in W's own layout, ``g.T @ x``.
+    """
+
+    name = "linear"
+
+    def forward(self, x, weight, bias=None):
+        self.save(x, weight)
+        self.has_bias = bias is not None
+        out = x @ weight.T
+        if bias is not None:
+            out += bias
+        return out
+
+    def backward(self, g):
+        x, weight = self.saved
+        gx = g @ weight if self.needs_input_grad[0] else None
+        gw = g.T @ x if self.needs_input_grad[1] else None
+        if not self.has_bias:
+            return gx, gw
+        return gx, gw, (g.sum(axis=0) if self.needs_input_grad[2] else None)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias``, weight of shape (out_features, in_features) as in PyTorch."""
+    """``x @ weight.T + bias``, weight of shape (out_features, in_features) as in PyTorch.
+
+    Inputs with more than two dims (or one) are flattened to (N, in_features) and reshaped back.
+    """
     _check_linear("linear", x, weight, bias)
-    out = ops.matmul(x, ops.transpose(weight))
-    return out if bias is None else out + bias
+    lead = x.shape[:-1]
+    flat = x if x.ndim == 2 else ops.reshape(x, (-1, x.shape[-1]))
+    out = Linear.apply(flat, weight) if bias is None else Linear.apply(flat, weight, bias)
+    return out if x.ndim == 2 else ops.reshape(out, lead + (weight.shape[0],))
 
 
 class LinearReLU(Function):

@@ -97,6 +97,9 @@ OPS = [
     Op("softmax_axis0", lambda a: F.softmax(a, axis=0), lambda a: _softmax_ref(a, 0), [(3, 5)]),
     Op("log_softmax", lambda a: F.log_softmax(a, axis=1), lambda a: np.log(_softmax_ref(a, 1)), [(3, 5)]),
     Op("linear", lambda x, w, b: F.linear(x, w, b), lambda x, w, b: x @ w.T + b, [(3, 4), (5, 4), (5,)]),
+    Op("linear_no_bias", lambda x, w: F.linear(x, w), lambda x, w: x @ w.T, [(3, 4), (5, 4)]),
+    Op("linear_3d_input", lambda x, w, b: F.linear(x, w, b), lambda x, w, b: x @ w.T + b, [(2, 3, 4), (5, 4), (5,)]),
+    Op("linear_1d_input", lambda x, w, b: F.linear(x, w, b), lambda x, w, b: x @ w.T + b, [(4,), (5, 4), (5,)]),
 ]
 
 
@@ -126,6 +129,17 @@ def test_forward_matches_float64_reference(op, device):
 def test_gradient_matches_finite_differences(op, device):
     tensors = [engine.tensor(a, dtype=engine.float64, device=device) for a in _inputs(op, seed=1)]
     assert engine.gradcheck(op.fn, tensors, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_weight_grad_arrives_in_the_weights_layout(device):
+    # A transposed weight gradient would make every accumulation into W.grad a strided pass.
+    x = engine.randn(6, 4, device=device)
+    w = engine.randn(3, 4, device=device, requires_grad=True)
+    F.linear(x, w).sum().backward()
+    assert w.grad.data.flags.c_contiguous
+    F.linear(x, w).sum().backward()  # accumulates
+    np.testing.assert_allclose(w.grad.numpy(), 2 * np.ones((6, 3)).T @ x.numpy(), rtol=1e-5)
 
 
 def test_comparisons_return_bool_without_grad():
