@@ -108,7 +108,8 @@ class LinearReLU(Function):
 
     def backward(self, g):
         x, weight, out = self.saved
-        gx, gw, gb = kernels.linear_relu_backward(_contiguous(g), x, weight, out)
+        gx, gw, gb = kernels.linear_relu_backward(_contiguous(g), x, weight, out,
+                                                  compute_grad_x=self.needs_input_grad[0])
         return (gx, gw, gb) if self.has_bias else (gx, gw)
 
 

@@ -24,13 +24,14 @@ def linear_relu_forward(x, weight, bias=None, *, impl=None):
     return call("linear_relu_forward", x, weight, bias, impl=impl)
 
 
-def linear_relu_backward(grad_out, x, weight, out, *, impl=None):
+def linear_relu_backward(grad_out, x, weight, out, *, compute_grad_x=True, impl=None):
     """Gradients of :func:`linear_relu_forward` -> ``(grad_x, grad_weight, grad_bias)``.
 
     ``out`` is the forward output; the mask ``out > 0`` and the bias reduction are fused into
-    one pass over ``grad_out``.
+    one pass over ``grad_out``. ``compute_grad_x=False`` skips the ``grad_out @ weight`` GEMM
+    and returns None for grad_x: the first layer of a network needs no input gradient.
     """
-    return call("linear_relu_backward", grad_out, x, weight, out, impl=impl)
+    return call("linear_relu_backward", grad_out, x, weight, out, compute_grad_x=compute_grad_x, impl=impl)
 
 
 def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,

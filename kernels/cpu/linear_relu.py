@@ -142,11 +142,11 @@ def linear_relu_forward_numpy(x, weight, bias=None):
     return y
 
 
-def linear_relu_backward_numpy(grad_out, x, weight, out):
-    """Reference backward -> ``(grad_x, grad_weight, grad_bias)``."""
+def linear_relu_backward_numpy(grad_out, x, weight, out, *, compute_grad_x=True):
+    """Reference backward -> ``(grad_x, grad_weight, grad_bias)``; grad_x None if not computed."""
     validate_backward(grad_out, x, weight, out)
     g = grad_out * (out > 0)
-    return g @ weight, g.T @ x, g.sum(axis=0)
+    return (g @ weight if compute_grad_x else None), g.T @ x, g.sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def linear_relu_forward_numba(x, weight, bias=None):
     return y
 
 
-def linear_relu_backward_numba(grad_out, x, weight, out):
+def linear_relu_backward_numba(grad_out, x, weight, out, *, compute_grad_x=True):
     """Backward: one fused pass makes ``g`` and ``db``; the two GEMMs go to numpy's BLAS."""
     dtype = validate_backward(grad_out, x, weight, out)
     n, k = x.shape
@@ -177,9 +177,11 @@ def linear_relu_backward_numba(grad_out, x, weight, out):
         chunks = min(n, _DB_CHUNKS)
         partial = np.empty((chunks, m), dtype=dtype)
         _jitted().backward_prologue(grad_out, out, g, partial, grad_bias)
-    grad_x = np.empty((n, k), dtype=dtype)
+    grad_x = None
+    if compute_grad_x:
+        grad_x = np.empty((n, k), dtype=dtype)
+        np.matmul(g, weight, out=grad_x)
     grad_weight = np.empty((m, k), dtype=dtype)
-    np.matmul(g, weight, out=grad_x)
     np.matmul(g.T, x, out=grad_weight)
     return grad_x, grad_weight, grad_bias
 

@@ -44,7 +44,7 @@ def linear_relu_forward(x, weight, bias=None):
     return y
 
 
-def linear_relu_backward(grad_out, x, weight, out):
+def linear_relu_backward(grad_out, x, weight, out, *, compute_grad_x=True):
     """``(grad_x, grad_weight, grad_bias)`` on the GPU (see kernels.linear_relu_backward)."""
     import cupy
 
@@ -53,14 +53,15 @@ def linear_relu_backward(grad_out, x, weight, out):
     m = weight.shape[0]
     if n == 0 or m == 0:
         # No rows or no outputs: every gradient is zero (or empty); nothing to launch.
-        return (cupy.zeros((n, k), dtype=dtype), cupy.zeros((m, k), dtype=dtype),
+        return (cupy.zeros((n, k), dtype=dtype) if compute_grad_x else None, cupy.zeros((m, k), dtype=dtype),
                 cupy.zeros(m, dtype=dtype))
     g = cupy.empty((n, m), dtype=dtype)
     grad_bias = _mask_and_bias_grad(grad_out, out, g)
-    grad_x = cupy.empty((n, k), dtype=dtype)
+    grad_x = cupy.empty((n, k), dtype=dtype) if compute_grad_x else None
     grad_weight = cupy.empty((m, k), dtype=dtype)
     if k:
-        cupy.matmul(g, weight, out=grad_x)
+        if compute_grad_x:
+            cupy.matmul(g, weight, out=grad_x)
         cupy.matmul(g.T, x, out=grad_weight)
     return grad_x, grad_weight, grad_bias
 

@@ -175,7 +175,7 @@ def linear_relu_forward(x, weight, bias=None):
     return y
 
 
-def linear_relu_backward(grad_out, x, weight, out):
+def linear_relu_backward(grad_out, x, weight, out, *, compute_grad_x=True):
     """``(grad_x, grad_weight, grad_bias)``: one fused mask + db pass, then two tiled GEMMs."""
     dtype = validate_backward(grad_out, x, weight, out)
     xp = _array_module(x)
@@ -183,15 +183,18 @@ def linear_relu_backward(grad_out, x, weight, out):
     n, k = x.shape
     m = weight.shape[0]
     if n == 0 or m == 0:
-        return xp.zeros((n, k), dtype=dtype), xp.zeros((m, k), dtype=dtype), xp.zeros(m, dtype=dtype)
+        grad_x = xp.zeros((n, k), dtype=dtype) if compute_grad_x else None
+        return grad_x, xp.zeros((m, k), dtype=dtype), xp.zeros(m, dtype=dtype)
     g = xp.empty((n, m), dtype=dtype)
     grad_bias = xp.empty(m, dtype=dtype)
     _mask_and_bias_grad(kernels, grad_out, out, g, grad_bias, xp)
-    grad_x = xp.empty((n, k), dtype=dtype)
+    grad_x = xp.empty((n, k), dtype=dtype) if compute_grad_x else None
     grad_weight = xp.empty((m, k), dtype=dtype)
     if k:
         placeholder = weight[0]  # never read: no epilogue (an input: see linear_relu_forward)
-        _gemm(kernels, g, weight, grad_x, placeholder, trans_a=False, trans_b=False, add_bias=False, relu=False)
+        if compute_grad_x:
+            _gemm(kernels, g, weight, grad_x, placeholder, trans_a=False, trans_b=False, add_bias=False,
+                  relu=False)
         _gemm(kernels, g, x, grad_weight, placeholder, trans_a=True, trans_b=False, add_bias=False, relu=False)
     return grad_x, grad_weight, grad_bias
 

@@ -48,6 +48,17 @@ def test_numba_cuda_matches_numpy_impl(shape, dtype, bias):
         assert_close(got, ref, terms)
 
 
+def test_numba_cuda_backward_without_grad_x():
+    rng = np.random.default_rng(3)
+    x, w, b, dy = make_inputs(rng, 19, 17, 21, np.float32)
+    y = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    grad_x, grad_w, grad_b = kernels.linear_relu_backward(dy, x, w, y, compute_grad_x=False, impl="numba_cuda")
+    _, ref_w, ref_b = kernels.linear_relu_backward(dy, x, w, y, impl="numpy")
+    assert grad_x is None
+    assert_close(grad_w, ref_w, 19)
+    assert_close(grad_b, ref_b, 19)
+
+
 def test_numba_cuda_empty_edges():
     rng = np.random.default_rng(0)
     x, w, b, dy = make_inputs(rng, 0, 4, 3, np.float32)

@@ -149,6 +149,21 @@ def test_backward_matches_float64_formula_and_numpy_impl(impl, dtype, shape, rng
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(37, 29, 53), (3, 0, 4), (0, 5, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_backward_without_grad_x_skips_it_and_keeps_the_rest(impl, shape, rng):
+    n, k, m = shape
+    x, w, b = make_inputs(rng, n, k, m, np.float32)
+    y = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    dy = make_inputs(rng, n, m, 1, np.float32)[0]
+    dev = [to_device(a, impl) for a in (dy, x, w, y)]
+    grad_x, grad_w, grad_b = kernels.linear_relu_backward(*dev, compute_grad_x=False, impl=impl)
+    assert grad_x is None
+    _, ref_w, ref_b = kernels.linear_relu_backward(dy, x, w, y, impl="numpy")
+    assert_close(grad_w, ref_w.astype(np.float64), np.float32, n)
+    assert_close(grad_b, ref_b.astype(np.float64), np.float32, n)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_backward_matches_finite_differences(impl):
     """Gradients of L = sum(dy * relu(x @ W.T + b)) against central differences, float64."""
     rng = np.random.default_rng(7)
