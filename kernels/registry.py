@@ -56,6 +56,9 @@ class Impl:
 
 # kernel name -> impl name -> Impl, in preference order (dicts keep insertion order).
 _REGISTRY: dict[str, dict[str, Impl]] = {}
+# (kernel, array kind) -> the impl an unforced call picks. Choosing runs on every kernel call,
+# and an availability check imports and probes; what it finds does not change in a process.
+_DEFAULT_CHOICE: dict[tuple[str, str], Impl] = {}
 
 
 def register(kernel: str, name: str, target: str, *, array_kind: str, requires: tuple[str, ...] = ()) -> None:
@@ -63,6 +66,7 @@ def register(kernel: str, name: str, target: str, *, array_kind: str, requires: 
     if array_kind not in ("numpy", "cupy"):
         raise ValueError(f"array_kind must be 'numpy' or 'cupy', got {array_kind!r}")
     _REGISTRY.setdefault(kernel, {})[name] = Impl(kernel, name, target, array_kind, tuple(requires))
+    _DEFAULT_CHOICE.clear()
 
 
 def kernels() -> list[str]:
@@ -101,16 +105,25 @@ def choose(kernel: str, arrays, impl: str | None = None) -> Impl:
             raise KernelError(f"kernel {kernel!r}: impl {forced!r} is not usable here "
                               f"(needs {', '.join(chosen.requires) or 'nothing'} and a device)")
         return chosen
+    chosen = _DEFAULT_CHOICE.get((kernel, kind))
+    if chosen is not None:
+        return chosen
     for candidate in table.values():
         if candidate.array_kind == kind and candidate.available():
+            _DEFAULT_CHOICE[(kernel, kind)] = candidate
             return candidate
     raise KernelError(f"kernel {kernel!r}: no usable impl for {kind} arrays; registered: {list(table)}")
 
 
 def call(kernel: str, *args, impl: str | None = None, **kwargs):
     """Run ``kernel`` on ``args`` with the impl :func:`choose` picks."""
-    arrays = [a for a in args if hasattr(a, "__array_interface__") or hasattr(a, "__cuda_array_interface__")]
+    arrays = [a for a in args if _is_array_type(type(a))]
     return choose(kernel, arrays, impl).fn(*args, **kwargs)
+
+
+@functools.cache
+def _is_array_type(cls: type) -> bool:
+    return hasattr(cls, "__array_interface__") or hasattr(cls, "__cuda_array_interface__")
 
 
 def array_kind(arrays, kernel: str = "kernel") -> str:

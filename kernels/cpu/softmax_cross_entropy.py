@@ -229,9 +229,10 @@ def softmax_cross_entropy_numba(logits, targets, weight=None, *, ignore_index=-1
     w = weight if has_weight else np.ones(1, dt)
     one_minus_eps, eps_c, scale = dt.type(1.0 - spec.eps), dt.type(spec.eps / c), dt.type(spec.grad_scale)
     fast_exp = dt == np.float32
-    rows_hard, rows_soft = _numba_kernels()
+    parallel = n > 1 and n * c >= PARALLEL_MIN
+    rows_hard, rows_soft = _numba_kernels(parallel)
     # Rows are handed to threads in small groups, so a group can share one scratch row.
-    rows_per_task = max(1, min(16, n // (4 * _num_threads())))
+    rows_per_task = max(1, min(16, n // (4 * _num_threads()))) if parallel else n
     if spec.soft:
         rows_soft(logits, targets, w, has_weight, one_minus_eps, eps_c, scale, spec.compute_grad, fast_exp,
                   rows_per_task, loss, grad)
@@ -253,8 +254,13 @@ _P0, _P1, _P2, _P3, _P4, _P5 = (_F32(v) for v in (1.9875691500e-4, 1.3981999507e
 _EXP_LO, _HALF, _ONE = _F32(-87.0), _F32(0.5), _F32(1.0)
 
 
-# Set by _numba_kernels() (module globals that the row kernels read; see there).
-_nb_prange = _nb_row_max = _nb_exp_shifted = _nb_row_sum = _nb_weighted_shift_sums = _nb_target_sums = None
+# Set by _numba_helpers() (module globals that the row kernels read; see there).
+_nb_row_max = _nb_exp_shifted = _nb_row_sum = _nb_weighted_shift_sums = _nb_target_sums = None
+
+# Logits (N * C) from which the rows run in parallel. Starting a parallel region costs ~50 us
+# under the workqueue threading layer (3 us under OpenMP, whose idle threads spin instead); one
+# thread does 2^15 float32 logits in about that time, so smaller calls stay on the caller's thread.
+PARALLEL_MIN = 1 << 15
 
 
 def _num_threads() -> int:
@@ -264,15 +270,16 @@ def _num_threads() -> int:
 
 
 @functools.cache
-def _numba_kernels():
+def _numba_helpers() -> None:
+    """Compile the per-row helpers and publish them as module globals for the row kernels.
+
+    The row kernels reach the helpers as module globals, not closure variables: numba's cache key
+    hashes the pickled closure cells, and a pickled dispatcher differs between processes, so a
+    closure would miss the on-disk cache on every run.
+    """
     import numba
 
-    # The row kernels reach the helpers as module globals, not closure variables: numba's cache key
-    # hashes the pickled closure cells, and a pickled dispatcher differs between processes, so a
-    # closure would miss the on-disk cache on every run.
     module = globals()
-    module["_nb_prange"] = numba.prange
-    jit = numba.njit(cache=True, parallel=True, fastmath=False)
     helper = numba.njit(cache=True)
     # Reductions may be reordered (vectorized partial sums); the sums run in float64.
     summing = numba.njit(cache=True, fastmath={"reassoc"})
@@ -344,11 +351,23 @@ def _numba_kernels():
     module.update(_nb_row_max=row_max, _nb_exp_shifted=exp_shifted, _nb_row_sum=row_sum,
                   _nb_weighted_shift_sums=weighted_shift_sums, _nb_target_sums=target_sums)
 
+
+@functools.cache
+def _numba_kernels(parallel: bool):
+    """(rows_hard, rows_soft): over rows in parallel (prange) or on the calling thread."""
+    import numba
+
+    _numba_helpers()
+    # `loop` (prange or range, which pickle by name) is a closure variable, so the serial and the
+    # parallel build of one function get different keys in numba's on-disk cache.
+    loop = numba.prange if parallel else range
+    jit = numba.njit(cache=True, parallel=parallel, fastmath=False)
+
     @jit
     def rows_hard(logits, targets, w, has_weight, ignore_index, one_minus_eps, eps_c, smooth, scale,
                   compute_grad, fast_exp, rows_per_task, loss, grad):
         n, c = logits.shape
-        for task in _nb_prange((n + rows_per_task - 1) // rows_per_task):
+        for task in loop((n + rows_per_task - 1) // rows_per_task):
             scratch = np.empty(0 if compute_grad else c, logits.dtype)  # exp row when no grad is kept
             for i in range(task * rows_per_task, min(n, (task + 1) * rows_per_task)):
                 t = targets[i]
@@ -389,7 +408,7 @@ def _numba_kernels():
     def rows_soft(logits, q, w, has_weight, one_minus_eps, eps_c, scale, compute_grad, fast_exp, rows_per_task, loss,
                   grad):
         n, c = logits.shape
-        for task in _nb_prange((n + rows_per_task - 1) // rows_per_task):
+        for task in loop((n + rows_per_task - 1) // rows_per_task):
             scratch = np.empty(0 if compute_grad else c, logits.dtype)
             for i in range(task * rows_per_task, min(n, (task + 1) * rows_per_task)):
                 z = logits[i]

@@ -208,6 +208,20 @@ def test_large_class_count(impl):
     check(impl, z, q, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_numba_cpu_serial_and_parallel_rows_agree_bitwise(kind, monkeypatch):
+    """Small calls run the rows on the calling thread, large ones in parallel: same bits either way."""
+    from kernels.cpu import softmax_cross_entropy as module
+
+    z, targets, weight = make_case(40, 300, np.float32, kind=kind, seed=23, weighted=True)
+    results = []
+    for threshold in (0, 1 << 62):  # parallel always, then never
+        monkeypatch.setattr(module, "PARALLEL_MIN", threshold)
+        results.append(kernels.softmax_cross_entropy(z, targets, weight, label_smoothing=0.1, impl="numba_cpu"))
+    (loss_p, grad_p), (loss_s, grad_s) = results
+    assert np.array_equal(loss_p, loss_s) and np.array_equal(grad_p, grad_s)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_class_count_one(impl, dtype):
