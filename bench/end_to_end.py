@@ -20,10 +20,11 @@ apart by a whole ``lr``. Errors are ``|loss - reference| / max(|reference|, 1)``
 model memorizes its batch in two steps, and a loss of 1e-14 against 0 is agreement, not a
 100 % error.
 
-Then the variants are timed side by side: in each of ``ROUNDS`` rounds every variant warms up
-again and is timed for a third of its budget, in turn. Timed one after the other instead, the
-first variant of each configuration ran up to 1.5x slower on the 2-core CPU than when timed
-second (the allocator and the thread pools were still settling), which no ratio should carry.
+Then each variant runs untimed for one clock budget, and the variants are timed side by side:
+in each of ``ROUNDS`` rounds every variant warms up again and is timed for a third of its
+budget, in turn. Timed one after the other instead, the first variant of each configuration ran
+up to 1.5x slower on the 2-core CPU than when timed second (the allocator and the thread pools
+were still settling), which no ratio should carry.
 
 On the GPU each row also reports the host time per step (Python issuing the work, no sync) next
 to the device time: a ratio near or above 1 means the step is bound by Python and launch
@@ -33,6 +34,7 @@ overhead.
 from __future__ import annotations
 
 import math
+import time
 import traceback
 
 from bench import roofline
@@ -221,7 +223,9 @@ def _run_config(bd, ceilings, model_name, layers, batch, progress) -> list[dict]
         row["loss_rel_err"] = _relative(losses[0], reference_loss[0])
         row["loss_step3_rel_err"] = _relative(losses[2], reference_loss[2])
         timed.append((row, bd.torch_clock if framework == "torch" else bd.clock, step))
-    progress.working(f"end-to-end {model_name} batch={batch}: timing {len(timed)} variants in rounds")
+    progress.working(f"end-to-end {model_name} batch={batch}: warming up, then timing {len(timed)} variants in rounds")
+    for _, clock, step in timed:
+        _run_for(step, clock, clock.budget_s)
     measurements = measure_interleaved([(clock, step) for _, clock, step in timed], rounds=ROUNDS,
                                        before=bd.settle)
     for (row, _, _), m in zip(timed, measurements):
@@ -235,6 +239,18 @@ def _run_config(bd, ceilings, model_name, layers, batch, progress) -> list[dict]
     for row in rows:
         progress.row_done(row)
     return rows
+
+
+def _run_for(step, clock, seconds: float) -> None:
+    """Untimed steps for about ``seconds``: a process's first second of training steps runs slower
+    (allocator arenas and page mappings growing, thread pools waking), and it should not fall on
+    the first variant measured."""
+    deadline = time.perf_counter() + seconds
+    while True:
+        step()
+        clock.synchronize()
+        if time.perf_counter() >= deadline:
+            return
 
 
 def _relative(value: float, reference: float) -> float:
