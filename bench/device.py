@@ -117,6 +117,14 @@ class BenchDevice:
                 else CpuClock(**clock_settings)
 
     @property
+    def rounds(self) -> int:
+        """Rounds in which the candidates of one case are timed side by side (bench.timing.
+        measure_interleaved). The shared CPU drifts by tens of percent within a minute; on the GPU,
+        timed with events, one round suffices, and each candidate's inputs and outputs are freed
+        before the next is built (the large cases need a few GB each)."""
+        return 3 if self.kind == "cpu" else 1
+
+    @property
     def flushes_cache(self) -> bool:
         """Whether memory-bound rows are timed cold (GPU only: see bench/timing.py)."""
         return self.kind == "cuda"

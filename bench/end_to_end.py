@@ -229,6 +229,9 @@ def _run_config(bd, ceilings, model_name, layers, batch, progress) -> list[dict]
     measurements = measure_interleaved([(clock, step) for _, clock, step in timed], rounds=ROUNDS,
                                        before=bd.settle)
     for (row, _, _), m in zip(timed, measurements):
+        if isinstance(m, Exception):
+            row["status"] = f"error: {type(m).__name__}: {str(m).strip().splitlines()[0] if str(m).strip() else ''}"
+            continue
         row.update(status="ok", **m.to_dict())
         row["samples_per_s"] = batch / m.median_s
         row["TFLOPs"] = row["flops"] / m.median_s / 1e12

@@ -8,8 +8,10 @@ For each kernel and size (a *case*) the sweep
    covers while keeping 4 GB inputs cheap to check);
 3. runs each *candidate* -- each registered impl usable on this device, then the peers: the
    unfused engine path, the engine's own fused path where it adds a wrapper (optimizers,
-   ``F.cross_entropy``), a plain GEMM for linear_relu, torch eager -- checks its output against
-   the reference (max error relative to the reference's largest magnitude), then times it;
+   ``F.cross_entropy``), a plain GEMM for linear_relu, torch eager -- and checks its output
+   against the reference (max error relative to the reference's largest magnitude);
+   then times the candidates: on the CPU side by side, in rounds (the shared machine drifts),
+   on the GPU one after the other (see ``BenchDevice.rounds``);
 4. adds the ratios (vs torch, vs unfused) and the targets.
 
 A candidate that cannot run (its module is not written yet, numba or torch is missing) becomes
@@ -29,7 +31,7 @@ import numpy as np
 import kernels as kernel_registry
 from bench import roofline
 from bench.device import BenchDevice, Unavailable
-from bench.timing import Clock
+from bench.timing import Clock, measure_interleaved
 
 # The impls the design defines, by the device whose arrays they take.
 IMPL_DEVICE = {"numpy": "cpu", "numba_cpu": "cpu", "cupy": "cuda", "numba_cuda": "cuda"}
@@ -565,24 +567,34 @@ def _lr_backward_torch(bd, x, weight, bias, grad_out, cols):
 
 # ---- running a case ---------------------------------------------------------------------------
 
-def run_candidate(case: Case, candidate: Candidate, bd: BenchDevice, ceilings: roofline.Ceilings) -> dict:
-    """One row: check the candidate against the reference, then time it. Never raises."""
+def check_candidate(case: Case, candidate: Candidate, bd: BenchDevice) -> tuple[dict, Prepared | None]:
+    """Prepare one candidate and check it against the reference: (row, prepared or None). Never raises."""
     row = base_row(case, candidate, bd)
     try:
         prepared = candidate.prepare()
         got = prepared.sample()
         if case.reference is not None:
             row["max_rel_err"] = max_relative_error(got, case.reference)
-        measurement = prepared.clock.measure(prepared.run, flush=case.flush)
     except Unavailable as e:
         row["status"] = f"unavailable: {e}"
-        return row
+        return row, None
     except Exception as e:  # one broken candidate must not stop the sweep; the row says what broke
         row["status"] = f"error: {type(e).__name__}: {_first_line(e)}"
         row["traceback"] = traceback.format_exc(limit=6)
-        return row
-    row.update(status="ok", **measurement.to_dict(), **roofline.achieved(case.work, measurement.median_s, ceilings))
-    return row
+        return row, None
+    return row, prepared
+
+
+def time_candidates(case: Case, checked: list[tuple[dict, Prepared]], bd: BenchDevice,
+                    ceilings: roofline.Ceilings) -> None:
+    """Time the checked candidates side by side (``bd.rounds`` rounds) and fill their rows."""
+    measurements = measure_interleaved([(prepared.clock, prepared.run) for _, prepared in checked],
+                                       rounds=bd.rounds, flush=case.flush, before=bd.settle)
+    for (row, _), m in zip(checked, measurements):
+        if isinstance(m, Exception):
+            row["status"] = f"error: {type(m).__name__}: {_first_line(m)}"
+        else:
+            row.update(status="ok", **m.to_dict(), **roofline.achieved(case.work, m.median_s, ceilings))
 
 
 def base_row(case: Case, candidate: Candidate, bd: BenchDevice) -> dict:
@@ -780,10 +792,20 @@ def _run_case(build, kernel, bd, ceilings, progress) -> list[dict]:
         return [{"kernel": kernel, "case": "setup", "impl": "-", "role": "impl", "status":
                  f"error: {type(e).__name__}: {_first_line(e)}", "target": ""}]
     rows = []
-    for candidate in case.candidates:
-        progress.working(f"{case.kernel} {case.label} {candidate.name}")
-        bd.settle()
-        rows.append(run_candidate(case, candidate, bd, ceilings))
+    # Candidates are timed in groups side by side: all of them together on the CPU, one at a
+    # time on the GPU (see BenchDevice.rounds); a group is dropped before the next is built.
+    size = len(case.candidates) if bd.rounds > 1 else 1
+    for start in range(0, len(case.candidates), size):
+        checked = []
+        for candidate in case.candidates[start:start + size]:
+            progress.working(f"{case.kernel} {case.label} {candidate.name}")
+            row, prepared = check_candidate(case, candidate, bd)
+            rows.append(row)
+            if prepared is not None:
+                checked.append((row, prepared))
+        progress.working(f"{case.kernel} {case.label}: timing {len(checked)} candidates")
+        time_candidates(case, checked, bd, ceilings)
+        del checked
         bd.synchronize()
     if "gemm_work" in case.extra:
         for row in rows:

@@ -224,24 +224,31 @@ class CudaEventClock(Clock):
         return times, host
 
 
-def measure_interleaved(timed: list[tuple[Clock, Callable[[], object]]], rounds: int = 3,
-                        before: Callable[[], object] | None = None) -> list[Measurement]:
+def measure_interleaved(timed: list[tuple[Clock, Callable[[], object]]], rounds: int = 3, *, flush: bool = False,
+                        before: Callable[[], object] | None = None) -> list[Measurement | Exception]:
     """Time several callables side by side: ``rounds`` rounds, each timing every one in turn.
 
     Whatever drifts during a run (clock frequency, the allocator's state, a neighbour's load)
     then falls on every callable alike, and the first one is not the only one to run on a
     freshly settled machine; a ratio of the medians is a side-by-side comparison. ``before``
     runs ahead of each sample (the CPU benchmarks pause there, for the last one's threads to idle).
+    A callable that raises gets its exception in its place in the result, and the others go on.
     """
-    samples = [([], []) for _ in timed]
+    samples: list = [([], []) for _ in timed]
     for _ in range(rounds):
-        for (clock, fn), (times, host) in zip(timed, samples):
+        for i, (clock, fn) in enumerate(timed):
+            if isinstance(samples[i], Exception):
+                continue
             if before is not None:
                 before()
-            t, h = clock.sample(fn, share=1.0 / rounds)
-            times.extend(t)
-            host.extend(h)
-    return [summarize(times, host) for times, host in samples]
+            try:
+                t, h = clock.sample(fn, flush=flush, share=1.0 / rounds)
+            except Exception as e:  # noqa: BLE001 - reported in the caller's row
+                samples[i] = e
+                continue
+            samples[i][0].extend(t)
+            samples[i][1].extend(h)
+    return [s if isinstance(s, Exception) else summarize(*s) for s in samples]
 
 
 class CupyEvents:

@@ -101,6 +101,22 @@ def test_cpu_clock_times_a_known_sleep():
     assert 0.004 <= m.min_s <= m.median_s <= m.max_s < 0.5
 
 
+def test_interleaved_timing_takes_turns_and_isolates_a_failure():
+    order = []
+    clock = timing.CpuClock(budget_s=0.0, warmup=1, min_repeats=2, max_repeats=2)
+
+    def broken():
+        order.append("broken")
+        raise RuntimeError("out of memory")
+
+    results = timing.measure_interleaved([(clock, lambda: order.append("a")), (clock, broken),
+                                          (clock, lambda: order.append("b"))], rounds=3)
+    # Each round: a's warm-up and timed call, broken once (then skipped), b's; a and b alternate.
+    assert order == ["a", "a", "broken", "b", "b"] + ["a", "a", "b", "b"] * 2
+    assert isinstance(results[1], RuntimeError)
+    assert results[0].repeats == results[2].repeats == 3  # one timed call per round (a third of 2, rounded)
+
+
 # ---- checks -----------------------------------------------------------------------------------
 
 def test_max_relative_error_is_relative_to_the_largest_reference_value():
