@@ -25,7 +25,41 @@ def _check_module(container: str, index, module) -> Module:
     return module
 
 
-class Sequential(Module):
+class _ModuleSequence(Module):
+    """What Sequential and ModuleList share: modules named by position, appended, counted, iterated
+    and indexed. ``_from_slice`` makes a container of the same kind from a slice of (name, module)."""
+
+    def append(self, module: Module):
+        """Add ``module`` at the end (named by its position)."""
+        index = len(self._modules)
+        self.add_module(str(index), _check_module(f"{type(self).__name__}.append", index, module))
+        return self
+
+    def extend(self, modules):
+        for module in modules:
+            self.append(module)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        items = list(self._modules.items())
+        if isinstance(index, slice):
+            return self._from_slice(items[index])
+        try:
+            return items[index][1]
+        except (IndexError, TypeError):
+            raise IndexError(f"{type(self).__name__} index {index!r} out of range for {len(items)} modules") from None
+
+    def _from_slice(self, items: list) -> "_ModuleSequence":
+        raise NotImplementedError
+
+
+class Sequential(_ModuleSequence):
     """Modules applied one after another: ``Sequential(a, b, c)``, ``Sequential([a, b, c])`` or
     ``Sequential(OrderedDict(name=module, ...))``.
 
@@ -49,30 +83,8 @@ class Sequential(Module):
         for module in modules:
             self.append(module)
 
-    def append(self, module: Module) -> "Sequential":
-        """Add ``module`` at the end (named by its position)."""
-        self.add_module(str(len(self._modules)), _check_module("Sequential.append", len(self._modules), module))
-        return self
-
-    def extend(self, modules) -> "Sequential":
-        for module in modules:
-            self.append(module)
-        return self
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def __getitem__(self, index):
-        items = list(self._modules.items())
-        if isinstance(index, slice):
-            return Sequential(OrderedDict(items[index]))
-        try:
-            return items[index][1]
-        except (IndexError, TypeError):
-            raise IndexError(f"Sequential index {index!r} out of range for {len(items)} modules") from None
+    def _from_slice(self, items: list) -> "Sequential":
+        return Sequential(OrderedDict(items))  # keeps the names
 
     def forward(self, x):
         layers = list(self._modules.values())
@@ -94,7 +106,7 @@ def _is_plain(module: Module, cls: type) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward
 
 
-class ModuleList(Module):
+class ModuleList(_ModuleSequence):
     """A list of modules whose parameters are registered (a plain Python list would hide them).
 
     Example:
@@ -106,29 +118,8 @@ class ModuleList(Module):
         for module in modules or ():
             self.append(module)
 
-    def append(self, module: Module) -> "ModuleList":
-        self.add_module(str(len(self._modules)), _check_module("ModuleList.append", len(self._modules), module))
-        return self
-
-    def extend(self, modules) -> "ModuleList":
-        for module in modules:
-            self.append(module)
-        return self
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def __getitem__(self, index):
-        items = list(self._modules.values())
-        if isinstance(index, slice):
-            return ModuleList(items[index])
-        try:
-            return items[index]
-        except (IndexError, TypeError):
-            raise IndexError(f"ModuleList index {index!r} out of range for {len(items)} modules") from None
+    def _from_slice(self, items: list) -> "ModuleList":
+        return ModuleList(module for _, module in items)
 
 
 # ---- linear ----------------------------------------------------------------------------------------
