@@ -31,7 +31,7 @@ import numpy as np
 
 from engine import backend
 from engine.errors import DTypeError, EngineError, ShapeError, describe
-from engine.tensor import Tensor
+from engine.tensor import unwrap
 
 __all__ = [
     "accuracy", "top_k_accuracy", "precision", "recall", "f1_score", "precision_recall_f1", "confusion_matrix",
@@ -47,20 +47,9 @@ class UndefinedMetricWarning(UserWarning):
 
 # ---- inputs -------------------------------------------------------------------------------------
 
-def _raw(x, where: str):
-    if isinstance(x, Tensor):
-        return x.data
-    if backend.is_array(x):
-        return x
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as exc:
-        raise EngineError(f"{where}: expected an array or Tensor, got {type(x).__name__}") from exc
-
-
 def _pair(pred, target, where: str):
     """Raw arrays of ``pred`` and ``target`` on one device (both moved to the host if they differ)."""
-    p, t = _raw(pred, where), _raw(target, where)
+    p, t = unwrap(pred, where), unwrap(target, where)
     if backend.device_of(p) != backend.device_of(t):
         p, t = backend.to_device(p, backend.CPU), backend.to_device(t, backend.CPU)
     return p, t
@@ -344,8 +333,8 @@ def f1_score(pred, target, average="binary", pos_label: int = 1, num_classes: in
 # ---- ROC ------------------------------------------------------------------------------------------
 
 def _binary_scores(pred, target, pos_label, where: str) -> tuple[np.ndarray, np.ndarray]:
-    scores = _host_float64(_raw(pred, where))
-    truth = np.asarray(backend.to_device(_raw(target, where), backend.CPU))
+    scores = _host_float64(unwrap(pred, where))
+    truth = np.asarray(backend.to_device(unwrap(target, where), backend.CPU))
     if scores.ndim == 2 and scores.shape[1] == 1:
         scores = scores[:, 0]
     if scores.ndim != 1 or truth.shape != scores.shape:
@@ -428,7 +417,7 @@ def roc_auc_score(pred, target, average: str = "macro", pos_label: int = 1) -> f
         0.75
     """
     where = "roc_auc_score"
-    scores = _raw(pred, where)
+    scores = unwrap(pred, where)
     if scores.ndim == 2 and scores.shape[1] == 2:
         scores = scores[:, 1]
     if scores.ndim == 1 or (scores.ndim == 2 and scores.shape[1] == 1):
@@ -437,7 +426,7 @@ def roc_auc_score(pred, target, average: str = "macro", pos_label: int = 1) -> f
 
 
 def _one_vs_rest_auc(scores: np.ndarray, target, average, where: str):
-    truth = _labels(np.asarray(backend.to_device(_raw(target, where), backend.CPU)), "target", where)
+    truth = _labels(np.asarray(backend.to_device(unwrap(target, where), backend.CPU)), "target", where)
     if scores.ndim != 2 or truth.shape != (scores.shape[0],):
         raise ShapeError(f"{where}: expected class scores (N, C) and labels (N,), got {scores.shape} and {truth.shape}")
     if average not in ("macro", "weighted", None):
@@ -668,7 +657,7 @@ class Mean(Metric):
         self._sum, self._weight = 0.0, 0.0
 
     def update(self, value, weight: float = 1.0) -> None:
-        data = _raw(value, "Mean.update")
+        data = unwrap(value, "Mean.update")
         self._sum += float(_host_float64(data.astype(np.float64).sum())) * float(weight)
         self._weight += data.size * float(weight)
 

@@ -293,6 +293,19 @@ def _is_dtype(obj) -> bool:
     return isinstance(obj, (type, np.dtype))
 
 
+def unwrap(x, where: str):
+    """The raw numpy/cupy array behind ``x``: a Tensor's data, an array as it is, other array-like
+    data as numpy (dtype and device kept, unlike :func:`as_array`); ``where`` names the caller in errors."""
+    if isinstance(x, Tensor):
+        return x.data
+    if backend.is_array(x):
+        return x
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"{where}: expected a numpy/cupy array or Tensor, got {type(x).__name__}") from exc
+
+
 def as_array(data, dtype=None, device=None):
     """``data`` as a numpy/cupy array on ``device``; Python floats and lists become float32."""
     if isinstance(data, Tensor):

@@ -11,7 +11,7 @@ import numpy as np
 
 from engine import backend
 from engine.errors import EngineError, ShapeError, describe
-from engine.tensor import Tensor
+from engine.tensor import Tensor, unwrap  # noqa: F401  (unwrap: used across engine.data)
 
 
 class Dataset:
@@ -133,18 +133,6 @@ def make_generator(seed=None, generator=None, where: str = "data") -> np.random.
 
 
 # ---- numpy / cupy / Tensor in, the same kind out --------------------------------------------------
-
-def unwrap(x, where: str):
-    """The raw numpy/cupy array behind ``x`` (a Tensor, an array, or array-like data)."""
-    if isinstance(x, Tensor):
-        return x.data
-    if backend.is_array(x):
-        return x
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as exc:
-        raise EngineError(f"{where}: expected a numpy/cupy array or Tensor, got {type(x).__name__}") from exc
-
 
 def rewrap(data, like):
     """``data`` as a Tensor when ``like`` was a Tensor, else the raw array."""
