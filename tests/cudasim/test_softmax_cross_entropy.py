@@ -10,18 +10,7 @@ import pytest
 
 import kernels
 from kernels import KernelError
-
-
-def make_case(n, c, dtype, kind="hard", seed=0, weighted=False, index_dtype=np.int64):
-    rng = np.random.default_rng(seed)
-    z = (rng.standard_normal((n, c)) * 3 + rng.uniform(-2, 2, (n, 1))).astype(dtype)
-    if kind == "soft":
-        q = rng.uniform(0.05, 1.0, (n, c))
-        targets = (q / q.sum(axis=1, keepdims=True)).astype(dtype)
-    else:
-        targets = rng.integers(0, c, n).astype(index_dtype)
-    weight = rng.uniform(0.5, 2.0, c).astype(dtype) if weighted else None
-    return z, targets, weight
+from tests.kernels.helpers import make_cross_entropy_case as make_case
 
 
 def assert_matches_numpy(z, targets, weight=None, **kw):

@@ -9,31 +9,15 @@ import pytest
 
 import kernels
 from kernels import KernelError
+from tests.kernels.helpers import to_device, to_host
 
 IMPLS = ["numpy", "numba_cpu",
          pytest.param("cupy", marks=pytest.mark.gpu), pytest.param("numba_cuda", marks=pytest.mark.gpu)]
-GPU_IMPLS = ("cupy", "numba_cuda")
 
 # (N, K, M): size-1 and empty edges, odd sizes, sizes that are not multiples of 16 (the numba_cuda
 # tile), of 4 (the float4 path) or of 32 x 8 (the backward prologue block), several tiles.
 SHAPES = [(1, 1, 1), (0, 5, 3), (3, 0, 4), (4, 6, 0), (1, 7, 5), (6, 1, 9), (8, 5, 1),
           (37, 29, 53), (17, 33, 15), (64, 48, 80), (129, 20, 36)]
-
-
-def to_device(a, impl):
-    if impl in GPU_IMPLS and a is not None:
-        import cupy
-
-        return cupy.asarray(a)
-    return a
-
-
-def to_host(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy.asnumpy(a)
-    return a
 
 
 def tolerance(dtype, k):

@@ -18,28 +18,12 @@ import pytest
 
 import kernels
 from kernels import KernelError
+from tests.kernels.helpers import to_device, to_host
 
 ROOT = Path(__file__).resolve().parents[2]
 IMPLS = ["numpy", "numba_cpu",
          pytest.param("cupy", marks=pytest.mark.gpu), pytest.param("numba_cuda", marks=pytest.mark.gpu)]
-GPU_IMPLS = ("cupy", "numba_cuda")
 STEPS = 20
-
-
-def to_device(a, impl):
-    if impl in GPU_IMPLS and a is not None:
-        import cupy
-
-        return cupy.asarray(a)
-    return a
-
-
-def to_host(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy.asnumpy(a)
-    return a
 
 
 def signed(rng, shape):

@@ -14,6 +14,7 @@ import pytest
 
 import kernels
 from kernels.registry import KernelError
+from tests.kernels.helpers import make_cross_entropy_case as make_case
 
 CPU_IMPLS = ["numpy", "numba_cpu"]
 GPU_IMPLS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("cupy", "numba_cuda")]
@@ -59,18 +60,6 @@ def reference(z, targets, weight=None, ignore_index=-100, eps=0.0, grad_scale=1.
             loss[i] = -(1 - eps) * w[t] * logp[i, t] + (eps / c * -(w * logp[i]).sum() if eps else 0.0)
     grad = grad_scale * (u.sum(axis=1, keepdims=True) * np.exp(logp) - u)
     return loss, grad
-
-
-def make_case(n, c, dtype, kind="hard", seed=0, scale=3.0, weighted=False, index_dtype=np.int64):
-    rng = np.random.default_rng(seed)
-    z = (rng.standard_normal((n, c)) * scale + rng.uniform(-2, 2, (n, 1))).astype(dtype)
-    if kind == "soft":
-        q = rng.uniform(0.05, 1.0, (n, c))
-        targets = (q / q.sum(axis=1, keepdims=True)).astype(dtype)
-    else:
-        targets = rng.integers(0, c, n).astype(index_dtype)
-    weight = rng.uniform(0.5, 2.0, c).astype(dtype) if weighted else None
-    return z, targets, weight
 
 
 def tolerances(dtype, c=1):
