@@ -267,7 +267,41 @@ class LinearLR(LRScheduler):
         return [base_lr * factor for base_lr in self.base_lrs]
 
 
-class SequentialLR(LRScheduler):
+class _CombinesSchedulers:
+    """state_dict / load_state_dict of a scheduler made of others (``self._schedulers``): its own
+    state plus each part's; loading is all or nothing."""
+
+    _not_saved = ("optimizer", "_schedulers")
+
+    def state_dict(self) -> dict:
+        state = self._own_state()
+        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        name = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or "_schedulers" not in state_dict:
+            raise EngineError(f"{name}: expected a state dict with a '_schedulers' list")
+        children = state_dict["_schedulers"]
+        if not isinstance(children, (list, tuple)) or len(children) != len(self._schedulers):
+            count = len(children) if isinstance(children, (list, tuple)) else "no list of"
+            raise EngineError(f"{name}: the state dict holds {count} scheduler state(s) but this one combines "
+                              f"{len(self._schedulers)}")
+        own = {k: v for k, v in state_dict.items() if k != "_schedulers"}
+        # Load every part, and restore them all if one fails, so a bad state dict changes nothing.
+        backups = [s.state_dict() for s in self._schedulers] + [self._own_state()]
+        try:
+            for child, child_state in zip(self._schedulers, children):
+                child.load_state_dict(child_state)
+            self._load_own(own)
+        except EngineError:
+            for child, backup in zip(self._schedulers, backups):
+                child.load_state_dict(backup)
+            self._load_own(backups[-1])
+            raise
+
+
+class SequentialLR(_CombinesSchedulers, LRScheduler):
     """Run ``schedulers`` one after another, switching at the ``milestones`` epochs.
 
     Each scheduler starts from its own epoch 0 at its milestone (closed form), e.g. a linear
@@ -280,8 +314,6 @@ class SequentialLR(LRScheduler):
         milestones: ``len(schedulers) - 1`` increasing epochs at which the next one takes over.
         last_epoch: see :class:`LRScheduler`.
     """
-
-    _not_saved = ("optimizer", "_schedulers")
 
     def __init__(self, optimizer, schedulers, milestones, last_epoch: int = -1):
         schedulers = list(schedulers)
@@ -312,16 +344,9 @@ class SequentialLR(LRScheduler):
             scheduler.step()
         self._last_lr = scheduler.get_last_lr()
 
-    def state_dict(self) -> dict:
-        state = self._own_state()
-        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        _load_children(self, state_dict)
 
 
-class ChainedScheduler(LRScheduler):
+class ChainedScheduler(_CombinesSchedulers, LRScheduler):
     """Step several schedulers together each epoch; their multiplicative effects compose.
 
     Example: ``ChainedScheduler([LinearLR(opt, 0.1, total_iters=5), CosineAnnealingLR(opt, T_max=100)])``
@@ -331,8 +356,6 @@ class ChainedScheduler(LRScheduler):
         schedulers: the schedulers to step, in order (all on one optimizer).
         optimizer: that optimizer (default: the first scheduler's).
     """
-
-    _not_saved = ("optimizer", "_schedulers")
 
     def __init__(self, schedulers, optimizer=None):
         schedulers = list(schedulers)
@@ -348,13 +371,6 @@ class ChainedScheduler(LRScheduler):
             scheduler.step()
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def state_dict(self) -> dict:
-        state = self._own_state()
-        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        _load_children(self, state_dict)
 
 
 class ReduceLROnPlateau(_StateDictMixin):
@@ -466,27 +482,6 @@ def _check_members(name: str, optimizer, schedulers) -> None:
             raise EngineError(f"{name}: schedulers[{i}] drives a different optimizer; all must share one")
 
 
-def _load_children(scheduler, state_dict: dict) -> None:
-    name = f"{type(scheduler).__name__}.load_state_dict"
-    if not isinstance(state_dict, dict) or "_schedulers" not in state_dict:
-        raise EngineError(f"{name}: expected a state dict with a '_schedulers' list")
-    children = state_dict["_schedulers"]
-    if not isinstance(children, (list, tuple)) or len(children) != len(scheduler._schedulers):
-        count = len(children) if isinstance(children, (list, tuple)) else "no list of"
-        raise EngineError(f"{name}: the state dict holds {count} scheduler state(s) but this one combines "
-                          f"{len(scheduler._schedulers)}")
-    own = {k: v for k, v in state_dict.items() if k != "_schedulers"}
-    # Load every part, and restore them all if one fails, so a bad state dict changes nothing.
-    backups = [s.state_dict() for s in scheduler._schedulers] + [scheduler._own_state()]
-    try:
-        for child, child_state in zip(scheduler._schedulers, children):
-            child.load_state_dict(child_state)
-        scheduler._load_own(own)
-    except EngineError:
-        for child, backup in zip(scheduler._schedulers, backups):
-            child.load_state_dict(backup)
-        scheduler._load_own(backups[-1])
-        raise
 
 
 def _check_int(name: str, arg: str, value, low: int) -> None:
