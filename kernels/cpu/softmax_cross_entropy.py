@@ -149,6 +149,17 @@ def bad_target_message(value: int, c: int, ignore_index: int, row: int | None = 
             f"class indices must be in [0, {c}) or equal ignore_index")
 
 
+def check_target_range(lo: int, hi: int, spec: CrossEntropySpec) -> None:
+    """Raise KernelError if the smallest (``lo``) or largest (``hi``) non-ignored hard target is
+    outside [0, C); ``lo > hi`` means every row is ignored. The GPU impls reduce to these two."""
+    if lo > hi:
+        return
+    if lo < 0:
+        raise KernelError(bad_target_message(lo, spec.c, spec.ignore_index))
+    if hi >= spec.c:
+        raise KernelError(bad_target_message(hi, spec.c, spec.ignore_index))
+
+
 def check_targets_host(spec: CrossEntropySpec, targets) -> None:
     """Raise KernelError naming the first hard target outside [0, C) that is not ignore_index."""
     if spec.soft or spec.n == 0:

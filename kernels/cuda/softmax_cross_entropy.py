@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.cpu.softmax_cross_entropy import (bad_target_message, validate_softmax_cross_entropy)
+from kernels.cpu.softmax_cross_entropy import check_target_range, validate_softmax_cross_entropy
 from kernels.registry import KernelError
 
 MODULE = "softmax_cross_entropy"
@@ -109,9 +109,4 @@ def _check_targets(cupy, function, targets, spec) -> None:
     name = "sce_target_range_i64" if targets.dtype == np.int64 else "sce_target_range_i32"
     function(MODULE, name)((blocks,), (threads,), (targets, np.int64(n), np.int64(spec.ignore_index), bounds))
     lo, hi = (int(v) for v in bounds.get())
-    if lo > hi:  # every row ignored
-        return
-    if lo < 0:
-        raise KernelError(bad_target_message(lo, spec.c, spec.ignore_index))
-    if hi >= spec.c:
-        raise KernelError(bad_target_message(hi, spec.c, spec.ignore_index))
+    check_target_range(lo, hi, spec)

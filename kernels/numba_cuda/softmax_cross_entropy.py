@@ -28,8 +28,7 @@ import os
 import numpy as np
 from numba import cuda, types
 
-from kernels.cpu.softmax_cross_entropy import bad_target_message, validate_softmax_cross_entropy
-from kernels.registry import KernelError
+from kernels.cpu.softmax_cross_entropy import check_target_range, validate_softmax_cross_entropy
 
 MAX_THREADS = 256  # threads per row (block) on a GPU: the size of the shared reduction arrays
 SIMULATOR_MAX_THREADS = 16
@@ -329,9 +328,4 @@ def _check_targets(xp, targets, spec) -> None:
     blocks = min(-(-spec.n // threads), 2 if _simulator() else 1024)
     _launch(target_range_kernel, blocks, threads, (targets, np.int64(spec.ignore_index), bounds))
     lo, hi = (int(v) for v in (bounds.get() if xp is not np else bounds))
-    if lo > hi:  # every row ignored
-        return
-    if lo < 0:
-        raise KernelError(bad_target_message(lo, spec.c, spec.ignore_index))
-    if hi >= spec.c:
-        raise KernelError(bad_target_message(hi, spec.c, spec.ignore_index))
+    check_target_range(lo, hi, spec)
