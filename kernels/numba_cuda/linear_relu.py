@@ -28,6 +28,7 @@ import numpy as np
 from numba import cuda, types
 
 from kernels.cpu.linear_relu import validate_backward, validate_forward
+from kernels.numba_cuda.launch import launch
 from kernels.registry import KernelError
 
 TILE = 16
@@ -210,25 +211,13 @@ def _array_module(a):
     return np
 
 
-def _launch(kernel, grid, block, args) -> None:
-    first = args[0]
-    if type(first).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        with first.device:
-            stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
-            kernel[grid, block, stream](*args)
-    else:
-        kernel[grid, block](*args)
-
-
 def _gemm(kernels, a, b, c, bias, *, trans_a, trans_b, add_bias, relu) -> None:
     p, q = c.shape
     grid = (-(-q // TILE), -(-p // TILE))
     if grid[1] > MAX_GRID_Y:
         raise KernelError(f"linear_relu (numba_cuda): {p} output rows exceed the tiled GEMM's grid "
                           f"limit ({MAX_GRID_Y * TILE}); use the cupy impl or split the batch")
-    _launch(kernels.gemm, grid, (TILE, TILE), (a, b, c, bias, trans_a, trans_b, add_bias, relu))
+    launch(kernels.gemm, grid, (TILE, TILE), (a, b, c, bias, trans_a, trans_b, add_bias, relu))
 
 
 def _mask_and_bias_grad(kernels, grad_out, out, g, grad_bias, xp) -> None:
@@ -237,7 +226,7 @@ def _mask_and_bias_grad(kernels, grad_out, out, g, grad_bias, xp) -> None:
     grid_y = min(-(-n // ROW_THREADS), max(1, PROLOGUE_TARGET_BLOCKS // grid_x))
     # One block row: its column sums are db itself and the second kernel is not needed.
     partial = grad_bias.reshape(1, m) if grid_y == 1 else xp.empty((grid_y, m), dtype=g.dtype)
-    _launch(kernels.mask_and_column_sums, (grid_x, grid_y), (COL_THREADS, ROW_THREADS),
+    launch(kernels.mask_and_column_sums, (grid_x, grid_y), (COL_THREADS, ROW_THREADS),
             (grad_out, out, g, partial))
     if grid_y > 1:
-        _launch(kernels.sum_partials, (-(-m // REDUCE_THREADS),), (REDUCE_THREADS,), (partial, grad_bias))
+        launch(kernels.sum_partials, (-(-m // REDUCE_THREADS),), (REDUCE_THREADS,), (partial, grad_bias))

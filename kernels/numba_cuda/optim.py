@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 from numba import cuda, types
 
+from kernels.numba_cuda.launch import device_of, launch, on_device, simulator
 from kernels.cpu.optim import validate_adagrad, validate_adam, validate_rmsprop, validate_sgd
 
 THREADS = 256
@@ -121,10 +121,6 @@ PTX_CHECKS = [
 ]
 
 
-def _simulator() -> bool:
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0")
-
-
 @functools.cache
 def _resident_blocks(kernel, argtypes: tuple, device_id: int) -> int:
     """Blocks of THREADS threads of this compiled kernel resident on the whole device at once.
@@ -156,16 +152,14 @@ def _launch(kernel, arrays: list, scalars: tuple, flags: tuple) -> None:
     typed = tuple(param.dtype.type(s) for s in scalars)
     flat = [a.reshape(-1) for a in arrays]
     args = (*flat, *typed, *flags)
-    if _simulator():
-        kernel[min(-(-n // THREADS), SIMULATOR_MAX_BLOCKS), THREADS](*args)
+    if simulator():
+        launch(kernel, min(-(-n // THREADS), SIMULATOR_MAX_BLOCKS), THREADS, args)
         return
-    import cupy
-
-    with param.device:
+    device = device_of(arrays)
+    with on_device(device):
         argtypes = tuple(kernel.typeof_pyval(a) for a in args)
-        blocks = min(-(-n // THREADS), _resident_blocks(kernel, argtypes, param.device.id))
-        stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
-        kernel[blocks, THREADS, stream](*args)
+        blocks = min(-(-n // THREADS), _resident_blocks(kernel, argtypes, device))
+    launch(kernel, blocks, THREADS, args)
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,

@@ -23,11 +23,11 @@ the strided column loops and the tree reductions run several steps on small rows
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from numba import cuda, types
 
+from kernels.numba_cuda.launch import launch, simulator
 from kernels.cpu.softmax_cross_entropy import check_target_range, validate_softmax_cross_entropy
 
 MAX_THREADS = 256  # threads per row (block) on a GPU: the size of the shared reduction arrays
@@ -268,24 +268,10 @@ PTX_CHECKS = [
 ]
 
 
-def _simulator() -> bool:
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0")
-
-
 def _threads_per_row(c: int) -> int:
-    cap = SIMULATOR_MAX_THREADS if _simulator() else MAX_THREADS
-    floor = 1 if _simulator() else 32
+    cap = SIMULATOR_MAX_THREADS if simulator() else MAX_THREADS
+    floor = 1 if simulator() else 32
     return min(cap, max(floor, 1 << (c - 1).bit_length()))
-
-
-def _launch(kernel, blocks: int, threads: int, args: tuple) -> None:
-    if _simulator():
-        kernel[blocks, threads](*args)
-        return
-    import cupy
-
-    stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
-    kernel[blocks, threads, stream](*args)
 
 
 def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0, grad_scale=1.0,
@@ -312,20 +298,20 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
     if spec.soft:
         args = (logits, targets, w, has_weight, scalar(1.0 - spec.eps), scalar(spec.eps / c), scalar(spec.grad_scale),
                 spec.compute_grad, loss, grad)
-        _launch(soft_kernel, n, threads, args)
+        launch(soft_kernel, n, threads, args)
     else:
         _check_targets(xp, targets, spec)
         args = (logits, targets, w, has_weight, np.int64(spec.ignore_index), scalar(1.0 - spec.eps),
                 scalar(spec.eps / c), spec.eps > 0, scalar(spec.grad_scale), spec.compute_grad, loss, grad)
-        _launch(hard_kernel, n, threads, args)
+        launch(hard_kernel, n, threads, args)
     return loss, (grad if spec.compute_grad else None)
 
 
 def _check_targets(xp, targets, spec) -> None:
     """Device min / max of the non-ignored targets; raise KernelError for one outside [0, C)."""
     bounds = xp.array([INT64_MAX, INT64_MIN], dtype=np.int64)
-    threads = min(RANGE_THREADS, SIMULATOR_MAX_THREADS) if _simulator() else RANGE_THREADS
-    blocks = min(-(-spec.n // threads), 2 if _simulator() else 1024)
-    _launch(target_range_kernel, blocks, threads, (targets, np.int64(spec.ignore_index), bounds))
+    threads = min(RANGE_THREADS, SIMULATOR_MAX_THREADS) if simulator() else RANGE_THREADS
+    blocks = min(-(-spec.n // threads), 2 if simulator() else 1024)
+    launch(target_range_kernel, blocks, threads, (targets, np.int64(spec.ignore_index), bounds))
     lo, hi = (int(v) for v in (bounds.get() if xp is not np else bounds))
     check_target_range(lo, hi, spec)

@@ -9,6 +9,7 @@
 import importlib
 import pkgutil
 import re
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,44 @@ def test_numba_cuda_kernel_compiles_to_sm90_ptx(fn, sig, dtype):
     if dtype == "float32":
         ops = F64_OP.findall(ptx)
         assert not ops, f"float32 kernel {fn.py_func.__name__} has float64 arithmetic in its PTX: {ops[:10]}"
+
+
+# numba-cuda (<= 0.30, not to be fixed upstream) registers an overload of np.row_stack when its
+# CUDA target loads; numpy 2.5 removed the name, so every numba_cuda kernel failed to compile on
+# the GPU machine (numpy 2.5.2) while CI (numpy 2.4) passed. Each case runs in a fresh process,
+# because numba loads its CUDA target once per process.
+_COMPILE_WITHOUT_ROW_STACK = """
+import numpy as np
+try:
+    del np.row_stack          # numpy < 2.5: remove the name, as numpy 2.5 did
+except AttributeError:
+    pass                      # numpy >= 2.5: already gone
+{prepare}
+from numba import cuda
+
+@cuda.jit
+def add_one(a):
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] += 1
+
+cuda.compile_ptx(add_one.py_func, "(float32[:],)", cc=(9, 0))
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("with_shim", [True, False], ids=["kernels.numba_cuda-imported", "bare-numba-cuda"])
+def test_numba_cuda_compiles_under_numpy_without_row_stack(with_shim):
+    import subprocess
+    import sys
+
+    prepare = "import kernels.numba_cuda" if with_shim else ""
+    env = {**__import__("os").environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_WITHOUT_ROW_STACK.format(prepare=prepare)],
+                         capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parents[2]))
+    if with_shim:
+        assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    else:
+        # The failure the shim exists for; should a numba-cuda release fix it, this case tells us
+        # the shim can go.
+        assert run.returncode != 0 and "row_stack" in run.stderr, (run.stdout, run.stderr[-3000:])
