@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import kernels
 from engine import backend
-from engine.optim.optimizer import Optimizer, check_number
+from engine.optim.optimizer import Optimizer, check_number, is_normal_positive
 
 
 class Adagrad(Optimizer):
@@ -56,6 +56,11 @@ class Adagrad(Optimizer):
     def _initial_param_state(self, group: dict) -> set[str]:
         # Like PyTorch, Adagrad's state exists from construction (step 0, sum = s_0).
         return {"sum"}
+
+    def _padding_is_safe(self, group: dict, dtype) -> bool:
+        # The padding of "sum" holds initial_accumulator_value; both zero: 0 / (sqrt(0) + 0) = NaN.
+        return (is_normal_positive(group["eps"], dtype)
+                or is_normal_positive(group["initial_accumulator_value"], dtype))
 
     def _fused_update(self, group, param, grad, buffers, step) -> None:
         kernels.adagrad_step(param, grad, buffers["sum"], lr=group["lr"], lr_decay=group["lr_decay"],

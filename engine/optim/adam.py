@@ -7,7 +7,7 @@ import math
 import kernels
 from engine import backend
 from engine.errors import EngineError
-from engine.optim.optimizer import Optimizer, check_number
+from engine.optim.optimizer import Optimizer, check_number, is_normal_positive
 
 
 class Adam(Optimizer):
@@ -61,6 +61,9 @@ class Adam(Optimizer):
 
     def _all_buffer_names(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def _padding_is_safe(self, group: dict, dtype) -> bool:
+        return is_normal_positive(group["eps"], dtype)  # else 0 / (sqrt(0) + 0) = NaN
 
     def _fused_update(self, group, param, grad, buffers, step) -> None:
         beta1, beta2 = group["betas"]

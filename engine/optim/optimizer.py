@@ -3,13 +3,22 @@
 Storage. For each param group the optimizer keeps one :class:`_Bucket` per (device, dtype) of
 its parameters. A bucket owns
 
-* ``flat``: one contiguous buffer holding every parameter of the bucket, end to end; each
-  parameter's ``.data`` is rebound to a shaped view into it, so the kernel updates the model in
-  place with no copy;
+* ``flat``: one contiguous buffer holding every parameter of the bucket; each parameter's
+  ``.data`` is rebound to a shaped view into it, so the kernel updates the model in place with
+  no copy;
 * ``grad_flat``: one contiguous gradient buffer; gradients are copied into it before the step
   (one ``concatenate``) unless they already are views of it, which ``zero_grad(set_to_none=False)``
   arranges (backward then accumulates straight into the buffer);
 * one flat buffer per state (``exp_avg``, ``momentum_buffer`` ...), allocated on first need.
+
+Every parameter's view, in every one of these buffers, starts at a multiple of
+:data:`FLAT_ALIGNMENT_BYTES` (see there why); the gaps between parameters are padding, kept at 0
+in ``flat`` and ``grad_flat`` and at the state's fill value in the state buffers. A launch may
+span padding: with a zero gradient every optimizer maps a zero parameter and fill-valued states
+to themselves (weight decay of 0 is 0, m and v stay 0, the update is 0 / eps = 0), so padding
+stays finite and, the kernels being elementwise, never touches a parameter. Where that does not
+hold (a zero eps over a zero state would give 0 / 0 = NaN) a launch never spans padding
+(:meth:`Optimizer._padding_is_safe`).
 
 So one kernel launch updates a whole bucket. Parameters whose grad is ``None`` are skipped and
 their state does not advance (PyTorch semantics); the update then runs once per maximal run of
@@ -38,6 +47,50 @@ from engine.tensor import Tensor
 # Dtypes the fused kernels take; parameters of any other float dtype use the unfused path.
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# Byte alignment of every parameter's view in the flat buffers (params, grads and states).
+# Packed end to end, one odd-sized parameter (a bias of 5 floats) would shift every later
+# weight off 16-byte alignment: cuBLAS then falls back to slower GEMM kernels and the
+# vectorised CUDA epilogues to their scalar paths. 256 bytes is what cudaMalloc returns, so an
+# aligned view is as good as a freshly allocated array; the padding costs < 256 bytes a param.
+FLAT_ALIGNMENT_BYTES = 256
+
+
+def _address(array) -> int:
+    """Address of an array's first element (numpy: host memory; cupy: device memory)."""
+    if isinstance(array, np.ndarray):
+        return array.__array_interface__["data"][0]
+    return array.data.ptr  # cupy: a MemoryPointer
+
+
+def _aligned_layout(sizes: list[int], itemsize: int) -> tuple[list[int], list[int], int]:
+    """Start and stop element offsets of each param in a flat buffer, and the buffer's length.
+
+    Each start is a multiple of FLAT_ALIGNMENT_BYTES (in elements); so is the length, so that a
+    buffer's trailing padding is as harmless as the padding between params.
+    """
+    step = FLAT_ALIGNMENT_BYTES // itemsize
+    starts, stops, end = [], [], 0
+    for size in sizes:
+        start = -(-end // step) * step
+        starts.append(start)
+        stops.append(start + size)
+        end = start + size
+    return starts, stops, -(-end // step) * step
+
+
+def _aligned_full(xp, numel: int, fill: float, dtype):
+    """A 1-D buffer of ``numel`` elements filled with ``fill``, starting at an aligned address.
+
+    numpy aligns allocations to 16 or 64 bytes only, so allocate one alignment more and slice;
+    cupy's pool hands out 512-byte-aligned blocks, so there the slice starts at 0.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    raw = xp.empty(numel + FLAT_ALIGNMENT_BYTES // itemsize, dtype=dtype)
+    shift = (-_address(raw) % FLAT_ALIGNMENT_BYTES) // itemsize
+    buffer = raw[shift:shift + numel]
+    buffer.fill(fill)
+    return buffer
+
 
 class _Bucket:
     """The parameters of one group that share a device and dtype, laid out in flat buffers."""
@@ -49,24 +102,22 @@ class _Bucket:
         self.dtype = first.dtype
         self.xp = backend.array_module(first)
         self.shapes = [p.shape for p in params]  # as bound; a rebound .data may have another
-        self.offsets = [0]
-        for p in params:
-            self.offsets.append(self.offsets[-1] + int(p.data.size))
+        self.starts, self.stops, self.numel = _aligned_layout([int(p.data.size) for p in params],
+                                                              self.dtype.itemsize)
         with backend.on_device(self.device):
-            self.flat = self.xp.concatenate([p.data.reshape(-1) for p in params])
+            self.flat = _aligned_full(self.xp, self.numel, 0, self.dtype)  # padding: 0
+            for p, start, stop in zip(params, self.starts, self.stops):
+                self.flat[start:stop] = p.data.reshape(-1)
         self.views = [self._view(self.flat, i) for i in range(len(params))]
         self.grad_flat = None
         self.grad_views: list = []
+        self._zero_pad = None  # zeros as long as the longest gap, to gather grads with one concatenate
         self.buffers: dict = {}  # state name -> flat array
         self.steps = [0] * len(params)
         self.has: list[set[str]] = [set() for _ in params]  # state names initialized per param
 
-    @property
-    def numel(self) -> int:
-        return self.offsets[-1]
-
     def _view(self, flat, i: int):
-        return flat[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i])
+        return flat[self.starts[i]:self.stops[i]].reshape(self.shapes[i])
 
     def bind(self) -> None:
         """Rebind every parameter's ``.data`` to its view of ``flat``."""
@@ -80,7 +131,7 @@ class _Bucket:
         """The flat state buffer ``name``, created filled with ``fill`` on first use."""
         if name not in self.buffers:
             with backend.on_device(self.device):
-                self.buffers[name] = self.xp.full(self.numel, fill, dtype=self.dtype)
+                self.buffers[name] = _aligned_full(self.xp, self.numel, fill, self.dtype)
         return self.buffers[name]
 
     def state_view(self, name: str, i: int):
@@ -89,7 +140,8 @@ class _Bucket:
     def _ensure_grad_flat(self):
         if self.grad_flat is None:
             with backend.on_device(self.device):
-                self.grad_flat = self.xp.zeros(self.numel, dtype=self.dtype)
+                self.grad_flat = _aligned_full(self.xp, self.numel, 0, self.dtype)  # padding: 0
+                self._zero_pad = self.xp.zeros(FLAT_ALIGNMENT_BYTES // self.dtype.itemsize, dtype=self.dtype)
             self.grad_views = [self._view(self.grad_flat, i) for i in range(len(self.params))]
         return self.grad_flat
 
@@ -97,16 +149,26 @@ class _Bucket:
         """``grad_flat`` holding the grads of the ``active`` params (other slices: stale).
 
         Grads that already are views of ``grad_flat`` (see :meth:`zero_grads`) are not copied;
-        the others are copied in, with one ``concatenate`` when every grad needs copying.
+        the others are copied in, with one ``concatenate`` (of the grads and zero padding) when
+        every grad needs copying. Padding is only ever written with zeros.
         """
         grad_flat = self._ensure_grad_flat()
         stale = [i for i in active if self.params[i].grad.data is not self.grad_views[i]]
         if len(stale) == len(self.params):
-            self.xp.concatenate([p.grad.data.reshape(-1) for p in self.params], out=grad_flat)
+            self.xp.concatenate(self._grads_and_padding(), out=grad_flat)
         else:
             for i in stale:
-                grad_flat[self.offsets[i]:self.offsets[i + 1]] = self.params[i].grad.data.reshape(-1)
+                grad_flat[self.starts[i]:self.stops[i]] = self.params[i].grad.data.reshape(-1)
         return grad_flat
+
+    def _grads_and_padding(self) -> list:
+        pieces = []
+        for i, p in enumerate(self.params):
+            pieces.append(p.grad.data.reshape(-1))
+            gap = (self.starts[i + 1] if i + 1 < len(self.params) else self.numel) - self.stops[i]
+            if gap:
+                pieces.append(self._zero_pad[:gap])
+        return pieces
 
     def zero_grads(self) -> None:
         """Zero the existing grads, making each one's ``.data`` a view of ``grad_flat``.
@@ -190,6 +252,11 @@ class Optimizer:
     def _run_key(self, group: dict, bucket: _Bucket, i: int):
         """Per-parameter value the update depends on; params with equal keys share a launch."""
         return bucket.steps[i]
+
+    def _padding_is_safe(self, group: dict, dtype) -> bool:
+        """Does one update keep zero params with zero grads, and states at their fill value,
+        exactly as they are (so that a launch may span the padding between params)?"""
+        return True
 
     def _fused_update(self, group: dict, param, grad, buffers: dict, key) -> None:
         """Update flat slices in place with one kernel launch."""
@@ -354,7 +421,7 @@ class Optimizer:
         if self.fused and bucket.dtype in _KERNEL_DTYPES:
             grad_flat = bucket.gather_grads(active)
             for first, last, key in self._runs(group, bucket, active):
-                lo, hi = bucket.offsets[first], bucket.offsets[last + 1]
+                lo, hi = bucket.starts[first], bucket.stops[last]  # spans the padding between
                 if hi > lo:
                     buffers = {name: bucket.buffers[name][lo:hi] for name in names}
                     self._fused_update(group, bucket.flat[lo:hi], grad_flat[lo:hi], buffers, key)
@@ -368,11 +435,16 @@ class Optimizer:
             bucket.has[i].update(names)
 
     def _runs(self, group: dict, bucket: _Bucket, active: list[int]):
-        """Maximal runs (first, last, key) of consecutive active params with the same key."""
+        """Maximal runs (first, last, key) of consecutive active params with the same key.
+
+        A run spans the padding between its params only where that padding stays harmless.
+        """
         runs = []
+        span_padding = self._padding_is_safe(group, bucket.dtype)
         for i in active:
             key = self._run_key(group, bucket, i)
-            if runs and runs[-1][1] == i - 1 and runs[-1][2] == key:
+            if (runs and runs[-1][1] == i - 1 and runs[-1][2] == key
+                    and (span_padding or bucket.stops[i - 1] == bucket.starts[i])):
                 runs[-1][1] = i
             else:
                 runs.append([i, i, key])
@@ -590,6 +662,11 @@ def _plain(value):
 
 
 # ---- hyperparameter checks shared by the optimizers -------------------------------------------
+
+def is_normal_positive(value: float, dtype) -> bool:
+    """Is ``value`` a positive normal number in ``dtype`` (so not flushed to zero by -ftz)?"""
+    return value >= np.finfo(dtype).tiny
+
 
 def check_number(opt: str, name: str, value, low: float = 0.0, high: float | None = None,
                  high_open: bool = False) -> None:

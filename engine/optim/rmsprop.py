@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import kernels
 from engine import backend
-from engine.optim.optimizer import Optimizer, check_number
+from engine.optim.optimizer import Optimizer, check_number, is_normal_positive
 
 
 class RMSprop(Optimizer):
@@ -59,6 +59,9 @@ class RMSprop(Optimizer):
 
     def _run_key(self, group: dict, bucket, i: int):
         return None  # the update does not depend on the step count: one launch per bucket
+
+    def _padding_is_safe(self, group: dict, dtype) -> bool:
+        return is_normal_positive(group["eps"], dtype)  # else 0 / (sqrt(0) + 0) = NaN
 
     def _fused_update(self, group, param, grad, buffers, key) -> None:
         kernels.rmsprop_step(param, grad, buffers["square_avg"], buffers.get("momentum_buffer"),
