@@ -1,7 +1,8 @@
-"""Load the CUDA C++ sources in this folder with cupy.RawModule, once per process.
+"""Load the CUDA C++ sources in this folder with cupy.RawModule: each kernel compiled and looked
+up once per device, then reused by every launch.
 
 The same sources and options are what kernels/cuda/nvrtc.py compiles in CI without a GPU, so
-the build CI checks is the build that runs.
+the build CI checks is the build that runs. Nothing here imports cupy until a kernel is asked for.
 """
 
 from __future__ import annotations
@@ -26,14 +27,59 @@ def sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cu"))
 
 
+def build_options() -> tuple[str, ...]:
+    """The options this package hands to cupy.RawModule (cupy adds its own and the architecture)."""
+    return NVRTC_OPTIONS + (f"-I{SOURCE_DIR}",)
+
+
 @functools.cache
-def load(name: str):
-    """A cupy.RawModule for ``<name>.cu`` (compiled by NVRTC on first use, cached by cupy on disk)."""
+def load(name: str, device_id: int):
+    """The cupy.RawModule of ``<name>.cu`` for device ``device_id``.
+
+    NVRTC compiles it for that device's architecture on the first kernel lookup (cupy also keeps
+    the binary on disk, so later processes skip NVRTC).
+    """
     import cupy
 
-    return cupy.RawModule(code=source(name), options=NVRTC_OPTIONS + (f"-I{SOURCE_DIR}",))
+    return cupy.RawModule(code=source(name), options=build_options())
 
 
-def function(module: str, kernel: str):
-    """The ``extern "C"`` kernel ``kernel`` from ``<module>.cu``."""
-    return load(module).get_function(kernel)
+@functools.cache
+def _function(module: str, kernel: str, device_id: int):
+    import cupy
+
+    with cupy.cuda.Device(device_id):  # get_function compiles and loads on the current device
+        return load(module, device_id).get_function(kernel)
+
+
+def function(module: str, kernel: str, device_id: int | None = None):
+    """The ``extern "C"`` kernel ``kernel`` of ``<module>.cu`` for ``device_id`` (default: the current one).
+
+    Looked up once per (module, kernel, device) and kept: a launch costs a dictionary lookup, not
+    a new cupy kernel object (``RawModule.get_function`` builds one per call). Launch it with
+    that device current.
+    """
+    if device_id is None:
+        device_id = current_device()
+    return _function(module, kernel, device_id)
+
+
+_get_device = None  # cupy.cuda.runtime.getDevice, bound on first use (importing this module imports no cupy)
+
+
+def current_device() -> int:
+    """The index of cupy's current device."""
+    global _get_device
+    if _get_device is None:
+        import cupy
+
+        _get_device = cupy.cuda.runtime.getDevice
+    return _get_device()
+
+
+def clear_cache() -> None:
+    """Forget every loaded module and kernel (and the bound cupy; the tests swap in a fake cupy)."""
+    global _get_device
+    load.cache_clear()
+    _function.cache_clear()
+    _get_device = None

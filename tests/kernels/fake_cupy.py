@@ -1,0 +1,135 @@
+"""A stand-in for cupy, just enough to run the host code of the kernels/cuda wrappers without a GPU.
+
+It keeps a current device, like cupy's runtime, and records what the wrappers do with it: the
+devices entered with ``Device(...)``, the modules built and kernels looked up (with the device
+current at the time), every kernel launch and GEMM with the device current when it was issued.
+Arrays carry the device they were allocated on. Nothing is computed: kernels and GEMMs only
+record their call; outputs hold whatever ``numpy.empty`` gave.
+
+Use it through the ``fake_cupy`` fixture of the tests that import it: it is put in
+``sys.modules["cupy"]`` for one test, with the module and kernel caches of kernels/cuda cleared
+before and after, so neither a real cupy nor the real caches see the fake.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+GPU_COUNT = 2
+SM_COUNT = 132
+
+
+class ndarray:  # noqa: N801 - named like cupy's, so error messages read "cupy.ndarray(...)"
+    """A host array tagged with a device; attributes as the wrappers and validators read them."""
+
+    __module__ = "cupy._core.core"
+    __cuda_array_interface__ = None  # marks the type as a GPU array for the registry
+
+    def __init__(self, host: np.ndarray, device_id: int, fake: FakeCupy):
+        self.host = host
+        self.device_id = device_id
+        self._fake = fake
+        self.shape, self.dtype, self.size, self.ndim = host.shape, host.dtype, host.size, host.ndim
+        self.nbytes, self.flags = host.nbytes, host.flags
+        self.data = types.SimpleNamespace(ptr=host.__array_interface__["data"][0], device_id=device_id)
+
+    @property
+    def device(self):
+        return self._fake.cuda.Device(self.device_id)
+
+    @property
+    def T(self):  # noqa: N802
+        return ndarray(self.host.T, self.device_id, self._fake)
+
+    def get(self):
+        return self.host.copy()
+
+
+class _Kernel:
+    def __init__(self, fake: FakeCupy, name: str, device_id: int):
+        self.fake, self.name, self.device_id = fake, name, device_id
+        self.kernel = types.SimpleNamespace(ptr=id(self))
+
+    def __call__(self, grid, block, args, **kwargs):
+        self.fake.launches.append(types.SimpleNamespace(name=self.name, grid=grid, block=block, args=args,
+                                                        device=self.fake.current, built_for=self.device_id))
+
+
+class FakeCupy(types.ModuleType):
+    """The fake ``cupy`` module (see the module docstring)."""
+
+    def __init__(self, device_count: int = GPU_COUNT):
+        super().__init__("cupy")
+        self.current = 0
+        self.entered: list[int] = []  # device ids, in the order Device(...) was entered
+        self.modules: list = []  # options of each RawModule built
+        self.lookups: list[tuple[str, int]] = []  # (kernel, current device) per get_function
+        self.launches: list = []
+        self.gemms: list[tuple[int, tuple[int, ...]]] = []  # (current device, operand devices)
+        self.allocations: list[int] = []  # current device per allocation
+        fake = self
+
+        class Device:
+            def __init__(self, device=None):
+                self.id = fake.current if device is None else int(device)
+                self._previous: list[int] = []
+                self.attributes = {"MultiProcessorCount": SM_COUNT}
+
+            def __enter__(self):
+                fake.entered.append(self.id)
+                self._previous.append(fake.current)
+                fake.current = self.id
+                return self
+
+            def __exit__(self, *exc):
+                fake.current = self._previous.pop()
+                return False
+
+            def use(self):
+                fake.current = self.id
+
+            def synchronize(self):
+                pass
+
+        class RawModule:
+            def __init__(self, *, code, options=()):
+                self.options = options
+                fake.modules.append(options)
+
+            def get_function(self, name):
+                fake.lookups.append((name, fake.current))
+                return _Kernel(fake, name, fake.current)
+
+        self.RawModule = RawModule
+        runtime = types.SimpleNamespace(getDevice=lambda: fake.current, getDeviceCount=lambda: device_count,
+                                        setDevice=lambda i: setattr(fake, "current", int(i)))
+        driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda ptr, threads, smem: 4)
+        self.cuda = types.SimpleNamespace(Device=Device, runtime=runtime, driver=driver)
+
+    # -- the array functions the wrappers call --------------------------------------------------
+
+    def _new(self, host: np.ndarray) -> ndarray:
+        self.allocations.append(self.current)
+        return ndarray(host, self.current, self)
+
+    def empty(self, shape, dtype=np.float64):
+        return self._new(np.empty(shape, dtype))
+
+    def zeros(self, shape, dtype=np.float64):
+        return self._new(np.zeros(shape, dtype))
+
+    def array(self, obj, dtype=None):
+        return self._new(np.array(obj, dtype))
+
+    def asarray(self, a, dtype=None):
+        return a if isinstance(a, ndarray) else self._new(np.asarray(a, dtype))
+
+    def matmul(self, a, b, out=None):
+        self.gemms.append((self.current, (a.device_id, b.device_id) + ((out.device_id,) if out is not None else ())))
+        return out if out is not None else self.empty((a.shape[0], b.shape[1]), a.dtype)
+
+    def on(self, device_id: int, host: np.ndarray) -> ndarray:
+        """A fake array on ``device_id`` holding ``host`` (not recorded as an allocation)."""
+        return ndarray(np.ascontiguousarray(host), device_id, self)
