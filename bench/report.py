@@ -376,7 +376,9 @@ def markdown_report(result: dict) -> str:
         "Columns: time = median per call (spread = half the interquartile range); %BW = achieved GB/s over the "
         "copy ceiling; %GEMM = achieved TFLOP/s over the GEMM ceiling; roofline = floor time "
         "(max(bytes/BW, FLOPs/GEMM)) over measured time; max rel err = max |x - ref| / max |ref| against the "
-        "numpy impl; vs torch / vs unfused = peer time / this time (> 1: this row is faster).",
+        "numpy impl; vs torch / vs unfused = peer time / this time (> 1: this row is faster); target / status = "
+        "met or missed where a target applies (on the GPU: only at the impl and size it names), '- (why)' where "
+        "none does, the error where the row did not run.",
     ]
     if env.get("gpu"):
         lines.insert(3, f"- GPU: {json.dumps(env['gpu'], default=str)}")

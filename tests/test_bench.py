@@ -18,7 +18,7 @@ import pytest
 from bench import __main__ as cli
 from bench import device as bench_device
 from bench import kernels as kbench
-from bench import roofline, timing
+from bench import end_to_end, roofline, timing
 from kernels import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,3 +293,134 @@ def test_tiny_run_on_the_gpu():
             assert 0 < row["host_median_s"] and 0 < row["median_s"]
     assert all(r["status"] == "ok" for r in result["end_to_end"] if r["impl"].startswith("engine F"))
     assert all(r["host_over_device"] > 0 for r in result["end_to_end"] if r["status"] == "ok")
+
+
+# ---- targets: which rows get a verdict (pure functions, nothing timed) -------------------------
+
+def kernel_row(impl, params, role="impl", status="ok", **figures):
+    row = {"impl": impl, "role": role, "status": status, "params": params, "median_s": 1e-3,
+           "fraction_of_copy_bw": None, "TFLOPs": None, "vs_torch": None, "vs_torch_peer": None}
+    row.update(figures)
+    return row
+
+
+def statuses(kernel, device, rows, mode="full"):
+    by_name = {r["impl"]: r for r in rows}
+    return {r["impl"]: kbench.target_status(r, kernel, device, mode, by_name) for r in rows}
+
+
+ADAM_TARGET = {"n": 2**27}
+
+
+def test_gpu_adam_target_applies_to_cupy_at_2_27_only():
+    fast = dict(fraction_of_copy_bw=0.94, vs_torch=1.16, vs_torch_peer="torch Adam(fused=True)")
+    at_target = statuses("adam_step", "cuda", [
+        kernel_row("cupy", ADAM_TARGET, **fast), kernel_row("numba_cuda", ADAM_TARGET, **fast),
+        kernel_row("engine Adam(fused=True)", ADAM_TARGET, role="engine", **fast),
+        kernel_row("torch Adam(fused=True)", ADAM_TARGET, role="torch")])
+    assert at_target == {"cupy": "met", "numba_cuda": kbench.NO_TARGET_FOR_IMPL,
+                         "engine Adam(fused=True)": "", "torch Adam(fused=True)": ""}
+    small = statuses("adam_step", "cuda", [kernel_row("cupy", {"n": 2**20}, fraction_of_copy_bw=0.62,
+                                                      vs_torch=5.7, vs_torch_peer="torch Adam(fused=True)"),
+                                           kernel_row("numba_cuda", {"n": 2**20}, fraction_of_copy_bw=0.03)])
+    assert small == {"cupy": kbench.NO_TARGET_AT_SIZE, "numba_cuda": kbench.NO_TARGET_FOR_IMPL}
+    assert small["cupy"] == "- (no target at this size)" and not small["cupy"].startswith(("met", "missed"))
+
+
+def test_gpu_target_says_what_was_missed_and_by_how_much():
+    slow = kernel_row("cupy", ADAM_TARGET, fraction_of_copy_bw=0.80, vs_torch=0.9,
+                      vs_torch_peer="torch Adam(fused=True)")
+    got = statuses("adam_step", "cuda", [slow])["cupy"]
+    assert got == "missed: 80% of copy BW, target >= 85%; 0.90x torch Adam(fused=True), target > 1x"
+    no_torch = kernel_row("cupy", ADAM_TARGET, fraction_of_copy_bw=0.9, vs_torch_peer="torch not installed")
+    assert statuses("adam_step", "cuda", [no_torch])["cupy"] == "met (vs torch: torch not installed)"
+
+
+def test_gpu_cross_entropy_and_linear_relu_targets():
+    ce = {"N": 8192, "C": 32768}
+    rows = [kernel_row("cupy", ce, fraction_of_copy_bw=0.87, vs_torch=1.4, vs_torch_peer="torch F.cross_entropy")]
+    assert statuses("softmax_cross_entropy", "cuda", rows)["cupy"] == (
+        "missed: 1.40x torch F.cross_entropy, target >= 1.5x")
+    for c in (1024, 8192, 131072):  # smaller: launch-bound; larger: the row no longer fits on chip
+        rows = [kernel_row("cupy", {"N": 8192, "C": c}, fraction_of_copy_bw=0.25, vs_torch=2.6)]
+        assert statuses("softmax_cross_entropy", "cuda", rows)["cupy"] == kbench.NO_TARGET_AT_SIZE
+    square = {"N": 4096, "K": 4096, "M": 4096}
+    forward = [kernel_row("cupy", square, TFLOPs=50.3, vs_torch=1.01, vs_torch_peer="torch relu(linear)"),
+               kernel_row("gemm x @ W.T", square, role="gemm", TFLOPs=50.3),
+               kernel_row("numba_cuda", square, TFLOPs=5.7, vs_torch=0.11)]
+    assert statuses("linear_relu_forward", "cuda", forward) == {
+        "cupy": "met", "gemm x @ W.T": "", "numba_cuda": kbench.NO_TARGET_FOR_IMPL}
+    other = [kernel_row("cupy", {"N": 8192, "K": 4096, "M": 4096}, TFLOPs=50.2, vs_torch=0.99)]
+    assert statuses("linear_relu_forward", "cuda", other)["cupy"] == kbench.NO_TARGET_AT_SIZE
+    backward = [kernel_row("cupy", square, vs_torch=0.98, vs_torch_peer="torch autograd")]
+    assert statuses("linear_relu_backward", "cuda", backward)["cupy"] == (
+        "missed: 0.98x torch autograd, target > 1x")
+
+
+def test_gpu_rows_without_a_target_and_rows_that_did_not_run():
+    sgd = [kernel_row("cupy", {"n": 2**27}, fraction_of_copy_bw=0.96, vs_torch=1.1)]
+    assert statuses("sgd_step", "cuda", sgd)["cupy"] == ""  # no target for this kernel at all
+    failed = [kernel_row("cupy", ADAM_TARGET, status="error: OutOfMemoryError: ..."),
+              kernel_row("numba_cuda", {"n": 2**20}, status="error: CudaAPIError: ...")]
+    assert statuses("adam_step", "cuda", failed) == {"cupy": "not measured",
+                                                     "numba_cuda": kbench.NO_TARGET_FOR_IMPL}
+    setup = {"kernel": "adam_step", "case": "setup", "impl": "-", "role": "impl", "status": "error: ..."}
+    assert kbench.target_status(setup, "adam_step", "cuda", "full", {}) == "not measured"
+
+
+def test_cpu_verdicts_are_unchanged_at_every_size():
+    # The CPU keeps a verdict on numba_cpu at every size (the GPU targets as a distance, plus >= 3x
+    # numpy at CPU_ADAM_TARGET_SIZE); numpy, the reference, has none.
+    rows = [kernel_row("numba_cpu", {"n": 2**16}, fraction_of_copy_bw=0.57, vs_torch=1.48,
+                       vs_torch_peer="torch Adam(fused=True)"),
+            kernel_row("numpy", {"n": 2**16})]
+    got = statuses("adam_step", "cpu", rows)
+    assert got == {"numba_cpu": "missed: 57% of copy BW, target >= 85%", "numpy": ""}
+    n = kbench.CPU_ADAM_TARGET_SIZE["full"]
+    rows = [kernel_row("numba_cpu", {"n": n}, median_s=1e-2, fraction_of_copy_bw=1.08, vs_torch=1.02,
+                       vs_torch_peer="torch Adam(fused=True)"),
+            kernel_row("numpy", {"n": n}, median_s=1.1e-1)]
+    assert statuses("adam_step", "cpu", rows)["numba_cpu"] == "met"
+    rows[1]["median_s"] = 2e-2
+    assert statuses("adam_step", "cpu", rows)["numba_cpu"] == "missed: 2.00x numpy, target >= 3x"
+
+
+def test_gpu_sweeps_measure_every_target_case():
+    for mode in ("full", "quick"):
+        sweep = kbench.SWEEPS[("cuda", mode)]
+        assert kbench.CUDA_TARGETS["adam_step"].params["n"] in sweep["adam_step"], mode
+        target = kbench.CUDA_TARGETS["softmax_cross_entropy"].params
+        assert (target["N"], target["C"]) in sweep["softmax_cross_entropy"], mode
+        for kernel in ("linear_relu_forward", "linear_relu_backward"):
+            target = kbench.CUDA_TARGETS[kernel].params
+            assert (target["N"], target["K"], target["M"]) in sweep["linear_relu"], mode
+        batches = end_to_end.BATCHES[("cuda", mode)]
+        for model, batch in end_to_end.TARGET_CASES["cuda"]:
+            assert batch in batches[model], (mode, model)
+    assert end_to_end.MODELS["mlp"] == (784, 1024, 1024, 10) and end_to_end.MODELS["wide"] == (4096, 4096, 4096)
+
+
+def e2e_row(model, batch, impl="engine F + optim.Adam", status="ok", vs_torch=None):
+    return {"model": model, "batch": batch, "impl": impl, "status": status, "vs_torch": vs_torch,
+            "vs_torch_peer": "torch eager" if vs_torch else None}
+
+
+def test_end_to_end_gpu_target_applies_at_the_issue_cases_only():
+    assert end_to_end.target_status(e2e_row("mlp", 256, vs_torch=1.05), "cuda") == (
+        "met: 0.95x torch's step time, target <= 1x")
+    assert end_to_end.target_status(e2e_row("wide", 1024, vs_torch=0.85), "cuda") == (
+        "missed: 1.18x torch's step time, target <= 1x")
+    assert end_to_end.target_status(e2e_row("wide", 1024, impl="engine nn + optim.Adam", vs_torch=0.85),
+                                    "cuda").startswith("missed")
+    for model, batch in (("mlp", 64), ("mlp", 4096), ("wide", 256), ("wide", 4096), ("tiny_mlp", 8)):
+        assert end_to_end.target_status(e2e_row(model, batch, vs_torch=0.67), "cuda") == (
+            end_to_end.NO_TARGET_AT_BATCH), (model, batch)
+    assert end_to_end.target_status(e2e_row("mlp", 256, impl="torch eager"), "cuda") == ""
+    assert end_to_end.target_status(e2e_row("mlp", 256, status="error: boom"), "cuda") == ""
+
+
+def test_end_to_end_cpu_target_applies_at_every_batch():
+    for model, batch in (("mlp", 64), ("wide", 32), ("tiny_mlp", 8)):
+        assert end_to_end.target_status(e2e_row(model, batch, vs_torch=0.8), "cpu") == (
+            "met: 1.25x torch's step time, target <= 1.3x")
+    assert end_to_end.target_status(e2e_row("mlp", 64, vs_torch=0.7), "cpu").startswith("missed: 1.43x")
