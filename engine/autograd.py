@@ -119,6 +119,18 @@ def _check_same_device(op: str, inputs) -> None:
                           f"move them to one device with .to(device) first")
 
 
+_seed = threading.local()
+
+
+def is_unit_seed(grad) -> bool:
+    """True for the all-ones gradient that ``backward()`` starts a scalar root with.
+
+    A Function whose backward would multiply by the incoming gradient can skip the multiply for
+    it, without reading the value back from the device (which would be a host sync).
+    """
+    return grad is not None and grad is getattr(_seed, "unit", None)
+
+
 def backward(root, grad=None, retain_graph: bool = False) -> None:
     """Accumulate d(root)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
     from engine.tensor import Tensor
@@ -131,11 +143,19 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
             raise GradError(f"backward: {describe(root)} is not a scalar; pass a gradient of the same "
                             "shape (tensor.backward(grad)) or reduce it first (e.g. .sum() or .mean())")
         grad = root.xp.ones_like(root.data)
+        _seed.unit = grad
     else:
         grad = grad.data if isinstance(grad, Tensor) else root.xp.asarray(grad, dtype=root.dtype)
         if grad.shape != root.shape:
             raise GradError(f"backward: gradient shape {grad.shape} does not match {describe(root)}")
 
+    try:
+        _propagate(root, grad, retain_graph)
+    finally:
+        _seed.unit = None
+
+
+def _propagate(root, grad, retain_graph: bool) -> None:
     grads = {id(root): grad}
     for tensor in _topological_order(root):
         g = grads.pop(id(tensor), None)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import kernels
 from engine.errors import DeviceError
 
 
@@ -131,10 +132,68 @@ def to_device(array, dev: Device):
     if device_of(array) == dev:
         return array
     if dev.type == "cpu":
-        return array.get()
+        return to_host(array)
     cupy = xp_for(dev)
     with cupy.cuda.Device(dev.index):
         return cupy.asarray(array)
+
+
+# ---- host reads: the one door through which device values reach Python ----------------------
+#
+# Reading a device value on the host (``.get()``, ``.item()``, ``float()``, ``bool()`` of a cupy
+# array) waits for every queued kernel: a host sync. A training step must have none, so every
+# read the engine does goes through ``to_host`` (``Tensor.item``/``numpy``/``tolist`` and their
+# ``float``/``int``/``bool`` spellings call it), which counts them. ``count_host_reads`` lets a
+# test assert that a step reads nothing; it counts CPU reads as well, so the check runs on a
+# machine without a GPU on the same code path the GPU takes.
+
+class HostReads:
+    """How many device->host reads happened inside ``count_host_reads()``, and where."""
+
+    def __init__(self):
+        self.count = 0
+        self.shapes: list[tuple] = []
+
+    def __repr__(self) -> str:
+        return f"HostReads(count={self.count}, shapes={self.shapes[:10]})"
+
+
+_host_read_counters: list[HostReads] = []
+
+
+class count_host_reads:
+    """Context manager counting the host reads of arrays (numpy or cupy) made through ``to_host``.
+
+    >>> with backend.count_host_reads() as reads:      # doctest: +SKIP
+    ...     train_step()
+    >>> reads.count
+    0
+    """
+
+    def __enter__(self) -> HostReads:
+        self.reads = HostReads()
+        _host_read_counters.append(self.reads)
+        return self.reads
+
+    def __exit__(self, *exc):
+        _host_read_counters.remove(self.reads)
+        return False
+
+
+def to_host(array) -> np.ndarray:
+    """``array`` as a numpy array: a copy (and a wait for the device) for a cupy array.
+
+    Also the natural sync point at which checks deferred on the device are settled (a target
+    out of range in cross-entropy, say): see ``kernels.raise_deferred_errors``.
+    """
+    for reads in _host_read_counters:
+        reads.count += 1
+        reads.shapes.append(tuple(getattr(array, "shape", ())))
+    if isinstance(array, (np.ndarray, np.generic)):
+        return array
+    host = array.get()
+    kernels.raise_deferred_errors()
+    return host
 
 
 def on_device(dev: Device):
@@ -149,6 +208,7 @@ def synchronize(dev: Device | None = None) -> None:
     dev = device(dev)
     if dev.type == "cuda":
         xp_for(dev).cuda.Device(dev.index).synchronize()
+        kernels.raise_deferred_errors()
 
 
 def scatter_add(target, index, values) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 import kernels
 from engine import backend, ops
-from engine.autograd import Function, is_grad_enabled, unbroadcast
+from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.ops import gelu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
@@ -139,42 +139,62 @@ def _contiguous_tensor(t: Tensor) -> Tensor:
 # ---- cross-entropy ------------------------------------------------------------------------------
 
 class SoftmaxCrossEntropy(Function):
-    """Loss and gradient in one kernel pass; backward only rescales the saved gradient."""
+    """Loss and gradient in one kernel pass; backward only rescales the saved gradient.
+
+    Nothing here reads a device value on the host: the 'mean' denominator (the weight sum of the
+    non-ignored rows) and its reciprocal stay on the device, where the kernel reads the scale
+    (``grad_scale`` as a one-element array), and backward skips the multiply by the incoming
+    gradient when it is backward()'s own unit seed rather than asking the device whether it is 1.
+    """
 
     name = "cross_entropy"
 
     def forward(self, logits, targets=None, weight=None, ignore_index=-100, label_smoothing=0.0,
                 reduction="mean", compute_grad=True):
         xp = array_module(logits)
-        denominator = _mean_denominator(xp, logits, targets, weight, ignore_index) if reduction == "mean" else 1.0
-        scale = 1.0 / denominator if denominator > 0 else 0.0
+        if reduction == "mean":
+            denominator = _mean_denominator(xp, logits, targets, weight, ignore_index)
+            scale = _reciprocal_or_zero(xp, denominator)
+        else:
+            denominator, scale = None, 1.0
         loss, self.grad = kernels.softmax_cross_entropy(
             logits, targets, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
             grad_scale=scale, compute_grad=compute_grad)
         self.reduction = reduction
         if reduction == "none":
             return loss
-        total = xp.asarray(loss.sum(dtype=loss.dtype))
+        total = loss.sum(dtype=loss.dtype)
         if reduction == "sum":
-            return total
-        # every row ignored: NaN, as in PyTorch
-        return total * logits.dtype.type(scale) if denominator > 0 else xp.full((), xp.nan, logits.dtype)
+            return xp.asarray(total)
+        # Every row ignored: 0 / 0 = NaN, as in PyTorch.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return xp.asarray(total / denominator.reshape(()))
 
     def backward(self, g):
         if self.reduction == "none":
             return self.grad * g[:, None]
-        return self.grad if float(g) == 1.0 else self.grad * g
+        return self.grad if is_unit_seed(g) else self.grad * g
 
 
-def _mean_denominator(xp, logits, targets, weight, ignore_index) -> float:
-    """What 'mean' divides by (PyTorch): the weight sum of non-ignored rows, or N for soft targets."""
+def _mean_denominator(xp, logits, targets, weight, ignore_index):
+    """What 'mean' divides by (PyTorch): the weight sum of non-ignored rows, or N for soft targets.
+
+    A one-element array of the logits' dtype on their device: computed there, never read back.
+    """
+    dtype = logits.dtype
     if targets.ndim == 2:
-        return float(logits.shape[0])
+        return xp.full(1, logits.shape[0], dtype=dtype)
     valid = targets != ignore_index
     if weight is None:
-        return float(valid.sum())
+        return valid.sum(dtype=dtype).reshape(1)
     safe = xp.where(valid, targets, 0)
-    return float((weight[safe] * valid).sum())
+    return (weight[safe] * valid).sum(dtype=dtype).reshape(1)
+
+
+def _reciprocal_or_zero(xp, denominator):
+    """1 / denominator, or 0 where it is 0 (every row ignored: the gradient is all zeros)."""
+    positive = denominator > 0
+    return positive / xp.where(positive, denominator, denominator.dtype.type(1))
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
@@ -273,11 +293,14 @@ def _cross_entropy_reference(logits: Tensor, targets, weight, ignore_index, redu
         per_row = -picked * Tensor(row_w) * (1 - eps)
         if eps:
             per_row = per_row - (logp * Tensor(w)).sum(axis=1) * Tensor(valid.astype(logits.dtype) * (eps / classes))
-        denominator = float(row_w.sum())
+        denominator = row_w.sum()  # stays on the device; 0 (every row ignored) gives NaN, as PyTorch
     if reduction == "none":
         return per_row
     total = per_row.sum()
-    return total / denominator if reduction == "mean" else total
+    if reduction == "sum":
+        return total
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / Tensor(xp.asarray(denominator, dtype=logits.dtype))
 
 
 # ---- shared checks for the losses below ------------------------------------------------------------

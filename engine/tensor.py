@@ -138,7 +138,7 @@ class Tensor:
 
     def numpy(self) -> np.ndarray:
         """The data as a numpy array (copied from the GPU if needed). Detached from the graph."""
-        return backend.to_device(self.data, backend.CPU)
+        return backend.to_host(self.data)
 
     def item(self):
         if self.data.size != 1:

@@ -7,10 +7,11 @@ This package imports only numpy at import time; numba and cupy load on first use
 The wrappers below document the one signature every impl of a kernel shares.
 """
 
+from kernels.deferred import eager_checks, raise_deferred_errors
 from kernels.registry import KernelError, call, choose, get, impls, kernels
 
 __all__ = [
-    "KernelError", "call", "choose", "get", "impls", "kernels",
+    "KernelError", "call", "choose", "get", "impls", "kernels", "eager_checks", "raise_deferred_errors",
     "linear_relu_forward", "linear_relu_backward", "softmax_cross_entropy",
     "adam_step", "sgd_step", "adagrad_step", "rmsprop_step",
 ]
@@ -44,11 +45,17 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
         weight: optional (C,) class weights (hard targets), PyTorch semantics.
         ignore_index: rows whose target equals it get loss 0 and gradient 0 (hard targets).
         label_smoothing: epsilon in [0, 1], PyTorch semantics.
-        grad_scale: the gradient is multiplied by this scalar (e.g. 1 / weight-sum for 'mean').
+        grad_scale: the gradient is multiplied by this scalar (e.g. 1 / weight-sum for 'mean'):
+            a number, or a one-element array of the logits' dtype on the logits' device, which
+            the GPU impls read on the device (so a scale computed there costs no host sync).
         compute_grad: if False only the loss is computed.
 
     Returns:
         ``(loss, grad)``: loss (N,) per row (weighted, 0 where ignored), grad (N, C) or None.
+
+    A hard target outside [0, C) that is not ``ignore_index`` raises KernelError: at once on the
+    CPU; on a GPU at the next sync point (kernels/deferred.py), the row meanwhile getting a NaN
+    loss and a zero gradient.
     """
     return call("softmax_cross_entropy", logits, targets, weight, ignore_index=ignore_index,
                 label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad, impl=impl)

@@ -38,6 +38,7 @@ import numpy as np
 
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
+from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
 
 KERNEL = "softmax_cross_entropy"
@@ -60,9 +61,10 @@ class CrossEntropySpec:
     soft: bool  # targets are (N, C) probabilities
     ignore_index: int
     eps: float  # label smoothing
-    grad_scale: float
+    grad_scale: float  # the scale as a number (1.0 placeholder when it is a cupy array)
     compute_grad: bool
     array_module: str  # "numpy" or "cupy"
+    grad_scale_array: object = None  # the one-element array when the scale lives on the device
 
 
 def _is_array(a) -> bool:
@@ -86,6 +88,10 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
     if len(kinds) > 1:
         raise KernelError(f"{where()}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
                           "move them all to one device")
+    if "cupy" in kinds:
+        spread = _different_gpus(arrays.values())
+        if spread:
+            raise KernelError(f"{where()}: the arrays are on different GPUs ({spread}); move them all to one device")
     if logits.ndim != 2:
         raise KernelError(f"{where()}: logits must be 2-D (N, C), got {logits.ndim}-D; reshape to (-1, C) "
                           "with the class dimension last")
@@ -125,11 +131,28 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
     eps = _real(label_smoothing, "label_smoothing")
     if not 0.0 <= eps <= 1.0:
         raise KernelError(f"{KERNEL}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    scale = _real(grad_scale, "grad_scale")
+    scale_array = None
+    if _is_array(grad_scale):
+        scale_array = _scale_array(grad_scale, logits, kinds)
+        # On the CPU the value is free to read (and the CPU impls use it); on a GPU it stays there.
+        scale = _real(scale_array[0], "grad_scale") if _module_of(scale_array) == "numpy" else 1.0
+    else:
+        scale = _real(grad_scale, "grad_scale")
     if not isinstance(compute_grad, (bool, np.bool_)):
         raise KernelError(f"{KERNEL}: compute_grad must be True or False, got {compute_grad!r}")
     return CrossEntropySpec(n, c, logits.dtype, soft, int(ignore_index), eps, scale, bool(compute_grad),
-                            kinds.pop())
+                            kinds.pop(), scale_array)
+
+
+def _scale_array(grad_scale, logits, kinds):
+    """A grad_scale given as an array: one element, the logits' dtype and device (read there)."""
+    if grad_scale.size != 1 or grad_scale.dtype != logits.dtype or _module_of(grad_scale) not in kinds:
+        raise KernelError(f"{KERNEL}: grad_scale given as an array must hold one element of the logits' dtype "
+                          f"({logits.dtype}) on the logits' device ({_module_of(logits)}), got "
+                          f"{_describe('grad_scale', grad_scale)}")
+    if _module_of(grad_scale) == "cupy" and grad_scale.device != logits.device:
+        raise KernelError(f"{KERNEL}: grad_scale is on {grad_scale.device} but the logits are on {logits.device}")
+    return grad_scale.reshape(1)
 
 
 def _real(value, name: str) -> float:
@@ -158,6 +181,17 @@ def check_target_range(lo: int, hi: int, spec: CrossEntropySpec) -> None:
         raise KernelError(bad_target_message(lo, spec.c, spec.ignore_index))
     if hi >= spec.c:
         raise KernelError(bad_target_message(hi, spec.c, spec.ignore_index))
+
+
+def check_target_bounds(bounds, spec: CrossEntropySpec, impl: str) -> None:
+    """check_target_range on the (min, max) a GPU impl reduced on the device, read back at a sync
+    point (kernels/deferred.py); the error says which call the bounds came from."""
+    try:
+        check_target_range(int(bounds[0]), int(bounds[1]), spec)
+    except KernelError as error:
+        raise KernelError(f"{error} [found on the GPU by a {KERNEL} ({impl}) call on logits ({spec.n}, {spec.c}) "
+                          f"{spec.dtype}, read at the next sync point; kernels.eager_checks(True) raises at the "
+                          "call itself]") from None
 
 
 def check_targets_host(spec: CrossEntropySpec, targets) -> None:

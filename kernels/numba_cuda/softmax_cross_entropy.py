@@ -11,8 +11,10 @@ memory and ``cuda.syncthreads`` (a power-of-two tree). Per row:
    ``sum u (z - m)`` for the loss; a second tree reduction, then thread 0 writes the loss.
 
 Hard targets are checked first by ``target_range_kernel`` (device min / max of the non-ignored
-targets into two int64s, one atomic pair per block); the host raises KernelError for a class index
-outside [0, C). The kernels are built per dtype with the dtype's constants frozen in, so the
+targets into two int64s, one atomic pair per block), read at the next sync point
+(kernels/deferred.py), which raises KernelError for a class index outside [0, C); meanwhile such a
+row gets a NaN loss and a zero gradient. ``grad_scale`` is a one-element array read on the device.
+The kernels are built per dtype with the dtype's constants frozen in, so the
 float32 kernels have no float64 arithmetic (tests/kernels/test_gpu_compile.py reads their PTX).
 
 On a GPU the kernels take cupy arrays and launch on cupy's current stream; under the simulator
@@ -22,13 +24,15 @@ the strided column loops and the tree reductions run several steps on small rows
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 from numba import cuda, types
 
 from kernels.numba_cuda.launch import launch, simulator
-from kernels.cpu.softmax_cross_entropy import check_target_range, validate_softmax_cross_entropy
+from kernels import deferred
+from kernels.cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
 
 MAX_THREADS = 256  # threads per row (block) on a GPU: the size of the shared reduction arrays
 SIMULATOR_MAX_THREADS = 16
@@ -47,7 +51,8 @@ def _build(nb_float, np_float):
 
     @cuda.jit
     def hard_kernel(logits, targets, weight, has_weight, ignore_index, one_minus_eps, eps_over_c, smooth,
-                    grad_scale, compute_grad, loss, grad):
+                    grad_scale_at, compute_grad, loss, grad):
+        grad_scale = grad_scale_at[0]  # on the device: an engine-computed scale is never read back
         row = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
@@ -63,10 +68,10 @@ def _build(nb_float, np_float):
             if tid == 0:
                 loss[row] = zero
             return
-        if t < 0 or t >= c:  # the host check forbids it; never read out of bounds
+        if t < 0 or t >= c:  # reported by the deferred check; never read out of bounds, keep grads finite
             if compute_grad:
                 for k in range(tid, c, nt):
-                    grad[row, k] = nan
+                    grad[row, k] = zero
             if tid == 0:
                 loss[row] = nan
             return
@@ -144,7 +149,9 @@ def _build(nb_float, np_float):
             loss[row] = value
 
     @cuda.jit
-    def soft_kernel(logits, q, weight, has_weight, one_minus_eps, eps_over_c, grad_scale, compute_grad, loss, grad):
+    def soft_kernel(logits, q, weight, has_weight, one_minus_eps, eps_over_c, grad_scale_at, compute_grad, loss,
+                    grad):
+        grad_scale = grad_scale_at[0]
         row = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
@@ -247,13 +254,13 @@ KERNELS = {np.dtype(np.float32): (hard_kernel_f32, soft_kernel_f32),
 
 def _hard_signature(f, index):
     a2, a1 = types.Array(f, 2, "C"), types.Array(f, 1, "C")
-    return (a2, types.Array(index, 1, "C"), a1, types.boolean, types.int64, f, f, types.boolean, f, types.boolean,
+    return (a2, types.Array(index, 1, "C"), a1, types.boolean, types.int64, f, f, types.boolean, a1, types.boolean,
             a1, a2)
 
 
 def _soft_signature(f):
     a2, a1 = types.Array(f, 2, "C"), types.Array(f, 1, "C")
-    return (a2, a2, a1, types.boolean, f, f, f, types.boolean, a1, a2)
+    return (a2, a2, a1, types.boolean, f, f, a1, types.boolean, a1, a2)
 
 
 # Every kernel: compiled to sm_90 PTX by tests/kernels/test_gpu_compile.py (float32: no f64 ops).
@@ -295,23 +302,25 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
     hard_kernel, soft_kernel = KERNELS[dt]
     scalar = dt.type
     threads = _threads_per_row(c)
+    scale = spec.grad_scale_array if spec.grad_scale_array is not None else xp.full(1, spec.grad_scale, dt)
     if spec.soft:
-        args = (logits, targets, w, has_weight, scalar(1.0 - spec.eps), scalar(spec.eps / c), scalar(spec.grad_scale),
+        args = (logits, targets, w, has_weight, scalar(1.0 - spec.eps), scalar(spec.eps / c), scale,
                 spec.compute_grad, loss, grad)
         launch(soft_kernel, n, threads, args)
     else:
         _check_targets(xp, targets, spec)
         args = (logits, targets, w, has_weight, np.int64(spec.ignore_index), scalar(1.0 - spec.eps),
-                scalar(spec.eps / c), spec.eps > 0, scalar(spec.grad_scale), spec.compute_grad, loss, grad)
+                scalar(spec.eps / c), spec.eps > 0, scale, spec.compute_grad, loss, grad)
         launch(hard_kernel, n, threads, args)
     return loss, (grad if spec.compute_grad else None)
 
 
 def _check_targets(xp, targets, spec) -> None:
-    """Device min / max of the non-ignored targets; raise KernelError for one outside [0, C)."""
-    bounds = xp.array([INT64_MAX, INT64_MIN], dtype=np.int64)
+    """Device min / max of the non-ignored targets, checked against [0, C) at the next sync
+    (kernels/deferred.py; at once under the simulator, whose arrays are on the host)."""
+    bounds = xp.full(2, INT64_MAX, dtype=np.int64)
+    bounds[1] = INT64_MIN
     threads = min(RANGE_THREADS, SIMULATOR_MAX_THREADS) if simulator() else RANGE_THREADS
     blocks = min(-(-spec.n // threads), 2 if simulator() else 1024)
     launch(target_range_kernel, blocks, threads, (targets, np.int64(spec.ignore_index), bounds))
-    lo, hi = (int(v) for v in (bounds.get() if xp is not np else bounds))
-    check_target_range(lo, hi, spec)
+    deferred.defer(bounds, functools.partial(check_target_bounds, spec=spec, impl="numba_cuda"))

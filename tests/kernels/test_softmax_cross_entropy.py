@@ -28,7 +28,10 @@ def run(impl, logits, targets, weight=None, **kw):
         import cupy
 
         move = (lambda a: None if a is None else cupy.asarray(a))
+        if "grad_scale" in kw and isinstance(kw["grad_scale"], np.ndarray):
+            kw["grad_scale"] = cupy.asarray(kw["grad_scale"])
         loss, grad = kernels.softmax_cross_entropy(move(logits), move(targets), move(weight), impl=impl, **kw)
+        kernels.raise_deferred_errors()  # the sync point at which GPU target checks are read
         return cupy.asnumpy(loss), None if grad is None else cupy.asnumpy(grad)
     return kernels.softmax_cross_entropy(logits, targets, weight, impl=impl, **kw)
 
@@ -309,6 +312,69 @@ def test_target_out_of_range_names_the_value(impl, bad):
     targets[2] = bad
     with pytest.raises(KernelError, match=rf"{bad}\b.*outside the classes \[0, C\) = \[0, 5\)"):
         run(impl, z, targets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_gpu_target_check_waits_for_a_sync_and_keeps_the_gradient_finite(impl):
+    import cupy
+
+    z, targets, _ = make_case(6, 5, np.float32, seed=44)
+    targets[2] = 9
+    with cupyx_no_sync():
+        loss, grad = kernels.softmax_cross_entropy(cupy.asarray(z), cupy.asarray(targets), impl=impl)
+    assert kernels.deferred.pending() >= 1
+    with pytest.raises(KernelError, match=r"9\b.*outside the classes.*found on the GPU"):
+        kernels.raise_deferred_errors()
+    assert kernels.deferred.pending() == 0
+    loss, grad = cupy.asnumpy(loss), cupy.asnumpy(grad)
+    assert np.isnan(loss[2]) and np.all(grad[2] == 0)
+    good = np.arange(6) != 2
+    np_loss, np_grad = run("numpy", z[good], targets[good])
+    np.testing.assert_allclose(loss[good], np_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad[good], np_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_gpu_eager_checks_raise_at_the_call(impl):
+    import cupy
+
+    z, targets, _ = make_case(4, 5, np.float32, seed=45)
+    targets[1] = -2
+    previous = kernels.eager_checks()
+    kernels.eager_checks(True)
+    try:
+        with pytest.raises(KernelError, match=r"-2\b.*outside the classes"):
+            kernels.softmax_cross_entropy(cupy.asarray(z), cupy.asarray(targets), impl=impl)
+    finally:
+        kernels.eager_checks(previous)
+    assert kernels.deferred.pending() == 0
+
+
+def cupyx_no_sync():
+    """cupy raises if anything inside waits for the device (a host sync)."""
+    import cupyx
+
+    return cupyx.allow_synchronize(False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_grad_scale_as_a_one_element_array_equals_the_number(impl, soft):
+    z, targets, _ = make_case(9, 37, np.float64, kind="soft" if soft else "hard", seed=46)
+    _, by_number = run(impl, z, targets, grad_scale=0.125)
+    _, by_array = run(impl, z, targets, grad_scale=np.array([0.125]))
+    np.testing.assert_array_equal(by_array, by_number)
+
+
+@pytest.mark.parametrize("bad", [np.array([1.0, 2.0], np.float32), np.array([1.0], np.float64),
+                                 np.array([np.inf], np.float32)], ids=["two-elements", "wrong-dtype", "inf"])
+def test_bad_grad_scale_array_is_refused(bad):
+    z, targets, _ = make_case(3, 4, np.float32, seed=47)
+    for impl in CPU_IMPLS:
+        with pytest.raises(KernelError, match="grad_scale"):
+            run(impl, z, targets, grad_scale=bad)
 
 
 def test_host_check_names_the_row():
