@@ -31,7 +31,7 @@ from engine.train.progress import ProgressBar
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the parameters are those from before the bad step."""
+    """The loss became NaN or infinite; the message says which batches and what state was kept."""
 
 
 class History:
@@ -82,10 +82,21 @@ class Trainer:
         grad_clip_norm: clip the gradients' global norm to this before each step.
         verbose: 0 silent, 1 one line per epoch (+ a progress bar on a terminal).
         log: where the per-epoch lines go (default ``print``).
+        sync_every: read the loss on the host (for the NaN guard, the progress bar, the metrics
+            and ``on_batch_end``'s logs) every this many batches, and at the end of each epoch.
+            Default: every batch on the CPU, where a read costs nothing, so a non-finite loss
+            stops training before its step; every ``GPU_SYNC_EVERY`` batches on a GPU, where
+            each read waits for the device and would stall every step. In between, the loss is
+            summed and the batches' outputs are kept on the device.
     """
 
     def __init__(self, model, optimizer, loss_fn=F.cross_entropy, metrics=("accuracy",), callbacks=(),
-                 scheduler=None, grad_clip_norm: float | None = None, verbose: int = 1, log=print):
+                 scheduler=None, grad_clip_norm: float | None = None, verbose: int = 1, log=print,
+                 sync_every: int | None = None):
+        if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int)
+                                       or sync_every < 1):
+            raise ValueError(f"Trainer: sync_every must be a positive int or None, got {sync_every!r}")
+        self.sync_every = sync_every
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.metrics = _metric_table(metrics)
         self.callbacks: list[Callback] = list(callbacks)
@@ -138,20 +149,17 @@ class Trainer:
     def _run_epoch(self, loader, val_loader, epochs: int) -> dict:
         self._call("on_epoch_begin", self.epoch)
         self.model.train()
-        meters = self._new_metrics()
-        loss_sum, samples, start = 0.0, 0, time.perf_counter()
-        bar = ProgressBar(len(loader), f"epoch {self.epoch + 1}/{epochs}", enabled=self.verbose > 0)
+        window = _Window(self, self._new_metrics(), ProgressBar(len(loader), f"epoch {self.epoch + 1}/{epochs}",
+                                                                 enabled=self.verbose > 0))
+        sync_every = self.sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
+        start = time.perf_counter()
         for batch_index, (x, y) in enumerate(loader):
             x, y = self._to_device(x), self._to_device(y)
             output = self.model(x)
             loss = self.compute_loss(x, output, y)
-            value = loss.item()
-            if not math.isfinite(value):
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss became {value} at epoch {self.epoch + 1}, batch {batch_index + 1}; the step was not "
-                    "taken, so the model keeps its last finite parameters and saved checkpoints are intact. "
-                    "Lower the learning rate, clip gradients (grad_clip_norm) or check the inputs for NaN.")
+            window.add(batch_index, loss, output, y)
+            if sync_every == 1:  # read before the step: a non-finite loss is never stepped on
+                window.read(before_step=True)
             self.optimizer.zero_grad()
             loss.backward()
             if self.grad_clip_norm is not None:
@@ -159,18 +167,17 @@ class Trainer:
 
                 clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
             self.optimizer.step()
-            n = len(x)
-            loss_sum, samples = loss_sum + value * n, samples + n
-            _update_metrics(meters, output, y)
-            self._call("on_batch_end", batch_index, {"loss": value})
-            bar.update(batch_index + 1, samples, loss_sum / samples)
-        bar.close()
+            if len(window) >= sync_every:
+                window.read()
+            self._call("on_batch_end", batch_index, window.batch_logs(batch_index))
+        window.read()
+        window.bar.close()
         seconds = time.perf_counter() - start
-        logs = {"loss": loss_sum / max(samples, 1), **_compute(meters)}
+        logs = {"loss": window.loss_sum / max(window.samples, 1), **_compute(window.meters)}
         if val_loader is not None:
             logs.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
         logs["epoch_time"] = seconds
-        logs["samples_per_s"] = samples / max(seconds, 1e-9)
+        logs["samples_per_s"] = window.samples / max(seconds, 1e-9)
         return logs
 
     def evaluate(self, data, batch_size: int = 256) -> dict:
@@ -178,14 +185,15 @@ class Trainer:
         loader = _loader(data, batch_size, False)
         self.model.eval()
         meters = self._new_metrics()
-        loss_sum, samples = 0.0, 0
+        losses, samples = [], 0  # weighted batch losses, kept on the device: one read at the end
         with no_grad():
             for x, y in loader:
                 x, y = self._to_device(x), self._to_device(y)
                 output = self.model(x)
-                loss_sum += self.compute_loss(x, output, y).item() * len(x)
+                losses.append(self.compute_loss(x, output, y).reshape(1) * len(x))
                 samples += len(x)
                 _update_metrics(meters, output, y)
+        loss_sum = float(backend.to_host(concatenate(losses).data).sum(dtype=np.float64)) if losses else 0.0
         return {"loss": loss_sum / max(samples, 1), **_compute(meters)}
 
     def predict(self, data, batch_size: int = 256) -> Tensor:
@@ -280,6 +288,72 @@ def _metric_table(metrics) -> dict:
         raise ValueError(f"Trainer: unknown metric names {unknown}; known: {sorted(METRICS)}, "
                          "or pass a dict name -> streaming metric")
     return {name: METRICS[name]() for name in metrics}
+
+
+# Batches between host reads of the loss on a GPU (Trainer(sync_every=None)): each read waits for
+# the device; one per 20 batches costs under a few percent even for millisecond steps.
+GPU_SYNC_EVERY = 20
+
+
+class _Window:
+    """The batches of an epoch since the last host read: their loss sum stays on the device and
+    their outputs are kept for the metrics, until ``read()`` brings them over in one sync."""
+
+    def __init__(self, trainer: Trainer, meters: dict, bar: ProgressBar):
+        self.trainer, self.meters, self.bar = trainer, meters, bar
+        self.loss_sum, self.samples = 0.0, 0  # read so far (host)
+        self._losses, self._outputs, self._first = [], [], None
+        self._read_at: dict[int, float] = {}  # batch index -> its loss, for on_batch_end
+
+    def __len__(self) -> int:
+        return len(self._losses)
+
+    def add(self, batch_index: int, loss: Tensor, output: Tensor, target) -> None:
+        if self._first is None:
+            self._first = batch_index
+        self._losses.append((batch_index, loss.detach(), len(output)))
+        self._outputs.append((output.detach(), target.detach() if isinstance(target, Tensor) else target))
+
+    def read(self, before_step: bool = False) -> None:
+        """One host read for the whole window: losses (NaN guard), then the metrics.
+
+        ``before_step``: the last batch's optimizer step has not been taken yet.
+        """
+        if not self._losses:
+            return
+        values = [float(v) for v in backend.to_host(concatenate([loss.reshape(1) for _, loss, _ in self._losses])
+                                                      .data)]
+        for (index, _, n), value in zip(self._losses, values):
+            if not math.isfinite(value):
+                self.bar.close()
+                raise TrainingDiverged(self._diverged_message(index, value, before_step))
+            self.loss_sum, self.samples = self.loss_sum + value * n, self.samples + n
+            self._read_at[index] = value
+        for output, target in self._outputs:
+            _update_metrics(self.meters, output, target)
+        last = self._losses[-1][0]
+        self.bar.update(last + 1, self.samples, self.loss_sum / max(self.samples, 1))
+        self._losses, self._outputs, self._first = [], [], None
+
+    def batch_logs(self, batch_index: int) -> dict:
+        """``on_batch_end``'s logs: the batch's loss once it has been read, else nothing yet."""
+        value = self._read_at.pop(batch_index, None)
+        self._read_at.clear()
+        return {} if value is None else {"loss": value}
+
+    def _diverged_message(self, index: int, value: float, before_step: bool) -> str:
+        epoch = self.trainer.epoch + 1
+        where = f"loss became {value} at epoch {epoch}, batch {index + 1}"
+        if before_step and index == self._losses[-1][0]:
+            return (f"{where}; the step was not taken, so the model keeps its last finite parameters and saved "
+                    "checkpoints are intact. Lower the learning rate, clip gradients (grad_clip_norm) or check "
+                    "the inputs for NaN.")
+        last = self._losses[-1][0] + 1
+        return (f"{where} (read after batch {last}: the Trainer reads the loss every sync_every batches); the "
+                f"optimizer stepped on batches {index + 1}..{last}, so the parameters may no longer be finite. "
+                "Checkpoints saved before this epoch's end are intact: reload one, then lower the learning rate, "
+                "clip gradients (grad_clip_norm), check the inputs for NaN, or pass Trainer(sync_every=1) to "
+                "stop before the bad step.")
 
 
 def _update_metrics(meters: dict, output: Tensor, target) -> None:

@@ -1,0 +1,147 @@
+"""A training step reads nothing from the device: no host syncs in forward, backward or the step.
+
+Every read of an array's values into Python that the engine makes goes through
+``engine.backend.to_host``, which ``count_host_reads`` counts on any device, so the CPU runs of
+these tests check the same code path a GPU takes. A read that bypasses it (``float()`` of a raw
+array) is invisible on the CPU; on a GPU the same steps also run behind a kernel that keeps the
+stream busy for a second, and the stream must still be busy when the step returns: any wait for
+the device, from whatever source, fails it.
+"""
+
+import contextlib
+
+import numpy as np
+import pytest
+
+import engine
+import engine.functional as F
+from engine import backend, nn, optim
+from engine.train import Trainer, TrainingDiverged
+from tests.conftest import DEVICES
+
+
+SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {}
+}
+"""
+
+
+@contextlib.contextmanager
+def _no_device_waits(device: str):
+    """On a GPU: queue a kernel that keeps the stream busy for about a second, run the body,
+    then require the stream to be still busy: had the body waited for the device even once (a
+    read, a synchronize, numba's per-argument sync), the spinner would have finished by then."""
+    if device == "cpu":
+        yield
+        return
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    cupy.RawKernel(SPIN, "spin")((1,), (1,), (np.int64(2_000_000_000),))  # ~1 s at 2 GHz
+    yield
+    still_busy = not stream.done
+    stream.synchronize()
+    assert still_busy, "the body waited for the device (a host sync)"
+
+
+def _batch(device, rng, n=64, features=20, classes=7, ignore=True):
+    x = engine.tensor(rng.standard_normal((n, features)).astype(np.float32), device=device)
+    labels = rng.integers(0, classes, n)
+    if ignore:
+        labels[5] = -100
+    return x, engine.tensor(labels, device=device)
+
+
+def _mlp(device):
+    return nn.Sequential(nn.Linear(20, 32, device=device), nn.ReLU(), nn.Linear(32, 7, device=device))
+
+
+STEPS = {
+    "nn+adam+cross_entropy": lambda m: (optim.Adam(m.parameters(), lr=1e-2), nn.CrossEntropyLoss()),
+    "nn+adamw+smoothing": lambda m: (optim.AdamW(m.parameters(), lr=1e-2),
+                                     nn.CrossEntropyLoss(label_smoothing=0.1)),
+    "nn+sgd+weighted": lambda m: (optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                  nn.CrossEntropyLoss(weight=engine.ones(7, device=m[0].weight.device))),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("setup", list(STEPS), ids=list(STEPS))
+def test_a_training_step_reads_nothing_from_the_device(device, setup):
+    engine.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = _mlp(device)
+    opt, loss_fn = STEPS[setup](model)
+    batches = [_batch(device, rng) for _ in range(3)]
+    for x, y in batches[:1]:  # warm-up: first calls compile and cache kernels
+        loss_fn(model(x), y).backward()
+    backend.synchronize(backend.device(device))
+    with backend.count_host_reads() as reads, _no_device_waits(device):
+        for x, y in batches:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert reads.count == 0, reads
+    assert np.isfinite(loss.item())  # and the counter does see a read
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_functional_step_with_fused_kernels_reads_nothing(device):
+    rng = np.random.default_rng(1)
+    w1 = engine.tensor(rng.standard_normal((32, 20)).astype(np.float32) * 0.2, device=device, requires_grad=True)
+    b1 = engine.zeros(32, device=device, requires_grad=True)
+    w2 = engine.tensor(rng.standard_normal((7, 32)).astype(np.float32) * 0.2, device=device, requires_grad=True)
+    x, y = _batch(device, rng)
+    F.cross_entropy(F.linear(F.linear_relu(x, w1, b1), w2), y).backward()  # warm-up (compiles)
+    backend.synchronize(backend.device(device))
+    with backend.count_host_reads() as reads, _no_device_waits(device):
+        loss = F.cross_entropy(F.linear(F.linear_relu(x, w1, b1), w2), y)
+        loss.backward()
+        with engine.no_grad():
+            for p in (w1, b1, w2):
+                p.sub_(p.grad * 0.1)
+    assert reads.count == 0, reads
+
+
+def test_the_counter_counts_reads():
+    t = engine.tensor([1.0, 2.0])
+    with backend.count_host_reads() as reads:
+        t.sum().item()
+        float(t[0])
+        t.numpy()
+    assert reads.count == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_trainer_reads_once_per_window(device):
+    engine.manual_seed(0)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8 * 16, 20)).astype(np.float32)
+    y = rng.integers(0, 7, 8 * 16)
+    model = _mlp(device)
+    trainer = Trainer(model, optim.Adam(model.parameters(), lr=1e-2), metrics=(), verbose=0, sync_every=4)
+    with backend.count_host_reads() as reads:
+        history = trainer.fit((x, y), epochs=1, batch_size=16, shuffle=False)
+    assert reads.count == 2, reads  # after batches 4 and 8; the epoch-end read finds nothing left
+    # The deferred reads give the same epoch loss as reading every batch.
+    engine.manual_seed(0)
+    model = _mlp(device)
+    every = Trainer(model, optim.Adam(model.parameters(), lr=1e-2), metrics=(), verbose=0, sync_every=1)
+    np.testing.assert_allclose(history["loss"], every.fit((x, y), epochs=1, batch_size=16, shuffle=False)["loss"],
+                               rtol=1e-6)
+
+
+def test_a_non_finite_loss_between_reads_is_reported_truthfully():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8 * 16, 20)).astype(np.float32)
+    x[20] = np.nan  # batch 2
+    y = rng.integers(0, 7, 8 * 16)
+    model = _mlp("cpu")
+    trainer = Trainer(model, optim.SGD(model.parameters(), lr=0.1), metrics=(), verbose=0, sync_every=4)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, batch 2 \(read after batch 4.*stepped on batches 2\.\.4"):
+        trainer.fit((x, y), epochs=1, batch_size=16, shuffle=False)
+    with pytest.raises(ValueError, match="sync_every"):
+        Trainer(model, optim.SGD(model.parameters(), lr=0.1), sync_every=0)
