@@ -142,12 +142,26 @@ def module_of(a) -> str:
 
 
 def describe_array(name: str, a) -> str:
-    """``x=numpy.ndarray(4, 5) float32`` for kernel error messages."""
+    """``x=numpy.ndarray(4, 5) float32`` (``... float32 on cuda:1`` for cupy) for kernel error messages."""
     if a is None:
         return f"{name}=None"
     if not (hasattr(a, "shape") and hasattr(a, "dtype")):
         return f"{name}={type(a).__module__}.{type(a).__name__}"
-    return f"{name}={module_of(a)}.{type(a).__name__}{tuple(a.shape)} {a.dtype}"
+    module = module_of(a)
+    where = f" on cuda:{a.device.id}" if module == "cupy" else ""
+    return f"{name}={module}.{type(a).__name__}{tuple(a.shape)} {a.dtype}{where}"
+
+
+def different_gpus(arrays) -> str | None:
+    """``'cuda:0, cuda:1'`` when the cupy arrays among ``arrays`` live on more than one GPU, else None.
+
+    The validators call it once the arrays are known to be cupy arrays: a kernel runs on one device
+    and must not be handed a pointer into another's memory.
+    """
+    devices = {a.device.id for a in arrays if a is not None}
+    if len(devices) < 2:
+        return None
+    return ", ".join(f"cuda:{d}" for d in sorted(devices))
 
 
 def _kind_of(a) -> str:

@@ -41,6 +41,7 @@ import numpy as np
 
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
+from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -75,6 +76,10 @@ def _check(kernel: str, arrays: dict, ndims: dict, shapes_ok, shape_rule: str):
     if len(modules) > 1:
         fail("the arrays are on different devices; move them all to the CPU (numpy) "
              "or all to the GPU (cupy)")
+    if "cupy" in modules:
+        spread = _different_gpus(present.values())
+        if spread:
+            fail(f"the arrays are on different GPUs ({spread}); move them all to one device")
     for name, a in present.items():
         if a.ndim != ndims[name]:
             fail(f"{name} must be {ndims[name]}-D, got {a.ndim}-D")

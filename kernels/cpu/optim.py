@@ -23,6 +23,7 @@ import numpy as np
 
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
+from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -59,6 +60,10 @@ def _check_arrays(kernel: str, arrays: dict, written: tuple[str, ...]):
     kinds = {_module_of(a) for a in arrays.values()}
     if len(kinds) > 1:
         fail("the arrays are on different devices (numpy = CPU, cupy = GPU); move them all to one device")
+    if "cupy" in kinds:
+        spread = _different_gpus(arrays.values())
+        if spread:
+            fail(f"the arrays are on different GPUs ({spread}); move them all to one device")
     param = arrays["param"]
     for name, a in arrays.items():
         if a.dtype not in FLOAT_DTYPES:

@@ -4,7 +4,8 @@ Forward: ``cupy.matmul(x, weight.T, out=y)`` (cuBLAS, in whatever compute mode t
 cupy's TF32 setting is left alone), then ONE kernel adds the bias and applies ReLU in place on
 ``y``. Backward: ONE kernel reads ``dy`` and ``y`` once and writes ``g = dy * (y > 0)`` and
 per-block column sums of ``g``; a tiny kernel adds those up into ``db`` in a fixed order (no
-atomics: deterministic); then ``dx = g @ W`` and ``dW = g.T @ x`` through cuBLAS.
+atomics: deterministic); then ``dx = g @ W`` and ``dW = g.T @ x`` through cuBLAS. Everything runs
+on the GPU the inputs live on, whichever device is current.
 
 Cost model and launch configuration: docs/kernels/linear_relu.md.
 """
@@ -16,7 +17,7 @@ import functools
 import numpy as np
 
 from kernels.cpu.linear_relu import validate_backward, validate_forward
-from kernels.cuda.module import function
+from kernels.cuda.module import current_device, function, on_device
 
 MODULE = "linear_relu"
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
@@ -35,13 +36,14 @@ def linear_relu_forward(x, weight, bias=None):
     import cupy
 
     dtype = validate_forward(x, weight, bias)
-    n, m = x.shape[0], weight.shape[0]
-    y = cupy.empty((n, m), dtype=dtype)
-    if y.size == 0:
+    with on_device(x):  # allocate, multiply and launch on the inputs' GPU, whichever is current
+        n, m = x.shape[0], weight.shape[0]
+        y = cupy.empty((n, m), dtype=dtype)
+        if y.size == 0:
+            return y
+        cupy.matmul(x, weight.T, out=y)  # K == 0 gives zeros, as in numpy
+        _bias_relu_inplace(y, bias)
         return y
-    cupy.matmul(x, weight.T, out=y)  # K == 0 gives zeros, as in numpy
-    _bias_relu_inplace(y, bias)
-    return y
 
 
 def linear_relu_backward(grad_out, x, weight, out, *, compute_grad_x=True):
@@ -49,21 +51,22 @@ def linear_relu_backward(grad_out, x, weight, out, *, compute_grad_x=True):
     import cupy
 
     dtype = validate_backward(grad_out, x, weight, out)
-    n, k = x.shape
-    m = weight.shape[0]
-    if n == 0 or m == 0:
-        # No rows or no outputs: every gradient is zero (or empty); nothing to launch.
-        return (cupy.zeros((n, k), dtype=dtype) if compute_grad_x else None, cupy.zeros((m, k), dtype=dtype),
-                cupy.zeros(m, dtype=dtype))
-    g = cupy.empty((n, m), dtype=dtype)
-    grad_bias = _mask_and_bias_grad(grad_out, out, g)
-    grad_x = cupy.empty((n, k), dtype=dtype) if compute_grad_x else None
-    grad_weight = cupy.empty((m, k), dtype=dtype)
-    if k:
-        if compute_grad_x:
-            cupy.matmul(g, weight, out=grad_x)
-        cupy.matmul(g.T, x, out=grad_weight)
-    return grad_x, grad_weight, grad_bias
+    with on_device(x):  # allocate, multiply and launch on the inputs' GPU, whichever is current
+        n, k = x.shape
+        m = weight.shape[0]
+        if n == 0 or m == 0:
+            # No rows or no outputs: every gradient is zero (or empty); nothing to launch.
+            return (cupy.zeros((n, k), dtype=dtype) if compute_grad_x else None, cupy.zeros((m, k), dtype=dtype),
+                    cupy.zeros(m, dtype=dtype))
+        g = cupy.empty((n, m), dtype=dtype)
+        grad_bias = _mask_and_bias_grad(grad_out, out, g)
+        grad_x = cupy.empty((n, k), dtype=dtype) if compute_grad_x else None
+        grad_weight = cupy.empty((m, k), dtype=dtype)
+        if k:
+            if compute_grad_x:
+                cupy.matmul(g, weight, out=grad_x)
+            cupy.matmul(g.T, x, out=grad_weight)
+        return grad_x, grad_weight, grad_bias
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,16 +89,14 @@ def _sm_count(device_id: int) -> int:
 
 
 def _bias_relu_inplace(y, bias) -> None:
-    """One pass over the GEMM output: ``y = relu(y + bias)``."""
-    import cupy
-
+    """One pass over the GEMM output: ``y = relu(y + bias)`` (called with y's device current)."""
     suffix = _SUFFIX[y.dtype]
     lanes = _lanes(y.dtype)
     total, m = y.size, y.shape[1]
     # cupy allocations are 256-byte aligned, and y is ours: the flat vector walk is always legal.
     assert _aligned(y), "the output of cupy.empty is expected to be 16-byte aligned"
     work = max(total // lanes, total % lanes, 1)  # vectors, or the scalar tail when smaller
-    blocks = min(-(-work // _EPILOGUE_THREADS), _sm_count(cupy.cuda.Device().id) * _BLOCKS_PER_SM)
+    blocks = min(-(-work // _EPILOGUE_THREADS), _sm_count(current_device()) * _BLOCKS_PER_SM)
     if bias is None:
         kernel, args = function(MODULE, f"linear_relu_fwd_epilogue_{suffix}"), (y, np.int64(total))
     else:

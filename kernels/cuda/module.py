@@ -7,6 +7,7 @@ the build CI checks is the build that runs. Nothing here imports cupy until a ke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -75,6 +76,20 @@ def current_device() -> int:
 
         _get_device = cupy.cuda.runtime.getDevice
     return _get_device()
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+def on_device(a):
+    """The GPU of cupy array ``a`` as a context: inside it cupy allocates, launches kernels and calls
+    cuBLAS on that device, whichever device is current outside (``cuda:1`` inputs while device 0
+    is current compute on device 1). It is ``a.device`` itself, a ``cupy.cuda.Device``, whose
+    ``with`` is cheap when the device is already current (measured in bench/overhead.py).
+
+    Anything else gives a context that does nothing: the wrapper's validator then rejects it by name.
+    """
+    return a.device if type(a).__module__.startswith("cupy") else _NOTHING
 
 
 def clear_cache() -> None:

@@ -6,6 +6,7 @@ grid-stride kernel over the whole buffer: 16-byte packs (float4 / double2) over 
 middle (a few elements are peeled off the front when all the arrays share one misalignment),
 then a scalar loop over the peeled head and the tail. The grid is one wave of the blocks that
 fit on the device at once (the occupancy query), so the grid-stride loop shares the work evenly.
+The kernel runs on the GPU the arrays live on, whichever device is current.
 Unused state pointers (e.g. max_exp_avg_sq without amsgrad) are passed a placeholder array that
 the kernel never touches.
 """
@@ -17,7 +18,7 @@ import functools
 import numpy as np
 
 from kernels.cpu.optim import validate_adagrad, validate_adam, validate_rmsprop, validate_sgd
-from kernels.cuda.module import function
+from kernels.cuda.module import function, on_device
 
 THREADS = 256
 VECTOR_BYTES = 16
@@ -92,7 +93,7 @@ def _launch(kernel: str, arrays: list, scalars: tuple, flags: int) -> None:
     width = VECTOR_BYTES // dtype.itemsize
     head, n_vec = vector_split([a.data.ptr for a in arrays], n, dtype.itemsize)
     name = f"{kernel}_{'f32' if dtype == np.float32 else 'f64'}"
-    with param.device:
+    with on_device(param):  # launch on the arrays' GPU, whichever is current
         blocks, threads = launch_shape(n, n_vec, width, _resident_blocks(name, param.device.id))
         fn = function("optim", name)
         fn((blocks,), (threads,), (*arrays, np.int64(n), np.int64(head), np.int64(n_vec),

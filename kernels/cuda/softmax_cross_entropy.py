@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.cpu.softmax_cross_entropy import check_target_range, validate_softmax_cross_entropy
+from kernels.cuda.module import on_device
 from kernels.registry import KernelError
 
 MODULE = "softmax_cross_entropy"
@@ -65,6 +66,14 @@ def plan(dtype, c: int, full: bool, vec: bool):
 
 def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0, grad_scale=1.0,
                           compute_grad=True):
+    """Loss and gradient on the GPU the logits live on, whichever device is current."""
+    with on_device(logits):
+        return _softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
+                                      label_smoothing=label_smoothing, grad_scale=grad_scale,
+                                      compute_grad=compute_grad)
+
+
+def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoothing, grad_scale, compute_grad):
     import cupy
 
     from kernels.cuda.module import function

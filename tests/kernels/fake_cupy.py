@@ -6,16 +6,19 @@ current at the time), every kernel launch and GEMM with the device current when 
 Arrays carry the device they were allocated on. Nothing is computed: kernels and GEMMs only
 record their call; outputs hold whatever ``numpy.empty`` gave.
 
-Use it through the ``fake_cupy`` fixture of the tests that import it: it is put in
-``sys.modules["cupy"]`` for one test, with the module and kernel caches of kernels/cuda cleared
-before and after, so neither a real cupy nor the real caches see the fake.
+Use it through the :func:`fake_cupy` fixture (import it into the test module): it is put in
+``sys.modules["cupy"]`` for one test, with every cache of kernels/cuda cleared before and after,
+so that nothing built with the fake outlives the test (on a GPU machine the real cupy follows).
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 import types
 
 import numpy as np
+import pytest
 
 GPU_COUNT = 2
 SM_COUNT = 132
@@ -45,6 +48,12 @@ class ndarray:  # noqa: N801 - named like cupy's, so error messages read "cupy.n
 
     def get(self):
         return self.host.copy()
+
+    def copy(self):
+        return self._fake._new(self.host.copy())
+
+    def reshape(self, *shape):
+        return ndarray(self.host.reshape(*shape), self.device_id, self._fake)
 
 
 class _Kernel:
@@ -106,7 +115,9 @@ class FakeCupy(types.ModuleType):
         runtime = types.SimpleNamespace(getDevice=lambda: fake.current, getDeviceCount=lambda: device_count,
                                         setDevice=lambda i: setattr(fake, "current", int(i)))
         driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda ptr, threads, smem: 4)
-        self.cuda = types.SimpleNamespace(Device=Device, runtime=runtime, driver=driver)
+        stream = types.SimpleNamespace(ptr=0, synchronize=lambda: None)
+        self.cuda = types.SimpleNamespace(Device=Device, runtime=runtime, driver=driver,
+                                          get_current_stream=lambda: stream)
 
     # -- the array functions the wrappers call --------------------------------------------------
 
@@ -119,6 +130,9 @@ class FakeCupy(types.ModuleType):
 
     def zeros(self, shape, dtype=np.float64):
         return self._new(np.zeros(shape, dtype))
+
+    def full(self, shape, fill_value, dtype=None):
+        return self._new(np.full(shape, fill_value, dtype))
 
     def array(self, obj, dtype=None):
         return self._new(np.array(obj, dtype))
@@ -133,3 +147,28 @@ class FakeCupy(types.ModuleType):
     def on(self, device_id: int, host: np.ndarray) -> ndarray:
         """A fake array on ``device_id`` holding ``host`` (not recorded as an allocation)."""
         return ndarray(np.ascontiguousarray(host), device_id, self)
+
+
+CUDA_MODULES = ("kernels.cuda.module", "kernels.cuda.optim", "kernels.cuda.linear_relu",
+                "kernels.cuda.softmax_cross_entropy")
+
+
+def clear_cuda_caches() -> None:
+    """Empty every functools cache of the kernels/cuda modules (kernels, device figures, constants)."""
+    for name in CUDA_MODULES:
+        module = importlib.import_module(name)
+        for value in list(vars(module).values()):
+            if callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
+    importlib.import_module("kernels.cuda.module").clear_cache()
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """A :class:`FakeCupy` as ``cupy`` for one test (two GPUs, device 0 current)."""
+    fake = FakeCupy()
+    clear_cuda_caches()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    yield fake
+    monkeypatch.undo()
+    clear_cuda_caches()

@@ -8,27 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from kernels.cuda import module
-from tests.kernels.fake_cupy import FakeCupy
+from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def fake_cupy(monkeypatch):
-    import kernels.cuda.linear_relu as linear_relu
-    import kernels.cuda.optim as optim
-
-    fake = FakeCupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    caches = (module.clear_cache, optim._resident_blocks.cache_clear, linear_relu._sm_count.cache_clear)
-    for clear in caches:
-        clear()
-    yield fake
-    for clear in caches:  # nothing built with the fake may outlive the test
-        clear()
 
 
 def test_a_kernel_is_looked_up_once_per_device(fake_cupy):
