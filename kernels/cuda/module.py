@@ -17,6 +17,13 @@ SOURCE_DIR = Path(__file__).parent
 # kernels must agree with the numpy reference to float32 rounding.
 NVRTC_OPTIONS = ("-std=c++17",)
 
+# What cupy appends on its own to every NVRTC compile, after the caller's options: cupy/cuda/compiler.py,
+# ``_compile_with_cache_cuda``: ``options += ('-ftz=true',)`` (in every release from v2 to 14.x).
+# The cupy build therefore flushes float32 subnormal inputs and results to zero (docs/kernels.md,
+# "Subnormals"). The CI compile check (nvrtc.py) passes these too, so that it checks the build
+# that runs; tests/kernels/test_gpu_compile.py checks the installed cupy still appends them.
+CUPY_ADDED_OPTIONS = ("-ftz=true",)
+
 
 def source(name: str) -> str:
     """Text of ``kernels/cuda/<name>.cu``."""
@@ -29,7 +36,7 @@ def sources() -> list[Path]:
 
 
 def build_options() -> tuple[str, ...]:
-    """The options this package hands to cupy.RawModule (cupy adds its own and the architecture)."""
+    """The options this package hands to cupy.RawModule (cupy adds CUPY_ADDED_OPTIONS and the architecture)."""
     return NVRTC_OPTIONS + (f"-I{SOURCE_DIR}",)
 
 

@@ -1,7 +1,8 @@
 """Compile a .cu file with NVRTC for a given architecture, without a GPU.
 
 Used by CI (tests/kernels/test_gpu_compile.py) to prove every CUDA C++ kernel compiles for sm_80
-and sm_90 and that ptxas reports no register spills. NVRTC is the compiler CuPy uses at run time.
+and sm_90 and that ptxas reports no register spills. NVRTC is the compiler CuPy uses at run time,
+and :func:`compile_options` are the options cupy gives it, ``-ftz=true`` included.
 Needs the ``cuda-bindings`` and ``nvidia-cuda-nvrtc`` wheels (the ``test`` extra).
 """
 
@@ -11,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.cuda.module import NVRTC_OPTIONS, SOURCE_DIR
+from kernels.cuda.module import CUPY_ADDED_OPTIONS, build_options
 
 
 @dataclass
@@ -56,8 +57,7 @@ def compile_file(path: Path, arch: str = "sm_90") -> CompileResult:
     src = Path(path).read_bytes()
     err, prog = nvrtc.nvrtcCreateProgram(src, str(Path(path).name).encode(), 0, [], [])
     _check(err, "create", path)
-    options = [o.encode() for o in (*NVRTC_OPTIONS, f"-I{SOURCE_DIR}", f"--gpu-architecture={arch}",
-                                    "--ptxas-options=-v")]
+    options = [o.encode() for o in compile_options(arch)]
     try:
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
         log = _log(nvrtc, prog)
@@ -66,6 +66,12 @@ def compile_file(path: Path, arch: str = "sm_90") -> CompileResult:
         return CompileResult(Path(path), arch, log)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+def compile_options(arch: str) -> tuple[str, ...]:
+    """What cupy hands NVRTC at run time (our options, then the ones cupy adds: ``-ftz=true``),
+    plus the target architecture and ptxas's register report."""
+    return (*build_options(), *CUPY_ADDED_OPTIONS, f"--gpu-architecture={arch}", "--ptxas-options=-v")
 
 
 def _log(nvrtc, prog) -> str:

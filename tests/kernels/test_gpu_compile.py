@@ -14,9 +14,33 @@ from pathlib import Path
 import pytest
 
 import kernels.numba_cuda
-from kernels.cuda.module import sources
+from kernels.cuda.module import CUPY_ADDED_OPTIONS, NVRTC_OPTIONS, SOURCE_DIR, sources
 
 CU_FILES = sources()
+
+
+def test_compile_check_uses_the_options_cupy_compiles_with():
+    """The CI build is cupy's build: our options, then what cupy appends (-ftz=true), then the
+    include path, the target and ptxas's report."""
+    from kernels.cuda.nvrtc import compile_options
+
+    assert CUPY_ADDED_OPTIONS == ("-ftz=true",)
+    assert compile_options("sm_90") == (*NVRTC_OPTIONS, f"-I{SOURCE_DIR}", *CUPY_ADDED_OPTIONS,
+                                        "--gpu-architecture=sm_90", "--ptxas-options=-v")
+
+
+def test_installed_cupy_appends_what_we_say_it_does():
+    """Should a cupy release stop (or start) appending options, CUPY_ADDED_OPTIONS must follow."""
+    pytest.importorskip("cupy")
+    import inspect
+
+    from cupy.cuda import compiler
+
+    code = inspect.getsource(compiler._compile_with_cache_cuda)
+    appended = re.findall(r"^\s*options \+= \(([^)]*)\)", code, re.M)
+    assert appended, "cupy's _compile_with_cache_cuda no longer appends options: update CUPY_ADDED_OPTIONS"
+    unconditional = [o.strip().strip("',\"") for o in appended[0].split(",") if o.strip()]
+    assert tuple(unconditional) == CUPY_ADDED_OPTIONS, (appended, CUPY_ADDED_OPTIONS)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
