@@ -90,6 +90,14 @@ def get(kernel: str, impl: str) -> Callable:
 
 def choose(kernel: str, arrays, impl: str | None = None) -> Impl:
     """The impl a call with these arrays would use (see the module docstring for the order)."""
+    if impl is None:
+        # The hot path, run on every kernel call: an unforced call with arrays of one known kind
+        # whose default impl is already chosen. Anything else takes the full path below.
+        kind = _common_kind(arrays)
+        if kind is not None and _env_choice(kernel) is None:
+            chosen = _DEFAULT_CHOICE.get((kernel, kind))
+            if chosen is not None:
+                return chosen
     table = _table(kernel)
     kind = array_kind(arrays, kernel)
     forced = impl or _env_choice(kernel)
@@ -162,6 +170,25 @@ def different_gpus(arrays) -> str | None:
     if len(devices) < 2:
         return None
     return ", ".join(f"cuda:{d}" for d in sorted(devices))
+
+
+@functools.cache
+def _kind_of_type(cls: type) -> str | None:
+    module = cls.__module__.split(".")[0]
+    return module if module in ("numpy", "cupy") else None
+
+
+def _common_kind(arrays) -> str | None:
+    """'numpy' or 'cupy' when every array (None aside) is of that kind ('numpy' for none), else None."""
+    kind = None
+    for a in arrays:
+        if a is None:
+            continue
+        this = _kind_of_type(type(a))
+        if this is None or (kind is not None and this != kind):
+            return None
+        kind = this
+    return kind or "numpy"
 
 
 def _kind_of(a) -> str:

@@ -1,0 +1,121 @@
+"""The validators' one-pass fast paths never accept what the full checks reject.
+
+kernels/cpu/optim.py and kernels/cpu/linear_relu.py first run every check in one pass with no
+error text (the hot path); only when that fails do the full checks run, one by one, to name the
+problem. Each case below is handed to both: whenever the fast path accepts, the full checks must
+accept too and agree on the dtype; whenever the full checks reject, the fast path must too.
+"""
+
+import numpy as np
+import pytest
+
+from kernels import KernelError
+from kernels.cpu import linear_relu, optim
+
+
+def _outcome(check):
+    try:
+        return check()
+    except KernelError:
+        return "rejected"
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _optim_cases():
+    f32 = np.ones(8, np.float32)
+    buffer = np.zeros(32, np.float32)
+    written = ("param", "exp_avg", "exp_avg_sq")
+    base = {"param": f32.copy(), "grad": f32.copy(), "exp_avg": f32.copy(), "exp_avg_sq": f32.copy()}
+    cases = {"valid": (base, written)}
+    cases["float64 everywhere"] = ({k: v.astype(np.float64) for k, v in base.items()}, written)
+    cases["one float64"] = ({**base, "grad": f32.astype(np.float64)}, written)
+    cases["int32 everywhere"] = ({k: v.astype(np.int32) for k, v in base.items()}, written)
+    cases["other shape"] = ({**base, "exp_avg": np.ones(9, np.float32)}, written)
+    cases["2-D vs 1-D"] = ({**base, "exp_avg": np.ones((2, 4), np.float32)}, written)
+    cases["strided"] = ({**base, "exp_avg": np.ones(16, np.float32)[::2]}, written)
+    cases["read-only written"] = ({**base, "exp_avg": _read_only(f32)}, written)
+    cases["read-only grad"] = ({**base, "grad": _read_only(f32)}, written)
+    cases["disjoint views of one buffer"] = ({k: buffer[i * 8:(i + 1) * 8] for i, k in enumerate(base)}, written)
+    cases["overlapping written views"] = ({**base, "exp_avg": buffer[0:8], "exp_avg_sq": buffer[4:12]}, written)
+    cases["same array twice"] = ({**base, "exp_avg_sq": base["exp_avg"]}, written)
+    cases["overlapping read-only pair"] = ({"param": f32.copy(), "grad": buffer[0:8], "other": buffer[4:12]},
+                                           ("param",))
+    cases["empty"] = ({k: np.ones(0, np.float32) for k in base}, written)
+    cases["subclass"] = ({**base, "grad": f32.copy().view(np.memmap)}, written)
+    cases["list"] = ({**base, "grad": [1.0] * 8}, written)
+    return cases
+
+
+OPTIM_CASES = _optim_cases()
+
+
+@pytest.mark.parametrize("case", list(OPTIM_CASES))
+def test_optim_fast_path_agrees_with_the_full_checks(case):
+    arrays, written = OPTIM_CASES[case]
+    fast = optim._arrays_pass(arrays, written)
+    full = _outcome(lambda: optim._check_arrays_fully("adam_step", arrays, written))
+    if fast is not None:
+        assert full == fast, (case, fast, full)
+    if full == "rejected":
+        assert fast is None, case
+    assert _outcome(lambda: optim._check_arrays("adam_step", arrays, written)) == full
+
+
+def test_optim_fast_path_takes_the_common_cases():
+    """Not a timing: the valid cases must not all fall through to the slow checks."""
+    for case in ("valid", "float64 everywhere", "read-only grad", "disjoint views of one buffer", "empty"):
+        arrays, written = OPTIM_CASES[case]
+        assert optim._arrays_pass(arrays, written) is not None, case
+
+
+def _linear_cases():
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (5, 3), (5,)))
+    return {
+        "valid": (x, w, b),
+        "no bias": (x, w, None),
+        "float64": (x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)),
+        "mixed dtypes": (x, w.astype(np.float64), b),
+        "int": (x.astype(np.int64), w.astype(np.int64), None),
+        "K mismatch": (x, np.ones((5, 4), np.float32), b),
+        "bias length": (x, w, np.ones(6, np.float32)),
+        "bias 2-D": (x, w, np.ones((1, 5), np.float32)),
+        "x 1-D": (np.ones(3, np.float32), w, b),
+        "x transposed": (np.ones((3, 4), np.float32).T, w, b),
+        "subclass": (x.view(np.memmap), w, b),
+        "list": ([[1.0] * 3] * 4, w, b),
+    }
+
+
+LINEAR_CASES = _linear_cases()
+
+
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+def test_linear_relu_fast_path_agrees_with_the_full_checks(case):
+    x, w, b = LINEAR_CASES[case]
+    arrays = {"x": x, "weight": w, "bias": b}
+    ndims = {"x": 2, "weight": 2, "bias": 1}
+    fast = _outcome(lambda: linear_relu._arrays_pass(arrays, ndims))
+    full = _outcome(lambda: linear_relu.validate_forward(x, w, b))
+    if fast not in (None, "rejected") and full != "rejected":
+        assert full == fast
+    if full == "rejected":
+        # The fast path may pass the per-array checks, but then the shapes must fail.
+        assert fast is None or not (x.shape[1] == w.shape[1] and (b is None or b.shape[0] == w.shape[0])), case
+    if case in ("valid", "no bias", "float64"):
+        assert fast is not None and full == fast
+
+
+def test_linear_relu_backward_fast_path_rejects_what_the_full_checks_reject():
+    rng = np.random.default_rng(1)
+    dy, x, w, y = (rng.standard_normal(s).astype(np.float32) for s in ((4, 5), (4, 3), (5, 3), (4, 5)))
+    assert linear_relu.validate_backward(dy, x, w, y) == np.float32
+    for bad in ((dy[:, :4], x, w, y), (dy, x, w, y[:3]), (dy, x, w, y.astype(np.float64)),
+                (dy, x, w, np.asfortranarray(y))):
+        with pytest.raises(KernelError):
+            linear_relu.validate_backward(*bad)
