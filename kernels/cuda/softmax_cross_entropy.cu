@@ -5,6 +5,8 @@
 //   hard t: u_c = (1 - eps) w_t [c == t] + (eps / C) w_c      soft q: u_c = w_c ((1 - eps) q_c + eps / C)
 //   loss   = S L - sum_c u_c (z_c - m),  S = sum_c u_c
 //   grad_c = grad_scale (S p_c - u_c)
+// grad_scale is read from device memory (a one-element array), so an engine that computes it on
+// the GPU (1 / the weight sum of the non-ignored rows, for 'mean') never reads it back.
 // The hard (1 - eps) w_t part of the loss is taken from z_t directly, so -inf logits elsewhere in
 // the row (masked classes) give a finite loss, as in PyTorch. A row whose hard target equals
 // ignore_index gets loss 0 and a zero gradient row.
@@ -28,9 +30,10 @@
 //
 // Before the row kernel, for hard targets, the host runs sce_target_range_*: one pass over the N
 // targets that reduces min and max of the non-ignored ones into two int64s (warp shuffles, shared
-// memory, one atomicMin/atomicMax per block); the host reads those 16 bytes and raises for a class
-// index outside [0, C). The row kernels still never read out of bounds: such a row gets NaN loss
-// and NaN gradient.
+// memory, one atomicMin/atomicMax per block). The host does not wait for them: they are read at
+// the next sync point (kernels/deferred.py), which raises for a class index outside [0, C). The
+// row kernels never read out of bounds: such a row gets a NaN loss and a zero gradient, so a
+// parameter update made before the error is raised stays finite.
 //
 // Entry points (argument lists spelled out below, mirrored by kernels/cuda/softmax_cross_entropy.py):
 //   sce_warp_<f32|f64>_g<G>_k<K>, sce_block_<lean|full>_<f32|f64>_k<K>_<v|s>,
@@ -168,7 +171,7 @@ struct Args {
     long long ignore_index;
     T one_minus_eps;       // 1 - label_smoothing
     T eps_over_c;          // label_smoothing / C
-    T grad_scale;
+    const T* grad_scale;   // one value in device memory, read where the gradient needs it
     int flags;
 };
 
@@ -177,7 +180,7 @@ template <typename T>
 struct RowInfo {
     long long target;  // class index; -1 for soft targets
     bool ignored;      // hard target == ignore_index: loss 0, grad 0
-    bool invalid;      // hard target outside [0, C) (the host check forbids it): NaN row
+    bool invalid;      // hard target outside [0, C) (reported by the deferred check): NaN loss, grad 0
     T w_t;             // weight of the target class (1 without weights)
     T z_t;             // logit of the target class
 };
@@ -234,17 +237,17 @@ __device__ __forceinline__ T smooth_part(const Args<T>& a, T q, T w) {
     return (a.flags & SCE_SOFT) ? w * (a.one_minus_eps * q + a.eps_over_c) : a.eps_over_c * w;
 }
 
-// Rows whose loss and gradient are fixed: ignored (0, 0) and invalid (NaN, NaN).
+// Rows whose loss and gradient are fixed: a zero gradient, and the loss 0 (ignored) or NaN (invalid).
 template <typename T, int VW>
-__device__ __forceinline__ void fill_row(const Args<T>& a, long long row, int rank, int size, T value) {
+__device__ __forceinline__ void fill_row(const Args<T>& a, long long row, int rank, int size, T loss) {
     if (a.flags & SCE_GRAD) {
         T* __restrict__ g = a.grad + row * a.C;
         T vals[VW];
 #pragma unroll
-        for (int i = 0; i < VW; ++i) vals[i] = value;
+        for (int i = 0; i < VW; ++i) vals[i] = T(0);
         for (int c0 = rank * VW; c0 < a.C; c0 += size * VW) store_chunk<T, VW>(g, c0, a.C, vals);
     }
-    if (rank == 0) a.loss[row] = value;
+    if (rank == 0) a.loss[row] = loss;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,8 +330,9 @@ __device__ __forceinline__ void row_onchip(const Args<T>& a, long long row, cons
     if (rank == 0) a.loss[row] = loss;
     if (!(a.flags & SCE_GRAD)) return;
 
-    const T coef = a.grad_scale * S / s;
-    const T hard_sub = a.grad_scale * a.one_minus_eps * info.w_t;  // subtracted at c == t
+    const T grad_scale = *a.grad_scale;
+    const T coef = grad_scale * S / s;
+    const T hard_sub = grad_scale * a.one_minus_eps * info.w_t;  // subtracted at c == t
     T* __restrict__ gr = a.grad + row * C;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
@@ -341,7 +345,7 @@ __device__ __forceinline__ void row_onchip(const Args<T>& a, long long row, cons
 #pragma unroll
         for (int i = 0; i < VW; ++i) {
             T g = coef * z[j * VW + i];
-            if (extra) g -= a.grad_scale * smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+            if (extra) g -= grad_scale * smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
             if (!soft && c0 + i == info.target) g -= hard_sub;
             out[i] = g;
         }
@@ -410,8 +414,9 @@ __device__ __forceinline__ void row_stream(const Args<T>& a, long long row, cons
     // Pass 2: gradient, and sum u (z - m) for the loss.
     T acc = T(0);
     if (want_grad || extra) {
-        const T coef = a.grad_scale * S / s;
-        const T hard_sub = a.grad_scale * hard;
+        const T grad_scale = *a.grad_scale;
+        const T coef = grad_scale * S / s;
+        const T hard_sub = grad_scale * hard;
         T* __restrict__ gr = want_grad ? a.grad + row * C : nullptr;
         for (int base = rank * VW; base < C; base += step) {
             T z[U * VW];
@@ -431,7 +436,7 @@ __device__ __forceinline__ void row_stream(const Args<T>& a, long long row, cons
                     if (extra) {
                         const T uu = smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
                         acc += uu * d;
-                        g -= a.grad_scale * uu;
+                        g -= grad_scale * uu;
                     }
                     if (!soft && c0 + i == info.target) g -= hard_sub;
                     out[i] = g;
@@ -463,7 +468,7 @@ __device__ __forceinline__ void row_stream(const Args<T>& a, long long row, cons
 template <typename T>
 __device__ __forceinline__ Args<T> make_args(const T* logits, const void* targets, const T* weight, T* loss, T* grad,
                                              long long n_rows, int C, long long ignore_index, T one_minus_eps,
-                                             T eps_over_c, T grad_scale, int flags) {
+                                             T eps_over_c, const T* grad_scale, int flags) {
     return Args<T>{logits, targets, weight, loss, grad, n_rows, C, ignore_index, one_minus_eps, eps_over_c,
                    grad_scale, flags};
 }
@@ -483,10 +488,10 @@ __device__ __forceinline__ void sce_warp(const Args<T>& a) {
 }
 
 // Every row kernel takes:
-// (logits, targets, weight, loss, grad, n_rows, C, ignore_index, 1 - eps, eps / C, grad_scale, flags)
+// (logits, targets, weight, loss, grad, n_rows, C, ignore_index, 1 - eps, eps / C, grad_scale[1], flags)
 #define SCE_PARAMS(T)                                                                                          \
     const T *logits, const void *targets, const T *weight, T *loss, T *grad, long long n_rows, int C,          \
-        long long ignore_index, T one_minus_eps, T eps_over_c, T grad_scale, int flags
+        long long ignore_index, T one_minus_eps, T eps_over_c, const T *grad_scale, int flags
 #define SCE_ARGS                                                                                   \
     make_args(logits, targets, weight, loss, grad, n_rows, C, ignore_index, one_minus_eps, eps_over_c, \
               grad_scale, flags)

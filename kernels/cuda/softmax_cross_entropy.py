@@ -10,15 +10,22 @@ kernels/cpu/softmax_cross_entropy.py for the math). The host picks the row kerne
   aligned), likewise on chip;
 - ``sce_stream_*``: any C: an online max / sum-exp pass, then the gradient pass.
 
-Hard targets are checked first with ``sce_target_range_*`` (device min / max of the non-ignored
-targets, 16 bytes read back): a class index outside [0, C) raises KernelError before the row kernel.
+Hard targets are checked with ``sce_target_range_*`` (device min / max of the non-ignored targets):
+the 16 bytes are not read back here, which would wait for the GPU, but at the next sync point
+(kernels/deferred.py), where a class index outside [0, C) raises KernelError.
+
+``grad_scale`` reaches the kernels as a pointer to one value on the device: the caller's array,
+or a cached one-element array for a number (so 1 / weight-sum computed on the GPU is never read).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from kernels.cpu.softmax_cross_entropy import check_target_range, validate_softmax_cross_entropy
+from kernels import deferred
+from kernels.cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
 from kernels.cuda.module import on_device
 from kernels.registry import KernelError
 
@@ -101,21 +108,45 @@ def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoot
     full = bool(flags & (SCE_SOFT | SCE_WEIGHT | SCE_SMOOTH))
     name, threads, rows_per_block = plan(dt, c, full, vec)
     scalar = dt.type
+    scale = spec.grad_scale_array if spec.grad_scale_array is not None else \
+        device_scalar(spec.grad_scale, dt, logits.device.id)
     args = (logits, targets, weight if weight is not None else logits, loss, grad if grad is not None else loss,
             np.int64(n), np.int32(c), np.int64(spec.ignore_index), scalar(1.0 - spec.eps), scalar(spec.eps / c),
-            scalar(spec.grad_scale), np.int32(flags))
+            scale, np.int32(flags))
     blocks = -(-n // rows_per_block)
     function(MODULE, name)((blocks,), (threads,), args)
     return loss, grad
 
 
+@functools.lru_cache(maxsize=64)
+def device_scalar(value: float, dtype, device_id: int):
+    """A one-element device array holding ``value`` (cached: the kernels only read it)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        value = cupy.full(1, value, dtype=dtype)
+        # Once per cached value: a kernel on another stream must never see it before it is filled.
+        cupy.cuda.get_current_stream().synchronize()
+        return value
+
+
+@functools.cache
+def _bounds_start(device_id: int):
+    """(INT64_MAX, INT64_MIN) on the device: where the min / max reductions start."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        start = cupy.array([INT64_MAX, INT64_MIN], dtype=np.int64)
+        cupy.cuda.get_current_stream().synchronize()  # once per device, as device_scalar
+        return start
+
+
 def _check_targets(cupy, function, targets, spec) -> None:
-    """Device min / max of the non-ignored targets; raise KernelError for one outside [0, C)."""
+    """Device min / max of the non-ignored targets, checked against [0, C) at the next sync."""
     n = spec.n
-    bounds = cupy.array([INT64_MAX, INT64_MIN], dtype=np.int64)
+    bounds = _bounds_start(targets.device.id).copy()  # a device-to-device copy: no host transfer
     threads = 256
     blocks = min(-(-n // threads), 1024)
     name = "sce_target_range_i64" if targets.dtype == np.int64 else "sce_target_range_i32"
     function(MODULE, name)((blocks,), (threads,), (targets, np.int64(n), np.int64(spec.ignore_index), bounds))
-    lo, hi = (int(v) for v in bounds.get())
-    check_target_range(lo, hi, spec)
+    deferred.defer(bounds, functools.partial(check_target_bounds, spec=spec, impl="cupy"))
