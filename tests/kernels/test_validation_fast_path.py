@@ -119,3 +119,25 @@ def test_linear_relu_backward_fast_path_rejects_what_the_full_checks_reject():
                 (dy, x, w, np.asfortranarray(y))):
         with pytest.raises(KernelError):
             linear_relu.validate_backward(*bad)
+
+
+def test_optim_fast_path_on_gpu_arrays_finds_overlaps_by_address():
+    """cupy arrays (here fake ones: host memory tagged with a device) are compared by data.ptr."""
+    from tests.kernels.fake_cupy import FakeCupy
+
+    fake, buffer = FakeCupy(), np.zeros(64, np.float32)
+    names = ("param", "grad", "exp_avg", "exp_avg_sq")
+    written = ("param", "exp_avg", "exp_avg_sq")
+    touching = {k: fake.on(0, buffer[i * 8:(i + 1) * 8]) for i, k in enumerate(names)}
+    assert optim._arrays_pass(touching, written) == np.float32
+    spaced = {k: fake.on(0, buffer[i * 16:i * 16 + 8]) for i, k in enumerate(reversed(names))}
+    assert optim._arrays_pass(spaced, written) == np.float32
+    for start in (1, 7):  # exp_avg_sq starts inside exp_avg (which is buffer[16:24])
+        overlapping = {**touching, "exp_avg_sq": fake.on(0, buffer[16 + start:24 + start])}
+        assert optim._arrays_pass(overlapping, written) is None
+        with pytest.raises(KernelError, match="exp_avg and exp_avg_sq overlap in memory"):
+            optim._check_arrays("adam_step", overlapping, written)
+    two_gpus = {**touching, "grad": fake.on(1, buffer[8:16])}
+    assert optim._arrays_pass(two_gpus, written) is None
+    with pytest.raises(KernelError, match=r"different GPUs \(cuda:0, cuda:1\)"):
+        optim._check_arrays("adam_step", two_gpus, written)
