@@ -424,3 +424,13 @@ def test_end_to_end_cpu_target_applies_at_every_batch():
         assert end_to_end.target_status(e2e_row(model, batch, vs_torch=0.8), "cpu") == (
             "met: 1.25x torch's step time, target <= 1.3x")
     assert end_to_end.target_status(e2e_row("mlp", 64, vs_torch=0.7), "cpu").startswith("missed: 1.43x")
+
+
+def test_step_profile_smoke_run_reports_each_case_and_a_profile():
+    from bench import step_profile
+
+    result = step_profile.main(["--device", "cpu", "--steps", "3", "--smoke", "--top", "5"])
+    assert [row["batch"] for row in result["steps"]] == [b for b, _ in step_profile.SMOKE_CASES]
+    for row in result["steps"]:
+        assert row["host_us"] > 0 and row["total_us"] >= row["host_us"]
+    assert "function calls" in result["profile"] and "tottime" in result["profile"]
