@@ -3,7 +3,7 @@
 Used by CI (tests/kernels/test_gpu_compile.py) to prove every CUDA C++ kernel compiles for sm_80
 and sm_90 and that ptxas reports no register spills. NVRTC is the compiler CuPy uses at run time,
 and :func:`compile_options` are the options cupy gives it, ``-ftz=true`` included.
-Needs the ``cuda-bindings`` and ``nvidia-cuda-nvrtc`` wheels (the ``test`` extra).
+Needs ``cuda-bindings`` and an NVRTC wheel of the same CUDA major (the ``cuda12`` or ``cuda13`` extra).
 """
 
 from __future__ import annotations
