@@ -54,6 +54,25 @@ class enable_grad(no_grad):
         self._ctx.__enter__()
 
 
+class Version:
+    """How many in-place changes a storage has had. Every tensor viewing one storage (views made
+    by ops, ``detach()``) shares one Version; every in-place op bumps it; a Function records the
+    versions of the tensors whose arrays it saved, and backward refuses to run it if one moved."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
+
+
+def storage_root(array):
+    """The array that owns ``array``'s memory (itself, or the end of its ``.base`` chain)."""
+    base = getattr(array, "base", None)
+    while base is not None and hasattr(base, "shape"):
+        array, base = base, getattr(base, "base", None)
+    return array
+
+
 class Function:
     """One differentiable op. Subclasses define ``forward`` and ``backward`` on raw arrays.
 
@@ -75,6 +94,8 @@ class Function:
         _check_same_device(cls.op_name(), inputs)
         fn = cls()
         raw = [t.data for t in inputs]
+        needs = tuple(t.requires_grad for t in inputs)
+        fn.needs_input_grad = needs  # known in forward too, so it can save only what backward uses
         try:
             out = fn.forward(*raw, **params)
         except EngineError:
@@ -82,12 +103,13 @@ class Function:
         except (ValueError, TypeError, IndexError) as e:
             operands = ", ".join(describe(t) for t in inputs)
             raise type(e)(f"{cls.op_name()}: {e} (operands: {operands})") from e
-        needs = tuple(t.requires_grad for t in inputs)
-        if is_grad_enabled() and any(needs):
+        recorded = is_grad_enabled() and any(needs)
+        result = Tensor._from_op(out, fn if recorded else None)
+        _share_storage(result, inputs)
+        if recorded:
             fn.inputs = inputs
-            fn.needs_input_grad = needs
-            return Tensor._from_op(out, fn)
-        return Tensor._from_op(out, None)
+            fn.saved_versions = _saved_versions(fn, inputs, result)
+        return result
 
     @classmethod
     def op_name(cls) -> str:
@@ -109,6 +131,48 @@ class Function:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}Backward>"
+
+
+def _share_storage(result, inputs) -> None:
+    """A result that views an input's memory shares its Version (and remembers the tensor it views)."""
+    out = result.data
+    for t in inputs:
+        if out is t.data or (getattr(out, "base", None) is not None and storage_root(out) is storage_root(t.data)):
+            result._version = t._version
+            result._base = t._base if t._base is not None else t
+            return
+
+
+def _saved_versions(fn, inputs, result) -> tuple:
+    """(Version, value) for each input or output tensor whose memory ``fn`` kept for backward."""
+    saved = []
+    for value in fn.__dict__.values():
+        if isinstance(value, tuple):
+            saved.extend(v for v in value if hasattr(v, "dtype") and hasattr(v, "base"))
+        elif hasattr(value, "dtype") and hasattr(value, "base"):
+            saved.append(value)
+    if not saved:
+        return ()
+    owners = [(storage_root(t.data), t) for t in (*inputs, result)]
+    versions = {}
+    for array in saved:
+        root = storage_root(array)
+        for owner_root, tensor in owners:
+            if root is owner_root:
+                versions[id(tensor._version)] = (tensor._version, tensor._version.value, tensor is result)
+                break
+    return tuple(versions.values())
+
+
+def _check_saved_versions(fn) -> None:
+    for version, value, is_output in getattr(fn, "saved_versions", ()):
+        if version.value != value:
+            which = "its output" if is_output else "one of its inputs"
+            raise GradError(
+                f"backward: {type(fn).__name__.removesuffix('Function')} saved {which} for the gradient, and that "
+                f"tensor was then modified by an in-place operation (version {value} -> {version.value}), so the "
+                "gradient would be wrong. Clone the tensor (.clone()) before changing it in place, or change it "
+                "out of place.")
 
 
 def _check_same_device(op: str, inputs) -> None:
@@ -145,7 +209,10 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         grad = root.xp.ones_like(root.data)
         _seed.unit = grad
     else:
-        grad = grad.data if isinstance(grad, Tensor) else root.xp.asarray(grad, dtype=root.dtype)
+        if isinstance(grad, Tensor) and grad.device != root.device:
+            raise GradError(f"backward: gradient {describe(grad)} is not on {describe(root)}'s device")
+        # Cast to the root's dtype, as PyTorch does (a float64 gradient must not make float64 .grads).
+        grad = (grad.data if isinstance(grad, Tensor) else root.xp.asarray(grad)).astype(root.dtype, copy=False)
         if grad.shape != root.shape:
             raise GradError(f"backward: gradient shape {grad.shape} does not match {describe(root)}")
 
@@ -169,6 +236,7 @@ def _propagate(root, grad, retain_graph: bool) -> None:
         if getattr(fn, "released", False):
             raise GradError("backward: trying to backward through the graph a second time; its saved "
                             "arrays were freed. Pass retain_graph=True to the first backward()")
+        _check_saved_versions(fn)
         input_grads = fn.backward(g)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)

@@ -87,26 +87,31 @@ class Sub(Function):
 
 
 class Mul(Function):
+    # Each operand is kept only if the other one's gradient needs it (as PyTorch does), so an
+    # in-place change of an operand whose value backward never reads is not an error.
     def forward(self, a, b):
-        self.save(a, b)
+        need_a, need_b = self.needs_input_grad
+        self.shapes = a.shape, b.shape
+        self.save(a if need_b else None, b if need_a else None)
         return a * b
 
     def backward(self, g):
         a, b = self.saved
-        ga = unbroadcast(g * b, a.shape) if self.needs_input_grad[0] else None
-        gb = unbroadcast(g * a, b.shape) if self.needs_input_grad[1] else None
+        ga = unbroadcast(g * b, self.shapes[0]) if self.needs_input_grad[0] else None
+        gb = unbroadcast(g * a, self.shapes[1]) if self.needs_input_grad[1] else None
         return ga, gb
 
 
 class Div(Function):
     def forward(self, a, b):
-        self.save(a, b)
+        self.shapes = a.shape, b.shape
+        self.save(a if self.needs_input_grad[1] else None, b)
         return a / b
 
     def backward(self, g):
         a, b = self.saved
-        ga = unbroadcast(g / b, a.shape) if self.needs_input_grad[0] else None
-        gb = unbroadcast(-g * a / (b * b), b.shape) if self.needs_input_grad[1] else None
+        ga = unbroadcast(g / b, self.shapes[0]) if self.needs_input_grad[0] else None
+        gb = unbroadcast(-g * a / (b * b), self.shapes[1]) if self.needs_input_grad[1] else None
         return ga, gb
 
 
@@ -744,6 +749,30 @@ class Clone(Function):
 
     def backward(self, g):
         return g
+
+
+class Overwrite(Function):
+    """The value of ``copy_`` / ``fill_`` done through the graph: ``b`` broadcast to ``a``'s shape
+    and dtype; no gradient reaches the overwritten ``a``."""
+
+    def forward(self, a, b):
+        self.shape = b.shape
+        out = _xp(a).empty_like(a)
+        out[...] = b
+        return out
+
+    def backward(self, g):
+        zero = _xp(g).zeros_like(g) if self.needs_input_grad[0] else None
+        return zero, (unbroadcast(g, self.shape) if self.needs_input_grad[1] else None)
+
+
+def overwrite(a: Tensor, b) -> Tensor:
+    """``b`` (a tensor or a number) broadcast into a new tensor of ``a``'s shape and dtype."""
+    if isinstance(b, Tensor):
+        if b.device != a.device:
+            raise DeviceError(f"copy_: {describe(b)} and {describe(a)} are on different devices")
+        return Overwrite.apply(a, b)
+    return Overwrite.apply(a, Tensor(np.asarray(b, dtype=a.dtype), device=a.device))
 
 
 def cast(a: Tensor, dtype) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import backend
+from engine.autograd import Version
 from engine.autograd import backward as _run_backward
 from engine.autograd import is_grad_enabled
 from engine.errors import DTypeError, EngineError, GradError, describe
@@ -32,15 +33,17 @@ class Tensor:
         tensor([[2., 4.]])
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "grad_fn", "_retains_grad", "__weakref__")
+    __slots__ = ("data", "_grad", "requires_grad", "grad_fn", "_retains_grad", "_version", "_base", "__weakref__")
     __array_priority__ = 1000  # numpy scalars defer to Tensor's reflected operators
     __hash__ = object.__hash__  # == is elementwise, so hash by identity like PyTorch
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
         self.data = as_array(data, dtype, device)
-        self.grad: Tensor | None = None
+        self._grad: Tensor | None = None
         self.grad_fn = None
         self._retains_grad = False
+        self._version = Version()  # shared with every tensor viewing the same memory
+        self._base = None  # the tensor this one is a view of (made by an op), if any
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
@@ -50,9 +53,31 @@ class Tensor:
         t = Tensor.__new__(Tensor)
         if isinstance(data, np.generic):  # numpy reductions return scalars; keep 0-d arrays
             data = np.asarray(data)
-        t.data, t.grad, t.grad_fn, t._retains_grad = data, None, grad_fn, False
+        t.data, t._grad, t.grad_fn, t._retains_grad = data, None, grad_fn, False
+        t._version, t._base = Version(), None
         t.requires_grad = grad_fn is not None
         return t
+
+    @property
+    def grad(self) -> "Tensor | None":
+        """The accumulated gradient (a Tensor of this tensor's shape, dtype and device), or None."""
+        return self._grad
+
+    @grad.setter
+    def grad(self, value) -> None:
+        if value is not None:
+            if not isinstance(value, Tensor):
+                raise GradError(f"grad: assign a Tensor or None to the .grad of {describe(self)}, got "
+                                f"{type(value).__name__}")
+            if value.shape != self.shape or value.dtype != self.dtype or value.device != self.device:
+                raise GradError(f"grad: assigned gradient {describe(value)} does not match {describe(self)}: a "
+                                "gradient must have the tensor's shape, dtype and device (PyTorch refuses it too)")
+        self._grad = value
+
+    @property
+    def _version_value(self) -> int:
+        """How many in-place changes this tensor's memory has had (PyTorch's ``_version``)."""
+        return self._version.value
 
     # ---- properties --------------------------------------------------------------------------
     shape = property(lambda self: tuple(self.data.shape))
@@ -92,15 +117,18 @@ class Tensor:
         self._retains_grad = True
 
     def _accumulate_grad(self, g) -> None:
-        if self.grad is None:
+        if self._grad is None:
             # Copy: ``g`` may be a view shared with another tensor's gradient.
-            self.grad = Tensor(self.xp.array(g, copy=True))
+            self._grad = Tensor(self.xp.array(g, copy=True))
         else:
-            self.grad.data += g
+            self._grad.data += g
+            self._grad._version.value += 1
 
     def detach(self) -> "Tensor":
-        """The same data, cut from the graph."""
-        return Tensor._from_op(self.data, None)
+        """The same data, cut from the graph (in-place changes to it show in this tensor's version)."""
+        t = Tensor._from_op(self.data, None)
+        t._version = self._version
+        return t
 
     # ---- devices, dtypes, host values ----------------------------------------------------------
     def to(self, target=None, dtype=None) -> "Tensor":
@@ -173,11 +201,28 @@ class Tensor:
         arr = self.numpy()
         return arr if dtype is None else arr.astype(dtype)
 
-    # ---- in-place updates (optimizers, initialisers): never recorded in the graph --------------
+    # ---- in-place updates ------------------------------------------------------------------------
+    # Every in-place op bumps the version of this tensor's memory (shared with its views), so a
+    # backward that needs the old values refuses to run (engine/autograd.py). Under grad mode:
+    # - a leaf that requires grad, or a view of a tensor that requires grad, is refused (PyTorch
+    #   refuses the first; for the second it rebases the base's graph, which the engine does not);
+    # - any other tensor that requires grad, or whose operand does, is updated through the graph:
+    #   the op is recorded (its input is the tensor's previous value) and the tensor takes its
+    #   result, so gradients flow through the in-place op as they would through ``y = y * 10``.
+    # Under no_grad (optimizers, initialisers) the update is a plain write, never recorded.
+
     def _check_inplace(self, op: str) -> None:
-        if is_grad_enabled() and self.requires_grad and self.is_leaf:
+        if not is_grad_enabled():
+            return
+        if self.requires_grad and self.is_leaf:
             raise GradError(f"{op}: in-place change of a leaf {describe(self)} that requires grad; "
                             "do it under engine.no_grad() (as optimizers do)")
+        base = self._base
+        if base is not None and base.requires_grad:
+            what = "a leaf that requires grad" if base.is_leaf else "a tensor that is part of a graph"
+            raise GradError(f"{op}: in-place change of {describe(self)}, a view of {what} ({describe(base)}); "
+                            "it would change that tensor behind autograd's back. Do it under engine.no_grad() "
+                            "if it is an update (as optimizers do), or work on a .clone()")
 
     def _inplace_operand(self, op: str, other):
         value = other.data if isinstance(other, Tensor) else other
@@ -185,43 +230,74 @@ class Tensor:
             raise EngineError(f"{op}: operands on different devices: {describe(self)} and {describe(other)}")
         return value
 
-    def copy_(self, src) -> "Tensor":
-        self._check_inplace("copy_")
-        value = self._inplace_operand("copy_", src)
-        if isinstance(value, np.ndarray) and self.device.type == "cuda":
-            value = backend.to_device(value, self.device)
-        self.data[...] = value
+    def _inplace(self, op: str, other, write, through_graph) -> "Tensor":
+        """Run one in-place op: ``write(value)`` changes the memory directly; ``through_graph(old)``
+        computes the new value out of place from a tensor standing for the old one (recorded)."""
+        self._check_inplace(op)
+        value = self._inplace_operand(op, other)
+        other_needs_grad = isinstance(other, Tensor) and other.requires_grad
+        if is_grad_enabled() and (self.requires_grad or other_needs_grad):
+            self._rebase(op, through_graph, keep_old=other_needs_grad)
+        else:
+            write(value)
+        self._version.value += 1
         return self
 
+    def _rebase(self, op: str, through_graph, keep_old: bool) -> None:
+        # The old value as its own node; a copy when the op's backward may need it (the operand
+        # requires grad), since the write below overwrites this memory.
+        old = Tensor._from_op(self.data.copy() if keep_old else self.data, self.grad_fn)
+        old.requires_grad = self.requires_grad
+        if not keep_old:
+            old._version, old._base = self._version, self._base
+        result = through_graph(old)
+        if result.dtype != self.dtype or result.shape != self.shape:
+            raise DTypeError(f"{op}: the result {describe(result)} cannot be written into {describe(self)} in "
+                             "place (PyTorch refuses it too); use the out-of-place op")
+        self.data[...] = result.data
+        self.grad_fn, self.requires_grad = result.grad_fn, result.requires_grad
+
+    def copy_(self, src) -> "Tensor":
+        def write(value):
+            if isinstance(value, np.ndarray) and self.device.type == "cuda":
+                value = backend.to_device(value, self.device)
+            self.data[...] = value
+        return self._inplace("copy_", src, write, lambda old: ops.overwrite(old, src))
+
     def fill_(self, value) -> "Tensor":
-        self._check_inplace("fill_")
-        self.data.fill(value)
-        return self
+        if isinstance(value, Tensor):
+            raise TypeError(f"fill_: pass a number, not a tensor ({describe(value)}); use copy_ for tensors")
+        return self._inplace("fill_", value, self.data.fill, lambda old: ops.overwrite(old, value))
 
     def zero_(self) -> "Tensor":
         return self.fill_(0)
 
     def add_(self, other, alpha=1.0) -> "Tensor":
-        self._check_inplace("add_")
-        value = self._inplace_operand("add_", other)
-        self.data += value if alpha == 1.0 else value * alpha
-        return self
+        def write(value):
+            self.data += value if alpha == 1.0 else value * alpha
+        return self._inplace("add_", other, write,
+                             lambda old: ops.add(old, other if alpha == 1.0 else ops.mul(other, alpha)
+                                                 if isinstance(other, Tensor) else other * alpha))
 
     def sub_(self, other) -> "Tensor":
         return self.add_(other, alpha=-1.0)
 
     def mul_(self, other) -> "Tensor":
-        self._check_inplace("mul_")
-        self.data *= self._inplace_operand("mul_", other)
-        return self
+        def write(value):
+            self.data *= value
+        return self._inplace("mul_", other, write, lambda old: ops.mul(old, other))
 
     def __setitem__(self, index, value) -> None:
         self._check_inplace("__setitem__")
-        if self.grad_fn is not None:
+        if is_grad_enabled() and self.grad_fn is not None:
             raise GradError(f"__setitem__ on {describe(self)}, which is part of a graph; use engine.where "
-                            "or build a new tensor")
+                            "or build a new tensor (or write under engine.no_grad())")
+        if is_grad_enabled() and isinstance(value, Tensor) and value.requires_grad:
+            raise GradError(f"__setitem__: writing {describe(value)}, which requires grad, into {describe(self)} "
+                            "would drop its gradient; build the tensor with engine.cat / engine.where instead")
         index = index.data if isinstance(index, Tensor) else index
         self.data[index] = self._inplace_operand("__setitem__", value)
+        self._version.value += 1
 
     # ---- operators and methods: see engine/ops.py ----------------------------------------------
     def __add__(self, other): return ops.add(self, other)

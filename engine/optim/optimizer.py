@@ -433,6 +433,7 @@ class Optimizer:
         for i in active:
             bucket.steps[i] += 1
             bucket.has[i].update(names)
+            bucket.params[i]._version.value += 1  # an in-place change: a graph that saved it must not backward
 
     def _runs(self, group: dict, bucket: _Bucket, active: list[int]):
         """Maximal runs (first, last, key) of consecutive active params with the same key.

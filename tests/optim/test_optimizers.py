@@ -10,7 +10,7 @@ import pytest
 
 import engine
 import kernels
-from engine.errors import EngineError
+from engine.errors import EngineError, GradError
 from engine.io import load, save
 from engine.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from tests.conftest import DEVICES
@@ -604,7 +604,10 @@ def test_bad_construction_raises_a_clear_error(make, match):
 def test_a_bad_grad_raises_before_any_parameter_changes():
     a, b = make_tensors([np.ones(3), np.ones(2)], np.float32, "cpu")
     opt = Adam([{"params": [a]}, {"params": [b]}])
-    a.grad, b.grad = engine.ones(3), engine.ones(3)
+    with pytest.raises(GradError, match=r"gradient.*shape=\(3,\).*shape=\(2,\)"):
+        b.grad = engine.ones(3)  # refused at the assignment, as in PyTorch
+    a.grad, b.grad = engine.ones(3), engine.ones(2)
+    b.grad.data = np.ones(3, np.float32)  # behind the setter's back: the step still checks
     with pytest.raises(EngineError, match=r"gradient.*shape=\(3,\).*shape=\(2,\)"):
         opt.step()
     np.testing.assert_array_equal(a.numpy(), np.ones(3, np.float32))
