@@ -18,11 +18,17 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import math
 import os
+import re
+import stat
+import struct
+import sys
 import tempfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -36,6 +42,13 @@ __all__ = ["save", "load", "CheckpointError"]
 FORMAT = "engine-checkpoint"
 VERSION = 1
 STRUCTURE = "structure.json"
+# Python ints outside int64 are stored as hex strings: JSON readers elsewhere lose precision
+# beyond 2**53 and Python refuses to convert more than 4300 decimal digits.
+_INT64 = range(-2**63, 2**63)
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+# The temporary file's name keeps at most this many bytes of the target's name, so that a long
+# (but valid) name does not exceed the file system's limit (usually 255 bytes) once prefixed.
+_TEMP_NAME_BYTES = 64
 
 
 class CheckpointError(EngineError):
@@ -63,13 +76,14 @@ def save(obj, path) -> None:
     arrays: list = []
     structure = {"format": FORMAT, "version": VERSION, "root": _Encoder(arrays).encode(obj, "obj")}
     # Python's json writes inf/nan as bare words; they are encoded as tagged strings instead.
-    header = json.dumps(structure, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    # ASCII escapes keep any str (lone surrogates included) representable in UTF-8.
+    header = json.dumps(structure, allow_nan=False, ensure_ascii=True).encode("ascii")
     _write_atomically(path, header, arrays)
 
 
 def _write_atomically(path: str, header: bytes, arrays: list) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_short_name(os.path.basename(path))}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -88,8 +102,17 @@ def _write_atomically(path: str, header: bytes, arrays: list) -> None:
     _fsync_directory(directory)
 
 
+def _short_name(name: str) -> str:
+    """``name`` cut to at most _TEMP_NAME_BYTES bytes in the file system's encoding."""
+    while len(os.fsencode(name)) > _TEMP_NAME_BYTES:
+        name = name[:-1]
+    return name
+
+
 def _write_array(member, array: np.ndarray) -> None:
-    np.lib.format.write_array(member, array, allow_pickle=False)
+    with warnings.catch_warnings():  # format 3.0 (non-latin-1 field names) is expected, and read back here
+        warnings.filterwarnings("ignore", message="Stored array in format 3.0", category=UserWarning)
+        np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def _host_array(source) -> np.ndarray:
@@ -125,12 +148,20 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _key_repr(key) -> str:
+    """``repr(key)`` for error messages (hex for ints too long for decimal conversion)."""
+    if isinstance(key, int) and not isinstance(key, bool) and key not in _INT64:
+        return hex(key)
+    return repr(key)
+
+
 class _Encoder:
     """``obj`` as JSON: JSON scalars stay themselves, everything else is a one-key tagged object.
 
     Tags: ``{"dict": [[key, value], ...]}`` (keys keep their types and order), ``{"tuple": [...]}``,
-    ``{"float": "inf" | "-inf" | "nan"}``, ``{"tensor": {...}}``, ``{"ndarray": {...}}``,
-    ``{"cupy": {...}}``, ``{"scalar": {...}}`` (numpy scalar), ``{"ref": n}`` (an object seen before).
+    ``{"float": "inf" | "-inf" | "nan"}``, ``{"int": "0x..."}`` (an int outside int64), ``{"tensor": {...}}``,
+    ``{"ndarray": {...}}``, ``{"cupy": {...}}``, ``{"scalar": {...}}`` (numpy scalar), ``{"ref": n}`` (an
+    object seen before).
     Lists are JSON arrays. Every JSON object in the structure is a tag, so none is ambiguous.
     """
 
@@ -142,8 +173,10 @@ class _Encoder:
     def encode(self, obj, where: str):
         if isinstance(obj, np.generic):  # first: np.float64 is also a Python float
             return self._array_node("scalar", obj, np.asarray(obj), where)
-        if obj is None or isinstance(obj, (bool, str, int)):
+        if obj is None or isinstance(obj, (bool, str)):
             return obj
+        if isinstance(obj, int):
+            return int(obj) if obj in _INT64 else {"int": hex(obj)}
         if isinstance(obj, float):
             return obj if math.isfinite(obj) else {"float": repr(obj)}
         if isinstance(obj, Tensor):
@@ -166,7 +199,7 @@ class _Encoder:
         self.path_ids.add(id(obj))
         try:
             if isinstance(obj, dict):
-                items = [[self._key(k, where), self.encode(v, f"{where}[{k!r}]")] for k, v in obj.items()]
+                items = [[self._key(k, where), self.encode(v, f"{where}[{_key_repr(k)}]")] for k, v in obj.items()]
                 return {"dict": items}
             items = [self.encode(v, f"{where}[{i}]") for i, v in enumerate(obj)]
             return items if isinstance(obj, list) else {"tuple": items}
@@ -174,9 +207,9 @@ class _Encoder:
             self.path_ids.discard(id(obj))
 
     def _key(self, key, where: str):
-        if key is None or isinstance(key, (bool, int, str)):
+        if key is None or isinstance(key, (bool, str)):
             return key
-        if isinstance(key, float):
+        if isinstance(key, (int, float)):
             return self.encode(key, where)
         if isinstance(key, tuple):
             return {"tuple": [self._key(k, where) for k in key]}
@@ -200,12 +233,30 @@ class _Encoder:
 
 # ---- load --------------------------------------------------------------------------------------
 
+# Member data is copied into its array in pieces of this size: reading never holds a second copy.
+_READ_CHUNK = 16 << 20
+# A .npy header longer than this is refused before it is parsed. numpy's own reader stops at
+# 10,000 characters; a structured dtype with many fields needs more, so the bound is larger,
+# and the header must fit in its member anyway.
+_MAX_NPY_HEADER = 1 << 20
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_VERSIONS = {(1, 0): ("<H", "latin1"), (2, 0): ("<I", "latin1"), (3, 0): ("<I", "utf8")}
+_MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+_ZIP_LOCAL_HEADER = 30  # bytes before a member's name in its local header
+_ZIP_METHODS = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+
+
 def load(path, map_location=None):
     """Read a checkpoint written by :func:`save`.
 
     Tensors come back as Tensors (``requires_grad=False``) with their dtype, numpy arrays as
     numpy arrays, numpy scalars as numpy scalars, tuples as tuples, dicts with their key types
     and order.
+
+    Every size the file claims (zip directory, members, array shapes) is checked against the
+    file's real size before anything is allocated, so a hostile file cannot make ``load``
+    allocate more memory than the file's own size (plus the objects it describes), and nothing
+    is ever decompressed (see docs/io.md, "Errors when loading").
 
     Args:
         path: the file.
@@ -215,49 +266,175 @@ def load(path, map_location=None):
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is not a readable checkpoint (not a zip archive, truncated,
-            corrupt, missing or inconsistent entries, a pickled array), or a saved device is
-            not available here (use ``map_location="cpu"``).
+        OSError: the file exists but cannot be opened (permissions).
+        CheckpointError: anything else, naming the file: it is not a regular file (a device,
+            a directory, a FIFO), not a readable checkpoint (not a zip archive, truncated,
+            corrupt, compressed or encrypted members, sizes or shapes that do not fit the
+            file, missing or inconsistent entries, a pickled array), ``map_location`` is not a
+            device, or a saved device is not available here (use ``map_location="cpu"``). The
+            error that revealed the problem, if any, is its ``__cause__``.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"engine.load: no such file {path!r}")
+    locations = _parse_map_location(path, map_location)
+    with _open_regular_file(path) as file:
+        try:
+            return _load_checkpoint(file, path, locations)
+        except (CheckpointError, MemoryError):
+            raise
+        except Exception as exc:  # whatever else a malformed file provokes, it is not a checkpoint
+            raise CheckpointError(f"engine.load: {path!r} is not a valid engine checkpoint "
+                                  f"({type(exc).__name__}: {exc})") from exc
+
+
+def _parse_map_location(path: str, map_location):
+    """None, a Device, or {saved device name: Device or None (stays)}; checked before reading."""
     try:
-        archive = zipfile.ZipFile(path, "r")
-    except (zipfile.BadZipFile, OSError) as exc:
+        if map_location is None:
+            return None
+        if isinstance(map_location, dict):
+            return {str(backend.device(k)): None if v is None else backend.device(v) for k, v in map_location.items()}
+        return backend.device(map_location)
+    except (EngineError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"engine.load({path!r}): map_location={map_location!r} is not a device or a dict of "
+                              f"devices ({exc}); use 'cpu', 'cuda:0', an engine.Device or {{'cuda:1': 'cuda:0'}}") \
+            from exc
+
+
+def _open_regular_file(path: str):
+    """Open ``path`` for reading if it is a regular file; refuse devices, FIFOs, directories."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"engine.load: no such file {path!r}") from None
+    _check_regular(path, info)  # before opening: opening a FIFO or a tape device has effects
+    # O_NONBLOCK: if the path was swapped for a FIFO since the stat, opening it does not block.
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags)
+    try:
+        _check_regular(path, os.fstat(fd))  # the file actually opened
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_regular(path: str, info: os.stat_result) -> None:
+    if stat.S_ISREG(info.st_mode):
+        return
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
+    kind = next((name for test, name in kinds if test(info.st_mode)), "not a regular file")
+    raise CheckpointError(f"engine.load: {path!r} is {kind}, not a regular file; a checkpoint is a file written by "
+                          "engine.save")
+
+
+def _load_checkpoint(file, path: str, locations):
+    try:
+        archive = zipfile.ZipFile(file, "r")
+    except MemoryError:
+        raise
+    except Exception as exc:  # BadZipFile, OSError, and whatever a mangled directory provokes
         raise CheckpointError(f"engine.load: {path!r} is not an engine checkpoint: not a readable zip archive "
-                              f"({exc}); the file may be truncated or of another format") from None
+                              f"({exc}); the file may be truncated or of another format") from exc
     with archive:
-        structure = _read_structure(archive, path)
-        decoder = _Decoder(archive, path, map_location)
-        return decoder.decode(structure["root"])
+        members = _Members(archive, path, os.fstat(file.fileno()).st_size)
+        structure = _read_structure(members, path)
+        return _Decoder(members, path, locations).decode(structure["root"])
 
 
-def _read_structure(archive: zipfile.ZipFile, path: str) -> dict:
-    try:
-        raw = archive.read(STRUCTURE)
-    except KeyError:
+class _Members:
+    """The archive's members, each checked against the file's real size before it is read.
+
+    Only stored (uncompressed) members are read, as ``save`` writes them: a member's claimed
+    size is then bounded by the file itself, and no zip bomb can inflate. Compressed or
+    encrypted members, and sizes that do not fit in the file, are refused before reading.
+    """
+
+    def __init__(self, archive: zipfile.ZipFile, path: str, file_size: int):
+        self.archive, self.path, self.file_size = archive, path, file_size
+
+    def fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"engine.load: {self.path!r} is corrupt: {what}")
+
+    def info(self, name: str) -> zipfile.ZipInfo | None:
+        """The checked directory entry of ``name``; None when there is none."""
+        try:
+            info = self.archive.getinfo(name)
+        except KeyError:
+            return None
+        if info.flag_bits & 0x1:
+            raise self.fail(f"the entry {name} is encrypted; engine checkpoints are never encrypted")
+        if info.compress_type != zipfile.ZIP_STORED:
+            method = _ZIP_METHODS.get(info.compress_type, f"method {info.compress_type}")
+            raise CheckpointError(f"engine.load: {self.path!r} has a compressed entry {name} ({method}); engine "
+                                  "checkpoints store every entry uncompressed, and load never decompresses "
+                                  "(a compressed entry could inflate without bound)")
+        if info.file_size != info.compress_size:
+            raise self.fail(f"the entry {name} is stored but claims {info.file_size} bytes from "
+                            f"{info.compress_size} stored bytes")
+        end = info.header_offset + _ZIP_LOCAL_HEADER + info.compress_size
+        if end > self.file_size:
+            raise self.fail(f"the entry {name} claims {info.compress_size} bytes at offset {info.header_offset}, "
+                            f"beyond the end of the {self.file_size}-byte file (truncated?)")
+        return info
+
+    def open(self, info: zipfile.ZipInfo):
+        try:
+            return self.archive.open(info)
+        except MemoryError:
+            raise
+        except Exception as exc:  # bad local header, name mismatch, unsupported flags ...
+            raise self.fail(f"cannot open the entry {info.filename} ({type(exc).__name__}: {exc})") from exc
+
+    def read_into(self, member, buffer, name: str) -> None:
+        """Fill ``buffer`` from ``member`` in bounded pieces (the CRC is checked at the member's end)."""
+        view = memoryview(buffer).cast("B")
+        got = 0
+        try:
+            while got < len(view):
+                chunk = member.read(min(_READ_CHUNK, len(view) - got))
+                if not chunk:
+                    break
+                view[got:got + len(chunk)] = chunk
+                got += len(chunk)
+        except MemoryError:
+            raise
+        except Exception as exc:  # bad CRC, truncated member ...
+            raise self.fail(f"cannot read {name} ({type(exc).__name__}: {exc})") from exc
+        if got != len(view):
+            raise self.fail(f"{name} is truncated ({got} of {len(view)} bytes)")
+
+    def read(self, member, size: int, name: str) -> bytes:
+        buffer = bytearray(size)
+        self.read_into(member, buffer, name)
+        return bytes(buffer)
+
+
+def _read_structure(members: _Members, path: str) -> dict:
+    info = members.info(STRUCTURE)
+    if info is None:
         raise CheckpointError(f"engine.load: {path!r} is a zip/npz archive but has no {STRUCTURE} entry; it was "
-                              "not written by engine.save (use numpy.load for plain .npz files)") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(f"engine.load: {path!r} is corrupt: cannot read {STRUCTURE} ({exc})") from None
+                              "not written by engine.save (use numpy.load for plain .npz files)")
+    with members.open(info) as member:
+        raw = members.read(member, info.file_size, STRUCTURE)
     try:
         structure = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"engine.load: {path!r} is corrupt: {STRUCTURE} is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"engine.load: {path!r} is corrupt: {STRUCTURE} is not valid JSON "
+                              f"({type(exc).__name__}: {exc})") from exc
     if not isinstance(structure, dict) or structure.get("format") != FORMAT or "root" not in structure:
         raise CheckpointError(f"engine.load: {path!r} is not an engine checkpoint ({STRUCTURE} lacks the "
                               f"{FORMAT!r} marker)")
-    if structure.get("version") != VERSION:
+    if structure.get("version") != VERSION or isinstance(structure.get("version"), bool):
         raise CheckpointError(f"engine.load: {path!r} has checkpoint format version {structure.get('version')!r}; "
                               f"this engine reads version {VERSION}")
     return structure
 
 
 class _Decoder:
-    def __init__(self, archive: zipfile.ZipFile, path: str, map_location):
-        self.archive, self.path = archive, path
-        self.map_location = map_location
+    def __init__(self, members: _Members, path: str, locations):
+        self.members, self.path = members, path
+        self.locations = locations
         self.loaded: dict[int, object] = {}
 
     def fail(self, what: str):
@@ -279,7 +456,9 @@ class _Decoder:
             return tuple(self.decode(item) for item in body)
         if tag == "float" and body in ("inf", "-inf", "nan"):
             return float(body)
-        if tag == "ref" and isinstance(body, int):
+        if tag == "int" and isinstance(body, str) and _HEX_INT.fullmatch(body):
+            return int(body, 16)  # base 16: no digit limit, linear time
+        if tag == "ref" and isinstance(body, int) and not isinstance(body, bool):
             if body not in self.loaded:
                 raise self.fail(f"a reference to array {body} comes before the array itself")
             return self.loaded[body]
@@ -297,7 +476,7 @@ class _Decoder:
 
     def _array_object(self, tag: str, info: dict):
         index = info.get("index")
-        if not isinstance(index, int) or index in self.loaded:
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0 or index in self.loaded:
             raise self.fail(f"bad array index {index!r}")
         array = self._read_array(index, info)
         if tag == "ndarray":
@@ -315,48 +494,93 @@ class _Decoder:
 
     def _read_array(self, index: int, info: dict) -> np.ndarray:
         name = f"arr_{index}.npy"
-        try:
-            with self.archive.open(name) as member:
-                array = self._read_npy(member, name, info)
-                if member.read(1):
-                    raise self.fail(f"{name} has bytes after its data")
-        except KeyError:
-            raise self.fail(f"the entry {name} is missing") from None
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:  # bad CRC, truncated member ...
-            raise self.fail(f"cannot read {name} ({exc})") from None
-        return array
+        entry = self.members.info(name)
+        if entry is None:
+            raise self.fail(f"the entry {name} is missing")
+        with self.members.open(entry) as member:
+            shape, fortran, dtype, header_size = self._read_npy_header(member, name, entry.file_size)
+            if dtype.hasobject:
+                raise CheckpointError(f"engine.load: {self.path!r} holds a pickled object array in {name}; refusing "
+                                      "to load it (unpickling can run arbitrary code)")
+            if dtype.str != info.get("dtype") or list(shape) != info.get("shape"):
+                raise self.fail(f"{name} holds {dtype.str} {tuple(shape)} but the structure says "
+                                f"{info.get('dtype')} {tuple(info.get('shape') or ())}")
+            self._check_size(name, shape, dtype, entry.file_size - header_size)
+            order = "F" if fortran else "C"
+            count = math.prod(shape)
+            if count == 0 or dtype.itemsize == 0:
+                return np.empty(shape, dtype=dtype, order=order)
+            data = bytearray(count * dtype.itemsize)  # checked above: the entry holds exactly this many
+            self.members.read_into(member, data, name)
+        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order=order)
 
-    def _read_npy(self, member, name: str, info: dict) -> np.ndarray:
+    def _read_npy_header(self, member, name: str, size: int):
+        """``(shape, fortran_order, dtype, header bytes)`` of a .npy entry, parsed without numpy's
+        reader (which has no public reader for format 3.0) and checked before anything is allocated."""
+        magic = self.members.read(member, min(8, size), name)
+        if len(magic) != 8 or magic[:6] != _NPY_MAGIC:
+            raise self.fail(f"{name} is not a .npy entry (magic {magic[:8]!r})")
+        version = (magic[6], magic[7])
+        if version not in _NPY_VERSIONS:
+            raise self.fail(f"{name} has .npy format version {version[0]}.{version[1]}; known: 1.0, 2.0, 3.0")
+        length_format, encoding = _NPY_VERSIONS[version]
+        length_size = struct.calcsize(length_format)
+        if size < 8 + length_size:
+            raise self.fail(f"{name} is truncated inside its .npy header")
+        (length,) = struct.unpack(length_format, self.members.read(member, length_size, name))
+        header_size = 8 + length_size + length
+        if length > _MAX_NPY_HEADER or header_size > size:
+            raise self.fail(f"{name} claims a {length}-byte .npy header in a {size}-byte entry")
+        text = self.members.read(member, length, name)
         try:
-            version = np.lib.format.read_magic(member)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-            else:  # 3.0 (utf-8 field names) has no public reader; numpy's own read_array uses this
-                shape, fortran, dtype = np.lib.format._read_array_header(member, version)
-        except (ValueError, SyntaxError, TypeError) as exc:
-            raise self.fail(f"{name} is not a valid .npy entry ({exc})") from None
-        if dtype.hasobject:
-            raise CheckpointError(f"engine.load: {self.path!r} holds a pickled object array in {name}; refusing to "
-                                  "load it (unpickling can run arbitrary code)")
-        if dtype.str != info.get("dtype") or list(shape) != info.get("shape"):
-            raise self.fail(f"{name} holds {dtype.str} {tuple(shape)} but the structure says "
-                            f"{info.get('dtype')} {tuple(info.get('shape') or ())}")
-        count = math.prod(shape)
-        data = bytearray(count * dtype.itemsize)
-        got = member.readinto(data)
-        if got != len(data):
-            raise self.fail(f"{name} is truncated ({got} of {len(data)} data bytes)")
-        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+            header = ast.literal_eval(text.decode(encoding))
+        except (UnicodeDecodeError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+            raise self.fail(f"{name} has an unreadable .npy header ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+            raise self.fail(f"{name} has a .npy header without exactly descr, fortran_order and shape")
+        shape, fortran = header["shape"], header["fortran_order"]
+        if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise self.fail(f"{name} has a shape {str(shape)[:80]} that is not a tuple of ints")
+        if not isinstance(fortran, bool):
+            raise self.fail(f"{name} has fortran_order {str(fortran)[:80]}, not True or False")
+        try:
+            dtype = np.lib.format.descr_to_dtype(header["descr"])
+        except MemoryError:
+            raise
+        except Exception as exc:  # TypeError, ValueError, RecursionError ... from a made-up descr
+            raise self.fail(f"{name} has an invalid dtype description {str(header['descr'])[:80]} "
+                            f"({type(exc).__name__}: {exc})") from exc
+        return shape, fortran, dtype, header_size
 
-    def _target_device(self, saved: str) -> backend.Device:
-        location = self.map_location
+    def _check_size(self, name: str, shape: tuple, dtype: np.dtype, available: int) -> None:
+        """Refuse a shape numpy cannot build, or whose data is not exactly what the entry holds."""
+        if len(shape) > _MAX_DIMS:
+            raise self.fail(f"{name} has {len(shape)} dimensions; numpy allows at most {_MAX_DIMS}")
+        if any(d < 0 for d in shape):
+            raise self.fail(f"{name} has a negative dimension in its shape {shape}")
+        if math.prod(d for d in shape if d) * max(dtype.itemsize, 1) > sys.maxsize:
+            raise self.fail(f"{name} has shape {shape} of {dtype}, whose size overflows this platform's "
+                            "index range")
+        needed = math.prod(shape) * dtype.itemsize
+        if needed != available:
+            problem = "truncated" if needed > available else "longer than its header says"
+            raise self.fail(f"{name} is {problem}: shape {shape} of {dtype} needs {needed} data bytes, "
+                            f"the entry holds {available}")
+
+    def _target_device(self, saved) -> backend.Device:
+        if not isinstance(saved, str):
+            raise self.fail(f"a saved device {str(saved)[:80]!r} is not a device name")
+        try:
+            saved_device = backend.device(saved)
+        except (EngineError, ValueError) as exc:
+            raise self.fail(f"a saved device {saved[:80]!r} is not a device name ({exc})") from exc
+        location = self.locations
         if isinstance(location, dict):
-            location = {str(backend.device(k)): v for k, v in location.items()}.get(saved, saved)
-        target = backend.device(location if location is not None else saved)
+            target = location.get(str(saved_device)) or saved_device
+        else:
+            target = saved_device if location is None else location
         try:
             return backend.check_available(target)
         except EngineError as exc:
             raise CheckpointError(f"engine.load: {self.path!r} holds tensors saved on {saved}, mapped to {target}, "
-                                  f"which is not usable here ({exc}); pass map_location='cpu'") from None
+                                  f"which is not usable here ({exc}); pass map_location='cpu'") from exc
