@@ -145,3 +145,52 @@ def test_a_non_finite_loss_between_reads_is_reported_truthfully():
         trainer.fit((x, y), epochs=1, batch_size=16, shuffle=False)
     with pytest.raises(ValueError, match="sync_every"):
         Trainer(model, optim.SGD(model.parameters(), lr=0.1), sync_every=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_the_gradient_finite_check_reads_nothing(device, set_to_none):
+    """The NaN guard's per-step check over the gradients stays on the device: a flag read later."""
+    engine.manual_seed(0)
+    rng = np.random.default_rng(4)
+    model = _mlp(device)
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    batches = [_batch(device, rng) for _ in range(3)]
+    F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()  # warm-up
+    opt.step()
+    backend.synchronize(backend.device(device))
+    flags = []
+    with backend.count_host_reads() as reads, _no_device_waits(device):
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=set_to_none)
+            loss.backward()
+            flags.append(opt.grads_finite())
+            opt.step()
+    assert reads.count == 0, reads
+    assert all(bool(backend.to_host(flag)[0]) for flag in flags)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_trainer_reads_gradient_flags_with_the_losses(device):
+    """A finite loss with NaN gradients (batch 2) is found at the first read, in the same one transfer."""
+    engine.manual_seed(0)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8 * 16, 20)).astype(np.float32)
+    y = rng.integers(0, 7, 8 * 16)
+    calls = []
+
+    def loss_fn(output, target):  # sqrt at 0: adds 0 to the loss, NaN to every gradient on batch 2
+        calls.append(None)
+        loss = F.cross_entropy(output, target)
+        return loss + ((output - output.detach()) ** 2).sum().sqrt() if len(calls) == 2 else loss
+
+    model = _mlp(device)
+    trainer = Trainer(model, optim.Adam(model.parameters(), lr=1e-2), loss_fn=loss_fn, metrics=(), verbose=0,
+                      sync_every=4)
+    with backend.count_host_reads() as reads, pytest.raises(TrainingDiverged, match=r"gradients became non-finite "
+                                                                                    r"at epoch 1, batch 2"):
+        with np.errstate(all="ignore"):
+            trainer.fit((x, y), epochs=1, batch_size=16, shuffle=False)
+    assert reads.count == 1, reads  # the read after batch 4: losses and flags together
+    assert len(calls) == 4

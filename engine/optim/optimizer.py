@@ -451,6 +451,42 @@ class Optimizer:
                 runs.append([i, i, key])
         return runs
 
+    # ---- the finite check ----------------------------------------------------------------------
+    def grads_finite(self):
+        """A device flag: are all the gradients that the next :meth:`step` would apply finite?
+
+        Gathers each bucket's gradients into its flat grad buffer (the copy ``step`` makes anyway;
+        the grads become views of the buffer, so the step copies nothing more) and reduces it
+        with one ``isfinite(...).all()`` per run of consecutive parameters that have a grad (one
+        per bucket when every parameter has one). Nothing is read on the host: the result is a
+        1-element bool array (on a GPU if any bucket is on one), for the caller to read where it
+        syncs anyway; ``None`` when no parameter has a gradient.
+
+        Example:
+            >>> loss.backward()                                                   # doctest: +SKIP
+            >>> ok = opt.grads_finite()              # no host sync               # doctest: +SKIP
+            >>> opt.step(); ...; bool(ok)            # read it at the next sync   # doctest: +SKIP
+        """
+        flag = None
+        self._sync()
+        for index, buckets in enumerate(self._buckets):
+            for bucket in buckets:
+                active = self._active(index, bucket)
+                if not active:
+                    continue
+                grad_flat, views = bucket.gather_grads(active), bucket.grad_views
+                for i in active:
+                    grad = bucket.params[i].grad
+                    if grad.data is not views[i]:
+                        grad.data = views[i]
+                # The padding between params is 0: one span covers a run of consecutive params.
+                spans = [(0, bucket.numel)] if len(active) == len(bucket.params) else _active_spans(bucket, active)
+                xp = bucket.xp
+                with backend.on_device(bucket.device):
+                    for lo, hi in spans:
+                        flag = _and_flags(flag, xp.all(xp.isfinite(grad_flat[lo:hi]), keepdims=True))
+        return flag
+
     # ---- inspection and checkpoints ------------------------------------------------------------
     @property
     def state(self) -> dict:
@@ -579,6 +615,29 @@ def _fits(grad, param) -> bool:
     if grad.shape != param.shape or grad.dtype != param.dtype or type(grad) is not type(param):
         return False
     return isinstance(param, np.ndarray) or grad.device == param.device
+
+
+def _and_flags(flag, ok):
+    """``flag & ok`` on a GPU where either is on one (moving a flag to the host would be a sync)."""
+    if flag is None:
+        return ok
+    here, there = backend.device_of(flag), backend.device_of(ok)
+    if here == there:
+        return flag & ok
+    if here.type == "cpu":
+        return backend.to_device(flag, there) & ok
+    return flag & backend.to_device(ok, here)
+
+
+def _active_spans(bucket: _Bucket, active: list[int]) -> list[tuple[int, int]]:
+    """(lo, hi) element ranges of ``grad_flat`` covering each run of consecutive ``active`` params."""
+    spans = []
+    for i in active:
+        if spans and spans[-1][2] == i - 1:
+            spans[-1][1:] = [bucket.stops[i], i]
+        else:
+            spans.append([bucket.starts[i], bucket.stops[i], i])
+    return [(lo, hi) for lo, hi, _ in spans]
 
 
 def _as_param_groups(name: str, params) -> list[dict]:

@@ -31,7 +31,8 @@ from engine.train.progress import ProgressBar
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message says which batches and what state was kept."""
+    """The loss or the gradients became NaN or infinite, or a save met non-finite weights; the
+    message says which batches, what was stepped and what state was kept."""
 
 
 class History:
@@ -85,9 +86,14 @@ class Trainer:
         sync_every: read the loss on the host (for the NaN guard, the progress bar, the metrics
             and ``on_batch_end``'s logs) every this many batches, and at the end of each epoch.
             Default: every batch on the CPU, where a read costs nothing, so a non-finite loss
-            stops training before its step; every ``GPU_SYNC_EVERY`` batches on a GPU, where
-            each read waits for the device and would stall every step. In between, the loss is
-            summed and the batches' outputs are kept on the device.
+            or gradient stops training before its step; every ``GPU_SYNC_EVERY`` batches on a
+            GPU, where each read waits for the device and would stall every step. In between,
+            the losses, the gradients' finite flags and the batches' outputs stay on the device.
+
+    The NaN guard checks every batch's loss and, on the device, whether all its gradients (after
+    clipping) are finite; both are read together, before the step with ``sync_every=1``, else
+    at the next read. A checkpoint never holds non-finite weights: :meth:`save_checkpoint` (and
+    so ``ModelCheckpoint``) refuses them.
     """
 
     def __init__(self, model, optimizer, loss_fn=F.cross_entropy, metrics=("accuracy",), callbacks=(),
@@ -157,15 +163,15 @@ class Trainer:
             x, y = self._to_device(x), self._to_device(y)
             output = self.model(x)
             loss = self.compute_loss(x, output, y)
-            window.add(batch_index, loss, output, y)
-            if sync_every == 1:  # read before the step: a non-finite loss is never stepped on
-                window.read(before_step=True)
             self.optimizer.zero_grad()
             loss.backward()
             if self.grad_clip_norm is not None:
                 from engine.nn.utils import clip_grad_norm_
 
                 clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            window.add(batch_index, loss, output, y, self._grads_finite())
+            if sync_every == 1:  # read before the step: a non-finite loss or gradient is never stepped on
+                window.read(before_step=True)
             self.optimizer.step()
             if len(window) >= sync_every:
                 window.read()
@@ -179,6 +185,38 @@ class Trainer:
         logs["epoch_time"] = seconds
         logs["samples_per_s"] = window.samples / max(seconds, 1e-9)
         return logs
+
+    def _grads_finite(self):
+        """A device flag: are the gradients the coming step applies finite? (no host read)"""
+        check = getattr(self.optimizer, "grads_finite", None)
+        if check is not None:
+            return check()
+        flag = None
+        for p in self.model.parameters():
+            if p.grad is not None:
+                ok = p.grad.xp.all(p.grad.xp.isfinite(p.grad.data), keepdims=True)
+                flag = ok if flag is None else flag & backend.to_device(ok, backend.device_of(flag))
+        return flag
+
+    def non_finite_grads(self) -> list[str]:
+        """Names of the parameters whose gradient holds NaN or inf (reads on the host)."""
+        named = [(name, p.grad.data) for name, p in self.model.named_parameters() if p.grad is not None]
+        return [name for name, ok in zip((n for n, _ in named), _all_finite([g for _, g in named])) if not ok]
+
+    def check_finite_weights(self, where: str = "Trainer") -> None:
+        """Raise :class:`TrainingDiverged` naming the parameters that hold NaN or inf (one host read)."""
+        named = list(self.model.named_parameters())
+        bad = [(name, p) for (name, p), ok in zip(named, _all_finite([p.data for _, p in named])) if not ok]
+        if bad:
+            name, p = bad[0]
+            values = backend.to_host(p.data)
+            counts = f"{int(np.isnan(values).sum())} NaN and {int(np.isinf(values).sum())} inf of {values.size}"
+            more = ", ".join(n for n, _ in bad[1:4]) + (" ..." if len(bad) > 4 else "")
+            others = f" (and {len(bad) - 1} more: {more})" if len(bad) > 1 else ""
+            raise TrainingDiverged(f"{where}: parameter {name!r} holds non-finite values ({counts}){others}; "
+                                   "a checkpoint never holds non-finite weights, so nothing was written. The training "
+                                   "diverged: reload the last checkpoint, then lower the learning rate, clip gradients "
+                                   "(grad_clip_norm) or check the inputs for NaN.")
 
     def evaluate(self, data, batch_size: int = 256) -> dict:
         """Loss and metrics over ``data`` in eval mode, without recording a graph."""
@@ -235,8 +273,15 @@ class Trainer:
         self._pending_loader_state = state.get("loader")
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Everything needed to continue exactly: model, optimizer, epoch, RNG, loader, history."""
-        io.save(self.state_dict(), path)
+        """Everything needed to continue exactly: model, optimizer, epoch, RNG, loader, history.
+
+        Raises:
+            TrainingDiverged: a parameter holds NaN or inf; nothing is written, so ``path`` keeps
+                what it held. A checkpoint never holds non-finite weights.
+        """
+        state = self.state_dict()
+        self.check_finite_weights(f"Trainer.save_checkpoint({str(path)!r})")
+        io.save(state, path)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`; the next ``fit`` continues from it."""
@@ -296,44 +341,58 @@ GPU_SYNC_EVERY = 20
 
 
 class _Window:
-    """The batches of an epoch since the last host read: their loss sum stays on the device and
-    their outputs are kept for the metrics, until ``read()`` brings them over in one sync."""
+    """The batches of an epoch since the last host read: their losses and their gradients' finite
+    flags stay on the device and their outputs are kept for the metrics, until ``read()`` brings
+    the losses and flags over in one sync."""
 
     def __init__(self, trainer: Trainer, meters: dict, bar: ProgressBar):
         self.trainer, self.meters, self.bar = trainer, meters, bar
         self.loss_sum, self.samples = 0.0, 0  # read so far (host)
-        self._losses, self._outputs, self._first = [], [], None
+        self._pending = []  # (batch index, loss, samples, grads-finite flag or None) not read yet
+        self._outputs = []
         self._read_at: dict[int, float] = {}  # batch index -> its loss, for on_batch_end
 
     def __len__(self) -> int:
-        return len(self._losses)
+        return len(self._pending)
 
-    def add(self, batch_index: int, loss: Tensor, output: Tensor, target) -> None:
-        if self._first is None:
-            self._first = batch_index
-        self._losses.append((batch_index, loss.detach(), len(output)))
+    def add(self, batch_index: int, loss: Tensor, output: Tensor, target, grads_finite=None) -> None:
+        self._pending.append((batch_index, loss.detach(), len(output), grads_finite))
         self._outputs.append((output.detach(), target.detach() if isinstance(target, Tensor) else target))
 
     def read(self, before_step: bool = False) -> None:
-        """One host read for the whole window: losses (NaN guard), then the metrics.
+        """One host read for the whole window: losses and gradient flags (the NaN guard), then the
+        metrics.
 
         ``before_step``: the last batch's optimizer step has not been taken yet.
         """
-        if not self._losses:
+        if not self._pending:
             return
-        values = [float(v) for v in backend.to_host(concatenate([loss.reshape(1) for _, loss, _ in self._losses])
-                                                      .data)]
-        for (index, _, n), value in zip(self._losses, values):
-            if not math.isfinite(value):
+        values, grads_ok = self._transfer()
+        last = self._pending[-1][0]
+        for (index, _, n, _), value, finite_grads in zip(self._pending, values, grads_ok):
+            if not (math.isfinite(value) and finite_grads):
                 self.bar.close()
                 raise TrainingDiverged(self._diverged_message(index, value, before_step))
             self.loss_sum, self.samples = self.loss_sum + value * n, self.samples + n
             self._read_at[index] = value
         for output, target in self._outputs:
             _update_metrics(self.meters, output, target)
-        last = self._losses[-1][0]
         self.bar.update(last + 1, self.samples, self.loss_sum / max(self.samples, 1))
-        self._losses, self._outputs, self._first = [], [], None
+        self._pending, self._outputs = [], []
+
+    def _transfer(self) -> tuple[list[float], list[bool]]:
+        """The pending losses and gradient flags, brought to the host in one transfer."""
+        first = self._pending[0][1].data
+        xp, device = backend.array_module(first), backend.device_of(first)
+        parts = [loss.data.reshape(1) for _, loss, _, _ in self._pending]
+        flagged = [i for i, entry in enumerate(self._pending) if entry[3] is not None]
+        parts += [backend.to_device(self._pending[i][3], device).reshape(1).astype(parts[i].dtype) for i in flagged]
+        host = backend.to_host(xp.concatenate(parts))
+        count = len(self._pending)
+        grads_ok = [True] * count
+        for i, flag in zip(flagged, host[count:]):
+            grads_ok[i] = bool(flag)
+        return [float(v) for v in host[:count]], grads_ok
 
     def batch_logs(self, batch_index: int) -> dict:
         """``on_batch_end``'s logs: the batch's loss once it has been read, else nothing yet."""
@@ -343,17 +402,27 @@ class _Window:
 
     def _diverged_message(self, index: int, value: float, before_step: bool) -> str:
         epoch = self.trainer.epoch + 1
-        where = f"loss became {value} at epoch {epoch}, batch {index + 1}"
-        if before_step and index == self._losses[-1][0]:
+        last = self._pending[-1][0]
+        if not math.isfinite(value):
+            where = f"loss became {value} at epoch {epoch}, batch {index + 1}"
+        else:
+            where = (f"the gradients became non-finite at epoch {epoch}, batch {index + 1} "
+                     f"(its loss, {value:.6g}, is finite")
+            if before_step and index == last:  # the batch's gradients are still there to name
+                names = self.trainer.non_finite_grads()
+                where += f"; NaN or inf in the gradients of {', '.join(repr(n) for n in names[:5])}" \
+                         f"{' ...' if len(names) > 5 else ''}" if names else ""
+            where += ")"
+        if before_step and index == last:
             return (f"{where}; the step was not taken, so the model keeps its last finite parameters and saved "
                     "checkpoints are intact. Lower the learning rate, clip gradients (grad_clip_norm) or check "
-                    "the inputs for NaN.")
-        last = self._losses[-1][0] + 1
-        return (f"{where} (read after batch {last}: the Trainer reads the loss every sync_every batches); the "
-                f"optimizer stepped on batches {index + 1}..{last}, so the parameters may no longer be finite. "
-                "Checkpoints saved before this epoch's end are intact: reload one, then lower the learning rate, "
-                "clip gradients (grad_clip_norm), check the inputs for NaN, or pass Trainer(sync_every=1) to "
-                "stop before the bad step.")
+                    "the inputs and the loss for NaN.")
+        return (f"{where} (read after batch {last + 1}: the Trainer reads the loss and its gradients' finite flag "
+                f"every sync_every batches); the optimizer stepped on batches {index + 1}..{last + 1}, so the "
+                "parameters may no longer be finite. No checkpoint holds them: checkpoints are written only after "
+                "this check, and a save refuses non-finite weights. Reload the last checkpoint, then lower the "
+                "learning rate, clip gradients (grad_clip_norm), check the inputs and the loss for NaN, or pass "
+                "Trainer(sync_every=1) to stop before the bad step.")
 
 
 def _update_metrics(meters: dict, output: Tensor, target) -> None:
@@ -363,6 +432,20 @@ def _update_metrics(meters: dict, output: Tensor, target) -> None:
 
 def _compute(meters: dict) -> dict:
     return {name: float(meter.compute()) for name, meter in meters.items()}
+
+
+def _all_finite(arrays: list) -> list[bool]:
+    """Does each array hold only finite values? Reduced on each array's device, one read per device."""
+    flags, by_device = [None] * len(arrays), {}
+    for i, array in enumerate(arrays):
+        by_device.setdefault(backend.device_of(array), []).append(i)
+    for device, indices in by_device.items():
+        xp = backend.array_module(arrays[indices[0]])
+        with backend.on_device(device):
+            stacked = xp.concatenate([xp.all(xp.isfinite(arrays[i]), keepdims=True).reshape(1) for i in indices])
+        for i, ok in zip(indices, backend.to_host(stacked)):
+            flags[i] = bool(ok)
+    return flags
 
 
 def _loader(data, batch_size: int, shuffle: bool):

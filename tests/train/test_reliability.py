@@ -1,0 +1,260 @@
+"""The training loop tells the truth and resumes exactly.
+
+1. The NaN guard checks the gradients too (a finite loss can have NaN or inf gradients), before
+   the step with sync_every=1 and at the next read otherwise; no checkpoint ever holds
+   non-finite weights.
+"""
+
+import numpy as np
+import pytest
+
+import engine
+import engine.functional as F
+from engine import io, nn, optim
+from engine.autograd import Function
+from engine.train import Callback, ModelCheckpoint, Trainer, TrainingDiverged
+
+N, BATCH = 80, 16  # 5 batches an epoch
+
+
+def _data(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, size=(3, 4))
+    y = rng.integers(0, 3, n)
+    x = (centers[y] + rng.normal(0, 1, size=(n, 4))).astype(np.float32)
+    return x, y.astype(np.int64)
+
+
+def _model(dropout=0.0):
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
+
+
+def _params(model):
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _finite(model):
+    return all(np.isfinite(v).all() for v in _params(model).values())
+
+
+class _Poison(Function):
+    """Identity forward; backward returns ``value`` (NaN or inf) everywhere: a finite loss, bad grads."""
+
+    def forward(self, a, value=np.nan):
+        self.value = value
+        return a
+
+    def backward(self, grad):
+        return grad * 0 + grad.dtype.type(self.value)
+
+
+class _Counter:
+    """A loss that counts its calls (one per training batch) and misbehaves at chosen ones."""
+
+    def __init__(self, poison=(), value=np.nan, sqrt_at=(), interrupt=(), interrupt_backward=()):
+        self.calls, self.poison, self.value, self.sqrt_at = 0, set(poison), value, set(sqrt_at)
+        self.interrupt, self.interrupt_backward = set(interrupt), set(interrupt_backward)
+
+    def __call__(self, output, y):
+        call, self.calls = self.calls, self.calls + 1
+        if call in self.interrupt:
+            self.interrupt.discard(call)  # once: the resumed run passes
+            raise KeyboardInterrupt
+        if call in self.poison:
+            output = _Poison.apply(output, value=self.value)
+        loss = F.cross_entropy(output, y)
+        if call in self.sqrt_at:  # sqrt at 0: adds 0 to the loss, NaN to every gradient
+            loss = loss + ((output - output.detach()) ** 2).sum().sqrt()
+        if call in self.interrupt_backward:
+            self.interrupt_backward.discard(call)
+            loss = _InterruptInBackward.apply(loss)
+        return loss
+
+
+class _InterruptInBackward(Function):
+    def forward(self, a):
+        return a
+
+    def backward(self, grad):
+        raise KeyboardInterrupt
+
+
+def _trainer(loss=None, sync_every=None, callbacks=(), lr=0.1, dropout=0.0, optimizer="sgd", seed=0, **kwargs):
+    engine.manual_seed(seed)
+    model = _model(dropout)
+    opt = optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd" else optim.Adam(model.parameters(), lr=lr)
+    return Trainer(model, opt, loss_fn=loss or F.cross_entropy, callbacks=list(callbacks), verbose=0,
+                   sync_every=sync_every, **kwargs)
+
+
+class _Snapshots(Callback):
+    """Parameters after each batch's step, keyed (epoch, batch)."""
+
+    def __init__(self):
+        self.after = {}
+
+    def on_batch_end(self, trainer, batch, logs):
+        self.after[(trainer.epoch, batch)] = _params(trainer.model)
+
+
+# ---- 1. the NaN guard checks the gradients ----------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("kind", ["nan", "inf", "sqrt_at_0"])
+def test_finite_loss_with_non_finite_grads_is_not_stepped_with_sync_every_1(tmp_path, kind):
+    x, y = _data()
+    poison = 5 + 2  # epoch 2, batch 3
+    loss = _Counter(sqrt_at=[poison]) if kind == "sqrt_at_0" else \
+        _Counter(poison=[poison], value=np.nan if kind == "nan" else np.inf)
+    snaps, ckpt = _Snapshots(), ModelCheckpoint(tmp_path, monitor="loss")
+    trainer = _trainer(loss, sync_every=1, callbacks=[snaps, ckpt], optimizer="adam", lr=1e-2)
+    trainer.fit((x, y), epochs=1, batch_size=BATCH, shuffle=False)
+    saved = ckpt.last_path.read_bytes()
+    steps_before = [s["step"] for s in trainer.optimizer.state_dict()["state"].values()]
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.fit((x, y), epochs=2, batch_size=BATCH, shuffle=False)
+    message = str(err.value)
+    assert "the gradients became non-finite at epoch 2, batch 3 (its loss," in message
+    assert "NaN or inf in the gradients of '0.weight', '0.bias', '3.weight', '3.bias'" in message
+    assert "the step was not taken" in message
+    _assert_same(_params(trainer.model), snaps.after[(1, 1)])  # as after batch 2: the bad step was not taken
+    assert [s["step"] for s in trainer.optimizer.state_dict()["state"].values()] == [n + 2 for n in steps_before]
+    assert ckpt.last_path.read_bytes() == saved
+    assert _finite(io.load(ckpt.last_path)["model"] and trainer.model)
+
+
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_non_finite_grads_between_reads_are_reported_as_stepped(tmp_path, with_checkpoint):
+    x, y = _data()
+    ckpt = ModelCheckpoint(tmp_path, monitor="loss")
+    trainer = _trainer(_Counter(poison=[5 + 1]), sync_every=4, callbacks=[ckpt] if with_checkpoint else [])
+    trainer.fit((x, y), epochs=1, batch_size=BATCH, shuffle=False)
+    saved = ckpt.last_path.read_bytes() if with_checkpoint else None
+    with pytest.raises(TrainingDiverged, match=r"the gradients became non-finite at epoch 2, batch 2 \(its loss, "
+                                               r"[0-9.]+, is finite\) \(read after batch 4.*stepped on batches 2\.\.4, "
+                                               r"so the parameters may no longer be finite"):
+        trainer.fit((x, y), epochs=2, batch_size=BATCH, shuffle=False)
+    assert not _finite(trainer.model)  # what the message says may have happened did
+    if with_checkpoint:
+        assert ckpt.last_path.read_bytes() == saved
+    with pytest.raises(TrainingDiverged, match="diverged"):  # nor can the user write one by hand
+        trainer.save_checkpoint(tmp_path / "by_hand.ckpt")
+    assert not (tmp_path / "by_hand.ckpt").exists()
+
+
+@pytest.mark.parametrize("sync_every", [1, 3, 20])
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_non_finite_grads_at_the_last_batch_of_an_epoch_stop_before_its_checkpoint(tmp_path, sync_every,
+                                                                                  with_checkpoint):
+    x, y = _data()
+    ckpt = ModelCheckpoint(tmp_path, monitor="loss")
+    trainer = _trainer(_Counter(poison=[5 + 4]), sync_every=sync_every, callbacks=[ckpt] if with_checkpoint else [])
+    with pytest.raises(TrainingDiverged, match="epoch 2, batch 5") as err:
+        trainer.fit((x, y), epochs=3, batch_size=BATCH, shuffle=False)
+    assert trainer.epoch == 1 and len(trainer.history) == 1  # epoch 2 never ended
+    if sync_every == 1:
+        assert "the step was not taken" in str(err.value) and _finite(trainer.model)
+    else:
+        assert "stepped on batches 5..5" in str(err.value)
+    if with_checkpoint:
+        saved = io.load(ckpt.last_path)
+        assert saved["epoch"] == 1
+        assert all(np.isfinite(v.numpy()).all() for v in saved["model"].values())
+
+
+def test_a_save_refuses_non_finite_weights_and_names_the_parameter(tmp_path):
+    x, y = _data()
+    trainer = _trainer()
+    trainer.fit((x, y), epochs=1, batch_size=BATCH)
+    trainer.save_checkpoint(tmp_path / "good.ckpt")
+    before = (tmp_path / "good.ckpt").read_bytes()
+    trainer.model[3].bias.data[1] = np.inf
+    trainer.model[3].bias.data[2] = np.nan
+    with pytest.raises(TrainingDiverged, match=r"save_checkpoint\(.*good.ckpt'\): parameter '3.bias' holds non-finite "
+                                               r"values \(1 NaN and 1 inf of 3\); a checkpoint never holds"):
+        trainer.save_checkpoint(tmp_path / "good.ckpt")
+    assert (tmp_path / "good.ckpt").read_bytes() == before
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_model_checkpoint_refuses_weights_a_finite_step_overflowed(tmp_path):
+    """Finite loss and gradients, but a huge lr at the epoch's last step overflows the weights."""
+
+    class HugeLrAtTheEnd(Callback):
+        def on_batch_end(self, trainer, batch, logs):
+            if trainer.epoch == 1 and batch == 3:
+                trainer.optimizer.param_groups[0]["lr"] = 1e300
+
+    x, y = _data()
+    ckpt = ModelCheckpoint(tmp_path, monitor="loss")
+    trainer = _trainer(sync_every=1, callbacks=[HugeLrAtTheEnd(), ckpt])
+    trainer.fit((x, y), epochs=1, batch_size=BATCH, shuffle=False)
+    saved = ckpt.last_path.read_bytes()
+    with pytest.raises(TrainingDiverged, match=r"last.ckpt'\): parameter '\d.(weight|bias)' holds non-finite"):
+        trainer.fit((x, y), epochs=2, batch_size=BATCH, shuffle=False)
+    assert ckpt.last_path.read_bytes() == saved
+
+
+def test_grad_check_works_with_clipping_frozen_params_and_any_optimizer():
+    x, y = _data()
+    trainer = _trainer(_Counter(poison=[2]), sync_every=1, grad_clip_norm=1.0)
+    trainer.model[0].weight.requires_grad = False  # a frozen layer: its grad stays None
+    with pytest.raises(TrainingDiverged, match=r"batch 3 .*gradients of '0.bias', '3.weight', '3.bias'\)"):
+        trainer.fit((x, y), epochs=1, batch_size=BATCH, shuffle=False)
+
+    class PlainSGD:  # not an engine Optimizer: the Trainer checks the grads itself
+        def __init__(self, params):
+            self.params = list(params)
+
+        def zero_grad(self):
+            for p in self.params:
+                p.grad = None
+
+        def step(self):
+            with engine.no_grad():
+                for p in self.params:
+                    p.sub_(p.grad * 0.1)
+
+        def state_dict(self):
+            return {}
+
+    engine.manual_seed(0)
+    model = _model()
+    trainer = Trainer(model, PlainSGD(model.parameters()), loss_fn=_Counter(poison=[1]), verbose=0, sync_every=1)
+    with pytest.raises(TrainingDiverged, match="batch 2 .*the step was not taken"):
+        trainer.fit((x, y), epochs=1, batch_size=BATCH, shuffle=False)
+    assert _finite(model)
+
+
+def test_optimizer_grads_finite_flag():
+    engine.manual_seed(0)
+    model = _model()
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    assert opt.grads_finite() is None  # no grads yet
+    x, y = _data(8)
+    F.cross_entropy(model(engine.tensor(x)), engine.tensor(y)).backward()
+    flag = opt.grads_finite()
+    assert flag.shape == (1,) and flag.dtype == np.bool_ and bool(flag[0])
+    reference = _params(model)
+    grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    opt.step()  # the grads became views of the flat buffer: the step is the same
+    engine.manual_seed(0)
+    model2 = _model()
+    opt2 = optim.Adam(model2.parameters(), lr=1e-2)
+    F.cross_entropy(model2(engine.tensor(x)), engine.tensor(y)).backward()
+    opt2.step()
+    _assert_same(_params(model), _params(model2))
+    assert reference.keys() == grads.keys()
+    for bad in (np.nan, np.inf, -np.inf):
+        model[3].bias.grad.data[0] = bad
+        assert not bool(opt.grads_finite()[0])
+        model[3].bias.grad.data[0] = 0.0
+        assert bool(opt.grads_finite()[0])
+    model[0].weight.grad = None  # an inactive param's stale slice does not count
+    assert bool(opt.grads_finite()[0])
