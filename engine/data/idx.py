@@ -8,7 +8,11 @@ recognised by its own magic bytes, whatever the file is called.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import stat
+import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -20,6 +24,9 @@ from engine.errors import EngineError
 _IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 _GZIP_MAGIC = b"\x1f\x8b"
+_MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+_MAX_INFLATION = 1032  # deflate's largest ratio: a gzip file cannot hold more than this times its size
+_READ_CHUNK = 16 << 20
 
 
 class IDXFormatError(EngineError):
@@ -29,6 +36,10 @@ class IDXFormatError(EngineError):
 def load_idx(path) -> np.ndarray:
     """Read an IDX file (raw or gzipped) into a numpy array in native byte order.
 
+    The header is read and checked first; the data is then read (or inflated) in pieces, never
+    more than the header's checked size, so a file that claims a huge array, or a gzip bomb, fails
+    without allocating what it claims (see docs/data.md).
+
     Args:
         path: the file (str or os.PathLike).
 
@@ -37,46 +48,105 @@ def load_idx(path) -> np.ndarray:
 
     Raises:
         FileNotFoundError: no such file.
-        IDXFormatError: bad magic number, unknown type code, truncated data or trailing bytes;
-            the message names the file.
+        IDXFormatError: not a regular file, bad magic number, unknown type code, too many
+            dimensions or a size that overflows, truncated data or trailing bytes, a damaged
+            gzip stream; the message names the file.
 
     Example:
         >>> labels = load_idx("t10k-labels-idx1-ubyte.gz")   # doctest: +SKIP
     """
     path = Path(os.fspath(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"load_idx: no file {str(path)!r}")
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise IDXFormatError(f"load_idx: {str(path)!r} is not an IDX file (magic number {raw[:4].hex() or 'missing'}; "
+    with _open_regular_file(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        gzipped = file.read(2) == _GZIP_MAGIC
+        file.seek(0)
+        if not gzipped:
+            return _read_idx(file, path, size, None)
+        with gzip.GzipFile(fileobj=file, mode="rb") as stream:
+            return _read_idx(stream, path, None, size)
+
+
+def _read_idx(stream, path: Path, raw_size: int | None, gzip_size: int | None) -> np.ndarray:
+    """The array in ``stream``: ``raw_size`` is the file's size (raw files), ``gzip_size`` the
+    compressed size (gzipped files), which bounds what the header may claim."""
+    name = str(path)
+    magic = _read(stream, 4, path)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
+        raise IDXFormatError(f"load_idx: {name!r} is not an IDX file (magic number {magic[:4].hex() or 'missing'}; "
                              "expected 0000 followed by a type and a dimension count)")
-    type_code, ndim = raw[2], raw[3]
+    type_code, ndim = magic[2], magic[3]
     if type_code not in _IDX_DTYPES:
-        raise IDXFormatError(f"load_idx: {str(path)!r} has unknown IDX type code 0x{type_code:02x}; known: "
+        raise IDXFormatError(f"load_idx: {name!r} has unknown IDX type code 0x{type_code:02x}; known: "
                              f"{', '.join(f'0x{c:02x}' for c in _IDX_DTYPES)}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise IDXFormatError(f"load_idx: {str(path)!r} is truncated: its header declares {ndim} dimensions but the "
-                             f"file has only {len(raw)} bytes")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if ndim > _MAX_DIMS:
+        raise IDXFormatError(f"load_idx: {name!r} declares {ndim} dimensions; numpy arrays have at most {_MAX_DIMS}")
+    dims = _read(stream, 4 * ndim, path)
+    if len(dims) < 4 * ndim:
+        raise IDXFormatError(f"load_idx: {name!r} is truncated: its header declares {ndim} dimensions but the "
+                             f"file has only {4 + len(dims)} bytes")
+    shape = struct.unpack(f">{ndim}I", dims)
     dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        problem = "truncated" if len(raw) - header < expected else "longer than its header says"
-        raise IDXFormatError(f"load_idx: {str(path)!r} is {problem}: shape {shape} of {dtype.name} needs {expected} "
-                             f"data bytes, found {len(raw) - header}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    # Python ints: the product cannot wrap around as an int64 product would.
+    if math.prod(d for d in shape if d) * dtype.itemsize > sys.maxsize:
+        raise IDXFormatError(f"load_idx: {name!r} declares shape {shape} of {dtype.name}, whose size overflows "
+                             "this platform's index range")
+    expected = math.prod(shape) * dtype.itemsize
+    header = 4 + 4 * ndim
+    if raw_size is not None and raw_size - header != expected:
+        _size_error(path, shape, dtype, expected, raw_size - header)
+    if gzip_size is not None and expected > gzip_size * _MAX_INFLATION + 1024:
+        raise IDXFormatError(f"load_idx: {name!r} is truncated: shape {shape} of {dtype.name} needs {expected} data "
+                             f"bytes, more than a {gzip_size}-byte gzip file can inflate to")
+    data = _read(stream, expected, path)
+    if len(data) < expected:
+        _size_error(path, shape, dtype, expected, len(data))
+    if _read(stream, 1, path):
+        _size_error(path, shape, dtype, expected, None)
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read()
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
+def _size_error(path: Path, shape: tuple, dtype: np.dtype, expected: int, found: int | None):
+    problem = "truncated" if found is not None and found < expected else "longer than its header says"
+    found_text = "more" if found is None else found
+    raise IDXFormatError(f"load_idx: {str(path)!r} is {problem}: shape {shape} of {dtype.name} needs {expected} "
+                         f"data bytes, found {found_text}")
+
+
+def _read(stream, size: int, path: Path) -> bytearray:
+    """Up to ``size`` bytes, read in pieces: the buffer grows with the data actually there."""
+    data = bytearray()
     try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
+        while len(data) < size:
+            chunk = stream.read(min(_READ_CHUNK, size - len(data)))
+            if not chunk:
+                break
+            data += chunk
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise IDXFormatError(f"load_idx: {str(path)!r} is a damaged or truncated gzip file ({exc})") from exc
+    return data
+
+
+def _open_regular_file(path: Path):
+    """``path`` opened for reading; refuses devices, FIFOs and directories before reading a byte."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_idx: no file {str(path)!r}") from None
+    _check_regular(path, info)
+    # Non-blocking: a FIFO swapped in after the stat cannot make the open wait for a writer.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        _check_regular(path, os.fstat(fd))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_regular(path: Path, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+        raise IDXFormatError(f"load_idx: {str(path)!r} is {kind}, not a regular file")
 
 
 _KINDS = ("train", "t10k")
