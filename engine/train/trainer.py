@@ -14,6 +14,7 @@ Two ways in, for two habits:
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from pathlib import Path
@@ -93,7 +94,10 @@ class Trainer:
     The NaN guard checks every batch's loss and, on the device, whether all its gradients (after
     clipping) are finite; both are read together, before the step with ``sync_every=1``, else
     at the next read. A checkpoint never holds non-finite weights: :meth:`save_checkpoint` (and
-    so ``ModelCheckpoint``) refuses them.
+    so ``ModelCheckpoint``) refuses them. A checkpoint taken mid-epoch (say in an ``except
+    KeyboardInterrupt`` handler) counts only the batches whose optimizer step is done, with the
+    epoch's running loss and metrics and the RNG state the next batch starts from, so a resumed
+    run sees exactly the batches, and computes exactly the parameters, of an uninterrupted one.
     """
 
     def __init__(self, model, optimizer, loss_fn=F.cross_entropy, metrics=("accuracy",), callbacks=(),
@@ -114,6 +118,9 @@ class Trainer:
         self.stop_training = False
         self.train_loader = None
         self._pending_loader_state = None
+        self._pending_rng = None  # restored RNG state, set again once fit has built its loaders
+        self._resume_progress = None  # a restored mid-epoch position, for the next epoch to continue
+        self._epoch_state: _EpochState | None = None  # the epoch in progress (or cut short by an exception)
 
     @property
     def device(self):
@@ -136,16 +143,22 @@ class Trainer:
             raise ValueError("fit: validation_split needs (x, y) arrays, not a DataLoader; pass val_data instead")
         if validation_split:
             train_data, val_data = _split_tail(train_data, validation_split)
+        if self._epoch_state is not None:  # the last fit stopped mid-epoch (an exception): continue it
+            self._resume_from(self._epoch_state)
         self.train_loader = _loader(train_data, batch_size, shuffle)
         val_loader = None if val_data is None else _loader(val_data, batch_size, False)
         if self._pending_loader_state is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(self._pending_loader_state)
-            self._pending_loader_state = None
+        self._pending_loader_state = None
+        if self._pending_rng is not None:  # building a shuffling loader drew from the RNG: restore it again
+            backend.set_rng_state(self._pending_rng)
+            self._pending_rng = None
         self.stop_training = False
         self._call("on_train_begin")
         while self.epoch < epochs and not self.stop_training:
             logs = self._run_epoch(self.train_loader, val_loader, epochs)
             self.epoch += 1
+            self._epoch_state = None
             self._call("on_epoch_end", self.epoch - 1, logs)
             self.history.append(logs)
             self.log(_epoch_line(self.epoch, epochs, logs))
@@ -155,11 +168,18 @@ class Trainer:
     def _run_epoch(self, loader, val_loader, epochs: int) -> dict:
         self._call("on_epoch_begin", self.epoch)
         self.model.train()
+        resume = self._resume_progress
         window = _Window(self, self._new_metrics(), ProgressBar(len(loader), f"epoch {self.epoch + 1}/{epochs}",
                                                                  enabled=self.verbose > 0))
+        batches, loader_state, first = self._epoch_batches(loader, resume)
+        if resume is not None:
+            window.restore(resume)
+        state = self._epoch_state = _EpochState(self.epoch, loader_state, first, window)
+        self._resume_progress = None
         sync_every = self.sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
-        start = time.perf_counter()
-        for batch_index, (x, y) in enumerate(loader):
+        start, samples_before = time.perf_counter(), window.samples
+        for batch_index, (x, y) in enumerate(batches, start=first):
+            state.begin_batch()
             x, y = self._to_device(x), self._to_device(y)
             output = self.model(x)
             loss = self.compute_loss(x, output, y)
@@ -173,6 +193,7 @@ class Trainer:
             if sync_every == 1:  # read before the step: a non-finite loss or gradient is never stepped on
                 window.read(before_step=True)
             self.optimizer.step()
+            state.end_batch(batch_index)
             if len(window) >= sync_every:
                 window.read()
             self._call("on_batch_end", batch_index, window.batch_logs(batch_index))
@@ -183,8 +204,28 @@ class Trainer:
         if val_loader is not None:
             logs.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
         logs["epoch_time"] = seconds
-        logs["samples_per_s"] = window.samples / max(seconds, 1e-9)
+        logs["samples_per_s"] = (window.samples - samples_before) / max(seconds, 1e-9)
         return logs
+
+    def _epoch_batches(self, loader, resume: dict | None):
+        """(the epoch's batch iterator, the loader's state at the epoch start, the first batch index).
+
+        A stateful loader (DataLoader) skips the batches a restored state says are done; any other
+        iterable of batches is advanced past them here.
+        """
+        iterator = iter(loader)
+        loader_state, first = None, 0
+        if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict"):
+            loader_state = loader.state_dict()  # taken at the start of this epoch's iteration
+            first = int(loader_state.get("batches_done", 0))
+        if resume is not None and first != resume["batches_done"]:
+            if first:
+                raise ValueError(f"Trainer.fit: the checkpoint's epoch {self.epoch + 1} has "
+                                 f"{resume['batches_done']} batches done but the loader skips {first}; "
+                                 "resume with the loader as it was saved (load_checkpoint, then fit)")
+            first = resume["batches_done"]
+            iterator = itertools.islice(iterator, first, None)
+        return iterator, loader_state, first
 
     def _grads_finite(self):
         """A device flag: are the gradients the coming step applies finite? (no host read)"""
@@ -250,30 +291,45 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resume needs: model, optimizer, epoch, RNG, loader position, history, the
+        callbacks' states and, mid-epoch, the epoch's progress (batches done, running loss and
+        metrics). Mid-epoch it first reads the batches not yet read (a host sync): a checkpoint
+        of an epoch whose unread batches turn out non-finite raises :class:`TrainingDiverged`."""
+        progress, loader_state, rng = self._position()
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
-            "rng": backend.get_rng_state(),
+            "rng": rng,
             "history": self.history.history,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
-        if self.train_loader is not None and hasattr(self.train_loader, "state_dict"):
-            state["loader"] = self.train_loader.state_dict()
+        if loader_state is not None:
+            state["loader"] = loader_state
+        if progress is not None:
+            state["progress"] = progress
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        progress = state.get("progress")
+        if progress is not None and int(progress["epoch"]) != int(state["epoch"]):
+            raise ValueError(f"Trainer.load_state_dict: the progress is for epoch {int(progress['epoch']) + 1} but the "
+                             f"checkpoint has {int(state['epoch'])} epochs done; the checkpoint is inconsistent")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         backend.set_rng_state(state["rng"])
+        self._pending_rng = state["rng"]
         self.history = History(state["history"])
         for callback, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             callback.load_state_dict(cb_state)
         self._pending_loader_state = state.get("loader")
+        self._resume_progress = None if progress is None else \
+            {**progress, "batches_done": int(progress["batches_done"])}
+        self._epoch_state = None
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Everything needed to continue exactly: model, optimizer, epoch, RNG, loader, history.
+        """Everything needed to continue exactly (see :meth:`state_dict`), written atomically.
 
         Raises:
             TrainingDiverged: a parameter holds NaN or inf; nothing is written, so ``path`` keeps
@@ -286,6 +342,21 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`; the next ``fit`` continues from it."""
         self.load_state_dict(io.load(path, map_location=self.device))
+
+    def _position(self):
+        """(epoch progress or None, loader state or None, RNG state) for a checkpoint taken now."""
+        if self._epoch_state is not None:
+            return self._epoch_state.position()
+        loader_state = self._pending_loader_state
+        if loader_state is None and self.train_loader is not None and hasattr(self.train_loader, "state_dict"):
+            loader_state = self.train_loader.state_dict()
+        rng = self._pending_rng if self._pending_rng is not None else backend.get_rng_state()
+        return self._resume_progress, loader_state, rng
+
+    def _resume_from(self, epoch_state: "_EpochState") -> None:
+        """Continue an epoch that an exception cut short as a checkpoint taken then would."""
+        self._resume_progress, self._pending_loader_state, self._pending_rng = epoch_state.position()
+        self._epoch_state = None
 
     # ---- helpers -----------------------------------------------------------------------------
     def _call(self, hook: str, *args) -> None:
@@ -340,6 +411,34 @@ def _metric_table(metrics) -> dict:
 GPU_SYNC_EVERY = 20
 
 
+class _EpochState:
+    """Where the epoch in progress stands: what a checkpoint taken mid-epoch needs to resume it."""
+
+    def __init__(self, epoch: int, loader_state: dict | None, first: int, window: "_Window"):
+        self.epoch, self.loader_state, self.window = epoch, loader_state, window
+        self.batches_done = first  # batches of this epoch whose optimizer step is done
+        self.rng = None  # the RNG state the batch in progress started from
+        self.in_batch = False
+
+    def begin_batch(self) -> None:
+        self.rng, self.in_batch = backend.get_rng_state(), True
+
+    def end_batch(self, batch_index: int) -> None:
+        """The batch's optimizer step is done: from now on it counts."""
+        self.batches_done, self.in_batch = batch_index + 1, False
+
+    def position(self):
+        """(progress, loader state, RNG state): the batches done and the state the next one starts from.
+
+        A batch cut short (an exception in its forward, loss or backward) does not count: a resume
+        runs it again, from the RNG state it started from.
+        """
+        self.window.read(committed=self.batches_done)
+        progress = {"epoch": self.epoch, "batches_done": self.batches_done, **self.window.totals()}
+        loader = None if self.loader_state is None else {**self.loader_state, "batches_done": self.batches_done}
+        return progress, loader, self.rng if self.in_batch else backend.get_rng_state()
+
+
 class _Window:
     """The batches of an epoch since the last host read: their losses and their gradients' finite
     flags stay on the device and their outputs are kept for the metrics, until ``read()`` brings
@@ -351,6 +450,7 @@ class _Window:
         self._pending = []  # (batch index, loss, samples, grads-finite flag or None) not read yet
         self._outputs = []
         self._read_at: dict[int, float] = {}  # batch index -> its loss, for on_batch_end
+        self.diverged: str | None = None  # set when a read found stepped non-finite batches
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -359,12 +459,21 @@ class _Window:
         self._pending.append((batch_index, loss.detach(), len(output), grads_finite))
         self._outputs.append((output.detach(), target.detach() if isinstance(target, Tensor) else target))
 
-    def read(self, before_step: bool = False) -> None:
+    def read(self, before_step: bool = False, committed: int | None = None) -> None:
         """One host read for the whole window: losses and gradient flags (the NaN guard), then the
         metrics.
 
         ``before_step``: the last batch's optimizer step has not been taken yet.
+        ``committed``: only batches before this index count (a checkpoint mid-batch); later ones
+        are dropped, to be run again on resume.
         """
+        if self.diverged is not None:
+            raise TrainingDiverged(f"this epoch diverged, so it cannot be checkpointed or continued (load a checkpoint "
+                                   f"with Trainer.load_checkpoint to go on): {self.diverged}")
+        if committed is not None:
+            keep = [i for i, entry in enumerate(self._pending) if entry[0] < committed]
+            self._pending = [self._pending[i] for i in keep]
+            self._outputs = [self._outputs[i] for i in keep]
         if not self._pending:
             return
         values, grads_ok = self._transfer()
@@ -372,7 +481,11 @@ class _Window:
         for (index, _, n, _), value, finite_grads in zip(self._pending, values, grads_ok):
             if not (math.isfinite(value) and finite_grads):
                 self.bar.close()
-                raise TrainingDiverged(self._diverged_message(index, value, before_step))
+                message = self._diverged_message(index, value, before_step)
+                self._pending, self._outputs = [], []
+                if not (before_step and index == last):  # stepped on: nothing after it can be trusted
+                    self.diverged = message
+                raise TrainingDiverged(message)
             self.loss_sum, self.samples = self.loss_sum + value * n, self.samples + n
             self._read_at[index] = value
         for output, target in self._outputs:
@@ -393,6 +506,18 @@ class _Window:
         for i, flag in zip(flagged, host[count:]):
             grads_ok[i] = bool(flag)
         return [float(v) for v in host[:count]], grads_ok
+
+    def totals(self) -> dict:
+        """The epoch so far, for a checkpoint: loss sum, samples and the metrics' states."""
+        return {"loss_sum": self.loss_sum, "samples": self.samples,
+                "metrics": {name: _metric_state(meter) for name, meter in self.meters.items()}}
+
+    def restore(self, progress: dict) -> None:
+        """Continue from :meth:`totals` saved in a checkpoint."""
+        self.loss_sum, self.samples = float(progress["loss_sum"]), int(progress["samples"])
+        for name, meter_state in (progress.get("metrics") or {}).items():
+            if name in self.meters and meter_state is not None:
+                _load_metric_state(self.meters[name], meter_state)
 
     def batch_logs(self, batch_index: int) -> dict:
         """``on_batch_end``'s logs: the batch's loss once it has been read, else nothing yet."""
@@ -446,6 +571,37 @@ def _all_finite(arrays: list) -> list[bool]:
         for i, ok in zip(indices, backend.to_host(stacked)):
             flags[i] = bool(ok)
     return flags
+
+
+def _storable(value) -> bool:
+    """Can ``engine.save`` hold ``value`` (numbers, strings, arrays and containers of them)?"""
+    if value is None or isinstance(value, (bool, int, float, str, np.generic, np.ndarray)) or backend.is_array(value):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_storable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _storable(v) for k, v in value.items())
+    return False
+
+
+def _metric_state(meter) -> dict | None:
+    """A streaming metric's state: its ``state_dict()``, else its attributes when they are storable."""
+    if hasattr(meter, "state_dict") and hasattr(meter, "load_state_dict"):
+        return {"state_dict": meter.state_dict()}
+    attributes = vars(meter) if hasattr(meter, "__dict__") else {}
+    if not _storable(attributes):
+        return None  # a resumed epoch's figure for this metric covers the batches after the resume only
+    return {"attributes": copy.deepcopy(attributes)}
+
+
+def _load_metric_state(meter, state: dict) -> None:
+    if "state_dict" in state:
+        meter.load_state_dict(state["state_dict"])
+        return
+    for name, value in state["attributes"].items():
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value[()]  # engine.load gives 0-d arrays for numpy scalars
+        setattr(meter, name, value)
 
 
 def _loader(data, batch_size: int, shuffle: bool):

@@ -3,6 +3,9 @@
 1. The NaN guard checks the gradients too (a finite loss can have NaN or inf gradients), before
    the step with sync_every=1 and at the next read otherwise; no checkpoint ever holds
    non-finite weights.
+2. An interrupt (KeyboardInterrupt) in forward, backward or a callback, a checkpoint taken in the
+   except handler and a resume give exactly the parameters and logged losses of an
+   uninterrupted run.
 """
 
 import numpy as np
@@ -12,6 +15,7 @@ import engine
 import engine.functional as F
 from engine import io, nn, optim
 from engine.autograd import Function
+from engine.data import DataLoader, TensorDataset
 from engine.train import Callback, ModelCheckpoint, Trainer, TrainingDiverged
 
 N, BATCH = 80, 16  # 5 batches an epoch
@@ -258,3 +262,141 @@ def test_optimizer_grads_finite_flag():
         assert bool(opt.grads_finite()[0])
     model[0].weight.grad = None  # an inactive param's stale slice does not count
     assert bool(opt.grads_finite()[0])
+
+
+# ---- 2. interrupt, checkpoint, resume: exactly an uninterrupted run ---------------------------
+
+EPOCHS = 3
+
+
+def _run(tmp_path, sync_every, interrupt=None, where="forward", resume=None, save=None, checkpoint_every_epoch=False,
+         early=None, scheduler=True, loader_kind="dataloader"):
+    """Train EPOCHS epochs of 5 batches with dropout, Adam, shuffling and a scheduler.
+
+    ``interrupt``: the global batch number (0-based) at which a KeyboardInterrupt is raised
+    (``where``: forward = in the loss, backward = in backward, callback = in on_batch_end after
+    the step); the except handler saves a checkpoint to ``save``. ``resume``: a checkpoint
+    loaded into a fresh trainer (built from another seed, so nothing carries over by chance).
+    """
+    x, y = _data()
+    loss = _Counter(interrupt=[interrupt] if interrupt is not None and where == "forward" else [],
+                    interrupt_backward=[interrupt] if interrupt is not None and where == "backward" else [])
+
+    class InterruptAfterStep(Callback):
+        def __init__(self):
+            self.count = 0
+
+        def on_batch_end(self, trainer, batch, logs):
+            self.count += 1
+            if interrupt is not None and where == "callback" and self.count == interrupt + 1:
+                raise KeyboardInterrupt
+
+    engine.manual_seed(123 if resume else 5)
+    model = _model(dropout=0.3)
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    callbacks = [InterruptAfterStep()]
+    if early is not None:
+        callbacks.append(early)
+    if checkpoint_every_epoch:
+        callbacks.insert(0, ModelCheckpoint(tmp_path / "ckpt", monitor="loss"))  # listed first, runs last
+    trainer = Trainer(model, opt, loss_fn=loss, metrics=["accuracy"], callbacks=callbacks, verbose=0,
+                      sync_every=sync_every,
+                      scheduler=optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7) if scheduler else None)
+    if loader_kind == "dataloader":
+        data = DataLoader(TensorDataset(engine.tensor(x), engine.tensor(y)), batch_size=BATCH, shuffle=True,
+                          generator=7)
+    elif loader_kind == "arrays":
+        data = (x, y)
+    else:  # a plain iterable of batches: no state of its own
+        data = _Batches([(engine.tensor(x[i:i + BATCH]), engine.tensor(y[i:i + BATCH])) for i in range(0, N, BATCH)])
+    if resume:
+        trainer.load_checkpoint(resume)
+    try:
+        trainer.fit(data, epochs=EPOCHS, batch_size=BATCH)
+    except KeyboardInterrupt:
+        trainer.save_checkpoint(save)
+        return None
+    return trainer
+
+
+class _Batches:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def _assert_same_run(a, b):
+    _assert_same(_params(a.model), _params(b.model))
+    assert a.history.history.keys() == b.history.history.keys()
+    for key in ("loss", "accuracy", "lr"):
+        assert a.history[key] == b.history[key], key  # bit for bit
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for index in sa:
+        assert sa[index]["step"] == sb[index]["step"]
+        np.testing.assert_array_equal(sa[index]["exp_avg"].numpy(), sb[index]["exp_avg"].numpy())
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+@pytest.mark.parametrize("where", ["forward", "backward", "callback"])
+@pytest.mark.parametrize("interrupt", [0, 7, 9, 14])  # first batch, mid-epoch, last of epoch 2, last of the run
+def test_interrupt_checkpoint_resume_is_exactly_an_uninterrupted_run(tmp_path, sync_every, where, interrupt):
+    straight = _run(tmp_path, sync_every)
+    ckpt = tmp_path / "interrupted.ckpt"
+    assert _run(tmp_path, sync_every, interrupt=interrupt, where=where, save=ckpt) is None
+    state = io.load(ckpt)
+    done = interrupt + (where == "callback")  # a batch counts once its step is done
+    if done % 5 or where != "callback":
+        assert state["epoch"] == done // 5 and state["progress"]["batches_done"] == done % 5
+        assert state["loader"]["batches_done"] == done % 5
+    resumed = _run(tmp_path, sync_every, resume=ckpt)
+    _assert_same_run(straight, resumed)
+
+
+@pytest.mark.parametrize("loader_kind", ["arrays", "iterable"])
+def test_resume_mid_epoch_with_arrays_or_a_plain_iterable_of_batches(tmp_path, loader_kind):
+    straight = _run(tmp_path, 1, loader_kind=loader_kind)
+    ckpt = tmp_path / "interrupted.ckpt"
+    _run(tmp_path, 1, interrupt=8, save=ckpt, loader_kind=loader_kind)
+    _assert_same_run(straight, _run(tmp_path, 1, resume=ckpt, loader_kind=loader_kind))
+
+
+def test_fit_again_after_an_interrupt_continues_the_epoch_exactly(tmp_path):
+    straight = _run(tmp_path, 3)
+    x, y = _data()
+    engine.manual_seed(5)
+    model = _model(dropout=0.3)
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    loss = _Counter(interrupt=[6])
+    trainer = Trainer(model, opt, loss_fn=loss, metrics=["accuracy"], callbacks=[Callback()], verbose=0, sync_every=3,
+                      scheduler=optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7))
+    loader = DataLoader(TensorDataset(engine.tensor(x), engine.tensor(y)), batch_size=BATCH, shuffle=True, generator=7)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(loader, epochs=EPOCHS)
+    trainer.fit(loader, epochs=EPOCHS)  # as a notebook user would: run the cell again
+    _assert_same_run(straight, trainer)
+
+
+def test_the_epoch_loss_averages_all_its_batches_after_a_resume(tmp_path):
+    straight = _run(tmp_path, 3, scheduler=False)
+    ckpt = tmp_path / "interrupted.ckpt"
+    _run(tmp_path, 3, interrupt=12, save=ckpt, scheduler=False)
+    progress = io.load(ckpt)["progress"]
+    assert progress["batches_done"] == 2 and progress["samples"] == 2 * BATCH
+    resumed = _run(tmp_path, 3, resume=ckpt, scheduler=False)
+    assert resumed.history["loss"][-1] == straight.history["loss"][-1]
+    assert resumed.history["accuracy"][-1] == straight.history["accuracy"][-1]
+
+
+def test_a_checkpoint_from_another_loader_position_is_refused(tmp_path):
+    ckpt = tmp_path / "interrupted.ckpt"
+    _run(tmp_path, 1, interrupt=7, save=ckpt)
+    state = io.load(ckpt)
+    state["loader"]["batches_done"] = 1  # not what the trainer recorded
+    io.save(state, ckpt)
+    with pytest.raises(ValueError, match="2 batches done but the loader skips 1"):
+        _run(tmp_path, 1, resume=ckpt)
