@@ -3,6 +3,10 @@
 Each hook gets the trainer (read ``trainer.model``, ``trainer.optimizer``, ``trainer.history``; set
 ``trainer.stop_training = True`` to stop after the current epoch) and a ``logs`` dict of the
 figures known at that point (``loss``, ``val_loss``, ``val_accuracy`` ...).
+
+A callback's ``state_dict()`` is part of every checkpoint (``Trainer.save_checkpoint``) and comes
+back with ``load_state_dict()`` on resume: it must hold everything the callback would otherwise
+forget, so that a resumed run behaves as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from pathlib import Path
 
 
 class Callback:
+    # Callbacks that write checkpoints run after the others at each epoch end, once the epoch is
+    # in the history, so that what they save holds every other callback's state for that epoch.
+    saves_checkpoints = False
+
     def on_train_begin(self, trainer) -> None: ...
     def on_epoch_begin(self, trainer, epoch: int) -> None: ...
     def on_batch_end(self, trainer, batch: int, logs: dict) -> None: ...
@@ -52,6 +60,10 @@ class EarlyStopping(Callback, _Monitor):
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
 
     With ``restore_best_weights`` the model gets back the weights of its best epoch at the end.
+    Its whole state (best value and epoch, wait counter, stopped epoch, best weights) is part of
+    a checkpoint: a resumed run that had stopped stays stopped (``fit`` trains no further epoch
+    and restores the best weights), as does a second ``fit`` in the same process. To train on,
+    use a new EarlyStopping.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0, mode: str = "auto",
@@ -72,6 +84,10 @@ class EarlyStopping(Callback, _Monitor):
             self.stopped_epoch = epoch
             trainer.stop_training = True
 
+    def on_train_begin(self, trainer):
+        if self.stopped_epoch is not None:  # this run already stopped (maybe before a resume): stay stopped
+            trainer.stop_training = True
+
     def on_train_end(self, trainer):
         if self.restore_best_weights and self.best_state is not None and self.stopped_epoch is not None:
             trainer.model.load_state_dict(self.best_state)
@@ -79,15 +95,26 @@ class EarlyStopping(Callback, _Monitor):
                         f"{self.best_epoch + 1} ({self.monitor} {self.best:.4f})")
 
     def state_dict(self):
-        return {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch}
+        return {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch,
+                "stopped_epoch": self.stopped_epoch, "best_state": self.best_state}
 
     def load_state_dict(self, state):
-        self.best, self.wait, self.best_epoch = state["best"], state["wait"], state["best_epoch"]
+        self.best, self.wait, self.best_epoch = float(state["best"]), int(state["wait"]), state["best_epoch"]
+        self.stopped_epoch = state.get("stopped_epoch")
+        best_state = state.get("best_state")
+        self.best_state = None if best_state is None else {k: _raw(v) for k, v in best_state.items()}
 
 
 class ModelCheckpoint(Callback, _Monitor):
     """Save a checkpoint after each epoch: always to ``<dir>/last.ckpt``, and to ``<dir>/best.ckpt``
-    when ``monitor`` improved. Writes are atomic (engine.save), so a crash never loses the last one."""
+    when ``monitor`` improved. Writes are atomic (engine.save), so a crash never loses the last one.
+
+    It runs after the other callbacks at each epoch end, so a checkpoint holds their state after
+    the epoch (a stepped scheduler, EarlyStopping's decision). A checkpoint never holds non-finite
+    weights: the save raises ``TrainingDiverged`` instead, and the file keeps what it held.
+    """
+
+    saves_checkpoints = True
 
     def __init__(self, directory: str | Path, monitor: str = "val_loss", mode: str = "auto", save_last: bool = True):
         _Monitor.__init__(self, monitor, mode)
@@ -114,7 +141,7 @@ class ModelCheckpoint(Callback, _Monitor):
         return {"best": self.best}
 
     def load_state_dict(self, state):
-        self.best = state["best"]
+        self.best = float(state["best"])
 
 
 class LRSchedulerCallback(Callback):
@@ -147,3 +174,8 @@ class LRSchedulerCallback(Callback):
 
     def load_state_dict(self, state):
         self.scheduler.load_state_dict(state)
+
+
+def _raw(value):
+    """The array inside a Tensor (a loaded checkpoint may hold either)."""
+    return getattr(value, "data", value) if hasattr(value, "requires_grad") else value

@@ -17,6 +17,7 @@ import copy
 import itertools
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -159,11 +160,21 @@ class Trainer:
             logs = self._run_epoch(self.train_loader, val_loader, epochs)
             self.epoch += 1
             self._epoch_state = None
-            self._call("on_epoch_end", self.epoch - 1, logs)
-            self.history.append(logs)
+            self._end_epoch(logs)
             self.log(_epoch_line(self.epoch, epochs, logs))
         self._call("on_train_end")
         return self.history
+
+    def _end_epoch(self, logs: dict) -> None:
+        """``on_epoch_end``: the callbacks that write checkpoints run last, once the epoch is in the
+        history, so that a checkpoint holds every other callback's state after this epoch."""
+        savers = [cb for cb in self.callbacks if getattr(cb, "saves_checkpoints", False)]
+        for callback in self.callbacks:
+            if callback not in savers:
+                callback.on_epoch_end(self, self.epoch - 1, logs)
+        self.history.append(logs)
+        for callback in savers:
+            callback.on_epoch_end(self, self.epoch - 1, logs)
 
     def _run_epoch(self, loader, val_loader, epochs: int) -> dict:
         self._call("on_epoch_begin", self.epoch)
@@ -303,6 +314,7 @@ class Trainer:
             "rng": rng,
             "history": self.history.history,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callback_types": [type(cb).__name__ for cb in self.callbacks],
         }
         if loader_state is not None:
             state["loader"] = loader_state
@@ -321,8 +333,7 @@ class Trainer:
         backend.set_rng_state(state["rng"])
         self._pending_rng = state["rng"]
         self.history = History(state["history"])
-        for callback, cb_state in zip(self.callbacks, state.get("callbacks", [])):
-            callback.load_state_dict(cb_state)
+        self._load_callbacks(state.get("callbacks", []), state.get("callback_types"))
         self._pending_loader_state = state.get("loader")
         self._resume_progress = None if progress is None else \
             {**progress, "batches_done": int(progress["batches_done"])}
@@ -357,6 +368,23 @@ class Trainer:
         """Continue an epoch that an exception cut short as a checkpoint taken then would."""
         self._resume_progress, self._pending_loader_state, self._pending_rng = epoch_state.position()
         self._epoch_state = None
+
+    def _load_callbacks(self, states, types) -> None:
+        if types is None:  # a checkpoint from before callback_types: by position
+            for callback, cb_state in zip(self.callbacks, states):
+                callback.load_state_dict(cb_state)
+            return
+        saved: dict[str, list] = {}
+        for name, cb_state in zip(types, states):
+            saved.setdefault(name, []).append(cb_state)
+        for callback in self.callbacks:  # the n-th callback of a type gets the n-th saved state of that type
+            queue = saved.get(type(callback).__name__)
+            if queue:
+                callback.load_state_dict(queue.pop(0))
+        unused = [f"{name} x{len(queue)}" for name, queue in saved.items() if queue]
+        if unused:
+            warnings.warn(f"Trainer.load_state_dict: the checkpoint holds the state of callbacks this Trainer does "
+                          f"not have ({', '.join(unused)}); it is not restored", stacklevel=3)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _call(self, hook: str, *args) -> None:

@@ -6,17 +6,20 @@
 2. An interrupt (KeyboardInterrupt) in forward, backward or a callback, a checkpoint taken in the
    except handler and a resume give exactly the parameters and logged losses of an
    uninterrupted run.
+3. Every callback's state survives a resume (EarlyStopping's best weights and decision).
 """
+
+import warnings
 
 import numpy as np
 import pytest
 
 import engine
 import engine.functional as F
-from engine import io, nn, optim
+from engine import backend, io, nn, optim
 from engine.autograd import Function
 from engine.data import DataLoader, TensorDataset
-from engine.train import Callback, ModelCheckpoint, Trainer, TrainingDiverged
+from engine.train import Callback, EarlyStopping, LRSchedulerCallback, ModelCheckpoint, Trainer, TrainingDiverged
 
 N, BATCH = 80, 16  # 5 batches an epoch
 
@@ -400,3 +403,107 @@ def test_a_checkpoint_from_another_loader_position_is_refused(tmp_path):
     io.save(state, ckpt)
     with pytest.raises(ValueError, match="2 batches done but the loader skips 1"):
         _run(tmp_path, 1, resume=ckpt)
+
+
+# ---- 3. every callback's state survives a resume ----------------------------------------------
+
+class _WrongLabelsFrom(_Counter):
+    """From epoch ``epoch`` on, train on shifted labels: val_loss gets worse, so EarlyStopping stops
+    and the best weights differ from the last ones."""
+
+    def __init__(self, epoch, **kwargs):
+        super().__init__(**kwargs)
+        self.epoch, self.trainer = epoch, None
+
+    def __call__(self, output, y):
+        if self.trainer.epoch >= self.epoch:
+            y = engine.tensor((y.numpy() + 1) % 3)
+        return super().__call__(output, y)
+
+
+def _stopping_run(tmp_path, epochs=30, resume=None, interrupt=None, save=None):
+    """Wrong labels from epoch 3 on: val_loss rises, so EarlyStopping(patience=2) stops at epoch 4."""
+    x, y = _data(120)
+    engine.manual_seed(11 if resume else 3)
+    model = _model(dropout=0.2)
+    opt = optim.SGD(model.parameters(), lr=0.05)
+    stopper = EarlyStopping(monitor="val_loss", patience=2)
+    scheduler = optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.9 ** epoch)
+    ckpt = ModelCheckpoint(tmp_path / "ckpt", monitor="val_loss")
+    loss = _WrongLabelsFrom(2, interrupt=[] if interrupt is None else [interrupt])
+    trainer = Trainer(model, opt, callbacks=[ckpt, stopper, LRSchedulerCallback(scheduler)], verbose=0, loss_fn=loss)
+    loss.trainer = trainer
+    if resume:
+        trainer.load_checkpoint(resume)
+    try:
+        trainer.fit((x[:80], y[:80]), epochs=epochs, val_data=(x[80:], y[80:]), batch_size=BATCH)
+    except KeyboardInterrupt:
+        trainer.save_checkpoint(save)
+    return trainer, stopper, ckpt
+
+
+def test_a_stopped_run_stays_stopped_after_resume_and_restores_the_best_weights(tmp_path):
+    trainer, stopper, ckpt = _stopping_run(tmp_path)
+    assert stopper.stopped_epoch == 3 and stopper.best_epoch == 1 and len(trainer.history) == 4
+    final = _params(trainer.model)  # the best epoch's weights, restored at the end
+    assert any((final[k] != v.numpy()).any() for k, v in io.load(ckpt.last_path)["model"].items())
+    last = io.load(ckpt.last_path)  # written at the stopping epoch, after EarlyStopping decided
+    assert last["epoch"] == len(trainer.history)
+    resumed, stopper2, _ = _stopping_run(tmp_path / "again", resume=ckpt.last_path)
+    assert stopper2.stopped_epoch == stopper.stopped_epoch and stopper2.best_epoch == stopper.best_epoch
+    assert len(resumed.history) == len(trainer.history)  # no epoch trained
+    _assert_same(_params(resumed.model), final)
+    resumed.fit(([[0.0] * 4], [0]), epochs=50)  # and fit again in the same process: still stopped
+    assert len(resumed.history) == len(trainer.history)
+
+
+@pytest.mark.parametrize("interrupt", [1 * 5 + 2, 2 * 5 + 3, 3 * 5 + 1])  # epochs 2 (best), 3 and 4 (stops)
+def test_early_stopping_resumed_mid_run_is_the_uninterrupted_run(tmp_path, interrupt):
+    straight, stopper, _ = _stopping_run(tmp_path / "a")
+    ckpt = tmp_path / "interrupted.ckpt"
+    _stopping_run(tmp_path / "b", interrupt=interrupt, save=ckpt)
+    resumed, stopper2, _ = _stopping_run(tmp_path / "c", resume=ckpt)
+    assert (stopper2.stopped_epoch, stopper2.best_epoch, stopper2.wait) == \
+           (stopper.stopped_epoch, stopper.best_epoch, stopper.wait)
+    assert stopper.stopped_epoch == 3 and stopper.best_epoch == 1
+    assert resumed.history["val_loss"] == straight.history["val_loss"]
+    _assert_same(_params(resumed.model), _params(straight.model))  # the best weights, restored
+
+
+def test_callback_states_round_trip_and_match_by_type(tmp_path):
+    trainer, stopper, ckpt = _stopping_run(tmp_path)
+    state = io.load(ckpt.last_path)
+    assert state["callback_types"] == ["ModelCheckpoint", "EarlyStopping", "LRSchedulerCallback"]
+    es = state["callbacks"][1]
+    assert set(es) == {"best", "wait", "best_epoch", "stopped_epoch", "best_state"}
+    assert es["stopped_epoch"] == stopper.stopped_epoch and set(es["best_state"]) == set(trainer.model.state_dict())
+    assert state["callbacks"][2]["last_epoch"] == len(trainer.history)  # stepped before ModelCheckpoint saved
+    # Callbacks listed in another order, and one fewer: each gets its own type's state; the rest warns.
+    fresh_stopper = EarlyStopping(monitor="val_loss", patience=2)
+    engine.manual_seed(0)
+    model = _model(dropout=0.2)
+    other = Trainer(model, optim.SGD(model.parameters(), lr=0.05), callbacks=[fresh_stopper], verbose=0)
+    with pytest.warns(UserWarning, match=r"ModelCheckpoint x1, LRSchedulerCallback x1"):
+        other.load_state_dict(state)
+    assert fresh_stopper.state_dict()["stopped_epoch"] == stopper.stopped_epoch
+    assert fresh_stopper.best == stopper.best and fresh_stopper.wait == stopper.wait
+
+
+def test_a_checkpoint_of_every_epoch_resumes_exactly(tmp_path):
+    """ModelCheckpoint's last.ckpt holds the scheduler and callbacks as they are after the epoch."""
+    straight = _run(tmp_path, 1)
+    ckpt = tmp_path / "interrupted.ckpt"
+    _run(tmp_path, 1, interrupt=7, save=ckpt, checkpoint_every_epoch=True)  # last.ckpt is epoch 1's
+    last = tmp_path / "epoch1.ckpt"
+    (tmp_path / "ckpt" / "last.ckpt").rename(last)
+    assert io.load(last)["epoch"] == 1 and len(io.load(last)["history"]["loss"]) == 1
+    _assert_same_run(straight, _run(tmp_path, 1, resume=last, checkpoint_every_epoch=True))
+
+
+def test_loading_warns_nothing_for_a_matching_trainer(tmp_path):
+    trainer, _, ckpt = _stopping_run(tmp_path)
+    again, _, _ = _stopping_run(tmp_path / "again")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.load_checkpoint(ckpt.last_path)
+    assert backend.get_rng_state()["cpu"] == io.load(ckpt.last_path)["rng"]["cpu"]
