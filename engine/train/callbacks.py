@@ -39,15 +39,18 @@ class _Monitor:
     def __init__(self, monitor: str, mode: str = "auto", min_delta: float = 0.0):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"{type(self).__name__}: monitor must be the name of a logged figure "
+                             f"('val_loss', 'accuracy' ...), got {monitor!r}")
         if mode == "auto":
             mode = "max" if any(k in monitor for k in ("acc", "f1", "auc", "precision", "recall", "r2")) else "min"
         self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
         self.best = math.inf if mode == "min" else -math.inf
 
-    def value(self, logs: dict) -> float:
+    def value(self, logs: dict, remedy: str = "") -> float:
         if self.monitor not in logs:
             raise KeyError(f"{type(self).__name__}: monitored metric {self.monitor!r} is not in the logs "
-                           f"{sorted(logs)}; pass validation data or monitor a training metric")
+                           f"{sorted(logs)}; pass validation data or monitor a training metric{remedy}")
         return float(logs[self.monitor])
 
     def improved(self, value: float) -> bool:
@@ -110,15 +113,21 @@ class ModelCheckpoint(Callback, _Monitor):
     when ``monitor`` improved. Writes are atomic (engine.save), so a crash never loses the last one.
 
     It runs after the other callbacks at each epoch end, so a checkpoint holds their state after
-    the epoch (a stepped scheduler, EarlyStopping's decision). A checkpoint never holds non-finite
-    weights: the save raises ``TrainingDiverged`` instead, and the file keeps what it held.
+    the epoch (a stepped scheduler, EarlyStopping's decision). A monitored figure missing from the
+    logs is a KeyError (after ``last.ckpt`` is written), as with EarlyStopping; ``monitor=None``
+    writes only ``last.ckpt``. A checkpoint never holds non-finite weights: the save raises
+    ``TrainingDiverged`` instead, and the file keeps what it held.
     """
 
     saves_checkpoints = True
 
-    def __init__(self, directory: str | Path, monitor: str = "val_loss", mode: str = "auto", save_last: bool = True):
-        _Monitor.__init__(self, monitor, mode)
+    def __init__(self, directory: str | Path, monitor: str | None = "val_loss", mode: str = "auto",
+                 save_last: bool = True):
+        _Monitor.__init__(self, monitor or "none", mode)
+        self.monitor = monitor
         self.directory, self.save_last = Path(directory), save_last
+        if monitor is None and not save_last:
+            raise ValueError("ModelCheckpoint: with monitor=None and save_last=False it would write nothing")
 
     @property
     def best_path(self) -> Path:
@@ -132,9 +141,11 @@ class ModelCheckpoint(Callback, _Monitor):
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.save_last:
             trainer.save_checkpoint(self.last_path)
-        value = logs.get(self.monitor)
-        if value is not None and self.improved(float(value)):
-            self.best = float(value)
+        if self.monitor is None:
+            return
+        value = self.value(logs, ", or pass monitor=None to write only last.ckpt")
+        if self.improved(value):
+            self.best = value
             trainer.save_checkpoint(self.best_path)
 
     def state_dict(self):

@@ -7,6 +7,7 @@
    except handler and a resume give exactly the parameters and logged losses of an
    uninterrupted run.
 3. Every callback's state survives a resume (EarlyStopping's best weights and decision).
+4. ModelCheckpoint says when its monitored figure never appears.
 """
 
 import warnings
@@ -507,3 +508,24 @@ def test_loading_warns_nothing_for_a_matching_trainer(tmp_path):
         warnings.simplefilter("error")
         again.load_checkpoint(ckpt.last_path)
     assert backend.get_rng_state()["cpu"] == io.load(ckpt.last_path)["rng"]["cpu"]
+
+
+# ---- 4. ModelCheckpoint on a figure that never appears ----------------------------------------
+
+def test_model_checkpoint_says_when_its_monitor_is_not_logged(tmp_path):
+    x, y = _data()
+    ckpt = ModelCheckpoint(tmp_path, monitor="val_acc")  # a typo of val_accuracy
+    trainer = _trainer(callbacks=[ckpt])
+    with pytest.raises(KeyError, match=r"ModelCheckpoint: monitored metric 'val_acc' is not in the logs \[.*"
+                                       r"'val_accuracy'.*monitor=None to write only last.ckpt"):
+        trainer.fit((x, y), epochs=2, val_data=(x, y), batch_size=BATCH)
+    assert ckpt.last_path.exists() and not ckpt.best_path.exists()
+    with pytest.raises(KeyError, match="'val_loss' is not in the logs"):  # the default, without validation data
+        _trainer(callbacks=[ModelCheckpoint(tmp_path / "b")]).fit((x, y), epochs=1, batch_size=BATCH)
+    only_last = ModelCheckpoint(tmp_path / "c", monitor=None)
+    _trainer(callbacks=[only_last]).fit((x, y), epochs=1, batch_size=BATCH)
+    assert only_last.last_path.exists() and not only_last.best_path.exists()
+    with pytest.raises(ValueError, match="write nothing"):
+        ModelCheckpoint(tmp_path, monitor=None, save_last=False)
+    with pytest.raises(ValueError, match="monitor must be the name"):
+        EarlyStopping(monitor="")
