@@ -10,7 +10,9 @@ out, so ``load_state_dict()`` resumes mid-epoch or at an epoch boundary with the
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import numbers
 
 import numpy as np
 
@@ -31,8 +33,10 @@ class DataLoader:
         shuffle: a new random order every epoch (from the loader's own seeded generator).
         drop_last: drop the last batch when it is smaller than ``batch_size``.
         collate_fn: ``collate_fn(list_of_items) -> batch``; default :func:`default_collate`.
-        sampler: iterable of dataset indices with ``__len__`` (e.g. WeightedRandomSampler);
-            excludes ``shuffle``. If it has ``state_dict``/``load_state_dict`` they are saved too.
+        sampler: iterable of int dataset indices (e.g. WeightedRandomSampler, a list, a
+            generator); excludes ``shuffle``. It is drawn from lazily, ``batch_size`` indices per
+            batch, so an infinite sampler gives batches forever; ``len(loader)`` needs
+            ``len(sampler)``. If it has ``state_dict``/``load_state_dict`` they are saved too.
         generator: int seed or ``np.random.Generator`` for shuffling; default: seeded from the
             engine's RNG (``engine.manual_seed``).
         device: move every batch's Tensors to this device ("cuda", "cuda:1" ...).
@@ -68,10 +72,15 @@ class DataLoader:
 
     # ---- sizes ---------------------------------------------------------------------------------
     def _num_samples(self) -> int:
-        return len(self.sampler) if self.sampler is not None else len(self.dataset)
+        if self.sampler is None:
+            return len(self.dataset)
+        if not hasattr(self.sampler, "__len__"):
+            raise TypeError(f"DataLoader: len() needs the sampler's length, and this sampler "
+                            f"({type(self.sampler).__name__}) has no __len__ (it may be infinite); iterate instead")
+        return len(self.sampler)
 
     def __len__(self) -> int:
-        """Batches per epoch."""
+        """Batches per epoch (needs ``len(sampler)`` when there is a sampler, as in PyTorch)."""
         n = self._num_samples()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -79,29 +88,41 @@ class DataLoader:
     def __iter__(self):
         skip, self._resume_batches = self._resume_batches, 0
         self._epoch_start = self._snapshot()
-        batches = self._batch_indices(self._epoch_order())
-        if skip > len(batches):
-            raise EngineError(f"DataLoader: the restored state skips {skip} batches but an epoch has {len(batches)}; "
-                              "was the state saved from a loader over another dataset or batch size?")
+        if self.sampler is not None:
+            batches = self._sampler_batches()  # lazy: the sampler may be infinite
+        else:
+            batches = self._batch_indices(self._epoch_order())
+            if skip > len(batches):
+                raise self._skip_error(skip, len(batches))
         self._in_epoch, self._batches_done = True, skip
-        return self._generate(batches, skip)
+        return self._generate(iter(batches), skip)
 
-    def _generate(self, batches: list, start: int):
-        look_ahead = self.prefetch and self.device is not None
-        upcoming = self._load(batches[start]) if look_ahead and start < len(batches) else None
-        for i in range(start, len(batches)):
-            if look_ahead:
-                batch = upcoming
-                upcoming = self._load(batches[i + 1]) if i + 1 < len(batches) else None
-            else:
-                batch = self._load(batches[i])
-            self._batches_done = i + 1
+    def _skip_error(self, skip: int, batches: int) -> EngineError:
+        return EngineError(f"DataLoader: the restored state skips {skip} batches but an epoch has {batches}; "
+                           "was the state saved from a loader over another dataset or batch size?")
+
+    def _generate(self, batches, skip: int):
+        for done in range(skip):  # a resumed epoch: draw the batches already seen, load none of them
+            if next(batches, None) is None:
+                raise self._skip_error(skip, done)
+        loaded = (self._load(index) for index in batches)
+        for batch in _one_ahead(loaded) if self.prefetch and self.device is not None else loaded:
+            self._batches_done += 1
             yield batch
         self._in_epoch, self._batches_done = False, 0
 
+    def _sampler_batches(self):
+        """Index arrays of ``batch_size`` sampler indices, drawn one batch at a time."""
+        indices = iter(self.sampler)
+        for start in itertools.count(0, self.batch_size):
+            chunk = list(itertools.islice(indices, self.batch_size))
+            if not chunk or (self.drop_last and len(chunk) < self.batch_size):
+                return
+            yield np.array([_sampler_index(i, start + k) for k, i in enumerate(chunk)], dtype=np.int64)
+            if len(chunk) < self.batch_size:
+                return
+
     def _epoch_order(self):
-        if self.sampler is not None:
-            return np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
         n = len(self.dataset)
         return self.generator.permutation(n) if self.shuffle else None
 
@@ -167,8 +188,31 @@ class DataLoader:
         self._resume_batches, self._in_epoch = int(batches), False
 
     def __repr__(self) -> str:
+        sized = self.sampler is None or hasattr(self.sampler, "__len__")
         return (f"DataLoader({type(self.dataset).__name__} of {len(self.dataset)}, batch_size={self.batch_size}, "
-                f"shuffle={self.shuffle}, batches={len(self)})")
+                f"shuffle={self.shuffle}, batches={len(self) if sized else 'unknown (sampler without len)'})")
+
+
+def _one_ahead(items):
+    """Yield each item only once the next one has been produced (the prefetch look-ahead)."""
+    items = iter(items)
+    for current in items:
+        for following in items:
+            yield current
+            current = following
+        yield current
+
+
+def _sampler_index(index, position: int) -> int:
+    """A sampler's index as an int; anything else is refused, never truncated (1.7 is not 1)."""
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, numbers.Integral):
+        raise EngineError(f"DataLoader: the sampler yielded {index!r} ({type(index).__name__}) at position {position}; "
+                          "sampler indices must be ints (floats, bools, strings and arrays are refused rather "
+                          "than converted)")
+    if not -2**63 <= index < 2**63:
+        raise EngineError(f"DataLoader: the sampler yielded index {index} at position {position}, outside the "
+                          "int64 range of any dataset")
+    return int(index)
 
 
 # ---- collation and transfer ---------------------------------------------------------------------

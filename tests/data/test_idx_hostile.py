@@ -32,8 +32,9 @@ def refused(path, limit=4 << 20, match=None):
     return info.value
 
 
-@pytest.mark.parametrize("dims", [(1 << 16,) * 4, (2**32 - 1,) * 3, (2**32 - 1,) * 8, (0, 2**32 - 1, 2**32 - 1, 2**32 - 1),
-                                  (2**31, 2**31, 2)], ids=lambda d: "x".join(map(str, d)))
+@pytest.mark.parametrize("dims", [(1 << 16,) * 4, (2**32 - 1,) * 3, (2**32 - 1,) * 8,
+                                  (0, 2**32 - 1, 2**32 - 1, 2**32 - 1), (2**31, 2**31, 2)],
+                         ids=lambda d: "x".join(map(str, d)))
 @pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
 def test_a_dimension_product_that_overflows_int64_is_refused(dims, compress, tmp_path):
     # (2**16,) * 4 is exactly 2**64 bytes: an int64 product wraps to 0 and matched an empty file

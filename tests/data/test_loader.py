@@ -314,3 +314,128 @@ def test_state_dict_right_after_loading_is_the_loaded_state():
     fresh = DataLoader(TensorDataset(x, y), batch_size=6, shuffle=True, generator=9)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state  # saving again before iterating loses nothing
+
+
+# ---- lazy, infinite and hostile samplers ------------------------------------------------------------
+
+def _in_thread(fn, seconds=10.0):
+    """fn() run in a thread that must finish within ``seconds`` (a hang fails, it does not block)."""
+    import threading
+
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the loader did not hand out a batch in time: it is not lazy"
+    return result[0]
+
+
+def _forever(n, log=None):
+    i = 0
+    while True:
+        if log is not None:
+            log.append(i % n)
+        yield i % n
+        i += 1
+
+
+class CountingSampler:
+    """An infinite sampler with a resumable position and no __len__."""
+
+    def __init__(self, n):
+        self.n, self.position = n, 0
+
+    def __iter__(self):
+        while True:
+            yield self.position % self.n
+            self.position += 1
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+@pytest.mark.parametrize("make_sampler", [
+    lambda n: _forever(n),
+    lambda n: __import__("itertools").cycle(range(n)),
+    lambda n: CountingSampler(n),
+    lambda n: (i % n for i in __import__("itertools").count()),
+], ids=["generator", "cycle", "class", "genexpr"])
+@pytest.mark.parametrize("fast", [True, False], ids=["tensor-dataset", "item-by-item"])
+def test_an_infinite_sampler_gives_batches_one_by_one(make_sampler, fast):
+    x, y = _arrays(7)
+    dataset = TensorDataset(x, y) if fast else ListDataset(x, y)
+    loader = DataLoader(dataset, batch_size=3, sampler=make_sampler(7))
+    first = _in_thread(lambda: [yb.numpy().tolist() for _, yb in __import__("itertools").islice(loader, 5)])
+    assert first == [[0, 1, 2], [3, 4, 5], [6, 0, 1], [2, 3, 4], [5, 6, 0]]
+    with pytest.raises(TypeError, match="no __len__"):
+        len(loader)
+    assert "unknown" in repr(loader)
+
+
+@pytest.mark.parametrize("device, ahead", [(None, 0), ("cpu", 1)], ids=["no-prefetch", "prefetch"])
+def test_the_sampler_is_drawn_one_batch_at_a_time(device, ahead):
+    x, y = _arrays(10)
+    drawn = []
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=_forever(10, drawn), device=device)
+    it = iter(loader)
+    assert drawn == []  # nothing drawn before the first batch is asked for
+    next(it)
+    assert len(drawn) == 4 * (1 + ahead)
+    next(it)
+    assert len(drawn) == 4 * (2 + ahead)
+
+
+@pytest.mark.parametrize("drop_last, expected", [(False, [[9, 8, 7, 6], [5, 4, 3, 2], [1, 0]]),
+                                                 (True, [[9, 8, 7, 6], [5, 4, 3, 2]])])
+def test_a_finite_lazy_sampler_ends_the_epoch(drop_last, expected):
+    x, y = _arrays(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, drop_last=drop_last,
+                        sampler=(i for i in range(9, -1, -1)))
+    assert _labels_of(loader) == expected
+    assert _labels_of(loader) == []  # a generator is spent after one epoch, as in PyTorch
+
+
+def test_a_resumed_infinite_sampler_continues_where_it_was():
+    x, y = _arrays(7)
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, sampler=CountingSampler(7))
+    it = iter(loader)
+    seen = [next(it)[1].numpy().tolist() for _ in range(2)]
+    state = loader.state_dict()
+    assert state["batches_done"] == 2 and seen == [[0, 1, 2], [3, 4, 5]]
+    expected = [next(it)[1].numpy().tolist() for _ in range(2)]
+    resumed = DataLoader(TensorDataset(x, y), batch_size=3, sampler=CountingSampler(7))
+    resumed.load_state_dict(state)
+    rit = iter(resumed)
+    assert [next(rit)[1].numpy().tolist() for _ in range(2)] == expected
+
+
+def test_skipping_past_the_end_of_a_lazy_sampler_fails_clearly():
+    x, y = _arrays(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=[0, 1, 2, 3, 4])
+    loader.load_state_dict({"batches_done": 5})
+    with pytest.raises(EngineError, match="skips 5 batches but an epoch has 2"):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.7, -0.5, np.float32(2.0), float("nan"), float("inf"), "1", b"1", True, False,
+                                 np.bool_(True), None, np.array(1), np.array([1, 2]), [1], (1,), 1 + 0j, 2**70,
+                                 -2**64, engine.tensor(1)], ids=repr)
+@pytest.mark.parametrize("fast", [True, False], ids=["tensor-dataset", "item-by-item"])
+def test_non_integer_sampler_indices_are_refused_not_truncated(bad, fast):
+    x, y = _arrays(10)
+    dataset = TensorDataset(x, y) if fast else ListDataset(x, y)
+    loader = DataLoader(dataset, batch_size=2, sampler=[0, 1, 2, bad, 4])
+    it = iter(loader)
+    assert next(it)[1].numpy().tolist() == [0, 1]  # batches before the bad index are fine
+    with pytest.raises(EngineError, match=r"sampler yielded .* at position 3"):
+        next(it)
+
+
+@pytest.mark.parametrize("good", [np.int8(3), np.int32(3), np.int64(3), np.uint8(3), np.uint64(3), 3])
+def test_integer_sampler_indices_of_any_integer_type_are_accepted(good):
+    x, y = _arrays(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=2, sampler=[good, 1])
+    assert _labels_of(loader) == [[3, 1]]
