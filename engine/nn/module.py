@@ -7,7 +7,10 @@ whole tree without the model listing anything by hand.
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -348,9 +351,18 @@ class Module:
 
         Raises:
             ShapeError: a value's shape differs from the module's (message names key and shapes).
-            DTypeError: a value's dtype differs from the module's.
-            StateDictError: missing or unexpected keys with ``strict=True``.
+            DTypeError: a value's dtype differs from the module's, or a value is not a Tensor,
+                array, number or (nested) list of numbers.
+            StateDictError: ``state_dict`` is not a mapping (a path, a list ...), or missing or
+                unexpected keys with ``strict=True``.
         """
+        if not isinstance(state_dict, Mapping):
+            hint = ("; it looks like a file path: read the file first, e.g. "
+                    "model.load_state_dict(engine.load(path)['model'])" if isinstance(state_dict, (str, os.PathLike))
+                    else "")
+            raise StateDictError(f"load_state_dict: expected a mapping (dict) of parameter and buffer names to "
+                                 f"Tensors or arrays, as returned by state_dict(), got {type(state_dict).__name__}"
+                                 f"{hint}")
         own = OrderedDict(self._state_items())
         missing = [key for key in own if key not in state_dict]
         unexpected = [key for key in state_dict if key not in own]
@@ -424,8 +436,13 @@ def _raw_array(value, like: Tensor):
         return value.data
     if backend.is_array(value):
         return value
+    expected = "expected a Tensor, an array, a number or a nested list of numbers"
     try:
+        # None, str, dict ... are no values; [None, 1] would become [nan, 1] under a float dtype
+        plain = np.asarray(value) if isinstance(value, (numbers.Number, np.generic, list, tuple)) else None
+        if plain is None or plain.dtype.kind not in ("biufc" if np.dtype(like.dtype).kind == "c" else "biuf"):
+            raise TypeError(f"it holds {type(value).__name__ if plain is None else plain.dtype} values")
         return np.asarray(value, dtype=like.dtype)
     except (TypeError, ValueError) as e:
-        raise DTypeError(f"load_state_dict: cannot use {type(value).__name__} as a value for {describe(like)}: {e}") \
-            from None
+        raise DTypeError(f"load_state_dict: cannot use a {type(value).__name__} as a value for {describe(like)} "
+                         f"({e}); {expected}") from None

@@ -529,9 +529,13 @@ class Optimizer:
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict` (hyperparameters and per-parameter state).
 
-        The saved groups must match this optimizer's groups in number and size; state arrays
-        must have their parameter's shape (they are moved to its device and cast to its dtype).
-        On any error nothing changes.
+        The saved groups must match this optimizer's groups in number and size; a saved
+        hyperparameter must have the kind of value this optimizer holds for it (a bool for a
+        flag, a real number for a rate, a pair for ``betas``) and pass the constructor's range
+        checks; ``step`` must be a non-negative int (a Python or numpy int, or a one-element
+        integer array; never a float, bool, NaN or inf); state arrays must have their
+        parameter's shape (they are moved to its device and cast to its dtype). Any violation
+        raises an ``EngineError`` saying what was expected, and nothing changes.
         """
         name = f"{type(self).__name__}.load_state_dict"
         self._sync()
@@ -546,7 +550,9 @@ class Optimizer:
                 raise EngineError(f"{name}: param group {g} has {len(indices)} parameter(s) in the state dict but "
                                   f"{len(group['params'])} in this optimizer")
             new_group = dict(group)
-            new_group.update({k: _plain(v) for k, v in saved.items() if k != "params"})
+            for key, value in saved.items():
+                if key != "params":
+                    new_group[key] = _saved_hyperparam(name, g, key, _plain(value), group.get(key))
             new_group["params"] = group["params"]
             self._check_hyperparams(new_group)
             allowed = set(self._all_buffer_names())
@@ -701,14 +707,47 @@ def _saved_indices(name: str, g: int, saved: dict) -> list[int]:
     return [_as_index(name, k) for k in saved["params"]]
 
 
+# A step count must leave room for step + 1 in the kernels' int64.
+_MAX_STEP = 2**63 - 2
+
+
 def _as_step(name: str, index, value) -> int:
+    """A saved step count as an int: a non-negative Python/numpy int or a one-element integer array."""
+    expected = (f"{name}: 'step' of parameter {index} must be a non-negative int (the number of steps taken, "
+                f"at most {_MAX_STEP})")
     if isinstance(value, Tensor) or backend.is_array(value):
-        if int(np.prod(value.shape)) != 1:
-            raise EngineError(f"{name}: 'step' of parameter {index} must be a number, got shape {tuple(value.shape)}")
+        if int(np.prod(value.shape)) != 1 or np.dtype(value.dtype).kind not in "iu":
+            raise EngineError(f"{expected}, got an array of shape {tuple(value.shape)} and dtype {value.dtype}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0 or value != int(value):
-        raise EngineError(f"{name}: 'step' of parameter {index} must be a non-negative integer, got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise EngineError(f"{expected}, got {value!r} of type {type(value).__name__}")
+    if not 0 <= value <= _MAX_STEP:
+        raise EngineError(f"{expected}, got {value!r}")
     return int(value)
+
+
+def _saved_hyperparam(name: str, g: int, key: str, value, current):
+    """``value`` if it is the kind of value this optimizer holds for ``key`` (the constructor's range checks
+    run afterwards); keys this optimizer does not have are kept as they are, as PyTorch does."""
+    def is_real(x) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+    if isinstance(current, bool):
+        ok, expected = isinstance(value, (bool, np.bool_)), "True or False"
+        value = bool(value) if ok else value
+    elif is_real(current):
+        ok, expected = is_real(value), "a real number"
+    elif isinstance(current, tuple):
+        ok = isinstance(value, tuple) and len(value) == len(current) and all(map(is_real, value))
+        expected = f"a tuple of {len(current)} real numbers"
+    elif isinstance(current, str):
+        ok, expected = isinstance(value, str), "a string"
+    else:
+        return value
+    if not ok:
+        raise EngineError(f"{name}: param group {g} of the state dict has {key}={value!r}; expected {expected}, "
+                          f"like this optimizer's {key}={current!r}")
+    return value
 
 
 def _plain(value):

@@ -1,0 +1,146 @@
+"""Hostile-user inputs to state dicts, the kernel registry's environment variable and cross-entropy
+targets: each is refused with an error that says what was expected, and changes nothing.
+
+(Bad checkpoint and IDX files are in tests/test_io.py and tests/data/test_idx_hostile.py; bad
+samplers in tests/data/test_loader.py.)
+"""
+
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+import engine
+from engine import nn
+from engine.errors import DTypeError, EngineError
+from engine.nn.module import StateDictError
+from engine.optim import SGD, Adagrad, Adam, AdamW, RMSprop
+
+# ---- optimizer state dicts -------------------------------------------------------------------------
+
+OPTIMIZERS = {"Adam": lambda p: Adam(p, lr=0.01), "AdamW": lambda p: AdamW(p, lr=0.01, amsgrad=True),
+              "Adagrad": lambda p: Adagrad(p, lr=0.01), "RMSprop": lambda p: RMSprop(p, lr=0.01, momentum=0.9),
+              "SGD": lambda p: SGD(p, lr=0.01, momentum=0.9, nesterov=True)}
+
+
+def trained(make, steps=3):
+    w = engine.tensor(np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), requires_grad=True)
+    opt = make([w])
+    for _ in range(steps):
+        w.grad = engine.tensor(np.full((2, 3), 0.5, np.float32))
+        opt.step()
+    return opt, w
+
+
+def assert_unchanged(opt, before):
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, entry in before["state"].items():
+        for key, value in entry.items():
+            got = after["state"][index][key]
+            assert (np.array_equal(got.numpy(), value.numpy()) if hasattr(value, "numpy") else got == value), key
+
+
+BAD_STEPS = [math.nan, math.inf, -math.inf, -1, -2**70, 2**63, 2**80, 2.0, 2.5, np.float32(2), np.float64(2),
+             "2", b"2", None, True, False, np.bool_(True), [2], (2,), {"n": 2}, 2 + 0j, np.array([2.0]),
+             np.array(2.5), np.array([1, 2]), np.array(2**63, dtype=np.uint64), engine.tensor(2.0),
+             engine.tensor([1, 2])]
+
+
+@pytest.mark.parametrize("bad", BAD_STEPS, ids=repr)
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_a_step_that_is_not_a_non_negative_int_is_refused(name, bad):
+    opt, _ = trained(OPTIMIZERS[name])
+    before = opt.state_dict()
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = bad
+    with pytest.raises(EngineError, match=rf"{name}\.load_state_dict: 'step' of parameter 0 must be a non-negative "
+                                          r"int"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("good", [0, 7, np.int32(7), np.uint8(7), np.array(7), np.array([7], dtype=np.int32),
+                                  engine.tensor(7), 2**63 - 2], ids=repr)
+def test_integer_steps_of_any_integer_type_load(good):
+    opt, _ = trained(OPTIMIZERS["Adam"])
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = good
+    opt.load_state_dict(sd)
+    want = np.asarray(good.numpy() if hasattr(good, "numpy") else good).item()
+    assert opt.state_dict()["state"][0]["step"] == want
+
+
+@pytest.mark.parametrize("key, bad, name", [
+    ("lr", math.nan, "Adam"), ("lr", math.inf, "Adam"), ("lr", -1.0, "Adam"), ("lr", "0.1", "Adam"),
+    ("lr", None, "Adam"), ("lr", True, "Adam"), ("lr", [0.1], "Adam"), ("eps", np.nan, "Adam"),
+    ("betas", "ab", "Adam"), ("betas", (math.nan, 0.9), "Adam"), ("betas", (0.9,), "Adam"),
+    ("betas", (0.9, 0.99, 0.1), "Adam"), ("betas", (True, 0.9), "Adam"), ("betas", ("0.9", 0.99), "Adam"),
+    ("betas", 0.9, "Adam"), ("amsgrad", "yes", "AdamW"), ("amsgrad", 1, "AdamW"), ("amsgrad", None, "AdamW"),
+    ("maximize", 2, "Adam"), ("maximize", "False", "Adam"), ("momentum", math.inf, "SGD"),
+    ("momentum", "0.9", "SGD"), ("nesterov", "True", "SGD"), ("weight_decay", -math.inf, "RMSprop"),
+    ("alpha", [0.99], "RMSprop"), ("centered", 0, "RMSprop"), ("lr_decay", math.nan, "Adagrad"),
+    ("initial_accumulator_value", "0", "Adagrad"),
+])
+def test_hyperparameters_of_the_wrong_kind_or_range_are_refused(key, bad, name):
+    opt, _ = trained(OPTIMIZERS[name])
+    assert key in opt.param_groups[0]
+    before = opt.state_dict()
+    sd = opt.state_dict()
+    sd["param_groups"][0][key] = bad
+    with pytest.raises(EngineError, match=name):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("bad", ["ckpt.npz", pathlib.Path("ckpt.npz"), None, 3, [1, 2], (), {"state": {}},
+                                 {"state": [], "param_groups": []}, {"state": {}, "param_groups": "x"},
+                                 {"state": {"a": {}}, "param_groups": [{"params": [0]}]},
+                                 {"state": {0: "x"}, "param_groups": [{"params": [0]}]},
+                                 {"state": {}, "param_groups": [{"params": [0.5]}]},
+                                 {"state": {}, "param_groups": [{"params": [True]}]},
+                                 {"state": {}, "param_groups": [{"params": "0"}]}], ids=repr)
+def test_an_optimizer_state_dict_of_the_wrong_shape_is_refused(bad):
+    opt, _ = trained(OPTIMIZERS["Adam"])
+    before = opt.state_dict()
+    with pytest.raises(EngineError, match="Adam.load_state_dict"):
+        opt.load_state_dict(bad)
+    assert_unchanged(opt, before)
+
+
+# ---- module state dicts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["model.npz", pathlib.Path("model.npz"), b"weights", [("weight", 1)], [1, 2], (),
+                                 None, 3, 2.5, {1, 2}, np.ones(3), engine.ones(3), iter([("weight", 1)])],
+                         ids=lambda b: type(b).__name__)
+def test_module_load_state_dict_wants_a_mapping(bad):
+    model = nn.Linear(3, 2)
+    weight = model.weight.numpy().copy()
+    with pytest.raises(StateDictError, match=r"expected a mapping .* got " + type(bad).__name__):
+        model.load_state_dict(bad)
+    np.testing.assert_array_equal(model.weight.numpy(), weight)
+
+
+def test_a_path_given_to_load_state_dict_says_to_read_the_file_first():
+    with pytest.raises(StateDictError, match=r"file path: read the file first.*engine\.load"):
+        nn.Linear(3, 2).load_state_dict("checkpoint.npz")
+
+
+@pytest.mark.parametrize("bad", [None, "1 2", b"\x00\x01", {"a": 1}, object(), [None, 1.0], [1.0, "2"],
+                                 [[1.0], [2.0, 3.0]], [1 + 2j, 0]], ids=repr)
+def test_state_dict_values_that_are_not_numbers_are_refused(bad):
+    model = nn.Linear(3, 2)
+    bias = model.bias.numpy().copy()
+    sd = dict(model.state_dict(), bias=bad)
+    with pytest.raises(DTypeError, match=r"cannot use a .* as a value for Tensor\(shape=\(2,\)"):
+        model.load_state_dict(sd)
+    np.testing.assert_array_equal(model.bias.numpy(), bias)
+
+
+def test_a_mapping_that_is_not_a_dict_loads():
+    from types import MappingProxyType
+
+    source, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    target.load_state_dict(MappingProxyType(source.state_dict()))
+    np.testing.assert_array_equal(target.weight.numpy(), source.weight.numpy())
