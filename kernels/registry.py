@@ -6,8 +6,11 @@ choosing impls never imports numba or cupy; the module is imported on first call
 Choosing an impl for a call, first match wins:
 
 1. ``impl=`` passed to the call;
-2. the environment variable ``ENGINE_KERNEL_IMPL``: either one impl name for every kernel
-   (``numpy``) or a comma list of ``kernel=impl`` pairs (``adam_step=numpy,linear_relu_forward=cupy``);
+2. the environment variable ``ENGINE_KERNEL_IMPL``: either one impl name for every kernel that
+   has it (``numpy``) or a comma list of ``kernel=impl`` pairs (``adam_step=numpy,linear_relu_forward=cupy``).
+   A name no kernel has, an unknown kernel, an impl the named kernel lacks, a malformed entry or a
+   kernel listed twice is a KernelError at the first kernel call, naming the entry and the known
+   names (a typo never silently falls back to the default);
 3. the kernel's preference order among impls whose array kind matches the inputs and whose
    dependencies are importable.
 
@@ -67,6 +70,7 @@ def register(kernel: str, name: str, target: str, *, array_kind: str, requires: 
         raise ValueError(f"array_kind must be 'numpy' or 'cupy', got {array_kind!r}")
     _REGISTRY.setdefault(kernel, {})[name] = Impl(kernel, name, target, array_kind, tuple(requires))
     _DEFAULT_CHOICE.clear()
+    _parse_env.cache_clear()
 
 
 def kernels() -> list[str]:
@@ -211,13 +215,43 @@ def _env_choice(kernel: str) -> str | None:
     value = os.environ.get(ENV_VAR, "").strip()
     if not value:
         return None
-    if "=" not in value:
-        return value if value in _REGISTRY.get(kernel, {}) else None
-    for pair in value.split(","):
-        name, _, impl = pair.partition("=")
-        if name.strip() == kernel:
-            return impl.strip()
-    return None
+    return _parse_env(value).get(kernel)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_env(value: str) -> dict[str, str]:
+    """ENGINE_KERNEL_IMPL as {kernel: impl}, every name checked against the registry.
+
+    Cached per value (the check runs on every kernel call); register() clears the cache. A bad
+    value raises, and exceptions are not cached, so every call raises until it is fixed.
+    """
+    _load_declarations()
+    if "=" not in value and "," not in value:  # one impl name for every kernel that has it
+        chosen = {kernel: value for kernel, table in _REGISTRY.items() if value in table}
+        if not chosen:
+            known = sorted({name for table in _REGISTRY.values() for name in table})
+            raise KernelError(f"{ENV_VAR}={value!r}: no kernel has an impl {value!r}; known impls: {known} "
+                              "(or give kernel=impl pairs separated by commas)")
+        return chosen
+    chosen: dict[str, str] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue  # "a=b," or "a=b,,c=d": an empty entry asks for nothing
+        kernel, equals, impl = (part.strip() for part in entry.partition("="))
+        if not equals or not kernel or not impl:
+            raise KernelError(f"{ENV_VAR}={value!r}: the entry {entry!r} is not kernel=impl; a list must be "
+                              "kernel=impl pairs only (e.g. adam_step=numpy,softmax_cross_entropy=numba_cpu)")
+        if kernel not in _REGISTRY:
+            raise KernelError(f"{ENV_VAR}={value!r}: the entry {entry!r} names an unknown kernel {kernel!r}; "
+                              f"known kernels: {sorted(_REGISTRY)}")
+        if impl not in _REGISTRY[kernel]:
+            raise KernelError(f"{ENV_VAR}={value!r}: the entry {entry!r} names an impl that kernel {kernel!r} "
+                              f"does not have; its impls: {list(_REGISTRY[kernel])}")
+        if chosen.get(kernel, impl) != impl:
+            raise KernelError(f"{ENV_VAR}={value!r}: kernel {kernel!r} is given two impls "
+                              f"({chosen[kernel]!r} and {impl!r})")
+        chosen[kernel] = impl
+    return chosen
 
 
 @functools.cache

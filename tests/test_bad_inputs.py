@@ -144,3 +144,50 @@ def test_a_mapping_that_is_not_a_dict_loads():
     source, target = nn.Linear(3, 2), nn.Linear(3, 2)
     target.load_state_dict(MappingProxyType(source.state_dict()))
     np.testing.assert_array_equal(target.weight.numpy(), source.weight.numpy())
+
+
+# ---- ENGINE_KERNEL_IMPL ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, named, known", [
+    ("nump", "'nump'", "numba_cpu"), ("NUMPY", "'NUMPY'", "numba_cpu"), ("cuda", "'cuda'", "cupy"),
+    ("numba", "'numba'", "numpy"), ("adam_step=nump", "'adam_step=nump'", "numba_cpu"),
+    ("adamstep=numpy", "'adamstep=numpy'", "softmax_cross_entropy"),
+    ("adam_step=numpy,sgd_stp=numpy", "'sgd_stp=numpy'", "sgd_step"),
+    ("adam_step", None, None),  # one name that is a kernel, not an impl
+    ("adam_step=", "'adam_step='", "kernel=impl"), ("=numpy", "'=numpy'", "kernel=impl"),
+    ("numpy,adam_step=numpy", "'numpy'", "kernel=impl"), ("numpy,numba_cpu", "'numpy'", "kernel=impl"),
+    ("adam_step==numpy", "'adam_step==numpy'", "numba_cpu"), ("adam_step=numpy=numba_cpu", None, None),
+    ("adam_step=numpy,adam_step=numba_cpu", "two impls", "'numpy' and 'numba_cpu'"),
+    ("linear_relu_forward=sgd", "'linear_relu_forward=sgd'", "numpy"),
+])
+def test_an_unknown_impl_or_kernel_in_engine_kernel_impl_is_an_error(value, named, known, monkeypatch):
+    import kernels
+
+    monkeypatch.setenv("ENGINE_KERNEL_IMPL", value)
+    p = np.ones(3, np.float32)
+    for kernel in ("adam_step", "sgd_step", "softmax_cross_entropy"):  # whichever kernel runs first
+        with pytest.raises(kernels.KernelError, match="ENGINE_KERNEL_IMPL") as info:
+            kernels.choose(kernel, [p])
+        message = str(info.value)
+        assert repr(value) in message
+        for expected in (named, known):
+            assert expected is None or expected in message, message
+    with pytest.raises(kernels.KernelError, match="ENGINE_KERNEL_IMPL"):  # through the engine too
+        w = engine.ones(3, requires_grad=True)
+        w.grad = engine.ones(3)
+        SGD([w], lr=0.1).step()
+
+
+@pytest.mark.parametrize("value, kernel, impl", [
+    ("numpy", "adam_step", "numpy"), ("  numpy  ", "sgd_step", "numpy"), ("adam_step=numpy,", "adam_step", "numpy"),
+    (" adam_step = numpy , sgd_step=numpy", "sgd_step", "numpy"), ("adam_step=numpy,adam_step=numpy", "adam_step",
+                                                                    "numpy"),
+    ("adam_step=numpy", "sgd_step", None), ("", "adam_step", None), ("   ", "adam_step", None),
+])
+def test_valid_engine_kernel_impl_values_choose_as_documented(value, kernel, impl, monkeypatch):
+    import kernels
+
+    monkeypatch.setenv("ENGINE_KERNEL_IMPL", value)
+    p = np.ones(3, np.float32)
+    chosen = kernels.choose(kernel, [p]).name
+    assert chosen == (impl or kernels.impls(kernel)[0])
