@@ -211,10 +211,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         label_smoothing: blends the target with the uniform distribution, in [0, 1].
         fused: use the fused kernel (default: ``fused_enabled()``).
 
+    Raises:
+        DTypeError: class-index targets of a non-integer dtype (bool, complex, strings ...).
+        kernels.KernelError: a class index outside [0, C) that is not ``ignore_index`` (named
+            with its position and value, uint64 values near 2**64 included), or an
+            ``ignore_index`` that is not an int64. Both paths (fused or not) raise the same
+            error: at the call on the CPU, at the next sync point on a GPU.
+
     Example:
         >>> loss = F.cross_entropy(logits, labels, label_smoothing=0.1)   # doctest: +SKIP
     """
-    logits, targets, w = _cross_entropy_inputs(input, target, weight, reduction, label_smoothing)
+    logits, targets, w = _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ignore_index)
     if _use_fused(fused):
         out = SoftmaxCrossEntropy.apply(logits, targets=targets, weight=w, ignore_index=ignore_index,
                                         label_smoothing=float(label_smoothing), reduction=reduction,
@@ -224,8 +231,18 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     return _restore_shape(out, input, target, reduction)
 
 
-def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing):
-    """Validate and bring the inputs to rows: logits (M, C) tensor, targets (M,) or (M, C) array."""
+def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ignore_index=-100):
+    """Validate and bring the inputs to rows: logits (M, C) tensor, targets (M,) or (M, C) array.
+
+    Both paths (fused kernel and unfused reference) take their targets from here, so both refuse
+    the same bad targets with the same error: an integer dtype is required, and on the CPU a class
+    index outside [0, C) that is not ``ignore_index`` raises KernelError at once, naming it (on a
+    GPU the fused kernel, or the reference, checks on the device and raises at the next sync).
+    """
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)) \
+            or not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise kernels.KernelError(f"cross_entropy: ignore_index must be an int in the int64 range, got "
+                                  f"{ignore_index!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -238,6 +255,10 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing):
     if not np.issubdtype(input.dtype, np.floating):
         raise DTypeError(f"cross_entropy: input must be floating point logits, got {describe(input)}")
     soft = np.issubdtype(target.dtype, np.floating)
+    if not soft and np.dtype(target.dtype).kind not in "iu":
+        raise DTypeError(f"cross_entropy: target {describe(target)} must hold class indices of an integer dtype "
+                         "(int64, as PyTorch) or probabilities of the input's float dtype")
+    original_target = target
     if input.ndim == 1:
         input, target = ops.unsqueeze(input, 0), (ops.unsqueeze(target, 0) if soft else ops.reshape(target, (1,)))
     expected = input.shape if soft else (input.shape[0],) + input.shape[2:]
@@ -248,6 +269,8 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing):
     if soft and target.dtype != input.dtype:
         raise DTypeError(f"cross_entropy: soft targets {describe(target)} must have the input's dtype {input.dtype}")
     classes = input.shape[1]
+    if not soft and isinstance(original_target.data, np.ndarray):  # on a GPU: checked on the device
+        _check_class_indices(original_target.data, classes, int(ignore_index))
     if input.ndim > 2:  # (N, C, d...) -> (N * d..., C)
         perm = (0,) + tuple(range(2, input.ndim)) + (1,)
         input = ops.reshape(ops.permute(input, perm), (-1, classes))
@@ -259,10 +282,57 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing):
                              f"and device ({describe(input)})")
         w = weight.data
     logits = input if input.data.flags.c_contiguous else ops.clone(input)
-    targets = target.data if soft else target.data.astype(np.int64, copy=False)
+    targets = target.data if soft else _int64_class_indices(target.data, int(ignore_index))
     if soft and not targets.flags.c_contiguous:
         targets = targets.copy()
     return logits, targets, w
+
+
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
+
+
+def _bad_class_index_message(at: str, value: int, classes: int, ignore_index: int) -> str:
+    return (f"cross_entropy: {at} = {value} is outside the classes [0, C) = [0, {classes}) and is not "
+            f"ignore_index={ignore_index}; class indices must be in [0, {classes}) or equal ignore_index")
+
+
+def _check_class_indices(targets: np.ndarray, classes: int, ignore_index: int) -> None:
+    """Raise KernelError naming the first class index outside [0, C) that is not ignore_index.
+
+    Compared in the targets' own dtype (NumPy 2 compares with Python ints exactly), so a uint64
+    near 2**64 is seen as itself, not as the negative int64 it would wrap to.
+    """
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= classes))
+    if bad.any():
+        where = np.unravel_index(int(np.flatnonzero(bad)[0]), targets.shape)
+        at = f"target[{', '.join(map(str, where))}]" if where else "target"
+        raise kernels.KernelError(_bad_class_index_message(at, int(targets[where]), classes, ignore_index))
+
+
+def _int64_class_indices(targets, ignore_index: int):
+    """Targets as int64 without wrapping: uint64 values past int64 become int64's largest value (still
+    outside [0, C), never equal to ignore_index), so a GPU check sees them as out of range."""
+    if targets.dtype == np.uint64:
+        largest = _INT64_MAX if ignore_index != _INT64_MAX else _INT64_MAX - 1
+        targets = array_module(targets).minimum(targets, np.uint64(largest))
+    return targets.astype(np.int64, copy=False)
+
+
+def _defer_class_index_check(xp, targets, classes: int, ignore_index: int) -> None:
+    """The unfused path's target check on a GPU: the non-ignored targets' min and max reduced on the
+    device and read at the next sync point (kernels/deferred.py), as the fused kernel does."""
+    valid = targets != ignore_index
+    bounds = xp.stack([xp.where(valid, targets, _INT64_MAX).min(), xp.where(valid, targets, _INT64_MIN).max()])
+
+    def check(host_bounds) -> None:
+        lo, hi = int(host_bounds[0]), int(host_bounds[1])
+        if lo <= hi and (lo < 0 or hi >= classes):
+            message = _bad_class_index_message("a target", lo if lo < 0 else hi, classes, ignore_index)
+            raise kernels.KernelError(f"{message} [found on the GPU by an unfused cross_entropy on ({len(targets)}, "
+                                      f"{classes}) logits, read at the next sync point; kernels.eager_checks(True) "
+                                      "raises at the call itself]")
+
+    kernels.deferred.defer(bounds, check)  # int64, as defer wants: the targets are int64 here
 
 
 def _restore_shape(out: Tensor, input: Tensor, target: Tensor, reduction: str) -> Tensor:
@@ -286,6 +356,8 @@ def _cross_entropy_reference(logits: Tensor, targets, weight, ignore_index, redu
         per_row = -(logp * Tensor(q * w)).sum(axis=1)
         denominator = n
     else:
+        if xp is not np and n:  # on the CPU _cross_entropy_inputs checked them already
+            _defer_class_index_check(xp, targets, classes, ignore_index)
         valid = targets != ignore_index
         safe = xp.where(valid, targets, 0)
         row_w = (w[safe] * valid).astype(logits.dtype)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import engine
+import engine.functional as F
+import kernels
 from engine import nn
 from engine.errors import DTypeError, EngineError
 from engine.nn.module import StateDictError
@@ -191,3 +193,146 @@ def test_valid_engine_kernel_impl_values_choose_as_documented(value, kernel, imp
     p = np.ones(3, np.float32)
     chosen = kernels.choose(kernel, [p]).name
     assert chosen == (impl or kernels.impls(kernel)[0])
+
+
+# ---- cross-entropy targets: the fused kernel and the unfused reference refuse the same -------------------
+
+
+def logits_for(shape=(5, 4), seed=0):
+    return engine.tensor(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), requires_grad=True)
+
+
+def outcome(fn):
+    """``(exception type, message)`` of what fn() raised, or ``(None, result)``."""
+    try:
+        return None, fn()
+    except Exception as exc:  # noqa: BLE001 - compared between the two paths
+        return type(exc), str(exc)
+
+
+def both_paths(logits, target, **kwargs):
+    fused = outcome(lambda: F.cross_entropy(logits, target, fused=True, **kwargs))
+    with F.fused_kernels(False):
+        unfused = outcome(lambda: F.cross_entropy(logits, target, **kwargs))
+    return fused, unfused
+
+
+BAD_TARGETS = {
+    "negative": (np.array([0, -1, 2, 1, 3]), "target[1] = -1"),
+    "negative_c_minus_1_alias": (np.array([0, 1, 2, 3, -4]), "target[4] = -4"),
+    "equals_c": (np.array([0, 1, 2, 4, 3]), "target[3] = 4"),
+    "huge": (np.array([0, 1, 2, 2**62, 3]), f"target[3] = {2**62}"),
+    "int64_min": (np.array([0, 1, -2**63, 2, 3]), f"target[2] = {-2**63}"),
+    "uint64_wraps_onto_ignore_index": (np.array([0, 1, 2**64 - 100, 2, 3], np.uint64), f"= {2**64 - 100}"),
+    "uint64_wraps_negative": (np.array([0, 2**63, 1, 2, 3], np.uint64), f"target[1] = {2**63}"),
+    "uint64_max": (np.array([0, 1, 2, 3, 2**64 - 1], np.uint64), f"target[4] = {2**64 - 1}"),
+    "uint8": (np.array([0, 255, 1, 2, 3], np.uint8), "target[1] = 255"),
+    "int8": (np.array([0, 1, -128, 2, 3], np.int8), "target[2] = -128"),
+    "int32": (np.array([0, 1, 2, 3, -100 - 65536], np.int32), "target[4] = -65636"),
+    "uint32": (np.array([0, 1, 2**32 - 100, 2, 3], np.uint32), f"target[2] = {2**32 - 100}"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TARGETS))
+@pytest.mark.parametrize("options", [{}, {"weight": "ones"}, {"label_smoothing": 0.1}, {"reduction": "sum"},
+                                     {"reduction": "none"}, {"ignore_index": 0}], ids=repr)
+def test_both_paths_refuse_a_bad_class_index_with_the_same_error(name, options):
+    target, expected = BAD_TARGETS[name]
+    options = dict(options)
+    if options.get("weight") == "ones":
+        options["weight"] = engine.ones(4)
+    fused, unfused = both_paths(logits_for(), target, **options)
+    assert fused == unfused
+    error, message = fused
+    assert error is kernels.KernelError, message
+    assert expected in message and "outside the classes [0, C) = [0, 4)" in message
+    assert f"ignore_index={options.get('ignore_index', -100)}" in message
+
+
+def test_a_bad_index_in_a_multi_dimensional_target_is_named_where_it_is():
+    logits = logits_for((2, 4, 3, 2))  # (N, C, d1, d2): targets (N, d1, d2)
+    target = np.zeros((2, 3, 2), np.int64)
+    target[1, 2, 0] = -7
+    fused, unfused = both_paths(logits, target)
+    assert fused == unfused and fused[0] is kernels.KernelError and "target[1, 2, 0] = -7" in fused[1]
+    fused, unfused = both_paths(logits_for((4,)), np.array(9))  # one sample: (C,) logits, a 0-d target
+    assert fused == unfused and "target = 9 is outside" in fused[1]
+
+
+@pytest.mark.parametrize("target", [np.array([1, 0, 1, 1, 0], bool), np.array([0, 1, 2, 3, 0], np.complex64),
+                                    np.array(["0", "1", "2", "3", "0"]), np.array([0, 1, 2, 3, 0], object),
+                                    np.array([0, 1, 2, 3, 0], "m8[s]"), [0, 1, 2, "3", 0]], ids=lambda t: str(
+                                        np.asarray(t).dtype))
+def test_both_paths_refuse_class_indices_that_are_not_integers(target):
+    fused, unfused = both_paths(logits_for(), target)
+    assert fused == unfused and fused[0] is DTypeError and "integer dtype" in fused[1]
+
+
+@pytest.mark.parametrize("ignore_index", [1.5, -100.0, "x", None, True, 2**63, -2**63 - 1, np.float64(-100)], ids=repr)
+def test_both_paths_refuse_an_ignore_index_that_is_not_an_int64(ignore_index):
+    fused, unfused = both_paths(logits_for(), np.array([0, 1, 2, 3, 0]), ignore_index=ignore_index)
+    assert fused == unfused and fused[0] is kernels.KernelError and "ignore_index must be an int" in fused[1]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("ignore_index", [-100, 2, np.int64(3), np.int32(-100)], ids=repr)
+def test_valid_targets_of_every_integer_dtype_give_the_same_loss_on_both_paths(dtype, ignore_index):
+    target = np.array([0, 3, 2, 1, 3, 2], dtype=dtype)
+    if int(ignore_index) >= 0:
+        target[1] = int(ignore_index)  # an ignored row in range of every dtype
+    logits = logits_for((6, 4))
+    (fused_error, fused), (unfused_error, unfused) = both_paths(logits, target, ignore_index=ignore_index)
+    assert fused_error is None and unfused_error is None, (fused, unfused)
+    np.testing.assert_allclose(fused.item(), unfused.item(), rtol=1e-5)
+    want = F.cross_entropy(logits, target.astype(np.int64), ignore_index=int(ignore_index), fused=False).item()
+    np.testing.assert_allclose(fused.item(), want, rtol=1e-6)
+
+
+def test_empty_batches_and_all_ignored_rows_are_not_errors():
+    for fused in (True, False):
+        assert F.cross_entropy(logits_for((0, 4)), np.zeros(0, np.int64), reduction="sum", fused=fused).item() == 0
+        loss = F.cross_entropy(logits_for((3, 4)), np.full(3, -100), fused=fused)
+        assert math.isnan(loss.item())  # 0 / 0, as PyTorch
+
+
+def test_the_loss_module_and_the_context_switch_refuse_the_same():
+    target = np.array([0, 1, -1, 2, 3])
+    want = outcome(lambda: F.cross_entropy(logits_for(), target))
+    assert want[0] is kernels.KernelError
+    assert outcome(lambda: nn.CrossEntropyLoss()(logits_for(), engine.tensor(target))) == want
+    with F.fused_kernels(False):
+        assert outcome(lambda: nn.CrossEntropyLoss()(logits_for(), engine.tensor(target))) == want
+
+
+# The GPU paths, checked here through the same xp-generic code on numpy: the fused kernel checks on the
+# device; the unfused reference queues the same min/max check (kernels.deferred.defer, read at the next sync).
+
+def test_uint64_targets_never_wrap_into_range_or_onto_ignore_index():
+    from engine.functional import _int64_class_indices
+
+    targets = np.array([0, 2**64 - 100, 2**63, 2**64 - 1, 5], np.uint64)
+    converted = _int64_class_indices(targets, -100)
+    assert converted.dtype == np.int64
+    assert converted.tolist() == [0, 2**63 - 1, 2**63 - 1, 2**63 - 1, 5]  # out of range, not -100
+    assert _int64_class_indices(targets, 2**63 - 1).tolist()[1] == 2**63 - 2  # never equal to ignore_index
+
+
+@pytest.mark.parametrize("targets, bad", [([0, 1, 2], None), ([0, -100, 2], None), ([-100, -100], None),
+                                          ([0, -1, 2], -1), ([0, 4, -3], -3), ([0, 2**63 - 1], 2**63 - 1),
+                                          ([3, 4], 4)])
+def test_the_unfused_device_check_queues_the_same_verdict(targets, bad, monkeypatch):
+    from engine.functional import _defer_class_index_check
+    from kernels import deferred
+
+    queued = []
+    monkeypatch.setattr(deferred, "defer", lambda values, check: queued.append((values, check)))
+    array = np.array(targets, np.int64)
+    _defer_class_index_check(np, array, 4, -100)  # queues, raises nothing at the call
+    (values, check), = queued
+    assert values.dtype == np.int64 and values.shape == (2,)
+    if bad is None:
+        check(values.copy())
+    else:
+        with pytest.raises(kernels.KernelError, match=rf"a target = {bad} is outside the classes \[0, C\) = \[0, 4\) "
+                                                      r"and is not ignore_index=-100.*next sync point"):
+            check(values.copy())
