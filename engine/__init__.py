@@ -28,3 +28,4 @@ from engine.io import CheckpointError, load, save
 clamp = clip
 
 __version__ = "0.1.0"
+from engine import utils  # noqa: E402,F401  (torch.utils.data's import path: engine.utils.data)

@@ -29,6 +29,54 @@ class Dataset:
     def __len__(self) -> int:
         raise NotImplementedError(f"{type(self).__name__} must implement __len__")
 
+    def __add__(self, other) -> "ConcatDataset":
+        return ConcatDataset([self, other])
+
+
+class IterableDataset(Dataset):
+    """Base class for stream-style datasets: override ``__iter__`` (yielding items); no ``__len__`` needed.
+
+    A DataLoader reads it in order, ``batch_size`` items per batch (a sampler makes no sense for
+    it and is refused). With ``num_workers > 0`` the items are still read by the loop's thread, in
+    order, and only the collation runs in the workers, so no item is read twice (PyTorch gives
+    each worker process a copy of the dataset and leaves the sharding to ``get_worker_info``).
+    """
+
+    def __iter__(self):
+        raise NotImplementedError(f"{type(self).__name__} must implement __iter__")
+
+    def __getitem__(self, index):
+        raise TypeError(f"{type(self).__name__} is an IterableDataset: iterate over it instead of indexing")
+
+    def __len__(self) -> int:
+        raise TypeError(f"{type(self).__name__} is an IterableDataset and has no length")
+
+
+class ConcatDataset(Dataset):
+    """Several datasets one after the other (``dataset_a + dataset_b`` makes one)."""
+
+    def __init__(self, datasets):
+        self.datasets = list(datasets)
+        if not self.datasets:
+            raise EngineError("ConcatDataset: needs at least one dataset")
+        for d in self.datasets:
+            if isinstance(d, IterableDataset):
+                raise EngineError("ConcatDataset: cannot concatenate an IterableDataset (it has no length)")
+        self.cumulative_sizes = np.cumsum([len(d) for d in self.datasets]).tolist()
+
+    def __len__(self) -> int:
+        return self.cumulative_sizes[-1]
+
+    def __getitem__(self, index):
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"ConcatDataset: index {index} out of range for {n} items")
+        which = int(np.searchsorted(self.cumulative_sizes, index, side="right"))
+        start = self.cumulative_sizes[which - 1] if which else 0
+        return self.datasets[which][index - start]
+
 
 class TensorDataset(Dataset):
     """Aligned tensors indexed together along their first dimension: item ``i`` is ``(t[i] for t in tensors)``.
@@ -59,7 +107,9 @@ class TensorDataset(Dataset):
                              f"{shapes}; slice or fix them so every tensor has one row per sample")
 
     def __getitem__(self, index):
-        return tuple(Tensor(t.data[index]) for t in self.tensors)
+        # An int index into a 1-D numpy array gives a numpy scalar: keep it a 0-d array, so that
+        # Tensor() reads it as data (Tensor(n) with an int n is PyTorch's uninitialised size-n tensor).
+        return tuple(Tensor(_as_0d(t.data[index])) for t in self.tensors)
 
     def __len__(self) -> int:
         return self.tensors[0].shape[0]
@@ -96,6 +146,10 @@ class Subset(Dataset):
 
     def __len__(self) -> int:
         return int(self.indices.size)
+
+
+def _as_0d(value):
+    return np.asarray(value) if isinstance(value, np.generic) else value
 
 
 def _as_tensor(value, where: str) -> Tensor:

@@ -5,52 +5,96 @@ generator when the loader is built (so ``engine.manual_seed(s)`` fixes every epo
 from ``generator=`` (an int seed or a ``np.random.Generator``). ``state_dict()`` captures the
 generator as it was at the start of the current epoch plus the number of batches already handed
 out, so ``load_state_dict()`` resumes mid-epoch or at an epoch boundary with the exact same batches.
+
+Workers: ``num_workers=N`` loads batches in a pool of N threads, ahead of the loop (at most
+``prefetch_factor * N`` batches in flight), and hands them out strictly in sampler order, so a run
+gives the same batches, bit for bit, with any number of workers.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import copy
 import itertools
 import math
 import numbers
+import threading
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
 from engine import backend
-from engine.data.dataset import Subset, TensorDataset, make_generator
+from engine.autograd import enable_grad, is_grad_enabled, no_grad
+from engine.data.dataset import IterableDataset, Subset, TensorDataset, make_generator
 from engine.errors import EngineError, ShapeError
 from engine.tensor import Tensor
 
 
 class DataLoader:
-    """Iterate over ``dataset`` in batches.
+    """Iterate over ``dataset`` in batches; PyTorch's ``torch.utils.data.DataLoader`` signature.
 
     Args:
-        dataset: anything with ``__getitem__`` and ``__len__``. A :class:`TensorDataset` (or a
-            :class:`Subset` of one) with the default collate is batched by slicing its arrays once
-            per batch instead of collating item by item.
+        dataset: anything with ``__getitem__`` and ``__len__`` (map style), or an
+            :class:`IterableDataset` (read in order, ``batch_size`` items per batch). A
+            :class:`TensorDataset` (or a :class:`Subset` of one) with the default collate is
+            batched by slicing its arrays once per batch instead of collating item by item.
         batch_size: samples per batch.
         shuffle: a new random order every epoch (from the loader's own seeded generator).
-        drop_last: drop the last batch when it is smaller than ``batch_size``.
-        collate_fn: ``collate_fn(list_of_items) -> batch``; default :func:`default_collate`.
-        sampler: iterable of int dataset indices (e.g. WeightedRandomSampler, a list, a
-            generator); excludes ``shuffle``. It is drawn from lazily, ``batch_size`` indices per
-            batch, so an infinite sampler gives batches forever; ``len(loader)`` needs
+        sampler: iterable of int dataset indices (e.g. RandomSampler, WeightedRandomSampler, a
+            list, a generator); excludes ``shuffle``. It is drawn from lazily, ``batch_size``
+            indices per batch, so an infinite sampler gives batches forever; ``len(loader)`` needs
             ``len(sampler)``. If it has ``state_dict``/``load_state_dict`` they are saved too.
+        batch_sampler: iterable of lists of indices, one list per batch (e.g. :class:`BatchSampler`);
+            excludes ``batch_size``, ``shuffle``, ``sampler`` and ``drop_last``, as in PyTorch.
+        num_workers: 0 loads each batch in the loop's thread when it is asked for. N > 0 loads
+            batches in a pool of N **threads** ahead of the loop and yields them strictly in
+            sampler order. Threads rather than processes: the work of a batch (numpy indexing,
+            stacking in the collate) releases the GIL for its copies, the dataset is shared
+            without pickling it or its arrays, and nothing is forked (forking a process that
+            holds a CUDA context is unsafe). A pure-Python ``__getitem__`` that never releases
+            the GIL gains little; one that waits on files or sleeps overlaps fully. An error in
+            a worker is raised in the loop's thread, naming the batch.
+        collate_fn: ``collate_fn(list_of_items) -> batch``; default :func:`default_collate`.
+        pin_memory: accepted for PyTorch scripts; a no-op (batches are not page-locked; see
+            docs/data.md for device transfers).
+        drop_last: drop the last batch when it is smaller than ``batch_size``.
+        timeout: with workers, seconds to wait for one batch before raising (0: forever).
+        worker_init_fn: called as ``worker_init_fn(worker_id)`` in each worker thread before it
+            loads its first batch (:func:`get_worker_info` works there and in the dataset).
+        multiprocessing_context: accepted and ignored (workers are threads).
         generator: int seed or ``np.random.Generator`` for shuffling; default: seeded from the
             engine's RNG (``engine.manual_seed``).
-        device: move every batch's Tensors to this device ("cuda", "cuda:1" ...).
-        prefetch: with ``device`` set, prepare and transfer batch ``i + 1`` before handing out
-            batch ``i`` (a one-batch look-ahead; see docs/data.md for what it buys).
+        prefetch_factor: with workers, batches in flight per worker (default 2).
+        persistent_workers: keep the worker threads between epochs (needs ``num_workers > 0``);
+            else they are started for each epoch and joined when it ends or the loop breaks.
+        pin_memory_device, in_order: accepted for PyTorch scripts; batches are always in order.
+        device: (engine) move every batch's Tensors to this device ("cuda", "cuda:1" ...).
+        prefetch: (engine) with ``device`` set, prepare and transfer batch ``i + 1`` before handing
+            out batch ``i`` (a one-batch look-ahead; see docs/data.md for what it buys).
 
     Example:
-        >>> loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)   # doctest: +SKIP
-        >>> for xb, yb in loader: ...                                               # doctest: +SKIP
+        >>> loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, num_workers=2)  # doctest: +SKIP
+        >>> for xb, yb in loader: ...                                                            # doctest: +SKIP
     """
 
-    def __init__(self, dataset, batch_size: int = 1, shuffle: bool = False, drop_last: bool = False,
-                 collate_fn=None, sampler=None, generator=None, device=None, prefetch: bool = True):
-        _check_dataset(dataset)
+    def __init__(self, dataset, batch_size: int = 1, shuffle: bool | None = False, sampler=None, batch_sampler=None,
+                 num_workers: int = 0, collate_fn=None, pin_memory: bool = False, drop_last: bool = False,
+                 timeout: float = 0, worker_init_fn=None, multiprocessing_context=None, generator=None, *,
+                 prefetch_factor: int | None = None, persistent_workers: bool = False, pin_memory_device: str = "",
+                 in_order: bool = True, device=None, prefetch: bool = True):
+        self.iterable = isinstance(dataset, IterableDataset)
+        if not self.iterable:
+            _check_dataset(dataset)
+        shuffle = bool(shuffle)
+        if batch_sampler is not None:
+            if batch_size != 1 or shuffle or sampler is not None or drop_last:
+                raise EngineError("DataLoader: batch_sampler is exclusive with batch_size, shuffle, sampler and "
+                                  "drop_last; the batch sampler decides the batches")
+            if not hasattr(batch_sampler, "__iter__"):
+                raise EngineError(f"DataLoader: batch_sampler must be an iterable of lists of indices, got "
+                                  f"{type(batch_sampler).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise EngineError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
         if sampler is not None and shuffle:
@@ -58,8 +102,18 @@ class DataLoader:
                               "so drop shuffle=True")
         if sampler is not None and not hasattr(sampler, "__iter__"):
             raise EngineError(f"DataLoader: sampler must be an iterable of indices, got {type(sampler).__name__}")
+        if self.iterable and (shuffle or sampler is not None or batch_sampler is not None):
+            raise EngineError("DataLoader: an IterableDataset decides its own order; shuffle, sampler and "
+                              "batch_sampler do not apply to it")
+        self._check_workers(num_workers, timeout, prefetch_factor, persistent_workers, worker_init_fn)
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, int(batch_size), shuffle, drop_last
-        self.collate_fn, self.sampler, self.prefetch = collate_fn, sampler, prefetch
+        self.collate_fn, self.sampler, self.batch_sampler, self.prefetch = collate_fn, sampler, batch_sampler, prefetch
+        self.num_workers, self.timeout, self.worker_init_fn = int(num_workers), timeout, worker_init_fn
+        self.prefetch_factor = (2 if prefetch_factor is None else int(prefetch_factor)) if num_workers else None
+        self.persistent_workers, self.pin_memory = bool(persistent_workers), bool(pin_memory)
+        self.multiprocessing_context, self.pin_memory_device, self.in_order = \
+            multiprocessing_context, pin_memory_device, in_order
+        self._pool = None
         self.device = None if device is None else backend.check_available(backend.device(device))
         # Only a shuffling loader draws from the engine RNG, so adding a validation loader
         # does not change the model's initialisation or dropout masks.
@@ -70,8 +124,30 @@ class DataLoader:
         self._in_epoch = False
         self._resume_batches = 0
 
+    @staticmethod
+    def _check_workers(num_workers, timeout, prefetch_factor, persistent_workers, worker_init_fn) -> None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+            raise EngineError(f"DataLoader: num_workers must be a non-negative int, got {num_workers!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout >= 0:
+            raise EngineError(f"DataLoader: timeout must be a non-negative number of seconds, got {timeout!r}")
+        if prefetch_factor is not None:
+            if num_workers == 0:
+                raise EngineError("DataLoader: prefetch_factor needs num_workers > 0 (as in PyTorch); leave it "
+                                  "None for num_workers=0")
+            if isinstance(prefetch_factor, bool) or not isinstance(prefetch_factor, (int, np.integer)) \
+                    or prefetch_factor < 1:
+                raise EngineError(f"DataLoader: prefetch_factor must be a positive int, got {prefetch_factor!r}")
+        if persistent_workers and num_workers == 0:
+            raise EngineError("DataLoader: persistent_workers=True needs num_workers > 0 (as in PyTorch)")
+        if worker_init_fn is not None and not callable(worker_init_fn):
+            raise EngineError(f"DataLoader: worker_init_fn must be callable, got {type(worker_init_fn).__name__}")
+
     # ---- sizes ---------------------------------------------------------------------------------
     def _num_samples(self) -> int:
+        if self.iterable and not hasattr(type(self.dataset), "__len__") or self.iterable \
+                and type(self.dataset).__len__ is IterableDataset.__len__:
+            raise TypeError(f"DataLoader: len() of a loader over an IterableDataset needs the dataset's __len__, "
+                            f"and {type(self.dataset).__name__} has none; iterate instead")
         if self.sampler is None:
             return len(self.dataset)
         if not hasattr(self.sampler, "__len__"):
@@ -81,6 +157,11 @@ class DataLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (needs ``len(sampler)`` when there is a sampler, as in PyTorch)."""
+        if self.batch_sampler is not None:
+            if not hasattr(self.batch_sampler, "__len__"):
+                raise TypeError(f"DataLoader: len() needs the batch sampler's length, and this batch sampler "
+                                f"({type(self.batch_sampler).__name__}) has no __len__; iterate instead")
+            return len(self.batch_sampler)
         n = self._num_samples()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -88,7 +169,11 @@ class DataLoader:
     def __iter__(self):
         skip, self._resume_batches = self._resume_batches, 0
         self._epoch_start = self._snapshot()
-        if self.sampler is not None:
+        if self.iterable:
+            batches = self._iterable_batches()
+        elif self.batch_sampler is not None:
+            batches = self._batch_sampler_batches()
+        elif self.sampler is not None:
             batches = self._sampler_batches()  # lazy: the sampler may be infinite
         else:
             batches = self._batch_indices(self._epoch_order())
@@ -105,7 +190,12 @@ class DataLoader:
         for done in range(skip):  # a resumed epoch: draw the batches already seen, load none of them
             if next(batches, None) is None:
                 raise self._skip_error(skip, done)
-        loaded = (self._load(index) for index in batches)
+        if self.num_workers:
+            loaded = self._worker_batches(batches, skip)
+            if self.device is not None:
+                loaded = (move_to(batch, self.device) for batch in loaded)
+        else:
+            loaded = (self._load(index) for index in batches)
         for batch in _one_ahead(loaded) if self.prefetch and self.device is not None else loaded:
             self._batches_done += 1
             yield batch
@@ -119,6 +209,25 @@ class DataLoader:
             if not chunk or (self.drop_last and len(chunk) < self.batch_size):
                 return
             yield np.array([_sampler_index(i, start + k) for k, i in enumerate(chunk)], dtype=np.int64)
+            if len(chunk) < self.batch_size:
+                return
+
+    def _batch_sampler_batches(self):
+        """One index array per list the batch sampler yields, drawn one batch at a time."""
+        for number, chunk in enumerate(self.batch_sampler):
+            if isinstance(chunk, (str, bytes)) or not hasattr(chunk, "__iter__"):
+                raise EngineError(f"DataLoader: the batch sampler yielded {chunk!r} ({type(chunk).__name__}) for "
+                                  f"batch {number}; a batch sampler yields lists of int indices")
+            yield np.array([_sampler_index(i, k) for k, i in enumerate(chunk)], dtype=np.int64)
+
+    def _iterable_batches(self):
+        """Lists of ``batch_size`` items read from an IterableDataset, in its order."""
+        items = iter(self.dataset)
+        while True:
+            chunk = list(itertools.islice(items, self.batch_size))
+            if not chunk or (self.drop_last and len(chunk) < self.batch_size):
+                return
+            yield _Items(chunk)
             if len(chunk) < self.batch_size:
                 return
 
@@ -139,6 +248,13 @@ class DataLoader:
         return batches
 
     def _load(self, index):
+        batch = self._fetch(index)
+        return batch if self.device is None else move_to(batch, self.device)
+
+    def _fetch(self, index):
+        """The batch ``index`` (a slice, an index array or the items themselves), collated, on the host side."""
+        if isinstance(index, _Items):
+            return (self.collate_fn or default_collate)(list(index))
         source = _fast_source(self.dataset) if self.collate_fn is None else None
         if source is not None:
             dataset, mapping = source
@@ -149,7 +265,79 @@ class DataLoader:
             positions = range(index.start, index.stop) if isinstance(index, slice) else index
             items = [self.dataset[int(i)] for i in positions]
             batch = (self.collate_fn or default_collate)(items)
-        return batch if self.device is None else move_to(batch, self.device)
+        return batch
+
+    # ---- workers -------------------------------------------------------------------------------
+    def _worker_batches(self, batches, first: int):
+        """Batches loaded by the worker pool, at most ``prefetch_factor * num_workers`` ahead, in order.
+
+        The batch indices are drawn here, in the loop's thread (samplers need not be thread-safe);
+        a sampler error is raised when its batch's turn comes, after the batches before it.
+        """
+        pool = self._pool if self._pool is not None else self._start_pool()
+        # The loop thread's settings (default device, grad mode are per thread) go with each batch.
+        context = (backend.default_device(), is_grad_enabled(), pool._engine_worker_ids, pool._engine_seed)
+        window = self.prefetch_factor * self.num_workers
+        pending: collections.deque = collections.deque()
+        position, exhausted = first, False
+        try:
+            while True:
+                while not exhausted and len(pending) < window:
+                    try:
+                        index = next(batches)
+                    except StopIteration:
+                        exhausted = True
+                    except Exception as exc:  # noqa: BLE001  (re-raised in order below)
+                        pending.append(_Failed(exc))
+                        exhausted = True
+                    else:
+                        pending.append(pool.submit(self._worker_task, index, context))
+                if not pending:
+                    return
+                future = pending.popleft()
+                if isinstance(future, _Failed):
+                    raise future.error
+                yield self._result(future, position)
+                position += 1
+        finally:
+            for future in pending:
+                if not isinstance(future, _Failed):
+                    future.cancel()
+            if not self.persistent_workers:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _result(self, future, position: int):
+        try:
+            return future.result(timeout=self.timeout or None)
+        except concurrent.futures.TimeoutError:
+            raise EngineError(f"DataLoader: batch {position} took longer than timeout={self.timeout} s in a "
+                              "worker") from None
+        except Exception as exc:
+            error = _worker_error(exc, position)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _start_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, thread_name_prefix="DataLoader-worker")
+        pool._engine_worker_ids = itertools.count()  # next() on a count is atomic under the GIL
+        pool._engine_seed = _base_seed(self.generator)
+        if self.persistent_workers:
+            self._pool = pool
+            weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
+        return pool
+
+    def _worker_task(self, index, context):
+        device, grad, worker_ids, seed = context
+        if getattr(_worker, "info", None) is None:  # this thread's first batch: it becomes worker k
+            worker_id = next(worker_ids)
+            _worker.info = WorkerInfo(worker_id, self.num_workers, seed + worker_id, self.dataset)
+            if self.worker_init_fn is not None:
+                self.worker_init_fn(worker_id)
+        if backend.default_device() != device:
+            backend.set_default_device(device)
+        with enable_grad() if grad else no_grad():
+            return self._fetch(index)
 
     # ---- exact resume --------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -201,6 +389,54 @@ def _one_ahead(items):
             yield current
             current = following
         yield current
+
+
+class _Items(list):
+    """The items of one batch of an IterableDataset (already read, to be collated)."""
+
+
+@dataclass
+class _Failed:
+    """Drawing a batch's indices raised: re-raised when that batch's turn comes."""
+    error: BaseException
+
+
+@dataclass
+class WorkerInfo:
+    """What :func:`get_worker_info` returns inside a worker thread (PyTorch's fields)."""
+    id: int
+    num_workers: int
+    seed: int
+    dataset: object
+
+
+_worker = threading.local()
+
+
+def get_worker_info() -> WorkerInfo | None:
+    """In a DataLoader worker thread: its :class:`WorkerInfo` (``id``, ``num_workers``, ``seed``,
+    ``dataset``); in any other thread: None. As in PyTorch."""
+    return getattr(_worker, "info", None)
+
+
+def _base_seed(generator) -> int:
+    """A seed for the workers' WorkerInfo, from a copy of the loader's generator (the original does not move)."""
+    if generator is None:
+        return 0
+    return int(copy.deepcopy(generator).integers(0, 2**62))
+
+
+def _worker_error(exc: BaseException, position: int) -> BaseException:
+    """``exc`` with the batch it failed on in its message (its own type, so ``except`` clauses still match)."""
+    message = f"DataLoader: batch {position} failed in a worker thread: {type(exc).__name__}: {exc}"
+    try:
+        wrapped = type(exc)(message)
+        if type(wrapped) is type(exc) and str(wrapped) in (message, repr(message)):
+            return wrapped
+    except Exception:  # noqa: BLE001,S110  (an exception type with another constructor: add a note instead)
+        pass
+    exc.add_note(message)
+    return exc
 
 
 def _sampler_index(index, position: int) -> int:

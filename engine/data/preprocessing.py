@@ -358,14 +358,15 @@ class WeightedRandomSampler:
         num_samples: indices per epoch.
         replacement: draw with replacement; without it ``num_samples`` must not exceed the
             number of non-zero weights.
-        seed, generator: randomness (default: seeded from the engine's RNG).
+        generator, seed: randomness (default: seeded from the engine's RNG); ``generator`` comes
+            fourth, as in PyTorch.
 
     Example:
         >>> w = class_weights(y)[y]                                   # doctest: +SKIP
         >>> loader = DataLoader(ds, 64, sampler=WeightedRandomSampler(w, len(y), seed=0))   # doctest: +SKIP
     """
 
-    def __init__(self, weights, num_samples: int, replacement: bool = True, seed=None, generator=None):
+    def __init__(self, weights, num_samples: int, replacement: bool = True, generator=None, seed=None):
         w = np.asarray(backend.to_device(unwrap(weights, "WeightedRandomSampler"), backend.CPU), dtype=np.float64)
         if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
             raise EngineError(f"WeightedRandomSampler: weights must be a non-empty 1-D array of finite, non-negative "
