@@ -28,6 +28,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -263,11 +264,45 @@ def configure_numba_threads() -> None:
     made small training steps several times slower than with workqueue, whose threads sleep.
     Numba fixes the layer at its first parallel launch: code that runs its own parallel loops
     before any kernel (the benchmarks' copy ceiling) calls this first.
+
+    workqueue is not thread-safe: two Python threads inside parallel regions at once abort the
+    process (SIGABRT, "Concurrent access has been detected"). Every call into a ``parallel=True``
+    function therefore goes through :func:`numba_parallel`, which serialises them.
     """
     if "NUMBA_THREADING_LAYER" not in os.environ:
         import numba
 
         numba.config.THREADING_LAYER = "workqueue"
+
+
+# Held for the whole of every call into a numba parallel=True function, in every Python thread.
+NUMBA_PARALLEL_LOCK = threading.Lock()
+
+
+def numba_parallel(dispatcher: Callable) -> Callable:
+    """``dispatcher`` (a ``parallel=True`` njit function) made safe to call from any Python thread.
+
+    The returned function takes :data:`NUMBA_PARALLEL_LOCK` around each call, so that at most one
+    parallel region runs at a time in the process: workqueue, the threading layer chosen by
+    :func:`configure_numba_threads`, aborts the process when two threads launch parallel regions
+    at once (training in a thread pool, a server that fine-tunes per request). One region already
+    occupies every core, so serialising them costs little throughput. Cost, measured on a 2-core
+    machine: ~0.1 us for the uncontended lock, ~0.4 us per call with the wrapper's extra Python
+    call, against >= ~60 us for a call large enough to run in parallel (Adam on 2^17 elements).
+    Serial njit functions need no lock (they never enter the threading layer); thread-safe layers
+    (tbb, omp) need none either, and it is harmless there. The lock is not re-entrant: a parallel
+    region never calls back into Python, so it is never taken twice. Parallel numba code outside
+    kernels/ that may run beside the kernels in other threads should go through this too.
+    """
+    lock = NUMBA_PARALLEL_LOCK
+
+    def serialised(*args):
+        with lock:
+            return dispatcher(*args)
+
+    serialised.__wrapped__ = dispatcher
+    serialised.__name__ = serialised.__qualname__ = getattr(dispatcher, "__name__", "numba_parallel")
+    return serialised
 
 
 def _cudasim() -> bool:

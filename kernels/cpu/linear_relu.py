@@ -27,7 +27,10 @@ on a 2-core machine at N=4096, K=M=1024 float32, the ``prange`` versions made th
 parallel region and fight OpenBLAS's own threads for the cores during the GEMM that follows
 (``OMP_WAIT_POLICY=passive`` or numba's ``workqueue`` layer removes the loss, but both are
 process-wide settings a kernel must not make). The serial passes already beat numpy's three
-separate passes 2-3x, and the chunked reduction keeps a ``prange`` one word away.
+separate passes 2-3x, and the chunked reduction keeps a ``prange`` one word away (a parallel
+build would be called through ``registry.numba_parallel``, as optim's and cross-entropy's are: two
+threads in parallel regions at once abort the process under workqueue). Serial, these passes are
+safe to call from any number of Python threads; so is numpy's BLAS.
 
 ``import kernels.cpu.linear_relu`` does not import numba: the jitted functions are built on
 first use.

@@ -26,6 +26,7 @@ from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
+from kernels.registry import numba_parallel as _numba_parallel
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -402,7 +403,9 @@ def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None
 # against 10 ms), but a parallel region waits for its slowest thread, and on a busy machine a
 # descheduled OpenMP thread made 1k-element steps take 8 to 16 ms against 0.01 ms serial, hence
 # the margin. The loop bodies are written inline on purpose: moving them into a shared njit
-# helper measured several times slower.
+# helper measured several times slower. The parallel builds are called through
+# registry.numba_parallel (a process-wide lock): numba's workqueue layer aborts the process when
+# two Python threads run parallel regions at once.
 # --------------------------------------------------------------------------------------------
 
 PARALLEL_MIN = 1 << 17
@@ -503,7 +506,10 @@ def _build_numba_kernels(parallel: bool) -> dict:
             else:
                 p[i] = pi - lr * (gi / avg)
 
-    return {"adam": adam, "sgd": sgd, "adagrad": adagrad, "rmsprop": rmsprop}
+    kernels = {"adam": adam, "sgd": sgd, "adagrad": adagrad, "rmsprop": rmsprop}
+    if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
+        kernels = {name: _numba_parallel(fn) for name, fn in kernels.items()}
+    return kernels
 
 
 def adam_step_numba(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999,

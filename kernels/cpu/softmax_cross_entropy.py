@@ -40,6 +40,7 @@ from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
+from kernels.registry import numba_parallel as _numba_parallel
 
 KERNEL = "softmax_cross_entropy"
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -305,6 +306,8 @@ _nb_row_max = _nb_exp_shifted = _nb_row_sum = _nb_weighted_shift_sums = _nb_targ
 # Logits (N * C) from which the rows run in parallel. Starting a parallel region costs ~50 us
 # under the workqueue threading layer (3 us under OpenMP, whose idle threads spin instead); one
 # thread does 2^15 float32 logits in about that time, so smaller calls stay on the caller's thread.
+# The parallel builds are called through registry.numba_parallel, a process-wide lock: workqueue
+# aborts the process when two Python threads run parallel regions at once.
 PARALLEL_MIN = 1 << 15
 
 
@@ -473,4 +476,6 @@ def _numba_kernels(parallel: bool):
                         for k in range(c):
                             g[k] = coef * g[k] - scale * (one_minus_eps * qi[k] + eps_c)
 
+    if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
+        return _numba_parallel(rows_hard), _numba_parallel(rows_soft)
     return rows_hard, rows_soft
