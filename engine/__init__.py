@@ -15,17 +15,77 @@ from engine.backend import (CPU, Device, best_device, cuda_available, cuda_devic
                             device, get_rng_state, manual_seed, set_default_device, set_rng_state, synchronize)
 from engine.errors import DeviceError, DTypeError, EngineError, GradError, ShapeError
 from engine.gradcheck import GradcheckError, gradcheck
-from engine.ops import (abs, argmax, argmin, cat, clip, concatenate, exp, log, matmul, maximum, mean, minimum,
-                        permute, reshape, sigmoid, sqrt, stack, std, sum, tanh, transpose, var, where)
-from engine.ops import max as amax  # noqa: F401
-from engine.ops import min as amin  # noqa: F401
+from engine.ops import (abs, amax, amin, argmax, argmin, bitwise_and, bitwise_not, bitwise_or, bitwise_xor, cat, clip,
+                        concatenate, cos, exp, flatten, log, logical_and, logical_not, logical_or, matmul, max,
+                        maximum, mean, min, minimum, mm, norm, permute, pow, prod, reshape, return_types, sigmoid, sin,
+                        sqrt, square, stack, std, sum, tanh, transpose, var, where)
 from engine.ops import relu, softmax, log_softmax, gelu  # noqa: F401
-from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, float64, full, full_like, int32,
-                           int64, ones, ones_like, rand, randint, randn, tensor, zeros, zeros_like)
+from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, float64, from_numpy, full, full_like,
+                           int8, int16, int32, int64, linspace, normal, ones, ones_like, rand, randint, randn, randperm,
+                           tensor, uint8, zeros, zeros_like)
 
 from engine.io import CheckpointError, load, save
 
 clamp = clip
+
+
+class set_grad_enabled:
+    """Turn gradient recording on or off, as ``torch.set_grad_enabled``: as a function call
+    (``engine.set_grad_enabled(False)``), a context manager (``with engine.set_grad_enabled(train):``)
+    restoring the previous mode on exit, or a decorator."""
+
+    def __init__(self, mode: bool):
+        from engine import autograd
+
+        self._previous = autograd.is_grad_enabled()
+        self._mode = bool(mode)
+        autograd._mode.enabled = self._mode  # the thread's grad mode (no_grad's switch)
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        from engine import autograd
+
+        autograd._mode.enabled = self._previous
+        return False
+
+    def __call__(self, fn):
+        import functools
+
+        from engine import autograd
+
+        autograd._mode.enabled = self._previous  # as a decorator it changes the mode only inside fn
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with set_grad_enabled(self._mode):
+                return fn(*args, **kwargs)
+        return wrapper
+
+
+def _cuda_namespace():
+    """``engine.cuda``: PyTorch's device queries (``engine.cuda.is_available()``)."""
+    import sys
+    import types
+
+    from engine import backend
+
+    module = types.ModuleType("engine.cuda", "PyTorch's torch.cuda queries: is_available, device_count, ...")
+    module.is_available = backend.cuda_available
+    module.device_count = backend.cuda_device_count
+    module.synchronize = lambda device=None: backend.synchronize()
+    module.manual_seed = module.manual_seed_all = manual_seed
+    module.current_device = lambda: 0
+    sys.modules["engine.cuda"] = module
+    return module
+
+
+cuda = _cuda_namespace()
+
+# PyTorch's dtype names (numpy dtypes underneath: t.dtype == engine.float is True)
+float, double, half = float32, float64, float16  # noqa: A001
+long, int, short, bool = int64, int32, int16, bool_  # noqa: A001
 
 __version__ = "0.1.0"
 from engine import utils  # noqa: E402,F401  (torch.utils.data's import path: engine.utils.data)

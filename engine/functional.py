@@ -843,3 +843,25 @@ def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
     # Same values either way; only the first branch carries gradient back to the table.
     keep = (idx != padding_idx % count)[..., None]
     return ops.where(keep, rows, rows.detach())
+
+
+def one_hot(tensor: Tensor, num_classes: int = -1) -> Tensor:
+    """int64 one-hot encoding of integer class indices: shape ``tensor.shape + (num_classes,)``, as
+    ``torch.nn.functional.one_hot``. ``num_classes=-1`` takes the largest index + 1 (one host read).
+
+    Example:
+        >>> F.one_hot(engine.tensor([0, 2]), 3).tolist()    # doctest: +SKIP
+        [[1, 0, 0], [0, 0, 1]]
+    """
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"one_hot: expected an integer Tensor, got {type(tensor).__name__}")
+    if not np.issubdtype(tensor.dtype, np.integer):
+        raise DTypeError(f"one_hot: class indices must be an integer tensor, got {describe(tensor)}; use .long()")
+    xp, idx = tensor.xp, tensor.data
+    if num_classes == -1:
+        num_classes = int(backend.to_host(idx.max())) + 1 if idx.size else 0
+    if idx.size and bool(backend.to_host(((idx < 0) | (idx >= num_classes)).any())):
+        raise EngineError(f"one_hot: class values must be in [0, {num_classes}), got values in "
+                          f"[{int(backend.to_host(idx.min()))}, {int(backend.to_host(idx.max()))}]")
+    out = (idx[..., None] == xp.arange(num_classes)).astype(np.int64)
+    return Tensor(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import math
+from collections import namedtuple
 
 import numpy as np
 
@@ -220,6 +221,34 @@ class Tanh(Function):
         return g * (1 - out * out)
 
 
+class Sin(Function):
+    def forward(self, a):
+        self.save(a)
+        return _xp(a).sin(a)
+
+    def backward(self, g):
+        return g * _xp(g).cos(self.saved[0])
+
+
+class Cos(Function):
+    def forward(self, a):
+        self.save(a)
+        return _xp(a).cos(a)
+
+    def backward(self, g):
+        return -g * _xp(g).sin(self.saved[0])
+
+
+class LeakyReLU(Function):
+    def forward(self, a, negative_slope=0.01):
+        self.slope = a.dtype.type(negative_slope)
+        self.save(a)
+        return _xp(a).where(a > 0, a, a * self.slope)
+
+    def backward(self, g):
+        return _xp(g).where(self.saved[0] > 0, g, g * self.slope)
+
+
 class Sigmoid(Function):
     def forward(self, a):
         xp = _xp(a)
@@ -291,6 +320,16 @@ def abs(a): return Abs.apply(a)
 def tanh(a): return Tanh.apply(a)
 def sigmoid(a): return Sigmoid.apply(a)
 def relu(a): return ReLU.apply(a)
+def sin(a): return Sin.apply(a)
+def cos(a): return Cos.apply(a)
+
+
+def square(a: Tensor) -> Tensor:
+    return mul(a, a)
+
+
+def leaky_relu(a: Tensor, negative_slope: float = 0.01) -> Tensor:
+    return LeakyReLU.apply(a, negative_slope=float(negative_slope))
 
 
 def gelu(a: Tensor, approximate: str = "none") -> Tensor:
@@ -383,6 +422,30 @@ def eq(a, b): return _compare("equal", a, b)
 def ne(a, b): return _compare("not_equal", a, b)
 
 
+def _bitwise(op: str, name: str, a, b) -> Tensor:
+    a, b = _binary_operands(op, a, b)
+    if _is_float(a.dtype):
+        raise DTypeError(f"{op}: only bool and integer tensors, got {describe(a)} and {describe(b)}")
+    return Tensor._from_op(getattr(a.xp, name)(a.data, b.data), None)
+
+
+def bitwise_and(a, b): return _bitwise("bitwise_and (&)", "bitwise_and", a, b)
+def bitwise_or(a, b): return _bitwise("bitwise_or (|)", "bitwise_or", a, b)
+def bitwise_xor(a, b): return _bitwise("bitwise_xor (^)", "bitwise_xor", a, b)
+
+
+def bitwise_not(a: Tensor) -> Tensor:
+    """``~a``: logical not of a bool tensor, bitwise not of an integer one."""
+    if _is_float(a.dtype):
+        raise DTypeError(f"bitwise_not (~): only bool and integer tensors, got {describe(a)}")
+    return Tensor._from_op(a.xp.invert(a.data), None)
+
+
+def logical_and(a, b): return ne(a, 0) & ne(b, 0) if isinstance(a, Tensor) else ne(b, 0) & bool(a)
+def logical_or(a, b): return ne(a, 0) | ne(b, 0) if isinstance(a, Tensor) else ne(b, 0) | bool(a)
+def logical_not(a: Tensor) -> Tensor: return eq(a, 0)
+
+
 # ---- reductions ---------------------------------------------------------------------------------
 
 def _norm_axis(axis, ndim):
@@ -440,42 +503,234 @@ class Extremum(Function):
         return (g * hit / count).astype(a.dtype, copy=False)
 
 
-def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    return Sum.apply(a, axis=axis, keepdims=keepdims)
+def _dim(op: str, dim, axis):
+    """PyTorch's ``dim=`` with numpy's ``axis=`` as an alias (giving both, differently, is an error)."""
+    if axis is not None:
+        if dim is not None and dim != axis:
+            raise TypeError(f"{op}: got dim={dim!r} and axis={axis!r}; pass one of them (axis is an alias of dim)")
+        return axis
+    return dim
 
 
-def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+def _axis_or(axis, default):
+    return default if axis is None else axis
+
+
+def _keep(keepdim, keepdims) -> bool:
+    """PyTorch's ``keepdim=`` with numpy's ``keepdims=`` as an alias."""
+    return bool(keepdims) if keepdims is not None else bool(keepdim)
+
+
+def sum(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None, dtype=None) -> Tensor:
+    """Sum over ``dim`` (an int, a tuple, or None for all); ``axis=``/``keepdims=`` are aliases."""
+    if dtype is not None:
+        a = cast(a, dtype)
+    return Sum.apply(a, axis=_dim("sum", dim, axis), keepdims=_keep(keepdim, keepdims))
+
+
+def mean(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None, dtype=None) -> Tensor:
+    if dtype is not None:
+        a = cast(a, dtype)
     if not _is_float(a.dtype):
         a = cast(a, np.float32)
-    return Mean.apply(a, axis=axis, keepdims=keepdims)
+    return Mean.apply(a, axis=_dim("mean", dim, axis), keepdims=_keep(keepdim, keepdims))
 
 
-def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    return Extremum.apply(a, axis=axis, keepdims=keepdims, mode="max")
+class _ReturnTypes:
+    """Named tuples of PyTorch's ``torch.return_types``: ``values, indices = x.max(1)``."""
+
+    max = namedtuple("max", ["values", "indices"])
+    min = namedtuple("min", ["values", "indices"])
 
 
-def min(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    return Extremum.apply(a, axis=axis, keepdims=keepdims, mode="min")
+return_types = _ReturnTypes()
 
 
-def var(a: Tensor, axis=None, keepdims: bool = False, correction: int = 1) -> Tensor:
-    """Variance with ``correction`` (1 = unbiased, PyTorch's default; 0 = population)."""
-    axes = _norm_axis(axis, a.ndim)
+class IndexedExtremum(Function):
+    """max or min along one dim with its indices; the gradient goes to the selected element only,
+    as in PyTorch's ``max(dim)`` (``amax`` shares it among ties instead)."""
+
+    def forward(self, a, axis=0, keepdims=False, mode="max"):
+        xp = _xp(a)
+        if a.shape[axis] == 0:
+            raise ShapeError(f"{mode}: cannot reduce the empty dim {axis} of an array of shape {a.shape}")
+        idx = (xp.argmax if mode == "max" else xp.argmin)(a, axis=axis, keepdims=True)
+        out = xp.take_along_axis(a, idx, axis=axis)
+        self.shape, self.axis, self.idx, self.keepdims = a.shape, axis, idx, keepdims
+        return out if keepdims else out.squeeze(axis)
+
+    def backward(self, g):
+        xp = _xp(g)
+        if not self.keepdims:
+            g = xp.expand_dims(g, self.axis)
+        positions = xp.arange(self.shape[self.axis]).reshape([-1 if i == self.axis else 1
+                                                              for i in range(len(self.shape))])
+        return xp.where(positions == self.idx, g, g.dtype.type(0))
+
+
+def _extremum(mode: str, a: Tensor, dim, keepdim, axis, keepdims):
+    if isinstance(dim, Tensor) or (dim is not None and not isinstance(dim, (int, np.integer, tuple, list))):
+        # torch.max(a, b): the elementwise maximum
+        return (maximum if mode == "max" else minimum)(a, dim)
+    dim, keep = _dim(mode, dim, axis), _keep(keepdim, keepdims)
+    if dim is None or isinstance(dim, (tuple, list)):  # all dims, or several: values only (amax)
+        return Extremum.apply(a, axis=dim, keepdims=keep, mode=mode)
+    if a.ndim == 0:
+        if dim not in (0, -1):
+            raise ShapeError(f"{mode}: dim {dim} is out of range for the 0-d {describe(a)}")
+        values = reshape(a, ())  # a new tensor (a view), as PyTorch returns
+        indices = Tensor._from_op(a.xp.zeros((), dtype=np.int64), None)
+        return getattr(return_types, mode)(values, indices)
+    if not -a.ndim <= dim < a.ndim:
+        raise ShapeError(f"{mode}: dim {dim} is out of range for {describe(a)}")
+    dim = int(dim) % a.ndim
+    values = IndexedExtremum.apply(a, axis=dim, keepdims=keep, mode=mode)
+    indices = (argmax if mode == "max" else argmin)(a, dim, keep)
+    return getattr(return_types, mode)(values, indices)
+
+
+def max(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None):
+    """As ``torch.max``: ``max(a)`` the 0-d maximum; ``max(a, dim)`` the named tuple ``(values, indices)``
+    along ``dim`` (``axis=`` is an alias); ``max(a, b)`` with a tensor ``b`` the elementwise maximum.
+    A tuple of dims (a numpy convenience) gives the values only, as ``amax``."""
+    return _extremum("max", a, dim, keepdim, axis, keepdims)
+
+
+def min(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None):
+    """As ``torch.min``: see :func:`max`."""
+    return _extremum("min", a, dim, keepdim, axis, keepdims)
+
+
+def amax(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
+    """The maximum over ``dim`` (an int, a tuple, or None for all): values only, ties share the gradient."""
+    return Extremum.apply(a, axis=_dim("amax", dim, axis), keepdims=_keep(keepdim, keepdims), mode="max")
+
+
+def amin(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
+    return Extremum.apply(a, axis=_dim("amin", dim, axis), keepdims=_keep(keepdim, keepdims), mode="min")
+
+
+def _correction(unbiased, correction) -> int:
+    if correction is not None:
+        return correction
+    return 1 if unbiased is None or unbiased else 0
+
+
+def var(a: Tensor, dim=None, unbiased=None, keepdim: bool = False, *, correction=None, axis=None,
+        keepdims=None) -> Tensor:
+    """Variance over ``dim`` with ``correction`` (1 = unbiased, PyTorch's default; 0 = population).
+
+    As in PyTorch, the third positional argument is ``unbiased`` (legacy); ``var(a, False)`` is the
+    population variance over all elements.
+    """
+    if isinstance(dim, bool):  # torch.var(input, unbiased)
+        dim, unbiased = None, dim
+    axes = _norm_axis(_dim("var", dim, axis), a.ndim)
+    keep, corr = _keep(keepdim, keepdims), _correction(unbiased, correction)
     count = int(np.prod([a.shape[i] for i in axes])) if axes else 1
-    centered = a - mean(a, axes, keepdims=True)
-    return sum(centered * centered, axes, keepdims) / builtins.max(count - correction, 0)
+    centered = a - mean(a, axes, keepdim=True)
+    return sum(centered * centered, axes, keep) / builtins.max(count - corr, 0)
 
 
-def std(a: Tensor, axis=None, keepdims: bool = False, correction: int = 1) -> Tensor:
-    return sqrt(var(a, axis, keepdims, correction))
+def std(a: Tensor, dim=None, unbiased=None, keepdim: bool = False, *, correction=None, axis=None,
+        keepdims=None) -> Tensor:
+    """Standard deviation: see :func:`var`."""
+    return sqrt(var(a, dim, unbiased, keepdim, correction=correction, axis=axis, keepdims=keepdims))
 
 
-def argmax(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    return Tensor._from_op(a.xp.argmax(a.data, axis=axis, keepdims=keepdims), None)
+class Prod(Function):
+    """Product over one dim (or all elements); the gradient is the product of the other elements,
+    from exclusive cumulative products, so zeros in the input are handled exactly."""
+
+    def forward(self, a, axis=None, keepdims=False):
+        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
+        self.save(a)
+        if axis is None:
+            out = a.prod()
+            return out.reshape((1,) * a.ndim) if keepdims else out
+        return a.prod(axis=axis, keepdims=keepdims)
+
+    def backward(self, g):
+        a = self.saved[0]
+        xp = _xp(a)
+        axis = self.axis
+        moved = a.reshape(-1, 1) if axis is None else xp.moveaxis(a, axis, -1)
+        if axis is None:
+            moved = moved.reshape(1, -1)
+        ones = xp.ones(moved.shape[:-1] + (1,), dtype=a.dtype)
+        left = xp.concatenate([ones, xp.cumprod(moved, axis=-1)[..., :-1]], axis=-1)
+        right = xp.flip(xp.concatenate([ones, xp.cumprod(xp.flip(moved, -1), axis=-1)[..., :-1]], axis=-1), -1)
+        others = left * right
+        if axis is None:
+            return (others.reshape(self.shape) * g.reshape(())).astype(a.dtype, copy=False)
+        if not self.keepdims:
+            g = xp.expand_dims(g, axis)
+        return xp.moveaxis(others, -1, axis) * g
 
 
-def argmin(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    return Tensor._from_op(a.xp.argmin(a.data, axis=axis, keepdims=keepdims), None)
+def prod(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None, dtype=None) -> Tensor:
+    """Product over ``dim`` (one int, or None for all elements), as ``torch.prod``."""
+    if dtype is not None:
+        a = cast(a, dtype)
+    dim = _dim("prod", dim, axis)
+    if dim is not None:
+        if not -builtins.max(a.ndim, 1) <= dim < builtins.max(a.ndim, 1):
+            raise ShapeError(f"prod: dim {dim} is out of range for {describe(a)}")
+        dim = int(dim) % builtins.max(a.ndim, 1) if a.ndim else None
+    return Prod.apply(a, axis=dim, keepdims=_keep(keepdim, keepdims))
+
+
+class Norm2(Function):
+    """sqrt(sum(x * x)) over axes; the gradient at a zero norm is 0 (PyTorch's subgradient)."""
+
+    def forward(self, a, axis=None, keepdims=False):
+        xp = _xp(a)
+        self.shape, self.axes, self.keepdims = a.shape, _norm_axis(axis, a.ndim), keepdims
+        out = xp.sqrt((a * a).sum(axis=self.axes, keepdims=True))
+        self.save(a, out)
+        return out if keepdims else out.reshape([n for i, n in enumerate(a.shape) if i not in self.axes])
+
+    def backward(self, g):
+        a, out = self.saved
+        xp = _xp(a)
+        g = g.reshape(out.shape)
+        safe = xp.where(out == 0, a.dtype.type(1), out)
+        return xp.where(out == 0, a.dtype.type(0), g * a / safe).astype(a.dtype, copy=False)
+
+
+def norm(a: Tensor, p=2, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
+    """As ``torch.norm``: the ``p``-norm (2, 'fro', 1, inf, -inf or any positive number) over ``dim``
+    (None: all elements, so a matrix's Frobenius norm). ``'nuc'`` is not supported."""
+    dim, keep = _dim("norm", dim, axis), _keep(keepdim, keepdims)
+    if not _is_float(a.dtype):
+        a = cast(a, np.float32)
+    if p is None or p in ("fro", 2):
+        return Norm2.apply(a, axis=dim, keepdims=keep)
+    if isinstance(p, str):
+        raise ValueError(f"norm: p={p!r} is not supported; use 2, 'fro', 1, inf, -inf or a positive number")
+    if p == math.inf:
+        return amax(abs(a), dim, keep)
+    if p == -math.inf:
+        return amin(abs(a), dim, keep)
+    if p == 1:
+        return sum(abs(a), dim, keep)
+    if p <= 0:
+        raise ValueError(f"norm: p={p} is not supported; use a positive p, inf or -inf")
+    return pow(sum(pow(abs(a), p), dim, keep), 1.0 / p)
+
+
+def argmax(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
+    dim, keep = _dim("argmax", dim, axis), _keep(keepdim, keepdims)
+    if dim is None and keep:  # PyTorch: the flat index, in a tensor of the input's ndim of ones
+        return Tensor._from_op(a.xp.argmax(a.data).reshape((1,) * a.ndim), None)
+    return Tensor._from_op(a.xp.argmax(a.data, axis=dim, keepdims=keep), None)
+
+
+def argmin(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
+    dim, keep = _dim("argmin", dim, axis), _keep(keepdim, keepdims)
+    if dim is None and keep:
+        return Tensor._from_op(a.xp.argmin(a.data).reshape((1,) * a.ndim), None)
+    return Tensor._from_op(a.xp.argmin(a.data, axis=dim, keepdims=keep), None)
 
 
 # ---- shape ops ----------------------------------------------------------------------------------
@@ -612,7 +867,9 @@ class Concatenate(Function):
         return tuple(_xp(g).split(g, splits, axis=self.axis))
 
 
-def concatenate(tensors, axis: int = 0) -> Tensor:
+def concatenate(tensors, dim: int | None = None, *, axis=None) -> Tensor:
+    """Join tensors along an existing dim (default 0, ``torch.cat``); ``axis=`` is an alias of ``dim=``."""
+    axis = _axis_or(_dim("cat", dim, axis), 0)
     tensors = list(tensors)
     if not tensors:
         raise ShapeError("concatenate: needs at least one tensor")
@@ -629,7 +886,9 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
 cat = concatenate
 
 
-def stack(tensors, axis: int = 0) -> Tensor:
+def stack(tensors, dim: int | None = None, *, axis=None) -> Tensor:
+    """Join tensors along a new dim (default 0); ``axis=`` is an alias of ``dim=``."""
+    axis = _axis_or(_dim("stack", dim, axis), 0)
     tensors = list(tensors)
     if not tensors:
         raise ShapeError("stack: needs at least one tensor")
@@ -683,6 +942,14 @@ def matmul(a, b) -> Tensor:
     return MatMul.apply(a, b)
 
 
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """Matrix product of two 2-D tensors (``torch.mm``); use :func:`matmul` for batches and vectors."""
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.ndim != 2 or b.ndim != 2:
+        raise ShapeError(f"mm: both operands must be 2-D tensors, got {describe(a)} and {describe(b)}; "
+                         "use matmul for other shapes")
+    return matmul(a, b)
+
+
 # ---- softmax family (numerically stable: subtract the row max) -----------------------------------
 
 class Softmax(Function):
@@ -713,12 +980,18 @@ class LogSoftmax(Function):
         return g - _xp(g).exp(out) * g.sum(axis=self.axis, keepdims=True)
 
 
-def softmax(a: Tensor, axis: int = -1) -> Tensor:
-    return Softmax.apply(a, axis=axis)
+def softmax(a: Tensor, dim: int | None = None, *, axis=None, dtype=None) -> Tensor:
+    """Softmax along ``dim`` (default the last; ``axis=`` is an alias), optionally cast to ``dtype`` first."""
+    if dtype is not None:
+        a = cast(a, dtype)
+    return Softmax.apply(a, axis=_axis_or(_dim("softmax", dim, axis), -1))
 
 
-def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
-    return LogSoftmax.apply(a, axis=axis)
+def log_softmax(a: Tensor, dim: int | None = None, *, axis=None, dtype=None) -> Tensor:
+    """``log(softmax(a))`` along ``dim``, computed stably in one op."""
+    if dtype is not None:
+        a = cast(a, dtype)
+    return LogSoftmax.apply(a, axis=_axis_or(_dim("log_softmax", dim, axis), -1))
 
 
 # ---- dtype and device moves ----------------------------------------------------------------------

@@ -37,7 +37,10 @@ class Tensor:
     __array_priority__ = 1000  # numpy scalars defer to Tensor's reflected operators
     __hash__ = object.__hash__  # == is elementwise, so hash by identity like PyTorch
 
-    def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
+    def __init__(self, data=None, *sizes, requires_grad: bool = False, dtype=None, device=None):
+        if data is None or _is_size(data) or sizes:
+            # PyTorch's legacy constructor: Tensor(2, 3) is an uninitialised float32 tensor of that shape
+            data = _legacy_empty((data, *sizes) if data is not None else (0,), dtype, device)
         self.data = as_array(data, dtype, device)
         self._grad: Tensor | None = None
         self.grad_fn = None
@@ -161,8 +164,42 @@ class Tensor:
     def double(self) -> "Tensor":
         return self.to(float64)
 
+    def half(self) -> "Tensor":
+        return self.to(float16)
+
     def long(self) -> "Tensor":
-        return Tensor(self.data.astype(np.int64))
+        return self.to(int64)
+
+    def int(self) -> "Tensor":
+        return self.to(int32)
+
+    def bool(self) -> "Tensor":
+        return self.to(bool_)
+
+    def type(self, dtype=None):
+        """With no argument the type name (``'torch.FloatTensor'``, as PyTorch); else cast to ``dtype``
+        (a dtype or such a name)."""
+        if dtype is None:
+            name = _TYPE_NAMES.get(np.dtype(self.dtype), np.dtype(self.dtype).name)
+            return f"torch.{'cuda.' if self.device.type == 'cuda' else ''}{name}"
+        if isinstance(dtype, str):
+            names = {v: k for k, v in _TYPE_NAMES.items()}
+            key = dtype.removeprefix("torch.").removeprefix("cuda.")
+            if key not in names:
+                raise DTypeError(f"type: unknown tensor type {dtype!r}; use one of {sorted(names)} or a dtype")
+            out = self.to(names[key])
+            return out.cuda() if ".cuda." in dtype and out.device.type != "cuda" else out
+        return self.to(dtype)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def element_size(self) -> int:
+        return int(np.dtype(self.dtype).itemsize)
 
     def numpy(self) -> np.ndarray:
         """The data as a numpy array (copied from the GPU if needed). Detached from the graph."""
@@ -196,6 +233,17 @@ class Tensor:
 
     def __int__(self) -> int:
         return int(self.item())
+
+    def __index__(self) -> int:
+        if self.data.size != 1 or not np.issubdtype(np.dtype(self.dtype), np.integer):
+            raise TypeError(f"only integer tensors of a single element can be converted to an index, got "
+                            f"{describe(self)}")
+        return int(self.item())
+
+    def __format__(self, spec: str) -> str:
+        if self.ndim == 0:
+            return self.item().__format__(spec)  # f"{loss:.4f}" as in PyTorch
+        return object.__format__(self, spec)
 
     def __array__(self, dtype=None, copy=None):
         arr = self.numpy()
@@ -279,13 +327,62 @@ class Tensor:
                              lambda old: ops.add(old, other if alpha == 1.0 else ops.mul(other, alpha)
                                                  if isinstance(other, Tensor) else other * alpha))
 
-    def sub_(self, other) -> "Tensor":
-        return self.add_(other, alpha=-1.0)
+    def sub_(self, other, alpha=1.0) -> "Tensor":
+        return self.add_(other, alpha=-alpha)
 
     def mul_(self, other) -> "Tensor":
         def write(value):
             self.data *= value
         return self._inplace("mul_", other, write, lambda old: ops.mul(old, other))
+
+    def div_(self, other) -> "Tensor":
+        if not np.issubdtype(np.dtype(self.dtype), np.floating):
+            raise DTypeError(f"div_: true division of the integer {describe(self)} gives floats, which cannot "
+                             "be written back in place (PyTorch refuses it too); use the out-of-place /")
+
+        def write(value):
+            self.data /= value
+        return self._inplace("div_", other, write, lambda old: ops.div(old, other))
+
+    def clamp_(self, min=None, max=None) -> "Tensor":
+        """Clamp in place to [min, max] (numbers; either may be None)."""
+        if isinstance(min, Tensor) or isinstance(max, Tensor):
+            raise TypeError("clamp_: min and max must be numbers here (tensor bounds are not supported)")
+        if min is None and max is None:
+            raise ValueError("clamp_: give at least one of min and max")
+
+        def write(_):
+            self.xp.clip(self.data, min, max, out=self.data)
+        # Clip's backward reads its input, which the write overwrites: clip a copy of the old value.
+        return self._inplace("clamp_", None, write, lambda old: ops.clip(ops.clone(old), min, max))
+
+    clip_ = clamp_
+
+    def normal_(self, mean: float = 0.0, std: float = 1.0) -> "Tensor":
+        """Fill in place with N(mean, std^2) samples from the engine's seeded generator."""
+        return self._fill_random("normal_", lambda gen, dt: mean + std * _standard_normal(gen, self.device,
+                                                                                          self.shape, dt))
+
+    def uniform_(self, a: float = 0.0, b: float = 1.0) -> "Tensor":
+        """Fill in place with U(a, b) samples from the engine's seeded generator."""
+        return self._fill_random("uniform_", lambda gen, dt: a + (b - a) * _unit_uniform(gen, self.device,
+                                                                                         self.shape, dt))
+
+    def _fill_random(self, op: str, draw) -> "Tensor":
+        if not np.issubdtype(np.dtype(self.dtype), np.floating):
+            raise DTypeError(f"{op}: needs a floating-point tensor, got {describe(self)}")
+        self._check_inplace(op)
+        dev = self.device
+        with backend.on_device(dev):
+            values = draw(backend.generator(dev), float64 if self.dtype == float64 else float32)
+            values = values.astype(self.dtype, copy=False)
+        return self._inplace(op, None, lambda _: self.data.__setitem__(Ellipsis, values),
+                             lambda old: ops.overwrite(old, Tensor(values)))
+
+    def __iadd__(self, other): return self.add_(other)
+    def __isub__(self, other): return self.sub_(other)
+    def __imul__(self, other): return self.mul_(other)
+    def __itruediv__(self, other): return self.div_(other)
 
     def __setitem__(self, index, value) -> None:
         self._check_inplace("__setitem__")
@@ -334,14 +431,31 @@ class Tensor:
     clamp = clip
     def maximum(self, other): return ops.maximum(self, other)
     def minimum(self, other): return ops.minimum(self, other)
-    def sum(self, axis=None, keepdims=False): return ops.sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return ops.mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return ops.max(self, axis, keepdims)
-    def min(self, axis=None, keepdims=False): return ops.min(self, axis, keepdims)
-    def var(self, axis=None, keepdims=False, correction=1): return ops.var(self, axis, keepdims, correction)
-    def std(self, axis=None, keepdims=False, correction=1): return ops.std(self, axis, keepdims, correction)
-    def argmax(self, axis=None, keepdims=False): return ops.argmax(self, axis, keepdims)
-    def argmin(self, axis=None, keepdims=False): return ops.argmin(self, axis, keepdims)
+    def sum(self, dim=None, keepdim=False, **kw): return ops.sum(self, dim, keepdim, **kw)
+    def mean(self, dim=None, keepdim=False, **kw): return ops.mean(self, dim, keepdim, **kw)
+    def prod(self, dim=None, keepdim=False, **kw): return ops.prod(self, dim, keepdim, **kw)
+    def max(self, dim=None, keepdim=False, **kw): return ops.max(self, dim, keepdim, **kw)
+    def min(self, dim=None, keepdim=False, **kw): return ops.min(self, dim, keepdim, **kw)
+    def amax(self, dim=None, keepdim=False, **kw): return ops.amax(self, dim, keepdim, **kw)
+    def amin(self, dim=None, keepdim=False, **kw): return ops.amin(self, dim, keepdim, **kw)
+    def var(self, dim=None, unbiased=None, keepdim=False, **kw): return ops.var(self, dim, unbiased, keepdim, **kw)
+    def std(self, dim=None, unbiased=None, keepdim=False, **kw): return ops.std(self, dim, unbiased, keepdim, **kw)
+    def argmax(self, dim=None, keepdim=False, **kw): return ops.argmax(self, dim, keepdim, **kw)
+    def argmin(self, dim=None, keepdim=False, **kw): return ops.argmin(self, dim, keepdim, **kw)
+    def norm(self, p=2, dim=None, keepdim=False, **kw): return ops.norm(self, p, dim, keepdim, **kw)
+    def pow(self, exponent): return ops.pow(self, exponent)
+    def square(self): return ops.square(self)
+    def sin(self): return ops.sin(self)
+    def cos(self): return ops.cos(self)
+    def mm(self, other): return ops.mm(self, other)
+    def __and__(self, other): return ops.bitwise_and(self, other)
+    def __rand__(self, other): return ops.bitwise_and(other, self)
+    def __or__(self, other): return ops.bitwise_or(self, other)
+    def __ror__(self, other): return ops.bitwise_or(other, self)
+    def __xor__(self, other): return ops.bitwise_xor(self, other)
+    def __rxor__(self, other): return ops.bitwise_xor(other, self)
+    def __invert__(self): return ops.bitwise_not(self)
+    def logical_not(self): return ops.logical_not(self)
     def any(self): return bool(self.data.any())
     def all(self): return bool(self.data.all())
     def reshape(self, *shape): return ops.reshape(self, _shape_arg(shape))
@@ -353,14 +467,42 @@ class Tensor:
     def broadcast_to(self, shape): return ops.broadcast_to(self, tuple(shape))
     def unsqueeze(self, dim): return ops.unsqueeze(self, dim)
     def squeeze(self, dim=None): return ops.squeeze(self, dim)
-    def softmax(self, axis=-1): return ops.softmax(self, axis)
-    def log_softmax(self, axis=-1): return ops.log_softmax(self, axis)
+    def softmax(self, dim=None, **kw): return ops.softmax(self, dim, **kw)
+    def log_softmax(self, dim=None, **kw): return ops.log_softmax(self, dim, **kw)
     def clone(self): return ops.clone(self)
 
 
 def _shape_arg(args) -> tuple:
     """Accept both ``t.reshape(2, 3)`` and ``t.reshape((2, 3))``."""
     return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+
+
+def _is_size(obj) -> bool:
+    return isinstance(obj, (int, np.integer)) and not isinstance(obj, (bool, np.bool_))
+
+
+def _legacy_empty(sizes, dtype, device):
+    shape = _shape_arg(sizes)
+    if not all(_is_size(n) and n >= 0 for n in shape):
+        raise TypeError(f"Tensor(*sizes): sizes must be non-negative ints, got {sizes}; to build a tensor from "
+                        "data pass one list or array (engine.tensor(data))")
+    dev = backend.check_available(backend.device(device))
+    with backend.on_device(dev):
+        return backend.xp_for(dev).empty(shape, dtype=dtype or float32)
+
+
+_TYPE_NAMES = {np.dtype(np.float32): "FloatTensor", np.dtype(np.float64): "DoubleTensor",
+               np.dtype(np.float16): "HalfTensor", np.dtype(np.int64): "LongTensor", np.dtype(np.int32): "IntTensor",
+               np.dtype(np.int16): "ShortTensor", np.dtype(np.int8): "CharTensor", np.dtype(np.uint8): "ByteTensor",
+               np.dtype(np.bool_): "BoolTensor"}
+
+
+def _unit_uniform(gen, dev, shape, dtype):
+    return gen.random(shape, dtype=dtype) if dev.type == "cpu" else gen.random_sample(shape, dtype=dtype)
+
+
+def _standard_normal(gen, dev, shape, dtype):
+    return gen.standard_normal(shape, dtype=dtype)
 
 
 def _is_dtype(obj) -> bool:
@@ -494,6 +636,56 @@ def randint(low: int, high: int, size, dtype=int64, device=None) -> Tensor:
     with backend.on_device(dev):
         arr = gen.integers(low, high, size) if dev.type == "cpu" else gen.randint(low, high, size)
     return Tensor(arr.astype(dtype))
+
+
+def linspace(start, end, steps: int, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """``steps`` evenly spaced values from ``start`` to ``end`` inclusive (float32 by default)."""
+    dev = backend.check_available(backend.device(device))
+    with backend.on_device(dev):
+        arr = backend.xp_for(dev).linspace(start, end, int(steps), dtype=float64).astype(dtype or float32)
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def normal(mean=0.0, std=1.0, size=None, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Samples of N(mean, std^2) from the engine's seeded generator, as ``torch.normal``: ``mean`` and
+    ``std`` are numbers (then ``size`` is required) or tensors (broadcast together; the result has
+    their shape and, for tensors, their dtype and device)."""
+    like = mean if isinstance(mean, Tensor) else std if isinstance(std, Tensor) else None
+    if like is None:
+        if size is None:
+            raise TypeError("normal: with number mean and std, pass size=(...)")
+        shape, dev = _shape_arg(size if isinstance(size, (tuple, list)) else (size,)), device
+        dtype = dtype or float32
+    else:
+        m, s = (unwrap(v, "normal") for v in (mean, std))
+        shape = tuple(np.broadcast_shapes(np.shape(m), np.shape(s)))
+        dev, dtype = like.device, dtype or like.dtype
+    dev = backend.check_available(backend.device(dev))
+    sample_dtype = float64 if np.dtype(dtype) == float64 else float32
+    with backend.on_device(dev):
+        unit = backend.generator(dev).standard_normal(shape, dtype=sample_dtype)
+    mean_v = mean.data if isinstance(mean, Tensor) else mean
+    std_v = std.data if isinstance(std, Tensor) else std
+    return Tensor((mean_v + std_v * unit).astype(dtype), requires_grad=requires_grad)
+
+
+def randperm(n: int, dtype=int64, device=None) -> Tensor:
+    """A random permutation of 0 .. n-1 from the engine's seeded generator."""
+    dev = backend.check_available(backend.device(device))
+    gen = backend.generator(dev)
+    with backend.on_device(dev):
+        arr = gen.permutation(int(n))
+    return Tensor(arr.astype(dtype, copy=False))
+
+
+def from_numpy(array: np.ndarray) -> Tensor:
+    """A CPU tensor sharing ``array``'s memory (writes to one show in the other), as ``torch.from_numpy``."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"from_numpy: expected a numpy.ndarray, got {type(array).__name__}")
+    return Tensor(array)
+
+
+int8, int16, uint8 = np.int8, np.int16, np.uint8
 
 
 from engine import ops  # noqa: E402  (ops imports Tensor from this module)

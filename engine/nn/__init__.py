@@ -7,8 +7,8 @@ Example:
 """
 
 from engine.nn import functional, init, utils
-from engine.nn.layers import (GELU, Dropout, Embedding, Flatten, Identity, LayerNorm, Linear, LogSoftmax, ModuleList,
-                              ReLU, Sequential, Sigmoid, Softmax, Tanh)
+from engine.nn.layers import (GELU, BatchNorm1d, Dropout, Embedding, Flatten, Identity, LayerNorm, LeakyReLU, Linear,
+                              LogSoftmax, ModuleList, ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from engine.nn.losses import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, KLDivLoss, L1Loss, MSELoss, NLLLoss
 from engine.nn.module import IncompatibleKeys, Module, Parameter, StateDictError
 
@@ -16,6 +16,6 @@ __all__ = [
     "functional", "init", "utils",
     "Module", "Parameter", "IncompatibleKeys", "StateDictError",
     "Sequential", "ModuleList", "Linear", "Identity", "ReLU", "Sigmoid", "Tanh", "GELU", "Softmax", "LogSoftmax",
-    "Flatten", "Dropout", "LayerNorm", "Embedding",
+    "Flatten", "Dropout", "LayerNorm", "BatchNorm1d", "Embedding", "LeakyReLU",
     "CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss",
 ]

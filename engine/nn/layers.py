@@ -11,6 +11,7 @@ from collections import OrderedDict
 
 from engine import functional as F
 from engine import ops
+from engine.autograd import no_grad
 from engine.nn import init
 from engine.nn.module import Module, Parameter
 from engine.tensor import Tensor, empty, ones, zeros
@@ -174,10 +175,32 @@ class Identity(Module):
 # ---- activations -------------------------------------------------------------------------------------
 
 class ReLU(Module):
-    """``max(x, 0)``."""
+    """``max(x, 0)``. ``inplace=True`` is accepted for PyTorch compatibility; the result is computed
+    out of place (same values and gradients, one more buffer)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = bool(inplace)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.relu(x)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class LeakyReLU(Module):
+    """``x`` where positive, ``negative_slope * x`` elsewhere. ``inplace`` is accepted and computed out of place."""
+
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
+        super().__init__()
+        self.negative_slope, self.inplace = float(negative_slope), bool(inplace)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.leaky_relu(x, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
 
 
 class Sigmoid(Module):
@@ -293,6 +316,89 @@ class LayerNorm(Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class BatchNorm1d(Module):
+    """Batch normalisation over the batch (and length) dims of (N, C) or (N, C, L) input, as PyTorch's.
+
+    In training mode each channel is normalised with the batch's mean and biased variance, and
+    ``running_mean`` / ``running_var`` move towards the batch's mean and *unbiased* variance by
+    ``momentum`` (``momentum=None``: a cumulative average over ``num_batches_tracked``). In eval mode
+    the running statistics are used (with ``track_running_stats=False``, the batch's, always).
+
+    Args:
+        num_features: C, the channel count.
+        eps: added to the variance.
+        momentum: weight of the new batch in the running statistics, or None.
+        affine: learn a per-channel ``weight`` (ones) and ``bias`` (zeros).
+        track_running_stats: keep running statistics (buffers saved in the state dict).
+        device, dtype: where and in which dtype to create parameters and buffers.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = int(num_features), float(eps), momentum
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        if self.affine:
+            self.weight = Parameter(ones(num_features, dtype=dtype, device=device))
+            self.bias = Parameter(zeros(num_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", zeros(num_features, dtype=dtype, device=device))
+            self.register_buffer("running_var", ones(num_features, dtype=dtype, device=device))
+            self.register_buffer("num_batches_tracked", zeros((), dtype="int64", device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim not in (2, 3) or x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm1d: expected (N, {self.num_features}) or (N, {self.num_features}, L) input, "
+                             f"got shape {x.shape}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        axes = (0,) if x.ndim == 2 else (0, 2)
+        shape = (1, self.num_features) + (1,) * (x.ndim - 2)
+        use_batch = self.training or not self.track_running_stats
+        if use_batch:
+            count = x.shape[0] * (x.shape[2] if x.ndim == 3 else 1)
+            if self.training and count <= 1:
+                raise ValueError(f"BatchNorm1d: expected more than 1 value per channel when training, got input "
+                                 f"of shape {x.shape}")
+            mean = ops.mean(x, dim=axes, keepdim=True)
+            centered = x - mean
+            var = ops.mean(centered * centered, dim=axes, keepdim=True)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean, var, count)
+        else:
+            mean = ops.reshape(self.running_mean, shape)
+            var = ops.reshape(self.running_var, shape)
+            centered = x - mean
+        out = centered / ops.sqrt(var + self.eps)
+        if self.affine:
+            out = out * ops.reshape(self.weight, shape) + ops.reshape(self.bias, shape)
+        return out
+
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        with no_grad():
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average: 1 / batches so far (a device value, no host read)
+                factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+            else:
+                factor = self.momentum
+            batch_mean = ops.reshape(mean.detach(), (self.num_features,))
+            unbiased = ops.reshape(var.detach(), (self.num_features,)) * (count / (count - 1))
+            self.running_mean.add_((batch_mean - self.running_mean) * factor)
+            self.running_var.add_((unbiased - self.running_var) * factor)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
 
 
 class Embedding(Module):

@@ -1,0 +1,1 @@
+"""PyTorch-compatibility tests: PyTorch idioms run with only the import changed."""
