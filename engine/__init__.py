@@ -26,6 +26,8 @@ from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, 
 
 from engine.io import CheckpointError, load, save
 
+import builtins  # noqa: E402  (this module rebinds float, int, bool to dtypes below)
+
 clamp = clip
 
 
@@ -38,7 +40,7 @@ class set_grad_enabled:
         from engine import autograd
 
         self._previous = autograd.is_grad_enabled()
-        self._mode = bool(mode)
+        self._mode = mode is True or (mode is not False and builtins.bool(mode))
         autograd._mode.enabled = self._mode  # the thread's grad mode (no_grad's switch)
 
     def __enter__(self):
