@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import io
 import json
 import math
 import os
@@ -57,8 +58,11 @@ class CheckpointError(EngineError):
 
 # ---- save --------------------------------------------------------------------------------------
 
-def save(obj, path) -> None:
-    """Store ``obj`` at ``path`` atomically, without pickle.
+def save(obj, f, pickle_module=None, pickle_protocol=None, _use_new_zipfile_serialization=True, **_ignored) -> None:
+    """Store ``obj`` in ``f`` (a path, atomically, or an open binary file), without pickle.
+
+    PyTorch's signature: ``pickle_module``, ``pickle_protocol`` and the private options are
+    accepted and ignored (nothing is pickled).
 
     Args:
         obj: nested dicts (keys: str, int, float, bool, None or tuples of them), lists and tuples
@@ -66,19 +70,29 @@ def save(obj, path) -> None:
             scalars, cupy arrays, Python ints/floats (inf and nan included), strings, bools and
             None. The same Tensor or array object referenced twice is stored once and loads
             back as one object.
-        path: file path (str or os.PathLike); its directory must exist. Written as given (no
-            suffix is added); ``.npz`` or ``.ckpt`` are good names.
+        f: file path (str or os.PathLike); its directory must exist. Written as given (no
+            suffix is added); ``.npz`` or ``.ckpt`` are good names. Or a file object opened for
+            binary writing (``open(p, "wb")``, ``io.BytesIO()``): the checkpoint is written at its
+            current position (not atomically: the caller owns the file) and it is left open.
 
     Raises:
-        TypeError: ``obj`` holds something else (named by its place in ``obj``); nothing is written.
+        TypeError: ``obj`` holds something else (named by its place in ``obj``), or ``f`` is a
+            text-mode file; nothing is written.
     """
-    path = os.fspath(path)
+    is_file = hasattr(f, "write")
+    if is_file and isinstance(f, io.TextIOBase):
+        raise TypeError(f"engine.save: {_file_label(f)} is opened in text mode; open it in binary mode ('wb')")
+    path = None if is_file else os.fspath(f)
     arrays: list = []
     structure = {"format": FORMAT, "version": VERSION, "root": _Encoder(arrays).encode(obj, "obj")}
     # Python's json writes inf/nan as bare words; they are encoded as tagged strings instead.
     # ASCII escapes keep any str (lone surrogates included) representable in UTF-8.
     header = json.dumps(structure, allow_nan=False, ensure_ascii=True).encode("ascii")
-    _write_atomically(path, header, arrays)
+    if is_file:
+        _write_archive(f, header, arrays)
+        f.flush()
+    else:
+        _write_atomically(path, header, arrays)
 
 
 def _write_atomically(path: str, header: bytes, arrays: list) -> None:
@@ -86,11 +100,7 @@ def _write_atomically(path: str, header: bytes, arrays: list) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{_short_name(os.path.basename(path))}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-                archive.writestr(STRUCTURE, header)
-                for index, source in enumerate(arrays):
-                    with archive.open(f"arr_{index}.npy", "w", force_zip64=True) as member:
-                        _write_array(member, _host_array(source))
+            _write_archive(f, header, arrays)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _new_file_mode(path))
@@ -100,6 +110,29 @@ def _write_atomically(path: str, header: bytes, arrays: list) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _write_archive(f, header: bytes, arrays: list) -> None:
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        archive.writestr(STRUCTURE, header)
+        for index, source in enumerate(arrays):
+            with archive.open(f"arr_{index}.npy", "w", force_zip64=True) as member:
+                _write_array(member, _host_array(source))
+
+
+class _Label(str):
+    """A file object's name in messages: its repr is the name itself (``<BytesIO>``), unquoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _file_label(f) -> str:
+    """How errors name a file object: its path if it has one, else ``<BytesIO>``, ``<BufferedReader>`` ..."""
+    name = getattr(f, "name", None)
+    if isinstance(name, (str, bytes, os.PathLike)):
+        return os.fsdecode(name)
+    return _Label(f"<{type(f).__name__}>")
 
 
 def _short_name(name: str) -> str:
@@ -246,8 +279,8 @@ _ZIP_LOCAL_HEADER = 30  # bytes before a member's name in its local header
 _ZIP_METHODS = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 
 
-def load(path, map_location=None):
-    """Read a checkpoint written by :func:`save`.
+def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **pickle_load_args):
+    """Read a checkpoint written by :func:`save`; PyTorch's signature.
 
     Tensors come back as Tensors (``requires_grad=False``) with their dtype, numpy arrays as
     numpy arrays, numpy scalars as numpy scalars, tuples as tuples, dicts with their key types
@@ -259,10 +292,23 @@ def load(path, map_location=None):
     is ever decompressed (see docs/io.md, "Errors when loading").
 
     Args:
-        path: the file.
-        map_location: where Tensors (and cupy arrays) go: None (the device they were saved
-            from), a device ("cpu", "cuda:0" or a Device) for all of them, or a dict mapping
-            saved device names to devices (``{"cuda:1": "cuda:0"}``; unlisted ones stay).
+        f: the file: a path (str or os.PathLike), or a file object opened for binary reading
+            (``open(p, "rb")``, ``io.BytesIO``), read from its current position and left open.
+            Errors name a file object by its ``name``, else as ``<BytesIO>`` (its type).
+        map_location: where Tensors (and cupy arrays) go, as in PyTorch: None (the device they
+            were saved from), a device ("cpu", "cuda", "cuda:0" or a Device) for all of them, a
+            dict mapping saved device names to devices (``{"cuda:1": "cuda:0"}``; unlisted ones
+            stay), or a callable ``fn(tensor, location)`` called with each tensor on the CPU and
+            its saved device name ("cuda:0"), returning the tensor to use (``lambda storage, loc:
+            storage`` keeps everything on the CPU; ``lambda s, loc: s.cuda(0)`` moves it) or None
+            (the saved device).
+        pickle_module: accepted for PyTorch scripts and ignored: nothing is ever unpickled.
+        weights_only: True or False (or None), accepted as in PyTorch; both read the same way.
+            ``load`` never unpickles, so it always behaves as PyTorch's ``weights_only=True``
+            (only tensors, arrays, numbers, strings and containers of them can come back, and no
+            code runs); ``False`` cannot load more, since a checkpoint never holds anything else.
+        mmap: None or False; ``True`` is refused (the data is always read into memory).
+        pickle_load_args: accepted for PyTorch scripts (``encoding=...``) and ignored.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -271,32 +317,73 @@ def load(path, map_location=None):
             a directory, a FIFO), not a readable checkpoint (not a zip archive, truncated,
             corrupt, compressed or encrypted members, sizes or shapes that do not fit the
             file, missing or inconsistent entries, a pickled array), ``map_location`` is not a
-            device, or a saved device is not available here (use ``map_location="cpu"``). The
-            error that revealed the problem, if any, is its ``__cause__``.
+            device, or a saved device is not available here (use ``map_location="cpu"``), or
+            a file object in text mode. The error that revealed the problem, if any, is its
+            ``__cause__``.
+        TypeError: ``weights_only`` or ``mmap`` is not a bool or None.
     """
-    path = os.fspath(path)
-    locations = _parse_map_location(path, map_location)
+    for name, value in (("weights_only", weights_only), ("mmap", mmap)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"engine.load: {name} must be True, False or None, got {value!r}")
+    if hasattr(f, "read"):
+        return _load_file_object(f, map_location, mmap)
+    path = os.fspath(f)
+    locations = _parse_map_location(path, map_location, mmap)
     with _open_regular_file(path) as file:
-        try:
-            return _load_checkpoint(file, path, locations)
-        except (CheckpointError, MemoryError):
-            raise
-        except Exception as exc:  # whatever else a malformed file provokes, it is not a checkpoint
-            raise CheckpointError(f"engine.load: {path!r} is not a valid engine checkpoint "
-                                  f"({type(exc).__name__}: {exc})") from exc
+        return _load_guarded(file, path, locations, os.fstat(file.fileno()).st_size)
 
 
-def _parse_map_location(path: str, map_location):
-    """None, a Device, or {saved device name: Device or None (stays)}; checked before reading."""
+def _load_guarded(file, path: str, locations, size: int):
     try:
-        if map_location is None:
-            return None
+        return _load_checkpoint(file, path, locations, size)
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as exc:  # whatever else a malformed file provokes, it is not a checkpoint
+        raise CheckpointError(f"engine.load: {path!r} is not a valid engine checkpoint "
+                              f"({type(exc).__name__}: {exc})") from exc
+
+
+def _load_file_object(f, map_location, mmap):
+    """Load from an open binary file: seekable ones in place, others read into memory first
+    (bounded by what the stream really holds)."""
+    label = _file_label(f)
+    locations = _parse_map_location(label, map_location, mmap)
+    if isinstance(f, io.TextIOBase):
+        raise CheckpointError(f"engine.load: {label!r} is opened in text mode; open it in binary mode ('rb')")
+    try:
+        seekable = f.seekable() if hasattr(f, "seekable") else False
+        if seekable:
+            start = f.tell()
+            size = f.seek(0, os.SEEK_END)
+            f.seek(start)
+        else:
+            data = f.read()
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise CheckpointError(f"engine.load: {label!r} returned {type(data).__name__} from read(), not "
+                                      "bytes; open it in binary mode ('rb')")
+            f, size = io.BytesIO(data), len(data)
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as exc:  # a closed file, a failing stream ...
+        raise CheckpointError(f"engine.load: cannot read {label!r} ({type(exc).__name__}: {exc})") from exc
+    return _load_guarded(f, label, locations, size)
+
+
+def _parse_map_location(path: str, map_location, mmap=None):
+    """None, a Device, a callable, or {saved device name: Device or None (stays)}; checked before reading."""
+    if mmap:
+        raise CheckpointError(f"engine.load({path!r}): mmap=True is not supported; checkpoints are read into memory "
+                              "(pass mmap=None or False)")
+    try:
+        if map_location is None or callable(map_location) and not isinstance(map_location, backend.Device):
+            return map_location
         if isinstance(map_location, dict):
             return {str(backend.device(k)): None if v is None else backend.device(v) for k, v in map_location.items()}
         return backend.device(map_location)
     except (EngineError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"engine.load({path!r}): map_location={map_location!r} is not a device or a dict of "
-                              f"devices ({exc}); use 'cpu', 'cuda:0', an engine.Device or {{'cuda:1': 'cuda:0'}}") \
+        raise CheckpointError(f"engine.load({path!r}): map_location={map_location!r} is not a device, a dict of "
+                              f"devices or a callable ({exc}); use 'cpu', 'cuda:0', an engine.Device, "
+                              f"{{'cuda:1': 'cuda:0'}} or lambda storage, loc: storage") \
             from exc
 
 
@@ -328,7 +415,7 @@ def _check_regular(path: str, info: os.stat_result) -> None:
                           "engine.save")
 
 
-def _load_checkpoint(file, path: str, locations):
+def _load_checkpoint(file, path: str, locations, file_size: int):
     try:
         archive = zipfile.ZipFile(file, "r")
     except MemoryError:
@@ -337,7 +424,7 @@ def _load_checkpoint(file, path: str, locations):
         raise CheckpointError(f"engine.load: {path!r} is not an engine checkpoint: not a readable zip archive "
                               f"({exc}); the file may be truncated or of another format") from exc
     with archive:
-        members = _Members(archive, path, os.fstat(file.fileno()).st_size)
+        members = _Members(archive, path, file_size)
         structure = _read_structure(members, path)
         return _Decoder(members, path, locations).decode(structure["root"])
 
@@ -485,6 +572,8 @@ class _Decoder:
             if array.shape != ():
                 raise self.fail(f"arr_{index} should hold a scalar but has shape {array.shape}")
             value = array[()]
+        elif callable(self.locations):
+            value = self._mapped_by_callable(tag, array, info.get("device", "cpu"))
         else:
             target = self._target_device(info.get("device", "cpu"))
             moved = backend.to_device(array, target)
@@ -567,14 +656,38 @@ class _Decoder:
             raise self.fail(f"{name} is {problem}: shape {shape} of {dtype} needs {needed} data bytes, "
                             f"the entry holds {available}")
 
-    def _target_device(self, saved) -> backend.Device:
+    def _mapped_by_callable(self, tag: str, array, saved):
+        """PyTorch's ``map_location(storage, location)``: called with the tensor on the CPU and the
+        saved device's name; returns the tensor (or array) to use, or None for the saved device."""
+        location = str(self._saved_device(saved))
+        try:
+            result = self.locations(Tensor(array), location)
+        except Exception as exc:
+            raise CheckpointError(f"engine.load: {self.path!r}: map_location({location!r}) raised "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        if result is None:
+            moved = backend.to_device(array, self._target_device(saved, mapped=False))
+        elif isinstance(result, Tensor) or backend.is_array(result):
+            moved = result.data if isinstance(result, Tensor) else result
+        else:
+            raise CheckpointError(f"engine.load: {self.path!r}: map_location returned a {type(result).__name__}; it "
+                                  "must return the tensor it was given (moved or not) or None")
+        if tuple(moved.shape) != tuple(array.shape) or moved.dtype != array.dtype:
+            raise CheckpointError(f"engine.load: {self.path!r}: map_location returned shape {tuple(moved.shape)} "
+                                  f"{moved.dtype} for a saved {tuple(array.shape)} {array.dtype}")
+        return Tensor(moved) if tag == "tensor" else moved
+
+    def _saved_device(self, saved) -> backend.Device:
         if not isinstance(saved, str):
             raise self.fail(f"a saved device {str(saved)[:80]!r} is not a device name")
         try:
-            saved_device = backend.device(saved)
+            return backend.device(saved)
         except (EngineError, ValueError) as exc:
             raise self.fail(f"a saved device {saved[:80]!r} is not a device name ({exc})") from exc
-        location = self.locations
+
+    def _target_device(self, saved, mapped: bool = True) -> backend.Device:
+        saved_device = self._saved_device(saved)
+        location = self.locations if mapped else None
         if isinstance(location, dict):
             target = location.get(str(saved_device)) or saved_device
         else:
