@@ -67,9 +67,16 @@ STEPS = {
 }
 
 
+@pytest.mark.parametrize("impls", [None, pytest.param("numba_cuda", marks=pytest.mark.gpu)],
+                         ids=["default-impls", "numba_cuda-impls"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setup", list(STEPS), ids=list(STEPS))
-def test_a_training_step_reads_nothing_from_the_device(device, setup):
+def test_a_training_step_reads_nothing_from_the_device(device, setup, impls, monkeypatch):
+    if impls is not None:
+        if device == "cpu":
+            pytest.skip("the numba_cuda impls take cupy arrays (the simulator is a separate suite)")
+        # numba would synchronize once per cupy argument without kernels/numba_cuda/launch.py
+        monkeypatch.setenv("ENGINE_KERNEL_IMPL", impls)
     engine.manual_seed(0)
     rng = np.random.default_rng(0)
     model = _mlp(device)
