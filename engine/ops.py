@@ -569,6 +569,8 @@ class IndexedExtremum(Function):
 
 
 def _extremum(mode: str, a: Tensor, dim, keepdim, axis, keepdims):
+    if not isinstance(a, Tensor) and backend.is_array(a):
+        a = Tensor(a)  # torch.max(outputs.data, 1): the engine's .data is the raw array
     if isinstance(dim, Tensor) or (dim is not None and not isinstance(dim, (int, np.integer, tuple, list))):
         # torch.max(a, b): the elementwise maximum
         return (maximum if mode == "max" else minimum)(a, dim)
@@ -721,6 +723,7 @@ def norm(a: Tensor, p=2, dim=None, keepdim: bool = False, *, axis=None, keepdims
 
 def argmax(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
     dim, keep = _dim("argmax", dim, axis), _keep(keepdim, keepdims)
+    a = a if isinstance(a, Tensor) else Tensor(a)
     if dim is None and keep:  # PyTorch: the flat index, in a tensor of the input's ndim of ones
         return Tensor._from_op(a.xp.argmax(a.data).reshape((1,) * a.ndim), None)
     return Tensor._from_op(a.xp.argmax(a.data, axis=dim, keepdims=keep), None)
@@ -728,6 +731,7 @@ def argmax(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=No
 
 def argmin(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
     dim, keep = _dim("argmin", dim, axis), _keep(keepdim, keepdims)
+    a = a if isinstance(a, Tensor) else Tensor(a)
     if dim is None and keep:
         return Tensor._from_op(a.xp.argmin(a.data).reshape((1,) * a.ndim), None)
     return Tensor._from_op(a.xp.argmin(a.data, axis=dim, keepdims=keep), None)

@@ -434,7 +434,7 @@ def test_max_dim_gradient_goes_to_the_selected_element():
 def test_accuracy_idiom_with_batch_of_two():
     out = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
     labels = torch.tensor([1, 0])
-    _, predicted = torch.max(out.data if isinstance(out.data, torch.Tensor) else out, 1)
+    _, predicted = torch.max(out.data, 1)  # the tutorials' spelling (.data is the raw array here)
     correct = (predicted == labels).sum().item()
     assert correct == 2
 
@@ -452,3 +452,25 @@ def test_zero_d_tensor_format_index_and_conversions():
         [1, 2][torch.tensor(1.0)]
     with pytest.raises(TypeError):
         "{:.2f}".format(torch.ones(2))
+
+
+# ---- no host syncs in the tutorial training step ----------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batchnorm_model_with_manual_sgd_step_reads_nothing_from_the_device(device):
+    from engine import backend
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.LeakyReLU(0.1), nn.Linear(8, 3)).to(device)
+    bn_momentum_none = nn.BatchNorm1d(3, momentum=None).to(device)
+    x, y = torch.randn(16, 6, device=device), torch.randint(0, 3, (16,), device=device)
+    with backend.count_host_reads() as reads:
+        for _ in range(2):
+            loss = F.cross_entropy(bn_momentum_none(model(x)), y)
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad.zero_()
+    assert reads.count == 0, reads
+    assert model[1].num_batches_tracked.item() == 2
