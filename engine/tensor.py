@@ -38,8 +38,9 @@ class Tensor:
     __hash__ = object.__hash__  # == is elementwise, so hash by identity like PyTorch
 
     def __init__(self, data=None, *sizes, requires_grad: bool = False, dtype=None, device=None):
-        if data is None or _is_size(data) or sizes:
-            # PyTorch's legacy constructor: Tensor(2, 3) is an uninitialised float32 tensor of that shape
+        if data is None or sizes or (isinstance(data, int) and not isinstance(data, bool)):
+            # PyTorch's legacy constructor: Tensor(2, 3) is an uninitialised float32 tensor of that shape.
+            # A lone numpy integer stays data (a 0-d tensor), as engine code builds tensors from reductions.
             data = _legacy_empty((data, *sizes) if data is not None else (0,), dtype, device)
         self.data = as_array(data, dtype, device)
         self._grad: Tensor | None = None
@@ -371,7 +372,7 @@ class Tensor:
     def _fill_random(self, op: str, draw) -> "Tensor":
         if not np.issubdtype(np.dtype(self.dtype), np.floating):
             raise DTypeError(f"{op}: needs a floating-point tensor, got {describe(self)}")
-        self._check_inplace(op)
+        self._check_inplace(op)  # before drawing, so a refused call leaves the generator's state alone
         dev = self.device
         with backend.on_device(dev):
             values = draw(backend.generator(dev), float64 if self.dtype == float64 else float32)

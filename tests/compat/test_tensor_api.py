@@ -336,6 +336,9 @@ def test_legacy_tensor_constructor():
     np.testing.assert_array_equal(torch.Tensor(np.arange(3)).numpy(), [0, 1, 2])
     assert torch.Tensor([[1.0, 2.0]], requires_grad=True).requires_grad
     assert torch.Tensor().shape == (0,)
+    assert torch.Tensor(np.int64(3)).shape == ()  # a numpy scalar is data
+    with pytest.raises(TypeError):
+        torch.Tensor(2, -1)
 
 
 # ---- 3. dim= / keepdim= -------------------------------------------------------------------------
