@@ -4,13 +4,20 @@ A :class:`Function` computes on raw arrays (numpy or cupy alike) in ``forward`` 
 gradient of each input in ``backward``. ``Function.apply`` wraps the result in a Tensor whose
 ``grad_fn`` is the Function instance, which holds its input tensors: that is the whole graph.
 Backward walks it in reverse topological order with an explicit stack (no recursion limit).
+
+A subclass whose ``forward`` and ``backward`` are staticmethods taking ``ctx`` is a PyTorch-style
+Function on Tensors (``ctx.save_for_backward``, ``ctx.saved_tensors``, ``ctx.needs_input_grad``);
+see :class:`FunctionCtx`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
 
+from engine import backend
 from engine.errors import DeviceError, EngineError, GradError, describe
 
 _mode = threading.local()
@@ -91,6 +98,9 @@ class Function:
         """Run the op on tensors ``inputs`` (all on one device) and record it in the graph."""
         from engine.tensor import Tensor
 
+        if _is_ctx_style(cls):
+            return _apply_ctx_style(cls, inputs, params)
+
         _check_same_device(cls.op_name(), inputs)
         fn = cls()
         raw = [t.data for t in inputs]
@@ -133,6 +143,223 @@ class Function:
         return f"<{type(self).__name__}Backward>"
 
 
+# ---- PyTorch-style Functions: static forward(ctx, ...) / backward(ctx, *grads) on Tensors -------
+
+class FunctionCtx:
+    """The ``ctx`` a PyTorch-style Function's ``forward`` and ``backward`` receive.
+
+    Attributes set on it in ``forward`` (``ctx.constant = 3``) are there in ``backward``.
+
+    Attributes:
+        needs_input_grad: one bool per argument of ``apply`` (False for non-tensors): whether
+            backward must return a gradient for it.
+    """
+
+    def __init__(self, needs_input_grad: tuple):
+        self.needs_input_grad = needs_input_grad
+        self._to_save: tuple = ()
+        self._saved_versions: tuple = ()
+        self._non_differentiable: tuple = ()
+        self._materialize_grads = True
+        self._released = False
+        self._name = "Function"
+
+    def save_for_backward(self, *tensors) -> None:
+        """Keep tensors (inputs, outputs or intermediates; None allowed) for ``backward``.
+
+        Their versions are recorded when ``apply`` returns: changing one in place before backward
+        makes backward raise a GradError, as for the engine's own ops.
+        """
+        from engine.tensor import Tensor
+
+        for i, t in enumerate(tensors):
+            if t is not None and not isinstance(t, Tensor):
+                raise GradError(f"{self._name}.forward: save_for_backward takes Tensors or None; argument {i} is a "
+                                f"{type(t).__name__} (keep other values as attributes of ctx)")
+        self._to_save = tensors
+
+    @property
+    def saved_tensors(self) -> tuple:
+        """What ``save_for_backward`` kept, checked against in-place changes since."""
+        if self._released:
+            raise GradError(f"backward: trying to backward through {self._name} a second time (or after it); its "
+                            "saved tensors were freed. Pass retain_graph=True to the first backward()")
+        _check_version_records(self._name, self._saved_versions)
+        return self._to_save
+
+    def mark_non_differentiable(self, *tensors) -> None:
+        """Outputs that get no gradient (indices, masks): they do not require grad, and backward
+        receives zeros (or None, see ``set_materialize_grads``) for them."""
+        self._non_differentiable = tensors
+
+    def set_materialize_grads(self, value: bool) -> None:
+        """True (default): gradients of outputs that got none are passed to backward as zeros; False: as None."""
+        self._materialize_grads = bool(value)
+
+    def mark_dirty(self, *tensors) -> None:
+        raise GradError(f"{self._name}.forward: mark_dirty (a Function changing its input in place) is not "
+                        "supported; return a new tensor instead")
+
+
+@functools.cache
+def _is_ctx_style(cls) -> bool:
+    """A PyTorch-style Function: ``forward`` is a staticmethod (taking ctx, or paired with setup_context)."""
+    return isinstance(inspect.getattr_static(cls, "forward"), staticmethod)
+
+
+def _uses_setup_context(cls) -> bool:
+    return isinstance(inspect.getattr_static(cls, "setup_context", None), staticmethod)
+
+
+@functools.cache
+def _ctx_node_class(cls) -> type:
+    """The graph node type for ``cls`` (named after it, so grad_fn reads <LegendrePolynomial3Backward>)."""
+    return type(cls.__name__, (_CtxBackward,), {"user_function": cls, "__module__": cls.__module__})
+
+
+def _apply_ctx_style(cls, args: tuple, kwargs: dict):
+    from engine.tensor import Tensor
+
+    name = cls.__name__
+    if kwargs:
+        raise TypeError(f"{name}.apply takes positional arguments only (as in PyTorch), got keywords {sorted(kwargs)}")
+    tensors = tuple(a for a in args if isinstance(a, Tensor))
+    _check_same_device(name, tensors)
+    ctx = FunctionCtx(tuple(isinstance(a, Tensor) and a.requires_grad for a in args))
+    ctx._name = name
+    with _grad_mode(False):
+        if _uses_setup_context(cls):
+            out = cls.forward(*args)
+            cls.setup_context(ctx, args, out)
+        else:
+            out = cls.forward(ctx, *args)
+    outputs = out if isinstance(out, tuple) else (out,)
+    if not (is_grad_enabled() and any(ctx.needs_input_grad)):
+        return out
+    node = _ctx_node_class(cls)()
+    node.ctx, node.inputs = ctx, tensors
+    node.needs_input_grad = tuple(t.requires_grad for t in tensors)
+    node.arg_is_tensor = tuple(isinstance(a, Tensor) for a in args)
+    node.output_meta = tuple((o.shape, o.dtype) if isinstance(o, Tensor) else None for o in outputs)
+    non_diff = {id(t) for t in ctx._non_differentiable}
+    wanted = [i for i, o in enumerate(outputs)
+              if isinstance(o, Tensor) and id(o) not in non_diff and o.data.dtype.kind in "fc"]
+    if len(outputs) == 1 and not isinstance(out, tuple):
+        results = [_attach(o, node, tensors) if wanted else o for o in outputs]
+    else:
+        node.packed = Tensor._from_op(outputs[wanted[0]].xp.empty((0,)), node) if wanted else None
+        results = list(outputs)
+        for i in wanted:
+            results[i] = _attach(outputs[i], _SelectOutput(i, len(outputs), node.packed), tensors)
+    ctx._saved_versions = _versions_of(ctx._to_save, tensors, results)
+    node.saved_versions = ctx._saved_versions
+    return tuple(results) if isinstance(out, tuple) else results[0]
+
+
+def _attach(output, grad_fn, inputs):
+    """``output`` as the graph node's result: the tensor itself when forward made it, else a new
+    tensor sharing its memory and version (forward returned an input or something already in a graph)."""
+    from engine.tensor import Tensor
+
+    fresh = output.grad_fn is None and not output.requires_grad and all(output is not t for t in inputs)
+    if fresh:
+        output.grad_fn, output.requires_grad = grad_fn, True
+        return output
+    result = Tensor._from_op(output.data, grad_fn)
+    result._version, result._base = output._version, output._base if output._base is not None else output
+    return result
+
+
+def _versions_of(saved, inputs, outputs) -> tuple:
+    """(Version, value, True: an output / False: an input / None: another tensor) for each saved tensor."""
+    records, seen = [], set()
+    for t in saved:
+        if t is None or id(t._version) in seen:
+            continue
+        seen.add(id(t._version))
+        if any(t._version is getattr(o, "_version", None) for o in outputs):
+            kind = True
+        else:
+            kind = False if any(t._version is i._version for i in inputs) else None
+        records.append((t._version, t._version.value, kind))
+    return tuple(records)
+
+
+class _SelectOutput(Function):
+    """Output ``index`` of a multi-output PyTorch-style Function: hands its gradient to the shared node."""
+
+    def __init__(self, index: int, count: int, packed):
+        self.index, self.count = index, count
+        self.inputs, self.needs_input_grad = (packed,), (True,)
+
+    def backward(self, grad):
+        return (_OutputGrads(self.count, {self.index: grad}),)
+
+    def __repr__(self) -> str:
+        return f"<SelectOutput{self.index}Backward>"
+
+
+class _OutputGrads:
+    """The gradients of a multi-output Function's outputs, gathered on its hidden packed tensor
+    (shape (0,), so backward's shape check passes; ``+`` merges, as backward sums gradients)."""
+
+    shape = (0,)
+
+    def __init__(self, count: int, parts: dict):
+        self.count, self.parts = count, parts
+
+    def __add__(self, other: "_OutputGrads") -> "_OutputGrads":
+        parts = dict(self.parts)
+        for k, g in other.parts.items():
+            parts[k] = parts[k] + g if k in parts else g
+        return _OutputGrads(self.count, parts)
+
+
+class _CtxBackward(Function):
+    """The graph node of one call of a PyTorch-style Function: calls its static backward with Tensors."""
+
+    user_function: type = Function
+
+    def backward(self, grad):
+        from engine.tensor import Tensor
+
+        ctx, name = self.ctx, self.user_function.__name__
+        parts = grad.parts if isinstance(grad, _OutputGrads) else {0: grad}
+        xp = backend.array_module(next(iter(parts.values())))
+        grads = []
+        for i, meta in enumerate(self.output_meta):
+            g = parts.get(i)
+            if g is None and meta is not None and ctx._materialize_grads:
+                g = xp.zeros(meta[0], dtype=meta[1])
+            grads.append(None if g is None else Tensor._from_op(g, None))
+        with _grad_mode(False):
+            returned = self.user_function.backward(ctx, *grads)
+        if not isinstance(returned, tuple):
+            returned = (returned,)
+        if len(returned) != len(self.arg_is_tensor):
+            raise GradError(f"{name}.backward returned {len(returned)} gradients for {len(self.arg_is_tensor)} "
+                            "arguments of forward; return one per argument (None for non-tensors and inputs that "
+                            "need no gradient)")
+        out = []
+        for position, (is_tensor, g) in enumerate(zip(self.arg_is_tensor, returned)):
+            if not is_tensor:
+                if g is not None:
+                    raise GradError(f"{name}.backward returned a gradient for argument {position}, which is not a "
+                                    "Tensor; return None there")
+                continue
+            if g is not None and not isinstance(g, Tensor):
+                raise GradError(f"{name}.backward returned a {type(g).__name__} for argument {position}; return "
+                                "a Tensor or None")
+            out.append(None if g is None else g.data)
+        return tuple(out)
+
+    def release(self) -> None:
+        ctx = self.__dict__.get("ctx")
+        if ctx is not None:
+            ctx._to_save, ctx._released = (), True
+        super().release()
+
+
 def _share_storage(result, inputs) -> None:
     """A result that views an input's memory shares its Version (and remembers the tensor it views)."""
     out = result.data
@@ -165,11 +392,15 @@ def _saved_versions(fn, inputs, result) -> tuple:
 
 
 def _check_saved_versions(fn) -> None:
-    for version, value, is_output in getattr(fn, "saved_versions", ()):
+    _check_version_records(type(fn).__name__.removesuffix('Function'), getattr(fn, "saved_versions", ()))
+
+
+def _check_version_records(name: str, records) -> None:
+    for version, value, is_output in records:
         if version.value != value:
-            which = "its output" if is_output else "one of its inputs"
+            which = {True: "its output", False: "one of its inputs"}.get(is_output, "a tensor")
             raise GradError(
-                f"backward: {type(fn).__name__.removesuffix('Function')} saved {which} for the gradient, and that "
+                f"backward: {name} saved {which} for the gradient, and that "
                 f"tensor was then modified by an in-place operation (version {value} -> {version.value}), so the "
                 "gradient would be wrong. Clone the tensor (.clone()) before changing it in place, or change it "
                 "out of place.")
