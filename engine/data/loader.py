@@ -95,6 +95,9 @@ class DataLoader:
             if not hasattr(batch_sampler, "__iter__"):
                 raise EngineError(f"DataLoader: batch_sampler must be an iterable of lists of indices, got "
                                   f"{type(batch_sampler).__name__}")
+        if batch_size is None:
+            raise EngineError("DataLoader: batch_size=None (PyTorch's unbatched mode) is not supported; use "
+                              "batch_size=1, or index the dataset directly")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise EngineError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
         if sampler is not None and shuffle:
@@ -144,8 +147,7 @@ class DataLoader:
 
     # ---- sizes ---------------------------------------------------------------------------------
     def _num_samples(self) -> int:
-        if self.iterable and not hasattr(type(self.dataset), "__len__") or self.iterable \
-                and type(self.dataset).__len__ is IterableDataset.__len__:
+        if self.iterable and type(self.dataset).__len__ is IterableDataset.__len__:
             raise TypeError(f"DataLoader: len() of a loader over an IterableDataset needs the dataset's __len__, "
                             f"and {type(self.dataset).__name__} has none; iterate instead")
         if self.sampler is None:
@@ -376,9 +378,12 @@ class DataLoader:
         self._resume_batches, self._in_epoch = int(batches), False
 
     def __repr__(self) -> str:
-        sized = self.sampler is None or hasattr(self.sampler, "__len__")
-        return (f"DataLoader({type(self.dataset).__name__} of {len(self.dataset)}, batch_size={self.batch_size}, "
-                f"shuffle={self.shuffle}, batches={len(self) if sized else 'unknown (sampler without len)'})")
+        try:
+            batches, items = len(self), len(self.dataset)
+        except TypeError:  # a sampler, batch sampler or IterableDataset without a length
+            batches = items = "unknown"
+        return (f"DataLoader({type(self.dataset).__name__} of {items}, batch_size={self.batch_size}, "
+                f"shuffle={self.shuffle}, num_workers={self.num_workers}, batches={batches})")
 
 
 def _one_ahead(items):

@@ -101,6 +101,16 @@ def test_iterable_dataset():
         assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6]]
     with pytest.raises(EngineError, match="IterableDataset"):
         torch.utils.data.DataLoader(Stream(), shuffle=True)
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=3, drop_last=True)
+    assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5]] and "unknown" in repr(loader)
+    with pytest.raises(TypeError, match="IterableDataset"):
+        len(loader)
+
+    class SizedStream(Stream):
+        def __len__(self):
+            return 7
+
+    assert len(torch.utils.data.DataLoader(SizedStream(), batch_size=3)) == 3
 
 
 # ---- num_workers ----------------------------------------------------------------------------------
