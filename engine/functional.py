@@ -17,7 +17,7 @@ from engine import backend, ops
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
-from engine.ops import gelu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
+from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
 from engine.tensor import Tensor
 
 _settings = threading.local()

@@ -1,11 +1,12 @@
 """``import engine.nn.functional as F`` works as in PyTorch: the same functions as engine.functional."""
 
 from engine.functional import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy, dropout,
-                               embedding, fused_enabled, fused_kernels, gelu, kl_div, l1_loss, layer_norm, linear,
-                               linear_relu, log_softmax, mse_loss, nll_loss, relu, sigmoid, softmax, tanh)
+                               embedding, fused_enabled, fused_kernels, gelu, kl_div, l1_loss, layer_norm, leaky_relu,
+                               linear, linear_relu, log_softmax, mse_loss, nll_loss, one_hot, relu, sigmoid, softmax,
+                               tanh)
 
 __all__ = [
     "binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "dropout", "embedding",
-    "fused_enabled", "fused_kernels", "gelu", "kl_div", "l1_loss", "layer_norm", "linear", "linear_relu",
-    "log_softmax", "mse_loss", "nll_loss", "relu", "sigmoid", "softmax", "tanh",
+    "fused_enabled", "fused_kernels", "gelu", "kl_div", "l1_loss", "layer_norm", "leaky_relu", "linear",
+    "linear_relu", "log_softmax", "mse_loss", "nll_loss", "one_hot", "relu", "sigmoid", "softmax", "tanh",
 ]

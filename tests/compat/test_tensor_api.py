@@ -477,3 +477,12 @@ def test_batchnorm_model_with_manual_sgd_step_reads_nothing_from_the_device(devi
                     p.grad.zero_()
     assert reads.count == 0, reads
     assert model[1].num_batches_tracked.item() == 2
+
+
+def test_nn_functional_has_one_hot_and_leaky_relu_as_in_pytorch():
+    import engine.nn.functional as NF
+
+    labels = torch.tensor(np.array([2, 0, 1]))
+    np.testing.assert_array_equal(NF.one_hot(labels, 3).numpy(), np.eye(3, dtype=np.int64)[[2, 0, 1]])
+    x = torch.tensor(np.array([-2.0, 3.0], np.float32))
+    np.testing.assert_allclose(NF.leaky_relu(x, 0.1).numpy(), [-0.2, 3.0], rtol=1e-6)
