@@ -329,7 +329,8 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
         return _load_file_object(f, map_location, mmap)
     path = os.fspath(f)
     locations = _parse_map_location(path, map_location, mmap)
-    with _open_regular_file(path) as file:
+    with open_regular_file(path, "engine.load", CheckpointError,
+                           "; a checkpoint is a file written by engine.save") as file:
         return _load_guarded(file, path, locations, os.fstat(file.fileno()).st_size)
 
 
@@ -387,32 +388,36 @@ def _parse_map_location(path: str, map_location, mmap=None):
             from exc
 
 
-def _open_regular_file(path: str):
-    """Open ``path`` for reading if it is a regular file; refuse devices, FIFOs, directories."""
+def open_regular_file(path, who: str, error: type[Exception], hint: str = ""):
+    """``path`` opened for binary reading if it is a regular file; else ``error`` naming ``who``.
+
+    Devices (``/dev/zero`` never ends), FIFOs (opening one waits for a writer), sockets and
+    directories are refused before a byte is read. Shared by every loader of files (checkpoints,
+    IDX), which pass their own error type and a hint for the user.
+    """
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"engine.load: no such file {path!r}") from None
-    _check_regular(path, info)  # before opening: opening a FIFO or a tape device has effects
+        raise FileNotFoundError(f"{who}: no such file {str(path)!r}") from None
+    _check_regular(path, info, who, error, hint)  # before opening: opening a FIFO or a tape device has effects
     # O_NONBLOCK: if the path was swapped for a FIFO since the stat, opening it does not block.
     flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     fd = os.open(path, flags)
     try:
-        _check_regular(path, os.fstat(fd))  # the file actually opened
+        _check_regular(path, os.fstat(fd), who, error, hint)  # the file actually opened
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
 
 
-def _check_regular(path: str, info: os.stat_result) -> None:
+def _check_regular(path, info: os.stat_result, who: str, error: type[Exception], hint: str) -> None:
     if stat.S_ISREG(info.st_mode):
         return
     kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
     kind = next((name for test, name in kinds if test(info.st_mode)), "not a regular file")
-    raise CheckpointError(f"engine.load: {path!r} is {kind}, not a regular file; a checkpoint is a file written by "
-                          "engine.save")
+    raise error(f"{who}: {str(path)!r} is {kind}, not a regular file{hint}")
 
 
 def _load_checkpoint(file, path: str, locations, file_size: int):

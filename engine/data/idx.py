@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import stat
 import struct
 import sys
 import zlib
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
+from engine.io import open_regular_file
 
 # IDX type byte -> big-endian numpy dtype.
 _IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -56,7 +56,7 @@ def load_idx(path) -> np.ndarray:
         >>> labels = load_idx("t10k-labels-idx1-ubyte.gz")   # doctest: +SKIP
     """
     path = Path(os.fspath(path))
-    with _open_regular_file(path) as file:
+    with open_regular_file(path, "load_idx", IDXFormatError) as file:
         size = os.fstat(file.fileno()).st_size
         gzipped = file.read(2) == _GZIP_MAGIC
         file.seek(0)
@@ -124,29 +124,6 @@ def _read(stream, size: int, path: Path) -> bytearray:
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise IDXFormatError(f"load_idx: {str(path)!r} is a damaged or truncated gzip file ({exc})") from exc
     return data
-
-
-def _open_regular_file(path: Path):
-    """``path`` opened for reading; refuses devices, FIFOs and directories before reading a byte."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_idx: no file {str(path)!r}") from None
-    _check_regular(path, info)
-    # Non-blocking: a FIFO swapped in after the stat cannot make the open wait for a writer.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
-    try:
-        _check_regular(path, os.fstat(fd))
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _check_regular(path: Path, info: os.stat_result) -> None:
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
-        raise IDXFormatError(f"load_idx: {str(path)!r} is {kind}, not a regular file")
 
 
 _KINDS = ("train", "t10k")

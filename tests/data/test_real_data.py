@@ -37,7 +37,7 @@ def test_gzip_is_recognised_by_content_not_name(tmp_path):
 
 
 def test_load_idx_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no file .*missing.idx"):
+    with pytest.raises(FileNotFoundError, match="no such file .*missing.idx"):
         load_idx(tmp_path / "missing.idx")
     (tmp_path / "text.idx").write_bytes(b"hello world")
     with pytest.raises(IDXFormatError, match=r"text\.idx.* is not an IDX file \(magic number 68656c6c"):
