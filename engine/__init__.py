@@ -18,7 +18,7 @@ from engine.gradcheck import GradcheckError, gradcheck
 from engine.ops import (abs, amax, amin, argmax, argmin, bitwise_and, bitwise_not, bitwise_or, bitwise_xor, cat, clip,
                         concatenate, cos, exp, flatten, log, logical_and, logical_not, logical_or, matmul, max,
                         maximum, mean, min, minimum, mm, norm, permute, pow, prod, reshape, return_types, sigmoid, sin,
-                        sqrt, square, stack, std, sum, tanh, transpose, var, where)
+                        sqrt, square, stack, std, sum, t, tanh, transpose, var, where)
 from engine.ops import relu, softmax, log_softmax, gelu  # noqa: F401
 from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, float64, from_numpy, full, full_like,
                            int8, int16, int32, int64, linspace, normal, ones, ones_like, rand, randint, randn, randperm,
@@ -84,6 +84,28 @@ def _cuda_namespace():
 
 
 cuda = _cuda_namespace()
+
+
+def _backends_namespace():
+    """``engine.backends``: PyTorch's backend switches that scripts query or set. There is no MPS
+    backend (``backends.mps.is_available()`` is False, so ``"mps" if ... else "cpu"`` picks cpu);
+    ``backends.cudnn.benchmark`` / ``.deterministic`` are plain flags the engine does not read."""
+    import sys
+    import types
+
+    module = types.ModuleType("engine.backends", "PyTorch's torch.backends switches: mps, cudnn")
+    module.mps = types.ModuleType("engine.backends.mps")
+    module.mps.is_available = module.mps.is_built = lambda: False
+    module.cudnn = types.ModuleType("engine.backends.cudnn")
+    module.cudnn.is_available = lambda: False
+    module.cudnn.enabled, module.cudnn.benchmark, module.cudnn.deterministic = True, False, False
+    for name, value in (("engine.backends", module), ("engine.backends.mps", module.mps),
+                        ("engine.backends.cudnn", module.cudnn)):
+        sys.modules[name] = value
+    return module
+
+
+backends = _backends_namespace()
 
 # PyTorch's dtype names (numpy dtypes underneath: t.dtype == engine.float is True)
 float, double, half = float32, float64, float16  # noqa: A001

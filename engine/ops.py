@@ -800,6 +800,14 @@ def transpose(a: Tensor, dim0: int = -2, dim1: int = -1) -> Tensor:
     return permute(a, dims)
 
 
+def t(a: Tensor) -> Tensor:
+    """``torch.t``: transpose a 2-D tensor; 0-D and 1-D tensors come back unchanged, as in PyTorch."""
+    if a.ndim > 2:
+        raise ShapeError(f"t: expects a tensor with <= 2 dims, got {describe(a)}; use transpose(dim0, dim1) "
+                         "or permute for more dims")
+    return a if a.ndim < 2 else transpose(a, 0, 1)
+
+
 def broadcast_to(a: Tensor, shape) -> Tensor:
     shape = tuple(a.shape[i - len(shape) + a.ndim] if n == -1 else n for i, n in enumerate(shape))
     try:
@@ -934,8 +942,9 @@ class MatMul(Function):
         return ga, gb
 
 
-def matmul(a, b) -> Tensor:
-    a, b = _binary_operands("matmul", a, b)
+def matmul(input, other) -> Tensor:
+    """Matrix product with broadcasting (``torch.matmul(input, other)``, PyTorch's argument names)."""
+    a, b = _binary_operands("matmul", input, other)
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError(f"matmul: operands must have at least 1 dim: {describe(a)} @ {describe(b)}")
     k_a = a.shape[-1]
@@ -946,8 +955,9 @@ def matmul(a, b) -> Tensor:
     return MatMul.apply(a, b)
 
 
-def mm(a: Tensor, b: Tensor) -> Tensor:
+def mm(input: Tensor, mat2: Tensor) -> Tensor:
     """Matrix product of two 2-D tensors (``torch.mm``); use :func:`matmul` for batches and vectors."""
+    a, b = input, mat2
     if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.ndim != 2 or b.ndim != 2:
         raise ShapeError(f"mm: both operands must be 2-D tensors, got {describe(a)} and {describe(b)}; "
                          "use matmul for other shapes")

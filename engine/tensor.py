@@ -463,6 +463,7 @@ class Tensor:
     view = reshape
     def flatten(self, start_dim=0, end_dim=-1): return ops.flatten(self, start_dim, end_dim)
     def transpose(self, dim0=-2, dim1=-1): return ops.transpose(self, dim0, dim1)
+    def t(self): return ops.t(self)
     def permute(self, *dims): return ops.permute(self, _shape_arg(dims))
     def expand(self, *shape): return ops.broadcast_to(self, _shape_arg(shape))
     def broadcast_to(self, shape): return ops.broadcast_to(self, tuple(shape))
