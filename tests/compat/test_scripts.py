@@ -114,3 +114,12 @@ def test_quickstart_tutorial_learns_digits(run_script, tmp_path):
     assert test_losses[-1] < test_losses[0]
     assert accuracies[-1] > 30.0                          # chance is 10%
     assert (tmp_path / "model.pth").is_file() and "Predicted:" in out
+
+
+def test_optimization_tutorial_learns_digits(run_script):
+    namespace, out = run_script("optimization_tutorial")
+    accuracies = [float(a) for a in re.findall(r"Accuracy: ([0-9.]+)%", out)]
+    test_losses = [float(a) for a in re.findall(r"Avg loss: ([0-9.]+)", out)]
+    assert len(accuracies) == namespace["epochs"] == 20
+    assert all(later < earlier for earlier, later in zip(test_losses, test_losses[1:]))
+    assert accuracies[-1] > 30.0                          # chance is 10%
