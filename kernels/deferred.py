@@ -19,6 +19,9 @@ parameter finite.
 
 ``eager_checks(True)`` (or ENGINE_EAGER_CHECKS=1) reads every check at once instead, at the cost
 of a sync per call: for debugging, to have the error raised at the call that caused it.
+
+The queue is one per process (behind a lock): with several threads using the GPU, a failed check
+queued by one thread surfaces at the next sync point of whichever thread reaches one first.
 """
 
 from __future__ import annotations
