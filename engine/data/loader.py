@@ -28,6 +28,7 @@ import numpy as np
 from engine import backend
 from engine.autograd import enable_grad, is_grad_enabled, no_grad
 from engine.data.dataset import IterableDataset, Subset, TensorDataset, make_generator
+from engine.data.samplers import chunks
 from engine.errors import EngineError, ShapeError
 from engine.tensor import Tensor
 
@@ -205,14 +206,9 @@ class DataLoader:
 
     def _sampler_batches(self):
         """Index arrays of ``batch_size`` sampler indices, drawn one batch at a time."""
-        indices = iter(self.sampler)
-        for start in itertools.count(0, self.batch_size):
-            chunk = list(itertools.islice(indices, self.batch_size))
-            if not chunk or (self.drop_last and len(chunk) < self.batch_size):
-                return
+        for number, chunk in enumerate(chunks(self.sampler, self.batch_size, self.drop_last)):
+            start = number * self.batch_size
             yield np.array([_sampler_index(i, start + k) for k, i in enumerate(chunk)], dtype=np.int64)
-            if len(chunk) < self.batch_size:
-                return
 
     def _batch_sampler_batches(self):
         """One index array per list the batch sampler yields, drawn one batch at a time."""
@@ -224,14 +220,8 @@ class DataLoader:
 
     def _iterable_batches(self):
         """Lists of ``batch_size`` items read from an IterableDataset, in its order."""
-        items = iter(self.dataset)
-        while True:
-            chunk = list(itertools.islice(items, self.batch_size))
-            if not chunk or (self.drop_last and len(chunk) < self.batch_size):
-                return
+        for chunk in chunks(self.dataset, self.batch_size, self.drop_last):
             yield _Items(chunk)
-            if len(chunk) < self.batch_size:
-                return
 
     def _epoch_order(self):
         n = len(self.dataset)

@@ -18,6 +18,19 @@ from engine.data.dataset import make_generator
 from engine.errors import EngineError
 
 
+def chunks(iterable, size: int, drop_last: bool):
+    """Lists of ``size`` consecutive items of ``iterable``, read lazily (an endless one is fine); the
+    last, shorter list is dropped when ``drop_last``. Nothing is read past a short list (the end)."""
+    items = iter(iterable)
+    while True:
+        chunk = list(itertools.islice(items, size))
+        if not chunk or (drop_last and len(chunk) < size):
+            return
+        yield chunk
+        if len(chunk) < size:
+            return
+
+
 class Sampler:
     """Base class: subclasses implement ``__iter__`` (yielding int indices) and, if finite, ``__len__``.
 
@@ -120,12 +133,7 @@ class BatchSampler(Sampler):
         self.sampler, self.batch_size, self.drop_last = sampler, int(batch_size), bool(drop_last)
 
     def __iter__(self):
-        indices = iter(self.sampler)
-        while True:
-            batch = list(itertools.islice(indices, self.batch_size))
-            if not batch or (self.drop_last and len(batch) < self.batch_size):
-                return
-            yield batch
+        return chunks(self.sampler, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
         n = len(self.sampler)
