@@ -14,6 +14,7 @@ import engine.io as io
 from engine.io import CheckpointError, load, save
 from engine.optim import SGD
 from tests.conftest import DEVICES, cuda_available
+from tests.hostile import refused_in_bounded_memory
 
 NUMPY_DTYPES = [np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
                 np.uint32, np.uint64, np.bool_, np.complex64, np.complex128]
@@ -435,18 +436,7 @@ def ndarray_node(dtype, shape):
 
 def load_in_bounded_memory(path, limit=4 << 20, **kwargs):
     """load(path) must raise CheckpointError without ever holding more than ``limit`` bytes."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        with pytest.raises(CheckpointError) as info:
-            load(path, **kwargs)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"load allocated {peak} bytes before refusing {path}"
-    assert str(path) in str(info.value)
-    return info.value
+    return refused_in_bounded_memory(load, path, CheckpointError, limit, **kwargs)
 
 
 def load_in_time(path, seconds=10.0, **kwargs):

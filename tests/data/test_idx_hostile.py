@@ -4,12 +4,12 @@ import gzip
 import os
 import struct
 import threading
-import tracemalloc
 
 import numpy as np
 import pytest
 
 from engine.data import IDXFormatError, load_idx
+from tests.hostile import refused_in_bounded_memory
 
 
 def idx_bytes(type_code=0x08, dims=(3,), data=b"\x01\x02\x03", ndim=None):
@@ -20,16 +20,7 @@ def idx_bytes(type_code=0x08, dims=(3,), data=b"\x01\x02\x03", ndim=None):
 
 def refused(path, limit=4 << 20, match=None):
     """load_idx(path) raises IDXFormatError naming the file, holding less than ``limit`` bytes at its peak."""
-    tracemalloc.start()
-    try:
-        with pytest.raises(IDXFormatError, match=match) as info:
-            load_idx(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"load_idx allocated {peak} bytes before refusing {path}"
-    assert str(path) in str(info.value)
-    return info.value
+    return refused_in_bounded_memory(load_idx, path, IDXFormatError, limit, match=match)
 
 
 @pytest.mark.parametrize("dims", [(1 << 16,) * 4, (2**32 - 1,) * 3, (2**32 - 1,) * 8,
