@@ -129,7 +129,7 @@ def engine_nn_step(bd: BenchDevice, weights: list, x, y):
     if [tuple(p.shape) for p in params] != [tuple(w.shape) for w in weights]:
         raise Unavailable("engine.nn.Sequential parameters are not in (weight, bias) layer order")
     for p, w in zip(params, weights):
-        p.data[...] = w
+        p._data[...] = w
     opt = optim.Adam(params, lr=LR)
     tx, ty = Tensor(x), Tensor(y)
 

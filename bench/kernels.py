@@ -274,11 +274,11 @@ def _engine_optimizer(bd, spec, fused, p0, g1, g2, idx_dev):
         for g in (g1, g2):
             param.grad = Tensor(g.copy())
             opt.step()
-        checked = {"param": bd.to_host(param.data.reshape(-1)[idx_dev])}
+        checked = {"param": bd.to_host(param._data.reshape(-1)[idx_dev])}
         # Let backward-style grads live in the optimizer's flat grad buffer, as in training
         # with zero_grad(set_to_none=False): the timed step then copies no gradient.
         opt.zero_grad(set_to_none=False)
-        param.grad.data[...] = g2
+        param.grad._data[...] = g2
         return Prepared(run=opt.step, sample=lambda: checked, clock=bd.clock)
 
     return prepare
@@ -360,7 +360,7 @@ def _ce_engine(bd, fused, logits, targets, rows_dev):
 
         def sample():
             run()
-            return {"grad": bd.to_host(x.grad.data[rows_dev])}
+            return {"grad": bd.to_host(x.grad._data[rows_dev])}
 
         return Prepared(run=run, sample=sample, clock=bd.clock)
 
@@ -456,7 +456,7 @@ def _lr_forward_engine(bd, x, weight, bias, rows_dev):
             with no_grad():
                 return F.linear_relu(tx, tw, tb, fused=False)
 
-        return Prepared(run=run, sample=lambda: {"out": bd.to_host(run().data[rows_dev])}, clock=bd.clock)
+        return Prepared(run=run, sample=lambda: {"out": bd.to_host(run()._data[rows_dev])}, clock=bd.clock)
 
     return prepare
 
@@ -537,7 +537,7 @@ def _lr_backward_engine(bd, x, weight, bias, grad_out, pick):
 
         def sample():
             run()
-            return pick(*(t.grad.data for t in leaves))
+            return pick(*(t.grad._data for t in leaves))
 
         return Prepared(run=run, sample=sample, clock=bd.clock)
 

@@ -103,7 +103,7 @@ class Function:
 
         _check_same_device(cls.op_name(), inputs)
         fn = cls()
-        raw = [t.data for t in inputs]
+        raw = [t._data for t in inputs]
         needs = tuple(t.requires_grad for t in inputs)
         fn.needs_input_grad = needs  # known in forward too, so it can save only what backward uses
         try:
@@ -243,7 +243,7 @@ def _apply_ctx_style(cls, args: tuple, kwargs: dict):
     node.output_meta = tuple((o.shape, o.dtype) if isinstance(o, Tensor) else None for o in outputs)
     non_diff = {id(t) for t in ctx._non_differentiable}
     wanted = [i for i, o in enumerate(outputs)
-              if isinstance(o, Tensor) and id(o) not in non_diff and o.data.dtype.kind in "fc"]
+              if isinstance(o, Tensor) and id(o) not in non_diff and o._data.dtype.kind in "fc"]
     if len(outputs) == 1 and not isinstance(out, tuple):
         results = [_attach(o, node, tensors) if wanted else o for o in outputs]
     else:
@@ -265,7 +265,7 @@ def _attach(output, grad_fn, inputs):
     if fresh:
         output.grad_fn, output.requires_grad = grad_fn, True
         return output
-    result = Tensor._from_op(output.data, grad_fn)
+    result = Tensor._from_op(output._data, grad_fn)
     result._version, result._base = output._version, output._base if output._base is not None else output
     return result
 
@@ -350,7 +350,7 @@ class _CtxBackward(Function):
             if g is not None and not isinstance(g, Tensor):
                 raise GradError(f"{name}.backward returned a {type(g).__name__} for argument {position}; return "
                                 "a Tensor or None")
-            out.append(None if g is None else g.data)
+            out.append(None if g is None else g._data)
         return tuple(out)
 
     def release(self) -> None:
@@ -362,9 +362,9 @@ class _CtxBackward(Function):
 
 def _share_storage(result, inputs) -> None:
     """A result that views an input's memory shares its Version (and remembers the tensor it views)."""
-    out = result.data
+    out = result._data
     for t in inputs:
-        if out is t.data or (getattr(out, "base", None) is not None and storage_root(out) is storage_root(t.data)):
+        if out is t._data or (getattr(out, "base", None) is not None and storage_root(out) is storage_root(t._data)):
             result._version = t._version
             result._base = t._base if t._base is not None else t
             return
@@ -380,7 +380,7 @@ def _saved_versions(fn, inputs, result) -> tuple:
             saved.append(value)
     if not saved:
         return ()
-    owners = [(storage_root(t.data), t) for t in (*inputs, result)]
+    owners = [(storage_root(t._data), t) for t in (*inputs, result)]
     versions = {}
     for array in saved:
         root = storage_root(array)
@@ -434,16 +434,16 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         raise GradError(f"backward: {describe(root)} does not require grad and has no grad_fn; "
                         "create the inputs with requires_grad=True (and not under no_grad())")
     if grad is None:
-        if root.data.size != 1:
+        if root._data.size != 1:
             raise GradError(f"backward: {describe(root)} is not a scalar; pass a gradient of the same "
                             "shape (tensor.backward(grad)) or reduce it first (e.g. .sum() or .mean())")
-        grad = root.xp.ones_like(root.data)
+        grad = root.xp.ones_like(root._data)
         _seed.unit = grad
     else:
         if isinstance(grad, Tensor) and grad.device != root.device:
             raise GradError(f"backward: gradient {describe(grad)} is not on {describe(root)}'s device")
         # Cast to the root's dtype, as PyTorch does (a float64 gradient must not make float64 .grads).
-        grad = (grad.data if isinstance(grad, Tensor) else root.xp.asarray(grad)).astype(root.dtype, copy=False)
+        grad = (grad._data if isinstance(grad, Tensor) else root.xp.asarray(grad)).astype(root.dtype, copy=False)
         if grad.shape != root.shape:
             raise GradError(f"backward: gradient shape {grad.shape} does not match {describe(root)}")
 

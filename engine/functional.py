@@ -133,7 +133,7 @@ def _contiguous(a):
 
 
 def _contiguous_tensor(t: Tensor) -> Tensor:
-    return t if t.data.flags.c_contiguous else ops.clone(t)
+    return t if t._data.flags.c_contiguous else ops.clone(t)
 
 
 # ---- cross-entropy ------------------------------------------------------------------------------
@@ -269,8 +269,8 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ign
     if soft and target.dtype != input.dtype:
         raise DTypeError(f"cross_entropy: soft targets {describe(target)} must have the input's dtype {input.dtype}")
     classes = input.shape[1]
-    if not soft and isinstance(original_target.data, np.ndarray):  # on a GPU: checked on the device
-        _check_class_indices(original_target.data, classes, int(ignore_index))
+    if not soft and isinstance(original_target._data, np.ndarray):  # on a GPU: checked on the device
+        _check_class_indices(original_target._data, classes, int(ignore_index))
     if input.ndim > 2:  # (N, C, d...) -> (N * d..., C)
         perm = (0,) + tuple(range(2, input.ndim)) + (1,)
         input = ops.reshape(ops.permute(input, perm), (-1, classes))
@@ -280,9 +280,9 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ign
         if weight.shape != (classes,) or weight.device != input.device or weight.dtype != input.dtype:
             raise ShapeError(f"cross_entropy: weight {describe(weight)} must be ({classes},) with the input's dtype "
                              f"and device ({describe(input)})")
-        w = weight.data
-    logits = input if input.data.flags.c_contiguous else ops.clone(input)
-    targets = target.data if soft else _int64_class_indices(target.data, int(ignore_index))
+        w = weight._data
+    logits = input if input._data.flags.c_contiguous else ops.clone(input)
+    targets = target._data if soft else _int64_class_indices(target._data, int(ignore_index))
     if soft and not targets.flags.c_contiguous:
         targets = targets.copy()
     return logits, targets, w
@@ -493,9 +493,9 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
     _check_reduction("binary_cross_entropy", reduction)
     input, target = _loss_operands("binary_cross_entropy", input, target)
     weight = _elementwise_weight("binary_cross_entropy", "weight", weight, input)
-    if bool(((input.data < 0) | (input.data > 1)).any()):
+    if bool(((input._data < 0) | (input._data > 1)).any()):
         raise EngineError(f"binary_cross_entropy: every input element must be a probability in [0, 1], got values "
-                          f"in [{float(input.data.min()):.4g}, {float(input.data.max()):.4g}] for {describe(input)}; "
+                          f"in [{float(input._data.min()):.4g}, {float(input._data.max()):.4g}] for {describe(input)}; "
                           "apply sigmoid first, or use binary_cross_entropy_with_logits on the raw scores")
     loss = BinaryCrossEntropy.apply(input, target)
     return _reduce(loss if weight is None else loss * weight, reduction)
@@ -592,7 +592,7 @@ def _class_rows(op: str, input: Tensor, target) -> tuple[Tensor, object, tuple]:
     if input.ndim > 2:  # (N, C, d...) -> (N * d..., C)
         input = ops.permute(input, (0,) + tuple(range(2, input.ndim)) + (1,))
     rows = ops.reshape(input, (-1, classes))
-    return rows, target.data.reshape(-1).astype(np.int64, copy=False), expected
+    return rows, target._data.reshape(-1).astype(np.int64, copy=False), expected
 
 
 def _class_weight(op: str, weight, rows: Tensor):
@@ -604,7 +604,7 @@ def _class_weight(op: str, weight, rows: Tensor):
             or weight.device != rows.device:
         raise ShapeError(f"{op}: weight {describe(weight)} must be a ({classes},) Tensor with the input's dtype and "
                          f"device ({describe(rows)})")
-    return weight.data
+    return weight._data
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
@@ -831,7 +831,7 @@ def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
         raise DeviceError(f"embedding: indices {describe(indices)} and weight {describe(weight)} are on different "
                           "devices; move the indices with .to(weight.device)")
     count = weight.shape[0]
-    idx = indices.data
+    idx = indices._data
     if idx.size and bool(((idx < 0) | (idx >= count)).any()):
         raise EngineError(f"embedding: indices must be in [0, {count}) for a table of {count} rows, got values in "
                           f"[{int(idx.min())}, {int(idx.max())}] ({describe(indices)})")
@@ -857,7 +857,7 @@ def one_hot(tensor: Tensor, num_classes: int = -1) -> Tensor:
         raise TypeError(f"one_hot: expected an integer Tensor, got {type(tensor).__name__}")
     if not np.issubdtype(tensor.dtype, np.integer):
         raise DTypeError(f"one_hot: class indices must be an integer tensor, got {describe(tensor)}; use .long()")
-    xp, idx = tensor.xp, tensor.data
+    xp, idx = tensor.xp, tensor._data
     if num_classes == -1:
         num_classes = int(backend.to_host(idx.max())) + 1 if idx.size else 0
     if idx.size and bool(backend.to_host(((idx < 0) | (idx >= num_classes)).any())):

@@ -32,14 +32,14 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1
     weights = xp.asarray(np.random.default_rng(seed).standard_normal(out.shape))
 
     def objective() -> float:
-        return float((fn(*args).data * weights).sum())
+        return float((fn(*args)._data * weights).sum())
 
     (out * Tensor(weights)).sum().backward()
     for i in diff:
         x = args[i]
         analytic = x.grad.numpy() if x.grad is not None else np.zeros(x.shape)
         numeric = np.zeros(x.shape)
-        flat = x.data.reshape(-1)  # a view: perturbing it perturbs x
+        flat = x._data.reshape(-1)  # a view: perturbing it perturbs x
         for j in range(flat.size):
             original = flat[j].item()
             flat[j] = original + eps
@@ -59,5 +59,5 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1
 
 def _float64_leaf(x):
     if isinstance(x, Tensor) and np.issubdtype(x.dtype, np.floating):
-        return Tensor(x.data.astype(np.float64), requires_grad=True)
+        return Tensor(x._data.astype(np.float64), requires_grad=True)
     return x

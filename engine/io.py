@@ -150,7 +150,7 @@ def _write_array(member, array: np.ndarray) -> None:
 
 def _host_array(source) -> np.ndarray:
     """The numpy array to store for a Tensor or array (copied off the GPU one at a time)."""
-    data = source.data if isinstance(source, Tensor) else source
+    data = source._data if isinstance(source, Tensor) else source
     return np.asarray(backend.to_device(data, backend.CPU))
 
 
@@ -213,7 +213,7 @@ class _Encoder:
         if isinstance(obj, float):
             return obj if math.isfinite(obj) else {"float": repr(obj)}
         if isinstance(obj, Tensor):
-            return self._array_node("tensor", obj, obj.data, where, device=str(obj.device))
+            return self._array_node("tensor", obj, obj._data, where, device=str(obj.device))
         if isinstance(obj, np.ndarray):
             if isinstance(obj, np.ma.MaskedArray):
                 raise TypeError(f"engine.save: {where} is a numpy masked array; store .data and .mask separately")
@@ -673,7 +673,7 @@ class _Decoder:
         if result is None:
             moved = backend.to_device(array, self._target_device(saved, mapped=False))
         elif isinstance(result, Tensor) or backend.is_array(result):
-            moved = result.data if isinstance(result, Tensor) else result
+            moved = result._data if isinstance(result, Tensor) else result
         else:
             raise CheckpointError(f"engine.load: {self.path!r}: map_location returned a {type(result).__name__}; it "
                                   "must return the tensor it was given (moved or not) or None")

@@ -401,7 +401,7 @@ def clip(a: Tensor, min=None, max=None) -> Tensor:
 def where(condition, a, b) -> Tensor:
     """``a`` where ``condition`` is true, else ``b`` (broadcasting); differentiable in a and b."""
     a, b = _binary_operands("where", a, b)
-    cond = condition.data if isinstance(condition, Tensor) else condition
+    cond = condition._data if isinstance(condition, Tensor) else condition
     if backend.is_array(cond) and backend.device_of(cond) != a.device:
         raise DeviceError(f"where: condition on {backend.device_of(cond)} but operands {describe(a)} "
                           f"and {describe(b)}; move the condition with .to('{a.device}')")
@@ -411,7 +411,7 @@ def where(condition, a, b) -> Tensor:
 
 def _compare(name, a, b) -> Tensor:
     a, b = _binary_operands(name, a, b)
-    return Tensor._from_op(getattr(a.xp, name)(a.data, b.data), None)
+    return Tensor._from_op(getattr(a.xp, name)(a._data, b._data), None)
 
 
 def lt(a, b): return _compare("less", a, b)
@@ -426,7 +426,7 @@ def _bitwise(op: str, name: str, a, b) -> Tensor:
     a, b = _binary_operands(op, a, b)
     if _is_float(a.dtype):
         raise DTypeError(f"{op}: only bool and integer tensors, got {describe(a)} and {describe(b)}")
-    return Tensor._from_op(getattr(a.xp, name)(a.data, b.data), None)
+    return Tensor._from_op(getattr(a.xp, name)(a._data, b._data), None)
 
 
 def bitwise_and(a, b): return _bitwise("bitwise_and (&)", "bitwise_and", a, b)
@@ -438,7 +438,7 @@ def bitwise_not(a: Tensor) -> Tensor:
     """``~a``: logical not of a bool tensor, bitwise not of an integer one."""
     if _is_float(a.dtype):
         raise DTypeError(f"bitwise_not (~): only bool and integer tensors, got {describe(a)}")
-    return Tensor._from_op(a.xp.invert(a.data), None)
+    return Tensor._from_op(a.xp.invert(a._data), None)
 
 
 def logical_and(a, b): return ne(a, 0) & ne(b, 0) if isinstance(a, Tensor) else ne(b, 0) & bool(a)
@@ -570,7 +570,7 @@ class IndexedExtremum(Function):
 
 def _extremum(mode: str, a: Tensor, dim, keepdim, axis, keepdims):
     if not isinstance(a, Tensor) and backend.is_array(a):
-        a = Tensor(a)  # torch.max(outputs.data, 1): the engine's .data is the raw array
+        a = Tensor(a)  # engine.max(array, 1): a raw numpy/cupy array is taken as a tensor
     if isinstance(dim, Tensor) or (dim is not None and not isinstance(dim, (int, np.integer, tuple, list))):
         # torch.max(a, b): the elementwise maximum
         return (maximum if mode == "max" else minimum)(a, dim)
@@ -725,16 +725,16 @@ def argmax(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=No
     dim, keep = _dim("argmax", dim, axis), _keep(keepdim, keepdims)
     a = a if isinstance(a, Tensor) else Tensor(a)
     if dim is None and keep:  # PyTorch: the flat index, in a tensor of the input's ndim of ones
-        return Tensor._from_op(a.xp.argmax(a.data).reshape((1,) * a.ndim), None)
-    return Tensor._from_op(a.xp.argmax(a.data, axis=dim, keepdims=keep), None)
+        return Tensor._from_op(a.xp.argmax(a._data).reshape((1,) * a.ndim), None)
+    return Tensor._from_op(a.xp.argmax(a._data, axis=dim, keepdims=keep), None)
 
 
 def argmin(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
     dim, keep = _dim("argmin", dim, axis), _keep(keepdim, keepdims)
     a = a if isinstance(a, Tensor) else Tensor(a)
     if dim is None and keep:
-        return Tensor._from_op(a.xp.argmin(a.data).reshape((1,) * a.ndim), None)
-    return Tensor._from_op(a.xp.argmin(a.data, axis=dim, keepdims=keep), None)
+        return Tensor._from_op(a.xp.argmin(a._data).reshape((1,) * a.ndim), None)
+    return Tensor._from_op(a.xp.argmin(a._data, axis=dim, keepdims=keep), None)
 
 
 # ---- shape ops ----------------------------------------------------------------------------------
@@ -862,7 +862,7 @@ def _unwrap_index(index, a: Tensor):
     if isinstance(index, Tensor):
         if index.device != a.device:
             raise DeviceError(f"getitem: index {describe(index)} and {describe(a)} are on different devices")
-        return index.data
+        return index._data
     if isinstance(index, list):
         return a.xp.asarray(index)
     return index
@@ -1066,7 +1066,7 @@ def cast(a: Tensor, dtype) -> Tensor:
     if a.dtype == np.dtype(dtype):
         return a
     if a.requires_grad and not _is_float(dtype):
-        return Tensor._from_op(a.data.astype(dtype), None)
+        return Tensor._from_op(a._data.astype(dtype), None)
     return Cast.apply(a, dtype=np.dtype(dtype))
 
 

@@ -33,7 +33,7 @@ class Tensor:
         tensor([[2., 4.]])
     """
 
-    __slots__ = ("data", "_grad", "requires_grad", "grad_fn", "_retains_grad", "_version", "_base", "__weakref__")
+    __slots__ = ("_data", "_grad", "requires_grad", "grad_fn", "_retains_grad", "_version", "_base", "__weakref__")
     __array_priority__ = 1000  # numpy scalars defer to Tensor's reflected operators
     __hash__ = object.__hash__  # == is elementwise, so hash by identity like PyTorch
 
@@ -42,7 +42,7 @@ class Tensor:
             # PyTorch's legacy constructor: Tensor(2, 3) is an uninitialised float32 tensor of that shape.
             # A lone numpy integer stays data (a 0-d tensor), as engine code builds tensors from reductions.
             data = _legacy_empty((data, *sizes) if data is not None else (0,), dtype, device)
-        self.data = as_array(data, dtype, device)
+        self._data = as_array(data, dtype, device)
         self._grad: Tensor | None = None
         self.grad_fn = None
         self._retains_grad = False
@@ -57,7 +57,7 @@ class Tensor:
         t = Tensor.__new__(Tensor)
         if isinstance(data, np.generic):  # numpy reductions return scalars; keep 0-d arrays
             data = np.asarray(data)
-        t.data, t._grad, t.grad_fn, t._retains_grad = data, None, grad_fn, False
+        t._data, t._grad, t.grad_fn, t._retains_grad = data, None, grad_fn, False
         t._version, t._base = Version(), None
         t.requires_grad = grad_fn is not None
         return t
@@ -79,16 +79,36 @@ class Tensor:
         self._grad = value
 
     @property
+    def data(self) -> "Tensor":
+        """This tensor's memory as a new Tensor outside the graph, as PyTorch's ``.data``.
+
+        It shares the storage (``p.data.normal_()`` and ``p.data -= lr * p.grad`` change ``p``) but
+        not the version counter, so autograd does not see changes made through it: PyTorch's
+        contract, and the reason ``.detach()`` is the safer spelling. Assigning ``p.data = t``
+        rebinds ``p`` to ``t``'s memory (a Tensor or an array, on any device and dtype).
+        """
+        return Tensor._from_op(self._data, None)
+
+    @data.setter
+    def data(self, value) -> None:
+        if isinstance(value, Tensor):
+            value = value._data
+        elif not backend.is_array(value):
+            raise TypeError(f"data: assign a Tensor or an array to the .data of {describe(self)}, got "
+                            f"{type(value).__name__}")
+        self._data = value
+
+    @property
     def _version_value(self) -> int:
         """How many in-place changes this tensor's memory has had (PyTorch's ``_version``)."""
         return self._version.value
 
     # ---- properties --------------------------------------------------------------------------
-    shape = property(lambda self: tuple(self.data.shape))
-    dtype = property(lambda self: self.data.dtype)
-    ndim = property(lambda self: self.data.ndim)
-    device = property(lambda self: backend.device_of(self.data))
-    xp = property(lambda self: backend.array_module(self.data), doc="numpy or cupy")
+    shape = property(lambda self: tuple(self._data.shape))
+    dtype = property(lambda self: self._data.dtype)
+    ndim = property(lambda self: self._data.ndim)
+    device = property(lambda self: backend.device_of(self._data))
+    xp = property(lambda self: backend.array_module(self._data), doc="numpy or cupy")
     is_leaf = property(lambda self: self.grad_fn is None)
     T = property(lambda self: self.transpose())
 
@@ -96,7 +116,7 @@ class Tensor:
         return self.shape if dim is None else self.shape[dim]
 
     def numel(self) -> int:
-        return int(self.data.size)
+        return int(self._data.size)
 
     def __len__(self) -> int:
         if self.ndim == 0:
@@ -125,12 +145,12 @@ class Tensor:
             # Copy: ``g`` may be a view shared with another tensor's gradient.
             self._grad = Tensor(self.xp.array(g, copy=True))
         else:
-            self._grad.data += g
+            self._grad._data += g
             self._grad._version.value += 1
 
     def detach(self) -> "Tensor":
         """The same data, cut from the graph (in-place changes to it show in this tensor's version)."""
-        t = Tensor._from_op(self.data, None)
+        t = Tensor._from_op(self._data, None)
         t._version = self._version
         return t
 
@@ -204,10 +224,10 @@ class Tensor:
 
     def numpy(self) -> np.ndarray:
         """The data as a numpy array (copied from the GPU if needed). Detached from the graph."""
-        return backend.to_host(self.data)
+        return backend.to_host(self._data)
 
     def item(self):
-        if self.data.size != 1:
+        if self._data.size != 1:
             raise EngineError(f"item: only one-element tensors convert to a Python scalar, got {describe(self)}")
         return self.numpy().reshape(()).item()
 
@@ -225,7 +245,7 @@ class Tensor:
         return f"tensor({body}{extras})"
 
     def __bool__(self) -> bool:
-        if self.data.size != 1:
+        if self._data.size != 1:
             raise EngineError(f"bool() of {describe(self)} is ambiguous; use .any() or .all()")
         return bool(self.item())
 
@@ -236,7 +256,7 @@ class Tensor:
         return int(self.item())
 
     def __index__(self) -> int:
-        if self.data.size != 1 or not np.issubdtype(np.dtype(self.dtype), np.integer):
+        if self._data.size != 1 or not np.issubdtype(np.dtype(self.dtype), np.integer):
             raise TypeError(f"only integer tensors of a single element can be converted to an index, got "
                             f"{describe(self)}")
         return int(self.item())
@@ -274,7 +294,7 @@ class Tensor:
                             "if it is an update (as optimizers do), or work on a .clone()")
 
     def _inplace_operand(self, op: str, other):
-        value = other.data if isinstance(other, Tensor) else other
+        value = other._data if isinstance(other, Tensor) else other
         if isinstance(other, Tensor) and other.device != self.device:
             raise EngineError(f"{op}: operands on different devices: {describe(self)} and {describe(other)}")
         return value
@@ -295,7 +315,7 @@ class Tensor:
     def _rebase(self, op: str, through_graph, keep_old: bool) -> None:
         # The old value as its own node; a copy when the op's backward may need it (the operand
         # requires grad), since the write below overwrites this memory.
-        old = Tensor._from_op(self.data.copy() if keep_old else self.data, self.grad_fn)
+        old = Tensor._from_op(self._data.copy() if keep_old else self._data, self.grad_fn)
         old.requires_grad = self.requires_grad
         if not keep_old:
             old._version, old._base = self._version, self._base
@@ -303,27 +323,27 @@ class Tensor:
         if result.dtype != self.dtype or result.shape != self.shape:
             raise DTypeError(f"{op}: the result {describe(result)} cannot be written into {describe(self)} in "
                              "place (PyTorch refuses it too); use the out-of-place op")
-        self.data[...] = result.data
+        self._data[...] = result._data
         self.grad_fn, self.requires_grad = result.grad_fn, result.requires_grad
 
     def copy_(self, src) -> "Tensor":
         def write(value):
             if isinstance(value, np.ndarray) and self.device.type == "cuda":
                 value = backend.to_device(value, self.device)
-            self.data[...] = value
+            self._data[...] = value
         return self._inplace("copy_", src, write, lambda old: ops.overwrite(old, src))
 
     def fill_(self, value) -> "Tensor":
         if isinstance(value, Tensor):
             raise TypeError(f"fill_: pass a number, not a tensor ({describe(value)}); use copy_ for tensors")
-        return self._inplace("fill_", value, self.data.fill, lambda old: ops.overwrite(old, value))
+        return self._inplace("fill_", value, self._data.fill, lambda old: ops.overwrite(old, value))
 
     def zero_(self) -> "Tensor":
         return self.fill_(0)
 
     def add_(self, other, alpha=1.0) -> "Tensor":
         def write(value):
-            self.data += value if alpha == 1.0 else value * alpha
+            self._data += value if alpha == 1.0 else value * alpha
         return self._inplace("add_", other, write,
                              lambda old: ops.add(old, other if alpha == 1.0 else ops.mul(other, alpha)
                                                  if isinstance(other, Tensor) else other * alpha))
@@ -333,7 +353,7 @@ class Tensor:
 
     def mul_(self, other) -> "Tensor":
         def write(value):
-            self.data *= value
+            self._data *= value
         return self._inplace("mul_", other, write, lambda old: ops.mul(old, other))
 
     def div_(self, other) -> "Tensor":
@@ -342,7 +362,7 @@ class Tensor:
                              "be written back in place (PyTorch refuses it too); use the out-of-place /")
 
         def write(value):
-            self.data /= value
+            self._data /= value
         return self._inplace("div_", other, write, lambda old: ops.div(old, other))
 
     def clamp_(self, min=None, max=None) -> "Tensor":
@@ -353,7 +373,7 @@ class Tensor:
             raise ValueError("clamp_: give at least one of min and max")
 
         def write(_):
-            self.xp.clip(self.data, min, max, out=self.data)
+            self.xp.clip(self._data, min, max, out=self._data)
         # Clip's backward reads its input, which the write overwrites: clip a copy of the old value.
         return self._inplace("clamp_", None, write, lambda old: ops.clip(ops.clone(old), min, max))
 
@@ -377,7 +397,7 @@ class Tensor:
         with backend.on_device(dev):
             values = draw(backend.generator(dev), float64 if self.dtype == float64 else float32)
             values = values.astype(self.dtype, copy=False)
-        return self._inplace(op, None, lambda _: self.data.__setitem__(Ellipsis, values),
+        return self._inplace(op, None, lambda _: self._data.__setitem__(Ellipsis, values),
                              lambda old: ops.overwrite(old, Tensor(values)))
 
     def __iadd__(self, other): return self.add_(other)
@@ -393,8 +413,8 @@ class Tensor:
         if is_grad_enabled() and isinstance(value, Tensor) and value.requires_grad:
             raise GradError(f"__setitem__: writing {describe(value)}, which requires grad, into {describe(self)} "
                             "would drop its gradient; build the tensor with engine.cat / engine.where instead")
-        index = index.data if isinstance(index, Tensor) else index
-        self.data[index] = self._inplace_operand("__setitem__", value)
+        index = index._data if isinstance(index, Tensor) else index
+        self._data[index] = self._inplace_operand("__setitem__", value)
         self._version.value += 1
 
     # ---- operators and methods: see engine/ops.py ----------------------------------------------
@@ -457,8 +477,8 @@ class Tensor:
     def __rxor__(self, other): return ops.bitwise_xor(other, self)
     def __invert__(self): return ops.bitwise_not(self)
     def logical_not(self): return ops.logical_not(self)
-    def any(self): return bool(self.data.any())
-    def all(self): return bool(self.data.all())
+    def any(self): return bool(self._data.any())
+    def all(self): return bool(self._data.all())
     def reshape(self, *shape): return ops.reshape(self, _shape_arg(shape))
     view = reshape
     def flatten(self, start_dim=0, end_dim=-1): return ops.flatten(self, start_dim, end_dim)
@@ -517,7 +537,7 @@ def unwrap(x, where: str):
     """The raw numpy/cupy array behind ``x``: a Tensor's data, an array as it is, other array-like
     data as numpy (dtype and device kept, unlike :func:`as_array`); ``where`` names the caller in errors."""
     if isinstance(x, Tensor):
-        return x.data
+        return x._data
     if backend.is_array(x):
         return x
     try:
@@ -529,7 +549,7 @@ def unwrap(x, where: str):
 def as_array(data, dtype=None, device=None):
     """``data`` as a numpy/cupy array on ``device``; Python floats and lists become float32."""
     if isinstance(data, Tensor):
-        data = data.data
+        data = data._data
     if backend.is_array(data):
         arr = data
     else:
@@ -549,7 +569,7 @@ def as_array(data, dtype=None, device=None):
 
 def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     """A new tensor holding a copy of ``data``."""
-    data = data.data if isinstance(data, Tensor) else data
+    data = data._data if isinstance(data, Tensor) else data
     arr = as_array(data, dtype, device)
     if arr is data:
         arr = arr.copy()
@@ -666,8 +686,8 @@ def normal(mean=0.0, std=1.0, size=None, dtype=None, device=None, requires_grad=
     sample_dtype = float64 if np.dtype(dtype) == float64 else float32
     with backend.on_device(dev):
         unit = backend.generator(dev).standard_normal(shape, dtype=sample_dtype)
-    mean_v = mean.data if isinstance(mean, Tensor) else mean
-    std_v = std.data if isinstance(std, Tensor) else std
+    mean_v = mean._data if isinstance(mean, Tensor) else mean
+    std_v = std._data if isinstance(std, Tensor) else std
     return Tensor((mean_v + std_v * unit).astype(dtype), requires_grad=requires_grad)
 
 

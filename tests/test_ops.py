@@ -172,7 +172,7 @@ def test_linear_weight_grad_arrives_in_the_weights_layout(device):
     x = engine.randn(6, 4, device=device)
     w = engine.randn(3, 4, device=device, requires_grad=True)
     F.linear(x, w).sum().backward()
-    assert w.grad.data.flags.c_contiguous
+    assert w.grad._data.flags.c_contiguous
     F.linear(x, w).sum().backward()  # accumulates
     np.testing.assert_allclose(w.grad.numpy(), 2 * np.ones((6, 3)).T @ x.numpy(), rtol=1e-5)
 

@@ -109,7 +109,7 @@ class TensorDataset(Dataset):
     def __getitem__(self, index):
         # An int index into a 1-D numpy array gives a numpy scalar: keep it a 0-d array, so that
         # Tensor() reads it as data (Tensor(n) with an int n is PyTorch's uninitialised size-n tensor).
-        return tuple(Tensor(_as_0d(t.data[index])) for t in self.tensors)
+        return tuple(Tensor(_as_0d(t._data[index])) for t in self.tensors)
 
     def __len__(self) -> int:
         return self.tensors[0].shape[0]
@@ -121,7 +121,7 @@ class TensorDataset(Dataset):
             index = indices
             if isinstance(indices, np.ndarray) and t.device.type != "cpu":
                 index = backend.to_device(indices, t.device)
-            out.append(Tensor(t.data[index]))
+            out.append(Tensor(t._data[index]))
         return tuple(out)
 
 

@@ -483,7 +483,7 @@ def default_collate(items: list):
 
 
 def _stack_arrays(items: list) -> Tensor:
-    arrays = [item.data if isinstance(item, Tensor) else item for item in items]
+    arrays = [item._data if isinstance(item, Tensor) else item for item in items]
     shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) > 1:
         raise ShapeError(f"default_collate: cannot stack items of different shapes {sorted(shapes)}; "
@@ -511,7 +511,7 @@ def move_to(batch, device):
     """``batch`` (a Tensor, array, or tuple/list/dict of them) with every Tensor/array on ``device``."""
     dev = backend.device(device)
     if isinstance(batch, Tensor):
-        return batch if batch.device == dev else Tensor(backend.to_device(batch.data, dev))
+        return batch if batch.device == dev else Tensor(backend.to_device(batch._data, dev))
     if backend.is_array(batch):
         return Tensor(backend.to_device(batch, dev))
     if isinstance(batch, dict):

@@ -231,7 +231,7 @@ def _host(a):
 
 def _take(a, idx: np.ndarray):
     """Rows ``idx`` of ``a``, keeping its type and device."""
-    data = a.data if isinstance(a, Tensor) else a
+    data = a._data if isinstance(a, Tensor) else a
     if backend.is_array(data) and backend.device_of(data).type != "cpu":
         idx = backend.to_device(idx, backend.device_of(data))
     rows = data[idx]

@@ -275,13 +275,13 @@ class Module:
             if set_to_none:
                 param.grad = None
             elif param.grad is not None:
-                param.grad.data.fill(0)
+                param.grad._data.fill(0)
 
     # ---- devices and dtypes ---------------------------------------------------------------------
     def to(self, device=None, dtype=None) -> "Module":
         """Move parameters and buffers to ``device`` and/or cast floating ones to ``dtype``, in place.
 
-        The Parameter objects stay the same (their ``.data`` is replaced), so an optimizer that
+        The Parameter objects stay the same (their ``._data`` is replaced), so an optimizer that
         already holds them keeps working; gradients move with them. Integer buffers are not cast.
 
         Example:
@@ -296,9 +296,9 @@ class Module:
                              "(integer buffers are never cast; parameters must stay floating)")
         tensors = {id(t): t for t in (*self.parameters(), *self.buffers())}
         for tensor in tensors.values():
-            tensor.data = _moved(tensor.data, target, dtype)
+            tensor._data = _moved(tensor._data, target, dtype)
             if tensor.grad is not None:
-                tensor.grad.data = _moved(tensor.grad.data, target, dtype)
+                tensor.grad._data = _moved(tensor.grad._data, target, dtype)
         return self
 
     def cpu(self) -> "Module":
@@ -433,7 +433,7 @@ def _moved(array, device, dtype):
 def _raw_array(value, like: Tensor):
     """A state-dict value as a numpy/cupy array (lists and scalars take ``like``'s dtype)."""
     if isinstance(value, Tensor):
-        return value.data
+        return value._data
     if backend.is_array(value):
         return value
     expected = "expected a Tensor, an array, a number or a nested list of numbers"

@@ -81,14 +81,14 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     home = grads[0].device
     xp = backend.xp_for(home)
     with backend.on_device(home):
-        norms = xp.stack([backend.to_device(_norm(g.data, norm_type), home) for g in grads])
+        norms = xp.stack([backend.to_device(_norm(g._data, norm_type), home) for g in grads])
         total = _norm(norms, norm_type)
         if error_if_nonfinite and not bool(xp.isfinite(total)):
             raise GradError(f"clip_grad_norm_: the total {norm_type}-norm of the gradients is {float(total)}, so they "
                             "cannot be clipped; check the loss for NaN/inf or pass error_if_nonfinite=False")
         scale = xp.minimum(max_norm / (total + 1e-6), 1.0)
     for g in grads:
-        g.data *= backend.to_device(scale, g.device).astype(g.dtype)
+        g._data *= backend.to_device(scale, g.device).astype(g.dtype)
     return Tensor(total)
 
 
@@ -100,7 +100,7 @@ def clip_grad_value_(parameters, clip_value: float) -> None:
     for p in _unique(parameters):
         if p.grad is not None:
             xp = p.grad.xp
-            xp.clip(p.grad.data, -clip_value, clip_value, out=p.grad.data)
+            xp.clip(p.grad._data, -clip_value, clip_value, out=p.grad._data)
 
 
 def _sum_terms(terms: list[Tensor]) -> Tensor:
@@ -146,6 +146,6 @@ def vector_to_parameters(vec: Tensor, parameters) -> None:
     offset = 0
     with no_grad():
         for p in params:
-            chunk = vec.data[offset:offset + p.numel()].reshape(p.shape)
+            chunk = vec._data[offset:offset + p.numel()].reshape(p.shape)
             p.copy_(backend.to_device(chunk, p.device).astype(p.dtype, copy=False))
             offset += p.numel()

@@ -4,7 +4,7 @@ Storage. For each param group the optimizer keeps one :class:`_Bucket` per (devi
 its parameters. A bucket owns
 
 * ``flat``: one contiguous buffer holding every parameter of the bucket; each parameter's
-  ``.data`` is rebound to a shaped view into it, so the kernel updates the model in place with
+  ``._data`` is rebound to a shaped view into it, so the kernel updates the model in place with
   no copy;
 * ``grad_flat``: one contiguous gradient buffer; gradients are copied into it before the step
   (one ``concatenate``) unless they already are views of it, which ``zero_grad(set_to_none=False)``
@@ -24,8 +24,8 @@ So one kernel launch updates a whole bucket. Parameters whose grad is ``None`` a
 their state does not advance (PyTorch semantics); the update then runs once per maximal run of
 consecutive parameters that share the same step count.
 
-If anything rebinds a parameter's ``.data`` (``Module.to()``, a ``model.load_state_dict`` that
-assigns new arrays, ``p.data = ...``), the next call notices (an identity check per parameter)
+If anything rebinds a parameter's ``._data`` (``Module.to()``, a ``model.load_state_dict`` that
+assigns new arrays, ``p._data = ...``), the next call notices (an identity check per parameter)
 and rebuilds that group's buckets, carrying the state over to the new device and dtype.
 
 ``fused=False`` keeps the same storage but updates one parameter at a time with plain
@@ -96,18 +96,18 @@ class _Bucket:
     """The parameters of one group that share a device and dtype, laid out in flat buffers."""
 
     def __init__(self, params: list[Tensor]):
-        first = params[0].data
+        first = params[0]._data
         self.params = params
         self.device = backend.device_of(first)
         self.dtype = first.dtype
         self.xp = backend.array_module(first)
-        self.shapes = [p.shape for p in params]  # as bound; a rebound .data may have another
-        self.starts, self.stops, self.numel = _aligned_layout([int(p.data.size) for p in params],
+        self.shapes = [p.shape for p in params]  # as bound; a rebound ._data may have another
+        self.starts, self.stops, self.numel = _aligned_layout([int(p._data.size) for p in params],
                                                               self.dtype.itemsize)
         with backend.on_device(self.device):
             self.flat = _aligned_full(self.xp, self.numel, 0, self.dtype)  # padding: 0
             for p, start, stop in zip(params, self.starts, self.stops):
-                self.flat[start:stop] = p.data.reshape(-1)
+                self.flat[start:stop] = p._data.reshape(-1)
         self.views = [self._view(self.flat, i) for i in range(len(params))]
         self.grad_flat = None
         self.grad_views: list = []
@@ -120,12 +120,12 @@ class _Bucket:
         return flat[self.starts[i]:self.stops[i]].reshape(self.shapes[i])
 
     def bind(self) -> None:
-        """Rebind every parameter's ``.data`` to its view of ``flat``."""
+        """Rebind every parameter's ``._data`` to its view of ``flat``."""
         for p, view in zip(self.params, self.views):
-            p.data = view
+            p._data = view
 
     def is_bound(self) -> bool:
-        return all(p.data is view for p, view in zip(self.params, self.views))
+        return all(p._data is view for p, view in zip(self.params, self.views))
 
     def buffer(self, name: str, fill: float):
         """The flat state buffer ``name``, created filled with ``fill`` on first use."""
@@ -153,28 +153,28 @@ class _Bucket:
         every grad needs copying. Padding is only ever written with zeros.
         """
         grad_flat = self._ensure_grad_flat()
-        stale = [i for i in active if self.params[i].grad.data is not self.grad_views[i]]
+        stale = [i for i in active if self.params[i].grad._data is not self.grad_views[i]]
         if len(stale) == len(self.params):
             self.xp.concatenate(self._grads_and_padding(), out=grad_flat)
         else:
             for i in stale:
-                grad_flat[self.starts[i]:self.stops[i]] = self.params[i].grad.data.reshape(-1)
+                grad_flat[self.starts[i]:self.stops[i]] = self.params[i].grad._data.reshape(-1)
         return grad_flat
 
     def _grads_and_padding(self) -> list:
         pieces = []
         for i, p in enumerate(self.params):
-            pieces.append(p.grad.data.reshape(-1))
+            pieces.append(p.grad._data.reshape(-1))
             gap = (self.starts[i + 1] if i + 1 < len(self.params) else self.numel) - self.stops[i]
             if gap:
                 pieces.append(self._zero_pad[:gap])
         return pieces
 
     def zero_grads(self) -> None:
-        """Zero the existing grads, making each one's ``.data`` a view of ``grad_flat``.
+        """Zero the existing grads, making each one's ``._data`` a view of ``grad_flat``.
 
         One fill zeros them all; the next backward accumulates in place into the views, so the
-        next step copies nothing. The grad Tensors stay the same objects (only their ``.data``
+        next step copies nothing. The grad Tensors stay the same objects (only their ``._data``
         is rebound), so a caller holding ``p.grad`` sees zeros, as with an in-place zero.
         """
         if all(p.grad is None for p in self.params):
@@ -182,7 +182,7 @@ class _Bucket:
         self._ensure_grad_flat().fill(0)
         for p, view in zip(self.params, self.grad_views):
             if p.grad is not None:
-                p.grad.data = view
+                p.grad._data = view
 
     def export(self, i: int, step: bool, copy: bool) -> dict | None:
         """The state of param ``i`` as {"step"?, name: Tensor}, or None when it has none."""
@@ -305,7 +305,7 @@ class Optimizer:
         """
         by_kind: dict[tuple, list[Tensor]] = {}
         for p in group["params"]:
-            by_kind.setdefault((backend.device_of(p.data), p.data.dtype.str), []).append(p)
+            by_kind.setdefault((backend.device_of(p._data), p._data.dtype.str), []).append(p)
         buckets = [_Bucket(params) for params in by_kind.values()]
         for bucket in buckets:
             for i, p in enumerate(bucket.params):
@@ -401,13 +401,13 @@ class Optimizer:
             g = p.grad
             if g is None:
                 continue
-            if bucket.grad_views and g.data is bucket.grad_views[i]:  # a view of the grad buffer: fits
+            if bucket.grad_views and g._data is bucket.grad_views[i]:  # a view of the grad buffer: fits
                 active.append(i)
                 continue
             if not isinstance(g, Tensor):
                 raise EngineError(f"{type(self).__name__}.step: param_groups[{group_index}] has a parameter "
                                   f"whose .grad is a {type(g).__name__}, not a Tensor")
-            if not _fits(g.data, p.data):
+            if not _fits(g._data, p._data):
                 raise EngineError(f"{type(self).__name__}.step: the gradient {describe(g)} does not match its "
                                   f"parameter {describe(p)} in param_groups[{group_index}]; a gradient "
                                   "must have its parameter's shape, dtype and device")
@@ -428,7 +428,7 @@ class Optimizer:
         else:
             for i in active:
                 buffers = {name: bucket.state_view(name, i) for name in names}
-                self._reference_update(group, bucket.params[i].data, bucket.params[i].grad.data, buffers,
+                self._reference_update(group, bucket.params[i]._data, bucket.params[i].grad._data, buffers,
                                        self._run_key(group, bucket, i))
         for i in active:
             bucket.steps[i] += 1
@@ -477,8 +477,8 @@ class Optimizer:
                 grad_flat, views = bucket.gather_grads(active), bucket.grad_views
                 for i in active:
                     grad = bucket.params[i].grad
-                    if grad.data is not views[i]:
-                        grad.data = views[i]
+                    if grad._data is not views[i]:
+                        grad._data = views[i]
                 # The padding between params is 0: one span covers a run of consecutive params.
                 spans = [(0, bucket.numel)] if len(active) == len(bucket.params) else _active_spans(bucket, active)
                 xp = bucket.xp
@@ -591,7 +591,7 @@ class Optimizer:
             if key not in allowed:
                 raise EngineError(f"{name}: state of parameter {index} has unknown entry {key!r}; "
                                   f"{type(self).__name__} keeps {sorted(allowed)}")
-            array = value.data if isinstance(value, Tensor) else value
+            array = value._data if isinstance(value, Tensor) else value
             if not backend.is_array(array):
                 raise EngineError(f"{name}: state {key!r} of parameter {index} must be a Tensor or array, "
                                   f"got {type(value).__name__}")

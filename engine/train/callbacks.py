@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from engine.tensor import Tensor
+
 
 class Callback:
     # Callbacks that write checkpoints run after the others at each epoch end, once the epoch is
@@ -80,7 +82,7 @@ class EarlyStopping(Callback, _Monitor):
         if self.improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
-                self.best_state = {k: v.data.copy() for k, v in trainer.model.state_dict().items()}
+                self.best_state = {k: v._data.copy() for k, v in trainer.model.state_dict().items()}
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -189,4 +191,4 @@ class LRSchedulerCallback(Callback):
 
 def _raw(value):
     """The array inside a Tensor (a loaded checkpoint may hold either)."""
-    return getattr(value, "data", value) if hasattr(value, "requires_grad") else value
+    return value._data if isinstance(value, Tensor) else value

@@ -246,22 +246,22 @@ class Trainer:
         flag = None
         for p in self.model.parameters():
             if p.grad is not None:
-                ok = p.grad.xp.all(p.grad.xp.isfinite(p.grad.data), keepdims=True)
+                ok = p.grad.xp.all(p.grad.xp.isfinite(p.grad._data), keepdims=True)
                 flag = ok if flag is None else flag & backend.to_device(ok, backend.device_of(flag))
         return flag
 
     def non_finite_grads(self) -> list[str]:
         """Names of the parameters whose gradient holds NaN or inf (reads on the host)."""
-        named = [(name, p.grad.data) for name, p in self.model.named_parameters() if p.grad is not None]
+        named = [(name, p.grad._data) for name, p in self.model.named_parameters() if p.grad is not None]
         return [name for name, ok in zip((n for n, _ in named), _all_finite([g for _, g in named])) if not ok]
 
     def check_finite_weights(self, where: str = "Trainer") -> None:
         """Raise :class:`TrainingDiverged` naming the parameters that hold NaN or inf (one host read)."""
         named = list(self.model.named_parameters())
-        bad = [(name, p) for (name, p), ok in zip(named, _all_finite([p.data for _, p in named])) if not ok]
+        bad = [(name, p) for (name, p), ok in zip(named, _all_finite([p._data for _, p in named])) if not ok]
         if bad:
             name, p = bad[0]
-            values = backend.to_host(p.data)
+            values = backend.to_host(p._data)
             counts = f"{int(np.isnan(values).sum())} NaN and {int(np.isinf(values).sum())} inf of {values.size}"
             more = ", ".join(n for n, _ in bad[1:4]) + (" ..." if len(bad) > 4 else "")
             others = f" (and {len(bad) - 1} more: {more})" if len(bad) > 1 else ""
@@ -283,7 +283,7 @@ class Trainer:
                 losses.append(self.compute_loss(x, output, y).reshape(1) * len(x))
                 samples += len(x)
                 _update_metrics(meters, output, y)
-        loss_sum = float(backend.to_host(concatenate(losses).data).sum(dtype=np.float64)) if losses else 0.0
+        loss_sum = float(backend.to_host(concatenate(losses)._data).sum(dtype=np.float64)) if losses else 0.0
         return {"loss": loss_sum / max(samples, 1), **_compute(meters)}
 
     def predict(self, data, batch_size: int = 256) -> Tensor:
@@ -523,9 +523,9 @@ class _Window:
 
     def _transfer(self) -> tuple[list[float], list[bool]]:
         """The pending losses and gradient flags, brought to the host in one transfer."""
-        first = self._pending[0][1].data
+        first = self._pending[0][1]._data
         xp, device = backend.array_module(first), backend.device_of(first)
-        parts = [loss.data.reshape(1) for _, loss, _, _ in self._pending]
+        parts = [loss._data.reshape(1) for _, loss, _, _ in self._pending]
         flagged = [i for i, entry in enumerate(self._pending) if entry[3] is not None]
         parts += [backend.to_device(self._pending[i][3], device).reshape(1).astype(parts[i].dtype) for i in flagged]
         host = backend.to_host(xp.concatenate(parts))

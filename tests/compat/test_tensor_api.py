@@ -437,9 +437,61 @@ def test_max_dim_gradient_goes_to_the_selected_element():
 def test_accuracy_idiom_with_batch_of_two():
     out = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
     labels = torch.tensor([1, 0])
-    _, predicted = torch.max(out.data, 1)  # the tutorials' spelling (.data is the raw array here)
+    _, predicted = torch.max(out.data, 1)  # the tutorials' spelling
     correct = (predicted == labels).sum().item()
     assert correct == 2
+
+
+# ---- .data: the same memory as a Tensor outside the graph ------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_data_is_a_graph_free_tensor_sharing_storage(device):
+    lin = nn.Linear(3, 2).to(device)
+    w = lin.weight
+    d = w.data
+    assert isinstance(d, torch.Tensor) and not isinstance(d, nn.Parameter)
+    assert not d.requires_grad and d.grad_fn is None and d.is_leaf
+    assert (d.shape, d.dtype, d.device) == (w.shape, w.dtype, w.device)
+    d.normal_(0, 0.01)  # d2l's initialisation: grad mode is on and w requires grad, yet it is allowed
+    np.testing.assert_array_equal(w.numpy(), d.numpy())
+    assert 0 < float(w.abs().max()) < 0.1
+    lin.bias.data.fill_(0)
+    assert float(lin.bias.abs().sum()) == 0.0
+    y = (lin(torch.ones(4, 3, device=device)) ** 2).sum()
+    assert y.grad_fn is not None and y.data.grad_fn is None and not y.data.requires_grad
+
+
+def test_manual_sgd_through_data_updates_the_parameter():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    (w * w).sum().backward()
+    before = w._version_value
+    w.data -= 0.1 * w.grad  # the pre-0.4 tutorials' update, without no_grad
+    np.testing.assert_allclose(w.numpy(), [0.8, 1.6])
+    assert w.requires_grad and w.is_leaf and w.grad_fn is None
+    # As PyTorch: a change through .data is invisible to autograd (its own version counter).
+    assert w._version_value == before
+
+
+def test_data_assignment_rebinds_the_memory():
+    p = nn.Parameter(torch.zeros(2, 2))
+    p.data = torch.ones(3)  # PyTorch allows any shape here, and so does the engine
+    assert p.shape == (3,) and isinstance(p, nn.Parameter) and p.requires_grad
+    src = np.full(3, 5.0, np.float32)
+    p.data = src
+    src[0] = 7.0
+    assert p[0].item() == 7.0  # the array is taken as it is, not copied
+    with pytest.raises(TypeError, match="data: assign a Tensor or an array"):
+        p.data = [1.0, 2.0]
+    assert p.shape == (3,)  # a refused assignment leaves the parameter alone
+
+
+def test_optimizer_follows_a_parameter_whose_data_was_assigned():
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.5)
+    p.data = torch.full((3,), 2.0)
+    p.grad = torch.ones(3)
+    opt.step()
+    np.testing.assert_allclose(p.numpy(), [1.5, 1.5, 1.5])
 
 
 # ---- 6. 0-d tensors as Python numbers ---------------------------------------------------------------

@@ -139,10 +139,10 @@ def test_freezing_leaves_frozen_grads_none():
 def test_to_cpu_is_a_no_op_that_keeps_objects():
     net = Net()
     params = list(net.parameters())
-    arrays = [p.data for p in params]
+    arrays = [p._data for p in params]
     assert net.to("cpu") is net and net.cpu() is net
     assert all(p is q for p, q in zip(net.parameters(), params))
-    assert all(p.data is a for p, a in zip(params, arrays))
+    assert all(p._data is a for p, a in zip(params, arrays))
 
 
 def test_to_dtype_casts_floating_tensors_in_place():
@@ -162,10 +162,10 @@ def test_to_unavailable_device_raises_without_touching_the_model():
     if engine.cuda_available():
         pytest.skip("this machine has CUDA")
     net = Net()
-    before = [p.data for p in net.parameters()]
+    before = [p._data for p in net.parameters()]
     with pytest.raises(DeviceError, match="CUDA is not available"):
         net.to("cuda")
-    assert all(p.data is a for p, a in zip(net.parameters(), before))
+    assert all(p._data is a for p, a in zip(net.parameters(), before))
 
 
 @pytest.mark.gpu
@@ -198,13 +198,13 @@ def test_state_dict_holds_parameters_and_persistent_buffers():
 @pytest.mark.parametrize("device", DEVICES)
 def test_state_dict_round_trip_copies_values(device):
     source, target = Net().to(device), Net().to(device)
-    source.first.running.data[...] = 7
+    source.first.running._data[...] = 7
     result = target.load_state_dict(source.state_dict())
     assert result == nn.IncompatibleKeys([], []) and result.missing_keys == []
     for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
     # copied, not aliased: changing the source later leaves the target alone
-    source.head.weight.data[...] = 0
+    source.head.weight._data[...] = 0
     assert target.head.weight.numpy().any()
 
 

@@ -102,14 +102,14 @@ def test_every_param_grad_and_state_view_is_256_byte_aligned(opt_cls, kwargs, dt
     opt = opt_cls(model.parameters(), **kwargs)
     train(model, opt, steps=3, set_to_none=False, device=device)  # grads become views of grad_flat
     for name, p in model.named_parameters():
-        assert_aligned(p.data, f"{name}.data")
-        assert_aligned(p.grad.data, f"{name}.grad")
-        assert p.grad.data.base is not None  # a view of the flat grad buffer, not a fresh array
+        assert_aligned(p._data, f"{name}._data")
+        assert_aligned(p.grad._data, f"{name}.grad")
+        assert p.grad._data.base is not None  # a view of the flat grad buffer, not a fresh array
         states = {k: v for k, v in opt.state[p].items() if k != "step"}
         assert states, f"{opt_cls.__name__} keeps no state for {name}"
         for state, view in states.items():
             assert view.shape == p.shape
-            assert_aligned(view.data, f"{name} state {state}")
+            assert_aligned(view._data, f"{name} state {state}")
     for bucket in (b for buckets in opt._buckets for b in buckets):  # every view of every buffer
         for buffer in [bucket.flat, bucket.grad_flat, *bucket.buffers.values()]:
             for i in range(len(bucket.params)):
@@ -120,18 +120,18 @@ def test_alignment_survives_rebuilds_and_new_groups():
     model = OddModel(np.float32, "cpu")
     opt = Adam(model.parameters(), lr=0.01)
     train(model, opt, steps=2, set_to_none=True, device="cpu")
-    model.double()  # rebinds every .data: the buckets are rebuilt in float64
+    model.double()  # rebinds every ._data: the buckets are rebuilt in float64
     head = nn.Linear(5, 3, dtype=np.float64)
     opt.add_param_group({"params": head.parameters(), "lr": 0.1})
     train(model, opt, steps=2, set_to_none=False, device="cpu")
     for p in list(model.parameters()) + list(head.parameters()):
         assert p.dtype == np.float64
-        assert_aligned(p.data, "param")
+        assert_aligned(p._data, "param")
         if p.grad is not None:
-            assert_aligned(p.grad.data, "grad")
+            assert_aligned(p.grad._data, "grad")
         for name, view in opt.state.get(p, {}).items():
             if name != "step":
-                assert_aligned(view.data, name)
+                assert_aligned(view._data, name)
     assert_padding_untouched(opt)
 
 
@@ -243,7 +243,7 @@ def test_checkpoint_round_trip_with_padding_continues_bitwise(opt_cls, kwargs, t
     train(twin, twin_opt, steps=3, set_to_none=False, device="cpu")
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)
-        assert_aligned(q.data, name)
+        assert_aligned(q._data, name)
     assert_padding_untouched(twin_opt)
 
 

@@ -389,7 +389,7 @@ def test_step_runs_the_closure_with_grad_enabled_and_returns_its_loss():
     np.testing.assert_allclose(x.numpy(), [1.5, -0.5])  # x - 0.25 * 2x
 
 
-# ---- parameters whose .data gets rebound (Module.to(), p.data = ...) -----------------------------
+# ---- parameters whose ._data gets rebound (Module.to(), p._data = ...) -----------------------------
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_rebinding_param_data_keeps_training_identical(fused):
@@ -400,7 +400,7 @@ def test_rebinding_param_data_keeps_training_identical(fused):
     opt = Adam(tensors, lr=0.01, amsgrad=True, fused=fused)
     engine_run(opt, tensors, grad_fn, steps=20)
     for x in tensors:
-        x.data = x.data.copy()  # what a Module.to() or a model load that assigns arrays does
+        x._data = x._data.copy()  # what a Module.to() or a model load that assigns arrays does
     got = engine_run(opt, tensors, grad_fn, steps=STEPS - 20, start=20)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
@@ -413,7 +413,7 @@ def test_a_dtype_change_of_the_params_carries_the_state_over():
     engine_run(opt, tensors, grad_fn, steps=10)
     before = {i: opt.state[x]["exp_avg"].numpy().copy() for i, x in enumerate(tensors)}
     for x in tensors:
-        x.data = x.data.astype(np.float64)  # model.double()
+        x._data = x._data.astype(np.float64)  # model.double()
     for i, x in enumerate(tensors):
         state = opt.state[x]
         assert state["exp_avg"].dtype == np.float64 and state["step"] == 10
@@ -429,7 +429,7 @@ def test_a_param_rebound_to_another_shape_is_a_clear_error():
     opt = Adam([x])
     x.grad = engine.ones(2, 3)
     opt.step()
-    x.data = np.ones((3, 3), np.float32)
+    x._data = np.ones((3, 3), np.float32)
     x.grad = engine.ones(3, 3)
     with pytest.raises(EngineError, match=r"changed shape.*exp_avg.*\(2, 3\)"):
         opt.step()
@@ -438,9 +438,9 @@ def test_a_param_rebound_to_another_shape_is_a_clear_error():
 def test_params_are_views_of_one_flat_buffer_per_bucket():
     tensors = make_tensors(initial_params(), np.float32, "cpu")
     Adam(tensors)
-    flat = tensors[0].data.base
+    flat = tensors[0]._data.base
     assert flat is not None and flat.ndim == 1 and flat.size >= sum(x.numel() for x in tensors)
-    assert all(x.data.base is flat for x in tensors)  # padding between them: see test_flat_alignment.py
+    assert all(x._data.base is flat for x in tensors)  # padding between them: see test_flat_alignment.py
     for x, p in zip(tensors, initial_params()):
         np.testing.assert_array_equal(x.numpy(), p.astype(np.float32))
 
@@ -607,7 +607,7 @@ def test_a_bad_grad_raises_before_any_parameter_changes():
     with pytest.raises(GradError, match=r"gradient.*shape=\(3,\).*shape=\(2,\)"):
         b.grad = engine.ones(3)  # refused at the assignment, as in PyTorch
     a.grad, b.grad = engine.ones(3), engine.ones(2)
-    b.grad.data = np.ones(3, np.float32)  # behind the setter's back: the step still checks
+    b.grad._data = np.ones(3, np.float32)  # behind the setter's back: the step still checks
     with pytest.raises(EngineError, match=r"gradient.*shape=\(3,\).*shape=\(2,\)"):
         opt.step()
     np.testing.assert_array_equal(a.numpy(), np.ones(3, np.float32))

@@ -182,8 +182,8 @@ def test_a_save_refuses_non_finite_weights_and_names_the_parameter(tmp_path):
     trainer.fit((x, y), epochs=1, batch_size=BATCH)
     trainer.save_checkpoint(tmp_path / "good.ckpt")
     before = (tmp_path / "good.ckpt").read_bytes()
-    trainer.model[3].bias.data[1] = np.inf
-    trainer.model[3].bias.data[2] = np.nan
+    trainer.model[3].bias._data[1] = np.inf
+    trainer.model[3].bias._data[2] = np.nan
     with pytest.raises(TrainingDiverged, match=r"save_checkpoint\(.*good.ckpt'\): parameter '3.bias' holds non-finite "
                                                r"values \(1 NaN and 1 inf of 3\); a checkpoint never holds"):
         trainer.save_checkpoint(tmp_path / "good.ckpt")
@@ -260,9 +260,9 @@ def test_optimizer_grads_finite_flag():
     _assert_same(_params(model), _params(model2))
     assert reference.keys() == grads.keys()
     for bad in (np.nan, np.inf, -np.inf):
-        model[3].bias.grad.data[0] = bad
+        model[3].bias.grad._data[0] = bad
         assert not bool(opt.grads_finite()[0])
-        model[3].bias.grad.data[0] = 0.0
+        model[3].bias.grad._data[0] = 0.0
         assert bool(opt.grads_finite()[0])
     model[0].weight.grad = None  # an inactive param's stale slice does not count
     assert bool(opt.grads_finite()[0])

@@ -1,8 +1,7 @@
 # Source: Dive into Deep Learning (PyTorch edition), "Weight Decay", sections "Data" and
 #   "Implementation from Scratch", https://d2l.ai/chapter_multilayer-perceptrons/weight-decay.html
 #   (text: d2l-ai/d2l-zh, chapter_multilayer-perceptrons/weight-decay.md, the `#@tab pytorch` and
-#   `#@tab all` cells in order; comments translated to English). The chapter's "Concise
-#   Implementation" is not ported: it starts with `param.data.normal_()` (see docs/compat.md, Missing).
+#   `#@tab all` cells in order, "Concise Implementation" included; comments translated to English).
 # Changed lines:
 #   - `import torch` -> `import engine as torch`; `from torch import nn` -> `from engine import nn`;
 #     `from d2l import torch as d2l` removed.
@@ -13,7 +12,7 @@
 #     d2l.reduce_sum(x) -> x.sum(), d2l.size(x) -> x.numel().
 #   - d2l.Animator: replaced by one that records and prints (no matplotlib).
 #   - Added: torch.manual_seed(0) (the book does not seed), `return` of the final norm from
-#     `train`, and the final `print('RESULT', ...)`.
+#     `train` and `train_concise`, and the final `print('RESULT', ...)`.
 import engine as torch
 from engine import nn
 from engine.utils import data
@@ -128,4 +127,34 @@ def train(lambd):
 
 norm_plain, (_, train_plain, test_plain) = train(lambd=0)
 norm_decay, (_, train_decay, test_decay) = train(lambd=3)
-print('RESULT', norm_plain, norm_decay, train_plain, test_plain, train_decay, test_decay)
+
+
+def train_concise(wd):
+    net = nn.Sequential(nn.Linear(num_inputs, 1))
+    for param in net.parameters():
+        param.data.normal_()
+    loss = nn.MSELoss()
+    num_epochs, lr = 100, 0.003
+    # The bias parameter is not decayed.
+    trainer = torch.optim.SGD([
+        {"params":net[0].weight,'weight_decay': wd},
+        {"params":net[0].bias}], lr=lr)
+    animator = Animator(xlabel='epochs', ylabel='loss', yscale='log',
+                        xlim=[5, num_epochs], legend=['train', 'test'])
+    for epoch in range(num_epochs):
+        for X, y in train_iter:
+            trainer.zero_grad()
+            l = loss(net(X), y)
+            l.backward()
+            trainer.step()
+        if (epoch + 1) % 5 == 0:
+            animator.add(epoch + 1, (evaluate_loss(net, train_iter, loss),
+                                     evaluate_loss(net, test_iter, loss)))
+    print('L2 norm of w:', net[0].weight.norm().item())
+    return net[0].weight.norm().item(), animator.points[-1]  # added
+
+
+concise_plain, (_, _, concise_test_plain) = train_concise(0)
+concise_decay, (_, _, concise_test_decay) = train_concise(3)
+print('RESULT', norm_plain, norm_decay, train_plain, test_plain, train_decay, test_decay,
+      concise_plain, concise_decay, concise_test_plain, concise_test_decay)
