@@ -13,6 +13,7 @@ from kernels.registry import KernelError, call, choose, get, impls, kernels
 __all__ = [
     "KernelError", "call", "choose", "get", "impls", "kernels", "eager_checks", "raise_deferred_errors",
     "linear_relu_forward", "linear_relu_backward", "softmax_cross_entropy",
+    "layer_norm_forward", "layer_norm_backward",
     "adam_step", "sgd_step", "adagrad_step", "rmsprop_step",
 ]
 
@@ -59,6 +60,37 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
     """
     return call("softmax_cross_entropy", logits, targets, weight, ignore_index=ignore_index,
                 label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad, impl=impl)
+
+
+def layer_norm_forward(x, weight=None, bias=None, *, eps=1e-5, impl=None):
+    """Layer norm over the last dimension of ``x`` (N, D): ``(x - mean) * rstd * weight + bias``.
+
+    Args:
+        x: (N, D) C-contiguous float32 (or float64) array; N may be 0, D any length >= 1.
+        weight, bias: optional (D,) arrays of x's dtype (None: no scale / no shift), PyTorch semantics.
+        eps: added to the (biased) variance.
+
+    Returns:
+        ``(y, mean, rstd)``: y (N, D), and the per-row mean and ``1 / sqrt(var + eps)`` (N,) in x's
+        dtype, which :func:`layer_norm_backward` takes instead of a saved normalised copy of x.
+
+    Example:
+        >>> y, mean, rstd = kernels.layer_norm_forward(x, w, b)              # doctest: +SKIP
+        >>> dx, dw, db = kernels.layer_norm_backward(dy, x, w, mean, rstd)   # doctest: +SKIP
+    """
+    return call("layer_norm_forward", x, weight, bias, eps=eps, impl=impl)
+
+
+def layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True, impl=None):
+    """Gradients of :func:`layer_norm_forward` -> ``(grad_x, grad_weight, grad_bias)``.
+
+    ``mean`` and ``rstd`` are what the forward returned for this ``x``. grad_weight and grad_bias
+    (column sums over the rows) are None when ``weight`` is None or ``compute_weight_grads`` is
+    False; a bias-only layer's grad_bias is ``grad_y.sum(0)``. The column sums are reduced as
+    per-chunk partial rows plus one small final sum, never with atomics per element.
+    """
+    return call("layer_norm_backward", grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads,
+                impl=impl)
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999,

@@ -28,6 +28,8 @@ def _declare(kernel: str, module: str, cpu_order: tuple[str, ...] = ("numba_cpu"
 _declare("linear_relu_forward", "linear_relu")
 _declare("linear_relu_backward", "linear_relu")
 _declare("softmax_cross_entropy", "softmax_cross_entropy")
+_declare("layer_norm_forward", "layer_norm")
+_declare("layer_norm_backward", "layer_norm")
 _declare("adam_step", "optim")
 _declare("sgd_step", "optim")
 _declare("adagrad_step", "optim")

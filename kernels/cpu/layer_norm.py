@@ -1,0 +1,314 @@
+"""Layer normalisation over the last dimension on the CPU, forward and backward (PyTorch ``F.layer_norm``).
+
+The math every impl shares (``numpy`` and ``numba_cpu`` here, ``numba_cuda`` and ``cupy`` elsewhere).
+Per row ``x`` of length D, with weight ``w`` and bias ``b`` (w = 1, b = 0 without affine):
+
+    mean = sum_j x_j / D
+    var  = sum_j (x_j - mean)^2 / D             (biased, as PyTorch)
+    rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) rstd
+    y    = xhat w + b
+
+Forward returns ``(y, mean, rstd)``; mean and rstd (N,) in x's dtype are the saved state of the
+backward, which recomputes ``xhat`` from x instead of keeping an (N, D) array. Given ``dy``:
+
+    g      = dy w
+    dx     = rstd (g - mean_j(g) - xhat mean_j(g xhat))
+    dw     = sum_rows dy xhat                   (column sums over the N rows)
+    db     = sum_rows dy
+
+The variance is two-pass (the mean first, then the mean of squared deviations), never
+``E[x^2] - E[x]^2``, which cancels catastrophically when |mean| >> std. The column sums ``dw``,
+``db`` are a reduction across rows, which the rows' threads cannot share without racing: every impl
+splits the rows into chunks, each chunk writes one partial row of sums, and a small final
+reduction adds the partials (never an atomic per element).
+
+This module also holds the validators every impl calls first. ``import kernels.cpu.layer_norm``
+does not import numba: the jitted code is built on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.registry import KernelError
+from kernels.registry import describe_array as _describe
+from kernels.registry import different_gpus as _different_gpus
+from kernels.registry import module_of as _module_of
+from kernels.registry import numba_parallel as _numba_parallel
+
+FORWARD = "layer_norm_forward"
+BACKWARD = "layer_norm_backward"
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation, shared by every impl
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerNormSpec:
+    """What one validated call asks for."""
+
+    n: int  # rows
+    d: int  # row length (the normalised dimension)
+    dtype: np.dtype  # of every array
+    array_module: str  # "numpy" or "cupy"
+    eps: float = 0.0  # forward only
+    weight_grads: bool = False  # backward: dweight / dbias wanted (and a weight given)
+
+
+def _is_array(a) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "dtype") and _module_of(a) in ("numpy", "cupy")
+
+
+def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
+    """Arrays on one device, x 2-D float, every other array x's dtype; returns the array module."""
+    for name, a in arrays.items():
+        if not _is_array(a):
+            raise KernelError(f"{where()}: {name} must be a numpy or cupy array, got "
+                              f"{type(a).__module__}.{type(a).__name__}")
+    kinds = {_module_of(a) for a in arrays.values()}
+    if len(kinds) > 1:
+        raise KernelError(f"{where()}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
+                          "move them all to one device")
+    if "cupy" in kinds:
+        spread = _different_gpus(arrays.values())
+        if spread:
+            raise KernelError(f"{where()}: the arrays are on different GPUs ({spread}); move them all to one device")
+    if x.ndim != 2:
+        raise KernelError(f"{where()}: x must be 2-D (N, D), got {x.ndim}-D; reshape to (-1, D) with the "
+                          "normalised dimension last")
+    if x.dtype not in FLOAT_DTYPES:
+        raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32 and float64 are supported")
+    if int(x.shape[1]) < 1:
+        raise KernelError(f"{where()}: x has D = 0 columns; layer norm needs rows of at least one value")
+    for name, a in arrays.items():
+        if a.dtype != x.dtype:
+            raise KernelError(f"{where()}: {name} must have x's dtype {x.dtype}, got {a.dtype}; cast it with "
+                              ".astype(x.dtype) (no silent promotion)")
+        if not a.flags.c_contiguous:
+            raise KernelError(f"{where()}: {name} is not C-contiguous; pass a contiguous array "
+                              "(e.g. ascontiguousarray)")
+    return kinds.pop()
+
+
+def _check_shape(where, name: str, a, shape: tuple, what: str) -> None:
+    if a is not None and tuple(a.shape) != shape:
+        raise KernelError(f"{where()}: {name} must have shape {shape}, {what}, got {tuple(a.shape)}")
+
+
+def validate_layer_norm_forward(x, weight, bias, *, eps) -> LayerNormSpec:
+    """Check the arguments of one forward call; raise KernelError naming the problem."""
+    def where() -> str:  # described only on failure: this check runs on every call
+        return f"{FORWARD}({_describe('x', x)}, {_describe('weight', weight)}, {_describe('bias', bias)})"
+
+    arrays = {"x": x, **{k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}}
+    module = _check_arrays(FORWARD, where, arrays, x)
+    n, d = (int(s) for s in x.shape)
+    _check_shape(where, "weight", weight, (d,), "one weight per column of x")
+    _check_shape(where, "bias", bias, (d,), "one bias per column of x")
+    return LayerNormSpec(n, d, x.dtype, module, eps=_eps(eps))
+
+
+def validate_layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weight_grads) -> LayerNormSpec:
+    """Check the arguments of one backward call; raise KernelError naming the problem."""
+    def where() -> str:
+        return (f"{BACKWARD}({_describe('grad_y', grad_y)}, {_describe('x', x)}, {_describe('weight', weight)}, "
+                f"{_describe('mean', mean)}, {_describe('rstd', rstd)})")
+
+    arrays = {"grad_y": grad_y, "x": x, "mean": mean, "rstd": rstd}
+    if weight is not None:
+        arrays["weight"] = weight
+    module = _check_arrays(BACKWARD, where, arrays, x)
+    n, d = (int(s) for s in x.shape)
+    _check_shape(where, "grad_y", grad_y, (n, d), "x's shape")
+    _check_shape(where, "weight", weight, (d,), "one weight per column of x")
+    _check_shape(where, "mean", mean, (n,), "one per row of x (as layer_norm_forward returns it)")
+    _check_shape(where, "rstd", rstd, (n,), "one per row of x (as layer_norm_forward returns it)")
+    if not isinstance(compute_weight_grads, (bool, np.bool_)):
+        raise KernelError(f"{BACKWARD}: compute_weight_grads must be True or False, got {compute_weight_grads!r}")
+    return LayerNormSpec(n, d, x.dtype, module, weight_grads=bool(compute_weight_grads) and weight is not None)
+
+
+def _eps(value) -> float:
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        raise KernelError(f"{FORWARD}: eps must be a real number, got {value!r}") from None
+    if not (math.isfinite(eps) and eps >= 0):
+        raise KernelError(f"{FORWARD}: eps must be finite and >= 0, got {value!r}")
+    return eps
+
+
+# --------------------------------------------------------------------------------------------
+# numpy: the reference, written as the formulas above (whole-array ops, dtype kept)
+# --------------------------------------------------------------------------------------------
+
+
+def layer_norm_forward_numpy(x, weight=None, bias=None, *, eps=1e-5):
+    spec = validate_layer_norm_forward(x, weight, bias, eps=eps)
+    dt = spec.dtype
+    if spec.n == 0:
+        return np.empty((0, spec.d), dt), np.empty(0, dt), np.empty(0, dt)
+    mean = x.mean(axis=1, dtype=dt)
+    centered = x - mean[:, None]
+    var = (centered * centered).mean(axis=1, dtype=dt)
+    rstd = (dt.type(1) / np.sqrt(var + dt.type(spec.eps))).astype(dt, copy=False)
+    y = centered * rstd[:, None]
+    if weight is not None:
+        y *= weight
+    if bias is not None:
+        y += bias
+    return y, mean, rstd
+
+
+def layer_norm_backward_numpy(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True):
+    spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
+    dt = spec.dtype
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    g = grad_y * weight if weight is not None else grad_y
+    if spec.n:
+        mean_g = g.mean(axis=1, dtype=dt, keepdims=True)
+        mean_gx = (g * xhat).mean(axis=1, dtype=dt, keepdims=True)
+    else:
+        mean_g = mean_gx = np.zeros((0, 1), dt)
+    dx = (rstd[:, None] * (g - mean_g - xhat * mean_gx)).astype(dt, copy=False)
+    if not spec.weight_grads:
+        return dx, None, None
+    dweight = (grad_y * xhat).sum(axis=0, dtype=dt)
+    dbias = grad_y.sum(axis=0, dtype=dt)
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# numba_cpu: rows in parallel (prange over chunks of rows). Per row the two-pass statistics (the
+# row is cache-resident for the second pass) accumulate in float64. Backward: each chunk adds its
+# rows' dy xhat and dy into its own float64 partial row (no two threads share one), and the
+# partials are summed once at the end (chunks x D values, small).
+# --------------------------------------------------------------------------------------------
+
+# Elements (N * D) from which rows run in parallel: starting a parallel region costs ~50 us under
+# the workqueue threading layer, about the time one thread takes for 2^15 elements here.
+PARALLEL_MIN = 1 << 15
+
+
+def _num_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def _chunks(n: int, parallel: bool) -> int:
+    """Row chunks: a few per thread (load balance), each big enough to amortise its partial row."""
+    return max(1, min(n, 4 * _num_threads())) if parallel else 1
+
+
+def layer_norm_forward_numba(x, weight=None, bias=None, *, eps=1e-5):
+    spec = validate_layer_norm_forward(x, weight, bias, eps=eps)
+    n, d, dt = spec.n, spec.d, spec.dtype
+    y, mean, rstd = np.empty((n, d), dt), np.empty(n, dt), np.empty(n, dt)
+    if n == 0:
+        return y, mean, rstd
+    parallel = n > 1 and n * d >= PARALLEL_MIN
+    forward, _ = _numba_kernels(parallel)
+    w = weight if weight is not None else np.empty(0, dt)
+    b = bias if bias is not None else np.empty(0, dt)
+    forward(x, w, weight is not None, b, bias is not None, spec.eps, _chunks(n, parallel), y, mean, rstd)
+    return y, mean, rstd
+
+
+def layer_norm_backward_numba(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True):
+    spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
+    n, d, dt = spec.n, spec.d, spec.dtype
+    dx = np.empty((n, d), dt)
+    parallel = n > 1 and n * d >= PARALLEL_MIN
+    chunks = _chunks(n, parallel) if n else 1
+    # One float64 partial row per chunk: each chunk owns its row, so no two threads write one value.
+    partial_w = np.zeros((chunks, d) if spec.weight_grads else (0, d), np.float64)
+    partial_b = np.zeros_like(partial_w)
+    if n:
+        _, backward = _numba_kernels(parallel)
+        w = weight if weight is not None else np.empty(0, dt)
+        backward(grad_y, x, w, weight is not None, mean, rstd, spec.weight_grads, chunks, dx, partial_w, partial_b)
+    if not spec.weight_grads:
+        return dx, None, None
+    # The final reduction: chunks x D, a small fraction of the N x D pass.
+    return dx, partial_w.sum(axis=0).astype(dt), partial_b.sum(axis=0).astype(dt)
+
+
+@functools.cache
+def _numba_kernels(parallel: bool):
+    """(forward, backward) over row chunks in parallel (prange) or on the calling thread."""
+    import numba
+
+    # `loop` (prange or range, which pickle by name) is a closure variable, so the serial and the
+    # parallel build get different keys in numba's on-disk cache.
+    loop = numba.prange if parallel else range
+    jit = numba.njit(cache=True, parallel=parallel, fastmath=False)
+
+    @jit
+    def forward(x, w, has_weight, b, has_bias, eps, chunks, y, mean_out, rstd_out):
+        n, d = x.shape
+        per = (n + chunks - 1) // chunks
+        for chunk in loop(chunks):
+            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+                row = x[i]
+                s = 0.0  # float64 accumulators: the float32 rounding of long sums stays out
+                for j in range(d):
+                    s += row[j]
+                mu = s / d
+                q = 0.0
+                for j in range(d):
+                    c = row[j] - mu
+                    q += c * c
+                r = 1.0 / np.sqrt(q / d + eps)
+                mean_out[i] = mu
+                rstd_out[i] = r
+                mu_t = x.dtype.type(mu)  # y from the saved (rounded) statistics, as backward sees them
+                r_t = x.dtype.type(r)
+                out = y[i]
+                for j in range(d):
+                    v = (row[j] - mu_t) * r_t
+                    if has_weight:
+                        v = v * w[j]
+                    if has_bias:
+                        v = v + b[j]
+                    out[j] = v
+
+    @jit
+    def backward(dy, x, w, has_weight, mean, rstd, weight_grads, chunks, dx, partial_w, partial_b):
+        n, d = x.shape
+        per = (n + chunks - 1) // chunks
+        for chunk in loop(chunks):
+            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+                mu = mean[i]
+                r = rstd[i]
+                xr = x[i]
+                gr = dy[i]
+                sg = 0.0
+                sgx = 0.0
+                for j in range(d):
+                    xh = (xr[j] - mu) * r
+                    g = gr[j] * w[j] if has_weight else gr[j]
+                    sg += g
+                    sgx += g * xh
+                    if weight_grads:  # this chunk's own partial row: no other thread writes it
+                        partial_w[chunk, j] += gr[j] * xh
+                        partial_b[chunk, j] += gr[j]
+                c_g = x.dtype.type(sg / d)
+                c_gx = x.dtype.type(sgx / d)
+                out = dx[i]
+                for j in range(d):
+                    xh = (xr[j] - mu) * r
+                    g = gr[j] * w[j] if has_weight else gr[j]
+                    out[j] = r * (g - c_g - xh * c_gx)
+
+    if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
+        return _numba_parallel(forward), _numba_parallel(backward)
+    return forward, backward

@@ -1,0 +1,75 @@
+"""numba_cuda layer_norm under the Numba CUDA simulator, against the numpy impl.
+
+Small rows (the simulator runs one Python thread per CUDA thread), at most 16 threads per block
+and 3 backward blocks, so rows longer than 16 make each thread walk several columns, the tree
+reductions run several steps, and more than 3 rows make a block's partial row of dw / db sum
+several rows; D = 1, N = 0 and sizes that are not powers of two cover the edges.
+"""
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import KernelError
+
+
+def make_case(n, d, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 3, (n, 1)) + rng.uniform(-2, 2, (n, 1))).astype(dtype)
+    dy = rng.standard_normal((n, d)).astype(dtype)
+    return x, dy, rng.uniform(0.5, 2.0, d).astype(dtype), rng.standard_normal(d).astype(dtype)
+
+
+def assert_matches_numpy(x, dy, weight, bias, **kw):
+    tight = x.dtype == np.float64
+    tol = dict(rtol=1e-12, atol=1e-12) if tight else dict(rtol=2e-5, atol=2e-5)
+    got = kernels.layer_norm_forward(x, weight, bias, impl="numba_cuda", **kw)
+    want = kernels.layer_norm_forward(x, weight, bias, impl="numpy", **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == x.dtype and g.shape == w.shape
+        np.testing.assert_allclose(g, w, **tol)
+    _, mean, rstd = want
+    got = kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numba_cuda")
+    want = kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numpy")
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        assert g.dtype == x.dtype and g.shape == w.shape
+        np.testing.assert_allclose(g, w, **tol)
+    return got
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d", [(1, 1), (4, 1), (3, 5), (7, 37), (2, 16), (5, 64)])
+def test_affine(dtype, n, d):
+    assert_matches_numpy(*make_case(n, d, dtype, seed=n * 100 + d), eps=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_no_affine_and_weight_only(dtype):
+    x, dy, weight, bias = make_case(5, 23, dtype, seed=3)
+    dx, dw, db = assert_matches_numpy(x, dy, None, None)
+    assert dw is None and db is None
+    assert_matches_numpy(x, dy, weight, None)
+    assert_matches_numpy(x, dy, None, bias)
+
+
+def test_compute_weight_grads_false_and_empty_batch():
+    x, dy, weight, bias = make_case(4, 19, np.float32, seed=5)
+    _, mean, rstd = kernels.layer_norm_forward(x, weight, bias, impl="numpy")
+    dx, dw, db = kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numba_cuda",
+                                             compute_weight_grads=False)
+    assert dw is None and db is None
+    np.testing.assert_allclose(dx, kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numpy")[0],
+                               rtol=2e-5, atol=2e-5)
+    x, dy, weight, bias = make_case(0, 6, np.float32)
+    y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, impl="numba_cuda")
+    assert y.shape == (0, 6) and mean.shape == (0,)
+    dx, dw, db = kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numba_cuda")
+    assert dx.shape == (0, 6) and not dw.any() and not db.any()
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(KernelError, match="layer_norm_forward.*weight must have shape"):
+        kernels.layer_norm_forward(np.ones((2, 3), np.float32), np.ones(4, np.float32), impl="numba_cuda")

@@ -1,0 +1,411 @@
+"""layer_norm_forward / layer_norm_backward: every impl against an independent float64 formula.
+
+The float64 reference below is written from PyTorch's definition (biased variance, eps inside the
+square root) and its backward is checked against central differences of its forward, so the impls
+are held to the definition and not only to each other. GPU impls (cupy, numba_cuda) run in the
+cases marked ``gpu``, where a device answers; sizes cover every kernel the cupy planner picks.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels.registry import KernelError
+from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
+from tests.kernels.helpers import to_device, to_host
+
+CPU_IMPLS = ["numpy", "numba_cpu"]
+GPU_IMPLS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("cupy", "numba_cuda")]
+IMPLS = CPU_IMPLS + GPU_IMPLS
+CU_FILE = Path(__file__).resolve().parents[2] / "kernels" / "cuda" / "layer_norm.cu"
+
+
+def make_case(n, d, dtype, seed=0, affine=(True, True)):
+    """x with per-row offsets and spreads (never zeros), dy, and weight / bias (or None)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 3, (n, 1)) + rng.uniform(-2, 2, (n, 1))).astype(dtype)
+    dy = rng.standard_normal((n, d)).astype(dtype)
+    weight = rng.uniform(0.5, 2.0, d).astype(dtype) if affine[0] else None
+    bias = rng.standard_normal(d).astype(dtype) if affine[1] else None
+    return x, dy, weight, bias
+
+
+def reference(x, weight=None, bias=None, eps=1e-5, dy=None):
+    """float64 (y, mean, rstd) and, given dy, (dx, dweight, dbias), straight from the definition."""
+    x = x.astype(np.float64)
+    d = x.shape[1]
+    mean = x.sum(axis=1) / d
+    var = ((x - mean[:, None]) ** 2).sum(axis=1) / d
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    w = np.ones(d) if weight is None else weight.astype(np.float64)
+    b = np.zeros(d) if bias is None else bias.astype(np.float64)
+    y = xhat * w + b
+    if dy is None:
+        return y, mean, rstd
+    dy = dy.astype(np.float64)
+    g = dy * w
+    dx = rstd[:, None] * (g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    return (y, mean, rstd), (dx, (dy * xhat).sum(axis=0), dy.sum(axis=0))
+
+
+def run_forward(impl, x, weight=None, bias=None, **kw):
+    out = kernels.layer_norm_forward(*(to_device(a, impl) for a in (x, weight, bias)), impl=impl, **kw)
+    return tuple(to_host(a) for a in out)
+
+
+def run_backward(impl, dy, x, weight, mean, rstd, **kw):
+    args = (to_device(a, impl) for a in (dy, x, weight, mean, rstd))
+    out = kernels.layer_norm_backward(*args, impl=impl, **kw)
+    return tuple(None if a is None else to_host(a) for a in out)
+
+
+def tolerance(dtype, d=1):
+    if np.dtype(dtype) == np.float32:
+        return dict(rtol=2e-5, atol=2e-5 * max(1.0, np.sqrt(d) / 8))
+    return dict(rtol=1e-10, atol=1e-11)
+
+
+def check(impl, x, dy, weight, bias, eps=1e-5):
+    """Forward and backward of ``impl`` against the float64 reference."""
+    n, d = x.shape
+    (ry, rmean, rrstd), (rdx, rdw, rdb) = reference(x, weight, bias, eps, dy)
+    y, mean, rstd = run_forward(impl, x, weight, bias, eps=eps)
+    for got, want in ((y, ry), (mean, rmean), (rstd, rrstd)):
+        assert got.dtype == x.dtype and got.shape == want.shape
+    tol = tolerance(x.dtype, d)
+    np.testing.assert_allclose(y, ry, **tol)
+    np.testing.assert_allclose(mean, rmean, **tol)
+    np.testing.assert_allclose(rstd, rrstd, rtol=tol["rtol"] * 5, atol=0)
+    dx, dw, db = run_backward(impl, dy, x, weight, mean, rstd)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    np.testing.assert_allclose(dx, rdx, rtol=tol["rtol"] * 5, atol=tol["atol"] * 10)
+    if weight is None:
+        assert dw is None and db is None
+        return
+    assert dw.dtype == db.dtype == x.dtype and dw.shape == db.shape == (d,)
+    # column sums over N rows: the float32 error grows with sqrt(N)
+    sums = dict(rtol=tol["rtol"] * 10, atol=tol["atol"] * 10 * max(1.0, np.sqrt(n)))
+    np.testing.assert_allclose(dw, rdw, **sums)
+    np.testing.assert_allclose(db, rdb, **sums)
+
+
+# ---- the reference itself and the numpy impl's gradient -----------------------------------------
+
+
+def test_reference_backward_matches_finite_differences():
+    x, dy, weight, bias = make_case(3, 5, np.float64, seed=1)
+    _, (dx, dw, db) = reference(x, weight, bias, 1e-3, dy)
+
+    def loss(x_, w_, b_):
+        return float((reference(x_, w_, b_, 1e-3)[0] * dy).sum())
+
+    h = 1e-6
+    for arr, grad, at in ((x, dx, 0), (weight, dw, 1), (bias, db, 2)):
+        for idx in np.ndindex(*arr.shape):
+            args = [x.copy(), weight.copy(), bias.copy()]
+            args[at][idx] += h
+            plus = loss(*args)
+            args[at][idx] -= 2 * h
+            minus = loss(*args)
+            assert grad[idx] == pytest.approx((plus - minus) / (2 * h), rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("affine", [(True, True), (False, False)], ids=["affine", "plain"])
+def test_impl_backward_matches_finite_differences_of_its_forward(impl, affine):
+    """float64: the impl's own backward against central differences of its own forward."""
+    x, dy, weight, bias = make_case(2, 6, np.float64, seed=2, affine=affine)
+    y, mean, rstd = run_forward(impl, x, weight, bias, eps=1e-3)
+    dx, dw, db = run_backward(impl, dy, x, weight, mean, rstd)
+
+    def loss(x_, w_, b_):
+        return float((run_forward(impl, x_, w_, b_, eps=1e-3)[0] * dy).sum())
+
+    h = 1e-6
+    leaves = [x, weight, bias]
+    grads = [dx, dw, db]
+    for at, (arr, grad) in enumerate(zip(leaves, grads)):
+        if arr is None:
+            continue
+        for idx in np.ndindex(*arr.shape):
+            args = [None if a is None else a.copy() for a in leaves]
+            args[at][idx] += h
+            plus = loss(*args)
+            args[at][idx] -= 2 * h
+            minus = loss(*args)
+            assert grad[idx] == pytest.approx((plus - minus) / (2 * h), rel=1e-6, abs=1e-8)
+
+
+def test_numpy_impl_matches_torch_when_available():
+    torch = pytest.importorskip("torch")
+    x, dy, weight, bias = make_case(5, 9, np.float64, seed=3)
+    y, mean, rstd = run_forward("numpy", x, weight, bias, eps=1e-4)
+    dx, dw, db = run_backward("numpy", dy, x, weight, mean, rstd)
+    leaves = [torch.tensor(a, requires_grad=True) for a in (x, weight, bias)]
+    ty = torch.nn.functional.layer_norm(leaves[0], (9,), leaves[1], leaves[2], eps=1e-4)
+    ty.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for ours, leaf in zip((dx, dw, db), leaves):
+        np.testing.assert_allclose(ours, leaf.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# ---- every impl against the reference -----------------------------------------------------------
+
+# D: 1, odd, a non-multiple of the 16-byte pack, the forward / backward on-chip limits of the cupy
+# kernels and past them (streamed forward, tiled backward).
+SHAPES = [(1, 1), (7, 1), (1, 13), (5, 37), (33, 1000), (3, 4096), (4, 4099), (3, 8192), (2, 16385), (2, 65536)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{d}" for n, d in SHAPES])
+def test_affine(impl, dtype, shape):
+    check(impl, *make_case(*shape, dtype, seed=sum(shape)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)],
+                         ids=["no-affine", "weight-only", "bias-only"])
+@pytest.mark.parametrize("shape", [(1, 1), (6, 37), (9, 1024)], ids=["1x1", "6x37", "9x1024"])
+def test_without_weight_or_bias(impl, dtype, affine, shape):
+    check(impl, *make_case(*shape, dtype, seed=5, affine=affine))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_many_rows_many_partials(impl):
+    """More rows than any impl has row chunks / blocks: every partial row of dw, db holds several rows."""
+    check(impl, *make_case(1500, 40, np.float32, seed=7))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_batch(impl, dtype):
+    x, dy, weight, bias = make_case(0, 5, dtype)
+    y, mean, rstd = run_forward(impl, x, weight, bias)
+    assert y.shape == (0, 5) and mean.shape == rstd.shape == (0,) and y.dtype == mean.dtype == dtype
+    dx, dw, db = run_backward(impl, dy, x, weight, mean, rstd)
+    assert dx.shape == (0, 5) and dw.shape == db.shape == (5,) and not dw.any() and not db.any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compute_weight_grads_false_gives_the_same_dx(impl):
+    x, dy, weight, bias = make_case(9, 70, np.float32, seed=11)
+    _, mean, rstd = run_forward(impl, x, weight, bias)
+    full = run_backward(impl, dy, x, weight, mean, rstd)
+    dx, dw, db = run_backward(impl, dy, x, weight, mean, rstd, compute_weight_grads=False)
+    assert dw is None and db is None
+    np.testing.assert_array_equal(dx, full[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_row_of_one_value_and_constant_rows(impl):
+    """A constant row: xhat = 0, so y = bias, rstd = 1 / sqrt(eps), dw = 0 and dx = rstd (g - mean(g))."""
+    x = np.array([[3.0, 3.0, 3.0], [-7.5, -7.5, -7.5]], np.float32)
+    weight, bias = np.array([2.0, 3.0, 4.0], np.float32), np.array([0.5, -1.0, 2.0], np.float32)
+    y, mean, rstd = run_forward(impl, x, weight, bias, eps=1e-2)
+    np.testing.assert_allclose(y, np.broadcast_to(bias, x.shape), atol=0)
+    np.testing.assert_allclose(rstd, 10.0, rtol=1e-6)
+    dx, dw, db = run_backward(impl, np.ones_like(x), x, weight, mean, rstd)
+    np.testing.assert_allclose(dx, np.broadcast_to(10.0 * (weight - 3.0), x.shape), rtol=1e-6)
+    assert not dw.any() and np.array_equal(db, [2.0, 2.0, 2.0])
+    # D = 1: every row is constant; y = bias and dx = 0 whatever dy
+    y, mean, rstd = run_forward(impl, x[:, :1].copy(), weight[:1], bias[:1])
+    assert np.array_equal(y, [[0.5], [0.5]])
+    dx, _, _ = run_backward(impl, np.array([[2.0], [-3.0]], np.float32), x[:, :1].copy(), weight[:1], mean, rstd)
+    assert not dx.any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_offset_does_not_cancel(impl):
+    """|mean| >> std: a one-pass E[x^2] - E[x]^2 in float32 would be off by percents; two-pass is not."""
+    rng = np.random.default_rng(13)
+    x = (300.0 + 0.5 * rng.standard_normal((4, 3000))).astype(np.float32)
+    _, mean, rstd = run_forward(impl, x)
+    _, ref_mean, ref_rstd = reference(x)
+    np.testing.assert_allclose(rstd, ref_rstd, rtol=2e-4)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-6)
+
+
+def test_numba_cpu_parallel_and_serial_rows_agree(monkeypatch):
+    """Small calls run on the calling thread, large ones in parallel row chunks: same y and dx bits,
+    and column sums that differ only by the order of the partial sums."""
+    from kernels.cpu import layer_norm as module
+
+    x, dy, weight, bias = make_case(40, 300, np.float32, seed=17)
+    results = []
+    for threshold in (0, 1 << 62):  # parallel always, then never
+        monkeypatch.setattr(module, "PARALLEL_MIN", threshold)
+        y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, impl="numba_cpu")
+        results.append((y, mean, rstd) + kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numba_cpu"))
+    parallel, serial = results
+    for a, b in zip(parallel[:4], serial[:4]):
+        assert np.array_equal(a, b)
+    for a, b in zip(parallel[4:], serial[4:]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def _bad_forward_calls():
+    f32, f64 = np.float32, np.float64
+    x = np.ones((3, 4), f32)
+    return [
+        ((np.ones(4, f32),), {}, "x must be 2-D"),
+        ((np.ones((3, 4), np.int64),), {}, "only float32 and float64"),
+        ((np.ones((3, 4), np.float16),), {}, "only float32 and float64"),
+        ((np.ones((3, 0), f32),), {}, "D = 0 columns"),
+        ((x, np.ones(4, f64)), {}, "weight must have x's dtype float32"),
+        ((x, np.ones(5, f32)), {}, r"weight must have shape \(4,\)"),
+        ((x, None, np.ones((1, 4), f32)), {}, r"bias must have shape \(4,\)"),
+        ((np.ones((4, 3), f32).T,), {}, "x is not C-contiguous"),
+        ((x,), {"eps": -1.0}, "eps must be finite and >= 0"),
+        ((x,), {"eps": "small"}, "eps must be a real number"),
+        (([[1.0]],), {}, "x must be a numpy or cupy array"),
+    ]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("args,kw,message", _bad_forward_calls())
+def test_bad_forward_inputs_are_named(impl, args, kw, message):
+    with pytest.raises(KernelError, match=message) as info:
+        kernels.get("layer_norm_forward", impl)(*args, **kw)
+    assert "layer_norm_forward" in str(info.value)
+
+
+def _bad_backward_calls():
+    f32 = np.float32
+    x, dy, w, s = np.ones((3, 4), f32), np.ones((3, 4), f32), np.ones(4, f32), np.ones(3, f32)
+    return [
+        ((np.ones((3, 5), f32), x, w, s, s), {}, r"grad_y must have shape \(3, 4\)"),
+        ((dy.astype(np.float64), x, w, s, s), {}, "grad_y must have x's dtype float32"),
+        ((dy, x, w, np.ones(4, f32), s), {}, r"mean must have shape \(3,\)"),
+        ((dy, x, w, s, s.astype(np.float64)), {}, "rstd must have x's dtype"),
+        ((dy, x, np.ones(3, f32), s, s), {}, r"weight must have shape \(4,\)"),
+        ((dy, x, w, s, s), {"compute_weight_grads": "yes"}, "compute_weight_grads must be True or False"),
+    ]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("args,kw,message", _bad_backward_calls())
+def test_bad_backward_inputs_are_named(impl, args, kw, message):
+    with pytest.raises(KernelError, match=message) as info:
+        kernels.get("layer_norm_backward", impl)(*args, **kw)
+    assert "layer_norm_backward" in str(info.value)
+
+
+def test_error_lists_shapes_and_dtypes():
+    with pytest.raises(KernelError) as info:
+        kernels.layer_norm_forward(np.ones((3, 4), np.float32), np.ones(4, np.float64), impl="numpy")
+    text = str(info.value)
+    assert "x=numpy.ndarray(3, 4) float32" in text and "weight=numpy.ndarray(4,) float64" in text
+
+
+def test_mixing_devices_is_refused_by_name(fake_cupy):
+    x = np.ones((3, 4), np.float32)
+    gpu_weight = fake_cupy.on(0, np.ones(4, np.float32))
+    with pytest.raises(KernelError, match="different devices"):
+        kernels.get("layer_norm_forward", "numpy")(x, gpu_weight)
+
+
+# ---- the CUDA C++ launch plan and host code (no GPU needed) -------------------------------------
+
+
+def _instantiated_kernels() -> set[str]:
+    """extern "C" names the .cu file instantiates, expanded from its macro lines."""
+    text = CU_FILE.read_text()
+    names = set()
+    for dt, k in re.findall(r"^LN_FWD_BLOCK\(\w+, (\w+), (\d+)\)", text, re.M):
+        names |= {f"ln_fwd_block_{dt}_k{k}_v", f"ln_fwd_block_{dt}_k{k}_s"}
+    for dt, k in re.findall(r"^LN_BWD_BLOCK\(\w+, (\w+), (\d+), \d+\)", text, re.M):
+        names |= {f"ln_bwd_block_{dt}_k{k}_v", f"ln_bwd_block_{dt}_k{k}_s"}
+    for dt in re.findall(r"^LN_FWD_STREAM\(\w+, (\w+)\)", text, re.M):
+        names |= {f"ln_fwd_stream_{dt}_v", f"ln_fwd_stream_{dt}_s"}
+    for dt in re.findall(r"^LN_BWD_STREAM\(\w+, (\w+)\)", text, re.M):
+        names |= {f"ln_bwd_rowsums_{dt}_{p}" for p in "vs"} | {f"ln_bwd_tile_{dt}_{p}" for p in "vs"}
+    for dt in re.findall(r"^LN_COL_REDUCE\(\w+, (\w+)\)", text, re.M):
+        names.add(f"ln_col_reduce_{dt}")
+    return names
+
+
+def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
+    from kernels.cuda import layer_norm as cu
+
+    available = _instantiated_kernels()
+    assert len(available) > 20
+    used = {"ln_col_reduce_f32", "ln_col_reduce_f64"}
+    for dtype in (np.float32, np.float64):
+        pack = cu.CONFIGS[np.dtype(dtype)]["pack"]
+        for d in [1, 2, 5, 31, 32, 33, 100, 768, 1024, 1025, 2048, 4096, 4099, 8192, 8193, 16384, 16385, 65536,
+                  2**20]:
+            for vec in (False, True):
+                if vec and d % pack:
+                    continue
+                name, threads = cu.plan_forward(dtype, d, vec)
+                assert name in available, name
+                used.add(name)
+                assert threads % 32 == 0 and 32 <= threads <= (1024 if "block" in name else 512)
+                if "block" in name:
+                    assert threads * int(re.search(r"_k(\d+)", name).group(1)) >= d
+                plan = cu.plan_backward(dtype, d, vec)
+                if plan[0] == "block":
+                    _, name, threads = plan
+                    assert threads % 32 == 0 and threads <= 512
+                    assert threads * int(re.search(r"_k(\d+)", name).group(1)) >= d
+                    used.add(name)
+                else:
+                    assert plan[1] in available and plan[2] in available
+                    used |= {plan[1], plan[2]}
+                assert all(p in available for p in plan[1:] if isinstance(p, str))
+    assert used == available  # no instantiation is dead code
+    # the GPU target size runs on chip in both directions, in 16-byte packs
+    assert cu.plan_forward(np.float32, 4096, True) == ("ln_fwd_block_f32_k16_v", 256)
+    assert cu.plan_backward(np.float32, 4096, True) == ("block", "ln_bwd_block_f32_k8_v", 512)
+
+
+@pytest.fixture
+def fake_layer_norm_cupy(fake_cupy):
+    """fake_cupy, with kernels/cuda/layer_norm.py's device caches emptied before and after."""
+    from kernels.cuda import layer_norm as cu
+
+    def clear():
+        cu._sm_count.cache_clear()
+        cu._resident_blocks.cache_clear()
+
+    clear()
+    yield fake_cupy
+    clear()
+
+
+@pytest.mark.parametrize("d,tiled", [(4096, False), (65536, True)])
+def test_cupy_backward_writes_one_partial_row_per_block(fake_layer_norm_cupy, d, tiled):
+    """The column sums: P partial rows (P <= N, one wave) then one small reduction; never atomics."""
+    from kernels.cuda import layer_norm as cu
+
+    fake = fake_layer_norm_cupy
+    n = 5000
+    x, dy = (fake.on(1, np.ones((n, d), np.float32)) for _ in range(2))
+    w, mean, rstd = fake.on(1, np.ones(d, np.float32)), fake.on(1, np.ones(n, np.float32)), \
+        fake.on(1, np.ones(n, np.float32))
+    cu.layer_norm_backward(dy, x, w, mean, rstd)
+    names = [launch.name for launch in fake.launches]
+    main = fake.launches[-2]
+    reduce = fake.launches[-1]
+    assert all(launch.device == 1 for launch in fake.launches)  # x's GPU, not the current one
+    parts = int(reduce.args[4])
+    assert reduce.name == "ln_col_reduce_f32" and reduce.args[0].shape == (parts, d) and 1 <= parts <= n
+    if tiled:
+        assert names == ["ln_bwd_rowsums_f32_v", "ln_bwd_tile_f32_v", "ln_col_reduce_f32"]
+        assert main.grid == (-(-d // (256 * 4)), parts)
+    else:
+        assert names == ["ln_bwd_block_f32_k8_v", "ln_col_reduce_f32"]
+        # one wave: the fake's occupancy query says 4 blocks per SM
+        assert main.grid == (parts,) and parts == min(n, 4 * 132)
+    fake.launches.clear()
+    _, dw, db = cu.layer_norm_backward(dy, x, w, mean, rstd, compute_weight_grads=False)
+    assert dw is None and db is None and "ln_col_reduce_f32" not in [launch.name for launch in fake.launches]
