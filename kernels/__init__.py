@@ -15,6 +15,7 @@ __all__ = [
     "linear_relu_forward", "linear_relu_backward", "softmax_cross_entropy",
     "layer_norm_forward", "layer_norm_backward",
     "adam_step", "sgd_step", "adagrad_step", "rmsprop_step",
+    "attention_forward", "attention_backward",
 ]
 
 
@@ -129,3 +130,40 @@ def rmsprop_step(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, l
     ``momentum_buf`` iff momentum != 0."""
     return call("rmsprop_step", param, grad, square_avg, momentum_buf, grad_avg, lr=lr, alpha=alpha, eps=eps,
                 weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize, impl=impl)
+
+
+def attention_forward(q, k, v, mask=None, *, scale=None, causal=False, impl=None):
+    """Scaled-dot-product attention, flash style -> ``(out, lse)``; no L x S matrix is kept.
+
+    ``softmax(scale * q @ k^T + mask) @ v`` per batch row, as PyTorch's
+    ``F.scaled_dot_product_attention`` with batch and heads flattened into B.
+
+    Args:
+        q: (B, L, E), k: (B, S, E), v: (B, S, Ev); C-contiguous float32 (float64 on the CPU impls).
+            The GPU impls take head dims E, Ev <= 128.
+        mask: None, or an additive bias of q's dtype shaped (1 or B, 1 or L, S): (1, L, S) shared by
+            every batch row, (B, 1, S) key padding, (B, L, S) full. Size-1 dims are broadcast inside
+            the kernels (never expanded). Boolean masks: pass 0 / -inf. The mask gets no gradient.
+        scale: the score scale; None means 1 / sqrt(E), PyTorch's default.
+        causal: PyTorch's ``is_causal``: query i sees keys j <= i (top-left aligned), on top of mask.
+
+    Returns:
+        ``(out, lse)``: out (B, L, Ev); lse (B, L), the log-sum-exp of each row's scaled, masked
+        scores (what :func:`attention_backward` needs). A row that sees no key gets out 0 and
+        lse -inf (PyTorch's math path gives NaN), and no gradient.
+
+    Example:
+        >>> out, lse = kernels.attention_forward(q, k, v, scale=q.shape[-1] ** -0.5, causal=True)  # doctest: +SKIP
+        >>> dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, scale=..., causal=True)  # doctest: +SKIP
+    """
+    return call("attention_forward", q, k, v, mask, scale=scale, causal=causal, impl=impl)
+
+
+def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, impl=None):
+    """Gradients of :func:`attention_forward` -> ``(dq, dk, dv)`` (flash-attention-2).
+
+    ``out`` and ``lse`` are the forward's results; ``mask``, ``scale`` and ``causal`` must be the
+    forward's. The probabilities are recomputed from lse tile by tile (D_i = rowsum(dO * O)), so
+    the fused impls hold no L x S matrix.
+    """
+    return call("attention_backward", grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, impl=impl)
