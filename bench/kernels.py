@@ -38,31 +38,35 @@ from bench.timing import Clock, measure_interleaved
 IMPL_DEVICE = {"numpy": "cpu", "numba_cpu": "cpu", "cupy": "cuda", "numba_cuda": "cuda"}
 
 # Sizes swept, per (device, mode). Optimizers: parameter counts; cross-entropy: (N, C);
-# linear_relu: (N, K, M) for x (N, K) and weight (M, K).
+# linear_relu: (N, K, M) for x (N, K) and weight (M, K); layer_norm: (N, D).
 SWEEPS = {
     ("cuda", "full"): {
         "adam_step": [2**e for e in range(20, 28)],
         "optim": [2**20, 2**24, 2**27],
         "softmax_cross_entropy": [(8192, c) for c in (1024, 8192, 32768, 131072)],
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 4096, 4096)],
+        "layer_norm": [(16384, 1024), (16384, 4096), (1024, 65536)],
     },
     ("cuda", "quick"): {
         "adam_step": [2**20, 2**27],
         "optim": [2**24],
         "softmax_cross_entropy": [(8192, 1024), (8192, 32768)],
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096)],
+        "layer_norm": [(16384, 4096)],
     },
     ("cpu", "full"): {
         "adam_step": [2**16, 2**20, 10_000_000],
         "optim": [2**20, 10_000_000],
         "softmax_cross_entropy": [(1024, 1024), (1024, 8192), (1024, 32768)],
         "linear_relu": [(512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024)],
+        "layer_norm": [(1024, 1024), (1024, 4096), (64, 65536)],
     },
     ("cpu", "quick"): {
         "adam_step": [2**16, 2**20],
         "optim": [2**20],
         "softmax_cross_entropy": [(256, 1024), (256, 8192)],
         "linear_relu": [(256, 256, 256), (512, 512, 512)],
+        "layer_norm": [(256, 1024), (256, 4096)],
     },
     # Smoke-test sizes (tests/test_bench.py): odd, tiny, meaningless as performance figures.
     ("cpu", "tiny"): {
@@ -70,6 +74,7 @@ SWEEPS = {
         "optim": [1000],
         "softmax_cross_entropy": [(16, 100)],
         "linear_relu": [(16, 24, 8)],
+        "layer_norm": [(15, 99)],
     },
 }
 SWEEPS[("cuda", "tiny")] = SWEEPS[("cpu", "tiny")]
@@ -386,6 +391,121 @@ def _ce_torch(bd, logits, targets, rows_dev):
     return prepare
 
 
+# ---- layer norm -------------------------------------------------------------------------------
+
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm_case(bd: BenchDevice, n: int, d: int) -> Case:
+    """Forward then backward (two calls, as in training) of layer norm over (N, D) with weight and bias.
+
+    Checked on sampled rows (y, mean, rstd, dx: each row is separable) and sampled columns (dweight,
+    dbias: the numpy backward on those columns of x and dy, with every row's mean and rstd, gives
+    exactly those columns of the column sums).
+    """
+    x = bd.random_normal((n, d), scale=2.0)
+    dy = bd.random_normal((n, d))
+    weight = bd.random_normal((d,), scale=0.5) + 1.0
+    bias = bd.random_normal((d,), scale=0.5)
+    rows_dev = bd.asarray(sample_indices(n, 256 if n <= 256 else SAMPLE_ROWS))
+    cols_dev = bd.asarray(sample_indices(d, 256 if d <= 256 else SAMPLE_ROWS))
+    pick = _ln_picker(bd, rows_dev, cols_dev)
+
+    def reference(backward):
+        forward = kernel_registry.get("layer_norm_forward", "numpy")
+        w, b = bd.to_host(weight), bd.to_host(bias)
+        xs, dys = bd.to_host(x[rows_dev]), bd.to_host(dy[rows_dev])
+        y, mean, rstd = forward(xs, w, b, eps=LAYER_NORM_EPS)
+        dx = backward(dys, xs, w, mean, rstd, compute_weight_grads=False)[0]
+        _, mean_all, rstd_all = forward(bd.to_host(x), None, None, eps=LAYER_NORM_EPS)
+        cols = bd.to_host(cols_dev)
+        _, dweight, dbias = backward(np.ascontiguousarray(bd.to_host(dy[:, cols_dev])),
+                                     np.ascontiguousarray(bd.to_host(x[:, cols_dev])), w[cols], mean_all, rstd_all)
+        return {"y": y, "mean": mean, "rstd": rstd, "dx": dx, "dweight": dweight, "dbias": dbias}
+
+    ref, note = numpy_reference("layer_norm_backward", reference)
+    candidates = [Candidate(name, "impl", _ln_kernel(bd, name, x, dy, weight, bias, pick))
+                  for name in impls_for("layer_norm_forward", bd)]
+    candidates.append(Candidate("engine F.layer_norm (unfused)", "unfused",
+                                _ln_engine(bd, x, dy, weight, bias, pick)))
+    candidates.append(Candidate("torch F.layer_norm", "torch", _ln_torch(bd, x, dy, weight, bias, rows_dev, cols_dev)))
+    return Case(kernel="layer_norm", label=f"N={n} D={d}", params={"N": n, "D": d}, size=n * d,
+                work=roofline.layer_norm_work(n, d), reference=ref, reference_note=note,
+                candidates=candidates, flush=bd.flushes_cache)
+
+
+def _ln_picker(bd, rows_dev, cols_dev):
+    def pick(y, mean, rstd, dx, dweight, dbias) -> dict:
+        picked = {"y": y[rows_dev], "dx": dx[rows_dev], "dweight": dweight[cols_dev], "dbias": dbias[cols_dev]}
+        if mean is not None:
+            picked.update(mean=mean[rows_dev], rstd=rstd[rows_dev])
+        return {key: bd.to_host(a) for key, a in picked.items()}
+
+    return pick
+
+
+def _ln_kernel(bd, name, x, dy, weight, bias, pick):
+    def prepare():
+        forward = impl_function("layer_norm_forward", name, bd, x)
+        backward = impl_function("layer_norm_backward", name, bd, x)
+
+        def run():
+            y, mean, rstd = forward(x, weight, bias, eps=LAYER_NORM_EPS)
+            return (y, mean, rstd) + backward(dy, x, weight, mean, rstd)
+
+        return Prepared(run=run, sample=lambda: pick(*run()), clock=bd.clock)
+
+    return prepare
+
+
+def _ln_engine(bd, x, dy, weight, bias, pick):
+    def prepare():
+        import engine.functional as F
+        from engine.tensor import Tensor
+
+        leaves = [Tensor(a, requires_grad=True) for a in (x, weight, bias)]
+        grad = Tensor(dy)
+        shape = (x.shape[1],)
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            y = F.layer_norm(leaves[0], shape, leaves[1], leaves[2], eps=LAYER_NORM_EPS)
+            y.backward(grad)
+            return y
+
+        def sample():
+            y = run()
+            return pick(y._data, None, None, *(t.grad._data for t in leaves))
+
+        return Prepared(run=run, sample=sample, clock=bd.clock)
+
+    return prepare
+
+
+def _ln_torch(bd, x, dy, weight, bias, rows_dev, cols_dev):
+    def prepare():
+        torch = torch_required(bd)
+        leaves = [bd.to_torch(a).requires_grad_(True) for a in (x, weight, bias)]
+        grad = bd.to_torch(dy)
+        rows = torch.from_numpy(bd.to_host(rows_dev)).to(grad.device)
+        cols = torch.from_numpy(bd.to_host(cols_dev)).to(grad.device)
+        shape = (x.shape[1],)
+
+        def run():
+            y = torch.nn.functional.layer_norm(leaves[0], shape, leaves[1], leaves[2], eps=LAYER_NORM_EPS)
+            return (y,) + torch.autograd.grad(y, leaves, grad)
+
+        def sample():
+            y, dx, dweight, dbias = run()
+            return {"y": bd.torch_to_host(y.detach()[rows]), "dx": bd.torch_to_host(dx[rows]),
+                    "dweight": bd.torch_to_host(dweight[cols]), "dbias": bd.torch_to_host(dbias[cols])}
+
+        return Prepared(run=run, sample=sample, clock=bd.torch_clock)
+
+    return prepare
+
+
 # ---- linear + ReLU ----------------------------------------------------------------------------
 
 def _linear_inputs(bd: BenchDevice, n: int, k: int, m: int):
@@ -626,6 +746,7 @@ TORCH_PEER = {
     "adagrad_step": ["torch Adagrad(fused=True)", "torch Adagrad(foreach=True)"],
     "rmsprop_step": ["torch RMSprop(fused=True)", "torch RMSprop(foreach=True)"],
     "softmax_cross_entropy": ["torch F.cross_entropy"],
+    "layer_norm": ["torch F.layer_norm"],
     "linear_relu_forward": ["torch relu(linear)"],
     "linear_relu_backward": ["torch autograd"],
 }
@@ -633,6 +754,7 @@ UNFUSED_PEER = {
     "adam_step": ["engine Adam(fused=False)"], "sgd_step": ["engine SGD(fused=False)"],
     "adagrad_step": ["engine Adagrad(fused=False)"], "rmsprop_step": ["engine RMSprop(fused=False)"],
     "softmax_cross_entropy": ["engine F.cross_entropy(fused=False)"],
+    "layer_norm": ["engine F.layer_norm (unfused)"],
     "linear_relu_forward": ["engine F.linear_relu(fused=False)"],
     "linear_relu_backward": ["engine autograd (unfused)"],
 }
@@ -676,6 +798,7 @@ class GpuTarget:
 CUDA_TARGETS = {
     "adam_step": GpuTarget("cupy", {"n": 2**27}),
     "softmax_cross_entropy": GpuTarget("cupy", {"N": 8192, "C": 32768}),
+    "layer_norm": GpuTarget("cupy", {"N": 16384, "D": 4096}),
     "linear_relu_forward": GpuTarget("cupy", {"N": 4096, "K": 4096, "M": 4096}),
     "linear_relu_backward": GpuTarget("cupy", {"N": 4096, "K": 4096, "M": 4096}),
 }
@@ -746,6 +869,8 @@ def _target_checks(row, kernel, device, mode, by_name) -> list[tuple[bool | None
     elif kernel == "softmax_cross_entropy":
         checks.append(_at_least(row["fraction_of_copy_bw"], 0.80, "of copy BW"))
         checks.append(_ratio_check(row, 1.5))
+    elif kernel == "layer_norm":
+        checks.append(_at_least(row["fraction_of_copy_bw"], 0.80, "of copy BW"))
     elif kernel == "linear_relu_forward":
         gemm = by_name.get("gemm x @ W.T")
         if gemm is None or gemm["status"] != "ok":
@@ -776,17 +901,33 @@ def _ratio_check(row: dict, goal: float) -> tuple[bool | None, str]:
 # ---- the sweep --------------------------------------------------------------------------------
 
 FAMILIES = ("adam_step", "sgd_step", "adagrad_step", "rmsprop_step", "softmax_cross_entropy",
-            "linear_relu_forward", "linear_relu_backward")
+            "linear_relu_forward", "linear_relu_backward", "layer_norm")
+
+# Bench families whose one case times several registered kernels together (forward then backward,
+# as training calls them): the sweep lists the family in place of its kernels.
+COMBINED = {"layer_norm": ("layer_norm_forward", "layer_norm_backward")}
+_FAMILY_OF = {kernel: family for family, members in COMBINED.items() for kernel in members}
+
+
+def _bench_names(registered: list[str]) -> list[str]:
+    """Registered kernel names, each member of a COMBINED family replaced by the family (once)."""
+    names: list[str] = []
+    for kernel in registered:
+        name = _FAMILY_OF.get(kernel, kernel)
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def select_kernels(names: list[str] | None) -> list[str]:
     """Kernels to run: all, or those named (a prefix like 'linear_relu' picks fwd and bwd)."""
     # kernels.kernels() lists only what is registered so far; the declarations register them all.
     importlib.import_module("kernels.declarations")
-    registered = kernel_registry.kernels()
+    registered = _bench_names(kernel_registry.kernels())
     known = [k for k in FAMILIES if k in registered] + [k for k in registered if k not in FAMILIES]
     if not names:
         return known
+    names = list(dict.fromkeys(_FAMILY_OF.get(n, n) for n in names))  # layer_norm_forward -> layer_norm
     chosen = [k for k in known if any(k == n or k.startswith(n.rstrip("_") + "_") for n in names)]
     unknown = [n for n in names if not any(k == n or k.startswith(n.rstrip("_") + "_") for k in known)]
     if unknown:
@@ -809,6 +950,9 @@ def cases_for(kernel: str, bd: BenchDevice, mode: str):
     elif kernel == "linear_relu_backward":
         for shape in sweep["linear_relu"]:
             yield lambda shape=shape: linear_relu_backward_case(bd, *shape)
+    elif kernel == "layer_norm":
+        for n, d in sweep["layer_norm"]:
+            yield lambda n=n, d=d: layer_norm_case(bd, n, d)
 
 
 def run_sweep(bd: BenchDevice, ceilings: roofline.Ceilings, kernel_names: list[str], mode: str,

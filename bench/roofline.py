@@ -55,6 +55,18 @@ def cross_entropy_work(n: int, classes: int, itemsize: int = F32) -> Work:
     return Work(bytes=2 * n * classes * itemsize + n * I64 + n * itemsize, flops=5 * n * classes)
 
 
+def layer_norm_work(n: int, d: int, itemsize: int = F32) -> Work:
+    """Layer norm forward then backward (two calls, as in training): 5 N D values move.
+
+    Forward reads x and writes y; backward reads dy and x again (the forward is long gone by then)
+    and writes dx. Plus weight and bias read, mean and rstd written then read (4 N), and dweight,
+    dbias written. The backward's partial column sums (2 P D each way, P ~ a few per SM) are the
+    kernel's own choice, not compulsory, and not counted.
+    """
+    bytes_ = (5 * n * d + 4 * n + 2 * d + d + 2 * d) * itemsize
+    return Work(bytes=bytes_, flops=16 * n * d)
+
+
 def linear_relu_forward_work(n: int, k: int, m: int, itemsize: int = F32) -> Work:
     """relu(x @ W.T + b): read x (N, K), W (M, K), b (M); write y (N, M); 2NKM + 2NM FLOPs."""
     return Work(bytes=(n * k + m * k + m + n * m) * itemsize, flops=2 * n * k * m + 2 * n * m)
