@@ -1,0 +1,339 @@
+"""The process group and the collectives on engine Tensors (PyTorch's ``torch.distributed`` names).
+
+One process group per process, the world: ranks and world size come from the MPI launcher
+(``mpiexec -n 4 python train.py``) through mpi4py; a script started without a launcher is a
+world of one. Two backends:
+
+- ``"mpi"``: mpi4py's buffer collectives (Allreduce, Bcast, Allgather, Reduce_scatter_block) on
+  numpy arrays; cupy arrays go through a host staging copy unless the MPI is CUDA-aware.
+- ``"nccl"``: ``cupy.cuda.nccl`` on CUDA tensors, one rank per GPU; MPI only launches the
+  processes and carries NCCL's unique id.
+
+Collectives change tensors in place, as PyTorch's do: they write into the tensor's array and bump
+its version, and like every in-place op they refuse a tensor that requires grad while grad mode
+is on (run them under ``engine.no_grad()`` or on ``.detach()``).
+
+``init_process_group`` also installs a ``sys.excepthook``: an exception that escapes a rank's
+script prints ``engine.distributed: rank R failed: ...`` and aborts the whole MPI job, so no other
+rank hangs in a collective waiting for it.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+import sys
+import traceback
+
+from engine import backend
+from engine.autograd import is_grad_enabled
+from engine.errors import EngineError, GradError, ShapeError, describe
+from engine.tensor import Tensor
+
+
+class DistributedError(EngineError):
+    """Misuse of engine.distributed: no process group, a second init, a bad rank or list."""
+
+
+class ReduceOp(enum.Enum):
+    """How ``all_reduce`` and ``reduce_scatter`` combine the ranks' values."""
+
+    SUM = "sum"
+    AVG = "avg"
+    MAX = "max"
+    MIN = "min"
+
+    def __repr__(self) -> str:
+        return f"ReduceOp.{self.name}"
+
+
+class _State:
+    group = None  # the backend's process group object (MPIGroup / NCCLGroup)
+    previous_excepthook = None
+
+
+_state = _State()
+
+
+# ---- the process group ------------------------------------------------------------------------
+
+def is_available() -> bool:
+    """True when mpi4py is installed (the MPI backend can start)."""
+    return importlib.util.find_spec("mpi4py") is not None
+
+
+def is_mpi_available() -> bool:
+    return is_available()
+
+
+def is_nccl_available() -> bool:
+    """True when mpi4py is installed and cupy with NCCL answers on a CUDA device."""
+    if not is_available() or backend.cuda_device_count() == 0:
+        return False
+    try:
+        from engine.distributed import nccl
+
+        return nccl.available()
+    except Exception:
+        return False
+
+
+def is_initialized() -> bool:
+    return _state.group is not None
+
+
+def init_process_group(backend: str | None = None, **_ignored) -> None:
+    """Join the world the MPI launcher started; ``backend`` is "mpi", "nccl", or None (nccl when the
+    default device is CUDA, else mpi). Raises when a process group already exists.
+
+    PyTorch's rendezvous arguments (``init_method``, ``world_size``, ``rank`` ...) are accepted and
+    ignored: MPI's launcher has already placed every process.
+    """
+    from engine import backend as engine_backend
+
+    if _state.group is not None:
+        raise DistributedError("init_process_group: the process group is already initialized; call "
+                               "destroy_process_group() first to start a new one")
+    if backend is None:
+        backend = "nccl" if engine_backend.default_device().type == "cuda" else "mpi"
+    backend = str(backend).lower()
+    if backend not in ("mpi", "nccl"):
+        raise DistributedError(f"init_process_group: unknown backend {backend!r}; use 'mpi' (CPU tensors, or "
+                               "cupy through the host) or 'nccl' (CUDA tensors)")
+    if not is_available():
+        raise DistributedError("init_process_group: mpi4py is not installed; pip install 'gpu-engine[distributed]' "
+                               "(mpi4py and the mpich wheel, which brings mpiexec)")
+    from mpi4py import MPI
+
+    if backend == "nccl":
+        from engine.distributed.nccl import NCCLGroup
+
+        _state.group = NCCLGroup(MPI.COMM_WORLD)
+    else:
+        from engine.distributed.mpi import MPIGroup
+
+        _state.group = MPIGroup()
+    _install_excepthook()
+
+
+def destroy_process_group() -> None:
+    """Leave the process group (MPI itself stays up until the process exits)."""
+    group = _group("destroy_process_group")
+    _state.group = None
+    _uninstall_excepthook()
+    group.destroy()
+
+
+def get_rank() -> int:
+    return _group("get_rank").rank
+
+
+def get_world_size() -> int:
+    return _group("get_world_size").size
+
+
+def get_backend() -> str:
+    return _group("get_backend").name
+
+
+def get_local_rank() -> int:
+    """The rank among the processes on this node (the GPU a rank uses under nccl)."""
+    group = _group("get_local_rank")
+    local = getattr(group, "local_rank", None)
+    if local is None:
+        from mpi4py import MPI
+
+        shared = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+        local = group.local_rank = shared.Get_rank()
+        shared.Free()
+    return local
+
+
+def _group(op: str):
+    if _state.group is None:
+        raise DistributedError(f"{op}: the default process group is not initialized; call "
+                               "engine.distributed.init_process_group() first (and launch with mpiexec)")
+    return _state.group
+
+
+def group():
+    """The backend's process group object (for engine internals: DDP, ZeRO, tensor parallel)."""
+    return _group("group")
+
+
+# ---- faults: one failing rank ends the job ----------------------------------------------------
+
+def _excepthook(exc_type, exc, tb):
+    hook = _state.previous_excepthook or sys.__excepthook__
+    try:
+        hook(exc_type, exc, tb)
+    except Exception:
+        traceback.print_exception(exc_type, exc, tb)
+    rank = "?"
+    try:
+        from mpi4py import MPI
+
+        rank = MPI.COMM_WORLD.Get_rank()
+    except Exception:
+        pass
+    message = f"engine.distributed: rank {rank} failed: {exc_type.__name__}: {exc}"
+    try:
+        sys.stderr.write(message + "; aborting the job\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+    except Exception:
+        pass
+    if exc_type in (KeyboardInterrupt,) or os.environ.get("ENGINE_DISTRIBUTED_NO_ABORT"):
+        return
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Abort(1)
+
+
+def _install_excepthook() -> None:
+    if sys.excepthook is not _excepthook:
+        _state.previous_excepthook = sys.excepthook
+        sys.excepthook = _excepthook
+
+
+def _uninstall_excepthook() -> None:
+    if sys.excepthook is _excepthook:
+        sys.excepthook = _state.previous_excepthook or sys.__excepthook__
+    _state.previous_excepthook = None
+
+
+# ---- collectives ------------------------------------------------------------------------------
+
+def _op_name(op) -> str:
+    if isinstance(op, ReduceOp):
+        return op.value
+    if isinstance(op, str) and op.lower() in ("sum", "avg", "max", "min"):
+        return op.lower()
+    raise DistributedError(f"unknown reduce op {op!r}; use ReduceOp.SUM, AVG, MAX or MIN")
+
+
+def _check_tensor(op: str, tensor) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{op}: expected an engine Tensor, got {type(tensor).__name__}")
+    if is_grad_enabled() and tensor.requires_grad:
+        raise GradError(f"{op}: in-place collective on {describe(tensor)}, which requires grad; run it under "
+                        "engine.no_grad() (as DDP and optimizers do) or on tensor.detach()")
+    tensor._check_inplace(op)
+
+
+def _check_same_everywhere(group, op: str, what: str, meta) -> None:
+    """Raise on every rank (so none is left waiting) when ``meta`` differs between ranks."""
+    if group.size == 1:
+        return
+    from mpi4py import MPI
+
+    comm = getattr(group, "mpi", None) or MPI.COMM_WORLD
+    metas = comm.allgather(meta)
+    if any(m != metas[0] for m in metas):
+        ranks = ", ".join(f"rank {r} has {m}" for r, m in enumerate(metas))
+        raise ShapeError(f"{op}: {what} differ across ranks ({ranks}); every rank must pass the same {what} "
+                         f"(this is rank {group.rank})")
+
+
+def _meta(tensor) -> tuple:
+    return (tuple(tensor.shape), str(tensor.dtype))
+
+
+def _finish(tensor) -> None:
+    tensor._version.value += 1
+
+
+class Work:
+    """What a collective returns with ``async_op=True``: ``wait()`` completes it."""
+
+    def __init__(self, inner, tensor):
+        self._inner, self._tensor = inner, tensor
+
+    def wait(self) -> bool:
+        if self._inner is not None:
+            self._inner.wait()
+            self._inner = None
+            _finish(self._tensor)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._inner is None or self._inner.test()
+
+
+def all_reduce(tensor: Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False):
+    """Combine ``tensor`` over all ranks (sum, average, max or min), in place on every rank."""
+    g = _group("all_reduce")
+    _check_tensor("all_reduce", tensor)
+    name = _op_name(op)
+    _check_same_everywhere(g, "all_reduce", "tensor shapes/dtypes", _meta(tensor))
+    if async_op:
+        return Work(g.all_reduce_async(tensor._data, name), tensor)
+    g.all_reduce(tensor._data, name)
+    _finish(tensor)
+    return None
+
+
+def broadcast(tensor: Tensor, src: int, group=None, async_op: bool = False):
+    """Copy rank ``src``'s ``tensor`` into ``tensor`` on every other rank."""
+    g = _group("broadcast")
+    _check_tensor("broadcast", tensor)
+    _check_rank(g, "broadcast", src)
+    _check_same_everywhere(g, "broadcast", "tensor shapes/dtypes", _meta(tensor))
+    g.broadcast(tensor._data, int(src))
+    _finish(tensor)
+    return Work(None, tensor) if async_op else None
+
+
+def all_gather(tensor_list: list, tensor: Tensor, group=None, async_op: bool = False):
+    """Fill ``tensor_list[r]`` with rank r's ``tensor`` on every rank (a list of world-size tensors)."""
+    g = _group("all_gather")
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"all_gather: expected an engine Tensor to send, got {type(tensor).__name__}")
+    _check_list(g, "all_gather", "tensor_list", tensor_list, tensor)
+    _check_same_everywhere(g, "all_gather", "tensor shapes/dtypes", _meta(tensor))
+    gathered = g.all_gather(tensor._data)
+    for r, out in enumerate(tensor_list):
+        out._data[...] = gathered[r]
+        _finish(out)
+    return Work(None, tensor) if async_op else None
+
+
+def reduce_scatter(output: Tensor, input_list: list, op=ReduceOp.SUM, group=None, async_op: bool = False):
+    """``output`` on rank r = the reduction over all ranks of their ``input_list[r]``."""
+    g = _group("reduce_scatter")
+    _check_tensor("reduce_scatter", output)
+    name = _op_name(op)
+    _check_list(g, "reduce_scatter", "input_list", input_list, output, written=False)
+    _check_same_everywhere(g, "reduce_scatter", "tensor shapes/dtypes", _meta(output))
+    xp = output.xp
+    stacked = xp.stack([t._data for t in input_list])
+    g.reduce_scatter(output._data, stacked, name)
+    _finish(output)
+    return Work(None, output) if async_op else None
+
+
+def barrier(group=None, async_op: bool = False):
+    """Wait until every rank reaches this call."""
+    _group("barrier").barrier()
+    return None
+
+
+def _check_rank(group, op: str, rank) -> None:
+    if not isinstance(rank, int) or not 0 <= rank < group.size:
+        raise DistributedError(f"{op}: src rank {rank!r} is not in the world of {group.size} rank(s)")
+
+
+def _check_list(group, op: str, name: str, tensors, like: Tensor, written: bool = True) -> None:
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != group.size:
+        n = len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+        raise DistributedError(f"{op}: {name} must be a list of world-size ({group.size}) tensors, got {n}")
+    for r, t in enumerate(tensors):
+        if written:
+            _check_tensor(op, t)
+        elif not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name}[{r}] is a {type(t).__name__}, not an engine Tensor")
+        if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
+            raise ShapeError(f"{op}: {name}[{r}] is {describe(t)} but the tensor is {describe(like)}; every entry "
+                             "must have its shape, dtype and device (rank "
+                             f"{group.rank})")

@@ -1,0 +1,49 @@
+"""Collectives over MPI with 2 and 3 ranks (3: a world that is not a power of two), and faults."""
+
+import time
+
+import pytest
+
+from tests.distributed.launch import check, requires_mpi, run_mpi
+
+pytestmark = requires_mpi
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_collectives(world):
+    assert f"collectives ok {world}" in check(run_mpi("collectives.py", world))
+
+
+def test_one_failing_rank_ends_the_job_naming_it():
+    start = time.monotonic()
+    result = run_mpi("fault.py", 2, timeout=30)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 30
+    assert "engine.distributed: rank 1 failed: RuntimeError: rank one fails on purpose" in result.stderr
+    assert "fault was not detected" not in result.stdout
+
+
+def test_single_process_without_launcher_is_a_world_of_one():
+    import subprocess
+    import sys
+
+    from tests.distributed.launch import ROOT, mpi_env
+
+    code = ("import engine, engine.distributed as d; d.init_process_group(); t = engine.ones(2); d.all_reduce(t); "
+            "print(d.get_rank(), d.get_world_size(), t.tolist())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "1", "[1.0,", "1.0]"]
+
+
+def test_api_without_process_group():
+    import engine.distributed as dist
+
+    assert dist.is_available()
+    assert not dist.is_initialized()
+    with pytest.raises(dist.DistributedError, match="not initialized"):
+        dist.get_rank()
+    with pytest.raises(dist.DistributedError, match="unknown backend"):
+        dist.init_process_group("gloo")
