@@ -61,6 +61,43 @@ class enable_grad(no_grad):
         self._ctx.__enter__()
 
 
+@contextlib.contextmanager
+def watch_grad_inputs():
+    """Collect every tensor requiring grad that an op reads inside the block, in first-use order.
+
+    Activation checkpointing runs a function under ``no_grad`` and must still know which tensors
+    from outside it (arguments, parameters, tensors it closes over) the gradient flows to: those
+    are exactly the tensors requiring grad that ops read there, since nothing made under
+    ``no_grad`` requires grad. Nested blocks report to the enclosing ones too.
+
+    Yields:
+        dict: ``id(tensor) -> tensor``, filled while the block runs.
+    """
+    from engine.tensor import Tensor
+
+    found, outer = {}, getattr(_mode, "watcher", None)
+
+    def watch(inputs):
+        for t in inputs:
+            if isinstance(t, Tensor) and t.requires_grad and id(t) not in found:
+                found[id(t)] = t
+        if outer is not None:
+            outer(inputs)
+
+    _mode.watcher = watch
+    try:
+        yield found
+    finally:
+        _mode.watcher = outer
+
+
+def notify_watcher(tensors) -> None:
+    """Tell an active :func:`watch_grad_inputs` block that an op reads ``tensors`` (no-op outside one)."""
+    watcher = getattr(_mode, "watcher", None)
+    if watcher is not None:
+        watcher(tensors)
+
+
 class Version:
     """How many in-place changes a storage has had. Every tensor viewing one storage (views made
     by ops, ``detach()``) shares one Version; every in-place op bumps it; a Function records the
@@ -98,6 +135,7 @@ class Function:
         """Run the op on tensors ``inputs`` (all on one device) and record it in the graph."""
         from engine.tensor import Tensor
 
+        notify_watcher(inputs)
         if _is_ctx_style(cls):
             return _apply_ctx_style(cls, inputs, params)
 

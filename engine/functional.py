@@ -8,6 +8,7 @@ code, ``with F.fused_kernels(False):`` so fused-vs-reference parity can be teste
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import numpy as np
@@ -19,6 +20,7 @@ from engine.backend import array_module
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
 from engine.tensor import Tensor
+from kernels.cpu.attention import GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
 
 _settings = threading.local()
 
@@ -786,7 +788,7 @@ class LayerNorm(Function):
 
 
 def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
-               eps: float = 1e-5) -> Tensor:
+               eps: float = 1e-5, *, fused: bool | None = None) -> Tensor:
     """Normalise over the last ``len(normalized_shape)`` dims, then scale by weight and add bias.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance, as PyTorch.
@@ -796,6 +798,8 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
         normalized_shape: int or tuple, the trailing shape to normalise over.
         weight, bias: optional tensors of shape ``normalized_shape``.
         eps: added to the variance for stability.
+        fused: use the layer_norm kernels on the rows flattened to (N, D) (default:
+            ``fused_enabled()``); the unfused path is the LayerNorm Function here.
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or input.shape[input.ndim - len(shape):] != shape or input.ndim < len(shape):
@@ -807,10 +811,273 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
         if t is not None and (t.shape != shape or t.dtype != input.dtype or t.device != input.device):
             raise ShapeError(f"layer_norm: {name} {describe(t)} must have shape {shape} and the input's dtype and "
                              f"device ({describe(input)})")
-    axes = tuple(range(input.ndim - len(shape), input.ndim))
     affine = [t for t in (weight, bias) if t is not None]
-    return LayerNorm.apply(input, *affine, axes=axes, eps=float(eps),
-                           has_weight=weight is not None, has_bias=bias is not None)
+    flags = dict(eps=float(eps), has_weight=weight is not None, has_bias=bias is not None)
+    width = math.prod(shape)
+    if _use_fused(fused) and input.dtype in (np.float32, np.float64) and width > 0:
+        rows = _contiguous_tensor(ops.reshape(input, (-1, width)))
+        flat_affine = [ops.reshape(t, (width,)) if t.ndim != 1 else t for t in affine]
+        out = FusedLayerNorm.apply(rows, *(_contiguous_tensor(t) for t in flat_affine), **flags)
+        return ops.reshape(out, input.shape)
+    axes = tuple(range(input.ndim - len(shape), input.ndim))
+    return LayerNorm.apply(input, *affine, axes=axes, **flags)
+
+
+class FusedLayerNorm(Function):
+    """Layer norm of (N, D) rows through kernels.layer_norm_forward/backward.
+
+    Saves x and the per-row mean and rstd (N,) instead of a normalised (N, D) copy; the backward
+    kernel recomputes xhat from them and reduces dweight / dbias in one pass over the rows.
+    """
+
+    name = "layer_norm"
+
+    def forward(self, x, *affine, eps=1e-5, has_weight=False, has_bias=False):
+        weight = affine[0] if has_weight else None
+        bias = affine[-1] if has_bias else None
+        y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps=eps)
+        self.save(x, weight, mean, rstd)
+        self.has_weight, self.has_bias = has_weight, has_bias
+        return y
+
+    def backward(self, g):
+        x, weight, mean, rstd = self.saved
+        g = _contiguous(g)
+        wants_affine = any(self.needs_input_grad[1:])
+        gx, gw, gb = kernels.layer_norm_backward(g, x, weight, mean, rstd, compute_weight_grads=wants_affine)
+        grads = [gx if self.needs_input_grad[0] else None]
+        if self.has_weight:
+            grads.append(gw if self.needs_input_grad[1] else None)
+        if self.has_bias:
+            # Without a weight the kernel returns no column sums: the bias gradient is g's.
+            wanted = self.needs_input_grad[-1]
+            grads.append((gb if gb is not None else g.sum(axis=0)) if wanted else None)
+        return tuple(grads)
+
+
+# ---- scaled-dot-product attention --------------------------------------------------------------------
+
+class ScaledDotProductAttention(Function):
+    """``softmax(scale * q @ k^T + mask) @ v`` on (B, L, E) arrays through kernels.attention_*.
+
+    Saves q, k, v, the output and the per-row log-sum-exp (B, L), never the B x L x S
+    probabilities: backward recomputes them tile by tile. The additive mask is a parameter, not an
+    input, so it gets no gradient (a float mask that requires grad takes the unfused path).
+    """
+
+    name = "scaled_dot_product_attention"
+
+    def forward(self, q, k, v, mask=None, scale=1.0, causal=False):
+        out, lse = kernels.attention_forward(q, k, v, mask, scale=scale, causal=causal)
+        self.save(q, k, v, out, lse)
+        self.mask, self.scale, self.causal = mask, scale, causal
+        return out
+
+    def backward(self, g):
+        q, k, v, out, lse = self.saved
+        return kernels.attention_backward(_contiguous(g), q, k, v, out, lse, self.mask, scale=self.scale,
+                                          causal=self.causal)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+                                 fused: bool | None = None) -> Tensor:
+    """Attention ``softmax(query @ key^T * scale + mask) @ value``, as PyTorch's function.
+
+    With fused kernels enabled (the default) this runs ``kernels.attention_forward/backward``
+    (flash style: no L x S matrix is kept for backward). The unfused composition (matmul, masked
+    softmax, dropout, matmul) runs instead under ``F.fused_kernels(False)`` or ``fused=False``,
+    when ``dropout_p > 0`` (the kernels have no dropout), when a float ``attn_mask`` requires grad,
+    or for what the kernel refuses (dtypes other than float32/float64; on a GPU float64 or head
+    dims over 128).
+
+    A query row that may attend to no key (every mask entry False or -inf) gets an output of
+    zeros and no gradient, on both paths. PyTorch returns NaN there; zeros are what padding needs.
+
+    Args:
+        query: (..., L, E).
+        key: (..., S, E).
+        value: (..., S, Ev). The leading dims of the three broadcast together.
+        attn_mask: None, a boolean mask (True = may attend) or a float mask added to the scores
+            (query's dtype), broadcastable to (..., L, S): e.g. (L, S) shared, or (N, 1, 1, S) key
+            padding for (N, H, L, E) queries.
+        dropout_p: dropout probability on the attention weights, from the engine's seeded RNG
+            (pass 0 in evaluation, as PyTorch's callers do: this function has no training flag).
+        is_causal: query i attends to keys j <= i (top-left aligned, ``ones(L, S).tril()``);
+            must not be combined with ``attn_mask`` (PyTorch raises too).
+        scale: the score scale; None means ``1 / sqrt(E)``.
+        enable_gqa: grouped-query attention: query has Hq heads in dim -3, key/value H heads with
+            Hq a multiple of H; each key/value head serves Hq / H query heads.
+        fused: use the attention kernel where it applies (default: ``fused_enabled()``).
+
+    Returns:
+        (..., L, Ev) attention output.
+
+    Raises:
+        ShapeError: shapes that do not fit (naming all of them), DTypeError: mixed or non-float
+            dtypes, DeviceError: tensors on different devices, RuntimeError: ``attn_mask`` with
+            ``is_causal=True``.
+
+    Example:
+        >>> q = k = v = engine.randn(2, 4, 16, 8)                                   # doctest: +SKIP
+        >>> out = F.scaled_dot_product_attention(q, k, v, is_causal=True)          # (2, 4, 16, 8)
+    """
+    op = "scaled_dot_product_attention"
+    q, k, v = query, key, value
+    _check_attention_operands(op, q, k, v)
+    if is_causal and attn_mask is not None:
+        raise RuntimeError(f"{op}: an explicit attn_mask must not be set when is_causal=True (as in PyTorch); "
+                           "fold the causal mask into attn_mask instead")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{op}: dropout_p must be a probability in [0, 1], got {dropout_p}")
+    if enable_gqa:
+        k, v = _repeat_kv_heads(op, q, k, v)
+    batch = _attention_batch(op, q, k, v)
+    length, keys = q.shape[-2], k.shape[-2]
+    bias = _attention_bias(op, attn_mask, q, batch, length, keys)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _use_fused(fused) and dropout_p == 0.0 and _attention_kernel_takes(q, v, bias):
+        return _attention_fused(q, k, v, bias, scale, bool(is_causal), batch)
+    return attention_unfused(q, k, v, bias, scale, bool(is_causal), dropout_p)[0]
+
+
+def _check_attention_operands(op: str, q, k, v) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    shapes = f"query {describe(q)}, key {describe(k)}, value {describe(v)}"
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
+        raise ShapeError(f"{op}: query, key and value need at least 2 dims (..., L or S, E): {shapes}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ShapeError(f"{op}: need query (..., L, E), key (..., S, E), value (..., S, Ev) with one E and one S: "
+                         f"{shapes}")
+    if len({q.device, k.device, v.device}) > 1:
+        raise DeviceError(f"{op}: operands are on different devices: {shapes}; move them to one device")
+    if not np.issubdtype(q.dtype, np.floating) or len({q.dtype, k.dtype, v.dtype}) > 1:
+        raise DTypeError(f"{op}: query, key and value must share one floating dtype: {shapes}")
+
+
+def _repeat_kv_heads(op: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """GQA: repeat each key/value head Hq / H times along dim -3 (``repeat_interleave``)."""
+    if q.ndim < 3 or k.ndim < 3 or v.ndim < 3 or k.shape[-3] != v.shape[-3] or q.shape[-3] % k.shape[-3]:
+        raise ShapeError(f"{op}: enable_gqa needs heads in dim -3 with query's a multiple of key's and value's: "
+                         f"query {describe(q)}, key {describe(k)}, value {describe(v)}")
+    groups = q.shape[-3] // k.shape[-3]
+    if groups == 1:
+        return k, v
+
+    def repeat(t: Tensor) -> Tensor:
+        lead, heads = t.shape[:-3], t.shape[-3]
+        wide = ops.broadcast_to(ops.unsqueeze(t, -3), lead + (heads, groups) + t.shape[-2:])
+        return ops.reshape(wide, lead + (heads * groups,) + t.shape[-2:])
+
+    return repeat(k), repeat(v)
+
+
+def _attention_batch(op: str, q: Tensor, k: Tensor, v: Tensor) -> tuple:
+    """The broadcast leading (batch) dims of query, key and value."""
+    try:
+        return tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    except ValueError:
+        raise ShapeError(f"{op}: the leading (batch) dims of query {describe(q)}, key {describe(k)} and value "
+                         f"{describe(v)} do not broadcast") from None
+
+
+def _attention_bias(op: str, attn_mask, q: Tensor, batch: tuple, length: int, keys: int) -> Tensor | None:
+    """The mask as an additive float Tensor in its own (broadcastable) shape, or None.
+
+    A boolean mask becomes a constant 0 / -inf bias of the same shape (no expansion); a float
+    mask is used as given (it may require grad: the unfused path differentiates through it).
+    """
+    if attn_mask is None:
+        return None
+    mask = _as_tensor_like(attn_mask, q)
+    target = batch + (length, keys)
+    if mask.device != q.device:
+        raise DeviceError(f"{op}: attn_mask {describe(mask)} and query {describe(q)} are on different devices")
+    try:
+        fits = np.broadcast_shapes(mask.shape, target) == target
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ShapeError(f"{op}: attn_mask {describe(mask)} does not broadcast to (..., L, S) = {target} "
+                         f"(query {describe(q)})")
+    if mask.dtype == np.bool_:
+        return Tensor(q.xp.where(mask._data, q.dtype.type(0), q.dtype.type(-np.inf)))
+    if mask.dtype != q.dtype:
+        raise DTypeError(f"{op}: attn_mask {describe(mask)} must be boolean or have the query's dtype {q.dtype}")
+    return mask
+
+
+def _attention_kernel_takes(q: Tensor, v: Tensor, bias: Tensor | None) -> bool:
+    """Whether the attention kernel computes this call (else the unfused composition does)."""
+    if q.dtype not in (np.float32, np.float64) or (bias is not None and bias.requires_grad):
+        return False
+    if q.device.type == "cpu":
+        return True
+    return q.dtype == np.float32 and max(q.shape[-1], v.shape[-1]) <= _ATTENTION_GPU_MAX_HEAD_DIM
+
+
+def _attention_fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, causal: bool,
+                     batch: tuple) -> Tensor:
+    """Flatten the batch dims into B, run the kernel Function, restore the batch dims."""
+    rows = math.prod(batch)
+
+    def as_3d(t: Tensor) -> Tensor:
+        if t.shape[:-2] != batch:
+            t = ops.broadcast_to(t, batch + t.shape[-2:])
+        return _contiguous_tensor(ops.reshape(t, (rows,) + t.shape[-2:]))
+
+    mask = None if bias is None else _kernel_mask(bias._data, batch, rows, k.shape[-2])
+    out = ScaledDotProductAttention.apply(as_3d(q), as_3d(k), as_3d(v), mask=mask, scale=scale, causal=causal)
+    return ops.reshape(out, batch + out.shape[-2:])
+
+
+def _kernel_mask(bias, batch: tuple, rows: int, keys: int):
+    """The bias as the kernel's contiguous (1 or B, 1 or L, S) array.
+
+    A bias shared by every batch entry stays (1, Lm, S) and a per-row (key padding) bias stays
+    (B, 1, S): neither is expanded to B x L x S. Only a bias that varies over some batch dims but
+    not others (e.g. per head, shared over N) is broadcast over the batch dims it lacks.
+    """
+    xp = array_module(bias)
+    bias = bias.reshape((1,) * (len(batch) + 2 - bias.ndim) + bias.shape)
+    tail = (bias.shape[-2], keys)
+    if all(d == 1 for d in bias.shape[:-2]):
+        mask = xp.broadcast_to(bias.reshape((1,) + bias.shape[-2:]), (1,) + tail)
+    else:
+        mask = xp.broadcast_to(bias, batch + tail).reshape((rows,) + tail)
+    return xp.ascontiguousarray(mask)
+
+
+def attention_unfused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, causal: bool,
+                      dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The reference composition: ``(out, weights)`` with weights (..., L, S) after dropout.
+
+    ``bias`` is an additive float Tensor broadcastable to (..., L, S) (see ``_attention_bias``).
+    Rows that see no key get weights 0 (softmax of an all -inf row would be NaN), so their output
+    is 0 and they pass no gradient, as in the kernel. Used by ``scaled_dot_product_attention``
+    and by ``nn.MultiheadAttention`` when it must return the weights.
+    """
+    xp = q.xp
+    length, keys = q.shape[-2], k.shape[-2]
+    if keys == 0 or length == 0:  # nothing to attend to (or no query): zeros, as the kernel gives
+        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        weights = Tensor(xp.zeros(tuple(batch) + (length, keys), dtype=q.dtype))
+        return ops.matmul(weights, v), weights
+    scores = ops.matmul(q, ops.transpose(k, -2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias
+    if causal:
+        scores = ops.where(xp.tril(xp.ones((length, keys), dtype=bool)), scores, float("-inf"))
+    if bias is None:  # no mask, or only the top-left causal one: every row sees key 0 at least
+        weights = ops.softmax(scores, -1)
+    else:
+        dead = xp.isneginf(scores._data).all(axis=-1, keepdims=True)  # on the device: no host read
+        weights = ops.where(dead, 0.0, ops.softmax(ops.where(dead, 0.0, scores), -1))
+    if dropout_p > 0.0:
+        weights = dropout(weights, dropout_p, training=True)
+    return ops.matmul(weights, v), weights
 
 
 def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:

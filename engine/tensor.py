@@ -11,7 +11,7 @@ import numpy as np
 from engine import backend
 from engine.autograd import Version
 from engine.autograd import backward as _run_backward
-from engine.autograd import is_grad_enabled
+from engine.autograd import is_grad_enabled, notify_watcher
 from engine.errors import DTypeError, EngineError, GradError, describe
 
 float16, float32, float64 = np.float16, np.float32, np.float64
@@ -303,6 +303,7 @@ class Tensor:
         """Run one in-place op: ``write(value)`` changes the memory directly; ``through_graph(old)``
         computes the new value out of place from a tensor standing for the old one (recorded)."""
         self._check_inplace(op)
+        notify_watcher((self, other))  # checkpointing must see an operand requiring grad read here too
         value = self._inplace_operand(op, other)
         other_needs_grad = isinstance(other, Tensor) and other.requires_grad
         if is_grad_enabled() and (self.requires_grad or other_needs_grad):

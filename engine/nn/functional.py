@@ -2,11 +2,12 @@
 
 from engine.functional import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy, dropout,
                                embedding, fused_enabled, fused_kernels, gelu, kl_div, l1_loss, layer_norm, leaky_relu,
-                               linear, linear_relu, log_softmax, mse_loss, nll_loss, one_hot, relu, sigmoid, softmax,
-                               tanh)
+                               linear, linear_relu, log_softmax, mse_loss, nll_loss, one_hot, relu,
+                               scaled_dot_product_attention, sigmoid, softmax, tanh)
 
 __all__ = [
     "binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "dropout", "embedding",
     "fused_enabled", "fused_kernels", "gelu", "kl_div", "l1_loss", "layer_norm", "leaky_relu", "linear",
-    "linear_relu", "log_softmax", "mse_loss", "nll_loss", "one_hot", "relu", "sigmoid", "softmax", "tanh",
+    "linear_relu", "log_softmax", "mse_loss", "nll_loss", "one_hot", "relu", "scaled_dot_product_attention", "sigmoid",
+    "softmax", "tanh",
 ]

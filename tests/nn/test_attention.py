@@ -1,0 +1,279 @@
+"""F.scaled_dot_product_attention against a NumPy float64 reference, finite differences, and
+fused (kernels.attention_*) vs unfused parity, forward and backward."""
+
+import math
+
+import numpy as np
+import pytest
+
+import engine
+import engine.functional as F
+import engine.nn.functional as nnF
+from engine.errors import DeviceError, DTypeError, ShapeError
+from tests.conftest import DEVICES
+
+
+def reference_sdpa(q, k, v, mask=None, causal=False, scale=None):
+    """softmax(q k^T * scale + mask) v in float64; rows that see no key give 0 (the engine's choice)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ np.swapaxes(k, -1, -2) * scale
+    if mask is not None:
+        s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    top = s.max(axis=-1, keepdims=True)
+    dead = np.isneginf(top)
+    e = np.exp(s - np.where(dead, 0, top))
+    p = np.where(dead, 0, e / np.where(dead, 1, e.sum(axis=-1, keepdims=True)))
+    return p @ v
+
+
+def _t(a, device="cpu", dtype=np.float32, requires_grad=False):
+    return engine.tensor(np.asarray(a), dtype=dtype, device=device, requires_grad=requires_grad)
+
+
+def _key_padding(rng, n, s):
+    """(n, s) True = may attend, with row 0 keeping only its first key and some rows padded."""
+    lengths = rng.integers(1, s + 1, size=n)
+    lengths[0] = 1
+    return np.arange(s)[None, :] < lengths[:, None]
+
+
+# Batch dims, L, S, E, Ev, and the mask kind: odd sizes, L != S both ways, no batch dims too.
+CASES = [
+    ((2, 3), 5, 7, 4, 3, None),
+    ((2, 3), 6, 6, 8, 8, "causal"),
+    ((2, 3), 7, 4, 5, 6, "causal"),
+    ((2, 3), 5, 7, 3, 5, "bool_shared"),
+    ((2, 3), 5, 7, 6, 2, "float_full"),
+    ((2, 3), 4, 9, 5, 5, "key_padding"),
+    ((), 5, 6, 7, 3, "bool_shared"),
+    ((), 4, 4, 1, 1, None),
+    ((3,), 3, 8, 9, 4, "key_padding_float"),
+    ((2, 3), 5, 6, 4, 4, "per_head"),
+]
+
+
+def _mask_for(kind, rng, batch, l, s):
+    """(numpy mask for the reference, same mask for the engine, causal flag)."""
+    if kind is None:
+        return None, False
+    if kind == "causal":
+        return None, True
+    if kind == "bool_shared":
+        m = rng.random((l, s)) < 0.7
+        m[:, 0] = True
+        m[1, :] = False  # one fully masked row
+        return m, False
+    if kind == "float_full":
+        return rng.standard_normal(batch + (l, s)), False
+    if kind in ("key_padding", "key_padding_float"):
+        m = _key_padding(rng, batch[0], s).reshape((batch[0],) + (1,) * (len(batch) - 1) + (1, s))
+        if kind == "key_padding_float":
+            return np.where(m, 0.0, -np.inf), False
+        return m, False
+    if kind == "per_head":  # varies over heads, shared over the first batch dim
+        return rng.random((1, batch[1], l, s)) < 0.8, False
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("batch,l,s,e,ev,kind", CASES)
+def test_sdpa_matches_float64_reference(rng, device, fused, batch, l, s, e, ev, kind):
+    q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
+    mask, causal = _mask_for(kind, rng, batch, l, s)
+    engine_mask = None if mask is None else (_t(mask, device, dtype=None) if mask.dtype == bool
+                                             else _t(mask, device))
+    out = F.scaled_dot_product_attention(_t(q, device), _t(k, device), _t(v, device), attn_mask=engine_mask,
+                                         is_causal=causal, fused=fused)
+    assert out.shape == batch + (l, ev) and out.dtype == np.float32
+    expected = reference_sdpa(q, k, v, mask, causal)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_sdpa_custom_scale_and_nn_functional_alias(rng, fused):
+    q, k, v = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 2))
+    out = nnF.scaled_dot_product_attention(_t(q), _t(k), _t(v), scale=0.37, fused=fused)
+    np.testing.assert_allclose(out.numpy(), reference_sdpa(q, k, v, scale=0.37), rtol=2e-5, atol=2e-5)
+    assert nnF.scaled_dot_product_attention is F.scaled_dot_product_attention
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", [None, "causal", "bool_shared", "key_padding", "float_full"])
+def test_sdpa_gradcheck_float64(rng, fused, kind):
+    batch, l, s, e, ev = (2, 2), 3, 4, 3, 2
+    q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
+    mask, causal = _mask_for(kind, rng, batch, l, s)
+    # The mask is a constant here (closure, float64): a float mask that requires grad would take
+    # the unfused path whatever ``fused`` says.
+    engine_mask = None if mask is None else engine.tensor(mask, dtype=None if mask.dtype == bool else np.float64)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=engine_mask, is_causal=causal, fused=fused)
+
+    assert engine.gradcheck(fn, [_t(q), _t(k), _t(v)])
+
+
+def test_sdpa_float_mask_gets_gradient_through_unfused_path(rng):
+    q, k, v = rng.standard_normal((3, 2)), rng.standard_normal((4, 2)), rng.standard_normal((4, 2))
+    bias = rng.standard_normal((3, 4))
+    assert engine.gradcheck(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                            [_t(q), _t(k), _t(v), _t(bias)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,l,s,e,ev,kind", CASES)
+def test_sdpa_fused_and_unfused_agree_forward_and_backward(rng, device, batch, l, s, e, ev, kind):
+    q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
+    mask, causal = _mask_for(kind, rng, batch, l, s)
+    g = rng.standard_normal(batch + (l, ev))
+    results = []
+    for fused in (True, False):
+        tq, tk, tv = (_t(a, device, requires_grad=True) for a in (q, k, v))
+        engine_mask = None if mask is None else _t(mask, device, dtype=None if mask.dtype == bool else np.float32)
+        out = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=engine_mask, is_causal=causal, fused=fused)
+        out.backward(_t(g, device))
+        results.append([out.numpy(), tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert np.isfinite(a).all() and np.isfinite(b).all(), name
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_sdpa_fully_masked_rows_are_zero_with_no_gradient_on_both_paths(rng):
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))
+    mask = np.ones((2, 3, 5), bool)
+    mask[0, 1] = False
+    mask[1, 2] = False
+    for fused in (True, False):
+        tq = _t(q, requires_grad=True)
+        out = F.scaled_dot_product_attention(tq, _t(k), _t(v), attn_mask=_t(mask, dtype=None), fused=fused)
+        assert np.all(out.numpy()[0, 1] == 0) and np.all(out.numpy()[1, 2] == 0)
+        out.sum().backward()
+        assert np.all(tq.grad.numpy()[0, 1] == 0) and np.isfinite(tq.grad.numpy()).all()
+
+
+def test_sdpa_dropout_uses_seeded_rng_and_unfused_path(rng):
+    q, k, v = (_t(rng.standard_normal((2, 4, 6, 5))) for _ in range(3))
+    engine.manual_seed(7)
+    a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    engine.manual_seed(7)
+    b = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    no_drop = F.scaled_dot_product_attention(q, k, v)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.allclose(a.numpy(), no_drop.numpy())
+    # dropout_p = 1 drops every weight: the output is exactly 0.
+    assert np.all(F.scaled_dot_product_attention(q, k, v, dropout_p=1.0).numpy() == 0)
+
+
+def test_sdpa_broadcasts_batch_dims_and_gqa(rng):
+    q = rng.standard_normal((2, 4, 3, 5))
+    k, v = rng.standard_normal((2, 2, 6, 5)), rng.standard_normal((2, 2, 6, 3))
+    expected = reference_sdpa(q, np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1))
+    for fused in (True, False):
+        out = F.scaled_dot_product_attention(_t(q), _t(k), _t(v), enable_gqa=True, fused=fused)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=2e-5, atol=2e-5)
+    shared_kv = F.scaled_dot_product_attention(_t(q), _t(k[:1, :1]), _t(v[:1, :1]))
+    np.testing.assert_allclose(shared_kv.numpy(), reference_sdpa(q, k[:1, :1], v[:1, :1]), rtol=2e-5, atol=2e-5)
+
+
+def test_sdpa_kernel_mask_is_not_expanded_for_shared_and_key_padding_masks(rng, monkeypatch):
+    seen = []
+    real = F.kernels.attention_forward
+
+    def spy(q, k, v, mask=None, **kw):
+        seen.append(None if mask is None else mask.shape)
+        return real(q, k, v, mask, **kw)
+
+    monkeypatch.setattr(F.kernels, "attention_forward", spy)
+    q, k, v = (_t(rng.standard_normal((2, 3, 5, 4))) for _ in range(3))
+    F.scaled_dot_product_attention(q, k, v, attn_mask=_t(rng.random((5, 5)) < 0.5, dtype=None))
+    F.scaled_dot_product_attention(q, k, v, attn_mask=_t(_key_padding(rng, 2, 5)[:, None, None, :], dtype=None))
+    assert seen == [(1, 5, 5), (6, 1, 5)]
+
+
+def test_sdpa_uses_unfused_path_when_disabled_or_dropout(rng, monkeypatch):
+    calls = []
+    real = F.kernels.attention_forward
+    monkeypatch.setattr(F.kernels, "attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = _t(rng.standard_normal((3, 4)))
+    with F.fused_kernels(False):
+        F.scaled_dot_product_attention(q, q, q)
+    F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    assert calls == []
+    F.scaled_dot_product_attention(q, q, q)
+    assert calls == [1]
+
+
+def test_sdpa_bad_inputs_name_op_and_shapes(rng):
+    q = _t(rng.standard_normal((2, 3, 4)))
+    with pytest.raises(ShapeError, match=r"scaled_dot_product_attention.*shape=\(2, 3, 5\)"):
+        F.scaled_dot_product_attention(q, _t(rng.standard_normal((2, 3, 5))), q)
+    with pytest.raises(ShapeError, match="attn_mask.*does not broadcast"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=_t(np.ones((4, 3), bool), dtype=None))
+    with pytest.raises(RuntimeError, match="is_causal"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=_t(np.ones((3, 3), bool), dtype=None), is_causal=True)
+    with pytest.raises(DTypeError, match="dtype"):
+        F.scaled_dot_product_attention(q, q, _t(rng.standard_normal((2, 3, 4)), dtype=np.float64))
+    with pytest.raises(DTypeError, match="attn_mask"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=_t(np.zeros((3, 3)), dtype=np.float64))
+    with pytest.raises(ShapeError, match="at least 2 dims"):
+        F.scaled_dot_product_attention(_t(np.ones(3)), q, q)
+    with pytest.raises(ShapeError, match="enable_gqa"):
+        F.scaled_dot_product_attention(_t(rng.standard_normal((3, 2, 4))), q, q, enable_gqa=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        F.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
+
+
+@pytest.mark.gpu
+def test_sdpa_refuses_mixed_devices(rng):
+    q = _t(rng.standard_normal((2, 3, 4)))
+    with pytest.raises(DeviceError, match="different devices"):
+        F.scaled_dot_product_attention(q, q.to("cuda"), q)
+
+
+# ---- layer_norm: fused kernel vs the unfused LayerNorm Function --------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,normalized", [((4, 7), (7,)), ((2, 3, 5), (5,)), ((2, 3, 4), (3, 4)),
+                                              ((0, 6), (6,))])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_layer_norm_fused_matches_unfused_and_float64(rng, device, shape, normalized, affine):
+    x = rng.standard_normal(shape) * 3 + 1
+    w = rng.standard_normal(normalized) if affine in ("both", "weight") else None
+    b = rng.standard_normal(normalized) if affine in ("both", "bias") else None
+    g = rng.standard_normal(shape)
+    axes = tuple(range(len(shape) - len(normalized), len(shape)))
+    mean = x.mean(axis=axes, keepdims=True)
+    expected = (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + 1e-5)
+    expected = expected * (1 if w is None else w) + (0 if b is None else b)
+    results = []
+    for fused in (True, False):
+        tx = _t(x, device, requires_grad=True)
+        tw, tb = (None if a is None else _t(a, device, requires_grad=True) for a in (w, b))
+        out = F.layer_norm(tx, normalized, tw, tb, fused=fused)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-5)
+        out.backward(_t(g, device))
+        results.append([out.numpy(), tx.grad.numpy()] + [t.grad.numpy() for t in (tw, tb) if t is not None])
+    for a, b_ in zip(*results):
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_layer_norm_gradcheck_both_paths(rng, fused):
+    x, w, b = rng.standard_normal((3, 2, 4)), rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    assert engine.gradcheck(lambda x, w, b: F.layer_norm(x, (2, 4), w, b, fused=fused), [_t(x), _t(w), _t(b)])
+
+
+def test_layer_norm_fused_calls_the_kernel_on_rows(rng, monkeypatch):
+    shapes = []
+    real = F.kernels.layer_norm_forward
+    monkeypatch.setattr(F.kernels, "layer_norm_forward",
+                        lambda x, *a, **kw: shapes.append(x.shape) or real(x, *a, **kw))
+    x = _t(rng.standard_normal((2, 3, 4, 5)))
+    F.layer_norm(x, (4, 5))
+    with F.fused_kernels(False):
+        F.layer_norm(x, (4, 5))
+    assert shapes == [(6, 20)]
