@@ -15,14 +15,14 @@ from engine.backend import (CPU, Device, best_device, cuda_available, cuda_devic
                             device, get_rng_state, manual_seed, set_default_device, set_rng_state, synchronize)
 from engine.errors import DeviceError, DTypeError, EngineError, GradError, ShapeError
 from engine.gradcheck import GradcheckError, gradcheck
-from engine.ops import (abs, amax, amin, argmax, argmin, bitwise_and, bitwise_not, bitwise_or, bitwise_xor, cat, clip,
-                        concatenate, cos, exp, flatten, log, logical_and, logical_not, logical_or, matmul, max,
-                        maximum, mean, min, minimum, mm, norm, permute, pow, prod, reshape, return_types, sigmoid, sin,
-                        sqrt, square, stack, std, sum, t, tanh, transpose, var, where)
+from engine.ops import (abs, add, amax, amin, argmax, argmin, bitwise_and, bitwise_not, bitwise_or, bitwise_xor, cat,
+                        clip, concatenate, cos, div, exp, flatten, log, logical_and, logical_not, logical_or, matmul,
+                        max, maximum, mean, min, minimum, mm, mul, norm, permute, pow, prod, reshape, return_types,
+                        sigmoid, sin, sqrt, square, stack, std, sub, sum, t, tanh, transpose, var, where)
 from engine.ops import relu, softmax, log_softmax, gelu  # noqa: F401
 from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, float64, from_numpy, full, full_like,
-                           int8, int16, int32, int64, linspace, normal, ones, ones_like, rand, randint, randn, randperm,
-                           tensor, uint8, zeros, zeros_like)
+                           int8, int16, int32, int64, linspace, normal, ones, ones_like, rand, rand_like, randint, randn,
+                           randn_like, randperm, tensor, uint8, zeros, zeros_like)
 
 from engine.io import CheckpointError, load, save
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine import backend
 from engine.autograd import Function, unbroadcast
-from engine.errors import DeviceError, DTypeError, ShapeError, describe
+from engine.errors import DeviceError, DTypeError, GradError, ShapeError, describe
 from engine.tensor import Tensor
 
 
@@ -143,23 +143,54 @@ class Neg(Function):
         return -g
 
 
-def add(a, b) -> Tensor:
-    return Add.apply(*_binary_operands("add", a, b))
+def add(a, b, *, alpha=1, out=None) -> Tensor:
+    """``a + alpha * b`` (``torch.add``); ``out=`` writes the result into an existing tensor."""
+    if alpha != 1:
+        b = mul(b, alpha) if isinstance(b, Tensor) else b * alpha
+    return write_out("add", Add.apply(*_binary_operands("add", a, b)), out)
 
 
-def sub(a, b) -> Tensor:
-    return Sub.apply(*_binary_operands("sub", a, b))
+def sub(a, b, *, alpha=1, out=None) -> Tensor:
+    """``a - alpha * b`` (``torch.sub``)."""
+    if alpha != 1:
+        b = mul(b, alpha) if isinstance(b, Tensor) else b * alpha
+    return write_out("sub", Sub.apply(*_binary_operands("sub", a, b)), out)
 
 
-def mul(a, b) -> Tensor:
-    return Mul.apply(*_binary_operands("mul", a, b))
+def mul(a, b, *, out=None) -> Tensor:
+    """Elementwise product (``torch.mul``)."""
+    return write_out("mul", Mul.apply(*_binary_operands("mul", a, b)), out)
 
 
-def div(a, b) -> Tensor:
+def div(a, b, *, out=None) -> Tensor:
+    """True division (``torch.div``); integer operands give float32."""
     a, b = _binary_operands("div", a, b)
     if not _is_float(a.dtype):
         a, b = cast(a, np.float32), cast(b, np.float32)
-    return Div.apply(a, b)
+    return write_out("div", Div.apply(a, b), out)
+
+
+def write_out(op: str, result: Tensor, out) -> Tensor:
+    """PyTorch's ``out=``: copy ``result`` into ``out`` and return ``out`` (``result`` if out is None).
+
+    As in PyTorch, ``out=`` does not take part in autograd: refused in grad mode when either side
+    requires grad. PyTorch resizes an ``out`` of another shape; the engine refuses it instead (a
+    resize would silently drop the tensor's old memory, which views may share).
+    """
+    if out is None:
+        return result
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{op}: out= must be a Tensor, got {type(out).__name__}")
+    from engine.autograd import is_grad_enabled
+
+    if is_grad_enabled() and (result.requires_grad or out.requires_grad):
+        raise GradError(f"{op}: out= does not support autograd, and {describe(result if result.requires_grad else out)} "
+                        "requires grad (PyTorch refuses it too); drop out= or use engine.no_grad()")
+    if out.shape != result.shape or out.device != result.device:
+        raise ShapeError(f"{op}: out= {describe(out)} must have the result's shape and device {describe(result)}")
+    if not np.can_cast(result.dtype, out.dtype, casting="same_kind"):
+        raise DTypeError(f"{op}: the result {describe(result)} cannot be cast to out= {describe(out)}")
+    return out.copy_(result)
 
 
 def pow(a, b) -> Tensor:
@@ -942,8 +973,12 @@ class MatMul(Function):
         return ga, gb
 
 
-def matmul(input, other) -> Tensor:
-    """Matrix product with broadcasting (``torch.matmul(input, other)``, PyTorch's argument names)."""
+def matmul(input, other, *, out=None) -> Tensor:
+    """Matrix product with broadcasting (``torch.matmul(input, other)``, PyTorch's argument names).
+
+    ``out=`` writes the result into an existing tensor (see :func:`write_out`)."""
+    if out is not None:
+        return write_out("matmul", matmul(input, other), out)
     a, b = _binary_operands("matmul", input, other)
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError(f"matmul: operands must have at least 1 dim: {describe(a)} @ {describe(b)}")

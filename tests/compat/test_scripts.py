@@ -97,6 +97,21 @@ def test_autogradqs_tutorial_gradients(run_script):
     assert out.splitlines()[4:7] == ["True", "False", "False"] or "True\nFalse\nFalse" in out
 
 
+def test_tensorqs_tutorial(run_script):
+    ns, out = run_script("tensorqs_tutorial")
+    # The three spellings of each product agree (out= writes into the tensor it is given).
+    for a, b in (("y1", "y2"), ("y1", "y3"), ("z1", "z2"), ("z1", "z3")):
+        np.testing.assert_array_equal(ns[a].numpy(), ns[b].numpy())
+    np.testing.assert_array_equal(ns["y1"].numpy(), np.full((4, 4), 3.0))  # ones with column 1 zeroed
+    assert ns["x_rand"].dtype == engine.float and ns["x_rand"].shape == (2, 2)
+    assert ns["agg_item"] == 12.0 and type(ns["agg_item"]) is float
+    assert ns["t1"].shape == (4, 12)
+    # The NumPy bridge shares memory both ways, as the tutorial prints.
+    assert "t: tensor([2., 2., 2., 2., 2.])\nn: [2. 2. 2. 2. 2.]" in out
+    assert "t: tensor([2., 2., 2., 2., 2.], dtype=float64)\nn: [2. 2. 2. 2. 2.]" in out
+    np.testing.assert_array_equal(ns["tensor"].numpy()[:, 1], 5.0)
+
+
 def test_buildmodel_tutorial_shapes(run_script):
     namespace, out = run_script("buildmodel_tutorial")
     assert namespace["device"] == "cpu" or engine.cuda.is_available()

@@ -158,6 +158,40 @@ def test_linspace_randperm_normal():
     assert m.shape == (5,) and np.abs(m.numpy()).max() < 1e-4
 
 
+def test_arithmetic_functions_methods_alpha_and_out():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([10.0, 20.0])
+    np.testing.assert_array_equal(torch.add(a, b, alpha=2).numpy(), [21, 42])
+    np.testing.assert_array_equal(a.sub(b, alpha=0.5).numpy(), [-4, -8])
+    np.testing.assert_array_equal(a.mul(b).numpy(), torch.mul(a, b).numpy())
+    np.testing.assert_array_equal(torch.div(b, a).numpy(), b.div(a).numpy())
+    out = torch.zeros(2)
+    assert torch.mul(a, b, out=out) is out and out.tolist() == [10.0, 40.0]
+    m = torch.zeros(2, 2)
+    torch.matmul(torch.ones(2, 3), torch.ones(3, 2), out=m)
+    assert m.tolist() == [[3.0, 3.0], [3.0, 3.0]]
+    with pytest.raises(torch.ShapeError, match="matmul: out="):
+        torch.matmul(torch.ones(2, 3), torch.ones(3, 2), out=torch.zeros(3))
+    with pytest.raises(DTypeError, match="cannot be cast"):
+        torch.add(a, b, out=torch.zeros(2, dtype=torch.long))
+    w = torch.ones(2, requires_grad=True)
+    with pytest.raises(GradError, match="out= does not support autograd"):
+        torch.mul(w, a, out=torch.zeros(2))
+    with torch.no_grad():
+        torch.mul(w, a, out=out)
+    assert out.tolist() == [1.0, 2.0]
+    a.add(b).sum()  # methods are out-of-place
+    assert a.tolist() == [1.0, 2.0]
+
+
+def test_rand_like_and_randn_like():
+    x = torch.tensor([[1, 2], [3, 4]])
+    r = torch.rand_like(x, dtype=torch.float)
+    assert r.shape == (2, 2) and r.dtype == torch.float and ((r.numpy() >= 0) & (r.numpy() < 1)).all()
+    assert torch.randn_like(r).dtype == torch.float and torch.randn_like(r).shape == (2, 2)
+    with pytest.raises(DTypeError, match="rand_like: random samples need a floating dtype"):
+        torch.rand_like(x)
+
+
 def test_from_numpy_shares_memory():
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     t = torch.from_numpy(a)

@@ -6,6 +6,8 @@ central differences of it, so the impls are held to the definition and not only 
 GPU impls (cupy, numba_cuda) run in the cases marked ``gpu``, where a device answers.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -57,8 +59,10 @@ def reference(q, k, v, mask=None, scale=1.0, causal=False):
 
 
 def run(impl, fn, *arrays, **kw):
-    """Call ``kernels.<fn>`` with ``impl`` on numpy inputs (moved to the GPU for GPU impls)."""
-    result = getattr(kernels, fn)(*(to_device(a, impl) for a in arrays), impl=impl, **kw)
+    """Call ``kernels.<fn>`` with ``impl`` on numpy inputs (moved to the GPU for GPU impls, except
+    under the Numba CUDA simulator, where numba_cuda takes numpy arrays: tests/cudasim uses this)."""
+    simulated = os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0")
+    result = getattr(kernels, fn)(*(a if simulated else to_device(a, impl) for a in arrays), impl=impl, **kw)
     return tuple(to_host(r) for r in result)
 
 
