@@ -13,6 +13,7 @@ Two ways in, for two habits:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -91,6 +92,13 @@ class Trainer:
             or gradient stops training before its step; every ``GPU_SYNC_EVERY`` batches on a
             GPU, where each read waits for the device and would stall every step. In between,
             the losses, the gradients' finite flags and the batches' outputs stay on the device.
+        accumulate_steps: gradient accumulation: sum the gradients of this many consecutive
+            batches (each loss scaled by 1 / the group's size) and take one optimizer step per
+            group; the last group of an epoch may be shorter. With a mean-reduced loss, k batches
+            of B samples step as one batch of k·B (to float32 rounding; a short last batch weighs
+            as much as a full one, as in the usual ``loss / k`` loop). A model with
+            ``no_sync()`` (DistributedDataParallel) skips the gradient all-reduce on all but the
+            last batch of each group. A checkpoint taken mid-group resumes from the group's start.
 
     The NaN guard checks every batch's loss and, on the device, whether all its gradients (after
     clipping) are finite; both are read together, before the step with ``sync_every=1``, else
@@ -103,7 +111,10 @@ class Trainer:
 
     def __init__(self, model, optimizer, loss_fn=F.cross_entropy, metrics=("accuracy",), callbacks=(),
                  scheduler=None, grad_clip_norm: float | None = None, verbose: int = 1, log=print,
-                 sync_every: int | None = None):
+                 sync_every: int | None = None, accumulate_steps: int = 1):
+        if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+            raise ValueError(f"Trainer: accumulate_steps must be a positive int, got {accumulate_steps!r}")
+        self.accumulate_steps = accumulate_steps
         if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int)
                                        or sync_every < 1):
             raise ValueError(f"Trainer: sync_every must be a positive int or None, got {sync_every!r}")
@@ -190,12 +201,20 @@ class Trainer:
         sync_every = self.sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
         start, samples_before = time.perf_counter(), window.samples
         for batch_index, (x, y) in enumerate(batches, start=first):
-            state.begin_batch()
+            group_start, group_size, steps = self._accumulation_group(batch_index, first, len(loader))
+            if batch_index == group_start:
+                state.begin_batch()  # a resume mid-group reruns the group from here, with this RNG state
             x, y = self._to_device(x), self._to_device(y)
-            output = self.model(x)
-            loss = self.compute_loss(x, output, y)
-            self.optimizer.zero_grad()
-            loss.backward()
+            with self._sync_context(steps):
+                output = self.model(x)
+                loss = self.compute_loss(x, output, y)
+                if batch_index == group_start:
+                    self.optimizer.zero_grad()
+                (loss if group_size == 1 else loss * (1.0 / group_size)).backward()
+            if not steps:  # accumulating: no clip, no step; read with the group's step, when it counts
+                window.add(batch_index, loss, output, y)
+                self._call("on_batch_end", batch_index, window.batch_logs(batch_index))
+                continue
             if self.grad_clip_norm is not None:
                 from engine.nn.utils import clip_grad_norm_
 
@@ -217,6 +236,22 @@ class Trainer:
         logs["epoch_time"] = seconds
         logs["samples_per_s"] = (window.samples - samples_before) / max(seconds, 1e-9)
         return logs
+
+    def _accumulation_group(self, batch_index: int, first: int, batches: int) -> tuple[int, int, bool]:
+        """(first batch, size, whether ``batch_index`` is its last) of the accumulation group holding
+        ``batch_index``: groups of ``accumulate_steps`` from the epoch start, cut at the epoch's
+        end and, on a resume, at the first batch run."""
+        k = self.accumulate_steps
+        start = max(batch_index - batch_index % k, first)
+        end = min(batch_index - batch_index % k + k, batches)
+        return start, end - start, batch_index == end - 1
+
+    def _sync_context(self, steps: bool):
+        """DDP's ``no_sync()`` on the batches of a group that do not step (their gradients only
+        accumulate locally); a plain context otherwise."""
+        if steps or self.accumulate_steps == 1 or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def _epoch_batches(self, loader, resume: dict | None):
         """(the epoch's batch iterator, the loader's state at the epoch start, the first batch index).
