@@ -314,7 +314,8 @@ class GELU(Function):
         self.save(a)
         self.approximate = approximate
         if approximate == "tanh":
-            inner = _SQRT_2_OVER_PI * (a + 0.044715 * a ** 3)
+            # a * a * a, not a ** 3: numpy's float32 power runs ~50x slower than two multiplies
+            inner = _SQRT_2_OVER_PI * (a + 0.044715 * (a * a * a))
             return 0.5 * a * (1 + _xp(a).tanh(inner))
         return a * _normal_cdf(a)
 
@@ -322,7 +323,7 @@ class GELU(Function):
         a = self.saved[0]
         xp = _xp(a)
         if self.approximate == "tanh":
-            inner = _SQRT_2_OVER_PI * (a + 0.044715 * a ** 3)
+            inner = _SQRT_2_OVER_PI * (a + 0.044715 * (a * a * a))
             t = xp.tanh(inner)
             d_inner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * a * a)
             return g * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * d_inner)
