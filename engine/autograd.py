@@ -485,10 +485,29 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         if grad.shape != root.shape:
             raise GradError(f"backward: gradient shape {grad.shape} does not match {describe(root)}")
 
+    outer_callbacks = getattr(_callbacks, "queue", None)
+    _callbacks.queue = []
     try:
         _propagate(root, grad, retain_graph)
+        queued = _callbacks.queue
+        while queued:  # a callback may queue another
+            queued.pop(0)()
     finally:
         _seed.unit = None
+        _callbacks.queue = outer_callbacks
+
+
+_callbacks = threading.local()
+
+
+def queue_callback(callback) -> None:
+    """Run ``callback()`` once the running ``backward()`` has finished (PyTorch's
+    ``Variable._execution_engine.queue_callback``): DistributedDataParallel waits for its gradient
+    all-reduces there, before the optimizer step. Only valid while a backward runs (from a hook)."""
+    queued = getattr(_callbacks, "queue", None)
+    if queued is None:
+        raise GradError("queue_callback: no backward() is running; call it from a gradient hook")
+    queued.append(callback)
 
 
 def _propagate(root, grad, retain_graph: bool) -> None:
@@ -501,6 +520,8 @@ def _propagate(root, grad, retain_graph: bool) -> None:
         if fn is None or tensor._retains_grad:
             tensor._accumulate_grad(g)
         if fn is None:
+            for hook in tuple(getattr(tensor, "_post_grad_hooks", None) or ()):
+                hook(tensor)  # this leaf's gradient is final for this backward
             continue
         if getattr(fn, "released", False):
             raise GradError("backward: trying to backward through the graph a second time; its saved "
@@ -522,23 +543,37 @@ def _propagate(root, grad, retain_graph: bool) -> None:
 
 
 def _topological_order(root) -> list:
-    """Tensors reachable from ``root`` through grad_fns, each after every tensor that uses it."""
-    order, visited, stack = [], set(), [(root, False)]
+    """Tensors reachable from ``root`` through grad_fns, each after every tensor that uses it.
+
+    A tensor is listed as soon as its last user is (Kahn's order, depth first), and a leaf at
+    once: a parameter's gradient is final, and its post-accumulate hooks fire, right after the
+    last op that reads it has run backward, not at the end of the pass. DistributedDataParallel
+    starts all-reducing a bucket there, while the rest of backward runs.
+    """
+    users, stack = {}, [root]  # users: id -> how many graph edges read the tensor
     while stack:
-        tensor, children_done = stack.pop()
-        if children_done:
-            order.append(tensor)
-            continue
-        if id(tensor) in visited:
-            continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
+        fn = stack.pop().grad_fn
+        for inp in getattr(fn, "inputs", ()) if fn is not None else ():
+            if inp.requires_grad:
+                key = id(inp)
+                if key not in users:
+                    users[key] = 0
+                    stack.append(inp)
+                users[key] += 1
+    order, ready = [], [root]
+    while ready:
+        tensor = ready.pop()
+        order.append(tensor)
         fn = tensor.grad_fn
-        if fn is not None:
-            for inp in getattr(fn, "inputs", ()):
-                if inp.requires_grad and id(inp) not in visited:
-                    stack.append((inp, False))
-    order.reverse()
+        for inp in getattr(fn, "inputs", ()) if fn is not None else ():
+            if inp.requires_grad:
+                key = id(inp)
+                users[key] -= 1
+                if users[key] == 0:
+                    if inp.grad_fn is None:
+                        order.append(inp)  # a leaf: nothing to expand, accumulate it next
+                    else:
+                        ready.append(inp)
     return order
 
 

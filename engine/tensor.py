@@ -33,7 +33,8 @@ class Tensor:
         tensor([[2., 4.]])
     """
 
-    __slots__ = ("_data", "_grad", "requires_grad", "grad_fn", "_retains_grad", "_version", "_base", "__weakref__")
+    __slots__ = ("_data", "_grad", "requires_grad", "grad_fn", "_retains_grad", "_version", "_base",
+                 "_post_grad_hooks", "__weakref__")
     __array_priority__ = 1000  # numpy scalars defer to Tensor's reflected operators
     __hash__ = object.__hash__  # == is elementwise, so hash by identity like PyTorch
 
@@ -139,6 +140,23 @@ class Tensor:
     def retain_grad(self) -> None:
         """Also keep ``.grad`` on this non-leaf tensor during backward."""
         self._retains_grad = True
+
+    def register_post_accumulate_grad_hook(self, hook) -> "RemovableHandle":
+        """Call ``hook(tensor)`` each time backward has finished accumulating this leaf's ``.grad``
+        (PyTorch's hook of that name): the gradient of this pass is final when it runs.
+        DistributedDataParallel starts a bucket's all-reduce from it. Returns a handle whose
+        ``remove()`` unregisters the hook."""
+        if not self.is_leaf:
+            raise GradError(f"register_post_accumulate_grad_hook: {describe(self)} is not a leaf; such hooks "
+                            "fire where .grad accumulates, on leaves only (PyTorch refuses it too)")
+        if not self.requires_grad:
+            raise GradError(f"register_post_accumulate_grad_hook: {describe(self)} does not require grad, so "
+                            "no gradient will accumulate into it")
+        hooks = getattr(self, "_post_grad_hooks", None)
+        if hooks is None:
+            hooks = self._post_grad_hooks = []
+        hooks.append(hook)
+        return RemovableHandle(hooks, hook)
 
     def _accumulate_grad(self, g) -> None:
         if self._grad is None:
@@ -612,6 +630,18 @@ def zeros_like(t: Tensor, dtype=None, requires_grad=False) -> Tensor:
 
 def ones_like(t: Tensor, dtype=None, requires_grad=False) -> Tensor:
     return ones(t.shape, dtype=dtype or t.dtype, device=t.device, requires_grad=requires_grad)
+
+
+class RemovableHandle:
+    """What registering a hook returns: ``remove()`` unregisters it (once; later calls do nothing)."""
+
+    def __init__(self, hooks: list, hook):
+        self._hooks, self._hook = hooks, hook
+
+    def remove(self) -> None:
+        if self._hook is not None and self._hook in self._hooks:
+            self._hooks.remove(self._hook)
+        self._hook = None
 
 
 def full_like(t: Tensor, fill_value, dtype=None, requires_grad=False) -> Tensor:
