@@ -1,4 +1,4 @@
-"""Gradient clipping, L1/L2 penalties and flat parameter vectors.
+"""Gradient clipping, L1/L2 penalties and flat parameter vectors; ``rnn.pad_sequence``.
 
 Clipping runs after ``loss.backward()`` and before ``optimizer.step()``. It never copies a
 gradient to the host: the total norm and the scale stay on the device (one launch per gradient,
@@ -149,3 +149,6 @@ def vector_to_parameters(vec: Tensor, parameters) -> None:
             chunk = vec._data[offset:offset + p.numel()].reshape(p.shape)
             p.copy_(backend.to_device(chunk, p.device).astype(p.dtype, copy=False))
             offset += p.numel()
+
+
+from engine.nn.utils import rnn  # noqa: E402  (nn.utils.rnn.pad_sequence, as in PyTorch)
