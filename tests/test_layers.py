@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # tensor and ops are one layer: Function builds Tensors, Tensor methods call ops.
 ENGINE_RANKS = {
     "errors": 0, "backend": 1, "autograd": 2, "tensor": 2, "ops": 2, "functional": 3, "gradcheck": 3,
-    "nn": 4, "optim": 4, "io": 4, "metrics": 4, "distributed": 4, "data": 5, "utils": 5, "train": 6, "examples": 7,
+    "nn": 4, "optim": 4, "io": 4, "metrics": 4, "distributed": 4, "data": 5, "utils": 5, "text": 5, "train": 6,
+    "examples": 7,
 }
 # The only places allowed to import cupy / cupyx.
 # engine/distributed/nccl.py drives cupy.cuda.nccl (communicators, streams, events): a cupy facility
