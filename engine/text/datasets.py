@@ -3,12 +3,12 @@
 One text becomes one long stream of ids (tokenize it once); training draws windows at random
 offsets, validation walks non-overlapping windows in order:
 
-    >>> train_ids, val_ids = split_tokens(ids, val_fraction=0.1)                     # doctest: +SKIP
-    >>> train = LanguageModelDataset(train_ids, block_size=128)                      # every offset
-    >>> loader = DataLoader(train, batch_size=32,
-    ...                     sampler=train.random_windows(num_samples=100 * 32))     # 100 random batches
-    >>> val = LanguageModelDataset(val_ids, block_size=128, stride=128)              # non-overlapping
-    >>> x, y = train[0]     # y[t] == x[t + 1]: the next token at every position
+    train_ids, val_ids = split_tokens(ids, val_fraction=0.1)
+    train = LanguageModelDataset(train_ids, block_size=128)              # every offset is a window
+    loader = DataLoader(train, batch_size=32,
+                        sampler=train.random_windows(num_samples=100 * 32))  # 100 random batches
+    val = LanguageModelDataset(val_ids, block_size=128, stride=128)      # non-overlapping windows
+    x, y = train[0]     # y[t] == x[t + 1]: the next token at every position
 """
 
 from __future__ import annotations
