@@ -20,7 +20,7 @@ import numpy as np
 
 from engine import functional as F
 from engine import ops
-from engine.errors import DTypeError, ShapeError, describe
+from engine.errors import DeviceError, DTypeError, ShapeError, describe
 from engine.nn import init
 from engine.nn.layers import Dropout, LayerNorm, Linear, ModuleList, ReLU
 from engine.nn.module import Module, Parameter
@@ -256,6 +256,9 @@ def _mask_tensor(mask, like: Tensor) -> Tensor:
 
 def _additive(mask: Tensor, q: Tensor, name: str) -> Tensor:
     """A torch.nn-style mask as an additive bias: boolean True (blocked) -> -inf, False -> 0."""
+    if mask.device != q.device:
+        raise DeviceError(f"MultiheadAttention: {name} {describe(mask)} and the inputs ({describe(q)}) are on "
+                          f"different devices; move the mask with .to('{q.device}')")
     if mask.dtype == np.bool_:
         return Tensor(q.xp.where(mask._data, q.dtype.type(-np.inf), q.dtype.type(0)))
     if mask.dtype != q.dtype:

@@ -10,7 +10,7 @@ import pytest
 import engine
 import engine.functional as F
 from engine import nn
-from engine.errors import DTypeError, ShapeError
+from engine.errors import DeviceError, DTypeError, ShapeError
 from engine.nn.utils.rnn import pad_sequence
 from tests.conftest import DEVICES
 
@@ -280,6 +280,14 @@ def test_mha_errors_name_the_problem(rng):
         mha(x, x, x, attn_mask=_t(np.zeros((4, 4)), dtype=np.float64))
     with pytest.raises(RuntimeError, match="is_causal"):
         mha(x, x, x, is_causal=True)
+
+
+@pytest.mark.gpu
+def test_mha_mask_on_another_device_is_refused(rng):
+    mha = nn.MultiheadAttention(8, 2, device="cuda")
+    x = _t(rng.standard_normal((4, 2, 8)), "cuda")
+    with pytest.raises(DeviceError, match="key_padding_mask.*different devices"):
+        mha(x, x, x, key_padding_mask=_t(np.zeros((2, 4), bool), dtype=None))
 
 
 # ---- TransformerEncoderLayer / TransformerEncoder -------------------------------------------------------
