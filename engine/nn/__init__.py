@@ -6,7 +6,7 @@ Example:
     >>> loss = nn.CrossEntropyLoss()(model(x), labels)
 """
 
-from engine.nn import functional, init, utils
+from engine.nn import functional, init, parallel, utils
 from engine.nn.layers import (GELU, BatchNorm1d, Dropout, Embedding, Flatten, Identity, LayerNorm, LeakyReLU, Linear,
                               LogSoftmax, ModuleList, ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from engine.nn.losses import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, KLDivLoss, L1Loss, MSELoss, NLLLoss
@@ -14,7 +14,7 @@ from engine.nn.module import IncompatibleKeys, Module, Parameter, StateDictError
 from engine.nn.transformer import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
-    "functional", "init", "utils",
+    "functional", "init", "parallel", "utils",
     "Module", "Parameter", "IncompatibleKeys", "StateDictError",
     "Sequential", "ModuleList", "Linear", "Identity", "ReLU", "Sigmoid", "Tanh", "GELU", "Softmax", "LogSoftmax",
     "Flatten", "Dropout", "LayerNorm", "BatchNorm1d", "Embedding", "LeakyReLU",

@@ -1,0 +1,22 @@
+"""DistributedDataParallel under mpiexec: parity with one process on W times the batch, identical
+parameters on every rank, no_sync accumulation, overlap, buffers, mismatched models."""
+
+import pytest
+
+from tests.distributed.launch import check, requires_mpi, run_mpi
+
+pytestmark = requires_mpi
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_matches_one_process_on_the_whole_batch(world):
+    assert f"ddp ok {world}" in check(run_mpi("ddp.py", world))
+
+
+def test_ddp_needs_a_process_group():
+    import engine.distributed as dist
+    from engine import nn
+    from engine.nn.parallel import DistributedDataParallel
+
+    with pytest.raises(dist.DistributedError, match="init_process_group"):
+        DistributedDataParallel(nn.Linear(2, 2))
