@@ -11,13 +11,15 @@ from engine.nn.layers import (GELU, BatchNorm1d, Dropout, Embedding, Flatten, Id
                               LogSoftmax, ModuleList, ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from engine.nn.losses import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, KLDivLoss, L1Loss, MSELoss, NLLLoss
 from engine.nn.module import IncompatibleKeys, Module, Parameter, StateDictError
-from engine.nn.transformer import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
+from engine.nn.transformer import (MultiheadAttention, Transformer, TransformerDecoder, TransformerDecoderLayer,
+                                   TransformerEncoder, TransformerEncoderLayer)
 
 __all__ = [
     "functional", "init", "parallel", "utils",
     "Module", "Parameter", "IncompatibleKeys", "StateDictError",
     "Sequential", "ModuleList", "Linear", "Identity", "ReLU", "Sigmoid", "Tanh", "GELU", "Softmax", "LogSoftmax",
     "Flatten", "Dropout", "LayerNorm", "BatchNorm1d", "Embedding", "LeakyReLU",
-    "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
+    "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer",
+    "TransformerDecoder", "Transformer",
     "CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss",
 ]

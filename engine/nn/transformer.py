@@ -1,6 +1,6 @@
-"""Attention and Transformer encoder layers with PyTorch's names, parameters and semantics.
+"""Attention and Transformer layers with PyTorch's names, parameters and semantics.
 
-``MultiheadAttention``, ``TransformerEncoderLayer`` and ``TransformerEncoder`` register the same
+``MultiheadAttention``, the encoder and decoder layers and stacks, and ``Transformer`` register the same
 submodules and parameters as ``torch.nn``'s, so their state_dict keys are PyTorch's and a torch
 checkpoint loads into them. Attention runs through ``F.scaled_dot_product_attention`` (the fused
 kernel where it applies) unless the weights must be returned (``need_weights=True``), which needs
@@ -345,11 +345,7 @@ class TransformerEncoderLayer(Module):
         return self.dropout1(out)
 
     def _ff_block(self, x):
-        if self._relu and F.fused_enabled() and type(self.linear1).forward is Linear.forward:
-            hidden = F.linear_relu(x, self.linear1.weight, self.linear1.bias)
-        else:
-            hidden = self.activation(self.linear1(x))
-        return self.dropout2(self.linear2(self.dropout(hidden)))
+        return self.dropout2(self.linear2(self.dropout(_feed_forward_hidden(self, x))))
 
 
 class TransformerEncoder(Module):
@@ -382,6 +378,150 @@ class TransformerEncoder(Module):
         for layer in self.layers:
             out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
         return out if self.norm is None else self.norm(out)
+
+
+class TransformerDecoderLayer(Module):
+    """One decoder block: self-attention, attention over the encoder's ``memory``, feed-forward;
+    each with residual, dropout and LayerNorm (post-norm by default, pre-norm with ``norm_first``).
+
+    Submodules as PyTorch's (``self_attn``, ``multihead_attn``, ``linear1``, ``dropout``, ``linear2``,
+    ``norm1``..``norm3``, ``dropout1``..``dropout3``), so state_dict keys match. Arguments as
+    :class:`TransformerEncoderLayer`.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **kw)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                                 **kw)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, **kw)
+        self.dropout = Dropout(dropout)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, **kw)
+        self.norm_first = bool(norm_first)
+        self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw)
+        self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw)
+        self.norm3 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
+        self.activation, self._relu = _activation(activation)
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
+        """Masks as MultiheadAttention's: ``tgt_mask`` (T, T) over the target, ``memory_mask`` (T, S),
+        key-padding masks (N, T) and (N, S) with True = padding."""
+        x = tgt
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            return x + self._ff_block(self.norm3(x))
+        x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+        x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+        return self.norm3(x + self._ff_block(x))
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):
+        out = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
+                             is_causal=is_causal)[0]
+        return self.dropout1(out)
+
+    def _mha_block(self, x, memory, attn_mask, key_padding_mask, is_causal):
+        out = self.multihead_attn(x, memory, memory, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                  need_weights=False, is_causal=is_causal)[0]
+        return self.dropout2(out)
+
+    def _ff_block(self, x):
+        return self.dropout3(self.linear2(self.dropout(_feed_forward_hidden(self, x))))
+
+
+class TransformerDecoder(Module):
+    """``num_layers`` deep copies of ``decoder_layer`` (``layers.0`` ...) applied in turn, then ``norm``."""
+
+    def __init__(self, decoder_layer: Module, num_layers: int, norm: Module | None = None):
+        super().__init__()
+        if not isinstance(decoder_layer, Module):
+            raise TypeError(f"TransformerDecoder: decoder_layer must be a Module, got {type(decoder_layer).__name__}")
+        if num_layers < 0:
+            raise ValueError(f"TransformerDecoder: num_layers must be >= 0, got {num_layers}")
+        self.layers = ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
+        self.num_layers = int(num_layers)
+        self.norm = norm
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal: bool | None = None,
+                memory_is_causal: bool = False) -> Tensor:
+        """Run every layer with the same masks (see TransformerDecoderLayer.forward)."""
+        out = tgt
+        for layer in self.layers:
+            out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                        tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                        tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+        return out if self.norm is None else self.norm(out)
+
+
+class Transformer(Module):
+    """The encoder-decoder Transformer of "Attention Is All You Need", as ``torch.nn.Transformer``.
+
+    ``encoder`` is a TransformerEncoder of ``num_encoder_layers`` layers with a final LayerNorm,
+    ``decoder`` a TransformerDecoder likewise; every parameter with more than one dim is
+    re-initialised xavier-uniform, as PyTorch does. ``custom_encoder`` / ``custom_decoder``
+    replace them.
+    """
+
+    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, activation="relu", custom_encoder=None,
+                 custom_decoder=None, layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        layer_args = (d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first,
+                      bias)
+        if custom_encoder is not None:
+            self.encoder = custom_encoder
+        else:
+            self.encoder = TransformerEncoder(TransformerEncoderLayer(*layer_args, **kw), num_encoder_layers,
+                                              LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw))
+        if custom_decoder is not None:
+            self.decoder = custom_decoder
+        else:
+            self.decoder = TransformerDecoder(TransformerDecoderLayer(*layer_args, **kw), num_decoder_layers,
+                                              LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw))
+        for p in self.parameters():
+            if p.ndim > 1:
+                init.xavier_uniform_(p)
+        self.d_model, self.nhead, self.batch_first = int(d_model), int(nhead), bool(batch_first)
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask=None, tgt_mask=None, memory_mask=None,
+                src_key_padding_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+                src_is_causal: bool | None = None, tgt_is_causal: bool | None = None,
+                memory_is_causal: bool = False) -> Tensor:
+        """Encode ``src`` (S, N, E) and decode ``tgt`` (T, N, E) against it ((N, ., E) with batch_first)."""
+        batch_dim = 0 if self.batch_first else 1
+        if src.ndim == 3 and tgt.ndim == 3 and src.shape[batch_dim] != tgt.shape[batch_dim]:
+            raise ShapeError(f"Transformer: the batch number of src {describe(src)} and tgt {describe(tgt)} must "
+                             "be equal")
+        if src.shape[-1] != self.d_model or tgt.shape[-1] != self.d_model:
+            raise ShapeError(f"Transformer: the feature number of src {describe(src)} and tgt {describe(tgt)} must "
+                             f"be equal to d_model={self.d_model}")
+        memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+        return self.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                            tgt_key_padding_mask=tgt_key_padding_mask,
+                            memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
+                            memory_is_causal=memory_is_causal)
+
+    @staticmethod
+    def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
+        """The (sz, sz) causal float mask: 0 on and below the diagonal, -inf above."""
+        return generate_square_subsequent_mask(sz, device=device, dtype=dtype)
+
+
+def _feed_forward_hidden(layer, x):
+    """``activation(linear1(x))``, as one fused ``F.linear_relu`` for a plain Linear + ReLU."""
+    if layer._relu and F.fused_enabled() and type(layer.linear1).forward is Linear.forward:
+        return F.linear_relu(x, layer.linear1.weight, layer.linear1.bias)
+    return layer.activation(layer.linear1(x))
 
 
 def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:

@@ -459,3 +459,70 @@ def test_embedding_padding_idx_row_gets_no_gradient_through_an_encoder(rng):
     ids = engine.tensor([[3, 4, 0, 0], [5, 1, 2, 0]])
     layer(emb(ids), src_key_padding_mask=ids == 0).sum().backward()
     assert not emb.weight.grad.numpy()[0].any() and emb.weight.grad.numpy()[1:6].any()
+
+
+# ---- TransformerDecoderLayer / TransformerDecoder / Transformer ---------------------------------------
+
+DECODER_KEYS = (["self_attn." + k for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
+                + ["multihead_attn." + k for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight",
+                                                   "out_proj.bias")]
+                + ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "norm1.weight", "norm1.bias",
+                   "norm2.weight", "norm2.bias", "norm3.weight", "norm3.bias"])
+
+
+def reference_decoder_layer(layer, tgt, memory, tgt_mask, memory_padding, activation):
+    """PyTorch's TransformerDecoderLayer.forward in float64 (dropout off), seq-first inputs."""
+    def sa(x):
+        return reference_mha(layer.self_attn, x, x, x, None, tgt_mask)[0]
+
+    def ca(x):
+        return reference_mha(layer.multihead_attn, x, memory, memory, memory_padding, None)[0]
+
+    def ff(x):
+        hidden = x @ _np(layer.linear1.weight).T + _np(layer.linear1.bias)
+        hidden = np.maximum(hidden, 0) if activation == "relu" else 0.5 * hidden * (1 + _erf(hidden / math.sqrt(2)))
+        return hidden @ _np(layer.linear2.weight).T + _np(layer.linear2.bias)
+
+    norms = [lambda x, m=m: _layer_norm(x, _np(m.weight), _np(m.bias)) for m in (layer.norm1, layer.norm2, layer.norm3)]
+    x = tgt
+    if layer.norm_first:
+        x = x + sa(norms[0](x))
+        x = x + ca(norms[1](x))
+        return x + ff(norms[2](x))
+    x = norms[0](x + sa(x))
+    x = norms[1](x + ca(x))
+    return norms[2](x + ff(x))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_decoder_layer_matches_numpy_float64_and_keys(rng, norm_first, activation):
+    d, h, t, s, n = 8, 2, 4, 6, 2
+    layer = nn.TransformerDecoderLayer(d, h, 12, dropout=0.0, activation=activation, norm_first=norm_first)
+    assert list(layer.state_dict()) == DECODER_KEYS
+    _randomise(layer, rng)
+    tgt, memory = rng.standard_normal((t, n, d)), rng.standard_normal((s, n, d))
+    causal = nn.Transformer.generate_square_subsequent_mask(t)
+    padding = _padding(rng, n, s)
+    out = layer(_t(tgt), _t(memory), tgt_mask=causal, memory_key_padding_mask=_t(padding, dtype=None),
+                tgt_is_causal=True)
+    expected = reference_decoder_layer(layer, tgt, memory, causal.numpy().astype(np.float64), padding, activation)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_transformer_is_encoder_then_decoder_with_pytorch_keys(rng):
+    model = nn.Transformer(8, 2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=12, dropout=0.0,
+                           batch_first=True)
+    keys = list(model.state_dict())
+    assert keys[:12] == [f"encoder.layers.0.{k}" for k in ENCODER_KEYS]
+    assert "encoder.norm.weight" in keys and keys[-2:] == ["decoder.norm.weight", "decoder.norm.bias"]
+    assert [k for k in keys if k.startswith("decoder.layers.0.")] == [f"decoder.layers.0.{k}" for k in DECODER_KEYS]
+    bound = math.sqrt(6 / (8 + 12))  # xavier_uniform on every matrix, linear1.weight (12, 8) here
+    assert np.abs(model.encoder.layers[0].linear1.weight.numpy()).max() <= bound
+    src, tgt = _t(rng.standard_normal((2, 5, 8))), _t(rng.standard_normal((2, 3, 8)))
+    mask = nn.Transformer.generate_square_subsequent_mask(3)
+    memory = model.encoder(src)
+    expected = model.decoder(tgt, memory, tgt_mask=mask)
+    np.testing.assert_allclose(model(src, tgt, tgt_mask=mask).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ShapeError, match="batch number"):
+        model(src, _t(rng.standard_normal((3, 3, 8))))
