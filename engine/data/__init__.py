@@ -14,6 +14,7 @@ from engine.data.augment import (Compose, GaussianNoise, RandomCrop, RandomHoriz
                                  RandomScale, RandomShift, RandomVerticalFlip, Transform, affine_sample)
 from engine.data.dataset import ConcatDataset, Dataset, IterableDataset, Subset, TensorDataset
 from engine.data.digits import load_digits
+from engine.data.distributed import DistributedSampler
 from engine.data.idx import IDXFormatError, load_idx, load_mnist
 from engine.data.loader import DataLoader, default_collate, move_to
 from engine.data.preprocessing import (CleanReport, MinMaxScaler, StandardScaler, WeightedRandomSampler,
@@ -25,6 +26,7 @@ from engine.data.splits import kfold_splits, random_split, train_val_test_split
 __all__ = [
     "Dataset", "IterableDataset", "TensorDataset", "Subset", "ConcatDataset", "DataLoader", "default_collate",
     "move_to", "Sampler", "SequentialSampler", "RandomSampler", "SubsetRandomSampler", "BatchSampler",
+    "DistributedSampler",
     "random_split", "train_val_test_split", "kfold_splits",
     "StandardScaler", "MinMaxScaler", "one_hot", "clean", "CleanReport", "class_weights", "WeightedRandomSampler",
     "Transform", "Compose", "RandomShift", "RandomCrop", "RandomRotation", "RandomScale", "RandomHorizontalFlip",

@@ -4,6 +4,7 @@ Example:
     >>> from engine.utils.data import DataLoader, TensorDataset, random_split
 """
 
+from engine.data.distributed import DistributedSampler
 from engine.data.dataset import ConcatDataset, Dataset, IterableDataset, Subset, TensorDataset
 from engine.data.loader import DataLoader, default_collate, get_worker_info
 from engine.data.samplers import (BatchSampler, RandomSampler, Sampler, SequentialSampler,
@@ -13,4 +14,5 @@ from engine.data.splits import random_split
 
 __all__ = ["Dataset", "IterableDataset", "TensorDataset", "Subset", "ConcatDataset", "DataLoader",
            "default_collate", "get_worker_info", "random_split", "Sampler", "SequentialSampler",
-           "RandomSampler", "SubsetRandomSampler", "BatchSampler", "WeightedRandomSampler"]
+           "RandomSampler", "SubsetRandomSampler", "BatchSampler", "WeightedRandomSampler",
+           "DistributedSampler"]

@@ -151,7 +151,8 @@ def test_mha_matches_numpy_pytorch_math(rng, device, kind, batch_first, need_wei
     e, h, length, s, n = 12, 3, 4, 6, 2
     mha = nn.MultiheadAttention(e, h, batch_first=batch_first, device=device)
     _randomise(mha, rng)
-    query, key, value = rng.standard_normal((length, n, e)), rng.standard_normal((s, n, e)), rng.standard_normal((s, n, e))
+    query = rng.standard_normal((length, n, e))
+    key, value = rng.standard_normal((s, n, e)), rng.standard_normal((s, n, e))
     attn, padding = _masks(kind, rng, n, h, length, s)
     to_input = (lambda a: _t(a.transpose(1, 0, 2), device)) if batch_first else (lambda a: _t(a, device))
     out, weights = mha(to_input(query), to_input(key), to_input(value), key_padding_mask=_engine_mask(padding, device),
@@ -303,7 +304,7 @@ def test_encoder_layer_and_encoder_state_dict_keys_are_pytorchs():
     assert [name for name, _ in layer.named_children()] == [
         "self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"]
     encoder = nn.TransformerEncoder(layer, num_layers=2, norm=nn.LayerNorm(8))
-    assert list(encoder.state_dict()) == ([f"layers.0.{k}" for k in ENCODER_KEYS] + [f"layers.1.{k}" for k in ENCODER_KEYS]
+    assert list(encoder.state_dict()) == ([f"layers.{i}.{k}" for i in (0, 1) for k in ENCODER_KEYS]
                                           + ["norm.weight", "norm.bias"])
     # Deep copies: equal values, separate parameters.
     a, b = encoder.layers[0].linear1.weight, encoder.layers[1].linear1.weight

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from engine.autograd import Function
 from engine.backend import array_module
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
