@@ -18,3 +18,5 @@ __all__ = ["DistributedError", "ReduceOp", "Work", "all_gather", "all_reduce", "
            "destroy_process_group", "get_backend", "get_local_rank", "get_rank", "get_world_size",
            "init_process_group", "is_available", "is_initialized", "is_mpi_available", "is_nccl_available",
            "reduce_scatter"]
+
+from engine.distributed import optim  # noqa: E402,F401  (dist.optim.ZeroRedundancyOptimizer, as torch.distributed.optim)
