@@ -38,7 +38,8 @@ from bench.timing import Clock, measure_interleaved
 IMPL_DEVICE = {"numpy": "cpu", "numba_cpu": "cpu", "cupy": "cuda", "numba_cuda": "cuda"}
 
 # Sizes swept, per (device, mode). Optimizers: parameter counts; cross-entropy: (N, C);
-# linear_relu: (N, K, M) for x (N, K) and weight (M, K); layer_norm: (N, D).
+# linear_relu: (N, K, M) for x (N, K) and weight (M, K); layer_norm: (N, D); attention:
+# (B, L, S, E, causal) with B = batch * heads flattened (the GPU target's B = 8, H = 16 is 128).
 SWEEPS = {
     ("cuda", "full"): {
         "adam_step": [2**e for e in range(20, 28)],
@@ -46,6 +47,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(8192, c) for c in (1024, 8192, 32768, 131072)],
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 4096, 4096)],
         "layer_norm": [(16384, 1024), (16384, 4096), (1024, 65536)],
+        "attention": [(128, 1024, 1024, 64, False), (128, 1024, 1024, 64, True), (16, 4096, 4096, 64, False)],
     },
     ("cuda", "quick"): {
         "adam_step": [2**20, 2**27],
@@ -53,6 +55,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(8192, 1024), (8192, 32768)],
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096)],
         "layer_norm": [(16384, 4096)],
+        "attention": [(128, 1024, 1024, 64, False)],
     },
     ("cpu", "full"): {
         "adam_step": [2**16, 2**20, 10_000_000],
@@ -60,6 +63,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(1024, 1024), (1024, 8192), (1024, 32768)],
         "linear_relu": [(512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024)],
         "layer_norm": [(1024, 1024), (1024, 4096), (64, 65536)],
+        "attention": [(8, 512, 512, 64, False), (8, 512, 512, 64, True), (8, 1024, 1024, 64, False)],
     },
     ("cpu", "quick"): {
         "adam_step": [2**16, 2**20],
@@ -67,6 +71,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(256, 1024), (256, 8192)],
         "linear_relu": [(256, 256, 256), (512, 512, 512)],
         "layer_norm": [(256, 1024), (256, 4096)],
+        "attention": [(8, 512, 512, 64, False)],
     },
     # Smoke-test sizes (tests/test_bench.py): odd, tiny, meaningless as performance figures.
     ("cpu", "tiny"): {
@@ -75,6 +80,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(16, 100)],
         "linear_relu": [(16, 24, 8)],
         "layer_norm": [(15, 99)],
+        "attention": [(3, 37, 29, 12, True)],
     },
 }
 SWEEPS[("cuda", "tiny")] = SWEEPS[("cpu", "tiny")]
@@ -93,6 +99,7 @@ class Prepared:
     run: Callable[[], object]
     sample: Callable[[], dict]
     clock: Clock
+    extra: dict = field(default_factory=dict)  # more row fields, filled by ``sample`` (e.g. peak memory)
 
 
 @dataclass
@@ -506,6 +513,176 @@ def _ln_torch(bd, x, dy, weight, bias, rows_dev, cols_dev):
     return prepare
 
 
+# ---- attention --------------------------------------------------------------------------------
+
+ATTENTION_SAMPLE_BATCH_ROWS = 3  # batch rows (of B = batch * heads) checked against the numpy impl
+
+
+def attention_case(bd: BenchDevice, b: int, l: int, s: int, e: int, causal: bool) -> Case:  # noqa: E741
+    """Forward then backward (two calls, as in training) of attention over (B, L, E) x (B, S, E), no mask.
+
+    Checked on sampled batch rows: each batch row (one head of one sequence) is independent, and
+    the numpy impl on a few full rows checks out, lse, dq, dk and dv exactly where it looks. On the
+    GPU each candidate's peak memory during one forward + backward is recorded beside its time
+    (``peak_memory_bytes``: cupy's pool, or torch's allocator, above what the inputs hold).
+    """
+    scale = 1.0 / math.sqrt(e)
+    q, k, v = (bd.random_normal(shape) for shape in ((b, l, e), (b, s, e), (b, s, e)))
+    grad = bd.random_normal((b, l, e))
+    rows = np.unique(np.linspace(0, b - 1, min(b, ATTENTION_SAMPLE_BATCH_ROWS)).astype(np.int64))
+    rows_dev = bd.asarray(rows)
+
+    def pick(out, lse, dq, dk, dv) -> dict:
+        picked = {"out": out, "dq": dq, "dk": dk, "dv": dv}
+        if lse is not None:
+            picked["lse"] = lse
+        return {key: bd.to_host(a[rows_dev]) for key, a in picked.items()}
+
+    def reference(backward):
+        forward = kernel_registry.get("attention_forward", "numpy")
+        qs, ks, vs, gs = (np.ascontiguousarray(bd.to_host(a[rows_dev])) for a in (q, k, v, grad))
+        out, lse = forward(qs, ks, vs, scale=scale, causal=causal)
+        dq, dk, dv = backward(gs, qs, ks, vs, out, lse, scale=scale, causal=causal)
+        return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+    ref, note = numpy_reference("attention_backward", reference)
+    inputs = (q, k, v, grad, scale, causal)
+    candidates = [Candidate(name, "impl", _attn_kernel(bd, name, inputs, pick))
+                  for name in impls_for("attention_forward", bd)]
+    candidates.append(Candidate(ATTENTION_UNFUSED, "unfused", _attn_engine(bd, inputs, pick)))
+    candidates.append(Candidate(ATTENTION_TORCH_UNFUSED, "torch", _attn_torch(bd, inputs, rows, sdpa=False)))
+    candidates.append(Candidate(ATTENTION_TORCH_SDPA, "torch", _attn_torch(bd, inputs, rows, sdpa=True)))
+    label = f"B*H={b} L={l} S={s} E={e}" + (" causal" if causal else "")
+    return Case(kernel="attention", label=label, params={"B": b, "L": l, "S": s, "E": e, "causal": causal},
+                size=b * roofline.attention_pairs(l, s, causal) * e, work=roofline.attention_work(b, l, s, e, e, causal),
+                reference=ref, reference_note=note, candidates=candidates, flush=False)
+
+
+ATTENTION_UNFUSED = "engine F.scaled_dot_product_attention (unfused)"
+ATTENTION_TORCH_UNFUSED = "torch eager unfused (matmul, softmax, matmul)"
+ATTENTION_TORCH_SDPA = "torch F.scaled_dot_product_attention"
+
+
+def _peak_memory(bd: BenchDevice, run: Callable[[], object], torch=None) -> tuple[object, int | None]:
+    """(run(), bytes allocated at the peak of the call above what was allocated before it).
+
+    GPU only (None on the CPU, where numba's allocations are invisible to Python's tracers):
+    cupy's default memory pool, whose used bytes are read after every allocation through a
+    ``cupy.cuda.MemoryHook``, or torch's caching allocator's peak statistics.
+    """
+    if bd.kind != "cuda":
+        return run(), None
+    bd.synchronize()
+    if torch is not None:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = run()
+        bd.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+    pool = bd.xp.get_default_memory_pool()
+
+    class PeakHook(bd.xp.cuda.MemoryHook):
+        name = "bench_peak_memory"
+
+        def __init__(self):
+            super().__init__()
+            self.peak = pool.used_bytes()
+
+        def malloc_postprocess(self, **kwargs):
+            self.peak = max(self.peak, pool.used_bytes())
+
+    before = pool.used_bytes()
+    hook = PeakHook()
+    with hook:
+        result = run()
+    bd.synchronize()
+    return result, hook.peak - before
+
+
+def _attn_kernel(bd, name, inputs, pick):
+    q, k, v, grad, scale, causal = inputs
+
+    def prepare():
+        forward = impl_function("attention_forward", name, bd, q)
+        backward = impl_function("attention_backward", name, bd, q)
+
+        def run():
+            out, lse = forward(q, k, v, scale=scale, causal=causal)
+            return (out, lse) + backward(grad, q, k, v, out, lse, scale=scale, causal=causal)
+
+        def sample():
+            results, prepared.extra["peak_memory_bytes"] = _peak_memory(bd, run)
+            return pick(*results)
+
+        prepared = Prepared(run=run, sample=sample, clock=bd.clock)
+        return prepared
+
+    return prepare
+
+
+def _attn_engine(bd, inputs, pick):
+    q, k, v, grad, scale, causal = inputs
+
+    def prepare():
+        import engine.functional as F
+        from engine.tensor import Tensor
+
+        if not hasattr(F, "scaled_dot_product_attention"):
+            raise Unavailable("engine.functional has no scaled_dot_product_attention")
+        leaves = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+        grad_t = Tensor(grad)
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            with F.fused_kernels(False):  # matmul, masked softmax, matmul: the L x S scores kept for backward
+                out = F.scaled_dot_product_attention(*leaves, is_causal=causal, scale=scale)
+                out.backward(grad_t)
+            return out
+
+        def sample():
+            out, prepared.extra["peak_memory_bytes"] = _peak_memory(bd, run)
+            return pick(out._data, None, *(t.grad._data for t in leaves))
+
+        prepared = Prepared(run=run, sample=sample, clock=bd.clock)
+        return prepared
+
+    return prepare
+
+
+def _attn_torch(bd, inputs, rows, sdpa: bool):
+    q, k, v, grad, scale, causal = inputs
+
+    def prepare():
+        torch = torch_required(bd)
+        leaves = [bd.to_torch(a).requires_grad_(True) for a in (q, k, v)]
+        grad_t = bd.to_torch(grad)
+        picked = torch.from_numpy(rows).to(grad_t.device)
+        l, s = q.shape[1], k.shape[1]  # noqa: E741
+        above = torch.ones(l, s, dtype=torch.bool, device=grad_t.device).triu(1) if causal else None
+
+        def attention(qt, kt, vt):
+            if sdpa:
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+            scores = torch.matmul(qt, kt.transpose(-2, -1)) * scale
+            if above is not None:
+                scores = scores.masked_fill(above, float("-inf"))
+            return torch.matmul(torch.softmax(scores, dim=-1), vt)
+
+        def run():
+            out = attention(*leaves)
+            return (out,) + torch.autograd.grad(out, leaves, grad_t)
+
+        def sample():
+            results, prepared.extra["peak_memory_bytes"] = _peak_memory(bd, run, torch)
+            return {key: bd.torch_to_host(a.detach()[picked]) for key, a in zip(("out", "dq", "dk", "dv"), results)}
+
+        prepared = Prepared(run=run, sample=sample, clock=bd.torch_clock)
+        return prepared
+
+    return prepare
+
+
 # ---- linear + ReLU ----------------------------------------------------------------------------
 
 def _linear_inputs(bd: BenchDevice, n: int, k: int, m: int):
@@ -694,6 +871,7 @@ def check_candidate(case: Case, candidate: Candidate, bd: BenchDevice) -> tuple[
     try:
         prepared = candidate.prepare()
         got = prepared.sample()
+        row.update(prepared.extra)
         if case.reference is not None:
             row["max_rel_err"] = max_relative_error(got, case.reference)
     except Unavailable as e:
@@ -747,6 +925,7 @@ TORCH_PEER = {
     "rmsprop_step": ["torch RMSprop(fused=True)", "torch RMSprop(foreach=True)"],
     "softmax_cross_entropy": ["torch F.cross_entropy"],
     "layer_norm": ["torch F.layer_norm"],
+    "attention": ["torch F.scaled_dot_product_attention"],
     "linear_relu_forward": ["torch relu(linear)"],
     "linear_relu_backward": ["torch autograd"],
 }
@@ -755,6 +934,7 @@ UNFUSED_PEER = {
     "adagrad_step": ["engine Adagrad(fused=False)"], "rmsprop_step": ["engine RMSprop(fused=False)"],
     "softmax_cross_entropy": ["engine F.cross_entropy(fused=False)"],
     "layer_norm": ["engine F.layer_norm (unfused)"],
+    "attention": ["engine F.scaled_dot_product_attention (unfused)"],
     "linear_relu_forward": ["engine F.linear_relu(fused=False)"],
     "linear_relu_backward": ["engine autograd (unfused)"],
 }
@@ -799,6 +979,7 @@ CUDA_TARGETS = {
     "adam_step": GpuTarget("cupy", {"n": 2**27}),
     "softmax_cross_entropy": GpuTarget("cupy", {"N": 8192, "C": 32768}),
     "layer_norm": GpuTarget("cupy", {"N": 16384, "D": 4096}),
+    "attention": GpuTarget("cupy", {"B": 128, "L": 1024, "S": 1024, "E": 64, "causal": False}),
     "linear_relu_forward": GpuTarget("cupy", {"N": 4096, "K": 4096, "M": 4096}),
     "linear_relu_backward": GpuTarget("cupy", {"N": 4096, "K": 4096, "M": 4096}),
 }
@@ -871,6 +1052,8 @@ def _target_checks(row, kernel, device, mode, by_name) -> list[tuple[bool | None
         checks.append(_ratio_check(row, 1.5))
     elif kernel == "layer_norm":
         checks.append(_at_least(row["fraction_of_copy_bw"], 0.80, "of copy BW"))
+    elif kernel == "attention":
+        checks.extend(_attention_checks(row, device, by_name))
     elif kernel == "linear_relu_forward":
         gemm = by_name.get("gemm x @ W.T")
         if gemm is None or gemm["status"] != "ok":
@@ -881,6 +1064,46 @@ def _target_checks(row, kernel, device, mode, by_name) -> list[tuple[bool | None
         checks.append(_ratio_check(row, 1.0))
     elif kernel == "linear_relu_backward":
         checks.append(_ratio_check(row, 1.0))
+    return checks
+
+
+CPU_ATTENTION_TARGET_L = 512  # the issue states the CPU attention target (numba_cpu >= 2x numpy) at L = 512
+
+
+def _attention_checks(row, device, by_name) -> list[tuple[bool | None, str]]:
+    """GPU: faster than torch's unfused eager attention, at least as fast as torch's SDPA (fp32),
+    and O(L) memory (the peak above the inputs under one B x L x S float32 score matrix).
+    CPU: numba_cpu >= 2x the numpy reference (stated at L = 512; elsewhere a measure of distance)."""
+    def speedup(peer_name):
+        peer = by_name.get(peer_name)
+        if peer is None or peer["status"] != "ok":
+            return None, (peer["status"] if peer else "not measured")
+        return peer["median_s"] / row["median_s"], None
+
+    checks: list[tuple[bool | None, str]] = []
+    if device == "cpu":
+        ratio, why = speedup("numpy")
+        if ratio is None:
+            return [(None, f"numpy impl {why}")]
+        where = "" if row["params"]["L"] == CPU_ATTENTION_TARGET_L else f" (at L={row['params']['L']}, stated at 512)"
+        return [(ratio >= 2.0, f"{ratio:.2f}x numpy, target >= 2x{where}")]
+    for peer_name, goal, wanted in ((ATTENTION_TORCH_UNFUSED, 1.0, "> 1x"), (ATTENTION_TORCH_SDPA, 1.0, ">= 1x")):
+        ratio, why = speedup(peer_name)
+        if ratio is None:
+            checks.append((None, f"vs {peer_name}: {why}"))
+        else:
+            ok = ratio > goal if wanted == "> 1x" else ratio >= goal
+            checks.append((ok, f"{ratio:.2f}x {peer_name}, target {wanted}"))
+    peak = row.get("peak_memory_bytes")
+    p = row["params"]
+    scores = p["B"] * p["L"] * p["S"] * roofline.F32
+    if peak is None:
+        checks.append((None, "peak memory not measured"))
+    else:
+        unfused = by_name.get(ATTENTION_UNFUSED, {}).get("peak_memory_bytes")
+        versus = f", unfused {unfused / 2**20:.0f} MiB" if unfused is not None else ""
+        checks.append((peak < scores, f"peak {peak / 2**20:.0f} MiB{versus}, target < one score matrix "
+                                      f"({scores / 2**20:.0f} MiB: O(L) memory)"))
     return checks
 
 
@@ -901,11 +1124,12 @@ def _ratio_check(row: dict, goal: float) -> tuple[bool | None, str]:
 # ---- the sweep --------------------------------------------------------------------------------
 
 FAMILIES = ("adam_step", "sgd_step", "adagrad_step", "rmsprop_step", "softmax_cross_entropy",
-            "linear_relu_forward", "linear_relu_backward", "layer_norm")
+            "linear_relu_forward", "linear_relu_backward", "layer_norm", "attention")
 
 # Bench families whose one case times several registered kernels together (forward then backward,
 # as training calls them): the sweep lists the family in place of its kernels.
-COMBINED = {"layer_norm": ("layer_norm_forward", "layer_norm_backward")}
+COMBINED = {"layer_norm": ("layer_norm_forward", "layer_norm_backward"),
+            "attention": ("attention_forward", "attention_backward")}
 _FAMILY_OF = {kernel: family for family, members in COMBINED.items() for kernel in members}
 
 
@@ -953,6 +1177,9 @@ def cases_for(kernel: str, bd: BenchDevice, mode: str):
     elif kernel == "layer_norm":
         for n, d in sweep["layer_norm"]:
             yield lambda n=n, d=d: layer_norm_case(bd, n, d)
+    elif kernel == "attention":
+        for shape in sweep["attention"]:
+            yield lambda shape=shape: attention_case(bd, *shape)
 
 
 def run_sweep(bd: BenchDevice, ceilings: roofline.Ceilings, kernel_names: list[str], mode: str,

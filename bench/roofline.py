@@ -67,6 +67,32 @@ def layer_norm_work(n: int, d: int, itemsize: int = F32) -> Work:
     return Work(bytes=bytes_, flops=16 * n * d)
 
 
+def attention_pairs(l: int, s: int, causal: bool) -> int:  # noqa: E741 - L, as in PyTorch
+    """(query, key) pairs a query row may attend to: L S, or top-left causal sum_i min(i + 1, S)."""
+    if not causal:
+        return l * s
+    if l <= s:
+        return l * (l + 1) // 2
+    return s * (s + 1) // 2 + (l - s) * s
+
+
+def attention_work(b: int, l: int, s: int, e: int, ev: int, causal: bool = False,  # noqa: E741
+                   itemsize: int = F32) -> Work:
+    """Attention forward then backward (flash style, as training calls them), B = batch * heads.
+
+    FLOPs count the matrix products only, over the visible (query, key) pairs P (L S, about half
+    with causal): forward Q K^T and P V, 2 P (E + Ev) per batch row (4 B L S E at E = Ev);
+    backward recomputes Q K^T and does dO V^T, P^T dO, dS K and dS^T Q, 2 P (3 E + 2 Ev) (2.5x
+    the forward). Bytes: forward reads q, k, v and writes out and lse; backward reads q, k, v,
+    out, dO and lse and writes dq, dk, dv. The L x S scores are never counted: the fused impls
+    keep them on chip (an unfused path moves several L x S matrices and is held to these bytes).
+    """
+    pairs = b * attention_pairs(l, s, causal)
+    q, kv, o, rows = b * l * e, b * s * (e + ev), b * l * ev, b * l
+    bytes_ = (q + kv + o + rows) + (q + kv + 2 * o + rows + q + kv)
+    return Work(bytes=bytes_ * itemsize, flops=2 * pairs * (e + ev) + 2 * pairs * (3 * e + 2 * ev))
+
+
 def linear_relu_forward_work(n: int, k: int, m: int, itemsize: int = F32) -> Work:
     """relu(x @ W.T + b): read x (N, K), W (M, K), b (M); write y (N, M); 2NKM + 2NM FLOPs."""
     return Work(bytes=(n * k + m * k + m + n * m) * itemsize, flops=2 * n * k * m + 2 * n * m)
