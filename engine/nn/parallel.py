@@ -248,3 +248,6 @@ def _check_same_model(group, module: Module, named: list) -> None:
 
 
 DDP = DistributedDataParallel
+
+# Tensor parallelism (Megatron's split) lives beside the process group; nn.parallel is where users look.
+from engine.distributed.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402,F401
