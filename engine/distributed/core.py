@@ -115,6 +115,25 @@ def init_process_group(backend: str | None = None, **_ignored) -> None:
 
         _state.group = MPIGroup()
     _install_excepthook()
+    _share_cpu_threads(MPI)
+
+
+def _share_cpu_threads(MPI) -> None:
+    """Split the node's cores between its ranks for numba's parallel kernels, unless the user set
+    NUMBA_NUM_THREADS: N ranks each running all-core kernels on one machine oversubscribe it, and
+    a rank waiting in MPI polls a core too."""
+    if os.environ.get("NUMBA_NUM_THREADS"):
+        return
+    try:
+        shared = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+        local_size = shared.Get_size()
+        shared.Free()
+        if local_size > 1:
+            import numba
+
+            numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, (os.cpu_count() or 1) // local_size)))
+    except Exception:  # numba missing or its threading layer already fixed: leave it
+        pass
 
 
 def destroy_process_group() -> None:

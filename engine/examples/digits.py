@@ -1,6 +1,7 @@
 """The main job: an MLP on the built-in 8x8 digits, on the best available device.
 
     python -m engine.examples.digits [--epochs 40] [--device cuda] [--out runs/digits]
+    mpiexec -n 2 python -m engine.examples.digits --distributed     # data parallel over 2 ranks
 
 Standardises the pixels (fitted on the training split only), trains with AdamW, validation,
 early stopping and atomic checkpoints, then reports test accuracy, macro precision/recall/F1 and
@@ -44,16 +45,31 @@ def main(argv=None) -> dict:
     args = _parse(argv)
     engine.manual_seed(args.seed)
     device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    world, main_rank, batch_size = 1, True, args.batch_size
+    if args.distributed:  # one rank per process of mpiexec; each reads 1/world of every batch
+        import engine.distributed as dist
+
+        if device.type == "cuda":
+            device = engine.device(f"cuda:{dist_local_rank() % engine.cuda_device_count()}")
+            engine.set_default_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "mpi")
+        world, main_rank = dist.get_world_size(), dist.get_rank() == 0
+        batch_size = max(1, args.batch_size // world)
+    say = print if main_rank else (lambda *a, **k: None)
     train, val, test = prepare(args.seed)
     model = build_model(device=device)
     optimizer = optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     checkpoints = ModelCheckpoint(Path(args.out), monitor="val_accuracy")
     trainer = Trainer(model, optimizer, metrics=["accuracy"], verbose=0 if args.quiet else 1,
+                      distributed=args.distributed,
                       scheduler=optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs),
                       callbacks=[EarlyStopping(monitor="val_loss", patience=8), checkpoints])
     loader = DataLoader(TensorDataset(engine.tensor(train[0]), engine.tensor(train[1])),
-                        batch_size=args.batch_size, shuffle=True)
-    print(f"training a {model.num_parameters():,}-parameter MLP on {len(train[0])} digits, device {device}")
+                        batch_size=batch_size, shuffle=True)
+    say(f"training a {model.num_parameters():,}-parameter MLP on {len(train[0])} digits, device {device}")
+    if args.distributed:
+        say(f"data parallel on {world} rank(s) ({dist.get_backend()}): batch {batch_size} per rank, "
+            f"{batch_size * world} in all")
     start = time.perf_counter()
     history = trainer.fit(loader, epochs=args.epochs, val_data=val, batch_size=512)
     seconds = time.perf_counter() - start
@@ -62,6 +78,7 @@ def main(argv=None) -> dict:
     predicted, truth = logits.argmax(axis=1).numpy(), test[1]
     report = {
         "device": str(device),
+        "world_size": world,
         "epochs": len(history),
         "seconds": seconds,
         # median: the first epoch also compiles (or loads from cache) the numba kernels
@@ -72,10 +89,10 @@ def main(argv=None) -> dict:
         "test_f1": metrics.f1_score(predicted, truth, average="macro"),
         "best_checkpoint": str(checkpoints.best_path),
     }
-    print(f"test accuracy {report['test_accuracy']:.4f}  precision {report['test_precision']:.4f}  "
+    say(f"test accuracy {report['test_accuracy']:.4f}  precision {report['test_precision']:.4f}  "
           f"recall {report['test_recall']:.4f}  F1 {report['test_f1']:.4f}")
-    print(f"{report['epochs']} epochs in {seconds:.1f}s (median {report['seconds_per_epoch'] * 1000:.0f} ms per epoch) "
-          f"on {device}; best checkpoint: {report['best_checkpoint']}")
+    say(f"{report['epochs']} epochs in {seconds:.1f}s (median {report['seconds_per_epoch'] * 1000:.0f} ms per epoch) "
+          f"on {device}{f' x {world} ranks' if world > 1 else ''}; best checkpoint: {report['best_checkpoint']}")
     return report
 
 
@@ -88,7 +105,20 @@ def _parse(argv):
     parser.add_argument("--out", default="runs/digits", help="checkpoint directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data parallel over the ranks of mpiexec (mpiexec -n 2 python -m engine.examples.digits "
+                             "--distributed); --batch-size stays the global batch")
     return parser.parse_args(argv)
+
+
+def dist_local_rank() -> int:
+    """This process's rank among those on its node, before any process group exists (picks its GPU)."""
+    from mpi4py import MPI
+
+    shared = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    rank = shared.Get_rank()
+    shared.Free()
+    return rank
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from engine.autograd import no_grad
 from engine.data import DataLoader, TensorDataset
 from engine.ops import concatenate
 from engine.tensor import Tensor
+from engine.train import distributed as _distributed
 from engine.train.callbacks import Callback, LRSchedulerCallback
 from engine.train.progress import ProgressBar
 
@@ -99,6 +100,10 @@ class Trainer:
             as much as a full one, as in the usual ``loss / k`` loop). A model with
             ``no_sync()`` (DistributedDataParallel) skips the gradient all-reduce on all but the
             last batch of each group. A checkpoint taken mid-group resumes from the group's start.
+        distributed: data parallelism over the ranks of ``mpiexec`` (True; None: when a process
+            group is initialized): wraps the model in DistributedDataParallel, shards the training
+            loader with a DistributedSampler, combines the epoch's figures over the ranks, and lets
+            only rank 0 print and write checkpoints (engine/train/distributed.py).
 
     The NaN guard checks every batch's loss and, on the device, whether all its gradients (after
     clipping) are finite; both are read together, before the step with ``sync_every=1``, else
@@ -111,7 +116,7 @@ class Trainer:
 
     def __init__(self, model, optimizer, loss_fn=F.cross_entropy, metrics=("accuracy",), callbacks=(),
                  scheduler=None, grad_clip_norm: float | None = None, verbose: int = 1, log=print,
-                 sync_every: int | None = None, accumulate_steps: int = 1):
+                 sync_every: int | None = None, accumulate_steps: int = 1, distributed: bool | None = None):
         if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
             raise ValueError(f"Trainer: accumulate_steps must be a positive int, got {accumulate_steps!r}")
         self.accumulate_steps = accumulate_steps
@@ -119,6 +124,10 @@ class Trainer:
                                        or sync_every < 1):
             raise ValueError(f"Trainer: sync_every must be a positive int or None, got {sync_every!r}")
         self.sync_every = sync_every
+        self.distributed = _distributed.enabled(distributed)  # see engine/train/distributed.py
+        if self.distributed:
+            model = _distributed.wrap(model)
+            verbose = verbose if _distributed.is_main() else 0
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.metrics = _metric_table(metrics)
         self.callbacks: list[Callback] = list(callbacks)
@@ -158,6 +167,8 @@ class Trainer:
         if self._epoch_state is not None:  # the last fit stopped mid-epoch (an exception): continue it
             self._resume_from(self._epoch_state)
         self.train_loader = _loader(train_data, batch_size, shuffle)
+        if self.distributed:
+            self.train_loader = _distributed.shard(self.train_loader)
         val_loader = None if val_data is None else _loader(val_data, batch_size, False)
         if self._pending_loader_state is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(self._pending_loader_state)
@@ -190,6 +201,7 @@ class Trainer:
     def _run_epoch(self, loader, val_loader, epochs: int) -> dict:
         self._call("on_epoch_begin", self.epoch)
         self.model.train()
+        _distributed.set_epoch(loader, self.epoch)
         resume = self._resume_progress
         window = _Window(self, self._new_metrics(), ProgressBar(len(loader), f"epoch {self.epoch + 1}/{epochs}",
                                                                  enabled=self.verbose > 0))
@@ -235,6 +247,8 @@ class Trainer:
             logs.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
         logs["epoch_time"] = seconds
         logs["samples_per_s"] = (window.samples - samples_before) / max(seconds, 1e-9)
+        if self.distributed:
+            logs = _distributed.reduce_epoch_logs(logs, window.samples)
         return logs
 
     def _accumulation_group(self, batch_index: int, first: int, batches: int) -> tuple[int, int, bool]:
@@ -343,7 +357,7 @@ class Trainer:
         of an epoch whose unread batches turn out non-finite raises :class:`TrainingDiverged`."""
         progress, loader_state, rng = self._position()
         state = {
-            "model": self.model.state_dict(),
+            "model": _distributed.unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "rng": rng,
@@ -362,7 +376,7 @@ class Trainer:
         if progress is not None and int(progress["epoch"]) != int(state["epoch"]):
             raise ValueError(f"Trainer.load_state_dict: the progress is for epoch {int(progress['epoch']) + 1} but the "
                              f"checkpoint has {int(state['epoch'])} epochs done; the checkpoint is inconsistent")
-        self.model.load_state_dict(state["model"])
+        _distributed.unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         backend.set_rng_state(state["rng"])
@@ -383,7 +397,10 @@ class Trainer:
         """
         state = self.state_dict()
         self.check_finite_weights(f"Trainer.save_checkpoint({str(path)!r})")
-        io.save(state, path)
+        if _distributed.is_main():
+            io.save(state, path)
+        if self.distributed:
+            _distributed.barrier()  # the other ranks go on once rank 0's file is written
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`; the next ``fit`` continues from it."""
