@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for every pool (BLAS, numba, torch); default: each library's own")
     p.add_argument("--quiet", action="store_true", help="no progress lines and no final table")
+    p.add_argument("--comm", type=int, metavar="W",
+                   help="also run bench.comm on W ranks (all-reduce busbw, DDP step vs one process)")
     return p.parse_args(argv)
 
 
@@ -111,6 +113,13 @@ def main(argv=None) -> dict:
         "end_to_end": e2e_rows,
         "wall_s": time.perf_counter() - started,
     }
+    if args.comm:
+        from bench import comm
+
+        result["comm"] = comm.run(args.comm, "full" if mode == "full" else "quick")
+        if not args.quiet:
+            print(comm.table(result["comm"]))
+        result["wall_s"] = time.perf_counter() - started
     _write_outputs(result, args, report)
     return result
 
