@@ -459,6 +459,10 @@ class Tensor:
     def __eq__(self, other): return ops.eq(self, other)  # noqa: E704
     def __ne__(self, other): return ops.ne(self, other)
 
+    def add(self, other, *, alpha=1): return ops.add(self, other, alpha=alpha)
+    def sub(self, other, *, alpha=1): return ops.sub(self, other, alpha=alpha)
+    def mul(self, other): return ops.mul(self, other)
+    def div(self, other): return ops.div(self, other)
     def exp(self): return ops.exp(self)
     def log(self): return ops.log(self)
     def sqrt(self): return ops.sqrt(self)
@@ -477,10 +481,6 @@ class Tensor:
     def max(self, dim=None, keepdim=False, **kw): return ops.max(self, dim, keepdim, **kw)
     def min(self, dim=None, keepdim=False, **kw): return ops.min(self, dim, keepdim, **kw)
     def amax(self, dim=None, keepdim=False, **kw): return ops.amax(self, dim, keepdim, **kw)
-    def add(self, other, *, alpha=1): return ops.add(self, other, alpha=alpha)
-    def sub(self, other, *, alpha=1): return ops.sub(self, other, alpha=alpha)
-    def mul(self, other): return ops.mul(self, other)
-    def div(self, other): return ops.div(self, other)
     def amin(self, dim=None, keepdim=False, **kw): return ops.amin(self, dim, keepdim, **kw)
     def var(self, dim=None, unbiased=None, keepdim=False, **kw): return ops.var(self, dim, unbiased, keepdim, **kw)
     def std(self, dim=None, unbiased=None, keepdim=False, **kw): return ops.std(self, dim, unbiased, keepdim, **kw)
@@ -648,6 +648,24 @@ def full_like(t: Tensor, fill_value, dtype=None, requires_grad=False) -> Tensor:
     return full(t.shape, fill_value, dtype=dtype or t.dtype, device=t.device, requires_grad=requires_grad)
 
 
+def rand_like(t: Tensor, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Uniform [0, 1) samples of ``t``'s shape (dtype and device default to ``t``'s)."""
+    return _random_like("rand_like", rand, t, dtype, device, requires_grad)
+
+
+def randn_like(t: Tensor, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Standard normal samples of ``t``'s shape (dtype and device default to ``t``'s)."""
+    return _random_like("randn_like", randn, t, dtype, device, requires_grad)
+
+
+def _random_like(op: str, draw, t: Tensor, dtype, device, requires_grad) -> Tensor:
+    dtype = np.dtype(dtype or t.dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise DTypeError(f"{op}: random samples need a floating dtype, got {dtype} from {describe(t)}; pass "
+                         "dtype=engine.float (PyTorch refuses integer dtypes too)")
+    return draw(t.shape, dtype=dtype, device=device or t.device, requires_grad=requires_grad)
+
+
 def eye(n: int, m: int | None = None, dtype=None, device=None, requires_grad=False) -> Tensor:
     dev = backend.check_available(backend.device(device))
     with backend.on_device(dev):
@@ -678,24 +696,6 @@ def randn(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
 def rand(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
     """Uniform samples in [0, 1) from the engine's seeded generator."""
     dev = backend.check_available(backend.device(device))
-def rand_like(t: Tensor, dtype=None, device=None, requires_grad=False) -> Tensor:
-    """Uniform [0, 1) samples of ``t``'s shape (dtype and device default to ``t``'s)."""
-    return _random_like("rand_like", rand, t, dtype, device, requires_grad)
-
-
-def randn_like(t: Tensor, dtype=None, device=None, requires_grad=False) -> Tensor:
-    """Standard normal samples of ``t``'s shape (dtype and device default to ``t``'s)."""
-    return _random_like("randn_like", randn, t, dtype, device, requires_grad)
-
-
-def _random_like(op: str, draw, t: Tensor, dtype, device, requires_grad) -> Tensor:
-    dtype = np.dtype(dtype or t.dtype)
-    if not np.issubdtype(dtype, np.floating):
-        raise DTypeError(f"{op}: random samples need a floating dtype, got {dtype} from {describe(t)}; pass "
-                         "dtype=engine.float (PyTorch refuses integer dtypes too)")
-    return draw(t.shape, dtype=dtype, device=device or t.device, requires_grad=requires_grad)
-
-
     gen = backend.generator(dev)
     with backend.on_device(dev):
         sample = gen.random(_shape_arg(shape)) if dev.type == "cpu" else gen.random_sample(_shape_arg(shape))
