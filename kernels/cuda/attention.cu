@@ -71,7 +71,9 @@ __device__ __forceinline__ void attn_fwd(const Args& a) {
     __shared__ float ks[BK * (HD + 1)];
     __shared__ float vs[BK * (HD + 1)];
     __shared__ float ps[FWD_ROWS * BK];
-    const int b = blockIdx.y, i0 = blockIdx.x * FWD_ROWS;
+    // Batch rows along x (up to 2^31 - 1 blocks), query tiles along y (65535 at most): B = batch *
+    // heads overflows gridDim.y's 65535 long before L / 32 does.
+    const int b = blockIdx.x, i0 = blockIdx.y * FWD_ROWS;
     const int row = threadIdx.x >> 2, lane = threadIdx.x & 3, i = i0 + row;
     const float* qb = a.q + (long long)b * a.L * a.E;
     const float* kb = a.k + (long long)b * a.S * a.E;
@@ -143,7 +145,7 @@ __device__ __forceinline__ void attn_bwd(const Args& a) {
     __shared__ float dos[BQ * (HD + 1)];
     __shared__ float ps[BQ * (BK + 1)];
     __shared__ float dss[BQ * (BK + 1)];
-    const int b = blockIdx.y, j0 = blockIdx.x * BK;
+    const int b = blockIdx.x, j0 = blockIdx.y * BK;  // as in attn_fwd: batch rows along x
     const int key = threadIdx.x >> 2, lane = threadIdx.x & 3, j = j0 + key;
     const float* qb = a.q + (long long)b * a.L * a.E;
     const float* dob = a.grad_out + (long long)b * a.L * a.Ev;
@@ -223,7 +225,7 @@ __device__ __forceinline__ void attn_bwd(const Args& a) {
 // Entry points take plain pointers and scalars (what cupy passes), gathered into Args. Forward:
 // (q, k, v, mask, out, lse, L, S, E, Ev, mask_bs, mask_ls, has_mask, causal, scale); backward:
 // (q, k, v, mask, grad_out, lse, rowdot, dq, dk, dv, L, S, E, Ev, mask_bs, mask_ls, has_mask,
-// causal, scale). Grid: (ceil(L / 32), B) forward, (ceil(S / 32), B) backward; 128 threads.
+// causal, scale). Grid: (B, ceil(L / 32)) forward, (B, ceil(S / 32)) backward; 128 threads.
 #define ATTN_FWD(HD)                                                                                           \
     __global__ void __launch_bounds__(THREADS) attn_fwd_hd##HD(                                               \
         const float* q, const float* k, const float* v, const float* mask, float* o, float* lse, int L, int S, \

@@ -14,6 +14,7 @@ import numpy as np
 from kernels.cpu.attention import (check_gpu_limits, empty_backward, empty_forward, is_empty, validate_backward,
                                    validate_forward)
 from kernels.cuda.module import on_device
+from kernels.registry import KernelError
 
 MODULE = "attention"
 THREADS = 128
@@ -25,6 +26,21 @@ HEAD_DIMS = (32, 64, 128)
 def head_dim_bucket(e: int, ev: int) -> int:
     """The kernel instance for head dims e, ev: the smallest HD in HEAD_DIMS >= both."""
     return next(hd for hd in HEAD_DIMS if hd >= max(e, ev))
+
+
+MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535
+
+
+def launch_grid(batch: int, rows: int, per_block: int, op: str) -> tuple[int, int]:
+    """The grid of attn_fwd / attn_bwd: batch rows along x, tiles of ``per_block`` rows along y.
+
+    B (batch * heads) goes along x, whose limit is 2^31 - 1: along y it would stop at 65535.
+    """
+    tiles = -(-rows // per_block)
+    if batch > MAX_GRID_X or tiles > MAX_GRID_Y:
+        raise KernelError(f"{op} (cupy): B = {batch} batch rows of {rows} rows need a ({batch}, {tiles}) grid, "
+                          f"over CUDA's limits ({MAX_GRID_X}, {MAX_GRID_Y}); split the batch or the sequence")
+    return batch, tiles
 
 
 def _mask_args(mask, spec, placeholder):
@@ -48,7 +64,8 @@ def attention_forward(q, k, v, mask=None, *, scale=None, causal=False):
         m, bs, ls, has = _mask_args(mask, spec, q)
         args = (q, k, v, m, out, lse, np.int32(spec.l), np.int32(spec.s), np.int32(spec.e), np.int32(spec.ev),
                 bs, ls, has, np.int32(spec.causal), np.float32(spec.scale))
-        function(MODULE, f"attn_fwd_hd{hd}")((-(-spec.l // FWD_ROWS), spec.b), (THREADS,), args)
+        grid = launch_grid(spec.b, spec.l, FWD_ROWS, "attention_forward")
+        function(MODULE, f"attn_fwd_hd{hd}")(grid, (THREADS,), args)
         return out, lse
 
 
@@ -73,5 +90,6 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, ca
         m, bs, ls, has = _mask_args(mask, spec, q)
         args = (q, k, v, m, grad_out, lse, rowdot, dq, dk, dv, np.int32(spec.l), np.int32(spec.s),
                 np.int32(spec.e), np.int32(spec.ev), bs, ls, has, np.int32(spec.causal), np.float32(spec.scale))
-        function(MODULE, f"attn_bwd_hd{hd}")((-(-spec.s // BWD_KEYS), spec.b), (THREADS,), args)
+        grid = launch_grid(spec.b, spec.s, BWD_KEYS, "attention_backward")
+        function(MODULE, f"attn_bwd_hd{hd}")(grid, (THREADS,), args)
         return dq, dk, dv

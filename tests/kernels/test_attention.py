@@ -7,6 +7,8 @@ GPU impls (cupy, numba_cuda) run in the cases marked ``gpu``, where a device ans
 """
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +295,86 @@ def test_gpu_limits_are_named():
 def test_registered_impls_in_preference_order():
     for kernel in ("attention_forward", "attention_backward"):
         assert kernels.impls(kernel, available_only=False) == ["numba_cpu", "numpy", "cupy", "numba_cuda"]
+
+
+# ---- the cupy wrapper's launch plan (fake cupy: no GPU needed) ----------------------------------
+
+from tests.kernels.fake_cupy import fake_cupy  # noqa: E402,F401 - the fixture
+
+CU_TEXT = (Path(kernels.__file__).parent / "cuda" / "attention.cu").read_text()
+GRID_Y_Z_LIMIT = 65535
+
+
+def cu_constants():
+    """THREADS, FWD_ROWS and the Tiles<HD> table as attention.cu states them."""
+    threads = int(re.search(r"constexpr int THREADS = (\d+);", CU_TEXT).group(1))
+    fwd_rows = int(re.search(r"constexpr int FWD_ROWS = (\d+);", CU_TEXT).group(1))
+    tiles = {int(hd): (int(keys), int(rows)) for hd, keys, rows in re.findall(
+        r"struct Tiles<(\d+)> \{ static constexpr int FWD_KEYS = (\d+), BWD_ROWS = (\d+); \};", CU_TEXT)}
+    return threads, fwd_rows, tiles
+
+
+def test_cu_tiles_fit_static_shared_memory_and_match_the_host_constants():
+    from kernels.cuda import attention as cu
+
+    threads, fwd_rows, tiles = cu_constants()
+    assert (threads, fwd_rows, threads // 4) == (cu.THREADS, cu.FWD_ROWS, cu.BWD_KEYS)
+    assert sorted(tiles) == list(cu.HEAD_DIMS)
+    for hd, (fwd_keys, bwd_rows) in tiles.items():
+        assert fwd_keys % 4 == 0  # each of a row's 4 lanes scores fwd_keys / 4 keys
+        fwd = 4 * (fwd_rows * (hd + 1) + 2 * fwd_keys * (hd + 1) + fwd_rows * fwd_keys)  # qs, ks, vs, ps
+        bwd = 4 * (2 * bwd_rows * (hd + 1) + 2 * bwd_rows * (threads // 4 + 1))  # qs, dos, ps, dss
+        assert fwd <= 48 * 1024 and bwd <= 48 * 1024, (hd, fwd, bwd)  # static __shared__ limit
+
+
+@pytest.mark.parametrize("b,l,s,e,ev,mask_shape,causal,hd", [
+    (3, 37, 29, 12, 12, None, True, 32),  # L, S not multiples of the tiles; causal with L != S
+    (2, 64, 64, 64, 64, (1, 64, 64), False, 64),  # shared mask: zero batch stride
+    (5, 33, 100, 1, 65, (5, 1, 100), False, 128),  # key padding mask: zero row stride; Ev picks the bucket
+    (4, 1, 1, 127, 3, (1, 1, 1), True, 128),  # odd head dims, one query and one key
+    (70000, 2, 33, 8, 8, None, False, 32),  # B over gridDim.y's 65535: B goes along x
+])
+def test_cupy_launch_plan(fake_cupy, b, l, s, e, ev, mask_shape, causal, hd):  # noqa: E741
+    from kernels.cuda import attention as cu
+
+    fake = fake_cupy
+    rng = np.random.default_rng(0)
+    q, k, v = (fake.on(1, rng.standard_normal(shape).astype(np.float32)) for shape in ((b, l, e), (b, s, e), (b, s, ev)))
+    mask = None if mask_shape is None else fake.on(1, np.zeros(mask_shape, np.float32))
+    out, lse = cu.attention_forward(q, k, v, mask, scale=0.25, causal=causal)
+    assert out.shape == (b, l, ev) and lse.shape == (b, l)
+    (fwd,) = fake.launches
+    assert fwd.name == f"attn_fwd_hd{hd}" and fwd.device == 1 and fwd.block == (128,)
+    # blockIdx.x = batch row, blockIdx.y * 32 = first query row: every row of every batch row covered
+    assert fwd.grid == (b, -(-l // 32)) and (fwd.grid[1] - 1) * 32 < l <= fwd.grid[1] * 32
+    assert fwd.grid[0] <= cu.MAX_GRID_X and fwd.grid[1] <= GRID_Y_Z_LIMIT
+    bs = ls = 0
+    if mask_shape is not None:
+        bs = 0 if mask_shape[0] == 1 else mask_shape[1] * s
+        ls = 0 if mask_shape[1] == 1 else s
+    assert fwd.args[0] is q and fwd.args[1] is k and fwd.args[2] is v and fwd.args[4] is out and fwd.args[5] is lse
+    assert [int(a) for a in fwd.args[6:14]] == [l, s, e, ev, bs, ls, mask is not None, causal]
+    assert fwd.args[14] == np.float32(0.25) and fwd.args[14].dtype == np.float32
+    assert fwd.args[10].dtype == np.int64 and fwd.args[11].dtype == np.int64  # 64-bit mask strides
+
+    fake.launches.clear()
+    grad = fake.on(1, rng.standard_normal((b, l, ev)).astype(np.float32))
+    dq, dk, dv = cu.attention_backward(grad, q, k, v, out, lse, mask, scale=0.25, causal=causal)
+    rowdot, bwd = fake.launches
+    assert rowdot.name == "attn_bwd_rowdot" and rowdot.block == (256,) and rowdot.grid == (-(-(b * l) // 8),)
+    assert int(rowdot.args[3]) == b * l and int(rowdot.args[4]) == ev
+    assert bwd.name == f"attn_bwd_hd{hd}" and bwd.block == (128,) and bwd.grid == (b, -(-s // 32))
+    assert bwd.grid[1] <= GRID_Y_Z_LIMIT
+    assert all(launch.device == 1 for launch in (rowdot, bwd))
+    assert bwd.args[6] is rowdot.args[2]  # D from the first launch feeds the second
+    assert bwd.args[7] is dq and not dq.host.any()  # dq: atomics into a zero-filled buffer
+    assert (dq.shape, dk.shape, dv.shape) == ((b, l, e), (b, s, e), (b, s, ev))
+    assert [int(a) for a in bwd.args[10:18]] == [l, s, e, ev, bs, ls, mask is not None, causal]
+
+
+def test_cupy_grid_over_the_limit_is_refused():
+    from kernels.cuda import attention as cu
+
+    assert cu.launch_grid(70000, 33, 32, "attention_forward") == (70000, 2)
+    with pytest.raises(KernelError, match="over CUDA's limits"):
+        cu.launch_grid(4, 32 * 65535 + 1, 32, "attention_forward")
