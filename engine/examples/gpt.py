@@ -1,0 +1,384 @@
+"""A GPT you can train: a small decoder-only Transformer on text that needs no download.
+
+    python -m engine.examples.gpt [--steps 300] [--data FILE] [--tokenizer byte|bpe] [--out runs/gpt] [--resume]
+
+The default corpus is the source of the Python standard library's own modules on this machine
+(the first ``--max-bytes`` of its top-level ``*.py`` files, in name order). The text is
+tokenized once (bytes by default), split into a training head and a validation tail, and the
+model trains on random windows of the head with AdamW (no weight decay on biases, LayerNorm
+and embeddings), linear warm-up then cosine decay, gradient clipping, the Trainer's progress
+bar and per-epoch checkpoints (``--resume`` continues from ``<out>/last.ckpt``). It prints the
+validation loss and perplexity beside the unigram baseline, then samples text with a key/value
+cache (``--temperature``, ``--top-k``).
+
+The model is the usual pre-norm GPT (as GPT-2 and nanoGPT):
+
+    x = tok_emb(ids) + pos_emb(positions)
+    N times:  x = x + attn(ln1(x))      causal self-attention (F.scaled_dot_product_attention)
+              x = x + mlp(ln2(x))       Linear(d, 4d) -> GELU -> Linear(4d, d)
+    logits = ln_f(x) @ tok_emb.weight.T  (the head shares the token embedding's weights)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+import engine
+import engine.nn.functional as F
+from engine import nn, optim
+from engine.data import DataLoader, Subset
+from engine.text import BPETokenizer, ByteTokenizer, LanguageModelDataset, split_tokens, unigram_baseline
+from engine.train import ModelCheckpoint, Trainer
+from engine.train.callbacks import LRSchedulerCallback
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with an optional key/value cache.
+
+    ``forward(x, past)`` attends from the ``T`` new positions of ``x`` to the cached keys and values
+    of the positions before them (``past = (k, v)``, each ``(B, heads, P, head_dim)``) and to
+    themselves, and returns the new cache ``(k, v)`` covering all ``P + T`` positions.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"CausalSelfAttention: d_model={d_model} is not a multiple of n_heads={n_heads}")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # queries, keys and values in one matmul
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, past=None):
+        B, T, C = x.shape
+        H = self.n_heads
+        qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, head_dim)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if past is not None:
+            k, v = engine.cat([past[0], k], dim=2), engine.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_cache_mask(T, k.shape[2], x.device),
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=past is None)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), (k, v)
+
+
+def _cache_mask(new: int, total: int, device):
+    """The attention mask when ``new`` queries follow ``total - new`` cached positions.
+
+    Without a cache (new == total) the call uses ``is_causal=True``. One new query may see every
+    key (no mask). A chunk of several new queries after a cache needs the causal mask aligned to
+    the bottom right (query i sits at position total - new + i); PyTorch's is_causal aligns it to
+    the top left, so it is built here: True = may attend.
+    """
+    if new == total or new == 1:
+        return None
+    allowed = np.tril(np.ones((new, total), dtype=bool), k=total - new)
+    return engine.tensor(allowed, device=device)
+
+
+class Block(nn.Module):
+    """A pre-norm Transformer block: attention and MLP, each behind a LayerNorm and a residual."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        # GPT-2 uses the tanh form of GELU
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * d_model, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, past=None):
+        attended, present = self.attn(self.ln1(x), past)
+        x = x + self.drop(attended)
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x, present
+
+
+class GPT(nn.Module):
+    """A decoder-only Transformer language model.
+
+    Args:
+        vocab_size: number of token ids.
+        block_size: the longest context (the position table's size).
+        d_model, n_layers, n_heads: width, depth, heads per attention.
+        dropout: after the embeddings, attention output and MLP (0 for small, short runs).
+
+    ``forward(ids)`` returns logits ``(B, T, vocab_size)``; ``forward(ids, past_key_values,
+    use_cache=True)`` returns ``(logits, presents)``, where ``past_key_values`` is None or the
+    ``presents`` of the previous call (one ``(k, v)`` per layer): the new ids continue the cached
+    positions, so generating a token costs one position's work, not a whole forward pass.
+    """
+
+    def __init__(self, vocab_size: int, block_size: int, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.vocab_size, self.block_size = vocab_size, block_size
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(block_size, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([Block(d_model, n_heads, dropout) for _ in range(n_layers)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self._init_weights(n_layers)
+
+    def _init_weights(self, n_layers: int) -> None:
+        # GPT-2's initialisation: N(0, 0.02) everywhere, the projections that write into the
+        # residual stream scaled by 1/sqrt(2 * layers) so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                residual = name.endswith(("attn.proj.weight", "mlp.2.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
+
+    def forward(self, ids, past_key_values=None, use_cache: bool = False):
+        ids = ids if isinstance(ids, engine.Tensor) else engine.tensor(np.asarray(ids, dtype=np.int64))
+        B, T = ids.shape
+        start = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if start + T > self.block_size:
+            raise ValueError(f"GPT: {start} cached + {T} new positions exceed block_size={self.block_size}; "
+                             "crop the context (generate does) or build the model with a larger block_size")
+        positions = engine.arange(start, start + T, dtype=engine.int64, device=ids.device)
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        logits = F.linear(self.ln_f(x), self.tok_emb.weight)  # weight-tied head
+        return (logits, presents) if use_cache else logits
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay the matmul weights only; biases, LayerNorm and embeddings get none."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matmul_weight = p.dim() >= 2 and "emb" not in name
+        (decay if is_matmul_weight else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
+    """lr multiplier per step: linear warm-up to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def lm_loss(logits, targets):
+    """Mean next-token cross-entropy over every position of every window."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+def generate(model: GPT, prompt, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             use_cache: bool = True, generator: np.random.Generator | None = None) -> list[int]:
+    """Continue ``prompt`` (a list of ids) by ``max_new_tokens`` ids.
+
+    ``temperature=0`` picks the most likely token (greedy); else the logits are divided by the
+    temperature, cut to the ``top_k`` most likely, and sampled with ``generator`` (default: one
+    seeded from the engine's RNG).
+
+    The context is a window of at most ``block_size`` ids. With ``use_cache`` the window runs
+    once and each new token is then one single-position forward against the key/value cache.
+    When the window would pass ``block_size`` it restarts from the last ``block_size // 2`` ids
+    (one full forward, the cache rebuilt), so a long output costs about one extra forward per
+    ``block_size // 2`` tokens. ``use_cache=False`` runs the whole window for every token, with
+    the same windows: the reference that the cached path matches token for token.
+    """
+    if not prompt:
+        raise ValueError("generate: the prompt needs at least one token")
+    if generator is None and temperature > 0:
+        generator = np.random.Generator(np.random.PCG64(int(engine.backend.generator(engine.CPU).integers(2**63))))
+    ids, device = list(prompt), model.tok_emb.weight.device
+    was_training = model.training
+    model.eval()
+    start, past = 0, None  # the window's first position; the cache of ids[start:-1]
+    with engine.no_grad():
+        for _ in range(max_new_tokens):
+            if len(ids) - start > model.block_size:
+                start, past = len(ids) - model.block_size // 2, None
+            if use_cache and past is not None:
+                logits, past = model(engine.tensor([[ids[-1]]], device=device), past, use_cache=True)
+            elif use_cache:
+                logits, past = model(engine.tensor([ids[start:]], device=device), use_cache=True)
+            else:
+                logits = model(engine.tensor([ids[start:]], device=device))
+            ids.append(_pick(logits._data[0, -1], temperature, top_k, generator))
+    model.train(was_training)
+    return ids
+
+
+def _pick(logits, temperature: float, top_k: int | None, generator) -> int:
+    row = engine.backend.to_host(logits).astype(np.float64)
+    if temperature <= 0:
+        return int(row.argmax())
+    row = row / temperature
+    if top_k is not None and top_k < row.size:
+        row[row < np.partition(row, -top_k)[-top_k]] = -np.inf
+    p = np.exp(row - row.max())
+    return int(generator.choice(row.size, p=p / p.sum()))
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def stdlib_corpus(max_bytes: int = 1_000_000) -> str:
+    """The first ``max_bytes`` characters of the standard library's top-level ``*.py`` files, in name order.
+
+    Deterministic on a given Python installation; no download.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        size += len(text)
+        if size >= max_bytes:
+            break
+    if not parts:
+        raise FileNotFoundError(f"gpt: no *.py files under the standard library path {root}; pass --data FILE")
+    return "".join(parts)[:max_bytes]
+
+
+def make_tokenizer(kind: str, text: str, vocab_size: int, out: Path):
+    """The byte tokenizer, or a BPE trained on ``text`` (saved to / reused from ``out/tokenizer.json``)."""
+    if kind == "byte":
+        return ByteTokenizer()
+    path = out / "tokenizer.json"
+    if path.exists():
+        return BPETokenizer.from_file(path)
+    tokenizer = BPETokenizer.train([text], vocab_size=vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path)
+    return tokenizer
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    out = Path(args.out)
+    engine.manual_seed(args.seed)
+    device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    text = Path(args.data).read_text(encoding="utf-8", errors="replace") if args.data else stdlib_corpus(args.max_bytes)
+    tokenizer = make_tokenizer(args.tokenizer, text, args.vocab_size, out)
+    train_ids, val_ids = split_tokens(tokenizer.encode(text), val_fraction=args.val_fraction)
+    baseline = unigram_baseline(train_ids, val_ids, tokenizer.vocab_size)
+
+    config = {"vocab_size": tokenizer.vocab_size, "block_size": args.block_size, "d_model": args.d_model,
+              "n_layers": args.n_layers, "n_heads": args.n_heads, "dropout": args.dropout}
+    _check_config(out, config, args.resume)
+    model = GPT(**config).to(device)
+    optimizer = optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    schedule = optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
+    checkpoints = ModelCheckpoint(out, monitor="val_loss")
+    trainer = Trainer(model, optimizer, loss_fn=lm_loss, metrics=(), grad_clip_norm=args.clip,
+                      callbacks=[LRSchedulerCallback(schedule, interval="batch"), checkpoints],
+                      verbose=0 if args.quiet else 1)
+
+    # An "epoch" is --eval-every random batches, then a validation pass and a checkpoint.
+    train_set = LanguageModelDataset(train_ids, args.block_size)
+    epochs = math.ceil(args.steps / args.eval_every)
+    loader = DataLoader(train_set, batch_size=args.batch_size,
+                        sampler=train_set.random_windows(args.eval_every * args.batch_size))
+    val_set = LanguageModelDataset(val_ids, args.block_size, stride=args.block_size)
+    val_set = Subset(val_set, list(range(min(len(val_set), args.val_windows))))
+    val_loader = DataLoader(val_set, batch_size=args.batch_size)
+    if args.resume and checkpoints.last_path.exists():
+        trainer.load_checkpoint(checkpoints.last_path)
+        print(f"resumed from {checkpoints.last_path} after {trainer.epoch * args.eval_every} steps")
+
+    print(f"GPT: {model.num_parameters():,} parameters, {tokenizer.vocab_size} tokens ({args.tokenizer}), "
+          f"{len(train_ids):,} training / {len(val_ids):,} validation tokens, device {device}")
+    print(f"unigram baseline: entropy {baseline['entropy']:.3f} nats (train), "
+          f"cross-entropy {baseline['cross_entropy']:.3f} on validation")
+    start = time.perf_counter()
+    try:
+        history = trainer.fit(loader, epochs=epochs, val_data=val_loader)
+    except KeyboardInterrupt:  # Ctrl-C: keep the steps done; --resume continues exactly from here
+        trainer.save_checkpoint(checkpoints.last_path)
+        print(f"interrupted; checkpoint with the steps done so far in {checkpoints.last_path}: continue with --resume")
+        raise
+    seconds = time.perf_counter() - start
+
+    val_loss = history["val_loss"][-1]
+    prompt = tokenizer.encode(args.prompt) or [0]
+    sample_ids = generate(model, prompt, args.sample_tokens, temperature=args.temperature, top_k=args.top_k)
+    sample = tokenizer.decode(sample_ids)
+    report = {
+        "device": str(device), "parameters": model.num_parameters(), "steps": len(history) * args.eval_every,
+        "seconds": seconds, "train_loss": history["loss"][-1], "val_loss": val_loss,
+        "perplexity": math.exp(val_loss), "unigram_entropy": baseline["entropy"],
+        "unigram_cross_entropy": baseline["cross_entropy"], "sample": sample,
+        "tokens_per_s": float(np.median(history["samples_per_s"])) * args.block_size,
+        "last_checkpoint": str(checkpoints.last_path),
+    }
+    print(f"validation loss {val_loss:.3f} nats (perplexity {report['perplexity']:.2f}) vs unigram "
+          f"{baseline['cross_entropy']:.3f} (perplexity {math.exp(baseline['cross_entropy']):.2f}); "
+          f"training {seconds:.1f}s, {report['tokens_per_s']:,.0f} tokens/s on {device}")
+    print(f"sample (temperature {args.temperature}, top-k {args.top_k}):\n{sample}")
+    return report
+
+
+def _check_config(out: Path, config: dict, resume: bool) -> None:
+    """Write the model's config beside the checkpoints; a resume must build the same model."""
+    path = out / "config.json"
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        if saved != config:
+            raise ValueError(f"gpt --resume: the checkpoints in {out} are of the model {saved}, but these "
+                             f"arguments build {config}; pass the same model arguments (or another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="a UTF-8 text file (default: the standard library's source)")
+    parser.add_argument("--max-bytes", type=int, default=1_000_000, help="size of the default corpus")
+    parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation and checkpoints")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping: max global norm")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--val-windows", type=int, default=128, help="validation windows evaluated")
+    parser.add_argument("--prompt", default="def ")
+    parser.add_argument("--sample-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N")
+    parser.add_argument("--out", default="runs/gpt", help="checkpoint directory")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    args = parser.parse_args(argv)
+    if args.steps % args.eval_every:
+        parser.error(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
+    return args
+
+
+if __name__ == "__main__":
+    main()
