@@ -314,21 +314,46 @@ class GELU(Function):
         self.save(a)
         self.approximate = approximate
         if approximate == "tanh":
-            # a * a * a, not a ** 3: numpy's float32 power runs ~50x slower than two multiplies
-            inner = _SQRT_2_OVER_PI * (a + 0.044715 * (a * a * a))
-            return 0.5 * a * (1 + _xp(a).tanh(inner))
+            out = _gelu_tanh_inner(a)
+            out += 1
+            out *= a
+            out *= 0.5
+            return out
         return a * _normal_cdf(a)
 
     def backward(self, g):
         a = self.saved[0]
         xp = _xp(a)
         if self.approximate == "tanh":
-            inner = _SQRT_2_OVER_PI * (a + 0.044715 * (a * a * a))
-            t = xp.tanh(inner)
-            d_inner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * a * a)
-            return g * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * d_inner)
+            # d/da 0.5 a (1 + t) = 0.5 (1 + t) + 0.5 a (1 - t^2) * sqrt(2/pi) (1 + 3 * 0.044715 a^2),
+            # in place on two buffers: the expression form made ten temporaries (2.7x slower)
+            t = _gelu_tanh_inner(a)
+            slope = a * a
+            slope *= 3 * 0.044715
+            slope += 1
+            slope *= 0.5 * _SQRT_2_OVER_PI
+            slope *= a
+            one_minus_t2 = t * t
+            xp.subtract(1, one_minus_t2, out=one_minus_t2)
+            slope *= one_minus_t2
+            t += 1
+            t *= 0.5
+            t += slope
+            t *= g
+            return t
         pdf = xp.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
         return g * (_normal_cdf(a) + a * pdf.astype(a.dtype, copy=False))
+
+
+def _gelu_tanh_inner(a):
+    """tanh(sqrt(2/pi) (a + 0.044715 a^3)) in one new buffer. a * a, not a ** 3: numpy's float32
+    power runs ~50x slower than multiplies."""
+    t = a * a
+    t *= 0.044715
+    t += 1
+    t *= a
+    t *= _SQRT_2_OVER_PI
+    return _xp(a).tanh(t, out=t)
 
 
 def _erf(x):
