@@ -30,6 +30,10 @@ On the GPU each row also reports the host time per step (Python issuing the work
 to the device time (``host_median_s`` and ``host_over_device`` in the JSON, the host/device
 column): a ratio near or above 1 means the step is bound by Python and launch overhead.
 
+The GPT rows (model ``gpt``, bench/gpt_step.py) time the GPT example's training step (forward,
+next-token loss, backward, clipping, AdamW) against the same model written in torch, through the
+same machinery, in the quick and full modes.
+
 Targets: the engine's step no slower than torch eager's on the GPU at the issue's cases (MLP at
 batch 256, wide at batch 1024; other batches get no verdict), within 1.3x on the CPU at every
 batch (:data:`TARGET_CASES`, :func:`target_status`).
@@ -192,24 +196,38 @@ VARIANTS = (("engine F + optim.Adam", engine_functional_step, "engine"),
 
 def run_end_to_end(bd: BenchDevice, ceilings: roofline.Ceilings, mode: str, progress) -> list[dict]:
     """Every model x batch x variant; ``progress`` is told of each row."""
+    from bench import gpt_step
+
     rows = []
     for model_name, batches in BATCHES[(bd.kind, mode)].items():
         layers = MODELS[model_name]
         for batch in batches:
             rows.extend(_run_config(bd, ceilings, model_name, layers, batch, progress))
             bd.release()
+    for batch in gpt_step.BATCHES.get((bd.kind, mode), []):  # the GPT training step (issue 14)
+        rows.extend(_run_config(bd, ceilings, "gpt", gpt_step.LAYERS, batch, progress, setup=gpt_step.setup,
+                                variants=gpt_step.VARIANTS, base_row=gpt_step.base_row))
+        bd.release()
     return rows
 
 
-def _run_config(bd, ceilings, model_name, layers, batch, progress) -> list[dict]:
-    """Build every variant and check its first losses, then time them side by side in rounds."""
-    weights = initial_weights(bd, layers)
-    x = bd.random_normal((batch, layers[0]))
-    y = bd.random_ints(layers[-1], (batch,))
+def _mlp_setup(bd, layers, batch):
+    """(weights, x, y) of one MLP case."""
+    return initial_weights(bd, layers), bd.random_normal((batch, layers[0])), bd.random_ints(layers[-1], (batch,))
+
+
+def _run_config(bd, ceilings, model_name, layers, batch, progress, setup=_mlp_setup, variants=None,
+                base_row=None) -> list[dict]:
+    """Build every variant and check its first losses, then time them side by side in rounds.
+
+    ``setup(bd, layers, batch) -> (weights, x, y)``, ``variants`` and ``base_row`` default to the
+    MLP's; the GPT rows (bench/gpt_step.py) pass their own.
+    """
+    weights, x, y = setup(bd, layers, batch)
     rows, timed, reference_loss = [], [], None
-    for name, build, framework in VARIANTS:
+    for name, build, framework in variants or VARIANTS:
         progress.working(f"end-to-end {model_name} batch={batch} {name}")
-        row = _base_row(model_name, layers, batch, name, bd)
+        row = (base_row or _base_row)(model_name, layers, batch, name, bd)
         rows.append(row)
         try:
             step, loss_value = build(bd, weights, x, y)

@@ -1,0 +1,47 @@
+"""The GPT training-step rows of bench/end_to_end.py (bench/gpt_step.py): same model both sides,
+same first losses, a step-time ratio to torch and a verdict against the CPU target."""
+
+import math
+
+import pytest
+
+from bench import device as bench_device
+from bench import end_to_end, gpt_step, roofline
+from engine import backend
+from engine.examples.gpt import GPT
+
+
+class _Quiet:
+    def working(self, message):
+        pass
+
+    def row_done(self, row):
+        pass
+
+
+def test_gpt_parameter_count_and_flops_match_the_example_model():
+    model = GPT(gpt_step.VOCAB, gpt_step.BLOCK, gpt_step.D_MODEL, gpt_step.N_LAYERS, gpt_step.N_HEADS)
+    assert gpt_step.parameter_count() == model.num_parameters() == 834_304
+    tokens, d = 16 * gpt_step.BLOCK, gpt_step.D_MODEL
+    assert gpt_step.step_flops(16) == 3 * (2 * tokens * (4 * 12 * d * d + 256 * d) + 4 * 4 * 16 * 64 * 64 * d)
+
+
+def test_gpt_rows_run_side_by_side_with_torch():
+    backend.manual_seed(0)
+    bd = bench_device.BenchDevice("cpu", dict(budget_s=0.005, warmup=1, min_repeats=2, max_repeats=3), settle_s=0.0)
+    ceilings = roofline.measure_ceilings(bd, bd.clock, copy_elements=2**16, gemm_size=64)
+    rows = end_to_end._run_config(bd, ceilings, "gpt", gpt_step.LAYERS, 4, _Quiet(), setup=gpt_step.setup,
+                                  variants=gpt_step.VARIANTS, base_row=gpt_step.base_row)
+    engine_row, torch_row = rows
+    assert engine_row["impl"] == "engine GPT + AdamW" and engine_row["status"] == "ok"
+    assert engine_row["model"] == "gpt" and engine_row["params"] == 834_304 and engine_row["batch"] == 4
+    assert math.isclose(engine_row["loss_step1"], math.log(256), rel_tol=0.1)  # small init: near uniform
+    if torch_row["status"] != "ok":
+        assert torch_row["status"].startswith("unavailable: ")
+        assert "vs torch" in engine_row["target"]
+        pytest.skip(f"torch: {torch_row['status']}")
+    # same weights and data: the losses agree to float32 rounding, after three AdamW steps too
+    assert engine_row["loss_rel_err"] == 0.0 and torch_row["loss_rel_err"] < 1e-5
+    assert torch_row["loss_step3_rel_err"] < 1e-4
+    assert engine_row["vs_torch"] == pytest.approx(torch_row["median_s"] / engine_row["median_s"])
+    assert engine_row["target"].startswith(("met", "missed")) and "target <= 1.3x" in engine_row["target"]
