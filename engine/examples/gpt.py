@@ -54,14 +54,16 @@ class CausalSelfAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"CausalSelfAttention: d_model={d_model} is not a multiple of n_heads={n_heads}")
         self.n_heads, self.dropout = n_heads, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)  # queries, keys and values in one matmul
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # the q, k, v projections packed, as GPT-2's c_attn
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x, past=None):
         B, T, C = x.shape
         H = self.n_heads
-        qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, head_dim)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # q, k and v from row blocks of the packed weight: slicing the (3C, C) weight costs little in
+        # backward, where slicing the (B, T, 3C) output would scatter into three zero arrays of its size
+        q, k, v = (F.linear(x, self.qkv.weight[i * C:(i + 1) * C], self.qkv.bias[i * C:(i + 1) * C])
+                   .reshape(B, T, H, C // H).transpose(1, 2) for i in range(3))  # each (B, H, T, head_dim)
         if past is not None:
             k, v = engine.cat([past[0], k], dim=2), engine.cat([past[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=_cache_mask(T, k.shape[2], x.device),
