@@ -25,7 +25,7 @@ def test_tiny_gpt_beats_the_unigram_baseline(tmp_path):
     report = gpt.main(["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "60", "--eval-every", "30",
                        *TINY])
     assert report["steps"] == 60
-    assert report["val_loss"] < report["unigram_cross_entropy"] - 0.3, report
+    assert report["val_loss"] < report["unigram_cross_entropy"] - 1.0, report  # measured: 0.80 vs 3.01
     assert report["perplexity"] == pytest.approx(np.exp(report["val_loss"]))
     assert isinstance(report["sample"], str) and report["sample"].startswith("def ")
     assert (tmp_path / "run" / "last.ckpt").exists() and (tmp_path / "run" / "best.ckpt").exists()

@@ -302,6 +302,8 @@ def main(argv=None) -> dict:
     if args.resume and checkpoints.last_path.exists():
         trainer.load_checkpoint(checkpoints.last_path)
         print(f"resumed from {checkpoints.last_path} after {trainer.epoch * args.eval_every} steps")
+    elif args.resume:
+        print(f"--resume: no checkpoint in {out} yet; starting from step 0")
 
     print(f"GPT: {model.num_parameters():,} parameters, {tokenizer.vocab_size} tokens ({args.tokenizer}), "
           f"{len(train_ids):,} training / {len(val_ids):,} validation tokens, device {device}")
