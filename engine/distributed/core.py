@@ -83,12 +83,14 @@ def is_initialized() -> bool:
     return _state.group is not None
 
 
-def init_process_group(backend: str | None = None, **_ignored) -> None:
+def init_process_group(backend: str | None = None, *, world_size: int = -1, rank: int = -1, **rendezvous) -> None:
     """Join the world the MPI launcher started; ``backend`` is "mpi", "nccl", or None (nccl when the
     default device is CUDA, else mpi). Raises when a process group already exists.
 
-    PyTorch's rendezvous arguments (``init_method``, ``world_size``, ``rank`` ...) are accepted and
-    ignored: MPI's launcher has already placed every process.
+    PyTorch's rendezvous arguments (``init_method``, ``store``, ``timeout`` ...) are accepted and
+    unused: MPI's launcher has already placed every process. A ``world_size`` or ``rank`` given
+    must agree with the launcher's, else the script expects another world than it runs in: that
+    raises rather than training on a wrong shard.
     """
     from engine import backend as engine_backend
 
@@ -115,6 +117,14 @@ def init_process_group(backend: str | None = None, **_ignored) -> None:
 
         _state.group = MPIGroup()
     _install_excepthook()
+    for name, asked, actual in (("world_size", world_size, _state.group.size), ("rank", rank, _state.group.rank)):
+        if asked not in (-1, None) and int(asked) != actual:
+            group, _state.group = _state.group, None
+            _uninstall_excepthook()
+            group.destroy()
+            raise DistributedError(f"init_process_group: {name}={asked} was asked for, but the launcher started "
+                                   f"this process as {name} {actual}; launch with mpiexec -n <world_size>, or "
+                                   "drop the argument")
     _share_cpu_threads(MPI)
 
 

@@ -30,7 +30,13 @@ def test_single_process_without_launcher_is_a_world_of_one():
 
     from tests.distributed.launch import ROOT, mpi_env
 
-    code = ("import engine, engine.distributed as d; d.init_process_group(); t = engine.ones(2); d.all_reduce(t); "
+    # A world_size the launcher did not start is refused (the script would shard its data wrongly),
+    # and leaves no process group behind.
+    code = ("import engine, engine.distributed as d\n"
+            "try:\n    d.init_process_group(world_size=2)\nexcept d.DistributedError as e:\n"
+            "    assert 'world_size=2 was asked for' in str(e) and not d.is_initialized()\n"
+            "else:\n    raise SystemExit('world_size=2 accepted in a world of one')\n"
+            "d.init_process_group(world_size=1, rank=0); t = engine.ones(2); d.all_reduce(t)\n"
             "print(d.get_rank(), d.get_world_size(), t.tolist())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
                          timeout=60)
