@@ -13,6 +13,7 @@ from collections import namedtuple
 
 import numpy as np
 
+import kernels
 from engine import backend
 from engine.autograd import Function, unbroadcast
 from engine.errors import DeviceError, DTypeError, GradError, ShapeError, describe
@@ -305,14 +306,32 @@ class ReLU(Function):
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _fused_enabled() -> bool:
+    # The switch lives in engine.functional, which imports this module: looked up at call time.
+    from engine.functional import fused_enabled
+
+    return fused_enabled()
 
 
 class GELU(Function):
-    """x * Phi(x); ``approximate="tanh"`` uses the tanh formula, "none" the exact erf form."""
+    """x * Phi(x); ``approximate="tanh"`` uses the tanh formula, "none" the exact erf form.
+
+    With the fused kernels on (``engine.functional.fused_enabled()``) and a float32/float64 input,
+    forward and backward are one pass each through kernels.gelu_forward/backward (saving only x);
+    otherwise the array expressions below run, the unfused reference.
+    """
 
     def forward(self, a, approximate="none"):
-        self.save(a)
         self.approximate = approximate
+        self.fused = a.dtype in _GELU_KERNEL_DTYPES and _fused_enabled()
+        if self.fused:
+            a = a if a.flags.c_contiguous else a.copy(order="C")  # the kernels walk the flat buffer
+            self.save(a)
+            return kernels.gelu_forward(a, approximate=approximate)
+        self.save(a)
         if approximate == "tanh":
             out = _gelu_tanh_inner(a)
             out += 1
@@ -323,6 +342,9 @@ class GELU(Function):
 
     def backward(self, g):
         a = self.saved[0]
+        if self.fused:
+            g = g if g.flags.c_contiguous else g.copy(order="C")
+            return kernels.gelu_backward(g, a, approximate=self.approximate)
         xp = _xp(a)
         if self.approximate == "tanh":
             # d/da 0.5 a (1 + t) = 0.5 (1 + t) + 0.5 a (1 - t^2) * sqrt(2/pi) (1 + 3 * 0.044715 a^2),

@@ -16,6 +16,7 @@ __all__ = [
     "layer_norm_forward", "layer_norm_backward",
     "adam_step", "sgd_step", "adagrad_step", "rmsprop_step",
     "attention_forward", "attention_backward",
+    "gelu_forward", "gelu_backward",
 ]
 
 
@@ -167,3 +168,32 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, ca
     the fused impls hold no L x S matrix.
     """
     return call("attention_backward", grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, impl=impl)
+
+
+def gelu_forward(x, *, approximate="none", impl=None):
+    """GELU of ``x`` elementwise, PyTorch ``F.gelu`` semantics -> y (x's shape and dtype).
+
+    Args:
+        x: C-contiguous float32 (or float64) array of any shape, size 0 included (the kernels walk
+            the flat buffer; a non-contiguous x is refused with KernelError).
+        approximate: "none", the exact ``x Phi(x)`` (Phi the standard normal CDF, from erfc), or
+            "tanh", ``x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2`` (GPT-2's form).
+
+    Both forms are evaluated as ``x erfc(-x / sqrt 2) / 2`` and ``x sigmoid(2 z)``: equal to the
+    textbook forms, and accurate in relative terms for negative x, where ``1 + erf`` and
+    ``1 + tanh`` cancel.
+
+    Example:
+        >>> y = kernels.gelu_forward(x, approximate="tanh")              # doctest: +SKIP
+        >>> dx = kernels.gelu_backward(dy, x, approximate="tanh")        # doctest: +SKIP
+    """
+    return call("gelu_forward", x, approximate=approximate, impl=impl)
+
+
+def gelu_backward(grad_y, x, *, approximate="none", impl=None):
+    """Gradient of :func:`gelu_forward` -> ``grad_y * gelu'(x)`` (x's shape and dtype).
+
+    Needs only the forward's input ``x`` (the slope is recomputed, nothing else is saved);
+    ``grad_y`` must have x's shape and dtype, both C-contiguous, and ``approximate`` the forward's.
+    """
+    return call("gelu_backward", grad_y, x, approximate=approximate, impl=impl)

@@ -1,0 +1,334 @@
+"""GELU on the CPU, forward and backward (PyTorch ``F.gelu``, both ``approximate`` modes).
+
+The math every impl shares (``numpy`` and ``numba_cpu`` here, ``numba_cuda`` and ``cupy`` elsewhere),
+elementwise on the flat buffer of x (any shape):
+
+    "none" (exact):  y = x Phi(x),            Phi(x) = erfc(-x / sqrt 2) / 2,  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+                     dx = dy (Phi(x) + x phi(x))
+    "tanh":          z = sqrt(2/pi) (x + 0.044715 x^3)
+                     y = x (1 + tanh z) / 2 = x s,              s = sigmoid(2 z) = 1 / (1 + exp(-2 z))
+                     dx = dy (s + x s (1 - s) 2 sqrt(2/pi) (1 + 3 0.044715 x^2))
+
+Written with erfc and sigmoid rather than PyTorch's ``1 + erf`` / ``1 + tanh``: for negative x
+those sums cancel (1 + tanh(-8.45) is 9e-8, below float32's spacing at 1), so the result keeps
+no correct digit in float32; erfc(-u) and sigmoid(2z) are accurate to a few ulps relative
+everywhere. The sigmoid is taken as ``1 / (1 + exp(-2|z|))`` and its complement ``e / (1 + e)``
+(e = exp(-2|z|) <= 1), so no exp overflows. Backward saves only x and recomputes z and s.
+
+This module also holds the validators every impl calls first. ``import kernels.cpu.gelu`` does
+not import numba: the jitted code is built on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.registry import KernelError
+from kernels.registry import describe_array as _describe
+from kernels.registry import different_gpus as _different_gpus
+from kernels.registry import module_of as _module_of
+from kernels.registry import numba_parallel as _numba_parallel
+
+FORWARD = "gelu_forward"
+BACKWARD = "gelu_backward"
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+APPROXIMATIONS = ("none", "tanh")
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+TANH_COEF = 0.044715
+INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation, shared by every impl
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeluSpec:
+    """What one validated call asks for."""
+
+    size: int  # elements of x (the flat buffer)
+    dtype: np.dtype
+    array_module: str  # "numpy" or "cupy"
+    approximate: str  # "none" or "tanh"
+
+
+def _check(kernel: str, where, arrays: dict, x, approximate) -> GeluSpec:
+    for name, a in arrays.items():
+        if not (hasattr(a, "shape") and hasattr(a, "dtype") and _module_of(a) in ("numpy", "cupy")):
+            raise KernelError(f"{where()}: {name} must be a numpy or cupy array, got "
+                              f"{type(a).__module__}.{type(a).__name__}")
+    if approximate not in APPROXIMATIONS:
+        raise KernelError(f"{kernel}: approximate must be 'none' or 'tanh', got {approximate!r}")
+    kinds = {_module_of(a) for a in arrays.values()}
+    if len(kinds) > 1:
+        raise KernelError(f"{where()}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
+                          "move them all to one device")
+    if "cupy" in kinds:
+        spread = _different_gpus(arrays.values())
+        if spread:
+            raise KernelError(f"{where()}: the arrays are on different GPUs ({spread}); move them all to one device")
+    if x.dtype not in FLOAT_DTYPES:
+        raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32 and float64 are supported")
+    for name, a in arrays.items():
+        if a.dtype != x.dtype:
+            raise KernelError(f"{where()}: {name} must have x's dtype {x.dtype}, got {a.dtype}; cast it with "
+                              ".astype(x.dtype) (no silent promotion)")
+        if tuple(a.shape) != tuple(x.shape):
+            raise KernelError(f"{where()}: {name} must have x's shape {tuple(x.shape)}, got {tuple(a.shape)}")
+        if not a.flags.c_contiguous:
+            raise KernelError(f"{where()}: {name} is not C-contiguous (the kernel walks the flat buffer); "
+                              "pass a contiguous array (e.g. ascontiguousarray)")
+    return GeluSpec(int(x.size), x.dtype, kinds.pop(), approximate)
+
+
+def validate_gelu_forward(x, *, approximate) -> GeluSpec:
+    """Check the arguments of one forward call; raise KernelError naming the problem."""
+    def where() -> str:  # described only on failure: this check runs on every call
+        return f"{FORWARD}({_describe('x', x)}, approximate={approximate!r})"
+
+    return _check(FORWARD, where, {"x": x}, x, approximate)
+
+
+def validate_gelu_backward(grad_y, x, *, approximate) -> GeluSpec:
+    """Check the arguments of one backward call; raise KernelError naming the problem."""
+    def where() -> str:
+        return f"{BACKWARD}({_describe('grad_y', grad_y)}, {_describe('x', x)}, approximate={approximate!r})"
+
+    return _check(BACKWARD, where, {"grad_y": grad_y, "x": x}, x, approximate)
+
+
+# --------------------------------------------------------------------------------------------
+# numpy: the reference, computed in float64 and rounded once to x's dtype
+# --------------------------------------------------------------------------------------------
+
+# erfc in float64 from two textbook expansions (numpy has no erf, and scipy is not a dependency):
+#   |u| < ERF_SERIES_MAX: erf(u) = 2/sqrt(pi) exp(-u^2) sum_n (2u^2)^n u / (1 3 5 ... (2n+1)), all
+#       terms of u's sign (no cancellation); at |u| = 2.5 the terms fall below 1e-17 of the sum
+#       by n = 40. erfc = 1 - erf then loses at most log10(1 / erfc(2.5)) = 3.4 digits.
+#   |u| >= ERF_SERIES_MAX: erfc(u) = exp(-u^2) / sqrt(pi) / (u + (1/2) / (u + 1 / (u + (3/2) / (u + ...)))),
+#       Laplace's continued fraction, 40 levels evaluated from the bottom up (converged to
+#       float64 for u >= 1.5).
+# Measured against math.erfc on a grid: relative error <= 6e-14 (the exp(-u^2) rounding dominates
+# at large u), tests/kernels/test_gelu.py holds it to 1e-12.
+ERF_SERIES_MAX = 2.5
+ERF_TERMS = 40
+
+
+def erfc(u):
+    """erfc of a float64 array (numpy or cupy), accurate to ~1e-13 relative everywhere."""
+    xp = np if _module_of(u) == "numpy" else __import__("cupy")
+    a = xp.abs(u)
+    small = xp.minimum(a, ERF_SERIES_MAX)  # each branch runs on every element: keep both finite
+    large = xp.maximum(a, ERF_SERIES_MAX)
+    s2 = 2.0 * small * small
+    term = small.copy()
+    series = small.copy()
+    for n in range(ERF_TERMS):
+        term *= s2 / (2 * n + 3)
+        series += term
+    erf_small = (2.0 / math.sqrt(math.pi)) * xp.exp(-small * small) * series
+    frac = large.copy()
+    for j in range(ERF_TERMS, 0, -1):
+        frac = large + (0.5 * j) / frac
+    erfc_large = xp.exp(-large * large) / (math.sqrt(math.pi) * frac)
+    erfc_abs = xp.where(a < ERF_SERIES_MAX, 1.0 - erf_small, erfc_large)
+    return xp.where(u >= 0, erfc_abs, 2.0 - erfc_abs)
+
+
+def _tanh_parts(x64):
+    """(s, 1 - s) with s = sigmoid(2 z), z = sqrt(2/pi)(x + 0.044715 x^3), overflow-free."""
+    z = SQRT_2_OVER_PI * (x64 + TANH_COEF * x64 * x64 * x64)
+    e = np.exp(-2.0 * np.abs(z))
+    hi = 1.0 / (1.0 + e)  # sigmoid(2|z|)
+    lo = e * hi  # sigmoid(-2|z|)
+    return np.where(z >= 0, hi, lo), np.where(z >= 0, lo, hi)
+
+
+def gelu_forward_numpy(x, *, approximate="none"):
+    spec = validate_gelu_forward(x, approximate=approximate)
+    x64 = x.astype(np.float64)
+    if spec.approximate == "tanh":
+        s, _ = _tanh_parts(x64)
+        y = x64 * s
+    else:
+        y = x64 * (0.5 * erfc(-INV_SQRT_2 * x64))
+    return y.astype(spec.dtype)
+
+
+def gelu_backward_numpy(grad_y, x, *, approximate="none"):
+    spec = validate_gelu_backward(grad_y, x, approximate=approximate)
+    x64 = x.astype(np.float64)
+    if spec.approximate == "tanh":
+        s, s_minus = _tanh_parts(x64)
+        slope = s + x64 * s * s_minus * (2.0 * SQRT_2_OVER_PI) * (1.0 + 3.0 * TANH_COEF * x64 * x64)
+    else:
+        slope = 0.5 * erfc(-INV_SQRT_2 * x64) + x64 * INV_SQRT_2PI * np.exp(-0.5 * x64 * x64)
+    return (grad_y.astype(np.float64) * slope).astype(spec.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# numba_cpu: chunks of the flat buffer in parallel (prange), each chunk a simple loop.
+#
+# float32 tanh (the GPT's GELU): the loop must vectorize, and without Intel's SVML numba calls
+# libm's scalar tanhf / expf per element (16 ns each here, 8x numpy's SIMD tanh). So exp is written
+# out in float32 arithmetic LLVM vectorizes: 2^n exp(r) with n = round(a / ln 2), r = a - n ln 2
+# (ln 2 in two parts, Cody-Waite), exp(r) by its degree-7 Taylor polynomial (|r| <= ln2 / 2:
+# truncation 6e-9 relative, below float32's 6e-8 spacing) and 2^n built in the exponent bits. No
+# fastmath: contraction and reassociation would change results between builds for no speed gain
+# once the loop vectorizes. error_model="numpy": numba's default division check blocks vectorizing.
+#
+# float64, and the exact (erf) form: libm's math.exp / math.erfc, scalar and accurate.
+# --------------------------------------------------------------------------------------------
+
+# Elements from which the chunks run in parallel: starting a parallel region costs ~50 us under
+# the workqueue layer, the time one thread needs for ~2^16 elements of the vectorized tanh form.
+PARALLEL_MIN = 1 << 16
+# exp(a) for a below this is under float32's smallest normal: taken as 0 (cupy's build flushes too).
+EXP_F32_MIN = -87.33
+
+
+def _num_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def _plan(size: int) -> tuple[bool, int]:
+    """(parallel, chunks): a few chunks per thread when the buffer is large enough."""
+    parallel = size >= PARALLEL_MIN
+    return parallel, (4 * _num_threads() if parallel else 1)
+
+
+def gelu_forward_numba(x, *, approximate="none"):
+    spec = validate_gelu_forward(x, approximate=approximate)
+    y = np.empty_like(x)
+    if spec.size:
+        parallel, chunks = _plan(spec.size)
+        _numba_kernels(parallel, spec.dtype.name)[spec.approximate][0](x.reshape(-1), chunks, y.reshape(-1))
+    return y
+
+
+def gelu_backward_numba(grad_y, x, *, approximate="none"):
+    spec = validate_gelu_backward(grad_y, x, approximate=approximate)
+    dx = np.empty_like(x)
+    if spec.size:
+        parallel, chunks = _plan(spec.size)
+        _numba_kernels(parallel, spec.dtype.name)[spec.approximate][1](grad_y.reshape(-1), x.reshape(-1), chunks,
+                                                                       dx.reshape(-1))
+    return dx
+
+
+@functools.cache
+def _bits_to_float32():
+    """A numba intrinsic: the float32 whose bits are the given int32 (LLVM bitcast, vectorizable)."""
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def bits_to_float32(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+        return types.float32(types.int32), codegen
+
+    return bits_to_float32
+
+
+@functools.cache
+def _numba_kernels(parallel: bool, dtype: str) -> dict:
+    """{"tanh": (forward, backward), "none": (forward, backward)} for one dtype, over chunks of
+    the flat buffer in parallel (prange) or on the calling thread."""
+    import numba
+
+    # `loop` and the dtype's constants are closure variables, so each build gets its own key in
+    # numba's on-disk cache.
+    loop = numba.prange if parallel else range
+    jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
+    inline = numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+    f = np.float32 if dtype == "float32" else np.float64
+    half, one, two = f(0.5), f(1), f(2)
+    k, c = f(SQRT_2_OVER_PI), f(TANH_COEF)
+    k2, c3 = f(2 * SQRT_2_OVER_PI), f(3 * TANH_COEF)
+    inv_sqrt2, inv_sqrt2pi = f(INV_SQRT_2), f(INV_SQRT_2PI)
+
+    if dtype == "float32":
+        bits_to_float32 = _bits_to_float32()
+        log2e, ln2_hi, ln2_lo = f(1.4426950408889634), f(0.693145751953125), f(1.4286068203094173e-06)
+        taylor = tuple(f(1.0 / math.factorial(i)) for i in range(8))  # 1/0! ... 1/7!
+        t7, t6, t5, t4, t3, t2, t1, t0 = taylor[::-1]
+        exp_min, zero = f(EXP_F32_MIN), f(0)
+
+        @inline
+        def exp_neg(a):  # exp(a) for a <= 0 in float32 arithmetic only
+            a = max(a, exp_min)
+            n = np.floor(a * log2e + half)
+            r = (a - n * ln2_hi) - n * ln2_lo
+            p = ((((((t7 * r + t6) * r + t5) * r + t4) * r + t3) * r + t2) * r + t1) * r + t0
+            e = p * bits_to_float32(np.int32(n) + np.int32(127) << np.int32(23))
+            return zero if a <= exp_min else e
+    else:
+        @inline
+        def exp_neg(a):
+            return math.exp(a)
+
+    @inline
+    def sigmoid_pair(xv):  # (sigmoid(2z), 1 - sigmoid(2z)) of the tanh form's z
+        z = k * (xv + c * xv * xv * xv)
+        e = exp_neg(-two * abs(z))
+        hi = one / (one + e)
+        lo = e * hi
+        # two scalar selects: a select of tuples becomes a branch that stops LLVM vectorizing
+        s = hi if z >= 0 else lo
+        s_minus = lo if z >= 0 else hi
+        return s, s_minus
+
+    @jit
+    def tanh_forward(x, chunks, y):
+        n = x.size
+        per = (n + chunks - 1) // chunks
+        for chunk in loop(chunks):
+            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+                xv = x[i]
+                s, _ = sigmoid_pair(xv)
+                y[i] = xv * s
+
+    @jit
+    def tanh_backward(dy, x, chunks, dx):
+        n = x.size
+        per = (n + chunks - 1) // chunks
+        for chunk in loop(chunks):
+            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+                xv = x[i]
+                s, sm = sigmoid_pair(xv)
+                dx[i] = dy[i] * (s + xv * s * sm * k2 * (one + c3 * xv * xv))
+
+    @jit
+    def erf_forward(x, chunks, y):
+        n = x.size
+        per = (n + chunks - 1) // chunks
+        for chunk in loop(chunks):
+            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+                xv = x[i]
+                y[i] = xv * (half * math.erfc(-xv * inv_sqrt2))
+
+    @jit
+    def erf_backward(dy, x, chunks, dx):
+        n = x.size
+        per = (n + chunks - 1) // chunks
+        for chunk in loop(chunks):
+            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+                xv = x[i]
+                cdf = half * math.erfc(-xv * inv_sqrt2)
+                dx[i] = dy[i] * (cdf + xv * inv_sqrt2pi * math.exp(-half * xv * xv))
+
+    kernels = {"tanh": (tanh_forward, tanh_backward), "none": (erf_forward, erf_backward)}
+    if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
+        return {name: tuple(_numba_parallel(fn) for fn in pair) for name, pair in kernels.items()}
+    return kernels

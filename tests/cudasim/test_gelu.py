@@ -1,0 +1,37 @@
+"""numba_cuda gelu under the Numba CUDA simulator, against the numpy impl.
+
+The simulator runs 3 blocks of 8 threads, so sizes over 24 make every thread take several
+grid-stride steps; size 0 and 1 and shapes of several dims cover the edges.
+"""
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import KernelError
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (5,), (3, 17), (2, 3, 11), (0,)], ids=str)
+def test_matches_numpy(approximate, dtype, shape):
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    x.flat[:1] = -9.0  # deep in the left tail, where 1 + erf / 1 + tanh would cancel
+    dy = rng.standard_normal(shape).astype(dtype)
+    # float32: the rounding of x / sqrt 2 or z is amplified ~x^2-fold in the tails (kernels test docstring)
+    steep = 1 + float(np.abs(x).max(initial=0)) ** 2
+    tol = dict(rtol=1e-12, atol=1e-300) if dtype == np.float64 else dict(rtol=2.5e-7 * steep, atol=1e-36)
+    y = kernels.gelu_forward(x, approximate=approximate, impl="numba_cuda")
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_allclose(y, kernels.gelu_forward(x, approximate=approximate, impl="numpy"), **tol)
+    dx = kernels.gelu_backward(dy, x, approximate=approximate, impl="numba_cuda")
+    want = kernels.gelu_backward(dy, x, approximate=approximate, impl="numpy")
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    np.testing.assert_allclose(dx, want, rtol=tol["rtol"], atol=1e-12 if dtype == np.float64 else 3e-7)
+
+
+def test_refuses_non_contiguous():
+    x = np.ones((4, 6), np.float32)
+    with pytest.raises(KernelError, match="not C-contiguous"):
+        kernels.gelu_forward(x[:, ::2], impl="numba_cuda")

@@ -1,0 +1,214 @@
+"""gelu_forward / gelu_backward: every impl against an independent float64 reference.
+
+The reference below is PyTorch's definition computed per element with the standard library's
+math.erfc and numpy's exp (not the numpy impl's own erfc), checked against the textbook formulas
+and its derivative against central differences of itself, so the impls are held to the
+definition and not only to each other. GPU impls (cupy, numba_cuda) run in the cases marked ``gpu``, where a device answers.
+
+Float32 accuracy: forward within 1e-6 relative for |x| <= 3; beyond, the float32 rounding of the
+argument (x / sqrt 2, or z) is amplified by the tails' steepness, so the bound is
+2 eps (1 + x^2) relative (measured 1.4 eps (1 + x^2)). Backward within 3e-7 absolute for unit dy:
+gelu'(x) crosses zero near x = -0.75, where no relative bound can hold (measured 1.9e-7).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels.cpu.gelu import erfc
+from kernels.registry import KernelError
+from tests.kernels.helpers import to_device, to_host
+
+CPU_IMPLS = ["numpy", "numba_cpu"]
+GPU_IMPLS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("cupy", "numba_cuda")]
+IMPLS = CPU_IMPLS + GPU_IMPLS
+APPROX = ["none", "tanh"]
+EPS32 = float(np.finfo(np.float32).eps)
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+_tanh = np.vectorize(math.tanh, otypes=[np.float64])
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
+
+
+def reference(x, approximate, dy=None):
+    """float64 y and, given dy, dx, per element with the standard library's math.erfc / exp.
+
+    Phi(x) = erfc(-x / sqrt 2) / 2 and (1 + tanh z) / 2 = 1 / (1 + exp(-2z)) are the textbook
+    1 + erf / 1 + tanh without their cancellation for negative x (which would make a float64
+    reference lose the digits the impls keep); test_reference_equals_the_textbook_forms checks
+    the identities where the textbook forms are exact.
+    """
+    x = np.asarray(x, np.float64)
+    with np.errstate(over="ignore"):
+        if approximate == "tanh":
+            k = math.sqrt(2 / math.pi)
+            z = k * (x + 0.044715 * x ** 3)
+            s, s_minus = 1 / (1 + np.exp(-2 * z)), 1 / (1 + np.exp(2 * z))
+            y = x * s
+            slope = s + x * s * s_minus * 2 * k * (1 + 3 * 0.044715 * x * x)
+        else:
+            cdf = 0.5 * _erfc(-x / math.sqrt(2))
+            y = x * cdf
+            slope = cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return y if dy is None else (y, np.asarray(dy, np.float64) * slope)
+
+
+def textbook(x, approximate):
+    """PyTorch's formulas as written (they cancel for negative x: used only where they do not)."""
+    if approximate == "tanh":
+        return 0.5 * x * (1 + _tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+def make_case(shape, dtype, seed=0, scale=2.5):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * scale).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, dy
+
+
+def run(impl, fn, *arrays, **kw):
+    return to_host(getattr(kernels, fn)(*(to_device(a, impl) for a in arrays), impl=impl, **kw))
+
+
+def check(impl, x, dy, approximate):
+    ry, rdx = reference(x, approximate, dy)
+    y = run(impl, "gelu_forward", x, approximate=approximate)
+    dx = run(impl, "gelu_backward", dy, x, approximate=approximate)
+    for got in (y, dx):
+        assert got.dtype == x.dtype and got.shape == x.shape
+    if x.dtype == np.float64:
+        np.testing.assert_allclose(y, ry, rtol=3e-12, atol=1e-300)  # numpy erfc: <= 2e-12
+        np.testing.assert_allclose(dx, rdx, rtol=1e-11, atol=1e-13)
+        return
+    x64 = x.astype(np.float64)
+    # + 1e-36: results that small (float32's normal floor is 1.2e-38) come through subnormal steps
+    bound = 2 * EPS32 * (1 + x64 * x64) * np.abs(ry) + 1e-36
+    bound = np.where(np.abs(x64) <= 3, np.minimum(bound, 1e-6 * np.abs(ry) + 1e-36), bound)
+    err = np.abs(y.astype(np.float64) - ry)
+    assert np.all(err <= bound), f"worst at x = {x.flat[np.argmax(err / bound)]}: {np.max(err / bound)} x bound"
+    np.testing.assert_allclose(dx, rdx, rtol=1e-6, atol=3e-7 * np.abs(dy).max())
+
+
+# ---- the reference and the numpy impl's erfc ----------------------------------------------------
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+def test_reference_derivative_matches_finite_differences(approximate):
+    x = np.linspace(-6, 6, 97)
+    _, dx = reference(x, approximate, np.ones_like(x))
+    h = 1e-6
+    fd = (reference(x + h, approximate) - reference(x - h, approximate)) / (2 * h)
+    np.testing.assert_allclose(dx, fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+def test_reference_equals_the_textbook_forms(approximate):
+    x = np.linspace(-1.5, 4, 301)
+    np.testing.assert_allclose(reference(x, approximate), textbook(x, approximate), rtol=1e-14, atol=1e-15)
+
+
+def test_numpy_erfc_matches_math_erfc():
+    u = np.concatenate([np.linspace(-26, 26, 4001), [0.0, 2.5, -2.5, 2.4999999, 1e-300]])
+    want = np.array([math.erfc(v) for v in u])
+    np.testing.assert_allclose(erfc(u), want, rtol=2e-12, atol=0)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("approximate", APPROX)
+def test_impl_backward_matches_finite_differences_of_its_forward(impl, approximate):
+    """float64: the impl's own backward against central differences of its own forward."""
+    x, dy = make_case((5, 7), np.float64, seed=3)
+    dx = run(impl, "gelu_backward", dy, x, approximate=approximate)
+    h = 1e-6
+    plus = run(impl, "gelu_forward", x + h, approximate=approximate)
+    minus = run(impl, "gelu_forward", x - h, approximate=approximate)
+    np.testing.assert_allclose(dx, dy * (plus - minus) / (2 * h), rtol=1e-6, atol=1e-9)
+
+
+# ---- every impl against the reference ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 3, 37), (1000, 67)], ids=str)
+def test_matches_reference(impl, approximate, dtype, shape):
+    x, dy = make_case(shape, dtype, seed=sum(shape))
+    check(impl, x, dy, approximate)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tails_and_special_values(impl, approximate, dtype):
+    """The left tail (where 1 + erf / 1 + tanh cancel), large x, zeros and tiny values."""
+    x = np.concatenate([np.linspace(-14, 14, 20001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e4, -1e4]])
+    x = x.astype(dtype)
+    dy = np.random.default_rng(1).uniform(0.5, 1.5, x.shape).astype(dtype)
+    check(impl, x, dy, approximate)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_parallel_path_matches_serial(impl, monkeypatch):
+    """A buffer over numba_cpu's parallel threshold (chunks not a multiple of the size) gives the
+    same values as the serial loop on each element."""
+    from kernels.cpu import gelu as cpu_gelu
+
+    x, dy = make_case((cpu_gelu.PARALLEL_MIN + 12345,), np.float32, seed=7)
+    for approximate in APPROX:
+        y = run(impl, "gelu_forward", x, approximate=approximate)
+        dx = run(impl, "gelu_backward", dy, x, approximate=approximate)
+        np.testing.assert_array_equal(y[-100:], run(impl, "gelu_forward", x[-100:], approximate=approximate))
+        np.testing.assert_array_equal(dx[:100], run(impl, "gelu_backward", dy[:100], x[:100], approximate=approximate))
+        check(impl, x, dy, approximate)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty(impl, dtype):
+    for shape in ((0,), (3, 0, 2)):
+        x = np.empty(shape, dtype)
+        y = run(impl, "gelu_forward", x, approximate="tanh")
+        dx = run(impl, "gelu_backward", x, x, approximate="none")
+        assert y.shape == dx.shape == shape and y.dtype == dx.dtype == dtype
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_refuses_bad_input_by_name(impl):
+    x = np.ones((4, 6), np.float32)
+    with pytest.raises(KernelError, match=r"gelu_forward.*not C-contiguous"):
+        kernels.gelu_forward(x[:, ::2], impl=impl)
+    with pytest.raises(KernelError, match=r"gelu_forward.*int32"):
+        kernels.gelu_forward(x.astype(np.int32), impl=impl)
+    with pytest.raises(KernelError, match="approximate must be 'none' or 'tanh'"):
+        kernels.gelu_forward(x, approximate="erf", impl=impl)
+    with pytest.raises(KernelError, match=r"gelu_backward.*grad_y must have x's dtype float32, got float64"):
+        kernels.gelu_backward(x.astype(np.float64), x, impl=impl)
+    with pytest.raises(KernelError, match=r"gelu_backward.*grad_y must have x's shape \(4, 6\)"):
+        kernels.gelu_backward(x[:2], x, impl=impl)
+    with pytest.raises(KernelError, match=r"gelu_backward.*grad_y is not C-contiguous"):
+        kernels.gelu_backward(np.ones((6, 4), np.float32).T, x, impl=impl)
+
+
+def test_registered_impls():
+    assert kernels.impls("gelu_forward", available_only=False) == ["numba_cpu", "numpy", "cupy", "numba_cuda"]
+    assert kernels.impls("gelu_backward", available_only=False) == ["numba_cpu", "numpy", "cupy", "numba_cuda"]
+
+
+def test_cupy_kernel_names_exist_in_the_cu_file():
+    from kernels.cuda.gelu import kernel_name
+    from kernels.cuda.module import source
+
+    text = source("gelu")
+    for approximate in APPROX:
+        for direction in ("fwd", "bwd"):
+            for dtype in (np.float32, np.float64):
+                name = kernel_name(approximate, direction, dtype)
+                prefix = name.rsplit("_", 1)[0]  # instantiated by macro: gelu_tanh_fwd_##DT
+                assert f"{prefix}_##DT" in text and f"GELU_KERNELS({'float' if dtype == np.float32 else 'double'}, " \
+                    f"{name.rsplit('_', 1)[1]})" in text
