@@ -39,7 +39,8 @@ IMPL_DEVICE = {"numpy": "cpu", "numba_cpu": "cpu", "cupy": "cuda", "numba_cuda":
 
 # Sizes swept, per (device, mode). Optimizers: parameter counts; cross-entropy: (N, C);
 # linear_relu: (N, K, M) for x (N, K) and weight (M, K); layer_norm: (N, D); attention:
-# (B, L, S, E, causal) with B = batch * heads flattened (the GPU target's B = 8, H = 16 is 128).
+# (B, L, S, E, causal) with B = batch * heads flattened (the GPU target's B = 8, H = 16 is 128);
+# gelu: (N, D) of x, tanh form (the GPT's MLP activation is (batch * block, 4 d_model) = (1024, 512)).
 SWEEPS = {
     ("cuda", "full"): {
         "adam_step": [2**e for e in range(20, 28)],
@@ -47,6 +48,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(8192, c) for c in (1024, 8192, 32768, 131072)],
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 4096, 4096)],
         "layer_norm": [(16384, 1024), (16384, 4096), (1024, 65536)],
+        "gelu": [(16384, 4096), (65536, 4096)],
         "attention": [(128, 1024, 1024, 64, False), (128, 1024, 1024, 64, True), (16, 4096, 4096, 64, False)],
     },
     ("cuda", "quick"): {
@@ -55,6 +57,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(8192, 1024), (8192, 32768)],
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096)],
         "layer_norm": [(16384, 4096)],
+        "gelu": [(16384, 4096)],
         "attention": [(128, 1024, 1024, 64, False)],
     },
     ("cpu", "full"): {
@@ -63,6 +66,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(1024, 1024), (1024, 8192), (1024, 32768)],
         "linear_relu": [(512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024)],
         "layer_norm": [(1024, 1024), (1024, 4096), (64, 65536)],
+        "gelu": [(1024, 512), (1024, 2048)],
         "attention": [(8, 512, 512, 64, False), (8, 512, 512, 64, True), (8, 1024, 1024, 64, False)],
     },
     ("cpu", "quick"): {
@@ -71,6 +75,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(256, 1024), (256, 8192)],
         "linear_relu": [(256, 256, 256), (512, 512, 512)],
         "layer_norm": [(256, 1024), (256, 4096)],
+        "gelu": [(1024, 512)],
         "attention": [(8, 512, 512, 64, False)],
     },
     # Smoke-test sizes (tests/test_bench.py): odd, tiny, meaningless as performance figures.
@@ -80,6 +85,7 @@ SWEEPS = {
         "softmax_cross_entropy": [(16, 100)],
         "linear_relu": [(16, 24, 8)],
         "layer_norm": [(15, 99)],
+        "gelu": [(7, 37)],
         "attention": [(3, 37, 29, 12, True)],
     },
 }
@@ -513,6 +519,95 @@ def _ln_torch(bd, x, dy, weight, bias, rows_dev, cols_dev):
     return prepare
 
 
+# ---- gelu ---------------------------------------------------------------------------------------
+
+GELU_APPROXIMATE = "tanh"  # the GPT's form; the exact one is checked by tests/kernels/test_gelu.py
+
+
+def gelu_case(bd: BenchDevice, n: int, d: int) -> Case:
+    """Forward then backward (two calls, as in training) of tanh-GELU over an (N, D) activation.
+
+    Checked on sampled rows (elementwise: each row is separable) against the numpy impl.
+    """
+    x = bd.random_normal((n, d), scale=2.0)
+    dy = bd.random_normal((n, d))
+    rows_dev = bd.asarray(sample_indices(n, 256 if n <= 256 else SAMPLE_ROWS))
+
+    def pick(y, dx) -> dict:
+        return {"y": bd.to_host(y[rows_dev]), "dx": bd.to_host(dx[rows_dev])}
+
+    def reference(backward):
+        forward = kernel_registry.get("gelu_forward", "numpy")
+        xs, dys = bd.to_host(x[rows_dev]), bd.to_host(dy[rows_dev])
+        return {"y": forward(xs, approximate=GELU_APPROXIMATE),
+                "dx": backward(dys, xs, approximate=GELU_APPROXIMATE)}
+
+    ref, note = numpy_reference("gelu_backward", reference)
+    candidates = [Candidate(name, "impl", _gelu_kernel(bd, name, x, dy, pick)) for name in impls_for("gelu_forward", bd)]
+    candidates.append(Candidate("engine F.gelu (unfused)", "unfused", _gelu_engine(bd, x, dy, pick)))
+    candidates.append(Candidate("torch F.gelu", "torch", _gelu_torch(bd, x, dy, rows_dev)))
+    return Case(kernel="gelu", label=f"N={n} D={d} {GELU_APPROXIMATE}", params={"N": n, "D": d}, size=n * d,
+                work=roofline.gelu_work(n * d), reference=ref, reference_note=note,
+                candidates=candidates, flush=bd.flushes_cache)
+
+
+def _gelu_kernel(bd, name, x, dy, pick):
+    def prepare():
+        forward = impl_function("gelu_forward", name, bd, x)
+        backward = impl_function("gelu_backward", name, bd, x)
+
+        def run():
+            return forward(x, approximate=GELU_APPROXIMATE), backward(dy, x, approximate=GELU_APPROXIMATE)
+
+        return Prepared(run=run, sample=lambda: pick(*run()), clock=bd.clock)
+
+    return prepare
+
+
+def _gelu_engine(bd, x, dy, pick):
+    def prepare():
+        import engine.functional as F
+        from engine.tensor import Tensor
+
+        leaf = Tensor(x, requires_grad=True)
+        grad = Tensor(dy)
+
+        def run():
+            leaf.grad = None
+            with F.fused_kernels(False):  # the array-expression path the kernels replace
+                y = F.gelu(leaf, approximate=GELU_APPROXIMATE)
+                y.backward(grad)
+            return y
+
+        def sample():
+            y = run()
+            return pick(y._data, leaf.grad._data)
+
+        return Prepared(run=run, sample=sample, clock=bd.clock)
+
+    return prepare
+
+
+def _gelu_torch(bd, x, dy, rows_dev):
+    def prepare():
+        torch = torch_required(bd)
+        leaf = bd.to_torch(x).requires_grad_(True)
+        grad = bd.to_torch(dy)
+        rows = torch.from_numpy(bd.to_host(rows_dev)).to(grad.device)
+
+        def run():
+            y = torch.nn.functional.gelu(leaf, approximate=GELU_APPROXIMATE)
+            return y, torch.autograd.grad(y, leaf, grad)[0]
+
+        def sample():
+            y, dx = run()
+            return {"y": bd.torch_to_host(y.detach()[rows]), "dx": bd.torch_to_host(dx[rows])}
+
+        return Prepared(run=run, sample=sample, clock=bd.torch_clock)
+
+    return prepare
+
+
 # ---- attention --------------------------------------------------------------------------------
 
 ATTENTION_SAMPLE_BATCH_ROWS = 3  # batch rows (of B = batch * heads) checked against the numpy impl
@@ -926,6 +1021,7 @@ TORCH_PEER = {
     "softmax_cross_entropy": ["torch F.cross_entropy"],
     "layer_norm": ["torch F.layer_norm"],
     "attention": ["torch F.scaled_dot_product_attention"],
+    "gelu": ["torch F.gelu"],
     "linear_relu_forward": ["torch relu(linear)"],
     "linear_relu_backward": ["torch autograd"],
 }
@@ -935,6 +1031,7 @@ UNFUSED_PEER = {
     "softmax_cross_entropy": ["engine F.cross_entropy(fused=False)"],
     "layer_norm": ["engine F.layer_norm (unfused)"],
     "attention": ["engine F.scaled_dot_product_attention (unfused)"],
+    "gelu": ["engine F.gelu (unfused)"],
     "linear_relu_forward": ["engine F.linear_relu(fused=False)"],
     "linear_relu_backward": ["engine autograd (unfused)"],
 }
@@ -1124,12 +1221,13 @@ def _ratio_check(row: dict, goal: float) -> tuple[bool | None, str]:
 # ---- the sweep --------------------------------------------------------------------------------
 
 FAMILIES = ("adam_step", "sgd_step", "adagrad_step", "rmsprop_step", "softmax_cross_entropy",
-            "linear_relu_forward", "linear_relu_backward", "layer_norm", "attention")
+            "linear_relu_forward", "linear_relu_backward", "layer_norm", "attention", "gelu")
 
 # Bench families whose one case times several registered kernels together (forward then backward,
 # as training calls them): the sweep lists the family in place of its kernels.
 COMBINED = {"layer_norm": ("layer_norm_forward", "layer_norm_backward"),
-            "attention": ("attention_forward", "attention_backward")}
+            "attention": ("attention_forward", "attention_backward"),
+            "gelu": ("gelu_forward", "gelu_backward")}
 _FAMILY_OF = {kernel: family for family, members in COMBINED.items() for kernel in members}
 
 
@@ -1180,6 +1278,9 @@ def cases_for(kernel: str, bd: BenchDevice, mode: str):
     elif kernel == "attention":
         for shape in sweep["attention"]:
             yield lambda shape=shape: attention_case(bd, *shape)
+    elif kernel == "gelu":
+        for n, d in sweep["gelu"]:
+            yield lambda n=n, d=d: gelu_case(bd, n, d)
 
 
 def run_sweep(bd: BenchDevice, ceilings: roofline.Ceilings, kernel_names: list[str], mode: str,

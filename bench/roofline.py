@@ -67,6 +67,15 @@ def layer_norm_work(n: int, d: int, itemsize: int = F32) -> Work:
     return Work(bytes=bytes_, flops=16 * n * d)
 
 
+def gelu_work(n: int, itemsize: int = F32) -> Work:
+    """GELU forward then backward (two calls, as in training) over n values: 5 n values move.
+
+    Forward reads x and writes y; backward reads dy and x (only x is saved) and writes dx.
+    FLOPs: ~25 per value for the tanh form's polynomial, exp and division, both directions together.
+    """
+    return Work(bytes=5 * n * itemsize, flops=25 * n)
+
+
 def attention_pairs(l: int, s: int, causal: bool) -> int:  # noqa: E741 - L, as in PyTorch
     """(query, key) pairs a query row may attend to: L S, or top-left causal sum_i min(i + 1, S)."""
     if not causal:
