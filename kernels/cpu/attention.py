@@ -254,10 +254,12 @@ def attention_backward_numpy(grad_out, q, k, v, out, lse, mask=None, *, scale=No
 # numba_cpu: flash-style tiles, never an L x S matrix. See _numba_kernels for the loop structure.
 # --------------------------------------------------------------------------------------------
 
-# Query rows per task (forward, dq) and keys per tile. A tile of keys and values (64 x E and
-# 64 x Ev floats: 32 KiB at E = Ev = 64) stays in L1/L2 while every row of the task uses it.
-QUERY_TILE = 32
+# Query rows per forward task, keys per tile, query rows per backward block. The products are
+# GEMMs on tiles written as register-blocked rank-4 updates (:func:`_numba_helpers`' gemm4): four
+# rows of the output, the contraction four at a time, vectorized along the output's rows.
+QUERY_TILE = 64
 KEY_TILE = 64
+QUERY_BLOCK = 64
 # The backward splits the keys of each batch row into at most this many chunks, one task each;
 # a chunk accumulates its own partial dq (KEY_CHUNKS x B x L x E floats, O(L) memory), summed in
 # chunk order afterwards: deterministic, whatever the thread count, with no second pass over the
@@ -273,11 +275,14 @@ def attention_forward_numba(q, k, v, mask=None, *, scale=None, causal=False):
     if is_empty(spec):
         return empty_forward(spec, np)
     dt = spec.dtype
-    out = np.empty((spec.b, spec.l, spec.ev), dt)
-    lse = np.empty((spec.b, spec.l), dt)
+    l4 = _round4(spec.l)
+    out = np.empty((spec.b, l4, spec.ev), dt)
+    lse = np.empty((spec.b, l4), dt)
     forward, _ = _numba_kernels(_parallel(spec))
-    forward(q, k, _transposed(v), _mask_arg(mask, dt), mask is not None, spec.mask_b > 1, spec.mask_l > 1,
-            dt.type(spec.scale), spec.causal, dt == np.float32, out, lse)
+    forward(_pad_rows(q, l4, 0), _key_tiles(k, spec.scale), v, _mask_arg(mask, dt), mask is not None, spec.mask_b > 1,
+            spec.mask_l > 1, dt.type(spec.scale), spec.causal, dt == np.float32, spec.l, out, lse)
+    if l4 != spec.l:
+        out, lse = np.ascontiguousarray(out[:, :spec.l]), np.ascontiguousarray(lse[:, :spec.l])
     return out, lse
 
 
@@ -286,16 +291,21 @@ def attention_backward_numba(grad_out, q, k, v, out, lse, mask=None, *, scale=No
     if is_empty(spec):
         return empty_backward(spec, np)
     dt = spec.dtype
+    l4 = _round4(spec.l)
     chunks = min(KEY_CHUNKS, -(-spec.s // KEY_TILE))
-    dq_parts = np.zeros((chunks, spec.b, spec.l, spec.e), dt)
-    dk = np.zeros((spec.b, spec.s, spec.e), dt)
-    dv = np.zeros((spec.b, spec.s, spec.ev), dt)
+    dq_parts = np.zeros((chunks, spec.b, l4, spec.e), dt)
+    dk = np.empty((spec.b, spec.s, spec.e), dt)
+    dv = np.empty((spec.b, spec.s, spec.ev), dt)
     _, backward = _numba_kernels(_parallel(spec))
-    backward(grad_out, q, k, _transposed(k), v, out, lse, _mask_arg(mask, dt), mask is not None,
-             spec.mask_b > 1, spec.mask_l > 1, dt.type(spec.scale), spec.causal, dt == np.float32, dq_parts, dk, dv)
+    backward(_pad_rows(grad_out, l4, 0), _pad_rows(q, l4, 0), k, _key_tiles(k, spec.scale), _key_tiles(v),
+             _pad_rows(out, l4, 0), _pad_rows(lse, l4, -np.inf), _mask_arg(mask, dt), mask is not None,
+             spec.mask_b > 1, spec.mask_l > 1, dt.type(spec.scale), spec.causal, dt == np.float32, spec.l,
+             dq_parts, dk, dv)
     dq = dq_parts[0]
     for c in range(1, chunks):  # in chunk order: the same bits for any number of threads
         dq += dq_parts[c]
+    if l4 != spec.l:
+        dq = np.ascontiguousarray(dq[:, :spec.l])
     return dq, dk, dv
 
 
@@ -303,9 +313,37 @@ def _parallel(spec: AttentionSpec) -> bool:
     return spec.b * spec.l * spec.s * max(spec.e, spec.ev) >= PARALLEL_MIN
 
 
-def _transposed(a):
-    """(B, E, S) from (B, S, E): an O(S E) copy, so that P v and dS k are dot products of unit-stride rows."""
-    return np.ascontiguousarray(a.transpose(0, 2, 1))
+def _round4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def _pad_rows(a, rows, fill):
+    """``a`` with its second dim padded to ``rows`` by ``fill`` (a copy only when L is not a multiple of 4).
+
+    The kernels take query rows four at a time; padded rows are computed and dropped (forward), or
+    carry lse = -inf and so no gradient (backward).
+    """
+    if a.shape[1] == rows:
+        return a
+    padded = np.full((a.shape[0], rows) + a.shape[2:], fill, a.dtype)
+    padded[:, :a.shape[1]] = a
+    return padded
+
+
+def _key_tiles(a, scale=1.0):
+    """(B, ceil(S / KEY_TILE), E, KEY_TILE) from scale * a (B, S, E): each tile's transpose, contiguous,
+    zero-padded. K^T comes scaled, so that Q K^T_tile is already the scaled scores.
+
+    An O(S E) copy; Q K^T and dO V^T of a tile then read unit-stride rows of KEY_TILE keys, from one
+    16 KiB block (rows of the whole K^T, 4 S bytes apart, would collide in the L1 sets).
+    """
+    b, s, e = a.shape
+    ntiles = -(-s // KEY_TILE)
+    padded = np.zeros((b, ntiles * KEY_TILE, e), a.dtype)
+    padded[:, :s] = a
+    if scale != 1.0:
+        padded *= a.dtype.type(scale)
+    return np.ascontiguousarray(padded.reshape(b, ntiles, KEY_TILE, e).transpose(0, 1, 3, 2))
 
 
 def _mask_arg(mask, dtype):
@@ -323,7 +361,7 @@ _P0, _P1, _P2, _P3, _P4, _P5 = (_F32(v) for v in (1.9875691500e-4, 1.3981999507e
 _EXP_LO, _HALF, _ONE = _F32(-87.0), _F32(0.5), _F32(1.0)
 
 # Set by _numba_helpers() (module globals the kernels read: closures would miss numba's disk cache).
-_nb_dot4 = _nb_axpy4 = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = None
+_nb_gemm4 = _nb_gemm4_at = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = None
 
 
 @functools.cache
@@ -331,39 +369,113 @@ def _numba_helpers() -> None:
     """Compile the tile helpers and publish them as module globals for the kernels."""
     import numba
 
-    # Dot products and sums may be reordered (vectorized partial sums): float32 rounding only.
+    # Products and sums: fused multiply-adds (contract), and sums that may be reordered (reassoc):
+    # float32 rounding only.
+    contract = numba.njit(cache=True, fastmath={"contract"})
     reassoc = numba.njit(cache=True, fastmath={"reassoc", "contract"})
 
-    @reassoc
-    def dot4(a0, a1, a2, a3, b):
-        """(a0 . b, a1 . b, a2 . b, a3 . b): four rows against one, each load of b used four times.
+    @contract
+    def gemm4(a, ia, ka, b, kb, c, ic, n, w):
+        """c[ic:ic+4, :w] += a[ia:ia+4, ka:ka+n] @ b[kb:kb+n, :w] (2-D C-contiguous arrays).
 
-        The matrix products of attention are all written with this (4 query rows at a time): it
-        ran 3.4x faster than one dot product at a time (a single-row dot is load-bound).
+        Rank-4 updates: per step, 16 scalars of a (4 rows x 4 of the contraction) stay in registers
+        while the loop over the w columns (vectorized) loads 4 rows of b and loads and stores each
+        of the 4 rows of c once: 16 multiply-adds per 8 loads and 4 stores. 72 GFLOP/s on one core
+        against 45 for four rows dotted with one column at a time and ~14 for a 4 x 8 block of
+        scalar accumulators (numba's LLVM vectorizes those along the contraction, with 32
+        horizontal sums, not along the columns).
         """
-        z = b.dtype.type(0)
-        s0 = s1 = s2 = s3 = z
-        for x in range(b.shape[0]):
-            bx = b[x]
-            s0 += a0[x] * bx
-            s1 += a1[x] * bx
-            s2 += a2[x] * bx
-            s3 += a3[x] * bx
-        return s0, s1, s2, s3
+        c0, c1, c2, c3 = c[ic], c[ic + 1], c[ic + 2], c[ic + 3]
+        x = 0
+        while x + 4 <= n:
+            k = ka + x
+            a00, a01, a02, a03 = a[ia, k], a[ia, k + 1], a[ia, k + 2], a[ia, k + 3]
+            a10, a11, a12, a13 = a[ia + 1, k], a[ia + 1, k + 1], a[ia + 1, k + 2], a[ia + 1, k + 3]
+            a20, a21, a22, a23 = a[ia + 2, k], a[ia + 2, k + 1], a[ia + 2, k + 2], a[ia + 2, k + 3]
+            a30, a31, a32, a33 = a[ia + 3, k], a[ia + 3, k + 1], a[ia + 3, k + 2], a[ia + 3, k + 3]
+            k = kb + x
+            b0, b1, b2, b3 = b[k], b[k + 1], b[k + 2], b[k + 3]
+            for j in range(w):
+                v0, v1, v2, v3 = b0[j], b1[j], b2[j], b3[j]
+                c0[j] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
+                c1[j] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
+                c2[j] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
+                c3[j] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
+            x += 4
+        while x < n:
+            a0, a1, a2, a3 = a[ia, ka + x], a[ia + 1, ka + x], a[ia + 2, ka + x], a[ia + 3, ka + x]
+            bx = b[kb + x]
+            for j in range(w):
+                v = bx[j]
+                c0[j] += a0 * v
+                c1[j] += a1 * v
+                c2[j] += a2 * v
+                c3[j] += a3 * v
+            x += 1
 
-    @numba.njit(cache=True)
-    def axpy4(c0, x0, c1, x1, c2, x2, c3, x3, y):
-        """y += c0 x0 + c1 x1 + c2 x2 + c3 x3 (one load and store of y for four rows)."""
-        for t in range(y.shape[0]):
-            y[t] += c0 * x0[t] + c1 * x1[t] + c2 * x2[t] + c3 * x3[t]
+    @contract
+    def gemm4_at(a, ia, ka, b, kb, c, ic, n, w):
+        """c[ic:ic+4, :w] += a[ka:ka+n, ia:ia+4]^T @ b[kb:kb+n, :w]: gemm4 with a read transposed.
+
+        dV += P^T dO and dK += dS^T Q without transposing the P and dS tiles.
+        """
+        c0, c1, c2, c3 = c[ic], c[ic + 1], c[ic + 2], c[ic + 3]
+        x = 0
+        while x + 4 <= n:
+            k = ka + x
+            a00, a01, a02, a03 = a[k, ia], a[k + 1, ia], a[k + 2, ia], a[k + 3, ia]
+            a10, a11, a12, a13 = a[k, ia + 1], a[k + 1, ia + 1], a[k + 2, ia + 1], a[k + 3, ia + 1]
+            a20, a21, a22, a23 = a[k, ia + 2], a[k + 1, ia + 2], a[k + 2, ia + 2], a[k + 3, ia + 2]
+            a30, a31, a32, a33 = a[k, ia + 3], a[k + 1, ia + 3], a[k + 2, ia + 3], a[k + 3, ia + 3]
+            k = kb + x
+            b0, b1, b2, b3 = b[k], b[k + 1], b[k + 2], b[k + 3]
+            for j in range(w):
+                v0, v1, v2, v3 = b0[j], b1[j], b2[j], b3[j]
+                c0[j] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
+                c1[j] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
+                c2[j] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
+                c3[j] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
+            x += 4
+        while x < n:
+            k = ka + x
+            a0, a1, a2, a3 = a[k, ia], a[k, ia + 1], a[k, ia + 2], a[k, ia + 3]
+            bx = b[kb + x]
+            for j in range(w):
+                v = bx[j]
+                c0[j] += a0 * v
+                c1[j] += a1 * v
+                c2[j] += a2 * v
+                c3[j] += a3 * v
+            x += 1
+
+    @reassoc
+    def rowdot(a, b):
+        total = a.dtype.type(0)
+        for x in range(a.shape[0]):
+            total += a[x] * b[x]
+        return total
 
     @numba.njit(cache=True, fastmath={"nnan", "nsz"})
     def tile_max(st, nk):
-        m = st[0]
-        for jj in range(1, nk):
-            if st[jj] > m:
-                m = st[jj]
-        return m
+        """max(st[:nk]) for nk >= 1, over 8 running maxima (one chain of 64 dependent maxes was ~2.4x slower)."""
+        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = st[0]
+        jj = 0
+        while jj + 8 <= nk:
+            v0, v1, v2, v3 = st[jj], st[jj + 1], st[jj + 2], st[jj + 3]
+            v4, v5, v6, v7 = st[jj + 4], st[jj + 5], st[jj + 6], st[jj + 7]
+            m0, m1, m2, m3 = (v0 if v0 > m0 else m0), (v1 if v1 > m1 else m1), (v2 if v2 > m2 else m2), \
+                (v3 if v3 > m3 else m3)
+            m4, m5, m6, m7 = (v4 if v4 > m4 else m4), (v5 if v5 > m5 else m5), (v6 if v6 > m6 else m6), \
+                (v7 if v7 > m7 else m7)
+            jj += 8
+        while jj < nk:
+            v = st[jj]
+            m0 = v if v > m0 else m0
+            jj += 1
+        m0, m2, m4, m6 = (m1 if m1 > m0 else m0), (m3 if m3 > m2 else m2), (m5 if m5 > m4 else m4), \
+            (m7 if m7 > m6 else m6)
+        m0, m4 = (m2 if m2 > m0 else m0), (m6 if m6 > m4 else m4)
+        return m4 if m4 > m0 else m0
 
     @reassoc
     def tile_sum(st, nk):
@@ -379,209 +491,180 @@ def _numba_helpers() -> None:
             for jj in range(nk):
                 pt[jj] = np.exp(st[jj] - shift)
             return
-        for jj in range(nk):  # exp(r) and the exponent t, clamped so 2^t stays a normal scale
+        bits = pt.view(np.int32)
+        for jj in range(nk):  # exp(r), then times 2^t by adding t to the exponent field of the result
             x = st[jj] - shift
-            if x < _EXP_LO:
-                x = _EXP_LO
-            t = np.floor(x * _LOG2E + _HALF)
-            r = x - t * _LN2_HI
+            xc = _EXP_LO if x < _EXP_LO else x  # t clamped so that 2^t stays a normal scale
+            t = np.floor(xc * _LOG2E + _HALF)
+            r = xc - t * _LN2_HI
             r = r - t * _LN2_LO
             p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
             pt[jj] = p * (r * r) + r + _ONE
-        bits = pt.view(np.int32)
-        for jj in range(nk):  # times 2^t: add t to the exponent field (t recomputed, same rounding)
-            x = st[jj] - shift
-            xc = _EXP_LO if x < _EXP_LO else x
-            t = np.floor(xc * _LOG2E + _HALF)
             ti = np.int32(t) if t >= -126 else np.int32(0)  # NaN: bits untouched
             scaled = bits[jj] + (ti << 23)
             bits[jj] = 0 if x < _EXP_LO else scaled
 
-    globals().update(_nb_dot4=dot4, _nb_axpy4=axpy4, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
-                     _nb_tile_sum=tile_sum)
+    globals().update(_nb_gemm4=gemm4, _nb_gemm4_at=gemm4_at, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
+                     _nb_tile_sum=tile_sum, _nb_rowdot=rowdot)
 
 
 @functools.cache
 def _numba_kernels(parallel: bool):
     """(forward, backward), over their tasks in parallel (prange) or on the calling thread.
 
-    Query rows go in groups of 4 (the last group of a tile repeats its last row, whose results
-    are dropped), so every product below is a :func:`dot4` or ``axpy4``.
+    Query rows are padded to a multiple of 4 by the callers (``_pad_rows``), keys come as
+    transposed, zero-padded tiles (``_key_tiles``) for the products that need K^T or V^T, and
+    every matrix product is a :func:`gemm4` (or ``gemm4_at``) call on four rows.
 
     forward: one task per (batch row, tile of QUERY_TILE queries). For each tile of KEY_TILE keys
-    (up to the last one a causal tile can see) and each group: scores against the tile (dot4 of
-    the 4 query rows with each key row), plus the mask row (broadcast by index: a (1, L, S) or
-    (B, 1, S) mask is read in place), -inf above the causal diagonal; per row the tile max, a
-    rescale of the running sum and output accumulator when the max grows (online softmax), the
-    exps; then the accumulators get P v_tile (dot4 of the 4 P rows with each row of v^T). State
-    per query row: max, sum, an Ev accumulator.
+    (up to the last one a causal task can see): the task's scores against the tile (Q K^T_tile),
+    plus the mask row (broadcast by index: a (1, L, S) or (B, 1, S) mask is read in place), -inf
+    above the causal diagonal; per row the tile max, a rescale of the running sum and output
+    accumulator when the max grows (online softmax), the exps; then acc += P V_tile. State per
+    query row: max, sum, an Ev accumulator.
 
-    backward: one task per (batch row, chunk of key tiles). Per key tile and group of 4 query
-    rows that can see it: scores again, P = exp(s - lse) (0 for a fully masked row, lse = -inf),
-    dP = dO v_j^T (dot4), dS = P (dP - D); the tile's dk, dv rows get dS q and P dO (axpy4) and the
-    chunk's dq partial gets dS k_tile (dot4 with each row of k^T).
+    backward: one task per (batch row, chunk of key tiles). Per key tile, dk and dv accumulate in
+    tile buffers over blocks of QUERY_BLOCK query rows (from the first that can see the tile when
+    causal): S = Q K^T_tile and dP = dO V^T_tile, P = exp(s - lse) (0 for a fully masked or padded
+    row, lse = -inf), dS = scale P (dP - D); dv_tile += P^T dO, dk_tile += dS^T Q, and the chunk's
+    dq partial gets dS K_tile.
     """
     import numba
 
     _numba_helpers()
     loop = numba.prange if parallel else range  # a closure variable: its own disk-cache key per build
     jit = numba.njit(cache=True, parallel=parallel)
-    tq, tk = QUERY_TILE, KEY_TILE
+    tq, tk, qbs = QUERY_TILE, KEY_TILE, QUERY_BLOCK
 
     @jit
-    def forward(q, k, vt, mask, has_mask, mask_per_batch, mask_per_row, scale, causal, fast_exp, out, lse):
-        nb, nl, _ = q.shape
-        ns = k.shape[1]
-        nev = vt.shape[1]
-        ntiles = (nl + tq - 1) // tq
+    def forward(q, kt, v, mask, has_mask, mask_per_batch, mask_per_row, scale, causal, fast_exp, nl, out, lse):
+        nb, nl4, ne = q.shape
+        ns, nev = v.shape[1], v.shape[2]
+        ntiles = (nl4 + tq - 1) // tq
         neg_inf = q.dtype.type(-np.inf)
         for task in loop(nb * ntiles):
             b = task // ntiles
             i0 = (task - b * ntiles) * tq
-            nq = min(nl - i0, tq)
+            nq = min(nl4 - i0, tq)  # a multiple of 4
             acc = np.zeros((nq, nev), q.dtype)
             row_max = np.full(nq, neg_inf, q.dtype)
             row_sum = np.zeros(nq, q.dtype)
-            st = np.empty((4, tk), q.dtype)  # scores of a group against the tile
-            pt = np.zeros((4, tk), q.dtype)  # their exps (0 where masked)
-            kb, vtb = k[b], vt[b]
+            st = np.empty((nq, tk), q.dtype)  # scores of the task's rows against the tile
+            pt = np.empty((nq, tk), q.dtype)  # their exps (0 where masked)
+            qb, vb = q[b], v[b]
             mb = mask[b if mask_per_batch else 0]
             kend = min(ns, i0 + nq) if causal else ns
             for j0 in range(0, kend, tk):
-                nk_tile = min(tk, ns - j0)
-                for g0 in range(0, nq, 4):
-                    last = min(g0 + 3, nq - 1)
-                    r0, r1, r2, r3 = g0, min(g0 + 1, last), min(g0 + 2, last), last  # rows in the task
-                    nk = min(nk_tile, i0 + last + 1 - j0) if causal else nk_tile  # the group's last row sees most
-                    if nk <= 0:
+                nk = min(tk, ns - j0)
+                ktt = kt[b, j0 // tk]
+                st[:, :nk] = 0
+                for g in range(0, nq, 4):
+                    _nb_gemm4(qb, i0 + g, 0, ktt, 0, st, g, ne, nk)
+                for r in range(nq):
+                    i = i0 + r
+                    srow, prow = st[r], pt[r]
+                    if has_mask:
+                        mrow = mb[min(i, nl - 1) if mask_per_row else 0]
+                        for jj in range(nk):
+                            srow[jj] += mrow[j0 + jj]
+                    if causal:
+                        for jj in range(max(0, i + 1 - j0), nk):
+                            srow[jj] = neg_inf
+                    m_old = row_max[r]
+                    m_new = max(m_old, _nb_tile_max(srow, nk))
+                    if m_new == neg_inf:  # nothing visible yet
+                        prow[:nk] = 0
                         continue
-                    q0, q1, q2, q3 = q[b, i0 + r0], q[b, i0 + r1], q[b, i0 + r2], q[b, i0 + r3]
-                    for jj in range(nk):
-                        s0, s1, s2, s3 = _nb_dot4(q0, q1, q2, q3, kb[j0 + jj])
-                        st[0, jj] = s0 * scale
-                        st[1, jj] = s1 * scale
-                        st[2, jj] = s2 * scale
-                        st[3, jj] = s3 * scale
-                    for r in range(4):
-                        row = min(g0 + r, last)
-                        i = i0 + row
-                        srow = st[r]
-                        if has_mask:
-                            mrow = mb[i if mask_per_row else 0]
-                            for jj in range(nk):
-                                srow[jj] += mrow[j0 + jj]
-                        if causal:
-                            for jj in range(max(0, i + 1 - j0), nk):
-                                srow[jj] = neg_inf
-                        prow = pt[r]
-                        m_old = row_max[row]
-                        m_new = max(m_old, _nb_tile_max(srow, nk))
-                        if m_new == neg_inf or g0 + r > last:  # nothing visible yet, or a repeated row
-                            prow[:nk] = 0
-                            continue
-                        if m_new > m_old:
-                            alpha = np.exp(m_old - m_new)  # 0 while the row was empty (m_old = -inf)
-                            row_sum[row] *= alpha
-                            a = acc[row]
-                            for x in range(nev):
-                                a[x] *= alpha
-                            row_max[row] = m_new
-                        _nb_exp_shift(srow, nk, m_new, fast_exp, prow)
-                        row_sum[row] += _nb_tile_sum(prow, nk)
-                    p0, p1, p2, p3 = pt[0, :nk], pt[1, :nk], pt[2, :nk], pt[3, :nk]
-                    for x in range(nev):
-                        o0, o1, o2, o3 = _nb_dot4(p0, p1, p2, p3, vtb[x, j0:j0 + nk])
-                        acc[r0, x] += o0
-                        if r1 != r0:
-                            acc[r1, x] += o1
-                        if r2 != r1:
-                            acc[r2, x] += o2
-                        if r3 != r2:
-                            acc[r3, x] += o3
-            for ii in range(nq):
-                total = row_sum[ii]
+                    if m_new > m_old:
+                        alpha = np.exp(m_old - m_new)  # 0 while the row was empty (m_old = -inf)
+                        row_sum[r] *= alpha
+                        a = acc[r]
+                        for x in range(nev):
+                            a[x] *= alpha
+                        row_max[r] = m_new
+                    _nb_exp_shift(srow, nk, m_new, fast_exp, prow)
+                    row_sum[r] += _nb_tile_sum(prow, nk)
+                for g in range(0, nq, 4):
+                    _nb_gemm4(pt, g, 0, vb, j0, acc, g, nk, nev)
+            for r in range(nq):
+                total = row_sum[r]
                 if total > 0:
                     inv = 1 / total
                     for x in range(nev):
-                        out[b, i0 + ii, x] = acc[ii, x] * inv
-                    lse[b, i0 + ii] = row_max[ii] + np.log(total)
+                        out[b, i0 + r, x] = acc[r, x] * inv
+                    lse[b, i0 + r] = row_max[r] + np.log(total)
                 else:  # fully masked row: output 0, lse -inf (no gradient flows through it)
                     for x in range(nev):
-                        out[b, i0 + ii, x] = 0
-                    lse[b, i0 + ii] = neg_inf
+                        out[b, i0 + r, x] = 0
+                    lse[b, i0 + r] = neg_inf
 
     @jit
-    def backward(grad_out, q, k, kt, v, out, lse, mask, has_mask, mask_per_batch, mask_per_row, scale, causal,
-                 fast_exp, dq_parts, dk, dv):
-        nb, nl, ne = q.shape
-        ns = k.shape[1]
-        nkt = (ns + tk - 1) // tk
+    def backward(grad_out, q, k, kt, vt, out, lse, mask, has_mask, mask_per_batch, mask_per_row, scale, causal,
+                 fast_exp, nl, dq_parts, dk, dv):
+        nb, nl4, ne = q.shape
+        ns, nev = k.shape[1], vt.shape[2]
+        nkt = kt.shape[1]
         chunks = dq_parts.shape[0]
         neg_inf = q.dtype.type(-np.inf)
-        d = np.empty((nb, nl), q.dtype)  # D_i = dO_i . out_i
-        for i in range(nb * nl):
-            bi, ii = i // nl, i % nl
-            s0, _, _, _ = _nb_dot4(grad_out[bi, ii], grad_out[bi, ii], grad_out[bi, ii], grad_out[bi, ii],
-                                   out[bi, ii])
-            d[bi, ii] = s0
+        d = np.empty((nb, nl4), q.dtype)  # D_i = dO_i . out_i
+        for i in range(nb * nl4):
+            bi, ii = i // nl4, i % nl4
+            d[bi, ii] = _nb_rowdot(grad_out[bi, ii], out[bi, ii])
         for task in loop(nb * chunks):
             b = task // chunks
             c = task - b * chunks
-            st = np.empty((4, tk), q.dtype)
-            pt = np.zeros((4, tk), q.dtype)  # P
-            dst = np.zeros((4, tk), q.dtype)  # dS (scale included)
-            kb, ktb, vb = k[b], kt[b], v[b]
+            st = np.empty((qbs, tk), q.dtype)  # S
+            pt = np.zeros((qbs, tk), q.dtype)  # P
+            dpt = np.empty((qbs, tk), q.dtype)  # dP, then dS (scale included)
+            dk_t = np.empty((tk, ne), q.dtype)
+            dv_t = np.empty((tk, nev), q.dtype)
+            qb, dob, kb = q[b], grad_out[b], k[b]
             mb = mask[b if mask_per_batch else 0]
             dqb = dq_parts[c, b]
             for t in range(c * nkt // chunks, (c + 1) * nkt // chunks):
                 j0 = t * tk
-                nk_tile = min(tk, ns - j0)
-                for g0 in range(j0 if causal else 0, nl, 4):  # causal: queries before j0 see none of it
-                    last = min(g0 + 3, nl - 1)
-                    i0, i1, i2, i3 = g0, min(g0 + 1, last), min(g0 + 2, last), last
-                    nk = min(nk_tile, last + 1 - j0) if causal else nk_tile
-                    q0, q1, q2, q3 = q[b, i0], q[b, i1], q[b, i2], q[b, i3]
-                    do0, do1, do2, do3 = grad_out[b, i0], grad_out[b, i1], grad_out[b, i2], grad_out[b, i3]
-                    for jj in range(nk):
-                        s0, s1, s2, s3 = _nb_dot4(q0, q1, q2, q3, kb[j0 + jj])
-                        st[0, jj] = s0 * scale
-                        st[1, jj] = s1 * scale
-                        st[2, jj] = s2 * scale
-                        st[3, jj] = s3 * scale
-                    for r in range(4):
-                        i = min(g0 + r, last)
-                        srow, prow = st[r], pt[r]
+                nk = min(tk, ns - j0)
+                nk4 = (nk + 3) // 4 * 4
+                ktt, vtt = kt[b, t], vt[b, t]
+                dk_t[:] = 0
+                dv_t[:] = 0
+                for g0 in range((j0 // 4) * 4 if causal else 0, nl4, qbs):  # causal: rows before j0 see none
+                    nqb = min(qbs, nl4 - g0)
+                    st[:nqb, :nk] = 0
+                    dpt[:nqb, :nk4] = 0  # columns nk..nk4 of dS and P stay 0: the padded keys of gemm4_at
+                    pt[:nqb, nk:nk4] = 0
+                    for g in range(0, nqb, 4):
+                        _nb_gemm4(qb, g0 + g, 0, ktt, 0, st, g, ne, nk)
+                        _nb_gemm4(dob, g0 + g, 0, vtt, 0, dpt, g, nev, nk)
+                    for r in range(nqb):
+                        i = g0 + r
                         li = lse[b, i]
-                        if li == neg_inf or g0 + r > last:  # fully masked row, or a repeated one: no gradient
+                        srow, prow, dsrow = st[r], pt[r], dpt[r]
+                        if li == neg_inf:  # fully masked or padded row: no gradient
                             prow[:nk] = 0
+                            dsrow[:nk] = 0
                             continue
                         if has_mask:
-                            mrow = mb[i if mask_per_row else 0]
+                            mrow = mb[min(i, nl - 1) if mask_per_row else 0]
                             for jj in range(nk):
                                 srow[jj] += mrow[j0 + jj]
                         if causal:
                             for jj in range(max(0, i + 1 - j0), nk):
                                 srow[jj] = neg_inf
                         _nb_exp_shift(srow, nk, li, fast_exp, prow)
-                    for jj in range(nk):
-                        vj = vb[j0 + jj]
-                        dp0, dp1, dp2, dp3 = _nb_dot4(do0, do1, do2, do3, vj)
-                        dst[0, jj] = pt[0, jj] * (dp0 - d[b, i0]) * scale
-                        dst[1, jj] = pt[1, jj] * (dp1 - d[b, i1]) * scale
-                        dst[2, jj] = pt[2, jj] * (dp2 - d[b, i2]) * scale
-                        dst[3, jj] = pt[3, jj] * (dp3 - d[b, i3]) * scale
-                        _nb_axpy4(pt[0, jj], do0, pt[1, jj], do1, pt[2, jj], do2, pt[3, jj], do3, dv[b, j0 + jj])
-                        _nb_axpy4(dst[0, jj], q0, dst[1, jj], q1, dst[2, jj], q2, dst[3, jj], q3, dk[b, j0 + jj])
-                    ds0, ds1, ds2, ds3 = dst[0, :nk], dst[1, :nk], dst[2, :nk], dst[3, :nk]
+                        di = d[b, i]
+                        for jj in range(nk):
+                            dsrow[jj] = prow[jj] * (dsrow[jj] - di) * scale
+                    for jg in range(0, nk4, 4):
+                        _nb_gemm4_at(pt, jg, 0, dob, g0, dv_t, jg, nqb, nev)
+                        _nb_gemm4_at(dpt, jg, 0, qb, g0, dk_t, jg, nqb, ne)
+                    for g in range(0, nqb, 4):
+                        _nb_gemm4(dpt, g, 0, kb, j0, dqb, g0 + g, nk, ne)
+                for jj in range(nk):
                     for x in range(ne):
-                        g_0, g_1, g_2, g_3 = _nb_dot4(ds0, ds1, ds2, ds3, ktb[x, j0:j0 + nk])
-                        dqb[i0, x] += g_0
-                        if i1 != i0:
-                            dqb[i1, x] += g_1
-                        if i2 != i1:
-                            dqb[i2, x] += g_2
-                        if i3 != i2:
-                            dqb[i3, x] += g_3
+                        dk[b, j0 + jj, x] = dk_t[jj, x]
+                    for x in range(nev):
+                        dv[b, j0 + jj, x] = dv_t[jj, x]
 
     if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
         return _numba_parallel(forward), _numba_parallel(backward)
