@@ -190,8 +190,9 @@ def gelu_backward_numpy(grad_y, x, *, approximate="none"):
 # Elements from which the chunks run in parallel: starting a parallel region costs ~50 us under
 # the workqueue layer, the time one thread needs for ~2^16 elements of the vectorized tanh form.
 PARALLEL_MIN = 1 << 16
-# exp(a) for a below this is under float32's smallest normal: taken as 0 (cupy's build flushes too).
-EXP_F32_MIN = -87.33
+# exp's argument is clamped here: round(-88 / ln 2) = -127, whose 2^n bits are 0.0 (exp(-88) = 6e-39,
+# under float32's smallest normal; cupy's build flushes such results too).
+EXP_F32_MIN = -88.0
 
 
 def _num_threads() -> int:
@@ -263,16 +264,17 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         log2e, ln2_hi, ln2_lo = f(1.4426950408889634), f(0.693145751953125), f(1.4286068203094173e-06)
         taylor = tuple(f(1.0 / math.factorial(i)) for i in range(8))  # 1/0! ... 1/7!
         t7, t6, t5, t4, t3, t2, t1, t0 = taylor[::-1]
-        exp_min, zero = f(EXP_F32_MIN), f(0)
+        exp_min = f(EXP_F32_MIN)
 
         @inline
         def exp_neg(a):  # exp(a) for a <= 0 in float32 arithmetic only
+            # a >= -88 keeps n >= -127; n = -127 gives the bits of 0.0 for 2^n: exp flushes to 0
+            # just below float32's normal range, with no extra select
             a = max(a, exp_min)
             n = np.floor(a * log2e + half)
             r = (a - n * ln2_hi) - n * ln2_lo
             p = ((((((t7 * r + t6) * r + t5) * r + t4) * r + t3) * r + t2) * r + t1) * r + t0
-            e = p * bits_to_float32(np.int32(n) + np.int32(127) << np.int32(23))
-            return zero if a <= exp_min else e
+            return p * bits_to_float32(np.int32(n) + np.int32(127) << np.int32(23))
     else:
         @inline
         def exp_neg(a):
@@ -296,8 +298,9 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
                 xv = x[i]
-                s, _ = sigmoid_pair(xv)
-                y[i] = xv * s
+                z = k * (xv + c * xv * xv * xv)
+                e = exp_neg(-two * abs(z))
+                y[i] = xv * ((one if z >= 0 else e) / (one + e))  # sigmoid(2z) with one division
 
     @jit
     def tanh_backward(dy, x, chunks, dx):
