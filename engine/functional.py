@@ -7,9 +7,7 @@ code, ``with F.fused_kernels(False):`` so fused-vs-reference parity can be teste
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 
 import numpy as np
 
@@ -19,27 +17,9 @@ from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
+from engine.ops import fused_enabled, fused_kernels  # noqa: F401  (public API; ops.GELU reads it too)
 from engine.tensor import Tensor
 from kernels.cpu.attention import GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
-
-_settings = threading.local()
-
-
-def fused_enabled() -> bool:
-    """Whether ops with a fused kernel use it (default True)."""
-    return getattr(_settings, "fused", True)
-
-
-@contextlib.contextmanager
-def fused_kernels(enabled: bool):
-    """Switch the fused kernels on or off inside a ``with`` block (per thread)."""
-    previous = fused_enabled()
-    _settings.fused = bool(enabled)
-    try:
-        yield
-    finally:
-        _settings.fused = previous
-
 
 def _use_fused(fused: bool | None) -> bool:
     return fused_enabled() if fused is None else fused

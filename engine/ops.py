@@ -8,7 +8,9 @@ back to their shapes with ``unbroadcast``.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import math
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -309,11 +311,24 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _fused_enabled() -> bool:
-    # The switch lives in engine.functional, which imports this module: looked up at call time.
-    from engine.functional import fused_enabled
+_settings = threading.local()
 
-    return fused_enabled()
+
+def fused_enabled() -> bool:
+    """Whether ops with a fused kernel use it (default True). Re-exported as ``F.fused_enabled``;
+    it lives here, the lowest layer with a fused op (GELU), so that F's ops and this one share it."""
+    return getattr(_settings, "fused", True)
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool):
+    """Switch the fused kernels on or off inside a ``with`` block (per thread): ``F.fused_kernels``."""
+    previous = fused_enabled()
+    _settings.fused = bool(enabled)
+    try:
+        yield
+    finally:
+        _settings.fused = previous
 
 
 class GELU(Function):
@@ -326,7 +341,7 @@ class GELU(Function):
 
     def forward(self, a, approximate="none"):
         self.approximate = approximate
-        self.fused = a.dtype in _GELU_KERNEL_DTYPES and _fused_enabled()
+        self.fused = a.dtype in _GELU_KERNEL_DTYPES and fused_enabled()
         if self.fused:
             a = a if a.flags.c_contiguous else a.copy(order="C")  # the kernels walk the flat buffer
             self.save(a)
