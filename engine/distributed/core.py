@@ -24,6 +24,7 @@ import enum
 import importlib.util
 import os
 import sys
+import time
 import traceback
 
 from engine import backend
@@ -193,12 +194,13 @@ def group():
 
 # ---- faults: one failing rank ends the job ----------------------------------------------------
 
+# How long a failing rank waits between writing its report and aborting: MPI_Abort makes the
+# launcher kill every process at once, and output still in flight through the launcher's pipes
+# is lost (seen: a traceback cut after its first line).
+_ABORT_GRACE_S = 0.5
+
+
 def _excepthook(exc_type, exc, tb):
-    hook = _state.previous_excepthook or sys.__excepthook__
-    try:
-        hook(exc_type, exc, tb)
-    except Exception:
-        traceback.print_exception(exc_type, exc, tb)
     rank = "?"
     try:
         from mpi4py import MPI
@@ -207,14 +209,24 @@ def _excepthook(exc_type, exc, tb):
     except Exception:
         pass
     message = f"engine.distributed: rank {rank} failed: {exc_type.__name__}: {exc}"
-    try:
+    try:  # the one line that names the rank first, then the traceback
+        sys.stdout.flush()
         sys.stderr.write(message + "; aborting the job\n")
         sys.stderr.flush()
-        sys.stdout.flush()
     except Exception:
         pass
+    hook = _state.previous_excepthook or sys.__excepthook__
+    try:
+        hook(exc_type, exc, tb)
+    except Exception:
+        traceback.print_exception(exc_type, exc, tb)
     if exc_type in (KeyboardInterrupt,) or os.environ.get("ENGINE_DISTRIBUTED_NO_ABORT"):
         return
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+    time.sleep(_ABORT_GRACE_S)
     from mpi4py import MPI
 
     MPI.COMM_WORLD.Abort(1)
