@@ -15,6 +15,7 @@ import kernels
 from engine import backend, ops
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
+from engine.conv import adaptive_avg_pool2d, avg_pool2d, conv1d, conv2d, max_pool2d  # noqa: F401  (public API)
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
 from engine.ops import fused_enabled, fused_kernels  # noqa: F401  (public API; ops.GELU reads it too)
@@ -721,6 +722,25 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     else:
         keep = _uniform_samples(input.device, input.shape, input.dtype) >= p
         mask = keep.astype(input.dtype) * input.dtype.type(1.0 / (1.0 - p))
+    return Dropout.apply(input, mask=mask)
+
+
+def dropout2d(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Channel dropout of (N, C, H, W) or unbatched (C, H, W) input: each whole channel is zeroed
+    with probability ``p`` and the rest scaled by 1 / (1 - p) (adjacent pixels of a feature map are
+    correlated, so element-wise dropout would barely regularise them)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout2d: p must be a probability in [0, 1], got {p}")
+    if input.ndim not in (3, 4):
+        raise ShapeError(f"dropout2d: expected (N, C, H, W) or (C, H, W) input, got {describe(input)}")
+    if not training or p == 0.0:
+        return input
+    if not np.issubdtype(input.dtype, np.floating):
+        raise DTypeError(f"dropout2d: input must be floating point, got {describe(input)}")
+    shape = input.shape[:-2] + (1, 1)  # one draw per channel, broadcast over H and W
+    keep = _uniform_samples(input.device, shape, input.dtype) >= p
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    mask = keep.astype(input.dtype) * input.dtype.type(scale)
     return Dropout.apply(input, mask=mask)
 
 

@@ -27,6 +27,77 @@ def _softmax_ref(x, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def _two(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _conv2d_ref(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """Direct convolution, one output element at a time (PyTorch's cross-correlation)."""
+    (sh, sw), (dh, dw) = _two(stride), _two(dilation)
+    o_ch, cg, kh, kw = w.shape
+    if padding == "same":
+        pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in ((kh, dh), (kw, dw))]
+    else:
+        pads = [(p, p) for p in _two(padding)]
+    xp = np.pad(x, [(0, 0), (0, 0)] + pads)
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((x.shape[0], o_ch, oh, ow))
+    per_group = o_ch // groups
+    for n in range(x.shape[0]):
+        for o in range(o_ch):
+            first = (o // per_group) * cg
+            for i in range(oh):
+                for j in range(ow):
+                    for c in range(cg):
+                        for u in range(kh):
+                            for v in range(kw):
+                                out[n, o, i, j] += xp[n, first + c, i * sh + u * dh, j * sw + v * dw] * w[o, c, u, v]
+            if b is not None:
+                out[n, o] += b[o]
+    return out
+
+
+def _pool_out(size, k, s, p, d, ceil):
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    return out - 1 if ceil and (out - 1) * s >= size + p else out
+
+
+def _pool2d_ref(x, kind, kernel, stride=None, padding=0, dilation=1, ceil_mode=False, count_include_pad=True):
+    """Max or average pooling, one window at a time: the window's positions that fall inside the
+    (implicitly padded) input; max ignores padding, avg counts it when count_include_pad."""
+    (kh, kw), (ph, pw), (dh, dw) = _two(kernel), _two(padding), _two(dilation)
+    sh, sw = _two(kernel if stride is None else stride)
+    n, c, h, w = x.shape
+    oh, ow = _pool_out(h, kh, sh, ph, dh, ceil_mode), _pool_out(w, kw, sw, pw, dw, ceil_mode)
+    out = np.zeros((n, c, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            rows = [i * sh - ph + u * dh for u in range(kh)]
+            cols = [j * sw - pw + v * dw for v in range(kw)]
+            inside = [(r, q) for r in rows for q in cols if 0 <= r < h and 0 <= q < w]
+            values = np.stack([x[:, :, r, q] for r, q in inside], axis=-1)
+            if kind == "max":
+                out[:, :, i, j] = values.max(axis=-1)
+            else:
+                padded = [(r, q) for r in rows for q in cols if -ph <= r < h + ph and -pw <= q < w + pw]
+                out[:, :, i, j] = values.sum(axis=-1) / (len(padded) if count_include_pad else len(inside))
+    return out
+
+
+def _adaptive_avg_ref(x, size):
+    oh, ow = _two(size)
+    h, w = x.shape[2:]
+    out = np.zeros(x.shape[:2] + (oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            r0, r1 = (i * h) // oh, -(-((i + 1) * h) // oh)
+            c0, c1 = (j * w) // ow, -(-((j + 1) * w) // ow)
+            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return out
+
+
 @dataclass
 class Op:
     name: str
@@ -135,6 +206,43 @@ OPS = [
     Op("linear_no_bias", lambda x, w: F.linear(x, w), lambda x, w: x @ w.T, [(3, 4), (5, 4)]),
     Op("linear_3d_input", lambda x, w, b: F.linear(x, w, b), lambda x, w, b: x @ w.T + b, [(2, 3, 4), (5, 4), (5,)]),
     Op("linear_1d_input", lambda x, w, b: F.linear(x, w, b), lambda x, w, b: x @ w.T + b, [(4,), (5, 4), (5,)]),
+    # convolution: odd sizes, batch 1, stride, padding, dilation, non-square kernels, groups, depthwise
+    Op("conv2d", lambda x, w, b: F.conv2d(x, w, b), _conv2d_ref, [(2, 3, 5, 6), (4, 3, 3, 3), (4,)]),
+    Op("conv2d_stride2_pad1_batch1", lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1),
+       lambda x, w, b: _conv2d_ref(x, w, b, 2, 1), [(1, 2, 7, 6), (3, 2, 3, 3), (3,)]),
+    Op("conv2d_dilation_nonsquare", lambda x, w: F.conv2d(x, w, stride=(1, 2), padding=(1, 2), dilation=(2, 1)),
+       lambda x, w: _conv2d_ref(x, w, None, (1, 2), (1, 2), (2, 1)), [(2, 2, 7, 8), (3, 2, 2, 3)]),
+    Op("conv2d_groups2", lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=2),
+       lambda x, w, b: _conv2d_ref(x, w, b, 1, 1, 1, 2), [(2, 4, 5, 5), (6, 2, 3, 3), (6,)]),
+    Op("conv2d_depthwise_same", lambda x, w: F.conv2d(x, w, padding="same", groups=3),
+       lambda x, w: _conv2d_ref(x, w, None, 1, "same", 1, 3), [(2, 3, 6, 5), (3, 1, 3, 3)]),
+    Op("conv2d_same_even_kernel_dilated", lambda x, w: F.conv2d(x, w, padding="same", dilation=(1, 2)),
+       lambda x, w: _conv2d_ref(x, w, None, 1, "same", (1, 2)), [(1, 2, 5, 6), (2, 2, 2, 4)]),
+    Op("conv2d_valid_unbatched", lambda x, w: F.conv2d(x, w, padding="valid"),
+       lambda x, w: _conv2d_ref(x[None], w)[0], [(2, 5, 4), (3, 2, 3, 2)]),
+    Op("conv1d", lambda x, w, b: F.conv1d(x, w, b, stride=2, padding=1),
+       lambda x, w, b: _conv2d_ref(x[:, :, None], w[:, :, None], b, (1, 2), (0, 1))[:, :, 0],
+       [(2, 3, 9), (4, 3, 3), (4,)]),
+    Op("conv1d_groups_dilation", lambda x, w: F.conv1d(x, w, dilation=2, groups=2),
+       lambda x, w: _conv2d_ref(x[:, :, None], w[:, :, None], None, 1, 0, (1, 2), 2)[:, :, 0],
+       [(1, 4, 8), (2, 2, 2)]),
+    # pooling
+    Op("max_pool2d", lambda x: F.max_pool2d(x, 2), lambda x: _pool2d_ref(x, "max", 2), [(2, 3, 7, 6)]),
+    Op("max_pool2d_stride2_pad1", lambda x: F.max_pool2d(x, 3, 2, 1), lambda x: _pool2d_ref(x, "max", 3, 2, 1),
+       [(1, 2, 7, 6)]),
+    Op("max_pool2d_ceil_dilation_nonsquare", lambda x: F.max_pool2d(x, (2, 3), 2, (1, 0), (2, 1), ceil_mode=True),
+       lambda x: _pool2d_ref(x, "max", (2, 3), 2, (1, 0), (2, 1), ceil_mode=True), [(2, 2, 8, 7)]),
+    Op("max_pool2d_module_unbatched", lambda x: engine.nn.MaxPool2d(2, stride=1)(x),
+       lambda x: _pool2d_ref(x[None], "max", 2, 1)[0], [(2, 4, 5)]),
+    Op("avg_pool2d", lambda x: F.avg_pool2d(x, 2), lambda x: _pool2d_ref(x, "avg", 2), [(2, 3, 7, 6)]),
+    Op("avg_pool2d_pad_ceil", lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True),
+       lambda x: _pool2d_ref(x, "avg", 3, 2, 1, ceil_mode=True), [(1, 2, 6, 7)]),
+    Op("avg_pool2d_exclude_pad", lambda x: engine.nn.AvgPool2d((3, 2), 2, 1, count_include_pad=False)(x),
+       lambda x: _pool2d_ref(x, "avg", (3, 2), 2, 1, count_include_pad=False), [(2, 2, 7, 5)]),
+    Op("adaptive_avg_pool2d_1", lambda x: engine.nn.AdaptiveAvgPool2d(1)(x), lambda x: _adaptive_avg_ref(x, 1),
+       [(2, 3, 5, 4)]),
+    Op("adaptive_avg_pool2d_uneven", lambda x: F.adaptive_avg_pool2d(x, (3, 4)), lambda x: _adaptive_avg_ref(x, (3, 4)),
+       [(2, 2, 7, 6)]),
 ]
 
 

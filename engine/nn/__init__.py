@@ -7,8 +7,10 @@ Example:
 """
 
 from engine.nn import functional, init, parallel, utils
-from engine.nn.layers import (GELU, BatchNorm1d, Dropout, Embedding, Flatten, Identity, LayerNorm, LeakyReLU, Linear,
-                              LogSoftmax, ModuleList, ReLU, Sequential, Sigmoid, Softmax, Tanh)
+from engine.nn.conv import AdaptiveAvgPool2d, AvgPool2d, Conv1d, Conv2d, MaxPool2d
+from engine.nn.layers import (GELU, BatchNorm1d, BatchNorm2d, Dropout, Dropout2d, Embedding, Flatten, Identity,
+                              LayerNorm, LeakyReLU, Linear, LogSoftmax, ModuleList, ReLU, Sequential, Sigmoid, Softmax,
+                              Tanh)
 from engine.nn.losses import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, KLDivLoss, L1Loss, MSELoss, NLLLoss
 from engine.nn.module import IncompatibleKeys, Module, Parameter, StateDictError
 from engine.nn.transformer import (MultiheadAttention, Transformer, TransformerDecoder, TransformerDecoderLayer,
@@ -19,6 +21,7 @@ __all__ = [
     "Module", "Parameter", "IncompatibleKeys", "StateDictError",
     "Sequential", "ModuleList", "Linear", "Identity", "ReLU", "Sigmoid", "Tanh", "GELU", "Softmax", "LogSoftmax",
     "Flatten", "Dropout", "LayerNorm", "BatchNorm1d", "Embedding", "LeakyReLU",
+    "Conv1d", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm2d", "Dropout2d",
     "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer",
     "TransformerDecoder", "Transformer",
     "CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss",

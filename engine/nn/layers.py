@@ -1,4 +1,5 @@
-"""Layers: containers (Sequential, ModuleList), Linear, activations, Dropout, LayerNorm, Embedding.
+"""Layers: containers (Sequential, ModuleList), Linear, activations, Dropout(2d), LayerNorm, BatchNorm1d/2d,
+Embedding.
 
 ``Sequential`` runs a ``Linear`` directly followed by a ``ReLU`` as the fused kernel
 ``engine.functional.linear_relu`` whenever fused kernels are enabled, with no change to the model.
@@ -362,14 +363,14 @@ class BatchNorm1d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        axes = (0,) if x.ndim == 2 else (0, 2)
+        axes = (0,) + tuple(range(2, x.ndim))  # statistics per channel, over the batch and every spatial dim
         shape = (1, self.num_features) + (1,) * (x.ndim - 2)
         use_batch = self.training or not self.track_running_stats
         if use_batch:
-            count = x.shape[0] * (x.shape[2] if x.ndim == 3 else 1)
+            count = math.prod(x.shape) // self.num_features
             if self.training and count <= 1:
-                raise ValueError(f"BatchNorm1d: expected more than 1 value per channel when training, got input "
-                                 f"of shape {x.shape}")
+                raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel when training, got "
+                                 f"input of shape {x.shape}")
             mean = ops.mean(x, dim=axes, keepdim=True)
             centered = x - mean
             var = ops.mean(centered * centered, dim=axes, keepdim=True)
@@ -399,6 +400,27 @@ class BatchNorm1d(Module):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm2d(BatchNorm1d):
+    """Batch normalisation of (N, C, H, W) input, statistics per channel over (N, H, W); otherwise
+    as BatchNorm1d (same arguments, momentum rule, unbiased running variance and state-dict buffers).
+
+    Example:
+        >>> nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())   # doctest: +SKIP
+    """
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm2d: expected (N, {self.num_features}, H, W) input, got shape {x.shape}")
+
+
+class Dropout2d(Dropout):
+    """Zero whole channels of (N, C, H, W) input with probability ``p`` in training mode, scaling the
+    rest by 1 / (1 - p) (``F.dropout2d``); the identity in eval mode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout2d(x, self.p, self.training)
 
 
 class Embedding(Module):

@@ -1,0 +1,442 @@
+"""Convolution and pooling over (N, C, H, W) input, PyTorch's ``F.conv2d`` / ``F.max_pool2d`` family.
+
+Every op views the (padded) input as sliding windows with ``as_strided`` (no copy), so one code
+path serves numpy and cupy:
+
+- ``conv2d`` copies the windows once into an im2col matrix and does one (grouped) GEMM; the
+  input gradient goes back through the windows by a loop over the kh * kw kernel offsets, each
+  adding one strided slice (col2im without a scatter).
+- ``max_pool2d`` keeps the argmax offset of each window (the first maximum, as PyTorch) and its
+  backward adds the gradient at that offset, again one strided slice per kernel offset.
+- ``avg_pool2d`` sums the windows and divides by a per-position count computed on the host from
+  the shapes alone (count_include_pad, ceil_mode overhang and divisor_override all reduce to it).
+- ``adaptive_avg_pool2d`` is two averaging matrices, ``P_h @ x @ P_w.T``, so any output size works.
+
+1-d variants run the 2-d op with H = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine import backend, ops
+from engine.autograd import Function
+from engine.errors import DTypeError, ShapeError, describe
+from engine.tensor import Tensor
+
+
+def _pair(op: str, name: str, value, n: int = 2) -> tuple:
+    """An int or a sequence of ``n`` ints as a tuple of ``n`` ints (PyTorch's ``_pair``)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return (int(value),) * n
+    try:
+        values = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}") from None
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}")
+    return values
+
+
+def _windows(a, kernel: tuple, stride: tuple, dilation: tuple, out: tuple):
+    """A read-only (N, C, oh, ow, kh, kw) view of the windows of ``a`` (N, C, H, W); no copy."""
+    xp = backend.array_module(a)
+    s_n, s_c, s_h, s_w = a.strides
+    shape = a.shape[:2] + tuple(out) + tuple(kernel)
+    strides = (s_n, s_c, s_h * stride[0], s_w * stride[1], s_h * dilation[0], s_w * dilation[1])
+    return xp.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
+
+
+def _add_windows(target, grad_windows, kernel: tuple, stride: tuple, dilation: tuple, out: tuple) -> None:
+    """``target`` (N, C, H, W) += each window's gradient (N, C, oh, ow, kh, kw), overlaps summed.
+
+    One strided slice per kernel offset: kh * kw vectorised adds, no scatter and no atomics.
+    """
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + (oh - 1) * sh + 1, sh)
+            cols = slice(j * dw, j * dw + (ow - 1) * sw + 1, sw)
+            target[:, :, rows, cols] += grad_windows[..., i, j]
+
+
+def _pad(a, pads: tuple, value=0):
+    """Pad the last two dims by ((top, bottom), (left, right)); the array itself when no padding."""
+    if not any(p for pair in pads for p in pair):
+        return a
+    xp = backend.array_module(a)
+    return xp.pad(a, ((0, 0), (0, 0)) + tuple(pads), mode="constant", constant_values=value)
+
+
+def _crop(a, pads: tuple, size: tuple):
+    (top, _), (left, _) = pads
+    return a[:, :, top:top + size[0], left:left + size[1]]
+
+
+# ---- convolution ---------------------------------------------------------------------------------
+
+class Conv2d(Function):
+    """Grouped 2-d cross-correlation (PyTorch's convolution) as im2col + one batched GEMM."""
+
+    name = "conv2d"
+
+    def forward(self, x, weight, bias=None, *, stride, pads, dilation, groups, out):
+        xp = backend.array_module(x)
+        n, c, h, w = x.shape
+        o, cg, kh, kw = weight.shape
+        k = cg * kh * kw
+        windows = _windows(_pad(x, pads), (kh, kw), stride, dilation, out)
+        # (C, kh, kw, N, oh, ow) -> (groups, Cg*kh*kw, N*oh*ow): the one copy of the input
+        cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(groups, k, n * out[0] * out[1])
+        wmat = weight.reshape(groups, o // groups, k)
+        result = xp.matmul(wmat, cols)  # (groups, O/g, N*oh*ow)
+        result = xp.ascontiguousarray(result.reshape(o, n, *out).transpose(1, 0, 2, 3))
+        if bias is not None:
+            result += bias.reshape(1, o, 1, 1)
+        self.geometry = (x.shape, weight.shape, pads, stride, dilation, groups, out)
+        self.has_bias = bias is not None
+        # cols is a copy, so in-place changes of x after forward cannot corrupt the weight gradient
+        self.save(cols if self.needs_input_grad[1] else None, weight if self.needs_input_grad[0] else None)
+        return result
+
+    def backward(self, g):
+        cols, weight = self.saved
+        (n, c, h, w), (o, cg, kh, kw), pads, stride, dilation, groups, out = self.geometry
+        xp = backend.array_module(g)
+        gmat = g.transpose(1, 0, 2, 3).reshape(groups, o // groups, n * out[0] * out[1])
+        grads = [None, None]
+        if self.needs_input_grad[1]:
+            grads[1] = xp.matmul(gmat, cols.transpose(0, 2, 1)).reshape(o, cg, kh, kw)
+        if self.needs_input_grad[0]:
+            wmat = weight.reshape(groups, o // groups, cg * kh * kw)
+            gcols = xp.matmul(wmat.transpose(0, 2, 1), gmat).reshape(c, kh, kw, n, *out)
+            padded = xp.zeros((n, c, h + sum(pads[0]), w + sum(pads[1])), dtype=g.dtype)
+            _add_windows(padded, gcols.transpose(3, 0, 4, 5, 1, 2), (kh, kw), stride, dilation, out)
+            grads[0] = xp.ascontiguousarray(_crop(padded, pads, (h, w)))
+        if self.has_bias:
+            grads.append(g.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None)
+        return tuple(grads)
+
+
+def _conv_padding(op: str, padding, kernel: tuple, stride: tuple, dilation: tuple) -> tuple:
+    """PyTorch's padding argument (int, tuple, 'valid', 'same') as ((top, bottom), (left, right))."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding != "same":
+            raise ValueError(f"{op}: padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
+        if any(s != 1 for s in stride):
+            raise ValueError(f"{op}: padding='same' is not supported for strided convolutions (stride={stride}), "
+                             "as in PyTorch")
+        pads = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)  # PyTorch puts the odd one on the bottom/right
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+    ph, pw = _pair(op, "padding", padding)
+    if ph < 0 or pw < 0:
+        raise ValueError(f"{op}: padding must be non-negative, got {padding!r}")
+    return (ph, ph), (pw, pw)
+
+
+def _check_conv(op: str, x: Tensor, weight: Tensor, bias, groups: int) -> None:
+    if weight.ndim != 4:
+        raise ShapeError(f"{op}: weight must be (out_channels, in_channels / groups, kH, kW), got {describe(weight)}")
+    if x.ndim != 4:
+        raise ShapeError(f"{op}: expected (N, C, H, W) or unbatched (C, H, W) input, got {describe(x)}")
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+        raise ShapeError(f"{op}: groups={groups} must divide both the input's {x.shape[1]} channels and the "
+                         f"weight's {weight.shape[0]} output channels")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ShapeError(f"{op}: input {describe(x)} has {x.shape[1]} channels but weight {describe(weight)} with "
+                         f"groups={groups} expects {weight.shape[1] * groups} (weight.shape[1] * groups)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ShapeError(f"{op}: bias {describe(bias)} must have shape ({weight.shape[0]},), one per output channel")
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if not all(np.issubdtype(t.dtype, np.floating) for t in tensors) or len({t.dtype for t in tensors}) > 1:
+        raise DTypeError(f"{op}: input, weight and bias must share one floating dtype, got "
+                         f"{', '.join(describe(t) for t in tensors)}; convert with .to(dtype)")
+
+
+def _out_size(op: str, x: Tensor, padded: tuple, kernel: tuple, stride: tuple, dilation: tuple) -> tuple:
+    effective = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    if any(p < e for p, e in zip(padded, effective)):
+        raise ShapeError(f"{op}: padded input size per channel {padded} of input {describe(x)} is smaller than "
+                         f"the (dilated) kernel size {effective}; the kernel can't be greater than the input")
+    return tuple((p - e) // s + 1 for p, e, s in zip(padded, effective, stride))
+
+
+def _positive(op: str, name: str, values: tuple) -> tuple:
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{op}: {name} must be positive, got {values}")
+    return values
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """2-d convolution (cross-correlation) of (N, C, H, W) input with (O, C / groups, kH, kW) weight.
+
+    PyTorch's semantics: ``padding`` is an int, a pair, ``'valid'`` (none) or ``'same'`` (output as
+    large as the input; stride 1 only, the odd extra row/column padded at the bottom/right);
+    ``groups`` splits the channels into independent convolutions (``groups == C`` is depthwise).
+    Unbatched (C, H, W) input gives (O, oH, oW).
+
+    Example:
+        >>> y = F.conv2d(x, w, b, stride=2, padding=1)   # x (N, 3, 32, 32), w (16, 3, 3, 3)  # doctest: +SKIP
+    """
+    unbatched = isinstance(input, Tensor) and input.ndim == 3
+    if unbatched:
+        input = ops.unsqueeze(input, 0)
+    groups = int(groups)
+    _check_conv("conv2d", input, weight, bias, groups)
+    kernel = tuple(weight.shape[2:])
+    stride = _positive("conv2d", "stride", _pair("conv2d", "stride", stride))
+    dilation = _positive("conv2d", "dilation", _pair("conv2d", "dilation", dilation))
+    pads = _conv_padding("conv2d", padding, kernel, stride, dilation)
+    padded = tuple(size + sum(p) for size, p in zip(input.shape[2:], pads))
+    out = _out_size("conv2d", input, padded, kernel, stride, dilation)
+    params = dict(stride=stride, pads=pads, dilation=dilation, groups=groups, out=out)
+    inputs = (input, weight) if bias is None else (input, weight, bias)
+    result = Conv2d.apply(*inputs, **params)
+    return ops.squeeze(result, 0) if unbatched else result
+
+
+def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """1-d convolution of (N, C, L) input with (O, C / groups, k) weight: conv2d with H = 1."""
+    if weight.ndim != 3:
+        raise ShapeError(f"conv1d: weight must be (out_channels, in_channels / groups, k), got {describe(weight)}")
+    unbatched = input.ndim == 2
+    if unbatched:
+        input = ops.unsqueeze(input, 0)
+    if input.ndim != 3:
+        raise ShapeError(f"conv1d: expected (N, C, L) or unbatched (C, L) input, got {describe(input)}")
+    if isinstance(padding, str):
+        pad2 = padding
+    else:
+        pad2 = (0, _pair("conv1d", "padding", padding, 1)[0])
+    result = conv2d(ops.unsqueeze(input, 2), ops.unsqueeze(weight, 2), bias,
+                    stride=(1, _pair("conv1d", "stride", stride, 1)[0]), padding=pad2,
+                    dilation=(1, _pair("conv1d", "dilation", dilation, 1)[0]), groups=groups)
+    result = ops.squeeze(result, 2)
+    return ops.squeeze(result, 0) if unbatched else result
+
+
+# ---- pooling ---------------------------------------------------------------------------------------
+
+def _pool_size(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
+    """Output length of one pooled dim, PyTorch's formula (a ceil-mode window must start inside
+    the input or its left padding)."""
+    span = size + 2 * pad - dilation * (kernel - 1) - 1
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _pool_geometry(op: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
+    """(kernel, stride, dilation, out, pads) of a pooling op, checked as PyTorch checks them.
+
+    ``pads`` includes the extra bottom/right rows a ceil-mode window can overhang by.
+    """
+    kernel = _positive(op, "kernel_size", _pair(op, "kernel_size", kernel_size))
+    stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else \
+        _positive(op, "stride", _pair(op, "stride", stride))
+    dilation = _positive(op, "dilation", _pair(op, "dilation", dilation))
+    pad = _pair(op, "padding", padding)
+    for p, k, d in zip(pad, kernel, dilation):
+        if p < 0 or p > (d * (k - 1) + 1) // 2:
+            raise ValueError(f"{op}: padding {pad} must be non-negative and at most half of the (dilated) kernel "
+                             f"size {kernel}, as in PyTorch")
+    out = tuple(_pool_size(s, k, st, p, d, ceil_mode) for s, k, st, p, d in zip(x.shape[2:], kernel, stride, pad,
+                                                                              dilation))
+    if any(o <= 0 for o in out):
+        raise ShapeError(f"{op}: input {describe(x)} is too small for kernel_size={kernel}, stride={stride}, "
+                         f"padding={pad}, dilation={dilation}: the output size would be {out}")
+    pads = []
+    for size, k, st, p, d, o in zip(x.shape[2:], kernel, stride, pad, dilation, out):
+        overhang = max(0, (o - 1) * st + d * (k - 1) + 1 - (size + 2 * p))
+        pads.append((p, p + overhang))
+    return kernel, stride, dilation, out, tuple(pads)
+
+
+def _batched(op: str, x: Tensor) -> tuple[Tensor, bool]:
+    """(N, C, H, W) input as is, unbatched (C, H, W) with a batch dim added; anything else raises."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: input must be a Tensor, got {type(x).__name__}")
+    if x.ndim == 3:
+        return ops.unsqueeze(x, 0), True
+    if x.ndim != 4:
+        raise ShapeError(f"{op}: expected (N, C, H, W) or unbatched (C, H, W) input, got {describe(x)}")
+    return x, False
+
+
+def _check_float(op: str, x: Tensor) -> None:
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DTypeError(f"{op}: input must be floating point, got {describe(x)}; convert with .float()")
+
+
+class MaxPool2d(Function):
+    """Window maxima; the gradient goes to the first maximum of each window, as in PyTorch.
+
+    The caller finds the maxima and ``argmax`` (each window's offset of its maximum), which it
+    also turns into ``return_indices``' indices, so the windows are read once whether or not a
+    graph is recorded; this node keeps ``argmax`` for the backward.
+    """
+
+    name = "max_pool2d"
+
+    def forward(self, x, *, values, argmax, kernel, stride, dilation, out, pads):
+        self.argmax = argmax
+        self.geometry = (x.shape, kernel, stride, dilation, out, pads)
+        return values
+
+    def backward(self, g):
+        xp = backend.array_module(g)
+        (n, c, h, w), kernel, stride, dilation, out, pads = self.geometry
+        padded = xp.zeros((n, c, h + sum(pads[0]), w + sum(pads[1])), dtype=g.dtype)
+        _add_windows(padded, _ArgmaxWindows(g, self.argmax, kernel[1]), kernel, stride, dilation, out)
+        return xp.ascontiguousarray(_crop(padded, pads, (h, w)))
+
+
+def _window_maxima(windows, kernel: tuple):
+    """(maxima, argmax): each window's maximum and the offset (i * kw + j) of its first maximum
+    (a NaN counts as the maximum, as in PyTorch)."""
+    xp = backend.array_module(windows)
+    flat = windows.reshape(windows.shape[:4] + (kernel[0] * kernel[1],))  # the one copy of the windows
+    argmax = flat.argmax(axis=-1)
+    return xp.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0], argmax
+
+
+class _ArgmaxWindows:
+    """``grad_windows[..., i, j]`` of max pooling: ``g`` where offset (i, j) is the argmax, else 0.
+
+    Indexed by ``_add_windows`` one offset at a time, so the (N, C, oh, ow, kh, kw) array is never built.
+    """
+
+    def __init__(self, g, argmax, kernel_width: int):
+        self.g, self.argmax, self.kernel_width = g, argmax, kernel_width
+
+    def __getitem__(self, index):
+        _, i, j = index
+        xp = backend.array_module(self.g)
+        return xp.where(self.argmax == i * self.kernel_width + j, self.g, 0)
+
+
+def _max_indices(xp, argmax, shape: tuple, kernel, stride, dilation, out, pads):
+    """PyTorch's return_indices: each maximum's flat index into the unpadded H * W plane (int64)."""
+    i, j = argmax // kernel[1], argmax % kernel[1]
+    rows = xp.arange(out[0]).reshape(-1, 1) * stride[0] + i * dilation[0] - pads[0][0]
+    cols = xp.arange(out[1]).reshape(1, -1) * stride[1] + j * dilation[1] - pads[1][0]
+    return (rows * shape[3] + cols).astype(np.int64)
+
+
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """Max over (kH, kW) windows of (N, C, H, W) input; ``stride`` defaults to ``kernel_size``.
+
+    Padding is implicit -inf (at most half the kernel, as PyTorch requires). With
+    ``return_indices=True`` returns ``(values, indices)``, the indices flat into each H * W plane.
+    """
+    x, unbatched = _batched("max_pool2d", input)
+    _check_float("max_pool2d", x)
+    kernel, stride, dilation, out, pads = _pool_geometry("max_pool2d", x, kernel_size, stride, padding, dilation,
+                                                         ceil_mode)
+    values, argmax = _window_maxima(_windows(_pad(x._data, pads, -np.inf), kernel, stride, dilation, out), kernel)
+    result = MaxPool2d.apply(x, values=values, argmax=argmax, kernel=kernel, stride=stride, dilation=dilation, out=out, pads=pads)
+    result = ops.squeeze(result, 0) if unbatched else result
+    if not return_indices:
+        return result
+    indices = Tensor(_max_indices(x.xp, argmax, x.shape, kernel, stride, dilation, out, pads))
+    return result, (ops.squeeze(indices, 0) if unbatched else indices)
+
+
+def _avg_counts(size: int, kernel: int, stride: int, pad: int, out: int, include_pad: bool) -> np.ndarray:
+    """How many elements each output position of one dim averages over (PyTorch's divisor)."""
+    start = np.arange(out) * stride - pad
+    lo, hi = (-pad, size + pad) if include_pad else (0, size)
+    return np.maximum(np.minimum(start + kernel, hi) - np.maximum(start, lo), 0)
+
+
+class AvgPool2d(Function):
+    """Window sums divided by a per-position count; the backward spreads ``g / count`` over each window."""
+
+    name = "avg_pool2d"
+
+    def forward(self, x, *, kernel, stride, out, pads, divisor):
+        windows = _windows(_pad(x, pads), kernel, stride, (1, 1), out)
+        self.divisor = backend.array_module(x).asarray(divisor, dtype=x.dtype)
+        self.geometry = (x.shape, kernel, stride, out, pads)
+        return windows.sum(axis=(4, 5)) / self.divisor
+
+    def backward(self, g):
+        xp = backend.array_module(g)
+        (n, c, h, w), kernel, stride, out, pads = self.geometry
+        share = xp.broadcast_to((g / self.divisor)[..., None, None], g.shape + tuple(kernel))
+        padded = xp.zeros((n, c, h + sum(pads[0]), w + sum(pads[1])), dtype=g.dtype)
+        _add_windows(padded, share, kernel, stride, (1, 1), out)
+        return xp.ascontiguousarray(_crop(padded, pads, (h, w)))
+
+
+def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True, divisor_override: int | None = None) -> Tensor:
+    """Mean over (kH, kW) windows of (N, C, H, W) input; ``stride`` defaults to ``kernel_size``.
+
+    As in PyTorch, zero padding counts in the mean when ``count_include_pad`` (the default), the
+    part of a ceil-mode window beyond the padding never does, and ``divisor_override`` replaces
+    the count.
+    """
+    x, unbatched = _batched("avg_pool2d", input)
+    _check_float("avg_pool2d", x)
+    kernel, stride, dilation, out, pads = _pool_geometry("avg_pool2d", x, kernel_size, stride, padding, 1, ceil_mode)
+    if divisor_override is not None:
+        if int(divisor_override) == 0:
+            raise ValueError("avg_pool2d: divisor_override must be non-zero")
+        divisor = np.full(out, float(divisor_override))
+    else:
+        counts = [_avg_counts(s, k, st, p[0], o, count_include_pad)
+                  for s, k, st, p, o in zip(x.shape[2:], kernel, stride, pads, out)]
+        divisor = np.outer(counts[0], counts[1]).astype(np.float64)
+    result = AvgPool2d.apply(x, kernel=kernel, stride=stride, out=out, pads=pads, divisor=divisor)
+    return ops.squeeze(result, 0) if unbatched else result
+
+
+def _adaptive_matrix(size: int, out: int, dtype) -> np.ndarray:
+    """(out, size) averaging matrix of adaptive pooling: row i averages [floor(i*size/out), ceil((i+1)*size/out))."""
+    matrix = np.zeros((out, size), dtype=dtype)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
+    """Average pooling to a fixed (oH, oW) output whatever the input's size (PyTorch's windows:
+    row i covers [floor(i H / oH), ceil((i + 1) H / oH)) ). ``None`` in ``output_size`` keeps that dim.
+
+    Computed as ``P_h @ x @ P_w.T`` with constant averaging matrices, so every size works and the
+    gradient is the matrices' transpose.
+    """
+    x, unbatched = _batched("adaptive_avg_pool2d", input)
+    _check_float("adaptive_avg_pool2d", x)
+    if isinstance(output_size, (int, np.integer)) or output_size is None:
+        output_size = (output_size, output_size)
+    if len(output_size) != 2:
+        raise ValueError(f"adaptive_avg_pool2d: output_size must be an int or a pair, got {output_size!r}")
+    oh, ow = (x.shape[2 + i] if s is None else int(s) for i, s in enumerate(output_size))
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"adaptive_avg_pool2d: output_size must be positive, got {output_size!r} for {describe(x)}")
+    h, w = x.shape[2:]
+    if (oh, ow) == (1, 1):
+        result = ops.mean(x, dim=(2, 3), keepdim=True)
+    else:
+        p_h = Tensor(_adaptive_matrix(h, oh, x.dtype), device=x.device)
+        p_w = Tensor(_adaptive_matrix(w, ow, x.dtype).T.copy(), device=x.device)
+        result = ops.matmul(ops.matmul(p_h, x), p_w)
+    return ops.squeeze(result, 0) if unbatched else result
