@@ -165,6 +165,25 @@ def describe_array(name: str, a) -> str:
     return f"{name}={module}.{type(a).__name__}{tuple(a.shape)} {a.dtype}{where}"
 
 
+def placement_problem(arrays: dict) -> str | None:
+    """What is wrong with the arrays handed to a kernel (name -> array, None for an absent
+    optional one), or None: each must be a numpy or cupy array, all on one device, cupy ones on one
+    GPU. Every kernel's validator asks this first, so the messages are the same across kernels.
+    """
+    present = {name: a for name, a in arrays.items() if a is not None}
+    for name, a in present.items():
+        if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "flags")) \
+                or module_of(a) not in ("numpy", "cupy"):
+            return (f"{name} must be a numpy or cupy array (CPU or GPU), got "
+                    f"{type(a).__module__}.{type(a).__name__}")
+    if len({module_of(a) for a in present.values()}) > 1:
+        return "the arrays are on different devices (numpy = CPU, cupy = GPU); move them all to one device"
+    spread = different_gpus(a for a in present.values() if module_of(a) == "cupy")
+    if spread:
+        return f"the arrays are on different GPUs ({spread}); move them all to one device"
+    return None
+
+
 def different_gpus(arrays) -> str | None:
     """``'cuda:0, cuda:1'`` when the cupy arrays among ``arrays`` live on more than one GPU, else None.
 

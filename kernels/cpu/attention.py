@@ -46,8 +46,8 @@ import numpy as np
 
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
-from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
+from kernels.registry import placement_problem as _placement_problem
 from kernels.registry import numba_parallel as _numba_parallel
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -89,21 +89,10 @@ def _fail(op, arrays, what):
 
 
 def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
-    for name, a in arrays.items():
-        if a is None and name == "mask":
-            continue
-        if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "flags")) \
-                or _module_of(a) not in ("numpy", "cupy"):
-            _fail(op, arrays, f"{name} is not an array; pass numpy arrays (CPU) or cupy arrays (GPU)")
-    present = [a for a in arrays.values() if a is not None]
-    modules = {_module_of(a) for a in present}
-    if len(modules) > 1:
-        _fail(op, arrays, "the arrays are on different devices; move them all to the CPU (numpy) or all to "
-                          "the GPU (cupy)")
-    if "cupy" in modules:
-        spread = _different_gpus(present)
-        if spread:
-            _fail(op, arrays, f"the arrays are on different GPUs ({spread}); move them all to one device")
+    problem = _placement_problem({name: a for name, a in arrays.items() if a is not None or name != "mask"})
+    if problem:
+        _fail(op, arrays, problem)
+    modules = {_module_of(q)}
     for name in ("q", "k", "v"):
         if arrays[name].ndim != 3:
             _fail(op, arrays, f"{name} must be 3-D (B, L or S, head dim) with batch and heads flattened into B, "

@@ -29,8 +29,8 @@ import numpy as np
 
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
-from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
+from kernels.registry import placement_problem as _placement_problem
 from kernels.registry import numba_parallel as _numba_parallel
 
 FORWARD = "gelu_forward"
@@ -60,20 +60,12 @@ class GeluSpec:
 
 
 def _check(kernel: str, where, arrays: dict, x, approximate) -> GeluSpec:
-    for name, a in arrays.items():
-        if not (hasattr(a, "shape") and hasattr(a, "dtype") and _module_of(a) in ("numpy", "cupy")):
-            raise KernelError(f"{where()}: {name} must be a numpy or cupy array, got "
-                              f"{type(a).__module__}.{type(a).__name__}")
+    problem = _placement_problem(arrays)
+    if problem:
+        raise KernelError(f"{where()}: {problem}")
     if approximate not in APPROXIMATIONS:
         raise KernelError(f"{kernel}: approximate must be 'none' or 'tanh', got {approximate!r}")
-    kinds = {_module_of(a) for a in arrays.values()}
-    if len(kinds) > 1:
-        raise KernelError(f"{where()}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
-                          "move them all to one device")
-    if "cupy" in kinds:
-        spread = _different_gpus(arrays.values())
-        if spread:
-            raise KernelError(f"{where()}: the arrays are on different GPUs ({spread}); move them all to one device")
+    kinds = {_module_of(x)}
     if x.dtype not in FLOAT_DTYPES:
         raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32 and float64 are supported")
     for name, a in arrays.items():

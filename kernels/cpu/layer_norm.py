@@ -37,8 +37,8 @@ import numpy as np
 
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
-from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
+from kernels.registry import placement_problem as _placement_problem
 from kernels.registry import numba_parallel as _numba_parallel
 
 FORWARD = "layer_norm_forward"
@@ -63,24 +63,12 @@ class LayerNormSpec:
     weight_grads: bool = False  # backward: dweight / dbias wanted (and a weight given)
 
 
-def _is_array(a) -> bool:
-    return hasattr(a, "shape") and hasattr(a, "dtype") and _module_of(a) in ("numpy", "cupy")
-
-
 def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
     """Arrays on one device, x 2-D float, every other array x's dtype; returns the array module."""
-    for name, a in arrays.items():
-        if not _is_array(a):
-            raise KernelError(f"{where()}: {name} must be a numpy or cupy array, got "
-                              f"{type(a).__module__}.{type(a).__name__}")
-    kinds = {_module_of(a) for a in arrays.values()}
-    if len(kinds) > 1:
-        raise KernelError(f"{where()}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
-                          "move them all to one device")
-    if "cupy" in kinds:
-        spread = _different_gpus(arrays.values())
-        if spread:
-            raise KernelError(f"{where()}: the arrays are on different GPUs ({spread}); move them all to one device")
+    problem = _placement_problem(arrays)
+    if problem:
+        raise KernelError(f"{where()}: {problem}")
+    kinds = {_module_of(x)}
     if x.ndim != 2:
         raise KernelError(f"{where()}: x must be 2-D (N, D), got {x.ndim}-D; reshape to (-1, D) with the "
                           "normalised dimension last")

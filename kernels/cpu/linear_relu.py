@@ -45,7 +45,7 @@ import numpy as np
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import different_gpus as _different_gpus
-from kernels.registry import module_of as _module_of
+from kernels.registry import placement_problem as _placement_problem
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -72,17 +72,9 @@ def _check(kernel: str, arrays: dict, ndims: dict, shapes_ok, shape_rule: str):
         raise KernelError(f"{kernel}({described}): {what}")
 
     present = {n: a for n, a in arrays.items() if a is not None}
-    for name, a in present.items():
-        if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "flags")):
-            fail(f"{name} is not an array; pass numpy arrays (CPU) or cupy arrays (GPU)")
-    modules = {_module_of(a) for a in present.values()}
-    if len(modules) > 1:
-        fail("the arrays are on different devices; move them all to the CPU (numpy) "
-             "or all to the GPU (cupy)")
-    if "cupy" in modules:
-        spread = _different_gpus(present.values())
-        if spread:
-            fail(f"the arrays are on different GPUs ({spread}); move them all to one device")
+    problem = _placement_problem(present)
+    if problem:
+        fail(problem)
     for name, a in present.items():
         if a.ndim != ndims[name]:
             fail(f"{name} must be {ndims[name]}-D, got {a.ndim}-D")

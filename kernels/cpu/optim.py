@@ -26,6 +26,7 @@ from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
+from kernels.registry import placement_problem as _placement_problem
 from kernels.registry import numba_parallel as _numba_parallel
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -64,16 +65,9 @@ def _check_arrays_fully(kernel: str, arrays: dict, written: tuple[str, ...]):
         listing = ", ".join(_describe(n, a) for n, a in arrays.items())
         raise KernelError(f"{kernel}({listing}): {problem}")
 
-    for name, a in arrays.items():
-        if not (hasattr(a, "shape") and hasattr(a, "dtype") and _module_of(a) in ("numpy", "cupy")):
-            fail(f"{name} must be a numpy or cupy array, got {type(a).__module__}.{type(a).__name__}")
-    kinds = {_module_of(a) for a in arrays.values()}
-    if len(kinds) > 1:
-        fail("the arrays are on different devices (numpy = CPU, cupy = GPU); move them all to one device")
-    if "cupy" in kinds:
-        spread = _different_gpus(arrays.values())
-        if spread:
-            fail(f"the arrays are on different GPUs ({spread}); move them all to one device")
+    problem = _placement_problem(arrays)
+    if problem:
+        fail(problem)
     param = arrays["param"]
     for name, a in arrays.items():
         if a.dtype not in FLOAT_DTYPES:

@@ -38,8 +38,8 @@ import numpy as np
 
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
-from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import module_of as _module_of
+from kernels.registry import placement_problem as _placement_problem
 from kernels.registry import numba_parallel as _numba_parallel
 
 KERNEL = "softmax_cross_entropy"
@@ -81,18 +81,10 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
     arrays = {"logits": logits, "targets": targets}
     if weight is not None:
         arrays["weight"] = weight
-    for name, a in arrays.items():
-        if not _is_array(a):
-            raise KernelError(f"{where()}: {name} must be a numpy or cupy array, got "
-                              f"{type(a).__module__}.{type(a).__name__}")
-    kinds = {_module_of(a) for a in arrays.values()}
-    if len(kinds) > 1:
-        raise KernelError(f"{where()}: the arrays are on different devices (numpy = CPU, cupy = GPU); "
-                          "move them all to one device")
-    if "cupy" in kinds:
-        spread = _different_gpus(arrays.values())
-        if spread:
-            raise KernelError(f"{where()}: the arrays are on different GPUs ({spread}); move them all to one device")
+    problem = _placement_problem(arrays)
+    if problem:
+        raise KernelError(f"{where()}: {problem}")
+    kinds = {_module_of(logits)}
     if logits.ndim != 2:
         raise KernelError(f"{where()}: logits must be 2-D (N, C), got {logits.ndim}-D; reshape to (-1, C) "
                           "with the class dimension last")

@@ -254,7 +254,7 @@ def test_forward_rejects_bad_shapes(impl):
         kernels.linear_relu_forward(np.ones(3, np.float32), w, b, impl=impl)
     with pytest.raises(KernelError, match=r"bias must be 1-D, got 2-D"):
         kernels.linear_relu_forward(x, w, b.reshape(1, 5), impl=impl)
-    with pytest.raises(KernelError, match=r"weight is not an array"):
+    with pytest.raises(KernelError, match=r"weight must be a numpy or cupy array"):
         kernels.linear_relu_forward(x, [[1.0, 2.0, 3.0]], b, impl=impl)
 
 

@@ -499,8 +499,8 @@ def test_read_only_state_and_non_arrays_are_rejected(impl):
         kernels.adam_step(p, g, m, v, lr=0.1, step=1, impl=impl)
     g.flags.writeable = False  # a read-only gradient is fine: it is only read
     kernels.adam_step(p, g, v.copy(), v, lr=0.1, step=1, impl=impl)
-    with pytest.raises(KernelError, match=r"sgd_step\(param=builtins\.list.*param must be a numpy or cupy array, got "
-                                          r"builtins\.list"):
+    with pytest.raises(KernelError, match=r"sgd_step\(param=builtins\.list.*param must be a numpy or cupy array \(CPU or GPU\), "
+                                          r"got builtins\.list"):
         kernels.sgd_step([1.0, 2.0], np.ones(2, np.float32), impl=impl, lr=0.1)
 
 
