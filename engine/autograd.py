@@ -488,7 +488,7 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
     outer_callbacks = getattr(_callbacks, "queue", None)
     _callbacks.queue = []
     try:
-        _propagate(root, grad, retain_graph)
+        _propagate([(root, grad)], retain_graph)
         queued = _callbacks.queue
         while queued:  # a callback may queue another
             queued.pop(0)()
@@ -510,9 +510,20 @@ def queue_callback(callback) -> None:
     queued.append(callback)
 
 
-def _propagate(root, grad, retain_graph: bool) -> None:
-    grads = {id(root): grad}
-    for tensor in _topological_order(root):
+def _propagate(roots, retain_graph: bool, stop=frozenset()) -> dict:
+    """Run backward from ``roots`` ((tensor, gradient array) pairs) through the graph.
+
+    Leaves accumulate into ``.grad`` (and fire their post-accumulate hooks). Tensors whose id is in
+    ``stop`` end the walk: their gradients are not accumulated but returned, keyed by id (activation
+    checkpointing takes the gradients of a recomputed block's inputs this way).
+    """
+    grads = {}
+    for tensor, g in roots:
+        key = id(tensor)
+        grads[key] = g if key not in grads else grads[key] + g
+    for tensor in _topological_order([t for t, _ in roots], stop):
+        if id(tensor) in stop:
+            continue  # its gradient stays in ``grads`` for the caller
         g = grads.pop(id(tensor), None)
         if g is None:
             continue
@@ -540,40 +551,44 @@ def _propagate(root, grad, retain_graph: bool) -> None:
             grads[key] = gi if key not in grads else grads[key] + gi
         if not retain_graph:
             fn.release()
+    return grads
 
 
-def _topological_order(root) -> list:
-    """Tensors reachable from ``root`` through grad_fns, each after every tensor that uses it.
+def _topological_order(roots, stop=frozenset()) -> list:
+    """Tensors reachable from ``roots`` through grad_fns, each after every tensor that uses it; the
+    walk does not go past a tensor whose id is in ``stop``.
 
     A tensor is listed as soon as its last user is (Kahn's order, depth first), and a leaf at
     once: a parameter's gradient is final, and its post-accumulate hooks fire, right after the
     last op that reads it has run backward, not at the end of the pass. DistributedDataParallel
     starts all-reducing a bucket there, while the rest of backward runs.
     """
-    users, stack = {}, [root]  # users: id -> how many graph edges read the tensor
+    def inputs(tensor):
+        fn = None if id(tensor) in stop else tensor.grad_fn
+        return [inp for inp in getattr(fn, "inputs", ()) if inp.requires_grad] if fn is not None else ()
+
+    roots = list({id(r): r for r in roots}.values())
+    users, stack = {}, list(roots)  # users: id -> how many graph edges read the tensor
+    seen = {id(r) for r in roots}
     while stack:
-        fn = stack.pop().grad_fn
-        for inp in getattr(fn, "inputs", ()) if fn is not None else ():
-            if inp.requires_grad:
-                key = id(inp)
-                if key not in users:
-                    users[key] = 0
-                    stack.append(inp)
-                users[key] += 1
-    order, ready = [], [root]
+        for inp in inputs(stack.pop()):
+            key = id(inp)
+            users[key] = users.get(key, 0) + 1
+            if key not in seen:
+                seen.add(key)
+                stack.append(inp)
+    order, ready = [], [r for r in roots if id(r) not in users]  # a root another root uses waits for it
     while ready:
         tensor = ready.pop()
         order.append(tensor)
-        fn = tensor.grad_fn
-        for inp in getattr(fn, "inputs", ()) if fn is not None else ():
-            if inp.requires_grad:
-                key = id(inp)
-                users[key] -= 1
-                if users[key] == 0:
-                    if inp.grad_fn is None:
-                        order.append(inp)  # a leaf: nothing to expand, accumulate it next
-                    else:
-                        ready.append(inp)
+        for inp in inputs(tensor):
+            key = id(inp)
+            users[key] -= 1
+            if users[key] == 0:
+                if inp.grad_fn is None or key in stop:
+                    order.append(inp)  # nothing to expand: accumulate (or hand back) its gradient next
+                else:
+                    ready.append(inp)
     return order
 
 

@@ -113,6 +113,29 @@ def test_several_inputs_kwargs_tuple_outputs_and_non_tensor_values():
         assert np.array_equal(x, y)
 
 
+@pytest.mark.parametrize("squared_first", [False, True])
+def test_an_output_computed_from_another_output_gets_both_gradients(squared_first):
+    # The recomputed graph has two roots, one of which the other reads: backward must add the
+    # second root's contribution to the first before walking past it, in either output order.
+    w = engine.randn(4, 4, requires_grad=True)
+    x = engine.randn(3, 4, requires_grad=True)
+
+    def f(u):
+        h = (u @ w).tanh()
+        return (h * h, h) if squared_first else (h, h * h)
+
+    def run(ck):
+        for t in (w, x):
+            t.grad = None
+        out = checkpoint(f, x) if ck else f(x)
+        h, h2 = (out[1], out[0]) if squared_first else out
+        (h.sum() * 2 + h2.sum()).backward()
+        return _grads([w, x])
+
+    for plain, ckpt in zip(run(False), run(True)):
+        np.testing.assert_allclose(ckpt, plain, rtol=1e-6, atol=1e-7)
+
+
 def test_parameters_get_gradients_when_no_input_requires_grad():
     model = _mlp(p=0.0)
     x = engine.randn(4, 6)  # data: no grad

@@ -14,8 +14,8 @@ from __future__ import annotations
 import warnings
 
 from engine import backend
-from engine.autograd import Function, _check_saved_versions, enable_grad, is_grad_enabled, no_grad, watch_grad_inputs
-from engine.errors import GradError, describe
+from engine.autograd import Function, _propagate, enable_grad, is_grad_enabled, no_grad, watch_grad_inputs
+from engine.errors import GradError
 from engine.tensor import Tensor
 
 __all__ = ["checkpoint", "checkpoint_sequential"]
@@ -211,58 +211,10 @@ def _grads_wrt(roots, wrt) -> list:
     """Gradients of ``roots`` (tensor, gradient array) w.r.t. the tensors ``wrt``, walking the
     recomputed graph in reverse and stopping at them (``.grad`` of ``wrt`` is not touched: the
     gradients go back to the outer graph, which accumulates them as for any op). Other leaves
-    reached (tensors made with requires_grad inside the function) accumulate as usual."""
-    stop = {id(t) for t in wrt}
-    grads = {}
-    for tensor, g in roots:
-        key = id(tensor)
-        grads[key] = g if key not in grads else grads[key] + g
-    for tensor in _reverse_order([t for t, _ in roots], stop):
-        if id(tensor) in stop:
-            continue
-        g = grads.pop(id(tensor), None)
-        if g is None:
-            continue
-        fn = tensor.grad_fn
-        if fn is None or tensor._retains_grad:
-            tensor._accumulate_grad(g)
-        if fn is None:
-            continue
-        _check_saved_versions(fn)
-        input_grads = fn.backward(g)
-        if not isinstance(input_grads, tuple):
-            input_grads = (input_grads,)
-        for inp, needed, gi in zip(fn.inputs, fn.needs_input_grad, input_grads):
-            if not needed or gi is None:
-                continue
-            if gi.shape != inp.shape:
-                raise GradError(f"{type(fn).__name__}.backward returned a gradient of shape {gi.shape} for input "
-                                f"{describe(inp)}")
-            key = id(inp)
-            grads[key] = gi if key not in grads else grads[key] + gi
-        fn.release()  # the recomputed activations go as soon as they are used
+    reached (tensors made with requires_grad inside the function) accumulate as usual. The
+    recomputed activations are freed as soon as they are used (no retain_graph)."""
+    grads = _propagate(roots, retain_graph=False, stop={id(t) for t in wrt})
     return [grads.get(id(t)) for t in wrt]
-
-
-def _reverse_order(roots, stop) -> list:
-    """Tensors reachable from ``roots``, each after every tensor that uses it; not past ``stop``."""
-    order, visited, stack = [], set(), [(r, False) for r in reversed(roots)]
-    while stack:
-        tensor, children_done = stack.pop()
-        if children_done:
-            order.append(tensor)
-            continue
-        if id(tensor) in visited:
-            continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
-        fn = tensor.grad_fn
-        if fn is not None and id(tensor) not in stop:
-            for inp in getattr(fn, "inputs", ()):
-                if inp.requires_grad and id(inp) not in visited:
-                    stack.append((inp, False))
-    order.reverse()
-    return order
 
 
 # ---- outputs ------------------------------------------------------------------------------------
