@@ -19,26 +19,8 @@ import tracemalloc
 
 import engine
 from engine import nn
+from engine.autograd import saved_bytes
 from engine.utils.checkpoint import checkpoint, checkpoint_sequential
-
-
-def graph_bytes(root) -> int:
-    """Bytes of the distinct arrays the graph's nodes keep for backward (inputs/params excluded)."""
-    seen, arrays, stack, total = set(), set(), [root], 0
-    while stack:
-        fn = stack.pop().grad_fn
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        ctx = vars(fn).get("ctx")  # a PyTorch-style node (checkpoint's) keeps tensors on its ctx
-        kept = [t._data for t in getattr(ctx, "_to_save", ()) if t is not None]
-        for value in [*vars(fn).values(), tuple(kept)]:
-            for a in value if isinstance(value, tuple) else (value,):
-                if hasattr(a, "nbytes") and hasattr(a, "dtype") and id(a) not in arrays:
-                    arrays.add(id(a))
-                    total += a.nbytes
-        stack.extend(getattr(fn, "inputs", ()))
-    return total
 
 
 def variants(model):
@@ -61,7 +43,7 @@ def measure(run, x, repeats: int) -> dict:
     tracemalloc.start()
     out = run(x)
     loss = out.sum()
-    held = graph_bytes(loss)
+    held = saved_bytes(loss)
     loss.backward()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

@@ -500,6 +500,31 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
 _callbacks = threading.local()
 
 
+def saved_bytes(root) -> int:
+    """Bytes of the distinct arrays the graph behind ``root`` keeps for its backward (what each node
+    saved: activations, masks, statistics), counted once each however many nodes share them.
+
+    A measuring tool (tests and bench/checkpointing.py compare a plain graph with a checkpointed
+    one). It counts every array attribute of a node, so an op that keeps a reference to its input
+    counts that input too.
+    """
+    seen, arrays, stack, total = set(), set(), [root], 0
+    while stack:
+        fn = stack.pop().grad_fn
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        ctx = vars(fn).get("ctx")  # a PyTorch-style node keeps its tensors on its ctx
+        kept = tuple(t._data for t in getattr(ctx, "_to_save", ()) if t is not None)
+        for value in [*vars(fn).values(), kept]:
+            for a in value if isinstance(value, tuple) else (value,):
+                if hasattr(a, "nbytes") and hasattr(a, "dtype") and id(a) not in arrays:
+                    arrays.add(id(a))
+                    total += a.nbytes
+        stack.extend(getattr(fn, "inputs", ()))
+    return total
+
+
 def queue_callback(callback) -> None:
     """Run ``callback()`` once the running ``backward()`` has finished (PyTorch's
     ``Variable._execution_engine.queue_callback``): DistributedDataParallel waits for its gradient

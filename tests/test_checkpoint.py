@@ -10,6 +10,7 @@ import pytest
 import engine
 import engine.nn.functional as F
 from engine import nn
+from engine.autograd import saved_bytes
 from engine.utils.checkpoint import checkpoint, checkpoint_sequential
 from tests.conftest import DEVICES
 
@@ -257,26 +258,6 @@ def test_checkpoint_sequential_equals_the_plain_model(segments):
 
 # ---- memory -----------------------------------------------------------------------------------
 
-def _graph_saved_bytes(root) -> int:
-    """Bytes of the arrays the graph's nodes keep for backward (the activations), without inputs."""
-    seen, stack, total, arrays = set(), [root], 0, set()
-    while stack:
-        t = stack.pop()
-        fn = t.grad_fn
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        ctx = vars(fn).get("ctx")  # a PyTorch-style node (checkpoint's) keeps tensors on its ctx
-        kept = [t._data for t in getattr(ctx, "_to_save", ()) if t is not None]
-        for value in [*vars(fn).values(), tuple(kept)]:
-            for a in value if isinstance(value, tuple) else (value,):
-                if hasattr(a, "nbytes") and hasattr(a, "dtype") and id(a) not in arrays:
-                    arrays.add(id(a))
-                    total += a.nbytes
-        stack.extend(getattr(fn, "inputs", ()))
-    return total
-
-
 def test_intermediate_activations_are_not_kept():
     engine.manual_seed(0)
     lins = [nn.Linear(32, 32) for _ in range(4)]
@@ -292,7 +273,7 @@ def test_intermediate_activations_are_not_kept():
     plain = block(x).sum()
     gc.collect()
     assert sum(r() is not None for r in kept) == 4  # the graph holds every activation
-    plain_bytes = _graph_saved_bytes(plain)
+    plain_bytes = saved_bytes(plain)
     kept.clear()
 
     out = checkpoint(block, x)
@@ -300,7 +281,7 @@ def test_intermediate_activations_are_not_kept():
     gc.collect()
     alive = [r() for r in kept if r() is not None]
     assert len(alive) == 1 and alive[0] is out  # only the block's output, which the caller holds
-    ckpt_bytes = _graph_saved_bytes(loss)
+    ckpt_bytes = saved_bytes(loss)
     # Plain: per layer the input, the ReLU output, the mask (4 x 3 x 64 x 32 x 4 B); checkpointed:
     # the block's input and the parameters it reads (4 x (32 x 32 + 32) floats), nothing else.
     assert plain_bytes >= 4 * 3 * 64 * 32 * 4
