@@ -292,6 +292,33 @@ def _check_class_indices(targets: np.ndarray, classes: int, ignore_index: int) -
         raise kernels.KernelError(_bad_class_index_message(at, int(targets[where]), classes, ignore_index))
 
 
+def _checked_rows(indices: Tensor, count: int):
+    """``indices``' array, checked to lie in [0, count) (embedding rows).
+
+    On the CPU the check reads the indices at once. On a GPU, reading them would wait for the
+    device in every training step, so their min and max are queued as a deferred check
+    (kernels/deferred.py: raised at the next sync point, or at once under
+    ``kernels.eager_checks(True)``) and the gather meanwhile reads clipped indices, never
+    out-of-bounds memory.
+    """
+    idx = indices._data
+    if not idx.size:
+        return idx
+
+    def check(bounds):
+        low, high = (int(b) for b in bounds)
+        if low < 0 or high >= count:
+            raise EngineError(f"embedding: indices must be in [0, {count}) for a table of {count} rows, got values "
+                              f"in [{low}, {high}] ({describe(indices)})")
+
+    if isinstance(idx, np.ndarray):
+        check((idx.min(), idx.max()))
+        return idx
+    xp = array_module(idx)
+    kernels.deferred.defer(xp.stack([idx.min(), idx.max()]).astype(np.int64), check)
+    return xp.clip(idx, 0, count - 1)
+
+
 def _int64_class_indices(targets, ignore_index: int):
     """Targets as int64 without wrapping: uint64 values past int64 become int64's largest value (still
     outside [0, C), never equal to ignore_index), so a GPU check sees them as out of range."""
@@ -1098,10 +1125,7 @@ def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
         raise DeviceError(f"embedding: indices {describe(indices)} and weight {describe(weight)} are on different "
                           "devices; move the indices with .to(weight.device)")
     count = weight.shape[0]
-    idx = indices._data
-    if idx.size and bool(((idx < 0) | (idx >= count)).any()):
-        raise EngineError(f"embedding: indices must be in [0, {count}) for a table of {count} rows, got values in "
-                          f"[{int(idx.min())}, {int(idx.max())}] ({describe(indices)})")
+    idx = _checked_rows(indices, count)
     rows = ops.getitem(weight, idx)
     if padding_idx is None:
         return rows

@@ -113,6 +113,43 @@ def test_a_functional_step_with_fused_kernels_reads_nothing(device):
     assert reads.count == 0, reads
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_gpt_training_step_reads_nothing_from_the_device(device):
+    # The Transformer path: embeddings (their index check), fused layer norm, causal attention,
+    # GELU, the tied head, cross-entropy, clip_grad_norm_ and AdamW.
+    from engine.examples.gpt import GPT, lm_loss, param_groups
+    from engine.nn.utils import clip_grad_norm_
+
+    engine.manual_seed(0)
+    model = GPT(64, 16, 32, 2, 4).to(device)
+    opt = optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+    rng = np.random.default_rng(0)
+    batches = [engine.tensor(rng.integers(0, 64, (4, 17)), device=device) for _ in range(3)]
+    lm_loss(model(batches[0][:, :-1]), batches[0][:, 1:]).backward()  # warm-up (compiles)
+    opt.zero_grad()
+    backend.synchronize(backend.device(device))
+    with backend.count_host_reads() as reads, _no_device_waits(device):
+        for ids in batches:
+            loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    assert reads.count == 0, reads
+    assert np.isfinite(loss.item())
+
+
+@pytest.mark.gpu
+def test_an_embedding_index_out_of_range_on_a_gpu_raises_at_the_next_sync():
+    emb = nn.Embedding(10, 4, device="cuda")
+    ids = engine.tensor([1, 12, 3], device="cuda")
+    with backend.count_host_reads() as reads:
+        out = emb(ids)  # no read here: the check is queued
+    assert reads.count == 0
+    with pytest.raises(engine.EngineError, match=r"embedding: indices must be in \[0, 10\).*\[1, 12\]"):
+        out.sum().item()
+
+
 def test_the_counter_counts_reads():
     t = engine.tensor([1.0, 2.0])
     with backend.count_host_reads() as reads:
