@@ -69,3 +69,15 @@ class DigitsMNIST(Dataset):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
+
+
+def digits_mnist_pickle():
+    """The digits in the layout of deeplearning.net's ``mnist.pkl.gz`` that nn_tutorial.py unpickles:
+    ``((x_train, y_train), (x_valid, y_valid), (x_test, y_test))`` with each image a float32 row of
+    784 values in [0, 1] and int64 labels. The train and valid sides are DigitsMNIST's fixed split;
+    the test side (which the tutorial discards) repeats the valid side."""
+    def side(train: bool):
+        images, labels = digits_split(train)
+        return (images.reshape(len(images), 784).astype(np.float32) / 255.0), labels.astype(np.int64)
+    train, valid = side(True), side(False)
+    return train, valid, valid

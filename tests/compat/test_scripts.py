@@ -131,6 +131,28 @@ def test_quickstart_tutorial_learns_digits(run_script, tmp_path):
     assert (tmp_path / "model.pth").is_file() and "Predicted:" in out
 
 
+def test_nn_tutorial_trains_logistic_models_and_cnns(run_script):
+    # "What is torch.nn really?": five fit() runs print "epoch val_loss" lines, 8 epochs each: the
+    # logistic model, Mnist_CNN (Conv2d + F.avg_pool2d), the Sequential + Lambda + AvgPool2d CNN,
+    # the AdaptiveAvgPool2d CNN, and that model trained on (the default device) again.
+    namespace, out = run_script("nn_tutorial")
+    val_losses = [float(v) for v in re.findall(r"^\d+ ([0-9.]+(?:e-?\d+)?)$", out, flags=re.M)]
+    epochs = namespace["epochs"]
+    assert len(val_losses) == 5 * epochs
+    runs = [val_losses[i * epochs:(i + 1) * epochs] for i in range(5)]
+    assert runs[0][-1] < 0.3                             # logistic regression on the digits
+    for cnn_run in runs[1:4]:                            # each CNN starts at chance (ln 10 = 2.30) and learns
+        assert cnn_run[0] > 2.0 and cnn_run[-1] < cnn_run[0], cnn_run
+    assert min(run[-1] for run in runs[1:4]) < 1.2       # PyTorch's slowest start: 1.87 / 0.57 (seed 0)
+    assert runs[4][-1] < 0.6, runs[4]                    # PyTorch: 0.22 / 0.27 (seeds 0, 1)
+    model, engine_ = namespace["model"], namespace["torch"]
+    assert isinstance(model[0], engine_.nn.Conv2d) and isinstance(model[6], engine_.nn.AdaptiveAvgPool2d)
+    with engine_.no_grad():
+        logits = model(namespace["x_valid"].view(-1, 1, 28, 28))
+    accuracy = (logits.argmax(1) == namespace["y_valid"]).float().mean().item()
+    assert accuracy > 0.8, accuracy                      # chance is 10%; PyTorch: 0.92
+
+
 def test_optimization_tutorial_learns_digits(run_script):
     namespace, out = run_script("optimization_tutorial")
     accuracies = [float(a) for a in re.findall(r"Accuracy: ([0-9.]+)%", out)]
