@@ -37,10 +37,10 @@ ONE = np.float32(1)
 
 @cuda.jit
 def forward_kernel(q, k, v, mask, has_mask, mask_per_batch, mask_per_row, scale, causal, out, lse):
-    b = cuda.blockIdx.y
+    b = cuda.blockIdx.x  # batch rows on x: gridDim.y stops at 65535, B = batch * heads may not
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    i = cuda.blockIdx.x * nt + t
+    i = cuda.blockIdx.y * nt + t
     nl, ne = q.shape[1], q.shape[2]
     ns, nev = k.shape[1], v.shape[2]
     ks = cuda.shared.array((TILE, HD), types.float32)
@@ -98,8 +98,8 @@ def forward_kernel(q, k, v, mask, has_mask, mask_per_batch, mask_per_row, scale,
 
 @cuda.jit
 def rowdot_kernel(grad_out, out, rowdot):
-    b = cuda.blockIdx.y
-    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    b = cuda.blockIdx.x  # batch rows on x: gridDim.y stops at 65535, B = batch * heads may not
+    i = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     if i < out.shape[1]:
         d = ZERO
         for x in range(out.shape[2]):
@@ -110,10 +110,10 @@ def rowdot_kernel(grad_out, out, rowdot):
 @cuda.jit
 def dkdv_kernel(grad_out, q, k, v, lse, rowdot, mask, has_mask, mask_per_batch, mask_per_row, scale, causal, dk,
                 dv):
-    b = cuda.blockIdx.y
+    b = cuda.blockIdx.x  # batch rows on x: gridDim.y stops at 65535, B = batch * heads may not
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    j = cuda.blockIdx.x * nt + t
+    j = cuda.blockIdx.y * nt + t
     nl, ne = q.shape[1], q.shape[2]
     ns, nev = k.shape[1], v.shape[2]
     qs = cuda.shared.array((TILE, HD), types.float32)
@@ -168,10 +168,10 @@ def dkdv_kernel(grad_out, q, k, v, lse, rowdot, mask, has_mask, mask_per_batch, 
 
 @cuda.jit
 def dq_kernel(grad_out, q, k, v, lse, rowdot, mask, has_mask, mask_per_batch, mask_per_row, scale, causal, dq):
-    b = cuda.blockIdx.y
+    b = cuda.blockIdx.x  # batch rows on x: gridDim.y stops at 65535, B = batch * heads may not
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    i = cuda.blockIdx.x * nt + t
+    i = cuda.blockIdx.y * nt + t
     nl, ne = q.shape[1], q.shape[2]
     ns, nev = k.shape[1], v.shape[2]
     ks = cuda.shared.array((TILE, HD), types.float32)
@@ -242,7 +242,7 @@ def attention_forward(q, k, v, mask=None, *, scale=None, causal=False):
     out = xp.empty((spec.b, spec.l, spec.ev), np.float32)
     lse = xp.empty((spec.b, spec.l), np.float32)
     tile = _tile()
-    launch(forward_kernel, (-(-spec.l // tile), spec.b), tile,
+    launch(forward_kernel, (spec.b, -(-spec.l // tile)), tile,
            (q, k, v, *_mask_args(mask, spec, xp), np.float32(spec.scale), spec.causal, out, lse))
     return out, lse
 
@@ -255,15 +255,15 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, ca
         return empty_backward(spec, xp)
     tile = _tile()
     rowdot = xp.empty((spec.b, spec.l), np.float32)
-    launch(rowdot_kernel, (-(-spec.l // tile), spec.b), tile, (grad_out, out, rowdot))
+    launch(rowdot_kernel, (spec.b, -(-spec.l // tile)), tile, (grad_out, out, rowdot))
     dq = xp.empty((spec.b, spec.l, spec.e), np.float32)
     dk = xp.empty((spec.b, spec.s, spec.e), np.float32)
     dv = xp.empty((spec.b, spec.s, spec.ev), np.float32)
     masks = _mask_args(mask, spec, xp)
     scale32 = np.float32(spec.scale)
-    launch(dkdv_kernel, (-(-spec.s // tile), spec.b), tile,
+    launch(dkdv_kernel, (spec.b, -(-spec.s // tile)), tile,
            (grad_out, q, k, v, lse, rowdot, *masks, scale32, spec.causal, dk, dv))
-    launch(dq_kernel, (-(-spec.l // tile), spec.b), tile,
+    launch(dq_kernel, (spec.b, -(-spec.l // tile)), tile,
            (grad_out, q, k, v, lse, rowdot, *masks, scale32, spec.causal, dq))
     return dq, dk, dv
 
