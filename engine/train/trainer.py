@@ -358,7 +358,7 @@ class Trainer:
         progress, loader_state, rng = self._position()
         state = {
             "model": _distributed.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "epoch": self.epoch,
             "rng": rng,
             "history": self.history.history,
@@ -370,6 +370,16 @@ class Trainer:
         if progress is not None:
             state["progress"] = progress
         return state
+
+    def _optimizer_state(self):
+        """The optimizer's state dict; a sharded one (ZeroRedundancyOptimizer) is first gathered onto
+        rank 0 (a collective: every rank calls it), so the checkpoint holds the whole state and
+        loads into a plain optimizer in one process. Other ranks write nothing, so get None."""
+        consolidate = getattr(self.optimizer, "consolidate_state_dict", None)
+        if consolidate is None:
+            return self.optimizer.state_dict()
+        consolidate(to=0)
+        return self.optimizer.state_dict() if _distributed.is_main() else None
 
     def load_state_dict(self, state: dict) -> None:
         progress = state.get("progress")

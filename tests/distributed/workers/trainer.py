@@ -63,6 +63,26 @@ _, resumed_history, _, resumed = run(4, resume=out / "ckpt" / "last.ckpt")
 np.testing.assert_allclose(np.concatenate([p.detach().numpy().ravel() for p in resumed.parameters()]), final,
                            rtol=1e-6, atol=1e-7)
 assert len(resumed_history) == 4
+
+# a ZeRO-sharded optimizer: the checkpoint gathers its state onto rank 0's file, which a plain
+# single-process Adam loads (the optimizer state every rank kept only a shard of)
+def run_zero(epochs, directory):
+    engine.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2))
+    opt = dist.optim.ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optim.Adam, lr=0.01)
+    trainer = Trainer(model, opt, callbacks=[ModelCheckpoint(directory, monitor=None)], log=lambda _: None,
+                      distributed=True)
+    trainer.fit(DataLoader(TensorDataset(engine.tensor(x), engine.tensor(y)), batch_size=8), epochs=epochs)
+    return model, opt
+
+
+zero_model, zero_opt = run_zero(2, out / "zero")
+zero_state = engine.load(out / "zero" / "last.ckpt")
+single = optim.Adam(make()[0].parameters(), lr=0.01)
+single.load_state_dict(zero_state["optimizer"])  # the whole state, as one process's Adam keeps it
+kept = sum(v.numel() for st in single.state.values() for v in st.values() if hasattr(v, "numel"))
+params = sum(p.numel() for p in zero_model.parameters())
+assert kept >= 2 * params, (kept, params)  # exp_avg and exp_avg_sq of every parameter
 dist.barrier()
 if r == 0:
     print("trainer ok", w)
