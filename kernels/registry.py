@@ -76,6 +76,7 @@ def register(kernel: str, name: str, target: str, *, array_kind: str, requires: 
 
 def kernels() -> list[str]:
     """Names of every registered kernel."""
+    _load_declarations()  # on a fresh import nothing has asked for a kernel yet
     return list(_REGISTRY)
 
 

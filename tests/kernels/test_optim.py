@@ -420,6 +420,18 @@ def test_default_dispatch_runs(rng):
     np.testing.assert_allclose(p, expected, rtol=1e-6)
 
 
+def test_listing_the_kernels_on_a_fresh_import_names_them_all_and_loads_no_impl():
+    # kernels.kernels() is the first call a user makes to see what exists: it must not answer
+    # [] because no kernel has been called yet, and listing must not import numba or cupy.
+    code = ("import sys, kernels; names = kernels.kernels(); "
+            "bad = [m for m in ('numba', 'cupy') if m in sys.modules]; assert not bad, bad; print(' '.join(names))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    names = run.stdout.split()
+    assert {"linear_relu_forward", "softmax_cross_entropy", "adam_step", "layer_norm_forward", "attention_backward",
+            "gelu_forward"} <= set(names) and len(names) == len(set(names)) == 13, names
+
+
 def test_importing_the_cpu_and_cupy_modules_imports_neither_numba_nor_cupy():
     code = ("import sys, kernels.cpu.optim, kernels.cuda.optim; "
             "bad = [m for m in ('numba', 'cupy') if m in sys.modules]; assert not bad, bad")
