@@ -110,14 +110,15 @@ def _launch(n: int, mode: str, part: str, batch: int, backend: str | None) -> di
     from engine.distributed.run import find_mpiexec, launch_env
 
     mpiexec = find_mpiexec()
-    if mpiexec is None:
+    if mpiexec is None and n > 1:
         raise SystemExit("bench.comm: mpiexec not found; pip install 'gpu-engine[distributed]'")
     env = launch_env(dict(os.environ))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH", "")]))
     if backend:
         env["BENCH_COMM_BACKEND"] = backend
-    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "bench.comm", "--worker", "--mode", mode, "--part", part,
+    launcher = [mpiexec, "-n", str(n)] if mpiexec is not None else []  # one rank: mpi4py's singleton
+    cmd = [*launcher, sys.executable, "-m", "bench.comm", "--worker", "--mode", mode, "--part", part,
            "--batch", str(batch)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     for line in done.stdout.splitlines():
