@@ -419,6 +419,30 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     return ops.squeeze(result, 0) if unbatched else result
 
 
+def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> Tensor:
+    """Mean over windows of length k of (N, C, L) or unbatched (C, L) input: avg_pool2d with H = 1.
+
+    As in PyTorch a 2-D input is one unbatched (C, L) sample, so ``avg_pool1d(x, 2)`` on an (N, F)
+    batch of flattened features halves F (the knowledge-distillation tutorial's use).
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"avg_pool1d: input must be a Tensor, got {type(input).__name__}")
+    unbatched = input.ndim == 2
+    if unbatched:
+        input = ops.unsqueeze(input, 0)
+    if input.ndim != 3:
+        raise ShapeError(f"avg_pool1d: expected (N, C, L) or unbatched (C, L) input, got {describe(input)}")
+    def along_l(name: str, value, h: int) -> tuple:          # H gets kernel/stride 1 and padding 0
+        return (h, _pair("avg_pool1d", name, value, 1)[0])
+    if stride is not None and not (not isinstance(stride, int) and len(stride) == 0):
+        stride = along_l("stride", stride, 1)
+    result = avg_pool2d(ops.unsqueeze(input, 2), along_l("kernel_size", kernel_size, 1), stride,
+                        along_l("padding", padding, 0), ceil_mode, count_include_pad)
+    result = ops.squeeze(result, 2)
+    return ops.squeeze(result, 0) if unbatched else result
+
+
 def _adaptive_matrix(size: int, out: int, dtype) -> np.ndarray:
     """(out, size) averaging matrix of adaptive pooling: row i averages [floor(i*size/out), ceil((i+1)*size/out))."""
     matrix = np.zeros((out, size), dtype=dtype)

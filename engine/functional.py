@@ -15,7 +15,7 @@ import kernels
 from engine import backend, ops
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
-from engine.conv import adaptive_avg_pool2d, avg_pool2d, conv1d, conv2d, max_pool2d  # noqa: F401  (public API)
+from engine.conv import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, conv1d, conv2d, max_pool2d  # noqa: F401  (public API)
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
 from engine.ops import fused_enabled, fused_kernels  # noqa: F401  (public API; ops.GELU reads it too)
@@ -462,6 +462,43 @@ def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     _check_reduction("l1_loss", reduction)
     input, target = _loss_operands("l1_loss", input, target)
     return _reduce(ops.abs(input - target), reduction)
+
+
+def cosine_embedding_loss(input1: Tensor, input2: Tensor, target, margin: float = 0.0,
+                          reduction: str = "mean") -> Tensor:
+    """PyTorch's cosine embedding loss of (N, D) (or unbatched (D,)) pairs with targets 1 or -1:
+    ``1 - cos(x1, x2)`` where the target is 1, ``max(0, cos(x1, x2) - margin)`` where it is -1, 0
+    for any other target. ``cos = <x1, x2> / sqrt((|x1|^2 + 1e-12) (|x2|^2 + 1e-12))``, PyTorch's
+    formula, so a zero vector gives cos = 0 and a finite gradient.
+
+    Example:
+        >>> F.cosine_embedding_loss(student_features, teacher_features, torch.ones(n))   # doctest: +SKIP
+    """
+    _check_reduction("cosine_embedding_loss", reduction)
+    if not isinstance(input1, Tensor) or not isinstance(input2, Tensor):
+        raise TypeError("cosine_embedding_loss: input1 and input2 must be Tensors")
+    if not np.issubdtype(input1.dtype, np.floating) or input1.dtype != input2.dtype:
+        raise DTypeError(f"cosine_embedding_loss: input1 and input2 must share one floating dtype, got "
+                         f"{describe(input1)} and {describe(input2)}; convert with .to(dtype)")
+    target = _as_tensor_like(target, input1)
+    if input1.shape != input2.shape or input1.ndim not in (1, 2) or target.ndim != input1.ndim - 1 \
+            or (input1.ndim == 2 and target.shape[0] != input1.shape[0]):
+        raise ShapeError(f"cosine_embedding_loss: expected input1 and input2 of one shape (N, D) with target (N,), "
+                         f"or (D,) with a 0-d target; got {describe(input1)}, {describe(input2)}, "
+                         f"{describe(target)}")
+    if target.device != input1.device or input2.device != input1.device:
+        raise DeviceError(f"cosine_embedding_loss: {describe(input1)}, {describe(input2)} and target "
+                          f"{describe(target)} must be on one device; move them with .to(device)")
+    dim = input1.ndim - 1
+    eps = 1e-12
+    prod_sum = ops.sum(input1 * input2, dim=dim)
+    denom = ops.sqrt((ops.sum(input1 * input1, dim=dim) + eps) * (ops.sum(input2 * input2, dim=dim) + eps))
+    cos = prod_sum / denom
+    labels = target._data
+    positive = Tensor(cos.xp.asarray(labels == 1, dtype=cos.dtype), device=cos.device)
+    negative = Tensor(cos.xp.asarray(labels == -1, dtype=cos.dtype), device=cos.device)
+    loss = positive * (1.0 - cos) + negative * ops.relu(cos - margin)
+    return _reduce(loss, reduction)
 
 
 # ---- binary classification -----------------------------------------------------------------------

@@ -572,3 +572,69 @@ def test_nn_functional_has_one_hot_and_leaky_relu_as_in_pytorch():
     np.testing.assert_array_equal(NF.one_hot(labels, 3).numpy(), np.eye(3, dtype=np.int64)[[2, 0, 1]])
     x = torch.tensor(np.array([-2.0, 3.0], np.float32))
     np.testing.assert_allclose(NF.leaky_relu(x, 0.1).numpy(), [-0.2, 3.0], rtol=1e-6)
+
+
+def test_avg_pool1d_on_unbatched_features_and_batched_sequences():
+    # The knowledge-distillation tutorial pools an (N, 2048) batch of flattened features to (N, 1024):
+    # a 2-D input is one unbatched (C, L) sample, so the last dim is pooled.
+    torch.manual_seed(0)
+    x = torch.randn(4, 10, requires_grad=True)
+    out = F.avg_pool1d(x, 2)
+    assert out.shape == (4, 5)
+    np.testing.assert_allclose(out.detach().numpy(), x.detach().numpy().reshape(4, 5, 2).mean(-1), rtol=1e-6)
+    out.sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), np.full((4, 10), 0.5))
+    # (N, C, L) with stride, padding (counted in the mean by default) and ceil_mode, as PyTorch:
+    # L=7, k=3, s=2, p=1 -> windows [-1,1], [1,3], [3,5], [5,7]: 4 outputs, each divided by 3.
+    seq = np.arange(14, dtype=np.float32).reshape(1, 2, 7)
+    padded = np.pad(seq, ((0, 0), (0, 0), (1, 1)))
+    expected = np.stack([padded[..., i:i + 3].sum(-1) / 3 for i in (0, 2, 4, 6)], -1)
+    got = nn.functional.avg_pool1d(torch.tensor(seq), 3, stride=2, padding=1)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    # ceil_mode adds a last window that starts inside the input: L=5, k=2 -> 3 outputs, the last of one element.
+    got = F.avg_pool1d(torch.tensor(np.arange(5, dtype=np.float32)[None, None]), 2, ceil_mode=True)
+    np.testing.assert_allclose(got.numpy(), [[[0.5, 2.5, 4.0]]])
+    with pytest.raises(Exception):
+        F.avg_pool1d(torch.randn(3), 2)                    # 1-D input: PyTorch raises too
+
+
+def _cosine_embedding_reference(x1, x2, y, margin):
+    cos = (x1 * x2).sum(-1) / np.sqrt(((x1 * x1).sum(-1) + 1e-12) * ((x2 * x2).sum(-1) + 1e-12))
+    return np.where(y == 1, 1 - cos, 0.0) + np.where(y == -1, np.maximum(cos - margin, 0.0), 0.0)
+
+
+def test_cosine_embedding_loss_values_gradients_and_module():
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    y = np.array([1, -1, 1, -1, -1, 1])
+    reference = _cosine_embedding_reference(x1, x2, y, 0.1)
+    a = torch.tensor(x1, requires_grad=True)
+    b = torch.tensor(x2, requires_grad=True)
+    per_pair = F.cosine_embedding_loss(a, b, torch.tensor(y), margin=0.1, reduction="none")
+    np.testing.assert_allclose(per_pair.detach().numpy(), reference, rtol=1e-10)
+    assert F.cosine_embedding_loss(a, b, torch.tensor(y), 0.1, "sum").item() == pytest.approx(reference.sum())
+    loss = nn.CosineEmbeddingLoss(margin=0.1)(a, b, torch.tensor(y))
+    assert loss.item() == pytest.approx(reference.mean())
+    loss.backward()
+    # finite differences of the reference in float64
+    step, numeric = 1e-6, np.zeros_like(x1)
+    for index in np.ndindex(x1.shape):
+        plus, minus = x1.copy(), x1.copy()
+        plus[index] += step
+        minus[index] -= step
+        numeric[index] = (_cosine_embedding_reference(plus, x2, y, 0.1).mean()
+                          - _cosine_embedding_reference(minus, x2, y, 0.1).mean()) / (2 * step)
+    np.testing.assert_allclose(a.grad.numpy(), numeric, rtol=1e-5, atol=1e-8)
+    # the tutorial's call: float32 features, target=torch.ones(n); identical directions give 0
+    s = torch.randn(3, 8)
+    assert nn.CosineEmbeddingLoss()(s, 2 * s, target=torch.ones(3)).item() == pytest.approx(0.0, abs=1e-6)
+    # a zero vector gives cos = 0 (PyTorch's eps), so loss 1 and a finite gradient
+    z = torch.zeros(1, 4, requires_grad=True)
+    zero_loss = F.cosine_embedding_loss(z, torch.ones(1, 4), torch.ones(1))
+    zero_loss.backward()
+    assert zero_loss.item() == pytest.approx(1.0) and np.isfinite(z.grad.numpy()).all()
+    # unbatched (D,) inputs with a 0-d target
+    assert F.cosine_embedding_loss(torch.tensor(x1[0]), torch.tensor(x2[0]), torch.tensor(1)).item() == \
+        pytest.approx(reference[0])
+    with pytest.raises(Exception):
+        F.cosine_embedding_loss(torch.randn(3, 4), torch.randn(3, 5), torch.ones(3))
