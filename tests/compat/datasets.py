@@ -11,6 +11,13 @@ for 28*28 inputs run unchanged. ``ToTensor`` is torchvision's: an HxW uint8 imag
 
 The split is fixed: 1,497 images for training and 300 for testing, drawn once with a seeded
 permutation (the same images on every run).
+
+``DigitsCIFAR10`` is the CIFAR-10 stand-in: the same digits as 32x32 RGB uint8 images (HxWx3, like
+torchvision's ``CIFAR10.data``), each 8x8 digit pixel a 3x3 block (24x24) placed at a random offset,
+drawn in a random light colour on a random dark background with Gaussian noise; 10 classes,
+its own fixed split of 1,297 train and 500 test images. ``Compose`` and ``Normalize`` are
+torchvision's transforms, so ``Compose([ToTensor(), Normalize(mean, std)])`` gives a normalised
+float32 (3, 32, 32) tensor as in the CIFAR tutorials.
 """
 
 from __future__ import annotations
@@ -81,3 +88,65 @@ def digits_mnist_pickle():
         return (images.reshape(len(images), 784).astype(np.float32) / 255.0), labels.astype(np.int64)
     train, valid = side(True), side(False)
     return train, valid, valid
+
+
+class Compose:
+    """torchvision.transforms.Compose: apply the transforms in order."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image):
+        for transform in self.transforms:
+            image = transform(image)
+        return image
+
+
+class Normalize:
+    """torchvision.transforms.Normalize: ``(x - mean[c]) / std[c]`` per channel of a (C, H, W) tensor."""
+
+    def __init__(self, mean, std):
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+
+    def __call__(self, tensor: engine.Tensor) -> engine.Tensor:
+        return engine.tensor((tensor.numpy() - self.mean) / self.std)
+
+
+CIFAR_TEST_SIZE = 500
+CIFAR_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digits_cifar_split(train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The digits as coloured, noisy 32x32x3 uint8 images (one fixed rendering, seeded) and their
+    labels, for one side of DigitsCIFAR10's fixed split."""
+    images, labels = load_digits(as_images=True)                          # (1797, 8, 8) in 0..16
+    rng = np.random.default_rng(SPLIT_SEED)
+    n = len(images)
+    ink = np.kron(images / 16.0, np.ones((1, 3, 3)))                     # (n, 24, 24) in [0, 1]
+    alpha = np.zeros((n, 32, 32))
+    for i, (dy, dx) in enumerate(rng.integers(2, 7, size=(n, 2))):
+        alpha[i, dy:dy + 24, dx:dx + 24] = ink[i]
+    background = rng.uniform(0.0, 0.4, size=(n, 1, 1, 3))               # dark background,
+    foreground = rng.uniform(0.5, 1.0, size=(n, 1, 1, 3))               # light ink, random hues
+    pictures = background + (foreground - background) * alpha[..., None]
+    pictures += rng.normal(0.0, 0.08, size=pictures.shape)
+    pictures = np.round(np.clip(pictures, 0.0, 1.0) * 255).astype(np.uint8)
+    order = rng.permutation(n)
+    chosen = order[CIFAR_TEST_SIZE:] if train else order[:CIFAR_TEST_SIZE]
+    return pictures[chosen], labels[chosen]
+
+
+class DigitsCIFAR10(DigitsMNIST):
+    """The bundled digits in CIFAR-10's shape (32x32 RGB, ``data`` is (N, 32, 32, 3) uint8, ``targets`` a
+    list of ints, ``classes`` ten names), with torchvision's CIFAR10 arguments (root and download are
+    accepted and ignored)."""
+
+    classes = CIFAR_CLASSES
+
+    def __init__(self, root: str = "data", train: bool = True, download: bool = False, transform=None,
+                 target_transform=None):
+        self.root, self.train = root, train
+        self.transform, self.target_transform = transform, target_transform
+        self.data, labels = digits_cifar_split(train)
+        self.targets = [int(label) for label in labels]
