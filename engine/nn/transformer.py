@@ -348,6 +348,16 @@ class TransformerEncoderLayer(Module):
         return self.dropout2(self.linear2(self.dropout(_feed_forward_hidden(self, x))))
 
 
+def _clones(owner: str, name: str, layer: Module, num_layers: int) -> ModuleList:
+    """``num_layers`` independent deep copies of ``layer`` (PyTorch's ``_get_clones``): the stacks'
+    ``layers.0`` ... entries."""
+    if not isinstance(layer, Module):
+        raise TypeError(f"{owner}: {name} must be a Module, got {type(layer).__name__}")
+    if num_layers < 0:
+        raise ValueError(f"{owner}: num_layers must be >= 0, got {num_layers}")
+    return ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
+
+
 class TransformerEncoder(Module):
     """``num_layers`` deep copies of ``encoder_layer`` applied in turn (``layers.0``, ``layers.1``, ...),
     then ``norm`` if given.
@@ -363,11 +373,7 @@ class TransformerEncoder(Module):
     def __init__(self, encoder_layer: Module, num_layers: int, norm: Module | None = None,
                  enable_nested_tensor: bool = True, mask_check: bool = True):
         super().__init__()
-        if not isinstance(encoder_layer, Module):
-            raise TypeError(f"TransformerEncoder: encoder_layer must be a Module, got {type(encoder_layer).__name__}")
-        if num_layers < 0:
-            raise ValueError(f"TransformerEncoder: num_layers must be >= 0, got {num_layers}")
-        self.layers = ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.layers = _clones("TransformerEncoder", "encoder_layer", encoder_layer, num_layers)
         self.num_layers = int(num_layers)
         self.norm = norm
         self.enable_nested_tensor = bool(enable_nested_tensor)
@@ -441,11 +447,7 @@ class TransformerDecoder(Module):
 
     def __init__(self, decoder_layer: Module, num_layers: int, norm: Module | None = None):
         super().__init__()
-        if not isinstance(decoder_layer, Module):
-            raise TypeError(f"TransformerDecoder: decoder_layer must be a Module, got {type(decoder_layer).__name__}")
-        if num_layers < 0:
-            raise ValueError(f"TransformerDecoder: num_layers must be >= 0, got {num_layers}")
-        self.layers = ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
+        self.layers = _clones("TransformerDecoder", "decoder_layer", decoder_layer, num_layers)
         self.num_layers = int(num_layers)
         self.norm = norm
 
