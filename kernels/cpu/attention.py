@@ -92,7 +92,7 @@ def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
     problem = _placement_problem({name: a for name, a in arrays.items() if a is not None or name != "mask"})
     if problem:
         _fail(op, arrays, problem)
-    modules = {_module_of(q)}
+    module = _module_of(q)
     for name in ("q", "k", "v"):
         if arrays[name].ndim != 3:
             _fail(op, arrays, f"{name} must be 3-D (B, L or S, head dim) with batch and heads flattened into B, "
@@ -135,7 +135,7 @@ def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
         raise KernelError(f"{op}: scale must be finite, got {scale!r}")
     if not isinstance(causal, (bool, np.bool_)):
         raise KernelError(f"{op}: causal must be True or False, got {causal!r}")
-    return AttentionSpec(b, l, s, e, ev, dtype, scale, bool(causal), mask_b, mask_l, modules.pop())
+    return AttentionSpec(b, l, s, e, ev, dtype, scale, bool(causal), mask_b, mask_l, module)
 
 
 def validate_forward(q, k, v, mask=None, *, scale, causal) -> AttentionSpec:

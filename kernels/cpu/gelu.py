@@ -65,7 +65,7 @@ def _check(kernel: str, where, arrays: dict, x, approximate) -> GeluSpec:
         raise KernelError(f"{where()}: {problem}")
     if approximate not in APPROXIMATIONS:
         raise KernelError(f"{kernel}: approximate must be 'none' or 'tanh', got {approximate!r}")
-    kinds = {_module_of(x)}
+    module = _module_of(x)
     if x.dtype not in FLOAT_DTYPES:
         raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32 and float64 are supported")
     for name, a in arrays.items():
@@ -77,7 +77,7 @@ def _check(kernel: str, where, arrays: dict, x, approximate) -> GeluSpec:
         if not a.flags.c_contiguous:
             raise KernelError(f"{where()}: {name} is not C-contiguous (the kernel walks the flat buffer); "
                               "pass a contiguous array (e.g. ascontiguousarray)")
-    return GeluSpec(int(x.size), x.dtype, kinds.pop(), approximate)
+    return GeluSpec(int(x.size), x.dtype, module, approximate)
 
 
 def validate_gelu_forward(x, *, approximate) -> GeluSpec:

@@ -68,7 +68,7 @@ def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
     problem = _placement_problem(arrays)
     if problem:
         raise KernelError(f"{where()}: {problem}")
-    kinds = {_module_of(x)}
+    module = _module_of(x)
     if x.ndim != 2:
         raise KernelError(f"{where()}: x must be 2-D (N, D), got {x.ndim}-D; reshape to (-1, D) with the "
                           "normalised dimension last")
@@ -83,7 +83,7 @@ def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
         if not a.flags.c_contiguous:
             raise KernelError(f"{where()}: {name} is not C-contiguous; pass a contiguous array "
                               "(e.g. ascontiguousarray)")
-    return kinds.pop()
+    return module
 
 
 def _check_shape(where, name: str, a, shape: tuple, what: str) -> None:

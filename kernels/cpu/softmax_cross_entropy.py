@@ -84,7 +84,7 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
     problem = _placement_problem(arrays)
     if problem:
         raise KernelError(f"{where()}: {problem}")
-    kinds = {_module_of(logits)}
+    module = _module_of(logits)
     if logits.ndim != 2:
         raise KernelError(f"{where()}: logits must be 2-D (N, C), got {logits.ndim}-D; reshape to (-1, C) "
                           "with the class dimension last")
@@ -126,7 +126,7 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
         raise KernelError(f"{KERNEL}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
     scale_array = None
     if _is_array(grad_scale):
-        scale_array = _scale_array(grad_scale, logits, kinds)
+        scale_array = _scale_array(grad_scale, logits, module)
         # On the CPU the value is free to read (and the CPU impls use it); on a GPU it stays there.
         scale = _real(scale_array[0], "grad_scale") if _module_of(scale_array) == "numpy" else 1.0
     else:
@@ -134,12 +134,12 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
     if not isinstance(compute_grad, (bool, np.bool_)):
         raise KernelError(f"{KERNEL}: compute_grad must be True or False, got {compute_grad!r}")
     return CrossEntropySpec(n, c, logits.dtype, soft, int(ignore_index), eps, scale, bool(compute_grad),
-                            kinds.pop(), scale_array)
+                            module, scale_array)
 
 
-def _scale_array(grad_scale, logits, kinds):
+def _scale_array(grad_scale, logits, module):
     """A grad_scale given as an array: one element, the logits' dtype and device (read there)."""
-    if grad_scale.size != 1 or grad_scale.dtype != logits.dtype or _module_of(grad_scale) not in kinds:
+    if grad_scale.size != 1 or grad_scale.dtype != logits.dtype or _module_of(grad_scale) != module:
         raise KernelError(f"{KERNEL}: grad_scale given as an array must hold one element of the logits' dtype "
                           f"({logits.dtype}) on the logits' device ({_module_of(logits)}), got "
                           f"{_describe('grad_scale', grad_scale)}")
