@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "gpu"
-STEPS = ("env", "pytest", "digits", "bench")
+STEPS = ("env", "pytest", "digits", "bench", "nccl", "memcheck", "racecheck")
 
 
 def _load():
@@ -40,7 +40,8 @@ def test_dry_run_wires_every_step(tmp_path):
                           timeout=240, cwd=tmp_path)  # any cwd: the script moves to the repository root
     wall = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for name in ("env.txt", "summary.md", "bench.json", "bench.md", "pytest.log", "digits.log", "bench.log"):
+    for name in ("env.txt", "summary.md", "bench.json", "bench.md", "pytest.log", "digits.log", "bench.log",
+                 "nccl.log", "comm.json", "memcheck.log", "racecheck.log"):
         assert (out / name).is_file(), name
     summary = (out / "summary.md").read_text()
     for step in STEPS:
@@ -57,6 +58,8 @@ def test_dry_run_wires_every_step(tmp_path):
     assert bench["settings"]["mode"] == "tiny" and bench["kernels"]
     assert "import and argument parsing only (dry run): ok" in summary
     assert "dry run: imported engine.examples.digits" in (out / "digits.log").read_text()
+    assert "mpi on cpu, 1 rank(s): all-reduce peak algbw" in summary
+    assert "- memcheck: cases on numba_cpu without the sanitizer (dry run): 30 cases right, 0 wrong" in summary
     assert summary in proc.stdout  # printed at the end
     assert wall < 120
 
@@ -127,14 +130,30 @@ def _bench(error_rows=0):
 def _results(**overrides):
     results = [ci.StepResult(name, [], log, ci.TIMEOUTS[name], rc=0, wall_s=w)
                for name, log, w in (("env", "env.txt", 2.0), ("pytest", "pytest.log", 41.5),
-                                    ("digits", "digits.log", 12.25), ("bench", "bench.log", 63.0))]
+                                    ("digits", "digits.log", 12.25), ("bench", "bench.log", 63.0),
+                                    ("nccl", "nccl.log", 9.0), ("memcheck", "memcheck.log", 40.0),
+                                    ("racecheck", "racecheck.log", 55.0))]
     for r in results:
         for key, value in overrides.get(r.name, {}).items():
             setattr(r, key, value)
     return results
 
 
-def _write_run(tmp_path, cases, bench, digits=DIGITS_LOG):
+# compute-sanitizer's closing lines as its tools print them, after the cases' own lines
+CASES_OK = "attention E=33 mask=none causal=False [cupy]: ok\nsanitize cases: 30 passed, 0 failed\n"
+MEMCHECK_LOG = "========= COMPUTE-SANITIZER\n" + CASES_OK + "========= ERROR SUMMARY: 0 errors\n"
+RACECHECK_LOG = ("========= COMPUTE-SANITIZER\n" + CASES_OK
+                 + "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+COMM = {"world_size": 1, "backend": "nccl", "device": "cuda:0",
+        "allreduce": [{"bytes": 4096, "time_us": 9.0, "algbw_GBps": 0.46, "busbw_GBps": 0.0},
+                      {"bytes": 16777216, "time_us": 12.1, "algbw_GBps": 1386.5, "busbw_GBps": 0.0}],
+        "ddp": {"params": 3159050, "batch_per_rank": 64, "step_ms": 2.31, "single_process_step_ms": 2.05}}
+
+
+def _write_run(tmp_path, cases, bench, digits=DIGITS_LOG, memcheck=MEMCHECK_LOG, racecheck=RACECHECK_LOG):
+    (tmp_path / "memcheck.log").write_text(memcheck)
+    (tmp_path / "racecheck.log").write_text(racecheck)
+    (tmp_path / "comm.json").write_text(json.dumps(COMM))
     (tmp_path / "env.txt").write_text(ENV_TXT)
     (tmp_path / "junit.xml").write_text(_junit(cases))
     (tmp_path / "bench.json").write_text(json.dumps(bench))
@@ -162,8 +181,59 @@ def test_summary_of_a_passing_run(tmp_path):  # like r2: 816 passed
     assert ("| mlp | batch 64 | engine F + optim.Adam | 1.41 ms; 0.506 TFLOP/s (1% of GEMM); 0.67x vs torch "
             "| missed: 1.49x torch's step time, target <= 1x |") in summary
     assert "| numpy |" not in summary and "torch eager" not in summary
+    assert "nccl on cuda:0, 1 rank(s): all-reduce peak algbw 1386.5 GB/s at 16,777,216 bytes" in summary
+    assert "DDP step 2.31 ms vs 2.05 ms alone" in summary
+    assert "- memcheck: 0 errors; 30 cases right, 0 wrong" in summary
+    assert "- racecheck: 0 hazards; 30 cases right, 0 wrong" in summary
     assert "**PASS**" in summary and "Failed or timed out" not in summary
     assert ci.exit_status(out, results) == 0
+    assert ci._check_sanitizer(out, MEMCHECK_LOG) is None and ci._check_sanitizer(out, RACECHECK_LOG) is None
+    assert ci._check_comm(out, "") is None
+
+
+def test_sanitizer_findings_fail_their_step(tmp_path):
+    hazard = RACECHECK_LOG.replace("0 hazards displayed (0 errors, 0 warnings)", "2 hazards displayed (0 errors, 2 warnings)")
+    assert ci._check_sanitizer(tmp_path, hazard) == "racecheck reported 2 hazard(s)"  # warnings: exit code 0
+    wrong = MEMCHECK_LOG.replace("30 passed, 0 failed", "29 passed, 1 failed")
+    assert ci._check_sanitizer(tmp_path, wrong) == "1 case(s) gave a wrong result"
+    refused = ("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n"
+               "cupy_backends.cuda.api.runtime.CUDARuntimeError: cudaErrorUnknown\n")
+    problem = ci._check_sanitizer(tmp_path, refused)
+    assert problem == "compute-sanitizer cannot run on this machine (Device not supported): nothing was checked"
+    assert ci._check_sanitizer(tmp_path, CASES_OK) == ("no 'ERROR SUMMARY' or 'RACECHECK SUMMARY' line "
+                                                       "from compute-sanitizer")
+    out = _write_run(tmp_path, [("tests.kernels.test_optim", "test_step[0-cupy]", "passed")], _bench(),
+                     racecheck=refused)
+    summary = ci.build_summary(out, _results(racecheck={"problem": problem}), dry_run=False)
+    assert "- racecheck: not run, compute-sanitizer says: Device not supported" in summary
+    assert "**FAIL**" in summary
+    (out / "comm.json").unlink()
+    assert ci._check_comm(out, "") == "no readable comm.json (FileNotFoundError)"
+
+
+def test_sanitize_cases_cover_the_issue_shapes_and_catch_a_wrong_number():
+    cases = ci.SANITIZE_CASES
+    sys.path.insert(0, str(cases.parent))
+    try:
+        import sanitize_cases as sc
+    finally:
+        sys.path.remove(str(cases.parent))
+    labels = [label for family, _ in sc.FAMILIES for label, _ in family()]
+    assert len(labels) == 30
+    for e in (33, 64, 128):
+        for mask in ("none", "shared", "key_padding", "full"):
+            for causal in (False, True):
+                assert f"attention E={e} mask={mask} causal={causal}" in labels
+    assert (sc.BATCH * sc.HEADS, sc.L, sc.S) == (6, 37, 70)
+    assert {"layer_norm D=99 affine=True", "layer_norm D=4097 affine=False", "gelu n=1001 approximate=tanh"} <= set(labels)
+    import numpy as np
+
+    want = [np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4), np.array([0.0, -np.inf], np.float32)]
+    assert sc.mismatch(("a", "b"), [w.copy() for w in want], want, np.asarray) is None
+    off = [want[0] + 1e-2, want[1]]
+    assert sc.mismatch(("a", "b"), off, want, np.asarray).startswith("a: max abs error")
+    assert sc.mismatch(("a", "b"), [want[0], np.zeros(2, np.float32)], want, np.asarray) == \
+        "b: non-finite entries differ from the reference"
 
 
 def test_summary_of_a_failing_run(tmp_path):  # like r1: 239 failed, numba_cuda rows errored in the bench
@@ -282,11 +352,18 @@ def test_the_overall_budget_cuts_a_step_short_and_skips_the_rest(tmp_path):
 def test_real_run_commands_and_time_limits(tmp_path):
     assert sum(ci.TIMEOUTS.values()) > ci.BUDGET_S == 540  # the budget, not the sum, bounds the run to 9 min
     timeouts, budget = ci.timeouts_from_env({"CI_GPU_TIMEOUT_PYTEST": "12", "CI_GPU_BUDGET": "100"})
-    assert timeouts == {"env": 60, "pytest": 12, "digits": 90, "bench": 330} and budget == 100
+    assert timeouts == {"env": 60, "pytest": 12, "digits": 90, "bench": 330, "nccl": 60, "memcheck": 120,
+                        "racecheck": 150} and budget == 100
     with pytest.raises(SystemExit):
         ci.timeouts_from_env({"CI_GPU_TIMEOUT_BENCH": "soon"})
-    env, tests, digits, bench = ci.build_steps(tmp_path, dry_run=False, timeouts=timeouts)
-    assert [s.name for s in (env, tests, digits, bench)] == list(STEPS)
+    env, tests, digits, bench, nccl, memcheck, racecheck = ci.build_steps(tmp_path, dry_run=False, timeouts=timeouts)
+    assert [s.name for s in (env, tests, digits, bench, nccl, memcheck, racecheck)] == list(STEPS)
+    assert nccl.argv[1:7] == ["-m", "bench.comm", "-n", "1", "--backend", "nccl"]
+    assert str(tmp_path / "comm.json") in nccl.argv
+    for step, tool in ((memcheck, "memcheck"), (racecheck, "racecheck")):
+        assert Path(step.argv[0]).name == "compute-sanitizer"
+        assert step.argv[1:5] == ["--tool", tool, "--error-exitcode", "1"]
+        assert step.argv[-3:] == [str(ci.SANITIZE_CASES), "--device", "cuda"] and step.log == f"{tool}.log"
     assert tests.argv[1:7] == ["-m", "pytest", "-m", "gpu", "-q", "-p"] and "-x" not in tests.argv
     assert f"--junitxml={tmp_path / 'junit.xml'}" in tests.argv and tests.timeout == 12
     assert ("-n" in tests.argv) == (importlib.util.find_spec("xdist") is not None)
