@@ -20,6 +20,7 @@ from engine.ops import (abs, add, amax, amin, argmax, argmin, bitwise_and, bitwi
                         max, maximum, mean, min, minimum, mm, mul, norm, permute, pow, prod, reshape, return_types,
                         sigmoid, sin, sqrt, square, stack, std, sub, sum, t, tanh, transpose, var, where)
 from engine.ops import relu, softmax, log_softmax, gelu  # noqa: F401
+from engine.ops import all, any  # noqa: F401,E402  (torch.any / torch.all: tensors, as PyTorch)
 from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, float64, from_numpy, full, full_like,
                            int8, int16, int32, int64, linspace, normal, ones, ones_like, rand, rand_like, randint, randn,
                            randn_like, randperm, tensor, uint8, zeros, zeros_like)

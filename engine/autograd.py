@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import threading
+import weakref
 
 from engine import backend
 from engine.errors import DeviceError, EngineError, GradError, describe
@@ -103,10 +104,29 @@ class Version:
     by ops, ``detach()``) shares one Version; every in-place op bumps it; a Function records the
     versions of the tensors whose arrays it saved, and backward refuses to run it if one moved."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "_savers")
 
     def __init__(self):
         self.value = 0
+        self._savers = None  # weak references to the graph nodes that saved this memory for backward
+
+    def saved_by(self, node) -> None:
+        """Remember that graph node ``node`` keeps this memory for its backward (weakly: a graph
+        that is dropped or has run its backward no longer counts)."""
+        refs = self._savers
+        if refs is None:
+            refs = self._savers = []
+        elif len(refs) >= 16:  # a long-lived tensor saved by graph after graph: forget the dead ones
+            refs[:] = [r for r in refs if _is_live_node(r())]
+        refs.append(weakref.ref(node))
+
+    def in_live_graph(self) -> bool:
+        """Does a graph that has not yet run its backward keep this memory for it?"""
+        return any(_is_live_node(r()) for r in self._savers or ())
+
+
+def _is_live_node(node) -> bool:
+    return node is not None and not getattr(node, "released", False)
 
 
 def storage_root(array):
@@ -157,6 +177,7 @@ class Function:
         if recorded:
             fn.inputs = inputs
             fn.saved_versions = _saved_versions(fn, inputs, result)
+            _note_savers(fn, fn.saved_versions)
         return result
 
     @classmethod
@@ -291,6 +312,7 @@ def _apply_ctx_style(cls, args: tuple, kwargs: dict):
             results[i] = _attach(outputs[i], _SelectOutput(i, len(outputs), node.packed), tensors)
     ctx._saved_versions = _versions_of(ctx._to_save, tensors, results)
     node.saved_versions = ctx._saved_versions
+    _note_savers(node, node.saved_versions)
     return tuple(results) if isinstance(out, tuple) else results[0]
 
 
@@ -321,6 +343,13 @@ def _versions_of(saved, inputs, outputs) -> tuple:
             kind = False if any(t._version is i._version for i in inputs) else None
         records.append((t._version, t._version.value, kind))
     return tuple(records)
+
+
+def _note_savers(node, records) -> None:
+    """Tell each saved memory's Version that ``node`` keeps it (``Tensor.numpy()`` hands such
+    memory out read-only, so a write through numpy cannot silently corrupt the gradient)."""
+    for version, *_ in records:
+        version.saved_by(node)
 
 
 class _SelectOutput(Function):

@@ -823,6 +823,34 @@ def argmax(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=No
     return Tensor._from_op(a.xp.argmax(a._data, axis=dim, keepdims=keep), None)
 
 
+def any(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
+    """Is any element non-zero (over ``dim``: an int, a tuple, or None for all)? A bool tensor on
+    ``a``'s device (uint8 for a uint8 input, as PyTorch), never read on the host: ``bool(t.any())``
+    is the read."""
+    return _logical_reduction("any", a, _dim("any", dim, axis), _keep(keepdim, keepdims))
+
+
+def all(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
+    """Are all elements non-zero (over ``dim``)? As :func:`any`."""
+    return _logical_reduction("all", a, _dim("all", dim, axis), _keep(keepdim, keepdims))
+
+
+def _logical_reduction(op: str, a, dim, keepdim: bool) -> Tensor:
+    a = a if isinstance(a, Tensor) else Tensor(a)
+    dims = (dim,) if isinstance(dim, (int, np.integer)) else dim
+    if dims is not None:
+        rank = builtins.max(a.ndim, 1)  # a 0-d tensor takes dim 0 or -1, as in PyTorch
+        bad = [d for d in dims if not -rank <= d < rank]
+        if bad:
+            raise ShapeError(f"{op}: dim {bad[0]} is out of range for {describe(a)} (expected a dim in "
+                             f"[{-rank}, {rank - 1}])")
+        dims = tuple(int(d) % rank for d in dims) if a.ndim else None
+    out = getattr(a.xp, op)(a._data, axis=dims, keepdims=keepdim)
+    if a.dtype == np.uint8:
+        out = out.astype(np.uint8)
+    return Tensor._from_op(out, None)
+
+
 def argmin(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
     dim, keep = _dim("argmin", dim, axis), _keep(keepdim, keepdims)
     a = a if isinstance(a, Tensor) else Tensor(a)
@@ -942,7 +970,7 @@ class GetItem(Function):
 
 def _is_basic_index(index) -> bool:
     items = index if isinstance(index, tuple) else (index,)
-    return all(isinstance(i, (int, np.integer, slice)) or i is None or i is Ellipsis for i in items)
+    return builtins.all(isinstance(i, (int, np.integer, slice)) or i is None or i is Ellipsis for i in items)
 
 
 def getitem(a: Tensor, index) -> Tensor:

@@ -241,8 +241,15 @@ class Tensor:
         return int(np.dtype(self.dtype).itemsize)
 
     def numpy(self) -> np.ndarray:
-        """The data as a numpy array (copied from the GPU if needed). Detached from the graph."""
-        return backend.to_host(self._data)
+        """The data as a numpy array, detached from the graph: a copy from a GPU; on the CPU this
+        tensor's own memory, as PyTorch's (writes through it change the tensor, and autograd does not
+        see them). While a graph that has not yet run its backward keeps this memory for it, the array
+        is read-only, so such a write raises instead of silently corrupting the gradient."""
+        host = backend.to_host(self._data)
+        if host is self._data and self._version.in_live_graph():
+            host = host.view()
+            host.flags.writeable = False
+        return host
 
     def item(self):
         if self._data.size != 1:
@@ -265,7 +272,7 @@ class Tensor:
     def __bool__(self) -> bool:
         if self._data.size != 1:
             raise EngineError(f"bool() of {describe(self)} is ambiguous; use .any() or .all()")
-        return bool(self.item())
+        return bool(self.item())  # item() reads through backend.to_host: a counted host sync
 
     def __float__(self) -> float:
         return float(self.item())
@@ -285,8 +292,25 @@ class Tensor:
         return object.__format__(self, spec)
 
     def __array__(self, dtype=None, copy=None):
-        arr = self.numpy()
-        return arr if dtype is None else arr.astype(dtype)
+        """``np.asarray(t)`` / ``np.array(t)``, with NumPy 2's ``copy``: True copies; None shares the
+        memory of a CPU tensor when no dtype change is asked (as PyTorch); False shares or raises
+        ValueError. As in PyTorch, a tensor that requires grad is refused (use ``t.detach()``) and a
+        GPU tensor too (use ``t.cpu()``). A shared array is :meth:`numpy`'s: read-only while a graph
+        keeps the memory for backward."""
+        if self.requires_grad:
+            raise GradError(f"numpy conversion (np.asarray / np.array) of {describe(self)}, which requires grad; "
+                            "use t.detach() first (PyTorch refuses it too)")
+        if self.device.type != "cpu":
+            raise TypeError(f"can't convert {describe(self)} to a numpy array implicitly; copy it to host memory "
+                            "with t.cpu() or t.numpy() first (PyTorch refuses it too)")
+        host = self.numpy()
+        converts = dtype is not None and np.dtype(dtype) != host.dtype
+        if copy is False and converts:
+            raise ValueError(f"np.array(copy=False) of {describe(self)} as {np.dtype(dtype)} needs a copy (a dtype "
+                             "change); use np.asarray to allow one")
+        if copy or converts:
+            return np.array(host, dtype=dtype, copy=True)
+        return host
 
     # ---- in-place updates ------------------------------------------------------------------------
     # Every in-place op bumps the version of this tensor's memory (shared with its views), so a
@@ -500,8 +524,8 @@ class Tensor:
     def __rxor__(self, other): return ops.bitwise_xor(other, self)
     def __invert__(self): return ops.bitwise_not(self)
     def logical_not(self): return ops.logical_not(self)
-    def any(self): return bool(self._data.any())
-    def all(self): return bool(self._data.all())
+    def any(self, dim=None, keepdim=False, **kw): return ops.any(self, dim, keepdim, **kw)
+    def all(self, dim=None, keepdim=False, **kw): return ops.all(self, dim, keepdim, **kw)
     def reshape(self, *shape): return ops.reshape(self, _shape_arg(shape))
     view = reshape
     def flatten(self, start_dim=0, end_dim=-1): return ops.flatten(self, start_dim, end_dim)

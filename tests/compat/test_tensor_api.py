@@ -638,3 +638,88 @@ def test_cosine_embedding_loss_values_gradients_and_module():
         pytest.approx(reference[0])
     with pytest.raises(Exception):
         F.cosine_embedding_loss(torch.randn(3, 4), torch.randn(3, 5), torch.ones(3))
+
+
+# ---- numpy conversion: NumPy 2's copy= and what shares memory -----------------------------------------
+
+def test_np_array_copies_and_np_asarray_shares_as_pytorch():
+    t = torch.ones(3)
+    copied = np.array(t)  # numpy passes copy=True
+    copied[0] = 5.0
+    assert t.tolist() == [1.0, 1.0, 1.0] and not np.shares_memory(copied, t.numpy())
+    shared = np.asarray(t)  # copy=None: shares, as torch does for a CPU tensor
+    shared[1] = 7.0
+    assert t.tolist() == [1.0, 7.0, 1.0]
+    assert np.shares_memory(np.array(t, copy=False), t.numpy())
+    widened = np.asarray(t, dtype=np.float64)  # a dtype change copies, with copy=None
+    assert widened.dtype == np.float64 and not np.shares_memory(widened, t.numpy())
+    with pytest.raises(ValueError, match=r"copy=False.*float64 needs a copy"):
+        np.array(t, dtype=np.float64, copy=False)
+
+
+def test_np_conversion_of_a_tensor_that_requires_grad_is_refused_as_in_pytorch():
+    w = torch.ones(3, requires_grad=True)
+    for convert in (np.asarray, np.array, lambda t: np.array(t, copy=False)):
+        with pytest.raises(GradError, match=r"requires grad; use t\.detach\(\)"):
+            convert(w)
+        with pytest.raises(GradError, match="requires grad"):
+            convert(w * 2)  # a non-leaf too
+    np.testing.assert_array_equal(np.asarray(w.detach()), [1.0, 1.0, 1.0])
+
+
+@pytest.mark.gpu
+def test_np_conversion_of_a_gpu_tensor_is_refused_as_in_pytorch():
+    t = torch.ones(3, device="cuda")
+    with pytest.raises(TypeError, match=r"t\.cpu\(\)"):
+        np.asarray(t)
+    np.testing.assert_array_equal(t.numpy(), [1.0, 1.0, 1.0])  # .numpy() copies from the GPU, explicitly
+
+
+def test_memory_a_graph_saved_for_backward_is_handed_to_numpy_read_only():
+    """A write through numpy is invisible to the version counter: while a graph keeps the memory
+    for its backward, numpy gets a read-only view, so the write raises instead of silently changing
+    the gradient. Once backward has run (or the graph is gone), the memory is writable again."""
+    x = torch.tensor([1.0, 2.0, 3.0])
+    w = torch.ones(3, requires_grad=True)
+    loss = (x * w).sum()  # saves x for w's gradient
+    for view in (np.asarray(x), np.array(x, copy=False), x.numpy()):
+        assert np.shares_memory(view, x.detach().numpy())
+        with pytest.raises(ValueError, match="read-only"):
+            view[0] = 100.0
+    assert np.array(x).flags.writeable  # a copy is the caller's own
+    loss.backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [1.0, 2.0, 3.0])
+    np.asarray(x)[0] = 100.0  # the graph has run its backward: nothing depends on x any more
+    assert x.tolist() == [100.0, 2.0, 3.0]
+    y = torch.tensor([1.0, 2.0])
+    graph = (y * torch.ones(2, requires_grad=True)).sum()
+    assert not np.asarray(y).flags.writeable
+    del graph  # a dropped graph no longer protects the memory
+    assert np.asarray(y).flags.writeable
+
+
+# ---- any / all: tensors, with dim= and keepdim=, as PyTorch ---------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_any_all_return_bool_tensors_with_dim_and_keepdim(device):
+    t = torch.tensor([[0, 1], [0, 0]], device=device)
+    assert isinstance(t.any(), torch.Tensor) and t.any().dtype == np.bool_ and t.any().shape == ()
+    assert t.any().item() is True and t.all().item() is False
+    assert t.any(dim=1).tolist() == [True, False] and t.any(1).device == t.device
+    assert t.all(0, keepdim=True).tolist() == [[False, False]]
+    assert t.any(dim=(0, 1)).item() is True and t.any(-1).tolist() == [True, False]
+    assert torch.any(t, 0).tolist() == [False, True] and torch.all(torch.ones(2, device=device)).item() is True
+    assert torch.tensor([], device=device).all().item() is True and torch.tensor([], device=device).any().item() is False
+    assert torch.tensor([0, 3], dtype=np.uint8, device=device).any().dtype == np.uint8  # PyTorch's legacy uint8
+    assert not torch.ones(2, requires_grad=True, device=device).any().requires_grad
+    with pytest.raises(torch.ShapeError, match=r"any: dim 2 is out of range"):
+        t.any(2)
+
+
+def test_bool_of_any_reads_through_the_counted_host_door():
+    t = torch.tensor([0.0, 1.0])
+    with torch.backend.count_host_reads() as reads:
+        flag = t.any()
+        assert reads.count == 0  # the reduction stays on the device
+        assert bool(flag) and not bool(t.all())
+    assert reads.count == 2
