@@ -331,8 +331,7 @@ def _int64_class_indices(targets, ignore_index: int):
 def _defer_class_index_check(xp, targets, classes: int, ignore_index: int) -> None:
     """The unfused path's target check on a GPU: the non-ignored targets' min and max reduced on the
     device and read at the next sync point (kernels/deferred.py), as the fused kernel does."""
-    valid = targets != ignore_index
-    bounds = xp.stack([xp.where(valid, targets, _INT64_MAX).min(), xp.where(valid, targets, _INT64_MIN).max()])
+    bounds = _valid_target_bounds(xp, targets, ignore_index)
 
     def check(host_bounds) -> None:
         lo, hi = int(host_bounds[0]), int(host_bounds[1])
@@ -343,6 +342,13 @@ def _defer_class_index_check(xp, targets, classes: int, ignore_index: int) -> No
                                       "raises at the call itself]")
 
     kernels.deferred.defer(bounds, check)  # int64, as defer wants: the targets are int64 here
+
+
+def _valid_target_bounds(xp, targets, ignore_index: int):
+    """(min, max) of the targets that are not ``ignore_index``, as an int64 device array (min > max
+    when every target is ignored): what a deferred class-index check reads."""
+    valid = targets != ignore_index
+    return xp.stack([xp.where(valid, targets, _INT64_MAX).min(), xp.where(valid, targets, _INT64_MIN).max()])
 
 
 def _restore_shape(out: Tensor, input: Tensor, target: Tensor, reduction: str) -> Tensor:
@@ -540,12 +546,33 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
     _check_reduction("binary_cross_entropy", reduction)
     input, target = _loss_operands("binary_cross_entropy", input, target)
     weight = _elementwise_weight("binary_cross_entropy", "weight", weight, input)
-    if bool(((input._data < 0) | (input._data > 1)).any()):
-        raise EngineError(f"binary_cross_entropy: every input element must be a probability in [0, 1], got values "
-                          f"in [{float(input._data.min()):.4g}, {float(input._data.max()):.4g}] for {describe(input)}; "
-                          "apply sigmoid first, or use binary_cross_entropy_with_logits on the raw scores")
+    _check_probabilities(input)
     loss = BinaryCrossEntropy.apply(input, target)
     return _reduce(loss if weight is None else loss * weight, reduction)
+
+
+def _check_probabilities(input: Tensor) -> None:
+    """binary_cross_entropy's input must lie in [0, 1]. Checked at once on the CPU; on a GPU the
+    min and max are queued as a deferred check (kernels/deferred.py, read at the next sync point)
+    instead of a host sync in every forward; meanwhile an out-of-range input gives a NaN loss."""
+    data = input._data
+    if not data.size:
+        return
+
+    def check(bounds) -> None:
+        low, high = (float(b) for b in bounds)
+        if low < 0 or high > 1:
+            raise EngineError(f"binary_cross_entropy: every input element must be a probability in [0, 1], got "
+                              f"values in [{low:.4g}, {high:.4g}] for {describe(input)}; apply sigmoid first, or use "
+                              "binary_cross_entropy_with_logits on the raw scores")
+
+    if isinstance(data, np.ndarray):
+        check((data.min(), data.max()))
+        return
+    xp = array_module(data)
+    # The deferred queue reads int64 arrays in one transfer: the float64 bounds travel bit for bit as int64.
+    bounds = xp.stack([data.min(), data.max()]).astype(np.float64).view(np.int64)
+    kernels.deferred.defer(bounds, lambda raw: check(np.asarray(raw).view(np.float64)))
 
 
 class BinaryCrossEntropyWithLogits(Function):
@@ -674,12 +701,14 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore
     w = _class_weight("nll_loss", weight, rows)
     xp, (n, classes) = rows.xp, rows.shape
     valid = targets != ignore_index
-    out_of_range = valid & ((targets < 0) | (targets >= classes))
-    if bool(out_of_range.any()):
-        bad = int(targets[out_of_range][0])
-        raise EngineError(f"nll_loss: target {bad} is out of range for {classes} classes (input {describe(input)}); "
-                          f"targets must be in [0, {classes - 1}] or equal ignore_index={ignore_index}")
     safe = xp.where(valid, targets, 0)
+    if xp is np:
+        out_of_range = valid & ((targets < 0) | (targets >= classes))
+        if out_of_range.any():
+            _raise_bad_nll_target(int(targets[out_of_range][0]), classes, ignore_index, input)
+    elif n:  # on a GPU: a deferred check, and the gather reads clipped indices meanwhile
+        _defer_nll_target_check(xp, targets, classes, ignore_index, input)
+        safe = xp.clip(safe, 0, classes - 1)
     row_weight = valid.astype(rows.dtype) if w is None else w[safe] * valid
     picked = rows[xp.arange(n), safe]
     per_row = -picked * Tensor(row_weight)
@@ -690,6 +719,25 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore
         return total
     with np.errstate(invalid="ignore", divide="ignore"):  # every row ignored: 0 / 0 = NaN, as in PyTorch
         return total / Tensor(xp.asarray(row_weight.sum(dtype=rows.dtype)))
+
+
+def _raise_bad_nll_target(bad: int, classes: int, ignore_index: int, input: Tensor, where: str = "") -> None:
+    raise EngineError(f"nll_loss: target {bad} is out of range for {classes} classes (input {describe(input)}); "
+                      f"targets must be in [0, {classes - 1}] or equal ignore_index={ignore_index}{where}")
+
+
+def _defer_nll_target_check(xp, targets, classes: int, ignore_index: int, input: Tensor) -> None:
+    """nll_loss's target check on a GPU: the non-ignored targets' min and max reduced on the device
+    and read at the next sync point (kernels/deferred.py), not a host sync in every forward."""
+
+    def check(host_bounds) -> None:
+        low, high = int(host_bounds[0]), int(host_bounds[1])
+        if low <= high and (low < 0 or high >= classes):
+            _raise_bad_nll_target(low if low < 0 else high, classes, ignore_index, input,
+                                  " [found on the GPU, read at the next sync point; kernels.eager_checks(True) "
+                                  "raises at the call itself]")
+
+    kernels.deferred.defer(_valid_target_bounds(xp, targets, ignore_index), check)
 
 
 class KLDivPointwise(Function):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine import backend
 from engine.tensor import Tensor
 
 
@@ -32,7 +33,7 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1
     weights = xp.asarray(np.random.default_rng(seed).standard_normal(out.shape))
 
     def objective() -> float:
-        return float((fn(*args)._data * weights).sum())
+        return float(backend.to_host((fn(*args)._data * weights).sum()))
 
     (out * Tensor(weights)).sum().backward()
     for i in diff:

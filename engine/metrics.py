@@ -59,14 +59,15 @@ def _labels(a, name: str, where: str):
     """Integer class labels as int64; integral floats and bools are accepted."""
     xp = backend.array_module(a)
     if a.dtype.kind == "f":
-        if a.size and not bool(xp.all(a == xp.floor(a))):
+        if a.size and not bool(backend.to_host(xp.all(a == xp.floor(a)))):
             raise DTypeError(f"{where}: {name} must hold class labels (integers), got non-integer floats in "
                              f"{describe(a)}")
     elif a.dtype.kind not in "iub":
         raise DTypeError(f"{where}: {name} must hold integer class labels, got {describe(a)}")
     a = a.astype(np.int64)
-    if a.size and int(a.min()) < 0:
-        raise EngineError(f"{where}: {name} must be labels 0..C-1, got the negative label {int(a.min())}; map labels "
+    lowest = int(backend.to_host(a.min())) if a.size else 0
+    if lowest < 0:
+        raise EngineError(f"{where}: {name} must be labels 0..C-1, got the negative label {lowest}; map labels "
                           "with np.unique(y, return_inverse=True)")
     return a
 
@@ -85,10 +86,11 @@ def _predicted_labels(pred, target, threshold: float, where: str):
     if pred.shape != t.shape:
         raise ShapeError(f"{where}: pred {describe(pred)} and target {describe(target)} must have the same shape "
                          "(labels) or pred one more class dimension on axis 1 (scores)")
-    if pred.dtype.kind == "f" and pred.size and not bool(xp.all(pred == xp.floor(pred))):
-        if t.size and int(t.max()) > 1:
+    if pred.dtype.kind == "f" and pred.size and not bool(backend.to_host(xp.all(pred == xp.floor(pred)))):
+        top = int(backend.to_host(t.max())) if t.size else 0
+        if top > 1:
             raise EngineError(f"{where}: pred holds non-integer floats (binary scores) but the targets are "
-                              f"multi-class (labels up to {int(t.max())}); pass scores (N, C) or labels")
+                              f"multi-class (labels up to {top}); pass scores (N, C) or labels")
         return (pred >= threshold).astype(np.int64), t
     return _labels(pred, "pred", where), t
 
@@ -102,7 +104,7 @@ def _host_float64(a) -> np.ndarray:
 def _correct_and_total(pred, target, threshold: float, where: str) -> tuple[int, int]:
     p, t = _pair(pred, target, where)
     labels, truth = _predicted_labels(p, t, threshold, where)
-    return int(backend.array_module(labels).count_nonzero(labels == truth)), int(truth.size)
+    return int(backend.to_host(backend.array_module(labels).count_nonzero(labels == truth))), int(truth.size)
 
 
 def accuracy(pred, target, threshold: float = 0.5) -> float:
@@ -129,14 +131,15 @@ def _top_k_correct(scores, target, k: int, where: str) -> tuple[int, int]:
     if s.ndim != 2 or t.ndim != 1 or s.shape[0] != t.shape[0]:
         raise ShapeError(f"{where}: expected scores (N, C) and targets (N,), got {describe(scores)} and "
                          f"{describe(target)}")
-    if t.size and int(t.max()) >= s.shape[1]:
-        raise EngineError(f"{where}: target label {int(t.max())} is out of range for {s.shape[1]} score columns")
+    top = int(backend.to_host(t.max())) if t.size else -1
+    if top >= s.shape[1]:
+        raise EngineError(f"{where}: target label {top} is out of range for {s.shape[1]} score columns")
     xp = backend.array_module(s)
     true_score = s[xp.arange(len(t)), t][:, None]
     # Rank of the true class: classes scoring higher, plus equal-scoring classes with a lower index
     # (the tie order of argmax, so top-1 accuracy equals accuracy).
     ahead = (s > true_score) | ((s == true_score) & (xp.arange(s.shape[1])[None, :] < t[:, None]))
-    return int(xp.count_nonzero(ahead.sum(axis=1) < k)), int(t.size)
+    return int(backend.to_host(xp.count_nonzero(ahead.sum(axis=1) < k))), int(t.size)
 
 
 def top_k_accuracy(pred, target, k: int = 5) -> float:
@@ -164,7 +167,7 @@ def _confusion_counts(pred, target, num_classes, threshold: float, where: str) -
     p, t = _pair(pred, target, where)
     labels, truth = _predicted_labels(p, t, threshold, where)
     labels, truth = labels.reshape(-1), truth.reshape(-1)
-    top = max(int(labels.max()), int(truth.max())) + 1 if truth.size else 0
+    top = max(int(backend.to_host(labels.max())), int(backend.to_host(truth.max()))) + 1 if truth.size else 0
     if num_classes is None:
         num_classes = top
     elif top > num_classes:
@@ -249,7 +252,8 @@ def _class_scores(counts: np.ndarray, present: np.ndarray, average, pos_label: i
 
 def _pick(values: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """``values[classes]``, with 0 for classes beyond the matrix (a positive label nobody used)."""
-    padded = np.zeros(max(len(values), int(classes.max()) + 1 if classes.size else 0), dtype=values.dtype)
+    top = int(backend.to_host(classes.max())) + 1 if classes.size else 0
+    padded = np.zeros(max(len(values), top), dtype=values.dtype)
     padded[:len(values)] = values
     return padded[classes]
 
@@ -267,10 +271,10 @@ def _binary_class(present: np.ndarray, pos_label: int, where: str) -> np.ndarray
 def _nan_average(values: np.ndarray, weights) -> float:
     """Average ignoring nan (zero_division=nan excludes undefined classes), as scikit-learn does."""
     keep = ~np.isnan(values)
-    if not keep.any():
+    if not backend.to_host(keep.any()):
         return math.nan
     if weights is None or weights[keep].sum() == 0:
-        return float(values[keep].mean())
+        return float(backend.to_host(values[keep].mean()))
     return float(np.average(values[keep], weights=weights[keep]))
 
 
@@ -388,7 +392,7 @@ def _rate(counts: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _binary_auc(scores: np.ndarray, positive: np.ndarray, where: str) -> float:
-    n_pos = int(positive.sum())
+    n_pos = int(backend.to_host(positive.sum()))
     if n_pos == 0 or n_pos == len(positive):
         raise EngineError(f"{where}: ROC AUC is undefined when the target holds only one class "
                           f"({'no' if n_pos == 0 else 'only'} positives among {len(positive)} samples); "
@@ -432,8 +436,9 @@ def _one_vs_rest_auc(scores: np.ndarray, target, average, where: str):
     if average not in ("macro", "weighted", None):
         raise EngineError(f"{where}: average must be 'macro', 'weighted' or None, got {average!r}")
     num_classes = scores.shape[1]
-    if truth.size and int(truth.max()) >= num_classes:
-        raise EngineError(f"{where}: label {int(truth.max())} is out of range for {num_classes} score columns")
+    top = int(backend.to_host(truth.max())) if truth.size else -1
+    if top >= num_classes:
+        raise EngineError(f"{where}: label {top} is out of range for {num_classes} score columns")
     aucs = np.array([_binary_auc(scores[:, c], truth == c, f"{where} (class {c} vs rest)")
                      for c in range(num_classes)])
     if average is None:
@@ -495,7 +500,7 @@ def _r2_from_sums(residual: np.ndarray, total: np.ndarray, n: int, multioutput: 
     defined = total != 0
     scores = np.where(residual == 0, 1.0, 0.0)  # constant target: perfect or not
     scores[defined] = 1.0 - residual[defined] / total[defined]
-    return scores if multioutput == "raw_values" else float(scores.mean())
+    return scores if multioutput == "raw_values" else float(backend.to_host(scores.mean()))
 
 
 # ---- streaming metrics ----------------------------------------------------------------------------

@@ -238,3 +238,146 @@ def test_the_trainer_reads_gradient_flags_with_the_losses(device):
             trainer.fit((x, y), epochs=1, batch_size=16, shuffle=False)
     assert reads.count == 1, reads  # the read after batch 4: losses and flags together
     assert len(calls) == 4
+
+
+# ---- no device read outside backend.to_host -----------------------------------------------------
+#
+# ``bool()``/``float()``/``int()`` of an array, ``.item()``, ``.tolist()``, ``.get()`` and
+# ``np.asarray`` of a cupy array each wait for the device. Done outside ``backend.to_host`` they
+# are invisible to ``count_host_reads`` (so the tests above cannot see them on the CPU) and skip
+# the deferred checks' errors. This scan of engine/ flags every such call on a value that may be a
+# device array: one built from ``._data``, ``xp``, or an array reduction (``.any()``, ``.sum()``,
+# ``.max()`` ...), unless it comes from ``to_host`` or a numpy function (host values). What it
+# flags must go through ``backend.to_host``, or be listed below with why the value is on the host.
+
+import ast  # noqa: E402
+import pathlib  # noqa: E402
+
+_REDUCTIONS = {"any", "all", "sum", "min", "max", "mean", "item", "prod", "argmax", "argmin", "std", "var",
+               "count_nonzero", "nonzero", "isfinite"}
+_METADATA = {"size", "shape", "ndim", "dtype", "itemsize", "nbytes"}
+
+# (file, function) -> why every flagged read in it is of a host value.
+HOST_ONLY = {
+    ("engine/backend.py", "to_host"): "the door itself",
+    ("engine/tensor.py", "__bool__"): "Tensor.item() reads through to_host",
+    ("engine/tensor.py", "__float__"): "Tensor.item() reads through to_host",
+    ("engine/tensor.py", "__int__"): "Tensor.item() reads through to_host",
+    ("engine/tensor.py", "__index__"): "Tensor.item() reads through to_host",
+    ("engine/data/splits.py", "_allocate"): "counts is a numpy array of class counts",
+    ("engine/examples/gpt.py", "_pick"): "row comes from backend.to_host",
+    ("engine/examples/regression.py", "main"): "y_test is a numpy array",
+    ("engine/gradcheck.py", "gradcheck"): "bad comes from np.isclose of host arrays",
+    ("engine/text/batching.py", "pad_batch"): "lengths is a numpy array",
+    ("engine/text/datasets.py", "unigram_baseline"): "token arrays and counts are numpy arrays",
+    ("engine/functional.py", "_check_class_indices"): "called with numpy targets only (the CPU path)",
+    ("engine/functional.py", "nll_loss"): "the eager target check runs in its `xp is np` branch",
+}
+
+
+def _is_host_value(node) -> bool:
+    """A call that returns a host value: ``np.*``/``math.*`` functions, ``to_host`` (and metrics'
+    ``_host_float64``, which calls it), ``len``."""
+    if not isinstance(node, ast.Call):
+        return False
+    f = node.func
+    if isinstance(f, ast.Name):
+        return f.id in ("len", "_host_float64")
+    return isinstance(f, ast.Attribute) and (f.attr == "to_host" or isinstance(f.value, ast.Name)
+                                             and f.value.id in ("np", "math"))
+
+
+def _may_be_on_device(node) -> bool:
+    if _is_host_value(node) or isinstance(node, ast.Attribute) and node.attr in _METADATA:
+        return False
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _REDUCTIONS:
+        return not _is_host_value(node.func.value)
+    if isinstance(node, ast.Attribute) and node.attr == "_data" or isinstance(node, ast.Name) and node.id == "xp":
+        return True
+    return any(_may_be_on_device(child) for child in ast.iter_child_nodes(node))
+
+
+def _is_reduction(node) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _REDUCTIONS
+
+
+def _device_reads(node):
+    """What in ``node`` (one AST node, not its children) reads an array's value on the host."""
+    if isinstance(node, ast.Call):
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in ("bool", "float", "int") and node.args:
+            return _may_be_on_device(node.args[0])
+        if isinstance(f, ast.Attribute) and not node.args and not node.keywords:
+            if f.attr in ("item", "tolist"):
+                return _may_be_on_device(f.value)
+            if f.attr == "get":
+                return True
+        if isinstance(f, ast.Attribute) and f.attr in ("asarray", "array") and isinstance(f.value, ast.Name) \
+                and f.value.id == "np" and node.args:
+            return _may_be_on_device(node.args[0])
+    tests = []
+    if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
+        tests = [node.test]
+    elif isinstance(node, ast.BoolOp):
+        tests = node.values
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        tests = [node.operand]
+    return any(_is_reduction(t) and _may_be_on_device(t) for t in tests)  # `if bad.any():` reads too
+
+
+def _unsanctioned_device_reads(root: pathlib.Path) -> list[str]:
+    found = []
+    for path in sorted((root / "engine").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        owner = {}
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    owner[id(node)] = fn.name  # the innermost function wins (walked last)
+        for node in ast.walk(tree):
+            function = owner.get(id(node), "<module>")
+            if _device_reads(node) and (rel, function) not in HOST_ONLY:
+                found.append(f"{rel}:{node.lineno} in {function}: {ast.unparse(node).splitlines()[0][:100]}")
+    return found
+
+
+def test_engine_reads_device_values_only_through_to_host():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = _unsanctioned_device_reads(root)
+    assert not found, ("host reads outside backend.to_host (wrap the array in backend.to_host, or defer the "
+                       "check as kernels/deferred.py does):\n" + "\n".join(found))
+
+
+def test_the_device_read_scan_finds_the_reads_it_forbids(tmp_path):
+    source = tmp_path / "engine" / "bad.py"
+    source.parent.mkdir()
+    source.write_text("def f(t, xp, a):\n"
+                      "    if bool((t._data < 0).any()): pass\n"
+                      "    if a.any(): pass\n"
+                      "    x = float(xp.max(a)) + int(t._data.sum()) + a.max().item() + len(a.get())\n"
+                      "    ok = bool(backend.to_host(a.any())) + int(np.prod(a.shape)) + int(t._data.size)\n"
+                      "    return np.asarray(t._data), np.asarray(backend.to_host(t._data))\n")
+    found = _unsanctioned_device_reads(tmp_path)
+    lines = [int(f.split(":")[1].split(" ")[0]) for f in found]
+    assert sorted(set(lines)) == [2, 3, 4, 6], found
+    assert len([line for line in lines if line == 4]) == 4, found
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "nll_loss"])
+def test_bce_and_nll_input_checks_on_a_gpu_are_deferred_to_the_next_sync(loss):
+    if loss == "binary_cross_entropy":
+        args = (engine.tensor([0.2, 1.5], device="cuda"), engine.tensor([0.0, 1.0], device="cuda"))
+        message = r"binary_cross_entropy: every input element must be a probability in \[0, 1\].*\[0\.2, 1\.5\]"
+    else:
+        args = (engine.zeros(2, 3, device="cuda"), engine.tensor([1, 7], device="cuda"))
+        message = r"nll_loss: target 7 is out of range for 3 classes"
+    fn = getattr(F, loss)
+    with pytest.raises(engine.EngineError, match=message):  # warm-up (compiles); raised at the read
+        fn(*args).item()
+    with backend.count_host_reads() as reads, _no_device_waits("cuda"):
+        out = fn(*args)  # no read: the check is queued
+    assert reads.count == 0
+    with pytest.raises(engine.EngineError, match=message):
+        out.item()

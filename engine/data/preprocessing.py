@@ -31,7 +31,7 @@ class _Scaler:
             raise ShapeError(f"{self._name}.fit: needs at least one sample (rows along the first axis), "
                              f"got {describe(x)}")
         data = data.astype(np.float64)
-        if not bool(backend.array_module(data).isfinite(data).all()):
+        if not bool(backend.to_host(backend.array_module(data).isfinite(data).all())):
             raise EngineError(f"{self._name}.fit: the data holds NaN or inf; remove or impute them first "
                               "(engine.data.clean)")
         return data
@@ -224,13 +224,14 @@ def _integer_labels(labels, where: str):
     data = unwrap(labels, where)
     if data.dtype.kind not in "iub":
         raise DTypeError(f"{where}: labels must be integers, got {describe(labels)}; convert with .astype(np.int64)")
-    if data.size and int(data.min()) < 0:
-        raise EngineError(f"{where}: labels must be non-negative class indices, got min {int(data.min())}")
+    lowest = int(backend.to_host(data.min())) if data.size else 0
+    if lowest < 0:
+        raise EngineError(f"{where}: labels must be non-negative class indices, got min {lowest}")
     return data.astype(np.int64, copy=False)
 
 
 def _num_classes(data, num_classes, where: str) -> int:
-    top = int(data.max()) + 1 if data.size else 0
+    top = int(backend.to_host(data.max())) + 1 if data.size else 0
     if num_classes is None:
         return top
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
@@ -304,8 +305,8 @@ def clean(x, y=None, strategy: str = "drop", fill_values=None):
     else:
         fill = _fill_values(data, bad, strategy, fill_values)
         data = np.where(bad, fill.astype(data.dtype), data)
-        report = CleanReport(strategy, rows_in, len(data), rows_in - len(data), int(bad_rows.sum()),
-                             int(bad.sum()), fill)
+        report = CleanReport(strategy, rows_in, len(data), rows_in - len(data),
+                             int(backend.to_host(bad_rows.sum())), int(backend.to_host(bad.sum())), fill)
     return _back(data, x), None if y is None else _back(targets, y), report
 
 

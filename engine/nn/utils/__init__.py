@@ -83,7 +83,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     with backend.on_device(home):
         norms = xp.stack([backend.to_device(_norm(g._data, norm_type), home) for g in grads])
         total = _norm(norms, norm_type)
-        if error_if_nonfinite and not bool(xp.isfinite(total)):
+        if error_if_nonfinite and not bool(backend.to_host(xp.isfinite(total))):
             raise GradError(f"clip_grad_norm_: the total {norm_type}-norm of the gradients is {float(total)}, so they "
                             "cannot be clipped; check the loss for NaN/inf or pass error_if_nonfinite=False")
         scale = xp.minimum(max_norm / (total + 1e-6), 1.0)
