@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import ast
+import errno
 import functools
 import io
 import json
@@ -71,13 +72,18 @@ def save(obj, f, pickle_module=None, pickle_protocol=None, _use_new_zipfile_seri
             None. The same Tensor or array object referenced twice is stored once and loads
             back as one object.
         f: file path (str or os.PathLike); its directory must exist. Written as given (no
-            suffix is added); ``.npz`` or ``.ckpt`` are good names. Or a file object opened for
+            suffix is added); ``.npz`` or ``.ckpt`` are good names. Through a symlink, the file
+            it points to is replaced (atomically) and the link kept, as ``torch.save`` does. Or a file object opened for
             binary writing (``open(p, "wb")``, ``io.BytesIO()``): the checkpoint is written at its
             current position (not atomically: the caller owns the file) and it is left open.
 
     Raises:
         TypeError: ``obj`` holds something else (named by its place in ``obj``), or ``f`` is a
             text-mode file; nothing is written.
+        FileNotFoundError, IsADirectoryError, PermissionError: the path's directory does not
+            exist, the path is a directory, or it (or its directory) is not writable; nothing is
+            written and an existing file is left intact. Any failure while writing removes the
+            temporary file and leaves the previous file as it was.
     """
     is_file = hasattr(f, "write")
     if is_file and isinstance(f, io.TextIOBase):
@@ -96,20 +102,46 @@ def save(obj, f, pickle_module=None, pickle_protocol=None, _use_new_zipfile_seri
 
 
 def _write_atomically(path: str, header: bytes, arrays: list) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{_short_name(os.path.basename(path))}.", suffix=".tmp", dir=directory)
+    target = _save_target(path)
+    directory = os.path.dirname(target)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{_short_name(os.path.basename(target))}.", suffix=".tmp",
+                                   dir=directory)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"engine.save: cannot write {path!r}: cannot create a file in {directory!r} "
+                                   f"({exc.strerror}); nothing was written") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             _write_archive(f, header, arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))
-        os.replace(tmp, path)
+        os.chmod(tmp, _new_file_mode(target))
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _save_target(path: str) -> str:
+    """The file ``save(obj, path)`` replaces: through a symlink, the file it points to (as
+    ``torch.save``, which opens the link), so the link stays a link. Refuses, before anything is
+    written, a path whose directory does not exist, a directory, and a file this process may not
+    write (as opening it for writing would)."""
+    target = os.path.realpath(path)
+    directory = os.path.dirname(target)
+    shown = repr(path) if target == os.path.abspath(path) else f"{path!r} (a link to {target!r})"
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"engine.save: cannot write {shown}: the directory {directory!r} does "
+                                              "not exist; create it first (os.makedirs)")
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, f"engine.save: {shown} is a directory; give a file path such as "
+                                              f"{os.path.join(path, 'checkpoint.npz')!r}")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, f"engine.save: {shown} is not writable (permission denied); it was "
+                                            "left as it is")
+    return target
 
 
 def _write_archive(f, header: bytes, arrays: list) -> None:

@@ -231,6 +231,69 @@ def test_a_crash_on_the_first_save_creates_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute-link", "relative-link"])
+def test_save_through_a_symlink_writes_the_target_and_keeps_the_link(relative, tmp_path):
+    """As torch.save, which opens the link: the file pointed to gets the new checkpoint (atomically,
+    in its own directory) and the link stays a link to it."""
+    (tmp_path / "store").mkdir()
+    real = tmp_path / "store" / "ckpt-7.npz"
+    save({"epoch": 1}, real)
+    link = tmp_path / "latest.npz"
+    link.symlink_to(os.path.join("store", "ckpt-7.npz") if relative else real)
+    save({"epoch": 2}, link)
+    assert link.is_symlink() and os.path.realpath(link) == str(real)
+    assert load(real)["epoch"] == 2 and load(link)["epoch"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["latest.npz", "store"] and os.listdir(tmp_path / "store") == ["ckpt-7.npz"]
+    dangling = tmp_path / "dangling.npz"
+    dangling.symlink_to(tmp_path / "store" / "new.npz")  # a link to a file not yet there: created, as torch
+    save({"epoch": 3}, dangling)
+    assert dangling.is_symlink() and load(tmp_path / "store" / "new.npz")["epoch"] == 3
+
+
+def test_a_crash_mid_save_through_a_symlink_leaves_the_target_intact(tmp_path, monkeypatch):
+    real = tmp_path / "real.npz"
+    save({"epoch": 1, "w": np.ones(3)}, real)
+    before = real.read_bytes()
+    (tmp_path / "link.npz").symlink_to(real)
+    fail_on_second_array(monkeypatch, OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        save({"w": np.zeros(10), "v": np.zeros(10)}, tmp_path / "link.npz")
+    assert real.read_bytes() == before and (tmp_path / "link.npz").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["link.npz", "real.npz"]
+
+
+def test_save_into_a_missing_directory_or_onto_a_directory_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"engine\.save: cannot write .*no-such-dir.*does not exist; create it"):
+        save({"x": 1}, tmp_path / "no-such-dir" / "ckpt.npz")
+    assert os.listdir(tmp_path) == []
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "keep.npz").write_bytes(b"old")
+    with pytest.raises(IsADirectoryError, match=r"engine\.save: .*folder' is a directory; give a file path"):
+        save({"x": 1}, folder)
+    assert os.listdir(folder) == ["keep.npz"] and (folder / "keep.npz").read_bytes() == b"old"
+
+
+def test_save_to_a_read_only_place_is_refused_and_the_old_file_kept(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save({"epoch": 1}, path)
+    before = path.read_bytes()
+    # This suite may run as root, which writes anywhere: the refusals are simulated where the OS gives them.
+    real_access = os.access
+    monkeypatch.setattr(io.os, "access", lambda p, mode: False if str(p) == str(path) else real_access(p, mode))
+    with pytest.raises(PermissionError, match=r"engine\.save: .*ckpt\.npz' is not writable"):
+        save({"epoch": 2}, path)
+    monkeypatch.setattr(io.os, "access", real_access)
+
+    def read_only_directory(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", read_only_directory)
+    with pytest.raises(PermissionError, match=r"engine\.save: cannot write .*cannot create a file in .*Permission"):
+        save({"epoch": 2}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.npz"]
+
+
 def test_save_fsyncs_before_replacing(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
