@@ -356,6 +356,17 @@ class Module:
             StateDictError: ``state_dict`` is not a mapping (a path, a list ...), or missing or
                 unexpected keys with ``strict=True``.
         """
+        own, values, keys = self._checked_state(state_dict, strict)
+        with no_grad():
+            for key, value in values.items():
+                target = own[key]
+                target.copy_(backend.to_device(value, target.device))
+        return keys
+
+    def _checked_state(self, state_dict, strict: bool):
+        """``(own tensors, values to copy, IncompatibleKeys)`` once every check of
+        :meth:`load_state_dict` has passed; raises as it does, changing nothing (the Trainer checks
+        a whole checkpoint with it before applying any part)."""
         if not isinstance(state_dict, Mapping):
             hint = ("; it looks like a file path: read the file first, e.g. "
                     "model.load_state_dict(engine.load(path)['model'])" if isinstance(state_dict, (str, os.PathLike))
@@ -390,11 +401,7 @@ class Module:
                        + "\n  ".join(problems) + hint)
             error = ShapeError if shape_errors else DTypeError if dtype_errors else StateDictError
             raise error(message)
-        with no_grad():
-            for key, value in values.items():
-                target = own[key]
-                target.copy_(backend.to_device(value, target.device))
-        return IncompatibleKeys(missing, unexpected)
+        return own, values, IncompatibleKeys(missing, unexpected)
 
     # ---- printing -------------------------------------------------------------------------------
     def extra_repr(self) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 import engine.functional as F
 from engine import backend, io, metrics as metrics_module
 from engine.autograd import no_grad
+from engine.errors import EngineError
 from engine.data import DataLoader, TensorDataset
 from engine.ops import concatenate
 from engine.tensor import Tensor
@@ -382,21 +383,54 @@ class Trainer:
         return self.optimizer.state_dict() if _distributed.is_main() else None
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: every entry is checked first, then all are applied, so a bad
+        state raises a :class:`~engine.io.CheckpointError` naming the entry and leaves the model,
+        optimizer, scheduler, callbacks, RNG, counters and history exactly as they were.
+
+        Checked before anything changes: the entries are there with their types (``epoch`` and
+        the progress counters non-negative ints, ``history`` lists of numbers, the loader state
+        and metric states dicts), the RNG state can be set, the model state fits the model
+        (``Module.load_state_dict``'s checks). Then the callbacks (with the scheduler) load, undone
+        if one refuses, then the optimizer, which checks all of its state before changing any; and
+        only then the model's weights, the RNG and the counters.
+        """
+        model = _distributed.unwrap(self.model)
+        try:
+            _check_trainer_state(state)
+            own, values, _ = model._checked_state(state["model"], strict=True)
+        except EngineError as exc:
+            raise _bad_entry(getattr(exc, "entry", "model"), exc) from exc
+        self._load_callbacks_or_undo(state.get("callbacks", []), state.get("callback_types"))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as exc:
+            self._undo_callbacks()
+            raise _bad_entry("optimizer", exc) from exc
+        with no_grad():  # checked above: copies of arrays that fit
+            for key, value in values.items():
+                own[key].copy_(backend.to_device(value, own[key].device))
         progress = state.get("progress")
-        if progress is not None and int(progress["epoch"]) != int(state["epoch"]):
-            raise ValueError(f"Trainer.load_state_dict: the progress is for epoch {int(progress['epoch']) + 1} but the "
-                             f"checkpoint has {int(state['epoch'])} epochs done; the checkpoint is inconsistent")
-        _distributed.unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         backend.set_rng_state(state["rng"])
         self._pending_rng = state["rng"]
         self.history = History(state["history"])
-        self._load_callbacks(state.get("callbacks", []), state.get("callback_types"))
         self._pending_loader_state = state.get("loader")
         self._resume_progress = None if progress is None else \
             {**progress, "batches_done": int(progress["batches_done"])}
         self._epoch_state = None
+
+    def _load_callbacks_or_undo(self, states, types) -> None:
+        """Load the callbacks' states; if one refuses, put every callback back as it was and raise."""
+        self._callback_backups = [(cb, cb.state_dict()) for cb in self.callbacks]
+        try:
+            self._load_callbacks(states, types)
+        except Exception as exc:
+            self._undo_callbacks()
+            raise _bad_entry("callbacks", exc) from exc
+
+    def _undo_callbacks(self) -> None:
+        for callback, backup in self._callback_backups:
+            callback.load_state_dict(backup)
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Everything needed to continue exactly (see :meth:`state_dict`), written atomically.
@@ -413,8 +447,17 @@ class Trainer:
             _distributed.barrier()  # the other ranks go on once rank 0's file is written
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint`; the next ``fit`` continues from it."""
-        self.load_state_dict(io.load(path, map_location=self.device))
+        """Restore a checkpoint written by :meth:`save_checkpoint`; the next ``fit`` continues from it.
+
+        Raises:
+            CheckpointError: the file is not a readable checkpoint, or an entry of it does not fit
+                this Trainer (named with the file); nothing was changed (see :meth:`load_state_dict`).
+        """
+        state = io.load(path, map_location=self.device)
+        try:
+            self.load_state_dict(state)
+        except io.CheckpointError as exc:
+            raise io.CheckpointError(f"Trainer.load_checkpoint({str(path)!r}): {exc}") from exc
 
     def _position(self):
         """(epoch progress or None, loader state or None, RNG state) for a checkpoint taken now."""
@@ -483,6 +526,90 @@ def fit(model, x, y, epochs: int = 10, batch_size: int = 32, validation_split: f
     trainer = Trainer(model, optimizer, loss_fn=loss, metrics=metrics, callbacks=callbacks, verbose=verbose)
     return trainer.fit((x, y), epochs=epochs, val_data=validation_data, batch_size=batch_size,
                        validation_split=validation_split)
+
+
+class _BadEntry(EngineError):
+    """A checkpoint entry that does not fit; ``entry`` names it."""
+
+    def __init__(self, entry: str, problem: str):
+        super().__init__(problem)
+        self.entry = entry
+
+
+def _bad_entry(entry: str, exc: Exception) -> io.CheckpointError:
+    problem = str(exc) if isinstance(exc, _BadEntry) else f"{type(exc).__name__}: {exc}"
+    return io.CheckpointError(f"the entry {entry!r} does not fit this Trainer ({problem}); "
+                              "nothing was restored: the model, optimizer, scheduler, callbacks and RNG are as they "
+                              "were")
+
+
+_REQUIRED_ENTRIES = ("model", "optimizer", "epoch", "rng", "history")
+
+
+def _check_trainer_state(state) -> None:
+    """Raise _BadEntry for the first entry of a Trainer state that could not be applied (no change)."""
+    if not isinstance(state, dict):
+        raise _BadEntry("state", f"expected a dict from Trainer.state_dict(), got {type(state).__name__}")
+    missing = [key for key in _REQUIRED_ENTRIES if key not in state or state[key] is None]
+    if missing:
+        raise _BadEntry(missing[0], f"missing: a Trainer checkpoint holds {', '.join(_REQUIRED_ENTRIES)}; "
+                                    f"this one lacks {', '.join(missing)}")
+    epoch = _count(state["epoch"], "epoch")
+    _check_rng(state["rng"])
+    history = state["history"]
+    if not isinstance(history, dict) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(_is_real(x) for x in v)
+            for k, v in history.items()):
+        raise _BadEntry("history", "expected a dict of figure name -> list of numbers")
+    progress = state.get("progress")
+    if progress is not None:
+        if not isinstance(progress, dict) or not {"epoch", "batches_done", "loss_sum", "samples"} <= set(progress):
+            raise _BadEntry("progress", "expected a dict with epoch, batches_done, loss_sum, samples and metrics")
+        if _count(progress["epoch"], "progress") != epoch:
+            raise _BadEntry("progress", f"the progress is for epoch {int(progress['epoch']) + 1} but the checkpoint "
+                                        f"has {epoch} epochs done; the checkpoint is inconsistent")
+        _count(progress["batches_done"], "progress")
+        _count(progress["samples"], "progress")
+        if not _is_real(progress["loss_sum"]):
+            raise _BadEntry("progress", f"loss_sum must be a number, got {progress['loss_sum']!r}")
+        metrics = progress.get("metrics") or {}
+        if not isinstance(metrics, dict) or not all(
+                m is None or isinstance(m, dict) and ("state_dict" in m or isinstance(m.get("attributes"), dict))
+                for m in metrics.values()):
+            raise _BadEntry("progress", "the metrics' states must be a dict of name -> {'state_dict': ...} or "
+                                        "{'attributes': {...}}")
+    if state.get("loader") is not None and not isinstance(state["loader"], dict):
+        raise _BadEntry("loader", f"expected the data loader's state dict, got {type(state['loader']).__name__}")
+    callbacks, types = state.get("callbacks", []), state.get("callback_types")
+    if not isinstance(callbacks, (list, tuple)) or types is not None and (
+            not isinstance(types, (list, tuple)) or len(types) != len(callbacks)
+            or not all(isinstance(t, str) for t in types)):
+        raise _BadEntry("callbacks", "expected a list of callback states and a list of as many type names")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _count(value, entry: str) -> int:
+    """``value`` as a non-negative int (a Python or numpy int, or a 0-d integer array), else _BadEntry."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 0:
+        raise _BadEntry(entry, f"expected a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _check_rng(rng) -> None:
+    """Would ``backend.set_rng_state(rng)`` succeed? Tried on a fresh generator, not the engine's."""
+    if not isinstance(rng, dict) or "seed" not in rng or "cpu" not in rng:
+        raise _BadEntry("rng", f"expected engine.get_rng_state()'s dict with 'seed' and 'cpu', got {str(rng)[:80]}")
+    _count(rng["seed"], "rng")
+    try:
+        np.random.PCG64().state = rng["cpu"]
+    except Exception as exc:  # TypeError, ValueError, KeyError ... from a made-up state
+        raise _BadEntry("rng", f"the CPU generator's state cannot be restored ({type(exc).__name__}: {exc})") \
+            from None
 
 
 def _metric_table(metrics) -> dict:

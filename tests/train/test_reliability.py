@@ -529,3 +529,98 @@ def test_model_checkpoint_says_when_its_monitor_is_not_logged(tmp_path):
         ModelCheckpoint(tmp_path, monitor=None, save_last=False)
     with pytest.raises(ValueError, match="monitor must be the name"):
         EarlyStopping(monitor="")
+
+
+# ---- a bad checkpoint changes nothing ----------------------------------------------------------------
+
+def _full_state(trainer):
+    """Everything load_checkpoint may change, as plain host values."""
+    opt = trainer.optimizer.state_dict()
+    return {"params": _params(trainer.model),
+            "optimizer": (repr(opt["param_groups"]),
+                          {i: {k: np.array(v.numpy() if hasattr(v, "numpy") else v) for k, v in entry.items()}
+                           for i, entry in opt["state"].items()}),
+            "callbacks": repr([cb.state_dict() for cb in trainer.callbacks]),
+            "rng": repr(backend.get_rng_state()), "epoch": trainer.epoch, "history": repr(trainer.history.history),
+            "pending": (repr(trainer._pending_rng), repr(trainer._pending_loader_state),
+                        repr(trainer._resume_progress))}
+
+
+def _assert_same_state(a, b):
+    _assert_same(a["params"], b["params"])
+    assert a["optimizer"][0] == b["optimizer"][0]
+    assert a["optimizer"][1].keys() == b["optimizer"][1].keys()
+    for index, entry in a["optimizer"][1].items():
+        _assert_same(entry, b["optimizer"][1][index])
+    for key in ("callbacks", "rng", "epoch", "history", "pending"):
+        assert a[key] == b[key], key
+
+
+def _trainer_with_everything():
+    engine.manual_seed(0)
+    model = _model()
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    return Trainer(model, opt, metrics=["accuracy"], verbose=0,
+                   scheduler=optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+                   callbacks=[EarlyStopping(monitor="loss", patience=3)])
+
+
+def _corrupt(entry, state):
+    if entry == "missing optimizer":
+        del state["optimizer"]
+    elif entry == "garbage rng":
+        state["rng"] = {"seed": 0, "cpu": {"bit_generator": "PCG64", "state": "garbage"}}
+    elif entry == "string lr":
+        state["optimizer"]["param_groups"][0]["lr"] = "0.01"
+    elif entry == "third tensor's shape":
+        state["model"]["3.weight"] = np.zeros((5, 5), np.float32)
+    elif entry == "negative epoch":
+        state["epoch"] = -1
+    elif entry == "history":
+        state["history"] = {"loss": ["low"]}
+    elif entry == "early stopping state":
+        state["callbacks"][1]["wait"] = "x"  # [0] is the scheduler's, [1] EarlyStopping's
+    elif entry == "scheduler state":
+        state["callbacks"][0] = {"last_epoch": 1}
+    elif entry == "progress counters":
+        state["progress"] = {"epoch": state["epoch"], "batches_done": -2, "loss_sum": 0.0, "samples": 0}
+    return state
+
+
+BAD_ENTRIES = {"missing optimizer": "optimizer", "garbage rng": "rng", "string lr": "optimizer",
+               "third tensor's shape": "model", "negative epoch": "epoch", "history": "history",
+               "early stopping state": "callbacks", "scheduler state": "callbacks",
+               "progress counters": "progress"}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ENTRIES))
+def test_a_bad_checkpoint_raises_naming_file_and_entry_and_changes_nothing(bad, tmp_path):
+    x, y = _data()
+    trainer = _trainer_with_everything()
+    trainer.fit((x, y), epochs=1, batch_size=BATCH)
+    good = tmp_path / "good.ckpt"
+    trainer.save_checkpoint(good)
+    trainer.fit((x, y), epochs=2, batch_size=BATCH)  # the trainer moves on: the checkpoint differs from it
+    path = tmp_path / "bad.ckpt"
+    io.save(_corrupt(bad, io.load(good)), path)
+    before = _full_state(trainer)
+    with pytest.raises(io.CheckpointError, match=rf"(?s)Trainer\.load_checkpoint\('.*bad\.ckpt'\): the entry "
+                                                 rf"'{BAD_ENTRIES[bad]}' does not fit.*nothing was restored"):
+        trainer.load_checkpoint(path)
+    _assert_same_state(before, _full_state(trainer))
+    trainer.load_checkpoint(good)  # and the good one still loads, changing everything
+    after = _full_state(trainer)
+    assert after["epoch"] == 1 and not np.array_equal(after["params"]["0.weight"], before["params"]["0.weight"])
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_module_load_state_dict_with_a_bad_third_tensor_loads_none(strict):
+    """PyTorch copies the tensors that fit before raising; the engine checks all first, so an error
+    leaves the module as it was."""
+    model = _model()
+    before = _params(model)
+    state = {k: np.full(v.shape, 9.0, np.float32) for k, v in before.items()}
+    state["3.weight"] = np.zeros((5, 5), np.float32)
+    with pytest.raises(engine.ShapeError, match="size mismatch for '3.weight'"):
+        model.load_state_dict(state, strict=strict)
+    _assert_same(before, _params(model))
