@@ -658,8 +658,8 @@ class _EpochState:
 
 class _Window:
     """The batches of an epoch since the last host read: their losses and their gradients' finite
-    flags stay on the device and their outputs are kept for the metrics, until ``read()`` brings
-    the losses and flags over in one sync."""
+    flags stay on the device, with what the metrics need of each batch (see :func:`_kept_for_metrics`),
+    until ``read()`` brings the losses and flags over in one sync and updates the metrics."""
 
     def __init__(self, trainer: Trainer, meters: dict, bar: ProgressBar):
         self.trainer, self.meters, self.bar = trainer, meters, bar
@@ -674,7 +674,15 @@ class _Window:
 
     def add(self, batch_index: int, loss: Tensor, output: Tensor, target, grads_finite=None) -> None:
         self._pending.append((batch_index, loss.detach(), len(output), grads_finite))
-        self._outputs.append((output.detach(), target.detach() if isinstance(target, Tensor) else target))
+        if self.meters:  # with no metrics nothing of the output is kept: only the loss scalar
+            self._outputs.append(_kept_for_metrics(self.meters, output, target))
+
+    def held_bytes(self) -> int:
+        """Bytes of device (or host) memory the window holds now: losses, flags, kept outputs."""
+        arrays = [loss._data for _, loss, _, _ in self._pending] + [flag for *_, flag in self._pending if flag is not None]
+        for kept in self._outputs:
+            arrays += [v._data if isinstance(v, Tensor) else v for v in kept.values() if v is not None]
+        return sum(int(getattr(a, "nbytes", 0)) for a in arrays)
 
     def read(self, before_step: bool = False, committed: int | None = None) -> None:
         """One host read for the whole window: losses and gradient flags (the NaN guard), then the
@@ -690,7 +698,7 @@ class _Window:
         if committed is not None:
             keep = [i for i, entry in enumerate(self._pending) if entry[0] < committed]
             self._pending = [self._pending[i] for i in keep]
-            self._outputs = [self._outputs[i] for i in keep]
+            self._outputs = [self._outputs[i] for i in keep] if self._outputs else []  # none kept without metrics
         if not self._pending:
             return
         values, grads_ok = self._transfer()
@@ -705,8 +713,10 @@ class _Window:
                 raise TrainingDiverged(message)
             self.loss_sum, self.samples = self.loss_sum + value * n, self.samples + n
             self._read_at[index] = value
-        for output, target in self._outputs:
-            _update_metrics(self.meters, output, target)
+        for kept in self._outputs:
+            for meter in self.meters.values():
+                labels = kept["labels"] if _takes_labels(meter) else None
+                meter.update(kept["output"] if labels is None else labels, kept["target"])
         self.bar.update(last + 1, self.samples, self.loss_sum / max(self.samples, 1))
         self._pending, self._outputs = [], []
 
@@ -765,6 +775,26 @@ class _Window:
                 "this check, and a save refuses non-finite weights. Reload the last checkpoint, then lower the "
                 "learning rate, clip gradients (grad_clip_norm), check the inputs and the loss for NaN, or pass "
                 "Trainer(sync_every=1) to stop before the bad step.")
+
+
+def _takes_labels(meter) -> bool:
+    """Does ``meter`` score predicted classes only, so the argmax of the scores gives it the same
+    figure as the scores themselves (accuracy, and precision/recall/F1 from the confusion matrix)?"""
+    return isinstance(meter, (metrics_module.Accuracy, metrics_module.ConfusionMatrix))
+
+
+def _kept_for_metrics(meters: dict, output: Tensor, target) -> dict:
+    """What the window keeps of one batch for its metrics until the next read: for metrics that
+    need only the predicted classes, each sample's argmax, taken on the device now (N int64 instead
+    of N x C scores: at a GPT's 50257 classes, 6,000 times less); the scores themselves only for
+    metrics that need them (top-k accuracy, regression metrics, custom ones)."""
+    output = output.detach()
+    target = target.detach() if isinstance(target, Tensor) else target
+    scores = isinstance(target, Tensor) and output.ndim == target.ndim + 1 and output.ndim >= 2 \
+        and output.shape[1] > 1 and output.shape[:1] + output.shape[2:] == target.shape
+    by_labels = [_takes_labels(m) and scores for m in meters.values()]
+    labels = output.argmax(dim=1) if any(by_labels) else None
+    return {"output": None if all(by_labels) else output, "labels": labels, "target": target}
 
 
 def _update_metrics(meters: dict, output: Tensor, target) -> None:

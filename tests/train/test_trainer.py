@@ -145,3 +145,68 @@ def test_regression_with_mse_metric():
     trainer = Trainer(model, optim.Adam(model.parameters(), lr=0.05), loss_fn=F.mse_loss, metrics=["mse"], verbose=0)
     history = trainer.fit((x, y), epochs=30, batch_size=64)
     assert history["mse"][-1] < 1e-2
+
+
+# ---- what the read-back window holds -----------------------------------------------------------------
+
+class _WindowBytes(engine.train.Callback):
+    """The bytes the Trainer's read-back window holds after each batch (before a read empties it)."""
+
+    def __init__(self):
+        self.held = []
+
+    def on_batch_end(self, trainer, batch, logs):
+        self.held.append(trainer._epoch_state.window.held_bytes())
+
+
+@pytest.mark.parametrize("metrics", [(), ("accuracy", "f1"), ("top5_accuracy",)], ids=["none", "labels", "scores"])
+def test_the_read_back_window_keeps_only_what_the_metrics_need(metrics):
+    """With sync_every=4 the window holds 3 batches after batch 3. Without metrics it keeps the losses
+    alone (not the (16, 1000) outputs); accuracy/F1 keep each sample's argmax and target; only a
+    metric that needs the scores (top-5) keeps them."""
+    rng = np.random.default_rng(0)
+    classes, batch = 1000, 16
+    x = rng.standard_normal((8 * batch, 8)).astype(np.float32)
+    y = rng.integers(0, classes, 8 * batch)
+    engine.manual_seed(0)
+    model = nn.Linear(8, classes)
+    probe = _WindowBytes()
+    trainer = Trainer(model, optim.SGD(model.parameters(), lr=0.01), metrics=list(metrics), verbose=0,
+                      sync_every=4, callbacks=[probe])
+    history = trainer.fit((x, y), epochs=1, batch_size=batch, shuffle=False)
+    losses = 3 * 4  # three float32 loss scalars
+    flags = probe.held[2] - losses - {(): 0, ("accuracy", "f1"): 3 * 2 * batch * 8,
+                                      ("top5_accuracy",): 3 * (batch * classes * 4 + batch * 8)}[metrics]
+    assert 0 <= flags <= 3 * 8, probe.held  # the gradients' finite flags: one small array a batch
+    assert probe.held[3] == 0  # read after batch 4: nothing kept
+
+
+class _OnScores:
+    """A metric the Trainer does not know: it gets the full scores, and delegates to ``inner``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def update(self, pred, target):
+        assert pred.ndim == 2  # the scores themselves
+        self.inner.update(pred, target)
+
+    def compute(self):
+        return self.inner.compute()
+
+    def reset(self):
+        self.inner.reset()
+
+
+def test_metrics_on_the_kept_argmax_equal_those_on_the_scores():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((96, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 96)
+    engine.manual_seed(0)
+    model = nn.Linear(8, 5)
+    metrics = {"accuracy": engine.metrics.Accuracy(), "f1": engine.metrics.F1Score(average="macro"),
+               "accuracy_on_scores": _OnScores(engine.metrics.Accuracy()),
+               "f1_on_scores": _OnScores(engine.metrics.F1Score(average="macro"))}
+    trainer = Trainer(model, optim.SGD(model.parameters(), lr=0.1), metrics=metrics, verbose=0, sync_every=3)
+    history = trainer.fit((x, y), epochs=2, batch_size=16, shuffle=False)
+    assert history["accuracy"] == history["accuracy_on_scores"] and history["f1"] == history["f1_on_scores"]
