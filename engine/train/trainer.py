@@ -679,7 +679,8 @@ class _Window:
 
     def held_bytes(self) -> int:
         """Bytes of device (or host) memory the window holds now: losses, flags, kept outputs."""
-        arrays = [loss._data for _, loss, _, _ in self._pending] + [flag for *_, flag in self._pending if flag is not None]
+        arrays = [loss._data for _, loss, _, _ in self._pending]
+        arrays += [flag for *_, flag in self._pending if flag is not None]
         for kept in self._outputs:
             arrays += [v._data if isinstance(v, Tensor) else v for v in kept.values() if v is not None]
         return sum(int(getattr(a, "nbytes", 0)) for a in arrays)

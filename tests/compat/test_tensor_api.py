@@ -709,7 +709,8 @@ def test_any_all_return_bool_tensors_with_dim_and_keepdim(device):
     assert t.all(0, keepdim=True).tolist() == [[False, False]]
     assert t.any(dim=(0, 1)).item() is True and t.any(-1).tolist() == [True, False]
     assert torch.any(t, 0).tolist() == [False, True] and torch.all(torch.ones(2, device=device)).item() is True
-    assert torch.tensor([], device=device).all().item() is True and torch.tensor([], device=device).any().item() is False
+    empty = torch.tensor([], device=device)
+    assert empty.all().item() is True and empty.any().item() is False
     assert torch.tensor([0, 3], dtype=np.uint8, device=device).any().dtype == np.uint8  # PyTorch's legacy uint8
     assert not torch.ones(2, requires_grad=True, device=device).any().requires_grad
     with pytest.raises(torch.ShapeError, match=r"any: dim 2 is out of range"):
