@@ -27,12 +27,26 @@ def _as_sequence(where: str, position: int, sequence):
     else:
         array = np.asarray(sequence)
         if array.dtype == np.float64:  # a Python float list: the engine's default float is float32
-            array = array.astype(np.float32)
-        elif array.size == 0:  # an empty list: an empty sequence of ids
-            array = array.astype(np.int64)
+            array = array.astype(np.float32 if array.size else np.int64)  # numpy makes [] float64
     if array.ndim < 1:
         raise ValueError(f"{where}: sequence {position} is a scalar; each sequence needs a length axis first")
     return array
+
+
+def _is_empty_list(sequence) -> bool:
+    """An empty Python sequence (``tok.encode("")``): it has no dtype of its own."""
+    return not isinstance(sequence, Tensor) and not backend.is_array(sequence) and len(sequence) == 0
+
+
+def _fill_empty(sequences, arrays: list) -> list:
+    """Empty lists take the dtype, trailing dims and device of the first other sequence (int64 ids
+    when every sequence is empty), so ``[[], [1, 2]]`` pads as ids, not as float32."""
+    empty = [_is_empty_list(s) for s in sequences]
+    model = next((a for a, e in zip(arrays, empty) if not e), None)
+    if model is None:
+        return [np.zeros(0, np.int64) for _ in arrays]
+    blank = backend.to_device(np.zeros((0,) + model.shape[1:], model.dtype), backend.device_of(model))
+    return [blank if e else a for a, e in zip(arrays, empty)]
 
 
 def pad_batch(sequences, padding_value=0, batch_first: bool = True, return_lengths: bool = False):
@@ -40,8 +54,10 @@ def pad_batch(sequences, padding_value=0, batch_first: bool = True, return_lengt
 
     Args:
         sequences: a non-empty list of sequences, each a list of ids, an array or a Tensor of shape
-            ``(length, *)`` (the trailing dims equal across sequences).
-        padding_value: the value written after each sequence's end (the pad token's id).
+            ``(length, *)`` (the trailing dims equal across sequences). An empty list (the ids of
+            ``""``) takes the dtype of the others; a batch of only empty lists pads as int64 ids.
+        padding_value: the value written after each sequence's end (the pad token's id); one the
+            sequences' dtype cannot hold exactly (nan, inf, 1.5 or -1 in int ids ...) is refused.
         batch_first: output ``(batch, max_len, *)`` if True, else ``(max_len, batch, *)``.
         return_lengths: also return the lengths as an int64 Tensor ``(batch,)``.
 
@@ -50,11 +66,12 @@ def pad_batch(sequences, padding_value=0, batch_first: bool = True, return_lengt
         ``(batch, max_len)`` whatever ``batch_first``, True at padding, as PyTorch's attention
         layers take it.
     """
-    from engine.nn.utils.rnn import pad_sequence
+    from engine.nn.utils.rnn import check_padding_value, pad_sequence
 
     if isinstance(sequences, (Tensor, np.ndarray, str)) or not len(sequences):
         raise ValueError("pad_batch: expected a non-empty list of sequences")
-    arrays = [_as_sequence("pad_batch", k, s) for k, s in enumerate(sequences)]
+    arrays = _fill_empty(sequences, [_as_sequence("pad_batch", k, s) for k, s in enumerate(sequences)])
+    padding_value = check_padding_value("pad_batch", padding_value, arrays[0].dtype)
     padded = pad_sequence([Tensor(a) for a in arrays], batch_first=batch_first, padding_value=padding_value)
     lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
     host_mask = np.arange(int(lengths.max()))[None, :] >= lengths[:, None]
@@ -83,8 +100,9 @@ class PadCollate:
     """
 
     def __init__(self, pad_id: int, label_pad_id: int = -100):
-        if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)):
-            raise TypeError(f"PadCollate: pad_id must be an int (the pad token's id), got {pad_id!r}")
+        for name, value in (("pad_id", pad_id), ("label_pad_id", label_pad_id)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"PadCollate: {name} must be an int (an id), got {value!r}")
         self.pad_id, self.label_pad_id = int(pad_id), int(label_pad_id)
 
     def __call__(self, items: list):

@@ -1,10 +1,14 @@
 """Padding, the key-padding mask, PadCollate through a DataLoader; language-modelling windows."""
 
+import re
+
 import numpy as np
 import pytest
 
 import engine
 from engine.data import DataLoader
+from engine.errors import DTypeError
+from engine.nn.utils.rnn import pad_sequence
 from engine.text import ByteTokenizer, LanguageModelDataset, PadCollate, pad_batch, split_tokens, unigram_baseline
 
 
@@ -56,6 +60,54 @@ def test_pad_collate_pads_sequence_labels_with_ignore_index():
         collate([[1, 2, 3]])
     with pytest.raises(TypeError, match="pad_id must be an int"):
         PadCollate(None)
+
+
+def test_pad_batch_empty_sequences_take_the_others_dtype():
+    # the ids of "" are [], which numpy alone would make float64 (then float32): a dtype clash with the ids
+    padded, mask = pad_batch([[], [1, 2]], padding_value=7)
+    assert padded.dtype == engine.int64 and padded.tolist() == [[7, 7], [1, 2]]
+    assert mask.tolist() == [[True, True], [False, False]]
+    features, _ = pad_batch([engine.randn(2, 3), []])  # an empty list takes the trailing dims too
+    assert features.shape == (2, 2, 3) and features.dtype == engine.float32
+    assert (features.numpy()[1] == 0).all()
+    # all empty: int64 ids of length 0, as torch's pad_sequence gives (2, 0)
+    padded, mask, lengths = pad_batch([[], []], return_lengths=True)
+    assert padded.shape == (2, 0) and padded.dtype == engine.int64 and mask.shape == (2, 0)
+    assert lengths.tolist() == [0, 0]
+    tok = ByteTokenizer(special_tokens=["<pad>"])
+    tokens, mask, labels = PadCollate(tok.pad_id)([(tok.encode(""), 0), (tok.encode("ab"), 1)])
+    assert tokens.tolist() == [[256, 256], [97, 98]] and labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1.5, 2**63, -2**63 - 1, np.float32("nan")])
+def test_pad_batch_refuses_a_padding_value_the_ids_cannot_hold(value):
+    with pytest.raises(DTypeError, match=rf"pad_batch: padding_value={re.escape(repr(value))} cannot be stored "
+                                         r"exactly in the sequences' dtype int64"):
+        pad_batch([[1, 2], [3]], padding_value=value)
+    with pytest.raises(DTypeError, match="pad_sequence: padding_value=.* dtype int64"):
+        pad_sequence([engine.tensor([1, 2]), engine.tensor([3])], padding_value=value)
+
+
+def test_padding_values_each_dtype_holds():
+    ids = [np.array([1, 2], np.uint8), np.array([3], np.uint8)]
+    assert pad_batch(ids, padding_value=255)[0].tolist() == [[1, 2], [3, 255]]
+    assert pad_batch([[1, 2], [3]], padding_value=2.0)[0].tolist() == [[1, 2], [3, 2]]  # a whole float is exact
+    for value in (-1, 256):
+        with pytest.raises(DTypeError, match=f"padding_value={value} .* dtype uint8 .*in \\[0, 255\\]"):
+            pad_batch(ids, padding_value=value)
+    flags = [np.array([True]), np.array([], bool)]
+    assert pad_batch(flags, padding_value=True)[0].tolist() == [[True], [True]]
+    with pytest.raises(DTypeError, match="padding_value=2 .* dtype bool"):
+        pad_batch(flags, padding_value=2)
+    # float features: nan and inf are values a float holds; a finite value that overflows to inf is not
+    padded, _ = pad_batch([[1.0, 2.0], [3.0]], padding_value=float("nan"))
+    assert np.isnan(padded.numpy()[1, 1])
+    with pytest.raises(DTypeError, match="padding_value=1e\\+40 overflows the sequences' dtype float32"):
+        pad_batch([[1.0, 2.0], [3.0]], padding_value=1e40)
+    with pytest.raises(TypeError, match="padding_value must be a real number, got None"):
+        pad_batch([[1], [2, 3]], padding_value=None)
+    with pytest.raises(TypeError, match="label_pad_id must be an int"):
+        PadCollate(0, label_pad_id=float("nan"))
 
 
 def test_language_model_windows_and_targets():
@@ -121,3 +173,14 @@ def test_split_tokens_and_unigram_baseline():
     # a token never seen in training costs a finite, large amount (add-one smoothing)
     unseen = unigram_baseline(np.zeros(100, np.int64), np.array([1]), vocab_size=2)
     assert unseen["entropy"] == 0.0 and unseen["cross_entropy"] == pytest.approx(np.log(102))
+
+
+def test_token_streams_refuse_ids_that_would_wrap():
+    # a uint64 id past int64's range would become a negative id in the int64 stream
+    with pytest.raises(ValueError, match=r"token id 9223372036854775808 at position 1 is not an id"):
+        LanguageModelDataset(np.array([1, 2**63, 2, 3], np.uint64), block_size=2)
+    with pytest.raises(ValueError, match="token id -5 at position 2 is not an id"):
+        split_tokens([1, 2, -5, 3], val_fraction=0.5)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int, got 2.5"):
+        unigram_baseline([0, 1], [1], vocab_size=2.5)
+    assert LanguageModelDataset(np.array([1, 2, 3], np.uint64), block_size=2)[0][0].tolist() == [1, 2]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
+
 from engine.autograd import Function
 from engine.backend import array_module
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
@@ -71,5 +76,43 @@ def pad_sequence(sequences, batch_first: bool = False, padding_value: float = 0.
         if s.device != first.device:
             raise DeviceError(f"{op}: sequence {i} {describe(s)} and sequence 0 {describe(first)} are on different "
                               "devices")
+    padding_value = check_padding_value(op, padding_value, first.dtype)
     return PadSequence.apply(*seqs, batch_first=bool(batch_first), padding_value=padding_value,
                              left=padding_side == "left")
+
+
+def check_padding_value(op: str, value, dtype):
+    """``value`` as a padding value for arrays of ``dtype``, refused where the dtype cannot hold it.
+
+    Written into integer ids, nan would become INT64_MIN and 1.5 the id 1: another token, silently.
+    Integer dtypes take whole numbers in their range, bool takes 0 and 1; a float dtype takes
+    any number (nan and inf too, rounded as a cast rounds) except a finite one it overflows to inf,
+    which PyTorch refuses too.
+    """
+    if isinstance(value, np.bool_):
+        value = bool(value)
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: padding_value must be a real number, got {value!r} ({type(value).__name__})")
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iub":
+        low, high = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+        whole = isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer())
+        if not whole or not low <= int(value) <= high:
+            raise DTypeError(f"{op}: padding_value={value!r} cannot be stored exactly in the sequences' dtype "
+                             f"{dtype} (whole numbers in [{low}, {high}]); pass a value the dtype holds, such as "
+                             "the pad token's id")
+        return bool(value) if dtype.kind == "b" else int(value)
+    if dtype.kind == "f" and _overflows(value, dtype):
+        raise DTypeError(f"{op}: padding_value={value!r} overflows the sequences' dtype {dtype} (its largest "
+                         f"value is {np.finfo(dtype).max})")
+    return value
+
+
+def _overflows(value, dtype) -> bool:
+    """Whether a finite ``value`` becomes inf in the float ``dtype``."""
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond even float64's range
+        return True
+    with np.errstate(over="ignore"):
+        return math.isfinite(value) and not np.isfinite(np.asarray(value).astype(dtype))
