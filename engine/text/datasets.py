@@ -20,14 +20,22 @@ from engine.tensor import Tensor
 
 
 def _token_array(where: str, tokens) -> np.ndarray:
-    """``tokens`` (a list, array or Tensor of ints) as a 1-D int64 host array."""
+    """``tokens`` (a list, array or Tensor of ints) as a 1-D int64 host array of ids >= 0."""
     if isinstance(tokens, Tensor):
         tokens = tokens.numpy()
     array = np.asarray(tokens)
     if array.ndim != 1:
         raise ValueError(f"{where}: expected a 1-D stream of token ids, got shape {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
+    if not array.size:
+        return array.astype(np.int64)
+    if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{where}: token ids must be integers, got dtype {array.dtype}")
+    # checked before the cast: a uint64 id past int64's range would wrap to a negative id
+    low, high = array.min(), array.max()
+    if low < 0 or high > np.iinfo(np.int64).max:
+        bad = int(low) if low < 0 else int(high)
+        raise ValueError(f"{where}: token id {bad} at position {int(np.flatnonzero(array == bad)[0])} is not an id "
+                         f"(ids lie in [0, 2**63))")
     return array.astype(np.int64, copy=False)
 
 
@@ -101,11 +109,13 @@ def unigram_baseline(train_tokens, val_tokens, vocab_size: int) -> dict:
     ``cross_entropy`` on the validation tokens (add-one smoothed, so a token unseen in training
     costs a finite amount). A language model that learned anything beats the cross-entropy.
     """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise ValueError(f"unigram_baseline: vocab_size must be a positive int, got {vocab_size!r}")
     train = _token_array("unigram_baseline", train_tokens)
     val = _token_array("unigram_baseline", val_tokens)
     if train.size == 0 or val.size == 0:
         raise ValueError("unigram_baseline: needs non-empty train and validation streams")
-    if train.max() >= vocab_size or val.max() >= vocab_size or min(train.min(), val.min()) < 0:
+    if train.max() >= vocab_size or val.max() >= vocab_size:
         raise ValueError(f"unigram_baseline: token ids must lie in [0, {vocab_size})")
     counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
     p = counts / counts.sum()
