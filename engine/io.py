@@ -102,17 +102,30 @@ def save(obj, f, pickle_module=None, pickle_protocol=None, _use_new_zipfile_seri
 
 
 def _write_atomically(path: str, header: bytes, arrays: list) -> None:
-    target = _save_target(path)
+    write_atomically(path, lambda f: _write_archive(f, header, arrays), op="engine.save")
+
+
+def write_atomically(path, write, op: str = "write") -> None:
+    """Write a file through ``write(f)`` (``f`` a binary file) so that readers see the old file or the
+    new one, never a part: a temporary file in the same directory, fsynced, renamed over ``path``.
+
+    Bad paths are refused before anything is written (see :func:`_save_target`; ``op`` names the
+    caller in the message). If ``write`` raises, ``path`` is untouched and the temporary file
+    removed. A symlink is followed (as ``open(path, "wb")`` and ``torch.save`` do): its target gets
+    the new contents and the link stays a link. An existing file keeps its permissions. Shared by
+    every writer of files.
+    """
+    target = _save_target(path, op)
     directory = os.path.dirname(target)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{_short_name(os.path.basename(target))}.", suffix=".tmp",
                                    dir=directory)
     except OSError as exc:
-        raise type(exc)(exc.errno, f"engine.save: cannot write {path!r}: cannot create a file in {directory!r} "
+        raise type(exc)(exc.errno, f"{op}: cannot write {path!r}: cannot create a file in {directory!r} "
                                    f"({exc.strerror}); nothing was written") from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_archive(f, header, arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _new_file_mode(target))
@@ -124,22 +137,23 @@ def _write_atomically(path: str, header: bytes, arrays: list) -> None:
     _fsync_directory(directory)
 
 
-def _save_target(path: str) -> str:
-    """The file ``save(obj, path)`` replaces: through a symlink, the file it points to (as
-    ``torch.save``, which opens the link), so the link stays a link. Refuses, before anything is
+def _save_target(path: str, op: str) -> str:
+    """The file ``op`` (``engine.save``, a tokenizer's save ...) replaces at ``path``: through a
+    symlink, the file it points to (as ``torch.save``, which opens the link), so the link stays a
+    link. Refuses, before anything is
     written, a path whose directory does not exist, a directory, and a file this process may not
     write (as opening it for writing would)."""
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     shown = repr(path) if target == os.path.abspath(path) else f"{path!r} (a link to {target!r})"
     if not os.path.isdir(directory):
-        raise FileNotFoundError(errno.ENOENT, f"engine.save: cannot write {shown}: the directory {directory!r} does "
+        raise FileNotFoundError(errno.ENOENT, f"{op}: cannot write {shown}: the directory {directory!r} does "
                                               "not exist; create it first (os.makedirs)")
     if os.path.isdir(target):
-        raise IsADirectoryError(errno.EISDIR, f"engine.save: {shown} is a directory; give a file path such as "
-                                              f"{os.path.join(path, 'checkpoint.npz')!r}")
+        raise IsADirectoryError(errno.EISDIR, f"{op}: {shown} is a directory; give the path of a file "
+                                              "inside it")
     if os.path.exists(target) and not os.access(target, os.W_OK):
-        raise PermissionError(errno.EACCES, f"engine.save: {shown} is not writable (permission denied); it was "
+        raise PermissionError(errno.EACCES, f"{op}: {shown} is not writable (permission denied); it was "
                                             "left as it is")
     return target
 

@@ -559,6 +559,18 @@ def test_a_symlink_to_a_checkpoint_loads(tmp_path):
     assert load(tmp_path / "link.npz") == {"x": 1}
 
 
+def test_saving_through_a_symlink_writes_its_target(tmp_path):
+    # as torch.save (open(path, "wb")): the link stays a link and its target gets the checkpoint
+    save({"x": 1}, tmp_path / "real.npz")
+    (tmp_path / "link.npz").symlink_to("real.npz")
+    save({"x": 2}, tmp_path / "link.npz")
+    assert (tmp_path / "link.npz").is_symlink() and load(tmp_path / "real.npz") == {"x": 2}
+    (tmp_path / "dangling.npz").symlink_to("new.npz")  # a dangling link: its target is created
+    save({"x": 3}, tmp_path / "dangling.npz")
+    assert (tmp_path / "dangling.npz").is_symlink() and load(tmp_path / "new.npz") == {"x": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.npz", "link.npz", "new.npz", "real.npz"]
+
+
 @pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
                          ids=["deflate", "bzip2", "lzma"])
 def test_compressed_entries_are_refused_before_inflating(compression, tmp_path):
