@@ -21,14 +21,19 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 
+from engine.io import open_regular_file, write_atomically
 from engine.tensor import Tensor
+
+# UTF-16 surrogates: a str may hold one alone (from errors="surrogateescape"), UTF-8 cannot
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_specials(where: str, special_tokens) -> list[str]:
@@ -60,6 +65,43 @@ def _id_list(where: str, ids) -> list[int]:
     return out
 
 
+def _check_id(where: str, i, vocab_size: int) -> int:
+    """``i`` as a Python int if it is an id of a vocabulary of ``vocab_size``; else a clear error."""
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"{where}: an id is an int, got {i!r} ({type(i).__name__})")
+    if not 0 <= i < vocab_size:
+        raise ValueError(f"{where}: id {i} is outside the vocabulary of {vocab_size} tokens (0..{vocab_size - 1})")
+    return int(i)
+
+
+def _check_token(where: str, token) -> str:
+    if not isinstance(token, str):
+        raise TypeError(f"{where}: a token is a str, got {token!r} ({type(token).__name__})")
+    return token
+
+
+def _utf8(where: str, text) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (which UTF-8 cannot encode) is named with its position."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where}: expected str, got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where}: the text holds a lone surrogate {text[exc.start]!r} at position {exc.start}, "
+                         "which UTF-8 cannot encode (reading a file with errors='surrogateescape' makes one "
+                         "of each undecodable byte); read it with errors='replace', or remove the surrogate") from None
+
+
+def _read_text(where: str, path) -> str:
+    """A regular file's UTF-8 text; a file that is not one is a ValueError naming it."""
+    with open_regular_file(path, where, ValueError) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
 class _SpecialTokens:
     """Special tokens at fixed ids ``first, first + 1, ...`` in the order given."""
 
@@ -68,8 +110,10 @@ class _SpecialTokens:
         self._special_ids = {token: first + k for k, token in enumerate(self.special_tokens)}
 
     def token_to_id(self, token: str) -> int | None:
-        """The id of a special token, or None if this tokenizer has no such token."""
-        return self._special_ids.get(token)
+        """The id of a token (the inverse of :meth:`id_to_token`), or None if the vocabulary has no such token."""
+        token = _check_token(f"{type(self).__name__}.token_to_id", token)
+        special = self._special_ids.get(token)
+        return self._vocab_id(token) if special is None else special
 
     def _special_id(self, where: str, token: str) -> int:
         if token not in self._special_ids:
@@ -80,17 +124,17 @@ class _SpecialTokens:
     @property
     def pad_id(self) -> int | None:
         """The id of ``<pad>``, or None."""
-        return self.token_to_id("<pad>")
+        return self._special_ids.get("<pad>")
 
     @property
     def bos_id(self) -> int | None:
         """The id of ``<bos>``, or None."""
-        return self.token_to_id("<bos>")
+        return self._special_ids.get("<bos>")
 
     @property
     def eos_id(self) -> int | None:
         """The id of ``<eos>``, or None."""
-        return self.token_to_id("<eos>")
+        return self._special_ids.get("<eos>")
 
     def _wrap(self, where: str, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:
@@ -120,9 +164,7 @@ class ByteTokenizer(_SpecialTokens):
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """The UTF-8 bytes of ``text`` as ids, optionally between ``<bos>`` and ``<eos>``."""
-        if not isinstance(text, str):
-            raise TypeError(f"ByteTokenizer.encode: expected str, got {type(text).__name__}")
-        return self._wrap("ByteTokenizer.encode", list(text.encode("utf-8")), add_bos, add_eos)
+        return self._wrap("ByteTokenizer.encode", list(_utf8("ByteTokenizer.encode", text)), add_bos, add_eos)
 
     def decode(self, ids, skip_special_tokens: bool = False, errors: str = "replace") -> str:
         """Text from ids. Special tokens are written as their strings unless skipped.
@@ -131,6 +173,11 @@ class ByteTokenizer(_SpecialTokens):
         becomes U+FFFD with ``errors="replace"``; ``errors="strict"`` raises instead.
         """
         ids = _id_list("ByteTokenizer.decode", ids)
+        try:
+            codecs.lookup_error(errors)  # else an unknown name fails only once some bytes are invalid
+        except LookupError:
+            raise LookupError(f"ByteTokenizer.decode: errors={errors!r} is not an error handler; use 'replace', "
+                              "'strict', 'ignore' or 'backslashreplace'") from None
         names = {i: t for t, i in self._special_ids.items()}
         parts, run = [], bytearray()
         for position, i in enumerate(ids):
@@ -149,12 +196,11 @@ class ByteTokenizer(_SpecialTokens):
 
     def id_to_token(self, i: int) -> str:
         """The token of an id: a special token's string, or the byte as a one-character latin-1 string."""
-        names = {v: t for t, v in self._special_ids.items()}
-        if i in names:
-            return names[i]
-        if not 0 <= i < 256:
-            raise ValueError(f"ByteTokenizer.id_to_token: id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return bytes([i]).decode("latin-1")
+        i = _check_id("ByteTokenizer.id_to_token", i, self.vocab_size)
+        return self.special_tokens[i - 256] if i >= 256 else bytes([i]).decode("latin-1")
+
+    def _vocab_id(self, token: str) -> int | None:
+        return ord(token) if len(token) == 1 and ord(token) < 256 else None
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, special_tokens={self.special_tokens})"
@@ -240,34 +286,74 @@ class CharTokenizer(_SpecialTokens):
         return "".join(out)
 
     def id_to_token(self, i: int) -> str:
-        if i not in self._id_names:
-            raise ValueError(f"CharTokenizer.id_to_token: id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self._id_names[i]
+        """The token of an id: a special token's string or a character."""
+        return self._id_names[_check_id("CharTokenizer.id_to_token", i, self.vocab_size)]
+
+    def _vocab_id(self, token: str) -> int | None:
+        return self._char_ids.get(token)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the vocabulary as JSON (UTF-8); :meth:`load` reads it back."""
-        state = {"type": "CharTokenizer", "version": 1, "special_tokens": self.special_tokens,
-                 "unk_token": self.unk_token, "chars": self.chars}
-        Path(path).write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+        """Write the vocabulary as JSON (UTF-8); :meth:`load` reads it back.
+
+        The file is replaced atomically (a reader sees the old vocabulary or the new one), and only
+        once the new one is known to load back the same.
+        """
+        state = {"type": "CharTokenizer", "version": 1, "special_tokens": list(self.special_tokens),
+                 "unk_token": self.unk_token, "chars": list(self.chars)}
+        # readable UTF-8, with lone surrogates (which UTF-8 cannot hold) as JSON escapes
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(state, ensure_ascii=False))
+        if json.loads(text) != state:  # e.g. a high and a low surrogate side by side load back as one character
+            raise ValueError(f"CharTokenizer.save: this vocabulary would not load back the same from JSON (it holds "
+                             f"surrogate pairs); {str(path)!r} is left as it was")
+        write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
-        """A tokenizer written by :meth:`save`."""
+        """A tokenizer written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not a regular file, not UTF-8 JSON, or not a valid CharTokenizer
+                (a key missing or of the wrong type, a repeated character ...); the message names
+                the file and the problem.
+        """
+        where = "CharTokenizer.load"
+        text = _read_text(where, path)
         try:
-            state = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"CharTokenizer.load: {str(path)!r} is not JSON ({exc})") from None
-        if not isinstance(state, dict) or state.get("type") != "CharTokenizer":
-            raise ValueError(f"CharTokenizer.load: {str(path)!r} does not hold a CharTokenizer "
-                             "(write one with CharTokenizer.save)")
-        if state.get("version") != 1:
-            raise ValueError(f"CharTokenizer.load: {str(path)!r} has version {state.get('version')!r}; this engine "
-                             "reads version 1")
-        return cls(state["chars"], state["special_tokens"], state["unk_token"])
+            state = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            problem = "nests too deeply" if isinstance(exc, RecursionError) else f"is not JSON ({exc})"
+            raise ValueError(f"{where}: {str(path)!r} {problem}") from None
+        chars, special_tokens, unk_token = _char_state(where, path, state)
+        try:
+            return cls(chars, special_tokens, unk_token)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {str(path)!r} holds an invalid vocabulary: {exc}") from None
 
     def __repr__(self) -> str:
         return (f"CharTokenizer(vocab_size={self.vocab_size}, special_tokens={self.special_tokens}, "
                 f"unk_token={self.unk_token!r})")
+
+
+def _char_state(where: str, path, state) -> tuple:
+    """The ``(chars, special_tokens, unk_token)`` of a CharTokenizer file's JSON, checked."""
+    def fail(problem: str):
+        raise ValueError(f"{where}: {str(path)!r} {problem} (write a vocabulary with CharTokenizer.save)")
+
+    if not isinstance(state, dict) or state.get("type") != "CharTokenizer":
+        fail("does not hold a CharTokenizer")
+    version = state.get("version")
+    if type(version) is not int or version != 1:
+        fail(f"has version {version!r}; this engine reads version 1")
+    missing = [key for key in ("chars", "special_tokens", "unk_token") if key not in state]
+    if missing:
+        fail(f"lacks the key(s) {missing}")
+    for key in ("chars", "special_tokens"):
+        if not isinstance(state[key], list) or not all(isinstance(item, str) for item in state[key]):
+            fail(f"has {key!r} of the wrong type: a list of strings is expected")
+    if state["unk_token"] is not None and not isinstance(state["unk_token"], str):
+        fail(f"has 'unk_token' {state['unk_token']!r}: a string or null is expected")
+    return state["chars"], state["special_tokens"], state["unk_token"]
 
 
 def _require_tokenizers():
@@ -339,13 +425,26 @@ class BPETokenizer(_SpecialTokens):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "BPETokenizer":
-        """A tokenizer saved by :meth:`save` (or any ``tokenizers`` JSON file)."""
+        """A tokenizer saved by :meth:`save` (or any ``tokenizers`` JSON file).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not a regular file, not UTF-8, or not a tokenizer the library
+                can read; the message names the file and the library's reason.
+        """
         tokenizers = _require_tokenizers()
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+        where = "BPETokenizer.from_file"
+        text = _read_text(where, path)
+        try:
+            tokenizer = tokenizers.Tokenizer.from_str(text)
+        except Exception as exc:  # the library raises a bare Exception for every parse error
+            raise ValueError(f"{where}: {str(path)!r} is not a tokenizers JSON file ({exc})") from None
+        return cls(tokenizer)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer as ``tokenizers`` JSON."""
-        self.tokenizer.save(str(path))
+        """Write the tokenizer as ``tokenizers`` JSON, replacing the file atomically."""
+        text = self.tokenizer.to_str(pretty=True)
+        write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
     @property
     def vocab_size(self) -> int:
@@ -353,24 +452,25 @@ class BPETokenizer(_SpecialTokens):
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """The BPE ids of ``text`` (special-token strings in the text are matched as special tokens)."""
-        if not isinstance(text, str):
-            raise TypeError(f"BPETokenizer.encode: expected str, got {type(text).__name__}")
+        _utf8("BPETokenizer.encode", text)  # the library's own error for a lone surrogate says "must be str"
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return self._wrap("BPETokenizer.encode", list(ids), add_bos, add_eos)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text from ids."""
         ids = _id_list("BPETokenizer.decode", ids)
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        bad = [(position, i) for position, i in enumerate(ids) if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"BPETokenizer.decode: id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise ValueError(f"BPETokenizer.decode: id {bad[0][1]} at position {bad[0][0]} is outside the vocabulary "
+                             f"(0..{self.vocab_size - 1})")
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str:
-        token = self.tokenizer.id_to_token(i)
-        if token is None:
-            raise ValueError(f"BPETokenizer.id_to_token: id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return token
+        """The token of an id (byte-level symbols, as the library stores them)."""
+        return self.tokenizer.id_to_token(_check_id("BPETokenizer.id_to_token", i, self.vocab_size))
+
+    def _vocab_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, special_tokens={self.special_tokens})"
@@ -379,8 +479,9 @@ class BPETokenizer(_SpecialTokens):
 def _texts(items):
     for item in items:
         if isinstance(item, os.PathLike):
-            yield Path(item).read_text(encoding="utf-8")
+            yield _read_text("BPETokenizer.train", item)
         elif isinstance(item, str):
+            _utf8("BPETokenizer.train", item)
             yield item
         else:
             raise TypeError(f"BPETokenizer.train: items must be str (a text) or pathlib.Path (a file), got "

@@ -1,6 +1,7 @@
 """Tokenizers: round trips (Unicode, special tokens), unknown characters, save/load, BPE."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,137 @@ def test_bpe_without_the_library_names_the_extra(monkeypatch):
         BPETokenizer.train(["text"], vocab_size=300)
     with pytest.raises(ImportError, match="pip install tokenizers"):
         BPETokenizer.from_file(Path("missing.json"))
+
+
+def _bpe():
+    pytest.importorskip("tokenizers")
+    return BPETokenizer.train(["hello world " * 20], vocab_size=270, special_tokens=["<pad>"])
+
+
+def _all_tokenizers():
+    return [ByteTokenizer(special_tokens=["<pad>"]), CharTokenizer.from_text("hello world"), _bpe()]
+
+
+def test_char_save_keeps_a_lone_surrogate_and_never_truncates(tmp_path):
+    path = tmp_path / "chars.json"
+    path.write_text("the previous vocabulary")
+    tok = CharTokenizer.from_text("ab\ud800")  # text read with errors="surrogateescape" holds such characters
+    tok.save(path)  # it used to truncate the file to 0 bytes, then raise UnicodeEncodeError
+    assert CharTokenizer.load(path).chars == ["a", "b", "\ud800"]
+    assert "\\ud800" in path.read_text(encoding="utf-8") and "a" in path.read_text(encoding="utf-8")
+    # a vocabulary JSON cannot give back (a surrogate pair inside one token) is refused before the file is touched
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="would not load back the same.*left as it was"):
+        CharTokenizer("ab", special_tokens=["<\ud83c\udf89>"], unk_token=None).save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["chars.json"]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_saves_are_atomic_and_write_through_symlinks(tmp_path, kind, monkeypatch):
+    tok = CharTokenizer.from_text("hello") if kind == "char" else _bpe()
+    load = CharTokenizer.load if kind == "char" else BPETokenizer.from_file
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to("real.json")
+    tok.save(tmp_path / "link.json")  # the link's target gets the vocabulary, as torch.save writes it
+    assert (tmp_path / "link.json").is_symlink() and load(tmp_path / "real.json").vocab_size == tok.vocab_size
+    # a write that fails part-way leaves the old file whole and no temporary file behind
+    import engine.io
+
+    def failing(path, write):
+        def half_then_fail(f):
+            f.write(b"{\"partial")
+            raise OSError("disk full")
+        return engine.io.write_atomically(path, half_then_fail)
+
+    monkeypatch.setattr("engine.text.tokenizers.write_atomically", failing)
+    before = (tmp_path / "real.json").read_bytes()
+    with pytest.raises(OSError, match="disk full"):
+        tok.save(tmp_path / "real.json")
+    assert (tmp_path / "real.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"type": "CharTokenizer", "version": 1}', r"lacks the key\(s\) \['chars', 'special_tokens', 'unk_token'\]"),
+    ("[" * 100_000, "nests too deeply"),
+    ("{not json", "is not JSON"),
+    ('{"type": "Other"}', "does not hold a CharTokenizer"),
+    ('{"type": "CharTokenizer", "version": true, "chars": [], "special_tokens": [], "unk_token": null}',
+     "has version True"),
+    ('{"type": "CharTokenizer", "version": 1, "chars": "ab", "special_tokens": [], "unk_token": null}',
+     "has 'chars' of the wrong type"),
+    ('{"type": "CharTokenizer", "version": 1, "chars": ["a"], "special_tokens": [], "unk_token": 3}',
+     "has 'unk_token' 3"),
+    ('{"type": "CharTokenizer", "version": 1, "chars": ["a", "a"], "special_tokens": [], "unk_token": null}',
+     "holds an invalid vocabulary: .*repeat"),
+])
+def test_char_load_names_the_file_and_the_problem(tmp_path, content, problem):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"CharTokenizer.load: '{re.escape(str(path))}' {problem}"):
+        CharTokenizer.load(path)
+
+
+def test_loading_bad_files_names_them(tmp_path):
+    (tmp_path / "latin1.json").write_bytes(b"\xff{}")
+    with pytest.raises(ValueError, match=r"latin1.json' is not UTF-8 text \(byte 0"):
+        CharTokenizer.load(tmp_path / "latin1.json")
+    with pytest.raises(ValueError, match="is a directory, not a regular file"):
+        CharTokenizer.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="CharTokenizer.load: no such file .*missing.json"):
+        CharTokenizer.load(tmp_path / "missing.json")
+    pytest.importorskip("tokenizers")
+    for content, reason in (("{", "EOF while parsing"), ("{}", "Model missing"), ("[" * 100_000, "")):
+        (tmp_path / "bad.json").write_text(content)
+        with pytest.raises(ValueError, match=f"BPETokenizer.from_file: .*bad.json' is not a tokenizers JSON file "
+                                             f"\\(.*{reason}"):
+            BPETokenizer.from_file(tmp_path / "bad.json")  # the library raises a bare Exception
+    with pytest.raises(FileNotFoundError, match="BPETokenizer.from_file: no such file"):
+        BPETokenizer.from_file(tmp_path / "missing.json")
+
+
+def test_id_to_token_and_token_to_id_check_their_argument():
+    for tok in _all_tokenizers():
+        name, n = type(tok).__name__, tok.vocab_size
+        for bad in (-1, n, 2**70):  # BPE's library raised OverflowError for -1
+            with pytest.raises(ValueError, match=f"{name}.id_to_token: id {bad} is outside the vocabulary of {n} "
+                                                 f"tokens \\(0..{n - 1}\\)"):
+                tok.id_to_token(bad)
+        for bad in (1.0, True, "1", None):  # 1.0 used to find id 1 in a dict
+            with pytest.raises(TypeError, match=f"{name}.id_to_token: an id is an int"):
+                tok.id_to_token(bad)
+        with pytest.raises(TypeError, match=f"{name}.token_to_id: a token is a str, got 5"):
+            tok.token_to_id(5)
+        # the two are inverses over the whole vocabulary, special tokens included
+        for i in (0, n // 2, n - 1, np.int64(n - 1)):
+            assert tok.token_to_id(tok.id_to_token(i)) == i
+        assert tok.token_to_id("<no such token>") is None
+        assert tok.token_to_id("<pad>") == tok.pad_id
+
+
+@pytest.mark.parametrize("make", [lambda: ByteTokenizer(), _bpe])
+def test_unencodable_text_names_the_lone_surrogate(make):
+    tok = make()
+    name = type(tok).__name__
+    with pytest.raises(ValueError, match=rf"{name}.encode: the text holds a lone surrogate '\\ud800' at position 1"):
+        tok.encode("a\ud800b")  # BPE's library said "TextInputSequence must be str"
+    with pytest.raises(TypeError, match=f"{name}.encode: expected str, got bytes"):
+        tok.encode(b"abc")
+    # CharTokenizer needs no UTF-8: a lone surrogate is a character like any other
+    chars = CharTokenizer.from_text("a\ud800")
+    assert chars.decode(chars.encode("\ud800a")) == "\ud800a"
+
+
+def test_bpe_train_names_unencodable_texts_and_files(tmp_path):
+    pytest.importorskip("tokenizers")
+    with pytest.raises(ValueError, match=r"BPETokenizer.train: the text holds a lone surrogate '\\udc80' at position 2"):
+        BPETokenizer.train(["ok", "ab\udc80"], vocab_size=300)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match=r"BPETokenizer.train: .*latin1.txt' is not UTF-8 text \(byte 3"):
+        BPETokenizer.train([tmp_path / "latin1.txt"], vocab_size=300)
+
+
+def test_byte_decode_checks_the_error_handler_name():
+    with pytest.raises(LookupError, match="errors='bogus' is not an error handler"):
+        ByteTokenizer().decode([104, 105], errors="bogus")  # valid bytes: the name was never looked up
+    assert ByteTokenizer().decode([0xE9], errors="ignore") == ""
