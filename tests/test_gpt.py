@@ -77,6 +77,58 @@ def test_top_k_keeps_only_the_k_most_likely():
     assert gpt._pick(logits, 0, None, None) == 1
 
 
+def test_generate_with_block_size_1_keeps_the_last_id():
+    # the restarted window kept block_size // 2 = 0 ids: an empty forward crashed at the second token
+    model = _model(block=1)
+    cached = gpt.generate(model, [3], 6, temperature=0)
+    assert cached == gpt.generate(model, [3], 6, temperature=0, use_cache=False) and len(cached) == 7
+    with engine.no_grad():  # with a one-id context each id follows from the one before it alone
+        assert all(cached[t + 1] == int(model(engine.tensor([[cached[t]]])).numpy()[0, -1].argmax())
+                   for t in range(6))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=-1), "top_k must be None .* or an int >= 1, got -1"),
+    (dict(top_k=0), "top_k must be None .* or an int >= 1, got 0"),
+    (dict(top_k=2.5), "top_k must be None .* or an int >= 1, got 2.5"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0 .*, got nan"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0 .*, got inf"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0 .*, got -1.0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0, got -1"),
+    (dict(prompt=[]), "the prompt needs at least one token"),
+    (dict(prompt=[1, 50]), "prompt id 50 at position 1 is outside the model's vocabulary"),
+])
+def test_generate_checks_its_arguments_before_running(kwargs, message):
+    model = _model().train()
+    args = dict(prompt=[1, 2], max_new_tokens=3, temperature=1.0)
+    with pytest.raises(ValueError, match=message):
+        gpt.generate(model, **{**args, **kwargs})
+    assert model.training  # left as it was
+    with pytest.raises(TypeError, match="generator must be a numpy.random.Generator"):
+        gpt.generate(model, [1], 3, generator=7)
+    assert gpt.generate(model, np.array([1, 2]), 0) == [1, 2]  # no new tokens is a valid request
+
+
+def test_generate_restores_the_training_mode_on_every_exit(monkeypatch):
+    model = _model().train()
+    assert len(gpt.generate(model, [1], 3)) == 4 and model.training
+    model.ln_f.weight.data.fill_(float("nan"))  # diverged weights: every logit NaN
+    with pytest.raises(ValueError, match="the model's logits hold NaN"):
+        gpt.generate(model, [1], 3, temperature=0)  # argmax picked token 0 silently
+    assert model.training
+    model.eval()
+    monkeypatch.setattr(gpt, "_pick", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))  # Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        gpt.generate(model, [1], 3)
+    assert not model.training
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy():
+    model = _model()
+    greedy = gpt.generate(model, [3, 1], 10, temperature=0)
+    assert gpt.generate(model, [3, 1], 10, temperature=1e-310, generator=np.random.default_rng(0)) == greedy
+
+
 def test_weight_decay_groups_and_schedule():
     model = _model()
     decay, no_decay = gpt.param_groups(model, 0.1)

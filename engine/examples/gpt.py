@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import sysconfig
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ import engine.nn.functional as F
 from engine import nn, optim
 from engine.data import DataLoader, Subset
 from engine.text import BPETokenizer, ByteTokenizer, LanguageModelDataset, split_tokens, unigram_baseline
+from engine.text.tokenizers import _id_list
 from engine.train import ModelCheckpoint, Trainer
 from engine.train.callbacks import LRSchedulerCallback
 
@@ -197,41 +199,74 @@ def generate(model: GPT, prompt, max_new_tokens: int, temperature: float = 1.0, 
     The context is a window of at most ``block_size`` ids. With ``use_cache`` the window runs
     once and each new token is then one single-position forward against the key/value cache.
     When the window would pass ``block_size`` it restarts from the last ``block_size // 2`` ids
-    (one full forward, the cache rebuilt), so a long output costs about one extra forward per
-    ``block_size // 2`` tokens. ``use_cache=False`` runs the whole window for every token, with
-    the same windows: the reference that the cached path matches token for token.
+    (at least one; one full forward, the cache rebuilt), so a long output costs about one extra
+    forward per ``block_size // 2`` tokens. ``use_cache=False`` runs the whole window for every
+    token, with the same windows: the reference that the cached path matches token for token.
+
+    Raises:
+        ValueError: an empty prompt or an id outside the vocabulary; ``max_new_tokens`` not an
+            int >= 0; ``temperature`` not a finite number >= 0; ``top_k`` not None or an int >= 1
+            (as Hugging Face's top-k); the model's logits hold NaN. All arguments are checked
+            before the model runs, and the model's training mode is restored on every exit.
     """
-    if not prompt:
-        raise ValueError("generate: the prompt needs at least one token")
+    prompt = _check_generate_args(model, prompt, max_new_tokens, temperature, top_k, generator)
     if generator is None and temperature > 0:
         generator = np.random.Generator(np.random.PCG64(int(engine.backend.generator(engine.CPU).integers(2**63))))
-    ids, device = list(prompt), model.tok_emb.weight.device
+    ids, device = prompt, model.tok_emb.weight.device
+    keep = max(1, model.block_size // 2)  # ids a restarted window keeps (block_size 1 keeps the last one)
     was_training = model.training
     model.eval()
-    start, past = 0, None  # the window's first position; the cache of ids[start:-1]
-    with engine.no_grad():
-        for _ in range(max_new_tokens):
-            if len(ids) - start > model.block_size:
-                start, past = len(ids) - model.block_size // 2, None
-            if use_cache and past is not None:
-                logits, past = model(engine.tensor([[ids[-1]]], device=device), past, use_cache=True)
-            elif use_cache:
-                logits, past = model(engine.tensor([ids[start:]], device=device), use_cache=True)
-            else:
-                logits = model(engine.tensor([ids[start:]], device=device))
-            ids.append(_pick(logits._data[0, -1], temperature, top_k, generator))
-    model.train(was_training)
+    try:
+        start, past = 0, None  # the window's first position; the cache of ids[start:-1]
+        with engine.no_grad():
+            for _ in range(max_new_tokens):
+                if len(ids) - start > model.block_size:
+                    start, past = len(ids) - keep, None
+                if use_cache and past is not None:
+                    logits, past = model(engine.tensor([[ids[-1]]], device=device), past, use_cache=True)
+                elif use_cache:
+                    logits, past = model(engine.tensor([ids[start:]], device=device), use_cache=True)
+                else:
+                    logits = model(engine.tensor([ids[start:]], device=device))
+                ids.append(_pick(logits._data[0, -1], temperature, top_k, generator))
+    finally:
+        model.train(was_training)
     return ids
+
+
+def _check_generate_args(model, prompt, max_new_tokens, temperature, top_k, generator) -> list[int]:
+    """The prompt as a list of ids, once every argument of :func:`generate` is known to be valid."""
+    prompt = _id_list("generate: prompt", prompt)
+    if not prompt:
+        raise ValueError("generate: the prompt needs at least one token")
+    bad = [(k, i) for k, i in enumerate(prompt) if not 0 <= i < model.vocab_size]
+    if bad:
+        raise ValueError(f"generate: prompt id {bad[0][1]} at position {bad[0][0]} is outside the model's "
+                         f"vocabulary (0..{model.vocab_size - 1})")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"generate: top_k must be None (no cut) or an int >= 1, got {top_k!r}")
+    if generator is not None and not isinstance(generator, np.random.Generator):
+        raise TypeError(f"generate: generator must be a numpy.random.Generator, got {type(generator).__name__}")
+    return prompt
 
 
 def _pick(logits, temperature: float, top_k: int | None, generator) -> int:
     row = engine.backend.to_host(logits).astype(np.float64)
+    if np.isnan(row).any():  # argmax and sampling would pick a token regardless, silently
+        raise ValueError("generate: the model's logits hold NaN; the model's weights have diverged (check them "
+                         "for NaN) and no token can be picked")
     if temperature <= 0:
         return int(row.argmax())
-    row = row / temperature
+    with np.errstate(over="ignore"):  # shifted first: a tiny temperature sends the others to -inf, not inf - inf
+        row = (row - row.max()) / temperature
     if top_k is not None and top_k < row.size:
         row[row < np.partition(row, -top_k)[-top_k]] = -np.inf
-    p = np.exp(row - row.max())
+    p = np.exp(row)
     return int(generator.choice(row.size, p=p / p.sum()))
 
 
