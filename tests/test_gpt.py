@@ -166,3 +166,90 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         assert resumed[key] == whole[key], key
     with pytest.raises(ValueError, match="pass the same model arguments"):
         gpt.main(args + ["--out", str(tmp_path / "cut"), "--resume", "--d-model", "16"])
+
+
+def _tiny_run(tmp_path, *extra, steps="4"):
+    data = tmp_path / "corpus.txt"
+    if not data.exists():
+        _corpus(data, lines=60)
+    return gpt.main(["--data", str(data), "--out", str(tmp_path / "run"), "--steps", steps, "--eval-every", "2",
+                     *TINY, "--block-size", "16", "--sample-tokens", "4", *extra])
+
+
+def _exit_code(capsys, argv) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_a_bad_argument_leaves_the_run_directory_and_its_resume_intact(tmp_path, capsys):
+    _tiny_run(tmp_path)
+    run = tmp_path / "run"
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    # --n-heads 3 does not divide --d-model 32: config.json was overwritten before the model failed to build
+    code, err = _exit_code(capsys, ["--data", str(tmp_path / "corpus.txt"), "--out", str(run), "--resume",
+                                    *TINY, "--n-heads", "3"])
+    assert code == 2 and "--d-model (32) must be a multiple of --n-heads (3)" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+    resumed = _tiny_run(tmp_path, "--resume", steps="6")  # the right arguments still resume
+    assert resumed["steps"] == 6
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("--eval-every", "0", "must be >= 1, got 0"),  # was a bare ZeroDivisionError
+    ("--steps", "0", "must be >= 1, got 0"),  # was a KeyError once training did nothing
+    ("--steps", "-2", "must be >= 1, got -2"),
+    ("--batch-size", "0", "must be >= 1"),
+    ("--block-size", "0", "must be >= 1"),
+    ("--d-model", "0", "must be >= 1"),
+    ("--n-layers", "0", "must be >= 1"),
+    ("--n-heads", "0", "must be >= 1"),
+    ("--val-windows", "0", "must be >= 1"),
+    ("--max-bytes", "0", "must be >= 1"),
+    ("--vocab-size", "100", "must be >= 256"),
+    ("--warmup", "-1", "must be >= 0"),
+    ("--sample-tokens", "-1", "must be >= 0"),
+    ("--top-k", "-1", "must be >= 0"),
+    ("--seed", "-1", "must be >= 0"),
+    ("--lr", "nan", "must be a finite number in [0.0, inf]"),
+    ("--lr", "-1e-3", "must be a finite number in [0.0, inf]"),
+    ("--temperature", "inf", "must be a finite number"),
+    ("--clip", "-1", "must be a finite number"),
+    ("--weight-decay", "-0.1", "must be a finite number"),
+    ("--dropout", "1", "must be a finite number in [0.0, 1.0)"),
+    ("--val-fraction", "0", "must be a finite number in (0.0, 1.0)"),
+    ("--steps", "ten", "expected an int, got 'ten'"),
+    ("--steps", "10", "--steps (10) must be a multiple of --eval-every (4)"),
+    ("--data", "missing.txt", "--data 'missing.txt' is not a file"),
+    ("--device", "gpu", "--device 'gpu': device: cannot parse 'gpu'"),
+])
+def test_cli_refuses_bad_numbers_before_writing_anything(tmp_path, capsys, argument, value, message):
+    data = _corpus(tmp_path / "corpus.txt", lines=20)
+    argv = ["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "8", "--eval-every", "4", *TINY]
+    code, err = _exit_code(capsys, argv + [f"{argument}={value}"])
+    assert code == 2 and message in err, err
+    assert argument in err  # argparse names the argument
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_cli_errors_found_after_parsing_still_write_nothing(tmp_path, capsys, tokenizer):
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    short = tmp_path / "short.txt"
+    short.write_text("def f(x): return x\n" * 3)  # too short for a validation window of 32
+    with pytest.raises(ValueError, match="holds no window"):  # the BPE trained in memory is not saved either
+        gpt.main(["--data", str(short), "--out", str(tmp_path / "run"), "--steps", "2", "--eval-every", "2", *TINY,
+                  "--tokenizer", tokenizer, "--vocab-size", "260"])
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("")
+    code, err = _exit_code(capsys, ["--out", str(tmp_path / "file"), "--max-bytes", "1000"])
+    assert code == 2 and "exists and is not a directory" in err
+
+
+def test_cli_zero_means_none_for_top_k_clip_warmup_and_sample_tokens(tmp_path):
+    report = _tiny_run(tmp_path, "--top-k", "0", "--clip", "0", "--warmup", "0", "--sample-tokens", "0",
+                       "--prompt", "def ")
+    assert report["sample"] == "def " and report["steps"] == 4  # no new tokens: the prompt itself
+    assert np.isfinite(report["val_loss"])

@@ -35,6 +35,7 @@ import engine
 import engine.nn.functional as F
 from engine import nn, optim
 from engine.data import DataLoader, Subset
+from engine.io import write_atomically
 from engine.text import BPETokenizer, ByteTokenizer, LanguageModelDataset, split_tokens, unigram_baseline
 from engine.text.tokenizers import _id_list
 from engine.train import ModelCheckpoint, Trainer
@@ -290,28 +291,35 @@ def stdlib_corpus(max_bytes: int = 1_000_000) -> str:
     return "".join(parts)[:max_bytes]
 
 
-def make_tokenizer(kind: str, text: str, vocab_size: int, out: Path):
-    """The byte tokenizer, or a BPE trained on ``text`` (saved to / reused from ``out/tokenizer.json``)."""
+def make_tokenizer(kind: str, text: str, vocab_size: int, out: Path, resume: bool = False):
+    """The byte tokenizer, or a BPE trained on ``text`` (on ``--resume``, the run's ``out/tokenizer.json``).
+
+    Nothing is written here: :func:`main` saves a new BPE once every argument is known to be good.
+    """
     if kind == "byte":
         return ByteTokenizer()
     path = out / "tokenizer.json"
-    if path.exists():
+    if resume and path.exists():
         return BPETokenizer.from_file(path)
-    tokenizer = BPETokenizer.train([text], vocab_size=vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(path)
-    return tokenizer
+    return BPETokenizer.train([text], vocab_size=vocab_size)
 
 
 # ---- the run -------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
+    """Train, evaluate and sample (see the module's docstring); returns the report it prints.
+
+    Every argument is checked (``argparse`` errors, exit code 2) and the model, datasets and
+    optimizer are built before anything is written to ``--out``: a bad argument leaves a run
+    directory, and its ``--resume``, as they were.
+    """
     args = _parse(argv)
     out = Path(args.out)
     engine.manual_seed(args.seed)
     device = engine.best_device() if args.device == "auto" else engine.device(args.device)
     text = Path(args.data).read_text(encoding="utf-8", errors="replace") if args.data else stdlib_corpus(args.max_bytes)
-    tokenizer = make_tokenizer(args.tokenizer, text, args.vocab_size, out)
+    tokenizer = make_tokenizer(args.tokenizer, text, args.vocab_size, out, args.resume)
+    prompt = tokenizer.encode(args.prompt) or [0]  # encoded now: a prompt it cannot encode fails before training
     train_ids, val_ids = split_tokens(tokenizer.encode(text), val_fraction=args.val_fraction)
     baseline = unigram_baseline(train_ids, val_ids, tokenizer.vocab_size)
 
@@ -321,19 +329,21 @@ def main(argv=None) -> dict:
     model = GPT(**config).to(device)
     optimizer = optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     schedule = optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
-    checkpoints = ModelCheckpoint(out, monitor="val_loss")
-    trainer = Trainer(model, optimizer, loss_fn=lm_loss, metrics=(), grad_clip_norm=args.clip,
-                      callbacks=[LRSchedulerCallback(schedule, interval="batch"), checkpoints],
-                      verbose=0 if args.quiet else 1)
 
     # An "epoch" is --eval-every random batches, then a validation pass and a checkpoint.
     train_set = LanguageModelDataset(train_ids, args.block_size)
-    epochs = math.ceil(args.steps / args.eval_every)
+    epochs = args.steps // args.eval_every
     loader = DataLoader(train_set, batch_size=args.batch_size,
                         sampler=train_set.random_windows(args.eval_every * args.batch_size))
     val_set = LanguageModelDataset(val_ids, args.block_size, stride=args.block_size)
     val_set = Subset(val_set, list(range(min(len(val_set), args.val_windows))))
     val_loader = DataLoader(val_set, batch_size=args.batch_size)
+
+    _write_run(out, config, tokenizer)  # all of the above succeeded: now the run directory may change
+    checkpoints = ModelCheckpoint(out, monitor="val_loss")
+    trainer = Trainer(model, optimizer, loss_fn=lm_loss, metrics=(), grad_clip_norm=args.clip or None,
+                      callbacks=[LRSchedulerCallback(schedule, interval="batch"), checkpoints],
+                      verbose=0 if args.quiet else 1)
     if args.resume and checkpoints.last_path.exists():
         trainer.load_checkpoint(checkpoints.last_path)
         print(f"resumed from {checkpoints.last_path} after {trainer.epoch * args.eval_every} steps")
@@ -354,8 +364,8 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - start
 
     val_loss = history["val_loss"][-1]
-    prompt = tokenizer.encode(args.prompt) or [0]
-    sample_ids = generate(model, prompt, args.sample_tokens, temperature=args.temperature, top_k=args.top_k)
+    top_k = args.top_k or None  # --top-k 0: no cut
+    sample_ids = generate(model, prompt, args.sample_tokens, temperature=args.temperature, top_k=top_k)
     sample = tokenizer.decode(sample_ids)
     report = {
         "device": str(device), "parameters": model.num_parameters(), "steps": len(history) * args.eval_every,
@@ -368,55 +378,113 @@ def main(argv=None) -> dict:
     print(f"validation loss {val_loss:.3f} nats (perplexity {report['perplexity']:.2f}) vs unigram "
           f"{baseline['cross_entropy']:.3f} (perplexity {math.exp(baseline['cross_entropy']):.2f}); "
           f"training {seconds:.1f}s, {report['tokens_per_s']:,.0f} tokens/s on {device}")
-    print(f"sample (temperature {args.temperature}, top-k {args.top_k}):\n{sample}")
+    print(f"sample (temperature {args.temperature}, top-k {top_k}):\n{sample}")
     return report
 
 
 def _check_config(out: Path, config: dict, resume: bool) -> None:
-    """Write the model's config beside the checkpoints; a resume must build the same model."""
+    """A resume must build the model of the run's checkpoints (``out/config.json``); reads only."""
     path = out / "config.json"
-    if resume and path.exists():
-        saved = json.loads(path.read_text())
-        if saved != config:
-            raise ValueError(f"gpt --resume: the checkpoints in {out} are of the model {saved}, but these "
-                             f"arguments build {config}; pass the same model arguments (or another --out)")
+    if not (resume and path.exists()):
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or not JSON
+        raise ValueError(f"gpt --resume: {str(path)!r} is not a model config ({exc}); restore it, or start "
+                         "another run with another --out") from None
+    if saved != config:
+        raise ValueError(f"gpt --resume: the checkpoints in {out} are of the model {saved}, but these "
+                         f"arguments build {config}; pass the same model arguments (or another --out)")
+
+
+def _write_run(out: Path, config: dict, tokenizer) -> None:
+    """The run directory's description: the model config, and a BPE's vocabulary (each written atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config))
+    write_atomically(out / "config.json", lambda f: f.write(json.dumps(config).encode("utf-8")))
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer.save(out / "tokenizer.json")
+
+
+def _at_least(low: int):
+    """An argparse type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _real(low: float, high: float = math.inf, below_high: bool = False, above_low: bool = False):
+    """An argparse type: a finite float in [low, high] (an end excluded where asked)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if above_low else value < low
+        too_high = value >= high if below_high else value > high
+        if not math.isfinite(value) or too_low or too_high:
+            interval = f"{'(' if above_low else '['}{low}, {high}{')' if below_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+    return parse
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="a UTF-8 text file (default: the standard library's source)")
-    parser.add_argument("--max-bytes", type=int, default=1_000_000, help="size of the default corpus")
+    parser.add_argument("--max-bytes", type=_at_least(1), default=1_000_000, help="size of the default corpus")
     parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
-    parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size")
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation and checkpoints")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping: max global norm")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--val-windows", type=int, default=128, help="validation windows evaluated")
+    parser.add_argument("--vocab-size", type=_at_least(256), default=512, help="BPE vocabulary size")
+    parser.add_argument("--block-size", type=_at_least(1), default=64)
+    parser.add_argument("--d-model", type=_at_least(1), default=128)
+    parser.add_argument("--n-layers", type=_at_least(1), default=4)
+    parser.add_argument("--n-heads", type=_at_least(1), default=4)
+    parser.add_argument("--dropout", type=_real(0.0, 1.0, below_high=True), default=0.0)
+    parser.add_argument("--steps", type=_at_least(1), default=600, help="optimizer steps")
+    parser.add_argument("--eval-every", type=_at_least(1), default=100,
+                        help="steps between validation and checkpoints")
+    parser.add_argument("--batch-size", type=_at_least(1), default=16)
+    parser.add_argument("--lr", type=_real(0.0), default=3e-3)
+    parser.add_argument("--warmup", type=_at_least(0), default=30, help="warm-up steps (0: none)")
+    parser.add_argument("--weight-decay", type=_real(0.0), default=0.1)
+    parser.add_argument("--clip", type=_real(0.0), default=1.0, help="gradient clipping: max global norm (0: none)")
+    parser.add_argument("--val-fraction", type=_real(0.0, 1.0, below_high=True, above_low=True), default=0.1)
+    parser.add_argument("--val-windows", type=_at_least(1), default=128, help="validation windows evaluated")
     parser.add_argument("--prompt", default="def ")
-    parser.add_argument("--sample-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--sample-tokens", type=_at_least(0), default=200)
+    parser.add_argument("--temperature", type=_real(0.0), default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=_at_least(0), default=20, help="sample from the k most likely (0: all)")
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N")
     parser.add_argument("--out", default="runs/gpt", help="checkpoint directory")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_at_least(0), default=0)
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
+    _check_combinations(parser, args)
+    return args
+
+
+def _check_combinations(parser, args) -> None:
+    """What no single argument's type can check; each a ``parser.error`` (exit code 2)."""
     if args.steps % args.eval_every:
         parser.error(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
-    return args
+    if args.d_model % args.n_heads:
+        parser.error(f"--d-model ({args.d_model}) must be a multiple of --n-heads ({args.n_heads}): each head "
+                     "gets d_model / n_heads dimensions")
+    if args.data is not None and not Path(args.data).is_file():
+        parser.error(f"--data {args.data!r} is not a file")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out!r} exists and is not a directory")
+    if args.device != "auto":
+        try:
+            engine.backend.check_available(engine.device(args.device))
+        except ValueError as exc:  # DeviceError: not a device, or not on this machine
+            parser.error(f"--device {args.device!r}: {exc}")
 
 
 if __name__ == "__main__":
