@@ -269,7 +269,7 @@ def test_save_into_a_missing_directory_or_onto_a_directory_is_refused(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "keep.npz").write_bytes(b"old")
-    with pytest.raises(IsADirectoryError, match=r"engine\.save: .*folder' is a directory; give a file path"):
+    with pytest.raises(IsADirectoryError, match=r"engine\.save: .*folder' is a directory; give the path of a file"):
         save({"x": 1}, folder)
     assert os.listdir(folder) == ["keep.npz"] and (folder / "keep.npz").read_bytes() == b"old"
 

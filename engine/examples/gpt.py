@@ -400,7 +400,8 @@ def _check_config(out: Path, config: dict, resume: bool) -> None:
 def _write_run(out: Path, config: dict, tokenizer) -> None:
     """The run directory's description: the model config, and a BPE's vocabulary (each written atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "config.json", lambda f: f.write(json.dumps(config).encode("utf-8")))
+    write_atomically(out / "config.json", lambda f: f.write(json.dumps(config).encode("utf-8")),
+                     op="engine.examples.gpt")
     if isinstance(tokenizer, BPETokenizer):
         tokenizer.save(out / "tokenizer.json")
 

@@ -305,7 +305,7 @@ class CharTokenizer(_SpecialTokens):
         if json.loads(text) != state:  # e.g. a high and a low surrogate side by side load back as one character
             raise ValueError(f"CharTokenizer.save: this vocabulary would not load back the same from JSON (it holds "
                              f"surrogate pairs); {str(path)!r} is left as it was")
-        write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+        write_atomically(path, lambda f: f.write(text.encode("utf-8")), op="CharTokenizer.save")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
@@ -444,7 +444,7 @@ class BPETokenizer(_SpecialTokens):
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as ``tokenizers`` JSON, replacing the file atomically."""
         text = self.tokenizer.to_str(pretty=True)
-        write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+        write_atomically(path, lambda f: f.write(text.encode("utf-8")), op="BPETokenizer.save")
 
     @property
     def vocab_size(self) -> int:

@@ -157,11 +157,11 @@ def test_saves_are_atomic_and_write_through_symlinks(tmp_path, kind, monkeypatch
     # a write that fails part-way leaves the old file whole and no temporary file behind
     import engine.io
 
-    def failing(path, write):
+    def failing(path, write, op):
         def half_then_fail(f):
             f.write(b"{\"partial")
             raise OSError("disk full")
-        return engine.io.write_atomically(path, half_then_fail)
+        return engine.io.write_atomically(path, half_then_fail, op)
 
     monkeypatch.setattr("engine.text.tokenizers.write_atomically", failing)
     before = (tmp_path / "real.json").read_bytes()
