@@ -23,13 +23,14 @@ from __future__ import annotations
 import enum
 import importlib.util
 import os
-import sys
-import time
-import traceback
 
+import numpy as np
+
+import kernels
 from engine import backend
 from engine.autograd import is_grad_enabled
-from engine.errors import EngineError, GradError, ShapeError, describe
+from engine.distributed import faults
+from engine.errors import DTypeError, EngineError, GradError, ShapeError, describe
 from engine.tensor import Tensor
 
 
@@ -51,7 +52,6 @@ class ReduceOp(enum.Enum):
 
 class _State:
     group = None  # the backend's process group object (MPIGroup / NCCLGroup)
-    previous_excepthook = None
 
 
 _state = _State()
@@ -117,11 +117,11 @@ def init_process_group(backend: str | None = None, *, world_size: int = -1, rank
         from engine.distributed.mpi import MPIGroup
 
         _state.group = MPIGroup()
-    _install_excepthook()
+    faults.group_started()
     for name, asked, actual in (("world_size", world_size, _state.group.size), ("rank", rank, _state.group.rank)):
         if asked not in (-1, None) and int(asked) != actual:
             group, _state.group = _state.group, None
-            _uninstall_excepthook()
+            faults.group_destroyed()
             group.destroy()
             raise DistributedError(f"init_process_group: {name}={asked} was asked for, but the launcher started "
                                    f"this process as {name} {actual}; launch with mpiexec -n <world_size>, or "
@@ -164,7 +164,8 @@ def destroy_process_group() -> None:
     """Leave the process group (MPI itself stays up until the process exits)."""
     group = _group("destroy_process_group")
     _state.group = None
-    _uninstall_excepthook()
+    group.destroyed = True  # DDP, ZeRO and the parallel layers built on it refuse to use it now
+    faults.group_destroyed()
     group.destroy()
 
 
@@ -205,59 +206,67 @@ def group():
     return _group("group")
 
 
-# ---- faults: one failing rank ends the job ----------------------------------------------------
+def check_alive(group, who: str) -> None:
+    """Raise when ``group`` (the process group DDP, ZeRO or a parallel layer was built on) has been
+    destroyed: its collectives would still reach MPI and pair with whatever the other ranks do."""
+    if getattr(group, "destroyed", False):
+        raise DistributedError(f"{who}: the process group it was built on has been destroyed "
+                               "(destroy_process_group()); build it again after init_process_group()")
 
-# How long a failing rank waits between writing its report and aborting: MPI_Abort makes the
-# launcher kill every process at once, and output still in flight through the launcher's pipes
-# is lost (seen: a traceback cut after its first line).
-_ABORT_GRACE_S = 0.5
 
+# ---- what every rank must agree on before a collective -----------------------------------------
+#
+# A collective pairs the ranks' calls by order alone. Before any data moves, every public
+# collective exchanges a small description of the call (one pickled allgather): which collective
+# it is and its place in the sequence, its reduce op or source rank, the tensor's shape and dtype,
+# and whether this rank could take part at all (its own argument checks, and the device checks
+# deferred on it, which would otherwise raise inside the collective on that rank alone). Any
+# difference raises the same error on every rank, so none is left waiting.
 
-def _excepthook(exc_type, exc, tb):
-    rank = "?"
+def _agree(g, op: str, describe_call) -> dict:
+    """Run ``describe_call()`` (this rank's checks; returns the call's description), settle the
+    deferred device checks, compare with every rank, and raise on every rank on a difference."""
+    g.calls = getattr(g, "calls", 0) + 1
+    error, call = None, None
     try:
-        from mpi4py import MPI
-
-        rank = MPI.COMM_WORLD.Get_rank()
-    except Exception:
-        pass
-    message = f"engine.distributed: rank {rank} failed: {exc_type.__name__}: {exc}"
-    try:  # the one line that names the rank first, then the traceback
-        sys.stdout.flush()
-        sys.stderr.write(message + "; aborting the job\n")
-        sys.stderr.flush()
-    except Exception:
-        pass
-    hook = _state.previous_excepthook or sys.__excepthook__
-    try:
-        hook(exc_type, exc, tb)
-    except Exception:
-        traceback.print_exception(exc_type, exc, tb)
-    if exc_type in (KeyboardInterrupt,) or os.environ.get("ENGINE_DISTRIBUTED_NO_ABORT"):
-        return
-    try:
-        sys.stderr.flush()
-    except Exception:
-        pass
-    time.sleep(_ABORT_GRACE_S)
-    from mpi4py import MPI
-
-    MPI.COMM_WORLD.Abort(1)
+        call = describe_call()
+        kernels.raise_deferred_errors()
+    except Exception as e:  # raised below, on every rank, once all have heard of it
+        error = e
+    mine = {"collective": (g.calls, op), "error": f"{type(error).__name__}: {error}" if error else None,
+            **(call or {})}
+    everyone = [mine] if g.size == 1 else g.allgather_object(mine, op)
+    failed = [(r, c["error"]) for r, c in enumerate(everyone) if c["error"]]
+    if error is not None:
+        raise error
+    if failed:
+        reports = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        raise DistributedError(f"{op}: {_ranks(failed)} could not take part ({reports}); no rank entered the "
+                               f"collective (this is rank {g.rank})")
+    for key, kind in (("collective", DistributedError), ("reduce op", DistributedError),
+                      ("src", DistributedError), ("shape", ShapeError), ("dtype", DTypeError)):
+        values = [c.get(key) for c in everyone]
+        if any(v != values[0] for v in values):
+            ranks = ", ".join(f"rank {r} {_show(key, v)}" for r, v in enumerate(values))
+            raise kind(f"{op}: the ranks {_DIFFERENT[key]} ({ranks}); every rank must make the same collective "
+                       f"calls, in the same order, with the same arguments (this is rank {g.rank})")
+    return mine
 
 
-def _install_excepthook() -> None:
-    if sys.excepthook is not _excepthook:
-        _state.previous_excepthook = sys.excepthook
-        sys.excepthook = _excepthook
+_DIFFERENT = {"collective": "called different collectives", "reduce op": "passed different reduce ops",
+              "src": "passed different src ranks", "shape": "passed tensors of different shapes",
+              "dtype": "passed tensors of different dtypes"}
 
 
-def _uninstall_excepthook() -> None:
-    if sys.excepthook is _excepthook:
-        sys.excepthook = _state.previous_excepthook or sys.__excepthook__
-    _state.previous_excepthook = None
+def _ranks(failed) -> str:
+    return "rank " + str(failed[0][0]) if len(failed) == 1 else "ranks " + ", ".join(str(r) for r, _ in failed)
 
 
-# ---- collectives ------------------------------------------------------------------------------
+def _show(key: str, value) -> str:
+    if key == "collective":
+        return f"calls {value[1]} (its collective #{value[0]})"
+    return f"has {key} {value}"
+
 
 def _op_name(op) -> str:
     if isinstance(op, ReduceOp):
@@ -265,6 +274,23 @@ def _op_name(op) -> str:
     if isinstance(op, str) and op.lower() in ("sum", "avg", "max", "min"):
         return op.lower()
     raise DistributedError(f"unknown reduce op {op!r}; use ReduceOp.SUM, AVG, MAX or MIN")
+
+
+def _check_reduction(op: str, reduce_op: str, dtype) -> None:
+    """The reductions take every numeric dtype, exactly: bool (SUM and MAX are a logical or, MIN a
+    logical and, as in PyTorch), the integers, float16/bfloat16/float32/float64 and complex64/128.
+    Raise where the result could not be exact: MAX or MIN of complex numbers (PyTorch refuses them
+    too) and AVG of integers or bools."""
+    dt = np.dtype(dtype)
+    name = f"ReduceOp.{reduce_op.upper()}"
+    if dt.kind not in "biufc" and dt.name != "bfloat16":
+        raise DTypeError(f"{op}: cannot reduce {dt} tensors; use a numeric dtype")
+    if dt.kind == "c" and reduce_op in ("max", "min"):
+        raise DTypeError(f"{op} does not support {name} on complex tensors ({dt}): complex numbers have no order "
+                         "(PyTorch refuses it too); reduce the real and imaginary parts, or abs(), as you mean it")
+    if dt.kind in "biu" and reduce_op == "avg":
+        raise DTypeError(f"{op}: {name} of {dt} tensors would have to round; use ReduceOp.SUM and divide, or "
+                         "convert the tensor to a floating dtype first")
 
 
 def _check_tensor(op: str, tensor) -> None:
@@ -276,22 +302,8 @@ def _check_tensor(op: str, tensor) -> None:
     tensor._check_inplace(op)
 
 
-def _check_same_everywhere(group, op: str, what: str, meta) -> None:
-    """Raise on every rank (so none is left waiting) when ``meta`` differs between ranks."""
-    if group.size == 1:
-        return
-    from mpi4py import MPI
-
-    comm = getattr(group, "mpi", None) or MPI.COMM_WORLD
-    metas = comm.allgather(meta)
-    if any(m != metas[0] for m in metas):
-        ranks = ", ".join(f"rank {r} has {m}" for r, m in enumerate(metas))
-        raise ShapeError(f"{op}: {what} differ across ranks ({ranks}); every rank must pass the same {what} "
-                         f"(this is rank {group.rank})")
-
-
-def _meta(tensor) -> tuple:
-    return (tuple(tensor.shape), str(tensor.dtype))
+def _meta(tensor) -> dict:
+    return {"shape": tuple(tensor.shape), "dtype": str(tensor.dtype)}
 
 
 def _finish(tensor) -> None:
@@ -318,9 +330,13 @@ class Work:
 def all_reduce(tensor: Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False):
     """Combine ``tensor`` over all ranks (sum, average, max or min), in place on every rank."""
     g = _group("all_reduce")
-    _check_tensor("all_reduce", tensor)
-    name = _op_name(op)
-    _check_same_everywhere(g, "all_reduce", "tensor shapes/dtypes", _meta(tensor))
+
+    def describe_call():
+        _check_tensor("all_reduce", tensor)
+        name = _op_name(op)
+        _check_reduction("all_reduce", name, tensor.dtype)
+        return {"reduce op": name, **_meta(tensor)}
+    name = _agree(g, "all_reduce", describe_call)["reduce op"]
     if async_op:
         return Work(g.all_reduce_async(tensor._data, name), tensor)
     g.all_reduce(tensor._data, name)
@@ -331,9 +347,12 @@ def all_reduce(tensor: Tensor, op=ReduceOp.SUM, group=None, async_op: bool = Fal
 def broadcast(tensor: Tensor, src: int, group=None, async_op: bool = False):
     """Copy rank ``src``'s ``tensor`` into ``tensor`` on every other rank."""
     g = _group("broadcast")
-    _check_tensor("broadcast", tensor)
-    _check_rank(g, "broadcast", src)
-    _check_same_everywhere(g, "broadcast", "tensor shapes/dtypes", _meta(tensor))
+
+    def describe_call():
+        _check_tensor("broadcast", tensor)
+        _check_rank(g, "broadcast", src)
+        return {"src": int(src), **_meta(tensor)}
+    _agree(g, "broadcast", describe_call)
     g.broadcast(tensor._data, int(src))
     _finish(tensor)
     return Work(None, tensor) if async_op else None
@@ -342,10 +361,13 @@ def broadcast(tensor: Tensor, src: int, group=None, async_op: bool = False):
 def all_gather(tensor_list: list, tensor: Tensor, group=None, async_op: bool = False):
     """Fill ``tensor_list[r]`` with rank r's ``tensor`` on every rank (a list of world-size tensors)."""
     g = _group("all_gather")
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"all_gather: expected an engine Tensor to send, got {type(tensor).__name__}")
-    _check_list(g, "all_gather", "tensor_list", tensor_list, tensor)
-    _check_same_everywhere(g, "all_gather", "tensor shapes/dtypes", _meta(tensor))
+
+    def describe_call():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"all_gather: expected an engine Tensor to send, got {type(tensor).__name__}")
+        _check_list(g, "all_gather", "tensor_list", tensor_list, tensor)
+        return _meta(tensor)
+    _agree(g, "all_gather", describe_call)
     gathered = g.all_gather(tensor._data)
     for r, out in enumerate(tensor_list):
         out._data[...] = gathered[r]
@@ -356,10 +378,14 @@ def all_gather(tensor_list: list, tensor: Tensor, group=None, async_op: bool = F
 def reduce_scatter(output: Tensor, input_list: list, op=ReduceOp.SUM, group=None, async_op: bool = False):
     """``output`` on rank r = the reduction over all ranks of their ``input_list[r]``."""
     g = _group("reduce_scatter")
-    _check_tensor("reduce_scatter", output)
-    name = _op_name(op)
-    _check_list(g, "reduce_scatter", "input_list", input_list, output, written=False)
-    _check_same_everywhere(g, "reduce_scatter", "tensor shapes/dtypes", _meta(output))
+
+    def describe_call():
+        _check_tensor("reduce_scatter", output)
+        name = _op_name(op)
+        _check_list(g, "reduce_scatter", "input_list", input_list, output, written=False)
+        _check_reduction("reduce_scatter", name, output.dtype)
+        return {"reduce op": name, **_meta(output)}
+    name = _agree(g, "reduce_scatter", describe_call)["reduce op"]
     xp = output.xp
     stacked = xp.stack([t._data for t in input_list])
     g.reduce_scatter(output._data, stacked, name)
@@ -369,12 +395,14 @@ def reduce_scatter(output: Tensor, input_list: list, op=ReduceOp.SUM, group=None
 
 def barrier(group=None, async_op: bool = False):
     """Wait until every rank reaches this call."""
-    _group("barrier").barrier()
+    g = _group("barrier")
+    _agree(g, "barrier", dict)
+    g.barrier()
     return None
 
 
 def _check_rank(group, op: str, rank) -> None:
-    if not isinstance(rank, int) or not 0 <= rank < group.size:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < group.size:
         raise DistributedError(f"{op}: src rank {rank!r} is not in the world of {group.size} rank(s)")
 
 

@@ -16,13 +16,18 @@ cupy facility, not an array operation that engine/backend.py could wrap.
 from __future__ import annotations
 
 import cupy
+import numpy as np
 from cupy.cuda import nccl
+
+from engine.distributed import mpi as mpi_group
 
 _DTYPES = {
     "float16": nccl.NCCL_FLOAT16, "float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
     "int8": nccl.NCCL_INT8, "uint8": nccl.NCCL_UINT8, "int32": nccl.NCCL_INT32, "uint32": nccl.NCCL_UINT32,
     "int64": nccl.NCCL_INT64, "uint64": nccl.NCCL_UINT64,
 }
+if hasattr(nccl, "NCCL_BFLOAT16"):  # NCCL >= 2.10
+    _DTYPES["bfloat16"] = nccl.NCCL_BFLOAT16
 _OPS = {"sum": nccl.NCCL_SUM, "avg": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min": nccl.NCCL_MIN}
 
 
@@ -77,8 +82,6 @@ class NCCLGroup:
         if not isinstance(array, cupy.ndarray):
             raise TypeError(f"{op_name}: the nccl backend takes CUDA tensors; got a host array (use backend='mpi' "
                             "for CPU tensors, or move the tensor with .cuda())")
-        if array.dtype.name not in _DTYPES:
-            raise TypeError(f"{op_name}: the nccl backend does not reduce {array.dtype} tensors")
         if array.device.id != self.device_index:
             raise RuntimeError(f"{op_name}: tensor is on cuda:{array.device.id} but this rank's NCCL communicator "
                                f"uses cuda:{self.device_index}")
@@ -98,12 +101,32 @@ class NCCLGroup:
     def _contiguous(array):
         return array if array.flags.c_contiguous else cupy.ascontiguousarray(array)
 
+    @staticmethod
+    def _bytes(buf):
+        """(pointer, count, NCCL dtype) moving ``buf``'s raw bytes (broadcast, all-gather: any dtype)."""
+        return buf.data.ptr, buf.nbytes, nccl.NCCL_UINT8
+
+    @staticmethod
+    def _wire(buf, op: str):
+        """(count, NCCL dtype, NCCL op) reducing the contiguous ``buf`` in place: complex as its
+        (real, imaginary) pairs (SUM only: core refuses MAX/MIN), bool as bytes with MAX for SUM
+        (a logical or, as in PyTorch) and MIN for MIN (a logical and)."""
+        dtype = np.dtype(buf.dtype)
+        if dtype.kind == "c":
+            return buf.size * 2, _DTYPES[np.dtype(f"f{dtype.itemsize // 2}").name], _OPS[op]
+        if dtype == np.bool_:
+            return buf.size, nccl.NCCL_UINT8, nccl.NCCL_MIN if op == "min" else nccl.NCCL_MAX
+        if dtype.name not in _DTYPES:
+            raise TypeError(f"the nccl backend cannot reduce {dtype} tensors")
+        return buf.size, _DTYPES[dtype.name], _OPS[op]
+
     # ---- collectives ----------------------------------------------------------------------------
     def all_reduce_async(self, array, op: str) -> NCCLWork:
         self._check(array, "all_reduce")
         buf = self._contiguous(array)
+        count, dtype, nccl_op = self._wire(buf, op)
         self._begin()
-        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, _DTYPES[buf.dtype.name], _OPS[op], self.stream.ptr)
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, count, dtype, nccl_op, self.stream.ptr)
         if op == "avg":
             with self.stream:
                 _divide(buf, self.size)
@@ -120,7 +143,8 @@ class NCCLGroup:
         self._check(array, "broadcast")
         buf = self._contiguous(array)
         self._begin()
-        self.comm.broadcast(buf.data.ptr, buf.data.ptr, buf.size, _DTYPES[buf.dtype.name], src, self.stream.ptr)
+        ptr, count, dtype = self._bytes(buf)
+        self.comm.broadcast(ptr, ptr, count, dtype, src, self.stream.ptr)
         self._end().wait()
         if buf is not array:
             array[...] = buf
@@ -130,7 +154,8 @@ class NCCLGroup:
         buf = self._contiguous(array)
         out = cupy.empty((self.size, *buf.shape), buf.dtype)
         self._begin()
-        self.comm.allGather(buf.data.ptr, out.data.ptr, buf.size, _DTYPES[buf.dtype.name], self.stream.ptr)
+        ptr, count, dtype = self._bytes(buf)
+        self.comm.allGather(ptr, out.data.ptr, count, dtype, self.stream.ptr)
         self._end().wait()
         return out
 
@@ -138,9 +163,9 @@ class NCCLGroup:
         self._check(out, "reduce_scatter")
         send = self._contiguous(stacked)
         recv = self._contiguous(out)
+        count, dtype, nccl_op = self._wire(recv, op)
         self._begin()
-        self.comm.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, _DTYPES[recv.dtype.name], _OPS[op],
-                                self.stream.ptr)
+        self.comm.reduceScatter(send.data.ptr, recv.data.ptr, count, dtype, nccl_op, self.stream.ptr)
         if op == "avg":
             with self.stream:
                 _divide(recv, self.size)
@@ -151,7 +176,18 @@ class NCCLGroup:
     def barrier(self) -> None:
         cupy.cuda.get_current_stream().synchronize()
         self.stream.synchronize()
-        self.mpi.Barrier()
+        mpi_group.MPIWork(self.mpi.Ibarrier(), None, "barrier").wait()
+
+    def all_reduce_host_async(self, array: np.ndarray, op: str):
+        """An all-reduce of a small host array (DDP's usage flags), over MPI: no device sync."""
+        request = self.mpi.Iallreduce(mpi_group._mpi().IN_PLACE, array, op=mpi_group.mpi_op(op, array.dtype))
+        return mpi_group.MPIWork(request, None, "all_reduce")
+
+    def allgather_object(self, obj, op: str) -> list:
+        return mpi_group.allgather_object(self.mpi, obj, op)
+
+    def bcast_object(self, obj, root: int, op: str):
+        return mpi_group.bcast_object(self.mpi, obj, root, op)
 
     def destroy(self) -> None:
         self.stream.synchronize()
@@ -159,7 +195,6 @@ class NCCLGroup:
 
 
 def _divide(array, n: int) -> None:
-    if array.dtype.kind == "f":
-        array /= n
-    else:
-        array //= n
+    if array.dtype.kind not in "fc":
+        raise TypeError(f"ReduceOp.AVG of {array.dtype} values would round; use ReduceOp.SUM and divide")
+    array /= n

@@ -53,3 +53,16 @@ def test_api_without_process_group():
         dist.get_rank()
     with pytest.raises(dist.DistributedError, match="unknown backend"):
         dist.init_process_group("gloo")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_collective_on_every_dtype(world):
+    # complex64 went through int64 (1.5+2j became 1+0j); MAX/MIN of complex and AVG of integers raise
+    assert f"dtypes ok {world}" in check(run_mpi("dtypes.py", world, timeout=120))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_agree_on_the_call_before_any_data_moves(world):
+    # reduce op, src, dtype, the collective itself, one rank's argument error or deferred device
+    # error: raised on every rank, and the ranks stay in step
+    assert f"agree ok {world}" in check(run_mpi("agree.py", world, timeout=120))
