@@ -14,6 +14,13 @@ Buckets are filled in reverse parameter order (roughly the order gradients becom
 launched strictly in index order on every rank: MPI and NCCL match collectives by order, so a
 rank that happens to finish bucket 2 before bucket 1 waits for bucket 1 to be complete before
 launching either.
+
+Unused parameters: at the end of a synchronized backward, one small all-reduce on the host (over
+MPI, also under NCCL: no device sync) sums one flag per parameter (1 where its gradient hook ran on
+this rank since the last synchronized backward), so every rank knows how many ranks used each. A
+parameter no rank used keeps its ``.grad`` (None stays None) with ``find_unused_parameters=True``;
+without it, backward raises on every rank, naming the parameters (as PyTorch's DDP raises at the
+next iteration).
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ from __future__ import annotations
 import contextlib
 import weakref
 
+import numpy as np
+
 from engine import autograd
 from engine.autograd import no_grad
 from engine.distributed import core as dist
+from engine.distributed.core import DistributedError
 from engine.errors import ShapeError
 from engine.nn.module import Module
 from engine.tensor import Tensor
@@ -52,6 +62,11 @@ class DistributedDataParallel(Module):
         bucket_cap_mb: the size of a gradient bucket (one all-reduce each), in MiB.
         broadcast_buffers: copy rank 0's buffers (BatchNorm statistics) to every rank at the start
             of each forward in training mode.
+        find_unused_parameters: allow parameters that take no part in the loss on some or all
+            ranks. A parameter used by some ranks gets the average over all ranks (the others
+            contribute zeros); one used by no rank keeps its ``.grad`` (None stays None, so weight
+            decay does not move it). Without it (the default, as in PyTorch) a parameter without a
+            gradient on any rank makes backward raise on every rank, naming it.
 
     ``forward`` calls the wrapped module; ``.module`` is the module itself (save its
     ``state_dict()`` to load it without DDP; DDP's own keys carry the ``module.`` prefix, as in
@@ -77,12 +92,15 @@ class DistributedDataParallel(Module):
         object.__setattr__(self, "bucket_cap_mb", float(bucket_cap_mb))
         object.__setattr__(self, "_pg", group)
         object.__setattr__(self, "_require_sync", True)
+        object.__setattr__(self, "find_unused_parameters", bool(find_unused_parameters))
         named, seen = [], set()
         for name, p in module.named_parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 named.append((name, p))
         object.__setattr__(self, "_params", [p for _, p in named])
+        object.__setattr__(self, "_names", {id(p): name for name, p in named})
+        object.__setattr__(self, "_used", set())  # ids of parameters whose hook ran since the last sync
         _check_same_model(group, module, named)
         self._sync_module_states()
         buckets = _make_buckets(self._params, int(self.bucket_cap_mb * 2 ** 20))
@@ -106,6 +124,7 @@ class DistributedDataParallel(Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        dist.check_alive(self._pg, "DistributedDataParallel")
         if self.broadcast_buffers and self.training and self._pg.size > 1:
             buffers = [b for _, b in self.module.named_buffers()]
             if buffers:
@@ -140,8 +159,10 @@ class DistributedDataParallel(Module):
         object.__setattr__(self, "_armed", False)
 
     def _grad_ready(self, param) -> None:
+        self._used.add(id(param))  # also inside no_sync: the gradient goes into the next sync
         if not self._require_sync:
             return
+        dist.check_alive(self._pg, "DistributedDataParallel (backward)")
         if not self._armed:
             object.__setattr__(self, "_armed", True)
             autograd.queue_callback(self._finish)
@@ -176,10 +197,17 @@ class DistributedDataParallel(Module):
                 self._launch(self._buckets[self._next])
                 object.__setattr__(self, "_next", self._next + 1)
                 self.stats["launched_at_end"] += 1
+            counting = self._count_users()  # after every bucket: the same collective order on every rank
+            for bucket in self._buckets:
+                bucket.work.wait()
+            users = counting()
+            if not self.find_unused_parameters and any(n < self._pg.size for n in users.values()):
+                raise self._unused_error(users)
             with no_grad():
                 for bucket in self._buckets:
-                    bucket.work.wait()
                     for p, offset in zip(bucket.params, bucket.offsets):
+                        if users[id(p)] == 0:
+                            continue  # no rank used it: .grad stays as it was (None stays None)
                         averaged = bucket.flat[offset:offset + p.numel()].reshape(p.shape)
                         if p.grad is None:
                             p.grad = Tensor(averaged.copy())
@@ -187,7 +215,29 @@ class DistributedDataParallel(Module):
                             p.grad._data[...] = averaged
                             p.grad._version.value += 1
         finally:
+            self._used.clear()
             self._reset_pass()
+
+    def _count_users(self):
+        """Start summing the ranks' usage flags; returns a function giving {id(param): ranks that used it}."""
+        flags = np.array([id(p) in self._used for p in self._params], np.int32)
+        work = self._pg.all_reduce_host_async(flags, "sum") if self._pg.size > 1 else None
+
+        def users() -> dict:
+            if work is not None:
+                work.wait()
+            return {id(p): int(n) for p, n in zip(self._params, flags)}
+        return users
+
+    def _unused_error(self, users: dict) -> DistributedError:
+        unused = [self._names[id(p)] for p in self._params if users[id(p)] < self._pg.size]
+        here = [self._names[id(p)] for p in self._params if id(p) not in self._used]
+        return DistributedError(
+            f"DistributedDataParallel: parameters that took no part in producing the loss on some rank(s): "
+            f"{', '.join(unused)} (on this rank {self._pg.rank}: {', '.join(here) or 'none'}). Pass "
+            "find_unused_parameters=True to DistributedDataParallel to allow it (a parameter no rank used then "
+            "keeps its .grad; one some ranks used gets the average over all ranks), and make sure every output "
+            "of forward takes part in the loss. The gradients were not averaged.")
 
 
 def _make_buckets(params: list, cap_bytes: int) -> list:
@@ -228,11 +278,9 @@ def _check_same_model(group, module: Module, named: list) -> None:
     """Raise (on every rank) when the ranks' models differ in parameter names, shapes or dtypes."""
     if group.size == 1:
         return
-    from mpi4py import MPI
-
     mine = [(name, tuple(p.shape), str(p.dtype)) for name, p in named]
     mine += [("buffer " + name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()]
-    everyone = MPI.COMM_WORLD.allgather(mine)
+    everyone = group.allgather_object(mine, "DistributedDataParallel")
     reference = everyone[0]
     for rank, theirs in enumerate(everyone[1:], start=1):
         if theirs == reference:

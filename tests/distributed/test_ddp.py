@@ -20,3 +20,11 @@ def test_ddp_needs_a_process_group():
 
     with pytest.raises(dist.DistributedError, match="init_process_group"):
         DistributedDataParallel(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_unused_parameters_and_a_destroyed_group(world):
+    # find_unused_parameters=True: unused by all -> .grad None (weight decay leaves it alone), used by
+    # rank 0 only -> averaged over the world; without it: a clear error on every rank; after
+    # destroy_process_group(): forward raises.
+    assert f"ddp unused ok {world}" in check(run_mpi("ddp_unused.py", world, timeout=90))
