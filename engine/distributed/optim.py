@@ -14,6 +14,8 @@ loadable with or without ZeRO (:meth:`~ZeroRedundancyOptimizer.load_state_dict` 
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 from engine import backend
@@ -21,7 +23,8 @@ from engine.autograd import no_grad
 from engine.distributed import core
 from engine.distributed.core import DistributedError
 from engine.errors import EngineError, ShapeError, describe
-from engine.optim.optimizer import Optimizer, _as_param_groups, _as_param_list, _split_state_dict
+from engine.optim.optimizer import (Optimizer, _as_param_groups, _as_param_list, _saved_indices,
+                                    _split_state_dict)
 from engine.tensor import Tensor
 
 __all__ = ["ZeroRedundancyOptimizer"]
@@ -128,7 +131,7 @@ class ZeroRedundancyOptimizer(Optimizer):
     def _check_same_on_every_rank(self) -> None:
         """Every rank must list the same parameters, or the partitions (and broadcasts) disagree."""
         meta = [[(tuple(p.shape), str(p.dtype)) for p in g["params"]] for g in self.param_groups]
-        metas = _mpi_comm(self._group).allgather(meta) if self.world_size > 1 else [meta]
+        metas = self._group.allgather_object(meta, "ZeroRedundancyOptimizer") if self.world_size > 1 else [meta]
         if any(m != metas[0] for m in metas):
             bad = next(r for r, m in enumerate(metas) if m != metas[0])
             raise ShapeError(f"ZeroRedundancyOptimizer: the parameters differ across ranks (rank 0 has "
@@ -169,6 +172,7 @@ class ZeroRedundancyOptimizer(Optimizer):
 
     def step(self, closure=None):
         """Step this rank's shard, then broadcast every shard from its owner; returns closure()'s loss."""
+        core.check_alive(self._group, "ZeroRedundancyOptimizer.step")
         self._consolidated = None  # a consolidated state is out of date once parameters move
         self._push_hyperparams()
         loss = self.optim.step(closure)
@@ -216,6 +220,7 @@ class ZeroRedundancyOptimizer(Optimizer):
         plain ``optimizer_class`` over the same parameters would index it. Each rank broadcasts
         its shard in turn (metadata pickled over MPI, arrays with the backend's broadcast).
         """
+        core.check_alive(self._group, "ZeroRedundancyOptimizer.consolidate_state_dict")
         if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < self.world_size:
             raise DistributedError(f"ZeroRedundancyOptimizer.consolidate_state_dict: to={to!r} is not a rank of the "
                                    f"world of {self.world_size}")
@@ -262,21 +267,41 @@ class ZeroRedundancyOptimizer(Optimizer):
             raise EngineError(f"{name}: the state dict's param groups hold "
                               f"{[len(g.get('params', ())) for g in groups]} parameters but this optimizer's hold "
                               f"{[len(g['params']) for g in self.param_groups]}; build it over the same parameters")
+        indices = [_saved_indices(name, g, saved) for g, saved in enumerate(groups)]
+        self._check_every_entry(name, indices, state)
         local_groups, local_state, local_index = [], {}, 0
-        for saved, full in zip(groups, self.param_groups):
-            indices = []
-            for saved_index, p in zip(saved["params"], full["params"]):
+        for saved, saved_indices, full in zip(groups, indices, self.param_groups):
+            local = []
+            for saved_index, p in zip(saved_indices, full["params"]):
                 if self._owner[id(p)] != self.rank:
                     continue
-                entry = state.get(int(saved_index))
+                entry = state.get(saved_index)
                 if entry is not None:
                     local_state[local_index] = entry
-                indices.append(local_index)
+                local.append(local_index)
                 local_index += 1
-            local_groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": indices})
+            local_groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": local})
         self.optim.load_state_dict({"state": local_state, "param_groups": local_groups})
         self._adopt_hyperparams()
         self._consolidated = None
+
+    def _check_every_entry(self, name: str, indices: list[list[int]], state: dict) -> None:
+        """Validate the whole state dict on every rank before any rank loads its part: indices
+        unique and all listed, every entry fit for its parameter (the local optimizer's own
+        checks: names, shapes, step). A rank checks the other ranks' entries too, so that every
+        rank accepts or refuses the same file."""
+        listed = [i for group in indices for i in group]
+        repeated = sorted(i for i, n in collections.Counter(listed).items() if n > 1)
+        if repeated:
+            raise EngineError(f"{name}: the state dict lists parameter indices {repeated} more than once; each "
+                              "parameter has one index")
+        unknown = sorted(set(state) - set(listed))
+        if unknown:
+            raise EngineError(f"{name}: the state dict has state for parameter indices {unknown} that no param "
+                              "group lists")
+        allowed = set(self.optim._all_buffer_names())
+        for index, p in zip(listed, self._params()):
+            self.optim._restore_entry(name, index, state.get(index), p, allowed)
 
     def __repr__(self) -> str:
         return (f"ZeroRedundancyOptimizer(rank {self.rank} of {self.world_size}, "
@@ -285,16 +310,6 @@ class ZeroRedundancyOptimizer(Optimizer):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def _mpi_comm(group):
-    """The MPI communicator under the process group (pickled metadata travels there)."""
-    comm = getattr(group, "mpi", None)
-    if comm is None:
-        from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD
-    return comm
-
 
 def _summary(meta) -> str:
     count = sum(len(g) for g in meta)
@@ -341,7 +356,7 @@ def _broadcast_state(group, entries: dict | None, src: int, keep: bool, device) 
         layout = {i: {k: ("array", tuple(v.shape), str(v.dtype)) if isinstance(v, Tensor) else ("value", v)
                       for k, v in entry.items()} for i, entry in entries.items()}
     if group.size > 1:
-        layout = _mpi_comm(group).bcast(layout, root=src)
+        layout = group.bcast_object(layout, src, "ZeroRedundancyOptimizer.consolidate_state_dict")
     out = {i: {k: spec[1] for k, spec in entry.items() if spec[0] == "value"} for i, entry in layout.items()}
     by_dtype: dict = {}
     for i, entry in sorted(layout.items()):

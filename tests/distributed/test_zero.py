@@ -58,3 +58,11 @@ def test_without_a_process_group_it_says_to_initialize_one():
         pytest.skip("a process group is up in this process")
     with pytest.raises(dist.DistributedError, match="init_process_group"):
         ZeroRedundancyOptimizer([engine.zeros(2, requires_grad=True)], optim.Adam, lr=0.1)
+
+
+@requires_mpi
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_load_state_dict_validates_everything_before_applying(world):
+    # unknown and repeated indices, a wrong-shaped entry of another rank's parameter: refused on
+    # every rank, the optimizer unchanged; stepping after destroy_process_group() refused
+    assert f"zero load ok {world}" in check(run_mpi("zero_load.py", world, timeout=90))
