@@ -4,8 +4,8 @@ One process group per process, the world: ranks and world size come from the MPI
 (``mpiexec -n 4 python train.py``) through mpi4py; a script started without a launcher is a
 world of one. Two backends:
 
-- ``"mpi"``: mpi4py's buffer collectives (Allreduce, Bcast, Allgather, Reduce_scatter_block) on
-  numpy arrays; cupy arrays go through a host staging copy unless the MPI is CUDA-aware.
+- ``"mpi"``: mpi4py's non-blocking buffer collectives (Iallreduce, Ibcast, Iallgather,
+  Ireduce_scatter_block) on numpy arrays; cupy arrays go through a host staging copy unless the MPI is CUDA-aware.
 - ``"nccl"``: ``cupy.cuda.nccl`` on CUDA tensors, one rank per GPU; MPI only launches the
   processes and carries NCCL's unique id.
 
@@ -13,9 +13,10 @@ Collectives change tensors in place, as PyTorch's do: they write into the tensor
 its version, and like every in-place op they refuse a tensor that requires grad while grad mode
 is on (run them under ``engine.no_grad()`` or on ``.detach()``).
 
-``init_process_group`` also installs a ``sys.excepthook``: an exception that escapes a rank's
-script prints ``engine.distributed: rank R failed: ...`` and aborts the whole MPI job, so no other
-rank hangs in a collective waiting for it.
+A rank that leaves while the others wait for it ends the job, whatever the way it leaves (an
+exception, KeyboardInterrupt, sys.exit with any status, the end of its script): see
+engine/distributed/faults.py. Before any data moves, every public collective checks that the
+ranks make the same call (see ``_agree``).
 """
 
 from __future__ import annotations
