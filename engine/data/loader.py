@@ -6,9 +6,11 @@ from ``generator=`` (an int seed or a ``np.random.Generator``). ``state_dict()``
 generator as it was at the start of the current epoch plus the number of batches already handed
 out, so ``load_state_dict()`` resumes mid-epoch or at an epoch boundary with the exact same batches.
 
-Workers: ``num_workers=N`` loads batches in a pool of N threads, ahead of the loop (at most
-``prefetch_factor * N`` batches in flight), and hands them out strictly in sampler order, so a run
-gives the same batches, bit for bit, with any number of workers.
+Workers: ``num_workers=N`` loads batches in a pool of N daemon threads (engine/data/workers.py),
+ahead of the loop (at most ``prefetch_factor * N`` batches in flight), and hands them out strictly
+in sampler order, so a run gives the same batches, bit for bit, with any number of workers. A
+failed batch raises as soon as it fails, ``timeout`` bounds the wait for each batch, and leaving
+the loop never waits for a hung item (see docs/data.md).
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import copy
-import itertools
 import math
 import numbers
-import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from engine import backend
 from engine.autograd import enable_grad, is_grad_enabled, no_grad
 from engine.data.dataset import IterableDataset, Subset, TensorDataset, make_generator
 from engine.data.samplers import chunks
+from engine.data.workers import Task, WorkerInfo, WorkerThreads, get_worker_info  # noqa: F401  (re-exported)
 from engine.errors import EngineError, ShapeError
 from engine.tensor import Tensor
 
@@ -56,12 +58,14 @@ class DataLoader:
             without pickling it or its arrays, and nothing is forked (forking a process that
             holds a CUDA context is unsafe). A pure-Python ``__getitem__`` that never releases
             the GIL gains little; one that waits on files or sleeps overlaps fully. An error in
-            a worker is raised in the loop's thread, naming the batch.
+            a worker is raised in the loop's thread as soon as it happens, naming the batch and
+            the worker; ``next()`` then goes on with the batch after it, as in PyTorch.
         collate_fn: ``collate_fn(list_of_items) -> batch``; default :func:`default_collate`.
         pin_memory: accepted for PyTorch scripts; a no-op (batches are not page-locked; see
             docs/data.md for device transfers).
         drop_last: drop the last batch when it is smaller than ``batch_size``.
-        timeout: with workers, seconds to wait for one batch before raising (0: forever).
+        timeout: with workers, seconds to wait for one batch before raising PyTorch's
+            ``RuntimeError("DataLoader timed out after N seconds")`` (0: forever; needs workers).
         worker_init_fn: called as ``worker_init_fn(worker_id)`` in each worker thread before it
             loads its first batch (:func:`get_worker_info` works there and in the dataset).
         multiprocessing_context: accepted and ignored (workers are threads).
@@ -69,7 +73,8 @@ class DataLoader:
             engine's RNG (``engine.manual_seed``).
         prefetch_factor: with workers, batches in flight per worker (default 2).
         persistent_workers: keep the worker threads between epochs (needs ``num_workers > 0``);
-            else they are started for each epoch and joined when it ends or the loop breaks.
+            else they are started for each epoch and stopped when it ends or the loop is left
+            (a thread still inside a hung item is abandoned; it never blocks the exit).
         pin_memory_device, in_order: accepted for PyTorch scripts; batches are always in order.
         device: (engine) move every batch's Tensors to this device ("cuda", "cuda:1" ...).
         prefetch: (engine) with ``device`` set, prepare and transfer batch ``i + 1`` before handing
@@ -134,6 +139,10 @@ class DataLoader:
             raise EngineError(f"DataLoader: num_workers must be a non-negative int, got {num_workers!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout >= 0:
             raise EngineError(f"DataLoader: timeout must be a non-negative number of seconds, got {timeout!r}")
+        if timeout and num_workers == 0:
+            raise EngineError(f"DataLoader: timeout={timeout} needs num_workers > 0 (PyTorch refuses it too): "
+                              "without workers each batch loads in the loop's thread, which cannot time itself "
+                              "out; leave timeout=0 or use workers")
         if prefetch_factor is not None:
             if num_workers == 0:
                 raise EngineError("DataLoader: prefetch_factor needs num_workers > 0 (as in PyTorch); leave it "
@@ -183,40 +192,21 @@ class DataLoader:
             if skip > len(batches):
                 raise self._skip_error(skip, len(batches))
         self._in_epoch, self._batches_done = True, skip
-        return self._generate(iter(batches), skip)
+        return _Epoch(self, iter(batches), skip)
 
     def _skip_error(self, skip: int, batches: int) -> EngineError:
         return EngineError(f"DataLoader: the restored state skips {skip} batches but an epoch has {batches}; "
                            "was the state saved from a loader over another dataset or batch size?")
 
-    def _generate(self, batches, skip: int):
-        for done in range(skip):  # a resumed epoch: draw the batches already seen, load none of them
-            if next(batches, None) is None:
-                raise self._skip_error(skip, done)
-        if self.num_workers:
-            loaded = self._worker_batches(batches, skip)
-            if self.device is not None:
-                loaded = (move_to(batch, self.device) for batch in loaded)
-        else:
-            loaded = (self._load(index) for index in batches)
-        for batch in _one_ahead(loaded) if self.prefetch and self.device is not None else loaded:
-            self._batches_done += 1
-            yield batch
-        self._in_epoch, self._batches_done = False, 0
-
     def _sampler_batches(self):
-        """Index arrays of ``batch_size`` sampler indices, drawn one batch at a time."""
+        """The sampler's indices, ``batch_size`` at a time, drawn one batch at a time."""
         for number, chunk in enumerate(chunks(self.sampler, self.batch_size, self.drop_last)):
-            start = number * self.batch_size
-            yield np.array([_sampler_index(i, start + k) for k, i in enumerate(chunk)], dtype=np.int64)
+            yield _Chunk(chunk, number, number * self.batch_size)
 
     def _batch_sampler_batches(self):
-        """One index array per list the batch sampler yields, drawn one batch at a time."""
+        """Each list the batch sampler yields, drawn one batch at a time."""
         for number, chunk in enumerate(self.batch_sampler):
-            if isinstance(chunk, (str, bytes)) or not hasattr(chunk, "__iter__"):
-                raise EngineError(f"DataLoader: the batch sampler yielded {chunk!r} ({type(chunk).__name__}) for "
-                                  f"batch {number}; a batch sampler yields lists of int indices")
-            yield np.array([_sampler_index(i, k) for k, i in enumerate(chunk)], dtype=np.int64)
+            yield _Chunk(chunk, number, None)
 
     def _iterable_batches(self):
         """Lists of ``batch_size`` items read from an IterableDataset, in its order."""
@@ -239,10 +229,6 @@ class DataLoader:
             batches.append(slice(start, stop) if order is None else order[start:stop])
         return batches
 
-    def _load(self, index):
-        batch = self._fetch(index)
-        return batch if self.device is None else move_to(batch, self.device)
-
     def _fetch(self, index):
         """The batch ``index`` (a slice, an index array or the items themselves), collated, on the host side."""
         if isinstance(index, _Items):
@@ -260,72 +246,16 @@ class DataLoader:
         return batch
 
     # ---- workers -------------------------------------------------------------------------------
-    def _worker_batches(self, batches, first: int):
-        """Batches loaded by the worker pool, at most ``prefetch_factor * num_workers`` ahead, in order.
-
-        The batch indices are drawn here, in the loop's thread (samplers need not be thread-safe);
-        a sampler error is raised when its batch's turn comes, after the batches before it.
-        """
-        pool = self._pool if self._pool is not None else self._start_pool()
-        # The loop thread's settings (default device, grad mode are per thread) go with each batch.
-        context = (backend.default_device(), is_grad_enabled(), pool._engine_worker_ids, pool._engine_seed)
-        window = self.prefetch_factor * self.num_workers
-        pending: collections.deque = collections.deque()
-        position, exhausted = first, False
-        try:
-            while True:
-                while not exhausted and len(pending) < window:
-                    try:
-                        index = next(batches)
-                    except StopIteration:
-                        exhausted = True
-                    except Exception as exc:  # noqa: BLE001  (re-raised in order below)
-                        pending.append(_Failed(exc))
-                        exhausted = True
-                    else:
-                        pending.append(pool.submit(self._worker_task, index, context))
-                if not pending:
-                    return
-                future = pending.popleft()
-                if isinstance(future, _Failed):
-                    raise future.error
-                yield self._result(future, position)
-                position += 1
-        finally:
-            for future in pending:
-                if not isinstance(future, _Failed):
-                    future.cancel()
-            if not self.persistent_workers:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-    def _result(self, future, position: int):
-        try:
-            return future.result(timeout=self.timeout or None)
-        except concurrent.futures.TimeoutError:
-            raise EngineError(f"DataLoader: batch {position} took longer than timeout={self.timeout} s in a "
-                              "worker") from None
-        except Exception as exc:
-            error = _worker_error(exc, position)
-            if error is exc:
-                raise
-            raise error from exc
-
-    def _start_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, thread_name_prefix="DataLoader-worker")
-        pool._engine_worker_ids = itertools.count()  # next() on a count is atomic under the GIL
-        pool._engine_seed = _base_seed(self.generator)
+    def _start_pool(self) -> WorkerThreads:
+        pool = WorkerThreads(self.num_workers, _base_seed(self.generator), self.dataset, self.worker_init_fn)
         if self.persistent_workers:
             self._pool = pool
-            weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
+            weakref.finalize(self, pool.close, 0.0)  # the threads hold no reference to the loader
         return pool
 
     def _worker_task(self, index, context):
-        device, grad, worker_ids, seed = context
-        if getattr(_worker, "info", None) is None:  # this thread's first batch: it becomes worker k
-            worker_id = next(worker_ids)
-            _worker.info = WorkerInfo(worker_id, self.num_workers, seed + worker_id, self.dataset)
-            if self.worker_init_fn is not None:
-                self.worker_init_fn(worker_id)
+        """Load batch ``index`` in a worker thread, with the loop thread's default device and grad mode."""
+        device, grad = context
         if backend.default_device() != device:
             backend.set_default_device(device)
         with enable_grad() if grad else no_grad():
@@ -376,14 +306,225 @@ class DataLoader:
                 f"shuffle={self.shuffle}, num_workers={self.num_workers}, batches={batches})")
 
 
-def _one_ahead(items):
-    """Yield each item only once the next one has been produced (the prefetch look-ahead)."""
-    items = iter(items)
-    for current in items:
-        for following in items:
-            yield current
-            current = following
-        yield current
+class _Epoch:
+    """What ``iter(loader)`` returns: one pass over the loader's batches, in the sampler's order.
+
+    A batch that fails to load raises its error, and ``next()`` goes on with the batch after it, as
+    in PyTorch. With workers a failed batch raises as soon as it has failed, even while batches
+    before it are still loading (those come next, in order). Dropping the iterator (``break``, an
+    exception out of the loop) cancels what is loading ahead without waiting for it.
+    """
+
+    def __init__(self, loader: DataLoader, batches, skip: int):
+        self._loader, self._batches, self._skip = loader, batches, skip
+        self._source = None  # started at the first next(), as a generator would
+        self._lookahead = loader.prefetch and loader.device is not None
+        self._ahead: list = []  # with the look-ahead: the next batch's outcome, loaded before this one is handed out
+        self._finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        if self._source is None:
+            self._source = self._start()
+        outcome = self._ahead.pop() if self._ahead else self._produce()
+        if self._lookahead and outcome.error is None:
+            self._ahead.append(self._produce())
+        if isinstance(outcome.error, StopIteration):
+            self._finish()
+            raise StopIteration
+        self._loader._batches_done = self._skip + outcome.handed_out
+        if outcome.error is not None:
+            # Taken out of the outcome, not kept in a local: this frame, which the traceback keeps,
+            # must not reference the error (a cycle would keep the epoch and its workers alive
+            # until the garbage collector runs, instead of until the caller drops the error).
+            raise outcome.take_error()
+        return outcome.batch
+
+    def _start(self):
+        for done in range(self._skip):  # a resumed epoch: draw the batches already seen, load none of them
+            if next(self._batches, None) is None:
+                raise self._loader._skip_error(self._skip, done)
+        stream = _IndexStream(self._batches)
+        if self._loader.num_workers:
+            return _WorkerBatches(self._loader, stream, self._skip)
+        return _SerialBatches(self._loader, stream)
+
+    def _produce(self) -> "_Outcome":
+        """The next batch (on the loader's device), or the error loading it, or StopIteration."""
+        try:
+            batch = self._source.next()
+            if self._loader.device is not None:
+                batch = move_to(batch, self._loader.device)
+        except Exception as exc:  # noqa: BLE001  (raised by __next__ when this batch's turn comes)
+            _clear_loader_frames(exc)
+            return _Outcome(None, exc, self._source.handed_out)  # returned from here: no local keeps exc
+        return _Outcome(batch, None, self._source.handed_out)
+
+    def _finish(self) -> None:
+        self._finished = True
+        self.close()
+        self._loader._in_epoch, self._loader._batches_done = False, 0
+
+    def close(self) -> None:
+        """Stop loading ahead: batches not started are cancelled; running ones are not waited for."""
+        if self._source is not None:
+            self._source.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001,S110  (interpreter shutdown: nothing left to release)
+            pass
+
+
+@dataclass
+class _Outcome:
+    """One position of an epoch: its batch or its error, and how many positions were consumed with it."""
+    batch: object
+    error: BaseException | None
+    handed_out: int
+
+    def take_error(self) -> BaseException:
+        error, self.error = self.error, None
+        return error
+
+
+class _IndexStream:
+    """The epoch's batch indices, drawn in the loop's thread (samplers need not be thread-safe).
+
+    Once the sampler (or an IterableDataset) has raised, it cannot go on: a generator is finished
+    once it raises. Every later draw raises an error that says so, instead of the StopIteration that
+    would end the epoch short without a word.
+    """
+
+    def __init__(self, batches):
+        self._batches = batches
+        self.error: str | None = None  # the error's text only: the error itself would keep a cycle
+
+    def draw(self):
+        if self.error is not None:
+            raise EngineError(f"DataLoader: drawing this epoch's indices raised {self.error}; the epoch cannot "
+                              "go on past it. Start the next epoch with iter(loader)")
+        try:
+            return next(self._batches)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+
+
+class _SerialBatches:
+    """``num_workers=0``: each batch is loaded in the loop's thread when it is asked for."""
+
+    def __init__(self, loader: DataLoader, stream: _IndexStream):
+        self._loader, self._stream = loader, stream
+        self.handed_out = 0  # positions of this epoch handed out (as a batch or as its error)
+
+    def next(self):
+        index = self._stream.draw()
+        self.handed_out += 1
+        return self._loader._fetch(_resolve(index))
+
+    def close(self) -> None:
+        pass
+
+
+class _WorkerBatches:
+    """Batches loaded by the worker threads, at most ``prefetch_factor * num_workers`` ahead, handed
+    out in the sampler's order. A failed batch is raised as soon as it fails, not when its turn comes
+    (the loop would otherwise wait for every slow batch before it to learn of an error); its
+    position is then skipped when its turn comes."""
+
+    def __init__(self, loader: DataLoader, stream: _IndexStream, first: int):
+        self._loader, self._stream = loader, stream
+        self._pool = loader._pool if loader._pool is not None else loader._start_pool()
+        self._owns_pool = self._pool is not loader._pool
+        # The loop thread's settings (default device, grad mode are per thread) go with each batch.
+        self._context = (backend.default_device(), is_grad_enabled())
+        self._window = loader.prefetch_factor * loader.num_workers
+        # (position, Task or _Failed), in order; None for a task whose error was raised ahead of its turn
+        self._pending: collections.deque = collections.deque()
+        self._next_position, self._drawing = first, True
+        self.handed_out = 0  # positions of this epoch handed out (as a batch or as its error), in order
+
+    def next(self):
+        while True:
+            self._fill()
+            if not self._pending:
+                if self._stream.error is not None:
+                    self._stream.draw()  # raises: the epoch ended at the sampler's error
+                raise StopIteration
+            position, task = self._pending[0]
+            if isinstance(task, Task):
+                self._wait_for(position, task)
+            self._pending.popleft()
+            self.handed_out += 1
+            if task is not None:
+                return self._collect(position, task)
+
+    def _fill(self) -> None:
+        while self._drawing and len(self._pending) < self._window:
+            position = self._next_position
+            try:
+                index = self._stream.draw()
+            except StopIteration:
+                self._drawing = False
+                return
+            except Exception as exc:  # noqa: BLE001  (raised in order, when its turn comes)
+                self._drawing = False
+                self._pending.append((position, _Failed(exc)))
+                return
+            self._next_position += 1
+            try:
+                index = _resolve(index)
+            except Exception as exc:  # noqa: BLE001  (a bad index fails its own batch, in order)
+                self._pending.append((position, _Failed(exc)))
+                continue
+            self._pending.append((position, self._pool.submit(self._loader._worker_task, index, self._context)))
+
+    def _wait_for(self, position: int, task: Task) -> None:
+        """Return once ``task`` is done; raise at once if a later batch failed, or on the timeout."""
+        timeout = self._loader.timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        while not task.done():
+            self._raise_failed_ahead()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise _timed_out(timeout, position, task)
+            running = [t for _, t in self._pending if isinstance(t, Task) and not t.done()]
+            concurrent.futures.wait(running, remaining, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def _raise_failed_ahead(self) -> None:
+        for k, (position, task) in enumerate(self._pending):
+            if isinstance(task, Task) and task.done() and task.exception() is not None:
+                self._pending[k] = (position, None)
+                self._collect(position, task)
+
+    @staticmethod
+    def _collect(position: int, task):
+        """The batch of a finished task, or its error named with the batch and the worker."""
+        if isinstance(task, _Failed):
+            raise task.error
+        exc = task.exception()  # not task.result(): that would put the task into exc's traceback
+        if exc is None:
+            return task.result()
+        error = _worker_error(exc, position, task.worker_id)
+        if error is exc:
+            raise error
+        raise error from exc
+
+    def close(self) -> None:
+        for _, task in self._pending:
+            if isinstance(task, Task):
+                task.cancel()  # not started yet: no worker will run it
+        self._pending.clear()
+        if self._owns_pool:
+            self._pool.close()
 
 
 class _Items(list):
@@ -391,27 +532,49 @@ class _Items(list):
 
 
 @dataclass
-class _Failed:
-    """Drawing a batch's indices raised: re-raised when that batch's turn comes."""
-    error: BaseException
+class _Chunk:
+    """The indices a sampler or batch sampler gave for batch ``number``, checked when the batch is
+    loaded: a bad index fails that batch only, and the epoch goes on (as in PyTorch)."""
+    indices: object
+    number: int
+    first: int | None  # the sampler's position of indices[0]; None: from a batch sampler
+
+    def array(self) -> np.ndarray:
+        if self.first is None and (isinstance(self.indices, (str, bytes)) or not hasattr(self.indices, "__iter__")):
+            raise EngineError(f"DataLoader: the batch sampler yielded {self.indices!r} "
+                              f"({type(self.indices).__name__}) for batch {self.number}; a batch sampler yields "
+                              "lists of int indices")
+        start = self.first or 0
+        return np.array([_sampler_index(i, start + k) for k, i in enumerate(self.indices)], dtype=np.int64)
+
+
+def _resolve(index):
+    """What ``DataLoader._fetch`` takes: a checked index array for a sampler's chunk; anything else as is."""
+    return index.array() if isinstance(index, _Chunk) else index
 
 
 @dataclass
-class WorkerInfo:
-    """What :func:`get_worker_info` returns inside a worker thread (PyTorch's fields)."""
-    id: int
-    num_workers: int
-    seed: int
-    dataset: object
+class _Failed:
+    """Drawing or checking a batch's indices raised: re-raised when that batch's turn comes."""
+    error: BaseException
 
 
-_worker = threading.local()
+def _clear_loader_frames(error: BaseException) -> None:
+    """Drop the locals of this module's finished frames in ``error``'s traceback (the lines stay).
 
-
-def get_worker_info() -> WorkerInfo | None:
-    """In a DataLoader worker thread: its :class:`WorkerInfo` (``id``, ``num_workers``, ``seed``,
-    ``dataset``); in any other thread: None. As in PyTorch."""
-    return getattr(_worker, "info", None)
+    Those frames reference the epoch or its workers (``self``, the task), and an epoch may hold the
+    error until its turn: a reference cycle, which would keep the worker threads alive until the
+    garbage collector happens to run rather than until the caller drops the error. The user's
+    frames (``__getitem__``, the sampler) keep their locals.
+    """
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == __file__:
+            try:
+                tb.tb_frame.clear()
+            except RuntimeError:  # the frame still running (the one handling the error)
+                pass
+        tb = tb.tb_next
 
 
 def _base_seed(generator) -> int:
@@ -421,9 +584,20 @@ def _base_seed(generator) -> int:
     return int(copy.deepcopy(generator).integers(0, 2**62))
 
 
-def _worker_error(exc: BaseException, position: int) -> BaseException:
-    """``exc`` with the batch it failed on in its message (its own type, so ``except`` clauses still match)."""
-    message = f"DataLoader: batch {position} failed in a worker thread: {type(exc).__name__}: {exc}"
+def _timed_out(timeout, position: int, task: Task) -> RuntimeError:
+    """PyTorch's timeout error (a RuntimeError, same words), with the batch and its worker."""
+    where = (f"worker {task.worker_id} is still loading it" if task.worker_id is not None
+             else "no worker has started it yet (all are busy with earlier batches)")
+    return RuntimeError(f"DataLoader timed out after {timeout} seconds waiting for batch {position}: {where}. "
+                        "Raise timeout= if the batch is just slow, else look for a __getitem__ or collate_fn "
+                        "that hangs")
+
+
+def _worker_error(exc: BaseException, position: int, worker_id) -> BaseException:
+    """``exc`` with the batch and worker it failed in in its message (its own type, so ``except``
+    clauses still match; PyTorch's words: "Caught X in DataLoader worker process N")."""
+    message = (f"Caught {type(exc).__name__} in DataLoader worker {worker_id} (a thread) while loading batch "
+               f"{position}: {exc}")
     try:
         wrapped = type(exc)(message)
         if type(wrapped) is type(exc) and str(wrapped) in (message, repr(message)):

@@ -178,14 +178,22 @@ class Broken(ListDataset):
         return super().__getitem__(i)
 
 
-def test_worker_error_reraises_with_its_batch_after_the_batches_before_it():
+def test_worker_error_names_its_batch_and_worker_and_the_epoch_goes_on():
     x, y = _data(20)
     before = threading.active_count()
+    expected = [list(range(k, min(k + 4, 20))) for k in range(0, 20, 4)]
+    it = iter(torch.utils.data.DataLoader(Broken(x, y), batch_size=4, num_workers=2))
     seen = []
-    with pytest.raises(ValueError, match=r"batch 3 failed in a worker.*bad sample 13") as info:
-        for xb, yb in torch.utils.data.DataLoader(Broken(x, y), batch_size=4, num_workers=2):
+    with pytest.raises(ValueError, match=r"Caught ValueError in DataLoader worker [01] .*batch 3: bad sample 13") \
+            as info:
+        for xb, yb in it:
             seen.append(yb.tolist())
-    assert len(seen) == 3 and isinstance(info.value.__cause__, ValueError)
+    assert isinstance(info.value.__cause__, ValueError)
+    # Raised as soon as it failed: the batches before it may still have been loading. next() goes
+    # on as in PyTorch, with every other batch in order and batch 3 (the failed one) left out.
+    seen += [yb.tolist() for _, yb in it]
+    assert seen == [[int(v) for v in y[i]] for k, i in enumerate(expected) if k != 3]
+    del it
     assert threading.active_count() == before
 
 
