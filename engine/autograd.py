@@ -41,25 +41,31 @@ def _grad_mode(enabled: bool):
 class no_grad(contextlib.ContextDecorator):
     """Context manager and decorator: ops inside record no graph (evaluation, optimizer steps).
 
+    The mode is per thread, as in PyTorch. The mode to restore is kept on a per-thread stack, not
+    on the instance: one decorated function runs in several threads at once, and one instance may
+    be entered again while inside it.
+
     Example:
         >>> with engine.no_grad():        # doctest: +SKIP
         ...     prediction = model(x)
     """
 
+    _enabled = False
+
     def __enter__(self):
-        self._ctx = _grad_mode(False)
-        self._ctx.__enter__()
+        saved = _mode.__dict__.setdefault("saved", [])
+        saved.append(is_grad_enabled())
+        _mode.enabled = self._enabled
 
     def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+        _mode.enabled = _mode.saved.pop()
+        return False
 
 
 class enable_grad(no_grad):
     """Re-enable graph recording inside a ``no_grad`` block."""
 
-    def __enter__(self):
-        self._ctx = _grad_mode(True)
-        self._ctx.__enter__()
+    _enabled = True
 
 
 @contextlib.contextmanager
@@ -481,6 +487,18 @@ def _check_same_device(op: str, inputs) -> None:
                           f"move them to one device with .to(device) first")
 
 
+# Gradient accumulation is a read-modify-write of ``.grad`` (and numpy releases the GIL inside a
+# large ``+=``), so concurrent backward() calls into one leaf lose updates unless it is locked, as
+# PyTorch locks each AccumulateGrad node. Locks are striped by tensor identity: no lock per tensor
+# to create or store, and two leaves share one only rarely (that costs a wait, never correctness).
+_GRAD_LOCKS = tuple(threading.Lock() for _ in range(64))  # a power of two: a mask picks one
+
+
+def grad_lock(tensor) -> threading.Lock:
+    """The lock guarding ``tensor.grad`` (and its hook list) against concurrent accumulation."""
+    return _GRAD_LOCKS[(id(tensor) >> 4) & 63]  # objects are 16-byte aligned: skip the zero bits
+
+
 _seed = threading.local()
 
 
@@ -588,14 +606,23 @@ def _propagate(roots, retain_graph: bool, stop=frozenset()) -> dict:
             for hook in tuple(getattr(tensor, "_post_grad_hooks", None) or ()):
                 hook(tensor)  # this leaf's gradient is final for this backward
             continue
-        if getattr(fn, "released", False):
-            raise GradError("backward: trying to backward through the graph a second time; its saved "
-                            "arrays were freed. Pass retain_graph=True to the first backward()")
+        # Read before backward: a backward() in another thread through this same graph may release
+        # fn meanwhile (clearing its attributes), which must raise, not drop the gradient.
+        inputs, needs = vars(fn).get("inputs"), fn.needs_input_grad
+        if inputs is None:
+            raise _second_pass_error()
         _check_saved_versions(fn)
-        input_grads = fn.backward(g)
+        try:
+            input_grads = fn.backward(g)
+        except Exception as exc:
+            if "inputs" not in vars(fn):
+                raise _second_pass_error() from exc
+            raise
+        if "inputs" not in vars(fn):  # released while it ran: what it read may be partial
+            raise _second_pass_error()
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
-        for inp, needed, gi in zip(fn.inputs, fn.needs_input_grad, input_grads):
+        for inp, needed, gi in zip(inputs, needs, input_grads):
             if not needed or gi is None:
                 continue
             if gi.shape != inp.shape:
@@ -606,6 +633,11 @@ def _propagate(roots, retain_graph: bool, stop=frozenset()) -> dict:
         if not retain_graph:
             fn.release()
     return grads
+
+
+def _second_pass_error() -> GradError:
+    return GradError("backward: trying to backward through the graph a second time (or in two threads at "
+                     "once); its saved arrays were freed. Pass retain_graph=True to the first backward()")
 
 
 def _topological_order(roots, stop=frozenset()) -> list:

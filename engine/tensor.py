@@ -11,7 +11,7 @@ import numpy as np
 from engine import backend
 from engine.autograd import Version
 from engine.autograd import backward as _run_backward
-from engine.autograd import is_grad_enabled, notify_watcher
+from engine.autograd import grad_lock, is_grad_enabled, notify_watcher
 from engine.errors import DTypeError, EngineError, GradError, describe
 
 float16, float32, float64 = np.float16, np.float32, np.float64
@@ -152,19 +152,21 @@ class Tensor:
         if not self.requires_grad:
             raise GradError(f"register_post_accumulate_grad_hook: {describe(self)} does not require grad, so "
                             "no gradient will accumulate into it")
-        hooks = getattr(self, "_post_grad_hooks", None)
-        if hooks is None:
-            hooks = self._post_grad_hooks = []
-        hooks.append(hook)
+        with grad_lock(self):  # two threads registering must not each make a list and lose one
+            hooks = getattr(self, "_post_grad_hooks", None)
+            if hooks is None:
+                hooks = self._post_grad_hooks = []
+            hooks.append(hook)
         return RemovableHandle(hooks, hook)
 
     def _accumulate_grad(self, g) -> None:
-        if self._grad is None:
-            # Copy: ``g`` may be a view shared with another tensor's gradient.
-            self._grad = Tensor(self.xp.array(g, copy=True))
-        else:
-            self._grad._data += g
-            self._grad._version.value += 1
+        with grad_lock(self):  # backward() may run in several threads at once (see grad_lock)
+            if self._grad is None:
+                # Copy: ``g`` may be a view shared with another tensor's gradient.
+                self._grad = Tensor(self.xp.array(g, copy=True))
+            else:
+                self._grad._data += g
+                self._grad._version.value += 1
 
     def detach(self) -> "Tensor":
         """The same data, cut from the graph (in-place changes to it show in this tensor's version)."""
