@@ -6,6 +6,8 @@ composite of them. Python scalars take the tensor's dtype, so float32 stays floa
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from engine import backend
@@ -173,6 +175,29 @@ class Tensor:
         t = Tensor._from_op(self._data, None)
         t._version = self._version
         return t
+
+    # ---- copying and pickling: never through the graph ----------------------------------------
+    def __deepcopy__(self, memo) -> "Tensor":
+        """A leaf's independent copy: its values, ``requires_grad`` and ``.grad`` (hooks are not
+        copied), as PyTorch. The graph is never walked: a non-leaf is refused, as PyTorch does (the
+        default deepcopy followed ``grad_fn`` through every op, a RecursionError 1,000 ops deep)."""
+        if self.grad_fn is not None:
+            raise GradError(f"deepcopy: only Tensors created explicitly by the user (graph leaves) support the "
+                            f"deepcopy protocol (as in PyTorch); {describe(self)} is the result of "
+                            f"{self.grad_fn!r}. Copy its values with .detach().clone(), or keep it in the graph "
+                            "with .clone()")
+        copied = _rebuild(type(self), copy.deepcopy(self._data, memo), self.requires_grad)
+        memo[id(self)] = copied
+        if self._grad is not None:
+            copied._grad = copy.deepcopy(self._grad, memo)
+        if hasattr(self, "__dict__"):  # a subclass's own attributes
+            copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
+
+    def __reduce_ex__(self, protocol):
+        """Pickling and ``copy.copy``: the values and ``requires_grad``, as a leaf, as PyTorch does
+        (no graph, no ``.grad``, no hooks; ``copy.copy`` shares the values)."""
+        return _rebuild, (type(self), self._data, self.requires_grad, getattr(self, "__dict__", None))
 
     # ---- devices, dtypes, host values ----------------------------------------------------------
     def to(self, target=None, dtype=None) -> "Tensor":
@@ -541,6 +566,16 @@ class Tensor:
     def softmax(self, dim=None, **kw): return ops.softmax(self, dim, **kw)
     def log_softmax(self, dim=None, **kw): return ops.log_softmax(self, dim, **kw)
     def clone(self): return ops.clone(self)
+
+
+def _rebuild(cls, data, requires_grad: bool, attributes=None) -> Tensor:
+    """A leaf of type ``cls`` over ``data`` (what unpickling, copy.copy and deepcopy make)."""
+    t = cls.__new__(cls)
+    t._data, t._grad, t.grad_fn, t._retains_grad = data, None, None, False
+    t._version, t._base, t.requires_grad = Version(), None, bool(requires_grad)
+    if attributes:
+        t.__dict__.update(attributes)
+    return t
 
 
 def _shape_arg(args) -> tuple:

@@ -46,6 +46,79 @@ def test_chain_of_10000_ops_backward_without_recursion_error():
     assert x.grad.item() == pytest.approx(1.0001 ** 10_000, rel=1e-3)
 
 
+def _chain(depth, x=None):
+    x = engine.tensor([0.5, 1.5], requires_grad=True) if x is None else x
+    y = x
+    for _ in range(depth):
+        y = y * 1.0
+    return x, y
+
+
+def test_deepcopy_of_a_non_leaf_is_refused_without_walking_the_graph():
+    """PyTorch's rule and words; the default deepcopy followed grad_fn and raised RecursionError."""
+    import copy
+
+    _, y = _chain(5_000)
+    with pytest.raises(engine.errors.GradError, match=r"only Tensors created explicitly by the user \(graph leaves\) "
+                                                       r"support the deepcopy protocol.*<MulBackward>.*detach\(\)\.clone"):
+        copy.deepcopy(y)
+    with pytest.raises(RuntimeError):  # a GradError is PyTorch's RuntimeError
+        copy.deepcopy({"activations": [y]})
+
+
+def test_deepcopy_of_a_leaf_copies_values_grad_and_requires_grad_only():
+    import copy
+
+    class Tagged(engine.Tensor):
+        pass
+
+    w = Tagged([1.0, 2.0], requires_grad=True)
+    w.tag = "embedding"
+    _, y = _chain(5_000, w)
+    y.sum().backward(retain_graph=True)  # the leaf feeds a deep graph that is still alive
+    w.register_post_accumulate_grad_hook(lambda t: None)
+    twin = copy.deepcopy(w)
+    assert type(twin) is Tagged and twin.tag == "embedding" and twin.is_leaf and twin.requires_grad
+    assert twin.grad.numpy().tolist() == [1.0, 1.0] and twin.grad is not w.grad
+    assert getattr(twin, "_post_grad_hooks", None) is None  # hooks are not copied (PyTorch neither)
+    with engine.no_grad():
+        twin.add_(1.0)
+    assert w.numpy().tolist() == [1.0, 2.0]  # independent memory
+    shared = {"a": w, "b": w}
+    copied = copy.deepcopy(shared)
+    assert copied["a"] is copied["b"]  # the memo keeps one tensor one tensor
+
+
+def test_pickle_and_copy_of_a_deep_non_leaf_give_a_leaf_as_in_pytorch(tmp_path):
+    import copy
+    import pickle
+
+    x, y = _chain(5_000)
+    for back in (pickle.loads(pickle.dumps(y)), copy.copy(y)):
+        assert back.is_leaf and back.requires_grad and back.grad is None
+        assert back.numpy().tolist() == [0.5, 1.5]
+    engine.save({"y": y}, tmp_path / "y.npz")
+    assert engine.load(tmp_path / "y.npz")["y"].numpy().tolist() == [0.5, 1.5]
+    assert repr(y).endswith("grad_fn=<MulBackward>)")  # printing reads one node only
+
+
+def test_backward_through_50000_ops_and_dropping_a_100000_deep_graph():
+    """Iterative backward; and CPython's deallocation of 100k nested nodes must not overflow the
+    C stack (run in a subprocess: a crash there fails the test instead of killing pytest)."""
+    x, y = _chain(50_000)
+    y.sum().backward()
+    assert x.grad.numpy().tolist() == [1.0, 1.0]
+    script = ("import engine\n"
+              "y = x = engine.tensor([1.0], requires_grad=True)\n"
+              "for _ in range(100_000):\n"
+              "    y = (y * 1.0).exp()\n"
+              "del y\n"
+              "print('dropped')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0 and done.stdout.strip() == "dropped", done.stderr[-2000:]
+
+
 def test_diamond_graph_visits_each_node_once():
     x = engine.tensor([1.5], requires_grad=True)
     h = x.exp()
