@@ -45,8 +45,8 @@ def test_transformer_learns_to_sort_sequences():
     head = nn.Linear(64, digits)
     params = list(encoder.parameters()) + list(head.parameters())
     opt = optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    for step in range(200):
-        batch = train[rng.integers(0, len(train), 64)]
+    for step in range(300):  # 200 left seed 0 at 0.90-0.997 depending on the CPU's BLAS kernels; 300 gives
+        batch = train[rng.integers(0, len(train), 64)]  # 1.000 / 1.000 / 0.999 for seeds 0 / 1 / 2
         logits = head(encoder(engine.tensor(batch)))
         loss = F.cross_entropy(logits.reshape(-1, digits), engine.tensor(np.sort(batch, axis=1)).reshape(-1))
         opt.zero_grad()
@@ -56,7 +56,7 @@ def test_transformer_learns_to_sort_sequences():
         predicted = head(encoder(engine.tensor(held_out))).numpy().argmax(-1)
     accuracy = (predicted == np.sort(held_out, axis=1)).mean()  # token accuracy
     print(f"sorting: held-out token accuracy {accuracy:.3f} on {len(held_out)} sequences")
-    assert accuracy >= 0.95, f"held-out token accuracy {accuracy:.3f} after 200 steps (loss {loss.item():.3f})"
+    assert accuracy >= 0.95, f"held-out token accuracy {accuracy:.3f} after 300 steps (loss {loss.item():.3f})"
 
 
 class BertClassifier(nn.Module):
