@@ -1004,7 +1004,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     dims over 128).
 
     A query row that may attend to no key (every mask entry False or -inf) gets an output of
-    zeros and no gradient, on both paths. PyTorch returns NaN there; zeros are what padding needs.
+    zeros and no gradient, on both paths, as in PyTorch. NaN and inf in the inputs or in a float
+    mask propagate as in PyTorch (a NaN score makes its row NaN; see docs/kernels/attention.md).
 
     Args:
         query: (..., L, E).

@@ -28,7 +28,11 @@ keys j <= i), applied on top of ``mask``.
 
 **Fully masked rows.** A query row that sees no key (every s_ij = -inf: a padding row, or S = 0)
 gets ``out_i = 0`` and ``lse_i = -inf``, and contributes nothing to any gradient (dq_i = 0, and
-nothing to dk, dv). PyTorch's math path returns NaN there; zeros are what padding needs.
+nothing to dk, dv), as PyTorch (>= 2.5) gives.
+
+**NaN and inf** propagate as in PyTorch: a NaN or +inf score makes its row's out and lse NaN;
+P = 0 times a non-finite v (forward) or dP - D (backward) is NaN; with ``causal`` a row never
+reads the scores of keys j > i. docs/kernels/attention.md has the rules.
 
 ``numpy`` is the plain reference (it materialises the B x L x S scores). ``numba_cpu`` never
 does: see :func:`_numba_kernels`. Both call :func:`validate_forward` / :func:`validate_backward`
@@ -211,13 +215,13 @@ def attention_forward_numpy(q, k, v, mask=None, *, scale=None, causal=False):
         return empty_forward(spec, np)
     s = _scores(q, k, mask, spec)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        m = s.max(axis=-1, keepdims=True)
+        m = s.max(axis=-1, keepdims=True)  # NaN for a row with a NaN score: the NaN propagates below
         m = np.where(np.isneginf(m), spec.dtype.type(0), m)  # a fully masked row: exp(-inf) = 0 below
-        e = np.exp(s - m)
+        e = np.exp(s - m)  # a +inf score: exp(inf - inf) = NaN, as in PyTorch
         total = e.sum(axis=-1, keepdims=True)
         lse = (m + np.log(total))[..., 0]  # log 0 = -inf for a fully masked row
-        p = np.where(total > 0, e / total, spec.dtype.type(0))
-    out = np.matmul(p, v)
+        p = e / np.where(total == 0, spec.dtype.type(1), total)  # fully masked: P = 0 (NaN total stays NaN)
+        out = np.matmul(p, v)  # 0 * inf = NaN: a non-finite v reaches every row, masked or not, as in PyTorch
     return out.astype(spec.dtype, copy=False), lse.astype(spec.dtype, copy=False)
 
 
@@ -227,15 +231,15 @@ def attention_backward_numpy(grad_out, q, k, v, out, lse, mask=None, *, scale=No
         return empty_backward(spec, np)
     dt = spec.dtype.type
     s = _scores(q, k, mask, spec)
-    with np.errstate(invalid="ignore"):
-        visible = ~np.isneginf(lse)[..., None]  # rows that saw some key; the others get no gradient
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs propagate as NaN, not warnings
+        visible = ~np.isneginf(lse)[..., None]  # rows that saw some key; the others have P = 0
         p = np.where(visible, np.exp(s - np.where(visible, lse[..., None], dt(0))), dt(0))
-    d = (grad_out * out).sum(axis=-1, keepdims=True)
-    dp = np.matmul(grad_out, v.transpose(0, 2, 1))
-    ds = p * (dp - d)
-    dq = np.matmul(ds, k) * dt(spec.scale)
-    dk = np.matmul(ds.transpose(0, 2, 1), q) * dt(spec.scale)
-    dv = np.matmul(p.transpose(0, 2, 1), grad_out)
+        d = (grad_out * out).sum(axis=-1, keepdims=True)
+        dp = np.matmul(grad_out, v.transpose(0, 2, 1))
+        ds = p * (dp - d)  # P = 0 times a NaN dP - D is NaN, as in PyTorch
+        dq = np.matmul(ds, k) * dt(spec.scale)
+        dk = np.matmul(ds.transpose(0, 2, 1), q) * dt(spec.scale)
+        dv = np.matmul(p.transpose(0, 2, 1), grad_out)
     return tuple(a.astype(spec.dtype, copy=False) for a in (dq, dk, dv))
 
 
@@ -566,8 +570,9 @@ def _numba_kernels(parallel: bool):
                             srow[jj] = neg_inf
                     m_old = row_max[r]
                     m_new = max(m_old, _nb_tile_max(srow, nk))
-                    if m_new == neg_inf:  # nothing visible yet
-                        prow[:nk] = 0
+                    if m_new == neg_inf:  # nothing visible yet: exps 0, NaN for a NaN score (it must propagate)
+                        _nb_exp_shift(srow, nk, q.dtype.type(0), fast_exp, prow)
+                        row_sum[r] += _nb_tile_sum(prow, nk)
                         continue
                     if m_new > m_old:
                         alpha = np.exp(m_old - m_new)  # 0 while the row was empty (m_old = -inf)
@@ -581,16 +586,16 @@ def _numba_kernels(parallel: bool):
                 for g in range(0, nq, 4):
                     _nb_gemm4(pt, g, 0, vb, j0, acc, g, nk, nev)
             for r in range(nq):
-                total = row_sum[r]
-                if total > 0:
+                total = row_sum[r]  # NaN when a score was NaN or +inf: out and lse NaN, as in PyTorch
+                if total == 0:  # fully masked row: out = sum 0 * v (0, NaN where v is not finite), lse -inf
+                    for x in range(nev):
+                        out[b, i0 + r, x] = acc[r, x]
+                    lse[b, i0 + r] = neg_inf
+                else:
                     inv = 1 / total
                     for x in range(nev):
                         out[b, i0 + r, x] = acc[r, x] * inv
                     lse[b, i0 + r] = row_max[r] + np.log(total)
-                else:  # fully masked row: output 0, lse -inf (no gradient flows through it)
-                    for x in range(nev):
-                        out[b, i0 + r, x] = 0
-                    lse[b, i0 + r] = neg_inf
 
     @jit
     def backward(grad_out, q, k, kt, vt, out, lse, mask, has_mask, mask_per_batch, mask_per_row, scale, causal,
@@ -634,18 +639,21 @@ def _numba_kernels(parallel: bool):
                         i = g0 + r
                         li = lse[b, i]
                         srow, prow, dsrow = st[r], pt[r], dpt[r]
-                        if li == neg_inf:  # fully masked or padded row: no gradient
+                        if i >= nl:  # padding row: no gradient
                             prow[:nk] = 0
                             dsrow[:nk] = 0
                             continue
-                        if has_mask:
-                            mrow = mb[min(i, nl - 1) if mask_per_row else 0]
-                            for jj in range(nk):
-                                srow[jj] += mrow[j0 + jj]
-                        if causal:
-                            for jj in range(max(0, i + 1 - j0), nk):
-                                srow[jj] = neg_inf
-                        _nb_exp_shift(srow, nk, li, fast_exp, prow)
+                        if li == neg_inf:  # fully masked row: P = 0; dS = 0 (dP - D) is NaN only where
+                            prow[:nk] = 0  # dP or D is (a non-finite v or dO), as in PyTorch
+                        else:
+                            if has_mask:
+                                mrow = mb[min(i, nl - 1) if mask_per_row else 0]
+                                for jj in range(nk):
+                                    srow[jj] += mrow[j0 + jj]
+                            if causal:
+                                for jj in range(max(0, i + 1 - j0), nk):
+                                    srow[jj] = neg_inf
+                            _nb_exp_shift(srow, nk, li, fast_exp, prow)
                         di = d[b, i]
                         for jj in range(nk):
                             dsrow[jj] = prow[jj] * (dsrow[jj] - di) * scale

@@ -26,7 +26,9 @@
 //                     the host). Atomics only for dq: the alternative, a second kernel over query
 //                     tiles, recomputes P and dP (two more of the five matrix products); float
 //                     atomics make dq's last bits depend on the order the blocks finish in.
-// A row that sees no key (lse = -inf) gets out 0 and no gradient; -inf scores give p = 0.
+// A row that sees no key (lse = -inf) gets out 0 and no gradient; -inf scores give p = 0. NaN and
+// inf propagate as in PyTorch (see docs/kernels/attention.md): a NaN or +inf score makes its row
+// NaN, and P = 0 times a non-finite v (or dP - D) is NaN.
 // No fast-math: expf / logf are the accurate library versions.
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -59,8 +61,13 @@ __device__ __forceinline__ void stage(float* dst, const float* src, int r0, int 
     }
 }
 
-__device__ __forceinline__ float score_bias(const Args& a, int b, int i, int j) {
-    if (a.causal && j > i) return NEG_INF;
+// Whether row i reads key j: both in range and, when causal, j <= i. A key a row does not read
+// never reaches it, whatever its value (NaN included), as in the CPU impls.
+__device__ __forceinline__ bool reads(const Args& a, int i, int j) {
+    return i < a.L && j < a.S && !(a.causal && j > i);
+}
+
+__device__ __forceinline__ float mask_at(const Args& a, int b, int i, int j) {
     return a.has_mask ? a.mask[b * a.mask_bs + i * a.mask_ls + j] : 0.f;
 }
 
@@ -99,18 +106,20 @@ __device__ __forceinline__ void attn_fwd(const Args& a) {
             float d = 0.f;
 #pragma unroll 8
             for (int x = 0; x < HD; ++x) d += qs[row * (HD + 1) + x] * ks[jj * (HD + 1) + x];
-            s[t] = (i < a.L && j < a.S) ? d * a.scale + score_bias(a, b, i, j) : NEG_INF;
+            s[t] = reads(a, i, j) ? fmaf(d, a.scale, mask_at(a, b, i, j)) : NEG_INF;
             tile_max = fmaxf(tile_max, s[t]);
         }
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         const float m_new = fmaxf(m, tile_max);
+        // fmaxf skips NaN: a NaN score makes its p, and so the row's sum and output, NaN below.
         const bool empty = m_new == NEG_INF;  // nothing visible to this row yet
         const float alpha = empty ? 1.f : expf(m - m_new);
+        const float shift = empty ? 0.f : m_new;  // empty: p = exp(-inf) = 0, or NaN for a NaN score
         float part = 0.f;
 #pragma unroll
         for (int t = 0; t < KPL; ++t) {
-            const float p = empty ? 0.f : expf(s[t] - m_new);
+            const float p = expf(s[t] - shift);
             ps[row * BK + lane + 4 * t] = p;
             part += p;
         }
@@ -128,14 +137,15 @@ __device__ __forceinline__ void attn_fwd(const Args& a) {
         }
     }
     if (i >= a.L) return;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    // l = 0: fully masked, out = sum 0 * v (0, or NaN where v is not finite); l NaN: out, lse NaN.
+    const float inv = l == 0.f ? 1.f : 1.f / l;
     float* orow = a.o + ((long long)b * a.L + i) * a.Ev;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
         const int x = lane + 4 * c;
         if (x < a.Ev) orow[x] = acc[c] * inv;
     }
-    if (lane == 0) a.lse_out[(long long)b * a.L + i] = l > 0.f ? m + logf(l) : NEG_INF;
+    if (lane == 0) a.lse_out[(long long)b * a.L + i] = l == 0.f ? NEG_INF : m + logf(l);
 }
 
 template <int HD>
@@ -186,10 +196,13 @@ __device__ __forceinline__ void attn_bwd(const Args& a) {
             float p = 0.f, ds = 0.f;
             if (i < a.L && j < a.S) {
                 const float li = a.lse[(long long)b * a.L + i];
-                const float x = s * a.scale + score_bias(a, b, i, j);
+                const float x = reads(a, i, j) ? fmaf(s, a.scale, mask_at(a, b, i, j)) : NEG_INF;  // as attn_fwd
                 if (li != NEG_INF && x != NEG_INF) {
                     p = expf(x - li);
                     ds = p * (dp - a.rowdot[(long long)b * a.L + i]) * a.scale;
+                } else {
+                    const float g = dp - a.rowdot[(long long)b * a.L + i];
+                    if (!(fabsf(g) <= 3.4e38f)) ds = g - g;  // P = 0 times a non-finite dP - D: NaN, as PyTorch
                 }
             }
             if (lane == (r & 3)) {

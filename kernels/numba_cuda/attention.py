@@ -72,9 +72,11 @@ def forward_kernel(q, k, v, mask, has_mask, mask_per_batch, mask_per_row, scale,
                 s = s * scale
                 if has_mask:
                     s += mask[mb, mi, j]
-                if s == NEG_INF:
+                if s == NEG_INF:  # masked: p = 0, but 0 * v is NaN for a non-finite v (PyTorch's P @ V)
+                    for x in range(nev):
+                        acc[x] += ZERO * vs[jj, x]
                     continue
-                if s > m:  # new max: rescale what is summed so far (0 while nothing was seen)
+                if s > m:  # new max (a NaN score never is: its p below is NaN, and so is the row): rescale what is summed so far (0 while nothing was seen)
                     alpha = math.exp(m - s)
                     total = total * alpha
                     for x in range(nev):
@@ -85,15 +87,15 @@ def forward_kernel(q, k, v, mask, has_mask, mask_per_batch, mask_per_row, scale,
                 for x in range(nev):
                     acc[x] += p * vs[jj, x]
     if i < nl:
-        if total > ZERO:
+        if total == ZERO:  # fully masked row: out = sum 0 * v (0, or NaN where v is not finite)
+            for x in range(nev):
+                out[b, i, x] = acc[x]
+            lse[b, i] = NEG_INF
+        else:  # total NaN (a NaN or +inf score): out and lse NaN, as in PyTorch
             inv = ONE / total
             for x in range(nev):
                 out[b, i, x] = acc[x] * inv
             lse[b, i] = m + math.log(total)
-        else:  # fully masked row
-            for x in range(nev):
-                out[b, i, x] = ZERO
-            lse[b, i] = NEG_INF
 
 
 @cuda.jit
@@ -142,7 +144,7 @@ def dkdv_kernel(grad_out, q, k, v, lse, rowdot, mask, has_mask, mask_per_batch, 
             for ii in range(min(nt, nl - i0)):
                 i = i0 + ii
                 li = ls[ii]
-                if li == NEG_INF or (causal and j > i):
+                if causal and j > i:
                     continue
                 s = ZERO
                 dp = ZERO
@@ -153,8 +155,8 @@ def dkdv_kernel(grad_out, q, k, v, lse, rowdot, mask, has_mask, mask_per_batch, 
                 s = s * scale
                 if has_mask:
                     s += mask[mb, i if mask_per_row else 0, j]
-                p = math.exp(s - li)
-                ds = p * (dp - ds_[ii]) * scale
+                p = ZERO if li == NEG_INF else math.exp(s - li)  # fully masked row: P = 0
+                ds = p * (dp - ds_[ii]) * scale  # 0 times a NaN dP - D stays NaN, as in PyTorch
                 for x in range(nev):
                     dva[x] += p * dos[ii, x]
                 for x in range(ne):
@@ -192,7 +194,7 @@ def dq_kernel(grad_out, q, k, v, lse, rowdot, mask, has_mask, mask_per_batch, ma
             for x in range(nev):
                 vs[t, x] = v[b, j, x]
         cuda.syncthreads()
-        if i < nl and li != NEG_INF:
+        if i < nl:
             for jj in range(min(nt, ns - j0)):
                 j = j0 + jj
                 if causal and j > i:
@@ -206,8 +208,8 @@ def dq_kernel(grad_out, q, k, v, lse, rowdot, mask, has_mask, mask_per_batch, ma
                 s = s * scale
                 if has_mask:
                     s += mask[mb, mi, j]
-                p = math.exp(s - li)
-                ds = p * (dp - d_i) * scale
+                p = ZERO if li == NEG_INF else math.exp(s - li)  # fully masked row: P = 0
+                ds = p * (dp - d_i) * scale  # 0 times a NaN dP - D stays NaN, as in PyTorch
                 for x in range(ne):
                     dqa[x] += ds * ks[jj, x]
     if i < nl:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import kernels
-from tests.kernels.test_attention import assert_close_to_numpy, make_case, make_mask
+from tests.kernels.test_attention import (NONFINITE_CASES, assert_close_to_numpy, assert_nonfinite_like_reference,
+                                          make_case, make_mask, torch_like_reference)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -35,3 +36,8 @@ def test_head_dim_over_128_is_refused():
     q, k, v = make_case(1, 2, 2, 129, 3)
     with pytest.raises(kernels.KernelError, match="limit of 128"):
         kernels.attention_forward(q, k, v, impl="numba_cuda")
+
+
+@pytest.mark.parametrize("name", NONFINITE_CASES)
+def test_nan_and_inf_propagate_as_in_torch(name):
+    assert_nonfinite_like_reference("numba_cuda", name, torch_like_reference)

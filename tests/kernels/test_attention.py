@@ -378,3 +378,106 @@ def test_cupy_grid_over_the_limit_is_refused():
     assert cu.launch_grid(70000, 33, 32, "attention_forward") == (70000, 2)
     with pytest.raises(KernelError, match="over CUDA's limits"):
         cu.launch_grid(4, 32 * 65535 + 1, 32, "attention_forward")
+
+
+# ---- NaN and inf: propagated as in PyTorch, never turned into a zero row ---------------------------
+
+def _poison(name):
+    """(q, k, v, mask, causal) for one non-finite case: B = 1, L = 5, S = 70 (two numba_cpu key
+    tiles), a NaN or inf at one place. Keys 3 and 66 are masked out for every row in the masked
+    cases, row 2 sees no key in the fully masked ones."""
+    q, k, v = make_case(1, 5, 70, 4, 3, seed=21)
+    mask = np.zeros((1, 5, 70), np.float32)
+    where = {
+        "nan_q": (q, (0, 1, 2), np.nan), "inf_q": (q, (0, 1, 2), np.inf),
+        "nan_k": (k, (0, 66, 1), np.nan), "inf_k": (k, (0, 2, 1), -np.inf),
+        "nan_v": (v, (0, 66, 1), np.nan), "inf_v": (v, (0, 2, 1), np.inf),
+        "nan_mask": (mask, (0, 1, 3), np.nan), "inf_mask": (mask, (0, 1, 67), np.inf),
+    }
+    masked_keys = name.startswith("masked_key") or name.startswith("full_row")
+    if masked_keys:
+        mask[..., [3, 66]] = -np.inf
+    if name.startswith("full_row"):
+        mask[0, 2] = -np.inf
+    extra = {"masked_key_nan_v": (v, (0, 66, 0), np.nan), "masked_key_nan_k": (k, (0, 3, 0), np.nan),
+             "full_row": None, "full_row_nan_v": (v, (0, 66, 0), np.nan), "full_row_nan_q": (q, (0, 2, 0), np.nan),
+             "full_row_nan_mask": (mask, (0, 2, 9), np.nan), "causal_nan_q": (q, (0, 1, 2), np.nan),
+             "causal_nan_k": (k, (0, 2, 1), np.nan)}
+    target = {**where, **extra}[name]
+    if target is not None:
+        array, index, value = target
+        array[index] = value
+    causal = name.startswith("causal")
+    uses_mask = name.endswith("_mask") or masked_keys
+    return q, k, v, (mask if uses_mask else None), causal
+
+
+NONFINITE_CASES = ["nan_q", "inf_q", "nan_k", "inf_k", "nan_v", "inf_v", "nan_mask", "inf_mask", "masked_key_nan_v",
+                   "masked_key_nan_k", "full_row", "full_row_nan_v", "full_row_nan_q", "full_row_nan_mask",
+                   "causal_nan_q", "causal_nan_k"]
+
+
+def assert_same_nonfinite(got, want, what):
+    """Equal NaN and inf positions, and close finite values."""
+    assert got.shape == want.shape, what
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{what}: NaN positions")
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=f"{what}: inf positions")
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-4, atol=2e-5, err_msg=what)
+
+
+def torch_attention(q, k, v, mask, causal, grad_out):
+    """PyTorch's (out, dq, dk, dv) for (B, L, E) arrays: scaled_dot_product_attention on the CPU."""
+    torch = pytest.importorskip("torch")
+    leaves = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *leaves, attn_mask=None if mask is None else torch.tensor(mask), is_causal=causal)
+    out.backward(torch.tensor(grad_out))
+    return [out.detach().numpy()] + [t.grad.numpy() for t in leaves]
+
+
+def assert_nonfinite_like_reference(impl, name, reference):
+    """``impl``'s forward and backward on case ``name`` against ``reference`` (out, dq, dk, dv).
+
+    With causal=True, dq must be NaN at least where the reference's is, and dk / dv are not
+    compared: whether a non-finite value reaches the gradients of pairs the causal mask hides
+    (0 * NaN in a tile's product, or a whole key tile skipped) depends on the tiling, as between
+    PyTorch's own math path and flash kernel.
+    """
+    q, k, v, mask, causal = _poison(name)
+    out, lse = run(impl, "attention_forward", q, k, v, mask, scale=0.5, causal=causal)
+    grad_out = np.random.default_rng(5).standard_normal(out.shape).astype(np.float32)
+    grads = run(impl, "attention_backward", grad_out, q, k, v, out, lse, mask, scale=0.5, causal=causal)
+    want = reference(q, k, v, mask, causal, grad_out)
+    assert_same_nonfinite(out, want[0], f"{impl} {name} out")
+    for what, got, expected in list(zip(("dq", "dk", "dv"), grads, want[1:]))[:1 if causal else 3]:
+        if causal:
+            assert np.isnan(got)[np.isnan(expected)].all(), f"{impl} {name} {what}: NaN turned into numbers"
+        else:
+            assert_same_nonfinite(got, expected, f"{impl} {name} {what}")
+    return out, lse
+
+
+def torch_like_reference(q, k, v, mask, causal, grad_out):
+    """PyTorch's results, except that with causal=True a row never sees a key j > i,
+    whatever its value: there the rows before the poisoned key are PyTorch's with that key made
+    finite (its math path adds -inf to the NaN score, NaN, and poisons every row; its flash
+    kernel does not)."""
+    want = torch_attention(q, k, v, mask, causal, grad_out)
+    if causal and not np.isfinite(k).all():
+        clean = torch_attention(q, np.nan_to_num(k), v, mask, causal, grad_out)
+        first_bad = int(np.argmax(~np.isfinite(k[0]).all(axis=-1)))
+        for got, fixed in zip(want[:2], clean[:2]):  # out and dq
+            got[:, :first_bad] = fixed[:, :first_bad]
+    return want
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS + GPU_IMPLS)
+@pytest.mark.parametrize("name", NONFINITE_CASES)
+def test_nan_and_inf_propagate_as_in_torch(impl, name):
+    out, lse = assert_nonfinite_like_reference(impl, name, torch_like_reference)
+    nan_rows = np.isnan(out).all(axis=-1)
+    assert nan_rows.any() or name in ("full_row", "full_row_nan_v", "nan_v", "inf_v", "masked_key_nan_v")
+    np.testing.assert_array_equal(np.isnan(lse), nan_rows)  # a NaN row has a NaN lse, never -inf
+    if name in ("full_row", "full_row_nan_v"):
+        assert np.isneginf(lse[0, 2])  # still fully masked: P = 0 (out 0, or NaN from 0 * NaN v)
