@@ -21,6 +21,7 @@ from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, ta
 from engine.ops import fused_enabled, fused_kernels  # noqa: F401  (public API; ops.GELU reads it too)
 from engine.tensor import Tensor
 from kernels.cpu.attention import GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
+from kernels.cpu.attention import default_scale as _attention_default_scale
 
 def _use_fused(fused: bool | None) -> bool:
     return fused_enabled() if fused is None else fused
@@ -1018,7 +1019,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             (pass 0 in evaluation, as PyTorch's callers do: this function has no training flag).
         is_causal: query i attends to keys j <= i (top-left aligned, ``ones(L, S).tril()``);
             must not be combined with ``attn_mask`` (PyTorch raises too).
-        scale: the score scale; None means ``1 / sqrt(E)``.
+        scale: the score scale; None means ``1 / sqrt(E)`` (for E = 0 every score is 0 and the
+            output is the mean of value over the keys a row sees, as in PyTorch).
         enable_gqa: grouped-query attention: query has Hq heads in dim -3, key/value H heads with
             Hq a multiple of H; each key/value head serves Hq / H query heads.
         fused: use the attention kernel where it applies (default: ``fused_enabled()``).
@@ -1048,7 +1050,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     batch = _attention_batch(op, q, k, v)
     length, keys = q.shape[-2], k.shape[-2]
     bias = _attention_bias(op, attn_mask, q, batch, length, keys)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _attention_default_scale(q.shape[-1]) if scale is None else float(scale)
     if _use_fused(fused) and dropout_p == 0.0 and _attention_kernel_takes(q, v, bias):
         return _attention_fused(q, k, v, bias, scale, bool(is_causal), batch)
     return attention_unfused(q, k, v, bias, scale, bool(is_causal), dropout_p)[0]
@@ -1174,11 +1176,10 @@ def attention_unfused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scal
     """
     xp = q.xp
     length, keys = q.shape[-2], k.shape[-2]
-    if keys == 0 or length == 0:  # nothing to attend to (or no query): zeros, as the kernel gives
-        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-        weights = Tensor(xp.zeros(tuple(batch) + (length, keys), dtype=q.dtype))
-        return ops.matmul(weights, v), weights
     scores = ops.matmul(q, ops.transpose(k, -2, -1)) * scale
+    if keys == 0 or length == 0:  # nothing to attend to (or no query): zeros, as the kernel gives;
+        weights = scores * 0.0  # from the scores, so that q, k and v get (zero) gradients as in PyTorch
+        return ops.matmul(weights, v), weights
     if bias is not None:
         scores = scores + bias
     if causal:

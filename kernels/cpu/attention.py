@@ -87,6 +87,13 @@ class AttentionSpec:
         return (0 if self.mask_b == 1 else self.mask_l * self.s), (0 if self.mask_l == 1 else self.s)
 
 
+def default_scale(e: int) -> float:
+    """PyTorch's default score scale 1 / sqrt(E); 1 for E = 0, where every score is 0 whatever the
+    scale (an empty dot product) and the output is the mean of v over the keys a row sees, as in
+    PyTorch."""
+    return 1.0 / math.sqrt(e) if e else 1.0
+
+
 def _fail(op, arrays, what):
     described = ", ".join(_describe(n, a) for n, a in arrays.items())
     raise KernelError(f"{op}({described}): {what}")
@@ -112,8 +119,6 @@ def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
     s, ev = int(k.shape[1]), int(v.shape[2])
     if k.shape[0] != b or v.shape[0] != b or k.shape[2] != e or v.shape[1] != s:
         _fail(op, arrays, "shapes do not agree: need q (B, L, E), k (B, S, E), v (B, S, Ev)")
-    if e < 1 or ev < 1:
-        _fail(op, arrays, "head dims E and Ev must be at least 1")
     mask_b = mask_l = 0
     if mask is not None:
         if mask.ndim != 3:
@@ -130,7 +135,7 @@ def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
                     "broadcasts it without copying)") if name == "mask" else ""
             _fail(op, arrays, f"{name} is not C-contiguous; pass a contiguous array{hint}")
     if scale is None:
-        scale = 1.0 / math.sqrt(e)  # PyTorch's default
+        scale = default_scale(e)
     try:
         scale = float(scale)
     except (TypeError, ValueError):

@@ -41,3 +41,9 @@ def test_head_dim_over_128_is_refused():
 @pytest.mark.parametrize("name", NONFINITE_CASES)
 def test_nan_and_inf_propagate_as_in_torch(name):
     assert_nonfinite_like_reference("numba_cuda", name, torch_like_reference)
+
+
+def test_zero_head_dims():
+    from tests.kernels.test_attention import test_zero_head_dims as check
+
+    check("numba_cuda")

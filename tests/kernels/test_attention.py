@@ -481,3 +481,31 @@ def test_nan_and_inf_propagate_as_in_torch(impl, name):
     np.testing.assert_array_equal(np.isnan(lse), nan_rows)  # a NaN row has a NaN lse, never -inf
     if name in ("full_row", "full_row_nan_v"):
         assert np.isneginf(lse[0, 2])  # still fully masked: P = 0 (out 0, or NaN from 0 * NaN v)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS + GPU_IMPLS)
+def test_zero_head_dims(impl):
+    """E = 0: every score is 0 (plus the mask), so out is the mean of v over the keys a row sees and
+    lse = log(their count), as PyTorch gives; the default scale (1 / sqrt(0)) is not used. Ev = 0:
+    an empty out with the same lse."""
+    b, l, s = 2, 3, 5
+    mask = np.zeros((b, 1, s), np.float32)
+    mask[1, 0, 3:] = -np.inf  # batch row 1 sees keys 0..2
+    seen = np.array([s, 3])[:, None]
+    q, k, v = make_case(b, l, s, 0, 4)
+    out, lse = run(impl, "attention_forward", q, k, v, mask)
+    want = np.stack([v[0].mean(axis=0), v[1, :3].mean(axis=0)])[:, None].repeat(l, axis=1)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, np.log(seen).repeat(l, axis=1), rtol=1e-6)
+    grad_out = np.ones_like(out)
+    dq, dk, dv = run(impl, "attention_backward", grad_out, q, k, v, out, lse, mask)
+    assert dq.shape == (b, l, 0) and dk.shape == (b, s, 0)
+    want_dv = np.where(np.isneginf(mask[:, 0, :, None]), 0, l / seen[..., None]) * np.ones((1, 1, 4))
+    np.testing.assert_allclose(dv, want_dv, rtol=1e-5)
+    q, k, v = make_case(b, l, s, 2, 0)
+    out0, lse0 = run(impl, "attention_forward", q, k, v, mask, causal=True)
+    ref_lse = reference(q, np.ascontiguousarray(k), v, mask, scale=2 ** -0.5, causal=True)[1]
+    assert out0.shape == (b, l, 0)
+    np.testing.assert_allclose(lse0, ref_lse, rtol=1e-5, atol=1e-6)
+    dq, dk, dv = run(impl, "attention_backward", np.ones_like(out0), q, k, v, out0, lse0, mask, causal=True)
+    assert not dq.any() and not dk.any() and dv.shape == (b, s, 0)  # no output, so no gradient

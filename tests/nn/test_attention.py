@@ -277,3 +277,32 @@ def test_layer_norm_fused_calls_the_kernel_on_rows(rng, monkeypatch):
     with F.fused_kernels(False):
         F.layer_norm(x, (4, 5))
     assert shapes == [(6, 20)]
+
+
+@pytest.mark.parametrize("case", ["E=0", "E=0 scale", "E=0 mask", "E=0 causal", "Ev=0", "E=Ev=0", "S=0", "L=0",
+                                  "B=0", "S=0 causal"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_sdpa_zero_sized_dims_match_torch(rng, case, fused):
+    """E = 0: every score is 0 (the default scale 1 / sqrt(0) is not used), so the output is the
+    mean of v over the keys each row sees; S = 0 gives zeros, L = 0 and B = 0 empty outputs."""
+    torch = pytest.importorskip("torch")
+    b, l, s, e, ev = {"Ev=0": (1, 3, 4, 2, 0), "E=Ev=0": (1, 3, 4, 0, 0), "S=0": (1, 3, 0, 2, 2),
+                      "S=0 causal": (1, 3, 0, 2, 2), "L=0": (1, 0, 4, 2, 2), "B=0": (0, 3, 4, 2, 2)}.get(case, (2, 3, 4, 0, 2))
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in ((b, l, e), (b, s, e), (b, s, ev))]
+    kw = {"scale": 0.5} if "scale" in case else {"is_causal": True} if "causal" in case else {}
+    mask = None
+    if "mask" in case:
+        mask = np.array([[True, False, True, True]] * l)
+        mask[1] = False  # a fully masked row: zeros
+    leaves = [torch.tensor(a, requires_grad=True) for a in arrays]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *leaves, attn_mask=None if mask is None else torch.tensor(mask), **kw)
+    want.sum().backward()
+    tensors = [_t(a, requires_grad=True) for a in arrays]
+    got = F.scaled_dot_product_attention(*tensors, attn_mask=None if mask is None else _t(mask, dtype=None),
+                                         fused=fused, **kw)
+    got.sum().backward()
+    np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(tensors, leaves):
+        assert mine.grad is not None and mine.grad.shape == mine.shape
+        np.testing.assert_allclose(mine.grad.numpy(), theirs.grad.numpy(), rtol=1e-5, atol=1e-6)
