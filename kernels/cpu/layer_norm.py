@@ -30,7 +30,6 @@ does not import numba: the jitted code is built on first use.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,13 +124,12 @@ def validate_layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weigh
 
 
 def _eps(value) -> float:
+    """eps as a float. Any real value is taken, as PyTorch does: eps = 0 on a constant row gives
+    rstd = 1 / sqrt(0) = inf and y = 0 * inf = NaN, a negative eps above the variance NaN too."""
     try:
-        eps = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise KernelError(f"{FORWARD}: eps must be a real number, got {value!r}") from None
-    if not (math.isfinite(eps) and eps >= 0):
-        raise KernelError(f"{FORWARD}: eps must be finite and >= 0, got {value!r}")
-    return eps
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,8 +145,9 @@ def layer_norm_forward_numpy(x, weight=None, bias=None, *, eps=1e-5):
     mean = x.mean(axis=1, dtype=dt)
     centered = x - mean[:, None]
     var = (centered * centered).mean(axis=1, dtype=dt)
-    rstd = (dt.type(1) / np.sqrt(var + dt.type(spec.eps))).astype(dt, copy=False)
-    y = centered * rstd[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):  # var + eps <= 0: inf or NaN, as PyTorch
+        rstd = (dt.type(1) / np.sqrt(var + dt.type(spec.eps))).astype(dt, copy=False)
+        y = centered * rstd[:, None]
     if weight is not None:
         y *= weight
     if bias is not None:
@@ -159,17 +158,18 @@ def layer_norm_forward_numpy(x, weight=None, bias=None, *, eps=1e-5):
 def layer_norm_backward_numpy(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True):
     spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
     dt = spec.dtype
-    xhat = (x - mean[:, None]) * rstd[:, None]
-    g = grad_y * weight if weight is not None else grad_y
-    if spec.n:
-        mean_g = g.mean(axis=1, dtype=dt, keepdims=True)
-        mean_gx = (g * xhat).mean(axis=1, dtype=dt, keepdims=True)
-    else:
-        mean_g = mean_gx = np.zeros((0, 1), dt)
-    dx = (rstd[:, None] * (g - mean_g - xhat * mean_gx)).astype(dt, copy=False)
-    if not spec.weight_grads:
-        return dx, None, None
-    dweight = (grad_y * xhat).sum(axis=0, dtype=dt)
+    with np.errstate(invalid="ignore"):  # 0 * inf where rstd = inf (eps = 0, constant row): NaN, as PyTorch
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        g = grad_y * weight if weight is not None else grad_y
+        if spec.n:
+            mean_g = g.mean(axis=1, dtype=dt, keepdims=True)
+            mean_gx = (g * xhat).mean(axis=1, dtype=dt, keepdims=True)
+        else:
+            mean_g = mean_gx = np.zeros((0, 1), dt)
+        dx = (rstd[:, None] * (g - mean_g - xhat * mean_gx)).astype(dt, copy=False)
+        if not spec.weight_grads:
+            return dx, None, None
+        dweight = (grad_y * xhat).sum(axis=0, dtype=dt)
     dbias = grad_y.sum(axis=0, dtype=dt)
     return dx, dweight, dbias
 
@@ -244,7 +244,7 @@ def _numba_kernels(parallel: bool):
     # `loop` (prange or range, which pickle by name) is a closure variable, so the serial and the
     # parallel build get different keys in numba's on-disk cache.
     loop = numba.prange if parallel else range
-    jit = numba.njit(cache=True, parallel=parallel, fastmath=False)
+    jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
 
     @jit
     def forward(x, w, has_weight, b, has_bias, eps, chunks, y, mean_out, rstd_out):

@@ -38,7 +38,7 @@ REDUCE_THREADS = 256
 
 def _build(nb_float, np_float):
     """The forward, backward and column-reduce kernels for one float dtype."""
-    zero, one = np_float(0), np_float(1)
+    zero, one, inf, nan = np_float(0), np_float(1), np_float(np.inf), np_float(np.nan)
 
     # Device functions would need a driver to compile to PTX without a GPU (numba resolves the
     # current device), so the tree reductions are written out in each kernel.
@@ -76,7 +76,10 @@ def _build(nb_float, np_float):
                 sm[tid] += sm[tid + stride]
             cuda.syncthreads()
             stride //= 2
-        r = one / math.sqrt(sm[0] / fd + eps)
+        var_eps = sm[0] / fd + eps
+        # var + eps <= 0 (eps = 0 on a constant row, or a negative eps): inf or NaN as 1 / sqrt gives
+        # on the device and in PyTorch; spelled out because the simulator's math.sqrt and 1 / 0 raise
+        r = one / math.sqrt(var_eps) if var_eps > zero else (inf if var_eps == zero else nan)
         if tid == 0:
             mean_out[row] = mu
             rstd_out[row] = r

@@ -73,3 +73,13 @@ def test_compute_weight_grads_false_and_empty_batch():
 def test_bad_input_is_refused():
     with pytest.raises(KernelError, match="layer_norm_forward.*weight must have shape"):
         kernels.layer_norm_forward(np.ones((2, 3), np.float32), np.ones(4, np.float32), impl="numba_cuda")
+
+
+def test_eps_zero_and_negative_eps_as_torch():
+    from tests.kernels.test_layer_norm import assert_eps_edges_like_torch
+
+    def run_impl(x, dy, weight, bias, eps):
+        y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps=eps, impl="numba_cuda")
+        return [y, *kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numba_cuda")]
+
+    assert_eps_edges_like_torch(run_impl)

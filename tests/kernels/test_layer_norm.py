@@ -264,7 +264,6 @@ def _bad_forward_calls():
         ((x, np.ones(5, f32)), {}, r"weight must have shape \(4,\)"),
         ((x, None, np.ones((1, 4), f32)), {}, r"bias must have shape \(4,\)"),
         ((np.ones((4, 3), f32).T,), {}, "x is not C-contiguous"),
-        ((x,), {"eps": -1.0}, "eps must be finite and >= 0"),
         ((x,), {"eps": "small"}, "eps must be a real number"),
         (([[1.0]],), {}, "x must be a numpy or cupy array"),
     ]
@@ -409,3 +408,38 @@ def test_cupy_backward_writes_one_partial_row_per_block(fake_layer_norm_cupy, d,
     fake.launches.clear()
     _, dw, db = cu.layer_norm_backward(dy, x, w, mean, rstd, compute_weight_grads=False)
     assert dw is None and db is None and "ln_col_reduce_f32" not in [launch.name for launch in fake.launches]
+
+
+def eps_edge_cases():
+    """(x, eps) where var + eps <= 0, plus a negative eps below the variance: PyTorch's results."""
+    x = np.array([[2.0, 2.0, 2.0, 2.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]], np.float32)
+    return [(x[:1], 0.0), (x, -1.0), (x, -1.25), (x, -2.0)]
+
+
+def assert_eps_edges_like_torch(run_impl):
+    """``run_impl(x, dy, weight, bias, eps) -> (y, dx, dweight, dbias)`` against torch: NaN where
+    PyTorch gives NaN (eps = 0 on a constant row: 1 / sqrt(0) = inf, 0 * inf = NaN), the same
+    numbers elsewhere (a negative eps is used as given, as PyTorch does)."""
+    torch = pytest.importorskip("torch")
+    for x, eps in eps_edge_cases():
+        rng = np.random.default_rng(3)
+        dy, weight, bias = (rng.standard_normal(s).astype(np.float32) for s in (x.shape, x.shape[1:], x.shape[1:]))
+        leaves = [torch.tensor(a, requires_grad=True) for a in (x, weight, bias)]
+        ty = torch.nn.functional.layer_norm(leaves[0], x.shape[1:], leaves[1], leaves[2], eps=eps)
+        ty.backward(torch.tensor(dy))
+        want = [ty.detach().numpy()] + [t.grad.numpy() for t in leaves]
+        for name, got, expected in zip(("y", "dx", "dweight", "dbias"), run_impl(x, dy, weight, bias, eps), want):
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=f"eps={eps} {name}: NaN")
+            finite = ~np.isnan(expected)
+            np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-5, err_msg=f"eps={eps} {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eps_zero_and_negative_eps_as_torch(impl):
+    def run_impl(x, dy, weight, bias, eps):
+        arrays = [to_device(a, impl) for a in (x, weight, bias, dy)]
+        y, mean, rstd = kernels.layer_norm_forward(*arrays[:3], eps=eps, impl=impl)
+        grads = kernels.layer_norm_backward(arrays[3], arrays[0], arrays[1], mean, rstd, impl=impl)
+        return [to_host(a) for a in (y, *grads)]
+
+    assert_eps_edges_like_torch(run_impl)
