@@ -42,6 +42,10 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 TANH_COEF = 0.044715
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# x^2 in the tanh form's slope is capped here: from |x| = 1e15 on, sigmoid(2z) (1 - sigmoid(2z)) is
+# exactly 0 in float32 and float64 while x^2 (float32: from 1.8e19) or x^3 may overflow, and
+# 0 * inf would make the gradient NaN where it is 1 (x -> inf) or 0 (x -> -inf).
+SQUARE_MAX = 1e30
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +163,8 @@ def gelu_backward_numpy(grad_y, x, *, approximate="none"):
     x64 = x.astype(np.float64)
     if spec.approximate == "tanh":
         s, s_minus = _tanh_parts(x64)
-        slope = s + x64 * s * s_minus * (2.0 * SQRT_2_OVER_PI) * (1.0 + 3.0 * TANH_COEF * x64 * x64)
+        square = np.minimum(x64 * x64, SQUARE_MAX)
+        slope = s + x64 * s * s_minus * (2.0 * SQRT_2_OVER_PI) * (1.0 + 3.0 * TANH_COEF * square)
     else:
         slope = 0.5 * erfc(-INV_SQRT_2 * x64) + x64 * INV_SQRT_2PI * np.exp(-0.5 * x64 * x64)
     return (grad_y.astype(np.float64) * slope).astype(spec.dtype)
@@ -250,6 +255,7 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
     k, c = f(SQRT_2_OVER_PI), f(TANH_COEF)
     k2, c3 = f(2 * SQRT_2_OVER_PI), f(3 * TANH_COEF)
     inv_sqrt2, inv_sqrt2pi = f(INV_SQRT_2), f(INV_SQRT_2PI)
+    square_max = f(SQUARE_MAX)
 
     if dtype == "float32":
         bits_to_float32 = _bits_to_float32()
@@ -302,7 +308,7 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
                 xv = x[i]
                 s, sm = sigmoid_pair(xv)
-                dx[i] = dy[i] * (s + xv * s * sm * k2 * (one + c3 * xv * xv))
+                dx[i] = dy[i] * (s + xv * s * sm * k2 * (one + c3 * min(xv * xv, square_max)))
 
     @jit
     def erf_forward(x, chunks, y):

@@ -25,6 +25,7 @@ template <> struct Gelu<double> {
 // T(c) of a double literal folds at compile time: no double arithmetic in the float kernels.
 #define GELU_K 0.7978845608028654    // sqrt(2 / pi)
 #define GELU_C 0.044715
+#define GELU_SQUARE_MAX 1e30
 #define GELU_INV_SQRT_2PI 0.3989422804014327
 
 template <typename T>
@@ -52,7 +53,8 @@ __device__ __forceinline__ void tanh_backward(const T* __restrict__ dy, const T*
         const T v = x[i];
         T s, hi, lo;
         sigmoid_pair(v, s, hi, lo);
-        dx[i] = dy[i] * (s + v * hi * lo * T(2 * GELU_K) * (T(1) + T(3 * GELU_C) * v * v));
+        // v^2 capped (kernels/cpu/gelu.py SQUARE_MAX): hi * lo is 0 long before v^2 overflows, 0 * inf = NaN
+        dx[i] = dy[i] * (s + v * hi * lo * T(2 * GELU_K) * (T(1) + T(3 * GELU_C) * fmin(v * v, T(GELU_SQUARE_MAX))));
     }
 }
 

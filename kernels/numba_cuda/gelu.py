@@ -15,7 +15,7 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kernels.cpu.gelu import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, TANH_COEF, validate_gelu_backward, \
+from kernels.cpu.gelu import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, SQUARE_MAX, TANH_COEF, validate_gelu_backward, \
     validate_gelu_forward
 from kernels.numba_cuda.launch import launch, simulator
 
@@ -31,6 +31,7 @@ def _build(np_float):
     k, c = np_float(SQRT_2_OVER_PI), np_float(TANH_COEF)
     k2, c3 = np_float(2 * SQRT_2_OVER_PI), np_float(3 * TANH_COEF)
     inv_sqrt2, inv_sqrt2pi = np_float(INV_SQRT_2), np_float(INV_SQRT_2PI)
+    square_max = np_float(SQUARE_MAX)
 
     # Device functions would need a driver to compile to PTX without a GPU (numba resolves the
     # current device), so the sigmoid pair is written out in both tanh kernels.
@@ -53,7 +54,7 @@ def _build(np_float):
             hi = one / (one + e)
             lo = e * hi
             s = hi if z >= 0 else lo
-            dx[i] = dy[i] * (s + xv * hi * lo * k2 * (one + c3 * xv * xv))
+            dx[i] = dy[i] * (s + xv * hi * lo * k2 * (one + c3 * min(xv * xv, square_max)))  # see SQUARE_MAX
 
     @cuda.jit
     def erf_forward(x, y):

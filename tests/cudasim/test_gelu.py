@@ -35,3 +35,13 @@ def test_refuses_non_contiguous():
     x = np.ones((4, 6), np.float32)
     with pytest.raises(KernelError, match="not C-contiguous"):
         kernels.gelu_forward(x[:, ::2], impl="numba_cuda")
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_extreme_inputs_give_the_limits(approximate):
+    from tests.kernels.test_gelu import assert_extremes
+
+    with np.errstate(all="ignore"):  # the simulator computes in numpy scalars: inf * 0 warns there
+        assert_extremes(lambda x: kernels.gelu_forward(x, approximate=approximate, impl="numba_cuda"),
+                        lambda g, x: kernels.gelu_backward(g, x, approximate=approximate, impl="numba_cuda"),
+                        approximate)

@@ -212,3 +212,54 @@ def test_cupy_kernel_names_exist_in_the_cu_file():
                 prefix = name.rsplit("_", 1)[0]  # instantiated by macro: gelu_tanh_fwd_##DT
                 assert f"{prefix}_##DT" in text and f"GELU_KERNELS({'float' if dtype == np.float32 else 'double'}, " \
                     f"{name.rsplit('_', 1)[1]})" in text
+
+
+# Extreme inputs: GELU(x) -> x as x -> inf and -> -0 as x -> -inf, the slope -> 1 and 0. PyTorch
+# agrees for finite x except where its own formula overflows (exact form: inf at x = 3e38; tanh
+# backward: NaN from 0 * inf beyond |x| ~ 1.8e19). Infinite x: +inf -> +inf, -inf -> NaN
+# (-inf * 0, as PyTorch), and NaN gradients, as PyTorch.
+EXTREME_X = np.array([3e38, -3e38, 1e20, -1e20, 7e12, -7e12, 20, -20, np.inf, -np.inf, np.nan], np.float32)
+EXTREME_Y = np.array([3e38, -0.0, 1e20, -0.0, 7e12, -0.0, 20, -0.0, np.inf, np.nan, np.nan], np.float32)
+EXTREME_SLOPE = np.array([1, 0, 1, 0, 1, 0, 1, 0, np.nan, np.nan, np.nan], np.float32)
+
+
+def assert_extremes(forward, backward, approximate, dtype=np.float32):
+    """``forward(x)`` and ``backward(dy, x)`` at EXTREME_X: the limits above (y within 1e-6
+    relative, -20 gives a tiny negative or -0.0)."""
+    x = EXTREME_X.astype(dtype)
+    y, slope = forward(x), backward(np.ones_like(x), x)
+    for name, got, want in (("y", y, EXTREME_Y), ("slope", slope, EXTREME_SLOPE)):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{approximate} {name}: NaN at {x}")
+        ok = ~np.isnan(want)
+        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-6, atol=1e-20, err_msg=f"{approximate} {name}")
+    assert (np.signbit(y[1:8:2]) | (y[1:8:2] == 0)).all() and (y[1:8:2] <= 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_inputs_give_the_limits(impl, approximate, dtype):
+    if dtype == np.float64 and impl != "numpy" and impl != "numba_cpu":
+        pytest.skip("float64 on the CPU impls")
+    assert_extremes(lambda x: run(impl, "gelu_forward", x, approximate=approximate),
+                    lambda g, x: run(impl, "gelu_backward", g, x, approximate=approximate), approximate, dtype)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_engine_gelu_extreme_inputs_on_both_paths(approximate, fused):
+    import engine
+    import engine.functional as F
+
+    def forward(x):
+        with F.fused_kernels(fused):
+            return F.gelu(engine.tensor(x), approximate=approximate).numpy()
+
+    def backward(g, x):
+        t = engine.tensor(x, requires_grad=True)
+        with F.fused_kernels(fused):
+            F.gelu(t, approximate=approximate).backward(engine.tensor(g))
+        return t.grad.numpy()
+
+    with np.errstate(all="ignore"):
+        assert_extremes(forward, backward, approximate)
