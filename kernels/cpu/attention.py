@@ -138,6 +138,8 @@ def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
         scale = default_scale(e)
     try:
         scale = float(scale)
+    except OverflowError:  # an int beyond float's range
+        raise KernelError(f"{op}: scale must be finite, got {scale!r}") from None
     except (TypeError, ValueError):
         raise KernelError(f"{op}: scale must be a real number, got {scale!r}") from None
     if not math.isfinite(scale):

@@ -128,6 +128,8 @@ def _eps(value) -> float:
     rstd = 1 / sqrt(0) = inf and y = 0 * inf = NaN, a negative eps above the variance NaN too."""
     try:
         return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise KernelError(f"{FORWARD}: eps must be a real number in float range, got {value!r}") from None
     except (TypeError, ValueError):
         raise KernelError(f"{FORWARD}: eps must be a real number, got {value!r}") from None
 

@@ -44,6 +44,7 @@ from kernels.registry import numba_parallel as _numba_parallel
 
 KERNEL = "softmax_cross_entropy"
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # ignore_index is compared with int64 targets
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
@@ -121,6 +122,9 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
                               "(e.g. ascontiguousarray)")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise KernelError(f"{KERNEL}: ignore_index must be an int, got {ignore_index!r}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:  # the kernels compare it with int64 targets
+        raise KernelError(f"{KERNEL}: ignore_index must be an int in the int64 range [-2**63, 2**63 - 1] "
+                          f"(PyTorch's index type; it raises too), got {ignore_index!r}")
     eps = _real(label_smoothing, "label_smoothing")
     if not 0.0 <= eps <= 1.0:
         raise KernelError(f"{KERNEL}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
@@ -151,6 +155,8 @@ def _scale_array(grad_scale, logits, module):
 def _real(value, name: str) -> float:
     try:
         x = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise KernelError(f"{KERNEL}: {name} must be finite, got {value!r}") from None
     except (TypeError, ValueError):
         raise KernelError(f"{KERNEL}: {name} must be a real number, got {value!r}") from None
     if not math.isfinite(x):

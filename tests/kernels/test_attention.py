@@ -274,6 +274,9 @@ def test_backward_checks_its_saved_state():
         kernels.attention_backward(np.ascontiguousarray(out[:, :2]), q, k, v, out, lse, scale=1.0, impl="numpy")
     with pytest.raises(KernelError, match="scale must be finite"):
         kernels.attention_forward(q, k, v, scale=float("nan"), impl="numpy")
+    for impl in CPU_IMPLS:  # an int beyond float's range: float() raised a raw OverflowError
+        with pytest.raises(KernelError, match="scale must be finite"):
+            kernels.attention_forward(q, k, v, scale=10**400, impl=impl)
     with pytest.raises(KernelError, match="causal must be True or False"):
         kernels.attention_forward(q, k, v, scale=1.0, causal="yes", impl="numpy")
 

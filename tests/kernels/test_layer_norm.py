@@ -265,6 +265,7 @@ def _bad_forward_calls():
         ((x, None, np.ones((1, 4), f32)), {}, r"bias must have shape \(4,\)"),
         ((np.ones((4, 3), f32).T,), {}, "x is not C-contiguous"),
         ((x,), {"eps": "small"}, "eps must be a real number"),
+        ((x,), {"eps": 10**400}, "eps must be a real number in float range"),  # float() overflowed raw
         (([[1.0]],), {}, "x must be a numpy or cupy array"),
     ]
 

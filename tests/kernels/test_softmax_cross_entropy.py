@@ -404,6 +404,12 @@ def _bad_calls():
         ((z, t), {"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\]"),
         ((z, t), {"grad_scale": float("nan")}, "grad_scale must be finite"),
         ((z, t), {"ignore_index": 1.5}, "ignore_index must be an int"),
+        # beyond int64 (numba_cpu raised a raw OverflowError, numpy took it; PyTorch raises)
+        ((z, t), {"ignore_index": 2**70}, r"ignore_index must be an int in the int64 range .* got 1180591620717411303424"),
+        ((z, t), {"ignore_index": -2**63 - 1}, "ignore_index must be an int in the int64 range"),
+        ((z, t), {"ignore_index": np.uint64(2**64 - 1)}, "ignore_index must be an int in the int64 range"),
+        ((z, t), {"label_smoothing": 10**400}, "label_smoothing must be finite"),  # float() overflowed raw
+        ((z, t), {"grad_scale": -10**400}, "grad_scale must be finite"),
         ((z, t), {"compute_grad": "yes"}, "compute_grad must be True or False"),
         ((z, [0, 1, 2]), {}, "targets must be a numpy or cupy array"),
     ]
@@ -471,3 +477,15 @@ def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
                     else:
                         assert threads <= 512 and rows == 1
     assert used == available  # no instantiation is dead code
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("ignore_index", [2**70, -2**63 - 1])
+def test_engine_cross_entropy_refuses_ignore_index_beyond_int64_on_both_paths(fused, ignore_index):
+    """As the kernels (and PyTorch, which raises ValueError: KernelError is one)."""
+    import engine
+    import engine.functional as F
+
+    logits, targets = engine.tensor(np.ones((3, 4), np.float32)), engine.tensor(np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="ignore_index must be an int in the int64 range"):
+        F.cross_entropy(logits, targets, ignore_index=ignore_index, fused=fused)
