@@ -76,7 +76,9 @@ def forward_kernel(q, k, v, mask, has_mask, mask_per_batch, mask_per_row, scale,
                     for x in range(nev):
                         acc[x] += ZERO * vs[jj, x]
                     continue
-                if s > m:  # new max (a NaN score never is: its p below is NaN, and so is the row): rescale what is summed so far (0 while nothing was seen)
+                # a new max: rescale what is summed so far (0 while nothing was seen); a NaN score
+                # never is one, but its p below is NaN, and so is the row
+                if s > m:
                     alpha = math.exp(m - s)
                     total = total * alpha
                     for x in range(nev):

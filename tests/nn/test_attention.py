@@ -286,8 +286,9 @@ def test_sdpa_zero_sized_dims_match_torch(rng, case, fused):
     """E = 0: every score is 0 (the default scale 1 / sqrt(0) is not used), so the output is the
     mean of v over the keys each row sees; S = 0 gives zeros, L = 0 and B = 0 empty outputs."""
     torch = pytest.importorskip("torch")
-    b, l, s, e, ev = {"Ev=0": (1, 3, 4, 2, 0), "E=Ev=0": (1, 3, 4, 0, 0), "S=0": (1, 3, 0, 2, 2),
-                      "S=0 causal": (1, 3, 0, 2, 2), "L=0": (1, 0, 4, 2, 2), "B=0": (0, 3, 4, 2, 2)}.get(case, (2, 3, 4, 0, 2))
+    shapes = {"Ev=0": (1, 3, 4, 2, 0), "E=Ev=0": (1, 3, 4, 0, 0), "S=0": (1, 3, 0, 2, 2), "S=0 causal": (1, 3, 0, 2, 2),
+              "L=0": (1, 0, 4, 2, 2), "B=0": (0, 3, 4, 2, 2)}
+    b, l, s, e, ev = shapes.get(case, (2, 3, 4, 0, 2))  # the E=0 cases: (2, 3, 4, 0, 2)
     arrays = [rng.standard_normal(shape).astype(np.float32) for shape in ((b, l, e), (b, s, e), (b, s, ev))]
     kw = {"scale": 0.5} if "scale" in case else {"is_causal": True} if "causal" in case else {}
     mask = None
