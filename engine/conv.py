@@ -1,4 +1,4 @@
-"""Convolution and pooling over (N, C, H, W) input, PyTorch's ``F.conv2d`` / ``F.max_pool2d`` family.
+"""Convolution and pooling over (N, C, H, W) and (N, C, L) input, PyTorch's ``F.conv2d`` / ``F.max_pool2d`` family.
 
 Every op views the (padded) input as sliding windows with ``as_strided`` (no copy), so one code
 path serves numpy and cupy:
@@ -12,34 +12,84 @@ path serves numpy and cupy:
   the shapes alone (count_include_pad, ceil_mode overhang and divisor_override all reduce to it).
 - ``adaptive_avg_pool2d`` is two averaging matrices, ``P_h @ x @ P_w.T``, so any output size works.
 
-1-d variants run the 2-d op with H = 1.
+1-d variants run the 2-d Function with H = 1, after every check has been made in 1-d terms, so
+that an error names the op the user called and the shapes the user passed.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from engine import backend, ops
 from engine.autograd import Function
-from engine.errors import DTypeError, ShapeError, describe
+from engine.errors import DeviceError, DTypeError, ShapeError, describe
 from engine.tensor import Tensor
+
+_SPATIAL = {1: "L", 2: "H, W"}  # the spatial dims of an n-d op's input, for messages
+_KERNEL = {1: "k", 2: "kH, kW"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _pair(op: str, name: str, value, n: int = 2) -> tuple:
-    """An int or a sequence of ``n`` ints as a tuple of ``n`` ints (PyTorch's ``_pair``)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    """An int, or a sequence of ``n`` ints (or of one), as a tuple of ``n`` ints (PyTorch's ``_pair``).
+
+    Floats and bools are refused, not truncated: PyTorch's functional ops refuse them too, and ``int(1.5)``
+    would silently run another geometry than the one asked for.
+    """
+    expected = f"{op}: {name} must be an int or a tuple of {n} int{'s' if n > 1 else ''}, got {value!r}"
+    if _is_int(value):
         return (int(value),) * n
     try:
-        values = tuple(int(v) for v in value)
+        values = tuple(value)
     except TypeError:
-        raise TypeError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}") from None
+        raise TypeError(expected) from None
+    if not all(_is_int(v) for v in values):
+        raise TypeError(expected)
     if len(values) == 1:
-        return values * n
+        values *= n
     if len(values) != n:
-        raise ValueError(f"{op}: {name} must be an int or a tuple of {n} ints, got {value!r}")
+        raise ValueError(expected)
+    return tuple(int(v) for v in values)
+
+
+def _batched(op: str, input, n: int) -> tuple[Tensor, bool]:
+    """(N, C, *spatial) input as is, unbatched (C, *spatial) with a batch dim of 1 added; else raises."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
+    if input.ndim == n + 1:
+        return ops.unsqueeze(input, 0), True
+    if input.ndim != n + 2:
+        raise ShapeError(f"{op}: expected (N, C, {_SPATIAL[n]}) or unbatched (C, {_SPATIAL[n]}) input, "
+                         f"got {describe(input)}")
+    return input, False
+
+
+def _require_nonempty(op: str, input: Tensor, x: Tensor, first: int) -> None:
+    """Refuse a zero size in dims ``first``.. of the batched ``x``: as in PyTorch only the batch may be
+    empty (a window over an empty dim would average nothing, or take the max of padding alone)."""
+    if any(size == 0 for size in x.shape[first:]):
+        dims = "channel or spatial dims" if first == 1 else "spatial dims"
+        raise ShapeError(f"{op}: input {describe(input)} is empty in its {dims}; only the batch dim may be 0, "
+                         "as in PyTorch")
+
+
+def _positive(op: str, name: str, values: tuple) -> tuple:
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{op}: {name} must be positive, got {values}")
     return values
+
+
+def _unit_height(stride: tuple, dilation: tuple, out: tuple, pads: tuple) -> tuple:
+    """A 1-d op's geometry as the 2-d Function's: an H of 1 that the window never moves along."""
+    return (1,) + stride, (1,) + dilation, (1,) + out, ((0, 0),) + pads
+
+
+def _check_float(op: str, input: Tensor) -> None:
+    if not np.issubdtype(input.dtype, np.floating):
+        raise DTypeError(f"{op}: input must be floating point, got {describe(input)}; convert with .float()")
 
 
 def _windows(a, kernel: tuple, stride: tuple, dilation: tuple, out: tuple):
@@ -134,11 +184,13 @@ class Conv2d(Function):
         return tuple(grads)
 
 
+# ---- convolution: checks and the functional ops -----------------------------------------------------
+
 def _conv_padding(op: str, padding, kernel: tuple, stride: tuple, dilation: tuple) -> tuple:
-    """PyTorch's padding argument (int, tuple, 'valid', 'same') as ((top, bottom), (left, right))."""
+    """PyTorch's padding argument (int, tuple, 'valid', 'same') as one (before, after) pair per dim."""
     if isinstance(padding, str):
         if padding == "valid":
-            return (0, 0), (0, 0)
+            return ((0, 0),) * len(kernel)
         if padding != "same":
             raise ValueError(f"{op}: padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
         if any(s != 1 for s in stride):
@@ -149,43 +201,73 @@ def _conv_padding(op: str, padding, kernel: tuple, stride: tuple, dilation: tupl
             total = d * (k - 1)  # PyTorch puts the odd one on the bottom/right
             pads.append((total // 2, total - total // 2))
         return tuple(pads)
-    ph, pw = _pair(op, "padding", padding)
-    if ph < 0 or pw < 0:
+    pad = _pair(op, "padding", padding, len(kernel))
+    if any(p < 0 for p in pad):
         raise ValueError(f"{op}: padding must be non-negative, got {padding!r}")
-    return (ph, ph), (pw, pw)
+    return tuple((p, p) for p in pad)
 
 
-def _check_conv(op: str, x: Tensor, weight: Tensor, bias, groups: int) -> None:
-    if weight.ndim != 4:
-        raise ShapeError(f"{op}: weight must be (out_channels, in_channels / groups, kH, kW), got {describe(weight)}")
-    if x.ndim != 4:
-        raise ShapeError(f"{op}: expected (N, C, H, W) or unbatched (C, H, W) input, got {describe(x)}")
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+def _check_conv(op: str, input: Tensor, x: Tensor, weight: Tensor, bias, groups: int) -> None:
+    """The conv checks, each naming ``op`` and the tensors as the user passed them (``x`` is
+    ``input`` with its batch dim)."""
+    out_channels, in_per_group, *kernel = weight.shape
+    if any(k == 0 for k in kernel):
+        raise ShapeError(f"{op}: kernel size must be greater than zero, got {tuple(kernel)} from weight "
+                         f"{describe(weight)}")
+    if out_channels == 0 or in_per_group == 0:
+        raise ShapeError(f"{op}: weight {describe(weight)} has {out_channels} output channels and {in_per_group} "
+                         "input channels per group; both must be at least 1")
+    if x.shape[1] % groups or out_channels % groups:
         raise ShapeError(f"{op}: groups={groups} must divide both the input's {x.shape[1]} channels and the "
-                         f"weight's {weight.shape[0]} output channels")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ShapeError(f"{op}: input {describe(x)} has {x.shape[1]} channels but weight {describe(weight)} with "
-                         f"groups={groups} expects {weight.shape[1] * groups} (weight.shape[1] * groups)")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ShapeError(f"{op}: bias {describe(bias)} must have shape ({weight.shape[0]},), one per output channel")
-    tensors = [t for t in (x, weight, bias) if t is not None]
+                         f"weight's {out_channels} output channels (input {describe(input)}, weight "
+                         f"{describe(weight)})")
+    if x.shape[1] != in_per_group * groups:
+        raise ShapeError(f"{op}: input {describe(input)} has {x.shape[1]} channels but weight {describe(weight)} "
+                         f"with groups={groups} expects {in_per_group * groups} (weight.shape[1] * groups)")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (out_channels,)):
+        raise ShapeError(f"{op}: bias {describe(bias)} must have shape ({out_channels},), one per output channel")
+    tensors = [t for t in (input, weight, bias) if t is not None]
+    if len({t.device for t in tensors}) > 1:
+        raise DeviceError(f"{op}: input, weight and bias are on different devices: "
+                          f"{', '.join(describe(t) for t in tensors)}; move them to one device with .to(device)")
     if not all(np.issubdtype(t.dtype, np.floating) for t in tensors) or len({t.dtype for t in tensors}) > 1:
         raise DTypeError(f"{op}: input, weight and bias must share one floating dtype, got "
                          f"{', '.join(describe(t) for t in tensors)}; convert with .to(dtype)")
 
 
-def _out_size(op: str, x: Tensor, padded: tuple, kernel: tuple, stride: tuple, dilation: tuple) -> tuple:
+def _out_size(op: str, input: Tensor, padded: tuple, kernel: tuple, stride: tuple, dilation: tuple) -> tuple:
     effective = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
     if any(p < e for p, e in zip(padded, effective)):
-        raise ShapeError(f"{op}: padded input size per channel {padded} of input {describe(x)} is smaller than "
+        raise ShapeError(f"{op}: padded input size per channel {padded} of input {describe(input)} is smaller than "
                          f"the (dilated) kernel size {effective}; the kernel can't be greater than the input")
     return tuple((p - e) // s + 1 for p, e, s in zip(padded, effective, stride))
 
 
-def _positive(op: str, name: str, values: tuple) -> tuple:
-    if any(v <= 0 for v in values):
-        raise ValueError(f"{op}: {name} must be positive, got {values}")
-    return values
+def _conv(op: str, n: int, input: Tensor, weight: Tensor, bias, stride, padding, dilation, groups) -> Tensor:
+    """The n-d convolution (n = 1 or 2): every check in the caller's terms, then the 2-d Function."""
+    if not isinstance(weight, Tensor) or weight.ndim != n + 2:
+        raise ShapeError(f"{op}: weight must be an (out_channels, in_channels / groups, {_KERNEL[n]}) Tensor, got "
+                         f"{describe(weight)}")
+    x, unbatched = _batched(op, input, n)
+    if not _is_int(groups) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    _check_conv(op, input, x, weight, bias, int(groups))
+    _require_nonempty(op, input, x, 2)
+    kernel = tuple(weight.shape[2:])
+    stride = _positive(op, "stride", _pair(op, "stride", stride, n))
+    dilation = _positive(op, "dilation", _pair(op, "dilation", dilation, n))
+    pads = _conv_padding(op, padding, kernel, stride, dilation)
+    padded = tuple(size + sum(p) for size, p in zip(x.shape[2:], pads))
+    out = _out_size(op, input, padded, kernel, stride, dilation)
+    if n == 1:
+        x, weight = ops.unsqueeze(x, 2), ops.unsqueeze(weight, 2)
+        stride, dilation, out, pads = _unit_height(stride, dilation, out, pads)
+    params = dict(stride=stride, pads=pads, dilation=dilation, groups=int(groups), out=out)
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    result = Conv2d.apply(*inputs, **params)
+    if n == 1:
+        result = ops.squeeze(result, 2)
+    return ops.squeeze(result, 0) if unbatched else result
 
 
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
@@ -195,47 +277,20 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     PyTorch's semantics: ``padding`` is an int, a pair, ``'valid'`` (none) or ``'same'`` (output as
     large as the input; stride 1 only, the odd extra row/column padded at the bottom/right);
     ``groups`` splits the channels into independent convolutions (``groups == C`` is depthwise).
-    Unbatched (C, H, W) input gives (O, oH, oW).
+    Unbatched (C, H, W) input gives (O, oH, oW). An empty batch gives an empty output; an empty
+    kernel, channel or spatial dim, a stride or dilation below 1 and a negative padding raise.
 
     Example:
         >>> y = F.conv2d(x, w, b, stride=2, padding=1)   # x (N, 3, 32, 32), w (16, 3, 3, 3)  # doctest: +SKIP
     """
-    unbatched = isinstance(input, Tensor) and input.ndim == 3
-    if unbatched:
-        input = ops.unsqueeze(input, 0)
-    groups = int(groups)
-    _check_conv("conv2d", input, weight, bias, groups)
-    kernel = tuple(weight.shape[2:])
-    stride = _positive("conv2d", "stride", _pair("conv2d", "stride", stride))
-    dilation = _positive("conv2d", "dilation", _pair("conv2d", "dilation", dilation))
-    pads = _conv_padding("conv2d", padding, kernel, stride, dilation)
-    padded = tuple(size + sum(p) for size, p in zip(input.shape[2:], pads))
-    out = _out_size("conv2d", input, padded, kernel, stride, dilation)
-    params = dict(stride=stride, pads=pads, dilation=dilation, groups=groups, out=out)
-    inputs = (input, weight) if bias is None else (input, weight, bias)
-    result = Conv2d.apply(*inputs, **params)
-    return ops.squeeze(result, 0) if unbatched else result
+    return _conv("conv2d", 2, input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1) -> Tensor:
-    """1-d convolution of (N, C, L) input with (O, C / groups, k) weight: conv2d with H = 1."""
-    if weight.ndim != 3:
-        raise ShapeError(f"conv1d: weight must be (out_channels, in_channels / groups, k), got {describe(weight)}")
-    unbatched = input.ndim == 2
-    if unbatched:
-        input = ops.unsqueeze(input, 0)
-    if input.ndim != 3:
-        raise ShapeError(f"conv1d: expected (N, C, L) or unbatched (C, L) input, got {describe(input)}")
-    if isinstance(padding, str):
-        pad2 = padding
-    else:
-        pad2 = (0, _pair("conv1d", "padding", padding, 1)[0])
-    result = conv2d(ops.unsqueeze(input, 2), ops.unsqueeze(weight, 2), bias,
-                    stride=(1, _pair("conv1d", "stride", stride, 1)[0]), padding=pad2,
-                    dilation=(1, _pair("conv1d", "dilation", dilation, 1)[0]), groups=groups)
-    result = ops.squeeze(result, 2)
-    return ops.squeeze(result, 0) if unbatched else result
+    """1-d convolution of (N, C, L) (or unbatched (C, L)) input with (O, C / groups, k) weight; arguments
+    and checks as :func:`conv2d`'s, with ints (or 1-tuples) for the sizes."""
+    return _conv("conv1d", 1, input, weight, bias, stride, padding, dilation, groups)
 
 
 # ---- pooling ---------------------------------------------------------------------------------------
@@ -252,46 +307,36 @@ def _pool_size(size: int, kernel: int, stride: int, pad: int, dilation: int, cei
     return out
 
 
-def _pool_geometry(op: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
-    """(kernel, stride, dilation, out, pads) of a pooling op, checked as PyTorch checks them.
+def _default_stride(stride) -> bool:
+    """PyTorch's ``stride=None`` or an empty sequence: the stride is the kernel size."""
+    return stride is None or (not _is_int(stride) and hasattr(stride, "__len__") and len(stride) == 0)
+
+
+def _pool_geometry(op: str, input: Tensor, spatial: tuple, kernel_size, stride, padding, dilation,
+                   ceil_mode: bool) -> tuple:
+    """(kernel, stride, dilation, out, pads) of a pooling op over ``spatial``, checked as PyTorch checks them.
 
     ``pads`` includes the extra bottom/right rows a ceil-mode window can overhang by.
     """
-    kernel = _positive(op, "kernel_size", _pair(op, "kernel_size", kernel_size))
-    stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else \
-        _positive(op, "stride", _pair(op, "stride", stride))
-    dilation = _positive(op, "dilation", _pair(op, "dilation", dilation))
-    pad = _pair(op, "padding", padding)
-    for p, k, d in zip(pad, kernel, dilation):
-        if p < 0 or p > (d * (k - 1) + 1) // 2:
-            raise ValueError(f"{op}: padding {pad} must be non-negative and at most half of the (dilated) kernel "
-                             f"size {kernel}, as in PyTorch")
-    out = tuple(_pool_size(s, k, st, p, d, ceil_mode) for s, k, st, p, d in zip(x.shape[2:], kernel, stride, pad,
+    n = len(spatial)
+    kernel = _positive(op, "kernel_size", _pair(op, "kernel_size", kernel_size, n))
+    stride = kernel if _default_stride(stride) else _positive(op, "stride", _pair(op, "stride", stride, n))
+    dilation = _positive(op, "dilation", _pair(op, "dilation", dilation, n))
+    pad = _pair(op, "padding", padding, n)
+    if any(p < 0 for p in pad):
+        raise ValueError(f"{op}: padding must be non-negative, got {pad}")
+    if any(p > k // 2 for p, k in zip(pad, kernel)):  # PyTorch's rule, whatever the dilation
+        raise ValueError(f"{op}: padding {pad} must be at most half of kernel_size {kernel}, as in PyTorch")
+    out = tuple(_pool_size(s, k, st, p, d, ceil_mode) for s, k, st, p, d in zip(spatial, kernel, stride, pad,
                                                                               dilation))
     if any(o <= 0 for o in out):
-        raise ShapeError(f"{op}: input {describe(x)} is too small for kernel_size={kernel}, stride={stride}, "
+        raise ShapeError(f"{op}: input {describe(input)} is too small for kernel_size={kernel}, stride={stride}, "
                          f"padding={pad}, dilation={dilation}: the output size would be {out}")
     pads = []
-    for size, k, st, p, d, o in zip(x.shape[2:], kernel, stride, pad, dilation, out):
+    for size, k, st, p, d, o in zip(spatial, kernel, stride, pad, dilation, out):
         overhang = max(0, (o - 1) * st + d * (k - 1) + 1 - (size + 2 * p))
         pads.append((p, p + overhang))
     return kernel, stride, dilation, out, tuple(pads)
-
-
-def _batched(op: str, x: Tensor) -> tuple[Tensor, bool]:
-    """(N, C, H, W) input as is, unbatched (C, H, W) with a batch dim added; anything else raises."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: input must be a Tensor, got {type(x).__name__}")
-    if x.ndim == 3:
-        return ops.unsqueeze(x, 0), True
-    if x.ndim != 4:
-        raise ShapeError(f"{op}: expected (N, C, H, W) or unbatched (C, H, W) input, got {describe(x)}")
-    return x, False
-
-
-def _check_float(op: str, x: Tensor) -> None:
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DTypeError(f"{op}: input must be floating point, got {describe(x)}; convert with .float()")
 
 
 class MaxPool2d(Function):
@@ -356,12 +401,15 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     Padding is implicit -inf (at most half the kernel, as PyTorch requires). With
     ``return_indices=True`` returns ``(values, indices)``, the indices flat into each H * W plane.
     """
-    x, unbatched = _batched("max_pool2d", input)
-    _check_float("max_pool2d", x)
-    kernel, stride, dilation, out, pads = _pool_geometry("max_pool2d", x, kernel_size, stride, padding, dilation,
-                                                         ceil_mode)
+    op = "max_pool2d"
+    x, unbatched = _batched(op, input, 2)
+    _check_float(op, input)
+    _require_nonempty(op, input, x, 1)
+    kernel, stride, dilation, out, pads = _pool_geometry(op, input, x.shape[2:], kernel_size, stride, padding,
+                                                         dilation, ceil_mode)
     values, argmax = _window_maxima(_windows(_pad(x._data, pads, -np.inf), kernel, stride, dilation, out), kernel)
-    result = MaxPool2d.apply(x, values=values, argmax=argmax, kernel=kernel, stride=stride, dilation=dilation, out=out, pads=pads)
+    result = MaxPool2d.apply(x, values=values, argmax=argmax, kernel=kernel, stride=stride, dilation=dilation,
+                             out=out, pads=pads)
     result = ops.squeeze(result, 0) if unbatched else result
     if not return_indices:
         return result
@@ -396,6 +444,36 @@ class AvgPool2d(Function):
         return xp.ascontiguousarray(_crop(padded, pads, (h, w)))
 
 
+def _avg_divisor(op: str, spatial: tuple, kernel: tuple, stride: tuple, pads: tuple, out: tuple,
+                 count_include_pad: bool, divisor_override) -> np.ndarray:
+    """What each output position of average pooling divides its window sum by."""
+    if divisor_override is not None:
+        if not _is_int(divisor_override) or divisor_override == 0:
+            raise ValueError(f"{op}: divisor_override must be a non-zero int, got {divisor_override!r}")
+        return np.full(out, float(divisor_override))
+    counts = [_avg_counts(s, k, st, p[0], o, count_include_pad) for s, k, st, p, o in zip(spatial, kernel, stride,
+                                                                                          pads, out)]
+    return np.outer(counts[0], counts[1]).astype(np.float64)
+
+
+def _avg_pool(op: str, n: int, input: Tensor, kernel_size, stride, padding, ceil_mode: bool,
+              count_include_pad: bool, divisor_override=None) -> Tensor:
+    """The n-d average pooling (n = 1 or 2): every check in the caller's terms, then the 2-d Function."""
+    x, unbatched = _batched(op, input, n)
+    _check_float(op, input)
+    _require_nonempty(op, input, x, 1)
+    kernel, stride, _, out, pads = _pool_geometry(op, input, x.shape[2:], kernel_size, stride, padding, 1,
+                                                  ceil_mode)
+    if n == 1:
+        x, kernel = ops.unsqueeze(x, 2), (1,) + kernel
+        stride, _, out, pads = _unit_height(stride, (1,), out, pads)
+    divisor = _avg_divisor(op, x.shape[2:], kernel, stride, pads, out, count_include_pad, divisor_override)
+    result = AvgPool2d.apply(x, kernel=kernel, stride=stride, out=out, pads=pads, divisor=divisor)
+    if n == 1:
+        result = ops.squeeze(result, 2)
+    return ops.squeeze(result, 0) if unbatched else result
+
+
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True, divisor_override: int | None = None) -> Tensor:
     """Mean over (kH, kW) windows of (N, C, H, W) input; ``stride`` defaults to ``kernel_size``.
@@ -404,43 +482,18 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     part of a ceil-mode window beyond the padding never does, and ``divisor_override`` replaces
     the count.
     """
-    x, unbatched = _batched("avg_pool2d", input)
-    _check_float("avg_pool2d", x)
-    kernel, stride, dilation, out, pads = _pool_geometry("avg_pool2d", x, kernel_size, stride, padding, 1, ceil_mode)
-    if divisor_override is not None:
-        if int(divisor_override) == 0:
-            raise ValueError("avg_pool2d: divisor_override must be non-zero")
-        divisor = np.full(out, float(divisor_override))
-    else:
-        counts = [_avg_counts(s, k, st, p[0], o, count_include_pad)
-                  for s, k, st, p, o in zip(x.shape[2:], kernel, stride, pads, out)]
-        divisor = np.outer(counts[0], counts[1]).astype(np.float64)
-    result = AvgPool2d.apply(x, kernel=kernel, stride=stride, out=out, pads=pads, divisor=divisor)
-    return ops.squeeze(result, 0) if unbatched else result
+    return _avg_pool("avg_pool2d", 2, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
 
 
 def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True) -> Tensor:
-    """Mean over windows of length k of (N, C, L) or unbatched (C, L) input: avg_pool2d with H = 1.
+    """Mean over windows of length k of (N, C, L) or unbatched (C, L) input, as :func:`avg_pool2d` with H = 1.
 
     As in PyTorch a 2-D input is one unbatched (C, L) sample, so ``avg_pool1d(x, 2)`` on an (N, F)
     batch of flattened features halves F (the knowledge-distillation tutorial's use).
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"avg_pool1d: input must be a Tensor, got {type(input).__name__}")
-    unbatched = input.ndim == 2
-    if unbatched:
-        input = ops.unsqueeze(input, 0)
-    if input.ndim != 3:
-        raise ShapeError(f"avg_pool1d: expected (N, C, L) or unbatched (C, L) input, got {describe(input)}")
-    def along_l(name: str, value, h: int) -> tuple:          # H gets kernel/stride 1 and padding 0
-        return (h, _pair("avg_pool1d", name, value, 1)[0])
-    if stride is not None and not (not isinstance(stride, int) and len(stride) == 0):
-        stride = along_l("stride", stride, 1)
-    result = avg_pool2d(ops.unsqueeze(input, 2), along_l("kernel_size", kernel_size, 1), stride,
-                        along_l("padding", padding, 0), ceil_mode, count_include_pad)
-    result = ops.squeeze(result, 2)
-    return ops.squeeze(result, 0) if unbatched else result
+    return _avg_pool("avg_pool1d", 1, input, kernel_size, stride, padding, ceil_mode, count_include_pad)
 
 
 def _adaptive_matrix(size: int, out: int, dtype) -> np.ndarray:
@@ -452,22 +505,37 @@ def _adaptive_matrix(size: int, out: int, dtype) -> np.ndarray:
     return matrix
 
 
+def _adaptive_output_size(op: str, output_size, spatial: tuple) -> tuple:
+    """PyTorch's output_size (an int, None, or one int or None per spatial dim; None keeps that dim)
+    as a tuple of non-negative ints."""
+    n = len(spatial)
+    sizes = (output_size,) * n if output_size is None or _is_int(output_size) else output_size
+    try:
+        sizes = tuple(sizes)
+    except TypeError:
+        sizes = ()
+    if len(sizes) != n or not all(s is None or _is_int(s) for s in sizes):
+        raise TypeError(f"{op}: output_size must be an int, None or a tuple of {n} ints or Nones, got "
+                        f"{output_size!r}")
+    sizes = tuple(size if s is None else int(s) for s, size in zip(sizes, spatial))
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"{op}: output_size must be non-negative, got {output_size!r}")
+    return sizes
+
+
 def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     """Average pooling to a fixed (oH, oW) output whatever the input's size (PyTorch's windows:
     row i covers [floor(i H / oH), ceil((i + 1) H / oH)) ). ``None`` in ``output_size`` keeps that dim.
 
     Computed as ``P_h @ x @ P_w.T`` with constant averaging matrices, so every size works and the
-    gradient is the matrices' transpose.
+    gradient is the matrices' transpose. As in PyTorch an empty batch or channel dim gives an empty
+    output and an empty H or W raises (there is nothing to average).
     """
-    x, unbatched = _batched("adaptive_avg_pool2d", input)
-    _check_float("adaptive_avg_pool2d", x)
-    if isinstance(output_size, (int, np.integer)) or output_size is None:
-        output_size = (output_size, output_size)
-    if len(output_size) != 2:
-        raise ValueError(f"adaptive_avg_pool2d: output_size must be an int or a pair, got {output_size!r}")
-    oh, ow = (x.shape[2 + i] if s is None else int(s) for i, s in enumerate(output_size))
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"adaptive_avg_pool2d: output_size must be positive, got {output_size!r} for {describe(x)}")
+    op = "adaptive_avg_pool2d"
+    x, unbatched = _batched(op, input, 2)
+    _check_float(op, input)
+    _require_nonempty(op, input, x, 2)
+    oh, ow = _adaptive_output_size(op, output_size, x.shape[2:])
     h, w = x.shape[2:]
     if (oh, ow) == (1, 1):
         result = ops.mean(x, dim=(2, 3), keepdim=True)

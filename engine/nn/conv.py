@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from engine import functional as F
-from engine.conv import _pair
+from engine.conv import _is_int, _pair, _positive
 from engine.nn import init
 from engine.nn.module import Module, Parameter
 from engine.tensor import Tensor, empty
@@ -21,9 +21,9 @@ class _ConvNd(Module):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
         super().__init__()
         name, n = type(self).__name__, self._dims
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"{name}: groups={groups} must be positive and divide in_channels={in_channels} and "
-                             f"out_channels={out_channels}")
+        if not _is_int(groups) or groups <= 0 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"{name}: groups={groups!r} must be a positive int and divide "
+                             f"in_channels={in_channels} and out_channels={out_channels}")
         if padding_mode != "zeros":
             raise NotImplementedError(f"{name}: padding_mode={padding_mode!r} is not implemented; only 'zeros' "
                                       "(pad explicitly with engine ops before a padding=0 convolution instead)")
@@ -33,10 +33,13 @@ class _ConvNd(Module):
             if padding == "same" and any(s != 1 for s in _pair(name, "stride", stride, n)):
                 raise ValueError(f"{name}: padding='same' is not supported for strided convolutions")
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
-        self.kernel_size = _pair(name, "kernel_size", kernel_size, n)
-        self.stride = _pair(name, "stride", stride, n)
+        # Checked here, before any parameter exists (PyTorch defers these to the first forward).
+        self.kernel_size = _positive(name, "kernel_size", _pair(name, "kernel_size", kernel_size, n))
+        self.stride = _positive(name, "stride", _pair(name, "stride", stride, n))
         self.padding = padding if isinstance(padding, str) else _pair(name, "padding", padding, n)
-        self.dilation = _pair(name, "dilation", dilation, n)
+        if not isinstance(padding, str) and any(p < 0 for p in self.padding):
+            raise ValueError(f"{name}: padding must be non-negative, got {padding!r}")
+        self.dilation = _positive(name, "dilation", _pair(name, "dilation", dilation, n))
         self.padding_mode = padding_mode
         shape = (out_channels, in_channels // groups) + self.kernel_size
         self.weight = Parameter(empty(*shape, dtype=dtype, device=device))

@@ -4,6 +4,7 @@ keys, numerics against NumPy float64, and errors that name the op and the shapes
 The ops' forward and gradients are in the op table (tests/test_ops.py); this file tests the layers."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -103,9 +104,104 @@ def test_conv_errors_name_op_and_shapes():
         F.conv2d(x, engine.randn(6, 3, 3, 3), stride=0)
     with pytest.raises(NotImplementedError, match="padding_mode='reflect' is not implemented"):
         nn.Conv2d(3, 6, 3, padding_mode="reflect")
-    with pytest.raises(ValueError, match="groups=2 must be positive and divide in_channels=3"):
+    with pytest.raises(ValueError, match="groups=2 must be a positive int and divide in_channels=3"):
         nn.Conv2d(3, 6, 3, groups=2)
 
+
+
+# What PyTorch 2.13 refuses, each checked there; the engine ran some of them (a (3, 4, 0, 0) weight
+# gave an 8x8 output from a 7x7 input, an empty H with padding=1 a (2, 9) output).
+BAD_CONV2D = [
+    ("zero kernel", (3, 4, 0, 0), {}, ShapeError, r"conv2d: kernel size must be greater than zero, got \(0, 0\)"),
+    ("zero kernel height", (3, 4, 0, 3), {}, ShapeError, r"kernel size must be greater than zero, got \(0, 3\)"),
+    ("no output channels", (0, 4, 3, 3), {}, ShapeError, r"conv2d: weight .*\(0, 4, 3, 3\).* has 0 output channels"),
+    ("groups not dividing", (3, 4, 3, 3), {"groups": 2}, ShapeError, "conv2d: groups=2 must divide"),
+    ("groups 0", (3, 4, 3, 3), {"groups": 0}, ValueError, "conv2d: groups must be a positive int, got 0"),
+    ("groups float", (3, 4, 3, 3), {"groups": 1.5}, ValueError, "conv2d: groups must be a positive int, got 1.5"),
+    ("negative padding", (3, 4, 3, 3), {"padding": -1}, ValueError, "conv2d: padding must be non-negative"),
+    ("stride 0", (3, 4, 3, 3), {"stride": 0}, ValueError, r"conv2d: stride must be positive, got \(0, 0\)"),
+    ("negative stride", (3, 4, 3, 3), {"stride": (1, -1)}, ValueError, r"stride must be positive, got \(1, -1\)"),
+    ("dilation 0", (3, 4, 3, 3), {"dilation": 0}, ValueError, r"conv2d: dilation must be positive, got \(0, 0\)"),
+    ("float stride", (3, 4, 3, 3), {"stride": (1, 1.5)}, TypeError, "conv2d: stride must be an int or a tuple of 2"),
+]
+
+
+@pytest.mark.parametrize("weight_shape, kwargs, error, message", [c[1:] for c in BAD_CONV2D],
+                         ids=[c[0] for c in BAD_CONV2D])
+def test_conv2d_refuses_what_pytorch_refuses(weight_shape, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        F.conv2d(engine.randn(1, 4, 7, 7), engine.randn(*weight_shape), **kwargs)
+
+
+BAD_CONV1D = [
+    ("zero kernel", (3, 4, 0), {}, ShapeError, r"conv1d: kernel size must be greater than zero, got \(0,\)"),
+    ("no input channels", (3, 0, 3), {}, ShapeError, r"conv1d: weight .*\(3, 0, 3\).* 0 input channels per group"),
+    ("channels differ", (3, 5, 3), {}, ShapeError, r"conv1d: input .*\(1, 4, 7\).* has 4 channels but weight .*"
+                                                   r"\(3, 5, 3\).* expects 5"),
+    ("groups not dividing", (3, 4, 3), {"groups": 2}, ShapeError, r"conv1d: groups=2 must divide .*\(1, 4, 7\)"),
+    ("stride 0", (3, 4, 3), {"stride": 0}, ValueError, r"conv1d: stride must be positive, got \(0,\)"),
+    ("dilation 0", (3, 4, 3), {"dilation": 0}, ValueError, r"conv1d: dilation must be positive, got \(0,\)"),
+    ("negative padding", (3, 4, 3), {"padding": -1}, ValueError, "conv1d: padding must be non-negative, got -1"),
+    ("pair padding", (3, 4, 3), {"padding": (1, 1)}, ValueError, "conv1d: padding must be an int or a tuple of 1 int"),
+    ("kernel too large", (3, 4, 9), {}, ShapeError, r"conv1d: padded input size per channel \(7,\) of input "
+                                                   r".*\(1, 4, 7\).* kernel size \(9,\)"),
+    ("bias", (3, 4, 3), {"bias": 5}, ShapeError, r"conv1d: bias .*\(5,\).* must have shape \(3,\)"),
+    ("dtypes", (3, 4, 3), {"dtype": engine.float64}, DTypeError, r"conv1d: input, weight .*\(1, 4, 7\).*float32.*"
+                                                                r"\(3, 4, 3\).*float64"),
+    ("same and strided", (3, 4, 3), {"padding": "same", "stride": 2}, ValueError, r"conv1d: padding='same' .* "
+                                                                                  r"\(stride=\(2,\)\)"),
+    ("4-d weight", (3, 4, 3, 3), {}, ShapeError, r"conv1d: weight must be an \(out_channels, in_channels / groups, "
+                                                r"k\) Tensor, got .*\(3, 4, 3, 3\)"),
+]
+
+
+@pytest.mark.parametrize("weight_shape, kwargs, error, message", [c[1:] for c in BAD_CONV1D],
+                         ids=[c[0] for c in BAD_CONV1D])
+def test_conv1d_errors_name_conv1d_and_the_shapes_passed(weight_shape, kwargs, error, message):
+    """conv1d runs the 2-d op with H = 1; its errors used to name conv2d and (N, C, 1, L) shapes."""
+    kwargs = dict(kwargs)
+    weight = engine.randn(*weight_shape, dtype=kwargs.pop("dtype", engine.float32))
+    if "bias" in kwargs:
+        kwargs["bias"] = engine.randn(kwargs["bias"])
+    with pytest.raises(error, match=message) as raised:
+        F.conv1d(engine.randn(1, 4, 7), weight, **kwargs)
+    assert "conv2d" not in str(raised.value) and ", 1, 7)" not in str(raised.value)
+
+
+def test_conv1d_input_of_the_wrong_rank_is_named_as_passed():
+    with pytest.raises(ShapeError, match=r"conv1d: expected \(N, C, L\) or unbatched \(C, L\) input, got "
+                                         r".*\(1, 4, 7, 7\)"):
+        F.conv1d(engine.randn(1, 4, 7, 7), engine.randn(3, 4, 3))
+    with pytest.raises(ShapeError, match=r"conv1d: input .*shape=\(4, 0\).* is empty in its spatial dims"):
+        F.conv1d(engine.randn(4, 0), engine.randn(3, 4, 1))  # unbatched: named without the added batch dim
+
+
+def test_conv_with_an_empty_batch_gives_an_empty_output_and_gradient():
+    x, w = engine.randn(0, 4, 7, 7, requires_grad=True), engine.randn(3, 4, 3, 3, requires_grad=True)
+    y = F.conv2d(x, w, padding=1)
+    assert y.shape == (0, 3, 7, 7)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and np.all(w.grad.numpy() == 0)
+    assert F.conv1d(engine.randn(0, 4, 7), engine.randn(3, 4, 3)).shape == (0, 3, 5)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 0, 7), (1, 4, 7, 0), (4, 0, 7)])
+def test_conv2d_refuses_an_empty_spatial_dim_even_with_padding(shape):
+    """PyTorch: "only zero batch or zero channel inputs are supported"; padding=1 used to give a (2, 9) output."""
+    with pytest.raises(ShapeError, match=r"conv2d: input .* is empty in its spatial dims; only the batch dim"):
+        F.conv2d(engine.randn(*shape), engine.randn(3, 4, 1, 1), padding=1)
+
+
+@pytest.mark.parametrize("layer, args, kwargs, message", [
+    (nn.Conv2d, (3, 3, 0), {}, r"Conv2d: kernel_size must be positive, got \(0, 0\)"),
+    (nn.Conv1d, (3, 3, 3), {"stride": 0}, r"Conv1d: stride must be positive, got \(0,\)"),
+    (nn.Conv2d, (3, 3, 3), {"padding": -1}, "Conv2d: padding must be non-negative, got -1"),
+    (nn.Conv1d, (3, 3, 3), {"dilation": 0}, r"Conv1d: dilation must be positive, got \(0,\)"),
+    (nn.Conv2d, (3, 3, 3), {"groups": 1.5}, "Conv2d: groups=1.5 must be a positive int"),
+])
+def test_conv_layers_check_their_geometry_when_built(layer, args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        layer(*args, **kwargs)
 
 # ---- pooling ---------------------------------------------------------------------------------------
 
@@ -149,9 +245,84 @@ def test_pool_errors_name_op_and_shapes():
         F.max_pool2d(engine.randn(6, 6), 2)
     with pytest.raises(DTypeError, match="avg_pool2d: input must be floating point"):
         F.avg_pool2d(engine.ones(1, 1, 4, 4, dtype=engine.int64), 2)
-    with pytest.raises(ValueError, match="adaptive_avg_pool2d: output_size must be positive"):
-        F.adaptive_avg_pool2d(engine.randn(1, 1, 4, 4), 0)
+    with pytest.raises(ValueError, match="adaptive_avg_pool2d: output_size must be non-negative"):
+        F.adaptive_avg_pool2d(engine.randn(1, 1, 4, 4), (2, -1))
 
+
+
+BAD_POOL = [  # what PyTorch 2.13 refuses, each checked there
+    ("max_pool2d", (1, 2, 6, 6), (0,), {}, ValueError, r"max_pool2d: kernel_size must be positive, got \(0, 0\)"),
+    ("max_pool2d", (1, 2, 6, 6), (2,), {"stride": 0}, ValueError, r"stride must be positive, got \(0, 0\)"),
+    ("max_pool2d", (1, 2, 6, 6), (2,), {"dilation": 0}, ValueError, r"dilation must be positive, got \(0, 0\)"),
+    ("max_pool2d", (1, 2, 6, 6), (2,), {"padding": -1}, ValueError, r"padding must be non-negative, got \(-1, -1\)"),
+    # at most half the kernel whatever the dilation (the engine used to allow half the dilated kernel)
+    ("max_pool2d", (1, 2, 8, 8), (3,), {"padding": 2, "dilation": 2}, ValueError,
+     r"max_pool2d: padding \(2, 2\) must be at most half of kernel_size \(3, 3\)"),
+    ("max_pool2d", (1, 2, 6, 6), (2.5,), {}, TypeError, "max_pool2d: kernel_size must be an int or a tuple of 2"),
+    ("avg_pool2d", (1, 2, 6, 6), (2,), {"padding": 2}, ValueError, r"padding \(2, 2\) must be at most half"),
+    ("avg_pool2d", (1, 2, 6, 6), (2,), {"divisor_override": 0}, ValueError, "divisor_override must be a non-zero"),
+    ("avg_pool1d", (1, 2, 6), (0,), {}, ValueError, r"avg_pool1d: kernel_size must be positive, got \(0,\)"),
+    ("avg_pool1d", (1, 2, 6), (2,), {"stride": 0}, ValueError, r"avg_pool1d: stride must be positive, got \(0,\)"),
+    ("avg_pool1d", (1, 2, 6), (2,), {"padding": 2}, ValueError,
+     r"avg_pool1d: padding \(2,\) must be at most half of kernel_size \(2,\)"),
+    ("avg_pool1d", (1, 2, 6), (2,), {"padding": -1}, ValueError, r"avg_pool1d: padding must be non-negative"),
+    ("avg_pool1d", (1, 2, 1), (2,), {}, ShapeError, r"avg_pool1d: input .*\(1, 2, 1\).* too small for "
+                                                    r"kernel_size=\(2,\).* output size would be \(0,\)"),
+    ("avg_pool1d", (1, 2, 6, 6), (2,), {}, ShapeError, r"avg_pool1d: expected \(N, C, L\) or unbatched \(C, L\) "
+                                                       r"input, got .*\(1, 2, 6, 6\)"),
+    ("avg_pool1d", (1, 2, 6), ((2, 2),), {}, ValueError, "avg_pool1d: kernel_size must be an int or a tuple of 1"),
+    ("adaptive_avg_pool2d", (1, 1, 4, 4), ((2, 2, 2),), {}, TypeError, "output_size must be an int, None or a tuple"),
+    ("adaptive_avg_pool2d", (1, 1, 4, 4), (2.5,), {}, TypeError, "output_size must be an int, None or a tuple"),
+]
+
+
+@pytest.mark.parametrize("op, shape, args, kwargs, error, message", BAD_POOL,
+                         ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in BAD_POOL])
+def test_pooling_refuses_what_pytorch_refuses_naming_the_op_called(op, shape, args, kwargs, error, message):
+    with pytest.raises(error, match=message) as raised:
+        getattr(F, op)(engine.randn(*shape), *args, **kwargs)
+    if op == "avg_pool1d":  # run as avg_pool2d with H = 1: neither that name nor a 4-d shape may show
+        assert "avg_pool2d" not in str(raised.value) and "(1, 2, 1, " not in str(raised.value)
+
+
+@pytest.mark.parametrize("op, args", [("max_pool2d", (2,)), ("avg_pool2d", (2,)), ("adaptive_avg_pool2d", (2,)),
+                                      ("adaptive_avg_pool2d", (1,))])
+@pytest.mark.parametrize("shape", [(1, 1, 0, 4), (1, 1, 4, 0), (1, 0, 4)])
+def test_pooling_refuses_an_empty_spatial_dim(op, args, shape):
+    """As PyTorch; adaptive_avg_pool2d raised a bare ZeroDivisionError (or gave NaN for output 1),
+    max_pool2d with padding gave the max of the padding (-inf)."""
+    with pytest.raises(ShapeError, match=rf"{op}: input .*shape={re.escape(str(shape))}.* is empty in its "):
+        getattr(F, op)(engine.randn(*shape), *args, **({"padding": 1} if op == "max_pool2d" else {}))
+
+
+def test_max_and_avg_pooling_refuse_an_empty_channel_dim_as_pytorch():
+    for op in ("max_pool2d", "avg_pool2d"):
+        with pytest.raises(ShapeError, match=rf"{op}: input .*\(1, 0, 4, 4\).* empty in its channel or spatial"):
+            getattr(F, op)(engine.randn(1, 0, 4, 4), 2)
+    with pytest.raises(ShapeError, match=r"avg_pool1d: input .*\(1, 0, 4\).* empty in its channel or spatial"):
+        F.avg_pool1d(engine.randn(1, 0, 4), 2)
+    assert F.adaptive_avg_pool2d(engine.randn(1, 0, 4, 4), 2).shape == (1, 0, 2, 2)  # PyTorch allows this one
+
+
+@pytest.mark.parametrize("op, args, out_shape", [
+    ("max_pool2d", (2,), (0, 2, 3, 3)), ("avg_pool2d", (2,), (0, 2, 3, 3)), ("avg_pool1d", (2,), (0, 2, 3)),
+    ("adaptive_avg_pool2d", (2,), (0, 2, 2, 2)), ("adaptive_avg_pool2d", (1,), (0, 2, 1, 1)),
+])
+def test_pooling_an_empty_batch_gives_an_empty_output_and_gradient(op, args, out_shape):
+    x = engine.randn(0, 2, *(6,) * (len(out_shape) - 2), requires_grad=True)
+    y = getattr(F, op)(x, *args)
+    assert y.shape == out_shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_adaptive_avg_pool2d_output_size_zero_is_empty_as_pytorch():
+    x = engine.randn(1, 1, 4, 4, requires_grad=True)
+    assert F.adaptive_avg_pool2d(x, 0).shape == (1, 1, 0, 0)
+    y = F.adaptive_avg_pool2d(x, (None, 0))
+    assert y.shape == (1, 1, 4, 0)
+    y.sum().backward()
+    assert np.all(x.grad.numpy() == 0)
 
 # ---- BatchNorm2d, Dropout2d --------------------------------------------------------------------------
 
