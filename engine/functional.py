@@ -38,6 +38,9 @@ def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> No
     tensors = [t for t in (x, weight, bias) if t is not None]
     if len({t.dtype for t in tensors}) > 1:
         raise DTypeError(f"{op}: dtypes differ: {', '.join(describe(t) for t in tensors)}; convert with .to(dtype)")
+    if x.dtype == np.bool_:
+        raise DTypeError(f"{op}: bool operands are not supported (as in PyTorch): {describe(x)} and "
+                         f"{describe(weight)}; convert with .float()")
 
 
 class Linear(Function):

@@ -31,6 +31,30 @@ def _is_float(dtype) -> bool:
     return np.issubdtype(np.dtype(dtype), np.floating)
 
 
+# ---- integer and bool input to float-valued ops: PyTorch's rules -------------------------------
+
+DEFAULT_FLOAT = np.dtype(np.float32)  # PyTorch's default dtype: what integer input promotes to
+
+
+def _is_integral(dtype) -> bool:
+    """Integer or bool (the dtypes PyTorch calls integral)."""
+    return np.dtype(dtype).kind in "biu"
+
+
+def _promoted(a: Tensor) -> Tensor:
+    """``a`` for an op whose value is a float (exp, sigmoid ...): integer and bool tensors become
+    float32, PyTorch's default dtype, as ``torch.exp(int_tensor)`` does (not float64, and never an
+    integer result that truncates every value to 0)."""
+    return cast(a, DEFAULT_FLOAT) if _is_integral(a.dtype) else a
+
+
+def _require_float(op: str, a: Tensor, fix: str = "convert with .float()") -> None:
+    """Refuse integer and bool input where PyTorch refuses it (softmax, gelu, mean, var ...)."""
+    if _is_integral(a.dtype):
+        raise DTypeError(f"{op}: expected a floating point input, got {describe(a)}; PyTorch refuses "
+                         f"{a.dtype} input here too: {fix}")
+
+
 # ---- operand coercion: no silent float promotion ---------------------------------------------
 
 def _binary_operands(op: str, a, b) -> tuple[Tensor, Tensor]:
@@ -57,7 +81,8 @@ def _scalar_operand(value, like: Tensor) -> Tensor:
     """A non-Tensor operand (Python/numpy scalar or array) as a constant tensor on ``like``'s device.
 
     It takes ``like``'s dtype when ``like`` is floating (so ``0.5 * x`` stays float32) or when both
-    are integral scalars; an integer tensor with a float scalar gives float32, as in PyTorch.
+    are integral scalars, except that a bool tensor with an int gives int64 (``mask * 2`` is 2, not
+    True); an integer tensor with a float scalar gives float32, as in PyTorch.
     """
     if backend.is_array(value) and not isinstance(value, np.ndarray):
         return Tensor(value)
@@ -65,7 +90,12 @@ def _scalar_operand(value, like: Tensor) -> Tensor:
     if _is_float(like.dtype):
         dtype = like.dtype
     elif arr.dtype.kind in "iub":
-        dtype = like.dtype if arr.ndim == 0 else arr.dtype
+        if arr.ndim:
+            dtype = arr.dtype
+        elif like.dtype == np.bool_ and arr.dtype.kind != "b":
+            dtype = np.int64
+        else:
+            dtype = like.dtype
     else:
         dtype = np.float32 if arr.dtype == np.float64 else arr.dtype
     return Tensor(arr.astype(dtype, copy=False), device=like.device)
@@ -155,7 +185,10 @@ def add(a, b, *, alpha=1, out=None) -> Tensor:
 
 
 def sub(a, b, *, alpha=1, out=None) -> Tensor:
-    """``a - alpha * b`` (``torch.sub``)."""
+    """``a - alpha * b`` (``torch.sub``); a bool tensor operand is refused, as in PyTorch."""
+    if any(isinstance(t, Tensor) and t.dtype == np.bool_ for t in (a, b)):
+        raise DTypeError(f"sub: subtraction with a bool tensor is not supported (as in PyTorch): {describe(a)} - "
+                         f"{describe(b)}; invert a mask with ~ or logical_not, or convert with .long() or .float()")
     if alpha != 1:
         b = mul(b, alpha) if isinstance(b, Tensor) else b * alpha
     return write_out("sub", Sub.apply(*_binary_operands("sub", a, b)), out)
@@ -198,6 +231,11 @@ def write_out(op: str, result: Tensor, out) -> Tensor:
 
 
 def pow(a, b) -> Tensor:
+    """``a ** b`` elementwise (``torch.pow``)."""
+    if isinstance(a, Tensor) and _is_integral(a.dtype) and isinstance(b, (int, np.integer)) and b < 0:
+        # the exponent would be cast to a's dtype first: -1 as uint8 is 255, a silent x ** 255
+        raise DTypeError(f"pow: integers to negative integer powers are not allowed (as in PyTorch): {describe(a)} "
+                         f"** {b}; convert with .float() first")
     return Pow.apply(*_binary_operands("pow", a, b))
 
 
@@ -411,28 +449,47 @@ def _normal_cdf(a):
     return (0.5 * (1 + _erf(a / math.sqrt(2)))).astype(a.dtype, copy=False)
 
 
-def exp(a): return Exp.apply(a)
-def log(a): return Log.apply(a)
-def sqrt(a): return Sqrt.apply(a)
-def abs(a): return Abs.apply(a)
-def tanh(a): return Tanh.apply(a)
-def sigmoid(a): return Sigmoid.apply(a)
-def relu(a): return ReLU.apply(a)
-def sin(a): return Sin.apply(a)
-def cos(a): return Cos.apply(a)
+# Float-valued functions of integer or bool input give float32, as in PyTorch.
+def exp(a): return Exp.apply(_promoted(a))
+def log(a): return Log.apply(_promoted(a))
+def sqrt(a): return Sqrt.apply(_promoted(a))
+def tanh(a): return Tanh.apply(_promoted(a))
+def sigmoid(a): return Sigmoid.apply(_promoted(a))
+def sin(a): return Sin.apply(_promoted(a))
+def cos(a): return Cos.apply(_promoted(a))
+
+
+def abs(a: Tensor) -> Tensor:
+    """|a|, of a's dtype; bool input is refused, as in PyTorch."""
+    if a.dtype == np.bool_:
+        raise DTypeError(f"abs: bool input is not supported (as in PyTorch), got {describe(a)}")
+    return Abs.apply(a)
+
+
+def relu(a: Tensor) -> Tensor:
+    """max(a, 0); integer input stays integer, bool input is refused (both as in PyTorch)."""
+    if a.dtype == np.bool_:
+        raise DTypeError(f"relu: bool input is not supported (as in PyTorch), got {describe(a)}; "
+                         "convert with .float() or .long()")
+    return ReLU.apply(a)
 
 
 def square(a: Tensor) -> Tensor:
+    """``a * a``; a bool tensor gives int64, as ``torch.square`` (it is ``a ** 2``)."""
+    if a.dtype == np.bool_:
+        a = cast(a, np.int64)
     return mul(a, a)
 
 
 def leaky_relu(a: Tensor, negative_slope: float = 0.01) -> Tensor:
+    _require_float("leaky_relu", a)  # an integer slope product would truncate to 0
     return LeakyReLU.apply(a, negative_slope=float(negative_slope))
 
 
 def gelu(a: Tensor, approximate: str = "none") -> Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _require_float("gelu", a)
     return GELU.apply(a, approximate=approximate)
 
 
@@ -623,14 +680,19 @@ def sum(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None,
     """Sum over ``dim`` (an int, a tuple, or None for all); ``axis=``/``keepdims=`` are aliases."""
     if dtype is not None:
         a = cast(a, dtype)
-    return Sum.apply(a, axis=_dim("sum", dim, axis), keepdims=_keep(keepdim, keepdims))
+    return _int64_if_integral(Sum.apply(a, axis=_dim("sum", dim, axis), keepdims=_keep(keepdim, keepdims)))
+
+
+def _int64_if_integral(result: Tensor) -> Tensor:
+    """PyTorch's sum and prod of integer or bool input are int64 (NumPy's of uint8 are uint64)."""
+    return cast(result, np.int64) if _is_integral(result.dtype) else result
 
 
 def mean(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None, dtype=None) -> Tensor:
+    """Mean over ``dim``; as in PyTorch an integer or bool input needs ``dtype=`` (a float dtype)."""
     if dtype is not None:
         a = cast(a, dtype)
-    if not _is_float(a.dtype):
-        a = cast(a, np.float32)
+    _require_float("mean", a, "pass dtype=engine.float32 or convert with .float()")
     return Mean.apply(a, axis=_dim("mean", dim, axis), keepdims=_keep(keepdim, keepdims))
 
 
@@ -725,6 +787,7 @@ def var(a: Tensor, dim=None, unbiased=None, keepdim: bool = False, *, correction
     """
     if isinstance(dim, bool):  # torch.var(input, unbiased)
         dim, unbiased = None, dim
+    _require_float("var", a)
     axes = _norm_axis(_dim("var", dim, axis), a.ndim)
     keep, corr = _keep(keepdim, keepdims), _correction(unbiased, correction)
     count = int(np.prod([a.shape[i] for i in axes])) if axes else 1
@@ -735,6 +798,7 @@ def var(a: Tensor, dim=None, unbiased=None, keepdim: bool = False, *, correction
 def std(a: Tensor, dim=None, unbiased=None, keepdim: bool = False, *, correction=None, axis=None,
         keepdims=None) -> Tensor:
     """Standard deviation: see :func:`var`."""
+    _require_float("std", a)
     return sqrt(var(a, dim, unbiased, keepdim, correction=correction, axis=axis, keepdims=keepdims))
 
 
@@ -777,7 +841,7 @@ def prod(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None
         if not -builtins.max(a.ndim, 1) <= dim < builtins.max(a.ndim, 1):
             raise ShapeError(f"prod: dim {dim} is out of range for {describe(a)}")
         dim = int(dim) % builtins.max(a.ndim, 1) if a.ndim else None
-    return Prod.apply(a, axis=dim, keepdims=_keep(keepdim, keepdims))
+    return _int64_if_integral(Prod.apply(a, axis=dim, keepdims=_keep(keepdim, keepdims)))
 
 
 class Norm2(Function):
@@ -802,8 +866,7 @@ def norm(a: Tensor, p=2, dim=None, keepdim: bool = False, *, axis=None, keepdims
     """As ``torch.norm``: the ``p``-norm (2, 'fro', 1, inf, -inf or any positive number) over ``dim``
     (None: all elements, so a matrix's Frobenius norm). ``'nuc'`` is not supported."""
     dim, keep = _dim("norm", dim, axis), _keep(keepdim, keepdims)
-    if not _is_float(a.dtype):
-        a = cast(a, np.float32)
+    _require_float("norm", a)
     if p is None or p in ("fro", 2):
         return Norm2.apply(a, axis=dim, keepdims=keep)
     if isinstance(p, str):
@@ -1075,6 +1138,9 @@ def matmul(input, other, *, out=None) -> Tensor:
     if out is not None:
         return write_out("matmul", matmul(input, other), out)
     a, b = _binary_operands("matmul", input, other)
+    if a.dtype == np.bool_:
+        raise DTypeError(f"matmul: bool operands are not supported (as in PyTorch): {describe(a)} @ {describe(b)}; "
+                         "convert with .float() or .long()")
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError(f"matmul: operands must have at least 1 dim: {describe(a)} @ {describe(b)}")
     k_a = a.shape[-1]
@@ -1128,6 +1194,7 @@ def softmax(a: Tensor, dim: int | None = None, *, axis=None, dtype=None) -> Tens
     """Softmax along ``dim`` (default the last; ``axis=`` is an alias), optionally cast to ``dtype`` first."""
     if dtype is not None:
         a = cast(a, dtype)
+    _require_float("softmax", a, "pass dtype=engine.float32 or convert with .float()")
     return Softmax.apply(a, axis=_axis_or(_dim("softmax", dim, axis), -1))
 
 
@@ -1135,6 +1202,7 @@ def log_softmax(a: Tensor, dim: int | None = None, *, axis=None, dtype=None) -> 
     """``log(softmax(a))`` along ``dim``, computed stably in one op."""
     if dtype is not None:
         a = cast(a, dtype)
+    _require_float("log_softmax", a, "pass dtype=engine.float32 or convert with .float()")
     return LogSoftmax.apply(a, axis=_axis_or(_dim("log_softmax", dim, axis), -1))
 
 
