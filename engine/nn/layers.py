@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
+
 from engine import functional as F
 from engine import ops
 from engine.autograd import no_grad
+from engine.errors import DTypeError, describe
 from engine.nn import init
 from engine.nn.module import Module, Parameter
 from engine.tensor import Tensor, empty, ones, zeros
@@ -363,6 +366,9 @@ class BatchNorm1d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if not np.issubdtype(x.dtype, np.floating):  # as PyTorch; ops.mean below would name itself instead
+            raise DTypeError(f"{type(self).__name__}: input must be floating point, got {describe(x)}; "
+                             "convert with .float()")
         axes = (0,) + tuple(range(2, x.ndim))  # statistics per channel, over the batch and every spatial dim
         shape = (1, self.num_features) + (1,) * (x.ndim - 2)
         use_batch = self.training or not self.track_running_stats

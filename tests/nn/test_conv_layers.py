@@ -326,6 +326,15 @@ def test_adaptive_avg_pool2d_output_size_zero_is_empty_as_pytorch():
 
 # ---- BatchNorm2d, Dropout2d --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name, shape", [("BatchNorm1d", (4, 3)), ("BatchNorm2d", (2, 3, 2, 2))])
+def test_batchnorm_refuses_integer_input_naming_itself(name, shape, training):
+    """As PyTorch; training used to fail inside (naming mean), evaluation to compute in float32."""
+    layer = getattr(nn, name)(3).train(training)
+    with pytest.raises(DTypeError, match=rf"{name}: input must be floating point, got .*dtype=int64"):
+        layer(engine.tensor(np.arange(math.prod(shape)).reshape(shape)))
+
+
 def test_batchnorm2d_train_and_eval_match_numpy(rng):
     bn = nn.BatchNorm2d(3)
     assert list(bn.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]

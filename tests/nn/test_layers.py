@@ -202,6 +202,16 @@ def test_activations_match_numpy(rng, device):
         np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=2e-6, err_msg=repr(layer))
 
 
+def test_activation_layers_on_integer_input_follow_pytorch():
+    x = engine.tensor(np.array([[-2, 0, 3]]))
+    assert nn.Sigmoid()(x).dtype == np.float32 and nn.Tanh()(x).dtype == np.float32  # not int zeros
+    np.testing.assert_allclose(nn.Sigmoid()(x).numpy(), 1 / (1 + np.exp([[2.0, 0.0, -3.0]])), rtol=1e-6)
+    assert nn.ReLU()(x).numpy().tolist() == [[0, 0, 3]] and nn.ReLU()(x).dtype == np.int64
+    for layer, op in ((nn.GELU(), "gelu"), (nn.LeakyReLU(), "leaky_relu"), (nn.Softmax(-1), "softmax")):
+        with pytest.raises(DTypeError, match=rf"{op}: expected a floating point input, got .*int64"):
+            layer(x)
+
+
 def test_activation_gradients_gradcheck(rng):
     x = engine.tensor(rng.standard_normal((3, 4)))
     for layer in (nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.GELU("tanh"), nn.Softmax(1), nn.LogSoftmax(0)):
