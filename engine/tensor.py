@@ -681,8 +681,48 @@ def empty(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
 
 
 def full(shape, fill_value, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """A tensor of ``shape`` filled with ``fill_value``, PyTorch's ``torch.full``.
+
+    Without ``dtype`` the value's kind decides, as in PyTorch: bool -> bool, int -> int64, float ->
+    float32, complex -> complex64. A value the dtype cannot hold is refused instead of wrapping
+    (nan, inf or an out-of-range number into an integer dtype, a finite float that overflows to
+    inf); a float into an integer dtype is truncated toward zero, as PyTorch does.
+    """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if isinstance(fill_value, Tensor):
+        fill_value = fill_value.item()
+    dtype = np.dtype(dtype) if dtype is not None else _dtype_of_scalar(fill_value)
+    _check_fill("full", fill_value, dtype)
     return _new("full", (shape,), dtype, device, requires_grad, fill_value=fill_value)
+
+
+def _dtype_of_scalar(value) -> np.dtype:
+    """The dtype PyTorch gives a tensor made from the Python scalar ``value``."""
+    if isinstance(value, (bool, np.bool_)):
+        return np.dtype(np.bool_)
+    if isinstance(value, (int, np.integer)):
+        return np.dtype(np.int64)
+    if isinstance(value, (complex, np.complexfloating)):
+        return np.dtype(np.complex64)
+    return np.dtype(float32)
+
+
+def _check_fill(op: str, value, dtype: np.dtype) -> None:
+    """Refuse a fill value that ``dtype`` cannot hold (numpy would wrap it, or write INT64_MIN for nan)."""
+    if dtype.kind in "iu" and not isinstance(value, (bool, np.bool_)):
+        if isinstance(value, (complex, np.complexfloating)):
+            raise DTypeError(f"{op}: fill_value={value!r} is complex; an integer dtype {dtype} cannot hold it")
+        info = np.iinfo(dtype)
+        if not np.isfinite(value) or not info.min <= int(value) <= info.max:
+            raise DTypeError(f"{op}: fill_value={value!r} cannot be converted to {dtype} (whole numbers in "
+                             f"[{info.min}, {info.max}]) without overflow")
+    elif dtype.kind == "f" and np.isfinite(value) and not _fits_float(value, dtype):
+        raise DTypeError(f"{op}: fill_value={value!r} overflows {dtype} (largest {np.finfo(dtype).max})")
+
+
+def _fits_float(value, dtype: np.dtype) -> bool:
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.asarray(value).astype(dtype)))
 
 
 def zeros_like(t: Tensor, dtype=None, requires_grad=False) -> Tensor:

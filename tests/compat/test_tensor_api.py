@@ -724,3 +724,20 @@ def test_bool_of_any_reads_through_the_counted_host_door():
         assert reads.count == 0  # the reduction stays on the device
         assert bool(flag) and not bool(t.all())
     assert reads.count == 2
+
+
+def test_full_infers_its_dtype_and_refuses_values_the_dtype_cannot_hold():
+    # as torch.full: the value's kind picks the dtype; a float into ints truncates toward zero
+    assert engine.full((2,), 1).dtype == engine.int64 and engine.full((2,), True).dtype == engine.bool_
+    assert engine.full((2,), 1.5).dtype == engine.float32
+    assert engine.full((2,), -1.7, dtype=engine.int64).tolist() == [-1, -1]
+    assert np.isnan(engine.full((2,), float("nan")).numpy()).all()
+    # numpy would write INT64_MIN for nan and wrap -1 to 255: refused, naming the op, value and dtype
+    for value, dtype in ((float("nan"), engine.int64), (float("inf"), engine.int32), (-1, engine.uint8),
+                         (2 ** 40, engine.int32)):
+        with pytest.raises(DTypeError, match=rf"full: fill_value={value!r} cannot be converted to "):
+            engine.full((2,), value, dtype=dtype)
+    with pytest.raises(DTypeError, match="overflows float16"):
+        engine.full((2,), 1e6, dtype=engine.float16)
+    with pytest.raises(DTypeError, match="cannot be converted to int64"):
+        engine.full_like(engine.zeros(3, dtype=engine.int64), float("nan"))
