@@ -34,6 +34,8 @@ array-module code (``_reference_update``): the unfused reference the parity test
 
 from __future__ import annotations
 
+import collections
+
 import math
 import numbers
 
@@ -543,6 +545,11 @@ class Optimizer:
         if len(saved_groups) != len(self.param_groups):
             raise EngineError(f"{name}: the state dict has {len(saved_groups)} param group(s) but this optimizer "
                               f"has {len(self.param_groups)}; build the optimizer with the same groups")
+        every_index = [i for g, saved in enumerate(saved_groups) for i in _saved_indices(name, g, saved)]
+        repeated = sorted(i for i, n in collections.Counter(every_index).items() if n > 1)
+        if repeated:  # two parameters would share (and both update) one saved state
+            raise EngineError(f"{name}: the state dict lists parameter indices {repeated} more than once in its "
+                              "param groups; each parameter has one index")
         new_groups, states = [], []
         for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             indices = _saved_indices(name, g, saved)
@@ -559,8 +566,7 @@ class Optimizer:
             states.append({p: self._restore_entry(name, index, saved_state.get(index), p, allowed)
                            for index, p in zip(indices, group["params"])})
             new_groups.append(new_group)
-        listed = {i for g, saved in enumerate(saved_groups) for i in _saved_indices(name, g, saved)}
-        unknown = set(saved_state) - listed
+        unknown = set(saved_state) - set(every_index)
         if unknown:
             raise EngineError(f"{name}: the state dict has state for parameter indices {sorted(unknown)} that "
                               "no param group lists")

@@ -576,6 +576,18 @@ def test_load_state_dict_error_names_the_problem():
         opt.load_state_dict(sd)
 
 
+def test_load_state_dict_refuses_an_index_listed_twice():
+    # two same-shape parameters, state for index 0 only: [0, 0] would give both one state
+    tensors = make_tensors([np.ones(3), np.ones(3)], np.float32, "cpu")
+    opt = Adam(tensors)
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    sd = {"state": {0: {"step": 1, "exp_avg": engine.zeros(3), "exp_avg_sq": engine.zeros(3)}},
+          "param_groups": [dict(group, params=[0, 0])]}
+    with pytest.raises(EngineError, match=r"parameter indices \[0\] more than once"):
+        opt.load_state_dict(sd)
+    assert opt.state_dict()["state"] == {}
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make, match", [
