@@ -186,7 +186,7 @@ def add(a, b, *, alpha=1, out=None) -> Tensor:
 
 def sub(a, b, *, alpha=1, out=None) -> Tensor:
     """``a - alpha * b`` (``torch.sub``); a bool tensor operand is refused, as in PyTorch."""
-    if any(isinstance(t, Tensor) and t.dtype == np.bool_ for t in (a, b)):
+    if builtins.any(isinstance(t, Tensor) and t.dtype == np.bool_ for t in (a, b)):
         raise DTypeError(f"sub: subtraction with a bool tensor is not supported (as in PyTorch): {describe(a)} - "
                          f"{describe(b)}; invert a mask with ~ or logical_not, or convert with .long() or .float()")
     if alpha != 1:
