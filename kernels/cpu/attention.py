@@ -366,7 +366,7 @@ _P0, _P1, _P2, _P3, _P4, _P5 = (_F32(v) for v in (1.9875691500e-4, 1.3981999507e
 _EXP_LO, _HALF, _ONE = _F32(-87.0), _F32(0.5), _F32(1.0)
 
 # Set by _numba_helpers() (module globals the kernels read: closures would miss numba's disk cache).
-_nb_gemm4 = _nb_gemm4_at = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = None
+_nb_gemm4 = _nb_gemm4_at = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = _nb_bias_row = None
 
 
 @functools.cache
@@ -509,8 +509,20 @@ def _numba_helpers() -> None:
             scaled = bits[jj] + (ti << 23)
             bits[jj] = 0 if x < _EXP_LO else scaled
 
+    @numba.njit(cache=True)
+    def bias_row(srow, nk, mb, i, j0, nl, has_mask, mask_per_row, causal):
+        """Query row i's scores against keys j0 .. j0 + nk: plus its mask row (a (1|B, 1, S) mask is
+        read in place for every row), and -inf for the keys after i under causal."""
+        if has_mask:
+            mrow = mb[min(i, nl - 1) if mask_per_row else 0]
+            for jj in range(nk):
+                srow[jj] += mrow[j0 + jj]
+        if causal:
+            for jj in range(max(0, i + 1 - j0), nk):
+                srow[jj] = -np.inf
+
     globals().update(_nb_gemm4=gemm4, _nb_gemm4_at=gemm4_at, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
-                     _nb_tile_sum=tile_sum, _nb_rowdot=rowdot)
+                     _nb_tile_sum=tile_sum, _nb_rowdot=rowdot, _nb_bias_row=bias_row)
 
 
 @functools.cache
@@ -568,13 +580,7 @@ def _numba_kernels(parallel: bool):
                 for r in range(nq):
                     i = i0 + r
                     srow, prow = st[r], pt[r]
-                    if has_mask:
-                        mrow = mb[min(i, nl - 1) if mask_per_row else 0]
-                        for jj in range(nk):
-                            srow[jj] += mrow[j0 + jj]
-                    if causal:
-                        for jj in range(max(0, i + 1 - j0), nk):
-                            srow[jj] = neg_inf
+                    _nb_bias_row(srow, nk, mb, i, j0, nl, has_mask, mask_per_row, causal)
                     m_old = row_max[r]
                     m_new = max(m_old, _nb_tile_max(srow, nk))
                     if m_new == neg_inf:  # nothing visible yet: exps 0, NaN for a NaN score (it must propagate)
@@ -653,13 +659,7 @@ def _numba_kernels(parallel: bool):
                         if li == neg_inf:  # fully masked row: P = 0; dS = 0 (dP - D) is NaN only where
                             prow[:nk] = 0  # dP or D is (a non-finite v or dO), as in PyTorch
                         else:
-                            if has_mask:
-                                mrow = mb[min(i, nl - 1) if mask_per_row else 0]
-                                for jj in range(nk):
-                                    srow[jj] += mrow[j0 + jj]
-                            if causal:
-                                for jj in range(max(0, i + 1 - j0), nk):
-                                    srow[jj] = neg_inf
+                            _nb_bias_row(srow, nk, mb, i, j0, nl, has_mask, mask_per_row, causal)
                             _nb_exp_shift(srow, nk, li, fast_exp, prow)
                         di = d[b, i]
                         for jj in range(nk):
