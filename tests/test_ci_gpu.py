@@ -192,7 +192,8 @@ def test_summary_of_a_passing_run(tmp_path):  # like r2: 816 passed
 
 
 def test_sanitizer_findings_fail_their_step(tmp_path):
-    hazard = RACECHECK_LOG.replace("0 hazards displayed (0 errors, 0 warnings)", "2 hazards displayed (0 errors, 2 warnings)")
+    hazard = RACECHECK_LOG.replace("0 hazards displayed (0 errors, 0 warnings)",
+                                   "2 hazards displayed (0 errors, 2 warnings)")
     assert ci._check_sanitizer(tmp_path, hazard) == "racecheck reported 2 hazard(s)"  # warnings: exit code 0
     wrong = MEMCHECK_LOG.replace("30 passed, 0 failed", "29 passed, 1 failed")
     assert ci._check_sanitizer(tmp_path, wrong) == "1 case(s) gave a wrong result"
@@ -225,7 +226,8 @@ def test_sanitize_cases_cover_the_issue_shapes_and_catch_a_wrong_number():
             for causal in (False, True):
                 assert f"attention E={e} mask={mask} causal={causal}" in labels
     assert (sc.BATCH * sc.HEADS, sc.L, sc.S) == (6, 37, 70)
-    assert {"layer_norm D=99 affine=True", "layer_norm D=4097 affine=False", "gelu n=1001 approximate=tanh"} <= set(labels)
+    assert {"layer_norm D=99 affine=True", "layer_norm D=4097 affine=False",
+            "gelu n=1001 approximate=tanh"} <= set(labels)
     import numpy as np
 
     want = [np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4), np.array([0.0, -np.inf], np.float32)]

@@ -272,6 +272,8 @@ HOST_ONLY = {
     ("engine/text/datasets.py", "unigram_baseline"): "token arrays and counts are numpy arrays",
     ("engine/functional.py", "_check_class_indices"): "called with numpy targets only (the CPU path)",
     ("engine/functional.py", "nll_loss"): "the eager target check runs in its `xp is np` branch",
+    ("engine/data/workers.py", "_work"): "tasks.get() is a queue's, not an array's",
+    ("engine/distributed/mpi.py", "allgather_object"): "sizes is a numpy array MPI gathered into",
 }
 
 
@@ -284,7 +286,7 @@ def _is_host_value(node) -> bool:
     if isinstance(f, ast.Name):
         return f.id in ("len", "_host_float64")
     return isinstance(f, ast.Attribute) and (f.attr == "to_host" or isinstance(f.value, ast.Name)
-                                             and f.value.id in ("np", "math"))
+                                             and f.value.id in ("np", "math", "builtins"))
 
 
 def _may_be_on_device(node) -> bool:
