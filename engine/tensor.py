@@ -321,21 +321,21 @@ class Tensor:
     def __array__(self, dtype=None, copy=None):
         """``np.asarray(t)`` / ``np.array(t)``, with NumPy 2's ``copy``: True copies; None shares the
         memory of a CPU tensor when no dtype change is asked (as PyTorch); False shares or raises
-        ValueError. As in PyTorch, a tensor that requires grad is refused (use ``t.detach()``) and a
-        GPU tensor too (use ``t.cpu()``). A shared array is :meth:`numpy`'s: read-only while a graph
-        keeps the memory for backward."""
+        ValueError. As in PyTorch, a tensor that requires grad is refused (use ``t.detach()``). A GPU
+        tensor gives a host copy (PyTorch refuses it; the engine's own tests pass device tensors to
+        ``np.testing``), and ``copy=False`` is a ValueError since GPU memory cannot be shared. A
+        shared array is :meth:`numpy`'s: read-only while a graph keeps the memory for backward."""
         if self.requires_grad:
             raise GradError(f"numpy conversion (np.asarray / np.array) of {describe(self)}, which requires grad; "
                             "use t.detach() first (PyTorch refuses it too)")
-        if self.device.type != "cpu":
-            raise TypeError(f"can't convert {describe(self)} to a numpy array implicitly; copy it to host memory "
-                            "with t.cpu() or t.numpy() first (PyTorch refuses it too)")
-        host = self.numpy()
-        converts = dtype is not None and np.dtype(dtype) != host.dtype
-        if copy is False and converts:
-            raise ValueError(f"np.array(copy=False) of {describe(self)} as {np.dtype(dtype)} needs a copy (a dtype "
-                             "change); use np.asarray to allow one")
-        if copy or converts:
+        on_host = self.device.type == "cpu"
+        converts = dtype is not None and np.dtype(dtype) != self.dtype
+        if copy is False and (converts or not on_host):
+            why = "a dtype change" if on_host else "its memory is on the GPU"
+            raise ValueError(f"np.array(copy=False) of {describe(self)}{f' as {np.dtype(dtype)}' if converts else ''} "
+                             f"needs a copy ({why}); use np.asarray to allow one")
+        host = self.numpy()  # a GPU tensor: a copy, through backend.to_host
+        if converts or (copy and on_host):
             return np.array(host, dtype=dtype, copy=True)
         return host
 

@@ -668,11 +668,14 @@ def test_np_conversion_of_a_tensor_that_requires_grad_is_refused_as_in_pytorch()
 
 
 @pytest.mark.gpu
-def test_np_conversion_of_a_gpu_tensor_is_refused_as_in_pytorch():
+def test_np_conversion_of_a_gpu_tensor_copies_and_never_shares():
     t = torch.ones(3, device="cuda")
-    with pytest.raises(TypeError, match=r"t\.cpu\(\)"):
-        np.asarray(t)
-    np.testing.assert_array_equal(t.numpy(), [1.0, 1.0, 1.0])  # .numpy() copies from the GPU, explicitly
+    for host in (np.asarray(t), np.array(t), t.numpy()):
+        np.testing.assert_array_equal(host, [1.0, 1.0, 1.0])
+        host[0] = 5.0  # the caller's own copy
+    assert t.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="its memory is on the GPU"):
+        np.array(t, copy=False)
 
 
 def test_memory_a_graph_saved_for_backward_is_handed_to_numpy_read_only():
