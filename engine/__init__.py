@@ -24,6 +24,7 @@ from engine.ops import all, any  # noqa: F401,E402  (torch.any / torch.all: tens
 from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, float64, from_numpy, full, full_like,
                            int8, int16, int32, int64, linspace, normal, ones, ones_like, rand, rand_like, randint, randn,
                            randn_like, randperm, tensor, uint8, zeros, zeros_like)
+from engine.tensor import bfloat16  # noqa: F401,E402  (ml_dtypes.bfloat16, as torch.bfloat16)
 
 from engine.io import CheckpointError, load, save
 

@@ -19,6 +19,7 @@ import threading
 import weakref
 
 from engine import backend
+from engine.dtypes import is_floating
 from engine.errors import DeviceError, EngineError, GradError, describe
 
 _mode = threading.local()
@@ -308,7 +309,7 @@ def _apply_ctx_style(cls, args: tuple, kwargs: dict):
     node.output_meta = tuple((o.shape, o.dtype) if isinstance(o, Tensor) else None for o in outputs)
     non_diff = {id(t) for t in ctx._non_differentiable}
     wanted = [i for i, o in enumerate(outputs)
-              if isinstance(o, Tensor) and id(o) not in non_diff and o._data.dtype.kind in "fc"]
+              if isinstance(o, Tensor) and id(o) not in non_diff and (o._data.dtype.kind == "c" or is_floating(o._data.dtype))]
     if len(outputs) == 1 and not isinstance(out, tuple):
         results = [_attach(o, node, tensors) if wanted else o for o in outputs]
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.dtypes import is_floating
 from engine import backend, ops
 from engine.autograd import Function
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
@@ -88,7 +89,7 @@ def _unit_height(stride: tuple, dilation: tuple, out: tuple, pads: tuple) -> tup
 
 
 def _check_float(op: str, input: Tensor) -> None:
-    if not np.issubdtype(input.dtype, np.floating):
+    if not is_floating(input.dtype):
         raise DTypeError(f"{op}: input must be floating point, got {describe(input)}; convert with .float()")
 
 
@@ -230,7 +231,7 @@ def _check_conv(op: str, input: Tensor, x: Tensor, weight: Tensor, bias, groups:
     if len({t.device for t in tensors}) > 1:
         raise DeviceError(f"{op}: input, weight and bias are on different devices: "
                           f"{', '.join(describe(t) for t in tensors)}; move them to one device with .to(device)")
-    if not all(np.issubdtype(t.dtype, np.floating) for t in tensors) or len({t.dtype for t in tensors}) > 1:
+    if not all(is_floating(t.dtype) for t in tensors) or len({t.dtype for t in tensors}) > 1:
         raise DTypeError(f"{op}: input, weight and bias must share one floating dtype, got "
                          f"{', '.join(describe(t) for t in tensors)}; convert with .to(dtype)")
 

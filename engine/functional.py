@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 import kernels
+from engine.dtypes import is_floating
 from engine import backend, ops
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
@@ -239,9 +240,9 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ign
     if target.device != input.device:
         raise DeviceError(f"cross_entropy: input {describe(input)} and target {describe(target)} are on "
                          "different devices; move the target with .to(input.device)")
-    if not np.issubdtype(input.dtype, np.floating):
+    if not is_floating(input.dtype):
         raise DTypeError(f"cross_entropy: input must be floating point logits, got {describe(input)}")
-    soft = np.issubdtype(target.dtype, np.floating)
+    soft = is_floating(target.dtype)
     if not soft and np.dtype(target.dtype).kind not in "iu":
         raise DTypeError(f"cross_entropy: target {describe(target)} must hold class indices of an integer dtype "
                          "(int64, as PyTorch) or probabilities of the input's float dtype")
@@ -423,7 +424,7 @@ def _loss_operands(op: str, input: Tensor, target) -> tuple[Tensor, Tensor]:
     if target.device != input.device:
         raise DeviceError(f"{op}: input {describe(input)} and target {describe(target)} are on different "
                           "devices; move the target with .to(input.device)")
-    if not np.issubdtype(input.dtype, np.floating) or input.dtype != target.dtype:
+    if not is_floating(input.dtype) or input.dtype != target.dtype:
         raise DTypeError(f"{op}: input and target must share one floating dtype, got {describe(input)} and "
                          f"{describe(target)}; convert with .to(dtype)")
     if input.shape != target.shape:
@@ -487,7 +488,7 @@ def cosine_embedding_loss(input1: Tensor, input2: Tensor, target, margin: float 
     _check_reduction("cosine_embedding_loss", reduction)
     if not isinstance(input1, Tensor) or not isinstance(input2, Tensor):
         raise TypeError("cosine_embedding_loss: input1 and input2 must be Tensors")
-    if not np.issubdtype(input1.dtype, np.floating) or input1.dtype != input2.dtype:
+    if not is_floating(input1.dtype) or input1.dtype != input2.dtype:
         raise DTypeError(f"cosine_embedding_loss: input1 and input2 must share one floating dtype, got "
                          f"{describe(input1)} and {describe(input2)}; convert with .to(dtype)")
     target = _as_tensor_like(target, input1)
@@ -655,7 +656,7 @@ def _class_rows(op: str, input: Tensor, target) -> tuple[Tensor, object, tuple]:
     if target.device != input.device:
         raise DeviceError(f"{op}: input {describe(input)} and target {describe(target)} are on different devices; "
                           "move the target with .to(input.device)")
-    if not np.issubdtype(input.dtype, np.floating):
+    if not is_floating(input.dtype):
         raise DTypeError(f"{op}: input must be floating point, got {describe(input)}")
     if not np.issubdtype(target.dtype, np.integer):
         raise DTypeError(f"{op}: target must hold integer class indices, got {describe(target)}; "
@@ -831,7 +832,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
         raise ValueError(f"dropout: p must be a probability in [0, 1], got {p}")
     if not training or p == 0.0:
         return input
-    if not np.issubdtype(input.dtype, np.floating):
+    if not is_floating(input.dtype):
         raise DTypeError(f"dropout: input must be floating point, got {describe(input)}")
     if p == 1.0:
         mask = input.xp.zeros(input.shape, dtype=input.dtype)
@@ -851,7 +852,7 @@ def dropout2d(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
         raise ShapeError(f"dropout2d: expected (N, C, H, W) or (C, H, W) input, got {describe(input)}")
     if not training or p == 0.0:
         return input
-    if not np.issubdtype(input.dtype, np.floating):
+    if not is_floating(input.dtype):
         raise DTypeError(f"dropout2d: input must be floating point, got {describe(input)}")
     shape = input.shape[:-2] + (1, 1)  # one draw per channel, broadcast over H and W
     keep = _uniform_samples(input.device, shape, input.dtype) >= p
@@ -921,7 +922,7 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     if not shape or input.shape[input.ndim - len(shape):] != shape or input.ndim < len(shape):
         raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dims of the input "
                          f"{describe(input)} and not empty")
-    if not np.issubdtype(input.dtype, np.floating):
+    if not is_floating(input.dtype):
         raise DTypeError(f"layer_norm: input must be floating point, got {describe(input)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.shape != shape or t.dtype != input.dtype or t.device != input.device):
@@ -1071,7 +1072,7 @@ def _check_attention_operands(op: str, q, k, v) -> None:
                          f"{shapes}")
     if len({q.device, k.device, v.device}) > 1:
         raise DeviceError(f"{op}: operands are on different devices: {shapes}; move them to one device")
-    if not np.issubdtype(q.dtype, np.floating) or len({q.dtype, k.dtype, v.dtype}) > 1:
+    if not is_floating(q.dtype) or len({q.dtype, k.dtype, v.dtype}) > 1:
         raise DTypeError(f"{op}: query, key and value must share one floating dtype: {shapes}")
 
 

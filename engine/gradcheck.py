@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.dtypes import is_floating
 from engine import backend
 from engine.tensor import Tensor
 
@@ -59,6 +60,6 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1
 
 
 def _float64_leaf(x):
-    if isinstance(x, Tensor) and np.issubdtype(x.dtype, np.floating):
+    if isinstance(x, Tensor) and is_floating(x.dtype):
         return Tensor(x._data.astype(np.float64), requires_grad=True)
     return x

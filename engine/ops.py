@@ -19,6 +19,7 @@ import kernels
 from kernels.cpu.gelu import SQUARE_MAX as _GELU_SQUARE_MAX
 from engine import backend
 from engine.autograd import Function, unbroadcast
+from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, GradError, ShapeError, describe
 from engine.tensor import Tensor
 
@@ -28,7 +29,7 @@ def _xp(a):
 
 
 def _is_float(dtype) -> bool:
-    return np.issubdtype(np.dtype(dtype), np.floating)
+    return is_floating(dtype)
 
 
 # ---- integer and bool input to float-valued ops: PyTorch's rules -------------------------------

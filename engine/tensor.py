@@ -10,13 +10,15 @@ import copy
 
 import numpy as np
 
-from engine import backend
+from engine.dtypes import is_floating
+from engine import backend, dtypes
 from engine.autograd import Version
 from engine.autograd import backward as _run_backward
 from engine.autograd import grad_lock, is_grad_enabled, notify_watcher
 from engine.errors import DTypeError, EngineError, GradError, describe
 
 float16, float32, float64 = np.float16, np.float32, np.float64
+bfloat16 = dtypes.bfloat16  # ml_dtypes' bfloat16, the type JAX uses
 int32, int64, bool_ = np.int32, np.int64, np.bool_
 
 
@@ -132,7 +134,7 @@ class Tensor:
         _run_backward(self, gradient, retain_graph)
 
     def requires_grad_(self, requires_grad: bool = True) -> "Tensor":
-        if requires_grad and not np.issubdtype(np.dtype(self.dtype), np.floating):
+        if requires_grad and not is_floating(np.dtype(self.dtype)):
             raise DTypeError(f"requires_grad_: only floating-point tensors can require grad, got {describe(self)}")
         if not self.is_leaf and not requires_grad:
             raise GradError("requires_grad_(False) on a non-leaf tensor; use .detach() instead")
@@ -233,6 +235,9 @@ class Tensor:
     def half(self) -> "Tensor":
         return self.to(float16)
 
+    def bfloat16(self) -> "Tensor":
+        return self.to(bfloat16)
+
     def long(self) -> "Tensor":
         return self.to(int64)
 
@@ -287,7 +292,10 @@ class Tensor:
         return self.numpy().tolist()
 
     def __repr__(self) -> str:
-        body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=50, prefix="tensor(")
+        values = self.numpy()
+        if dtypes.is_low_precision(values.dtype):  # print as PyTorch does: 4 decimals, not every digit
+            values = values.astype(float32)
+        body = np.array2string(values, separator=", ", precision=4, threshold=50, prefix="tensor(")
         extras = "" if self.device.type == "cpu" else f", device='{self.device}'"
         extras += "" if self.dtype == np.float32 else f", dtype={self.dtype}"
         if self.grad_fn is not None:
@@ -427,7 +435,7 @@ class Tensor:
         return self._inplace("mul_", other, write, lambda old: ops.mul(old, other))
 
     def div_(self, other) -> "Tensor":
-        if not np.issubdtype(np.dtype(self.dtype), np.floating):
+        if not is_floating(np.dtype(self.dtype)):
             raise DTypeError(f"div_: true division of the integer {describe(self)} gives floats, which cannot "
                              "be written back in place (PyTorch refuses it too); use the out-of-place /")
 
@@ -460,7 +468,7 @@ class Tensor:
                                                                                          self.shape, dt))
 
     def _fill_random(self, op: str, draw) -> "Tensor":
-        if not np.issubdtype(np.dtype(self.dtype), np.floating):
+        if not is_floating(np.dtype(self.dtype)):
             raise DTypeError(f"{op}: needs a floating-point tensor, got {describe(self)}")
         self._check_inplace(op)  # before drawing, so a refused call leaves the generator's state alone
         dev = self.device
@@ -600,7 +608,7 @@ def _legacy_empty(sizes, dtype, device):
 _TYPE_NAMES = {np.dtype(np.float32): "FloatTensor", np.dtype(np.float64): "DoubleTensor",
                np.dtype(np.float16): "HalfTensor", np.dtype(np.int64): "LongTensor", np.dtype(np.int32): "IntTensor",
                np.dtype(np.int16): "ShortTensor", np.dtype(np.int8): "CharTensor", np.dtype(np.uint8): "ByteTensor",
-               np.dtype(np.bool_): "BoolTensor"}
+               np.dtype(np.bool_): "BoolTensor", np.dtype(bfloat16): "BFloat16Tensor"}
 
 
 def _unit_uniform(gen, dev, shape, dtype):
@@ -716,8 +724,8 @@ def _check_fill(op: str, value, dtype: np.dtype) -> None:
         if not np.isfinite(value) or not info.min <= int(value) <= info.max:
             raise DTypeError(f"{op}: fill_value={value!r} cannot be converted to {dtype} (whole numbers in "
                              f"[{info.min}, {info.max}]) without overflow")
-    elif dtype.kind == "f" and np.isfinite(value) and not _fits_float(value, dtype):
-        raise DTypeError(f"{op}: fill_value={value!r} overflows {dtype} (largest {np.finfo(dtype).max})")
+    elif dtypes.is_floating(dtype) and np.isfinite(value) and not _fits_float(value, dtype):
+        raise DTypeError(f"{op}: fill_value={value!r} overflows {dtype} (largest {dtypes.finfo(dtype).max})")
 
 
 def _fits_float(value, dtype: np.dtype) -> bool:
@@ -761,7 +769,7 @@ def randn_like(t: Tensor, dtype=None, device=None, requires_grad=False) -> Tenso
 
 def _random_like(op: str, draw, t: Tensor, dtype, device, requires_grad) -> Tensor:
     dtype = np.dtype(dtype or t.dtype)
-    if not np.issubdtype(dtype, np.floating):
+    if not is_floating(dtype):
         raise DTypeError(f"{op}: random samples need a floating dtype, got {dtype} from {describe(t)}; pass "
                          "dtype=engine.float (PyTorch refuses integer dtypes too)")
     return draw(t.shape, dtype=dtype, device=device or t.device, requires_grad=requires_grad)
@@ -800,8 +808,15 @@ def rand(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
     gen = backend.generator(dev)
     with backend.on_device(dev):
         sample = gen.random(_shape_arg(shape)) if dev.type == "cpu" else gen.random_sample(_shape_arg(shape))
-        arr = sample.astype(dtype or float32)
+        arr = _below_one(sample.astype(dtype or float32))
     return Tensor(arr, requires_grad=requires_grad)
+
+
+def _below_one(arr):
+    """Uniform samples kept in [0, 1): rounding a float64 sample to a narrow dtype can give 1.0
+    (for bfloat16, about one sample in 500), which PyTorch's rand never returns."""
+    xp = backend.array_module(arr)
+    return xp.minimum(arr, xp.asarray(dtypes.largest_below_one(arr.dtype), dtype=arr.dtype))
 
 
 def randint(low: int, high: int, size, dtype=int64, device=None) -> Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.dtypes import is_floating
 from engine import backend
 from engine.data.dataset import make_generator, rewrap, unwrap
 from engine.errors import DTypeError, EngineError, ShapeError, describe
@@ -51,7 +52,7 @@ class _Scaler:
         if tuple(data.shape[1:]) != self.feature_shape:
             raise ShapeError(f"{self._name}.{op}: fitted on samples of shape {self.feature_shape}, got {describe(x)} "
                              f"(samples of shape {tuple(data.shape[1:])})")
-        dtype = data.dtype if np.issubdtype(data.dtype, np.floating) else np.float32
+        dtype = data.dtype if is_floating(data.dtype) else np.float32
         return data.astype(dtype, copy=False)
 
     @staticmethod

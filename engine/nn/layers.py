@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from engine.dtypes import is_floating
 from engine import functional as F
 from engine import ops
 from engine.autograd import no_grad
@@ -366,7 +367,7 @@ class BatchNorm1d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if not np.issubdtype(x.dtype, np.floating):  # as PyTorch; ops.mean below would name itself instead
+        if not is_floating(x.dtype):  # as PyTorch; ops.mean below would name itself instead
             raise DTypeError(f"{type(self).__name__}: input must be floating point, got {describe(x)}; "
                              "convert with .float()")
         axes = (0,) + tuple(range(2, x.ndim))  # statistics per channel, over the batch and every spatial dim

@@ -15,6 +15,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from engine.dtypes import is_floating
 from engine import backend
 from engine.autograd import no_grad
 from engine.errors import DTypeError, EngineError, ShapeError, describe
@@ -291,7 +292,7 @@ class Module:
         if device is not None and _is_dtype(device):
             device, dtype = None, device
         target = backend.check_available(backend.device(device)) if device is not None else None
-        if dtype is not None and not np.issubdtype(np.dtype(dtype), np.floating):
+        if dtype is not None and not is_floating(np.dtype(dtype)):
             raise DTypeError(f"Module.to: dtype must be a floating dtype, got {np.dtype(dtype)} "
                              "(integer buffers are never cast; parameters must stay floating)")
         tensors = {id(t): t for t in (*self.parameters(), *self.buffers())}
@@ -432,7 +433,7 @@ def _is_dtype(obj) -> bool:
 
 def _moved(array, device, dtype):
     """``array`` on ``device`` (None: where it is) with floating data cast to ``dtype`` (None: kept)."""
-    if dtype is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != np.dtype(dtype):
+    if dtype is not None and is_floating(array.dtype) and array.dtype != np.dtype(dtype):
         array = array.astype(dtype)
     return array if device is None else backend.to_device(array, device)
 

@@ -41,6 +41,7 @@ import numbers
 
 import numpy as np
 
+from engine.dtypes import is_floating
 from engine import backend
 from engine.autograd import enable_grad, no_grad
 from engine.errors import EngineError, describe
@@ -604,7 +605,7 @@ class Optimizer:
             if tuple(array.shape) != param.shape:
                 raise EngineError(f"{name}: state {key!r} of parameter {index} has shape {tuple(array.shape)} but "
                                   f"the parameter is {describe(param)}; the state dict belongs to another model")
-            if not np.issubdtype(np.dtype(array.dtype), np.floating):
+            if not is_floating(np.dtype(array.dtype)):
                 raise EngineError(f"{name}: state {key!r} of parameter {index} has dtype {array.dtype}; "
                                   "expected a floating dtype")
             restored[key] = array
@@ -680,7 +681,7 @@ def _as_param_list(name: str, params) -> list[Tensor]:
         if not p.is_leaf:
             raise EngineError(f"{name}: cannot optimize a non-leaf tensor {describe(p)}; optimize the leaf "
                               "tensors it was computed from (or .detach() it and set requires_grad)")
-        if not np.issubdtype(np.dtype(p.dtype), np.floating):
+        if not is_floating(np.dtype(p.dtype)):
             raise EngineError(f"{name}: parameters must be floating point, got {describe(p)}")
     if len({id(p) for p in items}) != len(items):
         raise EngineError(f"{name}: a param group lists the same parameter more than once")
