@@ -19,6 +19,7 @@ import kernels
 from kernels.cpu.gelu import SQUARE_MAX as _GELU_SQUARE_MAX
 from engine import backend
 from engine.autograd import Function, unbroadcast
+from engine import dtypes
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, GradError, ShapeError, describe
 from engine.tensor import Tensor
@@ -56,26 +57,31 @@ def _require_float(op: str, a: Tensor, fix: str = "convert with .float()") -> No
                          f"{a.dtype} input here too: {fix}")
 
 
-# ---- operand coercion: no silent float promotion ---------------------------------------------
+# ---- operand coercion: PyTorch's type promotion ----------------------------------------------
 
 def _binary_operands(op: str, a, b) -> tuple[Tensor, Tensor]:
-    """Coerce the operands of a binary op; raise on float-dtype or device mismatch."""
+    """Coerce the operands of a binary op to their common dtype, PyTorch's ``torch.result_type``:
+    bfloat16 with float32 is float32, bfloat16 with float16 is float32, and a 0-d tensor (or a
+    scalar) does not promote a tensor with dimensions of the same category (``bf16 * fp32_0d`` stays
+    bfloat16). Both casts are differentiable, so each gradient comes back in its operand's dtype."""
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
         raise TypeError(f"{op}: at least one operand must be a Tensor")
     a = a if isinstance(a, Tensor) else _scalar_operand(a, b)
     b = b if isinstance(b, Tensor) else _scalar_operand(b, a)
     if a.dtype != b.dtype:
-        fa, fb = _is_float(a.dtype), _is_float(b.dtype)
-        if fa and fb:
-            raise DTypeError(f"{op}: dtype mismatch between {describe(a)} and {describe(b)}; the engine does "
-                             f"not promote silently: convert one with .to({a.dtype.name}) or .to({b.dtype.name})")
-        if fa or fb:  # integer/bool operand joins the float operand's dtype
-            target = a.dtype if fa else b.dtype
-            a, b = (a if fa else cast(a, target)), (b if fb else cast(b, target))
-        else:
-            target = np.promote_types(a.dtype, b.dtype)
-            a, b = cast(a, target), cast(b, target)
+        target = dtypes.result_type([t.dtype for t in (a, b) if t.ndim], [t.dtype for t in (a, b) if not t.ndim])
+        a, b = cast(a, target), cast(b, target)
     return a, b
+
+
+def _check_same_float_dtype(op: str, a, b) -> None:
+    """Refuse two float tensors of different dtypes where PyTorch does (matmul, linear): these ops
+    do not promote, so ``bf16 @ fp32`` is an error there, not a silent float32 product."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype != b.dtype and _is_float(a.dtype) \
+            and _is_float(b.dtype):
+        raise DTypeError(f"{op}: expected both operands to have the same dtype, got {describe(a)} and "
+                         f"{describe(b)} (PyTorch refuses it too); convert one with .to({a.dtype.name}) or "
+                         f".to({b.dtype.name})")
 
 
 def _scalar_operand(value, like: Tensor) -> Tensor:
@@ -1138,6 +1144,7 @@ def matmul(input, other, *, out=None) -> Tensor:
     ``out=`` writes the result into an existing tensor (see :func:`write_out`)."""
     if out is not None:
         return write_out("matmul", matmul(input, other), out)
+    _check_same_float_dtype("matmul", input, other)
     a, b = _binary_operands("matmul", input, other)
     if a.dtype == np.bool_:
         raise DTypeError(f"matmul: bool operands are not supported (as in PyTorch): {describe(a)} @ {describe(b)}; "
