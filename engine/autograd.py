@@ -19,6 +19,7 @@ import threading
 import weakref
 
 from engine import backend
+from engine import dtypes
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, EngineError, GradError, describe
 
@@ -151,11 +152,19 @@ class Function:
     ``self`` (``self.save(...)`` or plain attributes). ``backward(self, grad)`` returns one gradient
     per tensor input (``None`` where an input needs none), each with that input's shape.
     ``self.needs_input_grad`` tells backward which gradients are wanted.
+
+    Low precision (float16, bfloat16) is computed in float32, here and nowhere else: ``apply`` hands
+    forward float32 copies of the inputs and rounds the result once to the storage dtype, and
+    backward gets a float32 gradient and returns each input's gradient rounded to that input's
+    dtype, as PyTorch's CPU kernels do. Ops that only move or view memory (reshape, indexing,
+    casts) set ``computes_in_float32 = False``: a view must share its input's memory.
     """
 
     inputs: tuple = ()
     needs_input_grad: tuple = ()
     saved: tuple = ()
+    computes_in_float32 = True
+    low_dtype = None  # the storage dtype forward rounded to, when it computed in float32
 
     @classmethod
     def apply(cls, *inputs, **params):
@@ -171,8 +180,12 @@ class Function:
         raw = [t._data for t in inputs]
         needs = tuple(t.requires_grad for t in inputs)
         fn.needs_input_grad = needs  # known in forward too, so it can save only what backward uses
+        if cls.computes_in_float32:
+            fn.low_dtype = dtypes.low_precision_of(raw)
+            raw = [dtypes.upcast(a) for a in raw] if fn.low_dtype is not None else raw
         try:
             out = fn.forward(*raw, **params)
+            out = dtypes.round_to(out, fn.low_dtype) if fn.low_dtype is not None else out
         except EngineError:
             raise
         except (ValueError, TypeError, IndexError) as e:
@@ -362,6 +375,8 @@ def _note_savers(node, records) -> None:
 class _SelectOutput(Function):
     """Output ``index`` of a multi-output PyTorch-style Function: hands its gradient to the shared node."""
 
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def __init__(self, index: int, count: int, packed):
         self.index, self.count = index, count
         self.inputs, self.needs_input_grad = (packed,), (True,)
@@ -391,6 +406,8 @@ class _OutputGrads:
 
 class _CtxBackward(Function):
     """The graph node of one call of a PyTorch-style Function: calls its static backward with Tensors."""
+
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
 
     user_function: type = Function
 
@@ -614,7 +631,7 @@ def _propagate(roots, retain_graph: bool, stop=frozenset()) -> dict:
             raise _second_pass_error()
         _check_saved_versions(fn)
         try:
-            input_grads = fn.backward(g)
+            input_grads = _low_precision_backward(fn, g, inputs) if fn.low_dtype is not None else fn.backward(g)
         except Exception as exc:
             if "inputs" not in vars(fn):
                 raise _second_pass_error() from exc
@@ -634,6 +651,16 @@ def _propagate(roots, retain_graph: bool, stop=frozenset()) -> dict:
         if not retain_graph:
             fn.release()
     return grads
+
+
+def _low_precision_backward(fn, g, inputs) -> tuple:
+    """``fn.backward`` in float32 (its forward computed in float32), each gradient rounded once to
+    its input's dtype: a bfloat16 tensor's gradient is bfloat16."""
+    grads = fn.backward(dtypes.upcast(g))
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    return tuple(gi if gi is None or not hasattr(gi, "dtype") or gi.dtype == inp.dtype
+                 or not dtypes.is_floating(inp.dtype) else gi.astype(inp.dtype)
+                 for inp, gi in zip(inputs, grads))
 
 
 def _second_pass_error() -> GradError:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.dtypes import is_floating
 from engine import backend, ops
 from engine.autograd import Function
+from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
 from engine.tensor import Tensor
 

@@ -12,11 +12,11 @@ import math
 import numpy as np
 
 import kernels
-from engine.dtypes import is_floating
-from engine import backend, ops
+from engine import backend, dtypes, ops
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
 from engine.conv import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, conv1d, conv2d, max_pool2d  # noqa: F401  (public API)
+from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
 from engine.ops import fused_enabled, fused_kernels  # noqa: F401  (public API; ops.GELU reads it too)
@@ -931,7 +931,7 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     affine = [t for t in (weight, bias) if t is not None]
     flags = dict(eps=float(eps), has_weight=weight is not None, has_bias=bias is not None)
     width = math.prod(shape)
-    if _use_fused(fused) and input.dtype in (np.float32, np.float64) and width > 0:
+    if _use_fused(fused) and _kernel_dtype(input.dtype) in (np.float32, np.float64) and width > 0:
         rows = _contiguous_tensor(ops.reshape(input, (-1, width)))
         flat_affine = [ops.reshape(t, (width,)) if t.ndim != 1 else t for t in affine]
         out = FusedLayerNorm.apply(rows, *(_contiguous_tensor(t) for t in flat_affine), **flags)
@@ -1128,13 +1128,20 @@ def _attention_bias(op: str, attn_mask, q: Tensor, batch: tuple, length: int, ke
     return mask
 
 
+def _kernel_dtype(dtype) -> np.dtype:
+    """The dtype a fused kernel sees for ``dtype``: float16 and bfloat16 run the float32 kernel
+    (``Function.apply`` upcasts them and rounds the result once), other dtypes themselves."""
+    return dtypes.COMPUTE_DTYPE if dtypes.is_low_precision(dtype) else np.dtype(dtype)
+
+
 def _attention_kernel_takes(q: Tensor, v: Tensor, bias: Tensor | None) -> bool:
     """Whether the attention kernel computes this call (else the unfused composition does)."""
-    if q.dtype not in (np.float32, np.float64) or (bias is not None and bias.requires_grad):
+    dtype = _kernel_dtype(q.dtype)
+    if dtype not in (np.float32, np.float64) or (bias is not None and bias.requires_grad):
         return False
     if q.device.type == "cpu":
         return True
-    return q.dtype == np.float32 and max(q.shape[-1], v.shape[-1]) <= _ATTENTION_GPU_MAX_HEAD_DIM
+    return dtype == np.float32 and max(q.shape[-1], v.shape[-1]) <= _ATTENTION_GPU_MAX_HEAD_DIM
 
 
 def _attention_fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, causal: bool,
@@ -1147,7 +1154,7 @@ def _attention_fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale
             t = ops.broadcast_to(t, batch + t.shape[-2:])
         return _contiguous_tensor(ops.reshape(t, (rows,) + t.shape[-2:]))
 
-    mask = None if bias is None else _kernel_mask(bias._data, batch, rows, k.shape[-2])
+    mask = None if bias is None else _kernel_mask(dtypes.upcast(bias._data), batch, rows, k.shape[-2])
     out = ScaledDotProductAttention.apply(as_3d(q), as_3d(k), as_3d(v), mask=mask, scale=scale, causal=causal)
     return ops.reshape(out, batch + out.shape[-2:])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.dtypes import is_floating
 from engine import backend
+from engine.dtypes import is_floating
 from engine.tensor import Tensor
 
 

@@ -936,6 +936,8 @@ def argmin(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=No
 # ---- shape ops ----------------------------------------------------------------------------------
 
 class Reshape(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def forward(self, a, shape=()):
         self.shape = a.shape
         return a.reshape(shape)
@@ -945,6 +947,8 @@ class Reshape(Function):
 
 
 class Permute(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def forward(self, a, dims=()):
         self.dims = dims
         return a.transpose(dims)
@@ -954,6 +958,8 @@ class Permute(Function):
 
 
 class BroadcastTo(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def forward(self, a, shape=()):
         self.shape = a.shape
         return _xp(a).broadcast_to(a, shape)
@@ -1028,6 +1034,8 @@ def squeeze(a: Tensor, dim=None) -> Tensor:
 # ---- indexing, joining ---------------------------------------------------------------------------
 
 class GetItem(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def forward(self, a, index=None):
         self.shape, self.dtype, self.index = a.shape, a.dtype, index
         return a[index]
@@ -1065,6 +1073,8 @@ def _unwrap_index(index, a: Tensor):
 
 
 class Concatenate(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def forward(self, *arrays, axis=0):
         self.axis = axis
         self.sizes = [x.shape[axis] for x in arrays]
@@ -1217,6 +1227,8 @@ def log_softmax(a: Tensor, dim: int | None = None, *, axis=None, dtype=None) -> 
 # ---- dtype and device moves ----------------------------------------------------------------------
 
 class Cast(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def forward(self, a, dtype=None):
         self.dtype = a.dtype
         return a.astype(dtype)
@@ -1228,6 +1240,8 @@ class Cast(Function):
 class Transfer(Function):
     """Copy to another device; the gradient is copied back. Exempt from the same-device check."""
 
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def forward(self, a, target=None):
         self.source = backend.device_of(a)
         return backend.to_device(a, target)
@@ -1237,6 +1251,8 @@ class Transfer(Function):
 
 
 class Clone(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     def forward(self, a):
         return a.copy()
 
@@ -1247,6 +1263,8 @@ class Clone(Function):
 class Overwrite(Function):
     """The value of ``copy_`` / ``fill_`` done through the graph: ``b`` broadcast to ``a``'s shape
     and dtype; no gradient reaches the overwritten ``a``."""
+
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
 
     def forward(self, a, b):
         self.shape = b.shape

@@ -10,11 +10,11 @@ import copy
 
 import numpy as np
 
-from engine.dtypes import is_floating
 from engine import backend, dtypes
 from engine.autograd import Version
 from engine.autograd import backward as _run_backward
 from engine.autograd import grad_lock, is_grad_enabled, notify_watcher
+from engine.dtypes import is_floating
 from engine.errors import DTypeError, EngineError, GradError, describe
 
 float16, float32, float64 = np.float16, np.float32, np.float64

@@ -220,13 +220,19 @@ def test_integer_and_float_tensors_combine_to_the_float_dtype():
     assert (x * engine.tensor([1, 2])).dtype == np.float64
 
 
-def test_float_dtype_mismatch_is_an_error_naming_both_operands():
-    a = engine.tensor([1.0], dtype=engine.float32)
-    b = engine.tensor([1.0], dtype=engine.float64)
+def test_float_dtypes_promote_as_pytorch_and_matmul_refuses_a_mismatch():
+    # PyTorch's type promotion (tests/test_low_precision.py checks the whole table): elementwise
+    # ops promote, each gradient comes back in its operand's dtype; matmul refuses, as torch.
+    a = engine.tensor([1.0], dtype=engine.float32, requires_grad=True)
+    b = engine.tensor([2.0], dtype=engine.float64, requires_grad=True)
+    out = a * b
+    assert out.dtype == np.float64
+    out.sum().backward()
+    assert a.grad.dtype == np.float32 and b.grad.dtype == np.float64
     with pytest.raises(engine.DTypeError) as err:
-        a + b
+        a[None] @ b[None]
     message = str(err.value)
-    assert "add" in message and "float32" in message and "float64" in message and ".to(" in message
+    assert "matmul" in message and "float32" in message and "float64" in message and ".to(" in message
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.dtypes import is_floating
 from engine import backend
 from engine.data.dataset import make_generator, rewrap, unwrap
+from engine.dtypes import is_floating
 from engine.errors import DTypeError, EngineError, ShapeError, describe
 from engine.tensor import Tensor
 

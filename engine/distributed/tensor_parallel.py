@@ -76,6 +76,8 @@ def _gather_last_dim(array, features: int):
 
 
 class _CopyToParallelRegion(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     name = "copy_to_parallel_region"
 
     def forward(self, x):
@@ -86,6 +88,8 @@ class _CopyToParallelRegion(Function):
 
 
 class _ReduceFromParallelRegion(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     name = "reduce_from_parallel_region"
 
     def forward(self, x):
@@ -96,6 +100,8 @@ class _ReduceFromParallelRegion(Function):
 
 
 class _GatherFromParallelRegion(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     name = "gather_from_parallel_region"
 
     def forward(self, x, features=None):
@@ -109,6 +115,8 @@ class _GatherFromParallelRegion(Function):
 
 
 class _ScatterToParallelRegion(Function):
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     name = "scatter_to_parallel_region"
 
     def forward(self, x):

@@ -153,6 +153,8 @@ class _CheckpointFunction(Function):
     """The one node a checkpointed call leaves in the graph: its inputs are the tensor arguments and
     the captured tensors; backward recomputes the block and returns their gradients."""
 
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     @staticmethod
     def forward(ctx, run, *tensors):
         ctx.run = run

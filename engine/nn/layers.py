@@ -12,10 +12,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from engine.dtypes import is_floating
 from engine import functional as F
 from engine import ops
 from engine.autograd import no_grad
+from engine.dtypes import is_floating
 from engine.errors import DTypeError, describe
 from engine.nn import init
 from engine.nn.module import Module, Parameter

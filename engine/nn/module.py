@@ -15,9 +15,9 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from engine.dtypes import is_floating
 from engine import backend
 from engine.autograd import no_grad
+from engine.dtypes import is_floating
 from engine.errors import DTypeError, EngineError, ShapeError, describe
 from engine.tensor import Tensor
 

@@ -41,9 +41,9 @@ import numbers
 
 import numpy as np
 
-from engine.dtypes import is_floating
 from engine import backend
 from engine.autograd import enable_grad, no_grad
+from engine.dtypes import is_floating
 from engine.errors import EngineError, describe
 from engine.tensor import Tensor
 

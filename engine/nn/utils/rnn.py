@@ -16,6 +16,8 @@ from engine.tensor import Tensor
 class PadSequence(Function):
     """Write each (L_i, *) sequence into one padded array; backward slices each gradient back out."""
 
+    computes_in_float32 = False  # moves or views memory: no arithmetic to do in float32
+
     name = "pad_sequence"
 
     def forward(self, *sequences, batch_first=False, padding_value=0.0, left=False):
