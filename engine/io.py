@@ -35,7 +35,7 @@ import zipfile
 
 import numpy as np
 
-from engine import backend
+from engine import backend, dtypes
 from engine.errors import EngineError
 from engine.tensor import Tensor
 
@@ -188,7 +188,21 @@ def _short_name(name: str) -> str:
     return name
 
 
+# bfloat16 (ml_dtypes) has no .npy description of its own (its dtype.str is "<V2", raw void):
+# its member holds the uint16 bit patterns and the structure names the dtype "bfloat16", so any
+# numpy reads the file and the engine restores the dtype by name.
+_NAMED_DTYPES = {"bfloat16": (np.dtype(dtypes.bfloat16), np.dtype("<u2"))}
+
+
+def _dtype_label(dtype: np.dtype) -> str:
+    """What the structure records for ``dtype``: its name for bfloat16, else numpy's ``dtype.str``."""
+    return next((name for name, (named, _) in _NAMED_DTYPES.items() if dtype == named), dtype.str)
+
+
 def _write_array(member, array: np.ndarray) -> None:
+    label = _dtype_label(array.dtype)
+    if label in _NAMED_DTYPES:
+        array = np.ascontiguousarray(array).view(_NAMED_DTYPES[label][1])
     with warnings.catch_warnings():  # format 3.0 (non-latin-1 field names) is expected, and read back here
         warnings.filterwarnings("ignore", message="Stored array in format 3.0", category=UserWarning)
         np.lib.format.write_array(member, array, allow_pickle=False)
@@ -304,7 +318,7 @@ class _Encoder:
         index = len(self.arrays)
         self.arrays.append(obj)
         self.seen[id(obj)] = index
-        info = {"index": index, "dtype": array.dtype.str, "shape": list(array.shape)}
+        info = {"index": index, "dtype": _dtype_label(array.dtype), "shape": list(array.shape)}
         if device is not None:
             info["device"] = device
         return {tag: info}
@@ -642,17 +656,19 @@ class _Decoder:
             if dtype.hasobject:
                 raise CheckpointError(f"engine.load: {self.path!r} holds a pickled object array in {name}; refusing "
                                       "to load it (unpickling can run arbitrary code)")
-            if dtype.str != info.get("dtype") or list(shape) != info.get("shape"):
+            named, stored = _NAMED_DTYPES.get(info.get("dtype"), (None, None))
+            if (stored or dtype).str != dtype.str or (named is None and dtype.str != info.get("dtype")) \
+                    or list(shape) != info.get("shape"):
                 raise self.fail(f"{name} holds {dtype.str} {tuple(shape)} but the structure says "
                                 f"{info.get('dtype')} {tuple(info.get('shape') or ())}")
             self._check_size(name, shape, dtype, entry.file_size - header_size)
             order = "F" if fortran else "C"
             count = math.prod(shape)
             if count == 0 or dtype.itemsize == 0:
-                return np.empty(shape, dtype=dtype, order=order)
+                return np.empty(shape, dtype=named or dtype, order=order)
             data = bytearray(count * dtype.itemsize)  # checked above: the entry holds exactly this many
             self.members.read_into(member, data, name)
-        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order=order)
+        return np.frombuffer(data, dtype=named or dtype, count=count).reshape(shape, order=order)
 
     def _read_npy_header(self, member, name: str, size: int):
         """``(shape, fortran_order, dtype, header bytes)`` of a .npy entry, parsed without numpy's

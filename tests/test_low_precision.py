@@ -206,3 +206,47 @@ def test_op_matches_torch_in_the_same_low_dtype(name, dtype, torch_dtype):
         # torch's own low-precision backward reads its rounded saved outputs (tanh, softmax ...),
         # so where a gradient cancels it is itself off: compare normwise.
         _assert_close_in_ulps(a.grad, b.grad, EPS[dtype], f"{name} grad {i} vs torch", ulps=4, normwise=True)
+
+
+# ---- save / load, Module casts ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, _", LOW)
+def test_save_load_round_trips_low_precision_tensors_and_state_dicts(tmp_path, dtype, _):
+    model = engine.nn.Sequential(engine.nn.Linear(3, 4), engine.nn.LayerNorm(4)).to(dtype)
+    t = engine.randn(5, 3, dtype=dtype)
+    engine.save({"t": t, "empty": engine.zeros(0, 2, dtype=dtype), "array": t.numpy(), "model": model.state_dict()},
+                tmp_path / "ckpt.npz")
+    back = engine.load(tmp_path / "ckpt.npz")
+    assert back["t"].dtype == np.dtype(dtype) and back["empty"].shape == (0, 2)
+    assert back["empty"].dtype == np.dtype(dtype) and back["array"].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(back["t"].numpy().view(np.uint16), t.numpy().view(np.uint16))  # bit for bit
+    fresh = engine.nn.Sequential(engine.nn.Linear(3, 4), engine.nn.LayerNorm(4)).to(dtype)
+    fresh.load_state_dict(back["model"])
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert b.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(a.numpy().view(np.uint16), b.numpy().view(np.uint16))
+
+
+def test_bfloat16_checkpoint_is_plain_numpy_bits():
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    engine.save(engine.tensor([1.0, -2.5]).bfloat16(), buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive:
+        assert '"dtype": "bfloat16"' in archive.read("structure.json").decode()
+    raw = np.load(io.BytesIO(buffer.getvalue()), allow_pickle=False)["arr_0"]
+    assert raw.dtype == np.uint16 and raw.view(engine.bfloat16).tolist() == [1.0, -2.5]
+
+
+@pytest.mark.parametrize("method, dtype", [("bfloat16", engine.bfloat16), ("half", engine.float16)])
+def test_module_casts_float_parameters_and_buffers_only(method, dtype):
+    model = engine.nn.Linear(3, 2)
+    model.register_buffer("steps", engine.tensor([7]))
+    model.register_buffer("running", engine.ones(2))
+    assert getattr(model, method)() is model
+    assert model.weight.dtype == np.dtype(dtype) and model.bias.dtype == np.dtype(dtype)
+    assert model.running.dtype == np.dtype(dtype) and model.steps.dtype == np.int64
+    out = model(engine.randn(4, 3, dtype=dtype))
+    out.float().sum().backward()
+    assert out.dtype == np.dtype(dtype) and model.weight.grad.dtype == np.dtype(dtype)

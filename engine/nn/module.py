@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from engine import backend
+from engine import backend, dtypes
 from engine.autograd import no_grad
 from engine.dtypes import is_floating
 from engine.errors import DTypeError, EngineError, ShapeError, describe
@@ -313,6 +313,14 @@ class Module:
 
     def double(self) -> "Module":
         return self.to(np.float64)
+
+    def half(self) -> "Module":
+        """Floating parameters and buffers to float16 (integer buffers stay), as PyTorch's."""
+        return self.to(np.float16)
+
+    def bfloat16(self) -> "Module":
+        """Floating parameters and buffers to bfloat16 (integer buffers stay), as PyTorch's."""
+        return self.to(dtypes.bfloat16)
 
     # ---- state dicts ----------------------------------------------------------------------------
     def _state_items(self) -> Iterator[tuple[str, Tensor]]:
