@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import kernels
-from engine.errors import DeviceError
+from engine.errors import DeviceError, DTypeError
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,17 @@ def to_device(array, dev: Device):
     if dev.type == "cpu":
         return to_host(array)
     cupy = xp_for(dev)
+    check_cuda_dtype(array.dtype, cupy)
     with cupy.cuda.Device(dev.index):
         return cupy.asarray(array)
+
+
+def check_cuda_dtype(dtype, cupy) -> None:
+    """Refuse a dtype this ``cupy`` cannot hold: bfloat16 arrays need CuPy 14 or later (which
+    takes ``ml_dtypes.bfloat16``); CuPy 13 has no bfloat16 and would not say so clearly."""
+    if dtype.name == "bfloat16" and int(str(cupy.__version__).split(".")[0]) < 14:
+        raise DTypeError(f"bfloat16 on the GPU needs CuPy 14 or later (ml_dtypes.bfloat16 arrays); this "
+                         f"CuPy is {cupy.__version__}. Upgrade CuPy, or use float16 / float32 on the GPU")
 
 
 # ---- host reads: the one door through which device values reach Python ----------------------

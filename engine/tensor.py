@@ -668,8 +668,16 @@ def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor
     return Tensor(arr, requires_grad=requires_grad)
 
 
-def _new(fill, shape, dtype, device, requires_grad, **kw) -> Tensor:
+def _device_for(device, dtype):
+    """The available device ``device`` names, refusing a dtype it cannot hold (bfloat16 on CuPy < 14)."""
     dev = backend.check_available(backend.device(device))
+    if dev.type == "cuda" and dtype is not None:
+        backend.check_cuda_dtype(np.dtype(dtype), backend.xp_for(dev))
+    return dev
+
+
+def _new(fill, shape, dtype, device, requires_grad, **kw) -> Tensor:
+    dev = _device_for(device, dtype)
     xp = backend.xp_for(dev)
     with backend.on_device(dev):
         arr = getattr(xp, fill)(_shape_arg(shape), dtype=dtype or float32, **kw)
@@ -776,7 +784,7 @@ def _random_like(op: str, draw, t: Tensor, dtype, device, requires_grad) -> Tens
 
 
 def eye(n: int, m: int | None = None, dtype=None, device=None, requires_grad=False) -> Tensor:
-    dev = backend.check_available(backend.device(device))
+    dev = _device_for(device, dtype)
     with backend.on_device(dev):
         arr = backend.xp_for(dev).eye(n, m, dtype=dtype or float32)
     return Tensor(arr, requires_grad=requires_grad)
@@ -788,7 +796,7 @@ def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False
         start, end = 0, start
     if dtype is None:
         dtype = int64 if all(isinstance(v, (int, np.integer)) for v in (start, end, step)) else float32
-    dev = backend.check_available(backend.device(device))
+    dev = _device_for(device, dtype)
     with backend.on_device(dev):
         arr = backend.xp_for(dev).arange(start, end, step, dtype=dtype)
     return Tensor(arr, requires_grad=requires_grad)
@@ -796,7 +804,7 @@ def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False
 
 def randn(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
     """Standard normal samples from the engine's seeded generator (see ``engine.manual_seed``)."""
-    dev = backend.check_available(backend.device(device))
+    dev = _device_for(device, dtype)
     with backend.on_device(dev):
         arr = backend.generator(dev).standard_normal(_shape_arg(shape)).astype(dtype or float32)
     return Tensor(arr, requires_grad=requires_grad)
@@ -804,7 +812,7 @@ def randn(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
 
 def rand(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
     """Uniform samples in [0, 1) from the engine's seeded generator."""
-    dev = backend.check_available(backend.device(device))
+    dev = _device_for(device, dtype)
     gen = backend.generator(dev)
     with backend.on_device(dev):
         sample = gen.random(_shape_arg(shape)) if dev.type == "cpu" else gen.random_sample(_shape_arg(shape))
@@ -831,7 +839,7 @@ def randint(low: int, high: int, size, dtype=int64, device=None) -> Tensor:
 
 def linspace(start, end, steps: int, dtype=None, device=None, requires_grad=False) -> Tensor:
     """``steps`` evenly spaced values from ``start`` to ``end`` inclusive (float32 by default)."""
-    dev = backend.check_available(backend.device(device))
+    dev = _device_for(device, dtype)
     with backend.on_device(dev):
         arr = backend.xp_for(dev).linspace(start, end, int(steps), dtype=float64).astype(dtype or float32)
     return Tensor(arr, requires_grad=requires_grad)

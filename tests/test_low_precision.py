@@ -250,3 +250,35 @@ def test_module_casts_float_parameters_and_buffers_only(method, dtype):
     out = model(engine.randn(4, 3, dtype=dtype))
     out.float().sum().backward()
     assert out.dtype == np.dtype(dtype) and model.weight.grad.dtype == np.dtype(dtype)
+
+
+# ---- the GPU: bfloat16 needs CuPy 14 -----------------------------------------------------------
+
+@pytest.mark.parametrize("version, refused", [("13.6.0", True), ("14.0.1", False), ("15.0.0a1", False)])
+def test_bfloat16_on_cuda_needs_cupy_14(version, refused):
+    from types import SimpleNamespace
+
+    from engine import backend
+
+    cupy = SimpleNamespace(__version__=version)
+    backend.check_cuda_dtype(np.dtype(np.float16), cupy)  # float16 is in every CuPy
+    if refused:
+        with pytest.raises(DTypeError, match=r"bfloat16 on the GPU needs CuPy 14 .* 13\.6\.0"):
+            backend.check_cuda_dtype(np.dtype(engine.bfloat16), cupy)
+    else:
+        backend.check_cuda_dtype(np.dtype(engine.bfloat16), cupy)
+
+
+@pytest.mark.gpu
+def test_bfloat16_on_the_gpu_round_trips_and_computes_in_float32():
+    if not engine.cuda_available():
+        pytest.skip("no CUDA device answers on this machine")
+    x = engine.randn(64, 32).bfloat16().requires_grad_()
+    w = engine.randn(32, 16).bfloat16().requires_grad_()
+    cpu = x @ w
+    gx, gw = x.cuda(), w.cuda()
+    out = gx @ gw
+    assert out.dtype == np.dtype(engine.bfloat16) and out.device.type == "cuda"
+    np.testing.assert_allclose(out.cpu().float().numpy(), cpu.float().numpy(), rtol=2 ** -7, atol=2 ** -7)
+    out.float().sum().backward()
+    assert x.grad.dtype == np.dtype(engine.bfloat16) and x.grad.device.type == "cpu"
