@@ -62,6 +62,15 @@ def round_to(array, dtype):
     return array
 
 
+def can_cast(source, target) -> bool:
+    """PyTorch's ``torch.can_cast``: what an in-place op may write back into ``target`` (a float
+    result into float16 yes; a float result into an integer tensor, or a number into bool, no)."""
+    source, target = np.dtype(source), np.dtype(target)
+    if is_floating(source) and not is_floating(target):
+        return False
+    return not (source.kind != "b" and target.kind == "b")
+
+
 # ---- type promotion: PyTorch's table ---------------------------------------------------------
 
 def _category(dtype) -> int:

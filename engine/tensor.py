@@ -398,6 +398,8 @@ class Tensor:
         if not keep_old:
             old._version, old._base = self._version, self._base
         result = through_graph(old)
+        if result.dtype != self.dtype and dtypes.can_cast(result.dtype, self.dtype):
+            result = ops.cast(result, self.dtype)  # bf16.add_(fp32): promoted, written back as bf16
         if result.dtype != self.dtype or result.shape != self.shape:
             raise DTypeError(f"{op}: the result {describe(result)} cannot be written into {describe(self)} in "
                              "place (PyTorch refuses it too); use the out-of-place op")

@@ -282,3 +282,20 @@ def test_bfloat16_on_the_gpu_round_trips_and_computes_in_float32():
     np.testing.assert_allclose(out.cpu().float().numpy(), cpu.float().numpy(), rtol=2 ** -7, atol=2 ** -7)
     out.float().sum().backward()
     assert x.grad.dtype == np.dtype(engine.bfloat16) and x.grad.device.type == "cpu"
+
+
+def test_inplace_op_writes_a_promoted_result_back_in_the_tensor_dtype_as_torch():
+    values = np.array([0.3, -1.7, 2.2], np.float32)
+    ours = engine.tensor(values).bfloat16().requires_grad_()
+    theirs = torch.tensor(values).bfloat16().requires_grad_()
+    other = np.array([0.01, 0.02, 0.03], np.float32)
+    out, ref = (ours * 1).add_(engine.tensor(other)), (theirs * 1).add_(torch.tensor(other))
+    assert out.dtype == np.dtype(engine.bfloat16)
+    assert out.float().tolist() == ref.float().tolist()
+    (out.float() * 3).sum().backward()
+    (ref.float() * 3).sum().backward()
+    assert ours.grad.dtype == np.dtype(engine.bfloat16) and ours.grad.float().tolist() == theirs.grad.float().tolist()
+    with pytest.raises(DTypeError, match="add_"):  # a float result into an integer tensor: refused, as torch
+        engine.zeros(3, dtype=engine.int64).add_(engine.randn(3, requires_grad=True))
+    for a, b in itertools.product(TORCH_TO_ENGINE, repeat=2):
+        assert dtypes.can_cast(_engine_dtype(a), _engine_dtype(b)) == torch.can_cast(a, b), (a, b)
