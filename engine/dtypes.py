@@ -30,9 +30,13 @@ def finfo(dtype):
     return ml_dtypes.finfo(dtype)
 
 
-def largest_below_one(dtype) -> float:
-    """The largest value of the floating ``dtype`` below 1.0 (1 - eps/2)."""
-    return 1.0 - float(finfo(dtype).epsneg)
+def largest_below(value: float, dtype) -> np.ndarray:
+    """The largest value of the floating ``dtype`` strictly below ``value`` (a 0-d numpy array):
+    the bound that keeps a sample of [low, value) from rounding up to ``value``."""
+    rounded = np.asarray(value, dtype=np.float64).astype(dtype)
+    if float(rounded) < value:
+        return rounded
+    return np.nextafter(rounded, np.asarray(-np.inf, dtype=dtype))
 
 
 def is_low_precision(dtype) -> bool:

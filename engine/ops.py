@@ -103,8 +103,8 @@ def _scalar_operand(value, like: Tensor) -> Tensor:
             dtype = np.int64
         else:
             dtype = like.dtype
-    else:
-        dtype = np.float32 if arr.dtype == np.float64 else arr.dtype
+    else:  # a float scalar is PyTorch's default dtype; a float array keeps its own below float64
+        dtype = np.float32 if arr.dtype == np.float64 or arr.ndim == 0 else arr.dtype
     return Tensor(arr.astype(dtype, copy=False), device=like.device)
 
 

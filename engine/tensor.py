@@ -467,9 +467,10 @@ class Tensor:
     def uniform_(self, a: float = 0.0, b: float = 1.0) -> "Tensor":
         """Fill in place with U(a, b) samples from the engine's seeded generator."""
         return self._fill_random("uniform_", lambda gen, dt: a + (b - a) * _unit_uniform(gen, self.device,
-                                                                                         self.shape, dt))
+                                                                                         self.shape, dt),
+                                 upper=b if b > a else None)
 
-    def _fill_random(self, op: str, draw) -> "Tensor":
+    def _fill_random(self, op: str, draw, upper: float | None = None) -> "Tensor":
         if not is_floating(np.dtype(self.dtype)):
             raise DTypeError(f"{op}: needs a floating-point tensor, got {describe(self)}")
         self._check_inplace(op)  # before drawing, so a refused call leaves the generator's state alone
@@ -477,6 +478,7 @@ class Tensor:
         with backend.on_device(dev):
             values = draw(backend.generator(dev), float64 if self.dtype == float64 else float32)
             values = values.astype(self.dtype, copy=False)
+            values = values if upper is None else _below(values, upper)  # [a, b): never b itself
         return self._inplace(op, None, lambda _: self._data.__setitem__(Ellipsis, values),
                              lambda old: ops.overwrite(old, Tensor(values)))
 
@@ -818,15 +820,15 @@ def rand(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
     gen = backend.generator(dev)
     with backend.on_device(dev):
         sample = gen.random(_shape_arg(shape)) if dev.type == "cpu" else gen.random_sample(_shape_arg(shape))
-        arr = _below_one(sample.astype(dtype or float32))
+        arr = _below(sample.astype(dtype or float32))
     return Tensor(arr, requires_grad=requires_grad)
 
 
-def _below_one(arr):
-    """Uniform samples kept in [0, 1): rounding a float64 sample to a narrow dtype can give 1.0
-    (for bfloat16, about one sample in 500), which PyTorch's rand never returns."""
+def _below(arr, bound: float = 1.0):
+    """Uniform samples kept in [low, bound): rounding a sample to a narrow dtype can give ``bound``
+    (for bfloat16 in [0, 1), about one sample in 500), which PyTorch's rand and uniform_ never return."""
     xp = backend.array_module(arr)
-    return xp.minimum(arr, xp.asarray(dtypes.largest_below_one(arr.dtype), dtype=arr.dtype))
+    return xp.minimum(arr, xp.asarray(dtypes.largest_below(bound, arr.dtype), dtype=arr.dtype))
 
 
 def randint(low: int, high: int, size, dtype=int64, device=None) -> Tensor:

@@ -299,3 +299,18 @@ def test_inplace_op_writes_a_promoted_result_back_in_the_tensor_dtype_as_torch()
         engine.zeros(3, dtype=engine.int64).add_(engine.randn(3, requires_grad=True))
     for a, b in itertools.product(TORCH_TO_ENGINE, repeat=2):
         assert dtypes.can_cast(_engine_dtype(a), _engine_dtype(b)) == torch.can_cast(a, b), (a, b)
+
+
+@pytest.mark.parametrize("dtype, _", LOW)
+def test_uniform_never_returns_its_upper_bound(dtype, _):
+    engine.manual_seed(0)
+    for low, high in [(0.0, 1.0), (-1.0, 1.0), (0.0, 0.3)]:
+        values = engine.zeros(100_000, dtype=dtype).uniform_(low, high).float().numpy()
+        assert values.max() < high and values.min() >= np.float32(np.asarray(low, dtype))
+
+
+@pytest.mark.parametrize("scalar", [np.float16(2.5), np.float64(2.5), 2.5])
+def test_a_numpy_float_scalar_promotes_an_integer_tensor_to_float32_as_torch(scalar):
+    for values in ([1, 2], [True, False]):
+        want = (torch.tensor(values) * scalar).dtype
+        assert (engine.tensor(values) * scalar).dtype == _engine_dtype(want)
