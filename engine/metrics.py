@@ -30,6 +30,7 @@ import warnings
 import numpy as np
 
 from engine import backend
+from engine.dtypes import is_floating
 from engine.errors import DTypeError, EngineError, ShapeError, describe
 from engine.tensor import unwrap
 
@@ -58,7 +59,7 @@ def _pair(pred, target, where: str):
 def _labels(a, name: str, where: str):
     """Integer class labels as int64; integral floats and bools are accepted."""
     xp = backend.array_module(a)
-    if a.dtype.kind == "f":
+    if is_floating(a.dtype):
         if a.size and not bool(backend.to_host(xp.all(a == xp.floor(a)))):
             raise DTypeError(f"{where}: {name} must hold class labels (integers), got non-integer floats in "
                              f"{describe(a)}")
@@ -86,7 +87,7 @@ def _predicted_labels(pred, target, threshold: float, where: str):
     if pred.shape != t.shape:
         raise ShapeError(f"{where}: pred {describe(pred)} and target {describe(target)} must have the same shape "
                          "(labels) or pred one more class dimension on axis 1 (scores)")
-    if pred.dtype.kind == "f" and pred.size and not bool(backend.to_host(xp.all(pred == xp.floor(pred)))):
+    if is_floating(pred.dtype) and pred.size and not bool(backend.to_host(xp.all(pred == xp.floor(pred)))):
         top = int(backend.to_host(t.max())) if t.size else 0
         if top > 1:
             raise EngineError(f"{where}: pred holds non-integer floats (binary scores) but the targets are "

@@ -314,3 +314,19 @@ def test_a_numpy_float_scalar_promotes_an_integer_tensor_to_float32_as_torch(sca
     for values in ([1, 2], [True, False]):
         want = (torch.tensor(values) * scalar).dtype
         assert (engine.tensor(values) * scalar).dtype == _engine_dtype(want)
+
+
+# ---- dtype checks elsewhere that read dtype.kind == "f" (bfloat16's kind is "V") ---------------
+
+def test_bfloat16_is_a_float_for_the_checks_outside_ops():
+    from engine.data.preprocessing import clean
+    from engine.nn.utils.rnn import pad_sequence
+
+    with pytest.raises(DTypeError, match="overflows the sequences' dtype bfloat16"):  # was a silent inf
+        pad_sequence([engine.ones(2, dtype=engine.bfloat16), engine.ones(1, dtype=engine.bfloat16)],
+                     padding_value=1e39)
+    x = np.array([[1.0, 2.0], [np.nan, 1.0], [3.0, np.inf]], np.float32).astype(engine.bfloat16)
+    cleaned, _, _ = clean(x)  # the NaN and inf rows were kept as finite
+    assert cleaned.shape == (1, 2) and cleaned.dtype == np.dtype(engine.bfloat16)
+    scores = engine.tensor([0.2, 0.9, 0.6]).bfloat16()  # binary scores, was refused as non-labels
+    assert engine.metrics.accuracy(scores, engine.tensor([0, 1, 1])) == 1.0

@@ -298,7 +298,7 @@ def clean(x, y=None, strategy: str = "drop", fill_values=None):
     rows_in = data.shape[0]
     keep = _finite_rows(targets) if targets is not None else np.ones(rows_in, bool)
     data, targets = data[keep], None if targets is None else targets[keep]
-    bad = ~np.isfinite(data) if data.dtype.kind in "fc" else np.zeros(data.shape, bool)
+    bad = ~np.isfinite(data) if data.dtype.kind == "c" or is_floating(data.dtype) else np.zeros(data.shape, bool)
     bad_rows = bad.reshape(len(data), -1).any(axis=1)
     if strategy == "drop":
         data, targets = data[~bad_rows], None if targets is None else targets[~bad_rows]
@@ -324,7 +324,7 @@ def _clean_operands(x, y):
 
 
 def _finite_rows(a: np.ndarray) -> np.ndarray:
-    if a.dtype.kind not in "fc":
+    if not (a.dtype.kind == "c" or is_floating(a.dtype)):
         return np.ones(a.shape[0], bool)
     return np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from engine import backend
 from engine.data.dataset import Subset, make_generator
+from engine.dtypes import is_floating
 from engine.errors import EngineError, ShapeError, describe
 from engine.tensor import Tensor
 
@@ -119,7 +120,7 @@ def _stratify_labels(stratify, y, n: int):
     if labels.ndim != 1 or len(labels) != n:
         raise ShapeError(f"train_val_test_split: stratify labels must be 1-D with {n} entries, "
                          f"got shape {labels.shape}")
-    if labels.dtype.kind == "f" and not np.all(np.mod(labels, 1) == 0):
+    if is_floating(labels.dtype) and not np.all(np.mod(labels, 1) == 0):
         raise EngineError("train_val_test_split: stratify needs class labels, but y holds non-integer floats "
                           "(a regression target?); use stratify=False")
     return labels

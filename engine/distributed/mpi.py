@@ -18,6 +18,7 @@ import numpy as np
 
 from engine import backend
 from engine.distributed import faults
+from engine.dtypes import is_floating
 from engine.errors import DTypeError
 
 # numpy dtypes MPI reduces natively (mpi4py maps the typecode to the MPI datatype); complex ones
@@ -243,6 +244,6 @@ def _wait_for_device(array) -> None:
 
 
 def _divide(array, n: int) -> None:
-    if array.dtype.kind not in "fc":
+    if not (array.dtype.kind == "c" or is_floating(array.dtype)):
         raise DTypeError(f"ReduceOp.AVG of {array.dtype} values would round; use ReduceOp.SUM and divide")
     array /= n

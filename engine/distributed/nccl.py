@@ -20,6 +20,7 @@ import numpy as np
 from cupy.cuda import nccl
 
 from engine.distributed import mpi as mpi_group
+from engine.dtypes import is_floating
 
 _DTYPES = {
     "float16": nccl.NCCL_FLOAT16, "float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
@@ -195,6 +196,6 @@ class NCCLGroup:
 
 
 def _divide(array, n: int) -> None:
-    if array.dtype.kind not in "fc":
+    if not (array.dtype.kind == "c" or is_floating(array.dtype)):
         raise TypeError(f"ReduceOp.AVG of {array.dtype} values would round; use ReduceOp.SUM and divide")
     array /= n

@@ -9,6 +9,7 @@ import numpy as np
 
 from engine.autograd import Function
 from engine.backend import array_module
+from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
 from engine.tensor import Tensor
 
@@ -104,7 +105,7 @@ def check_padding_value(op: str, value, dtype):
                              f"{dtype} (whole numbers in [{low}, {high}]); pass a value the dtype holds, such as "
                              "the pad token's id")
         return bool(value) if dtype.kind == "b" else int(value)
-    if dtype.kind == "f" and _overflows(value, dtype):
+    if is_floating(dtype) and _overflows(value, dtype):
         raise DTypeError(f"{op}: padding_value={value!r} overflows the sequences' dtype {dtype} (its largest "
                          f"value is {np.finfo(dtype).max})")
     return value
