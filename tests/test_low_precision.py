@@ -330,3 +330,37 @@ def test_bfloat16_is_a_float_for_the_checks_outside_ops():
     assert cleaned.shape == (1, 2) and cleaned.dtype == np.dtype(engine.bfloat16)
     scores = engine.tensor([0.2, 0.9, 0.6]).bfloat16()  # binary scores, was refused as non-labels
     assert engine.metrics.accuracy(scores, engine.tensor([0, 1, 1])) == 1.0
+
+
+# ---- optimizers on 16-bit parameters: float32 update, rounded once --------------------------
+
+OPTIMIZERS = [("SGD", {"lr": 0.01, "momentum": 0.9}), ("Adam", {"lr": 0.01}), ("AdamW", {"lr": 0.01}),
+              ("RMSprop", {"lr": 0.01}), ("Adagrad", {"lr": 0.01})]
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name, kwargs", OPTIMIZERS)
+def test_optimizer_step_on_low_precision_params_is_float32_rounded_once(name, kwargs, dtype, torch_dtype):
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal(64).astype(np.float32)
+    g = (rng.standard_normal(64) * 10.0 ** rng.integers(-4, 1, 64)).astype(np.float32)
+    ours = engine.tensor(start).to(dtype).requires_grad_()
+    oracle = torch.tensor(start).to(torch_dtype).float().requires_grad_()
+    ours.grad = engine.tensor(g).to(dtype)
+    oracle.grad = torch.tensor(g).to(torch_dtype).float()
+    getattr(engine.optim, name)([ours], **kwargs).step()
+    getattr(torch.optim, name)([oracle], **kwargs).step()
+    assert ours.dtype == np.dtype(dtype)
+    _assert_close_in_ulps(ours, oracle.to(torch_dtype), EPS[dtype], f"{name} step")
+
+
+def test_float16_adam_with_small_gradients_stays_finite():
+    # Op by op in float16 (torch's foreach=False path) Adam's eps=1e-8 rounds to 0 and sqrt(v) + eps
+    # divides by zero once v underflows: torch's float16 Adam returns inf here.
+    rng = np.random.default_rng(0)
+    p = engine.tensor(rng.standard_normal(64).astype(np.float32)).half().requires_grad_()
+    opt = engine.optim.Adam([p], lr=0.01)
+    for _ in range(5):
+        p.grad = engine.tensor((rng.standard_normal(64) * 1e-4).astype(np.float32)).half()
+        opt.step()
+    assert np.isfinite(p.float().numpy()).all()

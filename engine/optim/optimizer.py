@@ -41,7 +41,7 @@ import numbers
 
 import numpy as np
 
-from engine import backend
+from engine import backend, dtypes
 from engine.autograd import enable_grad, no_grad
 from engine.dtypes import is_floating
 from engine.errors import EngineError, describe
@@ -431,12 +431,24 @@ class Optimizer:
         else:
             for i in active:
                 buffers = {name: bucket.state_view(name, i) for name in names}
-                self._reference_update(group, bucket.params[i]._data, bucket.params[i].grad._data, buffers,
-                                       self._run_key(group, bucket, i))
+                update = self._low_precision_update if dtypes.is_low_precision(bucket.dtype) else self._reference_update
+                update(group, bucket.params[i]._data, bucket.params[i].grad._data, buffers, self._run_key(group, bucket, i))
         for i in active:
             bucket.steps[i] += 1
             bucket.has[i].update(names)
             bucket.params[i]._version.value += 1  # an in-place change: a graph that saved it must not backward
+
+    def _low_precision_update(self, group: dict, param, grad, buffers: dict, key) -> None:
+        """The update of a float16/bfloat16 parameter computed in float32 and rounded once into the
+        parameter and its states (the engine's compute rule, see engine/dtypes.py): op by op in 16
+        bits, Adam's eps (1e-8) rounds to 0 in float16 and sqrt(v) + eps divides by zero."""
+        wide = {name: dtypes.upcast(b) for name, b in buffers.items()}
+        wide_param = dtypes.upcast(param)
+        self._reference_update(group, wide_param, dtypes.upcast(grad), wide, key)
+        param[...] = wide_param
+        for name, b in buffers.items():
+            if b is not None:
+                b[...] = wide[name]
 
     def _runs(self, group: dict, bucket: _Bucket, active: list[int]):
         """Maximal runs (first, last, key) of consecutive active params with the same key.
