@@ -154,7 +154,7 @@ class Function:
     ``self.needs_input_grad`` tells backward which gradients are wanted.
 
     Low precision (float16, bfloat16) is computed in float32, here and nowhere else: ``apply`` hands
-    forward float32 copies of the inputs and rounds the result once to the storage dtype, and
+    forward float32 copies of the inputs (and of 16-bit array params) and rounds the result once to the storage dtype, and
     backward gets a float32 gradient and returns each input's gradient rounded to that input's
     dtype, as PyTorch's CPU kernels do. Ops that only move or view memory (reshape, indexing,
     casts) set ``computes_in_float32 = False``: a view must share its input's memory.
@@ -182,7 +182,9 @@ class Function:
         fn.needs_input_grad = needs  # known in forward too, so it can save only what backward uses
         if cls.computes_in_float32:
             fn.low_dtype = dtypes.low_precision_of(raw)
-            raw = [dtypes.upcast(a) for a in raw] if fn.low_dtype is not None else raw
+            if fn.low_dtype is not None:  # array params too: cross_entropy's weight, soft targets
+                raw = [dtypes.upcast(a) for a in raw]
+                params = {name: dtypes.upcast(value) for name, value in params.items()}
         try:
             out = fn.forward(*raw, **params)
             out = dtypes.round_to(out, fn.low_dtype) if fn.low_dtype is not None else out
