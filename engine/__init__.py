@@ -111,6 +111,8 @@ backends = _backends_namespace()
 
 # PyTorch's dtype names (numpy dtypes underneath: t.dtype == engine.float is True)
 float, double, half = float32, float64, float16  # noqa: A001
+from engine.dtypes import can_cast, finfo, promote_types  # noqa: E402,F401  (torch's names; finfo knows bfloat16)
+from engine.ops import result_type  # noqa: E402,F401
 long, int, short, bool = int64, int32, int16, bool_  # noqa: A001
 
 __version__ = "0.1.0"

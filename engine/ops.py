@@ -74,6 +74,18 @@ def _binary_operands(op: str, a, b) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def result_type(a, b) -> np.dtype:
+    """``torch.result_type(a, b)``: the dtype a binary op on ``a`` and ``b`` (tensors or Python
+    scalars) computes in, by PyTorch's table (see :func:`_binary_operands`)."""
+    groups = ([], [], [])
+    for x in (a, b):
+        if isinstance(x, Tensor):
+            groups[0 if x.ndim else 1].append(x.dtype)
+        else:
+            groups[2].append(dtypes.scalar_dtype(x))
+    return dtypes.result_type(*groups)
+
+
 def _check_same_float_dtype(op: str, a, b) -> None:
     """Refuse two float tensors of different dtypes where PyTorch does (matmul, linear): these ops
     do not promote, so ``bf16 @ fp32`` is an error there, not a silent float32 product."""

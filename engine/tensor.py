@@ -269,6 +269,10 @@ class Tensor:
     def dim(self) -> int:
         return self.ndim
 
+    def is_floating_point(self) -> bool:
+        """float16, bfloat16, float32 or float64 (``np.issubdtype`` says False for bfloat16)."""
+        return dtypes.is_floating(self.dtype)
+
     def element_size(self) -> int:
         return int(np.dtype(self.dtype).itemsize)
 

@@ -371,3 +371,15 @@ def test_float16_adam_with_small_gradients_stays_finite():
         p.grad = engine.tensor((rng.standard_normal(64) * 1e-4).astype(np.float32)).half()
         opt.step()
     assert np.isfinite(p.float().numpy()).all()
+
+
+def test_torch_dtype_helpers_know_bfloat16():
+    assert engine.finfo(engine.bfloat16).eps == torch.finfo(torch.bfloat16).eps
+    assert float(engine.finfo(engine.bfloat16).max) == torch.finfo(torch.bfloat16).max
+    assert engine.promote_types(engine.bfloat16, engine.float16) == np.float32
+    assert engine.can_cast(engine.float32, engine.bfloat16) and not engine.can_cast(engine.bfloat16, engine.int64)
+    assert engine.randn(2).bfloat16().is_floating_point() and not engine.arange(2).is_floating_point()
+    x = engine.randn(3).bfloat16()
+    for other, torch_other in [(2.5, 2.5), (engine.tensor(1.0), torch.tensor(1.0)), (engine.randn(3), torch.randn(3))]:
+        want = torch.result_type(torch.zeros(3, dtype=torch.bfloat16), torch_other)
+        assert engine.result_type(x, other) == _engine_dtype(want)
