@@ -18,8 +18,7 @@ import inspect
 import threading
 import weakref
 
-from engine import backend
-from engine import dtypes
+from engine import backend, dtypes
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, EngineError, GradError, describe
 
@@ -154,9 +153,9 @@ class Function:
     ``self.needs_input_grad`` tells backward which gradients are wanted.
 
     Low precision (float16, bfloat16) is computed in float32, here and nowhere else: ``apply`` hands
-    forward float32 copies of the inputs (and of 16-bit array params) and rounds the result once to the storage dtype, and
-    backward gets a float32 gradient and returns each input's gradient rounded to that input's
-    dtype, as PyTorch's CPU kernels do. Ops that only move or view memory (reshape, indexing,
+    forward float32 copies of the inputs (and of 16-bit array params) and rounds the result once
+    to the storage dtype, and backward gets a float32 gradient and returns each input's gradient
+    rounded to that input's dtype, as PyTorch's CPU kernels do. Ops that only move or view memory (reshape, indexing,
     casts) set ``computes_in_float32 = False``: a view must share its input's memory.
     """
 
@@ -324,7 +323,8 @@ def _apply_ctx_style(cls, args: tuple, kwargs: dict):
     node.output_meta = tuple((o.shape, o.dtype) if isinstance(o, Tensor) else None for o in outputs)
     non_diff = {id(t) for t in ctx._non_differentiable}
     wanted = [i for i, o in enumerate(outputs)
-              if isinstance(o, Tensor) and id(o) not in non_diff and (o._data.dtype.kind == "c" or is_floating(o._data.dtype))]
+              if isinstance(o, Tensor) and id(o) not in non_diff
+              and (o._data.dtype.kind == "c" or is_floating(o._data.dtype))]
     if len(outputs) == 1 and not isinstance(out, tuple):
         results = [_attach(o, node, tensors) if wanted else o for o in outputs]
     else:

@@ -432,7 +432,8 @@ class Optimizer:
             for i in active:
                 buffers = {name: bucket.state_view(name, i) for name in names}
                 update = self._low_precision_update if dtypes.is_low_precision(bucket.dtype) else self._reference_update
-                update(group, bucket.params[i]._data, bucket.params[i].grad._data, buffers, self._run_key(group, bucket, i))
+                update(group, bucket.params[i]._data, bucket.params[i].grad._data, buffers,
+                       self._run_key(group, bucket, i))
         for i in active:
             bucket.steps[i] += 1
             bucket.has[i].update(names)
