@@ -1103,7 +1103,7 @@ def concatenate(tensors, dim: int | None = None, *, axis=None) -> Tensor:
     tensors = list(tensors)
     if not tensors:
         raise ShapeError("concatenate: needs at least one tensor")
-    _check_joinable("concatenate", tensors)
+    tensors = _promoted_together(tensors)
     ndim = tensors[0].ndim
     axis = axis % ndim
     for t in tensors:
@@ -1128,10 +1128,14 @@ def stack(tensors, dim: int | None = None, *, axis=None) -> Tensor:
     return concatenate([unsqueeze(t, axis) for t in tensors], axis)
 
 
-def _check_joinable(op, tensors) -> None:
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        raise DTypeError(f"{op}: dtypes differ: {', '.join(describe(t) for t in tensors)}")
+def _promoted_together(tensors) -> list:
+    """``tensors`` cast to their common dtype, as ``torch.cat`` promotes (bf16 with fp32 is fp32);
+    each cast is differentiable, so each gradient comes back in its tensor's dtype."""
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"concatenate: expected Tensors, got {type(t).__name__}")
+    target = dtypes.result_type([t.dtype for t in tensors])
+    return [cast(t, target) for t in tensors]
 
 
 # ---- matmul --------------------------------------------------------------------------------------

@@ -383,3 +383,16 @@ def test_torch_dtype_helpers_know_bfloat16():
     for other, torch_other in [(2.5, 2.5), (engine.tensor(1.0), torch.tensor(1.0)), (engine.randn(3), torch.randn(3))]:
         want = torch.result_type(torch.zeros(3, dtype=torch.bfloat16), torch_other)
         assert engine.result_type(x, other) == _engine_dtype(want)
+
+
+@pytest.mark.parametrize("ta, tb", [(torch.bfloat16, torch.float32), (torch.int64, torch.float16),
+                                    (torch.bfloat16, torch.float16), (torch.uint8, torch.int8)])
+def test_cat_and_stack_promote_as_torch(ta, tb):
+    a = engine.ones(2, dtype=_engine_dtype(ta), requires_grad=ta.is_floating_point)
+    b = engine.ones(2, dtype=_engine_dtype(tb))
+    want = torch.cat([torch.ones(2, dtype=ta), torch.ones(2, dtype=tb)]).dtype
+    assert engine.cat([a, b]).dtype == _engine_dtype(want)
+    assert engine.stack([a, b]).dtype == _engine_dtype(want)
+    if ta.is_floating_point:
+        engine.cat([a, b]).float().sum().backward()
+        assert a.grad.dtype == a.dtype  # the gradient in the source dtype
