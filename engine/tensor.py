@@ -715,20 +715,9 @@ def full(shape, fill_value, dtype=None, device=None, requires_grad=False) -> Ten
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if isinstance(fill_value, Tensor):
         fill_value = fill_value.item()
-    dtype = np.dtype(dtype) if dtype is not None else _dtype_of_scalar(fill_value)
+    dtype = np.dtype(dtype) if dtype is not None else dtypes.scalar_dtype(fill_value)
     _check_fill("full", fill_value, dtype)
     return _new("full", (shape,), dtype, device, requires_grad, fill_value=fill_value)
-
-
-def _dtype_of_scalar(value) -> np.dtype:
-    """The dtype PyTorch gives a tensor made from the Python scalar ``value``."""
-    if isinstance(value, (bool, np.bool_)):
-        return np.dtype(np.bool_)
-    if isinstance(value, (int, np.integer)):
-        return np.dtype(np.int64)
-    if isinstance(value, (complex, np.complexfloating)):
-        return np.dtype(np.complex64)
-    return np.dtype(float32)
 
 
 def _check_fill(op: str, value, dtype: np.dtype) -> None:
