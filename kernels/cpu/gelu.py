@@ -150,24 +150,26 @@ def _tanh_parts(x64):
 def gelu_forward_numpy(x, *, approximate="none"):
     spec = validate_gelu_forward(x, approximate=approximate)
     x64 = x.astype(np.float64)
-    if spec.approximate == "tanh":
-        s, _ = _tanh_parts(x64)
-        y = x64 * s
-    else:
-        y = x64 * (0.5 * erfc(-INV_SQRT_2 * x64))
+    with np.errstate(invalid="ignore"):  # +-inf input: inf * 0 is the NaN PyTorch gives too, not a fault
+        if spec.approximate == "tanh":
+            s, _ = _tanh_parts(x64)
+            y = x64 * s
+        else:
+            y = x64 * (0.5 * erfc(-INV_SQRT_2 * x64))
     return y.astype(spec.dtype)
 
 
 def gelu_backward_numpy(grad_y, x, *, approximate="none"):
     spec = validate_gelu_backward(grad_y, x, approximate=approximate)
     x64 = x.astype(np.float64)
-    if spec.approximate == "tanh":
-        s, s_minus = _tanh_parts(x64)
-        square = np.minimum(x64 * x64, SQUARE_MAX)
-        slope = s + x64 * s * s_minus * (2.0 * SQRT_2_OVER_PI) * (1.0 + 3.0 * TANH_COEF * square)
-    else:
-        slope = 0.5 * erfc(-INV_SQRT_2 * x64) + x64 * INV_SQRT_2PI * np.exp(-0.5 * x64 * x64)
-    return (grad_y.astype(np.float64) * slope).astype(spec.dtype)
+    with np.errstate(invalid="ignore"):  # +-inf input: a NaN slope, as PyTorch's
+        if spec.approximate == "tanh":
+            s, s_minus = _tanh_parts(x64)
+            square = np.minimum(x64 * x64, SQUARE_MAX)
+            slope = s + x64 * s * s_minus * (2.0 * SQRT_2_OVER_PI) * (1.0 + 3.0 * TANH_COEF * square)
+        else:
+            slope = 0.5 * erfc(-INV_SQRT_2 * x64) + x64 * INV_SQRT_2PI * np.exp(-0.5 * x64 * x64)
+        return (grad_y.astype(np.float64) * slope).astype(spec.dtype)
 
 
 # --------------------------------------------------------------------------------------------
