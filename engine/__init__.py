@@ -9,7 +9,8 @@ Example:
     (4, 3)
 """
 
-from engine import data, functional, io, metrics, nn, optim  # noqa: F401  (engine.nn.Linear ...)
+from engine import amp, data, functional, io, metrics, nn, optim  # noqa: F401  (engine.nn.Linear ...)
+from engine.amp import autocast, get_autocast_dtype, is_autocast_enabled
 from engine.autograd import Function, enable_grad, is_grad_enabled, no_grad
 from engine.backend import (CPU, Device, best_device, cuda_available, cuda_device_count, default_device,
                             device, get_rng_state, manual_seed, set_default_device, set_rng_state, synchronize)
@@ -81,11 +82,35 @@ def _cuda_namespace():
     module.synchronize = lambda device=None: backend.synchronize()
     module.manual_seed = module.manual_seed_all = manual_seed
     module.current_device = lambda: 0
+    module.amp = _amp_namespace("engine.cuda.amp", amp.autocast_mode.cuda_autocast)
     sys.modules["engine.cuda"] = module
     return module
 
 
+def _amp_namespace(name: str, device_autocast):
+    """``engine.cuda.amp`` / ``engine.cpu.amp``: PyTorch's per-device ``autocast`` spellings."""
+    import sys
+    import types
+
+    module = types.ModuleType(name, f"PyTorch's {name.replace('engine', 'torch')}: autocast")
+    module.autocast = device_autocast
+    sys.modules[name] = module
+    return module
+
+
+def _cpu_namespace():
+    """``engine.cpu``: PyTorch's ``torch.cpu.amp.autocast``."""
+    import sys
+    import types
+
+    module = types.ModuleType("engine.cpu", "PyTorch's torch.cpu: amp.autocast")
+    module.amp = _amp_namespace("engine.cpu.amp", amp.autocast_mode.cpu_autocast)
+    sys.modules["engine.cpu"] = module
+    return module
+
+
 cuda = _cuda_namespace()
+cpu = _cpu_namespace()
 
 
 def _backends_namespace():

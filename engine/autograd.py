@@ -19,6 +19,7 @@ import threading
 import weakref
 
 from engine import backend, dtypes
+from engine.amp import autocast_mode as _autocast
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, EngineError, GradError, describe
 
@@ -171,6 +172,8 @@ class Function:
         from engine.tensor import Tensor
 
         notify_watcher(inputs)
+        if _autocast.state.regions:  # inside autocast: cast the inputs per the op's policy
+            inputs = tuple(_autocast.cast_inputs(cls.op_name(), inputs))
         if _is_ctx_style(cls):
             return _apply_ctx_style(cls, inputs, params)
 

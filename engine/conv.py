@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import backend, ops
+from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
@@ -271,6 +272,7 @@ def _conv(op: str, n: int, input: Tensor, weight: Tensor, bias, stride, padding,
     return ops.squeeze(result, 0) if unbatched else result
 
 
+@autocast_op("conv2d")
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1) -> Tensor:
     """2-d convolution (cross-correlation) of (N, C, H, W) input with (O, C / groups, kH, kW) weight.
@@ -287,6 +289,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     return _conv("conv2d", 2, input, weight, bias, stride, padding, dilation, groups)
 
 
+@autocast_op("conv1d")
 def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1) -> Tensor:
     """1-d convolution of (N, C, L) (or unbatched (C, L)) input with (O, C / groups, k) weight; arguments

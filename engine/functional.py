@@ -13,6 +13,7 @@ import numpy as np
 
 import kernels
 from engine import backend, dtypes, ops
+from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
 from engine.conv import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, conv1d, conv2d, max_pool2d  # noqa: F401  (public API)
@@ -71,6 +72,7 @@ class Linear(Function):
         return gx, gw, (g.sum(axis=0) if self.needs_input_grad[2] else None)
 
 
+@autocast_op("linear")
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias``, weight of shape (out_features, in_features) as in PyTorch.
 
@@ -101,6 +103,7 @@ class LinearReLU(Function):
         return (gx, gw, gb) if self.has_bias else (gx, gw)
 
 
+@autocast_op("linear_relu")
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, fused: bool | None = None) -> Tensor:
     """``relu(x @ weight.T + bias)``, fused into one kernel pair on both devices.
 
@@ -185,6 +188,7 @@ def _reciprocal_or_zero(xp, denominator):
     return positive / xp.where(positive, denominator, denominator.dtype.type(1))
 
 
+@autocast_op("cross_entropy")
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, fused: bool | None = None) -> Tensor:
     """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
@@ -456,6 +460,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 # ---- regression losses ---------------------------------------------------------------------------
 
+@autocast_op("mse_loss")
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Squared error ``(input - target)**2``, reduced by ``reduction`` ("mean", "sum" or "none").
 
@@ -468,6 +473,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return _reduce(diff * diff, reduction)
 
 
+@autocast_op("l1_loss")
 def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Absolute error ``|input - target|`` (gradient 0 where they are equal, as in PyTorch)."""
     _check_reduction("l1_loss", reduction)
@@ -536,6 +542,7 @@ class BinaryCrossEntropy(Function):
         return gp, gy
 
 
+@autocast_op("binary_cross_entropy")
 def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                          reduction: str = "mean") -> Tensor:
     """Binary cross-entropy between probabilities ``input`` in [0, 1] and ``target`` in [0, 1].
@@ -616,6 +623,7 @@ class BinaryCrossEntropyWithLogits(Function):
         return tuple(grads)
 
 
+@autocast_op("binary_cross_entropy_with_logits")
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tensor | None = None,
                                      reduction: str = "mean", pos_weight: Tensor | None = None) -> Tensor:
     """Sigmoid plus binary cross-entropy in one numerically stable formula (PyTorch semantics).
@@ -686,6 +694,7 @@ def _class_weight(op: str, weight, rows: Tensor):
     return weight._data
 
 
+@autocast_op("nll_loss")
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
              reduction: str = "mean") -> Tensor:
     """Negative log-likelihood of log-probabilities ``input`` at the ``target`` classes.
@@ -777,6 +786,7 @@ class KLDivPointwise(Function):
         return gx, gt
 
 
+@autocast_op("kl_div")
 def kl_div(input: Tensor, target: Tensor, reduction: str = "mean", log_target: bool = False) -> Tensor:
     """KL divergence ``sum target * (log target - input)`` with ``input`` given as log-probabilities.
 
@@ -904,6 +914,7 @@ class LayerNorm(Function):
         return tuple(grads)
 
 
+@autocast_op("layer_norm")
 def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5, *, fused: bool | None = None) -> Tensor:
     """Normalise over the last ``len(normalized_shape)`` dims, then scale by weight and add bias.
@@ -996,6 +1007,7 @@ class ScaledDotProductAttention(Function):
                                           causal=self.causal)
 
 
+@autocast_op("scaled_dot_product_attention")
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
                                  fused: bool | None = None) -> Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import kernels
 from kernels.cpu.gelu import SQUARE_MAX as _GELU_SQUARE_MAX
 from engine import backend
+from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function, unbroadcast
 from engine import dtypes
 from engine.dtypes import is_floating
@@ -881,6 +882,7 @@ class Norm2(Function):
         return xp.where(out == 0, a.dtype.type(0), g * a / safe).astype(a.dtype, copy=False)
 
 
+@autocast_op("norm")
 def norm(a: Tensor, p=2, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
     """As ``torch.norm``: the ``p``-norm (2, 'fro', 1, inf, -inf or any positive number) over ``dim``
     (None: all elements, so a matrix's Frobenius norm). ``'nuc'`` is not supported."""
@@ -1164,6 +1166,7 @@ class MatMul(Function):
         return ga, gb
 
 
+@autocast_op("matmul")
 def matmul(input, other, *, out=None) -> Tensor:
     """Matrix product with broadcasting (``torch.matmul(input, other)``, PyTorch's argument names).
 
@@ -1185,6 +1188,7 @@ def matmul(input, other, *, out=None) -> Tensor:
     return MatMul.apply(a, b)
 
 
+@autocast_op("mm")
 def mm(input: Tensor, mat2: Tensor) -> Tensor:
     """Matrix product of two 2-D tensors (``torch.mm``); use :func:`matmul` for batches and vectors."""
     a, b = input, mat2
@@ -1224,6 +1228,7 @@ class LogSoftmax(Function):
         return g - _xp(g).exp(out) * g.sum(axis=self.axis, keepdims=True)
 
 
+@autocast_op("softmax")
 def softmax(a: Tensor, dim: int | None = None, *, axis=None, dtype=None) -> Tensor:
     """Softmax along ``dim`` (default the last; ``axis=`` is an alias), optionally cast to ``dtype`` first."""
     if dtype is not None:
@@ -1232,6 +1237,7 @@ def softmax(a: Tensor, dim: int | None = None, *, axis=None, dtype=None) -> Tens
     return Softmax.apply(a, axis=_axis_or(_dim("softmax", dim, axis), -1))
 
 
+@autocast_op("log_softmax")
 def log_softmax(a: Tensor, dim: int | None = None, *, axis=None, dtype=None) -> Tensor:
     """``log(softmax(a))`` along ``dim``, computed stably in one op."""
     if dtype is not None:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lower rank = lower layer. A module may import modules of its own rank or lower. autograd,
 # tensor and ops are one layer: Function builds Tensors, Tensor methods call ops.
 ENGINE_RANKS = {
-    "errors": 0, "backend": 1, "dtypes": 1, "autograd": 2, "tensor": 2, "ops": 2, "conv": 3, "functional": 3,
+    "errors": 0, "backend": 1, "dtypes": 1, "amp": 2, "autograd": 2, "tensor": 2, "ops": 2, "conv": 3, "functional": 3,
     "gradcheck": 3,
     "nn": 4, "optim": 4, "io": 4, "metrics": 4, "distributed": 4, "data": 5, "utils": 5, "text": 5, "train": 6,
     "examples": 7,

@@ -1,0 +1,5 @@
+"""``engine.amp``: automatic mixed precision, PyTorch's ``torch.amp`` (autocast regions)."""
+
+from engine.amp.autocast_mode import autocast, get_autocast_dtype, is_autocast_enabled, policy_for
+
+__all__ = ["autocast", "get_autocast_dtype", "is_autocast_enabled", "policy_for"]
