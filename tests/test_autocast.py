@@ -170,3 +170,182 @@ def test_promote_of_the_other_low_dtype_gives_float32():
         assert engine.stack([a, b.float()]).dtype == engine.float32
     assert mine.dtype == engine.float32
     _assert_close(mine, torch.cat([ta, tb]).float(), torch.bfloat16)
+
+
+# ---- gradients, the cache, regions -------------------------------------------------------------
+
+def test_backward_gives_float32_gradients_on_float32_leaves():
+    x, w, b = (engine.randn(*s, requires_grad=True) for s in ((4, 6), (5, 6), (5,)))
+    tx, tw, tb = (torch.tensor(t.numpy(), requires_grad=True) for t in (x, w, b))
+    with engine.autocast("cpu"):
+        loss = F.mse_loss(F.linear(x, w, b), engine.zeros(4, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tloss = TF.mse_loss(TF.linear(tx, tw, tb), torch.zeros(4, 5))
+    loss.backward()
+    tloss.backward()
+    for mine, theirs in ((x, tx), (w, tw), (b, tb)):
+        assert mine.grad.dtype == engine.float32 and theirs.grad.dtype == torch.float32
+        _assert_close(mine.grad, theirs.grad, torch.bfloat16)
+
+
+def _count_casts(monkeypatch):
+    calls = []
+    forward = Cast.forward
+    monkeypatch.setattr(Cast, "forward", lambda self, a, dtype=None: calls.append(dtype) or forward(self, a, dtype))
+    return calls
+
+
+@pytest.mark.parametrize("cache_enabled, casts_of_weight", [(True, 1), (False, 2)])
+def test_a_weight_used_twice_is_cast_once_per_region(monkeypatch, cache_enabled, casts_of_weight):
+    w = engine.randn(5, 6, requires_grad=True)
+    x1, x2 = engine.randn(3, 6).bfloat16(), engine.randn(2, 6).bfloat16()  # no casts of their own
+    expected_grad = np.ones((5, 1)) * (x1.float().sum(0) + x2.float().sum(0)).numpy()
+    calls = _count_casts(monkeypatch)
+    with engine.autocast("cpu", cache_enabled=cache_enabled):
+        y = F.linear(x1, w).sum() + F.linear(x2, w).sum()
+        assert len(calls) == casts_of_weight
+    assert autocast_mode.state.cache == {}  # the outermost exit clears it
+    y.backward()
+    assert w.grad.dtype == engine.float32
+    # the low-precision gradient is rounded to bfloat16 before it reaches the float32 weight
+    np.testing.assert_allclose(w.grad.numpy(), expected_grad, atol=2 ** -7 * np.abs(expected_grad).max())
+    with engine.autocast("cpu"):  # a new region casts again
+        F.linear(x1, w)
+    assert len(calls) == casts_of_weight + 1
+
+
+def test_nested_regions_and_enabled_false():
+    x, w = engine.randn(3, 4), engine.randn(5, 4)
+    with engine.autocast("cpu"):
+        assert F.linear(x, w).dtype == engine.bfloat16
+        with engine.autocast("cpu", enabled=False):
+            assert F.linear(x, w).dtype == engine.float32 and not engine.is_autocast_enabled("cpu")
+            with engine.autocast("cpu", dtype=engine.float16):
+                assert F.linear(x, w).dtype == engine.float16
+                assert engine.get_autocast_dtype("cpu") == engine.float16
+        assert F.linear(x, w).dtype == engine.bfloat16 and engine.is_autocast_enabled("cpu")
+        assert engine.get_autocast_dtype("cpu") == engine.bfloat16
+    assert F.linear(x, w).dtype == engine.float32 and not engine.is_autocast_enabled("cpu")
+
+
+def test_an_exception_inside_a_region_restores_the_state():
+    x, w = engine.randn(3, 4), engine.randn(5, 4, requires_grad=True)
+    with pytest.raises(engine.ShapeError):
+        with engine.autocast("cpu"):
+            F.linear(x, w)
+            F.linear(x, engine.randn(5, 3))  # wrong in_features
+    assert not engine.is_autocast_enabled("cpu") and autocast_mode.state.cache == {}
+    assert autocast_mode.state.nesting == 0 and F.linear(x, w).dtype == engine.float32
+
+
+def test_an_error_inside_a_composite_op_restores_autocast():
+    x = engine.randn(3, 4).bfloat16()
+    with engine.autocast("cpu"):
+        with pytest.raises(engine.EngineError):
+            F.mse_loss(x, engine.randn(2, 7))
+        assert engine.is_autocast_enabled("cpu") and F.linear(x, engine.randn(5, 4)).dtype == engine.bfloat16
+
+
+def test_autocast_as_a_decorator():
+    @engine.autocast("cpu", dtype=engine.float16)
+    def forward(x, w):
+        return F.linear(x, w)
+
+    assert forward(engine.randn(3, 4), engine.randn(5, 4)).dtype == engine.float16
+    assert not engine.is_autocast_enabled("cpu")
+
+
+def test_regions_are_thread_local():
+    x, w = engine.randn(3, 4), engine.randn(5, 4)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append((F.linear(x, w).dtype, engine.is_autocast_enabled("cpu"))))
+    with engine.autocast("cpu"):
+        thread.start()
+        thread.join(timeout=60)
+        assert F.linear(x, w).dtype == engine.bfloat16
+    assert seen == [(np.dtype(np.float32), False)]
+
+
+def test_a_cuda_region_leaves_cpu_tensors_alone():
+    x, w = engine.randn(3, 4), engine.randn(5, 4)
+    with engine.autocast("cuda"):
+        assert engine.is_autocast_enabled("cuda") and not engine.is_autocast_enabled("cpu")
+        assert engine.get_autocast_dtype("cuda") == engine.float16
+        assert F.linear(x, w).dtype == engine.float32 and F.softmax(x.half(), -1).dtype == engine.float16
+
+
+def test_the_cuda_list_differs_from_the_cpu_list():
+    """The CUDA table (implemented, not run on a GPU here): softmax, layer_norm, sum, exp, log and pow
+    in float32; matmul, linear, conv and attention in the low dtype; cat promotes."""
+    for op in ("softmax", "log_softmax", "logsoftmax", "layer_norm", "sum", "exp", "log", "pow", "norm2"):
+        assert autocast_mode.policy_for(op, "cuda") == "fp32"
+        assert autocast_mode.policy_for(op, "cpu") is None
+    for op in ("matmul", "linear", "linear_relu", "conv2d", "scaled_dot_product_attention", "bmm", "baddbmm"):
+        assert autocast_mode.policy_for(op, "cuda") == autocast_mode.policy_for(op, "cpu") == "lower"
+    for op in ("mse_loss", "nll_loss", "cross_entropy", "kl_div", "binary_cross_entropy_with_logits"):
+        assert autocast_mode.policy_for(op, "cuda") == autocast_mode.policy_for(op, "cpu") == "fp32"
+    assert autocast_mode.policy_for("concatenate", "cuda") == "promote"
+    assert autocast_mode.policy_for("relu", "cuda") is None
+
+
+def test_default_dtypes_and_argument_checks_as_torch():
+    assert engine.autocast("cpu").fast_dtype == engine.bfloat16
+    assert engine.amp.autocast("cuda").fast_dtype == engine.float16
+    with pytest.raises(ValueError, match="device_type"):
+        engine.autocast(3)
+    with pytest.raises(ValueError, match="xyz"):
+        engine.autocast("xyz")
+    with pytest.warns(UserWarning, match="Disabling autocast"):
+        region = engine.autocast("cpu", dtype=engine.float32)
+    with region:
+        assert not engine.is_autocast_enabled("cpu")
+        assert F.linear(engine.randn(2, 3), engine.randn(4, 3)).dtype == engine.float32
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.autocast("cpu", dtype=torch.float32)
+    assert any("Disabling autocast" in str(w.message) for w in caught)
+
+
+def test_device_spellings_warn_as_deprecated():
+    import engine.cpu.amp
+    import engine.cuda.amp
+
+    with pytest.warns(FutureWarning, match="engine.amp.autocast"):
+        region = engine.cpu.amp.autocast()
+    with region:
+        assert F.linear(engine.randn(2, 3), engine.randn(4, 3)).dtype == engine.bfloat16
+    with pytest.warns(FutureWarning):
+        assert engine.cuda.amp.autocast(dtype=engine.bfloat16).fast_dtype == engine.bfloat16
+
+
+def test_outside_a_region_nothing_changes():
+    x, w = engine.randn(3, 4).bfloat16(), engine.randn(5, 4).bfloat16()
+    assert F.linear(x, w).dtype == engine.bfloat16 and F.mse_loss(x, x).dtype == engine.bfloat16
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def _train(use_autocast: bool) -> list[float]:
+    engine.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = engine.tensor(rng.standard_normal((64, 16)).astype(np.float32))
+    y = engine.tensor(rng.standard_normal((64, 1)).astype(np.float32))
+    model = engine.nn.Sequential(engine.nn.Linear(16, 32), engine.nn.ReLU(), engine.nn.Linear(32, 1))
+    optimizer = engine.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        with engine.autocast("cpu", enabled=use_autocast):
+            loss = F.mse_loss(model(x), y)
+        assert loss.dtype == engine.float32
+        loss.backward()
+        assert all(p.grad.dtype == engine.float32 for p in model.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_a_small_mlp_trains_under_bfloat16_autocast_as_in_float32():
+    full, mixed = _train(False), _train(True)
+    assert full[-1] < 0.8 * full[0]
+    assert abs(mixed[-1] - full[-1]) <= 0.05 * full[-1], (mixed[-1], full[-1])
