@@ -172,10 +172,10 @@ class Function:
         from engine.tensor import Tensor
 
         notify_watcher(inputs)
-        if _autocast.state.regions:  # inside autocast: cast the inputs per the op's policy
-            inputs = tuple(_autocast.cast_inputs(cls.op_name(), inputs))
-        if _is_ctx_style(cls):
+        if _is_ctx_style(cls):  # a user's op: autocast reaches the engine ops its forward calls
             return _apply_ctx_style(cls, inputs, params)
+        if _autocast.state.regions and cls.__module__.startswith("engine."):  # not a user's same-named op
+            inputs = tuple(_autocast.cast_inputs(cls.op_name(), inputs))
 
         _check_same_device(cls.op_name(), inputs)
         fn = cls()

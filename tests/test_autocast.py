@@ -349,3 +349,38 @@ def test_a_small_mlp_trains_under_bfloat16_autocast_as_in_float32():
     full, mixed = _train(False), _train(True)
     assert full[-1] < 0.8 * full[0]
     assert abs(mixed[-1] - full[-1]) <= 0.05 * full[-1], (mixed[-1], full[-1])
+
+
+def test_a_cast_made_with_grad_off_is_not_cached():
+    """A first use under no_grad must not leave a gradient-less cast for a later use (torch agrees)."""
+    x, w = engine.randn(3, 4), engine.randn(5, 4, requires_grad=True)
+    with engine.autocast("cpu"):
+        with engine.no_grad():
+            F.linear(x, w)
+        y = F.linear(x, w)
+    assert y.requires_grad
+    y.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == engine.float32
+
+
+def test_a_weight_changed_in_place_is_cast_again():
+    """PyTorch's cache returns the stale cast here; the engine casts the new values."""
+    x, w = engine.randn(3, 4), engine.randn(5, 4, requires_grad=True)
+    with engine.autocast("cpu"):
+        before = F.linear(x, w)
+        with engine.no_grad():
+            w.mul_(2)
+        after = F.linear(x, w)
+    np.testing.assert_allclose(after.float().numpy(), 2 * before.float().numpy(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_a_users_function_named_like_an_engine_op_is_not_cast():
+    class Linear(engine.autograd.Function):  # op name "linear", as the engine's own Function
+        def forward(self, a):
+            return a * 2
+
+        def backward(self, g):
+            return g * 2
+
+    with engine.autocast("cpu"):
+        assert Linear.apply(engine.randn(3)).dtype == engine.float32

@@ -89,7 +89,7 @@ class _State(threading.local):
     def __init__(self):
         self.regions = {}  # device type -> (dtype, cache_enabled), enabled regions only
         self.nesting = 0  # autocast blocks entered (enabled or not); the cache dies at 0
-        self.cache = {}  # id(leaf) -> (leaf, its lower cast)
+        self.cache = {}  # id(leaf) -> (leaf, its lower cast, the leaf's version when cast)
         self.dtypes = dict(_DEFAULT_DTYPE)  # what get_autocast_dtype answers, per device type
 
 
@@ -196,13 +196,18 @@ def _target_dtype(policy, region_dtype, tensors, device_type):
 
 
 def _cast(tensor, dtype, cacheable: bool):
-    from engine.ops import cast  # the differentiable cast (same layer)
+    """``tensor`` cast to ``dtype``; a leaf that requires grad is cast once per region. Unlike
+    PyTorch, a cast made with grad off (it has no graph) is not cached, and a leaf changed in place
+    since its cast is cast again, so a cached cast is never a stale or gradient-less copy."""
+    from engine.autograd import is_grad_enabled  # same layer
+    from engine.ops import cast  # the differentiable cast
 
-    if not cacheable or not (tensor.requires_grad and tensor.grad_fn is None):
+    if not (cacheable and tensor.requires_grad and tensor.grad_fn is None and is_grad_enabled()):
         return cast(tensor, dtype)
+    version = tensor._version.value
     hit = state.cache.get(id(tensor))
-    if hit is None or hit[0] is not tensor or hit[1].dtype != dtype:
-        hit = (tensor, cast(tensor, dtype))  # the leaf is kept, so its id stays its own
+    if hit is None or hit[0] is not tensor or hit[1].dtype != dtype or hit[2] != version:
+        hit = (tensor, cast(tensor, dtype), version)  # the leaf is kept, so its id stays its own
         state.cache[id(tensor)] = hit
     return hit[1]
 
