@@ -481,6 +481,7 @@ def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return _reduce(ops.abs(input - target), reduction)
 
 
+@autocast_op("cosine_embedding_loss")
 def cosine_embedding_loss(input1: Tensor, input2: Tensor, target, margin: float = 0.0,
                           reduction: str = "mean") -> Tensor:
     """PyTorch's cosine embedding loss of (N, D) (or unbatched (D,)) pairs with targets 1 or -1:

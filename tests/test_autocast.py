@@ -64,6 +64,8 @@ CASES = {
     "l1_loss_f16": ([((4, 3), "f16"), ((4, 3), "f16")], lambda m, f, a, b: f.l1_loss(a, b)),
     "bce_logits_bf16": ([((4, 3), "bf16"), ((4, 3), "bf16")],
                         lambda m, f, a, b: f.binary_cross_entropy_with_logits(a, b.sigmoid())),
+    "cosine_embedding_loss_bf16": ([((4, 3), "bf16"), ((4, 3), "bf16")],
+                                   lambda m, f, a, b: f.cosine_embedding_loss(a, b, m.tensor([1, -1, 1, -1]))),
     "layer_norm": ([((4, 6), "f32"), ((6,), "f32"), ((6,), "f32")], lambda m, f, x, w, b: f.layer_norm(x, (6,), w, b)),
     "gelu": ([((4, 6), "f32")], lambda m, f, x: f.gelu(x)),
     "relu_bf16": ([((4, 6), "bf16")], lambda m, f, x: f.relu(x)),
