@@ -936,10 +936,13 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
                          f"{describe(input)} and not empty")
     if not is_floating(input.dtype):
         raise DTypeError(f"layer_norm: input must be floating point, got {describe(input)}")
+    # PyTorch's mixed dtype (CPU) rule: float32 weight and bias with a 16-bit input (a LayerNorm after a
+    # Linear under autocast); the result keeps the input's dtype, each gradient its tensor's dtype.
+    param_dtypes = {input.dtype, np.dtype(np.float32)} if dtypes.is_low_precision(input.dtype) else {input.dtype}
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.shape != shape or t.dtype != input.dtype or t.device != input.device):
-            raise ShapeError(f"layer_norm: {name} {describe(t)} must have shape {shape} and the input's dtype and "
-                             f"device ({describe(input)})")
+        if t is not None and (t.shape != shape or t.dtype not in param_dtypes or t.device != input.device):
+            raise ShapeError(f"layer_norm: {name} {describe(t)} must have shape {shape} and the input's dtype (or "
+                             f"float32 for a float16/bfloat16 input) and device ({describe(input)})")
     affine = [t for t in (weight, bias) if t is not None]
     flags = dict(eps=float(eps), has_weight=weight is not None, has_bias=bias is not None)
     width = math.prod(shape)

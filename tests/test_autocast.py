@@ -30,6 +30,8 @@ def _pair(shape, dtype="f32", seed=0, positive=False):
         return e.bfloat16(), t.bfloat16()
     if dtype == "f16":
         return e.half(), t.half()
+    if dtype == "f64":
+        return e.double(), t.double()
     return e, t
 
 
@@ -67,6 +69,11 @@ CASES = {
     "cosine_embedding_loss_bf16": ([((4, 3), "bf16"), ((4, 3), "bf16")],
                                    lambda m, f, a, b: f.cosine_embedding_loss(a, b, m.tensor([1, -1, 1, -1]))),
     "layer_norm": ([((4, 6), "f32"), ((6,), "f32"), ((6,), "f32")], lambda m, f, x, w, b: f.layer_norm(x, (6,), w, b)),
+    "layer_norm_mixed": ([((4, 6), "bf16"), ((6,), "f32"), ((6,), "f32")],
+                         lambda m, f, x, w, b: f.layer_norm(x, (6,), w, b)),
+    "sdpa_float_mask": ([((2, 5, 8), "f32"), ((2, 5, 8), "f32"), ((2, 5, 8), "f32"), ((5, 5), "f32")],
+                        lambda m, f, q, k, v, mask: f.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
+    "linear_float64": ([((4, 6), "f64"), ((5, 6), "f64")], lambda m, f, x, w: f.linear(x, w)),
     "gelu": ([((4, 6), "f32")], lambda m, f, x: f.gelu(x)),
     "relu_bf16": ([((4, 6), "bf16")], lambda m, f, x: f.relu(x)),
     "add_mixed": ([((4, 6), "bf16"), ((4, 6), "f32")], lambda m, f, a, b: a + b),
@@ -132,6 +139,8 @@ def test_op_dtype_and_value_match_torch(name, dtype, torch_dtype):
 
 MODULES = {
     "Linear": (lambda m: m.nn.Linear(6, 5), (3, 6)),
+    "Linear_LayerNorm": (lambda m: m.nn.Sequential(m.nn.Linear(6, 6), m.nn.LayerNorm(6)), (3, 6)),
+    "BatchNorm1d": (lambda m: m.nn.BatchNorm1d(3), (4, 3, 5)),
     "MultiheadAttention": (lambda m: m.nn.MultiheadAttention(8, 2, batch_first=True), (2, 5, 8)),
     "TransformerEncoderLayer": (lambda m: m.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
                                 (2, 5, 8)),
@@ -386,3 +395,22 @@ def test_a_users_function_named_like_an_engine_op_is_not_cast():
 
     with engine.autocast("cpu"):
         assert Linear.apply(engine.randn(3)).dtype == engine.float32
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "f16"])
+def test_layer_norm_takes_float32_parameters_with_a_16_bit_input(dtype, torch_dtype):
+    """PyTorch's mixed dtype (CPU) layer_norm, also outside autocast; gradients in each tensor's dtype."""
+    (x, tx), (w, tw), (b, tb) = _pair((4, 6), seed=0), _pair((6,), seed=1), _pair((6,), seed=2)
+    x, tx = x.to(dtype).detach().requires_grad_(), tx.to(torch_dtype).detach().requires_grad_()
+    for t in (w, b, tw, tb):
+        t.requires_grad_()
+    mine, theirs = F.layer_norm(x, (6,), w, b), TF.layer_norm(tx, (6,), tw, tb)
+    assert TORCH_OF[np.dtype(mine.dtype)] == theirs.dtype == torch_dtype
+    _assert_close(mine, theirs, torch_dtype)
+    mine.float().pow(2).sum().backward()
+    theirs.float().pow(2).sum().backward()
+    assert x.grad.dtype == dtype and w.grad.dtype == b.grad.dtype == engine.float32
+    for got, ref in ((x.grad, tx.grad), (w.grad, tw.grad), (b.grad, tb.grad)):
+        _assert_close(got, ref.float(), torch_dtype)
+    with pytest.raises(engine.ShapeError, match="float32 for a float16/bfloat16 input"):
+        F.layer_norm(x.detach().float(), (6,), w.detach().to(dtype))  # torch refuses this mix too
