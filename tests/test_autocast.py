@@ -141,6 +141,9 @@ MODULES = {
     "Linear": (lambda m: m.nn.Linear(6, 5), (3, 6)),
     "Linear_LayerNorm": (lambda m: m.nn.Sequential(m.nn.Linear(6, 6), m.nn.LayerNorm(6)), (3, 6)),
     "BatchNorm1d": (lambda m: m.nn.BatchNorm1d(3), (4, 3, 5)),
+    "Conv2d_BatchNorm2d": (lambda m: m.nn.Sequential(m.nn.Conv2d(3, 4, 3), m.nn.BatchNorm2d(4), m.nn.ReLU()),
+                           (2, 3, 6, 6)),
+    "Linear_BatchNorm1d": (lambda m: m.nn.Sequential(m.nn.Linear(6, 4), m.nn.BatchNorm1d(4)), (5, 6)),
     "MultiheadAttention": (lambda m: m.nn.MultiheadAttention(8, 2, batch_first=True), (2, 5, 8)),
     "TransformerEncoderLayer": (lambda m: m.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
                                 (2, 5, 8)),
@@ -148,13 +151,14 @@ MODULES = {
 
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "f16"])
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_module_forward_matches_torch(name, dtype, torch_dtype):
+def test_module_forward_matches_torch(name, dtype, torch_dtype, training):
     make, shape = MODULES[name]
     torch.manual_seed(0)
-    theirs_module = make(torch).eval()
-    mine_module = make(engine).eval()
+    theirs_module = make(torch).train(training)
+    mine_module = make(engine).train(training)
     mine_module.load_state_dict({k: engine.tensor(v.detach().numpy()) for k, v in theirs_module.state_dict().items()})
     x, tx = _pair(shape)
     args, targs = ((x, x, x), (tx, tx, tx)) if name == "MultiheadAttention" else ((x,), (tx,))
@@ -168,6 +172,10 @@ def test_module_forward_matches_torch(name, dtype, torch_dtype):
     ref = theirs.detach().double().numpy()
     got = mine.detach().float().numpy().astype(np.float64)
     assert np.abs(got - ref).max() <= 32 * EPS[torch_dtype] * max(np.abs(ref).max(), 1.0)
+    for key, value in theirs_module.state_dict().items():  # running statistics, in their dtype
+        mine_value = mine_module.state_dict()[key]
+        assert TORCH_OF.get(np.dtype(mine_value.dtype), value.dtype) == value.dtype
+        np.testing.assert_allclose(mine_value.numpy().astype(np.float64), value.double().numpy(), rtol=0.02, atol=0.02)
 
 
 def test_promote_of_the_other_low_dtype_gives_float32():

@@ -15,7 +15,7 @@ import numpy as np
 from engine import functional as F
 from engine import ops
 from engine.autograd import no_grad
-from engine.dtypes import is_floating
+from engine.dtypes import is_floating, is_low_precision
 from engine.errors import DTypeError, describe
 from engine.nn import init
 from engine.nn.module import Module, Parameter
@@ -372,6 +372,9 @@ class BatchNorm1d(Module):
                              "convert with .float()")
         axes = (0,) + tuple(range(2, x.ndim))  # statistics per channel, over the batch and every spatial dim
         shape = (1, self.num_features) + (1,) * (x.ndim - 2)
+        # A 16-bit input is normalised in float32 and rounded once to its dtype, also with float32
+        # parameters and statistics (PyTorch's mixed dtype CPU rule: a BatchNorm after a conv in autocast).
+        out_dtype, x = x.dtype, (x.float() if is_low_precision(x.dtype) else x)
         use_batch = self.training or not self.track_running_stats
         if use_batch:
             count = math.prod(x.shape) // self.num_features
@@ -390,7 +393,7 @@ class BatchNorm1d(Module):
         out = centered / ops.sqrt(var + self.eps)
         if self.affine:
             out = out * ops.reshape(self.weight, shape) + ops.reshape(self.bias, shape)
-        return out
+        return out.to(out_dtype)
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
         with no_grad():
