@@ -244,12 +244,13 @@ class _Suspended:
 
 
 def autocast_op(op_name: str):
-    """Decorator for the entry point of a composite op: inside a region, its Tensor arguments are
-    cast per ``op_name``'s policy and its inner ops run without autocast."""
+    """Decorator for the entry point of a composite op: in a region whose list has ``op_name``, its
+    Tensor arguments are cast per the policy and its inner ops run without autocast; elsewhere the
+    op runs as written (its inner ops meet autocast one by one)."""
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if not state.regions:
+            if not any(_POLICIES[kind].get(op_name) for kind in state.regions):  # unlisted here: as written
                 return fn(*args, **kwargs)
             args = cast_inputs(op_name, args)
             keys = list(kwargs)
