@@ -156,8 +156,9 @@ class Function:
     Low precision (float16, bfloat16) is computed in float32, here and nowhere else: ``apply`` hands
     forward float32 copies of the inputs (and of 16-bit array params) and rounds the result once
     to the storage dtype, and backward gets a float32 gradient and returns each input's gradient
-    rounded to that input's dtype, as PyTorch's CPU kernels do. Ops that only move or view memory (reshape, indexing,
-    casts) set ``computes_in_float32 = False``: a view must share its input's memory.
+    rounded to that input's dtype, as PyTorch's CPU kernels do. Ops that only move or view memory
+    (reshape, indexing, casts) set ``computes_in_float32 = False``: a view must share its input's
+    memory.
     """
 
     inputs: tuple = ()
