@@ -10,6 +10,8 @@ rounds its result once to the storage dtype, as PyTorch's CPU kernels do (see
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -37,6 +39,17 @@ def largest_below(value: float, dtype) -> np.ndarray:
     if float(rounded) < value:
         return rounded
     return np.nextafter(rounded, np.asarray(-np.inf, dtype=dtype))
+
+
+def overflows(value, dtype) -> bool:
+    """Whether a finite number ``value`` becomes inf in the floating ``dtype`` (an int beyond even
+    float64's range included)."""
+    try:
+        value = float(value)
+    except OverflowError:
+        return True
+    with np.errstate(over="ignore"):
+        return math.isfinite(value) and not np.isfinite(np.asarray(value).astype(dtype))
 
 
 def is_low_precision(dtype) -> bool:

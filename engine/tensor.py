@@ -7,6 +7,7 @@ composite of them. Python scalars take the tensor's dtype, so float32 stays floa
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 
@@ -726,16 +727,12 @@ def _check_fill(op: str, value, dtype: np.dtype) -> None:
         if isinstance(value, (complex, np.complexfloating)):
             raise DTypeError(f"{op}: fill_value={value!r} is complex; an integer dtype {dtype} cannot hold it")
         info = np.iinfo(dtype)
-        if not np.isfinite(value) or not info.min <= int(value) <= info.max:
+        finite = isinstance(value, (int, np.integer)) or math.isfinite(value)
+        if not finite or not info.min <= int(value) <= info.max:
             raise DTypeError(f"{op}: fill_value={value!r} cannot be converted to {dtype} (whole numbers in "
                              f"[{info.min}, {info.max}]) without overflow")
-    elif dtypes.is_floating(dtype) and np.isfinite(value) and not _fits_float(value, dtype):
+    elif dtypes.is_floating(dtype) and dtypes.overflows(value, dtype):
         raise DTypeError(f"{op}: fill_value={value!r} overflows {dtype} (largest {dtypes.finfo(dtype).max})")
-
-
-def _fits_float(value, dtype: np.dtype) -> bool:
-    with np.errstate(over="ignore"):
-        return bool(np.isfinite(np.asarray(value).astype(dtype)))
 
 
 def zeros_like(t: Tensor, dtype=None, requires_grad=False) -> Tensor:

@@ -742,5 +742,9 @@ def test_full_infers_its_dtype_and_refuses_values_the_dtype_cannot_hold():
             engine.full((2,), value, dtype=dtype)
     with pytest.raises(DTypeError, match="overflows float16"):
         engine.full((2,), 1e6, dtype=engine.float16)
+    with pytest.raises(DTypeError, match="overflows float32"):  # an int beyond even float64's range
+        engine.full((2,), 10 ** 400, dtype=engine.float32)
+    with pytest.raises(DTypeError, match="cannot be converted to int64"):
+        engine.full((2,), 10 ** 400)
     with pytest.raises(DTypeError, match="cannot be converted to int64"):
         engine.full_like(engine.zeros(3, dtype=engine.int64), float("nan"))

@@ -9,6 +9,7 @@ import numpy as np
 
 from engine.autograd import Function
 from engine.backend import array_module
+from engine import dtypes
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
 from engine.tensor import Tensor
@@ -105,17 +106,9 @@ def check_padding_value(op: str, value, dtype):
                              f"{dtype} (whole numbers in [{low}, {high}]); pass a value the dtype holds, such as "
                              "the pad token's id")
         return bool(value) if dtype.kind == "b" else int(value)
-    if is_floating(dtype) and _overflows(value, dtype):
+    if is_floating(dtype) and dtypes.overflows(value, dtype):
         raise DTypeError(f"{op}: padding_value={value!r} overflows the sequences' dtype {dtype} (its largest "
                          f"value is {np.finfo(dtype).max})")
     return value
 
 
-def _overflows(value, dtype) -> bool:
-    """Whether a finite ``value`` becomes inf in the float ``dtype``."""
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond even float64's range
-        return True
-    with np.errstate(over="ignore"):
-        return math.isfinite(value) and not np.isfinite(np.asarray(value).astype(dtype))
