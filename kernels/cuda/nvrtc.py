@@ -69,9 +69,24 @@ def compile_file(path: Path, arch: str = "sm_90") -> CompileResult:
 
 
 def compile_options(arch: str) -> tuple[str, ...]:
-    """What cupy hands NVRTC at run time (our options, then the ones cupy adds: ``-ftz=true``),
-    plus the target architecture and ptxas's register report."""
-    return (*build_options(), *CUPY_ADDED_OPTIONS, f"--gpu-architecture={arch}", "--ptxas-options=-v")
+    """What cupy hands NVRTC at run time (our options, then the ones cupy adds: ``-ftz=true`` and
+    the CUDA toolkit's include folder), plus the target architecture and ptxas's register report."""
+    return (*build_options(), *CUPY_ADDED_OPTIONS, *cuda_include_options(),
+            f"--gpu-architecture={arch}", "--ptxas-options=-v")
+
+
+def cuda_include_options() -> tuple[str, ...]:
+    """``-I<CUDA path>/include``, found as cupy finds it for every RawModule it compiles
+    (``cupy._environment.get_cuda_path``: the nvidia/cu13 wheel beside NVRTC, or a system
+    toolkit). It holds ``cuda_fp16.h`` and ``cuda_bf16.h``, which common.cuh includes."""
+    try:
+        from cupy._environment import get_cuda_path
+    except ImportError:
+        return ()
+    path = get_cuda_path()
+    if path is None or not (Path(path) / "include").is_dir():
+        return ()
+    return (f"-I{Path(path) / 'include'}",)
 
 
 def _log(nvrtc, prog) -> str:

@@ -22,11 +22,60 @@ CU_FILES = sources()
 def test_compile_check_uses_the_options_cupy_compiles_with():
     """The CI build is cupy's build: our options, then what cupy appends (-ftz=true), then the
     include path, the target and ptxas's report."""
-    from kernels.cuda.nvrtc import compile_options
+    from kernels.cuda.nvrtc import compile_options, cuda_include_options
 
     assert CUPY_ADDED_OPTIONS == ("-ftz=true",)
     assert compile_options("sm_90") == (*NVRTC_OPTIONS, f"-I{SOURCE_DIR}", *CUPY_ADDED_OPTIONS,
-                                        "--gpu-architecture=sm_90", "--ptxas-options=-v")
+                                        *cuda_include_options(), "--gpu-architecture=sm_90",
+                                        "--ptxas-options=-v")
+
+
+def test_compile_check_finds_the_low_precision_headers():
+    """common.cuh includes cuda_fp16.h and cuda_bf16.h: the CI compile must see the toolkit
+    headers cupy compiles with, or every bf16/fp16 kernel would go unchecked."""
+    pytest.importorskip("cupy")
+    from kernels.cuda.nvrtc import cuda_include_options
+
+    (option,) = cuda_include_options()
+    include = Path(option[2:])
+    assert (include / "cuda_bf16.h").is_file() and (include / "cuda_fp16.h").is_file(), include
+
+
+COMMON_PROBE = """
+#include "common.cuh"
+template <typename T, int NV>
+__device__ void probe(const T* x, T* y, typename Acc<T>::type* scratch) {
+    typename Acc<T>::type v[NV];
+    for (int i = 0; i < NV; ++i) v[i] = to_acc(x[threadIdx.x * NV + i]);
+    BlockGroup<typename Acc<T>::type, NV> block{scratch};
+    group_reduce(block, v, SumOp(), typename Acc<T>::type(0));
+    WarpGroup<8> group{0xffffffffu, int(threadIdx.x & 7)};
+    group_reduce(group, v, MaxOp(), typename Acc<T>::type(0));
+    y[threadIdx.x] = from_acc<T>(v[0]);
+}
+extern "C" __global__ void probe_f32(const float* x, float* y) { __shared__ float s[66]; probe<float, 2>(x, y, s); }
+extern "C" __global__ void probe_f64(const double* x, double* y) { __shared__ double s[66]; probe<double, 2>(x, y, s); }
+extern "C" __global__ void probe_f16(const __half* x, __half* y) { __shared__ float s[66]; probe<__half, 2>(x, y, s); }
+extern "C" __global__ void probe_bf16(const __nv_bfloat16* x, __nv_bfloat16* y) {
+    __shared__ float s[66];
+    probe<__nv_bfloat16, 2>(x, y, s);
+}
+"""
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_common_header_compiles_for_every_storage_type(tmp_path, arch):
+    """common.cuh's conversions and reductions instantiate for float, double, __half and
+    __nv_bfloat16 (a .cu file that includes it is compiled from its own folder's -I)."""
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from kernels.cuda.nvrtc import compile_file
+
+    probe = tmp_path / "common_probe.cu"
+    probe.write_text(COMMON_PROBE)
+    result = compile_file(probe, arch)
+    for kernel in ("probe_f32", "probe_f64", "probe_f16", "probe_bf16"):
+        assert kernel in result.log, result.log
+    assert result.spills() == {}, result.log
 
 
 def test_installed_cupy_appends_what_we_say_it_does():
