@@ -11,12 +11,12 @@ import math
 
 import numpy as np
 
-from engine import backend, dtypes
+from engine import backend, dlpack, dtypes
 from engine.autograd import Version
 from engine.autograd import backward as _run_backward
 from engine.autograd import grad_lock, is_grad_enabled, notify_watcher
 from engine.dtypes import is_floating
-from engine.errors import DTypeError, EngineError, GradError, describe
+from engine.errors import DeviceError, DTypeError, EngineError, GradError, describe
 
 float16, float32, float64 = np.float16, np.float32, np.float64
 bfloat16 = dtypes.bfloat16  # ml_dtypes' bfloat16, the type JAX uses
@@ -352,6 +352,48 @@ class Tensor:
             return np.array(host, dtype=dtype, copy=True)
         return host
 
+    # ---- DLPack and the CUDA array interface (engine/dlpack.py) -----------------------------------
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """A DLPack capsule sharing this tensor's memory (``torch.from_dlpack(t)``,
+        ``np.from_dlpack(t)``, ``cupy.from_dlpack(t)``, ``jax.dlpack.from_dlpack(t)``).
+
+        Args:
+            stream: the consumer's CUDA stream (an int: a ``cudaStream_t``, 1 the legacy default
+                stream, 2 the per-thread default stream, -1 no synchronisation), as the DLPack
+                spec defines it; cupy makes the work queued on this tensor's current stream visible
+                there before the capsule is returned. None on the CPU.
+            max_version, dl_device, copy: the DLPack 2023 keywords, passed on to numpy / cupy.
+
+        Raises:
+            GradError: the tensor requires grad (export ``t.detach()``, as in PyTorch).
+
+        bfloat16 crosses as DLPack's ``kDLBfloat`` (PyTorch's ``torch.bfloat16``). While a graph
+        that has not yet run its backward keeps this memory, a CPU export is read-only (DLPack 1.0
+        consumers see the flag; older ones are refused), as :meth:`numpy` is.
+        """
+        if self.requires_grad:
+            raise GradError(f"__dlpack__: cannot export {describe(self)}, which requires grad; export "
+                            "t.detach() (PyTorch refuses it too)")
+        data = self.numpy() if self.device.type == "cpu" else self._data
+        return dlpack.export(data, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(1, 0)`` for a CPU tensor (``kDLCPU``), ``(2, n)`` for one on cuda:n (``kDLCUDA``)."""
+        return dlpack.device_tuple(self._data)
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        """Numba's CUDA array interface (version 3, with the stream) of a CUDA tensor: what
+        ``numba.cuda.as_cuda_array(t)`` and ``cupy.asarray(t)`` read. A CPU tensor has none
+        (AttributeError, so ``hasattr`` is False), and one that requires grad is refused, as in PyTorch."""
+        if self.device.type != "cuda":
+            raise AttributeError(f"__cuda_array_interface__: {describe(self)} is not a CUDA tensor; use "
+                                 "__array_interface__ through np.asarray(t), or __dlpack__")
+        if self.requires_grad:
+            raise GradError(f"__cuda_array_interface__: {describe(self)} requires grad; use t.detach() "
+                            "(PyTorch refuses it too)")
+        return self._data.__cuda_array_interface__
+
     # ---- in-place updates ------------------------------------------------------------------------
     # Every in-place op bumps the version of this tensor's memory (shared with its views), so a
     # backward that needs the old values refuses to run (engine/autograd.py). Under grad mode:
@@ -651,6 +693,9 @@ def as_array(data, dtype=None, device=None):
     """``data`` as a numpy/cupy array on ``device``; Python floats and lists become float32."""
     if isinstance(data, Tensor):
         data = data._data
+    foreign = dlpack.foreign_array(data)  # a torch / JAX tensor: its memory, through DLPack
+    if foreign is not None:
+        data = foreign
     if backend.is_array(data):
         arr = data
     else:
@@ -669,12 +714,28 @@ def as_array(data, dtype=None, device=None):
 # ---- factories (PyTorch names) ----------------------------------------------------------------
 
 def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    """A new tensor holding a copy of ``data``."""
+    """A new tensor holding a copy of ``data`` (a list, number, array, Tensor, or a torch / JAX tensor
+    or anything else with ``__dlpack__``)."""
     data = data._data if isinstance(data, Tensor) else data
+    foreign = dlpack.foreign_array(data)
+    data = data if foreign is None else foreign
     arr = as_array(data, dtype, device)
     if arr is data:
         arr = arr.copy()
     return Tensor(arr, requires_grad=requires_grad)
+
+
+def as_tensor(data, dtype=None, device=None) -> Tensor:
+    """``data`` as a tensor, sharing its memory where it can, as ``torch.as_tensor``.
+
+    A Tensor of the asked dtype and device is returned as it is; another dtype or device gives a
+    converted tensor (recorded by autograd, like ``t.to(...)``). A numpy array, a cupy array or a
+    torch / JAX tensor (through DLPack) on the asked device and of the asked dtype is shared, not
+    copied; lists and numbers are copied (Python floats become float32).
+    """
+    if isinstance(data, Tensor):
+        return data.to(backend.device(device) if device is not None else None, dtype=dtype)
+    return Tensor(as_array(data, dtype, device))
 
 
 def _device_for(device, dtype):
@@ -869,6 +930,38 @@ def randperm(n: int, dtype=int64, device=None) -> Tensor:
     with backend.on_device(dev):
         arr = gen.permutation(int(n))
     return Tensor(arr.astype(dtype, copy=False))
+
+
+def from_dlpack(ext_tensor, *, device=None, copy=None) -> Tensor:
+    """A tensor sharing the memory of ``ext_tensor``, as ``torch.from_dlpack``.
+
+    Args:
+        ext_tensor: an object with ``__dlpack__`` and ``__dlpack_device__`` (a torch tensor, a numpy
+            or cupy array, a JAX array, another engine Tensor) or a DLPack capsule (consumed).
+            bfloat16 comes in as ``engine.bfloat16``.
+        device: where the result lives; None (the producer's device, no copy) or a device
+            (copied there when it is another one).
+        copy: None (copy only when ``device`` asks for it), True (always a copy), False (never;
+            a device change then raises).
+
+    On CUDA the producer is handed cupy's current stream, so its queued writes are visible to
+    the engine's next kernels (DLPack's stream semantics). A torch tensor that requires grad must
+    be detached first, as in PyTorch.
+
+    Example:
+        >>> t = engine.from_dlpack(torch.arange(4.0))   # doctest: +SKIP
+    """
+    array = dlpack.array_from_dlpack(ext_tensor)
+    target = backend.device_of(array) if device is None else backend.check_available(backend.device(device))
+    moves = target != backend.device_of(array)
+    if moves and copy is False:
+        raise DeviceError(f"from_dlpack: copy=False but the data is on {backend.device_of(array)} and device={target} "
+                          "asks for a copy")
+    if moves:
+        array = backend.to_device(array, target)
+    elif copy:
+        array = array.copy()
+    return Tensor(array)
 
 
 def from_numpy(array: np.ndarray) -> Tensor:

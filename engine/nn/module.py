@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from engine import backend, dtypes
+from engine import backend, dlpack, dtypes
 from engine.autograd import no_grad
 from engine.dtypes import is_floating
 from engine.errors import DTypeError, EngineError, ShapeError, describe
@@ -352,7 +352,8 @@ class Module:
         its shape and dtype. Nothing is copied unless every check passes.
 
         Args:
-            state_dict: name -> Tensor or array, as returned by :meth:`state_dict`.
+            state_dict: name -> Tensor, numpy or cupy array, torch tensor (read through DLPack), number or
+                nested list, as returned by :meth:`state_dict` (this one's or a torch module's).
             strict: raise on missing or unexpected keys (shape and dtype mismatches always raise).
 
         Returns:
@@ -447,11 +448,15 @@ def _moved(array, device, dtype):
 
 
 def _raw_array(value, like: Tensor):
-    """A state-dict value as a numpy/cupy array (lists and scalars take ``like``'s dtype)."""
+    """A state-dict value as a numpy/cupy array (lists and scalars take ``like``'s dtype; a torch
+    tensor, or another DLPack producer, is read through DLPack without a copy)."""
     if isinstance(value, Tensor):
         return value._data
     if backend.is_array(value):
         return value
+    foreign = dlpack.foreign_array(value)
+    if foreign is not None:
+        return foreign
     expected = "expected a Tensor, an array, a number or a nested list of numbers"
     try:
         # None, str, dict ... are no values; [None, 1] would become [nan, 1] under a float dtype
