@@ -10,6 +10,10 @@ Writes are atomic: the archive is written to a temporary file in the target's di
 flushed and fsynced, then renamed over the target with ``os.replace``. A crash mid-save leaves
 the previous checkpoint intact and removes the temporary file.
 
+``load`` also reads two foreign formats, recognised by their contents: safetensors files
+(:mod:`engine.safetensors`; ``save(..., format="safetensors")`` writes them) and ``torch.save``
+zip files (:mod:`engine.torch_format`: a restricted unpickler, no torch needed, no code run).
+
 Example:
     >>> engine.save({"model": model.state_dict(), "optim": opt.state_dict(), "epoch": 3},
     ...             "ckpt.npz")                                                  # doctest: +SKIP
@@ -39,7 +43,7 @@ from engine import backend, dtypes
 from engine.errors import EngineError
 from engine.tensor import Tensor
 
-__all__ = ["save", "load", "CheckpointError"]
+__all__ = ["save", "load", "save_safetensors", "load_safetensors", "CheckpointError"]
 
 FORMAT = "engine-checkpoint"
 VERSION = 1
@@ -57,10 +61,29 @@ class CheckpointError(EngineError):
     """A file that is not a readable engine checkpoint (corrupt, truncated, foreign, unsafe)."""
 
 
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Write a dict of tensors as a safetensors file (atomically): ``engine.safetensors.save_file``."""
+    from engine import safetensors
+
+    safetensors.save_file(tensors, path, metadata)
+
+
+def load_safetensors(path, device="cpu") -> dict:
+    """The tensors of a safetensors file: ``engine.safetensors.load_file``."""
+    from engine import safetensors
+
+    return safetensors.load_file(path, device)
+
+
 # ---- save --------------------------------------------------------------------------------------
 
-def save(obj, f, pickle_module=None, pickle_protocol=None, _use_new_zipfile_serialization=True, **_ignored) -> None:
+def save(obj, f, pickle_module=None, pickle_protocol=None, _use_new_zipfile_serialization=True, *,
+         format: str = "engine", **_ignored) -> None:
     """Store ``obj`` in ``f`` (a path, atomically, or an open binary file), without pickle.
+
+    ``format="safetensors"`` writes a safetensors file instead (``obj`` then is a flat dict of
+    str names to tensors, a state_dict; see :mod:`engine.safetensors`), which ``load`` and
+    Hugging Face's ``safetensors`` read back.
 
     PyTorch's signature: ``pickle_module``, ``pickle_protocol`` and the private options are
     accepted and ignored (nothing is pickled).
@@ -88,6 +111,12 @@ def save(obj, f, pickle_module=None, pickle_protocol=None, _use_new_zipfile_seri
     is_file = hasattr(f, "write")
     if is_file and isinstance(f, io.TextIOBase):
         raise TypeError(f"engine.save: {_file_label(f)} is opened in text mode; open it in binary mode ('wb')")
+    if format == "safetensors":
+        from engine import safetensors  # it builds on this module
+
+        return safetensors.save_file(obj, f)
+    if format != "engine":
+        raise ValueError(f"engine.save: format={format!r}; expected 'engine' (the default) or 'safetensors'")
     path = None if is_file else os.fspath(f)
     arrays: list = []
     structure = {"format": FORMAT, "version": VERSION, "root": _Encoder(arrays).encode(obj, "obj")}
@@ -481,6 +510,18 @@ def _check_regular(path, info: os.stat_result, who: str, error: type[Exception],
 
 
 def _load_checkpoint(file, path: str, locations, file_size: int):
+    """Read the file by what it holds: a safetensors file, a torch.save zip, or an engine checkpoint."""
+    from engine import safetensors, torch_format  # they build on this module
+
+    start = file.tell()
+    head = file.read(16)
+    file.seek(start)
+    if safetensors.looks_like(head, file_size - start):
+        return safetensors.read_tensors(file, path, file_size - start, Placement(path, locations), start)
+    if torch_format.is_legacy(head):
+        raise CheckpointError(f"engine.load: {path!r} is a torch.save file in PyTorch's legacy (pre-1.6, not zip) "
+                              "format, which is a bare pickle and is not read; re-save it with a current torch.save "
+                              "(or as safetensors)")
     try:
         archive = zipfile.ZipFile(file, "r")
     except MemoryError:
@@ -490,6 +531,8 @@ def _load_checkpoint(file, path: str, locations, file_size: int):
                               f"({exc}); the file may be truncated or of another format") from exc
     with archive:
         members = _Members(archive, path, file_size)
+        if members.info(STRUCTURE) is None and torch_format.pickle_name(archive) is not None:
+            return torch_format.load_archive(archive, members, Placement(path, locations))
         structure = _read_structure(members, path)
         return _Decoder(members, path, locations).decode(structure["root"])
 
@@ -583,14 +626,73 @@ def _read_structure(members: _Members, path: str) -> dict:
     return structure
 
 
-class _Decoder:
-    def __init__(self, members: _Members, path: str, locations):
-        self.members, self.path = members, path
-        self.locations = locations
-        self.loaded: dict[int, object] = {}
+class Placement:
+    """Where ``load`` puts each array read from ``path``: ``map_location`` (parsed by
+    :func:`_parse_map_location`) applied to the device it was saved from. Shared by every format
+    ``load`` reads (engine checkpoints, safetensors, PyTorch zip files)."""
+
+    def __init__(self, path: str, locations):
+        self.path, self.locations = path, locations
 
     def fail(self, what: str):
         return CheckpointError(f"engine.load: {self.path!r} is corrupt: {what}")
+
+    def place(self, array: np.ndarray, saved, tag: str = "tensor"):
+        """``array`` (read on the host) as a Tensor (``tag`` "tensor") or a cupy/numpy array
+        (``tag`` "cupy") on its target device; ``saved`` names the device it was saved from."""
+        if callable(self.locations):
+            return self._mapped_by_callable(tag, array, saved)
+        moved = backend.to_device(array, self._target_device(saved))
+        return Tensor(moved) if tag == "tensor" else moved
+
+    def _mapped_by_callable(self, tag: str, array, saved):
+        """PyTorch's ``map_location(storage, location)``: called with the tensor on the CPU and the
+        saved device's name; returns the tensor (or array) to use, or None for the saved device."""
+        location = str(self._saved_device(saved))
+        try:
+            result = self.locations(Tensor(array), location)
+        except Exception as exc:
+            raise CheckpointError(f"engine.load: {self.path!r}: map_location({location!r}) raised "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        if result is None:
+            moved = backend.to_device(array, self._target_device(saved, mapped=False))
+        elif isinstance(result, Tensor) or backend.is_array(result):
+            moved = result._data if isinstance(result, Tensor) else result
+        else:
+            raise CheckpointError(f"engine.load: {self.path!r}: map_location returned a {type(result).__name__}; it "
+                                  "must return the tensor it was given (moved or not) or None")
+        if tuple(moved.shape) != tuple(array.shape) or moved.dtype != array.dtype:
+            raise CheckpointError(f"engine.load: {self.path!r}: map_location returned shape {tuple(moved.shape)} "
+                                  f"{moved.dtype} for a saved {tuple(array.shape)} {array.dtype}")
+        return Tensor(moved) if tag == "tensor" else moved
+
+    def _saved_device(self, saved) -> backend.Device:
+        if not isinstance(saved, str):
+            raise self.fail(f"a saved device {str(saved)[:80]!r} is not a device name")
+        try:
+            return backend.device(saved)
+        except (EngineError, ValueError) as exc:
+            raise self.fail(f"a saved device {saved[:80]!r} is not a device name ({exc})") from exc
+
+    def _target_device(self, saved, mapped: bool = True) -> backend.Device:
+        saved_device = self._saved_device(saved)
+        location = self.locations if mapped else None
+        if isinstance(location, dict):
+            target = location.get(str(saved_device)) or saved_device
+        else:
+            target = saved_device if location is None else location
+        try:
+            return backend.check_available(target)
+        except EngineError as exc:
+            raise CheckpointError(f"engine.load: {self.path!r} holds tensors saved on {saved}, mapped to {target}, "
+                                  f"which is not usable here ({exc}); pass map_location='cpu'") from exc
+
+
+class _Decoder(Placement):
+    def __init__(self, members: _Members, path: str, locations):
+        super().__init__(path, locations)
+        self.members = members
+        self.loaded: dict[int, object] = {}
 
     def decode(self, node):
         if node is None or isinstance(node, (bool, int, float, str)):
@@ -637,12 +739,8 @@ class _Decoder:
             if array.shape != ():
                 raise self.fail(f"arr_{index} should hold a scalar but has shape {array.shape}")
             value = array[()]
-        elif callable(self.locations):
-            value = self._mapped_by_callable(tag, array, info.get("device", "cpu"))
         else:
-            target = self._target_device(info.get("device", "cpu"))
-            moved = backend.to_device(array, target)
-            value = Tensor(moved) if tag == "tensor" else moved
+            value = self.place(array, info.get("device", "cpu"), tag)
         self.loaded[index] = value
         return value
 
@@ -722,45 +820,3 @@ class _Decoder:
             problem = "truncated" if needed > available else "longer than its header says"
             raise self.fail(f"{name} is {problem}: shape {shape} of {dtype} needs {needed} data bytes, "
                             f"the entry holds {available}")
-
-    def _mapped_by_callable(self, tag: str, array, saved):
-        """PyTorch's ``map_location(storage, location)``: called with the tensor on the CPU and the
-        saved device's name; returns the tensor (or array) to use, or None for the saved device."""
-        location = str(self._saved_device(saved))
-        try:
-            result = self.locations(Tensor(array), location)
-        except Exception as exc:
-            raise CheckpointError(f"engine.load: {self.path!r}: map_location({location!r}) raised "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        if result is None:
-            moved = backend.to_device(array, self._target_device(saved, mapped=False))
-        elif isinstance(result, Tensor) or backend.is_array(result):
-            moved = result._data if isinstance(result, Tensor) else result
-        else:
-            raise CheckpointError(f"engine.load: {self.path!r}: map_location returned a {type(result).__name__}; it "
-                                  "must return the tensor it was given (moved or not) or None")
-        if tuple(moved.shape) != tuple(array.shape) or moved.dtype != array.dtype:
-            raise CheckpointError(f"engine.load: {self.path!r}: map_location returned shape {tuple(moved.shape)} "
-                                  f"{moved.dtype} for a saved {tuple(array.shape)} {array.dtype}")
-        return Tensor(moved) if tag == "tensor" else moved
-
-    def _saved_device(self, saved) -> backend.Device:
-        if not isinstance(saved, str):
-            raise self.fail(f"a saved device {str(saved)[:80]!r} is not a device name")
-        try:
-            return backend.device(saved)
-        except (EngineError, ValueError) as exc:
-            raise self.fail(f"a saved device {saved[:80]!r} is not a device name ({exc})") from exc
-
-    def _target_device(self, saved, mapped: bool = True) -> backend.Device:
-        saved_device = self._saved_device(saved)
-        location = self.locations if mapped else None
-        if isinstance(location, dict):
-            target = location.get(str(saved_device)) or saved_device
-        else:
-            target = saved_device if location is None else location
-        try:
-            return backend.check_available(target)
-        except EngineError as exc:
-            raise CheckpointError(f"engine.load: {self.path!r} holds tensors saved on {saved}, mapped to {target}, "
-                                  f"which is not usable here ({exc}); pass map_location='cpu'") from exc
