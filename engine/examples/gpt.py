@@ -314,6 +314,12 @@ def main(argv=None) -> dict:
     directory, and its ``--resume``, as they were.
     """
     args = _parse(argv)
+    if args.init_from:  # sample from a Hugging Face GPT-2 directory instead of training
+        from engine.examples import gpt2_weights
+
+        device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+        return gpt2_weights.sample(args.init_from, args.prompt, args.sample_tokens, args.temperature,
+                                   args.top_k or None, device)
     out = Path(args.out)
     engine.manual_seed(args.seed)
     device = engine.best_device() if args.device == "auto" else engine.device(args.device)
@@ -465,6 +471,8 @@ def _parse(argv):
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
     parser.add_argument("--seed", type=_at_least(0), default=0)
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.add_argument("--init-from", metavar="DIR", help="sample from a local Hugging Face GPT-2 directory "
+                        "(config.json + model.safetensors or pytorch_model.bin) instead of training")
     args = parser.parse_args(argv)
     _check_combinations(parser, args)
     return args
@@ -477,6 +485,8 @@ def _check_combinations(parser, args) -> None:
     if args.d_model % args.n_heads:
         parser.error(f"--d-model ({args.d_model}) must be a multiple of --n-heads ({args.n_heads}): each head "
                      "gets d_model / n_heads dimensions")
+    if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
+        parser.error(f"--init-from {args.init_from!r} is not a directory with a config.json")
     if args.data is not None and not Path(args.data).is_file():
         parser.error(f"--data {args.data!r} is not a file")
     if Path(args.out).exists() and not Path(args.out).is_dir():
