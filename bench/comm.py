@@ -111,7 +111,9 @@ def _launch(n: int, mode: str, part: str, batch: int, backend: str | None) -> di
 
     mpiexec = find_mpiexec()
     if mpiexec is None and n > 1:
-        raise SystemExit("bench.comm: mpiexec not found; pip install 'gpu-engine[distributed]'")
+        from engine.errors import install_hint
+
+        raise SystemExit(f"bench.comm: mpiexec not found; {install_hint('distributed', 'mpi4py mpich')}")
     env = launch_env(dict(os.environ))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH", "")]))

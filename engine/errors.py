@@ -36,3 +36,29 @@ def describe(x) -> str:
     device = device or "cpu"
     kind = "Tensor" if hasattr(x, "requires_grad") else type(x).__name__
     return f"{kind}(shape={tuple(shape)}, dtype={x.dtype}, device={device})"
+
+
+def install_hint(extra: str, packages: str) -> str:
+    """How to install an optional extra, in words that work.
+
+    From a source checkout, ``pip install -e ".[extra]"`` (the project is on no package index);
+    where the engine is installed as a distribution, ``pip install "<its name>[extra]"`` (pip
+    adds the extra's packages to the installed one); and the packages themselves. ``packages``
+    names them as pip takes them ("tokenizers", "mpi4py mpich").
+    """
+    hint = f'pip install -e ".[{extra}]" from a source checkout'
+    distribution = _distribution()
+    if distribution:
+        hint += f', pip install "{distribution}[{extra}]" for the installed {distribution}'
+    return f"{hint}, or pip install {packages}"
+
+
+def _distribution() -> str | None:
+    """The name of the installed distribution that holds the ``engine`` package, if any."""
+    from importlib import metadata
+
+    try:
+        names = metadata.packages_distributions().get("engine", [])
+    except Exception:  # broken metadata of some other distribution: no name rather than no message
+        return None
+    return names[0] if names else None

@@ -31,7 +31,7 @@ import kernels
 from engine import backend
 from engine.autograd import is_grad_enabled
 from engine.distributed import faults
-from engine.errors import DTypeError, EngineError, GradError, ShapeError, describe
+from engine.errors import DTypeError, EngineError, GradError, ShapeError, describe, install_hint
 from engine.tensor import Tensor
 
 
@@ -106,8 +106,8 @@ def init_process_group(backend: str | None = None, *, world_size: int = -1, rank
         raise DistributedError(f"init_process_group: unknown backend {backend!r}; use 'mpi' (CPU tensors, or "
                                "cupy through the host) or 'nccl' (CUDA tensors)")
     if not is_available():
-        raise DistributedError("init_process_group: mpi4py is not installed; pip install 'gpu-engine[distributed]' "
-                               "(mpi4py and the mpich wheel, which brings mpiexec)")
+        raise DistributedError("init_process_group: mpi4py is not installed; "
+                               f"{install_hint('distributed', 'mpi4py mpich')} (the mpich wheel brings mpiexec)")
     from mpi4py import MPI
 
     if backend == "nccl":

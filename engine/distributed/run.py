@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"-n must be at least 1, got {opts.nproc}")
     mpiexec = find_mpiexec()
     if mpiexec is None:
+        from engine.errors import install_hint
+
         sys.stderr.write("engine.distributed.run: mpiexec not found next to the Python interpreter "
                          f"({Path(sys.executable).parent}) nor on PATH; install the MPI wheels with "
-                         "pip install 'gpu-engine[distributed]' (mpi4py, mpich)\n")
+                         f"{install_hint('distributed', 'mpi4py mpich')}\n")
         return 2
     target = ["-m", opts.target] if opts.module else [opts.target]
     cmd = [mpiexec, "-n", str(opts.nproc), sys.executable, *target, *opts.args]

@@ -8,7 +8,7 @@ Three kinds, one interface (``encode(text) -> list[int]``, ``decode(ids) -> str`
 - :class:`CharTokenizer`: one id per character seen in a corpus (``from_text``), with an unknown
   token for characters it never saw; saved and loaded as JSON.
 - :class:`BPETokenizer`: byte-level BPE through Hugging Face's ``tokenizers`` library (the ``text``
-  extra: ``pip install 'gpu-engine[text]'``), for real vocabularies.
+  extra: ``pip install -e ".[text]"`` from a checkout), for real vocabularies.
 
 Example:
     >>> tok = ByteTokenizer(special_tokens=["<pad>", "<bos>", "<eos>"])
@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from engine.errors import install_hint
 from engine.io import open_regular_file, write_atomically
 from engine.tensor import Tensor
 
@@ -360,9 +361,9 @@ def _require_tokenizers():
     try:
         import tokenizers
     except ImportError as exc:
-        raise ImportError("BPETokenizer needs Hugging Face's `tokenizers` library, an optional extra of this "
-                          "engine: pip install 'gpu-engine[text]' (or pip install tokenizers). ByteTokenizer and "
-                          "CharTokenizer need nothing.") from exc
+        raise ImportError("BPETokenizer needs Hugging Face's `tokenizers` library, the optional `text` extra of "
+                          f"this engine: {install_hint('text', 'tokenizers')}. ByteTokenizer and CharTokenizer "
+                          "need nothing.") from exc
     return tokenizers
 
 

@@ -14,7 +14,9 @@ def _pyplot():
         matplotlib.use("Agg")  # files only; no display needed
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'gpu-engine[plot]' (or pip install matplotlib)") from e
+        from engine.errors import install_hint
+
+        raise ImportError(f"plots need matplotlib: {install_hint('plot', 'matplotlib')}") from e
     return plt
 
 

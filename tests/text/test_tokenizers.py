@@ -117,7 +117,7 @@ def test_bpe_without_the_library_names_the_extra(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tokenizers)
-    with pytest.raises(ImportError, match=r"gpu-engine\[text\]"):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[text\]".*pip install tokenizers'):
         BPETokenizer.train(["text"], vocab_size=300)
     with pytest.raises(ImportError, match="pip install tokenizers"):
         BPETokenizer.from_file(Path("missing.json"))
