@@ -3,12 +3,14 @@
 A page's blocks run in order in one namespace, as a reader runs them one after the other, in a
 temporary directory of the page's own (files a block writes land there). A block whose first line
 is ``# needs: cuda`` carries the ``gpu`` mark: it is skipped where no CUDA device answers and runs
-under ``python -m pytest -m gpu`` (the CPU blocks before it run first, as its setup). The
-convention is described in docs/contributing.md.
+under ``python -m pytest -m gpu`` (the CPU blocks before it run first, as its setup). ``# needs:
+torch`` (or ``tensorboard``) skips a block only where that optional package does not import (CI
+installs both). The convention is described in docs/contributing.md.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -20,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([*ROOT.glob("docs/*.md"), *ROOT.glob("docs/kernels/*.md")])
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 NEEDS = re.compile(r"#\s*needs:\s*(.*)")
-KNOWN_NEEDS = {"cuda"}
+OPTIONAL_PACKAGES = {"torch", "tensorboard"}  # what a block may need besides the engine's own dependencies
+KNOWN_NEEDS = {"cuda"} | OPTIONAL_PACKAGES
 
 
 class Block:
@@ -66,15 +69,26 @@ class _PageRun:
             self.done += 1
             if self.failed is not None:
                 pytest.skip(f"{self.failed.where}, an earlier block of this page, failed")
-            if "cuda" in block.needs and not engine.cuda_available():
+            missing = _missing(block.needs)
+            if missing:
                 if self.done - 1 == index:
-                    pytest.skip("needs a CUDA device")
-                continue  # a GPU block is not the setup of a later CPU block (docs/contributing.md)
+                    pytest.skip(f"needs {missing}")
+                continue  # such a block is not the setup of a later one (docs/contributing.md)
             try:
                 exec(compile(block.code, block.where, "exec"), self.namespace)
             except BaseException:
                 self.failed = block
                 raise
+
+
+def _missing(needs: set) -> str | None:
+    """What of ``needs`` this machine lacks (a CUDA device, an optional package), or None."""
+    if "cuda" in needs and not engine.cuda_available():
+        return "a CUDA device"
+    for package in sorted(needs & OPTIONAL_PACKAGES):
+        if importlib.util.find_spec(package) is None:
+            return f"the optional package {package}"
+    return None
 
 
 _RUNS: dict[Path, _PageRun] = {}
