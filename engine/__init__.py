@@ -22,10 +22,11 @@ from engine.ops import (abs, add, amax, amin, argmax, argmin, bitwise_and, bitwi
                         sigmoid, sin, sqrt, square, stack, std, sub, sum, t, tanh, transpose, var, where)
 from engine.ops import relu, softmax, log_softmax, gelu  # noqa: F401
 from engine.ops import all, any  # noqa: F401,E402  (torch.any / torch.all: tensors, as PyTorch)
-from engine.tensor import (Tensor, arange, as_tensor, bool_, empty, eye, float16, float32, float64, from_dlpack,
-                           from_numpy, full, full_like, int8, int16, int32, int64, linspace, normal, ones, ones_like, rand,
-                           rand_like, randint, randn, randn_like, randperm, tensor, uint8, zeros, zeros_like)
+from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, float64, from_numpy, full, full_like,
+                           int8, int16, int32, int64, linspace, normal, ones, ones_like, rand, rand_like, randint, randn,
+                           randn_like, randperm, tensor, uint8, zeros, zeros_like)
 from engine.tensor import bfloat16  # noqa: F401,E402  (ml_dtypes.bfloat16, as torch.bfloat16)
+from engine.tensor import as_tensor, from_dlpack  # noqa: F401,E402  (torch.as_tensor, DLPack: docs/interop.md)
 
 from engine.io import CheckpointError, load, save
 

@@ -151,7 +151,8 @@ def array_from_dlpack(source, where: str = "from_dlpack"):
         elif device_type in (KDL_CPU, KDL_CUDA_HOST):
             array = np.from_dlpack(producer)
         else:
-            raise DeviceError(f"{where}: the producer's memory is on DLPack device type {device_type} (id {device_id}); "
+            raise DeviceError(f"{where}: the producer's memory is on DLPack device type {device_type} "
+                              f"(id {device_id}); "
                               "the engine holds CPU (1) and CUDA (2) memory only")
     except (BufferError, RuntimeError, TypeError) as exc:
         raise DTypeError(f"{where}: cannot share the memory of a {type(source).__module__}."

@@ -174,7 +174,8 @@ def test_truncated_safetensors_file(tmp_path):
     data = st.save({"w": engine.ones(100)})
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[:-10])
-    with pytest.raises(CheckpointError, match=r"cut.safetensors.*'w' has data_offsets \[0, 400\] outside the 390-byte data area \(truncated"):
+    message = r"cut.safetensors.*'w' has data_offsets \[0, 400\] outside the 390-byte data area \(truncated"
+    with pytest.raises(CheckpointError, match=message):
         st.load_file(path)
     path.write_bytes(data[:5])
     with pytest.raises(CheckpointError, match="shorter than the 8-byte header length"):
@@ -200,12 +201,14 @@ def _same(engine_tensor, torch_tensor):
 
 def test_torch_state_dict_loads_into_an_engine_model(tmp_path):
     torch.manual_seed(0)
-    reference = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 4))
     path = _torch_file(tmp_path, reference.state_dict())
     state = engine.load(path)
     assert isinstance(state, collections.OrderedDict) and list(state) == list(reference.state_dict())
     assert state._metadata == reference.state_dict()._metadata
-    model = engine.nn.Sequential(engine.nn.Linear(6, 8), engine.nn.LayerNorm(8), engine.nn.Tanh(), engine.nn.Linear(8, 4))
+    model = engine.nn.Sequential(engine.nn.Linear(6, 8), engine.nn.LayerNorm(8), engine.nn.Tanh(),
+                                 engine.nn.Linear(8, 4))
     model.load_state_dict(state)
     x = torch.randn(5, 6)
     np.testing.assert_allclose(model(engine.tensor(x)).detach().numpy(), reference(x).detach().numpy(), rtol=1e-5,
@@ -220,13 +223,15 @@ def test_torch_dtypes(tmp_path, name):
 
 def test_torch_views_strides_and_shared_storage(tmp_path):
     base = torch.arange(24.0).reshape(4, 6)
-    obj = {"base": base, "t": base.t(), "cols": base[:, 1::2], "tail": base[2:], "expanded": torch.ones(3, 1).expand(3, 5),
+    obj = {"base": base, "t": base.t(), "cols": base[:, 1::2], "tail": base[2:],
+           "expanded": torch.ones(3, 1).expand(3, 5),
            "scalar": torch.tensor(7.5), "empty": torch.zeros(0, 3), "other": torch.arange(3)}
     loaded = engine.load(_torch_file(tmp_path, obj))
     for key, value in obj.items():
         _same(loaded[key], value)
     loaded["base"][3, 1] = -1.0  # they share memory, as torch's loaded tensors do
-    assert loaded["t"][1, 3].item() == -1.0 and loaded["cols"][3, 0].item() == -1.0 and loaded["tail"][1, 1].item() == -1.0
+    assert loaded["t"][1, 3].item() == -1.0 and loaded["cols"][3, 0].item() == -1.0
+    assert loaded["tail"][1, 1].item() == -1.0
 
 
 def test_torch_containers_parameters_and_scalars(tmp_path):

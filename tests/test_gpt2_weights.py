@@ -80,7 +80,8 @@ def _directory(tmp_path, state, fmt="safetensors", config=CONFIG):
     (directory / "config.json").write_text(json.dumps(config))
     if fmt == "safetensors":
         tied = {k: v for k, v in state.items() if k != "lm_head.weight"}  # transformers drops the tied head too
-        save_file({k: v.contiguous() for k, v in tied.items()}, directory / "model.safetensors", metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tied.items()}, directory / "model.safetensors",
+                  metadata={"format": "pt"})
     else:
         torch.save(state, directory / "pytorch_model.bin")
     return directory

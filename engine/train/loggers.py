@@ -100,8 +100,8 @@ def _tensorboard():
     except ImportError as exc:
         from engine.errors import install_hint
 
-        raise ImportError(f"SummaryWriter needs the tensorboard package: {install_hint('tensorboard', 'tensorboard')}") \
-            from exc
+        hint = install_hint("tensorboard", "tensorboard")
+        raise ImportError(f"SummaryWriter needs the tensorboard package: {hint}") from exc
     return Event, Summary, HistogramProto, EventFileWriter
 
 
