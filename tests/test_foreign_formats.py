@@ -392,3 +392,14 @@ def test_broken_torch_files(tmp_path):
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="legacy"):
         engine.load(legacy)
+
+
+@pytest.mark.gpu
+def test_foreign_files_load_onto_and_save_from_the_gpu(tmp_path):
+    st.save_file({"w": engine.arange(4.0)}, tmp_path / "w.safetensors")
+    assert st.load_file(tmp_path / "w.safetensors", device="cuda")["w"].device.type == "cuda"
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "w.pt")
+    on_gpu = engine.load(tmp_path / "w.pt", map_location="cuda")["w"]
+    assert on_gpu.device.type == "cuda" and on_gpu.tolist() == [0.0, 1.0, 2.0, 3.0]
+    st.save_file({"g": engine.arange(4.0, device="cuda").bfloat16()}, tmp_path / "g.safetensors")
+    assert st.load_file(tmp_path / "g.safetensors")["g"].float().tolist() == [0.0, 1.0, 2.0, 3.0]
