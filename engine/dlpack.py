@@ -20,7 +20,7 @@ import ctypes
 import numpy as np
 
 from engine import backend, dtypes
-from engine.errors import DeviceError, DTypeError, EngineError
+from engine.errors import DeviceError, DTypeError, EngineError, GradError
 
 # DLDeviceType codes (dlpack.h)
 KDL_CPU, KDL_CUDA, KDL_CUDA_HOST = 1, 2, 3
@@ -141,6 +141,9 @@ def array_from_dlpack(source, where: str = "from_dlpack"):
     if not _is_capsule(source) and not hasattr(source, "__dlpack__"):
         raise TypeError(f"{where}: expected an object with __dlpack__ (a torch, numpy, cupy or JAX array) or a DLPack "
                         f"capsule, got {type(source).__module__}.{type(source).__qualname__}")
+    if getattr(source, "requires_grad", False) is True:
+        raise GradError(f"{where}: the {type(source).__module__}.{type(source).__qualname__} requires grad; pass "
+                        "x.detach() (torch refuses to export it too)")
     producer = _Producer(source)
     device_type, device_id = (int(v) for v in producer.__dlpack_device__())
     try:

@@ -693,9 +693,9 @@ def as_array(data, dtype=None, device=None):
     """``data`` as a numpy/cupy array on ``device``; Python floats and lists become float32."""
     if isinstance(data, Tensor):
         data = data._data
-    foreign = dlpack.foreign_array(data)  # a torch / JAX tensor: its memory, through DLPack
-    if foreign is not None:
-        data = foreign
+    if not backend.is_array(data):
+        foreign = dlpack.foreign_array(data)  # a torch / JAX tensor: its memory, through DLPack
+        data = data if foreign is None else foreign
     if backend.is_array(data):
         arr = data
     else:

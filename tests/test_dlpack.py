@@ -103,6 +103,8 @@ def test_export_refuses_grad_and_guards_saved_memory():
     with pytest.raises(GradError, match="requires grad"):
         torch.from_dlpack(w)
     assert torch.from_dlpack(w.detach()).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(GradError, match=r"torch.Tensor requires grad; pass x.detach\(\)"):
+        engine.from_dlpack(torch.ones(2, requires_grad=True))
     x = engine.ones(3)
     y = (w * x).sum()  # x is kept for backward: an export must not let a consumer overwrite it
     assert not np.from_dlpack(x).flags.writeable
