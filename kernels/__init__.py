@@ -1,17 +1,20 @@
 """Fused kernels: arrays in, arrays out, on numpy (CPU) or cupy (GPU) arrays.
 
 Each kernel has several implementations (``numpy`` reference, ``numba_cpu``, ``numba_cuda``,
-``cupy``) behind one registry that picks by the arrays it is given; see kernels/registry.py.
-This package imports only numpy at import time; numba and cupy load on first use.
+``cupy``) behind one registry that picks by the arrays it is given (their kind and dtype); see
+kernels/registry.py. Each impl declares the float dtypes it takes (:func:`impl_dtypes`); a forced
+impl given a dtype it does not take is a KernelError that names both. float16 and bfloat16
+(``ml_dtypes.bfloat16``) are computed in float32 and rounded once when stored (kernels/precision.py).
+This package imports only numpy at import time; numba, cupy and ml_dtypes load on first use.
 
 The wrappers below document the one signature every impl of a kernel shares.
 """
 
 from kernels.deferred import eager_checks, raise_deferred_errors
-from kernels.registry import KernelError, call, choose, get, impls, kernels
+from kernels.registry import KernelError, call, choose, get, impl_dtypes, impls, kernels
 
 __all__ = [
-    "KernelError", "call", "choose", "get", "impls", "kernels", "eager_checks", "raise_deferred_errors",
+    "KernelError", "call", "choose", "get", "impl_dtypes", "impls", "kernels", "eager_checks", "raise_deferred_errors",
     "linear_relu_forward", "linear_relu_backward", "softmax_cross_entropy",
     "layer_norm_forward", "layer_norm_backward",
     "adam_step", "sgd_step", "adagrad_step", "rmsprop_step",
@@ -23,7 +26,11 @@ __all__ = [
 def linear_relu_forward(x, weight, bias=None, *, impl=None):
     """``relu(x @ weight.T + bias)`` for x (N, K), weight (M, K), bias (M,) or None -> (N, M).
 
-    The output doubles as the saved state for backward (its sign is the ReLU mask).
+    The output doubles as the saved state for backward (its sign is the ReLU mask). The three
+    arrays share one dtype: float32 or float64, or float16 / bfloat16 (every impl but numba_cuda,
+    which takes float16 only), accumulated in float32 and rounded to the dtype once. The ``cupy``
+    impl rounds the cuBLAS GEMM's output before its bias + ReLU pass, a second rounding where a
+    bias is given (docs/kernels/linear_relu.md).
     """
     return call("linear_relu_forward", x, weight, bias, impl=impl)
 
@@ -33,7 +40,9 @@ def linear_relu_backward(grad_out, x, weight, out, *, compute_grad_x=True, impl=
 
     ``out`` is the forward output; the mask ``out > 0`` and the bias reduction are fused into
     one pass over ``grad_out``. ``compute_grad_x=False`` skips the ``grad_out @ weight`` GEMM
-    and returns None for grad_x: the first layer of a network needs no input gradient.
+    and returns None for grad_x: the first layer of a network needs no input gradient. The
+    gradients have the inputs' dtype; 16-bit ones are accumulated in float32 (the GEMMs and the
+    bias sum) and rounded once.
     """
     return call("linear_relu_backward", grad_out, x, weight, out, compute_grad_x=compute_grad_x, impl=impl)
 
@@ -43,18 +52,23 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
     """Per-row cross-entropy of ``logits`` (N, C) and, in the same pass, its gradient.
 
     Args:
-        logits: (N, C) float array.
-        targets: (N,) integer class indices, or (N, C) float probabilities (soft targets).
-        weight: optional (C,) class weights (hard targets), PyTorch semantics.
+        logits: (N, C) float32, float64, float16 or bfloat16 array (numba_cuda: no bfloat16). A
+            16-bit row is read once, the math runs in float32 and the gradient is rounded once.
+        targets: (N,) integer class indices, or (N, C) float probabilities (soft targets) of the
+            logits' dtype.
+        weight: optional (C,) class weights of the logits' dtype (hard targets), PyTorch semantics.
         ignore_index: rows whose target equals it get loss 0 and gradient 0 (hard targets).
         label_smoothing: epsilon in [0, 1], PyTorch semantics.
         grad_scale: the gradient is multiplied by this scalar (e.g. 1 / weight-sum for 'mean'):
-            a number, or a one-element array of the logits' dtype on the logits' device, which
-            the GPU impls read on the device (so a scale computed there costs no host sync).
+            a number, or a one-element array on the logits' device of their accumulation dtype
+            (the logits' dtype; float32 for 16-bit logits), which the GPU impls read on the
+            device (so a scale computed there costs no host sync).
         compute_grad: if False only the loss is computed.
 
     Returns:
-        ``(loss, grad)``: loss (N,) per row (weighted, 0 where ignored), grad (N, C) or None.
+        ``(loss, grad)``: loss (N,) per row (weighted, 0 where ignored) in the accumulation dtype
+        (float32 for 16-bit logits: the caller reduces it before rounding, once), grad (N, C) in
+        the logits' dtype, or None.
 
     A hard target outside [0, C) that is not ``ignore_index`` raises KernelError: at once on the
     CPU; on a GPU at the next sync point (kernels/deferred.py), the row meanwhile getting a NaN

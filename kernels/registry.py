@@ -11,8 +11,15 @@ Choosing an impl for a call, first match wins:
    A name no kernel has, an unknown kernel, an impl the named kernel lacks, a malformed entry or a
    kernel listed twice is a KernelError at the first kernel call, naming the entry and the known
    names (a typo never silently falls back to the default);
-3. the kernel's preference order among impls whose array kind matches the inputs and whose
-   dependencies are importable.
+3. the kernel's preference order among impls whose array kind matches the inputs, that take the
+   inputs' dtype, and whose dependencies are importable.
+
+Every impl declares the float dtypes it takes (``dtypes=`` in kernels/declarations.py; list them
+with :func:`impl_dtypes`). The dtype of a call is the dtype of its first array argument (x,
+logits, grad_out, param). An impl forced by ``impl=`` or the environment that does not take it
+is a KernelError naming the kernel, the impl, the dtype given and the dtypes that impl takes; an
+unforced call skips such impls and takes the next one in preference order (bfloat16 cupy arrays
+go to ``cupy``, as numba has no bfloat16).
 
 Example:
     >>> import numpy as np, kernels
@@ -32,7 +39,10 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from kernels.precision import FLOAT_NAMES, float_name
+
 ENV_VAR = "ENGINE_KERNEL_IMPL"
+DEFAULT_DTYPES = ("float32", "float64")  # what an impl takes unless it declares more
 
 
 class KernelError(ValueError):
@@ -46,6 +56,11 @@ class Impl:
     target: str  # "module:function"
     array_kind: str  # "numpy" or "cupy": the arrays this impl takes
     requires: tuple[str, ...]  # importable modules it needs
+    dtypes: tuple[str, ...] = DEFAULT_DTYPES  # float dtype names it takes ("float32", "bfloat16" ...)
+
+    def takes(self, dtype) -> bool:
+        """Whether this impl computes arrays of ``dtype`` (None, for a call without arrays: yes)."""
+        return dtype is None or float_name(dtype) in self.dtypes
 
     def available(self) -> bool:
         return all(_importable(mod) for mod in self.requires) and _device_ready(self)
@@ -60,16 +75,24 @@ class Impl:
 
 # kernel name -> impl name -> Impl, in preference order (dicts keep insertion order).
 _REGISTRY: dict[str, dict[str, Impl]] = {}
-# (kernel, array kind) -> the impl an unforced call picks. Choosing runs on every kernel call,
-# and an availability check imports and probes; what it finds does not change in a process.
-_DEFAULT_CHOICE: dict[tuple[str, str], Impl] = {}
+# (kernel, array kind, dtype) -> the impl an unforced call picks. Choosing runs on every kernel
+# call, and an availability check imports and probes; what it finds does not change in a process.
+_DEFAULT_CHOICE: dict[tuple, Impl] = {}
 
 
-def register(kernel: str, name: str, target: str, *, array_kind: str, requires: tuple[str, ...] = ()) -> None:
-    """Declare one implementation of ``kernel``. Registration order is preference order."""
+def register(kernel: str, name: str, target: str, *, array_kind: str, requires: tuple[str, ...] = (),
+             dtypes: tuple[str, ...] = DEFAULT_DTYPES) -> None:
+    """Declare one implementation of ``kernel``. Registration order is preference order.
+
+    ``dtypes`` names the float dtypes the impl takes, among ``float32``, ``float64``, ``float16``
+    and ``bfloat16``.
+    """
     if array_kind not in ("numpy", "cupy"):
         raise ValueError(f"array_kind must be 'numpy' or 'cupy', got {array_kind!r}")
-    _REGISTRY.setdefault(kernel, {})[name] = Impl(kernel, name, target, array_kind, tuple(requires))
+    unknown = [d for d in dtypes if d not in FLOAT_NAMES]
+    if unknown or not dtypes:
+        raise ValueError(f"dtypes must be a non-empty tuple of {FLOAT_NAMES}, got {dtypes!r}")
+    _REGISTRY.setdefault(kernel, {})[name] = Impl(kernel, name, target, array_kind, tuple(requires), tuple(dtypes))
     _DEFAULT_CHOICE.clear()
     _parse_env.cache_clear()
 
@@ -86,6 +109,38 @@ def impls(kernel: str, *, available_only: bool = True) -> list[str]:
     return [name for name, impl in table.items() if not available_only or impl.available()]
 
 
+def impl_dtypes(kernel: str) -> dict[str, tuple[str, ...]]:
+    """The float dtypes each impl of ``kernel`` takes, impls in preference order (all registered ones).
+
+    Example:
+        >>> kernels.impl_dtypes("linear_relu_forward")["numba_cuda"]        # doctest: +SKIP
+        ('float32', 'float64', 'float16')
+    """
+    return {name: impl.dtypes for name, impl in _table(kernel).items()}
+
+
+def check_dtype(kernel: str, impl: str, dtype) -> None:
+    """Raise the registry's KernelError if impl ``impl`` of ``kernel`` does not take ``dtype``.
+
+    The registry asks this of every forced impl; an impl's function asks it too, so that a call
+    through :func:`get` (which bypasses the registry) is refused with the same words.
+    """
+    chosen = _table(kernel)[impl]
+    if not chosen.takes(dtype):
+        raise KernelError(_dtype_refusal(chosen, dtype))
+
+
+def _dtype_refusal(chosen: Impl, dtype) -> str:
+    given = str(dtype)
+    others = [i.name for i in _REGISTRY[chosen.kernel].values() if i.takes(dtype)]
+    what = (f"kernel {chosen.kernel!r}: impl {chosen.name!r} does not take {given} arrays; it takes "
+            f"{', '.join(chosen.dtypes)}")
+    if not others:
+        return f"{what}. No impl of {chosen.kernel!r} takes {given}: cast the inputs to one of those dtypes"
+    return (f"{what}. Impls of {chosen.kernel!r} that take {given}: {others}; force one of them, or leave "
+            f"impl unset (and {ENV_VAR} unset for this kernel) so that the registry picks one, or cast the inputs")
+
+
 def get(kernel: str, impl: str) -> Callable:
     """The function of one named impl (importing its module)."""
     table = _table(kernel)
@@ -96,12 +151,13 @@ def get(kernel: str, impl: str) -> Callable:
 
 def choose(kernel: str, arrays, impl: str | None = None) -> Impl:
     """The impl a call with these arrays would use (see the module docstring for the order)."""
+    dtype = _call_dtype(arrays)
     if impl is None:
         # The hot path, run on every kernel call: an unforced call with arrays of one known kind
         # whose default impl is already chosen. Anything else takes the full path below.
         kind = _common_kind(arrays)
         if kind is not None and _env_choice(kernel) is None:
-            chosen = _DEFAULT_CHOICE.get((kernel, kind))
+            chosen = _DEFAULT_CHOICE.get((kernel, kind, dtype))
             if chosen is not None:
                 return chosen
     table = _table(kernel)
@@ -115,18 +171,33 @@ def choose(kernel: str, arrays, impl: str | None = None) -> Impl:
             raise KernelError(
                 f"kernel {kernel!r}: impl {forced!r} takes {chosen.array_kind} arrays but was given "
                 f"{kind} arrays; move the inputs to the matching device or choose another impl")
+        if not chosen.takes(dtype):
+            raise KernelError(_dtype_refusal(chosen, dtype))
         if not chosen.available():
             raise KernelError(f"kernel {kernel!r}: impl {forced!r} is not usable here "
                               f"(needs {', '.join(chosen.requires) or 'nothing'} and a device)")
         return chosen
-    chosen = _DEFAULT_CHOICE.get((kernel, kind))
+    chosen = _DEFAULT_CHOICE.get((kernel, kind, dtype))
     if chosen is not None:
         return chosen
-    for candidate in table.values():
-        if candidate.array_kind == kind and candidate.available():
-            _DEFAULT_CHOICE[(kernel, kind)] = candidate
+    usable = [c for c in table.values() if c.array_kind == kind and c.available()]
+    for candidate in usable:
+        if candidate.takes(dtype):
+            _DEFAULT_CHOICE[(kernel, kind, dtype)] = candidate
             return candidate
+    if usable:
+        offers = "; ".join(f"{c.name} takes {', '.join(c.dtypes)}" for c in usable)
+        raise KernelError(f"kernel {kernel!r}: no usable impl for {kind} arrays takes {dtype}: {offers}. "
+                          "Cast the inputs to one of those dtypes")
     raise KernelError(f"kernel {kernel!r}: no usable impl for {kind} arrays; registered: {list(table)}")
+
+
+def _call_dtype(arrays):
+    """The dtype of a call: its first array's (None when it has none)."""
+    for a in arrays:
+        if a is not None:
+            return getattr(a, "dtype", None)
+    return None
 
 
 def call(kernel: str, *args, impl: str | None = None, **kwargs):

@@ -1,8 +1,24 @@
 """Helpers shared by the kernel tests (tests/kernels and tests/cudasim): device moves and inputs."""
 
+import ml_dtypes
 import numpy as np
+import pytest
 
 GPU_IMPLS = ("cupy", "numba_cuda")
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+# Unit roundoff of each 16-bit dtype: one rounding to nearest moves a value by at most u |value|.
+UNIT_ROUNDOFF = {BF16: 2.0**-8, F16: 2.0**-11}
+LOW_DTYPES = [pytest.param(BF16, id="bfloat16"), pytest.param(F16, id="float16")]
+
+
+def low_precision_impls():
+    """(impl, dtype) params for every impl and 16-bit dtype it takes; GPU impls carry the gpu mark.
+    numba has no bfloat16: numba_cuda takes float16 only (the registry sends bfloat16 to cupy)."""
+    return [pytest.param(impl, dtype, id=f"{impl}-{dtype.name}", marks=pytest.mark.gpu if impl in GPU_IMPLS else ())
+            for impl in ("numpy", "numba_cpu", "cupy", "numba_cuda")
+            for dtype in (BF16, F16) if not (impl == "numba_cuda" and dtype == BF16)]
 
 
 def to_device(a, impl):
