@@ -32,6 +32,12 @@ build would be called through ``registry.numba_parallel``, as optim's and cross-
 threads in parallel regions at once abort the process under workqueue). Serial, these passes are
 safe to call from any number of Python threads; so is numpy's BLAS.
 
+float16 and bfloat16 (kernels/precision.py): both CPU impls compute them in float32 and round
+each result once, as PyTorch's CPU kernels do. BLAS has no 16-bit GEMM and numba takes no 16-bit
+arrays, so the inputs are widened to float32 copies at the boundary and the outputs narrowed back:
+forward converts x and W (N K + M K values) and y (N M), backward converts dy, x, W and y and the
+three gradients. Their cost is measured in docs/kernels/linear_relu.md.
+
 ``import kernels.cpu.linear_relu`` does not import numba: the jitted functions are built on
 first use.
 """
@@ -42,12 +48,13 @@ import functools
 
 import numpy as np
 
+from kernels.precision import FLOAT_NAMES, float_name, is_low_precision, narrow, widen
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import different_gpus as _different_gpus
 from kernels.registry import placement_problem as _placement_problem
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOATS = ", ".join(FLOAT_NAMES[:-1]) + " or " + FLOAT_NAMES[-1]  # for the error messages
 
 # Row chunks of the numba_cpu backward prologue: one partial column sum per chunk. A function of
 # N only, so the summation order (and the result, bit for bit) does not depend on the threads.
@@ -80,11 +87,11 @@ def _check(kernel: str, arrays: dict, ndims: dict, shapes_ok, shape_rule: str):
             fail(f"{name} must be {ndims[name]}-D, got {a.ndim}-D")
     dtypes = {np.dtype(a.dtype) for a in present.values()}
     if len(dtypes) > 1:
-        fail("the arrays must share one float dtype (float32 or float64); cast them explicitly, "
+        fail(f"the arrays must share one float dtype ({_FLOATS}); cast them explicitly, "
              "e.g. a.astype(np.float32) - nothing is promoted silently")
     dtype = dtypes.pop()
-    if dtype not in FLOAT_DTYPES:
-        fail(f"dtype {dtype} is not supported; use float32 or float64")
+    if float_name(dtype) is None:
+        fail(f"dtype {dtype} is not supported; use {_FLOATS}")
     for name, a in present.items():
         if not a.flags.c_contiguous:
             fail(f"{name} is not C-contiguous; pass np.ascontiguousarray({name}) "
@@ -109,7 +116,7 @@ def _arrays_pass(arrays: dict, ndims: dict):
             if cls is not np.ndarray and cls.__module__.split(".")[0] != "cupy":
                 return None
             dtype = a.dtype
-            if dtype not in FLOAT_DTYPES:
+            if float_name(dtype) is None:
                 return None
         elif type(a) is not cls or a.dtype != dtype:
             return None
@@ -165,8 +172,13 @@ def validate_backward(grad_out, x, weight, out, kernel: str = "linear_relu_backw
 
 
 def linear_relu_forward_numpy(x, weight, bias=None):
-    """Reference forward: the GEMM, then the bias, then ReLU (NaN propagates, as in PyTorch)."""
-    validate_forward(x, weight, bias)
+    """Reference forward: the GEMM, then the bias, then ReLU (NaN propagates, as in PyTorch).
+
+    16-bit inputs: all of it in float32, y rounded once.
+    """
+    dtype = validate_forward(x, weight, bias)
+    if is_low_precision(dtype):
+        return narrow(linear_relu_forward_numpy(widen(x), widen(weight), widen(bias)), dtype)
     y = x @ weight.T
     if bias is not None:
         y += bias
@@ -175,10 +187,21 @@ def linear_relu_forward_numpy(x, weight, bias=None):
 
 
 def linear_relu_backward_numpy(grad_out, x, weight, out, *, compute_grad_x=True):
-    """Reference backward -> ``(grad_x, grad_weight, grad_bias)``; grad_x None if not computed."""
-    validate_backward(grad_out, x, weight, out)
+    """Reference backward -> ``(grad_x, grad_weight, grad_bias)``; grad_x None if not computed.
+
+    16-bit inputs: all of it in float32, each gradient rounded once.
+    """
+    dtype = validate_backward(grad_out, x, weight, out)
+    if is_low_precision(dtype):
+        return _narrowed(linear_relu_backward_numpy(widen(grad_out), widen(x), widen(weight), widen(out),
+                                                    compute_grad_x=compute_grad_x), dtype)
     g = grad_out * (out > 0)
     return (g @ weight if compute_grad_x else None), g.T @ x, g.sum(axis=0)
+
+
+def _narrowed(grads, dtype):
+    """Float32 gradients rounded once to the 16-bit ``dtype`` (None stays None)."""
+    return tuple(narrow(g, dtype) for g in grads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,8 +210,13 @@ def linear_relu_backward_numpy(grad_out, x, weight, out, *, compute_grad_x=True)
 
 
 def linear_relu_forward_numba(x, weight, bias=None):
-    """Forward with numpy's BLAS GEMM into a fresh output and a fused bias+ReLU pass in place."""
+    """Forward with numpy's BLAS GEMM into a fresh output and a fused bias+ReLU pass in place.
+
+    16-bit inputs: the same on float32 copies (BLAS and numba take no 16-bit arrays), y rounded once.
+    """
     dtype = validate_forward(x, weight, bias)
+    if is_low_precision(dtype):
+        return narrow(linear_relu_forward_numba(widen(x), widen(weight), widen(bias)), dtype)
     n, m = x.shape[0], weight.shape[0]
     y = np.empty((n, m), dtype=dtype)
     np.matmul(x, weight.T, out=y)
@@ -199,8 +227,14 @@ def linear_relu_forward_numba(x, weight, bias=None):
 
 
 def linear_relu_backward_numba(grad_out, x, weight, out, *, compute_grad_x=True):
-    """Backward: one fused pass makes ``g`` and ``db``; the two GEMMs go to numpy's BLAS."""
+    """Backward: one fused pass makes ``g`` and ``db``; the two GEMMs go to numpy's BLAS.
+
+    16-bit inputs: the same on float32 copies, each gradient rounded once.
+    """
     dtype = validate_backward(grad_out, x, weight, out)
+    if is_low_precision(dtype):
+        return _narrowed(linear_relu_backward_numba(widen(grad_out), widen(x), widen(weight), widen(out),
+                                                    compute_grad_x=compute_grad_x), dtype)
     n, k = x.shape
     m = weight.shape[0]
     g = np.empty((n, m), dtype=dtype)

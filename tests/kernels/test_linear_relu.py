@@ -9,7 +9,9 @@ import pytest
 
 import kernels
 from kernels import KernelError
-from tests.kernels.helpers import to_device, to_host
+from tests.kernels.helpers import BF16, F16, LOW_DTYPES, UNIT_ROUNDOFF, low_precision_impls, to_device, to_host
+
+LOW_IMPLS = low_precision_impls()
 
 IMPLS = ["numpy", "numba_cpu",
          pytest.param("cupy", marks=pytest.mark.gpu), pytest.param("numba_cuda", marks=pytest.mark.gpu)]
@@ -207,6 +209,142 @@ def test_backward_leaves_inputs_alone(impl, rng):
 
 
 # --------------------------------------------------------------------------------------------
+# float16 / bfloat16: float32 accumulation, one rounding at the store
+# --------------------------------------------------------------------------------------------
+
+
+def assert_within_rounding(actual, exact, magnitude, dtype, roundings=1):
+    """``actual`` (16-bit) against the float64 value ``exact`` of the same 16-bit inputs: one
+    rounding, ``u |exact|``, plus float32 accumulation error; ``roundings=2`` allows a second
+    rounding of a partial result (the cupy epilogue's), bounded by ``u * magnitude``, where
+    ``magnitude`` bounds every partial sum (|x| @ |W|.T + |b| for the forward)."""
+    actual = to_host(actual)
+    assert actual.dtype == dtype and actual.shape == exact.shape and actual.flags.c_contiguous
+    u = UNIT_ROUNDOFF[dtype]
+    bound = u * np.abs(exact) + (roundings - 1) * u * magnitude + 1e-5 * magnitude
+    err = np.abs(actual.astype(np.float64) - exact)
+    if err.size:
+        worst = np.unravel_index(np.argmax(err - bound), err.shape)
+        assert (err <= bound).all(), (f"{dtype}: error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst} "
+                                      f"(value {exact[worst]:.4g}, magnitude {magnitude[worst]:.4g})")
+
+
+def wide(a):
+    return None if a is None else a.astype(np.float64)
+
+
+@pytest.mark.parametrize("impl,dtype", LOW_IMPLS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_low_precision_forward_is_float32_rounded_once(impl, dtype, bias, shape, rng):
+    n, k, m = shape
+    x, w, b = make_inputs(rng, n, k, m, dtype, bias)
+    y = kernels.linear_relu_forward(to_device(x, impl), to_device(w, impl), to_device(b, impl), impl=impl)
+    magnitude = np.abs(wide(x)) @ np.abs(wide(w)).T + (0 if b is None else np.abs(wide(b)))
+    # cupy rounds cuBLAS's output to the dtype before its bias + ReLU pass: a second rounding.
+    assert_within_rounding(y, forward64(x, w, b), magnitude, dtype, roundings=2 if impl == "cupy" and bias else 1)
+    reference = kernels.linear_relu_forward(*(None if a is None else a.astype(np.float32) for a in (x, w, b)),
+                                            impl="numpy")
+    assert_within_rounding(y, reference.astype(np.float64), magnitude, dtype, roundings=2 if impl == "cupy" else 1)
+
+
+@pytest.mark.parametrize("impl,dtype", LOW_IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_low_precision_backward_is_float32_rounded_once(impl, dtype, shape, rng):
+    n, k, m = shape
+    x, w, b = make_inputs(rng, n, k, m, dtype)
+    y = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    dy = make_inputs(rng, n, m, 1, dtype)[0]
+    grads = kernels.linear_relu_backward(*(to_device(a, impl) for a in (dy, x, w, y)), impl=impl)
+    g = np.abs(wide(dy)) * (wide(y) > 0)
+    magnitudes = (g @ np.abs(wide(w)), g.T @ np.abs(wide(x)), g.sum(axis=0))
+    for got, exact, magnitude in zip(grads, backward64(dy, x, w, y), magnitudes):
+        assert_within_rounding(got, exact, magnitude, dtype)
+
+
+@pytest.mark.parametrize("impl,dtype", LOW_IMPLS)
+def test_low_precision_backward_without_grad_x(impl, dtype, rng):
+    x, w, b = make_inputs(rng, 37, 29, 53, dtype)
+    y = kernels.linear_relu_forward(x, w, b, impl="numpy")
+    dy = make_inputs(rng, 37, 53, 1, dtype)[0]
+    grad_x, grad_w, grad_b = kernels.linear_relu_backward(*(to_device(a, impl) for a in (dy, x, w, y)),
+                                                          compute_grad_x=False, impl=impl)
+    assert grad_x is None
+    _, exact_w, exact_b = backward64(dy, x, w, y)
+    g = np.abs(wide(dy)) * (wide(y) > 0)
+    assert_within_rounding(grad_w, exact_w, g.T @ np.abs(wide(x)), dtype)
+    assert_within_rounding(grad_b, exact_b, g.sum(axis=0), dtype)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+def test_cpu_low_precision_equals_the_float32_impl_rounded_once(impl, dtype, rng):
+    """The CPU impls are the float32 kernel on widened copies, each result rounded once: equal bits."""
+    x, w, b = make_inputs(rng, 37, 29, 53, dtype)
+    y = kernels.linear_relu_forward(x, w, b, impl=impl)
+    wide32 = [a.astype(np.float32) for a in (x, w, b)]
+    np.testing.assert_array_equal(y.view(np.uint16), kernels.linear_relu_forward(*wide32, impl=impl)
+                                  .astype(dtype).view(np.uint16))
+    dy = make_inputs(rng, 37, 53, 1, dtype)[0]
+    grads = kernels.linear_relu_backward(dy, x, w, y, impl=impl)
+    wide_grads = kernels.linear_relu_backward(dy.astype(np.float32), wide32[0], wide32[1], y.astype(np.float32),
+                                              impl=impl)
+    for got, expected in zip(grads, wide_grads):
+        np.testing.assert_array_equal(got.view(np.uint16), expected.astype(dtype).view(np.uint16))
+
+
+def test_bfloat16_sums_are_accumulated_in_float32():
+    """2048 ones sum to 2048 (exact in bfloat16); a bfloat16 accumulator would stop at 256, where
+    256 + 1 rounds back to 256. Checks the GEMM and the bias-gradient sum of every CPU impl."""
+    ones = np.ones((1, 2048), BF16)
+    for impl in ("numpy", "numba_cpu"):
+        assert kernels.linear_relu_forward(ones, ones, None, impl=impl)[0, 0] == 2048
+        dy = np.ones((2048, 1), BF16)
+        x = np.ones((2048, 1), BF16)
+        _, dw, db = kernels.linear_relu_backward(dy, x, np.ones((1, 1), BF16), np.ones((2048, 1), BF16), impl=impl)
+        assert dw[0, 0] == 2048 and db[0] == 2048
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,dtype", [("cupy", BF16), ("cupy", F16), ("numba_cuda", F16)])
+def test_gpu_sums_are_accumulated_in_float32(impl, dtype):
+    """cuBLAS's GEMM (cupy: CUBLAS_COMPUTE_32F for 16-bit) and the db reduction accumulate in
+    float32: 2048 ones give 2048, where a 16-bit accumulator stops at 256 (bf16) / 2048 (fp16:
+    so fp16 uses 4096 ones, 2048 + 1 rounding back to 2048)."""
+    import cupy
+
+    count = 4096 if dtype == F16 else 2048
+    ones = cupy.ones((1, count), dtype)
+    assert float(kernels.linear_relu_forward(ones, ones, None, impl=impl)[0, 0]) == count
+    column = cupy.ones((count, 1), dtype)
+    _, dw, db = kernels.linear_relu_backward(column, column, cupy.ones((1, 1), dtype), column, impl=impl)
+    assert float(dw[0, 0]) == count and float(db[0]) == count
+
+
+def test_low_precision_matches_torch_linear_relu_on_the_cpu(rng):
+    """F.linear + relu in torch's own bfloat16 / float16 on the CPU, forward and backward: within
+    one unit in the last place (each side rounds its float32 result once; the float32 sums differ
+    in order)."""
+    torch = pytest.importorskip("torch")
+    for dtype, torch_dtype in ((BF16, torch.bfloat16), (F16, torch.float16)):
+        x, w, b = make_inputs(rng, 37, 29, 53, dtype)
+        dy = make_inputs(rng, 37, 53, 1, dtype)[0]
+        tx, tw, tb = (torch.tensor(a.astype(np.float32)).to(torch_dtype).requires_grad_() for a in (x, w, b))
+        ty = torch.relu(torch.nn.functional.linear(tx, tw, tb))
+        ty.backward(torch.tensor(dy.astype(np.float32)).to(torch_dtype))
+        u = UNIT_ROUNDOFF[dtype]
+        for impl in ("numpy", "numba_cpu"):
+            y = kernels.linear_relu_forward(x, w, b, impl=impl)
+            ours = [y, *kernels.linear_relu_backward(dy, x, w, y, impl=impl)]
+            theirs = [ty, tx.grad, tw.grad, tb.grad]
+            for name, a, t in zip(("y", "dx", "dw", "db"), ours, theirs):
+                t = t.detach().float().numpy().astype(np.float64)
+                assert a.dtype == dtype
+                err = np.abs(a.astype(np.float64) - t)
+                assert (err <= 2 * u * np.abs(t) + 1e-6 * np.abs(t).max()).all(), (impl, dtype, name, err.max())
+
+
+# --------------------------------------------------------------------------------------------
 # Bad inputs: every impl runs the same validator first
 # --------------------------------------------------------------------------------------------
 
@@ -237,10 +375,13 @@ def test_forward_rejects_mixed_and_unsupported_dtypes(impl):
     assert "x=numpy.ndarray(4, 3) float32" in str(info.value)
     with pytest.raises(KernelError, match=r"one float dtype"):
         kernels.linear_relu_forward(x, w, b.astype(np.float64), impl=impl)
-    with pytest.raises(KernelError, match=r"dtype float16 is not supported; use float32 or float64"):
-        kernels.linear_relu_forward(*(a.astype(np.float16) for a in (x, w, b)), impl=impl)
-    with pytest.raises(KernelError, match=r"dtype int64 is not supported"):
+    with pytest.raises(KernelError, match=r"one float dtype \(float32, float64, float16 or bfloat16\)"):
+        kernels.linear_relu_forward(x.astype(np.float16), w.astype(np.float16), b, impl=impl)
+    # the registry refuses a dtype no impl takes before the impl runs; the impl's own check says it too
+    with pytest.raises(KernelError, match=r"impl '\w+' does not take int64 arrays; it takes float32, float64"):
         kernels.linear_relu_forward(*(a.astype(np.int64) for a in (x, w, b)), impl=impl)
+    with pytest.raises(KernelError, match=r"dtype int64 is not supported; use float32, float64, float16 or bfloat16"):
+        kernels.get("linear_relu_forward", impl)(*(a.astype(np.int64) for a in (x, w, b)))
 
 
 @pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
