@@ -23,6 +23,13 @@ PyTorch. Rows whose hard target equals ``ignore_index`` get loss 0 and gradient 
 outside ``[0, C)`` that is not ``ignore_index`` is an error (:func:`check_targets_host` here; the
 GPU impls do a device-side min/max of the targets first).
 
+float16 and bfloat16 logits (kernels/precision.py) are computed in float32: the per-row loss is
+returned in float32 (the caller reduces it before rounding once, as PyTorch's nll_loss accumulates
+in float32), the gradient is rounded once to the logits' dtype, and a ``grad_scale`` array is
+float32. Both CPU impls widen the logits (and soft targets and weights) to float32 at the boundary
+and narrow the gradient back: numba takes no 16-bit arrays. docs/kernels/softmax_cross_entropy.md
+has the cost.
+
 This module also holds the validator every impl calls first (:func:`validate_softmax_cross_entropy`).
 ``import kernels.cpu.softmax_cross_entropy`` does not import numba: the jitted code is built on
 first use.
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.precision import FLOAT_NAMES, accumulation_dtype, float_name, is_low_precision, narrow, widen
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import module_of as _module_of
@@ -43,7 +51,7 @@ from kernels.registry import placement_problem as _placement_problem
 from kernels.registry import numba_parallel as _numba_parallel
 
 KERNEL = "softmax_cross_entropy"
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOATS = ", ".join(FLOAT_NAMES)
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # ignore_index is compared with int64 targets
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -59,7 +67,7 @@ class CrossEntropySpec:
 
     n: int  # rows
     c: int  # classes
-    dtype: np.dtype  # of logits, loss and grad
+    dtype: np.dtype  # of the logits and the gradient (and of the loss, unless 16-bit: then float32)
     soft: bool  # targets are (N, C) probabilities
     ignore_index: int
     eps: float  # label smoothing
@@ -67,6 +75,11 @@ class CrossEntropySpec:
     compute_grad: bool
     array_module: str  # "numpy" or "cupy"
     grad_scale_array: object = None  # the one-element array when the scale lives on the device
+
+    @property
+    def acc_dtype(self) -> np.dtype:
+        """What the kernels compute in, and the dtype of the loss and of a grad_scale array."""
+        return accumulation_dtype(self.dtype)
 
 
 def _is_array(a) -> bool:
@@ -92,9 +105,9 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
     n, c = (int(d) for d in logits.shape)
     if c < 1:
         raise KernelError(f"{where()}: logits has C = 0 classes; cross-entropy needs at least one class")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise KernelError(f"{where()}: logits has dtype {logits.dtype}; only float32 and float64 are supported")
-    soft = targets.dtype.kind == "f"
+    if float_name(logits.dtype) is None:
+        raise KernelError(f"{where()}: logits has dtype {logits.dtype}; only {_FLOATS} are supported")
+    soft = float_name(targets.dtype) is not None  # bfloat16 has kind "V"
     if soft:
         if targets.dtype != logits.dtype:
             raise KernelError(f"{where()}: soft targets (probabilities) must have the logits' dtype {logits.dtype}, "
@@ -142,11 +155,13 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
 
 
 def _scale_array(grad_scale, logits, module):
-    """A grad_scale given as an array: one element, the logits' dtype and device (read there)."""
-    if grad_scale.size != 1 or grad_scale.dtype != logits.dtype or _module_of(grad_scale) != module:
-        raise KernelError(f"{KERNEL}: grad_scale given as an array must hold one element of the logits' dtype "
-                          f"({logits.dtype}) on the logits' device ({_module_of(logits)}), got "
-                          f"{_describe('grad_scale', grad_scale)}")
+    """A grad_scale given as an array: one element of the logits' accumulation dtype (their own;
+    float32 for 16-bit logits), on their device (read there)."""
+    acc = accumulation_dtype(logits.dtype)
+    if grad_scale.size != 1 or grad_scale.dtype != acc or _module_of(grad_scale) != module:
+        raise KernelError(f"{KERNEL}: grad_scale given as an array must hold one element of the logits' "
+                          f"accumulation dtype ({acc} for {logits.dtype} logits) on the logits' device "
+                          f"({_module_of(logits)}), got {_describe('grad_scale', grad_scale)}")
     if _module_of(grad_scale) == "cupy" and grad_scale.device != logits.device:
         raise KernelError(f"{KERNEL}: grad_scale is on {grad_scale.device} but the logits are on {logits.device}")
     return grad_scale.reshape(1)
@@ -213,6 +228,9 @@ def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-1
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
+    if is_low_precision(spec.dtype):
+        return _in_float32(softmax_cross_entropy_numpy, spec, logits, targets, weight, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad)
     check_targets_host(spec, targets)
     n, c, dt = spec.n, spec.c, spec.dtype
     one = dt.type(1)
@@ -250,6 +268,13 @@ def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-1
     return loss, grad.astype(dt, copy=False)
 
 
+def _in_float32(impl, spec: CrossEntropySpec, logits, targets, weight, **kw):
+    """``impl`` on 16-bit logits: run on float32 copies of the logits, soft targets and weight;
+    the loss stays float32, the gradient is rounded once to the logits' dtype."""
+    loss, grad = impl(widen(logits), widen(targets) if spec.soft else targets, widen(weight), **kw)
+    return loss, narrow(grad, spec.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # numba_cpu: rows in parallel (prange). Per row: a max pass, an exp pass that leaves exp(z - m) in
 # the grad row (one exp per element), sums over that cache-resident row, and the gradient pass in
@@ -263,6 +288,9 @@ def softmax_cross_entropy_numba(logits, targets, weight=None, *, ignore_index=-1
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
+    if is_low_precision(spec.dtype):  # numba takes no 16-bit arrays: float32 copies
+        return _in_float32(softmax_cross_entropy_numba, spec, logits, targets, weight, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad)
     check_targets_host(spec, targets)
     n, c, dt = spec.n, spec.c, spec.dtype
     loss = np.empty(n, dt)

@@ -14,6 +14,7 @@ import pytest
 
 import kernels
 from kernels.registry import KernelError
+from tests.kernels.helpers import BF16, F16, LOW_DTYPES, UNIT_ROUNDOFF, low_precision_impls
 from tests.kernels.helpers import make_cross_entropy_case as make_case
 
 CPU_IMPLS = ["numpy", "numba_cpu"]
@@ -254,6 +255,138 @@ def test_every_row_ignored(impl):
     assert not loss.any() and not grad.any()
 
 
+# ---- float16 / bfloat16 logits: float32 math, float32 loss, gradient rounded once -----------------
+
+
+def low_case(n, c, dtype, kind="hard", seed=0, weighted=False):
+    """A case whose logits (and soft targets, weights) are 16-bit; targets as make_case."""
+    z, targets, weight = make_case(n, c, np.float32, kind, seed=seed, weighted=weighted)
+    return (z.astype(dtype), targets.astype(dtype) if kind == "soft" else targets,
+            None if weight is None else weight.astype(dtype))
+
+
+def check_low(impl, z, targets, weight=None, **kw):
+    """16-bit logits: the loss (float32) as the float32 tolerance of the float64 reference of the same
+    16-bit values; each gradient element within one rounding of it."""
+    loss, grad = run(impl, z, targets, weight, **kw)
+    wide = (lambda a: None if a is None else a.astype(np.float64))
+    scale = kw.get("grad_scale", 1.0)
+    ref_loss, ref_grad = reference(wide(z), wide(targets) if targets.ndim == 2 else targets, wide(weight),
+                                   kw.get("ignore_index", -100), kw.get("label_smoothing", 0.0),
+                                   float(np.asarray(scale).reshape(-1)[0]))
+    assert loss.dtype == np.float32 and loss.shape == (z.shape[0],)
+    assert grad.dtype == z.dtype and grad.shape == z.shape
+    np.testing.assert_allclose(loss, ref_loss, **tolerances(np.float32, z.shape[1])[0])
+    u = UNIT_ROUNDOFF[z.dtype]
+    bound = u * np.abs(ref_grad) + 1e-4 * np.abs(ref_grad) + 2e-6 * max(abs(float(np.asarray(scale).reshape(-1)[0])), 1)
+    err = np.abs(grad.astype(np.float64) - ref_grad)
+    assert (err <= bound).all(), f"gradient error {(err / bound).max():.3g} x the bound of one rounding"
+    return loss, grad
+
+
+LOW_IMPLS = low_precision_impls()
+
+
+@pytest.mark.parametrize("impl,dtype", LOW_IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{c}" for n, c in SHAPES])
+def test_low_precision_hard_targets(impl, dtype, shape):
+    z, targets, _ = low_case(*shape, dtype, seed=sum(shape))
+    check_low(impl, z, targets)
+
+
+@pytest.mark.parametrize("impl,dtype", LOW_IMPLS)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (9, 1030), (3, 40000)], ids=["1x1", "5x37", "9x1030", "3x40000"])
+def test_low_precision_weights_smoothing_soft_targets_and_scale(impl, dtype, shape):
+    """Every feature of the full kernels, a float32 grad_scale array, and C = 40000 past the
+    on-chip GPU paths (the streaming kernel)."""
+    z, targets, weight = low_case(*shape, dtype, seed=11, weighted=True)
+    targets[0] = -100
+    check_low(impl, z, targets, weight, label_smoothing=0.15, grad_scale=np.array([0.25], np.float32))
+    check_low(impl, z, targets, weight, grad_scale=-2.0)
+    check_low(impl, z, targets, None, label_smoothing=1.0, compute_grad=True)
+    z, q, weight = low_case(*shape, dtype, kind="soft", seed=13, weighted=True)
+    check_low(impl, z, q)
+    check_low(impl, z, q, weight, label_smoothing=0.3, grad_scale=0.5)
+
+
+@pytest.mark.parametrize("impl,dtype", LOW_IMPLS)
+def test_low_precision_loss_only_and_empty_batch(impl, dtype):
+    z, targets, weight = low_case(5, 300, dtype, seed=23, weighted=True)
+    with_grad, _ = run(impl, z, targets, weight, label_smoothing=0.1)
+    loss, grad = run(impl, z, targets, weight, label_smoothing=0.1, compute_grad=False)
+    assert grad is None and loss.dtype == np.float32
+    np.testing.assert_allclose(loss, with_grad, rtol=1e-6, atol=1e-6)
+    loss, grad = run(impl, np.zeros((0, 5), dtype), np.zeros(0, np.int64))
+    assert loss.shape == (0,) and loss.dtype == np.float32 and grad.shape == (0, 5) and grad.dtype == dtype
+
+
+@pytest.mark.parametrize("impl,dtype", LOW_IMPLS)
+def test_low_precision_masked_and_nan_logits(impl, dtype):
+    z, targets, weight = low_case(3, 40, dtype, seed=37, weighted=True)
+    targets[:] = [0, 5, 39]
+    z[:, 10:20] = -np.inf
+    loss, grad = check_low(impl, z, targets, weight)
+    assert np.isfinite(loss).all() and not grad[:, 10:20].astype(np.float32).any()
+    z[1, 3] = np.nan
+    loss, grad = run(impl, z, targets)
+    assert np.isfinite(loss[[0, 2]]).all() and np.isnan(loss[1]) and np.isnan(grad[1].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+def test_cpu_low_precision_is_the_float32_impl_rounded_once(impl, dtype):
+    """The CPU impls run the float32 kernel on widened copies: the same loss, the gradient's bits
+    those of the float32 gradient rounded once."""
+    for kind in ("hard", "soft"):
+        z, targets, weight = low_case(9, 517, dtype, kind, seed=5, weighted=True)
+        kw = dict(label_smoothing=0.1, grad_scale=np.array([0.5], np.float32))
+        loss, grad = run(impl, z, targets, weight, **kw)
+        wide_targets = targets.astype(np.float32) if kind == "soft" else targets
+        loss32, grad32 = run(impl, z.astype(np.float32), wide_targets, weight.astype(np.float32), **kw)
+        np.testing.assert_array_equal(loss, loss32)
+        np.testing.assert_array_equal(grad.view(np.uint16), grad32.astype(dtype).view(np.uint16))
+
+
+def test_low_precision_matches_torch_cross_entropy_on_the_cpu():
+    """torch's F.cross_entropy on bfloat16 / float16 logits (reduction='none'): its loss comes back
+    in the low dtype, ours in float32 (the engine rounds after reducing). Against torch in float32
+    on the same 16-bit values: the loss to float32 rounding, the gradient within one rounding.
+    Against torch's own 16-bit result: within the error of torch's 16-bit log-softmax (it rounds
+    log-probabilities to the low dtype before the loss and the gradient use them): 3 u relative on
+    the loss, 3 u of the largest gradient element of the row."""
+    torch = pytest.importorskip("torch")
+    for dtype, torch_dtype in ((BF16, torch.bfloat16), (F16, torch.float16)):
+        z, targets, weight = low_case(16, 300, dtype, seed=3, weighted=True)
+        targets[4] = -100
+        u = UNIT_ROUNDOFF[dtype]
+
+        def torch_run(tdtype):
+            zt = torch.tensor(z.astype(np.float32)).to(tdtype).requires_grad_()
+            wt = torch.tensor(weight.astype(np.float32)).to(tdtype)
+            loss = torch.nn.functional.cross_entropy(zt, torch.tensor(targets), wt, reduction="none",
+                                                     label_smoothing=0.1)
+            loss.sum().backward()
+            assert loss.dtype == tdtype
+            return loss.detach().float().numpy().astype(np.float64), zt.grad.float().numpy().astype(np.float64)
+
+        exact_loss, exact_grad = torch_run(torch.float32)
+        low_loss, low_grad = torch_run(torch_dtype)
+        for impl in CPU_IMPLS:
+            loss, grad = run(impl, z, targets, weight, label_smoothing=0.1)
+            np.testing.assert_allclose(loss, exact_loss, rtol=2e-6, atol=2e-6)
+            assert (np.abs(grad.astype(np.float64) - exact_grad) <= u * np.abs(exact_grad) + 1e-7).all()
+            assert (np.abs(loss - low_loss) <= 3 * u * np.abs(low_loss)).all()
+            row_max = np.abs(low_grad).max(axis=1, keepdims=True)
+            assert (np.abs(grad.astype(np.float64) - low_grad) <= 3 * u * row_max).all()
+
+
+def test_low_precision_grad_scale_array_must_be_float32():
+    z, targets, _ = low_case(3, 4, BF16, seed=47)
+    for impl in CPU_IMPLS:
+        with pytest.raises(KernelError, match=r"grad_scale .* accumulation dtype \(float32 for bfloat16 logits\)"):
+            run(impl, z, targets, grad_scale=np.array([0.5], BF16))
+
+
 # ---- numerical range --------------------------------------------------------------------------
 
 
@@ -391,8 +524,9 @@ def _bad_calls():
     t = np.zeros(3, np.int64)
     return [
         ((np.ones(4, f32), t[:1]), {}, "logits must be 2-D"),
-        ((np.ones((3, 4), np.int64), t), {}, "only float32 and float64"),
-        ((np.ones((3, 4), np.float16), t), {}, "only float32 and float64"),
+        ((np.ones((3, 4), np.int64), t), {}, "only float32, float64, float16, bfloat16"),
+        ((np.ones((3, 4), np.int8), t), {}, "only float32, float64, float16, bfloat16"),
+        ((np.ones((3, 4), np.float16), np.ones((3, 4), f32)), {}, "must have the logits' dtype float16"),
         ((np.ones((3, 0), f32), t), {}, "at least one class"),
         ((z, np.zeros(3, np.uint8)), {}, "int32 or int64"),
         ((z, np.zeros(2, np.int64)), {}, r"shape \(N,\) = \(3,\)"),
