@@ -7,6 +7,14 @@ per-block column sums of ``g``; a tiny kernel adds those up into ``db`` in a fix
 atomics: deterministic); then ``dx = g @ W`` and ``dW = g.T @ x`` through cuBLAS. Everything runs
 on the GPU the inputs live on, whichever device is current.
 
+float16 and bfloat16: ``cupy.matmul`` on 16-bit 2-D arrays is ``cublasGemmEx`` with 16-bit A, B
+and C and ``CUBLAS_COMPUTE_32F`` (cupy/_core/_routines_linalg.pyx, ``tensordot_core_v11``: 32F for
+CUDA_R_16F / CUDA_R_16BF whatever cupy's compute-type setting, tensor-core algorithm on sm_80+),
+so the tensor cores accumulate in float32 and round once into the output. The bias + ReLU pass
+then reads that rounded y, adds the bias in float32 and rounds again (a second rounding where a
+bias is given; torch's cuBLASLt epilogue adds it before the first). The backward's column sums
+run in float32 and db is rounded once.
+
 Cost model and launch configuration: docs/kernels/linear_relu.md.
 """
 
@@ -18,9 +26,15 @@ import numpy as np
 
 from kernels.cpu.linear_relu import validate_backward, validate_forward
 from kernels.cuda.module import current_device, function, on_device
+from kernels.precision import accumulation_dtype, float_name
 
 MODULE = "linear_relu"
-_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+# Entry-point suffix per dtype (the instantiations at the end of linear_relu.cu).
+SUFFIXES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+
+
+def _suffix(dtype) -> str:
+    return SUFFIXES[float_name(dtype)]
 
 _EPILOGUE_THREADS = 256
 _BLOCKS_PER_SM = 8  # 8 x 256 threads = 2048, a full Hopper/Ampere SM
@@ -90,7 +104,7 @@ def _sm_count(device_id: int) -> int:
 
 def _bias_relu_inplace(y, bias) -> None:
     """One pass over the GEMM output: ``y = relu(y + bias)`` (called with y's device current)."""
-    suffix = _SUFFIX[y.dtype]
+    suffix = _suffix(y.dtype)
     lanes = _lanes(y.dtype)
     total, m = y.size, y.shape[1]
     # cupy allocations are 256-byte aligned, and y is ours: the flat vector walk is always legal.
@@ -110,7 +124,7 @@ def _mask_and_bias_grad(grad_out, out, g):
     """Write ``g = grad_out * (out > 0)`` and return ``g.sum(0)``, reading grad_out and out once."""
     import cupy
 
-    suffix = _SUFFIX[g.dtype]
+    suffix = _suffix(g.dtype)
     n, m = g.shape
     lanes = _lanes(g.dtype)
     vector = m % lanes == 0 and _aligned(grad_out, out, g)
@@ -118,12 +132,15 @@ def _mask_and_bias_grad(grad_out, out, g):
     grid_x = -(-m // cols_per_block)
     grid_y = min(-(-n // _ROW_THREADS), max(1, _PROLOGUE_TARGET_BLOCKS // grid_x))
     grad_bias = cupy.empty(m, dtype=g.dtype)
-    # One block row: its column sums are db itself and the second kernel is not needed.
-    partial = grad_bias if grid_y == 1 else cupy.empty((grid_y, m), dtype=g.dtype)
+    acc = accumulation_dtype(g.dtype)  # the partial sums' dtype: float32 for 16-bit g
+    # One block row of float32 / float64: its column sums are db itself and the second kernel is
+    # not needed. 16-bit db is rounded from the float32 sums by the second kernel.
+    direct = grid_y == 1 and acc == g.dtype
+    partial = grad_bias if direct else cupy.empty((grid_y, m), dtype=acc)
     name = f"linear_relu_bwd_mask_db_{'vec_' if vector else ''}{suffix}"
     function(MODULE, name)((grid_x, grid_y), (_COL_THREADS, _ROW_THREADS),
                            (grad_out, out, g, partial, np.int64(n), np.int64(m)))
-    if grid_y > 1:
+    if not direct:
         blocks = -(-m // _REDUCE_THREADS)
         function(MODULE, f"linear_relu_bwd_db_reduce_{suffix}")(
             (blocks,), (_REDUCE_THREADS,), (partial, grad_bias, np.int64(grid_y), np.int64(m)))

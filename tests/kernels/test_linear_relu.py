@@ -4,11 +4,15 @@ CPU impls run here; the cupy and numba_cuda cases carry the gpu mark (the numba_
 also run under the simulator in tests/cudasim/test_linear_relu.py).
 """
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import kernels
 from kernels import KernelError
+from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 from tests.kernels.helpers import BF16, F16, LOW_DTYPES, UNIT_ROUNDOFF, low_precision_impls, to_device, to_host
 
 LOW_IMPLS = low_precision_impls()
@@ -342,6 +346,61 @@ def test_low_precision_matches_torch_linear_relu_on_the_cpu(rng):
                 assert a.dtype == dtype
                 err = np.abs(a.astype(np.float64) - t)
                 assert (err <= 2 * u * np.abs(t) + 1e-6 * np.abs(t).max()).all(), (impl, dtype, name, err.max())
+
+
+CU_FILE = Path(__file__).resolve().parents[2] / "kernels" / "cuda" / "linear_relu.cu"
+
+
+def _instantiated_kernels() -> set[str]:
+    """extern "C" names of linear_relu.cu: every name of the macro body for every instantiation."""
+    text = CU_FILE.read_text()
+    body = text[text.index("#define LINEAR_RELU_KERNELS"):]
+    stems = set(re.findall(r"(linear_relu_\w+?)_##SUFFIX", body))
+    suffixes = re.findall(r"^LINEAR_RELU_KERNELS\([^,]+, (\w+)\)", text, re.M)
+    return {f"{stem}_{suffix}" for stem in stems for suffix in suffixes}
+
+
+def test_every_dtype_has_every_entry_point():
+    from kernels.cuda.linear_relu import SUFFIXES
+
+    names = _instantiated_kernels()
+    assert len(names) == 6 * 4 and set(re.findall(r"^LINEAR_RELU_KERNELS\([^,]+, (\w+)\)", CU_FILE.read_text(),
+                                                   re.M)) == set(SUFFIXES.values())
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32)] + LOW_DTYPES)
+@pytest.mark.parametrize("n,m", [(5, 24), (5, 20), (3000, 40)], ids=["vec", "scalar", "rows"])
+def test_launch_plan_on_a_fake_gpu(fake_cupy, dtype, n, m):
+    """The host side with a fake cupy: the dtype's instances, 16-byte packs when M is a multiple of
+    the pack (8 for 16-bit), float32 partial column sums for 16-bit (then always the reduction
+    kernel, which rounds db once), the partials as db itself for float32 when one block row suffices."""
+    from kernels.cuda.linear_relu import _suffix
+
+    rng = np.random.default_rng(0)
+    x, w, b = (fake_cupy.on(0, a) for a in make_inputs(rng, n, 16, m, dtype))
+    kernels.get("linear_relu_forward", "cupy")(x, w, b)
+    lanes = 16 // dtype.itemsize
+    suffix = _suffix(dtype)
+    (epilogue,) = fake_cupy.launches
+    vec = m % lanes == 0
+    assert epilogue.name == f"linear_relu_fwd_epilogue_{'biasvec' if vec else 'bias'}_{suffix}"
+    assert len(fake_cupy.gemms) == 1
+    fake_cupy.launches.clear()
+    dy = fake_cupy.on(0, make_inputs(rng, n, m, 1, dtype)[0])
+    kernels.get("linear_relu_backward", "cupy")(dy, x, w, fake_cupy.on(0, dy.host), compute_grad_x=True)
+    names = [launch.name for launch in fake_cupy.launches]
+    assert set(names) <= _instantiated_kernels(), names
+    mask = fake_cupy.launches[0]
+    assert mask.name == f"linear_relu_bwd_mask_db_{'vec_' if vec else ''}{suffix}"
+    partial = mask.args[3]
+    one_block_row = mask.grid[1] == 1
+    if dtype == np.float32 and one_block_row:
+        assert names == [mask.name] and partial.dtype == np.float32 and partial.shape == (m,)
+    else:
+        assert partial.dtype == np.float32 and partial.shape == (mask.grid[1], m)
+        assert names == [mask.name, f"linear_relu_bwd_db_reduce_{suffix}"]
+        assert fake_cupy.launches[1].args[1].dtype == dtype  # db, rounded once
+    assert len(fake_cupy.gemms) == 3  # forward, dx, dW
 
 
 # --------------------------------------------------------------------------------------------
