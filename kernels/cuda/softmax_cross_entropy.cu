@@ -25,8 +25,20 @@
 //   sce_stream_* any C: one row per block of 512 threads, an online max / sum-exp pass over the
 //                row, then the gradient pass (the row is read twice; the second read may hit L2).
 // K is a template parameter (registers are indexed by unrolled loop counters only), and rows move
-// as 16-byte packs (float4 / double2) when the host set SCE_VEC (C a multiple of the pack width and
-// every row array 16-byte aligned); otherwise as coalesced scalars.
+// as 16-byte packs (float4 / double2 / 8 halves) when the host set SCE_VEC (C a multiple of the pack
+// width and every row array 16-byte aligned); otherwise as coalesced scalars.
+//
+// Storage types float, double, __half and __nv_bfloat16 (common.cuh): logits, soft targets, weights
+// and the gradient are T; everything is computed in A = Acc<T>::type (float for the 16-bit types):
+// the registers hold A, the loss is written as A (float32 per row for 16-bit logits: the caller
+// reduces before rounding), 1 - eps, eps / C and grad_scale are A, and each gradient element is
+// rounded once to T when stored. A 16-bit row moves half the bytes of a float one; the on-chip
+// capacity in values is the same (the registers hold floats).
+//
+// NaN: each thread's own max is fmax (which drops NaN; max_nan there costs registers and made
+// three instantiations spill), the group reductions use common.cuh's NaN-propagating MaxOp. A NaN
+// logit reaches the row's sum through exp(NaN - m) either way, so the row's loss and every one of
+// its gradient elements are NaN, as in PyTorch (tests/kernels/test_softmax_cross_entropy.py).
 //
 // Before the row kernel, for hard targets, the host runs sce_target_range_*: one pass over the N
 // targets that reduces min and max of the non-ignored ones into two int64s (warp shuffles, shared
@@ -36,8 +48,8 @@
 // parameter update made before the error is raised stays finite.
 //
 // Entry points (argument lists spelled out below, mirrored by kernels/cuda/softmax_cross_entropy.py):
-//   sce_warp_<f32|f64>_g<G>_k<K>, sce_block_<lean|full>_<f32|f64>_k<K>_<v|s>,
-//   sce_stream_<f32|f64>_<v|s> (v: 16-byte packs, s: scalars), sce_target_range_<i32|i64>.
+//   sce_warp_<dt>_g<G>_k<K>, sce_block_<lean|full>_<dt>_k<K>_<v|s>, sce_stream_<dt>_<v|s>
+//   (dt: f32, f64, f16, bf16; v: 16-byte packs, s: scalars), sce_target_range_<i32|i64>.
 // No fast-math: expf/logf are the accurate library versions, so results agree with the numpy
 // reference to float32 rounding.
 
@@ -48,7 +60,10 @@
 #define SCE_I64 16    // hard targets are int64 (else int32)
 #define SCE_VEC 32    // rows move as 16-byte packs
 
-template <typename T> struct Num;
+#include "common.cuh"
+
+// Constants and functions of the accumulation type A (float or double).
+template <typename A> struct Num;
 template <> struct Num<float> {
     static __device__ __forceinline__ float lowest() { return -3.402823466e+38f; }
     static __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
@@ -66,128 +81,47 @@ template <> struct Num<double> {
     static __device__ __forceinline__ double max(double a, double b) { return fmax(a, b); }
 };
 
-// VW consecutive values of T moved as one access (VW = 16 / sizeof(T) for the packed path, 1 for
-// the scalar path).
+// VW consecutive values of T moved as one access (VW = Pack<T>::width, 16 bytes, for the packed
+// path; 1 for the scalar path).
 template <typename T, int VW>
 struct alignas(VW * sizeof(T)) Chunk {
     T e[VW];
 };
 
 // ---------------------------------------------------------------------------------------------
-// Reductions: NV values at once. Group<G> = G consecutive lanes of a warp (shuffles only);
-// BlockGroup = the whole block (shuffles within warps, then shared memory).
-// ---------------------------------------------------------------------------------------------
-struct MaxOp {
-    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return Num<T>::max(a, b); }
-};
-struct SumOp {
-    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
-};
-
-template <int G>
-struct WarpGroup {
-    unsigned mask;  // the lanes of this group
-    int rank;       // 0 .. G - 1
-    __device__ __forceinline__ int size() const { return G; }
-
-    template <int NV, typename T, typename Op>
-    __device__ __forceinline__ void reduce(T (&v)[NV], Op op) const {
-#pragma unroll
-        for (int offset = G / 2; offset > 0; offset >>= 1) {
-#pragma unroll
-            for (int i = 0; i < NV; ++i) v[i] = op(v[i], __shfl_xor_sync(mask, v[i], offset));
-        }
-    }
-};
-
-template <int NV, typename T, typename Op>
-__device__ __forceinline__ void warp_reduce(T (&v)[NV], Op op) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-#pragma unroll
-        for (int i = 0; i < NV; ++i) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], offset));
-    }
-}
-
-// Block-wide reduction of NV <= NVMAX values; every thread gets the result. `scratch` holds
-// 33 * NVMAX values: per-warp partials in [0, 32 NV) and the broadcast slot at 32 NVMAX, which
-// no partial of any later reduction overlaps. So reductions can follow each other with no extra
-// barrier: a warp's partial for the next one cannot clobber the broadcast a slower thread is
-// still reading, and the next broadcast is written only after a barrier that every thread
-// reaches after its read.
-template <typename T, int NVMAX>
-struct BlockGroup {
-    T* scratch;
-    __device__ __forceinline__ int size() const { return blockDim.x; }
-
-    template <int NV, typename Op>
-    __device__ __forceinline__ void reduce(T (&v)[NV], Op op, T identity) const {
-        static_assert(NV <= NVMAX, "scratch too small");
-        T* const broadcast = scratch + 32 * NVMAX;
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-        warp_reduce<NV>(v, op);
-        if (lane == 0) {
-#pragma unroll
-            for (int i = 0; i < NV; ++i) scratch[warp * NV + i] = v[i];
-        }
-        __syncthreads();
-        if (warp == 0) {
-#pragma unroll
-            for (int i = 0; i < NV; ++i) v[i] = lane < warps ? scratch[lane * NV + i] : identity;
-            warp_reduce<NV>(v, op);
-            if (lane == 0) {
-#pragma unroll
-                for (int i = 0; i < NV; ++i) broadcast[i] = v[i];
-            }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < NV; ++i) v[i] = broadcast[i];
-    }
-};
-
-// Adapters so the row code below calls one reduce for both group kinds.
-template <int G, int NV, typename T, typename Op>
-__device__ __forceinline__ void group_reduce(const WarpGroup<G>& g, T (&v)[NV], Op op, T) {
-    g.template reduce<NV>(v, op);
-}
-template <int NV, int NVMAX, typename T, typename Op>
-__device__ __forceinline__ void group_reduce(const BlockGroup<T, NVMAX>& g, T (&v)[NV], Op op, T identity) {
-    g.template reduce<NV>(v, op, identity);
-}
-
-// ---------------------------------------------------------------------------------------------
 // Arguments shared by every row kernel.
 // ---------------------------------------------------------------------------------------------
+// T: the storage type; A = Acc<T>::type: what everything is computed in.
 template <typename T>
 struct Args {
+    using A = typename Acc<T>::type;
     const T* logits;       // (N, C)
     const void* targets;   // (N,) int32 / int64, or (N, C) T when SCE_SOFT
     const T* weight;       // (C,) when SCE_WEIGHT
-    T* loss;               // (N,)
+    A* loss;               // (N,)
     T* grad;               // (N, C) when SCE_GRAD
     long long n_rows;
     int C;
     long long ignore_index;
-    T one_minus_eps;       // 1 - label_smoothing
-    T eps_over_c;          // label_smoothing / C
-    const T* grad_scale;   // one value in device memory, read where the gradient needs it
+    A one_minus_eps;       // 1 - label_smoothing
+    A eps_over_c;          // label_smoothing / C
+    const A* grad_scale;   // one value in device memory, read where the gradient needs it
     int flags;
 };
 
 // What a row needs besides its logits: the hard target (or -1 for soft rows) and the scalars.
-template <typename T>
+template <typename A>
 struct RowInfo {
     long long target;  // class index; -1 for soft targets
     bool ignored;      // hard target == ignore_index: loss 0, grad 0
     bool invalid;      // hard target outside [0, C) (reported by the deferred check): NaN loss, grad 0
-    T w_t;             // weight of the target class (1 without weights)
-    T z_t;             // logit of the target class
+    A w_t;             // weight of the target class (1 without weights)
+    A z_t;             // logit of the target class
 };
 
-template <typename T>
-__device__ __forceinline__ RowInfo<T> row_info(const Args<T>& a, long long row) {
-    RowInfo<T> info{-1, false, false, T(1), T(0)};
+template <typename T, typename A = typename Acc<T>::type>
+__device__ __forceinline__ RowInfo<A> row_info(const Args<T>& a, long long row) {
+    RowInfo<A> info{-1, false, false, A(1), A(0)};
     if (a.flags & SCE_SOFT) return info;
     const long long t = (a.flags & SCE_I64) ? static_cast<const long long*>(a.targets)[row]
                                             : static_cast<long long>(static_cast<const int*>(a.targets)[row]);
@@ -195,36 +129,37 @@ __device__ __forceinline__ RowInfo<T> row_info(const Args<T>& a, long long row) 
     info.ignored = t == a.ignore_index;
     info.invalid = !info.ignored && (t < 0 || t >= a.C);
     if (!info.ignored && !info.invalid) {
-        info.z_t = a.logits[row * a.C + t];
-        if (a.flags & SCE_WEIGHT) info.w_t = a.weight[t];
+        info.z_t = to_acc(a.logits[row * a.C + t]);
+        if (a.flags & SCE_WEIGHT) info.w_t = to_acc(a.weight[t]);
     }
     return info;
 }
 
 // Load VW values of `src` starting at column c0 (in range as a whole, or wholly out when VW > 1
-// since C is then a multiple of VW); `fill` where out of range.
-template <typename T, int VW>
-__device__ __forceinline__ void load_chunk(const T* __restrict__ src, int c0, int C, T fill, T* out) {
+// since C is then a multiple of VW) into A; `fill` where out of range.
+template <typename T, int VW, typename A>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ src, int c0, int C, A fill, A* out) {
     if (VW > 1) {
         if (c0 < C) {
             const Chunk<T, VW> v = *reinterpret_cast<const Chunk<T, VW>*>(src + c0);
 #pragma unroll
-            for (int i = 0; i < VW; ++i) out[i] = v.e[i];
+            for (int i = 0; i < VW; ++i) out[i] = to_acc(v.e[i]);
         } else {
 #pragma unroll
             for (int i = 0; i < VW; ++i) out[i] = fill;
         }
     } else {
-        out[0] = c0 < C ? src[c0] : fill;
+        out[0] = c0 < C ? to_acc(src[c0]) : fill;
     }
 }
 
-template <typename T, int VW>
-__device__ __forceinline__ void store_chunk(T* __restrict__ dst, int c0, int C, const T* in) {
+// Store VW values of A rounded to T (once) at column c0, when in range.
+template <typename T, int VW, typename A>
+__device__ __forceinline__ void store_chunk(T* __restrict__ dst, int c0, int C, const A* in) {
     if (c0 < C) {
         Chunk<T, VW> v;
 #pragma unroll
-        for (int i = 0; i < VW; ++i) v.e[i] = in[i];
+        for (int i = 0; i < VW; ++i) v.e[i] = from_acc<T>(in[i]);
         *reinterpret_cast<Chunk<T, VW>*>(dst + c0) = v;
     }
 }
@@ -232,19 +167,19 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ dst, int c0, int C, 
 // u_c without the hard one-hot part: soft: w_c ((1 - eps) q_c + eps / C); hard: (eps / C) w_c (only
 // needed when smoothing). eps / C goes in per term: sum_c w_c (z_c - m) alone can overflow where
 // the loss does not. `q` and `w` are this column's values.
-template <typename T>
-__device__ __forceinline__ T smooth_part(const Args<T>& a, T q, T w) {
+template <typename T, typename A>
+__device__ __forceinline__ A smooth_part(const Args<T>& a, A q, A w) {
     return (a.flags & SCE_SOFT) ? w * (a.one_minus_eps * q + a.eps_over_c) : a.eps_over_c * w;
 }
 
 // Rows whose loss and gradient are fixed: a zero gradient, and the loss 0 (ignored) or NaN (invalid).
-template <typename T, int VW>
-__device__ __forceinline__ void fill_row(const Args<T>& a, long long row, int rank, int size, T loss) {
+template <typename T, int VW, typename A>
+__device__ __forceinline__ void fill_row(const Args<T>& a, long long row, int rank, int size, A loss) {
     if (a.flags & SCE_GRAD) {
         T* __restrict__ g = a.grad + row * a.C;
-        T vals[VW];
+        A vals[VW];
 #pragma unroll
-        for (int i = 0; i < VW; ++i) vals[i] = T(0);
+        for (int i = 0; i < VW; ++i) vals[i] = A(0);
         for (int c0 = rank * VW; c0 < a.C; c0 += size * VW) store_chunk<T, VW>(g, c0, a.C, vals);
     }
     if (rank == 0) a.loss[row] = loss;
@@ -257,18 +192,19 @@ __device__ __forceinline__ void fill_row(const Args<T>& a, long long row, int ra
 // leanest code: it fits K = 32 floats per thread at 1024 threads without spilling).
 template <typename T, int K, int VW, bool FULL, typename Group>
 __device__ __forceinline__ void row_onchip(const Args<T>& a, long long row, const Group& group, int rank) {
+    using A = typename Acc<T>::type;
     constexpr int J = K / VW;
     const int C = a.C, size = group.size();
     const T* __restrict__ zr = a.logits + row * C;
 
     // The row's loads go first and unconditionally, so they are not held up behind the load of
     // the target (the ignore test below depends on it); an ignored row wastes its read.
-    T z[K];
+    A z[K];
 #pragma unroll
-    for (int j = 0; j < J; ++j) load_chunk<T, VW>(zr, (j * size + rank) * VW, C, Num<T>::neg_inf(), z + j * VW);
-    const RowInfo<T> info = row_info(a, row);
+    for (int j = 0; j < J; ++j) load_chunk<T, VW>(zr, (j * size + rank) * VW, C, Num<A>::neg_inf(), z + j * VW);
+    const RowInfo<A> info = row_info(a, row);
     if (info.ignored || info.invalid) {  // uniform across the group
-        fill_row<T, VW>(a, row, rank, size, info.ignored ? T(0) : Num<T>::nan());
+        fill_row<T, VW>(a, row, rank, size, info.ignored ? A(0) : Num<A>::nan());
         return;
     }
     const bool soft = FULL && (a.flags & SCE_SOFT), weighted = FULL && (a.flags & SCE_WEIGHT);
@@ -276,29 +212,29 @@ __device__ __forceinline__ void row_onchip(const Args<T>& a, long long row, cons
     const bool extra = soft || smooth;  // sums over u needed
     const T* __restrict__ qr = soft ? static_cast<const T*>(a.targets) + row * C : nullptr;
 
-    T mx[1] = {Num<T>::lowest()};
+    A mx[1] = {Num<A>::lowest()};
 #pragma unroll
-    for (int k = 0; k < K; ++k) mx[0] = Num<T>::max(mx[0], z[k]);
-    group_reduce(group, mx, MaxOp{}, Num<T>::lowest());
-    const T m = mx[0];
+    for (int k = 0; k < K; ++k) mx[0] = Num<A>::max(mx[0], z[k]);
+    group_reduce(group, mx, MaxOp{}, Num<A>::lowest());
+    const A m = mx[0];
 
     // sums[0] = s = sum exp(z - m); sums[1] = sum u; sums[2] = sum u (z - m)
-    T sums[3] = {T(0), T(0), T(0)};
+    A sums[3] = {A(0), A(0), A(0)};
 #pragma unroll
     for (int j = 0; j < J; ++j) {
         const int c0 = (j * size + rank) * VW;
-        T q[VW], w[VW];
+        A q[VW], w[VW];
         if (extra) {
-            if (soft) load_chunk<T, VW>(qr, c0, C, T(0), q);
-            if (weighted) load_chunk<T, VW>(a.weight, c0, C, T(0), w);
+            if (soft) load_chunk<T, VW>(qr, c0, C, A(0), q);
+            if (weighted) load_chunk<T, VW>(a.weight, c0, C, A(0), w);
         }
 #pragma unroll
         for (int i = 0; i < VW; ++i) {
-            const T d = z[j * VW + i] - m;
-            const T e = Num<T>::exp(d);
+            const A d = z[j * VW + i] - m;
+            const A e = Num<A>::exp(d);
             sums[0] += e;
             if (extra && c0 < C) {  // a chunk is wholly inside the row or wholly past its end
-                const T u = smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+                const A u = smooth_part(a, soft ? q[i] : A(0), weighted ? w[i] : A(1));
                 sums[1] += u;
                 sums[2] += u * d;
             }
@@ -306,20 +242,20 @@ __device__ __forceinline__ void row_onchip(const Args<T>& a, long long row, cons
         }
     }
     if (extra) {
-        group_reduce(group, sums, SumOp{}, T(0));
+        group_reduce(group, sums, SumOp{}, A(0));
     } else {
-        T only_s[1] = {sums[0]};
-        group_reduce(group, only_s, SumOp{}, T(0));
+        A only_s[1] = {sums[0]};
+        group_reduce(group, only_s, SumOp{}, A(0));
         sums[0] = only_s[0];
     }
 
-    const T s = sums[0], log_s = Num<T>::log(s);
-    T S, loss;
+    const A s = sums[0], log_s = Num<A>::log(s);
+    A S, loss;
     if (soft) {
         S = sums[1];
         loss = S * log_s - sums[2];
     } else {
-        const T hard = a.one_minus_eps * info.w_t;
+        const A hard = a.one_minus_eps * info.w_t;
         S = hard;
         loss = hard * (log_s - (info.z_t - m));
         if (smooth) {
@@ -330,22 +266,22 @@ __device__ __forceinline__ void row_onchip(const Args<T>& a, long long row, cons
     if (rank == 0) a.loss[row] = loss;
     if (!(a.flags & SCE_GRAD)) return;
 
-    const T grad_scale = *a.grad_scale;
-    const T coef = grad_scale * S / s;
-    const T hard_sub = grad_scale * a.one_minus_eps * info.w_t;  // subtracted at c == t
+    const A grad_scale = *a.grad_scale;
+    const A coef = grad_scale * S / s;
+    const A hard_sub = grad_scale * a.one_minus_eps * info.w_t;  // subtracted at c == t
     T* __restrict__ gr = a.grad + row * C;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
         const int c0 = (j * size + rank) * VW;
-        T q[VW], w[VW], out[VW];
+        A q[VW], w[VW], out[VW];
         if (extra) {
-            if (soft) load_chunk<T, VW>(qr, c0, C, T(0), q);
-            if (weighted) load_chunk<T, VW>(a.weight, c0, C, T(0), w);
+            if (soft) load_chunk<T, VW>(qr, c0, C, A(0), q);
+            if (weighted) load_chunk<T, VW>(a.weight, c0, C, A(0), w);
         }
 #pragma unroll
         for (int i = 0; i < VW; ++i) {
-            T g = coef * z[j * VW + i];
-            if (extra) g -= grad_scale * smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+            A g = coef * z[j * VW + i];
+            if (extra) g -= grad_scale * smooth_part(a, soft ? q[i] : A(0), weighted ? w[i] : A(1));
             if (!soft && c0 + i == info.target) g -= hard_sub;
             out[i] = g;
         }
@@ -357,13 +293,13 @@ __device__ __forceinline__ void row_onchip(const Args<T>& a, long long row, cons
 // Streaming row (any C): pass 1 online (m, s) and sum u; pass 2 gradient and sum u (z - m).
 // Each thread walks chunks rank, rank + size, ... ; U chunks per step keep U loads in flight.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int VW>
-__device__ __forceinline__ void row_stream(const Args<T>& a, long long row, const BlockGroup<T, 2>& group) {
+template <typename T, int VW, typename A = typename Acc<T>::type>
+__device__ __forceinline__ void row_stream(const Args<T>& a, long long row, const BlockGroup<A, 2>& group) {
     constexpr int U = VW == 1 ? 8 : 4;  // chunks per step: 8 or 16 values in flight per thread
     const int C = a.C, size = blockDim.x, rank = threadIdx.x;
-    const RowInfo<T> info = row_info(a, row);
+    const RowInfo<A> info = row_info(a, row);
     if (info.ignored || info.invalid) {
-        fill_row<T, VW>(a, row, rank, size, info.ignored ? T(0) : Num<T>::nan());
+        fill_row<T, VW>(a, row, rank, size, info.ignored ? A(0) : Num<A>::nan());
         return;
     }
     const bool soft = a.flags & SCE_SOFT, weighted = a.flags & SCE_WEIGHT;
@@ -374,67 +310,67 @@ __device__ __forceinline__ void row_stream(const Args<T>& a, long long row, cons
     const int step = size * VW * U;
 
     // Pass 1: per thread (m, s) online, one rescale per U chunks; sum u alongside.
-    T m = Num<T>::lowest(), s = T(0), su = T(0);
+    A m = Num<A>::lowest(), s = A(0), su = A(0);
     for (int base = rank * VW; base < C; base += step) {
-        T z[U * VW];
+        A z[U * VW];
 #pragma unroll
-        for (int u = 0; u < U; ++u) load_chunk<T, VW>(zr, base + u * size * VW, C, Num<T>::neg_inf(), z + u * VW);
-        T cm = m;
+        for (int u = 0; u < U; ++u) load_chunk<T, VW>(zr, base + u * size * VW, C, Num<A>::neg_inf(), z + u * VW);
+        A cm = m;
 #pragma unroll
-        for (int k = 0; k < U * VW; ++k) cm = Num<T>::max(cm, z[k]);
-        s *= Num<T>::exp(m - cm);  // m == cm: times 1; m == lowest: s is 0
+        for (int k = 0; k < U * VW; ++k) cm = Num<A>::max(cm, z[k]);
+        s *= Num<A>::exp(m - cm);  // m == cm: times 1; m == lowest: s is 0
         m = cm;
 #pragma unroll
-        for (int k = 0; k < U * VW; ++k) s += Num<T>::exp(z[k] - m);
+        for (int k = 0; k < U * VW; ++k) s += Num<A>::exp(z[k] - m);
         if (extra) {
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int c0 = base + u * size * VW;
-                T q[VW], w[VW];
-                if (soft) load_chunk<T, VW>(qr, c0, C, T(0), q);
-                if (weighted) load_chunk<T, VW>(a.weight, c0, C, T(0), w);
+                A q[VW], w[VW];
+                if (soft) load_chunk<T, VW>(qr, c0, C, A(0), q);
+                if (weighted) load_chunk<T, VW>(a.weight, c0, C, A(0), w);
                 if (c0 < C) {
 #pragma unroll
-                    for (int i = 0; i < VW; ++i) su += smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+                    for (int i = 0; i < VW; ++i) su += smooth_part(a, soft ? q[i] : A(0), weighted ? w[i] : A(1));
                 }
             }
         }
     }
-    T mx[1] = {m};
-    group.template reduce<1>(mx, MaxOp{}, Num<T>::lowest());
-    T sums[2] = {s * Num<T>::exp(m - mx[0]), su};
-    group.template reduce<2>(sums, SumOp{}, T(0));
+    A mx[1] = {m};
+    group.template reduce<1>(mx, MaxOp{}, Num<A>::lowest());
+    A sums[2] = {s * Num<A>::exp(m - mx[0]), su};
+    group.template reduce<2>(sums, SumOp{}, A(0));
     m = mx[0];
     s = sums[0];
     su = sums[1];
-    const T log_s = Num<T>::log(s);
-    const T hard = a.one_minus_eps * info.w_t;
-    const T S = soft ? su : hard + su;  // su = 0 for hard targets without smoothing
+    const A log_s = Num<A>::log(s);
+    const A hard = a.one_minus_eps * info.w_t;
+    const A S = soft ? su : hard + su;  // su = 0 for hard targets without smoothing
 
     // Pass 2: gradient, and sum u (z - m) for the loss.
-    T acc = T(0);
+    A acc = A(0);
     if (want_grad || extra) {
-        const T grad_scale = *a.grad_scale;
-        const T coef = grad_scale * S / s;
-        const T hard_sub = grad_scale * hard;
+        const A grad_scale = *a.grad_scale;
+        const A coef = grad_scale * S / s;
+        const A hard_sub = grad_scale * hard;
         T* __restrict__ gr = want_grad ? a.grad + row * C : nullptr;
         for (int base = rank * VW; base < C; base += step) {
-            T z[U * VW];
+            A z[U * VW];
 #pragma unroll
-            for (int u = 0; u < U; ++u) load_chunk<T, VW>(zr, base + u * size * VW, C, Num<T>::neg_inf(), z + u * VW);
+            for (int u = 0; u < U; ++u) load_chunk<T, VW>(zr, base + u * size * VW, C, Num<A>::neg_inf(), z + u * VW);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int c0 = base + u * size * VW;
                 if (c0 >= C) continue;
-                T q[VW], w[VW], out[VW];
-                if (soft) load_chunk<T, VW>(qr, c0, C, T(0), q);
-                if (weighted && extra) load_chunk<T, VW>(a.weight, c0, C, T(0), w);
+                A q[VW], w[VW], out[VW];
+                if (soft) load_chunk<T, VW>(qr, c0, C, A(0), q);
+                if (weighted && extra) load_chunk<T, VW>(a.weight, c0, C, A(0), w);
 #pragma unroll
                 for (int i = 0; i < VW; ++i) {
-                    const T d = z[u * VW + i] - m;
-                    T g = coef * Num<T>::exp(d);
+                    const A d = z[u * VW + i] - m;
+                    A g = coef * Num<A>::exp(d);
                     if (extra) {
-                        const T uu = smooth_part(a, soft ? q[i] : T(0), weighted ? w[i] : T(1));
+                        const A uu = smooth_part(a, soft ? q[i] : A(0), weighted ? w[i] : A(1));
                         acc += uu * d;
                         g -= grad_scale * uu;
                     }
@@ -446,12 +382,12 @@ __device__ __forceinline__ void row_stream(const Args<T>& a, long long row, cons
         }
     }
     if (extra) {
-        T r[1] = {acc};
-        group.template reduce<1>(r, SumOp{}, T(0));
+        A r[1] = {acc};
+        group.template reduce<1>(r, SumOp{}, A(0));
         acc = r[0];
     }
     if (rank == 0) {
-        T loss;
+        A loss;
         if (soft) {
             loss = S * log_s - acc;
         } else {
@@ -465,10 +401,10 @@ __device__ __forceinline__ void row_stream(const Args<T>& a, long long row, cons
 // ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ Args<T> make_args(const T* logits, const void* targets, const T* weight, T* loss, T* grad,
-                                             long long n_rows, int C, long long ignore_index, T one_minus_eps,
-                                             T eps_over_c, const T* grad_scale, int flags) {
+template <typename T, typename A = typename Acc<T>::type>
+__device__ __forceinline__ Args<T> make_args(const T* logits, const void* targets, const T* weight, A* loss, T* grad,
+                                             long long n_rows, int C, long long ignore_index, A one_minus_eps,
+                                             A eps_over_c, const A* grad_scale, int flags) {
     return Args<T>{logits, targets, weight, loss, grad, n_rows, C, ignore_index, one_minus_eps, eps_over_c,
                    grad_scale, flags};
 }
@@ -477,7 +413,7 @@ __device__ __forceinline__ Args<T> make_args(const T* logits, const void* target
 // (no register pressure at 256 threads).
 template <typename T, int G, int K>
 __device__ __forceinline__ void sce_warp(const Args<T>& a) {
-    constexpr int VW = 16 / sizeof(T);
+    constexpr int VW = Pack<T>::width;
     const int rank = threadIdx.x % G;
     const long long row = (long long)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
     if (row >= a.n_rows) return;  // the whole group leaves together
@@ -487,11 +423,13 @@ __device__ __forceinline__ void sce_warp(const Args<T>& a) {
     else row_onchip<T, K, 1, true>(a, row, group, rank);
 }
 
-// Every row kernel takes:
-// (logits, targets, weight, loss, grad, n_rows, C, ignore_index, 1 - eps, eps / C, grad_scale[1], flags)
+// Every row kernel takes (A = Acc<T>::type: T itself for float and double, float for the 16-bit types):
+// (logits T, targets, weight T, loss A, grad T, n_rows, C, ignore_index, 1 - eps A, eps / C A, grad_scale A[1],
+//  flags)
 #define SCE_PARAMS(T)                                                                                          \
-    const T *logits, const void *targets, const T *weight, T *loss, T *grad, long long n_rows, int C,          \
-        long long ignore_index, T one_minus_eps, T eps_over_c, const T *grad_scale, int flags
+    const T *logits, const void *targets, const T *weight, Acc<T>::type *loss, T *grad, long long n_rows,      \
+        int C, long long ignore_index, Acc<T>::type one_minus_eps, Acc<T>::type eps_over_c,                    \
+        const Acc<T>::type *grad_scale, int flags
 #define SCE_ARGS                                                                                   \
     make_args(logits, targets, weight, loss, grad, n_rows, C, ignore_index, one_minus_eps, eps_over_c, \
               grad_scale, flags)
@@ -508,24 +446,25 @@ __device__ __forceinline__ void sce_warp(const Args<T>& a) {
 #define SCE_BLOCK(KIND, IS_FULL, THREADS, T, DT, K, PACK, VW)                                          \
     extern "C" __global__ void __launch_bounds__(THREADS) sce_block_##KIND##_##DT##_k##K##_##PACK(     \
         SCE_PARAMS(T)) {                                                                               \
-        __shared__ T scratch[33 * 3];                                                                  \
-        row_onchip<T, K, VW, IS_FULL>(SCE_ARGS, blockIdx.x, BlockGroup<T, 3>{scratch}, threadIdx.x);  \
+        __shared__ Acc<T>::type scratch[33 * 3];                                                       \
+        row_onchip<T, K, VW, IS_FULL>(SCE_ARGS, blockIdx.x, BlockGroup<Acc<T>::type, 3>{scratch},      \
+                                      threadIdx.x);                                                    \
     }
-#define SCE_BLOCK_LEAN(T, DT, K)                          \
-    SCE_BLOCK(lean, false, 1024, T, DT, K, v, 16 / sizeof(T)) \
+#define SCE_BLOCK_LEAN(T, DT, K)                              \
+    SCE_BLOCK(lean, false, 1024, T, DT, K, v, Pack<T>::width) \
     SCE_BLOCK(lean, false, 1024, T, DT, K, s, 1)
-#define SCE_BLOCK_FULL_V(T, DT, K) SCE_BLOCK(full, true, 512, T, DT, K, v, 16 / sizeof(T))
+#define SCE_BLOCK_FULL_V(T, DT, K) SCE_BLOCK(full, true, 512, T, DT, K, v, Pack<T>::width)
 #define SCE_BLOCK_FULL_S(T, DT, K) SCE_BLOCK(full, true, 512, T, DT, K, s, 1)
 
 // sce_stream_<dtype>_<v|s>: any C, one row per block of <= 512 threads.
 #define SCE_STREAM(T, DT)                                                                              \
     extern "C" __global__ void __launch_bounds__(512, 1) sce_stream_##DT##_v(SCE_PARAMS(T)) {            \
-        __shared__ T scratch[33 * 2];                                                                  \
-        row_stream<T, 16 / sizeof(T)>(SCE_ARGS, blockIdx.x, BlockGroup<T, 2>{scratch});                \
+        __shared__ Acc<T>::type scratch[33 * 2];                                                       \
+        row_stream<T, Pack<T>::width>(SCE_ARGS, blockIdx.x, BlockGroup<Acc<T>::type, 2>{scratch});     \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(512, 1) sce_stream_##DT##_s(SCE_PARAMS(T)) {            \
-        __shared__ T scratch[33 * 2];                                                                  \
-        row_stream<T, 1>(SCE_ARGS, blockIdx.x, BlockGroup<T, 2>{scratch});                             \
+        __shared__ Acc<T>::type scratch[33 * 2];                                                       \
+        row_stream<T, 1>(SCE_ARGS, blockIdx.x, BlockGroup<Acc<T>::type, 2>{scratch});                  \
     }
 
 // The configurations, mirrored by CONFIGS in kernels/cuda/softmax_cross_entropy.py.
@@ -554,6 +493,32 @@ SCE_BLOCK_FULL_V(double, f64, 16)
 SCE_BLOCK_FULL_S(double, f64, 4)
 SCE_BLOCK_FULL_S(double, f64, 8)
 SCE_STREAM(double, f64)
+// float16 and bfloat16: the registers hold floats, so the row capacities in values are float32's,
+// with K a multiple of the 8-value pack: warp up to C = 512 (g8_k8 from 33 to 64, below that too:
+// K = 4 would not fill one pack); lean block up to 32768; full block up to 16384 (packed) or 8192
+// (scalars); stream beyond.
+SCE_WARP(__half, f16, 8, 8)
+SCE_WARP(__half, f16, 32, 8)
+SCE_WARP(__half, f16, 32, 16)
+SCE_BLOCK_LEAN(__half, f16, 8)
+SCE_BLOCK_LEAN(__half, f16, 16)
+SCE_BLOCK_LEAN(__half, f16, 32)
+SCE_BLOCK_FULL_V(__half, f16, 8)
+SCE_BLOCK_FULL_V(__half, f16, 32)
+SCE_BLOCK_FULL_S(__half, f16, 8)
+SCE_BLOCK_FULL_S(__half, f16, 16)
+SCE_STREAM(__half, f16)
+SCE_WARP(__nv_bfloat16, bf16, 8, 8)
+SCE_WARP(__nv_bfloat16, bf16, 32, 8)
+SCE_WARP(__nv_bfloat16, bf16, 32, 16)
+SCE_BLOCK_LEAN(__nv_bfloat16, bf16, 8)
+SCE_BLOCK_LEAN(__nv_bfloat16, bf16, 16)
+SCE_BLOCK_LEAN(__nv_bfloat16, bf16, 32)
+SCE_BLOCK_FULL_V(__nv_bfloat16, bf16, 8)
+SCE_BLOCK_FULL_V(__nv_bfloat16, bf16, 32)
+SCE_BLOCK_FULL_S(__nv_bfloat16, bf16, 8)
+SCE_BLOCK_FULL_S(__nv_bfloat16, bf16, 16)
+SCE_STREAM(__nv_bfloat16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // Target check: out[0] = min, out[1] = max over targets != ignore_index (out preset to

@@ -3,7 +3,8 @@
 One launch computes the per-row loss and the gradient (see the .cu file for the algorithm and
 kernels/cpu/softmax_cross_entropy.py for the math). The host picks the row kernel by C:
 
-- ``sce_warp_*``: C <= 512 (float32) / 256 (float64): G lanes per row, 256 / G rows per block;
+- ``sce_warp_*``: C <= 512 (float32, float16, bfloat16) / 256 (float64): G lanes per row, 256 / G
+  rows per block;
 - ``sce_block_lean_*``: hard targets, no weights, no smoothing, C <= 32768 / 16384: one row per
   block, the row held in registers (read once, gradient written once);
 - ``sce_block_full_*``: any features, C <= 16384 / 8192 (half that when rows are not 16-byte
@@ -16,6 +17,10 @@ the 16 bytes are not read back here, which would wait for the GPU, but at the ne
 
 ``grad_scale`` reaches the kernels as a pointer to one value on the device: the caller's array,
 or a cached one-element array for a number (so 1 / weight-sum computed on the GPU is never read).
+
+float16 / bfloat16 logits run native ``__half`` / ``__nv_bfloat16`` instances: the row is read
+as 16-bit packs of 8, computed in float32, the loss written as float32, each gradient element
+rounded once; the scalars and ``grad_scale`` are float32 (the accumulation dtype).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from kernels import deferred
 from kernels.cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
 from kernels.cuda.module import on_device
+from kernels.precision import float_name
 from kernels.registry import KernelError
 
 MODULE = "softmax_cross_entropy"
@@ -34,17 +40,20 @@ MODULE = "softmax_cross_entropy"
 # Flag bits, mirrored in softmax_cross_entropy.cu.
 SCE_SOFT, SCE_WEIGHT, SCE_SMOOTH, SCE_GRAD, SCE_I64, SCE_VEC = 1, 2, 4, 8, 16, 32
 
-# Per dtype: suffix, values per 16-byte pack, warp configs (G lanes, K values per lane), and the K
-# of the block kernels by kind (lean: <= 1024 threads, full: <= 512) and packing (v: 16-byte packs,
-# s: scalars, whose per-value addresses cost registers, hence a smaller K for full). Mirrors the
-# instantiations at the end of the .cu file.
+# Per dtype name: suffix, values per 16-byte pack, warp configs (G lanes, K values per lane), and
+# the K of the block kernels by kind (lean: <= 1024 threads, full: <= 512) and packing (v: 16-byte
+# packs, s: scalars, whose per-value addresses cost registers, hence a smaller K for full). The
+# 16-bit rows sit in float registers: float32's capacities, K a multiple of their 8-value pack.
+# Mirrors the instantiations at the end of the .cu file.
+_FLOAT32_BLOCKS = {("lean", "v"): (8, 16, 32), ("lean", "s"): (8, 16, 32),
+                   ("full", "v"): (8, 32), ("full", "s"): (8, 16)}
 CONFIGS = {
-    np.dtype(np.float32): dict(suffix="f32", pack=4, warp=((8, 4), (32, 8), (32, 16)),
-                               block={("lean", "v"): (8, 16, 32), ("lean", "s"): (8, 16, 32),
-                                      ("full", "v"): (8, 32), ("full", "s"): (8, 16)}),
-    np.dtype(np.float64): dict(suffix="f64", pack=2, warp=((8, 4), (32, 8)),
-                               block={("lean", "v"): (4, 8, 16), ("lean", "s"): (4, 8, 16),
-                                      ("full", "v"): (4, 16), ("full", "s"): (4, 8)}),
+    "float32": dict(suffix="f32", pack=4, warp=((8, 4), (32, 8), (32, 16)), block=_FLOAT32_BLOCKS),
+    "float64": dict(suffix="f64", pack=2, warp=((8, 4), (32, 8)),
+                    block={("lean", "v"): (4, 8, 16), ("lean", "s"): (4, 8, 16),
+                           ("full", "v"): (4, 16), ("full", "s"): (4, 8)}),
+    "float16": dict(suffix="f16", pack=8, warp=((8, 8), (32, 8), (32, 16)), block=_FLOAT32_BLOCKS),
+    "bfloat16": dict(suffix="bf16", pack=8, warp=((8, 8), (32, 8), (32, 16)), block=_FLOAT32_BLOCKS),
 }
 WARP_BLOCK = 256
 LEAN_MAX_THREADS = 1024
@@ -56,7 +65,7 @@ INT64_MAX, INT64_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min
 
 def plan(dtype, c: int, full: bool, vec: bool):
     """(kernel name, threads per block, rows per block) for rows of ``c`` classes."""
-    cfg = CONFIGS[np.dtype(dtype)]
+    cfg = CONFIGS[float_name(dtype)]
     dt = cfg["suffix"]
     for g, k in cfg["warp"]:
         if c <= g * k:
@@ -88,17 +97,17 @@ def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoot
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
-    n, c, dt = spec.n, spec.c, spec.dtype
+    n, c, dt, acc = spec.n, spec.c, spec.dtype, spec.acc_dtype
     if c > MAX_CLASSES:
         raise KernelError(f"softmax_cross_entropy (cupy): C = {c} classes is over the kernel's limit of {MAX_CLASSES}")
-    loss = cupy.empty(n, dt)
+    loss = cupy.empty(n, acc)  # float32 for 16-bit logits
     grad = cupy.empty((n, c), dt) if spec.compute_grad else None
     if n == 0:
         return loss, grad
     if not spec.soft:
         _check_targets(cupy, function, targets, spec)
 
-    cfg = CONFIGS[dt]
+    cfg = CONFIGS[float_name(dt)]
     used = [logits] + ([grad] if grad is not None else []) + ([targets] if spec.soft else [])
     used += [weight] if weight is not None else []
     vec = c % cfg["pack"] == 0 and all(a.data.ptr % 16 == 0 for a in used)
@@ -107,9 +116,9 @@ def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoot
              | (SCE_I64 if targets.dtype == np.int64 else 0) | (SCE_VEC if vec else 0))
     full = bool(flags & (SCE_SOFT | SCE_WEIGHT | SCE_SMOOTH))
     name, threads, rows_per_block = plan(dt, c, full, vec)
-    scalar = dt.type
+    scalar = acc.type
     scale = spec.grad_scale_array if spec.grad_scale_array is not None else \
-        device_scalar(spec.grad_scale, dt, logits.device.id)
+        device_scalar(spec.grad_scale, acc, logits.device.id)
     args = (logits, targets, weight if weight is not None else logits, loss, grad if grad is not None else loss,
             np.int64(n), np.int32(c), np.int64(spec.ignore_index), scalar(1.0 - spec.eps), scalar(spec.eps / c),
             scale, np.int32(flags))

@@ -92,6 +92,12 @@ def test_installed_cupy_appends_what_we_say_it_does():
     assert tuple(unconditional) == CUPY_ADDED_OPTIONS, (appended, CUPY_ADDED_OPTIONS)
 
 
+# .cu files whose tests parse the entry points the file instantiates (every dtype, float16 and
+# bfloat16 included): each of them must be in the compiled module, not only some entry.
+INSTANTIATIONS = {"linear_relu.cu": "tests.kernels.test_linear_relu",
+                  "softmax_cross_entropy.cu": "tests.kernels.test_softmax_cross_entropy"}
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("path", CU_FILES, ids=[p.name for p in CU_FILES])
 def test_cu_file_compiles_without_spills(path, arch):
@@ -101,6 +107,11 @@ def test_cu_file_compiles_without_spills(path, arch):
     result = compile_file(path, arch)
     assert "Compiling entry function" in result.log, result.log
     assert result.spills() == {}, f"{path.name} spills registers on {arch}: {result.spills()}\n{result.log}"
+    if path.name in INSTANTIATIONS:
+        expected = importlib.import_module(INSTANTIATIONS[path.name])._instantiated_kernels()
+        assert expected <= set(result.registers()), sorted(expected - set(result.registers()))
+        for suffix in ("_f16", "_bf16"):
+            assert any(suffix + "_" in name or name.endswith(suffix) for name in expected), (path.name, suffix)
 
 
 def _ptx_checks():

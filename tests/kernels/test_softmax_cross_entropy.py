@@ -14,6 +14,7 @@ import pytest
 
 import kernels
 from kernels.registry import KernelError
+from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 from tests.kernels.helpers import BF16, F16, LOW_DTYPES, UNIT_ROUNDOFF, low_precision_impls
 from tests.kernels.helpers import make_cross_entropy_case as make_case
 
@@ -590,12 +591,12 @@ def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
     available = _instantiated_kernels()
     assert len(available) > 20
     used = set()
-    for dtype in (np.float32, np.float64):
+    for dtype in (np.float32, np.float64, F16, BF16):
         for c in [1, 2, 5, 31, 32, 33, 63, 100, 255, 256, 257, 511, 512, 513, 1000, 1024, 1025, 4096, 4099, 8191,
                   8192, 8193, 16383, 16384, 16385, 32767, 32768, 32769, 50257, 130000, 2**20]:
             for full in (False, True):
                 for vec in (False, True):
-                    if vec and c % cu.CONFIGS[np.dtype(dtype)]["pack"]:
+                    if vec and c % cu.CONFIGS[np.dtype(dtype).name]["pack"]:
                         continue
                     name, threads, rows = cu.plan(dtype, c, full, vec)
                     assert name in available, name
@@ -611,6 +612,31 @@ def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
                     else:
                         assert threads <= 512 and rows == 1
     assert used == available  # no instantiation is dead code
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("c,vec", [(40, True), (37, False), (3000, True), (40000, True)])
+def test_low_precision_launch_passes_float32_loss_scalars_and_scale(fake_cupy, dtype, c, vec):
+    """The host side with a fake cupy: a 16-bit instance of the planned kernel, a float32 loss, float32
+    1 - eps, eps / C and grad_scale, the gradient in the logits' dtype."""
+    from kernels.cuda import softmax_cross_entropy as cu
+
+    z, q, weight = low_case(5, c, dtype, kind="soft", seed=1, weighted=True)
+    args = [fake_cupy.on(0, a) for a in (z, q, weight)]
+    loss, grad = cu.softmax_cross_entropy(*args, label_smoothing=0.1, grad_scale=0.5)
+    (launch,) = fake_cupy.launches
+    name, threads, rows = cu.plan(dtype, c, True, vec)
+    assert launch.name == name and name in _instantiated_kernels() and f"_{cu.CONFIGS[dtype.name]['suffix']}_" in name
+    assert launch.block == (threads,) and launch.grid == (-(-5 // rows),)
+    assert loss.dtype == np.float32 and grad.dtype == dtype
+    _, _, _, loss_arg, grad_arg, _, c_arg, _, one_minus_eps, eps_over_c, scale, flags = launch.args
+    assert loss_arg is loss and grad_arg is grad and int(c_arg) == c
+    assert type(one_minus_eps) is np.float32 and type(eps_over_c) is np.float32
+    assert scale.dtype == np.float32 and float(scale.host[0]) == 0.5
+    assert bool(flags & cu.SCE_VEC) == vec
+    fake_cupy.launches.clear()
+    with pytest.raises(KernelError, match=r"grad_scale .* accumulation dtype \(float32"):
+        cu.softmax_cross_entropy(*args, grad_scale=fake_cupy.on(0, np.array([0.5], dtype)))
 
 
 @pytest.mark.parametrize("fused", [True, False])
