@@ -17,6 +17,10 @@ row gets a NaN loss and a zero gradient. ``grad_scale`` is a one-element array r
 The kernels are built per dtype with the dtype's constants frozen in, so the
 float32 kernels have no float64 arithmetic (tests/kernels/test_gpu_compile.py reads their PTX).
 
+float16 logits (numba.cuda has no bfloat16: the registry sends bfloat16 to cupy, and a direct call
+gets its KernelError): every load is widened to float32, the sums and the loss are float32, each
+gradient element is rounded once when stored; the scalars and grad_scale are float32.
+
 On a GPU the kernels take cupy arrays and launch on cupy's current stream; under the simulator
 (NUMBA_ENABLE_CUDASIM=1) they take numpy arrays and run with at most 16 threads per row, so that
 the strided column loops and the tree reductions run several steps on small rows.
@@ -33,6 +37,7 @@ from numba import cuda, types
 from kernels.numba_cuda.launch import launch, simulator
 from kernels import deferred
 from kernels.cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
+from kernels.registry import check_dtype
 
 MAX_THREADS = 256  # threads per row (block) on a GPU: the size of the shared reduction arrays
 SIMULATOR_MAX_THREADS = 16
@@ -40,11 +45,14 @@ RANGE_THREADS = 256
 INT64_MAX, INT64_MIN = np.int64(np.iinfo(np.int64).max), np.int64(np.iinfo(np.int64).min)
 
 
-def _build(nb_float, np_float):
-    """The hard-target and soft-target row kernels for one float dtype."""
+def _build(nb_store, nb_float, np_float):
+    """The hard-target and soft-target row kernels for the storage type ``nb_store`` (logits, soft
+    targets, weights, gradient), computing in ``nb_float`` (float32 for float16)."""
     lowest = np_float(np.finfo(np_float).min)
     zero, one = np_float(0), np_float(1)
     nan = np_float(np.nan)
+    wide = nb_float  # a stored value widened (a no-op when the types agree)
+    store = nb_store  # a computed value rounded once to the storage type
 
     # Device functions would need a driver to compile to PTX without a GPU (numba resolves the
     # current device), so the tree reductions are written out in each kernel.
@@ -64,14 +72,14 @@ def _build(nb_float, np_float):
         if t == ignore_index:  # uniform across the block: no barrier is skipped by part of it
             if compute_grad:
                 for k in range(tid, c, nt):
-                    grad[row, k] = zero
+                    grad[row, k] = store(zero)
             if tid == 0:
                 loss[row] = zero
             return
         if t < 0 or t >= c:  # reported by the deferred check; never read out of bounds, keep grads finite
             if compute_grad:
                 for k in range(tid, c, nt):
-                    grad[row, k] = zero
+                    grad[row, k] = store(zero)
             if tid == 0:
                 loss[row] = nan
             return
@@ -81,7 +89,7 @@ def _build(nb_float, np_float):
         s = zero
         su = zero
         for k in range(tid, c, nt):
-            z = logits[row, k]
+            z = wide(logits[row, k])
             if z > m:
                 # s == 0 before the first finite value: skip the rescale (m - z may overflow)
                 s = s * math.exp(m - z) + one if s != zero else one
@@ -89,7 +97,7 @@ def _build(nb_float, np_float):
             else:
                 s += math.exp(z - m)
             if smooth:
-                su += eps_over_c * (weight[k] if has_weight else one)
+                su += eps_over_c * (wide(weight[k]) if has_weight else one)
         sm_m[tid] = m
         sm_s[tid] = s
         sm_u[tid] = su
@@ -113,7 +121,7 @@ def _build(nb_float, np_float):
         m = sm_m[0]
         s = sm_s[0]
         su = sm_u[0]
-        w_t = weight[t] if has_weight else one
+        w_t = wide(weight[t]) if has_weight else one
         hard = one_minus_eps * w_t
         big_s = hard + su
         # Pass 2: gradient, and sum_c (eps / C) w_c (z_c - m) for the smoothing part of the loss.
@@ -121,8 +129,8 @@ def _build(nb_float, np_float):
         acc = zero
         if compute_grad or smooth:
             for k in range(tid, c, nt):
-                d = logits[row, k] - m
-                uk = eps_over_c * (weight[k] if has_weight else one)
+                d = wide(logits[row, k]) - m
+                uk = eps_over_c * (wide(weight[k]) if has_weight else one)
                 if smooth:
                     acc += uk * d
                 if compute_grad:
@@ -131,7 +139,7 @@ def _build(nb_float, np_float):
                         g -= grad_scale * uk
                     if k == t:
                         g -= grad_scale * hard
-                    grad[row, k] = g
+                    grad[row, k] = store(g)
         cuda.syncthreads()  # everyone has read slot 0 of pass 1
         sm_s[tid] = acc
         cuda.syncthreads()
@@ -143,7 +151,7 @@ def _build(nb_float, np_float):
             stride //= 2
         if tid == 0:
             log_s = math.log(s)
-            value = hard * (log_s - (logits[row, t] - m))
+            value = hard * (log_s - (wide(logits[row, t]) - m))
             if smooth:
                 value += su * log_s - sm_s[0]
             loss[row] = value
@@ -163,14 +171,14 @@ def _build(nb_float, np_float):
         s = zero
         su = zero
         for k in range(tid, c, nt):
-            z = logits[row, k]
+            z = wide(logits[row, k])
             if z > m:
                 # s == 0 before the first finite value: skip the rescale (m - z may overflow)
                 s = s * math.exp(m - z) + one if s != zero else one
                 m = z
             else:
                 s += math.exp(z - m)
-            su += (one_minus_eps * q[row, k] + eps_over_c) * (weight[k] if has_weight else one)
+            su += (one_minus_eps * wide(q[row, k]) + eps_over_c) * (wide(weight[k]) if has_weight else one)
         sm_m[tid] = m
         sm_s[tid] = s
         sm_u[tid] = su
@@ -197,11 +205,11 @@ def _build(nb_float, np_float):
         coef = grad_scale * su / s
         acc = zero
         for k in range(tid, c, nt):
-            d = logits[row, k] - m
-            u = (one_minus_eps * q[row, k] + eps_over_c) * (weight[k] if has_weight else one)
+            d = wide(logits[row, k]) - m
+            u = (one_minus_eps * wide(q[row, k]) + eps_over_c) * (wide(weight[k]) if has_weight else one)
             acc += u * d
             if compute_grad:
-                grad[row, k] = coef * math.exp(d) - grad_scale * u
+                grad[row, k] = store(coef * math.exp(d) - grad_scale * u)
         cuda.syncthreads()
         sm_s[tid] = acc
         cuda.syncthreads()
@@ -246,28 +254,36 @@ def target_range_kernel(targets, ignore_index, out):
         cuda.atomic.max(out, 1, sm_hi[0])
 
 
-hard_kernel_f32, soft_kernel_f32 = _build(types.float32, np.float32)
-hard_kernel_f64, soft_kernel_f64 = _build(types.float64, np.float64)
+hard_kernel_f32, soft_kernel_f32 = _build(types.float32, types.float32, np.float32)
+hard_kernel_f64, soft_kernel_f64 = _build(types.float64, types.float64, np.float64)
+hard_kernel_f16, soft_kernel_f16 = _build(types.float16, types.float32, np.float32)
 KERNELS = {np.dtype(np.float32): (hard_kernel_f32, soft_kernel_f32),
-           np.dtype(np.float64): (hard_kernel_f64, soft_kernel_f64)}
+           np.dtype(np.float64): (hard_kernel_f64, soft_kernel_f64),
+           np.dtype(np.float16): (hard_kernel_f16, soft_kernel_f16)}
 
 
-def _hard_signature(f, index):
-    a2, a1 = types.Array(f, 2, "C"), types.Array(f, 1, "C")
-    return (a2, types.Array(index, 1, "C"), a1, types.boolean, types.int64, f, f, types.boolean, a1, types.boolean,
-            a1, a2)
+def _hard_signature(s, index, f=None):
+    """Storage type ``s``, accumulation type ``f`` (``s`` when not given)."""
+    f = f or s
+    a2, a1, f1 = types.Array(s, 2, "C"), types.Array(s, 1, "C"), types.Array(f, 1, "C")
+    return (a2, types.Array(index, 1, "C"), a1, types.boolean, types.int64, f, f, types.boolean, f1, types.boolean,
+            f1, a2)
 
 
-def _soft_signature(f):
-    a2, a1 = types.Array(f, 2, "C"), types.Array(f, 1, "C")
-    return (a2, a2, a1, types.boolean, f, f, a1, types.boolean, a1, a2)
+def _soft_signature(s, f=None):
+    f = f or s
+    a2, a1, f1 = types.Array(s, 2, "C"), types.Array(s, 1, "C"), types.Array(f, 1, "C")
+    return (a2, a2, a1, types.boolean, f, f, f1, types.boolean, f1, a2)
 
 
-# Every kernel: compiled to sm_90 PTX by tests/kernels/test_gpu_compile.py (float32: no f64 ops).
+# Every kernel: compiled to sm_90 PTX by tests/kernels/test_gpu_compile.py (float32 and float16:
+# no f64 ops).
 PTX_CHECKS = [
     (hard_kernel_f32, _hard_signature(types.float32, types.int64), "float32"),
     (hard_kernel_f32, _hard_signature(types.float32, types.int32), "float32"),
     (soft_kernel_f32, _soft_signature(types.float32), "float32"),
+    (hard_kernel_f16, _hard_signature(types.float16, types.int64, types.float32), "float16"),
+    (soft_kernel_f16, _soft_signature(types.float16, types.float32), "float16"),
     (hard_kernel_f64, _hard_signature(types.float64, types.int64), "float64"),
     (soft_kernel_f64, _soft_signature(types.float64), "float64"),
     (target_range_kernel, (types.Array(types.int64, 1, "C"), types.int64, types.Array(types.int64, 1, "C")), "int64"),
@@ -290,8 +306,9 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
         import cupy as xp
     else:
         xp = np
-    n, c, dt = spec.n, spec.c, spec.dtype
-    loss = xp.empty(n, dt)
+    check_dtype("softmax_cross_entropy", "numba_cuda", spec.dtype)  # bfloat16: no numba type
+    n, c, dt, acc = spec.n, spec.c, spec.dtype, spec.acc_dtype
+    loss = xp.empty(n, acc)  # float32 for float16 logits
     # Placeholders are their own (empty) arrays, never aliases: under the simulator every argument
     # is copied in and back out.
     grad = xp.empty((n, c), dt) if spec.compute_grad else xp.empty((0, c), dt)
@@ -300,9 +317,9 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
     has_weight = weight is not None
     w = weight if has_weight else xp.empty(0, dt)
     hard_kernel, soft_kernel = KERNELS[dt]
-    scalar = dt.type
+    scalar = acc.type
     threads = _threads_per_row(c)
-    scale = spec.grad_scale_array if spec.grad_scale_array is not None else xp.full(1, spec.grad_scale, dt)
+    scale = spec.grad_scale_array if spec.grad_scale_array is not None else xp.full(1, spec.grad_scale, acc)
     if spec.soft:
         args = (logits, targets, w, has_weight, scalar(1.0 - spec.eps), scalar(spec.eps / c), scale,
                 spec.compute_grad, loss, grad)

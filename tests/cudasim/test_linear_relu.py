@@ -72,6 +72,45 @@ def test_numba_cuda_empty_edges():
     np.testing.assert_array_equal(y, np.broadcast_to(np.maximum(b, 0), (2, 3)))
 
 
+def assert_within_one_ulp(actual, expected, magnitude):
+    """Two float16 results each rounded once from float32 sums (of different order): within one unit
+    in the last place (2 u |value|, u = 2^-11) plus the float32 error of the sums."""
+    assert actual.dtype == expected.dtype == np.float16 and actual.shape == expected.shape
+    err = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    assert (err <= 2.0**-10 * np.abs(expected.astype(np.float64)) + 1e-5 * magnitude).all(), err.max()
+
+
+@pytest.mark.parametrize("shape,bias", [((37, 29, 53), True), ((9, 1, 1), False), ((17, 18, 5), True)])
+def test_numba_cuda_float16_is_float32_rounded_once(shape, bias):
+    """float16 in the simulator: loads widened to float32, float32 tiles and sums, one rounding."""
+    rng = np.random.default_rng(sum(shape) + 1)
+    n, k, m = shape
+    x, w, b, dy = make_inputs(rng, n, k, m, np.float16, bias)
+    wide = (lambda a: None if a is None else a.astype(np.float64))
+    y = kernels.linear_relu_forward(x, w, b, impl="numba_cuda")
+    assert_within_one_ulp(y, kernels.linear_relu_forward(x, w, b, impl="numpy"),
+                          np.abs(wide(x)) @ np.abs(wide(w)).T + (0 if b is None else np.abs(wide(b))))
+    grads = kernels.linear_relu_backward(dy, x, w, y, impl="numba_cuda")
+    refs = kernels.linear_relu_backward(dy, x, w, y, impl="numpy")
+    g = np.abs(wide(dy)) * (wide(y) > 0)
+    for got, ref, magnitude in zip(grads, refs, (g @ np.abs(wide(w)), g.T @ np.abs(wide(x)), g.sum(axis=0))):
+        assert_within_one_ulp(got, ref, magnitude)
+    column = np.ones((4096, 1), np.float16)  # a float16 accumulator would stop at 2048
+    assert kernels.linear_relu_forward(column.T.copy(), column.T.copy(), None, impl="numba_cuda")[0, 0] == 4096
+
+
+def test_numba_cuda_refuses_bfloat16_with_the_registrys_error():
+    import ml_dtypes
+
+    x = np.ones((2, 3), ml_dtypes.bfloat16)
+    w = np.ones((4, 3), ml_dtypes.bfloat16)
+    with pytest.raises(KernelError, match=r"impl 'numba_cuda' does not take bfloat16 arrays; it takes float32, "
+                                          r"float64, float16\. Impls of 'linear_relu_forward' that take bfloat16"):
+        kernels.get("linear_relu_forward", "numba_cuda")(x, w, None)
+    with pytest.raises(KernelError, match=r"impl 'numba_cuda' does not take bfloat16"):
+        kernels.linear_relu_backward(np.ones((2, 4), x.dtype), x, w, np.ones((2, 4), x.dtype), impl="numba_cuda")
+
+
 def test_numba_cuda_validates_inputs():
     x = np.ones((4, 6), np.float32)[:, ::2]
     w = np.ones((5, 3), np.float32)

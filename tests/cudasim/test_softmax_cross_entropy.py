@@ -73,6 +73,36 @@ def test_extreme_and_masked_logits():
     assert np.isfinite(loss).all() and not grad[:, 5:9].any()
 
 
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_float16_is_float32_with_the_gradient_rounded_once(kind):
+    """float16 logits in the simulator: float32 loss equal to the numpy impl's to float32 rounding, the
+    float16 gradient within one ulp of its (both are one rounding of float32 values)."""
+    z, targets, weight = make_case(4, 37, np.float32, kind, seed=17, weighted=True)
+    z, weight = z.astype(np.float16), weight.astype(np.float16)
+    targets = targets.astype(np.float16) if kind == "soft" else targets
+    if kind == "hard":
+        targets[2] = -100
+    kw = dict(label_smoothing=0.1, grad_scale=np.array([0.5], np.float32))
+    loss, grad = kernels.softmax_cross_entropy(z, targets, weight, impl="numba_cuda", **kw)
+    ref_loss, ref_grad = kernels.softmax_cross_entropy(z, targets, weight, impl="numpy", **kw)
+    assert loss.dtype == np.float32 and grad.dtype == np.float16
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, atol=2e-5)
+    err = np.abs(grad.astype(np.float64) - ref_grad.astype(np.float64))
+    assert (err <= 2.0**-10 * np.abs(ref_grad.astype(np.float64)) + 1e-6).all(), err.max()
+    z[1, 5] = np.nan
+    loss, grad = kernels.softmax_cross_entropy(z, targets, impl="numba_cuda")
+    assert np.isnan(loss[1]) and np.isnan(grad[1].astype(np.float32)).all() and np.isfinite(loss[0])
+
+
+def test_bfloat16_is_refused_with_the_registrys_error():
+    import ml_dtypes
+
+    z = np.ones((2, 3), ml_dtypes.bfloat16)
+    with pytest.raises(KernelError, match=r"impl 'numba_cuda' does not take bfloat16 arrays; it takes float32, "
+                                          r"float64, float16"):
+        kernels.get("softmax_cross_entropy", "numba_cuda")(z, np.zeros(2, np.int64))
+
+
 @pytest.mark.parametrize("bad", [9, -2])
 def test_target_out_of_range_is_an_error(bad):
     z, targets, _ = make_case(3, 9, np.float32, seed=11)
