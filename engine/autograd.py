@@ -158,7 +158,9 @@ class Function:
     to the storage dtype, and backward gets a float32 gradient and returns each input's gradient
     rounded to that input's dtype, as PyTorch's CPU kernels do. Ops that only move or view memory
     (reshape, indexing, casts) set ``computes_in_float32 = False``: a view must share its input's
-    memory.
+    memory. So do ops whose kernels take 16-bit arrays and apply the same rule themselves
+    (``linear_relu``, ``cross_entropy``: float32 accumulation, one rounding), which spares the
+    float32 copies; their forward and backward then see the 16-bit arrays.
     """
 
     inputs: tuple = ()

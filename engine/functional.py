@@ -24,6 +24,7 @@ from engine.ops import fused_enabled, fused_kernels  # noqa: F401  (public API; 
 from engine.tensor import Tensor
 from kernels.cpu.attention import GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
 from kernels.cpu.attention import default_scale as _attention_default_scale
+from kernels.precision import accumulation_dtype
 
 def _use_fused(fused: bool | None) -> bool:
     return fused_enabled() if fused is None else fused
@@ -86,9 +87,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class LinearReLU(Function):
-    """relu(x @ W.T + b) through kernels.linear_relu_forward/backward; saves only x, W and y."""
+    """relu(x @ W.T + b) through kernels.linear_relu_forward/backward; saves only x, W and y.
+
+    The kernels take float16 / bfloat16 arrays themselves (float32 accumulation, each result rounded
+    once: the rule ``Function.apply`` applies), so 16-bit tensors reach them as they are, with no
+    float32 copies, and the saved arrays stay 16-bit.
+    """
 
     name = "linear_relu"
+    computes_in_float32 = False  # the kernels do it
 
     def forward(self, x, weight, bias=None):
         out = kernels.linear_relu_forward(x, weight, bias)
@@ -98,8 +105,8 @@ class LinearReLU(Function):
 
     def backward(self, g):
         x, weight, out = self.saved
-        gx, gw, gb = kernels.linear_relu_backward(_contiguous(g), x, weight, out,
-                                                  compute_grad_x=self.needs_input_grad[0])
+        g = _contiguous(g).astype(out.dtype, copy=False)  # the kernels take one dtype
+        gx, gw, gb = kernels.linear_relu_backward(g, x, weight, out, compute_grad_x=self.needs_input_grad[0])
         return (gx, gw, gb) if self.has_bias else (gx, gw)
 
 
@@ -136,15 +143,22 @@ class SoftmaxCrossEntropy(Function):
     non-ignored rows) and its reciprocal stay on the device, where the kernel reads the scale
     (``grad_scale`` as a one-element array), and backward skips the multiply by the incoming
     gradient when it is backward()'s own unit seed rather than asking the device whether it is 1.
+
+    float16 / bfloat16 logits go to the kernel as they are: it computes in float32, returns the
+    per-row loss in float32 and the gradient rounded once to the logits' dtype. The denominator,
+    the scale and the reduction run in float32 too, and the result is rounded once to the logits'
+    dtype, which is the loss dtype PyTorch returns.
     """
 
     name = "cross_entropy"
+    computes_in_float32 = False  # the kernel does it
 
     def forward(self, logits, targets=None, weight=None, ignore_index=-100, label_smoothing=0.0,
                 reduction="mean", compute_grad=True):
         xp = array_module(logits)
+        acc = accumulation_dtype(logits.dtype)
         if reduction == "mean":
-            denominator = _mean_denominator(xp, logits, targets, weight, ignore_index)
+            denominator = _mean_denominator(xp, logits, targets, weight, ignore_index, acc)
             scale = _reciprocal_or_zero(xp, denominator)
         else:
             denominator, scale = None, 1.0
@@ -153,13 +167,13 @@ class SoftmaxCrossEntropy(Function):
             grad_scale=scale, compute_grad=compute_grad)
         self.reduction = reduction
         if reduction == "none":
-            return loss
-        total = loss.sum(dtype=loss.dtype)
+            return loss.astype(logits.dtype, copy=False)
+        total = loss.sum(dtype=acc)
         if reduction == "sum":
-            return xp.asarray(total)
+            return xp.asarray(total).astype(logits.dtype, copy=False)
         # Every row ignored: 0 / 0 = NaN, as in PyTorch.
         with np.errstate(invalid="ignore", divide="ignore"):
-            return xp.asarray(total / denominator.reshape(()))
+            return xp.asarray(total / denominator.reshape(())).astype(logits.dtype, copy=False)
 
     def backward(self, g):
         if self.reduction == "none":
@@ -167,19 +181,20 @@ class SoftmaxCrossEntropy(Function):
         return self.grad if is_unit_seed(g) else self.grad * g
 
 
-def _mean_denominator(xp, logits, targets, weight, ignore_index):
+def _mean_denominator(xp, logits, targets, weight, ignore_index, dtype):
     """What 'mean' divides by (PyTorch): the weight sum of non-ignored rows, or N for soft targets.
 
-    A one-element array of the logits' dtype on their device: computed there, never read back.
+    A one-element array of ``dtype`` (the logits' accumulation dtype: float32 for 16-bit logits,
+    where a count above 256 would not be exact in bfloat16) on their device: computed there,
+    never read back.
     """
-    dtype = logits.dtype
     if targets.ndim == 2:
         return xp.full(1, logits.shape[0], dtype=dtype)
     valid = targets != ignore_index
     if weight is None:
         return valid.sum(dtype=dtype).reshape(1)
     safe = xp.where(valid, targets, 0)
-    return (weight[safe] * valid).sum(dtype=dtype).reshape(1)
+    return (weight[safe].astype(dtype, copy=False) * valid).sum(dtype=dtype).reshape(1)
 
 
 def _reciprocal_or_zero(xp, denominator):
