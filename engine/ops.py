@@ -1056,12 +1056,17 @@ class GetItem(Function):
 
     def backward(self, g):
         xp = _xp(g)
-        grad = xp.zeros(self.shape, dtype=self.dtype)
         if _is_basic_index(self.index):
+            grad = xp.zeros(self.shape, dtype=self.dtype)
             grad[self.index] = g  # basic slices select each element at most once
-        else:
-            backend.scatter_add(grad, self.index, g)  # repeated integer indices accumulate
-        return grad
+            return grad
+        # Repeated integer indices accumulate (an embedding row looked up by many tokens): in float32
+        # for a 16-bit tensor, rounded once, as every sum here (PyTorch's CUDA embedding backward
+        # does the same; its CPU one adds in the low dtype and loses most of a frequent row's sum).
+        acc = dtypes.COMPUTE_DTYPE if dtypes.is_low_precision(self.dtype) else self.dtype
+        grad = xp.zeros(self.shape, dtype=acc)
+        backend.scatter_add(grad, self.index, g.astype(acc, copy=False))
+        return grad.astype(self.dtype, copy=False)
 
 
 def _is_basic_index(index) -> bool:
