@@ -36,7 +36,8 @@ float16 and bfloat16 (kernels/precision.py): both CPU impls compute them in floa
 each result once, as PyTorch's CPU kernels do. BLAS has no 16-bit GEMM and numba takes no 16-bit
 arrays, so the inputs are widened to float32 copies at the boundary and the outputs narrowed back:
 forward converts x and W (N K + M K values) and y (N M), backward converts dy, x, W and y and the
-three gradients. Their cost is measured in docs/kernels/linear_relu.md.
+three gradients (``numpy``: NumPy's astype; ``numba_cpu``: the bit loops of kernels/cpu/convert.py,
+equal bits, faster). Their cost is measured in docs/kernels/linear_relu.md.
 
 ``import kernels.cpu.linear_relu`` does not import numba: the jitted functions are built on
 first use.
@@ -48,6 +49,7 @@ import functools
 
 import numpy as np
 
+from kernels.cpu import convert
 from kernels.precision import FLOAT_NAMES, float_name, is_low_precision, narrow, widen
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
@@ -216,7 +218,7 @@ def linear_relu_forward_numba(x, weight, bias=None):
     """
     dtype = validate_forward(x, weight, bias)
     if is_low_precision(dtype):
-        return narrow(linear_relu_forward_numba(widen(x), widen(weight), widen(bias)), dtype)
+        return convert.narrow(linear_relu_forward_numba(*(convert.widen(a) for a in (x, weight, bias))), dtype)
     n, m = x.shape[0], weight.shape[0]
     y = np.empty((n, m), dtype=dtype)
     np.matmul(x, weight.T, out=y)
@@ -233,8 +235,9 @@ def linear_relu_backward_numba(grad_out, x, weight, out, *, compute_grad_x=True)
     """
     dtype = validate_backward(grad_out, x, weight, out)
     if is_low_precision(dtype):
-        return _narrowed(linear_relu_backward_numba(widen(grad_out), widen(x), widen(weight), widen(out),
-                                                    compute_grad_x=compute_grad_x), dtype)
+        grads = linear_relu_backward_numba(*(convert.widen(a) for a in (grad_out, x, weight, out)),
+                                           compute_grad_x=compute_grad_x)
+        return tuple(convert.narrow(g, dtype) for g in grads)
     n, k = x.shape
     m = weight.shape[0]
     g = np.empty((n, m), dtype=dtype)

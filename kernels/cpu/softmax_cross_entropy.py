@@ -27,8 +27,10 @@ float16 and bfloat16 logits (kernels/precision.py) are computed in float32: the 
 returned in float32 (the caller reduces it before rounding once, as PyTorch's nll_loss accumulates
 in float32), the gradient is rounded once to the logits' dtype, and a ``grad_scale`` array is
 float32. Both CPU impls widen the logits (and soft targets and weights) to float32 at the boundary
-and narrow the gradient back: numba takes no 16-bit arrays. docs/kernels/softmax_cross_entropy.md
-has the cost.
+and narrow the gradient back (numba takes no 16-bit arrays): ``numpy`` with NumPy's astype,
+``numba_cpu`` with the bit loops of kernels/cpu/convert.py (equal bits; NumPy's float16 rounding
+is ~100x slower for the subnormal results most probabilities of a wide row round to).
+docs/kernels/softmax_cross_entropy.md has the cost.
 
 This module also holds the validator every impl calls first (:func:`validate_softmax_cross_entropy`).
 ``import kernels.cpu.softmax_cross_entropy`` does not import numba: the jitted code is built on
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.cpu import convert
 from kernels.precision import FLOAT_NAMES, accumulation_dtype, float_name, is_low_precision, narrow, widen
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
@@ -229,8 +232,9 @@ def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-1
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
     if is_low_precision(spec.dtype):
-        return _in_float32(softmax_cross_entropy_numpy, spec, logits, targets, weight, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad)
+        return _in_float32(softmax_cross_entropy_numpy, (widen, narrow), spec, logits, targets, weight,
+                           ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,
+                           compute_grad=compute_grad)
     check_targets_host(spec, targets)
     n, c, dt = spec.n, spec.c, spec.dtype
     one = dt.type(1)
@@ -268,11 +272,13 @@ def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-1
     return loss, grad.astype(dt, copy=False)
 
 
-def _in_float32(impl, spec: CrossEntropySpec, logits, targets, weight, **kw):
+def _in_float32(impl, conversions, spec: CrossEntropySpec, logits, targets, weight, **kw):
     """``impl`` on 16-bit logits: run on float32 copies of the logits, soft targets and weight;
-    the loss stays float32, the gradient is rounded once to the logits' dtype."""
-    loss, grad = impl(widen(logits), widen(targets) if spec.soft else targets, widen(weight), **kw)
-    return loss, narrow(grad, spec.dtype)
+    the loss stays float32, the gradient is rounded once to the logits' dtype. ``conversions`` is
+    the (widen, narrow) pair: NumPy's astype for the reference, kernels/cpu/convert.py for numba."""
+    to_float32, to_low = conversions
+    loss, grad = impl(to_float32(logits), to_float32(targets) if spec.soft else targets, to_float32(weight), **kw)
+    return loss, to_low(grad, spec.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,8 +295,9 @@ def softmax_cross_entropy_numba(logits, targets, weight=None, *, ignore_index=-1
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
     if is_low_precision(spec.dtype):  # numba takes no 16-bit arrays: float32 copies
-        return _in_float32(softmax_cross_entropy_numba, spec, logits, targets, weight, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad)
+        return _in_float32(softmax_cross_entropy_numba, (convert.widen, convert.narrow), spec, logits, targets,
+                           weight, ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,
+                           compute_grad=compute_grad)
     check_targets_host(spec, targets)
     n, c, dt = spec.n, spec.c, spec.dtype
     loss = np.empty(n, dt)
