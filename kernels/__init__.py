@@ -147,41 +147,52 @@ def rmsprop_step(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, l
                 weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize, impl=impl)
 
 
-def attention_forward(q, k, v, mask=None, *, scale=None, causal=False, impl=None):
+def attention_forward(q, k, v, mask=None, *, scale=None, causal=False, precision=None, impl=None):
     """Scaled-dot-product attention, flash style -> ``(out, lse)``; no L x S matrix is kept.
 
     ``softmax(scale * q @ k^T + mask) @ v`` per batch row, as PyTorch's
     ``F.scaled_dot_product_attention`` with batch and heads flattened into B.
 
     Args:
-        q: (B, L, E), k: (B, S, E), v: (B, S, Ev); C-contiguous float32 (float64 on the CPU impls).
-            The GPU impls take head dims E, Ev <= 128.
-        mask: None, or an additive bias of q's dtype shaped (1 or B, 1 or L, S): (1, L, S) shared by
-            every batch row, (B, 1, S) key padding, (B, L, S) full. Size-1 dims are broadcast inside
-            the kernels (never expanded). Boolean masks: pass 0 / -inf. The mask gets no gradient.
+        q: (B, L, E), k: (B, S, E), v: (B, S, Ev); C-contiguous, one dtype: float32, bfloat16
+            (``ml_dtypes.bfloat16``) or float16 (16-bit inputs are computed in float32 and rounded
+            once; numba_cuda takes float32 only), float64 on the CPU impls. The GPU impls take head
+            dims E, Ev <= 128.
+        mask: None, or an additive bias of q's dtype (or float32 for 16-bit inputs) shaped
+            (1 or B, 1 or L, S): (1, L, S) shared by every batch row, (B, 1, S) key padding,
+            (B, L, S) full. Size-1 dims are broadcast inside the kernels (never expanded). Boolean
+            masks: pass 0 / -inf. The mask gets no gradient.
         scale: the score scale; None means 1 / sqrt(E), PyTorch's default.
         causal: PyTorch's ``is_causal``: query i sees keys j <= i (top-left aligned), on top of mask.
+        precision: how the cupy impl multiplies: None (float32 on CUDA cores, bfloat16 / float16 on
+            tensor cores where E = Ev is 64 or 128), ``"exact"`` (every dtype on CUDA cores) or
+            ``"3xtf32"`` (float32 on tensor cores too, as three TF32 products: float32-level error).
+            The CPU impls and numba_cuda compute exactly whatever it says.
 
     Returns:
-        ``(out, lse)``: out (B, L, Ev); lse (B, L), the log-sum-exp of each row's scaled, masked
-        scores (what :func:`attention_backward` needs). A row that sees no key gets out 0 and
-        lse -inf (PyTorch's math path gives NaN), and no gradient.
+        ``(out, lse)``: out (B, L, Ev) in q's dtype; lse (B, L), the log-sum-exp of each row's
+        scaled, masked scores (what :func:`attention_backward` needs; float32 for 16-bit inputs).
+        A row that sees no key gets out 0 and lse -inf (PyTorch's math path gives NaN), and no
+        gradient.
 
     Example:
         >>> out, lse = kernels.attention_forward(q, k, v, scale=q.shape[-1] ** -0.5, causal=True)  # doctest: +SKIP
         >>> dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, scale=..., causal=True)  # doctest: +SKIP
     """
-    return call("attention_forward", q, k, v, mask, scale=scale, causal=causal, impl=impl)
+    return call("attention_forward", q, k, v, mask, scale=scale, causal=causal, precision=precision, impl=impl)
 
 
-def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, impl=None):
-    """Gradients of :func:`attention_forward` -> ``(dq, dk, dv)`` (flash-attention-2).
+def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None,
+                       impl=None):
+    """Gradients of :func:`attention_forward` -> ``(dq, dk, dv)`` (flash-attention-2), in q's dtype.
 
     ``out`` and ``lse`` are the forward's results; ``mask``, ``scale`` and ``causal`` must be the
     forward's. The probabilities are recomputed from lse tile by tile (D_i = rowsum(dO * O)), so
-    the fused impls hold no L x S matrix.
+    the fused impls hold no L x S matrix. ``precision`` is validated as the forward's; the backward
+    runs on CUDA cores for every dtype (the tensor-core backward is not built yet).
     """
-    return call("attention_backward", grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, impl=impl)
+    return call("attention_backward", grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal,
+                precision=precision, impl=impl)
 
 
 def gelu_forward(x, *, approximate="none", impl=None):

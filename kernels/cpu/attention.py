@@ -1,7 +1,17 @@
 """Scaled-dot-product attention, forward and backward, on the CPU (flash-attention style).
 
-Shapes: q (B, L, E), k (B, S, E), v (B, S, Ev), all C-contiguous, one float dtype (float32; the
-CPU impls also take float64, for gradient checks). B is batch * heads, flattened by the caller.
+Shapes: q (B, L, E), k (B, S, E), v (B, S, Ev), all C-contiguous, one float dtype: float32,
+bfloat16 (``ml_dtypes.bfloat16``) or float16 (every impl but numba_cuda, which takes float32), and
+float64 on the CPU impls (for gradient checks). B is batch * heads, flattened by the caller.
+
+**16-bit inputs** (bfloat16, float16) are storage: every impl computes in float32 and rounds out,
+dq, dk and dv once to the input dtype; lse (and D) stay float32, and a mask may be float32 or the
+input dtype (the kernels read a float32 one; a 16-bit mask is widened first).
+
+**precision** (``None``, ``"exact"`` or ``"3xtf32"``) chooses how the cupy impl multiplies (see
+kernels/cuda/attention.py): ``None`` runs float32 on CUDA cores and 16-bit inputs on tensor cores,
+``"exact"`` every dtype on CUDA cores, ``"3xtf32"`` float32 on tensor cores as three TF32 products.
+The CPU impls and numba_cuda compute exactly whatever it says (they validate it only).
 Per batch b and query row i, with scores over the keys j::
 
     s_ij  = scale * (q_i . k_j) + mask_ij      (mask_ij = -inf where causal and j > i)
@@ -42,11 +52,14 @@ first, as do the GPU impls (which accept numpy arrays only under the Numba CUDA 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+import ml_dtypes
 
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
@@ -54,7 +67,10 @@ from kernels.registry import module_of as _module_of
 from kernels.registry import placement_problem as _placement_problem
 from kernels.registry import numba_parallel as _numba_parallel
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+LOW_PRECISION = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))  # storage only: computed in float32
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64)) + LOW_PRECISION
+GPU_DTYPES = (np.dtype(np.float32),) + LOW_PRECISION
+PRECISIONS = (None, "exact", "3xtf32")
 GPU_MAX_HEAD_DIM = 128  # E and Ev: what the GPU kernels keep per thread / in shared memory
 
 
@@ -78,6 +94,17 @@ class AttentionSpec:
     mask_b: int  # 0: no mask, else the mask's first dim (1 or B)
     mask_l: int  # 0: no mask, else the mask's second dim (1 or L)
     array_module: str  # "numpy" or "cupy"
+    precision: str | None = None  # how the cupy impl multiplies (module docstring)
+
+    @property
+    def low_precision(self) -> bool:
+        """bfloat16 or float16 inputs: computed in float32, results rounded once."""
+        return self.dtype in LOW_PRECISION
+
+    @property
+    def stats_dtype(self) -> np.dtype:
+        """The dtype of lse (and of D): float32 for 16-bit inputs, else the inputs' own."""
+        return np.dtype(np.float32) if self.low_precision else self.dtype
 
     @property
     def mask_strides(self) -> tuple[int, int]:
@@ -99,7 +126,7 @@ def _fail(op, arrays, what):
     raise KernelError(f"{op}({described}): {what}")
 
 
-def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
+def _validate(op, arrays, q, k, v, mask, scale, causal, precision) -> AttentionSpec:
     problem = _placement_problem({name: a for name, a in arrays.items() if a is not None or name != "mask"})
     if problem:
         _fail(op, arrays, problem)
@@ -110,10 +137,19 @@ def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
                               f"got {arrays[name].ndim}-D")
     dtype = np.dtype(q.dtype)
     if dtype not in FLOAT_DTYPES:
-        _fail(op, arrays, f"dtype {dtype} is not supported; use float32 (float64 on the CPU)")
+        _fail(op, arrays, f"dtype {dtype} is not supported; use float32, bfloat16 or float16 (float64 on the CPU)")
+    low = dtype in LOW_PRECISION
     for name, a in arrays.items():
-        if a is not None and np.dtype(a.dtype) != dtype:
-            _fail(op, arrays, f"{name} has dtype {a.dtype} but q has {dtype}; every array must share q's dtype "
+        if a is None:
+            continue
+        wanted = {"lse": (np.dtype(np.float32),) if low else (dtype,),
+                  "mask": (dtype, np.dtype(np.float32)) if low else (dtype,)}.get(name, (dtype,))
+        if np.dtype(a.dtype) not in wanted:
+            rule = "every array must share q's dtype"
+            if low and name in ("lse", "mask"):
+                rule = {"lse": "lse is float32 for 16-bit inputs, as attention_forward returns it",
+                        "mask": "the mask of 16-bit inputs may be float32 or their dtype"}[name]
+            _fail(op, arrays, f"{name} has dtype {a.dtype} but q has {dtype}; {rule} "
                               "(cast explicitly: nothing is promoted silently)")
     b, l, e = (int(d) for d in q.shape)
     s, ev = int(k.shape[1]), int(v.shape[2])
@@ -146,16 +182,18 @@ def _validate(op, arrays, q, k, v, mask, scale, causal) -> AttentionSpec:
         raise KernelError(f"{op}: scale must be finite, got {scale!r}")
     if not isinstance(causal, (bool, np.bool_)):
         raise KernelError(f"{op}: causal must be True or False, got {causal!r}")
-    return AttentionSpec(b, l, s, e, ev, dtype, scale, bool(causal), mask_b, mask_l, module)
+    if not (precision is None or (isinstance(precision, str) and precision in PRECISIONS)):
+        raise KernelError(f"{op}: precision must be one of {PRECISIONS}, got {precision!r}")
+    return AttentionSpec(b, l, s, e, ev, dtype, scale, bool(causal), mask_b, mask_l, module, precision)
 
 
-def validate_forward(q, k, v, mask=None, *, scale, causal) -> AttentionSpec:
+def validate_forward(q, k, v, mask=None, *, scale, causal, precision=None) -> AttentionSpec:
     """Check the arguments of ``attention_forward`` (every impl calls this first)."""
     arrays = {"q": q, "k": k, "v": v, "mask": mask}
-    return _validate("attention_forward", arrays, q, k, v, mask, scale, causal)
+    return _validate("attention_forward", arrays, q, k, v, mask, scale, causal, precision)
 
 
-def validate_backward(grad_out, q, k, v, out, lse, mask=None, *, scale, causal) -> AttentionSpec:
+def validate_backward(grad_out, q, k, v, out, lse, mask=None, *, scale, causal, precision=None) -> AttentionSpec:
     """Check the arguments of ``attention_backward``: the forward's, plus grad_out, out and lse."""
     op = "attention_backward"
     arrays = {"grad_out": grad_out, "q": q, "k": k, "v": v, "out": out, "lse": lse, "mask": mask}
@@ -163,7 +201,7 @@ def validate_backward(grad_out, q, k, v, out, lse, mask=None, *, scale, causal) 
         a = arrays[name]
         if hasattr(a, "ndim") and a.ndim != (2 if name == "lse" else 3):
             _fail(op, arrays, f"{name} must be {2 if name == 'lse' else 3}-D, got {a.ndim}-D")
-    spec = _validate(op, arrays, q, k, v, mask, scale, causal)
+    spec = _validate(op, arrays, q, k, v, mask, scale, causal, precision)
     want = (spec.b, spec.l, spec.ev)
     for name in ("grad_out", "out"):
         if tuple(arrays[name].shape) != want:
@@ -174,10 +212,10 @@ def validate_backward(grad_out, q, k, v, out, lse, mask=None, *, scale, causal) 
 
 
 def check_gpu_limits(spec: AttentionSpec, op: str, impl: str) -> None:
-    """The GPU impls' extra limits: float32 and head dims <= 128."""
-    if spec.dtype != np.float32:
-        raise KernelError(f"{op} ({impl}): dtype {spec.dtype} is not supported on the GPU; use float32 "
-                          f"(q ({spec.b}, {spec.l}, {spec.e}))")
+    """The GPU impls' extra limits: float32, bfloat16 or float16, and head dims <= 128."""
+    if spec.dtype not in GPU_DTYPES:
+        raise KernelError(f"{op} ({impl}): dtype {spec.dtype} is not supported on the GPU; use float32, bfloat16 "
+                          f"or float16 (q ({spec.b}, {spec.l}, {spec.e}))")
     if spec.e > GPU_MAX_HEAD_DIM or spec.ev > GPU_MAX_HEAD_DIM:
         raise KernelError(f"{op} ({impl}): head dims E = {spec.e}, Ev = {spec.ev} (q ({spec.b}, {spec.l}, {spec.e}), "
                           f"v ({spec.b}, {spec.s}, {spec.ev}) {spec.dtype}) are over the GPU kernels' limit of "
@@ -189,7 +227,7 @@ def check_gpu_limits(spec: AttentionSpec, op: str, impl: str) -> None:
 
 def empty_forward(spec: AttentionSpec, xp):
     """The forward result when B, L or S is 0: no work; S = 0 means every row is fully masked."""
-    return xp.zeros((spec.b, spec.l, spec.ev), spec.dtype), xp.full((spec.b, spec.l), -np.inf, spec.dtype)
+    return xp.zeros((spec.b, spec.l, spec.ev), spec.dtype), xp.full((spec.b, spec.l), -np.inf, spec.stats_dtype)
 
 
 def empty_backward(spec: AttentionSpec, xp):
@@ -199,6 +237,20 @@ def empty_backward(spec: AttentionSpec, xp):
 
 def is_empty(spec: AttentionSpec) -> bool:
     return spec.b == 0 or spec.l == 0 or spec.s == 0
+
+
+def in_float32(spec: AttentionSpec, *arrays):
+    """(spec, arrays) to compute a 16-bit call in float32: the spec with dtype float32 and the
+    16-bit arrays widened (a float32 mask or lse passes as it is); other calls unchanged."""
+    if not spec.low_precision:
+        return spec, arrays
+    widened = tuple(a if a is None or a.dtype == np.float32 else a.astype(np.float32) for a in arrays)
+    return dataclasses.replace(spec, dtype=np.dtype(np.float32)), widened
+
+
+def round_results(spec: AttentionSpec, *results):
+    """float32 results of a 16-bit call rounded once to its dtype (lse excluded by the callers)."""
+    return tuple(r.astype(spec.dtype) for r in results) if spec.low_precision else results
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,10 +268,16 @@ def _scores(q, k, mask, spec: AttentionSpec):
     return s
 
 
-def attention_forward_numpy(q, k, v, mask=None, *, scale=None, causal=False):
-    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal)
+def attention_forward_numpy(q, k, v, mask=None, *, scale=None, causal=False, precision=None):
+    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
     if is_empty(spec):
         return empty_forward(spec, np)
+    wide, (q, k, v, mask) = in_float32(spec, q, k, v, mask)
+    out, lse = _forward_numpy(q, k, v, mask, wide)
+    return round_results(spec, out)[0], lse
+
+
+def _forward_numpy(q, k, v, mask, spec: AttentionSpec):
     s = _scores(q, k, mask, spec)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m = s.max(axis=-1, keepdims=True)  # NaN for a row with a NaN score: the NaN propagates below
@@ -232,10 +290,15 @@ def attention_forward_numpy(q, k, v, mask=None, *, scale=None, causal=False):
     return out.astype(spec.dtype, copy=False), lse.astype(spec.dtype, copy=False)
 
 
-def attention_backward_numpy(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False):
-    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal)
+def attention_backward_numpy(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None):
+    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
     if is_empty(spec):
         return empty_backward(spec, np)
+    wide, arrays = in_float32(spec, grad_out, q, k, v, out, lse, mask)
+    return round_results(spec, *_backward_numpy(*arrays, wide))
+
+
+def _backward_numpy(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
     dt = spec.dtype.type
     s = _scores(q, k, mask, spec)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs propagate as NaN, not warnings
@@ -270,10 +333,16 @@ KEY_CHUNKS = 4
 PARALLEL_MIN = 1 << 20
 
 
-def attention_forward_numba(q, k, v, mask=None, *, scale=None, causal=False):
-    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal)
+def attention_forward_numba(q, k, v, mask=None, *, scale=None, causal=False, precision=None):
+    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
     if is_empty(spec):
         return empty_forward(spec, np)
+    wide, (q, k, v, mask) = in_float32(spec, q, k, v, mask)
+    out, lse = _forward_numba(q, k, v, mask, wide)
+    return round_results(spec, out)[0], lse
+
+
+def _forward_numba(q, k, v, mask, spec: AttentionSpec):
     dt = spec.dtype
     l4 = _round4(spec.l)
     out = np.empty((spec.b, l4, spec.ev), dt)
@@ -286,10 +355,15 @@ def attention_forward_numba(q, k, v, mask=None, *, scale=None, causal=False):
     return out, lse
 
 
-def attention_backward_numba(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False):
-    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal)
+def attention_backward_numba(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None):
+    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
     if is_empty(spec):
         return empty_backward(spec, np)
+    wide, arrays = in_float32(spec, grad_out, q, k, v, out, lse, mask)
+    return round_results(spec, *_backward_numba(*arrays, wide))
+
+
+def _backward_numba(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
     dt = spec.dtype
     l4 = _round4(spec.l)
     chunks = min(KEY_CHUNKS, -(-spec.s // KEY_TILE))

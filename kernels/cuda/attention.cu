@@ -1,35 +1,44 @@
-// Scaled-dot-product attention, flash style (float32): forward saves only out and lse; backward
-// in flash-attention-2 form. Math and conventions (mask shapes, causal, fully masked rows) are
-// those of kernels/cpu/attention.py.
+// Scaled-dot-product attention, flash style, on CUDA cores (the SIMT kernels: every dtype and
+// head dim <= 128; attention_tc.cu has the tensor-core kernels for head dims 64 and 128): forward
+// saves only out and lse; backward in flash-attention-2 form. Math and conventions (mask shapes,
+// causal, fully masked rows) are those of kernels/cpu/attention.py.
 //
-// Layout: q (B, L, E), k (B, S, E), v (B, S, Ev), out / dO (B, L, Ev), lse / D (B, L), all
-// contiguous. mask: an additive bias read at mask[b * mask_bs + i * mask_ls + j]; the host passes
-// zero strides for the size-1 dims of a (1, L, S) or (B, 1, S) mask (never expanded).
+// Storage type T: float, __half or __nv_bfloat16 (common.cuh's to_acc / from_acc): loads convert
+// to float, every sum is float, and results round once to T. Shared tiles are float.
+//
+// Layout: q (B, L, E), k (B, S, E), v (B, S, Ev), out / dO (B, L, Ev) of T; lse / D (B, L) float.
+// All contiguous. mask: a float additive bias read at mask[b * mask_bs + i * mask_ls + j]; the host
+// passes zero strides for the size-1 dims of a (1, L, S) or (B, 1, S) mask (never expanded).
 //
 // The head dims are template parameters: HD >= max(E, Ev) is 32, 64 or 128, so each thread's
 // accumulator slice (HD / 4 floats) is a register array indexed by unrolled loop counters only.
 // Every block has 128 threads working in groups of 4 (the lanes of one row):
+//
+// (Kernel names carry the storage type: attn_fwd_<f32 | f16 | bf16>_hd<HD>, and so on.)
 //
 //   attn_fwd_hd<HD>   a block takes 32 query rows of one batch row (thread t: row t / 4, lane
 //                     t % 4, output columns lane, lane + 4, ...). Per tile of BK keys (32, or 16
 //                     at HD = 128 to stay under 48 KiB of static shared memory) staged with the
 //                     query tile in shared memory (rows padded by one float: no bank conflicts),
 //                     each lane scores BK / 4 keys, the group reduces max and sum with shuffles,
-//                     rescales its accumulators (online softmax), parks p in shared memory and
-//                     adds p v over the tile. out = acc / sum, lse = max + log(sum).
+//                     rescales its accumulators (online softmax), parks p in shared memory (rows
+//                     padded by one float too: a warp's 8 rows in 8 banks) and adds p v over the tile. out = acc / sum, lse = max + log(sum).
 //   attn_bwd_rowdot   D_i = dO_i . out_i, one warp per row (the FA2 preprocessing step).
 //   attn_bwd_hd<HD>   a block takes BKB keys of one batch row (thread t: key t / 4, lane t % 4,
 //                     dk / dv columns lane, lane + 4, ...: kept in registers for the whole
 //                     launch) and walks the query tiles that can see them: P = exp(s - lse) and
-//                     dS = P (dO . v - D) scale, parked in shared memory; dv += P^T dO and
-//                     dk += dS^T q from shared memory, and dq += dS k by atomicAdd (dq zeroed by
-//                     the host). Atomics only for dq: the alternative, a second kernel over query
+//                     dS = P (dO . v - D) scale in registers; dv += P^T dO and dk += dS^T q with
+//                     q and dO from shared memory; dS parked in shared memory for dq += dS k by
+//                     atomicAdd into a float array (zeroed by the host). Atomics only for dq: the alternative, a second kernel over query
 //                     tiles, recomputes P and dP (two more of the five matrix products); float
 //                     atomics make dq's last bits depend on the order the blocks finish in.
+//   attn_bwd_finish   16-bit dq: the float atomics' buffer rounded once to T.
 // A row that sees no key (lse = -inf) gets out 0 and no gradient; -inf scores give p = 0. NaN and
 // inf propagate as in PyTorch (see docs/kernels/attention.md): a NaN or +inf score makes its row
 // NaN, and P = 0 times a non-finite v (or dP - D) is NaN.
 // No fast-math: expf / logf are the accurate library versions.
+
+#include "common.cuh"
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -41,10 +50,11 @@ template <> struct Tiles<32> { static constexpr int FWD_KEYS = 32, BWD_ROWS = 16
 template <> struct Tiles<64> { static constexpr int FWD_KEYS = 32, BWD_ROWS = 16; };
 template <> struct Tiles<128> { static constexpr int FWD_KEYS = 16, BWD_ROWS = 8; };
 
+template <typename T>
 struct Args {
-    const float* q; const float* k; const float* v; const float* mask;
-    const float* out; const float* grad_out; const float* lse; const float* rowdot;
-    float* o; float* lse_out; float* dq; float* dk; float* dv;
+    const T* q; const T* k; const T* v; const float* mask;
+    const T* out; const T* grad_out; const float* lse; const float* rowdot;
+    T* o; float* lse_out; float* dq; T* dk; T* dv;  // dq: float, summed by atomics
     int L, S, E, Ev;
     long long mask_bs, mask_ls;  // element strides of the mask (0 along broadcast dims)
     int has_mask, causal;
@@ -53,38 +63,40 @@ struct Args {
 
 // Load rows [r0, r0 + n) of a (rows, width) matrix into shared `dst` (row stride HD + 1), zeros
 // past the end and past `width` (so dot products may run over HD).
-template <int HD>
-__device__ __forceinline__ void stage(float* dst, const float* src, int r0, int n, int rows, int width) {
+template <int HD, typename T>
+__device__ __forceinline__ void stage(float* dst, const T* src, int r0, int n, int rows, int width) {
     for (int idx = threadIdx.x; idx < n * HD; idx += THREADS) {
         const int r = idx / HD, x = idx - r * HD;
-        dst[r * (HD + 1) + x] = (r0 + r < rows && x < width) ? src[(long long)(r0 + r) * width + x] : 0.f;
+        dst[r * (HD + 1) + x] = (r0 + r < rows && x < width) ? to_acc(src[(long long)(r0 + r) * width + x]) : 0.f;
     }
 }
 
 // Whether row i reads key j: both in range and, when causal, j <= i. A key a row does not read
 // never reaches it, whatever its value (NaN included), as in the CPU impls.
-__device__ __forceinline__ bool reads(const Args& a, int i, int j) {
+template <typename T>
+__device__ __forceinline__ bool reads(const Args<T>& a, int i, int j) {
     return i < a.L && j < a.S && !(a.causal && j > i);
 }
 
-__device__ __forceinline__ float mask_at(const Args& a, int b, int i, int j) {
+template <typename T>
+__device__ __forceinline__ float mask_at(const Args<T>& a, int b, int i, int j) {
     return a.has_mask ? a.mask[b * a.mask_bs + i * a.mask_ls + j] : 0.f;
 }
 
-template <int HD>
-__device__ __forceinline__ void attn_fwd(const Args& a) {
+template <int HD, typename T>
+__device__ __forceinline__ void attn_fwd(const Args<T>& a) {
     constexpr int BK = Tiles<HD>::FWD_KEYS, KPL = BK / 4, CPL = HD / 4;  // keys / columns per lane
     __shared__ float qs[FWD_ROWS * (HD + 1)];
     __shared__ float ks[BK * (HD + 1)];
     __shared__ float vs[BK * (HD + 1)];
-    __shared__ float ps[FWD_ROWS * BK];
+    __shared__ float ps[FWD_ROWS * (BK + 1)];  // rows padded: a warp's 8 rows in 8 banks
     // Batch rows along x (up to 2^31 - 1 blocks), query tiles along y (65535 at most): B = batch *
     // heads overflows gridDim.y's 65535 long before L / 32 does.
     const int b = blockIdx.x, i0 = blockIdx.y * FWD_ROWS;
     const int row = threadIdx.x >> 2, lane = threadIdx.x & 3, i = i0 + row;
-    const float* qb = a.q + (long long)b * a.L * a.E;
-    const float* kb = a.k + (long long)b * a.S * a.E;
-    const float* vb = a.v + (long long)b * a.S * a.Ev;
+    const T* qb = a.q + (long long)b * a.L * a.E;
+    const T* kb = a.k + (long long)b * a.S * a.E;
+    const T* vb = a.v + (long long)b * a.S * a.Ev;
     stage<HD>(qs, qb, i0, FWD_ROWS, a.L, a.E);
 
     float acc[CPL];
@@ -120,7 +132,7 @@ __device__ __forceinline__ void attn_fwd(const Args& a) {
 #pragma unroll
         for (int t = 0; t < KPL; ++t) {
             const float p = expf(s[t] - shift);
-            ps[row * BK + lane + 4 * t] = p;
+            ps[row * (BK + 1) + lane + 4 * t] = p;
             part += p;
         }
         part += __shfl_xor_sync(0xffffffffu, part, 1);
@@ -131,7 +143,7 @@ __device__ __forceinline__ void attn_fwd(const Args& a) {
 #pragma unroll
         for (int c = 0; c < CPL; ++c) acc[c] *= alpha;
         for (int jj = 0; jj < BK; ++jj) {
-            const float p = ps[row * BK + jj];
+            const float p = ps[row * (BK + 1) + jj];
 #pragma unroll
             for (int c = 0; c < CPL; ++c) acc[c] += p * vs[jj * (HD + 1) + lane + 4 * c];
         }
@@ -139,36 +151,35 @@ __device__ __forceinline__ void attn_fwd(const Args& a) {
     if (i >= a.L) return;
     // l = 0: fully masked, out = sum 0 * v (0, or NaN where v is not finite); l NaN: out, lse NaN.
     const float inv = l == 0.f ? 1.f : 1.f / l;
-    float* orow = a.o + ((long long)b * a.L + i) * a.Ev;
+    T* orow = a.o + ((long long)b * a.L + i) * a.Ev;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
         const int x = lane + 4 * c;
-        if (x < a.Ev) orow[x] = acc[c] * inv;
+        if (x < a.Ev) orow[x] = from_acc<T>(acc[c] * inv);
     }
     if (lane == 0) a.lse_out[(long long)b * a.L + i] = l == 0.f ? NEG_INF : m + logf(l);
 }
 
-template <int HD>
-__device__ __forceinline__ void attn_bwd(const Args& a) {
+template <int HD, typename T>
+__device__ __forceinline__ void attn_bwd(const Args<T>& a) {
     constexpr int BK = THREADS / 4, BQ = Tiles<HD>::BWD_ROWS, CPL = HD / 4;  // keys: one lane group each
     __shared__ float qs[BQ * (HD + 1)];
     __shared__ float dos[BQ * (HD + 1)];
-    __shared__ float ps[BQ * (BK + 1)];
-    __shared__ float dss[BQ * (BK + 1)];
+    __shared__ float dss[BQ * (BK + 1)];  // dS of the tile, for dq; P needs no parking (dv uses it in registers)
     const int b = blockIdx.x, j0 = blockIdx.y * BK;  // as in attn_fwd: batch rows along x
     const int key = threadIdx.x >> 2, lane = threadIdx.x & 3, j = j0 + key;
-    const float* qb = a.q + (long long)b * a.L * a.E;
-    const float* dob = a.grad_out + (long long)b * a.L * a.Ev;
-    const float* kb = a.k + (long long)b * a.S * a.E;
-    const float* vb = a.v + (long long)b * a.S * a.Ev;
+    const T* qb = a.q + (long long)b * a.L * a.E;
+    const T* dob = a.grad_out + (long long)b * a.L * a.Ev;
+    const T* kb = a.k + (long long)b * a.S * a.E;
+    const T* vb = a.v + (long long)b * a.S * a.Ev;
 
     // This lane's key row slice (columns lane, lane + 4, ...) in registers, with the dk / dv slices.
     float kr[CPL], vr[CPL], dk[CPL], dv[CPL];
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
         const int x = lane + 4 * c;
-        kr[c] = (j < a.S && x < a.E) ? kb[(long long)j * a.E + x] : 0.f;
-        vr[c] = (j < a.S && x < a.Ev) ? vb[(long long)j * a.Ev + x] : 0.f;
+        kr[c] = (j < a.S && x < a.E) ? to_acc(kb[(long long)j * a.E + x]) : 0.f;
+        vr[c] = (j < a.S && x < a.Ev) ? to_acc(vb[(long long)j * a.Ev + x]) : 0.f;
         dk[c] = 0.f;
         dv[c] = 0.f;
     }
@@ -205,10 +216,7 @@ __device__ __forceinline__ void attn_bwd(const Args& a) {
                     if (!(fabsf(g) <= 3.4e38f)) ds = g - g;  // P = 0 times a non-finite dP - D: NaN, as PyTorch
                 }
             }
-            if (lane == (r & 3)) {
-                ps[r * (BK + 1) + key] = p;
-                dss[r * (BK + 1) + key] = ds;
-            }
+            if (lane == (r & 3)) dss[r * (BK + 1) + key] = ds;
 #pragma unroll
             for (int c = 0; c < CPL; ++c) {
                 dv[c] += p * dos[r * (HD + 1) + lane + 4 * c];
@@ -222,7 +230,7 @@ __device__ __forceinline__ void attn_bwd(const Args& a) {
             if (i >= a.L) continue;
             float g = 0.f;
             for (int kk = 0; kk < BK && j0 + kk < a.S; ++kk)
-                g += dss[r * (BK + 1) + kk] * kb[(long long)(j0 + kk) * a.E + x];
+                g += dss[r * (BK + 1) + kk] * to_acc(kb[(long long)(j0 + kk) * a.E + x]);
             if (g != 0.f) atomicAdd(a.dq + ((long long)b * a.L + i) * a.E + x, g);
         }
     }
@@ -230,8 +238,8 @@ __device__ __forceinline__ void attn_bwd(const Args& a) {
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
         const int x = lane + 4 * c;
-        if (x < a.E) a.dk[((long long)b * a.S + j) * a.E + x] = dk[c];
-        if (x < a.Ev) a.dv[((long long)b * a.S + j) * a.Ev + x] = dv[c];
+        if (x < a.E) a.dk[((long long)b * a.S + j) * a.E + x] = from_acc<T>(dk[c]);
+        if (x < a.Ev) a.dv[((long long)b * a.S + j) * a.Ev + x] = from_acc<T>(dv[c]);
     }
 }
 
@@ -239,42 +247,66 @@ __device__ __forceinline__ void attn_bwd(const Args& a) {
 // (q, k, v, mask, out, lse, L, S, E, Ev, mask_bs, mask_ls, has_mask, causal, scale); backward:
 // (q, k, v, mask, grad_out, lse, rowdot, dq, dk, dv, L, S, E, Ev, mask_bs, mask_ls, has_mask,
 // causal, scale). Grid: (B, ceil(L / 32)) forward, (B, ceil(S / 32)) backward; 128 threads.
-#define ATTN_FWD(HD)                                                                                           \
-    __global__ void __launch_bounds__(THREADS) attn_fwd_hd##HD(                                               \
-        const float* q, const float* k, const float* v, const float* mask, float* o, float* lse, int L, int S, \
-        int E, int Ev, long long mask_bs, long long mask_ls, int has_mask, int causal, float scale) {          \
-        const Args a{q, k, v, mask, nullptr, nullptr, nullptr, nullptr, o, lse, nullptr, nullptr, nullptr,  \
-                     L, S, E, Ev, mask_bs, mask_ls, has_mask, causal, scale};                                 \
+// Names: attn_fwd_<dtype>_hd<HD>, attn_bwd_<dtype>_hd<HD>, dtype f32, f16 or bf16.
+#define ATTN_FWD(T, NAME, HD)                                                                                  \
+    __global__ void __launch_bounds__(THREADS) attn_fwd_##NAME##_hd##HD(                                      \
+        const T* q, const T* k, const T* v, const float* mask, T* o, float* lse, int L, int S, int E, int Ev,  \
+        long long mask_bs, long long mask_ls, int has_mask, int causal, float scale) {                        \
+        const Args<T> a{q, k, v, mask, nullptr, nullptr, nullptr, nullptr, o, lse, nullptr, nullptr, nullptr, \
+                        L, S, E, Ev, mask_bs, mask_ls, has_mask, causal, scale};                              \
         attn_fwd<HD>(a);                                                                                      \
     }
-#define ATTN_BWD(HD)                                                                                           \
-    __global__ void __launch_bounds__(THREADS) attn_bwd_hd##HD(                                               \
-        const float* q, const float* k, const float* v, const float* mask, const float* grad_out,             \
-        const float* lse, const float* rowdot, float* dq, float* dk, float* dv, int L, int S, int E, int Ev,  \
-        long long mask_bs, long long mask_ls, int has_mask, int causal, float scale) {                        \
-        const Args a{q, k, v, mask, nullptr, grad_out, lse, rowdot, nullptr, nullptr, dq, dk, dv,            \
-                     L, S, E, Ev, mask_bs, mask_ls, has_mask, causal, scale};                                 \
+#define ATTN_BWD(T, NAME, HD)                                                                                  \
+    __global__ void __launch_bounds__(THREADS) attn_bwd_##NAME##_hd##HD(                                      \
+        const T* q, const T* k, const T* v, const float* mask, const T* grad_out, const float* lse,           \
+        const float* rowdot, float* dq, T* dk, T* dv, int L, int S, int E, int Ev, long long mask_bs,         \
+        long long mask_ls, int has_mask, int causal, float scale) {                                           \
+        const Args<T> a{q, k, v, mask, nullptr, grad_out, lse, rowdot, nullptr, nullptr, dq, dk, dv,         \
+                        L, S, E, Ev, mask_bs, mask_ls, has_mask, causal, scale};                              \
         attn_bwd<HD>(a);                                                                                      \
     }
-
-extern "C" {
-ATTN_FWD(32)
-ATTN_FWD(64)
-ATTN_FWD(128)
-ATTN_BWD(32)
-ATTN_BWD(64)
-ATTN_BWD(128)
+#define ATTN_ALL_HD(T, NAME) \
+    ATTN_FWD(T, NAME, 32) ATTN_FWD(T, NAME, 64) ATTN_FWD(T, NAME, 128) \
+    ATTN_BWD(T, NAME, 32) ATTN_BWD(T, NAME, 64) ATTN_BWD(T, NAME, 128)
 
 // D_i = dO_i . out_i for n_rows rows of width Ev: one warp per row.
-__global__ void __launch_bounds__(256) attn_bwd_rowdot(const float* grad_out, const float* out, float* rowdot,
-                                                       long long n_rows, int Ev) {
+template <typename T>
+__device__ __forceinline__ void rowdot_rows(const T* grad_out, const T* out, float* rowdot, long long n_rows, int Ev) {
     const long long row = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
     float d = 0.f;
-    for (int x = lane; x < Ev; x += 32) d += grad_out[row * Ev + x] * out[row * Ev + x];
+    for (int x = lane; x < Ev; x += 32) d += to_acc(grad_out[row * Ev + x]) * to_acc(out[row * Ev + x]);
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) d += __shfl_xor_sync(0xffffffffu, d, offset);
     if (lane == 0) rowdot[row] = d;
+}
+
+extern "C" {
+ATTN_ALL_HD(float, f32)
+ATTN_ALL_HD(__half, f16)
+ATTN_ALL_HD(__nv_bfloat16, bf16)
+
+__global__ void __launch_bounds__(256) attn_bwd_rowdot_f32(const float* grad_out, const float* out, float* rowdot,
+                                                           long long n_rows, int Ev) {
+    rowdot_rows(grad_out, out, rowdot, n_rows, Ev);
+}
+__global__ void __launch_bounds__(256) attn_bwd_rowdot_f16(const __half* grad_out, const __half* out, float* rowdot,
+                                                           long long n_rows, int Ev) {
+    rowdot_rows(grad_out, out, rowdot, n_rows, Ev);
+}
+__global__ void __launch_bounds__(256) attn_bwd_rowdot_bf16(const __nv_bfloat16* grad_out, const __nv_bfloat16* out,
+                                                            float* rowdot, long long n_rows, int Ev) {
+    rowdot_rows(grad_out, out, rowdot, n_rows, Ev);
+}
+
+// 16-bit dq: the float buffer the backward's atomics summed into, rounded once to T.
+__global__ void __launch_bounds__(256) attn_bwd_finish_f16(const float* dq, __half* out, long long n) {
+    for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < n; i += (long long)gridDim.x * 256)
+        out[i] = from_acc<__half>(dq[i]);
+}
+__global__ void __launch_bounds__(256) attn_bwd_finish_bf16(const float* dq, __nv_bfloat16* out, long long n) {
+    for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < n; i += (long long)gridDim.x * 256)
+        out[i] = from_acc<__nv_bfloat16>(dq[i]);
 }
 }

@@ -12,8 +12,11 @@ Runs under the Numba CUDA simulator (shared memory and syncthreads only, no warp
   accumulates its row's dq. Two kernels instead of atomics: simple, deterministic, at the cost of
   computing P and dP twice.
 
-Head dims up to 128 (the local and shared arrays' size), float32 only; every constant is a
-float32 so the PTX has no float64 arithmetic (tests/kernels/test_gpu_compile.py reads it).
+Head dims up to 128 (the local and shared arrays' size), float32 only: bfloat16 and float16 are
+refused with a KernelError that names the cupy impl (numba has no bfloat16, and this impl stays
+the plain readable one). ``precision`` is validated and otherwise moot: every product here is an
+exact float32 multiply-add. Every constant is a float32 so the PTX has no float64 arithmetic
+(tests/kernels/test_gpu_compile.py reads it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from numba import cuda, types
 from kernels.cpu.attention import (GPU_MAX_HEAD_DIM, check_gpu_limits, empty_backward, empty_forward, is_empty,
                                    validate_backward, validate_forward)
 from kernels.numba_cuda.launch import launch, simulator
+from kernels.registry import KernelError
 
 TILE = 32  # threads per block = rows (or keys) per block = keys (or rows) per shared tile
 SIMULATOR_TILE = 8
@@ -237,9 +241,17 @@ def _tile() -> int:
     return SIMULATOR_TILE if simulator() else TILE
 
 
-def attention_forward(q, k, v, mask=None, *, scale=None, causal=False):
-    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal)
-    check_gpu_limits(spec, "attention_forward", "numba_cuda")
+def _check_float32(spec, op):
+    check_gpu_limits(spec, op, "numba_cuda")
+    if spec.dtype != np.float32:
+        raise KernelError(f"{op} (numba_cuda): dtype {spec.dtype} is not supported by this impl, which takes "
+                          f"float32 only (q ({spec.b}, {spec.l}, {spec.e})); bfloat16 and float16 run on the "
+                          "cupy impl (impl='cupy', the default for GPU arrays)")
+
+
+def attention_forward(q, k, v, mask=None, *, scale=None, causal=False, precision=None):
+    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
+    _check_float32(spec, "attention_forward")
     xp = _xp(spec)
     if is_empty(spec):
         return empty_forward(spec, xp)
@@ -251,9 +263,9 @@ def attention_forward(q, k, v, mask=None, *, scale=None, causal=False):
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False):
-    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal)
-    check_gpu_limits(spec, "attention_backward", "numba_cuda")
+def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None):
+    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
+    _check_float32(spec, "attention_backward")
     xp = _xp(spec)
     if is_empty(spec):
         return empty_backward(spec, xp)

@@ -55,6 +55,9 @@ class ndarray:  # noqa: N801 - named like cupy's, so error messages read "cupy.n
     def reshape(self, *shape):
         return ndarray(self.host.reshape(*shape), self.device_id, self._fake)
 
+    def astype(self, dtype):
+        return self._fake._new(self.host.astype(dtype))
+
 
 class _Kernel:
     def __init__(self, fake: FakeCupy, name: str, device_id: int):
@@ -63,7 +66,8 @@ class _Kernel:
 
     def __call__(self, grid, block, args, **kwargs):
         self.fake.launches.append(types.SimpleNamespace(name=self.name, grid=grid, block=block, args=args,
-                                                        device=self.fake.current, built_for=self.device_id))
+                                                        device=self.fake.current, built_for=self.device_id,
+                                                        kernel=self, shared_mem=kwargs.get("shared_mem", 0)))
 
 
 class FakeCupy(types.ModuleType):
@@ -150,7 +154,7 @@ class FakeCupy(types.ModuleType):
 
 
 CUDA_MODULES = ("kernels.cuda.module", "kernels.cuda.optim", "kernels.cuda.linear_relu",
-                "kernels.cuda.softmax_cross_entropy")
+                "kernels.cuda.softmax_cross_entropy", "kernels.cuda.attention")
 
 
 def clear_cuda_caches() -> None:

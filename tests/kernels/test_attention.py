@@ -325,8 +325,8 @@ def test_cu_tiles_fit_static_shared_memory_and_match_the_host_constants():
     assert sorted(tiles) == list(cu.HEAD_DIMS)
     for hd, (fwd_keys, bwd_rows) in tiles.items():
         assert fwd_keys % 4 == 0  # each of a row's 4 lanes scores fwd_keys / 4 keys
-        fwd = 4 * (fwd_rows * (hd + 1) + 2 * fwd_keys * (hd + 1) + fwd_rows * fwd_keys)  # qs, ks, vs, ps
-        bwd = 4 * (2 * bwd_rows * (hd + 1) + 2 * bwd_rows * (threads // 4 + 1))  # qs, dos, ps, dss
+        fwd = 4 * (fwd_rows * (hd + 1) + 2 * fwd_keys * (hd + 1) + fwd_rows * (fwd_keys + 1))  # qs, ks, vs, ps
+        bwd = 4 * (2 * bwd_rows * (hd + 1) + bwd_rows * (threads // 4 + 1))  # qs, dos, dss
         assert fwd <= 48 * 1024 and bwd <= 48 * 1024, (hd, fwd, bwd)  # static __shared__ limit
 
 
@@ -347,7 +347,7 @@ def test_cupy_launch_plan(fake_cupy, b, l, s, e, ev, mask_shape, causal, hd):  #
     out, lse = cu.attention_forward(q, k, v, mask, scale=0.25, causal=causal)
     assert out.shape == (b, l, ev) and lse.shape == (b, l)
     (fwd,) = fake.launches
-    assert fwd.name == f"attn_fwd_hd{hd}" and fwd.device == 1 and fwd.block == (128,)
+    assert fwd.name == f"attn_fwd_f32_hd{hd}" and fwd.device == 1 and fwd.block == (128,)
     # blockIdx.x = batch row, blockIdx.y * 32 = first query row: every row of every batch row covered
     assert fwd.grid == (b, -(-l // 32)) and (fwd.grid[1] - 1) * 32 < l <= fwd.grid[1] * 32
     assert fwd.grid[0] <= cu.MAX_GRID_X and fwd.grid[1] <= GRID_Y_Z_LIMIT
@@ -364,9 +364,9 @@ def test_cupy_launch_plan(fake_cupy, b, l, s, e, ev, mask_shape, causal, hd):  #
     grad = fake.on(1, rng.standard_normal((b, l, ev)).astype(np.float32))
     dq, dk, dv = cu.attention_backward(grad, q, k, v, out, lse, mask, scale=0.25, causal=causal)
     rowdot, bwd = fake.launches
-    assert rowdot.name == "attn_bwd_rowdot" and rowdot.block == (256,) and rowdot.grid == (-(-(b * l) // 8),)
+    assert rowdot.name == "attn_bwd_rowdot_f32" and rowdot.block == (256,) and rowdot.grid == (-(-(b * l) // 8),)
     assert int(rowdot.args[3]) == b * l and int(rowdot.args[4]) == ev
-    assert bwd.name == f"attn_bwd_hd{hd}" and bwd.block == (128,) and bwd.grid == (b, -(-s // 32))
+    assert bwd.name == f"attn_bwd_f32_hd{hd}" and bwd.block == (128,) and bwd.grid == (b, -(-s // 32))
     assert bwd.grid[1] <= GRID_Y_Z_LIMIT
     assert all(launch.device == 1 for launch in (rowdot, bwd))
     assert bwd.args[6] is rowdot.args[2]  # D from the first launch feeds the second

@@ -1,0 +1,413 @@
+// Attention forward on tensor cores (mma.sync), FlashAttention-2 style, for head dims 64 and 128
+// (E = Ev = HD). Conventions, mask, causal, fully masked rows and NaN / inf rules are those of
+// attention.cu (the SIMT kernels, which serve every other case and the backward); the design and
+// its cost model are in docs/kernels/attention.md. kernels/cuda/attention_emulation.py replays
+// this kernel's tile loop in NumPy (same tiles, same online-softmax order, same roundings).
+//
+// Two variants of one loop:
+//   16-bit (T = __nv_bfloat16 or __half): mma.sync m16n8k16 with fp32 accumulators. Q, K, V are
+//     MMA operands as stored; P is rounded to T before the P V product (as FlashAttention-2).
+//   3xTF32 (T = float): mma.sync m16n8k8 tf32, each operand x split into big = tf32(x) and
+//     small = tf32(x - big), and a b ~ big_a big_b + big_a small_b + small_a big_b (the small
+//     terms first), as CUTLASS's OpMultiplyAddFastF32: products carry ~21 bits of each operand,
+//     errors of the order of float32's. A non-finite operand takes part only through big (its
+//     small and its "cross" copy are 0): inf * 0 in a correction term would make NaN where the
+//     exact product is inf.
+//
+// Work split (FlashAttention-2): a block of 4 warps owns TC_ROWS = 64 query rows of one batch row
+// (blockIdx.x = batch row, blockIdx.y = query tile); each warp owns 16 rows, whose score tile
+// (16 x BN), running max / sum and output accumulator (16 x HD) live in registers in the MMA
+// accumulator layout: lane (g = lane / 4, q = lane % 4) holds rows g and g + 8, columns 2q, 2q + 1
+// of every 8-wide n-tile. K and V tiles of BN keys go through shared memory with cp.async, double
+// buffered: tile t + 1 is in flight while tile t is used. Causal: the key tiles past the block's
+// last row are never loaded. Shared rows are padded (16-bit: +8 elements, float: +4) so that the
+// 8 rows an ldmatrix phase or a fragment load touches fall in distinct banks.
+//
+// Scores: s = fmaf(q.k, scale, mask) where the row reads the key (as attention.cu's reads()), else
+// -inf; online softmax per tile: m_new = fmaxf(m, tile max) (NaN skipped: a NaN score makes its p,
+// and so the row, NaN), alpha = exp(m - m_new), p = exp(s - m_new) (m_new = -inf: shift 0), each
+// lane summing its own columns (the 4 lanes of a row are added at the end). 16-bit: exp2f of
+// (s - shift) * log2(e); float: expf.
+#include "common.cuh"
+
+#define NEG_INF __int_as_float(0xff800000)
+
+constexpr int TC_THREADS = 128;  // 4 warps
+constexpr int TC_ROWS = 64;      // query rows per block, 16 per warp
+constexpr float LOG2E = 1.4426950408889634f;
+
+// Keys per K / V tile. float at HD = 128 takes 32 keys: 2 blocks per SM fit in shared memory.
+template <typename T, int HD> struct TcKeys { static constexpr int value = 64; };
+template <> struct TcKeys<float, 128> { static constexpr int value = 32; };
+// Shared row padding in elements: 16 bytes for 16-bit rows (ldmatrix phases conflict-free), 4 floats
+// for float rows (fragment loads of 8 rows x 4 columns conflict-free).
+template <typename T> struct TcPad { static constexpr int value = 8; };
+template <> struct TcPad<float> { static constexpr int value = 4; };
+
+template <typename T>
+struct TcArgs {
+    const T* q; const T* k; const T* v; const float* mask; T* o; float* lse;
+    int L, S;
+    long long mask_bs, mask_ls;  // element strides of the mask (0 along broadcast dims)
+    int has_mask, causal;
+    float scale;
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers: cp.async, ldmatrix, mma.sync, cvt to tf32.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; valid = false writes 16 zero bytes (src is not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
+}
+
+// c += a b for a 16 x 16 tile of a (row) and 16 x 8 of b (col), fp32 accumulators.
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
+                                         __nv_bfloat16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, __half) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// c += a b for a 16 x 8 tile of a (row) and 8 x 8 of b (col), tf32 operands.
+__device__ __forceinline__ void mma1688(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to T and packed in one register (lo in the low half: the lower column).
+__device__ __forceinline__ unsigned pack2(float lo, float hi, __nv_bfloat16) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+__device__ __forceinline__ unsigned pack2(float lo, float hi, __half) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// x = big + small with big, small tf32 (round to nearest, ties away: cvt.rna); cross = big for a
+// finite x, else 0 (see the header: the correction terms must not turn inf into NaN).
+struct Tf32 { unsigned big, small, cross; };
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ Tf32 split_tf32(float x) {
+    const unsigned big = to_tf32(x);
+    const bool finite = fabsf(x) <= 3.402823466e38f;
+    return Tf32{big, finite ? to_tf32(x - __uint_as_float(big)) : 0u, finite ? big : 0u};
+}
+// c += a b in 3xTF32 for split fragments a[4], b0, b1.
+__device__ __forceinline__ void mma3xtf32(float (&c)[4], const Tf32 (&a)[4], const Tf32& b0, const Tf32& b1) {
+    const unsigned a_cross[4] = {a[0].cross, a[1].cross, a[2].cross, a[3].cross};
+    const unsigned a_small[4] = {a[0].small, a[1].small, a[2].small, a[3].small};
+    const unsigned a_big[4] = {a[0].big, a[1].big, a[2].big, a[3].big};
+    mma1688(c, a_cross, b0.small, b1.small);
+    mma1688(c, a_small, b0.cross, b1.cross);
+    mma1688(c, a_big, b0.big, b1.big);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile loads and the shared softmax / epilogue code of both variants.
+// ---------------------------------------------------------------------------------------------
+
+// Rows [r0, r0 + ROWS) of a (rows, HD) matrix of T into shared memory (row stride LD), 16 bytes per
+// cp.async; rows past the end are zero-filled (a V row past S meets p = 0, and 0 * garbage could be NaN).
+template <typename T, int ROWS, int HD, int LD>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int r0, int rows) {
+    constexpr int CHUNK = 16 / sizeof(T), PER_ROW = HD / CHUNK, TOTAL = ROWS * PER_ROW;
+    static_assert(TOTAL % TC_THREADS == 0, "every thread issues the same number of copies");
+#pragma unroll
+    for (int it = 0; it < TOTAL / TC_THREADS; ++it) {
+        const int idx = it * TC_THREADS + threadIdx.x;
+        const int r = idx / PER_ROW, c = (idx % PER_ROW) * CHUNK;
+        const bool valid = r0 + r < rows;
+        cp_async16(dst + r * LD + c, src + (long long)(valid ? r0 + r : 0) * HD + c, valid);
+    }
+}
+
+// Per thread: rows row0 and row0 + 8 of the block's batch row b; the (c, r) element of n-tile nt
+// is row row0 + 8 (r >> 1), key j0 + 8 nt + 2 q + (r & 1).
+struct RowState {
+    float m[2], l[2];  // running max; this lane's share of the running sum
+};
+
+template <typename T, int NT, int BN, bool FAST_EXP>
+__device__ __forceinline__ void softmax_tile(const TcArgs<T>& a, float (&s)[NT][4], RowState& st, float (&alpha)[2],
+                                             int b, int row0, int warp_row0, int j0, int q4) {
+    // A tile every row of the warp reads in full, unmasked: only the scale.
+    const bool plain = !a.has_mask && j0 + BN <= a.S && !(a.causal && j0 + BN - 1 > warp_row0);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int i = row0 + 8 * (r >> 1), j = j0 + 8 * nt + 2 * q4 + (r & 1);
+            if (plain) {
+                s[nt][r] = fmaf(s[nt][r], a.scale, 0.f);
+            } else {
+                const bool reads = i < a.L && j < a.S && !(a.causal && j > i);
+                const float bias = (reads && a.has_mask) ? a.mask[b * a.mask_bs + i * a.mask_ls + j] : 0.f;
+                s[nt][r] = reads ? fmaf(s[nt][r], a.scale, bias) : NEG_INF;
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float mx = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(st.m[h], mx);
+        const bool empty = m_new == NEG_INF;  // nothing visible to this row yet
+        const float shift = empty ? 0.f : m_new;
+        alpha[h] = empty ? 1.f : (FAST_EXP ? exp2f((st.m[h] - m_new) * LOG2E) : expf(st.m[h] - m_new));
+        float part = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int r = 2 * h; r < 2 * h + 2; ++r) {
+                const float p = FAST_EXP ? exp2f((s[nt][r] - shift) * LOG2E) : expf(s[nt][r] - shift);
+                s[nt][r] = p;
+                part += p;
+            }
+        }
+        st.l[h] = st.l[h] * alpha[h] + part;
+        st.m[h] = m_new;
+    }
+}
+
+template <int DT>
+__device__ __forceinline__ void rescale(float (&o)[DT][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+    }
+}
+
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float x, float y) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+}
+__device__ __forceinline__ void store2(__half* p, float x, float y) {
+    *reinterpret_cast<__half2*>(p) = __floats2half2_rn(x, y);
+}
+__device__ __forceinline__ void store2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+
+// out = o / l (l = 0, a row that saw no key: o itself, 0 or NaN from 0 * a non-finite v), lse.
+template <typename T, int HD>
+__device__ __forceinline__ void write_out(const TcArgs<T>& a, const float (&o)[HD / 8][4], RowState& st, int b,
+                                          int row0, int q4) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = st.l[h];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int i = row0 + 8 * h;
+        if (i >= a.L) continue;
+        const float inv = l == 0.f ? 1.f : 1.f / l;
+        T* orow = a.o + ((long long)b * a.L + i) * HD + 2 * q4;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; ++dt) store2(orow + 8 * dt, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+        if (q4 == 0) a.lse[(long long)b * a.L + i] = l == 0.f ? NEG_INF : st.m[h] + logf(l);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel: one loop, the two products by variant.
+// ---------------------------------------------------------------------------------------------
+
+// S (16 x BN, per warp) = Q K^T and O += P V for the 16-bit variant. Q's fragments are loaded
+// once (qf) and kept in registers.
+template <typename T, int HD, int BN, int LD>
+struct Mma16 {
+    static constexpr int KQ = HD / 16, NT = BN / 8, DT = HD / 8;
+    unsigned qf[KQ][4];
+
+    __device__ __forceinline__ void load_q(const T* qs, int warp, int lane) {
+        // ldmatrix x4: lanes 0-15 address rows 0-15 at column 0, lanes 16-31 at column 8 -> a0..a3
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+    }
+
+    __device__ __forceinline__ void scores(float (&s)[NT][4], const T* kt, int lane) const {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                // matrices: keys 0-7 / cols 0-7, keys 0-7 / cols 8-15, keys 8-15 / cols 0-7, keys 8-15 / cols 8-15
+                unsigned bf[4];
+                ldmatrix_x4(bf, kt + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma16816(s[2 * np], qf[kk], bf[0], bf[1], T());
+                mma16816(s[2 * np + 1], qf[kk], bf[2], bf[3], T());
+            }
+        }
+    }
+
+    __device__ __forceinline__ void accumulate(float (&o)[DT][4], const float (&p)[NT][4], const T* vt, int lane) const {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            // P's accumulator layout is the A layout of m16n8k16: n-tiles 2kk and 2kk + 1 are its k halves
+            const unsigned pa[4] = {pack2(p[2 * kk][0], p[2 * kk][1], T()), pack2(p[2 * kk][2], p[2 * kk][3], T()),
+                                    pack2(p[2 * kk + 1][0], p[2 * kk + 1][1], T()),
+                                    pack2(p[2 * kk + 1][2], p[2 * kk + 1][3], T())};
+#pragma unroll
+            for (int dp = 0; dp < DT / 2; ++dp) {
+                // transposed matrices: keys 0-7 / d 0-7, keys 8-15 / d 0-7, keys 0-7 / d 8-15, keys 8-15 / d 8-15
+                unsigned bf[4];
+                ldmatrix_x4_trans(bf, vt + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dp * 16 + (lane >> 4) * 8);
+                mma16816(o[2 * dp], pa, bf[0], bf[1], T());
+                mma16816(o[2 * dp + 1], pa, bf[2], bf[3], T());
+            }
+        }
+    }
+};
+
+// The 3xTF32 variant: fragments loaded from shared memory and split at each use (holding Q's
+// split fragments for HD = 128 would take 192 registers).
+template <int HD, int BN, int LD>
+struct Mma3xTf32 {
+    static constexpr int NT = BN / 8, DT = HD / 8;
+    const float* qw;  // this warp's 16 query rows in shared memory
+
+    __device__ __forceinline__ void load_q(const float* qs, int warp, int) { qw = qs + warp * 16 * LD; }
+
+    __device__ __forceinline__ void scores(float (&s)[NT][4], const float* kt, int lane) const {
+        const int g = lane >> 2, q4 = lane & 3;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll 1
+        for (int kk = 0; kk < HD / 8; ++kk) {
+            // A (16 x 8): a0 (g, q), a1 (g + 8, q), a2 (g, q + 4), a3 (g + 8, q + 4)
+            const float* qp = qw + g * LD + kk * 8 + q4;
+            const Tf32 af[4] = {split_tf32(qp[0]), split_tf32(qp[8 * LD]), split_tf32(qp[4]), split_tf32(qp[8 * LD + 4])};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                // B (8 x 8, col) = K^T: b0 (k q, key g), b1 (k q + 4, key g)
+                const float* kp = kt + (nt * 8 + g) * LD + kk * 8 + q4;
+                mma3xtf32(s[nt], af, split_tf32(kp[0]), split_tf32(kp[4]));
+            }
+        }
+    }
+
+    __device__ __forceinline__ void accumulate(float (&o)[DT][4], const float (&p)[NT][4], const float* vt,
+                                               int lane) const {
+        const int g = lane >> 2, q4 = lane & 3;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            // The k index of this step is permuted: k = q stands for key 2q, k = q + 4 for key 2q + 1,
+            // so P's accumulator layout is the A layout as it is: a0 = p (g, 2q), a1 = p (g + 8, 2q),
+            // a2 = p (g, 2q + 1), a3 = p (g + 8, 2q + 1); B's rows follow: b0 = V[2q], b1 = V[2q + 1].
+            const Tf32 pa[4] = {split_tf32(p[t][0]), split_tf32(p[t][2]), split_tf32(p[t][1]), split_tf32(p[t][3])};
+            const float* vp = vt + (t * 8 + 2 * q4) * LD + g;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) mma3xtf32(o[dt], pa, split_tf32(vp[8 * dt]), split_tf32(vp[LD + 8 * dt]));
+        }
+    }
+};
+
+template <typename T, int HD, typename Mma, bool FAST_EXP>
+__device__ __forceinline__ void attn_tc_fwd(const TcArgs<T>& a) {
+    constexpr int BN = TcKeys<T, HD>::value, LD = HD + TcPad<T>::value, NT = BN / 8, DT = HD / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* qs = reinterpret_cast<T*>(smem);
+    T* ks = qs + TC_ROWS * LD;  // two buffers of BN rows
+    T* vs = ks + 2 * BN * LD;   // two buffers of BN rows
+
+    const int b = blockIdx.x, i0 = blockIdx.y * TC_ROWS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q4 = lane & 3;
+    const int warp_row0 = i0 + warp * 16, row0 = warp_row0 + (lane >> 2);
+    const T* qb = a.q + (long long)b * a.L * HD;
+    const T* kb = a.k + (long long)b * a.S * HD;
+    const T* vb = a.v + (long long)b * a.S * HD;
+    const int last_row = min(a.L, i0 + TC_ROWS) - 1;
+    const int kend = a.causal ? min(a.S, last_row + 1) : a.S;  // causal: later key tiles are never loaded
+    const int ntiles = (kend + BN - 1) / BN;
+
+    load_tile<T, TC_ROWS, HD, LD>(qs, qb, i0, a.L);
+    load_tile<T, BN, HD, LD>(ks, kb, 0, a.S);
+    load_tile<T, BN, HD, LD>(vs, vb, 0, a.S);
+    cp_async_commit();
+
+    Mma mma;
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    RowState st{{NEG_INF, NEG_INF}, {0.f, 0.f}};
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int buf = t & 1;
+        if (t + 1 < ntiles) {  // the next tile into the other buffer, freed by the barrier ending tile t - 1
+            load_tile<T, BN, HD, LD>(ks + (buf ^ 1) * BN * LD, kb, (t + 1) * BN, a.S);
+            load_tile<T, BN, HD, LD>(vs + (buf ^ 1) * BN * LD, vb, (t + 1) * BN, a.S);
+            cp_async_commit();
+            cp_async_wait<1>();  // tile t (and Q) landed; t + 1 may still be in flight
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (t == 0) mma.load_q(qs, warp, lane);
+        float s[NT][4];
+        mma.scores(s, ks + buf * BN * LD, lane);
+        float alpha[2];
+        softmax_tile<T, NT, BN, FAST_EXP>(a, s, st, alpha, b, row0, warp_row0, t * BN, q4);
+        rescale<DT>(o, alpha);
+        mma.accumulate(o, s, vs + buf * BN * LD, lane);
+        __syncthreads();  // every warp is done with buffer buf before tile t + 2 is loaded into it
+    }
+    write_out<T, HD>(a, o, st, b, row0, q4);
+}
+
+// Entry points: (q, k, v, mask, out, lse, L, S, mask_bs, mask_ls, has_mask, causal, scale);
+// grid (B, ceil(L / 64)), 128 threads, dynamic shared memory (TC_ROWS + 4 BN) (HD + pad) elements
+// (kernels/cuda/attention.py computes it and raises the kernel's limit above 48 KiB).
+// Names: attn_tc_fwd_<bf16 | f16 | f32>_hd<64 | 128>; f32 is the 3xTF32 variant.
+#define ATTN_TC_FWD(T, NAME, HD, MMA, FAST_EXP)                                                               \
+    __global__ void __launch_bounds__(TC_THREADS) attn_tc_fwd_##NAME##_hd##HD(                               \
+        const T* q, const T* k, const T* v, const float* mask, T* o, float* lse, int L, int S,                \
+        long long mask_bs, long long mask_ls, int has_mask, int causal, float scale) {                       \
+        const TcArgs<T> a{q, k, v, mask, o, lse, L, S, mask_bs, mask_ls, has_mask, causal, scale};           \
+        attn_tc_fwd<T, HD, MMA, FAST_EXP>(a);                                                               \
+    }
+#define MMA16(T, HD) Mma16<T, HD, TcKeys<T, HD>::value, HD + TcPad<T>::value>
+#define MMA3(HD) Mma3xTf32<HD, TcKeys<float, HD>::value, HD + TcPad<float>::value>
+
+extern "C" {
+ATTN_TC_FWD(__nv_bfloat16, bf16, 64, MMA16(__nv_bfloat16, 64), true)
+ATTN_TC_FWD(__nv_bfloat16, bf16, 128, MMA16(__nv_bfloat16, 128), true)
+ATTN_TC_FWD(__half, f16, 64, MMA16(__half, 64), true)
+ATTN_TC_FWD(__half, f16, 128, MMA16(__half, 128), true)
+ATTN_TC_FWD(float, f32, 64, MMA3(64), false)
+ATTN_TC_FWD(float, f32, 128, MMA3(128), false)
+}
