@@ -22,6 +22,7 @@ from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, desc
 from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
 from engine.ops import fused_enabled, fused_kernels  # noqa: F401  (public API; ops.GELU reads it too)
 from engine.tensor import Tensor
+from kernels.cpu.attention import GPU_DTYPES as _ATTENTION_GPU_DTYPES
 from kernels.cpu.attention import GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
 from kernels.cpu.attention import default_scale as _attention_default_scale
 from kernels.precision import accumulation_dtype
@@ -1010,20 +1011,51 @@ class ScaledDotProductAttention(Function):
     Saves q, k, v, the output and the per-row log-sum-exp (B, L), never the B x L x S
     probabilities: backward recomputes them tile by tile. The additive mask is a parameter, not an
     input, so it gets no gradient (a float mask that requires grad takes the unfused path).
+
+    bfloat16 / float16 on the CPU are widened by ``Function.apply`` (float32 compute, one rounding,
+    and backward's D = dO . out from the unrounded float32 out); on a GPU they go to the kernels as
+    they are (:class:`ScaledDotProductAttention16`).
     """
 
     name = "scaled_dot_product_attention"
 
     def forward(self, q, k, v, mask=None, scale=1.0, causal=False):
-        out, lse = kernels.attention_forward(q, k, v, mask, scale=scale, causal=causal)
+        precision = _attention_precision(q.dtype)
+        out, lse = kernels.attention_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
         self.save(q, k, v, out, lse)
-        self.mask, self.scale, self.causal = mask, scale, causal
+        self.mask, self.scale, self.causal, self.precision = mask, scale, causal, precision
         return out
 
     def backward(self, g):
         q, k, v, out, lse = self.saved
         return kernels.attention_backward(_contiguous(g), q, k, v, out, lse, self.mask, scale=self.scale,
-                                          causal=self.causal)
+                                          causal=self.causal, precision=self.precision)
+
+
+class ScaledDotProductAttention16(ScaledDotProductAttention):
+    """bfloat16 / float16 attention on a GPU: the arrays reach the kernels unwidened, whose forward
+    runs the 16-bit operands on tensor cores (fp32 accumulation, one rounding) and whose backward
+    takes D = dO . out from the rounded out, as FlashAttention-2 does; saved state is half the size."""
+
+    computes_in_float32 = False
+
+
+def _attention_function(device_type: str, dtype) -> type:
+    """The Function class for attention on ``device_type`` with inputs of ``dtype``."""
+    if device_type != "cpu" and dtypes.is_low_precision(dtype):
+        return ScaledDotProductAttention16
+    return ScaledDotProductAttention
+
+
+# MERGE POINT (float32 matmul precision): the one place that chooses how the attention kernels
+# multiply float32 inputs. ``None`` keeps float32 on CUDA cores (exact: what "highest" asks for);
+# ``"3xtf32"`` runs it on tensor cores as three TF32 products (float32-level error; issue 22 makes
+# it the default once it passes the float32 agreement tests on a GPU:
+# tests/kernels/test_attention_tc.py -m gpu). Connect it to engine.set_float32_matmul_precision
+# here, e.g. ``"3xtf32" if get_float32_matmul_precision() != "highest" else None``.
+def _attention_precision(dtype) -> str | None:
+    """The ``precision`` argument of the attention kernels for inputs of ``dtype``."""
+    return None
 
 
 @autocast_op("scaled_dot_product_attention")
@@ -1036,8 +1068,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     (flash style: no L x S matrix is kept for backward). The unfused composition (matmul, masked
     softmax, dropout, matmul) runs instead under ``F.fused_kernels(False)`` or ``fused=False``,
     when ``dropout_p > 0`` (the kernels have no dropout), when a float ``attn_mask`` requires grad,
-    or for what the kernel refuses (dtypes other than float32/float64; on a GPU float64 or head
-    dims over 128).
+    or for what the kernel refuses (dtypes other than float32, bfloat16, float16 and float64; on a
+    GPU float64 or head dims over 128). bfloat16 and float16 are computed in float32 and rounded
+    once; on a GPU they reach the kernels as they are, with the 16-bit operands on tensor cores.
 
     A query row that may attend to no key (every mask entry False or -inf) gets an output of
     zeros and no gradient, on both paths, as in PyTorch. NaN and inf in the inputs or in a float
@@ -1166,13 +1199,14 @@ def _kernel_dtype(dtype) -> np.dtype:
 
 
 def _attention_kernel_takes(q: Tensor, v: Tensor, bias: Tensor | None) -> bool:
-    """Whether the attention kernel computes this call (else the unfused composition does)."""
-    dtype = _kernel_dtype(q.dtype)
-    if dtype not in (np.float32, np.float64) or (bias is not None and bias.requires_grad):
+    """Whether the attention kernel computes this call (else the unfused composition does): float32,
+    bfloat16 and float16 (float64 on the CPU), head dims <= 128 on the GPU, a mask without grad."""
+    dtype = np.dtype(q.dtype)
+    if _kernel_dtype(dtype) not in (np.float32, np.float64) or (bias is not None and bias.requires_grad):
         return False
     if q.device.type == "cpu":
         return True
-    return dtype == np.float32 and max(q.shape[-1], v.shape[-1]) <= _ATTENTION_GPU_MAX_HEAD_DIM
+    return dtype in _ATTENTION_GPU_DTYPES and max(q.shape[-1], v.shape[-1]) <= _ATTENTION_GPU_MAX_HEAD_DIM
 
 
 def _attention_fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, causal: bool,
@@ -1186,7 +1220,8 @@ def _attention_fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale
         return _contiguous_tensor(ops.reshape(t, (rows,) + t.shape[-2:]))
 
     mask = None if bias is None else _kernel_mask(dtypes.upcast(bias._data), batch, rows, k.shape[-2])
-    out = ScaledDotProductAttention.apply(as_3d(q), as_3d(k), as_3d(v), mask=mask, scale=scale, causal=causal)
+    function = _attention_function(q.device.type, q.dtype)
+    out = function.apply(as_3d(q), as_3d(k), as_3d(v), mask=mask, scale=scale, causal=causal)
     return ops.reshape(out, batch + out.shape[-2:])
 
 

@@ -194,6 +194,40 @@ def test_sdpa_kernel_mask_is_not_expanded_for_shared_and_key_padding_masks(rng, 
     assert seen == [(1, 5, 5), (6, 1, 5)]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sdpa_16_bit_kernel_calls(rng, monkeypatch, dtype):
+    """On the CPU bfloat16 / float16 reach the kernels widened to float32 (backward's D from the
+    unrounded out), on a GPU as they are (tensor cores); the float32 mask and the engine's
+    precision choice are passed; output and gradients keep the dtype and match the definition."""
+    seen = []
+    real_fwd, real_bwd = F.kernels.attention_forward, F.kernels.attention_backward
+
+    def spy_fwd(q, k, v, mask=None, **kw):
+        seen.append(("fwd", q.dtype, None if mask is None else mask.dtype, kw["precision"]))
+        return real_fwd(q, k, v, mask, **kw)
+
+    def spy_bwd(g, q, *rest, **kw):
+        seen.append(("bwd", g.dtype, q.dtype, kw["precision"]))
+        return real_bwd(g, q, *rest, **kw)
+
+    monkeypatch.setattr(F.kernels, "attention_forward", spy_fwd)
+    monkeypatch.setattr(F.kernels, "attention_backward", spy_bwd)
+    low = getattr(engine, dtype)
+    q, k, v = (_t(rng.standard_normal((2, 3, 7, 8))).to(low).detach().requires_grad_() for _ in range(3))
+    mask = _t(_key_padding(rng, 2, 7)[:, None, None, :], dtype=None)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out.backward(engine.ones_like(out))
+    np_low = np.dtype(out.dtype)
+    assert out.dtype == low and q.grad.dtype == low and k.grad.dtype == low
+    assert seen == [("fwd", np.float32, np.float32, None), ("bwd", np.float32, np.float32, None)]
+    assert F._attention_function("cpu", np_low) is F.ScaledDotProductAttention
+    assert F._attention_function("cuda", np_low).computes_in_float32 is False
+    assert F._attention_function("cuda", np.float32) is F.ScaledDotProductAttention
+    want = reference_sdpa(*(t.detach().float().numpy() for t in (q, k, v)), mask=mask.numpy())
+    eps = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    np.testing.assert_allclose(out.float().numpy(), want, rtol=2 * eps, atol=2 * eps)
+
+
 def test_sdpa_uses_unfused_path_when_disabled_or_dropout(rng, monkeypatch):
     calls = []
     real = F.kernels.attention_forward
