@@ -39,7 +39,8 @@ IMPL_DEVICE = {"numpy": "cpu", "numba_cpu": "cpu", "cupy": "cuda", "numba_cuda":
 
 # Sizes swept, per (device, mode). Optimizers: parameter counts; cross-entropy: (N, C);
 # linear_relu: (N, K, M) for x (N, K) and weight (M, K); layer_norm: (N, D); attention:
-# (B, L, S, E, causal) with B = batch * heads flattened (the GPU target's B = 8, H = 16 is 128);
+# (B, L, S, E, causal[, dtype]) with B = batch * heads flattened (the GPU target's B = 8, H = 16 is
+# 128) and dtype float32 unless named (bfloat16 / float16: the tensor-core rows of issue 22);
 # gelu: (N, D) of x, tanh form (the GPT's MLP activation is (batch * block, 4 d_model) = (1024, 512)).
 SWEEPS = {
     ("cuda", "full"): {
@@ -49,7 +50,9 @@ SWEEPS = {
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 4096, 4096)],
         "layer_norm": [(16384, 1024), (16384, 4096), (1024, 65536)],
         "gelu": [(16384, 4096), (65536, 4096)],
-        "attention": [(128, 1024, 1024, 64, False), (128, 1024, 1024, 64, True), (16, 4096, 4096, 64, False)],
+        "attention": [(128, 1024, 1024, 64, False), (128, 1024, 1024, 64, True), (16, 4096, 4096, 64, False)]
+        + [(128, 1024, 1024, e, causal, dtype) for dtype in ("bfloat16", "float16") for e in (64, 128)
+           for causal in (False, True)],
     },
     ("cuda", "quick"): {
         "adam_step": [2**20, 2**27],
@@ -58,7 +61,7 @@ SWEEPS = {
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096)],
         "layer_norm": [(16384, 4096)],
         "gelu": [(16384, 4096)],
-        "attention": [(128, 1024, 1024, 64, False)],
+        "attention": [(128, 1024, 1024, 64, False), (128, 1024, 1024, 128, True, "bfloat16")],
     },
     ("cpu", "full"): {
         "adam_step": [2**16, 2**20, 10_000_000],
@@ -86,7 +89,7 @@ SWEEPS = {
         "linear_relu": [(16, 24, 8)],
         "layer_norm": [(15, 99)],
         "gelu": [(7, 37)],
-        "attention": [(3, 37, 29, 12, True)],
+        "attention": [(3, 37, 29, 12, True), (2, 37, 29, 64, False, "bfloat16")],
     },
 }
 SWEEPS[("cuda", "tiny")] = SWEEPS[("cpu", "tiny")]
@@ -613,8 +616,14 @@ def _gelu_torch(bd, x, dy, rows_dev):
 ATTENTION_SAMPLE_BATCH_ROWS = 3  # batch rows (of B = batch * heads) checked against the numpy impl
 
 
-def attention_case(bd: BenchDevice, b: int, l: int, s: int, e: int, causal: bool) -> Case:  # noqa: E741
+def attention_case(bd: BenchDevice, b: int, l: int, s: int, e: int, causal: bool,  # noqa: E741
+                   dtype: str = "float32") -> Case:
     """Forward then backward (two calls, as in training) of attention over (B, L, E) x (B, S, E), no mask.
+
+    ``dtype`` "bfloat16" or "float16": the inputs rounded to it (on the host: every array module
+    takes the ml_dtypes arrays), torch's peers in the same dtype, the numpy reference on the same
+    16-bit values (computed in float32). float32 cases on the GPU add a ``cupy precision=3xtf32``
+    candidate beside the default (CUDA-core) cupy one.
 
     Checked on sampled batch rows: each batch row (one head of one sequence) is independent, and
     the numpy impl on a few full rows checks out, lse, dq, dk and dv exactly where it looks. On the
@@ -622,8 +631,7 @@ def attention_case(bd: BenchDevice, b: int, l: int, s: int, e: int, causal: bool
     (``peak_memory_bytes``: cupy's pool, or torch's allocator, above what the inputs hold).
     """
     scale = 1.0 / math.sqrt(e)
-    q, k, v = (bd.random_normal(shape) for shape in ((b, l, e), (b, s, e), (b, s, e)))
-    grad = bd.random_normal((b, l, e))
+    q, k, v, grad = (_attention_input(bd, shape, dtype) for shape in ((b, l, e), (b, s, e), (b, s, e), (b, l, e)))
     rows = np.unique(np.linspace(0, b - 1, min(b, ATTENTION_SAMPLE_BATCH_ROWS)).astype(np.int64))
     rows_dev = bd.asarray(rows)
 
@@ -644,16 +652,33 @@ def attention_case(bd: BenchDevice, b: int, l: int, s: int, e: int, causal: bool
     inputs = (q, k, v, grad, scale, causal)
     candidates = [Candidate(name, "impl", _attn_kernel(bd, name, inputs, pick))
                   for name in impls_for("attention_forward", bd)]
+    if bd.kind == "cuda" and dtype == "float32":
+        candidates.append(Candidate(ATTENTION_3XTF32, "impl", _attn_kernel(bd, "cupy", inputs, pick, "3xtf32")))
     candidates.append(Candidate(ATTENTION_UNFUSED, "unfused", _attn_engine(bd, inputs, pick)))
     candidates.append(Candidate(ATTENTION_TORCH_UNFUSED, "torch", _attn_torch(bd, inputs, rows, sdpa=False)))
     candidates.append(Candidate(ATTENTION_TORCH_SDPA, "torch", _attn_torch(bd, inputs, rows, sdpa=True)))
-    label = f"B*H={b} L={l} S={s} E={e}" + (" causal" if causal else "")
-    return Case(kernel="attention", label=label, params={"B": b, "L": l, "S": s, "E": e, "causal": causal},
-                size=b * roofline.attention_pairs(l, s, causal) * e, work=roofline.attention_work(b, l, s, e, e, causal),
+    label = f"B*H={b} L={l} S={s} E={e}" + (" causal" if causal else "") + ("" if dtype == "float32" else f" {dtype}")
+    params = {"B": b, "L": l, "S": s, "E": e, "causal": causal}
+    if dtype != "float32":  # float32 rows keep their params (the GPU target names them)
+        params["dtype"] = dtype
+    return Case(kernel="attention", label=label, params=params,
+                size=b * roofline.attention_pairs(l, s, causal) * e, work=roofline.attention_work(b, l, s, e, e, causal, itemsize=np.dtype(q.dtype).itemsize),
                 reference=ref, reference_note=note, candidates=candidates, flush=False)
 
 
 ATTENTION_UNFUSED = "engine F.scaled_dot_product_attention (unfused)"
+ATTENTION_3XTF32 = "cupy precision=3xtf32"
+
+
+def _attention_input(bd: BenchDevice, shape, dtype: str):
+    """N(0, 1) samples of ``shape`` on the device, rounded to ``dtype`` (on the host for 16-bit)."""
+    a = bd.random_normal(shape)
+    if dtype == "float32":
+        return a
+    import ml_dtypes
+
+    host = bd.to_host(a).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+    return bd.asarray(host)
 ATTENTION_TORCH_UNFUSED = "torch eager unfused (matmul, softmax, matmul)"
 ATTENTION_TORCH_SDPA = "torch F.scaled_dot_product_attention"
 
@@ -694,16 +719,17 @@ def _peak_memory(bd: BenchDevice, run: Callable[[], object], torch=None) -> tupl
     return result, hook.peak - before
 
 
-def _attn_kernel(bd, name, inputs, pick):
+def _attn_kernel(bd, name, inputs, pick, precision=None):
     q, k, v, grad, scale, causal = inputs
 
     def prepare():
         forward = impl_function("attention_forward", name, bd, q)
         backward = impl_function("attention_backward", name, bd, q)
+        kw = dict(scale=scale, causal=causal, precision=precision)
 
         def run():
-            out, lse = forward(q, k, v, scale=scale, causal=causal)
-            return (out, lse) + backward(grad, q, k, v, out, lse, scale=scale, causal=causal)
+            out, lse = forward(q, k, v, **kw)
+            return (out, lse) + backward(grad, q, k, v, out, lse, **kw)
 
         def sample():
             results, prepared.extra["peak_memory_bytes"] = _peak_memory(bd, run)
@@ -750,8 +776,14 @@ def _attn_torch(bd, inputs, rows, sdpa: bool):
 
     def prepare():
         torch = torch_required(bd)
-        leaves = [bd.to_torch(a).requires_grad_(True) for a in (q, k, v)]
-        grad_t = bd.to_torch(grad)
+        low = q.dtype != np.float32  # 16-bit: handed over in float32 (exact) and cast there
+        dtype = getattr(torch, np.dtype(q.dtype).name) if low else None
+
+        def to_torch(a):
+            return bd.to_torch(bd.asarray(bd.to_host(a).astype(np.float32))).to(dtype) if low else bd.to_torch(a)
+
+        leaves = [to_torch(a).requires_grad_(True) for a in (q, k, v)]
+        grad_t = to_torch(grad)
         picked = torch.from_numpy(rows).to(grad_t.device)
         l, s = q.shape[1], k.shape[1]  # noqa: E741
         above = torch.ones(l, s, dtype=torch.bool, device=grad_t.device).triu(1) if causal else None
@@ -770,7 +802,8 @@ def _attn_torch(bd, inputs, rows, sdpa: bool):
 
         def sample():
             results, prepared.extra["peak_memory_bytes"] = _peak_memory(bd, run, torch)
-            return {key: bd.torch_to_host(a.detach()[picked]) for key, a in zip(("out", "dq", "dk", "dv"), results)}
+            return {key: bd.torch_to_host(a.detach()[picked].float()) for key, a in zip(("out", "dq", "dk", "dv"),
+                                                                                       results)}
 
         prepared = Prepared(run=run, sample=sample, clock=bd.torch_clock)
         return prepared

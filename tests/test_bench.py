@@ -191,7 +191,10 @@ def test_tiny_run_rows_are_complete_and_consistent(tiny_run):
         assert row["GBps"] == pytest.approx(row["bytes"] / row["median_s"] / 1e9)
         assert row["fraction_of_copy_bw"] == pytest.approx(row["GBps"] / ceil["copy_bandwidth_GBps"])
         assert row["reference"] == "numpy impl"
-        assert row["max_rel_err"] < 1e-4, row  # float32 agreement with the numpy reference
+        # float32 agreement with the numpy reference; a bfloat16 / float16 row (attention) within
+        # two units in the last place of its dtype
+        agreement = {"bfloat16": 2 ** -6, "float16": 2 ** -9}.get(row["params"].get("dtype"), 1e-4)
+        assert row["max_rel_err"] < agreement, row
         if row["kernel"] == "adam_step":
             assert row["bytes"] == 28 * row["params"]["n"] and row["flushed_cache"] is False  # CPU: warm caches
         if row["vs_unfused"] is not None:
