@@ -662,7 +662,8 @@ def attention_case(bd: BenchDevice, b: int, l: int, s: int, e: int, causal: bool
     if dtype != "float32":  # float32 rows keep their params (the GPU target names them)
         params["dtype"] = dtype
     return Case(kernel="attention", label=label, params=params,
-                size=b * roofline.attention_pairs(l, s, causal) * e, work=roofline.attention_work(b, l, s, e, e, causal, itemsize=np.dtype(q.dtype).itemsize),
+                size=b * roofline.attention_pairs(l, s, causal) * e,
+                work=roofline.attention_work(b, l, s, e, e, causal, itemsize=np.dtype(q.dtype).itemsize),
                 reference=ref, reference_note=note, candidates=candidates, flush=False)
 
 

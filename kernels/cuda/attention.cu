@@ -22,15 +22,16 @@
 //                     query tile in shared memory (rows padded by one float: no bank conflicts),
 //                     each lane scores BK / 4 keys, the group reduces max and sum with shuffles,
 //                     rescales its accumulators (online softmax), parks p in shared memory (rows
-//                     padded by one float too: a warp's 8 rows in 8 banks) and adds p v over the tile. out = acc / sum, lse = max + log(sum).
+//                     padded by one float too: a warp's 8 rows in 8 banks) and adds p v over
+//                     the tile. out = acc / sum, lse = max + log(sum).
 //   attn_bwd_rowdot   D_i = dO_i . out_i, one warp per row (the FA2 preprocessing step).
 //   attn_bwd_hd<HD>   a block takes BKB keys of one batch row (thread t: key t / 4, lane t % 4,
 //                     dk / dv columns lane, lane + 4, ...: kept in registers for the whole
 //                     launch) and walks the query tiles that can see them: P = exp(s - lse) and
 //                     dS = P (dO . v - D) scale in registers; dv += P^T dO and dk += dS^T q with
 //                     q and dO from shared memory; dS parked in shared memory for dq += dS k by
-//                     atomicAdd into a float array (zeroed by the host). Atomics only for dq: the alternative, a second kernel over query
-//                     tiles, recomputes P and dP (two more of the five matrix products); float
+//                     atomicAdd into a float array (zeroed by the host). Atomics only for dq:
+//                     the alternative, a second kernel over query tiles, recomputes P and dP (two more of the five matrix products); float
 //                     atomics make dq's last bits depend on the order the blocks finish in.
 //   attn_bwd_finish   16-bit dq: the float atomics' buffer rounded once to T.
 // A row that sees no key (lse = -inf) gets out 0 and no gradient; -inf scores give p = 0. NaN and

@@ -221,7 +221,9 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float x, float y) {
 __device__ __forceinline__ void store2(__half* p, float x, float y) {
     *reinterpret_cast<__half2*>(p) = __floats2half2_rn(x, y);
 }
-__device__ __forceinline__ void store2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+__device__ __forceinline__ void store2(float* p, float x, float y) {
+    *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
 
 // out = o / l (l = 0, a row that saw no key: o itself, 0 or NaN from 0 * a non-finite v), lse.
 template <typename T, int HD>
@@ -256,7 +258,8 @@ struct Mma16 {
     __device__ __forceinline__ void load_q(const T* qs, int warp, int lane) {
         // ldmatrix x4: lanes 0-15 address rows 0-15 at column 0, lanes 16-31 at column 8 -> a0..a3
 #pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+        for (int kk = 0; kk < KQ; ++kk)
+            ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
     }
 
     __device__ __forceinline__ void scores(float (&s)[NT][4], const T* kt, int lane) const {
@@ -275,7 +278,8 @@ struct Mma16 {
         }
     }
 
-    __device__ __forceinline__ void accumulate(float (&o)[DT][4], const float (&p)[NT][4], const T* vt, int lane) const {
+    __device__ __forceinline__ void accumulate(float (&o)[DT][4], const float (&p)[NT][4], const T* vt,
+                                               int lane) const {
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             // P's accumulator layout is the A layout of m16n8k16: n-tiles 2kk and 2kk + 1 are its k halves
@@ -286,7 +290,8 @@ struct Mma16 {
             for (int dp = 0; dp < DT / 2; ++dp) {
                 // transposed matrices: keys 0-7 / d 0-7, keys 8-15 / d 0-7, keys 0-7 / d 8-15, keys 8-15 / d 8-15
                 unsigned bf[4];
-                ldmatrix_x4_trans(bf, vt + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dp * 16 + (lane >> 4) * 8);
+                const T* row = vt + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD;
+                ldmatrix_x4_trans(bf, row + dp * 16 + (lane >> 4) * 8);
                 mma16816(o[2 * dp], pa, bf[0], bf[1], T());
                 mma16816(o[2 * dp + 1], pa, bf[2], bf[3], T());
             }
@@ -311,7 +316,8 @@ struct Mma3xTf32 {
         for (int kk = 0; kk < HD / 8; ++kk) {
             // A (16 x 8): a0 (g, q), a1 (g + 8, q), a2 (g, q + 4), a3 (g + 8, q + 4)
             const float* qp = qw + g * LD + kk * 8 + q4;
-            const Tf32 af[4] = {split_tf32(qp[0]), split_tf32(qp[8 * LD]), split_tf32(qp[4]), split_tf32(qp[8 * LD + 4])};
+            const Tf32 af[4] = {split_tf32(qp[0]), split_tf32(qp[8 * LD]), split_tf32(qp[4]),
+                                split_tf32(qp[8 * LD + 4])};
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 // B (8 x 8, col) = K^T: b0 (k q, key g), b1 (k q + 4, key g)
