@@ -51,7 +51,10 @@ _declare("adam_step", "optim")
 _declare("sgd_step", "optim")
 _declare("adagrad_step", "optim")
 _declare("rmsprop_step", "optim")
-_declare("attention_forward", "attention")
-_declare("attention_backward", "attention")
+# Attention: float64 only on the CPU; numba_cuda stays the readable float32 SIMT kernel.
+ATTENTION_DTYPES = {"numba_cpu": ALL_FLOATS, "numpy": ALL_FLOATS, "cupy": ("float32", "float16", "bfloat16"),
+                    "numba_cuda": ("float32",)}
+_declare("attention_forward", "attention", dtypes=ATTENTION_DTYPES)
+_declare("attention_backward", "attention", dtypes=ATTENTION_DTYPES)
 _declare("gelu_forward", "gelu")
 _declare("gelu_backward", "gelu")

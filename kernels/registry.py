@@ -130,15 +130,23 @@ def check_dtype(kernel: str, impl: str, dtype) -> None:
         raise KernelError(_dtype_refusal(chosen, dtype))
 
 
-def _dtype_refusal(chosen: Impl, dtype) -> str:
+def _dtype_refusal(chosen: Impl, dtype, arrays=()) -> str:
     given = str(dtype)
     others = [i.name for i in _REGISTRY[chosen.kernel].values() if i.takes(dtype)]
     what = (f"kernel {chosen.kernel!r}: impl {chosen.name!r} does not take {given} arrays; it takes "
             f"{', '.join(chosen.dtypes)}")
     if not others:
-        return f"{what}. No impl of {chosen.kernel!r} takes {given}: cast the inputs to one of those dtypes"
-    return (f"{what}. Impls of {chosen.kernel!r} that take {given}: {others}; force one of them, or leave "
-            f"impl unset (and {ENV_VAR} unset for this kernel) so that the registry picks one, or cast the inputs")
+        advice = f"No impl of {chosen.kernel!r} takes {given}: cast the inputs to one of those dtypes"
+    else:
+        advice = (f"Impls of {chosen.kernel!r} that take {given}: {others}; force one of them, or leave impl unset "
+                  f"(and {ENV_VAR} unset for this kernel) so that the registry picks one, or cast the inputs")
+    return f"{what}. {advice}{_inputs(arrays)}"
+
+
+def _inputs(arrays) -> str:
+    """`` (inputs: numpy.ndarray(2, 3) int32, ...)`` for an error message, or '' without arrays."""
+    described = ", ".join(describe_array("", a)[1:] for a in arrays if a is not None)
+    return f" (inputs: {described})" if described else ""
 
 
 def get(kernel: str, impl: str) -> Callable:
@@ -172,7 +180,7 @@ def choose(kernel: str, arrays, impl: str | None = None) -> Impl:
                 f"kernel {kernel!r}: impl {forced!r} takes {chosen.array_kind} arrays but was given "
                 f"{kind} arrays; move the inputs to the matching device or choose another impl")
         if not chosen.takes(dtype):
-            raise KernelError(_dtype_refusal(chosen, dtype))
+            raise KernelError(_dtype_refusal(chosen, dtype, arrays))
         if not chosen.available():
             raise KernelError(f"kernel {kernel!r}: impl {forced!r} is not usable here "
                               f"(needs {', '.join(chosen.requires) or 'nothing'} and a device)")
@@ -188,7 +196,7 @@ def choose(kernel: str, arrays, impl: str | None = None) -> Impl:
     if usable:
         offers = "; ".join(f"{c.name} takes {', '.join(c.dtypes)}" for c in usable)
         raise KernelError(f"kernel {kernel!r}: no usable impl for {kind} arrays takes {dtype}: {offers}. "
-                          "Cast the inputs to one of those dtypes")
+                          f"Cast the inputs to one of those dtypes{_inputs(arrays)}")
     raise KernelError(f"kernel {kernel!r}: no usable impl for {kind} arrays; registered: {list(table)}")
 
 
