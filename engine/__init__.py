@@ -27,6 +27,18 @@ from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, 
                            randn_like, randperm, tensor, uint8, zeros, zeros_like)
 from engine.tensor import bfloat16  # noqa: F401,E402  (ml_dtypes.bfloat16, as torch.bfloat16)
 from engine.tensor import as_tensor, from_dlpack  # noqa: F401,E402  (torch.as_tensor, DLPack: docs/interop.md)
+from engine.backend import Generator  # noqa: E402
+from engine.indexing import (allclose, argsort, argwhere, count_nonzero, equal, gather, index_fill,  # noqa: E402
+                             index_select, isclose, masked_fill, masked_select, multinomial, nonzero, scatter,
+                             scatter_add, sort, topk, tril, triu)
+from engine.ops import eq, ge, gt, le, lt, ne, squeeze, unsqueeze  # noqa: E402
+from engine.shaping import (bmm, chunk, cumsum, flip, fliplr, flipud, movedim, narrow, repeat_interleave,  # noqa: E402
+                            roll, split, tile, unbind)
+from engine.tensor import legacy_tensor_types as _legacy_tensor_types  # noqa: E402
+
+globals().update(_legacy_tensor_types("cpu"))  # engine.FloatTensor, engine.LongTensor, ... (PyTorch's legacy types)
+greater, greater_equal, less, less_equal, not_equal = gt, ge, lt, le, ne
+moveaxis, swapaxes, swapdims = movedim, transpose, transpose
 
 from engine.io import CheckpointError, load, save
 
@@ -84,6 +96,7 @@ def _cuda_namespace():
     module.manual_seed = module.manual_seed_all = manual_seed
     module.current_device = lambda: 0
     module.amp = _amp_namespace("engine.cuda.amp", amp.autocast_mode.cuda_autocast)
+    vars(module).update(_legacy_tensor_types("cuda"))  # engine.cuda.FloatTensor ... (PyTorch's legacy types)
     sys.modules["engine.cuda"] = module
     return module
 

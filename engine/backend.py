@@ -287,3 +287,77 @@ def set_rng_state(state: dict) -> None:
     """Restore what :func:`get_rng_state` returned."""
     manual_seed(state["seed"])
     generator(CPU).bit_generator.state = state["cpu"]
+
+
+def _new_generator(dev: Device, seed: int):
+    if dev.type == "cpu":
+        return np.random.Generator(np.random.PCG64(seed))
+    cupy = xp_for(dev)
+    with cupy.cuda.Device(dev.index):
+        return cupy.random.RandomState(seed)
+
+
+class Generator:
+    """A random stream of its own, PyTorch's ``torch.Generator``: pass it as ``generator=`` to the
+    random functions (``randperm``, ``rand``, ``randn``, ``randint``, ``normal``, ``multinomial``) and
+    to the samplers, so a data split is reproducible whatever else draws from the global stream.
+
+    Args:
+        device: where the tensors it draws for live ("cpu" default, or "cuda").
+
+    Example:
+        >>> g = Generator().manual_seed(1337)                           # doctest: +SKIP
+        >>> engine.randperm(10, generator=g)                            # doctest: +SKIP
+    """
+
+    _DEFAULT_SEED = 67280421310721  # PyTorch's default seed of a new Generator
+
+    def __init__(self, device: str | Device = "cpu"):
+        self.device = check_available(globals()["device"](device))
+        self.manual_seed(self._DEFAULT_SEED)
+
+    def manual_seed(self, seed: int) -> "Generator":
+        """Restart the stream from ``seed``; returns the generator, as PyTorch's."""
+        self._initial_seed = int(seed)
+        self.rng = _new_generator(self.device, self._initial_seed)
+        return self
+
+    def seed(self) -> int:
+        """Reseed from the operating system's entropy; returns the new seed."""
+        new = int(np.random.SeedSequence().entropy) % (2 ** 63)
+        self.manual_seed(new)
+        return new
+
+    def initial_seed(self) -> int:
+        """The seed the stream last started from."""
+        return self._initial_seed
+
+    def get_state(self):
+        """The stream's state (a dict of plain values on the CPU; PyTorch returns a ByteTensor)."""
+        if self.device.type != "cpu":
+            raise DeviceError("Generator.get_state: the state of a CUDA generator cannot be read back")
+        return {"seed": self._initial_seed, "state": self.rng.bit_generator.state}
+
+    def set_state(self, state) -> "Generator":
+        """Restore what :meth:`get_state` returned."""
+        if self.device.type != "cpu" or not isinstance(state, dict) or "state" not in state:
+            raise DeviceError("Generator.set_state: expects what get_state() of a CPU generator returned")
+        self._initial_seed = int(state["seed"])
+        self.rng.bit_generator.state = state["state"]
+        return self
+
+    def __repr__(self) -> str:
+        return f"<engine.Generator device={self.device} initial_seed={self._initial_seed}>"
+
+
+def rng_for(user_generator, dev: Device):
+    """The array-level generator to draw for a tensor on ``dev``: the engine's per-device stream, or
+    a user's :class:`Generator` (which must be on that device)."""
+    if user_generator is None:
+        return generator(dev)
+    if not isinstance(user_generator, Generator):
+        raise TypeError(f"generator= must be an engine.Generator, got {type(user_generator).__name__}")
+    if user_generator.device != dev:
+        raise DeviceError(f"generator= on {user_generator.device} cannot draw for a tensor on {dev}; create it "
+                          f"with engine.Generator(device='{dev}')")
+    return user_generator.rng

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 import kernels
-from engine import backend, dtypes, ops
+from engine import backend, dtypes, indexing, ops
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
@@ -317,31 +317,10 @@ def _check_class_indices(targets: np.ndarray, classes: int, ignore_index: int) -
         raise kernels.KernelError(_bad_class_index_message(at, int(targets[where]), classes, ignore_index))
 
 
-def _checked_rows(indices: Tensor, count: int):
-    """``indices``' array, checked to lie in [0, count) (embedding rows).
-
-    On the CPU the check reads the indices at once. On a GPU, reading them would wait for the
-    device in every training step, so their min and max are queued as a deferred check
-    (kernels/deferred.py: raised at the next sync point, or at once under
-    ``kernels.eager_checks(True)``) and the gather meanwhile reads clipped indices, never
-    out-of-bounds memory.
-    """
-    idx = indices._data
-    if not idx.size:
-        return idx
-
-    def check(bounds):
-        low, high = (int(b) for b in bounds)
-        if low < 0 or high >= count:
-            raise EngineError(f"embedding: indices must be in [0, {count}) for a table of {count} rows, got values "
-                              f"in [{low}, {high}] ({describe(indices)})")
-
-    if isinstance(idx, np.ndarray):
-        check((idx.min(), idx.max()))
-        return idx
-    xp = array_module(idx)
-    kernels.deferred.defer(xp.stack([idx.min(), idx.max()]).astype(np.int64), check)
-    return xp.clip(idx, 0, count - 1)
+def _checked_rows(indices: Tensor, count: int, weight: Tensor):
+    """``indices``' array, checked to lie in [0, count) (embedding rows): read at once on the CPU,
+    a deferred check with clipped indices on a GPU (see :func:`engine.indexing.checked_index`)."""
+    return indexing.checked_index("embedding", indices, count, weight)
 
 
 def _int64_class_indices(targets, ignore_index: int):
@@ -1289,7 +1268,7 @@ def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
         raise DeviceError(f"embedding: indices {describe(indices)} and weight {describe(weight)} are on different "
                           "devices; move the indices with .to(weight.device)")
     count = weight.shape[0]
-    idx = _checked_rows(indices, count)
+    idx = _checked_rows(indices, count, weight)
     rows = ops.getitem(weight, idx)
     if padding_idx is None:
         return rows

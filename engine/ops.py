@@ -721,6 +721,8 @@ class _ReturnTypes:
 
     max = namedtuple("max", ["values", "indices"])
     min = namedtuple("min", ["values", "indices"])
+    sort = namedtuple("sort", ["values", "indices"])
+    topk = namedtuple("topk", ["values", "indices"])
 
 
 return_types = _ReturnTypes()
@@ -1034,15 +1036,25 @@ def broadcast_to(a: Tensor, shape) -> Tensor:
 
 
 def unsqueeze(a: Tensor, dim: int) -> Tensor:
+    """A view with a new dim of size 1 at ``dim`` (in [-ndim - 1, ndim], as ``torch.unsqueeze``)."""
+    if not -(a.ndim + 1) <= dim <= a.ndim:
+        raise ShapeError(f"unsqueeze: dim {dim} is out of range for {describe(a)} (expected a dim in "
+                         f"[{-(a.ndim + 1)}, {a.ndim}])")
     dim = dim % (a.ndim + 1)
     return reshape(a, a.shape[:dim] + (1,) + a.shape[dim:])
 
 
 def squeeze(a: Tensor, dim=None) -> Tensor:
+    """A view without the size-1 dims among ``dim`` (an int, a tuple, or None for all), as ``torch.squeeze``."""
     if dim is None:
         return reshape(a, tuple(n for n in a.shape if n != 1))
-    dim = dim % a.ndim
-    return a if a.shape[dim] != 1 else reshape(a, a.shape[:dim] + a.shape[dim + 1:])
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+    span = builtins.max(a.ndim, 1)
+    if not builtins.all(-span <= d < span for d in dims):
+        raise ShapeError(f"squeeze: dim {dim} is out of range for {describe(a)}")
+    drop = {d % span for d in dims}
+    shape = tuple(n for i, n in enumerate(a.shape) if not (i in drop and n == 1))
+    return a if shape == a.shape else reshape(a, shape)
 
 
 # ---- indexing, joining ---------------------------------------------------------------------------

@@ -179,6 +179,15 @@ class Tensor:
         t._version = self._version
         return t
 
+    def detach_(self) -> "Tensor":
+        """Cut this tensor from the graph in place: it becomes a leaf that does not require grad
+        (``torch.Tensor.detach_``; a view of a graph tensor is refused, as PyTorch refuses it)."""
+        if self._base is not None and self._base.requires_grad:
+            raise GradError(f"detach_: {describe(self)} is a view of a tensor in a graph; views cannot be detached "
+                            "in place (as in PyTorch): use detach() instead")
+        self.grad_fn, self.requires_grad = None, False
+        return self
+
     # ---- copying and pickling: never through the graph ----------------------------------------
     def __deepcopy__(self, memo) -> "Tensor":
         """A leaf's independent copy: its values, ``requires_grad`` and ``.grad`` (hooks are not
@@ -203,13 +212,21 @@ class Tensor:
         return _rebuild, (type(self), self._data, self.requires_grad, getattr(self, "__dict__", None))
 
     # ---- devices, dtypes, host values ----------------------------------------------------------
-    def to(self, target=None, dtype=None) -> "Tensor":
-        """Move to a device and/or cast: ``t.to("cuda")``, ``t.to(engine.float64)``, ``t.to("cpu", float32)``.
+    def to(self, target=None, dtype=None, non_blocking: bool = False, copy: bool = False, *, device=None) -> "Tensor":
+        """Move to a device and/or cast: ``t.to("cuda")``, ``t.to(engine.float64)``, ``t.to("cpu", float32)``,
+        ``t.to(device=d, dtype=dt)``, ``t.to(other)`` (other's device and dtype). ``non_blocking`` is
+        accepted (transfers are ordered on the device anyway); ``copy=True`` always gives new memory.
 
         Differentiable: gradients flow back to the source device and dtype.
         """
         from engine import ops
 
+        if isinstance(target, Tensor):
+            target, dtype = target.device, dtype or target.dtype
+        if device is not None:
+            if target is not None and not _is_dtype(target):
+                raise TypeError(f"to: got a device twice ({target!r} and device={device!r})")
+            target, dtype = device, dtype if target is None else target
         if target is not None and _is_dtype(target):
             target, dtype = None, target
         out = self
@@ -219,7 +236,7 @@ class Tensor:
             dev = backend.check_available(backend.device(target))
             if dev != out.device:
                 out = ops.transfer(out, dev)
-        return out
+        return ops.clone(out) if copy and out is self else out
 
     def cpu(self) -> "Tensor":
         return self.to("cpu")
@@ -461,8 +478,15 @@ class Tensor:
         return self._inplace("copy_", src, write, lambda old: ops.overwrite(old, src))
 
     def fill_(self, value) -> "Tensor":
+        """Set every entry to ``value``: a number, or a 0-d tensor (differentiable), as PyTorch's."""
         if isinstance(value, Tensor):
-            raise TypeError(f"fill_: pass a number, not a tensor ({describe(value)}); use copy_ for tensors")
+            if value.ndim != 0:
+                raise EngineError(f"fill_: only a 0-dimension value tensor (or a number) can fill {describe(self)}, "
+                                  f"got {describe(value)} (PyTorch refuses it too); use copy_ for tensors")
+
+            def write(raw):
+                self._data[...] = raw
+            return self._inplace("fill_", value, write, lambda old: ops.overwrite(old, value))
         return self._inplace("fill_", value, self._data.fill, lambda old: ops.overwrite(old, value))
 
     def zero_(self) -> "Tensor":
@@ -626,6 +650,114 @@ class Tensor:
     def log_softmax(self, dim=None, **kw): return ops.log_softmax(self, dim, **kw)
     def clone(self): return ops.clone(self)
 
+    # ---- PyTorch's further methods: engine/indexing.py and engine/shaping.py ------------------------
+    def tril(self, diagonal=0): return indexing.tril(self, diagonal)
+    def triu(self, diagonal=0): return indexing.triu(self, diagonal)
+    def tril_(self, diagonal=0): return self._inplace_via("tril_", None, lambda old: indexing.tril(old, diagonal))
+    def triu_(self, diagonal=0): return self._inplace_via("triu_", None, lambda old: indexing.triu(old, diagonal))
+    def masked_fill(self, mask, value): return indexing.masked_fill(self, mask, value)
+    def masked_select(self, mask): return indexing.masked_select(self, mask)
+    def gather(self, dim, index, *, sparse_grad=False): return indexing.gather(self, dim, index)
+    def index_select(self, dim, index): return indexing.index_select(self, dim, index)
+    def index_fill(self, dim, index, value): return indexing.index_fill(self, dim, index, value)
+    def scatter_add(self, dim, index, src): return indexing.scatter_add(self, dim, index, src)
+
+    def scatter(self, dim, index, src=None, *, value=None, reduce=None):
+        return indexing.scatter(self, dim, index, src, value=value, reduce=reduce)
+
+    def masked_fill_(self, mask, value) -> "Tensor":
+        """In-place :func:`engine.indexing.masked_fill`; the mask must broadcast to this tensor's shape."""
+        if isinstance(mask, Tensor) and np.broadcast_shapes(mask.shape, self.shape) != self.shape:
+            raise EngineError(f"masked_fill_: mask {describe(mask)} does not broadcast to {describe(self)}")
+        return self._inplace_via("masked_fill_", value, lambda old: indexing.masked_fill(old, mask, value))
+
+    def index_fill_(self, dim, index, value) -> "Tensor":
+        return self._inplace_via("index_fill_", value, lambda old: indexing.index_fill(old, dim, index, value))
+
+    def scatter_(self, dim, index, src=None, *, value=None, reduce=None) -> "Tensor":
+        operand = src if src is not None else value
+        return self._inplace_via("scatter_", operand,
+                                 lambda old: indexing.scatter(old, dim, index, src, value=value, reduce=reduce))
+
+    def scatter_add_(self, dim, index, src) -> "Tensor":
+        return self._inplace_via("scatter_add_", src, lambda old: indexing.scatter_add(old, dim, index, src))
+
+    def topk(self, k, dim=-1, largest=True, sorted=True): return indexing.topk(self, k, dim, largest, sorted)
+    def sort(self, dim=-1, descending=False, stable=False): return indexing.sort(self, dim, descending, stable)
+    def argsort(self, dim=-1, descending=False, stable=False): return indexing.argsort(self, dim, descending, stable)
+    def nonzero(self, *, as_tuple=False): return indexing.nonzero(self, as_tuple=as_tuple)
+    def argwhere(self): return indexing.argwhere(self)
+    def count_nonzero(self, dim=None): return indexing.count_nonzero(self, dim)
+    def isclose(self, other, rtol=1e-05, atol=1e-08, equal_nan=False): return indexing.isclose(self, other, rtol, atol, equal_nan)
+    def allclose(self, other, rtol=1e-05, atol=1e-08, equal_nan=False): return indexing.allclose(self, other, rtol, atol, equal_nan)
+    def equal(self, other): return indexing.equal(self, other)
+
+    def multinomial(self, num_samples, replacement=False, *, generator=None):
+        return indexing.multinomial(self, num_samples, replacement, generator=generator)
+
+    def split(self, split_size, dim=0): return shaping.split(self, split_size, dim)
+    def chunk(self, chunks, dim=0): return shaping.chunk(self, chunks, dim)
+    def unbind(self, dim=0): return shaping.unbind(self, dim)
+    def narrow(self, dim, start, length): return shaping.narrow(self, dim, start, length)
+    def flip(self, *dims): return shaping.flip(self, *dims)
+    def fliplr(self): return shaping.fliplr(self)
+    def flipud(self): return shaping.flipud(self)
+    def roll(self, shifts, dims=None): return shaping.roll(self, shifts, dims)
+    def repeat(self, *sizes): return shaping.repeat(self, *sizes)
+    def tile(self, *dims): return shaping.tile(self, _shape_arg(dims))
+    def movedim(self, source, destination): return shaping.movedim(self, source, destination)
+    moveaxis = movedim
+    def swapaxes(self, axis0, axis1): return ops.transpose(self, axis0, axis1)
+    swapdims = swapaxes
+    def cumsum(self, dim, *, dtype=None): return shaping.cumsum(self, dim, dtype=dtype)
+    def bmm(self, mat2): return shaping.bmm(self, mat2)
+    def contiguous(self, memory_format=None): return shaping.contiguous(self)
+    def is_contiguous(self, memory_format=None) -> bool: return self._data.flags.c_contiguous
+
+    def repeat_interleave(self, repeats, dim=None, *, output_size=None):
+        return shaping.repeat_interleave(self, repeats, dim, output_size=output_size)
+
+    def view_as(self, other): return ops.reshape(self, other.shape)
+    reshape_as = view_as
+    def expand_as(self, other): return ops.broadcast_to(self, other.shape)
+    def type_as(self, other): return self.to(other.dtype)
+    def nelement(self) -> int: return self.numel()
+    def eq(self, other): return ops.eq(self, other)
+    def ne(self, other): return ops.ne(self, other)
+    def lt(self, other): return ops.lt(self, other)
+    def le(self, other): return ops.le(self, other)
+    def gt(self, other): return ops.gt(self, other)
+    def ge(self, other): return ops.ge(self, other)
+    greater, greater_equal, less, less_equal, not_equal = gt, ge, lt, le, ne
+
+    def new_zeros(self, *size, dtype=None, device=None, requires_grad=False):
+        return zeros(*size, dtype=dtype or self.dtype, device=device or self.device, requires_grad=requires_grad)
+
+    def new_ones(self, *size, dtype=None, device=None, requires_grad=False):
+        return ones(*size, dtype=dtype or self.dtype, device=device or self.device, requires_grad=requires_grad)
+
+    def new_empty(self, *size, dtype=None, device=None, requires_grad=False):
+        return empty(*size, dtype=dtype or self.dtype, device=device or self.device, requires_grad=requires_grad)
+
+    def new_full(self, size, fill_value, *, dtype=None, device=None, requires_grad=False):
+        return full(size, fill_value, dtype=dtype or self.dtype, device=device or self.device,
+                    requires_grad=requires_grad)
+
+    def new_tensor(self, data, *, dtype=None, device=None, requires_grad=False):
+        return tensor(data, dtype=dtype or self.dtype, device=device or self.device, requires_grad=requires_grad)
+
+    def pin_memory(self) -> "Tensor":
+        """This tensor (host memory is not pinned on the CPU; PyTorch copies into pinned memory)."""
+        return self
+
+    def _inplace_via(self, op: str, operand, out_of_place) -> "Tensor":
+        """An in-place op as its out-of-place form written back into this memory, recorded in the
+        graph as the in-place ops are (see the in-place section above)."""
+        def write(_):
+            result = out_of_place(Tensor._from_op(self._data, None))
+            self._data[...] = result._data
+        return self._inplace(op, operand, write, out_of_place)
+
 
 def _rebuild(cls, data, requires_grad: bool, attributes=None) -> Tensor:
     """A leaf of type ``cls`` over ``data`` (what unpickling, copy.copy and deepcopy make)."""
@@ -660,6 +792,30 @@ _TYPE_NAMES = {np.dtype(np.float32): "FloatTensor", np.dtype(np.float64): "Doubl
                np.dtype(np.float16): "HalfTensor", np.dtype(np.int64): "LongTensor", np.dtype(np.int32): "IntTensor",
                np.dtype(np.int16): "ShortTensor", np.dtype(np.int8): "CharTensor", np.dtype(np.uint8): "ByteTensor",
                np.dtype(np.bool_): "BoolTensor", np.dtype(bfloat16): "BFloat16Tensor"}
+
+
+class _LegacyTensorType(type):
+    """PyTorch's legacy tensor types (``engine.LongTensor`` ...): calling one builds a tensor of its
+    dtype from data (``LongTensor([1, 2])``) or an uninitialised one of a shape (``FloatTensor(2, 3)``,
+    ``LongTensor()`` is empty); ``isinstance(t, engine.LongTensor)`` checks the dtype and device type."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, Tensor) and obj.dtype == cls.dtype and obj.device.type == cls.device_type
+
+    def __call__(cls, *args, device=None):
+        device = device or cls.device_type
+        if not args or all(_is_size(a) for a in args):
+            return Tensor(_legacy_empty(args or (0,), cls.dtype, device))
+        if len(args) > 1:
+            raise TypeError(f"{cls.__name__}: pass one sequence of data or int sizes, got {args}")
+        return tensor(args[0], dtype=cls.dtype, device=device)
+
+
+def legacy_tensor_types(device_type: str) -> dict:
+    """``{"FloatTensor": <type>, ...}`` for ``device_type`` ("cpu": engine.*, "cuda": engine.cuda.*)."""
+    return {name: _LegacyTensorType(name, (), {"dtype": dtype, "device_type": device_type,
+                                                "__module__": "engine" if device_type == "cpu" else "engine.cuda"})
+            for dtype, name in _TYPE_NAMES.items()}
 
 
 def _unit_uniform(gen, dev, shape, dtype):
@@ -857,22 +1013,37 @@ def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False
     return Tensor(arr, requires_grad=requires_grad)
 
 
-def randn(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
-    """Standard normal samples from the engine's seeded generator (see ``engine.manual_seed``)."""
+def randn(*shape, size=None, generator=None, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Standard normal samples from the engine's seeded generator (see ``engine.manual_seed``) or
+    ``generator``; the shape as ``randn(2, 3)``, ``randn((2, 3))`` or ``randn(size=(2, 3))``."""
+    shape = _size_arg("randn", shape, size)
     dev = _device_for(device, dtype)
     with backend.on_device(dev):
-        arr = backend.generator(dev).standard_normal(_shape_arg(shape)).astype(dtype or float32)
+        arr = backend.rng_for(generator, dev).standard_normal(shape).astype(dtype or float32)
     return Tensor(arr, requires_grad=requires_grad)
 
 
-def rand(*shape, dtype=None, device=None, requires_grad=False) -> Tensor:
-    """Uniform samples in [0, 1) from the engine's seeded generator."""
+def rand(*shape, size=None, generator=None, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Uniform samples in [0, 1) from the engine's seeded generator (or ``generator``)."""
+    shape = _size_arg("rand", shape, size)
     dev = _device_for(device, dtype)
-    gen = backend.generator(dev)
+    gen = backend.rng_for(generator, dev)
     with backend.on_device(dev):
-        sample = gen.random(_shape_arg(shape)) if dev.type == "cpu" else gen.random_sample(_shape_arg(shape))
+        sample = gen.random(shape) if dev.type == "cpu" else gen.random_sample(shape)
         arr = _below(sample.astype(dtype or float32))
     return Tensor(arr, requires_grad=requires_grad)
+
+
+def _size_arg(op: str, shape: tuple, size) -> tuple:
+    """The shape given positionally (``2, 3`` or ``(2, 3)``) or as ``size=``, not both (as PyTorch)."""
+    if size is not None:
+        if shape:
+            raise TypeError(f"{op}: give the shape positionally or as size=, not both (got {shape} and size={size})")
+        shape = (size,)
+    shape = _shape_arg(shape)
+    if not all(_is_size(n) and n >= 0 for n in shape):
+        raise TypeError(f"{op}: the size must be non-negative ints, got {shape}")
+    return tuple(int(n) for n in shape)
 
 
 def _below(arr, bound: float = 1.0):
@@ -882,14 +1053,35 @@ def _below(arr, bound: float = 1.0):
     return xp.minimum(arr, xp.asarray(dtypes.largest_below(bound, arr.dtype), dtype=arr.dtype))
 
 
-def randint(low: int, high: int, size, dtype=int64, device=None) -> Tensor:
-    """Integers in [low, high) from the engine's seeded generator."""
+def randint(*args, size=None, low=None, high=None, generator=None, dtype=None, device=None,
+            requires_grad=False) -> Tensor:
+    """Integers drawn uniformly from [low, high), as ``torch.randint``: ``randint(high, size)``,
+    ``randint(low, high, size)``, with ``size=``/``low=``/``high=`` as keywords too; int64 unless
+    ``dtype`` says otherwise. ``size`` is a tuple (a bare int is refused, as PyTorch does)."""
+    args = list(args)
+    if size is None:
+        if not args:
+            raise TypeError("randint: missing the size argument (a tuple such as (4,))")
+        size = args.pop()
+    bounds = [v for v in (low, high) if v is not None]
+    if len(args) + len(bounds) not in (1, 2) or (low is not None and high is None):
+        raise TypeError("randint: pass randint(high, size), randint(low, high, size) or the keywords low=, high=, "
+                        f"size=; got positional {tuple(args)} with low={low!r}, high={high!r}")
+    values = args + bounds
+    low, high = (0, values[0]) if len(values) == 1 else values
+    if not isinstance(size, (tuple, list)) or not all(_is_size(n) and n >= 0 for n in size):
+        raise TypeError(f"randint: size must be a tuple of non-negative ints, got {size!r}")
+    low, high = int(low), int(high)
+    if high <= low:
+        raise ValueError(f"randint: the range [low, high) = [{low}, {high}) is empty; high must exceed low")
+    dtype = np.dtype(dtype or int64)
+    if requires_grad and not is_floating(dtype):
+        raise DTypeError(f"randint: only floating-point tensors can require grad, got dtype {dtype}")
     dev = backend.check_available(backend.device(device))
-    gen = backend.generator(dev)
-    size = (size,) if isinstance(size, int) else tuple(size)
+    gen = backend.rng_for(generator, dev)
     with backend.on_device(dev):
-        arr = gen.integers(low, high, size) if dev.type == "cpu" else gen.randint(low, high, size)
-    return Tensor(arr.astype(dtype))
+        arr = gen.integers(low, high, tuple(size)) if dev.type == "cpu" else gen.randint(low, high, tuple(size))
+    return Tensor(arr.astype(dtype), requires_grad=requires_grad)
 
 
 def linspace(start, end, steps: int, dtype=None, device=None, requires_grad=False) -> Tensor:
@@ -900,7 +1092,8 @@ def linspace(start, end, steps: int, dtype=None, device=None, requires_grad=Fals
     return Tensor(arr, requires_grad=requires_grad)
 
 
-def normal(mean=0.0, std=1.0, size=None, dtype=None, device=None, requires_grad=False) -> Tensor:
+def normal(mean=0.0, std=1.0, size=None, *, generator=None, dtype=None, device=None,
+           requires_grad=False) -> Tensor:
     """Samples of N(mean, std^2) from the engine's seeded generator, as ``torch.normal``: ``mean`` and
     ``std`` are numbers (then ``size`` is required) or tensors (broadcast together; the result has
     their shape and, for tensors, their dtype and device)."""
@@ -917,16 +1110,16 @@ def normal(mean=0.0, std=1.0, size=None, dtype=None, device=None, requires_grad=
     dev = backend.check_available(backend.device(dev))
     sample_dtype = float64 if np.dtype(dtype) == float64 else float32
     with backend.on_device(dev):
-        unit = backend.generator(dev).standard_normal(shape, dtype=sample_dtype)
+        unit = backend.rng_for(generator, dev).standard_normal(shape, dtype=sample_dtype)
     mean_v = mean._data if isinstance(mean, Tensor) else mean
     std_v = std._data if isinstance(std, Tensor) else std
     return Tensor((mean_v + std_v * unit).astype(dtype), requires_grad=requires_grad)
 
 
-def randperm(n: int, dtype=int64, device=None) -> Tensor:
-    """A random permutation of 0 .. n-1 from the engine's seeded generator."""
+def randperm(n: int, *, generator=None, dtype=int64, device=None, requires_grad=False) -> Tensor:
+    """A random permutation of 0 .. n-1 from the engine's seeded generator (or ``generator``)."""
     dev = backend.check_available(backend.device(device))
-    gen = backend.generator(dev)
+    gen = backend.rng_for(generator, dev)
     with backend.on_device(dev):
         arr = gen.permutation(int(n))
     return Tensor(arr.astype(dtype, copy=False))
@@ -975,3 +1168,4 @@ int8, int16, uint8 = np.int8, np.int16, np.uint8
 
 
 from engine import ops  # noqa: E402  (ops imports Tensor from this module)
+from engine import indexing, shaping  # noqa: E402  (both import Tensor from this module)
