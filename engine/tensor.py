@@ -559,16 +559,14 @@ class Tensor:
     def __itruediv__(self, other): return self.div_(other)
 
     def __setitem__(self, index, value) -> None:
-        self._check_inplace("__setitem__")
-        if is_grad_enabled() and self.grad_fn is not None:
-            raise GradError(f"__setitem__ on {describe(self)}, which is part of a graph; use engine.where "
-                            "or build a new tensor (or write under engine.no_grad())")
-        if is_grad_enabled() and isinstance(value, Tensor) and value.requires_grad:
-            raise GradError(f"__setitem__: writing {describe(value)}, which requires grad, into {describe(self)} "
-                            "would drop its gradient; build the tensor with engine.cat / engine.where instead")
-        index = index._data if isinstance(index, Tensor) else index
-        self._data[index] = self._inplace_operand("__setitem__", value)
-        self._version.value += 1
+        """``t[index] = value`` (a number or a tensor), in place. In a graph (``t`` or ``value``
+        requires grad) it is recorded as PyTorch's CopySlices: the gradient reaches ``t``'s earlier
+        value outside ``index`` and ``value`` at it; a graph that saved ``t`` refuses to backward."""
+        def write(raw):
+            if not isinstance(value, Tensor) and np.ndim(raw) == 0:
+                _check_fill("__setitem__", raw, np.dtype(self.dtype))  # numpy would wrap or write INT64_MIN
+            self._data[ops._unwrap_index(index, self)] = raw
+        self._inplace("__setitem__", value, write, lambda old: indexing.index_put(old, index, value))
 
     # ---- operators and methods: see engine/ops.py ----------------------------------------------
     def __add__(self, other): return ops.add(self, other)

@@ -170,10 +170,14 @@ def test_in_place_change_of_a_view_of_a_graph_tensor_is_refused():
         y[0:2].mul_(0)
 
 
-def test_writing_a_tensor_that_requires_grad_into_a_buffer_is_refused():
+def test_writing_a_tensor_that_requires_grad_into_a_buffer_joins_the_graph():
+    # PyTorch records the write (CopySlices): the buffer now requires grad, and the value gets its gradient.
     buffer = engine.zeros(3)
-    with pytest.raises(GradError, match="drop its gradient"):
-        buffer[0] = leaf([1.0])[0]
+    w = leaf([1.0, 2.0])
+    buffer[0] = w[1] * 3
+    assert buffer.requires_grad and buffer.grad_fn is not None
+    (buffer * engine.tensor([2.0, 1.0, 1.0])).sum().backward()
+    np.testing.assert_allclose(w.grad.numpy(), [0.0, 6.0])
 
 
 def test_direct_in_place_change_of_a_leaf_is_refused():

@@ -101,6 +101,16 @@ CASES = {
     "count_nonzero": (lambda L, x: L.count_nonzero(x, dim=0), [INT], False),
     "isclose": (lambda L, x: L.isclose(x, x + 1e-9), [A34], False),
     "new_zeros_full": (lambda L, x: x.new_zeros(2, 3) + x.new_full((2, 3), 2.5) + x.new_ones((2, 3)), [A34], False),
+    "setitem_column": (lambda L, x: _setitem(x * 1, (slice(None), 0), 0.0), [A34], True),
+    "setitem_mask_value": (lambda L, x: _setitem(x * 2, ~(x > 0), -1.0), [A34], True),
+    "setitem_tensor_value": (lambda L, x, v: _setitem(x * 1, 1, v * 3), [A34, RNG.standard_normal(4)], True),
+    "setitem_broadcast_value": (lambda L, x, v: _setitem(x * 1, (slice(0, 2), slice(1, 3)), v.exp()),
+                                [A34, RNG.standard_normal(2)], True),
+    "setitem_index_tensor": (lambda L, x, v: _setitem(x.sin(), L.tensor([2, 0]), v), [A34, A34[:2] * 2], True),
+    "setitem_into_plain_tensor": (lambda L, x, v: _setitem(L.zeros(3, 4, dtype=L.float64), (0, slice(None)), v * v),
+                                  [A34, RNG.standard_normal(4)], True),
+    "setitem_twice": (lambda L, x, v: _setitem(_setitem(x * 1, 0, v), (slice(None), 1), v[1] * 2),
+                      [A34, RNG.standard_normal(4)], True),
 }
 
 
@@ -141,7 +151,7 @@ def test_gradients_match_pytorch(case):
 
 
 @pytest.mark.parametrize("case", ["tril", "masked_fill_scalar", "gather_dim1_repeats", "scatter_src", "topk",
-                                  "repeat_interleave_tensor", "flip", "cumsum"])
+                                  "repeat_interleave_tensor", "flip", "cumsum", "setitem_tensor_value"])
 def test_gradients_match_finite_differences(case):
     expr, arrays, _ = CASES[case]
     inputs = [engine.tensor(a) for a in arrays]
@@ -202,6 +212,77 @@ def test_inplace_forms_refuse_a_leaf_that_requires_grad():
     for change in (lambda: w.masked_fill_(w > 0, 0.0), lambda: w.tril_(), lambda: w.index_fill_(0, engine.tensor([0]), 1.0)):
         with pytest.raises(GradError, match="leaf"):
             change()
+
+
+# ---- __setitem__ on graph tensors: CopySlices and the version rules -------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_setitem_on_a_graph_tensor_is_recorded(device):
+    x = engine.tensor(A34, device=device, requires_grad=True)
+    y = x * 2
+    y_id = id(y)
+    y[:, 0] = 0
+    y[~(x > 0)] = -1.0
+    assert id(y) == y_id and y.grad_fn is not None
+    y.sum().backward()
+    expected = np.where(A34 > 0, 2.0, 0.0)
+    expected[:, 0] = 0.0
+    np.testing.assert_allclose(x.grad.numpy(), expected)
+
+
+def test_setitem_of_a_tensor_requiring_grad_reaches_both_tensors():
+    x = engine.tensor(A34, requires_grad=True)
+    v = engine.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    y = x.sin()
+    y[engine.tensor([1, 2]), engine.tensor([0, 3])] = v * v
+    y.sum().backward()
+    expected = np.cos(A34)
+    expected[1, 0] = expected[2, 3] = 0.0
+    np.testing.assert_allclose(x.grad.numpy(), expected)
+    np.testing.assert_allclose(v.grad.numpy(), [2.0, 4.0])
+
+
+def test_setitem_after_a_saved_use_refuses_backward():
+    # (y * y) saved y; changing y afterwards would make its gradient wrong: PyTorch raises too.
+    x = engine.tensor(A34, requires_grad=True)
+    y = x * 1
+    z = (y * y).sum()
+    y[0] = 5.0
+    with pytest.raises(GradError, match="modified by an in-place operation"):
+        z.backward()
+
+
+def test_setitem_on_an_output_a_node_saved_refuses_backward():
+    x = engine.tensor(A34, requires_grad=True)
+    y = x.exp()   # exp keeps its output for backward
+    y[:, 1] = 0.0
+    with pytest.raises(GradError, match="modified by an in-place operation"):
+        y.sum().backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        t = torch.tensor(A34, requires_grad=True).exp()
+        t[:, 1] = 0.0
+        t.sum().backward()
+
+
+def test_setitem_refusals_match_pytorch():
+    w = engine.ones(3, requires_grad=True)
+    with pytest.raises(GradError, match="leaf"):
+        w[0] = 2.0
+    with engine.no_grad():
+        w[0] = 2.0  # an update, as optimizers do
+    assert w.numpy()[0] == 2.0
+    y = w * 1
+    with pytest.raises(GradError, match="view"):
+        y[0:2][0] = 1.0  # a view of a graph tensor: PyTorch rebases, the engine refuses (documented)
+
+
+def test_setitem_casts_into_the_destination_dtype():
+    counts = engine.zeros(3, dtype=engine.long)
+    counts[1] = 2.9
+    counts[engine.tensor([0, 2])] = engine.tensor([1.5, -1.5])
+    assert counts.dtype == np.int64 and counts.tolist() == [1, 2, -1]
+    with pytest.raises(DTypeError):
+        counts[0] = float("nan")
 
 
 # ---- random functions -----------------------------------------------------------------------------------
