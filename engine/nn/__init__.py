@@ -14,6 +14,7 @@ from engine.nn.layers import (GELU, BatchNorm1d, BatchNorm2d, Dropout, Dropout2d
 from engine.nn.losses import (BCELoss, BCEWithLogitsLoss, CosineEmbeddingLoss, CrossEntropyLoss, KLDivLoss,
                                L1Loss, MSELoss, NLLLoss)
 from engine.nn.module import IncompatibleKeys, Module, Parameter, StateDictError
+from engine.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
 from engine.nn.transformer import (MultiheadAttention, Transformer, TransformerDecoder, TransformerDecoderLayer,
                                    TransformerEncoder, TransformerEncoderLayer)
 
@@ -27,4 +28,5 @@ __all__ = [
     "TransformerDecoder", "Transformer",
     "CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss", "BCELoss", "BCEWithLogitsLoss", "KLDivLoss",
     "CosineEmbeddingLoss",
+    "RNNBase", "RNN", "LSTM", "GRU", "RNNCellBase", "RNNCell", "LSTMCell", "GRUCell",
 ]
