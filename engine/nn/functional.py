@@ -3,7 +3,7 @@
 from engine.functional import (adaptive_avg_pool2d, avg_pool1d, avg_pool2d, binary_cross_entropy,
                                binary_cross_entropy_with_logits, conv1d, conv2d, cosine_embedding_loss, cross_entropy,
                                dropout, dropout2d, embedding, fused_enabled, fused_kernels, gelu, kl_div, l1_loss, layer_norm, leaky_relu, linear, linear_relu,
-                               log_softmax, max_pool2d, mse_loss, nll_loss, one_hot, relu,
+                               log_softmax, max_pool2d, mse_loss, nll_loss, one_hot, pad, relu,
                                scaled_dot_product_attention, sigmoid, softmax, tanh)
 
 __all__ = [
@@ -11,6 +11,6 @@ __all__ = [
     "cosine_embedding_loss",
     "binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "dropout", "embedding",
     "fused_enabled", "fused_kernels", "gelu", "kl_div", "l1_loss", "layer_norm", "leaky_relu", "linear",
-    "linear_relu", "log_softmax", "mse_loss", "nll_loss", "one_hot", "relu", "scaled_dot_product_attention", "sigmoid",
+    "linear_relu", "log_softmax", "mse_loss", "nll_loss", "one_hot", "pad", "relu", "scaled_dot_product_attention", "sigmoid",
     "softmax", "tanh",
 ]

@@ -1,4 +1,4 @@
-"""Layers: containers (Sequential, ModuleList), Linear, activations, Dropout(2d), LayerNorm, BatchNorm1d/2d,
+"""Layers: containers (Sequential, ModuleList, ModuleDict), Linear, activations, Dropout(2d), LayerNorm, BatchNorm1d/2d,
 Embedding.
 
 ``Sequential`` runs a ``Linear`` directly followed by a ``ReLU`` as the fused kernel
@@ -126,6 +126,73 @@ class ModuleList(_ModuleSequence):
 
     def _from_slice(self, items: list) -> "ModuleList":
         return ModuleList(module for _, module in items)
+
+
+class ModuleDict(Module):
+    """Modules held by name, each registered as a child (``torch.nn.ModuleDict``): ``d["head"]``,
+    ``d.head``, ``"head" in d``, iteration over the keys, ``keys()``/``values()``/``items()``,
+    ``update``, ``pop``, ``clear``; insertion order is kept (a plain dict's too).
+
+    Example:
+        >>> self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(50, 8), ln_f=nn.LayerNorm(8)))  # doctest: +SKIP
+        >>> self.transformer.wte(idx)                                                               # doctest: +SKIP
+    """
+
+    def __init__(self, modules=None):
+        super().__init__()
+        if modules is not None:
+            self.update(modules)
+
+    def __getitem__(self, key: str) -> Module:
+        if key not in self._modules:
+            raise KeyError(f"ModuleDict has no module {key!r} (keys: {list(self._modules)})")
+        return self._modules[key]
+
+    def __setitem__(self, key: str, module: Module) -> None:
+        self.add_module(key, _check_module("ModuleDict", key, module))
+
+    def __delitem__(self, key: str) -> None:
+        del self._modules[key]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __contains__(self, key) -> bool:
+        return key in self._modules
+
+    def clear(self) -> None:
+        self._modules.clear()
+
+    def pop(self, key: str) -> Module:
+        module = self[key]
+        del self[key]
+        return module
+
+    def keys(self):
+        return self._modules.keys()
+
+    def items(self):
+        return self._modules.items()
+
+    def values(self):
+        return self._modules.values()
+
+    def update(self, modules) -> None:
+        """Add or replace modules from a mapping (dict, OrderedDict, ModuleDict) or an iterable of
+        ``(name, module)`` pairs."""
+        if hasattr(modules, "items") and callable(modules.items):
+            pairs = modules.items()
+        else:
+            pairs = []
+            for i, pair in enumerate(modules):
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise TypeError(f"ModuleDict.update: element #{i} should be a (name, module) pair, got {pair!r}")
+                pairs.append(pair)
+        for key, module in pairs:
+            self[key] = module
 
 
 # ---- linear ----------------------------------------------------------------------------------------
@@ -469,3 +536,55 @@ class Embedding(Module):
     def extra_repr(self) -> str:
         text = f"{self.num_embeddings}, {self.embedding_dim}"
         return text if self.padding_idx is None else f"{text}, padding_idx={self.padding_idx}"
+
+
+# ---- padding --------------------------------------------------------------------------------------
+
+class _PadNd(Module):
+    """A padding layer: ``F.pad`` of the last ``_dims`` dims in ``_mode`` (PyTorch's padding modules).
+    ``padding`` is one int for every side or a tuple (left, right[, top, bottom[, front, back]])."""
+
+    _mode, _dims = "constant", 1
+
+    def __init__(self, padding, value: float = 0.0):
+        super().__init__()
+        sides = 2 * self._dims
+        self.padding = (int(padding),) * sides if isinstance(padding, (int, np.integer)) else tuple(padding)
+        if len(self.padding) != sides:
+            raise ValueError(f"{type(self).__name__}: padding must be an int or a tuple of {sides} ints, got {padding!r}")
+        self.value = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.padding, self._mode, self.value if self._mode == "constant" else None)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding}, value={self.value}" if self._mode == "constant" else f"{self.padding}"
+
+
+class _ConstantPadNd(_PadNd):
+    def __init__(self, padding, value: float):
+        super().__init__(padding, value)
+
+
+class _ZeroPadNd(_PadNd):
+    def __init__(self, padding):
+        super().__init__(padding, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"{self.padding}"
+
+
+def _padding_layer(name: str, base: type, mode: str, dims: int) -> type:
+    doc = f"Pad the last {dims} dim(s) in {mode!r} mode (``torch.nn.{name}``; see ``F.pad``)."
+    return type(name, (base,), {"_mode": mode, "_dims": dims, "__doc__": doc, "__module__": __name__})
+
+
+ZeroPad1d, ZeroPad2d, ZeroPad3d = (_padding_layer(f"ZeroPad{d}d", _ZeroPadNd, "constant", d) for d in (1, 2, 3))
+ConstantPad1d, ConstantPad2d, ConstantPad3d = (_padding_layer(f"ConstantPad{d}d", _ConstantPadNd, "constant", d)
+                                               for d in (1, 2, 3))
+ReflectionPad1d, ReflectionPad2d, ReflectionPad3d = (_padding_layer(f"ReflectionPad{d}d", _PadNd, "reflect", d)
+                                                     for d in (1, 2, 3))
+ReplicationPad1d, ReplicationPad2d, ReplicationPad3d = (_padding_layer(f"ReplicationPad{d}d", _PadNd, "replicate", d)
+                                                        for d in (1, 2, 3))
+CircularPad1d, CircularPad2d, CircularPad3d = (_padding_layer(f"CircularPad{d}d", _PadNd, "circular", d)
+                                               for d in (1, 2, 3))

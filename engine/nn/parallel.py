@@ -1,4 +1,5 @@
-"""Parallel training wrappers: DistributedDataParallel (data parallelism over engine.distributed).
+"""Parallel training wrappers: DistributedDataParallel (data parallelism over engine.distributed), and
+DataParallel as PyTorch runs it on one device.
 
 DistributedDataParallel (DDP) keeps one replica of the model per rank. At construction it checks
 that every rank built the same parameters (names, shapes, dtypes) and copies rank 0's parameters
@@ -299,3 +300,42 @@ DDP = DistributedDataParallel
 
 # Tensor parallelism (Megatron's split) lives beside the process group; nn.parallel is where users look.
 from engine.distributed.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402,F401
+
+
+class DataParallel(Module):
+    """PyTorch's ``nn.DataParallel`` on one device: ``forward`` calls the wrapped module on the inputs
+    as they are, which is what PyTorch does without CUDA or with one GPU. Parameters and the state
+    dict are the module's under ``module.`` (``model.module.fc.weight``), as in PyTorch.
+
+    Splitting a batch over several GPUs in one process is not done: with several ``device_ids``
+    the module still runs on the first device only (same results, one GPU's speed), with a
+    warning; use :class:`DistributedDataParallel` to train on several devices.
+
+    Args:
+        module: the module to wrap.
+        device_ids: CUDA device indices (or devices); default all visible ones, none on a CPU machine.
+        output_device: accepted for PyTorch compatibility (outputs stay where the module puts them).
+        dim: the batch dim PyTorch would scatter along (kept as an attribute).
+    """
+
+    def __init__(self, module: Module, device_ids=None, output_device=None, dim: int = 0):
+        super().__init__()
+        from engine import backend
+
+        if not isinstance(module, Module):
+            raise TypeError(f"DataParallel: expected a Module, got {type(module).__name__}")
+        self.module, self.dim = module, dim
+        if device_ids is None:
+            device_ids = list(range(backend.cuda_device_count()))
+        self.device_ids = [d if isinstance(d, int) else backend.device(d).index for d in device_ids]
+        self.output_device = output_device if output_device is not None else (self.device_ids[0] if self.device_ids
+                                                                               else None)
+        if len(set(self.device_ids)) > 1:
+            import warnings
+
+            warnings.warn(f"DataParallel runs the module on cuda:{self.device_ids[0]} only (the engine does not split a "
+                          "batch over GPUs in one process); use DistributedDataParallel for several devices",
+                          UserWarning, stacklevel=2)
+
+    def forward(self, *inputs, **kwargs):
+        return self.module(*inputs, **kwargs)
