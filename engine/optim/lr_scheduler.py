@@ -28,7 +28,7 @@ from bisect import bisect_right
 from engine.errors import EngineError
 
 __all__ = ["LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
-           "LinearLR", "SequentialLR", "ChainedScheduler", "ReduceLROnPlateau"]
+           "LinearLR", "SequentialLR", "ChainedScheduler", "ReduceLROnPlateau", "OneCycleLR"]
 
 
 class _StateDictMixin:
@@ -265,6 +265,131 @@ class LinearLR(LRScheduler):
         progress = min(self.total_iters, self.last_epoch) / self.total_iters
         factor = self.start_factor + (self.end_factor - self.start_factor) * progress
         return [base_lr * factor for base_lr in self.base_lrs]
+
+
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy (Smith & Topor, 2017), as ``torch.optim.lr_scheduler.OneCycleLR``: the lr rises
+    from ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of the steps, then falls to
+    ``initial_lr / final_div_factor``; with ``cycle_momentum`` the momentum (SGD's ``momentum``, or
+    Adam's ``betas[0]``) moves inversely between ``max_momentum`` and ``base_momentum``. Stepped after
+    every batch (not every epoch); stepping past ``total_steps`` raises, as in PyTorch.
+
+    Args:
+        optimizer: the optimizer.
+        max_lr: the peak lr (a number, or one per param group).
+        total_steps: steps in the cycle; or give ``epochs`` and ``steps_per_epoch``.
+        epochs, steps_per_epoch: ``total_steps = epochs * steps_per_epoch``.
+        pct_start: fraction of the cycle spent increasing the lr.
+        anneal_strategy: "cos" or "linear".
+        cycle_momentum: also cycle the momentum.
+        base_momentum, max_momentum: the momentum's bounds (numbers or one per group).
+        div_factor: ``initial_lr = max_lr / div_factor``.
+        final_div_factor: ``min_lr = initial_lr / final_div_factor``.
+        three_phase: a third phase anneals from ``initial_lr`` to ``min_lr`` (fast.ai's schedule).
+        last_epoch: the index of the last step when resuming (-1 starts fresh).
+    """
+
+    def __init__(self, optimizer, max_lr, total_steps: int | None = None, epochs: int | None = None,
+                 steps_per_epoch: int | None = None, pct_start: float = 0.3, anneal_strategy: str = "cos",
+                 cycle_momentum: bool = True, base_momentum=0.85, max_momentum=0.95, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, three_phase: bool = False, last_epoch: int = -1):
+        name = "OneCycleLR"
+        groups = _param_groups(name, optimizer)
+        if total_steps is not None:
+            _check_int(name, "total_steps", total_steps, low=1)
+            self.total_steps = int(total_steps)
+        elif epochs is not None and steps_per_epoch is not None:
+            _check_int(name, "epochs", epochs, low=1)
+            _check_int(name, "steps_per_epoch", steps_per_epoch, low=1)
+            self.total_steps = int(epochs) * int(steps_per_epoch)
+        else:
+            raise EngineError(f"{name}: you must define either total_steps OR (epochs AND steps_per_epoch)")
+        if not isinstance(pct_start, numbers.Real) or not 0 <= pct_start <= 1:
+            raise EngineError(f"{name}: expected a float between 0 and 1 for pct_start, got {pct_start!r}")
+        if anneal_strategy not in ("cos", "linear"):
+            raise EngineError(f"{name}: anneal_strategy must be one of 'cos' or 'linear', got {anneal_strategy!r}")
+        for arg, value in (("div_factor", div_factor), ("final_div_factor", final_div_factor)):
+            _check_real(name, arg, value)
+        self.anneal_strategy, self.cycle_momentum = anneal_strategy, bool(cycle_momentum)
+        steps = self.total_steps
+        if three_phase:
+            self._schedule_phases = [
+                dict(end_step=float(pct_start * steps) - 1, start_lr="initial_lr", end_lr="max_lr",
+                     start_momentum="max_momentum", end_momentum="base_momentum"),
+                dict(end_step=float(2 * pct_start * steps) - 2, start_lr="max_lr", end_lr="initial_lr",
+                     start_momentum="base_momentum", end_momentum="max_momentum"),
+                dict(end_step=steps - 1, start_lr="initial_lr", end_lr="min_lr",
+                     start_momentum="max_momentum", end_momentum="max_momentum")]
+        else:
+            self._schedule_phases = [
+                dict(end_step=float(pct_start * steps) - 1, start_lr="initial_lr", end_lr="max_lr",
+                     start_momentum="max_momentum", end_momentum="base_momentum"),
+                dict(end_step=steps - 1, start_lr="max_lr", end_lr="min_lr",
+                     start_momentum="base_momentum", end_momentum="max_momentum")]
+        max_lrs = _per_group(name, "max_lr", max_lr, groups)
+        if last_epoch == -1:
+            for group, peak in zip(groups, max_lrs):
+                group["initial_lr"] = peak / div_factor
+                group["max_lr"] = peak
+                group["min_lr"] = group["initial_lr"] / final_div_factor
+        self.use_beta1 = False
+        if self.cycle_momentum:
+            defaults = getattr(optimizer, "defaults", {})
+            if "momentum" not in defaults and "betas" not in defaults:
+                raise EngineError(f"{name}: optimizer must support momentum or beta1 with the cycle_momentum option "
+                                  f"enabled ({type(optimizer).__name__} has neither); pass cycle_momentum=False")
+            self.use_beta1 = "betas" in defaults
+            highs = _per_group(name, "max_momentum", max_momentum, groups)
+            lows = _per_group(name, "base_momentum", base_momentum, groups)
+            if last_epoch == -1:
+                for group, high, low in zip(groups, highs, lows):
+                    self._set_momentum(group, high)
+                    group["max_momentum"], group["base_momentum"] = high, low
+        super().__init__(optimizer, last_epoch)
+
+    def _set_momentum(self, group: dict, value: float) -> None:
+        if self.use_beta1:
+            group["betas"] = (value, *group["betas"][1:])
+        else:
+            group["momentum"] = value
+
+    def _anneal(self, start: float, end: float, pct: float) -> float:
+        if self.anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        if step > self.total_steps:
+            raise EngineError(f"OneCycleLR: tried to step {step} times; the specified number of total steps is "
+                              f"{self.total_steps}")
+        lrs = []
+        for group in self.optimizer.param_groups:
+            start = 0.0
+            for i, phase in enumerate(self._schedule_phases):
+                end = phase["end_step"]
+                if step <= end or i == len(self._schedule_phases) - 1:
+                    pct = (step - start) / (end - start)
+                    lrs.append(self._anneal(group[phase["start_lr"]], group[phase["end_lr"]], pct))
+                    if self.cycle_momentum:
+                        self._set_momentum(group, self._anneal(group[phase["start_momentum"]],
+                                                               group[phase["end_momentum"]], pct))
+                    break
+                start = end
+        return lrs
+
+
+def _per_group(name: str, arg: str, value, groups: list) -> list[float]:
+    """A hyperparameter given once or once per param group, as a list with one value per group."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise EngineError(f"{name}: expected {len(groups)} values for {arg}, got {len(value)}")
+        values = list(value)
+    else:
+        values = [value] * len(groups)
+    for v in values:
+        _check_real(name, arg, v)
+    return values
 
 
 class _CombinesSchedulers:
