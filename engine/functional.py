@@ -8,6 +8,7 @@ code, ``with F.fused_kernels(False):`` so fused-vs-reference parity can be teste
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -849,18 +850,32 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 
 
 def dropout2d(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    """Channel dropout of (N, C, H, W) or unbatched (C, H, W) input: each whole channel is zeroed
-    with probability ``p`` and the rest scaled by 1 / (1 - p) (adjacent pixels of a feature map are
-    correlated, so element-wise dropout would barely regularise them)."""
+    """Channel dropout of (N, C, H, W) input: each whole channel is zeroed with probability ``p``
+    and the rest scaled by 1 / (1 - p) (adjacent pixels of a feature map are correlated, so
+    element-wise dropout would barely regularise them).
+
+    Other ranks follow PyTorch 2.x, with its warnings: a 3-d input is taken as (N, C, L) (one draw
+    per (n, c), PyTorch's current reading, announced to change to unbatched (C, H, W)); a 2-d input
+    gets element-wise dropout (deprecated there, as ``dropout`` does it)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout2d: p must be a probability in [0, 1], got {p}")
-    if input.ndim not in (3, 4):
-        raise ShapeError(f"dropout2d: expected (N, C, H, W) or (C, H, W) input, got {describe(input)}")
+    if input.ndim not in (2, 3, 4):
+        raise ShapeError(f"dropout2d: expected (N, C, H, W) input, got {describe(input)}")
+    if input.ndim == 2:
+        warnings.warn("dropout2d: Received a 2-D input to dropout2d, which is deprecated and will result in an "
+                      "error in a future release. To retain the behavior and silence this warning, please use "
+                      "dropout instead.", UserWarning, stacklevel=3)
+        return dropout(input, p, training)
+    if input.ndim == 3:
+        warnings.warn("dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout "
+                      "behavior is desired - input is interpreted as shape (N, C, L), where C is the channel dim "
+                      "(as PyTorch does; use dropout1d to keep this behaviour).", UserWarning, stacklevel=3)
     if not training or p == 0.0:
         return input
     if not is_floating(input.dtype):
         raise DTypeError(f"dropout2d: input must be floating point, got {describe(input)}")
-    shape = input.shape[:-2] + (1, 1)  # one draw per channel, broadcast over H and W
+    # one draw per channel, broadcast over the spatial dims ((H, W), or L for a 3-d input)
+    shape = input.shape[:2] + (1,) * (input.ndim - 2)
     keep = _uniform_samples(input.device, shape, input.dtype) >= p
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     mask = keep.astype(input.dtype) * input.dtype.type(scale)

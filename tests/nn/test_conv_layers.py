@@ -391,3 +391,16 @@ def test_dropout2d_zeroes_whole_channels_and_scales_the_rest():
     y.sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), y.numpy())
     assert nn.Dropout2d(0.5).eval()(x) is x
+
+
+def test_dropout2d_on_2d_and_3d_input_follows_pytorch():
+    # PyTorch 2.x: a 3-d input is (N, C, L), one draw per (n, c); a 2-d input gets element-wise
+    # dropout (deprecated); both warn. mnist_rnn's Dropout2d on (N, 64) features relies on the latter.
+    engine.manual_seed(0)
+    with pytest.warns(UserWarning, match="3D input"):
+        y = nn.Dropout2d(0.5)(engine.ones(6, 8, 5))
+    values = y.numpy()
+    assert np.all(values == values[..., :1]) and 0.2 < (values[..., 0] == 0).mean() < 0.8
+    with pytest.warns(UserWarning, match="2-D input"):
+        z = nn.Dropout2d(0.5)(engine.ones(64, 64)).numpy()
+    assert set(np.unique(z)) == {0.0, 2.0} and not np.all(z == z[:, :1])  # not one draw per row
