@@ -166,7 +166,8 @@ def _as_tensor(value, where: str) -> Tensor:
 def make_generator(seed=None, generator=None, where: str = "data") -> np.random.Generator:
     """A numpy Generator for shuffling and augmentation.
 
-    ``generator`` (a ``np.random.Generator``) is used as is; ``seed`` (an int) seeds a fresh one;
+    ``generator`` (a ``np.random.Generator``, or a CPU ``engine.Generator``'s stream) is used as is;
+    ``seed`` (an int) seeds a fresh one;
     with neither, the seed is drawn from the engine's CPU generator, so results repeat after
     ``engine.manual_seed(s)``.
     """
@@ -175,6 +176,8 @@ def make_generator(seed=None, generator=None, where: str = "data") -> np.random.
     if generator is not None:
         if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
             return make_generator(seed=generator, where=where)
+        if isinstance(generator, backend.Generator):  # engine.Generator, PyTorch's torch.Generator
+            return backend.rng_for(generator, backend.CPU)
         if not isinstance(generator, np.random.Generator):
             raise EngineError(f"{where}: generator must be a numpy.random.Generator or an int seed, "
                               f"got {type(generator).__name__}")

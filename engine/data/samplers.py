@@ -93,13 +93,23 @@ class RandomSampler(_SeededSampler):
     def num_samples(self) -> int:
         return len(self.data_source) if self._num_samples is None else self._num_samples
 
+    _CHUNK = 4096  # draws with replacement made at a time: num_samples may be huge (minGPT asks for 1e10)
+
     def __iter__(self):
         n, total = len(self.data_source), self.num_samples
         if self.replacement:
-            return iter(self.generator.integers(0, n, size=total).tolist())
+            return self._draws_with_replacement(n, total)
         rounds = -(-total // n)
         order = np.concatenate([self.generator.permutation(n) for _ in range(rounds)])[:total]
         return iter(order.tolist())
+
+    def _draws_with_replacement(self, n: int, total: int):
+        """Indices drawn lazily, a chunk at a time, as PyTorch's sampler draws them: building all
+        ``num_samples`` at once would need 8 bytes each."""
+        while total > 0:
+            chunk = min(self._CHUNK, total)
+            yield from self.generator.integers(0, n, size=chunk).tolist()
+            total -= chunk
 
     def __len__(self) -> int:
         return self.num_samples

@@ -16,3 +16,5 @@ __all__ = ["Dataset", "IterableDataset", "TensorDataset", "Subset", "ConcatDatas
            "default_collate", "get_worker_info", "random_split", "Sampler", "SequentialSampler",
            "RandomSampler", "SubsetRandomSampler", "BatchSampler", "WeightedRandomSampler",
            "DistributedSampler"]
+
+from engine.utils.data import dataloader, dataset, distributed, sampler  # noqa: E402,F401  (PyTorch's submodule paths)
