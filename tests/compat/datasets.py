@@ -150,3 +150,33 @@ class DigitsCIFAR10(DigitsMNIST):
         self.transform, self.target_transform = transform, target_transform
         self.data, labels = digits_cifar_split(train)
         self.targets = [int(label) for label in labels]
+
+
+def write_tiny_corpus(directory, seed: int = 0, lines: tuple = (300, 60, 60)) -> None:
+    """Stand-in for the word-level corpora (Wikitext-2) the language-model examples read: writes
+    ``train.txt``, ``valid.txt`` and ``test.txt`` into ``directory``, sentences of a small grammar
+    (a determiner, an optional adjective, a noun, a verb that depends on the noun, an object), one
+    per line, so a model has structure to learn: about 30 words, perplexity far below the vocabulary
+    size once learned."""
+    import pathlib
+
+    rng = np.random.default_rng(seed)
+    nouns = {"cat": ["chases", "sees"], "dog": ["chases", "bites"], "bird": ["sees", "hears"],
+             "child": ["hears", "likes", "sees"], "farmer": ["feeds", "likes"]}
+    objects = {"chases": ["mouse", "ball"], "sees": ["tree", "river", "mouse"], "bites": ["bone", "ball"],
+               "hears": ["song", "river"], "likes": ["song", "apple"], "feeds": ["horse", "dog"]}
+    adjectives = ["big", "small", "old", "happy"]
+
+    def sentence() -> str:
+        noun = rng.choice(list(nouns))
+        words = [rng.choice(["the", "a"])]
+        if rng.random() < 0.4:
+            words.append(rng.choice(adjectives))
+        verb = rng.choice(nouns[noun])
+        words += [noun, verb, "the", rng.choice(objects[verb]), "."]
+        return " ".join(words)
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, count in zip(("train.txt", "valid.txt", "test.txt"), lines):
+        (directory / name).write_text("\n".join(sentence() for _ in range(count)) + "\n")
