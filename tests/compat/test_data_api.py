@@ -275,3 +275,40 @@ def test_workers_see_the_loop_threads_grad_mode():
     with torch.no_grad():
         list(torch.utils.data.DataLoader(Probe(), batch_size=2, num_workers=2))
     assert modes == [False] * 4
+
+
+def test_torch_utils_data_submodule_paths():
+    from engine.utils.data.dataloader import DataLoader
+    from engine.utils.data.dataset import Dataset, random_split
+    from engine.utils.data.distributed import DistributedSampler
+    from engine.utils.data.sampler import RandomSampler
+
+    assert DataLoader is torch.utils.data.DataLoader and Dataset is torch.utils.data.Dataset
+    assert DistributedSampler is torch.utils.data.DistributedSampler and RandomSampler is torch.utils.data.RandomSampler
+    assert random_split is torch.utils.data.random_split
+
+
+def test_random_sampler_with_replacement_draws_lazily():
+    # minGPT's infinite loader: building 1e10 indices at once would need 80 GB.
+    import itertools
+
+    from engine.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    sampler = RandomSampler(range(7), replacement=True, num_samples=int(1e10), generator=0)
+    assert len(sampler) == int(1e10)
+    first = list(itertools.islice(iter(sampler), 10000))
+    assert min(first) == 0 and max(first) == 6 and len(set(first)) == 7
+    assert list(itertools.islice(iter(RandomSampler(range(7), replacement=True, num_samples=int(1e10), generator=0)),
+                                 10000)) == first
+    loader = DataLoader(TensorDataset(torch.arange(7)), sampler=sampler, batch_size=4)
+    (batch,) = next(iter(loader))
+    assert batch.shape == (4,)
+
+
+def test_random_split_and_samplers_take_an_engine_generator():
+    from engine.utils.data import RandomSampler, random_split
+
+    splits = [random_split(range(10), [7, 3], generator=torch.Generator().manual_seed(42)) for _ in range(2)]
+    assert list(splits[0][1]) == list(splits[1][1]) and len(splits[0][0]) == 7
+    orders = [list(RandomSampler(range(10), generator=torch.Generator().manual_seed(1))) for _ in range(2)]
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(10))
