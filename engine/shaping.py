@@ -243,7 +243,7 @@ def repeat_interleave(input: Tensor, repeats=None, dim: int | None = None, *, ou
             counts = counts[0]
         elif bool(backend.to_host((counts < 0).any())):
             raise ValueError("repeat_interleave: repeats must be non-negative")
-        counts = backend.to_host(counts) if counts.ndim else int(backend.to_host(counts))
+        counts = backend.to_host(counts).tolist() if counts.ndim else int(backend.to_host(counts))  # cupy takes lists
     elif _is_int(repeats):
         counts = int(repeats)
     else:
