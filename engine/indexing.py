@@ -83,7 +83,7 @@ def checked_index(op: str, index: Tensor, size: int, like: Tensor, allow_negativ
     else:
         kernels.deferred.defer(_xp(idx).stack([idx.min(), idx.max()]).astype(np.int64), check)
         idx = _xp(idx).clip(idx, low, size - 1)
-    return idx % size if allow_negative and low < 0 else idx
+    return idx % size if allow_negative else idx
 
 
 def _along(index, dim: int) -> tuple:
@@ -575,8 +575,9 @@ def multinomial(input: Tensor, num_samples: int, replacement: bool = False, *, g
     Without replacement a category is drawn at most once per row, each draw in proportion to the
     remaining weights (PyTorch's exponential-race method: the ``num_samples`` largest
     ``weight / Exp(1)``); once the positive weights are used up, zero-weight categories follow in
-    index order, as PyTorch's CPU kernel gives them. The weights are checked (finite, non-negative, a positive sum per row)
-    on the host: on a GPU that is one read, as PyTorch's own check synchronises.
+    index order, as PyTorch's CPU kernel gives them. The weights are checked (finite, non-negative,
+    a positive sum per row) on the host: on a GPU that is one read, as PyTorch's own check
+    synchronises.
     """
     from engine.ops import write_out
 

@@ -686,8 +686,13 @@ class Tensor:
     def nonzero(self, *, as_tuple=False): return indexing.nonzero(self, as_tuple=as_tuple)
     def argwhere(self): return indexing.argwhere(self)
     def count_nonzero(self, dim=None): return indexing.count_nonzero(self, dim)
-    def isclose(self, other, rtol=1e-05, atol=1e-08, equal_nan=False): return indexing.isclose(self, other, rtol, atol, equal_nan)
-    def allclose(self, other, rtol=1e-05, atol=1e-08, equal_nan=False): return indexing.allclose(self, other, rtol, atol, equal_nan)
+
+    def isclose(self, other, rtol=1e-05, atol=1e-08, equal_nan=False):
+        return indexing.isclose(self, other, rtol, atol, equal_nan)
+
+    def allclose(self, other, rtol=1e-05, atol=1e-08, equal_nan=False):
+        return indexing.allclose(self, other, rtol, atol, equal_nan)
+
     def equal(self, other): return indexing.equal(self, other)
 
     def multinomial(self, num_samples, replacement=False, *, generator=None):

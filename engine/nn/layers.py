@@ -551,7 +551,8 @@ class _PadNd(Module):
         sides = 2 * self._dims
         self.padding = (int(padding),) * sides if isinstance(padding, (int, np.integer)) else tuple(padding)
         if len(self.padding) != sides:
-            raise ValueError(f"{type(self).__name__}: padding must be an int or a tuple of {sides} ints, got {padding!r}")
+            raise ValueError(f"{type(self).__name__}: padding must be an int or a tuple of {sides} ints, got "
+                             f"{padding!r}")
         self.value = value
 
     def forward(self, x: Tensor) -> Tensor:

@@ -338,7 +338,8 @@ class RNNBase(Module):
         for i, state in enumerate(states):
             if unbatched:
                 if state.ndim != 2:
-                    raise ShapeError(f"{name}: for unbatched 2-D input, hx should also be 2-D but got {describe(state)}")
+                    raise ShapeError(f"{name}: for unbatched 2-D input, hx should also be 2-D but got "
+                                     f"{describe(state)}")
                 state = ops.unsqueeze(state, 1)
             elif sorted_indices is not None:
                 state = index_select(state, 1, sorted_indices)  # the caller's order -> the packed (sorted) one

@@ -209,7 +209,8 @@ def test_fill_with_a_0d_tensor_that_requires_grad_sends_it_the_gradient():
 
 def test_inplace_forms_refuse_a_leaf_that_requires_grad():
     w = engine.ones(3, 3, requires_grad=True)
-    for change in (lambda: w.masked_fill_(w > 0, 0.0), lambda: w.tril_(), lambda: w.index_fill_(0, engine.tensor([0]), 1.0)):
+    for change in (lambda: w.masked_fill_(w > 0, 0.0), lambda: w.tril_(),
+                   lambda: w.index_fill_(0, engine.tensor([0]), 1.0)):
         with pytest.raises(GradError, match="leaf"):
             change()
 
@@ -290,7 +291,8 @@ def test_setitem_casts_into_the_destination_dtype():
 def test_randint_forms_follow_pytorch():
     engine.manual_seed(0)
     assert engine.randint(5, (3,)).dtype == np.int64
-    for t, lo, hi, shape in ((engine.randint(3, 5, (200,)), 3, 5, (200,)), (engine.randint(3, 5, size=(2, 50)), 3, 5, (2, 50)),
+    for t, lo, hi, shape in ((engine.randint(3, 5, (200,)), 3, 5, (200,)),
+                             (engine.randint(3, 5, size=(2, 50)), 3, 5, (2, 50)),
                              (engine.randint(7, size=(100,)), 0, 7, (100,)),
                              (engine.randint(low=-2, high=2, size=(100,)), -2, 2, (100,)),
                              (engine.randint(high=4, size=[100]), 0, 4, (100,))):
@@ -321,7 +323,8 @@ def test_generator_gives_a_reproducible_stream_of_its_own():
     g.manual_seed(1337)
     assert engine.randperm(20, generator=g).tolist() == first and sorted(first) == list(range(20))
     g2 = engine.Generator().manual_seed(1337)
-    np.testing.assert_array_equal(engine.randn(3, generator=g2).numpy(), engine.randn(3, generator=g.manual_seed(1337)).numpy())
+    np.testing.assert_array_equal(engine.randn(3, generator=g2).numpy(),
+                                  engine.randn(3, generator=g.manual_seed(1337)).numpy())
     assert g.initial_seed() == 1337
     state = g.get_state()
     a = engine.randint(0, 100, (5,), generator=g).tolist()

@@ -193,7 +193,8 @@ def _packed_positions(batch_sizes: np.ndarray, batch: int) -> np.ndarray:
         else np.zeros(0, np.int64)
 
 
-def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False, enforce_sorted: bool = True) -> PackedSequence:
+def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
+                         enforce_sorted: bool = True) -> PackedSequence:
     """Pack a padded batch of sequences of the given ``lengths`` (``torch.nn.utils.rnn.pack_padded_sequence``).
 
     Args:
