@@ -109,42 +109,70 @@ def layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weight_grads=T
                 impl=impl)
 
 
+# Loss scaling and master weights, shared by the four optimizer steps (kernels/cpu/optim.py has the
+# details): found_inf (a nonzero value skips the step, read on the device), inv_scale (unscale the
+# gradient in the step and write it back), param_out (a float16 / bfloat16 parameter updated through
+# the float32 master ``param``); step counts may be one-element device arrays.
+_AMP_ARGS_DOC = """
+    Loss scaling and master weights (every optimizer step): ``found_inf`` (one-element float32
+    array: nonzero skips the step, nothing is written), ``inv_scale`` (one-element float32 array:
+    the gradient is multiplied by it and the unscaled gradient written back into ``grad``),
+    ``param_out`` (float16 / bfloat16: ``param`` and the states are then the float32 master and its
+    states, ``grad`` has ``param_out``'s dtype, and the new master is rounded into ``param_out``).
+    The GPU impls read found_inf, inv_scale and a step count given as a one-element device array
+    on the device: a skipped step costs no host read.
+"""
+
+
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999,
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False,
-              step, impl=None):
+              step, found_inf=None, inv_scale=None, param_out=None, impl=None):
     """One Adam / AdamW step, in place on same-shape contiguous arrays (typically flat buffers).
 
-    ``step`` is the 1-based step count after this update (bias correction uses it);
-    ``decoupled_weight_decay=True`` is AdamW; ``max_exp_avg_sq`` is required iff ``amsgrad``.
+    ``step`` is the 1-based step count after this update (bias correction uses it): an int, or a
+    one-element integer array on the arrays' device; ``decoupled_weight_decay=True`` is AdamW;
+    ``max_exp_avg_sq`` is required iff ``amsgrad``.
     """
     return call("adam_step", param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                amsgrad=amsgrad, maximize=maximize, step=step, impl=impl)
+                amsgrad=amsgrad, maximize=maximize, step=step, found_inf=found_inf, inv_scale=inv_scale,
+                param_out=param_out, impl=impl)
 
 
 def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-             nesterov=False, maximize=False, first_step=False, impl=None):
+             nesterov=False, maximize=False, first_step=False, found_inf=None, inv_scale=None, param_out=None,
+             impl=None):
     """One SGD step (PyTorch semantics), in place; ``momentum_buf`` required iff momentum != 0.
 
-    On ``first_step`` the momentum buffer is set to the gradient (no dampening), as PyTorch does.
+    On ``first_step`` (a bool, or a one-element array on the arrays' device) the momentum buffer is
+    set to the gradient (no dampening), as PyTorch does.
     """
     return call("sgd_step", param, grad, momentum_buf, lr=lr, momentum=momentum, dampening=dampening,
-                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step, impl=impl)
+                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+                found_inf=found_inf, inv_scale=inv_scale, param_out=param_out, impl=impl)
 
 
 def adagrad_step(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, step,
-                 maximize=False, impl=None):
-    """One Adagrad step (PyTorch semantics), in place; ``step`` is 1-based."""
+                 maximize=False, found_inf=None, inv_scale=None, param_out=None, impl=None):
+    """One Adagrad step (PyTorch semantics), in place; ``step`` is 1-based (an int or a device array)."""
     return call("adagrad_step", param, grad, state_sum, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                eps=eps, step=step, maximize=maximize, impl=impl)
+                eps=eps, step=step, maximize=maximize, found_inf=found_inf, inv_scale=inv_scale,
+                param_out=param_out, impl=impl)
 
 
 def rmsprop_step(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, lr, alpha=0.99, eps=1e-8,
-                 weight_decay=0.0, momentum=0.0, centered=False, maximize=False, impl=None):
+                 weight_decay=0.0, momentum=0.0, centered=False, maximize=False, found_inf=None, inv_scale=None,
+                 param_out=None, impl=None):
     """One RMSprop step (PyTorch semantics), in place; ``grad_avg`` required iff ``centered``,
     ``momentum_buf`` iff momentum != 0."""
     return call("rmsprop_step", param, grad, square_avg, momentum_buf, grad_avg, lr=lr, alpha=alpha, eps=eps,
-                weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize, impl=impl)
+                weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+                found_inf=found_inf, inv_scale=inv_scale, param_out=param_out, impl=impl)
+
+
+for _step in (adam_step, sgd_step, adagrad_step, rmsprop_step):
+    _step.__doc__ += _AMP_ARGS_DOC
+del _step
 
 
 def attention_forward(q, k, v, mask=None, *, scale=None, causal=False, precision=None, impl=None):

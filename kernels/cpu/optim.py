@@ -1,9 +1,23 @@
 """Optimizer steps on the CPU: Adam/AdamW, SGD, Adagrad and RMSprop, in place, PyTorch semantics.
 
 Every impl of these kernels (``numpy`` and ``numba_cpu`` here, ``numba_cuda`` and ``cupy``
-elsewhere) updates ``param`` and its state arrays in place and never writes ``grad``. The arrays
-are same-shape, C-contiguous, and in practice flat buffers holding a whole model, so one call
-updates the whole model.
+elsewhere) updates ``param`` and its state arrays in place. The arrays are same-shape,
+C-contiguous, and in practice flat buffers holding a whole model, so one call updates the whole
+model. Every kernel also takes, as keywords (PyTorch's fused optimizers with a GradScaler):
+
+- ``found_inf``: a one-element float32 array on the arrays' device. When it holds a nonzero value
+  the call writes nothing at all (a skipped step); the GPU impls read it on the device, so the
+  caller never waits for it.
+- ``inv_scale``: a one-element float32 array: the gradient is multiplied by it before use (the
+  loss-scale unscale folded into the update), and the unscaled gradient is written back into
+  ``grad``, as torch's fused Adam does. Without it ``grad`` is never written.
+- ``param_out``: a float16 or bfloat16 array. ``param`` is then the float32 master copy (its
+  states are float32 too) and ``grad`` has ``param_out``'s dtype: the update runs in float32 and
+  writes the master rounded to nearest-even into ``param_out`` in the same pass.
+
+and the step count (``step``, SGD's ``first_step``) either as a Python number or as a one-element
+array on the arrays' device, which the GPU impls read there (a step count that depends on device
+flags, such as skipped steps, needs no host read).
 
 This module also holds the one validator per kernel that every impl calls first
 (:func:`validate_adam`, :func:`validate_sgd`, :func:`validate_adagrad`, :func:`validate_rmsprop`),
@@ -20,6 +34,7 @@ import math
 from itertools import combinations, starmap
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 from kernels.registry import KernelError
@@ -30,6 +45,9 @@ from kernels.registry import placement_problem as _placement_problem
 from kernels.registry import numba_parallel as _numba_parallel
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Parameter dtypes updated through a float32 master copy (param_out); their grads have that dtype too.
+LOW_PRECISION_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+MASTER_DTYPE = np.dtype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,19 +64,20 @@ def _address_range(a) -> tuple[int, int]:
     return start, start + a.nbytes
 
 
-def _check_arrays(kernel: str, arrays: dict, written: tuple[str, ...]):
-    """Check the arrays of one call; return their common dtype.
+def _check_arrays(kernel: str, arrays: dict, written: tuple[str, ...], low: tuple[str, ...] = ()):
+    """Check the arrays of one call; return their common dtype (the master's with ``param_out``).
 
     ``arrays`` maps argument name -> array for the arrays this call uses (all required);
-    ``written`` names those updated in place.
+    ``written`` names those updated in place; ``low`` names those in the 16-bit dtype of
+    ``param_out`` (grad and param_out) when the call has one, the others being float32.
     """
-    dtype = _arrays_pass(arrays, written)
+    dtype = _arrays_pass(arrays, written, low)
     if dtype is not None:
         return dtype
-    return _check_arrays_fully(kernel, arrays, written)  # something may be wrong: find it and name it
+    return _check_arrays_fully(kernel, arrays, written, low)  # something may be wrong: find it and name it
 
 
-def _check_arrays_fully(kernel: str, arrays: dict, written: tuple[str, ...]):
+def _check_arrays_fully(kernel: str, arrays: dict, written: tuple[str, ...], low: tuple[str, ...] = ()):
     """:func:`_check_arrays` one check at a time, raising KernelError at the first that fails."""
     def fail(problem: str):
         # The call is described only when it fails: validation runs on every step.
@@ -69,14 +88,10 @@ def _check_arrays_fully(kernel: str, arrays: dict, written: tuple[str, ...]):
     if problem:
         fail(problem)
     param = arrays["param"]
-    for name, a in arrays.items():
-        if a.dtype not in FLOAT_DTYPES:
-            fail(f"{name} has dtype {a.dtype}; only float32 and float64 are supported")
-    dtypes = {a.dtype for a in arrays.values()}
-    if len(dtypes) > 1:
-        odd = [n for n, a in arrays.items() if a.dtype != param.dtype]
-        fail(f"all arrays must share one dtype, but {', '.join(odd)} differ from param ({param.dtype}); "
-             "cast them with .astype(param.dtype) (no silent promotion)")
+    if low:
+        _check_master_dtypes(arrays, low, fail)
+    else:
+        _check_float_dtypes(arrays, fail)
     for name, a in arrays.items():
         if a.shape != param.shape:
             fail(f"{name} has shape {tuple(a.shape)} but param has shape {tuple(param.shape)}; "
@@ -102,7 +117,37 @@ def _check_arrays_fully(kernel: str, arrays: dict, written: tuple[str, ...]):
     return param.dtype
 
 
-def _arrays_pass(arrays: dict, written: tuple[str, ...]):
+def _check_float_dtypes(arrays: dict, fail) -> None:
+    """Without param_out: every array float32, or every one float64."""
+    param = arrays["param"]
+    for name, a in arrays.items():
+        if a.dtype in LOW_PRECISION_DTYPES:
+            fail(f"{name} has dtype {a.dtype}; a {a.dtype} parameter is updated through a float32 master copy: "
+                 f"pass the master as param (with float32 states and a {a.dtype} grad) and the parameter "
+                 "as param_out")
+        if a.dtype not in FLOAT_DTYPES:
+            fail(f"{name} has dtype {a.dtype}; only float32 and float64 are supported "
+                 "(and float16 / bfloat16 grads with param_out)")
+    if len({a.dtype for a in arrays.values()}) > 1:
+        odd = [n for n, a in arrays.items() if a.dtype != param.dtype]
+        fail(f"all arrays must share one dtype, but {', '.join(odd)} differ from param ({param.dtype}); "
+             "cast them with .astype(param.dtype) (no silent promotion)")
+
+
+def _check_master_dtypes(arrays: dict, low: tuple[str, ...], fail) -> None:
+    """With param_out: param_out float16 or bfloat16, grad the same, param and states float32."""
+    low_dtype = arrays["param_out"].dtype
+    if low_dtype not in LOW_PRECISION_DTYPES:
+        fail(f"param_out has dtype {low_dtype}; it must be float16 or bfloat16 (the parameter that the float32 "
+             "master param is rounded into)")
+    for name, a in arrays.items():
+        expected = low_dtype if name in low else MASTER_DTYPE
+        if a.dtype != expected:
+            role = "the parameter's dtype, like param_out" if name in low else "float32, like the master param"
+            fail(f"{name} has dtype {a.dtype}; with a {low_dtype} param_out it must be {expected} ({role})")
+
+
+def _arrays_pass(arrays: dict, written: tuple[str, ...], low: tuple[str, ...] = ()):
     """The arrays' dtype when every check of :func:`_check_arrays` passes, else None.
 
     The same checks in one pass, with no error text prepared: this runs on every optimizer step,
@@ -119,9 +164,18 @@ def _arrays_pass(arrays: dict, written: tuple[str, ...]):
     if dtype not in FLOAT_DTYPES:
         return None
     values = list(arrays.values())
-    for a in values:
-        if type(a) is not cls or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+    if low:
+        low_dtype = arrays["param_out"].dtype
+        if dtype != MASTER_DTYPE or low_dtype not in LOW_PRECISION_DTYPES:
             return None
+        for name, a in arrays.items():
+            expected = low_dtype if name in low else dtype
+            if type(a) is not cls or a.dtype != expected or a.shape != shape or not a.flags.c_contiguous:
+                return None
+    else:
+        for a in values:
+            if type(a) is not cls or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+                return None
     if on_cpu:
         for name in written:
             if not arrays[name].flags.writeable:
@@ -134,17 +188,64 @@ def _arrays_pass(arrays: dict, written: tuple[str, ...]):
 
 
 def _any_overlap(values: list, on_cpu: bool) -> bool:
-    """Whether any two of the arrays share memory (same-size C-contiguous arrays).
+    """Whether any two of the arrays share memory (C-contiguous arrays of one shape).
 
     Any overlap at all sends the call to the full checks, which raise only when one of the two
     arrays is written.
     """
     if on_cpu:  # numpy compares the arrays' memory bounds in C, cheaper than reading two addresses
         return any(starmap(np.may_share_memory, combinations(values, 2)))
-    # Same-size ranges overlap iff their starts are closer than that size: sort, compare neighbours.
-    starts = sorted(a.data.ptr for a in values)
-    size = values[0].nbytes
-    return any(second - first < size for first, second in zip(starts, starts[1:]))
+    # Sorted by start, two ranges overlap iff some range starts before its predecessor ends.
+    spans = sorted((a.data.ptr, a.nbytes) for a in values)
+    return any(start < prev + size for (prev, size), (start, _) in zip(spans, spans[1:]))
+
+
+def _check_one_element(kernel: str, name: str, a, param, kind: str):
+    """``a`` (found_inf, inv_scale, a step count) as a one-element array on param's device.
+
+    ``kind`` is the dtype kinds it may have: ``"f"`` for the float32 flags, ``"iu"`` for step
+    counts, ``"biuf"`` for SGD's first_step.
+    """
+    same_place = type(a) is type(param) and (type(a) is np.ndarray or a.device.id == param.device.id)
+    if same_place and a.size == 1 and a.dtype.kind in kind and (kind != "f" or a.dtype == MASTER_DTYPE):
+        return a
+    wanted = {"f": "float32", "iu": "integer", "biuf": "bool or numeric"}[kind]
+    where = "a numpy array" if type(param) is np.ndarray else f"a cupy array on cuda:{param.device.id}"
+    raise KernelError(f"{kernel}: {name} must be a one-element {wanted} array on the arrays' device ({where}, "
+                      f"like {_describe('param', param)}), got {_describe(name, a)}")
+
+
+def _is_array(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _amp_arrays(kernel: str, param, found_inf, inv_scale) -> None:
+    """Check the optional found_inf / inv_scale arguments (see the module docstring)."""
+    if found_inf is not None:
+        _check_one_element(kernel, "found_inf", found_inf, param, "f")
+    if inv_scale is not None:
+        _check_one_element(kernel, "inv_scale", inv_scale, param, "f")
+
+
+def _with_master(arrays: dict, written: tuple[str, ...], param_out, inv_scale) -> tuple[dict, tuple, tuple]:
+    """(arrays, written, low) for :func:`_check_arrays`: param_out added when the call has one, and
+    grad among the written arrays when inv_scale writes the unscaled gradient back."""
+    if inv_scale is not None:
+        written += ("grad",)
+    if param_out is None:
+        return arrays, written, ()
+    return {**arrays, "param_out": param_out}, written + ("param_out",), ("grad", "param_out")
+
+
+def _on_gpu(a) -> bool:
+    return type(a) is not np.ndarray
+
+
+def _xp_of(a):
+    """The array module of a cupy array (imported here only once a cupy array was handed in)."""
+    import cupy
+
+    return cupy
 
 
 def _check_scalar(kernel: str, name: str, value, low: float | None = 0.0, high: float | None = None,
@@ -163,11 +264,33 @@ def _check_scalar(kernel: str, name: str, value, low: float | None = 0.0, high: 
     return x
 
 
-def _check_step(kernel: str, step) -> int:
+def _check_step(kernel: str, step, param):
+    """The 1-based step count as an int, or (on a GPU) the one-element device array holding it."""
+    if _is_array(step):
+        step = _check_one_element(kernel, "step", step, param, "iu")
+        if _on_gpu(step):
+            return step  # read on the device; a count below 1 there is the caller's contract
+        step = step.reshape(-1)[0]  # host memory: read it and check it as a number
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
         raise KernelError(f"{kernel}: step must be the 1-based step count after this update "
-                          f"(an int >= 1), got {step!r}")
+                          f"(an int >= 1, or a one-element integer array on the arrays' device), got {step!r}")
     return int(step)
+
+
+def _check_first_step(kernel: str, first_step, param):
+    """SGD's first_step as a bool, or (on a GPU) the one-element device array holding it."""
+    if _is_array(first_step):
+        first_step = _check_one_element(kernel, "first_step", first_step, param, "biuf")
+        if _on_gpu(first_step):
+            return first_step
+        first_step = first_step.reshape(-1)[0]
+    return bool(first_step)
+
+
+def _device_scalars(dtype, *values):
+    """Per-step scalars computed on the GPU from a device step count, as one array of ``dtype``."""
+    xp = _xp_of(values[0])
+    return xp.concatenate([xp.asarray(v, dtype=np.float64).reshape(1) for v in values]).astype(dtype)
 
 
 def _need(kernel: str, name: str, a, why: str, param):
@@ -186,16 +309,24 @@ class AdamScalars(NamedTuple):
     eps: float
     weight_decay: float
     lr: float
-    step_size: float  # lr / (1 - beta1**step)
-    bias_correction2_sqrt: float  # sqrt(1 - beta2**step)
+    step_size: float | None  # lr / (1 - beta1**step); None when step is a device array
+    bias_correction2_sqrt: float | None  # sqrt(1 - beta2**step); None when step is a device array
     decay_factor: float  # 1 - lr * weight_decay (AdamW)
     decoupled: bool
     amsgrad: bool
     maximize: bool
+    device_scalars: object = None  # GPU step count: [step_size, bias_correction2_sqrt] on the device
+
+
+def adam_bias_corrections(lr: float, beta1: float, beta2: float, step, sqrt=math.sqrt):
+    """``(step_size, sqrt(1 - beta2**step))`` of the 1-based ``step``: Python floats for an int
+    step, float64 device arrays (``sqrt=xp.sqrt``) for a device step count."""
+    return lr / (1.0 - beta1 ** step), sqrt(1.0 - beta2 ** step)
 
 
 def validate_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay,
-                  decoupled_weight_decay, amsgrad, maximize, step) -> AdamScalars:
+                  decoupled_weight_decay, amsgrad, maximize, step, found_inf=None, inv_scale=None,
+                  param_out=None) -> AdamScalars:
     """Check one adam_step call; return its host-side scalars. Raises KernelError."""
     k = "adam_step"
     if amsgrad:
@@ -205,18 +336,24 @@ def validate_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1
     if amsgrad:
         arrays["max_exp_avg_sq"] = max_exp_avg_sq
         written += ("max_exp_avg_sq",)
-    _check_arrays(k, arrays, written)
+    dtype = _check_arrays(k, *_with_master(arrays, written, param_out, inv_scale))
+    _amp_arrays(k, param, found_inf, inv_scale)
     lr = _check_scalar(k, "lr", lr)
     beta1 = _check_scalar(k, "beta1", beta1, 0.0, 1.0, high_open=True)
     beta2 = _check_scalar(k, "beta2", beta2, 0.0, 1.0, high_open=True)
     eps = _check_scalar(k, "eps", eps)
     weight_decay = _check_scalar(k, "weight_decay", weight_decay)
-    step = _check_step(k, step)
+    step = _check_step(k, step, param)
+    if isinstance(step, int):
+        step_size, bc2_sqrt = adam_bias_corrections(lr, beta1, beta2, step)
+        device = None
+    else:
+        step_size = bc2_sqrt = None
+        device = _device_scalars(dtype, *adam_bias_corrections(lr, beta1, beta2, step, _xp_of(step).sqrt))
     return AdamScalars(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, lr=lr,
-                       step_size=lr / (1.0 - beta1 ** step),
-                       bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** step),
+                       step_size=step_size, bias_correction2_sqrt=bc2_sqrt,
                        decay_factor=1.0 - lr * weight_decay, decoupled=bool(decoupled_weight_decay),
-                       amsgrad=bool(amsgrad), maximize=bool(maximize))
+                       amsgrad=bool(amsgrad), maximize=bool(maximize), device_scalars=device)
 
 
 class SgdScalars(NamedTuple):
@@ -226,11 +363,12 @@ class SgdScalars(NamedTuple):
     weight_decay: float
     nesterov: bool
     maximize: bool
-    first_step: bool
+    first_step: bool | None  # None when first_step is a device array
+    device_scalars: object = None  # GPU first_step: [1.0 or 0.0] on the device
 
 
 def validate_sgd(param, grad, momentum_buf, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                 first_step) -> SgdScalars:
+                 first_step, found_inf=None, inv_scale=None, param_out=None) -> SgdScalars:
     """Check one sgd_step call; return its scalars. Raises KernelError."""
     k = "sgd_step"
     lr = _check_scalar(k, "lr", lr)
@@ -246,29 +384,47 @@ def validate_sgd(param, grad, momentum_buf, *, lr, momentum, dampening, weight_d
         _need(k, "momentum_buf", momentum_buf, f"momentum={momentum}", param)
         arrays["momentum_buf"] = momentum_buf
         written += ("momentum_buf",)
-    _check_arrays(k, arrays, written)
+    dtype = _check_arrays(k, *_with_master(arrays, written, param_out, inv_scale))
+    _amp_arrays(k, param, found_inf, inv_scale)
+    first_step = _check_first_step(k, first_step, param)
+    device = None
+    if not isinstance(first_step, bool):
+        device, first_step = (first_step != 0).astype(dtype).reshape(1), None
     return SgdScalars(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                      nesterov=bool(nesterov), maximize=bool(maximize), first_step=bool(first_step))
+                      nesterov=bool(nesterov), maximize=bool(maximize), first_step=first_step,
+                      device_scalars=device)
 
 
 class AdagradScalars(NamedTuple):
-    clr: float  # lr / (1 + (step - 1) * lr_decay)
+    clr: float | None  # lr / (1 + (step - 1) * lr_decay); None when step is a device array
     weight_decay: float
     eps: float
     maximize: bool
+    device_scalars: object = None  # GPU step count: [clr] on the device
 
 
-def validate_adagrad(param, grad, state_sum, *, lr, lr_decay, weight_decay, eps, step, maximize) -> AdagradScalars:
+def adagrad_decayed_lr(lr: float, lr_decay: float, step):
+    """Adagrad's learning rate at the 1-based ``step`` (an int, or a device array)."""
+    return lr / (1.0 + (step - 1) * lr_decay)
+
+
+def validate_adagrad(param, grad, state_sum, *, lr, lr_decay, weight_decay, eps, step, maximize, found_inf=None,
+                     inv_scale=None, param_out=None) -> AdagradScalars:
     """Check one adagrad_step call; return its scalars. Raises KernelError."""
     k = "adagrad_step"
-    _check_arrays(k, {"param": param, "grad": grad, "state_sum": state_sum}, ("param", "state_sum"))
+    dtype = _check_arrays(k, *_with_master({"param": param, "grad": grad, "state_sum": state_sum},
+                                           ("param", "state_sum"), param_out, inv_scale))
+    _amp_arrays(k, param, found_inf, inv_scale)
     lr = _check_scalar(k, "lr", lr)
     lr_decay = _check_scalar(k, "lr_decay", lr_decay)
     weight_decay = _check_scalar(k, "weight_decay", weight_decay)
     eps = _check_scalar(k, "eps", eps)
-    step = _check_step(k, step)
-    return AdagradScalars(clr=lr / (1.0 + (step - 1) * lr_decay), weight_decay=weight_decay, eps=eps,
-                          maximize=bool(maximize))
+    step = _check_step(k, step, param)
+    clr, device = adagrad_decayed_lr(lr, lr_decay, step), None
+    if not isinstance(step, int):
+        clr, device = None, _device_scalars(dtype, clr)
+    return AdagradScalars(clr=clr, weight_decay=weight_decay, eps=eps, maximize=bool(maximize),
+                          device_scalars=device)
 
 
 class RmspropScalars(NamedTuple):
@@ -282,7 +438,7 @@ class RmspropScalars(NamedTuple):
 
 
 def validate_rmsprop(param, grad, square_avg, momentum_buf, grad_avg, *, lr, alpha, eps, weight_decay, momentum,
-                     centered, maximize) -> RmspropScalars:
+                     centered, maximize, found_inf=None, inv_scale=None, param_out=None) -> RmspropScalars:
     """Check one rmsprop_step call; return its scalars. Raises KernelError."""
     k = "rmsprop_step"
     lr = _check_scalar(k, "lr", lr)
@@ -300,24 +456,46 @@ def validate_rmsprop(param, grad, square_avg, momentum_buf, grad_avg, *, lr, alp
         _need(k, "grad_avg", grad_avg, "centered=True", param)
         arrays["grad_avg"] = grad_avg
         written += ("grad_avg",)
-    _check_arrays(k, arrays, written)
+    _check_arrays(k, *_with_master(arrays, written, param_out, inv_scale))
+    _amp_arrays(k, param, found_inf, inv_scale)
     return RmspropScalars(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                           centered=bool(centered), maximize=bool(maximize))
 
 
 # --------------------------------------------------------------------------------------------
 # numpy: the reference. Follows torch.optim's single-tensor code line by line, in the arrays'
-# dtype (the scalars are Python floats, so float32 stays float32).
+# dtype (the scalars are Python floats, so float32 stays float32); a float16 / bfloat16 gradient
+# is read as float32 and the float32 master is rounded into param_out at the end.
 # --------------------------------------------------------------------------------------------
+
+
+def _numpy_grad(grad, found_inf, inv_scale, maximize):
+    """The gradient the update uses (a new array, or grad itself, then only read), or None when
+    found_inf says to skip the step. With inv_scale the unscaled gradient is written back to grad."""
+    if found_inf is not None and found_inf.reshape(-1)[0] != 0:
+        return None
+    g = grad.astype(MASTER_DTYPE) if grad.dtype in LOW_PRECISION_DTYPES else grad
+    if inv_scale is not None:
+        g = g * inv_scale.reshape(())
+        grad[...] = g
+    return -g if maximize else g
+
+
+def _round_out(param, param_out) -> None:
+    if param_out is not None:
+        param_out[...] = param  # numpy / ml_dtypes casts round to nearest-even
 
 
 def adam_step_numpy(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999,
                     eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False,
-                    step):
+                    step, found_inf=None, inv_scale=None, param_out=None):
     s = validate_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                       weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                      maximize=maximize, step=step)
-    g = -grad if s.maximize else grad  # a new array (or grad itself, only read): grad is never written
+                      maximize=maximize, step=step, found_inf=found_inf, inv_scale=inv_scale,
+                      param_out=param_out)
+    g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
+    if g is None:
+        return
     if s.weight_decay != 0:
         if s.decoupled:
             param *= s.decay_factor
@@ -333,13 +511,18 @@ def adam_step_numpy(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr
     else:
         denom = np.sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps
     param -= s.step_size * (exp_avg / denom)
+    _round_out(param, param_out)
 
 
 def sgd_step_numpy(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                   nesterov=False, maximize=False, first_step=False):
+                   nesterov=False, maximize=False, first_step=False, found_inf=None, inv_scale=None,
+                   param_out=None):
     s = validate_sgd(param, grad, momentum_buf, lr=lr, momentum=momentum, dampening=dampening,
-                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step)
-    g = -grad if s.maximize else grad
+                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+                     found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
+    g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
+    if g is None:
+        return
     if s.weight_decay != 0:
         g = g + s.weight_decay * param
     if s.momentum != 0:
@@ -350,24 +533,33 @@ def sgd_step_numpy(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampenin
             momentum_buf += (1.0 - s.dampening) * g
         g = g + s.momentum * momentum_buf if s.nesterov else momentum_buf
     param -= s.lr * g
+    _round_out(param, param_out)
 
 
 def adagrad_step_numpy(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, step,
-                       maximize=False):
+                       maximize=False, found_inf=None, inv_scale=None, param_out=None):
     s = validate_adagrad(param, grad, state_sum, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                         step=step, maximize=maximize)
-    g = -grad if s.maximize else grad
+                         step=step, maximize=maximize, found_inf=found_inf, inv_scale=inv_scale,
+                         param_out=param_out)
+    g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
+    if g is None:
+        return
     if s.weight_decay != 0:
         g = g + s.weight_decay * param
     state_sum += g * g
     param -= s.clr * (g / (np.sqrt(state_sum) + s.eps))
+    _round_out(param, param_out)
 
 
 def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, lr, alpha=0.99, eps=1e-8,
-                       weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
+                       weight_decay=0.0, momentum=0.0, centered=False, maximize=False, found_inf=None,
+                       inv_scale=None, param_out=None):
     s = validate_rmsprop(param, grad, square_avg, momentum_buf, grad_avg, lr=lr, alpha=alpha, eps=eps,
-                         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize)
-    g = -grad if s.maximize else grad
+                         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+                         found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
+    g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
+    if g is None:
+        return
     if s.weight_decay != 0:
         g = g + s.weight_decay * param
     square_avg *= s.alpha
@@ -384,6 +576,7 @@ def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None
         param -= s.lr * momentum_buf
     else:
         param -= s.lr * (g / avg)
+    _round_out(param, param_out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,31 +602,78 @@ def _flat(a):
     return a.reshape(-1)
 
 
+def bits_view(a):
+    """``a`` as the numba loops take it: float16 as its bits in int16, bfloat16 in uint16 (numba has no
+    16-bit float type on the CPU; kernels/cpu/half_bits.py reads and writes them)."""
+    if a.dtype == np.float16:
+        return a.view(np.int16)
+    if a.dtype in LOW_PRECISION_DTYPES:
+        return a.view(np.uint16)
+    return a
+
+
 def _typed(dtype, *values):
     return tuple(dtype.type(v) for v in values)
 
 
-def _numba_kernels(n: int) -> dict:
-    """The jitted loops for a buffer of ``n`` elements: parallel ones for large buffers."""
-    return _build_numba_kernels(n >= PARALLEL_MIN)
+class _NumbaAmp(NamedTuple):
+    """The numba loops' view of found_inf / inv_scale / param_out (found_inf is read here, on the host)."""
+
+    grad: object  # flat, 16-bit grads as bits
+    grad_out: object  # grad again when it receives the unscaled gradient, else an empty placeholder
+    out: object  # flat param_out as bits, or an empty placeholder never written
+    inv_scale: float
+    unscale: bool
+    has_out: bool
+
+
+def _numba_amp(param, grad, found_inf, inv_scale, param_out) -> _NumbaAmp | None:
+    """None when found_inf says to skip the step (host memory: reading it costs nothing)."""
+    if found_inf is not None and found_inf.reshape(-1)[0] != 0:
+        return None
+    # Separate arrays for what is written: a read-only grad is fine unless it receives the unscaled
+    # gradient, and numba refuses to compile a store into a read-only array even on a branch not taken.
+    grad = _flat(bits_view(grad))
+    out = _flat(bits_view(param_out)) if param_out is not None else _flat(param)[:0]
+    inv = float(inv_scale.reshape(-1)[0]) if inv_scale is not None else 1.0
+    grad_out = grad if inv_scale is not None else out[:0]
+    return _NumbaAmp(grad, grad_out, out, inv, inv_scale is not None, param_out is not None)
+
+
+def _numba_kernels(n: int, amp: _NumbaAmp) -> dict:
+    """The jitted loops for a buffer of ``n`` elements (parallel ones for large buffers) and this
+    call's gradient unscale and param_out switches."""
+    return _build_numba_kernels(n >= PARALLEL_MIN, amp.unscale, amp.has_out)
 
 
 @functools.cache
-def _build_numba_kernels(parallel: bool) -> dict:
+def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
     import numba
 
-    # `loop` is a closure variable of every kernel, so the serial and the parallel build of one
-    # function get different keys in numba's on-disk cache (the key hashes closure contents).
+    from kernels.cpu.half_bits import load, store
+
+    # `loop`, `unscale` and `has_out` are closure variables of every kernel: numba folds the two
+    # switches as constants (passed as arguments, the float32 Adam loop ran 5x slower: LLVM stopped
+    # vectorizing it), and each build gets its own key in numba's on-disk cache (the key hashes
+    # closure contents).
     loop = numba.prange if parallel else range
     # error_model="numpy": x / 0 gives inf or nan as in the numpy reference. The default ("python")
     # raises ZeroDivisionError, and its per-division check also keeps LLVM from vectorizing the loop.
     jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
 
+    # Every loop reads the gradient with load() (16-bit bits become float32), unscales it and writes
+    # it back when `unscale`, and rounds the new parameter into `out` when `has_out` (param is then
+    # the float32 master): see _numba_amp.
     @jit
-    def adam(p, g, m, v, vmax, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps,
-             weight_decay, decay_factor, use_wd, decoupled, amsgrad, maximize):
+    def adam(p, g, g_out, m, v, vmax, out, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt,
+             eps, weight_decay, decay_factor, inv_scale, use_wd, decoupled, amsgrad, maximize):
         for i in loop(p.shape[0]):
-            gi = -g[i] if maximize else g[i]
+            gi = load(g, i)
+            if unscale:
+                gi = gi * inv_scale
+                store(g_out, i, gi)
+            if maximize:
+                gi = -gi
             pi = p[i]
             if use_wd:
                 if decoupled:
@@ -450,13 +690,21 @@ def _build_numba_kernels(parallel: bool) -> dict:
                     vi = old
                 vmax[i] = vi
             denom = np.sqrt(vi) / bc2_sqrt + eps
-            p[i] = pi - step_size * (mi / denom)
+            pi = pi - step_size * (mi / denom)
+            p[i] = pi
+            if has_out:
+                store(out, i, pi)
 
     @jit
-    def sgd(p, g, buf, lr, momentum, one_minus_dampening, weight_decay, use_wd, use_momentum, nesterov, maximize,
-            first_step):
+    def sgd(p, g, g_out, buf, out, lr, momentum, one_minus_dampening, weight_decay, inv_scale, use_wd,
+            use_momentum, nesterov, maximize, first_step):
         for i in loop(p.shape[0]):
-            gi = -g[i] if maximize else g[i]
+            gi = load(g, i)
+            if unscale:
+                gi = gi * inv_scale
+                store(g_out, i, gi)
+            if maximize:
+                gi = -gi
             pi = p[i]
             if use_wd:
                 gi = gi + weight_decay * pi
@@ -464,24 +712,40 @@ def _build_numba_kernels(parallel: bool) -> dict:
                 bi = gi if first_step else momentum * buf[i] + one_minus_dampening * gi
                 buf[i] = bi
                 gi = gi + momentum * bi if nesterov else bi
-            p[i] = pi - lr * gi
+            pi = pi - lr * gi
+            p[i] = pi
+            if has_out:
+                store(out, i, pi)
 
     @jit
-    def adagrad(p, g, state_sum, clr, weight_decay, eps, use_wd, maximize):
+    def adagrad(p, g, g_out, state_sum, out, clr, weight_decay, eps, inv_scale, use_wd, maximize):
         for i in loop(p.shape[0]):
-            gi = -g[i] if maximize else g[i]
+            gi = load(g, i)
+            if unscale:
+                gi = gi * inv_scale
+                store(g_out, i, gi)
+            if maximize:
+                gi = -gi
             pi = p[i]
             if use_wd:
                 gi = gi + weight_decay * pi
             si = state_sum[i] + gi * gi
             state_sum[i] = si
-            p[i] = pi - clr * (gi / (np.sqrt(si) + eps))
+            pi = pi - clr * (gi / (np.sqrt(si) + eps))
+            p[i] = pi
+            if has_out:
+                store(out, i, pi)
 
     @jit
-    def rmsprop(p, g, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, use_wd,
-                use_momentum, centered, maximize):
+    def rmsprop(p, g, g_out, square_avg, buf, grad_avg, out, lr, alpha, one_minus_alpha, eps, weight_decay,
+                momentum, inv_scale, use_wd, use_momentum, centered, maximize):
         for i in loop(p.shape[0]):
-            gi = -g[i] if maximize else g[i]
+            gi = load(g, i)
+            if unscale:
+                gi = gi * inv_scale
+                store(g_out, i, gi)
+            if maximize:
+                gi = -gi
             pi = p[i]
             if use_wd:
                 gi = gi + weight_decay * pi
@@ -496,9 +760,12 @@ def _build_numba_kernels(parallel: bool) -> dict:
             if use_momentum:
                 bi = momentum * buf[i] + gi / avg
                 buf[i] = bi
-                p[i] = pi - lr * bi
+                pi = pi - lr * bi
             else:
-                p[i] = pi - lr * (gi / avg)
+                pi = pi - lr * (gi / avg)
+            p[i] = pi
+            if has_out:
+                store(out, i, pi)
 
     kernels = {"adam": adam, "sgd": sgd, "adagrad": adagrad, "rmsprop": rmsprop}
     if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
@@ -508,47 +775,66 @@ def _build_numba_kernels(parallel: bool) -> dict:
 
 def adam_step_numba(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999,
                     eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False,
-                    step):
+                    step, found_inf=None, inv_scale=None, param_out=None):
     s = validate_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                       weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                      maximize=maximize, step=step)
+                      maximize=maximize, step=step, found_inf=found_inf, inv_scale=inv_scale,
+                      param_out=param_out)
+    amp = _numba_amp(param, grad, found_inf, inv_scale, param_out)
+    if amp is None:
+        return
     vmax = max_exp_avg_sq if s.amsgrad else exp_avg_sq  # placeholder, never read or written without amsgrad
     scalars = _typed(param.dtype, s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size,
-                     s.bias_correction2_sqrt, s.eps, s.weight_decay, s.decay_factor)
-    kernel = _numba_kernels(param.size)["adam"]
-    kernel(_flat(param), _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), _flat(vmax), *scalars,
-           s.weight_decay != 0, s.decoupled, s.amsgrad, s.maximize)
+                     s.bias_correction2_sqrt, s.eps, s.weight_decay, s.decay_factor, amp.inv_scale)
+    kernel = _numba_kernels(param.size, amp)["adam"]
+    kernel(_flat(param), amp.grad, amp.grad_out, _flat(exp_avg), _flat(exp_avg_sq), _flat(vmax), amp.out,
+           *scalars, s.weight_decay != 0, s.decoupled, s.amsgrad, s.maximize)
 
 
 def sgd_step_numba(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                   nesterov=False, maximize=False, first_step=False):
+                   nesterov=False, maximize=False, first_step=False, found_inf=None, inv_scale=None,
+                   param_out=None):
     s = validate_sgd(param, grad, momentum_buf, lr=lr, momentum=momentum, dampening=dampening,
-                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step)
+                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+                     found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
+    amp = _numba_amp(param, grad, found_inf, inv_scale, param_out)
+    if amp is None:
+        return
     use_momentum = s.momentum != 0
     buf = momentum_buf if use_momentum else param  # placeholder, never touched without momentum
-    scalars = _typed(param.dtype, s.lr, s.momentum, 1.0 - s.dampening, s.weight_decay)
-    kernel = _numba_kernels(param.size)["sgd"]
-    kernel(_flat(param), _flat(grad), _flat(buf), *scalars, s.weight_decay != 0, use_momentum, s.nesterov,
-           s.maximize, s.first_step)
+    scalars = _typed(param.dtype, s.lr, s.momentum, 1.0 - s.dampening, s.weight_decay, amp.inv_scale)
+    kernel = _numba_kernels(param.size, amp)["sgd"]
+    kernel(_flat(param), amp.grad, amp.grad_out, _flat(buf), amp.out, *scalars, s.weight_decay != 0,
+           use_momentum, s.nesterov, s.maximize, s.first_step)
 
 
 def adagrad_step_numba(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, step,
-                       maximize=False):
+                       maximize=False, found_inf=None, inv_scale=None, param_out=None):
     s = validate_adagrad(param, grad, state_sum, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                         step=step, maximize=maximize)
-    scalars = _typed(param.dtype, s.clr, s.weight_decay, s.eps)
-    kernel = _numba_kernels(param.size)["adagrad"]
-    kernel(_flat(param), _flat(grad), _flat(state_sum), *scalars, s.weight_decay != 0, s.maximize)
+                         step=step, maximize=maximize, found_inf=found_inf, inv_scale=inv_scale,
+                         param_out=param_out)
+    amp = _numba_amp(param, grad, found_inf, inv_scale, param_out)
+    if amp is None:
+        return
+    scalars = _typed(param.dtype, s.clr, s.weight_decay, s.eps, amp.inv_scale)
+    kernel = _numba_kernels(param.size, amp)["adagrad"]
+    kernel(_flat(param), amp.grad, amp.grad_out, _flat(state_sum), amp.out, *scalars, s.weight_decay != 0,
+           s.maximize)
 
 
 def rmsprop_step_numba(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, lr, alpha=0.99, eps=1e-8,
-                       weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
+                       weight_decay=0.0, momentum=0.0, centered=False, maximize=False, found_inf=None,
+                       inv_scale=None, param_out=None):
     s = validate_rmsprop(param, grad, square_avg, momentum_buf, grad_avg, lr=lr, alpha=alpha, eps=eps,
-                         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize)
+                         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+                         found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
+    amp = _numba_amp(param, grad, found_inf, inv_scale, param_out)
+    if amp is None:
+        return
     use_momentum = s.momentum > 0
     buf = momentum_buf if use_momentum else square_avg  # placeholders, never touched when unused
     gavg = grad_avg if s.centered else square_avg
-    scalars = _typed(param.dtype, s.lr, s.alpha, 1.0 - s.alpha, s.eps, s.weight_decay, s.momentum)
-    kernel = _numba_kernels(param.size)["rmsprop"]
-    kernel(_flat(param), _flat(grad), _flat(square_avg), _flat(buf), _flat(gavg), *scalars, s.weight_decay != 0,
-           use_momentum, s.centered, s.maximize)
+    scalars = _typed(param.dtype, s.lr, s.alpha, 1.0 - s.alpha, s.eps, s.weight_decay, s.momentum, amp.inv_scale)
+    kernel = _numba_kernels(param.size, amp)["rmsprop"]
+    kernel(_flat(param), amp.grad, amp.grad_out, _flat(square_avg), _flat(buf), _flat(gavg), amp.out, *scalars,
+           s.weight_decay != 0, use_momentum, s.centered, s.maximize)

@@ -12,8 +12,19 @@
 // through the scalar loop, still correct). The grid is sized by the host to the blocks that fit
 // on the device at once, so the grid-stride loop runs in a single wave.
 //
-// Entry points: <opt>_step_f32 and <opt>_step_f64 for opt in adam, sgd, adagrad, rmsprop; their
+// Entry points, for opt in adam, sgd, adagrad, rmsprop: <opt>_step_f32 and <opt>_step_f64 (every
+// array in that type), and <opt>_step_f32_f16 / <opt>_step_f32_bf16 for float16 / bfloat16
+// parameters: param and the states are the float32 master copy and its states, grad and param_out
+// are 16-bit, and the new master is rounded to nearest-even into param_out in the same pass. Their
 // argument lists are spelled out next to each and mirrored by kernels/cuda/optim.py.
+//
+// Loss scaling (PyTorch's fused optimizers with a GradScaler), every entry point:
+// - found_inf (OPT_FOUND_INF): a device flag; nonzero means the whole launch writes nothing.
+// - inv_scale (OPT_UNSCALE): the gradient is multiplied by *inv_scale before use and the unscaled
+//   gradient is stored back into grad (torch's fused Adam does the same).
+// - device_scalars (OPT_DEVICE_SCALARS): the per-step scalars that depend on the step count, read
+//   from device memory (computed there from a device step count) instead of the arguments.
+// Unused pointers may be any pointer (the host passes a placeholder): they are never dereferenced.
 // No fast-math: IEEE sqrt and division, so the results agree with the numpy reference to rounding
 // (NVRTC contracts a * b + c into FMAs by default: the tests' tolerance allows for it).
 
@@ -26,16 +37,49 @@
 #define OPT_NESTEROV 32      // SGD
 #define OPT_FIRST_STEP 64    // SGD: the momentum buffer is set to the gradient
 #define OPT_CENTERED 128     // RMSprop
+#define OPT_FOUND_INF 256    // skip the launch when *found_inf != 0
+#define OPT_UNSCALE 512      // grad *= *inv_scale, written back
+#define OPT_DEVICE_SCALARS 1024  // step-dependent scalars from device_scalars
 
-// 16 bytes of T: one vector load/store (ld.global.v4.f32 / v2.f64).
+// Every entry point: C linkage, and at most 64 registers per thread so that 4 blocks of 256 threads
+// (kernels/cuda/optim.py's THREADS) stay resident per SM; ptxas reaches that with no spills (the
+// float64 kernels, and the float32 ones since loss scaling, would otherwise take up to 72).
+#define OPT_ENTRY extern "C" __global__ void __launch_bounds__(256, 4)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// W elements of T in one vector load/store: 16 bytes of the master type (ld.global.v4.f32 /
+// v2.f64), and the same count of a 16-bit gradient (8 bytes).
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Vec {
+    T e[W];
+};
+
 template <typename T>
-struct alignas(16) Pack {
-    enum { width = 16 / sizeof(T) };  // an enum, not a static member: no global symbol in the module
-    T e[width];
+struct Width {
+    enum { value = 16 / sizeof(T) };  // an enum, not a static member: no global symbol in the module
 };
 
 __device__ __forceinline__ float sqrt_rn(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_rn(double x) { return sqrt(x); }
+
+// A gradient element in the master type, and a master value rounded to the parameter's type.
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ double widen(double x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename G>
+__device__ __forceinline__ G narrow(float x);
+template <>
+__device__ __forceinline__ float narrow<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename G>
+__device__ __forceinline__ G narrow(double x) { return x; }
 
 // max that propagates a NaN in either argument, as torch.maximum / np.maximum do (fmax would drop it).
 template <typename T>
@@ -47,43 +91,68 @@ struct StateUse {
     bool read0, write0, read1, write1, read2, write2;
 };
 
-template <typename T>
-__device__ __forceinline__ Pack<T>* packs_from(T* base, long long head) {
-    return base == nullptr ? nullptr : reinterpret_cast<Pack<T>*>(base + head);
+template <typename V, typename T>
+__device__ __forceinline__ V* vecs_from(T* base, long long head) {
+    return base == nullptr ? nullptr : reinterpret_cast<V*>(base + head);
+}
+
+// Did the GradScaler find an inf or NaN in the gradients? Then the launch must write nothing.
+__device__ __forceinline__ bool skipped(const float* found_inf, int flags) {
+    return (flags & OPT_FOUND_INF) && *found_inf != 0.0f;
 }
 
 // The grid-stride driver shared by every optimizer. `op(p, g, s0, s1, s2)` updates one element;
 // state k is loaded only when it is read and stored only when it is written, so an optimizer that
-// uses fewer states (or a state that is write-only on this step) moves no bytes for it.
+// uses fewer states (or a state that is write-only on this step) moves no bytes for it. The
+// gradient is read as G and computed with in T; with OPT_UNSCALE it is multiplied by inv_scale and
+// stored back; with a param_out (16-bit parameters) the new master value is rounded into it.
 //
-// Elements [head, head + n_vec * W) go through the vector loop (W = 16 / sizeof(T) per pack); the
+// Elements [head, head + n_vec * W) go through the vector loop (W = 16 / sizeof(T) per vector); the
 // rest, [0, head) and [head + n_vec * W, n), at most 2 * (W - 1) elements when vectorized, go
 // through the scalar loop.
-template <typename T, typename Op>
-__device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ param, const T* __restrict__ grad,
-                                                T* __restrict__ s0, T* __restrict__ s1, T* __restrict__ s2,
-                                                StateUse use, long long n, long long head, long long n_vec) {
-    constexpr int W = Pack<T>::width;
+template <typename T, typename G, typename Op>
+__device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ param, G* __restrict__ grad,
+                                                G* __restrict__ param_out, T* __restrict__ s0, T* __restrict__ s1,
+                                                T* __restrict__ s2, StateUse use, const float* inv_scale, int flags,
+                                                long long n, long long head, long long n_vec) {
+    constexpr int W = Width<T>::value;
+    using PV = Vec<T, W>;
+    using GV = Vec<G, W>;
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool unscale = flags & OPT_UNSCALE;
+    const T inv = unscale ? T(*inv_scale) : T(1);
+    const bool has_out = param_out != nullptr;
 
-    Pack<T>* __restrict__ pv = packs_from(param, head);
-    const Pack<T>* __restrict__ gv = reinterpret_cast<const Pack<T>*>(grad + head);
-    Pack<T>* __restrict__ v0 = packs_from(s0, head);
-    Pack<T>* __restrict__ v1 = packs_from(s1, head);
-    Pack<T>* __restrict__ v2 = packs_from(s2, head);
+    PV* __restrict__ pv = vecs_from<PV>(param, head);
+    GV* __restrict__ gv = vecs_from<GV>(grad, head);
+    GV* __restrict__ ov = vecs_from<GV>(param_out, head);
+    PV* __restrict__ v0 = vecs_from<PV>(s0, head);
+    PV* __restrict__ v1 = vecs_from<PV>(s1, head);
+    PV* __restrict__ v2 = vecs_from<PV>(s2, head);
     for (long long i = first; i < n_vec; i += stride) {
-        // Every load of the iteration is issued before the first use: up to five 16-byte loads
+        // Every load of the iteration is issued before the first use: up to five vector loads
         // in flight per thread.
-        Pack<T> p = pv[i];
-        const Pack<T> g = gv[i];
-        Pack<T> a = {}, b = {}, c = {};
+        PV p = pv[i];
+        GV g = gv[i];
+        PV a = {}, b = {}, c = {};
+        GV o;
         if (use.read0) a = v0[i];
         if (use.read1) b = v1[i];
         if (use.read2) c = v2[i];
 #pragma unroll
-        for (int k = 0; k < W; ++k) op(p.e[k], g.e[k], a.e[k], b.e[k], c.e[k]);
+        for (int k = 0; k < W; ++k) {
+            T gk = widen(g.e[k]);
+            if (unscale) {
+                gk = gk * inv;
+                g.e[k] = narrow<G>(gk);
+            }
+            op(p.e[k], gk, a.e[k], b.e[k], c.e[k]);
+            if (has_out) o.e[k] = narrow<G>(p.e[k]);
+        }
         pv[i] = p;
+        if (unscale) gv[i] = g;
+        if (has_out) ov[i] = o;
         if (use.write0) v0[i] = a;
         if (use.write1) v1[i] = b;
         if (use.write2) v2[i] = c;
@@ -94,13 +163,18 @@ __device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ pa
     for (long long j = first; j < n_scalar; j += stride) {
         const long long i = j < head ? j : vec_end + (j - head);
         T p = param[i];
-        const T g = grad[i];
+        T g = widen(grad[i]);
         T a = 0, b = 0, c = 0;
         if (use.read0) a = s0[i];
         if (use.read1) b = s1[i];
         if (use.read2) c = s2[i];
+        if (unscale) {
+            g = g * inv;
+            grad[i] = narrow<G>(g);
+        }
         op(p, g, a, b, c);
         param[i] = p;
+        if (has_out) param_out[i] = narrow<G>(p);
         if (use.write0) s0[i] = a;
         if (use.write1) s1[i] = b;
         if (use.write2) s2[i] = c;
@@ -113,6 +187,7 @@ __device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ pa
 //   AdamW: p *= 1 - lr * wd        Adam: g += wd * p
 //   m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2;   amsgrad: vmax = max(vmax, v)
 //   p -= step_size * m / (sqrt(v or vmax) / bc2_sqrt + eps), step_size = lr / (1 - beta1^step)
+// device_scalars: {step_size, bc2_sqrt}.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct AdamOp {
@@ -137,42 +212,73 @@ struct AdamOp {
     }
 };
 
-// (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq [any pointer unless amsgrad], n, head, n_vec,
-//  beta1, beta2, 1 - beta1, 1 - beta2, step_size, bc2_sqrt, eps, weight_decay, 1 - lr * weight_decay, flags)
-template <typename T>
-__device__ __forceinline__ void adam_step(T* param, const T* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq,
-                                          long long n, long long head, long long n_vec, T beta1, T beta2,
-                                          T one_minus_beta1, T one_minus_beta2, T step_size, T bc2_sqrt, T eps,
-                                          T weight_decay, T decay_factor, int flags) {
+// (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq [any pointer unless amsgrad], param_out [16-bit entry
+//  points only], found_inf, inv_scale, device_scalars, n, head, n_vec, beta1, beta2, 1 - beta1, 1 - beta2,
+//  step_size, bc2_sqrt, eps, weight_decay, 1 - lr * weight_decay, flags)
+template <typename T, typename G>
+__device__ __forceinline__ void adam_step(T* param, G* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq,
+                                          G* param_out, const float* found_inf, const float* inv_scale,
+                                          const T* device_scalars, long long n, long long head, long long n_vec,
+                                          T beta1, T beta2, T one_minus_beta1, T one_minus_beta2, T step_size,
+                                          T bc2_sqrt, T eps, T weight_decay, T decay_factor, int flags) {
+    if (skipped(found_inf, flags)) return;
+    if (flags & OPT_DEVICE_SCALARS) {
+        step_size = device_scalars[0];
+        bc2_sqrt = device_scalars[1];
+    }
     const AdamOp<T> op{beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps, weight_decay,
                        decay_factor, flags};
     const bool ams = flags & OPT_AMSGRAD;
-    run_elementwise<T>(op, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, StateUse{true, true, true, true, ams, ams},
-                       n, head, n_vec);
+    run_elementwise<T, G>(op, param, grad, param_out, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                          StateUse{true, true, true, true, ams, ams}, inv_scale, flags, n, head, n_vec);
 }
 
-extern "C" __global__ void adam_step_f32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-                                         float* max_exp_avg_sq, long long n, long long head, long long n_vec,
-                                         float beta1, float beta2, float one_minus_beta1, float one_minus_beta2,
-                                         float step_size, float bc2_sqrt, float eps, float weight_decay,
-                                         float decay_factor, int flags) {
-    adam_step<float>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, head, n_vec, beta1, beta2, one_minus_beta1,
-                     one_minus_beta2, step_size, bc2_sqrt, eps, weight_decay, decay_factor, flags);
+OPT_ENTRY adam_step_f32(float* param, float* grad, float* exp_avg, float* exp_avg_sq, float* max_exp_avg_sq,
+                        const float* found_inf, const float* inv_scale, const float* device_scalars, long long n,
+                        long long head, long long n_vec, float beta1, float beta2, float one_minus_beta1,
+                        float one_minus_beta2, float step_size, float bc2_sqrt, float eps, float weight_decay,
+                        float decay_factor, int flags) {
+    adam_step<float, float>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, nullptr, found_inf, inv_scale,
+                            device_scalars, n, head, n_vec, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                            step_size, bc2_sqrt, eps, weight_decay, decay_factor, flags);
 }
 
-extern "C" __global__ void adam_step_f64(double* param, const double* grad, double* exp_avg, double* exp_avg_sq,
-                                         double* max_exp_avg_sq, long long n, long long head, long long n_vec,
-                                         double beta1, double beta2, double one_minus_beta1, double one_minus_beta2,
-                                         double step_size, double bc2_sqrt, double eps, double weight_decay,
-                                         double decay_factor, int flags) {
-    adam_step<double>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, head, n_vec, beta1, beta2,
-                      one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps, weight_decay, decay_factor, flags);
+OPT_ENTRY adam_step_f64(double* param, double* grad, double* exp_avg, double* exp_avg_sq, double* max_exp_avg_sq,
+                        const float* found_inf, const float* inv_scale, const double* device_scalars, long long n,
+                        long long head, long long n_vec, double beta1, double beta2, double one_minus_beta1,
+                        double one_minus_beta2, double step_size, double bc2_sqrt, double eps, double weight_decay,
+                        double decay_factor, int flags) {
+    adam_step<double, double>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, nullptr, found_inf, inv_scale,
+                              device_scalars, n, head, n_vec, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                              step_size, bc2_sqrt, eps, weight_decay, decay_factor, flags);
+}
+
+OPT_ENTRY adam_step_f32_f16(float* param, __half* grad, float* exp_avg, float* exp_avg_sq, float* max_exp_avg_sq,
+                            __half* param_out, const float* found_inf, const float* inv_scale,
+                            const float* device_scalars, long long n, long long head, long long n_vec, float beta1,
+                            float beta2, float one_minus_beta1, float one_minus_beta2, float step_size, float bc2_sqrt,
+                            float eps, float weight_decay, float decay_factor, int flags) {
+    adam_step<float, __half>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_out, found_inf, inv_scale,
+                             device_scalars, n, head, n_vec, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                             step_size, bc2_sqrt, eps, weight_decay, decay_factor, flags);
+}
+
+OPT_ENTRY adam_step_f32_bf16(float* param, __nv_bfloat16* grad, float* exp_avg, float* exp_avg_sq,
+                             float* max_exp_avg_sq, __nv_bfloat16* param_out, const float* found_inf,
+                             const float* inv_scale, const float* device_scalars, long long n, long long head,
+                             long long n_vec, float beta1, float beta2, float one_minus_beta1, float one_minus_beta2,
+                             float step_size, float bc2_sqrt, float eps, float weight_decay, float decay_factor,
+                             int flags) {
+    adam_step<float, __nv_bfloat16>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_out, found_inf,
+                                    inv_scale, device_scalars, n, head, n_vec, beta1, beta2, one_minus_beta1,
+                                    one_minus_beta2, step_size, bc2_sqrt, eps, weight_decay, decay_factor, flags);
 }
 
 // ---------------------------------------------------------------------------------------------
 // SGD (torch.optim.SGD): g = maximize ? -grad : grad; g += wd * p;
 //   momentum: buf = first_step ? g : momentum buf + (1 - dampening) g;  g = nesterov ? g + momentum buf : buf
 //   p -= lr * g
+// device_scalars: {first_step ? 1 : 0}.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct SgdOp {
@@ -190,36 +296,60 @@ struct SgdOp {
     }
 };
 
-// (param, grad, momentum_buf [any pointer unless momentum], n, head, n_vec, lr, momentum, 1 - dampening,
-//  weight_decay, flags). On the first step the buffer is written without being read.
-template <typename T>
-__device__ __forceinline__ void sgd_step(T* param, const T* grad, T* momentum_buf, long long n, long long head,
-                                         long long n_vec, T lr, T momentum, T one_minus_dampening, T weight_decay,
-                                         int flags) {
+// (param, grad, momentum_buf [any pointer unless momentum], param_out [16-bit entry points only], found_inf,
+//  inv_scale, device_scalars, n, head, n_vec, lr, momentum, 1 - dampening, weight_decay, flags). On the first
+//  step the buffer is written without being read.
+template <typename T, typename G>
+__device__ __forceinline__ void sgd_step(T* param, G* grad, T* momentum_buf, G* param_out, const float* found_inf,
+                                         const float* inv_scale, const T* device_scalars, long long n,
+                                         long long head, long long n_vec, T lr, T momentum,
+                                         T one_minus_dampening, T weight_decay, int flags) {
+    if (skipped(found_inf, flags)) return;
+    if (flags & OPT_DEVICE_SCALARS) {
+        flags = device_scalars[0] != T(0) ? (flags | OPT_FIRST_STEP) : (flags & ~OPT_FIRST_STEP);
+    }
     const SgdOp<T> op{lr, momentum, one_minus_dampening, weight_decay, flags};
     const bool mom = flags & OPT_MOMENTUM;
     const bool read_buf = mom && !(flags & OPT_FIRST_STEP);
-    run_elementwise<T>(op, param, grad, momentum_buf, nullptr, nullptr,
-                       StateUse{read_buf, mom, false, false, false, false}, n, head, n_vec);
+    run_elementwise<T, G>(op, param, grad, param_out, momentum_buf, nullptr, nullptr,
+                          StateUse{read_buf, mom, false, false, false, false}, inv_scale, flags, n, head, n_vec);
 }
 
-extern "C" __global__ void sgd_step_f32(float* param, const float* grad, float* momentum_buf, long long n,
-                                        long long head, long long n_vec, float lr, float momentum,
-                                        float one_minus_dampening, float weight_decay, int flags) {
-    sgd_step<float>(param, grad, momentum_buf, n, head, n_vec, lr, momentum, one_minus_dampening, weight_decay,
-                    flags);
+OPT_ENTRY sgd_step_f32(float* param, float* grad, float* momentum_buf, const float* found_inf, const float* inv_scale,
+                       const float* device_scalars, long long n, long long head, long long n_vec, float lr,
+                       float momentum, float one_minus_dampening, float weight_decay, int flags) {
+    sgd_step<float, float>(param, grad, momentum_buf, nullptr, found_inf, inv_scale, device_scalars, n, head, n_vec,
+                           lr, momentum, one_minus_dampening, weight_decay, flags);
 }
 
-extern "C" __global__ void sgd_step_f64(double* param, const double* grad, double* momentum_buf, long long n,
-                                        long long head, long long n_vec, double lr, double momentum,
-                                        double one_minus_dampening, double weight_decay, int flags) {
-    sgd_step<double>(param, grad, momentum_buf, n, head, n_vec, lr, momentum, one_minus_dampening, weight_decay,
-                     flags);
+OPT_ENTRY sgd_step_f64(double* param, double* grad, double* momentum_buf, const float* found_inf,
+                       const float* inv_scale, const double* device_scalars, long long n, long long head,
+                       long long n_vec, double lr, double momentum, double one_minus_dampening, double weight_decay,
+                       int flags) {
+    sgd_step<double, double>(param, grad, momentum_buf, nullptr, found_inf, inv_scale, device_scalars, n, head,
+                             n_vec, lr, momentum, one_minus_dampening, weight_decay, flags);
+}
+
+OPT_ENTRY sgd_step_f32_f16(float* param, __half* grad, float* momentum_buf, __half* param_out, const float* found_inf,
+                           const float* inv_scale, const float* device_scalars, long long n, long long head,
+                           long long n_vec, float lr, float momentum, float one_minus_dampening, float weight_decay,
+                           int flags) {
+    sgd_step<float, __half>(param, grad, momentum_buf, param_out, found_inf, inv_scale, device_scalars, n, head,
+                            n_vec, lr, momentum, one_minus_dampening, weight_decay, flags);
+}
+
+OPT_ENTRY sgd_step_f32_bf16(float* param, __nv_bfloat16* grad, float* momentum_buf, __nv_bfloat16* param_out,
+                            const float* found_inf, const float* inv_scale, const float* device_scalars, long long n,
+                            long long head, long long n_vec, float lr, float momentum, float one_minus_dampening,
+                            float weight_decay, int flags) {
+    sgd_step<float, __nv_bfloat16>(param, grad, momentum_buf, param_out, found_inf, inv_scale, device_scalars, n,
+                                   head, n_vec, lr, momentum, one_minus_dampening, weight_decay, flags);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Adagrad (torch.optim.Adagrad): g = maximize ? -grad : grad; g += wd * p;
 //   sum += g^2;  p -= clr * g / (sqrt(sum) + eps), clr = lr / (1 + (step - 1) lr_decay)
+// device_scalars: {clr}.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct AdagradOp {
@@ -234,19 +364,47 @@ struct AdagradOp {
     }
 };
 
-// (param, grad, state_sum, n, head, n_vec, clr, weight_decay, eps, flags)
-extern "C" __global__ void adagrad_step_f32(float* param, const float* grad, float* state_sum, long long n,
-                                            long long head, long long n_vec, float clr, float weight_decay,
-                                            float eps, int flags) {
-    run_elementwise<float>(AdagradOp<float>{clr, weight_decay, eps, flags}, param, grad, state_sum, nullptr,
-                           nullptr, StateUse{true, true, false, false, false, false}, n, head, n_vec);
+// (param, grad, state_sum, param_out [16-bit entry points only], found_inf, inv_scale, device_scalars, n, head,
+//  n_vec, clr, weight_decay, eps, flags)
+template <typename T, typename G>
+__device__ __forceinline__ void adagrad_step(T* param, G* grad, T* state_sum, G* param_out, const float* found_inf,
+                                             const float* inv_scale, const T* device_scalars, long long n,
+                                             long long head, long long n_vec, T clr, T weight_decay, T eps,
+                                             int flags) {
+    if (skipped(found_inf, flags)) return;
+    if (flags & OPT_DEVICE_SCALARS) clr = device_scalars[0];
+    run_elementwise<T, G>(AdagradOp<T>{clr, weight_decay, eps, flags}, param, grad, param_out, state_sum, nullptr,
+                          nullptr, StateUse{true, true, false, false, false, false}, inv_scale, flags, n, head,
+                          n_vec);
 }
 
-extern "C" __global__ void adagrad_step_f64(double* param, const double* grad, double* state_sum, long long n,
-                                            long long head, long long n_vec, double clr, double weight_decay,
-                                            double eps, int flags) {
-    run_elementwise<double>(AdagradOp<double>{clr, weight_decay, eps, flags}, param, grad, state_sum, nullptr,
-                            nullptr, StateUse{true, true, false, false, false, false}, n, head, n_vec);
+OPT_ENTRY adagrad_step_f32(float* param, float* grad, float* state_sum, const float* found_inf, const float* inv_scale,
+                           const float* device_scalars, long long n, long long head, long long n_vec, float clr,
+                           float weight_decay, float eps, int flags) {
+    adagrad_step<float, float>(param, grad, state_sum, nullptr, found_inf, inv_scale, device_scalars, n, head,
+                               n_vec, clr, weight_decay, eps, flags);
+}
+
+OPT_ENTRY adagrad_step_f64(double* param, double* grad, double* state_sum, const float* found_inf,
+                           const float* inv_scale, const double* device_scalars, long long n, long long head,
+                           long long n_vec, double clr, double weight_decay, double eps, int flags) {
+    adagrad_step<double, double>(param, grad, state_sum, nullptr, found_inf, inv_scale, device_scalars, n, head,
+                                 n_vec, clr, weight_decay, eps, flags);
+}
+
+OPT_ENTRY adagrad_step_f32_f16(float* param, __half* grad, float* state_sum, __half* param_out, const float* found_inf,
+                               const float* inv_scale, const float* device_scalars, long long n, long long head,
+                               long long n_vec, float clr, float weight_decay, float eps, int flags) {
+    adagrad_step<float, __half>(param, grad, state_sum, param_out, found_inf, inv_scale, device_scalars, n, head,
+                                n_vec, clr, weight_decay, eps, flags);
+}
+
+OPT_ENTRY adagrad_step_f32_bf16(float* param, __nv_bfloat16* grad, float* state_sum, __nv_bfloat16* param_out,
+                                const float* found_inf, const float* inv_scale, const float* device_scalars,
+                                long long n, long long head, long long n_vec, float clr, float weight_decay, float eps,
+                                int flags) {
+    adagrad_step<float, __nv_bfloat16>(param, grad, state_sum, param_out, found_inf, inv_scale, device_scalars, n,
+                                       head, n_vec, clr, weight_decay, eps, flags);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,6 +412,7 @@ extern "C" __global__ void adagrad_step_f64(double* param, const double* grad, d
 //   sq = alpha sq + (1 - alpha) g^2
 //   centered: ga = alpha ga + (1 - alpha) g; avg = sqrt(sq - ga^2) + eps   else avg = sqrt(sq) + eps
 //   momentum: buf = momentum buf + g / avg; p -= lr buf     else p -= lr g / avg
+// No step-dependent scalar: device_scalars is never read.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct RmspropOp {
@@ -280,31 +439,51 @@ struct RmspropOp {
     }
 };
 
-// (param, grad, square_avg, momentum_buf, grad_avg [each any pointer unless used], n, head, n_vec, lr, alpha,
-//  1 - alpha, eps, weight_decay, momentum, flags)
-template <typename T>
-__device__ __forceinline__ void rmsprop_step(T* param, const T* grad, T* square_avg, T* momentum_buf, T* grad_avg,
+// (param, grad, square_avg, momentum_buf, grad_avg [each any pointer unless used], param_out [16-bit entry
+//  points only], found_inf, inv_scale, n, head, n_vec, lr, alpha, 1 - alpha, eps, weight_decay, momentum, flags)
+template <typename T, typename G>
+__device__ __forceinline__ void rmsprop_step(T* param, G* grad, T* square_avg, T* momentum_buf, T* grad_avg,
+                                             G* param_out, const float* found_inf, const float* inv_scale,
                                              long long n, long long head, long long n_vec, T lr, T alpha,
                                              T one_minus_alpha, T eps, T weight_decay, T momentum, int flags) {
+    if (skipped(found_inf, flags)) return;
     const RmspropOp<T> op{lr, alpha, one_minus_alpha, eps, weight_decay, momentum, flags};
     const bool mom = flags & OPT_MOMENTUM;
     const bool centered = flags & OPT_CENTERED;
-    run_elementwise<T>(op, param, grad, square_avg, momentum_buf, grad_avg,
-                       StateUse{true, true, mom, mom, centered, centered}, n, head, n_vec);
+    run_elementwise<T, G>(op, param, grad, param_out, square_avg, momentum_buf, grad_avg,
+                          StateUse{true, true, mom, mom, centered, centered}, inv_scale, flags, n, head, n_vec);
 }
 
-extern "C" __global__ void rmsprop_step_f32(float* param, const float* grad, float* square_avg,
-                                            float* momentum_buf, float* grad_avg, long long n, long long head,
-                                            long long n_vec, float lr, float alpha, float one_minus_alpha,
-                                            float eps, float weight_decay, float momentum, int flags) {
-    rmsprop_step<float>(param, grad, square_avg, momentum_buf, grad_avg, n, head, n_vec, lr, alpha, one_minus_alpha,
-                        eps, weight_decay, momentum, flags);
+OPT_ENTRY rmsprop_step_f32(float* param, float* grad, float* square_avg, float* momentum_buf, float* grad_avg,
+                           const float* found_inf, const float* inv_scale, long long n, long long head, long long n_vec,
+                           float lr, float alpha, float one_minus_alpha, float eps, float weight_decay, float momentum,
+                           int flags) {
+    rmsprop_step<float, float>(param, grad, square_avg, momentum_buf, grad_avg, nullptr, found_inf, inv_scale, n,
+                               head, n_vec, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, flags);
 }
 
-extern "C" __global__ void rmsprop_step_f64(double* param, const double* grad, double* square_avg,
-                                            double* momentum_buf, double* grad_avg, long long n, long long head,
-                                            long long n_vec, double lr, double alpha, double one_minus_alpha,
-                                            double eps, double weight_decay, double momentum, int flags) {
-    rmsprop_step<double>(param, grad, square_avg, momentum_buf, grad_avg, n, head, n_vec, lr, alpha,
-                         one_minus_alpha, eps, weight_decay, momentum, flags);
+OPT_ENTRY rmsprop_step_f64(double* param, double* grad, double* square_avg, double* momentum_buf, double* grad_avg,
+                           const float* found_inf, const float* inv_scale, long long n, long long head, long long n_vec,
+                           double lr, double alpha, double one_minus_alpha, double eps, double weight_decay,
+                           double momentum, int flags) {
+    rmsprop_step<double, double>(param, grad, square_avg, momentum_buf, grad_avg, nullptr, found_inf, inv_scale, n,
+                                 head, n_vec, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, flags);
+}
+
+OPT_ENTRY rmsprop_step_f32_f16(float* param, __half* grad, float* square_avg, float* momentum_buf, float* grad_avg,
+                               __half* param_out, const float* found_inf, const float* inv_scale, long long n,
+                               long long head, long long n_vec, float lr, float alpha, float one_minus_alpha, float eps,
+                               float weight_decay, float momentum, int flags) {
+    rmsprop_step<float, __half>(param, grad, square_avg, momentum_buf, grad_avg, param_out, found_inf, inv_scale,
+                                n, head, n_vec, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, flags);
+}
+
+OPT_ENTRY rmsprop_step_f32_bf16(float* param, __nv_bfloat16* grad, float* square_avg, float* momentum_buf,
+                                float* grad_avg, __nv_bfloat16* param_out, const float* found_inf,
+                                const float* inv_scale, long long n, long long head, long long n_vec, float lr,
+                                float alpha, float one_minus_alpha, float eps, float weight_decay, float momentum,
+                                int flags) {
+    rmsprop_step<float, __nv_bfloat16>(param, grad, square_avg, momentum_buf, grad_avg, param_out, found_inf,
+                                       inv_scale, n, head, n_vec, lr, alpha, one_minus_alpha, eps, weight_decay,
+                                       momentum, flags);
 }

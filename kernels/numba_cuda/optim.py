@@ -5,6 +5,12 @@ vector load): each thread updates one element per stride. Scalars reach the kern
 dtype and the on/off switches as booleans computed on the host, so a float32 kernel has no
 float64 arithmetic (tests/kernels/test_gpu_compile.py checks the PTX).
 
+Loss scaling and master weights as in the other impls (kernels/cpu/optim.py): found_inf is read
+by the kernel (a nonzero value returns before anything is written), inv_scale unscales the
+gradient and is written back, a device step count arrives as ``device_scalars`` computed on the
+device, and a float16 ``param_out`` receives the float32 master rounded. bfloat16 is refused:
+numba cannot type bfloat16 arrays (the cupy impl, the default on a GPU, takes them).
+
 On a GPU the kernels take cupy arrays and launch on cupy's current stream, with a grid of one
 wave of resident blocks (numba's occupancy query), so the grid-stride loop shares the work evenly.
 Under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1) they take numpy arrays, and the grid is
@@ -17,10 +23,13 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 from numba import cuda, types
 
+from kernels.cpu.optim import (LOW_PRECISION_DTYPES, validate_adagrad, validate_adam, validate_rmsprop,
+                               validate_sgd)
 from kernels.numba_cuda.launch import device_of, launch, on_device, simulator
-from kernels.cpu.optim import validate_adagrad, validate_adam, validate_rmsprop, validate_sgd
+from kernels.registry import KernelError
 
 THREADS = 256
 # Blocks per SM when the occupancy query fails: 4 x 256 threads fit with up to 64 registers per
@@ -29,12 +38,29 @@ FALLBACK_BLOCKS_PER_SM = 4
 SIMULATOR_MAX_BLOCKS = 2
 
 
+# Every kernel: (param, grad, states..., param_out, found_inf, inv_scale, device_scalars, scalars...,
+# switches...). `one` is 1 in the arrays' dtype; the last four switches are check_found, unscale,
+# has_out and use_dev (see the module docstring). The gradient is read as g[i] * inv: a float16
+# gradient becomes float32, and inv is exactly 1 unless unscaling.
+
+
 @cuda.jit
-def adam_kernel(p, g, m, v, vmax, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps,
-                weight_decay, decay_factor, use_wd, decoupled, amsgrad, maximize):
+def adam_kernel(p, g, m, v, vmax, out, found_inf, inv_scale, dev, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                step_size, bc2_sqrt, eps, weight_decay, decay_factor, one, use_wd, decoupled, amsgrad, maximize,
+                check_found, unscale, has_out, use_dev):
+    if check_found and found_inf[0] != np.float32(0):
+        return
+    if use_dev:
+        step_size = dev[0]
+        bc2_sqrt = dev[1]
+    inv = inv_scale[0] * one if unscale else one
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, p.shape[0], stride):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * inv
+        if unscale:
+            g[i] = gi
+        if maximize:
+            gi = -gi
         pi = p[i]
         if use_wd:
             if decoupled:
@@ -51,15 +77,27 @@ def adam_kernel(p, g, m, v, vmax, beta1, beta2, one_minus_beta1, one_minus_beta2
                 vi = old
             vmax[i] = vi
         denom = math.sqrt(vi) / bc2_sqrt + eps
-        p[i] = pi - step_size * (mi / denom)
+        pi = pi - step_size * (mi / denom)
+        p[i] = pi
+        if has_out:
+            out[i] = pi
 
 
 @cuda.jit
-def sgd_kernel(p, g, buf, lr, momentum, one_minus_dampening, weight_decay, use_wd, use_momentum, nesterov, maximize,
-               first_step):
+def sgd_kernel(p, g, buf, out, found_inf, inv_scale, dev, lr, momentum, one_minus_dampening, weight_decay, one,
+               use_wd, use_momentum, nesterov, maximize, first_step, check_found, unscale, has_out, use_dev):
+    if check_found and found_inf[0] != np.float32(0):
+        return
+    if use_dev:
+        first_step = dev[0] != one - one
+    inv = inv_scale[0] * one if unscale else one
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, p.shape[0], stride):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * inv
+        if unscale:
+            g[i] = gi
+        if maximize:
+            gi = -gi
         pi = p[i]
         if use_wd:
             gi = gi + weight_decay * pi
@@ -67,28 +105,52 @@ def sgd_kernel(p, g, buf, lr, momentum, one_minus_dampening, weight_decay, use_w
             bi = gi if first_step else momentum * buf[i] + one_minus_dampening * gi
             buf[i] = bi
             gi = gi + momentum * bi if nesterov else bi
-        p[i] = pi - lr * gi
+        pi = pi - lr * gi
+        p[i] = pi
+        if has_out:
+            out[i] = pi
 
 
 @cuda.jit
-def adagrad_kernel(p, g, state_sum, clr, weight_decay, eps, use_wd, maximize):
+def adagrad_kernel(p, g, state_sum, out, found_inf, inv_scale, dev, clr, weight_decay, eps, one, use_wd, maximize,
+                   check_found, unscale, has_out, use_dev):
+    if check_found and found_inf[0] != np.float32(0):
+        return
+    if use_dev:
+        clr = dev[0]
+    inv = inv_scale[0] * one if unscale else one
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, p.shape[0], stride):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * inv
+        if unscale:
+            g[i] = gi
+        if maximize:
+            gi = -gi
         pi = p[i]
         if use_wd:
             gi = gi + weight_decay * pi
         si = state_sum[i] + gi * gi
         state_sum[i] = si
-        p[i] = pi - clr * (gi / (math.sqrt(si) + eps))
+        pi = pi - clr * (gi / (math.sqrt(si) + eps))
+        p[i] = pi
+        if has_out:
+            out[i] = pi
 
 
 @cuda.jit
-def rmsprop_kernel(p, g, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, use_wd,
-                   use_momentum, centered, maximize):
+def rmsprop_kernel(p, g, square_avg, buf, grad_avg, out, found_inf, inv_scale, dev, lr, alpha, one_minus_alpha, eps,
+                   weight_decay, momentum, one, use_wd, use_momentum, centered, maximize, check_found, unscale,
+                   has_out, use_dev):
+    if check_found and found_inf[0] != np.float32(0):
+        return
+    inv = inv_scale[0] * one if unscale else one
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, p.shape[0], stride):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * inv
+        if unscale:
+            g[i] = gi
+        if maximize:
+            gi = -gi
         pi = p[i]
         if use_wd:
             gi = gi + weight_decay * pi
@@ -103,21 +165,30 @@ def rmsprop_kernel(p, g, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, 
         if use_momentum:
             bi = momentum * buf[i] + gi / avg
             buf[i] = bi
-            p[i] = pi - lr * bi
+            pi = pi - lr * bi
         else:
-            p[i] = pi - lr * (gi / avg)
+            pi = pi - lr * (gi / avg)
+        p[i] = pi
+        if has_out:
+            out[i] = pi
 
 
-def _signature(dtype, n_arrays: int, n_scalars: int, n_flags: int) -> tuple:
-    return (types.Array(dtype, 1, "C"),) * n_arrays + (dtype,) * n_scalars + (types.boolean,) * n_flags
+def _signature(dtype, n_states: int, n_scalars: int, n_flags: int, grad=None) -> tuple:
+    """(param, grad, states, param_out, found_inf, inv_scale, device_scalars, scalars + one, switches)."""
+    array = lambda t: types.Array(t, 1, "C")  # noqa: E731
+    return ((array(dtype), array(grad or dtype)) + (array(dtype),) * n_states
+            + (array(types.float16), array(types.float32), array(types.float32), array(dtype))
+            + (dtype,) * (n_scalars + 1) + (types.boolean,) * (n_flags + 4))
 
 
-# Every kernel, for float32 and float64: compiled to sm_90 PTX by tests/kernels/test_gpu_compile.py.
+# Every kernel, for float32 and float64 and for a float32 master with float16 grads: compiled to sm_90
+# PTX by tests/kernels/test_gpu_compile.py.
 PTX_CHECKS = [
-    (kernel, _signature(dtype, *counts), str(dtype))
-    for kernel, counts in [(adam_kernel, (5, 9, 4)), (sgd_kernel, (3, 4, 5)), (adagrad_kernel, (3, 3, 2)),
-                           (rmsprop_kernel, (5, 6, 4))]
-    for dtype in (types.float32, types.float64)
+    (kernel, _signature(dtype, *counts, grad=grad), name)
+    for kernel, counts in [(adam_kernel, (3, 9, 4)), (sgd_kernel, (1, 4, 5)), (adagrad_kernel, (1, 3, 2)),
+                           (rmsprop_kernel, (3, 6, 4))]
+    for dtype, grad, name in [(types.float32, None, "float32"), (types.float64, None, "float64"),
+                              (types.float32, types.float16, "float32+float16")]
 ]
 
 
@@ -135,23 +206,34 @@ def _resident_blocks(kernel, argtypes: tuple, device_id: int) -> int:
         return device.MULTIPROCESSOR_COUNT * FALLBACK_BLOCKS_PER_SM
 
 
-def _placeholder(param):
-    """An empty array standing for a state the step does not use (the kernel never indexes it).
+def _placeholder(param, dtype=None):
+    """An empty array standing for an array the step does not use (the kernel never indexes it).
 
     Not an alias of a used array: under the simulator each argument is copied in and back out, and
     a stale alias copied back last would undo the update.
     """
-    return param.reshape(-1)[:0]
+    empty = param.reshape(-1)[:0]
+    return empty if dtype is None else empty.view(dtype)
 
 
-def _launch(kernel, arrays: list, scalars: tuple, flags: tuple) -> None:
+def _launch(kernel, arrays: list, scalars: tuple, flags: tuple, found_inf=None, inv_scale=None, device_scalars=None,
+            param_out=None, name: str = "") -> None:
+    """Launch over ``arrays`` (param, grad, states); the optional arrays become empty placeholders."""
     param = arrays[0]
+    if param_out is not None and param_out.dtype in LOW_PRECISION_DTYPES and param_out.dtype != np.float16:
+        raise KernelError(f"{name} (numba_cuda): a {param_out.dtype} parameter is not supported: numba cannot "
+                          "type bfloat16 arrays; use the cupy impl (the default on a GPU) or float16")
     n = int(param.size)
     if n == 0:
         return
-    typed = tuple(param.dtype.type(s) for s in scalars)
-    flat = [a.reshape(-1) for a in arrays]
-    args = (*flat, *typed, *flags)
+    typed = tuple(param.dtype.type(s) for s in (*scalars, 1.0))
+    extras = [param_out if param_out is not None else _placeholder(param, np.float16),
+              found_inf.reshape(-1) if found_inf is not None else _placeholder(param, np.float32),
+              inv_scale.reshape(-1) if inv_scale is not None else _placeholder(param, np.float32),
+              device_scalars if device_scalars is not None else _placeholder(param)]
+    switches = (found_inf is not None, inv_scale is not None, param_out is not None, device_scalars is not None)
+    flat = [a.reshape(-1) for a in (*arrays, *extras)]
+    args = (*flat, *typed, *flags, *switches)
     if simulator():
         launch(kernel, min(-(-n // THREADS), SIMULATOR_MAX_BLOCKS), THREADS, args)
         return
@@ -163,41 +245,51 @@ def _launch(kernel, arrays: list, scalars: tuple, flags: tuple) -> None:
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-              weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False, step):
+              weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False, step, found_inf=None,
+              inv_scale=None, param_out=None):
     s = validate_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                       weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                      maximize=maximize, step=step)
+                      maximize=maximize, step=step, found_inf=found_inf, inv_scale=inv_scale,
+                      param_out=param_out)
     vmax = max_exp_avg_sq if s.amsgrad else _placeholder(param)
     _launch(adam_kernel, [param, grad, exp_avg, exp_avg_sq, vmax],
-            (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size, s.bias_correction2_sqrt, s.eps,
-             s.weight_decay, s.decay_factor),
-            (s.weight_decay != 0, s.decoupled, s.amsgrad, s.maximize))
+            (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size or 0.0, s.bias_correction2_sqrt or 0.0,
+             s.eps, s.weight_decay, s.decay_factor),
+            (s.weight_decay != 0, s.decoupled, s.amsgrad, s.maximize), found_inf, inv_scale, s.device_scalars,
+            param_out, "adam_step")
 
 
 def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-             maximize=False, first_step=False):
+             maximize=False, first_step=False, found_inf=None, inv_scale=None, param_out=None):
     s = validate_sgd(param, grad, momentum_buf, lr=lr, momentum=momentum, dampening=dampening,
-                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step)
+                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+                     found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
     use_momentum = s.momentum != 0
     buf = momentum_buf if use_momentum else _placeholder(param)
     _launch(sgd_kernel, [param, grad, buf], (s.lr, s.momentum, 1.0 - s.dampening, s.weight_decay),
-            (s.weight_decay != 0, use_momentum, s.nesterov, s.maximize, s.first_step))
+            (s.weight_decay != 0, use_momentum, s.nesterov, s.maximize, bool(s.first_step)), found_inf, inv_scale,
+            s.device_scalars, param_out, "sgd_step")
 
 
-def adagrad_step(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, step, maximize=False):
+def adagrad_step(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, step, maximize=False,
+                 found_inf=None, inv_scale=None, param_out=None):
     s = validate_adagrad(param, grad, state_sum, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                         step=step, maximize=maximize)
-    _launch(adagrad_kernel, [param, grad, state_sum], (s.clr, s.weight_decay, s.eps),
-            (s.weight_decay != 0, s.maximize))
+                         step=step, maximize=maximize, found_inf=found_inf, inv_scale=inv_scale,
+                         param_out=param_out)
+    _launch(adagrad_kernel, [param, grad, state_sum], (s.clr or 0.0, s.weight_decay, s.eps),
+            (s.weight_decay != 0, s.maximize), found_inf, inv_scale, s.device_scalars, param_out, "adagrad_step")
 
 
 def rmsprop_step(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, lr, alpha=0.99, eps=1e-8,
-                 weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
+                 weight_decay=0.0, momentum=0.0, centered=False, maximize=False, found_inf=None, inv_scale=None,
+                 param_out=None):
     s = validate_rmsprop(param, grad, square_avg, momentum_buf, grad_avg, lr=lr, alpha=alpha, eps=eps,
-                         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize)
+                         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+                         found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
     use_momentum = s.momentum > 0
     buf = momentum_buf if use_momentum else _placeholder(param)
     gavg = grad_avg if s.centered else _placeholder(param)
     _launch(rmsprop_kernel, [param, grad, square_avg, buf, gavg],
             (s.lr, s.alpha, 1.0 - s.alpha, s.eps, s.weight_decay, s.momentum),
-            (s.weight_decay != 0, use_momentum, s.centered, s.maximize))
+            (s.weight_decay != 0, use_momentum, s.centered, s.maximize), found_inf, inv_scale, None, param_out,
+            "rmsprop_step")

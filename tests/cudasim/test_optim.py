@@ -52,9 +52,9 @@ IDS = ["adam-l2", "adamw-amsgrad-maximize", "sgd-plain", "sgd-momentum", "sgd-ne
        "rmsprop-centered-momentum"]
 
 
-def run(kernel, slots, cfg, step_kw, impl, states, grads):
+def run(kernel, slots, cfg, step_kw, impl, states, grads, first=1):
     fn = getattr(kernels, kernel)
-    for t, grad in enumerate(grads, start=1):
+    for t, grad in enumerate(grads, start=first):
         kw = dict(cfg)
         if step_kw == "step":
             kw["step"] = t
@@ -93,3 +93,42 @@ def test_numba_cuda_empty_and_errors():
         kernels.adam_step(p, p.copy(), p.copy(), np.zeros(4), lr=0.1, step=1, impl="numba_cuda")
     with pytest.raises(KernelError, match=r"sgd_step: momentum=0.9 needs momentum_buf"):
         kernels.sgd_step(p, p.copy(), None, lr=0.1, momentum=0.9, impl="numba_cuda")
+
+
+# ---- loss scaling and master weights ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [7, 600])
+@pytest.mark.parametrize("kernel,slots,cfg,step_kw", CASES, ids=IDS)
+def test_numba_cuda_loss_scaling_and_float16_master_match_numpy_impl(kernel, slots, cfg, step_kw, n):
+    """A float32 master with float16 gradients and param_out, gradients scaled by 512 and unscaled in
+    the step (written back), and a skipped step (found_inf = 1) that must change nothing."""
+    rng = np.random.default_rng(n)
+    start = start_states(rng, [s for s in slots if s], n, np.float32)
+    ours = {k: v.copy() for k, v in start.items()}
+    reference = {k: v.copy() for k, v in start.items()}
+    outs = {impl: start["param"].astype(np.float16) for impl in ("numba_cuda", "numpy")}
+    for t, skip in enumerate([False, True, False], start=1):
+        grad = (signed(rng, n) * 512).astype(np.float16)
+        grads = {impl: grad.copy() for impl in outs}
+        for impl, states in (("numba_cuda", ours), ("numpy", reference)):
+            extra = dict(found_inf=np.array([1.0 if skip else 0.0], np.float32),
+                         inv_scale=np.array([1 / 512], np.float32), param_out=outs[impl])
+            run(kernel, slots, dict(cfg, **extra), step_kw, impl, states, [grads[impl]], first=t)
+        np.testing.assert_array_equal(grads["numba_cuda"], grads["numpy"])
+        np.testing.assert_array_equal(grads["numba_cuda"], grad if skip else (grad.astype(np.float32) / 512)
+                                      .astype(np.float16))
+    for name, expected in reference.items():
+        scale = np.max(np.abs(expected))
+        assert np.all(np.abs(ours[name] - expected) <= 4e-6 * (np.abs(expected) + scale)), name
+    np.testing.assert_array_equal(outs["numba_cuda"], ours["param"].astype(np.float16))
+
+
+def test_numba_cuda_refuses_bfloat16_parameters_by_name():
+    import ml_dtypes
+
+    p = np.ones(4, np.float32)
+    low = np.ones(4, ml_dtypes.bfloat16)
+    with pytest.raises(KernelError, match=r"adam_step \(numba_cuda\): a bfloat16 parameter is not supported: numba "
+                                          r"cannot type bfloat16 arrays; use the cupy impl"):
+        kernels.adam_step(p, low.copy(), p.copy(), p.copy(), lr=0.1, step=1, param_out=low, impl="numba_cuda")

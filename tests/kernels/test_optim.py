@@ -200,10 +200,11 @@ def initial_state(rng, opt, cfg, shape):
     return st
 
 
-def call_step(opt, impl, arrays, grad, cfg, t):
-    """One step of ``opt`` through the public wrapper; ``arrays`` maps state name -> array."""
+def call_step(opt, impl, arrays, grad, cfg, t, **extra):
+    """One step of ``opt`` through the public wrapper; ``arrays`` maps state name -> array;
+    ``extra``: found_inf, inv_scale, param_out."""
     spec = OPTIMIZERS[opt]
-    kw = dict(cfg)
+    kw = dict(cfg, **extra)
     if spec["step_kw"] == "step":
         kw["step"] = t
     elif spec["step_kw"] == "first_step":
@@ -597,24 +598,24 @@ class FakeCupyArray:
 
 
 def _cu_signatures():
-    """extern "C" kernel name -> list of parameter C types, parsed from optim.cu."""
+    """extern "C" kernel name -> list of (C type, parameter name), parsed from optim.cu."""
     import re
 
     from kernels.cuda.module import source
 
     found = {}
-    for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', source("optim")):
-        found[name] = [" ".join(p.split()[:-1]).replace("const ", "") for p in params.split(",")]
+    for name, params in re.findall(r'OPT_ENTRY (\w+)\(([^)]*)\)', source("optim")):
+        found[name] = [(" ".join(p.split()[:-1]).replace("const ", ""), p.split()[-1]) for p in params.split(",")]
     return found
 
 
 C_TYPE_OF = {np.float32: "float", np.float64: "double", np.int32: "int", np.int64: "long long"}
+POINTEE = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+AMP_POINTERS = {"found_inf": 256, "inv_scale": 512, "device_scalars": 1024}  # the flag bit that says it is used
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("opt,config", CASES, ids=[f"{o}-{c}" for o, c in CASES])
-def test_cupy_wrapper_passes_arguments_matching_the_cu_signature(opt, config, dtype, monkeypatch):
-    """Without a GPU: the cupy wrapper's argument tuple matches its kernel's C parameter list."""
+def _launch_through_fake_function(opt, cfg, dtype, monkeypatch, param_out=None, **extra):
+    """Run the cupy wrapper of ``opt`` on FakeCupyArrays; return (kernel name, grid, block, args)."""
     import kernels.cuda.optim as cupy_impl
 
     launches = []
@@ -625,29 +626,249 @@ def test_cupy_wrapper_passes_arguments_matching_the_cu_signature(opt, config, dt
 
     monkeypatch.setattr(cupy_impl, "function", fake_function)
     monkeypatch.setattr(cupy_impl, "_resident_blocks", lambda name, device_id: 528)
-    cfg = OPTIMIZERS[opt]["configs"][config]
     start = initial_state(np.random.default_rng(0), opt, cfg, (1001,))
     arrays = {k: FakeCupyArray(cast(v, dtype)) for k, v in start.items()}
-    grad = FakeCupyArray(cast(start["param"], dtype))
+    grad = FakeCupyArray(cast(start["param"], dtype if param_out is None else param_out))
     spec = OPTIMIZERS[opt]
-    kw = dict(cfg)
+    kw = dict(cfg, **{k: FakeCupyArray(np.ones(1, np.float32)) for k in extra})
+    if param_out is not None:
+        kw["param_out"] = FakeCupyArray(cast(start["param"], param_out))
     if spec["step_kw"] == "step":
         kw["step"] = 3
     elif spec["step_kw"] == "first_step":
         kw["first_step"] = False
     getattr(cupy_impl, spec["kernel"].__name__)(arrays["param"], grad, *[arrays.get(s) for s in spec["slots"]],
                                                 **kw)
-    (name, grid, block, args), = launches
-    assert name == f"{spec['kernel'].__name__}_{'f32' if dtype == np.float32 else 'f64'}"
+    (launch,) = launches
+    return launch
+
+
+SUFFIX_CASES = [(np.float32, None, "f32"), (np.float64, None, "f64"), (np.float32, np.float16, "f32_f16"),
+                (np.float32, "bfloat16", "f32_bf16")]
+
+
+@pytest.mark.parametrize("with_amp", [False, True], ids=["plain", "found_inf+inv_scale"])
+@pytest.mark.parametrize("dtype,param_out,suffix", SUFFIX_CASES, ids=[c[2] for c in SUFFIX_CASES])
+@pytest.mark.parametrize("opt,config", CASES, ids=[f"{o}-{c}" for o, c in CASES])
+def test_cupy_wrapper_passes_arguments_matching_the_cu_signature(opt, config, dtype, param_out, suffix, with_amp,
+                                                                  monkeypatch):
+    """Without a GPU: the cupy wrapper's argument tuple matches its kernel's C parameter list, the
+    16-bit arrays go to the 16-bit entry points, and each loss-scaling pointer's flag bit is set
+    exactly when the caller passed that array."""
+    import ml_dtypes
+
+    param_out = ml_dtypes.bfloat16 if param_out == "bfloat16" else param_out
+    extra = ("found_inf", "inv_scale") if with_amp else ()
+    name, grid, block, args = _launch_through_fake_function(opt, OPTIMIZERS[opt]["configs"][config], dtype,
+                                                            monkeypatch, param_out, **dict.fromkeys(extra))
+    assert name == f"{OPTIMIZERS[opt]['kernel'].__name__}_{suffix}"
     assert block == (256,) and 1 <= grid[0] <= 528
     params = _cu_signatures()[name]
     assert len(args) == len(params), (name, len(args), params)
-    for arg, c_type in zip(args, params):
-        if c_type.endswith("*"):
-            assert isinstance(arg, FakeCupyArray) and c_type == C_TYPE_OF[dtype] + "*"
-        else:
+    flags = int(args[-1])
+    for arg, (c_type, pname) in zip(args, params):
+        if not c_type.endswith("*"):
             assert C_TYPE_OF[type(arg)] == c_type, (name, type(arg), c_type)
-    pointers = sum(c.endswith("*") for c in params)
+            continue
+        assert isinstance(arg, FakeCupyArray), (name, pname)
+        used = pname not in AMP_POINTERS or flags & AMP_POINTERS[pname]
+        if pname in ("found_inf", "inv_scale"):
+            assert bool(used) == (pname in extra), (name, pname, flags)
+        if used:
+            assert c_type == POINTEE[np.dtype(arg.dtype).name] + "*", (name, pname, arg.dtype, c_type)
+    pointers = sum(c.endswith("*") for c, _ in params)
     n, head, n_vec = (int(a) for a in args[pointers:pointers + 3])
     width = 16 // np.dtype(dtype).itemsize
     assert n == 1001 and 0 <= head < width and n - head - n_vec * width < width
+
+
+def test_cupy_launch_reads_step_scalars_from_the_device_when_given(monkeypatch):
+    """A device step count: the wrapper sets DEVICE_SCALARS and passes the array where the .cu reads it."""
+    import kernels.cuda.optim as cupy_impl
+
+    launches = []
+    arrays = [FakeCupyArray(np.ones(33, np.float32)) for _ in range(5)]
+    device_scalars = FakeCupyArray(np.ones(2, np.float32))
+    monkeypatch.setattr(cupy_impl, "function",
+                        lambda module, name: lambda grid, block, args: launches.append((name, args)))
+    monkeypatch.setattr(cupy_impl, "_resident_blocks", lambda name, device_id: 528)
+    cupy_impl._launch("adam_step", arrays, (0.9,) * 9, 0, device_scalars=device_scalars)
+    (name, args), = launches
+    signature = [p for _, p in _cu_signatures()[name]]
+    assert args[signature.index("device_scalars")] is device_scalars
+    assert int(args[-1]) & AMP_POINTERS["device_scalars"] and not int(args[-1]) & AMP_POINTERS["found_inf"]
+
+
+def test_cupy_vector_split_with_16_bit_arrays_aligns_every_vector():
+    from kernels.cuda.optim import vector_split
+
+    # float32 master at 4096 + 4 (element 1 mod 4) and a bfloat16 grad at 2048 + 2 (element 1 mod 4): peel 3.
+    assert vector_split([4100, 2050], 11, 4, [4, 2]) == (3, 2)
+    assert (4100 + 3 * 4) % 16 == 0 and (2050 + 3 * 2) % 8 == 0
+    assert vector_split([4100, 2052], 11, 4, [4, 2]) == (0, 0)  # element offsets 1 and 2: all scalar
+    assert vector_split([4100, 2051], 11, 4, [4, 2]) == (0, 0)  # a 16-bit array at an odd address
+
+
+# --------------------------------------------------------------------------------------------
+# Loss scaling (found_inf, inv_scale, device step counts) and master weights (param_out)
+# --------------------------------------------------------------------------------------------
+
+AMP_CASES = [("adam", "everything"), ("adam", "adamw"), ("sgd", "dampening"), ("sgd", "nesterov"),
+             ("adagrad", "maximize"), ("rmsprop", "everything")]
+AMP_IDS = [f"{o}-{c}" for o, c in AMP_CASES]
+
+
+def _flag(value, impl):
+    return to_device(np.array([value], np.float32), impl)
+
+
+def _state(opt, cfg, dtype, impl, n=257, seed=0):
+    start = initial_state(np.random.default_rng(seed), opt, cfg, (n,))
+    if opt == "sgd" and "momentum_buf" in start:
+        start["momentum_buf"] = 0.1 * signed(np.random.default_rng(seed + 1), n)  # not the first step below
+    return {k: to_device(cast(v, dtype), impl) for k, v in start.items()}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opt,config", AMP_CASES, ids=AMP_IDS)
+def test_found_inf_set_leaves_every_array_untouched(opt, config, impl, rng):
+    cfg = OPTIMIZERS[opt]["configs"][config]
+    arrays = _state(opt, cfg, np.float32, impl)
+    grad = to_device(cast(signed(rng, 257), np.float32), impl)
+    before = {k: to_host(v).copy() for k, v in arrays.items()}
+    grad_before = to_host(grad).copy()
+    call_step(opt, impl, arrays, grad, cfg, 2, found_inf=_flag(1.0, impl), inv_scale=_flag(0.25, impl))
+    for name, value in before.items():
+        np.testing.assert_array_equal(to_host(arrays[name]), value, err_msg=name)
+    np.testing.assert_array_equal(to_host(grad), grad_before)
+    call_step(opt, impl, arrays, grad, cfg, 2, found_inf=_flag(float("inf"), impl))  # any nonzero value skips
+    np.testing.assert_array_equal(to_host(arrays["param"]), before["param"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("opt,config", AMP_CASES, ids=AMP_IDS)
+def test_unscaling_in_the_step_equals_the_unscaled_gradient_and_writes_it_back(opt, config, dtype, impl, rng):
+    """found_inf = 0 and inv_scale = 1/1024 on a gradient scaled by 1024: the same step as on the
+    plain gradient (exactly: a power of two), and grad holds the unscaled gradient afterwards."""
+    cfg = OPTIMIZERS[opt]["configs"][config]
+    ours, plain = _state(opt, cfg, dtype, impl), _state(opt, cfg, dtype, impl)
+    g = cast(signed(rng, 257), dtype)
+    scaled = to_device(g * 1024, impl)
+    call_step(opt, impl, ours, scaled, cfg, 3, found_inf=_flag(0.0, impl), inv_scale=_flag(1 / 1024, impl))
+    call_step(opt, impl, plain, to_device(g, impl), cfg, 3)
+    for name in plain:
+        np.testing.assert_array_equal(to_host(ours[name]), to_host(plain[name]), err_msg=name)
+    np.testing.assert_array_equal(to_host(scaled), g)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opt", ["adam", "adagrad", "sgd"])
+def test_a_step_count_given_as_a_device_array_equals_the_number(opt, impl, rng):
+    config = {"adam": "everything", "adagrad": "maximize", "sgd": "dampening"}[opt]
+    cfg = OPTIMIZERS[opt]["configs"][config]
+    for t in (1, 2, 7):
+        by_array, by_number = _state(opt, cfg, np.float32, impl), _state(opt, cfg, np.float32, impl)
+        g = to_device(cast(signed(rng, 257), np.float32), impl)
+        spec = OPTIMIZERS[opt]
+        value = (t == 1) if spec["step_kw"] == "first_step" else t
+        kw = {spec["step_kw"]: to_device(np.array([value], np.int64), impl)}
+        spec["kernel"](by_array["param"], g, *[by_array.get(s) for s in spec["slots"]], impl=impl, **cfg, **kw)
+        call_step(opt, impl, by_number, g, cfg, t)
+        for name in by_number:
+            assert_close(by_array[name], to_host(by_number[name]).astype(np.float64), np.float32, f"{opt} t={t}")
+
+
+def _low_dtypes():
+    import ml_dtypes
+
+    return [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+
+
+LOW_IDS = ["f16", "bf16"]
+MASTER_IMPLS = ["numpy", "numba_cpu", pytest.param("cupy", marks=pytest.mark.gpu),
+                pytest.param("numba_cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("impl", MASTER_IMPLS)
+@pytest.mark.parametrize("low", _low_dtypes(), ids=LOW_IDS)
+@pytest.mark.parametrize("opt,config", CASES, ids=[f"{o}-{c}" for o, c in CASES])
+def test_master_weights_follow_the_float64_formula_and_round_into_param_out(opt, config, low, impl, rng):
+    """A float32 master, float32 states, 16-bit gradients: the master follows the float64 formula on
+    the gradients' values at float32 tolerance, and param_out is the master rounded to nearest-even
+    after every step."""
+    if impl == "numba_cuda" and low.name == "bfloat16":
+        pytest.skip("numba cannot type bfloat16 arrays (refused: see test_numba_cuda_refuses_bfloat16)")
+    cfg = OPTIMIZERS[opt]["configs"][config]
+    spec = OPTIMIZERS[opt]
+    start = initial_state(rng, opt, cfg, (1031,))
+    ours = {k: to_device(cast(v, np.float32), impl) for k, v in start.items()}
+    out = to_device(cast(start["param"], low), impl)
+    exact = {k: cast(v, np.float32).astype(np.float64) for k, v in start.items()}
+    for t in range(1, 11):
+        grad = cast(signed(rng, (1031,)), low)
+        call_step(opt, impl, ours, to_device(grad, impl), cfg, t, param_out=out)
+        spec["reference"](exact, grad.astype(np.float64), t, **cfg)
+        np.testing.assert_array_equal(to_host(out).view(np.uint16), to_host(ours["param"]).astype(low).view(np.uint16))
+    for name in exact:
+        assert_close(ours[name], exact[name], np.float32, f"{opt}/{impl} master {name}")
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+@pytest.mark.parametrize("low", _low_dtypes(), ids=LOW_IDS)
+def test_master_weights_with_scaled_16_bit_gradients_and_a_skip(low, impl, rng):
+    """The whole GradScaler path in one call sequence: scaled 16-bit grads unscaled in float32,
+    written back rounded, a skipped step, and the parallel numba loop (a buffer past PARALLEL_MIN)."""
+    from kernels.cpu.optim import PARALLEL_MIN
+
+    n = PARALLEL_MIN + 3 if impl == "numba_cpu" else 1001
+    cfg = dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
+    master = cast(signed(rng, n), np.float32)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    out = master.astype(low)
+    ref = {"param": master.copy(), "exp_avg": m.copy(), "exp_avg_sq": v.copy()}
+    g = cast(signed(rng, n), low)
+    scaled = (g.astype(np.float32) * 256).astype(low)
+    kernels.adam_step(master, scaled, m, v, step=1, found_inf=np.ones(1, np.float32), impl=impl, param_out=out, **cfg)
+    np.testing.assert_array_equal(out.view(np.uint16), ref["param"].astype(low).view(np.uint16))  # skipped
+    kernels.adam_step(master, scaled, m, v, step=1, found_inf=np.zeros(1, np.float32),
+                      inv_scale=np.full(1, 1 / 256, np.float32), param_out=out, impl=impl, **cfg)
+    np.testing.assert_array_equal(scaled.view(np.uint16), g.view(np.uint16))  # unscaled in place
+    kernels.adam_step(ref["param"], g.astype(np.float32), ref["exp_avg"], ref["exp_avg_sq"], step=1, impl="numpy",
+                      **cfg)
+    np.testing.assert_array_equal(master, ref["param"])
+    np.testing.assert_array_equal(out.view(np.uint16), master.astype(low).view(np.uint16))
+
+
+def test_master_weight_and_loss_scaling_arguments_are_checked():
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    p, m, v = np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+    low_p = np.ones(4, bf16)
+    for impl in ("numpy", "numba_cpu"):
+        with pytest.raises(KernelError, match=r"param has dtype bfloat16; a bfloat16 parameter is updated through a "
+                                              r"float32 master copy: pass the master as param .* as param_out"):
+            kernels.adam_step(low_p, low_p.copy(), m, v, lr=0.1, step=1, impl=impl)
+        with pytest.raises(KernelError, match=r"grad has dtype float32; with a bfloat16 param_out it must be bfloat16"):
+            kernels.adam_step(p, p.copy(), m, v, lr=0.1, step=1, param_out=low_p, impl=impl)
+        with pytest.raises(KernelError, match=r"exp_avg has dtype bfloat16; with a bfloat16 param_out it must be "
+                                              r"float32"):
+            kernels.adam_step(p, low_p.copy(), np.zeros(4, bf16), v, lr=0.1, step=1, param_out=low_p, impl=impl)
+        with pytest.raises(KernelError, match=r"param has dtype float64; with a float16 param_out it must be float32"):
+            kernels.sgd_step(np.ones(4), np.ones(4, np.float16), lr=0.1, param_out=np.ones(4, np.float16), impl=impl)
+        with pytest.raises(KernelError, match=r"param_out has dtype int16; it must be float16 or bfloat16"):
+            kernels.sgd_step(p, np.ones(4, np.int16), lr=0.1, param_out=np.ones(4, np.int16), impl=impl)
+        with pytest.raises(KernelError, match=r"found_inf must be a one-element float32 array on the arrays' device"):
+            kernels.sgd_step(p, p.copy(), lr=0.1, found_inf=np.zeros(2, np.float32), impl=impl)
+        with pytest.raises(KernelError, match=r"inv_scale must be a one-element float32 array .* float64"):
+            kernels.sgd_step(p, p.copy(), lr=0.1, inv_scale=np.ones(1), impl=impl)
+        with pytest.raises(KernelError, match=r"step must be a one-element integer array"):
+            kernels.adam_step(p, p.copy(), m, v, lr=0.1, step=np.ones(1, np.float32), impl=impl)
+        with pytest.raises(KernelError, match=r"step must be the 1-based step count .* got np.int64\(0\)"):
+            kernels.adam_step(p, p.copy(), m, v, lr=0.1, step=np.zeros(1, np.int64), impl=impl)
+        read_only = p.copy()
+        read_only.flags.writeable = False
+        with pytest.raises(KernelError, match=r"grad is read-only but is updated in place"):
+            kernels.sgd_step(p, read_only, lr=0.1, inv_scale=np.ones(1, np.float32), impl=impl)
+        kernels.sgd_step(p, read_only, lr=0.1, found_inf=np.zeros(1, np.float32), impl=impl)  # only read: fine
