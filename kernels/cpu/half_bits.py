@@ -28,6 +28,12 @@ def store(a, i, x):
     raise NotImplementedError("half_bits.store runs inside numba-jitted code only")
 
 
+def rounded(a, x):
+    """``x`` rounded to the format of ``a``'s elements, as a float (``x`` itself for float arrays).
+    Jitted code only."""
+    raise NotImplementedError("half_bits.rounded runs inside numba-jitted code only")
+
+
 @njit(inline="always")
 def bf16_to_f32(b):
     return np.uint32(np.uint32(b) << np.uint32(16)).view(np.float32)
@@ -99,3 +105,12 @@ def _store(a, i, x):
     def store_float(a, i, x):
         a[i] = x
     return store_float
+
+
+@overload(rounded)
+def _rounded(a, x):
+    if a.dtype == types.uint16:
+        return lambda a, x: bf16_to_f32(f32_to_bf16(x))
+    if a.dtype == types.int16:
+        return lambda a, x: f16_to_f32(f32_to_f16(x))
+    return lambda a, x: x

@@ -13,7 +13,10 @@ model. Every kernel also takes, as keywords (PyTorch's fused optimizers with a G
   ``grad``, as torch's fused Adam does. Without it ``grad`` is never written.
 - ``param_out``: a float16 or bfloat16 array. ``param`` is then the float32 master copy (its
   states are float32 too) and ``grad`` has ``param_out``'s dtype: the update runs in float32 and
-  writes the master rounded to nearest-even into ``param_out`` in the same pass.
+  writes the master rounded to nearest-even into ``param_out`` in the same pass. ``param_out`` is
+  read first: where it no longer holds the master rounded (the parameter was written since the
+  last step: a checkpoint load, an in-place change through ``.data``), the master restarts from its
+  value. So the parameter stays the source of truth and the master only adds the low bits.
 
 and the step count (``step``, SGD's ``first_step``) either as a Python number or as a one-element
 array on the arrays' device, which the GPU impls read there (a step count that depends on device
@@ -481,6 +484,12 @@ def _numpy_grad(grad, found_inf, inv_scale, maximize):
     return -g if maximize else g
 
 
+def _resync_master(param, param_out) -> None:
+    """Restart the master from param_out where param_out is not the master rounded (see the module docstring)."""
+    if param_out is not None:
+        np.copyto(param, param_out.astype(MASTER_DTYPE), where=param.astype(param_out.dtype) != param_out)
+
+
 def _round_out(param, param_out) -> None:
     if param_out is not None:
         param_out[...] = param  # numpy / ml_dtypes casts round to nearest-even
@@ -496,6 +505,7 @@ def adam_step_numpy(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr
     g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
     if g is None:
         return
+    _resync_master(param, param_out)
     if s.weight_decay != 0:
         if s.decoupled:
             param *= s.decay_factor
@@ -523,6 +533,7 @@ def sgd_step_numpy(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampenin
     g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
     if g is None:
         return
+    _resync_master(param, param_out)
     if s.weight_decay != 0:
         g = g + s.weight_decay * param
     if s.momentum != 0:
@@ -544,6 +555,7 @@ def adagrad_step_numpy(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay
     g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
     if g is None:
         return
+    _resync_master(param, param_out)
     if s.weight_decay != 0:
         g = g + s.weight_decay * param
     state_sum += g * g
@@ -560,6 +572,7 @@ def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None
     g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
     if g is None:
         return
+    _resync_master(param, param_out)
     if s.weight_decay != 0:
         g = g + s.weight_decay * param
     square_avg *= s.alpha
@@ -650,7 +663,7 @@ def _numba_kernels(n: int, amp: _NumbaAmp) -> dict:
 def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
     import numba
 
-    from kernels.cpu.half_bits import load, store
+    from kernels.cpu.half_bits import load, rounded, store
 
     # `loop`, `unscale` and `has_out` are closure variables of every kernel: numba folds the two
     # switches as constants (passed as arguments, the float32 Adam loop ran 5x slower: LLVM stopped
@@ -662,8 +675,9 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
     jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
 
     # Every loop reads the gradient with load() (16-bit bits become float32), unscales it and writes
-    # it back when `unscale`, and rounds the new parameter into `out` when `has_out` (param is then
-    # the float32 master): see _numba_amp.
+    # it back when `unscale`, and, when `has_out` (param is then the float32 master), restarts the
+    # master from `out` where `out` was written since and rounds the new master into it: see
+    # _numba_amp and the module docstring.
     @jit
     def adam(p, g, g_out, m, v, vmax, out, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt,
              eps, weight_decay, decay_factor, inv_scale, use_wd, decoupled, amsgrad, maximize):
@@ -675,6 +689,8 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
             if maximize:
                 gi = -gi
             pi = p[i]
+            if has_out and rounded(out, pi) != load(out, i):  # the parameter was written: restart the master
+                pi = load(out, i)
             if use_wd:
                 if decoupled:
                     pi = pi * decay_factor
@@ -706,6 +722,8 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
             if maximize:
                 gi = -gi
             pi = p[i]
+            if has_out and rounded(out, pi) != load(out, i):  # the parameter was written: restart the master
+                pi = load(out, i)
             if use_wd:
                 gi = gi + weight_decay * pi
             if use_momentum:
@@ -727,6 +745,8 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
             if maximize:
                 gi = -gi
             pi = p[i]
+            if has_out and rounded(out, pi) != load(out, i):  # the parameter was written: restart the master
+                pi = load(out, i)
             if use_wd:
                 gi = gi + weight_decay * pi
             si = state_sum[i] + gi * gi
@@ -747,6 +767,8 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
             if maximize:
                 gi = -gi
             pi = p[i]
+            if has_out and rounded(out, pi) != load(out, i):  # the parameter was written: restart the master
+                pi = load(out, i)
             if use_wd:
                 gi = gi + weight_decay * pi
             sq = alpha * square_avg[i] + one_minus_alpha * (gi * gi)

@@ -15,7 +15,8 @@
 // Entry points, for opt in adam, sgd, adagrad, rmsprop: <opt>_step_f32 and <opt>_step_f64 (every
 // array in that type), and <opt>_step_f32_f16 / <opt>_step_f32_bf16 for float16 / bfloat16
 // parameters: param and the states are the float32 master copy and its states, grad and param_out
-// are 16-bit, and the new master is rounded to nearest-even into param_out in the same pass. Their
+// are 16-bit, and the new master is rounded to nearest-even into param_out in the same pass (where
+// param_out no longer holds the old master rounded, the master first restarts from it). Their
 // argument lists are spelled out next to each and mirrored by kernels/cuda/optim.py.
 //
 // Loss scaling (PyTorch's fused optimizers with a GradScaler), every entry point:
@@ -81,6 +82,13 @@ __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) { return
 template <typename G>
 __device__ __forceinline__ G narrow(double x) { return x; }
 
+// A master whose parameter no longer holds it rounded (the parameter was written since the last
+// step: a checkpoint load, a change through .data) restarts from the parameter's value.
+template <typename T, typename G>
+__device__ __forceinline__ void resync(T& master, G param) {
+    if (widen(narrow<G>(master)) != widen(param)) master = widen(param);
+}
+
 // max that propagates a NaN in either argument, as torch.maximum / np.maximum do (fmax would drop it).
 template <typename T>
 __device__ __forceinline__ T max_nan(T old, T x) { return (old >= x || old != old) ? old : x; }
@@ -105,7 +113,8 @@ __device__ __forceinline__ bool skipped(const float* found_inf, int flags) {
 // state k is loaded only when it is read and stored only when it is written, so an optimizer that
 // uses fewer states (or a state that is write-only on this step) moves no bytes for it. The
 // gradient is read as G and computed with in T; with OPT_UNSCALE it is multiplied by inv_scale and
-// stored back; with a param_out (16-bit parameters) the new master value is rounded into it.
+// stored back; with a param_out (16-bit parameters) the master is first resynced with it (resync)
+// and the new master value is rounded into it.
 //
 // Elements [head, head + n_vec * W) go through the vector loop (W = 16 / sizeof(T) per vector); the
 // rest, [0, head) and [head + n_vec * W, n), at most 2 * (W - 1) elements when vectorized, go
@@ -137,6 +146,7 @@ __device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ pa
         GV g = gv[i];
         PV a = {}, b = {}, c = {};
         GV o;
+        if (has_out) o = ov[i];
         if (use.read0) a = v0[i];
         if (use.read1) b = v1[i];
         if (use.read2) c = v2[i];
@@ -147,6 +157,7 @@ __device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ pa
                 gk = gk * inv;
                 g.e[k] = narrow<G>(gk);
             }
+            if (has_out) resync(p.e[k], o.e[k]);
             op(p.e[k], gk, a.e[k], b.e[k], c.e[k]);
             if (has_out) o.e[k] = narrow<G>(p.e[k]);
         }
@@ -172,6 +183,7 @@ __device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ pa
             g = g * inv;
             grad[i] = narrow<G>(g);
         }
+        if (has_out) resync(p, param_out[i]);
         op(p, g, a, b, c);
         param[i] = p;
         if (has_out) param_out[i] = narrow<G>(p);

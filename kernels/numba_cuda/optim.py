@@ -8,7 +8,8 @@ float64 arithmetic (tests/kernels/test_gpu_compile.py checks the PTX).
 Loss scaling and master weights as in the other impls (kernels/cpu/optim.py): found_inf is read
 by the kernel (a nonzero value returns before anything is written), inv_scale unscales the
 gradient and is written back, a device step count arrives as ``device_scalars`` computed on the
-device, and a float16 ``param_out`` receives the float32 master rounded. bfloat16 is refused:
+device, and a float16 ``param_out`` receives the float32 master rounded (the master first restarts
+from param_out where that no longer holds it rounded). bfloat16 is refused:
 numba cannot type bfloat16 arrays (the cupy impl, the default on a GPU, takes them).
 
 On a GPU the kernels take cupy arrays and launch on cupy's current stream, with a grid of one
@@ -62,6 +63,8 @@ def adam_kernel(p, g, m, v, vmax, out, found_inf, inv_scale, dev, beta1, beta2, 
         if maximize:
             gi = -gi
         pi = p[i]
+        if has_out and out[i] != np.float16(pi):  # the parameter was written since: restart the master
+            pi = out[i] * one
         if use_wd:
             if decoupled:
                 pi = pi * decay_factor
@@ -99,6 +102,8 @@ def sgd_kernel(p, g, buf, out, found_inf, inv_scale, dev, lr, momentum, one_minu
         if maximize:
             gi = -gi
         pi = p[i]
+        if has_out and out[i] != np.float16(pi):  # the parameter was written since: restart the master
+            pi = out[i] * one
         if use_wd:
             gi = gi + weight_decay * pi
         if use_momentum:
@@ -127,6 +132,8 @@ def adagrad_kernel(p, g, state_sum, out, found_inf, inv_scale, dev, clr, weight_
         if maximize:
             gi = -gi
         pi = p[i]
+        if has_out and out[i] != np.float16(pi):  # the parameter was written since: restart the master
+            pi = out[i] * one
         if use_wd:
             gi = gi + weight_decay * pi
         si = state_sum[i] + gi * gi
@@ -152,6 +159,8 @@ def rmsprop_kernel(p, g, square_avg, buf, grad_avg, out, found_inf, inv_scale, d
         if maximize:
             gi = -gi
         pi = p[i]
+        if has_out and out[i] != np.float16(pi):  # the parameter was written since: restart the master
+            pi = out[i] * one
         if use_wd:
             gi = gi + weight_decay * pi
         sq = alpha * square_avg[i] + one_minus_alpha * (gi * gi)

@@ -132,3 +132,21 @@ def test_numba_cuda_refuses_bfloat16_parameters_by_name():
     with pytest.raises(KernelError, match=r"adam_step \(numba_cuda\): a bfloat16 parameter is not supported: numba "
                                           r"cannot type bfloat16 arrays; use the cupy impl"):
         kernels.adam_step(p, low.copy(), p.copy(), p.copy(), lr=0.1, step=1, param_out=low, impl="numba_cuda")
+
+
+def test_numba_cuda_master_restarts_where_the_float16_parameter_was_written():
+    rng = np.random.default_rng(3)
+    n = 600
+    master = (signed(rng, n) + 1e-3).astype(np.float32)
+    written = master.astype(np.float16)
+    written[::3] = (-2 * master[::3]).astype(np.float16)
+    grad = signed(rng, n).astype(np.float16)
+    results = {}
+    for impl in ("numba_cuda", "numpy"):
+        p, m, v, out = master.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32), written.copy()
+        kernels.adam_step(p, grad.copy(), m, v, lr=0.01, step=1, param_out=out, impl=impl)
+        results[impl] = (p, out)
+    np.testing.assert_allclose(results["numba_cuda"][0], results["numpy"][0], rtol=4e-6, atol=1e-7)
+    np.testing.assert_array_equal(results["numba_cuda"][1], results["numpy"][1])
+    # the rewritten third started from the written value: it moved by about lr, not from the master
+    assert np.all(np.abs(results["numpy"][0][::3] - written[::3].astype(np.float32)) < 0.011)
