@@ -102,12 +102,13 @@ def _cuda_namespace():
 
 
 def _amp_namespace(name: str, device_autocast):
-    """``engine.cuda.amp`` / ``engine.cpu.amp``: PyTorch's per-device ``autocast`` spellings."""
+    """``engine.cuda.amp`` / ``engine.cpu.amp``: PyTorch's per-device ``autocast`` and ``GradScaler`` spellings."""
     import sys
     import types
 
-    module = types.ModuleType(name, f"PyTorch's {name.replace('engine', 'torch')}: autocast")
+    module = types.ModuleType(name, f"PyTorch's {name.replace('engine', 'torch')}: autocast, GradScaler")
     module.autocast = device_autocast
+    module.GradScaler = amp.grad_scaler.legacy_grad_scaler(name.split(".")[1])
     sys.modules[name] = module
     return module
 

@@ -95,6 +95,64 @@ def test_a_training_step_reads_nothing_from_the_device(device, setup, impls, mon
     assert np.isfinite(loss.item())  # and the counter does see a read
 
 
+SCALED = {  # (optimizer, parameter dtype, unscale_ + clip_grad_norm_ before the step?)
+    "adamw+unscale+clip": (lambda ps: optim.AdamW(ps, lr=1e-2), None, True),
+    "sgd-momentum": (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1), None, False),
+    "adam-bf16-master": (lambda ps: optim.Adam(ps, lr=1e-2), engine.bfloat16, True),
+    "adam-fp16-master": (lambda ps: optim.Adam(ps, lr=1e-2), engine.float16, False),
+    "adamw-unfused": (lambda ps: optim.AdamW(ps, lr=1e-2, fused=False), None, True),
+}
+
+
+@pytest.mark.parametrize("impls", [None, pytest.param("numba_cuda", marks=pytest.mark.gpu)],
+                         ids=["default-impls", "numba_cuda-impls"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("setup", list(SCALED), ids=list(SCALED))
+def test_a_training_step_with_a_grad_scaler_reads_nothing_from_the_device(device, setup, impls, monkeypatch):
+    """scale, backward, (unscale_ + clip), step, update: the inf/NaN check, the skip, the step
+    counts and the scale update all stay on the device, also across a step with an inf."""
+    from engine.nn.utils import clip_grad_norm_
+
+    make_opt, dtype, clip = SCALED[setup]
+    if impls is not None:
+        if device == "cpu":
+            pytest.skip("the numba_cuda impls take cupy arrays (the simulator is a separate suite)")
+        if dtype == engine.bfloat16:
+            pytest.skip("numba cannot type bfloat16 arrays (the impl refuses them by name)")
+        monkeypatch.setenv("ENGINE_KERNEL_IMPL", impls)
+    engine.manual_seed(0)
+    rng = np.random.default_rng(6)
+    model = _mlp(device)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    opt, loss_fn = make_opt(model.parameters()), nn.CrossEntropyLoss()
+    scaler = engine.amp.GradScaler(backend.device(device).type, init_scale=2.0 ** 8, growth_interval=2)
+    batches = [_batch(device, rng) for _ in range(4)]
+
+    def train_step(x, y, inject=False):
+        if dtype is not None:
+            x = x.to(dtype=dtype)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        scaler.scale(loss * (float("inf") if inject else 1.0)).backward()
+        if clip:
+            scaler.unscale_(opt)
+            clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        return loss
+
+    with np.errstate(all="ignore"):
+        train_step(*batches[0], inject=True)  # warm-up (compiles), and the step counts go to the device
+        backend.synchronize(backend.device(device))
+        with backend.count_host_reads() as reads, _no_device_waits(device):
+            for t, (x, y) in enumerate(batches):
+                loss = train_step(x, y, inject=t == 1)
+    assert reads.count == 0, reads
+    assert np.isfinite(loss.item()) and scaler.get_scale() == 2.0 ** 7  # halved twice, then grown once
+    assert opt.state_dict()["state"][0].get("step", 3) == 3  # 5 steps, 2 skipped
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_functional_step_with_fused_kernels_reads_nothing(device):
     rng = np.random.default_rng(1)

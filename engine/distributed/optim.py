@@ -170,12 +170,23 @@ class ZeroRedundancyOptimizer(Optimizer):
                 else:
                     p.grad.zero_()
 
+    # GradScaler: its check walks every parameter's gradient (all ranks', so every rank decides the
+    # same skip) rather than the local optimizer's flat buffers; step() hands grad_scale / found_inf on.
+    _amp_unscale_grads_ = None
+
     def step(self, closure=None):
         """Step this rank's shard, then broadcast every shard from its owner; returns closure()'s loss."""
         core.check_alive(self._group, "ZeroRedundancyOptimizer.step")
         self._consolidated = None  # a consolidated state is out of date once parameters move
         self._push_hyperparams()
-        loss = self.optim.step(closure)
+        scaling = {name: getattr(self, name) for name in ("grad_scale", "found_inf") if hasattr(self, name)}
+        for name, value in scaling.items():
+            setattr(self.optim, name, value)
+        try:
+            loss = self.optim.step(closure)
+        finally:
+            for name in scaling:
+                delattr(self.optim, name)
         self._adopt_hyperparams()
         self._broadcast_shards()
         return loss

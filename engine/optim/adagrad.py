@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import kernels
 from engine import backend
-from engine.optim.optimizer import Optimizer, check_number, is_normal_positive
+from engine.optim.optimizer import Optimizer, as_step_scalars, check_number, is_normal_positive
+from kernels.cpu.optim import adagrad_decayed_lr
 
 
 class Adagrad(Optimizer):
@@ -28,13 +29,16 @@ class Adagrad(Optimizer):
         eps: :math:`\epsilon`, added to the denominator.
         maximize: maximize the objective instead of minimizing it.
         fused: None/True: one fused ``adagrad_step`` launch per bucket; False: unfused reference.
+        master_weights: float16 / bfloat16 parameters: None/True keep a float32 master copy and
+            float32 states (see :class:`~engine.optim.Optimizer`); False keeps 16-bit states.
     """
 
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, maximize: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, master_weights: bool | None = None):
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                        initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+                        initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
+                        master_weights=master_weights)
         super().__init__(params, defaults, fused)
 
     def _check_hyperparams(self, group: dict) -> None:
@@ -62,17 +66,17 @@ class Adagrad(Optimizer):
         return (is_normal_positive(group["eps"], dtype)
                 or is_normal_positive(group["initial_accumulator_value"], dtype))
 
-    def _fused_update(self, group, param, grad, buffers, step) -> None:
+    def _fused_update(self, group, param, grad, buffers, step, **scaling) -> None:
         kernels.adagrad_step(param, grad, buffers["sum"], lr=group["lr"], lr_decay=group["lr_decay"],
                              weight_decay=group["weight_decay"], eps=group["eps"], step=step + 1,
-                             maximize=group["maximize"])
+                             maximize=group["maximize"], **scaling)
 
     def _reference_update(self, group, param, grad, buffers, step) -> None:
         xp = backend.array_module(param)
         g = -grad if group["maximize"] else grad
         if group["weight_decay"] != 0:
             g = g + group["weight_decay"] * param
-        clr = group["lr"] / (1.0 + step * group["lr_decay"])  # step is t - 1 here
+        clr, = as_step_scalars(param.dtype, adagrad_decayed_lr(group["lr"], group["lr_decay"], step + 1))
         state_sum = buffers["sum"]
         state_sum += g * g
         param -= clr * (g / (xp.sqrt(state_sum) + group["eps"]))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import kernels
 from engine import backend
 from engine.errors import EngineError
-from engine.optim.optimizer import Optimizer, check_number, is_normal_positive
+from engine.optim.optimizer import Optimizer, as_step_scalars, check_number, is_normal_positive, sqrt_for
+from kernels.cpu.optim import adam_bias_corrections
 
 
 class Adam(Optimizer):
@@ -31,6 +30,8 @@ class Adam(Optimizer):
         amsgrad: use the running maximum of :math:`v_t` (AMSGrad).
         maximize: maximize the objective instead of minimizing it.
         fused: None/True: one fused ``adam_step`` launch per bucket; False: unfused reference.
+        master_weights: float16 / bfloat16 parameters: None/True keep a float32 master copy and
+            float32 states (see :class:`~engine.optim.Optimizer`); False keeps 16-bit states.
 
     Example:
         >>> opt = engine.optim.Adam(model.parameters(), lr=3e-4)  # doctest: +SKIP
@@ -40,9 +41,9 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, master_weights: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize)
+                        maximize=maximize, master_weights=master_weights)
         super().__init__(params, defaults, fused)
 
     def _check_hyperparams(self, group: dict) -> None:
@@ -65,12 +66,12 @@ class Adam(Optimizer):
     def _padding_is_safe(self, group: dict, dtype) -> bool:
         return is_normal_positive(group["eps"], dtype)  # else 0 / (sqrt(0) + 0) = NaN
 
-    def _fused_update(self, group, param, grad, buffers, step) -> None:
+    def _fused_update(self, group, param, grad, buffers, step, **scaling) -> None:
         beta1, beta2 = group["betas"]
         kernels.adam_step(param, grad, buffers["exp_avg"], buffers["exp_avg_sq"], buffers.get("max_exp_avg_sq"),
                           lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"], decoupled_weight_decay=self._decoupled,
-                          amsgrad=group["amsgrad"], maximize=group["maximize"], step=step + 1)
+                          amsgrad=group["amsgrad"], maximize=group["maximize"], step=step + 1, **scaling)
 
     def _reference_update(self, group, param, grad, buffers, step) -> None:
         xp = backend.array_module(param)
@@ -91,8 +92,8 @@ class Adam(Optimizer):
         if group["amsgrad"]:
             xp.maximum(buffers["max_exp_avg_sq"], exp_avg_sq, out=buffers["max_exp_avg_sq"])
             second = buffers["max_exp_avg_sq"]
-        step_size = lr / (1.0 - beta1 ** t)
-        denom = xp.sqrt(second) / math.sqrt(1.0 - beta2 ** t) + group["eps"]
+        step_size, bc2_sqrt = as_step_scalars(param.dtype, *adam_bias_corrections(lr, beta1, beta2, t, sqrt_for(t)))
+        denom = xp.sqrt(second) / bc2_sqrt + group["eps"]
         param -= step_size * (exp_avg / denom)
 
 
@@ -111,7 +112,7 @@ class AdamW(Adam):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, master_weights: bool | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, fused=fused)
+                         maximize=maximize, fused=fused, master_weights=master_weights)
 

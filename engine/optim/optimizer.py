@@ -35,13 +35,14 @@ array-module code (``_reference_update``): the unfused reference the parity test
 from __future__ import annotations
 
 import collections
-
+import contextlib
 import math
 import numbers
 
 import numpy as np
 
 from engine import backend, dtypes
+from engine.amp.grad_scaler import check_and_unscale_
 from engine.autograd import enable_grad, no_grad
 from engine.dtypes import is_floating
 from engine.errors import EngineError, describe
@@ -95,29 +96,72 @@ def _aligned_full(xp, numel: int, fill: float, dtype):
     return buffer
 
 
-class _Bucket:
-    """The parameters of one group that share a device and dtype, laid out in flat buffers."""
+class _OnDevice:
+    """A per-parameter count or flag held in a one-element device array.
 
-    def __init__(self, params: list[Tensor]):
+    After a step that a GradScaler may have skipped (its ``found_inf`` is a device flag), a
+    parameter's step count is only known on the device: it stays there, and the kernels read it
+    there, until a checkpoint reads it (:meth:`_Bucket.host_step`). Compared by identity, so the
+    parameters that went through the same steps share one object and one kernel launch.
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = backend.array_module(array).asarray(array)  # numpy's 0-d arithmetic gives scalars
+
+    def __add__(self, n):
+        return backend.array_module(self.array).asarray(self.array + n)
+
+    def to(self, device) -> "_OnDevice":
+        return self if backend.device_of(self.array) == device else _OnDevice(backend.to_device(self.array, device))
+
+
+class _Bucket:
+    """The parameters of one group that share a device and dtype, laid out in flat buffers.
+
+    With ``master`` (float16 / bfloat16 parameters, ``master_weights`` on) the bucket also keeps a
+    float32 copy of the parameters, ``master``, laid out like ``flat``, and its states are float32:
+    the fused kernels update the master and write it rounded into ``flat`` (the parameters) in the
+    same pass. Every buffer uses the same element offsets, aligned for the narrowest dtype.
+    """
+
+    def __init__(self, params: list[Tensor], master: bool = False):
         first = params[0]._data
         self.params = params
         self.device = backend.device_of(first)
         self.dtype = first.dtype
         self.xp = backend.array_module(first)
+        self.state_dtype = dtypes.COMPUTE_DTYPE if master else self.dtype
         self.shapes = [p.shape for p in params]  # as bound; a rebound ._data may have another
-        self.starts, self.stops, self.numel = _aligned_layout([int(p._data.size) for p in params],
-                                                              self.dtype.itemsize)
+        self.starts, self.stops, self.numel = _aligned_layout(
+            [int(p._data.size) for p in params], min(self.dtype.itemsize, self.state_dtype.itemsize))
         with backend.on_device(self.device):
             self.flat = _aligned_full(self.xp, self.numel, 0, self.dtype)  # padding: 0
             for p, start, stop in zip(params, self.starts, self.stops):
                 self.flat[start:stop] = p._data.reshape(-1)
+            self.master = None
+            if master:
+                self.master = _aligned_full(self.xp, self.numel, 0, self.state_dtype)
+                self.master[...] = self.flat
         self.views = [self._view(self.flat, i) for i in range(len(params))]
         self.grad_flat = None
         self.grad_views: list = []
         self._zero_pad = None  # zeros as long as the longest gap, to gather grads with one concatenate
         self.buffers: dict = {}  # state name -> flat array
-        self.steps = [0] * len(params)
+        self.steps: list = [0] * len(params)  # int, or _OnDevice after a step a GradScaler may have skipped
         self.has: list[set[str]] = [set() for _ in params]  # state names initialized per param
+        self.pending: dict = {}  # param index -> _OnDevice flag an optimizer keeps on the device (SGD)
+
+    @property
+    def fusable(self) -> bool:
+        """Do the fused kernels take this bucket (float32 / float64, or 16-bit with a master)?"""
+        return self.master is not None or self.dtype in _KERNEL_DTYPES
+
+    @property
+    def target(self):
+        """The flat array the update runs on: the master copy, or the parameters themselves."""
+        return self.flat if self.master is None else self.master
 
     def _view(self, flat, i: int):
         return flat[self.starts[i]:self.stops[i]].reshape(self.shapes[i])
@@ -134,11 +178,20 @@ class _Bucket:
         """The flat state buffer ``name``, created filled with ``fill`` on first use."""
         if name not in self.buffers:
             with backend.on_device(self.device):
-                self.buffers[name] = _aligned_full(self.xp, self.numel, fill, self.dtype)
+                self.buffers[name] = _aligned_full(self.xp, self.numel, fill, self.state_dtype)
         return self.buffers[name]
 
     def state_view(self, name: str, i: int):
         return self._view(self.buffers[name], i)
+
+    def master_view(self, i: int):
+        return self._view(self.master, i)
+
+    def host_step(self, i: int) -> int:
+        """Param ``i``'s step count as an int; a count on the device is read (a host sync) and kept."""
+        if isinstance(self.steps[i], _OnDevice):
+            self.steps[i] = int(backend.to_host(self.steps[i].array).reshape(-1)[0])
+        return self.steps[i]
 
     def _ensure_grad_flat(self):
         if self.grad_flat is None:
@@ -164,6 +217,16 @@ class _Bucket:
                 grad_flat[self.starts[i]:self.stops[i]] = self.params[i].grad._data.reshape(-1)
         return grad_flat
 
+    def adopt_grads(self, active: list[int]):
+        """:meth:`gather_grads`, then each active param's ``.grad`` a view of ``grad_flat``: what the
+        flat buffer then holds (an unscaled gradient) is what ``p.grad`` shows."""
+        grad_flat = self.gather_grads(active)
+        for i in active:
+            grad = self.params[i].grad
+            if grad._data is not self.grad_views[i]:
+                grad._data = self.grad_views[i]
+        return grad_flat
+
     def _grads_and_padding(self) -> list:
         pieces = []
         for i, p in enumerate(self.params):
@@ -187,14 +250,27 @@ class _Bucket:
             if p.grad is not None:
                 p.grad._data = view
 
-    def export(self, i: int, step: bool, copy: bool) -> dict | None:
-        """The state of param ``i`` as {"step"?, name: Tensor}, or None when it has none."""
-        if not self.has[i] and not (step and self.steps[i]):
+    def export(self, i: int, step: bool, copy: bool, first_step_pending=None) -> dict | None:
+        """The state of param ``i`` as {"step"?, name: Tensor, "master_param"?}, or None when it has
+        none. A step count on the device is read. ``first_step_pending``: a state name whose buffer
+        is left out while the device says no step has written it yet (SGD's momentum buffer)."""
+        count = self.host_step(i)
+        names = set(self.has[i])
+        if first_step_pending in names and i in self.pending:
+            if bool(backend.to_host(self.pending[i].array).reshape(-1)[0]):
+                names.discard(first_step_pending)  # every step that would have made it was skipped
+            else:
+                del self.pending[i]
+        stepped_master = self.master is not None and count
+        if not names and not (step and count) and not stepped_master:
             return None
-        entry = {"step": self.steps[i]} if step else {}
-        for name in sorted(self.has[i]):
+        entry = {"step": count} if step else {}
+        for name in sorted(names):
             view = self.state_view(name, i)
             entry[name] = Tensor(view.copy() if copy else view)
+        if stepped_master:  # the master's low bits: a resumed run continues exactly
+            view = self.master_view(i)
+            entry[MASTER_PARAM] = Tensor(view.copy() if copy else view)
         return entry
 
     def unpack(self) -> dict:
@@ -204,8 +280,17 @@ class _Bucket:
             entry = {"step": self.steps[i]}
             for name in self.has[i]:
                 entry[name] = self.state_view(name, i).copy()
+            if self.master is not None:
+                entry[MASTER_PARAM] = self.master_view(i).copy()
+            if i in self.pending:
+                entry[_PENDING] = self.pending[i]
             out[p] = entry
         return out
+
+
+# unpack() key of a per-parameter device flag an optimizer keeps (never in a state dict).
+_PENDING = "_pending_on_device"
+MASTER_PARAM = "master_param"
 
 
 class Optimizer:
@@ -218,13 +303,27 @@ class Optimizer:
     Args:
         params: an iterable of Tensors, or of dicts each holding ``"params"`` (an iterable of
             Tensors) and per-group hyperparameters that override ``defaults``.
-        defaults: the hyperparameters of a group that does not set them.
+        defaults: the hyperparameters of a group that does not set them. ``master_weights``
+            (every optimizer takes it): for float16 / bfloat16 parameters, ``None`` (default) or
+            ``True`` keeps a float32 master copy and float32 states, updated by the fused kernels,
+            which write the rounded parameter in the same pass; ``False`` keeps the states in the
+            parameter's dtype and computes each step in float32, rounded once. Ignored for
+            float32 / float64 parameters.
         fused: ``True`` or ``None`` (default): update each bucket with one fused kernel launch;
             ``False``: the unfused per-parameter reference path.
+
+    Loss scaling: like PyTorch's fused optimizers, :meth:`step` honours the ``grad_scale`` and
+    ``found_inf`` attributes that ``engine.amp.GradScaler.step`` sets (``_step_supports_amp_scaling``):
+    gradients are unscaled inside the update, and a nonzero ``found_inf`` leaves parameters,
+    states and step counts as they were, all decided on the device (no host read).
     """
 
     # Does the per-parameter state carry a "step" count (exported in state_dict)?
     _exports_step = True
+    # GradScaler.step sets grad_scale / found_inf on the optimizer and calls step() (PyTorch's protocol).
+    _step_supports_amp_scaling = True
+    # A state whose first write depends on the step being taken (SGD's momentum buffer), or None.
+    _first_step_state = None
 
     def __init__(self, params, defaults: dict, fused: bool | None = None):
         self.defaults = dict(defaults)
@@ -256,6 +355,10 @@ class Optimizer:
         """Per-parameter value the update depends on; params with equal keys share a launch."""
         return bucket.steps[i]
 
+    def _after_step(self, group: dict, bucket: _Bucket, i: int, key, skipped, memo: dict) -> None:
+        """Called for each parameter a step updated, with its run key and ``skipped`` (the device
+        flag "this step was skipped", or None when the step was certainly taken)."""
+
     def _padding_is_safe(self, group: dict, dtype) -> bool:
         """Does one update keep zero params with zero grads, and states at their fill value,
         exactly as they are (so that a launch may span the padding between params)?"""
@@ -268,6 +371,13 @@ class Optimizer:
     def _reference_update(self, group: dict, param, grad, buffers: dict, key) -> None:
         """Update one parameter's arrays in place with plain array-module code."""
         raise NotImplementedError
+
+    def _check_group(self, group: dict) -> None:
+        """The subclass's hyperparameter checks, and ``master_weights`` (None, True or False)."""
+        master = group.get("master_weights")
+        if master is not None and not isinstance(master, (bool, np.bool_)):
+            raise EngineError(f"{type(self).__name__}: master_weights must be None, True or False, got {master!r}")
+        self._check_hyperparams(group)
 
     # ---- param groups --------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -283,7 +393,7 @@ class Optimizer:
         group = dict(self.defaults)
         group.update(param_group)
         group["params"] = _as_param_list(name, param_group.get("params"))
-        self._check_hyperparams(group)
+        self._check_group(group)
         self._sync()
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in group["params"]):
@@ -303,30 +413,43 @@ class Optimizer:
     def _pack(self, group: dict, state: dict) -> list[_Bucket]:
         """New buckets for ``group`` holding ``state`` ({param: {"step", name: array or None}}).
 
-        A state array of None means "initialized to the buffer's fill value". Nothing is bound:
-        the caller binds once every group has been built, so a failure changes nothing.
+        A state array of None means "initialized to the buffer's fill value". A saved
+        ``master_param`` becomes the master of a 16-bit parameter (the kernels restart it from the
+        parameter where the two disagree); it is dropped for a float32 / float64 parameter, whose
+        own value is the one to keep. Nothing is bound: the caller binds once every group has been
+        built, so a failure changes nothing.
         """
         by_kind: dict[tuple, list[Tensor]] = {}
         for p in group["params"]:
             by_kind.setdefault((backend.device_of(p._data), p._data.dtype.str), []).append(p)
-        buckets = [_Bucket(params) for params in by_kind.values()]
+        master = group.get("master_weights") is not False
+        buckets = [_Bucket(params, master and dtypes.is_low_precision(params[0]._data.dtype))
+                   for params in by_kind.values()]
         for bucket in buckets:
             for i, p in enumerate(bucket.params):
                 entry = state.get(p)
                 if not entry:
                     continue
-                bucket.steps[i] = int(entry.get("step", 0))
+                step = entry.get("step", 0)
+                bucket.steps[i] = step.to(bucket.device) if isinstance(step, _OnDevice) else int(step)
+                if _PENDING in entry:
+                    bucket.pending[i] = entry[_PENDING].to(bucket.device)
                 for name, value in entry.items():
-                    if name == "step":
+                    if name in ("step", _PENDING):
+                        continue
+                    if value is not None and tuple(value.shape) != p.shape:
+                        raise EngineError(f"{type(self).__name__}: parameter {describe(p)} changed shape since "
+                                          f"its state {name!r} {tuple(value.shape)} was made; the state no "
+                                          "longer fits: build a new optimizer for the resized model")
+                    if name == MASTER_PARAM:
+                        if bucket.master is not None:
+                            view = bucket.master_view(i)
+                            view[...] = backend.to_device(value, bucket.device).astype(view.dtype, copy=False)
                         continue
                     bucket.buffer(name, self._buffer_fill(group, name))
                     if value is not None:
-                        if tuple(value.shape) != p.shape:
-                            raise EngineError(f"{type(self).__name__}: parameter {describe(p)} changed shape since "
-                                              f"its state {name!r} {tuple(value.shape)} was made; the state no "
-                                              "longer fits: build a new optimizer for the resized model")
                         view = bucket.state_view(name, i)
-                        view[...] = backend.to_device(value, bucket.device).astype(bucket.dtype, copy=False)
+                        view[...] = backend.to_device(value, bucket.device).astype(bucket.state_dtype, copy=False)
                     bucket.has[i].add(name)
         return buckets
 
@@ -388,14 +511,31 @@ class Optimizer:
         with no_grad():
             self._sync()
             for group in self.param_groups:  # validate all before touching any state
-                self._check_hyperparams(group)
+                self._check_group(group)
+            amp = self._amp_inputs()
             plans = [[(bucket, self._active(index, bucket)) for bucket in buckets]
                      for index, buckets in enumerate(self._buckets)]
             for group, group_plan in zip(self.param_groups, plans):
                 for bucket, active in group_plan:
                     if active:
-                        self._step_bucket(group, bucket, active)
+                        self._step_bucket(group, bucket, active, amp)
         return loss
+
+    def _amp_inputs(self) -> tuple | None:
+        """``(found_inf, grad_scale)`` raw arrays (either may be None) from the attributes a
+        GradScaler sets before calling :meth:`step`; None without them."""
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if found_inf is None and grad_scale is None:
+            return None
+        arrays = []
+        for name, value in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+            if isinstance(value, Tensor):
+                value = value._data
+            if value is not None and not (backend.is_array(value) and int(np.prod(value.shape)) == 1):
+                raise EngineError(f"{type(self).__name__}.step: {name} must be a one-element tensor (as "
+                                  f"engine.amp.GradScaler sets it), got {describe(value)}")
+            arrays.append(value)
+        return tuple(arrays)
 
     def _active(self, group_index: int, bucket: _Bucket) -> list[int]:
         """Indices of the bucket's params that have a grad; checks each grad fits its param."""
@@ -417,57 +557,96 @@ class Optimizer:
             active.append(i)
         return active
 
-    def _step_bucket(self, group: dict, bucket: _Bucket, active: list[int]) -> None:
+    def _step_bucket(self, group: dict, bucket: _Bucket, active: list[int], amp) -> None:
         names = self._buffer_names(group)
         for name in names:
             bucket.buffer(name, self._buffer_fill(group, name))
-        if self.fused and bucket.dtype in _KERNEL_DTYPES:
-            grad_flat = bucket.gather_grads(active)
+        scaling = _BucketScaling.of(amp, bucket)
+        keys = [self._run_key(group, bucket, i) for i in active]  # before any count advances
+        if self.fused and bucket.fusable:
+            grad_flat = bucket.adopt_grads(active) if scaling.inv_scale is not None else bucket.gather_grads(active)
+            target = bucket.target
             for first, last, key in self._runs(group, bucket, active):
                 lo, hi = bucket.starts[first], bucket.stops[last]  # spans the padding between
                 if hi > lo:
                     buffers = {name: bucket.buffers[name][lo:hi] for name in names}
-                    self._fused_update(group, bucket.flat[lo:hi], grad_flat[lo:hi], buffers, key)
+                    extra = scaling.kernel_args()
+                    if bucket.master is not None:
+                        extra["param_out"] = bucket.flat[lo:hi]
+                    self._fused_update(group, target[lo:hi], grad_flat[lo:hi], buffers, key, **extra)
         else:
-            for i in active:
-                buffers = {name: bucket.state_view(name, i) for name in names}
-                update = self._low_precision_update if dtypes.is_low_precision(bucket.dtype) else self._reference_update
-                update(group, bucket.params[i]._data, bucket.params[i].grad._data, buffers,
-                       self._run_key(group, bucket, i))
-        for i in active:
-            bucket.steps[i] += 1
+            for i, key in zip(active, keys):
+                self._reference_step(group, bucket, i, names, key, scaling)
+        memo: dict = {}
+        for i, key in zip(active, keys):
+            bucket.steps[i] = scaling.advance(bucket.steps[i], memo)
+            self._after_step(group, bucket, i, key, scaling.skipped, memo)
             bucket.has[i].update(names)
             bucket.params[i]._version.value += 1  # an in-place change: a graph that saved it must not backward
 
-    def _low_precision_update(self, group: dict, param, grad, buffers: dict, key) -> None:
-        """The update of a float16/bfloat16 parameter computed in float32 and rounded once into the
-        parameter and its states (the engine's compute rule, see engine/dtypes.py): op by op in 16
-        bits, Adam's eps (1e-8) rounds to 0 in float16 and sqrt(v) + eps divides by zero."""
+    def _reference_step(self, group: dict, bucket: _Bucket, i: int, names, key, scaling: "_BucketScaling") -> None:
+        """One parameter through ``_reference_update`` (plain array code), with what the fused path
+        does around it: the master copy, loss scaling and the skip, as array ops (no host read).
+
+        A float16 / bfloat16 parameter without a master is computed in float32 and rounded once
+        into the parameter and its states (the engine's compute rule, see engine/dtypes.py): op by
+        op in 16 bits, Adam's eps (1e-8) rounds to 0 in float16 and sqrt(v) + eps divides by zero.
+        """
+        param, grad = bucket.params[i]._data, bucket.params[i].grad._data
+        target = bucket.master_view(i) if bucket.master is not None else param
+        buffers = {name: bucket.state_view(name, i) for name in names}
+        if bucket.master is not None:  # as the kernels: a parameter written since restarts its master
+            xp = bucket.xp
+            xp.copyto(target, param.astype(target.dtype), where=target.astype(param.dtype) != param)
+        saved = scaling.save(target, buffers)
         wide = {name: dtypes.upcast(b) for name, b in buffers.items()}
-        wide_param = dtypes.upcast(param)
-        self._reference_update(group, wide_param, dtypes.upcast(grad), wide, key)
-        param[...] = wide_param
+        wide_target = dtypes.upcast(target)
+        g = scaling.unscaled(grad)
+        # A step that may be skipped computes on inf/NaN gradients before it is undone: no warnings.
+        with np.errstate(all="ignore") if saved is not None else contextlib.nullcontext():
+            self._reference_update(group, wide_target, g, wide, key)
+        if wide_target is not target:
+            target[...] = wide_target
         for name, b in buffers.items():
-            if b is not None:
+            if wide[name] is not b:
                 b[...] = wide[name]
+        scaling.restore(saved, target, buffers, grad, g)
+        if bucket.master is not None:
+            param[...] = target
 
     def _runs(self, group: dict, bucket: _Bucket, active: list[int]):
         """Maximal runs (first, last, key) of consecutive active params with the same key.
 
         A run spans the padding between its params only where that padding stays harmless.
+        Keys on the device (:class:`_OnDevice`) are equal only when they are the same object.
         """
         runs = []
-        span_padding = self._padding_is_safe(group, bucket.dtype)
+        span_padding = self._padding_is_safe(group, bucket.state_dtype)
         for i in active:
             key = self._run_key(group, bucket, i)
-            if (runs and runs[-1][1] == i - 1 and runs[-1][2] == key
+            if (runs and runs[-1][1] == i - 1 and _same_key(runs[-1][2], key)
                     and (span_padding or bucket.stops[i - 1] == bucket.starts[i])):
                 runs[-1][1] = i
             else:
                 runs.append([i, i, key])
         return runs
 
-    # ---- the finite check ----------------------------------------------------------------------
+    # ---- the finite check and loss scaling -------------------------------------------------------
+    def _grad_spans(self):
+        """Per bucket with gradients: ``(bucket, grad_flat, spans)``, every active grad gathered into
+        ``grad_flat`` and made a view of it (the copy ``step`` makes anyway, so the step copies
+        nothing more); ``spans`` are (lo, hi) ranges covering the runs of consecutive active params
+        (one range per bucket when every parameter has a grad; the padding between is 0)."""
+        self._sync()
+        for index, buckets in enumerate(self._buckets):
+            for bucket in buckets:
+                active = self._active(index, bucket)
+                if not active:
+                    continue
+                grad_flat = bucket.adopt_grads(active)
+                spans = [(0, bucket.numel)] if len(active) == len(bucket.params) else _active_spans(bucket, active)
+                yield bucket, grad_flat, spans
+
     def grads_finite(self):
         """A device flag: are all the gradients that the next :meth:`step` would apply finite?
 
@@ -484,36 +663,47 @@ class Optimizer:
             >>> opt.step(); ...; bool(ok)            # read it at the next sync   # doctest: +SKIP
         """
         flag = None
-        self._sync()
-        for index, buckets in enumerate(self._buckets):
-            for bucket in buckets:
-                active = self._active(index, bucket)
-                if not active:
-                    continue
-                grad_flat, views = bucket.gather_grads(active), bucket.grad_views
-                for i in active:
-                    grad = bucket.params[i].grad
-                    if grad._data is not views[i]:
-                        grad._data = views[i]
-                # The padding between params is 0: one span covers a run of consecutive params.
-                spans = [(0, bucket.numel)] if len(active) == len(bucket.params) else _active_spans(bucket, active)
-                xp = bucket.xp
-                with backend.on_device(bucket.device):
-                    for lo, hi in spans:
-                        flag = _and_flags(flag, xp.all(xp.isfinite(grad_flat[lo:hi]), keepdims=True))
+        for bucket, grad_flat, spans in self._grad_spans():
+            xp = bucket.xp
+            with backend.on_device(bucket.device):
+                for lo, hi in spans:
+                    flag = _and_flags(flag, xp.all(xp.isfinite(grad_flat[lo:hi]), keepdims=True))
         return flag
+
+    def _amp_unscale_grads_(self, inv_scale, allow_fp16: bool) -> dict:
+        """GradScaler's check (and unscale) of this optimizer's gradients, bucket by bucket.
+
+        ``{device: found_inf}``: a 0-d float32 array per device holding 1.0 where some gradient
+        there is inf or NaN (checked before unscaling, as torch's
+        ``_amp_foreach_non_finite_check_and_unscale_``), else 0.0. With ``inv_scale`` (a 0-d
+        float32 array) every gradient is multiplied by it in place. Nothing is read on the host.
+        Refuses float16 gradients unless ``allow_fp16``, as PyTorch does.
+        """
+        found: dict = {}
+        for bucket, grad_flat, spans in self._grad_spans():
+            if not allow_fp16 and bucket.dtype == np.float16:
+                raise EngineError("Attempting to unscale FP16 gradients. (GradScaler.unscale_ refuses float16 "
+                                  "gradients, as PyTorch does: unscaled in float16 they underflow; let "
+                                  "scaler.step(optimizer) unscale them in float32 inside the update instead)")
+            inv = None if inv_scale is None else backend.to_device(inv_scale, bucket.device)
+            with backend.on_device(bucket.device):
+                for lo, hi in spans:
+                    found[bucket.device] = check_and_unscale_(grad_flat[lo:hi], inv, found.get(bucket.device))
+        return found
 
     # ---- inspection and checkpoints ------------------------------------------------------------
     @property
     def state(self) -> dict:
         """{param: {"step": int, name: Tensor}} for every param with state; the Tensors are live
-        views of the flat buffers (read them; they go stale when the buckets are rebuilt)."""
+        views of the flat buffers (read them; they go stale when the buckets are rebuilt). A 16-bit
+        parameter's float32 master copy is its ``"master_param"``. Step counts that a GradScaler
+        left on the device are read here (a host sync, as torch's ``.item()``)."""
         self._sync()
         out = {}
         for buckets in self._buckets:
             for bucket in buckets:
                 for i, p in enumerate(bucket.params):
-                    entry = bucket.export(i, self._exports_step, copy=False)
+                    entry = bucket.export(i, self._exports_step, False, self._first_step_state)
                     if entry is not None:
                         out[p] = entry
         return out
@@ -523,7 +713,9 @@ class Optimizer:
 
         Parameters are named by their index in the order of ``param_groups``; state arrays are
         copied Tensors on the parameter's device, hyperparameters plain numbers, so the result
-        can be stored with :func:`engine.save` and restored with :meth:`load_state_dict`.
+        can be stored with :func:`engine.save` and restored with :meth:`load_state_dict`. A 16-bit
+        parameter with a master copy saves it as ``"master_param"`` (float32), so a resumed run
+        continues exactly. Step counts a GradScaler left on the device are read (a host sync).
         """
         self._sync()
         state, groups, index = {}, [], 0
@@ -532,7 +724,7 @@ class Optimizer:
             indices = []
             for p in group["params"]:
                 bucket, i = where[id(p)]
-                entry = bucket.export(i, self._exports_step, copy=True)
+                entry = bucket.export(i, self._exports_step, True, self._first_step_state)
                 if entry is not None:
                     state[index] = entry
                 indices.append(index)
@@ -551,7 +743,10 @@ class Optimizer:
         checks; ``step`` must be a non-negative int (a Python or numpy int, or a one-element
         integer array; never a float, bool, NaN or inf); state arrays must have their
         parameter's shape (they are moved to its device and cast to its dtype). Any violation
-        raises an ``EngineError`` saying what was expected, and nothing changes.
+        raises an ``EngineError`` saying what was expected, and nothing changes. A saved
+        ``"master_param"`` restores a 16-bit parameter's float32 master copy (a parameter loaded
+        with another value since restarts its master from that value at the next step); for a
+        float32 / float64 parameter it is dropped (the parameter's own value is the one kept).
         """
         name = f"{type(self).__name__}.load_state_dict"
         self._sync()
@@ -575,8 +770,8 @@ class Optimizer:
                 if key != "params":
                     new_group[key] = _saved_hyperparam(name, g, key, _plain(value), group.get(key))
             new_group["params"] = group["params"]
-            self._check_hyperparams(new_group)
-            allowed = set(self._all_buffer_names())
+            self._check_group(new_group)
+            allowed = set(self._all_buffer_names()) | {MASTER_PARAM}
             states.append({p: self._restore_entry(name, index, saved_state.get(index), p, allowed)
                            for index, p in zip(indices, group["params"])})
             new_groups.append(new_group)
@@ -653,6 +848,91 @@ def _and_flags(flag, ok):
     if here.type == "cpu":
         return backend.to_device(flag, there) & ok
     return flag & backend.to_device(ok, here)
+
+
+def _same_key(a, b) -> bool:
+    """Do two run keys give the same update? Keys on the device only when they are one object."""
+    if isinstance(a, _OnDevice) or isinstance(b, _OnDevice):
+        return a is b
+    return a == b
+
+
+class _BucketScaling:
+    """What a GradScaler asked of one bucket's step, as arrays on the bucket's device.
+
+    ``found_inf`` / ``inv_scale``: 0-d float32 arrays or None; ``skipped``: the 0-d bool array
+    ``found_inf != 0`` or None (the step is certainly taken). Everything here is array ops: a step
+    with a scaler decides on the device, never on the host.
+    """
+
+    def __init__(self, device=None, found_inf=None, inv_scale=None):
+        self.device, self.found_inf, self.inv_scale = device, found_inf, inv_scale
+        self.skipped = None if found_inf is None else backend.array_module(found_inf).asarray(found_inf != 0)
+        self._taken = None
+
+    @classmethod
+    def of(cls, amp, bucket: _Bucket) -> "_BucketScaling":
+        if amp is None:
+            return _NO_SCALING
+        found_inf, grad_scale = amp
+        xp = bucket.xp
+        with backend.on_device(bucket.device):
+            if found_inf is not None:
+                found_inf = xp.asarray(backend.to_device(found_inf, bucket.device), dtype=np.float32).reshape(())
+            inv_scale = None
+            if grad_scale is not None:  # the reciprocal in float64, as torch's unscale_
+                scale = backend.to_device(grad_scale, bucket.device).astype(np.float64).reshape(())
+                inv_scale = xp.asarray(1.0 / scale, dtype=np.float32)
+        return cls(bucket.device, found_inf, inv_scale)
+
+    def kernel_args(self) -> dict:
+        return {name: value for name, value in (("found_inf", self.found_inf), ("inv_scale", self.inv_scale))
+                if value is not None}
+
+    def unscaled(self, grad):
+        """The gradient the reference update uses: in the compute dtype, times inv_scale."""
+        g = dtypes.upcast(grad)
+        return g if self.inv_scale is None else g * self.inv_scale
+
+    def save(self, target, buffers: dict):
+        """Copies to restore on a skipped step (None when no step can be skipped)."""
+        if self.skipped is None:
+            return None
+        return target.copy(), {name: b.copy() for name, b in buffers.items()}
+
+    def restore(self, saved, target, buffers: dict, grad, unscaled) -> None:
+        """After a reference update: put back what a skipped step changed, and give the gradient
+        its unscaled value where the step was taken (the kernels' contract)."""
+        xp = backend.array_module(target)
+        if self.inv_scale is not None:
+            grad[...] = unscaled if self.skipped is None else xp.where(self.skipped, dtypes.upcast(grad), unscaled)
+        if saved is not None:
+            xp.copyto(target, saved[0], where=self.skipped)
+            for name, b in buffers.items():
+                xp.copyto(b, saved[1][name], where=self.skipped)
+
+    def taken(self):
+        """1 where the step was taken, 0 where skipped: a 0-d int64 array."""
+        if self._taken is None:
+            with backend.on_device(self.device):
+                self._taken = backend.array_module(self.skipped).asarray(~self.skipped, dtype=np.int64)
+        return self._taken
+
+    def advance(self, count, memo: dict):
+        """A parameter's step count after this step: +1, or +taken() on the device when the step
+        may have been skipped. Equal counts go to one new object (one launch next step)."""
+        if self.skipped is None and not isinstance(count, _OnDevice):
+            return count + 1
+        key = ("step", id(count) if isinstance(count, _OnDevice) else count)
+        if key not in memo:  # the old count is kept in the memo too: its id stays its own
+            with backend.on_device(self.device):
+                xp = backend.xp_for(self.device)
+                start = count.array if isinstance(count, _OnDevice) else xp.asarray(count, dtype=np.int64)
+                memo[key] = (count, _OnDevice(start + (1 if self.skipped is None else self.taken())))
+        return memo[key][1]
+
+
+_NO_SCALING = _BucketScaling()
 
 
 def _active_spans(bucket: _Bucket, active: list[int]) -> list[tuple[int, int]]:
@@ -778,6 +1058,19 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+# ---- what the optimizers' updates share ---------------------------------------------------------
+
+def sqrt_for(value):
+    """``math.sqrt`` for a number, the array module's sqrt for a (device) array."""
+    return backend.array_module(value).sqrt if backend.is_array(value) else math.sqrt
+
+
+def as_step_scalars(dtype, *values):
+    """Per-step scalars in the parameters' dtype: Python floats stay (they never promote), arrays
+    computed from a device step count are cast (a float64 0-d array would promote float32 math)."""
+    return tuple(v.astype(dtype) if backend.is_array(v) else v for v in values)
 
 
 # ---- hyperparameter checks shared by the optimizers -------------------------------------------

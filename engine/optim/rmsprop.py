@@ -30,13 +30,15 @@ class RMSprop(Optimizer):
         centered: normalize by the estimated variance of the gradient instead of its second moment.
         maximize: maximize the objective instead of minimizing it.
         fused: None/True: one fused ``rmsprop_step`` launch per bucket; False: unfused reference.
+        master_weights: float16 / bfloat16 parameters: None/True keep a float32 master copy and
+            float32 states (see :class:`~engine.optim.Optimizer`); False keeps 16-bit states.
     """
 
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
                  momentum: float = 0.0, centered: bool = False, *, maximize: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, master_weights: bool | None = None):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        centered=centered, maximize=maximize)
+                        centered=centered, maximize=maximize, master_weights=master_weights)
         super().__init__(params, defaults, fused)
 
     def _check_hyperparams(self, group: dict) -> None:
@@ -63,11 +65,11 @@ class RMSprop(Optimizer):
     def _padding_is_safe(self, group: dict, dtype) -> bool:
         return is_normal_positive(group["eps"], dtype)  # else 0 / (sqrt(0) + 0) = NaN
 
-    def _fused_update(self, group, param, grad, buffers, key) -> None:
+    def _fused_update(self, group, param, grad, buffers, key, **scaling) -> None:
         kernels.rmsprop_step(param, grad, buffers["square_avg"], buffers.get("momentum_buffer"),
                              buffers.get("grad_avg"), lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                              weight_decay=group["weight_decay"], momentum=group["momentum"],
-                             centered=group["centered"], maximize=group["maximize"])
+                             centered=group["centered"], maximize=group["maximize"], **scaling)
 
     def _reference_update(self, group, param, grad, buffers, key) -> None:
         xp = backend.array_module(param)

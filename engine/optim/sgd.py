@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import kernels
+from engine import backend
 from engine.errors import EngineError
-from engine.optim.optimizer import Optimizer, check_number
+from engine.optim.optimizer import Optimizer, _OnDevice, check_number
 
 
 class SGD(Optimizer):
@@ -27,6 +28,8 @@ class SGD(Optimizer):
         nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
         maximize: maximize the objective instead of minimizing it.
         fused: None/True: one fused ``sgd_step`` launch per bucket; False: unfused reference.
+        master_weights: float16 / bfloat16 parameters: None/True keep a float32 master copy and
+            float32 states (see :class:`~engine.optim.Optimizer`); False keeps 16-bit states.
 
     Example:
         >>> opt = engine.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # doctest: +SKIP
@@ -34,12 +37,14 @@ class SGD(Optimizer):
     """
 
     _exports_step = False  # like PyTorch, SGD's state is only its momentum buffer
+    # The momentum buffer's first write differs (buf = g): a step a GradScaler skipped did not make it.
+    _first_step_state = "momentum_buffer"
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, master_weights: bool | None = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
+                        nesterov=nesterov, maximize=maximize, master_weights=master_weights)
         super().__init__(params, defaults, fused)
 
     def _check_hyperparams(self, group: dict) -> None:
@@ -59,12 +64,28 @@ class SGD(Optimizer):
 
     def _run_key(self, group: dict, bucket, i: int):
         # The only per-parameter input of the update: is this the momentum buffer's first step?
-        return group["momentum"] != 0 and "momentum_buffer" not in bucket.has[i]
+        # After steps a GradScaler may have skipped, only the device knows (bucket.pending).
+        if group["momentum"] == 0:
+            return False
+        return bucket.pending.get(i, "momentum_buffer" not in bucket.has[i])
 
-    def _fused_update(self, group, param, grad, buffers, first_step) -> None:
+    def _after_step(self, group, bucket, i, key, skipped, memo) -> None:
+        if group["momentum"] == 0 or key is False:
+            return
+        if skipped is None:  # taken: the buffer has had its first step
+            bucket.pending.pop(i, None)
+            return
+        # Still on the first step where this step was skipped (and, for a device flag, every one before).
+        memo_key = ("first", id(key) if isinstance(key, _OnDevice) else key)
+        if memo_key not in memo:
+            memo[memo_key] = (key, _OnDevice(skipped if key is True else key.array & skipped))
+        bucket.pending[i] = memo[memo_key][1]
+
+    def _fused_update(self, group, param, grad, buffers, first_step, **scaling) -> None:
         kernels.sgd_step(param, grad, buffers.get("momentum_buffer"), lr=group["lr"], momentum=group["momentum"],
                          dampening=group["dampening"], weight_decay=group["weight_decay"],
-                         nesterov=group["nesterov"], maximize=group["maximize"], first_step=first_step)
+                         nesterov=group["nesterov"], maximize=group["maximize"],
+                         first_step=first_step.array if isinstance(first_step, _OnDevice) else first_step, **scaling)
 
     def _reference_update(self, group, param, grad, buffers, first_step) -> None:
         g = -grad if group["maximize"] else grad
@@ -73,7 +94,10 @@ class SGD(Optimizer):
         momentum = group["momentum"]
         if momentum != 0:
             buf = buffers["momentum_buffer"]
-            if first_step:
+            if isinstance(first_step, _OnDevice):  # decided on the device: no host read
+                xp = backend.array_module(buf)
+                buf[...] = xp.where(first_step.array, g, momentum * buf + (1.0 - group["dampening"]) * g)
+            elif first_step:
                 buf[...] = g
             else:
                 buf *= momentum
