@@ -209,6 +209,8 @@ def _check_one_element(kernel: str, name: str, a, param, kind: str):
     ``kind`` is the dtype kinds it may have: ``"f"`` for the float32 flags, ``"iu"`` for step
     counts, ``"biuf"`` for SGD's first_step.
     """
+    if isinstance(a, np.generic) and type(param) is np.ndarray:
+        a = np.asarray(a)  # numpy's 0-d arithmetic returns scalars: the same host value
     same_place = type(a) is type(param) and (type(a) is np.ndarray or a.device.id == param.device.id)
     if same_place and a.size == 1 and a.dtype.kind in kind and (kind != "f" or a.dtype == MASTER_DTYPE):
         return a
@@ -223,7 +225,8 @@ def _is_array(value) -> bool:
 
 
 def _amp_arrays(kernel: str, param, found_inf, inv_scale) -> None:
-    """Check the optional found_inf / inv_scale arguments (see the module docstring)."""
+    """Check the optional found_inf / inv_scale arguments (see the module docstring); numpy
+    scalars pass for numpy arrays (the impls read them with ``.reshape``)."""
     if found_inf is not None:
         _check_one_element(kernel, "found_inf", found_inf, param, "f")
     if inv_scale is not None:
