@@ -9,7 +9,10 @@ its parameters. A bucket owns
 * ``grad_flat``: one contiguous gradient buffer; gradients are copied into it before the step
   (one ``concatenate``) unless they already are views of it, which ``zero_grad(set_to_none=False)``
   arranges (backward then accumulates straight into the buffer);
-* one flat buffer per state (``exp_avg``, ``momentum_buffer`` ...), allocated on first need.
+* one flat buffer per state (``exp_avg``, ``momentum_buffer`` ...), allocated on first need;
+* for float16 / bfloat16 parameters (``master_weights`` on, the default): ``master``, a float32
+  copy of ``flat``; the states are then float32, and the kernels update the master and write it
+  rounded into ``flat`` in the same pass.
 
 Every parameter's view, in every one of these buffers, starts at a multiple of
 :data:`FLAT_ALIGNMENT_BYTES` (see there why); the gaps between parameters are padding, kept at 0
@@ -30,6 +33,11 @@ and rebuilds that group's buckets, carrying the state over to the new device and
 
 ``fused=False`` keeps the same storage but updates one parameter at a time with plain
 array-module code (``_reference_update``): the unfused reference the parity tests compare with.
+
+Loss scaling (``engine.amp.GradScaler``): a step may come with a ``found_inf`` device flag, and
+then whether it is taken is known only on the device. Each parameter's step count is then kept on
+the device too (:class:`_OnDevice`), the kernels read it there, and ``state_dict`` reads it back:
+no host read per step.
 """
 
 from __future__ import annotations
