@@ -14,6 +14,7 @@ from engine.amp import autocast, get_autocast_dtype, is_autocast_enabled
 from engine.autograd import Function, enable_grad, is_grad_enabled, no_grad
 from engine.backend import (CPU, Device, best_device, cuda_available, cuda_device_count, default_device,
                             device, get_rng_state, manual_seed, set_default_device, set_rng_state, synchronize)
+from engine.backend import get_float32_matmul_precision, set_float32_matmul_precision  # noqa: F401
 from engine.errors import DeviceError, DTypeError, EngineError, GradError, ShapeError
 from engine.gradcheck import GradcheckError, gradcheck
 from engine.ops import (abs, add, amax, amin, argmax, argmin, bitwise_and, bitwise_not, bitwise_or, bitwise_xor, cat,
@@ -128,26 +129,7 @@ cuda = _cuda_namespace()
 cpu = _cpu_namespace()
 
 
-def _backends_namespace():
-    """``engine.backends``: PyTorch's backend switches that scripts query or set. There is no MPS
-    backend (``backends.mps.is_available()`` is False, so ``"mps" if ... else "cpu"`` picks cpu);
-    ``backends.cudnn.benchmark`` / ``.deterministic`` are plain flags the engine does not read."""
-    import sys
-    import types
-
-    module = types.ModuleType("engine.backends", "PyTorch's torch.backends switches: mps, cudnn")
-    module.mps = types.ModuleType("engine.backends.mps")
-    module.mps.is_available = module.mps.is_built = lambda: False
-    module.cudnn = types.ModuleType("engine.backends.cudnn")
-    module.cudnn.is_available = lambda: False
-    module.cudnn.enabled, module.cudnn.benchmark, module.cudnn.deterministic = True, False, False
-    for name, value in (("engine.backends", module), ("engine.backends.mps", module.mps),
-                        ("engine.backends.cudnn", module.cudnn)):
-        sys.modules[name] = value
-    return module
-
-
-backends = _backends_namespace()
+from engine import backends  # noqa: E402  (torch.backends: cuda.matmul.allow_tf32, cudnn, mps)
 
 # PyTorch's dtype names (numpy dtypes underneath: t.dtype == engine.float is True)
 float, double, half = float32, float64, float16  # noqa: A001

@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 import kernels
-from engine.errors import DeviceError, DTypeError
+from engine.errors import DeviceError, DTypeError, EngineError
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def xp_for(dev: Device):
     check_available(dev)
     import cupy
 
+    if _cublas_configured is not cupy:  # the first GPU use: cupy takes the engine's matmul precision
+        _configure_cublas(cupy)
     return cupy
 
 
@@ -145,6 +148,70 @@ def check_cuda_dtype(dtype, cupy) -> None:
     if dtype.name == "bfloat16" and int(str(cupy.__version__).split(".")[0]) < 14:
         raise DTypeError(f"bfloat16 on the GPU needs CuPy 14 or later (ml_dtypes.bfloat16 arrays); this "
                          f"CuPy is {cupy.__version__}. Upgrade CuPy, or use float16 / float32 on the GPU")
+
+
+# ---- float32 matmul precision: PyTorch's set_float32_matmul_precision, applied to cuBLAS -------
+#
+# One setting, three spellings (as in PyTorch): ``set_float32_matmul_precision("highest" | "high" |
+# "medium")``, ``backends.cuda.matmul.allow_tf32`` (True is "high", False "highest") and their
+# getters. On the GPU, "high" and "medium" let cuBLAS run float32 GEMMs on TF32 tensor cores
+# (PyTorch's CUDA matmuls do the same for both); "highest" keeps them in full float32. The setting
+# is cupy's compute type for float32 (and complex64) GEMMs, process-wide, so every ``cupy.matmul``
+# follows it: the engine's matmul and linear, and the kernels' GEMMs (kernels/cuda/linear_relu.py).
+# On the CPU it is accepted and changes nothing, as in PyTorch.
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+_matmul_precision = "highest"
+_cublas_configured = None  # the cupy module given the current setting, None until the first GPU use
+
+
+def get_float32_matmul_precision() -> str:
+    """The float32 matmul precision: "highest" (the default), "high" or "medium"."""
+    return _matmul_precision
+
+
+def set_float32_matmul_precision(precision: str) -> None:
+    """Set the internal precision of float32 matrix multiplications, as PyTorch's function.
+
+    "highest" computes float32 GEMMs in float32; "high" and "medium" allow TensorFloat-32 (10
+    mantissa bits) on GPUs that have it (compute capability 8.0 or later). Any other string warns
+    and changes nothing, as in PyTorch.
+    """
+    global _matmul_precision
+    if not isinstance(precision, str):
+        raise EngineError(f"set_float32_matmul_precision expects a str, but got {type(precision).__name__}")
+    if precision not in MATMUL_PRECISIONS:
+        warnings.warn(f"{precision} is not one of 'highest', 'high', or 'medium'; the current "
+                      "set_float32_matmul_precision call has no effect.", UserWarning, stacklevel=2)
+        return
+    _matmul_precision = precision
+    if _cublas_configured is not None:
+        _configure_cublas(_cublas_configured)
+
+
+def matmul_allows_tf32() -> bool:
+    """``backends.cuda.matmul.allow_tf32``: whether float32 GEMMs may use TF32 ("high" or "medium")."""
+    return _matmul_precision != "highest"
+
+
+def set_matmul_allow_tf32(allow: bool) -> None:
+    """``backends.cuda.matmul.allow_tf32 = allow``: "high" when True, "highest" when False."""
+    if not isinstance(allow, bool):
+        raise EngineError(f"backends.cuda.matmul.allow_tf32 expects a bool, but got {type(allow).__name__}")
+    set_float32_matmul_precision("high" if allow else "highest")
+
+
+def _configure_cublas(cupy) -> None:
+    """Give cupy's float32 GEMMs the compute type of the current setting (a Python call, no sync).
+
+    TF32 needs compute capability 8.0 or later; on an older GPU the GEMMs stay in float32, silently,
+    as PyTorch's do (cupy itself would warn).
+    """
+    global _cublas_configured
+    linalg = cupy._core._routines_linalg
+    tf32 = matmul_allows_tf32() and int(cupy.cuda.Device().compute_capability) >= 80
+    cupy._core.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT)
+    _cublas_configured = cupy
 
 
 # ---- host reads: the one door through which device values reach Python ----------------------
