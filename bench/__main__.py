@@ -61,8 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the benchmark described by ``argv``; return the result (also written where asked)."""
     args = parse_args(argv)
-    if args.tf32:
-        os.environ["CUPY_TF32"] = "1"  # cupy reads it when it first runs a GEMM
     if args.threads is not None:
         limit_threads(args.threads)
     from bench import end_to_end, kernels as kernel_bench, report, roofline

@@ -42,8 +42,8 @@ def _import_torch():
 def load_torch(kind: str, tf32: bool):
     """``(torch, "")`` set up for this run, or ``(None, reason)``.
 
-    Sets torch's fp32 matmul precision to match the run's TF32 setting (off by default, as in
-    cupy's default), so GEMM comparisons are like for like.
+    Sets torch's fp32 matmul precision to match the run's TF32 setting (off by default, as the
+    engine's), so GEMM comparisons are like for like.
     """
     torch, reason = _import_torch()
     if torch is None:
@@ -92,7 +92,8 @@ class BenchDevice:
     Args:
         kind: "cpu" or "cuda".
         clock_settings: keyword arguments of :class:`bench.timing.Clock` (budget, repeats).
-        tf32: allow TF32 in fp32 GEMMs (torch; cupy reads ``CUPY_TF32`` at import, set by the CLI).
+        tf32: allow TF32 in fp32 GEMMs, in the engine (``engine.set_float32_matmul_precision``,
+            which sets cupy's compute type) and in torch alike.
         use_torch: False to leave torch out even where it is installed.
         settle_s: CPU pause before each timed row (see :meth:`settle`).
     """
@@ -101,6 +102,7 @@ class BenchDevice:
                  settle_s: float = 0.3):
         self.kind = kind
         self.settle_s = settle_s
+        backend.set_float32_matmul_precision("high" if tf32 else "highest")  # before the first GEMM
         self.device = backend.check_available(backend.device(kind))
         self.xp = backend.xp_for(self.device)
         self.tf32 = tf32

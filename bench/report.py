@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.device import BenchDevice, cpu_model
+from engine import backend
 
 # ---- environment ------------------------------------------------------------------------------
 
@@ -40,7 +41,7 @@ def environment(bd: BenchDevice) -> dict:
         "git_commit": _git_commit(),
         "versions": library_versions(),
         "threads": thread_counts(bd),
-        "tf32": {"enabled": bd.tf32, "CUPY_TF32": os.environ.get("CUPY_TF32", "0 (unset)"),
+        "tf32": {"enabled": bd.tf32, "engine_float32_matmul_precision": backend.get_float32_matmul_precision(),
                  "torch_allow_tf32": None if bd.torch is None or bd.kind != "cuda"
                  else bool(bd.torch.backends.cuda.matmul.allow_tf32)},
         "torch": "available" if bd.torch is not None else bd.torch_reason,
