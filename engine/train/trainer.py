@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import engine.functional as F
-from engine import backend, io, metrics as metrics_module
+from engine import amp, backend, dtypes, io, metrics as metrics_module
 from engine.autograd import no_grad
 from engine.errors import EngineError
 from engine.data import DataLoader, TensorDataset
@@ -105,6 +105,17 @@ class Trainer:
             group is initialized): wraps the model in DistributedDataParallel, shards the training
             loader with a DistributedSampler, combines the epoch's figures over the ranks, and lets
             only rank 0 print and write checkpoints (engine/train/distributed.py).
+        precision: Lightning's names. ``"32-true"`` (the default; also ``"32"`` or ``32``): float32.
+            ``"bf16-mixed"`` (also ``"bf16"``): the forward pass and the loss run inside
+            ``engine.autocast(device type, dtype=bfloat16)``, in training, :meth:`evaluate` and
+            :meth:`predict`; parameters, gradients and the optimizer stay float32.
+            ``"16-mixed"`` (also ``"16"``, ``16``): the same in float16, with an
+            ``engine.amp.GradScaler`` (``trainer.scaler``) scaling the loss: gradients are unscaled
+            before clipping, a step whose gradients hold inf or NaN is skipped and the scale
+            lowered (the scaler is the NaN guard for gradients; the loss is still checked). The
+            aliases warn, as Lightning's do. Unlike Lightning, "16-mixed" runs in float16 on the
+            CPU too, instead of switching to bfloat16. Checkpoints hold the precision and the
+            scaler's state.
 
     The NaN guard checks every batch's loss and, on the device, whether all its gradients (after
     clipping) are finite; both are read together, before the step with ``sync_every=1``, else
@@ -117,7 +128,8 @@ class Trainer:
 
     def __init__(self, model, optimizer, loss_fn=F.cross_entropy, metrics=("accuracy",), callbacks=(),
                  scheduler=None, grad_clip_norm: float | None = None, verbose: int = 1, log=print,
-                 sync_every: int | None = None, accumulate_steps: int = 1, distributed: bool | None = None):
+                 sync_every: int | None = None, accumulate_steps: int = 1, distributed: bool | None = None,
+                 precision: str | int = "32-true"):
         if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
             raise ValueError(f"Trainer: accumulate_steps must be a positive int, got {accumulate_steps!r}")
         self.accumulate_steps = accumulate_steps
@@ -125,6 +137,7 @@ class Trainer:
                                        or sync_every < 1):
             raise ValueError(f"Trainer: sync_every must be a positive int or None, got {sync_every!r}")
         self.sync_every = sync_every
+        self.precision = precision_flag(precision)
         self.distributed = _distributed.enabled(distributed)  # see engine/train/distributed.py
         if self.distributed:
             model = _distributed.wrap(model)
@@ -135,6 +148,7 @@ class Trainer:
         if scheduler is not None:
             self.callbacks.append(LRSchedulerCallback(scheduler))
         self.grad_clip_norm, self.verbose, self._log = grad_clip_norm, verbose, log
+        self.scaler = _grad_scaler(self.precision, self.device.type)
         self.history = History()
         self.epoch = 0  # epochs completed
         self.stop_training = False
@@ -152,6 +166,12 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.verbose:
             self._log(message)
+
+    def autocast(self):
+        """The region the forward pass and the loss run in: ``engine.autocast`` on the model's
+        device type in the precision's dtype; a region that changes nothing for "32-true"."""
+        dtype = PRECISIONS[self.precision]
+        return contextlib.nullcontext() if dtype is None else amp.autocast(self.device.type, dtype=dtype)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, train_data, epochs: int = 1, val_data=None, batch_size: int = 32, shuffle: bool = True,
@@ -219,11 +239,13 @@ class Trainer:
                 state.begin_batch()  # a resume mid-group reruns the group from here, with this RNG state
             x, y = self._to_device(x), self._to_device(y)
             with self._sync_context(steps):
-                output = self.model(x)
-                loss = self.compute_loss(x, output, y)
+                with self.autocast():
+                    output = self.model(x)
+                    loss = self.compute_loss(x, output, y)
                 if batch_index == group_start:
                     self.optimizer.zero_grad()
-                (loss if group_size == 1 else loss * (1.0 / group_size)).backward()
+                part = loss if group_size == 1 else loss * (1.0 / group_size)
+                (part if self.scaler is None else self.scaler.scale(part)).backward()
             if not steps:  # accumulating: no clip, no step; read with the group's step, when it counts
                 window.add(batch_index, loss, output, y)
                 self._call("on_batch_end", batch_index, window.batch_logs(batch_index))
@@ -231,11 +253,14 @@ class Trainer:
             if self.grad_clip_norm is not None:
                 from engine.nn.utils import clip_grad_norm_
 
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
                 clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-            window.add(batch_index, loss, output, y, self._grads_finite())
+            # With a scaler, non-finite gradients are the scaler's business: it skips that step.
+            window.add(batch_index, loss, output, y, self._grads_finite() if self.scaler is None else None)
             if sync_every == 1:  # read before the step: a non-finite loss or gradient is never stepped on
                 window.read(before_step=True)
-            self.optimizer.step()
+            self._step()
             state.end_batch(batch_index)
             if len(window) >= sync_every:
                 window.read()
@@ -251,6 +276,14 @@ class Trainer:
         if self.distributed:
             logs = _distributed.reduce_epoch_logs(logs, window.samples)
         return logs
+
+    def _step(self) -> None:
+        """The optimizer step; with a scaler, its step (skipped on inf/NaN gradients) and update."""
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _accumulation_group(self, batch_index: int, first: int, batches: int) -> tuple[int, int, bool]:
         """(first batch, size, whether ``batch_index`` is its last) of the accumulation group holding
@@ -329,8 +362,10 @@ class Trainer:
         with no_grad():
             for x, y in loader:
                 x, y = self._to_device(x), self._to_device(y)
-                output = self.model(x)
-                losses.append(self.compute_loss(x, output, y).reshape(1) * len(x))
+                with self.autocast():
+                    output = self.model(x)
+                    loss = self.compute_loss(x, output, y)
+                losses.append(_float32(loss).reshape(1) * len(x))
                 samples += len(x)
                 _update_metrics(meters, output, y)
         loss_sum = float(backend.to_host(concatenate(losses)._data).sum(dtype=np.float64)) if losses else 0.0
@@ -342,7 +377,7 @@ class Trainer:
             data = (data, np.zeros(len(data), np.int64))
         loader = _loader(data, batch_size, False)
         self.model.eval()
-        with no_grad():
+        with no_grad(), self.autocast():
             outputs = [self.model(self._to_device(x)) for x, _ in loader]
         return concatenate(outputs, axis=0)
 
@@ -353,8 +388,8 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resume needs: model, optimizer, epoch, RNG, loader position, history, the
-        callbacks' states and, mid-epoch, the epoch's progress (batches done, running loss and
-        metrics). Mid-epoch it first reads the batches not yet read (a host sync): a checkpoint
+        callbacks' states, the precision (and the GradScaler's state with "16-mixed") and,
+        mid-epoch, the epoch's progress (batches done, running loss and metrics). Mid-epoch it first reads the batches not yet read (a host sync): a checkpoint
         of an epoch whose unread batches turn out non-finite raises :class:`TrainingDiverged`."""
         progress, loader_state, rng = self._position()
         state = {
@@ -365,7 +400,10 @@ class Trainer:
             "history": self.history.history,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "callback_types": [type(cb).__name__ for cb in self.callbacks],
+            "precision": self.precision,
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         if loader_state is not None:
             state["loader"] = loader_state
         if progress is not None:
@@ -389,22 +427,43 @@ class Trainer:
 
         Checked before anything changes: the entries are there with their types (``epoch`` and
         the progress counters non-negative ints, ``history`` lists of numbers, the loader state
-        and metric states dicts), the RNG state can be set, the model state fits the model
-        (``Module.load_state_dict``'s checks). Then the callbacks (with the scheduler) load, undone
-        if one refuses, then the optimizer, which checks all of its state before changing any; and
-        only then the model's weights, the RNG and the counters.
+        and metric states dicts, the precision one of Lightning's names), the RNG state can be set,
+        the model state fits the model (``Module.load_state_dict``'s checks). Then the callbacks
+        (with the scheduler) load, undone if one refuses, then the GradScaler, undone with them,
+        then the optimizer, which checks all of its state before changing any; and only then the
+        model's weights, the RNG and the counters.
+
+        A checkpoint of another precision loads with a warning: the run continues in this
+        Trainer's precision (a "16-mixed" Trainer's scaler then starts afresh; a "16-mixed"
+        checkpoint's scaler state is not used by another precision). A checkpoint from before
+        precisions were recorded counts as "32-true".
         """
         model = _distributed.unwrap(self.model)
         try:
             _check_trainer_state(state)
+            saved_precision = _check_precision_entries(state)
             own, values, _ = model._checked_state(state["model"], strict=True)
         except EngineError as exc:
             raise _bad_entry(getattr(exc, "entry", "model"), exc) from exc
+        if saved_precision != self.precision:
+            warnings.warn(f"Trainer.load_state_dict: the checkpoint was trained with precision={saved_precision!r}; "
+                          f"this Trainer continues with precision={self.precision!r}"
+                          + (" and a fresh GradScaler" if self.scaler is not None else ""), stacklevel=2)
         self._load_callbacks_or_undo(state.get("callbacks", []), state.get("callback_types"))
+        scaler_backup = None
+        if self.scaler is not None and "scaler" in state:
+            scaler_backup = self.scaler.state_dict()
+            try:
+                self.scaler.load_state_dict(state["scaler"])
+            except Exception as exc:
+                self._undo_callbacks()
+                raise _bad_entry("scaler", exc) from exc
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except Exception as exc:
             self._undo_callbacks()
+            if scaler_backup is not None:
+                self.scaler.load_state_dict(scaler_backup)
             raise _bad_entry("optimizer", exc) from exc
         with no_grad():  # checked above: copies of arrays that fit
             for key, value in values.items():
@@ -587,6 +646,20 @@ def _check_trainer_state(state) -> None:
         raise _BadEntry("callbacks", "expected a list of callback states and a list of as many type names")
 
 
+def _check_precision_entries(state: dict) -> str:
+    """The checkpoint's precision ("32-true" when it has none) once its precision and scaler
+    entries are known to fit; else _BadEntry."""
+    saved = state.get("precision", "32-true")
+    if not isinstance(saved, str) or saved not in PRECISIONS:
+        raise _BadEntry("precision", f"expected one of {', '.join(repr(p) for p in PRECISIONS)}, got {saved!r}")
+    scaler = state.get("scaler")
+    if scaler is not None and not isinstance(scaler, dict):
+        raise _BadEntry("scaler", f"expected the GradScaler's state dict, got {type(scaler).__name__}")
+    if saved == "16-mixed" and scaler is None:
+        raise _BadEntry("scaler", "missing: a '16-mixed' checkpoint holds its GradScaler's state")
+    return saved
+
+
 def _is_real(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
@@ -610,6 +683,55 @@ def _check_rng(rng) -> None:
     except Exception as exc:  # TypeError, ValueError, KeyError ... from a made-up state
         raise _BadEntry("rng", f"the CPU generator's state cannot be restored ({type(exc).__name__}: {exc})") \
             from None
+
+
+# Lightning's precision names this Trainer runs, each with its autocast dtype (None: no autocast),
+# and the aliases Lightning accepts for them (those other than 32 warn there, and here).
+PRECISIONS = {"32-true": None, "bf16-mixed": np.dtype(dtypes.bfloat16), "16-mixed": np.dtype(np.float16)}
+_PRECISION_ALIASES = {"32": "32-true", 32: "32-true", "16": "16-mixed", 16: "16-mixed", "bf16": "bf16-mixed"}
+# Lightning's other names: parameters in float64 or 16 bits, or NVIDIA's Transformer Engine.
+_NOT_SUPPORTED = {"64-true": "float64 training", "64": "float64 training", 64: "float64 training",
+                  "16-true": "float16 parameters", "bf16-true": "bfloat16 parameters",
+                  "transformer-engine": "Transformer Engine", "transformer-engine-float16": "Transformer Engine"}
+
+
+def precision_flag(precision) -> str:
+    """Lightning's canonical name for ``precision`` ("32-true", "bf16-mixed" or "16-mixed").
+
+    Raises:
+        ValueError: a name that is not Lightning's, or one of Lightning's that this Trainer does
+            not run (float64 or 16-bit parameters: cast the model yourself with ``model.to(dtype)``).
+    """
+    known = type(precision) in (str, int)  # not True (== 1), 32.0 or an unhashable value
+    if known and precision in PRECISIONS:
+        return precision
+    if known and precision in _PRECISION_ALIASES:
+        flag = _PRECISION_ALIASES[precision]
+        if flag != "32-true":
+            warnings.warn(f"`precision={precision}` is supported for historical reasons but its usage is "
+                          f"discouraged. Please set your precision to {flag} instead!", stacklevel=3)
+        return flag
+    accepted = ", ".join(repr(p) for p in (*PRECISIONS, *_PRECISION_ALIASES))
+    if known and precision in _NOT_SUPPORTED:
+        raise ValueError(f"Trainer: precision={precision!r} ({_NOT_SUPPORTED[precision]}) is one of Lightning's "
+                         f"precisions that this Trainer does not run; it takes {accepted}")
+    raise ValueError(f"Trainer: precision={precision!r} is not a precision; use one of {accepted} (Lightning's names)")
+
+
+def _grad_scaler(precision: str, device_type: str):
+    """An ``engine.amp.GradScaler`` for "16-mixed" on ``device_type``; None for the others."""
+    if precision != "16-mixed":
+        return None
+    scaler_class = getattr(amp, "GradScaler", None)
+    if scaler_class is None:
+        raise EngineError("Trainer(precision='16-mixed') scales the loss with engine.amp.GradScaler, which this "
+                          "engine does not have yet; use precision='bf16-mixed' (no scaler needed) or '32-true'")
+    return scaler_class(device=device_type)
+
+
+def _float32(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is float16 or bfloat16 (an autocast output), else ``t`` itself."""
+    return t.float() if dtypes.is_low_precision(t.dtype) else t
 
 
 def _metric_table(metrics) -> dict:
@@ -673,7 +795,7 @@ class _Window:
         return len(self._pending)
 
     def add(self, batch_index: int, loss: Tensor, output: Tensor, target, grads_finite=None) -> None:
-        self._pending.append((batch_index, loss.detach(), len(output), grads_finite))
+        self._pending.append((batch_index, _float32(loss.detach()), len(output), grads_finite))
         if self.meters:  # with no metrics nothing of the output is kept: only the loss scalar
             self._outputs.append(_kept_for_metrics(self.meters, output, target))
 
@@ -789,7 +911,7 @@ def _kept_for_metrics(meters: dict, output: Tensor, target) -> dict:
     need only the predicted classes, each sample's argmax, taken on the device now (N int64 instead
     of N x C scores: at a GPT's 50257 classes, 6,000 times less); the scores themselves only for
     metrics that need them (top-k accuracy, regression metrics, custom ones)."""
-    output = output.detach()
+    output = _float32(output.detach())  # an autocast output: the metrics compute in float32
     target = target.detach() if isinstance(target, Tensor) else target
     scores = isinstance(target, Tensor) and output.ndim == target.ndim + 1 and output.ndim >= 2 \
         and output.shape[1] > 1 and output.shape[:1] + output.shape[2:] == target.shape
@@ -799,8 +921,11 @@ def _kept_for_metrics(meters: dict, output: Tensor, target) -> dict:
 
 
 def _update_metrics(meters: dict, output: Tensor, target) -> None:
+    if not meters:
+        return
+    output = _float32(output.detach())
     for meter in meters.values():
-        meter.update(output.detach(), target.detach() if isinstance(target, Tensor) else target)
+        meter.update(output, target.detach() if isinstance(target, Tensor) else target)
 
 
 def _compute(meters: dict) -> dict:

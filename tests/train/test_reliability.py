@@ -274,7 +274,7 @@ EPOCHS = 3
 
 
 def _run(tmp_path, sync_every, interrupt=None, where="forward", resume=None, save=None, checkpoint_every_epoch=False,
-         early=None, scheduler=True, loader_kind="dataloader"):
+         early=None, scheduler=True, loader_kind="dataloader", precision="32-true"):
     """Train EPOCHS epochs of 5 batches with dropout, Adam, shuffling and a scheduler.
 
     ``interrupt``: the global batch number (0-based) at which a KeyboardInterrupt is raised
@@ -304,7 +304,7 @@ def _run(tmp_path, sync_every, interrupt=None, where="forward", resume=None, sav
     if checkpoint_every_epoch:
         callbacks.insert(0, ModelCheckpoint(tmp_path / "ckpt", monitor="loss"))  # listed first, runs last
     trainer = Trainer(model, opt, loss_fn=loss, metrics=["accuracy"], callbacks=callbacks, verbose=0,
-                      sync_every=sync_every,
+                      sync_every=sync_every, precision=precision,
                       scheduler=optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7) if scheduler else None)
     if loader_kind == "dataloader":
         data = DataLoader(TensorDataset(engine.tensor(x), engine.tensor(y)), batch_size=BATCH, shuffle=True,
@@ -359,6 +359,15 @@ def test_interrupt_checkpoint_resume_is_exactly_an_uninterrupted_run(tmp_path, s
         assert state["loader"]["batches_done"] == done % 5
     resumed = _run(tmp_path, sync_every, resume=ckpt)
     _assert_same_run(straight, resumed)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward", "callback"])
+def test_a_bf16_mixed_run_resumes_exactly_too(tmp_path, where):
+    straight = _run(tmp_path, 3, precision="bf16-mixed")
+    ckpt = tmp_path / "interrupted.ckpt"
+    assert _run(tmp_path, 3, interrupt=7, where=where, save=ckpt, precision="bf16-mixed") is None
+    assert io.load(ckpt)["precision"] == "bf16-mixed"
+    _assert_same_run(straight, _run(tmp_path, 3, resume=ckpt, precision="bf16-mixed"))
 
 
 @pytest.mark.parametrize("loader_kind", ["arrays", "iterable"])

@@ -96,14 +96,16 @@ def test_nan_guard_stops_with_clear_message_and_keeps_parameters(tmp_path):
     assert set(good) == set(after_first_batch)
 
 
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_resume_from_checkpoint_continues_exactly(tmp_path, precision):
     x, y = _blobs()
 
     def run(epochs, resume=None, save=None):
         engine.manual_seed(5)
         model = _model(dropout=0.2)  # dropout: the RNG state must be restored too
         opt = optim.Adam(model.parameters(), lr=1e-2)
-        trainer = Trainer(model, opt, scheduler=optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7), verbose=0)
+        trainer = Trainer(model, opt, scheduler=optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7), verbose=0,
+                          precision=precision)
         loader = DataLoader(TensorDataset(engine.tensor(x), engine.tensor(y)), batch_size=16, shuffle=True)
         if resume:
             trainer.load_checkpoint(resume)
