@@ -1,13 +1,16 @@
 """A GPT you can train: a small decoder-only Transformer on text that needs no download.
 
     python -m engine.examples.gpt [--steps 300] [--data FILE] [--tokenizer byte|bpe] [--out runs/gpt] [--resume]
+                                  [--dtype float32|bf16|fp16]
 
 The default corpus is the source of the Python standard library's own modules on this machine
 (the first ``--max-bytes`` of its top-level ``*.py`` files, in name order). The text is
 tokenized once (bytes by default), split into a training head and a validation tail, and the
 model trains on random windows of the head with AdamW (no weight decay on biases, LayerNorm
 and embeddings), linear warm-up then cosine decay, gradient clipping, the Trainer's progress
-bar and per-epoch checkpoints (``--resume`` continues from ``<out>/last.ckpt``). It prints the
+bar and per-epoch checkpoints (``--resume`` continues from ``<out>/last.ckpt``), in float32 or
+mixed precision (``--dtype bf16``: the Trainer's ``precision="bf16-mixed"``, forward and loss under
+``engine.autocast``; ``--dtype fp16``: ``"16-mixed"``, with a GradScaler). It prints the
 validation loss and perplexity beside the unigram baseline, then samples text with a key/value
 cache (``--temperature``, ``--top-k``).
 
@@ -345,11 +348,11 @@ def main(argv=None) -> dict:
     val_set = Subset(val_set, list(range(min(len(val_set), args.val_windows))))
     val_loader = DataLoader(val_set, batch_size=args.batch_size)
 
-    _write_run(out, config, tokenizer)  # all of the above succeeded: now the run directory may change
-    checkpoints = ModelCheckpoint(out, monitor="val_loss")
+    checkpoints = ModelCheckpoint(out, monitor="val_loss")  # writes nothing until an epoch ends
     trainer = Trainer(model, optimizer, loss_fn=lm_loss, metrics=(), grad_clip_norm=args.clip or None,
                       callbacks=[LRSchedulerCallback(schedule, interval="batch"), checkpoints],
-                      verbose=0 if args.quiet else 1)
+                      verbose=0 if args.quiet else 1, precision=PRECISION[args.dtype])
+    _write_run(out, config, tokenizer)  # all of the above succeeded: now the run directory may change
     if args.resume and checkpoints.last_path.exists():
         trainer.load_checkpoint(checkpoints.last_path)
         print(f"resumed from {checkpoints.last_path} after {trainer.epoch * args.eval_every} steps")
@@ -357,7 +360,8 @@ def main(argv=None) -> dict:
         print(f"--resume: no checkpoint in {out} yet; starting from step 0")
 
     print(f"GPT: {model.num_parameters():,} parameters, {tokenizer.vocab_size} tokens ({args.tokenizer}), "
-          f"{len(train_ids):,} training / {len(val_ids):,} validation tokens, device {device}")
+          f"{len(train_ids):,} training / {len(val_ids):,} validation tokens, device {device}, "
+          f"precision {trainer.precision}")
     print(f"unigram baseline: entropy {baseline['entropy']:.3f} nats (train), "
           f"cross-entropy {baseline['cross_entropy']:.3f} on validation")
     start = time.perf_counter()
@@ -374,7 +378,7 @@ def main(argv=None) -> dict:
     sample_ids = generate(model, prompt, args.sample_tokens, temperature=args.temperature, top_k=top_k)
     sample = tokenizer.decode(sample_ids)
     report = {
-        "device": str(device), "parameters": model.num_parameters(), "steps": len(history) * args.eval_every,
+        "device": str(device), "precision": trainer.precision, "parameters": model.num_parameters(), "steps": len(history) * args.eval_every,
         "seconds": seconds, "train_loss": history["loss"][-1], "val_loss": val_loss,
         "perplexity": math.exp(val_loss), "unigram_entropy": baseline["entropy"],
         "unigram_cross_entropy": baseline["cross_entropy"], "sample": sample,
@@ -386,6 +390,10 @@ def main(argv=None) -> dict:
           f"training {seconds:.1f}s, {report['tokens_per_s']:,.0f} tokens/s on {device}")
     print(f"sample (temperature {args.temperature}, top-k {top_k}):\n{sample}")
     return report
+
+
+# --dtype -> the Trainer's precision (Lightning's names)
+PRECISION = {"float32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
 
 def _check_config(out: Path, config: dict, resume: bool) -> None:
@@ -467,6 +475,8 @@ def _parse(argv):
     parser.add_argument("--temperature", type=_real(0.0), default=0.8, help="0: greedy")
     parser.add_argument("--top-k", type=_at_least(0), default=20, help="sample from the k most likely (0: all)")
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=tuple(PRECISION), default="float32",
+                        help="float32, or mixed precision: bf16 (autocast) or fp16 (autocast + GradScaler)")
     parser.add_argument("--out", default="runs/gpt", help="checkpoint directory")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
     parser.add_argument("--seed", type=_at_least(0), default=0)
