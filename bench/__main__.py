@@ -4,6 +4,7 @@ Examples:
     python -m bench --quick                      # about a minute on a 2-core CPU
     python3 -m bench --device cuda --json bench/results/gpu.json --markdown bench/results/gpu.md
     python -m bench --kernel adam_step --skip-e2e --device cpu
+    python -m bench --dtype bf16 --quick           # bf16 inputs; the peers and training steps under autocast
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ SETTINGS = {
 }
 SETTINGS[("cuda", "tiny")] = SETTINGS[("cpu", "tiny")]
 
+DTYPES = {"float32": "float32", "bf16": "bfloat16"}  # --dtype -> numpy's name (ml_dtypes' bfloat16)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
@@ -49,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PATH", help="write GB/s (TFLOP/s) vs size per impl (needs matplotlib)")
     p.add_argument("--skip-e2e", action="store_true", help="skip the training-step benchmarks")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 GEMMs (torch and cupy); default off")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="the kernels' input dtype; bf16 also runs the engine and torch peers and the training "
+                        "steps inside autocast(bfloat16) (default float32)")
     p.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for every pool (BLAS, numba, torch); default: each library's own")
@@ -80,8 +86,8 @@ def main(argv=None) -> dict:
     others = report.OtherProcesses()
     progress = report.Progress(quiet=args.quiet)
     bd = BenchDevice(kind, settings["clock"], tf32=args.tf32, use_torch=not args.no_torch,
-                     settle_s=settings.get("settle_s", 0.3))
-    progress.note(f"bench: {bd.name()} ({kind}), {mode} mode, kernels: {', '.join(names)}")
+                     settle_s=settings.get("settle_s", 0.3), dtype=DTYPES[args.dtype])
+    progress.note(f"bench: {bd.name()} ({kind}), {mode} mode, {bd.dtype.name}, kernels: {', '.join(names)}")
     ceilings = roofline.measure_ceilings(bd, bd.clock, copy_elements=settings["copy_elements"],
                                          gemm_size=settings["gemm_size"])
     progress.note(f"ceilings: copy {ceilings.copy_bandwidth / 1e9:.1f} GB/s, GEMM {ceilings.gemm_flops / 1e12:.3f} TFLOP/s")
@@ -92,6 +98,7 @@ def main(argv=None) -> dict:
         "environment": report.environment(bd),
         "settings": {
             "mode": mode, "device": kind, "kernels": names, "threads": args.threads, "skip_e2e": args.skip_e2e, "tf32": args.tf32,
+            "dtype": bd.dtype.name,
             "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "clock": settings["clock"],
             "timing": ("CUDA events per call, read after one final sync; L2 flushed (2x L2 written, then read) "

@@ -11,6 +11,7 @@ torch column of the report then says that reason instead of a number.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib
@@ -19,7 +20,7 @@ import time
 import numpy as np
 
 from bench.timing import Clock, CpuClock, CudaEventClock, CupyEvents, TorchEvents
-from engine import backend
+from engine import backend, dtypes
 from kernels import registry
 
 TORCH_MISSING = "torch not installed"
@@ -96,11 +97,17 @@ class BenchDevice:
             which sets cupy's compute type) and in torch alike.
         use_torch: False to leave torch out even where it is installed.
         settle_s: CPU pause before each timed row (see :meth:`settle`).
+        dtype: the kernels' input dtype (``--dtype``): float32, or bfloat16, in which the
+            kernel rows get bf16 inputs and the engine and torch peers (and the training steps)
+            run inside autocast (:meth:`engine_autocast`, :meth:`torch_autocast`).
     """
 
     def __init__(self, kind: str, clock_settings: dict, tf32: bool = False, use_torch: bool = True,
-                 settle_s: float = 0.3):
+                 settle_s: float = 0.3, dtype=np.float32):
         self.kind = kind
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), *dtypes.LOW_PRECISION):
+            raise ValueError(f"BenchDevice: dtype must be float32, bfloat16 or float16, got {self.dtype}")
         self.settle_s = settle_s
         backend.set_float32_matmul_precision("high" if tf32 else "highest")  # before the first GEMM
         self.device = backend.check_available(backend.device(kind))
@@ -140,6 +147,34 @@ class BenchDevice:
                 a *= np.float32(scale)
         return a
 
+    def random_input(self, shape, scale: float = 1.0):
+        """N(0, scale^2) samples in the run's dtype (float32 samples rounded once)."""
+        a = self.random_normal(shape, scale)
+        return a if self.dtype == a.dtype else a.astype(self.dtype)
+
+    @property
+    def low_precision(self) -> bool:
+        """Whether the run's dtype is bfloat16 or float16."""
+        return dtypes.is_low_precision(self.dtype)
+
+    def engine_autocast(self):
+        """``engine.autocast`` in the run's dtype on this device; a region that changes nothing in float32."""
+        if not self.low_precision:
+            return contextlib.nullcontext()
+        import engine
+
+        return engine.autocast(self.kind, dtype=self.dtype)
+
+    def torch_autocast(self):
+        """``torch.autocast`` in the run's dtype on this device; a region that changes nothing in float32."""
+        if not self.low_precision:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.kind, dtype=self.torch_dtype())
+
+    def torch_dtype(self):
+        """torch's dtype of the run's dtype."""
+        return getattr(self.torch, {"bfloat16": "bfloat16", "float16": "float16"}.get(self.dtype.name, "float32"))
+
     def random_ints(self, high: int, shape):
         """int64 samples in [0, high)."""
         with backend.on_device(self.device):
@@ -155,15 +190,23 @@ class BenchDevice:
     def to_host(self, a) -> np.ndarray:
         return backend.to_device(a, backend.CPU)
 
+    def host32(self, a) -> np.ndarray:
+        """``a`` on the host, in float32 if it is bfloat16 or float16: what references compute from."""
+        return dtypes.upcast(self.to_host(a))
+
     def to_torch(self, a):
         """A torch copy of array ``a`` on this device (no memory shared with ``a``)."""
         if self.kind == "cpu":
+            if a.dtype == dtypes.bfloat16:  # torch cannot take ml_dtypes' bfloat16: share the bits
+                return self.torch.from_numpy(np.array(a, copy=True).view(np.uint16)).view(self.torch.bfloat16)
             return self.torch.from_numpy(np.array(a, copy=True))
         return self.torch.from_dlpack(a.copy())
 
-    @staticmethod
-    def torch_to_host(t) -> np.ndarray:
-        return t.detach().cpu().numpy()
+    def torch_to_host(self, t) -> np.ndarray:
+        t = t.detach().cpu()
+        if t.dtype == self.torch.bfloat16:  # numpy has no bfloat16 of torch's: the same bits as ml_dtypes'
+            return t.view(self.torch.uint16).numpy().view(dtypes.bfloat16)
+        return t.numpy()
 
     # ---- housekeeping -------------------------------------------------------------------------
     def settle(self) -> None:

@@ -34,6 +34,10 @@ The GPT rows (model ``gpt``, bench/gpt_step.py) time the GPT example's training 
 next-token loss, backward, clipping, AdamW) against the same model written in torch, through the
 same machinery, in the quick and full modes.
 
+With ``--dtype bf16`` every step runs its forward pass and loss inside autocast(bfloat16), the
+engine's and torch's alike, with float32 weights and optimizer (the usual mixed-precision step);
+the first losses then agree to bf16 rounding, not float32's.
+
 Targets: the engine's step no slower than torch eager's on the GPU at the issue's cases (MLP at
 batch 256, wide at batch 1024; other batches get no verdict), within 1.3x on the CPU at every
 batch (:data:`TARGET_CASES`, :func:`target_status`).
@@ -102,10 +106,11 @@ def engine_functional_step(bd: BenchDevice, weights: list, x, y):
 
     def step():
         opt.zero_grad(set_to_none=False)
-        h = tx
-        for w, b in pairs[:-1]:
-            h = F.linear_relu(h, w, b)
-        loss = F.cross_entropy(F.linear(h, *pairs[-1]), ty)
+        with bd.engine_autocast():
+            h = tx
+            for w, b in pairs[:-1]:
+                h = F.linear_relu(h, w, b)
+            loss = F.cross_entropy(F.linear(h, *pairs[-1]), ty)
         loss.backward()
         opt.step()
         return loss
@@ -139,7 +144,8 @@ def engine_nn_step(bd: BenchDevice, weights: list, x, y):
 
     def step():
         opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(model(tx), ty)
+        with bd.engine_autocast():
+            loss = F.cross_entropy(model(tx), ty)
         loss.backward()
         opt.step()
         return loss
@@ -168,7 +174,8 @@ def torch_step(bd: BenchDevice, weights: list, x, y):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(tx), ty)
+        with bd.torch_autocast():
+            loss = torch.nn.functional.cross_entropy(model(tx), ty)
         loss.backward()
         opt.step()
         return loss
@@ -286,6 +293,7 @@ def _relative(value: float, reference: float) -> float:
 def _base_row(model_name, layers, batch, name, bd) -> dict:
     return {
         "model": model_name, "layers": list(layers), "batch": batch, "impl": name, "device": bd.kind,
+        "dtype": bd.dtype.name,
         "status": "pending", "params": parameter_count(layers), "flops": step_flops(layers, batch),
         "median_s": None, "spread": None, "host_median_s": None, "host_over_device": None, "repeats": 0,
         "samples_per_s": None, "TFLOPs": None, "fraction_of_gemm": None, "loss_step1": None,

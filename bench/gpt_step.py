@@ -3,7 +3,8 @@
 The model is ``engine.examples.gpt.GPT`` at the example's default size (byte vocabulary 256,
 block 64, d_model 128, 4 layers, 4 heads: 0.83M parameters) and its twin written here in torch
 with the same parameter names, so one state_dict initialises both. One step is what the
-example's Trainer does per batch: forward, next-token cross-entropy over every position,
+example's Trainer does per batch: forward, next-token cross-entropy over every position (under
+autocast(bfloat16) in a ``--dtype bf16`` run, as ``--dtype bf16`` trains),
 backward, clip the gradients' global norm to 1, AdamW (betas 0.9/0.95, weight decay on the
 matmul weights only). Rows go through bench/end_to_end.py's ``_run_config``: the first losses are
 compared, then the variants are timed side by side in rounds.
@@ -78,7 +79,8 @@ def engine_step(bd, weights, x, y):
 
     def step():
         opt.zero_grad()
-        loss = lm_loss(model(tx), ty)
+        with bd.engine_autocast():  # bf16 runs: the Trainer's precision="bf16-mixed"
+            loss = lm_loss(model(tx), ty)
         loss.backward()
         clip_grad_norm_(params, CLIP)
         opt.step()
@@ -145,8 +147,9 @@ def torch_step(bd, weights, x, y):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = model(tx)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ty.reshape(-1))
+        with bd.torch_autocast():
+            logits = model(tx)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ty.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()

@@ -314,7 +314,7 @@ def load_warning(result: dict) -> str | None:
 def terminal_report(result: dict) -> str:
     env, ceil = result["environment"], result["ceilings"]
     parts = [f"device: {env['device_name']} ({env['device']}), {result['settings']['mode']} mode, "
-             f"TF32 {'on' if env['tf32']['enabled'] else 'off'}",
+             f"{_dtype_note(result)}TF32 {'on' if env['tf32']['enabled'] else 'off'}",
              f"ceilings: copy {ceil['copy_bandwidth_GBps']:.1f} GB/s ({ceil['copy_method']}), "
              f"GEMM {ceil['gemm_TFLOPs']:.3f} TFLOP/s (fp32 {ceil['gemm_size']}^3)"]
     warning = load_warning(result)
@@ -327,6 +327,15 @@ def terminal_report(result: dict) -> str:
         parts.append("\nend to end (training step: forward + backward + Adam)")
         parts.append(text_table(E2E_COLUMNS, [e2e_cells(r) for r in result["end_to_end"]]))
     return "\n".join(parts)
+
+
+def _dtype_note(result: dict) -> str:
+    """'' in a float32 run; in a bf16 run, what ran in bf16 and what the GEMM ceiling is."""
+    dtype = result["settings"].get("dtype", "float32")
+    if dtype == "float32":
+        return ""
+    return (f"dtype {dtype} (kernel inputs in {dtype}; the engine and torch peers and the training steps under "
+            f"autocast({dtype}); errors against a float32 reference; %GEMM against the fp32 GEMM ceiling); ")
 
 
 def group_by_kernel(rows: list[dict]) -> dict[str, list[dict]]:
@@ -368,7 +377,7 @@ def markdown_report(result: dict) -> str:
         f"- date (UTC): {env['date_utc']}; commit {env['git_commit']}; command: `{settings['command']}`",
         f"- {env['cpu_count']} CPU cores ({env['cpu_model']}); python {env['python']}; {versions}",
         f"- threads: {json.dumps(env['threads'], default=str)}",
-        f"- TF32: {'on' if env['tf32']['enabled'] else 'off'}; torch: {env['torch']}",
+        f"- {_dtype_note(result)}TF32: {'on' if env['tf32']['enabled'] else 'off'}; torch: {env['torch']}",
         f"- ceilings measured in this run: copy bandwidth **{ceil['copy_bandwidth_GBps']:.1f} GB/s** "
         f"({ceil['copy_method']}, bytes read + written), fp32 GEMM **{ceil['gemm_TFLOPs']:.3f} TFLOP/s** "
         f"({ceil['gemm_size']}^3)",

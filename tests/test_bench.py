@@ -244,6 +244,90 @@ def test_tiny_run_markdown_has_every_table(tiny_run):
     assert "copy bandwidth" in md
 
 
+# ---- --dtype bf16: bf16 rows ----------------------------------------------------------------------
+
+BF16_FAMILIES = ["linear_relu_forward", "linear_relu_backward", "softmax_cross_entropy", "layer_norm", "adam_step"]
+
+
+@pytest.fixture(scope="module")
+def bf16_run():
+    return cli.main(["--tiny", "--device", "cpu", "--quiet", "--dtype", "bf16", "--kernel", *BF16_FAMILIES])
+
+
+def test_bf16_run_gives_bf16_rows_that_say_what_does_not_take_bf16(bf16_run):
+    assert bf16_run["settings"]["dtype"] == "bfloat16"
+    rows = bf16_run["kernels"]
+    assert {r["kernel"] for r in rows} == set(BF16_FAMILIES)
+    assert not [r for r in rows if r["status"].startswith("error")], [r["status"] for r in rows]
+    for row in rows:
+        assert ROW_FIELDS <= set(row) and row["dtype"] == "bfloat16"
+        if row["role"] == "impl" and row["status"] != "ok":
+            # a kernel impl that has no bf16 path yet names the dtypes it takes, instead of failing the run
+            assert row["status"].startswith("unavailable: takes no bfloat16 inputs yet: "), row["status"]
+            assert "bfloat16" in row["status"] and "float32" in row["status"]
+        elif row["role"] != "impl":
+            assert row["status"] == "ok" or (row["role"] == "torch" and row["status"].startswith("unavailable: ")), row
+    for kernel in BF16_FAMILIES:  # the engine's own path runs in bf16 everywhere, checked against float32
+        engine_rows = [r for r in rows if r["kernel"] == kernel and r["impl"].startswith("engine")]
+        assert engine_rows and all(r["status"] == "ok" for r in engine_rows), kernel
+        assert all(0 < r["max_rel_err"] < 2 ** -6 for r in engine_rows), [(r["impl"], r["max_rel_err"]) for r in engine_rows]
+    for row in rows:
+        if row["status"] == "ok":
+            assert row["reference"] == "numpy impl" and row["max_rel_err"] < 2 ** -5, row  # bf16 rounding, not worse
+            if row["kernel"] == "linear_relu_forward":
+                n, k, m = (row["params"][key] for key in "NKM")
+                assert row["bytes"] == (n * k + m * k + m + n * m) * 2  # 2-byte elements
+            if row["kernel"] == "adam_step":
+                assert row["bytes"] == 14 * row["params"]["n"]
+
+
+def test_bf16_run_compares_with_torch_under_autocast(bf16_run):
+    if not torch_installed():
+        pytest.skip("torch not installed")
+    rows = {(r["kernel"], r["impl"]): r for r in bf16_run["kernels"]}
+    for kernel, peer in (("linear_relu_forward", "torch relu(linear)"),
+                         ("softmax_cross_entropy", "torch F.cross_entropy")):
+        torch_row = rows[(kernel, peer)]
+        assert torch_row["status"] == "ok"
+        unfused = next(r for (k, _), r in rows.items() if k == kernel and r["role"] == "unfused")
+        assert unfused["vs_torch_peer"] == peer and unfused["vs_torch"] > 0
+    e2e = bf16_run["end_to_end"]
+    assert {r["dtype"] for r in e2e} == {"bfloat16"}
+    by_impl = {r["impl"]: r for r in e2e}
+    # same weights and data, both under autocast(bfloat16): the first losses agree to bf16 rounding
+    assert by_impl["torch eager"]["status"] == "ok" and by_impl["torch eager"]["loss_rel_err"] < 2 ** -7
+
+
+def test_bf16_targets_are_issue_21s_and_only_where_it_names_them():
+    bf16 = dict(dtype="bfloat16")
+    square = {"N": 4096, "K": 4096, "M": 4096}
+    forward = [kernel_row("cupy", square, TFLOPs=700.0, vs_torch=0.93, vs_torch_peer="torch relu(linear)", **bf16),
+               kernel_row("gemm x @ W.T", square, role="gemm", TFLOPs=760.0, **bf16)]
+    assert statuses("linear_relu_forward", "cuda", forward)["cupy"] == "met"  # >= 0.9x torch in bf16 (> 1x in fp32)
+    forward[0]["vs_torch"] = 0.85
+    assert statuses("linear_relu_forward", "cuda", forward)["cupy"] == (
+        "missed: 0.85x torch relu(linear), target >= 0.9x")
+    vocab = {"N": 8192, "C": 50304}
+    ce = [kernel_row("cupy", vocab, fraction_of_copy_bw=0.83, vs_torch=1.7, vs_torch_peer="torch F.cross_entropy", **bf16)]
+    assert statuses("softmax_cross_entropy", "cuda", ce)["cupy"] == "met"
+    ce_fp32_size = [kernel_row("cupy", {"N": 8192, "C": 32768}, fraction_of_copy_bw=0.9, vs_torch=2.0, **bf16)]
+    assert statuses("softmax_cross_entropy", "cuda", ce_fp32_size)["cupy"] == kbench.NO_TARGET_AT_SIZE
+    adam = [kernel_row("cupy", ADAM_TARGET, fraction_of_copy_bw=0.9, vs_torch=1.2, **bf16)]
+    assert statuses("adam_step", "cuda", adam)["cupy"] == ""  # no bf16 target for the optimizers
+
+
+def test_bf16_gpu_sweeps_measure_every_bf16_target_case():
+    class Low:
+        kind, low_precision = "cuda", True
+
+    for mode in ("full", "quick"):
+        for kernel, target in kbench.CUDA_TARGETS_LOW_PRECISION.items():
+            # each case builder holds its size as its default arguments: (N, C), or ((N, K, M),)
+            sizes = [b.__defaults__ if len(b.__defaults__) > 1 else b.__defaults__[0]
+                     for b in kbench.cases_for(kernel, Low(), mode)]
+            assert tuple(target.params.values()) in sizes, (mode, kernel, sizes)
+
+
 def test_without_torch_the_columns_say_so(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_device, "_import_torch", lambda: (None, bench_device.TORCH_MISSING))
     result = cli.main(["--tiny", "--device", "cpu", "--quiet", "--kernel", "adam_step", "--skip-e2e"])

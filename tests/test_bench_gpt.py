@@ -45,3 +45,23 @@ def test_gpt_rows_run_side_by_side_with_torch():
     assert torch_row["loss_step3_rel_err"] < 1e-4
     assert engine_row["vs_torch"] == pytest.approx(torch_row["median_s"] / engine_row["median_s"])
     assert engine_row["target"].startswith(("met", "missed")) and "target <= 1.3x" in engine_row["target"]
+
+
+def test_gpt_rows_in_bf16_run_both_sides_under_autocast():
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        backend.manual_seed(0)
+        bd = bench_device.BenchDevice("cpu", dict(budget_s=0.005, warmup=1, min_repeats=2, max_repeats=3),
+                                      settle_s=0.0, dtype=dtype)
+        ceilings = roofline.measure_ceilings(bd, bd.clock, copy_elements=2**16, gemm_size=64)
+        rows[dtype] = end_to_end._run_config(bd, ceilings, "gpt", gpt_step.LAYERS, 2, _Quiet(), setup=gpt_step.setup,
+                                             variants=gpt_step.VARIANTS, base_row=gpt_step.base_row)
+    engine32, engine16 = rows["float32"][0], rows["bfloat16"][0]
+    assert engine16["status"] == "ok" and engine16["dtype"] == "bfloat16"
+    assert engine16["loss_step1"] != engine32["loss_step1"]  # the forward did run in bf16
+    assert math.isclose(engine16["loss_step1"], engine32["loss_step1"], rel_tol=2 ** -7)
+    torch16 = rows["bfloat16"][1]
+    if torch16["status"] != "ok":
+        pytest.skip(f"torch: {torch16['status']}")
+    # same weights and data, both under autocast(bfloat16): the first losses agree to bf16 rounding
+    assert torch16["loss_rel_err"] < 2 ** -7 and torch16["loss_step3_rel_err"] < 2 ** -5
