@@ -233,8 +233,9 @@ def test_on_the_gpu_tf32_changes_float32_gemms_and_highest_restores_them():
     engine.backends.cuda.matmul.allow_tf32 = True
     try:
         tf32 = (a @ b).numpy()
+        ampere = int(cupy.cuda.Device().compute_capability) >= 80
         assert cupy._core.get_compute_type(np.float32) == (
-            linalg.COMPUTE_TYPE_TF32 if int(cupy.cuda.Device().compute_capability) >= 80 else linalg.COMPUTE_TYPE_DEFAULT)
+            linalg.COMPUTE_TYPE_TF32 if ampere else linalg.COMPUTE_TYPE_DEFAULT)
     finally:
         engine.set_float32_matmul_precision("highest")
     assert np.array_equal((a @ b).numpy(), full)

@@ -378,7 +378,8 @@ def main(argv=None) -> dict:
     sample_ids = generate(model, prompt, args.sample_tokens, temperature=args.temperature, top_k=top_k)
     sample = tokenizer.decode(sample_ids)
     report = {
-        "device": str(device), "precision": trainer.precision, "parameters": model.num_parameters(), "steps": len(history) * args.eval_every,
+        "device": str(device), "precision": trainer.precision, "parameters": model.num_parameters(),
+        "steps": len(history) * args.eval_every,
         "seconds": seconds, "train_loss": history["loss"][-1], "val_loss": val_loss,
         "perplexity": math.exp(val_loss), "unigram_entropy": baseline["entropy"],
         "unigram_cross_entropy": baseline["cross_entropy"], "sample": sample,

@@ -389,8 +389,9 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything a resume needs: model, optimizer, epoch, RNG, loader position, history, the
         callbacks' states, the precision (and the GradScaler's state with "16-mixed") and,
-        mid-epoch, the epoch's progress (batches done, running loss and metrics). Mid-epoch it first reads the batches not yet read (a host sync): a checkpoint
-        of an epoch whose unread batches turn out non-finite raises :class:`TrainingDiverged`."""
+        mid-epoch, the epoch's progress (batches done, running loss and metrics). Mid-epoch it
+        first reads the batches not yet read (a host sync): a checkpoint of an epoch whose unread
+        batches turn out non-finite raises :class:`TrainingDiverged`."""
         progress, loader_state, rng = self._position()
         state = {
             "model": _distributed.unwrap(self.model).state_dict(),
