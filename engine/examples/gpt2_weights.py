@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 import engine
 from engine.examples.gpt import GPT
 
@@ -74,7 +76,7 @@ def convert_state_dict(state: dict, n_layers: int) -> dict:
             state.pop(f"h.{i}.{buffer}", None)
     if state:
         raise KeyError(f"gpt2_weights: unexpected GPT-2 key(s) {sorted(state)[:8]} (more layers than the config says?)")
-    if head is not None and not bool((engine.as_tensor(head) == out["tok_emb.weight"]).all()):
+    if head is not None and not np.array_equal(engine.as_tensor(head).numpy(), out["tok_emb.weight"].numpy()):
         raise ValueError("gpt2_weights: lm_head.weight differs from transformer.wte.weight; the example GPT ties its "
                          "head to the token embedding")
     return out
