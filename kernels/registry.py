@@ -16,10 +16,11 @@ Choosing an impl for a call, first match wins:
 
 Every impl declares the float dtypes it takes (``dtypes=`` in kernels/declarations.py; list them
 with :func:`impl_dtypes`). The dtype of a call is the dtype of its first array argument (x,
-logits, grad_out, param). An impl forced by ``impl=`` or the environment that does not take it
-is a KernelError naming the kernel, the impl, the dtype given and the dtypes that impl takes; an
-unforced call skips such impls and takes the next one in preference order (bfloat16 cupy arrays
-go to ``cupy``, as numba has no bfloat16).
+logits, grad_out, param). An impl forced by ``impl=`` or the environment that does not take that
+float dtype is a KernelError naming the kernel, the impl, the dtype given and the dtypes that impl
+takes; an unforced call skips such impls and takes the next one in preference order (bfloat16
+cupy arrays go to ``cupy``, as numba has no bfloat16). A dtype that is no float at all is left
+to the chosen impl's validator, which names the argument that has it.
 
 Example:
     >>> import numpy as np, kernels
@@ -59,8 +60,13 @@ class Impl:
     dtypes: tuple[str, ...] = DEFAULT_DTYPES  # float dtype names it takes ("float32", "bfloat16" ...)
 
     def takes(self, dtype) -> bool:
-        """Whether this impl computes arrays of ``dtype`` (None, for a call without arrays: yes)."""
-        return dtype is None or float_name(dtype) in self.dtypes
+        """Whether this impl takes arrays of ``dtype``: a float dtype must be among its ``dtypes``.
+
+        Any other dtype (integers, bool; None for a call without arrays) is not the registry's to
+        refuse: no impl computes it, and the impl's validator names the argument that has it.
+        """
+        name = None if dtype is None else float_name(dtype)
+        return name is None or name in self.dtypes
 
     def available(self) -> bool:
         return all(_importable(mod) for mod in self.requires) and _device_ready(self)

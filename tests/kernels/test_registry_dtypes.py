@@ -76,12 +76,21 @@ def test_the_environment_variable_forces_like_impl(toy_kernel, monkeypatch):
     assert kernels.call(KERNEL, np.ones(3, np.float32)) == ("first", np.dtype(np.float32))
 
 
-def test_the_dtype_of_a_call_is_its_first_arrays():
+def test_the_dtype_of_a_call_is_its_first_arrays(toy_kernel):
     """Integer targets after float logits: the logits decide."""
     z = np.ones((2, 3), BF16)
     assert kernels.choose("softmax_cross_entropy", [z, np.zeros(2, np.int64)]).name == "numba_cpu"
-    with pytest.raises(KernelError, match="no usable impl for numpy arrays takes int64"):
-        kernels.choose("softmax_cross_entropy", [np.zeros(2, np.int64), z])
+    assert kernels.choose(KERNEL, [z, np.zeros(2, np.float16)]).name == "second"
+
+
+def test_a_dtype_that_is_no_float_is_left_to_the_impls_validator(toy_kernel):
+    """No impl computes integers; the validator's error names the argument, the registry's could not."""
+    ints = np.zeros(3, np.int32)
+    assert kernels.choose(KERNEL, [ints]).name == "first"
+    assert kernels.choose(KERNEL, [ints], impl="second").name == "second"
+    with pytest.raises(KernelError, match=r"linear_relu_forward\(x=numpy.ndarray\(2, 3\) int32.*dtype int32 is not "
+                                          r"supported; use float32, float64, float16 or bfloat16"):
+        kernels.linear_relu_forward(np.ones((2, 3), np.int32), np.ones((4, 3), np.int32), impl="numpy")
 
 
 def test_register_refuses_unknown_dtype_names():
