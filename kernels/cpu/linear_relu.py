@@ -180,7 +180,7 @@ def linear_relu_forward_numpy(x, weight, bias=None):
     """
     dtype = validate_forward(x, weight, bias)
     if is_low_precision(dtype):
-        return narrow(linear_relu_forward_numpy(widen(x), widen(weight), widen(bias)), dtype)
+        return narrow(linear_relu_forward_numpy(*(widen(a) for a in (x, weight, bias))), dtype)
     y = x @ weight.T
     if bias is not None:
         y += bias
@@ -195,15 +195,11 @@ def linear_relu_backward_numpy(grad_out, x, weight, out, *, compute_grad_x=True)
     """
     dtype = validate_backward(grad_out, x, weight, out)
     if is_low_precision(dtype):
-        return _narrowed(linear_relu_backward_numpy(widen(grad_out), widen(x), widen(weight), widen(out),
-                                                    compute_grad_x=compute_grad_x), dtype)
+        grads = linear_relu_backward_numpy(*(widen(a) for a in (grad_out, x, weight, out)),
+                                           compute_grad_x=compute_grad_x)
+        return tuple(narrow(g, dtype) for g in grads)
     g = grad_out * (out > 0)
     return (g @ weight if compute_grad_x else None), g.T @ x, g.sum(axis=0)
-
-
-def _narrowed(grads, dtype):
-    """Float32 gradients rounded once to the 16-bit ``dtype`` (None stays None)."""
-    return tuple(narrow(g, dtype) for g in grads)
 
 
 # --------------------------------------------------------------------------------------------
