@@ -723,11 +723,7 @@ def _grad_scaler(precision: str, device_type: str):
     """An ``engine.amp.GradScaler`` for "16-mixed" on ``device_type``; None for the others."""
     if precision != "16-mixed":
         return None
-    scaler_class = getattr(amp, "GradScaler", None)
-    if scaler_class is None:
-        raise EngineError("Trainer(precision='16-mixed') scales the loss with engine.amp.GradScaler, which this "
-                          "engine does not have yet; use precision='bf16-mixed' (no scaler needed) or '32-true'")
-    return scaler_class(device=device_type)
+    return amp.GradScaler(device=device_type)
 
 
 def _float32(t: Tensor) -> Tensor:

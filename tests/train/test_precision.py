@@ -1,8 +1,7 @@
 """Trainer(precision=...): Lightning's names, autocast around forward and loss, a GradScaler for
 "16-mixed", and checkpoints that carry the precision and the scaler's state.
 
-"16-mixed" needs ``engine.amp.GradScaler``. Where a test needs the real one it skips until the
-engine has it; the Trainer's calls into a scaler (scale, unscale_ before clipping, step, update,
+"16-mixed" runs with ``engine.amp.GradScaler``; the Trainer's calls into a scaler (scale, unscale_ before clipping, step, update,
 state_dict) are checked against :class:`RecordingScaler`, a small stand-in with torch's API.
 """
 
@@ -23,8 +22,6 @@ from engine.train.trainer import precision_flag
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
-GradScaler = getattr(amp, "GradScaler", None)
-needs_grad_scaler = pytest.mark.skipif(GradScaler is None, reason="engine.amp.GradScaler is not built yet")
 
 
 def _data(n=64, seed=0):
@@ -93,8 +90,6 @@ class _Probe(nn.Module):
 @pytest.mark.parametrize("precision, dtype", [("32-true", engine.float32), ("bf16-mixed", engine.bfloat16),
                                               ("16-mixed", engine.float16)])
 def test_forward_runs_in_the_precisions_dtype_in_fit_evaluate_and_predict(precision, dtype, monkeypatch):
-    if precision == "16-mixed" and GradScaler is None:
-        monkeypatch.setattr(amp, "GradScaler", RecordingScaler, raising=False)
     x, y = _data(32)
     engine.manual_seed(0)
     model = _Probe()
@@ -244,12 +239,6 @@ def test_16_mixed_makes_a_scaler_for_the_models_device(recording_scaler):
     for precision in ("32-true", "bf16-mixed"):
         assert Trainer(model, optim.SGD(model.parameters(), lr=0.1), precision=precision).scaler is None
 
-
-@pytest.mark.skipif(GradScaler is not None, reason="engine.amp.GradScaler exists")
-def test_16_mixed_without_a_grad_scaler_says_so():
-    model = _model()
-    with pytest.raises(EngineError, match="precision='16-mixed'.*engine.amp.GradScaler.*'bf16-mixed'"):
-        Trainer(model, optim.SGD(model.parameters(), lr=0.1), precision="16-mixed")
 
 
 def test_the_scaler_scales_each_loss_unscales_before_clipping_and_steps_once_per_group(recording_scaler):
@@ -423,8 +412,6 @@ def test_a_bad_precision_or_scaler_entry_changes_nothing(tmp_path, recording_sca
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_resume_mid_epoch_is_exactly_the_uninterrupted_run(tmp_path, precision):
-    if precision == "16-mixed" and GradScaler is None:
-        pytest.skip("engine.amp.GradScaler is not built yet")
     x, y = _data(80)
 
     class Stop(Callback):
@@ -460,7 +447,6 @@ def test_resume_mid_epoch_is_exactly_the_uninterrupted_run(tmp_path, precision):
         assert resumed.scaler.state_dict() == straight.scaler.state_dict()
 
 
-@needs_grad_scaler
 def test_16_mixed_with_the_engines_grad_scaler_learns():
     x, y = _data(96)
     model = _model()
