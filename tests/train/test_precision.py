@@ -1,8 +1,8 @@
 """Trainer(precision=...): Lightning's names, autocast around forward and loss, a GradScaler for
 "16-mixed", and checkpoints that carry the precision and the scaler's state.
 
-"16-mixed" runs with ``engine.amp.GradScaler``; the Trainer's calls into a scaler (scale, unscale_ before clipping, step, update,
-state_dict) are checked against :class:`RecordingScaler`, a small stand-in with torch's API.
+"16-mixed" runs with ``engine.amp.GradScaler``; the Trainer's calls into a scaler (scale,
+unscale_ before clipping, step, update, state_dict) are checked against :class:`RecordingScaler`, a small stand-in with torch's API.
 """
 
 import warnings
