@@ -9,13 +9,19 @@ Per row ``x`` of length D, with weight ``w`` and bias ``b`` (w = 1, b = 0 withou
     xhat = (x - mean) rstd
     y    = xhat w + b
 
-Forward returns ``(y, mean, rstd)``; mean and rstd (N,) in x's dtype are the saved state of the
-backward, which recomputes ``xhat`` from x instead of keeping an (N, D) array. Given ``dy``:
+Forward returns ``(y, mean, rstd)``; mean and rstd (N,) are the saved state of the backward, which
+recomputes ``xhat`` from x instead of keeping an (N, D) array. Given ``dy``:
 
     g      = dy w
     dx     = rstd (g - mean_j(g) - xhat mean_j(g xhat))
     dw     = sum_rows dy xhat                   (column sums over the N rows)
     db     = sum_rows dy
+
+dtypes: x is float32, float64, float16 or bfloat16. A 16-bit x is computed in float32 (statistics
+and sums accumulated in float32 or wider) and rounded once where y and dx are stored; its mean and
+rstd are kept in float32, as PyTorch's CUDA kernel keeps them, so backward sees the statistics
+forward used. weight and bias have x's dtype, or float32 with a 16-bit x (PyTorch's mixed-dtype
+rule); dweight and dbias come back in weight's dtype.
 
 The variance is two-pass (the mean first, then the mean of squared deviations), never
 ``E[x^2] - E[x]^2``, which cancels catastrophically when |mean| >> std. The column sums ``dw``,
@@ -34,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.cpu.lowp import FLOAT32, KERNEL_FLOAT_DTYPES, as_bits, codec_name, compute_dtype, is_low_precision
+from kernels.cpu.lowp import numba_codec as _numba_codec
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import module_of as _module_of
@@ -42,7 +50,6 @@ from kernels.registry import numba_parallel as _numba_parallel
 
 FORWARD = "layer_norm_forward"
 BACKWARD = "layer_norm_backward"
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,14 +63,44 @@ class LayerNormSpec:
 
     n: int  # rows
     d: int  # row length (the normalised dimension)
-    dtype: np.dtype  # of every array
+    dtype: np.dtype  # of x, y, grad_y and dx
     array_module: str  # "numpy" or "cupy"
     eps: float = 0.0  # forward only
     weight_grads: bool = False  # backward: dweight / dbias wanted (and a weight given)
 
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """What the kernels compute in, and the dtype of mean and rstd: float32 for a 16-bit x."""
+        return compute_dtype(self.dtype)
+
+
+# Which dtype each array may have, by its role: "x" (x's own dtype), "param" (x's, or float32 with a
+# 16-bit x: PyTorch's mixed-dtype rule) and "stats" (the compute dtype: float32 with a 16-bit x).
+_ROLES = {"x": "x", "grad_y": "x", "weight": "param", "bias": "param", "mean": "stats", "rstd": "stats"}
+
+
+def _dtype_problem(name: str, dtype, x_dtype) -> str | None:
+    role = _ROLES[name]
+    low = is_low_precision(x_dtype)
+    if role == "x" or not low:
+        if dtype == x_dtype:
+            return None
+        if role == "stats" and not low:
+            return f"{name} must have x's dtype {x_dtype}, got {dtype} (as layer_norm_forward returns it)"
+        return f"{name} must have x's dtype {x_dtype}, got {dtype}; cast it with .astype(x.dtype) (no silent promotion)"
+    if role == "param":
+        if dtype in (x_dtype, FLOAT32):
+            return None
+        return f"{name} must have x's dtype {x_dtype} or float32, got {dtype}"
+    if dtype == FLOAT32:
+        return None
+    return (f"{name} must be float32, got {dtype}: layer_norm_forward keeps the statistics of a {x_dtype} x "
+            "in float32")
+
 
 def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
-    """Arrays on one device, x 2-D float, every other array x's dtype; returns the array module."""
+    """Arrays on one device, x 2-D float, each other array of the dtype its role allows; returns the
+    array module."""
     problem = _placement_problem(arrays)
     if problem:
         raise KernelError(f"{where()}: {problem}")
@@ -71,14 +108,15 @@ def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
     if x.ndim != 2:
         raise KernelError(f"{where()}: x must be 2-D (N, D), got {x.ndim}-D; reshape to (-1, D) with the "
                           "normalised dimension last")
-    if x.dtype not in FLOAT_DTYPES:
-        raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32 and float64 are supported")
+    if x.dtype not in KERNEL_FLOAT_DTYPES:
+        raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32, float64, float16 and bfloat16 are "
+                          "supported")
     if int(x.shape[1]) < 1:
         raise KernelError(f"{where()}: x has D = 0 columns; layer norm needs rows of at least one value")
     for name, a in arrays.items():
-        if a.dtype != x.dtype:
-            raise KernelError(f"{where()}: {name} must have x's dtype {x.dtype}, got {a.dtype}; cast it with "
-                              ".astype(x.dtype) (no silent promotion)")
+        problem = _dtype_problem(name, a.dtype, x.dtype)
+        if problem:
+            raise KernelError(f"{where()}: {problem}")
         if not a.flags.c_contiguous:
             raise KernelError(f"{where()}: {name} is not C-contiguous; pass a contiguous array "
                               "(e.g. ascontiguousarray)")
@@ -135,45 +173,53 @@ def _eps(value) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# numpy: the reference, written as the formulas above (whole-array ops, dtype kept)
+# numpy: the reference, written as the formulas above (whole-array ops in the compute dtype; a
+# 16-bit x is upcast to float32 and y / dx rounded once at the end)
 # --------------------------------------------------------------------------------------------
+
+
+def _in(a, dtype):
+    return None if a is None else a.astype(dtype, copy=False)
 
 
 def layer_norm_forward_numpy(x, weight=None, bias=None, *, eps=1e-5):
     spec = validate_layer_norm_forward(x, weight, bias, eps=eps)
-    dt = spec.dtype
+    dt, ct = spec.dtype, spec.compute_dtype
     if spec.n == 0:
-        return np.empty((0, spec.d), dt), np.empty(0, dt), np.empty(0, dt)
-    mean = x.mean(axis=1, dtype=dt)
+        return np.empty((0, spec.d), dt), np.empty(0, ct), np.empty(0, ct)
+    x, weight, bias = _in(x, ct), _in(weight, ct), _in(bias, ct)
+    mean = x.mean(axis=1, dtype=ct)
     centered = x - mean[:, None]
-    var = (centered * centered).mean(axis=1, dtype=dt)
+    var = (centered * centered).mean(axis=1, dtype=ct)
     with np.errstate(divide="ignore", invalid="ignore"):  # var + eps <= 0: inf or NaN, as PyTorch
-        rstd = (dt.type(1) / np.sqrt(var + dt.type(spec.eps))).astype(dt, copy=False)
+        rstd = (ct.type(1) / np.sqrt(var + ct.type(spec.eps))).astype(ct, copy=False)
         y = centered * rstd[:, None]
     if weight is not None:
         y *= weight
     if bias is not None:
         y += bias
-    return y, mean, rstd
+    return y.astype(dt, copy=False), mean, rstd
 
 
 def layer_norm_backward_numpy(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True):
     spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
-    dt = spec.dtype
+    dt, ct = spec.dtype, spec.compute_dtype
+    grad_dtype = None if weight is None else weight.dtype
+    grad_y, x, weight = _in(grad_y, ct), _in(x, ct), _in(weight, ct)
     with np.errstate(invalid="ignore"):  # 0 * inf where rstd = inf (eps = 0, constant row): NaN, as PyTorch
         xhat = (x - mean[:, None]) * rstd[:, None]
         g = grad_y * weight if weight is not None else grad_y
         if spec.n:
-            mean_g = g.mean(axis=1, dtype=dt, keepdims=True)
-            mean_gx = (g * xhat).mean(axis=1, dtype=dt, keepdims=True)
+            mean_g = g.mean(axis=1, dtype=ct, keepdims=True)
+            mean_gx = (g * xhat).mean(axis=1, dtype=ct, keepdims=True)
         else:
-            mean_g = mean_gx = np.zeros((0, 1), dt)
+            mean_g = mean_gx = np.zeros((0, 1), ct)
         dx = (rstd[:, None] * (g - mean_g - xhat * mean_gx)).astype(dt, copy=False)
         if not spec.weight_grads:
             return dx, None, None
-        dweight = (grad_y * xhat).sum(axis=0, dtype=dt)
-    dbias = grad_y.sum(axis=0, dtype=dt)
-    return dx, dweight, dbias
+        dweight = (grad_y * xhat).sum(axis=0, dtype=ct)
+    dbias = grad_y.sum(axis=0, dtype=ct)
+    return dx, dweight.astype(grad_dtype, copy=False), dbias.astype(grad_dtype, copy=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,21 +253,23 @@ def _chunks(n: int, parallel: bool) -> int:
 
 def layer_norm_forward_numba(x, weight=None, bias=None, *, eps=1e-5):
     spec = validate_layer_norm_forward(x, weight, bias, eps=eps)
-    n, d, dt = spec.n, spec.d, spec.dtype
-    y, mean, rstd = np.empty((n, d), dt), np.empty(n, dt), np.empty(n, dt)
+    n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
+    y, mean, rstd = np.empty((n, d), dt), np.empty(n, ct), np.empty(n, ct)
     if n == 0:
         return y, mean, rstd
     parallel = n > 1 and n * d >= PARALLEL_MIN
-    forward, _ = _numba_kernels(parallel)
-    w = weight if weight is not None else np.empty(0, dt)
-    b = bias if bias is not None else np.empty(0, dt)
-    forward(x, w, weight is not None, b, bias is not None, spec.eps, _chunks(n, parallel), y, mean, rstd)
+    forward, _ = _numba_kernels(parallel, codec_name(dt))
+    # weight and bias in the compute dtype: a 16-bit one is upcast (D values, exact)
+    w = _in(weight, ct) if weight is not None else np.empty(0, ct)
+    b = _in(bias, ct) if bias is not None else np.empty(0, ct)
+    forward(as_bits(x), w, weight is not None, b, bias is not None, spec.eps, _chunks(n, parallel), as_bits(y), mean,
+            rstd)
     return y, mean, rstd
 
 
 def layer_norm_backward_numba(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True):
     spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
-    n, d, dt = spec.n, spec.d, spec.dtype
+    n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
     dx = np.empty((n, d), dt)
     parallel = n > 1 and n * d >= PARALLEL_MIN
     chunks = _chunks(n, parallel) if n else 1
@@ -229,23 +277,31 @@ def layer_norm_backward_numba(grad_y, x, weight, mean, rstd, *, compute_weight_g
     partial_w = np.zeros((chunks, d) if spec.weight_grads else (0, d), np.float64)
     partial_b = np.zeros_like(partial_w)
     if n:
-        _, backward = _numba_kernels(parallel)
-        w = weight if weight is not None else np.empty(0, dt)
-        backward(grad_y, x, w, weight is not None, mean, rstd, spec.weight_grads, chunks, dx, partial_w, partial_b)
+        _, backward = _numba_kernels(parallel, codec_name(dt))
+        w = _in(weight, ct) if weight is not None else np.empty(0, ct)
+        backward(as_bits(grad_y), as_bits(x), w, weight is not None, mean, rstd, spec.weight_grads, chunks,
+                 as_bits(dx), partial_w, partial_b)
     if not spec.weight_grads:
         return dx, None, None
-    # The final reduction: chunks x D, a small fraction of the N x D pass.
-    return dx, partial_w.sum(axis=0).astype(dt), partial_b.sum(axis=0).astype(dt)
+    # The final reduction: chunks x D, a small fraction of the N x D pass; one rounding to weight's dtype.
+    return dx, partial_w.sum(axis=0).astype(weight.dtype), partial_b.sum(axis=0).astype(weight.dtype)
 
 
 @functools.cache
-def _numba_kernels(parallel: bool):
-    """(forward, backward) over row chunks in parallel (prange) or on the calling thread."""
+def _numba_kernels(parallel: bool, codec: str):
+    """(forward, backward) over row chunks in parallel (prange) or on the calling thread.
+
+    ``codec`` (kernels.cpu.lowp.codec_name) says how x, dy, y and dx elements are read and written:
+    "native" for float32 / float64 arrays, "bfloat16" / "float16" for the uint16 views of 16-bit
+    ones, read as float32 and rounded once when stored. Weight, bias, mean and rstd always come in
+    the compute dtype.
+    """
     import numba
 
-    # `loop` (prange or range, which pickle by name) is a closure variable, so the serial and the
-    # parallel build get different keys in numba's on-disk cache.
+    # `loop` (prange or range, which pickle by name) and the codec are closure variables, so every
+    # build gets its own key in numba's on-disk cache.
     loop = numba.prange if parallel else range
+    load, store = _numba_codec(codec)
     jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
 
     @jit
@@ -257,25 +313,24 @@ def _numba_kernels(parallel: bool):
                 row = x[i]
                 s = 0.0  # float64 accumulators: the float32 rounding of long sums stays out
                 for j in range(d):
-                    s += row[j]
+                    s += load(row[j])
                 mu = s / d
                 q = 0.0
                 for j in range(d):
-                    c = row[j] - mu
+                    c = load(row[j]) - mu
                     q += c * c
-                r = 1.0 / np.sqrt(q / d + eps)
                 mean_out[i] = mu
-                rstd_out[i] = r
-                mu_t = x.dtype.type(mu)  # y from the saved (rounded) statistics, as backward sees them
-                r_t = x.dtype.type(r)
+                rstd_out[i] = 1.0 / np.sqrt(q / d + eps)
+                mu_t = mean_out[i]  # y from the saved (rounded) statistics, as backward sees them
+                r_t = rstd_out[i]
                 out = y[i]
                 for j in range(d):
-                    v = (row[j] - mu_t) * r_t
+                    v = (load(row[j]) - mu_t) * r_t
                     if has_weight:
                         v = v * w[j]
                     if has_bias:
                         v = v + b[j]
-                    out[j] = v
+                    out[j] = store(v)
 
     @jit
     def backward(dy, x, w, has_weight, mean, rstd, weight_grads, chunks, dx, partial_w, partial_b):
@@ -290,20 +345,22 @@ def _numba_kernels(parallel: bool):
                 sg = 0.0
                 sgx = 0.0
                 for j in range(d):
-                    xh = (xr[j] - mu) * r
-                    g = gr[j] * w[j] if has_weight else gr[j]
+                    xh = (load(xr[j]) - mu) * r
+                    dyj = load(gr[j])
+                    g = dyj * w[j] if has_weight else dyj
                     sg += g
                     sgx += g * xh
                     if weight_grads:  # this chunk's own partial row: no other thread writes it
-                        partial_w[chunk, j] += gr[j] * xh
-                        partial_b[chunk, j] += gr[j]
-                c_g = x.dtype.type(sg / d)
-                c_gx = x.dtype.type(sgx / d)
+                        partial_w[chunk, j] += dyj * xh
+                        partial_b[chunk, j] += dyj
+                c_g = mean.dtype.type(sg / d)
+                c_gx = mean.dtype.type(sgx / d)
                 out = dx[i]
                 for j in range(d):
-                    xh = (xr[j] - mu) * r
-                    g = gr[j] * w[j] if has_weight else gr[j]
-                    out[j] = r * (g - c_g - xh * c_gx)
+                    xh = (load(xr[j]) - mu) * r
+                    dyj = load(gr[j])
+                    g = dyj * w[j] if has_weight else dyj
+                    out[j] = store(r * (g - c_g - xh * c_gx))
 
     if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
         return _numba_parallel(forward), _numba_parallel(backward)

@@ -12,8 +12,13 @@ through shared memory and ``cuda.syncthreads`` (a power-of-two tree).
   in every row, so it adds dy xhat and dy for them into row p of the (P, D) partials with no other
   writer (no atomics); ``col_reduce_kernel`` then sums the P partial rows into dweight and dbias.
 
-The kernels are built per dtype with the dtype's constants frozen in, so the float32 kernels have
-no float64 arithmetic (tests/kernels/test_gpu_compile.py reads their PTX). On a GPU they take cupy
+The kernels are built per compute dtype with its constants frozen in, so the float32 kernels have
+no float64 arithmetic (tests/kernels/test_gpu_compile.py reads their PTX). float16 x runs the
+float32 build: every element is converted to float32 where it is read (``cv``), the statistics,
+sums and partial rows are float32, mean and rstd are stored in float32, and y / dx round once to
+float16 where they are stored; weight and bias may be float16 or float32 (numba compiles one
+specialisation per argument types). numba.cuda has no bfloat16 type: a bfloat16 x is refused with
+a KernelError, and the registry's default for cupy arrays, the cupy impl, takes it. On a GPU they take cupy
 arrays and launch on cupy's current stream; under the simulator they take numpy arrays and run
 with at most 16 threads per block and a few blocks, so the strided walks, the trees and the
 partial rows all run several steps on small inputs.
@@ -27,7 +32,7 @@ import numpy as np
 from numba import cuda, types
 
 from kernels.cpu.layer_norm import validate_layer_norm_backward, validate_layer_norm_forward
-from kernels.numba_cuda.launch import launch, simulator
+from kernels.numba_cuda.launch import launch, refuse_bfloat16, simulator
 
 MAX_THREADS = 256  # threads per block on a GPU: the size of the shared reduction arrays
 SIMULATOR_MAX_THREADS = 16
@@ -37,8 +42,9 @@ REDUCE_THREADS = 256
 
 
 def _build(nb_float, np_float):
-    """The forward, backward and column-reduce kernels for one float dtype."""
+    """The forward, backward and column-reduce kernels computing in one float dtype."""
     zero, one, inf, nan = np_float(0), np_float(1), np_float(np.inf), np_float(np.nan)
+    cv = nb_float  # an element read as the compute dtype (a no-op on float32 / float64 arrays)
 
     # Device functions would need a driver to compile to PTX without a GPU (numba resolves the
     # current device), so the tree reductions are written out in each kernel.
@@ -53,7 +59,7 @@ def _build(nb_float, np_float):
         sm = cuda.shared.array(MAX_THREADS, nb_float)
         s = zero
         for k in range(tid, d, nt):
-            s += x[row, k]
+            s += cv(x[row, k])
         sm[tid] = s
         cuda.syncthreads()
         stride = nt // 2
@@ -66,7 +72,7 @@ def _build(nb_float, np_float):
         cuda.syncthreads()  # everyone has read slot 0 before it is reused
         q = zero
         for k in range(tid, d, nt):
-            c = x[row, k] - mu
+            c = cv(x[row, k]) - mu
             q += c * c
         sm[tid] = q
         cuda.syncthreads()
@@ -84,12 +90,12 @@ def _build(nb_float, np_float):
             mean_out[row] = mu
             rstd_out[row] = r
         for k in range(tid, d, nt):
-            v = (x[row, k] - mu) * r
+            v = (cv(x[row, k]) - mu) * r
             if has_weight:
-                v *= weight[k]
+                v *= cv(weight[k])
             if has_bias:
-                v += bias[k]
-            y[row, k] = v
+                v += cv(bias[k])
+            y[row, k] = v  # one rounding, to y's dtype
 
     @cuda.jit
     def backward_kernel(dy, x, weight, has_weight, mean, rstd, weight_grads, dx, part_w, part_b):
@@ -111,13 +117,14 @@ def _build(nb_float, np_float):
             sg = zero
             sgx = zero
             for k in range(tid, d, nt):
-                xh = (x[row, k] - mu) * r
-                g = dy[row, k] * weight[k] if has_weight else dy[row, k]
+                xh = (cv(x[row, k]) - mu) * r
+                dyk = cv(dy[row, k])
+                g = dyk * cv(weight[k]) if has_weight else dyk
                 sg += g
                 sgx += g * xh
                 if weight_grads:
-                    part_w[p, k] += dy[row, k] * xh
-                    part_b[p, k] += dy[row, k]
+                    part_w[p, k] += dyk * xh
+                    part_b[p, k] += dyk
             sm_g[tid] = sg
             sm_gx[tid] = sgx
             cuda.syncthreads()
@@ -132,9 +139,10 @@ def _build(nb_float, np_float):
             c_gx = sm_gx[0] / fd
             cuda.syncthreads()  # slot 0 read by everyone before the next row overwrites it
             for k in range(tid, d, nt):
-                xh = (x[row, k] - mu) * r
-                g = dy[row, k] * weight[k] if has_weight else dy[row, k]
-                dx[row, k] = r * (g - c_g - xh * c_gx)
+                xh = (cv(x[row, k]) - mu) * r
+                dyk = cv(dy[row, k])
+                g = dyk * cv(weight[k]) if has_weight else dyk
+                dx[row, k] = r * (g - c_g - xh * c_gx)  # one rounding, to dx's dtype
 
     @cuda.jit
     def col_reduce_kernel(part_w, part_b, dweight, dbias):
@@ -145,7 +153,7 @@ def _build(nb_float, np_float):
             for p in range(parts):
                 sw += part_w[p, k]
                 sb += part_b[p, k]
-            dweight[k] = sw
+            dweight[k] = sw  # one rounding, to weight's dtype
             dbias[k] = sb
 
     return forward_kernel, backward_kernel, col_reduce_kernel
@@ -153,23 +161,29 @@ def _build(nb_float, np_float):
 
 forward_f32, backward_f32, col_reduce_f32 = _build(types.float32, np.float32)
 forward_f64, backward_f64, col_reduce_f64 = _build(types.float64, np.float64)
+# Storage dtype of x -> its kernels (float16 computes in the float32 build).
 KERNELS = {np.dtype(np.float32): (forward_f32, backward_f32, col_reduce_f32),
+           np.dtype(np.float16): (forward_f32, backward_f32, col_reduce_f32),
            np.dtype(np.float64): (forward_f64, backward_f64, col_reduce_f64)}
 
 
-def _signatures(f):
-    a2, a1 = types.Array(f, 2, "C"), types.Array(f, 1, "C")
-    forward = (a2, a1, types.boolean, a1, types.boolean, f, a2, a1, a1)
-    backward = (a2, a2, a1, types.boolean, a1, a1, types.boolean, a2, a2, a2)
-    reduce = (a2, a2, a1, a1)
+def _signatures(x, w, c):
+    """Argument types for x (and y, dy, dx) of dtype ``x``, weight / bias ``w``, compute dtype ``c``."""
+    x2, w1, c1, c2 = types.Array(x, 2, "C"), types.Array(w, 1, "C"), types.Array(c, 1, "C"), types.Array(c, 2, "C")
+    forward = (x2, w1, types.boolean, w1, types.boolean, c, x2, c1, c1)
+    backward = (x2, x2, w1, types.boolean, c1, c1, types.boolean, x2, c2, c2)
+    reduce = (c2, c2, w1, w1)
     return forward, backward, reduce
 
 
-# Every kernel: compiled to sm_90 PTX by tests/kernels/test_gpu_compile.py (float32: no f64 ops).
+# Every kernel: compiled to sm_90 PTX by tests/kernels/test_gpu_compile.py (float32 and float16:
+# no f64 ops). "float16-w32" is a float16 x with float32 weight and bias.
+_F16, _F32, _F64 = types.float16, types.float32, types.float64
 PTX_CHECKS = [
     (kernel, sig, name)
-    for f, name in ((types.float32, "float32"), (types.float64, "float64"))
-    for kernel, sig in zip(KERNELS[np.dtype(name)], _signatures(f))
+    for (x, w, c), name in (((_F32, _F32, _F32), "float32"), ((_F64, _F64, _F64), "float64"),
+                            ((_F16, _F16, _F32), "float16"), ((_F16, _F32, _F32), "float16-w32"))
+    for kernel, sig in zip(KERNELS[np.dtype(name.split("-")[0])], _signatures(x, w, c))
 ]
 
 
@@ -189,37 +203,39 @@ def _xp(spec):
 
 def layer_norm_forward(x, weight=None, bias=None, *, eps=1e-5):
     spec = validate_layer_norm_forward(x, weight, bias, eps=eps)
+    refuse_bfloat16("layer_norm_forward", spec.dtype)
     xp = _xp(spec)
-    n, d, dt = spec.n, spec.d, spec.dtype
-    y, mean, rstd = xp.empty((n, d), dt), xp.empty(n, dt), xp.empty(n, dt)
+    n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
+    y, mean, rstd = xp.empty((n, d), dt), xp.empty(n, ct), xp.empty(n, ct)
     if n == 0:
         return y, mean, rstd
     # Placeholders are their own (empty) arrays, never aliases: under the simulator every argument
     # is copied in and back out.
-    w = weight if weight is not None else xp.empty(0, dt)
-    b = bias if bias is not None else xp.empty(0, dt)
+    w = weight if weight is not None else xp.empty(0, ct)
+    b = bias if bias is not None else xp.empty(0, ct)
     forward, _, _ = KERNELS[dt]
-    launch(forward, n, _threads(d), (x, w, weight is not None, b, bias is not None, dt.type(spec.eps), y, mean, rstd))
+    launch(forward, n, _threads(d), (x, w, weight is not None, b, bias is not None, ct.type(spec.eps), y, mean, rstd))
     return y, mean, rstd
 
 
 def layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True):
     spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
+    refuse_bfloat16("layer_norm_backward", spec.dtype)
     xp = _xp(spec)
-    n, d, dt = spec.n, spec.d, spec.dtype
+    n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
     dx = xp.empty((n, d), dt)
     wgrad = spec.weight_grads
     if n == 0:
-        return (dx, xp.zeros(d, dt), xp.zeros(d, dt)) if wgrad else (dx, None, None)
+        return (dx, xp.zeros(d, weight.dtype), xp.zeros(d, weight.dtype)) if wgrad else (dx, None, None)
     parts = min(n, SIMULATOR_BACKWARD_BLOCKS if simulator() else BACKWARD_BLOCKS)
-    part_w = xp.empty((parts, d) if wgrad else (0, d), dt)
-    part_b = xp.empty((parts, d) if wgrad else (0, d), dt)
-    w = weight if weight is not None else xp.empty(0, dt)
+    part_w = xp.empty((parts, d) if wgrad else (0, d), ct)  # partial sums in the compute dtype
+    part_b = xp.empty((parts, d) if wgrad else (0, d), ct)
+    w = weight if weight is not None else xp.empty(0, ct)
     _, backward, col_reduce = KERNELS[dt]
     launch(backward, parts, _threads(d), (grad_y, x, w, weight is not None, mean, rstd, wgrad, dx, part_w, part_b))
     if not wgrad:
         return dx, None, None
-    dweight, dbias = xp.empty(d, dt), xp.empty(d, dt)
+    dweight, dbias = xp.empty(d, weight.dtype), xp.empty(d, weight.dtype)
     threads = min(REDUCE_THREADS, SIMULATOR_MAX_THREADS) if simulator() else REDUCE_THREADS
     blocks = min(-(-d // threads), 2 if simulator() else 1024)
     launch(col_reduce, blocks, threads, (part_w, part_b, dweight, dbias))

@@ -70,6 +70,39 @@ def test_compute_weight_grads_false_and_empty_batch():
     assert dx.shape == (0, 6) and not dw.any() and not db.any()
 
 
+@pytest.mark.parametrize("weight_dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("n,d", [(1, 1), (3, 5), (7, 37), (5, 64)])
+def test_float16(weight_dtype, n, d):
+    """numba's float16 in the simulator: float32 statistics (mean and rstd come back float32),
+    float32 partial rows, y / dx rounded once to float16, dw / db to weight's dtype; against the
+    numpy impl within one float16 rounding (plus float32 noise near zero)."""
+    x, dy, weight, bias = make_case(n, d, np.float16, seed=n * 10 + d)
+    weight, bias = weight.astype(weight_dtype), bias.astype(weight_dtype)
+    got = kernels.layer_norm_forward(x, weight, bias, impl="numba_cuda")
+    want = kernels.layer_norm_forward(x, weight, bias, impl="numpy")
+    assert [a.dtype for a in got] == [np.float16, np.float32, np.float32]
+    np.testing.assert_allclose(got[0].astype(np.float32), want[0].astype(np.float32), rtol=2.0 ** -10, atol=1e-3)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5)
+    _, mean, rstd = want
+    got = kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numba_cuda")
+    want = kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numpy")
+    assert [a.dtype for a in got] == [np.float16, np.dtype(weight_dtype), np.dtype(weight_dtype)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=2.0 ** -10, atol=1e-3)
+
+
+def test_bfloat16_is_refused_by_name():
+    import ml_dtypes
+
+    x = np.ones((2, 3), ml_dtypes.bfloat16)
+    with pytest.raises(KernelError, match=r"layer_norm_forward \(impl 'numba_cuda'\): dtype bfloat16"):
+        kernels.layer_norm_forward(x, impl="numba_cuda")
+    s = np.ones(2, np.float32)
+    with pytest.raises(KernelError, match=r"layer_norm_backward \(impl 'numba_cuda'\): dtype bfloat16"):
+        kernels.layer_norm_backward(x, x, None, s, s, impl="numba_cuda")
+
+
 def test_bad_input_is_refused():
     with pytest.raises(KernelError, match="layer_norm_forward.*weight must have shape"):
         kernels.layer_norm_forward(np.ones((2, 3), np.float32), np.ones(4, np.float32), impl="numba_cuda")

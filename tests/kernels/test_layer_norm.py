@@ -9,6 +9,7 @@ cases marked ``gpu``, where a device answers; sizes cover every kernel the cupy 
 import re
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,21 +21,33 @@ from tests.kernels.helpers import to_device, to_host
 CPU_IMPLS = ["numpy", "numba_cpu"]
 GPU_IMPLS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("cupy", "numba_cuda")]
 IMPLS = CPU_IMPLS + GPU_IMPLS
-CU_FILE = Path(__file__).resolve().parents[2] / "kernels" / "cuda" / "layer_norm.cu"
+CUDA_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cuda"
+BF16, F16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)
+LOW = [F16, BF16]
+# A 16-bit dtype's unit roundoff: one rounding to it is within this relative error.
+LOW_EPS = {F16: 2.0 ** -11, BF16: 2.0 ** -8}
 
 
-def make_case(n, d, dtype, seed=0, affine=(True, True)):
-    """x with per-row offsets and spreads (never zeros), dy, and weight / bias (or None)."""
+def make_case(n, d, dtype, seed=0, affine=(True, True), weight_dtype=None):
+    """x with per-row offsets and spreads (never zeros), dy, and weight / bias (or None) of
+    ``weight_dtype`` (default x's)."""
     rng = np.random.default_rng(seed)
+    wdt = dtype if weight_dtype is None else weight_dtype
     x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 3, (n, 1)) + rng.uniform(-2, 2, (n, 1))).astype(dtype)
     dy = rng.standard_normal((n, d)).astype(dtype)
-    weight = rng.uniform(0.5, 2.0, d).astype(dtype) if affine[0] else None
-    bias = rng.standard_normal(d).astype(dtype) if affine[1] else None
+    weight = rng.uniform(0.5, 2.0, d).astype(wdt) if affine[0] else None
+    bias = rng.standard_normal(d).astype(wdt) if affine[1] else None
     return x, dy, weight, bias
 
 
+def stats_dtype(dtype):
+    """mean and rstd come in float32 for a 16-bit x, in x's dtype otherwise."""
+    return np.dtype(np.float32) if np.dtype(dtype) in LOW else np.dtype(dtype)
+
+
 def reference(x, weight=None, bias=None, eps=1e-5, dy=None):
-    """float64 (y, mean, rstd) and, given dy, (dx, dweight, dbias), straight from the definition."""
+    """float64 (y, mean, rstd) and, given dy, (dx, dweight, dbias), straight from the definition
+    (16-bit inputs are upcast exactly)."""
     x = x.astype(np.float64)
     d = x.shape[1]
     mean = x.sum(axis=1) / d
@@ -69,8 +82,20 @@ def tolerance(dtype, d=1):
     return dict(rtol=1e-10, atol=1e-11)
 
 
+def assert_within_rounding(got, want, eps, name):
+    """``got`` within one rounding of the float64 ``want`` (eps relative), plus a float32
+    computation's error near zero (where y, dx or a column sum come from a cancellation), scaled by
+    the largest value."""
+    got, want = got.astype(np.float64), np.asarray(want, np.float64)
+    bound = eps * np.abs(want) + (1e-3 * eps + 2e-6) * np.abs(want).max(initial=0) + 1e-30
+    err = np.abs(got - want)
+    assert np.all(err <= bound), f"{name}: worst {np.max(err / bound):.2f} x the bound at {np.argmax(err / bound)}"
+
+
 def check(impl, x, dy, weight, bias, eps=1e-5):
     """Forward and backward of ``impl`` against the float64 reference."""
+    if x.dtype in LOW:
+        return check_low_precision(impl, x, dy, weight, bias, eps)
     n, d = x.shape
     (ry, rmean, rrstd), (rdx, rdw, rdb) = reference(x, weight, bias, eps, dy)
     y, mean, rstd = run_forward(impl, x, weight, bias, eps=eps)
@@ -91,6 +116,32 @@ def check(impl, x, dy, weight, bias, eps=1e-5):
     sums = dict(rtol=tol["rtol"] * 10, atol=tol["atol"] * 10 * max(1.0, np.sqrt(n)))
     np.testing.assert_allclose(dw, rdw, **sums)
     np.testing.assert_allclose(db, rdb, **sums)
+
+
+def check_low_precision(impl, x, dy, weight, bias, eps=1e-5):
+    """A float16 / bfloat16 x (weight and bias of x's dtype or float32): float32 statistics within
+    float32 rounding of the float64 reference on the same (exactly upcast) inputs, y, dx, dw and db
+    within one rounding to their dtype."""
+    n, d = x.shape
+    low = LOW_EPS[x.dtype]
+    (ry, rmean, rrstd), (rdx, rdw, rdb) = reference(x, weight, bias, eps, dy)
+    y, mean, rstd = run_forward(impl, x, weight, bias, eps=eps)
+    assert y.dtype == x.dtype and mean.dtype == rstd.dtype == np.float32
+    assert y.shape == x.shape and mean.shape == rstd.shape == (n,)
+    tol32 = tolerance(np.float32, d)
+    np.testing.assert_allclose(mean, rmean, **tol32)
+    np.testing.assert_allclose(rstd, rrstd, rtol=tol32["rtol"] * 5, atol=0)
+    assert_within_rounding(y, ry, low, "y")
+    dx, dw, db = run_backward(impl, dy, x, weight, mean, rstd)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    assert_within_rounding(dx, rdx, low, "dx")
+    if weight is None:
+        assert dw is None and db is None
+        return
+    assert dw.dtype == db.dtype == weight.dtype and dw.shape == db.shape == (d,)
+    w_eps = LOW_EPS.get(weight.dtype, 0.0) + 1e-5 * max(1.0, np.sqrt(n))  # float32 sums over N rows
+    assert_within_rounding(dw, rdw, w_eps, "dweight")
+    assert_within_rounding(db, rdb, w_eps, "dbias")
 
 
 # ---- the reference itself and the numpy impl's gradient -----------------------------------------
@@ -160,20 +211,66 @@ def test_numpy_impl_matches_torch_when_available():
 SHAPES = [(1, 1), (7, 1), (1, 13), (5, 37), (33, 1000), (3, 4096), (4, 4099), (3, 8192), (2, 16385), (2, 65536)]
 
 
+DTYPES = [np.float32, np.float64, F16, BF16]
+DTYPE_IDS = ["float32", "float64", "float16", "bfloat16"]
+
+
+def checked(impl, dtype, run):
+    """``run()``, or, for numba_cuda with bfloat16 (numba.cuda has no bfloat16 type), the
+    KernelError that names the kernel, the impl and the dtype."""
+    if impl == "numba_cuda" and np.dtype(dtype) == BF16:
+        with pytest.raises(KernelError, match=r"layer_norm_\w+ \(impl 'numba_cuda'\): dtype bfloat16"):
+            run()
+        return
+    run()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{d}" for n, d in SHAPES])
 def test_affine(impl, dtype, shape):
-    check(impl, *make_case(*shape, dtype, seed=sum(shape)))
+    checked(impl, dtype, lambda: check(impl, *make_case(*shape, dtype, seed=sum(shape))))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)],
                          ids=["no-affine", "weight-only", "bias-only"])
 @pytest.mark.parametrize("shape", [(1, 1), (6, 37), (9, 1024)], ids=["1x1", "6x37", "9x1024"])
 def test_without_weight_or_bias(impl, dtype, affine, shape):
-    check(impl, *make_case(*shape, dtype, seed=5, affine=affine))
+    checked(impl, dtype, lambda: check(impl, *make_case(*shape, dtype, seed=5, affine=affine)))
+
+
+# a 16-bit x with float32 weight and bias (PyTorch's mixed-dtype rule): on chip, streamed / tiled,
+# scalar and packed rows
+MIXED_SHAPES = [(5, 37), (33, 1000), (3, 4096), (4, 8200), (2, 65536)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", MIXED_SHAPES, ids=[f"{n}x{d}" for n, d in MIXED_SHAPES])
+def test_low_precision_x_with_float32_weight_and_bias(impl, dtype, shape):
+    case = make_case(*shape, dtype, seed=sum(shape) + 1, weight_dtype=np.float32)
+    checked(impl, dtype, lambda: check(impl, *case))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+def test_low_precision_is_the_float32_computation_rounded_once(impl, dtype):
+    """A 16-bit x gives the float32 kernel's y and dx on the upcast x, rounded once (mean and rstd
+    are those float32 statistics): 16-bit storage changes nothing but the final rounding."""
+    x, dy, weight, bias = make_case(20, 300, dtype, seed=3)
+    up = [a.astype(np.float32) for a in (x, dy, weight, bias)]
+    y32, mean32, rstd32 = run_forward(impl, up[0], up[2], up[3])
+    y, mean, rstd = run_forward(impl, x, weight, bias)
+    np.testing.assert_array_equal(mean, mean32)
+    np.testing.assert_array_equal(rstd, rstd32)
+    np.testing.assert_array_equal(y, y32.astype(dtype))
+    dx32, dw32, db32 = run_backward(impl, up[1], up[0], up[2], mean32, rstd32)
+    dx, dw, db = run_backward(impl, dy, x, weight, mean, rstd)
+    np.testing.assert_array_equal(dx, dx32.astype(dtype))
+    np.testing.assert_allclose(dw.astype(np.float32), dw32, rtol=LOW_EPS[dtype], atol=0)
+    np.testing.assert_allclose(db.astype(np.float32), db32, rtol=LOW_EPS[dtype], atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -183,13 +280,18 @@ def test_many_rows_many_partials(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_empty_batch(impl, dtype):
-    x, dy, weight, bias = make_case(0, 5, dtype)
-    y, mean, rstd = run_forward(impl, x, weight, bias)
-    assert y.shape == (0, 5) and mean.shape == rstd.shape == (0,) and y.dtype == mean.dtype == dtype
-    dx, dw, db = run_backward(impl, dy, x, weight, mean, rstd)
-    assert dx.shape == (0, 5) and dw.shape == db.shape == (5,) and not dw.any() and not db.any()
+    def run():
+        x, dy, weight, bias = make_case(0, 5, dtype)
+        y, mean, rstd = run_forward(impl, x, weight, bias)
+        assert y.shape == (0, 5) and mean.shape == rstd.shape == (0,) and y.dtype == dtype
+        assert mean.dtype == rstd.dtype == stats_dtype(dtype)
+        dx, dw, db = run_backward(impl, dy, x, weight, mean, rstd)
+        assert dx.shape == (0, 5) and dw.shape == db.shape == (5,) and not dw.any() and not db.any()
+        assert dx.dtype == dw.dtype == db.dtype == dtype
+
+    checked(impl, dtype, run)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -257,8 +359,12 @@ def _bad_forward_calls():
     x = np.ones((3, 4), f32)
     return [
         ((np.ones(4, f32),), {}, "x must be 2-D"),
-        ((np.ones((3, 4), np.int64),), {}, "only float32 and float64"),
-        ((np.ones((3, 4), np.float16),), {}, "only float32 and float64"),
+        ((np.ones((3, 4), np.int64),), {}, "only float32, float64, float16 and bfloat16"),
+        ((np.ones((3, 4), np.complex64),), {}, "only float32, float64, float16 and bfloat16"),
+        ((np.ones((3, 4), np.float16), np.ones(4, f64)), {}, "weight must have x's dtype float16 or float32, "
+                                                               "got float64"),
+        ((np.ones((3, 4), BF16), None, np.ones(4, np.float16)), {}, "bias must have x's dtype bfloat16 or float32"),
+        ((x, np.ones(4, np.float16)), {}, "weight must have x's dtype float32, got float16"),
         ((np.ones((3, 0), f32),), {}, "D = 0 columns"),
         ((x, np.ones(4, f64)), {}, "weight must have x's dtype float32"),
         ((x, np.ones(5, f32)), {}, r"weight must have shape \(4,\)"),
@@ -288,6 +394,10 @@ def _bad_backward_calls():
         ((dy, x, w, s, s.astype(np.float64)), {}, "rstd must have x's dtype"),
         ((dy, x, np.ones(3, f32), s, s), {}, r"weight must have shape \(4,\)"),
         ((dy, x, w, s, s), {"compute_weight_grads": "yes"}, "compute_weight_grads must be True or False"),
+        # a 16-bit x: mean and rstd in float32 (as forward returns them), dy in x's dtype
+        ((dy.astype(BF16), x.astype(BF16), w, s.astype(BF16), s), {}, "mean must be float32, got bfloat16"),
+        ((dy.astype(BF16), x.astype(BF16), w, s, s.astype(np.float64)), {}, "rstd must be float32, got float64"),
+        ((dy, x.astype(F16), w, s, s), {}, "grad_y must have x's dtype float16, got float32"),
     ]
 
 
@@ -316,20 +426,29 @@ def test_mixing_devices_is_refused_by_name(fake_cupy):
 # ---- the CUDA C++ launch plan and host code (no GPU needed) -------------------------------------
 
 
-def _instantiated_kernels() -> set[str]:
-    """extern "C" names the .cu file instantiates, expanded from its macro lines."""
-    text = CU_FILE.read_text()
+VARIANTS = ("plain", "weight", "wgrad")
+
+
+def _instantiated_kernels() -> set[tuple[str, str]]:
+    """(module, extern "C" name) of every kernel the two .cu files instantiate, expanded from their
+    macro lines (the macros are in layer_norm.cuh)."""
     names = set()
-    for dt, k in re.findall(r"^LN_FWD_BLOCK\(\w+, (\w+), (\d+)\)", text, re.M):
-        names |= {f"ln_fwd_block_{dt}_k{k}_v", f"ln_fwd_block_{dt}_k{k}_s"}
-    for dt, k in re.findall(r"^LN_BWD_BLOCK\(\w+, (\w+), (\d+), \d+\)", text, re.M):
-        names |= {f"ln_bwd_block_{dt}_k{k}_v", f"ln_bwd_block_{dt}_k{k}_s"}
-    for dt in re.findall(r"^LN_FWD_STREAM\(\w+, (\w+)\)", text, re.M):
-        names |= {f"ln_fwd_stream_{dt}_v", f"ln_fwd_stream_{dt}_s"}
-    for dt in re.findall(r"^LN_BWD_STREAM\(\w+, (\w+)\)", text, re.M):
-        names |= {f"ln_bwd_rowsums_{dt}_{p}" for p in "vs"} | {f"ln_bwd_tile_{dt}_{p}" for p in "vs"}
-    for dt in re.findall(r"^LN_COL_REDUCE\(\w+, (\w+)\)", text, re.M):
-        names.add(f"ln_col_reduce_{dt}")
+    for module in ("layer_norm", "layer_norm_lowp"):
+        text = (CUDA_DIR / f"{module}.cu").read_text()
+        found = set()
+        for dt, k in re.findall(r"^LN_FWD_BLOCK\([\w ,]+, (\w+), (\d+)\)", text, re.M):
+            found |= {f"ln_fwd_block_{dt}_k{k}_{p}" for p in "vs"}
+        for w32, dt, k in re.findall(r"^LN_BWD_BLOCK(_W32)?\([\w ,]+, (\w+), (\d+), \d+\)", text, re.M):
+            found |= {f"ln_bwd_block_{dt}_k{k}_{p}_{v}" for p in "vs" for v in VARIANTS[bool(w32):]}
+        for dt in re.findall(r"^LN_FWD_STREAM\([\w ,]+, (\w+)\)", text, re.M):
+            found |= {f"ln_fwd_stream_{dt}_{p}" for p in "vs"}
+        for w32, dt in re.findall(r"^LN_BWD_STREAM(_W32)?\([\w ,]+, (\w+)\)", text, re.M):
+            # the w32 instances (a 16-bit x with float weight) have no plain variant
+            found |= {f"ln_bwd_rowsums_{dt}_{p}_{v}" for p in "vs" for v in ("plain", "weight")[bool(w32):]}
+            found |= {f"ln_bwd_tile_{dt}_{p}_{v}" for p in "vs" for v in VARIANTS[bool(w32):]}
+        for dw in re.findall(r"^LN_COL_REDUCE\([\w ,]+, (\w+)\)", text, re.M):
+            found.add(f"ln_col_reduce_{dw}")
+        names |= {(module, name) for name in found}
     return names
 
 
@@ -337,35 +456,42 @@ def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
     from kernels.cuda import layer_norm as cu
 
     available = _instantiated_kernels()
-    assert len(available) > 20
-    used = {"ln_col_reduce_f32", "ln_col_reduce_f64"}
-    for dtype in (np.float32, np.float64):
-        pack = cu.CONFIGS[np.dtype(dtype)]["pack"]
-        for d in [1, 2, 5, 31, 32, 33, 100, 768, 1024, 1025, 2048, 4096, 4099, 8192, 8193, 16384, 16385, 65536,
-                  2**20]:
-            for vec in (False, True):
-                if vec and d % pack:
-                    continue
-                name, threads = cu.plan_forward(dtype, d, vec)
-                assert name in available, name
-                used.add(name)
-                assert threads % 32 == 0 and 32 <= threads <= (1024 if "block" in name else 512)
-                if "block" in name:
-                    assert threads * int(re.search(r"_k(\d+)", name).group(1)) >= d
-                plan = cu.plan_backward(dtype, d, vec)
-                if plan[0] == "block":
-                    _, name, threads = plan
-                    assert threads % 32 == 0 and threads <= 512
-                    assert threads * int(re.search(r"_k(\d+)", name).group(1)) >= d
-                    used.add(name)
-                else:
-                    assert plan[1] in available and plan[2] in available
-                    used |= {plan[1], plan[2]}
-                assert all(p in available for p in plan[1:] if isinstance(p, str))
-    assert used == available  # no instantiation is dead code
+    assert len(available) > 100
+    used = set()
+    weight_dtypes = {np.dtype(np.float32): [np.float32], np.dtype(np.float64): [np.float64], F16: [F16, np.float32],
+                     BF16: [BF16, np.float32]}
+    for dtype, cfg in cu.CONFIGS.items():
+        module, pack = cfg["module"], cfg["pack"]
+        for wdt in weight_dtypes[dtype]:
+            used.add((module, cu.col_reduce_name(wdt)))
+            for d in [1, 2, 5, 31, 32, 33, 100, 768, 1024, 1025, 2048, 4096, 4099, 8192, 8193, 16384, 16385,
+                      65536, 2**20]:
+                for vec in (False, True):
+                    if vec and d % pack:
+                        continue
+                    name, threads = cu.plan_forward(dtype, d, vec, wdt)
+                    assert (module, name) in available, name
+                    used.add((module, name))
+                    assert threads % 32 == 0 and 32 <= threads <= (1024 if "block" in name else 512)
+                    if "block" in name:
+                        assert threads * int(re.search(r"_k(\d+)", name).group(1)) >= d
+                    for has_weight, wgrad in ((False, False), (True, False), (True, True)):
+                        variant = cu.backward_variant(has_weight, wgrad)
+                        plan = cu.plan_backward(dtype, d, vec, variant, wdt if has_weight else None)
+                        if plan[0] == "block":
+                            _, name, threads = plan
+                            assert threads % 32 == 0 and threads <= 512
+                            assert threads * int(re.search(r"_k(\d+)", name).group(1)) >= d
+                        assert all((module, p) in available for p in plan[1:] if isinstance(p, str)), plan
+                        used |= {(module, p) for p in plan[1:] if isinstance(p, str)}
+    assert used == available, sorted(available - used)  # no instantiation is dead code
     # the GPU target size runs on chip in both directions, in 16-byte packs
     assert cu.plan_forward(np.float32, 4096, True) == ("ln_fwd_block_f32_k16_v", 256)
-    assert cu.plan_backward(np.float32, 4096, True) == ("block", "ln_bwd_block_f32_k8_v", 512)
+    assert cu.plan_backward(np.float32, 4096, True) == ("block", "ln_bwd_block_f32_k8_v_wgrad", 512)
+    assert cu.plan_forward(BF16, 4096, True, BF16) == ("ln_fwd_block_bf16_k16_v", 256)
+    assert cu.plan_backward(BF16, 4096, True, "wgrad", BF16) == ("block", "ln_bwd_block_bf16_k8_v_wgrad", 512)
+    assert cu.plan_backward(BF16, 768, True, "weight", np.float32) == ("block", "ln_bwd_block_bf16w32_k8_v_weight",
+                                                                      96)
 
 
 @pytest.fixture
@@ -400,15 +526,71 @@ def test_cupy_backward_writes_one_partial_row_per_block(fake_layer_norm_cupy, d,
     parts = int(reduce.args[4])
     assert reduce.name == "ln_col_reduce_f32" and reduce.args[0].shape == (parts, d) and 1 <= parts <= n
     if tiled:
-        assert names == ["ln_bwd_rowsums_f32_v", "ln_bwd_tile_f32_v", "ln_col_reduce_f32"]
+        assert names == ["ln_bwd_rowsums_f32_v_weight", "ln_bwd_tile_f32_v_wgrad", "ln_col_reduce_f32"]
         assert main.grid == (-(-d // (256 * 4)), parts)
     else:
-        assert names == ["ln_bwd_block_f32_k8_v", "ln_col_reduce_f32"]
+        assert names == ["ln_bwd_block_f32_k8_v_wgrad", "ln_col_reduce_f32"]
         # one wave: the fake's occupancy query says 4 blocks per SM
         assert main.grid == (parts,) and parts == min(n, 4 * 132)
     fake.launches.clear()
     _, dw, db = cu.layer_norm_backward(dy, x, w, mean, rstd, compute_weight_grads=False)
-    assert dw is None and db is None and "ln_col_reduce_f32" not in [launch.name for launch in fake.launches]
+    assert dw is None and db is None
+    assert [launch.name for launch in fake.launches] == [names[0].replace("wgrad", "weight")] if not tiled else \
+        ["ln_bwd_rowsums_f32_v_weight", "ln_bwd_tile_f32_v_weight"]
+    fake.launches.clear()
+    cu.layer_norm_backward(dy, x, None, mean, rstd)
+    assert all(launch.name.endswith("_plain") for launch in fake.launches)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("weight_dtype", ["x", "float32"])
+def test_cupy_low_precision_launches(fake_layer_norm_cupy, dtype, weight_dtype):
+    """A 16-bit x: the lowp module's kernels for its types (w32 with float32 weight and bias),
+    float32 statistics and partial rows, dw / db in weight's dtype, 8 values per 16-byte pack."""
+    from kernels.cuda import layer_norm as cu
+
+    fake = fake_layer_norm_cupy
+    wdt = dtype if weight_dtype == "x" else np.dtype(np.float32)
+    types = cu.CONFIGS[dtype]["suffix"] + ("" if weight_dtype == "x" else "w32")
+    n, d = 300, 768
+    x = fake.on(0, np.ones((n, d), dtype))
+    w, b = fake.on(0, np.ones(d, wdt)), fake.on(0, np.zeros(d, wdt))
+    y, mean, rstd = cu.layer_norm_forward(x, w, b, eps=1e-5)
+    assert y.dtype == dtype and mean.dtype == rstd.dtype == np.float32
+    (forward,) = fake.launches
+    assert forward.name == f"ln_fwd_block_{types}_k8_v" and forward.block == (96,) and forward.grid == (n,)
+    assert forward.args[7].dtype == np.float32  # eps in the compute dtype
+    fake.launches.clear()
+    dx, dw, db = cu.layer_norm_backward(fake.on(0, np.ones((n, d), dtype)), x, w, mean, rstd)
+    main, reduce = fake.launches
+    assert main.name == f"ln_bwd_block_{types}_k8_v_wgrad" and main.block == (96,)
+    assert main.args[6].dtype == main.args[7].dtype == np.float32  # partial rows
+    assert reduce.name == cu.col_reduce_name(wdt)
+    assert dx.dtype == dtype and dw.dtype == db.dtype == wdt
+    lookups = {name for name, _ in fake.lookups}
+    assert {forward.name, main.name, reduce.name} <= lookups
+    assert all("-I" in " ".join(options) for options in fake.modules)
+
+
+def test_cupy_occupancy_query_failure_is_an_error(fake_layer_norm_cupy, monkeypatch):
+    """The backward's grid is one wave by design: a failed occupancy query raises (naming the
+    kernel) rather than guessing a figure."""
+    from kernels.cuda import layer_norm as cu
+
+    fake = fake_layer_norm_cupy
+
+    def broken(*args):
+        raise RuntimeError("cuOccupancyMaxActiveBlocksPerMultiprocessor: CUDA_ERROR_NOT_SUPPORTED")
+
+    monkeypatch.setattr(fake.cuda.driver, "occupancyMaxActiveBlocksPerMultiprocessor", broken)
+    x = fake.on(0, np.ones((8, 64), np.float32))
+    s = fake.on(0, np.ones(8, np.float32))
+    with pytest.raises(KernelError, match=r"occupancy query for ln_bwd_block_f32_k4_v_wgrad.*CUDA_ERROR_NOT_SUPPORTED"):
+        cu.layer_norm_backward(x, x, fake.on(0, np.ones(64, np.float32)), s, s)
+    monkeypatch.setattr(fake.cuda.driver, "occupancyMaxActiveBlocksPerMultiprocessor", lambda *a: 0)
+    cu._resident_blocks.cache_clear()
+    with pytest.raises(KernelError, match="0 blocks per SM"):
+        cu.layer_norm_backward(x, x, fake.on(0, np.ones(64, np.float32)), s, s)
 
 
 def eps_edge_cases():
