@@ -9,6 +9,9 @@ elementwise on the flat buffer of x (any shape):
                      y = x (1 + tanh z) / 2 = x s,              s = sigmoid(2 z) = 1 / (1 + exp(-2 z))
                      dx = dy (s + x s (1 - s) 2 sqrt(2/pi) (1 + 3 0.044715 x^2))
 
+float16 and bfloat16 inputs are computed in float32 (numpy: float64) and rounded once to the
+input's dtype where the result is stored, as PyTorch's kernels do.
+
 Written with erfc and sigmoid rather than PyTorch's ``1 + erf`` / ``1 + tanh``: for negative x
 those sums cancel (1 + tanh(-8.45) is 9e-8, below float32's spacing at 1), so the result keeps
 no correct digit in float32; erfc(-u) and sigmoid(2z) are accurate to a few ulps relative
@@ -27,6 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.cpu.lowp import KERNEL_FLOAT_DTYPES, as_bits, codec_name, compute_dtype
+from kernels.cpu.lowp import bits_to_float32 as _bits_to_float32
+from kernels.cpu.lowp import numba_codec as _numba_codec
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import module_of as _module_of
@@ -35,7 +41,6 @@ from kernels.registry import numba_parallel as _numba_parallel
 
 FORWARD = "gelu_forward"
 BACKWARD = "gelu_backward"
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 APPROXIMATIONS = ("none", "tanh")
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -70,8 +75,9 @@ def _check(kernel: str, where, arrays: dict, x, approximate) -> GeluSpec:
     if approximate not in APPROXIMATIONS:
         raise KernelError(f"{kernel}: approximate must be 'none' or 'tanh', got {approximate!r}")
     module = _module_of(x)
-    if x.dtype not in FLOAT_DTYPES:
-        raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32 and float64 are supported")
+    if x.dtype not in KERNEL_FLOAT_DTYPES:
+        raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32, float64, float16 and bfloat16 are "
+                          "supported")
     for name, a in arrays.items():
         if a.dtype != x.dtype:
             raise KernelError(f"{where()}: {name} must have x's dtype {x.dtype}, got {a.dtype}; cast it with "
@@ -101,7 +107,7 @@ def validate_gelu_backward(grad_y, x, *, approximate) -> GeluSpec:
 
 
 # --------------------------------------------------------------------------------------------
-# numpy: the reference, computed in float64 and rounded once to x's dtype
+# numpy: the reference, computed in float64 and rounded once to x's dtype (16-bit ones too)
 # --------------------------------------------------------------------------------------------
 
 # erfc in float64 from two textbook expansions (numpy has no erf, and scipy is not a dependency):
@@ -211,7 +217,8 @@ def gelu_forward_numba(x, *, approximate="none"):
     y = np.empty_like(x)
     if spec.size:
         parallel, chunks = _plan(spec.size)
-        _numba_kernels(parallel, spec.dtype.name)[spec.approximate][0](x.reshape(-1), chunks, y.reshape(-1))
+        _numba_kernels(parallel, spec.dtype.name)[spec.approximate][0](as_bits(x).reshape(-1), chunks,
+                                                                       as_bits(y).reshape(-1))
     return y
 
 
@@ -220,31 +227,18 @@ def gelu_backward_numba(grad_y, x, *, approximate="none"):
     dx = np.empty_like(x)
     if spec.size:
         parallel, chunks = _plan(spec.size)
-        _numba_kernels(parallel, spec.dtype.name)[spec.approximate][1](grad_y.reshape(-1), x.reshape(-1), chunks,
-                                                                       dx.reshape(-1))
+        _numba_kernels(parallel, spec.dtype.name)[spec.approximate][1](as_bits(grad_y).reshape(-1),
+                                                                       as_bits(x).reshape(-1), chunks,
+                                                                       as_bits(dx).reshape(-1))
     return dx
-
-
-@functools.cache
-def _bits_to_float32():
-    """A numba intrinsic: the float32 whose bits are the given int32 (LLVM bitcast, vectorizable)."""
-    from numba.core import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def bits_to_float32(typingctx, bits):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(types.float32))
-
-        return types.float32(types.int32), codegen
-
-    return bits_to_float32
 
 
 @functools.cache
 def _numba_kernels(parallel: bool, dtype: str) -> dict:
     """{"tanh": (forward, backward), "none": (forward, backward)} for one dtype, over chunks of
-    the flat buffer in parallel (prange) or on the calling thread."""
+    the flat buffer in parallel (prange) or on the calling thread. float16 and bfloat16 run the
+    float32 arithmetic on their uint16 views: each element is read as float32 and rounded once
+    when stored (kernels.cpu.lowp)."""
     import numba
 
     # `loop` and the dtype's constants are closure variables, so each build gets its own key in
@@ -252,14 +246,15 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
     loop = numba.prange if parallel else range
     jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
     inline = numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
-    f = np.float32 if dtype == "float32" else np.float64
+    load, store = _numba_codec(codec_name(dtype))
+    f = compute_dtype(dtype).type
     half, one, two = f(0.5), f(1), f(2)
     k, c = f(SQRT_2_OVER_PI), f(TANH_COEF)
     k2, c3 = f(2 * SQRT_2_OVER_PI), f(3 * TANH_COEF)
     inv_sqrt2, inv_sqrt2pi = f(INV_SQRT_2), f(INV_SQRT_2PI)
     square_max = f(SQUARE_MAX)
 
-    if dtype == "float32":
+    if f is np.float32:
         bits_to_float32 = _bits_to_float32()
         log2e, ln2_hi, ln2_lo = f(1.4426950408889634), f(0.693145751953125), f(1.4286068203094173e-06)
         taylor = tuple(f(1.0 / math.factorial(i)) for i in range(8))  # 1/0! ... 1/7!
@@ -297,10 +292,10 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
-                xv = x[i]
+                xv = load(x[i])
                 z = k * (xv + c * xv * xv * xv)
                 e = exp_neg(-two * abs(z))
-                y[i] = xv * ((one if z >= 0 else e) / (one + e))  # sigmoid(2z) with one division
+                y[i] = store(xv * ((one if z >= 0 else e) / (one + e)))  # sigmoid(2z) with one division
 
     @jit
     def tanh_backward(dy, x, chunks, dx):
@@ -308,9 +303,9 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
-                xv = x[i]
+                xv = load(x[i])
                 s, sm = sigmoid_pair(xv)
-                dx[i] = dy[i] * (s + xv * s * sm * k2 * (one + c3 * min(xv * xv, square_max)))
+                dx[i] = store(load(dy[i]) * (s + xv * s * sm * k2 * (one + c3 * min(xv * xv, square_max))))
 
     @jit
     def erf_forward(x, chunks, y):
@@ -318,8 +313,8 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
-                xv = x[i]
-                y[i] = xv * (half * math.erfc(-xv * inv_sqrt2))
+                xv = load(x[i])
+                y[i] = store(xv * (half * math.erfc(-xv * inv_sqrt2)))
 
     @jit
     def erf_backward(dy, x, chunks, dx):
@@ -327,9 +322,9 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
-                xv = x[i]
+                xv = load(x[i])
                 cdf = half * math.erfc(-xv * inv_sqrt2)
-                dx[i] = dy[i] * (cdf + xv * inv_sqrt2pi * math.exp(-half * xv * xv))
+                dx[i] = store(load(dy[i]) * (cdf + xv * inv_sqrt2pi * math.exp(-half * xv * xv)))
 
     kernels = {"tanh": (tanh_forward, tanh_backward), "none": (erf_forward, erf_backward)}
     if parallel:  # one parallel region at a time in the process: see registry.numba_parallel

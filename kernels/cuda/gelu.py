@@ -1,7 +1,11 @@
 """GELU on cupy arrays: the elementwise kernels of gelu.cu (math in kernels/cpu/gelu.py).
 
-One launch per call, ``gelu_{tanh,erf}_{fwd,bwd}_{f32,f64}`` over the flat buffer with a
-grid-stride loop: 256 threads, at most a few waves of blocks. Nothing is read back to the host.
+One launch per call, ``gelu_{tanh,erf}_{fwd,bwd}_{f32,f64,f16,bf16}`` over the flat buffer: 16-byte
+packs over the aligned middle (``vector_split``, shared with the optimizer kernels: a few elements
+are peeled off the front when the arrays share one misalignment, nothing is vectorized when they
+do not), then a scalar loop over the rest; 256 threads per block, one thread per pack, at most
+65535 blocks (a grid-stride loop covers the rest). float16 and bfloat16 compute in float32 and
+round once at the store. Nothing is read back to the host.
 """
 
 from __future__ import annotations
@@ -9,12 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.cpu.gelu import validate_gelu_backward, validate_gelu_forward
+from kernels.cpu.lowp import BFLOAT16
 from kernels.cuda.module import on_device
+from kernels.cuda.optim import VECTOR_BYTES, vector_split
 
 MODULE = "gelu"
 THREADS = 256
 MAX_BLOCKS = 65535  # grid-stride: blocks beyond a few waves add nothing
-SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", np.dtype(np.float16): "f16", BFLOAT16: "bf16"}
 FORM = {"tanh": "tanh", "none": "erf"}
 
 
@@ -23,22 +29,30 @@ def kernel_name(approximate: str, direction: str, dtype) -> str:
     return f"gelu_{FORM[approximate]}_{direction}_{SUFFIX[np.dtype(dtype)]}"
 
 
-def _blocks(size: int) -> int:
-    return max(1, min(MAX_BLOCKS, -(-size // THREADS)))
+def launch_plan(addresses, size: int, itemsize: int) -> tuple[int, int, int, int]:
+    """``(blocks, threads, head, n_vec)`` for arrays of ``size`` items at ``addresses`` (bytes):
+    elements [head, head + n_vec * width) move as 16-byte packs, one per thread, the rest as scalars."""
+    head, n_vec = vector_split(addresses, size, itemsize)
+    items = max(n_vec, size - n_vec * (VECTOR_BYTES // itemsize))
+    return max(1, min(MAX_BLOCKS, -(-items // THREADS))), THREADS, head, n_vec
+
+
+def _launch(name: str, arrays, spec) -> None:
+    from kernels.cuda.module import function
+
+    blocks, threads, head, n_vec = launch_plan([a.data.ptr for a in arrays], spec.size, spec.dtype.itemsize)
+    function(MODULE, name)((blocks,), (threads,), (*arrays, np.int64(spec.size), np.int64(head), np.int64(n_vec)))
 
 
 def gelu_forward(x, *, approximate="none"):
     """y on the GPU x lives on, whichever device is current."""
     import cupy
 
-    from kernels.cuda.module import function
-
     spec = validate_gelu_forward(x, approximate=approximate)
     with on_device(x):
         y = cupy.empty_like(x)
         if spec.size:
-            function(MODULE, kernel_name(spec.approximate, "fwd", spec.dtype))(
-                (_blocks(spec.size),), (THREADS,), (x, y, np.int64(spec.size)))
+            _launch(kernel_name(spec.approximate, "fwd", spec.dtype), (x, y), spec)
         return y
 
 
@@ -46,12 +60,9 @@ def gelu_backward(grad_y, x, *, approximate="none"):
     """dx on the GPU x lives on, whichever device is current."""
     import cupy
 
-    from kernels.cuda.module import function
-
     spec = validate_gelu_backward(grad_y, x, approximate=approximate)
     with on_device(x):
         dx = cupy.empty_like(x)
         if spec.size:
-            function(MODULE, kernel_name(spec.approximate, "bwd", spec.dtype))(
-                (_blocks(spec.size),), (THREADS,), (grad_y, x, dx, np.int64(spec.size)))
+            _launch(kernel_name(spec.approximate, "bwd", spec.dtype), (grad_y, x, dx), spec)
         return dx

@@ -2,9 +2,12 @@
 
 One grid-stride loop over the flat buffer per kernel: ``y = x s`` / ``dx = dy (s + x s (1 - s) ...)``
 with s = sigmoid(2z) for the tanh form, ``y = x erfc(-x / sqrt 2) / 2`` for the exact one. The
-kernels are built per dtype with the dtype's constants frozen in, so the float32 kernels have no
+kernels are built per compute dtype with its constants frozen in, so the float32 kernels have no
 float64 arithmetic (tests/kernels/test_gpu_compile.py reads their PTX); math.exp / math.erfc map
-to libdevice's expf / erfcf there. Under the Numba CUDA simulator they take numpy arrays and run
+to libdevice's expf / erfcf there. float16 runs the float32 build: each element is converted to
+float32 where it is read and rounded once to float16 where it is stored. numba.cuda has no
+bfloat16 type: bfloat16 is refused with a KernelError (the cupy impl, the registry's default for
+cupy arrays, takes it). Under the Numba CUDA simulator they take numpy arrays and run
 with a few small blocks, so every thread strides several times on small inputs.
 """
 
@@ -17,7 +20,7 @@ from numba import cuda, types
 
 from kernels.cpu.gelu import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, SQUARE_MAX, TANH_COEF, validate_gelu_backward, \
     validate_gelu_forward
-from kernels.numba_cuda.launch import launch, simulator
+from kernels.numba_cuda.launch import launch, refuse_bfloat16, simulator
 
 THREADS = 256
 MAX_BLOCKS = 4096  # a grid-stride loop: more blocks than this only add scheduling
@@ -25,8 +28,9 @@ SIMULATOR_THREADS = 8
 SIMULATOR_BLOCKS = 3
 
 
-def _build(np_float):
-    """(tanh forward, tanh backward, erf forward, erf backward) for one float dtype."""
+def _build(np_float, nb_float):
+    """(tanh forward, tanh backward, erf forward, erf backward) computing in one float dtype."""
+    cv = nb_float  # an element read as the compute dtype (a no-op on float32 / float64 arrays)
     half, one, two = np_float(0.5), np_float(1), np_float(2)
     k, c = np_float(SQRT_2_OVER_PI), np_float(TANH_COEF)
     k2, c3 = np_float(2 * SQRT_2_OVER_PI), np_float(3 * TANH_COEF)
@@ -39,7 +43,7 @@ def _build(np_float):
     @cuda.jit
     def tanh_forward(x, y):
         for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-            xv = x[i]
+            xv = cv(x[i])
             z = k * (xv + c * xv * xv * xv)
             e = math.exp(-two * abs(z))  # <= 1: no overflow
             hi = one / (one + e)
@@ -48,36 +52,40 @@ def _build(np_float):
     @cuda.jit
     def tanh_backward(dy, x, dx):
         for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-            xv = x[i]
+            xv = cv(x[i])
             z = k * (xv + c * xv * xv * xv)
             e = math.exp(-two * abs(z))
             hi = one / (one + e)
             lo = e * hi
             s = hi if z >= 0 else lo
-            dx[i] = dy[i] * (s + xv * hi * lo * k2 * (one + c3 * min(xv * xv, square_max)))  # see SQUARE_MAX
+            dx[i] = cv(dy[i]) * (s + xv * hi * lo * k2 * (one + c3 * min(xv * xv, square_max)))  # see SQUARE_MAX
 
     @cuda.jit
     def erf_forward(x, y):
         for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-            xv = x[i]
+            xv = cv(x[i])
             y[i] = xv * (half * math.erfc(-xv * inv_sqrt2))
 
     @cuda.jit
     def erf_backward(dy, x, dx):
         for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-            xv = x[i]
+            xv = cv(x[i])
             cdf = half * math.erfc(-xv * inv_sqrt2)
-            dx[i] = dy[i] * (cdf + xv * inv_sqrt2pi * math.exp(-half * xv * xv))
+            dx[i] = cv(dy[i]) * (cdf + xv * inv_sqrt2pi * math.exp(-half * xv * xv))
 
     return {"tanh": (tanh_forward, tanh_backward), "none": (erf_forward, erf_backward)}
 
 
-KERNELS = {np.dtype(np.float32): _build(np.float32), np.dtype(np.float64): _build(np.float64)}
+_F32_KERNELS = _build(np.float32, types.float32)
+# Storage dtype -> its kernels (float16 computes in the float32 build).
+KERNELS = {np.dtype(np.float32): _F32_KERNELS, np.dtype(np.float16): _F32_KERNELS,
+           np.dtype(np.float64): _build(np.float64, types.float64)}
 
-# Every kernel: compiled to sm_90 PTX by tests/kernels/test_gpu_compile.py (float32: no f64 ops).
+# Every kernel: compiled to sm_90 PTX by tests/kernels/test_gpu_compile.py (float32 and float16:
+# no f64 ops).
 PTX_CHECKS = [
     (kernel, sig, name)
-    for f, name in ((types.float32, "float32"), (types.float64, "float64"))
+    for f, name in ((types.float32, "float32"), (types.float64, "float64"), (types.float16, "float16"))
     for pair in KERNELS[np.dtype(name)].values()
     for kernel, sig in zip(pair, ((types.Array(f, 1, "C"),) * 2, (types.Array(f, 1, "C"),) * 3))
 ]
@@ -99,6 +107,7 @@ def _xp(spec):
 
 def gelu_forward(x, *, approximate="none"):
     spec = validate_gelu_forward(x, approximate=approximate)
+    refuse_bfloat16("gelu_forward", spec.dtype)
     y = _xp(spec).empty_like(x)
     if spec.size:
         blocks, threads = _grid(spec.size)
@@ -108,6 +117,7 @@ def gelu_forward(x, *, approximate="none"):
 
 def gelu_backward(grad_y, x, *, approximate="none"):
     spec = validate_gelu_backward(grad_y, x, approximate=approximate)
+    refuse_bfloat16("gelu_backward", spec.dtype)
     dx = _xp(spec).empty_like(x)
     if spec.size:
         blocks, threads = _grid(spec.size)

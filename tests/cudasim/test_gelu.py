@@ -31,6 +31,33 @@ def test_matches_numpy(approximate, dtype, shape):
     np.testing.assert_allclose(dx, want, rtol=tol["rtol"], atol=1e-12 if dtype == np.float64 else 3e-7)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(1,), (5,), (3, 17), (2, 3, 11)], ids=str)
+def test_float16_matches_numpy(approximate, shape):
+    """The simulator runs numba's float16: loads converted to float32, one rounding at the store.
+    Against the numpy impl (float64 rounded once to float16): at most one float16 unit apart."""
+    rng = np.random.default_rng(sum(shape) + 7)
+    x = (rng.standard_normal(shape) * 3).astype(np.float16)
+    x.flat[:1] = -9.0
+    dy = rng.standard_normal(shape).astype(np.float16)
+    for got, want in ((kernels.gelu_forward(x, approximate=approximate, impl="numba_cuda"),
+                       kernels.gelu_forward(x, approximate=approximate, impl="numpy")),
+                      (kernels.gelu_backward(dy, x, approximate=approximate, impl="numba_cuda"),
+                       kernels.gelu_backward(dy, x, approximate=approximate, impl="numpy"))):
+        assert got.dtype == np.float16 and got.shape == x.shape
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2.0 ** -10, atol=6e-8)
+
+
+def test_bfloat16_is_refused_by_name():
+    import ml_dtypes
+
+    x = np.ones(4, ml_dtypes.bfloat16)
+    with pytest.raises(KernelError, match=r"gelu_forward \(impl 'numba_cuda'\): dtype bfloat16 is not supported"):
+        kernels.gelu_forward(x, impl="numba_cuda")
+    with pytest.raises(KernelError, match=r"gelu_backward \(impl 'numba_cuda'\): dtype bfloat16.*impl='cupy'"):
+        kernels.gelu_backward(x, x, impl="numba_cuda")
+
+
 def test_refuses_non_contiguous():
     x = np.ones((4, 6), np.float32)
     with pytest.raises(KernelError, match="not C-contiguous"):

@@ -13,6 +13,7 @@ gelu'(x) crosses zero near x = -0.75, where no relative bound can hold (measured
 
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -26,6 +27,11 @@ GPU_IMPLS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("cupy", "num
 IMPLS = CPU_IMPLS + GPU_IMPLS
 APPROX = ["none", "tanh"]
 EPS32 = float(np.finfo(np.float32).eps)
+BF16, F16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)
+LOW = [F16, BF16]
+LOW_EPS = {F16: 2.0 ** -11, BF16: 2.0 ** -8}  # unit roundoff: one rounding is within this, relative
+DTYPES = [np.float32, np.float64, F16, BF16]
+DTYPE_IDS = ["float32", "float64", "float16", "bfloat16"]
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 _tanh = np.vectorize(math.tanh, otypes=[np.float64])
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
@@ -72,12 +78,35 @@ def run(impl, fn, *arrays, **kw):
     return to_host(getattr(kernels, fn)(*(to_device(a, impl) for a in arrays), impl=impl, **kw))
 
 
+def checked(impl, dtype, run_check):
+    """``run_check()``, or, for numba_cuda with bfloat16 (numba.cuda has no bfloat16 type), the
+    KernelError that names the kernel, the impl and the dtype."""
+    if impl == "numba_cuda" and np.dtype(dtype) == BF16:
+        with pytest.raises(KernelError, match=r"gelu_\w+ \(impl 'numba_cuda'\): dtype bfloat16"):
+            run_check()
+        return
+    run_check()
+
+
 def check(impl, x, dy, approximate):
     ry, rdx = reference(x, approximate, dy)
     y = run(impl, "gelu_forward", x, approximate=approximate)
     dx = run(impl, "gelu_backward", dy, x, approximate=approximate)
     for got in (y, dx):
         assert got.dtype == x.dtype and got.shape == x.shape
+    if x.dtype in LOW:
+        # float32 math on the (exactly upcast) 16-bit x and dy, rounded once: within one rounding of
+        # the float64 reference, plus the float32 error (the bounds below for float32, tiny next to it)
+        eps = LOW_EPS[x.dtype]
+        # float16's spacing below 6e-5 is 6e-8; float32 results under 1e-36 may flush (as above)
+        tiny = max(float(ml_dtypes.finfo(x.dtype).smallest_subnormal), 1e-36)
+        x64 = x.astype(np.float64)
+        dx_floor = tiny + 3e-7 * np.abs(dy.astype(np.float64)).max()
+        for name, got, want, floor in (("y", y, ry, tiny), ("dx", dx, rdx, dx_floor)):
+            err = np.abs(got.astype(np.float64) - want)
+            bound = eps * np.abs(want) + 2 * EPS32 * (1 + x64 * x64) * np.abs(want) + floor
+            assert np.all(err <= bound), f"{name}: worst at x = {x.flat[np.argmax(err / bound)]}"
+        return
     if x.dtype == np.float64:
         np.testing.assert_allclose(y, ry, rtol=3e-12, atol=1e-300)  # numpy erfc: <= 2e-12
         np.testing.assert_allclose(dx, rdx, rtol=1e-11, atol=1e-13)
@@ -132,22 +161,53 @@ def test_impl_backward_matches_finite_differences_of_its_forward(impl, approxima
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("approximate", APPROX)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 3, 37), (1000, 67)], ids=str)
 def test_matches_reference(impl, approximate, dtype, shape):
     x, dy = make_case(shape, dtype, seed=sum(shape))
-    check(impl, x, dy, approximate)
+    checked(impl, dtype, lambda: check(impl, x, dy, approximate))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("approximate", APPROX)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_tails_and_special_values(impl, approximate, dtype):
     """The left tail (where 1 + erf / 1 + tanh cancel), large x, zeros and tiny values."""
     x = np.concatenate([np.linspace(-14, 14, 20001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e4, -1e4]])
     x = x.astype(dtype)
     dy = np.random.default_rng(1).uniform(0.5, 1.5, x.shape).astype(dtype)
-    check(impl, x, dy, approximate)
+    checked(impl, dtype, lambda: check(impl, x, dy, approximate))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=["aligned", "offset1", "offset3"])
+def test_low_precision_packs_and_misaligned_views(impl, dtype, offset):
+    """8 values per 16-byte pack: sizes around the pack and views that start off a pack boundary
+    (the cupy wrapper peels a head off or falls back to scalars) give the same as the reference."""
+    base_x, base_dy = make_case((offset + 8 * 37 + 5,), dtype, seed=offset + 11)
+    x, dy = base_x[offset:], base_dy[offset:]
+    checked(impl, dtype, lambda: [check(impl, x, dy, approximate) for approximate in APPROX])
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("approximate", APPROX)
+def test_numba_cpu_low_precision_is_its_float32_result_rounded_once(impl, dtype, approximate):
+    """numba_cpu (and numpy, from float64) on a 16-bit x: the float32 (float64) kernel on the upcast
+    x, rounded once; the numba_cpu float32 and 16-bit loops share their arithmetic bit for bit."""
+    x, dy = make_case((4097,), dtype, seed=2)
+    y32 = run(impl, "gelu_forward", x.astype(np.float32), approximate=approximate)
+    dx32 = run(impl, "gelu_backward", dy.astype(np.float32), x.astype(np.float32), approximate=approximate)
+    y = run(impl, "gelu_forward", x, approximate=approximate)
+    dx = run(impl, "gelu_backward", dy, x, approximate=approximate)
+    if impl == "numba_cpu":
+        np.testing.assert_array_equal(y, y32.astype(dtype))
+        np.testing.assert_array_equal(dx, dx32.astype(dtype))
+    else:  # float64 rounded once to the 16-bit dtype: within half a unit of the float32 result's rounding
+        eps, tiny = LOW_EPS[np.dtype(dtype)], float(ml_dtypes.finfo(dtype).smallest_subnormal)
+        np.testing.assert_allclose(y.astype(np.float32), y32, rtol=eps, atol=tiny)
+        np.testing.assert_allclose(dx.astype(np.float32), dx32, rtol=eps, atol=tiny)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -166,13 +226,16 @@ def test_parallel_path_matches_serial(impl, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_empty(impl, dtype):
-    for shape in ((0,), (3, 0, 2)):
-        x = np.empty(shape, dtype)
-        y = run(impl, "gelu_forward", x, approximate="tanh")
-        dx = run(impl, "gelu_backward", x, x, approximate="none")
-        assert y.shape == dx.shape == shape and y.dtype == dx.dtype == dtype
+    def run_check():
+        for shape in ((0,), (3, 0, 2)):
+            x = np.empty(shape, dtype)
+            y = run(impl, "gelu_forward", x, approximate="tanh")
+            dx = run(impl, "gelu_backward", x, x, approximate="none")
+            assert y.shape == dx.shape == shape and y.dtype == dx.dtype == dtype
+
+    checked(impl, dtype, run_check)
 
 
 # ---- refusals ------------------------------------------------------------------------------------
@@ -201,17 +264,35 @@ def test_registered_impls():
 
 
 def test_cupy_kernel_names_exist_in_the_cu_file():
+    import re
+
     from kernels.cuda.gelu import kernel_name
     from kernels.cuda.module import source
 
     text = source("gelu")
+    instantiated = dict(re.findall(r"^GELU_KERNELS\((\w+), (\w+),", text, re.M))  # C type -> suffix
+    assert instantiated == {"float": "f32", "double": "f64", "__half": "f16", "__nv_bfloat16": "bf16"}
     for approximate in APPROX:
         for direction in ("fwd", "bwd"):
-            for dtype in (np.float32, np.float64):
+            for dtype in DTYPES:
                 name = kernel_name(approximate, direction, dtype)
-                prefix = name.rsplit("_", 1)[0]  # instantiated by macro: gelu_tanh_fwd_##DT
-                assert f"{prefix}_##DT" in text and f"GELU_KERNELS({'float' if dtype == np.float32 else 'double'}, " \
-                    f"{name.rsplit('_', 1)[1]})" in text
+                prefix, suffix = name.rsplit("_", 1)  # instantiated by macro: gelu_tanh_fwd_##DT
+                assert f"{prefix}_##DT" in text and suffix in instantiated.values()
+
+
+@pytest.mark.parametrize("itemsize,width", [(4, 4), (8, 2), (2, 8)])
+def test_cupy_launch_plan_moves_16_byte_packs(itemsize, width):
+    """One thread per 16-byte pack over the aligned middle; a shared misalignment peels a head off,
+    different misalignments fall back to scalars, and the grid covers the larger of the two loops."""
+    from kernels.cuda.gelu import MAX_BLOCKS, THREADS, launch_plan
+
+    n = 10_000
+    assert launch_plan([0x1000, 0x2000], n, itemsize) == (-(-(n // width) // THREADS), THREADS, 0, n // width)
+    blocks, threads, head, n_vec = launch_plan([0x1000 + itemsize, 0x2000 + itemsize], n, itemsize)
+    assert head == width - 1 and n_vec == (n - head) // width and (0x1000 + itemsize * (1 + head)) % 16 == 0
+    assert launch_plan([0x1000, 0x2000 + itemsize], n, itemsize) == (-(-n // THREADS), THREADS, 0, 0)
+    assert launch_plan([0x1000], 3, itemsize)[:1] == (1,)
+    assert launch_plan([0x1000], 2**40, itemsize)[0] == MAX_BLOCKS
 
 
 # Extreme inputs: GELU(x) -> x as x -> inf and -> -0 as x -> -inf, the slope -> 1 and 0. PyTorch
@@ -228,7 +309,9 @@ def assert_extremes(forward, backward, approximate, dtype=np.float32):
     relative, -20 gives a tiny negative or -0.0)."""
     x = EXTREME_X.astype(dtype)
     y, slope = forward(x), backward(np.ones_like(x), x)
-    for name, got, want in (("y", y, EXTREME_Y), ("slope", slope, EXTREME_SLOPE)):
+    y, slope = y.astype(np.float32) if dtype == BF16 else y, slope.astype(np.float32) if dtype == BF16 else slope
+    want_y = EXTREME_Y.astype(dtype).astype(np.float32) if dtype == BF16 else EXTREME_Y
+    for name, got, want in (("y", y, want_y), ("slope", slope, EXTREME_SLOPE)):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{approximate} {name}: NaN at {x}")
         ok = ~np.isnan(want)
         np.testing.assert_allclose(got[ok], want[ok], rtol=1e-6, atol=1e-20, err_msg=f"{approximate} {name}")
@@ -237,12 +320,14 @@ def assert_extremes(forward, backward, approximate, dtype=np.float32):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, BF16], ids=["float32", "float64", "bfloat16"])
 def test_extreme_inputs_give_the_limits(impl, approximate, dtype):
+    """bfloat16 has float32's range: the same limits (its y is x rounded, as x itself is)."""
     if dtype == np.float64 and impl != "numpy" and impl != "numba_cpu":
         pytest.skip("float64 on the CPU impls")
-    assert_extremes(lambda x: run(impl, "gelu_forward", x, approximate=approximate),
-                    lambda g, x: run(impl, "gelu_backward", g, x, approximate=approximate), approximate, dtype)
+    checked(impl, dtype, lambda: assert_extremes(
+        lambda x: run(impl, "gelu_forward", x, approximate=approximate),
+        lambda g, x: run(impl, "gelu_backward", g, x, approximate=approximate), approximate, dtype))
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
