@@ -159,8 +159,9 @@ class Function:
     rounded to that input's dtype, as PyTorch's CPU kernels do. Ops that only move or view memory
     (reshape, indexing, casts) set ``computes_in_float32 = False``: a view must share its input's
     memory. So do ops whose kernels take 16-bit arrays and apply the same rule themselves
-    (``linear_relu``, ``cross_entropy``: float32 accumulation, one rounding), which spares the
-    float32 copies; their forward and backward then see the 16-bit arrays.
+    (``linear_relu``, ``cross_entropy``, the fused ``layer_norm`` and ``gelu``: float32
+    accumulation, one rounding), which spares the float32 copies; their forward and backward then
+    see the 16-bit arrays and return results in the inputs' dtypes.
     """
 
     inputs: tuple = ()

@@ -956,7 +956,7 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     affine = [t for t in (weight, bias) if t is not None]
     flags = dict(eps=float(eps), has_weight=weight is not None, has_bias=bias is not None)
     width = math.prod(shape)
-    if _use_fused(fused) and _kernel_dtype(input.dtype) in (np.float32, np.float64) and width > 0:
+    if _use_fused(fused) and input.dtype in _LAYER_NORM_KERNEL_DTYPES and width > 0:
         rows = _contiguous_tensor(ops.reshape(input, (-1, width)))
         flat_affine = [ops.reshape(t, (width,)) if t.ndim != 1 else t for t in affine]
         out = FusedLayerNorm.apply(rows, *(_contiguous_tensor(t) for t in flat_affine), **flags)
@@ -965,14 +965,24 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     return LayerNorm.apply(input, *affine, axes=axes, **flags)
 
 
+# The dtypes kernels.layer_norm_* take: float16 and bfloat16 natively (float32 statistics and sums,
+# one rounding where y and dx are stored), with weight and bias in the input's dtype or float32.
+_LAYER_NORM_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16),
+                             np.dtype(dtypes.bfloat16))
+
+
 class FusedLayerNorm(Function):
     """Layer norm of (N, D) rows through kernels.layer_norm_forward/backward.
 
     Saves x and the per-row mean and rstd (N,) instead of a normalised (N, D) copy; the backward
-    kernel recomputes xhat from them and reduces dweight / dbias in one pass over the rows.
+    kernel recomputes xhat from them and reduces dweight / dbias in one pass over the rows. The
+    kernels take a float16 / bfloat16 x (and float32 or 16-bit weight and bias) themselves, so
+    ``apply`` hands them the 16-bit arrays as they are: no float32 copy of the rows, x saved in
+    16 bits, mean and rstd in float32.
     """
 
     name = "layer_norm"
+    computes_in_float32 = False  # the kernels compute 16-bit inputs in float32 themselves
 
     def forward(self, x, *affine, eps=1e-5, has_weight=False, has_bias=False):
         weight = affine[0] if has_weight else None
@@ -980,20 +990,25 @@ class FusedLayerNorm(Function):
         y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps=eps)
         self.save(x, weight, mean, rstd)
         self.has_weight, self.has_bias = has_weight, has_bias
+        self.bias_dtype = None if bias is None else bias.dtype
         return y
 
     def backward(self, g):
         x, weight, mean, rstd = self.saved
-        g = _contiguous(g)
+        # the gradient in y's dtype, as PyTorch casts an incoming gradient to its output's dtype
+        g = g.astype(x.dtype, order="C") if g.dtype != x.dtype else _contiguous(g)
         wants_affine = any(self.needs_input_grad[1:])
         gx, gw, gb = kernels.layer_norm_backward(g, x, weight, mean, rstd, compute_weight_grads=wants_affine)
         grads = [gx if self.needs_input_grad[0] else None]
         if self.has_weight:
             grads.append(gw if self.needs_input_grad[1] else None)
         if self.has_bias:
-            # Without a weight the kernel returns no column sums: the bias gradient is g's.
+            # Without a weight the kernel returns no column sums: the bias gradient is g's, summed
+            # in float32 for a 16-bit g. The kernel's sums come in weight's dtype.
             wanted = self.needs_input_grad[-1]
-            grads.append((gb if gb is not None else g.sum(axis=0)) if wanted else None)
+            if gb is None and wanted:
+                gb = g.sum(axis=0, dtype=dtypes.COMPUTE_DTYPE if dtypes.is_low_precision(g.dtype) else g.dtype)
+            grads.append(gb.astype(self.bias_dtype, copy=False) if wanted else None)
         return tuple(grads)
 
 

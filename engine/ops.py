@@ -367,7 +367,8 @@ class ReLU(Function):
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_GELU_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# The dtypes kernels.gelu_* take: the 16-bit ones natively (float32 math inside, one rounding).
+_GELU_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(dtypes.bfloat16))
 
 
 _settings = threading.local()
@@ -393,18 +394,12 @@ def fused_kernels(enabled: bool):
 class GELU(Function):
     """x * Phi(x); ``approximate="tanh"`` uses the tanh formula, "none" the exact erf form.
 
-    With the fused kernels on (``engine.functional.fused_enabled()``) and a float32/float64 input,
-    forward and backward are one pass each through kernels.gelu_forward/backward (saving only x);
-    otherwise the array expressions below run, the unfused reference.
+    The unfused reference: array expressions, float16 / bfloat16 computed in float32 by
+    ``Function.apply``. :func:`gelu` runs :class:`FusedGELU` instead when the fused kernels are on.
     """
 
     def forward(self, a, approximate="none"):
         self.approximate = approximate
-        self.fused = a.dtype in _GELU_KERNEL_DTYPES and fused_enabled()
-        if self.fused:
-            a = a if a.flags.c_contiguous else a.copy(order="C")  # the kernels walk the flat buffer
-            self.save(a)
-            return kernels.gelu_forward(a, approximate=approximate)
         self.save(a)
         if approximate == "tanh":
             out = _gelu_tanh_inner(a)
@@ -416,9 +411,6 @@ class GELU(Function):
 
     def backward(self, g):
         a = self.saved[0]
-        if self.fused:
-            g = g if g.flags.c_contiguous else g.copy(order="C")
-            return kernels.gelu_backward(g, a, approximate=self.approximate)
         xp = _xp(a)
         if self.approximate == "tanh":
             # d/da 0.5 a (1 + t) = 0.5 (1 + t) + 0.5 a (1 - t^2) * sqrt(2/pi) (1 + 3 * 0.044715 a^2),
@@ -442,6 +434,30 @@ class GELU(Function):
             return t
         pdf = xp.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
         return g * (_normal_cdf(a) + a * pdf.astype(a.dtype, copy=False))
+
+
+class FusedGELU(Function):
+    """GELU in one pass each way through kernels.gelu_forward/backward, saving only x.
+
+    The kernels take float16 and bfloat16 themselves (float32 math, one rounding at the store), so
+    ``apply`` hands them the 16-bit arrays as they are (``computes_in_float32 = False``): no
+    float32 copy of the input, and the saved x stays 16-bit.
+    """
+
+    name = "gelu"
+    computes_in_float32 = False  # the kernels compute 16-bit inputs in float32 themselves
+
+    def forward(self, a, approximate="none"):
+        self.approximate = approximate
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # the kernels walk the flat buffer
+        self.save(a)
+        return kernels.gelu_forward(a, approximate=approximate)
+
+    def backward(self, g):
+        a = self.saved[0]
+        # the gradient in x's dtype, as PyTorch casts an incoming gradient to its output's dtype
+        g = g.astype(a.dtype, order="C") if g.dtype != a.dtype or not g.flags.c_contiguous else g
+        return kernels.gelu_backward(g, a, approximate=self.approximate)
 
 
 def _gelu_tanh_inner(a):
@@ -510,6 +526,8 @@ def gelu(a: Tensor, approximate: str = "none") -> Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     _require_float("gelu", a)
+    if fused_enabled() and a.dtype in _GELU_KERNEL_DTYPES:
+        return FusedGELU.apply(a, approximate=approximate)
     return GELU.apply(a, approximate=approximate)
 
 
