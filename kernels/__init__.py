@@ -82,13 +82,16 @@ def layer_norm_forward(x, weight=None, bias=None, *, eps=1e-5, impl=None):
     """Layer norm over the last dimension of ``x`` (N, D): ``(x - mean) * rstd * weight + bias``.
 
     Args:
-        x: (N, D) C-contiguous float32 (or float64) array; N may be 0, D any length >= 1.
-        weight, bias: optional (D,) arrays of x's dtype (None: no scale / no shift), PyTorch semantics.
+        x: (N, D) C-contiguous float32, float64, float16 or bfloat16 array; N may be 0, D any
+            length >= 1. A 16-bit x is computed in float32 and y rounded once.
+        weight, bias: optional (D,) arrays of x's dtype, or float32 with a 16-bit x (None: no
+            scale / no shift), PyTorch semantics.
         eps: added to the (biased) variance.
 
     Returns:
-        ``(y, mean, rstd)``: y (N, D), and the per-row mean and ``1 / sqrt(var + eps)`` (N,) in x's
-        dtype, which :func:`layer_norm_backward` takes instead of a saved normalised copy of x.
+        ``(y, mean, rstd)``: y (N, D) in x's dtype, and the per-row mean and ``1 / sqrt(var + eps)``
+        (N,) in x's dtype (float32 for a 16-bit x), which :func:`layer_norm_backward` takes
+        instead of a saved normalised copy of x.
 
     Example:
         >>> y, mean, rstd = kernels.layer_norm_forward(x, w, b)              # doctest: +SKIP
@@ -100,9 +103,10 @@ def layer_norm_forward(x, weight=None, bias=None, *, eps=1e-5, impl=None):
 def layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True, impl=None):
     """Gradients of :func:`layer_norm_forward` -> ``(grad_x, grad_weight, grad_bias)``.
 
-    ``mean`` and ``rstd`` are what the forward returned for this ``x``. grad_weight and grad_bias
-    (column sums over the rows) are None when ``weight`` is None or ``compute_weight_grads`` is
-    False; a bias-only layer's grad_bias is ``grad_y.sum(0)``. The column sums are reduced as
+    ``mean`` and ``rstd`` are what the forward returned for this ``x``; grad_y has x's dtype and
+    grad_x comes back in it. grad_weight and grad_bias (column sums over the rows, in weight's
+    dtype) are None when ``weight`` is None or ``compute_weight_grads`` is False; a bias-only
+    layer's grad_bias is ``grad_y.sum(0)``. The column sums are reduced as
     per-chunk partial rows plus one small final sum, never with atomics per element.
     """
     return call("layer_norm_backward", grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads,
@@ -227,8 +231,9 @@ def gelu_forward(x, *, approximate="none", impl=None):
     """GELU of ``x`` elementwise, PyTorch ``F.gelu`` semantics -> y (x's shape and dtype).
 
     Args:
-        x: C-contiguous float32 (or float64) array of any shape, size 0 included (the kernels walk
-            the flat buffer; a non-contiguous x is refused with KernelError).
+        x: C-contiguous float32, float64, float16 or bfloat16 array of any shape, size 0 included
+            (the kernels walk the flat buffer; a non-contiguous x is refused with KernelError). A
+            16-bit x is computed in float32 and rounded once.
         approximate: "none", the exact ``x Phi(x)`` (Phi the standard normal CDF, from erfc), or
             "tanh", ``x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2`` (GPT-2's form).
 
