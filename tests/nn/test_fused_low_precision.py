@@ -212,3 +212,46 @@ def test_gelu_fused_and_unfused_agree_and_only_x_is_saved(dtype, torch_dtype, ap
     for name, a, b in zip(("y", "dx"), *out):
         assert a.dtype == b.dtype == np.dtype(dtype)
         assert_within_ulps(a, b.float().numpy(), EPS[np.dtype(dtype)], name, normwise=True)
+
+
+# ---- on a GPU: the cupy kernels against the CPU ones ------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("weight_dtype", ["x", "float32"])
+@pytest.mark.parametrize("d", [96, 771, 4096, 8200])
+def test_layer_norm_on_cuda_matches_the_cpu(dtype, torch_dtype, weight_dtype, d):
+    """cupy's 16-bit kernels (packed and scalar rows, on chip and tiled) against numba_cpu's, on the
+    same 16-bit values: both are the float32 computation rounded once, so within one spacing."""
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal((37, d)) * 2 + 0.5).astype(np.float32)
+    w, b, g = rng.standard_normal(d) * 0.3 + 1, rng.standard_normal(d), rng.standard_normal((37, d))
+    pdt = dtype if weight_dtype == "x" else engine.float32
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaves = [engine.tensor(x, device=device).to(dtype).requires_grad_()] + \
+                 [engine.tensor(a.astype(np.float32), device=device).to(pdt).requires_grad_() for a in (w, b)]
+        y = F.layer_norm(leaves[0], (d,), leaves[1], leaves[2])
+        y.backward(engine.tensor(g.astype(np.float32), device=device).to(dtype))
+        results[device] = [y] + [t.grad for t in leaves]
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), results["cuda"], results["cpu"]):
+        assert got.dtype == want.dtype
+        eps = EPS.get(np.dtype(got.dtype), 1e-6)
+        assert_within_ulps(got.float().cpu().numpy(), want.float().numpy(), eps, f"{name} cuda vs cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset3"])
+def test_gelu_on_cuda_matches_the_cpu(dtype, torch_dtype, approximate, offset):
+    a = (np.random.default_rng(offset).standard_normal(offset + 8 * 4099 + 5) * 3).astype(np.float32)
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaf = engine.tensor(a, device=device).to(dtype).requires_grad_()
+        y = F.gelu(leaf[offset:], approximate=approximate)
+        y.backward(engine.ones(*y.shape, dtype=dtype, device=device))
+        results[device] = (y, leaf.grad)
+    for name, got, want in zip(("y", "dx"), results["cuda"], results["cpu"]):
+        assert got.dtype == want.dtype == np.dtype(dtype)
+        assert_within_ulps(got.float().cpu().numpy(), want.float().numpy(), EPS[np.dtype(dtype)], f"{name} cuda vs cpu")
