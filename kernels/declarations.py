@@ -45,8 +45,8 @@ def _declare(kernel: str, module: str, cpu_order: tuple[str, ...] = ("numba_cpu"
 _declare("linear_relu_forward", "linear_relu", dtypes=LOW_PRECISION_DTYPES)
 _declare("linear_relu_backward", "linear_relu", dtypes=LOW_PRECISION_DTYPES)
 _declare("softmax_cross_entropy", "softmax_cross_entropy", dtypes=LOW_PRECISION_DTYPES)
-_declare("layer_norm_forward", "layer_norm")
-_declare("layer_norm_backward", "layer_norm")
+_declare("layer_norm_forward", "layer_norm", dtypes=LOW_PRECISION_DTYPES)
+_declare("layer_norm_backward", "layer_norm", dtypes=LOW_PRECISION_DTYPES)
 _declare("adam_step", "optim")
 _declare("sgd_step", "optim")
 _declare("adagrad_step", "optim")
@@ -56,5 +56,5 @@ ATTENTION_DTYPES = {"numba_cpu": ALL_FLOATS, "numpy": ALL_FLOATS, "cupy": ("floa
                     "numba_cuda": ("float32",)}
 _declare("attention_forward", "attention", dtypes=ATTENTION_DTYPES)
 _declare("attention_backward", "attention", dtypes=ATTENTION_DTYPES)
-_declare("gelu_forward", "gelu")
-_declare("gelu_backward", "gelu")
+_declare("gelu_forward", "gelu", dtypes=LOW_PRECISION_DTYPES)
+_declare("gelu_backward", "gelu", dtypes=LOW_PRECISION_DTYPES)

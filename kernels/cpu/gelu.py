@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.cpu.lowp import KERNEL_FLOAT_DTYPES, as_bits, codec_name, compute_dtype
-from kernels.cpu.lowp import bits_to_float32 as _bits_to_float32
-from kernels.cpu.lowp import numba_codec as _numba_codec
+from kernels.cpu.optim import bits_view  # 16-bit floats as the bit views half_bits.py reads
+from kernels.precision import accumulation_dtype, float_name
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import module_of as _module_of
@@ -75,7 +74,7 @@ def _check(kernel: str, where, arrays: dict, x, approximate) -> GeluSpec:
     if approximate not in APPROXIMATIONS:
         raise KernelError(f"{kernel}: approximate must be 'none' or 'tanh', got {approximate!r}")
     module = _module_of(x)
-    if x.dtype not in KERNEL_FLOAT_DTYPES:
+    if float_name(x.dtype) is None:
         raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32, float64, float16 and bfloat16 are "
                           "supported")
     for name, a in arrays.items():
@@ -217,8 +216,8 @@ def gelu_forward_numba(x, *, approximate="none"):
     y = np.empty_like(x)
     if spec.size:
         parallel, chunks = _plan(spec.size)
-        _numba_kernels(parallel, spec.dtype.name)[spec.approximate][0](as_bits(x).reshape(-1), chunks,
-                                                                       as_bits(y).reshape(-1))
+        _numba_kernels(parallel, accumulation_dtype(spec.dtype).name)[spec.approximate][0](
+            bits_view(x).reshape(-1), chunks, bits_view(y).reshape(-1))
     return y
 
 
@@ -227,34 +226,50 @@ def gelu_backward_numba(grad_y, x, *, approximate="none"):
     dx = np.empty_like(x)
     if spec.size:
         parallel, chunks = _plan(spec.size)
-        _numba_kernels(parallel, spec.dtype.name)[spec.approximate][1](as_bits(grad_y).reshape(-1),
-                                                                       as_bits(x).reshape(-1), chunks,
-                                                                       as_bits(dx).reshape(-1))
+        _numba_kernels(parallel, accumulation_dtype(spec.dtype).name)[spec.approximate][1](
+            bits_view(grad_y).reshape(-1), bits_view(x).reshape(-1), chunks, bits_view(dx).reshape(-1))
     return dx
+
+
+@functools.cache
+def _bits_to_float32():
+    """A numba intrinsic: the float32 whose bits are the given int32 (LLVM bitcast, vectorizable)."""
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def bits_to_float32(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+        return types.float32(types.int32), codegen
+
+    return bits_to_float32
 
 
 @functools.cache
 def _numba_kernels(parallel: bool, dtype: str) -> dict:
     """{"tanh": (forward, backward), "none": (forward, backward)} for one dtype, over chunks of
-    the flat buffer in parallel (prange) or on the calling thread. float16 and bfloat16 run the
-    float32 arithmetic on their uint16 views: each element is read as float32 and rounded once
-    when stored (kernels.cpu.lowp)."""
+    the flat buffer in parallel (prange) or on the calling thread. ``dtype`` is the compute dtype:
+    float16 and bfloat16 arrays run the float32 build on their bit views (kernels.cpu.optim.bits_view),
+    each element read as float32 and rounded once when stored (kernels/cpu/half_bits.py)."""
     import numba
+
+    from kernels.cpu.half_bits import load, store
 
     # `loop` and the dtype's constants are closure variables, so each build gets its own key in
     # numba's on-disk cache.
     loop = numba.prange if parallel else range
     jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
     inline = numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
-    load, store = _numba_codec(codec_name(dtype))
-    f = compute_dtype(dtype).type
+    f = np.float32 if dtype == "float32" else np.float64
     half, one, two = f(0.5), f(1), f(2)
     k, c = f(SQRT_2_OVER_PI), f(TANH_COEF)
     k2, c3 = f(2 * SQRT_2_OVER_PI), f(3 * TANH_COEF)
     inv_sqrt2, inv_sqrt2pi = f(INV_SQRT_2), f(INV_SQRT_2PI)
     square_max = f(SQUARE_MAX)
 
-    if f is np.float32:
+    if dtype == "float32":
         bits_to_float32 = _bits_to_float32()
         log2e, ln2_hi, ln2_lo = f(1.4426950408889634), f(0.693145751953125), f(1.4286068203094173e-06)
         taylor = tuple(f(1.0 / math.factorial(i)) for i in range(8))  # 1/0! ... 1/7!
@@ -292,10 +307,10 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
-                xv = load(x[i])
+                xv = load(x, i)
                 z = k * (xv + c * xv * xv * xv)
                 e = exp_neg(-two * abs(z))
-                y[i] = store(xv * ((one if z >= 0 else e) / (one + e)))  # sigmoid(2z) with one division
+                store(y, i, xv * ((one if z >= 0 else e) / (one + e)))  # sigmoid(2z) with one division
 
     @jit
     def tanh_backward(dy, x, chunks, dx):
@@ -303,9 +318,9 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
-                xv = load(x[i])
+                xv = load(x, i)
                 s, sm = sigmoid_pair(xv)
-                dx[i] = store(load(dy[i]) * (s + xv * s * sm * k2 * (one + c3 * min(xv * xv, square_max))))
+                store(dx, i, load(dy, i) * (s + xv * s * sm * k2 * (one + c3 * min(xv * xv, square_max))))
 
     @jit
     def erf_forward(x, chunks, y):
@@ -313,8 +328,8 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
-                xv = load(x[i])
-                y[i] = store(xv * (half * math.erfc(-xv * inv_sqrt2)))
+                xv = load(x, i)
+                store(y, i, xv * (half * math.erfc(-xv * inv_sqrt2)))
 
     @jit
     def erf_backward(dy, x, chunks, dx):
@@ -322,9 +337,9 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
-                xv = load(x[i])
+                xv = load(x, i)
                 cdf = half * math.erfc(-xv * inv_sqrt2)
-                dx[i] = store(load(dy[i]) * (cdf + xv * inv_sqrt2pi * math.exp(-half * xv * xv)))
+                store(dx, i, load(dy, i) * (cdf + xv * inv_sqrt2pi * math.exp(-half * xv * xv)))
 
     kernels = {"tanh": (tanh_forward, tanh_backward), "none": (erf_forward, erf_backward)}
     if parallel:  # one parallel region at a time in the process: see registry.numba_parallel

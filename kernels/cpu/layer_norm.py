@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.cpu.lowp import FLOAT32, KERNEL_FLOAT_DTYPES, as_bits, codec_name, compute_dtype, is_low_precision
-from kernels.cpu.lowp import numba_codec as _numba_codec
+from kernels.cpu.optim import bits_view  # 16-bit floats as the bit views half_bits.py reads
+from kernels.precision import FLOAT32, accumulation_dtype, float_name, is_low_precision
 from kernels.registry import KernelError
 from kernels.registry import describe_array as _describe
 from kernels.registry import module_of as _module_of
@@ -71,7 +71,7 @@ class LayerNormSpec:
     @property
     def compute_dtype(self) -> np.dtype:
         """What the kernels compute in, and the dtype of mean and rstd: float32 for a 16-bit x."""
-        return compute_dtype(self.dtype)
+        return accumulation_dtype(self.dtype)
 
 
 # Which dtype each array may have, by its role: "x" (x's own dtype), "param" (x's, or float32 with a
@@ -108,7 +108,7 @@ def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
     if x.ndim != 2:
         raise KernelError(f"{where()}: x must be 2-D (N, D), got {x.ndim}-D; reshape to (-1, D) with the "
                           "normalised dimension last")
-    if x.dtype not in KERNEL_FLOAT_DTYPES:
+    if float_name(x.dtype) is None:
         raise KernelError(f"{where()}: x has dtype {x.dtype}; only float32, float64, float16 and bfloat16 are "
                           "supported")
     if int(x.shape[1]) < 1:
@@ -258,12 +258,12 @@ def layer_norm_forward_numba(x, weight=None, bias=None, *, eps=1e-5):
     if n == 0:
         return y, mean, rstd
     parallel = n > 1 and n * d >= PARALLEL_MIN
-    forward, _ = _numba_kernels(parallel, codec_name(dt))
+    forward, _ = _numba_kernels(parallel)
     # weight and bias in the compute dtype: a 16-bit one is upcast (D values, exact)
     w = _in(weight, ct) if weight is not None else np.empty(0, ct)
     b = _in(bias, ct) if bias is not None else np.empty(0, ct)
-    forward(as_bits(x), w, weight is not None, b, bias is not None, spec.eps, _chunks(n, parallel), as_bits(y), mean,
-            rstd)
+    forward(bits_view(x), w, weight is not None, b, bias is not None, spec.eps, _chunks(n, parallel), bits_view(y),
+            mean, rstd)
     return y, mean, rstd
 
 
@@ -277,10 +277,10 @@ def layer_norm_backward_numba(grad_y, x, weight, mean, rstd, *, compute_weight_g
     partial_w = np.zeros((chunks, d) if spec.weight_grads else (0, d), np.float64)
     partial_b = np.zeros_like(partial_w)
     if n:
-        _, backward = _numba_kernels(parallel, codec_name(dt))
+        _, backward = _numba_kernels(parallel)
         w = _in(weight, ct) if weight is not None else np.empty(0, ct)
-        backward(as_bits(grad_y), as_bits(x), w, weight is not None, mean, rstd, spec.weight_grads, chunks,
-                 as_bits(dx), partial_w, partial_b)
+        backward(bits_view(grad_y), bits_view(x), w, weight is not None, mean, rstd, spec.weight_grads, chunks,
+                 bits_view(dx), partial_w, partial_b)
     if not spec.weight_grads:
         return dx, None, None
     # The final reduction: chunks x D, a small fraction of the N x D pass; one rounding to weight's dtype.
@@ -288,20 +288,21 @@ def layer_norm_backward_numba(grad_y, x, weight, mean, rstd, *, compute_weight_g
 
 
 @functools.cache
-def _numba_kernels(parallel: bool, codec: str):
+def _numba_kernels(parallel: bool):
     """(forward, backward) over row chunks in parallel (prange) or on the calling thread.
 
-    ``codec`` (kernels.cpu.lowp.codec_name) says how x, dy, y and dx elements are read and written:
-    "native" for float32 / float64 arrays, "bfloat16" / "float16" for the uint16 views of 16-bit
-    ones, read as float32 and rounded once when stored. Weight, bias, mean and rstd always come in
-    the compute dtype.
+    x, dy, y and dx come as float32 / float64 arrays or as the bit views of 16-bit ones
+    (kernels.cpu.optim.bits_view), read as float32 and rounded once when stored through
+    kernels/cpu/half_bits.py (numba compiles one specialisation per view type). Weight, bias, mean
+    and rstd always come in the compute dtype.
     """
     import numba
 
-    # `loop` (prange or range, which pickle by name) and the codec are closure variables, so every
-    # build gets its own key in numba's on-disk cache.
+    from kernels.cpu.half_bits import load, store
+
+    # `loop` (prange or range, which pickle by name) is a closure variable, so the serial and the
+    # parallel build get different keys in numba's on-disk cache.
     loop = numba.prange if parallel else range
-    load, store = _numba_codec(codec)
     jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
 
     @jit
@@ -313,11 +314,11 @@ def _numba_kernels(parallel: bool, codec: str):
                 row = x[i]
                 s = 0.0  # float64 accumulators: the float32 rounding of long sums stays out
                 for j in range(d):
-                    s += load(row[j])
+                    s += load(row, j)
                 mu = s / d
                 q = 0.0
                 for j in range(d):
-                    c = load(row[j]) - mu
+                    c = load(row, j) - mu
                     q += c * c
                 mean_out[i] = mu
                 rstd_out[i] = 1.0 / np.sqrt(q / d + eps)
@@ -325,12 +326,12 @@ def _numba_kernels(parallel: bool, codec: str):
                 r_t = rstd_out[i]
                 out = y[i]
                 for j in range(d):
-                    v = (load(row[j]) - mu_t) * r_t
+                    v = (load(row, j) - mu_t) * r_t
                     if has_weight:
                         v = v * w[j]
                     if has_bias:
                         v = v + b[j]
-                    out[j] = store(v)
+                    store(out, j, v)
 
     @jit
     def backward(dy, x, w, has_weight, mean, rstd, weight_grads, chunks, dx, partial_w, partial_b):
@@ -345,8 +346,8 @@ def _numba_kernels(parallel: bool, codec: str):
                 sg = 0.0
                 sgx = 0.0
                 for j in range(d):
-                    xh = (load(xr[j]) - mu) * r
-                    dyj = load(gr[j])
+                    xh = (load(xr, j) - mu) * r
+                    dyj = load(gr, j)
                     g = dyj * w[j] if has_weight else dyj
                     sg += g
                     sgx += g * xh
@@ -357,10 +358,10 @@ def _numba_kernels(parallel: bool, codec: str):
                 c_gx = mean.dtype.type(sgx / d)
                 out = dx[i]
                 for j in range(d):
-                    xh = (load(xr[j]) - mu) * r
-                    dyj = load(gr[j])
+                    xh = (load(xr, j) - mu) * r
+                    dyj = load(gr, j)
                     g = dyj * w[j] if has_weight else dyj
-                    out[j] = store(r * (g - c_g - xh * c_gx))
+                    store(out, j, r * (g - c_g - xh * c_gx))
 
     if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
         return _numba_parallel(forward), _numba_parallel(backward)

@@ -13,20 +13,20 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.cpu.gelu import validate_gelu_backward, validate_gelu_forward
-from kernels.cpu.lowp import BFLOAT16
+from kernels.precision import float_name
 from kernels.cuda.module import on_device
 from kernels.cuda.optim import VECTOR_BYTES, vector_split
 
 MODULE = "gelu"
 THREADS = 256
 MAX_BLOCKS = 65535  # grid-stride: blocks beyond a few waves add nothing
-SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", np.dtype(np.float16): "f16", BFLOAT16: "bf16"}
+SUFFIX = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}  # by float_name
 FORM = {"tanh": "tanh", "none": "erf"}
 
 
 def kernel_name(approximate: str, direction: str, dtype) -> str:
     """``gelu_tanh_fwd_f32`` and the like (direction "fwd" or "bwd")."""
-    return f"gelu_{FORM[approximate]}_{direction}_{SUFFIX[np.dtype(dtype)]}"
+    return f"gelu_{FORM[approximate]}_{direction}_{SUFFIX[float_name(dtype)]}"
 
 
 def launch_plan(addresses, size: int, itemsize: int) -> tuple[int, int, int, int]:

@@ -24,17 +24,22 @@ import functools
 import numpy as np
 
 from kernels.cpu.layer_norm import validate_layer_norm_backward, validate_layer_norm_forward
-from kernels.cpu.lowp import BFLOAT16, FLOAT32, is_low_precision
+from kernels.precision import FLOAT32, float_name, is_low_precision
 from kernels.cuda.module import on_device
 
-# Per x dtype: the module, type suffix, values per 16-byte pack, and the K (values per thread) of the
-# on-chip kernels; mirrors the instantiations in layer_norm.cu and layer_norm_lowp.cu.
+# Per x dtype name: the module, type suffix, values per 16-byte pack, and the K (values per thread)
+# of the on-chip kernels; mirrors the instantiations in layer_norm.cu and layer_norm_lowp.cu.
 CONFIGS = {
-    np.dtype(np.float32): dict(module="layer_norm", suffix="f32", pack=4, fwd=(4, 8, 16), bwd=(4, 8)),
-    np.dtype(np.float64): dict(module="layer_norm", suffix="f64", pack=2, fwd=(2, 4, 8), bwd=(2, 4)),
-    np.dtype(np.float16): dict(module="layer_norm_lowp", suffix="f16", pack=8, fwd=(8, 16), bwd=(8,)),
-    BFLOAT16: dict(module="layer_norm_lowp", suffix="bf16", pack=8, fwd=(8, 16), bwd=(8,)),
+    "float32": dict(module="layer_norm", suffix="f32", pack=4, fwd=(4, 8, 16), bwd=(4, 8)),
+    "float64": dict(module="layer_norm", suffix="f64", pack=2, fwd=(2, 4, 8), bwd=(2, 4)),
+    "float16": dict(module="layer_norm_lowp", suffix="f16", pack=8, fwd=(8, 16), bwd=(8,)),
+    "bfloat16": dict(module="layer_norm_lowp", suffix="bf16", pack=8, fwd=(8, 16), bwd=(8,)),
 }
+
+
+def config(dtype) -> dict:
+    """CONFIGS of x's ``dtype``."""
+    return CONFIGS[float_name(dtype)]
 # The forward's flag bits, mirrored in layer_norm.cuh (the backward's are in the kernel's name).
 LN_WEIGHT, LN_BIAS = 1, 2
 FWD_MAX_THREADS = 1024
@@ -65,7 +70,7 @@ def _pick_k(ks, d: int, max_threads: int):
 
 def type_suffix(dtype, weight_dtype=None) -> str:
     """``f32``, ``bf16``, ``bf16w32`` (a bfloat16 x with float32 weight and bias) ..."""
-    cfg = CONFIGS[np.dtype(dtype)]
+    cfg = config(dtype)
     mixed = is_low_precision(dtype) and weight_dtype is not None and np.dtype(weight_dtype) == FLOAT32
     return cfg["suffix"] + ("w32" if mixed else "")
 
@@ -77,7 +82,7 @@ def backward_variant(has_weight: bool, weight_grads: bool) -> str:
 
 def plan_forward(dtype, d: int, vec: bool, weight_dtype=None) -> tuple[str, int]:
     """(kernel name, threads per block) of the forward for rows of ``d`` values."""
-    cfg = CONFIGS[np.dtype(dtype)]
+    cfg = config(dtype)
     types, packing = type_suffix(dtype, weight_dtype), "v" if vec else "s"
     picked = _pick_k(cfg["fwd"], d, FWD_MAX_THREADS)
     if picked is not None:
@@ -90,7 +95,7 @@ def plan_forward(dtype, d: int, vec: bool, weight_dtype=None) -> tuple[str, int]
 def plan_backward(dtype, d: int, vec: bool, variant: str = "wgrad",
                   weight_dtype=None) -> tuple[str, str, int] | tuple[str, str, str]:
     """``("block", name, threads)`` or ``("tile", rowsums name, tile name)`` for rows of ``d`` values."""
-    cfg = CONFIGS[np.dtype(dtype)]
+    cfg = config(dtype)
     types, packing = type_suffix(dtype, weight_dtype), "v" if vec else "s"
     picked = _pick_k(cfg["bwd"], d, BWD_MAX_THREADS)
     if picked is not None:
@@ -102,11 +107,11 @@ def plan_backward(dtype, d: int, vec: bool, variant: str = "wgrad",
 
 def col_reduce_name(weight_dtype) -> str:
     """``ln_col_reduce_<dw>``: sums the partial rows into dw / db of ``weight_dtype``."""
-    return f"ln_col_reduce_{CONFIGS[np.dtype(weight_dtype)]['suffix']}"
+    return f"ln_col_reduce_{config(weight_dtype)['suffix']}"
 
 
 def _vec(d: int, dtype, arrays) -> bool:
-    return d % CONFIGS[np.dtype(dtype)]["pack"] == 0 and all(a.data.ptr % 16 == 0 for a in arrays if a is not None)
+    return d % config(dtype)["pack"] == 0 and all(a.data.ptr % 16 == 0 for a in arrays if a is not None)
 
 
 def _check_columns(kernel: str, d: int) -> None:
@@ -152,7 +157,7 @@ def _forward(x, weight, bias, eps):
     # Absent weight / bias: x stands in as a pointer the kernel never reads (its flag is off).
     args = (x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
             np.int32(d), ct.type(spec.eps), np.int32(flags))
-    function(CONFIGS[dt]["module"], name)((n,), (threads,), args)
+    function(config(dt)["module"], name)((n,), (threads,), args)
     return y, mean, rstd
 
 
@@ -174,7 +179,7 @@ def _backward(grad_y, x, weight, mean, rstd, compute_weight_grads):
     wgrad = spec.weight_grads
     if n == 0:
         return (dx, cupy.zeros(d, weight.dtype), cupy.zeros(d, weight.dtype)) if wgrad else (dx, None, None)
-    module = CONFIGS[dt]["module"]
+    module = config(dt)["module"]
     vec = _vec(d, dt, (grad_y, x, dx, weight))
     variant = backward_variant(weight is not None, wgrad)
     plan = plan_backward(dt, d, vec, variant, None if weight is None else weight.dtype)
@@ -186,7 +191,7 @@ def _backward(grad_y, x, weight, mean, rstd, compute_weight_grads):
     else:
         _, rowsums_name, name = plan
         threads = TILE_THREADS
-        pack = CONFIGS[dt]["pack"] if vec else 1
+        pack = config(dt)["pack"] if vec else 1
         tiles = -(-d // (threads * pack))
         # Row groups: enough blocks for one wave over the device, each group one partial row.
         parts = int(min(n, 65535, max(1, -(-_resident_blocks(device, module, name, threads) // tiles))))

@@ -20,7 +20,8 @@ from numba import cuda, types
 
 from kernels.cpu.gelu import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, SQUARE_MAX, TANH_COEF, validate_gelu_backward, \
     validate_gelu_forward
-from kernels.numba_cuda.launch import launch, refuse_bfloat16, simulator
+from kernels.numba_cuda.launch import launch, simulator
+from kernels.registry import check_dtype
 
 THREADS = 256
 MAX_BLOCKS = 4096  # a grid-stride loop: more blocks than this only add scheduling
@@ -107,7 +108,7 @@ def _xp(spec):
 
 def gelu_forward(x, *, approximate="none"):
     spec = validate_gelu_forward(x, approximate=approximate)
-    refuse_bfloat16("gelu_forward", spec.dtype)
+    check_dtype("gelu_forward", "numba_cuda", spec.dtype)  # bfloat16: no numba type
     y = _xp(spec).empty_like(x)
     if spec.size:
         blocks, threads = _grid(spec.size)
@@ -117,7 +118,7 @@ def gelu_forward(x, *, approximate="none"):
 
 def gelu_backward(grad_y, x, *, approximate="none"):
     spec = validate_gelu_backward(grad_y, x, approximate=approximate)
-    refuse_bfloat16("gelu_backward", spec.dtype)
+    check_dtype("gelu_backward", "numba_cuda", spec.dtype)  # bfloat16: no numba type
     dx = _xp(spec).empty_like(x)
     if spec.size:
         blocks, threads = _grid(spec.size)

@@ -34,18 +34,6 @@ def simulator() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0")
 
 
-def refuse_bfloat16(kernel: str, dtype) -> None:
-    """Raise a KernelError for a bfloat16 input: numba.cuda has no bfloat16 type (its simulator
-    neither), so a numba_cuda impl cannot take one. The cupy impl, the registry's default for cupy
-    arrays, computes bfloat16 natively."""
-    if np.dtype(dtype).name == "bfloat16":
-        from kernels.registry import KernelError
-
-        raise KernelError(f"{kernel} (impl 'numba_cuda'): dtype bfloat16 is not supported, numba.cuda has no "
-                          "bfloat16 type; use impl='cupy' (the default for cupy arrays), or float16 / float32 "
-                          "with numba_cuda")
-
-
 def is_cupy(a) -> bool:
     return type(a).__module__.split(".")[0] == "cupy"
 

@@ -17,11 +17,13 @@ no float64 arithmetic (tests/kernels/test_gpu_compile.py reads their PTX). float
 float32 build: every element is converted to float32 where it is read (``cv``), the statistics,
 sums and partial rows are float32, mean and rstd are stored in float32, and y / dx round once to
 float16 where they are stored; weight and bias may be float16 or float32 (numba compiles one
-specialisation per argument types). numba.cuda has no bfloat16 type: a bfloat16 x is refused with
-a KernelError, and the registry's default for cupy arrays, the cupy impl, takes it. On a GPU they take cupy
-arrays and launch on cupy's current stream; under the simulator they take numpy arrays and run
-with at most 16 threads per block and a few blocks, so the strided walks, the trees and the
-partial rows all run several steps on small inputs.
+specialisation per argument types). numba.cuda has no bfloat16 type: a bfloat16 x gets the
+registry's KernelError (kernels/declarations.py), and the registry's default for cupy arrays,
+cupy, takes it.
+
+On a GPU they take cupy arrays and launch on cupy's current stream; under the simulator they take
+numpy arrays and run with at most 16 threads per block and a few blocks, so the strided walks, the
+trees and the partial rows all run several steps on small inputs.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import numpy as np
 from numba import cuda, types
 
 from kernels.cpu.layer_norm import validate_layer_norm_backward, validate_layer_norm_forward
-from kernels.numba_cuda.launch import launch, refuse_bfloat16, simulator
+from kernels.numba_cuda.launch import launch, simulator
+from kernels.registry import check_dtype
 
 MAX_THREADS = 256  # threads per block on a GPU: the size of the shared reduction arrays
 SIMULATOR_MAX_THREADS = 16
@@ -203,7 +206,7 @@ def _xp(spec):
 
 def layer_norm_forward(x, weight=None, bias=None, *, eps=1e-5):
     spec = validate_layer_norm_forward(x, weight, bias, eps=eps)
-    refuse_bfloat16("layer_norm_forward", spec.dtype)
+    check_dtype("layer_norm_forward", "numba_cuda", spec.dtype)  # bfloat16: no numba type
     xp = _xp(spec)
     n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
     y, mean, rstd = xp.empty((n, d), dt), xp.empty(n, ct), xp.empty(n, ct)
@@ -220,7 +223,7 @@ def layer_norm_forward(x, weight=None, bias=None, *, eps=1e-5):
 
 def layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True):
     spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
-    refuse_bfloat16("layer_norm_backward", spec.dtype)
+    check_dtype("layer_norm_backward", "numba_cuda", spec.dtype)  # bfloat16: no numba type
     xp = _xp(spec)
     n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
     dx = xp.empty((n, d), dt)

@@ -33,7 +33,8 @@ def toy_kernel():
 
 
 def test_every_impl_declares_its_dtypes():
-    for kernel in ("linear_relu_forward", "linear_relu_backward", "softmax_cross_entropy"):
+    for kernel in ("linear_relu_forward", "linear_relu_backward", "softmax_cross_entropy", "layer_norm_forward",
+                   "layer_norm_backward", "gelu_forward", "gelu_backward"):
         declared = kernels.impl_dtypes(kernel)
         assert list(declared) == ["numba_cpu", "numpy", "cupy", "numba_cuda"]
         for impl in ("numba_cpu", "numpy", "cupy"):
