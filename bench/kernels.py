@@ -50,14 +50,15 @@ IMPL_DEVICE = {"numpy": "cpu", "numba_cpu": "cpu", "cupy": "cuda", "numba_cuda":
 # (B, L, S, E, causal[, dtype]) with B = batch * heads flattened (the GPU target's B = 8, H = 16 is
 # 128) and dtype float32 unless named (bfloat16 / float16: the tensor-core rows of issue 22);
 # gelu: (N, D) of x, tanh form (the GPT's MLP activation is (batch * block, 4 d_model) = (1024, 512)).
+# layer_norm and gelu take a dtype too ((N, D[, dtype])): the bfloat16 rows of issue 22's targets.
 SWEEPS = {
     ("cuda", "full"): {
         "adam_step": [2**e for e in range(20, 28)],
         "optim": [2**20, 2**24, 2**27],
         "softmax_cross_entropy": [(8192, c) for c in (1024, 8192, 32768, 131072)],
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 4096, 4096)],
-        "layer_norm": [(16384, 1024), (16384, 4096), (1024, 65536)],
-        "gelu": [(16384, 4096), (65536, 4096)],
+        "layer_norm": [(16384, 1024), (16384, 4096), (1024, 65536), (16384, 4096, "bfloat16")],
+        "gelu": [(16384, 4096), (65536, 4096), (16384, 4096, "bfloat16")],
         "attention": [(128, 1024, 1024, 64, False), (128, 1024, 1024, 64, True), (16, 4096, 4096, 64, False)]
         + [(128, 1024, 1024, e, causal, dtype) for dtype in ("bfloat16", "float16") for e in (64, 128)
            for causal in (False, True)],
@@ -67,8 +68,8 @@ SWEEPS = {
         "optim": [2**24],
         "softmax_cross_entropy": [(8192, 1024), (8192, 32768)],
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096)],
-        "layer_norm": [(16384, 4096)],
-        "gelu": [(16384, 4096)],
+        "layer_norm": [(16384, 4096), (16384, 4096, "bfloat16")],
+        "gelu": [(16384, 4096), (16384, 4096, "bfloat16")],
         "attention": [(128, 1024, 1024, 64, False), (128, 1024, 1024, 128, True, "bfloat16")],
     },
     ("cpu", "full"): {
@@ -95,8 +96,8 @@ SWEEPS = {
         "optim": [1000],
         "softmax_cross_entropy": [(16, 100)],
         "linear_relu": [(16, 24, 8)],
-        "layer_norm": [(15, 99)],
-        "gelu": [(7, 37)],
+        "layer_norm": [(15, 99), (15, 99, "bfloat16")],
+        "gelu": [(7, 37), (7, 37, "bfloat16")],
         "attention": [(3, 37, 29, 12, True), (2, 37, 29, 64, False, "bfloat16")],
     },
 }
@@ -428,17 +429,20 @@ def _ce_torch(bd, logits, targets, rows_dev):
 LAYER_NORM_EPS = 1e-5
 
 
-def layer_norm_case(bd: BenchDevice, n: int, d: int) -> Case:
+def layer_norm_case(bd: BenchDevice, n: int, d: int, dtype: str | None = None) -> Case:
     """Forward then backward (two calls, as in training) of layer norm over (N, D) with weight and bias.
 
     Checked on sampled rows (y, mean, rstd, dx: each row is separable) and sampled columns (dweight,
     dbias: the numpy backward on those columns of x and dy, with every row's mean and rstd, gives
-    exactly those columns of the column sums).
+    exactly those columns of the column sums). ``dtype`` "bfloat16" / "float16": every array
+    rounded to it (a model cast with ``.to(bfloat16)``), torch in the same dtype, the numpy
+    reference on the same 16-bit values.
     """
-    x = bd.random_input((n, d), scale=2.0)
-    dy = bd.random_input((n, d))
-    weight = bd.random_input((d,), scale=0.5) + 1.0
-    bias = bd.random_input((d,), scale=0.5)
+    dtype = dtype or bd.dtype.name  # the run's --dtype unless the sweep names one
+    x = rounded_to(bd, bd.random_normal((n, d), scale=2.0), dtype)
+    dy = rounded_to(bd, bd.random_normal((n, d)), dtype)
+    weight = rounded_to(bd, bd.random_normal((d,), scale=0.5) + 1.0, dtype)
+    bias = rounded_to(bd, bd.random_normal((d,), scale=0.5), dtype)
     rows_dev = bd.asarray(sample_indices(n, 256 if n <= 256 else SAMPLE_ROWS))
     cols_dev = bd.asarray(sample_indices(d, 256 if d <= 256 else SAMPLE_ROWS))
     pick = _ln_picker(bd, rows_dev, cols_dev)
@@ -461,9 +465,10 @@ def layer_norm_case(bd: BenchDevice, n: int, d: int) -> Case:
     candidates.append(Candidate("engine F.layer_norm (unfused)", "unfused",
                                 _ln_engine(bd, x, dy, weight, bias, pick)))
     candidates.append(Candidate("torch F.layer_norm", "torch", _ln_torch(bd, x, dy, weight, bias, rows_dev, cols_dev)))
-    return Case(kernel="layer_norm", label=f"N={n} D={d}", params={"N": n, "D": d}, size=n * d,
-                work=roofline.layer_norm_work(n, d, bd.dtype.itemsize), reference=ref, reference_note=note,
-                candidates=candidates, flush=bd.flushes_cache)
+    params = {"N": n, "D": d} if dtype == "float32" else {"N": n, "D": d, "dtype": dtype}
+    return Case(kernel="layer_norm", label=f"N={n} D={d}{dtype_label(dtype)}", params=params, size=n * d,
+                work=roofline.layer_norm_work(n, d, itemsize=np.dtype(x.dtype).itemsize), reference=ref,
+                reference_note=note, candidates=candidates, flush=bd.flushes_cache)
 
 
 def _ln_picker(bd, rows_dev, cols_dev):
@@ -518,8 +523,8 @@ def _ln_engine(bd, x, dy, weight, bias, pick):
 def _ln_torch(bd, x, dy, weight, bias, rows_dev, cols_dev):
     def prepare():
         torch = torch_required(bd)
-        leaves = [bd.to_torch(a).requires_grad_(True) for a in (x, weight, bias)]
-        grad = bd.to_torch(dy)
+        leaves = [torch_in_dtype(bd, torch, a).requires_grad_(True) for a in (x, weight, bias)]
+        grad = torch_in_dtype(bd, torch, dy)
         rows = torch.from_numpy(bd.to_host(rows_dev)).to(grad.device)
         cols = torch.from_numpy(bd.to_host(cols_dev)).to(grad.device)
         shape = (x.shape[1],)
@@ -528,10 +533,11 @@ def _ln_torch(bd, x, dy, weight, bias, rows_dev, cols_dev):
             y = torch.nn.functional.layer_norm(leaves[0], shape, leaves[1], leaves[2], eps=LAYER_NORM_EPS)
             return (y,) + torch.autograd.grad(y, leaves, grad)
 
-        def sample():
+        def sample():  # .float(): numpy takes no torch bfloat16
             y, dx, dweight, dbias = run()
-            return {"y": bd.torch_to_host(y.detach()[rows]), "dx": bd.torch_to_host(dx[rows]),
-                    "dweight": bd.torch_to_host(dweight[cols]), "dbias": bd.torch_to_host(dbias[cols])}
+            return {"y": bd.torch_to_host(y.detach()[rows].float()), "dx": bd.torch_to_host(dx[rows].float()),
+                    "dweight": bd.torch_to_host(dweight[cols].float()),
+                    "dbias": bd.torch_to_host(dbias[cols].float())}
 
         return Prepared(run=run, sample=sample, clock=bd.torch_clock)
 
@@ -543,13 +549,15 @@ def _ln_torch(bd, x, dy, weight, bias, rows_dev, cols_dev):
 GELU_APPROXIMATE = "tanh"  # the GPT's form; the exact one is checked by tests/kernels/test_gelu.py
 
 
-def gelu_case(bd: BenchDevice, n: int, d: int) -> Case:
+def gelu_case(bd: BenchDevice, n: int, d: int, dtype: str | None = None) -> Case:
     """Forward then backward (two calls, as in training) of tanh-GELU over an (N, D) activation.
 
-    Checked on sampled rows (elementwise: each row is separable) against the numpy impl.
+    Checked on sampled rows (elementwise: each row is separable) against the numpy impl; ``dtype``
+    as in :func:`layer_norm_case`.
     """
-    x = bd.random_input((n, d), scale=2.0)
-    dy = bd.random_input((n, d))
+    dtype = dtype or bd.dtype.name  # the run's --dtype unless the sweep names one
+    x = rounded_to(bd, bd.random_normal((n, d), scale=2.0), dtype)
+    dy = rounded_to(bd, bd.random_normal((n, d)), dtype)
     rows_dev = bd.asarray(sample_indices(n, 256 if n <= 256 else SAMPLE_ROWS))
 
     def pick(y, dx) -> dict:
@@ -565,9 +573,10 @@ def gelu_case(bd: BenchDevice, n: int, d: int) -> Case:
     candidates = [Candidate(name, "impl", _gelu_kernel(bd, name, x, dy, pick)) for name in impls_for("gelu_forward", bd)]
     candidates.append(Candidate("engine F.gelu (unfused)", "unfused", _gelu_engine(bd, x, dy, pick)))
     candidates.append(Candidate("torch F.gelu", "torch", _gelu_torch(bd, x, dy, rows_dev)))
-    return Case(kernel="gelu", label=f"N={n} D={d} {GELU_APPROXIMATE}", params={"N": n, "D": d}, size=n * d,
-                work=roofline.gelu_work(n * d, bd.dtype.itemsize), reference=ref, reference_note=note,
-                candidates=candidates, flush=bd.flushes_cache)
+    params = {"N": n, "D": d} if dtype == "float32" else {"N": n, "D": d, "dtype": dtype}
+    return Case(kernel="gelu", label=f"N={n} D={d} {GELU_APPROXIMATE}{dtype_label(dtype)}", params=params, size=n * d,
+                work=roofline.gelu_work(n * d, itemsize=np.dtype(x.dtype).itemsize), reference=ref,
+                reference_note=note, candidates=candidates, flush=bd.flushes_cache)
 
 
 def _gelu_kernel(bd, name, x, dy, pick):
@@ -610,17 +619,17 @@ def _gelu_engine(bd, x, dy, pick):
 def _gelu_torch(bd, x, dy, rows_dev):
     def prepare():
         torch = torch_required(bd)
-        leaf = bd.to_torch(x).requires_grad_(True)
-        grad = bd.to_torch(dy)
+        leaf = torch_in_dtype(bd, torch, x).requires_grad_(True)
+        grad = torch_in_dtype(bd, torch, dy)
         rows = torch.from_numpy(bd.to_host(rows_dev)).to(grad.device)
 
         def run():
             y = torch.nn.functional.gelu(leaf, approximate=GELU_APPROXIMATE)
             return y, torch.autograd.grad(y, leaf, grad)[0]
 
-        def sample():
+        def sample():  # .float(): numpy takes no torch bfloat16
             y, dx = run()
-            return {"y": bd.torch_to_host(y.detach()[rows]), "dx": bd.torch_to_host(dx[rows])}
+            return {"y": bd.torch_to_host(y.detach()[rows].float()), "dx": bd.torch_to_host(dx[rows].float())}
 
         return Prepared(run=run, sample=sample, clock=bd.torch_clock)
 
@@ -674,7 +683,7 @@ def attention_case(bd: BenchDevice, b: int, l: int, s: int, e: int, causal: bool
     candidates.append(Candidate(ATTENTION_UNFUSED, "unfused", _attn_engine(bd, inputs, pick)))
     candidates.append(Candidate(ATTENTION_TORCH_UNFUSED, "torch", _attn_torch(bd, inputs, rows, sdpa=False)))
     candidates.append(Candidate(ATTENTION_TORCH_SDPA, "torch", _attn_torch(bd, inputs, rows, sdpa=True)))
-    label = f"B*H={b} L={l} S={s} E={e}" + (" causal" if causal else "") + ("" if dtype == "float32" else f" {dtype}")
+    label = f"B*H={b} L={l} S={s} E={e}" + (" causal" if causal else "") + dtype_label(dtype)
     params = {"B": b, "L": l, "S": s, "E": e, "causal": causal}
     if dtype != "float32":  # float32 rows keep their params (the GPU target names them)
         params["dtype"] = dtype
@@ -690,13 +699,30 @@ ATTENTION_3XTF32 = "cupy precision=3xtf32"
 
 def _attention_input(bd: BenchDevice, shape, dtype: str):
     """N(0, 1) samples of ``shape`` on the device, rounded to ``dtype`` (on the host for 16-bit)."""
-    a = bd.random_normal(shape)
+    return rounded_to(bd, bd.random_normal(shape), dtype)
+
+
+def rounded_to(bd: BenchDevice, a, dtype: str):
+    """Device array ``a`` rounded to ``dtype`` ("float32", "bfloat16", "float16"; on the host for
+    16-bit: every array module takes the ml_dtypes arrays)."""
     if dtype == "float32":
         return a
     import ml_dtypes
 
-    host = bd.to_host(a).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
-    return bd.asarray(host)
+    return bd.asarray(bd.to_host(a).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16))
+
+
+def torch_in_dtype(bd: BenchDevice, torch, a):
+    """``a`` as a torch tensor of its own dtype: a 16-bit array goes over in float32 (exact) and is
+    cast there (torch takes no ml_dtypes arrays)."""
+    if a.dtype == np.float32:
+        return bd.to_torch(a)
+    return bd.to_torch(bd.asarray(bd.to_host(a).astype(np.float32))).to(getattr(torch, np.dtype(a.dtype).name))
+
+
+def dtype_label(dtype: str) -> str:
+    """The suffix a row's label gets for a non-float32 dtype."""
+    return "" if dtype == "float32" else f" {dtype}"
 ATTENTION_TORCH_UNFUSED = "torch eager unfused (matmul, softmax, matmul)"
 ATTENTION_TORCH_SDPA = "torch F.scaled_dot_product_attention"
 
@@ -794,14 +820,8 @@ def _attn_torch(bd, inputs, rows, sdpa: bool):
 
     def prepare():
         torch = torch_required(bd)
-        low = q.dtype != np.float32  # 16-bit: handed over in float32 (exact) and cast there
-        dtype = getattr(torch, np.dtype(q.dtype).name) if low else None
-
-        def to_torch(a):
-            return bd.to_torch(bd.asarray(bd.to_host(a).astype(np.float32))).to(dtype) if low else bd.to_torch(a)
-
-        leaves = [to_torch(a).requires_grad_(True) for a in (q, k, v)]
-        grad_t = to_torch(grad)
+        leaves = [torch_in_dtype(bd, torch, a).requires_grad_(True) for a in (q, k, v)]
+        grad_t = torch_in_dtype(bd, torch, grad)
         picked = torch.from_numpy(rows).to(grad_t.device)
         l, s = q.shape[1], k.shape[1]  # noqa: E741
         above = torch.ones(l, s, dtype=torch.bool, device=grad_t.device).triu(1) if causal else None
@@ -1369,14 +1389,14 @@ def cases_for(kernel: str, bd: BenchDevice, mode: str):
         for shape in sweep["linear_relu"]:
             yield lambda shape=shape: linear_relu_backward_case(bd, *shape)
     elif kernel == "layer_norm":
-        for n, d in sweep["layer_norm"]:
-            yield lambda n=n, d=d: layer_norm_case(bd, n, d)
+        for shape in sweep["layer_norm"]:
+            yield lambda shape=shape: layer_norm_case(bd, *shape)
     elif kernel == "attention":
         for shape in sweep["attention"]:
             yield lambda shape=shape: attention_case(bd, *shape)
     elif kernel == "gelu":
-        for n, d in sweep["gelu"]:
-            yield lambda n=n, d=d: gelu_case(bd, n, d)
+        for shape in sweep["gelu"]:
+            yield lambda shape=shape: gelu_case(bd, *shape)
 
 
 def run_sweep(bd: BenchDevice, ceilings: roofline.Ceilings, kernel_names: list[str], mode: str,
