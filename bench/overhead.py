@@ -1,4 +1,13 @@
-"""``python -m bench.overhead``: the Python cost of one fused-kernel call, before anything launches.
+"""``python -m bench.overhead``: the host (Python) cost of one engine op and of one fused-kernel call.
+
+Two tables. The first, per engine op on tiny tensors (4x4, so that only the host side matters),
+gives microseconds per call for the engine beside torch on the same device, measured in one run
+(median of ``repeat`` runs of ``number`` back-to-back calls): ``a + b`` with grad, ``a * b``, a
+4x4 matmul, tanh, sum, the issue's chain ``((a*b + a).tanh() * b).sum().backward()``, the ops of
+a small MLP (linear, relu, cross_entropy) and one whole MLP step (forward, backward, Adam). A
+ratio engine / torch at or below 1 is the target.
+
+The second table is about the kernels layer:
 
 The target is at most 15 us of host Python per fused-kernel call, so that small training steps
 stay launch-bound rather than interpreter-bound. Per public entry point (kernels.adam_step ...)
@@ -15,9 +24,10 @@ samples so that a full launch queue never blocks a call): ``cupy_us`` (the defau
 arrays) and ``numba_cuda_us`` (forced with ``impl="numba_cuda"``).
 
 Examples:
-    python3 -m bench.overhead                      # CPU figures (a)
+    python3 -m bench.overhead                      # both tables on the CPU
     python3 -m bench.overhead --device cuda        # (a) plus the cupy and numba_cuda host times
     python3 -m bench.overhead --quick --json out.json
+    python3 -m bench.overhead --ops-only           # only the engine-vs-torch op table
 """
 
 from __future__ import annotations
@@ -160,6 +170,124 @@ def measure_cuda(rows: list[dict], quick: bool = False) -> list[dict]:
     return rows
 
 
+# ---- engine ops beside torch ---------------------------------------------------------------
+
+def _op_cases(lib, device: str) -> dict:
+    """Op label -> a zero-argument callable that runs it once with ``lib`` (engine or torch) on
+    ``device``. The engine follows PyTorch's API, so one builder serves both libraries."""
+    lib.manual_seed(0)
+    nn, F = lib.nn, lib.nn.functional
+    a, b = (lib.randn(4, 4, device=device, requires_grad=True) for _ in range(2))
+    ca, cb = lib.randn(4, 4, device=device), lib.randn(4, 4, device=device)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)).to(device)
+    opt = lib.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = lib.randn(8, 16, device=device), lib.randint(0, 10, (8,), device=device)
+    logits = lib.randn(8, 10, device=device, requires_grad=True)
+    weight, bias = model[0].weight, model[0].bias
+
+    def chain():
+        ((a * b + a).tanh() * b).sum().backward()
+
+    def mlp_step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return {
+        "a + b (grad)": lambda: a + b,
+        "a * b (grad)": lambda: a * b,
+        "a * b (no grad)": lambda: ca * cb,
+        "matmul 4x4 (grad)": lambda: a @ b,
+        "tanh (grad)": lambda: a.tanh(),
+        "sum (grad)": lambda: a.sum(),
+        "((a*b+a).tanh()*b).sum().backward()": chain,
+        "linear 8x16->32 (grad)": lambda: F.linear(x, weight, bias),
+        "relu (grad)": lambda: F.relu(a),
+        "cross_entropy 8x10 (grad)": lambda: F.cross_entropy(logits, y),
+        "MLP 16-32-10 step (fwd+bwd+Adam)": mlp_step,
+    }
+
+
+def _loop_us(fn, number: int, sync) -> float:
+    """One timed run of ``number`` back-to-back calls of ``fn``, in us per call. The garbage
+    collector stays on (timeit turns it off): collecting the graphs is part of the cost of an op."""
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / number * 1e6
+
+
+def _torch_for(device: str):
+    """torch, if installed and able to run on ``device``; else None (the torch column stays empty)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if device == "cpu" or torch.cuda.is_available() else None
+
+
+def run_ops(device: str = "cpu", quick: bool = False, number: int | None = None, repeat: int | None = None) -> list[dict]:
+    """The engine-vs-torch op table: per op, the median over ``repeat`` runs of ``number`` calls,
+    in us per call, the two libraries' runs interleaved so that both see the same machine load."""
+    import engine
+
+    number = number or (100 if quick else 500)
+    repeat = repeat or (3 if quick else 7)
+    libs = {"engine": (engine, engine.synchronize)}
+    torch = _torch_for(device)
+    if torch is not None:
+        libs["torch"] = (torch, torch.cuda.synchronize if device == "cuda" else (lambda: None))
+    with _one_torch_thread(torch):
+        return _measure_ops(libs, device, number, repeat)
+
+
+@contextlib.contextmanager
+def _one_torch_thread(torch):
+    """torch on one intra-op thread while the op table runs: ops this small never split across
+    threads, but on a loaded machine torch's idle OpenMP workers spin against the timed thread
+    (seen on a busy 2-core VM: the MLP step at 12.9 ms with 2 threads, 0.38 ms with 1)."""
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_ops(libs: dict, device: str, number: int, repeat: int) -> list[dict]:
+    cases = {name: _op_cases(lib, device) for name, (lib, _) in libs.items()}
+    rows = []
+    for op in cases["engine"]:
+        samples = {name: [] for name in libs}
+        for name, (_, sync) in libs.items():  # warm-up: first-call imports, caches, optimizer state
+            _loop_us(cases[name][op], max(number // 10, 3), sync)
+        for _ in range(repeat):
+            for name, (_, sync) in libs.items():
+                samples[name].append(_loop_us(cases[name][op], number, sync))
+        row = {"op": op, "device": device}
+        for name in libs:
+            row[f"{name}_us"] = statistics.median(samples[name])
+        if "torch_us" in row:
+            row["ratio"] = row["engine_us"] / row["torch_us"]
+        rows.append(row)
+    return rows
+
+
+def format_ops_table(rows: list[dict]) -> str:
+    width = max(len(row["op"]) for row in rows) + 2
+    lines = [f"{'op (' + rows[0]['device'] + ')':<{width}}{'engine_us':>11}{'torch_us':>11}{'engine/torch':>14}"]
+    for row in rows:
+        torch_us = f"{row['torch_us']:>11.2f}" if "torch_us" in row else f"{'-':>11}"
+        ratio = f"{row['ratio']:>14.2f}" if "ratio" in row else f"{'-':>14}"
+        lines.append(f"{row['op']:<{width}}{row['engine_us']:>11.2f}{torch_us}{ratio}")
+    lines.append("(us per call, median of interleaved runs; target: engine/torch <= 1)")
+    return "\n".join(lines)
+
+
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     """Every row for ``device`` ('cpu': (a) only; 'cuda': (a) and the real GPU calls)."""
     rows = measure_host(quick)
@@ -178,21 +306,29 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--quick", action="store_true", help="fewer repeats (a second or two; noisier)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (a few seconds; noisier)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--ops-only", action="store_true", help="only the engine-vs-torch op table")
+    only.add_argument("--kernels-only", action="store_true", help="only the fused-kernel table")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = p.parse_args(argv)
-    rows = run(args.device, args.quick)
-    print(format_table(rows))
-    for row in rows:
-        for key in ("cupy_error", "numba_cuda_error"):
-            if key in row:
-                print(f"{row['kernel']}: {key}: {row[key]}")
+    result = {}
+    if not args.kernels_only:
+        result["ops"] = run_ops(args.device, args.quick)
+        print(format_ops_table(result["ops"]))
+    if not args.ops_only:
+        result["kernels"] = rows = run(args.device, args.quick)
+        print(format_table(rows))
+        for row in rows:
+            for key in ("cupy_error", "numba_cuda_error"):
+                if key in row:
+                    print(f"{row['kernel']}: {key}: {row[key]}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-    return rows
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 if __name__ == "__main__":
