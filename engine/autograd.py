@@ -18,16 +18,29 @@ import inspect
 import threading
 import weakref
 
+import numpy as np
+
 from engine import backend, dtypes
 from engine.amp import autocast_mode as _autocast
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, EngineError, GradError, describe
 
-_mode = threading.local()
+
+class _ThreadMode(threading.local):
+    """Per-thread autograd switches, with their defaults set in each new thread (reading an
+    attribute a thread never set through ``getattr(local, name, default)`` costs an exception
+    inside, on every op)."""
+
+    def __init__(self):
+        self.enabled = True  # grad mode (no_grad / enable_grad / set_grad_enabled)
+        self.watcher = None  # the innermost watch_grad_inputs callback, if any
+
+
+_mode = _ThreadMode()
 
 
 def is_grad_enabled() -> bool:
-    return getattr(_mode, "enabled", True)
+    return _mode.enabled
 
 
 @contextlib.contextmanager
@@ -84,7 +97,7 @@ def watch_grad_inputs():
     """
     from engine.tensor import Tensor
 
-    found, outer = {}, getattr(_mode, "watcher", None)
+    found, outer = {}, _mode.watcher
 
     def watch(inputs):
         for t in inputs:
@@ -102,7 +115,7 @@ def watch_grad_inputs():
 
 def notify_watcher(tensors) -> None:
     """Tell an active :func:`watch_grad_inputs` block that an op reads ``tensors`` (no-op outside one)."""
-    watcher = getattr(_mode, "watcher", None)
+    watcher = _mode.watcher
     if watcher is not None:
         watcher(tensors)
 
@@ -110,23 +123,27 @@ def notify_watcher(tensors) -> None:
 class Version:
     """How many in-place changes a storage has had. Every tensor viewing one storage (views made
     by ops, ``detach()``) shares one Version; every in-place op bumps it; a Function records the
-    versions of the tensors whose arrays it saved, and backward refuses to run it if one moved."""
+    versions of the tensors whose arrays it saved, and backward refuses to run it if one moved.
 
-    __slots__ = ("value", "_savers")
+    Every tensor an op makes gets one, so it is built without ``__init__``: the fields start as
+    class defaults and become instance attributes when first written.
+    """
 
-    def __init__(self):
-        self.value = 0
-        self._savers = None  # weak references to the graph nodes that saved this memory for backward
+    value = 0
+    _savers = None  # weak references to the graph nodes that saved this memory for backward
 
     def saved_by(self, node) -> None:
         """Remember that graph node ``node`` keeps this memory for its backward (weakly: a graph
         that is dropped or has run its backward no longer counts)."""
+        self._note_saver(weakref.ref(node))
+
+    def _note_saver(self, ref) -> None:
         refs = self._savers
         if refs is None:
             refs = self._savers = []
         elif len(refs) >= 16:  # a long-lived tensor saved by graph after graph: forget the dead ones
             refs[:] = [r for r in refs if _is_live_node(r())]
-        refs.append(weakref.ref(node))
+        refs.append(ref)
 
     def in_live_graph(self) -> bool:
         """Does a graph that has not yet run its backward keep this memory for it?"""
@@ -167,45 +184,64 @@ class Function:
     inputs: tuple = ()
     needs_input_grad: tuple = ()
     saved: tuple = ()
+    saved_versions: tuple = ()
     computes_in_float32 = True
     low_dtype = None  # the storage dtype forward rounded to, when it computed in float32
+    released = False  # True once backward has run and dropped what forward kept
+
+    # Set per subclass once, when it is defined (apply runs for every op, and asking these of the
+    # class each time showed in the per-op cost): a PyTorch-style Function (static forward taking
+    # ctx), and the op name autocast looks up, None for an op defined outside the engine.
+    _ctx_style = False
+    _autocast_name = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._ctx_style = isinstance(inspect.getattr_static(cls, "forward"), staticmethod)
+        cls._autocast_name = cls.op_name() if cls.__module__.startswith("engine.") else None
 
     @classmethod
     def apply(cls, *inputs, **params):
         """Run the op on tensors ``inputs`` (all on one device) and record it in the graph."""
-        from engine.tensor import Tensor
-
-        notify_watcher(inputs)
-        if _is_ctx_style(cls):  # a user's op: autocast reaches the engine ops its forward calls
+        mode = _mode
+        if mode.watcher is not None:
+            mode.watcher(inputs)
+        if cls._ctx_style:  # a user's op: autocast reaches the engine ops its forward calls
             return _apply_ctx_style(cls, inputs, params)
-        if _autocast.state.regions and cls.__module__.startswith("engine."):  # not a user's same-named op
-            inputs = tuple(_autocast.cast_inputs(cls.op_name(), inputs))
+        if _autocast.state.regions and cls._autocast_name is not None:  # not a user's same-named op
+            inputs = tuple(_autocast.cast_inputs(cls._autocast_name, inputs))
 
-        _check_same_device(cls.op_name(), inputs)
-        fn = cls()
+        for t in inputs:  # numpy arrays are all on the CPU: compare devices only for others
+            if type(t._data) is not _ndarray or not t._device_is_its_arrays:
+                _check_same_device(cls.op_name(), inputs)
+                break
         raw = [t._data for t in inputs]
-        needs = tuple(t.requires_grad for t in inputs)
+        fn = cls()
+        needs = tuple([t.requires_grad for t in inputs])
         fn.needs_input_grad = needs  # known in forward too, so it can save only what backward uses
-        if cls.computes_in_float32:
-            fn.low_dtype = dtypes.low_precision_of(raw)
-            if fn.low_dtype is not None:  # array params too: cross_entropy's weight, soft targets
-                raw = [dtypes.upcast(a) for a in raw]
-                params = {name: dtypes.upcast(value) for name, value in params.items()}
+        low = _low_precision_of(raw) if cls.computes_in_float32 else None
+        if low is not None:  # array params too: cross_entropy's weight, soft targets
+            fn.low_dtype = low
+            raw = [dtypes.upcast(a) for a in raw]
+            params = {name: dtypes.upcast(value) for name, value in params.items()}
         try:
             out = fn.forward(*raw, **params)
-            out = dtypes.round_to(out, fn.low_dtype) if fn.low_dtype is not None else out
+            if low is not None:
+                out = dtypes.round_to(out, low)
         except EngineError:
             raise
         except (ValueError, TypeError, IndexError) as e:
             operands = ", ".join(describe(t) for t in inputs)
             raise type(e)(f"{cls.op_name()}: {e} (operands: {operands})") from e
-        recorded = is_grad_enabled() and any(needs)
-        result = Tensor._from_op(out, fn if recorded else None)
+        recorded = mode.enabled and True in needs
+        result = _tensor.Tensor._from_op(out, fn if recorded else None)
         _share_storage(result, inputs)
         if recorded:
+            records = _saved_versions(fn, inputs, result)  # before fn.inputs: no tensors to scan
             fn.inputs = inputs
-            fn.saved_versions = _saved_versions(fn, inputs, result)
-            _note_savers(fn, fn.saved_versions)
+            if records:
+                fn.saved_versions = records
+                _note_savers(fn, records)
         return result
 
     @classmethod
@@ -228,6 +264,18 @@ class Function:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}Backward>"
+
+
+_ndarray = np.ndarray
+_LOW_PRECISION = dtypes.LOW_PRECISION
+
+
+def _low_precision_of(arrays):
+    """dtypes.low_precision_of for the arrays an op reads (all arrays: no getattr per element)."""
+    for a in arrays:
+        if a.dtype in _LOW_PRECISION:
+            return a.dtype
+    return None
 
 
 # ---- PyTorch-style Functions: static forward(ctx, ...) / backward(ctx, *grads) on Tensors -------
@@ -286,12 +334,6 @@ class FunctionCtx:
     def mark_dirty(self, *tensors) -> None:
         raise GradError(f"{self._name}.forward: mark_dirty (a Function changing its input in place) is not "
                         "supported; return a new tensor instead")
-
-
-@functools.cache
-def _is_ctx_style(cls) -> bool:
-    """A PyTorch-style Function: ``forward`` is a staticmethod (taking ctx, or paired with setup_context)."""
-    return isinstance(inspect.getattr_static(cls, "forward"), staticmethod)
 
 
 def _uses_setup_context(cls) -> bool:
@@ -377,8 +419,16 @@ def _versions_of(saved, inputs, outputs) -> tuple:
 def _note_savers(node, records) -> None:
     """Tell each saved memory's Version that ``node`` keeps it (``Tensor.numpy()`` hands such
     memory out read-only, so a write through numpy cannot silently corrupt the gradient)."""
-    for version, *_ in records:
-        version.saved_by(node)
+    ref = weakref.ref(node)  # one reference shared by every Version the node saved
+    for record in records:
+        version = record[0]
+        refs = version._savers
+        if refs is None:
+            version._savers = [ref]
+        elif len(refs) < 16:
+            refs.append(ref)
+        else:
+            version._note_saver(ref)  # full: it forgets the dead ones first
 
 
 class _SelectOutput(Function):
@@ -463,36 +513,73 @@ class _CtxBackward(Function):
 def _share_storage(result, inputs) -> None:
     """A result that views an input's memory shares its Version (and remembers the tensor it views)."""
     out = result._data
+    if getattr(out, "base", None) is None:  # owns its memory: a view only if it is an input's array
+        for t in inputs:
+            if out is t._data:
+                return _view_of(result, t)
+        return
+    root = storage_root(out)
     for t in inputs:
-        if out is t._data or (getattr(out, "base", None) is not None and storage_root(out) is storage_root(t._data)):
-            result._version = t._version
-            result._base = t._base if t._base is not None else t
-            return
+        if out is t._data or storage_root(t._data) is root:
+            return _view_of(result, t)
+
+
+def _view_of(result, t) -> None:
+    result._version = t._version
+    result._base = t._base if t._base is not None else t
+
+
+# Attribute values of a graph node that are never arrays: skipped without asking for .dtype
+_NOT_ARRAYS = frozenset({int, float, bool, str, tuple, type(None)})
+
+
+def _saved_arrays(fn) -> list:
+    """The arrays graph node ``fn`` keeps for backward: its array attributes and the arrays in its
+    tuple attributes (``self.save(...)`` stores a tuple)."""
+    saved = []
+    for value in fn.__dict__.values():
+        kind = type(value)
+        if kind is tuple:
+            for v in value:
+                kind = type(v)
+                if kind is _ndarray or (kind not in _NOT_ARRAYS and hasattr(v, "dtype") and hasattr(v, "base")):
+                    saved.append(v)
+        elif kind is _ndarray or (kind not in _NOT_ARRAYS and hasattr(value, "dtype") and hasattr(value, "base")):
+            saved.append(value)
+    return saved
 
 
 def _saved_versions(fn, inputs, result) -> tuple:
-    """(Version, value) for each input or output tensor whose memory ``fn`` kept for backward."""
-    saved = []
-    for value in fn.__dict__.values():
-        if isinstance(value, tuple):
-            saved.extend(v for v in value if hasattr(v, "dtype") and hasattr(v, "base"))
-        elif hasattr(value, "dtype") and hasattr(value, "base"):
-            saved.append(value)
+    """(Version, value, is the output) for each input or output tensor whose memory ``fn`` kept
+    for backward."""
+    saved = _saved_arrays(fn)
     if not saved:
         return ()
-    owners = [(storage_root(t._data), t) for t in (*inputs, result)]
+    owners = (*inputs, result)
     versions = {}
     for array in saved:
-        root = storage_root(array)
-        for owner_root, tensor in owners:
-            if root is owner_root:
-                versions[id(tensor._version)] = (tensor._version, tensor._version.value, tensor is result)
+        owner = None
+        for t in owners:  # most saved arrays are an input's or the output's own array
+            if array is t._data:
+                owner = t
                 break
+        else:
+            root = storage_root(array)
+            for t in owners:
+                if storage_root(t._data) is root:
+                    owner = t
+                    break
+        if owner is not None:
+            version = owner._version
+            versions[id(version)] = (version, version.value, owner is result)
     return tuple(versions.values())
 
 
 def _check_saved_versions(fn) -> None:
-    _check_version_records(type(fn).__name__.removesuffix('Function'), getattr(fn, "saved_versions", ()))
+    records = fn.saved_versions
+    for version, value, _ in records:
+        if version.value != value:  # name the op only when there is an error to raise
+            _check_version_records(type(fn).__name__.removesuffix('Function'), records)
 
 
 def _check_version_records(name: str, records) -> None:
@@ -526,7 +613,13 @@ def grad_lock(tensor) -> threading.Lock:
     return _GRAD_LOCKS[(id(tensor) >> 4) & 63]  # objects are 16-byte aligned: skip the zero bits
 
 
-_seed = threading.local()
+class _BackwardState(threading.local):
+    def __init__(self):
+        self.unit = None  # the all-ones seed of the running backward()
+        self.queue = None  # callbacks queued for the end of the running backward()
+
+
+_seed = _callbacks = _BackwardState()
 
 
 def is_unit_seed(grad) -> bool:
@@ -535,13 +628,12 @@ def is_unit_seed(grad) -> bool:
     A Function whose backward would multiply by the incoming gradient can skip the multiply for
     it, without reading the value back from the device (which would be a host sync).
     """
-    return grad is not None and grad is getattr(_seed, "unit", None)
+    return grad is not None and grad is _seed.unit
 
 
 def backward(root, grad=None, retain_graph: bool = False) -> None:
     """Accumulate d(root)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
-    from engine.tensor import Tensor
-
+    Tensor = _tensor.Tensor
     if not root.requires_grad:
         raise GradError(f"backward: {describe(root)} does not require grad and has no grad_fn; "
                         "create the inputs with requires_grad=True (and not under no_grad())")
@@ -559,7 +651,7 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         if grad.shape != root.shape:
             raise GradError(f"backward: gradient shape {grad.shape} does not match {describe(root)}")
 
-    outer_callbacks = getattr(_callbacks, "queue", None)
+    outer_callbacks = _callbacks.queue
     _callbacks.queue = []
     try:
         _propagate([(root, grad)], retain_graph)
@@ -570,8 +662,6 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         _seed.unit = None
         _callbacks.queue = outer_callbacks
 
-
-_callbacks = threading.local()
 
 
 def saved_bytes(root) -> int:
@@ -603,7 +693,7 @@ def queue_callback(callback) -> None:
     """Run ``callback()`` once the running ``backward()`` has finished (PyTorch's
     ``Variable._execution_engine.queue_callback``): DistributedDataParallel waits for its gradient
     all-reduces there, before the optimizer step. Only valid while a backward runs (from a hook)."""
-    queued = getattr(_callbacks, "queue", None)
+    queued = _callbacks.queue
     if queued is None:
         raise GradError("queue_callback: no backward() is running; call it from a gradient hook")
     queued.append(callback)
@@ -621,38 +711,44 @@ def _propagate(roots, retain_graph: bool, stop=frozenset()) -> dict:
         key = id(tensor)
         grads[key] = g if key not in grads else grads[key] + g
     for tensor in _topological_order([t for t, _ in roots], stop):
-        if id(tensor) in stop:
+        key = id(tensor)
+        if stop and key in stop:
             continue  # its gradient stays in ``grads`` for the caller
-        g = grads.pop(id(tensor), None)
+        g = grads.pop(key, None)
         if g is None:
             continue
         fn = tensor.grad_fn
-        if fn is None or tensor._retains_grad:
-            tensor._accumulate_grad(g)
         if fn is None:
-            for hook in tuple(getattr(tensor, "_post_grad_hooks", None) or ()):
-                hook(tensor)  # this leaf's gradient is final for this backward
+            tensor._accumulate_grad(g)
+            hooks = getattr(tensor, "_post_grad_hooks", None)
+            if hooks:
+                for hook in tuple(hooks):
+                    hook(tensor)  # this leaf's gradient is final for this backward
             continue
+        if tensor._retains_grad:
+            tensor._accumulate_grad(g)
         # Read before backward: a backward() in another thread through this same graph may release
         # fn meanwhile (clearing its attributes), which must raise, not drop the gradient.
-        inputs, needs = vars(fn).get("inputs"), fn.needs_input_grad
+        state = fn.__dict__
+        inputs, needs = state.get("inputs"), fn.needs_input_grad
         if inputs is None:
             raise _second_pass_error()
-        _check_saved_versions(fn)
+        if fn.saved_versions:
+            _check_saved_versions(fn)
         try:
             input_grads = _low_precision_backward(fn, g, inputs) if fn.low_dtype is not None else fn.backward(g)
         except Exception as exc:
-            if "inputs" not in vars(fn):
+            if "inputs" not in state:
                 raise _second_pass_error() from exc
             raise
-        if "inputs" not in vars(fn):  # released while it ran: what it read may be partial
+        if "inputs" not in state:  # released while it ran: what it read may be partial
             raise _second_pass_error()
-        if not isinstance(input_grads, tuple):
+        if type(input_grads) is not tuple:
             input_grads = (input_grads,)
         for inp, needed, gi in zip(inputs, needs, input_grads):
             if not needed or gi is None:
                 continue
-            if gi.shape != inp.shape:
+            if gi.shape != inp._data.shape:
                 raise GradError(f"{type(fn).__name__}.backward returned a gradient of shape {gi.shape} "
                                 f"for input {describe(inp)}")
             key = id(inp)
@@ -686,15 +782,17 @@ def _topological_order(roots, stop=frozenset()) -> list:
     last op that reads it has run backward, not at the end of the pass. DistributedDataParallel
     starts all-reducing a bucket there, while the rest of backward runs.
     """
-    def inputs(tensor):
-        fn = None if id(tensor) in stop else tensor.grad_fn
-        return [inp for inp in getattr(fn, "inputs", ()) if inp.requires_grad] if fn is not None else ()
-
     roots = list({id(r): r for r in roots}.values())
-    users, stack = {}, list(roots)  # users: id -> how many graph edges read the tensor
+    users, edges, stack = {}, {}, list(roots)  # users: id -> how many graph edges read the tensor
     seen = {id(r) for r in roots}
     while stack:
-        for inp in inputs(stack.pop()):
+        tensor = stack.pop()
+        fn = tensor.grad_fn
+        if fn is None or (stop and id(tensor) in stop):
+            continue
+        # The edges are read once, here: the ordering pass below walks the same snapshot.
+        inputs = edges[id(tensor)] = [inp for inp in getattr(fn, "inputs", ()) if inp.requires_grad]
+        for inp in inputs:
             key = id(inp)
             users[key] = users.get(key, 0) + 1
             if key not in seen:
@@ -704,10 +802,10 @@ def _topological_order(roots, stop=frozenset()) -> list:
     while ready:
         tensor = ready.pop()
         order.append(tensor)
-        for inp in inputs(tensor):
+        for inp in edges.get(id(tensor), ()):
             key = id(inp)
-            users[key] -= 1
-            if users[key] == 0:
+            left = users[key] = users[key] - 1
+            if left == 0:
                 if inp.grad_fn is None or key in stop:
                     order.append(inp)  # nothing to expand: accumulate (or hand back) its gradient next
                 else:
@@ -727,3 +825,5 @@ def unbroadcast(grad, shape: tuple):
         grad = grad.sum(axis=axes, keepdims=True)
     return grad
 
+
+import engine.tensor as _tensor  # noqa: E402  (tensor.py imports this module: bound late, read per op)

@@ -23,6 +23,9 @@ bfloat16 = dtypes.bfloat16  # ml_dtypes' bfloat16, the type JAX uses
 int32, int64, bool_ = np.int32, np.int64, np.bool_
 
 
+_new_tensor = object.__new__
+
+
 class Tensor:
     """An n-dimensional array on a device, recording the ops that made it when grad is on.
 
@@ -41,6 +44,9 @@ class Tensor:
     __slots__ = ("_data", "_grad", "requires_grad", "grad_fn", "_retains_grad", "_version", "_base",
                  "_post_grad_hooks", "__weakref__")
     __array_priority__ = 1000  # numpy scalars defer to Tensor's reflected operators
+    # False for a subclass that defines its own ``device``: ops then ask it, rather than assuming
+    # that a numpy array's tensor is on the CPU (Function.apply's fast path).
+    _device_is_its_arrays = True
     __hash__ = object.__hash__  # == is elementwise, so hash by identity like PyTorch
 
     def __init__(self, data=None, *sizes, requires_grad: bool = False, dtype=None, device=None):
@@ -54,17 +60,26 @@ class Tensor:
         self._retains_grad = False
         self._version = Version()  # shared with every tensor viewing the same memory
         self._base = None  # the tensor this one is a view of (made by an op), if any
+        self._post_grad_hooks = None
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "device" in cls.__dict__:
+            cls._device_is_its_arrays = False
+
     @classmethod
     def _from_op(cls, data, grad_fn) -> "Tensor":
-        t = Tensor.__new__(Tensor)
+        t = _new_tensor(Tensor)
         if isinstance(data, np.generic):  # numpy reductions return scalars; keep 0-d arrays
             data = np.asarray(data)
-        t._data, t._grad, t.grad_fn, t._retains_grad = data, None, grad_fn, False
-        t._version, t._base = Version(), None
+        t._data = data
+        t._grad = t._base = t._post_grad_hooks = None
+        t.grad_fn = grad_fn
+        t._retains_grad = False
+        t._version = Version()
         t.requires_grad = grad_fn is not None
         return t
 
@@ -168,7 +183,7 @@ class Tensor:
         with grad_lock(self):  # backward() may run in several threads at once (see grad_lock)
             if self._grad is None:
                 # Copy: ``g`` may be a view shared with another tensor's gradient.
-                self._grad = Tensor(self.xp.array(g, copy=True))
+                self._grad = Tensor._from_op(g.copy(), None)
             else:
                 self._grad._data += g
                 self._grad._version.value += 1
@@ -767,6 +782,7 @@ def _rebuild(cls, data, requires_grad: bool, attributes=None) -> Tensor:
     t = cls.__new__(cls)
     t._data, t._grad, t.grad_fn, t._retains_grad = data, None, None, False
     t._version, t._base, t.requires_grad = Version(), None, bool(requires_grad)
+    t._post_grad_hooks = None
     if attributes:
         t.__dict__.update(attributes)
     return t
