@@ -77,12 +77,17 @@ def best_device() -> Device:
     return Device("cuda", 0) if cuda_available() else CPU
 
 
-_state = threading.local()
+class _DeviceState(threading.local):
+    def __init__(self):
+        self.default = CPU  # per thread, set on first use (cheaper than getattr with a default)
+
+
+_state = _DeviceState()
 
 
 def default_device() -> Device:
     """Device that factories (``zeros``, ``randn`` ...) use when none is given. Starts as cpu."""
-    return getattr(_state, "default", CPU)
+    return _state.default
 
 
 def set_default_device(spec: str | Device) -> None:

@@ -48,7 +48,7 @@ def _promoted(a: Tensor) -> Tensor:
     """``a`` for an op whose value is a float (exp, sigmoid ...): integer and bool tensors become
     float32, PyTorch's default dtype, as ``torch.exp(int_tensor)`` does (not float64, and never an
     integer result that truncates every value to 0)."""
-    return cast(a, DEFAULT_FLOAT) if _is_integral(a.dtype) else a
+    return cast(a, DEFAULT_FLOAT) if isinstance(a, Tensor) and a._data.dtype.kind in "biu" else a
 
 
 def _require_float(op: str, a: Tensor, fix: str = "convert with .float()") -> None:
@@ -65,11 +65,15 @@ def _binary_operands(op: str, a, b) -> tuple[Tensor, Tensor]:
     bfloat16 with float32 is float32, bfloat16 with float16 is float32, and a 0-d tensor (or a
     scalar) does not promote a tensor with dimensions of the same category (``bf16 * fp32_0d`` stays
     bfloat16). Both casts are differentiable, so each gradient comes back in its operand's dtype."""
-    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+    if isinstance(a, Tensor):
+        if not isinstance(b, Tensor):
+            b = _scalar_operand(b, a)
+    elif isinstance(b, Tensor):
+        a = _scalar_operand(a, b)
+    else:
         raise TypeError(f"{op}: at least one operand must be a Tensor")
-    a = a if isinstance(a, Tensor) else _scalar_operand(a, b)
-    b = b if isinstance(b, Tensor) else _scalar_operand(b, a)
-    if a.dtype != b.dtype:
+    a_dtype, b_dtype = a._data.dtype, b._data.dtype
+    if a_dtype is not b_dtype and a_dtype != b_dtype:
         target = dtypes.result_type([t.dtype for t in (a, b) if t.ndim], [t.dtype for t in (a, b) if not t.ndim])
         a, b = cast(a, target), cast(b, target)
     return a, b
@@ -107,8 +111,8 @@ def _scalar_operand(value, like: Tensor) -> Tensor:
     if backend.is_array(value) and not isinstance(value, np.ndarray):
         return Tensor(value)
     arr = np.asarray(value)
-    if _is_float(like.dtype):
-        dtype = like.dtype
+    if _is_float(like._data.dtype):
+        dtype = like._data.dtype
     elif arr.dtype.kind in "iub":
         if arr.ndim:
             dtype = arr.dtype
@@ -118,7 +122,10 @@ def _scalar_operand(value, like: Tensor) -> Tensor:
             dtype = like.dtype
     else:  # a float scalar is PyTorch's default dtype; a float array keeps its own below float64
         dtype = np.float32 if arr.dtype == np.float64 or arr.ndim == 0 else arr.dtype
-    return Tensor(arr.astype(dtype, copy=False), device=like.device)
+    arr = arr.astype(dtype, copy=False)
+    if type(like._data) is np.ndarray:  # already where it must be: no device lookup
+        return Tensor._from_op(arr, None)
+    return Tensor(arr, device=like.device)
 
 
 # ---- elementwise arithmetic --------------------------------------------------------------------
@@ -201,22 +208,29 @@ def add(a, b, *, alpha=1, out=None) -> Tensor:
     """``a + alpha * b`` (``torch.add``); ``out=`` writes the result into an existing tensor."""
     if alpha != 1:
         b = mul(b, alpha) if isinstance(b, Tensor) else b * alpha
-    return write_out("add", Add.apply(*_binary_operands("add", a, b)), out)
+    result = Add.apply(*_binary_operands("add", a, b))
+    return result if out is None else write_out("add", result, out)
+
+
+def _is_bool_tensor(x) -> bool:
+    return isinstance(x, Tensor) and x._data.dtype == np.bool_
 
 
 def sub(a, b, *, alpha=1, out=None) -> Tensor:
     """``a - alpha * b`` (``torch.sub``); a bool tensor operand is refused, as in PyTorch."""
-    if builtins.any(isinstance(t, Tensor) and t.dtype == np.bool_ for t in (a, b)):
+    if _is_bool_tensor(a) or _is_bool_tensor(b):
         raise DTypeError(f"sub: subtraction with a bool tensor is not supported (as in PyTorch): {describe(a)} - "
                          f"{describe(b)}; invert a mask with ~ or logical_not, or convert with .long() or .float()")
     if alpha != 1:
         b = mul(b, alpha) if isinstance(b, Tensor) else b * alpha
-    return write_out("sub", Sub.apply(*_binary_operands("sub", a, b)), out)
+    result = Sub.apply(*_binary_operands("sub", a, b))
+    return result if out is None else write_out("sub", result, out)
 
 
 def mul(a, b, *, out=None) -> Tensor:
     """Elementwise product (``torch.mul``)."""
-    return write_out("mul", Mul.apply(*_binary_operands("mul", a, b)), out)
+    result = Mul.apply(*_binary_operands("mul", a, b))
+    return result if out is None else write_out("mul", result, out)
 
 
 def div(a, b, *, out=None) -> Tensor:
@@ -371,13 +385,18 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(dtypes.bfloat16))
 
 
-_settings = threading.local()
+class _Settings(threading.local):
+    def __init__(self):
+        self.fused = True  # set per thread: a missing attribute read with a default costs an exception
+
+
+_settings = _Settings()
 
 
 def fused_enabled() -> bool:
     """Whether ops with a fused kernel use it (default True). Re-exported as ``F.fused_enabled``;
     it lives here, the lowest layer with a fused op (GELU), so that F's ops and this one share it."""
-    return getattr(_settings, "fused", True)
+    return _settings.fused
 
 
 @contextlib.contextmanager
@@ -662,7 +681,9 @@ class Sum(Function):
 
     def backward(self, g):
         g = _expand_reduced(g, self.shape, self.axes, self.keepdims)
-        return _xp(g).broadcast_to(g, self.shape).copy()
+        out = _xp(g).empty(self.shape, dtype=g.dtype)  # a broadcast write: a quarter of broadcast_to + copy
+        out[...] = g
+        return out
 
 
 class Mean(Function):

@@ -250,7 +250,8 @@ def autocast_op(op_name: str):
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if not any(_POLICIES[kind].get(op_name) for kind in state.regions):  # unlisted here: as written
+            regions = state.regions
+            if not regions or not any(_POLICIES[kind].get(op_name) for kind in regions):  # as written
                 return fn(*args, **kwargs)
             args = cast_inputs(op_name, args)
             keys = list(kwargs)
