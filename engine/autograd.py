@@ -84,6 +84,36 @@ class enable_grad(no_grad):
 
 
 @contextlib.contextmanager
+def watch_op_inputs(callback):
+    """Call ``callback(inputs, op)`` for every op run in this thread inside the block, before it
+    runs: ``inputs`` are its operands (Tensors and others), ``op`` names it (a Function class,
+    a string such as ``"add_"`` for an in-place Tensor method, or None; :func:`op_label` turns
+    it into a name). Blocks nest: an inner block's ops are reported to the outer ones too.
+
+    The hook costs nothing outside a block; activation checkpointing and CUDA graph capture use it.
+    """
+    outer = _mode.watcher
+
+    def watch(inputs, op=None):
+        callback(inputs, op)
+        if outer is not None:
+            outer(inputs, op)
+
+    _mode.watcher = watch
+    try:
+        yield
+    finally:
+        _mode.watcher = outer
+
+
+def op_label(op) -> str:
+    """The name of an op as :func:`watch_op_inputs` reports it."""
+    if isinstance(op, type) and issubclass(op, Function):
+        return op.op_name()
+    return "an op" if op is None else str(op)
+
+
+@contextlib.contextmanager
 def watch_grad_inputs():
     """Collect every tensor requiring grad that an op reads inside the block, in first-use order.
 
@@ -95,29 +125,22 @@ def watch_grad_inputs():
     Yields:
         dict: ``id(tensor) -> tensor``, filled while the block runs.
     """
-    from engine.tensor import Tensor
+    found = {}
 
-    found, outer = {}, _mode.watcher
-
-    def watch(inputs):
+    def note(inputs, op):
         for t in inputs:
-            if isinstance(t, Tensor) and t.requires_grad and id(t) not in found:
+            if isinstance(t, _tensor.Tensor) and t.requires_grad and id(t) not in found:
                 found[id(t)] = t
-        if outer is not None:
-            outer(inputs)
 
-    _mode.watcher = watch
-    try:
+    with watch_op_inputs(note):
         yield found
-    finally:
-        _mode.watcher = outer
 
 
-def notify_watcher(tensors) -> None:
-    """Tell an active :func:`watch_grad_inputs` block that an op reads ``tensors`` (no-op outside one)."""
+def notify_watcher(tensors, op=None) -> None:
+    """Tell the active :func:`watch_op_inputs` blocks that op ``op`` reads ``tensors`` (no-op outside one)."""
     watcher = _mode.watcher
     if watcher is not None:
-        watcher(tensors)
+        watcher(tensors, op)
 
 
 class Version:
@@ -205,7 +228,7 @@ class Function:
         """Run the op on tensors ``inputs`` (all on one device) and record it in the graph."""
         mode = _mode
         if mode.watcher is not None:
-            mode.watcher(inputs)
+            mode.watcher(inputs, cls)
         if cls._ctx_style:  # a user's op: autocast reaches the engine ops its forward calls
             return _apply_ctx_style(cls, inputs, params)
         if _autocast.state.regions and cls._autocast_name is not None:  # not a user's same-named op
@@ -699,12 +722,14 @@ def queue_callback(callback) -> None:
     queued.append(callback)
 
 
-def _propagate(roots, retain_graph: bool, stop=frozenset()) -> dict:
+def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = True) -> dict:
     """Run backward from ``roots`` ((tensor, gradient array) pairs) through the graph.
 
     Leaves accumulate into ``.grad`` (and fire their post-accumulate hooks). Tensors whose id is in
     ``stop`` end the walk: their gradients are not accumulated but returned, keyed by id (activation
-    checkpointing takes the gradients of a recomputed block's inputs this way).
+    checkpointing takes the gradients of a recomputed block's inputs this way). With
+    ``accumulate=False`` no ``.grad`` changes at all (PyTorch's ``autograd.grad``): gradients
+    reaching leaves outside ``stop`` are dropped.
     """
     grads = {}
     for tensor, g in roots:
@@ -719,13 +744,14 @@ def _propagate(roots, retain_graph: bool, stop=frozenset()) -> dict:
             continue
         fn = tensor.grad_fn
         if fn is None:
-            tensor._accumulate_grad(g)
-            hooks = getattr(tensor, "_post_grad_hooks", None)
-            if hooks:
-                for hook in tuple(hooks):
-                    hook(tensor)  # this leaf's gradient is final for this backward
+            if accumulate:
+                tensor._accumulate_grad(g)
+                hooks = getattr(tensor, "_post_grad_hooks", None)
+                if hooks:
+                    for hook in tuple(hooks):
+                        hook(tensor)  # this leaf's gradient is final for this backward
             continue
-        if tensor._retains_grad:
+        if tensor._retains_grad and accumulate:
             tensor._accumulate_grad(g)
         # Read before backward: a backward() in another thread through this same graph may release
         # fn meanwhile (clearing its attributes), which must raise, not drop the gradient.

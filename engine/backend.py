@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ def device(spec: str | Device | None = None) -> Device:
     if kind == "cpu" and not index:
         return CPU
     if kind == "cuda" and (not index or index.isdigit()):
-        return Device("cuda", int(index or 0))
+        return Device("cuda", int(index) if index else _state.cuda_index)
     raise DeviceError(f"device: cannot parse {spec!r}; use 'cpu', 'cuda' or 'cuda:N'")
 
 
@@ -60,7 +62,7 @@ def cuda_device_count() -> int:
     if importlib.util.find_spec("cupy") is None:
         return 0
     try:
-        import cupy
+        import cupy  # not cupy_module(): counting devices must not install the allocator
 
         return int(cupy.cuda.runtime.getDeviceCount())
     except Exception:  # no driver, no device, broken install: all mean "no CUDA here"
@@ -80,6 +82,7 @@ def best_device() -> Device:
 class _DeviceState(threading.local):
     def __init__(self):
         self.default = CPU  # per thread, set on first use (cheaper than getattr with a default)
+        self.cuda_index = 0  # what "cuda" without an index means (engine.cuda.set_device)
 
 
 _state = _DeviceState()
@@ -88,6 +91,17 @@ _state = _DeviceState()
 def default_device() -> Device:
     """Device that factories (``zeros``, ``randn`` ...) use when none is given. Starts as cpu."""
     return _state.default
+
+
+def current_cuda_index() -> int:
+    """The CUDA device ``"cuda"`` (without an index) means in this thread: 0 unless
+    ``engine.cuda.set_device`` chose another, as in PyTorch."""
+    return _state.cuda_index
+
+
+def set_current_cuda_index(index: int) -> None:
+    """Make ``"cuda"`` mean ``cuda:index`` in this thread (engine.cuda.set_device checks the index)."""
+    _state.cuda_index = int(index)
 
 
 def set_default_device(spec: str | Device) -> None:
@@ -112,8 +126,7 @@ def xp_for(dev: Device):
     if dev.type == "cpu":
         return np
     check_available(dev)
-    import cupy
-
+    cupy = cupy_module()
     if _cublas_configured is not cupy:  # the first GPU use: cupy takes the engine's matmul precision
         _configure_cublas(cupy)
     return cupy
@@ -143,8 +156,19 @@ def to_device(array, dev: Device):
         return to_host(array)
     cupy = xp_for(dev)
     check_cuda_dtype(array.dtype, cupy)
+    if _capture.region is not None and isinstance(array, (np.ndarray, np.generic)):
+        _refuse_in_capture(f"copies a {tuple(array.shape)} {array.dtype} host array to {dev}")
     with cupy.cuda.Device(dev.index):
         return cupy.asarray(array)
+
+
+def full_on(dev: Device, shape: tuple, value, dtype):
+    """An array of ``shape`` filled with the number ``value`` on ``dev``: on a GPU a fill kernel
+    (or memset) with the value as its argument, never a host-to-device copy, so it neither waits
+    nor breaks a CUDA graph capture."""
+    xp = xp_for(dev)
+    with on_device(dev):
+        return xp.full(shape, value, dtype=dtype)
 
 
 def check_cuda_dtype(dtype, cupy) -> None:
@@ -265,8 +289,13 @@ def to_host(array) -> np.ndarray:
     """``array`` as a numpy array: a copy (and a wait for the device) for a cupy array.
 
     Also the natural sync point at which checks deferred on the device are settled (a target
-    out of range in cross-entropy, say): see ``kernels.raise_deferred_errors``.
+    out of range in cross-entropy, say): see ``kernels.raise_deferred_errors``. Inside a CUDA
+    graph capture (:func:`capturing`) a read raises an EngineError naming the caller: it would
+    run once, at capture, and never on replay.
     """
+    if _capture.region is not None:
+        _refuse_in_capture(f"reads a {tuple(getattr(array, 'shape', ()))} {getattr(array, 'dtype', '')} array "
+                           "from the device on the host")
     for reads in _host_read_counters:
         reads.count += 1
         reads.shapes.append(tuple(getattr(array, "shape", ())))
@@ -285,11 +314,95 @@ def on_device(dev: Device):
 
 
 def synchronize(dev: Device | None = None) -> None:
-    """Wait for queued device work (no-op on cpu); for timing."""
+    """Wait for queued device work (no-op on cpu); for timing. Refused inside a CUDA graph capture."""
     dev = device(dev)
+    if _capture.region is not None:
+        _refuse_in_capture("waits for the device (a synchronize)")
     if dev.type == "cuda":
         xp_for(dev).cuda.Device(dev.index).synchronize()
         kernels.raise_deferred_errors()
+
+
+# ---- CUDA graph capture: what must not happen inside one ------------------------------------
+#
+# engine.cuda.graph marks the thread as capturing for the length of a capture. The host reads
+# and waits above check the mark: on the device they would fail deep inside CUDA (or, worse,
+# run once at capture and be missing from every replay), so they raise here, naming the caller.
+
+class _CaptureState(threading.local):
+    def __init__(self):
+        self.region = None  # what is capturing in this thread (a short description), or None
+
+
+_capture = _CaptureState()
+
+
+class CaptureError(DeviceError):
+    """Something inside a CUDA graph capture that a replay could not repeat (a host read, a wait,
+    a CPU tensor, a shape change between replays)."""
+
+
+class capturing:
+    """Context manager: this thread is capturing a CUDA graph (``region`` names it in errors)."""
+
+    def __init__(self, region: str):
+        self.region = region
+
+    def __enter__(self):
+        self._previous, _capture.region = _capture.region, self.region
+        return self
+
+    def __exit__(self, *exc):
+        _capture.region = self._previous
+        return False
+
+
+def capture_region() -> str | None:
+    """What this thread is capturing (see :class:`capturing`), or None."""
+    return _capture.region
+
+
+def refuse_in_capture(op: str, what: str) -> None:
+    """Raise a CaptureError if this thread is capturing a CUDA graph: ``op`` (a name) ``what``
+    (for example "waits for an event") would not be repeated by a replay."""
+    if _capture.region is not None:
+        _refuse_in_capture(what, op)
+
+
+def _refuse_in_capture(what: str, op: str | None = None) -> None:
+    raise CaptureError(f"{op or _caller()} {what} inside {_capture.region}. A captured region runs on the host "
+                       "once, at capture; every replay repeats only its GPU work, so this would happen "
+                       "once and never again. Read the static outputs after replay() instead (or move "
+                       "the read out of the captured region)")
+
+
+def _caller() -> str:
+    """``Tensor.item (tensor.py:314, called from train.py:40)``: the engine function that led here
+    (the outermost of a chain of calls within one engine file, below this module) and the first
+    place outside the engine that called it."""
+    frame = sys._getframe(1)
+    while frame is not None and _file_of(frame) == _HERE:
+        frame = frame.f_back
+    if frame is None:
+        return "a call"
+    while frame.f_back is not None and _file_of(frame.f_back) == _file_of(frame):
+        frame = frame.f_back  # Tensor.item calls Tensor.numpy: name item, what the user called
+    user = frame.f_back
+    while user is not None and _file_of(user).startswith(_ENGINE_DIR):
+        user = user.f_back
+    code = frame.f_code
+    where = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
+    if user is not None and user is not frame:
+        where += f", called from {os.path.basename(user.f_code.co_filename)}:{user.f_lineno}"
+    return f"{getattr(code, 'co_qualname', code.co_name)} ({where})"
+
+
+def _file_of(frame) -> str:
+    return os.path.normcase(frame.f_code.co_filename)
+
+
+_HERE = os.path.normcase(__file__)
+_ENGINE_DIR = os.path.normcase(os.path.dirname(__file__)) + os.sep
 
 
 def scatter_add(target, index, values) -> None:
@@ -310,12 +423,71 @@ class _NullContext:
         return False
 
 
+# ---- cupy, imported once, with the default pool's peak tracked ---------------------------------
+
+# Bytes in use in the private pools of CUDA graphs, per device index, as engine.cuda.memory last
+# counted them (they change only while a graph captures, and when a graph is dropped).
+graph_pool_bytes: dict[int, int] = {}
+
+
+class PeakTracker:
+    """A cupy allocator: the default memory pool's ``malloc``, keeping the peak per device of
+    the bytes in use in it and in the graph pools together (cupy's pools know their current use
+    only). A peak follows an allocation, so reading the use after each one gives the maximum."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.peak: dict[int, int] = {}
+
+    def malloc(self, size: int):
+        memptr = self.pool.malloc(size)
+        device_id = memptr.device_id
+        used = self.pool.used_bytes() + graph_pool_bytes.get(device_id, 0)
+        if used > self.peak.get(device_id, 0):
+            self.peak[device_id] = used
+        return memptr
+
+
+_cupy_state = {"module": None, "tracker": None}
+
+
+def cupy_module():
+    """The cupy module, imported once (a function-level ``import`` costs about 0.6 us per call).
+
+    On first use the default memory pool's allocator is wrapped by a :class:`PeakTracker` (unless
+    the program installed its own allocator), so that ``engine.cuda.max_memory_allocated`` knows
+    the peak. A different module object in ``sys.modules`` (a test's stand-in) is picked up.
+    """
+    module = sys.modules.get("cupy")
+    if module is None or module is not _cupy_state["module"]:
+        import cupy as module
+
+        _cupy_state["module"], _cupy_state["tracker"] = module, _track_default_pool(module)
+    return module
+
+
+def _track_default_pool(cupy):
+    get_pool = getattr(cupy, "get_default_memory_pool", None)
+    if get_pool is None:  # a stand-in without memory pools (tests)
+        return None
+    pool = get_pool()
+    if cupy.cuda.get_allocator() != pool.malloc:  # the program chose its own allocator: leave it
+        return None
+    tracker = PeakTracker(pool)
+    cupy.cuda.set_allocator(tracker.malloc)
+    return tracker
+
+
+def default_pool_tracker() -> PeakTracker | None:
+    """The tracker of cupy's default pool (None before the first CUDA use, or when the program
+    installed its own allocator)."""
+    return _cupy_state["tracker"]
+
+
 def _cupy_of(array):
     module = type(array).__module__
     if module.startswith("cupy"):
-        import cupy
-
-        return cupy
+        return cupy_module()
     raise TypeError(f"expected a numpy or cupy array, got {type(array).__module__}.{type(array).__name__}")
 
 
@@ -326,23 +498,40 @@ _seed = _DEFAULT_SEED
 _generators: dict[Device, object] = {}
 
 
+_device_seeds: dict[Device, int] = {}  # seeds given to one device (engine.cuda.manual_seed)
+
+
 def manual_seed(seed: int) -> None:
     """Seed every RNG the engine uses (each device's generator; dropout, init, shuffling)."""
     global _seed
     _seed = int(seed)
+    _device_seeds.clear()
     _generators.clear()
 
 
+def seed_device(dev: Device, seed: int) -> None:
+    """Seed the generator of ``dev`` alone (PyTorch's ``torch.cuda.manual_seed``); the next draw
+    on ``dev`` starts from ``seed``. ``manual_seed`` later reseeds every device again."""
+    _device_seeds[dev] = int(seed)
+    _generators.pop(dev, None)
+
+
 def generator(dev: Device | None = None):
-    """The engine's random generator for ``dev``: a numpy Generator on cpu, a cupy one on cuda."""
+    """The engine's random generator for ``dev``: a numpy Generator on cpu, a cupy one on cuda.
+
+    Refused inside a CUDA graph capture for a GPU: cupy's generator keeps its position on the
+    host, so every replay would draw the same numbers (the same dropout mask, step after step).
+    """
     dev = device(dev)
+    if _capture.region is not None and dev.type == "cuda":
+        _refuse_in_capture(f"draws random numbers on {dev} (a replay would repeat the same draw)")
     if dev not in _generators:
         if dev.type == "cpu":
             _generators[dev] = np.random.Generator(np.random.PCG64(_seed))
         else:
             cupy = xp_for(dev)
             with cupy.cuda.Device(dev.index):
-                _generators[dev] = cupy.random.RandomState(_seed + dev.index)
+                _generators[dev] = cupy.random.RandomState(_device_seeds.get(dev, _seed + dev.index))
     return _generators[dev]
 
 

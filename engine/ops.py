@@ -125,6 +125,8 @@ def _scalar_operand(value, like: Tensor) -> Tensor:
     arr = arr.astype(dtype, copy=False)
     if type(like._data) is np.ndarray:  # already where it must be: no device lookup
         return Tensor._from_op(arr, None)
+    if arr.ndim == 0:  # a number: filled on the device by a kernel, not copied there (no wait; capturable)
+        return Tensor._from_op(backend.full_on(like.device, (), arr.item(), arr.dtype), None)
     return Tensor(arr, device=like.device)
 
 

@@ -459,7 +459,7 @@ class Tensor:
         """Run one in-place op: ``write(value)`` changes the memory directly; ``through_graph(old)``
         computes the new value out of place from a tensor standing for the old one (recorded)."""
         self._check_inplace(op)
-        notify_watcher((self, other))  # checkpointing must see an operand requiring grad read here too
+        notify_watcher((self, other), op)  # checkpointing must see an operand requiring grad read here too
         value = self._inplace_operand(op, other)
         other_needs_grad = isinstance(other, Tensor) and other.requires_grad
         if is_grad_enabled() and (self.requires_grad or other_needs_grad):
