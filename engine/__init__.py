@@ -83,53 +83,8 @@ class set_grad_enabled:
         return wrapper
 
 
-def _cuda_namespace():
-    """``engine.cuda``: PyTorch's device queries (``engine.cuda.is_available()``)."""
-    import sys
-    import types
-
-    from engine import backend
-
-    module = types.ModuleType("engine.cuda", "PyTorch's torch.cuda queries: is_available, device_count, ...")
-    module.is_available = backend.cuda_available
-    module.device_count = backend.cuda_device_count
-    module.synchronize = lambda device=None: backend.synchronize()
-    module.manual_seed = module.manual_seed_all = manual_seed
-    module.current_device = lambda: 0
-    module.amp = _amp_namespace("engine.cuda.amp", amp.autocast_mode.cuda_autocast)
-    vars(module).update(_legacy_tensor_types("cuda"))  # engine.cuda.FloatTensor ... (PyTorch's legacy types)
-    sys.modules["engine.cuda"] = module
-    return module
-
-
-def _amp_namespace(name: str, device_autocast):
-    """``engine.cuda.amp`` / ``engine.cpu.amp``: PyTorch's per-device ``autocast`` and ``GradScaler`` spellings."""
-    import sys
-    import types
-
-    module = types.ModuleType(name, f"PyTorch's {name.replace('engine', 'torch')}: autocast, GradScaler")
-    module.autocast = device_autocast
-    module.GradScaler = amp.grad_scaler.legacy_grad_scaler(name.split(".")[1])
-    sys.modules[name] = module
-    return module
-
-
-def _cpu_namespace():
-    """``engine.cpu``: PyTorch's ``torch.cpu.amp.autocast``."""
-    import sys
-    import types
-
-    module = types.ModuleType("engine.cpu", "PyTorch's torch.cpu: amp.autocast")
-    module.amp = _amp_namespace("engine.cpu.amp", amp.autocast_mode.cpu_autocast)
-    sys.modules["engine.cpu"] = module
-    return module
-
-
-cuda = _cuda_namespace()
-cpu = _cpu_namespace()
-
-
-from engine import backends  # noqa: E402  (torch.backends: cuda.matmul.allow_tf32, cudnn, mps)
+# PyTorch's torch.cuda / torch.cpu / torch.backends: real packages (import no cupy)
+from engine import backends, cpu, cuda  # noqa: E402
 
 # PyTorch's dtype names (numpy dtypes underneath: t.dtype == engine.float is True)
 float, double, half = float32, float64, float16  # noqa: A001

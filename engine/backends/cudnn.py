@@ -38,3 +38,8 @@ class _CudnnModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CudnnModule
+
+
+def version():
+    """None: no cuDNN is used (PyTorch answers None when cuDNN is unavailable too)."""
+    return None

@@ -1,0 +1,5 @@
+"""``engine.cpu``: PyTorch's ``torch.cpu`` namespace; the engine has its ``amp.autocast`` spelling."""
+
+from engine.cpu import amp
+
+__all__ = ["amp"]
