@@ -28,6 +28,7 @@ Examples:
     python3 -m bench.overhead --device cuda        # (a) plus the cupy and numba_cuda host times
     python3 -m bench.overhead --quick --json out.json
     python3 -m bench.overhead --ops-only           # only the engine-vs-torch op table
+    python3 -m bench.overhead --against /tmp/old   # this tree's ops beside another checkout's
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def run_ops(device: str = "cpu", quick: bool = False, number: int | None = None,
 
     number = number or (100 if quick else 500)
     repeat = repeat or (3 if quick else 7)
-    libs = {"engine": (engine, engine.synchronize)}
+    libs = {"engine": (engine, engine.cuda.synchronize if device == "cuda" else (lambda: None))}
     torch = _torch_for(device)
     if torch is not None:
         libs["torch"] = (torch, torch.cuda.synchronize if device == "cuda" else (lambda: None))
@@ -295,6 +296,65 @@ def format_ops_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_trees(trees: list[str], device: str = "cpu", quick: bool = False, number: int | None = None,
+                  rounds: int | None = None) -> list[dict]:
+    """The op table for the engine of several checkouts (paths; the first is labelled "this tree"), side by side:
+    each round runs every tree once in its own process, rounds alternate trees, so all see the
+    same machine load. Per op and tree: the median and the fastest round, in us per call; torch's
+    figures are pooled over every process.
+
+    A checkout of an older commit (``git worktree add /tmp/old <commit>``) measures a regression;
+    it needs only an ``engine`` package that this file's op cases can drive."""
+    number = number or (100 if quick else 300)
+    rounds = rounds or (3 if quick else 7)
+    samples: dict[str, list] = {tree: [] for tree in trees}
+    for _ in range(rounds):
+        for tree in trees:
+            samples[tree].append(_ops_in_process(tree, device, number))
+    rows = []
+    for i, first in enumerate(samples[trees[0]][0]):
+        row = {"op": first["op"], "device": device}
+        for tree in trees:
+            runs = [run[i]["engine_us"] for run in samples[tree]]
+            row[tree] = {"median_us": statistics.median(runs), "min_us": min(runs)}
+        torch_runs = [run[i]["torch_us"] for tree in trees for run in samples[tree] if "torch_us" in run[i]]
+        if torch_runs:
+            row["torch"] = {"median_us": statistics.median(torch_runs), "min_us": min(torch_runs)}
+        rows.append(row)
+    return rows
+
+
+def _ops_in_process(tree: str, device: str, number: int) -> list[dict]:
+    """One round of the op table for the engine at ``tree``, in a fresh interpreter."""
+    import os
+    import subprocess
+
+    root = os.path.abspath(tree)
+    code = (f"import sys; sys.path.insert(0, {root!r}); import engine, json, importlib.util as u\n"
+            f"assert engine.__file__.startswith({root!r}), engine.__file__\n"
+            f"spec = u.spec_from_file_location('_overhead_of_other_tree', {__file__!r})\n"
+            "m = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            f"print(json.dumps(m.run_ops({device!r}, number={number}, repeat=1)))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    if done.returncode:
+        raise RuntimeError(f"bench.overhead --against {tree}: the run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def format_compare_table(rows: list[dict], trees: list[str]) -> str:
+    names = ["this tree"] + [Path(t).resolve().name for t in trees[1:]] + (["torch"] if "torch" in rows[0] else [])
+    keys = list(trees) + (["torch"] if "torch" in rows[0] else [])
+    width = max(len(row["op"]) for row in rows) + 2
+    lines = [f"{'op (' + rows[0]['device'] + ')':<{width}}" + "".join(f"{n[:14]:>15}" for n in names)
+             + "   fastest:" + "".join(f"{n[:12]:>13}" for n in names)]
+    for row in rows:
+        lines.append(f"{row['op']:<{width}}" + "".join(f"{row[k]['median_us']:>15.2f}" for k in keys) + " " * 11
+                     + "".join(f"{row[k]['min_us']:>13.2f}" for k in keys))
+    lines.append("(us per call: median and fastest of rounds that alternate the trees, one process per round)")
+    return "\n".join(lines)
+
+
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     """Every row for ``device`` ('cpu': (a) only; 'cuda': (a) and the real GPU calls)."""
     rows = measure_host(quick)
@@ -321,12 +381,19 @@ def main(argv=None) -> dict:
     only.add_argument("--ops-only", action="store_true", help="only the engine-vs-torch op table")
     only.add_argument("--kernels-only", action="store_true", help="only the fused-kernel table")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--against", nargs="+", metavar="DIR",
+                   help="also measure the engine ops of these checkouts (git worktree add DIR COMMIT), side by side "
+                        "with this one; implies --ops-only")
     args = p.parse_args(argv)
     result = {}
-    if not args.kernels_only:
+    if args.against:
+        trees = [str(Path(__file__).resolve().parent.parent), *args.against]
+        result["compare"] = compare_trees(trees, args.device, args.quick)
+        print(format_compare_table(result["compare"], trees))
+    elif not args.kernels_only:
         result["ops"] = run_ops(args.device, args.quick)
         print(format_ops_table(result["ops"]))
-    if not args.ops_only:
+    if not args.ops_only and not args.against:
         result["kernels"] = rows = run(args.device, args.quick)
         print(format_table(rows))
         for row in rows:

@@ -1,5 +1,6 @@
-"""bench/overhead.py runs and reports a row per fused-kernel entry point (no timing asserted:
-the machines are noisy; the figures themselves are in the commit messages and docs)."""
+"""bench/overhead.py runs and reports a row per fused-kernel entry point and per engine op beside
+torch (no timing asserted: the machines are noisy; the figures themselves are in the commit
+messages and docs/performance.md)."""
 
 import math
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import kernels
 from bench import overhead
@@ -42,3 +44,25 @@ def test_command_line():
     lines = run.stdout.splitlines()
     for name in overhead.ENTRY_POINTS:
         assert any(line.startswith(name + " ") for line in lines), (name, run.stdout)
+
+
+def test_the_op_table_has_engine_and_torch_figures_per_op():
+    pytest.importorskip("torch")
+    rows = overhead.run_ops("cpu", number=3, repeat=2)
+    assert [row["op"] for row in rows][:2] == ["a + b (grad)", "a * b (grad)"]
+    assert any(row["op"].startswith("MLP") for row in rows)
+    for row in rows:
+        for column in ("engine_us", "torch_us", "engine_min_us", "torch_min_us"):
+            assert math.isfinite(row[column]) and row[column] > 0, row
+        assert math.isclose(row["ratio"], row["engine_us"] / row["torch_us"])
+    table = overhead.format_ops_table(rows)
+    assert "((a*b+a).tanh()*b).sum().backward()" in table and "ratio min" in table
+
+
+def test_another_checkout_is_measured_in_its_own_processes():
+    pytest.importorskip("torch")
+    rows = overhead.compare_trees([str(ROOT), str(ROOT)], number=2, rounds=1)
+    assert len(rows) == len(overhead.run_ops("cpu", number=1, repeat=1))
+    for row in rows:
+        assert row[str(ROOT)]["min_us"] > 0 and row["torch"]["median_us"] > 0
+    assert "this tree" in overhead.format_compare_table(rows, [str(ROOT), str(ROOT)])
