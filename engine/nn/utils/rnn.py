@@ -232,7 +232,7 @@ def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
                          f"{describe(input)}")
     if batch_first:
         input = ops.transpose(input, 0, 1)
-    batch_sizes = np.array([(lengths > t).sum() for t in range(lengths[0])], np.int64)
+    batch_sizes = np.count_nonzero(lengths[None, :] > np.arange(lengths[0])[:, None], axis=1).astype(np.int64)
     flat = ops.reshape(input[: lengths[0]], (-1,) + input.shape[2:])
     positions = _index_on(_packed_positions(batch_sizes, len(lengths)), input)
     return PackedSequence(ops.getitem(flat, positions), Tensor(batch_sizes), sorted_indices)
@@ -262,7 +262,7 @@ def pad_packed_sequence(sequence: PackedSequence, batch_first: bool = False, pad
     base = Tensor(xp.full((steps * batch,) + data.shape[1:], padding_value, dtype=data.dtype))
     positions = _index_on(_packed_positions(batch_sizes, batch), data)
     padded = ops.reshape(index_put(base, positions, data), (steps, batch) + data.shape[1:])
-    lengths = np.array([(batch_sizes > b).sum() for b in range(batch)], np.int64)
+    lengths = np.count_nonzero(batch_sizes[None, :] > np.arange(batch)[:, None], axis=1).astype(np.int64)
     if sequence.unsorted_indices is not None:
         padded = index_select(padded, 1, sequence.unsorted_indices)
         lengths = lengths[sequence.unsorted_indices.numpy()]
