@@ -51,7 +51,7 @@ def _test_lines(out: str) -> list[tuple[float, int]]:
 
 
 def test_pytorch_examples_mnist_cnn_with_adadelta(tmp_path):
-    # PyTorch 2.13, same flags and data: 1 epoch -> test accuracy 80-90% (chance 10%).
+    # Chance is 10%; the engine reached 84% after 1 epoch on the reduced data (PyTorch not run here).
     out = run("examples_mnist.py", ["--epochs", "1", "--log-interval", "5", "--save-model"], tmp_path)
     (loss, correct), = _test_lines(out)
     train_losses = [float(v) for v in re.findall(r"\tLoss: ([0-9.]+)", out)]
