@@ -209,14 +209,17 @@ def _op_cases(lib, device: str) -> dict:
     }
 
 
-def _loop_us(fn, number: int, sync) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _loop_us(fn, number: int, sync, clock=time.perf_counter) -> float:
     """One timed run of ``number`` back-to-back calls of ``fn``, in us per call. The garbage
     collector stays on (timeit turns it off): collecting the graphs is part of the cost of an op."""
-    start = time.perf_counter()
+    start = clock()
     for _ in range(number):
         fn()
     sync()
-    return (time.perf_counter() - start) / number * 1e6
+    return (clock() - start) / number * 1e6
 
 
 def _torch_for(device: str):
@@ -228,9 +231,16 @@ def _torch_for(device: str):
     return torch if device == "cpu" or torch.cuda.is_available() else None
 
 
-def run_ops(device: str = "cpu", quick: bool = False, number: int | None = None, repeat: int | None = None) -> list[dict]:
+def run_ops(device: str = "cpu", quick: bool = False, number: int | None = None, repeat: int | None = None,
+            clock: str = "wall") -> list[dict]:
     """The engine-vs-torch op table: per op, the median over ``repeat`` runs of ``number`` calls,
-    in us per call, the two libraries' runs interleaved so that both see the same machine load."""
+    in us per call, the two libraries' runs interleaved so that both see the same machine load.
+
+    ``clock="cpu"`` times the process's CPU time instead of the wall clock: on a machine shared
+    with other work it leaves out the time the process waits for a core (on the CPU device only:
+    a GPU's work is not the process's CPU time)."""
+    if clock not in CLOCKS or (clock == "cpu" and device != "cpu"):
+        raise ValueError(f"run_ops: clock must be 'wall' or, on the CPU, 'cpu'; got {clock!r} on {device}")
     import engine
 
     number = number or (100 if quick else 500)
@@ -240,7 +250,7 @@ def run_ops(device: str = "cpu", quick: bool = False, number: int | None = None,
     if torch is not None:
         libs["torch"] = (torch, torch.cuda.synchronize if device == "cuda" else (lambda: None))
     with _one_torch_thread(torch):
-        return _measure_ops(libs, device, number, repeat)
+        return _measure_ops(libs, device, number, repeat, CLOCKS[clock])
 
 
 @contextlib.contextmanager
@@ -259,7 +269,7 @@ def _one_torch_thread(torch):
         torch.set_num_threads(threads)
 
 
-def _measure_ops(libs: dict, device: str, number: int, repeat: int) -> list[dict]:
+def _measure_ops(libs: dict, device: str, number: int, repeat: int, clock) -> list[dict]:
     cases = {name: _op_cases(lib, device) for name, (lib, _) in libs.items()}
     rows = []
     for op in cases["engine"]:
@@ -268,7 +278,7 @@ def _measure_ops(libs: dict, device: str, number: int, repeat: int) -> list[dict
             _loop_us(cases[name][op], max(number // 10, 3), sync)
         for _ in range(repeat):
             for name, (_, sync) in libs.items():
-                samples[name].append(_loop_us(cases[name][op], number, sync))
+                samples[name].append(_loop_us(cases[name][op], number, sync, clock))
         row = {"op": op, "device": device}
         for name in libs:
             row[f"{name}_us"] = statistics.median(samples[name])
@@ -297,7 +307,7 @@ def format_ops_table(rows: list[dict]) -> str:
 
 
 def compare_trees(trees: list[str], device: str = "cpu", quick: bool = False, number: int | None = None,
-                  rounds: int | None = None) -> list[dict]:
+                  rounds: int | None = None, clock: str = "wall") -> list[dict]:
     """The op table for the engine of several checkouts (paths; the first is labelled "this tree"), side by side:
     each round runs every tree once in its own process, rounds alternate trees, so all see the
     same machine load. Per op and tree: the median and the fastest round, in us per call; torch's
@@ -310,7 +320,7 @@ def compare_trees(trees: list[str], device: str = "cpu", quick: bool = False, nu
     samples: dict[str, list] = {tree: [] for tree in trees}
     for _ in range(rounds):
         for tree in trees:
-            samples[tree].append(_ops_in_process(tree, device, number))
+            samples[tree].append(_ops_in_process(tree, device, number, clock))
     rows = []
     for i, first in enumerate(samples[trees[0]][0]):
         row = {"op": first["op"], "device": device}
@@ -324,7 +334,7 @@ def compare_trees(trees: list[str], device: str = "cpu", quick: bool = False, nu
     return rows
 
 
-def _ops_in_process(tree: str, device: str, number: int) -> list[dict]:
+def _ops_in_process(tree: str, device: str, number: int, clock: str) -> list[dict]:
     """One round of the op table for the engine at ``tree``, in a fresh interpreter."""
     import os
     import subprocess
@@ -334,7 +344,7 @@ def _ops_in_process(tree: str, device: str, number: int) -> list[dict]:
             f"assert engine.__file__.startswith({root!r}), engine.__file__\n"
             f"spec = u.spec_from_file_location('_overhead_of_other_tree', {__file__!r})\n"
             "m = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            f"print(json.dumps(m.run_ops({device!r}, number={number}, repeat=1)))")
+            f"print(json.dumps(m.run_ops({device!r}, number={number}, repeat=1, clock={clock!r})))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
     if done.returncode:
@@ -381,6 +391,9 @@ def main(argv=None) -> dict:
     only.add_argument("--ops-only", action="store_true", help="only the engine-vs-torch op table")
     only.add_argument("--kernels-only", action="store_true", help="only the fused-kernel table")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="op tables: wall time, or the process's CPU time (cpu device only; steadier on a busy "
+                        "machine)")
     p.add_argument("--against", nargs="+", metavar="DIR",
                    help="also measure the engine ops of these checkouts (git worktree add DIR COMMIT), side by side "
                         "with this one; implies --ops-only")
@@ -388,10 +401,10 @@ def main(argv=None) -> dict:
     result = {}
     if args.against:
         trees = [str(Path(__file__).resolve().parent.parent), *args.against]
-        result["compare"] = compare_trees(trees, args.device, args.quick)
+        result["compare"] = compare_trees(trees, args.device, args.quick, clock=args.clock)
         print(format_compare_table(result["compare"], trees))
     elif not args.kernels_only:
-        result["ops"] = run_ops(args.device, args.quick)
+        result["ops"] = run_ops(args.device, args.quick, clock=args.clock)
         print(format_ops_table(result["ops"]))
     if not args.ops_only and not args.against:
         result["kernels"] = rows = run(args.device, args.quick)
