@@ -200,6 +200,12 @@ class FakeCupy(types.ModuleType):
         self.launches = 0
         self.host_reads = self.syncs = 0
         self.cuda = self._cuda_namespace()
+        # cupy's compute-type API, which the engine sets at the first GPU use (the matmul precision):
+        # the last setting is kept for a test to read, nothing else depends on it here.
+        self.compute_types: dict = {}
+        self._core = types.SimpleNamespace(
+            set_compute_type=lambda dtype, kind: self.compute_types.__setitem__(np.dtype(dtype).name, kind),
+            _routines_linalg=types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7))
 
     # ---- addresses and allocation ----------------------------------------------------------------
     def _new_address(self, size: int) -> int:
@@ -362,6 +368,8 @@ class FakeCupy(types.ModuleType):
         fake = self
 
         class Device:
+            compute_capability = "90"  # an H100's, as cupy reports it
+
             def __init__(self, device=None):
                 self.id = fake.current_device if device is None else int(device)
                 self._previous: list[int] = []
