@@ -176,6 +176,11 @@ def max_relative_error(got: dict, reference: dict) -> float:
 def impl_function(kernel: str, name: str, bd: BenchDevice, probe) -> Callable:
     """The function of impl ``name``, or :class:`Unavailable` saying why it cannot run here."""
     try:
+        if bd.low_precision:  # the registry's dtype refusal, in the words every bf16 row without a path uses
+            try:
+                kernel_registry.registry.check_dtype(kernel, name, bd.dtype)
+            except kernel_registry.KernelError as e:
+                raise Unavailable(f"takes no {bd.dtype.name} inputs yet: {_first_line(e)}") from None
         kernel_registry.choose(kernel, [probe], impl=name)
         return kernel_registry.get(kernel, name)
     except ImportError as e:
