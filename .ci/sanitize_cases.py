@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout'
 
 import numpy as np  # noqa: E402
 
-import kernels  # noqa: E402
+from engine import kernels  # noqa: E402
 
 BATCH, HEADS, L, S = 2, 3, 37, 70
 HEAD_DIMS = (33, 64, 128)

@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.timing import Clock, CpuClock, CudaEventClock, CupyEvents, TorchEvents
 from engine import backend, dtypes
-from kernels import registry
+from engine.kernels import registry
 
 TORCH_MISSING = "torch not installed"
 

@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-import kernels as kernel_registry
+from engine import kernels as kernel_registry
 from bench import roofline
 from bench.device import BenchDevice, Unavailable
 from bench.timing import Clock, measure_interleaved
@@ -1362,7 +1362,7 @@ def _bench_names(registered: list[str]) -> list[str]:
 def select_kernels(names: list[str] | None) -> list[str]:
     """Kernels to run: all, or those named (a prefix like 'linear_relu' picks fwd and bwd)."""
     # kernels.kernels() lists only what is registered so far; the declarations register them all.
-    importlib.import_module("kernels.declarations")
+    importlib.import_module("engine.kernels.declarations")
     registered = _bench_names(kernel_registry.kernels())
     known = [k for k in FAMILIES if k in registered] + [k for k in registered if k not in FAMILIES]
     if not names:

@@ -47,11 +47,11 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import numpy as np
 
-import kernels
-from kernels import registry
-from kernels.cpu import linear_relu as cpu_linear_relu
-from kernels.cpu import optim as cpu_optim
-from kernels.cpu import softmax_cross_entropy as cpu_sce
+from engine import kernels
+from engine.kernels import registry
+from engine.kernels.cpu import linear_relu as cpu_linear_relu
+from engine.kernels.cpu import optim as cpu_optim
+from engine.kernels.cpu import softmax_cross_entropy as cpu_sce
 
 TARGET_US = 15.0
 ENTRY_POINTS = ("adam_step", "sgd_step", "adagrad_step", "rmsprop_step", "softmax_cross_entropy",

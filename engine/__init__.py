@@ -9,6 +9,10 @@ Example:
     (4, 3)
 """
 
+from engine import _kernels_package
+
+_kernels_package.mount()  # engine.kernels: the repository's kernels/ folder (engine/_kernels_package.py says why)
+
 from engine import amp, data, functional, io, metrics, nn, optim  # noqa: F401  (engine.nn.Linear ...)
 from engine.amp import autocast, get_autocast_dtype, is_autocast_enabled
 from engine.autograd import Function, enable_grad, is_grad_enabled, no_grad

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import kernels
+from engine import kernels
 from engine.errors import DeviceError, DTypeError, EngineError
 
 

@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-import kernels
+from engine import kernels
 from engine import backend, dtypes, indexing, ops
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
@@ -23,10 +23,10 @@ from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, desc
 from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401  (public API)
 from engine.ops import fused_enabled, fused_kernels  # noqa: F401  (public API; ops.GELU reads it too)
 from engine.tensor import Tensor
-from kernels.cpu.attention import GPU_DTYPES as _ATTENTION_GPU_DTYPES
-from kernels.cpu.attention import GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
-from kernels.cpu.attention import default_scale as _attention_default_scale
-from kernels.precision import accumulation_dtype
+from engine.kernels.cpu.attention import GPU_DTYPES as _ATTENTION_GPU_DTYPES
+from engine.kernels.cpu.attention import GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
+from engine.kernels.cpu.attention import default_scale as _attention_default_scale
+from engine.kernels.precision import accumulation_dtype
 
 def _use_fused(fused: bool | None) -> bool:
     return fused_enabled() if fused is None else fused

@@ -17,7 +17,7 @@ import builtins
 
 import numpy as np
 
-import kernels
+from engine import kernels
 from engine import backend, dtypes
 from engine.autograd import Function, unbroadcast
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe

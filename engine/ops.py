@@ -15,8 +15,8 @@ from collections import namedtuple
 
 import numpy as np
 
-import kernels
-from kernels.cpu.gelu import SQUARE_MAX as _GELU_SQUARE_MAX
+from engine import kernels
+from engine.kernels.cpu.gelu import SQUARE_MAX as _GELU_SQUARE_MAX
 from engine import backend
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function, unbroadcast

@@ -10,8 +10,8 @@ This package imports only numpy at import time; numba, cupy and ml_dtypes load o
 The wrappers below document the one signature every impl of a kernel shares.
 """
 
-from kernels.deferred import eager_checks, raise_deferred_errors
-from kernels.registry import KernelError, call, choose, get, impl_dtypes, impls, kernels
+from .deferred import eager_checks, raise_deferred_errors
+from .registry import KernelError, call, choose, get, impl_dtypes, impls, kernels
 
 __all__ = [
     "KernelError", "call", "choose", "get", "impl_dtypes", "impls", "kernels", "eager_checks", "raise_deferred_errors",

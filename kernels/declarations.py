@@ -12,7 +12,7 @@ kernel gives none). The 16-bit dtypes are computed in float32 and rounded once a
 (kernels/precision.py); numba has no bfloat16, so a numba_cuda impl takes float16 at most.
 """
 
-from kernels.registry import DEFAULT_DTYPES, register
+from .registry import DEFAULT_DTYPES, register
 
 # Every float dtype, natively on the GPU, through float32 at the boundary on the CPU.
 ALL_FLOATS = ("float32", "float64", "float16", "bfloat16")
@@ -29,16 +29,16 @@ def _declare(kernel: str, module: str, cpu_order: tuple[str, ...] = ("numba_cpu"
     """
     dtypes = dtypes or {}
     cpu = {
-        "numba_cpu": (f"kernels.cpu.{module}:{kernel}_numba", ("numba",)),
-        "numpy": (f"kernels.cpu.{module}:{kernel}_numpy", ()),
+        "numba_cpu": (f"{__package__}.cpu.{module}:{kernel}_numba", ("numba",)),
+        "numpy": (f"{__package__}.cpu.{module}:{kernel}_numpy", ()),
     }
     for name in cpu_order:
         target, requires = cpu[name]
         register(kernel, name, target, array_kind="numpy", requires=requires,
                  dtypes=dtypes.get(name, DEFAULT_DTYPES))
-    register(kernel, "cupy", f"kernels.cuda.{module}:{kernel}", array_kind="cupy", requires=("cupy",),
+    register(kernel, "cupy", f"{__package__}.cuda.{module}:{kernel}", array_kind="cupy", requires=("cupy",),
              dtypes=dtypes.get("cupy", DEFAULT_DTYPES))
-    register(kernel, "numba_cuda", f"kernels.numba_cuda.{module}:{kernel}", array_kind="cupy",
+    register(kernel, "numba_cuda", f"{__package__}.numba_cuda.{module}:{kernel}", array_kind="cupy",
              requires=("numba", "numba.cuda"), dtypes=dtypes.get("numba_cuda", DEFAULT_DTYPES))
 
 

@@ -40,7 +40,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from kernels.precision import FLOAT_NAMES, float_name
+from .precision import FLOAT_NAMES, float_name
 
 ENV_VAR = "ENGINE_KERNEL_IMPL"
 DEFAULT_DTYPES = ("float32", "float64")  # what an impl takes unless it declares more
@@ -464,4 +464,4 @@ def _load_declarations() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        importlib.import_module("kernels.declarations")
+        importlib.import_module(".declarations", __package__)

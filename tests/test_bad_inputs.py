@@ -13,7 +13,7 @@ import pytest
 
 import engine
 import engine.functional as F
-import kernels
+from engine import kernels
 from engine import nn
 from engine.errors import DTypeError, EngineError
 from engine.nn.module import StateDictError
@@ -163,7 +163,7 @@ def test_a_mapping_that_is_not_a_dict_loads():
     ("linear_relu_forward=sgd", "'linear_relu_forward=sgd'", "numpy"),
 ])
 def test_an_unknown_impl_or_kernel_in_engine_kernel_impl_is_an_error(value, named, known, monkeypatch):
-    import kernels
+    from engine import kernels
 
     monkeypatch.setenv("ENGINE_KERNEL_IMPL", value)
     p = np.ones(3, np.float32)
@@ -187,7 +187,7 @@ def test_an_unknown_impl_or_kernel_in_engine_kernel_impl_is_an_error(value, name
     ("adam_step=numpy", "sgd_step", None), ("", "adam_step", None), ("   ", "adam_step", None),
 ])
 def test_valid_engine_kernel_impl_values_choose_as_documented(value, kernel, impl, monkeypatch):
-    import kernels
+    from engine import kernels
 
     monkeypatch.setenv("ENGINE_KERNEL_IMPL", value)
     p = np.ones(3, np.float32)
@@ -322,7 +322,7 @@ def test_uint64_targets_never_wrap_into_range_or_onto_ignore_index():
                                           ([3, 4], 4)])
 def test_the_unfused_device_check_queues_the_same_verdict(targets, bad, monkeypatch):
     from engine.functional import _defer_class_index_check
-    from kernels import deferred
+    from engine.kernels import deferred
 
     queued = []
     monkeypatch.setattr(deferred, "defer", lambda values, check: queued.append((values, check)))

@@ -19,7 +19,7 @@ from bench import __main__ as cli
 from bench import device as bench_device
 from bench import kernels as kbench
 from bench import end_to_end, roofline, timing
-from kernels import registry
+from engine.kernels import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -342,7 +342,7 @@ def test_without_torch_the_columns_say_so(tmp_path, monkeypatch):
 
 
 def test_an_impl_whose_module_is_missing_is_reported_unavailable():
-    registry.register("adam_step", "not_written_yet", "kernels.cpu.no_such_module:adam_step", array_kind="numpy")
+    registry.register("adam_step", "not_written_yet", "engine.kernels.cpu.no_such_module:adam_step", array_kind="numpy")
     try:
         result = cli.main(["--tiny", "--device", "cpu", "--quiet", "--kernel", "adam_step", "--skip-e2e",
                            "--no-torch"])

@@ -10,12 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# engine.kernels is the kernels/ folder (mounted by _kernels_package).
 # Lower rank = lower layer. A module may import modules of its own rank or lower. autograd,
 # tensor and ops are one layer: Function builds Tensors, Tensor methods call ops.
 # utils only re-exports under PyTorch's import paths (utils.data, utils.checkpoint, utils.tensorboard
 # from train), so it sits with train; nothing in the engine imports it.
 ENGINE_RANKS = {
-    "errors": 0, "backend": 1, "dtypes": 1, "dlpack": 1, "backends": 1, "amp": 2, "autograd": 2, "tensor": 2,
+    "kernels": 0, "_kernels_package": 0, "errors": 0, "backend": 1, "dtypes": 1, "dlpack": 1, "backends": 1, "amp": 2, "autograd": 2, "tensor": 2,
     "ops": 2, "indexing": 2, "shaping": 2, "cpu": 2, "conv": 3, "functional": 3, "gradcheck": 3, "nn": 4,
     "optim": 4, "io": 4, "safetensors": 4, "torch_format": 4, "metrics": 4, "distributed": 4, "cuda": 4,
     "data": 5, "text": 5, "train": 6, "utils": 6, "examples": 7,

@@ -8,7 +8,7 @@ import pytest
 import engine
 import engine.nn as nn
 import engine.nn.functional as F
-import kernels
+from engine import kernels
 from tests.conftest import DEVICES
 
 LOW = [pytest.param(engine.bfloat16, id="bfloat16"), pytest.param(engine.float16, id="float16")]

@@ -202,7 +202,7 @@ def test_before_ampere_tf32_is_not_asked_of_cupy(gpu):
 
 
 def test_the_linear_kernels_gemms_run_with_the_compute_type_set(gpu):
-    from kernels.cuda import linear_relu
+    from engine.kernels.cuda import linear_relu
 
     fake = gpu()
     backend.xp_for(engine.device("cuda"))

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-import kernels
+from engine import kernels
 from engine import backend
 from engine.autograd import is_grad_enabled
 from engine.distributed import faults

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import kernels
+from engine import kernels
 from engine import backend
 from engine.optim.optimizer import Optimizer, as_step_scalars, check_number, is_normal_positive
-from kernels.cpu.optim import adagrad_decayed_lr
+from engine.kernels.cpu.optim import adagrad_decayed_lr
 
 
 class Adagrad(Optimizer):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import kernels
+from engine import kernels
 from engine import backend
 from engine.errors import EngineError
 from engine.optim.optimizer import Optimizer, as_step_scalars, check_number, is_normal_positive, sqrt_for
-from kernels.cpu.optim import adam_bias_corrections
+from engine.kernels.cpu.optim import adam_bias_corrections
 
 
 class Adam(Optimizer):

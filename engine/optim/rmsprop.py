@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import kernels
+from engine import kernels
 from engine import backend
 from engine.optim.optimizer import Optimizer, check_number, is_normal_positive
 

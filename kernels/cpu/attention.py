@@ -47,7 +47,7 @@ reads the scores of keys j > i. docs/kernels/attention.md has the rules.
 ``numpy`` is the plain reference (it materialises the B x L x S scores). ``numba_cpu`` never
 does: see :func:`_numba_kernels`. Both call :func:`validate_forward` / :func:`validate_backward`
 first, as do the GPU impls (which accept numpy arrays only under the Numba CUDA simulator).
-``import kernels.cpu.attention`` does not import numba.
+``import engine.kernels.cpu.attention`` does not import numba.
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ import numpy as np
 
 import ml_dtypes
 
-from kernels.registry import KernelError
-from kernels.registry import describe_array as _describe
-from kernels.registry import module_of as _module_of
-from kernels.registry import placement_problem as _placement_problem
-from kernels.registry import numba_parallel as _numba_parallel
+from ..registry import KernelError
+from ..registry import describe_array as _describe
+from ..registry import module_of as _module_of
+from ..registry import placement_problem as _placement_problem
+from ..registry import numba_parallel as _numba_parallel
 
 LOW_PRECISION = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))  # storage only: computed in float32
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64)) + LOW_PRECISION

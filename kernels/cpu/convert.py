@@ -9,7 +9,7 @@ otherwise, so a float16 cross-entropy gradient of 8M values took 2.9 s to round.
 view the arrays as uint16 and do the same conversions, round to nearest even, bit for bit equal
 to ``astype`` (NaNs stay NaNs, with the sign; their payload may differ), at a few ns per value.
 
-``import kernels.cpu.convert`` does not import numba: the loops are compiled on first use.
+``import engine.kernels.cpu.convert`` does not import numba: the loops are compiled on first use.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 
-from kernels.precision import ACCUMULATION, float_name
+from ..precision import ACCUMULATION, float_name
 
 
 def widen(a):

@@ -18,7 +18,7 @@ no correct digit in float32; erfc(-u) and sigmoid(2z) are accurate to a few ulps
 everywhere. The sigmoid is taken as ``1 / (1 + exp(-2|z|))`` and its complement ``e / (1 + e)``
 (e = exp(-2|z|) <= 1), so no exp overflows. Backward saves only x and recomputes z and s.
 
-This module also holds the validators every impl calls first. ``import kernels.cpu.gelu`` does
+This module also holds the validators every impl calls first. ``import engine.kernels.cpu.gelu`` does
 not import numba: the jitted code is built on first use.
 """
 
@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.cpu.optim import bits_view  # 16-bit floats as the bit views half_bits.py reads
-from kernels.precision import accumulation_dtype, float_name
-from kernels.registry import KernelError
-from kernels.registry import describe_array as _describe
-from kernels.registry import module_of as _module_of
-from kernels.registry import placement_problem as _placement_problem
-from kernels.registry import numba_parallel as _numba_parallel
+from ..cpu.optim import bits_view  # 16-bit floats as the bit views half_bits.py reads
+from ..precision import accumulation_dtype, float_name
+from ..registry import KernelError
+from ..registry import describe_array as _describe
+from ..registry import module_of as _module_of
+from ..registry import placement_problem as _placement_problem
+from ..registry import numba_parallel as _numba_parallel
 
 FORWARD = "gelu_forward"
 BACKWARD = "gelu_backward"
@@ -255,7 +255,7 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
     each element read as float32 and rounded once when stored (kernels/cpu/half_bits.py)."""
     import numba
 
-    from kernels.cpu.half_bits import load, store
+    from ..cpu.half_bits import load, store
 
     # `loop` and the dtype's constants are closure variables, so each build gets its own key in
     # numba's on-disk cache.

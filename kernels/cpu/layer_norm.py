@@ -29,7 +29,7 @@ The variance is two-pass (the mean first, then the mean of squared deviations), 
 splits the rows into chunks, each chunk writes one partial row of sums, and a small final
 reduction adds the partials (never an atomic per element).
 
-This module also holds the validators every impl calls first. ``import kernels.cpu.layer_norm``
+This module also holds the validators every impl calls first. ``import engine.kernels.cpu.layer_norm``
 does not import numba: the jitted code is built on first use.
 """
 
@@ -40,13 +40,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.cpu.optim import bits_view  # 16-bit floats as the bit views half_bits.py reads
-from kernels.precision import FLOAT32, accumulation_dtype, float_name, is_low_precision
-from kernels.registry import KernelError
-from kernels.registry import describe_array as _describe
-from kernels.registry import module_of as _module_of
-from kernels.registry import placement_problem as _placement_problem
-from kernels.registry import numba_parallel as _numba_parallel
+from ..cpu.optim import bits_view  # 16-bit floats as the bit views half_bits.py reads
+from ..precision import FLOAT32, accumulation_dtype, float_name, is_low_precision
+from ..registry import KernelError
+from ..registry import describe_array as _describe
+from ..registry import module_of as _module_of
+from ..registry import placement_problem as _placement_problem
+from ..registry import numba_parallel as _numba_parallel
 
 FORWARD = "layer_norm_forward"
 BACKWARD = "layer_norm_backward"
@@ -298,7 +298,7 @@ def _numba_kernels(parallel: bool):
     """
     import numba
 
-    from kernels.cpu.half_bits import load, store
+    from ..cpu.half_bits import load, store
 
     # `loop` (prange or range, which pickle by name) is a closure variable, so the serial and the
     # parallel build get different keys in numba's on-disk cache.

@@ -39,7 +39,7 @@ forward converts x and W (N K + M K values) and y (N M), backward converts dy, x
 three gradients (``numpy``: NumPy's astype; ``numba_cpu``: the bit loops of kernels/cpu/convert.py,
 equal bits, faster). Their cost is measured in docs/kernels/linear_relu.md.
 
-``import kernels.cpu.linear_relu`` does not import numba: the jitted functions are built on
+``import engine.kernels.cpu.linear_relu`` does not import numba: the jitted functions are built on
 first use.
 """
 
@@ -49,12 +49,12 @@ import functools
 
 import numpy as np
 
-from kernels.cpu import convert
-from kernels.precision import FLOAT_NAMES, float_name, is_low_precision, narrow, widen
-from kernels.registry import KernelError
-from kernels.registry import describe_array as _describe
-from kernels.registry import different_gpus as _different_gpus
-from kernels.registry import placement_problem as _placement_problem
+from ..cpu import convert
+from ..precision import FLOAT_NAMES, float_name, is_low_precision, narrow, widen
+from ..registry import KernelError
+from ..registry import describe_array as _describe
+from ..registry import different_gpus as _different_gpus
+from ..registry import placement_problem as _placement_problem
 
 _FLOATS = ", ".join(FLOAT_NAMES[:-1]) + " or " + FLOAT_NAMES[-1]  # for the error messages
 

@@ -27,7 +27,7 @@ This module also holds the one validator per kernel that every impl calls first
 and the host-side scalar preparation the fused impls share (bias corrections are computed here once
 per step, never per element).
 
-``import kernels.cpu.optim`` does not import numba: the jitted functions are built on first use.
+``import engine.kernels.cpu.optim`` does not import numba: the jitted functions are built on first use.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from kernels.registry import KernelError
-from kernels.registry import describe_array as _describe
-from kernels.registry import different_gpus as _different_gpus
-from kernels.registry import module_of as _module_of
-from kernels.registry import placement_problem as _placement_problem
-from kernels.registry import numba_parallel as _numba_parallel
+from ..registry import KernelError
+from ..registry import describe_array as _describe
+from ..registry import different_gpus as _different_gpus
+from ..registry import module_of as _module_of
+from ..registry import placement_problem as _placement_problem
+from ..registry import numba_parallel as _numba_parallel
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Parameter dtypes updated through a float32 master copy (param_out); their grads have that dtype too.
@@ -666,7 +666,7 @@ def _numba_kernels(n: int, amp: _NumbaAmp) -> dict:
 def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
     import numba
 
-    from kernels.cpu.half_bits import load, rounded, store
+    from ..cpu.half_bits import load, rounded, store
 
     # `loop`, `unscale` and `has_out` are closure variables of every kernel: numba folds the two
     # switches as constants (passed as arguments, the float32 Adam loop ran 5x slower: LLVM stopped

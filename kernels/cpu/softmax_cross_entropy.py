@@ -33,7 +33,7 @@ is ~100x slower for the subnormal results most probabilities of a wide row round
 docs/kernels/softmax_cross_entropy.md has the cost.
 
 This module also holds the validator every impl calls first (:func:`validate_softmax_cross_entropy`).
-``import kernels.cpu.softmax_cross_entropy`` does not import numba: the jitted code is built on
+``import engine.kernels.cpu.softmax_cross_entropy`` does not import numba: the jitted code is built on
 first use.
 """
 
@@ -45,13 +45,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.cpu import convert
-from kernels.precision import FLOAT_NAMES, accumulation_dtype, float_name, is_low_precision, narrow, widen
-from kernels.registry import KernelError
-from kernels.registry import describe_array as _describe
-from kernels.registry import module_of as _module_of
-from kernels.registry import placement_problem as _placement_problem
-from kernels.registry import numba_parallel as _numba_parallel
+from ..cpu import convert
+from ..precision import FLOAT_NAMES, accumulation_dtype, float_name, is_low_precision, narrow, widen
+from ..registry import KernelError
+from ..registry import describe_array as _describe
+from ..registry import module_of as _module_of
+from ..registry import placement_problem as _placement_problem
+from ..registry import numba_parallel as _numba_parallel
 
 KERNEL = "softmax_cross_entropy"
 _FLOATS = ", ".join(FLOAT_NAMES)

@@ -28,10 +28,10 @@ import functools
 
 import numpy as np
 
-from kernels.cpu.attention import (check_gpu_limits, empty_backward, empty_forward, is_empty, validate_backward,
+from ..cpu.attention import (check_gpu_limits, empty_backward, empty_forward, is_empty, validate_backward,
                                    validate_forward)
-from kernels.cuda.module import on_device
-from kernels.registry import KernelError
+from ..cuda.module import on_device
+from ..registry import KernelError
 
 MODULE = "attention"
 THREADS = 128
@@ -109,7 +109,7 @@ def _mask_args(mask, spec, placeholder):
 @functools.cache
 def _tc_function(kernel: str, device_id: int, shared_bytes: int):
     """The tensor-core kernel, allowed ``shared_bytes`` of dynamic shared memory (set once per device)."""
-    from kernels.cuda.module import function
+    from ..cuda.module import function
 
     fn = function(TC_MODULE, kernel, device_id)
     if shared_bytes > STATIC_SHARED_LIMIT:
@@ -121,7 +121,7 @@ def attention_forward(q, k, v, mask=None, *, scale=None, causal=False, precision
     with on_device(q):
         import cupy
 
-        from kernels.cuda.module import current_device, function
+        from ..cuda.module import current_device, function
 
         spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
         check_gpu_limits(spec, "attention_forward", "cupy")
@@ -151,7 +151,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, ca
     with on_device(q):
         import cupy
 
-        from kernels.cuda.module import function
+        from ..cuda.module import function
 
         spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
         check_gpu_limits(spec, "attention_backward", "cupy")

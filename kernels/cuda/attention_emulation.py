@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.cpu.attention import LOW_PRECISION, validate_forward
-from kernels.cuda.attention import TC_HEAD_DIMS, TC_ROWS, tc_keys
+from ..cpu.attention import LOW_PRECISION, validate_forward
+from ..cuda.attention import TC_HEAD_DIMS, TC_ROWS, tc_keys
 
 LOG2E = np.float32(1.4426950408889634)
 F32 = np.float32

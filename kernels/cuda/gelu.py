@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.cpu.gelu import validate_gelu_backward, validate_gelu_forward
-from kernels.precision import float_name
-from kernels.cuda.module import on_device
-from kernels.cuda.optim import VECTOR_BYTES, vector_split
+from ..cpu.gelu import validate_gelu_backward, validate_gelu_forward
+from ..precision import float_name
+from ..cuda.module import on_device
+from ..cuda.optim import VECTOR_BYTES, vector_split
 
 MODULE = "gelu"
 THREADS = 256
@@ -38,7 +38,7 @@ def launch_plan(addresses, size: int, itemsize: int) -> tuple[int, int, int, int
 
 
 def _launch(name: str, arrays, spec) -> None:
-    from kernels.cuda.module import function
+    from ..cuda.module import function
 
     blocks, threads, head, n_vec = launch_plan([a.data.ptr for a in arrays], spec.size, spec.dtype.itemsize)
     function(MODULE, name)((blocks,), (threads,), (*arrays, np.int64(spec.size), np.int64(head), np.int64(n_vec)))

@@ -23,9 +23,9 @@ import functools
 
 import numpy as np
 
-from kernels.cpu.layer_norm import validate_layer_norm_backward, validate_layer_norm_forward
-from kernels.precision import FLOAT32, float_name, is_low_precision
-from kernels.cuda.module import on_device
+from ..cpu.layer_norm import validate_layer_norm_backward, validate_layer_norm_forward
+from ..precision import FLOAT32, float_name, is_low_precision
+from ..cuda.module import on_device
 
 # Per x dtype name: the module, type suffix, values per 16-byte pack, and the K (values per thread)
 # of the on-chip kernels; mirrors the instantiations in layer_norm.cu and layer_norm_lowp.cu.
@@ -115,7 +115,7 @@ def _vec(d: int, dtype, arrays) -> bool:
 
 
 def _check_columns(kernel: str, d: int) -> None:
-    from kernels.registry import KernelError
+    from ..registry import KernelError
 
     if d > MAX_COLUMNS:
         raise KernelError(f"{kernel} (cupy): D = {d} columns is over the kernel's limit of {MAX_COLUMNS}")
@@ -141,7 +141,7 @@ def layer_norm_forward(x, weight=None, bias=None, *, eps=1e-5):
 def _forward(x, weight, bias, eps):
     import cupy
 
-    from kernels.cuda.module import function
+    from ..cuda.module import function
 
     spec = validate_layer_norm_forward(x, weight, bias, eps=eps)
     n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
@@ -170,7 +170,7 @@ def layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weight_grads=T
 def _backward(grad_y, x, weight, mean, rstd, compute_weight_grads):
     import cupy
 
-    from kernels.cuda.module import current_device, function
+    from ..cuda.module import current_device, function
 
     spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
     n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
@@ -233,8 +233,8 @@ def _resident_blocks(device_id: int, module: str, name: str, threads: int) -> in
     """
     import cupy
 
-    from kernels.cuda.module import function
-    from kernels.registry import KernelError
+    from ..cuda.module import function
+    from ..registry import KernelError
 
     fn = function(module, name, device_id)
     try:

@@ -24,9 +24,9 @@ import functools
 
 import numpy as np
 
-from kernels.cpu.linear_relu import validate_backward, validate_forward
-from kernels.cuda.module import current_device, function, on_device
-from kernels.precision import accumulation_dtype, float_name
+from ..cpu.linear_relu import validate_backward, validate_forward
+from ..cuda.module import current_device, function, on_device
+from ..precision import accumulation_dtype, float_name
 
 MODULE = "linear_relu"
 # Entry-point suffix per dtype (the instantiations at the end of linear_relu.cu).

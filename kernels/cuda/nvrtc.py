@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.cuda.module import CUPY_ADDED_OPTIONS, build_options
+from ..cuda.module import CUPY_ADDED_OPTIONS, build_options
 
 
 @dataclass

@@ -23,8 +23,8 @@ import functools
 
 import numpy as np
 
-from kernels.cpu.optim import validate_adagrad, validate_adam, validate_rmsprop, validate_sgd
-from kernels.cuda.module import function, on_device
+from ..cpu.optim import validate_adagrad, validate_adam, validate_rmsprop, validate_sgd
+from ..cuda.module import function, on_device
 
 THREADS = 256
 VECTOR_BYTES = 16

@@ -29,11 +29,11 @@ import functools
 
 import numpy as np
 
-from kernels import deferred
-from kernels.cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
-from kernels.cuda.module import on_device
-from kernels.precision import float_name
-from kernels.registry import KernelError
+from .. import deferred
+from ..cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
+from ..cuda.module import on_device
+from ..precision import float_name
+from ..registry import KernelError
 
 MODULE = "softmax_cross_entropy"
 
@@ -92,7 +92,7 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
 def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoothing, grad_scale, compute_grad):
     import cupy
 
-    from kernels.cuda.module import function
+    from ..cuda.module import function
 
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,

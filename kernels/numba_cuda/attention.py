@@ -26,10 +26,10 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kernels.cpu.attention import (GPU_MAX_HEAD_DIM, check_gpu_limits, empty_backward, empty_forward, is_empty,
+from ..cpu.attention import (GPU_MAX_HEAD_DIM, check_gpu_limits, empty_backward, empty_forward, is_empty,
                                    validate_backward, validate_forward)
-from kernels.numba_cuda.launch import launch, simulator
-from kernels.registry import KernelError
+from ..numba_cuda.launch import launch, simulator
+from ..registry import KernelError
 
 TILE = 32  # threads per block = rows (or keys) per block = keys (or rows) per shared tile
 SIMULATOR_TILE = 8

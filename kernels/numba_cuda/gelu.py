@@ -18,10 +18,10 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kernels.cpu.gelu import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, SQUARE_MAX, TANH_COEF, validate_gelu_backward, \
+from ..cpu.gelu import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, SQUARE_MAX, TANH_COEF, validate_gelu_backward, \
     validate_gelu_forward
-from kernels.numba_cuda.launch import launch, simulator
-from kernels.registry import check_dtype
+from ..numba_cuda.launch import launch, simulator
+from ..registry import check_dtype
 
 THREADS = 256
 MAX_BLOCKS = 4096  # a grid-stride loop: more blocks than this only add scheduling

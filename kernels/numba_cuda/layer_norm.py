@@ -33,9 +33,9 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kernels.cpu.layer_norm import validate_layer_norm_backward, validate_layer_norm_forward
-from kernels.numba_cuda.launch import launch, simulator
-from kernels.registry import check_dtype
+from ..cpu.layer_norm import validate_layer_norm_backward, validate_layer_norm_forward
+from ..numba_cuda.launch import launch, simulator
+from ..registry import check_dtype
 
 MAX_THREADS = 256  # threads per block on a GPU: the size of the shared reduction arrays
 SIMULATOR_MAX_THREADS = 16

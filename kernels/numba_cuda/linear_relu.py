@@ -32,9 +32,9 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, types
 
-from kernels.cpu.linear_relu import validate_backward, validate_forward
-from kernels.numba_cuda.launch import launch
-from kernels.registry import KernelError, check_dtype
+from ..cpu.linear_relu import validate_backward, validate_forward
+from ..numba_cuda.launch import launch
+from ..registry import KernelError, check_dtype
 
 TILE = 16
 TILE_PAD = TILE + 1  # padded rows: the transposed tile stores hit 16 different banks

@@ -27,10 +27,10 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kernels.cpu.optim import (LOW_PRECISION_DTYPES, validate_adagrad, validate_adam, validate_rmsprop,
+from ..cpu.optim import (LOW_PRECISION_DTYPES, validate_adagrad, validate_adam, validate_rmsprop,
                                validate_sgd)
-from kernels.numba_cuda.launch import device_of, launch, on_device, simulator
-from kernels.registry import KernelError
+from ..numba_cuda.launch import device_of, launch, on_device, simulator
+from ..registry import KernelError
 
 THREADS = 256
 # Blocks per SM when the occupancy query fails: 4 x 256 threads fit with up to 64 registers per

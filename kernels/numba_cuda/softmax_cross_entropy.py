@@ -34,10 +34,10 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kernels.numba_cuda.launch import launch, simulator
-from kernels import deferred
-from kernels.cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
-from kernels.registry import check_dtype
+from ..numba_cuda.launch import launch, simulator
+from .. import deferred
+from ..cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
+from ..registry import check_dtype
 
 MAX_THREADS = 256  # threads per row (block) on a GPU: the size of the shared reduction arrays
 SIMULATOR_MAX_THREADS = 16

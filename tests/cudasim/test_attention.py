@@ -7,7 +7,7 @@ rows, keys and tiles that are not multiples of 8 make the shared-memory tiles ru
 import numpy as np
 import pytest
 
-import kernels
+from engine import kernels
 from tests.kernels.test_attention import (NONFINITE_CASES, assert_close_to_numpy, assert_nonfinite_like_reference,
                                           make_case, make_mask, torch_like_reference)
 

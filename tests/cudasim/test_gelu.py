@@ -7,8 +7,8 @@ grid-stride steps; size 0 and 1 and shapes of several dims cover the edges.
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError
+from engine import kernels
+from engine.kernels import KernelError
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])

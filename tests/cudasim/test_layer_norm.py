@@ -9,8 +9,8 @@ several rows; D = 1, N = 0 and sizes that are not powers of two cover the edges.
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError
+from engine import kernels
+from engine.kernels import KernelError
 
 
 def make_case(n, d, dtype, seed=0):

@@ -8,8 +8,8 @@ dimension, and more than 8 rows so that the two-stage db reduction runs.
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError
+from engine import kernels
+from engine.kernels import KernelError
 
 
 def make_inputs(rng, n, k, m, dtype, bias=True):

@@ -10,8 +10,8 @@ Python thread per CUDA thread.
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError
+from engine import kernels
+from engine.kernels import KernelError
 
 STEPS = 3
 

@@ -8,8 +8,8 @@ several steps; C = 1 and rows that are not a power of two cover the edges.
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError
+from engine import kernels
+from engine.kernels import KernelError
 from tests.kernels.helpers import make_cross_entropy_case as make_case
 
 

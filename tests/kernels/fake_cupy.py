@@ -153,8 +153,8 @@ class FakeCupy(types.ModuleType):
         return ndarray(np.ascontiguousarray(host), device_id, self)
 
 
-CUDA_MODULES = ("kernels.cuda.module", "kernels.cuda.optim", "kernels.cuda.linear_relu",
-                "kernels.cuda.softmax_cross_entropy", "kernels.cuda.attention")
+CUDA_MODULES = ("engine.kernels.cuda.module", "engine.kernels.cuda.optim", "engine.kernels.cuda.linear_relu",
+                "engine.kernels.cuda.softmax_cross_entropy", "engine.kernels.cuda.attention")
 
 
 def clear_cuda_caches() -> None:
@@ -164,7 +164,7 @@ def clear_cuda_caches() -> None:
         for value in list(vars(module).values()):
             if callable(getattr(value, "cache_clear", None)):
                 value.cache_clear()
-    importlib.import_module("kernels.cuda.module").clear_cache()
+    importlib.import_module("engine.kernels.cuda.module").clear_cache()
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kernels
-from kernels.registry import KernelError
+from engine import kernels
+from engine.kernels.registry import KernelError
 from tests.kernels.helpers import to_device, to_host
 
 CPU_IMPLS = ["numpy", "numba_cpu"]
@@ -219,7 +219,7 @@ def test_empty_edges(impl):
 
 def test_numba_cpu_serial_and_parallel_builds_agree_bitwise(monkeypatch):
     """The parallel split (query tiles; key chunks with a fixed-order dq sum) gives the serial bits."""
-    import kernels.cpu.attention as cpu
+    import engine.kernels.cpu.attention as cpu
 
     q, k, v = make_case(3, 45, 150, 16, 8, seed=5)
     mask = make_mask("padding", 3, 45, 150)
@@ -283,7 +283,7 @@ def test_backward_checks_its_saved_state():
 
 def test_gpu_limits_are_named():
     """Head dims over 128 and float64 are refused by the GPU impls' shared check, naming the shapes."""
-    from kernels.cpu.attention import check_gpu_limits, validate_forward
+    from engine.kernels.cpu.attention import check_gpu_limits, validate_forward
 
     q, k, v = make_case(2, 3, 4, 129, 6)
     spec = validate_forward(q, k, v, scale=1.0, causal=False)
@@ -318,7 +318,7 @@ def cu_constants():
 
 
 def test_cu_tiles_fit_static_shared_memory_and_match_the_host_constants():
-    from kernels.cuda import attention as cu
+    from engine.kernels.cuda import attention as cu
 
     threads, fwd_rows, tiles = cu_constants()
     assert (threads, fwd_rows, threads // 4) == (cu.THREADS, cu.FWD_ROWS, cu.BWD_KEYS)
@@ -338,7 +338,7 @@ def test_cu_tiles_fit_static_shared_memory_and_match_the_host_constants():
     (70000, 2, 33, 8, 8, None, False, 32),  # B over gridDim.y's 65535: B goes along x
 ])
 def test_cupy_launch_plan(fake_cupy, b, l, s, e, ev, mask_shape, causal, hd):  # noqa: E741
-    from kernels.cuda import attention as cu
+    from engine.kernels.cuda import attention as cu
 
     fake = fake_cupy
     rng = np.random.default_rng(0)
@@ -376,7 +376,7 @@ def test_cupy_launch_plan(fake_cupy, b, l, s, e, ev, mask_shape, causal, hd):  #
 
 
 def test_cupy_grid_over_the_limit_is_refused():
-    from kernels.cuda import attention as cu
+    from engine.kernels.cuda import attention as cu
 
     assert cu.launch_grid(70000, 33, 32, "attention_forward") == (70000, 2)
     with pytest.raises(KernelError, match="over CUDA's limits"):

@@ -18,10 +18,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import kernels
-from kernels.cuda import attention as cu
-from kernels.cuda.attention_emulation import round_tf32, split_tf32, tc_forward
-from kernels.registry import KernelError
+from engine import kernels
+from engine.kernels.cuda import attention as cu
+from engine.kernels.cuda.attention_emulation import round_tf32, split_tf32, tc_forward
+from engine.kernels.registry import KernelError
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 from tests.kernels.test_attention import (_poison, make_case, make_mask, reference, run, torch_like_reference,
                                           assert_same_nonfinite)
@@ -108,7 +108,7 @@ def test_a_16_bit_mask_is_taken_and_other_dtypes_are_named():
 
 def test_numba_cuda_refuses_16_bit_inputs_by_name():
     pytest.importorskip("numba.cuda")
-    from kernels.numba_cuda.attention import attention_forward
+    from engine.kernels.numba_cuda.attention import attention_forward
 
     q, k, v = low_case((2, 3, 4, 8, 8), F16)
     with pytest.raises(KernelError, match=r"attention_forward \(numba_cuda\): dtype float16 .* cupy impl"):

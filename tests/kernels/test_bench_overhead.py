@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kernels
+from engine import kernels
 from bench import overhead
-from kernels import registry
+from engine.kernels import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ bit for bit (round to nearest even, subnormals, overflow to inf, signed zeros; N
 import numpy as np
 import pytest
 
-from kernels.cpu import convert
+from engine.kernels.cpu import convert
 from tests.kernels.helpers import BF16, F16, LOW_DTYPES
 
 

@@ -8,9 +8,9 @@ went. With two GPUs, the ``gpu`` test at the end does the same with real cupy an
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError
-from kernels.cuda import linear_relu, optim, softmax_cross_entropy
+from engine import kernels
+from engine.kernels import KernelError
+from engine.kernels.cuda import linear_relu, optim, softmax_cross_entropy
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 from tests.kernels.helpers import make_cross_entropy_case
 

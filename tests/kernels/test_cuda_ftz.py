@@ -7,8 +7,8 @@ float32 subnormals are the magnitudes below 2**-126 (about 1.18e-38).
 import numpy as np
 import pytest
 
-import kernels
-from kernels.cuda import module
+from engine import kernels
+from engine.kernels.cuda import module
 
 SUBNORMALS = np.array([1e-40, -2e-40, 3e-39], np.float32)
 TINY = np.finfo(np.float32).tiny  # the smallest normal float32

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.cuda import module
+from engine.kernels.cuda import module
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_an_explicit_device_is_looked_up_with_that_device_current(fake_cupy):
 
 
 def test_repeated_launches_reuse_the_kernel(fake_cupy):
-    from kernels.cuda import optim
+    from engine.kernels.cuda import optim
 
     p, g, m, v = (fake_cupy.on(0, np.full(1000, x, np.float32)) for x in (1.0, 0.5, 0.0, 0.0))
     for step in (1, 2, 3):
@@ -57,8 +57,8 @@ def test_modules_are_built_with_the_package_options(fake_cupy):
 
 
 def test_importing_the_kernels_imports_no_cupy():
-    code = ("import sys, kernels, kernels.cuda.module, kernels.cuda.optim, kernels.cuda.linear_relu, "
-            "kernels.cuda.softmax_cross_entropy; kernels.impls('adam_step', available_only=False); "
+    code = ("import sys, engine.kernels as kernels, engine.kernels.cuda.module, engine.kernels.cuda.optim, engine.kernels.cuda.linear_relu, "
+            "engine.kernels.cuda.softmax_cross_entropy; kernels.impls('adam_step', available_only=False); "
             "assert 'cupy' not in sys.modules, 'cupy was imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""kernels.deferred: device-side checks queued until the next sync point.
+"""engine.kernels.deferred: device-side checks queued until the next sync point.
 
 The queue logic runs here with stand-in device arrays (``_read_all`` is replaced by a reader that
 records what it was asked to read); the GPU suite checks the real thing with cupy
@@ -8,8 +8,8 @@ records what it was asked to read); the GPU suite checks the real thing with cup
 import numpy as np
 import pytest
 
-from kernels import deferred
-from kernels.registry import KernelError
+from engine.kernels import deferred
+from engine.kernels.registry import KernelError
 
 
 class FakeDeviceArray:

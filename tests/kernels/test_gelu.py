@@ -17,9 +17,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import kernels
-from kernels.cpu.gelu import erfc
-from kernels.registry import KernelError
+from engine import kernels
+from engine.kernels.cpu.gelu import erfc
+from engine.kernels.registry import KernelError
 from tests.kernels.helpers import BF16, F16, UNIT_ROUNDOFF, to_device, to_host
 
 CPU_IMPLS = ["numpy", "numba_cpu"]
@@ -213,7 +213,7 @@ def test_numba_cpu_low_precision_is_its_float32_result_rounded_once(impl, dtype,
 def test_parallel_path_matches_serial(impl, monkeypatch):
     """A buffer over numba_cpu's parallel threshold (chunks not a multiple of the size) gives the
     same values as the serial loop on each element."""
-    from kernels.cpu import gelu as cpu_gelu
+    from engine.kernels.cpu import gelu as cpu_gelu
 
     x, dy = make_case((cpu_gelu.PARALLEL_MIN + 12345,), np.float32, seed=7)
     for approximate in APPROX:
@@ -265,8 +265,8 @@ def test_registered_impls():
 def test_cupy_kernel_names_exist_in_the_cu_file():
     import re
 
-    from kernels.cuda.gelu import kernel_name
-    from kernels.cuda.module import source
+    from engine.kernels.cuda.gelu import kernel_name
+    from engine.kernels.cuda.module import source
 
     text = source("gelu")
     instantiated = dict(re.findall(r"^GELU_KERNELS\((\w+), (\w+),", text, re.M))  # C type -> suffix
@@ -283,7 +283,7 @@ def test_cupy_kernel_names_exist_in_the_cu_file():
 def test_cupy_launch_plan_moves_16_byte_packs(itemsize, width):
     """One thread per 16-byte pack over the aligned middle; a shared misalignment peels a head off,
     different misalignments fall back to scalars, and the grid covers the larger of the two loops."""
-    from kernels.cuda.gelu import MAX_BLOCKS, THREADS, launch_plan
+    from engine.kernels.cuda.gelu import MAX_BLOCKS, THREADS, launch_plan
 
     n = 10_000
     assert launch_plan([0x1000, 0x2000], n, itemsize) == (-(-(n // width) // THREADS), THREADS, 0, n // width)

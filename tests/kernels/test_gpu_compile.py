@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import kernels.numba_cuda
-from kernels.cuda.module import CUPY_ADDED_OPTIONS, NVRTC_OPTIONS, SOURCE_DIR, sources
+import engine.kernels.numba_cuda
+from engine.kernels.cuda.module import CUPY_ADDED_OPTIONS, NVRTC_OPTIONS, SOURCE_DIR, sources
 
 CU_FILES = sources()
 
@@ -22,7 +22,7 @@ CU_FILES = sources()
 def test_compile_check_uses_the_options_cupy_compiles_with():
     """The CI build is cupy's build: our options, then what cupy appends (-ftz=true), then the
     include path, the target and ptxas's report."""
-    from kernels.cuda.nvrtc import compile_options, cuda_include_options
+    from engine.kernels.cuda.nvrtc import compile_options, cuda_include_options
 
     assert CUPY_ADDED_OPTIONS == ("-ftz=true",)
     assert compile_options("sm_90") == (*NVRTC_OPTIONS, f"-I{SOURCE_DIR}", *CUPY_ADDED_OPTIONS,
@@ -34,7 +34,7 @@ def test_compile_check_finds_the_low_precision_headers():
     """common.cuh includes cuda_fp16.h and cuda_bf16.h: the CI compile must see the toolkit
     headers cupy compiles with, or every bf16/fp16 kernel would go unchecked."""
     pytest.importorskip("cupy")
-    from kernels.cuda.nvrtc import cuda_include_options
+    from engine.kernels.cuda.nvrtc import cuda_include_options
 
     (option,) = cuda_include_options()
     include = Path(option[2:])
@@ -68,7 +68,7 @@ def test_common_header_compiles_for_every_storage_type(tmp_path, arch):
     """common.cuh's conversions and reductions instantiate for float, double, __half and
     __nv_bfloat16 (a .cu file that includes it is compiled from its own folder's -I)."""
     pytest.importorskip("cuda.bindings.nvrtc")
-    from kernels.cuda.nvrtc import compile_file
+    from engine.kernels.cuda.nvrtc import compile_file
 
     probe = tmp_path / "common_probe.cu"
     probe.write_text(COMMON_PROBE)
@@ -102,7 +102,7 @@ INSTANTIATIONS = {"linear_relu.cu": "tests.kernels.test_linear_relu",
 @pytest.mark.parametrize("path", CU_FILES, ids=[p.name for p in CU_FILES])
 def test_cu_file_compiles_without_spills(path, arch):
     pytest.importorskip("cuda.bindings.nvrtc")
-    from kernels.cuda.nvrtc import compile_file
+    from engine.kernels.cuda.nvrtc import compile_file
 
     result = compile_file(path, arch)
     assert "Compiling entry function" in result.log, result.log
@@ -116,8 +116,8 @@ def test_cu_file_compiles_without_spills(path, arch):
 
 def _ptx_checks():
     checks = []
-    for info in pkgutil.iter_modules(kernels.numba_cuda.__path__):
-        module = importlib.import_module(f"kernels.numba_cuda.{info.name}")
+    for info in pkgutil.iter_modules(engine.kernels.numba_cuda.__path__):
+        module = importlib.import_module(f"engine.kernels.numba_cuda.{info.name}")
         for fn, sig, dtype in getattr(module, "PTX_CHECKS", []):
             checks.append(pytest.param(fn, sig, dtype, id=f"{info.name}.{fn.py_func.__name__}-{dtype}"))
     return checks
@@ -163,12 +163,12 @@ print("compiled")
 """
 
 
-@pytest.mark.parametrize("with_shim", [True, False], ids=["kernels.numba_cuda-imported", "bare-numba-cuda"])
+@pytest.mark.parametrize("with_shim", [True, False], ids=["engine.kernels.numba_cuda-imported", "bare-numba-cuda"])
 def test_numba_cuda_compiles_under_numpy_without_row_stack(with_shim):
     import subprocess
     import sys
 
-    prepare = "import kernels.numba_cuda" if with_shim else ""
+    prepare = "import engine.kernels.numba_cuda" if with_shim else ""
     env = {**__import__("os").environ, "NUMBA_ENABLE_CUDASIM": "0"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_WITHOUT_ROW_STACK.format(prepare=prepare)],
                          capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parents[2]))

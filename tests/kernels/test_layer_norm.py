@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kernels
-from kernels.registry import KernelError
+from engine import kernels
+from engine.kernels.registry import KernelError
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 from tests.kernels.helpers import BF16, F16, UNIT_ROUNDOFF, to_device, to_host
 
@@ -333,7 +333,7 @@ def test_large_offset_does_not_cancel(impl):
 def test_numba_cpu_parallel_and_serial_rows_agree(monkeypatch):
     """Small calls run on the calling thread, large ones in parallel row chunks: same y and dx bits,
     and column sums that differ only by the order of the partial sums."""
-    from kernels.cpu import layer_norm as module
+    from engine.kernels.cpu import layer_norm as module
 
     x, dy, weight, bias = make_case(40, 300, np.float32, seed=17)
     results = []
@@ -450,7 +450,7 @@ def _instantiated_kernels() -> set[tuple[str, str]]:
 
 
 def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
-    from kernels.cuda import layer_norm as cu
+    from engine.kernels.cuda import layer_norm as cu
 
     available = _instantiated_kernels()
     assert len(available) > 100
@@ -495,7 +495,7 @@ def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
 @pytest.fixture
 def fake_layer_norm_cupy(fake_cupy):
     """fake_cupy, with kernels/cuda/layer_norm.py's device caches emptied before and after."""
-    from kernels.cuda import layer_norm as cu
+    from engine.kernels.cuda import layer_norm as cu
 
     def clear():
         cu._sm_count.cache_clear()
@@ -509,7 +509,7 @@ def fake_layer_norm_cupy(fake_cupy):
 @pytest.mark.parametrize("d,tiled", [(4096, False), (65536, True)])
 def test_cupy_backward_writes_one_partial_row_per_block(fake_layer_norm_cupy, d, tiled):
     """The column sums: P partial rows (P <= N, one wave) then one small reduction; never atomics."""
-    from kernels.cuda import layer_norm as cu
+    from engine.kernels.cuda import layer_norm as cu
 
     fake = fake_layer_norm_cupy
     n = 5000
@@ -545,7 +545,7 @@ def test_cupy_backward_writes_one_partial_row_per_block(fake_layer_norm_cupy, d,
 def test_cupy_low_precision_launches(fake_layer_norm_cupy, dtype, weight_dtype):
     """A 16-bit x: the lowp module's kernels for its types (w32 with float32 weight and bias),
     float32 statistics and partial rows, dw / db in weight's dtype, 8 values per 16-byte pack."""
-    from kernels.cuda import layer_norm as cu
+    from engine.kernels.cuda import layer_norm as cu
 
     fake = fake_layer_norm_cupy
     wdt = dtype if weight_dtype == "x" else np.dtype(np.float32)
@@ -573,7 +573,7 @@ def test_cupy_low_precision_launches(fake_layer_norm_cupy, dtype, weight_dtype):
 def test_cupy_occupancy_query_failure_is_an_error(fake_layer_norm_cupy, monkeypatch):
     """The backward's grid is one wave by design: a failed occupancy query raises (naming the
     kernel) rather than guessing a figure."""
-    from kernels.cuda import layer_norm as cu
+    from engine.kernels.cuda import layer_norm as cu
 
     fake = fake_layer_norm_cupy
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError
+from engine import kernels
+from engine.kernels import KernelError
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 from tests.kernels.helpers import BF16, F16, LOW_DTYPES, UNIT_ROUNDOFF, low_precision_impls, to_device, to_host
 
@@ -361,7 +361,7 @@ def _instantiated_kernels() -> set[str]:
 
 
 def test_every_dtype_has_every_entry_point():
-    from kernels.cuda.linear_relu import SUFFIXES
+    from engine.kernels.cuda.linear_relu import SUFFIXES
 
     names = _instantiated_kernels()
     assert len(names) == 6 * 4 and set(re.findall(r"^LINEAR_RELU_KERNELS\([^,]+, (\w+)\)", CU_FILE.read_text(),
@@ -374,7 +374,7 @@ def test_launch_plan_on_a_fake_gpu(fake_cupy, dtype, n, m):
     """The host side with a fake cupy: the dtype's instances, 16-byte packs when M is a multiple of
     the pack (8 for 16-bit), float32 partial column sums for 16-bit (then always the reduction
     kernel, which rounds db once), the partials as db itself for float32 when one block row suffices."""
-    from kernels.cuda.linear_relu import _suffix
+    from engine.kernels.cuda.linear_relu import _suffix
 
     rng = np.random.default_rng(0)
     x, w, b = (fake_cupy.on(0, a) for a in make_inputs(rng, n, 16, m, dtype))

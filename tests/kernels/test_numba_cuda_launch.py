@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from kernels.numba_cuda import launch as launch_module
+from engine.kernels.numba_cuda import launch as launch_module
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401  (fixture)
 
 

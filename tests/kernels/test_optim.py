@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError
+from engine import kernels
+from engine.kernels import KernelError
 from tests.kernels.helpers import to_device, to_host
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,7 +290,7 @@ def test_sizes_and_shapes(opt, config, shape, dtype, impl, rng):
                                         ("rmsprop", "everything")], ids=["adam", "sgd", "adagrad", "rmsprop"])
 def test_numba_cpu_parallel_loop_on_large_buffers(opt, config, dtype, rng):
     """numba_cpu runs a serial loop below PARALLEL_MIN elements and a prange loop from there."""
-    from kernels.cpu.optim import PARALLEL_MIN
+    from engine.kernels.cpu.optim import PARALLEL_MIN
 
     run_trajectory(opt, OPTIMIZERS[opt]["configs"][config], "numba_cpu", dtype, (PARALLEL_MIN + 5,), 2, rng)
 
@@ -546,7 +546,7 @@ def _covered(n, head, n_vec, width, blocks, threads):
 
 @pytest.mark.parametrize("itemsize", [4, 8])
 def test_cupy_launch_plan_covers_every_element_once(itemsize):
-    from kernels.cuda.optim import VECTOR_BYTES, launch_shape, vector_split
+    from engine.kernels.cuda.optim import VECTOR_BYTES, launch_shape, vector_split
 
     width = VECTOR_BYTES // itemsize
     for n in (1, 2, 3, 5, 8, 13, 100, 257):
@@ -563,7 +563,7 @@ def test_cupy_launch_plan_covers_every_element_once(itemsize):
 
 
 def test_cupy_vector_split_refuses_mixed_alignment_and_sizes_the_grid():
-    from kernels.cuda.optim import launch_shape, vector_split
+    from engine.kernels.cuda.optim import launch_shape, vector_split
 
     assert vector_split([0, 16, 32], 10, 4) == (0, 2)
     assert vector_split([4, 20, 36], 10, 4) == (3, 1)  # peel 3 floats, then one float4 ...
@@ -601,7 +601,7 @@ def _cu_signatures():
     """extern "C" kernel name -> list of (C type, parameter name), parsed from optim.cu."""
     import re
 
-    from kernels.cuda.module import source
+    from engine.kernels.cuda.module import source
 
     found = {}
     for name, params in re.findall(r'OPT_ENTRY (\w+)\(([^)]*)\)', source("optim")):
@@ -616,7 +616,7 @@ AMP_POINTERS = {"found_inf": 256, "inv_scale": 512, "device_scalars": 1024}  # t
 
 def _launch_through_fake_function(opt, cfg, dtype, monkeypatch, param_out=None, **extra):
     """Run the cupy wrapper of ``opt`` on FakeCupyArrays; return (kernel name, grid, block, args)."""
-    import kernels.cuda.optim as cupy_impl
+    import engine.kernels.cuda.optim as cupy_impl
 
     launches = []
 
@@ -684,7 +684,7 @@ def test_cupy_wrapper_passes_arguments_matching_the_cu_signature(opt, config, dt
 
 def test_cupy_launch_reads_step_scalars_from_the_device_when_given(monkeypatch):
     """A device step count: the wrapper sets DEVICE_SCALARS and passes the array where the .cu reads it."""
-    import kernels.cuda.optim as cupy_impl
+    import engine.kernels.cuda.optim as cupy_impl
 
     launches = []
     arrays = [FakeCupyArray(np.ones(33, np.float32)) for _ in range(5)]
@@ -700,7 +700,7 @@ def test_cupy_launch_reads_step_scalars_from_the_device_when_given(monkeypatch):
 
 
 def test_cupy_vector_split_with_16_bit_arrays_aligns_every_vector():
-    from kernels.cuda.optim import vector_split
+    from engine.kernels.cuda.optim import vector_split
 
     # float32 master at 4096 + 4 (element 1 mod 4) and a bfloat16 grad at 2048 + 2 (element 1 mod 4): peel 3.
     assert vector_split([4100, 2050], 11, 4, [4, 2]) == (3, 2)
@@ -819,7 +819,7 @@ def test_master_weights_follow_the_float64_formula_and_round_into_param_out(opt,
 def test_master_weights_with_scaled_16_bit_gradients_and_a_skip(low, impl, rng):
     """The whole GradScaler path in one call sequence: scaled 16-bit grads unscaled in float32,
     written back rounded, a skipped step, and the parallel numba loop (a buffer past PARALLEL_MIN)."""
-    from kernels.cpu.optim import PARALLEL_MIN
+    from engine.kernels.cpu.optim import PARALLEL_MIN
 
     n = PARALLEL_MIN + 3 if impl == "numba_cpu" else 1001
     cfg = dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)

@@ -4,8 +4,8 @@ take a dtype, and the automatic choice of the next impl that does."""
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelError, registry
+from engine import kernels
+from engine.kernels import KernelError, registry
 from tests.kernels.fake_cupy import FakeCupy
 from tests.kernels.helpers import BF16, F16
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kernels
-from kernels.registry import KernelError
+from engine import kernels
+from engine.kernels.registry import KernelError
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 from tests.kernels.helpers import BF16, F16, LOW_DTYPES, UNIT_ROUNDOFF, low_precision_impls
 from tests.kernels.helpers import make_cross_entropy_case as make_case
@@ -205,7 +205,7 @@ def test_large_class_count(impl):
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_numba_cpu_serial_and_parallel_rows_agree_bitwise(kind, monkeypatch):
     """Small calls run the rows on the calling thread, large ones in parallel: same bits either way."""
-    from kernels.cpu import softmax_cross_entropy as module
+    from engine.kernels.cpu import softmax_cross_entropy as module
 
     z, targets, weight = make_case(40, 300, np.float32, kind=kind, seed=23, weighted=True)
     results = []
@@ -586,7 +586,7 @@ def _instantiated_kernels() -> set[str]:
 
 
 def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
-    from kernels.cuda import softmax_cross_entropy as cu
+    from engine.kernels.cuda import softmax_cross_entropy as cu
 
     available = _instantiated_kernels()
     assert len(available) > 20
@@ -619,7 +619,7 @@ def test_launch_plan_uses_instantiated_kernels_and_covers_the_row():
 def test_low_precision_launch_passes_float32_loss_scalars_and_scale(fake_cupy, dtype, c, vec):
     """The host side with a fake cupy: a 16-bit instance of the planned kernel, a float32 loss, float32
     1 - eps, eps / C and grad_scale, the gradient in the logits' dtype."""
-    from kernels.cuda import softmax_cross_entropy as cu
+    from engine.kernels.cuda import softmax_cross_entropy as cu
 
     z, q, weight = low_case(5, c, dtype, kind="soft", seed=1, weighted=True)
     args = [fake_cupy.on(0, a) for a in (z, q, weight)]

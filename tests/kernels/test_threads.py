@@ -56,7 +56,7 @@ def test_two_models_training_in_two_threads():
 
 def _kernel_work(seed: int) -> dict:
     """ROUNDS rounds of every numba_cpu kernel with a parallel path, on this seed's data."""
-    import kernels
+    from engine import kernels
 
     rng = np.random.default_rng(seed)
     n = 1 << 18

@@ -9,8 +9,8 @@ accept too and agree on the dtype; whenever the full checks reject, the fast pat
 import numpy as np
 import pytest
 
-from kernels import KernelError
-from kernels.cpu import linear_relu, optim
+from engine.kernels import KernelError
+from engine.kernels.cpu import linear_relu, optim
 
 
 def _outcome(check):

@@ -9,7 +9,7 @@ import pytest
 
 import engine
 import engine.functional as F
-import kernels
+from engine import kernels
 
 torch = pytest.importorskip("torch")
 

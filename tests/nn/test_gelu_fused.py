@@ -10,7 +10,7 @@ import pytest
 
 import engine
 import engine.functional as F
-import kernels
+from engine import kernels
 from engine import nn
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import engine
-import kernels
+from engine import kernels
 from engine.errors import EngineError, GradError
 from engine.io import load, save
 from engine.optim import SGD, Adagrad, Adam, AdamW, RMSprop

@@ -8,8 +8,8 @@ import numpy as np
 import engine
 import engine.distributed as dist
 from engine.errors import DTypeError, GradError, ShapeError
-from kernels import deferred
-from kernels.registry import KernelError
+from engine.kernels import deferred
+from engine.kernels.registry import KernelError
 
 dist.init_process_group("mpi")
 r, w = dist.get_rank(), dist.get_world_size()

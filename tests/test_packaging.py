@@ -1,0 +1,80 @@
+"""The engine's import names: one package, ``engine``, with the kernels/ folder as ``engine.kernels``.
+
+Hugging Face's ``kernels`` distribution (a dependency of transformers 5) installs a top-level
+``kernels``; the engine must import, and pick its own kernels, beside it.
+"""
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, cwd: Path, **env_extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_the_engine_imports_beside_a_foreign_top_level_kernels_package(tmp_path):
+    foreign = tmp_path / "kernels"
+    foreign.mkdir()
+    (foreign / "__init__.py").write_text("FOREIGN = True\n")  # like huggingface's kernels: no KernelError
+    code = ("import kernels, engine, engine.kernels as ours, numpy as np\n"
+            "assert kernels.FOREIGN and not hasattr(kernels, 'KernelError'), kernels.__file__\n"
+            "assert ours.__file__.endswith('kernels/__init__.py') and ours is not kernels\n"
+            "p = np.ones(8, np.float32); g = np.full(8, 0.5, np.float32)\n"
+            "ours.sgd_step(p, g, lr=0.1)\n"
+            "assert np.allclose(p, 0.95), p\n"
+            "x = engine.randn(3, 4, requires_grad=True); (x.relu().sum()).backward(); assert x.grad is not None\n")
+    run = _run(code, cwd=tmp_path, PYTHONPATH=f"{tmp_path}:{ROOT}")  # the foreign one first
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_kernels_import_only_relatively_so_their_name_can_change():
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "kernels").rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if line.lstrip().startswith(("import kernels", "from kernels", "import engine", "from engine"))]
+    assert not offenders, offenders
+
+
+def test_nothing_imports_a_top_level_kernels():
+    folders = [ROOT / d for d in ("engine", "bench", "tests")]
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for folder in folders for p in folder.rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if line.lstrip().startswith(("import kernels", "from kernels"))]
+    assert not offenders, offenders
+
+
+def test_pyproject_lists_every_package_and_maps_kernels_under_engine():
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"] == {"engine.kernels": "kernels"}
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "engine").rglob("__init__.py")}
+    found |= {".".join(("engine", *p.parent.relative_to(ROOT).parts)) for p in (ROOT / "kernels").rglob("__init__.py")}
+    assert set(setup["packages"]) == found
+    assert "engine.kernels.cuda" in setup["package-data"]
+
+
+def test_a_source_checkout_with_nothing_installed_mounts_kernels_as_engine_kernels(tmp_path):
+    """The GPU machines run from the tree (``python -m pytest`` in a copy, nothing installed)."""
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')\n"
+            "                    and '__editable__' not in type(f).__module__]\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('engine').origin.startswith(sys.argv[1])\n"
+            "import engine, engine.kernels as k, engine.kernels.cpu.optim as o\n"
+            "assert k.__file__ == sys.argv[1] + '/kernels/__init__.py', k.__file__\n"
+            "assert engine.kernels is k and o.__name__ == 'engine.kernels.cpu.optim'\n"
+            "assert k.impls('adam_step')[0] in ('numba_cpu', 'numpy')\n")
+    run = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_no_other_installed_distribution_ships_engine_or_uses_our_names():
+    import importlib.metadata as md
+    owners = md.packages_distributions()
+    assert set(owners.get("engine", [])) == {"gpu-engine"}, owners.get("engine")
+    assert "gpu-engine" not in owners.get("kernels", []), owners.get("kernels")  # we install no top-level kernels
