@@ -36,7 +36,7 @@ def _import_torch():
         return importlib.import_module("torch"), ""
     except ImportError:
         return None, TORCH_MISSING
-    except Exception as e:  # a broken install must not stop the benchmark
+    except Exception as e:  # noqa: BLE001 - a broken install must not stop the benchmark
         return None, f"torch failed to import: {type(e).__name__}: {e}"
 
 

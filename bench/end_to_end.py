@@ -242,7 +242,7 @@ def _run_config(bd, ceilings, model_name, layers, batch, progress, setup=_mlp_se
         except Unavailable as e:
             row["status"] = f"unavailable: {e}"
             continue
-        except Exception as e:  # one failing variant must not stop the others
+        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
             row["status"] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             row["traceback"] = traceback.format_exc(limit=6)
             continue

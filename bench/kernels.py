@@ -1053,7 +1053,7 @@ def check_candidate(case: Case, candidate: Candidate, bd: BenchDevice) -> tuple[
     except Unavailable as e:
         row["status"] = f"unavailable: {e}"
         return row, None
-    except Exception as e:  # one broken candidate must not stop the sweep; the row says what broke
+    except Exception as e:  # noqa: BLE001 - one broken candidate must not stop the sweep; the row says what broke
         if bd.low_precision and candidate.role == "impl" and isinstance(e, kernel_registry.KernelError):
             # An impl that does not take this dtype yet says so (its validator names the dtypes it takes).
             row["status"] = f"unavailable: takes no {bd.dtype.name} inputs yet: {_first_line(e)}"
@@ -1427,7 +1427,7 @@ def run_sweep(bd: BenchDevice, ceilings: roofline.Ceilings, kernel_names: list[s
 def _run_case(build, kernel, bd, ceilings, progress) -> list[dict]:
     try:
         case = build()
-    except Exception as e:  # input construction failed (e.g. out of memory): one error row
+    except Exception as e:  # noqa: BLE001 - input construction failed (e.g. out of memory): one error row
         progress.note(f"{kernel}: case setup failed: {type(e).__name__}: {_first_line(e)}")
         return [{"kernel": kernel, "case": "setup", "impl": "-", "role": "impl", "status":
                  f"error: {type(e).__name__}: {_first_line(e)}", "target": ""}]

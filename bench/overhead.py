@@ -165,7 +165,7 @@ def measure_cuda(rows: list[dict], quick: bool = False) -> list[dict]:
         for impl, column in ((None, "cupy_us"), ("numba_cuda", "numba_cuda_us")):
             try:
                 row[column] = _cuda_call_us(lambda: public(*args, **kw, impl=impl), samples, sync)
-            except Exception as e:  # one failing impl must not hide the others' figures
+            except Exception as e:  # noqa: BLE001 - one failing impl must not hide the others' figures
                 row[column] = None
                 row[column.replace("_us", "_error")] = f"{type(e).__name__}: {e}"[:200]
     return rows

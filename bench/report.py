@@ -59,7 +59,7 @@ def library_versions() -> dict:
             continue
         try:
             versions[module] = getattr(importlib.import_module(module), "__version__", "unknown")
-        except Exception as e:  # a broken optional library is reported, not fatal
+        except Exception as e:  # noqa: BLE001 - a broken optional library is reported, not fatal
             versions[module] = f"import failed: {type(e).__name__}"
     for dist in ("numba-cuda",):
         try:

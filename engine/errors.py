@@ -59,6 +59,6 @@ def _distribution() -> str | None:
 
     try:
         names = metadata.packages_distributions().get("engine", [])
-    except Exception:  # broken metadata of some other distribution: no name rather than no message
+    except Exception:  # noqa: BLE001 - broken metadata of some other distribution: no name rather than no message
         return None
     return names[0] if names else None

@@ -442,7 +442,7 @@ def _numba_cuda_ready() -> bool:
         from numba import cuda
 
         return bool(cuda.is_available())
-    except Exception:  # a broken driver or toolkit means "not usable", never a crash
+    except Exception:  # noqa: BLE001 - a broken driver or toolkit means "not usable", never a crash
         return False
 
 
@@ -452,7 +452,7 @@ def _cupy_ready() -> bool:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken driver or toolkit means no usable GPU, never a crash
         return False
 
 

@@ -162,7 +162,7 @@ def _write_run(tmp_path, cases, bench, digits=DIGITS_LOG, memcheck=MEMCHECK_LOG,
 
 
 def test_summary_of_a_passing_run(tmp_path):  # like r2: 816 passed
-    cases = [(f"tests.kernels.test_optim", f"test_step[{i}-cupy]", "passed") for i in range(6)]
+    cases = [("tests.kernels.test_optim", f"test_step[{i}-cupy]", "passed") for i in range(6)]
     out = _write_run(tmp_path, cases, _bench())
     results = _results()
     summary = ci.build_summary(out, results, dry_run=False)

@@ -221,7 +221,7 @@ def test_cuda_export_forwards_the_consumers_stream(fake_cuda):
     interface = t.__cuda_array_interface__
     assert interface["version"] == 3 and interface["shape"] == (4,)
     with pytest.raises(GradError, match="requires grad"):
-        engine.Tensor(_FakeCudaArray(np.ones(2, np.float32), fake_cuda), requires_grad=True).__cuda_array_interface__
+        _ = engine.Tensor(_FakeCudaArray(np.ones(2, np.float32), fake_cuda), requires_grad=True).__cuda_array_interface__
 
 
 def test_cuda_import_goes_through_cupy_on_the_producers_device(fake_cuda):

@@ -284,7 +284,7 @@ def test_a_step_with_the_scaler_reads_nothing_from_the_device():
     pair = Pair("AdamW", dict(lr=1e-2, weight_decay=0.1))
     run(pair, 2, injected={0})  # warm-up; counts already on the device
     with backend.count_host_reads() as reads:
-        for t in range(3):
+        for _ in range(3):
             pair.opt.zero_grad()
             loss = pair.params[0].sum() * 0 + (pair.params[2] ** 2).sum()
             pair.scaler.scale(loss).backward()

@@ -45,7 +45,7 @@ def test_transformer_learns_to_sort_sequences():
     head = nn.Linear(64, digits)
     params = list(encoder.parameters()) + list(head.parameters())
     opt = optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    for step in range(300):  # 200 left seed 0 at 0.90-0.997 depending on the CPU's BLAS kernels; 300 gives
+    for _step in range(300):  # 200 left seed 0 at 0.90-0.997 depending on the CPU's BLAS kernels; 300 gives
         batch = train[rng.integers(0, len(train), 64)]  # 1.000 / 1.000 / 0.999 for seeds 0 / 1 / 2
         logits = head(encoder(engine.tensor(batch)))
         loss = F.cross_entropy(logits.reshape(-1, digits), engine.tensor(np.sort(batch, axis=1)).reshape(-1))
@@ -93,7 +93,7 @@ def test_bert_style_classifier_ignores_padding():
     test_x, test_y = _classification_data(rng, 300, pad_id)
     model = BertClassifier(vocab=9, max_len=16, pad_id=pad_id)
     opt = optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(250):
+    for _step in range(250):
         pick = rng.integers(0, len(train_x), 32)
         ids, mask = pad_batch([train_x[i] for i in pick], padding_value=pad_id)
         loss = F.cross_entropy(model(ids, mask), engine.tensor(train_y[pick]))

@@ -28,7 +28,6 @@ import warnings
 import numpy as np
 
 from engine import dtypes
-from engine.errors import DTypeError
 
 DEVICE_TYPES = ("cpu", "cuda")
 _DEFAULT_DTYPE = {"cpu": np.dtype(dtypes.bfloat16), "cuda": np.dtype(np.float16)}

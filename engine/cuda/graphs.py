@@ -232,7 +232,7 @@ class CUDAGraph:
             return
         try:
             stream.end_capture()
-        except Exception:  # noqa: BLE001 - an invalidated capture raises here; the region's error is the one to see
+        except Exception:  # noqa: BLE001, S110 - an invalidated capture raises here; the region's error is the one to see
             pass
         finally:
             stack.close()

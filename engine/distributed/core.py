@@ -77,7 +77,7 @@ def is_nccl_available() -> bool:
         from engine.distributed import nccl
 
         return nccl.available()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken cupy or NCCL library means no NCCL backend here
         return False
 
 
@@ -140,7 +140,7 @@ def _share_cpu_threads(MPI) -> None:
         shared = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
         local_size = shared.Get_size()
         shared.Free()
-    except Exception:
+    except Exception:  # noqa: BLE001 - an MPI without shared-memory split types: no per-node thread split
         return
     if local_size < 2:
         return
@@ -150,14 +150,14 @@ def _share_cpu_threads(MPI) -> None:
             import numba
 
             numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, per_rank)))
-        except Exception:  # numba missing or its threading layer already fixed: leave it
+        except Exception:  # noqa: BLE001, S110 - numba missing or its threading layer already fixed: leave it
             pass
     if not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS")):
         try:
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(limits=per_rank, user_api="blas")  # stays in force (not used as a context)
-        except Exception:  # threadpoolctl missing: the BLAS keeps its own thread count
+        except Exception:  # noqa: BLE001, S110 - threadpoolctl missing: the BLAS keeps its own thread count
             pass
 
 
@@ -232,7 +232,7 @@ def _agree(g, op: str, describe_call) -> dict:
     try:
         call = describe_call()
         kernels.raise_deferred_errors()
-    except Exception as e:  # raised below, on every rank, once all have heard of it
+    except Exception as e:  # noqa: BLE001 - raised below, on every rank, once all have heard of it
         error = e
     mine = {"collective": (g.calls, op), "error": f"{type(error).__name__}: {error}" if error else None,
             **(call or {})}

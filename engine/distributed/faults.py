@@ -55,7 +55,7 @@ def _rank() -> str:
         from mpi4py import MPI
 
         return str(MPI.COMM_WORLD.Get_rank())
-    except Exception:
+    except Exception:  # noqa: BLE001 - a rank label for a message; MPI may be finalized or broken by now
         return "?"
 
 
@@ -133,7 +133,7 @@ def _at_exit() -> None:
             time.sleep(_EXIT_POLL_S)
         _receive_notices(comm)  # every peer sent its notice before entering the barrier
         MPI.Request.Waitall(sends)
-    except BaseException as e:  # Ctrl-C while waiting for the others: end the job now
+    except BaseException as e:  # noqa: BLE001 - Ctrl-C while waiting for the others: end the job now
         abort(f"rank {_rank()} was interrupted while waiting at exit for the other ranks "
               f"({type(e).__name__}: {e})")
 
@@ -151,7 +151,7 @@ def _write(text: str) -> None:
         sys.stdout.flush()
         sys.stderr.write(text)
         sys.stderr.flush()
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - stderr may be closed; the job is aborting anyway
         pass
 
 
@@ -169,12 +169,12 @@ def _excepthook(exc_type, exc, tb):
     hook = _state.previous_excepthook or sys.__excepthook__
     try:
         hook(exc_type, exc, tb)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken excepthook must not hide the original error
         traceback.print_exception(exc_type, exc, tb)
     if os.environ.get("ENGINE_DISTRIBUTED_NO_ABORT"):
         return  # the process exits normally; its exit notice still ends a job that waits for it
     try:
         sys.stderr.flush()
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - stderr may be closed; the job is aborting anyway
         pass
     _abort_now()

@@ -38,7 +38,7 @@ def cuda_aware() -> bool:
     query = getattr(_mpi(), "Query_cuda_support", None)
     try:
         return bool(query()) if query is not None else False
-    except Exception:  # an MPI without the MPIX extension
+    except Exception:  # noqa: BLE001 - an MPI without the MPIX extension
         return False
 
 

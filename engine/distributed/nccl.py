@@ -35,7 +35,7 @@ _OPS = {"sum": nccl.NCCL_SUM, "avg": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, "min":
 def available() -> bool:
     try:
         return bool(nccl.available) if hasattr(nccl, "available") else True
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken NCCL library means NCCL is not available
         return False
 
 

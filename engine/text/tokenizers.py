@@ -438,7 +438,7 @@ class BPETokenizer(_SpecialTokens):
         text = _read_text(where, path)
         try:
             tokenizer = tokenizers.Tokenizer.from_str(text)
-        except Exception as exc:  # the library raises a bare Exception for every parse error
+        except Exception as exc:  # noqa: BLE001 - the library raises a bare Exception for every parse error
             raise ValueError(f"{where}: {str(path)!r} is not a tokenizers JSON file ({exc})") from None
         return cls(tokenizer)
 

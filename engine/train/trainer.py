@@ -681,7 +681,7 @@ def _check_rng(rng) -> None:
     _count(rng["seed"], "rng")
     try:
         np.random.PCG64().state = rng["cpu"]
-    except Exception as exc:  # TypeError, ValueError, KeyError ... from a made-up state
+    except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, KeyError ... from a made-up state
         raise _BadEntry("rng", f"the CPU generator's state cannot be restored ({type(exc).__name__}: {exc})") \
             from None
 

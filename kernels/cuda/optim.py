@@ -94,7 +94,7 @@ def _resident_blocks(kernel_name: str, device_id: int) -> int:
     try:
         fn = function("optim", kernel_name)
         per_sm = int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, THREADS, 0))
-    except Exception:  # an older cupy without the query: a safe figure (see FALLBACK_BLOCKS_PER_SM)
+    except Exception:  # noqa: BLE001 - an older cupy without the query: a safe figure (see FALLBACK_BLOCKS_PER_SM)
         per_sm = FALLBACK_BLOCKS_PER_SM
     return sm_count * max(per_sm, 1)
 

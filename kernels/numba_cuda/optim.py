@@ -211,7 +211,7 @@ def _resident_blocks(kernel, argtypes: tuple, device_id: int) -> int:
     device = cuda.get_current_device()
     try:
         return max(int(kernel.compile(argtypes).max_cooperative_grid_blocks(THREADS)), 1)
-    except Exception:  # the occupancy query is unavailable: a safe figure
+    except Exception:  # noqa: BLE001 - the occupancy query is unavailable: a safe figure
         return device.MULTIPROCESSOR_COUNT * FALLBACK_BLOCKS_PER_SM
 
 

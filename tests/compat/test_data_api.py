@@ -186,7 +186,7 @@ def test_worker_error_names_its_batch_and_worker_and_the_epoch_goes_on():
     seen = []
     with pytest.raises(ValueError, match=r"Caught ValueError in DataLoader worker [01] .*batch 3: bad sample 13") \
             as info:
-        for xb, yb in it:
+        for _xb, yb in it:
             seen.append(yb.tolist())
     assert isinstance(info.value.__cause__, ValueError)
     # Raised as soon as it failed: the batches before it may still have been loading. next() goes

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = HERE / "scripts"
@@ -77,7 +76,7 @@ def test_d2l_dropout(tmp_path):
     _, out = run_script("d2l_dropout", tmp_path)
     results = [[float(v) for v in line.split()[1:]] for line in out.splitlines() if line.startswith("RESULT")]
     assert len(results) == 2
-    for train_loss, train_acc, test_acc in results:
+    for _train_loss, train_acc, test_acc in results:
         assert train_acc > 0.9 and test_acc > 0.85
 
 

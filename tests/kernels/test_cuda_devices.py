@@ -120,7 +120,7 @@ def _gpu_count() -> int:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to ask means no GPU
         return 0
 
 

@@ -130,7 +130,7 @@ def _in_threads(work, jobs) -> list:
         try:
             barrier.wait()
             results[i] = work(job)
-        except BaseException as error:  # reported by the main thread
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
 
     threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]

@@ -80,7 +80,7 @@ def test_reassigning_and_deleting_attributes_updates_registries():
     del block.proj
     assert [name for name, _ in block.named_children()] == []
     with pytest.raises(AttributeError, match="'Block' object has no attribute 'proj'"):
-        block.proj
+        _ = block.proj
 
 
 def test_assigning_before_init_explains_the_fix():

@@ -40,7 +40,7 @@ def test_adadelta_matches_pytorch(kwargs, fused):
         theirs.step()
     for a, b in zip(ours_p, theirs_p):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-12, atol=1e-14)
-    for i, b in enumerate(theirs_p):
+    for i in range(len(theirs_p)):
         mine, reference = ours.state_dict()["state"][i], theirs.state_dict()["state"][i]
         assert set(mine) == set(reference) == {"step", "square_avg", "acc_delta"}
         for key in ("square_avg", "acc_delta"):

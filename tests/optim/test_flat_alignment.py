@@ -13,7 +13,7 @@ from engine.io import load, save
 from engine.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from engine.optim.optimizer import FLAT_ALIGNMENT_BYTES
 from tests.conftest import DEVICES
-from tests.optim.test_optimizers import CASES, count_calls, engine_run, grad_fn_for, make_tensors, set_grads
+from tests.optim.test_optimizers import CASES, count_calls, engine_run, grad_fn_for, make_tensors
 
 ODD_SHAPES = [(3, 5), (5,), (7,), (), (0,), (2, 1, 3), (1,), (4, 3)]
 DTYPES = [np.float32, np.float64]

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import engine
-import engine.functional as F
 from engine import nn
 from engine.train.distill import distillation_loss
 from engine.train.ensemble import Ensemble

@@ -13,7 +13,6 @@ import pytest
 import engine
 import engine.functional as F
 from engine import amp, io, nn, optim
-from engine.errors import EngineError
 from engine.train import Callback, Trainer, TrainingDiverged
 from engine.train.trainer import precision_flag
 

@@ -175,7 +175,7 @@ def test_the_read_back_window_keeps_only_what_the_metrics_need(metrics):
     probe = _WindowBytes()
     trainer = Trainer(model, optim.SGD(model.parameters(), lr=0.01), metrics=list(metrics), verbose=0,
                       sync_every=4, callbacks=[probe])
-    history = trainer.fit((x, y), epochs=1, batch_size=batch, shuffle=False)
+    trainer.fit((x, y), epochs=1, batch_size=batch, shuffle=False)
     losses = 3 * 4  # three float32 loss scalars
     flags = probe.held[2] - losses - {(): 0, ("accuracy", "f1"): 3 * 2 * batch * 8,
                                       ("top5_accuracy",): 3 * (batch * classes * 4 + batch * 8)}[metrics]

@@ -95,7 +95,7 @@ tp_model = nn.Sequential(col, nn.ReLU(), row)
 ref_model = nn.Sequential(*full_mlp()[:1], nn.ReLU(), full_mlp()[1])
 tp_opt = optim.SGD(tp_model.parameters(), lr=0.05, momentum=0.9)
 ref_opt = optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9)
-for step in range(3):
+for _step in range(3):
     for model, opt in ((tp_model, tp_opt), (ref_model, ref_opt)):
         opt.zero_grad()
         F.mse_loss(model(engine.tensor(x_np)), engine.tensor(target_np)).backward()
