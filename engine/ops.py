@@ -492,18 +492,14 @@ def _gelu_tanh_inner(a):
     return _xp(a).tanh(t, out=t)
 
 
-def _erf(x):
-    """erf(x) to ~1e-7 absolute (Abramowitz & Stegun 7.1.26): numpy has no erf of its own."""
-    xp = _xp(x)
-    sign = xp.sign(x)
-    ax = xp.abs(x)
-    t = 1 / (1 + 0.3275911 * ax)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return sign * (1 - poly * xp.exp(-ax * ax))
-
-
 def _normal_cdf(a):
-    return (0.5 * (1 + _erf(a / math.sqrt(2)))).astype(a.dtype, copy=False)
+    """Phi(a) = erfc(-a / sqrt 2) / 2 in float64, cast to a's dtype: the kernels' one erfc (~1e-13)."""
+    from engine.kernels.cpu.gelu import erfc
+
+    return (0.5 * erfc(a.astype(np.float64, copy=False) * -_INV_SQRT_2)).astype(a.dtype, copy=False)
+
+
+_INV_SQRT_2 = 1 / math.sqrt(2)
 
 
 # Float-valued functions of integer or bool input give float32, as in PyTorch.

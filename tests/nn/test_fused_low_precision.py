@@ -207,8 +207,8 @@ def test_gelu_fused_and_unfused_agree_and_only_x_is_saved(dtype, torch_dtype, ap
                 assert len(y.grad_fn.saved) == 1 and y.grad_fn.saved[0] is leaf._data  # no float32 copy
             y.backward(engine.ones(33, 17, dtype=dtype))
         out.append((y, leaf.grad))
-    # the unfused forms cancel in the left tail (1 + tanh, 1 - tanh^2; the exact form's erf is good
-    # to ~1e-7 absolute, ops._erf), where the kernels keep their digits: errors relative to the largest
+    # the unfused tanh form cancels in the left tail (1 + tanh, 1 - tanh^2) and the exact form rounds
+    # Phi(x) to the dtype, where the kernels keep their digits: errors relative to the largest
     for name, a, b in zip(("y", "dx"), *out):
         assert a.dtype == b.dtype == np.dtype(dtype)
         assert_within_ulps(a, b.float().numpy(), EPS[np.dtype(dtype)], name, normwise=True)
