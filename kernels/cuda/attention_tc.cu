@@ -1,8 +1,9 @@
-// Attention forward on tensor cores (mma.sync), FlashAttention-2 style, for head dims 64 and 128
-// (E = Ev = HD). Conventions, mask, causal, fully masked rows and NaN / inf rules are those of
-// attention.cu (the SIMT kernels, which serve every other case and the backward); the design and
+// Attention forward and backward on tensor cores (mma.sync), FlashAttention-2 style, for head dims
+// 64 and 128 (E = Ev = HD). Conventions, mask, causal, fully masked rows and NaN / inf rules are
+// those of attention.cu (the SIMT kernels, which serve every other case); the design and
 // its cost model are in docs/kernels/attention.md. kernels/cuda/attention_emulation.py replays
-// this kernel's tile loop in NumPy (same tiles, same online-softmax order, same roundings).
+// these kernels' tile loops in NumPy (same tiles, same online-softmax order, same roundings).
+// The backward (16-bit only) is at the end of the file.
 //
 // Two variants of one loop:
 //   16-bit (T = __nv_bfloat16 or __half): mma.sync m16n8k16 with fp32 accumulators. Q, K, V are
@@ -416,4 +417,264 @@ ATTN_TC_FWD(__half, f16, 64, MMA16(__half, 64), true)
 ATTN_TC_FWD(__half, f16, 128, MMA16(__half, 128), true)
 ATTN_TC_FWD(float, f32, 64, MMA3(64), false)
 ATTN_TC_FWD(float, f32, 128, MMA3(128), false)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, 16-bit (bf16, fp16), FlashAttention-2's work split: a block of 4 warps owns
+// TC_BWD_KEYS = 64 keys of one batch row (blockIdx.x = batch row, blockIdx.y = key tile), each
+// warp 16 of them, and walks the query tiles of BM rows that can see them (causal: from the tile
+// holding row j0). Everything is computed transposed, keys as the MMA's M dimension, so that dK
+// and dV (16 x HD per warp) stay in registers for the whole walk and P^T, dS^T feed dV += P^T dO
+// and dK += dS^T Q straight from the accumulators (as P feeds P V in the forward):
+//   S^T = K Q^T, dP^T = V dO^T                        (A: K / V rows of the warp, B: Q / dO tile)
+//   P^T = exp(fmaf(S^T, scale, mask) - lse) where the row reads the key and lse != -inf, else 0
+//   dS^T = P^T (dP^T - D)                             (D = rowsum(dO out), attn_bwd_rowdot)
+//   dV += P^T dO, dK += dS^T Q                        (P, dS rounded to T, as FlashAttention-2)
+//   dQ += dS K (x scale): dS^T goes through shared memory (all 64 keys of the block), each warp
+//     takes 16 query rows x 64 columns, and the fp32 partial is added to dq by atomicAdd.
+// dq is a zeroed float32 array rounded once to T afterwards (attention.cu's attn_bwd_finish_*);
+// dK is scaled once at the end. Q / dO tiles are double buffered with cp.async like K / V in the
+// forward; K and V stay in shared memory for the whole block (dQ reads K again).
+// Pairs outside [0, L) x [0, S) give P = dS = 0; every other pair follows attention.cu's attn_bwd:
+// P = 0 times a non-finite dP - D is NaN there too.
+// ---------------------------------------------------------------------------------------------
+constexpr int TC_BWD_KEYS = 64;  // keys per block, 16 per warp
+// Query rows per step: 32 at HD = 128 keeps S^T and dP^T (16 + 16 floats) beside dK and dV
+// (128 floats) in registers.
+template <int HD> struct TcBwdRows { static constexpr int value = 64; };
+template <> struct TcBwdRows<128> { static constexpr int value = 32; };
+
+template <typename T>
+struct TcBwdArgs {
+    const T* q; const T* k; const T* v; const float* mask; const T* grad_out; const float* lse;
+    const float* rowdot; float* dq; T* dk; T* dv;
+    int L, S;
+    long long mask_bs, mask_ls;
+    int has_mask, causal;
+    float scale;
+};
+
+// c (16 x 8 NT) += A B^T, A = the 16 rows at `am` of a row-major shared matrix (row stride LDA),
+// B = the 8 NT rows at `bm` of another (row stride LDB), contraction over 16 KS columns.
+template <typename T, int NT, int KS, int LDA, int LDB>
+__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const T* am, const T* bm, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        unsigned af[4];
+        ldmatrix_x4(af, am + (lane & 15) * LDA + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            unsigned bf[4];
+            ldmatrix_x4(bf, bm + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LDB + kk * 16 + ((lane >> 3) & 1) * 8);
+            mma16816(c[2 * np], af, bf[0], bf[1], T());
+            mma16816(c[2 * np + 1], af, bf[2], bf[3], T());
+        }
+    }
+}
+
+// c (16 x 8 DT) += A B, A in registers (m16n8k16 A fragments of 16 KS columns), B = rows [0, 16 KS)
+// at `bm` of a row-major shared matrix (row stride LDB), read transposed by ldmatrix.trans.
+template <typename T, int DT, int KS, int LDB>
+__device__ __forceinline__ void mma_regs_b(float (&c)[DT][4], const unsigned (&a)[KS][4], const T* bm, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        const T* row = bm + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDB;
+#pragma unroll
+        for (int dp = 0; dp < DT / 2; ++dp) {
+            unsigned bf[4];
+            ldmatrix_x4_trans(bf, row + dp * 16 + (lane >> 4) * 8);
+            mma16816(c[2 * dp], a[kk], bf[0], bf[1], T());
+            mma16816(c[2 * dp + 1], a[kk], bf[2], bf[3], T());
+        }
+    }
+}
+
+// An accumulator tile (16 x 8 NT) rounded to T as A fragments: n-tiles 2kk, 2kk + 1 are k-step kk.
+template <typename T, int NT>
+__device__ __forceinline__ void to_a_fragments(unsigned (&a)[NT / 2][4], const float (&c)[NT][4]) {
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+        a[kk][0] = pack2(c[2 * kk][0], c[2 * kk][1], T());
+        a[kk][1] = pack2(c[2 * kk][2], c[2 * kk][3], T());
+        a[kk][2] = pack2(c[2 * kk + 1][0], c[2 * kk + 1][1], T());
+        a[kk][3] = pack2(c[2 * kk + 1][2], c[2 * kk + 1][3], T());
+    }
+}
+
+// S^T (in s) and dP^T (in dp) of this warp's keys against query rows [i0, i0 + BM) turned into P^T
+// and dS^T in place. Element (nt, r): key key0 + 8 (r >> 1), query i0 + 8 nt + 2 q + (r & 1).
+template <typename T, int NT>
+__device__ __forceinline__ void probabilities(const TcBwdArgs<T>& a, float (&s)[NT][4], float (&dp)[NT][4], int b,
+                                              int key0, int i0, int q4) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int j = key0 + 8 * (r >> 1), i = i0 + 8 * nt + 2 * q4 + (r & 1);
+            float p = 0.f, ds = 0.f;
+            if (i < a.L && j < a.S) {
+                const long long row = (long long)b * a.L + i;
+                const float li = a.lse[row];
+                const float bias = (a.has_mask && !(a.causal && j > i)) ? a.mask[b * a.mask_bs + i * a.mask_ls + j] : 0.f;
+                const float x = (a.causal && j > i) ? NEG_INF : fmaf(s[nt][r], a.scale, bias);
+                if (li != NEG_INF && x != NEG_INF) p = exp2f((x - li) * LOG2E);
+                ds = p * (dp[nt][r] - a.rowdot[row]);  // P = 0 times a non-finite dP - D: NaN, as PyTorch
+            }
+            s[nt][r] = p;
+            dp[nt][r] = ds;
+        }
+    }
+}
+
+// dq[i0 + rows, cols] += scale dS K for this warp's 16 query rows x (HD / CS) columns, dS^T (keys x
+// queries) from shared memory, K (keys x HD) from shared memory; fp32 atomics.
+template <typename T, int HD, int BM, int LD, int LDS>
+__device__ __forceinline__ void dq_tile(const TcBwdArgs<T>& a, const T* dst, const T* ks, int b, int i0, int warp,
+                                        int lane) {
+    constexpr int RG = BM / 16, CS = (TC_THREADS / 32) / RG, CW = HD / CS, CT = CW / 8;
+    const int rg = warp % RG, cs = warp / RG, q4 = lane & 3;
+    float acc[CT][4];
+#pragma unroll
+    for (int ct = 0; ct < CT; ++ct) acc[ct][0] = acc[ct][1] = acc[ct][2] = acc[ct][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < TC_BWD_KEYS / 16; ++kk) {
+        // A = dS (16 queries x 16 keys), stored transposed: matrices keys 0-7 / queries 0-7, keys 0-7 /
+        // queries 8-15, keys 8-15 / queries 0-7, keys 8-15 / queries 8-15 are a0..a3 by ldmatrix.trans
+        unsigned af[4];
+        ldmatrix_x4_trans(af, dst + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + rg * 16 + ((lane >> 3) & 1) * 8);
+        const T* row = ks + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + cs * CW;
+#pragma unroll
+        for (int dp = 0; dp < CT / 2; ++dp) {
+            unsigned bf[4];
+            ldmatrix_x4_trans(bf, row + dp * 16 + (lane >> 4) * 8);
+            mma16816(acc[2 * dp], af, bf[0], bf[1], T());
+            mma16816(acc[2 * dp + 1], af, bf[2], bf[3], T());
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = i0 + rg * 16 + (lane >> 2) + 8 * h;
+        if (i >= a.L) continue;
+        float* dqrow = a.dq + ((long long)b * a.L + i) * HD + cs * CW + 2 * q4;
+#pragma unroll
+        for (int ct = 0; ct < CT; ++ct) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const float g = acc[ct][2 * h + c];
+                if (g != 0.f) atomicAdd(dqrow + 8 * ct + c, g * a.scale);  // NaN != 0: NaN is added
+            }
+        }
+    }
+}
+
+template <typename T, int HD>
+__device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
+    constexpr int BN = TC_BWD_KEYS, BM = TcBwdRows<HD>::value, LD = HD + TcPad<T>::value;
+    constexpr int LDS = BM + TcPad<T>::value, NT = BM / 8, DT = HD / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* ks = reinterpret_cast<T*>(smem);
+    T* vs = ks + BN * LD;
+    T* qs = vs + BN * LD;       // two buffers of BM rows
+    T* dos = qs + 2 * BM * LD;  // two buffers of BM rows
+    T* dst = dos + 2 * BM * LD; // dS^T of the block's keys: BN rows of BM queries
+
+    const int b = blockIdx.x, j0 = blockIdx.y * BN;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q4 = lane & 3;
+    const int key0 = j0 + warp * 16 + (lane >> 2);
+    const T* qb = a.q + (long long)b * a.L * HD;
+    const T* dob = a.grad_out + (long long)b * a.L * HD;
+    const T* kb = a.k + (long long)b * a.S * HD;
+    const T* vb = a.v + (long long)b * a.S * HD;
+    const int istart = a.causal ? (j0 / BM) * BM : 0;  // causal: rows before j0 see none of these keys
+    const int ntiles = a.L > istart ? (a.L - istart + BM - 1) / BM : 0;
+
+    load_tile<T, BN, HD, LD>(ks, kb, j0, a.S);
+    load_tile<T, BN, HD, LD>(vs, vb, j0, a.S);
+    if (ntiles > 0) {
+        load_tile<T, BM, HD, LD>(qs, qb, istart, a.L);
+        load_tile<T, BM, HD, LD>(dos, dob, istart, a.L);
+    }
+    cp_async_commit();
+
+    float dk[DT][4], dv[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+        dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = 0.f;
+        dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
+    }
+    for (int t = 0; t < ntiles; ++t) {
+        const int buf = t & 1, i0 = istart + t * BM;
+        if (t + 1 < ntiles) {  // the next Q / dO tile into the buffer the barrier ending tile t - 1 freed
+            load_tile<T, BM, HD, LD>(qs + (buf ^ 1) * BM * LD, qb, i0 + BM, a.L);
+            load_tile<T, BM, HD, LD>(dos + (buf ^ 1) * BM * LD, dob, i0 + BM, a.L);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* qt = qs + buf * BM * LD;
+        const T* dot = dos + buf * BM * LD;
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+        }
+        mma_abt<T, NT, HD / 16, LD, LD>(s, ks + warp * 16 * LD, qt, lane);
+        mma_abt<T, NT, HD / 16, LD, LD>(dp, vs + warp * 16 * LD, dot, lane);
+        probabilities<T, NT>(a, s, dp, b, key0, i0, q4);
+        {
+            unsigned pa[NT / 2][4];
+            to_a_fragments<T, NT>(pa, s);
+            mma_regs_b<T, DT, NT / 2, LD>(dv, pa, dot, lane);
+        }
+        {
+            unsigned da[NT / 2][4];
+            to_a_fragments<T, NT>(da, dp);
+            mma_regs_b<T, DT, NT / 2, LD>(dk, da, qt, lane);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                store2(dst + (warp * 16 + (lane >> 2) + 8 * h) * LDS + 8 * nt + 2 * q4, dp[nt][2 * h], dp[nt][2 * h + 1]);
+        }
+        __syncthreads();  // dS^T of every warp's keys is in place
+        dq_tile<T, HD, BM, LD, LDS>(a, dst, ks, b, i0, warp, lane);
+        __syncthreads();  // dS^T and this Q / dO buffer are free for the next tiles
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = key0 + 8 * h;
+        if (j >= a.S) continue;
+        T* dkrow = a.dk + ((long long)b * a.S + j) * HD + 2 * q4;
+        T* dvrow = a.dv + ((long long)b * a.S + j) * HD + 2 * q4;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            store2(dkrow + 8 * dt, dk[dt][2 * h] * a.scale, dk[dt][2 * h + 1] * a.scale);
+            store2(dvrow + 8 * dt, dv[dt][2 * h], dv[dt][2 * h + 1]);
+        }
+    }
+}
+
+// Entry points: (q, k, v, mask, grad_out, lse, rowdot, dq, dk, dv, L, S, mask_bs, mask_ls, has_mask,
+// causal, scale), as attention.cu's attn_bwd without E / Ev; grid (B, ceil(S / 64)), 128 threads,
+// dynamic shared memory (2 TC_BWD_KEYS + 4 BM) (HD + 8) + TC_BWD_KEYS (BM + 8) elements; dq float32,
+// zeroed. Names: attn_tc_bwd_<bf16 | f16>_hd<64 | 128>.
+#define ATTN_TC_BWD(T, NAME, HD)                                                                              \
+    __global__ void __launch_bounds__(TC_THREADS) attn_tc_bwd_##NAME##_hd##HD(                               \
+        const T* q, const T* k, const T* v, const float* mask, const T* grad_out, const float* lse,          \
+        const float* rowdot, float* dq, T* dk, T* dv, int L, int S, long long mask_bs, long long mask_ls,    \
+        int has_mask, int causal, float scale) {                                                             \
+        const TcBwdArgs<T> a{q, k, v, mask, grad_out, lse, rowdot, dq, dk, dv, L, S, mask_bs, mask_ls,       \
+                             has_mask, causal, scale};                                                       \
+        attn_tc_bwd<T, HD>(a);                                                                               \
+    }
+
+extern "C" {
+ATTN_TC_BWD(__nv_bfloat16, bf16, 64)
+ATTN_TC_BWD(__nv_bfloat16, bf16, 128)
+ATTN_TC_BWD(__half, f16, 64)
+ATTN_TC_BWD(__half, f16, 128)
 }
