@@ -34,7 +34,8 @@
 //                     the alternative, a second kernel over query tiles, recomputes P and dP (two more of the five matrix products); float
 //                     atomics make dq's last bits depend on the order the blocks finish in.
 //   attn_bwd_finish   16-bit dq: the float atomics' buffer rounded once to T.
-// A row that sees no key (lse = -inf) gets out 0 and no gradient; -inf scores give p = 0. NaN and
+// A row that sees no key (lse = -inf) gets out 0 and no gradient; -inf scores give p = 0 (NaN in a
+// NaN row: lse NaN, as PyTorch's softmax of a row holding NaN or +inf). NaN and
 // inf propagate as in PyTorch (see docs/kernels/attention.md): a NaN or +inf score makes its row
 // NaN, and P = 0 times a non-finite v (or dP - D) is NaN.
 // No fast-math: expf / logf are the accurate library versions.
@@ -209,7 +210,7 @@ __device__ __forceinline__ void attn_bwd(const Args<T>& a) {
             if (i < a.L && j < a.S) {
                 const float li = a.lse[(long long)b * a.L + i];
                 const float x = reads(a, i, j) ? fmaf(s, a.scale, mask_at(a, b, i, j)) : NEG_INF;  // as attn_fwd
-                if (li != NEG_INF && x != NEG_INF) {
+                if (li != NEG_INF) {  // x = -inf: p = 0, except in a NaN row (li NaN): NaN, as PyTorch
                     p = expf(x - li);
                     ds = p * (dp - a.rowdot[(long long)b * a.L + i]) * a.scale;
                 } else {

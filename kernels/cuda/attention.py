@@ -12,10 +12,13 @@ forward, by dtype, head dims and ``precision`` (:func:`forward_plan`):
   default: the 3xTF32 kernel is compiled and emulated (kernels/cuda/attention_emulation.py) but not
   yet run on a GPU, so the engine chooses it explicitly (engine/functional.py, ``_attention_precision``).
 
-backward: always on CUDA cores (the tensor-core backward is not built yet):
-``attn_bwd_rowdot_<dtype>`` (D = rowsum(dO * out)), then ``attn_bwd_<dtype>_hd<HD>`` over key tiles
-with dq summed by float atomics into a zeroed float32 array (16-bit inputs: rounded once to the
-input dtype by ``attn_bwd_finish_<dtype>``).
+backward (:func:`uses_tc_backward`): ``attn_bwd_rowdot_<dtype>`` (D = rowsum(dO * out)), then over
+key tiles either the tensor-core ``attn_tc_bwd_<bf16 | f16>_hd<HD>`` (16-bit inputs where the forward
+runs on tensor cores: E = Ev in {64, 128}, 16-byte aligned, precision not ``"exact"``; blocks of
+TC_BWD_KEYS = 64 keys, :func:`tc_bwd_shared_bytes` of dynamic shared memory) or the CUDA-core
+``attn_bwd_<dtype>_hd<HD>`` (everything else, float32 with ``"3xtf32"`` included: there is no 3xTF32
+backward yet). Both sum dq by float atomics into a zeroed float32 array (16-bit inputs: rounded
+once to the input dtype by ``attn_bwd_finish_<dtype>``).
 
 16-bit inputs: out, dq, dk, dv in the input dtype, lse float32, a 16-bit mask widened to float32
 (the kernels read float masks). Math, mask shapes and fully masked rows: kernels/cpu/attention.py.
@@ -43,6 +46,7 @@ TC_MODULE = "attention_tc"
 TC_THREADS = 128  # attention_tc.cu: 4 warps of 16 query rows
 TC_ROWS = 64
 TC_HEAD_DIMS = (64, 128)
+TC_BWD_KEYS = 64  # attention_tc.cu's backward: keys per block, 16 per warp
 STATIC_SHARED_LIMIT = 48 * 1024  # above it a kernel must opt in (cudaFuncAttributeMaxDynamicSharedMemorySize)
 SHARED_LIMITS = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # the opt-in maximum per block (A100, H100)
 
@@ -70,6 +74,19 @@ def tc_shared_bytes(dtype, hd: int) -> int:
     return (TC_ROWS + 4 * tc_keys(dtype, hd)) * (hd + tc_pad(dtype)) * dtype.itemsize
 
 
+def tc_bwd_rows(hd: int) -> int:
+    """Query rows per step of the tensor-core backward (attention_tc.cu's TcBwdRows)."""
+    return 32 if hd == 128 else 64
+
+
+def tc_bwd_shared_bytes(dtype, hd: int) -> int:
+    """Dynamic shared memory of one tensor-core backward block: K and V (TC_BWD_KEYS rows each), two
+    Q and two dO tiles of :func:`tc_bwd_rows` rows, and dS^T (TC_BWD_KEYS rows of the tile's queries)."""
+    dtype = np.dtype(dtype)
+    rows = tc_bwd_rows(hd)
+    return ((2 * TC_BWD_KEYS + 4 * rows) * (hd + tc_pad(dtype)) + TC_BWD_KEYS * (rows + tc_pad(dtype))) * dtype.itemsize
+
+
 def head_dim_bucket(e: int, ev: int) -> int:
     """The SIMT kernel instance for head dims e, ev: the smallest HD in HEAD_DIMS >= both."""
     return next(hd for hd in HEAD_DIMS if hd >= max(e, ev))
@@ -82,6 +99,11 @@ def uses_tensor_cores(spec, *arrays) -> bool:
     if spec.dtype == np.float32 and spec.precision != "3xtf32":
         return False
     return all(a.data.ptr % 16 == 0 for a in arrays)  # cp.async moves 16 bytes at a time
+
+
+def uses_tc_backward(spec, *arrays) -> bool:
+    """Whether the backward of this call runs attention_tc.cu: 16-bit inputs whose forward does."""
+    return spec.low_precision and uses_tensor_cores(spec, *arrays)
 
 
 MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535
@@ -151,7 +173,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, ca
     with on_device(q):
         import cupy
 
-        from ..cuda.module import function
+        from ..cuda.module import current_device, function
 
         spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
         check_gpu_limits(spec, "attention_backward", "cupy")
@@ -165,12 +187,20 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, ca
         dq = cupy.zeros((spec.b, spec.l, spec.e), np.float32)  # accumulated by atomics
         dk = cupy.empty((spec.b, spec.s, spec.e), spec.dtype)
         dv = cupy.empty((spec.b, spec.s, spec.ev), spec.dtype)
-        hd = head_dim_bucket(spec.e, spec.ev)
         m, bs, ls, has = _mask_args(mask, spec, q)
-        args = (q, k, v, m, grad_out, lse, rowdot, dq, dk, dv, np.int32(spec.l), np.int32(spec.s),
-                np.int32(spec.e), np.int32(spec.ev), bs, ls, has, np.int32(spec.causal), np.float32(spec.scale))
-        grid = launch_grid(spec.b, spec.s, BWD_KEYS, "attention_backward")
-        function(MODULE, f"attn_bwd_{name}_hd{hd}")(grid, (THREADS,), args)
+        tail = (bs, ls, has, np.int32(spec.causal), np.float32(spec.scale))
+        if uses_tc_backward(spec, q, k, v, grad_out):
+            shared = tc_bwd_shared_bytes(spec.dtype, spec.e)
+            grid = launch_grid(spec.b, spec.s, TC_BWD_KEYS, "attention_backward")
+            kernel = _tc_function(f"attn_tc_bwd_{name}_hd{spec.e}", current_device(), shared)
+            kernel(grid, (TC_THREADS,), (q, k, v, m, grad_out, lse, rowdot, dq, dk, dv, np.int32(spec.l),
+                                         np.int32(spec.s), *tail), shared_mem=shared)
+        else:
+            hd = head_dim_bucket(spec.e, spec.ev)
+            args = (q, k, v, m, grad_out, lse, rowdot, dq, dk, dv, np.int32(spec.l), np.int32(spec.s),
+                    np.int32(spec.e), np.int32(spec.ev), *tail)
+            grid = launch_grid(spec.b, spec.s, BWD_KEYS, "attention_backward")
+            function(MODULE, f"attn_bwd_{name}_hd{hd}")(grid, (THREADS,), args)
         if spec.low_precision:  # the float sums rounded once to the input dtype
             rounded = cupy.empty(dq.shape, spec.dtype)
             n = dq.size

@@ -1,4 +1,5 @@
-"""NumPy replay of attention_tc.cu's forward: same tiles, same loop, same roundings; no GPU needed.
+"""NumPy replay of attention_tc.cu's forward and backward: same tiles, same loops, same roundings;
+no GPU needed.
 
 The tensor-core kernel can only run on a GPU, so its algorithm is checked here, on the CPU,
 against the float64 definition (tests/kernels/test_attention_emulation.py): a tiling, online
@@ -24,14 +25,28 @@ What it follows, step for step (names as in attention_tc.cu):
   ties away from zero, 10 mantissa bits kept) and the subtraction flushed to zero as ``-ftz=true``
   builds it; per k-step C += cross_a small_b, then small_a cross_b, then big_a big_b;
 - out = O / l (l = 0: O itself), lse = m + log l (l = 0: -inf).
+
+The backward (:func:`tc_backward`, 16-bit only, as the kernel):
+
+- D = rowsum(dO * out) in float32 (attention.cu's attn_bwd_rowdot; its warp-shuffle order is not
+  replayed, a difference of float32 rounding only);
+- blocks of TC_BWD_KEYS = 64 keys per batch row, walking query tiles of ``tc_bwd_rows(HD)`` rows
+  from the tile holding the block's first key when causal (from row 0 otherwise);
+- per tile S^T = K Q^T and dP^T = V dO^T (MMAs over k-steps of 16 along the head dim), P =
+  exp2((x - lse) log2 e), x = fmaf(s, scale, mask) where the row reads the key (else -inf), P = 0
+  where lse = -inf (a NaN lse makes the whole row NaN, -inf scores included),
+  dS = P (dP - D), both rounded to the input dtype before dV += P^T dO and dK += dS^T Q (k-steps of
+  16 along the tile's queries), and dQ's partial dS K (k-steps of 16 along the block's keys)
+  times scale added to a float32 dq (the kernel's atomics, here in key-tile order) when not 0;
+- dK = scale dK, dV, dq rounded once to the input dtype.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..cpu.attention import LOW_PRECISION, validate_forward
-from ..cuda.attention import TC_HEAD_DIMS, TC_ROWS, tc_keys
+from ..cpu.attention import LOW_PRECISION, validate_backward, validate_forward
+from ..cuda.attention import TC_BWD_KEYS, TC_HEAD_DIMS, TC_ROWS, tc_bwd_rows, tc_keys
 
 LOG2E = np.float32(1.4426950408889634)
 F32 = np.float32
@@ -144,3 +159,59 @@ def _blocks(spec, qf, kf, vf, maskf, scale32, bn, kstep, terms, out, lse):
             inv = np.where(l == 0, F32(1), F32(1) / l)
             out[b, rows] = (o * inv[:, None]).astype(spec.dtype)
             lse[b, rows] = np.where(l == 0, F32(-np.inf), m + np.log(l))
+
+
+def tc_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False):
+    """(dq, dk, dv) as attention_tc.cu's backward computes them, for numpy bfloat16 / float16 inputs
+    with E = Ev in {64, 128}. Arguments as ``kernels.attention_backward``; the mask is read as
+    float32, out and lse are the forward's."""
+    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal)
+    if spec.e != spec.ev or spec.e not in TC_HEAD_DIMS or not spec.low_precision:
+        raise ValueError(f"the tensor-core backward takes E = Ev in {TC_HEAD_DIMS} and 16-bit inputs, "
+                         f"got E = {spec.e}, Ev = {spec.ev}, {spec.dtype}")
+    qf, kf, vf, dof = (a.astype(np.float32) for a in (q, k, v, grad_out))
+    maskf = None if mask is None else mask.astype(np.float32)
+    rowdot = (dof * out.astype(np.float32)).sum(axis=-1, dtype=np.float32)
+    dq = np.zeros((spec.b, spec.l, spec.e), np.float32)
+    dk = np.empty((spec.b, spec.s, spec.e), spec.dtype)
+    dv = np.empty((spec.b, spec.s, spec.ev), spec.dtype)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        for b in range(spec.b):
+            mb = None if maskf is None else maskf[b if spec.mask_b > 1 else 0]
+            for j0 in range(0, spec.s, TC_BWD_KEYS):
+                keys = np.arange(j0, min(j0 + TC_BWD_KEYS, spec.s))
+                dk_t, dv_t = _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq)
+                dk[b, keys] = (dk_t * F32(spec.scale)).astype(spec.dtype)
+                dv[b, keys] = dv_t.astype(spec.dtype)
+    return dq.astype(spec.dtype), dk, dv
+
+
+def _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq):
+    """One backward block: the walk over query tiles for ``keys``; adds to dq, returns dK, dV unscaled."""
+    rows_per_tile = tc_bwd_rows(spec.e)
+    scale32 = F32(spec.scale)
+    operand = spec.dtype
+    dk = np.zeros((len(keys), spec.e), np.float32)
+    dv = np.zeros((len(keys), spec.ev), np.float32)
+    istart = (keys[0] // rows_per_tile) * rows_per_tile if spec.causal else 0
+    for i0 in range(istart, spec.l, rows_per_tile):
+        rows = np.arange(i0, min(i0 + rows_per_tile, spec.l))
+        zeros = np.zeros((len(keys), len(rows)), np.float32)
+        s_t = _product(zeros, kf[b, keys], qf[b, rows].T, 16, None)
+        dp_t = _product(zeros, vf[b, keys], dof[b, rows].T, 16, None)
+        reads = np.ones(s_t.shape, bool)
+        if spec.causal:
+            reads &= keys[:, None] <= rows[None, :]
+        bias = F32(0) if mb is None else mb[rows if spec.mask_l > 1 else np.zeros_like(rows)][:, keys].T
+        x = np.where(reads, (s_t.astype(np.float64) * np.float64(scale32) + bias).astype(np.float32), F32(-np.inf))
+        li = lse[b, rows][None, :]
+        live = np.broadcast_to(li != -np.inf, x.shape)  # lse NaN: p NaN on every key, as PyTorch
+        p = np.where(live, _exp((x - np.where(live, li, F32(0))).astype(np.float32), True), F32(0))
+        ds = (p * (dp_t - rowdot[b, rows][None, :])).astype(np.float32)
+        p16, ds16 = (a.astype(operand).astype(np.float32) for a in (p, ds))
+        dv = _product(dv, p16, dof[b, rows], 16, None)
+        dk = _product(dk, ds16, qf[b, rows], 16, None)
+        partial = _product(np.zeros((len(rows), spec.e), np.float32), ds16.T, kf[b, keys], 16, None)
+        add = (partial * scale32).astype(np.float32)
+        dq[b, rows] = np.where(partial != 0, dq[b, rows] + add, dq[b, rows])
+    return dk, dv

@@ -427,7 +427,8 @@ ATTN_TC_FWD(float, f32, 128, MMA3(128), false)
 // and dV (16 x HD per warp) stay in registers for the whole walk and P^T, dS^T feed dV += P^T dO
 // and dK += dS^T Q straight from the accumulators (as P feeds P V in the forward):
 //   S^T = K Q^T, dP^T = V dO^T                        (A: K / V rows of the warp, B: Q / dO tile)
-//   P^T = exp(fmaf(S^T, scale, mask) - lse) where the row reads the key and lse != -inf, else 0
+//   P^T = exp(x - lse), x = fmaf(S^T, scale, mask) where the row reads the key, else -inf; 0 where
+//     lse = -inf (a fully masked row); NaN on every key of a NaN row (lse NaN)
 //   dS^T = P^T (dP^T - D)                             (D = rowsum(dO out), attn_bwd_rowdot)
 //   dV += P^T dO, dK += dS^T Q                        (P, dS rounded to T, as FlashAttention-2)
 //   dQ += dS K (x scale): dS^T goes through shared memory (all 64 keys of the block), each warp
@@ -517,7 +518,8 @@ __device__ __forceinline__ void probabilities(const TcBwdArgs<T>& a, float (&s)[
                 const float li = a.lse[row];
                 const float bias = (a.has_mask && !(a.causal && j > i)) ? a.mask[b * a.mask_bs + i * a.mask_ls + j] : 0.f;
                 const float x = (a.causal && j > i) ? NEG_INF : fmaf(s[nt][r], a.scale, bias);
-                if (li != NEG_INF && x != NEG_INF) p = exp2f((x - li) * LOG2E);
+                // lse NaN (a NaN row): p NaN on every key, -inf scores included, as PyTorch's softmax
+                if (li != NEG_INF) p = exp2f((x - li) * LOG2E);
                 ds = p * (dp[nt][r] - a.rowdot[row]);  // P = 0 times a non-finite dP - D: NaN, as PyTorch
             }
             s[nt][r] = p;

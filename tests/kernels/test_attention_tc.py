@@ -1,4 +1,4 @@
-"""16-bit attention in every impl, and the tensor-core forward (attention_tc.cu) without a GPU.
+"""16-bit attention in every impl, and the tensor-core kernels (attention_tc.cu) without a GPU.
 
 - bfloat16 / float16 on the CPU impls: computed in float32, rounded once, against the float64
   definition (and numba_cpu against numpy).
@@ -6,6 +6,8 @@
   same online softmax, same roundings, same 3xTF32 split) against the float64 definition, for every
   mask kind, causal with L != S, fully masked rows, odd L and S, NaN and inf; plain TF32 (the split
   dropped) fails the float32 tolerance, so a lost split would show.
+- The replay of the tensor-core backward (16-bit) against the float64 gradients, for the same
+  grid of cases, and its NaN / inf against PyTorch's CPU SDPA.
 - The cupy wrapper's choice of kernel and its launch plan under a fake cupy, and the .cu constants
   against the host's.
 - ``gpu``-marked: the cupy impl against the definition and against the replay, per variant.
@@ -20,7 +22,7 @@ import pytest
 
 from engine import kernels
 from engine.kernels.cuda import attention as cu
-from engine.kernels.cuda.attention_emulation import round_tf32, split_tf32, tc_forward
+from engine.kernels.cuda.attention_emulation import round_tf32, split_tf32, tc_backward, tc_forward
 from engine.kernels.registry import KernelError
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
 from tests.kernels.test_attention import (_poison, make_case, make_mask, reference, run, torch_like_reference,
@@ -224,6 +226,102 @@ def test_emulated_3xtf32_propagates_nan_and_inf_as_torch(name):
     out, _ = tc_forward(q, k, v, mask, scale=0.125, causal=causal)  # torch's default, 1 / sqrt(64)
     want = torch_like_reference(q, k, v, mask, causal, np.zeros(out.shape, np.float32))
     assert_same_nonfinite(out, want[0], f"3xtf32 {name} out")
+
+
+# ---- the tensor-core backward's replay against the definition ----------------------------------
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", TC_SHAPES, ids=[f"{b}x{l}x{s}" for b, l, s in TC_SHAPES])
+def test_emulated_tc_backward_matches_the_definition(dtype, hd, causal, mask_kind, shape):
+    """dq, dk, dv of the replay (fed the replayed forward's out and lse) against the float64
+    gradients. Tolerance: grad_tolerance, 2 ulps of the dtype relative to the largest gradient
+    (bf16 2^-6, fp16 2^-9). The kernel rounds P and dS to the dtype before their products (as
+    FlashAttention-2), an error of 1/2 ulp per term that partly cancels over the keys / queries;
+    measured at most 0.7 ulp (bf16 5.4e-3, fp16 5.9e-4 of the largest gradient) over this grid."""
+    b, l, s = shape
+    q, k, v = low_case((b, l, s, hd, hd), dtype, seed=l + s + hd)
+    mask = None if mask_kind is None else make_mask(mask_kind, b, l, s)
+    scale = hd ** -0.5
+    out, lse = tc_forward(q, k, v, mask, scale=scale, causal=causal)
+    grad_out = np.random.default_rng(l + s).standard_normal(out.shape).astype(dtype)
+    grads = tc_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, reference_grads(q, k, v, mask, scale, causal, grad_out)):
+        assert got.dtype == dtype, name
+        np.testing.assert_allclose(got.astype(np.float64), want, err_msg=name, **grad_tolerance(dtype, want))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_emulated_tc_backward_would_see_a_lost_tile(dtype):
+    """The comparison has teeth: drop one query tile's contribution (as a wrong causal start or tile
+    count would) and the gradients leave the tolerance."""
+    b, l, s, hd = 1, 130, 70, 64
+    q, k, v = low_case((b, l, s, hd, hd), dtype, seed=2)
+    out, lse = tc_forward(q, k, v, scale=0.125)
+    grad_out = np.random.default_rng(3).standard_normal(out.shape).astype(dtype)
+    cut = grad_out.copy()
+    cut[:, 64:128] = 0  # one query tile's dO gone: its dk, dv terms vanish
+    want = reference_grads(q, k, v, None, 0.125, False, grad_out)
+    _, dk, dv = tc_backward(cut, q, k, v, out, lse, scale=0.125)
+    for got, expected in ((dk, want[1]), (dv, want[2])):
+        with pytest.raises(AssertionError):
+            np.testing.assert_allclose(got.astype(np.float64), expected, **grad_tolerance(dtype, expected))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_emulated_tc_backward_fully_masked_rows_get_no_gradient(dtype):
+    b, l, s = 2, 70, 80
+    q, k, v = low_case((b, l, s, 64, 64), dtype, seed=12)
+    mask = make_mask("full", b, l, s)
+    mask[0, 2, :] = -np.inf
+    mask[1, 40:, :] = -np.inf
+    out, lse = tc_forward(q, k, v, mask, scale=0.125)
+    grad_out = np.random.default_rng(13).standard_normal(out.shape).astype(dtype)
+    dq, dk, dv = tc_backward(grad_out, q, k, v, out, lse, mask, scale=0.125)
+    dead = np.isneginf(mask).all(-1)
+    assert not dq[dead].astype(np.float32).any()
+    live_mask = np.where(dead[..., None], 0, mask)  # the definition on the live rows only
+    want = reference_grads(q, k, v, live_mask, 0.125, False, np.where(dead[..., None], 0, grad_out).astype(dtype))
+    for name, got, expected in zip(("dk", "dv"), (dk, dv), want[1:]):
+        np.testing.assert_allclose(got.astype(np.float64), expected, err_msg=name, **grad_tolerance(dtype, expected))
+
+
+@pytest.mark.parametrize("name", NONFINITE)
+def test_emulated_tc_backward_propagates_nan_and_inf_as_torch(name):
+    """NaN and inf in q, k, v or the mask reach out, dq, dk, dv where PyTorch's CPU SDPA puts them
+    (bf16 inputs, widened for torch; causal: dq NaN at least where torch's is, dk / dv not compared,
+    as tests/kernels/test_attention.py's assert_nonfinite_like_reference says why)."""
+    pytest.importorskip("torch")
+    q, k, v, mask, causal = _poison(name)
+    q, k, v = (np.ascontiguousarray(np.pad(a, ((0, 0), (0, 0), (0, 64 - a.shape[2])))).astype(BF16) for a in (q, k, v))
+    out, lse = tc_forward(q, k, v, mask, scale=0.125, causal=causal)
+    grad_out = np.random.default_rng(5).standard_normal(out.shape).astype(BF16)
+    grads = tc_backward(grad_out, q, k, v, out, lse, mask, scale=0.125, causal=causal)
+    f32 = [a.astype(np.float32) for a in (q, k, v, grad_out)]
+    want = torch_like_reference(*f32[:3], mask, causal, f32[3])
+    for what, got, expected in list(zip(("out", "dq", "dk", "dv"), (out, *grads), want))[:2 if causal else 4]:
+        got = got.astype(np.float32)
+        if causal and what == "dq":
+            assert np.isnan(got)[np.isnan(expected)].all(), f"{name} dq: NaN turned into numbers"
+            continue
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=f"{name} {what}: NaN positions")
+        finite = np.isfinite(expected)
+        np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=f"{name} {what}: inf positions")
+        np.testing.assert_allclose(got[finite], expected[finite], err_msg=f"{name} {what}",
+                                   **grad_tolerance(BF16, expected[finite]))
+
+
+def test_emulated_tc_backward_refuses_what_the_kernel_does_not_take():
+    q, k, v = make_case(1, 5, 6, 64, 64)
+    out, lse = tc_forward(q, k, v, scale=0.125)
+    with pytest.raises(ValueError, match="16-bit inputs"):
+        tc_backward(out, q, k, v, out, lse, scale=0.125)  # float32: no 3xTF32 backward (yet)
+    q, k, v = low_case((1, 5, 6, 32, 32), BF16)
+    with pytest.raises(ValueError, match="E = Ev in"):
+        tc_backward(q, q, k, v, q, np.zeros((1, 5), np.float32), scale=0.125)
 
 
 # ---- the cupy wrapper: kernel choice and launch plan ------------------------------------------
