@@ -342,6 +342,40 @@ def test_tc_constants_match_the_host():
     for name in ("bf16", "f16", "f32"):
         for hd in cu.TC_HEAD_DIMS:
             assert re.search(rf"ATTN_TC_FWD\([\w ]+, {name}, {hd},", TC_TEXT), (name, hd)
+    assert int(re.search(r"constexpr int TC_BWD_KEYS = (\d+);", TC_TEXT).group(1)) == cu.TC_BWD_KEYS
+    assert cu.TC_BWD_KEYS == 16 * cu.TC_THREADS // 32  # 16 keys per warp: one m16 MMA block
+    assert re.search(r"struct TcBwdRows \{ static constexpr int value = 64; \};", TC_TEXT)
+    assert re.search(r"struct TcBwdRows<128> \{ static constexpr int value = 32; \};", TC_TEXT)
+    assert [cu.tc_bwd_rows(hd) for hd in cu.TC_HEAD_DIMS] == [64, 32]
+    backward = set(re.findall(r"^ATTN_TC_BWD\([\w ]+, (\w+), (\d+)\)", TC_TEXT, re.M))
+    assert backward == {(name, str(hd)) for name in ("bf16", "f16") for hd in cu.TC_HEAD_DIMS}
+
+
+def _instantiated_kernels() -> set[str]:
+    """extern "C" names of attention_tc.cu (forward and backward, every dtype and head dim), for
+    tests/kernels/test_gpu_compile.py: each must be in the NVRTC build, with its register count."""
+    forward = re.findall(r"^ATTN_TC_FWD\([\w ]+, (\w+), (\d+),", TC_TEXT, re.M)
+    backward = re.findall(r"^ATTN_TC_BWD\([\w ]+, (\w+), (\d+)\)", TC_TEXT, re.M)
+    return ({f"attn_tc_fwd_{name}_hd{hd}" for name, hd in forward}
+            | {f"attn_tc_bwd_{name}_hd{hd}" for name, hd in backward})
+
+
+def test_instantiated_kernels_are_every_variant():
+    assert _instantiated_kernels() == ({f"attn_tc_fwd_{n}_hd{hd}" for n in ("bf16", "f16", "f32") for hd in (64, 128)}
+                                       | {f"attn_tc_bwd_{n}_hd{hd}" for n in ("bf16", "f16") for hd in (64, 128)})
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("hd", [64, 128])
+def test_tc_backward_shared_memory_fits_and_is_conflict_free(dtype, hd):
+    """K, V, two Q and two dO tiles, and dS^T fit an A100's opt-in limit; dS^T's rows (BM + 8
+    elements) take the accumulator stores (8 rows x 4 words per warp) in 32 distinct banks and the
+    ldmatrix.trans phases (8 rows of 16 bytes) in 8 distinct bank quads."""
+    assert cu.tc_bwd_shared_bytes(dtype, hd) <= cu.SHARED_LIMITS["sm_80"]
+    row_bytes = (cu.tc_bwd_rows(hd) + cu.tc_pad(dtype)) * 2
+    assert row_bytes % 16 == 0
+    assert len({(g * row_bytes // 4 + q) % 32 for g in range(8) for q in range(4)}) == 32
+    assert len({(r * row_bytes // 16) % 8 for r in range(8)}) == 8
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, np.dtype(np.float32)])
@@ -422,9 +456,12 @@ def test_tc_forward_falls_back_to_cuda_cores(fake_cupy, case):  # noqa: F811
     assert fwd.name == f"attn_fwd_bf16_hd{cu.head_dim_bucket(e, ev)}"
 
 
-def test_16_bit_backward_launch_plan(fake_cupy):  # noqa: F811
+@pytest.mark.parametrize("e", [64, 96])
+def test_16_bit_backward_launch_plan(fake_cupy, e):  # noqa: F811
+    """rowdot, then the tensor-core backward (E = 64) or the CUDA-core one (E = 96), then dq's float
+    sums rounded once to the dtype."""
     fake = fake_cupy
-    b, l, s, e = 2, 33, 40, 64
+    b, l, s = 2, 33, 40
     q, k, v, _ = _fake_inputs(fake, F16, b, l, s, e, e)
     mask16 = fake.on(1, np.zeros((1, l, s), np.float16))
     out, lse = cu.attention_forward(q, k, v, mask16, scale=0.25)
@@ -433,10 +470,63 @@ def test_16_bit_backward_launch_plan(fake_cupy):  # noqa: F811
     fake.launches.clear()
     dq, dk, dv = cu.attention_backward(out, q, k, v, out, lse, scale=0.25)
     rowdot, bwd, finish = fake.launches
-    assert (rowdot.name, bwd.name, finish.name) == ("attn_bwd_rowdot_f16", "attn_bwd_f16_hd64", "attn_bwd_finish_f16")
-    assert bwd.args[7].dtype == np.float32 and finish.args[0] is bwd.args[7] and finish.args[1] is dq
+    expected = "attn_tc_bwd_f16_hd64" if e == 64 else "attn_bwd_f16_hd128"
+    assert (rowdot.name, bwd.name, finish.name) == ("attn_bwd_rowdot_f16", expected, "attn_bwd_finish_f16")
+    assert bwd.args[6] is rowdot.args[2] and bwd.args[7].dtype == np.float32
+    assert finish.args[0] is bwd.args[7] and finish.args[1] is dq
     assert int(finish.args[2]) == b * l * e and finish.block == (256,)
     assert (dq.dtype, dk.dtype, dv.dtype) == (F16, F16, F16)
+
+
+@pytest.mark.parametrize("dtype,precision,hd,tc", [
+    (BF16, None, 64, True), (BF16, None, 128, True), (F16, None, 64, True), (F16, None, 128, True),
+    (np.float32, "3xtf32", 64, False),  # no 3xTF32 backward: the forward's choice, CUDA cores behind it
+    (np.float32, None, 128, False), (BF16, "exact", 64, False),
+])
+def test_tc_backward_launch_plan(fake_cupy, dtype, precision, hd, tc):  # noqa: F811
+    fake = fake_cupy
+    b, l, s = 3, 130, 77
+    q, k, v, mask = _fake_inputs(fake, dtype, b, l, s, hd, hd, (b, 1, s))
+    out, lse = cu.attention_forward(q, k, v, mask, scale=0.25, causal=True, precision=precision)
+    fake.launches.clear()
+    dq, dk, dv = cu.attention_backward(out, q, k, v, out, lse, mask, scale=0.25, causal=True, precision=precision)
+    name = cu.dtype_name(dtype)
+    rowdot, bwd, *finish = fake.launches
+    assert rowdot.name == f"attn_bwd_rowdot_{name}" and len(finish) == (np.dtype(dtype).itemsize == 2)
+    if not tc:
+        assert bwd.name == f"attn_bwd_{name}_hd{hd}" and bwd.grid == (b, -(-s // 32)) and bwd.shared_mem == 0
+        return
+    assert bwd.name == f"attn_tc_bwd_{name}_hd{hd}" and bwd.device == 1 and bwd.block == (cu.TC_THREADS,)
+    assert bwd.grid == (b, -(-s // cu.TC_BWD_KEYS))
+    rows = cu.tc_bwd_rows(hd)
+    shared = ((2 * 64 + 4 * rows) * (hd + 8) + 64 * (rows + 8)) * 2
+    assert bwd.shared_mem == shared == cu.tc_bwd_shared_bytes(dtype, hd) <= cu.SHARED_LIMITS["sm_80"]
+    assert shared > cu.STATIC_SHARED_LIMIT and bwd.kernel.max_dynamic_shared_size_bytes == shared
+    assert bwd.args[:6] == (q, k, v, mask, out, lse) and bwd.args[6] is rowdot.args[2]
+    assert bwd.args[7].dtype == np.float32 and bwd.args[7].shape == (b, l, hd) and not bwd.args[7].host.any()
+    assert bwd.args[8] is dk and bwd.args[9] is dv and finish[0].args[1] is dq
+    assert [int(a) for a in bwd.args[10:16]] == [l, s, s, 0, 1, 1]  # L, S, key-padding strides, has_mask, causal
+    assert bwd.args[12].dtype == np.int64 and bwd.args[16] == np.float32(0.25) and len(bwd.args) == 17
+
+
+@pytest.mark.parametrize("case", ["e_ne_ev", "hd32", "misaligned_grad_out"])
+def test_tc_backward_falls_back_to_cuda_cores(fake_cupy, case):  # noqa: F811
+    fake = fake_cupy
+    e, ev = {"e_ne_ev": (64, 128), "hd32": (32, 32), "misaligned_grad_out": (64, 64)}[case]
+    q, k, v, _ = _fake_inputs(fake, BF16, 2, 10, 12, e, ev)
+    out, lse = cu.attention_forward(q, k, v, scale=0.25)
+    grad_out = out
+    if case == "misaligned_grad_out":  # cp.async needs 16-byte rows: a view 2 bytes in takes the SIMT kernel
+        grad_out = cu_ndarray(fake, _misaligned(out.host))
+    fake.launches.clear()
+    cu.attention_backward(grad_out, q, k, v, out, lse, scale=0.25)
+    assert fake.launches[1].name == f"attn_bwd_bf16_hd{cu.head_dim_bucket(e, ev)}"
+
+
+def _misaligned(host):
+    flat = np.empty(host.size + 1, host.dtype)
+    flat[1:] = host.ravel()
+    return flat[1:].reshape(host.shape)
 
 
 # ---- on a GPU: the cupy impl against the definition and the replay -----------------------------
@@ -468,6 +558,29 @@ def test_cupy_variants_match_the_definition(dtype, precision, hd, causal, mask_k
         if dtype == np.float32:
             tol = dict(rtol=tol["rtol"] * 5, atol=tol["atol"] * 5)
         np.testing.assert_allclose(got.astype(np.float64), want, err_msg=name, **tol)
+    if dtype.itemsize == 2 and precision != "exact":  # the tensor-core backward against its replay
+        emulated = tc_backward(grad_out, q, k, v, out, lse, mask, scale=hd ** -0.5, causal=causal)
+        for name, got, want in zip(("dq", "dk", "dv"), grads, emulated):
+            want = want.astype(np.float64)
+            np.testing.assert_allclose(got.astype(np.float64), want, err_msg=f"{name} vs replay",
+                                       **grad_tolerance(dtype, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NONFINITE)
+def test_cupy_tc_backward_nan_and_inf_as_its_replay(name):
+    """The tensor-core backward's NaN / inf positions are its replay's (which the CPU test holds to
+    PyTorch's)."""
+    q, k, v, mask, causal = _poison(name)
+    q, k, v = (np.ascontiguousarray(np.pad(a, ((0, 0), (0, 0), (0, 60)))).astype(BF16) for a in (q, k, v))
+    out, lse = tc_forward(q, k, v, mask, scale=0.125, causal=causal)
+    grad_out = np.random.default_rng(5).standard_normal(out.shape).astype(BF16)
+    grads = run("cupy", "attention_backward", grad_out, q, k, v, out, lse, mask, scale=0.125, causal=causal)
+    for what, got, want in zip(("dq", "dk", "dv"), grads, tc_backward(grad_out, q, k, v, out, lse, mask, scale=0.125,
+                                                                         causal=causal)):
+        got, want = got.astype(np.float32), want.astype(np.float32)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{name} {what}: NaN positions")
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want), err_msg=f"{name} {what}: inf positions")
 
 
 @pytest.mark.gpu

@@ -95,7 +95,8 @@ def test_installed_cupy_appends_what_we_say_it_does():
 # .cu files whose tests parse the entry points the file instantiates (every dtype, float16 and
 # bfloat16 included): each of them must be in the compiled module, not only some entry.
 INSTANTIATIONS = {"linear_relu.cu": "tests.kernels.test_linear_relu",
-                  "softmax_cross_entropy.cu": "tests.kernels.test_softmax_cross_entropy"}
+                  "softmax_cross_entropy.cu": "tests.kernels.test_softmax_cross_entropy",
+                  "attention_tc.cu": "tests.kernels.test_attention_tc"}
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
