@@ -12,6 +12,9 @@ clean is also a run whose numbers are right:
 - attention: B=2 x H=3 batch rows, L=37 queries, S=70 keys, head dims E in {33, 64, 128}; no mask, a
   shared (1, L, S) mask, a key-padding (B, 1, S) mask and a full (B, L, S) mask (with -inf entries
   and one fully masked row), each with and without ``causal``;
+- attention on tensor cores (attention_tc.cu, forward and backward): the same B, L, S in bfloat16
+  and float16 at E in {64, 128}, causal without a mask, a key-padding mask, and a full mask with
+  causal; compared with numpy on the same 16-bit inputs within 2 ulps of the dtype;
 - layer_norm: 37 rows of D=99 and D=4097 (one block-reduction width apart), with and without weights;
 - gelu: a length-1001 vector, exact and tanh.
 
@@ -63,10 +66,10 @@ def attention_cases():
                 yield f"attention E={e} mask={mask} causal={causal}", (e, mask, causal)
 
 
-def run_attention(xp, impl, params, rng):
+def run_attention(xp, impl, params, rng, dtype=np.float32):
     e, mask_kind, causal = params
     rows = BATCH * HEADS
-    q, k, v, dout = (rng.standard_normal(shape).astype(np.float32)
+    q, k, v, dout = (rng.standard_normal(shape).astype(dtype)
                      for shape in ((rows, L, e), (rows, S, e), (rows, S, e), (rows, L, e)))
     mask = attention_mask(mask_kind, rng)
     scale = e ** -0.5
@@ -83,6 +86,29 @@ def run_attention(xp, impl, params, rng):
     got = both(dict(dev, impl=impl))
     want = both(dict(host, impl="numpy"))
     return ("out", "lse", "dq", "dk", "dv"), got, want
+
+
+TC_DTYPES = ("bfloat16", "float16")
+TC_HEAD_DIMS = (64, 128)
+TC_MASKS = (("none", True), ("key_padding", False), ("full", True))
+TC_RTOL = {"bfloat16": 2.0 ** -6, "float16": 2.0 ** -9}  # 2 ulps: P and dS are rounded to the dtype on tensor cores
+
+
+def attention_tc_cases():
+    for dtype in TC_DTYPES:
+        for e in TC_HEAD_DIMS:
+            for mask, causal in TC_MASKS:
+                yield f"attention_tc {dtype} E={e} mask={mask} causal={causal}", (dtype, e, mask, causal)
+
+
+def run_attention_tc(xp, impl, params, rng):
+    """16-bit inputs at E = Ev in {64, 128}: the cupy impl runs attention_tc.cu's forward and backward."""
+    import ml_dtypes
+
+    name, e, mask_kind, causal = params
+    dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float16)
+    names, got, want = run_attention(xp, impl, (e, mask_kind, causal), rng, dtype)
+    return names, got, want, TC_RTOL[name]
 
 
 def norm_cases():
@@ -127,24 +153,28 @@ def run_gelu(xp, impl, approximate, rng):
     return ("y", "dx"), got, want
 
 
-FAMILIES = ((attention_cases, run_attention), (norm_cases, run_layer_norm), (gelu_cases, run_gelu))
+FAMILIES = ((attention_cases, run_attention), (attention_tc_cases, run_attention_tc), (norm_cases, run_layer_norm),
+            (gelu_cases, run_gelu))
 
 
-def mismatch(names, got, want, to_host) -> str | None:
-    """The first output that differs from the reference beyond float32 tolerance, described; or None."""
+def mismatch(names, got, want, to_host, rtol=RTOL) -> str | None:
+    """The first output that differs from the reference beyond ``rtol`` (float32's by default), described;
+    or None. 16-bit outputs are compared as float32."""
     for name, g, w in zip(names, got, want):
         if (g is None) != (w is None):
             return f"{name}: {'missing' if g is None else 'unexpected'}"
         if g is None:
             continue
         g = to_host(g)
+        if g.dtype.itemsize == 2:
+            g, w = g.astype(np.float32), w.astype(np.float32)
         if g.shape != w.shape:
             return f"{name}: shape {g.shape}, reference {w.shape}"
         finite = np.isfinite(w)
         if not np.array_equal(finite, np.isfinite(g)) or not np.array_equal(g[~finite], w[~finite]):
             return f"{name}: non-finite entries differ from the reference"
         err = float(np.max(np.abs(g[finite] - w[finite]), initial=0.0))
-        bound = RTOL * (1.0 + float(np.max(np.abs(w[finite]), initial=0.0)))
+        bound = rtol * (1.0 + float(np.max(np.abs(w[finite]), initial=0.0)))
         if err > bound:
             return f"{name}: max abs error {err:.3g} > {bound:.3g}"
     return None
@@ -168,7 +198,8 @@ def main(argv=None) -> int:
     for cases, run in FAMILIES:
         for label, params in cases():
             try:
-                problem = mismatch(*run(xp, impl, params, rng), to_host)
+                names, got, want, *rtol = run(xp, impl, params, rng)
+                problem = mismatch(names, got, want, to_host, *rtol)
             except Exception:  # noqa: BLE001 - a case that raises is reported with its traceback, and the others still run
                 problem = "raised:\n" + traceback.format_exc()
             if args.device == "cuda":
