@@ -492,6 +492,18 @@ def test_gpu_sweeps_measure_every_target_case():
     assert end_to_end.MODELS["mlp"] == (784, 1024, 1024, 10) and end_to_end.MODELS["wide"] == (4096, 4096, 4096)
 
 
+def test_gpu_attention_sweep_has_the_tensor_core_rows():
+    """Issue 22's attention rows (GPU only; a CPU run never sweeps them): bf16 at B*H=128, L=S=1024,
+    D 64 and 128, causal and not, and an L=S=8192 bf16 row for the O(L) memory point."""
+    sweep = kbench.SWEEPS[("cuda", "full")]["attention"]
+    for e in (64, 128):
+        for causal in (False, True):
+            assert (128, 1024, 1024, e, causal, "bfloat16") in sweep, (e, causal)
+    assert (16, 8192, 8192, 64, False, "bfloat16") in sweep
+    for mode in ("full", "quick", "tiny"):
+        assert max(case[1] for case in kbench.SWEEPS[("cpu", mode)]["attention"]) <= 1024, mode
+
+
 def e2e_row(model, batch, impl="engine F + optim.Adam", status="ok", vs_torch=None):
     return {"model": model, "batch": batch, "impl": impl, "status": status, "vs_torch": vs_torch,
             "vs_torch_peer": "torch eager" if vs_torch else None}
