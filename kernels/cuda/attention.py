@@ -13,12 +13,11 @@ forward, by dtype, head dims and ``precision`` (:func:`forward_plan`):
   yet run on a GPU, so the engine chooses it explicitly (engine/functional.py, ``_attention_precision``).
 
 backward (:func:`uses_tc_backward`): ``attn_bwd_rowdot_<dtype>`` (D = rowsum(dO * out)), then over
-key tiles either the tensor-core ``attn_tc_bwd_<bf16 | f16>_hd<HD>`` (16-bit inputs where the forward
-runs on tensor cores: E = Ev in {64, 128}, 16-byte aligned, precision not ``"exact"``; blocks of
+key tiles either the tensor-core ``attn_tc_bwd_<dtype>_hd<HD>`` (where the forward runs on tensor
+cores, at :func:`tc_bwd_head_dims`: 16-bit at 64 and 128, float32 3xTF32 at 64; blocks of
 TC_BWD_KEYS = 64 keys, :func:`tc_bwd_shared_bytes` of dynamic shared memory) or the CUDA-core
-``attn_bwd_<dtype>_hd<HD>`` (everything else, float32 with ``"3xtf32"`` included: there is no 3xTF32
-backward yet). Both sum dq by float atomics into a zeroed float32 array (16-bit inputs: rounded
-once to the input dtype by ``attn_bwd_finish_<dtype>``).
+``attn_bwd_<dtype>_hd<HD>`` (everything else). Both sum dq by float atomics into a zeroed float32
+array (16-bit inputs: rounded once to the input dtype by ``attn_bwd_finish_<dtype>``).
 
 16-bit inputs: out, dq, dk, dv in the input dtype, lse float32, a 16-bit mask widened to float32
 (the kernels read float masks). Math, mask shapes and fully masked rows: kernels/cpu/attention.py.
@@ -74,16 +73,24 @@ def tc_shared_bytes(dtype, hd: int) -> int:
     return (TC_ROWS + 4 * tc_keys(dtype, hd)) * (hd + tc_pad(dtype)) * dtype.itemsize
 
 
-def tc_bwd_rows(hd: int) -> int:
-    """Query rows per step of the tensor-core backward (attention_tc.cu's TcBwdRows)."""
-    return 32 if hd == 128 else 64
+def tc_bwd_head_dims(dtype) -> tuple[int, ...]:
+    """Head dims of the tensor-core backward: 64 and 128 for 16-bit inputs, 64 for float32 (3xTF32;
+    at 128 it would not fit in registers, see attention_tc.cu)."""
+    return (64,) if np.dtype(dtype) == np.float32 else TC_HEAD_DIMS
+
+
+def tc_bwd_rows(dtype, hd: int) -> int:
+    """Query rows per step of the tensor-core backward (attention_tc.cu's TcBwdRows): 64 / 32 at
+    HD 64 / 128 for 16-bit inputs, half that for float32."""
+    rows = 32 if hd == 128 else 64
+    return rows // 2 if np.dtype(dtype) == np.float32 else rows
 
 
 def tc_bwd_shared_bytes(dtype, hd: int) -> int:
     """Dynamic shared memory of one tensor-core backward block: K and V (TC_BWD_KEYS rows each), two
     Q and two dO tiles of :func:`tc_bwd_rows` rows, and dS^T (TC_BWD_KEYS rows of the tile's queries)."""
     dtype = np.dtype(dtype)
-    rows = tc_bwd_rows(hd)
+    rows = tc_bwd_rows(dtype, hd)
     return ((2 * TC_BWD_KEYS + 4 * rows) * (hd + tc_pad(dtype)) + TC_BWD_KEYS * (rows + tc_pad(dtype))) * dtype.itemsize
 
 
@@ -102,8 +109,9 @@ def uses_tensor_cores(spec, *arrays) -> bool:
 
 
 def uses_tc_backward(spec, *arrays) -> bool:
-    """Whether the backward of this call runs attention_tc.cu: 16-bit inputs whose forward does."""
-    return spec.low_precision and uses_tensor_cores(spec, *arrays)
+    """Whether the backward of this call runs attention_tc.cu: where the forward does (so float32
+    only with ``precision="3xtf32"``), at the head dims :func:`tc_bwd_head_dims` has."""
+    return spec.e in tc_bwd_head_dims(spec.dtype) and uses_tensor_cores(spec, *arrays)
 
 
 MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535

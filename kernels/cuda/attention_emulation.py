@@ -26,19 +26,20 @@ What it follows, step for step (names as in attention_tc.cu):
   builds it; per k-step C += cross_a small_b, then small_a cross_b, then big_a big_b;
 - out = O / l (l = 0: O itself), lse = m + log l (l = 0: -inf).
 
-The backward (:func:`tc_backward`, 16-bit only, as the kernel):
+The backward (:func:`tc_backward`; float32 as the 3xTF32 kernel, at E = 64 only, as the kernel):
 
 - D = rowsum(dO * out) in float32 (attention.cu's attn_bwd_rowdot; its warp-shuffle order is not
   replayed, a difference of float32 rounding only);
-- blocks of TC_BWD_KEYS = 64 keys per batch row, walking query tiles of ``tc_bwd_rows(HD)`` rows
-  from the tile holding the block's first key when causal (from row 0 otherwise);
-- per tile S^T = K Q^T and dP^T = V dO^T (MMAs over k-steps of 16 along the head dim), P =
-  exp2((x - lse) log2 e), x = fmaf(s, scale, mask) where the row reads the key (else -inf), P = 0
-  where lse = -inf (a NaN lse makes the whole row NaN, -inf scores included),
-  dS = P (dP - D), both rounded to the input dtype before dV += P^T dO and dK += dS^T Q (k-steps of
-  16 along the tile's queries), and dQ's partial dS K (k-steps of 16 along the block's keys)
-  times scale added to a float32 dq (the kernel's atomics, here in key-tile order) when not 0;
-- dK = scale dK, dV, dq rounded once to the input dtype.
+- blocks of TC_BWD_KEYS = 64 keys per batch row, walking query tiles of ``tc_bwd_rows(dtype, HD)``
+  rows from the tile holding the block's first key when causal (from row 0 otherwise);
+- per tile S^T = K Q^T and dP^T = V dO^T (MMAs over k-steps of 16 along the head dim; 8 and the
+  3xTF32 split for float32), P = exp((x - lse)) (16-bit: exp2 of (x - lse) log2 e), x = fmaf(s,
+  scale, mask) where the row reads the key (else -inf), P = 0 where lse = -inf (a NaN lse makes the
+  whole row NaN, -inf scores included), dS = P (dP - D); 16-bit: both rounded to the input dtype
+  before dV += P^T dO and dK += dS^T Q (k-steps along the tile's queries), and dQ's partial dS K
+  (k-steps along the block's keys) times scale added to a float32 dq (the kernel's atomics, here
+  in key-tile order) when not 0;
+- dK = scale dK, dV, dq rounded once to the input dtype (float32: stored as they are).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..cpu.attention import LOW_PRECISION, validate_backward, validate_forward
-from ..cuda.attention import TC_BWD_KEYS, TC_HEAD_DIMS, TC_ROWS, tc_bwd_rows, tc_keys
+from ..cuda.attention import TC_BWD_KEYS, TC_HEAD_DIMS, TC_ROWS, tc_bwd_head_dims, tc_bwd_rows, tc_keys
 
 LOG2E = np.float32(1.4426950408889634)
 F32 = np.float32
@@ -161,14 +162,15 @@ def _blocks(spec, qf, kf, vf, maskf, scale32, bn, kstep, terms, out, lse):
             lse[b, rows] = np.where(l == 0, F32(-np.inf), m + np.log(l))
 
 
-def tc_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False):
+def tc_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, tf32_terms: int = 3):
     """(dq, dk, dv) as attention_tc.cu's backward computes them, for numpy bfloat16 / float16 inputs
-    with E = Ev in {64, 128}. Arguments as ``kernels.attention_backward``; the mask is read as
-    float32, out and lse are the forward's."""
+    with E = Ev in {64, 128}, or float32 (3xTF32; ``tf32_terms=1`` for plain TF32) with E = Ev = 64.
+    Arguments as ``kernels.attention_backward``; the mask is read as float32, out and lse are the
+    forward's."""
     spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal)
-    if spec.e != spec.ev or spec.e not in TC_HEAD_DIMS or not spec.low_precision:
-        raise ValueError(f"the tensor-core backward takes E = Ev in {TC_HEAD_DIMS} and 16-bit inputs, "
-                         f"got E = {spec.e}, Ev = {spec.ev}, {spec.dtype}")
+    if spec.dtype not in (np.float32,) + LOW_PRECISION or spec.e != spec.ev or spec.e not in tc_bwd_head_dims(spec.dtype):
+        raise ValueError(f"the tensor-core backward takes E = Ev in {TC_HEAD_DIMS} for 16-bit inputs and E = Ev = 64 "
+                         f"for float32, got E = {spec.e}, Ev = {spec.ev}, {spec.dtype}")
     qf, kf, vf, dof = (a.astype(np.float32) for a in (q, k, v, grad_out))
     maskf = None if mask is None else mask.astype(np.float32)
     rowdot = (dof * out.astype(np.float32)).sum(axis=-1, dtype=np.float32)
@@ -180,25 +182,26 @@ def tc_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=Fa
             mb = None if maskf is None else maskf[b if spec.mask_b > 1 else 0]
             for j0 in range(0, spec.s, TC_BWD_KEYS):
                 keys = np.arange(j0, min(j0 + TC_BWD_KEYS, spec.s))
-                dk_t, dv_t = _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq)
+                dk_t, dv_t = _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq, tf32_terms)
                 dk[b, keys] = (dk_t * F32(spec.scale)).astype(spec.dtype)
                 dv[b, keys] = dv_t.astype(spec.dtype)
     return dq.astype(spec.dtype), dk, dv
 
 
-def _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq):
+def _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq, tf32_terms):
     """One backward block: the walk over query tiles for ``keys``; adds to dq, returns dK, dV unscaled."""
-    rows_per_tile = tc_bwd_rows(spec.e)
+    rows_per_tile = tc_bwd_rows(spec.dtype, spec.e)
     scale32 = F32(spec.scale)
-    operand = spec.dtype
+    sixteen = spec.low_precision
+    kstep, terms = (16, None) if sixteen else (8, tf32_terms)
     dk = np.zeros((len(keys), spec.e), np.float32)
     dv = np.zeros((len(keys), spec.ev), np.float32)
     istart = (keys[0] // rows_per_tile) * rows_per_tile if spec.causal else 0
     for i0 in range(istart, spec.l, rows_per_tile):
         rows = np.arange(i0, min(i0 + rows_per_tile, spec.l))
         zeros = np.zeros((len(keys), len(rows)), np.float32)
-        s_t = _product(zeros, kf[b, keys], qf[b, rows].T, 16, None)
-        dp_t = _product(zeros, vf[b, keys], dof[b, rows].T, 16, None)
+        s_t = _product(zeros, kf[b, keys], qf[b, rows].T, kstep, terms)
+        dp_t = _product(zeros, vf[b, keys], dof[b, rows].T, kstep, terms)
         reads = np.ones(s_t.shape, bool)
         if spec.causal:
             reads &= keys[:, None] <= rows[None, :]
@@ -206,12 +209,13 @@ def _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq):
         x = np.where(reads, (s_t.astype(np.float64) * np.float64(scale32) + bias).astype(np.float32), F32(-np.inf))
         li = lse[b, rows][None, :]
         live = np.broadcast_to(li != -np.inf, x.shape)  # lse NaN: p NaN on every key, as PyTorch
-        p = np.where(live, _exp((x - np.where(live, li, F32(0))).astype(np.float32), True), F32(0))
+        p = np.where(live, _exp((x - np.where(live, li, F32(0))).astype(np.float32), sixteen), F32(0))
         ds = (p * (dp_t - rowdot[b, rows][None, :])).astype(np.float32)
-        p16, ds16 = (a.astype(operand).astype(np.float32) for a in (p, ds))
-        dv = _product(dv, p16, dof[b, rows], 16, None)
-        dk = _product(dk, ds16, qf[b, rows], 16, None)
-        partial = _product(np.zeros((len(rows), spec.e), np.float32), ds16.T, kf[b, keys], 16, None)
+        if sixteen:  # the kernel packs P and dS to the input dtype as MMA operands
+            p, ds = (a.astype(spec.dtype).astype(np.float32) for a in (p, ds))
+        dv = _product(dv, p, dof[b, rows], kstep, terms)
+        dk = _product(dk, ds, qf[b, rows], kstep, terms)
+        partial = _product(np.zeros((len(rows), spec.e), np.float32), ds.T, kf[b, keys], kstep, terms)
         add = (partial * scale32).astype(np.float32)
         dq[b, rows] = np.where(partial != 0, dq[b, rows] + add, dq[b, rows])
     return dk, dv

@@ -3,7 +3,7 @@
 // those of attention.cu (the SIMT kernels, which serve every other case); the design and
 // its cost model are in docs/kernels/attention.md. kernels/cuda/attention_emulation.py replays
 // these kernels' tile loops in NumPy (same tiles, same online-softmax order, same roundings).
-// The backward (16-bit only) is at the end of the file.
+// The backward is at the end of the file.
 //
 // Two variants of one loop:
 //   16-bit (T = __nv_bfloat16 or __half): mma.sync m16n8k16 with fp32 accumulators. Q, K, V are
@@ -420,30 +420,37 @@ ATTN_TC_FWD(float, f32, 128, MMA3(128), false)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, 16-bit (bf16, fp16), FlashAttention-2's work split: a block of 4 warps owns
-// TC_BWD_KEYS = 64 keys of one batch row (blockIdx.x = batch row, blockIdx.y = key tile), each
-// warp 16 of them, and walks the query tiles of BM rows that can see them (causal: from the tile
-// holding row j0). Everything is computed transposed, keys as the MMA's M dimension, so that dK
-// and dV (16 x HD per warp) stay in registers for the whole walk and P^T, dS^T feed dV += P^T dO
-// and dK += dS^T Q straight from the accumulators (as P feeds P V in the forward):
+// Backward, FlashAttention-2's work split: a block of 4 warps owns TC_BWD_KEYS = 64 keys of one
+// batch row (blockIdx.x = batch row, blockIdx.y = key tile), each warp 16 of them, and walks the
+// query tiles of BM rows that can see them (causal: from the tile holding row j0). Everything is
+// computed transposed, keys as the MMA's M dimension, so that dK and dV (16 x HD per warp) stay in
+// registers for the whole walk and P^T, dS^T feed dV += P^T dO and dK += dS^T Q straight from the
+// accumulators (as P feeds P V in the forward):
 //   S^T = K Q^T, dP^T = V dO^T                        (A: K / V rows of the warp, B: Q / dO tile)
 //   P^T = exp(x - lse), x = fmaf(S^T, scale, mask) where the row reads the key, else -inf; 0 where
 //     lse = -inf (a fully masked row); NaN on every key of a NaN row (lse NaN)
 //   dS^T = P^T (dP^T - D)                             (D = rowsum(dO out), attn_bwd_rowdot)
-//   dV += P^T dO, dK += dS^T Q                        (P, dS rounded to T, as FlashAttention-2)
+//   dV += P^T dO, dK += dS^T Q
 //   dQ += dS K (x scale): dS^T goes through shared memory (all 64 keys of the block), each warp
-//     takes 16 query rows x 64 columns, and the fp32 partial is added to dq by atomicAdd.
-// dq is a zeroed float32 array rounded once to T afterwards (attention.cu's attn_bwd_finish_*);
-// dK is scaled once at the end. Q / dO tiles are double buffered with cp.async like K / V in the
-// forward; K and V stay in shared memory for the whole block (dQ reads K again).
+//     takes 16 query rows x HD / (4 / (BM / 16)) columns, and the fp32 partial is added to dq by
+//     atomicAdd (a second pass over query tiles would recompute S and dP: 7 products instead of 5).
+// dq is a zeroed float32 array (16-bit: rounded once to T afterwards by attention.cu's
+// attn_bwd_finish_*); dK is scaled once at the end. Q / dO tiles are double buffered with cp.async
+// like K / V in the forward; K and V stay in shared memory for the whole block (dQ reads K again).
 // Pairs outside [0, L) x [0, S) give P = dS = 0; every other pair follows attention.cu's attn_bwd:
 // P = 0 times a non-finite dP - D is NaN there too.
+// The two variants, as the forward's: 16-bit (Bwd16: m16n8k16, P and dS rounded to T before their
+// products, as FlashAttention-2; exp2f) and 3xTF32 for float (Bwd3xTf32: m16n8k8, every operand
+// split at each use; the P^T / dS products use the forward's permuted k index; expf). The float
+// variant is built for HD = 64 only: at HD = 128 its 128 dK / dV accumulators and the split
+// fragments do not fit in 255 registers (ptxas spills, or keeps dK / dV in local memory when the
+// P^T product's loop is not unrolled), so float at HD = 128 keeps attention.cu's backward.
 // ---------------------------------------------------------------------------------------------
 constexpr int TC_BWD_KEYS = 64;  // keys per block, 16 per warp
-// Query rows per step: 32 at HD = 128 keeps S^T and dP^T (16 + 16 floats) beside dK and dV
-// (128 floats) in registers.
-template <int HD> struct TcBwdRows { static constexpr int value = 64; };
-template <> struct TcBwdRows<128> { static constexpr int value = 32; };
+// Query rows per step: fewer at HD = 128 keeps S^T and dP^T beside dK and dV (HD floats per lane)
+// in registers; float tiles are twice the bytes, so half the rows (shared memory).
+template <typename T, int HD> struct TcBwdRows { static constexpr int value = HD == 128 ? 32 : 64; };
+template <int HD> struct TcBwdRows<float, HD> { static constexpr int value = HD == 128 ? 16 : 32; };
 
 template <typename T>
 struct TcBwdArgs {
@@ -455,56 +462,124 @@ struct TcBwdArgs {
     float scale;
 };
 
-// c (16 x 8 NT) += A B^T, A = the 16 rows at `am` of a row-major shared matrix (row stride LDA),
-// B = the 8 NT rows at `bm` of another (row stride LDB), contraction over 16 KS columns.
-template <typename T, int NT, int KS, int LDA, int LDB>
-__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const T* am, const T* bm, int lane) {
+// The 16-bit products. LD: row stride of the K, V, Q, dO tiles; LDS: of dS^T.
+template <typename T, int HD, int BM, int LD, int LDS>
+struct Bwd16 {
+    static constexpr int NT = BM / 8, DT = HD / 8;
+    static constexpr bool FAST_EXP = true;
+
+    // c (16 x BM) += A B^T, A = the warp's 16 rows at `am` (K or V), B = the BM rows at `bm` (Q or dO).
+    static __device__ __forceinline__ void abt(float (&c)[NT][4], const T* am, const T* bm, int lane) {
 #pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-        unsigned af[4];
-        ldmatrix_x4(af, am + (lane & 15) * LDA + kk * 16 + (lane >> 4) * 8);
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            unsigned af[4];
+            ldmatrix_x4(af, am + (lane & 15) * LD + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-            unsigned bf[4];
-            ldmatrix_x4(bf, bm + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LDB + kk * 16 + ((lane >> 3) & 1) * 8);
-            mma16816(c[2 * np], af, bf[0], bf[1], T());
-            mma16816(c[2 * np + 1], af, bf[2], bf[3], T());
+            for (int np = 0; np < NT / 2; ++np) {
+                unsigned bf[4];
+                ldmatrix_x4(bf, bm + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma16816(c[2 * np], af, bf[0], bf[1], T());
+                mma16816(c[2 * np + 1], af, bf[2], bf[3], T());
+            }
         }
     }
-}
 
-// c (16 x 8 DT) += A B, A in registers (m16n8k16 A fragments of 16 KS columns), B = rows [0, 16 KS)
-// at `bm` of a row-major shared matrix (row stride LDB), read transposed by ldmatrix.trans.
-template <typename T, int DT, int KS, int LDB>
-__device__ __forceinline__ void mma_regs_b(float (&c)[DT][4], const unsigned (&a)[KS][4], const T* bm, int lane) {
+    // c (16 x HD) += A B, A = an accumulator tile (16 x BM: P^T or dS^T) rounded to T (n-tiles 2kk,
+    // 2kk + 1 are k-step kk of the A layout), B = the BM rows at `bm` (dO or Q) by ldmatrix.trans.
+    static __device__ __forceinline__ void acc_b(float (&c)[DT][4], const float (&p)[NT][4], const T* bm, int lane) {
 #pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-        const T* row = bm + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDB;
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            const unsigned pa[4] = {pack2(p[2 * kk][0], p[2 * kk][1], T()), pack2(p[2 * kk][2], p[2 * kk][3], T()),
+                                    pack2(p[2 * kk + 1][0], p[2 * kk + 1][1], T()),
+                                    pack2(p[2 * kk + 1][2], p[2 * kk + 1][3], T())};
+            const T* row = bm + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD;
 #pragma unroll
-        for (int dp = 0; dp < DT / 2; ++dp) {
-            unsigned bf[4];
-            ldmatrix_x4_trans(bf, row + dp * 16 + (lane >> 4) * 8);
-            mma16816(c[2 * dp], a[kk], bf[0], bf[1], T());
-            mma16816(c[2 * dp + 1], a[kk], bf[2], bf[3], T());
+            for (int dp = 0; dp < DT / 2; ++dp) {
+                unsigned bf[4];
+                ldmatrix_x4_trans(bf, row + dp * 16 + (lane >> 4) * 8);
+                mma16816(c[2 * dp], pa, bf[0], bf[1], T());
+                mma16816(c[2 * dp + 1], pa, bf[2], bf[3], T());
+            }
         }
     }
-}
 
-// An accumulator tile (16 x 8 NT) rounded to T as A fragments: n-tiles 2kk, 2kk + 1 are k-step kk.
-template <typename T, int NT>
-__device__ __forceinline__ void to_a_fragments(unsigned (&a)[NT / 2][4], const float (&c)[NT][4]) {
+    // c (16 x 8 CT) += dS K for query rows r0.. r0 + 15 and columns c0.. of K: dS^T (keys x queries)
+    // at `dst`, read transposed: matrices keys 0-7 / queries 0-7, keys 0-7 / queries 8-15, keys 8-15 /
+    // queries 0-7, keys 8-15 / queries 8-15 are a0..a3.
+    template <int CT>
+    static __device__ __forceinline__ void ds_k(float (&c)[CT][4], const T* dst, const T* ks, int r0, int c0,
+                                                int lane) {
 #pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-        a[kk][0] = pack2(c[2 * kk][0], c[2 * kk][1], T());
-        a[kk][1] = pack2(c[2 * kk][2], c[2 * kk][3], T());
-        a[kk][2] = pack2(c[2 * kk + 1][0], c[2 * kk + 1][1], T());
-        a[kk][3] = pack2(c[2 * kk + 1][2], c[2 * kk + 1][3], T());
+        for (int kk = 0; kk < TC_BWD_KEYS / 16; ++kk) {
+            unsigned af[4];
+            ldmatrix_x4_trans(af, dst + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + r0 + ((lane >> 3) & 1) * 8);
+            const T* row = ks + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + c0;
+#pragma unroll
+            for (int dp = 0; dp < CT / 2; ++dp) {
+                unsigned bf[4];
+                ldmatrix_x4_trans(bf, row + dp * 16 + (lane >> 4) * 8);
+                mma16816(c[2 * dp], af, bf[0], bf[1], T());
+                mma16816(c[2 * dp + 1], af, bf[2], bf[3], T());
+            }
+        }
     }
-}
+};
+
+// The 3xTF32 products: fragments loaded from shared memory (or the accumulators) and split at each use.
+template <int HD, int BM, int LD, int LDS>
+struct Bwd3xTf32 {
+    static constexpr int NT = BM / 8, DT = HD / 8;
+    static constexpr bool FAST_EXP = false;
+
+    static __device__ __forceinline__ void abt(float (&c)[NT][4], const float* am, const float* bm, int lane) {
+        const int g = lane >> 2, q4 = lane & 3;
+#pragma unroll 1
+        for (int kk = 0; kk < HD / 8; ++kk) {
+            // A (16 x 8): a0 (g, q), a1 (g + 8, q), a2 (g, q + 4), a3 (g + 8, q + 4)
+            const float* ap = am + g * LD + kk * 8 + q4;
+            const Tf32 af[4] = {split_tf32(ap[0]), split_tf32(ap[8 * LD]), split_tf32(ap[4]), split_tf32(ap[8 * LD + 4])};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float* bp = bm + (nt * 8 + g) * LD + kk * 8 + q4;  // B = rows^T: b0 (k q, n g), b1 (k q + 4, n g)
+                mma3xtf32(c[nt], af, split_tf32(bp[0]), split_tf32(bp[4]));
+            }
+        }
+    }
+
+    // As the forward's accumulate: k = q stands for column 2q of the accumulator tile, k = q + 4 for
+    // 2q + 1, so the accumulator layout is the A layout as it is and B reads rows 2q, 2q + 1.
+    static __device__ __forceinline__ void acc_b(float (&c)[DT][4], const float (&p)[NT][4], const float* bm,
+                                                 int lane) {
+        const int g = lane >> 2, q4 = lane & 3;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const Tf32 pa[4] = {split_tf32(p[t][0]), split_tf32(p[t][2]), split_tf32(p[t][1]), split_tf32(p[t][3])};
+            const float* bp = bm + (t * 8 + 2 * q4) * LD + g;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) mma3xtf32(c[dt], pa, split_tf32(bp[8 * dt]), split_tf32(bp[LD + 8 * dt]));
+        }
+    }
+
+    // dS K with the same permuted k: a0 = dS (g, key 2q) = dS^T[2q][g], a2 = dS^T[2q + 1][g], a1, a3
+    // the rows g + 8; b0 = K[2q][g], b1 = K[2q + 1][g].
+    template <int CT>
+    static __device__ __forceinline__ void ds_k(float (&c)[CT][4], const float* dst, const float* ks, int r0, int c0,
+                                                int lane) {
+        const int g = lane >> 2, q4 = lane & 3;
+#pragma unroll 2
+        for (int kk = 0; kk < TC_BWD_KEYS / 8; ++kk) {
+            const float* ap = dst + (kk * 8 + 2 * q4) * LDS + r0 + g;
+            const Tf32 af[4] = {split_tf32(ap[0]), split_tf32(ap[8]), split_tf32(ap[LDS]), split_tf32(ap[LDS + 8])};
+            const float* kp = ks + (kk * 8 + 2 * q4) * LD + c0 + g;
+#pragma unroll
+            for (int ct = 0; ct < CT; ++ct) mma3xtf32(c[ct], af, split_tf32(kp[8 * ct]), split_tf32(kp[LD + 8 * ct]));
+        }
+    }
+};
 
 // S^T (in s) and dP^T (in dp) of this warp's keys against query rows [i0, i0 + BM) turned into P^T
 // and dS^T in place. Element (nt, r): key key0 + 8 (r >> 1), query i0 + 8 nt + 2 q + (r & 1).
-template <typename T, int NT>
+template <typename T, int NT, bool FAST_EXP>
 __device__ __forceinline__ void probabilities(const TcBwdArgs<T>& a, float (&s)[NT][4], float (&dp)[NT][4], int b,
                                               int key0, int i0, int q4) {
 #pragma unroll
@@ -516,10 +591,11 @@ __device__ __forceinline__ void probabilities(const TcBwdArgs<T>& a, float (&s)[
             if (i < a.L && j < a.S) {
                 const long long row = (long long)b * a.L + i;
                 const float li = a.lse[row];
-                const float bias = (a.has_mask && !(a.causal && j > i)) ? a.mask[b * a.mask_bs + i * a.mask_ls + j] : 0.f;
-                const float x = (a.causal && j > i) ? NEG_INF : fmaf(s[nt][r], a.scale, bias);
+                const bool reads = !(a.causal && j > i);
+                const float bias = (a.has_mask && reads) ? a.mask[b * a.mask_bs + i * a.mask_ls + j] : 0.f;
+                const float x = reads ? fmaf(s[nt][r], a.scale, bias) : NEG_INF;
                 // lse NaN (a NaN row): p NaN on every key, -inf scores included, as PyTorch's softmax
-                if (li != NEG_INF) p = exp2f((x - li) * LOG2E);
+                if (li != NEG_INF) p = FAST_EXP ? exp2f((x - li) * LOG2E) : expf(x - li);
                 ds = p * (dp[nt][r] - a.rowdot[row]);  // P = 0 times a non-finite dP - D: NaN, as PyTorch
             }
             s[nt][r] = p;
@@ -528,9 +604,8 @@ __device__ __forceinline__ void probabilities(const TcBwdArgs<T>& a, float (&s)[
     }
 }
 
-// dq[i0 + rows, cols] += scale dS K for this warp's 16 query rows x (HD / CS) columns, dS^T (keys x
-// queries) from shared memory, K (keys x HD) from shared memory; fp32 atomics.
-template <typename T, int HD, int BM, int LD, int LDS>
+// dq[i0 + rows, cols] += scale dS K for this warp's 16 query rows x HD / CS columns; fp32 atomics.
+template <typename T, int HD, int BM, typename Mma>
 __device__ __forceinline__ void dq_tile(const TcBwdArgs<T>& a, const T* dst, const T* ks, int b, int i0, int warp,
                                         int lane) {
     constexpr int RG = BM / 16, CS = (TC_THREADS / 32) / RG, CW = HD / CS, CT = CW / 8;
@@ -538,21 +613,7 @@ __device__ __forceinline__ void dq_tile(const TcBwdArgs<T>& a, const T* dst, con
     float acc[CT][4];
 #pragma unroll
     for (int ct = 0; ct < CT; ++ct) acc[ct][0] = acc[ct][1] = acc[ct][2] = acc[ct][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < TC_BWD_KEYS / 16; ++kk) {
-        // A = dS (16 queries x 16 keys), stored transposed: matrices keys 0-7 / queries 0-7, keys 0-7 /
-        // queries 8-15, keys 8-15 / queries 0-7, keys 8-15 / queries 8-15 are a0..a3 by ldmatrix.trans
-        unsigned af[4];
-        ldmatrix_x4_trans(af, dst + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + rg * 16 + ((lane >> 3) & 1) * 8);
-        const T* row = ks + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + cs * CW;
-#pragma unroll
-        for (int dp = 0; dp < CT / 2; ++dp) {
-            unsigned bf[4];
-            ldmatrix_x4_trans(bf, row + dp * 16 + (lane >> 4) * 8);
-            mma16816(acc[2 * dp], af, bf[0], bf[1], T());
-            mma16816(acc[2 * dp + 1], af, bf[2], bf[3], T());
-        }
-    }
+    Mma::template ds_k<CT>(acc, dst, ks, rg * 16, cs * CW, lane);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int i = i0 + rg * 16 + (lane >> 2) + 8 * h;
@@ -569,9 +630,9 @@ __device__ __forceinline__ void dq_tile(const TcBwdArgs<T>& a, const T* dst, con
     }
 }
 
-template <typename T, int HD>
+template <typename T, int HD, typename Mma>
 __device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
-    constexpr int BN = TC_BWD_KEYS, BM = TcBwdRows<HD>::value, LD = HD + TcPad<T>::value;
+    constexpr int BN = TC_BWD_KEYS, BM = TcBwdRows<T, HD>::value, LD = HD + TcPad<T>::value;
     constexpr int LDS = BM + TcPad<T>::value, NT = BM / 8, DT = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T* ks = reinterpret_cast<T*>(smem);
@@ -623,19 +684,11 @@ __device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
             dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
         }
-        mma_abt<T, NT, HD / 16, LD, LD>(s, ks + warp * 16 * LD, qt, lane);
-        mma_abt<T, NT, HD / 16, LD, LD>(dp, vs + warp * 16 * LD, dot, lane);
-        probabilities<T, NT>(a, s, dp, b, key0, i0, q4);
-        {
-            unsigned pa[NT / 2][4];
-            to_a_fragments<T, NT>(pa, s);
-            mma_regs_b<T, DT, NT / 2, LD>(dv, pa, dot, lane);
-        }
-        {
-            unsigned da[NT / 2][4];
-            to_a_fragments<T, NT>(da, dp);
-            mma_regs_b<T, DT, NT / 2, LD>(dk, da, qt, lane);
-        }
+        Mma::abt(s, ks + warp * 16 * LD, qt, lane);
+        Mma::abt(dp, vs + warp * 16 * LD, dot, lane);
+        probabilities<T, NT, Mma::FAST_EXP>(a, s, dp, b, key0, i0, q4);
+        Mma::acc_b(dv, s, dot, lane);
+        Mma::acc_b(dk, dp, qt, lane);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -643,7 +696,7 @@ __device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
                 store2(dst + (warp * 16 + (lane >> 2) + 8 * h) * LDS + 8 * nt + 2 * q4, dp[nt][2 * h], dp[nt][2 * h + 1]);
         }
         __syncthreads();  // dS^T of every warp's keys is in place
-        dq_tile<T, HD, BM, LD, LDS>(a, dst, ks, b, i0, warp, lane);
+        dq_tile<T, HD, BM, Mma>(a, dst, ks, b, i0, warp, lane);
         __syncthreads();  // dS^T and this Q / dO buffer are free for the next tiles
     }
 #pragma unroll
@@ -662,21 +715,27 @@ __device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
 
 // Entry points: (q, k, v, mask, grad_out, lse, rowdot, dq, dk, dv, L, S, mask_bs, mask_ls, has_mask,
 // causal, scale), as attention.cu's attn_bwd without E / Ev; grid (B, ceil(S / 64)), 128 threads,
-// dynamic shared memory (2 TC_BWD_KEYS + 4 BM) (HD + 8) + TC_BWD_KEYS (BM + 8) elements; dq float32,
-// zeroed. Names: attn_tc_bwd_<bf16 | f16>_hd<64 | 128>.
-#define ATTN_TC_BWD(T, NAME, HD)                                                                              \
+// dynamic shared memory (2 TC_BWD_KEYS + 4 BM) (HD + pad) + TC_BWD_KEYS (BM + pad) elements
+// (kernels/cuda/attention.py's tc_bwd_shared_bytes); dq float32, zeroed.
+// Names: attn_tc_bwd_<bf16 | f16>_hd<64 | 128>, attn_tc_bwd_f32_hd64 (the 3xTF32 variant).
+#define ATTN_TC_BWD(T, NAME, HD, MMA)                                                                         \
     __global__ void __launch_bounds__(TC_THREADS) attn_tc_bwd_##NAME##_hd##HD(                               \
         const T* q, const T* k, const T* v, const float* mask, const T* grad_out, const float* lse,          \
         const float* rowdot, float* dq, T* dk, T* dv, int L, int S, long long mask_bs, long long mask_ls,    \
         int has_mask, int causal, float scale) {                                                             \
         const TcBwdArgs<T> a{q, k, v, mask, grad_out, lse, rowdot, dq, dk, dv, L, S, mask_bs, mask_ls,       \
                              has_mask, causal, scale};                                                       \
-        attn_tc_bwd<T, HD>(a);                                                                               \
+        attn_tc_bwd<T, HD, MMA>(a);                                                                          \
     }
+#define BWD16(T, HD) \
+    Bwd16<T, HD, TcBwdRows<T, HD>::value, HD + TcPad<T>::value, TcBwdRows<T, HD>::value + TcPad<T>::value>
+#define BWD3(HD) \
+    Bwd3xTf32<HD, TcBwdRows<float, HD>::value, HD + TcPad<float>::value, TcBwdRows<float, HD>::value + TcPad<float>::value>
 
 extern "C" {
-ATTN_TC_BWD(__nv_bfloat16, bf16, 64)
-ATTN_TC_BWD(__nv_bfloat16, bf16, 128)
-ATTN_TC_BWD(__half, f16, 64)
-ATTN_TC_BWD(__half, f16, 128)
+ATTN_TC_BWD(__nv_bfloat16, bf16, 64, BWD16(__nv_bfloat16, 64))
+ATTN_TC_BWD(__nv_bfloat16, bf16, 128, BWD16(__nv_bfloat16, 128))
+ATTN_TC_BWD(__half, f16, 64, BWD16(__half, 64))
+ATTN_TC_BWD(__half, f16, 128, BWD16(__half, 128))
+ATTN_TC_BWD(float, f32, 64, BWD3(64))
 }

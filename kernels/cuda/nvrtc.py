@@ -33,6 +33,19 @@ class CompileResult:
                 found[current] = (int(spill.group(1)), int(spill.group(2)))
         return found
 
+    def stack_frames(self) -> dict[str, int]:
+        """kernel name -> bytes of stack frame, for kernels that have one (local memory: a register
+        array indexed at run time lands there without being counted as a spill)."""
+        found, current = {}, None
+        for line in self.log.splitlines():
+            entry = re.search(r"Compiling entry function '([^']+)'", line)
+            if entry:
+                current = entry.group(1)
+            frame = re.search(r"(\d+) bytes stack frame", line)
+            if frame and current and int(frame.group(1)):
+                found[current] = int(frame.group(1))
+        return found
+
     def registers(self) -> dict[str, int]:
         """kernel name -> registers per thread."""
         found, current = {}, None
