@@ -59,7 +59,7 @@ def test_dry_run_wires_every_step(tmp_path):
     assert "import and argument parsing only (dry run): ok" in summary
     assert "dry run: imported engine.examples.digits" in (out / "digits.log").read_text()
     assert "mpi on cpu, 1 rank(s): all-reduce peak algbw" in summary
-    assert "- memcheck: cases on numba_cpu without the sanitizer (dry run): 42 cases right, 0 wrong" in summary
+    assert "- memcheck: cases on numba_cpu without the sanitizer (dry run): 45 cases right, 0 wrong" in summary
     assert summary in proc.stdout  # printed at the end
     assert wall < 120
 
