@@ -651,13 +651,13 @@ __device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
     const int istart = a.causal ? (j0 / BM) * BM : 0;  // causal: rows before j0 see none of these keys
     const int ntiles = a.L > istart ? (a.L - istart + BM - 1) / BM : 0;
 
-    load_tile<T, BN, HD, LD>(ks, kb, j0, a.S);
-    load_tile<T, BN, HD, LD>(vs, vb, j0, a.S);
-    if (ntiles > 0) {
+    if (ntiles > 0) {  // else (causal, j0 >= L) no row sees these keys: nothing to load, dK = dV = 0
+        load_tile<T, BN, HD, LD>(ks, kb, j0, a.S);
+        load_tile<T, BN, HD, LD>(vs, vb, j0, a.S);
         load_tile<T, BM, HD, LD>(qs, qb, istart, a.L);
         load_tile<T, BM, HD, LD>(dos, dob, istart, a.L);
+        cp_async_commit();
     }
-    cp_async_commit();
 
     float dk[DT][4], dv[DT][4];
 #pragma unroll
