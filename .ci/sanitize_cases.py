@@ -168,7 +168,7 @@ def mismatch(names, got, want, to_host, rtol=RTOL) -> str | None:
         if g is None:
             continue
         g = to_host(g)
-        if g.dtype.itemsize == 2:
+        if 2 in (g.dtype.itemsize, w.dtype.itemsize):
             g, w = g.astype(np.float32), w.astype(np.float32)
         if g.shape != w.shape:
             return f"{name}: shape {g.shape}, reference {w.shape}"

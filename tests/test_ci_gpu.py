@@ -220,11 +220,14 @@ def test_sanitize_cases_cover_the_issue_shapes_and_catch_a_wrong_number():
     finally:
         sys.path.remove(str(cases.parent))
     labels = [label for family, _ in sc.FAMILIES for label, _ in family()]
-    assert len(labels) == 30
+    assert len(labels) == 45
     for e in (33, 64, 128):
         for mask in ("none", "shared", "key_padding", "full"):
             for causal in (False, True):
                 assert f"attention E={e} mask={mask} causal={causal}" in labels
+    for dtype, e in (("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float16", 128), ("float32-3xtf32", 64)):
+        for mask, causal in (("none", True), ("key_padding", False), ("full", True)):
+            assert f"attention_tc {dtype} E={e} mask={mask} causal={causal}" in labels
     assert (sc.BATCH * sc.HEADS, sc.L, sc.S) == (6, 37, 70)
     assert {"layer_norm D=99 affine=True", "layer_norm D=4097 affine=False",
             "gelu n=1001 approximate=tanh"} <= set(labels)
@@ -236,6 +239,13 @@ def test_sanitize_cases_cover_the_issue_shapes_and_catch_a_wrong_number():
     assert sc.mismatch(("a", "b"), off, want, np.asarray).startswith("a: max abs error")
     assert sc.mismatch(("a", "b"), [want[0], np.zeros(2, np.float32)], want, np.asarray) == \
         "b: non-finite entries differ from the reference"
+    import ml_dtypes  # 16-bit outputs: compared as float32 within the rtol their case gives
+
+    bf16 = [w.astype(ml_dtypes.bfloat16) for w in want]
+    assert sc.mismatch(("a", "b"), [w + np.float32(2e-2) for w in want[:1]] + bf16[1:], bf16, np.asarray,
+                       sc.TC_RTOL["bfloat16"]) is None
+    assert sc.mismatch(("a", "b"), [want[0] + np.float32(0.2), bf16[1]], bf16, np.asarray,
+                       sc.TC_RTOL["bfloat16"]).startswith("a: max abs error")
 
 
 def test_summary_of_a_failing_run(tmp_path):  # like r1: 239 failed, numba_cuda rows errored in the bench
