@@ -329,9 +329,16 @@ def test_emulated_tc_backward_propagates_nan_and_inf_as_torch(name):
     out, lse = tc_forward(q, k, v, mask, scale=0.125, causal=causal)
     grad_out = np.random.default_rng(5).standard_normal(out.shape).astype(BF16)
     grads = tc_backward(grad_out, q, k, v, out, lse, mask, scale=0.125, causal=causal)
+    assert_16_bit_nonfinite_as_torch(name, (out, *grads), q, k, v, grad_out, mask, causal)
+
+
+def assert_16_bit_nonfinite_as_torch(name, results, q, k, v, grad_out, mask, causal):
+    """(out, dq, dk, dv) of 16-bit inputs against PyTorch's CPU SDPA on the same values widened to
+    float32: equal NaN and inf positions, finite values within the dtype's tolerance (causal: dq
+    NaN at least where torch's is, dk / dv not compared, as in tests/kernels/test_attention.py)."""
     f32 = [a.astype(np.float32) for a in (q, k, v, grad_out)]
     want = torch_like_reference(*f32[:3], mask, causal, f32[3])
-    for what, got, expected in list(zip(("out", "dq", "dk", "dv"), (out, *grads), want))[:2 if causal else 4]:
+    for what, got, expected in list(zip(("out", "dq", "dk", "dv"), results, want))[:2 if causal else 4]:
         got = got.astype(np.float32)
         if causal and what == "dq":
             assert np.isnan(got)[np.isnan(expected)].all(), f"{name} dq: NaN turned into numbers"
@@ -340,7 +347,21 @@ def test_emulated_tc_backward_propagates_nan_and_inf_as_torch(name):
         finite = np.isfinite(expected)
         np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=f"{name} {what}: inf positions")
         np.testing.assert_allclose(got[finite], expected[finite], err_msg=f"{name} {what}",
-                                   **grad_tolerance(BF16, expected[finite]))
+                                   **grad_tolerance(q.dtype, expected[finite]))
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+@pytest.mark.parametrize("name", NONFINITE)
+def test_cpu_impls_16_bit_propagate_nan_and_inf_as_torch(impl, name):
+    """The CPU impls on bfloat16 inputs: no NaN row turned into zeros (float32 is covered by
+    tests/kernels/test_attention.py's test_nan_and_inf_propagate_as_in_torch)."""
+    pytest.importorskip("torch")
+    q, k, v, mask, causal = _poison(name)
+    q, k, v = (a.astype(BF16) for a in (q, k, v))
+    out, lse = kernels.attention_forward(q, k, v, mask, scale=0.5, causal=causal, impl=impl)  # torch's 1 / sqrt(4)
+    grad_out = np.random.default_rng(5).standard_normal(out.shape).astype(BF16)
+    grads = kernels.attention_backward(grad_out, q, k, v, out, lse, mask, scale=0.5, causal=causal, impl=impl)
+    assert_16_bit_nonfinite_as_torch(name, (out, *grads), q, k, v, grad_out, mask, causal)
 
 
 def test_emulated_tc_backward_refuses_what_the_kernel_does_not_take():
