@@ -18,9 +18,11 @@ model. Every kernel also takes, as keywords (PyTorch's fused optimizers with a G
   last step: a checkpoint load, an in-place change through ``.data``), the master restarts from its
   value. So the parameter stays the source of truth and the master only adds the low bits.
 
-and the step count (``step``, SGD's ``first_step``) either as a Python number or as a one-element
-array on the arrays' device, which the GPU impls read there (a step count that depends on device
-flags, such as skipped steps, needs no host read).
+and the step count (``step``, SGD's ``first_step``) and the learning rate (``lr``; not RMSprop's)
+either as a Python number or as a one-element array on the arrays' device, which the GPU impls read
+there: a step count that depends on device flags, such as skipped steps, needs no host read, and a
+launch captured in a CUDA graph reads the current step count and learning rate at every replay (the
+optimizers' ``capturable=True``). A one-element array in host memory is read as the number it holds.
 
 This module also holds the one validator per kernel that every impl calls first
 (:func:`validate_adam`, :func:`validate_sgd`, :func:`validate_adagrad`, :func:`validate_rmsprop`),
@@ -206,18 +208,26 @@ def _any_overlap(values: list, on_cpu: bool) -> bool:
 def _check_one_element(kernel: str, name: str, a, param, kind: str):
     """``a`` (found_inf, inv_scale, a step count) as a one-element array on param's device.
 
-    ``kind`` is the dtype kinds it may have: ``"f"`` for the float32 flags, ``"iu"`` for step
-    counts, ``"biuf"`` for SGD's first_step.
+    ``kind`` is the dtype kinds it may have: ``"f"`` for the float32 flags, ``"fd"`` for a learning
+    rate (float32 or float64), ``"iu"`` for step counts, ``"biuf"`` for SGD's first_step.
     """
     if isinstance(a, np.generic) and type(param) is np.ndarray:
         a = np.asarray(a)  # numpy's 0-d arithmetic returns scalars: the same host value
     same_place = type(a) is type(param) and (type(a) is np.ndarray or a.device.id == param.device.id)
-    if same_place and a.size == 1 and a.dtype.kind in kind and (kind != "f" or a.dtype == MASTER_DTYPE):
+    if same_place and a.size == 1 and _dtype_fits(a.dtype, kind):
         return a
-    wanted = {"f": "float32", "iu": "integer", "biuf": "bool or numeric"}[kind]
+    wanted = {"f": "float32", "fd": "float32 or float64", "iu": "integer", "biuf": "bool or numeric"}[kind]
     where = "a numpy array" if type(param) is np.ndarray else f"a cupy array on cuda:{param.device.id}"
     raise KernelError(f"{kernel}: {name} must be a one-element {wanted} array on the arrays' device ({where}, "
                       f"like {_describe('param', param)}), got {_describe(name, a)}")
+
+
+def _dtype_fits(dtype, kind: str) -> bool:
+    if kind == "f":
+        return dtype == MASTER_DTYPE
+    if kind == "fd":
+        return dtype in FLOAT_DTYPES
+    return dtype.kind in kind
 
 
 def _is_array(value) -> bool:
@@ -283,6 +293,18 @@ def _check_step(kernel: str, step, param):
     return int(step)
 
 
+def _check_lr(kernel: str, lr, param):
+    """The learning rate as a range-checked float, or (on a GPU) the one-element float32 / float64
+    device array holding it, read there by the kernel (its range is then the caller's contract:
+    checking it would be a host read)."""
+    if _is_array(lr):
+        lr = _check_one_element(kernel, "lr", lr, param, "fd")
+        if _on_gpu(lr):
+            return lr
+        lr = lr.reshape(-1)[0].item()  # host memory: read it and check it as a number
+    return _check_scalar(kernel, "lr", lr)
+
+
 def _check_first_step(kernel: str, first_step, param):
     """SGD's first_step as a bool, or (on a GPU) the one-element device array holding it."""
     if _is_array(first_step):
@@ -294,9 +316,18 @@ def _check_first_step(kernel: str, first_step, param):
 
 
 def _device_scalars(dtype, *values):
-    """Per-step scalars computed on the GPU from a device step count, as one array of ``dtype``."""
-    xp = _xp_of(values[0])
-    return xp.concatenate([xp.asarray(v, dtype=np.float64).reshape(1) for v in values]).astype(dtype)
+    """Per-step scalars as one device array of ``dtype``: device arrays (computed on the GPU from a
+    device step count or learning rate) and Python numbers, the numbers written by a fill kernel
+    (never copied from the host: that would be a wait, and a CUDA graph cannot capture it)."""
+    xp = _xp_of(next(v for v in values if _is_array(v)))
+    parts = [xp.asarray(v, dtype=np.float64).reshape(1) if _is_array(v) else xp.full((1,), float(v), np.float64)
+             for v in values]
+    return xp.concatenate(parts).astype(dtype)
+
+
+def _sqrt_for(value):
+    """``math.sqrt`` for a host number, the array module's sqrt for a device array."""
+    return _xp_of(value).sqrt if _is_array(value) else math.sqrt
 
 
 def _need(kernel: str, name: str, a, why: str, param):
@@ -314,14 +345,15 @@ class AdamScalars(NamedTuple):
     beta2: float
     eps: float
     weight_decay: float
-    lr: float
-    step_size: float | None  # lr / (1 - beta1**step); None when step is a device array
-    bias_correction2_sqrt: float | None  # sqrt(1 - beta2**step); None when step is a device array
-    decay_factor: float  # 1 - lr * weight_decay (AdamW)
+    lr: float | None  # None when lr is a device array
+    step_size: float | None  # lr / (1 - beta1**step); None when step or lr is a device array
+    bias_correction2_sqrt: float | None  # sqrt(1 - beta2**step); None when step or lr is a device array
+    decay_factor: float | None  # 1 - lr * weight_decay (AdamW); None when step or lr is a device array
     decoupled: bool
     amsgrad: bool
     maximize: bool
-    device_scalars: object = None  # GPU step count: [step_size, bias_correction2_sqrt] on the device
+    # GPU step count or lr: [step_size, bias_correction2_sqrt, decay_factor] on the device
+    device_scalars: object = None
 
 
 def adam_bias_corrections(lr: float, beta1: float, beta2: float, step, sqrt=math.sqrt):
@@ -344,40 +376,39 @@ def validate_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1
         written += ("max_exp_avg_sq",)
     dtype = _check_arrays(k, *_with_master(arrays, written, param_out, inv_scale))
     _amp_arrays(k, param, found_inf, inv_scale)
-    lr = _check_scalar(k, "lr", lr)
+    lr = _check_lr(k, lr, param)
     beta1 = _check_scalar(k, "beta1", beta1, 0.0, 1.0, high_open=True)
     beta2 = _check_scalar(k, "beta2", beta2, 0.0, 1.0, high_open=True)
     eps = _check_scalar(k, "eps", eps)
     weight_decay = _check_scalar(k, "weight_decay", weight_decay)
     step = _check_step(k, step, param)
-    if isinstance(step, int):
-        step_size, bc2_sqrt = adam_bias_corrections(lr, beta1, beta2, step)
-        device = None
-    else:
-        step_size = bc2_sqrt = None
-        device = _device_scalars(dtype, *adam_bias_corrections(lr, beta1, beta2, step, _xp_of(step).sqrt))
+    step_size, bc2_sqrt = adam_bias_corrections(lr, beta1, beta2, step, _sqrt_for(step))
+    decay_factor, device = 1.0 - lr * weight_decay, None
+    if _is_array(step) or _is_array(lr):
+        device = _device_scalars(dtype, step_size, bc2_sqrt, decay_factor)
+        lr = step_size = bc2_sqrt = decay_factor = None
     return AdamScalars(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, lr=lr,
                        step_size=step_size, bias_correction2_sqrt=bc2_sqrt,
-                       decay_factor=1.0 - lr * weight_decay, decoupled=bool(decoupled_weight_decay),
+                       decay_factor=decay_factor, decoupled=bool(decoupled_weight_decay),
                        amsgrad=bool(amsgrad), maximize=bool(maximize), device_scalars=device)
 
 
 class SgdScalars(NamedTuple):
-    lr: float
+    lr: float | None  # None when lr or first_step is a device array
     momentum: float
     dampening: float
     weight_decay: float
     nesterov: bool
     maximize: bool
     first_step: bool | None  # None when first_step is a device array
-    device_scalars: object = None  # GPU first_step: [1.0 or 0.0] on the device
+    device_scalars: object = None  # GPU first_step or lr: [1.0 or 0.0, lr] on the device
 
 
 def validate_sgd(param, grad, momentum_buf, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
                  first_step, found_inf=None, inv_scale=None, param_out=None) -> SgdScalars:
     """Check one sgd_step call; return its scalars. Raises KernelError."""
     k = "sgd_step"
-    lr = _check_scalar(k, "lr", lr)
+    lr = _check_lr(k, lr, param)
     momentum = _check_scalar(k, "momentum", momentum)
     dampening = _check_scalar(k, "dampening", dampening, low=None)
     weight_decay = _check_scalar(k, "weight_decay", weight_decay)
@@ -394,19 +425,20 @@ def validate_sgd(param, grad, momentum_buf, *, lr, momentum, dampening, weight_d
     _amp_arrays(k, param, found_inf, inv_scale)
     first_step = _check_first_step(k, first_step, param)
     device = None
-    if not isinstance(first_step, bool):
-        device, first_step = (first_step != 0).astype(dtype).reshape(1), None
+    if _is_array(first_step) or _is_array(lr):
+        flag = (first_step != 0) if _is_array(first_step) else float(first_step)
+        device, first_step, lr = _device_scalars(dtype, flag, lr), None, None
     return SgdScalars(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                       nesterov=bool(nesterov), maximize=bool(maximize), first_step=first_step,
                       device_scalars=device)
 
 
 class AdagradScalars(NamedTuple):
-    clr: float | None  # lr / (1 + (step - 1) * lr_decay); None when step is a device array
+    clr: float | None  # lr / (1 + (step - 1) * lr_decay); None when step or lr is a device array
     weight_decay: float
     eps: float
     maximize: bool
-    device_scalars: object = None  # GPU step count: [clr] on the device
+    device_scalars: object = None  # GPU step count or lr: [clr] on the device
 
 
 def adagrad_decayed_lr(lr: float, lr_decay: float, step):
@@ -421,13 +453,13 @@ def validate_adagrad(param, grad, state_sum, *, lr, lr_decay, weight_decay, eps,
     dtype = _check_arrays(k, *_with_master({"param": param, "grad": grad, "state_sum": state_sum},
                                            ("param", "state_sum"), param_out, inv_scale))
     _amp_arrays(k, param, found_inf, inv_scale)
-    lr = _check_scalar(k, "lr", lr)
+    lr = _check_lr(k, lr, param)
     lr_decay = _check_scalar(k, "lr_decay", lr_decay)
     weight_decay = _check_scalar(k, "weight_decay", weight_decay)
     eps = _check_scalar(k, "eps", eps)
     step = _check_step(k, step, param)
     clr, device = adagrad_decayed_lr(lr, lr_decay, step), None
-    if not isinstance(step, int):
+    if _is_array(clr):
         clr, device = None, _device_scalars(dtype, clr)
     return AdagradScalars(clr=clr, weight_decay=weight_decay, eps=eps, maximize=bool(maximize),
                           device_scalars=device)
@@ -447,7 +479,10 @@ def validate_rmsprop(param, grad, square_avg, momentum_buf, grad_avg, *, lr, alp
                      centered, maximize, found_inf=None, inv_scale=None, param_out=None) -> RmspropScalars:
     """Check one rmsprop_step call; return its scalars. Raises KernelError."""
     k = "rmsprop_step"
-    lr = _check_scalar(k, "lr", lr)
+    lr = _check_lr(k, lr, param)
+    if _is_array(lr):
+        raise KernelError(f"{k}: lr must be a number (the RMSprop kernels take no device scalars), got "
+                          f"{_describe('lr', lr)}")
     alpha = _check_scalar(k, "alpha", alpha)
     eps = _check_scalar(k, "eps", eps)
     weight_decay = _check_scalar(k, "weight_decay", weight_decay)

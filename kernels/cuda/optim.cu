@@ -23,8 +23,9 @@
 // - found_inf (OPT_FOUND_INF): a device flag; nonzero means the whole launch writes nothing.
 // - inv_scale (OPT_UNSCALE): the gradient is multiplied by *inv_scale before use and the unscaled
 //   gradient is stored back into grad (torch's fused Adam does the same).
-// - device_scalars (OPT_DEVICE_SCALARS): the per-step scalars that depend on the step count, read
-//   from device memory (computed there from a device step count) instead of the arguments.
+// - device_scalars (OPT_DEVICE_SCALARS): the per-step scalars that depend on the step count or the
+//   learning rate, read from device memory (computed there from a device step count or learning
+//   rate) instead of the arguments, so that a CUDA graph replay sees their current values.
 // Unused pointers may be any pointer (the host passes a placeholder): they are never dereferenced.
 // No fast-math: IEEE sqrt and division, so the results agree with the numpy reference to rounding
 // (NVRTC contracts a * b + c into FMAs by default: the tests' tolerance allows for it).
@@ -199,7 +200,7 @@ __device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ pa
 //   AdamW: p *= 1 - lr * wd        Adam: g += wd * p
 //   m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2;   amsgrad: vmax = max(vmax, v)
 //   p -= step_size * m / (sqrt(v or vmax) / bc2_sqrt + eps), step_size = lr / (1 - beta1^step)
-// device_scalars: {step_size, bc2_sqrt}.
+// device_scalars: {step_size, bc2_sqrt, 1 - lr * weight_decay}.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct AdamOp {
@@ -237,6 +238,7 @@ __device__ __forceinline__ void adam_step(T* param, G* grad, T* exp_avg, T* exp_
     if (flags & OPT_DEVICE_SCALARS) {
         step_size = device_scalars[0];
         bc2_sqrt = device_scalars[1];
+        decay_factor = device_scalars[2];
     }
     const AdamOp<T> op{beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps, weight_decay,
                        decay_factor, flags};
@@ -290,7 +292,7 @@ OPT_ENTRY adam_step_f32_bf16(float* param, __nv_bfloat16* grad, float* exp_avg, 
 // SGD (torch.optim.SGD): g = maximize ? -grad : grad; g += wd * p;
 //   momentum: buf = first_step ? g : momentum buf + (1 - dampening) g;  g = nesterov ? g + momentum buf : buf
 //   p -= lr * g
-// device_scalars: {first_step ? 1 : 0}.
+// device_scalars: {first_step ? 1 : 0, lr}.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct SgdOp {
@@ -319,6 +321,7 @@ __device__ __forceinline__ void sgd_step(T* param, G* grad, T* momentum_buf, G* 
     if (skipped(found_inf, flags)) return;
     if (flags & OPT_DEVICE_SCALARS) {
         flags = device_scalars[0] != T(0) ? (flags | OPT_FIRST_STEP) : (flags & ~OPT_FIRST_STEP);
+        lr = device_scalars[1];
     }
     const SgdOp<T> op{lr, momentum, one_minus_dampening, weight_decay, flags};
     const bool mom = flags & OPT_MOMENTUM;

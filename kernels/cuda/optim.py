@@ -10,8 +10,9 @@ The kernel runs on the GPU the arrays live on, whichever device is current.
 Unused pointers (max_exp_avg_sq without amsgrad, found_inf without a GradScaler ...) are passed a
 placeholder array that the kernel never touches; flag bits say which are used.
 
-found_inf, inv_scale and a device step count (see kernels/cpu/optim.py) are read by the kernel on
-the device: a step skipped for an inf gradient costs no host read. float16 / bfloat16 parameters
+found_inf, inv_scale, a device step count and a device learning rate (see kernels/cpu/optim.py)
+are read by the kernel on the device: a step skipped for an inf gradient costs no host read, and a
+CUDA graph replay of the launch sees the current step count and learning rate. float16 / bfloat16 parameters
 go through the ``_f32_f16`` / ``_f32_bf16`` kernels (float32 master and states, 16-bit grad and
 param_out), whose 16-bit arrays are read and written in vectors of as many elements as the
 master's (8 bytes).
@@ -152,7 +153,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta
     vmax = max_exp_avg_sq if s.amsgrad else exp_avg_sq  # placeholder, never touched without amsgrad
     _launch("adam_step", [param, grad, exp_avg, exp_avg_sq, vmax],
             (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, _or_zero(s.step_size),
-             _or_zero(s.bias_correction2_sqrt), s.eps, s.weight_decay, s.decay_factor), flags,
+             _or_zero(s.bias_correction2_sqrt), s.eps, s.weight_decay, _or_zero(s.decay_factor)), flags,
             found_inf, inv_scale, s.device_scalars, param_out)
 
 
@@ -166,7 +167,7 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0,
     if use_momentum:
         flags |= MOMENTUM | (NESTEROV if s.nesterov else 0) | (FIRST_STEP if s.first_step else 0)
     buf = momentum_buf if use_momentum else param  # placeholder, never touched without momentum
-    _launch("sgd_step", [param, grad, buf], (s.lr, s.momentum, 1.0 - s.dampening, s.weight_decay), flags,
+    _launch("sgd_step", [param, grad, buf], (_or_zero(s.lr), s.momentum, 1.0 - s.dampening, s.weight_decay), flags,
             found_inf, inv_scale, s.device_scalars, param_out)
 
 

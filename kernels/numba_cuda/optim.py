@@ -7,8 +7,8 @@ float64 arithmetic (tests/kernels/test_gpu_compile.py checks the PTX).
 
 Loss scaling and master weights as in the other impls (kernels/cpu/optim.py): found_inf is read
 by the kernel (a nonzero value returns before anything is written), inv_scale unscales the
-gradient and is written back, a device step count arrives as ``device_scalars`` computed on the
-device, and a float16 ``param_out`` receives the float32 master rounded (the master first restarts
+gradient and is written back, a device step count or learning rate arrives as ``device_scalars``
+computed on the device, and a float16 ``param_out`` receives the float32 master rounded (the master first restarts
 from param_out where that no longer holds it rounded). bfloat16 is refused:
 numba cannot type bfloat16 arrays (the cupy impl, the default on a GPU, takes them).
 
@@ -54,6 +54,7 @@ def adam_kernel(p, g, m, v, vmax, out, found_inf, inv_scale, dev, beta1, beta2, 
     if use_dev:
         step_size = dev[0]
         bc2_sqrt = dev[1]
+        decay_factor = dev[2]
     inv = inv_scale[0] * one if unscale else one
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, p.shape[0], stride):
@@ -93,6 +94,7 @@ def sgd_kernel(p, g, buf, out, found_inf, inv_scale, dev, lr, momentum, one_minu
         return
     if use_dev:
         first_step = dev[0] != one - one
+        lr = dev[1]
     inv = inv_scale[0] * one if unscale else one
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, p.shape[0], stride):
@@ -263,7 +265,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta
     vmax = max_exp_avg_sq if s.amsgrad else _placeholder(param)
     _launch(adam_kernel, [param, grad, exp_avg, exp_avg_sq, vmax],
             (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size or 0.0, s.bias_correction2_sqrt or 0.0,
-             s.eps, s.weight_decay, s.decay_factor),
+             s.eps, s.weight_decay, s.decay_factor or 0.0),
             (s.weight_decay != 0, s.decoupled, s.amsgrad, s.maximize), found_inf, inv_scale, s.device_scalars,
             param_out, "adam_step")
 
@@ -275,7 +277,7 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0,
                      found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
     use_momentum = s.momentum != 0
     buf = momentum_buf if use_momentum else _placeholder(param)
-    _launch(sgd_kernel, [param, grad, buf], (s.lr, s.momentum, 1.0 - s.dampening, s.weight_decay),
+    _launch(sgd_kernel, [param, grad, buf], (s.lr or 0.0, s.momentum, 1.0 - s.dampening, s.weight_decay),
             (s.weight_decay != 0, use_momentum, s.nesterov, s.maximize, bool(s.first_step)), found_inf, inv_scale,
             s.device_scalars, param_out, "sgd_step")
 

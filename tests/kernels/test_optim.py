@@ -779,6 +779,40 @@ def test_a_step_count_given_as_a_device_array_equals_the_number(opt, impl, rng):
             assert_close(by_array[name], to_host(by_number[name]).astype(np.float64), np.float32, f"{opt} t={t}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lr_dtype", [np.float64, np.float32], ids=["lr_f64", "lr_f32"])
+@pytest.mark.parametrize("opt,config", [("adam", "everything"), ("adam", "adamw"), ("sgd", "dampening"),
+                                        ("adagrad", "maximize")])
+def test_a_learning_rate_given_as_a_device_array_equals_the_number(opt, config, lr_dtype, impl, rng):
+    """lr (with the step count, as a capturable optimizer passes them) in a one-element array on the
+    arrays' device: the same update as the number it holds (on the GPU impls read by the kernel)."""
+    cfg = OPTIMIZERS[opt]["configs"][config]
+    spec = OPTIMIZERS[opt]
+    for t in (1, 3):
+        lr = float(np.asarray(cfg["lr"], lr_dtype))  # the value the array holds
+        by_array, by_number = _state(opt, cfg, np.float32, impl), _state(opt, cfg, np.float32, impl)
+        g = to_device(cast(signed(rng, 257), np.float32), impl)
+        value = (t == 1) if spec["step_kw"] == "first_step" else t
+        kw = dict(cfg, lr=to_device(np.array([lr], lr_dtype), impl),
+                  **{spec["step_kw"]: to_device(np.array([value], np.int64), impl)})
+        spec["kernel"](by_array["param"], g, *[by_array.get(s) for s in spec["slots"]], impl=impl, **kw)
+        call_step(opt, impl, by_number, g, dict(cfg, lr=lr), t)
+        for name in by_number:
+            assert_close(by_array[name], to_host(by_number[name]).astype(np.float64), np.float32, f"{opt} t={t}")
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_a_learning_rate_array_must_be_one_float_on_the_arrays_device(impl):
+    p, g, m, v = (np.ones(4, np.float32) for _ in range(4))
+    for bad in (np.array([1, 2], np.float32), np.array([1], np.int64)):
+        with pytest.raises(KernelError, match=r"adam_step: lr must be a one-element float32 or float64 array"):
+            kernels.adam_step(p, g, m, v, lr=bad, step=1, impl=impl)
+    with pytest.raises(KernelError, match=r"invalid lr=-0.5"):  # host memory: read and range-checked
+        kernels.sgd_step(p, g, lr=np.array([-0.5]), impl=impl)
+    with pytest.raises(KernelError, match=r"rmsprop_step: lr must be a one-element float32 or float64"):
+        kernels.rmsprop_step(p, g, m, lr=np.array([1], np.int64), impl=impl)
+
+
 def _low_dtypes():
     import ml_dtypes
 
