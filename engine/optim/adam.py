@@ -32,18 +32,24 @@ class Adam(Optimizer):
         fused: None/True: one fused ``adam_step`` launch per bucket; False: unfused reference.
         master_weights: float16 / bfloat16 parameters: None/True keep a float32 master copy and
             float32 states (see :class:`~engine.optim.Optimizer`); False keeps 16-bit states.
+        capturable: keep the learning rate and the step counts in device memory, read there by the
+            kernels and updated in place, so that a step captured in a CUDA graph sees, at every
+            replay, the learning rate set since (``group["lr"] = ...``, a scheduler) and the step
+            count it advanced (PyTorch's flag; the parameters must be on a CUDA device). Take one
+            eager step before capturing: it creates the states and the device scalars.
 
     Example:
         >>> opt = engine.optim.Adam(model.parameters(), lr=3e-4)  # doctest: +SKIP
     """
 
     _decoupled = False
+    _supports_capturable = True
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 fused: bool | None = None, master_weights: bool | None = None):
+                 capturable: bool = False, fused: bool | None = None, master_weights: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, master_weights=master_weights)
+                        maximize=maximize, capturable=capturable, master_weights=master_weights)
         super().__init__(params, defaults, fused)
 
     def _check_hyperparams(self, group: dict) -> None:
@@ -112,7 +118,7 @@ class AdamW(Adam):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 fused: bool | None = None, master_weights: bool | None = None):
+                 capturable: bool = False, fused: bool | None = None, master_weights: bool | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, fused=fused, master_weights=master_weights)
+                         maximize=maximize, capturable=capturable, fused=fused, master_weights=master_weights)
 

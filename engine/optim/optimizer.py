@@ -38,6 +38,15 @@ Loss scaling (``engine.amp.GradScaler``): a step may come with a ``found_inf`` d
 then whether it is taken is known only on the device. Each parameter's step count is then kept on
 the device too (:class:`_OnDevice`), the kernels read it there, and ``state_dict`` reads it back:
 no host read per step.
+
+CUDA graphs (``capturable=True``, PyTorch's flag, on the optimizers that set
+``_supports_capturable``): a captured ``step()`` replays the kernels, not the Python, so every
+scalar a kernel takes must live in device memory and change in place. Such a group keeps its
+learning rate in a one-element device array per device (:class:`_ParamGroup`: assigning
+``group["lr"]``, as the schedulers do, fills it) and each parameter's step count in a device array
+that the step increments in place. Both are made by an eager step (a warm-up before the capture);
+an optimizer without the flag refuses to step inside a capture, since a replay would repeat the
+capture's learning rate and step count.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import numpy as np
 from engine import backend, dtypes
 from engine.amp.grad_scaler import check_and_unscale_
 from engine.autograd import enable_grad, no_grad
+from engine.backend import CaptureError
 from engine.dtypes import is_floating
 from engine.errors import EngineError, describe
 from engine.tensor import Tensor
@@ -125,6 +135,27 @@ class _OnDevice:
         return self if backend.device_of(self.array) == device else _OnDevice(backend.to_device(self.array, device))
 
 
+class _ParamGroup(dict):
+    """A param group: a dict, as in PyTorch, that also keeps a capturable group's learning rate on the
+    device (``device_lr``: device -> a one-element float64 array). Assigning ``"lr"`` fills those
+    arrays (a fill kernel, no wait), so that a step captured in a CUDA graph reads the rate a
+    scheduler or the user set since, at every replay."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.device_lr: dict = {}
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key == "lr" and self.device_lr:
+            for array in self.device_lr.values():
+                array.fill(float(value))
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
 class _Bucket:
     """The parameters of one group that share a device and dtype, laid out in flat buffers.
 
@@ -160,6 +191,7 @@ class _Bucket:
         self.steps: list = [0] * len(params)  # int, or _OnDevice after a step a GradScaler may have skipped
         self.has: list[set[str]] = [set() for _ in params]  # state names initialized per param
         self.pending: dict = {}  # param index -> _OnDevice flag an optimizer keeps on the device (SGD)
+        self.capturable = False  # step counts stay on the device, updated in place (capturable=True)
 
     @property
     def fusable(self) -> bool:
@@ -196,10 +228,51 @@ class _Bucket:
         return self._view(self.master, i)
 
     def host_step(self, i: int) -> int:
-        """Param ``i``'s step count as an int; a count on the device is read (a host sync) and kept."""
-        if isinstance(self.steps[i], _OnDevice):
-            self.steps[i] = int(backend.to_host(self.steps[i].array).reshape(-1)[0])
-        return self.steps[i]
+        """Param ``i``'s step count as an int; a count on the device is read (a host sync) and kept,
+        except in a capturable bucket, whose device counts a captured step goes on incrementing."""
+        count = self.steps[i]
+        if not isinstance(count, _OnDevice):
+            return count
+        value = int(backend.to_host(count.array).reshape(-1)[0])
+        if not self.capturable:
+            self.steps[i] = value
+        return value
+
+    def steps_to_device(self, active: list[int]) -> None:
+        """Give each active param a device step count (params with equal counts share one array)."""
+        made: dict = {}
+        for i in active:
+            count = self.steps[i]
+            if isinstance(count, _OnDevice):
+                continue
+            if count not in made:
+                _refuse_state_in_capture("its step counts")
+                with backend.on_device(self.device):
+                    made[count] = _OnDevice(self.xp.full((1,), count, dtype=np.int64))
+            self.steps[i] = made[count]
+
+    def advance_in_place(self, active: list[int], scaling: "_BucketScaling") -> None:
+        """Add 1 (or ``scaling.taken()``) to the active params' device step counts, in place, so that
+        a CUDA graph replay of the step advances them too. A count shared with a param that did not
+        step is copied first (outside a capture only: a copy in a capture would restart from the
+        capture's value at every replay)."""
+        stepping = set(active)
+        own: dict = {}
+        for i in active:
+            count = self.steps[i]
+            if id(count) not in own:
+                shared = any(c is count and j not in stepping for j, c in enumerate(self.steps))
+                if shared:
+                    _refuse_state_in_capture("a step count shared with a parameter that has no gradient")
+                    with backend.on_device(self.device):
+                        own[id(count)] = _OnDevice(count.array.copy())
+                else:
+                    own[id(count)] = count
+            self.steps[i] = own[id(count)]
+        increment = 1 if scaling.skipped is None else scaling.taken()
+        with backend.on_device(self.device):
+            for count in {id(c): c for c in own.values()}.values():
+                count.array += increment
 
     def _ensure_grad_flat(self):
         if self.grad_flat is None:
@@ -296,6 +369,14 @@ class _Bucket:
         return out
 
 
+def _refuse_state_in_capture(what: str) -> None:
+    region = backend.capture_region()
+    if region is not None:
+        raise CaptureError(f"optimizer.step (capturable=True) inside {region}: {what} would be created in the "
+                           "capture, so every replay would start them afresh; take one eager step before "
+                           "capturing (a warm-up), as with PyTorch's capturable optimizers")
+
+
 # unpack() key of a per-parameter device flag an optimizer keeps (never in a state dict).
 _PENDING = "_pending_on_device"
 MASTER_PARAM = "master_param"
@@ -332,6 +413,8 @@ class Optimizer:
     _step_supports_amp_scaling = True
     # A state whose first write depends on the step being taken (SGD's momentum buffer), or None.
     _first_step_state = None
+    # Does the optimizer take capturable=True (device lr and step counts, for CUDA graph capture)?
+    _supports_capturable = False
 
     def __init__(self, params, defaults: dict, fused: bool | None = None):
         self.defaults = dict(defaults)
@@ -385,7 +468,12 @@ class Optimizer:
         master = group.get("master_weights")
         if master is not None and not isinstance(master, (bool, np.bool_)):
             raise EngineError(f"{type(self).__name__}: master_weights must be None, True or False, got {master!r}")
+        if not isinstance(group.get("capturable", False), (bool, np.bool_)):
+            raise EngineError(f"{type(self).__name__}: capturable must be True or False, got {group['capturable']!r}")
         self._check_hyperparams(group)
+
+    def _capturable(self, group: dict) -> bool:
+        return self._supports_capturable and bool(group.get("capturable", False))
 
     # ---- param groups --------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -398,7 +486,7 @@ class Optimizer:
         if not isinstance(param_group, dict):
             raise EngineError(f"{name}.add_param_group: expected a dict with a 'params' key, "
                               f"got {type(param_group).__name__}")
-        group = dict(self.defaults)
+        group = _ParamGroup(self.defaults)
         group.update(param_group)
         group["params"] = _as_param_list(name, param_group.get("params"))
         self._check_group(group)
@@ -523,11 +611,45 @@ class Optimizer:
             amp = self._amp_inputs()
             plans = [[(bucket, self._active(index, bucket)) for bucket in buckets]
                      for index, buckets in enumerate(self._buckets)]
+            self._check_capture(plans)
             for group, group_plan in zip(self.param_groups, plans):
                 for bucket, active in group_plan:
                     if active:
                         self._step_bucket(group, bucket, active, amp)
         return loss
+
+    def _check_capture(self, plans) -> None:
+        """Refuse what a CUDA graph replay of this step would get wrong, before any state changes: a
+        step inside a capture needs capturable=True (its lr and step counts read from device memory),
+        and capturable=True needs the parameters on a CUDA device (as PyTorch asserts)."""
+        name = type(self).__name__
+        region = backend.capture_region()
+        for group, group_plan in zip(self.param_groups, plans):
+            if not any(active for _, active in group_plan):
+                continue
+            if not self._capturable(group):
+                if region is not None:
+                    hint = ("build it with capturable=True" if self._supports_capturable else
+                            "step it outside the captured region (Adam, AdamW and SGD take capturable=True)")
+                    raise CaptureError(f"{name}.step inside {region}: its learning rate and step counts are host "
+                                       f"numbers, so every replay would repeat the values they had at capture; {hint}")
+                continue
+            for bucket, active in group_plan:
+                if active and bucket.device.type != "cuda":
+                    raise EngineError(f"{name}.step: capturable=True needs the parameters and step counts on a CUDA "
+                                      f"device (PyTorch: 'If capturable=True, params and state_steps must be on "
+                                      f"supported devices'), got {describe(bucket.params[active[0]])}; move the "
+                                      "model to 'cuda' or leave capturable=False on the CPU")
+
+    def _device_lr(self, group: dict, bucket: _Bucket):
+        """A capturable group's learning rate on the bucket's device, as a 0-d float64 view; made by
+        the first eager step there and filled whenever ``group["lr"]`` is assigned."""
+        array = group.device_lr.get(bucket.device)
+        if array is None:
+            _refuse_state_in_capture("its device learning rate")
+            with backend.on_device(bucket.device):
+                array = group.device_lr[bucket.device] = bucket.xp.full((1,), float(group["lr"]), dtype=np.float64)
+        return array.reshape(())
 
     def _amp_inputs(self) -> tuple | None:
         """``(found_inf, grad_scale)`` raw arrays (either may be None) from the attributes a
@@ -567,6 +689,13 @@ class Optimizer:
 
     def _step_bucket(self, group: dict, bucket: _Bucket, active: list[int], amp) -> None:
         names = self._buffer_names(group)
+        capturable = self._capturable(group)
+        if capturable:  # the kernels read lr and the step counts from device memory
+            if any(name not in bucket.buffers for name in names):
+                _refuse_state_in_capture(f"its state buffers ({', '.join(names)})")
+            bucket.capturable = True
+            bucket.steps_to_device(active)
+            group = dict(group, lr=self._device_lr(group, bucket))
         for name in names:
             bucket.buffer(name, self._buffer_fill(group, name))
         scaling = _BucketScaling.of(amp, bucket)
@@ -586,8 +715,11 @@ class Optimizer:
             for i, key in zip(active, keys):
                 self._reference_step(group, bucket, i, names, key, scaling)
         memo: dict = {}
+        if capturable:
+            bucket.advance_in_place(active, scaling)
         for i, key in zip(active, keys):
-            bucket.steps[i] = scaling.advance(bucket.steps[i], memo)
+            if not capturable:
+                bucket.steps[i] = scaling.advance(bucket.steps[i], memo)
             self._after_step(group, bucket, i, key, scaling.skipped, memo)
             bucket.has[i].update(names)
             bucket.params[i]._version.value += 1  # an in-place change: a graph that saved it must not backward

@@ -30,6 +30,11 @@ class SGD(Optimizer):
         fused: None/True: one fused ``sgd_step`` launch per bucket; False: unfused reference.
         master_weights: float16 / bfloat16 parameters: None/True keep a float32 master copy and
             float32 states (see :class:`~engine.optim.Optimizer`); False keeps 16-bit states.
+        capturable: keep the learning rate in device memory, read there by the kernel, so that a step
+            captured in a CUDA graph sees the rate set since (``group["lr"] = ...``, a scheduler) at
+            every replay; parameters on a CUDA device only. An engine extension, named after Adam's
+            flag: torch's SGD has no ``capturable`` (it takes a Tensor ``lr`` instead). Take one
+            eager step before capturing (it creates the momentum buffer and the device lr).
 
     Example:
         >>> opt = engine.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # doctest: +SKIP
@@ -39,12 +44,13 @@ class SGD(Optimizer):
     _exports_step = False  # like PyTorch, SGD's state is only its momentum buffer
     # The momentum buffer's first write differs (buf = g): a step a GradScaler skipped did not make it.
     _first_step_state = "momentum_buffer"
+    _supports_capturable = True
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 fused: bool | None = None, master_weights: bool | None = None):
+                 capturable: bool = False, fused: bool | None = None, master_weights: bool | None = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, master_weights=master_weights)
+                        nesterov=nesterov, maximize=maximize, capturable=capturable, master_weights=master_weights)
         super().__init__(params, defaults, fused)
 
     def _check_hyperparams(self, group: dict) -> None:

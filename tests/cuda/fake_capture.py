@@ -386,6 +386,12 @@ class FakeCupy(types.ModuleType):
             def synchronize(self):
                 fake._sync("Device.synchronize")
 
+            def __eq__(self, other):  # as cupy's Device: equal when the ids are
+                return isinstance(other, Device) and other.id == self.id
+
+            def __hash__(self):
+                return hash(self.id)
+
             def __str__(self):
                 return f"<CUDA Device {self.id}>"
 

@@ -482,7 +482,7 @@ def test_state_dict_structure_is_pytorch_like_and_a_snapshot():
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert sd["param_groups"] == [{"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-                                   "amsgrad": True, "maximize": False, "master_weights": None, "params": [0, 1]}]
+                                   "amsgrad": True, "maximize": False, "capturable": False, "master_weights": None, "params": [0, 1]}]
     assert set(sd["state"]) == {0, 1}
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
     assert sd["state"][0]["step"] == 2 and sd["state"][1]["exp_avg"].shape == (3,)
