@@ -31,6 +31,7 @@ from engine.data import DataLoader, TensorDataset
 from engine.ops import concatenate
 from engine.tensor import Tensor
 from engine.train import distributed as _distributed
+from engine.train import graphed
 from engine.train.callbacks import Callback, LRSchedulerCallback
 from engine.train.progress import ProgressBar
 
@@ -116,6 +117,17 @@ class Trainer:
             aliases warn, as Lightning's do. Unlike Lightning, "16-mixed" runs in float16 on the
             CPU too, instead of switching to bfloat16. Checkpoints hold the precision and the
             scaler's state.
+        cuda_graph: capture the whole training step (forward, loss, backward, clipping, the NaN
+            guard's flag, the optimizer step, the GradScaler's skip and update) in one CUDA graph
+            after ``cuda_graph_warmup`` eager batches, and replay it for every later batch, its
+            inputs copied into static tensors (engine/train/graphed.py). Needs the model on a
+            CUDA device (on the CPU it raises a DeviceError naming the device), an optimizer built
+            with ``capturable=True``, ``accumulate_steps=1``, no data parallelism, and a model
+            without random draws (dropout) in training. Every batch must have the captured shape,
+            except an epoch's shorter last batch, which runs eagerly. The NaN guard's flag is
+            read after the replay, so with ``sync_every=1`` a non-finite batch has been stepped on
+            (the GradScaler of "16-mixed" still skips steps with inf/NaN gradients, on the device).
+        cuda_graph_warmup: eager batches before the capture (they create the optimizer's state).
 
     The NaN guard checks every batch's loss and, on the device, whether all its gradients (after
     clipping) are finite; both are read together, before the step with ``sync_every=1``, else
@@ -129,7 +141,7 @@ class Trainer:
     def __init__(self, model, optimizer, loss_fn=F.cross_entropy, metrics=("accuracy",), callbacks=(),
                  scheduler=None, grad_clip_norm: float | None = None, verbose: int = 1, log=print,
                  sync_every: int | None = None, accumulate_steps: int = 1, distributed: bool | None = None,
-                 precision: str | int = "32-true"):
+                 precision: str | int = "32-true", cuda_graph: bool = False, cuda_graph_warmup: int = 3):
         if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
             raise ValueError(f"Trainer: accumulate_steps must be a positive int, got {accumulate_steps!r}")
         self.accumulate_steps = accumulate_steps
@@ -157,6 +169,10 @@ class Trainer:
         self._pending_rng = None  # restored RNG state, set again once fit has built its loaders
         self._resume_progress = None  # a restored mid-epoch position, for the next epoch to continue
         self._epoch_state: _EpochState | None = None  # the epoch in progress (or cut short by an exception)
+        self._graphed = None
+        if cuda_graph:
+            graphed.check_setup(self)
+            self._graphed = graphed.GraphedStep(self, cuda_graph_warmup)
 
     @property
     def device(self):
@@ -238,29 +254,16 @@ class Trainer:
             if batch_index == group_start:
                 state.begin_batch()  # a resume mid-group reruns the group from here, with this RNG state
             x, y = self._to_device(x), self._to_device(y)
-            with self._sync_context(steps):
-                with self.autocast():
-                    output = self.model(x)
-                    loss = self.compute_loss(x, output, y)
-                if batch_index == group_start:
-                    self.optimizer.zero_grad()
-                part = loss if group_size == 1 else loss * (1.0 / group_size)
-                (part if self.scaler is None else self.scaler.scale(part)).backward()
-            if not steps:  # accumulating: no clip, no step; read with the group's step, when it counts
-                window.add(batch_index, loss, output, y)
-                self._call("on_batch_end", batch_index, window.batch_logs(batch_index))
-                continue
-            if self.grad_clip_norm is not None:
-                from engine.nn.utils import clip_grad_norm_
-
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-                clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-            # With a scaler, non-finite gradients are the scaler's business: it skips that step.
-            window.add(batch_index, loss, output, y, self._grads_finite() if self.scaler is None else None)
-            if sync_every == 1:  # read before the step: a non-finite loss or gradient is never stepped on
-                window.read(before_step=True)
-            self._step()
+            if self._graphed is not None and self._graphed.runs(x, y, batch_index, len(loader)):
+                loss, output, flag = self._graphed.step(x, y)
+                window.add(batch_index, loss, output, y, flag)
+            else:
+                warmup = self._graphed is not None and self._graphed.warming_up()
+                with self._graphed.warmup_stream() if warmup else contextlib.nullcontext():
+                    if not self._eager_batch(x, y, batch_index, group_start, group_size, steps, window, sync_every):
+                        continue  # accumulating: no step
+                if warmup:
+                    self._graphed.end_warmup_batch()
             state.end_batch(batch_index)
             if len(window) >= sync_every:
                 window.read()
@@ -276,6 +279,55 @@ class Trainer:
         if self.distributed:
             logs = _distributed.reduce_epoch_logs(logs, window.samples)
         return logs
+
+    def _eager_batch(self, x, y, batch_index, group_start, group_size, steps, window, sync_every) -> bool:
+        """One batch without a graph: forward, loss, backward, and on a group's last batch the clip,
+        the NaN guard and the step (False: a batch that only accumulated gradients)."""
+        with self._sync_context(steps):
+            if batch_index == group_start:
+                self.optimizer.zero_grad()
+            output, loss = self._forward_backward(x, y, group_size)
+        if not steps:  # accumulating: no clip, no step; read with the group's step, when it counts
+            window.add(batch_index, loss, output, y)
+            self._call("on_batch_end", batch_index, window.batch_logs(batch_index))
+            return False
+        self._clip_grads()
+        # With a scaler, non-finite gradients are the scaler's business: it skips that step.
+        window.add(batch_index, loss, output, y, self._grads_finite() if self.scaler is None else None)
+        if sync_every == 1:  # read before the step: a non-finite loss or gradient is never stepped on
+            window.read(before_step=True)
+        self._step()
+        return True
+
+    def _train_step(self, x, y):
+        """The whole step on one batch, as ``Trainer(cuda_graph=True)`` captures it: (loss, output,
+        the gradients' finite flag or None with a scaler). Gradients are set to None first, so that
+        a replay writes them afresh instead of adding to the captured ones."""
+        self.optimizer.zero_grad(set_to_none=True)
+        output, loss = self._forward_backward(x, y, 1)
+        self._clip_grads()
+        flag = self._grads_finite() if self.scaler is None else None
+        self._step()
+        return loss, output, flag
+
+    def _forward_backward(self, x, y, group_size: int):
+        """Forward and loss under the precision's autocast, then backward of the loss (divided by
+        the accumulation group's size, scaled by the GradScaler): (output, loss)."""
+        with self.autocast():
+            output = self.model(x)
+            loss = self.compute_loss(x, output, y)
+        part = loss if group_size == 1 else loss * (1.0 / group_size)
+        (part if self.scaler is None else self.scaler.scale(part)).backward()
+        return output, loss
+
+    def _clip_grads(self) -> None:
+        if self.grad_clip_norm is None:
+            return
+        from engine.nn.utils import clip_grad_norm_
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
 
     def _step(self) -> None:
         """The optimizer step; with a scaler, its step (skipped on inf/NaN gradients) and update."""
@@ -475,6 +527,8 @@ class Trainer:
         self._pending_rng = state["rng"]
         self.history = History(state["history"])
         self._pending_loader_state = state.get("loader")
+        if self._graphed is not None:  # the optimizer's buffers were rebuilt: warm up and capture again
+            self._graphed.reset()
         self._resume_progress = None if progress is None else \
             {**progress, "batches_done": int(progress["batches_done"])}
         self._epoch_state = None

@@ -92,10 +92,10 @@ def install(monkeypatch, fake) -> list:
             def run(*hosts):
                 a = dict(zip(names, hosts + tuple(x for x in args if not hasattr(x, "host"))))
                 flags = int(a["flags"])
-                if flags & FOUND_INF and a["found_inf"][0] != 0:
+                if flags & FOUND_INF and a["found_inf"].reshape(-1)[0] != 0:
                     return
                 if flags & UNSCALE:
-                    a["grad"] *= a["inv_scale"][0]
+                    a["grad"] *= a["inv_scale"].reshape(-1)[0]
                 UPDATES[name](a, flags)
             # Every pointer argument comes first in the .cu signatures, so `hosts` line up with `names`.
             fake._multi_write(run, tuple(arrays), {}, arrays)
