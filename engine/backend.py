@@ -137,6 +137,13 @@ def array_module(array):
     return np if isinstance(array, (np.ndarray, np.generic)) else _cupy_of(array)
 
 
+def address(array) -> int:
+    """Address of an array's first element (numpy: host memory; cupy: device memory)."""
+    if isinstance(array, np.ndarray):
+        return array.__array_interface__["data"][0]
+    return int(array.data.ptr)
+
+
 def device_of(array) -> Device:
     """The Device holding ``array``."""
     if isinstance(array, (np.ndarray, np.generic)):

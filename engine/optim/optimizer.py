@@ -77,13 +77,6 @@ _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 FLAT_ALIGNMENT_BYTES = 256
 
 
-def _address(array) -> int:
-    """Address of an array's first element (numpy: host memory; cupy: device memory)."""
-    if isinstance(array, np.ndarray):
-        return array.__array_interface__["data"][0]
-    return array.data.ptr  # cupy: a MemoryPointer
-
-
 def _aligned_layout(sizes: list[int], itemsize: int) -> tuple[list[int], list[int], int]:
     """Start and stop element offsets of each param in a flat buffer, and the buffer's length.
 
@@ -108,7 +101,7 @@ def _aligned_full(xp, numel: int, fill: float, dtype):
     """
     itemsize = np.dtype(dtype).itemsize
     raw = xp.empty(numel + FLAT_ALIGNMENT_BYTES // itemsize, dtype=dtype)
-    shift = (-_address(raw) % FLAT_ALIGNMENT_BYTES) // itemsize
+    shift = (-backend.address(raw) % FLAT_ALIGNMENT_BYTES) // itemsize
     buffer = raw[shift:shift + numel]
     buffer.fill(fill)
     return buffer

@@ -1,8 +1,8 @@
 """Gradient clipping, L1/L2 penalties and flat parameter vectors; ``rnn.pad_sequence``.
 
 Clipping runs after ``loss.backward()`` and before ``optimizer.step()``. It never copies a
-gradient to the host: the total norm and the scale stay on the device (one launch per gradient,
-no synchronisation) unless ``error_if_nonfinite=True`` asks for a check.
+gradient to the host: the total norm and the scale stay on the device (one reduction and one
+scale pass, no synchronisation) unless ``error_if_nonfinite=True`` asks for a check.
 
 L1 / L2 penalties versus the optimizer's ``weight_decay``:
     ``loss + lam / 2 * l2_penalty(params)`` adds ``lam * p`` to each gradient, exactly what SGD's
@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from engine import backend, ops
+from engine import backend, dtypes, ops
 from engine.autograd import no_grad
 from engine.errors import GradError, ShapeError, describe
 from engine.tensor import Tensor
@@ -39,33 +39,100 @@ def _unique(parameters) -> list[Tensor]:
 
 
 def _norm(array, norm_type: float):
-    """The ``norm_type``-norm of a flattened array, as a 0-d array on its device."""
+    """The ``norm_type``-norm of a flattened array as a 0-d array on its device, computed in at least
+    float32 (torch's ``vector_norm``: a 16-bit gradient's squares would overflow) and returned in
+    the array's dtype. Any real ``norm_type``, as ``torch.linalg.vector_norm``: 0 counts the nonzero
+    entries, ``-inf`` is the smallest magnitude, other negative p the p-"norm" of the magnitudes."""
     xp = backend.array_module(array)
     if array.size == 0:
         return xp.zeros((), dtype=array.dtype)
-    if math.isinf(norm_type):
-        return xp.abs(array).max()
-    if norm_type == 2.0:
-        return xp.sqrt((array * array).sum())
-    if norm_type == 1.0:
-        return xp.abs(array).sum()
-    return (xp.abs(array) ** norm_type).sum() ** (1.0 / norm_type)
+    wide = dtypes.upcast(array)
+    if norm_type == math.inf:
+        total = xp.abs(wide).max()
+    elif norm_type == -math.inf:
+        total = xp.abs(wide).min()
+    elif norm_type == 0.0:
+        total = xp.asarray(xp.count_nonzero(wide), dtype=wide.dtype)
+    elif norm_type == 2.0:
+        total = xp.sqrt(xp.vdot(wide, wide)) if wide.ndim == 1 else xp.sqrt((wide * wide).sum())
+    elif norm_type == 1.0:
+        total = xp.abs(wide).sum()
+    else:
+        total = (xp.abs(wide) ** norm_type).sum() ** (1.0 / norm_type)
+    return total.astype(array.dtype, copy=False)
 
 
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-    """Scale all gradients together so that their joint norm is at most ``max_norm``.
+def _owner(array):
+    """The array owning ``array``'s memory (following ``.base`` through arrays of its type)."""
+    while type(getattr(array, "base", None)) is type(array):
+        array = array.base
+    return array
 
-    The joint norm is the norm of all gradients concatenated into one vector. Gradients are
-    multiplied by ``min(1, max_norm / (total_norm + 1e-6))`` in place, as in PyTorch.
+
+def _spans(arrays: list) -> list:
+    """Arrays covering ``arrays`` (of one dtype), each to reduce and scale in place as one: runs of
+    C-contiguous arrays that lie end to end in one owner's memory become one 1-D view of it, so
+    gradients that are views of an optimizer's flat gradient buffer (``zero_grad(set_to_none=False)``,
+    or after ``GradScaler.unscale_``) come out as one or a few views; any other array is itself."""
+    runs = []  # [owner, start element, stop element], or [array, None, None]
+    for a in arrays:
+        owner = _owner(a)
+        if not (a.flags.c_contiguous and owner.flags.c_contiguous and owner.dtype == a.dtype):
+            runs.append([a, None, None])
+            continue
+        start = (backend.address(a) - backend.address(owner)) // a.dtype.itemsize
+        if runs and runs[-1][0] is owner and runs[-1][2] == start:
+            runs[-1][2] = start + a.size
+        else:
+            runs.append([owner, start, start + a.size])
+    return [owner if start is None else owner.reshape(-1)[start:stop] for owner, start, stop in runs]
+
+
+def _device_norm(grads: list, norm_type: float):
+    """The total ``norm_type``-norm of gradients on one device, as torch computes it: the norm of
+    the per-gradient norms. For p > 0 (and inf) that equals the norm of all the gradients as one
+    vector, so it is computed as one reduction over their merged views (concatenated if there are
+    several); for p <= 0 the two differ, and the per-gradient norms are taken as torch does."""
+    xp = backend.array_module(grads[0])
+    if norm_type <= 0:
+        return _norm(xp.stack([_norm(g, norm_type) for g in grads]), norm_type)
+    by_dtype: dict = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    norms = []
+    for same in by_dtype.values():
+        spans = _spans(same)
+        norms.append(_norm(spans[0] if len(spans) == 1 else xp.concatenate([s.reshape(-1) for s in spans]),
+                           norm_type))
+    if len(norms) == 1:
+        return norms[0]
+    return _norm(xp.stack([n.astype(norms[0].dtype) for n in norms]), norm_type)
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach: bool | None = None) -> Tensor:
+    """Scale all gradients together so that their joint norm is at most ``max_norm`` (PyTorch's
+    ``torch.nn.utils.clip_grad_norm_``).
+
+    The total norm is the norm of the per-gradient norms (for p > 0 the norm of all gradients as
+    one vector). Gradients are multiplied by ``min(1, max_norm / (total_norm + 1e-6))`` in place.
+    On each device this is one reduction over the gradients (their views merged where they lie end
+    to end in one buffer, else concatenated) and one scale pass (one launch per merged view),
+    instead of several launches per gradient; nothing is read on the host.
 
     Args:
         parameters: a Tensor or an iterable of Tensors (those without ``.grad`` are skipped).
         max_norm: the largest allowed norm.
-        norm_type: p of the p-norm (a positive number or ``float("inf")``).
-        error_if_nonfinite: raise if the total norm is NaN or infinite (forces a device sync).
+        norm_type: p of the p-norm: any real number or ``float("inf")`` / ``float("-inf")``, as
+            ``torch.linalg.vector_norm`` takes (0 counts nonzero entries).
+        error_if_nonfinite: raise a GradError if the total norm is NaN or infinite (a host read,
+            so a wait for the device).
+        foreach: accepted for PyTorch's signature (None, True or False): the engine always takes
+            its one-reduction path, which is what foreach buys in PyTorch.
 
     Returns:
-        The total norm before clipping, a 0-d Tensor on the first gradient's device.
+        The total norm before clipping, a 0-d Tensor in the gradients' dtype on the first
+        gradient's device.
 
     Example:
         >>> loss.backward()                                                   # doctest: +SKIP
@@ -73,23 +140,45 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         >>> optimizer.step()                                                  # doctest: +SKIP
     """
     norm_type = float(norm_type)
-    if not norm_type > 0:
-        raise ValueError(f"clip_grad_norm_: norm_type must be positive or inf, got {norm_type}")
+    if math.isnan(norm_type):
+        raise ValueError(f"clip_grad_norm_: norm_type must be a real number or +-inf, got {norm_type}")
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"clip_grad_norm_: foreach must be None, True or False, got {foreach!r}")
     grads = [p.grad for p in _unique(parameters) if p.grad is not None]
     if not grads:
         return Tensor(np.zeros((), np.float32))
+    # As torch: no warning for a zero under a negative p, nor for inf gradients scaled by 0 (NaN);
+    # a non-finite total norm is what error_if_nonfinite checks.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _clip(grads, float(max_norm), norm_type, error_if_nonfinite)
+
+
+def _clip(grads: list, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
     home = grads[0].device
+    by_device: dict = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g._data)
     xp = backend.xp_for(home)
     with backend.on_device(home):
-        norms = xp.stack([backend.to_device(_norm(g._data, norm_type), home) for g in grads])
-        total = _norm(norms, norm_type)
+        norms = []
+        for device, arrays in by_device.items():
+            with backend.on_device(device):
+                norms.append(backend.to_device(_device_norm(arrays, norm_type), home))
+        total = norms[0] if len(norms) == 1 else _norm(xp.stack(norms), norm_type)
         if error_if_nonfinite and not bool(backend.to_host(xp.isfinite(total))):
             raise GradError(f"clip_grad_norm_: the total {norm_type}-norm of the gradients is {float(total)}, so they "
                             "cannot be clipped; check the loss for NaN/inf or pass error_if_nonfinite=False")
         scale = xp.minimum(max_norm / (total + 1e-6), 1.0)
-    for g in grads:
-        g._data *= backend.to_device(scale, g.device).astype(g.dtype)
-    return Tensor(total)
+    for device, arrays in by_device.items():
+        with backend.on_device(device):
+            here = backend.to_device(scale, device)
+            by_dtype = {}
+            for span in _spans(arrays):
+                factor = by_dtype.get(span.dtype)
+                if factor is None:
+                    factor = by_dtype[span.dtype] = here.astype(span.dtype, copy=False)
+                span *= factor
+    return Tensor._from_op(total, None)  # as it is: Tensor(array) would make a float64 norm float32
 
 
 def clip_grad_value_(parameters, clip_value: float) -> None:
