@@ -10,6 +10,8 @@ matmul weights only). Rows go through bench/end_to_end.py's ``_run_config``: the
 compared, then the variants are timed side by side in rounds.
 
 Target (issue 14): on the CPU the engine's step within 1.3x of torch's (end_to_end.STEP_TIME_TARGET).
+The captured row (``engine GPT + AdamW, CUDA graph``: the same step with ``capturable=True``
+AdamW, captured once and replayed; end_to_end.captured) runs on the GPU only.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def setup(bd, layers, batch):
     return weights, bd.asarray(stream[:, :-1]), bd.asarray(stream[:, 1:])
 
 
-def engine_step(bd, weights, x, y):
+def engine_step(bd, weights, x, y, capturable: bool = False):
+    """The engine GPT's step (``capturable``: AdamW with its lr and step counts on the device, for
+    the captured row)."""
     import engine
     from engine import optim
     from engine.examples.gpt import GPT, lm_loss, param_groups
@@ -73,12 +77,12 @@ def engine_step(bd, weights, x, y):
     model = GPT(VOCAB, BLOCK, D_MODEL, N_LAYERS, N_HEADS)
     model.load_state_dict({k: engine.tensor(v) for k, v in weights.items()})
     model.to(bd.kind)
-    opt = optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95))
+    opt = optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=(0.9, 0.95), capturable=capturable)
     tx, ty = engine.Tensor(x), engine.Tensor(y)
     params = list(model.parameters())
 
     def step():
-        opt.zero_grad()
+        opt.zero_grad()  # to None: in a capture the graph makes the gradients, afresh at every replay
         with bd.engine_autocast():  # bf16 runs: the Trainer's precision="bf16-mixed"
             loss = lm_loss(model(tx), ty)
         loss.backward()
@@ -158,5 +162,13 @@ def torch_step(bd, weights, x, y):
     return step, lambda loss: float(loss.item())
 
 
-VARIANTS = (("engine GPT + AdamW", engine_step, "engine"), ("torch eager", torch_step, "torch"))
+def _captured_engine_step(bd, weights, x, y):
+    from bench.end_to_end import captured
+
+    return captured(engine_step)(bd, weights, x, y)
+
+
+VARIANTS = (("engine GPT + AdamW", engine_step, "engine"),
+            ("engine GPT + AdamW, CUDA graph", _captured_engine_step, "engine"),
+            ("torch eager", torch_step, "torch"))
 

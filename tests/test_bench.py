@@ -20,6 +20,7 @@ from bench import device as bench_device
 from bench import kernels as kbench
 from bench import end_to_end, roofline, timing
 from engine.kernels import registry
+from tests.cuda.fake_capture import fake_gpu  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,7 +223,11 @@ def test_tiny_run_ratios_and_targets(tiny_run):
 
 def test_tiny_run_end_to_end_rows(tiny_run):
     rows = tiny_run[1]["end_to_end"]
-    assert {r["impl"] for r in rows} == {"engine F + optim.Adam", "engine nn + optim.Adam", "torch eager"}
+    assert {r["impl"] for r in rows} == {"engine F + optim.Adam", "engine F + optim.Adam, CUDA graph",
+                                         "engine nn + optim.Adam", "torch eager"}
+    captured = next(r for r in rows if r["impl"].endswith(", CUDA graph"))
+    assert captured["status"] == "unavailable: a CUDA graph captures GPU work; this run is on the CPU"
+    assert captured["target"] == "" and captured["median_s"] is None
     for row in rows:
         assert E2E_FIELDS <= set(row)
         assert row["model"] == "tiny_mlp" and row["layers"] == [64, 48, 32, 10]
@@ -521,6 +526,38 @@ def test_end_to_end_gpu_target_applies_at_the_issue_cases_only():
             end_to_end.NO_TARGET_AT_BATCH), (model, batch)
     assert end_to_end.target_status(e2e_row("mlp", 256, impl="torch eager"), "cuda") == ""
     assert end_to_end.target_status(e2e_row("mlp", 256, status="error: boom"), "cuda") == ""
+
+
+def test_a_captured_step_has_the_issues_captured_targets_on_the_gpu_only():
+    graph = "engine F + optim.Adam, CUDA graph"
+    assert end_to_end.target_status(e2e_row("mlp", 256, impl=graph, vs_torch=3.0), "cuda") == (
+        "met: 0.33x torch's step time, target <= 0.4x")
+    assert end_to_end.target_status(e2e_row("mlp", 256, impl=graph, vs_torch=2.0), "cuda") == (
+        "missed: 0.50x torch's step time, target <= 0.4x")
+    assert end_to_end.target_status(e2e_row("wide", 1024, impl=graph, vs_torch=1.05), "cuda").startswith(
+        "met: 0.95x torch's step time, target <= 0.97x")
+    for model, batch in (("mlp", 64), ("gpt", 64)):
+        assert end_to_end.target_status(e2e_row(model, batch, impl=graph, vs_torch=3.0), "cuda") == (
+            end_to_end.NO_TARGET_AT_BATCH)
+    assert end_to_end.target_status(e2e_row("mlp", 64, impl=graph, status="unavailable: cpu"), "cpu") == ""
+
+
+def test_a_captured_step_warms_up_then_captures_once_and_replays(fake_gpu):
+    import engine
+
+    w = engine.tensor(np.ones(3, np.float32), device="cuda")
+    calls = []
+
+    def step():
+        calls.append(1)
+        with engine.no_grad():
+            w.add_(1.0)
+        return w.sum()
+
+    replay = end_to_end._graph_replays(step)
+    values = [float(replay().item()) for _ in range(4)]
+    assert values == [6.0, 9.0, 12.0, 15.0]  # eager warm-up, capture + replay, replay, replay
+    assert len(calls) == 2 and fake_gpu.launches == 3
 
 
 def test_end_to_end_cpu_target_applies_at_every_batch():

@@ -32,8 +32,10 @@ def test_gpt_rows_run_side_by_side_with_torch():
     ceilings = roofline.measure_ceilings(bd, bd.clock, copy_elements=2**16, gemm_size=64)
     rows = end_to_end._run_config(bd, ceilings, "gpt", gpt_step.LAYERS, 4, _Quiet(), setup=gpt_step.setup,
                                   variants=gpt_step.VARIANTS, base_row=gpt_step.base_row)
-    engine_row, torch_row = rows
+    engine_row, captured_row, torch_row = rows
     assert engine_row["impl"] == "engine GPT + AdamW" and engine_row["status"] == "ok"
+    assert captured_row["impl"] == "engine GPT + AdamW, CUDA graph"
+    assert captured_row["status"] == "unavailable: a CUDA graph captures GPU work; this run is on the CPU"
     assert engine_row["model"] == "gpt" and engine_row["params"] == 834_304 and engine_row["batch"] == 4
     assert math.isclose(engine_row["loss_step1"], math.log(256), rel_tol=0.1)  # small init: near uniform
     if torch_row["status"] != "ok":
@@ -60,7 +62,7 @@ def test_gpt_rows_in_bf16_run_both_sides_under_autocast():
     assert engine16["status"] == "ok" and engine16["dtype"] == "bfloat16"
     assert engine16["loss_step1"] != engine32["loss_step1"]  # the forward did run in bf16
     assert math.isclose(engine16["loss_step1"], engine32["loss_step1"], rel_tol=2 ** -7)
-    torch16 = rows["bfloat16"][1]
+    torch16 = rows["bfloat16"][-1]
     if torch16["status"] != "ok":
         pytest.skip(f"torch: {torch16['status']}")
     # same weights and data, both under autocast(bfloat16): the first losses agree to bf16 rounding
