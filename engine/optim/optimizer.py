@@ -140,8 +140,9 @@ class _ParamGroup(dict):
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
-        if key == "lr" and self.device_lr:
-            for array in self.device_lr.values():
+        device_lr = getattr(self, "device_lr", None)  # unpickling sets items before attributes
+        if key == "lr" and device_lr:
+            for array in device_lr.values():
                 array.fill(float(value))
 
     def update(self, *args, **kwargs):

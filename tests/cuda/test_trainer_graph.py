@@ -58,6 +58,9 @@ def test_the_captured_step_trains_as_the_eager_step(fake_gpu, monkeypatch, fused
     model, eager_model = _model().to("cuda"), _model().to("cuda")  # the same seed: the same weights
     graphed = _trainer(model, True, fused, precision=precision)
     eager = _trainer(eager_model, False, fused, precision=precision)
+    if precision == "16-mixed":  # a scale that grows every 2 steps: the replays must update it on the device
+        graphed.scaler, eager.scaler = (engine.amp.GradScaler("cuda", init_scale=2.0 ** 4, growth_interval=2)
+                                        for _ in range(2))
     data = _data()
     history = graphed.fit(data, epochs=3, batch_size=8, shuffle=False)
     launches = fake_gpu.launches
@@ -73,6 +76,8 @@ def test_the_captured_step_trains_as_the_eager_step(fake_gpu, monkeypatch, fused
     state, eager_state = graphed.optimizer.state_dict(), eager.optimizer.state_dict()
     assert state["state"][0]["step"] == eager_state["state"][0]["step"] == 15  # replays advanced the count
     assert state["param_groups"][0]["lr"] == eager_state["param_groups"][0]["lr"] == 0.05 * 0.5 ** 3
+    if precision == "16-mixed":
+        assert graphed.scaler.get_scale() == eager.scaler.get_scale() > 2.0 ** 4
 
 
 def test_a_shape_change_other_than_the_last_batch_raises_naming_both_shapes(fake_gpu):
