@@ -150,3 +150,43 @@ def test_numba_cuda_master_restarts_where_the_float16_parameter_was_written():
     np.testing.assert_array_equal(results["numba_cuda"][1], results["numpy"][1])
     # the rewritten third started from the written value: it moved by about lr, not from the master
     assert np.all(np.abs(results["numpy"][0][::3] - written[::3].astype(np.float32)) < 0.011)
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_numba_cuda_adam_reads_step_size_bias_correction_and_decay_from_device_scalars(decoupled):
+    """The kernel's device_scalars slots (what a capturable optimizer's device lr and step count
+    become, kernels/cpu/optim.py): [step_size, sqrt(1 - beta2^t), 1 - lr * weight_decay] give the
+    update the same scalars give as arguments."""
+    from engine.kernels.cpu.optim import adam_bias_corrections
+    from engine.kernels.numba_cuda import optim as nc
+
+    rng = np.random.default_rng(3)
+    lr, beta1, beta2, wd, t = 0.02, 0.9, 0.99, 0.1, 3
+    step_size, bc2 = adam_bias_corrections(lr, beta1, beta2, t)
+    scalars = (beta1, beta2, 1 - beta1, 1 - beta2, step_size, bc2, 1e-8, wd, 1 - lr * wd)
+    flags = (True, decoupled, False, False)
+    results = []
+    for device_scalars in (None, np.array([step_size, bc2, 1 - lr * wd], np.float32)):
+        st = start_states(np.random.default_rng(0), ["exp_avg", "exp_avg_sq"], 300, np.float32)
+        grad = signed(rng if device_scalars is None else np.random.default_rng(3), 300).astype(np.float32)
+        host = scalars if device_scalars is None else scalars[:4] + (0.0, 0.0) + scalars[6:8] + (0.0,)
+        nc._launch(nc.adam_kernel, [st["param"], grad, st["exp_avg"], st["exp_avg_sq"], nc._placeholder(st["param"])],
+                   host, flags, device_scalars=device_scalars, name="adam_step")
+        results.append(st)
+    for name in results[0]:
+        np.testing.assert_array_equal(results[1][name], results[0][name], err_msg=name)
+
+
+def test_numba_cuda_sgd_reads_first_step_and_lr_from_device_scalars():
+    from engine.kernels.numba_cuda import optim as nc
+
+    results = []
+    for device_scalars in (None, np.array([0.0, 0.05], np.float32)):
+        st = start_states(np.random.default_rng(0), ["momentum_buf"], 300, np.float32)
+        grad = signed(np.random.default_rng(4), 300).astype(np.float32)
+        lr = 0.05 if device_scalars is None else 0.0  # the argument is ignored when the device holds it
+        nc._launch(nc.sgd_kernel, [st["param"], grad, st["momentum_buf"]], (lr, 0.9, 1.0, 0.01),
+                   (True, True, False, False, False), device_scalars=device_scalars, name="sgd_step")
+        results.append(st)
+    for name in results[0]:
+        np.testing.assert_array_equal(results[1][name], results[0][name], err_msg=name)
