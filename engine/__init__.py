@@ -16,6 +16,7 @@ _kernels_package.mount()  # engine.kernels: the repository's kernels/ folder (en
 from engine import amp, data, functional, io, metrics, nn, optim  # noqa: F401  (engine.nn.Linear ...)
 from engine.amp import autocast, get_autocast_dtype, is_autocast_enabled
 from engine.autograd import Function, enable_grad, is_grad_enabled, no_grad
+from engine.autograd import inference_mode, is_inference_mode_enabled  # noqa: F401
 from engine.backend import (CPU, Device, best_device, cuda_available, cuda_device_count, default_device,
                             device, get_rng_state, manual_seed, set_default_device, set_rng_state, synchronize)
 from engine.backend import get_float32_matmul_precision, set_float32_matmul_precision  # noqa: F401
@@ -62,7 +63,7 @@ class set_grad_enabled:
 
         self._previous = autograd.is_grad_enabled()
         self._mode = mode is True or (mode is not False and builtins.bool(mode))
-        autograd._mode.enabled = self._mode  # the thread's grad mode (no_grad's switch)
+        autograd._mode.enabled = self._mode and not autograd._mode.inference  # the thread's grad mode (no_grad's switch)
 
     def __enter__(self):
         return None

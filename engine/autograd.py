@@ -32,7 +32,8 @@ class _ThreadMode(threading.local):
     inside, on every op)."""
 
     def __init__(self):
-        self.enabled = True  # grad mode (no_grad / enable_grad / set_grad_enabled)
+        self.enabled = True  # grad mode (no_grad / enable_grad / set_grad_enabled): ops record a graph
+        self.inference = False  # inference_mode: grad mode off, and enable_grad cannot turn it back on
         self.watcher = None  # the innermost watch_grad_inputs callback, if any
 
 
@@ -70,7 +71,7 @@ class no_grad(contextlib.ContextDecorator):
     def __enter__(self):
         saved = _mode.__dict__.setdefault("saved", [])
         saved.append(is_grad_enabled())
-        _mode.enabled = self._enabled
+        _mode.enabled = self._enabled and not _mode.inference
 
     def __exit__(self, *exc):
         _mode.enabled = _mode.saved.pop()
@@ -78,9 +79,60 @@ class no_grad(contextlib.ContextDecorator):
 
 
 class enable_grad(no_grad):
-    """Re-enable graph recording inside a ``no_grad`` block."""
+    """Re-enable graph recording inside a ``no_grad`` block (not inside ``inference_mode``: nothing
+    records there, as in PyTorch)."""
 
     _enabled = True
+
+
+class inference_mode(contextlib.ContextDecorator):
+    """Context manager and decorator for pure inference, as ``torch.inference_mode``.
+
+    Inside, ops record no graph and their results have ``requires_grad=False``, even for inputs
+    that require grad and even inside ``enable_grad()``; ``inference_mode(False)`` turns it off
+    again (and grad mode on) for a nested block. The mode is per thread. Both
+    ``@engine.inference_mode()`` and a bare ``@engine.inference_mode`` decorate a function.
+
+    Differences from PyTorch: a tensor made inside is an ordinary tensor (PyTorch marks it an
+    "inference tensor" and refuses to save it for a later backward), and ``is_grad_enabled()``
+    answers False inside ``enable_grad()`` there (PyTorch answers True but records nothing either).
+
+    Args:
+        mode: True to enter inference mode, False to leave it inside the block.
+
+    Example:
+        >>> with engine.inference_mode():        # doctest: +SKIP
+        ...     logits = model(x)
+    """
+
+    def __new__(cls, mode=True):
+        if isinstance(mode, bool):
+            return super().__new__(cls)
+        if callable(mode):  # bare @engine.inference_mode on a function
+            return cls(True)(mode)
+        raise TypeError(f"inference_mode: mode must be a bool (or a function to decorate), got {type(mode).__name__}")
+
+    def __init__(self, mode: bool = True):
+        self.mode = mode
+
+    def __enter__(self):
+        saved = _mode.__dict__.setdefault("saved_inference", [])
+        saved.append((_mode.enabled, _mode.inference))
+        _mode.inference = self.mode
+        _mode.enabled = not self.mode
+
+    def __exit__(self, *exc):
+        _mode.enabled, _mode.inference = _mode.saved_inference.pop()
+        return False
+
+    def clone(self) -> "inference_mode":
+        """A new context manager with the same mode (PyTorch's ``inference_mode.clone``)."""
+        return type(self)(self.mode)
+
+
+def is_inference_mode_enabled() -> bool:
+    """Whether this thread is inside ``inference_mode()`` (``torch.is_inference_mode_enabled``)."""
+    return _mode.inference
 
 
 @contextlib.contextmanager
@@ -656,23 +708,13 @@ def is_unit_seed(grad) -> bool:
 
 def backward(root, grad=None, retain_graph: bool = False) -> None:
     """Accumulate d(root)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
-    Tensor = _tensor.Tensor
     if not root.requires_grad:
         raise GradError(f"backward: {describe(root)} does not require grad and has no grad_fn; "
                         "create the inputs with requires_grad=True (and not under no_grad())")
-    if grad is None:
-        if root._data.size != 1:
-            raise GradError(f"backward: {describe(root)} is not a scalar; pass a gradient of the same "
-                            "shape (tensor.backward(grad)) or reduce it first (e.g. .sum() or .mean())")
-        grad = root.xp.ones_like(root._data)
+    implicit = grad is None
+    grad = _root_gradient(root, grad, "backward")
+    if implicit:
         _seed.unit = grad
-    else:
-        if isinstance(grad, Tensor) and grad.device != root.device:
-            raise GradError(f"backward: gradient {describe(grad)} is not on {describe(root)}'s device")
-        # Cast to the root's dtype, as PyTorch does (a float64 gradient must not make float64 .grads).
-        grad = (grad._data if isinstance(grad, Tensor) else root.xp.asarray(grad)).astype(root.dtype, copy=False)
-        if grad.shape != root.shape:
-            raise GradError(f"backward: gradient shape {grad.shape} does not match {describe(root)}")
 
     outer_callbacks = _callbacks.queue
     _callbacks.queue = []
@@ -685,6 +727,136 @@ def backward(root, grad=None, retain_graph: bool = False) -> None:
         _seed.unit = None
         _callbacks.queue = outer_callbacks
 
+
+
+def _root_gradient(root, grad, where: str):
+    """The gradient array a backward pass from ``root`` starts with: ``grad`` (a Tensor or array
+    of the root's shape and device, cast to its dtype), or ones for a one-element root when
+    ``grad`` is None."""
+    Tensor = _tensor.Tensor
+    if grad is None:
+        if root._data.size != 1:
+            raise GradError(f"{where}: {describe(root)} is not a scalar; pass a gradient of the same "
+                            "shape (tensor.backward(grad)) or reduce it first (e.g. .sum() or .mean())")
+        return root.xp.ones_like(root._data)
+    if isinstance(grad, Tensor) and grad.device != root.device:
+        raise GradError(f"{where}: gradient {describe(grad)} is not on {describe(root)}'s device")
+    # Cast to the root's dtype, as PyTorch does (a float64 gradient must not make float64 .grads).
+    grad = (grad._data if isinstance(grad, Tensor) else root.xp.asarray(grad)).astype(root.dtype, copy=False)
+    if grad.shape != root.shape:
+        raise GradError(f"{where}: gradient shape {grad.shape} does not match {describe(root)}")
+    return grad
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph: bool = False,
+         only_inputs: bool = True, allow_unused=None, is_grads_batched: bool = False,
+         materialize_grads: bool = False) -> tuple:
+    """The gradients of ``outputs`` with respect to ``inputs``, returned rather than accumulated
+    (``torch.autograd.grad``, first order): no ``.grad`` of a leaf changes, though non-leaf
+    tensors that called ``retain_grad()`` get theirs, as in PyTorch.
+
+    Args:
+        outputs: a Tensor or a sequence of Tensors to differentiate.
+        inputs: a Tensor or a sequence of Tensors (leaves or not) to differentiate with respect to.
+        grad_outputs: the vector of the vector-Jacobian product, one per output (a Tensor of its
+            shape, or None for a one-element output, which then gets 1).
+        retain_graph: keep the graph for another backward or ``grad`` through it; defaults to
+            ``create_graph``. Without it a second pass raises GradError.
+        create_graph: must be False: the engine's backward computes on arrays, so a gradient is
+            not itself differentiable (no double backward); True raises GradError.
+        only_inputs: ignored (deprecated in PyTorch too).
+        allow_unused: an input the outputs do not depend on gets None if True, raises GradError
+            if False or None (None means False, or True when ``materialize_grads``).
+        is_grads_batched: must be False (no vmap over ``grad_outputs``).
+        materialize_grads: zeros instead of None for unused inputs.
+
+    Returns:
+        tuple: one Tensor (or None) per input, of that input's shape and dtype.
+
+    Example:
+        >>> x = engine.tensor([1.0, 2.0], requires_grad=True)   # doctest: +SKIP
+        >>> engine.autograd.grad((x * x).sum(), x)
+        (tensor([2., 4.]),)
+    """
+    Tensor = _tensor.Tensor
+    if create_graph:
+        raise GradError("autograd.grad: create_graph=True (higher-order gradients) is not supported: the engine's "
+                        "backward functions compute on arrays, not Tensors, so a gradient has no graph of its own. "
+                        "Differentiate twice with finite differences, or use PyTorch for double backward")
+    if is_grads_batched:
+        raise GradError("autograd.grad: is_grads_batched=True is not supported (it needs vmap); call grad once per "
+                        "grad_outputs row")
+    if materialize_grads and allow_unused is False:
+        raise ValueError("Expected allow_unused to be True or not passed when materialize_grads=True, but got: "
+                         "allow_unused=False.")
+    allow_unused = materialize_grads if allow_unused is None else allow_unused
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    outputs = _as_tensor_tuple(outputs, "outputs")
+    inputs = _as_tensor_tuple(inputs, "inputs")
+    if grad_outputs is None or isinstance(grad_outputs, Tensor):
+        grad_outputs = (grad_outputs,) * len(outputs) if grad_outputs is None else (grad_outputs,)
+    grad_outputs = tuple(grad_outputs)
+    if len(grad_outputs) != len(outputs):
+        raise GradError(f"autograd.grad: got {len(grad_outputs)} grad_outputs for {len(outputs)} outputs; pass one "
+                        "per output (None for a one-element output)")
+    for i, t in enumerate(inputs):
+        if not t.requires_grad:
+            raise GradError(f"autograd.grad: input {i} ({describe(t)}) does not require grad, so it has no gradient")
+    roots = []
+    for i, (out, g) in enumerate(zip(outputs, grad_outputs)):
+        if not out.requires_grad:
+            raise GradError(f"autograd.grad: output {i} ({describe(out)}) does not require grad and has no grad_fn")
+        roots.append((out, _root_gradient(out, g, f"autograd.grad (output {i})")))
+    found = _propagate(roots, retain_graph, stop=_walk_limits(outputs, inputs), accumulate=False,
+                       keep=frozenset(id(t) for t in inputs))
+    results, returned = [], set()
+    for i, t in enumerate(inputs):
+        g = found.get(id(t))
+        if g is None:
+            if not allow_unused:
+                raise GradError(f"autograd.grad: input {i} ({describe(t)}) was not used to compute the outputs, so "
+                                "it has no gradient; pass allow_unused=True to get None for it (materialize_grads=True "
+                                "for zeros)")
+            results.append(t.xp.zeros_like(t._data) if materialize_grads else None)
+            continue
+        if id(storage_root(g)) in returned:  # two inputs must not share one gradient array
+            g = g.copy()
+        returned.add(id(storage_root(g)))
+        results.append(g)
+    return tuple(None if g is None else Tensor._from_op(g, None) for g in results)
+
+
+def _as_tensor_tuple(value, what: str) -> tuple:
+    Tensor = _tensor.Tensor
+    items = (value,) if isinstance(value, Tensor) else tuple(value)
+    for i, t in enumerate(items):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"autograd.grad: {what} must be Tensors, got a {type(t).__name__} at position {i}")
+    return items
+
+
+def _walk_limits(outputs, inputs) -> frozenset:
+    """Ids of the tensors where ``grad``'s backward walk can stop: those from which no input can be
+    reached through grad_fns (their gradients are of no use), and the inputs from which no other
+    input can be reached. An input that another input depends on is walked through, so that the
+    other one gets the gradient along that path too."""
+    targets = {id(t) for t in inputs}
+    reaches = {}  # id -> can an input be reached from this tensor (itself excluded)
+    stack = [(t, False) for t in outputs]
+    while stack:
+        tensor, expanded = stack.pop()
+        key = id(tensor)
+        fn = tensor.grad_fn
+        if fn is not None and fn.released:
+            raise _second_pass_error()
+        parents = [inp for inp in getattr(fn, "inputs", ()) if inp.requires_grad]
+        if expanded:
+            reaches[key] = any(id(p) in targets or reaches[id(p)] for p in parents)
+        elif key not in reaches:
+            reaches[key] = False  # provisional: the graph is acyclic, so no path comes back here
+            stack.append((tensor, True))
+            stack.extend((p, False) for p in parents if id(p) not in reaches)
+    return frozenset(key for key, hit in reaches.items() if not hit)
 
 
 def saved_bytes(root) -> int:
@@ -722,14 +894,16 @@ def queue_callback(callback) -> None:
     queued.append(callback)
 
 
-def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = True) -> dict:
+def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = True, keep=frozenset()) -> dict:
     """Run backward from ``roots`` ((tensor, gradient array) pairs) through the graph.
 
     Leaves accumulate into ``.grad`` (and fire their post-accumulate hooks). Tensors whose id is in
     ``stop`` end the walk: their gradients are not accumulated but returned, keyed by id (activation
-    checkpointing takes the gradients of a recomputed block's inputs this way). With
-    ``accumulate=False`` no ``.grad`` changes at all (PyTorch's ``autograd.grad``): gradients
-    reaching leaves outside ``stop`` are dropped.
+    checkpointing takes the gradients of a recomputed block's inputs this way). The gradients of
+    tensors whose id is in ``keep`` are returned too, and the walk goes on through them. With
+    ``accumulate=False`` no leaf's ``.grad`` changes (PyTorch's ``autograd.grad``): gradients
+    reaching leaves outside ``stop`` and ``keep`` are dropped; non-leaves that ``retain_grad()``
+    still get theirs, as in PyTorch.
     """
     grads = {}
     for tensor, g in roots:
@@ -742,6 +916,8 @@ def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = T
         g = grads.pop(key, None)
         if g is None:
             continue
+        if keep and key in keep:
+            grads[key] = g  # final: every tensor using this one has run its backward
         fn = tensor.grad_fn
         if fn is None:
             if accumulate:
@@ -751,7 +927,7 @@ def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = T
                     for hook in tuple(hooks):
                         hook(tensor)  # this leaf's gradient is final for this backward
             continue
-        if tensor._retains_grad and accumulate:
+        if tensor._retains_grad:
             tensor._accumulate_grad(g)
         # Read before backward: a backward() in another thread through this same graph may release
         # fn meanwhile (clearing its attributes), which must raise, not drop the gradient.
