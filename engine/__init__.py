@@ -99,3 +99,4 @@ long, int, short, bool = int64, int32, int16, bool_  # noqa: A001
 
 __version__ = "0.1.0"
 from engine import utils  # noqa: E402,F401  (torch.utils.data's import path: engine.utils.data)
+from engine import testing  # noqa: E402,F401  (torch.testing: engine.testing.assert_close)

@@ -20,6 +20,7 @@ ENGINE_RANKS = {
     "ops": 2, "indexing": 2, "shaping": 2, "cpu": 2, "conv": 3, "functional": 3, "gradcheck": 3, "nn": 4,
     "optim": 4, "io": 4, "safetensors": 4, "torch_format": 4, "metrics": 4, "distributed": 4, "cuda": 4,
     "data": 5, "text": 5, "train": 6, "utils": 6, "examples": 7,
+    "testing": 4,
 }
 # The only places allowed to import cupy / cupyx.
 # engine/distributed/nccl.py drives cupy.cuda.nccl (communicators, streams, events): a cupy facility
