@@ -24,9 +24,12 @@ def mount():
     """``engine.kernels``, importing it from ``<repo>/kernels`` if no installed copy is found."""
     if NAME in sys.modules:
         return sys.modules[NAME]
-    if importlib.util.find_spec(NAME) is not None:  # an installed engine/kernels, or an editable mapping
-        return importlib.import_module(NAME)
     folder = Path(__file__).resolve().parent.parent / "kernels"
+    # This engine's own checkout first: an editable install of another checkout (a git worktree
+    # beside it) maps engine.kernels to that checkout's kernels/, which would pair this engine with
+    # foreign kernels. In site-packages there is no pyproject.toml beside engine/.
+    if not _is_checkout(folder.parent) and importlib.util.find_spec(NAME) is not None:
+        return importlib.import_module(NAME)  # an installed engine/kernels, or an editable mapping
     spec = importlib.util.spec_from_file_location(NAME, folder / "__init__.py", submodule_search_locations=[str(folder)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[NAME] = module
@@ -38,3 +41,9 @@ def mount():
     parent, _, child = NAME.rpartition(".")
     setattr(sys.modules[parent], child, module)  # as the import system does: engine.kernels is an attribute
     return module
+
+
+def _is_checkout(root: Path) -> bool:
+    """Is ``root`` a source checkout of this project (engine/, kernels/ and pyproject.toml side by side)?"""
+    return (root / "pyproject.toml").is_file() and (root / "kernels" / "__init__.py").is_file() \
+        and (root / "engine" / "__init__.py").is_file()

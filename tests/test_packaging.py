@@ -73,6 +73,28 @@ def test_a_source_checkout_with_nothing_installed_mounts_kernels_as_engine_kerne
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def test_a_checkout_uses_its_own_kernels_beside_an_editable_install_of_another(tmp_path):
+    """A git worktree run with PYTHONPATH while the venv holds an editable install of the main
+    checkout: that install's finder maps engine.kernels to the other kernels/; the worktree's
+    engine must still import its own kernels."""
+    other = tmp_path / "other_kernels"
+    other.mkdir()
+    (other / "__init__.py").write_text("raise ImportError('the other checkout kernels were imported')\n")
+    code = ("import importlib.machinery, importlib.util, sys\n"
+            "class OtherCheckout:  # what an editable install's finder does for engine.kernels\n"
+            "    @classmethod\n"
+            "    def find_spec(cls, name, path=None, target=None):\n"
+            "        if name == 'engine.kernels':\n"
+            "            return importlib.util.spec_from_file_location(name, sys.argv[2] + '/__init__.py',\n"
+            "                                                          submodule_search_locations=[sys.argv[2]])\n"
+            "sys.meta_path.insert(0, OtherCheckout)\n"
+            "import engine, engine.kernels as k\n"
+            "assert k.__file__ == sys.argv[1] + '/kernels/__init__.py', k.__file__\n")
+    run = subprocess.run([sys.executable, "-c", code, str(ROOT), str(other)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_no_other_installed_distribution_ships_engine_or_uses_our_names():
     import importlib.metadata as md
     owners = md.packages_distributions()
