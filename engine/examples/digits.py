@@ -11,13 +11,13 @@ the CUDA ones.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
 import engine
+from engine.examples import DEVICE_HELP, argument_parser
 from engine import metrics, nn, optim
 from engine.data import DataLoader, StandardScaler, TensorDataset, load_digits, train_val_test_split
 from engine.train import EarlyStopping, ModelCheckpoint, Trainer
@@ -97,13 +97,13 @@ def main(argv=None) -> dict:
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N")
+    parser = argument_parser("digits", __doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=40, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine annealed over the epochs)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", default="runs/digits", help="checkpoint directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     parser.add_argument("--distributed", action="store_true",
                         help="data parallel over the ranks of mpiexec (mpiexec -n 2 python -m engine.examples.digits "

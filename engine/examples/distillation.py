@@ -9,11 +9,11 @@ softened outputs. Both test accuracies are printed.
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
 import engine
+from engine.examples import DEVICE_HELP, argument_parser
 from engine import nn, optim
 from engine.examples.digits import prepare
 from engine.train import Trainer
@@ -30,14 +30,14 @@ def student_model(device=None):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="distil a wide MLP into a tiny one")
-    parser.add_argument("--teacher-epochs", type=int, default=20)
-    parser.add_argument("--student-epochs", type=int, default=150)
+    parser = argument_parser("distillation", "distil a wide MLP into a tiny one")
+    parser.add_argument("--teacher-epochs", type=int, default=20, help="epochs training the wide teacher")
+    parser.add_argument("--student-epochs", type=int, default=150, help="epochs training each tiny student")
     parser.add_argument("--budget", type=float, default=0.1, help="fraction of the training set the student sees")
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--alpha", type=float, default=0.7)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of the soft targets")
+    parser.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target loss (1 - alpha: labels)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
     device = engine.best_device() if args.device == "auto" else engine.device(args.device)
     verbose = 0 if args.quiet else 1

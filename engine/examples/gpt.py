@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import engine
+from engine.examples import DEVICE_HELP, argument_parser
 import engine.nn.functional as F
 from engine import nn, optim
 from engine.data import DataLoader, Subset
@@ -451,37 +452,39 @@ def _real(low: float, high: float = math.inf, below_high: bool = False, above_lo
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("gpt", __doc__.splitlines()[0])
     parser.add_argument("--data", help="a UTF-8 text file (default: the standard library's source)")
     parser.add_argument("--max-bytes", type=_at_least(1), default=1_000_000, help="size of the default corpus")
-    parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte",
+                        help="byte: one token per byte; bpe: a byte-pair vocabulary trained on the data")
     parser.add_argument("--vocab-size", type=_at_least(256), default=512, help="BPE vocabulary size")
-    parser.add_argument("--block-size", type=_at_least(1), default=64)
-    parser.add_argument("--d-model", type=_at_least(1), default=128)
-    parser.add_argument("--n-layers", type=_at_least(1), default=4)
-    parser.add_argument("--n-heads", type=_at_least(1), default=4)
-    parser.add_argument("--dropout", type=_real(0.0, 1.0, below_high=True), default=0.0)
+    parser.add_argument("--block-size", type=_at_least(1), default=64, help="context length in tokens")
+    parser.add_argument("--d-model", type=_at_least(1), default=128, help="embedding width")
+    parser.add_argument("--n-layers", type=_at_least(1), default=4, help="transformer blocks")
+    parser.add_argument("--n-heads", type=_at_least(1), default=4, help="attention heads (must divide --d-model)")
+    parser.add_argument("--dropout", type=_real(0.0, 1.0, below_high=True), default=0.0, help="dropout probability")
     parser.add_argument("--steps", type=_at_least(1), default=600, help="optimizer steps")
     parser.add_argument("--eval-every", type=_at_least(1), default=100,
                         help="steps between validation and checkpoints")
-    parser.add_argument("--batch-size", type=_at_least(1), default=16)
-    parser.add_argument("--lr", type=_real(0.0), default=3e-3)
+    parser.add_argument("--batch-size", type=_at_least(1), default=16, help="windows per optimizer step")
+    parser.add_argument("--lr", type=_real(0.0), default=3e-3, help="peak AdamW learning rate (cosine decay)")
     parser.add_argument("--warmup", type=_at_least(0), default=30, help="warm-up steps (0: none)")
-    parser.add_argument("--weight-decay", type=_real(0.0), default=0.1)
+    parser.add_argument("--weight-decay", type=_real(0.0), default=0.1, help="AdamW weight decay")
     parser.add_argument("--clip", type=_real(0.0), default=1.0, help="gradient clipping: max global norm (0: none)")
-    parser.add_argument("--val-fraction", type=_real(0.0, 1.0, below_high=True, above_low=True), default=0.1)
+    parser.add_argument("--val-fraction", type=_real(0.0, 1.0, below_high=True, above_low=True), default=0.1,
+                        help="share of the corpus held out for validation")
     parser.add_argument("--val-windows", type=_at_least(1), default=128, help="validation windows evaluated")
-    parser.add_argument("--prompt", default="def ")
-    parser.add_argument("--sample-tokens", type=_at_least(0), default=200)
+    parser.add_argument("--prompt", default="def ", help="text the sample continues")
+    parser.add_argument("--sample-tokens", type=_at_least(0), default=200, help="tokens sampled at the end")
     parser.add_argument("--temperature", type=_real(0.0), default=0.8, help="0: greedy")
     parser.add_argument("--top-k", type=_at_least(0), default=20, help="sample from the k most likely (0: all)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=tuple(PRECISION), default="float32",
                         help="float32, or mixed precision: bf16 (autocast) or fp16 (autocast + GradScaler)")
     parser.add_argument("--out", default="runs/gpt", help="checkpoint directory")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
-    parser.add_argument("--seed", type=_at_least(0), default=0)
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--init-from", metavar="DIR", help="sample from a local Hugging Face GPT-2 directory "
                         "(config.json + model.safetensors or pytorch_model.bin) instead of training")
     args = parser.parse_args(argv)

@@ -8,24 +8,24 @@ and t10k-labels-idx1-ubyte[.gz]. Trains a 784-256-128-10 MLP and prints the test
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
 import engine
+from engine.examples import DEVICE_HELP, argument_parser
 from engine import nn, optim
 from engine.data import load_mnist
 from engine.train import EarlyStopping, Trainer
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="MLP on MNIST-format IDX files")
+    parser = argument_parser("mnist", "MLP on MNIST-format IDX files")
     parser.add_argument("--root", required=True, help="folder with the four IDX files")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per optimizer step")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
     engine.manual_seed(0)
     device = engine.best_device() if args.device == "auto" else engine.device(args.device)

@@ -7,6 +7,7 @@ Runs on the best available device (CUDA when cupy finds a GPU, else the CPU):
 
 import engine
 import engine.functional as F
+from engine.examples import argument_parser
 
 
 def main(steps: int = 200, seed: int = 0) -> float:
@@ -35,5 +36,13 @@ def main(steps: int = 200, seed: int = 0) -> float:
     return loss.item()
 
 
+def _cli(argv=None) -> float:
+    parser = argument_parser("quickstart", __doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="SGD steps")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (data and weights)")
+    args = parser.parse_args(argv)
+    return main(steps=args.steps, seed=args.seed)
+
+
 if __name__ == "__main__":
-    main()
+    _cli()

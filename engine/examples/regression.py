@@ -8,11 +8,11 @@ original scale of the test split.
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
 import engine
+from engine.examples import DEVICE_HELP, argument_parser
 import engine.functional as F
 from engine import metrics, nn, optim
 from engine.data import StandardScaler, train_val_test_split
@@ -27,10 +27,10 @@ def make_data(n: int = 4000, seed: int = 0):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="MLP regression on a synthetic nonlinear target")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quiet", action="store_true")
+    parser = argument_parser("regression", "MLP regression on a synthetic nonlinear target")
+    parser.add_argument("--epochs", type=int, default=40, help="passes over the training set")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
     engine.manual_seed(0)
     device = engine.best_device() if args.device == "auto" else engine.device(args.device)

@@ -6,9 +6,9 @@ scored by validation accuracy; the best configuration is then scored once on the
 
 from __future__ import annotations
 
-import argparse
 
 import engine
+from engine.examples import DEVICE_HELP, argument_parser
 from engine import optim
 from engine.examples.digits import build_model, prepare
 from engine.train import Trainer
@@ -18,11 +18,11 @@ SPACE = {"lr": ("log", 3e-4, 1e-2), "hidden": [64, 128, 256], "dropout": (0.0, 0
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="random (or grid) search on the digits")
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser = argument_parser("search", "random (or grid) search on the digits")
+    parser.add_argument("--trials", type=int, default=8, help="configurations tried (random search)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per trial")
     parser.add_argument("--grid", action="store_true", help="grid search over a small fixed grid instead")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
     device = engine.best_device() if args.device == "auto" else engine.device(args.device)
     train, val, test = prepare()

@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
 import engine
+from engine.examples import DEVICE_HELP, argument_parser
 from engine import nn, optim
 from engine.examples.digits import prepare
 from engine.train import Trainer
@@ -43,10 +43,10 @@ def _subset(split, labels, offset):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="pretrain on digits 0-4, transfer to 5-9")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quiet", action="store_true")
+    parser = argument_parser("transfer", "pretrain on digits 0-4, transfer to 5-9")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs of pretraining and of each transfer run")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
     engine.manual_seed(0)
     device = engine.best_device() if args.device == "auto" else engine.device(args.device)
