@@ -19,12 +19,9 @@ import sys
 import threading
 
 ENV_VAR = "ENGINE_QUIET_COMPILE"
-MESSAGES = {
-    "cpu": "engine: compiling CPU kernels with numba (first run only; numba caches them on disk) ...",
-    "cuda": "engine: compiling CUDA kernels with numba (first run only; numba caches them on disk) ...",
-}
+MESSAGE = "engine: compiling CPU kernels with numba (first run only; numba caches them on disk) ..."
 _PACKAGE = __package__  # "engine.kernels": only this package's kernels are announced
-_said = set()  # the targets announced in this process
+_said = False
 _lock = threading.Lock()
 
 
@@ -34,32 +31,28 @@ def quiet() -> bool:
 
 
 @functools.cache
-def announce_compiles(target: str = "cpu") -> None:
-    """Watch numba's compiles for ``target`` ("cpu" or "cuda") and say once when one of this
-    package's kernels starts compiling. Idempotent and cheap after the first call."""
+def announce_compiles() -> None:
+    """Watch numba's CPU compiles and say once when one of this package's kernels starts compiling.
+    Idempotent and cheap after the first call.
+
+    CPU (``numba_cpu``) kernels only: numba-cuda raises no compile event for CUDA kernels, and
+    cupy's NVRTC builds are its own.
+    """
     if quiet():
         return
-    if target == "cuda":
-        try:  # numba-cuda keeps its own event registry; the simulator compiles nothing
-            from numba.cuda.core import event
-        except ImportError:
-            return
-    else:
-        from numba.core import event
+    from numba.core import event
+
     # register: for the whole process (event.install_listener only lasts a with-block)
-    event.register("numba:compile", _listener_class(event)(target))
+    event.register("numba:compile", _listener_class(event)())
 
 
 def _listener_class(event):
     class CompileNotice(event.Listener):
-        def __init__(self, target: str):
-            self.target = target
-
         def on_start(self, ev):
             dispatcher = (ev.data or {}).get("dispatcher")
             module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
             if module == _PACKAGE or module.startswith(_PACKAGE + "."):
-                _say_once(self.target)
+                _say_once()
 
         def on_end(self, ev):
             pass
@@ -67,14 +60,14 @@ def _listener_class(event):
     return CompileNotice
 
 
-def _say_once(target: str) -> None:
+def _say_once() -> None:
+    global _said
     with _lock:
-        if target in _said:
+        if _said:
             return
-        _said.add(target)
-    message = MESSAGES[target]
+        _said = True
     logger = logging.getLogger(_PACKAGE)
     if logger.hasHandlers():
-        logger.info(message)
+        logger.info(MESSAGE)
     else:
-        print(message, file=sys.stderr, flush=True)
+        print(MESSAGE, file=sys.stderr, flush=True)

@@ -75,10 +75,9 @@ class Impl:
     def fn(self) -> Callable:
         if self.name == "numba_cpu":
             configure_numba_threads()
-        if self.name.startswith("numba"):  # a first run compiles: say so once (compile_notice.py)
             from .compile_notice import announce_compiles
 
-            announce_compiles("cuda" if self.name == "numba_cuda" else "cpu")
+            announce_compiles()  # a first run compiles: say so once (compile_notice.py)
         module, func = self.target.split(":")
         return getattr(importlib.import_module(module), func)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from engine.kernels import compile_notice
 
 ROOT = Path(__file__).resolve().parents[2]
-NOTICE = compile_notice.MESSAGES["cpu"]
+NOTICE = compile_notice.MESSAGE
 # Two kernels through the registry, as a training step reaches them: one notice for both.
 SCRIPT = ("import numpy as np, engine.kernels as k\n"
           "p = np.ones(8, np.float32); g = np.full(8, 0.5, np.float32)\n"
@@ -43,18 +43,18 @@ def test_the_environment_variable_silences_it(tmp_path):
 
 
 def test_configured_logging_receives_it_instead_of_stderr(monkeypatch, capsys, caplog):
-    monkeypatch.setattr(compile_notice, "_said", set())
+    monkeypatch.setattr(compile_notice, "_said", False)
     with caplog.at_level(logging.INFO, logger="engine.kernels"):
-        compile_notice._say_once("cpu")
-        compile_notice._say_once("cpu")
+        compile_notice._say_once()
+        compile_notice._say_once()
     assert [r.getMessage() for r in caplog.records] == [NOTICE]
     assert NOTICE not in capsys.readouterr().err
 
 
 def test_without_logging_configured_it_goes_to_stderr(monkeypatch, capsys):
-    monkeypatch.setattr(compile_notice, "_said", set())
+    monkeypatch.setattr(compile_notice, "_said", False)
     logger = logging.getLogger("engine.kernels")
     monkeypatch.setattr(logger, "hasHandlers", lambda: False)
-    compile_notice._say_once("cpu")
-    compile_notice._say_once("cpu")
+    compile_notice._say_once()
+    compile_notice._say_once()
     assert capsys.readouterr().err.count(NOTICE) == 1
