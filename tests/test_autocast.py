@@ -124,6 +124,7 @@ def _assert_close(mine, theirs, region_dtype):
 
 @pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "f16"])
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.slow
 def test_op_dtype_and_value_match_torch(name, dtype, torch_dtype):
     specs, fn = CASES[name]
     if torch_dtype == torch.float16 and name in PROMOTE_BFLOAT16:

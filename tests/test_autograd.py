@@ -37,6 +37,7 @@ def test_leaf_grads_do_not_alias_each_other():
     np.testing.assert_array_equal(b.grad.numpy(), [1.0, 1.0])
 
 
+@pytest.mark.slow
 def test_chain_of_10000_ops_backward_without_recursion_error():
     x = engine.tensor([0.5], requires_grad=True)
     y = x
@@ -102,6 +103,7 @@ def test_pickle_and_copy_of_a_deep_non_leaf_give_a_leaf_as_in_pytorch(tmp_path):
     assert repr(y).endswith("grad_fn=<MulBackward>)")  # printing reads one node only
 
 
+@pytest.mark.slow
 def test_backward_through_50000_ops_and_dropping_a_100000_deep_graph():
     """Iterative backward; and CPython's deallocation of 100k nested nodes must not overflow the
     C stack (run in a subprocess: a crash there fails the test instead of killing pytest)."""
@@ -379,6 +381,7 @@ def test_item_numpy_repr():
     assert "grad_fn" in repr(x * 2)
 
 
+@pytest.mark.slow
 def test_importing_engine_is_silent_and_does_not_load_numba_or_cupy():
     code = "import sys, engine; print(sorted(m for m in ('numba', 'cupy') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -152,6 +152,7 @@ def tiny_run(tmp_path_factory):
     return result, json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
 
 
+@pytest.mark.slow
 def test_tiny_run_json_has_environment_and_ceilings(tiny_run):
     result, saved, _ = tiny_run
     assert saved["schema"] == 1 and saved["settings"]["mode"] == "tiny"
@@ -262,6 +263,7 @@ def bf16_run():
     return cli.main(["--tiny", "--device", "cpu", "--quiet", "--dtype", "bf16", "--kernel", *BF16_FAMILIES])
 
 
+@pytest.mark.slow
 def test_bf16_run_gives_bf16_rows_that_say_what_does_not_take_bf16(bf16_run):
     assert bf16_run["settings"]["dtype"] == "bfloat16"
     rows = bf16_run["kernels"]
@@ -338,6 +340,7 @@ def test_bf16_gpu_sweeps_measure_every_bf16_target_case():
             assert tuple(target.params.values()) in sizes, (mode, kernel, sizes)
 
 
+@pytest.mark.slow
 def test_without_torch_the_columns_say_so(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_device, "_import_torch", lambda: (None, bench_device.TORCH_MISSING))
     result = cli.main(["--tiny", "--device", "cpu", "--quiet", "--kernel", "adam_step", "--skip-e2e"])
@@ -349,6 +352,7 @@ def test_without_torch_the_columns_say_so(tmp_path, monkeypatch):
     assert result["environment"]["torch"] == "torch not installed"
 
 
+@pytest.mark.slow
 def test_an_impl_whose_module_is_missing_is_reported_unavailable():
     registry.register("adam_step", "not_written_yet", "engine.kernels.cpu.no_such_module:adam_step", array_kind="numpy")
     try:
@@ -362,6 +366,7 @@ def test_an_impl_whose_module_is_missing_is_reported_unavailable():
     assert any(r["impl"] == "numba_cpu" and r["status"] == "ok" for r in result["kernels"])
 
 
+@pytest.mark.slow
 def test_cli_runs_from_the_source_checkout(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--device", "cpu", "--kernel", "sgd_step",

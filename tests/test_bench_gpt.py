@@ -26,6 +26,7 @@ def test_gpt_parameter_count_and_flops_match_the_example_model():
     assert gpt_step.step_flops(16) == 3 * (2 * tokens * (4 * 12 * d * d + 256 * d) + 4 * 4 * 16 * 64 * 64 * d)
 
 
+@pytest.mark.slow
 def test_gpt_rows_run_side_by_side_with_torch():
     backend.manual_seed(0)
     bd = bench_device.BenchDevice("cpu", dict(budget_s=0.005, warmup=1, min_repeats=2, max_repeats=3), settle_s=0.0)
@@ -49,6 +50,7 @@ def test_gpt_rows_run_side_by_side_with_torch():
     assert engine_row["target"].startswith(("met", "missed")) and "target <= 1.3x" in engine_row["target"]
 
 
+@pytest.mark.slow
 def test_gpt_rows_in_bf16_run_both_sides_under_autocast():
     rows = {}
     for dtype in ("float32", "bfloat16"):

@@ -258,6 +258,7 @@ def test_checkpoint_sequential_equals_the_plain_model(segments):
 
 # ---- memory -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_intermediate_activations_are_not_kept():
     engine.manual_seed(0)
     lins = [nn.Linear(32, 32) for _ in range(4)]

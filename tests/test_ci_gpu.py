@@ -31,6 +31,7 @@ ci = _load()
 
 # ---- (a) the dry run, as CI runs it -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_dry_run_wires_every_step(tmp_path):
     out = tmp_path / "out"
     assert os.access(SCRIPT, os.X_OK), ".ci/gpu must be executable"
@@ -325,6 +326,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to see the killed child")
+@pytest.mark.slow
 def test_a_step_that_times_out_is_recorded_and_the_next_runs(tmp_path):
     pid_file = tmp_path / "child.pid"
     steps = [ci.Step("slow", ["sh", "-c", f"sleep 5 & echo $! > {pid_file}; echo started; sleep 5"], "slow.log", 1),
@@ -352,6 +354,7 @@ def test_a_step_that_times_out_is_recorded_and_the_next_runs(tmp_path):
     assert ci.exit_status(tmp_path, results) == 1
 
 
+@pytest.mark.slow
 def test_the_overall_budget_cuts_a_step_short_and_skips_the_rest(tmp_path):
     steps = [ci.Step("slow", ["sleep", "5"], "slow.log", 30),
              ci.Step("after", [sys.executable, "-c", "print('ran')"], "after.log", 30)]

@@ -25,6 +25,7 @@ def test_transfer_example_freezes_then_fine_tunes():
     assert report["fine_tuned_accuracy"] > max(0.9, report["head_only_accuracy"])
 
 
+@pytest.mark.slow
 def test_distillation_example_beats_student_alone():
     from engine.examples import distillation
 

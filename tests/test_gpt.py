@@ -144,6 +144,7 @@ def test_weight_decay_groups_and_schedule():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16"])
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch, dtype):
     data = _corpus(tmp_path / "corpus.txt", lines=200)
     args = ["--data", str(data), "--steps", "30", "--eval-every", "10", *TINY, "--dtype", dtype]
@@ -170,6 +171,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_mixed_precision_reaches_the_float32_validation_loss(tmp_path, dtype):
     """The issue's check, on a small config (seconds): at the same step count the validation loss
     of a mixed-precision run is within 2 % of the float32 run's (measured at 200 steps: bf16

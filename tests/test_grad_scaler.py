@@ -326,6 +326,7 @@ def test_an_optimizer_without_device_scaling_takes_torchs_host_path():
     assert scaler.get_scale() == 4.0
 
 
+@pytest.mark.slow
 def test_zero_redundancy_optimizer_in_a_world_of_one_steps_with_the_scaler_as_adam():
     import subprocess
     import sys

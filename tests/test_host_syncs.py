@@ -173,6 +173,7 @@ def test_a_functional_step_with_fused_kernels_reads_nothing(device):
 
 @pytest.mark.parametrize("autocast", [None, "bfloat16", "float16"], ids=["fp32", "autocast-bf16", "autocast-fp16"])
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_a_gpt_training_step_reads_nothing_from_the_device(device, autocast):
     # The Transformer path: embeddings (their index check), fused layer norm, causal attention,
     # GELU, the tied head, cross-entropy, clip_grad_norm_ and AdamW; also with the forward and
@@ -282,6 +283,7 @@ def test_the_gradient_finite_check_reads_nothing(device, set_to_none):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_the_trainer_reads_gradient_flags_with_the_losses(device):
     """A finite loss with NaN gradients (batch 2) is found at the first read, in the same one transfer."""
     engine.manual_seed(0)

@@ -590,6 +590,7 @@ def test_compressed_entries_are_refused_before_inflating(compression, tmp_path):
     load_in_bounded_memory(path)
 
 
+@pytest.mark.slow
 def test_a_zip_bomb_fails_fast_in_bounded_memory(tmp_path):
     # 256 MiB of zeros claimed honestly: deflate shrinks them about a thousandfold
     import time
@@ -771,6 +772,7 @@ def test_entry_sizes_that_do_not_fit_the_file_are_refused(tmp_path):
         load_in_bounded_memory(path)
 
 
+@pytest.mark.slow
 def test_every_flipped_byte_and_every_truncation_gives_checkpoint_error_or_the_data(tmp_path):
     """Hostile-user fuzzing of a small checkpoint: no other exception type may escape."""
     path = tmp_path / "fuzz.npz"

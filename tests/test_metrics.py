@@ -67,6 +67,7 @@ def test_top_k_accuracy_hand_cases_and_ties():
     assert M.top_k_accuracy(tied, np.array([0, 1, 2, 0]), k=1) == M.accuracy(tied, np.array([0, 1, 2, 0])) == 0.5
 
 
+@pytest.mark.slow
 def test_top_k_accuracy_matches_scikit_learn():
     metrics = pytest.importorskip("sklearn.metrics")
     scores, target = _multiclass(classes=6)

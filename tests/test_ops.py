@@ -269,6 +269,7 @@ def test_forward_matches_float64_reference(op, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", [o for o in OPS if o.grad], ids=[o.name for o in OPS if o.grad])
+@pytest.mark.slow
 def test_gradient_matches_finite_differences(op, device):
     tensors = [engine.tensor(a, dtype=engine.float64, device=device) for a in _inputs(op, seed=1)]
     assert engine.gradcheck(op.fn, tensors, atol=1e-5, rtol=1e-4)

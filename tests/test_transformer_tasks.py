@@ -6,6 +6,7 @@ src_key_padding_mask), as a user would build them.
 """
 
 import numpy as np
+import pytest
 
 import engine
 import engine.nn.functional as F
@@ -32,6 +33,7 @@ class TokenEncoder(nn.Module):
         return self.encoder(x, src_key_padding_mask=key_padding_mask)
 
 
+@pytest.mark.slow
 def test_transformer_learns_to_sort_sequences():
     engine.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -85,6 +87,7 @@ def _classification_data(rng, n, pad_id):
     return sequences, np.array(labels)
 
 
+@pytest.mark.slow
 def test_bert_style_classifier_ignores_padding():
     engine.manual_seed(0)
     rng = np.random.default_rng(1)

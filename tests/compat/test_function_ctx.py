@@ -23,6 +23,7 @@ class LegendrePolynomial3(torch.autograd.Function):
         return grad_output * 1.5 * (5 * input ** 2 - 1)
 
 
+@pytest.mark.slow
 def test_legendre_polynomial_tutorial_trains():
     dtype = torch.float
     device = torch.device("cpu")

@@ -56,6 +56,7 @@ def _result_coefficients(out: str) -> list[float]:
 
 @pytest.mark.parametrize("name", ["polynomial_tensor", "polynomial_autograd", "polynomial_nn", "polynomial_optim",
                                   "polynomial_module"])
+@pytest.mark.slow
 def test_polynomial_fits_sin_as_in_pytorch(run_script, name):
     _, out = run_script(name)
     losses = _printed_losses(out)
@@ -67,6 +68,7 @@ def test_polynomial_fits_sin_as_in_pytorch(run_script, name):
     assert 0.8 < b < 0.9 and -0.1 < d < -0.085
 
 
+@pytest.mark.slow
 def test_polynomial_custom_function_reaches_tutorial_loss(run_script):
     namespace, out = run_script("polynomial_custom_function")
     losses = _printed_losses(out)
@@ -75,6 +77,7 @@ def test_polynomial_custom_function_reaches_tutorial_loss(run_script):
     assert namespace["a"].grad is None                    # the script resets grads to None
 
 
+@pytest.mark.slow
 def test_dynamic_net_trains_with_momentum_and_weight_sharing(run_script):
     namespace, out = run_script("dynamic_net")
     losses = _printed_losses(out)
@@ -121,6 +124,7 @@ def test_buildmodel_tutorial_shapes(run_script):
     assert len(list(namespace["model"].named_parameters())) == 6
 
 
+@pytest.mark.slow
 def test_quickstart_tutorial_learns_digits(run_script, tmp_path):
     namespace, out = run_script("quickstart_tutorial")
     accuracies = [float(a) for a in re.findall(r"Accuracy: ([0-9.]+)%", out)]
@@ -131,6 +135,7 @@ def test_quickstart_tutorial_learns_digits(run_script, tmp_path):
     assert (tmp_path / "model.pth").is_file() and "Predicted:" in out
 
 
+@pytest.mark.slow
 def test_nn_tutorial_trains_logistic_models_and_cnns(run_script):
     # "What is torch.nn really?": five fit() runs print "epoch val_loss" lines, 8 epochs each: the
     # logistic model, Mnist_CNN (Conv2d + F.avg_pool2d), the Sequential + Lambda + AvgPool2d CNN,
@@ -153,6 +158,7 @@ def test_nn_tutorial_trains_logistic_models_and_cnns(run_script):
     assert accuracy > 0.8, accuracy                      # chance is 10%; PyTorch: 0.92
 
 
+@pytest.mark.slow
 def test_optimization_tutorial_learns_digits(run_script):
     namespace, out = run_script("optimization_tutorial")
     accuracies = [float(a) for a in re.findall(r"Accuracy: ([0-9.]+)%", out)]
@@ -162,6 +168,7 @@ def test_optimization_tutorial_learns_digits(run_script):
     assert accuracies[-1] > 30.0                          # chance is 10%
 
 
+@pytest.mark.slow
 def test_knowledge_distillation_tutorial_teacher_students_and_distilled_students(run_script):
     # DeepNN (teacher) and LightNN (student) CNNs on DigitsCIFAR10 (the digits as coloured 32x32 RGB
     # images), then the student distilled with soft targets (T=2), a cosine loss on hidden features

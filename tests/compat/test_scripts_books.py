@@ -31,6 +31,7 @@ def run_script(name: str, tmp_path: Path, timeout: float = 120.0) -> tuple[list[
     return [float(v) for v in lines[-1].split()[1:] if v != "ok"], proc.stdout
 
 
+@pytest.mark.slow
 def test_d2l_linear_regression_scratch(tmp_path):
     # The book prints errors of about 1e-4..1e-3 in w and b, and a final loss of ~5e-5
     # (the noise is N(0, 0.01^2), so half the squared noise is 5e-5).
@@ -39,6 +40,7 @@ def test_d2l_linear_regression_scratch(tmp_path):
     assert loss < 1e-4
 
 
+@pytest.mark.slow
 def test_d2l_linear_regression_concise(tmp_path):
     # nn.Linear initialised through `weight.data.normal_(0, 0.01)` / `bias.data.fill_(0)`; the book
     # prints losses 2.5e-4, 1.0e-4, 1.0e-4 over its 3 epochs and errors of a few 1e-4. If `.data`
@@ -49,12 +51,14 @@ def test_d2l_linear_regression_concise(tmp_path):
     assert loss < 2e-4
 
 
+@pytest.mark.slow
 def test_d2l_softmax_regression_scratch(tmp_path):
     # train_ch3's own asserts (train loss < 0.5, train and test accuracy > 0.7) ran in the script.
     (train_loss, train_acc, test_acc), _ = run_script("d2l_softmax_regression_scratch", tmp_path)
     assert train_loss < 0.5 and train_acc > 0.9 and test_acc > 0.8
 
 
+@pytest.mark.slow
 def test_d2l_weight_decay_scratch(tmp_path):
     # The book: without decay ||w|| ~ 13-14 and the model overfits (train loss ~0, test loss large);
     # with lambda = 3, ||w|| ~ 0.35-0.4 and the test loss drops by orders of magnitude.
@@ -70,6 +74,7 @@ def test_d2l_weight_decay_scratch(tmp_path):
     assert concise_test_decay < concise_test_plain / 10
 
 
+@pytest.mark.slow
 def test_d2l_dropout(tmp_path):
     # Both parts (from scratch with dropout_layer, concise with nn.Dropout) end with train_ch3,
     # whose asserts ran in the script; each prints its final metrics.
@@ -80,6 +85,7 @@ def test_d2l_dropout(tmp_path):
         assert train_acc > 0.9 and test_acc > 0.85
 
 
+@pytest.mark.slow
 def test_micrograd_test_engine(tmp_path):
     # micrograd's own test: the engine's values and gradients equal those micrograd (vendored,
     # pure Python) computes, exactly for test_sanity_check and within 1e-6 for test_more_ops.
@@ -102,6 +108,7 @@ def test_micrograd_reference_values():
     assert (y.data, x.grad) == (-20.0, 46.0)
 
 
+@pytest.mark.slow
 def test_early_stopping(tmp_path):
     # The notebook stops when the validation loss has not improved for `patience` epochs and
     # reloads the best checkpoint (checkpoint.pt, written by engine.save and read by engine.load).

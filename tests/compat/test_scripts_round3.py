@@ -50,6 +50,7 @@ def _test_lines(out: str) -> list[tuple[float, int]]:
             re.findall(r"Test set: Average loss: ([0-9.]+), Accuracy: (\d+)/300", out)]
 
 
+@pytest.mark.slow
 def test_pytorch_examples_mnist_cnn_with_adadelta(tmp_path):
     # Chance is 10%; the engine reached 84% after 1 epoch on the reduced data (PyTorch not run here).
     out = run("examples_mnist.py", ["--epochs", "1", "--log-interval", "5", "--save-model"], tmp_path)
@@ -60,6 +61,7 @@ def test_pytorch_examples_mnist_cnn_with_adadelta(tmp_path):
     assert (tmp_path / "mnist_cnn.pt").is_file()
 
 
+@pytest.mark.slow
 def test_pytorch_examples_mnist_lstm(tmp_path):
     # PyTorch 2.13, same flags and data: 3 epochs at the default lr 0.1 -> 40-50% (chance 10%),
     # the test loss falling every epoch (2.27, 2.16, 1.97 here).
@@ -72,6 +74,7 @@ def test_pytorch_examples_mnist_lstm(tmp_path):
 
 
 @pytest.mark.parametrize("model, max_test_ppl", [("GRU", 4.0), ("LSTM", 20.0), ("Transformer", 20.0)])
+@pytest.mark.slow
 def test_pytorch_examples_word_language_model(tmp_path, model, max_test_ppl):
     # A ~30-word generated corpus (uniform guessing: ppl ~30). PyTorch 2.13 with the same flags
     # (seed 1111): GRU test ppl 2.61, LSTM 16.73, Transformer 16.75; the engine gave 2.60, 16.78, 16.73.
@@ -88,6 +91,7 @@ def test_pytorch_examples_word_language_model(tmp_path, model, max_test_ppl):
     assert (tmp_path / "model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_mingpt_adder_trains_a_gpt(tmp_path):
     # minGPT's GPT ("gpt-nano") on 1-digit additions (80 train / 20 test problems), 501 steps.
     # PyTorch 2.13 with the same flags: loss 2.25 -> 0.16 (step 490), train score 80/80 and test 1/20

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 no_cuda = pytest.mark.skipif(engine.cuda.is_available(), reason="this machine has CUDA")
 
 
+@pytest.mark.slow
 def test_engine_cuda_is_a_package_whose_import_does_not_import_cupy():
     code = ("import sys, engine, engine.cuda, engine.cuda.amp, engine.backends.cudnn, engine.cpu.amp; "
             "print(engine.cuda.__file__); print('cupy' in sys.modules)")
@@ -26,6 +27,7 @@ def test_engine_cuda_is_a_package_whose_import_does_not_import_cupy():
 
 
 @no_cuda
+@pytest.mark.slow
 def test_without_cuda_the_queries_answer_as_pytorch_does():
     torch = pytest.importorskip("torch")
     assert engine.cuda.is_available() is torch.cuda.is_available() is False

@@ -163,6 +163,7 @@ def test_a_host_read_in_the_region_raises_naming_the_op_and_the_capture_is_dropp
 
 @pytest.mark.parametrize("read", [lambda t: t.numpy(), lambda t: float(t), lambda t: repr(t), lambda t: t.tolist(),
                                   lambda t: t.cpu()], ids=["numpy", "float", "repr", "tolist", "cpu"])
+@pytest.mark.slow
 def test_every_host_read_spelling_is_refused(fake_gpu, read):
     x = _gpu([1.0])
     with pytest.raises(CaptureError, match="reads a .* array from the device"):
@@ -170,6 +171,7 @@ def test_every_host_read_spelling_is_refused(fake_gpu, read):
             read(x * 2.0)
 
 
+@pytest.mark.slow
 def test_a_cpu_tensor_in_the_region_raises_naming_the_op(fake_gpu):
     a = engine.tensor([1.0, 2.0])
     with pytest.raises(CaptureError, match=r"^mul: operand Tensor\(shape=\(2,\), dtype=float32, device=cpu\) is a "
@@ -181,6 +183,7 @@ def test_a_cpu_tensor_in_the_region_raises_naming_the_op(fake_gpu):
             a.add_(1.0)
 
 
+@pytest.mark.slow
 def test_a_host_to_device_copy_and_a_wait_in_the_region_raise(fake_gpu):
     with pytest.raises(CaptureError, match=r"copies a \(3,\) float32 host array to cuda:0"):
         with engine.cuda.graph(engine.cuda.CUDAGraph()):
@@ -217,6 +220,7 @@ def test_a_shape_change_between_replays_raises_naming_the_op(fake_gpu):
     assert y.shape == (2,)
 
 
+@pytest.mark.slow
 def test_capture_needs_a_side_stream_and_does_not_nest(fake_gpu):
     g = engine.cuda.CUDAGraph()
     with pytest.raises(CaptureError, match="default stream, which CUDA cannot capture"):
@@ -232,6 +236,7 @@ def test_capture_needs_a_side_stream_and_does_not_nest(fake_gpu):
         pass
 
 
+@pytest.mark.slow
 def test_graphs_can_share_a_pool(fake_gpu):
     x = _gpu([1.0, 2.0])
     first, second = engine.cuda.CUDAGraph(), engine.cuda.CUDAGraph()
@@ -263,6 +268,7 @@ def test_the_graph_pool_counts_in_the_memory_statistics(fake_gpu):
 
 # ---- make_graphed_callables --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_graphed_module_matches_the_module_forward_and_backward(fake_gpu):
     engine.manual_seed(0)
     reference = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
@@ -288,6 +294,7 @@ def test_a_graphed_module_matches_the_module_forward_and_backward(fake_gpu):
     np.testing.assert_allclose(_host(model(_gpu(x0))), reference(engine.tensor(x0)).detach().numpy(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_graphed_function_gives_its_arguments_gradients(fake_gpu):
     def f(a, b):
         return (a * b).tanh(), a.sum()
@@ -307,6 +314,7 @@ def test_a_graphed_function_gives_its_arguments_gradients(fake_gpu):
         graphed(_gpu([1.0, 2.0]), b1)
 
 
+@pytest.mark.slow
 def test_an_unused_input_needs_allow_unused_input(fake_gpu):
     a, b = _gpu([1.0], requires_grad=True), _gpu([2.0], requires_grad=True)
     with pytest.raises(engine.EngineError, match=r"input 1 .* is not used .* allow_unused_input=True"):

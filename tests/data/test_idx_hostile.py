@@ -120,6 +120,7 @@ def test_wrong_magic_bad_types_and_broken_gzip_are_refused(content, tmp_path):
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+@pytest.mark.slow
 def test_every_cut_and_flipped_byte_gives_idx_format_error_or_an_array(compress, tmp_path):
     array = np.arange(24, dtype=">i2").reshape(2, 3, 4)
     payload = idx_bytes(type_code=0x0B, dims=array.shape, data=array.tobytes())

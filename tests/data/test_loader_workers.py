@@ -166,6 +166,7 @@ def test_a_bad_sampler_index_fails_its_batch_only():
 
 # ---- timeout --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_timeout_fires_for_a_hung_item(items):
     loader = DataLoader(items(hang={2}), batch_size=1, num_workers=2, timeout=1)
     it = iter(loader)
@@ -198,6 +199,7 @@ def test_break_returns_at_once_while_a_later_item_hangs(items, persistent):
     assert _within(2, first_then_break) == 0.0
 
 
+@pytest.mark.slow
 def test_a_hung_worker_does_not_keep_the_process_alive():
     """Worker threads are daemons: a hung item after a break, a timeout or an error (persistent
     pool or not) must not block the interpreter's exit."""

@@ -35,6 +35,7 @@ def test_standard_scaler_against_numpy_formula():
     np.testing.assert_allclose(scaler.inverse_transform(out), val, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_standard_scaler_matches_scikit_learn():
     preprocessing = pytest.importorskip("sklearn.preprocessing")
     train, val = _data().astype(np.float64), _data(seed=2).astype(np.float64)

@@ -10,10 +10,12 @@ pytestmark = requires_mpi
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.slow
 def test_collectives(world):
     assert f"collectives ok {world}" in check(run_mpi("collectives.py", world))
 
 
+@pytest.mark.slow
 def test_one_failing_rank_ends_the_job_naming_it():
     start = time.monotonic()
     result = run_mpi("fault.py", 2, timeout=30)
@@ -24,6 +26,7 @@ def test_one_failing_rank_ends_the_job_naming_it():
     assert "fault was not detected" not in result.stdout
 
 
+@pytest.mark.slow
 def test_single_process_without_launcher_is_a_world_of_one():
     import subprocess
     import sys
@@ -56,12 +59,14 @@ def test_api_without_process_group():
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.slow
 def test_every_collective_on_every_dtype(world):
     # complex64 went through int64 (1.5+2j became 1+0j); MAX/MIN of complex and AVG of integers raise
     assert f"dtypes ok {world}" in check(run_mpi("dtypes.py", world, timeout=120))
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow
 def test_ranks_agree_on_the_call_before_any_data_moves(world):
     # reduce op, src, dtype, the collective itself, one rank's argument error or deferred device
     # error: raised on every rank, and the ranks stay in step

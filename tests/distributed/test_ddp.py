@@ -9,6 +9,7 @@ pytestmark = requires_mpi
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow
 def test_ddp_matches_one_process_on_the_whole_batch(world):
     assert f"ddp ok {world}" in check(run_mpi("ddp.py", world))
 
@@ -23,6 +24,7 @@ def test_ddp_needs_a_process_group():
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.slow
 def test_unused_parameters_and_a_destroyed_group(world):
     # find_unused_parameters=True: unused by all -> .grad None (weight decay leaves it alone), used by
     # rank 0 only -> averaged over the world; without it: a clear error on every rank; after

@@ -13,6 +13,7 @@ pytestmark = requires_mpi
 
 
 @pytest.mark.parametrize("way", ["exit0", "exit2", "destroy_exit0", "interrupt", "thread_then_exit"])
+@pytest.mark.slow
 def test_a_rank_that_leaves_ends_the_job_naming_it(way):
     start = time.monotonic()
     result = run_mpi("leave.py", 2, way, timeout=40)  # a hang is the bug: run_mpi fails the test at 40 s
@@ -23,6 +24,7 @@ def test_a_rank_that_leaves_ends_the_job_naming_it(way):
     assert elapsed < 30
 
 
+@pytest.mark.slow
 def test_the_report_says_how_the_rank_left():
     exited = run_mpi("leave.py", 2, "exit0", timeout=40).stderr
     assert ("engine.distributed: rank 1 exited (its script ended or called sys.exit(), without "
@@ -33,6 +35,7 @@ def test_the_report_says_how_the_rank_left():
 
 @pytest.mark.parametrize("way", ["clean", "clean_destroy", "late", "destroy_then_work"])
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow
 def test_a_clean_end_exits_zero_without_aborting(way, world):
     out = check(run_mpi("leave.py", world, way, timeout=60))
     assert sorted(re.findall(r"rank (\d+) done", out)) == [str(r) for r in range(world)], out  # lines may interleave

@@ -8,6 +8,7 @@ pytestmark = requires_mpi
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])  # 3: the hidden width 10 splits unevenly (4, 3, 3)
+@pytest.mark.slow
 def test_column_relu_row_mlp_matches_the_unsplit_mlp(world):
     assert f"tensor parallel ok {world}" in check(run_mpi("tensor_parallel.py", world))
 

@@ -2,15 +2,19 @@
 
 import re
 
+import pytest
+
 from tests.distributed.launch import check, requires_mpi, run_mpi
 
 pytestmark = requires_mpi
 
 
+@pytest.mark.slow
 def test_trainer_distributed_logs_on_rank_0_combines_figures_and_resumes(tmp_path):
     assert "trainer ok 2" in check(run_mpi("trainer.py", 2, tmp_path))
 
 
+@pytest.mark.slow
 def test_digits_main_job_distributed(tmp_path):
     out = check(run_mpi("engine.examples.digits", 2, "--distributed", "--epochs", "3", "--quiet", "--out",
                         tmp_path / "digits", module=True, timeout=120))

@@ -20,6 +20,7 @@ def _worker_module():
 
 @requires_mpi
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow
 def test_zero_parity_sharded_state_and_a_checkpoint_that_loads_in_one_process(world, tmp_path):
     out = check(run_mpi("zero.py", world, tmp_path))
     assert f"zero ok {world}" in out
@@ -62,6 +63,7 @@ def test_without_a_process_group_it_says_to_initialize_one():
 
 @requires_mpi
 @pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.slow
 def test_load_state_dict_validates_everything_before_applying(world):
     # unknown and repeated indices, a wrong-shaped entry of another rank's parameter: refused on
     # every rank, the optimizer unchanged; stepping after destroy_process_group() refused

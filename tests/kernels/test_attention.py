@@ -154,6 +154,7 @@ def test_numpy_backward_matches_finite_differences(causal, mask_kind):
     (2, 9, 1, 64, 128),    # S = 1
     (1, 130, 130, 128, 17),
 ])
+@pytest.mark.slow
 def test_fused_impls_match_numpy(impl, causal, mask_kind, shape):
     b, l, s, e, ev = shape
     q, k, v = make_case(*shape, seed=sum(shape))
@@ -162,6 +163,7 @@ def test_fused_impls_match_numpy(impl, causal, mask_kind, shape):
 
 
 @pytest.mark.parametrize("impl", ["numba_cpu"])
+@pytest.mark.slow
 def test_float64_on_the_cpu(impl):
     q, k, v = make_case(2, 19, 23, 5, 6, dtype=np.float64)
     assert_close_to_numpy(impl, q, k, v, make_mask("padding", 2, 19, 23, np.float64), causal=True)
@@ -337,6 +339,7 @@ def test_cu_tiles_fit_static_shared_memory_and_match_the_host_constants():
     (4, 1, 1, 127, 3, (1, 1, 1), True, 128),  # odd head dims, one query and one key
     (70000, 2, 33, 8, 8, None, False, 32),  # B over gridDim.y's 65535: B goes along x
 ])
+@pytest.mark.slow
 def test_cupy_launch_plan(fake_cupy, b, l, s, e, ev, mask_shape, causal, hd):  # noqa: E741
     from engine.kernels.cuda import attention as cu
 
@@ -477,6 +480,7 @@ def torch_like_reference(q, k, v, mask, causal, grad_out):
 
 @pytest.mark.parametrize("impl", CPU_IMPLS + GPU_IMPLS)
 @pytest.mark.parametrize("name", NONFINITE_CASES)
+@pytest.mark.slow
 def test_nan_and_inf_propagate_as_in_torch(impl, name):
     out, lse = assert_nonfinite_like_reference(impl, name, torch_like_reference)
     nan_rows = np.isnan(out).all(axis=-1)

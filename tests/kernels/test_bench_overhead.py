@@ -37,6 +37,7 @@ def test_the_stubbed_impl_is_restored():
     assert p.tolist() == [0.5] * 4, "the real kernel runs again after the benchmark"
 
 
+@pytest.mark.slow
 def test_command_line():
     run = subprocess.run([sys.executable, "-m", "bench.overhead", "--device", "cpu", "--quick"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -46,6 +47,7 @@ def test_command_line():
         assert any(line.startswith(name + " ") for line in lines), (name, run.stdout)
 
 
+@pytest.mark.slow
 def test_the_op_table_has_engine_and_torch_figures_per_op():
     pytest.importorskip("torch")
     rows = overhead.run_ops("cpu", number=3, repeat=2)
@@ -59,6 +61,7 @@ def test_the_op_table_has_engine_and_torch_figures_per_op():
     assert "((a*b+a).tanh()*b).sum().backward()" in table and "ratio min" in table
 
 
+@pytest.mark.slow
 def test_another_checkout_is_measured_in_its_own_processes():
     pytest.importorskip("torch")
     rows = overhead.compare_trees([str(ROOT), str(ROOT)], number=2, rounds=1)

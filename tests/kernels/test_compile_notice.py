@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.kernels import compile_notice
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +33,7 @@ def _run(cache_dir: Path, **env_extra) -> str:
     return run.stderr
 
 
+@pytest.mark.slow
 def test_first_run_says_it_once_and_the_cached_run_says_nothing(tmp_path):
     first = _run(tmp_path / "cache")
     assert first.count(NOTICE) == 1, first
@@ -38,6 +41,7 @@ def test_first_run_says_it_once_and_the_cached_run_says_nothing(tmp_path):
     assert NOTICE not in _run(tmp_path / "cache")  # loaded from the cache: nothing compiles
 
 
+@pytest.mark.slow
 def test_the_environment_variable_silences_it(tmp_path):
     assert NOTICE not in _run(tmp_path / "fresh", ENGINE_QUIET_COMPILE="1")
 

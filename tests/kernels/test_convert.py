@@ -27,6 +27,7 @@ PATTERNS = _float32_patterns()
 
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.slow
 def test_narrow_equals_astype_bit_for_bit(dtype):
     with np.errstate(all="ignore"):
         expected = PATTERNS.astype(dtype)
@@ -39,6 +40,7 @@ def test_narrow_equals_astype_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.slow
 def test_widen_is_exact_for_every_16_bit_pattern(dtype):
     every = np.arange(1 << 16, dtype=np.uint16).view(dtype).reshape(256, 256)
     ours = convert.widen(every)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from engine.kernels.cuda import module
 from tests.kernels.fake_cupy import fake_cupy  # noqa: F401 - the fixture
@@ -56,6 +57,7 @@ def test_modules_are_built_with_the_package_options(fake_cupy):
     assert options == module.NVRTC_OPTIONS + (f"-I{module.SOURCE_DIR}",)
 
 
+@pytest.mark.slow
 def test_importing_the_kernels_imports_no_cupy():
     code = ("import sys, engine.kernels as kernels, engine.kernels.cuda.module, engine.kernels.cuda.optim, engine.kernels.cuda.linear_relu, "
             "engine.kernels.cuda.softmax_cross_entropy; kernels.impls('adam_step', available_only=False); "

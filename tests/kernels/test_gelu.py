@@ -145,6 +145,7 @@ def test_numpy_erfc_matches_math_erfc():
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.slow
 def test_impl_backward_matches_finite_differences_of_its_forward(impl, approximate):
     """float64: the impl's own backward against central differences of its own forward."""
     x, dy = make_case((5, 7), np.float64, seed=3)
@@ -162,6 +163,7 @@ def test_impl_backward_matches_finite_differences_of_its_forward(impl, approxima
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 3, 37), (1000, 67)], ids=str)
+@pytest.mark.slow
 def test_matches_reference(impl, approximate, dtype, shape):
     x, dy = make_case(shape, dtype, seed=sum(shape))
     checked(impl, dtype, lambda: check(impl, x, dy, approximate))

@@ -105,6 +105,7 @@ NO_STACK_FRAME = {"attention_tc.cu"}
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("path", CU_FILES, ids=[p.name for p in CU_FILES])
+@pytest.mark.slow
 def test_cu_file_compiles_without_spills(path, arch):
     pytest.importorskip("cuda.bindings.nvrtc")
     from engine.kernels.cuda.nvrtc import compile_file
@@ -136,6 +137,7 @@ F64_OP = re.compile(r"^\s*(add|sub|mul|fma|div|cvt\.f64|neg|max|min|sqrt|ex2|lg2
 
 
 @pytest.mark.parametrize("fn,sig,dtype", _ptx_checks())
+@pytest.mark.slow
 def test_numba_cuda_kernel_compiles_to_sm90_ptx(fn, sig, dtype):
     from numba import cuda
 
@@ -171,6 +173,7 @@ print("compiled")
 
 
 @pytest.mark.parametrize("with_shim", [True, False], ids=["engine.kernels.numba_cuda-imported", "bare-numba-cuda"])
+@pytest.mark.slow
 def test_numba_cuda_compiles_under_numpy_without_row_stack(with_shim):
     import subprocess
     import sys

@@ -164,6 +164,7 @@ def test_reference_backward_matches_finite_differences():
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("affine", [(True, True), (False, False)], ids=["affine", "plain"])
+@pytest.mark.slow
 def test_impl_backward_matches_finite_differences_of_its_forward(impl, affine):
     """float64: the impl's own backward against central differences of its own forward."""
     x, dy, weight, bias = make_case(2, 6, np.float64, seed=2, affine=affine)
@@ -225,6 +226,7 @@ def checked(impl, dtype, run):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{d}" for n, d in SHAPES])
+@pytest.mark.slow
 def test_affine(impl, dtype, shape):
     checked(impl, dtype, lambda: check(impl, *make_case(*shape, dtype, seed=sum(shape))))
 
@@ -330,6 +332,7 @@ def test_large_offset_does_not_cancel(impl):
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_numba_cpu_parallel_and_serial_rows_agree(monkeypatch):
     """Small calls run on the calling thread, large ones in parallel row chunks: same y and dx bits,
     and column sums that differ only by the order of the partial sums."""
@@ -507,6 +510,7 @@ def fake_layer_norm_cupy(fake_cupy):
 
 
 @pytest.mark.parametrize("d,tiled", [(4096, False), (65536, True)])
+@pytest.mark.slow
 def test_cupy_backward_writes_one_partial_row_per_block(fake_layer_norm_cupy, d, tiled):
     """The column sums: P partial rows (P <= N, one wave) then one small reduction; never atomics."""
     from engine.kernels.cuda import layer_norm as cu

@@ -124,6 +124,7 @@ def test_default_dispatch_on_numpy_arrays(rng):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.slow
 def test_backward_matches_float64_formula_and_numpy_impl(impl, dtype, shape, rng):
     n, k, m = shape
     x, w, b = make_inputs(rng, n, k, m, dtype)

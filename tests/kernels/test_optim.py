@@ -263,6 +263,7 @@ def run_trajectory(opt, cfg, impl, dtype, shape, steps, rng):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("opt,config", CASES, ids=[f"{o}-{c}" for o, c in CASES])
+@pytest.mark.slow
 def test_twenty_steps_match_float64_formula_and_numpy_impl(opt, config, dtype, impl, rng):
     cfg = OPTIMIZERS[opt]["configs"][config]
     ours, exact = run_trajectory(opt, cfg, impl, dtype, (1031,), STEPS, rng)
@@ -288,6 +289,7 @@ def test_sizes_and_shapes(opt, config, shape, dtype, impl, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("opt,config", [("adam", "everything"), ("sgd", "dampening"), ("adagrad", "maximize"),
                                         ("rmsprop", "everything")], ids=["adam", "sgd", "adagrad", "rmsprop"])
+@pytest.mark.slow
 def test_numba_cpu_parallel_loop_on_large_buffers(opt, config, dtype, rng):
     """numba_cpu runs a serial loop below PARALLEL_MIN elements and a prange loop from there."""
     from engine.kernels.cpu.optim import PARALLEL_MIN
@@ -433,6 +435,7 @@ def test_listing_the_kernels_on_a_fresh_import_names_them_all_and_loads_no_impl(
             "gelu_forward"} <= set(names) and len(names) == len(set(names)) == 13, names
 
 
+@pytest.mark.slow
 def test_importing_the_cpu_and_cupy_modules_imports_neither_numba_nor_cupy():
     code = ("import sys, kernels.cpu.optim, kernels.cuda.optim; "
             "bad = [m for m in ('numba', 'cupy') if m in sys.modules]; assert not bad, bad")
@@ -748,6 +751,7 @@ def test_found_inf_set_leaves_every_array_untouched(opt, config, impl, rng):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("opt,config", AMP_CASES, ids=AMP_IDS)
+@pytest.mark.slow
 def test_unscaling_in_the_step_equals_the_unscaled_gradient_and_writes_it_back(opt, config, dtype, impl, rng):
     """found_inf = 0 and inv_scale = 1/1024 on a gradient scaled by 1024: the same step as on the
     plain gradient (exactly: a power of two), and grad holds the unscaled gradient afterwards."""
@@ -827,6 +831,7 @@ MASTER_IMPLS = ["numpy", "numba_cpu", pytest.param("cupy", marks=pytest.mark.gpu
 @pytest.mark.parametrize("impl", MASTER_IMPLS)
 @pytest.mark.parametrize("low", _low_dtypes(), ids=LOW_IDS)
 @pytest.mark.parametrize("opt,config", CASES, ids=[f"{o}-{c}" for o, c in CASES])
+@pytest.mark.slow
 def test_master_weights_follow_the_float64_formula_and_round_into_param_out(opt, config, low, impl, rng):
     """A float32 master, float32 states, 16-bit gradients: the master follows the float64 formula on
     the gradients' values at float32 tolerance, and param_out is the master rounded to nearest-even
@@ -850,6 +855,7 @@ def test_master_weights_follow_the_float64_formula_and_round_into_param_out(opt,
 
 @pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
 @pytest.mark.parametrize("low", _low_dtypes(), ids=LOW_IDS)
+@pytest.mark.slow
 def test_master_weights_with_scaled_16_bit_gradients_and_a_skip(low, impl, rng):
     """The whole GradScaler path in one call sequence: scaled 16-bit grads unscaled in float32,
     written back rounded, a skipped step, and the parallel numba loop (a buffer past PARALLEL_MIN)."""

@@ -111,6 +111,7 @@ def test_reference_gradient_matches_finite_differences(kind, weighted, eps):
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.slow
 def test_impl_gradient_matches_finite_differences(impl):
     """The impl's own loss, differentiated numerically, gives the impl's gradient (float64)."""
     z, targets, weight = make_case(2, 4, np.float64, "hard", seed=5, weighted=True)
@@ -154,6 +155,7 @@ SHAPES = [(1, 1), (7, 1), (1, 13), (5, 37), (33, 1000), (4, 4099)]
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{c}" for n, c in SHAPES])
+@pytest.mark.slow
 def test_hard_targets(impl, dtype, shape):
     z, targets, _ = make_case(*shape, dtype, seed=sum(shape))
     check(impl, z, targets)
@@ -173,6 +175,7 @@ def test_weights_smoothing_ignore_and_scale(impl, dtype, shape):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (6, 517)], ids=["1x1", "3x5", "6x517"])
+@pytest.mark.slow
 def test_soft_targets(impl, dtype, shape):
     z, q, weight = make_case(*shape, dtype, kind="soft", seed=13, weighted=True)
     check(impl, z, q)
@@ -192,6 +195,7 @@ def test_int32_targets_and_custom_ignore_index(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.slow
 def test_large_class_count(impl):
     """C = 130000: past every on-chip path of the GPU kernels; rows that are long sums on the CPU."""
     z, targets, weight = make_case(3, 130000, np.float32, seed=19, weighted=True)

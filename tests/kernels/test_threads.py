@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 F32 = np.float32
@@ -41,10 +42,12 @@ def _assert_child_ok(proc: subprocess.CompletedProcess) -> None:
     assert "threads: OK" in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_kernels_called_from_threads_at_once():
     _assert_child_ok(_run_child("kernels"))
 
 
+@pytest.mark.slow
 def test_two_models_training_in_two_threads():
     _assert_child_ok(_run_child("training"))
 

@@ -81,6 +81,7 @@ def _mask_for(kind, rng, batch, l, s):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("batch,l,s,e,ev,kind", CASES)
+@pytest.mark.slow
 def test_sdpa_matches_float64_reference(rng, device, fused, batch, l, s, e, ev, kind):
     q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
     mask, causal = _mask_for(kind, rng, batch, l, s)
@@ -103,6 +104,7 @@ def test_sdpa_custom_scale_and_nn_functional_alias(rng, fused):
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", [None, "causal", "bool_shared", "key_padding", "float_full"])
+@pytest.mark.slow
 def test_sdpa_gradcheck_float64(rng, fused, kind):
     batch, l, s, e, ev = (2, 2), 3, 4, 3, 2
     q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
@@ -126,6 +128,7 @@ def test_sdpa_float_mask_gets_gradient_through_unfused_path(rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch,l,s,e,ev,kind", CASES)
+@pytest.mark.slow
 def test_sdpa_fused_and_unfused_agree_forward_and_backward(rng, device, batch, l, s, e, ev, kind):
     q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
     mask, causal = _mask_for(kind, rng, batch, l, s)
@@ -296,6 +299,7 @@ def test_layer_norm_fused_matches_unfused_and_float64(rng, device, shape, normal
 
 
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.slow
 def test_layer_norm_gradcheck_both_paths(rng, fused):
     x, w, b = rng.standard_normal((3, 2, 4)), rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
     assert engine.gradcheck(lambda x, w, b: F.layer_norm(x, (2, 4), w, b, fused=fused), [_t(x), _t(w), _t(b)])

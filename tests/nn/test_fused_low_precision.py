@@ -56,6 +56,7 @@ def _pair(shape, dtype, torch_dtype, seed, scale=1.0, offset=0.0):
 @pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("affine", ["x-dtype", "float32", "none", "weight-only"])
 @pytest.mark.parametrize("shape", [(4, 7, 200), (3, 768), (2, 4100)], ids=["4x7x200", "3x768", "2x4100"])
+@pytest.mark.slow
 def test_layer_norm_matches_torch_and_the_float32_result(dtype, torch_dtype, affine, shape, kernel_calls):
     d = shape[-1]
     (x, tx) = _pair(shape, dtype, torch_dtype, seed=0, scale=2.0, offset=0.5)
@@ -169,6 +170,7 @@ def test_layer_norm_under_cpu_autocast_runs_the_mixed_kernel(kernel_calls):
 @pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.slow
 def test_gelu_matches_torch_and_the_float32_result(dtype, torch_dtype, approximate, transpose, kernel_calls):
     x, tx = _pair((64, 257), dtype, torch_dtype, seed=4, scale=3.0)
     inp, tinp = (x.T, tx.T) if transpose else (x, tx)

@@ -28,6 +28,7 @@ def _run(module_or_fn, x_np, fused, transpose=False):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("how", ["F.gelu", "nn.GELU"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.slow
 def test_fused_matches_unfused(approximate, dtype, how, transpose):
     x = (np.random.default_rng(0).standard_normal((33, 17)) * 2).astype(dtype)
     fn = (lambda t: F.gelu(t, approximate=approximate)) if how == "F.gelu" else nn.GELU(approximate=approximate)

@@ -272,6 +272,7 @@ def _ce_case(rng, n=9, classes=7, weighted=False, ignore=False, smoothing=0.0, s
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", CE_CASES, ids=lambda c: "-".join(sorted(c)) or "plain")
+@pytest.mark.slow
 def test_cross_entropy_fused_unfused_and_numpy_agree(rng, device, reduction, case):
     logits, target, weight, smoothing = _ce_case(rng, **case)
     expected = _ce_reference(logits, target, weight, -100, reduction, smoothing)
@@ -313,6 +314,7 @@ def test_cross_entropy_gradient_matches_numpy_closed_form(rng, case):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.slow
 def test_cross_entropy_gradcheck_float64(rng, reduction):
     logits = engine.tensor(rng.standard_normal((5, 4)))
     hard = engine.tensor(_hard_targets(rng, 5, 4))

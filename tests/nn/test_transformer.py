@@ -349,6 +349,7 @@ def test_encoder_layer_callable_activation_and_relu_fusion(rng, monkeypatch):
         nn.TransformerEncoderLayer(8, 2, activation="swish")
 
 
+@pytest.mark.slow
 def test_encoder_layer_gradcheck_float64(rng):
     layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, dtype=np.float64)
     _randomise(layer, rng)

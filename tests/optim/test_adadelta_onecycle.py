@@ -25,6 +25,7 @@ def _params(lib, dtype):
 @pytest.mark.parametrize("kwargs", [dict(), dict(lr=0.5, rho=0.8, eps=1e-5), dict(weight_decay=0.1),
                                     dict(maximize=True, lr=2.0)], ids=["defaults", "lr-rho-eps", "wd", "maximize"])
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.slow
 def test_adadelta_matches_pytorch(kwargs, fused):
     ours_p, theirs_p = _params(engine, np.float64), None
     theirs_p = [torch.tensor(p.numpy(), requires_grad=True) for p in ours_p]

@@ -97,6 +97,7 @@ def assert_padding_untouched(opt):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("opt_cls, kwargs", OPTIMIZERS)
+@pytest.mark.slow
 def test_every_param_grad_and_state_view_is_256_byte_aligned(opt_cls, kwargs, dtype, device):
     model = OddModel(dtype, device)
     opt = opt_cls(model.parameters(), **kwargs)

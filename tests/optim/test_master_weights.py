@@ -44,6 +44,7 @@ def torch_twins(model):
 @pytest.mark.parametrize("fused", [None, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("low,torch_low", LOW, ids=LOW_IDS)
 @pytest.mark.parametrize("opt_name,kwargs", OPTIMIZERS, ids=OPT_IDS)
+@pytest.mark.slow
 def test_low_precision_model_equals_torch_on_float32_then_rounded(opt_name, kwargs, low, torch_low, fused):
     model = mlp().to(low)
     params = list(model.parameters())

@@ -55,6 +55,7 @@ def _fit(batch_size, accumulate_steps, n, epochs=2, sync_every=None, callbacks=(
 
 
 @pytest.mark.parametrize("n, sync_every", [(96, None), (80, 3)])  # 80: the last group is 2 batches of 8
+@pytest.mark.slow
 def test_trainer_accumulating_4_batches_of_8_equals_batches_of_32(n, sync_every):
     big, big_steps = _fit(32, 1, n)
     small, small_steps = _fit(8, 4, n, sync_every=sync_every)

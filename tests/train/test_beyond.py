@@ -91,6 +91,7 @@ def test_ensemble_mean_and_vote():
         Ensemble([_Fixed(a)], mode="median")
 
 
+@pytest.mark.slow
 def test_plots_write_png_files(tmp_path):
     pytest.importorskip("matplotlib")
     from engine.train.plots import plot_confusion_matrix, plot_history

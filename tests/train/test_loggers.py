@@ -85,6 +85,7 @@ def _log_the_same(writer, values):
     writer.close()
 
 
+@pytest.mark.slow
 def test_summary_writer_writes_what_torchs_writes(tmp_path):
     pytest.importorskip("tensorboard")
     torch_tensorboard = pytest.importorskip("torch.utils.tensorboard")

@@ -131,6 +131,7 @@ def test_bf16_mixed_is_the_autocast_recipe_written_by_hand():
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_training_follows_torch_autocast():
     torch = pytest.importorskip("torch")
     x, y = _data(48)

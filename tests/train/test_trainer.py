@@ -97,6 +97,7 @@ def test_nan_guard_stops_with_clear_message_and_keeps_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.slow
 def test_resume_from_checkpoint_continues_exactly(tmp_path, precision):
     x, y = _blobs()
 
