@@ -90,6 +90,8 @@ class set_grad_enabled:
 
 # PyTorch's torch.cuda / torch.cpu / torch.backends: real packages (import no cupy)
 from engine import backends, cpu, cuda  # noqa: E402
+from engine import _dynamo, accelerator  # noqa: E402,F401  (torch.accelerator, torch._dynamo.reset)
+from engine._compile import compile  # noqa: E402,A001  (torch.compile: returns its argument unchanged)
 
 # PyTorch's dtype names (numpy dtypes underneath: t.dtype == engine.float is True)
 float, double, half = float32, float64, float16  # noqa: A001

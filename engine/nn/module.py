@@ -16,6 +16,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from engine import backend, dlpack, dtypes
+from engine._compile import compile as engine_compile
 from engine.autograd import no_grad
 from engine.dtypes import is_floating
 from engine.errors import DTypeError, EngineError, ShapeError, describe
@@ -263,6 +264,11 @@ class Module:
     def eval(self) -> "Module":
         """Evaluation mode: ``train(False)``."""
         return self.train(False)
+
+    def compile(self, *args, **kwargs) -> None:
+        """PyTorch's in-place ``Module.compile``: checks the arguments as ``engine.compile`` does and
+        leaves the module as it is (the engine runs eagerly; engine/_compile.py says why)."""
+        engine_compile(self, *args, **kwargs)
 
     def requires_grad_(self, requires_grad: bool = True) -> "Module":
         """Freeze (False) or unfreeze every parameter; frozen ones get no ``.grad`` in backward."""
