@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 
 from engine import kernels
-from engine import backend, dtypes, indexing, ops
+from engine import backend, backends, dtypes, indexing, ops
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
 from engine.backend import array_module
@@ -1128,8 +1128,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     length, keys = q.shape[-2], k.shape[-2]
     bias = _attention_bias(op, attn_mask, q, batch, length, keys)
     scale = _attention_default_scale(q.shape[-1]) if scale is None else float(scale)
-    if _use_fused(fused) and dropout_p == 0.0 and _attention_kernel_takes(q, v, bias):
+    kernel_fits = dropout_p == 0.0 and _attention_kernel_takes(q, v, bias)
+    if _use_fused(fused) and kernel_fits and backends.cuda.fused_sdp_allowed():
         return _attention_fused(q, k, v, bias, scale, bool(is_causal), batch)
+    if not backends.cuda.math_sdp_enabled():
+        raise RuntimeError(f"{op}: no available kernel: the math implementation is switched off "
+                           "(backends.cuda.enable_math_sdp(False) or sdp_kernel) and the fused kernel "
+                           + ("is switched off too" if kernel_fits else "does not take these inputs (dropout_p > 0, "
+                              "or a dtype/head size it refuses)"))
     return attention_unfused(q, k, v, bias, scale, bool(is_causal), dropout_p)[0]
 
 
