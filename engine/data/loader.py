@@ -238,7 +238,7 @@ class DataLoader:
             dataset, mapping = source
             if mapping is not None:
                 index = mapping[index]
-            batch = dataset.batch(index)
+            batch = list(dataset.batch(index))  # what default_collate makes of tuple items (PyTorch's list)
         else:
             positions = range(index.start, index.stop) if isinstance(index, slice) else index
             items = [self.dataset[int(i)] for i in positions]
@@ -625,9 +625,12 @@ def _sampler_index(index, position: int) -> int:
 def default_collate(items: list):
     """Stack a list of items into a batch.
 
-    Tensors and numpy/cupy arrays are stacked along a new first axis into a Tensor; Python ints
-    become int64, Python floats float32, bools bool_, numpy scalars keep their dtype; tuples,
-    lists and dicts are collated field by field; strings are returned as a list.
+    As PyTorch's ``default_collate``: Tensors and numpy/cupy arrays are stacked along a new first
+    axis into a Tensor; Python ints become int64, bools bool_, numpy scalars keep their dtype;
+    tuples and lists are collated field by field into a **list** (a namedtuple into its own type),
+    dicts key by key; strings are returned as they come (the batch's sequence of them).
+    One difference, on purpose: Python floats become float32 (PyTorch: float64), the engine's
+    default dtype, so a float target meets a float32 model output without a float64 promotion.
 
     Raises:
         ShapeError: items whose arrays differ in shape (pass a ``collate_fn`` that pads them).
@@ -642,18 +645,31 @@ def default_collate(items: list):
         return Tensor(np.asarray(items, dtype=np.bool_))
     if isinstance(first, (int, np.integer, float, np.floating)):
         return Tensor(_scalars_to_array(items))
-    if isinstance(first, str):
-        return list(items)
+    if isinstance(first, (str, bytes)):
+        return items
     if isinstance(first, dict):
-        return {key: default_collate([item[key] for item in items]) for key in first}
+        return _same_type(first, {key: default_collate([item[key] for item in items]) for key in first})
     if isinstance(first, (tuple, list)):
         if len({len(item) for item in items}) > 1:
             lengths = sorted({len(item) for item in items})
             raise ShapeError(f"default_collate: items have different numbers of fields: {lengths}")
-        fields = [default_collate(list(column)) for column in zip(*items)]
-        return list(fields) if isinstance(first, list) else tuple(fields)
+        fields = [default_collate(column) for column in zip(*items)]
+        if isinstance(first, tuple) and hasattr(first, "_fields"):  # a namedtuple keeps its type
+            return type(first)(*fields)
+        return fields if isinstance(first, tuple) else _same_type(first, fields)
     raise TypeError(f"default_collate: cannot batch items of type {type(first).__name__}; "
                     "return Tensors, arrays, numbers, or tuples/dicts of them, or pass collate_fn")
+
+
+def _same_type(first, fields):
+    """``fields`` (a list or dict) as ``first``'s own container type where it can be built from it
+    (an OrderedDict, a list subclass), else as it is: PyTorch's rule."""
+    if type(first) in (list, dict):
+        return fields
+    try:
+        return type(first)(fields)
+    except TypeError:
+        return fields
 
 
 def _stack_arrays(items: list) -> Tensor:
