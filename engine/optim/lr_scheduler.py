@@ -150,12 +150,18 @@ class LambdaLR(LRScheduler):
 
 
 class StepLR(LRScheduler):
-    """Multiply the lr by ``gamma`` every ``step_size`` epochs: ``base_lr * gamma ** (epoch // step_size)``."""
+    """Multiply the lr by ``gamma`` every ``step_size`` epochs: ``base_lr * gamma ** (epoch // step_size)``.
+
+    ``step_size`` may be a float, as PyTorch takes it (``StepLR(optimizer, 1.0)``): the lr decays at
+    the epochs where ``epoch % step_size == 0``, Python's arithmetic on the value as given.
+    """
 
     def __init__(self, optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1):
-        _check_int("StepLR", "step_size", step_size, low=1)
+        _check_real("StepLR", "step_size", step_size)
+        if step_size <= 0:
+            raise EngineError(f"StepLR: step_size must be > 0, got {step_size!r}")
         _check_real("StepLR", "gamma", gamma)
-        self.step_size, self.gamma = int(step_size), gamma
+        self.step_size, self.gamma = step_size, gamma
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
