@@ -86,8 +86,11 @@ def is_initialized() -> bool:
 
 
 def init_process_group(backend: str | None = None, *, world_size: int = -1, rank: int = -1, **rendezvous) -> None:
-    """Join the world the MPI launcher started; ``backend`` is "mpi", "nccl", or None (nccl when the
-    default device is CUDA, else mpi). Raises when a process group already exists.
+    """Join the world the MPI launcher started; ``backend`` is "mpi", "gloo", "nccl", or None (nccl
+    when the default device is CUDA, else mpi). Raises when a process group already exists.
+
+    "gloo" is PyTorch's CPU backend: here it is the MPI backend under that name (``get_backend()``
+    answers "gloo"), so scripts written for ``init_process_group("gloo")`` run under mpiexec.
 
     PyTorch's rendezvous arguments (``init_method``, ``store``, ``timeout`` ...) are accepted and
     unused: MPI's launcher has already placed every process. A ``world_size`` or ``rank`` given
@@ -102,9 +105,9 @@ def init_process_group(backend: str | None = None, *, world_size: int = -1, rank
     if backend is None:
         backend = "nccl" if engine_backend.default_device().type == "cuda" else "mpi"
     backend = str(backend).lower()
-    if backend not in ("mpi", "nccl"):
-        raise DistributedError(f"init_process_group: unknown backend {backend!r}; use 'mpi' (CPU tensors, or "
-                               "cupy through the host) or 'nccl' (CUDA tensors)")
+    if backend not in ("mpi", "gloo", "nccl"):
+        raise DistributedError(f"init_process_group: unknown backend {backend!r}; use 'mpi' or 'gloo' (CPU "
+                               "tensors, or cupy through the host) or 'nccl' (CUDA tensors)")
     if not is_available():
         raise DistributedError("init_process_group: mpi4py is not installed; "
                                f"{install_hint('distributed', 'mpi4py mpich')} (the mpich wheel brings mpiexec)")
@@ -118,6 +121,7 @@ def init_process_group(backend: str | None = None, *, world_size: int = -1, rank
         from engine.distributed.mpi import MPIGroup
 
         _state.group = MPIGroup()
+        _state.group.name = backend  # get_backend() answers what was asked for ("gloo" runs on MPI)
     faults.group_started()
     for name, asked, actual in (("world_size", world_size, _state.group.size), ("rank", rank, _state.group.rank)):
         if asked not in (-1, None) and int(asked) != actual:
