@@ -28,7 +28,7 @@ import numpy as np
 from engine import dtypes, functional as F, ops
 from engine.autograd import Function
 from engine.backend import array_module
-from engine.errors import EngineError, ShapeError, describe
+from engine.errors import ShapeError, describe
 from engine.indexing import index_select
 from engine.nn import init
 from engine.nn.module import Module, Parameter
@@ -49,19 +49,20 @@ def _sigmoid(xp, a):
 class RecurrentLayer(Function):
     """``(output, h_n[, c_n])`` of one direction of one recurrent layer (a PyTorch-style Function).
 
-    Args of ``apply``: x (T, B, I) time-major; h0 (B, H); c0 (B, H) or None; w_ih (G*H, I);
-    w_hh (G*H, H); b_ih, b_hh (G*H,) or None; mode ("LSTM", "GRU", "RNN_TANH", "RNN_RELU");
-    reverse (run from the last step to the first); batch_sizes (T,) host ints or None (all B).
+    Args of ``apply``: x (T, B, I) time-major; h0 (B, P); c0 (B, H) or None; w_ih (G*H, I);
+    w_hh (G*H, P); b_ih, b_hh (G*H,) or None; w_hr (P, H) the LSTM projection or None (then P = H);
+    mode ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"); reverse (run from the last step to the first);
+    batch_sizes (T,) host ints or None (all B).
     Rows past ``batch_sizes[t]`` are padding at step t: their output is 0 and their state holds.
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mode, reverse, batch_sizes):
-        raw = [None if t is None else t._data for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, batch_sizes):
+        raw = [None if t is None else t._data for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
         low = dtypes.low_precision_of([a for a in raw if a is not None])
         if low is not None:  # 16-bit storage computes in float32, as every engine op does
             raw = [None if a is None else dtypes.upcast(a) for a in raw]
-        xa, h, c, wi, wh, bi, bh = raw
+        xa, h, c, wi, wh, bi, bh, whr = raw
         xp = array_module(xa)
         steps, batch = xa.shape[:2]
         sizes = batch_sizes if batch_sizes is not None else np.full(steps, batch, np.int64)
@@ -70,9 +71,12 @@ class RecurrentLayer(Function):
             xw = xw + bi
         h, c = h.copy(), None if c is None else c.copy()
         out = xp.zeros((steps, batch, wh.shape[1]), dtype=xw.dtype)
+        cells = xp.zeros((steps, batch, wh.shape[0] // _GATES[mode]), dtype=xw.dtype)  # H wide (P = H unprojected)
         saved = {"h_prev": xp.zeros_like(out), "acts": xp.zeros_like(xw)}
         if mode == "LSTM":
-            saved["c_prev"], saved["tanh_c"] = xp.zeros_like(out), xp.zeros_like(out)
+            saved["c_prev"], saved["tanh_c"] = xp.zeros_like(cells), xp.zeros_like(cells)
+        if whr is not None:
+            saved["h_full"] = cells
         if mode == "GRU":
             saved["hn"] = xp.zeros_like(out)
         order = range(steps - 1, -1, -1) if reverse else range(steps)
@@ -85,18 +89,22 @@ class RecurrentLayer(Function):
             if bh is not None:
                 hw = hw + bh
             h_new = _step(xp, mode, xw[t, :n], hw, h[:n], None if c is None else c[:n], t, n, saved)
+            if whr is not None:  # LSTM projection: h_t = W_hr (o_t * tanh(c_t))
+                saved["h_full"][t, :n] = h_new
+                h_new = h_new @ whr.T
             h[:n] = h_new
             out[t, :n] = h_new
         ctx.mode, ctx.order, ctx.sizes, ctx.low = mode, list(order), sizes, low
         ctx.saved = saved
-        ctx.save_for_backward(x, w_ih, w_hh)
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr)
         results = [out, h] + ([c] if mode == "LSTM" else [])
         return tuple(Tensor._from_op(r if low is None else dtypes.round_to(r, low), None) for r in results)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h, *grad_c):
-        x, w_ih, w_hh = ctx.saved_tensors
+        x, w_ih, w_hh, w_hr = ctx.saved_tensors
         xa, wi, wh = (dtypes.upcast(t._data) if ctx.low is not None else t._data for t in (x, w_ih, w_hh))
+        whr = None if w_hr is None else (dtypes.upcast(w_hr._data) if ctx.low is not None else w_hr._data)
         xp, saved, mode = array_module(xa), ctx.saved, ctx.mode
         g_out = dtypes.upcast(grad_out._data) if ctx.low is not None else grad_out._data
         dh = (dtypes.upcast(grad_h._data) if ctx.low is not None else grad_h._data).copy()
@@ -104,19 +112,24 @@ class RecurrentLayer(Function):
         dxw = xp.zeros_like(saved["acts"])
         d_wh = xp.zeros_like(wh)
         d_bh = xp.zeros(wh.shape[0], dtype=wh.dtype)
+        d_whr = None if whr is None else xp.zeros_like(whr)
         for t in reversed(ctx.order):
             n = int(ctx.sizes[t])
             if n == 0:
                 continue
             dh[:n] += g_out[t, :n]
-            d_xpart, d_hpart, dh_direct = _step_backward(xp, mode, t, n, dh[:n], dc, saved)
+            dh_cell = dh[:n]
+            if whr is not None:
+                d_whr += dh_cell.T @ saved["h_full"][t, :n]
+                dh_cell = dh_cell @ whr
+            d_xpart, d_hpart, dh_direct = _step_backward(xp, mode, t, n, dh_cell, dc, saved)
             dxw[t, :n] = d_xpart
             d_wh += d_hpart.T @ saved["h_prev"][t, :n]
             d_bh += d_hpart.sum(axis=0)
             dh[:n] = d_hpart @ wh + (0 if dh_direct is None else dh_direct)
         flat = dxw.reshape(-1, dxw.shape[-1])
         grads = [lambda: dxw @ wi, lambda: dh, lambda: dc, lambda: flat.T @ xa.reshape(-1, xa.shape[-1]),
-                 lambda: d_wh, lambda: flat.sum(axis=0), lambda: d_bh]
+                 lambda: d_wh, lambda: flat.sum(axis=0), lambda: d_bh, lambda: d_whr]
         out = []
         for needed, grad in zip(ctx.needs_input_grad, grads):
             g = grad() if needed else None
@@ -127,7 +140,7 @@ class RecurrentLayer(Function):
 def _step(xp, mode, xw, hw, h, c, t, n, saved):
     """One time step for the first ``n`` rows; saves what backward needs; returns the new h (and
     updates ``c`` in place for LSTM)."""
-    size = h.shape[1]
+    size = xw.shape[1] // _GATES[mode]  # H (h itself is P wide under an LSTM projection)
     if mode == "LSTM":
         gates = xw + hw
         i, f = _sigmoid(xp, gates[:, :size]), _sigmoid(xp, gates[:, size:2 * size])
@@ -198,7 +211,8 @@ class RNNBase(Module):
         dropout: dropout on each layer's output except the last, in training mode.
         bidirectional: a second direction per layer, run from the last step to the first; the
             outputs of both are concatenated.
-        proj_size: LSTM projections are not built; only 0 is accepted.
+        proj_size: LSTM only: > 0 projects each step's hidden state to ``proj_size`` features with
+            ``weight_hr_l{k}`` (proj_size, hidden_size); h and the output are then proj_size wide.
     """
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -210,25 +224,33 @@ class RNNBase(Module):
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
             raise ValueError(f"{name}: dropout should be a number in range [0, 1] representing the probability of an "
                              f"element being zeroed, got {dropout!r}")
-        if proj_size:
-            raise EngineError(f"{name}: proj_size={proj_size} (LSTM projections) is not supported by the engine; "
-                              "use proj_size=0 and a Linear layer on the output")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral) or proj_size < 0:
+            raise ValueError(f"{name}: proj_size should be a positive integer or zero to disable projections, got "
+                             f"{proj_size!r}")
+        if proj_size and mode != "LSTM":
+            raise ValueError(f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU")
+        if proj_size >= hidden_size:
+            raise ValueError(f"{name}: proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
+                             f"hidden_size={hidden_size}")
         if dropout > 0 and num_layers == 1:
             warnings.warn(f"dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
                           f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
                           UserWarning, stacklevel=3)
         self.mode, self.input_size, self.hidden_size = mode, int(input_size), int(hidden_size)
         self.num_layers, self.bias, self.batch_first = int(num_layers), bool(bias), bool(batch_first)
-        self.dropout, self.bidirectional, self.proj_size = float(dropout), bool(bidirectional), 0
+        self.dropout, self.bidirectional, self.proj_size = float(dropout), bool(bidirectional), int(proj_size)
         gate_size = _GATES[mode] * self.hidden_size
+        real_hidden = self.proj_size or self.hidden_size  # the width of h and of each direction's output
         self._flat_weights_names = []
         for layer in range(self.num_layers):
             for direction in range(self.num_directions):
-                layer_input = self.input_size if layer == 0 else self.hidden_size * self.num_directions
+                layer_input = self.input_size if layer == 0 else real_hidden * self.num_directions
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                shapes = {"weight_ih": (gate_size, layer_input), "weight_hh": (gate_size, self.hidden_size)}
+                shapes = {"weight_ih": (gate_size, layer_input), "weight_hh": (gate_size, real_hidden)}
                 if self.bias:
                     shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
+                if self.proj_size:
+                    shapes["weight_hr"] = (self.proj_size, self.hidden_size)
                 for kind, shape in shapes.items():
                     self.register_parameter(kind + suffix, Parameter(empty(*shape, dtype=dtype, device=device)))
                     self._flat_weights_names.append(kind + suffix)
@@ -254,8 +276,8 @@ class RNNBase(Module):
 
     @property
     def all_weights(self) -> list:
-        """The parameters per layer and direction: ``[[w_ih, w_hh, b_ih, b_hh], ...]``, as PyTorch's."""
-        per = 4 if self.bias else 2
+        """The parameters per layer and direction: ``[[w_ih, w_hh, b_ih, b_hh(, w_hr)], ...]``, as PyTorch's."""
+        per = (4 if self.bias else 2) + (1 if self.proj_size else 0)
         flat = self._flat_weights
         return [flat[i:i + per] for i in range(0, len(flat), per)]
 
@@ -268,6 +290,8 @@ class RNNBase(Module):
                 text += f", {flag}={getattr(self, flag)}"
         if self.dropout:
             text += f", dropout={self.dropout}"
+        if self.proj_size:
+            text += f", proj_size={self.proj_size}"
         return text
 
     # ---- forward ---------------------------------------------------------------------------------------
@@ -300,6 +324,7 @@ class RNNBase(Module):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 params = [getattr(self, name + suffix) if self.bias or name.startswith("weight") else None
                           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                params.append(getattr(self, "weight_hr" + suffix) if self.proj_size else None)
                 result = RecurrentLayer.apply(layer_input, h0[k], None if c0 is None else c0[k], *params, self.mode,
                                               bool(direction), batch_sizes)
                 outputs.append(result[0])
@@ -327,9 +352,10 @@ class RNNBase(Module):
     def _initial_state(self, hx, x: Tensor, unbatched: bool, sorted_indices):
         name = type(self).__name__
         shape = (self.num_layers * self.num_directions, x.shape[1], self.hidden_size)
+        h_shape = shape[:2] + (self.proj_size or self.hidden_size,)
         lstm = self.mode == "LSTM"
         if hx is None:
-            h0 = zeros(*shape, dtype=x.dtype, device=x.device)
+            h0 = zeros(*h_shape, dtype=x.dtype, device=x.device)
             return h0, (zeros(*shape, dtype=x.dtype, device=x.device) if lstm else None)
         if lstm != isinstance(hx, (tuple, list)):
             raise TypeError(f"{name}: hx must be " + ("a tuple (h_0, c_0)" if lstm else "a Tensor") +
@@ -343,8 +369,9 @@ class RNNBase(Module):
                 state = ops.unsqueeze(state, 1)
             elif sorted_indices is not None:
                 state = index_select(state, 1, sorted_indices)  # the caller's order -> the packed (sorted) one
-            if state.shape != shape:
-                raise ShapeError(f"{name}: expected hidden size {shape}, got {state.shape}")
+            expected = h_shape if i == 0 else shape
+            if state.shape != expected:
+                raise ShapeError(f"{name}: expected hidden size {expected}, got {state.shape}")
             states[i] = state
         return states[0], (states[1] if lstm else None)
 
@@ -390,7 +417,8 @@ class RNN(RNNBase):
 class LSTM(RNNBase):
     """Long short-term memory, as ``torch.nn.LSTM`` (gates i, f, g, o in the weights' rows).
 
-    Returns ``(output, (h_n, c_n))``. See :class:`RNNBase` for the arguments (``proj_size`` must be 0).
+    Returns ``(output, (h_n, c_n))``. See :class:`RNNBase` for the arguments (``proj_size`` > 0 adds
+    the projections ``weight_hr_l{k}``; h_n and the output are then proj_size wide, c_n hidden_size).
 
     Example:
         >>> lstm = nn.LSTM(10, 20, num_layers=2, batch_first=True)        # doctest: +SKIP
@@ -472,7 +500,7 @@ class RNNCellBase(Module):
                     raise ShapeError(f"{name}: expected hidden state of shape {(batch, self.hidden_size)}, got "
                                      f"{describe(s)}")
         result = RecurrentLayer.apply(x, states[0], states[1] if lstm else None, self.weight_ih, self.weight_hh,
-                                      self.bias_ih, self.bias_hh, self.mode, False, None)
+                                      self.bias_ih, self.bias_hh, None, self.mode, False, None)
         finals = [result[1]] + ([result[2]] if lstm else [])
         if unbatched:
             finals = [ops.squeeze(f, 0) for f in finals]
