@@ -585,6 +585,22 @@ class _CtxBackward(Function):
         super().release()
 
 
+def records_nothing(tensor) -> bool:
+    """Whether an op reading only ``tensor`` (and Python numbers) would add nothing to a graph and
+    be seen by nobody: a numpy-backed tensor that does not require grad, with no watcher installed.
+    Ops use it to skip ``Function.apply``'s bookkeeping on the small integer work of data loading
+    (``data[i:i + block_size]`` with a 0-d index tensor), where that bookkeeping is most of the cost."""
+    return not tensor.requires_grad and _mode.watcher is None and type(tensor._data) is _ndarray
+
+
+def view_result(array, of) -> "_tensor.Tensor":
+    """A no-graph result ``array`` of an op on ``of``, sharing ``of``'s Version when it views its memory
+    (what ``Function.apply`` does for a result it does not record)."""
+    result = _tensor.Tensor._from_op(array, None)
+    _share_storage(result, (of,))
+    return result
+
+
 def _share_storage(result, inputs) -> None:
     """A result that views an input's memory shares its Version (and remembers the tensor it views)."""
     out = result._data

@@ -19,7 +19,7 @@ from engine import kernels
 from engine.kernels.cpu.gelu import SQUARE_MAX as _GELU_SQUARE_MAX
 from engine import backend
 from engine.amp.autocast_mode import autocast_op
-from engine.autograd import Function, unbroadcast
+from engine.autograd import Function, records_nothing, unbroadcast, view_result
 from engine import dtypes
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, GradError, ShapeError, describe
@@ -206,8 +206,30 @@ class Neg(Function):
         return -g
 
 
+def _int64_with_int(ufunc, a, b):
+    """``ufunc(a, b)`` for an int64 CPU tensor and a Python int, without a graph node (integers carry
+    no gradient, and the result's dtype is the tensor's, as ``_binary_operands`` would make it);
+    None when the operands are anything else. Index arithmetic in data loading (``i + block_size``
+    on a 0-d tensor from ``randint``) otherwise pays the whole op machinery for one integer."""
+    if type(b) is int and isinstance(a, Tensor):
+        tensor = a
+    elif type(a) is int and isinstance(b, Tensor):
+        tensor = b
+    else:
+        return None
+    data = tensor._data
+    if data.dtype != np.int64 or not records_nothing(tensor):
+        return None
+    left, right = (data, b) if tensor is a else (a, data)
+    return Tensor._from_op(np.asarray(ufunc(left, right)), None)
+
+
 def add(a, b, *, alpha=1, out=None) -> Tensor:
     """``a + alpha * b`` (``torch.add``); ``out=`` writes the result into an existing tensor."""
+    if out is None and alpha == 1:
+        fast = _int64_with_int(np.add, a, b)
+        if fast is not None:
+            return fast
     if alpha != 1:
         b = mul(b, alpha) if isinstance(b, Tensor) else b * alpha
     result = Add.apply(*_binary_operands("add", a, b))
@@ -223,6 +245,10 @@ def sub(a, b, *, alpha=1, out=None) -> Tensor:
     if _is_bool_tensor(a) or _is_bool_tensor(b):
         raise DTypeError(f"sub: subtraction with a bool tensor is not supported (as in PyTorch): {describe(a)} - "
                          f"{describe(b)}; invert a mask with ~ or logical_not, or convert with .long() or .float()")
+    if out is None and alpha == 1:
+        fast = _int64_with_int(np.subtract, a, b)
+        if fast is not None:
+            return fast
     if alpha != 1:
         b = mul(b, alpha) if isinstance(b, Tensor) else b * alpha
     result = Sub.apply(*_binary_operands("sub", a, b))
@@ -231,6 +257,10 @@ def sub(a, b, *, alpha=1, out=None) -> Tensor:
 
 def mul(a, b, *, out=None) -> Tensor:
     """Elementwise product (``torch.mul``)."""
+    if out is None:
+        fast = _int64_with_int(np.multiply, a, b)
+        if fast is not None:
+            return fast
     result = Mul.apply(*_binary_operands("mul", a, b))
     return result if out is None else write_out("mul", result, out)
 
@@ -1119,12 +1149,19 @@ class GetItem(Function):
 
 
 def _is_basic_index(index) -> bool:
+    if type(index) is slice or type(index) is int:  # the common cases, answered without a loop
+        return True
     items = index if isinstance(index, tuple) else (index,)
     return builtins.all(isinstance(i, (int, np.integer, slice)) or i is None or i is Ellipsis for i in items)
 
 
 def getitem(a: Tensor, index) -> Tensor:
     index = _unwrap_index(index, a)
+    if records_nothing(a) and _is_basic_index(index):  # a view and no graph node: apply's result, less its cost
+        try:
+            return view_result(a._data[index], a)
+        except (IndexError, TypeError) as e:
+            raise type(e)(f"getitem: {e} (operands: {describe(a)})") from e
     return GetItem.apply(a, index=index)
 
 
@@ -1178,10 +1215,23 @@ def stack(tensors, dim: int | None = None, *, axis=None) -> Tensor:
     tensors = list(tensors)
     if not tensors:
         raise ShapeError("stack: needs at least one tensor")
-    if len({t.shape for t in tensors}) > 1:
+    promoted = _promoted_together(tensors)  # checks that each is a Tensor
+    if len({t._data.shape for t in tensors}) > 1:
         raise ShapeError(f"stack: all shapes must be equal, got {', '.join(str(t.shape) for t in tensors)}")
     axis = axis % (tensors[0].ndim + 1)
-    return concatenate([unsqueeze(t, axis) for t in tensors], axis)
+    return Stack.apply(*promoted, axis=axis)
+
+
+class Stack(Function):
+    """One graph node for ``stack`` (not an unsqueeze per tensor and a concatenate)."""
+    computes_in_float32 = False  # moves memory: no arithmetic to do in float32
+
+    def forward(self, *arrays, axis=0):
+        self.axis = axis
+        return _xp(arrays[0]).stack(arrays, axis=axis)
+
+    def backward(self, g):
+        return tuple(_xp(g).moveaxis(g, self.axis, 0))
 
 
 def _promoted_together(tensors) -> list:
@@ -1190,6 +1240,8 @@ def _promoted_together(tensors) -> list:
     for t in tensors:
         if not isinstance(t, Tensor):
             raise TypeError(f"concatenate: expected Tensors, got {type(t).__name__}")
+    if len({t._data.dtype for t in tensors}) == 1:  # nothing to promote (the usual case)
+        return tensors
     target = dtypes.result_type([t.dtype for t in tensors])
     return [cast(t, target) for t in tensors]
 

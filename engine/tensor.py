@@ -14,7 +14,7 @@ import numpy as np
 from engine import backend, dlpack, dtypes
 from engine.autograd import Version
 from engine.autograd import backward as _run_backward
-from engine.autograd import grad_lock, is_grad_enabled, notify_watcher
+from engine.autograd import grad_lock, is_grad_enabled, notify_watcher, records_nothing, view_result
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, EngineError, GradError, describe
 
@@ -138,6 +138,17 @@ class Tensor:
 
     def numel(self) -> int:
         return int(self._data.size)
+
+    def __iter__(self):
+        """The sub-tensors along dim 0 (views), as PyTorch's iteration; a 0-d tensor is not iterable."""
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        if records_nothing(self):  # no graph to record: the rows straight from the array (loops over indices)
+            data = self._data
+            if data.ndim == 1:
+                return (Tensor._from_op(value, None) for value in data)  # numpy scalars: 0-d copies, as self[i]
+            return (view_result(row, self) for row in data)
+        return (self[i] for i in range(self.shape[0]))
 
     def __len__(self) -> int:
         if self.ndim == 0:
@@ -323,7 +334,7 @@ class Tensor:
     def item(self):
         if self._data.size != 1:
             raise EngineError(f"item: only one-element tensors convert to a Python scalar, got {describe(self)}")
-        return self.numpy().reshape(()).item()
+        return backend.to_host(self._data).item()
 
     def tolist(self):
         return self.numpy().tolist()
@@ -353,7 +364,7 @@ class Tensor:
         return int(self.item())
 
     def __index__(self) -> int:
-        if self._data.size != 1 or not np.issubdtype(np.dtype(self.dtype), np.integer):
+        if self._data.size != 1 or self._data.dtype.kind not in "iu":  # integers only (not bool), as PyTorch
             raise TypeError(f"only integer tensors of a single element can be converted to an index, got "
                             f"{describe(self)}")
         return int(self.item())
