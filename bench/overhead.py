@@ -4,8 +4,9 @@ Two tables. The first, per engine op on tiny tensors (4x4, so that only the host
 gives microseconds per call for the engine beside torch on the same device, measured in one run
 (median of ``repeat`` runs of ``number`` back-to-back calls): ``a + b`` with grad, ``a * b``, a
 4x4 matmul, tanh, sum, the issue's chain ``((a*b + a).tanh() * b).sum().backward()``, the ops of
-a small MLP (linear, relu, cross_entropy) and one whole MLP step (forward, backward, Adam). A
-ratio engine / torch at or below 1 is the target.
+a small MLP (linear, relu, cross_entropy), one whole MLP step (forward, backward, Adam) and the
+get_batch of Karpathy's bigram / nanoGPT lecture scripts (32 slices ``data[i:i+8]`` by 0-d index
+tensors from ``randint``, stacked). A ratio engine / torch at or below 1 is the target.
 
 The second table is about the kernels layer:
 
@@ -194,6 +195,12 @@ def _op_cases(lib, device: str) -> dict:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
+    text = lib.randint(0, 65, (10000,), device=device)
+
+    def get_batch():  # Karpathy's bigram/nanoGPT get_batch: 0-d index tensors from randint slice the data
+        ix = lib.randint(len(text) - 8, (32,), device=device)
+        return (lib.stack([text[i:i + 8] for i in ix]), lib.stack([text[i + 1:i + 8 + 1] for i in ix]))
+
     return {
         "a + b (grad)": lambda: a + b,
         "a * b (grad)": lambda: a * b,
@@ -206,6 +213,7 @@ def _op_cases(lib, device: str) -> dict:
         "relu (grad)": lambda: F.relu(a),
         "cross_entropy 8x10 (grad)": lambda: F.cross_entropy(logits, y),
         "MLP 16-32-10 step (fwd+bwd+Adam)": mlp_step,
+        "bigram get_batch 32x8 (0-d index slicing)": get_batch,
     }
 
 

@@ -252,3 +252,76 @@ def test_lstm_proj_size_refusals_are_pytorchs():
         engine.nn.rnn.RNNBase("GRU", 4, 8, proj_size=2)
     with pytest.raises(Exception, match="hidden size"):
         engine.nn.LSTM(4, 8, proj_size=3)(engine.zeros(2, 1, 4), (engine.zeros(1, 1, 8), engine.zeros(1, 1, 8)))
+
+
+# ---- small integer work without autograd's price (bigram get_batch) ------------------------------------
+
+def test_index_arithmetic_on_0d_integer_tensors_matches_pytorch():
+    i, t_i = engine.tensor(5), torch.tensor(5)
+    for op in (lambda a: a + 8, lambda a: 8 + a, lambda a: a - 3, lambda a: 3 - a, lambda a: a * 4, lambda a: 4 * a):
+        e, t = op(i), op(t_i)
+        assert isinstance(e, engine.Tensor) and e.ndim == 0
+        assert (e.item(), str(e.dtype)) == (t.item(), "int64") and t.dtype == torch.int64
+    small = engine.tensor(5, dtype=engine.int32)   # not int64: the general path, PyTorch's dtype rule
+    assert (small + 1).dtype == engine.int32 and (torch.tensor(5, dtype=torch.int32) + 1).dtype == torch.int32
+    assert (i + 0.5).dtype == engine.float32 and (i + 0.5).item() == 5.5
+
+
+def test_slicing_by_0d_index_tensors_gives_pytorchs_values_and_views():
+    data = engine.arange(20)
+    t_data = torch.arange(20)
+    ix, t_ix = engine.tensor([3, 11]), torch.tensor([3, 11])
+    got = engine.stack([data[i:i + 4] for i in ix])
+    expected = torch.stack([t_data[i:i + 4] for i in t_ix])
+    assert got.tolist() == expected.tolist() and got.dtype == engine.int64
+    view = data[ix[0]:ix[0] + 2]
+    view.add_(100)                                  # a view, as PyTorch's slice: the data changes
+    t_view = t_data[t_ix[0]:t_ix[0] + 2]
+    t_view.add_(100)
+    assert data.tolist() == t_data.tolist()
+    assert view._version is data._version           # one storage, one version counter
+
+
+def test_iterating_a_tensor_as_pytorch():
+    with pytest.raises(TypeError, match="0-d"):
+        iter(torch.tensor(3))
+    with pytest.raises(TypeError, match="0-d"):
+        iter(engine.tensor(3))
+    assert [v.item() for v in engine.arange(4)] == [v.item() for v in torch.arange(4)]
+    rows = list(engine.ones(3, 2))
+    rows[1].mul_(5)                                 # rows of a 2-d tensor are views, as in PyTorch
+    t_rows = list(torch.ones(3, 2))
+    t_rows[1].mul_(5)
+    w = engine.randn(3, 2, requires_grad=True)      # with grad: each row is a recorded getitem
+    sum(r.sum() * k for k, r in enumerate(w)).backward()
+    assert w.grad.tolist() == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+
+
+def test_index_of_non_integer_tensors_is_refused_as_in_pytorch():
+    data = list(range(5))
+    for bad in (engine.tensor(1.0), engine.tensor(True), engine.tensor([1, 2])):
+        with pytest.raises(TypeError, match="integer tensors of a single element"):
+            data[bad]
+    with pytest.raises(TypeError):
+        data[torch.tensor(1.0)]
+
+
+def test_stack_is_one_node_with_pytorchs_gradients_and_promotion():
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal((2, 3)).astype(np.float32) for _ in range(3)]
+    e_in = [engine.tensor(a, requires_grad=True) for a in arrays]
+    t_in = [torch.tensor(a, requires_grad=True) for a in arrays]
+    weights = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    e_out, t_out = engine.stack(e_in, dim=-1), torch.stack(t_in, dim=-1)
+    (e_out * engine.tensor(weights)).sum().backward()
+    (t_out * torch.tensor(weights)).sum().backward()
+    np.testing.assert_array_equal(e_out.detach().numpy(), t_out.detach().numpy())
+    for e, t in zip(e_in, t_in):
+        np.testing.assert_allclose(e.grad.numpy(), t.grad.numpy(), rtol=1e-6)
+    mixed = engine.stack([engine.tensor([1], dtype=engine.int32), engine.tensor([2])])
+    assert mixed.dtype == engine.int64 == np.dtype(str(torch.stack([torch.tensor([1], dtype=torch.int32),
+                                                                   torch.tensor([2])]).dtype).split(".")[1])
+    with pytest.raises(Exception, match="shapes"):
+        engine.stack([engine.zeros(2), engine.zeros(3)])
+    with pytest.raises(TypeError, match="Tensors"):
+        engine.stack([engine.zeros(2), [1.0, 2.0]])
