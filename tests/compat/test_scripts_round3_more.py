@@ -1,0 +1,71 @@
+"""More of the third round: public PyTorch programs of the kinds users try first (Karpathy's GPT
+lecture and training repositories, PyTorch's examples and tutorials), each run as a user runs it
+(its own process, its own command line) with only the import, dataset and launcher lines changed
+(each script's header names its source, the commit and every changed line).
+
+The figures PyTorch 2.13 (CPU, one thread) reaches with the same scripts, flags and data (run once
+with the import lines changed back) are in each test's comment; the engine must learn comparably.
+Tests that take more than a few seconds on a busy 2-core machine are marked slow.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from tests.compat.datasets import write_tiny_shakespeare
+from tests.compat.test_scripts_round3 import SCRIPTS, run
+
+
+def _eval_lines(out: str) -> list[tuple[float, float]]:
+    """(train, val) of each "step N: train loss T, val loss V" line (Karpathy's estimate_loss)."""
+    return [(float(t), float(v)) for t, v in re.findall(r"step \d+: train loss ([0-9.]+), val loss ([0-9.]+)", out)]
+
+
+def test_lecture_bigram(tmp_path):
+    # karpathy/ng-video-lecture bigram.py on the generated text (26 characters, ln 26 = 3.26).
+    # PyTorch 2.13: val loss 3.83 (step 0), 2.60, 1.89, 1.56, 1.43, 1.36 (step 500); the engine:
+    # 3.51, 2.29, 1.71, 1.47, 1.37, 1.35. (The initial losses differ: the embedding's N(0, 1) draws do.)
+    write_tiny_shakespeare(tmp_path / "input.txt")
+    out = run("lecture_bigram.py", [], tmp_path)
+    losses = _eval_lines(out)
+    assert len(losses) == 6
+    assert losses[-1][1] < 1.6 and losses[-1][1] < 0.5 * losses[0][1], losses
+    assert len(out.strip().splitlines()[-1]) > 0          # the generated sample was printed
+
+
+@pytest.mark.slow
+def test_lecture_gpt(tmp_path):
+    # karpathy/ng-video-lecture gpt.py (hyperparameters CPU-sized in the header). PyTorch 2.13:
+    # val loss 3.28 -> 0.91 (step 100) -> 0.39 -> 0.31 (step 299); the engine: 3.27 -> 0.82 -> 0.36 -> 0.33.
+    write_tiny_shakespeare(tmp_path / "input.txt")
+    out = run("lecture_gpt.py", [], tmp_path)
+    losses = _eval_lines(out)
+    assert len(losses) == 4
+    assert losses[-1][1] < 0.5 and losses[0][1] > 3.0, losses
+    assert "M parameters" in out
+
+
+def test_nanogpt_shakespeare_char_on_the_cpu(tmp_path):
+    # nanoGPT's README CPU command (train.py config/train_shakespeare_char.py --device=cpu
+    # --compile=False ...), smaller and shorter; data prepared by its own prepare.py. PyTorch 2.13:
+    # val loss 3.29 -> 1.53 (step 100) -> 1.01 (step 200); the engine: 3.31 -> 1.55 -> 1.07.
+    work = tmp_path / "nanogpt"
+    shutil.copytree(SCRIPTS / "nanogpt", work)
+    write_tiny_shakespeare(work / "data" / "shakespeare_char" / "input.txt")
+    run(str(work / "data" / "shakespeare_char" / "prepare.py"), [], work)  # the copy: it writes beside itself
+    flags = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=5",
+             "--log_interval=20", "--block_size=32", "--batch_size=12", "--n_layer=2", "--n_head=4", "--n_embd=64",
+             "--max_iters=200", "--lr_decay_iters=200", "--dropout=0.0", "--eval_interval=100"]
+    out = run(str(work / "train.py"), flags, work)
+    losses = _eval_lines(out)
+    assert len(losses) == 3 and losses[-1][1] < 1.3 and losses[0][1] > 3.0, losses
+    assert (work / "out-shakespeare-char" / "ckpt.pt").is_file()
+    # resume from the checkpoint it wrote, as nanoGPT's --init_from=resume does
+    out = run(str(work / "train.py"), flags[:-4] + ["--max_iters=220", "--lr_decay_iters=200", "--dropout=0.0",
+                                                   "--eval_interval=10", "--init_from=resume"], work)
+    assert "Resuming training" in out
+    resumed = _eval_lines(out)
+    assert resumed and resumed[0][1] < 1.3, resumed
