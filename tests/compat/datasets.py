@@ -182,12 +182,13 @@ def write_tiny_corpus(directory, seed: int = 0, lines: tuple = (300, 60, 60)) ->
         (directory / name).write_text("\n".join(sentence() for _ in range(count)) + "\n")
 
 
-def write_tiny_shakespeare(path, seed: int = 0, sentences: int = 1500) -> None:
+def write_tiny_shakespeare(path, seed: int = 0, sentences: int = 1500, first_line: str = "") -> None:
     """Stand-in for tiny Shakespeare (``input.txt``, 1.1 MB, which Karpathy's lecture scripts
     download): the small grammar of :func:`write_tiny_corpus` as one character stream, capitalised,
     with line breaks, about 50 kB and ~30 distinct characters. A character model has structure to
     learn: within a word the next character is nearly fixed, so a bigram model drops from
-    ln(vocab) ~ 3.4 nats to ~2 and a small GPT below 1."""
+    ln(vocab) ~ 3.4 nats to ~2 and a small GPT below 1. ``first_line`` is put before the rest (a
+    prompt a script samples from must consist of characters the text has)."""
     import pathlib
 
     rng = np.random.default_rng(seed)
@@ -195,8 +196,25 @@ def write_tiny_shakespeare(path, seed: int = 0, sentences: int = 1500) -> None:
     tmp = path.parent / (path.name + ".parts")
     write_tiny_corpus(tmp, seed=int(rng.integers(1 << 30)), lines=(sentences, 1, 1))
     lines = (tmp / "train.txt").read_text().splitlines()
-    text = "\n".join(line[:1].upper() + line[1:] for line in lines) + "\n"
+    text = "\n".join(([first_line] if first_line else []) + [line[:1].upper() + line[1:] for line in lines]) + "\n"
     path.write_text(text)
     for part in tmp.iterdir():
         part.unlink()
     tmp.rmdir()
+
+
+def write_names(path, count: int = 2000, seed: int = 0) -> None:
+    """Stand-in for makemore's ``names.txt`` (32k first names, one per line): ``count`` invented
+    names of 2 to 4 syllables from a small syllable set, lowercase a-z only, one per line, so a
+    character model has structure to learn (which letter may follow which, and where names end)."""
+    import pathlib
+
+    rng = np.random.default_rng(seed)
+    onsets = ["b", "d", "j", "k", "l", "m", "n", "r", "s", "t", "v", "z", "ch", "sh"]
+    vowels = ["a", "e", "i", "o", "u", "ay", "ee"]
+    endings = ["", "", "n", "h", "l", "s"]
+    names = []
+    for _ in range(count):
+        syllables = [rng.choice(onsets) + rng.choice(vowels) for _ in range(int(rng.integers(2, 5)))]
+        names.append("".join(syllables) + rng.choice(endings))
+    pathlib.Path(path).write_text("\n".join(names) + "\n")

@@ -15,7 +15,8 @@ import shutil
 
 import pytest
 
-from tests.compat.datasets import write_tiny_shakespeare
+import engine
+from tests.compat.datasets import write_names, write_tiny_shakespeare
 from tests.compat.test_scripts_round3 import SCRIPTS, run
 
 
@@ -69,3 +70,40 @@ def test_nanogpt_shakespeare_char_on_the_cpu(tmp_path):
     assert "Resuming training" in out
     resumed = _eval_lines(out)
     assert resumed and resumed[0][1] < 1.3, resumed
+
+
+@pytest.mark.slow
+def test_mingpt_chargpt(tmp_path):
+    # minGPT's projects/chargpt with its own overrides (gpt-nano, block 32, batch 16, 201 iterations);
+    # it samples 500 characters from "O God, O God!" at iteration 0 and saves the model.
+    # PyTorch 2.13: train loss 3.42 (iter 0) -> 1.97 (80) -> 1.36 (160) -> 1.32 (200); the engine:
+    # 3.41 -> 2.02 (70) -> 1.45 (150) -> 1.29 (190).
+    write_tiny_shakespeare(tmp_path / "input.txt", first_line="O God, O God!")
+    flags = ["--model.model_type=gpt-nano", "--data.block_size=32", "--trainer.max_iters=201",
+             "--trainer.num_workers=0", "--trainer.batch_size=16"]
+    out = run("mingpt_chargpt.py", flags, tmp_path)
+    losses = [float(v) for v in re.findall(r"iter \d+: train loss ([0-9.]+)", out)]
+    assert len(losses) == 21 and losses[0] > 3.0 and losses[-1] < 1.6, losses
+    assert (tmp_path / "out" / "chargpt" / "model.pt").is_file()
+
+
+needs_inference_mode = pytest.mark.skipif(not hasattr(engine, "inference_mode"),
+                                          reason="makemore decorates evaluate/generate with torch.inference_mode, "
+                                                 "which comes with issue 24")
+
+
+@pytest.mark.slow
+@needs_inference_mode
+@pytest.mark.parametrize("model_type, max_test_loss", [("gru", 2.1), ("transformer", 2.1)])
+def test_makemore(tmp_path, model_type, max_test_loss):
+    # karpathy/makemore with its own flags (--type, --max-steps 501, 2 layers of 32) on 2,000 generated
+    # names (uniform guessing: ln 27 = 3.3). PyTorch 2.13 at step 500: GRU train/test loss 1.940/1.963,
+    # transformer 1.884/1.910; the engine: GRU 1.936/1.947, transformer 1.887/1.918.
+    write_names(tmp_path / "names.txt")
+    flags = ["--type", model_type, "--max-steps", "501", "--num-workers", "0", "--n-layer", "2", "--n-embd", "32",
+             "--n-embd2", "32", "-o", "out"]
+    out = run("makemore.py", flags, tmp_path)
+    (train, test), = [(float(a), float(b)) for a, b in re.findall(r"step 500 train loss: ([0-9.]+) test loss: ([0-9.]+)", out)]
+    first = float(re.search(r"step 0 \| loss ([0-9.]+)", out).group(1))
+    assert first > 2.9 and test < max_test_loss and train < max_test_loss, (first, train, test)
+    assert (tmp_path / "out" / "model.pt").is_file()
