@@ -71,3 +71,9 @@ def test_ranks_agree_on_the_call_before_any_data_moves(world):
     # reduce op, src, dtype, the collective itself, one rank's argument error or deferred device
     # error: raised on every rank, and the ranks stay in step
     assert f"agree ok {world}" in check(run_mpi("agree.py", world, timeout=120))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_gloo_is_accepted_as_the_cpu_backend(world):
+    # init_process_group("gloo"), PyTorch's CPU backend, runs on MPI under mpiexec; get_backend() says "gloo"
+    assert f"gloo ok {world}" in check(run_mpi("gloo.py", world, timeout=90))
