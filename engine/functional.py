@@ -477,6 +477,60 @@ def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return _reduce(ops.abs(input - target), reduction)
 
 
+def _legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """PyTorch's rule for the deprecated ``size_average``/``reduce`` arguments: when either is given
+    it decides the reduction ("mean" unless one of them is False), else ``reduction`` does."""
+    if size_average is None and reduce is None:
+        return reduction
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    return "mean" if size_average and reduce else ("sum" if reduce else "none")
+
+
+@autocast_op("smooth_l1_loss")
+def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
+                   beta: float = 1.0) -> Tensor:
+    """PyTorch's smooth L1 loss: ``0.5 d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``
+    (``d = input - target``); ``beta = 0`` is the L1 loss. ``size_average``/``reduce`` are
+    PyTorch's deprecated spellings of ``reduction``.
+
+    Raises:
+        ValueError: a negative ``beta`` (as PyTorch).
+    """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    _check_reduction("smooth_l1_loss", reduction)
+    if beta < 0:
+        raise ValueError(f"smooth_l1_loss: beta must be non-negative, got {beta}")
+    input, target = _loss_operands("smooth_l1_loss", input, target)
+    if beta == 0:
+        return l1_loss(input, target, reduction)
+    return _reduce(_huber(input - target, beta) / beta, reduction)
+
+
+@autocast_op("huber_loss")
+def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
+               weight: Tensor | None = None) -> Tensor:
+    """PyTorch's Huber loss: ``0.5 d**2`` where ``|d| < delta``, else ``delta (|d| - 0.5 delta)``;
+    ``weight`` (broadcastable to the loss) scales each element before the reduction.
+
+    Raises:
+        ValueError: a ``delta`` that is not positive (as PyTorch).
+    """
+    _check_reduction("huber_loss", reduction)
+    if delta <= 0:
+        raise ValueError(f"huber_loss: delta must be positive, got {delta}")
+    input, target = _loss_operands("huber_loss", input, target)
+    loss = _huber(input - target, delta)
+    return _reduce(loss if weight is None else loss * weight, reduction)
+
+
+def _huber(diff: Tensor, delta: float) -> Tensor:
+    """``0.5 d**2`` inside ``|d| < delta``, ``delta (|d| - 0.5 delta)`` outside: both branches'
+    gradients are finite, so ``where`` passes only the chosen one's."""
+    size = ops.abs(diff)
+    return ops.where(size < delta, 0.5 * diff * diff, delta * (size - 0.5 * delta))
+
+
 @autocast_op("cosine_embedding_loss")
 def cosine_embedding_loss(input1: Tensor, input2: Tensor, target, margin: float = 0.0,
                           reduction: str = "mean") -> Tensor:

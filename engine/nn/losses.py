@@ -77,6 +77,28 @@ class L1Loss(_Loss):
         return F.l1_loss(input, target, self.reduction)
 
 
+class SmoothL1Loss(_Loss):
+    """Smooth L1 loss (``F.smooth_l1_loss``): quadratic inside ``|d| < beta``, linear outside."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", beta: float = 1.0):
+        super().__init__(F._legacy_reduction(size_average, reduce, reduction))
+        self.beta = beta
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+
+
+class HuberLoss(_Loss):
+    """Huber loss (``F.huber_loss``): quadratic inside ``|d| < delta``, linear outside."""
+
+    def __init__(self, reduction: str = "mean", delta: float = 1.0):
+        super().__init__(reduction)
+        self.delta = delta
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
 class BCELoss(_Loss):
     """Binary cross-entropy of probabilities (after a Sigmoid); prefer BCEWithLogitsLoss."""
 

@@ -325,3 +325,33 @@ def test_stack_is_one_node_with_pytorchs_gradients_and_promotion():
         engine.stack([engine.zeros(2), engine.zeros(3)])
     with pytest.raises(TypeError, match="Tensors"):
         engine.stack([engine.zeros(2), [1.0, 2.0]])
+
+
+# ---- smooth L1 and Huber losses (pytorch/examples regression) -------------------------------------------
+
+@pytest.mark.parametrize("name, kwargs", [("smooth_l1_loss", {}), ("smooth_l1_loss", {"beta": 0.5}),
+                                          ("smooth_l1_loss", {"beta": 0.0}), ("smooth_l1_loss", {"reduction": "sum"}),
+                                          ("smooth_l1_loss", {"size_average": False}),
+                                          ("smooth_l1_loss", {"reduce": False}),
+                                          ("huber_loss", {}), ("huber_loss", {"delta": 0.3, "reduction": "none"})])
+def test_smooth_l1_and_huber_losses_match_pytorch(name, kwargs):
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((6, 3)).astype(np.float32) * 2, rng.standard_normal((6, 3)).astype(np.float32)
+    ex, tx = engine.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    e = getattr(engine.nn.functional, name)(ex, engine.tensor(y), **kwargs)
+    t = getattr(torch.nn.functional, name)(tx, torch.tensor(y), **kwargs)
+    np.testing.assert_allclose(e.detach().numpy(), t.detach().numpy(), rtol=1e-5, atol=1e-6)
+    e.sum().backward()
+    t.sum().backward()
+    np.testing.assert_allclose(ex.grad.numpy(), tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_smooth_l1_and_huber_modules_match_pytorch():
+    x, y = np.linspace(-3, 3, 12, dtype=np.float32), np.zeros(12, np.float32)
+    for e_loss, t_loss in ((engine.nn.SmoothL1Loss(beta=2.0), torch.nn.SmoothL1Loss(beta=2.0)),
+                           (engine.nn.HuberLoss(delta=2.0), torch.nn.HuberLoss(delta=2.0))):
+        assert np.isclose(e_loss(engine.tensor(x), engine.tensor(y)).item(), t_loss(torch.tensor(x), torch.tensor(y)).item())
+    with pytest.raises(ValueError, match="beta"):
+        engine.nn.functional.smooth_l1_loss(engine.zeros(2), engine.zeros(2), beta=-1.0)
+    with pytest.raises(ValueError, match="delta"):
+        engine.nn.functional.huber_loss(engine.zeros(2), engine.zeros(2), delta=0.0)
