@@ -218,3 +218,24 @@ def write_names(path, count: int = 2000, seed: int = 0) -> None:
         syllables = [rng.choice(onsets) + rng.choice(vowels) for _ in range(int(rng.integers(2, 5)))]
         names.append("".join(syllables) + rng.choice(endings))
     pathlib.Path(path).write_text("\n".join(names) + "\n")
+
+
+def save_image(tensor, fp, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> None:
+    """torchvision.utils.save_image for the ported examples: a (B, C, H, W) (or (C, H, W)) float
+    tensor in [0, 1] laid out as a grid of ``nrow`` images per row with ``padding`` pixels between
+    them, written as an 8-bit PNG (through Pillow), as torchvision does."""
+    from PIL import Image
+
+    images = np.asarray(tensor.detach().numpy() if hasattr(tensor, "detach") else tensor, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[None]
+    count, channels, height, width = images.shape
+    columns = min(nrow, count)
+    rows = -(-count // columns)
+    grid = np.full((channels, rows * (height + padding) + padding, columns * (width + padding) + padding), pad_value,
+                   dtype=np.float32)
+    for k in range(count):
+        top, left = (k // columns) * (height + padding) + padding, (k % columns) * (width + padding) + padding
+        grid[:, top:top + height, left:left + width] = images[k]
+    pixels = np.clip(grid * 255 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(fp)

@@ -107,3 +107,30 @@ def test_makemore(tmp_path, model_type, max_test_loss):
     first = float(re.search(r"step 0 \| loss ([0-9.]+)", out).group(1))
     assert first > 2.9 and test < max_test_loss and train < max_test_loss, (first, train, test)
     assert (tmp_path / "out" / "model.pt").is_file()
+
+
+def test_pytorch_examples_regression(tmp_path):
+    # pytorch/examples regression: one Linear fits a random degree-4 polynomial with smooth_l1_loss and
+    # a hand-written SGD step (param.data.add_(-0.1 * param.grad)) until the loss is below 1e-3.
+    # PyTorch 2.13 stops after ~400 batches with the coefficients within ~0.15; the engine the same.
+    out = run("examples_regression.py", [], tmp_path)
+    loss, batches = re.search(r"Loss: ([0-9.]+) after (\d+) batches", out).groups()
+    assert float(loss) < 1e-3 and int(batches) < 20000
+    coefficients = [[float(v) for v in re.findall(r"([+-][0-9.]+)", line.split("y =")[1])]
+                    for line in out.splitlines() if "function:" in line]
+    learned, actual = coefficients
+    assert max(abs(a - b) for a, b in zip(learned, actual)) < 0.5, (learned, actual)
+
+
+def test_pytorch_examples_vae(tmp_path):
+    # pytorch/examples vae on the digits drawn as 28x28 MNIST images, 3 epochs; the device comes from
+    # engine.accelerator (cpu here). PyTorch 2.13 (same data, seed 1): test loss 302.7, 263.7, 253.7;
+    # the engine: 294.5, 262.3, 254.2.
+    (tmp_path / "results").mkdir()
+    out = run("examples_vae.py", ["--epochs", "3"], tmp_path)
+    test_losses = [float(v) for v in re.findall(r"Test set loss: ([0-9.]+)", out)]
+    assert "Using device: cpu" in out or "Using device: cuda" in out
+    assert len(test_losses) == 3 and test_losses[0] > test_losses[1] > test_losses[2], test_losses
+    assert test_losses[-1] < 275, test_losses
+    assert (tmp_path / "results" / "sample_3.png").is_file()
+    assert (tmp_path / "results" / "reconstruction_3.png").is_file()
