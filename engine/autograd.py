@@ -1044,4 +1044,32 @@ def unbroadcast(grad, shape: tuple):
     return grad
 
 
+class _VariableMeta(type):
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, _tensor.Tensor)  # every Tensor is a Variable, as in PyTorch
+
+
+class Variable(metaclass=_VariableMeta):
+    """PyTorch's deprecated ``torch.autograd.Variable``, which old tutorials still call.
+
+    ``Variable(t)`` gives what PyTorch gives: a tensor sharing ``t``'s memory, detached from its
+    graph, that requires grad only when ``requires_grad=True`` is passed; ``isinstance(x,
+    Variable)`` is true for every Tensor. ``volatile`` no longer does anything (PyTorch warns too).
+
+    Raises:
+        TypeError: ``data`` is not a Tensor.
+    """
+
+    def __new__(cls, data, requires_grad: bool = False, volatile: bool = False):
+        if not isinstance(data, _tensor.Tensor):
+            raise TypeError(f"Variable data has to be a tensor, but got {type(data).__name__}")
+        if volatile:
+            import warnings
+
+            warnings.warn("volatile was removed and now has no effect. Use `with torch.no_grad():` instead.",
+                          UserWarning, stacklevel=2)
+        out = data.detach()
+        return out.requires_grad_(True) if requires_grad else out
+
+
 import engine.tensor as _tensor  # noqa: E402  (tensor.py imports this module: bound late, read per op)

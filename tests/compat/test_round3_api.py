@@ -355,3 +355,23 @@ def test_smooth_l1_and_huber_modules_match_pytorch():
         engine.nn.functional.smooth_l1_loss(engine.zeros(2), engine.zeros(2), beta=-1.0)
     with pytest.raises(ValueError, match="delta"):
         engine.nn.functional.huber_loss(engine.zeros(2), engine.zeros(2), delta=0.0)
+
+
+# ---- torch.autograd.Variable (old tutorials) ------------------------------------------------------------
+
+def test_variable_is_pytorchs_detached_alias():
+    x = engine.ones(2)
+    v = engine.autograd.Variable(x)
+    assert v is not x and not v.requires_grad and isinstance(x, engine.autograd.Variable)
+    v.add_(1)                                         # shares memory, as PyTorch's
+    assert x.tolist() == [2.0, 2.0]
+    y = engine.ones(2, requires_grad=True) * 2
+    assert engine.autograd.Variable(y).grad_fn is None
+    w = engine.autograd.Variable(x, requires_grad=True)
+    assert w.requires_grad and not x.requires_grad
+    tv = torch.autograd.Variable(torch.ones(2), requires_grad=True)
+    assert tv.requires_grad and isinstance(torch.ones(1), torch.autograd.Variable)
+    with pytest.raises(TypeError, match="has to be a tensor"):
+        engine.autograd.Variable(3)
+    with pytest.warns(UserWarning, match="volatile"):
+        engine.autograd.Variable(x, volatile=True)
