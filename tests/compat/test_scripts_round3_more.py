@@ -134,3 +134,32 @@ def test_pytorch_examples_vae(tmp_path):
     assert test_losses[-1] < 275, test_losses
     assert (tmp_path / "results" / "sample_3.png").is_file()
     assert (tmp_path / "results" / "reconstruction_3.png").is_file()
+
+
+def _printed_matrices(out: str) -> list[list[list[float]]]:
+    """Every ``tensor([[...]], ...)`` printed, as nested lists of floats (rows of a 2-d tensor)."""
+    blocks = re.findall(r"tensor\(\[(\[.*?\])\]", out, flags=re.S)
+    return [[[float(v) for v in re.findall(r"-?[0-9.]+(?:e[-+]?\d+)?", row)] for row in re.findall(r"\[([^\[\]]*)\]", b)]
+            for b in blocks]
+
+
+def test_tutorial_sequence_models_lstm_tagger(tmp_path):
+    # The LSTM part-of-speech tagger (autograd.Variable, LongTensor, log_softmax without dim). The
+    # tutorial says the trained tagger gives DET NN V DET NN (0 1 2 0 1) for "The dog ate the apple";
+    # PyTorch 2.13 and the engine both do, each word's best log-probability above -0.2.
+    out = run("nlp_sequence_models_tutorial.py", [], tmp_path)
+    scores = _printed_matrices(out)[-1]
+    assert [row.index(max(row)) for row in scores] == [0, 1, 2, 0, 1], scores
+    assert min(max(row) for row in scores) > -0.3, scores
+
+
+def test_tutorial_bag_of_words_classifier(tmp_path):
+    # The bag-of-words logistic regression (make_bow_vector's vec[ix] += 1). After training, the Spanish
+    # test sentence gets log P(SPANISH) > log P(ENGLISH) and the English one the reverse, and the weight
+    # of "creo" rises for SPANISH and falls for ENGLISH. PyTorch 2.13: [-0.21, -1.67], [-2.53, -0.08],
+    # creo [0.28, -0.56]; the engine: [-0.16, -1.91], [-2.85, -0.06], creo [0.37, -0.32].
+    out = run("nlp_deep_learning_tutorial.py", [], tmp_path)
+    spanish, english = _printed_matrices(out)[-2:]
+    assert spanish[0][0] > -0.5 > spanish[0][1] and english[0][1] > -0.5 > english[0][0], (spanish, english)
+    creo = [float(v) for v in re.findall(r"-?[0-9.]+", out.strip().splitlines()[-1].split("grad_fn")[0])]
+    assert creo[0] > 0 > creo[1], creo
