@@ -139,7 +139,7 @@ def test_pytorch_examples_vae(tmp_path):
 def _printed_matrices(out: str) -> list[list[list[float]]]:
     """Every ``tensor([[...]], ...)`` printed, as nested lists of floats (rows of a 2-d tensor)."""
     blocks = re.findall(r"tensor\(\[(\[.*?\])\]", out, flags=re.S)
-    return [[[float(v) for v in re.findall(r"-?[0-9.]+(?:e[-+]?\d+)?", row)] for row in re.findall(r"\[([^\[\]]*)\]", b)]
+    return [[[float(v) for v in re.findall(r"-?\d+\.?\d*(?:e[-+]?\d+)?", row)] for row in re.findall(r"\[([^\[\]]*)\]", b)]
             for b in blocks]
 
 
@@ -161,5 +161,5 @@ def test_tutorial_bag_of_words_classifier(tmp_path):
     out = run("nlp_deep_learning_tutorial.py", [], tmp_path)
     spanish, english = _printed_matrices(out)[-2:]
     assert spanish[0][0] > -0.5 > spanish[0][1] and english[0][1] > -0.5 > english[0][0], (spanish, english)
-    creo = [float(v) for v in re.findall(r"-?[0-9.]+", out.strip().splitlines()[-1].split("grad_fn")[0])]
+    creo = [float(v) for v in re.findall(r"-?\d+\.?\d*", out.strip().splitlines()[-1].split("grad_fn")[0])]
     assert creo[0] > 0 > creo[1], creo
