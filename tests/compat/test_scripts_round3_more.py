@@ -163,3 +163,27 @@ def test_tutorial_bag_of_words_classifier(tmp_path):
     assert spanish[0][0] > -0.5 > spanish[0][1] and english[0][1] > -0.5 > english[0][0], (spanish, english)
     creo = [float(v) for v in re.findall(r"-?\d+\.?\d*", out.strip().splitlines()[-1].split("grad_fn")[0])]
     assert creo[0] > 0 > creo[1], creo
+
+
+def test_recipe_saving_and_loading_a_general_checkpoint(tmp_path):
+    # The recipe saves {'epoch', 'model_state_dict', 'optimizer_state_dict', 'loss'} with torch.save and
+    # loads it back into a fresh Net and SGD. The checkpoint it wrote must hold what PyTorch's would:
+    # the same keys, shapes and optimizer state layout as the same Net and SGD built with torch.
+    out = run("recipe_general_checkpoint.py", [], tmp_path)
+    assert "(fc3): Linear(in_features=84, out_features=10, bias=True)" in out
+    checkpoint = engine.load(tmp_path / "model.pt")
+    assert (checkpoint["epoch"], checkpoint["loss"]) == (5, 0.4)
+    torch = pytest.importorskip("torch")
+    t_net = torch.nn.Sequential()
+    for name, layer in (("conv1", torch.nn.Conv2d(3, 6, 5)), ("pool", torch.nn.MaxPool2d(2, 2)),
+                        ("conv2", torch.nn.Conv2d(6, 16, 5)), ("fc1", torch.nn.Linear(400, 120)),
+                        ("fc2", torch.nn.Linear(120, 84)), ("fc3", torch.nn.Linear(84, 10))):
+        t_net.add_module(name, layer)
+    expected = {k: tuple(v.shape) for k, v in t_net.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in checkpoint["model_state_dict"].items()} == expected
+    t_opt = torch.optim.SGD(t_net.parameters(), lr=0.001, momentum=0.9).state_dict()
+    saved = checkpoint["optimizer_state_dict"]
+    assert saved["param_groups"][0]["params"] == t_opt["param_groups"][0]["params"]
+    assert {k: v for k, v in saved["param_groups"][0].items() if k in ("lr", "momentum", "dampening", "nesterov")} == \
+        {k: v for k, v in t_opt["param_groups"][0].items() if k in ("lr", "momentum", "dampening", "nesterov")}
+    t_net.load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in checkpoint["model_state_dict"].items()})
