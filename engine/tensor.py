@@ -54,6 +54,8 @@ class Tensor:
             # PyTorch's legacy constructor: Tensor(2, 3) is an uninitialised float32 tensor of that shape.
             # A lone numpy integer stays data (a 0-d tensor), as engine code builds tensors from reductions.
             data = _legacy_empty((data, *sizes) if data is not None else (0,), dtype, device)
+        elif dtype is None and isinstance(data, (list, tuple)):
+            dtype = float32  # PyTorch's legacy Tensor([0]) is a FloatTensor, whatever the numbers' type
         self._data = as_array(data, dtype, device)
         self._grad: Tensor | None = None
         self.grad_fn = None

@@ -375,3 +375,13 @@ def test_variable_is_pytorchs_detached_alias():
         engine.autograd.Variable(3)
     with pytest.warns(UserWarning, match="volatile"):
         engine.autograd.Variable(x, volatile=True)
+
+
+def test_legacy_tensor_constructor_of_a_list_is_float32_as_pytorch():
+    # torch.Tensor([0]) (the word-embeddings tutorial's running total) is a FloatTensor
+    for data in ([0], [[1, 2]], [True, False], (3, 4), [0.5]):
+        assert engine.Tensor(data).dtype == engine.float32 and torch.Tensor(data).dtype == torch.float32
+        assert engine.Tensor(data).tolist() == torch.Tensor(data).tolist()
+    total = engine.Tensor([0])
+    total += engine.tensor(1.5)
+    assert total.tolist() == [1.5]
