@@ -4,6 +4,7 @@ import gzip
 import struct
 
 import numpy as np
+import pytest
 
 
 def test_main_job_digits_reaches_95_percent(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 import engine
 from engine import nn
-from engine.errors import EngineError, ShapeError
+from engine.errors import ShapeError
 from engine.nn.utils import rnn as rnn_utils
 
 torch = pytest.importorskip("torch")
