@@ -220,8 +220,9 @@ def attention_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, ca
 
     ``out`` and ``lse`` are the forward's results; ``mask``, ``scale`` and ``causal`` must be the
     forward's. The probabilities are recomputed from lse tile by tile (D_i = rowsum(dO * O)), so
-    the fused impls hold no L x S matrix. ``precision`` is validated as the forward's; the backward
-    runs on CUDA cores for every dtype (the tensor-core backward is not built yet).
+    the fused impls hold no L x S matrix. ``precision`` must be the forward's: the cupy impl runs
+    the backward on tensor cores where it ran the forward there (bfloat16 / float16 at E = Ev in
+    {64, 128}; float32 with ``"3xtf32"`` at E = Ev = 64), on CUDA cores otherwise.
     """
     return call("attention_backward", grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal,
                 precision=precision, impl=impl)

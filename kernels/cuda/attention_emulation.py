@@ -1,8 +1,8 @@
 """NumPy replay of attention_tc.cu's forward and backward: same tiles, same loops, same roundings;
 no GPU needed.
 
-The tensor-core kernel can only run on a GPU, so its algorithm is checked here, on the CPU,
-against the float64 definition (tests/kernels/test_attention_emulation.py): a tiling, online
+The tensor-core kernels can only run on a GPU, so their algorithm is checked here, on the CPU,
+against the float64 definition (tests/kernels/test_attention_tc.py): a tiling, online
 softmax or 3xTF32-split mistake shows up as a wrong result of this replay. What it does not
 check is the fragment addressing (which lane holds which element, ldmatrix addresses, the permuted
 k index of the TF32 P V product): that is the GPU tests' part (``pytest -m gpu``).

@@ -6,10 +6,11 @@
   same online softmax, same roundings, same 3xTF32 split) against the float64 definition, for every
   mask kind, causal with L != S, fully masked rows, odd L and S, NaN and inf; plain TF32 (the split
   dropped) fails the float32 tolerance, so a lost split would show.
-- The replay of the tensor-core backward (16-bit) against the float64 gradients, for the same
-  grid of cases, and its NaN / inf against PyTorch's CPU SDPA.
-- The cupy wrapper's choice of kernel and its launch plan under a fake cupy, and the .cu constants
-  against the host's.
+- The replay of the tensor-core backward (16-bit at E 64 and 128, 3xTF32 at 64) against the
+  float64 gradients, for the same grid of cases, and its NaN / inf against PyTorch's CPU SDPA (as
+  the CPU impls' on bfloat16 inputs).
+- The cupy wrapper's choice of kernel and its launch plan under a fake cupy (forward and
+  backward), and the .cu constants against the host's.
 - ``gpu``-marked: the cupy impl against the definition and against the replay, per variant.
 """
 
