@@ -174,6 +174,7 @@ def test_tiny_run_json_has_environment_and_ceilings(tiny_run):
     assert ceil["copy_method"] in ("array_copy", "numba_parallel")
 
 
+@pytest.mark.slow
 def test_tiny_run_covers_every_kernel_impl_and_peer(tiny_run):
     rows = tiny_run[1]["kernels"]
     for kernel in kbench.FAMILIES:
@@ -184,6 +185,7 @@ def test_tiny_run_covers_every_kernel_impl_and_peer(tiny_run):
     assert not [r for r in rows if r["status"].startswith("error")], [r["status"] for r in rows]
 
 
+@pytest.mark.slow
 def test_tiny_run_rows_are_complete_and_consistent(tiny_run):
     ceil = tiny_run[1]["ceilings"]
     for row in tiny_run[1]["kernels"]:
@@ -206,6 +208,7 @@ def test_tiny_run_rows_are_complete_and_consistent(tiny_run):
             assert row["vs_unfused"] > 0 and row["vs_unfused_peer"].startswith("engine")
 
 
+@pytest.mark.slow
 def test_tiny_run_ratios_and_targets(tiny_run):
     rows = tiny_run[1]["kernels"]
     adam = {r["impl"]: r for r in rows if r["kernel"] == "adam_step"}
@@ -222,6 +225,7 @@ def test_tiny_run_ratios_and_targets(tiny_run):
             assert numba_row["vs_torch"] == pytest.approx(peer["median_s"] / numba_row["median_s"])
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end_rows(tiny_run):
     rows = tiny_run[1]["end_to_end"]
     assert {r["impl"] for r in rows} == {"engine F + optim.Adam", "engine F + optim.Adam, CUDA graph",
@@ -245,6 +249,7 @@ def test_tiny_run_end_to_end_rows(tiny_run):
     assert rows[0]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_tiny_run_markdown_has_every_table(tiny_run):
     md = tiny_run[2]
     for kernel in kbench.FAMILIES:
@@ -292,6 +297,7 @@ def test_bf16_run_gives_bf16_rows_that_say_what_does_not_take_bf16(bf16_run):
                 assert row["bytes"] == 14 * row["params"]["n"]
 
 
+@pytest.mark.slow
 def test_bf16_run_compares_with_torch_under_autocast(bf16_run):
     if not torch_installed():
         pytest.skip("torch not installed")
