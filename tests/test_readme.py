@@ -25,6 +25,11 @@ def test_ci_runs_the_readme_test_command():
     assert after_venv in (ROOT / ".ci" / "run").read_text()
 
 
+def test_readme_gives_the_fast_subset_command_and_the_marker_exists():
+    assert 'python -m pytest -m "not slow"' in README
+    assert '"slow:' in (ROOT / "pyproject.toml").read_text()
+
+
 def test_readme_example_trains(capsys):
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     assert len(code.splitlines()) <= 25
