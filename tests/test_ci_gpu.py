@@ -36,10 +36,8 @@ def test_dry_run_wires_every_step(tmp_path):
     out = tmp_path / "out"
     assert os.access(SCRIPT, os.X_OK), ".ci/gpu must be executable"
     assert SCRIPT.read_text().startswith("#!/usr/bin/env python3\n")
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", str(out)], capture_output=True, text=True,
                           timeout=240, cwd=tmp_path)  # any cwd: the script moves to the repository root
-    wall = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for name in ("env.txt", "summary.md", "bench.json", "bench.md", "pytest.log", "digits.log", "bench.log",
                  "nccl.log", "comm.json", "memcheck.log", "racecheck.log"):
@@ -62,7 +60,6 @@ def test_dry_run_wires_every_step(tmp_path):
     assert "mpi on cpu, 1 rank(s): all-reduce peak algbw" in summary
     assert "- memcheck: cases on numba_cpu without the sanitizer (dry run): 45 cases right, 0 wrong" in summary
     assert summary in proc.stdout  # printed at the end
-    assert wall < 120
 
 
 # ---- (b) the summary on r2-like (all passed) and r1-like (failures) outputs ---------------------
@@ -334,10 +331,12 @@ def test_a_step_that_times_out_is_recorded_and_the_next_runs(tmp_path):
     lines = []
     started = time.monotonic()
     results = ci.run_steps(steps, tmp_path, echo=lines.append)
-    assert time.monotonic() - started < 4.5  # 1 s, then SIGTERM ends both sleeps at once
+    # 1 s, then SIGTERM ends both sleeps at once; unkilled they would take 10 s (the bound leaves a
+    # busy machine room: it tells killed from not killed, it does not time the kill)
+    assert time.monotonic() - started < 9
     slow, nxt = results
     assert slow.timed_out and slow.status == "timed out" and not slow.ok and slow.rc is None
-    assert 0.9 <= slow.wall_s < 3.5
+    assert 0.9 <= slow.wall_s < 9
     assert "started" in (tmp_path / "slow.log").read_text()
     assert "timed out after 1 s" in (tmp_path / "slow.log").read_text()
     child = int(pid_file.read_text())
