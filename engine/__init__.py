@@ -20,6 +20,7 @@ from engine.autograd import inference_mode, is_inference_mode_enabled  # noqa: F
 from engine.backend import (CPU, Device, best_device, cuda_available, cuda_device_count, default_device,
                             device, get_rng_state, manual_seed, set_default_device, set_rng_state, synchronize)
 from engine.backend import get_float32_matmul_precision, set_float32_matmul_precision  # noqa: F401
+from engine.backend import get_num_threads, set_num_threads  # noqa: F401
 from engine.errors import DeviceError, DTypeError, EngineError, GradError, ShapeError
 from engine.gradcheck import GradcheckError, gradcheck
 from engine.ops import (abs, add, amax, amin, argmax, argmin, bitwise_and, bitwise_not, bitwise_or, bitwise_xor, cat,
@@ -47,6 +48,9 @@ greater, greater_equal, less, less_equal, not_equal = gt, ge, lt, le, ne
 moveaxis, swapaxes, swapdims = movedim, transpose, transpose
 
 from engine.io import CheckpointError, load, save
+from engine.kernels import threads as _threads  # noqa: E402
+
+_threads.ensure_default()  # BLAS and numba sized to the CPUs this process may use (docs/architecture.md)
 
 import builtins  # noqa: E402  (this module rebinds float, int, bool to dtypes below)
 

@@ -225,6 +225,38 @@ def set_float32_matmul_precision(precision: str) -> None:
         _configure_cublas(_cublas_configured)
 
 
+# ---- CPU threads -----------------------------------------------------------------------------
+# One count for every CPU pool the engine runs (the BLAS behind matmul, numba's parallel kernels);
+# kernels/threads.py owns it and docs/architecture.md ("CPU threads") gives the policy.
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the engine uses for CPU work, as ``torch.set_num_threads``.
+
+    The BLAS (matmuls, through threadpoolctl) and numba's parallel kernels both get ``n``. The
+    default follows the CPUs this process may use (affinity and cgroup CPU quota), or
+    ``OMP_NUM_THREADS`` when set.
+
+    Example:
+        >>> import engine
+        >>> engine.set_num_threads(1)
+        >>> engine.get_num_threads()
+        1
+    """
+    from engine.kernels import threads
+
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise EngineError(f"set_num_threads: the number of threads must be a positive integer, got {n!r}")
+    threads.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of threads the engine uses for CPU work, as ``torch.get_num_threads``."""
+    from engine.kernels import threads
+
+    return threads.get_num_threads()
+
+
 def matmul_allows_tf32() -> bool:
     """``backends.cuda.matmul.allow_tf32``: whether float32 GEMMs may use TF32 ("high" or "medium")."""
     return _matmul_precision != "highest"

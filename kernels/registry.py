@@ -76,8 +76,10 @@ class Impl:
         if self.name == "numba_cpu":
             configure_numba_threads()
             from .compile_notice import announce_compiles
+            from .threads import ensure_default
 
             announce_compiles()  # a first run compiles: say so once (compile_notice.py)
+            ensure_default()  # the engine's thread count for numba and the BLAS (kernels/threads.py)
         module, func = self.target.split(":")
         return getattr(importlib.import_module(module), func)
 
@@ -397,16 +399,26 @@ def numba_parallel(dispatcher: Callable) -> Callable:
     occupies every core, so serialising them costs little throughput. Cost, measured on a 2-core
     machine: ~0.1 us for the uncontended lock, ~0.4 us per call with the wrapper's extra Python
     call, against >= ~60 us for a call large enough to run in parallel (Adam on 2^17 elements).
+    It also sets the calling thread's numba thread count to the engine's (kernels/threads.py):
+    numba keeps that count per Python thread, and a new thread would start at numba's pool size.
     Serial njit functions need no lock (they never enter the threading layer); thread-safe layers
     (tbb, omp) need none either, and it is harmless there. The lock is not re-entrant: a parallel
     region never calls back into Python, so it is never taken twice. Parallel numba code outside
     kernels/ that may run beside the kernels in other threads should go through this too.
     """
     lock = NUMBA_PARALLEL_LOCK
+    from .threads import reapply_blas_limit, sync_numba_threads
+
+    first = [True]
 
     def serialised(*args):
         with lock:
-            return dispatcher(*args)
+            sync_numba_threads()  # numba's count is per Python thread: each region runs the owner's
+            result = dispatcher(*args)
+            if first[0]:  # compiling may have loaded another BLAS (numba's linalg loads scipy's)
+                first[0] = False
+                reapply_blas_limit()
+            return result
 
     serialised.__wrapped__ = dispatcher
     serialised.__name__ = serialised.__qualname__ = getattr(dispatcher, "__name__", "numba_parallel")

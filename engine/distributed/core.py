@@ -135,9 +135,10 @@ def init_process_group(backend: str | None = None, *, world_size: int = -1, rank
 
 
 def _share_cpu_threads(MPI) -> None:
-    """Split the node's cores between its ranks, for numba's parallel kernels (unless the user set
-    NUMBA_NUM_THREADS) and for the BLAS behind numpy's matmuls (unless OMP_NUM_THREADS or
-    OPENBLAS_NUM_THREADS is set; through threadpoolctl, in the distributed extra): N ranks each
+    """Split the process's CPUs (affinity and cgroup quota) between the node's ranks, for numba's
+    parallel kernels (unless the user set NUMBA_NUM_THREADS) and for the BLAS behind numpy's matmuls
+    (unless OPENBLAS_NUM_THREADS / MKL_NUM_THREADS is set), through the engine's one owner of the
+    CPU threads (engine/kernels/threads.py): N ranks each
     running all-core kernels on one machine oversubscribe it, and OpenBLAS's waiting threads spin,
     so a step can take several times as long. A rank waiting in MPI polls a core too."""
     try:
@@ -148,21 +149,9 @@ def _share_cpu_threads(MPI) -> None:
         return
     if local_size < 2:
         return
-    per_rank = max(1, (os.cpu_count() or 1) // local_size)
-    if not os.environ.get("NUMBA_NUM_THREADS"):
-        try:
-            import numba
+    from engine.kernels import threads
 
-            numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, per_rank)))
-        except Exception:  # noqa: BLE001, S110 - numba missing or its threading layer already fixed: leave it
-            pass
-    if not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS")):
-        try:
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(limits=per_rank, user_api="blas")  # stays in force (not used as a context)
-        except Exception:  # noqa: BLE001, S110 - threadpoolctl missing: the BLAS keeps its own thread count
-            pass
+    threads.apply_default(max(1, threads.available_cpus() // local_size))
 
 
 def destroy_process_group() -> None:

@@ -1,0 +1,239 @@
+"""The one owner of the CPU's thread pools: the BLAS behind numpy's matmuls and numba's parallel regions.
+
+The engine runs two kinds of parallel CPU work: GEMMs in the BLAS (OpenBLAS in numpy's wheels, with
+its own pthread pool) and the numba_cpu kernels' ``parallel=True`` regions (numba's threading
+layer). Each pool sized by itself takes every core of the host; this module gives both the same
+count, :func:`get_num_threads`, which follows the CPUs this process may actually use
+(:func:`available_cpus`: affinity and cgroup CPU quota), not ``os.cpu_count()``.
+
+The count applies to every pool at once:
+
+* the BLAS through threadpoolctl (``threadpool_limits(n, user_api="blas")``, kept in force);
+* numba through ``numba.set_num_threads``, which is per Python thread in numba: every call into a
+  parallel kernel goes through :func:`kernels.registry.numba_parallel`, which sets the calling
+  thread's count to the owner's before the region starts (:func:`sync_numba_threads`).
+
+How the two pools share the cores (docs/architecture.md, "CPU threads", has the measurements):
+numba's workqueue layer, whose workers sleep between regions (kernels.registry.configure_numba_threads),
+beside OpenBLAS's pool. Both run the same count; a parallel region never overlaps a GEMM, as both
+run in the calling thread one after the other.
+
+Defaults: ``OMP_NUM_THREADS`` when set (as PyTorch reads it), else :func:`available_cpus`. A pool
+the user sized by its own variable (``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
+``BLIS_NUM_THREADS`` for the BLAS, ``NUMBA_NUM_THREADS`` for numba) keeps that size until
+:func:`set_num_threads` is called. The default is applied on the first call that needs it (the
+first numba_cpu kernel, :func:`get_num_threads`, ``import engine``), never at ``import engine.kernels``.
+
+Example:
+    >>> from engine.kernels import threads
+    >>> threads.set_num_threads(1)            # doctest: +SKIP
+    >>> threads.get_num_threads()             # doctest: +SKIP
+    1
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+
+from .registry import KernelError
+
+BLAS_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+_lock = threading.Lock()
+_state = {"n": None, "blas_limiter": None}
+
+
+# --------------------------------------------------------------------------------------------
+# How many CPUs this process may use
+# --------------------------------------------------------------------------------------------
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota.
+
+    A quota of 1.5 CPUs counts as 2 (as the JVM and .NET round it): one thread per whole CPU would
+    leave half a CPU of quota unused. At least 1.
+    """
+    count = _affinity_cpus()
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
+
+
+def _affinity_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def cgroup_cpu_quota(root: Path | None = None, proc_cgroup: Path | None = None) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (quota / period), or None without one.
+
+    cgroup v2: ``cpu.max`` (``"200000 100000"``, or ``"max 100000"`` for none) of the process's
+    cgroup and of each parent up to the root, the smallest limit winning. cgroup v1: the cpu
+    controller's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (a quota of -1 is none). ``root`` and
+    ``proc_cgroup`` default to /sys/fs/cgroup and /proc/self/cgroup (tests point them at a fake tree).
+    """
+    root = CGROUP_ROOT if root is None else Path(root)
+    try:
+        lines = (PROC_CGROUP if proc_cgroup is None else Path(proc_cgroup)).read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # the v2 unified hierarchy: "0::/path"
+            limits += _v2_limits(root, path)
+        elif "cpu" in controllers.split(","):
+            limits += _v1_limits(root, controllers, path)
+    return min(limits) if limits else None
+
+
+def _v2_limits(root: Path, path: str) -> list[float]:
+    found = []
+    directory = root / path.lstrip("/")
+    while True:
+        quota = _ratio(directory / "cpu.max", None)
+        if quota is not None:
+            found.append(quota)
+        if directory == root or root not in directory.parents:
+            return found
+        directory = directory.parent
+
+
+def _v1_limits(root: Path, controllers: str, path: str) -> list[float]:
+    for mount in (controllers, "cpu,cpuacct", "cpu"):  # the mount point's name varies by distribution
+        for directory in (root / mount / path.lstrip("/"), root / mount):
+            quota = _ratio(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us")
+            if quota is not None:
+                return [quota]
+    return []
+
+
+def _ratio(quota_file: Path, period_file: Path | None) -> float | None:
+    """quota / period from cpu.max ("quota period") or from the two v1 files; None for no limit."""
+    try:
+        if period_file is None:
+            quota, period = quota_file.read_text().split()[:2]
+        else:
+            quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# The setting
+# --------------------------------------------------------------------------------------------
+
+
+def default_num_threads() -> int:
+    """``OMP_NUM_THREADS`` when it is a positive integer (as PyTorch), else :func:`available_cpus`."""
+    try:
+        value = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        value = 0
+    return value if value > 0 else available_cpus()
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in every CPU pool the engine runs: the BLAS and numba's parallel kernels.
+
+    Raises:
+        KernelError: ``n`` is not a positive integer.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise KernelError(f"set_num_threads: the number of threads must be a positive integer, got {n!r}")
+    with _lock:
+        _apply(n, respect_env=False)
+
+
+def get_num_threads() -> int:
+    """The thread count of the engine's CPU pools (the default of :func:`default_num_threads` until set)."""
+    ensure_default()
+    return _state["n"]
+
+
+def ensure_default() -> None:
+    """Apply the default count once, unless :func:`set_num_threads` came first."""
+    if _state["n"] is None:
+        with _lock:
+            if _state["n"] is None:
+                _apply(default_num_threads(), respect_env=True)
+
+
+def apply_default(n: int) -> None:
+    """Use ``n`` threads per pool as the default: like :func:`set_num_threads`, but a pool the user
+    sized by its own environment variable keeps that size (engine.distributed splits the node's
+    CPUs between its ranks with this). A positive ``OMP_NUM_THREADS`` is the user's count per
+    process, and wins over ``n``."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        n = default_num_threads()
+    with _lock:
+        _apply(n, respect_env=True)
+
+
+def _apply(n: int, respect_env: bool) -> None:
+    if not (respect_env and any(os.environ.get(v) for v in BLAS_VARS)):
+        _limit_blas(n)
+    if not (respect_env and os.environ.get("NUMBA_NUM_THREADS")):
+        _state["numba"] = n
+    _state["n"] = n
+    sync_numba_threads()
+
+
+def _limit_blas(n: int) -> None:
+    """Every BLAS loaded in the process to ``n`` threads (threadpoolctl; numpy's OpenBLAS, torch's MKL)."""
+    from threadpoolctl import threadpool_limits
+
+    _state["blas_limiter"] = threadpool_limits(limits=n, user_api="blas")  # stays in force: not used as a context
+
+
+def reapply_blas_limit() -> None:
+    """Limit BLAS libraries loaded since the count was set (threadpoolctl sees only those loaded at
+    the time): numba loads scipy's OpenBLAS when it compiles its first kernel. ~1 ms."""
+    if _state["blas_limiter"] is not None:
+        with _lock:
+            _limit_blas(_state["n"])
+
+
+def numba_threads() -> int | None:
+    """The count numba's regions run with (None until the default is applied, or when the user's
+    NUMBA_NUM_THREADS rules): capped at numba's pool size, fixed when numba started."""
+    wanted = _state.get("numba")
+    if wanted is None:
+        return None
+    import numba
+
+    return min(wanted, numba.config.NUMBA_NUM_THREADS)
+
+
+def sync_numba_threads() -> None:
+    """Set the calling Python thread's numba thread count to the owner's (numba keeps one per thread).
+
+    Cheap when it already matches (~1 us); called before every parallel region.
+    """
+    if _state.get("numba") is None or "numba" not in sys.modules:  # nothing to set, or numba not in use yet
+        return
+    from .registry import configure_numba_threads
+
+    configure_numba_threads()  # numba's first thread query starts its pool: with the engine's layer
+    import numba
+
+    wanted = numba_threads()
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)

@@ -1,0 +1,169 @@
+"""engine.set_num_threads / get_num_threads: one count for the BLAS and numba, following the CPU quota.
+
+The readers of the cgroup files are tested on fake cgroup trees; the count the engine picks is
+tested with the readers monkeypatched, and in child processes (the pools' sizes are fixed when
+numba and the BLAS start, and the test runner's own environment pins them to 1): one pinned to one
+CPU with ``taskset``, one that sets and reads the count from two Python threads.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import engine
+from engine.kernels import threads
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMBA_NUM_THREADS",
+             "NUMBA_THREADING_LAYER")
+
+
+def _tree(tmp_path, proc_lines, files):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("\n".join(proc_lines) + "\n")
+    for rel, text in files.items():
+        path = tmp_path / "cgroup" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return tmp_path / "cgroup", proc
+
+
+def test_cgroup_v2_quota_is_the_smallest_on_the_path(tmp_path):
+    root, proc = _tree(tmp_path, ["0::/outer/inner"], {"cpu.max": "max 100000", "outer/cpu.max": "300000 100000",
+                                                       "outer/inner/cpu.max": "150000 100000"})
+    assert threads.cgroup_cpu_quota(root, proc) == 1.5
+    root, proc = _tree(tmp_path / "b", ["0::/outer/inner"], {"outer/cpu.max": "50000 100000",
+                                                             "outer/inner/cpu.max": "max 100000"})
+    assert threads.cgroup_cpu_quota(root, proc) == 0.5  # the parent's limit binds the child
+
+
+def test_cgroup_without_limit_or_files_is_no_quota(tmp_path):
+    root, proc = _tree(tmp_path, ["0::/"], {"cpu.max": "max 100000"})
+    assert threads.cgroup_cpu_quota(root, proc) is None
+    assert threads.cgroup_cpu_quota(tmp_path / "missing", tmp_path / "missing_proc") is None
+
+
+def test_cgroup_v1_cfs_quota(tmp_path):
+    root, proc = _tree(tmp_path, ["4:cpu,cpuacct:/job", "3:memory:/job"],
+                       {"cpu,cpuacct/job/cpu.cfs_quota_us": "250000", "cpu,cpuacct/job/cpu.cfs_period_us": "100000"})
+    assert threads.cgroup_cpu_quota(root, proc) == 2.5
+    root, proc = _tree(tmp_path / "none", ["4:cpu,cpuacct:/job"],
+                       {"cpu,cpuacct/job/cpu.cfs_quota_us": "-1", "cpu,cpuacct/job/cpu.cfs_period_us": "100000"})
+    assert threads.cgroup_cpu_quota(root, proc) is None
+
+
+@pytest.mark.parametrize("affinity, quota, expected", [(8, None, 8), (8, 2.0, 2), (8, 1.5, 2), (8, 0.3, 1),
+                                                        (2, 6.0, 2), (1, None, 1)])
+def test_available_cpus_is_affinity_capped_by_quota(monkeypatch, affinity, quota, expected):
+    monkeypatch.setattr(threads, "_affinity_cpus", lambda: affinity)
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: quota)
+    assert threads.available_cpus() == expected
+
+
+def test_default_follows_quota_unless_omp_num_threads(monkeypatch):
+    monkeypatch.setattr(threads, "_affinity_cpus", lambda: 16)
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: 3.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.default_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads.default_num_threads() == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert threads.default_num_threads() == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
+def test_set_num_threads_refuses_bad_counts(bad):
+    with pytest.raises(engine.EngineError, match="positive integer"):
+        engine.set_num_threads(bad)
+
+
+def test_set_get_round_trip_in_process():
+    from threadpoolctl import threadpool_info
+
+    before = engine.get_num_threads()
+    try:
+        engine.set_num_threads(1)
+        assert engine.get_num_threads() == 1
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas and all(n == 1 for n in blas)
+    finally:
+        engine.set_num_threads(before)
+    assert engine.get_num_threads() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Child processes: the pools started fresh, with no thread variables set
+# ------------------------------------------------------------------------------------------------
+
+
+def _child(scenario: str, prefix=(), **env) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in POOL_VARS}
+    clean.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p), **env)
+    proc = subprocess.run([*prefix, sys.executable, __file__, scenario], cwd=ROOT, env=clean, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) not installed")
+def test_default_follows_affinity_in_a_pinned_child():
+    seen = _child("report", prefix=("taskset", "-c", "0"))
+    assert seen["engine"] == 1
+    assert seen["numpy_blas"] == [1] and all(n == 1 for n in seen["blas"])
+    assert seen["numba"] == 1
+
+
+def test_blas_and_numba_follow_set_num_threads_in_every_python_thread():
+    seen = _child("set", NUMBA_NUM_THREADS="2")  # numba's pool: 2 threads even on a 1-CPU runner
+    assert seen["default"] == seen["available"]
+    for n in ("1", "2"):
+        assert seen[n]["engine"] == int(n)
+        assert seen[n]["numpy_blas"] == [int(n)]  # the BLAS behind numpy's matmuls
+        assert all(b == int(n) for b in seen[n]["blas"])  # and any other loaded by then (numba's scipy BLAS)
+        assert seen[n]["numba"] == int(n)
+        assert seen[n]["numba_in_new_thread"] == int(n)  # numba's count is per thread: the owner sets it
+
+
+def _report() -> dict:
+    import numba
+    from threadpoolctl import threadpool_info
+
+    from engine.kernels.registry import numba_parallel
+
+    @numba.njit
+    def region_threads():
+        return numba.get_num_threads()
+
+    region = numba_parallel(region_threads)  # the wrapper every parallel kernel goes through
+    seen = {}
+
+    def in_new_thread():
+        seen["value"] = region()
+
+    import threading
+
+    in_main = region()  # compiles, and loads whatever BLAS numba's compiler loads: limited after this call
+    worker = threading.Thread(target=in_new_thread)
+    worker.start()
+    worker.join()
+    return {"engine": engine.get_num_threads(), "numba": in_main, "numba_in_new_thread": seen["value"],
+            "blas": [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"],
+            "numpy_blas": [pool["num_threads"] for pool in threadpool_info()
+                           if pool["user_api"] == "blas" and "numpy" in pool["filepath"]]}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "report":
+        print(json.dumps(_report()))
+    else:
+        result = {"default": engine.get_num_threads(), "available": threads.available_cpus()}
+        for count in (1, 2):
+            engine.set_num_threads(count)
+            result[str(count)] = _report()
+        print(json.dumps(result))
