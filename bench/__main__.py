@@ -5,6 +5,7 @@ Examples:
     python3 -m bench --device cuda --json bench/results/gpu.json --markdown bench/results/gpu.md
     python -m bench --kernel adam_step --skip-e2e --device cpu
     python -m bench --dtype bf16 --quick           # bf16 inputs; the peers and training steps under autocast
+    python -m bench --device cpu --skip-kernels --model gpt mlp --load 1   # steps, alone and beside 1 busy process
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
     p.add_argument("--plot", metavar="PATH", help="write GB/s (TFLOP/s) vs size per impl (needs matplotlib)")
     p.add_argument("--skip-e2e", action="store_true", help="skip the training-step benchmarks")
+    p.add_argument("--skip-kernels", action="store_true", help="skip the kernel rows (ceilings and training steps only)")
+    p.add_argument("--model", nargs="+", choices=("mlp", "wide", "gpt"), action="extend",
+                   help="only these training-step models (default: every one of the mode)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="also time every training step beside N busy neighbour processes (pure-Python spin "
+                        "loops, bench/load.py), next to the same step without them (default 0: no neighbours)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 GEMMs (torch and cupy); default off")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="the kernels' input dtype; bf16 also runs the engine and torch peers and the training "
@@ -67,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the benchmark described by ``argv``; return the result (also written where asked)."""
     args = parse_args(argv)
+    if args.load < 0:
+        raise SystemExit(f"bench: --load must be >= 0 busy neighbours, got {args.load}")
     if args.threads is not None:
         limit_threads(args.threads)
     from bench import end_to_end, kernels as kernel_bench, report, roofline
@@ -91,8 +100,9 @@ def main(argv=None) -> dict:
     ceilings = roofline.measure_ceilings(bd, bd.clock, copy_elements=settings["copy_elements"],
                                          gemm_size=settings["gemm_size"])
     progress.note(f"ceilings: copy {ceilings.copy_bandwidth / 1e9:.1f} GB/s, GEMM {ceilings.gemm_flops / 1e12:.3f} TFLOP/s")
-    kernel_rows = kernel_bench.run_sweep(bd, ceilings, names, mode, progress)
-    e2e_rows = [] if args.skip_e2e else end_to_end.run_end_to_end(bd, ceilings, mode, progress)
+    kernel_rows = [] if args.skip_kernels else kernel_bench.run_sweep(bd, ceilings, names, mode, progress)
+    e2e_rows = [] if args.skip_e2e else end_to_end.run_end_to_end(bd, ceilings, mode, progress, load=args.load,
+                                                                  models=args.model)
     result = {
         "schema": 1,
         "environment": report.environment(bd),
@@ -111,6 +121,8 @@ def main(argv=None) -> dict:
             "torch_adam": end_to_end.describe_torch_optimizer(bd),
             "cpu_adam_target_size": kernel_bench.CPU_ADAM_TARGET_SIZE[mode],
             "load_average_at_start": load_at_start,
+            "load": {"neighbours": args.load, "neighbour": load_description(),
+                     "applies_to": "training-step rows with load > 0 (each also timed without)"},
             "other_processes_cores": others.cores_used(),
         },
         "ceilings": ceilings.to_dict(),
@@ -129,6 +141,12 @@ def main(argv=None) -> dict:
     return result
 
 
+def load_description() -> str:
+    from bench.load import DESCRIPTION
+
+    return DESCRIPTION
+
+
 def limit_threads(n: int) -> None:
     """Give every CPU thread pool ``n`` threads: BLAS, OpenMP, numba and torch.
 
@@ -139,15 +157,9 @@ def limit_threads(n: int) -> None:
         raise SystemExit(f"bench: --threads must be >= 1, got {n}")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(n)
-    try:
-        from threadpoolctl import threadpool_limits
+    import engine
 
-        threadpool_limits(limits=n)
-    except ImportError:
-        pass  # the environment variables above cover a fresh process
-    import numba
-
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    engine.set_num_threads(n)  # the engine's one owner of the BLAS and numba counts (kernels/threads.py)
     try:
         import torch
 

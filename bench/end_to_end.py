@@ -252,21 +252,53 @@ VARIANTS = (("engine F + optim.Adam", engine_functional_step, "engine"),
 
 # ---- running ----------------------------------------------------------------------------------
 
-def run_end_to_end(bd: BenchDevice, ceilings: roofline.Ceilings, mode: str, progress) -> list[dict]:
-    """Every model x batch x variant; ``progress`` is told of each row."""
+def run_end_to_end(bd: BenchDevice, ceilings: roofline.Ceilings, mode: str, progress, load: int = 0,
+                   models=None) -> list[dict]:
+    """Every model x batch x variant; ``progress`` is told of each row.
+
+    ``models`` limits the run to those model names (``mlp``, ``wide``, ``gpt``; None: all). With
+    ``load`` > 0 each configuration is timed twice, side by side in the table: without neighbours,
+    then beside ``load`` busy processes (bench/load.py) started for that measurement only. The rows
+    carry ``load`` (0 or the count) and, loaded, ``slowdown``: their median over the quiet one.
+    """
     from bench import gpt_step
 
+    configs = [(name, MODELS[name], batch, {}) for name, batches in BATCHES[(bd.kind, mode)].items()
+               for batch in batches]
+    configs += [("gpt", gpt_step.LAYERS, batch, dict(setup=gpt_step.setup, variants=gpt_step.VARIANTS,
+                                                     base_row=gpt_step.base_row))
+                for batch in gpt_step.BATCHES.get((bd.kind, mode), [])]  # the GPT training step (issue 14)
     rows = []
-    for model_name, batches in BATCHES[(bd.kind, mode)].items():
-        layers = MODELS[model_name]
-        for batch in batches:
-            rows.extend(_run_config(bd, ceilings, model_name, layers, batch, progress))
-            bd.release()
-    for batch in gpt_step.BATCHES.get((bd.kind, mode), []):  # the GPT training step (issue 14)
-        rows.extend(_run_config(bd, ceilings, "gpt", gpt_step.LAYERS, batch, progress, setup=gpt_step.setup,
-                                variants=gpt_step.VARIANTS, base_row=gpt_step.base_row))
-        bd.release()
+    for model_name, layers, batch, how in configs:
+        if models and model_name not in models:
+            continue
+        quiet = _run_loaded(bd, ceilings, model_name, layers, batch, progress, 0, how)
+        rows.extend(quiet)
+        if load:
+            loaded = _run_loaded(bd, ceilings, model_name, layers, batch, progress, load, how)
+            _add_slowdown(loaded, quiet)
+            rows.extend(loaded)
     return rows
+
+
+def _run_loaded(bd, ceilings, model_name, layers, batch, progress, load: int, how: dict) -> list[dict]:
+    """One configuration's rows, timed beside ``load`` busy neighbour processes."""
+    from bench.load import Neighbours
+
+    with Neighbours(load):
+        rows = _run_config(bd, ceilings, model_name, layers, batch, progress, **how)
+    for row in rows:
+        row["load"] = load
+    bd.release()
+    return rows
+
+
+def _add_slowdown(loaded: list[dict], quiet: list[dict]) -> None:
+    """``slowdown`` of each loaded row: its median step time over the same variant's without load."""
+    alone = {r["impl"]: r["median_s"] for r in quiet if r["status"] == "ok"}
+    for row in loaded:
+        if row["status"] == "ok" and alone.get(row["impl"]):
+            row["slowdown"] = row["median_s"] / alone[row["impl"]]
 
 
 def _mlp_setup(bd, layers, batch):
@@ -349,7 +381,7 @@ def _base_row(model_name, layers, batch, name, bd) -> dict:
         "median_s": None, "spread": None, "host_median_s": None, "host_over_device": None, "repeats": 0,
         "samples_per_s": None, "TFLOPs": None, "fraction_of_gemm": None, "loss_step1": None,
         "loss_step3": None, "loss_rel_err": None, "loss_step3_rel_err": None, "vs_torch": None, "vs_torch_peer": None,
-        "target": "",
+        "target": "", "load": 0, "slowdown": None,
     }
 
 

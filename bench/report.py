@@ -208,17 +208,18 @@ def kernel_cells(row: dict) -> list[str]:
             _status(row)]
 
 
-E2E_COLUMNS = ("model", "batch", "impl", "step time", "spread", "host/device", "samples/s", "TFLOP/s", "%GEMM",
-               "loss err step 1 / 3", "vs torch", "target / status")
+E2E_COLUMNS = ("model", "batch", "impl", "load", "step time", "spread", "host/device", "samples/s", "TFLOP/s",
+               "%GEMM", "loss err step 1 / 3", "vs torch", "slowdown", "target / status")
 
 
 def e2e_cells(row: dict) -> list[str]:
-    return [row["model"], str(row["batch"]), row["impl"], fmt_time(row.get("median_s")),
+    return [row["model"], str(row["batch"]), row["impl"], str(row.get("load", 0)), fmt_time(row.get("median_s")),
             "-" if row.get("spread") is None else f"±{row['spread'] / 2:.1%}",
             fmt_pct(row.get("host_over_device")), fmt_num(row.get("samples_per_s")), fmt_num(row.get("TFLOPs")),
             fmt_pct(row.get("fraction_of_gemm")),
             f"{fmt_err(row.get('loss_rel_err'))} / {fmt_err(row.get('loss_step3_rel_err'))}",
-            fmt_ratio(row.get("vs_torch"), row.get("vs_torch_peer")), _status(row)]
+            fmt_ratio(row.get("vs_torch"), row.get("vs_torch_peer")),
+            "-" if row.get("slowdown") is None else f"{row['slowdown']:.2f}x", _status(row)]
 
 
 # ---- progress and the terminal table ----------------------------------------------------------
