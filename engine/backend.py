@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import kernels
+from engine.kernels import threads as _threads
 from engine.errors import DeviceError, DTypeError, EngineError
 
 
@@ -255,6 +256,13 @@ def get_num_threads() -> int:
     from engine.kernels import threads
 
     return threads.get_num_threads()
+
+
+def size_cpu_gemm(x, m: int, n: int, k: int) -> None:
+    """Before an (m, k) x (k, n) GEMM on ``x``'s device: on the CPU, the BLAS pool sized for it
+    (kernels/threads.py ``for_gemm``: one thread for small GEMMs); nothing for GPU arrays."""
+    if isinstance(x, np.ndarray):
+        _threads.for_gemm(m, n, k)
 
 
 def matmul_allows_tf32() -> bool:

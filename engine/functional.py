@@ -61,6 +61,7 @@ class Linear(Function):
     def forward(self, x, weight, bias=None):
         self.save(x, weight)
         self.has_bias = bias is not None
+        backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
         out = x @ weight.T
         if bias is not None:
             out += bias
@@ -68,6 +69,7 @@ class Linear(Function):
 
     def backward(self, g):
         x, weight = self.saved
+        backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
         gx = g @ weight if self.needs_input_grad[0] else None
         gw = g.T @ x if self.needs_input_grad[1] else None
         if not self.has_bias:

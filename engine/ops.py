@@ -1248,14 +1248,23 @@ def _promoted_together(tensors) -> list:
 
 # ---- matmul --------------------------------------------------------------------------------------
 
+def _size_gemm(a, b) -> None:
+    """The BLAS pool sized for one (m, k) x (k, n) product of a @ b (a batch runs them one by one)."""
+    m = a.shape[-2] if a.ndim > 1 else 1
+    n = b.shape[-1] if b.ndim > 1 else 1
+    backend.size_cpu_gemm(a, m, n, a.shape[-1])
+
+
 class MatMul(Function):
     def forward(self, a, b):
         self.save(a, b)
+        _size_gemm(a, b)
         return a @ b
 
     def backward(self, g):
         a, b = self.saved
         xp = _xp(g)
+        _size_gemm(a, b)
         # Treat 1-D operands as matrices so one formula serves every case.
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b

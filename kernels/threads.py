@@ -45,8 +45,14 @@ BLAS_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
+# A GEMM of fewer multiply-adds (m * n * k) than this runs on one BLAS thread, a larger one on the
+# engine's count (:func:`for_gemm`): OpenBLAS's pool pays a barrier per call and its workers spin
+# after it, which costs small GEMMs more than their split saves (docs/benchmarks.md, "CPU threads").
+BLAS_PARALLEL_MIN = 1 << 28
+
 _lock = threading.Lock()
-_state = {"n": None, "blas_limiter": None}
+_state = {"n": None, "blas_limiter": None, "blas_owned": False}
+_blas = {"controllers": (), "current": None}  # the BLAS libraries' controllers, the count last set on them
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +196,7 @@ def apply_default(n: int) -> None:
 def _apply(n: int, respect_env: bool) -> None:
     if not (respect_env and any(os.environ.get(v) for v in BLAS_VARS)):
         _limit_blas(n)
+        _state["blas_owned"] = True
     if not (respect_env and os.environ.get("NUMBA_NUM_THREADS")):
         _state["numba"] = n
     _state["n"] = n
@@ -198,15 +205,33 @@ def _apply(n: int, respect_env: bool) -> None:
 
 def _limit_blas(n: int) -> None:
     """Every BLAS loaded in the process to ``n`` threads (threadpoolctl; numpy's OpenBLAS, torch's MKL)."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 
-    _state["blas_limiter"] = threadpool_limits(limits=n, user_api="blas")  # stays in force: not used as a context
+    controller = ThreadpoolController().select(user_api="blas")
+    _state["blas_limiter"] = controller.limit(limits=n)  # stays in force: not used as a context
+    _blas.update(controllers=tuple(controller.lib_controllers), current=n)
+
+
+def for_gemm(m: int, n: int, k: int) -> None:
+    """Size the BLAS pool for the GEMM about to run, (m, k) x (k, n): the engine's count from
+    BLAS_PARALLEL_MIN multiply-adds on, else one thread. ~1 us when the count changes (one ctypes
+    call per BLAS library), ~0.3 us when it does not. Leaves a BLAS sized by the user's own
+    environment variable alone."""
+    if _state["n"] is None:
+        ensure_default()
+    if not _state["blas_owned"]:
+        return
+    want = _state["n"] if m * n * k >= BLAS_PARALLEL_MIN else 1
+    if want != _blas["current"]:
+        for lib in _blas["controllers"]:
+            lib.set_num_threads(want)
+        _blas["current"] = want
 
 
 def reapply_blas_limit() -> None:
     """Limit BLAS libraries loaded since the count was set (threadpoolctl sees only those loaded at
     the time): numba loads scipy's OpenBLAS when it compiles its first kernel. ~1 ms."""
-    if _state["blas_limiter"] is not None:
+    if _state["blas_owned"]:
         with _lock:
             _limit_blas(_state["n"])
 

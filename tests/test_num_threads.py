@@ -128,6 +128,8 @@ def test_blas_and_numba_follow_set_num_threads_in_every_python_thread():
         assert all(b == int(n) for b in seen[n]["blas"])  # and any other loaded by then (numba's scipy BLAS)
         assert seen[n]["numba"] == int(n)
         assert seen[n]["numba_in_new_thread"] == int(n)  # numba's count is per thread: the owner sets it
+    # with 2 threads set: a GEMM under BLAS_PARALLEL_MIN multiply-adds runs on one BLAS thread
+    assert seen["gemm"] == {"small": [1], "large": [2], "small_again": [1]}
 
 
 def _report() -> dict:
@@ -159,6 +161,8 @@ def _report() -> dict:
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_info
+
     if sys.argv[1] == "report":
         print(json.dumps(_report()))
     else:
@@ -166,4 +170,10 @@ if __name__ == "__main__":
         for count in (1, 2):
             engine.set_num_threads(count)
             result[str(count)] = _report()
+        small, large = threads.BLAS_PARALLEL_MIN // 64 - 1, threads.BLAS_PARALLEL_MIN // 64
+        result["gemm"] = {}
+        for name, m in (("small", small), ("large", large), ("small_again", small)):
+            threads.for_gemm(m, 8, 8)
+            result["gemm"][name] = [pool["num_threads"] for pool in threadpool_info()
+                                    if pool["user_api"] == "blas" and "numpy" in pool["filepath"]]
         print(json.dumps(result))

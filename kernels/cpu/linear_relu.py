@@ -55,6 +55,7 @@ from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import different_gpus as _different_gpus
 from ..registry import placement_problem as _placement_problem
+from ..threads import for_gemm
 
 _FLOATS = ", ".join(FLOAT_NAMES[:-1]) + " or " + FLOAT_NAMES[-1]  # for the error messages
 
@@ -217,6 +218,7 @@ def linear_relu_forward_numba(x, weight, bias=None):
         return convert.narrow(linear_relu_forward_numba(*(convert.widen(a) for a in (x, weight, bias))), dtype)
     n, m = x.shape[0], weight.shape[0]
     y = np.empty((n, m), dtype=dtype)
+    for_gemm(n, m, x.shape[1])
     np.matmul(x, weight.T, out=y)
     if y.size:
         has_bias = bias is not None
@@ -243,6 +245,7 @@ def linear_relu_backward_numba(grad_out, x, weight, out, *, compute_grad_x=True)
         partial = np.empty((chunks, m), dtype=dtype)
         _jitted().backward_prologue(grad_out, out, g, partial, grad_bias)
     grad_x = None
+    for_gemm(n, m, k)
     if compute_grad_x:
         grad_x = np.empty((n, k), dtype=dtype)
         np.matmul(g, weight, out=grad_x)
