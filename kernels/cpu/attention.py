@@ -45,8 +45,11 @@ P = 0 times a non-finite v (forward) or dP - D (backward) is NaN; with ``causal`
 reads the scores of keys j > i. docs/kernels/attention.md has the rules.
 
 ``numpy`` is the plain reference (it materialises the B x L x S scores). ``numba_cpu`` never
-does: see :func:`_numba_kernels`. Both call :func:`validate_forward` / :func:`validate_backward`
-first, as do the GPU impls (which accept numpy arrays only under the Numba CUDA simulator).
+does: from BLAS_MIN_PAIRS query-key pairs per batch row it runs the flash loop on BLAS GEMMs over
+(query tile, key tile) blocks (:func:`_forward_blas`, :func:`_backward_blas`), below that its numba
+tile kernel (:func:`_numba_kernels`); :func:`use_blas_tiles` chooses. Both impls call
+:func:`validate_forward` / :func:`validate_backward` first, as do the GPU impls (which accept numpy
+arrays only under the Numba CUDA simulator).
 ``import engine.kernels.cpu.attention`` does not import numba.
 """
 
@@ -66,6 +69,7 @@ from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
 from ..registry import placement_problem as _placement_problem
 from ..registry import numba_parallel as _numba_parallel
+from ..threads import available_cpus, for_gemm, get_num_threads
 
 LOW_PRECISION = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))  # storage only: computed in float32
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64)) + LOW_PRECISION
@@ -314,6 +318,168 @@ def _backward_numpy(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
 
 
 # --------------------------------------------------------------------------------------------
+# BLAS tiles: the flash loop in numpy, its QK^T / PV products batched BLAS GEMMs on key tiles
+# --------------------------------------------------------------------------------------------
+
+# Query rows and keys per tile of the BLAS path: scores of B x BLAS_TILE x BLAS_TILE at a time,
+# never B x L x S (the extra memory is O(B L), the running max, sum and output accumulator).
+BLAS_TILE = 256
+
+
+def _tiles(n: int):
+    return [(start, min(start + BLAS_TILE, n)) for start in range(0, n, BLAS_TILE)]
+
+
+def _sees_tile(spec: AttentionSpec, rows, keys) -> bool:
+    """Whether any query row of ``rows`` sees a key of ``keys`` (causal: key j <= query i)."""
+    return not spec.causal or keys[0] <= rows[1] - 1
+
+
+def _tile_scores(qs, k, mask, spec: AttentionSpec, rows, keys):
+    """scale * q_rows k_keys^T + mask, causal-masked, for one (query tile, key tile): (B, rows, keys).
+
+    ``qs`` is q already scaled; a key j > query i gets -inf whatever its score (np.copyto, not an
+    addition: a NaN or +inf score there must not leak, as in the reference).
+    """
+    (i0, i1), (j0, j1) = rows, keys
+    s = np.matmul(qs[:, i0:i1], k[:, j0:j1].transpose(0, 2, 1))
+    if mask is not None:
+        s += mask[:, i0:i1, j0:j1] if mask.shape[1] > 1 else mask[:, :, j0:j1]
+    if spec.causal and j1 - 1 > i0:  # the tile reaches above the diagonal
+        above = np.arange(j0, j1)[None, :] > np.arange(i0, i1)[:, None]
+        np.copyto(s, spec.dtype.type(-np.inf), where=above)
+    return s
+
+
+def attention_forward_blas(q, k, v, mask=None, *, scale=None, causal=False, precision=None):
+    """The forward of the numba_cpu impl for large L x S: flash tiles on BLAS GEMMs (see _forward_blas)."""
+    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
+    if is_empty(spec):
+        return empty_forward(spec, np)
+    wide, (q, k, v, mask) = in_float32(spec, q, k, v, mask)
+    out, lse = _forward_blas(q, k, v, mask, wide)
+    return round_results(spec, out)[0], lse
+
+
+def _forward_blas(q, k, v, mask, spec: AttentionSpec):
+    """Online softmax over key tiles (flash-attention 1): per query tile a running max m, sum l and
+    unnormalised output acc; each key tile rescales them by exp(m_old - m_new)."""
+    out = np.empty((spec.b, spec.l, spec.ev), spec.dtype)
+    lse = np.empty((spec.b, spec.l), spec.dtype)
+    _over_batches(spec, lambda rows: _forward_blas_batches(
+        q[rows], k[rows], v[rows], _mask_rows(mask, rows), spec, out[rows], lse[rows]))
+    return out, lse
+
+
+def _forward_blas_batches(q, k, v, mask, spec: AttentionSpec, out, lse) -> None:
+    """:func:`_forward_blas` for the batch rows given (views), written into ``out`` and ``lse``."""
+    dt = spec.dtype.type
+    b = q.shape[0]
+    qs = q * dt(spec.scale)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite inputs give NaN, as the reference
+        for rows in _tiles(spec.l):
+            n = rows[1] - rows[0]
+            m = np.full((b, n, 1), -np.inf, spec.dtype)
+            total = np.zeros((b, n, 1), spec.dtype)
+            acc = np.zeros((b, n, spec.ev), spec.dtype)
+            for keys in _tiles(spec.s):
+                if not _sees_tile(spec, rows, keys):
+                    continue
+                s = _tile_scores(qs, k, mask, spec, rows, keys)
+                m_new = np.maximum(m, s.max(axis=-1, keepdims=True))  # NaN stays NaN (np.maximum propagates)
+                shift = np.where(np.isneginf(m_new), dt(0), m_new)  # a row that saw no key yet: exp(-inf) = 0
+                alpha = np.exp(m - shift)  # 0 for m = -inf; <= 1 otherwise
+                s -= shift
+                p = np.exp(s, out=s)
+                total *= alpha
+                total += p.sum(axis=-1, keepdims=True)
+                acc *= alpha
+                acc += np.matmul(p, v[:, keys[0]:keys[1]])
+                m = m_new
+            out[:, rows[0]:rows[1]] = acc / np.where(total == 0, dt(1), total)  # fully masked: 0
+            lse[:, rows[0]:rows[1]] = (np.where(np.isneginf(m), dt(0), m) + np.log(total))[..., 0]
+
+
+def attention_backward_blas(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None):
+    """The backward of the numba_cpu impl for large L x S (see _backward_blas)."""
+    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
+    if is_empty(spec):
+        return empty_backward(spec, np)
+    wide, arrays = in_float32(spec, grad_out, q, k, v, out, lse, mask)
+    return round_results(spec, *_backward_blas(*arrays, wide))
+
+
+def _backward_blas(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
+    """Flash-attention-2's backward on BLAS tiles: P recomputed from lse per (query, key) tile."""
+    dq = np.zeros((spec.b, spec.l, spec.e), spec.dtype)
+    dk = np.zeros((spec.b, spec.s, spec.e), spec.dtype)
+    dv = np.zeros((spec.b, spec.s, spec.ev), spec.dtype)
+    _over_batches(spec, lambda r: _backward_blas_batches(
+        grad_out[r], q[r], k[r], v[r], out[r], lse[r], _mask_rows(mask, r), spec, dq[r], dk[r], dv[r]))
+    return dq, dk, dv
+
+
+def _backward_blas_batches(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec, dq, dk, dv) -> None:
+    """:func:`_backward_blas` for the batch rows given (views), accumulated into dq, dk, dv (zeros)."""
+    dt = spec.dtype.type
+    qs, ks = q * dt(spec.scale), k * dt(spec.scale)  # s from qs; dk = dS^T qs and dq = dS ks carry the scale
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.einsum("ble,ble->bl", grad_out, out)[..., None]  # D_i = dO_i . out_i
+        hidden = np.isneginf(lse)[..., None]  # rows that saw no key: P = 0
+        shift = np.where(hidden, dt(0), lse[..., None])
+        for rows in _tiles(spec.l):
+            r = slice(*rows)
+            go = grad_out[:, r]
+            for keys in _tiles(spec.s):
+                if not _sees_tile(spec, rows, keys):
+                    continue
+                c = slice(*keys)
+                s = _tile_scores(qs, k, mask, spec, rows, keys)
+                s -= shift[:, r]
+                p = np.exp(s, out=s)
+                if hidden[:, r].any():
+                    np.copyto(p, dt(0), where=hidden[:, r])
+                dv[:, c] += np.matmul(p.transpose(0, 2, 1), go)
+                dp = np.matmul(go, v[:, c].transpose(0, 2, 1))
+                dp -= d[:, r]
+                ds = np.multiply(p, dp, out=dp)  # P = 0 times a NaN dP - D is NaN, as in the reference
+                dq[:, r] += np.matmul(ds, ks[:, c])
+                dk[:, c] += np.matmul(ds.transpose(0, 2, 1), qs[:, r])
+
+
+def _mask_rows(mask, rows: slice):
+    """The mask of the batch rows ``rows``: a shared (1, ., S) mask serves every row as it is."""
+    return mask if mask is None or mask.shape[0] == 1 else mask[rows]
+
+
+def _over_batches(spec: AttentionSpec, work) -> None:
+    """``work(rows)`` over contiguous slices of the batch, one per engine thread (kernels/threads.py).
+
+    The BLAS runs single-threaded meanwhile (each tile's GEMM is small: a multithreaded BLAS would
+    pay its barrier per GEMM) and the threads split the batch instead: numpy releases the GIL in
+    its GEMMs and ufuncs, so the slices run on separate cores, and none reads another's output.
+    """
+    for_gemm(1, 1, 1)  # one BLAS thread: the parallelism is over the batch
+    count = min(get_num_threads(), spec.b)
+    bounds = [spec.b * i // count for i in range(count + 1)]
+    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    if count == 1:
+        work(slices[0])
+        return
+    futures = [_thread_pool().submit(work, rows) for rows in slices[1:]]
+    work(slices[0])
+    for future in futures:
+        future.result()
+
+
+@functools.cache
+def _thread_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=max(1, available_cpus() - 1), thread_name_prefix="attention")
+
+
+# --------------------------------------------------------------------------------------------
 # numba_cpu: flash-style tiles, never an L x S matrix. See _numba_kernels for the loop structure.
 # --------------------------------------------------------------------------------------------
 
@@ -328,6 +494,9 @@ QUERY_BLOCK = 64
 # chunk order afterwards: deterministic, whatever the thread count, with no second pass over the
 # scores for dq (which would recompute P and dP: 7 instead of 5 matrix-product equivalents).
 KEY_CHUNKS = 4
+# L * S per batch row from which attention_forward_numba / attention_backward_numba run on BLAS
+# tiles (use_blas_tiles): docs/benchmarks.md has the sizes measured against the numba tiles.
+BLAS_MIN_PAIRS = 64 * 64
 # B * L * S * E from which the tasks run in parallel: starting a workqueue parallel region costs
 # ~50 us, about what one thread needs for 2^20 multiply-adds here.
 PARALLEL_MIN = 1 << 20
@@ -338,7 +507,7 @@ def attention_forward_numba(q, k, v, mask=None, *, scale=None, causal=False, pre
     if is_empty(spec):
         return empty_forward(spec, np)
     wide, (q, k, v, mask) = in_float32(spec, q, k, v, mask)
-    out, lse = _forward_numba(q, k, v, mask, wide)
+    out, lse = (_forward_blas if use_blas_tiles(wide) else _forward_numba)(q, k, v, mask, wide)
     return round_results(spec, out)[0], lse
 
 
@@ -360,7 +529,7 @@ def attention_backward_numba(grad_out, q, k, v, out, lse, mask=None, *, scale=No
     if is_empty(spec):
         return empty_backward(spec, np)
     wide, arrays = in_float32(spec, grad_out, q, k, v, out, lse, mask)
-    return round_results(spec, *_backward_numba(*arrays, wide))
+    return round_results(spec, *(_backward_blas if use_blas_tiles(wide) else _backward_numba)(*arrays, wide))
 
 
 def _backward_numba(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
@@ -381,6 +550,14 @@ def _backward_numba(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
     if l4 != spec.l:
         dq = np.ascontiguousarray(dq[:, :spec.l])
     return dq, dk, dv
+
+
+def use_blas_tiles(spec: AttentionSpec) -> bool:
+    """Whether the numba_cpu impl runs this call on BLAS tiles (:func:`_forward_blas`) rather than
+    on its numba tile kernel: from BLAS_MIN_PAIRS query-key pairs per batch row on. Measured in
+    docs/benchmarks.md ("Attention on the CPU"); one impl, so that callers and the registry see one
+    CPU attention, whatever its size."""
+    return spec.l * spec.s >= BLAS_MIN_PAIRS
 
 
 def _parallel(spec: AttentionSpec) -> bool:
