@@ -496,7 +496,7 @@ QUERY_BLOCK = 64
 KEY_CHUNKS = 4
 # L * S per batch row from which attention_forward_numba / attention_backward_numba run on BLAS
 # tiles (use_blas_tiles): docs/benchmarks.md has the sizes measured against the numba tiles.
-BLAS_MIN_PAIRS = 64 * 64
+BLAS_MIN_PAIRS = 32 * 32
 # B * L * S * E from which the tasks run in parallel: starting a workqueue parallel region costs
 # ~50 us, about what one thread needs for 2^20 multiply-adds here.
 PARALLEL_MIN = 1 << 20
