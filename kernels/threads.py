@@ -48,7 +48,7 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 # A GEMM of fewer multiply-adds (m * n * k) than this runs on one BLAS thread, a larger one on the
 # engine's count (:func:`for_gemm`): OpenBLAS's pool pays a barrier per call and its workers spin
 # after it, which costs small GEMMs more than their split saves (docs/benchmarks.md, "CPU threads").
-BLAS_PARALLEL_MIN = 1 << 28
+BLAS_PARALLEL_MIN = 1 << 30
 
 _lock = threading.Lock()
 _state = {"n": None, "blas_limiter": None, "blas_owned": False}
