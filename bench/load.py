@@ -16,8 +16,20 @@ from __future__ import annotations
 import subprocess
 import sys
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
 SPIN = "while True:\n    pass\n"
 DESCRIPTION = "pure-Python spin loop (while True: pass), one process each"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM when the benchmark dies (killed, it runs no
+    ``finally``), so that no spinning neighbour outlives it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 class Neighbours:
@@ -33,7 +45,8 @@ class Neighbours:
         try:
             for _ in range(self.count):
                 self.processes.append(subprocess.Popen([sys.executable, "-c", SPIN], stdin=subprocess.DEVNULL,
-                                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                       preexec_fn=_die_with_parent))
         except BaseException:
             self.stop()
             raise

@@ -1,11 +1,18 @@
 """``python -m bench --load N``: busy neighbour processes, and training-step rows with and without them."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from bench import __main__ as cli
 from bench.load import Neighbours
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_neighbours_run_inside_the_block_and_stop_after():
@@ -43,3 +50,21 @@ def test_load_rows_side_by_side_with_quiet_rows(tmp_path):
         if row["status"] == "ok":
             assert row["slowdown"] == pytest.approx(row["median_s"] / quiet[impl]["median_s"])
         assert quiet[impl]["slowdown"] is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_neighbours_die_with_a_killed_benchmark():
+    """A benchmark killed by SIGKILL runs no cleanup: its neighbours still stop (exited, or a zombie
+    waiting for init to reap it), none keeps spinning."""
+    code = ("from bench.load import Neighbours\nimport time\nwith Neighbours(1) as n:\n"
+            "    print(n.processes[0].pid, flush=True)\n    time.sleep(120)\n")
+    bench = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    neighbour = int(bench.stdout.readline())
+    bench.kill()
+    bench.wait()
+    stat = Path(f"/proc/{neighbour}/stat")
+    deadline = time.monotonic() + 10
+    while stat.exists() and stat.read_text().split()[2] not in ("Z", "X") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stat.exists() or stat.read_text().split()[2] in ("Z", "X")
