@@ -31,7 +31,8 @@ GEMM_RTOL, GEMM_ATOL = 1e-5, 1e-6
 def _run_child(scenario: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "ENGINE_KERNEL_IMPL")}
     # Two numba threads even on a one-core runner: the parallel regions (and the race) stay real.
-    env.update(PYTHONPATH=str(ROOT), NUMBA_NUM_THREADS="2")
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+               NUMBA_NUM_THREADS="2")
     return subprocess.run([sys.executable, __file__, scenario], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 
