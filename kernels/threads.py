@@ -13,10 +13,13 @@ The count applies to every pool at once:
   parallel kernel goes through :func:`kernels.registry.numba_parallel`, which sets the calling
   thread's count to the owner's before the region starts (:func:`sync_numba_threads`).
 
-How the two pools share the cores (docs/architecture.md, "CPU threads", has the measurements):
-numba's workqueue layer, whose workers sleep between regions (kernels.registry.configure_numba_threads),
-beside OpenBLAS's pool. Both run the same count; a parallel region never overlaps a GEMM, as both
-run in the calling thread one after the other.
+How the two pools share the cores (docs/architecture.md, "CPU threads"; the measurements are in
+docs/benchmarks.md): numba's workqueue layer, whose workers sleep between regions
+(kernels.registry.configure_numba_threads), runs every parallel region on the count; the BLAS,
+whose OpenBLAS workers meet at a barrier in each GEMM and spin after it, runs a GEMM on the count
+only from BLAS_PARALLEL_MIN multiply-adds on and on one thread below (:func:`for_gemm`, called
+before the engine's GEMMs), so that small GEMMs leave no spinning worker for the next numba region
+to wait behind.
 
 Defaults: ``OMP_NUM_THREADS`` when set (as PyTorch reads it), else :func:`available_cpus`. A pool
 the user sized by its own variable (``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
