@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import enum
 import importlib.util
-import os
 
 import numpy as np
 
