@@ -39,6 +39,7 @@ from engine.indexing import (allclose, argsort, argwhere, count_nonzero, equal, 
                              index_select, isclose, masked_fill, masked_select, multinomial, nonzero, scatter,
                              scatter_add, sort, topk, tril, triu)
 from engine.ops import eq, ge, gt, le, lt, ne, squeeze, unsqueeze  # noqa: E402
+from engine.ops import expm1, log1p  # noqa: E402
 from engine.shaping import (bmm, chunk, cumsum, flip, fliplr, flipud, movedim, narrow, repeat_interleave,  # noqa: E402
                             roll, split, tile, unbind)
 from engine.tensor import legacy_tensor_types as _legacy_tensor_types  # noqa: E402

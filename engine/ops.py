@@ -330,6 +330,29 @@ class Log(Function):
         return g / self.saved[0]
 
 
+class Log1p(Function):
+    """``log(1 + a)``, accurate for small ``a`` (``torch.log1p``)."""
+
+    def forward(self, a):
+        self.save(a)
+        return _xp(a).log1p(a)
+
+    def backward(self, g):
+        return g / (1 + self.saved[0])
+
+
+class Expm1(Function):
+    """``exp(a) - 1``, accurate for small ``a`` (``torch.expm1``)."""
+
+    def forward(self, a):
+        out = _xp(a).expm1(a)
+        self.save(out)
+        return out
+
+    def backward(self, g):
+        return g * (self.saved[0] + 1)
+
+
 class Sqrt(Function):
     def forward(self, a):
         out = _xp(a).sqrt(a)
@@ -535,6 +558,8 @@ _INV_SQRT_2 = 1 / math.sqrt(2)
 # Float-valued functions of integer or bool input give float32, as in PyTorch.
 def exp(a): return Exp.apply(_promoted(a))
 def log(a): return Log.apply(_promoted(a))
+def log1p(a): return Log1p.apply(_promoted(a))
+def expm1(a): return Expm1.apply(_promoted(a))
 def sqrt(a): return Sqrt.apply(_promoted(a))
 def tanh(a): return Tanh.apply(_promoted(a))
 def sigmoid(a): return Sigmoid.apply(_promoted(a))

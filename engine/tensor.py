@@ -625,6 +625,8 @@ class Tensor:
     def div(self, other): return ops.div(self, other)
     def exp(self): return ops.exp(self)
     def log(self): return ops.log(self)
+    def log1p(self): return ops.log1p(self)
+    def expm1(self): return ops.expm1(self)
     def sqrt(self): return ops.sqrt(self)
     def abs(self): return ops.abs(self)
     def tanh(self): return ops.tanh(self)

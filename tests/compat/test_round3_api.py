@@ -385,3 +385,18 @@ def test_legacy_tensor_constructor_of_a_list_is_float32_as_pytorch():
     total = engine.Tensor([0])
     total += engine.tensor(1.5)
     assert total.tolist() == [1.5]
+
+
+# ---- log1p / expm1 (pytorch/examples mnist_forward_forward) ---------------------------------------------
+
+@pytest.mark.parametrize("name", ["log1p", "expm1"])
+def test_log1p_and_expm1_match_pytorch(name):
+    x = np.array([-0.5, -1e-7, 0.0, 1e-7, 0.3, 2.0], dtype=np.float32)
+    ex, tx = engine.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    e, t = getattr(engine, name)(ex), getattr(torch, name)(tx)
+    np.testing.assert_allclose(e.detach().numpy(), t.detach().numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(getattr(ex, name)().detach().numpy(), t.detach().numpy(), rtol=1e-6)
+    e.sum().backward()
+    t.sum().backward()
+    np.testing.assert_allclose(ex.grad.numpy(), tx.grad.numpy(), rtol=1e-6)
+    assert getattr(engine, name)(engine.tensor([1, 2])).dtype == engine.float32   # integers give float32
