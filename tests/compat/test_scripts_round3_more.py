@@ -198,3 +198,14 @@ def test_tutorial_word_embeddings_ngram_model(tmp_path):
     losses = [float(v) for v in re.findall(r"tensor\(\[([0-9.]+)\]\)", line)]
     assert len(losses) == 10 and all(a > b for a, b in zip(losses, losses[1:])), losses
     assert 480 < losses[-1] < losses[0] - 10, losses
+
+
+def test_tutorial_introduction_to_pytorch(tmp_path):
+    # The NLP tutorials' introduction (torch.Tensor(list), indexing, cat, view, autograd.Variable with
+    # requires_grad, .data, grad_fn, Variable(var_z.data) cut from the graph). PyTorch 2.13 prints the
+    # same values: z.data [5, 7, 9], s = 21, x.grad [1, 1, 1], and None for the re-wrapped tensor's grad_fn.
+    out = run("nlp_pytorch_tutorial.py", [], tmp_path)
+    lines = out.strip().splitlines()
+    assert lines[:1] == ["tensor([1., 2., 3.])"]
+    assert "tensor([5., 7., 9.])" in out and "tensor(21., grad_fn=<SumBackward>)" in out
+    assert lines[-3:] == ["tensor([1., 1., 1.])", "<AddBackward>", "None"], lines[-3:]
