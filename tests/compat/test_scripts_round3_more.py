@@ -87,13 +87,7 @@ def test_mingpt_chargpt(tmp_path):
     assert (tmp_path / "out" / "chargpt" / "model.pt").is_file()
 
 
-needs_inference_mode = pytest.mark.skipif(not hasattr(engine, "inference_mode"),
-                                          reason="makemore decorates evaluate/generate with torch.inference_mode, "
-                                                 "which comes with issue 24")
-
-
 @pytest.mark.slow
-@needs_inference_mode
 @pytest.mark.parametrize("model_type, max_test_loss", [("gru", 2.1), ("transformer", 2.1)])
 def test_makemore(tmp_path, model_type, max_test_loss):
     # karpathy/makemore with its own flags (--type, --max-steps 501, 2 layers of 32) on 2,000 generated
