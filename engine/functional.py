@@ -144,7 +144,9 @@ class SoftmaxCrossEntropy(Function):
     """Loss and gradient in one kernel pass; backward only rescales the saved gradient.
 
     Nothing here reads a device value on the host: the 'mean' denominator (the weight sum of the
-    non-ignored rows) and its reciprocal stay on the device, where the kernel reads the scale
+    non-ignored rows; for unweighted class indices, their count, which the kernel itself takes in
+    the pass that checks the targets: ``denominator_out``) and its reciprocal stay on the device,
+    where the kernel reads the scale
     (``grad_scale`` as a one-element array), and backward skips the multiply by the incoming
     gradient when it is backward()'s own unit seed rather than asking the device whether it is 1.
 
@@ -161,14 +163,18 @@ class SoftmaxCrossEntropy(Function):
                 reduction="mean", compute_grad=True):
         xp = array_module(logits)
         acc = accumulation_dtype(logits.dtype)
-        if reduction == "mean":
+        extra = {}
+        if reduction == "mean" and targets.ndim == 1 and weight is None:  # counted by the kernel's target pass
+            denominator, scale = xp.empty(1, dtype=acc), 1.0
+            extra["denominator_out"] = denominator
+        elif reduction == "mean":
             denominator = _mean_denominator(xp, logits, targets, weight, ignore_index, acc)
             scale = _reciprocal_or_zero(xp, denominator)
         else:
             denominator, scale = None, 1.0
         loss, self.grad = kernels.softmax_cross_entropy(
             logits, targets, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            grad_scale=scale, compute_grad=compute_grad)
+            grad_scale=scale, compute_grad=compute_grad, **extra)
         self.reduction = reduction
         if reduction == "none":
             return loss.astype(logits.dtype, copy=False)

@@ -48,7 +48,7 @@ def linear_relu_backward(grad_out, x, weight, out, *, compute_grad_x=True, impl=
 
 
 def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
-                          grad_scale=1.0, compute_grad=True, impl=None):
+                          grad_scale=1.0, compute_grad=True, denominator_out=None, impl=None):
     """Per-row cross-entropy of ``logits`` (N, C) and, in the same pass, its gradient.
 
     Args:
@@ -64,6 +64,12 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
             (the logits' dtype; float32 for 16-bit logits), which the GPU impls read on the
             device (so a scale computed there costs no host sync).
         compute_grad: if False only the loss is computed.
+        denominator_out: reduction='mean' folded in, for hard targets without weight: a one-element
+            array of the accumulation dtype beside the logits, into which the call writes the number
+            of rows whose target is not ``ignore_index`` (PyTorch's 'mean' denominator), counted on
+            the device by the pass that checks the targets (cupy); the gradient is scaled by its
+            reciprocal (0 when every row is ignored), so ``grad_scale`` must be 1. Nothing is read
+            on the host.
 
     Returns:
         ``(loss, grad)``: loss (N,) per row (weighted, 0 where ignored) in the accumulation dtype
@@ -74,8 +80,10 @@ def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, la
     CPU; on a GPU at the next sync point (kernels/deferred.py), the row meanwhile getting a NaN
     loss and a zero gradient.
     """
+    extra = {} if denominator_out is None else {"denominator_out": denominator_out}
     return call("softmax_cross_entropy", logits, targets, weight, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad, impl=impl)
+                label_smoothing=label_smoothing, grad_scale=grad_scale, compute_grad=compute_grad, impl=impl,
+                **extra)
 
 
 def layer_norm_forward(x, weight=None, bias=None, *, eps=1e-5, impl=None):

@@ -39,6 +39,7 @@ first use.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -157,6 +158,36 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
                             module, scale_array)
 
 
+def validate_denominator_out(spec: CrossEntropySpec, logits, weight, grad_scale, denominator_out) -> None:
+    """Check ``denominator_out`` (see :func:`engine.kernels.softmax_cross_entropy`): one element of the
+    accumulation dtype beside the logits, for unweighted hard targets with no other grad_scale."""
+    if denominator_out is None:
+        return
+    if spec.soft or weight is not None:
+        raise KernelError(f"{KERNEL}: denominator_out counts the non-ignored rows of unweighted hard targets "
+                          f"(class indices without weight); with {'soft targets' if spec.soft else 'class weights'} "
+                          "compute the 'mean' denominator outside and pass its reciprocal as grad_scale")
+    if _is_array(grad_scale) or float(grad_scale) != 1.0:
+        raise KernelError(f"{KERNEL}: denominator_out scales the gradient by 1 / the count it writes; grad_scale "
+                          f"must then be 1, got {grad_scale!r}")
+    acc = spec.acc_dtype
+    if not _is_array(denominator_out) or denominator_out.size != 1 or denominator_out.dtype != acc \
+            or _module_of(denominator_out) != spec.array_module or not denominator_out.flags.c_contiguous \
+            or (spec.array_module == "cupy" and denominator_out.device.id != logits.device.id):
+        raise KernelError(f"{KERNEL}: denominator_out must be a one-element {acc} array beside the logits "
+                          f"({_describe('logits', logits)}), got {_describe('denominator_out', denominator_out)}")
+
+
+def host_mean_scale(spec: CrossEntropySpec, targets, denominator_out):
+    """The CPU impls' 'mean' denominator: writes the number of non-ignored rows to ``denominator_out``
+    and returns the gradient's scale, ``1 / count`` in the accumulation dtype (0 when every row is
+    ignored, whose gradient is then all zeros)."""
+    acc = spec.acc_dtype.type
+    count = acc(np.count_nonzero(targets != spec.ignore_index))
+    denominator_out[...] = count
+    return float(acc(1) / count) if count else 0.0  # the float32 quotient, as a (weak) Python float
+
+
 def _scale_array(grad_scale, logits, module):
     """A grad_scale given as an array: one element of the logits' accumulation dtype (their own;
     float32 for 16-bit logits), on their device (read there)."""
@@ -227,10 +258,14 @@ def check_targets_host(spec: CrossEntropySpec, targets) -> None:
 
 
 def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
-                                grad_scale=1.0, compute_grad=True):
+                                grad_scale=1.0, compute_grad=True, denominator_out=None):
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
+    if denominator_out is not None:
+        validate_denominator_out(spec, logits, weight, grad_scale, denominator_out)
+        grad_scale = host_mean_scale(spec, targets, denominator_out)
+        spec = dataclasses.replace(spec, grad_scale=grad_scale)
     if is_low_precision(spec.dtype):
         return _in_float32(softmax_cross_entropy_numpy, (widen, narrow), spec, logits, targets, weight,
                            ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,
@@ -290,10 +325,14 @@ def _in_float32(impl, conversions, spec: CrossEntropySpec, logits, targets, weig
 
 
 def softmax_cross_entropy_numba(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
-                                grad_scale=1.0, compute_grad=True):
+                                grad_scale=1.0, compute_grad=True, denominator_out=None):
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
+    if denominator_out is not None:
+        validate_denominator_out(spec, logits, weight, grad_scale, denominator_out)
+        grad_scale = host_mean_scale(spec, targets, denominator_out)
+        spec = dataclasses.replace(spec, grad_scale=grad_scale)
     if is_low_precision(spec.dtype):  # numba takes no 16-bit arrays: float32 copies
         return _in_float32(softmax_cross_entropy_numba, (convert.widen, convert.narrow), spec, logits, targets,
                            weight, ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,

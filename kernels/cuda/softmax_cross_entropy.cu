@@ -49,7 +49,8 @@
 //
 // Entry points (argument lists spelled out below, mirrored by kernels/cuda/softmax_cross_entropy.py):
 //   sce_warp_<dt>_g<G>_k<K>, sce_block_<lean|full>_<dt>_k<K>_<v|s>, sce_stream_<dt>_<v|s>
-//   (dt: f32, f64, f16, bf16; v: 16-byte packs, s: scalars), sce_target_range_<i32|i64>.
+//   (dt: f32, f64, f16, bf16; v: 16-byte packs, s: scalars), sce_target_range_<i32|i64>_<f32|f64>
+//   (the accumulation type of the 'mean' denominator it may count).
 // No fast-math: expf/logf are the accurate library versions, so results agree with the numpy
 // reference to float32 rounding.
 
@@ -522,19 +523,25 @@ SCE_STREAM(__nv_bfloat16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // Target check: out[0] = min, out[1] = max over targets != ignore_index (out preset to
-// LLONG_MAX, LLONG_MIN by the host). Grid-stride; one atomic pair per block.
+// LLONG_MAX, LLONG_MIN, 0 by the host). With count != 0 the same pass also counts those targets into
+// *denominator (preset to 0 by the host): the 'mean' denominator of unweighted hard targets; and the
+// last block to finish (out[2], preset to 0, counts the blocks done) writes its reciprocal, or 0
+// when every row is ignored, to *scale, where the row kernel reads its grad_scale. Each block adds
+// its count as one float: the partial sums are whole numbers, exact (below 2^24 in float) in any
+// order, so the result is deterministic. Grid-stride; a few atomics per block.
 // ---------------------------------------------------------------------------------------------
-template <typename I>
+template <typename I, typename A>
 __device__ __forceinline__ void target_range(const I* __restrict__ targets, long long n, long long ignore_index,
-                                             long long* out) {
-    __shared__ long long lo_s[32], hi_s[32];
-    long long lo = 0x7fffffffffffffffLL, hi = -0x7fffffffffffffffLL - 1;
+                                             long long* out, A* denominator, A* scale, int count) {
+    __shared__ long long lo_s[32], hi_s[32], n_s[32];
+    long long lo = 0x7fffffffffffffffLL, hi = -0x7fffffffffffffffLL - 1, valid = 0;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const long long t = targets[i];
         if (t != ignore_index) {
             lo = t < lo ? t : lo;
             hi = t > hi ? t : hi;
+            ++valid;
         }
     }
 #pragma unroll
@@ -542,29 +549,43 @@ __device__ __forceinline__ void target_range(const I* __restrict__ targets, long
         const long long a = __shfl_xor_sync(0xffffffffu, lo, offset), b = __shfl_xor_sync(0xffffffffu, hi, offset);
         lo = a < lo ? a : lo;
         hi = b > hi ? b : hi;
+        valid += __shfl_xor_sync(0xffffffffu, valid, offset);
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         lo_s[warp] = lo;
         hi_s[warp] = hi;
+        n_s[warp] = valid;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
             lo = lo_s[w] < lo ? lo_s[w] : lo;
             hi = hi_s[w] > hi ? hi_s[w] : hi;
+            valid += n_s[w];
         }
         atomicMin(out, lo);
         atomicMax(out + 1, hi);
+        if (count) {
+            if (valid) atomicAdd(denominator, static_cast<A>(valid));
+            __threadfence();  // this block's count is visible before its ticket is
+            const unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(out + 2), 1ULL);
+            if (done == gridDim.x - 1) {  // the last block: every count is in
+                const A total = atomicAdd(denominator, A(0));  // read through L2, as the atomics wrote
+                *scale = total > A(0) ? A(1) / total : A(0);
+            }
+        }
     }
 }
 
-// (targets, n, ignore_index, out[2])
-extern "C" __global__ void __launch_bounds__(256)
-    sce_target_range_i32(const int* targets, long long n, long long ignore_index, long long* out) {
-    target_range<int>(targets, n, ignore_index, out);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    sce_target_range_i64(const long long* targets, long long n, long long ignore_index, long long* out) {
-    target_range<long long>(targets, n, ignore_index, out);
-}
+// (targets, n, ignore_index, out[3], denominator, scale [any pointers unless count], count)
+#define SCE_TARGET_RANGE(I, IT, A, AT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) sce_target_range_##IT##_##AT(                             \
+        const I* targets, long long n, long long ignore_index, long long* out, A* denominator, A* scale,         \
+        int count) {                                                                                              \
+        target_range<I, A>(targets, n, ignore_index, out, denominator, scale, count);                            \
+    }
+SCE_TARGET_RANGE(int, i32, float, f32)
+SCE_TARGET_RANGE(int, i32, double, f64)
+SCE_TARGET_RANGE(long long, i64, float, f32)
+SCE_TARGET_RANGE(long long, i64, double, f64)

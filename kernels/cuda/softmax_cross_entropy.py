@@ -13,7 +13,10 @@ kernels/cpu/softmax_cross_entropy.py for the math). The host picks the row kerne
 
 Hard targets are checked with ``sce_target_range_*`` (device min / max of the non-ignored targets):
 the 16 bytes are not read back here, which would wait for the GPU, but at the next sync point
-(kernels/deferred.py), where a class index outside [0, C) raises KernelError.
+(kernels/deferred.py), where a class index outside [0, C) raises KernelError. With
+``denominator_out`` (reduction='mean' of unweighted hard targets) the same pass counts the
+non-ignored rows into it and its last block writes the reciprocal where the row kernel reads its
+grad_scale: the 'mean' denominator costs no launch of its own beyond zeroing the count.
 
 ``grad_scale`` reaches the kernels as a pointer to one value on the device: the caller's array,
 or a cached one-element array for a number (so 1 / weight-sum computed on the GPU is never read).
@@ -30,7 +33,7 @@ import functools
 import numpy as np
 
 from .. import deferred
-from ..cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
+from ..cpu.softmax_cross_entropy import check_target_bounds, validate_denominator_out, validate_softmax_cross_entropy
 from ..cuda.module import on_device
 from ..precision import float_name
 from ..registry import KernelError
@@ -81,15 +84,16 @@ def plan(dtype, c: int, full: bool, vec: bool):
 
 
 def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0, grad_scale=1.0,
-                          compute_grad=True):
+                          compute_grad=True, denominator_out=None):
     """Loss and gradient on the GPU the logits live on, whichever device is current."""
     with on_device(logits):
         return _softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                       label_smoothing=label_smoothing, grad_scale=grad_scale,
-                                      compute_grad=compute_grad)
+                                      compute_grad=compute_grad, denominator_out=denominator_out)
 
 
-def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoothing, grad_scale, compute_grad):
+def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoothing, grad_scale, compute_grad,
+                           denominator_out):
     import cupy
 
     from ..cuda.module import function
@@ -97,15 +101,19 @@ def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoot
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
+    validate_denominator_out(spec, logits, weight, grad_scale, denominator_out)
     n, c, dt, acc = spec.n, spec.c, spec.dtype, spec.acc_dtype
     if c > MAX_CLASSES:
         raise KernelError(f"softmax_cross_entropy (cupy): C = {c} classes is over the kernel's limit of {MAX_CLASSES}")
     loss = cupy.empty(n, acc)  # float32 for 16-bit logits
     grad = cupy.empty((n, c), dt) if spec.compute_grad else None
     if n == 0:
+        if denominator_out is not None:
+            denominator_out.fill(0)
         return loss, grad
+    mean_scale = None
     if not spec.soft:
-        _check_targets(cupy, function, targets, spec)
+        mean_scale = _check_targets(cupy, function, targets, spec, denominator_out, loss)
 
     cfg = CONFIGS[float_name(dt)]
     used = [logits] + ([grad] if grad is not None else []) + ([targets] if spec.soft else [])
@@ -117,8 +125,8 @@ def _softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoot
     full = bool(flags & (SCE_SOFT | SCE_WEIGHT | SCE_SMOOTH))
     name, threads, rows_per_block = plan(dt, c, full, vec)
     scalar = acc.type
-    scale = spec.grad_scale_array if spec.grad_scale_array is not None else \
-        device_scalar(spec.grad_scale, acc, logits.device.id)
+    scale = mean_scale if mean_scale is not None else spec.grad_scale_array if spec.grad_scale_array is not None \
+        else device_scalar(spec.grad_scale, acc, logits.device.id)
     args = (logits, targets, weight if weight is not None else logits, loss, grad if grad is not None else loss,
             np.int64(n), np.int32(c), np.int64(spec.ignore_index), scalar(1.0 - spec.eps), scalar(spec.eps / c),
             scale, np.int32(flags))
@@ -141,21 +149,34 @@ def device_scalar(value: float, dtype, device_id: int):
 
 @functools.cache
 def _bounds_start(device_id: int):
-    """(INT64_MAX, INT64_MIN) on the device: where the min / max reductions start."""
+    """(INT64_MAX, INT64_MIN, 0) on the device: where the min / max reductions start, and the count
+    of blocks done (for the 'mean' scale written by the last one)."""
     import cupy
 
     with cupy.cuda.Device(device_id):
-        start = cupy.array([INT64_MAX, INT64_MIN], dtype=np.int64)
+        start = cupy.array([INT64_MAX, INT64_MIN, 0], dtype=np.int64)
         cupy.cuda.get_current_stream().synchronize()  # once per device, as device_scalar
         return start
 
 
-def _check_targets(cupy, function, targets, spec) -> None:
-    """Device min / max of the non-ignored targets, checked against [0, C) at the next sync."""
+def _check_targets(cupy, function, targets, spec, denominator_out, placeholder):
+    """Device min / max of the non-ignored targets, checked against [0, C) at the next sync; with
+    ``denominator_out``, also their count into it, and returned: the one-element array the last
+    block writes the gradient's scale to (else None). ``placeholder``: an array of the accumulation
+    dtype passed for the unused pointers."""
     n = spec.n
     bounds = _bounds_start(targets.device.id).copy()  # a device-to-device copy: no host transfer
     threads = 256
     blocks = min(-(-n // threads), 1024)
-    name = "sce_target_range_i64" if targets.dtype == np.int64 else "sce_target_range_i32"
-    function(MODULE, name)((blocks,), (threads,), (targets, np.int64(n), np.int64(spec.ignore_index), bounds))
+    scale = None
+    if denominator_out is not None:
+        denominator_out.fill(0)
+        scale = cupy.empty(1, spec.acc_dtype)
+    name = (f"sce_target_range_{'i64' if targets.dtype == np.int64 else 'i32'}_"
+            f"{'f64' if spec.acc_dtype == np.float64 else 'f32'}")
+    function(MODULE, name)((blocks,), (threads,), (
+        targets, np.int64(n), np.int64(spec.ignore_index), bounds,
+        denominator_out if scale is not None else placeholder, scale if scale is not None else placeholder,
+        np.int32(scale is not None)))
     deferred.defer(bounds, functools.partial(check_target_bounds, spec=spec, impl="cupy"))
+    return scale

@@ -28,6 +28,7 @@ the strided column loops and the tree reductions run several steps on small rows
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -36,7 +37,7 @@ from numba import cuda, types
 
 from ..numba_cuda.launch import launch, simulator
 from .. import deferred
-from ..cpu.softmax_cross_entropy import check_target_bounds, validate_softmax_cross_entropy
+from ..cpu.softmax_cross_entropy import check_target_bounds, validate_denominator_out, validate_softmax_cross_entropy
 from ..registry import check_dtype
 
 MAX_THREADS = 256  # threads per row (block) on a GPU: the size of the shared reduction arrays
@@ -298,14 +299,21 @@ def _threads_per_row(c: int) -> int:
 
 
 def softmax_cross_entropy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0, grad_scale=1.0,
-                          compute_grad=True):
+                          compute_grad=True, denominator_out=None):
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
+    validate_denominator_out(spec, logits, weight, grad_scale, denominator_out)
     if spec.array_module == "cupy":
         import cupy as xp
     else:
         xp = np
+    if denominator_out is not None:  # the teaching impl counts with array ops (cupy's folds it into its check)
+        acc = spec.acc_dtype
+        denominator_out[...] = (targets != spec.ignore_index).sum(dtype=acc).reshape(denominator_out.shape)
+        positive = denominator_out.reshape(1) > 0
+        spec = dataclasses.replace(spec, grad_scale_array=(positive / xp.where(positive, denominator_out.reshape(1),
+                                                                                acc.type(1))).astype(acc))
     check_dtype("softmax_cross_entropy", "numba_cuda", spec.dtype)  # bfloat16: no numba type
     n, c, dt, acc = spec.n, spec.c, spec.dtype, spec.acc_dtype
     loss = xp.empty(n, acc)  # float32 for float16 logits

@@ -109,3 +109,18 @@ def test_target_out_of_range_is_an_error(bad):
     targets[1] = bad
     with pytest.raises(KernelError, match=rf"{bad}\b.*outside the classes \[0, C\) = \[0, 9\)"):
         kernels.softmax_cross_entropy(z, targets, impl="numba_cuda")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_cuda_denominator_out_matches_the_numpy_impl(dtype):
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((7, 11)).astype(dtype)
+    t = np.array([3, -100, 0, 10, 2, -100, 4], np.int64)
+    results = {}
+    for impl in ("numpy", "numba_cuda"):
+        den = np.full(1, np.nan, dtype)
+        loss, grad = kernels.softmax_cross_entropy(z, t, denominator_out=den, impl=impl)
+        results[impl] = (den, loss, grad)
+    assert results["numba_cuda"][0].tolist() == results["numpy"][0].tolist() == [5.0]
+    np.testing.assert_allclose(results["numba_cuda"][1], results["numpy"][1], rtol=1e-6)
+    np.testing.assert_allclose(results["numba_cuda"][2], results["numpy"][2], rtol=1e-6, atol=1e-7)

@@ -58,6 +58,9 @@ class ndarray:  # noqa: N801 - named like cupy's, so error messages read "cupy.n
     def astype(self, dtype):
         return self._fake._new(self.host.astype(dtype))
 
+    def fill(self, value):  # a fill kernel on a GPU: here at once
+        self.host.fill(value)
+
 
 class _Kernel:
     def __init__(self, fake: FakeCupy, name: str, device_id: int):

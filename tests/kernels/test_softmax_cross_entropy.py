@@ -643,6 +643,73 @@ def test_low_precision_launch_passes_float32_loss_scalars_and_scale(fake_cupy, d
         cu.softmax_cross_entropy(*args, grad_scale=fake_cupy.on(0, np.array([0.5], dtype)))
 
 
+@pytest.mark.parametrize("dtype,acc_name", [(np.float32, "f32"), (np.float64, "f64"), (F16, "f32")])
+def test_the_mean_denominator_is_counted_by_the_target_check_launch(fake_cupy, dtype, acc_name):
+    """denominator_out on the GPU: no launch of its own. The target-range pass counts the non-ignored
+    rows into it and its last block writes the reciprocal to the array the row kernel reads as
+    grad_scale (kernel names and argument order as in the .cu file)."""
+    from engine.kernels.cuda import softmax_cross_entropy as cu
+
+    acc = np.float64 if dtype == np.float64 else np.float32
+    z = fake_cupy.on(0, np.ones((6, 40), dtype))
+    t = fake_cupy.on(0, np.array([1, -100, 3, 0, -100, 2], np.int64))
+    denominator = fake_cupy.on(0, np.full(1, 7.0, acc))
+    cu.softmax_cross_entropy(z, t, denominator_out=denominator)
+    check, row = fake_cupy.launches
+    assert check.name == f"sce_target_range_i64_{acc_name}" and check.name in _target_range_kernels()
+    targets, n, ignore, bounds, count_into, scale, count = check.args
+    assert targets is t and int(n) == 6 and int(ignore) == -100 and bounds.host.tolist()[2] == 0
+    assert count_into is denominator and float(denominator.host[0]) == 0.0  # zeroed for the atomics
+    assert int(count) == 1 and scale.dtype == acc and scale.shape == (1,)
+    assert row.args[10] is scale  # the row kernel's grad_scale
+    fake_cupy.launches.clear()
+    cu.softmax_cross_entropy(z, t)  # without: the count flag is off
+    assert int(fake_cupy.launches[0].args[-1]) == 0
+    with pytest.raises(KernelError, match="denominator_out must be a one-element"):
+        cu.softmax_cross_entropy(z, t, denominator_out=fake_cupy.on(0, np.zeros(1, np.int64)))
+
+
+def _target_range_kernels() -> set[str]:
+    return {f"sce_target_range_{i}_{a}" for i, a in re.findall(r"^SCE_TARGET_RANGE\([\w ]+, (\w+), \w+, (\w+)\)",
+                                                                CU_FILE.read_text(), re.M)}
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu", pytest.param("cupy", marks=pytest.mark.gpu),
+                                  pytest.param("numba_cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, F16])
+def test_denominator_out_counts_the_rows_and_scales_the_gradient(impl, dtype):
+    from tests.kernels.helpers import to_device, to_host
+
+    rng = np.random.default_rng(2)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    z = to_device(rng.standard_normal((9, 13)).astype(dtype), impl)
+    targets = np.array([1, -100, 3, 0, 12, -100, 2, 5, -100], np.int64)
+    t = to_device(targets, impl)
+    denominator = to_device(np.full(1, np.nan, acc), impl)
+    loss, grad = kernels.softmax_cross_entropy(z, t, denominator_out=denominator, impl=impl)
+    ref_loss, ref_grad = kernels.softmax_cross_entropy(z, t, grad_scale=float(acc(1) / acc(6)), impl=impl)
+    assert to_host(denominator).tolist() == [6.0]
+    np.testing.assert_array_equal(to_host(loss), to_host(ref_loss))
+    np.testing.assert_array_equal(to_host(grad), to_host(ref_grad))
+    every = to_device(np.full(9, -100, np.int64), impl)  # every row ignored: 0, and a zero gradient
+    _, grad = kernels.softmax_cross_entropy(z, every, denominator_out=denominator, impl=impl)
+    assert to_host(denominator).tolist() == [0.0] and not to_host(grad).astype(np.float64).any()
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
+def test_denominator_out_is_for_unweighted_class_indices_only(impl):
+    z = np.ones((3, 4), np.float32)
+    t, den = np.array([0, 1, 2]), np.zeros(1, np.float32)
+    with pytest.raises(KernelError, match="with class weights compute the 'mean' denominator outside"):
+        kernels.softmax_cross_entropy(z, t, np.ones(4, np.float32), denominator_out=den, impl=impl)
+    with pytest.raises(KernelError, match="with soft targets"):
+        kernels.softmax_cross_entropy(z, np.full((3, 4), 0.25, np.float32), denominator_out=den, impl=impl)
+    with pytest.raises(KernelError, match="grad_scale must then be 1, got 0.5"):
+        kernels.softmax_cross_entropy(z, t, grad_scale=0.5, denominator_out=den, impl=impl)
+    with pytest.raises(KernelError, match=r"denominator_out must be a one-element float32 array"):
+        kernels.softmax_cross_entropy(z, t, denominator_out=np.zeros(1, np.float64), impl=impl)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("ignore_index", [2**70, -2**63 - 1])
 def test_engine_cross_entropy_refuses_ignore_index_beyond_int64_on_both_paths(fused, ignore_index):
