@@ -308,7 +308,7 @@ def test_the_loss_module_and_the_context_switch_refuse_the_same():
 # device; the unfused reference queues the same min/max check (kernels.deferred.defer, read at the next sync).
 
 def test_uint64_targets_never_wrap_into_range_or_onto_ignore_index():
-    from engine.functional import _int64_class_indices
+    from engine.functional.losses import _int64_class_indices
 
     targets = np.array([0, 2**64 - 100, 2**63, 2**64 - 1, 5], np.uint64)
     converted = _int64_class_indices(targets, -100)
@@ -321,7 +321,7 @@ def test_uint64_targets_never_wrap_into_range_or_onto_ignore_index():
                                           ([0, -1, 2], -1), ([0, 4, -3], -3), ([0, 2**63 - 1], 2**63 - 1),
                                           ([3, 4], 4)])
 def test_the_unfused_device_check_queues_the_same_verdict(targets, bad, monkeypatch):
-    from engine.functional import _defer_class_index_check
+    from engine.functional.losses import _defer_class_index_check
     from engine.kernels import deferred
 
     queued = []

@@ -338,8 +338,8 @@ HOST_ONLY = {
     ("engine/gradcheck.py", "gradcheck"): "bad comes from np.isclose of host arrays",
     ("engine/text/batching.py", "pad_batch"): "lengths is a numpy array",
     ("engine/text/datasets.py", "unigram_baseline"): "token arrays and counts are numpy arrays",
-    ("engine/functional.py", "_check_class_indices"): "called with numpy targets only (the CPU path)",
-    ("engine/functional.py", "nll_loss"): "the eager target check runs in its `xp is np` branch",
+    ("engine/functional/losses.py", "_check_class_indices"): "called with numpy targets only (the CPU path)",
+    ("engine/functional/losses.py", "nll_loss"): "the eager target check runs in its `xp is np` branch",
     ("engine/data/workers.py", "_work"): "tasks.get() is a queue's, not an array's",
     ("engine/distributed/mpi.py", "allgather_object"): "sizes is a numpy array MPI gathered into",
 }

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 from engine import functional as F
+from engine.functional.losses import _legacy_reduction
 from engine.nn.module import Module
 from engine.tensor import Tensor
 
@@ -81,7 +82,7 @@ class SmoothL1Loss(_Loss):
     """Smooth L1 loss (``F.smooth_l1_loss``): quadratic inside ``|d| < beta``, linear outside."""
 
     def __init__(self, size_average=None, reduce=None, reduction: str = "mean", beta: float = 1.0):
-        super().__init__(F._legacy_reduction(size_average, reduce, reduction))
+        super().__init__(_legacy_reduction(size_average, reduce, reduction))
         self.beta = beta
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:

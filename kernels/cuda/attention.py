@@ -10,7 +10,7 @@ forward, by dtype, head dims and ``precision`` (:func:`forward_plan`):
 - **CUDA cores** (attention.cu, ``attn_fwd_<dtype>_hd<HD>``, HD = 32, 64 or 128, the smallest that
   holds E and Ev): everything else, and every dtype with ``precision="exact"``. float32 runs here by
   default: the 3xTF32 kernel is compiled and emulated (kernels/cuda/attention_emulation.py) but not
-  yet run on a GPU, so the engine chooses it explicitly (engine/functional.py, ``_attention_precision``).
+  yet run on a GPU, so the engine chooses it explicitly (engine/functional/attention.py, ``_attention_precision``).
 
 backward (:func:`uses_tc_backward`): ``attn_bwd_rowdot_<dtype>`` (D = rowsum(dO * out)), then over
 key tiles either the tensor-core ``attn_tc_bwd_<dtype>_hd<HD>`` (where the forward runs on tensor

@@ -8,6 +8,8 @@ import pytest
 
 import engine
 import engine.functional as F
+import engine.functional.attention as attention_impl
+from engine import kernels
 import engine.nn.functional as nnF
 from engine.errors import DeviceError, DTypeError, ShapeError
 from tests.conftest import DEVICES
@@ -184,13 +186,13 @@ def test_sdpa_broadcasts_batch_dims_and_gqa(rng):
 
 def test_sdpa_kernel_mask_is_not_expanded_for_shared_and_key_padding_masks(rng, monkeypatch):
     seen = []
-    real = F.kernels.attention_forward
+    real = kernels.attention_forward
 
     def spy(q, k, v, mask=None, **kw):
         seen.append(None if mask is None else mask.shape)
         return real(q, k, v, mask, **kw)
 
-    monkeypatch.setattr(F.kernels, "attention_forward", spy)
+    monkeypatch.setattr(kernels, "attention_forward", spy)
     q, k, v = (_t(rng.standard_normal((2, 3, 5, 4))) for _ in range(3))
     F.scaled_dot_product_attention(q, k, v, attn_mask=_t(rng.random((5, 5)) < 0.5, dtype=None))
     F.scaled_dot_product_attention(q, k, v, attn_mask=_t(_key_padding(rng, 2, 5)[:, None, None, :], dtype=None))
@@ -203,7 +205,7 @@ def test_sdpa_16_bit_kernel_calls(rng, monkeypatch, dtype):
     unrounded out), on a GPU as they are (tensor cores); the float32 mask and the engine's
     precision choice are passed; output and gradients keep the dtype and match the definition."""
     seen = []
-    real_fwd, real_bwd = F.kernels.attention_forward, F.kernels.attention_backward
+    real_fwd, real_bwd = kernels.attention_forward, kernels.attention_backward
 
     def spy_fwd(q, k, v, mask=None, **kw):
         seen.append(("fwd", q.dtype, None if mask is None else mask.dtype, kw["precision"]))
@@ -213,8 +215,8 @@ def test_sdpa_16_bit_kernel_calls(rng, monkeypatch, dtype):
         seen.append(("bwd", g.dtype, q.dtype, kw["precision"]))
         return real_bwd(g, q, *rest, **kw)
 
-    monkeypatch.setattr(F.kernels, "attention_forward", spy_fwd)
-    monkeypatch.setattr(F.kernels, "attention_backward", spy_bwd)
+    monkeypatch.setattr(kernels, "attention_forward", spy_fwd)
+    monkeypatch.setattr(kernels, "attention_backward", spy_bwd)
     low = getattr(engine, dtype)
     q, k, v = (_t(rng.standard_normal((2, 3, 7, 8))).to(low).detach().requires_grad_() for _ in range(3))
     mask = _t(_key_padding(rng, 2, 7)[:, None, None, :], dtype=None)
@@ -223,9 +225,9 @@ def test_sdpa_16_bit_kernel_calls(rng, monkeypatch, dtype):
     np_low = np.dtype(out.dtype)
     assert out.dtype == low and q.grad.dtype == low and k.grad.dtype == low
     assert seen == [("fwd", np.float32, np.float32, None), ("bwd", np.float32, np.float32, None)]
-    assert F._attention_function("cpu", np_low) is F.ScaledDotProductAttention
-    assert F._attention_function("cuda", np_low).computes_in_float32 is False
-    assert F._attention_function("cuda", np.float32) is F.ScaledDotProductAttention
+    assert attention_impl._attention_function("cpu", np_low) is attention_impl.ScaledDotProductAttention
+    assert attention_impl._attention_function("cuda", np_low).computes_in_float32 is False
+    assert attention_impl._attention_function("cuda", np.float32) is attention_impl.ScaledDotProductAttention
     want = reference_sdpa(*(t.detach().float().numpy() for t in (q, k, v)), mask=mask.numpy())
     eps = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
     np.testing.assert_allclose(out.float().numpy(), want, rtol=2 * eps, atol=2 * eps)
@@ -233,8 +235,8 @@ def test_sdpa_16_bit_kernel_calls(rng, monkeypatch, dtype):
 
 def test_sdpa_uses_unfused_path_when_disabled_or_dropout(rng, monkeypatch):
     calls = []
-    real = F.kernels.attention_forward
-    monkeypatch.setattr(F.kernels, "attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = kernels.attention_forward
+    monkeypatch.setattr(kernels, "attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q = _t(rng.standard_normal((3, 4)))
     with F.fused_kernels(False):
         F.scaled_dot_product_attention(q, q, q)
@@ -307,8 +309,8 @@ def test_layer_norm_gradcheck_both_paths(rng, fused):
 
 def test_layer_norm_fused_calls_the_kernel_on_rows(rng, monkeypatch):
     shapes = []
-    real = F.kernels.layer_norm_forward
-    monkeypatch.setattr(F.kernels, "layer_norm_forward",
+    real = kernels.layer_norm_forward
+    monkeypatch.setattr(kernels, "layer_norm_forward",
                         lambda x, *a, **kw: shapes.append(x.shape) or real(x, *a, **kw))
     x = _t(rng.standard_normal((2, 3, 4, 5)))
     F.layer_norm(x, (4, 5))

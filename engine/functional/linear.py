@@ -1,0 +1,111 @@
+"""Linear layers: ``linear`` and the fused ``linear_relu`` (kernels.linear_relu_*)."""
+
+from __future__ import annotations
+
+
+import numpy as np
+
+from engine import kernels
+from engine import backend, ops
+from engine.amp.autocast_mode import autocast_op
+from engine.autograd import Function
+from engine.errors import DTypeError, ShapeError, describe
+from engine.ops import relu
+from engine.tensor import Tensor
+from engine.functional._common import _contiguous, _contiguous_tensor, _use_fused
+
+
+def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ShapeError(f"{op}: input {describe(x)} does not fit weight {describe(weight)}: the input's last "
+                         f"dim must equal weight.shape[1] (weight is (out_features, in_features))")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ShapeError(f"{op}: bias {describe(bias)} must have shape ({weight.shape[0]},)")
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if len({t.dtype for t in tensors}) > 1:
+        raise DTypeError(f"{op}: dtypes differ: {', '.join(describe(t) for t in tensors)}; convert with .to(dtype)")
+    if x.dtype == np.bool_:
+        raise DTypeError(f"{op}: bool operands are not supported (as in PyTorch): {describe(x)} and "
+                         f"{describe(weight)}; convert with .float()")
+
+
+class Linear(Function):
+    """``x @ W.T + b`` for 2-D x as one node (the GEMM and the bias add share it).
+
+    Built from matmul and transpose, W's gradient would arrive transposed (``(x.T @ g).T``) and
+    accumulating it into ``W.grad`` would be a strided pass over the largest array of the step;
+    here it is made in W's own layout, ``g.T @ x``.
+    """
+
+    name = "linear"
+
+    def forward(self, x, weight, bias=None):
+        self.save(x, weight)
+        self.has_bias = bias is not None
+        backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
+        out = x @ weight.T
+        if bias is not None:
+            out += bias
+        return out
+
+    def backward(self, g):
+        x, weight = self.saved
+        backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
+        gx = g @ weight if self.needs_input_grad[0] else None
+        gw = g.T @ x if self.needs_input_grad[1] else None
+        if not self.has_bias:
+            return gx, gw
+        return gx, gw, (g.sum(axis=0) if self.needs_input_grad[2] else None)
+
+
+@autocast_op("linear")
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias``, weight of shape (out_features, in_features) as in PyTorch.
+
+    Inputs with more than two dims (or one) are flattened to (N, in_features) and reshaped back.
+    """
+    _check_linear("linear", x, weight, bias)
+    lead = x.shape[:-1]
+    flat = x if x.ndim == 2 else ops.reshape(x, (-1, x.shape[-1]))
+    out = Linear.apply(flat, weight) if bias is None else Linear.apply(flat, weight, bias)
+    return out if x.ndim == 2 else ops.reshape(out, lead + (weight.shape[0],))
+
+
+class LinearReLU(Function):
+    """relu(x @ W.T + b) through kernels.linear_relu_forward/backward; saves only x, W and y.
+
+    The kernels take float16 / bfloat16 arrays themselves (float32 accumulation, each result rounded
+    once: the rule ``Function.apply`` applies), so 16-bit tensors reach them as they are, with no
+    float32 copies, and the saved arrays stay 16-bit.
+    """
+
+    name = "linear_relu"
+    computes_in_float32 = False  # the kernels do it
+
+    def forward(self, x, weight, bias=None):
+        out = kernels.linear_relu_forward(x, weight, bias)
+        self.save(x, weight, out)
+        self.has_bias = bias is not None
+        return out
+
+    def backward(self, g):
+        x, weight, out = self.saved
+        g = _contiguous(g).astype(out.dtype, copy=False)  # the kernels take one dtype
+        gx, gw, gb = kernels.linear_relu_backward(g, x, weight, out, compute_grad_x=self.needs_input_grad[0])
+        return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+
+@autocast_op("linear_relu")
+def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, fused: bool | None = None) -> Tensor:
+    """``relu(x @ weight.T + bias)``, fused into one kernel pair on both devices.
+
+    Inputs with more than two dims are flattened to (N, in_features) and reshaped back.
+    """
+    _check_linear("linear_relu", x, weight, bias)
+    if not _use_fused(fused):
+        return relu(linear(x, weight, bias))
+    lead = x.shape[:-1]
+    flat = x if x.ndim == 2 else ops.reshape(x, (-1, x.shape[-1]))
+    inputs = (flat, weight) if bias is None else (flat, weight, bias)
+    out = LinearReLU.apply(*(_contiguous_tensor(t) for t in inputs))
+    return out if x.ndim == 2 else ops.reshape(out, lead + (weight.shape[0],))
