@@ -16,7 +16,7 @@ from collections import namedtuple
 import numpy as np
 
 from engine import kernels
-from engine.kernels.cpu.gelu import SQUARE_MAX as _GELU_SQUARE_MAX
+from engine.kernels import GELU_SQUARE_MAX as _GELU_SQUARE_MAX
 from engine import backend
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function, records_nothing, unbroadcast, view_result
@@ -547,7 +547,7 @@ def _gelu_tanh_inner(a):
 
 def _normal_cdf(a):
     """Phi(a) = erfc(-a / sqrt 2) / 2 in float64, cast to a's dtype: the kernels' one erfc (~1e-13)."""
-    from engine.kernels.cpu.gelu import erfc
+    from engine.kernels import erfc
 
     return (0.5 * erfc(a.astype(np.float64, copy=False) * -_INV_SQRT_2)).astype(a.dtype, copy=False)
 

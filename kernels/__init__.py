@@ -264,3 +264,29 @@ def gelu_backward(grad_y, x, *, approximate="none", impl=None):
     ``grad_y`` must have x's shape and dtype, both C-contiguous, and ``approximate`` the forward's.
     """
     return call("gelu_backward", grad_y, x, approximate=approximate, impl=impl)
+
+
+# ---- limits and formulas the layers above share with the kernels --------------------------------
+# The engine asks these of ``engine.kernels`` (never of kernels.cpu.*), so a limit or a formula has
+# one home. Loaded on first use: the modules that hold them import numba helpers or ml_dtypes.
+_SHARED = {
+    "ATTENTION_GPU_DTYPES": ("cpu.attention", "GPU_DTYPES"),  # the dtypes the GPU attention kernels take
+    "ATTENTION_GPU_MAX_HEAD_DIM": ("cpu.attention", "GPU_MAX_HEAD_DIM"),  # E and Ev the GPU kernels hold
+    "attention_default_scale": ("cpu.attention", "default_scale"),  # PyTorch's 1/sqrt(E)
+    "GELU_SQUARE_MAX": ("cpu.gelu", "SQUARE_MAX"),  # where the tanh form's x^2 is capped
+    "erfc": ("cpu.gelu", "erfc"),  # the one erfc (float64, ~1e-13)
+    "adam_bias_corrections": ("cpu.optim", "adam_bias_corrections"),
+    "adagrad_decayed_lr": ("cpu.optim", "adagrad_decayed_lr"),
+    "accumulation_dtype": ("precision", "accumulation_dtype"),  # float32 for 16-bit data
+}
+
+
+def __getattr__(name):
+    if name in _SHARED:
+        import importlib
+
+        module, attr = _SHARED[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

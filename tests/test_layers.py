@@ -78,3 +78,14 @@ def test_only_backend_and_kernels_know_cupy(path):
 def test_every_engine_module_has_a_layer():
     tops = {p.relative_to(ROOT / "engine").parts[0].removesuffix(".py") for p in _files("engine")}
     assert tops - {"__init__"} <= set(ENGINE_RANKS), tops - set(ENGINE_RANKS)
+
+
+@pytest.mark.parametrize("path", _files("engine"), ids=_rel)
+def test_engine_asks_kernels_for_limits_not_their_impl_modules(path):
+    """Limits and shared formulas come from ``engine.kernels`` itself (its _SHARED table), so that
+    each has one home; the impl modules (kernels.cpu.*, .cuda.*, .precision) stay the kernels' own."""
+    if _rel(path) == "engine/_kernels_package.py":
+        return
+    impl_modules = {"cpu", "cuda", "numba_cuda", "precision", "declarations"}
+    bad = [m for m in _imports(path) if m.startswith("engine.kernels.") and m.split(".")[2] in impl_modules]
+    assert not bad, f"{_rel(path)} imports {bad}: ask engine.kernels (kernels/__init__.py _SHARED)"

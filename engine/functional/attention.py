@@ -14,9 +14,9 @@ from engine.backend import array_module
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
 from engine.tensor import Tensor
-from engine.kernels.cpu.attention import GPU_DTYPES as _ATTENTION_GPU_DTYPES
-from engine.kernels.cpu.attention import GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
-from engine.kernels.cpu.attention import default_scale as _attention_default_scale
+from engine.kernels import ATTENTION_GPU_DTYPES as _ATTENTION_GPU_DTYPES
+from engine.kernels import ATTENTION_GPU_MAX_HEAD_DIM as _ATTENTION_GPU_MAX_HEAD_DIM
+from engine.kernels import attention_default_scale as _attention_default_scale
 from engine.functional._common import _contiguous, _contiguous_tensor, _use_fused
 from engine.functional.dropout import dropout
 from engine.functional.losses import _as_tensor_like

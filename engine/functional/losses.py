@@ -14,7 +14,7 @@ from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.ops import log_softmax
 from engine.tensor import Tensor
-from engine.kernels.precision import accumulation_dtype
+from engine.kernels import accumulation_dtype
 from engine.functional._common import _use_fused
 
 

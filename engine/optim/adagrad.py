@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine import kernels
 from engine import backend
 from engine.optim.optimizer import Optimizer, as_step_scalars, check_number, is_normal_positive
-from engine.kernels.cpu.optim import adagrad_decayed_lr
+from engine.kernels import adagrad_decayed_lr
 
 
 class Adagrad(Optimizer):

@@ -6,7 +6,7 @@ from engine import kernels
 from engine import backend
 from engine.errors import EngineError
 from engine.optim.optimizer import Optimizer, as_step_scalars, check_number, is_normal_positive, sqrt_for
-from engine.kernels.cpu.optim import adam_bias_corrections
+from engine.kernels import adam_bias_corrections
 
 
 class Adam(Optimizer):
