@@ -713,7 +713,7 @@ class _BackwardState(threading.local):
 _seed = _callbacks = _BackwardState()
 
 
-def is_unit_seed(grad) -> bool:
+def is_implicit_ones_grad(grad) -> bool:
     """True for the all-ones gradient that ``backward()`` starts a scalar root with.
 
     A Function whose backward would multiply by the incoming gradient can skip the multiply for

@@ -750,7 +750,7 @@ class Mean(Function):
         return _xp(g).broadcast_to(g, self.shape).astype(g.dtype, copy=True)
 
 
-class Extremum(Function):
+class MaxOrMin(Function):
     """max or min over axes; the gradient is shared equally among tied extrema (like amax)."""
 
     def forward(self, a, axis=None, keepdims=False, mode="max"):
@@ -850,7 +850,7 @@ def _extremum(mode: str, a: Tensor, dim, keepdim, axis, keepdims):
         return (maximum if mode == "max" else minimum)(a, dim)
     dim, keep = _dim(mode, dim, axis), _keep(keepdim, keepdims)
     if dim is None or isinstance(dim, (tuple, list)):  # all dims, or several: values only (amax)
-        return Extremum.apply(a, axis=dim, keepdims=keep, mode=mode)
+        return MaxOrMin.apply(a, axis=dim, keepdims=keep, mode=mode)
     if a.ndim == 0:
         if dim not in (0, -1):
             raise ShapeError(f"{mode}: dim {dim} is out of range for the 0-d {describe(a)}")
@@ -879,11 +879,11 @@ def min(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None)
 
 def amax(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
     """The maximum over ``dim`` (an int, a tuple, or None for all): values only, ties share the gradient."""
-    return Extremum.apply(a, axis=_dim("amax", dim, axis), keepdims=_keep(keepdim, keepdims), mode="max")
+    return MaxOrMin.apply(a, axis=_dim("amax", dim, axis), keepdims=_keep(keepdim, keepdims), mode="max")
 
 
 def amin(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
-    return Extremum.apply(a, axis=_dim("amin", dim, axis), keepdims=_keep(keepdim, keepdims), mode="min")
+    return MaxOrMin.apply(a, axis=_dim("amin", dim, axis), keepdims=_keep(keepdim, keepdims), mode="min")
 
 
 def _correction(unbiased, correction) -> int:
@@ -958,7 +958,7 @@ def prod(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None
     return _int64_if_integral(Prod.apply(a, axis=dim, keepdims=_keep(keepdim, keepdims)))
 
 
-class Norm2(Function):
+class EuclideanNorm(Function):
     """sqrt(sum(x * x)) over axes; the gradient at a zero norm is 0 (PyTorch's subgradient)."""
 
     def forward(self, a, axis=None, keepdims=False):
@@ -983,7 +983,7 @@ def norm(a: Tensor, p=2, dim=None, keepdim: bool = False, *, axis=None, keepdims
     dim, keep = _dim("norm", dim, axis), _keep(keepdim, keepdims)
     _require_float("norm", a)
     if p is None or p in ("fro", 2):
-        return Norm2.apply(a, axis=dim, keepdims=keep)
+        return EuclideanNorm.apply(a, axis=dim, keepdims=keep)
     if isinstance(p, str):
         raise ValueError(f"norm: p={p!r} is not supported; use 2, 'fro', 1, inf, -inf or a positive number")
     if p == math.inf:
@@ -1422,7 +1422,7 @@ class Clone(Function):
         return g
 
 
-class Overwrite(Function):
+class BroadcastCopy(Function):
     """The value of ``copy_`` / ``fill_`` done through the graph: ``b`` broadcast to ``a``'s shape
     and dtype; no gradient reaches the overwritten ``a``."""
 
@@ -1444,8 +1444,8 @@ def overwrite(a: Tensor, b) -> Tensor:
     if isinstance(b, Tensor):
         if b.device != a.device:
             raise DeviceError(f"copy_: {describe(b)} and {describe(a)} are on different devices")
-        return Overwrite.apply(a, b)
-    return Overwrite.apply(a, Tensor(np.asarray(b, dtype=a.dtype), device=a.device))
+        return BroadcastCopy.apply(a, b)
+    return BroadcastCopy.apply(a, Tensor(np.asarray(b, dtype=a.dtype), device=a.device))
 
 
 def cast(a: Tensor, dtype) -> Tensor:

@@ -256,7 +256,7 @@ def describe_array(name: str, a) -> str:
     return f"{name}={module}.{type(a).__name__}{tuple(a.shape)} {a.dtype}{where}"
 
 
-def placement_problem(arrays: dict) -> str | None:
+def misplaced_arrays_message(arrays: dict) -> str | None:
     """What is wrong with the arrays handed to a kernel (name -> array, None for an absent
     optional one), or None: each must be a numpy or cupy array, all on one device, cupy ones on one
     GPU. Every kernel's validator asks this first, so the messages are the same across kernels.

@@ -14,7 +14,7 @@ import engine.io as io
 from engine.io import CheckpointError, load, save
 from engine.optim import SGD
 from tests.conftest import DEVICES, cuda_available
-from tests.hostile import refused_in_bounded_memory
+from tests.malformed_files import refused_in_bounded_memory
 
 NUMPY_DTYPES = [np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
                 np.uint32, np.uint64, np.bool_, np.complex64, np.complex128]

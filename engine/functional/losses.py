@@ -8,7 +8,7 @@ import numpy as np
 from engine import kernels
 from engine import indexing, ops
 from engine.amp.autocast_mode import autocast_op
-from engine.autograd import Function, is_grad_enabled, is_unit_seed, unbroadcast
+from engine.autograd import Function, is_grad_enabled, is_implicit_ones_grad, unbroadcast
 from engine.backend import array_module
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
@@ -66,7 +66,7 @@ class SoftmaxCrossEntropy(Function):
     def backward(self, g):
         if self.reduction == "none":
             return self.grad * g[:, None]
-        return self.grad if is_unit_seed(g) else self.grad * g
+        return self.grad if is_implicit_ones_grad(g) else self.grad * g
 
 
 def _mean_denominator(xp, logits, targets, weight, ignore_index, dtype):

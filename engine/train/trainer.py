@@ -240,7 +240,7 @@ class Trainer:
         self.model.train()
         _distributed.set_epoch(loader, self.epoch)
         resume = self._resume_progress
-        window = _Window(self, self._new_metrics(), ProgressBar(len(loader), f"epoch {self.epoch + 1}/{epochs}",
+        window = _UnreadBatches(self, self._new_metrics(), ProgressBar(len(loader), f"epoch {self.epoch + 1}/{epochs}",
                                                                  enabled=self.verbose > 0))
         batches, loader_state, first = self._epoch_batches(loader, resume)
         if resume is not None:
@@ -804,7 +804,7 @@ GPU_SYNC_EVERY = 20
 class _EpochState:
     """Where the epoch in progress stands: what a checkpoint taken mid-epoch needs to resume it."""
 
-    def __init__(self, epoch: int, loader_state: dict | None, first: int, window: "_Window"):
+    def __init__(self, epoch: int, loader_state: dict | None, first: int, window: "_UnreadBatches"):
         self.epoch, self.loader_state, self.window = epoch, loader_state, window
         self.batches_done = first  # batches of this epoch whose optimizer step is done
         self.rng = None  # the RNG state the batch in progress started from
@@ -829,7 +829,7 @@ class _EpochState:
         return progress, loader, self.rng if self.in_batch else backend.get_rng_state()
 
 
-class _Window:
+class _UnreadBatches:
     """The batches of an epoch since the last host read: their losses and their gradients' finite
     flags stay on the device, with what the metrics need of each batch (see :func:`_kept_for_metrics`),
     until ``read()`` brings the losses and flags over in one sync and updates the metrics."""

@@ -67,7 +67,7 @@ import ml_dtypes
 from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
-from ..registry import placement_problem as _placement_problem
+from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
 from ..threads import available_cpus, for_gemm, get_num_threads
 
@@ -131,7 +131,7 @@ def _fail(op, arrays, what):
 
 
 def _validate(op, arrays, q, k, v, mask, scale, causal, precision) -> AttentionSpec:
-    problem = _placement_problem({name: a for name, a in arrays.items() if a is not None or name != "mask"})
+    problem = _misplaced_arrays_message({name: a for name, a in arrays.items() if a is not None or name != "mask"})
     if problem:
         _fail(op, arrays, problem)
     module = _module_of(q)

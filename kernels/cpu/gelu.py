@@ -35,7 +35,7 @@ from ..precision import accumulation_dtype, float_name
 from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
-from ..registry import placement_problem as _placement_problem
+from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
 
 FORWARD = "gelu_forward"
@@ -68,7 +68,7 @@ class GeluSpec:
 
 
 def _check(kernel: str, where, arrays: dict, x, approximate) -> GeluSpec:
-    problem = _placement_problem(arrays)
+    problem = _misplaced_arrays_message(arrays)
     if problem:
         raise KernelError(f"{where()}: {problem}")
     if approximate not in APPROXIMATIONS:

@@ -45,7 +45,7 @@ from ..precision import FLOAT32, accumulation_dtype, float_name, is_low_precisio
 from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
-from ..registry import placement_problem as _placement_problem
+from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
 
 FORWARD = "layer_norm_forward"
@@ -101,7 +101,7 @@ def _dtype_problem(name: str, dtype, x_dtype) -> str | None:
 def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
     """Arrays on one device, x 2-D float, each other array of the dtype its role allows; returns the
     array module."""
-    problem = _placement_problem(arrays)
+    problem = _misplaced_arrays_message(arrays)
     if problem:
         raise KernelError(f"{where()}: {problem}")
     module = _module_of(x)

@@ -54,7 +54,7 @@ from ..precision import FLOAT_NAMES, float_name, is_low_precision, narrow, widen
 from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import different_gpus as _different_gpus
-from ..registry import placement_problem as _placement_problem
+from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..threads import for_gemm
 
 _FLOATS = ", ".join(FLOAT_NAMES[:-1]) + " or " + FLOAT_NAMES[-1]  # for the error messages
@@ -82,7 +82,7 @@ def _check(kernel: str, arrays: dict, ndims: dict, shapes_ok, shape_rule: str):
         raise KernelError(f"{kernel}({described}): {what}")
 
     present = {n: a for n, a in arrays.items() if a is not None}
-    problem = _placement_problem(present)
+    problem = _misplaced_arrays_message(present)
     if problem:
         fail(problem)
     for name, a in present.items():

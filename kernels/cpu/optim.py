@@ -46,7 +46,7 @@ from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import different_gpus as _different_gpus
 from ..registry import module_of as _module_of
-from ..registry import placement_problem as _placement_problem
+from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -89,7 +89,7 @@ def _check_arrays_fully(kernel: str, arrays: dict, written: tuple[str, ...], low
         listing = ", ".join(_describe(n, a) for n, a in arrays.items())
         raise KernelError(f"{kernel}({listing}): {problem}")
 
-    problem = _placement_problem(arrays)
+    problem = _misplaced_arrays_message(arrays)
     if problem:
         fail(problem)
     param = arrays["param"]

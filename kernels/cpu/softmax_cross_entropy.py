@@ -51,7 +51,7 @@ from ..precision import FLOAT_NAMES, accumulation_dtype, float_name, is_low_prec
 from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
-from ..registry import placement_problem as _placement_problem
+from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
 
 KERNEL = "softmax_cross_entropy"
@@ -99,7 +99,7 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
     arrays = {"logits": logits, "targets": targets}
     if weight is not None:
         arrays["weight"] = weight
-    problem = _placement_problem(arrays)
+    problem = _misplaced_arrays_message(arrays)
     if problem:
         raise KernelError(f"{where()}: {problem}")
     module = _module_of(logits)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.data import IDXFormatError, load_idx
-from tests.hostile import refused_in_bounded_memory
+from tests.malformed_files import refused_in_bounded_memory
 
 
 def idx_bytes(type_code=0x08, dims=(3,), data=b"\x01\x02\x03", ndim=None):
