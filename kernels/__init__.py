@@ -10,8 +10,17 @@ This package imports only numpy at import time; numba, cupy and ml_dtypes load o
 The wrappers below document the one signature every impl of a kernel shares.
 """
 
-from .deferred import eager_checks, raise_deferred_errors
-from .registry import KernelError, call, choose, get, impl_dtypes, impls, kernels
+if __name__ == "kernels":  # pragma: no cover - exercised in a child process by tests/test_packaging.py
+    # This folder is engine.kernels. It was found as a top-level `kernels` because the repository
+    # root is on sys.path (`python -m pytest` in a checkout puts it there), so a library's own
+    # `import kernels` (transformers imports Hugging Face's `kernels`) would get the engine's
+    # kernels. Hand the name to the distribution that owns it, or say what happened.
+    from ._top_level_name import hand_over
+
+    hand_over(__file__)
+else:
+    from .deferred import eager_checks, raise_deferred_errors
+    from .registry import KernelError, call, choose, get, impl_dtypes, impls, kernels
 
 __all__ = [
     "KernelError", "call", "choose", "get", "impl_dtypes", "impls", "kernels", "eager_checks", "raise_deferred_errors",

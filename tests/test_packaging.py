@@ -100,3 +100,28 @@ def test_no_other_installed_distribution_ships_engine_or_uses_our_names():
     owners = md.packages_distributions()
     assert set(owners.get("engine", [])) == {"gpu-engine"}, owners.get("engine")
     assert "gpu-engine" not in owners.get("kernels", []), owners.get("kernels")  # we install no top-level kernels
+
+
+def test_import_kernels_in_a_checkout_gets_the_installed_distribution_not_ours(tmp_path):
+    """`python -m pytest` in the checkout puts its root on sys.path, where kernels/ is found as a
+    top-level `kernels`: transformers' `import kernels` must still get Hugging Face's."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("FOREIGN = True\nclass CUDAProperties: pass\n")
+    code = ("import sys\n"
+            "import engine, kernels\n"
+            "assert kernels.FOREIGN and kernels.__file__.startswith(sys.argv[1]), kernels.__file__\n"
+            "from kernels import CUDAProperties\n"
+            "assert engine.kernels.impls('adam_step') and engine.kernels is not kernels\n"
+            "assert 'kernels._top_level_name' not in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT}:{site}"})  # ours first on the path
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_import_kernels_in_a_checkout_without_another_says_whose_it_is(tmp_path):
+    code = "import kernels\n"
+    run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # -S: no site-packages, no other kernels
+    assert run.returncode == 1
+    assert "engine's kernels package: import it as engine.kernels" in run.stderr, run.stderr[-2000:]
