@@ -8,9 +8,7 @@ back to their shapes with ``unbroadcast``.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import math
-import threading
 from collections import namedtuple
 
 import numpy as np
@@ -19,6 +17,7 @@ from engine import kernels
 from engine.kernels import GELU_SQUARE_MAX as _GELU_SQUARE_MAX
 from engine import backend
 from engine.amp.autocast_mode import autocast_op
+from engine.fusion import fused_enabled
 from engine.autograd import Function, records_nothing, unbroadcast, view_result
 from engine import dtypes
 from engine.dtypes import is_floating
@@ -438,31 +437,6 @@ class ReLU(Function):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # The dtypes kernels.gelu_* take: the 16-bit ones natively (float32 math inside, one rounding).
 _GELU_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(dtypes.bfloat16))
-
-
-class _Settings(threading.local):
-    def __init__(self):
-        self.fused = True  # set per thread: a missing attribute read with a default costs an exception
-
-
-_settings = _Settings()
-
-
-def fused_enabled() -> bool:
-    """Whether ops with a fused kernel use it (default True). Re-exported as ``F.fused_enabled``;
-    it lives here, the lowest layer with a fused op (GELU), so that F's ops and this one share it."""
-    return _settings.fused
-
-
-@contextlib.contextmanager
-def fused_kernels(enabled: bool):
-    """Switch the fused kernels on or off inside a ``with`` block (per thread): ``F.fused_kernels``."""
-    previous = fused_enabled()
-    _settings.fused = bool(enabled)
-    try:
-        yield
-    finally:
-        _settings.fused = previous
 
 
 class GELU(Function):

@@ -7,7 +7,7 @@ code, ``with F.fused_kernels(False):`` so fused-vs-reference parity can be teste
 
 from engine.conv import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, conv1d, conv2d, max_pool2d
 from engine.ops import gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
-from engine.ops import fused_enabled, fused_kernels
+from engine.fusion import fused_enabled, fused_kernels
 from engine.functional.linear import (
     linear, linear_relu,
 )

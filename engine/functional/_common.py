@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from engine import ops
-from engine.ops import fused_enabled
+from engine.fusion import fused_enabled
 from engine.tensor import Tensor
 
 
