@@ -200,7 +200,7 @@ def test_a_host_to_device_copy_and_a_wait_in_the_region_raise(fake_gpu):
 
 def test_random_draws_in_the_region_raise(fake_gpu):
     x = _gpu(np.ones(8))
-    with pytest.raises(CaptureError, match=r"^dropout \(functional\.py:\d+, called from test_graphs\.py:\d+\) draws "
+    with pytest.raises(CaptureError, match=r"^dropout \(dropout\.py:\d+, called from test_graphs\.py:\d+\) draws "
                                            r"random numbers on cuda:0 \(a replay would repeat the same draw\)"):
         with engine.cuda.graph(engine.cuda.CUDAGraph()):
             engine.nn.functional.dropout(x, 0.5, training=True)
