@@ -5,7 +5,7 @@ Run ``python -m bench --help`` from the repository root (no install needed). Lay
 - bench/timing.py: CPU (perf_counter) and GPU (CUDA events) clocks, warm-up, median, spread.
 - bench/roofline.py: bytes and FLOPs per kernel; copy-bandwidth and GEMM ceilings.
 - bench/device.py: the device a run uses (array module, random inputs, torch peer).
-- bench/kernels.py: the kernel sweep (every impl, unfused and torch peers, targets).
+- bench/kernels/: the kernel sweep, one module per kernel family (every impl, unfused and torch peers, targets).
 - bench/end_to_end.py: training-step benchmarks.
 - bench/report.py: progress, terminal table, JSON, Markdown, plot.
 
