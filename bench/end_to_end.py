@@ -54,7 +54,8 @@ import math
 import time
 import traceback
 
-from bench import roofline
+from bench import gpt_step, roofline
+from bench.e2e_common import captured, step_row
 from bench.device import BenchDevice
 from bench.device import Unavailable
 from bench.timing import measure_interleaved
@@ -189,49 +190,6 @@ def torch_step(bd: BenchDevice, weights: list, x, y):
     return step, lambda loss: float(loss.item())
 
 
-def captured(build):
-    """The variant of ``build`` (an engine step builder taking ``capturable``) whose step is captured
-    in one CUDA graph (engine.cuda): the first call runs the step eagerly on a side stream (the
-    warm-up: kernels compiled, the optimizer's state and device scalars made), the second captures
-    it and replays it, every later call replays it. The three loss checks of ``_run_config`` then
-    compare steps 1 to 3 with the eager variants' steps 1 to 3. On the CPU there is no graph: the
-    row is reported unavailable."""
-    def build_captured(bd: BenchDevice, weights, x, y):
-        if bd.kind != "cuda":
-            raise Unavailable("a CUDA graph captures GPU work; this run is on the CPU")
-        step, loss_value = build(bd, weights, x, y, capturable=True)
-        return _graph_replays(step), loss_value
-
-    build_captured.__name__ = f"captured_{build.__name__}"
-    return build_captured
-
-
-def _graph_replays(step):
-    """``step`` as a closure that warms up, then captures once and replays (see :func:`captured`)."""
-    import engine
-
-    held = {}
-
-    def replay():
-        if "graph" not in held:
-            if "warm" not in held:
-                side = engine.cuda.Stream()
-                side.wait_stream(engine.cuda.current_stream())
-                with engine.cuda.stream(side):
-                    loss = step()
-                engine.cuda.current_stream().wait_stream(side)
-                held["warm"] = True
-                return loss
-            graph = engine.cuda.CUDAGraph()
-            with engine.cuda.graph(graph):
-                held["loss"] = step()
-            held["graph"] = graph
-        held["graph"].replay()
-        return held["loss"]  # the graph's static output, overwritten by the next replay
-
-    return replay
-
-
 def _torch_adam(torch, params):
     params = list(params)
     try:
@@ -261,8 +219,6 @@ def run_end_to_end(bd: BenchDevice, ceilings: roofline.Ceilings, mode: str, prog
     then beside ``load`` busy processes (bench/load.py) started for that measurement only. The rows
     carry ``load`` (0 or the count) and, loaded, ``slowdown``: their median over the quiet one.
     """
-    from bench import gpt_step
-
     configs = [(name, MODELS[name], batch, {}) for name, batches in BATCHES[(bd.kind, mode)].items()
                for batch in batches]
     configs += [("gpt", gpt_step.LAYERS, batch, dict(setup=gpt_step.setup, variants=gpt_step.VARIANTS,
@@ -374,15 +330,8 @@ def _relative(value: float, reference: float) -> float:
 
 
 def _base_row(model_name, layers, batch, name, bd) -> dict:
-    return {
-        "model": model_name, "layers": list(layers), "batch": batch, "impl": name, "device": bd.kind,
-        "dtype": bd.dtype.name,
-        "status": "pending", "params": parameter_count(layers), "flops": step_flops(layers, batch),
-        "median_s": None, "spread": None, "host_median_s": None, "host_over_device": None, "repeats": 0,
-        "samples_per_s": None, "TFLOPs": None, "fraction_of_gemm": None, "loss_step1": None,
-        "loss_step3": None, "loss_rel_err": None, "loss_step3_rel_err": None, "vs_torch": None, "vs_torch_peer": None,
-        "target": "", "load": 0, "slowdown": None,
-    }
+    return step_row(model_name, layers, batch, name, bd, params=parameter_count(layers),
+                    flops=step_flops(layers, batch))
 
 
 def _add_torch_ratio(rows: list[dict], torch_reason: str) -> None:

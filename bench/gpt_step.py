@@ -11,12 +11,13 @@ compared, then the variants are timed side by side in rounds.
 
 Target (issue 14): on the CPU the engine's step within 1.3x of torch's (end_to_end.STEP_TIME_TARGET).
 The captured row (``engine GPT + AdamW, CUDA graph``: the same step with ``capturable=True``
-AdamW, captured once and replayed; end_to_end.captured) runs on the GPU only.
+AdamW, captured once and replayed; bench.e2e_common.captured) runs on the GPU only.
 """
 
 from __future__ import annotations
 
 from bench.device import Unavailable
+from bench.e2e_common import captured, step_row
 
 VOCAB, BLOCK, D_MODEL, N_LAYERS, N_HEADS = 256, 64, 128, 4, 4
 LAYERS = (VOCAB, BLOCK, D_MODEL, N_LAYERS, N_HEADS)  # the row's "layers" field: the GPT's config
@@ -45,11 +46,7 @@ def step_flops(batch: int) -> int:
 
 
 def base_row(model_name, layers, batch, name, bd) -> dict:
-    from bench.end_to_end import _base_row
-
-    row = _base_row(model_name, layers, batch, name, bd)
-    row.update(params=parameter_count(), flops=step_flops(batch))
-    return row
+    return step_row(model_name, layers, batch, name, bd, params=parameter_count(), flops=step_flops(batch))
 
 
 def setup(bd, layers, batch):
@@ -162,13 +159,7 @@ def torch_step(bd, weights, x, y):
     return step, lambda loss: float(loss.item())
 
 
-def _captured_engine_step(bd, weights, x, y):
-    from bench.end_to_end import captured
-
-    return captured(engine_step)(bd, weights, x, y)
-
-
 VARIANTS = (("engine GPT + AdamW", engine_step, "engine"),
-            ("engine GPT + AdamW, CUDA graph", _captured_engine_step, "engine"),
+            ("engine GPT + AdamW, CUDA graph", captured(engine_step), "engine"),
             ("torch eager", torch_step, "torch"))
 

@@ -18,7 +18,7 @@ import pytest
 from bench import __main__ as cli
 from bench import device as bench_device
 from bench import kernels as kbench
-from bench import end_to_end, roofline, timing
+from bench import e2e_common, end_to_end, roofline, timing
 from engine.kernels import registry
 from tests.cuda.fake_capture import fake_gpu  # noqa: F401  (fixture)
 
@@ -565,7 +565,7 @@ def test_a_captured_step_warms_up_then_captures_once_and_replays(fake_gpu):
             w.add_(1.0)
         return w.sum()
 
-    replay = end_to_end._graph_replays(step)
+    replay = e2e_common.graph_replays(step)
     values = [float(replay().item()) for _ in range(4)]
     assert values == [6.0, 9.0, 12.0, 15.0]  # eager warm-up, capture + replay, replay, replay
     assert len(calls) == 2 and fake_gpu.launches == 3
