@@ -499,7 +499,7 @@ _cupy_state = {"module": None, "tracker": None}
 
 
 def cupy_module():
-    """The cupy module, imported once (a function-level ``import`` costs about 0.6 us per call).
+    """The cupy module, imported once (a function-level ``import`` costs on every call; docs/benchmarks.md).
 
     On first use the default memory pool's allocator is wrapped by a :class:`PeakTracker` (unless
     the program installed its own allocator), so that ``engine.cuda.max_memory_allocated`` knows

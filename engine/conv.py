@@ -133,7 +133,7 @@ def _crop(a, pads: tuple, size: tuple):
 
 def _grouped_matmul(a, b):
     """``a[g] @ b[g]`` for each group g. On numpy, one 2-D product per group: numpy's stacked matmul
-    leaves BLAS when an operand is a transposed view (about 12x slower for the weight gradient)."""
+    leaves BLAS when an operand is a transposed view (slower for the weight gradient; docs/benchmarks.md)."""
     xp = backend.array_module(a)
     if xp is not np:
         return xp.matmul(a, b)  # cuBLAS batched GEMM takes the strides as they are

@@ -462,7 +462,7 @@ class GELU(Function):
         xp = _xp(a)
         if self.approximate == "tanh":
             # d/da 0.5 a (1 + t) = 0.5 (1 + t) + 0.5 a (1 - t^2) * sqrt(2/pi) (1 + 3 * 0.044715 a^2),
-            # in place on two buffers: the expression form made ten temporaries (2.7x slower)
+            # in place on two buffers: the expression form made ten temporaries (docs/benchmarks.md)
             # (1 - t^2) a first and a^2 capped: where 1 - t^2 = 0 (|a| > ~10) a^2 and a^3 may overflow,
             # and 0 * inf would make the slope NaN instead of 1 (a -> inf) or 0 (a -> -inf)
             t = _gelu_tanh_inner(a)
@@ -510,7 +510,7 @@ class FusedGELU(Function):
 
 def _gelu_tanh_inner(a):
     """tanh(sqrt(2/pi) (a + 0.044715 a^3)) in one new buffer. a * a, not a ** 3: numpy's float32
-    power runs ~50x slower than multiplies."""
+    power is much slower than multiplies (docs/benchmarks.md)."""
     t = a * a
     t *= 0.044715
     t += 1
@@ -1052,7 +1052,8 @@ class BroadcastTo(Function):
 
 def reshape(a: Tensor, shape) -> Tensor:
     shape = tuple(shape)
-    known = math.prod([n for n in shape if n != -1])  # math.prod: ~0.2 us against np.prod's ~3 (100 calls a GPT step)
+    # math.prod, not np.prod: far cheaper, and reshape runs ~100 times a GPT step (docs/benchmarks.md)
+    known = math.prod([n for n in shape if n != -1])
     if shape.count(-1) > 1 or (-1 not in shape and known != a.numel()) or (
             -1 in shape and (known == 0 or a.numel() % known)):
         raise ShapeError(f"reshape: cannot reshape {describe(a)} ({a.numel()} elements) to {shape}")

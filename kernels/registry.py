@@ -396,9 +396,9 @@ def numba_parallel(dispatcher: Callable) -> Callable:
     parallel region runs at a time in the process: workqueue, the threading layer chosen by
     :func:`configure_numba_threads`, aborts the process when two threads launch parallel regions
     at once (training in a thread pool, a server that fine-tunes per request). One region already
-    occupies every core, so serialising them costs little throughput. Cost, measured on a 2-core
-    machine: ~0.1 us for the uncontended lock, ~0.4 us per call with the wrapper's extra Python
-    call, against >= ~60 us for a call large enough to run in parallel (Adam on 2^17 elements).
+    occupies every core, so serialising them costs little throughput: the lock and the wrapper's
+    call are small against any call large enough to run in parallel (docs/benchmarks.md, "Why the
+    thresholds are where they are").
     It also sets the calling thread's numba thread count to the engine's (kernels/threads.py):
     numba keeps that count per Python thread, and a new thread would start at numba's pool size.
     Serial njit functions need no lock (they never enter the threading layer); thread-safe layers

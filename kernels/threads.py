@@ -217,9 +217,9 @@ def _limit_blas(n: int) -> None:
 
 def for_gemm(m: int, n: int, k: int) -> None:
     """Size the BLAS pool for the GEMM about to run, (m, k) x (k, n): the engine's count from
-    BLAS_PARALLEL_MIN multiply-adds on, else one thread. ~1 us when the count changes (one ctypes
-    call per BLAS library), ~0.3 us when it does not. Leaves a BLAS sized by the user's own
-    environment variable alone."""
+    BLAS_PARALLEL_MIN multiply-adds on, else one thread. Cheap enough for every GEMM (one ctypes
+    call per BLAS library when the count changes; docs/benchmarks.md, "Why the thresholds are where
+    they are"). Leaves a BLAS sized by the user's own environment variable alone."""
     if _state["n"] is None:
         ensure_default()
     if not _state["blas_owned"]:
@@ -233,7 +233,9 @@ def for_gemm(m: int, n: int, k: int) -> None:
 
 def reapply_blas_limit() -> None:
     """Limit BLAS libraries loaded since the count was set (threadpoolctl sees only those loaded at
-    the time): numba loads scipy's OpenBLAS when it compiles its first kernel. ~1 ms."""
+    the time): numba loads scipy's OpenBLAS when it compiles its first kernel. Called once per parallel
+    kernel, after its first call, not per call (its cost: docs/benchmarks.md, "Why the thresholds are
+    where they are")."""
     if _state["blas_owned"]:
         with _lock:
             _limit_blas(_state["n"])
@@ -253,7 +255,8 @@ def numba_threads() -> int | None:
 def sync_numba_threads() -> None:
     """Set the calling Python thread's numba thread count to the owner's (numba keeps one per thread).
 
-    Cheap when it already matches (~1 us); called before every parallel region.
+    Cheap when it already matches (docs/benchmarks.md, "Why the thresholds are where they are");
+    called before every parallel region.
     """
     if _state.get("numba") is None or "numba" not in sys.modules:  # nothing to set, or numba not in use yet
         return

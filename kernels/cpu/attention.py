@@ -497,8 +497,8 @@ KEY_CHUNKS = 4
 # L * S per batch row from which attention_forward_numba / attention_backward_numba run on BLAS
 # tiles (use_blas_tiles): docs/benchmarks.md has the sizes measured against the numba tiles.
 BLAS_MIN_PAIRS = 32 * 32
-# B * L * S * E from which the tasks run in parallel: starting a workqueue parallel region costs
-# ~50 us, about what one thread needs for 2^20 multiply-adds here.
+# B * L * S * E from which the tasks run in parallel: below it one thread finishes in about the time
+# a parallel region takes to start (docs/benchmarks.md, "Why the thresholds are where they are").
 PARALLEL_MIN = 1 << 20
 
 
@@ -713,7 +713,7 @@ def _numba_helpers() -> None:
 
     @numba.njit(cache=True, fastmath={"nnan", "nsz"})
     def tile_max(st, nk):
-        """max(st[:nk]) for nk >= 1, over 8 running maxima (one chain of 64 dependent maxes was ~2.4x slower)."""
+        """max(st[:nk]) for nk >= 1, over 8 running maxima (one chain of 64 dependent maxes is slower)."""
         m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = st[0]
         jj = 0
         while jj + 8 <= nk:

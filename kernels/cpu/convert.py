@@ -4,10 +4,9 @@ numba compiles for neither ``numpy.float16`` nor ``ml_dtypes.bfloat16`` arrays, 
 impls compute 16-bit data on float32 copies (kernels/precision.py) and convert at the boundary.
 NumPy's own ``astype`` is the reference (the ``numpy`` impls use it) but its float32 -> float16
 conversion is slow where the result is a float16 subnormal (below 6.1e-5, which most softmax
-probabilities of a wide row are): measured on the 2-core VM, 350 ns per value there against 20 ns
-otherwise, so a float16 cross-entropy gradient of 8M values took 2.9 s to round. These loops
-view the arrays as uint16 and do the same conversions, round to nearest even, bit for bit equal
-to ``astype`` (NaNs stay NaNs, with the sign; their payload may differ), at a few ns per value.
+probabilities of a wide row are; docs/benchmarks.md, "Why the thresholds are where they are", has
+the figures). These loops view the arrays as uint16 and do the same conversions, round to nearest
+even, bit for bit equal to ``astype`` (NaNs stay NaNs, with the sign; their payload may differ).
 
 ``import engine.kernels.cpu.convert`` does not import numba: the loops are compiled on first use.
 """

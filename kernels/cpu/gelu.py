@@ -181,9 +181,9 @@ def gelu_backward_numpy(grad_y, x, *, approximate="none"):
 # numba_cpu: chunks of the flat buffer in parallel (prange), each chunk a simple loop.
 #
 # float32 tanh (the GPT's GELU): the loop must vectorize, and without Intel's SVML numba calls
-# libm's scalar tanhf / expf per element (16 ns each here, 8x numpy's SIMD tanh). So exp is written
-# out in float32 arithmetic LLVM vectorizes: 2^n exp(r) with n = round(a / ln 2), r = a - n ln 2
-# (ln 2 in two parts, Cody-Waite), exp(r) by its degree-7 Taylor polynomial (|r| <= ln2 / 2:
+# libm's scalar tanhf / expf per element, much slower than numpy's SIMD tanh (docs/benchmarks.md).
+# So exp is written out in float32 arithmetic LLVM vectorizes: 2^n exp(r) with n = round(a / ln 2),
+# r = a - n ln 2 (ln 2 in two parts, Cody-Waite), exp(r) by its degree-7 Taylor polynomial (|r| <= ln2 / 2:
 # truncation 6e-9 relative, below float32's 6e-8 spacing) and 2^n built in the exponent bits. No
 # fastmath: contraction and reassociation would change results between builds for no speed gain
 # once the loop vectorizes. error_model="numpy": numba's default division check blocks vectorizing.
@@ -191,8 +191,8 @@ def gelu_backward_numpy(grad_y, x, *, approximate="none"):
 # float64, and the exact (erf) form: libm's math.exp / math.erfc, scalar and accurate.
 # --------------------------------------------------------------------------------------------
 
-# Elements from which the chunks run in parallel: starting a parallel region costs ~50 us under
-# the workqueue layer, the time one thread needs for ~2^16 elements of the vectorized tanh form.
+# Elements from which the chunks run in parallel: below it one thread finishes in about the time a
+# parallel region takes to start (docs/benchmarks.md, "Why the thresholds are where they are").
 PARALLEL_MIN = 1 << 16
 # exp's argument is clamped here: round(-88 / ln 2) = -127, whose 2^n bits are 0.0 (exp(-88) = 6e-39,
 # under float32's smallest normal; cupy's build flushes such results too).

@@ -229,14 +229,9 @@ def layer_norm_backward_numpy(grad_y, x, weight, mean, rstd, *, compute_weight_g
 # partials are summed once at the end (chunks x D values, small).
 # --------------------------------------------------------------------------------------------
 
-# Elements (N * D) from which rows run in parallel. Starting a workqueue parallel region costs
-# ~50 us on its own (one thread's time for 2^15 elements here), but in a training step the region
-# usually opens right after a BLAS GEMM, whose threads still spin-wait for their next call: on the
-# 2-core Xeon a (1024, 128) forward then took 0.1 to 8 ms (median 8) against 0.35 ms serial
-# after the same GEMM. Below 2^18 the serial loop's own extra cost (~0.1 ms forward, ~0.15 ms
-# backward at 2^17 on an idle machine) is the smaller risk: inside the GPT example's step
-# (9 layer norms of (1024, 128)) the layer-norm kernels took ~2 ms less per step serially,
-# interleaved over three rounds.
+# Elements (N * D) from which rows run in parallel: higher than the region's start-up cost alone
+# asks, because after a BLAS GEMM (whose threads still spin) a parallel region can stall for
+# milliseconds; the measurements are in docs/benchmarks.md, "Why the thresholds are where they are".
 PARALLEL_MIN = 1 << 18
 
 

@@ -156,9 +156,9 @@ def _arrays_pass(arrays: dict, written: tuple[str, ...], low: tuple[str, ...] = 
     """The arrays' dtype when every check of :func:`_check_arrays` passes, else None.
 
     The same checks in one pass, with no error text prepared: this runs on every optimizer step,
-    and the full checks took 13 of the 20 us of host Python in an adam_step call (bench/overhead.py,
-    2-core CPU). Arrays of exactly numpy.ndarray or one cupy type only; anything else returns None
-    and gets the full checks.
+    and the full checks were most of an adam_step call's host Python (docs/benchmarks.md, "Why the
+    thresholds are where they are"). Arrays of exactly numpy.ndarray or one cupy type only; anything
+    else returns None and gets the full checks.
     """
     param = arrays["param"]
     cls = type(param)
@@ -636,14 +636,12 @@ def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None
 # results agree with the numpy reference to rounding.
 #
 # Each kernel is built twice from one source: a parallel loop (prange) for buffers of
-# PARALLEL_MIN elements or more, and a serial loop below that. On 2 cores (Adam fp32) the
-# parallel loop wins from about 2^16 elements (65k: 36 us against 42 us serial; 10M: 5.6 ms
-# against 10 ms), but a parallel region waits for its slowest thread, and on a busy machine a
-# descheduled OpenMP thread made 1k-element steps take 8 to 16 ms against 0.01 ms serial, hence
-# the margin. The loop bodies are written inline on purpose: moving them into a shared njit
-# helper measured several times slower. The parallel builds are called through
-# registry.numba_parallel (a process-wide lock): numba's workqueue layer aborts the process when
-# two Python threads run parallel regions at once.
+# PARALLEL_MIN elements or more, and a serial loop below that: set with a margin above where the
+# parallel loop starts to win, because a region waits for its slowest thread and a busy machine
+# deschedules one. The loop bodies are written inline on purpose: a shared njit helper was slower.
+# (Measurements: docs/benchmarks.md, "Why the thresholds are where they are".) The parallel builds
+# are called through registry.numba_parallel (a process-wide lock): numba's workqueue layer aborts
+# the process when two Python threads run parallel regions at once.
 # --------------------------------------------------------------------------------------------
 
 PARALLEL_MIN = 1 << 17
@@ -704,9 +702,9 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
     from ..cpu.half_bits import load, rounded, store
 
     # `loop`, `unscale` and `has_out` are closure variables of every kernel: numba folds the two
-    # switches as constants (passed as arguments, the float32 Adam loop ran 5x slower: LLVM stopped
-    # vectorizing it), and each build gets its own key in numba's on-disk cache (the key hashes
-    # closure contents).
+    # switches as constants (passed as arguments, LLVM stopped vectorizing the float32 Adam loop;
+    # docs/benchmarks.md, "Why the thresholds are where they are"), and each build gets its own key
+    # in numba's on-disk cache (the key hashes closure contents).
     loop = numba.prange if parallel else range
     # error_model="numpy": x / 0 gives inf or nan as in the numpy reference. The default ("python")
     # raises ZeroDivisionError, and its per-division check also keeps LLVM from vectorizing the loop.

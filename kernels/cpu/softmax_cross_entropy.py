@@ -29,7 +29,7 @@ in float32), the gradient is rounded once to the logits' dtype, and a ``grad_sca
 float32. Both CPU impls widen the logits (and soft targets and weights) to float32 at the boundary
 and narrow the gradient back (numba takes no 16-bit arrays): ``numpy`` with NumPy's astype,
 ``numba_cpu`` with the bit loops of kernels/cpu/convert.py (equal bits; NumPy's float16 rounding
-is ~100x slower for the subnormal results most probabilities of a wide row round to).
+is slow for the subnormal results most probabilities of a wide row round to).
 docs/kernels/softmax_cross_entropy.md has the cost.
 
 This module also holds the validator every impl calls first (:func:`validate_softmax_cross_entropy`).
@@ -375,9 +375,9 @@ _EXP_LO, _HALF, _ONE = _F32(-87.0), _F32(0.5), _F32(1.0)
 # Set by _numba_helpers() (module globals that the row kernels read; see there).
 _nb_row_max = _nb_exp_shifted = _nb_row_sum = _nb_weighted_shift_sums = _nb_target_sums = None
 
-# Logits (N * C) from which the rows run in parallel. Starting a parallel region costs ~50 us
-# under the workqueue threading layer (3 us under OpenMP, whose idle threads spin instead); one
-# thread does 2^15 float32 logits in about that time, so smaller calls stay on the caller's thread.
+# Logits (N * C) from which the rows run in parallel: below it one thread finishes in about the
+# time a parallel region takes to start, so smaller calls stay on the caller's thread
+# (docs/benchmarks.md, "Why the thresholds are where they are").
 # The parallel builds are called through registry.numba_parallel, a process-wide lock: workqueue
 # aborts the process when two Python threads run parallel regions at once.
 PARALLEL_MIN = 1 << 15

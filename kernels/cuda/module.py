@@ -91,10 +91,9 @@ _NOTHING = contextlib.nullcontext()
 def on_device(a):
     """The GPU of cupy array ``a`` as a context: inside it cupy allocates, launches kernels and calls
     cuBLAS on that device, whichever device is current outside (``cuda:1`` inputs while device 0
-    is current compute on device 1). It is ``a.device`` itself, a ``cupy.cuda.Device``: entering
-    and leaving it cost 0.45 us on an H200 host when the device is already current (0.56 us with
-    this call). Skipping it when ``getDevice()`` matches would cost 0.09 us, but needs cupy imported
-    here and saves under 0.5 us of a 25-40 us call, so the guard stays cupy's own.
+    is current compute on device 1). It is ``a.device`` itself, a ``cupy.cuda.Device``: skipping it
+    when ``getDevice()`` matches would need cupy imported here and save little of a call, so the
+    guard stays cupy's own (docs/benchmarks.md, "Why the thresholds are where they are").
 
     Anything else gives a context that does nothing: the wrapper's validator then rejects it by name.
     """

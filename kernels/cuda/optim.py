@@ -126,8 +126,8 @@ def _launch(kernel: str, arrays: list, scalars: tuple, flags: int, found_inf=Non
     with on_device(param):  # launch on the arrays' GPU, whichever is current
         blocks, threads = launch_shape(n, n_vec, width, _resident_blocks(name, param.device.id))
         fn = function("optim", name)
-        # The scalars in the arrays' dtype through one numpy array: half the cost of one
-        # dtype.type(s) call per scalar (measured: 1.1 us against 2.1 us for Adam's nine).
+        # The scalars in the arrays' dtype through one numpy array: cheaper than one dtype.type(s)
+        # call per scalar (docs/benchmarks.md, "Why the thresholds are where they are").
         fn((blocks,), (threads,), (*vectorized, *pointers, np.int64(n), np.int64(head), np.int64(n_vec),
                                    *np.array(scalars, dtype), np.int32(flags)))
 
