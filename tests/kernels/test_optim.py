@@ -426,7 +426,7 @@ def test_default_dispatch_runs(rng):
 def test_listing_the_kernels_on_a_fresh_import_names_them_all_and_loads_no_impl():
     # kernels.kernels() is the first call a user makes to see what exists: it must not answer
     # [] because no kernel has been called yet, and listing must not import numba or cupy.
-    code = ("import sys, kernels; names = kernels.kernels(); "
+    code = ("import sys, engine.kernels as kernels; names = kernels.kernels(); "
             "bad = [m for m in ('numba', 'cupy') if m in sys.modules]; assert not bad, bad; print(' '.join(names))")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -437,7 +437,7 @@ def test_listing_the_kernels_on_a_fresh_import_names_them_all_and_loads_no_impl(
 
 @pytest.mark.slow
 def test_importing_the_cpu_and_cupy_modules_imports_neither_numba_nor_cupy():
-    code = ("import sys, kernels.cpu.optim, kernels.cuda.optim; "
+    code = ("import sys, engine.kernels.cpu.optim, engine.kernels.cuda.optim; "
             "bad = [m for m in ('numba', 'cupy') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
