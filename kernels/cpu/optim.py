@@ -631,6 +631,83 @@ def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None
 
 
 # --------------------------------------------------------------------------------------------
+# The per-element updates, written once as plain Python scalar code and compiled by numba for
+# both jitted impls: numba_cpu below (``numba.extending.register_jitable``, called from its loop)
+# and numba_cuda (``numba.cuda.jit(device=True)``). Each takes the element index ``i``, the
+# parameter ``pi`` and the gradient ``gi`` as the loop prepared them (unscaled, negated for
+# maximize, the master restarted), reads and writes the optimizer's state arrays at ``i``, and
+# returns the new parameter. The scalars arrive in the arrays' dtype and the switches as booleans
+# (see the loops), so float32 arithmetic stays float32. ``math.sqrt`` is the one square root both
+# numba compilers type for float32 and float64 alike.
+# --------------------------------------------------------------------------------------------
+
+
+def adam_element(i, pi, gi, m, v, vmax, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt, eps,
+                 weight_decay, decay_factor, use_wd, decoupled, amsgrad):
+    """Adam / AdamW (``decoupled``) at element ``i``: updates m, v (and vmax with amsgrad)."""
+    if use_wd:
+        if decoupled:
+            pi = pi * decay_factor
+        else:
+            gi = gi + weight_decay * pi
+    mi = beta1 * m[i] + one_minus_beta1 * gi
+    vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
+    m[i] = mi
+    v[i] = vi
+    if amsgrad:
+        old = vmax[i]
+        if old >= vi or old != old:  # a NaN in either propagates, as np.maximum does
+            vi = old
+        vmax[i] = vi
+    denom = math.sqrt(vi) / bc2_sqrt + eps
+    return pi - step_size * (mi / denom)
+
+
+def sgd_element(i, pi, gi, buf, lr, momentum, one_minus_dampening, weight_decay, use_wd, use_momentum, nesterov,
+                first_step):
+    """SGD (momentum, nesterov) at element ``i``: updates the momentum buffer when ``use_momentum``."""
+    if use_wd:
+        gi = gi + weight_decay * pi
+    if use_momentum:
+        bi = gi if first_step else momentum * buf[i] + one_minus_dampening * gi
+        buf[i] = bi
+        gi = gi + momentum * bi if nesterov else bi
+    return pi - lr * gi
+
+
+def adagrad_element(i, pi, gi, state_sum, clr, weight_decay, eps, use_wd):
+    """Adagrad at element ``i`` (``clr``: the decayed learning rate): updates state_sum."""
+    if use_wd:
+        gi = gi + weight_decay * pi
+    si = state_sum[i] + gi * gi
+    state_sum[i] = si
+    return pi - clr * (gi / (math.sqrt(si) + eps))
+
+
+def rmsprop_element(i, pi, gi, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                    use_wd, use_momentum, centered):
+    """RMSprop at element ``i``: updates square_avg (grad_avg when centered, buf with momentum)."""
+    if use_wd:
+        gi = gi + weight_decay * pi
+    sq = alpha * square_avg[i] + one_minus_alpha * (gi * gi)
+    square_avg[i] = sq
+    if centered:
+        ga = alpha * grad_avg[i] + one_minus_alpha * gi
+        grad_avg[i] = ga
+        avg = math.sqrt(sq - ga * ga) + eps
+    else:
+        avg = math.sqrt(sq) + eps
+    if use_momentum:
+        bi = momentum * buf[i] + gi / avg
+        buf[i] = bi
+        return pi - lr * bi
+    return pi - lr * (gi / avg)
+
+
+ELEMENTS = (adam_element, sgd_element, adagrad_element, rmsprop_element)
+
+
+# --------------------------------------------------------------------------------------------
 # numba_cpu: one pass per step, each element read and written once (no temporaries). Scalars
 # are cast to the arrays' dtype so float32 arithmetic stays float32; fastmath is off so the
 # results agree with the numpy reference to rounding.
@@ -638,10 +715,11 @@ def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None
 # Each kernel is built twice from one source: a parallel loop (prange) for buffers of
 # PARALLEL_MIN elements or more, and a serial loop below that: set with a margin above where the
 # parallel loop starts to win, because a region waits for its slowest thread and a busy machine
-# deschedules one. The loop bodies are written inline on purpose: a shared njit helper was slower.
-# (Measurements: docs/benchmarks.md, "Why the thresholds are where they are".) The parallel builds
-# are called through registry.numba_parallel (a process-wide lock): numba's workqueue layer aborts
-# the process when two Python threads run parallel regions at once.
+# deschedules one. The update itself is the optimizer's element function above (see the note on
+# _nrt in _build_numba_kernels). (Measurements: docs/benchmarks.md, "Why the thresholds are where
+# they are".) The parallel builds are called through registry.numba_parallel (a process-wide
+# lock): numba's workqueue layer aborts the process when two Python threads run parallel regions
+# at once.
 # --------------------------------------------------------------------------------------------
 
 PARALLEL_MIN = 1 << 17
@@ -696,11 +774,21 @@ def _numba_kernels(n: int, amp: _NumbaAmp) -> dict:
 
 
 @functools.cache
+def _jitable_elements() -> None:
+    """Make the per-element updates callable from numba_cpu's loops (once per process)."""
+    from numba.extending import register_jitable
+
+    for element in ELEMENTS:
+        register_jitable(error_model="numpy", _nrt=False)(element)
+
+
+@functools.cache
 def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
     import numba
 
     from ..cpu.half_bits import load, rounded, store
 
+    _jitable_elements()
     # `loop`, `unscale` and `has_out` are closure variables of every kernel: numba folds the two
     # switches as constants (passed as arguments, LLVM stopped vectorizing the float32 Adam loop;
     # docs/benchmarks.md, "Why the thresholds are where they are"), and each build gets its own key
@@ -708,12 +796,17 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
     loop = numba.prange if parallel else range
     # error_model="numpy": x / 0 gives inf or nan as in the numpy reference. The default ("python")
     # raises ZeroDivisionError, and its per-division check also keeps LLVM from vectorizing the loop.
-    jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
+    jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy", _nrt=False)
 
     # Every loop reads the gradient with load() (16-bit bits become float32), unscales it and writes
     # it back when `unscale`, and, when `has_out` (param is then the float32 master), restarts the
-    # master from `out` where `out` was written since and rounds the new master into it: see
-    # _numba_amp and the module docstring.
+    # master from `out` where `out` was written since; the optimizer's element function updates the
+    # states and gives the new parameter, which the loop stores (and rounds into `out`): see
+    # _numba_amp and the module docstring. _nrt=False: the loops allocate nothing, and with numba's
+    # reference counting on, handing the state arrays to an element function puts incref/decref
+    # calls into the loop body, which keeps LLVM from vectorizing it (Adam and RMSprop ran several
+    # times slower); without it LLVM inlines the element functions and the loops compile as when
+    # their bodies were written out here.
     @jit
     def adam(p, g, g_out, m, v, vmax, out, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, bc2_sqrt,
              eps, weight_decay, decay_factor, inv_scale, use_wd, decoupled, amsgrad, maximize):
@@ -727,22 +820,8 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
             pi = p[i]
             if has_out and rounded(out, pi) != load(out, i):  # the parameter was written: restart the master
                 pi = load(out, i)
-            if use_wd:
-                if decoupled:
-                    pi = pi * decay_factor
-                else:
-                    gi = gi + weight_decay * pi
-            mi = beta1 * m[i] + one_minus_beta1 * gi
-            vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
-            m[i] = mi
-            v[i] = vi
-            if amsgrad:
-                old = vmax[i]
-                if old >= vi or old != old:  # a NaN in either propagates, as np.maximum does
-                    vi = old
-                vmax[i] = vi
-            denom = np.sqrt(vi) / bc2_sqrt + eps
-            pi = pi - step_size * (mi / denom)
+            pi = adam_element(i, pi, gi, m, v, vmax, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
+                              bc2_sqrt, eps, weight_decay, decay_factor, use_wd, decoupled, amsgrad)
             p[i] = pi
             if has_out:
                 store(out, i, pi)
@@ -760,13 +839,8 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
             pi = p[i]
             if has_out and rounded(out, pi) != load(out, i):  # the parameter was written: restart the master
                 pi = load(out, i)
-            if use_wd:
-                gi = gi + weight_decay * pi
-            if use_momentum:
-                bi = gi if first_step else momentum * buf[i] + one_minus_dampening * gi
-                buf[i] = bi
-                gi = gi + momentum * bi if nesterov else bi
-            pi = pi - lr * gi
+            pi = sgd_element(i, pi, gi, buf, lr, momentum, one_minus_dampening, weight_decay, use_wd, use_momentum,
+                             nesterov, first_step)
             p[i] = pi
             if has_out:
                 store(out, i, pi)
@@ -783,11 +857,7 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
             pi = p[i]
             if has_out and rounded(out, pi) != load(out, i):  # the parameter was written: restart the master
                 pi = load(out, i)
-            if use_wd:
-                gi = gi + weight_decay * pi
-            si = state_sum[i] + gi * gi
-            state_sum[i] = si
-            pi = pi - clr * (gi / (np.sqrt(si) + eps))
+            pi = adagrad_element(i, pi, gi, state_sum, clr, weight_decay, eps, use_wd)
             p[i] = pi
             if has_out:
                 store(out, i, pi)
@@ -805,22 +875,8 @@ def _build_numba_kernels(parallel: bool, unscale: bool, has_out: bool) -> dict:
             pi = p[i]
             if has_out and rounded(out, pi) != load(out, i):  # the parameter was written: restart the master
                 pi = load(out, i)
-            if use_wd:
-                gi = gi + weight_decay * pi
-            sq = alpha * square_avg[i] + one_minus_alpha * (gi * gi)
-            square_avg[i] = sq
-            if centered:
-                ga = alpha * grad_avg[i] + one_minus_alpha * gi
-                grad_avg[i] = ga
-                avg = np.sqrt(sq - ga * ga) + eps
-            else:
-                avg = np.sqrt(sq) + eps
-            if use_momentum:
-                bi = momentum * buf[i] + gi / avg
-                buf[i] = bi
-                pi = pi - lr * bi
-            else:
-                pi = pi - lr * (gi / avg)
+            pi = rmsprop_element(i, pi, gi, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, eps,
+                                 weight_decay, momentum, use_wd, use_momentum, centered)
             p[i] = pi
             if has_out:
                 store(out, i, pi)

@@ -39,6 +39,12 @@ FALLBACK_BLOCKS_PER_SM = 4
 SIMULATOR_MAX_BLOCKS = 2
 
 
+# The update bodies below repeat the element functions of kernels/cpu/optim.py (adam_element ...),
+# which the numba_cpu loops call, instead of calling them: numba-cuda compiles a called function
+# (cuda.jit(device=True), or numba.cuda.extending.register_jitable, inline or not) through a device
+# dispatcher that asks the current device for its compute capability, so a kernel calling one could
+# no longer be compiled to PTX on a machine without a GPU (tests/kernels/test_gpu_compile.py).
+# tests/cudasim/test_optim.py checks these bodies against the numpy reference.
 # Every kernel: (param, grad, states..., param_out, found_inf, inv_scale, device_scalars, scalars...,
 # switches...). `one` is 1 in the arrays' dtype; the last four switches are check_found, unscale,
 # has_out and use_dev (see the module docstring). The gradient is read as g[i] * inv: a float16
