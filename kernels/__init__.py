@@ -286,6 +286,11 @@ _SHARED = {
     "erfc": ("cpu.gelu", "erfc"),  # the one erfc (float64, ~1e-13)
     "adam_bias_corrections": ("cpu.optim", "adam_bias_corrections"),
     "adagrad_decayed_lr": ("cpu.optim", "adagrad_decayed_lr"),
+    # the optimizers' formulas on whole arrays (numpy or cupy): the engine's unfused optimizer path
+    "adam_update": ("cpu.optim", "adam_update"),
+    "sgd_update": ("cpu.optim", "sgd_update"),
+    "adagrad_update": ("cpu.optim", "adagrad_update"),
+    "rmsprop_update": ("cpu.optim", "rmsprop_update"),
     "accumulation_dtype": ("precision", "accumulation_dtype"),  # float32 for 16-bit data
 }
 

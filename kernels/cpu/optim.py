@@ -533,6 +533,89 @@ def _round_out(param, param_out) -> None:
         param_out[...] = param  # numpy / ml_dtypes casts round to nearest-even
 
 
+def _numpy_step(update, param, grad, param_out, found_inf, inv_scale, maximize) -> None:
+    """What every numpy step does around its update: the skip, the unscaled (and negated) gradient,
+    the master copy. ``update(g)`` updates param and the states in place."""
+    g = _numpy_grad(grad, found_inf, inv_scale, maximize)
+    if g is None:
+        return
+    _resync_master(param, param_out)
+    update(g)
+    _round_out(param, param_out)
+
+
+# The array updates: each optimizer's formula on whole arrays, in place, given the gradient ``g``
+# already unscaled and negated for maximize, and its per-step scalars as the caller computed them
+# (Python floats, or arrays computed on the device from a device step count or learning rate).
+# ``xp`` is the arrays' module: the numpy steps here and the engine's unfused optimizer path
+# (cupy arrays included) both run them.
+
+
+def adam_update(xp, param, g, exp_avg, exp_avg_sq, max_exp_avg_sq, *, beta1, beta2, eps, weight_decay, decoupled,
+                amsgrad, step_size, bias_correction2_sqrt, decay_factor) -> None:
+    """Adam / AdamW (``decoupled``) on arrays; ``decay_factor`` is ``1 - lr * weight_decay``."""
+    if weight_decay != 0:
+        if decoupled:
+            param *= decay_factor
+        else:
+            g = g + weight_decay * param
+    exp_avg *= beta1
+    exp_avg += (1.0 - beta1) * g
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1.0 - beta2) * (g * g)
+    second = exp_avg_sq
+    if amsgrad:
+        xp.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second = max_exp_avg_sq
+    denom = xp.sqrt(second) / bias_correction2_sqrt + eps
+    param -= step_size * (exp_avg / denom)
+
+
+def sgd_update(xp, param, g, momentum_buf, *, lr, momentum, dampening, weight_decay, nesterov, first_step) -> None:
+    """SGD on arrays; ``first_step`` is a bool, or a device bool array (decided there: no host read)."""
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    if momentum != 0:
+        if _is_array(first_step):
+            momentum_buf[...] = xp.where(first_step, g, momentum * momentum_buf + (1.0 - dampening) * g)
+        elif first_step:
+            momentum_buf[...] = g
+        else:
+            momentum_buf *= momentum
+            momentum_buf += (1.0 - dampening) * g
+        g = g + momentum * momentum_buf if nesterov else momentum_buf
+    param -= lr * g
+
+
+def adagrad_update(xp, param, g, state_sum, *, clr, weight_decay, eps) -> None:
+    """Adagrad on arrays; ``clr`` is the decayed learning rate (:func:`adagrad_decayed_lr`)."""
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    state_sum += g * g
+    param -= clr * (g / (xp.sqrt(state_sum) + eps))
+
+
+def rmsprop_update(xp, param, g, square_avg, momentum_buf, grad_avg, *, lr, alpha, eps, weight_decay, momentum,
+                   centered) -> None:
+    """RMSprop on arrays (grad_avg used when centered, momentum_buf when momentum > 0)."""
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    square_avg *= alpha
+    square_avg += (1.0 - alpha) * (g * g)
+    if centered:
+        grad_avg *= alpha
+        grad_avg += (1.0 - alpha) * g
+        avg = xp.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = xp.sqrt(square_avg) + eps
+    if momentum > 0:
+        momentum_buf *= momentum
+        momentum_buf += g / avg
+        param -= lr * momentum_buf
+    else:
+        param -= lr * (g / avg)
+
+
 def adam_step_numpy(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999,
                     eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False,
                     step, found_inf=None, inv_scale=None, param_out=None):
@@ -540,26 +623,11 @@ def adam_step_numpy(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr
                       weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
                       maximize=maximize, step=step, found_inf=found_inf, inv_scale=inv_scale,
                       param_out=param_out)
-    g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
-    if g is None:
-        return
-    _resync_master(param, param_out)
-    if s.weight_decay != 0:
-        if s.decoupled:
-            param *= s.decay_factor
-        else:
-            g = g + s.weight_decay * param
-    exp_avg *= s.beta1
-    exp_avg += (1.0 - s.beta1) * g
-    exp_avg_sq *= s.beta2
-    exp_avg_sq += (1.0 - s.beta2) * (g * g)
-    if s.amsgrad:
-        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-        denom = np.sqrt(max_exp_avg_sq) / s.bias_correction2_sqrt + s.eps
-    else:
-        denom = np.sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps
-    param -= s.step_size * (exp_avg / denom)
-    _round_out(param, param_out)
+    _numpy_step(lambda g: adam_update(np, param, g, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1=s.beta1,
+                                      beta2=s.beta2, eps=s.eps, weight_decay=s.weight_decay, decoupled=s.decoupled,
+                                      amsgrad=s.amsgrad, step_size=s.step_size,
+                                      bias_correction2_sqrt=s.bias_correction2_sqrt, decay_factor=s.decay_factor),
+                param, grad, param_out, found_inf, inv_scale, s.maximize)
 
 
 def sgd_step_numpy(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
@@ -568,21 +636,10 @@ def sgd_step_numpy(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampenin
     s = validate_sgd(param, grad, momentum_buf, lr=lr, momentum=momentum, dampening=dampening,
                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
                      found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
-    g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
-    if g is None:
-        return
-    _resync_master(param, param_out)
-    if s.weight_decay != 0:
-        g = g + s.weight_decay * param
-    if s.momentum != 0:
-        if s.first_step:
-            momentum_buf[...] = g
-        else:
-            momentum_buf *= s.momentum
-            momentum_buf += (1.0 - s.dampening) * g
-        g = g + s.momentum * momentum_buf if s.nesterov else momentum_buf
-    param -= s.lr * g
-    _round_out(param, param_out)
+    _numpy_step(lambda g: sgd_update(np, param, g, momentum_buf, lr=s.lr, momentum=s.momentum,
+                                     dampening=s.dampening, weight_decay=s.weight_decay, nesterov=s.nesterov,
+                                     first_step=s.first_step),
+                param, grad, param_out, found_inf, inv_scale, s.maximize)
 
 
 def adagrad_step_numpy(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, step,
@@ -590,15 +647,9 @@ def adagrad_step_numpy(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay
     s = validate_adagrad(param, grad, state_sum, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
                          step=step, maximize=maximize, found_inf=found_inf, inv_scale=inv_scale,
                          param_out=param_out)
-    g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
-    if g is None:
-        return
-    _resync_master(param, param_out)
-    if s.weight_decay != 0:
-        g = g + s.weight_decay * param
-    state_sum += g * g
-    param -= s.clr * (g / (np.sqrt(state_sum) + s.eps))
-    _round_out(param, param_out)
+    _numpy_step(lambda g: adagrad_update(np, param, g, state_sum, clr=s.clr, weight_decay=s.weight_decay,
+                                         eps=s.eps),
+                param, grad, param_out, found_inf, inv_scale, s.maximize)
 
 
 def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, lr, alpha=0.99, eps=1e-8,
@@ -607,27 +658,10 @@ def rmsprop_step_numpy(param, grad, square_avg, momentum_buf=None, grad_avg=None
     s = validate_rmsprop(param, grad, square_avg, momentum_buf, grad_avg, lr=lr, alpha=alpha, eps=eps,
                          weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
                          found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
-    g = _numpy_grad(grad, found_inf, inv_scale, s.maximize)
-    if g is None:
-        return
-    _resync_master(param, param_out)
-    if s.weight_decay != 0:
-        g = g + s.weight_decay * param
-    square_avg *= s.alpha
-    square_avg += (1.0 - s.alpha) * (g * g)
-    if s.centered:
-        grad_avg *= s.alpha
-        grad_avg += (1.0 - s.alpha) * g
-        avg = np.sqrt(square_avg - grad_avg * grad_avg) + s.eps
-    else:
-        avg = np.sqrt(square_avg) + s.eps
-    if s.momentum > 0:
-        momentum_buf *= s.momentum
-        momentum_buf += g / avg
-        param -= s.lr * momentum_buf
-    else:
-        param -= s.lr * (g / avg)
-    _round_out(param, param_out)
+    _numpy_step(lambda g: rmsprop_update(np, param, g, square_avg, momentum_buf, grad_avg, lr=s.lr, alpha=s.alpha,
+                                         eps=s.eps, weight_decay=s.weight_decay, momentum=s.momentum,
+                                         centered=s.centered),
+                param, grad, param_out, found_inf, inv_scale, s.maximize)
 
 
 # --------------------------------------------------------------------------------------------
