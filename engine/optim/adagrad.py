@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine import kernels
 from engine import backend
 from engine.optim.optimizer import Optimizer, as_step_scalars, check_number, is_normal_positive
-from engine.kernels import adagrad_decayed_lr
+from engine.kernels import adagrad_decayed_lr, adagrad_update
 
 
 class Adagrad(Optimizer):
@@ -72,11 +72,6 @@ class Adagrad(Optimizer):
                              maximize=group["maximize"], **scaling)
 
     def _reference_update(self, group, param, grad, buffers, step) -> None:
-        xp = backend.array_module(param)
-        g = -grad if group["maximize"] else grad
-        if group["weight_decay"] != 0:
-            g = g + group["weight_decay"] * param
         clr, = as_step_scalars(param.dtype, adagrad_decayed_lr(group["lr"], group["lr_decay"], step + 1))
-        state_sum = buffers["sum"]
-        state_sum += g * g
-        param -= clr * (g / (xp.sqrt(state_sum) + group["eps"]))
+        adagrad_update(backend.array_module(param), param, -grad if group["maximize"] else grad, buffers["sum"],
+                       clr=clr, weight_decay=group["weight_decay"], eps=group["eps"])

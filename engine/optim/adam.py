@@ -6,7 +6,7 @@ from engine import kernels
 from engine import backend
 from engine.errors import EngineError
 from engine.optim.optimizer import Optimizer, as_step_scalars, check_number, is_normal_positive, sqrt_for
-from engine.kernels import adam_bias_corrections
+from engine.kernels import adam_bias_corrections, adam_update
 
 
 class Adam(Optimizer):
@@ -80,27 +80,13 @@ class Adam(Optimizer):
                           amsgrad=group["amsgrad"], maximize=group["maximize"], step=step + 1, **scaling)
 
     def _reference_update(self, group, param, grad, buffers, step) -> None:
-        xp = backend.array_module(param)
         beta1, beta2 = group["betas"]
         lr, weight_decay, t = group["lr"], group["weight_decay"], step + 1
-        g = -grad if group["maximize"] else grad
-        if weight_decay != 0:
-            if self._decoupled:
-                param *= 1.0 - lr * weight_decay
-            else:
-                g = g + weight_decay * param
-        exp_avg, exp_avg_sq = buffers["exp_avg"], buffers["exp_avg_sq"]
-        exp_avg *= beta1
-        exp_avg += (1.0 - beta1) * g
-        exp_avg_sq *= beta2
-        exp_avg_sq += (1.0 - beta2) * (g * g)
-        second = exp_avg_sq
-        if group["amsgrad"]:
-            xp.maximum(buffers["max_exp_avg_sq"], exp_avg_sq, out=buffers["max_exp_avg_sq"])
-            second = buffers["max_exp_avg_sq"]
         step_size, bc2_sqrt = as_step_scalars(param.dtype, *adam_bias_corrections(lr, beta1, beta2, t, sqrt_for(t)))
-        denom = xp.sqrt(second) / bc2_sqrt + group["eps"]
-        param -= step_size * (exp_avg / denom)
+        adam_update(backend.array_module(param), param, -grad if group["maximize"] else grad, buffers["exp_avg"],
+                    buffers["exp_avg_sq"], buffers.get("max_exp_avg_sq"), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=weight_decay, decoupled=self._decoupled, amsgrad=group["amsgrad"],
+                    step_size=step_size, bias_correction2_sqrt=bc2_sqrt, decay_factor=1.0 - lr * weight_decay)
 
 
 class AdamW(Adam):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine import kernels
 from engine import backend
+from engine.kernels import rmsprop_update
 from engine.optim.optimizer import Optimizer, check_number, is_normal_positive
 
 
@@ -72,25 +73,7 @@ class RMSprop(Optimizer):
                              centered=group["centered"], maximize=group["maximize"], **scaling)
 
     def _reference_update(self, group, param, grad, buffers, key) -> None:
-        xp = backend.array_module(param)
-        alpha = group["alpha"]
-        g = -grad if group["maximize"] else grad
-        if group["weight_decay"] != 0:
-            g = g + group["weight_decay"] * param
-        square_avg = buffers["square_avg"]
-        square_avg *= alpha
-        square_avg += (1.0 - alpha) * (g * g)
-        if group["centered"]:
-            grad_avg = buffers["grad_avg"]
-            grad_avg *= alpha
-            grad_avg += (1.0 - alpha) * g
-            avg = xp.sqrt(square_avg - grad_avg * grad_avg) + group["eps"]
-        else:
-            avg = xp.sqrt(square_avg) + group["eps"]
-        if group["momentum"] > 0:
-            buf = buffers["momentum_buffer"]
-            buf *= group["momentum"]
-            buf += g / avg
-            param -= group["lr"] * buf
-        else:
-            param -= group["lr"] * (g / avg)
+        rmsprop_update(backend.array_module(param), param, -grad if group["maximize"] else grad,
+                       buffers["square_avg"], buffers.get("momentum_buffer"), buffers.get("grad_avg"), lr=group["lr"],
+                       alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+                       momentum=group["momentum"], centered=group["centered"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from engine import kernels
 from engine import backend
 from engine.errors import EngineError
+from engine.kernels import sgd_update
 from engine.optim.optimizer import Optimizer, _OnDevice, check_number
 
 
@@ -94,19 +95,7 @@ class SGD(Optimizer):
                          first_step=first_step.array if isinstance(first_step, _OnDevice) else first_step, **scaling)
 
     def _reference_update(self, group, param, grad, buffers, first_step) -> None:
-        g = -grad if group["maximize"] else grad
-        if group["weight_decay"] != 0:
-            g = g + group["weight_decay"] * param
-        momentum = group["momentum"]
-        if momentum != 0:
-            buf = buffers["momentum_buffer"]
-            if isinstance(first_step, _OnDevice):  # decided on the device: no host read
-                xp = backend.array_module(buf)
-                buf[...] = xp.where(first_step.array, g, momentum * buf + (1.0 - group["dampening"]) * g)
-            elif first_step:
-                buf[...] = g
-            else:
-                buf *= momentum
-                buf += (1.0 - group["dampening"]) * g
-            g = g + momentum * buf if group["nesterov"] else buf
-        param -= group["lr"] * g
+        sgd_update(backend.array_module(param), param, -grad if group["maximize"] else grad,
+                   buffers.get("momentum_buffer"), lr=group["lr"], momentum=group["momentum"],
+                   dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                   first_step=first_step.array if isinstance(first_step, _OnDevice) else first_step)
