@@ -48,8 +48,9 @@
 // float64 kernels, and the float32 ones since loss scaling, would otherwise take up to 72).
 #define OPT_ENTRY extern "C" __global__ void __launch_bounds__(256, 4)
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// common.cuh: to_acc (a gradient in the master type), from_acc (the master rounded to the parameter's
+// type) and max_nan (NaN-propagating, as torch.maximum / np.maximum; fmax would drop the NaN).
+#include "common.cuh"
 
 // W elements of T in one vector load/store: 16 bytes of the master type (ld.global.v4.f32 /
 // v2.f64), and the same count of a 16-bit gradient (8 bytes).
@@ -66,33 +67,12 @@ struct Width {
 __device__ __forceinline__ float sqrt_rn(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_rn(double x) { return sqrt(x); }
 
-// A gradient element in the master type, and a master value rounded to the parameter's type.
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename G>
-__device__ __forceinline__ G narrow(float x);
-template <>
-__device__ __forceinline__ float narrow<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <typename G>
-__device__ __forceinline__ G narrow(double x) { return x; }
-
 // A master whose parameter no longer holds it rounded (the parameter was written since the last
 // step: a checkpoint load, a change through .data) restarts from the parameter's value.
 template <typename T, typename G>
 __device__ __forceinline__ void resync(T& master, G param) {
-    if (widen(narrow<G>(master)) != widen(param)) master = widen(param);
+    if (to_acc(from_acc<G>(master)) != to_acc(param)) master = to_acc(param);
 }
-
-// max that propagates a NaN in either argument, as torch.maximum / np.maximum do (fmax would drop it).
-template <typename T>
-__device__ __forceinline__ T max_nan(T old, T x) { return (old >= x || old != old) ? old : x; }
 
 // Which state arrays an optimizer reads and writes on this step (an unused one is never touched,
 // so its pointer may be any placeholder).
@@ -153,14 +133,14 @@ __device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ pa
         if (use.read2) c = v2[i];
 #pragma unroll
         for (int k = 0; k < W; ++k) {
-            T gk = widen(g.e[k]);
+            T gk = to_acc(g.e[k]);
             if (unscale) {
                 gk = gk * inv;
-                g.e[k] = narrow<G>(gk);
+                g.e[k] = from_acc<G>(gk);
             }
             if (has_out) resync(p.e[k], o.e[k]);
             op(p.e[k], gk, a.e[k], b.e[k], c.e[k]);
-            if (has_out) o.e[k] = narrow<G>(p.e[k]);
+            if (has_out) o.e[k] = from_acc<G>(p.e[k]);
         }
         pv[i] = p;
         if (unscale) gv[i] = g;
@@ -175,19 +155,19 @@ __device__ __forceinline__ void run_elementwise(const Op& op, T* __restrict__ pa
     for (long long j = first; j < n_scalar; j += stride) {
         const long long i = j < head ? j : vec_end + (j - head);
         T p = param[i];
-        T g = widen(grad[i]);
+        T g = to_acc(grad[i]);
         T a = 0, b = 0, c = 0;
         if (use.read0) a = s0[i];
         if (use.read1) b = s1[i];
         if (use.read2) c = s2[i];
         if (unscale) {
             g = g * inv;
-            grad[i] = narrow<G>(g);
+            grad[i] = from_acc<G>(g);
         }
         if (has_out) resync(p, param_out[i]);
         op(p, g, a, b, c);
         param[i] = p;
-        if (has_out) param_out[i] = narrow<G>(p);
+        if (has_out) param_out[i] = from_acc<G>(p);
         if (use.write0) s0[i] = a;
         if (use.write1) s1[i] = b;
         if (use.write2) s2[i] = c;
