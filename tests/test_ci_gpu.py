@@ -58,7 +58,7 @@ def test_dry_run_wires_every_step(tmp_path):
     assert "import and argument parsing only (dry run): ok" in summary
     assert "dry run: imported engine.examples.digits" in (out / "digits.log").read_text()
     assert "mpi on cpu, 1 rank(s): all-reduce peak algbw" in summary
-    assert "- memcheck: cases on numba_cpu without the sanitizer (dry run): 45 cases right, 0 wrong" in summary
+    assert "- memcheck: cases on numba_cpu without the sanitizer (dry run): 48 cases right, 0 wrong" in summary
     assert summary in proc.stdout  # printed at the end
 
 
@@ -218,12 +218,13 @@ def test_sanitize_cases_cover_the_issue_shapes_and_catch_a_wrong_number():
     finally:
         sys.path.remove(str(cases.parent))
     labels = [label for family, _ in sc.FAMILIES for label, _ in family()]
-    assert len(labels) == 45
+    assert len(labels) == 48
     for e in (33, 64, 128):
         for mask in ("none", "shared", "key_padding", "full"):
             for causal in (False, True):
                 assert f"attention E={e} mask={mask} causal={causal}" in labels
-    for dtype, e in (("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float16", 128), ("float32-3xtf32", 64)):
+    for dtype, e in (("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float16", 128), ("float32-3xtf32", 64),
+                     ("float32-3xtf32", 128)):
         for mask, causal in (("none", True), ("key_padding", False), ("full", True)):
             assert f"attention_tc {dtype} E={e} mask={mask} causal={causal}" in labels
     assert (sc.BATCH * sc.HEADS, sc.L, sc.S) == (6, 37, 70)

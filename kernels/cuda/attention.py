@@ -14,8 +14,9 @@ forward, by dtype, head dims and ``precision`` (:func:`forward_plan`):
 
 backward (:func:`uses_tc_backward`): ``attn_bwd_rowdot_<dtype>`` (D = rowsum(dO * out)), then over
 key tiles either the tensor-core ``attn_tc_bwd_<dtype>_hd<HD>`` (where the forward runs on tensor
-cores, at :func:`tc_bwd_head_dims`: 16-bit at 64 and 128, float32 3xTF32 at 64; blocks of
-TC_BWD_KEYS = 64 keys, :func:`tc_bwd_shared_bytes` of dynamic shared memory) or the CUDA-core
+cores: 16-bit, and float32 with ``precision="3xtf32"``, at E = Ev in {64, 128}; blocks of
+TC_BWD_KEYS = 64 keys, :func:`tc_bwd_shared_bytes` of dynamic shared memory; float32 at 128 in
+:func:`tc_bwd_passes` = 2 column passes) or the CUDA-core
 ``attn_bwd_<dtype>_hd<HD>`` (everything else). Both sum dq by float atomics into a zeroed float32
 array (16-bit inputs: rounded once to the input dtype by ``attn_bwd_finish_<dtype>``).
 
@@ -73,10 +74,12 @@ def tc_shared_bytes(dtype, hd: int) -> int:
     return (TC_ROWS + 4 * tc_keys(dtype, hd)) * (hd + tc_pad(dtype)) * dtype.itemsize
 
 
-def tc_bwd_head_dims(dtype) -> tuple[int, ...]:
-    """Head dims of the tensor-core backward: 64 and 128 for 16-bit inputs, 64 for float32 (3xTF32;
-    at 128 it would not fit in registers, see attention_tc.cu)."""
-    return (64,) if np.dtype(dtype) == np.float32 else TC_HEAD_DIMS
+def tc_bwd_passes(dtype, hd: int) -> int:
+    """Walks over the query tiles per backward block (attention_tc.cu's TcBwdPasses): 2 for float32
+    at HD 128, each accumulating 64 of dK's and dV's columns (all 128 at once would not fit in
+    registers with the 3xTF32 split), 1 otherwise. S^T and dP^T are recomputed per pass; dq is
+    added on the first."""
+    return 2 if np.dtype(dtype) == np.float32 and hd == 128 else 1
 
 
 def tc_bwd_rows(dtype, hd: int) -> int:
@@ -109,9 +112,9 @@ def uses_tensor_cores(spec, *arrays) -> bool:
 
 
 def uses_tc_backward(spec, *arrays) -> bool:
-    """Whether the backward of this call runs attention_tc.cu: where the forward does (so float32
-    only with ``precision="3xtf32"``), at the head dims :func:`tc_bwd_head_dims` has."""
-    return spec.e in tc_bwd_head_dims(spec.dtype) and uses_tensor_cores(spec, *arrays)
+    """Whether the backward of this call runs attention_tc.cu: where the forward would (so float32
+    only with ``precision="3xtf32"``), dO aligned too."""
+    return uses_tensor_cores(spec, *arrays)
 
 
 MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535

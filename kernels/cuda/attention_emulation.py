@@ -26,7 +26,7 @@ What it follows, step for step (names as in attention_tc.cu):
   builds it; per k-step C += cross_a small_b, then small_a cross_b, then big_a big_b;
 - out = O / l (l = 0: O itself), lse = m + log l (l = 0: -inf).
 
-The backward (:func:`tc_backward`; float32 as the 3xTF32 kernel, at E = 64 only, as the kernel):
+The backward (:func:`tc_backward`; float32 as the 3xTF32 kernel):
 
 - D = rowsum(dO * out) in float32 (attention.cu's attn_bwd_rowdot; its warp-shuffle order is not
   replayed, a difference of float32 rounding only);
@@ -39,6 +39,8 @@ The backward (:func:`tc_backward`; float32 as the 3xTF32 kernel, at E = 64 only,
   before dV += P^T dO and dK += dS^T Q (k-steps along the tile's queries), and dQ's partial dS K
   (k-steps along the block's keys) times scale added to a float32 dq (the kernel's atomics, here
   in key-tile order) when not 0;
+- float32 at E = 128: the walk is made ``tc_bwd_passes`` = 2 times, each accumulating 64 columns of
+  dK and dV (S^T, dP^T, P and dS recomputed, the same values), dq added on the first pass only;
 - dK = scale dK, dV, dq rounded once to the input dtype (float32: stored as they are).
 """
 
@@ -47,7 +49,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..cpu.attention import LOW_PRECISION, validate_backward, validate_forward
-from ..cuda.attention import TC_BWD_KEYS, TC_HEAD_DIMS, TC_ROWS, tc_bwd_head_dims, tc_bwd_rows, tc_keys
+from ..cuda.attention import TC_BWD_KEYS, TC_HEAD_DIMS, TC_ROWS, tc_bwd_passes, tc_bwd_rows, tc_keys
 
 LOG2E = np.float32(1.4426950408889634)
 F32 = np.float32
@@ -164,13 +166,13 @@ def _blocks(spec, qf, kf, vf, maskf, scale32, bn, kstep, terms, out, lse):
 
 def tc_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, tf32_terms: int = 3):
     """(dq, dk, dv) as attention_tc.cu's backward computes them, for numpy bfloat16 / float16 inputs
-    with E = Ev in {64, 128}, or float32 (3xTF32; ``tf32_terms=1`` for plain TF32) with E = Ev = 64.
+    or float32 (3xTF32; ``tf32_terms=1`` for plain TF32), E = Ev in {64, 128}.
     Arguments as ``kernels.attention_backward``; the mask is read as float32, out and lse are the
     forward's."""
     spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal)
-    if spec.dtype not in (np.float32,) + LOW_PRECISION or spec.e != spec.ev or spec.e not in tc_bwd_head_dims(spec.dtype):
-        raise ValueError(f"the tensor-core backward takes E = Ev in {TC_HEAD_DIMS} for 16-bit inputs and E = Ev = 64 "
-                         f"for float32, got E = {spec.e}, Ev = {spec.ev}, {spec.dtype}")
+    if spec.dtype not in (np.float32,) + LOW_PRECISION or spec.e != spec.ev or spec.e not in TC_HEAD_DIMS:
+        raise ValueError(f"the tensor-core backward takes E = Ev in {TC_HEAD_DIMS} and float32 / 16-bit inputs, "
+                         f"got E = {spec.e}, Ev = {spec.ev}, {spec.dtype}")
     qf, kf, vf, dof = (a.astype(np.float32) for a in (q, k, v, grad_out))
     maskf = None if mask is None else mask.astype(np.float32)
     rowdot = (dof * out.astype(np.float32)).sum(axis=-1, dtype=np.float32)
@@ -189,13 +191,28 @@ def tc_backward(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=Fa
 
 
 def _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq, tf32_terms):
-    """One backward block: the walk over query tiles for ``keys``; adds to dq, returns dK, dV unscaled."""
+    """One backward block: its walks over the query tiles for ``keys`` (one per column pass of dK and
+    dV); adds to dq on the first, returns dK, dV unscaled."""
+    passes = tc_bwd_passes(spec.dtype, spec.e)
+    width = spec.e // passes
+    dk = np.zeros((len(keys), spec.e), np.float32)
+    dv = np.zeros((len(keys), spec.ev), np.float32)
+    for c in range(passes):
+        cols = slice(c * width, (c + 1) * width)
+        dk[:, cols], dv[:, cols] = _key_block_pass(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot,
+                                                   dq if c == 0 else None, cols, tf32_terms)
+    return dk, dv
+
+
+def _key_block_pass(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq, cols, tf32_terms):
+    """One walk over the query tiles: dK, dV's columns ``cols`` (unscaled); dq += the dQ partials
+    unless ``dq`` is None (a later column pass)."""
     rows_per_tile = tc_bwd_rows(spec.dtype, spec.e)
     scale32 = F32(spec.scale)
     sixteen = spec.low_precision
     kstep, terms = (16, None) if sixteen else (8, tf32_terms)
-    dk = np.zeros((len(keys), spec.e), np.float32)
-    dv = np.zeros((len(keys), spec.ev), np.float32)
+    dk = np.zeros((len(keys), cols.stop - cols.start), np.float32)
+    dv = np.zeros_like(dk)
     istart = (keys[0] // rows_per_tile) * rows_per_tile if spec.causal else 0
     for i0 in range(istart, spec.l, rows_per_tile):
         rows = np.arange(i0, min(i0 + rows_per_tile, spec.l))
@@ -213,9 +230,10 @@ def _key_block(spec, b, keys, qf, kf, vf, dof, mb, lse, rowdot, dq, tf32_terms):
         ds = (p * (dp_t - rowdot[b, rows][None, :])).astype(np.float32)
         if sixteen:  # the kernel packs P and dS to the input dtype as MMA operands
             p, ds = (a.astype(spec.dtype).astype(np.float32) for a in (p, ds))
-        dv = _product(dv, p, dof[b, rows], kstep, terms)
-        dk = _product(dk, ds, qf[b, rows], kstep, terms)
-        partial = _product(np.zeros((len(rows), spec.e), np.float32), ds.T, kf[b, keys], kstep, terms)
-        add = (partial * scale32).astype(np.float32)
-        dq[b, rows] = np.where(partial != 0, dq[b, rows] + add, dq[b, rows])
+        dv = _product(dv, p, dof[b, rows][:, cols], kstep, terms)
+        dk = _product(dk, ds, qf[b, rows][:, cols], kstep, terms)
+        if dq is not None:
+            partial = _product(np.zeros((len(rows), spec.e), np.float32), ds.T, kf[b, keys], kstep, terms)
+            add = (partial * scale32).astype(np.float32)
+            dq[b, rows] = np.where(partial != 0, dq[b, rows] + add, dq[b, rows])
     return dk, dv

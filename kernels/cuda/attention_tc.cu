@@ -441,16 +441,21 @@ ATTN_TC_FWD(float, f32, 128, MMA3(128), false)
 // P = 0 times a non-finite dP - D is NaN there too.
 // The two variants, as the forward's: 16-bit (Bwd16: m16n8k16, P and dS rounded to T before their
 // products, as FlashAttention-2; exp2f) and 3xTF32 for float (Bwd3xTf32: m16n8k8, every operand
-// split at each use; the P^T / dS products use the forward's permuted k index; expf). The float
-// variant is built for HD = 64 only: at HD = 128 its 128 dK / dV accumulators and the split
-// fragments do not fit in 255 registers (ptxas spills, or keeps dK / dV in local memory when the
-// P^T product's loop is not unrolled), so float at HD = 128 keeps attention.cu's backward.
+// split at each use; the P^T / dS products use the forward's permuted k index; expf). Float at
+// HD = 128 walks the query tiles twice (TcBwdPasses), 64 columns of dK and dV per pass: its 128
+// dK / dV accumulators and the split fragments in one pass need more than 255 registers (ptxas
+// spilled 56-64 bytes with BM = 16), two passes take 181 (sm_80) / 185 (sm_90) with no spill, for
+// S^T and dP^T computed twice (7 products instead of 5; docs/kernels/attention.md says why this split).
 // ---------------------------------------------------------------------------------------------
 constexpr int TC_BWD_KEYS = 64;  // keys per block, 16 per warp
 // Query rows per step: fewer at HD = 128 keeps S^T and dP^T beside dK and dV (HD floats per lane)
 // in registers; float tiles are twice the bytes, so half the rows (shared memory).
 template <typename T, int HD> struct TcBwdRows { static constexpr int value = HD == 128 ? 32 : 64; };
 template <int HD> struct TcBwdRows<float, HD> { static constexpr int value = HD == 128 ? 16 : 32; };
+// Column passes over dK / dV: float at HD 128 walks the query tiles twice, 64 columns of dK and dV
+// per pass (all 128 with the split fragments need more than 255 registers; see the header).
+template <typename T, int HD> struct TcBwdPasses { static constexpr int value = 1; };
+template <> struct TcBwdPasses<float, 128> { static constexpr int value = 2; };
 
 template <typename T>
 struct TcBwdArgs {
@@ -465,7 +470,7 @@ struct TcBwdArgs {
 // The 16-bit products. LD: row stride of the K, V, Q, dO tiles; LDS: of dS^T.
 template <typename T, int HD, int BM, int LD, int LDS>
 struct Bwd16 {
-    static constexpr int NT = BM / 8, DT = HD / 8;
+    static constexpr int NT = BM / 8;
     static constexpr bool FAST_EXP = true;
 
     // c (16 x BM) += A B^T, A = the warp's 16 rows at `am` (K or V), B = the BM rows at `bm` (Q or dO).
@@ -484,9 +489,11 @@ struct Bwd16 {
         }
     }
 
-    // c (16 x HD) += A B, A = an accumulator tile (16 x BM: P^T or dS^T) rounded to T (n-tiles 2kk,
-    // 2kk + 1 are k-step kk of the A layout), B = the BM rows at `bm` (dO or Q) by ldmatrix.trans.
-    static __device__ __forceinline__ void acc_b(float (&c)[DT][4], const float (&p)[NT][4], const T* bm, int lane) {
+    // c (16 x 8 CT) += A B, A = an accumulator tile (16 x BM: P^T or dS^T) rounded to T (n-tiles 2kk,
+    // 2kk + 1 are k-step kk of the A layout), B = the BM rows at `bm` (dO or Q, from the first of
+    // the 8 CT columns) by ldmatrix.trans.
+    template <int CT>
+    static __device__ __forceinline__ void acc_b(float (&c)[CT][4], const float (&p)[NT][4], const T* bm, int lane) {
 #pragma unroll
         for (int kk = 0; kk < NT / 2; ++kk) {
             const unsigned pa[4] = {pack2(p[2 * kk][0], p[2 * kk][1], T()), pack2(p[2 * kk][2], p[2 * kk][3], T()),
@@ -494,7 +501,7 @@ struct Bwd16 {
                                     pack2(p[2 * kk + 1][2], p[2 * kk + 1][3], T())};
             const T* row = bm + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD;
 #pragma unroll
-            for (int dp = 0; dp < DT / 2; ++dp) {
+            for (int dp = 0; dp < CT / 2; ++dp) {
                 unsigned bf[4];
                 ldmatrix_x4_trans(bf, row + dp * 16 + (lane >> 4) * 8);
                 mma16816(c[2 * dp], pa, bf[0], bf[1], T());
@@ -528,7 +535,7 @@ struct Bwd16 {
 // The 3xTF32 products: fragments loaded from shared memory (or the accumulators) and split at each use.
 template <int HD, int BM, int LD, int LDS>
 struct Bwd3xTf32 {
-    static constexpr int NT = BM / 8, DT = HD / 8;
+    static constexpr int NT = BM / 8;
     static constexpr bool FAST_EXP = false;
 
     static __device__ __forceinline__ void abt(float (&c)[NT][4], const float* am, const float* bm, int lane) {
@@ -547,8 +554,10 @@ struct Bwd3xTf32 {
     }
 
     // As the forward's accumulate: k = q stands for column 2q of the accumulator tile, k = q + 4 for
-    // 2q + 1, so the accumulator layout is the A layout as it is and B reads rows 2q, 2q + 1.
-    static __device__ __forceinline__ void acc_b(float (&c)[DT][4], const float (&p)[NT][4], const float* bm,
+    // 2q + 1, so the accumulator layout is the A layout as it is and B reads rows 2q, 2q + 1 (8 CT
+    // columns from `bm`).
+    template <int CT>
+    static __device__ __forceinline__ void acc_b(float (&c)[CT][4], const float (&p)[NT][4], const float* bm,
                                                  int lane) {
         const int g = lane >> 2, q4 = lane & 3;
 #pragma unroll
@@ -556,7 +565,7 @@ struct Bwd3xTf32 {
             const Tf32 pa[4] = {split_tf32(p[t][0]), split_tf32(p[t][2]), split_tf32(p[t][1]), split_tf32(p[t][3])};
             const float* bp = bm + (t * 8 + 2 * q4) * LD + g;
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) mma3xtf32(c[dt], pa, split_tf32(bp[8 * dt]), split_tf32(bp[LD + 8 * dt]));
+            for (int dt = 0; dt < CT; ++dt) mma3xtf32(c[dt], pa, split_tf32(bp[8 * dt]), split_tf32(bp[LD + 8 * dt]));
         }
     }
 
@@ -633,7 +642,8 @@ __device__ __forceinline__ void dq_tile(const TcBwdArgs<T>& a, const T* dst, con
 template <typename T, int HD, typename Mma>
 __device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
     constexpr int BN = TC_BWD_KEYS, BM = TcBwdRows<T, HD>::value, LD = HD + TcPad<T>::value;
-    constexpr int LDS = BM + TcPad<T>::value, NT = BM / 8, DT = HD / 8;
+    constexpr int LDS = BM + TcPad<T>::value, NT = BM / 8;
+    constexpr int PASSES = TcBwdPasses<T, HD>::value, CW = HD / PASSES, DT = CW / 8;  // dK / dV columns per pass
     extern __shared__ __align__(16) unsigned char smem[];
     T* ks = reinterpret_cast<T*>(smem);
     T* vs = ks + BN * LD;
@@ -652,63 +662,75 @@ __device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
     const int ntiles = a.L > istart ? (a.L - istart + BM - 1) / BM : 0;
 
     if (ntiles > 0) {  // else (causal, j0 >= L) no row sees these keys: nothing to load, dK = dV = 0
-        load_tile<T, BN, HD, LD>(ks, kb, j0, a.S);
+        load_tile<T, BN, HD, LD>(ks, kb, j0, a.S);  // committed with pass 0's first Q / dO tile
         load_tile<T, BN, HD, LD>(vs, vb, j0, a.S);
-        load_tile<T, BM, HD, LD>(qs, qb, istart, a.L);
-        load_tile<T, BM, HD, LD>(dos, dob, istart, a.L);
-        cp_async_commit();
     }
-
-    float dk[DT][4], dv[DT][4];
+    // PASSES > 1 (float, HD 128): the walk over the query tiles is repeated per column slice of dK / dV,
+    // S^T and dP^T recomputed each time (bit for bit the same), dQ added on pass 0 only; only CW / 4
+    // dK / dV accumulators per lane are live at a time. Unrolled: as a loop (`unroll 1`) ptxas kept
+    // 16 bytes on a stack frame and spilled them, at 168 registers.
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-        dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = 0.f;
-        dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
-    }
-    for (int t = 0; t < ntiles; ++t) {
-        const int buf = t & 1, i0 = istart + t * BM;
-        if (t + 1 < ntiles) {  // the next Q / dO tile into the buffer the barrier ending tile t - 1 freed
-            load_tile<T, BM, HD, LD>(qs + (buf ^ 1) * BM * LD, qb, i0 + BM, a.L);
-            load_tile<T, BM, HD, LD>(dos + (buf ^ 1) * BM * LD, dob, i0 + BM, a.L);
+    for (int pass = 0; pass < PASSES; ++pass) {
+        const int c0 = pass * CW;
+        if (ntiles > 0) {  // the first Q / dO tile into buffer 0, free since the last barrier
+            load_tile<T, BM, HD, LD>(qs, qb, istart, a.L);
+            load_tile<T, BM, HD, LD>(dos, dob, istart, a.L);
             cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
         }
-        __syncthreads();
-        const T* qt = qs + buf * BM * LD;
-        const T* dot = dos + buf * BM * LD;
-        float s[NT][4], dp[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-        }
-        Mma::abt(s, ks + warp * 16 * LD, qt, lane);
-        Mma::abt(dp, vs + warp * 16 * LD, dot, lane);
-        probabilities<T, NT, Mma::FAST_EXP>(a, s, dp, b, key0, i0, q4);
-        Mma::acc_b(dv, s, dot, lane);
-        Mma::acc_b(dk, dp, qt, lane);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                store2(dst + (warp * 16 + (lane >> 2) + 8 * h) * LDS + 8 * nt + 2 * q4, dp[nt][2 * h], dp[nt][2 * h + 1]);
-        }
-        __syncthreads();  // dS^T of every warp's keys is in place
-        dq_tile<T, HD, BM, Mma>(a, dst, ks, b, i0, warp, lane);
-        __syncthreads();  // dS^T and this Q / dO buffer are free for the next tiles
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int j = key0 + 8 * h;
-        if (j >= a.S) continue;
-        T* dkrow = a.dk + ((long long)b * a.S + j) * HD + 2 * q4;
-        T* dvrow = a.dv + ((long long)b * a.S + j) * HD + 2 * q4;
+        float dk[DT][4], dv[DT][4];
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
-            store2(dkrow + 8 * dt, dk[dt][2 * h] * a.scale, dk[dt][2 * h + 1] * a.scale);
-            store2(dvrow + 8 * dt, dv[dt][2 * h], dv[dt][2 * h + 1]);
+            dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = 0.f;
+            dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
+        }
+        for (int t = 0; t < ntiles; ++t) {
+            const int buf = t & 1, i0 = istart + t * BM;
+            if (t + 1 < ntiles) {  // the next Q / dO tile into the buffer the barrier ending tile t - 1 freed
+                load_tile<T, BM, HD, LD>(qs + (buf ^ 1) * BM * LD, qb, i0 + BM, a.L);
+                load_tile<T, BM, HD, LD>(dos + (buf ^ 1) * BM * LD, dob, i0 + BM, a.L);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+            const T* qt = qs + buf * BM * LD;
+            const T* dot = dos + buf * BM * LD;
+            float s[NT][4], dp[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+            }
+            Mma::abt(s, ks + warp * 16 * LD, qt, lane);
+            Mma::abt(dp, vs + warp * 16 * LD, dot, lane);
+            probabilities<T, NT, Mma::FAST_EXP>(a, s, dp, b, key0, i0, q4);
+            Mma::template acc_b<DT>(dv, s, dot + c0, lane);
+            Mma::template acc_b<DT>(dk, dp, qt + c0, lane);
+            if (pass == 0) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        store2(dst + (warp * 16 + (lane >> 2) + 8 * h) * LDS + 8 * nt + 2 * q4, dp[nt][2 * h],
+                               dp[nt][2 * h + 1]);
+                }
+                __syncthreads();  // dS^T of every warp's keys is in place
+                dq_tile<T, HD, BM, Mma>(a, dst, ks, b, i0, warp, lane);
+            }
+            __syncthreads();  // dS^T and this Q / dO buffer are free for the next tiles
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int j = key0 + 8 * h;
+            if (j >= a.S) continue;
+            T* dkrow = a.dk + ((long long)b * a.S + j) * HD + c0 + 2 * q4;
+            T* dvrow = a.dv + ((long long)b * a.S + j) * HD + c0 + 2 * q4;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                store2(dkrow + 8 * dt, dk[dt][2 * h] * a.scale, dk[dt][2 * h + 1] * a.scale);
+                store2(dvrow + 8 * dt, dv[dt][2 * h], dv[dt][2 * h + 1]);
+            }
         }
     }
 }
@@ -717,7 +739,7 @@ __device__ __forceinline__ void attn_tc_bwd(const TcBwdArgs<T>& a) {
 // causal, scale), as attention.cu's attn_bwd without E / Ev; grid (B, ceil(S / 64)), 128 threads,
 // dynamic shared memory (2 TC_BWD_KEYS + 4 BM) (HD + pad) + TC_BWD_KEYS (BM + pad) elements
 // (kernels/cuda/attention.py's tc_bwd_shared_bytes); dq float32, zeroed.
-// Names: attn_tc_bwd_<bf16 | f16>_hd<64 | 128>, attn_tc_bwd_f32_hd64 (the 3xTF32 variant).
+// Names: attn_tc_bwd_<bf16 | f16 | f32>_hd<64 | 128>; f32 is the 3xTF32 variant.
 #define ATTN_TC_BWD(T, NAME, HD, MMA)                                                                         \
     __global__ void __launch_bounds__(TC_THREADS) attn_tc_bwd_##NAME##_hd##HD(                               \
         const T* q, const T* k, const T* v, const float* mask, const T* grad_out, const float* lse,          \
@@ -738,4 +760,5 @@ ATTN_TC_BWD(__nv_bfloat16, bf16, 128, BWD16(__nv_bfloat16, 128))
 ATTN_TC_BWD(__half, f16, 64, BWD16(__half, 64))
 ATTN_TC_BWD(__half, f16, 128, BWD16(__half, 128))
 ATTN_TC_BWD(float, f32, 64, BWD3(64))
+ATTN_TC_BWD(float, f32, 128, BWD3(128))
 }

@@ -6,7 +6,7 @@
   same online softmax, same roundings, same 3xTF32 split) against the float64 definition, for every
   mask kind, causal with L != S, fully masked rows, odd L and S, NaN and inf; plain TF32 (the split
   dropped) fails the float32 tolerance, so a lost split would show.
-- The replay of the tensor-core backward (16-bit at E 64 and 128, 3xTF32 at 64) against the
+- The replay of the tensor-core backward (16-bit and 3xTF32, E 64 and 128) against the
   float64 gradients, for the same grid of cases, and its NaN / inf against PyTorch's CPU SDPA (as
   the CPU impls' on bfloat16 inputs).
 - The cupy wrapper's choice of kernel and its launch plan under a fake cupy (forward and
@@ -234,7 +234,8 @@ def test_emulated_3xtf32_propagates_nan_and_inf_as_torch(name):
 
 TC_BWD_VARIANTS = [pytest.param(BF16, 64, id="bf16-64"), pytest.param(BF16, 128, id="bf16-128"),
                    pytest.param(F16, 64, id="f16-64"), pytest.param(F16, 128, id="f16-128"),
-                   pytest.param(np.dtype(np.float32), 64, id="f32-3xtf32-64")]
+                   pytest.param(np.dtype(np.float32), 64, id="f32-3xtf32-64"),
+                   pytest.param(np.dtype(np.float32), 128, id="f32-3xtf32-128")]
 
 
 @pytest.mark.parametrize("dtype,hd", TC_BWD_VARIANTS)
@@ -270,14 +271,17 @@ def tc_grad_tolerance(dtype, want) -> dict:
     return tol
 
 
-def test_plain_tf32_backward_would_fail_the_float32_tolerance():
-    """As for the forward: without the split's small terms the backward misses the tolerance."""
-    q, k, v = make_case(2, 70, 90, 64, 64, seed=4)
-    out, lse = tc_forward(q, k, v, scale=0.125, causal=True)
+@pytest.mark.parametrize("hd", [64, 128])
+def test_plain_tf32_backward_would_fail_the_float32_tolerance(hd):
+    """As for the forward: without the split's small terms the backward misses the tolerance (at 128
+    too, where the replay makes the kernel's two column passes)."""
+    q, k, v = make_case(2, 70, 90, hd, hd, seed=4)
+    scale = hd ** -0.5
+    out, lse = tc_forward(q, k, v, scale=scale, causal=True)
     grad_out = np.random.default_rng(6).standard_normal(out.shape).astype(np.float32)
-    want = reference_grads(q, k, v, None, 0.125, True, grad_out)
-    good = tc_backward(grad_out, q, k, v, out, lse, scale=0.125, causal=True)
-    plain = tc_backward(grad_out, q, k, v, out, lse, scale=0.125, causal=True, tf32_terms=1)
+    want = reference_grads(q, k, v, None, scale, True, grad_out)
+    good = tc_backward(grad_out, q, k, v, out, lse, scale=scale, causal=True)
+    plain = tc_backward(grad_out, q, k, v, out, lse, scale=scale, causal=True, tf32_terms=1)
     for got, bad, expected in zip(good, plain, want):
         np.testing.assert_allclose(got, expected, **tc_grad_tolerance(np.float32, expected))
         with pytest.raises(AssertionError):
@@ -319,24 +323,30 @@ def test_emulated_tc_backward_fully_masked_rows_get_no_gradient(dtype):
         np.testing.assert_allclose(got.astype(np.float64), expected, err_msg=name, **grad_tolerance(dtype, expected))
 
 
+@pytest.mark.parametrize("dtype,hd", [pytest.param(BF16, 64, id="bf16-64"),
+                                      pytest.param(np.dtype(np.float32), 64, id="f32-3xtf32-64"),
+                                      pytest.param(np.dtype(np.float32), 128, id="f32-3xtf32-128")])
 @pytest.mark.parametrize("name", NONFINITE)
-def test_emulated_tc_backward_propagates_nan_and_inf_as_torch(name):
+def test_emulated_tc_backward_propagates_nan_and_inf_as_torch(name, dtype, hd):
     """NaN and inf in q, k, v or the mask reach out, dq, dk, dv where PyTorch's CPU SDPA puts them
-    (bf16 inputs, widened for torch; causal: dq NaN at least where torch's is, dk / dv not compared,
-    as tests/kernels/test_attention.py's assert_nonfinite_like_reference says why)."""
+    (bf16 inputs widened for torch; float32 through the 3xTF32 split's non-finite guard, at 128 over
+    the two column passes; causal: dq NaN at least where torch's is, dk / dv not compared, as
+    tests/kernels/test_attention.py's assert_nonfinite_like_reference says why)."""
     pytest.importorskip("torch")
     q, k, v, mask, causal = _poison(name)
-    q, k, v = (np.ascontiguousarray(np.pad(a, ((0, 0), (0, 0), (0, 64 - a.shape[2])))).astype(BF16) for a in (q, k, v))
-    out, lse = tc_forward(q, k, v, mask, scale=0.125, causal=causal)
-    grad_out = np.random.default_rng(5).standard_normal(out.shape).astype(BF16)
-    grads = tc_backward(grad_out, q, k, v, out, lse, mask, scale=0.125, causal=causal)
+    q, k, v = (np.ascontiguousarray(np.pad(a, ((0, 0), (0, 0), (0, hd - a.shape[2])))).astype(dtype) for a in (q, k, v))
+    scale = hd ** -0.5  # torch's default
+    out, lse = tc_forward(q, k, v, mask, scale=scale, causal=causal)
+    grad_out = np.random.default_rng(5).standard_normal(out.shape).astype(dtype)
+    grads = tc_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal)
     assert_16_bit_nonfinite_as_torch(name, (out, *grads), q, k, v, grad_out, mask, causal)
 
 
 def assert_16_bit_nonfinite_as_torch(name, results, q, k, v, grad_out, mask, causal):
-    """(out, dq, dk, dv) of 16-bit inputs against PyTorch's CPU SDPA on the same values widened to
-    float32: equal NaN and inf positions, finite values within the dtype's tolerance (causal: dq
-    NaN at least where torch's is, dk / dv not compared, as in tests/kernels/test_attention.py)."""
+    """(out, dq, dk, dv) of 16-bit (or float32) inputs against PyTorch's CPU SDPA on the same values
+    widened to float32: equal NaN and inf positions, finite values within the dtype's tolerance
+    (causal: dq NaN at least where torch's is, dk / dv not compared, as in
+    tests/kernels/test_attention.py)."""
     f32 = [a.astype(np.float32) for a in (q, k, v, grad_out)]
     want = torch_like_reference(*f32[:3], mask, causal, f32[3])
     for what, got, expected in list(zip(("out", "dq", "dk", "dv"), results, want))[:2 if causal else 4]:
@@ -366,13 +376,15 @@ def test_cpu_impls_16_bit_propagate_nan_and_inf_as_torch(impl, name):
 
 
 def test_emulated_tc_backward_refuses_what_the_kernel_does_not_take():
-    q, k, v = make_case(1, 5, 6, 128, 128)
-    out, lse = tc_forward(q, k, v, scale=0.125)
-    with pytest.raises(ValueError, match="E = Ev = 64 for float32"):
-        tc_backward(out, q, k, v, out, lse, scale=0.125)  # float32 at 128: no 3xTF32 kernel there
     q, k, v = low_case((1, 5, 6, 32, 32), BF16)
     with pytest.raises(ValueError, match="E = Ev in"):
         tc_backward(q, q, k, v, q, np.zeros((1, 5), np.float32), scale=0.125)
+    q, k, v = make_case(1, 5, 6, 64, 128)
+    with pytest.raises(ValueError, match="E = 64, Ev = 128"):
+        tc_backward(v[:, :5], q, k, v, v[:, :5], np.zeros((1, 5), np.float32), scale=0.125)
+    q, k, v = make_case(1, 5, 6, 64, 64)
+    with pytest.raises(ValueError, match="float64"):
+        tc_backward(*(a.astype(np.float64) for a in (q, q, k, v, q)), np.zeros((1, 5), np.float32), scale=0.125)
 
 
 # ---- the cupy wrapper: kernel choice and launch plan ------------------------------------------
@@ -399,9 +411,11 @@ def test_tc_constants_match_the_host():
     assert re.search(r"struct TcBwdRows<float, HD> \{ static constexpr int value = HD == 128 \? 16 : 32; \};",
                      TC_TEXT)
     assert [cu.tc_bwd_rows(d, hd) for d in (BF16, F16, np.float32) for hd in (64, 128)] == [64, 32, 64, 32, 32, 16]
+    assert re.search(r"struct TcBwdPasses \{ static constexpr int value = 1; \};", TC_TEXT)
+    assert re.search(r"struct TcBwdPasses<float, 128> \{ static constexpr int value = 2; \};", TC_TEXT)
+    assert [cu.tc_bwd_passes(d, hd) for d in (BF16, F16, np.float32) for hd in (64, 128)] == [1, 1, 1, 1, 1, 2]
     backward = set(re.findall(r"^ATTN_TC_BWD\([\w ]+, (\w+), (\d+), ", TC_TEXT, re.M))
-    assert backward == {(cu.dtype_name(d), str(hd)) for d in (BF16, F16, np.float32) for hd in cu.tc_bwd_head_dims(d)}
-    assert cu.tc_bwd_head_dims(np.float32) == (64,) and cu.tc_bwd_head_dims(BF16) == (64, 128)
+    assert backward == {(cu.dtype_name(d), str(hd)) for d in (BF16, F16, np.float32) for hd in cu.TC_HEAD_DIMS}
 
 
 def _instantiated_kernels() -> set[str]:
@@ -415,11 +429,11 @@ def _instantiated_kernels() -> set[str]:
 
 def test_instantiated_kernels_are_every_variant():
     assert _instantiated_kernels() == ({f"attn_tc_fwd_{n}_hd{hd}" for n in ("bf16", "f16", "f32") for hd in (64, 128)}
-                                       | {f"attn_tc_bwd_{n}_hd{hd}" for n in ("bf16", "f16") for hd in (64, 128)}
-                                       | {"attn_tc_bwd_f32_hd64"})
+                                       | {f"attn_tc_bwd_{n}_hd{hd}" for n in ("bf16", "f16", "f32") for hd in (64, 128)})
 
 
-@pytest.mark.parametrize("dtype,hd", [(BF16, 64), (BF16, 128), (F16, 64), (F16, 128), (np.dtype(np.float32), 64)])
+@pytest.mark.parametrize("dtype", [BF16, F16, np.dtype(np.float32)])
+@pytest.mark.parametrize("hd", [64, 128])
 def test_tc_backward_shared_memory_fits_and_is_conflict_free(dtype, hd):
     """K, V, two Q and two dO tiles, and dS^T fit an A100's opt-in limit. dS^T's rows (BM + pad
     elements): 16-bit, the accumulator stores (8 rows x 4 words per warp) hit 32 distinct banks and
@@ -539,9 +553,8 @@ def test_16_bit_backward_launch_plan(fake_cupy, e):  # noqa: F811
 
 @pytest.mark.parametrize("dtype,precision,hd,tc", [
     (BF16, None, 64, True), (BF16, None, 128, True), (F16, None, 64, True), (F16, None, 128, True),
-    (np.float32, "3xtf32", 64, True),
-    (np.float32, "3xtf32", 128, False),  # no 3xTF32 backward at 128 (registers): CUDA cores
-    (np.float32, None, 64, False), (BF16, "exact", 64, False),
+    (np.float32, "3xtf32", 64, True), (np.float32, "3xtf32", 128, True),  # 128: two column passes in the kernel
+    (np.float32, None, 64, False), (np.float32, None, 128, False), (BF16, "exact", 64, False),
 ])
 def test_tc_backward_launch_plan(fake_cupy, dtype, precision, hd, tc):  # noqa: F811
     fake = fake_cupy
@@ -618,7 +631,7 @@ def test_cupy_variants_match_the_definition(dtype, precision, hd, causal, mask_k
         if dtype == np.float32:
             tol = dict(rtol=tol["rtol"] * 5, atol=tol["atol"] * 5)
         np.testing.assert_allclose(got.astype(np.float64), want, err_msg=name, **tol)
-    tc_backward_ran = (dtype.itemsize == 2 and precision != "exact") or (precision == "3xtf32" and hd == 64)
+    tc_backward_ran = (dtype.itemsize == 2 and precision != "exact") or precision == "3xtf32"
     if tc_backward_ran:  # the tensor-core backward against its replay
         emulated = tc_backward(grad_out, q, k, v, out, lse, mask, scale=hd ** -0.5, causal=causal)
         for name, got, want in zip(("dq", "dk", "dv"), grads, emulated):
