@@ -10,7 +10,7 @@ from engine import kernels
 from engine import backends, dtypes, ops
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function
-from engine.backend import array_module
+from engine.backend import array_module, get_float32_matmul_precision
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
 from engine.tensor import Tensor
@@ -64,14 +64,19 @@ def _attention_function(device_type: str, dtype) -> type:
     return ScaledDotProductAttention
 
 
-# MERGE POINT (float32 matmul precision): the one place that chooses how the attention kernels
-# multiply float32 inputs. ``None`` keeps float32 on CUDA cores (exact: what "highest" asks for);
-# ``"3xtf32"`` runs it on tensor cores as three TF32 products (float32-level error; issue 22 makes
-# it the default once it passes the float32 agreement tests on a GPU:
-# tests/kernels/test_attention_tc.py -m gpu). Connect it to engine.set_float32_matmul_precision
-# here, e.g. ``"3xtf32" if get_float32_matmul_precision() != "highest" else None``.
+# The one place that chooses how the attention kernels multiply float32 inputs, following PyTorch's
+# float32 matmul setting (``set_float32_matmul_precision``, or ``backends.cuda.matmul.allow_tf32``,
+# its other spelling). "high" / "medium": the user accepts TF32 products, so "3xtf32" (tensor cores,
+# three TF32 products: float32-level error, more accurate than the TF32 asked for) is safe before
+# any GPU run. "highest" (the default): ``None``, float32 on CUDA cores, exact; making 3xTF32 the
+# default there too is owed to the GPU agreement run (tests/kernels/test_attention_tc.py -m gpu;
+# docs/kernels/attention.md). Only the cupy impl reads it: the CPU impls compute exactly whatever it says.
 def _attention_precision(dtype) -> str | None:
-    """The ``precision`` argument of the attention kernels for inputs of ``dtype``."""
+    """The ``precision`` argument of the attention kernels for inputs of ``dtype``: ``"3xtf32"`` for
+    float32 when the float32 matmul precision is "high" or "medium", else ``None`` (16-bit inputs
+    run on tensor cores anyway; float64 is CPU-only)."""
+    if np.dtype(dtype) == np.float32 and get_float32_matmul_precision() != "highest":
+        return "3xtf32"
     return None
 
 

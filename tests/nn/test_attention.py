@@ -233,6 +233,56 @@ def test_sdpa_16_bit_kernel_calls(rng, monkeypatch, dtype):
     np.testing.assert_allclose(out.float().numpy(), want, rtol=2 * eps, atol=2 * eps)
 
 
+@pytest.fixture
+def restore_matmul_precision():
+    saved = engine.get_float32_matmul_precision()
+    yield
+    engine.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.parametrize("setting,float32_precision", [
+    ("highest", None), ("high", "3xtf32"), ("medium", "3xtf32"),
+    ("allow_tf32=True", "3xtf32"), ("allow_tf32=False", None),
+])
+def test_sdpa_precision_follows_float32_matmul_precision(rng, monkeypatch, restore_matmul_precision, setting,
+                                                         float32_precision):
+    """float32 attention asks the kernels for 3xTF32 (tensor cores, float32-level error) when the
+    user allowed TF32 ("high" / "medium", or backends.cuda.matmul.allow_tf32 = True, the same
+    switch) and for the exact CUDA-core kernel under "highest"; the choice made in forward reaches
+    backward. float64 (CPU only) always gets None. The CPU impls compute exactly whatever it says,
+    so the argument itself is what is checked here."""
+    seen = []
+    real_fwd, real_bwd = kernels.attention_forward, kernels.attention_backward
+
+    def spy_fwd(q, k, v, mask=None, **kw):
+        seen.append(("fwd", np.dtype(q.dtype).name, kw["precision"]))
+        return real_fwd(q, k, v, mask, **kw)
+
+    def spy_bwd(g, q, *rest, **kw):
+        seen.append(("bwd", np.dtype(q.dtype).name, kw["precision"]))
+        return real_bwd(g, q, *rest, **kw)
+
+    monkeypatch.setattr(kernels, "attention_forward", spy_fwd)
+    monkeypatch.setattr(kernels, "attention_backward", spy_bwd)
+    if setting.startswith("allow_tf32="):
+        engine.backends.cuda.matmul.allow_tf32 = setting.endswith("True")
+    else:
+        engine.set_float32_matmul_precision(setting)
+    for dtype in (np.float32, np.float64):
+        q, k, v = (_t(rng.standard_normal((2, 5, 8)), dtype=dtype).requires_grad_() for _ in range(3))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        engine.set_float32_matmul_precision("highest")  # a later change does not reach this call's backward
+        out.backward(engine.ones_like(out))
+        want = reference_sdpa(*(t.detach().numpy() for t in (q, k, v)), causal=True)
+        np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-5, atol=1e-5)  # computed exactly on the CPU
+        if setting.startswith("allow_tf32="):
+            engine.backends.cuda.matmul.allow_tf32 = setting.endswith("True")
+        else:
+            engine.set_float32_matmul_precision(setting)
+    assert seen == [("fwd", "float32", float32_precision), ("bwd", "float32", float32_precision),
+                    ("fwd", "float64", None), ("bwd", "float64", None)]
+
+
 def test_sdpa_uses_unfused_path_when_disabled_or_dropout(rng, monkeypatch):
     calls = []
     real = kernels.attention_forward
