@@ -509,12 +509,14 @@ def test_gpu_sweeps_measure_every_target_case():
 
 
 def test_gpu_attention_sweep_has_the_tensor_core_rows():
-    """Issue 22's attention rows (GPU only; a CPU run never sweeps them): bf16 at B*H=128, L=S=1024,
-    D 64 and 128, causal and not, and an L=S=8192 bf16 row for the O(L) memory point."""
+    """Issue 22's attention rows (GPU only; a CPU run never sweeps them): bf16 and float32 (whose
+    3xTF32 candidate runs on tensor cores) at B*H=128, L=S=1024, D 64 and 128, causal and not, and
+    an L=S=8192 bf16 row for the O(L) memory point."""
     sweep = kbench.SWEEPS[("cuda", "full")]["attention"]
     for e in (64, 128):
         for causal in (False, True):
             assert (128, 1024, 1024, e, causal, "bfloat16") in sweep, (e, causal)
+            assert (128, 1024, 1024, e, causal) in sweep, (e, causal)
     assert (16, 8192, 8192, 64, False, "bfloat16") in sweep
     for mode in ("full", "quick", "tiny"):
         assert max(case[1] for case in kbench.SWEEPS[("cpu", mode)]["attention"]) <= 1024, mode

@@ -30,10 +30,12 @@ SWEEPS = {
         "linear_relu": [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 4096, 4096)],
         "layer_norm": [(16384, 1024), (16384, 4096), (1024, 65536), (16384, 4096, "bfloat16")],
         "gelu": [(16384, 4096), (65536, 4096), (16384, 4096, "bfloat16")],
-        # B*H=128 L=S=1024: issue 22's tensor-core rows (bf16 / fp16, D 64 and 128, causal and not);
-        # L=S=8192 (B*H=16) bf16: the O(L) memory point, where unfused attention holds 4 GiB per
-        # score matrix.
-        "attention": [(128, 1024, 1024, 64, False), (128, 1024, 1024, 64, True), (16, 4096, 4096, 64, False)]
+        # B*H=128 L=S=1024: issue 22's tensor-core rows (bf16 / fp16, D 64 and 128, causal and not;
+        # float32 at D 64 and 128, where the `cupy precision=3xtf32` candidate runs forward and
+        # backward on tensor cores); L=S=8192 (B*H=16) bf16: the O(L) memory point, where unfused
+        # attention holds 4 GiB per score matrix.
+        "attention": [(128, 1024, 1024, e, causal) for e in (64, 128) for causal in (False, True)]
+        + [(16, 4096, 4096, 64, False)]
         + [(128, 1024, 1024, e, causal, dtype) for dtype in ("bfloat16", "float16") for e in (64, 128)
            for causal in (False, True)]
         + [(16, 8192, 8192, 64, False, "bfloat16")],
