@@ -17,7 +17,8 @@ import pytest
 import engine
 from engine import backend
 from engine.errors import EngineError
-from tests.kernels.fake_cupy import FakeCupy, clear_cuda_caches
+from engine.kernels.cuda import gemm
+from tests.kernels.fake_cupy import FakeCupy, clear_cuda_caches, install_fake_cublas
 
 DEFAULT, TF32 = 1, 7  # cupy._core._routines_linalg.COMPUTE_TYPE_DEFAULT / COMPUTE_TYPE_TF32
 
@@ -127,7 +128,8 @@ def test_on_the_cpu_the_setting_changes_no_result():
 
 class ComputeTypeCupy(FakeCupy):
     """FakeCupy plus cupy's compute-type API: ``set_compute_type`` calls are recorded, and every
-    GEMM records the float32 compute type in force when it was issued."""
+    GEMM records the float32 compute type in force when it was issued (``cupy.matmul`` here; the
+    direct cuBLAS calls of the linear kernels record theirs in ``cublas.calls``)."""
 
     def __init__(self, compute_capability="90"):
         super().__init__()
@@ -141,7 +143,8 @@ class ComputeTypeCupy(FakeCupy):
             fake.compute_type = compute_type
 
         linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=DEFAULT, COMPUTE_TYPE_TF32=TF32)
-        self._core = types.SimpleNamespace(set_compute_type=set_compute_type, _routines_linalg=linalg)
+        self._core = types.SimpleNamespace(set_compute_type=set_compute_type, _routines_linalg=linalg,
+                                           get_compute_type=lambda dtype: fake.compute_type or DEFAULT)
         self.cuda.Device.compute_capability = compute_capability
 
     def matmul(self, a, b, out=None):
@@ -156,6 +159,7 @@ def gpu(monkeypatch):
         fake = ComputeTypeCupy(compute_capability)
         clear_cuda_caches()
         monkeypatch.setitem(sys.modules, "cupy", fake)
+        install_fake_cublas(monkeypatch, fake.cublas)
         monkeypatch.setattr(backend, "cuda_device_count", lambda: 2)
         return fake
 
@@ -215,7 +219,26 @@ def test_the_linear_kernels_gemms_run_with_the_compute_type_set(gpu):
     linear_relu.linear_relu_backward(dy, x, w, y)
     engine.set_float32_matmul_precision("highest")
     linear_relu.linear_relu_forward(x, w, b)
-    assert fake.gemm_compute_types == [DEFAULT, TF32, TF32, TF32, DEFAULT]
+    # the direct cublasGemmEx calls: forward, forward, backward dx and dW, forward
+    fast, full = gemm.CUBLAS_COMPUTE_32F_FAST_TF32, gemm.CUBLAS_COMPUTE_32F
+    assert [call.compute_type for call in fake.cublas.calls] == [full, fast, fast, fast, full]
+    assert fake.gemm_compute_types == [], "no GEMM went through cupy.matmul"
+
+
+def test_16_bit_linear_gemms_accumulate_in_float32_whatever_the_setting(gpu):
+    import ml_dtypes
+
+    from engine.kernels.cuda import linear_relu
+
+    fake = gpu()
+    backend.xp_for(engine.device("cuda"))
+    engine.backends.cuda.matmul.allow_tf32 = True
+    rng = np.random.default_rng(0)
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        x, w = (fake.on(0, rng.standard_normal(s).astype(dtype)) for s in ((8, 16), (4, 16)))
+        linear_relu.linear_relu_forward(x, w)
+    assert [call.compute_type for call in fake.cublas.calls] == [gemm.CUBLAS_COMPUTE_32F] * 2
+    assert [call.data_type for call in fake.cublas.calls] == [gemm.CUDA_R_16F, gemm.CUDA_R_16BF]
 
 
 # ---- on a real GPU ----------------------------------------------------------------------------

@@ -1,19 +1,24 @@
 """Linear + ReLU on cupy arrays: cuBLAS GEMMs plus the fused CUDA C++ stages of linear_relu.cu.
 
-Forward: ``cupy.matmul(x, weight.T, out=y)`` (cuBLAS, in whatever compute mode the caller set:
-cupy's TF32 setting is left alone), then ONE kernel adds the bias and applies ReLU in place on
-``y``. Backward: ONE kernel reads ``dy`` and ``y`` once and writes ``g = dy * (y > 0)`` and
-per-block column sums of ``g``; a tiny kernel adds those up into ``db`` in a fixed order (no
-atomics: deterministic); then ``dx = g @ W`` and ``dW = g.T @ x`` through cuBLAS. Everything runs
-on the GPU the inputs live on, whichever device is current.
+Forward: ``y = x @ weight.T`` is one ``cublasGemmEx`` call (kernels/cuda/gemm.py: cuBLAS itself,
+not ``cupy.matmul``'s dispatch; float32 GEMMs follow the engine's matmul precision through cupy's
+compute type), then ONE kernel adds the bias and applies ReLU in place on ``y``. Backward: ONE
+kernel reads ``dy`` and ``y`` once and writes ``g = dy * (y > 0)`` and per-block column sums of
+``g``; a tiny kernel adds those up into ``db`` in a fixed order (no atomics: deterministic); then
+``dx = g @ W`` and ``dW = g.T @ x`` are two more ``cublasGemmEx`` calls, every transposition a
+cuBLAS flag (nothing is copied). Everything runs on the GPU the inputs live on, whichever device
+is current, on cupy's current stream.
 
-float16 and bfloat16: ``cupy.matmul`` on 16-bit 2-D arrays is ``cublasGemmEx`` with 16-bit A, B
-and C and ``CUBLAS_COMPUTE_32F`` (cupy/_core/_routines_linalg.pyx, ``tensordot_core_v11``: 32F for
-CUDA_R_16F / CUDA_R_16BF whatever cupy's compute-type setting, tensor-core algorithm on sm_80+),
-so the tensor cores accumulate in float32 and round once into the output. The bias + ReLU pass
-then reads that rounded y, adds the bias in float32 and rounds again (a second rounding where a
-bias is given; torch's cuBLASLt epilogue adds it before the first). The backward's column sums
-run in float32 and db is rounded once.
+The bias is not folded into the GEMM: with ``beta = 1`` over a C pre-filled with the broadcast
+bias, the fill is one more pass over y and the ReLU still needs its own, so the forward would move
+more bytes, not fewer. cuBLASLt's ``RELU_BIAS`` epilogue would fold both, but cupy exposes no
+cuBLASLt (docs/kernels/linear_relu.md).
+
+float16 and bfloat16: ``cublasGemmEx`` with 16-bit A, B and C and ``CUBLAS_COMPUTE_32F`` (as
+cupy's ``tensordot_core_v11``, tensor-core algorithm on sm_80+), so the tensor cores accumulate in
+float32 and round once into the output. The bias + ReLU pass then reads that rounded y, adds the
+bias in float32 and rounds again (a second rounding where a bias is given; torch's cuBLASLt
+epilogue adds it before the first). The backward's column sums run in float32 and db is rounded once.
 
 Cost model and launch configuration: docs/kernels/linear_relu.md.
 """
@@ -26,6 +31,7 @@ import numpy as np
 
 from ..cpu.linear_relu import validate_backward, validate_forward
 from ..cuda.module import current_device, function, on_device
+from .gemm import matmul_into
 from ..precision import accumulation_dtype, float_name
 
 MODULE = "linear_relu"
@@ -55,7 +61,7 @@ def linear_relu_forward(x, weight, bias=None):
         y = cupy.empty((n, m), dtype=dtype)
         if y.size == 0:
             return y
-        cupy.matmul(x, weight.T, out=y)  # K == 0 gives zeros, as in numpy
+        matmul_into(y, x, weight, trans_b=True)  # K == 0 gives zeros, as in numpy
         _bias_relu_inplace(y, bias)
         return y
 
@@ -78,8 +84,8 @@ def linear_relu_backward(grad_out, x, weight, out, *, compute_grad_x=True):
         grad_weight = cupy.empty((m, k), dtype=dtype)
         if k:
             if compute_grad_x:
-                cupy.matmul(g, weight, out=grad_x)
-            cupy.matmul(g.T, x, out=grad_weight)
+                matmul_into(grad_x, g, weight)
+            matmul_into(grad_weight, g, x, trans_a=True)
         return grad_x, grad_weight, grad_bias
 
 

@@ -6,6 +6,11 @@ current at the time), every kernel launch and GEMM with the device current when 
 Arrays carry the device they were allocated on. Nothing is computed: kernels and GEMMs only
 record their call; outputs hold whatever ``numpy.empty`` gave.
 
+GEMMs go through a fake cuBLAS (tests/kernels/fake_cublas.py) that computes them with NumPy under
+cuBLAS's column-major semantics on the arrays registered here by address, so the GEMM outputs are
+real results; ``gemms`` records (current device, operand devices) for both the direct cuBLAS calls
+and any ``cupy.matmul`` fallback.
+
 Use it through the :func:`fake_cupy` fixture (import it into the test module): it is put in
 ``sys.modules["cupy"]`` for one test, with every cache of kernels/cuda cleared before and after,
 so that nothing built with the fake outlives the test (on a GPU machine the real cupy follows).
@@ -20,8 +25,12 @@ import types
 import numpy as np
 import pytest
 
+from tests.kernels.fake_cublas import BufferRegistry, FakeCublas
+
 GPU_COUNT = 2
 SM_COUNT = 132
+HANDLE_BASE = 0xC0B1A5000  # the fake cuBLAS handle of device d is HANDLE_BASE + d
+COMPUTE_TYPE_DEFAULT = 1  # cupy._core._routines_linalg.COMPUTE_TYPE_DEFAULT
 
 
 class ndarray:  # noqa: N801 - named like cupy's, so error messages read "cupy.ndarray(...)"
@@ -71,6 +80,9 @@ class _Kernel:
         self.fake.launches.append(types.SimpleNamespace(name=self.name, grid=grid, block=block, args=args,
                                                         device=self.fake.current, built_for=self.device_id,
                                                         kernel=self, shared_mem=kwargs.get("shared_mem", 0)))
+        run = self.fake.kernel_impls.get(self.name)
+        if run is not None:  # a test's NumPy transcription of the kernel: the launch computes
+            run(grid, block, tuple(a.host if isinstance(a, ndarray) else a for a in args))
 
 
 class FakeCupy(types.ModuleType):
@@ -85,9 +97,15 @@ class FakeCupy(types.ModuleType):
         self.launches: list = []
         self.gemms: list[tuple[int, tuple[int, ...]]] = []  # (current device, operand devices)
         self.allocations: list[int] = []  # current device per allocation
+        self.memory = BufferRegistry()
+        self.cublas = FakeCublas(self.memory.resolve, handle_device=lambda handle: handle - HANDLE_BASE)
+        self.kernel_impls: dict = {}  # kernel name -> run(grid, block, host args), for tests that compute
+        self.compute_type_f32 = COMPUTE_TYPE_DEFAULT  # what cupy._core.get_compute_type(float32) answers
         fake = self
 
         class Device:
+            compute_capability = "90"  # an H100's, as cupy reports it
+
             def __init__(self, device=None):
                 self.id = fake.current if device is None else int(device)
                 self._previous: list[int] = []
@@ -120,16 +138,26 @@ class FakeCupy(types.ModuleType):
 
         self.RawModule = RawModule
         runtime = types.SimpleNamespace(getDevice=lambda: fake.current, getDeviceCount=lambda: device_count,
-                                        setDevice=lambda i: setattr(fake, "current", int(i)))
+                                        setDevice=lambda i: setattr(fake, "current", int(i)), is_hip=False)
         driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda ptr, threads, smem: 4)
         stream = types.SimpleNamespace(ptr=0, synchronize=lambda: None)
         self.cuda = types.SimpleNamespace(Device=Device, runtime=runtime, driver=driver,
-                                          get_current_stream=lambda: stream)
+                                          get_current_stream=lambda: stream,
+                                          get_cublas_handle=lambda: HANDLE_BASE + fake.current)
+        self._core = types.SimpleNamespace(get_compute_type=lambda dtype: fake.compute_type_f32)
+        cublas_gemm = self.cublas.gemm_ex
+
+        def gemm_ex(*args):  # also noted in ``gemms``, as the fallback's cupy.matmul is
+            status = cublas_gemm(*args)
+            self.gemms.append((self.current, self.cublas.calls[-1].devices))
+            return status
+        self.cublas.gemm_ex = gemm_ex
 
     # -- the array functions the wrappers call --------------------------------------------------
 
     def _new(self, host: np.ndarray) -> ndarray:
         self.allocations.append(self.current)
+        self.memory.add(host.__array_interface__["data"][0], host, self.current)
         return ndarray(host, self.current, self)
 
     def empty(self, shape, dtype=np.float64):
@@ -153,10 +181,13 @@ class FakeCupy(types.ModuleType):
 
     def on(self, device_id: int, host: np.ndarray) -> ndarray:
         """A fake array on ``device_id`` holding ``host`` (not recorded as an allocation)."""
-        return ndarray(np.ascontiguousarray(host), device_id, self)
+        host = np.ascontiguousarray(host)
+        self.memory.add(host.__array_interface__["data"][0], host, device_id)
+        return ndarray(host, device_id, self)
 
 
 CUDA_MODULES = ("engine.kernels.cuda.module", "engine.kernels.cuda.optim", "engine.kernels.cuda.linear_relu",
+                "engine.kernels.cuda.gemm",
                 "engine.kernels.cuda.softmax_cross_entropy", "engine.kernels.cuda.attention")
 
 
@@ -170,12 +201,20 @@ def clear_cuda_caches() -> None:
     importlib.import_module("engine.kernels.cuda.module").clear_cache()
 
 
+def install_fake_cublas(monkeypatch, cublas) -> None:
+    """Route kernels/cuda/gemm.py's cuBLAS calls to ``cublas`` (a :class:`FakeCublas`)."""
+    from engine.kernels.cuda import gemm
+
+    monkeypatch.setattr(gemm, "_cublas", lambda: cublas)
+
+
 @pytest.fixture
 def fake_cupy(monkeypatch):
-    """A :class:`FakeCupy` as ``cupy`` for one test (two GPUs, device 0 current)."""
+    """A :class:`FakeCupy` as ``cupy`` for one test (two GPUs, device 0 current, the fake cuBLAS)."""
     fake = FakeCupy()
     clear_cuda_caches()
     monkeypatch.setitem(sys.modules, "cupy", fake)
+    install_fake_cublas(monkeypatch, fake.cublas)
     yield fake
     monkeypatch.undo()
     clear_cuda_caches()

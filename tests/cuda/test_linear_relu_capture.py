@@ -1,0 +1,104 @@
+"""The cupy linear_relu, direct cuBLAS GEMMs included, captured on the fake stream-capture layer.
+
+cupy 14's own cuBLAS binding refuses every call while a stream captures; kernels/cuda/gemm.py
+calls libcublas directly so that a captured step can hold the linear layers' GEMMs. Here the
+fake cuBLAS (tests/kernels/fake_cublas.py) runs on the capture layer's memory (tests/cuda/
+fake_capture.py): at capture it computes at once and records a step that recomputes into the same
+memory, as a GPU graph node would, so a replay after new inputs are written must give the new
+results. The linear_relu.cu launches run as NumPy transcriptions recorded the same way.
+"""
+
+import weakref
+
+import numpy as np
+
+from engine import kernels
+from engine.kernels.cuda import linear_relu
+from tests.cuda.fake_capture import fake_gpu  # noqa: F401 - the fixture
+from tests.kernels.fake_cublas import FakeCublas, FakeCublasError
+from tests.kernels.fake_cupy import install_fake_cublas
+from tests.kernels.fake_linear_relu_kernels import impls
+
+HANDLE = 0xC0B1A5000
+
+
+def _install(monkeypatch, fake) -> FakeCublas:
+    """The fake cuBLAS over ``fake``'s allocations, and the linear_relu kernels as recorded operations."""
+    roots = []
+    allocate = fake._allocate
+
+    def register(host):
+        array = allocate(host)
+        roots.append(weakref.ref(array))
+        return array
+    monkeypatch.setattr(fake, "_allocate", register)
+
+    def root_at(ptr):
+        for ref in reversed(roots):
+            array = ref()
+            if array is not None and array.data.ptr <= ptr < array.data.ptr + max(array.nbytes, 1):
+                return array
+        raise FakeCublasError(f"an illegal address: {ptr:#x} is in no live allocation")
+
+    def resolve(ptr, dtype):
+        array = root_at(ptr)
+        if array.dtype != np.dtype(dtype):
+            raise FakeCublasError(f"the data type says {np.dtype(dtype)}, the memory holds {array.dtype}")
+        offset, rem = divmod(ptr - array.data.ptr, array.dtype.itemsize)
+        assert rem == 0
+        return array.host.reshape(-1)[offset:], array.data.device_id
+
+    def run(c_ptr, compute):  # a write into C: at once, and recorded while capturing
+        fake._write(root_at(c_ptr), lambda *_: compute(), ())
+
+    cublas = FakeCublas(resolve, handle_device=lambda handle: handle - HANDLE, run=run)
+    install_fake_cublas(monkeypatch, cublas)
+    monkeypatch.setattr(fake.cuda, "get_cublas_handle", lambda: HANDLE + fake.current_device, raising=False)
+    monkeypatch.setattr(fake._core, "get_compute_type", lambda dtype: 1, raising=False)  # COMPUTE_TYPE_DEFAULT
+    table = impls()
+
+    def function(module, name, device_id=None):
+        def launch(grid, block, args):
+            targets = [a for a in args if hasattr(a, "host")]
+            fake._multi_write(lambda *hosts: table[name](grid, block, hosts), tuple(args), {}, targets)
+        return launch
+    monkeypatch.setattr(linear_relu, "function", function)
+    monkeypatch.setattr(linear_relu, "_sm_count", lambda device_id: 132)
+    return cublas
+
+
+def _case(rng, n=37, k=70, m=33):
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    w = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float32)
+    b, dy = rng.standard_normal(m).astype(np.float32), rng.standard_normal((n, m)).astype(np.float32)
+    return x, w, b, dy
+
+
+def test_a_captured_forward_and_backward_replays_with_new_inputs(fake_gpu, monkeypatch):  # noqa: F811
+    fake = fake_gpu
+    cublas = _install(monkeypatch, fake)
+    rng = np.random.default_rng(0)
+    x, w, b, dy = _case(rng)
+    X, W, B, DY = (fake.asarray(a) for a in (x, w, b, dy))
+    forward, backward = kernels.get("linear_relu_forward", "cupy"), kernels.get("linear_relu_backward", "cupy")
+    pool, stream = fake.cuda.MemoryPool(), fake.cuda.Stream(non_blocking=True)
+    default_mallocs = fake.default_pool.mallocs
+    with stream, fake.cuda.using_allocator(pool.malloc):
+        stream.begin_capture()
+        y = forward(X, W, B)
+        dx, dw, db = backward(DY, X, W, y)
+        graph = stream.end_capture()
+    assert len(cublas.calls) == 3 and {c.stream for c in cublas.calls} == {stream.ptr}
+    assert fake.host_reads == 0 and fake.syncs == 0, "a host read or a wait inside the capture"
+    assert fake.default_pool.mallocs == default_mallocs and pool.mallocs > 0, "allocated outside the graph's pool"
+    assert np.isnan(y.host).all(), "a capture runs nothing: its outputs hold garbage until a replay"
+    for step in range(2):
+        x2, _, _, dy2 = _case(rng)
+        X.host[...], DY.host[...] = x2, dy2  # new data into the static inputs, as copy_() would
+        graph.launch()
+        y_ref = kernels.get("linear_relu_forward", "numpy")(x2, w, b)
+        np.testing.assert_allclose(y.host, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"replay {step}: y")
+        for name, got, ref in zip(("dx", "dW", "db"), (dx, dw, db),
+                                  kernels.get("linear_relu_backward", "numpy")(dy2, x2, w, y_ref)):
+            np.testing.assert_allclose(got.host, ref, rtol=1e-4, atol=1e-4, err_msg=f"replay {step}: {name}")
+    assert len(cublas.calls) == 3, "a replay calls nothing on the host"
