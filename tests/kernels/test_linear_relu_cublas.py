@@ -210,6 +210,48 @@ def test_a_cublas_error_status_raises_naming_the_gemm(gpu, monkeypatch):
         kernels.get("linear_relu_forward", "cupy")(x, w)
 
 
+# ---- against the real library, where libcublas can be loaded (no GPU needed) ------------------
+
+def _real_cublas_module():
+    """cupy's own cuBLAS binding, importable where libcublas is found (else the test skips)."""
+    pytest.importorskip("cupy")
+    try:
+        from cupy_backends.cuda.libs import cublas
+    except ImportError as exc:
+        pytest.skip(f"libcublas is not loadable here: {str(exc).splitlines()[0]}")
+    return cublas
+
+
+def test_the_constants_are_cupys():
+    cublas = _real_cublas_module()
+    from cupy.cuda import runtime
+
+    for name in ("CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_GEMM_DEFAULT", "CUBLAS_GEMM_DEFAULT_TENSOR_OP",
+                 "CUBLAS_COMPUTE_32F", "CUBLAS_COMPUTE_32F_PEDANTIC", "CUBLAS_COMPUTE_32F_FAST_TF32",
+                 "CUBLAS_COMPUTE_64F"):
+        assert getattr(gemm, name) == getattr(cublas, name), name
+    for name in ("CUDA_R_32F", "CUDA_R_64F", "CUDA_R_16F", "CUDA_R_16BF"):
+        assert getattr(gemm, name) == getattr(runtime, name), name
+    from cupy._core import _routines_linalg as linalg
+
+    assert (gemm._CUPY_COMPUTE_TYPE_PEDANTIC, gemm._CUPY_COMPUTE_TYPE_TF32) == (
+        linalg.COMPUTE_TYPE_PEDANTIC, linalg.COMPUTE_TYPE_TF32)
+
+
+def test_the_ctypes_binding_loads_the_library_cupy_uses():
+    _real_cublas_module()
+    gemm._load_cublas.cache_clear()
+    try:
+        lib = gemm._load_cublas()
+        assert lib is not None, "libcublas is loadable for cupy but not for kernels/cuda/gemm.py"
+        # A NULL handle: cuBLAS answers CUBLAS_STATUS_NOT_INITIALIZED (1), so the call reached it intact.
+        one, zero = gemm.ALPHA_BETA[np.float32]
+        assert lib.set_stream(0, 0) == 1
+        assert lib.gemm_ex(0, 1, 0, 4, 5, 3, one, 0, 0, 3, 0, 0, 3, zero, 0, 0, 4, 68, 99) == 1
+    finally:
+        gemm._load_cublas.cache_clear()
+
+
 # ---- on a real GPU -------------------------------------------------------------------------------
 
 @pytest.mark.gpu
