@@ -34,7 +34,9 @@ issue #6290), while cuBLAS itself supports capture with host-pointer scalars (th
 documentation, "CUDA Graphs Support"), which is what a captured training step needs.
 
 Where the direct call cannot take the case, ``cupy.matmul`` runs instead: on ROCm (hipBLAS, not
-libcublas), when libcublas cannot be located, and for a dimension beyond cuBLAS's 32-bit ``int``.
+libcublas), when libcublas cannot be located, for a dimension beyond cuBLAS's 32-bit ``int``, and
+for an array that is not C-contiguous (the leading-dimension trick needs rows laid end to end;
+the linear kernels' validators already refuse such inputs, so for them this never happens).
 """
 
 from __future__ import annotations
@@ -136,13 +138,14 @@ def matmul_into(out, a, b, *, trans_a: bool = False, trans_b: bool = False) -> N
     """``out[...] = op(a) @ op(b)`` with ``op`` a transposition where asked, on the current device.
 
     Args:
-        out: (P, Q) C-contiguous cupy array, written (never read).
-        a: C-contiguous cupy array, (P, R), or (R, P) with ``trans_a``.
-        b: C-contiguous cupy array, (R, Q), or (Q, R) with ``trans_b``.
+        out: (P, Q) cupy array, written (never read).
+        a: cupy array, (P, R), or (R, P) with ``trans_a``.
+        b: cupy array, (R, Q), or (Q, R) with ``trans_b``.
         trans_a, trans_b: multiply by the transpose, read in place (no copy).
 
-    All three share one dtype (float32, float64, float16 or bfloat16), which the callers' validators
-    ensure; call it with the arrays' device current. R = 0 gives zeros, as numpy does.
+    All three are 2-D and share one dtype (float32, float64, float16 or bfloat16), which the callers'
+    validators ensure; call it with the arrays' device current. C-contiguous arrays go to cuBLAS
+    directly, others through ``cupy.matmul``. R = 0 gives zeros, as numpy does.
     """
     import cupy
 
@@ -154,7 +157,8 @@ def matmul_into(out, a, b, *, trans_a: bool = False, trans_b: bool = False) -> N
         out.fill(0)
         return
     lib = _cublas()
-    if lib is None or max(p, q, r) > INT_MAX:
+    if lib is None or max(p, q, r) > INT_MAX or not (
+            a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
         cupy.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
         return
     name = float_name(out.dtype)

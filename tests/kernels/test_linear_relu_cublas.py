@@ -133,6 +133,18 @@ def test_cupy_matmul_is_the_fallback(gpu, monkeypatch, cause):
     assert gpu.cublas.calls == [] and len(gpu.gemms) == 1
 
 
+def test_a_non_contiguous_operand_goes_to_cupy_matmul(gpu):
+    """The leading-dimension trick needs C-contiguous rows; strided views take cupy's general path."""
+    rng = np.random.default_rng(10)
+    a = gpu.on(0, rng.standard_normal((6, 8)).astype(np.float32))
+    strided = type(a)(a.host[:, ::2], 0, gpu)  # (6, 4), every other column
+    b = gpu.on(0, rng.standard_normal((4, 3)).astype(np.float32))
+    gemm.matmul_into(gpu.empty((6, 3), np.float32), strided, b)
+    assert gpu.cublas.calls == [] and len(gpu.gemms) == 1
+    gemm.matmul_into(gpu.empty((6, 3), np.float32), gpu.on(0, strided.host), b)  # a contiguous copy: direct
+    assert len(gpu.cublas.calls) == 1
+
+
 def test_rocm_and_a_missing_library_fall_back(fake_cupy, monkeypatch):  # noqa: F811 - the fixture
     def pathfinder(loaded):  # a stand-in for the cuda.pathfinder package that cupy 14 finds its libraries with
         module = types.ModuleType("cuda.pathfinder")
