@@ -291,6 +291,9 @@ _SHARED = {
     "sgd_update": ("cpu.optim", "sgd_update"),
     "adagrad_update": ("cpu.optim", "adagrad_update"),
     "rmsprop_update": ("cpu.optim", "rmsprop_update"),
+    # LayerNorm's formulas on whole arrays (numpy or cupy): the engine's unfused LayerNorm Function
+    "layer_norm_normalize": ("cpu.layer_norm", "normalize"),
+    "layer_norm_input_grad": ("cpu.layer_norm", "input_grad"),
     "accumulation_dtype": ("precision", "accumulation_dtype"),  # float32 for 16-bit data
 }
 

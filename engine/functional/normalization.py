@@ -24,23 +24,19 @@ class LayerNorm(Function):
     normalised input and the reciprocal std (a composite keeps about six intermediates and a
     dozen graph nodes), and the backward is the textbook formula
     ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``, checked by gradcheck.
+    Both formulas are the numpy reference kernel's (``kernels.layer_norm_normalize`` and
+    ``kernels.layer_norm_input_grad``), here over any trailing axes and on numpy or cupy arrays.
     """
 
     name = "layer_norm"
 
     def forward(self, x, *affine, axes=(), eps=1e-5, has_weight=False, has_bias=False):
-        xp = array_module(x)
         weight = affine[0] if has_weight else None
         bias = affine[-1] if has_bias else None
-        mean = x.mean(axis=axes, keepdims=True)
-        centered = x - mean
-        var = (centered * centered).mean(axis=axes, keepdims=True)
-        rstd = 1 / xp.sqrt(var + x.dtype.type(eps))
-        xhat = centered * rstd
+        out, xhat, _, rstd = kernels.layer_norm_normalize(array_module(x), x, weight, bias, axes=axes, eps=eps)
         self.save(xhat, rstd, weight)
         self.axes, self.has_bias = axes, has_bias
-        out = xhat if weight is None else xhat * weight
-        return out if bias is None else out + bias
+        return out
 
     def backward(self, g):
         xhat, rstd, weight = self.saved
@@ -48,9 +44,7 @@ class LayerNorm(Function):
         grads = []
         if self.needs_input_grad[0]:
             gxhat = g if weight is None else g * weight
-            mean_g = gxhat.mean(axis=self.axes, keepdims=True)
-            mean_gx = (gxhat * xhat).mean(axis=self.axes, keepdims=True)
-            grads.append(rstd * (gxhat - mean_g - xhat * mean_gx))
+            grads.append(kernels.layer_norm_input_grad(gxhat, xhat, rstd, axes=self.axes))
         else:
             grads.append(None)
         if weight is not None:

@@ -182,23 +182,39 @@ def _in(a, dtype):
     return None if a is None else a.astype(dtype, copy=False)
 
 
+def normalize(xp, x, weight, bias, *, axes, eps):
+    """The forward formulas on whole arrays (numpy or cupy, ``xp`` their module) over ``axes``,
+    in x's dtype -> ``(y, xhat, mean, rstd)``, mean and rstd with ``keepdims``.
+
+    The numpy impl runs it on (N, D) rows, the engine's unfused LayerNorm Function on any trailing
+    axes; x, weight and bias come in the dtype to compute in.
+    """
+    mean = x.mean(axis=axes, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(axis=axes, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):  # var + eps <= 0: inf or NaN, as PyTorch
+        rstd = x.dtype.type(1) / xp.sqrt(var + x.dtype.type(eps))
+        xhat = centered * rstd
+    y = xhat if weight is None else xhat * weight
+    return (y if bias is None else y + bias), xhat, mean, rstd
+
+
+def input_grad(g, xhat, rstd, *, axes):
+    """``dx = rstd (g - mean(g) - xhat mean(g xhat))`` over ``axes``, with ``g = dy w`` (dy without a
+    weight); whole arrays of one dtype, numpy or cupy, rstd with ``keepdims``."""
+    with np.errstate(invalid="ignore"):  # 0 * inf where rstd = inf (eps = 0, constant row): NaN, as PyTorch
+        mean_g = g.mean(axis=axes, keepdims=True)
+        mean_gx = (g * xhat).mean(axis=axes, keepdims=True)
+        return rstd * (g - mean_g - xhat * mean_gx)
+
+
 def layer_norm_forward_numpy(x, weight=None, bias=None, *, eps=1e-5):
     spec = validate_layer_norm_forward(x, weight, bias, eps=eps)
     dt, ct = spec.dtype, spec.compute_dtype
     if spec.n == 0:
         return np.empty((0, spec.d), dt), np.empty(0, ct), np.empty(0, ct)
-    x, weight, bias = _in(x, ct), _in(weight, ct), _in(bias, ct)
-    mean = x.mean(axis=1, dtype=ct)
-    centered = x - mean[:, None]
-    var = (centered * centered).mean(axis=1, dtype=ct)
-    with np.errstate(divide="ignore", invalid="ignore"):  # var + eps <= 0: inf or NaN, as PyTorch
-        rstd = (ct.type(1) / np.sqrt(var + ct.type(spec.eps))).astype(ct, copy=False)
-        y = centered * rstd[:, None]
-    if weight is not None:
-        y *= weight
-    if bias is not None:
-        y += bias
-    return y.astype(dt, copy=False), mean, rstd
+    y, _, mean, rstd = normalize(np, _in(x, ct), _in(weight, ct), _in(bias, ct), axes=1, eps=spec.eps)
+    return y.astype(dt, copy=False), mean.reshape(spec.n), rstd.reshape(spec.n)
 
 
 def layer_norm_backward_numpy(grad_y, x, weight, mean, rstd, *, compute_weight_grads=True):
@@ -209,12 +225,7 @@ def layer_norm_backward_numpy(grad_y, x, weight, mean, rstd, *, compute_weight_g
     with np.errstate(invalid="ignore"):  # 0 * inf where rstd = inf (eps = 0, constant row): NaN, as PyTorch
         xhat = (x - mean[:, None]) * rstd[:, None]
         g = grad_y * weight if weight is not None else grad_y
-        if spec.n:
-            mean_g = g.mean(axis=1, dtype=ct, keepdims=True)
-            mean_gx = (g * xhat).mean(axis=1, dtype=ct, keepdims=True)
-        else:
-            mean_g = mean_gx = np.zeros((0, 1), ct)
-        dx = (rstd[:, None] * (g - mean_g - xhat * mean_gx)).astype(dt, copy=False)
+        dx = input_grad(g, xhat, rstd[:, None], axes=1).astype(dt, copy=False)
         if not spec.weight_grads:
             return dx, None, None
         dweight = (grad_y * xhat).sum(axis=0, dtype=ct)
