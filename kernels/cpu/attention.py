@@ -257,6 +257,37 @@ def round_results(spec: AttentionSpec, *results):
     return tuple(r.astype(spec.dtype) for r in results) if spec.low_precision else results
 
 
+def _forward_with(inner, q, k, v, mask, *, scale, causal, precision):
+    """A CPU forward: validate, answer an empty call, compute a 16-bit call in float32 with
+    ``inner(q, k, v, mask, spec) -> (out, lse)`` and round ``out`` once to the call's dtype."""
+    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
+    if is_empty(spec):
+        return empty_forward(spec, np)
+    wide, (q, k, v, mask) = in_float32(spec, q, k, v, mask)
+    out, lse = inner(q, k, v, mask, wide)
+    return round_results(spec, out)[0], lse
+
+
+def _backward_with(inner, grad_out, q, k, v, out, lse, mask, *, scale, causal, precision):
+    """A CPU backward, as :func:`_forward_with`: ``inner(grad_out, q, k, v, out, lse, mask, spec)
+    -> (dq, dk, dv)``."""
+    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
+    if is_empty(spec):
+        return empty_backward(spec, np)
+    wide, arrays = in_float32(spec, grad_out, q, k, v, out, lse, mask)
+    return round_results(spec, *inner(*arrays, wide))
+
+
+def _hide_later_keys(s, spec: AttentionSpec, rows, keys) -> None:
+    """Causal masking of the scores ``s`` of query rows ``rows`` x keys ``keys`` ((start, stop)
+    pairs), in place: a key j > query i gets -inf whatever its score (a copy, not an addition: a
+    NaN or +inf score there must not leak)."""
+    (i0, i1), (j0, j1) = rows, keys
+    if spec.causal and j1 - 1 > i0:  # the block reaches above the diagonal
+        above = np.arange(j0, j1)[None, :] > np.arange(i0, i1)[:, None]
+        np.copyto(s, spec.dtype.type(-np.inf), where=above)
+
+
 # --------------------------------------------------------------------------------------------
 # numpy: the reference, written as the formulas above (materialises the scores)
 # --------------------------------------------------------------------------------------------
@@ -266,19 +297,12 @@ def _scores(q, k, mask, spec: AttentionSpec):
     s = np.matmul(q, k.transpose(0, 2, 1)) * spec.dtype.type(spec.scale)
     if mask is not None:
         s = s + mask  # numpy broadcasting: the (1, L, S) / (B, 1, S) mask is never expanded by hand
-    if spec.causal:
-        above = np.triu(np.ones((spec.l, spec.s), bool), k=1)  # key j > query i
-        s = np.where(above, spec.dtype.type(-np.inf), s)
+    _hide_later_keys(s, spec, (0, spec.l), (0, spec.s))
     return s
 
 
 def attention_forward_numpy(q, k, v, mask=None, *, scale=None, causal=False, precision=None):
-    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
-    if is_empty(spec):
-        return empty_forward(spec, np)
-    wide, (q, k, v, mask) = in_float32(spec, q, k, v, mask)
-    out, lse = _forward_numpy(q, k, v, mask, wide)
-    return round_results(spec, out)[0], lse
+    return _forward_with(_forward_numpy, q, k, v, mask, scale=scale, causal=causal, precision=precision)
 
 
 def _forward_numpy(q, k, v, mask, spec: AttentionSpec):
@@ -295,11 +319,8 @@ def _forward_numpy(q, k, v, mask, spec: AttentionSpec):
 
 
 def attention_backward_numpy(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None):
-    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
-    if is_empty(spec):
-        return empty_backward(spec, np)
-    wide, arrays = in_float32(spec, grad_out, q, k, v, out, lse, mask)
-    return round_results(spec, *_backward_numpy(*arrays, wide))
+    return _backward_with(_backward_numpy, grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal,
+                          precision=precision)
 
 
 def _backward_numpy(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
@@ -338,27 +359,19 @@ def _sees_tile(spec: AttentionSpec, rows, keys) -> bool:
 def _tile_scores(qs, k, mask, spec: AttentionSpec, rows, keys):
     """scale * q_rows k_keys^T + mask, causal-masked, for one (query tile, key tile): (B, rows, keys).
 
-    ``qs`` is q already scaled; a key j > query i gets -inf whatever its score (np.copyto, not an
-    addition: a NaN or +inf score there must not leak, as in the reference).
+    ``qs`` is q already scaled.
     """
     (i0, i1), (j0, j1) = rows, keys
     s = np.matmul(qs[:, i0:i1], k[:, j0:j1].transpose(0, 2, 1))
     if mask is not None:
         s += mask[:, i0:i1, j0:j1] if mask.shape[1] > 1 else mask[:, :, j0:j1]
-    if spec.causal and j1 - 1 > i0:  # the tile reaches above the diagonal
-        above = np.arange(j0, j1)[None, :] > np.arange(i0, i1)[:, None]
-        np.copyto(s, spec.dtype.type(-np.inf), where=above)
+    _hide_later_keys(s, spec, rows, keys)
     return s
 
 
 def attention_forward_blas(q, k, v, mask=None, *, scale=None, causal=False, precision=None):
     """The forward of the numba_cpu impl for large L x S: flash tiles on BLAS GEMMs (see _forward_blas)."""
-    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
-    if is_empty(spec):
-        return empty_forward(spec, np)
-    wide, (q, k, v, mask) = in_float32(spec, q, k, v, mask)
-    out, lse = _forward_blas(q, k, v, mask, wide)
-    return round_results(spec, out)[0], lse
+    return _forward_with(_forward_blas, q, k, v, mask, scale=scale, causal=causal, precision=precision)
 
 
 def _forward_blas(q, k, v, mask, spec: AttentionSpec):
@@ -402,11 +415,8 @@ def _forward_blas_batches(q, k, v, mask, spec: AttentionSpec, out, lse) -> None:
 
 def attention_backward_blas(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None):
     """The backward of the numba_cpu impl for large L x S (see _backward_blas)."""
-    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
-    if is_empty(spec):
-        return empty_backward(spec, np)
-    wide, arrays = in_float32(spec, grad_out, q, k, v, out, lse, mask)
-    return round_results(spec, *_backward_blas(*arrays, wide))
+    return _backward_with(_backward_blas, grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal,
+                          precision=precision)
 
 
 def _backward_blas(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
@@ -503,12 +513,11 @@ PARALLEL_MIN = 1 << 20
 
 
 def attention_forward_numba(q, k, v, mask=None, *, scale=None, causal=False, precision=None):
-    spec = validate_forward(q, k, v, mask, scale=scale, causal=causal, precision=precision)
-    if is_empty(spec):
-        return empty_forward(spec, np)
-    wide, (q, k, v, mask) = in_float32(spec, q, k, v, mask)
-    out, lse = (_forward_blas if use_blas_tiles(wide) else _forward_numba)(q, k, v, mask, wide)
-    return round_results(spec, out)[0], lse
+    return _forward_with(_forward_tiles, q, k, v, mask, scale=scale, causal=causal, precision=precision)
+
+
+def _forward_tiles(q, k, v, mask, spec: AttentionSpec):
+    return (_forward_blas if use_blas_tiles(spec) else _forward_numba)(q, k, v, mask, spec)
 
 
 def _forward_numba(q, k, v, mask, spec: AttentionSpec):
@@ -525,11 +534,12 @@ def _forward_numba(q, k, v, mask, spec: AttentionSpec):
 
 
 def attention_backward_numba(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None):
-    spec = validate_backward(grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal, precision=precision)
-    if is_empty(spec):
-        return empty_backward(spec, np)
-    wide, arrays = in_float32(spec, grad_out, q, k, v, out, lse, mask)
-    return round_results(spec, *(_backward_blas if use_blas_tiles(wide) else _backward_numba)(*arrays, wide))
+    return _backward_with(_backward_tiles, grad_out, q, k, v, out, lse, mask, scale=scale, causal=causal,
+                          precision=precision)
+
+
+def _backward_tiles(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
+    return (_backward_blas if use_blas_tiles(spec) else _backward_numba)(grad_out, q, k, v, out, lse, mask, spec)
 
 
 def _backward_numba(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
