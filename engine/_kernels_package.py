@@ -13,8 +13,10 @@ imports it. ``kernels/`` itself imports only relatively, so it never needs to kn
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 NAME = "engine.kernels"
@@ -28,19 +30,27 @@ def mount():
     # This engine's own checkout first: an editable install of another checkout (a git worktree
     # beside it) maps engine.kernels to that checkout's kernels/, which would pair this engine with
     # foreign kernels. In site-packages there is no pyproject.toml beside engine/.
-    if not _is_checkout(folder.parent) and importlib.util.find_spec(NAME) is not None:
-        return importlib.import_module(NAME)  # an installed engine/kernels, or an editable mapping
-    spec = importlib.util.spec_from_file_location(NAME, folder / "__init__.py", submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[NAME] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[NAME]
-        raise
-    parent, _, child = NAME.rpartition(".")
-    setattr(sys.modules[parent], child, module)  # as the import system does: engine.kernels is an attribute
-    return module
+    if _is_checkout(folder.parent) or importlib.util.find_spec(NAME) is None:
+        finder = _CheckoutKernels(folder)
+        if finder not in sys.meta_path:
+            sys.meta_path.insert(0, finder)
+    # The import system does the rest, as for any package: sys.modules, the engine.kernels
+    # attribute, and no half-run module left behind when kernels/__init__.py fails.
+    return importlib.import_module(NAME)
+
+
+@dataclass(frozen=True)
+class _CheckoutKernels(importlib.abc.MetaPathFinder):
+    """Finds ``engine.kernels`` (and no other name) in this checkout's kernels/ folder; its
+    submodules then come from the package's ``__path__`` as usual."""
+
+    folder: Path
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != NAME:
+            return None
+        return importlib.util.spec_from_file_location(NAME, self.folder / "__init__.py",
+                                                      submodule_search_locations=[str(self.folder)])
 
 
 def _is_checkout(root: Path) -> bool:
