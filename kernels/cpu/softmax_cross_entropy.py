@@ -257,8 +257,13 @@ def check_targets_host(spec: CrossEntropySpec, targets) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
-                                grad_scale=1.0, compute_grad=True, denominator_out=None):
+def _cpu_call(inner, conversions, logits, targets, weight, *, ignore_index, label_smoothing, grad_scale,
+              compute_grad, denominator_out):
+    """A CPU impl's opening: validate, take the mean's denominator from ``denominator_out``, run a
+    16-bit call on float32 copies of the logits, soft targets and weight (the loss stays float32,
+    the gradient is rounded once to the logits' dtype; ``conversions`` is the (widen, narrow) pair:
+    NumPy's astype for the reference, kernels/cpu/convert.py for numba), check hard targets, then
+    ``inner(logits, targets, weight, spec) -> (loss, grad or None)``."""
     spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
                                           label_smoothing=label_smoothing, grad_scale=grad_scale,
                                           compute_grad=compute_grad)
@@ -267,10 +272,23 @@ def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-1
         grad_scale = host_mean_scale(spec, targets, denominator_out)
         spec = dataclasses.replace(spec, grad_scale=grad_scale)
     if is_low_precision(spec.dtype):
-        return _in_float32(softmax_cross_entropy_numpy, (widen, narrow), spec, logits, targets, weight,
-                           ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,
-                           compute_grad=compute_grad)
+        to_float32, to_low = conversions
+        loss, grad = _cpu_call(inner, conversions, to_float32(logits), to_float32(targets) if spec.soft else targets,
+                               to_float32(weight), ignore_index=ignore_index, label_smoothing=label_smoothing,
+                               grad_scale=grad_scale, compute_grad=compute_grad, denominator_out=None)
+        return loss, to_low(grad, spec.dtype)
     check_targets_host(spec, targets)
+    return inner(logits, targets, weight, spec)
+
+
+def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
+                                grad_scale=1.0, compute_grad=True, denominator_out=None):
+    return _cpu_call(_softmax_cross_entropy_numpy, (widen, narrow), logits, targets, weight,
+                     ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,
+                     compute_grad=compute_grad, denominator_out=denominator_out)
+
+
+def _softmax_cross_entropy_numpy(logits, targets, weight, spec: CrossEntropySpec):
     n, c, dt = spec.n, spec.c, spec.dtype
     one = dt.type(1)
     eps, eps_c = dt.type(spec.eps), dt.type(spec.eps / c)
@@ -307,15 +325,6 @@ def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-1
     return loss, grad.astype(dt, copy=False)
 
 
-def _in_float32(impl, conversions, spec: CrossEntropySpec, logits, targets, weight, **kw):
-    """``impl`` on 16-bit logits: run on float32 copies of the logits, soft targets and weight;
-    the loss stays float32, the gradient is rounded once to the logits' dtype. ``conversions`` is
-    the (widen, narrow) pair: NumPy's astype for the reference, kernels/cpu/convert.py for numba."""
-    to_float32, to_low = conversions
-    loss, grad = impl(to_float32(logits), to_float32(targets) if spec.soft else targets, to_float32(weight), **kw)
-    return loss, to_low(grad, spec.dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # numba_cpu: rows in parallel (prange). Per row: a max pass, an exp pass that leaves exp(z - m) in
 # the grad row (one exp per element), sums over that cache-resident row, and the gradient pass in
@@ -326,18 +335,13 @@ def _in_float32(impl, conversions, spec: CrossEntropySpec, logits, targets, weig
 
 def softmax_cross_entropy_numba(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
                                 grad_scale=1.0, compute_grad=True, denominator_out=None):
-    spec = validate_softmax_cross_entropy(logits, targets, weight, ignore_index=ignore_index,
-                                          label_smoothing=label_smoothing, grad_scale=grad_scale,
-                                          compute_grad=compute_grad)
-    if denominator_out is not None:
-        validate_denominator_out(spec, logits, weight, grad_scale, denominator_out)
-        grad_scale = host_mean_scale(spec, targets, denominator_out)
-        spec = dataclasses.replace(spec, grad_scale=grad_scale)
-    if is_low_precision(spec.dtype):  # numba takes no 16-bit arrays: float32 copies
-        return _in_float32(softmax_cross_entropy_numba, (convert.widen, convert.narrow), spec, logits, targets,
-                           weight, ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,
-                           compute_grad=compute_grad)
-    check_targets_host(spec, targets)
+    # numba takes no 16-bit arrays: _cpu_call hands them over as float32 copies
+    return _cpu_call(_softmax_cross_entropy_numba, (convert.widen, convert.narrow), logits, targets, weight,
+                     ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,
+                     compute_grad=compute_grad, denominator_out=denominator_out)
+
+
+def _softmax_cross_entropy_numba(logits, targets, weight, spec: CrossEntropySpec):
     n, c, dt = spec.n, spec.c, spec.dtype
     loss = np.empty(n, dt)
     grad = np.empty((n, c), dt) if spec.compute_grad else np.empty((0, c), dt)
