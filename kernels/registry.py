@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -273,6 +274,21 @@ def misplaced_arrays_message(arrays: dict) -> str | None:
     if spread:
         return f"the arrays are on different GPUs ({spread}); move them all to one device"
     return None
+
+
+def real_number(op: str, name: str, value, *, finite: bool = True) -> float:
+    """A scalar argument as a float, or a KernelError naming the kernel and the argument: not a real
+    number, beyond float's range, or (``finite``) inf or NaN."""
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float's range
+        wanted = "finite" if finite else "a real number in float range"
+        raise KernelError(f"{op}: {name} must be {wanted}, got {value!r}") from None
+    except (TypeError, ValueError):
+        raise KernelError(f"{op}: {name} must be a real number, got {value!r}") from None
+    if finite and not math.isfinite(x):
+        raise KernelError(f"{op}: {name} must be finite, got {value!r}")
+    return x
 
 
 def different_gpus(arrays) -> str | None:

@@ -69,6 +69,7 @@ from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
 from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
+from ..registry import real_number as _real_number
 from ..threads import available_cpus, for_gemm, get_num_threads
 
 LOW_PRECISION = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))  # storage only: computed in float32
@@ -174,16 +175,7 @@ def _validate(op, arrays, q, k, v, mask, scale, causal, precision) -> AttentionS
             hint = (" (for a broadcast mask pass the un-expanded (1, L, S) or (B, 1, S) array: the kernel "
                     "broadcasts it without copying)") if name == "mask" else ""
             _fail(op, arrays, f"{name} is not C-contiguous; pass a contiguous array{hint}")
-    if scale is None:
-        scale = default_scale(e)
-    try:
-        scale = float(scale)
-    except OverflowError:  # an int beyond float's range
-        raise KernelError(f"{op}: scale must be finite, got {scale!r}") from None
-    except (TypeError, ValueError):
-        raise KernelError(f"{op}: scale must be a real number, got {scale!r}") from None
-    if not math.isfinite(scale):
-        raise KernelError(f"{op}: scale must be finite, got {scale!r}")
+    scale = _real_number(op, "scale", default_scale(e) if scale is None else scale)
     if not isinstance(causal, (bool, np.bool_)):
         raise KernelError(f"{op}: causal must be True or False, got {causal!r}")
     if not (precision is None or (isinstance(precision, str) and precision in PRECISIONS)):

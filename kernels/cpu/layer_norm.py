@@ -47,6 +47,7 @@ from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
 from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
+from ..registry import real_number as _real_number
 
 FORWARD = "layer_norm_forward"
 BACKWARD = "layer_norm_backward"
@@ -164,12 +165,7 @@ def validate_layer_norm_backward(grad_y, x, weight, mean, rstd, *, compute_weigh
 def _eps(value) -> float:
     """eps as a float. Any real value is taken, as PyTorch does: eps = 0 on a constant row gives
     rstd = 1 / sqrt(0) = inf and y = 0 * inf = NaN, a negative eps above the variance NaN too."""
-    try:
-        return float(value)
-    except OverflowError:  # an int beyond float's range
-        raise KernelError(f"{FORWARD}: eps must be a real number in float range, got {value!r}") from None
-    except (TypeError, ValueError):
-        raise KernelError(f"{FORWARD}: eps must be a real number, got {value!r}") from None
+    return _real_number(FORWARD, "eps", value, finite=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +52,7 @@ from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
 from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
+from ..registry import real_number as _real_number
 
 KERNEL = "softmax_cross_entropy"
 _FLOATS = ", ".join(FLOAT_NAMES)
@@ -142,16 +142,16 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
     if not INT64_MIN <= ignore_index <= INT64_MAX:  # the kernels compare it with int64 targets
         raise KernelError(f"{KERNEL}: ignore_index must be an int in the int64 range [-2**63, 2**63 - 1] "
                           f"(PyTorch's index type; it raises too), got {ignore_index!r}")
-    eps = _real(label_smoothing, "label_smoothing")
+    eps = _real_number(KERNEL, "label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise KernelError(f"{KERNEL}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
     scale_array = None
     if _is_array(grad_scale):
         scale_array = _scale_array(grad_scale, logits, module)
         # On the CPU the value is free to read (and the CPU impls use it); on a GPU it stays there.
-        scale = _real(scale_array[0], "grad_scale") if _module_of(scale_array) == "numpy" else 1.0
+        scale = _real_number(KERNEL, "grad_scale", scale_array[0]) if _module_of(scale_array) == "numpy" else 1.0
     else:
-        scale = _real(grad_scale, "grad_scale")
+        scale = _real_number(KERNEL, "grad_scale", grad_scale)
     if not isinstance(compute_grad, (bool, np.bool_)):
         raise KernelError(f"{KERNEL}: compute_grad must be True or False, got {compute_grad!r}")
     return CrossEntropySpec(n, c, logits.dtype, soft, int(ignore_index), eps, scale, bool(compute_grad),
@@ -199,18 +199,6 @@ def _scale_array(grad_scale, logits, module):
     if _module_of(grad_scale) == "cupy" and grad_scale.device != logits.device:
         raise KernelError(f"{KERNEL}: grad_scale is on {grad_scale.device} but the logits are on {logits.device}")
     return grad_scale.reshape(1)
-
-
-def _real(value, name: str) -> float:
-    try:
-        x = float(value)
-    except OverflowError:  # an int beyond float's range
-        raise KernelError(f"{KERNEL}: {name} must be finite, got {value!r}") from None
-    except (TypeError, ValueError):
-        raise KernelError(f"{KERNEL}: {name} must be a real number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise KernelError(f"{KERNEL}: {name} must be finite, got {value!r}")
-    return x
 
 
 def bad_target_message(value: int, c: int, ignore_index: int, row: int | None = None) -> str:
