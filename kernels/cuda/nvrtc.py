@@ -23,40 +23,31 @@ class CompileResult:
 
     def spills(self) -> dict[str, tuple[int, int]]:
         """kernel name -> (spill store bytes, spill load bytes), for kernels that spill."""
-        found, current = {}, None
-        for line in self.log.splitlines():
-            entry = re.search(r"Compiling entry function '([^']+)'", line)
-            if entry:
-                current = entry.group(1)
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if spill and current and (int(spill.group(1)) or int(spill.group(2))):
-                found[current] = (int(spill.group(1)), int(spill.group(2)))
-        return found
+        return {kernel: (int(m.group(1)), int(m.group(2)))
+                for kernel, m in self._per_kernel(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+                if int(m.group(1)) or int(m.group(2))}
 
     def stack_frames(self) -> dict[str, int]:
         """kernel name -> bytes of stack frame, for kernels that have one (local memory: a register
         array indexed at run time lands there without being counted as a spill)."""
-        found, current = {}, None
-        for line in self.log.splitlines():
-            entry = re.search(r"Compiling entry function '([^']+)'", line)
-            if entry:
-                current = entry.group(1)
-            frame = re.search(r"(\d+) bytes stack frame", line)
-            if frame and current and int(frame.group(1)):
-                found[current] = int(frame.group(1))
-        return found
+        return {kernel: int(m.group(1)) for kernel, m in self._per_kernel(r"(\d+) bytes stack frame")
+                if int(m.group(1))}
 
     def registers(self) -> dict[str, int]:
         """kernel name -> registers per thread."""
-        found, current = {}, None
+        return {kernel: int(m.group(1)) for kernel, m in self._per_kernel(r"Used (\d+) registers")}
+
+    def _per_kernel(self, pattern: str):
+        """(kernel name, match) for each log line that matches ``pattern``, after the line that
+        names the entry function ptxas is reporting on."""
+        current = None
         for line in self.log.splitlines():
             entry = re.search(r"Compiling entry function '([^']+)'", line)
             if entry:
                 current = entry.group(1)
-            regs = re.search(r"Used (\d+) registers", line)
-            if regs and current:
-                found[current] = int(regs.group(1))
-        return found
+            found = re.search(pattern, line)
+            if found and current:
+                yield current, found
 
 
 class NvrtcError(RuntimeError):
