@@ -355,6 +355,16 @@ class AdamScalars(NamedTuple):
     # GPU step count or lr: [step_size, bias_correction2_sqrt, decay_factor] on the device
     device_scalars: object = None
 
+    def kernel_scalars(self) -> tuple:
+        """The scalars the update kernels take, in their order (optim.cu, numba_cuda, numba_cpu); 0.0
+        stands for one the kernel reads from device_scalars instead."""
+        return (self.beta1, self.beta2, 1.0 - self.beta1, 1.0 - self.beta2, _or_zero(self.step_size),
+                _or_zero(self.bias_correction2_sqrt), self.eps, self.weight_decay, _or_zero(self.decay_factor))
+
+
+def _or_zero(value):
+    return 0.0 if value is None else value
+
 
 def adam_bias_corrections(lr: float, beta1: float, beta2: float, step, sqrt=math.sqrt):
     """``(step_size, sqrt(1 - beta2**step))`` of the 1-based ``step``: Python floats for an int
@@ -403,6 +413,11 @@ class SgdScalars(NamedTuple):
     first_step: bool | None  # None when first_step is a device array
     device_scalars: object = None  # GPU first_step or lr: [1.0 or 0.0, lr] on the device
 
+    def kernel_scalars(self) -> tuple:
+        """The scalars the update kernels take, in their order (optim.cu, numba_cuda, numba_cpu); 0.0
+        stands for one the kernel reads from device_scalars instead."""
+        return (_or_zero(self.lr), self.momentum, 1.0 - self.dampening, self.weight_decay)
+
 
 def validate_sgd(param, grad, momentum_buf, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
                  first_step, found_inf=None, inv_scale=None, param_out=None) -> SgdScalars:
@@ -440,6 +455,11 @@ class AdagradScalars(NamedTuple):
     maximize: bool
     device_scalars: object = None  # GPU step count or lr: [clr] on the device
 
+    def kernel_scalars(self) -> tuple:
+        """The scalars the update kernels take, in their order (optim.cu, numba_cuda, numba_cpu); 0.0
+        stands for one the kernel reads from device_scalars instead."""
+        return (_or_zero(self.clr), self.weight_decay, self.eps)
+
 
 def adagrad_decayed_lr(lr: float, lr_decay: float, step):
     """Adagrad's learning rate at the 1-based ``step`` (an int, or a device array)."""
@@ -473,6 +493,10 @@ class RmspropScalars(NamedTuple):
     momentum: float
     centered: bool
     maximize: bool
+
+    def kernel_scalars(self) -> tuple:
+        """The scalars the update kernels take, in their order (optim.cu, numba_cuda, numba_cpu)."""
+        return (self.lr, self.alpha, 1.0 - self.alpha, self.eps, self.weight_decay, self.momentum)
 
 
 def validate_rmsprop(param, grad, square_avg, momentum_buf, grad_avg, *, lr, alpha, eps, weight_decay, momentum,
@@ -934,8 +958,7 @@ def adam_step_numba(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr
     if amp is None:
         return
     vmax = max_exp_avg_sq if s.amsgrad else exp_avg_sq  # placeholder, never read or written without amsgrad
-    scalars = _typed(param.dtype, s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size,
-                     s.bias_correction2_sqrt, s.eps, s.weight_decay, s.decay_factor, amp.inv_scale)
+    scalars = _typed(param.dtype, *s.kernel_scalars(), amp.inv_scale)
     kernel = _numba_kernels(param.size, amp)["adam"]
     kernel(_flat(param), amp.grad, amp.grad_out, _flat(exp_avg), _flat(exp_avg_sq), _flat(vmax), amp.out,
            *scalars, s.weight_decay != 0, s.decoupled, s.amsgrad, s.maximize)
@@ -952,7 +975,7 @@ def sgd_step_numba(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampenin
         return
     use_momentum = s.momentum != 0
     buf = momentum_buf if use_momentum else param  # placeholder, never touched without momentum
-    scalars = _typed(param.dtype, s.lr, s.momentum, 1.0 - s.dampening, s.weight_decay, amp.inv_scale)
+    scalars = _typed(param.dtype, *s.kernel_scalars(), amp.inv_scale)
     kernel = _numba_kernels(param.size, amp)["sgd"]
     kernel(_flat(param), amp.grad, amp.grad_out, _flat(buf), amp.out, *scalars, s.weight_decay != 0,
            use_momentum, s.nesterov, s.maximize, s.first_step)
@@ -966,7 +989,7 @@ def adagrad_step_numba(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay
     amp = _numba_amp(param, grad, found_inf, inv_scale, param_out)
     if amp is None:
         return
-    scalars = _typed(param.dtype, s.clr, s.weight_decay, s.eps, amp.inv_scale)
+    scalars = _typed(param.dtype, *s.kernel_scalars(), amp.inv_scale)
     kernel = _numba_kernels(param.size, amp)["adagrad"]
     kernel(_flat(param), amp.grad, amp.grad_out, _flat(state_sum), amp.out, *scalars, s.weight_decay != 0,
            s.maximize)
@@ -984,7 +1007,7 @@ def rmsprop_step_numba(param, grad, square_avg, momentum_buf=None, grad_avg=None
     use_momentum = s.momentum > 0
     buf = momentum_buf if use_momentum else square_avg  # placeholders, never touched when unused
     gavg = grad_avg if s.centered else square_avg
-    scalars = _typed(param.dtype, s.lr, s.alpha, 1.0 - s.alpha, s.eps, s.weight_decay, s.momentum, amp.inv_scale)
+    scalars = _typed(param.dtype, *s.kernel_scalars(), amp.inv_scale)
     kernel = _numba_kernels(param.size, amp)["rmsprop"]
     kernel(_flat(param), amp.grad, amp.grad_out, _flat(square_avg), _flat(buf), _flat(gavg), amp.out, *scalars,
            s.weight_decay != 0, use_momentum, s.centered, s.maximize)

@@ -136,11 +136,6 @@ def _common_flags(maximize: bool, weight_decay: float) -> int:
     return (MAXIMIZE if maximize else 0) | (WEIGHT_DECAY if weight_decay != 0 else 0)
 
 
-def _or_zero(value):
-    """A host scalar the kernel ignores (0) where it reads the value from device_scalars instead."""
-    return 0.0 if value is None else value
-
-
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
               weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False, step, found_inf=None,
               inv_scale=None, param_out=None):
@@ -151,10 +146,8 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta
     flags = (_common_flags(s.maximize, s.weight_decay) | (DECOUPLED if s.decoupled else 0)
              | (AMSGRAD if s.amsgrad else 0))
     vmax = max_exp_avg_sq if s.amsgrad else exp_avg_sq  # placeholder, never touched without amsgrad
-    _launch("adam_step", [param, grad, exp_avg, exp_avg_sq, vmax],
-            (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, _or_zero(s.step_size),
-             _or_zero(s.bias_correction2_sqrt), s.eps, s.weight_decay, _or_zero(s.decay_factor)), flags,
-            found_inf, inv_scale, s.device_scalars, param_out)
+    _launch("adam_step", [param, grad, exp_avg, exp_avg_sq, vmax], s.kernel_scalars(), flags, found_inf, inv_scale,
+            s.device_scalars, param_out)
 
 
 def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
@@ -167,8 +160,8 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0,
     if use_momentum:
         flags |= MOMENTUM | (NESTEROV if s.nesterov else 0) | (FIRST_STEP if s.first_step else 0)
     buf = momentum_buf if use_momentum else param  # placeholder, never touched without momentum
-    _launch("sgd_step", [param, grad, buf], (_or_zero(s.lr), s.momentum, 1.0 - s.dampening, s.weight_decay), flags,
-            found_inf, inv_scale, s.device_scalars, param_out)
+    _launch("sgd_step", [param, grad, buf], s.kernel_scalars(), flags, found_inf, inv_scale, s.device_scalars,
+            param_out)
 
 
 def adagrad_step(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, step, maximize=False,
@@ -176,7 +169,7 @@ def adagrad_step(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, 
     s = validate_adagrad(param, grad, state_sum, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
                          step=step, maximize=maximize, found_inf=found_inf, inv_scale=inv_scale,
                          param_out=param_out)
-    _launch("adagrad_step", [param, grad, state_sum], (_or_zero(s.clr), s.weight_decay, s.eps),
+    _launch("adagrad_step", [param, grad, state_sum], s.kernel_scalars(),
             _common_flags(s.maximize, s.weight_decay), found_inf, inv_scale, s.device_scalars, param_out)
 
 
@@ -191,6 +184,5 @@ def rmsprop_step(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, l
              | (CENTERED if s.centered else 0))
     buf = momentum_buf if use_momentum else square_avg  # placeholders, never touched when unused
     gavg = grad_avg if s.centered else square_avg
-    _launch("rmsprop_step", [param, grad, square_avg, buf, gavg],
-            (s.lr, s.alpha, 1.0 - s.alpha, s.eps, s.weight_decay, s.momentum), flags, found_inf, inv_scale,
+    _launch("rmsprop_step", [param, grad, square_avg, buf, gavg], s.kernel_scalars(), flags, found_inf, inv_scale,
             False, param_out)

@@ -269,9 +269,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta
                       maximize=maximize, step=step, found_inf=found_inf, inv_scale=inv_scale,
                       param_out=param_out)
     vmax = max_exp_avg_sq if s.amsgrad else _placeholder(param)
-    _launch(adam_kernel, [param, grad, exp_avg, exp_avg_sq, vmax],
-            (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size or 0.0, s.bias_correction2_sqrt or 0.0,
-             s.eps, s.weight_decay, s.decay_factor or 0.0),
+    _launch(adam_kernel, [param, grad, exp_avg, exp_avg_sq, vmax], s.kernel_scalars(),
             (s.weight_decay != 0, s.decoupled, s.amsgrad, s.maximize), found_inf, inv_scale, s.device_scalars,
             param_out, "adam_step")
 
@@ -283,7 +281,7 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, dampening=0.0,
                      found_inf=found_inf, inv_scale=inv_scale, param_out=param_out)
     use_momentum = s.momentum != 0
     buf = momentum_buf if use_momentum else _placeholder(param)
-    _launch(sgd_kernel, [param, grad, buf], (s.lr or 0.0, s.momentum, 1.0 - s.dampening, s.weight_decay),
+    _launch(sgd_kernel, [param, grad, buf], s.kernel_scalars(),
             (s.weight_decay != 0, use_momentum, s.nesterov, s.maximize, bool(s.first_step)), found_inf, inv_scale,
             s.device_scalars, param_out, "sgd_step")
 
@@ -293,7 +291,7 @@ def adagrad_step(param, grad, state_sum, *, lr, lr_decay=0.0, weight_decay=0.0, 
     s = validate_adagrad(param, grad, state_sum, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
                          step=step, maximize=maximize, found_inf=found_inf, inv_scale=inv_scale,
                          param_out=param_out)
-    _launch(adagrad_kernel, [param, grad, state_sum], (s.clr or 0.0, s.weight_decay, s.eps),
+    _launch(adagrad_kernel, [param, grad, state_sum], s.kernel_scalars(),
             (s.weight_decay != 0, s.maximize), found_inf, inv_scale, s.device_scalars, param_out, "adagrad_step")
 
 
@@ -306,7 +304,6 @@ def rmsprop_step(param, grad, square_avg, momentum_buf=None, grad_avg=None, *, l
     use_momentum = s.momentum > 0
     buf = momentum_buf if use_momentum else _placeholder(param)
     gavg = grad_avg if s.centered else _placeholder(param)
-    _launch(rmsprop_kernel, [param, grad, square_avg, buf, gavg],
-            (s.lr, s.alpha, 1.0 - s.alpha, s.eps, s.weight_decay, s.momentum),
+    _launch(rmsprop_kernel, [param, grad, square_avg, buf, gavg], s.kernel_scalars(),
             (s.weight_decay != 0, use_momentum, s.centered, s.maximize), found_inf, inv_scale, None, param_out,
             "rmsprop_step")
