@@ -2,6 +2,8 @@
 
 import argparse
 
+import engine
+
 DEVICE_HELP = "auto (the GPU if cupy finds one, else the CPU), cpu, cuda, cuda:N"
 
 
@@ -10,3 +12,8 @@ def argument_parser(name: str, description: str) -> argparse.ArgumentParser:
     (``python -m engine.examples.<name>``) and shows each option's default."""
     return argparse.ArgumentParser(prog=f"python -m engine.examples.{name}", description=description,
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def chosen_device(name: str):
+    """The device a ``--device`` option names: ``auto`` is :func:`engine.best_device`."""
+    return engine.best_device() if name == "auto" else engine.device(name)

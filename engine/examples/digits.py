@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import engine
-from engine.examples import DEVICE_HELP, argument_parser
+from engine.examples import DEVICE_HELP, argument_parser, chosen_device
 from engine import metrics, nn, optim
 from engine.data import DataLoader, StandardScaler, TensorDataset, load_digits, train_val_test_split
 from engine.train import EarlyStopping, ModelCheckpoint, Trainer
@@ -44,7 +44,7 @@ def prepare(seed: int = 0):
 def main(argv=None) -> dict:
     args = _parse(argv)
     engine.manual_seed(args.seed)
-    device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    device = chosen_device(args.device)
     world, main_rank, batch_size = 1, True, args.batch_size
     if args.distributed:  # one rank per process of mpiexec; each reads 1/world of every batch
         import engine.distributed as dist

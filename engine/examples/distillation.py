@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import engine
-from engine.examples import DEVICE_HELP, argument_parser
+from engine.examples import DEVICE_HELP, argument_parser, chosen_device
 from engine import nn, optim
 from engine.examples.digits import prepare
 from engine.train import Trainer
@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
-    device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    device = chosen_device(args.device)
     verbose = 0 if args.quiet else 1
     train, val, test = prepare()
 

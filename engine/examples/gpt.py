@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import engine
-from engine.examples import DEVICE_HELP, argument_parser
+from engine.examples import DEVICE_HELP, argument_parser, chosen_device
 import engine.nn.functional as F
 from engine import nn, optim
 from engine.data import DataLoader, Subset
@@ -321,12 +321,12 @@ def main(argv=None) -> dict:
     if args.init_from:  # sample from a Hugging Face GPT-2 directory instead of training
         from engine.examples import gpt2_weights
 
-        device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+        device = chosen_device(args.device)
         return gpt2_weights.sample(args.init_from, args.prompt, args.sample_tokens, args.temperature,
                                    args.top_k or None, device)
     out = Path(args.out)
     engine.manual_seed(args.seed)
-    device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    device = chosen_device(args.device)
     text = Path(args.data).read_text(encoding="utf-8", errors="replace") if args.data else stdlib_corpus(args.max_bytes)
     tokenizer = make_tokenizer(args.tokenizer, text, args.vocab_size, out, args.resume)
     prompt = tokenizer.encode(args.prompt) or [0]  # encoded now: a prompt it cannot encode fails before training

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 import engine
-from engine.examples import DEVICE_HELP, argument_parser
+from engine.examples import DEVICE_HELP, argument_parser, chosen_device
 from engine import nn, optim
 from engine.data import load_mnist
 from engine.train import EarlyStopping, Trainer
@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
     engine.manual_seed(0)
-    device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    device = chosen_device(args.device)
     x_train, y_train = load_mnist(args.root, kind="train")
     x_test, y_test = load_mnist(args.root, kind="t10k")
     if args.limit:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 import engine
-from engine.examples import DEVICE_HELP, argument_parser
+from engine.examples import DEVICE_HELP, argument_parser, chosen_device
 import engine.functional as F
 from engine import metrics, nn, optim
 from engine.data import StandardScaler, train_val_test_split
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
     engine.manual_seed(0)
-    device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    device = chosen_device(args.device)
     x, y = make_data()
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = train_val_test_split(x, y, val=0.1, test=0.2, seed=0)
     y_scaler = StandardScaler().fit(y_train)

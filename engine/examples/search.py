@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 import engine
-from engine.examples import DEVICE_HELP, argument_parser
+from engine.examples import DEVICE_HELP, argument_parser, chosen_device
 from engine import optim
 from engine.examples.digits import build_model, prepare
 from engine.train import Trainer
@@ -24,7 +24,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--grid", action="store_true", help="grid search over a small fixed grid instead")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
-    device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    device = chosen_device(args.device)
     train, val, test = prepare()
 
     def fit(config) -> Trainer:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 import engine
-from engine.examples import DEVICE_HELP, argument_parser
+from engine.examples import DEVICE_HELP, argument_parser, chosen_device
 from engine import nn, optim
 from engine.examples.digits import prepare
 from engine.train import Trainer
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     args = parser.parse_args(argv)
     engine.manual_seed(0)
-    device = engine.best_device() if args.device == "auto" else engine.device(args.device)
+    device = chosen_device(args.device)
     verbose = 0 if args.quiet else 1
     train, val, test = prepare()
     first = [_subset(s, [0, 1, 2, 3, 4], 0) for s in (train, val, test)]
