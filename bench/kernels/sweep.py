@@ -126,24 +126,21 @@ def cases_for(kernel: str, bd: BenchDevice, mode: str):
     if kernel == "adam_step" or kernel in OPTIMIZERS:
         for n in sweep["adam_step" if kernel == "adam_step" else "optim"]:
             yield lambda n=n: optimizer_case(bd, kernel, n)
-    elif kernel == "softmax_cross_entropy":
-        for n, c in sweep["softmax_cross_entropy"]:
-            yield lambda n=n, c=c: cross_entropy_case(bd, n, c)
-    elif kernel == "linear_relu_forward":
-        for shape in sweep["linear_relu"]:
-            yield lambda shape=shape: linear_relu_forward_case(bd, *shape)
-    elif kernel == "linear_relu_backward":
-        for shape in sweep["linear_relu"]:
-            yield lambda shape=shape: linear_relu_backward_case(bd, *shape)
-    elif kernel == "layer_norm":
-        for shape in sweep["layer_norm"]:
-            yield lambda shape=shape: layer_norm_case(bd, *shape)
-    elif kernel == "attention":
-        for shape in sweep["attention"]:
-            yield lambda shape=shape: attention_case(bd, *shape)
-    elif kernel == "gelu":
-        for shape in sweep["gelu"]:
-            yield lambda shape=shape: gelu_case(bd, *shape)
+    elif kernel in _SHAPED_CASES:
+        family, make_case = _SHAPED_CASES[kernel]
+        for shape in sweep[family]:
+            yield lambda shape=shape: make_case(bd, *shape)
+
+
+# kernel -> (the sweep family whose sizes it runs, the case builder taking bd and one size's fields)
+_SHAPED_CASES = {
+    "softmax_cross_entropy": ("softmax_cross_entropy", cross_entropy_case),
+    "linear_relu_forward": ("linear_relu", linear_relu_forward_case),
+    "linear_relu_backward": ("linear_relu", linear_relu_backward_case),
+    "layer_norm": ("layer_norm", layer_norm_case),
+    "attention": ("attention", attention_case),
+    "gelu": ("gelu", gelu_case),
+}
 
 
 def run_sweep(bd: BenchDevice, ceilings: roofline.Ceilings, kernel_names: list[str], mode: str,
