@@ -123,7 +123,10 @@ def test_layer_norm_fused_and_unfused_agree(dtype, torch_dtype):
     eps = EPS[np.dtype(dtype)]
     for name, a, b_ in zip(("y", "dx", "dweight", "dbias"), *results):
         assert a.dtype == b_.dtype
-        assert_within_ulps(a, b_.float().numpy(), eps if a.dtype == np.dtype(dtype) else 1e-5, name)
+        if a.dtype == np.dtype(dtype):
+            assert_within_ulps(a, b_.float().numpy(), eps, name)
+        else:  # float32 parameter gradients: sums over rows that may cancel, so judged normwise
+            assert_within_ulps(a, b_.float().numpy(), 1e-5, name, normwise=True)
 
 
 def test_layer_norm_gradient_of_another_dtype_is_cast():
