@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import threading
 import weakref
 
@@ -702,6 +703,50 @@ _GRAD_LOCKS = tuple(threading.Lock() for _ in range(64))  # a power of two: a ma
 def grad_lock(tensor) -> threading.Lock:
     """The lock guarding ``tensor.grad`` (and its hook list) against concurrent accumulation."""
     return _GRAD_LOCKS[(id(tensor) >> 4) & 63]  # objects are 16-byte aligned: skip the zero bits
+
+
+class GradHome:
+    """Memory prepared for a leaf's next fresh gradient: its slice of an optimizer's flat gradient buffer.
+
+    An optimizer that updates its parameters from one flat gradient buffer gives each parameter a
+    home there (``param._grad_home``, a weak reference). When backward reaches a leaf whose
+    ``.grad`` is None it copies the gradient into the home and makes ``.grad`` a Tensor over it,
+    instead of a Tensor over a new copy: the optimizer then finds the gradients in its buffer and
+    gathers nothing. The copy is the one backward made anyway; the gather's pass is saved.
+
+    A home is taken only while nothing outside the bookkeeping sees its memory (:meth:`is_free`):
+    a grad Tensor kept by the user after ``zero_grad(set_to_none=True)``, an array from its
+    ``.numpy()``, or a view of either holds a reference to ``array`` (on the CPU views of it have
+    it as their base, see ``backend.rooted_view``). Then the gradient gets new memory, and the
+    old tensor keeps its values, as in PyTorch.
+
+    Attributes:
+        array: the home (a view of the flat buffer, shaped as the parameter).
+        param: the parameter array the home was made for; a parameter rebound since (``.to()``,
+            ``p.data = ...``) no longer matches, and its gradient goes to new memory.
+    """
+
+    __slots__ = ("array", "param", "idle", "__weakref__")
+
+    def __init__(self, array, param):
+        self.array, self.param, self.idle = array, param, -1
+
+    def settle(self) -> None:
+        """Record the reference count with only the bookkeeping holding ``array`` (call it once the
+        owner has stored the array where it keeps it, and holds it in no local variable)."""
+        self.idle = sys.getrefcount(self.array)
+
+    def is_free(self) -> bool:
+        """Does nothing but the bookkeeping see this memory (no tensor, array or view of it)?"""
+        return sys.getrefcount(self.array) == self.idle
+
+    def takes(self, data, g) -> bool:
+        """May gradient ``g`` of the leaf whose array is ``data`` be written into this home?"""
+        home = self.array
+        fits = (data is self.param and type(g) is type(home) and g.dtype == home.dtype and g.shape == home.shape
+                and (type(g) is _ndarray or g.device == home.device))
+        del home  # not counted by is_free
+        return fits and self.is_free()
 
 
 class _BackwardState(threading.local):

@@ -145,6 +145,24 @@ def address(array) -> int:
     return int(array.data.ptr)
 
 
+class _ViewRoot(np.ndarray):
+    """An ndarray subclass used only as the base of :func:`rooted_view`'s arrays (never computed with)."""
+
+
+def rooted_view(flat, start: int, stop: int, shape: tuple):
+    """``flat[start:stop].reshape(shape)`` as an array that is the ``.base`` of every view taken from it.
+
+    numpy names the memory's owner as the base of a plain slice's views, so the slice's reference
+    count would not see them; it stops that collapse at an array of another type, which the slice
+    is made from here. So on the CPU the reference count of the result counts every array that sees
+    this memory (the grad Tensors over it, an array from their ``.numpy()``, views of either). On
+    cupy it is the plain slice (its views are not counted).
+    """
+    if isinstance(flat, np.ndarray):
+        return flat.view(_ViewRoot)[start:stop].reshape(shape).view(np.ndarray)
+    return flat[start:stop].reshape(shape)
+
+
 def device_of(array) -> Device:
     """The Device holding ``array``."""
     if isinstance(array, (np.ndarray, np.generic)):

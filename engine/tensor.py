@@ -42,7 +42,7 @@ class Tensor:
     """
 
     __slots__ = ("_data", "_grad", "requires_grad", "grad_fn", "_retains_grad", "_version", "_base",
-                 "_post_grad_hooks", "__weakref__")
+                 "_post_grad_hooks", "_grad_home", "__weakref__")
     __array_priority__ = 1000  # numpy scalars defer to Tensor's reflected operators
     # False for a subclass that defines its own ``device``: ops then ask it, rather than assuming
     # that a numpy array's tensor is on the CPU (Function.apply's fast path).
@@ -62,7 +62,7 @@ class Tensor:
         self._retains_grad = False
         self._version = Version()  # shared with every tensor viewing the same memory
         self._base = None  # the tensor this one is a view of (made by an op), if any
-        self._post_grad_hooks = None
+        self._post_grad_hooks = self._grad_home = None
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
@@ -78,7 +78,7 @@ class Tensor:
         if isinstance(data, np.generic):  # numpy reductions return scalars; keep 0-d arrays
             data = np.asarray(data)
         t._data = data
-        t._grad = t._base = t._post_grad_hooks = None
+        t._grad = t._base = t._post_grad_hooks = t._grad_home = None
         t.grad_fn = grad_fn
         t._retains_grad = False
         t._version = Version()
@@ -195,8 +195,15 @@ class Tensor:
     def _accumulate_grad(self, g) -> None:
         with grad_lock(self):  # backward() may run in several threads at once (see grad_lock)
             if self._grad is None:
-                # Copy: ``g`` may be a view shared with another tensor's gradient.
-                self._grad = Tensor._from_op(g.copy(), None)
+                # Copy: ``g`` may be a view shared with another tensor's gradient. Into the home an
+                # optimizer prepared (its flat gradient buffer, see GradHome) where it is free.
+                home = self._grad_home
+                home = home() if home is not None else None
+                if home is not None and home.takes(self._data, g):
+                    home.array[...] = g
+                    self._grad = Tensor._from_op(home.array, None)
+                else:
+                    self._grad = Tensor._from_op(g.copy(), None)
             else:
                 self._grad._data += g
                 self._grad._version.value += 1
@@ -797,7 +804,7 @@ def _rebuild(cls, data, requires_grad: bool, attributes=None) -> Tensor:
     t = cls.__new__(cls)
     t._data, t._grad, t.grad_fn, t._retains_grad = data, None, None, False
     t._version, t._base, t.requires_grad = Version(), None, bool(requires_grad)
-    t._post_grad_hooks = None
+    t._post_grad_hooks = t._grad_home = None
     if attributes:
         t.__dict__.update(attributes)
     return t

@@ -6,9 +6,17 @@ its parameters. A bucket owns
 * ``flat``: one contiguous buffer holding every parameter of the bucket; each parameter's
   ``._data`` is rebound to a shaped view into it, so the kernel updates the model in place with
   no copy;
-* ``grad_flat``: one contiguous gradient buffer; gradients are copied into it before the step
-  (one ``concatenate``) unless they already are views of it, which ``zero_grad(set_to_none=False)``
-  arranges (backward then accumulates straight into the buffer);
+* ``grad_flat``: one contiguous gradient buffer, made with the bucket. Each parameter's slice of it is
+  the parameter's gradient home (``engine.autograd.GradHome``): when the optimizer steps with the
+  fused kernels, backward writes a leaf's fresh gradient into its home and ``.grad`` is a Tensor
+  over it, so the step finds the gradients in the buffer and copies nothing; so does
+  ``zero_grad(set_to_none=False)`` (backward then accumulates straight into the buffer). Gradients
+  elsewhere (assigned by the user, or made while a home was busy) are copied in before the step
+  (one ``concatenate`` when all are). A home whose memory a tensor or array the user kept still
+  sees (the ``.grad`` of before ``zero_grad(set_to_none=True)``) is never written: the gradient
+  goes to new memory, and a step that must copy such a gradient in first gives the bucket a new
+  ``grad_flat``, leaving the old one to the tensors that see it (PyTorch's ``set_to_none``
+  semantics: the old tensor keeps its values);
 * one flat buffer per state (``exp_avg``, ``momentum_buffer`` ...), allocated on first need;
 * for float16 / bfloat16 parameters (``master_weights`` on, the default): ``master``, a float32
   copy of ``flat``; the states are then float32, and the kernels update the master and write it
@@ -55,12 +63,13 @@ import collections
 import contextlib
 import math
 import numbers
+import weakref
 
 import numpy as np
 
 from engine import backend, dtypes
 from engine.amp.grad_scaler import check_and_unscale_
-from engine.autograd import enable_grad, no_grad
+from engine.autograd import GradHome, enable_grad, no_grad
 from engine.backend import CaptureError
 from engine.dtypes import is_floating
 from engine.errors import EngineError, describe
@@ -180,6 +189,9 @@ class _Bucket:
         self.views = [self._view(self.flat, i) for i in range(len(params))]
         self.grad_flat = None
         self.grad_views: list = []
+        self.homes: list[GradHome] = []  # where backward writes each param's fresh gradient (views of grad_flat)
+        self.homes_in_use = False  # are the homes given to the params (fused steps gather from grad_flat)?
+        self.grads_copied = 0  # how many gradients were copied into grad_flat (a statistic for tests)
         self._zero_pad = None  # zeros as long as the longest gap, to gather grads with one concatenate
         self.buffers: dict = {}  # state name -> flat array
         self.steps: list = [0] * len(params)  # int, or _OnDevice after a step a GradScaler may have skipped
@@ -200,10 +212,19 @@ class _Bucket:
     def _view(self, flat, i: int):
         return flat[self.starts[i]:self.stops[i]].reshape(self.shapes[i])
 
-    def bind(self) -> None:
-        """Rebind every parameter's ``._data`` to its view of ``flat``."""
+    def bind(self, homes: bool = False) -> None:
+        """Rebind every parameter's ``._data`` to its view of ``flat``; with ``homes`` (the step reads
+        the gradients from ``grad_flat``) make ``grad_flat`` and give each parameter its home there."""
         for p, view in zip(self.params, self.views):
             p._data = view
+        self.homes_in_use = homes
+        if homes:
+            self._ensure_grad_flat()
+        self._give_homes()
+
+    def _give_homes(self) -> None:
+        for i, p in enumerate(self.params):
+            p._grad_home = weakref.ref(self.homes[i]) if self.homes_in_use else None
 
     def is_bound(self) -> bool:
         return all(p._data is view for p, view in zip(self.params, self.views))
@@ -273,18 +294,41 @@ class _Bucket:
             with backend.on_device(self.device):
                 self.grad_flat = _aligned_full(self.xp, self.numel, 0, self.dtype)  # padding: 0
                 self._zero_pad = self.xp.zeros(FLAT_ALIGNMENT_BYTES // self.dtype.itemsize, dtype=self.dtype)
-            self.grad_views = [self._view(self.grad_flat, i) for i in range(len(self.params))]
+            self.grad_views = [backend.rooted_view(self.grad_flat, start, stop, shape)
+                               for start, stop, shape in zip(self.starts, self.stops, self.shapes)]
+            self.homes = [GradHome(self.grad_views[i], self.views[i]) for i in range(len(self.params))]
+            for home in self.homes:  # the views are held by grad_views and the homes only
+                home.settle()
         return self.grad_flat
+
+    def _writable(self, slots) -> None:
+        """Before writing the ``slots`` of ``grad_flat`` for gradients that do not live there: if a tensor
+        or array someone kept still sees one of them, leave the buffer to it and take a new one."""
+        if all(self.homes[i].is_free() for i in slots):
+            return
+        self.grad_flat = None
+        self._ensure_grad_flat()
+        self._give_homes()
+
+    def _stale(self, indices) -> list[int]:
+        """The params among ``indices`` whose grad is not their view of ``grad_flat``."""
+        return [i for i in indices if self.params[i].grad._data is not self.grad_views[i]]
 
     def gather_grads(self, active: list[int]):
         """``grad_flat`` holding the grads of the ``active`` params (other slices: stale).
 
-        Grads that already are views of ``grad_flat`` (see :meth:`zero_grads`) are not copied;
-        the others are copied in, with one ``concatenate`` (of the grads and zero padding) when
-        every grad needs copying. Padding is only ever written with zeros.
+        Grads that already are views of ``grad_flat`` (backward wrote them into their homes, or
+        see :meth:`zero_grads`) are not copied; the others are copied in, with one ``concatenate``
+        (of the grads and zero padding) when every grad needs copying, after :meth:`_writable`.
+        Padding is only ever written with zeros.
         """
-        grad_flat = self._ensure_grad_flat()
-        stale = [i for i in active if self.params[i].grad._data is not self.grad_views[i]]
+        self._ensure_grad_flat()
+        stale = self._stale(active)
+        if stale:
+            self._writable(stale)
+            stale = self._stale(active)
+        grad_flat = self.grad_flat
+        self.grads_copied += len(stale)
         if len(stale) == len(self.params):
             self.xp.concatenate(self._grads_and_padding(), out=grad_flat)
         else:
@@ -314,13 +358,16 @@ class _Bucket:
     def zero_grads(self) -> None:
         """Zero the existing grads, making each one's ``._data`` a view of ``grad_flat``.
 
-        One fill zeros them all; the next backward accumulates in place into the views, so the
-        next step copies nothing. The grad Tensors stay the same objects (only their ``._data``
+        One fill zeros them all (after :meth:`_writable`, for the slices of grads that live
+        elsewhere); the next backward accumulates in place into the views, so the next step
+        copies nothing. The grad Tensors stay the same objects (only their ``._data``
         is rebound), so a caller holding ``p.grad`` sees zeros, as with an in-place zero.
         """
         if all(p.grad is None for p in self.params):
             return
-        self._ensure_grad_flat().fill(0)
+        self._ensure_grad_flat()
+        self._writable([i for i, p in enumerate(self.params) if p.grad is None or p.grad._data is not self.grad_views[i]])
+        self.grad_flat.fill(0)
         for p, view in zip(self.params, self.grad_views):
             if p.grad is not None:
                 p.grad._data = view
@@ -495,7 +542,7 @@ class Optimizer:
             state = {p: {"step": 0, **{n: None for n in initial}} for p in group["params"]}
         buckets = self._pack(group, state)
         for bucket in buckets:
-            bucket.bind()
+            bucket.bind(homes=self.fused and bucket.fusable)
         self.param_groups.append(group)
         self._buckets.append(buckets)
         self._group_params.append(tuple(group["params"]))
@@ -563,7 +610,7 @@ class Optimizer:
             state = self._unpack(index)
             buckets = self._pack(group, state)
             for bucket in buckets:
-                bucket.bind()
+                bucket.bind(homes=self.fused and bucket.fusable)
             self._buckets[index] = buckets
             self._group_params[index] = tuple(group["params"])
 
@@ -572,11 +619,12 @@ class Optimizer:
         """Reset the gradients of every parameter.
 
         Args:
-            set_to_none: ``True`` (default) sets ``.grad`` to None (the next backward allocates
-                fresh grads; the step then copies them into the flat grad buffer, one
-                ``concatenate`` per bucket). ``False`` zeros the existing grads with one fill per
-                bucket and makes them views of the flat grad buffer: backward then accumulates
-                straight into it and the step copies nothing. Grads that are None stay None.
+            set_to_none: ``True`` (default) sets ``.grad`` to None: the next backward writes each
+                fresh gradient into the parameter's slice of the flat grad buffer (with the fused
+                kernels) and the step copies nothing; a ``.grad`` Tensor kept from before keeps its
+                values. ``False`` zeros the existing grads with one fill per bucket and makes them
+                views of the flat grad buffer: backward then accumulates straight into it and the
+                step copies nothing. Grads that are None stay None.
         """
         self._sync()
         for buckets in self._buckets:
@@ -916,7 +964,7 @@ class Optimizer:
         buckets = [self._pack(group, {p: e for p, e in state.items() if e}) for group, state in zip(new_groups, states)]
         for group_buckets in buckets:  # commit: nothing below can fail
             for bucket in group_buckets:
-                bucket.bind()
+                bucket.bind(homes=self.fused and bucket.fusable)
         for group, new_group in zip(self.param_groups, new_groups):
             group.clear()
             group.update(new_group)

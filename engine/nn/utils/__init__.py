@@ -63,8 +63,11 @@ def _norm(array, norm_type: float):
 
 
 def _owner(array):
-    """The array owning ``array``'s memory (following ``.base`` through arrays of its type)."""
-    while type(getattr(array, "base", None)) is type(array):
+    """The array owning ``array``'s memory (following ``.base`` through arrays of its kind: the
+    optimizer's gradient views have an ndarray subclass between them and the buffer, see
+    ``backend.rooted_view``)."""
+    kind = type(array)
+    while isinstance(getattr(array, "base", None), kind):
         array = array.base
     return array
 
