@@ -8,7 +8,9 @@ three ways from the same initial weights:
   ``F.linear`` for the last, ``F.cross_entropy`` (fused kernel), ``engine.optim.Adam`` (one
   fused launch over a flat buffer) with ``zero_grad(set_to_none=False)`` so backward
   accumulates straight into the optimizer's flat gradient buffer;
-* ``engine nn + optim.Adam``: the same through ``engine.nn`` layers, where engine.nn exists;
+* ``engine nn + optim.Adam``: the same through ``engine.nn`` layers, where engine.nn exists, with
+  PyTorch's default ``zero_grad()`` (set to None, as the torch row): backward writes each fresh
+  gradient into the optimizer's flat buffer (docs/performance.md);
 * ``torch eager``: ``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``, ``F.cross_entropy`` and
   ``torch.optim.Adam`` (``fused=True`` where torch has it for the device, else its default).
 
@@ -150,7 +152,7 @@ def engine_nn_step(bd: BenchDevice, weights: list, x, y):
     tx, ty = Tensor(x), Tensor(y)
 
     def step():
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()  # what users write (and the torch row does): to None
         with bd.engine_autocast():
             loss = F.cross_entropy(model(tx), ty)
         loss.backward()
