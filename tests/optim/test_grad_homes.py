@@ -12,6 +12,7 @@ import engine
 import engine.functional as F
 from engine import nn
 from engine.optim import SGD, Adam, AdamW
+from tests.conftest import DEVICES
 
 OPTIMIZERS = [
     (Adam, {"lr": 1e-2, "weight_decay": 0.01}),
@@ -20,15 +21,16 @@ OPTIMIZERS = [
 ]
 
 
-def make_model(seed=0):
+def make_model(device="cpu", seed=0):
     engine.manual_seed(seed)
-    return nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5))  # odd sizes: padding between params
+    model = nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5))  # odd sizes: padding between params
+    return model.to(device)
 
 
-def batches(n):
+def batches(n, device="cpu"):
     rng = np.random.default_rng(1)
-    return [(engine.tensor(rng.standard_normal((6, 7)), dtype=np.float32), engine.tensor(rng.integers(0, 5, 6)))
-            for _ in range(n)]
+    return [(engine.tensor(rng.standard_normal((6, 7)), dtype=np.float32, device=device),
+             engine.tensor(rng.integers(0, 5, 6), device=device)) for _ in range(n)]
 
 
 def loss_of(model, x, y):
@@ -39,13 +41,13 @@ def buckets(opt):
     return [b for group in opt._buckets for b in group]
 
 
-def train(opt_cls, kwargs, fused, set_to_none, homes, steps=4, accumulate=2):
-    model = make_model()
+def train(opt_cls, kwargs, fused, set_to_none, homes, steps=4, accumulate=2, device="cpu"):
+    model = make_model(device)
     opt = opt_cls(model.parameters(), fused=fused, **kwargs)
     if not homes:  # the path before homes: backward copies each gradient, the step gathers them
         for p in model.parameters():
             p._grad_home = None
-    data = batches(steps * accumulate)
+    data = batches(steps * accumulate, device)
     copied = []
     for step in range(steps):
         opt.zero_grad(set_to_none=set_to_none)
@@ -57,12 +59,13 @@ def train(opt_cls, kwargs, fused, set_to_none, homes, steps=4, accumulate=2):
     return [p.numpy().copy() for p in model.parameters()], copied, opt
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS)
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_steps_are_bit_identical_with_and_without_homes(opt_cls, kwargs, fused, set_to_none):
-    with_homes, copied, _ = train(opt_cls, kwargs, fused, set_to_none, homes=True)
-    without, copied_before, _ = train(opt_cls, kwargs, fused, set_to_none, homes=False)
+def test_steps_are_bit_identical_with_and_without_homes(opt_cls, kwargs, fused, set_to_none, device):
+    with_homes, copied, _ = train(opt_cls, kwargs, fused, set_to_none, homes=True, device=device)
+    without, copied_before, _ = train(opt_cls, kwargs, fused, set_to_none, homes=False, device=device)
     for a, b in zip(with_homes, without):
         np.testing.assert_array_equal(a, b)
     if fused:
@@ -104,11 +107,12 @@ def kept_part(grad, keep):
     return grad[1]  # a Tensor view
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("keep", ["tensor", "numpy", "numpy_view", "tensor_view"])
-def test_a_grad_kept_across_set_to_none_keeps_its_values(keep):
-    model = make_model()
+def test_a_grad_kept_across_set_to_none_keeps_its_values(keep, device):
+    model = make_model(device)
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
-    data = batches(3)
+    data = batches(3, device)
     opt.zero_grad()
     loss_of(model, *data[0]).backward()
     weight = model[0].weight
@@ -117,7 +121,7 @@ def test_a_grad_kept_across_set_to_none_keeps_its_values(keep):
     opt.step()
     opt.zero_grad()  # set_to_none: the kept tensor lives on with its values, as in PyTorch
     loss_of(model, *data[1]).backward()
-    reference = make_model()
+    reference = make_model(device)
     reference.load_state_dict(model.state_dict())
     loss_of(reference, *data[1]).backward()
     np.testing.assert_array_equal(weight.grad.numpy(), reference[0].weight.grad.numpy())
