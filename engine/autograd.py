@@ -255,13 +255,19 @@ class Function:
     (``linear_relu``, ``cross_entropy``, the fused ``layer_norm`` and ``gelu``: float32
     accumulation, one rounding), which spares the float32 copies; their forward and backward then
     see the 16-bit arrays and return results in the inputs' dtypes.
+
+    ``computes_in_float32 = "on_cpu"`` (``ON_CPU``) applies the float32 rule to numpy arrays only
+    and hands GPU arrays to forward as they are: for the GEMMs (``linear``, ``matmul``), which
+    cuBLAS runs on 16-bit arrays with float32 accumulation and one rounding (tensor cores), while
+    numpy has no 16-bit GEMM and computes them in float32, as PyTorch's CPU kernels do. Such an
+    op's forward and backward must give results in their inputs' dtype when handed 16-bit arrays.
     """
 
     inputs: tuple = ()
     needs_input_grad: tuple = ()
     saved: tuple = ()
     saved_versions: tuple = ()
-    computes_in_float32 = True
+    computes_in_float32 = True  # True, False, or ON_CPU (see above)
     low_dtype = None  # the storage dtype forward rounded to, when it computed in float32
     released = False  # True once backward has run and dropped what forward kept
 
@@ -295,7 +301,8 @@ class Function:
         fn = cls()
         needs = tuple([t.requires_grad for t in inputs])
         fn.needs_input_grad = needs  # known in forward too, so it can save only what backward uses
-        low = _low_precision_of(raw) if cls.computes_in_float32 else None
+        rule = cls.computes_in_float32
+        low = _low_precision_of(raw) if rule is True or (rule and _on_cpu(raw)) else None
         if low is not None:  # array params too: cross_entropy's weight, soft targets
             fn.low_dtype = low
             raw = [dtypes.upcast(a) for a in raw]
@@ -344,6 +351,12 @@ class Function:
 
 _ndarray = np.ndarray
 _LOW_PRECISION = dtypes.LOW_PRECISION
+ON_CPU = "on_cpu"  # Function.computes_in_float32: compute 16-bit numpy arrays in float32, not GPU ones
+
+
+def _on_cpu(arrays) -> bool:
+    """Are an op's input arrays numpy's? (They share one device, checked before this is asked.)"""
+    return not arrays or isinstance(arrays[0], _ndarray)
 
 
 def _low_precision_of(arrays):
@@ -1076,17 +1089,23 @@ def _topological_order(roots, stop=frozenset()) -> list:
     return order
 
 
-def unbroadcast(grad, shape: tuple):
-    """Sum ``grad`` down to ``shape``: the gradient of broadcasting an operand of that shape."""
+def unbroadcast(grad, shape: tuple, dtype=None):
+    """Sum ``grad`` down to ``shape``: the gradient of broadcasting an operand of that shape.
+
+    ``dtype``: the dtype the sums accumulate in, the result rounded once back to ``grad``'s dtype
+    (float32 for a 16-bit gradient, see ``kernels.precision.accumulation_dtype``); None sums in
+    ``grad``'s own dtype.
+    """
     if grad.shape == tuple(shape):
         return grad
+    grad_dtype = grad.dtype
     extra = grad.ndim - len(shape)
     if extra:
-        grad = grad.sum(axis=tuple(range(extra)))
+        grad = grad.sum(axis=tuple(range(extra)), dtype=dtype)
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
     if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad
+        grad = grad.sum(axis=axes, keepdims=True, dtype=dtype)
+    return grad if dtype is None else grad.astype(grad_dtype, copy=False)
 
 
 class _VariableMeta(type):

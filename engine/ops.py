@@ -15,10 +15,11 @@ import numpy as np
 
 from engine import kernels
 from engine.kernels import GELU_SQUARE_MAX as _GELU_SQUARE_MAX
+from engine.kernels.precision import accumulation_dtype
 from engine import backend
 from engine.amp.autocast_mode import autocast_op
 from engine.fusion import fused_enabled
-from engine.autograd import Function, records_nothing, unbroadcast, view_result
+from engine.autograd import ON_CPU, Function, records_nothing, unbroadcast, view_result
 from engine import dtypes
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, GradError, ShapeError, describe
@@ -1256,6 +1257,11 @@ def _size_gemm(a, b) -> None:
 
 
 class MatMul(Function):
+    """``a @ b``. 16-bit GPU arrays are multiplied as they are: cuBLAS reads them, accumulates in
+    float32 on tensor cores and rounds once (``ON_CPU``); numpy ones go through float32 copies."""
+
+    computes_in_float32 = ON_CPU
+
     def forward(self, a, b):
         self.save(a, b)
         _size_gemm(a, b)
@@ -1263,6 +1269,8 @@ class MatMul(Function):
 
     def backward(self, g):
         a, b = self.saved
+        g = g.astype(a.dtype, copy=False)  # the GEMMs take one dtype (16-bit operands on the GPU)
+        acc = accumulation_dtype(g.dtype)  # a broadcast operand's batch sum: in float32 for 16 bits
         xp = _xp(g)
         _size_gemm(a, b)
         # Treat 1-D operands as matrices so one formula serves every case.
@@ -1275,9 +1283,9 @@ class MatMul(Function):
             g2 = xp.expand_dims(g2, -1)
         ga = gb = None
         if self.needs_input_grad[0]:
-            ga = unbroadcast(g2 @ xp.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
+            ga = unbroadcast(g2 @ xp.swapaxes(b2, -1, -2), a2.shape, acc).reshape(a.shape)
         if self.needs_input_grad[1]:
-            gb = unbroadcast(xp.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(b.shape)
+            gb = unbroadcast(xp.swapaxes(a2, -1, -2) @ g2, b2.shape, acc).reshape(b.shape)
         return ga, gb
 
 

@@ -8,7 +8,8 @@ import numpy as np
 from engine import kernels
 from engine import backend, ops
 from engine.amp.autocast_mode import autocast_op
-from engine.autograd import Function
+from engine.autograd import ON_CPU, Function, unbroadcast
+from engine.kernels.precision import accumulation_dtype
 from engine.errors import DTypeError, ShapeError, describe
 from engine.ops import relu
 from engine.tensor import Tensor
@@ -38,6 +39,9 @@ class Linear(Function):
     """
 
     name = "linear"
+    # 16-bit GPU arrays go to cuBLAS as they are (float32 accumulation on tensor cores, x and W
+    # saved in 16 bits); numpy ones are computed in float32 and rounded once (Function.apply).
+    computes_in_float32 = ON_CPU
 
     def forward(self, x, weight, bias=None):
         self.save(x, weight)
@@ -45,17 +49,20 @@ class Linear(Function):
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
         out = x @ weight.T
         if bias is not None:
-            out += bias
+            out += bias  # in 16 bits: computed in float32 and rounded again (docs/precision.md)
         return out
 
     def backward(self, g):
         x, weight = self.saved
+        g = g.astype(x.dtype, copy=False)  # the GEMMs take one dtype (16-bit operands on the GPU)
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
         gx = g @ weight if self.needs_input_grad[0] else None
         gw = g.T @ x if self.needs_input_grad[1] else None
         if not self.has_bias:
             return gx, gw
-        return gx, gw, (g.sum(axis=0) if self.needs_input_grad[2] else None)
+        # db: the column sums of g, accumulated in float32 for 16-bit g and rounded once.
+        gb = unbroadcast(g, weight.shape[:1], accumulation_dtype(g.dtype)) if self.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 @autocast_op("linear")

@@ -109,6 +109,8 @@ class FakeArray(NDArrayOperatorsMixin):
 
     # protocols: every numpy ufunc / function on these arrays comes here
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if ufunc is np.matmul and method == "__call__" and not kwargs:
+            return self._fake.matmul(*inputs)
         return self._fake._run(getattr(ufunc, method), inputs, kwargs)
 
     def __array_function__(self, func, types_, args, kwargs):
@@ -199,6 +201,7 @@ class FakeCupy(types.ModuleType):
         self._saved_external: dict = {}
         self.launches = 0
         self.host_reads = self.syncs = 0
+        self.gemms: list[tuple[str, str, str]] = []  # (a, b, product) dtype names of each matmul, in order
         self.cuda = self._cuda_namespace()
         # cupy's compute-type API, which the engine sets at the first GPU use (the matmul precision):
         # the last setting is kept for a test to read, nothing else depends on it here.
@@ -319,6 +322,25 @@ class FakeCupy(types.ModuleType):
         self.syncs += 1
         if self._steps is not None:
             raise CaptureViolation(f"cudaErrorStreamCaptureUnsupported: {what} (a wait) while capturing")
+
+    # ---- GEMMs ---------------------------------------------------------------------------------------
+    def matmul(self, a, b, out=None):
+        """``cupy.matmul`` (and ``@``): the product in the operands' dtype, recorded in ``gemms``.
+
+        For 16-bit operands cupy runs cuBLAS with 16-bit A, B and C and float32 accumulation
+        (``CUBLAS_COMPUTE_32F``), so the product is the float32 one rounded once: so it is here. (numpy
+        alone gives a float32 product of two bfloat16 arrays: ml_dtypes has no bfloat16 matmul loop.)
+        """
+        dtype = np.result_type(*(np.asarray(x).dtype if not isinstance(x, FakeArray) else x.dtype for x in (a, b)))
+
+        def gemm(x, y):
+            if dtype.name in ("float16", "bfloat16"):
+                return np.matmul(x.astype(np.float32), y.astype(np.float32)).astype(dtype)
+            return np.matmul(x, y)
+        self.gemms.append((np.dtype(a.dtype).name, np.dtype(b.dtype).name, dtype.name))
+        if out is not None:
+            return self._write(out, lambda o, x, y: np.copyto(o, gemm(x, y), casting="unsafe"), (out, a, b))
+        return self._run(gemm, (a, b), {}, allocate=True)
 
     # ---- array creation: no array argument, so numpy's dispatch cannot find these ------------------
     def empty(self, shape, dtype=np.float64, order="C"):
