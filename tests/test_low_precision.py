@@ -9,6 +9,7 @@ import pytest
 import engine
 from engine import dtypes
 from engine.errors import DTypeError
+from tests.conftest import DEVICES
 
 torch = pytest.importorskip("torch")
 
@@ -111,7 +112,7 @@ EPS = {engine.bfloat16: 2.0 ** -8, engine.float16: 2.0 ** -11}
 
 def _ce(e, t, x, y=None):
     target = [1, 0, 3, 2]
-    return (e.nn.functional.cross_entropy(x, e.tensor(target)) if e is engine
+    return (e.nn.functional.cross_entropy(x, e.tensor(target, device=x.device)) if e is engine
             else t.nn.functional.cross_entropy(x, t.tensor(target)))
 
 
@@ -147,7 +148,8 @@ OPS = {
     "gelu_tanh": (lambda m, x, y: m.nn.functional.gelu(x, approximate="tanh"), (4, 5), None),
     "cross_entropy": (lambda m, x, y: _ce(m, torch, x), (4, 6), None),
     "cross_entropy_weighted": (lambda m, x, y: m.nn.functional.cross_entropy(
-        x, m.tensor([1, 0, 3, 2]), weight=(m.arange(6) * 0.25 + 0.5).to(x.dtype)), (4, 6), None),
+        x, m.tensor([1, 0, 3, 2], device=x.device), weight=(m.arange(6, device=x.device) * 0.25 + 0.5).to(x.dtype)),
+        (4, 6), None),
     "cross_entropy_soft": (lambda m, x, y: m.nn.functional.cross_entropy(x, y.detach().abs()),
                            (4, 6), (4, 6)),
     "mse_loss": (lambda m, x, y: m.nn.functional.mse_loss(x, y), (4, 5), (4, 5)),
@@ -178,20 +180,23 @@ def _inputs(spec, rng):
 def _assert_close_in_ulps(got, want, eps, what, ulps=2, normwise=False):
     """Each element within ``ulps`` ulps of ``want`` (relative to the largest element where it
     cancels to near 0), or with ``normwise`` every error within ``ulps`` ulps of the largest."""
-    got, want = got.detach().float().numpy(), want.detach().float().numpy()
+    got, want = got.detach().float().cpu().numpy(), want.detach().float().cpu().numpy()
     top = np.abs(want).max()
     scale = np.full(want.shape, top) if normwise else np.maximum(np.abs(want), top * eps)
     err = np.abs(got - want) / np.maximum(scale, np.finfo(np.float32).tiny)
     assert err.max() <= (ulps + 0.01) * eps, f"{what}: off by {err.max() / eps:.1f} ulps"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", list(OPS))
-def test_op_matches_torch_in_the_same_low_dtype(name, dtype, torch_dtype):
+def test_op_matches_torch_in_the_same_low_dtype(name, dtype, torch_dtype, device):
+    """On the GPU too (the gpu case): the GEMMs (matmul, bmm, linear) run natively in 16 bits
+    there, the other ops through float32 copies; both within 2 ulps of float32 rounded once."""
     fn, xs, ys = OPS[name]
     rng = np.random.default_rng(0)
     arrays = [a for a in (_inputs(xs, rng), _inputs(ys, rng)) if a is not None]
-    ours = [engine.tensor(a.astype(np.float32)).to(dtype).requires_grad_() for a in arrays]
+    ours = [engine.tensor(a.astype(np.float32)).to(dtype).to(device).requires_grad_() for a in arrays]
     theirs = [torch.tensor(a.astype(np.float32)).to(torch_dtype).requires_grad_() for a in arrays]
     out, ref = fn(engine, *ours, *([None] * (2 - len(ours)))), fn(torch, *theirs, *([None] * (2 - len(theirs))))
     # The float32 oracle: torch on float32 copies of the same low-precision values, rounded once.
@@ -201,7 +206,7 @@ def test_op_matches_torch_in_the_same_low_dtype(name, dtype, torch_dtype):
     _assert_close_in_ulps(out, exact_out.to(torch_dtype), EPS[dtype], f"{name} forward vs float32 rounded")
     _assert_close_in_ulps(out, ref, EPS[dtype], f"{name} forward vs torch", normwise=name in TORCH_ROUNDS_INSIDE)
     seed = rng.standard_normal(tuple(ref.shape)).astype(np.float32)
-    out.backward(engine.tensor(seed).to(dtype))
+    out.backward(engine.tensor(seed).to(dtype).to(device))
     ref.backward(torch.tensor(seed).to(torch_dtype))
     exact_out.backward(torch.tensor(seed).to(torch_dtype).float())
     for i, (a, b, c) in enumerate(zip(ours, theirs, exact)):
@@ -277,7 +282,7 @@ def test_bfloat16_on_cuda_needs_cupy_14(version, refused):
 
 
 @pytest.mark.gpu
-def test_bfloat16_on_the_gpu_round_trips_and_computes_in_float32():
+def test_bfloat16_on_the_gpu_round_trips_and_its_native_matmul_matches_the_cpu():
     if not engine.cuda_available():
         pytest.skip("no CUDA device answers on this machine")
     x = engine.randn(64, 32).bfloat16().requires_grad_()
