@@ -1093,7 +1093,7 @@ def unbroadcast(grad, shape: tuple, dtype=None):
     """Sum ``grad`` down to ``shape``: the gradient of broadcasting an operand of that shape.
 
     ``dtype``: the dtype the sums accumulate in, the result rounded once back to ``grad``'s dtype
-    (float32 for a 16-bit gradient, see ``kernels.precision.accumulation_dtype``); None sums in
+    (float32 for a 16-bit gradient, see ``engine.kernels.accumulation_dtype``); None sums in
     ``grad``'s own dtype.
     """
     if grad.shape == tuple(shape):

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine import kernels
 from engine.kernels import GELU_SQUARE_MAX as _GELU_SQUARE_MAX
-from engine.kernels.precision import accumulation_dtype
+from engine.kernels import accumulation_dtype
 from engine import backend
 from engine.amp.autocast_mode import autocast_op
 from engine.fusion import fused_enabled

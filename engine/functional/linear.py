@@ -9,7 +9,7 @@ from engine import kernels
 from engine import backend, ops
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import ON_CPU, Function, unbroadcast
-from engine.kernels.precision import accumulation_dtype
+from engine.kernels import accumulation_dtype
 from engine.errors import DTypeError, ShapeError, describe
 from engine.ops import relu
 from engine.tensor import Tensor
