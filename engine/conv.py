@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from engine import backend, ops
+from engine.kernels import accumulation_dtype
 from engine.amp.autocast_mode import autocast_op
-from engine.autograd import Function
+from engine.autograd import ON_CPU, Function
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, ShapeError, describe
 from engine.tensor import Tensor
@@ -144,9 +145,15 @@ def _grouped_matmul(a, b):
 
 
 class Conv2d(Function):
-    """Grouped 2-d cross-correlation (PyTorch's convolution) as im2col + one batched GEMM."""
+    """Grouped 2-d cross-correlation (PyTorch's convolution) as im2col + one batched GEMM.
+
+    16-bit GPU arrays are used as they are (``ON_CPU``, as ``linear``): the GEMMs run on them with
+    float32 accumulation, and backward's sums (the overlapping windows of dx, db) are float32,
+    each result rounded once; numpy ones go through float32 copies (Function.apply).
+    """
 
     name = "conv2d"
+    computes_in_float32 = ON_CPU
 
     def forward(self, x, weight, bias=None, *, stride, pads, dilation, groups, out):
         xp = backend.array_module(x)
@@ -160,8 +167,9 @@ class Conv2d(Function):
         result = _grouped_matmul(wmat, cols)  # (groups, O/g, N*oh*ow)
         result = xp.ascontiguousarray(result.reshape(o, n, *out).transpose(1, 0, 2, 3))
         if bias is not None:
-            result += bias.reshape(1, o, 1, 1)
+            result += bias.reshape(1, o, 1, 1)  # in 16 bits: a second rounding, as linear's bias
         self.geometry = (x.shape, weight.shape, pads, stride, dilation, groups, out)
+        self.dtype = x.dtype
         self.has_bias = bias is not None
         # cols is a copy, so in-place changes of x after forward cannot corrupt the weight gradient
         self.save(cols if self.needs_input_grad[1] else None, weight if self.needs_input_grad[0] else None)
@@ -171,6 +179,8 @@ class Conv2d(Function):
         cols, weight = self.saved
         (n, c, h, w), (o, cg, kh, kw), pads, stride, dilation, groups, out = self.geometry
         xp = backend.array_module(g)
+        g = g.astype(self.dtype, copy=False)  # the GEMMs take one dtype (16-bit operands on the GPU)
+        acc = accumulation_dtype(g.dtype)  # float32 sums for 16-bit g
         gmat = g.transpose(1, 0, 2, 3).reshape(groups, o // groups, n * out[0] * out[1])
         grads = [None, None]
         if self.needs_input_grad[1]:
@@ -178,11 +188,12 @@ class Conv2d(Function):
         if self.needs_input_grad[0]:
             wmat = weight.reshape(groups, o // groups, cg * kh * kw)
             gcols = _grouped_matmul(wmat.transpose(0, 2, 1), gmat).reshape(c, kh, kw, n, *out)
-            padded = xp.zeros((n, c, h + sum(pads[0]), w + sum(pads[1])), dtype=g.dtype)
+            padded = xp.zeros((n, c, h + sum(pads[0]), w + sum(pads[1])), dtype=acc)
             _add_windows(padded, gcols.transpose(3, 0, 4, 5, 1, 2), (kh, kw), stride, dilation, out)
-            grads[0] = xp.ascontiguousarray(_crop(padded, pads, (h, w)))
+            grads[0] = _crop(padded, pads, (h, w)).astype(g.dtype, order="C", copy=False)  # rounded once
         if self.has_bias:
-            grads.append(g.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None)
+            grads.append(g.sum(axis=(0, 2, 3), dtype=acc).astype(g.dtype, copy=False)
+                         if self.needs_input_grad[2] else None)
         return tuple(grads)
 
 

@@ -144,7 +144,7 @@ class FakeArray(NDArrayOperatorsMixin):
     # methods the engine calls, as recorded operations (see _method below the class)
 
     def astype(self, dtype, copy=True, **kwargs):
-        if not copy and np.dtype(dtype) == self.dtype:
+        if not copy and np.dtype(dtype) == self.dtype and (kwargs.get("order") != "C" or self.flags.c_contiguous):
             return self
         return self._fake._run(lambda h: h.astype(dtype, **kwargs), (self,), {}, allocate=True)
 
@@ -202,6 +202,10 @@ class FakeCupy(types.ModuleType):
         self.launches = 0
         self.host_reads = self.syncs = 0
         self.gemms: list[tuple[str, str, str]] = []  # (a, b, product) dtype names of each matmul, in order
+        # cupy.lib.stride_tricks.as_strided: a view of the same memory (numpy's would see no array)
+        self.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
+            as_strided=lambda a, shape=None, strides=None: self._run(
+                lambda h: np.lib.stride_tricks.as_strided(h, shape=shape, strides=strides), (a,), {})))
         self.cuda = self._cuda_namespace()
         # cupy's compute-type API, which the engine sets at the first GPU use (the matmul precision):
         # the last setting is kept for a test to read, nothing else depends on it here.
@@ -369,6 +373,9 @@ class FakeCupy(types.ModuleType):
         return self._allocate(np.array(a, dtype=dtype))
 
     array = asarray
+
+    def ascontiguousarray(self, a, dtype=None):  # numpy's does not dispatch to its argument
+        return self._run(lambda h: np.ascontiguousarray(h, dtype=dtype), (a,), {})
 
     def __getattr__(self, name):  # everything else is numpy's (ufuncs and functions dispatch back here)
         if name.startswith("__"):

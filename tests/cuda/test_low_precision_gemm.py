@@ -1,6 +1,6 @@
 """float16 / bfloat16 GEMMs on the GPU path: ``linear``, ``matmul`` and ``bmm`` hand the 16-bit
 arrays to cuBLAS as they are (float32 accumulation, one rounding), forward and backward, with no
-float32 copies of their inputs and 16-bit saved arrays; on the CPU they still compute in float32
+float32 copies of their inputs and 16-bit saved arrays (``conv2d`` likewise); on the CPU they still compute in float32
 copies (``Function.computes_in_float32 = ON_CPU``).
 
 The fake GPU (tests/cuda/fake_capture.py) models ``cupy.matmul`` on 16-bit arrays as cuBLAS's
@@ -138,6 +138,37 @@ def test_bmm_on_the_gpu_is_the_16bit_batched_gemm(fake_gpu, dtype):
     assert (out.dtype, a.grad.dtype, b.grad.dtype) == (dtype,) * 3
 
 
+@pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=IDS)
+def test_a_16bit_conv2d_on_the_gpu_runs_its_gemms_on_the_16bit_arrays(fake_gpu, dtype, torch_dtype):
+    rng = np.random.default_rng(5)
+    x, w, b = (_random(rng, s, dtype) for s in ((2, 4, 7, 6), (6, 2, 3, 3), (6,)))
+    geometry = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+    name = np.dtype(dtype).name
+    fake_gpu.gemms.clear()
+    with _allocations(fake_gpu) as made:
+        y = F.conv2d(x, w, b, **geometry)
+    assert y.dtype == dtype and fake_gpu.gemms == [(name, name, name)]  # one batched GEMM over the groups
+    assert [a.dtype for a in y.grad_fn.saved] == [dtype, dtype]  # the im2col columns and W
+    assert [a for a in made if a[0] != name] == [], "no float32 copy of an input or of the product"
+    g = _random(rng, y.shape, dtype, requires_grad=False)
+    with _allocations(fake_gpu) as made:
+        y.backward(g)
+    assert fake_gpu.gemms[1:] == [(name, name, name)] * 2  # dW and the columns' gradient
+    assert (x.grad.dtype, w.grad.dtype, b.grad.dtype) == (dtype,) * 3
+    # float32: the padded input gradient the overlapping windows are summed into, and db's sums
+    assert [a for a in made if a[0] != name] == [("float32", (2, 4, 9, 8)), ("float32", (6,))]
+
+    tx, tw, tb, tg = (_oracle(t) for t in (x, w, b, g))
+    ty = torch.nn.functional.conv2d(tx, tw, tb, **geometry)
+    ty.backward(tg)
+    # The bias is added to the rounded product, and dx sums rounded window products: where those
+    # cancel, the first rounding shows, so both compare with the largest element.
+    _assert_close_in_ulps(y.cpu(), ty.to(torch_dtype), EPS[dtype], "conv2d forward", normwise=True)
+    _assert_close_in_ulps(x.grad.cpu(), tx.grad.to(torch_dtype), EPS[dtype], "conv2d dx", normwise=True)
+    _assert_close_in_ulps(w.grad.cpu(), tw.grad.to(torch_dtype), EPS[dtype], "conv2d dW")
+    _assert_close_in_ulps(b.grad.cpu(), tb.grad.to(torch_dtype), EPS[dtype], "conv2d db")
+
+
 @pytest.mark.parametrize("dtype", [engine.bfloat16, engine.float16], ids=IDS)
 def test_on_the_cpu_16bit_gemms_still_compute_in_float32_copies(dtype):
     rng = np.random.default_rng(3)
@@ -170,7 +201,7 @@ def test_cuda_autocast_runs_linear_in_float16_on_the_cached_weight_cast(fake_gpu
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=IDS)
-def test_on_the_gpu_16bit_linear_and_matmul_match_torch_float32_rounded(dtype, torch_dtype):
+def test_on_the_gpu_16bit_linear_matmul_and_conv_match_torch_float32_rounded(dtype, torch_dtype):
     rng = np.random.default_rng(4)
     n, k, m = 64, 4096, 96  # k large: a GEMM accumulating in 16 bits would be off by many ulps
     x, w, b = (_random(rng, s, dtype) for s in ((n, k), (m, k), (m,)))
@@ -199,3 +230,16 @@ def test_on_the_gpu_16bit_linear_and_matmul_match_torch_float32_rounded(dtype, t
         _assert_close_in_ulps(a.grad.cpu(), ta.grad.to(torch_dtype), EPS[dtype], f"{shape_a} @ {shape_b} da")
         _assert_close_in_ulps(c.grad.cpu(), tc.grad.to(torch_dtype), EPS[dtype], f"{shape_a} @ {shape_b} db",
                               normwise=len(shape_b) == 2)
+
+    x, w, b = (_random(rng, s, dtype) for s in ((4, 64, 17, 15), (32, 64, 3, 3), (32,)))
+    y = F.conv2d(x, w, b, padding=1)
+    assert y.dtype == dtype and y.grad_fn.low_dtype is None
+    gy = _random(rng, y.shape, dtype, requires_grad=False)
+    y.backward(gy)
+    tx, tw, tb, tgy = (_oracle(t) for t in (x, w, b, gy))
+    ty = torch.nn.functional.conv2d(tx, tw, tb, padding=1)
+    ty.backward(tgy)
+    _assert_close_in_ulps(y.cpu(), ty.to(torch_dtype), EPS[dtype], "conv2d forward", normwise=True)
+    _assert_close_in_ulps(x.grad.cpu(), tx.grad.to(torch_dtype), EPS[dtype], "conv2d dx", normwise=True)
+    _assert_close_in_ulps(w.grad.cpu(), tw.grad.to(torch_dtype), EPS[dtype], "conv2d dW")
+    _assert_close_in_ulps(b.grad.cpu(), tb.grad.to(torch_dtype), EPS[dtype], "conv2d db")
