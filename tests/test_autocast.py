@@ -67,7 +67,7 @@ CASES = {
     "bce_logits_bf16": ([((4, 3), "bf16"), ((4, 3), "bf16")],
                         lambda m, f, a, b: f.binary_cross_entropy_with_logits(a, b.sigmoid())),
     "cosine_embedding_loss_bf16": ([((4, 3), "bf16"), ((4, 3), "bf16")],
-                                   lambda m, f, a, b: f.cosine_embedding_loss(a, b, m.tensor([1, -1, 1, -1]))),
+                                   lambda m, f, a, b: f.cosine_embedding_loss(a, b, m.tensor([1, -1, 1, -1], device=a.device))),
     "layer_norm": ([((4, 6), "f32"), ((6,), "f32"), ((6,), "f32")], lambda m, f, x, w, b: f.layer_norm(x, (6,), w, b)),
     "layer_norm_mixed": ([((4, 6), "bf16"), ((6,), "f32"), ((6,), "f32")],
                          lambda m, f, x, w, b: f.layer_norm(x, (6,), w, b)),
@@ -136,6 +136,26 @@ def test_op_dtype_and_value_match_torch(name, dtype, torch_dtype):
         mine = fn(engine, F, *engine_inputs)
     assert TORCH_OF[np.dtype(mine.dtype)] == theirs.dtype, (name, mine.dtype, theirs.dtype)
     _assert_close(mine, theirs, torch_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, torch_dtype", LOW, ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_op_dtype_and_value_match_torch_cuda_autocast(name, dtype, torch_dtype):
+    """The CUDA table (implemented, looked up on the CPU) against ``torch.autocast("cuda")`` on a GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+    specs, fn = CASES[name]
+    if torch_dtype == torch.float16 and name in PROMOTE_BFLOAT16:
+        pytest.skip("torch refuses to promote bfloat16 in a float16 region: test_promote_of_the_other_low_dtype")
+    engine_inputs, torch_inputs = _inputs(specs)
+    engine_inputs, torch_inputs = [t.to("cuda") for t in engine_inputs], [t.cuda() for t in torch_inputs]
+    with torch.autocast("cuda", dtype=torch_dtype):
+        theirs = fn(torch, TF, *torch_inputs)
+    with engine.autocast("cuda", dtype=dtype):
+        mine = fn(engine, F, *engine_inputs)
+    assert TORCH_OF[np.dtype(mine.dtype)] == theirs.dtype, (name, mine.dtype, theirs.dtype)
+    _assert_close(mine.cpu(), theirs.cpu(), torch_dtype)
 
 
 MODULES = {
