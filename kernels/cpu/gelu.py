@@ -310,7 +310,11 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
                 xv = load(x, i)
                 z = k * (xv + c * xv * xv * xv)
                 e = exp_neg(-two * abs(z))
-                store(y, i, xv * ((one if z >= 0 else e) / (one + e)))  # sigmoid(2z) with one division
+                # sigmoid(2z) with one division; the select apart from the division (written inside
+                # it, LLVM left the loop scalar)
+                numerator = one if z >= 0 else e
+                s = numerator / (one + e)
+                store(y, i, xv * s)
 
     @jit
     def tanh_backward(dy, x, chunks, dx):
