@@ -16,10 +16,13 @@ The count applies to every pool at once:
 How the two pools share the cores (docs/architecture.md, "CPU threads"; the measurements are in
 docs/benchmarks.md): numba's workqueue layer, whose workers sleep between regions
 (kernels.registry.configure_numba_threads), runs every parallel region on the count; the BLAS,
-whose OpenBLAS workers meet at a barrier in each GEMM and spin after it, runs a GEMM on the count
-only from BLAS_PARALLEL_MIN multiply-adds on and on one thread below (:func:`for_gemm`, called
-before the engine's GEMMs), so that small GEMMs leave no spinning worker for the next numba region
-to wait behind.
+whose OpenBLAS workers meet at a barrier in each GEMM and spin after it, is sized per GEMM
+(:func:`for_gemm`, called before the engine's GEMMs; :func:`gemm_threads` decides): the count from
+BLAS_PARALLEL_MIN multiply-adds on; one thread below BLAS_QUIET_MIN; in between as many threads as
+the machine has CPUs that other processes leave free (:class:`RunQueueWatch` reads the run queue
+every LOAD_CHECK_S). So on a quiet machine the GEMMs use every core, and beside busy processes
+the small and mid-size ones leave no descheduled worker for the barrier and no spinning worker
+for the next numba region to wait behind.
 
 Defaults: ``OMP_NUM_THREADS`` when set (as PyTorch reads it), else :func:`available_cpus`. A pool
 the user sized by its own variable (``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
@@ -40,6 +43,8 @@ import math
 import os
 import sys
 import threading
+import time
+from collections import deque
 from pathlib import Path
 
 from .registry import KernelError
@@ -48,10 +53,22 @@ BLAS_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
-# A GEMM of fewer multiply-adds (m * n * k) than this runs on one BLAS thread, a larger one on the
-# engine's count (:func:`for_gemm`): OpenBLAS's pool pays a barrier per call and its workers spin
-# after it, which costs small GEMMs more than their split saves (docs/benchmarks.md, "CPU threads").
+# A GEMM of at least this many multiply-adds (m * n * k) runs on the engine's count of BLAS threads
+# whatever the load (:func:`for_gemm`): its split saves more than a late thread at OpenBLAS's
+# barrier costs, even on a busy machine (docs/benchmarks.md, "CPU threads").
 BLAS_PARALLEL_MIN = 1 << 30
+# From this many multiply-adds up to BLAS_PARALLEL_MIN a GEMM runs on as many BLAS threads as the
+# machine has CPUs that no other process wants (:func:`gemm_threads`); below it on one. OpenBLAS's
+# workers meet at a barrier in each GEMM and spin after it: beside a busy process a descheduled
+# worker stalls the barrier and the numba region after it, so mid-size GEMMs go back to one thread
+# (docs/benchmarks.md, "CPU threads" and "Why the thresholds are where they are").
+BLAS_QUIET_MIN = 1 << 22
+# How often (seconds) :func:`for_gemm` looks at the run queue, and how many looks it averages: one
+# look costs ~0.1 ms (/proc reads), and the run queue is noisy, so ~1 s of looks decide.
+LOAD_CHECK_S = 0.2
+LOAD_SAMPLES = 5
+PROC_LOADAVG = Path("/proc/loadavg")
+PROC_TASKS = Path("/proc/self/task")
 
 _lock = threading.Lock()
 _state = {"n": None, "blas_limiter": None, "blas_owned": False}
@@ -216,19 +233,92 @@ def _limit_blas(n: int) -> None:
 
 
 def for_gemm(m: int, n: int, k: int) -> None:
-    """Size the BLAS pool for the GEMM about to run, (m, k) x (k, n): the engine's count from
-    BLAS_PARALLEL_MIN multiply-adds on, else one thread. Cheap enough for every GEMM (one ctypes
-    call per BLAS library when the count changes; docs/benchmarks.md, "Why the thresholds are where
-    they are"). Leaves a BLAS sized by the user's own environment variable alone."""
+    """Size the BLAS pool for the GEMM about to run, (m, k) x (k, n), by :func:`gemm_threads`: the
+    engine's count from BLAS_PARALLEL_MIN multiply-adds on; from BLAS_QUIET_MIN the CPUs no other
+    process wants (:class:`RunQueueWatch`); else one thread. Cheap enough for every GEMM (one
+    ctypes call per BLAS library when the count changes, a look at /proc every LOAD_CHECK_S;
+    docs/benchmarks.md, "Why the thresholds are where they are"). Leaves a BLAS sized by the user's
+    own environment variable alone."""
     if _state["n"] is None:
         ensure_default()
     if not _state["blas_owned"]:
         return
-    want = _state["n"] if m * n * k >= BLAS_PARALLEL_MIN else 1
+    size, count = m * n * k, _state["n"]
+    others = _watch.others() if count > 1 and BLAS_QUIET_MIN <= size < BLAS_PARALLEL_MIN else None
+    want = gemm_threads(size, count, others, _HOST_CPUS)
     if want != _blas["current"]:
         for lib in _blas["controllers"]:
             lib.set_num_threads(want)
         _blas["current"] = want
+
+
+def gemm_threads(size: int, count: int, others: float | None, host_cpus: int) -> int:
+    """BLAS threads for a GEMM of ``size`` multiply-adds when the engine's count is ``count``.
+
+    ``others``: the mean number of other processes' runnable threads on the machine
+    (:class:`RunQueueWatch`; None when unknown), ``host_cpus``: the machine's CPUs (the run queue
+    counts the whole machine's). ``count`` from BLAS_PARALLEL_MIN on; one below BLAS_QUIET_MIN; in
+    between the CPUs left by the others (rounded to the nearest), at least one and at most
+    ``count``, and one when the load is unknown (the choice that is safe on a busy machine).
+    """
+    if count <= 1 or size >= BLAS_PARALLEL_MIN:
+        return count
+    if size < BLAS_QUIET_MIN or others is None:
+        return 1
+    return max(1, min(count, math.floor(host_cpus - others + 0.5)))
+
+
+def others_runnable(loadavg: Path | None = None, tasks: Path | None = None) -> int | None:
+    """Runnable threads on the machine that belong to other processes, now.
+
+    The running count of ``/proc/loadavg`` (its fourth field, "running/total": every runnable
+    thread on the machine) minus this process's threads in state R (``/proc/self/task/*/stat``):
+    the engine's own threads (a BLAS worker spinning after its GEMM, torch's pool) do not count as
+    load, or a choice of two threads would read as a busy machine and undo itself. None where
+    /proc cannot be read (not Linux). ``loadavg`` and ``tasks`` default to the real files (tests
+    point them at fakes).
+    """
+    try:
+        running = int((PROC_LOADAVG if loadavg is None else loadavg).read_text().split()[3].split("/")[0])
+        own = 0
+        for task in (PROC_TASKS if tasks is None else tasks).iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # the thread ended meanwhile
+                continue
+            own += stat[stat.rindex(")") + 2:stat.rindex(")") + 3] == "R"  # the field after "(comm)"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - own)
+
+
+class RunQueueWatch:
+    """The mean of the last LOAD_SAMPLES looks at :func:`others_runnable`, one look per LOAD_CHECK_S.
+
+    Looks happen when :meth:`others` is asked (before a mid-size GEMM), so a process that runs no
+    GEMM reads nothing. ``reader`` and ``clock`` default to the real ones (tests pass fakes).
+    """
+
+    def __init__(self, reader=others_runnable, clock=time.monotonic):
+        self.reader, self.clock = reader, clock
+        self.samples: deque = deque(maxlen=LOAD_SAMPLES)
+        self.next_look = None
+
+    def others(self) -> float | None:
+        """Other processes' runnable threads, averaged over the last looks (None when unknown)."""
+        now = self.clock()
+        if self.next_look is None or now >= self.next_look:
+            self.next_look = now + LOAD_CHECK_S
+            seen = self.reader()
+            if seen is None:
+                self.samples.clear()
+            else:
+                self.samples.append(seen)
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+_watch = RunQueueWatch()
+_HOST_CPUS = os.cpu_count() or 1
 
 
 def reapply_blas_limit() -> None:

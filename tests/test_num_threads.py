@@ -128,8 +128,102 @@ def test_blas_and_numba_follow_set_num_threads_in_every_python_thread():
         assert all(b == int(n) for b in seen[n]["blas"])  # and any other loaded by then (numba's scipy BLAS)
         assert seen[n]["numba"] == int(n)
         assert seen[n]["numba_in_new_thread"] == int(n)  # numba's count is per thread: the owner sets it
-    # with 2 threads set: a GEMM under BLAS_PARALLEL_MIN multiply-adds runs on one BLAS thread
-    assert seen["gemm"] == {"small": [1], "large": [2], "small_again": [1]}
+    # with 2 threads set: a GEMM under BLAS_PARALLEL_MIN multiply-adds runs on one BLAS thread beside
+    # busy processes, on two on a quiet machine
+    assert seen["gemm"] == {"small": [1], "large": [2], "small_again": [1], "small_quiet": [2]}
+
+
+@pytest.mark.parametrize("size, count, others, cpus, expected", [
+    (1 << 30, 2, 5.0, 2, 2),         # a large GEMM: the engine's count whatever the load
+    ((1 << 22) - 1, 2, 0.0, 2, 1),   # a small one: one thread even on a quiet machine
+    (1 << 24, 2, 0.0, 2, 2),         # mid-size, quiet: every thread
+    (1 << 24, 2, 0.4, 2, 2),         # a stray runnable thread now and then is no load
+    (1 << 24, 2, 0.6, 2, 1),         # mostly one other process: its CPU is not ours
+    (1 << 24, 2, 3.0, 2, 1),         # busy
+    (1 << 24, 2, None, 2, 1),        # load unknown: the busy machine's choice
+    (1 << 24, 8, 3.0, 8, 5),         # the CPUs the others leave
+    (1 << 24, 4, 1.0, 64, 4),        # a big host: never above the engine's count
+    (1 << 24, 1, 0.0, 2, 1),         # one thread set: one thread
+])
+def test_gemm_threads_follow_size_and_the_others_load(size, count, others, cpus, expected):
+    assert threads.gemm_threads(size, count, others, cpus) == expected
+
+
+def _fake_proc(tmp_path, running: int, states: list[str]):
+    (tmp_path / "tasks").mkdir(parents=True)
+    (tmp_path / "loadavg").write_text(f"3.10 2.05 1.50 {running}/140 12345\n")
+    for tid, state in enumerate(states, start=100):
+        (tmp_path / "tasks" / str(tid)).mkdir()
+        # a thread name with spaces and a parenthesis, as /proc allows
+        (tmp_path / "tasks" / str(tid) / "stat").write_text(f"{tid} (py (worker) 1) {state} 1 {tid} 0 0\n")
+    return tmp_path / "loadavg", tmp_path / "tasks"
+
+
+def test_others_runnable_leaves_out_this_process_threads(tmp_path):
+    loadavg, tasks = _fake_proc(tmp_path, running=4, states=["R", "S", "R", "S"])
+    assert threads.others_runnable(loadavg, tasks) == 2
+    loadavg, tasks = _fake_proc(tmp_path / "quiet", running=2, states=["R", "R", "S"])
+    assert threads.others_runnable(loadavg, tasks) == 0
+    assert threads.others_runnable(tmp_path / "missing", tasks) is None
+
+
+def test_others_runnable_reads_this_machine():
+    seen = threads.others_runnable()
+    assert seen is None or (isinstance(seen, int) and seen >= 0)
+
+
+def test_run_queue_watch_averages_looks_spaced_in_time():
+    now, looks = [0.0], []
+
+    def reader():
+        looks.append(now[0])
+        return [0, 2, 2, 2, 2, 2, 2][len(looks) - 1]
+
+    watch = threads.RunQueueWatch(reader=reader, clock=lambda: now[0])
+    assert watch.others() == 0
+    now[0] += threads.LOAD_CHECK_S / 2
+    assert watch.others() == 0 and len(looks) == 1  # no second look within LOAD_CHECK_S
+    for _ in range(threads.LOAD_SAMPLES + 1):
+        now[0] += threads.LOAD_CHECK_S
+        watch.others()
+    assert len(looks) == threads.LOAD_SAMPLES + 2
+    assert watch.others() == 2  # the quiet look has left the window
+
+
+def test_run_queue_watch_forgets_on_unreadable_proc():
+    values = iter([0, None])
+    now = [0.0]
+    watch = threads.RunQueueWatch(reader=lambda: next(values), clock=lambda: now[0])
+    assert watch.others() == 0
+    now[0] += threads.LOAD_CHECK_S
+    assert watch.others() is None
+
+
+class _FakeBlas:
+    def __init__(self):
+        self.counts = []
+
+    def set_num_threads(self, n):
+        self.counts.append(n)
+
+
+def test_for_gemm_sizes_the_blas_by_the_watch(monkeypatch):
+    engine.get_num_threads()  # the default applied, so for_gemm does not apply it over the fakes
+    blas = _FakeBlas()
+    monkeypatch.setitem(threads._state, "n", 2)
+    monkeypatch.setitem(threads._state, "blas_owned", True)
+    monkeypatch.setitem(threads._blas, "controllers", (blas,))
+    monkeypatch.setitem(threads._blas, "current", None)
+    monkeypatch.setattr(threads, "_HOST_CPUS", 2)
+    others = [0]
+    monkeypatch.setattr(threads, "_watch", threads.RunQueueWatch(reader=lambda: others[0], clock=lambda: 0.0))
+    threads.for_gemm(1024, 512, 128)      # 2^26 multiply-adds on a quiet machine
+    threads.for_gemm(64, 64, 64)          # small
+    others[0] = 3
+    threads._watch = threads.RunQueueWatch(reader=lambda: others[0], clock=lambda: 0.0)
+    threads.for_gemm(1024, 512, 128)      # the same GEMM beside busy processes
+    threads.for_gemm(1024, 1024, 1024)    # large
+    assert blas.counts == [2, 1, 2]       # the busy mid-size one stays on 1: no call
 
 
 def _report() -> dict:
@@ -171,9 +265,15 @@ if __name__ == "__main__":
             engine.set_num_threads(count)
             result[str(count)] = _report()
         small, large = threads.BLAS_PARALLEL_MIN // 64 - 1, threads.BLAS_PARALLEL_MIN // 64
+        threads._watch = threads.RunQueueWatch(reader=lambda: 5)  # a busy machine: the test runner's load must not decide
         result["gemm"] = {}
         for name, m in (("small", small), ("large", large), ("small_again", small)):
             threads.for_gemm(m, 8, 8)
             result["gemm"][name] = [pool["num_threads"] for pool in threadpool_info()
                                     if pool["user_api"] == "blas" and "numpy" in pool["filepath"]]
+        threads._HOST_CPUS = 2
+        threads._watch = threads.RunQueueWatch(reader=lambda: 0)  # a quiet 2-CPU machine
+        threads.for_gemm(small, 8, 8)
+        result["gemm"]["small_quiet"] = [pool["num_threads"] for pool in threadpool_info()
+                                         if pool["user_api"] == "blas" and "numpy" in pool["filepath"]]
         print(json.dumps(result))
