@@ -305,7 +305,10 @@ def _numba_kernels(parallel: bool):
     # `loop` (prange or range, which pickle by name) is a closure variable, so the serial and the
     # parallel build get different keys in numba's on-disk cache.
     loop = numba.prange if parallel else range
-    jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
+    # reassoc only (no contraction, no finite-math assumptions): the row sums may be added in SIMD
+    # lanes, in another order than one by one; without it LLVM keeps each float64 sum a serial
+    # chain and the loops scalar (docs/benchmarks.md, "Other measured choices in the code")
+    jit = numba.njit(cache=True, parallel=parallel, fastmath={"reassoc"}, error_model="numpy")
 
     @jit
     def forward(x, w, has_weight, b, has_bias, eps, chunks, y, mean_out, rstd_out):
