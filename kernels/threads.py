@@ -308,6 +308,8 @@ class RunQueueWatch:
         """Other processes' runnable threads, averaged over the last looks (None when unknown)."""
         now = self.clock()
         if self.next_look is None or now >= self.next_look:
+            if self.next_look is not None and now - self.next_look > LOAD_CHECK_S * LOAD_SAMPLES:
+                self.samples.clear()  # looks older than the window (no GEMM for a while) say nothing of now
             self.next_look = now + LOAD_CHECK_S
             seen = self.reader()
             if seen is None:

@@ -190,6 +190,16 @@ def test_run_queue_watch_averages_looks_spaced_in_time():
     assert watch.others() == 2  # the quiet look has left the window
 
 
+def test_run_queue_watch_forgets_looks_older_than_its_window():
+    values, now = iter([3, 3, 0]), [0.0]
+    watch = threads.RunQueueWatch(reader=lambda: next(values), clock=lambda: now[0])
+    watch.others()
+    now[0] += threads.LOAD_CHECK_S
+    assert watch.others() == 3
+    now[0] += 100.0  # no GEMM for a long while, then a quiet machine
+    assert watch.others() == 0
+
+
 def test_run_queue_watch_forgets_on_unreadable_proc():
     values = iter([0, None])
     now = [0.0]
