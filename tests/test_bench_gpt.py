@@ -69,3 +69,21 @@ def test_gpt_rows_in_bf16_run_both_sides_under_autocast():
         pytest.skip(f"torch: {torch16['status']}")
     # same weights and data, both under autocast(bfloat16): the first losses agree to bf16 rounding
     assert torch16["loss_rel_err"] < 2 ** -7 and torch16["loss_step3_rel_err"] < 2 ** -5
+
+
+def test_gpt_profile_times_both_frameworks_op_by_op(capsys):
+    pytest.importorskip("torch")
+    from bench import gpt_profile
+
+    result = gpt_profile.main(["--batch", "1", "--rounds", "1", "--steps", "1", "--policy", "default", "one-thread"])
+    assert set(result["steps"]) == {"engine (default)", "engine (one-thread)", "torch"}
+    assert all(seconds > 0 for seconds in result["steps"].values())
+    engine_ops = result["engine (default)"]
+    for category in ("linear (GEMM+bias) fwd", "linear (GEMM+bias) bwd", "attention fwd", "gelu bwd",
+                     "layer_norm fwd", "optimizer", "clip_grad_norm"):
+        assert engine_ops[category] > 0, category
+    assert result["torch_profile"]["linear (GEMM+bias)"] > 0
+    # the instrumentation is removed again: a Function's forward is its own
+    from engine.functional.linear import Linear
+    assert Linear.forward.__qualname__ == "Linear.forward"
+    assert "| category" in capsys.readouterr().out
