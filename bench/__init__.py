@@ -12,3 +12,5 @@ Run ``python -m bench --help`` from the repository root (no install needed). Lay
 
 Nothing imports bench: it sits above engine and kernels.
 """
+
+import engine  # noqa: E402, F401  first, before numpy: its OpenBLAS setting (engine/__init__.py) must see numpy unloaded

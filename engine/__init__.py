@@ -9,7 +9,17 @@ Example:
     (4, 3)
 """
 
-from engine import _kernels_package
+import os as _os
+import sys as _sys
+
+# OpenBLAS's workers spin about 0.1 s after each threaded GEMM before they sleep, taking a core
+# from the numba regions and the attention threads that follow (docs/architecture.md, "CPU
+# threads"). OpenBLAS reads this once, when numpy loads it: so only before numpy's first import,
+# and a value the user set wins. 4 is OpenBLAS's smallest: 2^4 cycles of spinning.
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from engine import _kernels_package  # noqa: E402  (after the OpenBLAS setting: it imports numpy)
 
 _kernels_package.mount()  # engine.kernels: the repository's kernels/ folder (engine/_kernels_package.py says why)
 

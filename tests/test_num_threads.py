@@ -236,6 +236,20 @@ def test_for_gemm_sizes_the_blas_by_the_watch(monkeypatch):
     assert blas.counts == [2, 1, 2]       # the busy mid-size one stays on 1: no call
 
 
+@pytest.mark.parametrize("code, env, expected", [
+    ("import engine", {}, "4"),                          # set before numpy loads OpenBLAS
+    ("import bench", {}, "4"),                           # the bench imports engine first
+    ("import numpy, engine", {}, None),                  # too late to matter: left unset
+    ("import engine", {"OPENBLAS_THREAD_TIMEOUT": "9"}, "9"),  # the user's value wins
+])
+def test_openblas_workers_stop_spinning_when_engine_comes_first(code, env, expected):
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    environ.update(env, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", f"{code}, os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"],
+                         env=environ, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert out == str(expected)
+
+
 def _report() -> dict:
     import numba
     from threadpoolctl import threadpool_info
