@@ -305,12 +305,17 @@ def _numba_kernels(parallel: bool):
     # `loop` (prange or range, which pickle by name) is a closure variable, so the serial and the
     # parallel build get different keys in numba's on-disk cache.
     loop = numba.prange if parallel else range
-    # reassoc only (no contraction, no finite-math assumptions): the row sums may be added in SIMD
-    # lanes, in another order than one by one; without it LLVM keeps each float64 sum a serial
-    # chain and the loops scalar (docs/benchmarks.md, "Other measured choices in the code")
-    jit = numba.njit(cache=True, parallel=parallel, fastmath={"reassoc"}, error_model="numpy")
+    # The forward's float64 row sums may reassociate (reassoc only: no contraction, no finite-math
+    # flags), so they run in SIMD lanes; without it each sum is one serial chain of adds and the
+    # loops stay scalar (docs/benchmarks.md, "Other measured choices in the code"). The order
+    # changes only the float64 sums' last bits, which the float32 mean and rstd round away (no
+    # bit of y, mean or rstd differed on the GPT's shapes). The backward's float32 terms do not:
+    # reassociated, dx moved by an ulp in 7 % of its elements, which moved a 200-step GPT's
+    # validation loss by 1 % (tests/test_gpt.py), so the backward keeps the serial order.
+    jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
+    jit_sums = numba.njit(cache=True, parallel=parallel, fastmath={"reassoc"}, error_model="numpy")
 
-    @jit
+    @jit_sums
     def forward(x, w, has_weight, b, has_bias, eps, chunks, y, mean_out, rstd_out):
         n, d = x.shape
         per = (n + chunks - 1) // chunks
