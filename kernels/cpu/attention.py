@@ -619,7 +619,7 @@ _P0, _P1, _P2, _P3, _P4, _P5 = (_F32(v) for v in (1.9875691500e-4, 1.3981999507e
 _EXP_LO, _HALF, _ONE = _F32(-87.0), _F32(0.5), _F32(1.0)
 
 # Set by _numba_helpers() (module globals the kernels read: closures would miss numba's disk cache).
-_nb_gemm4 = _nb_gemm4_at = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = _nb_bias_row = None
+_nb_gemm4 = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = _nb_bias_row = None
 
 
 @functools.cache
@@ -634,7 +634,7 @@ def _numba_helpers() -> None:
 
     @contract
     def gemm4(a, ia, ka, b, kb, c, ic, n, w):
-        """c[ic:ic+4, :w] += a[ia:ia+4, ka:ka+n] @ b[kb:kb+n, :w] (2-D C-contiguous arrays).
+        """c[ic:ic+4, :w] += a[ia:ia+4, ka:ka+n] @ b[kb:kb+n, :w] (2-D arrays; b and c C-contiguous, a may be a transposed view).
 
         Rank-4 updates: per step, 16 scalars of a (4 rows x 4 of the contraction) stay in registers
         while the loop over the w columns (vectorized) loads 4 rows of b and loads and stores each
@@ -662,41 +662,6 @@ def _numba_helpers() -> None:
             x += 4
         while x < n:
             a0, a1, a2, a3 = a[ia, ka + x], a[ia + 1, ka + x], a[ia + 2, ka + x], a[ia + 3, ka + x]
-            bx = b[kb + x]
-            for j in range(w):
-                v = bx[j]
-                c0[j] += a0 * v
-                c1[j] += a1 * v
-                c2[j] += a2 * v
-                c3[j] += a3 * v
-            x += 1
-
-    @contract
-    def gemm4_at(a, ia, ka, b, kb, c, ic, n, w):
-        """c[ic:ic+4, :w] += a[ka:ka+n, ia:ia+4]^T @ b[kb:kb+n, :w]: gemm4 with a read transposed.
-
-        dV += P^T dO and dK += dS^T Q without transposing the P and dS tiles.
-        """
-        c0, c1, c2, c3 = c[ic], c[ic + 1], c[ic + 2], c[ic + 3]
-        x = 0
-        while x + 4 <= n:
-            k = ka + x
-            a00, a01, a02, a03 = a[k, ia], a[k + 1, ia], a[k + 2, ia], a[k + 3, ia]
-            a10, a11, a12, a13 = a[k, ia + 1], a[k + 1, ia + 1], a[k + 2, ia + 1], a[k + 3, ia + 1]
-            a20, a21, a22, a23 = a[k, ia + 2], a[k + 1, ia + 2], a[k + 2, ia + 2], a[k + 3, ia + 2]
-            a30, a31, a32, a33 = a[k, ia + 3], a[k + 1, ia + 3], a[k + 2, ia + 3], a[k + 3, ia + 3]
-            k = kb + x
-            b0, b1, b2, b3 = b[k], b[k + 1], b[k + 2], b[k + 3]
-            for j in range(w):
-                v0, v1, v2, v3 = b0[j], b1[j], b2[j], b3[j]
-                c0[j] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
-                c1[j] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
-                c2[j] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
-                c3[j] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
-            x += 4
-        while x < n:
-            k = ka + x
-            a0, a1, a2, a3 = a[k, ia], a[k, ia + 1], a[k, ia + 2], a[k, ia + 3]
             bx = b[kb + x]
             for j in range(w):
                 v = bx[j]
@@ -774,7 +739,7 @@ def _numba_helpers() -> None:
             for jj in range(max(0, i + 1 - j0), nk):
                 srow[jj] = -np.inf
 
-    globals().update(_nb_gemm4=gemm4, _nb_gemm4_at=gemm4_at, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
+    globals().update(_nb_gemm4=gemm4, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
                      _nb_tile_sum=tile_sum, _nb_rowdot=rowdot, _nb_bias_row=bias_row)
 
 
@@ -784,7 +749,7 @@ def _numba_kernels(parallel: bool):
 
     Query rows are padded to a multiple of 4 by the callers (``_pad_rows``), keys come as
     transposed, zero-padded tiles (``_key_tiles``) for the products that need K^T or V^T, and
-    every matrix product is a :func:`gemm4` (or ``gemm4_at``) call on four rows.
+    every matrix product is a :func:`gemm4` call on four rows (A^T B: gemm4 on A's transposed view).
 
     forward: one task per (batch row, tile of QUERY_TILE queries). For each tile of KEY_TILE keys
     (up to the last one a causal task can see): the task's scores against the tile (Q K^T_tile),
@@ -896,7 +861,7 @@ def _numba_kernels(parallel: bool):
                 for g0 in range((j0 // 4) * 4 if causal else 0, nl4, qbs):  # causal: rows before j0 see none
                     nqb = min(qbs, nl4 - g0)
                     st[:nqb, :nk] = 0
-                    dpt[:nqb, :nk4] = 0  # columns nk..nk4 of dS and P stay 0: the padded keys of gemm4_at
+                    dpt[:nqb, :nk4] = 0  # columns nk..nk4 of dS and P stay 0: the padded keys of gemm4 on their transposes
                     pt[:nqb, nk:nk4] = 0
                     for g in range(0, nqb, 4):
                         _nb_gemm4(qb, g0 + g, 0, ktt, 0, st, g, ne, nk)
@@ -918,8 +883,8 @@ def _numba_kernels(parallel: bool):
                         for jj in range(nk):
                             dsrow[jj] = prow[jj] * (dsrow[jj] - di) * scale
                     for jg in range(0, nk4, 4):
-                        _nb_gemm4_at(pt, jg, 0, dob, g0, dv_t, jg, nqb, nev)
-                        _nb_gemm4_at(dpt, jg, 0, qb, g0, dk_t, jg, nqb, ne)
+                        _nb_gemm4(pt.T, jg, 0, dob, g0, dv_t, jg, nqb, nev)
+                        _nb_gemm4(dpt.T, jg, 0, qb, g0, dk_t, jg, nqb, ne)
                     for g in range(0, nqb, 4):
                         _nb_gemm4(dpt, g, 0, kb, j0, dqb, g0 + g, nk, ne)
                 for jj in range(nk):
