@@ -295,6 +295,8 @@ _SHARED = {
     "layer_norm_normalize": ("cpu.layer_norm", "normalize"),
     "layer_norm_input_grad": ("cpu.layer_norm", "input_grad"),
     "accumulation_dtype": ("precision", "accumulation_dtype"),  # float32 for 16-bit data
+    # ``a @ b`` on cupy arrays through libcublas itself: the engine's one GEMM entry on the GPU (capturable)
+    "gpu_matmul": ("cuda.gemm", "matmul"),
 }
 
 

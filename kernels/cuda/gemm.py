@@ -47,7 +47,7 @@ import functools
 import numpy as np
 
 from ..precision import float_name
-from .module import current_device
+from .module import current_device, on_device
 
 # cublas_api.h / library_types.h (the same values as cupy_backends/cuda/libs/cublas.pxd and
 # cupy_backends/cuda/api/runtime.pxd; importing those here would need libcublas present).
@@ -86,6 +86,13 @@ class _Library:
         self.gemm_ex.argtypes = (ptr, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, ptr, i32, i32, ptr, ptr, i32, i32,
                                  i32, i32)
         self.gemm_ex.restype = i32
+        i64, size = ctypes.c_longlong, ctypes.c_size_t
+        self.gemm_strided_batched_ex = lib.cublasGemmStridedBatchedEx
+        self.gemm_strided_batched_ex.argtypes = (ptr, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, i64, ptr, i32, i32,
+                                                 i64, ptr, ptr, i32, i32, i64, i32, i32, i32)
+        self.gemm_strided_batched_ex.restype = i32
+        self.set_workspace = lib.cublasSetWorkspace_v2
+        self.set_workspace.argtypes, self.set_workspace.restype = (ptr, ptr, size), i32
 
 
 @functools.cache
@@ -161,18 +168,230 @@ def matmul_into(out, a, b, *, trans_a: bool = False, trans_b: bool = False) -> N
             a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
         cupy.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
         return
+    # a row-major (rows, cols) operand read transposed is the column-major layout (ld = its row length)
+    _gemm(cupy, lib, out, _Operand(a, trans_a, a.shape[1], 0), _Operand(b, trans_b, b.shape[1], 0), (p, q, r), 1)
+
+
+# ---- the general entry: any batch, broadcasting, strided views ----------------------------------
+
+class _Operand:
+    """One GEMM operand as cuBLAS reads it: the array (its pointer), whether the row-major matrix
+    is stored transposed (column-major: cuBLAS then reads it with ``CUBLAS_OP_T`` after the C^T
+    swap), its leading dimension and its batch stride, in elements."""
+
+    __slots__ = ("array", "transposed", "ld", "batch_stride")
+
+    def __init__(self, array, transposed: bool, ld: int, batch_stride: int):
+        self.array, self.transposed, self.ld, self.batch_stride = array, transposed, ld, batch_stride
+
+
+def _matrix_layout(array):
+    """``(transposed, ld)`` of the last two dims of ``array`` read in place, or None (then a copy).
+
+    Row-major: unit column stride and rows that do not overlap (row stride >= columns); column-major
+    the other way round. A size-1 dim's stride is meaningless (numpy and cupy set it freely), so it
+    is ignored and the leading dimension is the smallest valid one.
+    """
+    rows, cols = array.shape[-2:]
+    item = array.itemsize
+    s_row, s_col = array.strides[-2] // item, array.strides[-1] // item
+    if any(s % item for s in array.strides[-2:]):
+        return None
+    if (cols == 1 or s_col == 1) and (rows == 1 or s_row >= max(cols, 1)):
+        return False, s_row if rows > 1 else max(cols, 1)
+    if (rows == 1 or s_row == 1) and (cols == 1 or s_col >= max(rows, 1)):
+        return True, s_col if cols > 1 else max(rows, 1)
+    return None
+
+
+def _batch_stride(array, batch: tuple):
+    """The one element stride taking ``array``'s batch (broadcast to ``batch``) from one matrix to the
+    next in row-major batch order (0 for a batch-broadcast operand), or None when the batch dims do
+    not collapse into one stride (then a copy)."""
+    lead = array.ndim - 2
+    item = array.itemsize
+    dims = []  # (size, stride) of the batch dims that count, outermost first
+    for i, size in enumerate(batch):
+        j = i - (len(batch) - lead)
+        own = array.shape[j] if j >= 0 else 1
+        stride = array.strides[j] if j >= 0 and own != 1 else 0
+        if size != 1:
+            dims.append((size, stride))
+    stride = dims[-1][1] if dims else 0
+    for (_, outer), (inner_size, inner) in zip(dims[:-1], dims[1:]):
+        if outer != inner * inner_size:
+            return None
+    if stride < 0 or stride % item:
+        return None
+    return stride // item
+
+
+def _operand(cupy, array, batch: tuple):
+    """``array`` as a strided-batched GEMM operand over ``batch``: in place where its strides allow,
+    else a C-contiguous copy (of the broadcast batch, where the batch dims do not collapse)."""
+    layout, stride = _matrix_layout(array), _batch_stride(array, batch)
+    if layout is None or stride is None:
+        if stride is None:  # e.g. (B1, 1, M, K) against (1, B2, ...): the broadcast batch, materialised
+            array = cupy.broadcast_to(array, batch + array.shape[-2:])
+        array = cupy.ascontiguousarray(array)
+        layout, stride = _matrix_layout(array), _batch_stride(array, batch)
+    return _Operand(array, layout[0], layout[1], stride)
+
+
+def matmul(a, b):
+    """``a @ b`` for cupy arrays (numpy's ``matmul`` semantics) through cuBLAS directly.
+
+    One entry for every GEMM of the engine on GPU arrays: 2-D products are one ``cublasGemmEx``,
+    batched ones (3-D and more, batch dims broadcast as numpy does) one ``cublasGemmStridedBatchedEx``.
+    Transposed views (``w.T``, ``swapaxes``) are read in place with a transposition flag, and a
+    batch-broadcast operand with batch stride 0; what cuBLAS cannot address in place (a matrix
+    without a unit stride, negative strides, batch dims that do not collapse into one stride)
+    is copied first. 1-D operands are promoted and the added dim removed, as numpy does. The
+    result is a new C-contiguous array from cupy's current allocator (so a graph capture's
+    private pool serves it). Unlike ``cupy.matmul``, this works while the stream is captured
+    (cupy's own cuBLAS binding refuses every call then).
+
+    Args:
+        a, b: cupy arrays of one dtype (float16, bfloat16, float32 or float64), on the current device.
+
+    Returns:
+        The product, in the operands' dtype, with float32 accumulation for 16-bit data and the
+        compute types of :func:`matmul_into` (TF32 for float32 when cupy's compute type says so).
+
+    Other dtypes, mixed dtypes, ROCm, a missing libcublas and sizes past 32-bit ints go to
+    ``cupy.matmul`` (which cannot be captured).
+    """
+    with on_device(a):  # the handle, the workspace and the result on the operands' GPU
+        return _matmul(a, b)
+
+
+def _matmul(a, b):
+    import cupy
+
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: operands must have at least one dim, got shapes {a.shape} and {b.shape}")
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    p, r = a2.shape[-2:]
+    if b2.shape[-2] != r:
+        raise ValueError(f"matmul: the inner dims differ: shapes {a.shape} and {b.shape}")
+    q = b2.shape[-1]
+    batch = _broadcast_batch(a2.shape[:-2], b2.shape[:-2], a.shape, b.shape)
+    lib = _cublas()
+    count = _product(batch)
+    if lib is None or a.dtype != b.dtype or _data_type_name(a.dtype) is None \
+            or max(p, q, r, count) > INT_MAX:
+        return cupy.matmul(a, b)
+    out = cupy.empty(batch + (p, q), dtype=a.dtype)
+    if out.size and r == 0:
+        out.fill(0)
+    elif out.size:
+        op_a, op_b = _operand(cupy, a2, batch), _operand(cupy, b2, batch)
+        if max(op_a.ld, op_b.ld) > INT_MAX:  # a view with rows further apart than cuBLAS's int reaches
+            return cupy.matmul(a, b)
+        _gemm(cupy, lib, out, op_a, op_b, (p, q, r), count)
+    if a.ndim == 1:
+        out = out.reshape(out.shape[:-2] + out.shape[-1:])
+    if b.ndim == 1:
+        out = out.reshape(out.shape[:-1])
+    return out
+
+
+def _broadcast_batch(sa: tuple, sb: tuple, a_shape, b_shape) -> tuple:
+    n = max(len(sa), len(sb))
+    sa, sb = (1,) * (n - len(sa)) + tuple(sa), (1,) * (n - len(sb)) + tuple(sb)
+    batch = []
+    for x, y in zip(sa, sb):
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"matmul: the batch dims do not broadcast: shapes {a_shape} and {b_shape}")
+        batch.append(y if x == 1 else x)
+    return tuple(batch)
+
+
+def _product(shape) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
+def _data_type_name(dtype):
+    try:
+        name = float_name(dtype)
+    except Exception:  # noqa: BLE001 - not a float dtype: cupy.matmul's business
+        return None
+    return name if name in DATA_TYPES else None
+
+
+def _gemm(cupy, lib, out, a: _Operand, b: _Operand, pqr: tuple, count: int) -> None:
+    """``out = op(a) @ op(b)`` (``count`` products of (P, R) x (R, Q), out C-contiguous) as one cuBLAS call.
+
+    C^T (Q x P, column-major, ldc = Q) = op(b)^T @ op(a)^T: b first, a second, each ``CUBLAS_OP_T``
+    exactly where its row-major matrix is stored transposed.
+    """
+    p, q, r = pqr
     name = float_name(out.dtype)
     data_type = DATA_TYPES[name]
     compute = _compute_type(cupy, name)
     alpha, beta = ALPHA_BETA[np.float64 if compute == CUBLAS_COMPUTE_64F else np.float32]
+    handle = prepare_handle(cupy, lib)
+    op_b = CUBLAS_OP_T if b.transposed else CUBLAS_OP_N
+    op_a = CUBLAS_OP_T if a.transposed else CUBLAS_OP_N
+    ptr_a, ptr_b = a.array.data.ptr, b.array.data.ptr
+    if count == 1:
+        status = lib.gemm_ex(handle, op_b, op_a, q, p, r, alpha, ptr_b, data_type, b.ld, ptr_a, data_type, a.ld,
+                             beta, out.data.ptr, data_type, q, compute, _algorithm(name))
+        what = "cublasGemmEx"
+    else:
+        status = lib.gemm_strided_batched_ex(handle, op_b, op_a, q, p, r, alpha, ptr_b, data_type, b.ld,
+                                             b.batch_stride, ptr_a, data_type, a.ld, a.batch_stride, beta,
+                                             out.data.ptr, data_type, q, p * q, count, compute, _algorithm(name))
+        what = f"cublasGemmStridedBatchedEx (batch {count})"
+    if status:
+        raise CublasError(f"{what} returned cuBLAS status {status} for a ({p}, {r}) x ({r}, {q}) {name} GEMM "
+                          f"(trans_a={a.transposed}, trans_b={b.transposed})")
+
+
+# ---- the handle: cupy's, its stream and a workspace set before every call ----------------------
+
+# (handle, stream) -> the workspace cuBLAS uses on that stream, kept for the life of the process: a
+# captured graph holds its address (PyTorch keeps one per handle and stream the same way).
+_workspaces: dict = {}
+_DEFAULT_WORKSPACE_SM90 = 4096 * 8 * 1024  # PyTorch's default on sm_90 (CUDABlasHandlePool.cpp)
+_DEFAULT_WORKSPACE = 4096 * 1024 * 2 + 16 * 1024 * 8  # ":4096:2:16:8", its default elsewhere
+
+
+def workspace_size(device_id: int) -> int:
+    """Bytes of cuBLAS workspace per (handle, stream), as PyTorch sizes it: ``CUBLAS_WORKSPACE_CONFIG``
+    (``:SIZE_KiB:COUNT`` pairs, summed) where set, else 32 MiB on sm_90 and 8 MiB + 128 KiB elsewhere."""
+    import os
+    import re
+
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    pairs = re.findall(r":([0-9]+):([0-9]+)", config or "")
+    if pairs:
+        return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    return _DEFAULT_WORKSPACE_SM90 if _compute_capability(device_id) == 90 else _DEFAULT_WORKSPACE
+
+
+def prepare_handle(cupy, lib) -> int:
+    """The current device's cuBLAS handle with cupy's current stream and this stream's workspace set.
+
+    ``cublasSetStream`` resets the handle to cuBLAS's own workspace pool, so the workspace is set
+    again after it, every call (two host calls, no device work). With a workspace of its own,
+    cuBLAS allocates nothing while a graph is captured (as PyTorch does, for the same reason).
+    """
     handle = cupy.cuda.get_cublas_handle()
-    status = lib.set_stream(handle, cupy.cuda.get_current_stream().ptr)
+    stream = cupy.cuda.get_current_stream().ptr
+    status = lib.set_stream(handle, stream)
     if status:
         raise CublasError(f"cublasSetStream returned cuBLAS status {status}")
-    # C^T (Q x P, column-major) = op(b)^T (Q x R) @ op(a)^T (R x P): b first, a second.
-    status = lib.gemm_ex(handle, CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
-                         q, p, r, alpha, b.data.ptr, data_type, b.shape[1], a.data.ptr, data_type, a.shape[1],
-                         beta, out.data.ptr, data_type, q, compute, _algorithm(name))
+    key = (int(handle), int(stream))
+    workspace = _workspaces.get(key)
+    if workspace is None:
+        size = workspace_size(current_device())
+        workspace = _workspaces[key] = (cupy.cuda.alloc(size), size)
+    status = lib.set_workspace(handle, workspace[0].ptr, workspace[1])
     if status:
-        raise CublasError(f"cublasGemmEx returned cuBLAS status {status} for a ({p}, {r}) x ({r}, {q}) "
-                          f"{name} GEMM (trans_a={trans_a}, trans_b={trans_b})")
+        raise CublasError(f"cublasSetWorkspace returned cuBLAS status {status} for {workspace[1]} bytes")
+    return handle

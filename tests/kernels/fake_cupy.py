@@ -143,7 +143,8 @@ class FakeCupy(types.ModuleType):
         stream = types.SimpleNamespace(ptr=0, synchronize=lambda: None)
         self.cuda = types.SimpleNamespace(Device=Device, runtime=runtime, driver=driver,
                                           get_current_stream=lambda: stream,
-                                          get_cublas_handle=lambda: HANDLE_BASE + fake.current)
+                                          get_cublas_handle=lambda: HANDLE_BASE + fake.current,
+                                          alloc=self._alloc)
         self._core = types.SimpleNamespace(get_compute_type=lambda dtype: fake.compute_type_f32)
         cublas_gemm = self.cublas.gemm_ex
 
@@ -162,6 +163,11 @@ class FakeCupy(types.ModuleType):
 
     def empty(self, shape, dtype=np.float64):
         return self._new(np.empty(shape, dtype))
+
+    def _alloc(self, size: int):
+        """``cupy.cuda.alloc``: raw device memory (a MemoryPointer), here a registered byte array."""
+        block = self._new(np.empty(size, np.uint8))
+        return types.SimpleNamespace(ptr=block.data.ptr, device_id=self.current, block=block)
 
     def zeros(self, shape, dtype=np.float64):
         return self._new(np.zeros(shape, dtype))
@@ -206,6 +212,7 @@ def install_fake_cublas(monkeypatch, cublas) -> None:
     from engine.kernels.cuda import gemm
 
     monkeypatch.setattr(gemm, "_cublas", lambda: cublas)
+    monkeypatch.setattr(gemm, "_workspaces", {})  # workspaces live in the fake's memory: one set per test
 
 
 @pytest.fixture

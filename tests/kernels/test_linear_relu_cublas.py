@@ -199,7 +199,8 @@ def test_the_ctypes_binding_passes_every_argument_and_returns_the_status():
     seen = {}
 
     def stub(name, signature, status):
-        proto = ctypes.CFUNCTYPE(ctypes.c_int, *[{"p": ctypes.c_void_p, "i": ctypes.c_int}[c] for c in signature])
+        types_ = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_longlong, "z": ctypes.c_size_t}
+        proto = ctypes.CFUNCTYPE(ctypes.c_int, *[types_[c] for c in signature])
         return proto(lambda *args: seen.__setitem__(name, args) or status)
 
     lib = type("Lib", (), {})()
@@ -207,11 +208,17 @@ def test_the_ctypes_binding_passes_every_argument_and_returns_the_status():
     # Ctype, ldc, computeType, algo (enums are ints)
     lib.cublasSetStream_v2 = stub("cublasSetStream_v2", "pp", 0)
     lib.cublasGemmEx = stub("cublasGemmEx", "piiiiippiipiippiiii", 7)
+    # ... the same with a long long stride after each leading dimension and the batch count before computeType
+    lib.cublasGemmStridedBatchedEx = stub("cublasGemmStridedBatchedEx", "piiiiippiilpiilppiiliii", 8)
+    lib.cublasSetWorkspace_v2 = stub("cublasSetWorkspace_v2", "ppz", 0)  # handle, workspace, size_t bytes
     bound = gemm._Library(lib)
     assert bound.set_stream(0x1234, 0x5678) == 0
     args = (0x1234, 1, 0, 4, 5, 3, 0x10, 0x20, 0, 3, 0x30, 0, 3, 0x40, 0x50, 0, 4, 68, 99)
     assert bound.gemm_ex(*args) == 7
     assert seen["cublasSetStream_v2"] == (0x1234, 0x5678) and seen["cublasGemmEx"] == args
+    batched = (0x1234, 1, 0, 4, 5, 3, 0x10, 0x20, 0, 3, 2**33 + 1, 0x30, 0, 3, 0, 0x40, 0x50, 0, 4, 20, 7, 68, 99)
+    assert bound.gemm_strided_batched_ex(*batched) == 8 and seen["cublasGemmStridedBatchedEx"] == batched
+    assert bound.set_workspace(0x1234, 0x9000, 2**35) == 0 and seen["cublasSetWorkspace_v2"] == (0x1234, 0x9000, 2**35)
 
 
 def test_a_cublas_error_status_raises_naming_the_gemm(gpu, monkeypatch):
