@@ -283,6 +283,30 @@ def size_cpu_gemm(x, m: int, n: int, k: int) -> None:
         _threads.for_gemm(m, n, k)
 
 
+def matmul(a, b, op: str = "matmul"):
+    """``a @ b`` for two arrays of one device: the one place the engine's GEMMs on raw arrays go.
+
+    numpy arrays: ``a @ b`` itself (numpy's BLAS; nothing changes there). cupy arrays:
+    ``kernels/cuda/gemm.py``'s ``matmul``, which calls libcublas directly (a strided-batched GEMM
+    for batches, transposed views read in place), because cupy 14's own cuBLAS binding refuses
+    every call while a stream is captured, so ``cupy.matmul`` cannot be part of a CUDA graph.
+    Where that entry must fall back on ``cupy.matmul`` (an integer or mixed dtype, ROCm, no
+    libcublas), a capture raises a CaptureError naming ``op`` instead of cupy's NotImplementedError.
+    """
+    if isinstance(a, (np.ndarray, np.generic)):
+        return a @ b
+    try:
+        return kernels.gpu_matmul(a, b)
+    except NotImplementedError as exc:
+        if _capture.region is None:
+            raise
+        raise CaptureError(
+            f"{op}: a {a.shape} {a.dtype} x {b.shape} {b.dtype} product on the GPU inside {_capture.region} "
+            "needs cupy's own cuBLAS binding (only float16, bfloat16, float32 and float64 operands of one dtype "
+            "go to cuBLAS directly), and cupy refuses every cuBLAS call while a stream is captured. Cast the "
+            "operands to one float dtype, or compute this product outside the captured region") from exc
+
+
 def matmul_allows_tf32() -> bool:
     """``backends.cuda.matmul.allow_tf32``: whether float32 GEMMs may use TF32 ("high" or "medium")."""
     return _matmul_precision != "highest"

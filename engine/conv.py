@@ -137,7 +137,7 @@ def _grouped_matmul(a, b):
     leaves BLAS when an operand is a transposed view (slower for the weight gradient; docs/benchmarks.md)."""
     xp = backend.array_module(a)
     if xp is not np:
-        return xp.matmul(a, b)  # cuBLAS batched GEMM takes the strides as they are
+        return backend.matmul(a, b, "conv")  # one strided-batched cuBLAS GEMM, transposed views in place
     out = np.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=np.result_type(a, b))
     for group in range(a.shape[0]):
         np.matmul(a[group], b[group], out=out[group])

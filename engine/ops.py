@@ -1265,7 +1265,7 @@ class MatMul(Function):
     def forward(self, a, b):
         self.save(a, b)
         _size_gemm(a, b)
-        return a @ b
+        return backend.matmul(a, b)
 
     def backward(self, g):
         a, b = self.saved
@@ -1283,9 +1283,9 @@ class MatMul(Function):
             g2 = xp.expand_dims(g2, -1)
         ga = gb = None
         if self.needs_input_grad[0]:
-            ga = unbroadcast(g2 @ xp.swapaxes(b2, -1, -2), a2.shape, acc).reshape(a.shape)
+            ga = unbroadcast(backend.matmul(g2, xp.swapaxes(b2, -1, -2)), a2.shape, acc).reshape(a.shape)
         if self.needs_input_grad[1]:
-            gb = unbroadcast(xp.swapaxes(a2, -1, -2) @ g2, b2.shape, acc).reshape(b.shape)
+            gb = unbroadcast(backend.matmul(xp.swapaxes(a2, -1, -2), g2), b2.shape, acc).reshape(b.shape)
         return ga, gb
 
 

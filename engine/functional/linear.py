@@ -47,7 +47,7 @@ class Linear(Function):
         self.save(x, weight)
         self.has_bias = bias is not None
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
-        out = x @ weight.T
+        out = backend.matmul(x, weight.T, "linear")
         if bias is not None:
             out += bias  # in 16 bits: computed in float32 and rounded again (docs/precision.md)
         return out
@@ -56,8 +56,8 @@ class Linear(Function):
         x, weight = self.saved
         g = g.astype(x.dtype, copy=False)  # the GEMMs take one dtype (16-bit operands on the GPU)
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
-        gx = g @ weight if self.needs_input_grad[0] else None
-        gw = g.T @ x if self.needs_input_grad[1] else None
+        gx = backend.matmul(g, weight, "linear") if self.needs_input_grad[0] else None
+        gw = backend.matmul(g.T, x, "linear") if self.needs_input_grad[1] else None
         if not self.has_bias:
             return gx, gw
         # db: the column sums of g, accumulated in float32 for 16-bit g and rounded once.

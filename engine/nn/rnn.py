@@ -27,7 +27,7 @@ import numpy as np
 
 from engine import dtypes, functional as F, ops
 from engine.autograd import Function
-from engine.backend import array_module
+from engine.backend import array_module, matmul
 from engine.errors import ShapeError, describe
 from engine.indexing import index_select
 from engine.nn import init
@@ -66,7 +66,7 @@ class RecurrentLayer(Function):
         xp = array_module(xa)
         steps, batch = xa.shape[:2]
         sizes = batch_sizes if batch_sizes is not None else np.full(steps, batch, np.int64)
-        xw = xa @ wi.T
+        xw = matmul(xa, wi.T, "rnn")
         if bi is not None:
             xw = xw + bi
         h, c = h.copy(), None if c is None else c.copy()
@@ -85,13 +85,13 @@ class RecurrentLayer(Function):
             if n == 0:
                 continue
             saved["h_prev"][t, :n] = h[:n]
-            hw = h[:n] @ wh.T
+            hw = matmul(h[:n], wh.T, "rnn")
             if bh is not None:
                 hw = hw + bh
             h_new = _step(xp, mode, xw[t, :n], hw, h[:n], None if c is None else c[:n], t, n, saved)
             if whr is not None:  # LSTM projection: h_t = W_hr (o_t * tanh(c_t))
                 saved["h_full"][t, :n] = h_new
-                h_new = h_new @ whr.T
+                h_new = matmul(h_new, whr.T, "rnn")
             h[:n] = h_new
             out[t, :n] = h_new
         ctx.mode, ctx.order, ctx.sizes, ctx.low = mode, list(order), sizes, low
@@ -120,15 +120,16 @@ class RecurrentLayer(Function):
             dh[:n] += g_out[t, :n]
             dh_cell = dh[:n]
             if whr is not None:
-                d_whr += dh_cell.T @ saved["h_full"][t, :n]
-                dh_cell = dh_cell @ whr
+                d_whr += matmul(dh_cell.T, saved["h_full"][t, :n], "rnn")
+                dh_cell = matmul(dh_cell, whr, "rnn")
             d_xpart, d_hpart, dh_direct = _step_backward(xp, mode, t, n, dh_cell, dc, saved)
             dxw[t, :n] = d_xpart
-            d_wh += d_hpart.T @ saved["h_prev"][t, :n]
+            d_wh += matmul(d_hpart.T, saved["h_prev"][t, :n], "rnn")
             d_bh += d_hpart.sum(axis=0)
-            dh[:n] = d_hpart @ wh + (0 if dh_direct is None else dh_direct)
+            dh[:n] = matmul(d_hpart, wh, "rnn") + (0 if dh_direct is None else dh_direct)
         flat = dxw.reshape(-1, dxw.shape[-1])
-        grads = [lambda: dxw @ wi, lambda: dh, lambda: dc, lambda: flat.T @ xa.reshape(-1, xa.shape[-1]),
+        grads = [lambda: matmul(dxw, wi, "rnn"), lambda: dh, lambda: dc,
+                 lambda: matmul(flat.T, xa.reshape(-1, xa.shape[-1]), "rnn"),
                  lambda: d_wh, lambda: flat.sum(axis=0), lambda: d_bh, lambda: d_whr]
         out = []
         for needed, grad in zip(ctx.needs_input_grad, grads):

@@ -15,6 +15,15 @@ parameters) holds what it held before. ``Graph.launch`` replays the recorded ste
 sees new values written into static inputs and device scalars. Host reads (``get``, ``item``,
 ``bool()``) and waits (``synchronize``, ``done``) while capturing raise, as CUDA refuses them;
 ``host_reads`` and ``syncs`` count them.
+
+cuBLAS: cupy 14's own cuBLAS routines (``cupy.matmul`` and ``@``, ``dot``, ``vdot``, ``inner``,
+``tensordot``, ``einsum``, ``linalg``) raise cupy's ``NotImplementedError('calling cuBLAS API
+during stream capture is currently unsupported')`` while the current stream captures, as
+``cupy_backends``' ``cublas.setStream`` does. The GEMMs the engine issues itself
+(kernels/cuda/gemm.py, through libcublas) run on the fake cuBLAS of tests/kernels/fake_cublas.py
+over this fake's memory (the ``fake_gpu`` fixture installs it): executed at once and recorded
+like any other write, and, as the engine's rule, refused inside a capture unless a workspace of
+the engine's is set on the handle (so cuBLAS would not allocate while capturing).
 """
 
 from __future__ import annotations
@@ -29,6 +38,14 @@ import weakref
 import numpy as np
 import pytest
 from numpy.lib.mixins import NDArrayOperatorsMixin
+
+from tests.kernels.fake_cublas import DTYPE_NAMES, FakeCublas, FakeCublasError
+
+CUBLAS_HANDLE = 0xC0B1A5000  # the fake cuBLAS handle of device d is CUBLAS_HANDLE + d
+# cupy 14's message (cupy_backends/cuda/libs/cublas.pyx, setStream) for any cuBLAS call while capturing
+CUPY_CUBLAS_REFUSAL = "calling cuBLAS API during stream capture is currently unsupported"
+# numpy functions that cupy runs through its cuBLAS binding (linalg: cuBLAS / cuSOLVER handles, same check)
+_CUBLAS_FUNCTIONS = {np.matmul, np.dot, np.vdot, np.inner, np.tensordot, np.einsum}
 
 
 class CaptureViolation(RuntimeError):
@@ -96,6 +113,7 @@ class FakeArray(NDArrayOperatorsMixin):
     ndim = property(lambda self: self.host.ndim)
     size = property(lambda self: self.host.size)
     strides = property(lambda self: self.host.strides)
+    itemsize = property(lambda self: self.host.itemsize)
     nbytes = property(lambda self: self.host.nbytes)
     flags = property(lambda self: self.host.flags)
     device = property(lambda self: self._fake.cuda.Device(self.data.device_id))
@@ -114,6 +132,9 @@ class FakeArray(NDArrayOperatorsMixin):
         return self._fake._run(getattr(ufunc, method), inputs, kwargs)
 
     def __array_function__(self, func, types_, args, kwargs):
+        if func in _CUBLAS_FUNCTIONS or (getattr(func, "__module__", "").startswith("numpy.linalg")
+                                         and func is not np.linalg.norm):
+            self._fake.cupy_cublas(func.__name__)
         return self._fake._run(func, args, kwargs)
 
     # host reads: refused while capturing, as CUDA refuses a synchronous copy then
@@ -201,17 +222,26 @@ class FakeCupy(types.ModuleType):
         self._saved_external: dict = {}
         self.launches = 0
         self.host_reads = self.syncs = 0
-        self.gemms: list[tuple[str, str, str]] = []  # (a, b, product) dtype names of each matmul, in order
+        # (a, b, product) dtype names of each GEMM, in order: cupy.matmul's and the fake cuBLAS's calls
+        self.gemms: list[tuple[str, str, str]] = []
+        self.cupy_cublas_calls: list[str] = []  # cupy's own cuBLAS routines called (matmul, dot ...)
+        self._roots: list = []  # weak references to every allocation, for ``resolve``
+        self.cublas: FakeCublas | None = None  # the fake libcublas, once installed (install_cublas)
         # cupy.lib.stride_tricks.as_strided: a view of the same memory (numpy's would see no array)
         self.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
             as_strided=lambda a, shape=None, strides=None: self._run(
                 lambda h: np.lib.stride_tricks.as_strided(h, shape=shape, strides=strides), (a,), {})))
         self.cuda = self._cuda_namespace()
+        # cupyx.scatter_add (the engine's backend.scatter_add on GPU arrays: embedding and index_add backward)
+        self.cupyx = types.ModuleType("cupyx")
+        self.cupyx.scatter_add = lambda target, index, values: self._write(
+            target, lambda t, i, v: np.add.at(t, i, v), (target, index, values))
         # cupy's compute-type API, which the engine sets at the first GPU use (the matmul precision):
         # the last setting is kept for a test to read, nothing else depends on it here.
         self.compute_types: dict = {}
         self._core = types.SimpleNamespace(
             set_compute_type=lambda dtype, kind: self.compute_types.__setitem__(np.dtype(dtype).name, kind),
+            get_compute_type=lambda dtype: self.compute_types.get(np.dtype(dtype).name, 1),  # 1: DEFAULT
             _routines_linalg=types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7))
 
     # ---- addresses and allocation ----------------------------------------------------------------
@@ -230,6 +260,7 @@ class FakeCupy(types.ModuleType):
     def _allocate(self, host: np.ndarray) -> FakeArray:
         memptr = self._current_allocator()(host.nbytes)
         array = FakeArray(self, np.ascontiguousarray(host) if host.ndim else np.array(host), None, memptr)
+        self._roots.append(weakref.ref(array))
         if self._steps is not None:
             self._captured_roots.append(weakref.ref(array))
         return array
@@ -328,6 +359,51 @@ class FakeCupy(types.ModuleType):
             raise CaptureViolation(f"cudaErrorStreamCaptureUnsupported: {what} (a wait) while capturing")
 
     # ---- GEMMs ---------------------------------------------------------------------------------------
+    def cupy_cublas(self, what: str) -> None:
+        """A call into cupy's own cuBLAS binding: refused while the current stream captures, as cupy 14 does."""
+        self.cupy_cublas_calls.append(what)
+        if self._steps is not None and self.get_current_stream() is self.capturing_stream:
+            raise NotImplementedError(CUPY_CUBLAS_REFUSAL)
+
+    def resolve(self, ptr: int, dtype):
+        """The live allocation holding device address ``ptr``, from ``ptr`` on, as a flat numpy array (for
+        the fake cuBLAS), and its device."""
+        for ref in reversed(self._roots):
+            array = ref()
+            if array is not None and array.data.ptr <= ptr < array.data.ptr + max(array.nbytes, 1):
+                if array.dtype != np.dtype(dtype):
+                    raise FakeCublasError(f"the data type says {np.dtype(dtype)}, the memory at {ptr:#x} holds "
+                                          f"{array.dtype}")
+                offset, rem = divmod(ptr - array.data.ptr, array.dtype.itemsize)
+                if rem:
+                    raise FakeCublasError(f"a misaligned pointer {ptr:#x}")
+                return array.host.reshape(-1)[offset:], array.data.device_id
+        raise FakeCublasError(f"an illegal address: {ptr:#x} is in no live allocation")
+
+    def root_at(self, ptr: int) -> "FakeArray":
+        for ref in reversed(self._roots):
+            array = ref()
+            if array is not None and array.data.ptr <= ptr < array.data.ptr + max(array.nbytes, 1):
+                return array
+        raise FakeCublasError(f"an illegal address: {ptr:#x} is in no live allocation")
+
+    def cublas_write(self, c_ptr: int, compute) -> None:
+        """How a fake cuBLAS call writes C: at once, and recorded while capturing (a graph node)."""
+        if self._steps is not None:
+            handle = self.cuda.get_cublas_handle()
+            if self.cublas is not None and self.cublas.workspaces.get(handle) is None:
+                raise FakeCublasError("a cuBLAS GEMM captured with no workspace of the engine's set on the handle: "
+                                      "cuBLAS could allocate one inside the capture")
+        self._write(self.root_at(c_ptr), lambda *_: compute(), ())
+
+    def _alloc(self, size: int):
+        """``cupy.cuda.alloc``: raw memory (no array) from the current allocator, readable by ``resolve``
+        as bytes while the returned pointer lives."""
+        memptr = self._current_allocator()(int(size))
+        block = FakeArray(self, np.zeros(int(size), np.uint8), None, memptr)  # freed with the pointer's holder
+        self._roots.append(weakref.ref(block))
+        return types.SimpleNamespace(ptr=memptr.ptr, size=int(size), device_id=memptr.device_id, block=block)
+
     def matmul(self, a, b, out=None):
         """``cupy.matmul`` (and ``@``): the product in the operands' dtype, recorded in ``gemms``.
 
@@ -341,6 +417,7 @@ class FakeCupy(types.ModuleType):
             if dtype.name in ("float16", "bfloat16"):
                 return np.matmul(x.astype(np.float32), y.astype(np.float32)).astype(dtype)
             return np.matmul(x, y)
+        self.cupy_cublas("matmul")
         self.gemms.append((np.dtype(a.dtype).name, np.dtype(b.dtype).name, dtype.name))
         if out is not None:
             return self._write(out, lambda o, x, y: np.copyto(o, gemm(x, y), casting="unsafe"), (out, a, b))
@@ -533,6 +610,7 @@ class FakeCupy(types.ModuleType):
         return types.SimpleNamespace(
             Device=Device, Stream=Stream, Event=Event, runtime=runtime, MemoryPool=lambda *a: MemoryPool(fake),
             using_allocator=using_allocator, set_allocator=set_allocator, get_allocator=lambda: fake._allocator,
+            alloc=fake._alloc, get_cublas_handle=lambda: CUBLAS_HANDLE + fake.current_device,
             get_current_stream=fake.get_current_stream, get_elapsed_time=get_elapsed_time,
             graph=types.SimpleNamespace(Graph=Graph))
 
@@ -542,12 +620,36 @@ def fake_gpu(monkeypatch):
     """A :class:`FakeCupy` as ``cupy`` with one device, for one test; engine state tied to it
     (the allocator tracker, graph capture streams, device generators) is dropped afterwards."""
     from engine import backend
-    from engine.cuda import graphs
+    from engine.cuda import graphs, memory
 
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupyx", fake.cupyx)
     monkeypatch.setattr(backend, "cuda_device_count", lambda: fake.device_count)
     monkeypatch.setattr(backend, "_cupy_state", {"module": None, "tracker": None})
     monkeypatch.setattr(backend, "graph_pool_bytes", {})
     monkeypatch.setattr(graphs, "_capture_streams", {})
+    monkeypatch.setattr(memory, "_graph_pools", weakref.WeakSet())  # a graph of an earlier test may await gc
+    install_cublas(monkeypatch, fake)
     yield fake
+
+
+def install_cublas(monkeypatch, fake: FakeCupy) -> FakeCublas:
+    """The fake libcublas over ``fake``'s memory, in place of the real one for kernels/cuda/gemm.py."""
+    from engine.kernels.cuda import gemm, module
+
+    monkeypatch.setattr(module, "_get_device", None)  # bound to this fake's runtime at first use
+    fake.cublas = FakeCublas(fake.resolve, handle_device=lambda handle: handle - CUBLAS_HANDLE,
+                             run=fake.cublas_write)
+    execute = fake.cublas._gemm
+
+    def noted(*args):  # also noted in ``gemms``, as cupy.matmul's are (one entry per cuBLAS call)
+        status = execute(*args)
+        name = DTYPE_NAMES[fake.cublas.calls[-1].data_type]
+        fake.gemms.append((name, name, name))
+        return status
+    fake.cublas._gemm = noted
+    monkeypatch.setattr(gemm, "_cublas", lambda: fake.cublas)
+    monkeypatch.setattr(gemm, "_workspaces", {})
+    monkeypatch.setattr(gemm, "_compute_capability", lambda device_id: 90)
+    return fake.cublas

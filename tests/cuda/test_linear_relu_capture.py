@@ -8,53 +8,19 @@ memory, as a GPU graph node would, so a replay after new inputs are written must
 results. The linear_relu.cu launches run as NumPy transcriptions recorded the same way.
 """
 
-import weakref
-
 import numpy as np
 
 from engine import kernels
 from engine.kernels.cuda import linear_relu
 from tests.cuda.fake_capture import fake_gpu  # noqa: F401 - the fixture
-from tests.kernels.fake_cublas import FakeCublas, FakeCublasError
-from tests.kernels.fake_cupy import install_fake_cublas
+from tests.kernels.fake_cublas import FakeCublas
 from tests.kernels.fake_linear_relu_kernels import impls
-
-HANDLE = 0xC0B1A5000
 
 
 def _install(monkeypatch, fake) -> FakeCublas:
-    """The fake cuBLAS over ``fake``'s allocations, and the linear_relu kernels as recorded operations."""
-    roots = []
-    allocate = fake._allocate
-
-    def register(host):
-        array = allocate(host)
-        roots.append(weakref.ref(array))
-        return array
-    monkeypatch.setattr(fake, "_allocate", register)
-
-    def root_at(ptr):
-        for ref in reversed(roots):
-            array = ref()
-            if array is not None and array.data.ptr <= ptr < array.data.ptr + max(array.nbytes, 1):
-                return array
-        raise FakeCublasError(f"an illegal address: {ptr:#x} is in no live allocation")
-
-    def resolve(ptr, dtype):
-        array = root_at(ptr)
-        if array.dtype != np.dtype(dtype):
-            raise FakeCublasError(f"the data type says {np.dtype(dtype)}, the memory holds {array.dtype}")
-        offset, rem = divmod(ptr - array.data.ptr, array.dtype.itemsize)
-        assert rem == 0
-        return array.host.reshape(-1)[offset:], array.data.device_id
-
-    def run(c_ptr, compute):  # a write into C: at once, and recorded while capturing
-        fake._write(root_at(c_ptr), lambda *_: compute(), ())
-
-    cublas = FakeCublas(resolve, handle_device=lambda handle: handle - HANDLE, run=run)
-    install_fake_cublas(monkeypatch, cublas)
-    monkeypatch.setattr(fake.cuda, "get_cublas_handle", lambda: HANDLE + fake.current_device, raising=False)
-    monkeypatch.setattr(fake._core, "get_compute_type", lambda dtype: 1, raising=False)  # COMPUTE_TYPE_DEFAULT
+    """The fake cuBLAS over ``fake``'s allocations (the fixture's), and the linear_relu kernels as recorded
+    operations."""
+    cublas = fake.cublas
     table = impls()
 
     def function(module, name, device_id=None):

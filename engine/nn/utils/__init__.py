@@ -54,7 +54,10 @@ def _norm(array, norm_type: float):
     elif norm_type == 0.0:
         total = xp.asarray(xp.count_nonzero(wide), dtype=wide.dtype)
     elif norm_type == 2.0:
-        total = xp.sqrt(xp.vdot(wide, wide)) if wide.ndim == 1 else xp.sqrt((wide * wide).sum())
+        if wide.ndim != 1:
+            total = xp.sqrt((wide * wide).sum())
+        else:  # cupy.vdot is cupy's own cuBLAS call, refused inside a graph capture: the engine's GEMM entry
+            total = xp.sqrt(xp.vdot(wide, wide) if xp is np else backend.matmul(wide, wide, "clip_grad_norm_"))
     elif norm_type == 1.0:
         total = xp.abs(wide).sum()
     else:
