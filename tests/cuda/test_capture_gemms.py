@@ -104,6 +104,28 @@ def test_a_captured_forward_and_backward_replays_as_the_numpy_path(fake_gpu, nam
     assert len(fake_gpu.cublas.calls) == len(calls), "a replay calls nothing on the host"
 
 
+def test_clip_grad_norm_captures_its_dot_product(fake_gpu):
+    """clip_grad_norm_'s 2-norm of a flat gradient was ``cupy.vdot`` (cupy's cuBLAS): now a 1-D GEMM."""
+    engine.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    model = copy.deepcopy(reference).to("cuda")
+    rng = np.random.default_rng(4)
+    static_x = engine.tensor(rng.standard_normal((7, 6)).astype(np.float32), device="cuda")
+    graph = engine.cuda.CUDAGraph()
+    with engine.cuda.graph(graph):
+        (model(static_x) ** 2).sum().backward()
+        static_norm = nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    assert fake_gpu.cupy_cublas_calls == []
+    x = rng.standard_normal((7, 6)).astype(np.float32)
+    static_x.copy_(engine.tensor(x, device="cuda"))
+    graph.replay()
+    (reference(engine.tensor(x)) ** 2).sum().backward()
+    norm = nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    np.testing.assert_allclose(_host(static_norm), norm.item(), rtol=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        np.testing.assert_allclose(_host(p.grad), q.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
 def test_a_small_gpt_step_captures_and_replays_as_the_numpy_path(fake_gpu):
     """Embeddings, layer norms, attention, the MLP and the weight-tied head; the composites run (the fused
     kernels need a GPU), so every product is a GEMM of the engine's entry."""
