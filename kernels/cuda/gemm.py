@@ -1,5 +1,9 @@
 """GEMMs on cupy arrays through ``cublasGemmEx`` itself, not ``cupy.matmul``'s generic dispatch.
 
+:func:`matmul` is ``a @ b`` (numpy's semantics: batches, broadcasting, 1-D operands) for any cupy
+arrays of one float dtype, the engine's one GEMM entry on the GPU (``engine.backend.matmul``):
+one ``cublasGemmEx`` or ``cublasGemmStridedBatchedEx``, transposed views read in place. Before
+every call :func:`prepare_handle` sets cupy's stream and a workspace of ours on cupy's handle.
 :func:`matmul_into` writes ``out = op(a) @ op(b)`` for 2-D C-contiguous arrays of one dtype with
 one call into cuBLAS (plus ``cublasSetStream``). ``cupy.matmul`` ends in the same GEMM after its
 generalised-ufunc entry (cupy 14: a Python fast path for plain 2-D calls) and ``_core.matmul`` /
@@ -34,9 +38,11 @@ issue #6290), while cuBLAS itself supports capture with host-pointer scalars (th
 documentation, "CUDA Graphs Support"), which is what a captured training step needs.
 
 Where the direct call cannot take the case, ``cupy.matmul`` runs instead: on ROCm (hipBLAS, not
-libcublas), when libcublas cannot be located, for a dimension beyond cuBLAS's 32-bit ``int``, and
-for an array that is not C-contiguous (the leading-dimension trick needs rows laid end to end;
-the linear kernels' validators already refuse such inputs, so for them this never happens).
+libcublas), when libcublas cannot be located, for a dimension beyond cuBLAS's 32-bit ``int``, for
+dtypes other than the four float ones (``matmul``), and, in ``matmul_into``, for an array that is
+not C-contiguous (the leading-dimension trick needs rows laid end to end; the linear kernels'
+validators already refuse such inputs, so for them this never happens; ``matmul`` copies such an
+operand instead). ``cupy.matmul`` cannot be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -168,7 +174,7 @@ def matmul_into(out, a, b, *, trans_a: bool = False, trans_b: bool = False) -> N
             a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
         cupy.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
         return
-    # a row-major (rows, cols) operand read transposed is the column-major layout (ld = its row length)
+    # trans_x: op(x) = x.T is x's memory read column-major; either way the leading dimension is x's row length
     _gemm(cupy, lib, out, _Operand(a, trans_a, a.shape[1], 0), _Operand(b, trans_b, b.shape[1], 0), (p, q, r), 1)
 
 
