@@ -78,38 +78,79 @@ def _owner(array):
 def _spans(arrays: list) -> list:
     """Arrays covering ``arrays`` (of one dtype), each to reduce and scale in place as one: runs of
     C-contiguous arrays that lie end to end in one owner's memory become one 1-D view of it, so
-    gradients that are views of an optimizer's flat gradient buffer (``zero_grad(set_to_none=False)``,
-    or after ``GradScaler.unscale_``) come out as one or a few views; any other array is itself."""
-    runs = []  # [owner, start element, stop element], or [array, None, None]
+    gradients that are views of an optimizer's flat gradient buffers (``zero_grad(set_to_none=False)``,
+    gradients accumulated into them, or after ``GradScaler.unscale_``) come out as one view per
+    buffer, whatever order the parameters are listed in (a model's parameters alternate between an
+    optimizer's groups); any other array is itself. Owners in first-seen order."""
+    by_owner: dict = {}  # id(owner) -> (owner, its address, [[start, stop], ...])
+    alone = []
     for a in arrays:
         owner = _owner(a)
-        if not (a.flags.c_contiguous and owner.flags.c_contiguous and owner.dtype == a.dtype):
-            runs.append([a, None, None])
+        if owner is a or not (a.flags.c_contiguous and owner.flags.c_contiguous and owner.dtype == a.dtype):
+            alone.append(a)  # owns its memory (a fresh gradient from backward), or cannot be merged
             continue
-        start = (backend.address(a) - backend.address(owner)) // a.dtype.itemsize
-        if runs and runs[-1][0] is owner and runs[-1][2] == start:
-            runs[-1][2] = start + a.size
-        else:
-            runs.append([owner, start, start + a.size])
-    return [owner if start is None else owner.reshape(-1)[start:stop] for owner, start, stop in runs]
+        entry = by_owner.get(id(owner))
+        if entry is None:
+            entry = by_owner[id(owner)] = (owner, backend.address(owner), [])
+        start = (backend.address(a) - entry[1]) // a.dtype.itemsize
+        entry[2].append([start, start + a.size])
+    spans = []
+    for owner, _, ranges in by_owner.values():
+        ranges.sort()
+        runs = [ranges[0]]
+        for start, stop in ranges[1:]:
+            if start == runs[-1][1]:
+                runs[-1][1] = stop
+            else:  # padding between (never read nor scaled), or an overlap (kept apart, as given)
+                runs.append([start, stop])
+        flat = owner.reshape(-1)
+        spans += [flat[start:stop] for start, stop in runs]
+    return spans + alone
 
 
-def _device_norm(grads: list, norm_type: float):
-    """The total ``norm_type``-norm of gradients on one device, as torch computes it: the norm of
-    the per-gradient norms. For p > 0 (and inf) that equals the norm of all the gradients as one
-    vector, so it is computed as one reduction over their merged views (concatenated if there are
-    several); for p <= 0 the two differ, and the per-gradient norms are taken as torch does."""
-    xp = backend.array_module(grads[0])
-    if norm_type <= 0:
-        return _norm(xp.stack([_norm(g, norm_type) for g in grads]), norm_type)
+def _spans_by_dtype(grads: list) -> dict:
+    """{dtype: :func:`_spans` of the gradients of that dtype}: what the norm reduces and the scale
+    pass multiplies, found once per call."""
     by_dtype: dict = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
-    norms = []
-    for same in by_dtype.values():
-        spans = _spans(same)
-        norms.append(_norm(spans[0] if len(spans) == 1 else xp.concatenate([s.reshape(-1) for s in spans]),
-                           norm_type))
+    return {dtype: _spans(same) for dtype, same in by_dtype.items()}
+
+
+# On the CPU a span of at least this many elements is reduced where it lies, the smaller ones
+# concatenated and reduced as one: copying a large span costs more than its own reduction call (a
+# model's gradients in an optimizer's flat buffers, one span per parameter group, are reduced with no
+# copy; docs/benchmarks.md, "The GPT step op by op"). On a GPU every span is concatenated: one copy
+# and one reduction launch instead of a few launches per span.
+NORM_IN_PLACE_MIN = 1 << 16
+
+
+def _spans_norm(xp, spans: list, norm_type: float):
+    """The ``norm_type``-norm (p > 0) of all the elements of ``spans`` (one dtype, one device): the
+    norm of the parts' norms, each part's norm kept in float32 for 16-bit gradients, the total
+    rounded once to the spans' dtype."""
+    if len(spans) == 1:
+        return _norm(spans[0], norm_type)
+    large = [s for s in spans if s.size >= NORM_IN_PLACE_MIN] if xp is np else []
+    small = [s for s in spans if xp is not np or s.size < NORM_IN_PLACE_MIN]
+    parts = large + ([small[0] if len(small) == 1 else xp.concatenate([s.reshape(-1) for s in small])]
+                     if small else [])
+    if len(parts) == 1:
+        return _norm(parts[0], norm_type)
+    wide = xp.stack([_norm(dtypes.upcast(part), norm_type) for part in parts])
+    return _norm(wide, norm_type).astype(spans[0].dtype, copy=False)
+
+
+def _device_norm(grads: list, norm_type: float, spans_by_dtype: dict):
+    """The total ``norm_type``-norm of gradients on one device, as torch computes it: the norm of
+    the per-gradient norms. For p > 0 (and inf) that equals the norm of all the gradients as one
+    vector, so it is computed over their merged views (``spans_by_dtype``, from
+    :func:`_spans_by_dtype`: one reduction per view, then the norm of those); for p <= 0 the two
+    differ, and the per-gradient norms are taken as torch does."""
+    xp = backend.array_module(grads[0])
+    if norm_type <= 0:
+        return _norm(xp.stack([_norm(g, norm_type) for g in grads]), norm_type)
+    norms = [_spans_norm(xp, spans, norm_type) for spans in spans_by_dtype.values()]
     if len(norms) == 1:
         return norms[0]
     return _norm(xp.stack([n.astype(norms[0].dtype) for n in norms]), norm_type)
@@ -164,26 +205,25 @@ def _clip(grads: list, max_norm: float, norm_type: float, error_if_nonfinite: bo
     by_device: dict = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g._data)
+    spans = {device: _spans_by_dtype(arrays) for device, arrays in by_device.items()}
     xp = backend.xp_for(home)
     with backend.on_device(home):
         norms = []
         for device, arrays in by_device.items():
             with backend.on_device(device):
-                norms.append(backend.to_device(_device_norm(arrays, norm_type), home))
+                norms.append(backend.to_device(_device_norm(arrays, norm_type, spans[device]), home))
         total = norms[0] if len(norms) == 1 else _norm(xp.stack(norms), norm_type)
         if error_if_nonfinite and not bool(backend.to_host(xp.isfinite(total))):
             raise GradError(f"clip_grad_norm_: the total {norm_type}-norm of the gradients is {float(total)}, so they "
                             "cannot be clipped; check the loss for NaN/inf or pass error_if_nonfinite=False")
         scale = xp.minimum(max_norm / (total + 1e-6), 1.0)
-    for device, arrays in by_device.items():
+    for device in by_device:
         with backend.on_device(device):
             here = backend.to_device(scale, device)
-            by_dtype = {}
-            for span in _spans(arrays):
-                factor = by_dtype.get(span.dtype)
-                if factor is None:
-                    factor = by_dtype[span.dtype] = here.astype(span.dtype, copy=False)
-                span *= factor
+            for dtype, dtype_spans in spans[device].items():
+                factor = here.astype(dtype, copy=False)
+                for span in dtype_spans:
+                    span *= factor
     return Tensor._from_op(total, None)  # as it is: Tensor(array) would make a float64 norm float32
 
 
