@@ -19,6 +19,10 @@ import sys as _sys
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from engine import _host_memory  # noqa: E402
+
+_host_memory.keep_freed_memory()  # no page faults for the arrays a step frees and allocates again
+
 from engine import _kernels_package  # noqa: E402  (after the OpenBLAS setting: it imports numpy)
 
 _kernels_package.mount()  # engine.kernels: the repository's kernels/ folder (engine/_kernels_package.py says why)
