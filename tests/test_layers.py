@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # utils only re-exports under PyTorch's import paths (utils.data, utils.checkpoint, utils.tensorboard
 # from train), so it sits with train; nothing in the engine imports it.
 ENGINE_RANKS = {
-    "kernels": 0, "_kernels_package": 0, "errors": 0, "fusion": 0, "backend": 1, "dtypes": 1, "dlpack": 1, "backends": 1, "_dynamo": 1, "_compile": 1, "amp": 2, "autograd": 2, "tensor": 2,
+    "kernels": 0, "_kernels_package": 0, "_host_memory": 0, "errors": 0, "fusion": 0, "backend": 1, "dtypes": 1, "dlpack": 1, "backends": 1, "_dynamo": 1, "_compile": 1, "amp": 2, "autograd": 2, "tensor": 2,
     "ops": 2, "indexing": 2, "shaping": 2, "cpu": 2, "conv": 3, "functional": 3, "gradcheck": 3, "nn": 4,
     "optim": 4, "io": 4, "safetensors": 4, "torch_format": 4, "metrics": 4, "distributed": 4, "cuda": 4, "accelerator": 4,
     "data": 5, "text": 5, "train": 6, "utils": 6, "examples": 7,
