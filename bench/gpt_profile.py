@@ -51,11 +51,7 @@ TORCH_CATEGORIES = (
 
 
 # (BLAS_PARALLEL_MIN, BLAS_QUIET_MIN) per --policy; None: the code's own.
-POLICIES = {"default": None, "one-thread": (1 << 30, 1 << 30), "all-threads": (1 << 22, 1 << 22),
-            "regions-always": None}
-# Policies whose numba_cpu elementwise kernels (GELU, the optimizers) run as parallel regions from
-# their size thresholds whatever the load, as before threads.parallel_region looked at the run queue.
-REGIONS_ALWAYS = {"regions-always"}
+POLICIES = {"default": None, "one-thread": (1 << 30, 1 << 30), "all-threads": (1 << 22, 1 << 22)}
 
 
 def _engine_category(cls_name: str) -> str:
@@ -186,9 +182,7 @@ def main(argv=None) -> dict:
     p.add_argument("--policy", nargs="+", choices=tuple(POLICIES), default=["default"],
                    help="the engine's BLAS thread policies to time side by side: default (the code's), "
                         "one-thread (GEMMs under 2^30 multiply-adds on one BLAS thread whatever the load), "
-                        "all-threads (every GEMM from 2^22 on the engine's count whatever the load), "
-                        "regions-always (default, but GELU and the optimizers run parallel regions from "
-                        "their size thresholds whatever the load, the rule before threads.parallel_region)")
+                        "all-threads (every GEMM from 2^22 on the engine's count whatever the load)")
     p.add_argument("--no-profile", action="store_true", help="whole steps only")
     p.add_argument("--threads", type=int, default=None, help="engine.set_num_threads / torch.set_num_threads")
     args = p.parse_args(argv)
@@ -218,15 +212,10 @@ def main(argv=None) -> dict:
         def step():
             saved = threads.BLAS_PARALLEL_MIN, threads.BLAS_QUIET_MIN
             threads.BLAS_PARALLEL_MIN, threads.BLAS_QUIET_MIN = values or saved
-            region = getattr(threads, "parallel_region", None)
-            if region is not None and policy in REGIONS_ALWAYS:
-                threads.parallel_region = lambda size, minimum: size >= minimum
             try:
                 return e_step()
             finally:
                 threads.BLAS_PARALLEL_MIN, threads.BLAS_QUIET_MIN = saved
-                if region is not None:
-                    threads.parallel_region = region
         return step if hasattr(threads, "BLAS_QUIET_MIN") else e_step  # an older tree: its own policy only
 
     variants = [(f"engine ({policy})", engine_with(policy)) for policy in args.policy] + [("torch", t_step)]

@@ -66,10 +66,6 @@ BLAS_QUIET_MIN = 1 << 22
 # How often (seconds) :func:`for_gemm` looks at the run queue, and how many looks it averages: one
 # look costs ~0.1 ms (/proc reads), and the run queue is noisy, so ~1 s of looks decide.
 LOAD_CHECK_S = 0.2
-# A numba_cpu elementwise loop over at least this many elements runs as a parallel region whatever
-# the load (:func:`parallel_region`), as BLAS_PARALLEL_MIN for GEMMs: a descheduled worker then
-# costs a small part of the region.
-REGION_PARALLEL_MIN = 1 << 24
 LOAD_SAMPLES = 5
 PROC_LOADAVG = Path("/proc/loadavg")
 PROC_TASKS = Path("/proc/self/task")
@@ -270,25 +266,6 @@ def gemm_threads(size: int, count: int, others: float | None, host_cpus: int) ->
     if size < BLAS_QUIET_MIN or others is None:
         return 1
     return max(1, min(count, math.floor(host_cpus - others + 0.5)))
-
-
-def parallel_region(size: int, minimum: int) -> bool:
-    """Whether a numba_cpu elementwise kernel should run its loop over ``size`` elements as a
-    parallel region (else its serial build, which gives the same values).
-
-    From ``minimum`` elements (the kernel's own threshold, below which a region costs more than it
-    saves) when other processes leave at least two of the machine's CPUs free (:class:`RunQueueWatch`,
-    the look the mid-size GEMMs take), or the load is unknown; from REGION_PARALLEL_MIN whatever the
-    load. Beside a busy process one of the region's workers is often descheduled and the whole region
-    waits for it: a (1024, 512) GELU took 10-20 ms as a region against 1.2-2 ms serially at load 5 on
-    the 2-core VM (docs/benchmarks.md, "The GPT step op by op").
-    """
-    if size < minimum:
-        return False
-    if size >= REGION_PARALLEL_MIN:
-        return True
-    others = _watch.others()
-    return others is None or _HOST_CPUS - others >= 1.5
 
 
 def others_runnable(loadavg: Path | None = None, tasks: Path | None = None) -> int | None:

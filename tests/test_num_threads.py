@@ -149,33 +149,6 @@ def test_gemm_threads_follow_size_and_the_others_load(size, count, others, cpus,
     assert threads.gemm_threads(size, count, others, cpus) == expected
 
 
-@pytest.mark.parametrize("size,others,cpus,expected", [
-    (1000, 0.0, 2, False),           # below the kernel's threshold: serial whatever the load
-    (1 << 19, 0.0, 2, True),         # quiet: the region
-    (1 << 19, 0.4, 2, True),         # a stray runnable thread now and then is no load
-    (1 << 19, 0.6, 2, False),        # mostly one other process on two CPUs: serial
-    (1 << 19, 6.0, 8, True),         # a big host with two CPUs to spare
-    (1 << 19, None, 2, True),        # load unknown (no /proc): the region, as before the watch
-    (1 << 24, 3.0, 2, True),         # REGION_PARALLEL_MIN and more: the region whatever the load
-])
-def test_parallel_region_follows_size_and_the_others_load(monkeypatch, size, others, cpus, expected):
-    monkeypatch.setattr(threads, "_HOST_CPUS", cpus)
-    monkeypatch.setattr(threads._watch, "others", lambda: others)
-    assert threads.parallel_region(size, 1 << 16) is expected
-
-
-def test_gelu_and_the_optimizers_go_serial_beside_a_busy_process(monkeypatch):
-    from engine.kernels.cpu import gelu, optim
-
-    monkeypatch.setattr(threads, "_HOST_CPUS", 2)
-    for others, parallel in ((3.0, False), (0.0, True)):
-        monkeypatch.setattr(threads._watch, "others", lambda others=others: others)
-        assert gelu._plan(1 << 19)[0] is parallel
-        amp = optim._NumbaAmp(None, None, None, 1.0, False, False)
-        expected = optim._build_numba_kernels(parallel, False, False)
-        assert optim._numba_kernels(1 << 19, amp) is expected
-
-
 def _fake_proc(tmp_path, running: int, states: list[str]):
     (tmp_path / "tasks").mkdir(parents=True)
     (tmp_path / "loadavg").write_text(f"3.10 2.05 1.50 {running}/140 12345\n")

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import threads as _threads
 from ..cpu.optim import bits_view  # 16-bit floats as the bit views half_bits.py reads
 from ..precision import accumulation_dtype, float_name
 from ..registry import KernelError
@@ -207,9 +206,8 @@ def _num_threads() -> int:
 
 
 def _plan(size: int) -> tuple[bool, int]:
-    """(parallel, chunks): a few chunks per thread when the buffer is large enough and the machine
-    has CPUs to spare (threads.parallel_region)."""
-    parallel = _threads.parallel_region(size, PARALLEL_MIN)
+    """(parallel, chunks): a few chunks per thread when the buffer is large enough."""
+    parallel = size >= PARALLEL_MIN
     return parallel, (4 * _num_threads() if parallel else 1)
 
 

@@ -42,7 +42,6 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .. import threads as _threads
 from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import different_gpus as _different_gpus
@@ -827,10 +826,9 @@ def _numba_amp(param, grad, found_inf, inv_scale, param_out) -> _NumbaAmp | None
 
 
 def _numba_kernels(n: int, amp: _NumbaAmp) -> dict:
-    """The jitted loops for a buffer of ``n`` elements (parallel ones for large buffers, when the
-    machine has CPUs to spare: threads.parallel_region) and this call's gradient unscale and
-    param_out switches."""
-    return _build_numba_kernels(_threads.parallel_region(n, PARALLEL_MIN), amp.unscale, amp.has_out)
+    """The jitted loops for a buffer of ``n`` elements (parallel ones for large buffers) and this
+    call's gradient unscale and param_out switches."""
+    return _build_numba_kernels(n >= PARALLEL_MIN, amp.unscale, amp.has_out)
 
 
 @functools.cache

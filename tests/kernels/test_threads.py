@@ -148,9 +148,6 @@ def _in_threads(work, jobs) -> list:
 
 
 def _child(scenario: str) -> None:
-    from engine.kernels import threads
-
-    threads._watch.others = lambda: 0.0  # the regions run whatever the machine's load (threads.parallel_region)
     if scenario == "kernels":
         seeds, prepare, work = list(range(THREADS)), (lambda seed: seed), _kernel_work
     else:
