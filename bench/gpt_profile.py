@@ -4,7 +4,8 @@ The step is bench/gpt_step.py's (the ``--model gpt`` row: 4 layers, d_model 128,
 gradient clipping). Both frameworks' steps run in the same process, alternated round by round, so
 that they see the same load; the load average is printed beside every table.
 
-- Whole steps: the median time per step of each framework, uninstrumented.
+- Whole steps: the median time per step of each framework, uninstrumented, with its minor page
+  faults and system CPU time per step (``getrusage``).
 - Op by op: each engine ``Function``'s forward and backward, the optimizer step, the gradient
   clipping and ``zero_grad`` timed by wrappers (category totals, ms per step); torch's ops from
   ``torch.profiler`` (self CPU time of the aten ops, in the same categories). "other" is the step's
@@ -167,6 +168,17 @@ def _collapse(totals: dict, top: int = 6) -> dict:
     return out
 
 
+def _usage() -> tuple[int, float]:
+    """(minor page faults, system CPU seconds) of this process so far (zeros where ``resource`` is
+    missing): a step that faults its arrays in afresh spends its time in the kernel."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
 def load_average() -> str:
     try:
         return "%.2f %.2f %.2f" % os.getloadavg()
@@ -235,13 +247,17 @@ def main(argv=None) -> dict:
             step()
     print(f"GPT step, batch {args.batch}, engine threads {engine.get_num_threads()}, torch threads "
           f"{torch.get_num_threads()}; load average at start {load_average()}", flush=True)
-    times = defaultdict(list)
+    times, faults, system = defaultdict(list), defaultdict(int), defaultdict(float)
     for _ in range(args.rounds):
         for name, step in variants:
             for _ in range(args.steps):
+                before = _usage()
                 start = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - start)
+                after = _usage()
+                faults[name] += after[0] - before[0]
+                system[name] += after[1] - before[1]
     torch_median = statistics.median(times["torch"])
     print("  mid-size GEMMs by BLAS threads chosen (all policies): "
           + ", ".join(f"{n} thread(s): {c}" for n, c in sorted(chosen.items())))
@@ -250,7 +266,9 @@ def main(argv=None) -> dict:
     for name, _ in variants:
         med = statistics.median(times[name])
         result["steps"][name] = med
-        print(f"  {name:40s} {med * 1e3:8.1f} ms   {med / torch_median:5.2f}x torch")
+        steps = len(times[name])
+        print(f"  {name:40s} {med * 1e3:8.1f} ms   {med / torch_median:5.2f}x torch   "
+              f"{faults[name] / steps:7.0f} page faults, {system[name] * 1e3 / steps:5.1f} ms system time per step")
     if args.no_profile:
         return result
 
