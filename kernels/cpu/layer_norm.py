@@ -309,11 +309,24 @@ def _numba_kernels(parallel: bool):
     # flags), so they run in SIMD lanes; without it each sum is one serial chain of adds and the
     # loops stay scalar (docs/benchmarks.md, "Other measured choices in the code"). The order
     # changes only the float64 sums' last bits, which the float32 mean and rstd round away (no
-    # bit of y, mean or rstd differed on the GPT's shapes). The backward's float32 terms do not:
-    # reassociated, dx moved by an ulp in 7 % of its elements, which moved a 200-step GPT's
-    # validation loss by 1 % (tests/test_gpt.py), so the backward keeps the serial order.
+    # bit of y, mean or rstd differed on the GPT's shapes). The backward's float32 terms must not
+    # reassociate: with the flag on the whole kernel, dx moved by an ulp in 7 % of its elements,
+    # which moved a 200-step GPT's validation loss by 1 % (tests/test_gpt.py). So the backward
+    # computes its per-element terms without the flag into a scratch row and only their float64
+    # row sums (:func:`row_sums`) run reassociated: a float64 sum of D float32 terms rounds (if at
+    # all) far below the float32 rounding of c_g and c_gx, so dx keeps its bits.
     jit = numba.njit(cache=True, parallel=parallel, fastmath=False, error_model="numpy")
     jit_sums = numba.njit(cache=True, parallel=parallel, fastmath={"reassoc"}, error_model="numpy")
+
+    @numba.njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+    def row_sums(a, b):
+        """(sum a, sum b) in float64, in SIMD lanes (the float32 terms are already rounded)."""
+        sa = 0.0
+        sb = 0.0
+        for j in range(a.shape[0]):
+            sa += a[j]
+            sb += b[j]
+        return sa, sb
 
     @jit_sums
     def forward(x, w, has_weight, b, has_bias, eps, chunks, y, mean_out, rstd_out):
@@ -348,22 +361,23 @@ def _numba_kernels(parallel: bool):
         n, d = x.shape
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
+            gs = np.empty(d, mean.dtype)  # the row's g and g xhat terms, summed by row_sums
+            gxs = np.empty(d, mean.dtype)
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
                 mu = mean[i]
                 r = rstd[i]
                 xr = x[i]
                 gr = dy[i]
-                sg = 0.0
-                sgx = 0.0
                 for j in range(d):
                     xh = (load(xr, j) - mu) * r
                     dyj = load(gr, j)
                     g = dyj * w[j] if has_weight else dyj
-                    sg += g
-                    sgx += g * xh
+                    gs[j] = g
+                    gxs[j] = g * xh
                     if weight_grads:  # this chunk's own partial row: no other thread writes it
                         partial_w[chunk, j] += dyj * xh
                         partial_b[chunk, j] += dyj
+                sg, sgx = row_sums(gs, gxs)
                 c_g = mean.dtype.type(sg / d)
                 c_gx = mean.dtype.type(sgx / d)
                 out = dx[i]

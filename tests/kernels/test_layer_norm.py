@@ -351,6 +351,23 @@ def test_numba_cpu_parallel_and_serial_rows_agree(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1024, 128), (37, 300)], ids=["gpt", "odd"])
+def test_numba_cpu_backward_dx_has_the_serial_sums_bits(shape):
+    """float32 dx is bit for bit what serial float64 row sums of the float32 terms give: the kernel
+    sums them in SIMD lanes (kernels/cpu/layer_norm.py, ``row_sums``), which must not move dx (a
+    reassociated backward once moved a 200-step GPT's loss by 1 %)."""
+    x, dy, weight, bias = make_case(*shape, np.float32, seed=23)
+    x *= np.geomspace(1e-2, 1e2, shape[0], dtype=np.float32)[:, None]  # rows of many magnitudes
+    dy *= np.geomspace(1e-4, 1e2, shape[0], dtype=np.float32)[::-1, None]
+    _, mean, rstd = kernels.layer_norm_forward(x, weight, bias, impl="numba_cpu")
+    dx, _, _ = kernels.layer_norm_backward(dy, x, weight, mean, rstd, impl="numba_cpu")
+    xh = (x - mean[:, None]) * rstd[:, None]  # float32, in the kernel's order of operations
+    g = dy * weight
+    c_g, c_gx = (np.add.accumulate(t.astype(np.float64), axis=1)[:, -1] / shape[1] for t in (g, g * xh))
+    want = rstd[:, None] * (g - c_g.astype(np.float32)[:, None] - xh * c_gx.astype(np.float32)[:, None])
+    assert np.array_equal(dx, want)
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 
