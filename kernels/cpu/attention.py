@@ -619,7 +619,7 @@ _P0, _P1, _P2, _P3, _P4, _P5 = (_F32(v) for v in (1.9875691500e-4, 1.3981999507e
 _EXP_LO, _HALF, _ONE = _F32(-87.0), _F32(0.5), _F32(1.0)
 
 # Set by _numba_helpers() (module globals the kernels read: closures would miss numba's disk cache).
-_nb_gemm4 = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = _nb_bias_row = None
+_nb_gemm4 = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = _nb_bias_row = _nb_visible_keys = None
 
 
 @functools.cache
@@ -739,8 +739,15 @@ def _numba_helpers() -> None:
             for jj in range(max(0, i + 1 - j0), nk):
                 srow[jj] = -np.inf
 
+    @numba.njit(cache=True)
+    def visible_keys(nk, row0, j0, causal):
+        """How many of the nk keys from j0 on the four query rows from row0 read: all of them, or
+        under causal those up to the group's last row (<= 0: none, the group skips the tile)."""
+        return min(nk, row0 + 4 - j0) if causal else nk
+
     globals().update(_nb_gemm4=gemm4, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
-                     _nb_tile_sum=tile_sum, _nb_rowdot=rowdot, _nb_bias_row=bias_row)
+                     _nb_tile_sum=tile_sum, _nb_rowdot=rowdot, _nb_bias_row=bias_row,
+                     _nb_visible_keys=visible_keys)
 
 
 @functools.cache
@@ -793,17 +800,22 @@ def _numba_kernels(parallel: bool):
                 nk = min(tk, ns - j0)
                 ktt = kt[b, j0 // tk]
                 st[:, :nk] = 0
-                for g in range(0, nq, 4):
-                    _nb_gemm4(qb, i0 + g, 0, ktt, 0, st, g, ne, nk)
+                for g in range(0, nq, 4):  # causal: a row group reads the keys up to its last row only
+                    ng = _nb_visible_keys(nk, i0 + g, j0, causal)
+                    if ng > 0:
+                        _nb_gemm4(qb, i0 + g, 0, ktt, 0, st, g, ne, ng)
                 for r in range(nq):
                     i = i0 + r
+                    nr = _nb_visible_keys(nk, i - r % 4, j0, causal)
+                    if nr <= 0:  # the row sees none of the tile: nothing to add
+                        continue
                     srow, prow = st[r], pt[r]
-                    _nb_bias_row(srow, nk, mb, i, j0, nl, has_mask, mask_per_row, causal)
+                    _nb_bias_row(srow, nr, mb, i, j0, nl, has_mask, mask_per_row, causal)
                     m_old = row_max[r]
-                    m_new = max(m_old, _nb_tile_max(srow, nk))
+                    m_new = max(m_old, _nb_tile_max(srow, nr))
                     if m_new == neg_inf:  # nothing visible yet: exps 0, NaN for a NaN score (it must propagate)
-                        _nb_exp_shift(srow, nk, q.dtype.type(0), fast_exp, prow)
-                        row_sum[r] += _nb_tile_sum(prow, nk)
+                        _nb_exp_shift(srow, nr, q.dtype.type(0), fast_exp, prow)
+                        row_sum[r] += _nb_tile_sum(prow, nr)
                         continue
                     if m_new > m_old:
                         alpha = np.exp(m_old - m_new)  # 0 while the row was empty (m_old = -inf)
@@ -812,10 +824,12 @@ def _numba_kernels(parallel: bool):
                         for x in range(nev):
                             a[x] *= alpha
                         row_max[r] = m_new
-                    _nb_exp_shift(srow, nk, m_new, fast_exp, prow)
-                    row_sum[r] += _nb_tile_sum(prow, nk)
+                    _nb_exp_shift(srow, nr, m_new, fast_exp, prow)
+                    row_sum[r] += _nb_tile_sum(prow, nr)
                 for g in range(0, nq, 4):
-                    _nb_gemm4(pt, g, 0, vb, j0, acc, g, nk, nev)
+                    ng = _nb_visible_keys(nk, i0 + g, j0, causal)
+                    if ng > 0:
+                        _nb_gemm4(pt, g, 0, vb, j0, acc, g, ng, nev)
             for r in range(nq):
                 total = row_sum[r]  # NaN when a score was NaN or +inf: out and lse NaN, as in PyTorch
                 if total == 0:  # fully masked row: out = sum 0 * v (0, NaN where v is not finite), lse -inf
@@ -863,30 +877,41 @@ def _numba_kernels(parallel: bool):
                     st[:nqb, :nk] = 0
                     dpt[:nqb, :nk4] = 0  # columns nk..nk4 of dS and P stay 0: the padded keys of gemm4 on their transposes
                     pt[:nqb, nk:nk4] = 0
-                    for g in range(0, nqb, 4):
-                        _nb_gemm4(qb, g0 + g, 0, ktt, 0, st, g, ne, nk)
-                        _nb_gemm4(dob, g0 + g, 0, vtt, 0, dpt, g, nev, nk)
+                    for g in range(0, nqb, 4):  # causal: a row group reads the keys up to its last row only
+                        ng = _nb_visible_keys(nk, g0 + g, j0, causal)
+                        if ng > 0:
+                            _nb_gemm4(qb, g0 + g, 0, ktt, 0, st, g, ne, ng)
+                            _nb_gemm4(dob, g0 + g, 0, vtt, 0, dpt, g, nev, ng)
                     for r in range(nqb):
                         i = g0 + r
+                        nr = _nb_visible_keys(nk, i - r % 4, j0, causal)
+                        if nr <= 0:  # sees none of the tile; the products below start after it
+                            continue
                         li = lse[b, i]
                         srow, prow, dsrow = st[r], pt[r], dpt[r]
                         if i >= nl:  # padding row: no gradient
-                            prow[:nk] = 0
-                            dsrow[:nk] = 0
+                            prow[:nr] = 0
+                            dsrow[:nr] = 0
                             continue
                         if li == neg_inf:  # fully masked row: P = 0; dS = 0 (dP - D) is NaN only where
-                            prow[:nk] = 0  # dP or D is (a non-finite v or dO), as in PyTorch
+                            prow[:nr] = 0  # dP or D is (a non-finite v or dO), as in PyTorch
                         else:
-                            _nb_bias_row(srow, nk, mb, i, j0, nl, has_mask, mask_per_row, causal)
-                            _nb_exp_shift(srow, nk, li, fast_exp, prow)
+                            _nb_bias_row(srow, nr, mb, i, j0, nl, has_mask, mask_per_row, causal)
+                            _nb_exp_shift(srow, nr, li, fast_exp, prow)
                         di = d[b, i]
-                        for jj in range(nk):
+                        for jj in range(nr):
                             dsrow[jj] = prow[jj] * (dsrow[jj] - di) * scale
                     for jg in range(0, nk4, 4):
-                        _nb_gemm4(pt.T, jg, 0, dob, g0, dv_t, jg, nqb, nev)
-                        _nb_gemm4(dpt.T, jg, 0, qb, g0, dk_t, jg, nqb, ne)
+                        # causal: the rows before key j0 + jg see none of keys jg..jg+3, and every row
+                        # from r0 on (a multiple of 4) has P and dS written for all four
+                        r0 = max(0, j0 + jg - g0) if causal else 0
+                        if r0 < nqb:
+                            _nb_gemm4(pt.T, jg, r0, dob, g0 + r0, dv_t, jg, nqb - r0, nev)
+                            _nb_gemm4(dpt.T, jg, r0, qb, g0 + r0, dk_t, jg, nqb - r0, ne)
                     for g in range(0, nqb, 4):
-                        _nb_gemm4(dpt, g, 0, kb, j0, dqb, g0 + g, nk, ne)
+                        ng = _nb_visible_keys(nk, g0 + g, j0, causal)
+                        if ng > 0:
+                            _nb_gemm4(dpt, g, 0, kb, j0, dqb, g0 + g, ng, ne)
                 for jj in range(nk):
                     for x in range(ne):
                         dk[b, j0 + jj, x] = dk_t[jj, x]
