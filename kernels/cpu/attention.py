@@ -45,9 +45,10 @@ P = 0 times a non-finite v (forward) or dP - D (backward) is NaN; with ``causal`
 reads the scores of keys j > i. docs/kernels/attention.md has the rules.
 
 ``numpy`` is the plain reference (it materialises the B x L x S scores). ``numba_cpu`` never
-does: from BLAS_MIN_PAIRS query-key pairs per batch row it runs the flash loop on BLAS GEMMs over
-(query tile, key tile) blocks (:func:`_forward_blas`, :func:`_backward_blas`), below that its numba
-tile kernel (:func:`_numba_kernels`); :func:`use_blas_tiles` chooses. Both impls call
+does: from BLAS_MIN_PAIRS query-key pairs per batch row (more under causal) it runs the flash
+loop on BLAS GEMMs over (query tile, key tile) blocks (:func:`_forward_blas`,
+:func:`_backward_blas`), below that its numba tile kernel (:func:`_numba_kernels`), which skips
+the keys past each causal row group; :func:`use_blas_tiles` chooses. Both impls call
 :func:`validate_forward` / :func:`validate_backward` first, as do the GPU impls (which accept numpy
 arrays only under the Numba CUDA simulator).
 ``import engine.kernels.cpu.attention`` does not import numba.
@@ -497,8 +498,11 @@ QUERY_BLOCK = 64
 # scores for dq (which would recompute P and dP: 7 instead of 5 matrix-product equivalents).
 KEY_CHUNKS = 4
 # L * S per batch row from which attention_forward_numba / attention_backward_numba run on BLAS
-# tiles (use_blas_tiles): docs/benchmarks.md has the sizes measured against the numba tiles.
+# tiles (use_blas_tiles), and the factor on it under causal: there the numba tiles skip the keys
+# past each row group (about half the work, as the BLAS tiles do not inside a tile), and win up to
+# L = S = 256 on one core. docs/benchmarks.md has the sizes measured against the numba tiles.
 BLAS_MIN_PAIRS = 32 * 32
+CAUSAL_PAIRS_FACTOR = 256  # causal: BLAS tiles from 512 x 512 pairs
 # B * L * S * E from which the tasks run in parallel: below it one thread finishes in about the time
 # a parallel region takes to start (docs/benchmarks.md, "Why the thresholds are where they are").
 PARALLEL_MIN = 1 << 20
@@ -556,10 +560,10 @@ def _backward_numba(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
 
 def use_blas_tiles(spec: AttentionSpec) -> bool:
     """Whether the numba_cpu impl runs this call on BLAS tiles (:func:`_forward_blas`) rather than
-    on its numba tile kernel: from BLAS_MIN_PAIRS query-key pairs per batch row on. Measured in
-    docs/benchmarks.md ("Attention on the CPU"); one impl, so that callers and the registry see one
-    CPU attention, whatever its size."""
-    return spec.l * spec.s >= BLAS_MIN_PAIRS
+    on its numba tile kernel: from BLAS_MIN_PAIRS query-key pairs per batch row on, CAUSAL_PAIRS_FACTOR
+    times that under causal. Measured in docs/benchmarks.md ("Attention on the CPU" and "The GPT step
+    op by op"); one impl, so that callers and the registry see one CPU attention, whatever its size."""
+    return spec.l * spec.s >= BLAS_MIN_PAIRS * (CAUSAL_PAIRS_FACTOR if spec.causal else 1)
 
 
 def _parallel(spec: AttentionSpec) -> bool:

@@ -70,7 +70,7 @@ def test_fully_masked_rows_on_blas_tiles(blas_tiles):
 @pytest.mark.parametrize("causal", [False, True])
 def test_blas_tiles_match_torch_sdpa(causal):
     """At a size the numba_cpu impl runs on BLAS tiles by itself (its default threshold and tile)."""
-    b, l, e = 2, 300, 32
+    b, l, e = 2, 520, 32  # over 512 x 512 pairs; 520 = 2 BLAS tiles and a partial one
     q, k, v = make_case(b, l, l, e, e, seed=7)
     assert cpu.use_blas_tiles(cpu.validate_forward(q, k, v, scale=None, causal=causal))
     grad_out = np.random.default_rng(8).standard_normal((b, l, e)).astype(np.float32)
@@ -87,11 +87,12 @@ def test_the_impl_chooses_by_size(monkeypatch):
     monkeypatch.setattr(cpu, "_forward_blas", lambda *a: calls.append("blas") or (None, None))
     monkeypatch.setattr(cpu, "_forward_numba", lambda *a: calls.append("numba") or (None, None))
     monkeypatch.setattr(cpu, "round_results", lambda spec, *r: r)
-    side = int(np.sqrt(cpu.BLAS_MIN_PAIRS))
-    for l in (side - 1, side):
-        q, k, v = make_case(1, l, l, 4, 4)
-        cpu.attention_forward_numba(q, k, v)
-    assert calls == ["numba", "blas"]
+    for causal, pairs in ((False, cpu.BLAS_MIN_PAIRS), (True, cpu.BLAS_MIN_PAIRS * cpu.CAUSAL_PAIRS_FACTOR)):
+        side = int(np.sqrt(pairs))
+        for l in (side - 1, side):
+            q, k, v = make_case(1, l, l, 4, 4)
+            cpu.attention_forward_numba(q, k, v, causal=causal)
+    assert calls == ["numba", "blas"] * 2
 
 
 @pytest.mark.parametrize("causal", [False, True])
