@@ -41,6 +41,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from .precision import FLOAT_NAMES, float_name
 
 ENV_VAR = "ENGINE_KERNEL_IMPL"
@@ -243,7 +245,13 @@ def array_kind(arrays, kernel: str = "kernel") -> str:
 
 def module_of(a) -> str:
     """The top-level package of an array's type: 'numpy', 'cupy' ..."""
-    return type(a).__module__.split(".")[0]
+    return _module_of_type(type(a))
+
+
+@functools.cache
+def _module_of_type(cls: type) -> str:
+    # Cached per type: every validator asks several times per call, and split builds a list.
+    return cls.__module__.split(".")[0]
 
 
 def describe_array(name: str, a) -> str:
@@ -257,11 +265,19 @@ def describe_array(name: str, a) -> str:
     return f"{name}={module}.{type(a).__name__}{tuple(a.shape)} {a.dtype}{where}"
 
 
+_NDARRAY = np.ndarray
+
+
 def misplaced_arrays_message(arrays: dict) -> str | None:
     """What is wrong with the arrays handed to a kernel (name -> array, None for an absent
     optional one), or None: each must be a numpy or cupy array, all on one device, cupy ones on one
     GPU. Every kernel's validator asks this first, so the messages are the same across kernels.
     """
+    for a in arrays.values():  # the common case, numpy arrays only: nothing can be wrong
+        if a is not None and type(a) is not _NDARRAY:
+            break
+    else:
+        return None
     present = {name: a for name, a in arrays.items() if a is not None}
     for name, a in present.items():
         if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "flags")) \
@@ -274,6 +290,22 @@ def misplaced_arrays_message(arrays: dict) -> str | None:
     if spread:
         return f"the arrays are on different GPUs ({spread}); move them all to one device"
     return None
+
+
+def indices_in_range(indices, count: int) -> bool:
+    """Whether every value of a numpy integer array lies in [0, count): the validators' fast test
+    before they look for the first bad index (one reduction instead of three comparisons).
+
+    Signed values are read as unsigned of the same width, so a negative one becomes larger than
+    any ``count`` (NumPy 2 compares with a Python int exactly, even beyond the dtype's range).
+    """
+    if indices.size == 0:
+        return True
+    unsigned = _UNSIGNED.get(indices.dtype)
+    return int((indices if unsigned is None else indices.view(unsigned)).max()) < count
+
+
+_UNSIGNED = {np.dtype(f"i{n}"): np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
 
 
 def real_number(op: str, name: str, value, *, finite: bool = True) -> float:
@@ -305,7 +337,7 @@ def different_gpus(arrays) -> str | None:
 
 @functools.cache
 def _kind_of_type(cls: type) -> str | None:
-    module = cls.__module__.split(".")[0]
+    module = _module_of_type(cls)
     return module if module in ("numpy", "cupy") else None
 
 
@@ -323,7 +355,7 @@ def _common_kind(arrays) -> str | None:
 
 
 def _kind_of(a) -> str:
-    module = type(a).__module__.split(".")[0]
+    module = _module_of_type(type(a))
     if module == "cupy":
         return "cupy"
     if module == "numpy":
@@ -339,10 +371,27 @@ def _table(kernel: str) -> dict[str, Impl]:
 
 
 def _env_choice(kernel: str) -> str | None:
-    value = os.environ.get(ENV_VAR, "").strip()
+    value = _env_value()
     if not value:
         return None
     return _parse_env(value).get(kernel)
+
+
+def _env_value() -> str:
+    """ENGINE_KERNEL_IMPL, stripped ('' when unset), read on every kernel call.
+
+    os.environ.get encodes the key on every call; reading the mapping's own dict with the key
+    encoded once costs a quarter of that and sees every change made through os.environ (setenv,
+    monkeypatch). Where the mapping has no such dict, os.environ.get.
+    """
+    data = getattr(os.environ, "_data", None)
+    if type(data) is not dict:
+        return os.environ.get(ENV_VAR, "").strip()
+    raw = data.get(_ENV_KEY)
+    return "" if raw is None else os.environ.decodevalue(raw).strip()
+
+
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
 
 
 @functools.lru_cache(maxsize=8)
