@@ -39,8 +39,8 @@ first use.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +52,7 @@ from ..registry import describe_array as _describe
 from ..registry import module_of as _module_of
 from ..registry import misplaced_arrays_message as _misplaced_arrays_message
 from ..registry import numba_parallel as _numba_parallel
+from ..registry import indices_in_range as _indices_in_range
 from ..registry import real_number as _real_number
 
 KERNEL = "softmax_cross_entropy"
@@ -87,12 +88,18 @@ class CrossEntropySpec:
 
 
 def _is_array(a) -> bool:
+    if type(a) is np.ndarray or type(a) is float:  # the common cases, without hasattr's exceptions
+        return type(a) is np.ndarray
     return hasattr(a, "shape") and hasattr(a, "dtype") and _module_of(a) in ("numpy", "cupy")
 
 
 def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, label_smoothing, grad_scale,
                                    compute_grad) -> CrossEntropySpec:
     """Check the arguments of one call (every impl calls this first); raise KernelError naming the problem."""
+    spec = _common_call_spec(logits, targets, weight, ignore_index, label_smoothing, grad_scale, compute_grad)
+    if spec is not None:
+        return spec
+
     def where() -> str:  # described only on failure: this check runs on every call
         return f"{KERNEL}({_describe('logits', logits)}, {_describe('targets', targets)}, {_describe('weight', weight)})"
 
@@ -156,6 +163,33 @@ def validate_softmax_cross_entropy(logits, targets, weight, *, ignore_index, lab
         raise KernelError(f"{KERNEL}: compute_grad must be True or False, got {compute_grad!r}")
     return CrossEntropySpec(n, c, logits.dtype, soft, int(ignore_index), eps, scale, bool(compute_grad),
                             module, scale_array)
+
+
+_FAST_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _common_call_spec(logits, targets, weight, ignore_index, label_smoothing, grad_scale, compute_grad):
+    """The spec of the common call, or None (then the full checks run, and name any problem).
+
+    The common call: numpy float32 / float64 logits (N, C), C >= 1, C-contiguous; C-contiguous
+    (N,) int32 / int64 class indices; no weight; a Python int ignore_index in the int64 range; a
+    Python float label_smoothing in [0, 1] and a finite Python float grad_scale; a bool
+    compute_grad. The same checks as the full path, in one pass with no error text prepared (this
+    runs on every call); tests/kernels/test_validation_fast_path.py holds the two in agreement.
+    """
+    if type(logits) is not np.ndarray or type(targets) is not np.ndarray or weight is not None \
+            or logits.dtype not in _FAST_FLOATS or targets.dtype not in INDEX_DTYPES \
+            or logits.ndim != 2 or targets.ndim != 1:
+        return None
+    n, c = logits.shape
+    if targets.shape[0] != n or c < 1 or not logits.flags.c_contiguous or not targets.flags.c_contiguous:
+        return None
+    if type(ignore_index) is not int or not INT64_MIN <= ignore_index <= INT64_MAX \
+            or type(label_smoothing) is not float or not 0.0 <= label_smoothing <= 1.0 \
+            or type(grad_scale) is not float or not math.isfinite(grad_scale) or type(compute_grad) is not bool:
+        return None
+    return CrossEntropySpec(n, c, logits.dtype, False, ignore_index, label_smoothing, grad_scale, compute_grad,
+                            "numpy")
 
 
 def validate_denominator_out(spec: CrossEntropySpec, logits, weight, grad_scale, denominator_out) -> None:
@@ -232,7 +266,7 @@ def check_target_bounds(bounds, spec: CrossEntropySpec, impl: str) -> None:
 
 def check_targets_host(spec: CrossEntropySpec, targets) -> None:
     """Raise KernelError naming the first hard target outside [0, C) that is not ignore_index."""
-    if spec.soft or spec.n == 0:
+    if spec.soft or _indices_in_range(targets, spec.c):
         return
     bad = (targets != spec.ignore_index) & ((targets < 0) | (targets >= spec.c))
     if bad.any():
@@ -258,7 +292,7 @@ def _cpu_call(inner, conversions, logits, targets, weight, *, ignore_index, labe
     if denominator_out is not None:
         validate_denominator_out(spec, logits, weight, grad_scale, denominator_out)
         grad_scale = host_mean_scale(spec, targets, denominator_out)
-        spec = dataclasses.replace(spec, grad_scale=grad_scale)
+        spec = _with_grad_scale(spec, grad_scale)
     if is_low_precision(spec.dtype):
         to_float32, to_low = conversions
         loss, grad = _cpu_call(inner, conversions, to_float32(logits), to_float32(targets) if spec.soft else targets,
@@ -267,6 +301,13 @@ def _cpu_call(inner, conversions, logits, targets, weight, *, ignore_index, labe
         return loss, to_low(grad, spec.dtype)
     check_targets_host(spec, targets)
     return inner(logits, targets, weight, spec)
+
+
+def _with_grad_scale(spec: CrossEntropySpec, grad_scale: float) -> CrossEntropySpec:
+    """dataclasses.replace(spec, grad_scale=...) without re-running __init__ (it ran per call)."""
+    new = object.__new__(CrossEntropySpec)
+    new.__dict__.update(spec.__dict__, grad_scale=grad_scale)
+    return new
 
 
 def softmax_cross_entropy_numpy(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,

@@ -1,8 +1,8 @@
 """The validators' one-pass fast paths never accept what the full checks reject.
 
-kernels/cpu/optim.py and kernels/cpu/linear_relu.py first run every check in one pass with no
-error text (the hot path); only when that fails do the full checks run, one by one, to name the
-problem. Each case below is handed to both: whenever the fast path accepts, the full checks must
+kernels/cpu/optim.py, linear_relu.py and softmax_cross_entropy.py first run every check in one
+pass with no error text (the hot path); only when that fails do the full checks run, one by one,
+to name the problem. Each case below is handed to both: whenever the fast path accepts, the full checks must
 accept too and agree on the dtype; whenever the full checks reject, the fast path must too.
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.kernels import KernelError
-from engine.kernels.cpu import linear_relu, optim
+from engine.kernels.cpu import linear_relu, optim, softmax_cross_entropy
 
 
 def _outcome(check):
@@ -141,3 +141,60 @@ def test_optim_fast_path_on_gpu_arrays_finds_overlaps_by_address():
     assert optim._arrays_pass(two_gpus, written) is None
     with pytest.raises(KernelError, match=r"different GPUs \(cuda:0, cuda:1\)"):
         optim._check_arrays("adam_step", two_gpus, written)
+
+
+def _cross_entropy_cases():
+    logits, targets = np.ones((4, 3), np.float32), np.arange(4) % 3
+    call = dict(ignore_index=-100, label_smoothing=0.0, grad_scale=1.0, compute_grad=True)
+    cases = {"valid": ((logits, targets, None), call)}
+    cases["float64, int32 targets"] = ((logits.astype(np.float64), targets.astype(np.int32), None), call)
+    cases["smoothing, scale, no grad"] = ((logits, targets, None),
+                                          {**call, "label_smoothing": 0.25, "grad_scale": 0.5, "compute_grad": False})
+    cases["no rows"] = ((np.ones((0, 3), np.float32), np.ones(0, np.int64), None), call)
+    cases["no classes"] = ((np.ones((4, 0), np.float32), targets, None), call)
+    cases["float16"] = ((logits.astype(np.float16), targets, None), call)
+    cases["int logits"] = ((logits.astype(np.int32), targets, None), call)
+    cases["uint8 targets"] = ((logits, targets.astype(np.uint8), None), call)
+    cases["float targets"] = ((logits, targets.astype(np.float32), None), call)
+    cases["soft targets"] = ((logits, np.full((4, 3), 1 / 3, np.float32), None), call)
+    cases["1-D logits"] = ((logits[0], targets[:1], None), call)
+    cases["targets too short"] = ((logits, targets[:3], None), call)
+    cases["2-D targets"] = ((logits, targets[:, None], None), call)
+    cases["strided logits"] = ((np.ones((4, 6), np.float32)[:, ::2], targets, None), call)
+    cases["strided targets"] = ((logits, np.arange(8)[::2] % 3, None), call)
+    cases["weight"] = ((logits, targets, np.ones(3, np.float32)), call)
+    cases["subclass"] = ((logits.view(np.memmap), targets, None), call)
+    cases["list targets"] = ((logits, [0, 1, 2, 0], None), call)
+    for name, value in {"bool ignore_index": True, "float ignore_index": -100.0, "huge ignore_index": 2**63,
+                        "numpy ignore_index": np.int64(-1)}.items():
+        cases[name] = ((logits, targets, None), {**call, "ignore_index": value})
+    for name, value in {"smoothing above 1": 1.5, "negative smoothing": -0.1, "NaN smoothing": float("nan"),
+                        "int smoothing": 0, "smoothing 1": 1.0}.items():
+        cases[name] = ((logits, targets, None), {**call, "label_smoothing": value})
+    for name, value in {"inf scale": float("inf"), "NaN scale": float("nan"), "int scale": 2, "string scale": "1",
+                        "array scale": np.ones(1, np.float32)}.items():
+        cases[name] = ((logits, targets, None), {**call, "grad_scale": value})
+    cases["int compute_grad"] = ((logits, targets, None), {**call, "compute_grad": 1})
+    return cases
+
+
+CROSS_ENTROPY_CASES = _cross_entropy_cases()
+
+
+@pytest.mark.parametrize("case", list(CROSS_ENTROPY_CASES))
+def test_cross_entropy_fast_path_agrees_with_the_full_checks(case, monkeypatch):
+    args, kwargs = CROSS_ENTROPY_CASES[case]
+    fast = softmax_cross_entropy._common_call_spec(*args, **kwargs)
+    monkeypatch.setattr(softmax_cross_entropy, "_common_call_spec", lambda *a, **k: None)
+    full = _outcome(lambda: softmax_cross_entropy.validate_softmax_cross_entropy(*args, **kwargs))
+    if fast is not None:
+        assert full == fast, (case, fast, full)
+    if full == "rejected":
+        assert fast is None, case
+
+
+def test_cross_entropy_fast_path_takes_the_common_cases():
+    """Not a timing: the valid common calls must not all fall through to the slow checks."""
+    for case in ("valid", "float64, int32 targets", "smoothing, scale, no grad", "no rows", "smoothing 1"):
+        args, kwargs = CROSS_ENTROPY_CASES[case]
+        assert softmax_cross_entropy._common_call_spec(*args, **kwargs) is not None, case
