@@ -59,9 +59,11 @@ class SoftmaxCrossEntropy(Function):
         total = loss.sum(dtype=acc)
         if reduction == "sum":
             return xp.asarray(total).astype(logits.dtype, copy=False)
-        # Every row ignored: 0 / 0 = NaN, as in PyTorch.
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return xp.asarray(total / denominator.reshape(())).astype(logits.dtype, copy=False)
+        mean = total / denominator.reshape(()) if xp is np and denominator[0] else None  # the CPU: free to read
+        if mean is None:  # every row ignored: 0 / 0 = NaN, as in PyTorch (or a GPU: no host read)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = total / denominator.reshape(())
+        return xp.asarray(mean).astype(logits.dtype, copy=False)
 
     def backward(self, g):
         if self.reduction == "none":
@@ -197,6 +199,8 @@ def _check_class_indices(targets: np.ndarray, classes: int, ignore_index: int) -
     Compared in the targets' own dtype (NumPy 2 compares with Python ints exactly), so a uint64
     near 2**64 is seen as itself, not as the negative int64 it would wrap to.
     """
+    if kernels.registry.indices_in_range(targets, classes):  # the common case, one reduction
+        return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= classes))
     if bad.any():
         where = np.unravel_index(int(np.flatnonzero(bad)[0]), targets.shape)
