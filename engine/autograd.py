@@ -293,13 +293,17 @@ class Function:
         if _autocast.state.regions and cls._autocast_name is not None:  # not a user's same-named op
             inputs = tuple(_autocast.cast_inputs(cls._autocast_name, inputs))
 
-        for t in inputs:  # numpy arrays are all on the CPU: compare devices only for others
-            if type(t._data) is not _ndarray or not t._device_is_its_arrays:
-                _check_same_device(cls.op_name(), inputs)
-                break
-        raw = [t._data for t in inputs]
+        raw, needs, all_numpy = [], [], True
+        for t in inputs:  # one pass (a comprehension is a function call of its own in Python 3.11)
+            data = t._data
+            raw.append(data)
+            needs.append(t.requires_grad)
+            if type(data) is not _ndarray or not t._device_is_its_arrays:
+                all_numpy = False
+        if not all_numpy:  # numpy arrays are all on the CPU: compare devices only for others
+            _check_same_device(cls.op_name(), inputs)
         fn = cls()
-        needs = tuple([t.requires_grad for t in inputs])
+        needs = tuple(needs)
         fn.needs_input_grad = needs  # known in forward too, so it can save only what backward uses
         rule = cls.computes_in_float32
         low = _low_precision_of(raw) if rule is True or (rule and _on_cpu(raw)) else None
@@ -638,46 +642,45 @@ def _view_of(result, t) -> None:
 _NOT_ARRAYS = frozenset({int, float, bool, str, tuple, type(None)})
 
 
-def _saved_arrays(fn) -> list:
-    """The arrays graph node ``fn`` keeps for backward: its array attributes and the arrays in its
-    tuple attributes (``self.save(...)`` stores a tuple)."""
-    saved = []
+def _is_array_like(value) -> bool:
+    return hasattr(value, "dtype") and hasattr(value, "base")
+
+
+def _saved_versions(fn, inputs, result) -> tuple:
+    """(Version, value, is the output) for each input or output tensor whose memory ``fn`` kept
+    for backward: the arrays among its attributes and in its tuple attributes (``self.save(...)``
+    stores a tuple). Runs once per recorded op, so the type tests are written out inline."""
+    versions = {}
     for value in fn.__dict__.values():
         kind = type(value)
         if kind is tuple:
             for v in value:
                 kind = type(v)
-                if kind is _ndarray or (kind not in _NOT_ARRAYS and hasattr(v, "dtype") and hasattr(v, "base")):
-                    saved.append(v)
-        elif kind is _ndarray or (kind not in _NOT_ARRAYS and hasattr(value, "dtype") and hasattr(value, "base")):
-            saved.append(value)
-    return saved
+                if kind is _ndarray or (kind not in _NOT_ARRAYS and _is_array_like(v)):
+                    _record_version(v, inputs, result, versions)
+        elif kind is _ndarray or (kind not in _NOT_ARRAYS and _is_array_like(value)):
+            _record_version(value, inputs, result, versions)
+    return tuple(versions.values()) if versions else ()
 
 
-def _saved_versions(fn, inputs, result) -> tuple:
-    """(Version, value, is the output) for each input or output tensor whose memory ``fn`` kept
-    for backward."""
-    saved = _saved_arrays(fn)
-    if not saved:
-        return ()
-    owners = (*inputs, result)
-    versions = {}
-    for array in saved:
-        owner = None
-        for t in owners:  # most saved arrays are an input's or the output's own array
-            if array is t._data:
-                owner = t
-                break
-        else:
-            root = storage_root(array)
-            for t in owners:
-                if storage_root(t._data) is root:
-                    owner = t
-                    break
-        if owner is not None:
-            version = owner._version
-            versions[id(version)] = (version, version.value, owner is result)
-    return tuple(versions.values())
+def _record_version(array, inputs, result, versions: dict) -> None:
+    """Add the Version of the tensor (an input or the result) whose memory ``array`` is, if any."""
+    owner = _owner_of(array, (*inputs, result))
+    if owner is not None:
+        version = owner._version
+        versions[id(version)] = (version, version.value, owner is result)
+
+
+def _owner_of(array, owners):
+    """The tensor among ``owners`` whose memory ``array`` is (or views), or None."""
+    for t in owners:  # most saved arrays are an input's or the output's own array
+        if array is t._data:
+            return t
+    root = storage_root(array)
+    for t in owners:
+        if storage_root(t._data) is root:
+            return t
+    return None
 
 
 def _check_saved_versions(fn) -> None:
