@@ -146,7 +146,7 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ign
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not isinstance(target, Tensor):
         target = Tensor(np.asarray(target), device=input.device)
-    if target.device != input.device:
+    if not _on_cpu_arrays(input, target) and target.device != input.device:
         raise DeviceError(f"cross_entropy: input {describe(input)} and target {describe(target)} are on "
                          "different devices; move the target with .to(input.device)")
     if not is_floating(input.dtype):
@@ -186,6 +186,15 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ign
 
 
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
+
+
+def _on_cpu_arrays(*tensors) -> bool:
+    """Do all ``tensors`` hold numpy arrays (so share the CPU) with no device of their own? The
+    test Function.apply makes before it compares Device objects (a dataclass __eq__ per pair)."""
+    for t in tensors:
+        if type(t._data) is not np.ndarray or not t._device_is_its_arrays:
+            return False
+    return True
 
 
 def _bad_class_index_message(at: str, value: int, classes: int, ignore_index: int) -> str:
