@@ -94,7 +94,7 @@ def result_type(a, b) -> np.dtype:
 def _check_same_float_dtype(op: str, a, b) -> None:
     """Refuse two float tensors of different dtypes where PyTorch does (matmul, linear): these ops
     do not promote, so ``bf16 @ fp32`` is an error there, not a silent float32 product."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype != b.dtype and _is_float(a.dtype) \
+    if isinstance(a, Tensor) and isinstance(b, Tensor) and a._data.dtype != b._data.dtype and _is_float(a.dtype) \
             and _is_float(b.dtype):
         raise DTypeError(f"{op}: expected both operands to have the same dtype, got {describe(a)} and "
                          f"{describe(b)} (PyTorch refuses it too); convert one with .to({a.dtype.name}) or "
@@ -1298,13 +1298,14 @@ def matmul(input, other, *, out=None) -> Tensor:
         return write_out("matmul", matmul(input, other), out)
     _check_same_float_dtype("matmul", input, other)
     a, b = _binary_operands("matmul", input, other)
-    if a.dtype == np.bool_:
+    ad, bd = a._data, b._data  # read from the arrays: Tensor's properties are a Python call each
+    if ad.dtype == np.bool_:
         raise DTypeError(f"matmul: bool operands are not supported (as in PyTorch): {describe(a)} @ {describe(b)}; "
                          "convert with .float() or .long()")
-    if a.ndim == 0 or b.ndim == 0:
+    if ad.ndim == 0 or bd.ndim == 0:
         raise ShapeError(f"matmul: operands must have at least 1 dim: {describe(a)} @ {describe(b)}")
-    k_a = a.shape[-1]
-    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    k_a = ad.shape[-1]
+    k_b = bd.shape[0] if bd.ndim == 1 else bd.shape[-2]
     if k_a != k_b:
         raise ShapeError(f"matmul: inner dimensions differ ({k_a} != {k_b}) for {describe(a)} @ {describe(b)}; "
                          "transpose one operand or fix the layer sizes")

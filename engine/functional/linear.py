@@ -17,15 +17,19 @@ from engine.functional._common import _contiguous, _contiguous_tensor, _use_fuse
 
 
 def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+    # Read from the arrays (what Tensor.shape and .dtype return): the properties build a tuple or
+    # run a Python call each, and this runs on every layer call.
+    xd, wd = x._data, weight._data
+    if wd.ndim != 2 or xd.ndim < 1 or xd.shape[-1] != wd.shape[1]:
         raise ShapeError(f"{op}: input {describe(x)} does not fit weight {describe(weight)}: the input's last "
                          f"dim must equal weight.shape[1] (weight is (out_features, in_features))")
-    if bias is not None and bias.shape != (weight.shape[0],):
+    if bias is not None and bias._data.shape != (wd.shape[0],):
         raise ShapeError(f"{op}: bias {describe(bias)} must have shape ({weight.shape[0]},)")
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    if len({t.dtype for t in tensors}) > 1:
+    dtype = xd.dtype
+    if wd.dtype != dtype or (bias is not None and bias._data.dtype != dtype):
+        tensors = [t for t in (x, weight, bias) if t is not None]
         raise DTypeError(f"{op}: dtypes differ: {', '.join(describe(t) for t in tensors)}; convert with .to(dtype)")
-    if x.dtype == np.bool_:
+    if dtype == np.bool_:
         raise DTypeError(f"{op}: bool operands are not supported (as in PyTorch): {describe(x)} and "
                          f"{describe(weight)}; convert with .float()")
 
