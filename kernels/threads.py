@@ -239,11 +239,14 @@ def for_gemm(m: int, n: int, k: int) -> None:
     ctypes call per BLAS library when the count changes, a look at /proc every LOAD_CHECK_S;
     docs/benchmarks.md, "Why the thresholds are where they are"). Leaves a BLAS sized by the user's
     own environment variable alone."""
+    size = m * n * k
+    if size < BLAS_QUIET_MIN and _blas["current"] == 1:  # the usual small GEMM: one thread, already set
+        return
     if _state["n"] is None:
         ensure_default()
     if not _state["blas_owned"]:
         return
-    size, count = m * n * k, _state["n"]
+    count = _state["n"]
     others = _watch.others() if count > 1 and BLAS_QUIET_MIN <= size < BLAS_PARALLEL_MIN else None
     want = gemm_threads(size, count, others, _HOST_CPUS)
     if want != _blas["current"]:
