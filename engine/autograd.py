@@ -649,26 +649,33 @@ def _is_array_like(value) -> bool:
 def _saved_versions(fn, inputs, result) -> tuple:
     """(Version, value, is the output) for each input or output tensor whose memory ``fn`` kept
     for backward: the arrays among its attributes and in its tuple attributes (``self.save(...)``
-    stores a tuple). Runs once per recorded op, so the type tests are written out inline."""
-    versions = {}
+    stores a tuple). Runs once per recorded op, so the tests are written out inline, and owners
+    are found by identity before any storage root is computed."""
+    versions = None
     for value in fn.__dict__.values():
         kind = type(value)
         if kind is tuple:
-            for v in value:
-                kind = type(v)
-                if kind is _ndarray or (kind not in _NOT_ARRAYS and _is_array_like(v)):
-                    _record_version(v, inputs, result, versions)
+            candidates = value
         elif kind is _ndarray or (kind not in _NOT_ARRAYS and _is_array_like(value)):
-            _record_version(value, inputs, result, versions)
+            candidates = (value,)
+        else:
+            continue
+        for array in candidates:
+            kind = type(array)
+            if kind is not _ndarray and (kind in _NOT_ARRAYS or not _is_array_like(array)):
+                continue
+            for owner in inputs:  # most saved arrays are an input's or the output's own array
+                if array is owner._data:
+                    break
+            else:
+                owner = result if array is result._data else _owner_of(array, (*inputs, result))
+                if owner is None:
+                    continue
+            version = owner._version
+            if versions is None:
+                versions = {}
+            versions[id(version)] = (version, version.value, owner is result)
     return tuple(versions.values()) if versions else ()
-
-
-def _record_version(array, inputs, result, versions: dict) -> None:
-    """Add the Version of the tensor (an input or the result) whose memory ``array`` is, if any."""
-    owner = _owner_of(array, (*inputs, result))
-    if owner is not None:
-        version = owner._version
-        versions[id(version)] = (version, version.value, owner is result)
 
 
 def _owner_of(array, owners):
