@@ -302,7 +302,11 @@ def indices_in_range(indices, count: int) -> bool:
     if indices.size == 0:
         return True
     unsigned = _UNSIGNED.get(indices.dtype)
-    return int((indices if unsigned is None else indices.view(unsigned)).max()) < count
+    if unsigned is None:  # already unsigned
+        return int(indices.max()) < count
+    if count > np.iinfo(indices.dtype).max:  # a negative one read as unsigned could be below count
+        return int(indices.min()) >= 0
+    return int(indices.view(unsigned).max()) < count
 
 
 _UNSIGNED = {np.dtype(f"i{n}"): np.dtype(f"u{n}") for n in (1, 2, 4, 8)}

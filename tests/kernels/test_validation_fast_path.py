@@ -9,7 +9,7 @@ accept too and agree on the dtype; whenever the full checks reject, the fast pat
 import numpy as np
 import pytest
 
-from engine.kernels import KernelError
+from engine.kernels import KernelError, registry
 from engine.kernels.cpu import linear_relu, optim, softmax_cross_entropy
 
 
@@ -198,3 +198,16 @@ def test_cross_entropy_fast_path_takes_the_common_cases():
     for case in ("valid", "float64, int32 targets", "smoothing, scale, no grad", "no rows", "smoothing 1"):
         args, kwargs = CROSS_ENTROPY_CASES[case]
         assert softmax_cross_entropy._common_call_spec(*args, **kwargs) is not None, case
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"])
+@pytest.mark.parametrize("count", [1, 3, 127, 128, 200, 255, 256, 300, 2**40])
+def test_indices_in_range_agrees_with_the_plain_test(dtype, count):
+    info = np.iinfo(dtype)
+    candidates = {0, 1, 2, 126, 127, 128, 254, 255, 256, 299, 300, -1, -128, int(info.min), int(info.max)}
+    for value in sorted(v for v in candidates if info.min <= v <= info.max):
+        indices = np.array([0, value, 0], dtype=dtype)
+        expected = bool(((indices.astype(object) >= 0) & (indices.astype(object) < count)).all())
+        assert registry.indices_in_range(indices, count) == expected, (dtype, count, value)
+        assert registry.indices_in_range(indices[::2], count)  # a strided view of zeros
+    assert registry.indices_in_range(np.ones(0, dtype), count)
