@@ -301,15 +301,17 @@ def indices_in_range(indices, count: int) -> bool:
     """
     if indices.size == 0:
         return True
-    unsigned = _UNSIGNED.get(indices.dtype)
-    if unsigned is None:  # already unsigned
+    signed = _SIGNED.get(indices.dtype)
+    if signed is None:  # already unsigned
         return int(indices.max()) < count
-    if count > np.iinfo(indices.dtype).max:  # a negative one read as unsigned could be below count
+    unsigned, largest = signed
+    if count > largest:  # a negative one read as unsigned could be below count
         return int(indices.min()) >= 0
     return int(indices.view(unsigned).max()) < count
 
 
-_UNSIGNED = {np.dtype(f"i{n}"): np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
+# signed dtype -> (the unsigned one of its width, its largest value)
+_SIGNED = {np.dtype(f"i{n}"): (np.dtype(f"u{n}"), int(np.iinfo(f"i{n}").max)) for n in (1, 2, 4, 8)}
 
 
 def real_number(op: str, name: str, value, *, finite: bool = True) -> float:
