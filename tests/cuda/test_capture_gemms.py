@@ -73,6 +73,23 @@ def _host(t):
     return t._data.host.copy()
 
 
+def _replays_match_the_numpy_path(graph, static_x, static_loss, model, reference, rng, shape, host, *,
+                                  loss_rtol, rtol, atol):
+    """Three replays with new inputs copied into ``static_x``: each gives the loss ``mean(model(x) ** 2)``
+    and the gradients that ``reference`` (the same weights on the CPU) gives for that x."""
+    for step in range(3):
+        x = rng.standard_normal(shape).astype(np.float32)
+        static_x.copy_(engine.tensor(x, device="cuda"))
+        graph.replay()
+        reference.zero_grad()
+        loss = (reference(engine.tensor(x)) ** 2).mean()
+        loss.backward()
+        np.testing.assert_allclose(host(static_loss), loss.item(), rtol=loss_rtol, err_msg=f"replay {step}: loss")
+        for (pname, p), q in zip(model.named_parameters(), reference.parameters()):
+            np.testing.assert_allclose(host(p.grad), q.grad.numpy(), rtol=rtol, atol=atol,
+                                       err_msg=f"replay {step}: {pname}.grad")
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_a_captured_forward_and_backward_replays_as_the_numpy_path(fake_gpu, name):
     make, shape = MODELS[name]
@@ -90,17 +107,8 @@ def test_a_captured_forward_and_backward_replays_as_the_numpy_path(fake_gpu, nam
     calls = list(fake_gpu.cublas.calls)
     assert calls and {c.stream for c in calls} == {capture_stream}
     assert all(c.workspace is not None for c in calls), "a captured GEMM without the engine's cuBLAS workspace"
-    for step in range(3):
-        x = rng.standard_normal(shape).astype(np.float32)
-        static_x.copy_(engine.tensor(x, device="cuda"))
-        graph.replay()
-        reference.zero_grad()
-        loss = (reference(engine.tensor(x)) ** 2).mean()
-        loss.backward()
-        np.testing.assert_allclose(_host(static_loss), loss.item(), rtol=1e-5, err_msg=f"replay {step}: loss")
-        for (pname, p), q in zip(model.named_parameters(), reference.parameters()):
-            np.testing.assert_allclose(_host(p.grad), q.grad.numpy(), rtol=1e-4, atol=1e-6,
-                                       err_msg=f"replay {step}: {pname}.grad")
+    _replays_match_the_numpy_path(graph, static_x, static_loss, model, reference, rng, shape, _host,
+                                  loss_rtol=1e-5, rtol=1e-4, atol=1e-6)
     assert len(fake_gpu.cublas.calls) == len(calls), "a replay calls nothing on the host"
 
 
@@ -197,14 +205,5 @@ def test_on_the_gpu_a_captured_step_replays_as_the_numpy_path(name):
     with engine.cuda.graph(graph):
         static_loss = (model(static_x) ** 2).mean()
         static_loss.backward()
-    for step in range(3):
-        x = rng.standard_normal(shape).astype(np.float32)
-        static_x.copy_(engine.tensor(x, device="cuda"))
-        graph.replay()
-        reference.zero_grad()
-        loss = (reference(engine.tensor(x)) ** 2).mean()
-        loss.backward()
-        np.testing.assert_allclose(static_loss.item(), loss.item(), rtol=1e-4, err_msg=f"replay {step}: loss")
-        for (pname, p), q in zip(model.named_parameters(), reference.parameters()):
-            np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-3, atol=1e-5,
-                                       err_msg=f"replay {step}: {pname}.grad")
+    _replays_match_the_numpy_path(graph, static_x, static_loss, model, reference, rng, shape, lambda t: t.numpy(),
+                                  loss_rtol=1e-4, rtol=1e-3, atol=1e-5)

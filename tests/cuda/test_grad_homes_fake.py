@@ -8,14 +8,7 @@ import engine
 from engine import optim
 from tests.cuda import fake_optim_kernels
 from tests.cuda.fake_capture import fake_gpu  # noqa: F401  (fixture)
-
-SHAPES = [(3, 4), (5,), (2, 3)]
-
-
-def _params(device):
-    rng = np.random.default_rng(0)
-    return [engine.tensor(rng.standard_normal(shape).astype(np.float32), device=device, requires_grad=True)
-            for shape in SHAPES]
+from tests.cuda.test_capturable_optim import SHAPES, _params
 
 
 def _host(array):
