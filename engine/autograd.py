@@ -668,7 +668,7 @@ def _saved_versions(fn, inputs, result) -> tuple:
                 if array is owner._data:
                     break
             else:
-                owner = result if array is result._data else _owner_of(array, (*inputs, result))
+                owner = result if array is result._data else _viewed_owner(array, (*inputs, result))
                 if owner is None:
                     continue
             version = owner._version
@@ -678,11 +678,9 @@ def _saved_versions(fn, inputs, result) -> tuple:
     return tuple(versions.values()) if versions else ()
 
 
-def _owner_of(array, owners):
-    """The tensor among ``owners`` whose memory ``array`` is (or views), or None."""
-    for t in owners:  # most saved arrays are an input's or the output's own array
-        if array is t._data:
-            return t
+def _viewed_owner(array, owners):
+    """The tensor among ``owners`` whose memory ``array`` views, or None (asked once ``array`` is
+    none of their own arrays: :func:`_saved_versions` tests identity first)."""
     root = storage_root(array)
     for t in owners:
         if storage_root(t._data) is root:
