@@ -301,14 +301,15 @@ class _Bucket:
                 home.settle()
         return self.grad_flat
 
-    def _writable(self, slots) -> None:
+    def _writable(self, slots) -> bool:
         """Before writing the ``slots`` of ``grad_flat`` for gradients that do not live there: if a tensor
-        or array someone kept still sees one of them, leave the buffer to it and take a new one."""
+        or array someone kept still sees one of them, leave the buffer to it and take a new one (True)."""
         if all(self.homes[i].is_free() for i in slots):
-            return
+            return False
         self.grad_flat = None
         self._ensure_grad_flat()
         self._give_homes()
+        return True
 
     def _stale(self, indices) -> list[int]:
         """The params among ``indices`` whose grad is not their view of ``grad_flat``."""
@@ -324,8 +325,7 @@ class _Bucket:
         """
         self._ensure_grad_flat()
         stale = self._stale(active)
-        if stale:
-            self._writable(stale)
+        if stale and self._writable(stale):  # a new buffer: no grad lives in it yet
             stale = self._stale(active)
         grad_flat = self.grad_flat
         self.grads_copied += len(stale)
