@@ -49,7 +49,7 @@ from engine.tensor import (Tensor, arange, bool_, empty, eye, float16, float32, 
 from engine.tensor import bfloat16  # noqa: F401,E402  (ml_dtypes.bfloat16, as torch.bfloat16)
 from engine.tensor import as_tensor, from_dlpack  # noqa: F401,E402  (torch.as_tensor, DLPack: docs/interop.md)
 from engine.backend import Generator  # noqa: E402
-from engine.indexing import (allclose, argsort, argwhere, count_nonzero, equal, gather, index_fill,  # noqa: E402
+from engine.indexing import (allclose, argsort, argwhere, count_nonzero, equal, gather, index_copy, index_fill,  # noqa: E402
                              index_select, isclose, masked_fill, masked_select, multinomial, nonzero, scatter,
                              scatter_add, sort, topk, tril, triu)
 from engine.ops import eq, ge, gt, le, lt, ne, squeeze, unsqueeze  # noqa: E402

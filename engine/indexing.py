@@ -1,6 +1,6 @@
 """Indexing, masking, selection, sorting and sampling ops with PyTorch's names and semantics.
 
-``gather``, ``scatter`` (``_add``), ``index_select``, ``index_fill``, ``index_put`` (what
+``gather``, ``scatter`` (``_add``), ``index_select``, ``index_fill``, ``index_copy``, ``index_put`` (what
 ``t[index] = value`` records in a graph), ``masked_fill``, ``masked_select``, ``tril``/``triu``,
 ``sort``/``argsort``/``topk``, ``nonzero``, ``multinomial``, ``isclose``/``allclose``/``equal``.
 Each differentiable one is a Function written with its inputs' array module (numpy or cupy);
@@ -23,7 +23,7 @@ from engine.autograd import Function, unbroadcast
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.tensor import Tensor, _check_fill, _unit_uniform, as_array
 
-__all__ = ["gather", "scatter", "scatter_add", "index_select", "index_fill", "index_put", "masked_fill",
+__all__ = ["gather", "scatter", "scatter_add", "index_select", "index_fill", "index_copy", "index_put", "masked_fill",
            "masked_select", "tril", "triu", "sort", "argsort", "topk", "nonzero", "argwhere", "count_nonzero",
            "multinomial", "isclose", "allclose", "equal"]
 
@@ -361,6 +361,78 @@ def index_fill(input: Tensor, dim: int, index: Tensor, value) -> Tensor:
     idx = checked_index("index_fill", _vector_index("index_fill", index), (input.shape or (1,))[dim], input,
                         allow_negative=True)
     return IndexFill.apply(input, _fill_value("index_fill", value, input), index=idx.reshape(-1), dim=dim)
+
+
+class IndexCopy(Function):
+    """``input`` with ``source``'s slices written at ``index`` along ``dim``. The gradient of ``input``
+    is zero at the overwritten slices; that of ``source`` is the gradient there (PyTorch's formulas)."""
+
+    computes_in_float32 = False
+
+    def forward(self, a, source, index=None, dim=0):
+        self.where = (slice(None),) * dim + (index,)
+        out = _as_1d(a).copy()
+        out[self.where] = source
+        return out.reshape(a.shape)
+
+    def backward(self, g):
+        ga = gs = None
+        flat = _as_1d(g)
+        if self.needs_input_grad[0]:
+            ga = flat.copy()
+            ga[self.where] = 0
+            ga = ga.reshape(g.shape)
+        if self.needs_input_grad[1]:
+            gs = flat[self.where]
+        return ga, gs
+
+
+def index_copy_operands(op: str, input: Tensor, dim, index, source) -> tuple:
+    """Check ``index_copy``'s operands as PyTorch does; return ``(dim, idx, shape)``: the write puts
+    ``source`` reshaped to ``shape`` at ``idx`` (a 1-d int64 array) along ``dim`` of the input (1-d
+    if it is 0-d).
+
+    ``index`` is an int64 tensor of 0 or 1 dims, its values in [0, size of ``dim``) (on a GPU a
+    deferred check, the write meanwhile clipped in range); ``source`` has ``input``'s dtype and
+    device and its shape with ``dim`` of length ``index.numel()`` (0-d when ``input`` is a scalar
+    or a vector and one slice is written, as PyTorch allows)."""
+    input = _tensor_operand(op, "input", input)
+    source = _tensor_operand(op, "source", source)
+    dim = normalize_dim(op, dim, input.ndim)
+    index = _tensor_operand(op, "index", index)
+    if index.dtype != np.int64:
+        raise DTypeError(f"{op}: index must be an int64 tensor (as in PyTorch), got {describe(index)}; convert "
+                         "with .long()")
+    if index.ndim > 1:
+        raise ShapeError(f"{op}: index must have 0 or 1 dims, got {describe(index)}")
+    if source.dtype != input.dtype:
+        raise DTypeError(f"{op}: source {describe(source)} must have the input's dtype {input.dtype} (PyTorch "
+                         "refuses it too); convert it with .to(input.dtype)")
+    if source.device != input.device:
+        raise DeviceError(f"{op}: source {describe(source)} and input {describe(input)} are on different devices")
+    sizes = input.shape or (1,)
+    shape = sizes[:dim] + (index.numel(),) + sizes[dim + 1:]
+    scalar_slice = input.ndim <= 1 and source.ndim == 0 and shape == (1,)
+    if source.shape != shape and not scalar_slice:
+        raise ShapeError(f"{op}: source {describe(source)} must have the shape {shape}: the input's "
+                         f"{describe(input)} with dim {dim} of length {index.numel()} (the index's length)")
+    return dim, checked_index(op, index, sizes[dim], input).reshape(-1), shape
+
+
+def index_copy(input: Tensor, dim: int, index: Tensor, source: Tensor) -> Tensor:
+    """Out-of-place ``torch.index_copy``: ``input`` with ``source``'s slice ``i`` along ``dim``
+    written at position ``index[i]``, differentiable in both. With repeated indices one slice
+    wins, as in PyTorch. ``Tensor.index_copy_`` writes in place (a static KV cache's update).
+
+    Example:
+        >>> cache = engine.zeros(1, 2, 8, 4)                  # (batch, heads, positions, head dim)
+        >>> new = engine.ones(1, 2, 1, 4)
+        >>> cache.index_copy(2, engine.tensor([3]), new)[0, 0, :, 0].tolist()
+        [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    dim, idx, shape = index_copy_operands("index_copy", input, dim, index, source)
+    src = source if source.shape == shape else source.reshape(shape)
+    return IndexCopy.apply(input, src, index=idx, dim=dim)
 
 
 # ---- masks -------------------------------------------------------------------------------------------

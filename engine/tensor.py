@@ -695,6 +695,7 @@ class Tensor:
     def gather(self, dim, index, *, sparse_grad=False): return indexing.gather(self, dim, index)
     def index_select(self, dim, index): return indexing.index_select(self, dim, index)
     def index_fill(self, dim, index, value): return indexing.index_fill(self, dim, index, value)
+    def index_copy(self, dim, index, source): return indexing.index_copy(self, dim, index, source)
     def scatter_add(self, dim, index, src): return indexing.scatter_add(self, dim, index, src)
 
     def scatter(self, dim, index, src=None, *, value=None, reduce=None):
@@ -708,6 +709,18 @@ class Tensor:
 
     def index_fill_(self, dim, index, value) -> "Tensor":
         return self._inplace_via("index_fill_", value, lambda old: indexing.index_fill(old, dim, index, value))
+
+    def index_copy_(self, dim, index, source) -> "Tensor":
+        """In-place :func:`engine.indexing.index_copy`: ``source``'s slices written at ``index`` along
+        ``dim`` of this memory, and nothing else touched (no copy of the whole tensor). With the
+        index in a device tensor the write position needs no host read: a static KV cache's update
+        inside a CUDA graph."""
+        dim, idx, shape = indexing.index_copy_operands("index_copy_", self, dim, index, source)
+        notify_watcher((index,), "index_copy_")  # a capture notes the index as a tensor it reads
+
+        def write(value):
+            indexing._as_1d(self._data)[(slice(None),) * dim + (idx,)] = value.reshape(shape)
+        return self._inplace("index_copy_", source, write, lambda old: indexing.index_copy(old, dim, index, source))
 
     def scatter_(self, dim, index, src=None, *, value=None, reduce=None) -> "Tensor":
         operand = src if src is not None else value
