@@ -39,6 +39,7 @@ from engine.examples import DEVICE_HELP, argument_parser, chosen_device
 import engine.nn.functional as F
 from engine import nn, optim
 from engine.data import DataLoader, Subset
+from engine.errors import describe
 from engine.io import write_atomically
 from engine.text import BPETokenizer, ByteTokenizer, LanguageModelDataset, split_tokens, unigram_baseline
 from engine.text.tokenizers import _id_list
@@ -71,10 +72,16 @@ class CausalSelfAttention(nn.Module):
         # backward, where slicing the (B, T, 3C) output would scatter into three zero arrays of its size
         q, k, v = (F.linear(x, self.qkv.weight[i * C:(i + 1) * C], self.qkv.bias[i * C:(i + 1) * C])
                    .reshape(B, T, H, C // H).transpose(1, 2) for i in range(3))  # each (B, H, T, head_dim)
-        if past is not None:
-            k, v = engine.cat([past[0], k], dim=2), engine.cat([past[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_cache_mask(T, k.shape[2], x.device),
-                                           dropout_p=self.dropout if self.training else 0.0,
+        if isinstance(past, _StaticSlot):  # write into the fixed buffers, attend over all of them
+            k, v = past.write(k, v)
+            if k.dtype != q.dtype:  # a cache kept in another dtype (an fp32 cache under autocast, say)
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            mask = past.mask
+        else:
+            if past is not None:
+                k, v = engine.cat([past[0], k], dim=2), engine.cat([past[1], v], dim=2)
+            mask = _cache_mask(T, k.shape[2], x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=past is None)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), (k, v)
@@ -152,6 +159,9 @@ class GPT(nn.Module):
 
     def forward(self, ids, past_key_values=None, use_cache: bool = False):
         ids = ids if isinstance(ids, engine.Tensor) else engine.tensor(np.asarray(ids, dtype=np.int64))
+        if isinstance(past_key_values, StaticKVCache):
+            logits = self._forward_static(ids, past_key_values)
+            return (logits, past_key_values) if use_cache else logits
         B, T = ids.shape
         start = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if start + T > self.block_size:
@@ -165,6 +175,123 @@ class GPT(nn.Module):
             presents.append(present)
         logits = F.linear(self.ln_f(x), self.tok_emb.weight)  # weight-tied head
         return (logits, presents) if use_cache else logits
+
+    def _forward_static(self, ids, cache: "StaticKVCache"):
+        """The new ``ids`` at the cache's position (a device tensor: no host read), written into its
+        buffers; the position then advances by their count, in place."""
+        positions = cache.new_positions(ids)
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))
+        mask = cache.mask(positions)
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x, _StaticSlot(cache, i, positions, mask))
+        cache.advance(ids.shape[1])
+        return F.linear(self.ln_f(x), self.tok_emb.weight)
+
+
+class StaticKVCache:
+    """A key/value cache of fixed shape for :class:`GPT`, for CUDA-graph decoding (the idea of
+    transformers' ``StaticCache``).
+
+    Each layer gets preallocated ``(batch_size, heads, max_cache_len, head_dim)`` key and value
+    buffers, zero at first. ``model(ids, cache, use_cache=True)`` writes the keys and values of
+    the new ids in place at the positions ``position + arange(T)`` (``Tensor.index_copy_`` along
+    dim 2 with an index tensor), attends over the whole buffer with the mask ``slot <= position of
+    the query`` built on the device, and advances ``position`` in place: it returns ``(logits,
+    cache)``, the same object. Every call with T new ids has the same shapes and reads the
+    position from device memory, so one decode step can be captured in a CUDA graph and replayed
+    for every token (docs/performance.md, "Decode"). Without a graph it gives the logits of the
+    cat-based cache (``past_key_values=None`` first, then the returned presents).
+
+    Args:
+        model: the GPT it serves (heads, width, layers, ``block_size``).
+        batch_size: the batch every call must have.
+        max_cache_len: positions it holds (default and upper bound: ``model.block_size``).
+        device, dtype: default the model's; keys and values are cast to ``dtype`` when written.
+
+    Attributes:
+        position: an int64 tensor of shape (1,) on the device: the next position to write (the
+            number of positions held). Set it with ``position.fill_(p)`` to rewind (the slots from
+            ``p`` on are masked until rewritten); a captured step advances it at every replay.
+
+    Example:
+        >>> model = GPT(vocab_size=11, block_size=8, d_model=16, n_layers=2, n_heads=2).eval()
+        >>> cache = StaticKVCache(model, batch_size=1)
+        >>> with engine.no_grad():
+        ...     logits, cache = model(engine.tensor([[1, 2, 3]]), cache, use_cache=True)
+        >>> cache.get_seq_length()
+        3
+    """
+
+    def __init__(self, model: GPT, batch_size: int, max_cache_len: int | None = None, device=None, dtype=None):
+        max_cache_len = model.block_size if max_cache_len is None else max_cache_len
+        if not 1 <= max_cache_len <= model.block_size:
+            raise ValueError(f"StaticKVCache: max_cache_len must be in [1, block_size={model.block_size}] (the "
+                             f"position table's size), got {max_cache_len}")
+        if batch_size < 1:
+            raise ValueError(f"StaticKVCache: batch_size must be >= 1, got {batch_size}")
+        weight = model.tok_emb.weight
+        device = weight.device if device is None else engine.device(device)
+        dtype = weight.dtype if dtype is None else dtype
+        attn = model.blocks[0].attn
+        heads, width = attn.n_heads, attn.proj.weight.shape[0]
+        shape = (batch_size, heads, max_cache_len, width // heads)
+        self.batch_size, self.max_cache_len = batch_size, max_cache_len
+        self.keys = [engine.zeros(shape, dtype=dtype, device=device) for _ in model.blocks]
+        self.values = [engine.zeros(shape, dtype=dtype, device=device) for _ in model.blocks]
+        self.position = engine.zeros(1, dtype=engine.int64, device=device)
+        self._slots = engine.arange(max_cache_len, dtype=engine.int64, device=device)
+
+    def new_positions(self, ids):
+        """The positions of ``ids`` (B, T): ``position + arange(T)``, an int64 device tensor."""
+        B, T = ids.shape
+        keys = self.keys[0]
+        if B != self.batch_size or T > self.max_cache_len or ids.device != keys.device:
+            raise ValueError(f"StaticKVCache: ids {describe(ids)} do not fit a cache of batch "
+                             f"{self.batch_size}, {self.max_cache_len} positions on {keys.device}")
+        if ids.device.type == "cpu" and int(self.position._data[0]) + T > self.max_cache_len:  # free to read here
+            raise ValueError(f"StaticKVCache: {int(self.position._data[0])} cached + {T} new positions exceed "
+                             f"max_cache_len={self.max_cache_len}; rewind with cache.position.fill_(p) or reset()")
+        return self.position + engine.arange(T, dtype=engine.int64, device=ids.device)
+
+    def mask(self, positions):
+        """(T, max_cache_len) bool: slot j is visible to the query at ``positions[i]`` when j <= it."""
+        return self._slots <= positions[:, None]
+
+    def update(self, layer: int, key, value, positions):
+        """Write ``key``/``value`` (B, heads, T, head_dim) at ``positions`` of layer ``layer``; return
+        the layer's whole buffers."""
+        keys, values = self.keys[layer], self.values[layer]
+        with engine.no_grad():  # a cache is state, not a graph (as HF's StaticCache under generate)
+            keys.index_copy_(2, positions, key.to(keys.dtype))
+            values.index_copy_(2, positions, value.to(values.dtype))
+        return keys, values
+
+    def advance(self, count: int) -> None:
+        with engine.no_grad():
+            self.position.add_(count)
+
+    def reset(self) -> None:
+        """Empty the cache: position 0 and zero buffers."""
+        with engine.no_grad():
+            self.position.zero_()
+            for buffer in self.keys + self.values:
+                buffer.zero_()
+
+    def get_seq_length(self) -> int:
+        """The number of positions held (transformers' name); a host read of ``position``."""
+        return int(self.position.item())
+
+
+class _StaticSlot:
+    """What a block's attention gets for one layer of a :class:`StaticKVCache` in one forward."""
+
+    __slots__ = ("cache", "layer", "positions", "mask")
+
+    def __init__(self, cache, layer, positions, mask):
+        self.cache, self.layer, self.positions, self.mask = cache, layer, positions, mask
+
+    def write(self, key, value):
+        return self.cache.update(self.layer, key, value, self.positions)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
