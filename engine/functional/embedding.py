@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import backend, ops
+from engine.autograd import notify_watcher
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.tensor import Tensor
 from engine.functional.losses import _as_tensor_like, _checked_rows
@@ -29,6 +30,7 @@ def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
         raise DeviceError(f"embedding: indices {describe(indices)} and weight {describe(weight)} are on different "
                           "devices; move the indices with .to(weight.device)")
     count = weight.shape[0]
+    notify_watcher((indices,), "embedding")  # read as raw indices below: a capture must still note the tensor
     idx = _checked_rows(indices, count, weight)
     rows = ops.getitem(weight, idx)
     if padding_idx is None:
