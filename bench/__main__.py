@@ -6,6 +6,7 @@ Examples:
     python -m bench --kernel adam_step --skip-e2e --device cpu
     python -m bench --dtype bf16 --quick           # bf16 inputs; the peers and training steps under autocast
     python -m bench --device cpu --skip-kernels --model gpt mlp --load 1   # steps, alone and beside 1 busy process
+    python -m bench --device cpu --skip-kernels --model gpt-decode       # one token with the KV cache, vs torch
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PATH", help="write GB/s (TFLOP/s) vs size per impl (needs matplotlib)")
     p.add_argument("--skip-e2e", action="store_true", help="skip the training-step benchmarks")
     p.add_argument("--skip-kernels", action="store_true", help="skip the kernel rows (ceilings and training steps only)")
-    p.add_argument("--model", nargs="+", choices=("mlp", "wide", "gpt"), action="extend",
-                   help="only these training-step models (default: every one of the mode)")
+    p.add_argument("--model", nargs="+", choices=("mlp", "wide", "gpt", "gpt-decode"), action="extend",
+                   help="only these end-to-end models (default: every one of the mode); gpt-decode: one "
+                        "generated token with the KV cache, batch 1")
     p.add_argument("--load", type=int, default=0, metavar="N",
                    help="also time every training step beside N busy neighbour processes (pure-Python spin "
                         "loops, bench/load.py), next to the same step without them (default 0: no neighbours)")

@@ -91,6 +91,8 @@ def engine_step(bd, weights, x, y, capturable: bool = False):
 
 
 def _torch_model(torch):
+    """The torch twin of the engine GPT, parameter names included; ``forward(ids, past_key_values,
+    use_cache=True)`` keeps the engine example's cat-based key/value cache (the decode rows)."""
     nn, F = torch.nn, torch.nn.functional
 
     class Attention(nn.Module):
@@ -98,11 +100,16 @@ def _torch_model(torch):
             super().__init__()
             self.qkv, self.proj = nn.Linear(D_MODEL, 3 * D_MODEL), nn.Linear(D_MODEL, D_MODEL)
 
-        def forward(self, x):
+        def forward(self, x, past=None):
             B, T, C = x.shape
             q, k, v = self.qkv(x).reshape(B, T, 3, N_HEADS, C // N_HEADS).permute(2, 0, 3, 1, 4)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+            mask = None
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+                if T > 1:  # a chunk after the cache: the causal mask aligned to the bottom right
+                    mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past is None)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
     class Block(nn.Module):
         def __init__(self):
@@ -111,9 +118,10 @@ def _torch_model(torch):
             self.mlp = nn.Sequential(nn.Linear(D_MODEL, 4 * D_MODEL), nn.GELU(approximate="tanh"),
                                      nn.Linear(4 * D_MODEL, D_MODEL))
 
-        def forward(self, x):
-            x = x + self.attn(self.ln1(x))
-            return x + self.mlp(self.ln2(x))
+        def forward(self, x, past=None):
+            attended, present = self.attn(self.ln1(x), past)
+            x = x + attended
+            return x + self.mlp(self.ln2(x)), present
 
     class GPT(nn.Module):
         def __init__(self):
@@ -122,11 +130,16 @@ def _torch_model(torch):
             self.blocks = nn.ModuleList([Block() for _ in range(N_LAYERS)])
             self.ln_f = nn.LayerNorm(D_MODEL)
 
-        def forward(self, ids):
-            x = self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[1], device=ids.device))
-            for block in self.blocks:
-                x = block(x)
-            return F.linear(self.ln_f(x), self.tok_emb.weight)
+        def forward(self, ids, past_key_values=None, use_cache=False):
+            start = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+            positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+            x = self.tok_emb(ids) + self.pos_emb(positions)
+            presents = []
+            for i, block in enumerate(self.blocks):
+                x, present = block(x, None if past_key_values is None else past_key_values[i])
+                presents.append(present)
+            logits = F.linear(self.ln_f(x), self.tok_emb.weight)
+            return (logits, presents) if use_cache else logits
 
     return GPT()
 

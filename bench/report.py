@@ -325,7 +325,7 @@ def terminal_report(result: dict) -> str:
         parts.append(f"\n{kernel}")
         parts.append(text_table(KERNEL_COLUMNS, [kernel_cells(r) for r in rows]))
     if result["end_to_end"]:
-        parts.append("\nend to end (training step: forward + backward + Adam)")
+        parts.append("\nend to end (training step: forward + backward + Adam; gpt-decode: one generated token)")
         parts.append(text_table(E2E_COLUMNS, [e2e_cells(r) for r in result["end_to_end"]]))
     return "\n".join(parts)
 
@@ -400,7 +400,7 @@ def markdown_report(result: dict) -> str:
     for kernel, rows in group_by_kernel(result["kernels"]).items():
         lines += ["", f"## {kernel}", "", markdown_table(KERNEL_COLUMNS, [kernel_cells(r) for r in rows])]
     if result["end_to_end"]:
-        lines += ["", "## End to end: training step (forward + backward + Adam)", "",
+        lines += ["", "## End to end: training step (forward + backward + Adam; gpt-decode: one generated token)", "",
                   f"torch's Adam: {result['settings'].get('torch_adam', '-')}; host/device = host time to issue a "
                   "step over its device time (GPU only; >= 100% means the step waits on Python).", "",
                   markdown_table(E2E_COLUMNS, [e2e_cells(r) for r in result["end_to_end"]])]
