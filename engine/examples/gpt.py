@@ -68,10 +68,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, past=None):
         B, T, C = x.shape
         H = self.n_heads
-        # q, k and v from row blocks of the packed weight: slicing the (3C, C) weight costs little in
-        # backward, where slicing the (B, T, 3C) output would scatter into three zero arrays of its size
-        q, k, v = (F.linear(x, self.qkv.weight[i * C:(i + 1) * C], self.qkv.bias[i * C:(i + 1) * C])
-                   .reshape(B, T, H, C // H).transpose(1, 2) for i in range(3))  # each (B, H, T, head_dim)
+        if engine.is_grad_enabled():
+            # q, k and v from row blocks of the packed weight: slicing the (3C, C) weight costs little in
+            # backward, where slicing the (B, T, 3C) output would scatter into three zero arrays of its size
+            q, k, v = (F.linear(x, self.qkv.weight[i * C:(i + 1) * C], self.qkv.bias[i * C:(i + 1) * C])
+                       .reshape(B, T, H, C // H).transpose(1, 2) for i in range(3))  # each (B, H, T, head_dim)
+        else:  # no backward (decoding): one GEMM and views of it, 5 ops where the slices take 15
+            q, k, v = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
         if isinstance(past, _StaticSlot):  # write into the fixed buffers, attend over all of them
             k, v = past.write(k, v)
             if k.dtype != q.dtype:  # a cache kept in another dtype (an fp32 cache under autocast, say)
