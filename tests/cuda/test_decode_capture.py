@@ -8,13 +8,16 @@ set by ``position.fill_(p)``, must give the logits that the eager numpy path giv
 text, and a replay must allocate nothing and call nothing on the host.
 """
 
+import contextlib
 import copy
+import types
 
 import numpy as np
 import pytest
 
 import engine
 import engine.functional as F
+from bench import gpt_decode
 from engine.examples.gpt import GPT, StaticKVCache
 from tests.cuda.fake_capture import fake_gpu  # noqa: F401  (fixture)
 
@@ -93,6 +96,28 @@ def test_an_eager_static_cache_decode_step_reads_nothing_back_from_the_device(fa
             model(step_ids, cache, use_cache=True)
         assert (fake_gpu.host_reads, fake_gpu.syncs) == (reads, syncs)
     assert cache.get_seq_length() == LENGTH
+
+
+def test_the_benchs_captured_decode_row_replays_as_its_eager_static_cache_row(fake_gpu):
+    """bench/gpt_decode.py's captured variant (warm-up on a side stream, rewind, capture, then per
+    call: copy the next id in, replay; rewound after 32 tokens) gives the eager static-cache
+    variant's logits token for token, across the rewind, with one launch per token."""
+    engine.manual_seed(0)
+    model = GPT(gpt_decode.VOCAB, gpt_decode.BLOCK, gpt_decode.D_MODEL, gpt_decode.N_LAYERS, gpt_decode.N_HEADS)
+    weights = {name: value.numpy().copy() for name, value in model.state_dict().items()}
+    ids = np.random.default_rng(7).integers(0, gpt_decode.VOCAB, (1, gpt_decode.MAX_LEN))
+    bd = types.SimpleNamespace(kind="cuda", engine_autocast=contextlib.nullcontext)
+    x = fake_gpu.asarray(ids)
+    with F.fused_kernels(False):
+        eager, stat = gpt_decode.engine_static_decode(bd, weights, x, None)
+        replayed, _ = gpt_decode.engine_captured_decode(bd, weights, x, None)
+        launches = fake_gpu.launches
+        tokens = gpt_decode.MAX_LEN - gpt_decode.PROMPT
+        for t in range(tokens + 4):  # past the rewind to the prompt
+            want, got = eager(), replayed()
+            np.testing.assert_allclose(got._data.host, want._data.host, rtol=1e-5, atol=1e-6, err_msg=f"token {t}")
+            assert stat(got) == pytest.approx(stat(want), rel=1e-5)
+    assert fake_gpu.launches - launches == tokens + 4
 
 
 @pytest.mark.gpu
