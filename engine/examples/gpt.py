@@ -196,7 +196,7 @@ class StaticKVCache:
     transformers' ``StaticCache``).
 
     Each layer gets preallocated ``(batch_size, heads, max_cache_len, head_dim)`` key and value
-    buffers, zero at first. ``model(ids, cache, use_cache=True)`` writes the keys and values of
+    buffers, zero at first (``keys[i]`` and ``values[i]``, views of one buffer per layer). ``model(ids, cache, use_cache=True)`` writes the keys and values of
     the new ids in place at the positions ``position + arange(T)`` (``Tensor.index_copy_`` along
     dim 2 with an index tensor), attends over the whole buffer with the mask ``slot <= position of
     the query`` built on the device, and advances ``position`` in place: it returns ``(logits,
@@ -239,8 +239,10 @@ class StaticKVCache:
         heads, width = attn.n_heads, attn.proj.weight.shape[0]
         shape = (batch_size, heads, max_cache_len, width // heads)
         self.batch_size, self.max_cache_len = batch_size, max_cache_len
-        self.keys = [engine.zeros(shape, dtype=dtype, device=device) for _ in model.blocks]
-        self.values = [engine.zeros(shape, dtype=dtype, device=device) for _ in model.blocks]
+        # one (2, ...) buffer per layer, keys then values: one index_copy_ writes both
+        self._buffers = [engine.zeros((2,) + shape, dtype=dtype, device=device) for _ in model.blocks]
+        self.keys = [buffer[0] for buffer in self._buffers]  # views of the buffers
+        self.values = [buffer[1] for buffer in self._buffers]
         self.position = engine.zeros(1, dtype=engine.int64, device=device)
         self._slots = engine.arange(max_cache_len, dtype=engine.int64, device=device)
 
@@ -263,11 +265,10 @@ class StaticKVCache:
     def update(self, layer: int, key, value, positions):
         """Write ``key``/``value`` (B, heads, T, head_dim) at ``positions`` of layer ``layer``; return
         the layer's whole buffers."""
-        keys, values = self.keys[layer], self.values[layer]
+        buffer = self._buffers[layer]
         with engine.no_grad():  # a cache is state, not a graph (as HF's StaticCache under generate)
-            keys.index_copy_(2, positions, key.to(keys.dtype))
-            values.index_copy_(2, positions, value.to(values.dtype))
-        return keys, values
+            buffer.index_copy_(3, positions, engine.stack([key, value]).to(buffer.dtype))
+        return self.keys[layer], self.values[layer]
 
     def advance(self, count: int) -> None:
         with engine.no_grad():
@@ -277,7 +278,7 @@ class StaticKVCache:
         """Empty the cache: position 0 and zero buffers."""
         with engine.no_grad():
             self.position.zero_()
-            for buffer in self.keys + self.values:
+            for buffer in self._buffers:
                 buffer.zero_()
 
     def get_seq_length(self) -> int:
