@@ -253,8 +253,8 @@ class StaticKVCache:
         if B != self.batch_size or T > self.max_cache_len or ids.device != keys.device:
             raise ValueError(f"StaticKVCache: ids {describe(ids)} do not fit a cache of batch "
                              f"{self.batch_size}, {self.max_cache_len} positions on {keys.device}")
-        if ids.device.type == "cpu" and int(self.position._data[0]) + T > self.max_cache_len:  # free to read here
-            raise ValueError(f"StaticKVCache: {int(self.position._data[0])} cached + {T} new positions exceed "
+        if ids.device.type == "cpu" and self.get_seq_length() + T > self.max_cache_len:  # free to read here
+            raise ValueError(f"StaticKVCache: {self.get_seq_length()} cached + {T} new positions exceed "
                              f"max_cache_len={self.max_cache_len}; rewind with cache.position.fill_(p) or reset()")
         return self.position + engine.arange(T, dtype=engine.int64, device=ids.device)
 
@@ -283,7 +283,7 @@ class StaticKVCache:
 
     def get_seq_length(self) -> int:
         """The number of positions held (transformers' name); a host read of ``position``."""
-        return int(self.position.item())
+        return int(engine.backend.to_host(self.position._data)[0])
 
 
 class _StaticSlot:
