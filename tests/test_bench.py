@@ -18,7 +18,7 @@ import pytest
 from bench import __main__ as cli
 from bench import device as bench_device
 from bench import kernels as kbench
-from bench import e2e_common, end_to_end, roofline, timing
+from bench import e2e_common, end_to_end, gpt_decode, roofline, timing
 from engine.kernels import registry
 from tests.cuda.fake_capture import fake_gpu  # noqa: F401  (fixture)
 
@@ -502,7 +502,7 @@ def test_gpu_sweeps_measure_every_target_case():
         for kernel in ("linear_relu_forward", "linear_relu_backward"):
             target = kbench.CUDA_TARGETS[kernel].params
             assert (target["N"], target["K"], target["M"]) in sweep["linear_relu"], mode
-        batches = end_to_end.BATCHES[("cuda", mode)]
+        batches = dict(end_to_end.BATCHES[("cuda", mode)], **{"gpt-decode": gpt_decode.BATCHES[("cuda", mode)]})
         for model, batch in end_to_end.TARGET_CASES["cuda"]:
             assert batch in batches[model], (mode, model)
     assert end_to_end.MODELS["mlp"] == (784, 1024, 1024, 10) and end_to_end.MODELS["wide"] == (4096, 4096, 4096)
