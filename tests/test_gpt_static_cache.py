@@ -93,3 +93,25 @@ def test_the_cache_keeps_its_dtype_and_the_logits_only_come_back_with_use_cache(
         logits = model(engine.tensor(_ids(1, 3)), cache)
     assert isinstance(logits, engine.Tensor) and logits.shape == (1, 3, VOCAB)
     assert cache.keys[1].dtype == engine.float64 and cache.get_seq_length() == 3
+
+
+def test_with_grad_mode_on_the_cache_gives_the_same_logits_and_records_no_graph():
+    """Outside no_grad, q, k and v come from the packed weight's row blocks (the training path)."""
+    model, ids = _model(), _ids(2, 7, seed=4)
+    cache = StaticKVCache(model, batch_size=2)
+    logits, _ = model(engine.tensor(ids[:, :5]), cache, use_cache=True)
+    step, _ = model(engine.tensor(ids[:, 5:7]), cache, use_cache=True)
+    assert logits.requires_grad and not any(b.requires_grad for b in cache.keys + cache.values)
+    with engine.no_grad():
+        full = model(engine.tensor(ids))
+    np.testing.assert_allclose(step.detach().numpy(), full.numpy()[:, 5:], rtol=1e-5, atol=1e-6)
+
+
+def test_update_writes_keys_and_values_at_the_positions_and_returns_the_buffers():
+    cache = StaticKVCache(_model(), batch_size=1, max_cache_len=6)
+    key, value = engine.randn(1, 3, 2, 8), engine.randn(1, 3, 2, 8)
+    keys, values = cache.update(1, key, value, engine.tensor([4, 2]))
+    assert keys is cache.keys[1] and values is cache.values[1] and keys.shape == (1, 3, 6, 8)
+    np.testing.assert_array_equal(keys.numpy()[:, :, [4, 2]], key.numpy())
+    np.testing.assert_array_equal(values.numpy()[:, :, [4, 2]], value.numpy())
+    assert not keys.numpy()[:, :, [0, 1, 3, 5]].any() and not cache.keys[0].numpy().any()

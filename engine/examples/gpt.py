@@ -73,10 +73,13 @@ class CausalSelfAttention(nn.Module):
             # backward, where slicing the (B, T, 3C) output would scatter into three zero arrays of its size
             q, k, v = (F.linear(x, self.qkv.weight[i * C:(i + 1) * C], self.qkv.bias[i * C:(i + 1) * C])
                        .reshape(B, T, H, C // H).transpose(1, 2) for i in range(3))  # each (B, H, T, head_dim)
+            kv = None
         else:  # no backward (decoding): one GEMM and views of it, 5 ops where the slices take 15
-            q, k, v = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, head_dim)
+            q, k, v = qkv.unbind(0)
+            kv = qkv[1:]  # keys and values packed as a static cache stores them
         if isinstance(past, _StaticSlot):  # write into the fixed buffers, attend over all of them
-            k, v = past.write(k, v)
+            k, v = past.write(engine.stack([k, v]) if kv is None else kv)
             if k.dtype != q.dtype:  # a cache kept in another dtype (an fp32 cache under autocast, say)
                 k, v = k.to(q.dtype), v.to(q.dtype)
             mask = past.mask
@@ -265,9 +268,13 @@ class StaticKVCache:
     def update(self, layer: int, key, value, positions):
         """Write ``key``/``value`` (B, heads, T, head_dim) at ``positions`` of layer ``layer``; return
         the layer's whole buffers."""
+        return self._write(layer, engine.stack([key, value]), positions)
+
+    def _write(self, layer: int, key_value, positions):
+        """:meth:`update` with the keys and values packed (2, B, heads, T, head_dim)."""
         buffer = self._buffers[layer]
         with engine.no_grad():  # a cache is state, not a graph (as HF's StaticCache under generate)
-            buffer.index_copy_(3, positions, engine.stack([key, value]).to(buffer.dtype))
+            buffer.index_copy_(3, positions, key_value.to(buffer.dtype))
         return self.keys[layer], self.values[layer]
 
     def advance(self, count: int) -> None:
@@ -294,8 +301,8 @@ class _StaticSlot:
     def __init__(self, cache, layer, positions, mask):
         self.cache, self.layer, self.positions, self.mask = cache, layer, positions, mask
 
-    def write(self, key, value):
-        return self.cache.update(self.layer, key, value, self.positions)
+    def write(self, key_value):
+        return self.cache._write(self.layer, key_value, self.positions)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
