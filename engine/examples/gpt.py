@@ -77,7 +77,7 @@ class CausalSelfAttention(nn.Module):
         else:  # no backward (decoding): one GEMM and views of it, 5 ops where the slices take 15
             qkv = self.qkv(x).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, head_dim)
             q, k, v = qkv.unbind(0)
-            kv = qkv[1:]  # keys and values packed as a static cache stores them
+            kv = qkv[1:] if isinstance(past, _StaticSlot) else None  # packed as a static cache stores them
         if isinstance(past, _StaticSlot):  # write into the fixed buffers, attend over all of them
             k, v = past.write(engine.stack([k, v]) if kv is None else kv)
             if k.dtype != q.dtype:  # a cache kept in another dtype (an fp32 cache under autocast, say)
