@@ -22,10 +22,18 @@ of a sync per call: for debugging, to have the error raised at the call that cau
 
 The queue is one per process (behind a lock): with several threads using the GPU, a failed check
 queued by one thread surfaces at the next sync point of whichever thread reaches one first.
+
+Inside a CUDA graph capture nothing runs: the check's device values are only computed when the
+graph is replayed, so reading them at the next sync would read garbage (a spurious error, or a
+real one missed), and a check read once would never see a later replay's data. So a capture
+``collect``s its checks instead of queueing them, and every replay queues them again
+(:func:`requeue`): one snapshot copy of their values per replay, queued like any check, so an
+out-of-range target fed to the 100th replay raises at the next sync as it would eagerly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Callable
@@ -36,6 +44,7 @@ MAX_PENDING = 256
 
 _lock = threading.Lock()
 _pending: list[tuple[object, Callable]] = []  # (device array, check(host values) -> raises)
+_collecting = threading.local()  # .checks: the list a CUDA graph capture on this thread collects into
 _eager = os.environ.get("ENGINE_EAGER_CHECKS", "") not in ("", "0")
 
 
@@ -58,6 +67,10 @@ def defer(values, check: Callable) -> None:
     if isinstance(values, np.ndarray):
         check(values)
         return
+    collected = getattr(_collecting, "checks", None)
+    if collected is not None:  # a capture: the values exist only once a replay computes them
+        collected.append((values, check))
+        return
     if _eager:
         check(values.get())
         return
@@ -66,6 +79,45 @@ def defer(values, check: Callable) -> None:
         full = len(_pending) >= MAX_PENDING
     if full:
         raise_deferred_errors()
+
+
+@contextlib.contextmanager
+def collect(checks: list):
+    """Append the checks queued on this thread to ``checks`` instead of the queue (a graph capture).
+
+    Captures do not nest, and neither does this: the checks of the inner region would be lost.
+    """
+    if getattr(_collecting, "checks", None) is not None:
+        raise RuntimeError("deferred.collect: this thread is already collecting checks (captures do not nest)")
+    _collecting.checks = checks
+    try:
+        yield checks
+    finally:
+        _collecting.checks = None
+
+
+def requeue(checks: list) -> None:
+    """Queue ``checks`` (collected at a capture) again after a replay has computed their values.
+
+    One device copy of all their values, made on the current stream (after the replay, before the
+    next one overwrites them), is what the queue reads, so each replay is checked on its own data.
+    """
+    if not checks:
+        return
+    import cupy
+
+    arrays = [values for values, _ in checks]
+    snapshot = cupy.concatenate([a.ravel() for a in arrays])
+    shapes = [a.shape for a in arrays]
+
+    def check_all(host):
+        offset = 0
+        for shape, (_, check) in zip(shapes, checks):
+            size = int(np.prod(shape, dtype=np.int64))
+            check(host[offset:offset + size].reshape(shape))
+            offset += size
+
+    defer(snapshot, check_all)
 
 
 def pending() -> int:

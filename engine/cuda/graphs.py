@@ -13,6 +13,8 @@ same memory addresses. Hence the rules (docs/performance.md has the long form):
   op on CPU tensors, a copy of host data to the device. The engine refuses each of them inside
   a capture with a CaptureError naming the op (engine.backend.to_host, synchronize, to_device,
   and the op watcher below).
+- Checks the engine defers to the next sync (a target or index out of range: kernels/deferred.py)
+  are collected at capture and queued again by every replay, so each replay's data is checked.
 - Memory: everything the region allocates comes from the graph's private cupy MemoryPool (so
   a replay allocates nothing, and no other allocation can reuse the addresses the graph writes);
   graphs may share one pool (``pool=``) if they are replayed in the order they were captured.
@@ -30,6 +32,7 @@ import gc
 import numpy as np
 
 from engine import backend
+from engine.kernels import deferred
 from engine.autograd import Function, _propagate, no_grad, op_label, watch_op_inputs
 from engine.backend import CaptureError
 from engine.cuda import memory
@@ -157,6 +160,7 @@ class CUDAGraph:
         self._stream = None
         self._reads: dict = {}
         self._static_inputs: tuple = ()
+        self._checks: list = []  # the deferred checks the region queued (kernels/deferred.py)
 
     # ---- capture ----------------------------------------------------------------------------------
     def capture_begin(self, pool=None, capture_error_mode: str = DEFAULT_CAPTURE_ERROR_MODE) -> None:
@@ -182,11 +186,12 @@ class CUDAGraph:
             stack.enter_context(cupy.cuda.using_allocator(pool.malloc))  # this thread's allocations
             stack.enter_context(backend.capturing("an engine.cuda.graph capture"))
             stack.enter_context(watch_op_inputs(self._watch))
+            checks = stack.enter_context(deferred.collect([]))
             stream.begin_capture(mode=getattr(cupy.cuda.runtime, _CAPTURE_MODES[capture_error_mode]))
         except BaseException:
             stack.close()
             raise
-        self._capture, self._stream, self._pool, self._reads = stack, stream, pool, {}
+        self._capture, self._stream, self._pool, self._reads, self._checks = stack, stream, pool, {}, checks
 
     def _pool_for(self, pool, dev) -> _GraphPool:
         if pool is None:
@@ -227,7 +232,7 @@ class CUDAGraph:
 
     def _abort_capture(self) -> None:
         """Leave capture mode after an error inside the region; nothing is kept."""
-        stack, stream, self._capture, self._reads = self._capture, self._stream, None, {}
+        stack, stream, self._capture, self._reads, self._checks = self._capture, self._stream, None, {}, []
         if stack is None:
             return
         try:
@@ -245,13 +250,14 @@ class CUDAGraph:
         for static in self._static_inputs:
             static.check()
         self._graph.launch(stream=self._cupy.cuda.get_current_stream())
+        deferred.requeue(self._checks)  # this replay's values, read at the next sync
 
     def reset(self) -> None:
         """Drop the captured graph and its hold on the memory pool; the object can capture again."""
         if self._capture is not None:
             raise EngineError("CUDAGraph.reset: a capture is running; end it first")
         device = self._pool.device.index if self._pool is not None else None
-        self._graph, self._pool, self._static_inputs = None, None, ()
+        self._graph, self._pool, self._static_inputs, self._checks = None, None, (), []
         if device is not None:
             with self._cupy.cuda.Device(device):
                 memory.note_graph_allocation(device)  # the pool may be gone: recount what graphs hold

@@ -323,3 +323,51 @@ def test_an_unused_input_needs_allow_unused_input(fake_gpu):
     a1, b1 = _gpu([3.0], requires_grad=True), _gpu([4.0], requires_grad=True)
     graphed(a1, b1).sum().backward()
     assert _host(a1.grad) == [2.0] and b1.grad is None
+
+
+# ---- checks deferred to the next sync (kernels/deferred.py) ------------------------------------------
+
+def test_a_replay_checks_its_own_indices_at_the_next_sync(fake_gpu):
+    """A check the region defers (an index out of range) is computed by each replay, not at capture:
+    a sync between capture and replay reads nothing the capture left, and a bad index fed to a later
+    replay raises at the sync after it, naming the op, as it would eagerly."""
+    from engine import kernels
+
+    table = _gpu(np.arange(12.0).reshape(6, 2))
+    index = engine.tensor(np.array([0, 5, 2], dtype=np.int64), device="cuda")
+    g = engine.cuda.CUDAGraph()
+    with engine.cuda.graph(g):
+        picked = engine.index_select(table, 0, index)
+    assert kernels.deferred.pending() == 0  # the capture's check waits for a replay to compute it
+    backend.synchronize(picked.device)  # nothing from the capture is read (its memory holds garbage)
+    for rows in ([0, 5, 2], [1, 1, 4]):
+        index.copy_(engine.tensor(np.array(rows, dtype=np.int64), device="cuda"))
+        g.replay()
+        assert kernels.deferred.pending() == 1
+        backend.synchronize(picked.device)
+        np.testing.assert_array_equal(_host(picked), np.arange(12.0).reshape(6, 2)[rows])
+    index.copy_(engine.tensor(np.array([0, 6, 1], dtype=np.int64), device="cuda"))
+    g.replay()
+    with pytest.raises(engine.EngineError, match=r"index_select: indices must be in \[0, 6\).*index 6"):
+        backend.synchronize(picked.device)
+    index.copy_(engine.tensor(np.array([3, 3, 3], dtype=np.int64), device="cuda"))
+    for _ in range(3):  # each replay queues its own values: three good replays, three quiet reads
+        g.replay()
+    assert kernels.deferred.pending() == 3
+    backend.synchronize(picked.device)
+    assert kernels.deferred.pending() == 0
+
+
+def test_an_aborted_capture_leaves_no_deferred_check_behind(fake_gpu):
+    from engine import kernels
+
+    table = _gpu(np.arange(12.0).reshape(6, 2))
+    index = engine.tensor(np.array([0, 5], dtype=np.int64), device="cuda")
+    g = engine.cuda.CUDAGraph()
+    with pytest.raises(CaptureError), engine.cuda.graph(g):
+        engine.index_select(table, 0, index)
+        table.sum().item()  # a host read: the capture is dropped
+    assert kernels.deferred.pending() == 0
+    engine.index_select(table, 0, index)  # eager again: queued as usual
+    assert kernels.deferred.pending() == 1
+    backend.synchronize(table.device)
