@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 # Engine Function classes by category (class names); anything else goes under "shaping/elementwise".
 ENGINE_CATEGORIES = {
     "Linear": "linear (GEMM+bias)", "LinearReLU": "linear (GEMM+bias)", "MatMul": "linear (GEMM+bias)",
-    "ScaledDotProductAttention": "attention", "FusedGELU": "gelu", "GELU": "gelu",
+    "ScaledDotProductAttention": "attention", "ScaledDotProductAttentionHeads": "attention", "FusedGELU": "gelu", "GELU": "gelu",
     "FusedLayerNorm": "layer_norm", "LayerNorm": "layer_norm", "CrossEntropy": "cross_entropy",
     "Embedding": "embedding",
 }

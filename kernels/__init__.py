@@ -282,6 +282,10 @@ _SHARED = {
     "ATTENTION_GPU_DTYPES": ("cpu.attention", "GPU_DTYPES"),  # the dtypes the GPU attention kernels take
     "ATTENTION_GPU_MAX_HEAD_DIM": ("cpu.attention", "GPU_MAX_HEAD_DIM"),  # E and Ev the GPU kernels hold
     "attention_default_scale": ("cpu.attention", "default_scale"),  # PyTorch's 1/sqrt(E)
+    # attention of strided (N, H, L, E) heads for short sequences on the CPU (kernels/cpu/attention_heads.py)
+    "attention_heads_takes": ("cpu.attention_heads", "takes"),
+    "attention_heads_forward": ("cpu.attention_heads", "forward"),
+    "attention_heads_backward": ("cpu.attention_heads", "backward"),
     "GELU_SQUARE_MAX": ("cpu.gelu", "SQUARE_MAX"),  # where the tanh form's x^2 is capped
     "erfc": ("cpu.gelu", "erfc"),  # the one erfc (float64, ~1e-13)
     "adam_bias_corrections": ("cpu.optim", "adam_bias_corrections"),

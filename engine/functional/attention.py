@@ -57,6 +57,29 @@ class ScaledDotProductAttention16(ScaledDotProductAttention):
     computes_in_float32 = False
 
 
+class ScaledDotProductAttentionHeads(Function):
+    """Attention of (N, H, L, E) heads on the CPU for short sequences (kernels.attention_heads_*).
+
+    The kernel reads strided head views in place (a Transformer's ``reshape(...).transpose(1, 2)``
+    of its projections costs no copy) and returns out in q's layout, so the merge of the heads after
+    it is a view too. It keeps the attention weights P (L x S per head) for backward instead of
+    the log-sum-exp: short sequences only (``kernels.attention_heads_takes``). 16-bit inputs are
+    widened by ``Function.apply``, as for :class:`ScaledDotProductAttention`.
+    """
+
+    name = "scaled_dot_product_attention"
+
+    def forward(self, q, k, v, mask=None, scale=1.0, causal=False):
+        out, p = kernels.attention_heads_forward(q, k, v, mask, scale=scale, causal=causal)
+        self.save(q, k, v, out, p)
+        self.scale, self.causal = scale, causal
+        return out
+
+    def backward(self, g):
+        q, k, v, out, p = self.saved
+        return kernels.attention_heads_backward(g, q, k, v, out, p, scale=self.scale, causal=self.causal)
+
+
 def _attention_function(device_type: str, dtype) -> type:
     """The Function class for attention on ``device_type`` with inputs of ``dtype``."""
     if device_type != "cpu" and dtypes.is_low_precision(dtype):
@@ -241,6 +264,8 @@ def _attention_fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale
                      batch: tuple) -> Tensor:
     """Flatten the batch dims into B, run the kernel Function, restore the batch dims."""
     rows = math.prod(batch)
+    if q.device.type == "cpu" and kernels.attention_heads_takes(q.shape[-2], k.shape[-2], _kernel_dtype(q.dtype)):
+        return _attention_heads(q, k, v, bias, scale, causal, batch)
 
     def as_3d(t: Tensor) -> Tensor:
         if t.shape[:-2] != batch:
@@ -251,6 +276,23 @@ def _attention_fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale
     function = _attention_function(q.device.type, q.dtype)
     out = function.apply(as_3d(q), as_3d(k), as_3d(v), mask=mask, scale=scale, causal=causal)
     return ops.reshape(out, batch + out.shape[-2:])
+
+
+def _attention_heads(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, causal: bool,
+                     batch: tuple) -> Tensor:
+    """Short sequences on the CPU: the batch dims as (N, H) views, no copies (ScaledDotProductAttentionHeads)."""
+    heads = batch[-1] if batch else 1
+    shape4 = (math.prod(batch[:-1]), heads)
+
+    def as_4d(t: Tensor) -> Tensor:
+        if t.shape[:-2] != batch:
+            t = ops.broadcast_to(t, batch + t.shape[-2:])  # zero strides, read in place by the kernel
+        return t if t.shape[:-2] == shape4 else ops.reshape(t, shape4 + t.shape[-2:])
+
+    rows = math.prod(batch)
+    mask = None if bias is None else _kernel_mask(dtypes.upcast(bias._data), batch, rows, k.shape[-2])
+    out = ScaledDotProductAttentionHeads.apply(as_4d(q), as_4d(k), as_4d(v), mask=mask, scale=scale, causal=causal)
+    return out if out.shape[:-2] == batch else ops.reshape(out, batch + out.shape[-2:])
 
 
 def _kernel_mask(bias, batch: tuple, rows: int, keys: int):

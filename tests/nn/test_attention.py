@@ -12,7 +12,22 @@ import engine.functional.attention as attention_impl
 from engine import kernels
 import engine.nn.functional as nnF
 from engine.errors import DeviceError, DTypeError, ShapeError
+from engine.kernels.cpu import attention_heads
 from tests.conftest import DEVICES
+
+
+@pytest.fixture
+def flash_path(monkeypatch):
+    """Short CPU calls take the flash kernels (kernels.attention_*) instead of the heads kernel."""
+    monkeypatch.setattr(attention_heads, "HEADS_MAX_PAIRS", 0)
+
+
+@pytest.fixture(params=["heads", "flash"])
+def cpu_path(request, monkeypatch):
+    """Each of the two fused CPU paths: the heads kernel (short sequences) and the flash kernels."""
+    if request.param == "flash":
+        monkeypatch.setattr(attention_heads, "HEADS_MAX_PAIRS", 0)
+    return request.param
 
 
 def reference_sdpa(q, k, v, mask=None, causal=False, scale=None):
@@ -84,7 +99,7 @@ def _mask_for(kind, rng, batch, l, s):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("batch,l,s,e,ev,kind", CASES)
 @pytest.mark.slow
-def test_sdpa_matches_float64_reference(rng, device, fused, batch, l, s, e, ev, kind):
+def test_sdpa_matches_float64_reference(rng, cpu_path, device, fused, batch, l, s, e, ev, kind):
     q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
     mask, causal = _mask_for(kind, rng, batch, l, s)
     engine_mask = None if mask is None else (_t(mask, device, dtype=None) if mask.dtype == bool
@@ -107,7 +122,7 @@ def test_sdpa_custom_scale_and_nn_functional_alias(rng, fused):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", [None, "causal", "bool_shared", "key_padding", "float_full"])
 @pytest.mark.slow
-def test_sdpa_gradcheck_float64(rng, fused, kind):
+def test_sdpa_gradcheck_float64(rng, cpu_path, fused, kind):
     batch, l, s, e, ev = (2, 2), 3, 4, 3, 2
     q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
     mask, causal = _mask_for(kind, rng, batch, l, s)
@@ -131,7 +146,7 @@ def test_sdpa_float_mask_gets_gradient_through_unfused_path(rng):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch,l,s,e,ev,kind", CASES)
 @pytest.mark.slow
-def test_sdpa_fused_and_unfused_agree_forward_and_backward(rng, device, batch, l, s, e, ev, kind):
+def test_sdpa_fused_and_unfused_agree_forward_and_backward(rng, cpu_path, device, batch, l, s, e, ev, kind):
     q, k, v = (rng.standard_normal(batch + shape) for shape in ((l, e), (s, e), (s, ev)))
     mask, causal = _mask_for(kind, rng, batch, l, s)
     g = rng.standard_normal(batch + (l, ev))
@@ -147,7 +162,7 @@ def test_sdpa_fused_and_unfused_agree_forward_and_backward(rng, device, batch, l
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_sdpa_fully_masked_rows_are_zero_with_no_gradient_on_both_paths(rng):
+def test_sdpa_fully_masked_rows_are_zero_with_no_gradient_on_both_paths(rng, cpu_path):
     q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))
     mask = np.ones((2, 3, 5), bool)
     mask[0, 1] = False
@@ -173,7 +188,7 @@ def test_sdpa_dropout_uses_seeded_rng_and_unfused_path(rng):
     assert np.all(F.scaled_dot_product_attention(q, k, v, dropout_p=1.0).numpy() == 0)
 
 
-def test_sdpa_broadcasts_batch_dims_and_gqa(rng):
+def test_sdpa_broadcasts_batch_dims_and_gqa(rng, cpu_path):
     q = rng.standard_normal((2, 4, 3, 5))
     k, v = rng.standard_normal((2, 2, 6, 5)), rng.standard_normal((2, 2, 6, 3))
     expected = reference_sdpa(q, np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1))
@@ -184,7 +199,7 @@ def test_sdpa_broadcasts_batch_dims_and_gqa(rng):
     np.testing.assert_allclose(shared_kv.numpy(), reference_sdpa(q, k[:1, :1], v[:1, :1]), rtol=2e-5, atol=2e-5)
 
 
-def test_sdpa_kernel_mask_is_not_expanded_for_shared_and_key_padding_masks(rng, monkeypatch):
+def test_sdpa_kernel_mask_is_not_expanded_for_shared_and_key_padding_masks(rng, monkeypatch, flash_path):
     seen = []
     real = kernels.attention_forward
 
@@ -200,7 +215,7 @@ def test_sdpa_kernel_mask_is_not_expanded_for_shared_and_key_padding_masks(rng, 
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_sdpa_16_bit_kernel_calls(rng, monkeypatch, dtype):
+def test_sdpa_16_bit_kernel_calls(rng, monkeypatch, flash_path, dtype):
     """On the CPU bfloat16 / float16 reach the kernels widened to float32 (backward's D from the
     unrounded out), on a GPU as they are (tensor cores); the float32 mask and the engine's
     precision choice are passed; output and gradients keep the dtype and match the definition."""
@@ -244,7 +259,7 @@ def restore_matmul_precision():
     ("highest", None), ("high", "3xtf32"), ("medium", "3xtf32"),
     ("allow_tf32=True", "3xtf32"), ("allow_tf32=False", None),
 ])
-def test_sdpa_precision_follows_float32_matmul_precision(rng, monkeypatch, restore_matmul_precision, setting,
+def test_sdpa_precision_follows_float32_matmul_precision(rng, monkeypatch, flash_path, restore_matmul_precision, setting,
                                                          float32_precision):
     """float32 attention asks the kernels for 3xTF32 (tensor cores, float32-level error) when the
     user allowed TF32 ("high" / "medium", or backends.cuda.matmul.allow_tf32 = True, the same
@@ -283,7 +298,7 @@ def test_sdpa_precision_follows_float32_matmul_precision(rng, monkeypatch, resto
                     ("fwd", "float64", None), ("bwd", "float64", None)]
 
 
-def test_sdpa_uses_unfused_path_when_disabled_or_dropout(rng, monkeypatch):
+def test_sdpa_uses_unfused_path_when_disabled_or_dropout(rng, monkeypatch, flash_path):
     calls = []
     real = kernels.attention_forward
     monkeypatch.setattr(kernels, "attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -397,3 +412,87 @@ def test_sdpa_zero_sized_dims_match_torch(rng, case, fused):
     for mine, theirs in zip(tensors, leaves):
         assert mine.grad is not None and mine.grad.shape == mine.shape
         np.testing.assert_allclose(mine.grad.numpy(), theirs.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _gpt_heads(x: np.ndarray, heads: int, dtype=np.float32, requires_grad=True):
+    """A (B, T, C) projection and its (B, H, T, C / H) head view, as a GPT makes them (no copy)."""
+    b, t, c = x.shape
+    proj = _t(x, dtype=dtype, requires_grad=requires_grad)
+    return proj, proj.reshape(b, t, heads, c // heads).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_heads_kernel_reads_head_views_in_place_and_matches_torch(rng, monkeypatch, dtype, tol, causal):
+    """The GPT's attention (heads split by reshape + transpose, merged by transpose + reshape) runs
+    the heads kernel on the views themselves: q, k, v reach it sharing the projections' memory,
+    and its output merges back without a copy; forward and gradients match torch's SDPA."""
+    torch = pytest.importorskip("torch")
+    b, t, h, d = 3, 9, 4, 6
+    xs = [rng.standard_normal((b, t, h * d)) for _ in range(3)]
+    g = rng.standard_normal((b, t, h * d))
+    seen = []
+    real = kernels.attention_heads_forward
+
+    def spy(q, k, v, mask=None, **kw):
+        seen.append((q, k, v))
+        return real(q, k, v, mask, **kw)
+
+    monkeypatch.setattr(kernels, "attention_heads_forward", spy)
+    projs, views = zip(*(_gpt_heads(x, h, dtype) for x in xs))
+    out = F.scaled_dot_product_attention(*views, is_causal=causal)
+    merged = out.transpose(1, 2).reshape(b, t, h * d)
+    assert np.shares_memory(merged.numpy(), out.numpy())  # the merge is a view
+    merged.backward(_t(g, dtype=dtype))
+    assert len(seen) == 1 and all(np.shares_memory(a, p.numpy()) for a, p in zip(seen[0], projs))
+
+    tx = [torch.tensor(x, requires_grad=True) for x in xs]
+    tout = torch.nn.functional.scaled_dot_product_attention(
+        *(x.reshape(b, t, h, d).transpose(1, 2) for x in tx), is_causal=causal).transpose(1, 2).reshape(b, t, h * d)
+    tout.backward(torch.tensor(g))
+    np.testing.assert_allclose(merged.detach().numpy(), tout.detach().numpy(), rtol=tol, atol=tol)
+    for p, x in zip(projs, tx):
+        np.testing.assert_allclose(p.grad.numpy(), x.grad.numpy(), rtol=tol * 5, atol=tol * 5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sdpa_heads_kernel_16_bit_calls(rng, monkeypatch, dtype):
+    """16-bit inputs reach the heads kernel widened to float32 with a float32 (N·H, 1, S) key-padding
+    mask, never expanded; out and gradients keep the dtype and match the definition."""
+    seen = []
+    real_fwd, real_bwd = kernels.attention_heads_forward, kernels.attention_heads_backward
+
+    def spy_fwd(q, k, v, mask=None, **kw):
+        seen.append(("fwd", q.dtype, None if mask is None else (mask.dtype, mask.shape)))
+        return real_fwd(q, k, v, mask, **kw)
+
+    def spy_bwd(g, q, *rest, **kw):
+        seen.append(("bwd", g.dtype, q.dtype))
+        return real_bwd(g, q, *rest, **kw)
+
+    monkeypatch.setattr(kernels, "attention_heads_forward", spy_fwd)
+    monkeypatch.setattr(kernels, "attention_heads_backward", spy_bwd)
+    low = getattr(engine, dtype)
+    q, k, v = (_t(rng.standard_normal((2, 3, 7, 8))).to(low).detach().requires_grad_() for _ in range(3))
+    mask = _t(_key_padding(rng, 2, 7)[:, None, None, :], dtype=None)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out.backward(engine.ones_like(out))
+    assert out.dtype == low and q.grad.dtype == low and k.grad.dtype == low and v.grad.dtype == low
+    assert seen == [("fwd", np.float32, (np.float32, (6, 1, 7))), ("bwd", np.float32, np.float32)]
+    want = reference_sdpa(*(t.detach().float().numpy() for t in (q, k, v)), mask=mask.numpy())
+    eps = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    np.testing.assert_allclose(out.float().numpy(), want, rtol=2 * eps, atol=2 * eps)
+
+
+def test_sdpa_long_sequences_keep_the_flash_kernels(rng, monkeypatch):
+    """Past HEADS_MAX_PAIRS query-key pairs per head the CPU runs the flash kernels (O(L) memory)."""
+    calls = []
+    real = kernels.attention_forward
+    monkeypatch.setattr(kernels, "attention_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    monkeypatch.setattr(attention_heads, "HEADS_MAX_PAIRS", 8 * 8)
+    q = _t(rng.standard_normal((2, 8, 4)))
+    F.scaled_dot_product_attention(q, q, q)
+    assert calls == []
+    q = _t(rng.standard_normal((2, 9, 4)))
+    F.scaled_dot_product_attention(q, q, q)
+    assert calls == [(2, 9, 4)]
