@@ -203,13 +203,114 @@ def _kernels(parallel: bool, head_dim: int = 0, value_dim: int = 0):
     """
     import numba
 
-    _attention._numba_helpers()
-    gemm4, exp_shift = _attention._nb_gemm4, _attention._nb_exp_shift
-    tile_max, tile_sum, rowdot, bias_row = (_attention._nb_tile_max, _attention._nb_tile_sum,
-                                             _attention._nb_rowdot, _attention._nb_bias_row)
+    _heads_helpers()
     loop = numba.prange if parallel else range  # closure variables: their own disk-cache key per build
     fixed_e, fixed_ev = head_dim, value_dim
     jit = numba.njit(cache=True, parallel=parallel)
+
+    @jit
+    def forward(qf, qst, kf, kst, vf, vst, mask, has_mask, mask_per_batch, mask_per_row, scale, causal,
+                fast_exp, nh, dims, of, ost, p):
+        nl, ns = dims[0], dims[1]
+        ne = fixed_e if fixed_e else dims[2]
+        nev = fixed_ev if fixed_ev else dims[3]
+        nt, nl4, ns4 = p.shape
+        one = qf.dtype.type(1)
+        neg_inf = qf.dtype.type(-np.inf)
+        for task in loop(nt):
+            t = np.int64(task)
+            qp = np.zeros((nl4, ne), qf.dtype)
+            ktp = np.empty((ne, ns), qf.dtype)
+            vp = np.empty((ns, nev), qf.dtype)
+            acc = np.zeros((nl4, nev), qf.dtype)
+            exps = np.empty(ns, qf.dtype)
+            _nb_pack(qf, qst, t, nh, nl, ne, qp, one)
+            _nb_pack_t(kf, kst, t, nh, ns, ne, ktp, scale)
+            _nb_pack(vf, vst, t, nh, ns, nev, vp, one)
+            pt = p[t]
+            mb = mask[t * mask_per_batch]  # a mask shared by every head: row 0
+            for g in range(0, nl4, 4):  # causal: a group of four rows computes the keys up to its last row
+                _nb_gemm4(qp, g, 0, ktp, 0, pt, g, ne, min(ns, g + 4) if causal else ns)
+            for i in range(nl):
+                nr = min(ns, i + 1) if causal else ns  # the keys row i sees
+                row = pt[i]
+                _nb_bias_row(row, nr, mb, i, 0, nl, has_mask, mask_per_row, False)
+                m = _nb_tile_max(row, nr)
+                # the exps into scratch: written over their own scores, they ran ~10x slower (no SIMD)
+                _nb_exp_shift(row, nr, m if m != neg_inf else qf.dtype.type(0), fast_exp, exps)
+                total = _nb_tile_sum(exps, nr)  # NaN for a NaN or +inf score: the row's P and out are NaN
+                inv = one / total if total != 0 else qf.dtype.type(0)  # fully masked: P = 0, out = 0
+                for j in range(nr):
+                    row[j] = exps[j] * inv
+                for j in range(nr, ns):  # causal: the scores past the diagonal that the group computed
+                    row[j] = 0
+            for g in range(0, nl4, 4):
+                _nb_gemm4(pt, g, 0, vp, 0, acc, g, min(ns, g + 4) if causal else ns, nev)
+            _nb_unpack(acc, nl, nev, of, ost, t, nh)
+
+    @jit
+    def backward(gf, gst, qf, qst, kf, kst, vf, vst, of, ost, p, scale, causal, nh, dims,
+                 dqf, dqst, dkf, dkst, dvf, dvst):
+        nl, ns = dims[0], dims[1]
+        ne = fixed_e if fixed_e else dims[2]
+        nev = fixed_ev if fixed_ev else dims[3]
+        nt, nl4, ns4 = p.shape
+        one = qf.dtype.type(1)
+        for task in loop(nt):
+            t = np.int64(task)
+            dop = np.zeros((nl4, nev), qf.dtype)
+            qp = np.zeros((nl4, ne), qf.dtype)
+            kp = np.empty((ns, ne), qf.dtype)
+            vtp = np.empty((nev, ns), qf.dtype)
+            op = np.empty((nl, nev), qf.dtype)
+            ds = np.zeros((nl4, ns4), qf.dtype)  # dP, then dS; columns from S on stay 0
+            dq = np.zeros((nl4, ne), qf.dtype)
+            dk = np.zeros((ns4, ne), qf.dtype)
+            dv = np.zeros((ns4, nev), qf.dtype)
+            _nb_pack(gf, gst, t, nh, nl, nev, dop, one)
+            _nb_pack(qf, qst, t, nh, nl, ne, qp, one)
+            _nb_pack(kf, kst, t, nh, ns, ne, kp, one)
+            _nb_pack_t(vf, vst, t, nh, ns, nev, vtp, one)
+            _nb_pack(of, ost, t, nh, nl, nev, op, one)
+            pt = p[t]
+            for g in range(0, nl4, 4):
+                _nb_gemm4(dop, g, 0, vtp, 0, ds, g, nev, min(ns, g + 4) if causal else ns)
+            for i in range(nl):
+                nr = min(ns, i + 1) if causal else ns
+                d = _nb_rowdot(dop[i], op[i])  # D_i = dO_i . out_i
+                prow, dsrow = pt[i], ds[i]
+                for j in range(nr):  # P = 0 (masked) times a NaN dP - D is NaN, as in the reference
+                    dsrow[j] = prow[j] * (dsrow[j] - d) * scale
+                for j in range(nr, ns):
+                    dsrow[j] = 0
+            for jg in range(0, ns4, 4):
+                r0 = jg if causal else 0  # causal: rows before key jg see none of keys jg .. jg + 3
+                if r0 < nl4:
+                    _nb_gemm4(pt.T, jg, r0, dop, r0, dv, jg, nl4 - r0, nev)
+                    _nb_gemm4(ds.T, jg, r0, qp, r0, dk, jg, nl4 - r0, ne)
+            for g in range(0, nl4, 4):
+                _nb_gemm4(ds, g, 0, kp, 0, dq, g, min(ns, g + 4) if causal else ns, ne)
+            _nb_unpack(dq, nl, ne, dqf, dqst, t, nh)
+            _nb_unpack(dk, ns, ne, dkf, dkst, t, nh)
+            _nb_unpack(dv, ns, nev, dvf, dvst, t, nh)
+
+    if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
+        return _numba_parallel(forward), _numba_parallel(backward)
+    return forward, backward
+
+
+# Set by _heads_helpers() (module globals the kernels read: closures would miss numba's disk cache).
+_nb_gemm4 = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = _nb_bias_row = None
+_nb_pack = _nb_pack_t = _nb_unpack = None
+
+
+@functools.cache
+def _heads_helpers() -> None:
+    """Compile the packing helpers and publish them, and kernels/cpu/attention.py's tile helpers, as
+    module globals for the kernels."""
+    import numba
+
+    _attention._numba_helpers()
 
     @numba.njit(cache=True)
     def pack(flat, st, t, nh, rows, cols, dst, factor):
@@ -238,92 +339,7 @@ def _kernels(parallel: bool, head_dim: int = 0, value_dim: int = 0):
             for x in range(cols):
                 flat[o + x] = src[i, x]
 
-    @jit
-    def forward(qf, qst, kf, kst, vf, vst, mask, has_mask, mask_per_batch, mask_per_row, scale, causal,
-                fast_exp, nh, dims, of, ost, p):
-        nl, ns = dims[0], dims[1]
-        ne = fixed_e if fixed_e else dims[2]
-        nev = fixed_ev if fixed_ev else dims[3]
-        nt, nl4, ns4 = p.shape
-        one = qf.dtype.type(1)
-        neg_inf = qf.dtype.type(-np.inf)
-        for task in loop(nt):
-            t = np.int64(task)
-            qp = np.zeros((nl4, ne), qf.dtype)
-            ktp = np.empty((ne, ns), qf.dtype)
-            vp = np.empty((ns, nev), qf.dtype)
-            acc = np.zeros((nl4, nev), qf.dtype)
-            exps = np.empty(ns, qf.dtype)
-            pack(qf, qst, t, nh, nl, ne, qp, one)
-            pack_t(kf, kst, t, nh, ns, ne, ktp, scale)
-            pack(vf, vst, t, nh, ns, nev, vp, one)
-            pt = p[t]
-            mb = mask[t * mask_per_batch]  # a mask shared by every head: row 0
-            for g in range(0, nl4, 4):  # causal: a group of four rows computes the keys up to its last row
-                gemm4(qp, g, 0, ktp, 0, pt, g, ne, min(ns, g + 4) if causal else ns)
-            for i in range(nl):
-                nr = min(ns, i + 1) if causal else ns  # the keys row i sees
-                row = pt[i]
-                bias_row(row, nr, mb, i, 0, nl, has_mask, mask_per_row, False)
-                m = tile_max(row, nr)
-                # the exps into scratch: written over their own scores, they ran ~10x slower (no SIMD)
-                exp_shift(row, nr, m if m != neg_inf else qf.dtype.type(0), fast_exp, exps)
-                total = tile_sum(exps, nr)  # NaN for a NaN or +inf score: the row's P and out are NaN
-                inv = one / total if total != 0 else qf.dtype.type(0)  # fully masked: P = 0, out = 0
-                for j in range(nr):
-                    row[j] = exps[j] * inv
-                for j in range(nr, ns):  # causal: the scores past the diagonal that the group computed
-                    row[j] = 0
-            for g in range(0, nl4, 4):
-                gemm4(pt, g, 0, vp, 0, acc, g, min(ns, g + 4) if causal else ns, nev)
-            unpack(acc, nl, nev, of, ost, t, nh)
-
-    @jit
-    def backward(gf, gst, qf, qst, kf, kst, vf, vst, of, ost, p, scale, causal, nh, dims,
-                 dqf, dqst, dkf, dkst, dvf, dvst):
-        nl, ns = dims[0], dims[1]
-        ne = fixed_e if fixed_e else dims[2]
-        nev = fixed_ev if fixed_ev else dims[3]
-        nt, nl4, ns4 = p.shape
-        one = qf.dtype.type(1)
-        for task in loop(nt):
-            t = np.int64(task)
-            dop = np.zeros((nl4, nev), qf.dtype)
-            qp = np.zeros((nl4, ne), qf.dtype)
-            kp = np.empty((ns, ne), qf.dtype)
-            vtp = np.empty((nev, ns), qf.dtype)
-            op = np.empty((nl, nev), qf.dtype)
-            ds = np.zeros((nl4, ns4), qf.dtype)  # dP, then dS; columns from S on stay 0
-            dq = np.zeros((nl4, ne), qf.dtype)
-            dk = np.zeros((ns4, ne), qf.dtype)
-            dv = np.zeros((ns4, nev), qf.dtype)
-            pack(gf, gst, t, nh, nl, nev, dop, one)
-            pack(qf, qst, t, nh, nl, ne, qp, one)
-            pack(kf, kst, t, nh, ns, ne, kp, one)
-            pack_t(vf, vst, t, nh, ns, nev, vtp, one)
-            pack(of, ost, t, nh, nl, nev, op, one)
-            pt = p[t]
-            for g in range(0, nl4, 4):
-                gemm4(dop, g, 0, vtp, 0, ds, g, nev, min(ns, g + 4) if causal else ns)
-            for i in range(nl):
-                nr = min(ns, i + 1) if causal else ns
-                d = rowdot(dop[i], op[i])  # D_i = dO_i . out_i
-                prow, dsrow = pt[i], ds[i]
-                for j in range(nr):  # P = 0 (masked) times a NaN dP - D is NaN, as in the reference
-                    dsrow[j] = prow[j] * (dsrow[j] - d) * scale
-                for j in range(nr, ns):
-                    dsrow[j] = 0
-            for jg in range(0, ns4, 4):
-                r0 = jg if causal else 0  # causal: rows before key jg see none of keys jg .. jg + 3
-                if r0 < nl4:
-                    gemm4(pt.T, jg, r0, dop, r0, dv, jg, nl4 - r0, nev)
-                    gemm4(ds.T, jg, r0, qp, r0, dk, jg, nl4 - r0, ne)
-            for g in range(0, nl4, 4):
-                gemm4(ds, g, 0, kp, 0, dq, g, min(ns, g + 4) if causal else ns, ne)
-            unpack(dq, nl, ne, dqf, dqst, t, nh)
-            unpack(dk, ns, ne, dkf, dkst, t, nh)
-            unpack(dv, ns, nev, dvf, dvst, t, nh)
-
-    if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
-        return _numba_parallel(forward), _numba_parallel(backward)
-    return forward, backward
+    globals().update(_nb_gemm4=_attention._nb_gemm4, _nb_exp_shift=_attention._nb_exp_shift,
+                     _nb_tile_max=_attention._nb_tile_max, _nb_tile_sum=_attention._nb_tile_sum,
+                     _nb_rowdot=_attention._nb_rowdot, _nb_bias_row=_attention._nb_bias_row,
+                     _nb_pack=pack, _nb_pack_t=pack_t, _nb_unpack=unpack)
