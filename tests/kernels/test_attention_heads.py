@@ -161,3 +161,20 @@ def test_backward_checks_the_saved_weights():
         kernels.attention_heads_backward(out, q, k, v, out, p[:, :4])
     with pytest.raises(KernelError, match="forward output's shape"):
         kernels.attention_heads_backward(out[..., :2], q, k, v, out, p)
+
+
+@pytest.mark.parametrize("others,host,count,want", [(None, 2, 2, 2), (0.0, 2, 2, 2), (0.4, 2, 2, 2), (0.6, 2, 2, 1),
+                                                    (3.0, 2, 2, 1), (1.0, 8, 4, 4), (5.2, 8, 4, 3), (0.0, 2, 1, 1)])
+def test_region_threads_follow_the_cpus_other_processes_leave(monkeypatch, others, host, count, want):
+    """free_threads: the engine's count capped by the host's CPUs less the other processes' runnable
+    threads (rounded), at least 1; the count itself where the run queue cannot be read. The heads
+    kernel runs its region in parallel only when that is above 1."""
+    from engine.kernels import threads
+
+    monkeypatch.setattr(threads, "_watch", threads.RunQueueWatch(reader=lambda: others, clock=lambda: 0.0))
+    monkeypatch.setattr(threads, "_HOST_CPUS", host)
+    monkeypatch.setattr(threads, "get_num_threads", lambda: count)
+    assert threads.free_threads() == want
+    monkeypatch.setattr(attention_heads, "free_threads", threads.free_threads)
+    assert attention_heads._parallel(64, 64, 64, 32) == (want > 1)
+    assert not attention_heads._parallel(2, 4, 4, 4)  # below PARALLEL_MIN: one thread whatever the load
