@@ -177,19 +177,25 @@ def _common_call_spec(logits, targets, weight, ignore_index, label_smoothing, gr
     compute_grad. The same checks as the full path, in one pass with no error text prepared (this
     runs on every call); tests/kernels/test_validation_fast_path.py holds the two in agreement.
     """
+    if not _is_common_call(logits, targets, weight, ignore_index, label_smoothing, grad_scale, compute_grad):
+        return None
+    n, c = logits.shape
+    return CrossEntropySpec(n, c, logits.dtype, False, ignore_index, label_smoothing, grad_scale, compute_grad,
+                            "numpy")
+
+
+def _is_common_call(logits, targets, weight, ignore_index, label_smoothing, grad_scale, compute_grad) -> bool:
+    """Whether a call is the common call of :func:`_common_call_spec` (the checks, without the spec)."""
     if type(logits) is not np.ndarray or type(targets) is not np.ndarray or weight is not None \
             or logits.dtype not in _FAST_FLOATS or targets.dtype not in INDEX_DTYPES \
             or logits.ndim != 2 or targets.ndim != 1:
-        return None
+        return False
     n, c = logits.shape
     if targets.shape[0] != n or c < 1 or not logits.flags.c_contiguous or not targets.flags.c_contiguous:
-        return None
-    if type(ignore_index) is not int or not INT64_MIN <= ignore_index <= INT64_MAX \
-            or type(label_smoothing) is not float or not 0.0 <= label_smoothing <= 1.0 \
-            or type(grad_scale) is not float or not math.isfinite(grad_scale) or type(compute_grad) is not bool:
-        return None
-    return CrossEntropySpec(n, c, logits.dtype, False, ignore_index, label_smoothing, grad_scale, compute_grad,
-                            "numpy")
+        return False
+    return type(ignore_index) is int and INT64_MIN <= ignore_index <= INT64_MAX \
+        and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0 \
+        and type(grad_scale) is float and math.isfinite(grad_scale) and type(compute_grad) is bool
 
 
 def validate_denominator_out(spec: CrossEntropySpec, logits, weight, grad_scale, denominator_out) -> None:
@@ -364,6 +370,11 @@ def _softmax_cross_entropy_numpy(logits, targets, weight, spec: CrossEntropySpec
 
 def softmax_cross_entropy_numba(logits, targets, weight=None, *, ignore_index=-100, label_smoothing=0.0,
                                 grad_scale=1.0, compute_grad=True, denominator_out=None):
+    if logits.size < PARALLEL_MIN and _is_common_call(logits, targets, weight, ignore_index, label_smoothing,
+                                                      grad_scale, compute_grad) \
+            and _plain_count_out(denominator_out, logits, grad_scale):
+        return _small_hard_call(logits, targets, ignore_index, label_smoothing, grad_scale, compute_grad,
+                                denominator_out)
     # numba takes no 16-bit arrays: _cpu_call hands them over as float32 copies
     return _cpu_call(_softmax_cross_entropy_numba, (convert.widen, convert.narrow), logits, targets, weight,
                      ignore_index=ignore_index, label_smoothing=label_smoothing, grad_scale=grad_scale,
@@ -392,6 +403,71 @@ def _softmax_cross_entropy_numba(logits, targets, weight, spec: CrossEntropySpec
         rows_hard(logits, targets.astype(np.int64, copy=False), w, has_weight, np.int64(spec.ignore_index),
                   one_minus_eps, eps_c, spec.eps > 0, scale, spec.compute_grad, fast_exp, rows_per_task, loss, grad)
     return loss, (grad if spec.compute_grad else None)
+
+
+def _plain_count_out(denominator_out, logits, grad_scale) -> bool:
+    """Whether ``denominator_out`` is None, or what :func:`validate_denominator_out` accepts for a
+    common call (a writable one-element array of the logits' dtype, grad_scale 1); else the full
+    path runs and names the problem."""
+    return denominator_out is None or (type(denominator_out) is np.ndarray and denominator_out.size == 1
+                                       and denominator_out.dtype == logits.dtype and grad_scale == 1.0
+                                       and denominator_out.flags.c_contiguous and denominator_out.flags.writeable)
+
+
+def _small_hard_call(logits, targets, ignore_index, label_smoothing, grad_scale, compute_grad, denominator_out):
+    """numba_cpu on a small common call (float32 / float64 logits small enough for one thread, class
+    indices, no weight): the work of :func:`_cpu_call` (target check, the 'mean' count and scale)
+    done in one jitted call, which then runs the serial row kernel with the very arguments
+    :func:`_softmax_cross_entropy_numba` passes it (equal bits). Its scalars go in as Python
+    numbers, cast to the logits' dtype inside: numpy scalars cost numba a type lookup each."""
+    n, c = logits.shape
+    dt = logits.dtype
+    loss = np.empty(n, dt)
+    grad = np.empty((n, c) if compute_grad else (0, c), dt)
+    mean = denominator_out is not None  # without it the count goes nowhere: loss stands in, never written
+    bad = _small_hard_kernel()(logits, targets.astype(np.int64, copy=False), ignore_index, 1.0 - label_smoothing,
+                               label_smoothing / c, label_smoothing > 0, grad_scale,
+                               denominator_out if mean else loss, mean, compute_grad, dt == np.float32, loss, grad)
+    if bad >= 0:
+        raise KernelError(bad_target_message(int(targets[bad]), c, ignore_index, bad))
+    return loss, (grad if compute_grad else None)
+
+
+# Set by _small_hard_kernel(): the serial row kernel, a module global for the same reason as the
+# helpers of _numba_helpers().
+_nb_rows_hard_serial = None
+
+
+@functools.cache
+def _small_hard_kernel():
+    import numba
+
+    globals()["_nb_rows_hard_serial"] = _numba_kernels(False)[0]
+
+    @numba.njit(cache=True)
+    def small_hard(logits, targets, ignore_index, one_minus_eps, eps_c, smooth, grad_scale, count_out, mean,
+                   compute_grad, fast_exp, loss, grad):
+        """-1, or the first row whose target is outside [0, C) and not ignore_index (nothing computed)."""
+        n, c = logits.shape
+        count = 0
+        for i in range(n):  # check_targets_host and host_mean_scale's count, in one pass
+            t = targets[i]
+            if t != ignore_index:
+                if t < 0 or t >= c:
+                    return i
+                count += 1
+        cast = logits.dtype.type
+        if mean:  # host_mean_scale: 1 / count in the logits' dtype (0 when every row is ignored)
+            count_out[0] = count
+            scale = cast(1.0) / cast(count) if count else cast(0.0)
+        else:
+            scale = cast(grad_scale)
+        if n:
+            _nb_rows_hard_serial(logits, targets, np.ones(1, logits.dtype), False, ignore_index, cast(one_minus_eps),
+                                 cast(eps_c), smooth, scale, compute_grad, fast_exp, n, loss, grad)
+        return -1
+
+    return small_hard
 
 
 # float32 exp(x) for x <= 0 (Cephes expf): x = t ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7

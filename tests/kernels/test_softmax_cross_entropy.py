@@ -220,6 +220,59 @@ def test_numba_cpu_serial_and_parallel_rows_agree_bitwise(kind, monkeypatch):
     assert np.array_equal(loss_p, loss_s) and np.array_equal(grad_p, grad_s)
 
 
+SMALL_CALLS = {  # (N, C, kwargs) of calls the numba_cpu small path takes (float32 / float64, class indices)
+    "mean": (8, 10, {"denominator_out": True}),
+    "mean, smoothing": (33, 7, {"denominator_out": True, "label_smoothing": 0.1}),
+    "scale, no grad": (16, 5, {"grad_scale": 0.37, "compute_grad": False}),
+    "ignore_index 2": (12, 9, {"ignore_index": 2}),
+    "no rows, mean": (0, 4, {"denominator_out": True}),
+    "one class": (5, 1, {"denominator_out": True}),
+    "every row ignored": (6, 3, {"denominator_out": True, "ignore_index": -7}),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(SMALL_CALLS))
+def test_numba_cpu_small_path_agrees_bitwise_with_the_general_path(case, dtype, monkeypatch):
+    """A small common call runs the target check, the 'mean' count and the rows in one jitted call
+    (_small_hard_call); the general path (_cpu_call) must give the same bits, count and errors."""
+    from engine.kernels.cpu import softmax_cross_entropy as module
+
+    n, c, kw = SMALL_CALLS[case]
+    z = (np.random.default_rng(n + c).standard_normal((n, c)) * 3).astype(dtype)
+    targets = np.random.default_rng(c).integers(0, c, n)
+    targets[::3] = kw.get("ignore_index", -100)
+    if case == "every row ignored":
+        targets[:] = -7
+    taken, small_call = [], module._small_hard_call
+    monkeypatch.setattr(module, "_small_hard_call", lambda *args: taken.append(1) or small_call(*args))
+    results = []
+    for small in (True, False):
+        if not small:
+            assert taken, "the small path was not taken"
+            monkeypatch.setattr(module, "_plain_count_out", lambda *args: False)  # the general path
+        call = dict(kw, denominator_out=np.full(1, -1, dtype) if kw.get("denominator_out") else None)
+        loss, grad = kernels.softmax_cross_entropy(z, targets, **call, impl="numba_cpu")
+        arrays = [a for a in (loss, grad, call["denominator_out"]) if a is not None]
+        outcome = [(a.dtype, a.shape, a.tobytes()) for a in arrays] + [grad is None]
+        if n:  # a bad class index: the same error, naming the same row
+            bad = targets.copy()
+            bad[n // 2] = c + 4
+            with pytest.raises(KernelError) as error:
+                kernels.softmax_cross_entropy(z, bad, **call, impl="numba_cpu")
+            outcome.append(str(error.value))
+        results.append(outcome)
+    assert results[0] == results[1]
+
+
+def test_numba_cpu_small_path_leaves_a_read_only_count_to_the_general_path():
+    z, targets = np.ones((4, 3), np.float32), np.arange(4) % 3
+    read_only = np.zeros(1, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        kernels.softmax_cross_entropy(z, targets, denominator_out=read_only, impl="numba_cpu")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_class_count_one(impl, dtype):
