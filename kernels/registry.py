@@ -224,8 +224,29 @@ def _call_dtype(arrays):
 
 def call(kernel: str, *args, impl: str | None = None, **kwargs):
     """Run ``kernel`` on ``args`` with the impl :func:`choose` picks."""
+    if impl is None:
+        chosen = _numpy_default(kernel, args)
+        if chosen is not None:
+            return chosen.fn(*args, **kwargs)
     arrays = [a for a in args if _is_array_type(type(a))]
     return choose(kernel, arrays, impl).fn(*args, **kwargs)
+
+
+def _numpy_default(kernel: str, args) -> Impl | None:
+    """:func:`choose`'s answer for the CPU's common call, or None (then choose runs): every array
+    argument a numpy array, ``ENGINE_KERNEL_IMPL`` unset, the default impl already chosen. The
+    same answer as choose's own hot path, without building the list of arrays first."""
+    dtype = None
+    for a in args:
+        cls = type(a)
+        if cls is _NDARRAY:
+            if dtype is None:
+                dtype = a.dtype
+        elif a is not None and cls is not float and cls is not int and _is_array_type(cls):
+            return None
+    if dtype is None or _env_value():
+        return None
+    return _DEFAULT_CHOICE.get((kernel, "numpy", dtype))
 
 
 @functools.cache

@@ -133,3 +133,23 @@ def test_an_impl_called_directly_refuses_a_dtype_with_the_registrys_words():
     with pytest.raises(KernelError, match=r"impl 'numba_cuda' does not take bfloat16 arrays"):
         registry.check_dtype("linear_relu_forward", "numba_cuda", BF16)
     registry.check_dtype("linear_relu_forward", "numba_cuda", F16)  # takes it: no error
+
+
+def test_the_numpy_fast_path_answers_as_choose_or_leaves_the_call_to_it(monkeypatch):
+    """kernels.call's path for numpy-only calls (registry._numpy_default) picks choose's impl, and
+    steps aside (None) for a forced impl, another array kind, or a call without arrays."""
+    z, t = np.ones((4, 3), np.float32), np.arange(4) % 3
+    kernels.softmax_cross_entropy(z, t)  # the default choice is made (and cached) by a first call
+    args = (z, t, None)
+    assert registry._numpy_default("softmax_cross_entropy", args) is registry.choose("softmax_cross_entropy", [z, t])
+    gpu_array = FakeCupy().on(0, z)
+    assert registry._numpy_default("softmax_cross_entropy", (gpu_array, t, None)) is None
+    assert registry._numpy_default("softmax_cross_entropy", (None, 1.0)) is None
+    monkeypatch.setenv(registry.ENV_VAR, "softmax_cross_entropy=numpy")
+    assert registry._numpy_default("softmax_cross_entropy", args) is None
+    seen = []
+    numpy_impl = registry._table("softmax_cross_entropy")["numpy"]
+    numpy_impl.fn  # noqa: B018 - the cached_property's slot is filled, so that the test can swap it
+    monkeypatch.setitem(numpy_impl.__dict__, "fn", lambda *a, **k: seen.append(a))
+    kernels.softmax_cross_entropy(z, t)
+    assert len(seen) == 1, "ENGINE_KERNEL_IMPL is honoured by every call"
