@@ -10,6 +10,7 @@ from engine import indexing, ops
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import Function, is_grad_enabled, is_implicit_ones_grad, unbroadcast
 from engine.backend import array_module
+from engine import dtypes
 from engine.dtypes import is_floating
 from engine.errors import DeviceError, DTypeError, EngineError, ShapeError, describe
 from engine.ops import log_softmax
@@ -39,8 +40,10 @@ class SoftmaxCrossEntropy(Function):
 
     def forward(self, logits, targets=None, weight=None, ignore_index=-100, label_smoothing=0.0,
                 reduction="mean", compute_grad=True):
-        xp = array_module(logits)
-        acc = accumulation_dtype(logits.dtype)
+        xp = np if type(logits) is np.ndarray else array_module(logits)
+        acc = _ACCUMULATION.get(logits.dtype)
+        if acc is None:
+            acc = accumulation_dtype(logits.dtype)
         extra = {}
         if reduction == "mean" and targets.ndim == 1 and weight is None:  # counted by the kernel's target pass
             denominator, scale = xp.empty(1, dtype=acc), 1.0
@@ -56,19 +59,26 @@ class SoftmaxCrossEntropy(Function):
         self.reduction = reduction
         if reduction == "none":
             return loss.astype(logits.dtype, copy=False)
-        total = loss.sum(dtype=acc)
+        total = _ADD_REDUCE(loss, 0, acc) if xp is np else loss.sum(dtype=acc)  # loss.sum's own call
         if reduction == "sum":
             return xp.asarray(total).astype(logits.dtype, copy=False)
-        mean = total / denominator.reshape(()) if xp is np and denominator[0] else None  # the CPU: free to read
-        if mean is None:  # every row ignored: 0 / 0 = NaN, as in PyTorch (or a GPU: no host read)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = total / denominator.reshape(())
+        if xp is np:  # the CPU: the count is free to read; numpy scalars divide as the 0-d arrays would
+            count = denominator[0]
+            if count:
+                mean = total / count
+                return mean if acc == logits.dtype else mean.astype(logits.dtype)
+        with np.errstate(invalid="ignore", divide="ignore"):  # every row ignored: 0 / 0 = NaN, as in PyTorch
+            mean = total / denominator.reshape(())  # (or a GPU: no host read)
         return xp.asarray(mean).astype(logits.dtype, copy=False)
 
     def backward(self, g):
         if self.reduction == "none":
             return self.grad * g[:, None]
         return self.grad if is_implicit_ones_grad(g) else self.grad * g
+
+
+_ADD_REDUCE = np.add.reduce
+_ACCUMULATION = {np.dtype(np.float32): np.dtype(np.float32), np.dtype(np.float64): np.dtype(np.float64)}  # the rest: asked
 
 
 def _mean_denominator(xp, logits, targets, weight, ignore_index, dtype):
@@ -136,6 +146,9 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ign
     index outside [0, C) that is not ``ignore_index`` raises KernelError at once, naming it (on a
     GPU the fused kernel, or the reference, checks on the device and raises at the next sync).
     """
+    common = _common_rows(input, target, weight, reduction, label_smoothing, ignore_index)
+    if common is not None:
+        return common
     if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)) \
             or not _INT64_MIN <= ignore_index <= _INT64_MAX:
         raise kernels.KernelError(f"cross_entropy: ignore_index must be an int in the int64 range, got "
@@ -186,6 +199,26 @@ def _cross_entropy_inputs(input, target, weight, reduction, label_smoothing, ign
 
 
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
+_INT64 = np.dtype(np.int64)
+_FLOATS = frozenset(np.dtype(d) for d in ("float32", "float64", "float16", dtypes.bfloat16))
+
+
+def _common_rows(input, target, weight, reduction, label_smoothing, ignore_index):
+    """:func:`_cross_entropy_inputs`' answer for the common call, or None (then the full checks run
+    and name any problem): CPU tensors, contiguous (N, C) float logits, (N,) int64 class indices, no
+    weight, an int ignore_index, a float label_smoothing in [0, 1]. The same checks in one pass, and
+    the class-index check that both paths make."""
+    if weight is not None or type(ignore_index) is not int or type(label_smoothing) is not float \
+            or not isinstance(target, Tensor) or not 0.0 <= label_smoothing <= 1.0 \
+            or reduction not in _REDUCTIONS or not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        return None
+    x, y = input._data, target._data
+    if type(x) is not np.ndarray or type(y) is not np.ndarray or not input._device_is_its_arrays \
+            or not target._device_is_its_arrays or x.ndim != 2 or y.ndim != 1 or y.dtype != _INT64 \
+            or x.dtype not in _FLOATS or y.shape[0] != x.shape[0] or not x.flags.c_contiguous:
+        return None
+    _check_class_indices(y, x.shape[1], ignore_index)
+    return input, y, None
 
 
 def _on_cpu_arrays(*tensors) -> bool:

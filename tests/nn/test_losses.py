@@ -440,3 +440,59 @@ def test_loss_module_weights_are_buffers_and_options_validated():
         nn.KLDivLoss(reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         nn.CrossEntropyLoss(label_smoothing=1.5)
+
+
+def _cross_entropy_cases():
+    """(input, target, keyword arguments) for cross_entropy's input checks: common calls and edges."""
+    rng = np.random.default_rng(0)
+    z = engine.tensor(rng.standard_normal((6, 4)).astype(np.float32), requires_grad=True)
+    t = engine.tensor(np.array([0, 3, 1, -100, 2, 2]))
+    return {
+        "common": (z, t, {}),
+        "float64": (z.double(), t, {}),
+        "bfloat16": (z.to(engine.bfloat16), t, {}),
+        "smoothing, sum": (z, t, {"label_smoothing": 0.2, "reduction": "sum"}),
+        "ignore 3": (z, engine.tensor(np.array([0, 3, 1, 1, 2, 2])), {"ignore_index": 3}),
+        "bad index": (z, engine.tensor(np.array([0, 4, 1, 1, 2, 2])), {}),
+        "negative index": (z, engine.tensor(np.array([0, -1, 1, 1, 2, 2])), {}),
+        "int32 target": (z, engine.tensor(np.array([0, 3, 1, 1, 2, 2], np.int32)), {}),
+        "short target": (z, t[:5], {}),
+        "strided logits": (engine.tensor(rng.standard_normal((6, 8)).astype(np.float32))[:, ::2], t, {}),
+        "weight": (z, t, {"weight": engine.ones(4)}),
+        "bad reduction": (z, t, {"reduction": "average"}),
+        "NaN smoothing": (z, t, {"label_smoothing": float("nan")}),
+        "bool ignore_index": (z, t, {"ignore_index": True}),
+        "huge ignore_index": (z, t, {"ignore_index": 2**63}),
+        "soft target": (z, engine.full((6, 4), 0.25), {}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cross_entropy_cases()))
+def test_cross_entropy_common_call_checks_agree_with_the_full_checks(case, monkeypatch):
+    """_common_rows (one pass for the common call) returns what the full checks return, or steps aside."""
+    import importlib
+
+    losses = importlib.import_module("engine.functional.losses")
+    z, t, kw = _cross_entropy_cases()[case]
+    args = (z, t, kw.get("weight"), kw.get("reduction", "mean"), kw.get("label_smoothing", 0.0),
+            kw.get("ignore_index", -100))
+
+    def outcome():
+        try:
+            logits, targets, weight = losses._cross_entropy_inputs(*args)
+        except Exception as error:  # noqa: BLE001 - the error itself is what is compared
+            return type(error), str(error)
+        return logits, targets.dtype, targets.tobytes(), weight
+
+    def same(a, b):  # the logits: the input itself, or equal copies (a strided input is cloned)
+        if not isinstance(a[0], engine.Tensor):
+            return a[0] == b[0]
+        return a[0] is b[0] or (a[0] is not z and b[0] is not z and a[0].numpy().tobytes() == b[0].numpy().tobytes())
+
+    fast = outcome()
+    monkeypatch.setattr(losses, "_common_rows", lambda *a: None)
+    full = outcome()
+    assert same(fast, full) and fast[1:] == full[1:], (fast, full)
+    if case in ("common", "float64", "bfloat16", "smoothing, sum", "ignore 3"):  # not a timing: taken at all
+        monkeypatch.undo()
+        assert losses._common_rows(*args) is not None, case
