@@ -293,20 +293,24 @@ class Function:
         if _autocast.state.regions and cls._autocast_name is not None:  # not a user's same-named op
             inputs = tuple(_autocast.cast_inputs(cls._autocast_name, inputs))
 
-        raw, needs, all_numpy = [], [], True
+        raw, needs, all_numpy, low = [], [], True, None
         for t in inputs:  # one pass (a comprehension is a function call of its own in Python 3.11)
             data = t._data
             raw.append(data)
             needs.append(t.requires_grad)
             if type(data) is not _ndarray or not t._device_is_its_arrays:
                 all_numpy = False
+            elif low is None and data.dtype in _LOW_PRECISION:  # numpy arrays: the float32 rule applies
+                low = data.dtype
+        rule = cls.computes_in_float32
         if not all_numpy:  # numpy arrays are all on the CPU: compare devices only for others
             _check_same_device(cls.op_name(), inputs)
+            low = _low_precision_of(raw) if rule is True or (rule and _on_cpu(raw)) else None
+        elif not rule:
+            low = None
         fn = cls()
         needs = tuple(needs)
         fn.needs_input_grad = needs  # known in forward too, so it can save only what backward uses
-        rule = cls.computes_in_float32
-        low = _low_precision_of(raw) if rule is True or (rule and _on_cpu(raw)) else None
         if low is not None:  # array params too: cross_entropy's weight, soft targets
             fn.low_dtype = low
             raw = [dtypes.upcast(a) for a in raw]
@@ -322,7 +326,14 @@ class Function:
             raise type(e)(f"{cls.op_name()}: {e} (operands: {operands})") from e
         recorded = mode.enabled and True in needs
         result = _tensor.Tensor._from_op(out, fn if recorded else None)
-        _share_storage(result, inputs)
+        out = result._data
+        if type(out) is not _ndarray or out.base is not None:
+            _share_storage(result, inputs)
+        else:  # a numpy array owning its memory: a view of an input only if it is that input's array
+            for t in inputs:
+                if out is t._data:
+                    _view_of(result, t)
+                    break
         if recorded:
             records = _saved_versions(fn, inputs, result)  # before fn.inputs: no tensors to scan
             fn.inputs = inputs
@@ -652,9 +663,13 @@ def _saved_versions(fn, inputs, result) -> tuple:
     stores a tuple). Runs once per recorded op, so the tests are written out inline, and owners
     are found by identity before any storage root is computed."""
     versions = None
-    for value in fn.__dict__.values():
+    values = fn.__dict__
+    needs = values.get("needs_input_grad")
+    for value in values.values():
         kind = type(value)
         if kind is tuple:
+            if value is needs:  # flags, set on every node
+                continue
             candidates = value
         elif kind is _ndarray or (kind not in _NOT_ARRAYS and _is_array_like(value)):
             candidates = (value,)
@@ -672,10 +687,17 @@ def _saved_versions(fn, inputs, result) -> tuple:
                 if owner is None:
                     continue
             version = owner._version
-            if versions is None:
-                versions = {}
-            versions[id(version)] = (version, version.value, owner is result)
-    return tuple(versions.values()) if versions else ()
+            record = (version, version.value, owner is result)
+            if versions is None:  # a list: a node saves one or two memories, a dict cost more to build
+                versions = [record]
+                continue
+            for i, kept in enumerate(versions):  # one record per Version, the last owner's kind
+                if kept[0] is version:
+                    versions[i] = record
+                    break
+            else:
+                versions.append(record)
+    return tuple(versions) if versions else ()
 
 
 def _viewed_owner(array, owners):
@@ -683,7 +705,8 @@ def _viewed_owner(array, owners):
     none of their own arrays: :func:`_saved_versions` tests identity first)."""
     root = storage_root(array)
     for t in owners:
-        if storage_root(t._data) is root:
+        data = t._data  # an array owning its memory is its own root: no call to find it
+        if data is root or (getattr(data, "base", None) is not None and storage_root(data) is root):
             return t
     return None
 

@@ -156,7 +156,7 @@ class Mul(Function):
     def forward(self, a, b):
         need_a, need_b = self.needs_input_grad
         self.shapes = a.shape, b.shape
-        self.save(a if need_b else None, b if need_a else None)
+        self.saved = (a if need_b else None, b if need_a else None)  # self.save's work, without its call
         return a * b
 
     def backward(self, g):
@@ -226,7 +226,7 @@ def _int64_with_int(ufunc, a, b):
 
 def add(a, b, *, alpha=1, out=None) -> Tensor:
     """``a + alpha * b`` (``torch.add``); ``out=`` writes the result into an existing tensor."""
-    if out is None and alpha == 1:
+    if out is None and alpha == 1 and (type(a) is int or type(b) is int):
         fast = _int64_with_int(np.add, a, b)
         if fast is not None:
             return fast
@@ -257,7 +257,7 @@ def sub(a, b, *, alpha=1, out=None) -> Tensor:
 
 def mul(a, b, *, out=None) -> Tensor:
     """Elementwise product (``torch.mul``)."""
-    if out is None:
+    if out is None and (type(a) is int or type(b) is int):
         fast = _int64_with_int(np.multiply, a, b)
         if fast is not None:
             return fast
@@ -427,12 +427,25 @@ class Sigmoid(Function):
 
 class ReLU(Function):
     def forward(self, a):
-        out = _xp(a).maximum(a, 0)
+        out = _MAXIMUM(a, _zero_of(a.dtype)) if type(a) is np.ndarray else _xp(a).maximum(a, 0)
         self.save(out)
         return out
 
     def backward(self, g):
         return g * (self.saved[0] > 0)
+
+
+_MAXIMUM = np.maximum
+_ZEROS: dict = {}
+
+
+def _zero_of(dtype):
+    """A numpy zero of ``dtype``, made once: the Python int 0 costs a ufunc a conversion per call
+    (its value is the same, so are the results)."""
+    zero = _ZEROS.get(dtype)
+    if zero is None:
+        zero = _ZEROS[dtype] = dtype.type(0)
+    return zero
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -688,9 +701,13 @@ def logical_not(a: Tensor) -> Tensor: return eq(a, 0)
 
 # ---- reductions ---------------------------------------------------------------------------------
 
+_ADD_REDUCE = np.add.reduce
+_ALL_AXES = tuple(tuple(range(ndim)) for ndim in range(8))
+
+
 def _norm_axis(axis, ndim):
     if axis is None:
-        return tuple(range(ndim))
+        return _ALL_AXES[ndim] if ndim < 8 else tuple(range(ndim))
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     return tuple(sorted(a % ndim if ndim else a for a in axes))
 
@@ -705,6 +722,8 @@ def _expand_reduced(g, shape, axes, keepdims):
 class Sum(Function):
     def forward(self, a, axis=None, keepdims=False):
         self.shape, self.axes, self.keepdims = a.shape, _norm_axis(axis, a.ndim), keepdims
+        if type(a) is np.ndarray:  # what ndarray.sum calls, without its Python wrapper
+            return _ADD_REDUCE(a, self.axes, None, None, keepdims)
         return a.sum(axis=self.axes, keepdims=keepdims)
 
     def backward(self, g):
@@ -767,12 +786,14 @@ def sum(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None,
     """Sum over ``dim`` (an int, a tuple, or None for all); ``axis=``/``keepdims=`` are aliases."""
     if dtype is not None:
         a = cast(a, dtype)
+    if axis is None and keepdims is None:  # PyTorch's spelling: no alias to reconcile
+        return _int64_if_integral(Sum.apply(a, axis=dim, keepdims=bool(keepdim)))
     return _int64_if_integral(Sum.apply(a, axis=_dim("sum", dim, axis), keepdims=_keep(keepdim, keepdims)))
 
 
 def _int64_if_integral(result: Tensor) -> Tensor:
     """PyTorch's sum and prod of integer or bool input are int64 (NumPy's of uint8 are uint64)."""
-    return cast(result, np.int64) if _is_integral(result.dtype) else result
+    return cast(result, np.int64) if result._data.dtype.kind in "biu" else result
 
 
 def mean(a: Tensor, dim=None, keepdim: bool = False, *, axis=None, keepdims=None, dtype=None) -> Tensor:

@@ -24,6 +24,7 @@ int32, int64, bool_ = np.int32, np.int64, np.bool_
 
 
 _new_tensor = object.__new__
+_ndarray = np.ndarray
 
 
 class Tensor:
@@ -75,7 +76,7 @@ class Tensor:
     @classmethod
     def _from_op(cls, data, grad_fn) -> "Tensor":
         t = _new_tensor(Tensor)
-        if isinstance(data, np.generic):  # numpy reductions return scalars; keep 0-d arrays
+        if type(data) is not _ndarray and isinstance(data, np.generic):  # numpy reductions return scalars: 0-d arrays
             data = np.asarray(data)
         t._data = data
         t._grad = t._base = t._post_grad_hooks = t._grad_home = None

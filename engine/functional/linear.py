@@ -48,7 +48,7 @@ class Linear(Function):
     computes_in_float32 = ON_CPU
 
     def forward(self, x, weight, bias=None):
-        self.save(x, weight)
+        self.saved = (x, weight)  # self.save's work, without its call
         self.has_bias = bias is not None
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
         out = backend.matmul(x, weight.T, "linear")
@@ -76,10 +76,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Inputs with more than two dims (or one) are flattened to (N, in_features) and reshaped back.
     """
     _check_linear("linear", x, weight, bias)
-    lead = x.shape[:-1]
-    flat = x if x.ndim == 2 else ops.reshape(x, (-1, x.shape[-1]))
+    shape = x._data.shape  # the array's: Tensor.shape and .ndim are a Python call each
+    if len(shape) == 2:
+        return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
+    flat = ops.reshape(x, (-1, shape[-1]))
     out = Linear.apply(flat, weight) if bias is None else Linear.apply(flat, weight, bias)
-    return out if x.ndim == 2 else ops.reshape(out, lead + (weight.shape[0],))
+    return ops.reshape(out, shape[:-1] + (weight._data.shape[0],))
 
 
 class LinearReLU(Function):
