@@ -301,6 +301,8 @@ _SHARED = {
     "accumulation_dtype": ("precision", "accumulation_dtype"),  # float32 for 16-bit data
     # ``a @ b`` on cupy arrays through libcublas itself: the engine's one GEMM entry on the GPU (capturable)
     "gpu_matmul": ("cuda.gemm", "matmul"),
+    # ``g.sum(0)`` of a contiguous (N, M) cupy array in one or two launches (a Linear's bias gradient; capturable)
+    "gpu_bias_grad": ("cuda.linear_relu", "bias_grad"),
 }
 
 

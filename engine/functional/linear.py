@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import kernels
-from engine import backend, ops
+from engine import backend, dtypes, ops
 from engine.amp.autocast_mode import autocast_op
 from engine.autograd import ON_CPU, Function, unbroadcast
 from engine.kernels import accumulation_dtype
@@ -65,8 +65,20 @@ class Linear(Function):
         if not self.has_bias:
             return gx, gw
         # db: the column sums of g, accumulated in float32 for 16-bit g and rounded once.
-        gb = unbroadcast(g, weight.shape[:1], accumulation_dtype(g.dtype)) if self.needs_input_grad[2] else None
+        gb = _bias_grad(g, weight.shape[:1]) if self.needs_input_grad[2] else None
         return gx, gw, gb
+
+
+def _bias_grad(g, shape):
+    """Linear's db: on the GPU one fixed-order column-sum pass (kernels.gpu_bias_grad: one or two
+    launches; cupy's ``sum(0)`` costs a reduction launch with far more host work), elsewhere, and
+    for a g the kernel does not take (strided, another dtype), ``unbroadcast``."""
+    if type(g) is not np.ndarray and g.ndim == 2 and g.flags.c_contiguous and g.dtype in _BIAS_GRAD_DTYPES:
+        return kernels.gpu_bias_grad(g)
+    return unbroadcast(g, shape, accumulation_dtype(g.dtype))
+
+
+_BIAS_GRAD_DTYPES = frozenset(np.dtype(d) for d in ("float32", "float64", "float16", dtypes.bfloat16))
 
 
 @autocast_op("linear")

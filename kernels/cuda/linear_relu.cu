@@ -4,6 +4,8 @@
 // Backward: ONE pass reads dy and y once and writes g = dy * (y > 0) together with per-block
 //           column sums of g; a tiny second kernel adds those partial sums up in a fixed order
 //           into db (deterministic: no atomics). dx = g @ W and dW = g.T @ x go to cuBLAS.
+// Plain Linear's db (no ReLU): the same pass without the mask (MASK = false: reads dy only,
+//           writes no g), then the same reduction; kernels/cuda/linear_relu.py ``bias_grad``.
 //
 // Every kernel is memory-bound: 16-byte vector accesses (float4 / double2 / 8 halves) where the
 // layout allows, a scalar path otherwise, grid-stride loops, launch sizes from the array size.
@@ -101,7 +103,8 @@ __device__ __forceinline__ void bias_relu_inplace(T* __restrict__ y, const T* __
 // An enum, not constexpr variables: NVRTC would emit those as (unused) global memory.
 enum : int { kColThreads = 32, kRowThreads = 8 };
 
-template <typename T, int V>
+// MASK = false: g = dy (y and g are not touched; they may be null), only the column sums are made.
+template <typename T, int V, bool MASK>
 __device__ __forceinline__ void mask_and_column_sums(const T* __restrict__ dy, const T* __restrict__ y,
                                                      T* __restrict__ g, typename Acc<T>::type* __restrict__ partial,
                                                      long long n, long long m) {
@@ -122,15 +125,20 @@ __device__ __forceinline__ void mask_and_column_sums(const T* __restrict__ dy, c
         for (long long r = (long long)blockIdx.y * kRowThreads + ty; r < n; r += row_step) {
             const long long off = r * m + c0;
             const VecT d = *reinterpret_cast<const VecT*>(dy + off);
-            const VecT o = *reinterpret_cast<const VecT*>(y + off);
-            VecT out;
+            if (MASK) {
+                const VecT o = *reinterpret_cast<const VecT*>(y + off);
+                VecT out;
 #pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const A v = to_acc(d.v[k]) * (to_acc(o.v[k]) > A(0) ? A(1) : A(0));
-                out.v[k] = from_acc<T>(v);
-                acc[k] += v;
+                for (int k = 0; k < V; ++k) {
+                    const A v = to_acc(d.v[k]) * (to_acc(o.v[k]) > A(0) ? A(1) : A(0));
+                    out.v[k] = from_acc<T>(v);
+                    acc[k] += v;
+                }
+                *reinterpret_cast<VecT*>(g + off) = out;
+            } else {
+#pragma unroll
+                for (int k = 0; k < V; ++k) acc[k] += to_acc(d.v[k]);
             }
-            *reinterpret_cast<VecT*>(g + off) = out;
         }
     }
 
@@ -191,13 +199,22 @@ __device__ __forceinline__ void sum_rows(const typename Acc<T>::type* __restrict
     extern "C" __global__ void __launch_bounds__(kColThreads * kRowThreads) linear_relu_bwd_mask_db_##SUFFIX( \
         const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ g,                             \
         Acc<T>::type* __restrict__ partial, long long n, long long m) {                                   \
-        mask_and_column_sums<T, 1>(dy, y, g, partial, n, m);                                              \
+        mask_and_column_sums<T, 1, true>(dy, y, g, partial, n, m);                                        \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(kColThreads * kRowThreads)                               \
         linear_relu_bwd_mask_db_vec_##SUFFIX(const T* __restrict__ dy, const T* __restrict__ y,           \
                                              T* __restrict__ g, Acc<T>::type* __restrict__ partial,       \
                                              long long n, long long m) {                                  \
-        mask_and_column_sums<T, lanes<T>()>(dy, y, g, partial, n, m);                                     \
+        mask_and_column_sums<T, lanes<T>(), true>(dy, y, g, partial, n, m);                               \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(kColThreads * kRowThreads) linear_relu_bwd_colsum_##SUFFIX(  \
+        const T* __restrict__ dy, Acc<T>::type* __restrict__ partial, long long n, long long m) {          \
+        mask_and_column_sums<T, 1, false>(dy, nullptr, nullptr, partial, n, m);                           \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(kColThreads * kRowThreads)                               \
+        linear_relu_bwd_colsum_vec_##SUFFIX(const T* __restrict__ dy, Acc<T>::type* __restrict__ partial,  \
+                                            long long n, long long m) {                                   \
+        mask_and_column_sums<T, lanes<T>(), false>(dy, nullptr, nullptr, partial, n, m);                  \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) linear_relu_bwd_db_reduce_##SUFFIX(                 \
         const Acc<T>::type* __restrict__ partial, T* __restrict__ db, long long rows, long long m) {       \

@@ -128,24 +128,53 @@ def _bias_relu_inplace(y, bias) -> None:
 
 def _mask_and_bias_grad(grad_out, out, g):
     """Write ``g = grad_out * (out > 0)`` and return ``g.sum(0)``, reading grad_out and out once."""
+    return _column_sums(grad_out, out, g)
+
+
+def bias_grad(grad_out):
+    """``grad_out.sum(0)`` for a C-contiguous (N, M) cupy array: a Linear's bias gradient, in
+    grad_out's dtype (float32, float64, float16 or bfloat16), summed in float32 for 16-bit data and
+    rounded once, in a fixed order (deterministic, no atomics). The column-sum pass of the
+    linear_relu backward without its mask (``linear_relu_bwd_colsum*``) and the same reduction, with
+    the same launch plan (so the same summation order): one launch for float32 / float64 when one
+    block row covers the rows (N <= 8), else two, where ``cupy``'s ``sum(0)`` is one reduction
+    launch with a much larger host cost. Capturable: no host read, no allocation outside cupy's
+    current allocator. Called with any device current: it runs on grad_out's."""
     import cupy
 
-    suffix = _suffix(g.dtype)
-    n, m = g.shape
-    lanes = _lanes(g.dtype)
-    vector = m % lanes == 0 and _aligned(grad_out, out, g)
+    with on_device(grad_out):
+        n, m = grad_out.shape
+        if n == 0 or m == 0:
+            return cupy.zeros(m, dtype=grad_out.dtype)
+        return _column_sums(grad_out)
+
+
+def _column_sums(grad_out, out=None, g=None):
+    """``db``, the column sums of ``g`` (``grad_out`` masked by ``out > 0``, written to ``g``), or of
+    ``grad_out`` itself when ``out`` is None: one column-sum pass, plus the fixed-order reduction of its
+    per-block partial sums unless one block row sufficed for a float32 / float64 db."""
+    import cupy
+
+    dtype = grad_out.dtype
+    suffix = _suffix(dtype)
+    n, m = grad_out.shape
+    lanes = _lanes(dtype)
+    arrays = (grad_out,) if out is None else (grad_out, out, g)
+    vector = m % lanes == 0 and _aligned(*arrays)
     cols_per_block = _COL_THREADS * (lanes if vector else 1)
     grid_x = -(-m // cols_per_block)
     grid_y = min(-(-n // _ROW_THREADS), max(1, _PROLOGUE_TARGET_BLOCKS // grid_x))
-    grad_bias = cupy.empty(m, dtype=g.dtype)
-    acc = accumulation_dtype(g.dtype)  # the partial sums' dtype: float32 for 16-bit g
+    grad_bias = cupy.empty(m, dtype=dtype)
+    acc = accumulation_dtype(dtype)  # the partial sums' dtype: float32 for 16-bit g
     # One block row of float32 / float64: its column sums are db itself and the second kernel is
     # not needed. 16-bit db is rounded from the float32 sums by the second kernel.
-    direct = grid_y == 1 and acc == g.dtype
+    direct = grid_y == 1 and acc == dtype
     partial = grad_bias if direct else cupy.empty((grid_y, m), dtype=acc)
-    name = f"linear_relu_bwd_mask_db_{'vec_' if vector else ''}{suffix}"
-    function(MODULE, name)((grid_x, grid_y), (_COL_THREADS, _ROW_THREADS),
-                           (grad_out, out, g, partial, np.int64(n), np.int64(m)))
+    if out is None:
+        name, args = f"linear_relu_bwd_colsum_{'vec_' if vector else ''}{suffix}", (grad_out, partial)
+    else:
+        name, args = f"linear_relu_bwd_mask_db_{'vec_' if vector else ''}{suffix}", (grad_out, out, g, partial)
+    function(MODULE, name)((grid_x, grid_y), (_COL_THREADS, _ROW_THREADS), (*args, np.int64(n), np.int64(m)))
     if not direct:
         blocks = -(-m // _REDUCE_THREADS)
         function(MODULE, f"linear_relu_bwd_db_reduce_{suffix}")(

@@ -631,7 +631,28 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(graphs, "_capture_streams", {})
     monkeypatch.setattr(memory, "_graph_pools", weakref.WeakSet())  # a graph of an earlier test may await gc
     install_cublas(monkeypatch, fake)
+    install_linear_relu_kernels(monkeypatch, fake)
     yield fake
+
+
+def install_linear_relu_kernels(monkeypatch, fake: FakeCupy) -> None:
+    """linear_relu.cu's launches (the fused linear_relu and Linear's bias gradient, kernels.gpu_bias_grad)
+    run as the NumPy transcriptions of tests/kernels/fake_linear_relu_kernels.py, executed at once and
+    recorded like any other write. Each launch is noted in ``fake.kernel_launches`` (its name)."""
+    from engine.kernels.cuda import linear_relu
+    from tests.kernels.fake_linear_relu_kernels import impls
+
+    table = impls()
+    fake.kernel_launches = []
+
+    def function(module, name, device_id=None):
+        def launch(grid, block, args):
+            fake.kernel_launches.append(name)
+            targets = [a for a in args if hasattr(a, "host")]
+            fake._multi_write(lambda *hosts: table[name](grid, block, hosts), tuple(args), {}, targets)
+        return launch
+    monkeypatch.setattr(linear_relu, "function", function)
+    monkeypatch.setattr(linear_relu, "_sm_count", lambda device_id: 132)
 
 
 def install_cublas(monkeypatch, fake: FakeCupy) -> FakeCublas:

@@ -11,26 +11,14 @@ results. The linear_relu.cu launches run as NumPy transcriptions recorded the sa
 import numpy as np
 
 from engine import kernels
-from engine.kernels.cuda import linear_relu
 from tests.cuda.fake_capture import fake_gpu  # noqa: F401 - the fixture
 from tests.kernels.fake_cublas import FakeCublas
-from tests.kernels.fake_linear_relu_kernels import impls
 
 
 def _install(monkeypatch, fake) -> FakeCublas:
-    """The fake cuBLAS over ``fake``'s allocations (the fixture's), and the linear_relu kernels as recorded
-    operations."""
-    cublas = fake.cublas
-    table = impls()
-
-    def function(module, name, device_id=None):
-        def launch(grid, block, args):
-            targets = [a for a in args if hasattr(a, "host")]
-            fake._multi_write(lambda *hosts: table[name](grid, block, hosts), tuple(args), {}, targets)
-        return launch
-    monkeypatch.setattr(linear_relu, "function", function)
-    monkeypatch.setattr(linear_relu, "_sm_count", lambda device_id: 132)
-    return cublas
+    """The fake cuBLAS over ``fake``'s allocations (the fixture's); the fixture also runs the
+    linear_relu kernels as recorded operations (fake_capture.install_linear_relu_kernels)."""
+    return fake.cublas
 
 
 def _case(rng, n=37, k=70, m=33):

@@ -44,6 +44,15 @@ def mask_db(grid, block, args):
     partial.reshape(grid[1], m)[...] = sums.astype(partial.dtype)
 
 
+def colsum(grid, block, args):
+    """The mask-free pass (``linear_relu_bwd_colsum*``): partial column sums of dy, nothing written to g."""
+    dy, partial, n, m = args[0], args[1], int(args[2]), int(args[3])
+    v = dy.reshape(n, m).astype(_acc(dy.dtype))
+    block_row = (np.arange(n) // ROW_THREADS) % grid[1]
+    sums = np.stack([v[block_row == r].sum(axis=0) for r in range(grid[1])])
+    partial.reshape(grid[1], m)[...] = sums.astype(partial.dtype)
+
+
 def db_reduce(grid, block, args):
     partial, db, rows, m = args[0], args[1], int(args[2]), int(args[3])
     db[...] = partial.reshape(rows, m).astype(_acc(db.dtype)).sum(axis=0).astype(db.dtype)
@@ -56,5 +65,6 @@ def impls() -> dict:
         for variant in ("", "bias_", "biasvec_"):
             table[f"linear_relu_fwd_epilogue_{variant}{s}"] = epilogue
         table[f"linear_relu_bwd_mask_db_{s}"] = table[f"linear_relu_bwd_mask_db_vec_{s}"] = mask_db
+        table[f"linear_relu_bwd_colsum_{s}"] = table[f"linear_relu_bwd_colsum_vec_{s}"] = colsum
         table[f"linear_relu_bwd_db_reduce_{s}"] = db_reduce
     return table

@@ -365,7 +365,7 @@ def test_every_dtype_has_every_entry_point():
     from engine.kernels.cuda.linear_relu import SUFFIXES
 
     names = _instantiated_kernels()
-    assert len(names) == 6 * 4 and set(re.findall(r"^LINEAR_RELU_KERNELS\([^,]+, (\w+)\)", CU_FILE.read_text(),
+    assert len(names) == 8 * 4 and set(re.findall(r"^LINEAR_RELU_KERNELS\([^,]+, (\w+)\)", CU_FILE.read_text(),
                                                    re.M)) == set(SUFFIXES.values())
 
 
