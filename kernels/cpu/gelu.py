@@ -301,12 +301,17 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
         s_minus = lo if z >= 0 else hi
         return s, s_minus
 
+    # Each chunk loops over its own slices from index 0: with ``range(start, stop)`` on the whole
+    # buffer numba cannot prove the index non-negative, so every access keeps its negative-index
+    # wraparound and LLVM leaves the loop scalar (3x slower; docs/benchmarks.md, issue 26).
     @jit
-    def tanh_forward(x, chunks, y):
-        n = x.size
+    def tanh_forward(x_all, chunks, y_all):
+        n = x_all.size
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
-            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+            x = x_all[chunk * per:min(n, (chunk + 1) * per)]
+            y = y_all[chunk * per:min(n, (chunk + 1) * per)]
+            for i in range(x.size):
                 xv = load(x, i)
                 z = k * (xv + c * xv * xv * xv)
                 e = exp_neg(-two * abs(z))
@@ -317,30 +322,38 @@ def _numba_kernels(parallel: bool, dtype: str) -> dict:
                 store(y, i, xv * s)
 
     @jit
-    def tanh_backward(dy, x, chunks, dx):
-        n = x.size
+    def tanh_backward(dy_all, x_all, chunks, dx_all):
+        n = x_all.size
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
-            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+            dy = dy_all[chunk * per:min(n, (chunk + 1) * per)]
+            x = x_all[chunk * per:min(n, (chunk + 1) * per)]
+            dx = dx_all[chunk * per:min(n, (chunk + 1) * per)]
+            for i in range(x.size):
                 xv = load(x, i)
                 s, sm = sigmoid_pair(xv)
                 store(dx, i, load(dy, i) * (s + xv * s * sm * k2 * (one + c3 * min(xv * xv, square_max))))
 
     @jit
-    def erf_forward(x, chunks, y):
-        n = x.size
+    def erf_forward(x_all, chunks, y_all):
+        n = x_all.size
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
-            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+            x = x_all[chunk * per:min(n, (chunk + 1) * per)]
+            y = y_all[chunk * per:min(n, (chunk + 1) * per)]
+            for i in range(x.size):
                 xv = load(x, i)
                 store(y, i, xv * (half * math.erfc(-xv * inv_sqrt2)))
 
     @jit
-    def erf_backward(dy, x, chunks, dx):
-        n = x.size
+    def erf_backward(dy_all, x_all, chunks, dx_all):
+        n = x_all.size
         per = (n + chunks - 1) // chunks
         for chunk in loop(chunks):
-            for i in range(chunk * per, min(n, (chunk + 1) * per)):
+            dy = dy_all[chunk * per:min(n, (chunk + 1) * per)]
+            x = x_all[chunk * per:min(n, (chunk + 1) * per)]
+            dx = dx_all[chunk * per:min(n, (chunk + 1) * per)]
+            for i in range(x.size):
                 xv = load(x, i)
                 cdf = half * math.erfc(-xv * inv_sqrt2)
                 store(dx, i, load(dy, i) * (cdf + xv * inv_sqrt2pi * math.exp(-half * xv * xv)))
