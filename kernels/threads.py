@@ -277,9 +277,33 @@ def gemm_threads(size: int, count: int, others: float | None, host_cpus: int) ->
     """
     if count <= 1 or size >= BLAS_PARALLEL_MIN:
         return count
-    if size < BLAS_QUIET_MIN or others is None:
+    if size < BLAS_QUIET_MIN:
+        return 1
+    return free_threads(count, others, host_cpus)
+
+
+def free_threads(count: int, others: float | None, host_cpus: int) -> int:
+    """The CPUs that ``others`` (other processes' mean runnable threads, None when unknown) leave
+    free on a machine of ``host_cpus``, rounded to the nearest, at least one and at most ``count``;
+    one when the load is unknown (the choice that is safe on a busy machine)."""
+    if others is None:
         return 1
     return max(1, min(count, math.floor(host_cpus - others + 0.5)))
+
+
+def region_threads() -> int:
+    """Threads for a mid-size numba parallel region now: :func:`free_threads` of the engine's count
+    under the run queue's load (:class:`RunQueueWatch`, shared with the GEMMs' choice).
+
+    A region of workqueue's workers waits for its slowest chunk: beside a busy process a
+    descheduled worker makes a two-thread region of a few hundred microseconds slower than one
+    thread (docs/benchmarks.md, issue 26). Kernels whose work is that size ask this and run
+    serially when it is 1; larger ones take the count regardless.
+    """
+    count = get_num_threads()
+    if count <= 1:
+        return count
+    return free_threads(count, _watch.others(), _HOST_CPUS)
 
 
 def others_runnable(loadavg: Path | None = None, tasks: Path | None = None) -> int | None:

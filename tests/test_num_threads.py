@@ -149,6 +149,19 @@ def test_gemm_threads_follow_size_and_the_others_load(size, count, others, cpus,
     assert threads.gemm_threads(size, count, others, cpus) == expected
 
 
+def test_region_threads_follow_the_others_load(monkeypatch):
+    """A mid-size numba region gets the CPUs other processes leave, as a mid-size GEMM does."""
+    engine.get_num_threads()
+    monkeypatch.setitem(threads._state, "n", 2)
+    monkeypatch.setattr(threads, "_HOST_CPUS", 2)
+    for others, expected in ((0, 2), (1, 1), (3, 1), (None, 1)):
+        monkeypatch.setattr(threads, "_watch", threads.RunQueueWatch(reader=lambda o=others: o, clock=lambda: 0.0))
+        assert threads.region_threads() == expected
+    monkeypatch.setitem(threads._state, "n", 1)
+    monkeypatch.setattr(threads, "_watch", threads.RunQueueWatch(reader=lambda: 0, clock=lambda: 0.0))
+    assert threads.region_threads() == 1  # one thread set: one thread
+
+
 def _fake_proc(tmp_path, running: int, states: list[str]):
     (tmp_path / "tasks").mkdir(parents=True)
     (tmp_path / "loadavg").write_text(f"3.10 2.05 1.50 {running}/140 12345\n")

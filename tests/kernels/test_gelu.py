@@ -217,6 +217,7 @@ def test_parallel_path_matches_serial(impl, monkeypatch):
     same values as the serial loop on each element."""
     from engine.kernels.cpu import gelu as cpu_gelu
 
+    monkeypatch.setattr(cpu_gelu, "PARALLEL_ALWAYS_MIN", cpu_gelu.PARALLEL_MIN)  # parallel whatever the load
     x, dy = make_case((cpu_gelu.PARALLEL_MIN + 12345,), np.float32, seed=7)
     for approximate in APPROX:
         y = run(impl, "gelu_forward", x, approximate=approximate)
@@ -224,6 +225,22 @@ def test_parallel_path_matches_serial(impl, monkeypatch):
         np.testing.assert_array_equal(y[-100:], run(impl, "gelu_forward", x[-100:], approximate=approximate))
         np.testing.assert_array_equal(dx[:100], run(impl, "gelu_backward", dy[:100], x[:100], approximate=approximate))
         check(impl, x, dy, approximate)
+
+
+def test_parallel_plan_follows_size_and_spare_cpus(monkeypatch):
+    """numba_cpu splits a mid-size buffer only while the machine has CPUs to spare (the run
+    queue's answer, threads.region_threads); small ones never, large ones always."""
+    from engine.kernels import threads
+    from engine.kernels.cpu import gelu as cpu_gelu
+
+    spare = [2]
+    monkeypatch.setattr(threads, "region_threads", lambda: spare[0])
+    mid, large = cpu_gelu.PARALLEL_MIN * 8, cpu_gelu.PARALLEL_ALWAYS_MIN
+    assert cpu_gelu._plan(cpu_gelu.PARALLEL_MIN - 1) == (False, 1)
+    assert cpu_gelu._plan(mid)[0] is True
+    spare[0] = 1  # a busy neighbour: the mid-size buffer runs on the calling thread
+    assert cpu_gelu._plan(mid) == (False, 1)
+    assert cpu_gelu._plan(large)[0] is True
 
 
 @pytest.mark.parametrize("impl", IMPLS)
