@@ -291,6 +291,22 @@ def free_threads(count: int, others: float | None, host_cpus: int) -> int:
     return max(1, min(count, math.floor(host_cpus - others + 0.5)))
 
 
+# From this many elements a numba_cpu kernel's parallel build runs whatever the load
+# (:func:`parallel_region`): at this size one thread takes milliseconds, and beside one busy process
+# the split lost ~5 % to the serial loop (GELU, docs/benchmarks.md, issue 26) where a quiet machine
+# gains nearly half.
+REGION_ALWAYS_MIN = 1 << 22
+
+
+def parallel_region(size: int, parallel_min: int) -> bool:
+    """Whether a numba_cpu kernel over ``size`` elements runs its parallel build: never under the
+    kernel's ``parallel_min``; from REGION_ALWAYS_MIN always; in between only while other processes
+    leave two or more CPUs free (:func:`region_threads`)."""
+    if size < parallel_min:
+        return False
+    return size >= REGION_ALWAYS_MIN or region_threads() >= 2
+
+
 def region_threads() -> int:
     """Threads for a mid-size numba parallel region now: :func:`free_threads` of the engine's count
     under the run queue's load (:class:`RunQueueWatch`, shared with the GEMMs' choice).

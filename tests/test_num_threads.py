@@ -162,6 +162,16 @@ def test_region_threads_follow_the_others_load(monkeypatch):
     assert threads.region_threads() == 1  # one thread set: one thread
 
 
+def test_parallel_region_follows_size_and_spare_cpus(monkeypatch):
+    spare = [2]
+    monkeypatch.setattr(threads, "region_threads", lambda: spare[0])
+    assert not threads.parallel_region(999, 1000)
+    assert threads.parallel_region(1000, 1000)
+    spare[0] = 1  # a busy neighbour: mid-size kernels stay on the calling thread, large ones split
+    assert not threads.parallel_region(1000, 1000)
+    assert threads.parallel_region(threads.REGION_ALWAYS_MIN, 1000)
+
+
 def _fake_proc(tmp_path, running: int, states: list[str]):
     (tmp_path / "tasks").mkdir(parents=True)
     (tmp_path / "loadavg").write_text(f"3.10 2.05 1.50 {running}/140 12345\n")

@@ -194,12 +194,10 @@ def gelu_backward_numpy(grad_y, x, *, approximate="none"):
 
 # Elements from which the chunks may run in parallel: below it one thread finishes in about the time a
 # parallel region takes to start (docs/benchmarks.md, "Why the thresholds are where they are").
+# Above it they do while other processes leave CPUs free (threads.parallel_region): the GPT's
+# (1024, 512) GELU takes ~0.3 ms on one thread, and beside a busy process a two-thread region of
+# that size ran slower than one thread (docs/benchmarks.md, issue 26).
 PARALLEL_MIN = 1 << 16
-# From PARALLEL_MIN to here the chunks run in parallel only while other processes leave the CPUs
-# free (threads.region_threads): the GPT's (1024, 512) GELU takes ~0.3 ms on one thread, and beside
-# a busy process a two-thread region of that size ran slower than one thread (docs/benchmarks.md,
-# issue 26). From here on they always do.
-PARALLEL_ALWAYS_MIN = 1 << 22
 # exp's argument is clamped here: round(-88 / ln 2) = -127, whose 2^n bits are 0.0 (exp(-88) = 6e-39,
 # under float32's smallest normal; cupy's build flushes such results too).
 EXP_F32_MIN = -88.0
@@ -212,9 +210,9 @@ def _num_threads() -> int:
 
 
 def _plan(size: int) -> tuple[bool, int]:
-    """(parallel, chunks): a few chunks per thread when the buffer is large enough and, below
-    PARALLEL_ALWAYS_MIN, the machine has CPUs to spare."""
-    if size < PARALLEL_MIN or (size < PARALLEL_ALWAYS_MIN and _threads.region_threads() < 2):
+    """(parallel, chunks): a few chunks per thread when the buffer is large enough and the machine
+    has CPUs to spare (threads.parallel_region)."""
+    if not _threads.parallel_region(size, PARALLEL_MIN):
         return False, 1
     return True, 4 * _num_threads()
 

@@ -42,6 +42,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+from .. import threads as _threads
 from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import different_gpus as _different_gpus
@@ -773,7 +774,9 @@ ELEMENTS = (adam_element, sgd_element, adagrad_element, rmsprop_element)
 # Each kernel is built twice from one source: a parallel loop (prange) for buffers of
 # PARALLEL_MIN elements or more, and a serial loop below that: set with a margin above where the
 # parallel loop starts to win, because a region waits for its slowest thread and a busy machine
-# deschedules one. The update itself is the optimizer's element function above (see the note on
+# deschedules one. Up to threads.REGION_ALWAYS_MIN the parallel loop runs only while other processes
+# leave CPUs free (threads.parallel_region): the GPT's AdamW step (0.8M parameters) took 0.75 ms
+# serial and 0.93-1.27 ms parallel beside busy processes (docs/benchmarks.md, issue 26). The update itself is the optimizer's element function above (see the note on
 # _nrt in _build_numba_kernels). (Measurements: docs/benchmarks.md, "Why the thresholds are where
 # they are".) The parallel builds are called through registry.numba_parallel (a process-wide
 # lock): numba's workqueue layer aborts the process when two Python threads run parallel regions
@@ -828,7 +831,7 @@ def _numba_amp(param, grad, found_inf, inv_scale, param_out) -> _NumbaAmp | None
 def _numba_kernels(n: int, amp: _NumbaAmp) -> dict:
     """The jitted loops for a buffer of ``n`` elements (parallel ones for large buffers) and this
     call's gradient unscale and param_out switches."""
-    return _build_numba_kernels(n >= PARALLEL_MIN, amp.unscale, amp.has_out)
+    return _build_numba_kernels(_threads.parallel_region(n, PARALLEL_MIN), amp.unscale, amp.has_out)
 
 
 @functools.cache

@@ -215,9 +215,10 @@ def test_numba_cpu_low_precision_is_its_float32_result_rounded_once(impl, dtype,
 def test_parallel_path_matches_serial(impl, monkeypatch):
     """A buffer over numba_cpu's parallel threshold (chunks not a multiple of the size) gives the
     same values as the serial loop on each element."""
+    from engine.kernels import threads
     from engine.kernels.cpu import gelu as cpu_gelu
 
-    monkeypatch.setattr(cpu_gelu, "PARALLEL_ALWAYS_MIN", cpu_gelu.PARALLEL_MIN)  # parallel whatever the load
+    monkeypatch.setattr(threads, "REGION_ALWAYS_MIN", cpu_gelu.PARALLEL_MIN)  # parallel whatever the load
     x, dy = make_case((cpu_gelu.PARALLEL_MIN + 12345,), np.float32, seed=7)
     for approximate in APPROX:
         y = run(impl, "gelu_forward", x, approximate=approximate)
@@ -235,7 +236,7 @@ def test_parallel_plan_follows_size_and_spare_cpus(monkeypatch):
 
     spare = [2]
     monkeypatch.setattr(threads, "region_threads", lambda: spare[0])
-    mid, large = cpu_gelu.PARALLEL_MIN * 8, cpu_gelu.PARALLEL_ALWAYS_MIN
+    mid, large = cpu_gelu.PARALLEL_MIN * 8, threads.REGION_ALWAYS_MIN
     assert cpu_gelu._plan(cpu_gelu.PARALLEL_MIN - 1) == (False, 1)
     assert cpu_gelu._plan(mid)[0] is True
     spare[0] = 1  # a busy neighbour: the mid-size buffer runs on the calling thread

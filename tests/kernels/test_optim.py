@@ -290,9 +290,13 @@ def test_sizes_and_shapes(opt, config, shape, dtype, impl, rng):
 @pytest.mark.parametrize("opt,config", [("adam", "everything"), ("sgd", "dampening"), ("adagrad", "maximize"),
                                         ("rmsprop", "everything")], ids=["adam", "sgd", "adagrad", "rmsprop"])
 @pytest.mark.slow
-def test_numba_cpu_parallel_loop_on_large_buffers(opt, config, dtype, rng):
-    """numba_cpu runs a serial loop below PARALLEL_MIN elements and a prange loop from there."""
+def test_numba_cpu_parallel_loop_on_large_buffers(opt, config, dtype, rng, monkeypatch):
+    """numba_cpu runs a serial loop below PARALLEL_MIN elements and a prange loop from there
+    (whatever the machine's load, here)."""
+    from engine.kernels import threads
     from engine.kernels.cpu.optim import PARALLEL_MIN
+
+    monkeypatch.setattr(threads, "REGION_ALWAYS_MIN", PARALLEL_MIN)
 
     run_trajectory(opt, OPTIMIZERS[opt]["configs"][config], "numba_cpu", dtype, (PARALLEL_MIN + 5,), 2, rng)
 
@@ -856,10 +860,13 @@ def test_master_weights_follow_the_float64_formula_and_round_into_param_out(opt,
 @pytest.mark.parametrize("impl", ["numpy", "numba_cpu"])
 @pytest.mark.parametrize("low", _low_dtypes(), ids=LOW_IDS)
 @pytest.mark.slow
-def test_master_weights_with_scaled_16_bit_gradients_and_a_skip(low, impl, rng):
+def test_master_weights_with_scaled_16_bit_gradients_and_a_skip(low, impl, rng, monkeypatch):
     """The whole GradScaler path in one call sequence: scaled 16-bit grads unscaled in float32,
     written back rounded, a skipped step, and the parallel numba loop (a buffer past PARALLEL_MIN)."""
+    from engine.kernels import threads
     from engine.kernels.cpu.optim import PARALLEL_MIN
+
+    monkeypatch.setattr(threads, "REGION_ALWAYS_MIN", PARALLEL_MIN)
 
     n = PARALLEL_MIN + 3 if impl == "numba_cpu" else 1001
     cfg = dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
