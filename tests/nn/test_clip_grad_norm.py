@@ -127,3 +127,40 @@ def test_one_reduction_and_one_scale_pass_on_the_device(fake_gpu, norm_type):
     merged = _recorded_ops(fake_gpu, params, norm_type=norm_type)
     assert merged <= 8, f"{merged} device ops for gradients in one flat buffer"
     assert fake_gpu.host_reads == 0
+
+
+def test_repeated_clips_of_the_same_views_reuse_the_plan_and_stay_right(rng):
+    """The spans found for one call's gradient arrays serve the next call with the same arrays, and
+    a call with other arrays (a buffer the optimizer replaced, a fresh gradient) finds them anew;
+    the cache keeps no array alive."""
+    import gc
+    import weakref
+
+    from engine.nn import utils
+
+    shapes = [(8, 8), (64,), (3, 5), (5,)]
+    ours, _ = _pair(rng, shapes=shapes)
+    opt = optim.SGD(ours, lr=0.1)
+    opt.zero_grad(set_to_none=False)  # views of the flat buffer
+    for step in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        theirs = []
+        for p, g in zip(ours, grads):
+            p.grad._data[...] = g
+            t = torch.nn.Parameter(torch.zeros(g.shape))
+            t.grad = torch.from_numpy(g.copy())
+            theirs.append(t)
+        if step == 2:  # one gradient replaced by an array of its own: not part of the buffer's span
+            ours[1].grad = engine.tensor(grads[1].copy())
+        before = utils._last_plans
+        _assert_same(ours, theirs, nn.utils.clip_grad_norm_(ours, 0.5), torch.nn.utils.clip_grad_norm_(theirs, 0.5))
+        assert (utils._last_plans is before) == (step == 1)  # reused only for the same arrays
+    fresh = [engine.tensor(rng.standard_normal(5).astype(np.float32)) for _ in range(2)]
+    params = [nn.Parameter(engine.tensor(np.zeros(5, np.float32))) for _ in range(2)]
+    for p, g in zip(params, fresh):
+        p.grad = g
+    nn.utils.clip_grad_norm_(params, 1.0)
+    watched = weakref.ref(fresh[0]._data)
+    del fresh, params, p, g
+    gc.collect()
+    assert watched() is None  # the cached plan holds weak references only

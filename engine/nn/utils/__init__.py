@@ -15,6 +15,7 @@ L1 / L2 penalties versus the optimizer's ``weight_decay``:
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 
@@ -82,19 +83,25 @@ def _spans(arrays: list) -> list:
     gradients accumulated into them, or after ``GradScaler.unscale_``) come out as one view per
     buffer, whatever order the parameters are listed in (a model's parameters alternate between an
     optimizer's groups); any other array is itself. Owners in first-seen order."""
+    return _spans_from(_span_plan(arrays), arrays)
+
+
+def _span_plan(arrays: list) -> list:
+    """How :func:`_spans` covers ``arrays``: ``(owner, start, stop)`` per merged run of an owner's
+    flat memory, then the index in ``arrays`` of each array kept as it is."""
     by_owner: dict = {}  # id(owner) -> (owner, its address, [[start, stop], ...])
     alone = []
-    for a in arrays:
+    for index, a in enumerate(arrays):
         owner = _owner(a)
         if owner is a or not (a.flags.c_contiguous and owner.flags.c_contiguous and owner.dtype == a.dtype):
-            alone.append(a)  # owns its memory (a fresh gradient from backward), or cannot be merged
+            alone.append(index)  # owns its memory (a fresh gradient from backward), or cannot be merged
             continue
         entry = by_owner.get(id(owner))
         if entry is None:
             entry = by_owner[id(owner)] = (owner, backend.address(owner), [])
         start = (backend.address(a) - entry[1]) // a.dtype.itemsize
         entry[2].append([start, start + a.size])
-    spans = []
+    plan = []
     for owner, _, ranges in by_owner.values():
         ranges.sort()
         runs = [ranges[0]]
@@ -103,18 +110,50 @@ def _spans(arrays: list) -> list:
                 runs[-1][1] = stop
             else:  # padding between (never read nor scaled), or an overlap (kept apart, as given)
                 runs.append([start, stop])
-        flat = owner.reshape(-1)
-        spans += [flat[start:stop] for start, stop in runs]
-    return spans + alone
+        plan += [(owner, start, stop) for start, stop in runs]
+    return plan + alone
+
+
+def _spans_from(plan: list, arrays: list) -> list:
+    spans = []
+    for item in plan:
+        if isinstance(item, int):
+            spans.append(arrays[item])
+        else:
+            owner, start, stop = item
+            spans.append(owner.reshape(-1)[start:stop])
+    return spans
+
+
+# The last call's plans, kept for the next call with the same gradient arrays: (weak references to
+# those arrays, {dtype: plan with each owner weakly referenced}). A training loop clips the same
+# gradient views of the optimizer's flat buffers every step, and finding their owners and
+# addresses again took ~0.1-0.2 ms of the GPT step's clip (docs/benchmarks.md, issue 26). An
+# array's memory and base never change, so the same live arrays have the same plan; nothing is
+# kept alive by the cache.
+_last_plans: tuple = ((), {})
 
 
 def _spans_by_dtype(grads: list) -> dict:
     """{dtype: :func:`_spans` of the gradients of that dtype}: what the norm reduces and the scale
-    pass multiplies, found once per call."""
+    pass multiplies, found once per call (or taken from the last call's, for the same arrays)."""
+    global _last_plans
     by_dtype: dict = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
-    return {dtype: _spans(same) for dtype, same in by_dtype.items()}
+    refs, plans = _last_plans
+    if len(refs) != len(grads) or any(ref() is not g for ref, g in zip(refs, grads)):
+        plans = {dtype: _span_plan(same) for dtype, same in by_dtype.items()}
+        try:
+            weak = {dtype: [item if isinstance(item, int) else (weakref.ref(item[0]),) + item[1:] for item in plan]
+                    for dtype, plan in plans.items()}
+            _last_plans = (tuple(weakref.ref(g) for g in grads), weak)
+        except TypeError:  # an array type without weak references: no cache
+            pass
+        return {dtype: _spans_from(plans[dtype], same) for dtype, same in by_dtype.items()}
+    live = {dtype: [item if isinstance(item, int) else (item[0](),) + item[1:] for item in plan]
+            for dtype, plan in plans.items()}
+    return {dtype: _spans_from(live[dtype], same) for dtype, same in by_dtype.items()}
 
 
 # On the CPU a span of at least this many elements is reduced where it lies, the smaller ones
