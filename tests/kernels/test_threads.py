@@ -148,6 +148,9 @@ def _in_threads(work, jobs) -> list:
 
 
 def _child(scenario: str) -> None:
+    from engine.kernels import threads
+
+    threads.REGION_ALWAYS_MIN = 0  # the parallel paths whatever the machine's load (threads.parallel_region)
     if scenario == "kernels":
         seeds, prepare, work = list(range(THREADS)), (lambda seed: seed), _kernel_work
     else:
