@@ -22,7 +22,9 @@ BLAS_PARALLEL_MIN multiply-adds on; one thread below BLAS_QUIET_MIN; in between 
 the machine has CPUs that other processes leave free (:class:`RunQueueWatch` reads the run queue
 every LOAD_CHECK_S). So on a quiet machine the GEMMs use every core, and beside busy processes
 the small and mid-size ones leave no descheduled worker for the barrier and no spinning worker
-for the next numba region to wait behind.
+for the next numba region to wait behind. The numba_cpu kernels' mid-size regions follow the same
+look (:func:`parallel_region`): from a kernel's PARALLEL_MIN up to REGION_ALWAYS_MIN elements they
+run in parallel only while two CPUs are free, else on the calling thread.
 
 Defaults: ``OMP_NUM_THREADS`` when set (as PyTorch reads it), else :func:`available_cpus`. A pool
 the user sized by its own variable (``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
