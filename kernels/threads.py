@@ -311,17 +311,20 @@ def parallel_region(size: int, parallel_min: int) -> bool:
 
 def region_threads() -> int:
     """Threads for a mid-size numba parallel region now: :func:`free_threads` of the engine's count
-    under the run queue's load (:class:`RunQueueWatch`, shared with the GEMMs' choice).
+    under the busiest of the run queue's last looks (:class:`RunQueueWatch`, shared with the GEMMs'
+    choice, which takes their mean).
 
     A region of workqueue's workers waits for its slowest chunk: beside a busy process a
     descheduled worker makes a two-thread region of a few hundred microseconds slower than one
-    thread (docs/benchmarks.md, issue 26). Kernels whose work is that size ask this and run
-    serially when it is 1; larger ones take the count regardless.
+    thread (docs/benchmarks.md, issue 26). The costs are lopsided (a wait for a time slice against
+    ~0.1 ms saved), so a CPU counts as free only when no look of the last second saw it wanted.
+    Kernels whose work is that size ask this and run serially when it is 1; larger ones take the
+    count regardless.
     """
     count = get_num_threads()
     if count <= 1:
         return count
-    return free_threads(count, _watch.others(), _HOST_CPUS)
+    return free_threads(count, _watch.busiest(), _HOST_CPUS)
 
 
 def others_runnable(loadavg: Path | None = None, tasks: Path | None = None) -> int | None:
@@ -362,6 +365,15 @@ class RunQueueWatch:
 
     def others(self) -> float | None:
         """Other processes' runnable threads, averaged over the last looks (None when unknown)."""
+        self._look()
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+    def busiest(self) -> int | None:
+        """The most runnable threads of other processes that one of the last looks saw (None when unknown)."""
+        self._look()
+        return max(self.samples) if self.samples else None
+
+    def _look(self) -> None:
         now = self.clock()
         if self.next_look is None or now >= self.next_look:
             if self.next_look is not None and now - self.next_look > LOAD_CHECK_S * LOAD_SAMPLES:
@@ -372,7 +384,6 @@ class RunQueueWatch:
                 self.samples.clear()
             else:
                 self.samples.append(seen)
-        return sum(self.samples) / len(self.samples) if self.samples else None
 
 
 _watch = RunQueueWatch()

@@ -157,6 +157,15 @@ def test_region_threads_follow_the_others_load(monkeypatch):
     for others, expected in ((0, 2), (1, 1), (3, 1), (None, 1)):
         monkeypatch.setattr(threads, "_watch", threads.RunQueueWatch(reader=lambda o=others: o, clock=lambda: 0.0))
         assert threads.region_threads() == expected
+    # one look of five saw another process: the GEMMs' mean (0.2) calls the CPU free, a region does not
+    looks, now = iter([0, 0, 1, 0, 0]), [0.0]
+    watch = threads.RunQueueWatch(reader=lambda: next(looks), clock=lambda: now[0])
+    monkeypatch.setattr(threads, "_watch", watch)
+    for _ in range(5):
+        answer = threads.region_threads()
+        now[0] += threads.LOAD_CHECK_S
+    assert list(watch.samples) == [0, 0, 1, 0, 0] and answer == 1
+    assert threads.free_threads(2, sum(watch.samples) / 5, 2) == 2  # what the GEMMs' mean would give
     monkeypatch.setitem(threads._state, "n", 1)
     monkeypatch.setattr(threads, "_watch", threads.RunQueueWatch(reader=lambda: 0, clock=lambda: 0.0))
     assert threads.region_threads() == 1  # one thread set: one thread
