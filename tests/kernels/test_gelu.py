@@ -143,6 +143,33 @@ def test_numpy_erfc_matches_math_erfc():
     np.testing.assert_allclose(erfc(u), want, rtol=2e-12, atol=0)
 
 
+def test_numba_cpu_float32_erfc_fits():
+    """The fitted polynomials behind numba_cpu's float32 exact form, in float64: erf(a) / a in a^2
+    below ERF_SPLIT and erfc(a) exp(a^2) in t = 1 / (1 + a / 2) from there to ERF_TAIL_MAX."""
+    from engine.kernels.cpu import gelu as cpu_gelu
+
+    a = np.linspace(1e-6, cpu_gelu.ERF_SPLIT, 4001)
+    small = np.polynomial.polynomial.polyval(a * a, cpu_gelu.ERF_SMALL) * a
+    np.testing.assert_allclose(small, [math.erf(v) for v in a], rtol=1e-10, atol=0)
+    a = np.linspace(cpu_gelu.ERF_SPLIT, cpu_gelu.ERF_TAIL_MAX, 4001)
+    tail = np.polynomial.polynomial.polyval(1 / (1 + a / 2), cpu_gelu.ERFC_TAIL)
+    np.testing.assert_allclose(tail, [math.erfc(v) * math.exp(v * v) for v in a], rtol=2e-9, atol=0)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, F16, BF16], ids=["float32", "float16", "bfloat16"])
+def test_exact_form_on_a_dense_grid(impl, dtype):
+    """The exact form within the float32 bounds of check() on every float32 step around the points
+    where numba_cpu's erfc changes formula (|x| = sqrt 2 ERF_SPLIT) and on a dense grid elsewhere."""
+    from engine.kernels.cpu import gelu as cpu_gelu
+
+    edge = np.float32(math.sqrt(2) * cpu_gelu.ERF_SPLIT)
+    near = edge + np.arange(-2000, 2000, dtype=np.float32) * np.spacing(edge)
+    x = np.concatenate([np.linspace(-15, 15, 300001), near, -near]).astype(dtype)
+    dy = np.random.default_rng(2).uniform(0.5, 1.5, x.shape).astype(dtype)
+    check(impl, x, dy, "none")
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.slow
