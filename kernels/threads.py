@@ -257,17 +257,6 @@ def for_gemm(m: int, n: int, k: int) -> None:
         _blas["current"] = want
 
 
-def free_threads() -> int:
-    """The engine's thread count capped by the CPUs that other processes leave free now
-    (:class:`RunQueueWatch`, rounded to the nearest, at least 1); the count itself where the run
-    queue cannot be read. For a mid-size parallel region that runs right after the engine's GEMMs
-    (kernels/cpu/attention_heads.py): on a busy machine its second thread would wait for a CPU and
-    hold the whole region back, and the calling thread alone finishes sooner."""
-    count = get_num_threads()
-    others = _watch.others() if count > 1 else None
-    return count if others is None else max(1, min(count, math.floor(_HOST_CPUS - others + 0.5)))
-
-
 def gemm_threads(size: int, count: int, others: float | None, host_cpus: int) -> int:
     """BLAS threads for a GEMM of ``size`` multiply-adds when the engine's count is ``count``.
 

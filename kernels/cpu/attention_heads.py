@@ -37,7 +37,7 @@ from ..registry import KernelError
 from ..registry import describe_array as _describe
 from ..registry import numba_parallel as _numba_parallel
 from ..registry import real_number as _real_number
-from ..threads import free_threads
+from ..threads import region_threads
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Query-key pairs (L * S) per head up to which the engine runs this kernel (P is kept: 4 L S bytes
@@ -174,8 +174,8 @@ def _round4(n: int) -> int:
 
 def _parallel(nh: int, l: int, s: int, e: int) -> bool:  # noqa: E741
     """Over the heads in parallel: from PARALLEL_MIN multiply-adds (kernels/cpu/attention.py's rule),
-    when other processes leave the machine a second CPU (:func:`kernels.threads.free_threads`)."""
-    return nh > 1 and nh * l * s * e >= _attention.PARALLEL_MIN and free_threads() > 1
+    when other processes leave the machine a second CPU (:func:`kernels.threads.region_threads`)."""
+    return nh > 1 and nh * l * s * e >= _attention.PARALLEL_MIN and region_threads() > 1
 
 
 def _compiled_dims(e: int, ev: int) -> tuple[int, int]:

@@ -163,18 +163,12 @@ def test_backward_checks_the_saved_weights():
         kernels.attention_heads_backward(out[..., :2], q, k, v, out, p)
 
 
-@pytest.mark.parametrize("others,host,count,want", [(None, 2, 2, 2), (0.0, 2, 2, 2), (0.4, 2, 2, 2), (0.6, 2, 2, 1),
-                                                    (3.0, 2, 2, 1), (1.0, 8, 4, 4), (5.2, 8, 4, 3), (0.0, 2, 1, 1)])
-def test_region_threads_follow_the_cpus_other_processes_leave(monkeypatch, others, host, count, want):
-    """free_threads: the engine's count capped by the host's CPUs less the other processes' runnable
-    threads (rounded), at least 1; the count itself where the run queue cannot be read. The heads
-    kernel runs its region in parallel only when that is above 1."""
-    from engine.kernels import threads
-
-    monkeypatch.setattr(threads, "_watch", threads.RunQueueWatch(reader=lambda: others, clock=lambda: 0.0))
-    monkeypatch.setattr(threads, "_HOST_CPUS", host)
-    monkeypatch.setattr(threads, "get_num_threads", lambda: count)
-    assert threads.free_threads() == want
-    monkeypatch.setattr(attention_heads, "free_threads", threads.free_threads)
-    assert attention_heads._parallel(64, 64, 64, 32) == (want > 1)
+@pytest.mark.parametrize("free,want", [(1, False), (2, True)])
+def test_the_heads_region_runs_in_parallel_only_when_region_threads_allows(monkeypatch, free, want):
+    """The heads kernel asks kernels.threads.region_threads (the load rule of the mid-size numba
+    regions, tested in tests/kernels/test_threads.py) and runs over the heads in parallel only when
+    it leaves two threads, and never below PARALLEL_MIN."""
+    monkeypatch.setattr(attention_heads, "region_threads", lambda: free)
+    assert attention_heads._parallel(64, 64, 64, 32) == want
     assert not attention_heads._parallel(2, 4, 4, 4)  # below PARALLEL_MIN: one thread whatever the load
+    assert not attention_heads._parallel(1, 64, 64, 32)  # one head: nothing to split
