@@ -268,6 +268,10 @@ class Function:
     saved: tuple = ()
     saved_versions: tuple = ()
     computes_in_float32 = True  # True, False, or ON_CPU (see above)
+    # True on a node whose backward is "zeros of the input's shape with ``grad`` written at
+    # ``self.index``", a basic index (getitem's slices): backward then keeps ``(index, grad)`` and
+    # adds it straight into the input's gradient (see _Scattered) instead of calling ``backward``.
+    scatters = False
     low_dtype = None  # the storage dtype forward rounded to, when it computed in float32
     released = False  # True once backward has run and dropped what forward kept
 
@@ -784,10 +788,13 @@ class GradHome:
         """Does nothing but the bookkeeping see this memory (no tensor, array or view of it)?"""
         return sys.getrefcount(self.array) == self.idle
 
-    def takes(self, data, g) -> bool:
-        """May gradient ``g`` of the leaf whose array is ``data`` be written into this home?"""
+    def takes(self, data, g, shape=None, dtype=None) -> bool:
+        """May gradient ``g`` of the leaf whose array is ``data`` be written into this home? (``shape``
+        and ``dtype``: the gradient's, where ``g`` is only an array on its device, a slice of it.)"""
         home = self.array
-        fits = (data is self.param and type(g) is type(home) and g.dtype == home.dtype and g.shape == home.shape
+        shape = g.shape if shape is None else shape
+        dtype = g.dtype if dtype is None else dtype
+        fits = (data is self.param and type(g) is type(home) and dtype == home.dtype and shape == home.shape
                 and (type(g) is _ndarray or g.device == home.device))
         del home  # not counted by is_free
         return fits and self.is_free()
@@ -1021,12 +1028,17 @@ def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = T
         g = grads.pop(key, None)
         if g is None:
             continue
+        fn = tensor.grad_fn
+        if type(g) is _Scattered and (fn is not None or not accumulate or (keep and key in keep)):
+            g = g.dense()
         if keep and key in keep:
             grads[key] = g  # final: every tensor using this one has run its backward
-        fn = tensor.grad_fn
         if fn is None:
             if accumulate:
-                tensor._accumulate_grad(g)
+                if type(g) is _Scattered:
+                    _accumulate_scattered(tensor, g)
+                else:
+                    tensor._accumulate_grad(g)
                 hooks = getattr(tensor, "_post_grad_hooks", None)
                 if hooks:
                     for hook in tuple(hooks):
@@ -1042,12 +1054,16 @@ def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = T
             raise _second_pass_error()
         if fn.saved_versions:
             _check_saved_versions(fn)
-        try:
-            input_grads = _low_precision_backward(fn, g, inputs) if fn.low_dtype is not None else fn.backward(g)
-        except Exception as exc:
-            if "inputs" not in state:
-                raise _second_pass_error() from exc
-            raise
+        if fn.scatters and g.dtype == inputs[0]._data.dtype:  # a basic-index view: no zeros array yet
+            source = inputs[0]._data
+            input_grads = (_Scattered(source.shape, source.dtype, fn.index, g),)
+        else:
+            try:
+                input_grads = _low_precision_backward(fn, g, inputs) if fn.low_dtype is not None else fn.backward(g)
+            except Exception as exc:
+                if "inputs" not in state:
+                    raise _second_pass_error() from exc
+                raise
         if "inputs" not in state:  # released while it ran: what it read may be partial
             raise _second_pass_error()
         if type(input_grads) is not tuple:
@@ -1059,10 +1075,107 @@ def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = T
                 raise GradError(f"{type(fn).__name__}.backward returned a gradient of shape {gi.shape} "
                                 f"for input {describe(inp)}")
             key = id(inp)
-            grads[key] = gi if key not in grads else grads[key] + gi
+            if key not in grads:
+                grads[key] = gi
+            else:
+                grads[key] = _sum_gradients(grads[key], gi)
         if not retain_graph:
             fn.release()
+    if stop or keep:  # the gradients handed back are arrays
+        for key, g in grads.items():
+            if type(g) is _Scattered:
+                grads[key] = g.dense()
     return grads
+
+
+def _sum_gradients(pending, g):
+    """``pending + g``: two gradients of one tensor, summed as dense arrays in arrival order.
+    Slice gradients (:class:`_Scattered`) join their parts; meeting a dense gradient they become
+    one first."""
+    if type(pending) is _Scattered:
+        if type(g) is _Scattered:
+            pending.parts.extend(g.parts)
+            return pending
+        pending = pending.dense()
+    elif type(g) is _Scattered:
+        g = g.dense()
+    return pending + g
+
+
+class _Scattered:
+    """The pending gradient of a tensor that so far reached it only through basic-index views
+    (``w[i * C:(i + 1) * C]``, ``x.split(n)``, ``x[:, -1]``): the parts ``(index, grad)`` in arrival
+    order, each standing for zeros of ``shape`` with ``grad`` written at ``index``.
+
+    Built as dense arrays (what ``GetItem.backward`` returns), each view would cost a zeros array of
+    the whole tensor and each sum a pass over it; here the parts are written into one array when
+    the gradient is needed, which for a leaf is the home its optimizer prepared in the flat
+    gradient buffer (:func:`_accumulate_scattered`). The values are the dense sum's, bit for bit.
+    """
+
+    __slots__ = ("shape", "dtype", "parts")
+
+    def __init__(self, shape: tuple, dtype, index, grad):
+        self.shape, self.dtype, self.parts = shape, dtype, [(index, grad)]
+
+    def dense(self):
+        """The gradient as a new array."""
+        grad = self.parts[0][1]
+        return self.into(backend.array_module(grad).zeros(self.shape, dtype=self.dtype), zeroed=True)
+
+    def into(self, out, zeroed: bool = False):
+        """Write the gradient into ``out`` (an array of ``shape`` and ``dtype``; ``zeroed``: it holds
+        zeros already) and return it.
+
+        The dense sum ``(z1 + z2) + z3 ...`` adds +0.0 wherever a part does not reach, which turns a
+        -0.0 into +0.0. So one part is written into zeros as it is; several parts are each added
+        into zeros, which gives the dense sum's values, signed zeros included, at every element
+        that some part misses: at every element when two parts are disjoint (as the row blocks of
+        a packed weight are). Parts that all overlap are summed as the dense arrays.
+        """
+        parts = self.parts
+        if not zeroed:
+            out[...] = 0
+        if len(parts) == 1:
+            index, grad = parts[0]
+            out[index] = grad
+            return out
+        xp = backend.array_module(out)
+        views = [_view_at(out, index) for index, _ in parts]
+        if all(xp.may_share_memory(a, b) for i, a in enumerate(views) for b in views[i + 1:]):
+            total = None
+            for index, grad in parts:
+                dense = xp.zeros(self.shape, dtype=self.dtype)
+                dense[index] = grad
+                total = dense if total is None else total + dense
+            out[...] = total
+            return out
+        for view, (_, grad) in zip(views, parts):
+            xp.add(view, grad, out=view)
+        return out
+
+
+def _view_at(array, index):
+    """``array[index]`` for a basic index, as a view even where it selects one element."""
+    items = index if type(index) is tuple else (index,)
+    if not any(i is Ellipsis for i in items):
+        items = items + (Ellipsis,)  # with an Ellipsis numpy and cupy give a 0-d view, not a scalar
+    return array[items]
+
+
+def _accumulate_scattered(leaf, scattered: _Scattered) -> None:
+    """A leaf's slice gradients into its ``.grad``: written straight into its optimizer's home for a
+    fresh gradient (no zeros array of the leaf's size, no copy), or into a new array."""
+    with grad_lock(leaf):
+        if leaf._grad is None:
+            home = leaf._grad_home
+            home = home() if home is not None else None
+            if home is not None and home.takes(leaf._data, scattered.parts[0][1], scattered.shape, scattered.dtype):
+                leaf._grad = _tensor.Tensor._from_op(scattered.into(home.array), None)
+            else:
+                leaf._grad = _tensor.Tensor._from_op(scattered.dense(), None)  # new memory: nothing to copy
+            return
+    leaf._accumulate_grad(scattered.dense())  # added to the gradient it has, as a dense one is
 
 
 def _low_precision_backward(fn, g, inputs) -> tuple:

@@ -1153,6 +1153,9 @@ class GetItem(Function):
 
     def forward(self, a, index=None):
         self.shape, self.dtype, self.index = a.shape, a.dtype, index
+        # backward's gradient is zeros with g at a basic index: the engine adds g into the input's
+        # gradient itself (autograd._Scattered), and calls backward below only for other indices
+        self.scatters = _is_basic_index(index)
         return a[index]
 
     def backward(self, g):
