@@ -1021,6 +1021,7 @@ def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = T
     for tensor, g in roots:
         key = id(tensor)
         grads[key] = g if key not in grads else grads[key] + g
+    owned = set()  # keys whose pending gradient is an array this pass made (a sum): added to in place
     for tensor in _topological_order([t for t, _ in roots], stop):
         key = id(tensor)
         if stop and key in stop:
@@ -1078,7 +1079,8 @@ def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = T
             if key not in grads:
                 grads[key] = gi
             else:
-                grads[key] = _sum_gradients(grads[key], gi)
+                grads[key] = _sum_gradients(grads[key], gi, key in owned)
+                owned.add(key)
         if not retain_graph:
             fn.release()
     if stop or keep:  # the gradients handed back are arrays
@@ -1088,17 +1090,24 @@ def _propagate(roots, retain_graph: bool, stop=frozenset(), accumulate: bool = T
     return grads
 
 
-def _sum_gradients(pending, g):
+def _sum_gradients(pending, g, owned: bool):
     """``pending + g``: two gradients of one tensor, summed as dense arrays in arrival order.
+
+    ``owned``: ``pending`` is an array this backward pass made itself (a sum) that nothing else
+    holds, so ``g`` is added into it in place (the same values: one pass and no new array).
     Slice gradients (:class:`_Scattered`) join their parts; meeting a dense gradient they become
-    one first."""
+    one first.
+    """
     if type(pending) is _Scattered:
         if type(g) is _Scattered:
             pending.parts.extend(g.parts)
             return pending
-        pending = pending.dense()
+        pending, owned = pending.dense(), True
     elif type(g) is _Scattered:
         g = g.dense()
+    if owned and pending.ndim and pending.dtype == g.dtype:  # (a 0-d sum is a numpy scalar: immutable)
+        pending += g
+        return pending
     return pending + g
 
 

@@ -1,5 +1,5 @@
-"""Gradient accumulation in the backward pass: slice gradients added into one array, with the
-results bit for bit those of the dense path.
+"""Gradient accumulation in the backward pass: slice gradients added into one array, sums made in
+place into arrays the pass owns, and the results bit for bit those of the dense path.
 
 ``GetItem`` with a basic index (a slice, an int, None, Ellipsis) hands its gradient to the engine
 as ``(index, grad)`` (autograd._Scattered) instead of a zeros array of the input's size; the dense
@@ -189,3 +189,41 @@ def test_optimizer_steps_with_sliced_weights_are_bit_identical(dense_slices):
 
     for a, b in zip(train(False), train(True)):
         assert_same_bits(a, b)
+
+
+def _shared_first(a, b):
+    return ((a + b) * 2).sum() + (a * 3).sum() + (a ** 2).sum() + (b * a).sum()
+
+
+def _shared_last(a, b):
+    return (b * a).sum() + (a ** 2).sum() + (a * 3).sum() + (a + b).sum() + (b + a).exp().sum()
+
+
+def _shared_chain(a, b):
+    s = a + b  # a's and b's gradients start as the same array, then each gets more
+    return ((s * a).exp() + b * 2 + a.tanh() + s).sum()
+
+
+@pytest.mark.parametrize("build", [_shared_first, _shared_last, _shared_chain], ids=lambda f: f.__name__)
+def test_sums_made_in_place_never_touch_a_shared_gradient(build):
+    """Add hands one gradient array to both its inputs: a sum must not be made in place in it."""
+    data = [W, W[::-1].copy()]
+    ours = grads_of(build, data, False, None)
+    for a, t in zip(ours, torch_grads(build, data)):
+        np.testing.assert_allclose(a, t, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tensor_used_many_times_gets_the_sums_of_the_out_of_place_path(monkeypatch):
+    """Three or more gradients of one tensor: the first sum is a new array, the next ones are added
+    into it in place; the bits are those of summing out of place."""
+    def build(x, w):
+        h = x @ w.T
+        return sum(((h * float(k)) ** 2).sum() for k in range(1, 6)) + h.exp().sum() + (x * x).sum()
+
+    ours = grads_of(build, [X, W], False, None)
+    sum_gradients = autograd._sum_gradients
+    monkeypatch.setattr(autograd, "_sum_gradients", lambda pending, g, owned: sum_gradients(pending, g, False))
+    out_of_place = grads_of(build, [X, W], False, None)
+    for a, b, t in zip(ours, out_of_place, torch_grads(build, [X, W])):
+        assert_same_bits(a, b)
+        np.testing.assert_allclose(a, t, rtol=1e-5, atol=1e-4)
