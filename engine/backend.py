@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import kernels
+from engine.kernels.cpu import scatter as _scatter
 from engine.kernels import threads as _threads
 from engine.errors import DeviceError, DTypeError, EngineError
 
@@ -495,9 +496,17 @@ _ENGINE_DIR = os.path.normcase(os.path.dirname(__file__)) + os.sep
 
 
 def scatter_add(target, index, values) -> None:
-    """``target[index] += values`` where repeated indices accumulate (np.add.at / cupyx.scatter_add)."""
+    """``target[index] += values`` where repeated indices accumulate (np.add.at / cupyx.scatter_add).
+
+    On the CPU an integer array indexing dim 0 (a row gather's backward: embeddings) goes to a
+    compiled loop with np.add.at's results (kernels/cpu/scatter.py), np.add.at being slow for it.
+    """
     if isinstance(target, np.ndarray):
-        np.add.at(target, index, values)
+        rows = index[0] if type(index) is tuple and len(index) == 1 else index
+        if _scatter.takes(target, rows, values):
+            _scatter.add_rows(target, rows, values)
+        else:
+            np.add.at(target, index, values)
     else:
         import cupyx
 
