@@ -1105,7 +1105,8 @@ def _sum_gradients(pending, g, owned: bool):
         pending, owned = pending.dense(), True
     elif type(g) is _Scattered:
         g = g.dense()
-    if owned and pending.ndim and pending.dtype == g.dtype:  # (a 0-d sum is a numpy scalar: immutable)
+    # (arrays only: a 0-d numpy sum is an immutable scalar; multi-output nodes sum _OutputGrads)
+    if owned and getattr(pending, "ndim", 0) and pending.dtype == g.dtype:
         pending += g
         return pending
     return pending + g

@@ -227,3 +227,29 @@ def test_a_tensor_used_many_times_gets_the_sums_of_the_out_of_place_path(monkeyp
     for a, b, t in zip(ours, out_of_place, torch_grads(build, [X, W])):
         assert_same_bits(a, b)
         np.testing.assert_allclose(a, t, rtol=1e-5, atol=1e-4)
+
+
+def test_outputs_of_a_multi_output_function_used_many_times():
+    """A PyTorch-style Function's outputs' gradients are summed as _OutputGrads, not arrays."""
+    class TorchThreeOutputs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 2, x.exp(), x * x
+
+        @staticmethod
+        def backward(ctx, g_twice, g_exp, g_square):
+            (x,) = ctx.saved_tensors
+            return g_twice * 2 + g_exp * x.exp() + g_square * 2 * x
+
+    class EngineThreeOutputs(autograd.Function):
+        forward = staticmethod(TorchThreeOutputs.forward)
+        backward = staticmethod(TorchThreeOutputs.backward)
+
+    def run(lib, fn_cls):
+        x = lib.tensor(W, requires_grad=True)
+        twice, exp, square = fn_cls.apply(x)  # three outputs: three gradients of the packed node summed
+        ((twice ** 2).sum() + (exp * twice).sum() + exp.sum() + (twice * square).sum()).backward()
+        return x.grad.numpy()
+
+    np.testing.assert_allclose(run(engine, EngineThreeOutputs), run(torch, TorchThreeOutputs), rtol=1e-5)
