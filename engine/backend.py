@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import kernels
-from engine.kernels.cpu import scatter as _scatter
 from engine.kernels import threads as _threads
 from engine.errors import DeviceError, DTypeError, EngineError
 
@@ -503,8 +502,8 @@ def scatter_add(target, index, values) -> None:
     """
     if isinstance(target, np.ndarray):
         rows = index[0] if type(index) is tuple and len(index) == 1 else index
-        if _scatter.takes(target, rows, values):
-            _scatter.add_rows(target, rows, values)
+        if kernels.scatter_add_rows_takes(target, rows, values):
+            kernels.scatter_add_rows(target, rows, values)
         else:
             np.add.at(target, index, values)
     else:

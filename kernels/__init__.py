@@ -303,6 +303,9 @@ _SHARED = {
     "gpu_matmul": ("cuda.gemm", "matmul"),
     # ``g.sum(0)`` of a contiguous (N, M) cupy array in one or two launches (a Linear's bias gradient; capturable)
     "gpu_bias_grad": ("cuda.linear_relu", "bias_grad"),
+    # np.add.at(target, rows, values) for an integer row index, bit for bit, compiled (CPU arrays)
+    "scatter_add_rows": ("cpu.scatter", "add_rows"),
+    "scatter_add_rows_takes": ("cpu.scatter", "takes"),
 }
 
 
