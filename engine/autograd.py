@@ -1220,12 +1220,17 @@ def _topological_order(roots, stop=frozenset()) -> list:
         fn = tensor.grad_fn
         if fn is None or (stop and id(tensor) in stop):
             continue
-        # The edges are read once, here: the ordering pass below walks the same snapshot.
-        inputs = edges[id(tensor)] = [inp for inp in getattr(fn, "inputs", ()) if inp.requires_grad]
+        # The edges are read once, here (the inputs tuple itself: no user code runs before the
+        # ordering pass below walks it, so requires_grad reads the same there).
+        inputs = edges[id(tensor)] = getattr(fn, "inputs", ())
         for inp in inputs:
+            if not inp.requires_grad:
+                continue
             key = id(inp)
-            users[key] = users.get(key, 0) + 1
-            if key not in seen:
+            if key in seen:  # another edge into it (or a root that another root reads)
+                users[key] = users.get(key, 0) + 1
+            else:
+                users[key] = 1
                 seen.add(key)
                 stack.append(inp)
     order, ready = [], [r for r in roots if id(r) not in users]  # a root another root uses waits for it
@@ -1233,6 +1238,8 @@ def _topological_order(roots, stop=frozenset()) -> list:
         tensor = ready.pop()
         order.append(tensor)
         for inp in edges.get(id(tensor), ()):
+            if not inp.requires_grad:
+                continue
             key = id(inp)
             left = users[key] = users[key] - 1
             if left == 0:
