@@ -14,6 +14,7 @@ import pytest
 import engine
 import engine.nn.functional as F
 from engine import autograd, ops, optim
+from tests.conftest import DEVICES
 
 torch = pytest.importorskip("torch")
 
@@ -253,3 +254,24 @@ def test_outputs_of_a_multi_output_function_used_many_times():
         return x.grad.numpy()
 
     np.testing.assert_allclose(run(engine, EngineThreeOutputs), run(torch, TorchThreeOutputs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("build", [qkv_rows, partly_overlapping, many_views, split_activation],
+                         ids=lambda f: getattr(f, "__name__", f))
+def test_slice_gradients_on_each_device_with_an_optimizer_home(build, device, dense_slices):
+    """On the device's arrays (cupy on a GPU): the parts written into AdamW's flat gradient buffer."""
+    def grads(dense):
+        if dense:
+            dense_slices()
+        w = engine.nn.Parameter(engine.tensor(W, device=device))
+        x = engine.tensor(X, device=device, requires_grad=True)
+        opt = optim.AdamW([w], lr=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            build(w, x).backward()
+            opt.step()
+        return [engine.tensor(t).cpu().numpy() for t in (w.grad, x.grad, w.detach())]
+
+    for a, b in zip(grads(False), grads(True)):
+        assert_same_bits(a, b)
