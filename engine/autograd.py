@@ -339,11 +339,8 @@ class Function:
                     _view_of(result, t)
                     break
         if recorded:
-            records = _saved_versions(fn, inputs, result)  # before fn.inputs: no tensors to scan
+            _record_saved_versions(fn, inputs, result, needs)  # before fn.inputs: no tensors to scan
             fn.inputs = inputs
-            if records:
-                fn.saved_versions = records
-                _note_savers(fn, records)
         return result
 
     @classmethod
@@ -661,18 +658,19 @@ def _is_array_like(value) -> bool:
     return hasattr(value, "dtype") and hasattr(value, "base")
 
 
-def _saved_versions(fn, inputs, result) -> tuple:
-    """(Version, value, is the output) for each input or output tensor whose memory ``fn`` kept
-    for backward: the arrays among its attributes and in its tuple attributes (``self.save(...)``
-    stores a tuple). Runs once per recorded op, so the tests are written out inline, and owners
-    are found by identity before any storage root is computed."""
-    versions = None
-    values = fn.__dict__
-    needs = values.get("needs_input_grad")
-    for value in values.values():
+def _record_saved_versions(fn, inputs, result, needs) -> None:
+    """Set ``fn.saved_versions``: (Version, value, is the output) for each input or output tensor
+    whose memory ``fn`` kept for backward (the arrays among its attributes and in its tuple
+    attributes: ``self.save(...)`` stores a tuple), and tell each such Version that ``fn`` keeps it
+    (what :func:`_note_savers` does, done here as each Version is first met: one pass, one weak
+    reference). Runs once per recorded op, so the tests are written out inline, and owners are
+    found by identity before any storage root is computed. ``needs`` is ``fn.needs_input_grad``
+    (flags, set on every node: skipped without looking at its items)."""
+    versions = ref = None
+    for value in fn.__dict__.values():
         kind = type(value)
         if kind is tuple:
-            if value is needs:  # flags, set on every node
+            if value is needs:
                 continue
             candidates = value
         elif kind is _ndarray or (kind not in _NOT_ARRAYS and _is_array_like(value)):
@@ -694,19 +692,31 @@ def _saved_versions(fn, inputs, result) -> tuple:
             record = (version, version.value, owner is result)
             if versions is None:  # a list: a node saves one or two memories, a dict cost more to build
                 versions = [record]
-                continue
-            for i, kept in enumerate(versions):  # one record per Version, the last owner's kind
-                if kept[0] is version:
-                    versions[i] = record
-                    break
             else:
-                versions.append(record)
-    return tuple(versions) if versions else ()
+                for kept in versions:  # one record per Version, the last owner's kind
+                    if kept[0] is version:
+                        versions[versions.index(kept)] = record
+                        break
+                else:
+                    versions.append(record)
+                if kept[0] is version:  # met before: told already
+                    continue
+            if ref is None:  # _note_savers' work, inline: one weak reference for every Version
+                ref = weakref.ref(fn)
+            refs = version._savers
+            if refs is None:
+                version._savers = [ref]
+            elif len(refs) < 16:
+                refs.append(ref)
+            else:
+                version._note_saver(ref)  # full: it forgets the dead ones first
+    if versions is not None:
+        fn.saved_versions = tuple(versions)
 
 
 def _viewed_owner(array, owners):
     """The tensor among ``owners`` whose memory ``array`` views, or None (asked once ``array`` is
-    none of their own arrays: :func:`_saved_versions` tests identity first)."""
+    none of their own arrays: :func:`_record_saved_versions` tests identity first)."""
     root = storage_root(array)
     for t in owners:
         data = t._data  # an array owning its memory is its own root: no call to find it
