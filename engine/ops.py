@@ -564,7 +564,7 @@ def abs(a: Tensor) -> Tensor:
 
 def relu(a: Tensor) -> Tensor:
     """max(a, 0); integer input stays integer, bool input is refused (both as in PyTorch)."""
-    if a.dtype == np.bool_:
+    if (a._data.dtype if isinstance(a, Tensor) else a.dtype).kind == "b":  # bool, the only kind "b"
         raise DTypeError(f"relu: bool input is not supported (as in PyTorch), got {describe(a)}; "
                          "convert with .float() or .long()")
     return ReLU.apply(a)
@@ -1321,9 +1321,14 @@ def matmul(input, other, *, out=None) -> Tensor:
     if out is not None:
         return write_out("matmul", matmul(input, other), out)
     _check_same_float_dtype("matmul", input, other)
-    a, b = _binary_operands("matmul", input, other)
+    return matmul_of_one_dtype(*_binary_operands("matmul", input, other))
+
+
+def matmul_of_one_dtype(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`matmul` of two tensors of one dtype outside any autocast region, where it has nothing
+    to promote or cast (``Tensor.__matmul__`` calls it directly then): the operand checks and the op."""
     ad, bd = a._data, b._data  # read from the arrays: Tensor's properties are a Python call each
-    if ad.dtype == np.bool_:
+    if ad.dtype.kind == "b":  # bool, the only kind "b" (a dtype's == converts its other side first)
         raise DTypeError(f"matmul: bool operands are not supported (as in PyTorch): {describe(a)} @ {describe(b)}; "
                          "convert with .float() or .long()")
     if ad.ndim == 0 or bd.ndim == 0:

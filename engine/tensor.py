@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from engine import backend, dlpack, dtypes
+from engine.amp.autocast_mode import state as _autocast_state
 from engine.autograd import Version
 from engine.autograd import backward as _run_backward
 from engine.autograd import grad_lock, is_grad_enabled, notify_watcher, records_nothing, view_result
@@ -605,11 +606,28 @@ class Tensor:
         self._inplace("__setitem__", value, write, lambda old: indexing.index_put(old, index, value))
 
     # ---- operators and methods: see engine/ops.py ----------------------------------------------
-    def __add__(self, other): return ops.add(self, other)
+    # Two tensors of one dtype go straight to the op's Function: ops.add / sub / mul would promote
+    # nothing and check nothing else for them (sub refuses bool), and their layers cost as much as
+    # the numpy op. Anything else takes the general path.
+    def __add__(self, other):
+        if isinstance(other, Tensor) and other._data.dtype is self._data.dtype:
+            return ops.Add.apply(self, other)
+        return ops.add(self, other)
+
     def __radd__(self, other): return ops.add(other, self)
-    def __sub__(self, other): return ops.sub(self, other)
+
+    def __sub__(self, other):
+        if isinstance(other, Tensor) and other._data.dtype is self._data.dtype and self._data.dtype.kind != "b":
+            return ops.Sub.apply(self, other)
+        return ops.sub(self, other)
+
     def __rsub__(self, other): return ops.sub(other, self)
-    def __mul__(self, other): return ops.mul(self, other)
+
+    def __mul__(self, other):
+        if isinstance(other, Tensor) and other._data.dtype is self._data.dtype:
+            return ops.Mul.apply(self, other)
+        return ops.mul(self, other)
+
     def __rmul__(self, other): return ops.mul(other, self)
     def __truediv__(self, other): return ops.div(self, other)
     def __rtruediv__(self, other): return ops.div(other, self)
@@ -617,7 +635,11 @@ class Tensor:
     def __rpow__(self, other): return ops.pow(other, self)
     def __neg__(self): return ops.neg(self)
     def __abs__(self): return ops.abs(self)
-    def __matmul__(self, other): return ops.matmul(self, other)
+    def __matmul__(self, other):
+        if isinstance(other, Tensor) and other._data.dtype is self._data.dtype and not _autocast_state.regions:
+            return ops.matmul_of_one_dtype(self, other)
+        return ops.matmul(self, other)
+
     def __rmatmul__(self, other): return ops.matmul(other, self)
     def __getitem__(self, index): return ops.getitem(self, index)
     def __lt__(self, other): return ops.lt(self, other)
