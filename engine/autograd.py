@@ -306,11 +306,11 @@ class Function:
                 all_numpy = False
             elif low is None and data.dtype in _LOW_PRECISION:  # numpy arrays: the float32 rule applies
                 low = data.dtype
-        rule = cls.computes_in_float32
         if not all_numpy:  # numpy arrays are all on the CPU: compare devices only for others
             _check_same_device(cls.op_name(), inputs)
+            rule = cls.computes_in_float32
             low = _low_precision_of(raw) if rule is True or (rule and _on_cpu(raw)) else None
-        elif not rule:
+        elif low is not None and not cls.computes_in_float32:  # asked only when there is a 16-bit input
             low = None
         fn = cls()
         needs = tuple(needs)
