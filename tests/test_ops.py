@@ -295,3 +295,41 @@ def test_comparisons_return_bool_without_grad():
         assert not result.requires_grad
         assert result.numpy().tolist() == [bool(v) for v in expected]
     assert engine.argmax(a).item() == 2 and a.argmin().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int64, np.bool_])
+def test_operators_of_one_dtype_agree_with_the_functional_ops(dtype):
+    """``a + b``, ``a - b``, ``a * b`` and ``a @ b`` of two tensors of one dtype skip the functional
+    layer (Tensor's operators call the op's Function): same values, dtype, grad_fn and errors."""
+    rng = np.random.default_rng(3)
+    a_np, b_np = (rng.standard_normal((3, 3)) * 3).astype(dtype), (rng.standard_normal((3, 3)) * 3).astype(dtype)
+    grad = np.dtype(dtype).kind == "f"
+    pairs = [(lambda a, b: a + b, engine.add), (lambda a, b: a - b, engine.sub), (lambda a, b: a * b, engine.mul),
+             (lambda a, b: a @ b, engine.matmul), (lambda a, b: a @ b[:2], lambda a, b: engine.matmul(a, b[:2]))]
+    for operator, functional in pairs:
+        outcomes = []
+        for op in (operator, functional):
+            a = engine.tensor(a_np, requires_grad=grad)
+            b = engine.tensor(b_np, requires_grad=grad)
+            try:
+                r = op(a, b)
+            except Exception as e:  # noqa: BLE001  (the two paths must raise the same)
+                outcomes.append((type(e), str(e)))
+                continue
+            grads = ()
+            if grad:
+                r.float().sum().backward()
+                grads = (a.grad.numpy().tobytes(), b.grad.numpy().tobytes())
+            outcomes.append((r.numpy().tobytes(), r.dtype, type(r.grad_fn), grads))
+        assert outcomes[0] == outcomes[1]
+
+
+def test_a_node_saving_one_memory_twice_records_and_tells_it_once():
+    x = engine.randn(3, requires_grad=True)
+    y = x * x
+    assert len(y.grad_fn.saved_versions) == 1
+    assert [r() for r in x._version._savers] == [y.grad_fn]
+    with engine.no_grad():
+        x.add_(1)
+    with pytest.raises(engine.errors.GradError, match="modified by an in-place operation"):
+        y.sum().backward()
