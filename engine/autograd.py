@@ -328,7 +328,7 @@ class Function:
         except (ValueError, TypeError, IndexError) as e:
             operands = ", ".join(describe(t) for t in inputs)
             raise type(e)(f"{cls.op_name()}: {e} (operands: {operands})") from e
-        recorded = mode.enabled and True in needs
+        recorded = True in needs and mode.enabled  # the thread-local read only where a graph is wanted
         result = _tensor.Tensor._from_op(out, fn if recorded else None)
         out = result._data
         if type(out) is not _ndarray or out.base is not None:
