@@ -27,7 +27,8 @@ from engine.tensor import Tensor
 
 
 def _xp(a):
-    return backend.array_module(a)
+    # A numpy array (most calls) without the call into backend: forward and backward ask per op.
+    return np if type(a) is np.ndarray else backend.array_module(a)
 
 
 def _is_float(dtype) -> bool:
