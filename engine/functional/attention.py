@@ -179,16 +179,19 @@ def _check_attention_operands(op: str, q, k, v) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    shapes = f"query {describe(q)}, key {describe(k)}, value {describe(v)}"
+
+    def shapes() -> str:  # built only for an error: three describe calls cost ~10 us per call
+        return f"query {describe(q)}, key {describe(k)}, value {describe(v)}"
+
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
-        raise ShapeError(f"{op}: query, key and value need at least 2 dims (..., L or S, E): {shapes}")
+        raise ShapeError(f"{op}: query, key and value need at least 2 dims (..., L or S, E): {shapes()}")
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ShapeError(f"{op}: need query (..., L, E), key (..., S, E), value (..., S, Ev) with one E and one S: "
-                         f"{shapes}")
+                         f"{shapes()}")
     if len({q.device, k.device, v.device}) > 1:
-        raise DeviceError(f"{op}: operands are on different devices: {shapes}; move them to one device")
+        raise DeviceError(f"{op}: operands are on different devices: {shapes()}; move them to one device")
     if not is_floating(q.dtype) or len({q.dtype, k.dtype, v.dtype}) > 1:
-        raise DTypeError(f"{op}: query, key and value must share one floating dtype: {shapes}")
+        raise DTypeError(f"{op}: query, key and value must share one floating dtype: {shapes()}")
 
 
 def _repeat_kv_heads(op: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -323,8 +323,10 @@ def test_sdpa_bad_inputs_name_op_and_shapes(rng):
         F.scaled_dot_product_attention(q, q, _t(rng.standard_normal((2, 3, 4)), dtype=np.float64))
     with pytest.raises(DTypeError, match="attn_mask"):
         F.scaled_dot_product_attention(q, q, q, attn_mask=_t(np.zeros((3, 3)), dtype=np.float64))
-    with pytest.raises(ShapeError, match="at least 2 dims"):
+    with pytest.raises(ShapeError, match=r"at least 2 dims.*query Tensor\(shape=\(3,\).*value Tensor\(shape=\(2, 3, 4\)"):
         F.scaled_dot_product_attention(_t(np.ones(3)), q, q)
+    with pytest.raises(ShapeError, match=r"one E and one S: query .*key Tensor\(shape=\(2, 3, 5\)"):
+        F.scaled_dot_product_attention(q, _t(rng.standard_normal((2, 3, 5))), q)
     with pytest.raises(ShapeError, match="enable_gqa"):
         F.scaled_dot_product_attention(_t(rng.standard_normal((3, 2, 4))), q, q, enable_gqa=True)
     with pytest.raises(ValueError, match="dropout_p"):
