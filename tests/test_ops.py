@@ -286,6 +286,39 @@ def test_linear_weight_grad_arrives_in_the_weights_layout(device):
     np.testing.assert_allclose(w.grad.numpy(), 2 * np.ones((6, 3)).T @ x.numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4), (4,), (2, 0, 4), (2, 2, 3, 4)])
+def test_linear_of_other_than_2d_input_is_one_node_with_torchs_gradients(shape):
+    """An N-d input is flattened to rows inside the Linear node (no Reshape nodes around it), with
+    the output shape and the gradients torch gives, a strided input too."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x0, w0, b0 = (rng.standard_normal(s) for s in (shape, (5, 4), (5,)))
+    x, w, b = (engine.tensor(a, requires_grad=True) for a in (x0, w0, b0))
+    y = F.linear(x, w, b)
+    assert type(y.grad_fn).__name__ == "Linear" and y.grad_fn.inputs[0] is x
+    g0 = rng.standard_normal(y.shape)
+    y.backward(engine.tensor(g0))
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x0, w0, b0))
+    ty = torch.nn.functional.linear(tx, tw, tb)
+    ty.backward(torch.tensor(g0))
+    assert y.shape == tuple(ty.shape)
+    for ours, theirs in ((y, ty), (x.grad, tx.grad), (w.grad, tw.grad), (b.grad, tb.grad)):
+        np.testing.assert_allclose(ours.detach().numpy(), theirs.detach().numpy(), rtol=1e-12, atol=1e-12)
+    xt = engine.tensor(rng.standard_normal((3, 4, 2)), requires_grad=True)  # (3, 2, 4) strided view
+    F.linear(xt.transpose(1, 2), w).sum().backward()
+    np.testing.assert_allclose(xt.grad.numpy(), np.broadcast_to(w0.sum(0)[:, None], (3, 4, 2)), rtol=1e-12)
+
+
+def test_linear_of_a_3d_input_modified_in_place_refuses_backward():
+    """x is saved as a (rows, in) view of its array: an in-place change still fails backward."""
+    x = engine.randn(2, 3, 4)
+    w = engine.randn(5, 4, requires_grad=True)
+    y = F.linear(x, w)
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="Linear saved one of its inputs.*modified by an in-place operation"):
+        y.sum().backward()
+
+
 def test_comparisons_return_bool_without_grad():
     a = engine.tensor([1.0, 2.0, 3.0], requires_grad=True)
     b = engine.tensor([3.0, 2.0, 1.0])

@@ -35,11 +35,13 @@ def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> No
 
 
 class Linear(Function):
-    """``x @ W.T + b`` for 2-D x as one node (the GEMM and the bias add share it).
+    """``x @ W.T + b`` as one node (the GEMM and the bias add share it), for x of any number of dims.
 
     Built from matmul and transpose, W's gradient would arrive transposed (``(x.T @ g).T``) and
     accumulating it into ``W.grad`` would be a strided pass over the largest array of the step;
-    here it is made in W's own layout, ``g.T @ x``.
+    here it is made in W's own layout, ``g.T @ x``. An x of other than two dims is flattened to
+    (N, in_features) on the arrays, inside the node: two Reshape nodes per call would cost a
+    Transformer ~50 nodes per step (and decode ~34 per token) for nothing but bookkeeping.
     """
 
     name = "linear"
@@ -48,25 +50,42 @@ class Linear(Function):
     computes_in_float32 = ON_CPU
 
     def forward(self, x, weight, bias=None):
+        lead = x.shape[:-1]
+        if len(lead) != 1:  # a view where x's layout allows, else a copy (as ops.reshape)
+            self.x_shape = x.shape
+            x = x.reshape(_rows(lead), x.shape[-1])
         self.saved = (x, weight)  # self.save's work, without its call
         self.has_bias = bias is not None
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
         out = backend.matmul(x, weight.T, "linear")
         if bias is not None:
             out += bias  # in 16 bits: computed in float32 and rounded again (docs/precision.md)
-        return out
+        return out if len(lead) == 1 else out.reshape(lead + (weight.shape[0],))
 
     def backward(self, g):
         x, weight = self.saved
         g = g.astype(x.dtype, copy=False)  # the GEMMs take one dtype (16-bit operands on the GPU)
+        x_shape = getattr(self, "x_shape", None)
+        if x_shape is not None:
+            g = g.reshape(x.shape[0], weight.shape[0])
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
         gx = backend.matmul(g, weight, "linear") if self.needs_input_grad[0] else None
+        if gx is not None and x_shape is not None:
+            gx = gx.reshape(x_shape)
         gw = backend.matmul(g.T, x, "linear") if self.needs_input_grad[1] else None
         if not self.has_bias:
             return gx, gw
         # db: the column sums of g, accumulated in float32 for 16-bit g and rounded once.
         gb = _bias_grad(g, weight.shape[:1]) if self.needs_input_grad[2] else None
         return gx, gw, gb
+
+
+def _rows(lead: tuple) -> int:
+    """The number of rows an x with leading dims ``lead`` flattens to (1 for a 1-D x)."""
+    rows = 1
+    for n in lead:
+        rows *= n
+    return rows
 
 
 def _bias_grad(g, shape):
@@ -85,15 +104,10 @@ _BIAS_GRAD_DTYPES = frozenset(np.dtype(d) for d in ("float32", "float64", "float
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias``, weight of shape (out_features, in_features) as in PyTorch.
 
-    Inputs with more than two dims (or one) are flattened to (N, in_features) and reshaped back.
+    Inputs with more than two dims (or one) are computed as (N, in_features) rows, inside one node.
     """
     _check_linear("linear", x, weight, bias)
-    shape = x._data.shape  # the array's: Tensor.shape and .ndim are a Python call each
-    if len(shape) == 2:
-        return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
-    flat = ops.reshape(x, (-1, shape[-1]))
-    out = Linear.apply(flat, weight) if bias is None else Linear.apply(flat, weight, bias)
-    return ops.reshape(out, shape[:-1] + (weight._data.shape[0],))
+    return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
 
 
 class LinearReLU(Function):
