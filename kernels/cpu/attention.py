@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,13 +336,21 @@ def _backward_numpy(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
 # BLAS tiles: the flash loop in numpy, its QK^T / PV products batched BLAS GEMMs on key tiles
 # --------------------------------------------------------------------------------------------
 
-# Query rows and keys per tile of the BLAS path: scores of B x BLAS_TILE x BLAS_TILE at a time,
-# never B x L x S (the extra memory is O(B L), the running max, sum and output accumulator).
+# Query rows and keys per tile of the BLAS path: BLAS_TILE under causal (a larger tile computes more
+# scores above the diagonal), BLAS_WIDE times that without (a quarter of the Python calls per score,
+# and GEMMs with a longer contraction for dK and dV; docs/benchmarks.md has the sizes tried). Scores
+# of one batch row's tile at a time, never B x L x S (the extra memory is O(B L): the running max,
+# sum and output accumulator, the tile buffers).
 BLAS_TILE = 256
+BLAS_WIDE = 2
 
 
-def _tiles(n: int):
-    return [(start, min(start + BLAS_TILE, n)) for start in range(0, n, BLAS_TILE)]
+def _tiles(n: int, size: int):
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _tile_size(spec: AttentionSpec) -> int:
+    return BLAS_TILE if spec.causal else BLAS_TILE * BLAS_WIDE
 
 
 def _sees_tile(spec: AttentionSpec, rows, keys) -> bool:
@@ -349,17 +358,37 @@ def _sees_tile(spec: AttentionSpec, rows, keys) -> bool:
     return not spec.causal or keys[0] <= rows[1] - 1
 
 
-def _tile_scores(qs, k, mask, spec: AttentionSpec, rows, keys):
-    """scale * q_rows k_keys^T + mask, causal-masked, for one (query tile, key tile): (B, rows, keys).
+def _tile_scores(qs, kt, mask, spec: AttentionSpec, rows, keys, buffer):
+    """scale * q_rows k_keys^T + mask, causal-masked, for one batch row's (query tile, key tile):
+    (rows, keys), written into the front of the flat ``buffer``.
 
-    ``qs`` is q already scaled.
+    ``qs`` (L, E) is q already scaled, ``kt`` (E, S) k transposed and contiguous (:func:`_transposed`),
+    ``mask`` the batch row's (1 or L, S) mask or None.
     """
     (i0, i1), (j0, j1) = rows, keys
-    s = np.matmul(qs[:, i0:i1], k[:, j0:j1].transpose(0, 2, 1))
+    s = _block(buffer, i1 - i0, j1 - j0)
+    np.matmul(qs[i0:i1], kt[:, j0:j1], out=s)
     if mask is not None:
-        s += mask[:, i0:i1, j0:j1] if mask.shape[1] > 1 else mask[:, :, j0:j1]
+        s += mask[i0:i1, j0:j1] if mask.shape[0] > 1 else mask[:, j0:j1]
     _hide_later_keys(s, spec, rows, keys)
     return s
+
+
+def _transposed(a):
+    """(E, S) copy of one batch row's (S, E) keys or values: the tiles' Q K^T and dO V^T then
+    multiply row-major operands (faster in OpenBLAS than on the transposed view; O(S E) memory)."""
+    return np.ascontiguousarray(a.T)
+
+
+def _block(buffer, rows: int, cols: int):
+    """A C-contiguous (rows, cols) view of the front of the flat ``buffer``: the tiles reuse one
+    allocation (a fresh 512 KiB array per tile is an mmap and its page faults)."""
+    return buffer[:rows * cols].reshape(rows, cols)
+
+
+def _batch_mask(mask, b: int):
+    """Batch row b's (1 or L, S) mask of a (1 or B, 1 or L, S) one, or None."""
+    return None if mask is None else mask[b if mask.shape[0] > 1 else 0]
 
 
 def attention_forward_blas(q, k, v, mask=None, *, scale=None, causal=False, precision=None):
@@ -372,38 +401,37 @@ def _forward_blas(q, k, v, mask, spec: AttentionSpec):
     unnormalised output acc; each key tile rescales them by exp(m_old - m_new)."""
     out = np.empty((spec.b, spec.l, spec.ev), spec.dtype)
     lse = np.empty((spec.b, spec.l), spec.dtype)
-    _over_batches(spec, lambda rows: _forward_blas_batches(
-        q[rows], k[rows], v[rows], _mask_rows(mask, rows), spec, out[rows], lse[rows]))
+    _numba_helpers()
+    scratch = _scratch(2, _tile_size(spec), spec.dtype)
+    _over_batches(spec, lambda b: _forward_blas_row(
+        q[b], k[b], v[b], _batch_mask(mask, b), spec, out[b], lse[b], *scratch()))
     return out, lse
 
 
-def _forward_blas_batches(q, k, v, mask, spec: AttentionSpec, out, lse) -> None:
-    """:func:`_forward_blas` for the batch rows given (views), written into ``out`` and ``lse``."""
+def _forward_blas_row(q, k, v, mask, spec: AttentionSpec, out, lse, scores, exps) -> None:
+    """:func:`_forward_blas` for one batch row (2-D views), written into ``out`` and ``lse``.
+
+    Per (query tile, key tile): the scores from one GEMM, then one numba pass per row
+    (:func:`_numba_helpers`' softmax_tile: max, rescale, exps and their sum) and acc += P V_tile.
+    """
     dt = spec.dtype.type
-    b = q.shape[0]
-    qs = q * dt(spec.scale)
+    fast_exp = spec.dtype == np.float32
+    qs, kt = q * dt(spec.scale), _transposed(k)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite inputs give NaN, as the reference
-        for rows in _tiles(spec.l):
+        for rows in _tiles(spec.l, _tile_size(spec)):
             n = rows[1] - rows[0]
-            m = np.full((b, n, 1), -np.inf, spec.dtype)
-            total = np.zeros((b, n, 1), spec.dtype)
-            acc = np.zeros((b, n, spec.ev), spec.dtype)
-            for keys in _tiles(spec.s):
+            m = np.full(n, -np.inf, spec.dtype)
+            total = np.zeros(n, spec.dtype)
+            acc = np.zeros((n, spec.ev), spec.dtype)
+            for keys in _tiles(spec.s, _tile_size(spec)):
                 if not _sees_tile(spec, rows, keys):
                     continue
-                s = _tile_scores(qs, k, mask, spec, rows, keys)
-                m_new = np.maximum(m, s.max(axis=-1, keepdims=True))  # NaN stays NaN (np.maximum propagates)
-                shift = np.where(np.isneginf(m_new), dt(0), m_new)  # a row that saw no key yet: exp(-inf) = 0
-                alpha = np.exp(m - shift)  # 0 for m = -inf; <= 1 otherwise
-                s -= shift
-                p = np.exp(s, out=s)
-                total *= alpha
-                total += p.sum(axis=-1, keepdims=True)
-                acc *= alpha
-                acc += np.matmul(p, v[:, keys[0]:keys[1]])
-                m = m_new
-            out[:, rows[0]:rows[1]] = acc / np.where(total == 0, dt(1), total)  # fully masked: 0
-            lse[:, rows[0]:rows[1]] = (np.where(np.isneginf(m), dt(0), m) + np.log(total))[..., 0]
+                s = _tile_scores(qs, kt, mask, spec, rows, keys, scores)
+                p = _block(exps, *s.shape)
+                _nb_softmax_tile(s, p, m, total, acc, fast_exp)
+                acc += np.matmul(p, v[keys[0]:keys[1]])
+            out[rows[0]:rows[1]] = acc / np.where(total == 0, dt(1), total)[:, None]  # fully masked: 0
+            lse[rows[0]:rows[1]] = np.where(np.isneginf(m), dt(0), m) + np.log(total)
 
 
 def attention_backward_blas(grad_out, q, k, v, out, lse, mask=None, *, scale=None, causal=False, precision=None):
@@ -417,60 +445,79 @@ def _backward_blas(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
     dq = np.zeros((spec.b, spec.l, spec.e), spec.dtype)
     dk = np.zeros((spec.b, spec.s, spec.e), spec.dtype)
     dv = np.zeros((spec.b, spec.s, spec.ev), spec.dtype)
-    _over_batches(spec, lambda r: _backward_blas_batches(
-        grad_out[r], q[r], k[r], v[r], out[r], lse[r], _mask_rows(mask, r), spec, dq[r], dk[r], dv[r]))
+    _numba_helpers()
+    d = np.einsum("ble,ble->bl", grad_out, out)  # D_i = dO_i . out_i
+    scratch = _scratch(3, _tile_size(spec), spec.dtype)
+    _over_batches(spec, lambda b: _backward_blas_row(
+        grad_out[b], q[b], k[b], v[b], lse[b], d[b], _batch_mask(mask, b), spec, dq[b], dk[b], dv[b], *scratch()))
     return dq, dk, dv
 
 
-def _backward_blas_batches(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec, dq, dk, dv) -> None:
-    """:func:`_backward_blas` for the batch rows given (views), accumulated into dq, dk, dv (zeros)."""
+def _backward_blas_row(grad_out, q, k, v, lse, d, mask, spec: AttentionSpec, dq, dk, dv, scores, exps,
+                       grads) -> None:
+    """:func:`_backward_blas` for one batch row (2-D views), accumulated into dq, dk, dv (zeros).
+
+    Per (query tile, key tile): S and dP from two GEMMs, P = exp(S - lse) and dS = P (dP - D) in
+    one numba pass (:func:`_numba_helpers`' grad_tile), then the three GEMMs.
+    """
     dt = spec.dtype.type
+    fast_exp = spec.dtype == np.float32
     qs, ks = q * dt(spec.scale), k * dt(spec.scale)  # s from qs; dk = dS^T qs and dq = dS ks carry the scale
+    kt, vt = _transposed(k), _transposed(v)
     with np.errstate(invalid="ignore", over="ignore"):
-        d = np.einsum("ble,ble->bl", grad_out, out)[..., None]  # D_i = dO_i . out_i
-        hidden = np.isneginf(lse)[..., None]  # rows that saw no key: P = 0
-        shift = np.where(hidden, dt(0), lse[..., None])
-        for rows in _tiles(spec.l):
+        for rows in _tiles(spec.l, _tile_size(spec)):
             r = slice(*rows)
-            go = grad_out[:, r]
-            for keys in _tiles(spec.s):
+            go = grad_out[r]
+            for keys in _tiles(spec.s, _tile_size(spec)):
                 if not _sees_tile(spec, rows, keys):
                     continue
                 c = slice(*keys)
-                s = _tile_scores(qs, k, mask, spec, rows, keys)
-                s -= shift[:, r]
-                p = np.exp(s, out=s)
-                if hidden[:, r].any():
-                    np.copyto(p, dt(0), where=hidden[:, r])
-                dv[:, c] += np.matmul(p.transpose(0, 2, 1), go)
-                dp = np.matmul(go, v[:, c].transpose(0, 2, 1))
-                dp -= d[:, r]
-                ds = np.multiply(p, dp, out=dp)  # P = 0 times a NaN dP - D is NaN, as in the reference
-                dq[:, r] += np.matmul(ds, ks[:, c])
-                dk[:, c] += np.matmul(ds.transpose(0, 2, 1), qs[:, r])
+                s = _tile_scores(qs, kt, mask, spec, rows, keys, scores)
+                p = _block(exps, *s.shape)
+                ds = np.matmul(go, vt[:, c], out=_block(grads, *s.shape))  # dP, then dS in place
+                _nb_grad_tile(s, p, ds, lse[r], d[r], fast_exp)
+                dv[c] += np.matmul(p.T, go)
+                dq[r] += np.matmul(ds, ks[c])
+                dk[c] += np.matmul(ds.T, qs[r])
 
 
-def _mask_rows(mask, rows: slice):
-    """The mask of the batch rows ``rows``: a shared (1, ., S) mask serves every row as it is."""
-    return mask if mask is None or mask.shape[0] == 1 else mask[rows]
+def _scratch(count: int, size: int, dtype):
+    """A callable giving the calling thread its ``count`` flat buffers of one size x size tile,
+    made on its first call in that thread and reused for every batch row it takes."""
+    local = threading.local()
+
+    def buffers():
+        if not hasattr(local, "buffers"):
+            local.buffers = tuple(np.empty(size * size, dtype) for _ in range(count))
+        return local.buffers
+
+    return buffers
 
 
 def _over_batches(spec: AttentionSpec, work) -> None:
-    """``work(rows)`` over contiguous slices of the batch, one per engine thread (kernels/threads.py).
+    """``work(b)`` for every batch row b, on up to one engine thread each (kernels/threads.py).
 
     The BLAS runs single-threaded meanwhile (each tile's GEMM is small: a multithreaded BLAS would
     pay its barrier per GEMM) and the threads split the batch instead: numpy releases the GIL in
-    its GEMMs and ufuncs, so the slices run on separate cores, and none reads another's output.
+    its GEMMs and ufuncs, and the numba tile passes run without it, so the rows run on separate
+    cores, and none reads another's output. Each thread takes the next row when it finishes one,
+    so a thread that the busy machine deschedules holds back one row, not half the batch; a row's
+    result does not depend on which thread computed it.
     """
     for_gemm(1, 1, 1)  # one BLAS thread: the parallelism is over the batch
     count = min(get_num_threads(), spec.b)
-    bounds = [spec.b * i // count for i in range(count + 1)]
-    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
     if count == 1:
-        work(slices[0])
+        for b in range(spec.b):
+            work(b)
         return
-    futures = [_thread_pool().submit(work, rows) for rows in slices[1:]]
-    work(slices[0])
+    rows = iter(range(spec.b))  # shared: next() hands each row to one thread (under the GIL)
+
+    def drain():
+        for b in rows:
+            work(b)
+
+    futures = [_thread_pool().submit(drain) for _ in range(count - 1)]
+    drain()
     for future in futures:
         future.result()
 
@@ -624,6 +671,7 @@ _EXP_LO, _HALF, _ONE = _F32(-87.0), _F32(0.5), _F32(1.0)
 
 # Set by _numba_helpers() (module globals the kernels read: closures would miss numba's disk cache).
 _nb_gemm4 = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = _nb_bias_row = _nb_visible_keys = None
+_nb_softmax_row = _nb_grad_row = _nb_softmax_tile = _nb_grad_tile = None
 
 
 @functools.cache
@@ -749,9 +797,57 @@ def _numba_helpers() -> None:
         under causal those up to the group's last row (<= 0: none, the group skips the tile)."""
         return min(nk, row0 + 4 - j0) if causal else nk
 
+    @numba.njit(cache=True)
+    def softmax_row(srow, prow, nr, r, row_max, row_sum, acc, fast_exp):
+        """The online-softmax step of query row r over its nr scores ``srow`` of one key tile: the
+        running max ``row_max[r]`` grows to the tile's, the running sum and the output accumulator row
+        ``acc[r]`` are rescaled by exp(m_old - m_new) when it does, prow gets exp(srow - max) (0 where
+        a score is -inf) and the running sum their sum (NaN for a NaN or +inf score, which propagates)."""
+        m_old = row_max[r]
+        m_new = max(m_old, tile_max(srow, nr))
+        if m_new == -np.inf:  # nothing visible yet: exps 0, NaN for a NaN score (it must propagate)
+            exp_shift(srow, nr, srow.dtype.type(0), fast_exp, prow)
+            row_sum[r] += tile_sum(prow, nr)
+            return
+        if m_new > m_old:
+            alpha = np.exp(m_old - m_new)  # 0 while the row was empty (m_old = -inf)
+            row_sum[r] *= alpha
+            a = acc[r]
+            for x in range(a.shape[0]):
+                a[x] *= alpha
+            row_max[r] = m_new
+        exp_shift(srow, nr, m_new, fast_exp, prow)
+        row_sum[r] += tile_sum(prow, nr)
+
+    @numba.njit(cache=True)
+    def grad_row(srow, prow, dsrow, nr, li, di, factor, fast_exp):
+        """Backward of one query row over nr keys: P = exp(s - lse) (0 for a row that saw no key,
+        lse = -inf) into prow, and dS = factor P (dP - D) over dP in dsrow (P = 0 times a non-finite
+        dP - D is NaN, as in PyTorch)."""
+        if li == -np.inf:
+            prow[:nr] = 0
+        else:
+            exp_shift(srow, nr, li, fast_exp, prow)
+        for jj in range(nr):
+            dsrow[jj] = prow[jj] * (dsrow[jj] - di) * factor
+
+    # The BLAS tiles' steps between their GEMMs, one pass each over a (query tile, key tile) block;
+    # without the GIL, so that the batch slices of _over_batches run side by side.
+    @numba.njit(cache=True, nogil=True)
+    def softmax_tile(st, pt, row_max, row_sum, acc, fast_exp):
+        for r in range(st.shape[0]):
+            softmax_row(st[r], pt[r], st.shape[1], r, row_max, row_sum, acc, fast_exp)
+
+    @numba.njit(cache=True, nogil=True)
+    def grad_tile(st, pt, dpt, lse, d, fast_exp):
+        one = st.dtype.type(1)
+        for r in range(st.shape[0]):
+            grad_row(st[r], pt[r], dpt[r], st.shape[1], lse[r], d[r], one, fast_exp)
+
     globals().update(_nb_gemm4=gemm4, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
                      _nb_tile_sum=tile_sum, _nb_rowdot=rowdot, _nb_bias_row=bias_row,
-                     _nb_visible_keys=visible_keys)
+                     _nb_visible_keys=visible_keys, _nb_softmax_row=softmax_row, _nb_grad_row=grad_row,
+                     _nb_softmax_tile=softmax_tile, _nb_grad_tile=grad_tile)
 
 
 @functools.cache
@@ -813,23 +909,8 @@ def _numba_kernels(parallel: bool):
                     nr = _nb_visible_keys(nk, i - r % 4, j0, causal)
                     if nr <= 0:  # the row sees none of the tile: nothing to add
                         continue
-                    srow, prow = st[r], pt[r]
-                    _nb_bias_row(srow, nr, mb, i, j0, nl, has_mask, mask_per_row, causal)
-                    m_old = row_max[r]
-                    m_new = max(m_old, _nb_tile_max(srow, nr))
-                    if m_new == neg_inf:  # nothing visible yet: exps 0, NaN for a NaN score (it must propagate)
-                        _nb_exp_shift(srow, nr, q.dtype.type(0), fast_exp, prow)
-                        row_sum[r] += _nb_tile_sum(prow, nr)
-                        continue
-                    if m_new > m_old:
-                        alpha = np.exp(m_old - m_new)  # 0 while the row was empty (m_old = -inf)
-                        row_sum[r] *= alpha
-                        a = acc[r]
-                        for x in range(nev):
-                            a[x] *= alpha
-                        row_max[r] = m_new
-                    _nb_exp_shift(srow, nr, m_new, fast_exp, prow)
-                    row_sum[r] += _nb_tile_sum(prow, nr)
+                    _nb_bias_row(st[r], nr, mb, i, j0, nl, has_mask, mask_per_row, causal)
+                    _nb_softmax_row(st[r], pt[r], nr, r, row_max, row_sum, acc, fast_exp)
                 for g in range(0, nq, 4):
                     ng = _nb_visible_keys(nk, i0 + g, j0, causal)
                     if ng > 0:
@@ -897,14 +978,9 @@ def _numba_kernels(parallel: bool):
                             prow[:nr] = 0
                             dsrow[:nr] = 0
                             continue
-                        if li == neg_inf:  # fully masked row: P = 0; dS = 0 (dP - D) is NaN only where
-                            prow[:nr] = 0  # dP or D is (a non-finite v or dO), as in PyTorch
-                        else:
+                        if li != neg_inf:  # else a fully masked row: P = 0
                             _nb_bias_row(srow, nr, mb, i, j0, nl, has_mask, mask_per_row, causal)
-                            _nb_exp_shift(srow, nr, li, fast_exp, prow)
-                        di = d[b, i]
-                        for jj in range(nr):
-                            dsrow[jj] = prow[jj] * (dsrow[jj] - di) * scale
+                        _nb_grad_row(srow, prow, dsrow, nr, li, d[b, i], scale, fast_exp)
                     for jg in range(0, nk4, 4):
                         # causal: the rows before key j0 + jg see none of keys jg..jg+3, and every row
                         # from r0 on (a multiple of 4) has P and dS written for all four
