@@ -402,7 +402,7 @@ def _forward_blas(q, k, v, mask, spec: AttentionSpec):
     out = np.empty((spec.b, spec.l, spec.ev), spec.dtype)
     lse = np.empty((spec.b, spec.l), spec.dtype)
     _numba_helpers()
-    scratch = _scratch(2, _tile_size(spec), spec.dtype)
+    scratch = _scratch(2, spec)
     _over_batches(spec, lambda b: _forward_blas_row(
         q[b], k[b], v[b], _batch_mask(mask, b), spec, out[b], lse[b], *scratch()))
     return out, lse
@@ -447,7 +447,7 @@ def _backward_blas(grad_out, q, k, v, out, lse, mask, spec: AttentionSpec):
     dv = np.zeros((spec.b, spec.s, spec.ev), spec.dtype)
     _numba_helpers()
     d = np.einsum("ble,ble->bl", grad_out, out)  # D_i = dO_i . out_i
-    scratch = _scratch(3, _tile_size(spec), spec.dtype)
+    scratch = _scratch(3, spec)
     _over_batches(spec, lambda b: _backward_blas_row(
         grad_out[b], q[b], k[b], v[b], lse[b], d[b], _batch_mask(mask, b), spec, dq[b], dk[b], dv[b], *scratch()))
     return dq, dk, dv
@@ -481,14 +481,16 @@ def _backward_blas_row(grad_out, q, k, v, lse, d, mask, spec: AttentionSpec, dq,
                 dk[c] += np.matmul(ds.T, qs[r])
 
 
-def _scratch(count: int, size: int, dtype):
-    """A callable giving the calling thread its ``count`` flat buffers of one size x size tile,
+def _scratch(count: int, spec: AttentionSpec):
+    """A callable giving the calling thread its ``count`` flat buffers of one tile of ``spec``'s scores,
     made on its first call in that thread and reused for every batch row it takes."""
+    size = _tile_size(spec)
+    elements = min(size, spec.l) * min(size, spec.s)
     local = threading.local()
 
     def buffers():
         if not hasattr(local, "buffers"):
-            local.buffers = tuple(np.empty(size * size, dtype) for _ in range(count))
+            local.buffers = tuple(np.empty(elements, spec.dtype) for _ in range(count))
         return local.buffers
 
     return buffers
