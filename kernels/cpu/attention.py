@@ -799,6 +799,13 @@ def _numba_helpers() -> None:
         under causal those up to the group's last row (<= 0: none, the group skips the tile)."""
         return min(nk, row0 + 4 - j0) if causal else nk
 
+    globals().update(_nb_gemm4=gemm4, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
+                     _nb_tile_sum=tile_sum, _nb_rowdot=rowdot, _nb_bias_row=bias_row,
+                     _nb_visible_keys=visible_keys)
+
+    # The helpers below call the ones above as module globals, not closure variables: numba's
+    # cache key hashes closure cells, and a pickled dispatcher differs between processes, so a
+    # closure would compile again in every process (kernels/cpu/softmax_cross_entropy.py).
     @numba.njit(cache=True)
     def softmax_row(srow, prow, nr, r, row_max, row_sum, acc, fast_exp):
         """The online-softmax step of query row r over its nr scores ``srow`` of one key tile: the
@@ -806,10 +813,10 @@ def _numba_helpers() -> None:
         ``acc[r]`` are rescaled by exp(m_old - m_new) when it does, prow gets exp(srow - max) (0 where
         a score is -inf) and the running sum their sum (NaN for a NaN or +inf score, which propagates)."""
         m_old = row_max[r]
-        m_new = max(m_old, tile_max(srow, nr))
+        m_new = max(m_old, _nb_tile_max(srow, nr))
         if m_new == -np.inf:  # nothing visible yet: exps 0, NaN for a NaN score (it must propagate)
-            exp_shift(srow, nr, srow.dtype.type(0), fast_exp, prow)
-            row_sum[r] += tile_sum(prow, nr)
+            _nb_exp_shift(srow, nr, srow.dtype.type(0), fast_exp, prow)
+            row_sum[r] += _nb_tile_sum(prow, nr)
             return
         if m_new > m_old:
             alpha = np.exp(m_old - m_new)  # 0 while the row was empty (m_old = -inf)
@@ -818,8 +825,8 @@ def _numba_helpers() -> None:
             for x in range(a.shape[0]):
                 a[x] *= alpha
             row_max[r] = m_new
-        exp_shift(srow, nr, m_new, fast_exp, prow)
-        row_sum[r] += tile_sum(prow, nr)
+        _nb_exp_shift(srow, nr, m_new, fast_exp, prow)
+        row_sum[r] += _nb_tile_sum(prow, nr)
 
     @numba.njit(cache=True)
     def grad_row(srow, prow, dsrow, nr, li, di, factor, fast_exp):
@@ -829,27 +836,26 @@ def _numba_helpers() -> None:
         if li == -np.inf:
             prow[:nr] = 0
         else:
-            exp_shift(srow, nr, li, fast_exp, prow)
+            _nb_exp_shift(srow, nr, li, fast_exp, prow)
         for jj in range(nr):
             dsrow[jj] = prow[jj] * (dsrow[jj] - di) * factor
+
+    globals().update(_nb_softmax_row=softmax_row, _nb_grad_row=grad_row)
 
     # The BLAS tiles' steps between their GEMMs, one pass each over a (query tile, key tile) block;
     # without the GIL, so that the batch slices of _over_batches run side by side.
     @numba.njit(cache=True, nogil=True)
     def softmax_tile(st, pt, row_max, row_sum, acc, fast_exp):
         for r in range(st.shape[0]):
-            softmax_row(st[r], pt[r], st.shape[1], r, row_max, row_sum, acc, fast_exp)
+            _nb_softmax_row(st[r], pt[r], st.shape[1], r, row_max, row_sum, acc, fast_exp)
 
     @numba.njit(cache=True, nogil=True)
     def grad_tile(st, pt, dpt, lse, d, fast_exp):
         one = st.dtype.type(1)
         for r in range(st.shape[0]):
-            grad_row(st[r], pt[r], dpt[r], st.shape[1], lse[r], d[r], one, fast_exp)
+            _nb_grad_row(st[r], pt[r], dpt[r], st.shape[1], lse[r], d[r], one, fast_exp)
 
-    globals().update(_nb_gemm4=gemm4, _nb_exp_shift=exp_shift, _nb_tile_max=tile_max,
-                     _nb_tile_sum=tile_sum, _nb_rowdot=rowdot, _nb_bias_row=bias_row,
-                     _nb_visible_keys=visible_keys, _nb_softmax_row=softmax_row, _nb_grad_row=grad_row,
-                     _nb_softmax_tile=softmax_tile, _nb_grad_tile=grad_tile)
+    globals().update(_nb_softmax_tile=softmax_tile, _nb_grad_tile=grad_tile)
 
 
 @functools.cache
