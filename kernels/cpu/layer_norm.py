@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import threads as _threads
 from ..cpu.optim import bits_view  # 16-bit floats as the bit views half_bits.py reads
 from ..precision import FLOAT32, accumulation_dtype, float_name, is_low_precision
 from ..registry import KernelError
@@ -233,24 +234,28 @@ def layer_norm_backward_numpy(grad_y, x, weight, mean, rstd, *, compute_weight_g
 # numba_cpu: rows in parallel (prange over chunks of rows). Per row the two-pass statistics (the
 # row is cache-resident for the second pass) accumulate in float64. Backward: each chunk adds its
 # rows' dy xhat and dy into its own float64 partial row (no two threads share one), and the
-# partials are summed once at the end (chunks x D values, small).
+# partials are summed once at the end, in chunk order (chunks x D values, small).
 # --------------------------------------------------------------------------------------------
 
-# Elements (N * D) from which rows run in parallel: higher than the region's start-up cost alone
-# asks, because after a BLAS GEMM (whose threads still spin) a parallel region can stall for
-# milliseconds; the measurements are in docs/benchmarks.md, "Why the thresholds are where they are".
-PARALLEL_MIN = 1 << 18
+# Elements (N * D) from which rows may run in parallel: below it one thread finishes in about the
+# time a region takes to start. Above it they do while other processes leave CPUs free
+# (threads.parallel_region, as the GELU and AdamW kernels): beside a busy process a descheduled
+# worker makes a region of this size slower than one thread (docs/benchmarks.md, issue 26).
+PARALLEL_MIN = 1 << 16
+# Rows per chunk, and the most chunks a call splits into. The chunking depends on N only, never on
+# the thread count or the load, so the column sums dw / db (whose float64 partials are added per
+# chunk) have the same bits whichever build ran and however many threads it had.
+CHUNK_ROWS = 64
+MAX_CHUNKS = 64
 
 
-def _num_threads() -> int:
-    import numba
+def _chunks(n: int) -> int:
+    """Row chunks of a call: a function of N alone (the bits of dw / db follow the chunking)."""
+    return max(1, min(MAX_CHUNKS, -(-n // CHUNK_ROWS)))
 
-    return numba.get_num_threads()
 
-
-def _chunks(n: int, parallel: bool) -> int:
-    """Row chunks: a few per thread (load balance), each big enough to amortise its partial row."""
-    return max(1, min(n, 4 * _num_threads())) if parallel else 1
+def _parallel(n: int, d: int) -> bool:
+    return n > 1 and _threads.parallel_region(n * d, PARALLEL_MIN)
 
 
 def layer_norm_forward_numba(x, weight=None, bias=None, *, eps=1e-5):
@@ -259,13 +264,11 @@ def layer_norm_forward_numba(x, weight=None, bias=None, *, eps=1e-5):
     y, mean, rstd = np.empty((n, d), dt), np.empty(n, ct), np.empty(n, ct)
     if n == 0:
         return y, mean, rstd
-    parallel = n > 1 and n * d >= PARALLEL_MIN
-    forward, _ = _numba_kernels(parallel)
+    forward, _ = _numba_kernels(_parallel(n, d))
     # weight and bias in the compute dtype: a 16-bit one is upcast (D values, exact)
     w = _in(weight, ct) if weight is not None else np.empty(0, ct)
     b = _in(bias, ct) if bias is not None else np.empty(0, ct)
-    forward(bits_view(x), w, weight is not None, b, bias is not None, spec.eps, _chunks(n, parallel), bits_view(y),
-            mean, rstd)
+    forward(bits_view(x), w, weight is not None, b, bias is not None, spec.eps, _chunks(n), bits_view(y), mean, rstd)
     return y, mean, rstd
 
 
@@ -273,20 +276,23 @@ def layer_norm_backward_numba(grad_y, x, weight, mean, rstd, *, compute_weight_g
     spec = validate_layer_norm_backward(grad_y, x, weight, mean, rstd, compute_weight_grads=compute_weight_grads)
     n, d, dt, ct = spec.n, spec.d, spec.dtype, spec.compute_dtype
     dx = np.empty((n, d), dt)
-    parallel = n > 1 and n * d >= PARALLEL_MIN
-    chunks = _chunks(n, parallel) if n else 1
-    # One float64 partial row per chunk: each chunk owns its row, so no two threads write one value.
-    partial_w = np.zeros((chunks, d) if spec.weight_grads else (0, d), np.float64)
-    partial_b = np.zeros_like(partial_w)
+    chunks = _chunks(n)
+    # One float64 partial row per chunk, zeroed by its chunk: no two threads write one value. The
+    # kernel adds the rows into row 0 at the end.
+    partial_w = np.empty((chunks, d) if spec.weight_grads else (0, d), np.float64)
+    partial_b = np.empty_like(partial_w)
     if n:
-        _, backward = _numba_kernels(parallel)
+        _, backward = _numba_kernels(_parallel(n, d))
         w = _in(weight, ct) if weight is not None else np.empty(0, ct)
         backward(bits_view(grad_y), bits_view(x), w, weight is not None, mean, rstd, spec.weight_grads, chunks,
                  bits_view(dx), partial_w, partial_b)
+    else:
+        partial_w[...] = 0.0
+        partial_b[...] = 0.0
     if not spec.weight_grads:
         return dx, None, None
-    # The final reduction: chunks x D, a small fraction of the N x D pass; one rounding to weight's dtype.
-    return dx, partial_w.sum(axis=0).astype(weight.dtype), partial_b.sum(axis=0).astype(weight.dtype)
+    # One rounding to weight's dtype.
+    return dx, partial_w[0].astype(weight.dtype), partial_b[0].astype(weight.dtype)
 
 
 @functools.cache
@@ -363,6 +369,10 @@ def _numba_kernels(parallel: bool):
         for chunk in loop(chunks):
             gs = np.empty(d, mean.dtype)  # the row's g and g xhat terms, summed by row_sums
             gxs = np.empty(d, mean.dtype)
+            if weight_grads:
+                for j in range(d):
+                    partial_w[chunk, j] = 0.0
+                    partial_b[chunk, j] = 0.0
             for i in range(chunk * per, min(n, (chunk + 1) * per)):
                 mu = mean[i]
                 r = rstd[i]
@@ -386,6 +396,11 @@ def _numba_kernels(parallel: bool):
                     dyj = load(gr, j)
                     g = dyj * w[j] if has_weight else dyj
                     store(out, j, r * (g - c_g - xh * c_gx))
+        if weight_grads:  # after the region, on the calling thread: the partials in chunk order
+            for chunk in range(1, chunks):
+                for j in range(d):
+                    partial_w[0, j] += partial_w[chunk, j]
+                    partial_b[0, j] += partial_b[chunk, j]
 
     if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
         return _numba_parallel(forward), _numba_parallel(backward)
