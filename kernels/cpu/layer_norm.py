@@ -100,9 +100,30 @@ def _dtype_problem(name: str, dtype, x_dtype) -> str | None:
             "in float32")
 
 
+# x dtypes whose every other array must have x's own dtype (no mixed-dtype rule applies).
+_SAME_DTYPE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _plain_numpy(arrays: dict, x) -> bool:
+    """Whether every check of :func:`_check_arrays` passes for the common call, in one pass: numpy
+    arrays of one float32 / float64 dtype, C-contiguous, x 2-D with columns. Anything else (cupy,
+    16-bit, a problem) gets the checks one at a time, which name what is wrong."""
+    if type(x) is not np.ndarray:
+        return False
+    dtype = x.dtype
+    if x.ndim != 2 or dtype not in _SAME_DTYPE_FLOATS or x.shape[1] < 1:
+        return False
+    for a in arrays.values():
+        if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous:
+            return False
+    return True
+
+
 def _check_arrays(kernel: str, where, arrays: dict, x) -> str:
     """Arrays on one device, x 2-D float, each other array of the dtype its role allows; returns the
     array module."""
+    if _plain_numpy(arrays, x):  # runs on every call: the full checks cost as much as a small kernel
+        return "numpy"
     problem = _misplaced_arrays_message(arrays)
     if problem:
         raise KernelError(f"{where()}: {problem}")
