@@ -258,11 +258,12 @@ def layer_norm_backward_numpy(grad_y, x, weight, mean, rstd, *, compute_weight_g
 # partials are summed once at the end, in chunk order (chunks x D values, small).
 # --------------------------------------------------------------------------------------------
 
-# Elements (N * D) from which rows may run in parallel: below it one thread finishes in about the
-# time a region takes to start. Above it they do while other processes leave CPUs free
-# (threads.parallel_region, as the GELU and AdamW kernels): beside a busy process a descheduled
-# worker makes a region of this size slower than one thread (docs/benchmarks.md, issue 26).
-PARALLEL_MIN = 1 << 16
+# Elements (N * D) from which rows may run in parallel, and then only while other processes leave
+# CPUs free (threads.parallel_region, as the GELU and AdamW kernels). Higher than the region's
+# start-up cost alone asks, because after a BLAS GEMM (whose threads still spin) a parallel region
+# can stall for milliseconds; the measurements are in docs/benchmarks.md, "Why the thresholds are
+# where they are" (the GPT's (1024, 128) calls stay serial: issue 26's layer-norm section).
+PARALLEL_MIN = 1 << 18
 # Rows per chunk, and the most chunks a call splits into. The chunking depends on N only, never on
 # the thread count or the load, so the column sums dw / db (whose float64 partials are added per
 # chunk) have the same bits whichever build ran and however many threads it had.
