@@ -44,6 +44,9 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # per head in float32); beyond it the flash kernels of kernels/cpu/attention.py, O(L) memory.
 # docs/benchmarks.md ("Attention on strided heads") has the sizes measured.
 HEADS_MAX_PAIRS = 128 * 128
+# A row's softmax and dS loops run over a multiple of this many keys (masked past the visible ones):
+# loops of a varying count spent most of a causal row in their scalar tails (docs/benchmarks.md).
+VECTOR_KEYS = 16
 # Head dims (E and Ev) compiled into the kernels as constants (_kernels); others are read at run time.
 COMPILED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -223,7 +226,7 @@ def _kernels(parallel: bool, head_dim: int = 0, value_dim: int = 0):
             ktp = np.empty((ne, ns), qf.dtype)
             vp = np.empty((ns, nev), qf.dtype)
             acc = np.zeros((nl4, nev), qf.dtype)
-            exps = np.empty(ns, qf.dtype)
+            exps = np.empty(ns4, qf.dtype)
             _nb_pack(qf, qst, t, nh, nl, ne, qp, one)
             _nb_pack_t(kf, kst, t, nh, ns, ne, ktp, scale)
             _nb_pack(vf, vst, t, nh, ns, nev, vp, one)
@@ -233,17 +236,20 @@ def _kernels(parallel: bool, head_dim: int = 0, value_dim: int = 0):
                 _nb_gemm4(qp, g, 0, ktp, 0, pt, g, ne, min(ns, g + 4) if causal else ns)
             for i in range(nl):
                 nr = min(ns, i + 1) if causal else ns  # the keys row i sees
+                # the row's loops run over nw >= nr keys, a multiple of 16 (or S4): a loop of a varying
+                # count spends most of a causal row in its scalar tail; keys nr .. nw read as -inf
+                nw = _visible_width(nr, ns4)
                 row = pt[i]
                 _nb_bias_row(row, nr, mb, i, 0, nl, has_mask, mask_per_row, False)
-                m = _nb_tile_max(row, nr)
+                for j in range(nw):
+                    row[j] = row[j] if j < nr else neg_inf
+                m = _nb_tile_max(row, nw)
                 # the exps into scratch: written over their own scores, they ran ~10x slower (no SIMD)
-                _nb_exp_shift(row, nr, m if m != neg_inf else qf.dtype.type(0), fast_exp, exps)
-                total = _nb_tile_sum(exps, nr)  # NaN for a NaN or +inf score: the row's P and out are NaN
+                _nb_exp_shift(row, nw, m if m != neg_inf else qf.dtype.type(0), fast_exp, exps)
+                total = _nb_tile_sum(exps, nw)  # NaN for a NaN or +inf score: the row's P and out are NaN
                 inv = one / total if total != 0 else qf.dtype.type(0)  # fully masked: P = 0, out = 0
-                for j in range(nr):
-                    row[j] = exps[j] * inv
-                for j in range(nr, ns):  # causal: the scores past the diagonal that the group computed
-                    row[j] = 0
+                for j in range(nw):  # past the diagonal 0 (not 0 times a NaN inv); from nw on p stays 0
+                    row[j] = exps[j] * inv if j < nr else 0
             for g in range(0, nl4, 4):
                 _nb_gemm4(pt, g, 0, vp, 0, acc, g, min(ns, g + 4) if causal else ns, nev)
             _nb_unpack(acc, nl, nev, of, ost, t, nh)
@@ -279,10 +285,9 @@ def _kernels(parallel: bool, head_dim: int = 0, value_dim: int = 0):
                 nr = min(ns, i + 1) if causal else ns
                 d = _nb_rowdot(dop[i], op[i])  # D_i = dO_i . out_i
                 prow, dsrow = pt[i], ds[i]
-                for j in range(nr):  # P = 0 (masked) times a NaN dP - D is NaN, as in the reference
-                    dsrow[j] = prow[j] * (dsrow[j] - d) * scale
-                for j in range(nr, ns):
-                    dsrow[j] = 0
+                # P = 0 (masked) times a NaN dP - D is NaN, as in the reference; past the diagonal 0
+                for j in range(_visible_width(nr, ns4)):  # from there on ds stays 0
+                    dsrow[j] = prow[j] * (dsrow[j] - d) * scale if j < nr else 0
             for jg in range(0, ns4, 4):
                 r0 = jg if causal else 0  # causal: rows before key jg see none of keys jg .. jg + 3
                 if r0 < nl4:
@@ -301,7 +306,7 @@ def _kernels(parallel: bool, head_dim: int = 0, value_dim: int = 0):
 
 # Set by _heads_helpers() (module globals the kernels read: closures would miss numba's disk cache).
 _nb_gemm4 = _nb_exp_shift = _nb_tile_max = _nb_tile_sum = _nb_rowdot = _nb_bias_row = None
-_nb_pack = _nb_pack_t = _nb_unpack = None
+_nb_pack = _nb_pack_t = _nb_unpack = _visible_width = None
 
 
 @functools.cache
@@ -339,7 +344,13 @@ def _heads_helpers() -> None:
             for x in range(cols):
                 flat[o + x] = src[i, x]
 
+    @numba.njit(cache=True)
+    def visible_width(nr, ns4):
+        """nr keys rounded up to a multiple of VECTOR_KEYS, at most ns4 (the row's width)."""
+        return min(-(-nr // VECTOR_KEYS) * VECTOR_KEYS, ns4)
+
     globals().update(_nb_gemm4=_attention._nb_gemm4, _nb_exp_shift=_attention._nb_exp_shift,
                      _nb_tile_max=_attention._nb_tile_max, _nb_tile_sum=_attention._nb_tile_sum,
                      _nb_rowdot=_attention._nb_rowdot, _nb_bias_row=_attention._nb_bias_row,
-                     _nb_pack=pack, _nb_pack_t=pack_t, _nb_unpack=unpack)
+                     _nb_pack=pack, _nb_pack_t=pack_t, _nb_unpack=unpack,
+                     _visible_width=visible_width)
