@@ -79,10 +79,12 @@ def forward(q, k, v, mask=None, *, scale=None, causal=False):
     if s == 0:  # every row fully masked
         out[...] = 0
         return out, p
-    kernel, _ = _kernels(_parallel(nh, l, s, max(e, ev)), *_compiled_dims(e, ev))
+    chunks = _chunks(nh, l, s, max(e, ev))
+    kernel, _ = _kernels(chunks > 1, *_compiled_dims(e, ev))
     kernel(*_strided(q), *_strided(k), *_strided(v), _mask_arg(mask, q.dtype), mask is not None,
            int(mask is not None and mask.shape[0] > 1), mask is not None and mask.shape[1] > 1,
-           q.dtype.type(scale), bool(causal), q.dtype == np.float32, q.shape[1], _dims(l, s, e, ev), *_strided(out), p)
+           q.dtype.type(scale), bool(causal), q.dtype == np.float32, q.shape[1], chunks, _dims(l, s, e, ev),
+           *_strided(out), p)
     return out, p
 
 
@@ -105,10 +107,11 @@ def backward(grad_out, q, k, v, out, p, *, scale=None, causal=False):
         for a in (dq, dk, dv):
             a[...] = 0
         return dq, dk, dv
-    _, kernel = _kernels(_parallel(nh, l, s, max(e, ev)), *_compiled_dims(e, ev))
+    chunks = _chunks(nh, l, s, max(e, ev))
+    _, kernel = _kernels(chunks > 1, *_compiled_dims(e, ev))
     kernel(*_strided(grad_out), *_strided(q), *_strided(k), *_strided(v), *_strided(out), p,
-           q.dtype.type(scale), bool(causal), q.shape[1], _dims(l, s, e, ev), *_strided(dq), *_strided(dk),
-           *_strided(dv))
+           q.dtype.type(scale), bool(causal), q.shape[1], chunks, _dims(l, s, e, ev), *_strided(dq),
+           *_strided(dk), *_strided(dv))
     return dq, dk, dv
 
 
@@ -175,10 +178,14 @@ def _round4(n: int) -> int:
     return -(-n // 4) * 4
 
 
-def _parallel(nh: int, l: int, s: int, e: int) -> bool:  # noqa: E741
-    """Over the heads in parallel: from PARALLEL_MIN multiply-adds (kernels/cpu/attention.py's rule),
-    when other processes leave the machine a second CPU (:func:`kernels.threads.region_threads`)."""
-    return nh > 1 and nh * l * s * e >= _attention.PARALLEL_MIN and region_threads() > 1
+def _chunks(nh: int, l: int, s: int, e: int) -> int:  # noqa: E741
+    """How many chunks of heads a call splits the heads into, one task each (its scratch allocated once):
+    over the heads in parallel, one chunk per thread, from PARALLEL_MIN multiply-adds
+    (kernels/cpu/attention.py's rule) when other processes leave the machine a second CPU
+    (:func:`kernels.threads.region_threads`); else 1, the serial build."""
+    if nh <= 1 or nh * l * s * e < _attention.PARALLEL_MIN:
+        return 1
+    return min(nh, region_threads())
 
 
 def _compiled_dims(e: int, ev: int) -> tuple[int, int]:
@@ -213,91 +220,94 @@ def _kernels(parallel: bool, head_dim: int = 0, value_dim: int = 0):
 
     @jit
     def forward(qf, qst, kf, kst, vf, vst, mask, has_mask, mask_per_batch, mask_per_row, scale, causal,
-                fast_exp, nh, dims, of, ost, p):
+                fast_exp, nh, chunks, dims, of, ost, p):
         nl, ns = dims[0], dims[1]
         ne = fixed_e if fixed_e else dims[2]
         nev = fixed_ev if fixed_ev else dims[3]
         nt, nl4, ns4 = p.shape
         one = qf.dtype.type(1)
         neg_inf = qf.dtype.type(-np.inf)
-        for task in loop(nt):
-            t = np.int64(task)
-            qp = np.zeros((nl4, ne), qf.dtype)
+        for chunk in loop(chunks):  # scratch allocated once per chunk of heads, not per head
+            qp = np.zeros((nl4, ne), qf.dtype)  # rows from L on stay 0
             ktp = np.empty((ne, ns), qf.dtype)
             vp = np.empty((ns, nev), qf.dtype)
-            acc = np.zeros((nl4, nev), qf.dtype)
+            acc = np.empty((nl4, nev), qf.dtype)
             exps = np.empty(ns4, qf.dtype)
-            _nb_pack(qf, qst, t, nh, nl, ne, qp, one)
-            _nb_pack_t(kf, kst, t, nh, ns, ne, ktp, scale)
-            _nb_pack(vf, vst, t, nh, ns, nev, vp, one)
-            pt = p[t]
-            mb = mask[t * mask_per_batch]  # a mask shared by every head: row 0
-            for g in range(0, nl4, 4):  # causal: a group of four rows computes the keys up to its last row
-                _nb_gemm4(qp, g, 0, ktp, 0, pt, g, ne, min(ns, g + 4) if causal else ns)
-            for i in range(nl):
-                nr = min(ns, i + 1) if causal else ns  # the keys row i sees
-                # the row's loops run over nw >= nr keys, a multiple of 16 (or S4): a loop of a varying
-                # count spends most of a causal row in its scalar tail; keys nr .. nw read as -inf
-                nw = _visible_width(nr, ns4)
-                row = pt[i]
-                _nb_bias_row(row, nr, mb, i, 0, nl, has_mask, mask_per_row, False)
-                for j in range(nw):
-                    row[j] = row[j] if j < nr else neg_inf
-                m = _nb_tile_max(row, nw)
-                # the exps into scratch: written over their own scores, they ran ~10x slower (no SIMD)
-                _nb_exp_shift(row, nw, m if m != neg_inf else qf.dtype.type(0), fast_exp, exps)
-                total = _nb_tile_sum(exps, nw)  # NaN for a NaN or +inf score: the row's P and out are NaN
-                inv = one / total if total != 0 else qf.dtype.type(0)  # fully masked: P = 0, out = 0
-                for j in range(nw):  # past the diagonal 0 (not 0 times a NaN inv); from nw on p stays 0
-                    row[j] = exps[j] * inv if j < nr else 0
-            for g in range(0, nl4, 4):
-                _nb_gemm4(pt, g, 0, vp, 0, acc, g, min(ns, g + 4) if causal else ns, nev)
-            _nb_unpack(acc, nl, nev, of, ost, t, nh)
+            for t in range(nt * chunk // chunks, nt * (chunk + 1) // chunks):
+                acc[:] = 0
+                _nb_pack(qf, qst, t, nh, nl, ne, qp, one)
+                _nb_pack_t(kf, kst, t, nh, ns, ne, ktp, scale)
+                _nb_pack(vf, vst, t, nh, ns, nev, vp, one)
+                pt = p[t]
+                mb = mask[t * mask_per_batch]  # a mask shared by every head: row 0
+                for g in range(0, nl4, 4):  # causal: a group of four rows computes the keys up to its last row
+                    _nb_gemm4(qp, g, 0, ktp, 0, pt, g, ne, min(ns, g + 4) if causal else ns)
+                for i in range(nl):
+                    nr = min(ns, i + 1) if causal else ns  # the keys row i sees
+                    # the row's loops run over nw >= nr keys, a multiple of 16 (or S4): a loop of a varying
+                    # count spends most of a causal row in its scalar tail; keys nr .. nw read as -inf
+                    nw = _visible_width(nr, ns4)
+                    row = pt[i]
+                    _nb_bias_row(row, nr, mb, i, 0, nl, has_mask, mask_per_row, False)
+                    for j in range(nw):
+                        row[j] = row[j] if j < nr else neg_inf
+                    m = _nb_tile_max(row, nw)
+                    # the exps into scratch: written over their own scores, they ran ~10x slower (no SIMD)
+                    _nb_exp_shift(row, nw, m if m != neg_inf else qf.dtype.type(0), fast_exp, exps)
+                    total = _nb_tile_sum(exps, nw)  # NaN for a NaN or +inf score: the row's P and out are NaN
+                    inv = one / total if total != 0 else qf.dtype.type(0)  # fully masked: P = 0, out = 0
+                    for j in range(nw):  # past the diagonal 0 (not 0 times a NaN inv); from nw on p stays 0
+                        row[j] = exps[j] * inv if j < nr else 0
+                for g in range(0, nl4, 4):
+                    _nb_gemm4(pt, g, 0, vp, 0, acc, g, min(ns, g + 4) if causal else ns, nev)
+                _nb_unpack(acc, nl, nev, of, ost, t, nh)
 
     @jit
-    def backward(gf, gst, qf, qst, kf, kst, vf, vst, of, ost, p, scale, causal, nh, dims,
+    def backward(gf, gst, qf, qst, kf, kst, vf, vst, of, ost, p, scale, causal, nh, chunks, dims,
                  dqf, dqst, dkf, dkst, dvf, dvst):
         nl, ns = dims[0], dims[1]
         ne = fixed_e if fixed_e else dims[2]
         nev = fixed_ev if fixed_ev else dims[3]
         nt, nl4, ns4 = p.shape
         one = qf.dtype.type(1)
-        for task in loop(nt):
-            t = np.int64(task)
-            dop = np.zeros((nl4, nev), qf.dtype)
+        for chunk in loop(chunks):  # scratch allocated once per chunk of heads, not per head
+            dop = np.zeros((nl4, nev), qf.dtype)  # rows from L on stay 0
             qp = np.zeros((nl4, ne), qf.dtype)
             kp = np.empty((ns, ne), qf.dtype)
             vtp = np.empty((nev, ns), qf.dtype)
-            op = np.empty((nl, nev), qf.dtype)
-            ds = np.zeros((nl4, ns4), qf.dtype)  # dP, then dS; columns from S on stay 0
-            dq = np.zeros((nl4, ne), qf.dtype)
-            dk = np.zeros((ns4, ne), qf.dtype)
-            dv = np.zeros((ns4, nev), qf.dtype)
-            _nb_pack(gf, gst, t, nh, nl, nev, dop, one)
-            _nb_pack(qf, qst, t, nh, nl, ne, qp, one)
-            _nb_pack(kf, kst, t, nh, ns, ne, kp, one)
-            _nb_pack_t(vf, vst, t, nh, ns, nev, vtp, one)
-            _nb_pack(of, ost, t, nh, nl, nev, op, one)
-            pt = p[t]
-            for g in range(0, nl4, 4):
-                _nb_gemm4(dop, g, 0, vtp, 0, ds, g, nev, min(ns, g + 4) if causal else ns)
-            for i in range(nl):
-                nr = min(ns, i + 1) if causal else ns
-                d = _nb_rowdot(dop[i], op[i])  # D_i = dO_i . out_i
-                prow, dsrow = pt[i], ds[i]
-                # P = 0 (masked) times a NaN dP - D is NaN, as in the reference; past the diagonal 0
-                for j in range(_visible_width(nr, ns4)):  # from there on ds stays 0
-                    dsrow[j] = prow[j] * (dsrow[j] - d) * scale if j < nr else 0
-            for jg in range(0, ns4, 4):
-                r0 = jg if causal else 0  # causal: rows before key jg see none of keys jg .. jg + 3
-                if r0 < nl4:
-                    _nb_gemm4(pt.T, jg, r0, dop, r0, dv, jg, nl4 - r0, nev)
-                    _nb_gemm4(ds.T, jg, r0, qp, r0, dk, jg, nl4 - r0, ne)
-            for g in range(0, nl4, 4):
-                _nb_gemm4(ds, g, 0, kp, 0, dq, g, min(ns, g + 4) if causal else ns, ne)
-            _nb_unpack(dq, nl, ne, dqf, dqst, t, nh)
-            _nb_unpack(dk, ns, ne, dkf, dkst, t, nh)
-            _nb_unpack(dv, ns, nev, dvf, dvst, t, nh)
+            ds = np.empty((nl4, ns4), qf.dtype)  # dP, then dS; columns from S on stay 0
+            dq = np.empty((nl4, ne), qf.dtype)
+            dk = np.empty((ns4, ne), qf.dtype)
+            dv = np.empty((ns4, nev), qf.dtype)
+            for t in range(nt * chunk // chunks, nt * (chunk + 1) // chunks):
+                for a in (ds, dq, dk, dv):
+                    a[:] = 0
+                _nb_pack(gf, gst, t, nh, nl, nev, dop, one)
+                _nb_pack(qf, qst, t, nh, nl, ne, qp, one)
+                _nb_pack(kf, kst, t, nh, ns, ne, kp, one)
+                _nb_pack_t(vf, vst, t, nh, ns, nev, vtp, one)
+                pt = p[t]
+                obase = (t // nh) * ost[0] + (t % nh) * ost[1]
+                for g in range(0, nl4, 4):
+                    _nb_gemm4(dop, g, 0, vtp, 0, ds, g, nev, min(ns, g + 4) if causal else ns)
+                for i in range(nl):
+                    nr = min(ns, i + 1) if causal else ns
+                    o = obase + i * ost[2]
+                    d = _nb_rowdot(dop[i], of[o:o + nev])  # D_i = dO_i . out_i, out read in place
+                    prow, dsrow = pt[i], ds[i]
+                    # P = 0 (masked) times a NaN dP - D is NaN, as in the reference; past the diagonal 0
+                    for j in range(_visible_width(nr, ns4)):  # from there on ds stays 0
+                        dsrow[j] = prow[j] * (dsrow[j] - d) * scale if j < nr else 0
+                for jg in range(0, ns4, 4):
+                    r0 = jg if causal else 0  # causal: rows before key jg see none of keys jg .. jg + 3
+                    if r0 < nl4:
+                        _nb_gemm4(pt.T, jg, r0, dop, r0, dv, jg, nl4 - r0, nev)
+                        _nb_gemm4(ds.T, jg, r0, qp, r0, dk, jg, nl4 - r0, ne)
+                for g in range(0, nl4, 4):
+                    _nb_gemm4(ds, g, 0, kp, 0, dq, g, min(ns, g + 4) if causal else ns, ne)
+                _nb_unpack(dq, nl, ne, dqf, dqst, t, nh)
+                _nb_unpack(dk, ns, ne, dkf, dkst, t, nh)
+                _nb_unpack(dv, ns, nev, dvf, dvst, t, nh)
 
     if parallel:  # one parallel region at a time in the process: see registry.numba_parallel
         return _numba_parallel(forward), _numba_parallel(backward)

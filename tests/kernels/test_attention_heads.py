@@ -87,11 +87,12 @@ def test_specialised_and_run_time_head_dims_agree(monkeypatch):
 
 def test_serial_and_parallel_builds_agree_bitwise(monkeypatch):
     runs = []
-    for parallel in (False, True):
-        monkeypatch.setattr(attention_heads, "_parallel", lambda *a, parallel=parallel: parallel)
+    for chunks in (1, 2, 5):  # the serial build; the parallel one, 5 chunks of uneven size of the 12 heads
+        monkeypatch.setattr(attention_heads, "_chunks", lambda *a, chunks=chunks: chunks)
         runs.append(check_against_numpy(3, 4, 16, 16, 16, 16, causal=True, mask_kind="padding", seed=4))
-    for a, b in zip((runs[0][1],) + runs[0][3], (runs[1][1],) + runs[1][3]):
-        np.testing.assert_array_equal(a, b)
+    for run in runs[1:]:
+        for a, b in zip((runs[0][1],) + runs[0][3], (run[1],) + run[3]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_empty_edges():
@@ -163,12 +164,14 @@ def test_backward_checks_the_saved_weights():
         kernels.attention_heads_backward(out[..., :2], q, k, v, out, p)
 
 
-@pytest.mark.parametrize("free,want", [(1, False), (2, True)])
+@pytest.mark.parametrize("free,want", [(1, 1), (2, 2)])
 def test_the_heads_region_runs_in_parallel_only_when_region_threads_allows(monkeypatch, free, want):
     """The heads kernel asks kernels.threads.region_threads (the load rule of the mid-size numba
-    regions, tested in tests/kernels/test_threads.py) and runs over the heads in parallel only when
-    it leaves two threads, and never below PARALLEL_MIN."""
+    regions, tested in tests/kernels/test_threads.py) and splits the heads into one chunk per thread
+    it leaves (more than one: the parallel build), never below PARALLEL_MIN."""
     monkeypatch.setattr(attention_heads, "region_threads", lambda: free)
-    assert attention_heads._parallel(64, 64, 64, 32) == want
-    assert not attention_heads._parallel(2, 4, 4, 4)  # below PARALLEL_MIN: one thread whatever the load
-    assert not attention_heads._parallel(1, 64, 64, 32)  # one head: nothing to split
+    assert attention_heads._chunks(64, 64, 64, 32) == want
+    assert attention_heads._chunks(2, 4, 4, 4) == 1  # below PARALLEL_MIN: one thread whatever the load
+    assert attention_heads._chunks(1, 64, 64, 32) == 1  # one head: nothing to split
+    monkeypatch.setattr(attention_heads, "region_threads", lambda: 8)
+    assert attention_heads._chunks(3, 256, 256, 32) == 3  # never more chunks than heads
