@@ -1,14 +1,15 @@
-"""Attention on the CPU for short sequences: one task per head, strided heads in, the weights kept.
+"""Attention on the CPU for short sequences: one task per chunk of heads, strided heads in, the weights kept.
 
 The GPT's attention (B·H = 64 heads of L = S = 64, E = 32, causal) is small per head: the flash
 loop of kernels/cpu/attention.py spends most of its time around its products there (copies of the
 transposed heads into contiguous (B·H, L, E) arrays and back, key tiles, the backward's recomputed
-scores and exps). This kernel does a head's whole attention in one task of one parallel region:
+scores and exps). This kernel does a head's whole attention in one task of one parallel region
+(a task per thread, each over a chunk of the heads):
 
 - q, k, v (and grad_out) are 4-D ``(N, H, L, E)`` arrays with any non-negative strides whose last
   dim is unit-stride: the transposed views ``x.reshape(N, L, H, E).transpose(1, 2)`` that a
-  Transformer makes of its projections are read in place (each task packs its head into contiguous
-  scratch), so the head split costs no copy. Zero strides (a broadcast head) are read as they are.
+  Transformer makes of its projections are read in place (each task packs its heads into contiguous
+  scratch, allocated once), so the head split costs no copy. Zero strides (a broadcast head) are read as they are.
 - out, dq, dk, dv are allocated in the layout of the array they match (the order of its strides,
   the head dim innermost): for those transposed views the output is a transposed view of an (N, L, H, Ev)
   array, so that the merge ``out.transpose(1, 2).reshape(N, L, H * Ev)`` is a view, not a copy.
@@ -196,7 +197,7 @@ def _compiled_dims(e: int, ev: int) -> tuple[int, int]:
 
 @functools.cache
 def _kernels(parallel: bool, head_dim: int = 0, value_dim: int = 0):
-    """(forward, backward), one task per head, over the heads in parallel (prange) or in turn.
+    """(forward, backward), one task per chunk of heads, the chunks in parallel (prange) or in turn.
 
     ``head_dim`` and ``value_dim`` (E and Ev; 0: read at run time) are compile-time constants of
     the build: the products' loop bounds then are too, and LLVM unrolls them (the GPT's forward
