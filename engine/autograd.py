@@ -526,14 +526,7 @@ def _note_savers(node, records) -> None:
     memory out read-only, so a write through numpy cannot silently corrupt the gradient)."""
     ref = weakref.ref(node)  # one reference shared by every Version the node saved
     for record in records:
-        version = record[0]
-        refs = version._savers
-        if refs is None:
-            version._savers = [ref]
-        elif len(refs) < 16:
-            refs.append(ref)
-        else:
-            version._note_saver(ref)  # full: it forgets the dead ones first
+        record[0]._note_saver(ref)
 
 
 class _SelectOutput(Function):
@@ -703,6 +696,8 @@ def _record_saved_versions(fn, inputs, result, needs) -> None:
                     continue
             if ref is None:  # _note_savers' work, inline: one weak reference for every Version
                 ref = weakref.ref(fn)
+            # Version._note_saver's common cases written out (this runs for every saved array of
+            # every recorded op; the call cost ~0.1 us an op); a full list goes to the method.
             refs = version._savers
             if refs is None:
                 version._savers = [ref]
