@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 
@@ -48,12 +49,13 @@ class Linear(Function):
     # 16-bit GPU arrays go to cuBLAS as they are (float32 accumulation on tensor cores, x and W
     # saved in 16 bits); numpy ones are computed in float32 and rounded once (Function.apply).
     computes_in_float32 = ON_CPU
+    x_shape = None  # x's shape where forward flattened it to rows (x not 2-D)
 
     def forward(self, x, weight, bias=None):
         lead = x.shape[:-1]
         if len(lead) != 1:  # a view where x's layout allows, else a copy (as ops.reshape)
             self.x_shape = x.shape
-            x = x.reshape(_rows(lead), x.shape[-1])
+            x = x.reshape(math.prod(lead), x.shape[-1])  # 1 row for a 1-D x
         self.saved = (x, weight)  # self.save's work, without its call
         self.has_bias = bias is not None
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
@@ -65,7 +67,7 @@ class Linear(Function):
     def backward(self, g):
         x, weight = self.saved
         g = g.astype(x.dtype, copy=False)  # the GEMMs take one dtype (16-bit operands on the GPU)
-        x_shape = getattr(self, "x_shape", None)
+        x_shape = self.x_shape
         if x_shape is not None:
             g = g.reshape(x.shape[0], weight.shape[0])
         backend.size_cpu_gemm(x, x.shape[0], weight.shape[0], x.shape[1])
@@ -78,14 +80,6 @@ class Linear(Function):
         # db: the column sums of g, accumulated in float32 for 16-bit g and rounded once.
         gb = _bias_grad(g, weight.shape[:1]) if self.needs_input_grad[2] else None
         return gx, gw, gb
-
-
-def _rows(lead: tuple) -> int:
-    """The number of rows an x with leading dims ``lead`` flattens to (1 for a 1-D x)."""
-    rows = 1
-    for n in lead:
-        rows *= n
-    return rows
 
 
 def _bias_grad(g, shape):
