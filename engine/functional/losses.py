@@ -212,10 +212,11 @@ def _common_rows(input, target, weight, reduction, label_smoothing, ignore_index
             or not isinstance(target, Tensor) or not 0.0 <= label_smoothing <= 1.0 \
             or reduction not in _REDUCTIONS or not _INT64_MIN <= ignore_index <= _INT64_MAX:
         return None
+    if not _on_cpu_arrays(input, target):
+        return None
     x, y = input._data, target._data
-    if type(x) is not np.ndarray or type(y) is not np.ndarray or not input._device_is_its_arrays \
-            or not target._device_is_its_arrays or x.ndim != 2 or y.ndim != 1 or y.dtype != _INT64 \
-            or x.dtype not in _FLOATS or y.shape[0] != x.shape[0] or not x.flags.c_contiguous:
+    if x.ndim != 2 or y.ndim != 1 or y.dtype != _INT64 or x.dtype not in _FLOATS or y.shape[0] != x.shape[0] \
+            or not x.flags.c_contiguous:
         return None
     _check_class_indices(y, x.shape[1], ignore_index)
     return input, y, None
